@@ -1,0 +1,249 @@
+//! Types shared by the eBPF programs and the userspace daemon.
+//!
+//! Every struct is `#[repr(C)]` with explicit padding and no `bool`, so the kernel and userspace
+//! agree on the bytes without relying on compiler layout choices.
+#![no_std]
+
+/// Bumped whenever a map layout changes: pins live under `<bpffs_dir>/v{ABI_VERSION}`, so a new
+/// layout never adopts maps written by an old one.
+pub const ABI_VERSION: u32 = 1;
+
+pub const MAP_BINDINGS: &str = "AW_BINDINGS";
+pub const MAP_IDENTITIES: &str = "AW_IDENTITIES";
+pub const MAP_RULES: &str = "AW_RULES";
+pub const MAP_CONFIG: &str = "AW_CONFIG";
+pub const MAP_EVENTS: &str = "AW_EVENTS";
+pub const MAP_EVENT_DROPS: &str = "AW_EVENT_DROPS";
+pub const MAP_RATE: &str = "AW_RATE";
+
+/// Every map the programs use, in a stable order (pinning, adoption and teardown walk it).
+pub const ALL_MAPS: [&str; 7] = [
+    MAP_BINDINGS,
+    MAP_IDENTITIES,
+    MAP_RULES,
+    MAP_CONFIG,
+    MAP_EVENTS,
+    MAP_EVENT_DROPS,
+    MAP_RATE,
+];
+
+pub const PROG_CONNECT4: &str = "aw_connect4";
+pub const PROG_CONNECT6: &str = "aw_connect6";
+pub const PROG_SENDMSG4: &str = "aw_sendmsg4";
+pub const PROG_SENDMSG6: &str = "aw_sendmsg6";
+pub const PROG_SOCK_CREATE: &str = "aw_sock_create";
+
+pub const ALL_PROGRAMS: [&str; 5] = [
+    PROG_CONNECT4,
+    PROG_CONNECT6,
+    PROG_SENDMSG4,
+    PROG_SENDMSG6,
+    PROG_SOCK_CREATE,
+];
+
+/// Capacity of the identity table; identity 0 is reserved (its rule slot holds the global deny
+/// list), so usable identities are `1..MAX_IDENTITIES`.
+pub const MAX_IDENTITIES: u32 = 16384;
+/// Slot of `AW_RULES` that holds the global deny trie.
+pub const GLOBAL_DENY_SLOT: u32 = 0;
+pub const MAX_BINDINGS: u32 = 65536;
+/// Port entries one LPM prefix can carry after less specific rules are merged into it.
+pub const MAX_PORT_ENTRIES: usize = 16;
+/// Cgroup levels the ancestor walk looks at (level 0 is the cgroup2 root).
+pub const MAX_CGROUP_LEVELS: u32 = 32;
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+pub const RATE_ENTRIES: u32 = 16384;
+/// Identical events inside this window are counted instead of written again.
+pub const DEFAULT_RATE_WINDOW_NS: u64 = 1_000_000_000;
+
+/// Protocol bits in [`PortEntry::proto`] and [`Event::proto`].
+pub const PROTO_TCP: u8 = 1;
+pub const PROTO_UDP: u8 = 2;
+pub const PROTO_ANY: u8 = PROTO_TCP | PROTO_UDP;
+
+/// [`IdentityState::state`]. Zero is what an unwritten slot reads as, and fails closed.
+pub const IDENTITY_UNSET: u8 = 0;
+pub const IDENTITY_ACTIVE: u8 = 1;
+pub const IDENTITY_REVOKED: u8 = 2;
+
+/// [`IdentityState::mode`].
+pub const MODE_ENFORCE: u8 = 0;
+pub const MODE_AUDIT: u8 = 1;
+
+/// [`Config::unknown_flows`]: what happens to flows from cgroups bound to no identity.
+pub const UNKNOWN_REPORT: u8 = 0;
+pub const UNKNOWN_DENY: u8 = 1;
+pub const UNKNOWN_IGNORE: u8 = 2;
+
+/// [`Event::kind`].
+pub const EVENT_DENY: u8 = 1;
+pub const EVENT_AUDIT: u8 = 2;
+pub const EVENT_UNKNOWN_FLOW: u8 = 3;
+pub const EVENT_SOCK_DENY: u8 = 4;
+
+/// [`Event::reason`]: why a flow was (or would have been) denied.
+pub const REASON_NONE: u8 = 0;
+pub const REASON_NO_RULE: u8 = 1;
+pub const REASON_GLOBAL_DENY: u8 = 2;
+pub const REASON_REVOKED: u8 = 3;
+pub const REASON_EXPIRED: u8 = 4;
+pub const REASON_UNBOUND: u8 = 5;
+pub const REASON_SOCKET_TYPE: u8 = 6;
+
+/// [`Event::hook`].
+pub const HOOK_CONNECT4: u8 = 1;
+pub const HOOK_CONNECT6: u8 = 2;
+pub const HOOK_SENDMSG4: u8 = 3;
+pub const HOOK_SENDMSG6: u8 = 4;
+pub const HOOK_SOCK_CREATE: u8 = 5;
+
+/// Value of `AW_BINDINGS` (key: cgroup id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Binding {
+    pub identity: u32,
+    /// Level of the bound cgroup under the cgroup2 root, kept so a restarted daemon can rebuild
+    /// [`Config::bound_levels`] from the pinned map alone.
+    pub level: u32,
+}
+
+/// Value of `AW_IDENTITIES` (index: identity number).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdentityState {
+    /// CLOCK_BOOTTIME deadline in ns after which the identity is expired; 0 = none.
+    pub not_after_ns: u64,
+    pub state: u8,
+    pub mode: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Value of `AW_CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub rate_window_ns: u64,
+    /// Bit n set: some cgroup at level n is bound. The ancestor walk skips the other levels.
+    pub bound_levels: u32,
+    pub unknown_flows: u8,
+    pub _pad: [u8; 3],
+}
+
+/// LPM key data: an IPv6 address; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`, prefix + 96).
+pub type Addr = [u8; 16];
+
+/// One allowed port range for one protocol mask, from one rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortEntry {
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub proto: u8,
+    /// Prefix length (in the 128-bit key space) of the rule this entry came from; compared with
+    /// the global deny prefix for the exact-address exception.
+    pub prefix_len: u8,
+    pub _pad: [u8; 2],
+    pub rule_id: u32,
+    pub _pad2: u32,
+    /// CLOCK_BOOTTIME deadline in ns after which the entry no longer allows; 0 = none.
+    pub expires_ns: u64,
+}
+
+/// Value of a per-identity LPM trie (and of the global deny trie, which uses only the header).
+///
+/// Entries are sorted by `prefix_len` descending, then `rule_id` ascending, so the first entry
+/// that matches is the most specific rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleSet {
+    pub count: u8,
+    /// Prefix length of the trie key this value is stored under.
+    pub prefix_len: u8,
+    pub _pad: [u8; 6],
+    pub entries: [PortEntry; MAX_PORT_ENTRIES],
+}
+
+impl Default for RuleSet {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            prefix_len: 0,
+            _pad: [0; 6],
+            entries: [PortEntry::default(); MAX_PORT_ENTRIES],
+        }
+    }
+}
+
+/// A record on the `AW_EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// CLOCK_BOOTTIME in ns.
+    pub ts_ns: u64,
+    /// The cgroup of the task (the leaf, not the bound ancestor).
+    pub cgroup_id: u64,
+    pub pid_tgid: u64,
+    pub uid_gid: u64,
+    pub addr: Addr,
+    /// 0 for cgroups bound to no identity.
+    pub identity: u32,
+    /// Rule that allowed the flow (audit records of allowed-by-rule flows have none): 0 = none.
+    pub rule_id: u32,
+    /// Identical events folded into this one by the in-kernel rate limit since the last record.
+    pub suppressed: u32,
+    pub port: u16,
+    pub kind: u8,
+    pub reason: u8,
+    pub proto: u8,
+    pub hook: u8,
+    pub _pad: [u8; 2],
+    pub sock_type: u16,
+    pub sock_protocol: u16,
+    pub comm: [u8; 16],
+}
+
+/// Key of the `AW_RATE` LRU map: what makes two events "identical".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateKey {
+    pub cgroup_id: u64,
+    pub addr: Addr,
+    pub port: u16,
+    pub kind: u8,
+    pub proto: u8,
+    pub reason: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateState {
+    pub last_ns: u64,
+    /// 64-bit because eBPF atomics on this target are 64-bit only.
+    pub suppressed: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, made of integers with explicit padding fields, so
+    // every bit pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for Binding {}
+    unsafe impl aya::Pod for IdentityState {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for PortEntry {}
+    unsafe impl aya::Pod for RuleSet {}
+    unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for RateKey {}
+    unsafe impl aya::Pod for RateState {}
+}
+
+// Layout guards: the kernel and userspace must agree on these sizes byte for byte.
+const _: () = assert!(core::mem::size_of::<Binding>() == 8);
+const _: () = assert!(core::mem::size_of::<IdentityState>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);
+const _: () = assert!(core::mem::size_of::<RuleSet>() == 8 + 24 * MAX_PORT_ENTRIES);
+const _: () = assert!(core::mem::size_of::<Event>() == 88);
+const _: () = assert!(core::mem::size_of::<RateKey>() == 32);
+const _: () = assert!(core::mem::size_of::<RateState>() == 16);

@@ -1,0 +1,432 @@
+//! agentwall's kernel datapath: cgroup hooks that judge every connect, unconnected UDP send and
+//! socket creation of governed cgroups against per-identity allowlists.
+//!
+//! Each program is a thin entry calling a `try_…` function; the verdict never depends on whether
+//! the event record could be written.
+#![no_std]
+#![no_main]
+// The BPF target has no atomic types with read-modify-write; the intrinsic lowers to BPF_XADD.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+use agent_common::{
+    Addr, Binding, Config, DEFAULT_RATE_WINDOW_NS, EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY,
+    EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES, Event, GLOBAL_DENY_SLOT, HOOK_CONNECT4, HOOK_CONNECT6,
+    HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SOCK_CREATE, IDENTITY_ACTIVE, IdentityState, MAX_BINDINGS,
+    MAX_CGROUP_LEVELS, MAX_IDENTITIES, MAX_PORT_ENTRIES, MODE_AUDIT, PROTO_TCP, PROTO_UDP,
+    RATE_ENTRIES, REASON_EXPIRED, REASON_GLOBAL_DENY, REASON_NO_RULE, REASON_NONE, REASON_REVOKED,
+    REASON_SOCKET_TYPE, REASON_UNBOUND, RateKey, RateState, RuleSet, UNKNOWN_DENY, UNKNOWN_IGNORE,
+};
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, bpf_sock_addr},
+    btf_maps::{
+        Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key,
+    },
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
+    },
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
+};
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+
+#[btf_map]
+static AW_BINDINGS: HashMap<u64, Binding, { MAX_BINDINGS as usize }> = HashMap::new();
+#[btf_map]
+static AW_IDENTITIES: Array<IdentityState, { MAX_IDENTITIES as usize }> = Array::new();
+/// Slot n holds identity n's LPM trie; slot 0 the global deny trie. Userspace swaps a whole trie
+/// in one update, which is what makes a policy change atomic for a connecting process.
+#[btf_map]
+static AW_RULES: ArrayOfMaps<LpmTrie<Addr, RuleSet, 1>, { MAX_IDENTITIES as usize }> =
+    ArrayOfMaps::new();
+#[btf_map]
+static AW_CONFIG: Array<Config, 1> = Array::new();
+#[btf_map]
+static AW_EVENTS: RingBuf<Event, { EVENTS_RING_BYTES as usize }> = RingBuf::new();
+#[btf_map]
+static AW_EVENT_DROPS: PerCpuArray<u64, 1> = PerCpuArray::new();
+#[btf_map]
+static AW_RATE: LruHashMap<RateKey, RateState, { RATE_ENTRIES as usize }> = LruHashMap::new();
+
+/// What a hook saw, in the one address space the tries use.
+struct Flow {
+    addr: Addr,
+    port: u16,
+    proto: u8,
+    hook: u8,
+    sock_type: u16,
+    sock_protocol: u16,
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn aw_connect4(ctx: SockAddrContext) -> i32 {
+    try_sock_addr4(&ctx, HOOK_CONNECT4)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn aw_sendmsg4(ctx: SockAddrContext) -> i32 {
+    try_sock_addr4(&ctx, HOOK_SENDMSG4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn aw_connect6(ctx: SockAddrContext) -> i32 {
+    try_sock_addr6(&ctx, HOOK_CONNECT6)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn aw_sendmsg6(ctx: SockAddrContext) -> i32 {
+    try_sock_addr6(&ctx, HOOK_SENDMSG6)
+}
+
+#[cgroup_sock(sock_create)]
+pub fn aw_sock_create(ctx: SockContext) -> i32 {
+    try_sock_create(&ctx)
+}
+
+#[inline(always)]
+fn proto_bit(protocol: u32) -> u8 {
+    match protocol {
+        IPPROTO_TCP => PROTO_TCP,
+        IPPROTO_UDP => PROTO_UDP,
+        _ => 0,
+    }
+}
+
+#[inline(always)]
+fn try_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
+    let sa: *const bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: the kernel hands sock_addr programs a valid context; the verifier checks each
+    // field access.
+    let (ip, port, protocol, ty) =
+        unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol, (*sa).type_) };
+    let mut addr = [0u8; 16];
+    addr[10] = 0xff;
+    addr[11] = 0xff;
+    // user_ip4 holds the address in network byte order, so its in-memory bytes are the octets.
+    let octets = ip.to_ne_bytes();
+    addr[12] = octets[0];
+    addr[13] = octets[1];
+    addr[14] = octets[2];
+    addr[15] = octets[3];
+    judge(&Flow {
+        addr,
+        port: u16::from_be(port as u16),
+        proto: proto_bit(protocol),
+        hook,
+        sock_type: ty as u16,
+        sock_protocol: protocol as u16,
+    })
+}
+
+#[inline(always)]
+fn try_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
+    let sa: *const bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: as above; user_ip6 must be read one 32-bit word at a time.
+    let (w0, w1, w2, w3, port, protocol, ty) = unsafe {
+        (
+            (*sa).user_ip6[0],
+            (*sa).user_ip6[1],
+            (*sa).user_ip6[2],
+            (*sa).user_ip6[3],
+            (*sa).user_port,
+            (*sa).protocol,
+            (*sa).type_,
+        )
+    };
+    let mut addr = [0u8; 16];
+    let words = [w0, w1, w2, w3];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        addr[i * 4] = b[0];
+        addr[i * 4 + 1] = b[1];
+        addr[i * 4 + 2] = b[2];
+        addr[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    // An IPv4-mapped destination (::ffff:a.b.c.d) already sits where IPv4 rules live in the
+    // trie, so it is judged as its IPv4 address without a special case.
+    judge(&Flow {
+        addr,
+        port: u16::from_be(port as u16),
+        proto: proto_bit(protocol),
+        hook,
+        sock_type: ty as u16,
+        sock_protocol: protocol as u16,
+    })
+}
+
+#[inline(always)]
+fn try_sock_create(ctx: &SockContext) -> i32 {
+    // SAFETY: the kernel hands sock programs a valid bpf_sock.
+    let (ty, protocol) = unsafe { ((*ctx.sock).type_, (*ctx.sock).protocol) };
+    if (ty == SOCK_STREAM && protocol == IPPROTO_TCP) || (ty == SOCK_DGRAM && protocol == IPPROTO_UDP)
+    {
+        return ALLOW;
+    }
+    let Some(cfg) = config() else {
+        return ALLOW;
+    };
+    let leaf = unsafe { bpf_get_current_cgroup_id() };
+    let Some(identity) = find_binding(leaf, cfg.bound_levels) else {
+        return ALLOW;
+    };
+    let flow = Flow {
+        addr: [0; 16],
+        port: 0,
+        proto: 0,
+        hook: HOOK_SOCK_CREATE,
+        sock_type: ty as u16,
+        sock_protocol: protocol as u16,
+    };
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let audit = match AW_IDENTITIES.get(identity) {
+        Some(st) => st.state == IDENTITY_ACTIVE && st.mode == MODE_AUDIT,
+        None => false,
+    };
+    if audit {
+        report(&flow, leaf, identity, EVENT_AUDIT, REASON_SOCKET_TYPE, 0, &cfg, now);
+        ALLOW
+    } else {
+        report(&flow, leaf, identity, EVENT_SOCK_DENY, REASON_SOCKET_TYPE, 0, &cfg, now);
+        DENY
+    }
+}
+
+#[inline(always)]
+fn config() -> Option<Config> {
+    AW_CONFIG.get(0).copied()
+}
+
+/// The identity governing the current task: the binding of its own cgroup, else of its deepest
+/// bound ancestor. Only levels that userspace marked as holding a binding are looked up.
+#[inline(always)]
+fn find_binding(leaf: u64, bound_levels: u32) -> Option<u32> {
+    // SAFETY: read-only lookups of plain-old-data values.
+    if let Some(b) = unsafe { AW_BINDINGS.get(leaf) } {
+        return Some(b.identity);
+    }
+    let mut found = None;
+    let mut level = 0u32;
+    while level < MAX_CGROUP_LEVELS {
+        if bound_levels >> level == 0 {
+            break;
+        }
+        if bound_levels & (1 << level) != 0 {
+            let anc = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+            if anc == 0 || anc == leaf {
+                break;
+            }
+            if let Some(b) = unsafe { AW_BINDINGS.get(anc) } {
+                found = Some(b.identity);
+            }
+        }
+        level += 1;
+    }
+    found
+}
+
+#[inline(always)]
+fn judge(flow: &Flow) -> i32 {
+    let Some(cfg) = config() else {
+        return ALLOW;
+    };
+    let leaf = unsafe { bpf_get_current_cgroup_id() };
+    let Some(identity) = find_binding(leaf, cfg.bound_levels) else {
+        return match cfg.unknown_flows {
+            UNKNOWN_IGNORE => ALLOW,
+            UNKNOWN_DENY => {
+                let now = unsafe { bpf_ktime_get_boot_ns() };
+                report(flow, leaf, 0, EVENT_DENY, REASON_UNBOUND, 0, &cfg, now);
+                DENY
+            }
+            _ => {
+                let now = unsafe { bpf_ktime_get_boot_ns() };
+                report(flow, leaf, 0, EVENT_UNKNOWN_FLOW, REASON_NONE, 0, &cfg, now);
+                ALLOW
+            }
+        };
+    };
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let (state, mode, not_after) = match AW_IDENTITIES.get(identity) {
+        Some(st) => (st.state, st.mode, st.not_after_ns),
+        None => (0, 0, 0),
+    };
+    // Revoked, unset and expired identities are denied whatever the mode: audit mode is for
+    // trying out a policy, not for keeping a dead identity alive.
+    if state != IDENTITY_ACTIVE {
+        report(flow, leaf, identity, EVENT_DENY, REASON_REVOKED, 0, &cfg, now);
+        return DENY;
+    }
+    if not_after != 0 && now >= not_after {
+        report(flow, leaf, identity, EVENT_DENY, REASON_EXPIRED, 0, &cfg, now);
+        return DENY;
+    }
+    let (reason, rule_id) = check_rules(identity, flow, now);
+    if reason == REASON_NONE {
+        return ALLOW;
+    }
+    if mode == MODE_AUDIT {
+        report(flow, leaf, identity, EVENT_AUDIT, reason, rule_id, &cfg, now);
+        ALLOW
+    } else {
+        report(flow, leaf, identity, EVENT_DENY, reason, rule_id, &cfg, now);
+        DENY
+    }
+}
+
+/// Longest-prefix match on the identity's trie, then the first port entry (most specific rule
+/// first) that allows port, protocol and time; then the global deny trie.
+#[inline(always)]
+fn check_rules(identity: u32, flow: &Flow, now: u64) -> (u8, u32) {
+    let key = Key::new(128, flow.addr);
+    let Some(set) = AW_RULES.get_value_ptr_mut(identity, &key) else {
+        return (REASON_NO_RULE, 0);
+    };
+    // SAFETY: a value pointer from a successful lookup, read only.
+    let set: &RuleSet = unsafe { &*set };
+    let count = set.count as usize;
+    let mut matched: Option<(u8, u32)> = None;
+    let mut i = 0;
+    while i < MAX_PORT_ENTRIES {
+        if i >= count {
+            break;
+        }
+        let e = &set.entries[i];
+        if flow.port >= e.port_lo
+            && flow.port <= e.port_hi
+            && e.proto & flow.proto != 0
+            && (e.expires_ns == 0 || now < e.expires_ns)
+        {
+            matched = Some((e.prefix_len, e.rule_id));
+            break;
+        }
+        i += 1;
+    }
+    let Some((prefix_len, rule_id)) = matched else {
+        return (REASON_NO_RULE, 0);
+    };
+    if let Some(deny) = AW_RULES.get_value_ptr_mut(GLOBAL_DENY_SLOT, &key) {
+        // SAFETY: as above.
+        let deny_len = unsafe { (*deny).prefix_len };
+        if prefix_len < deny_len {
+            return (REASON_GLOBAL_DENY, rule_id);
+        }
+    }
+    (REASON_NONE, rule_id)
+}
+
+/// Writes one event, unless an identical one went out within the rate window: then it is only
+/// counted, and the count rides on the next record written. A record that does not fit in the
+/// ring buffer is counted in `AW_EVENT_DROPS`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn report(
+    flow: &Flow,
+    leaf: u64,
+    identity: u32,
+    kind: u8,
+    reason: u8,
+    rule_id: u32,
+    cfg: &Config,
+    now: u64,
+) {
+    let rk = RateKey {
+        cgroup_id: leaf,
+        addr: flow.addr,
+        port: if flow.hook == HOOK_SOCK_CREATE { flow.sock_type } else { flow.port },
+        kind,
+        proto: if flow.hook == HOOK_SOCK_CREATE { flow.sock_protocol as u8 } else { flow.proto },
+        reason,
+        _pad: [0; 3],
+    };
+    let window = if cfg.rate_window_ns == 0 { DEFAULT_RATE_WINDOW_NS } else { cfg.rate_window_ns };
+    let state = AW_RATE.get_ptr_mut(rk);
+    let mut suppressed = 0u64;
+    if let Some(st) = state {
+        // SAFETY: pointer from a successful lookup; the counter is only touched atomically.
+        unsafe {
+            if now.wrapping_sub((*st).last_ns) < window {
+                atomic_add(&raw mut (*st).suppressed, 1);
+                return;
+            }
+            suppressed = core::ptr::read_volatile(&raw const (*st).suppressed);
+        }
+    }
+    let Some(mut entry) = AW_EVENTS.reserve(0) else {
+        if let Some(drops) = AW_EVENT_DROPS.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot, this CPU only.
+            unsafe { *drops += 1 };
+        }
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    entry.write(Event {
+        ts_ns: now,
+        cgroup_id: leaf,
+        pid_tgid,
+        uid_gid,
+        addr: flow.addr,
+        identity,
+        rule_id,
+        suppressed: if suppressed > u32::MAX as u64 { u32::MAX } else { suppressed as u32 },
+        port: flow.port,
+        kind,
+        reason,
+        proto: flow.proto,
+        hook: flow.hook,
+        _pad: [0; 2],
+        sock_type: flow.sock_type,
+        sock_protocol: flow.sock_protocol,
+        comm,
+    });
+    entry.submit(0);
+    match state {
+        Some(st) => unsafe {
+            (*st).last_ns = now;
+            // Subtract what this record carried; increments that raced in stay counted.
+            atomic_add(&raw mut (*st).suppressed, suppressed.wrapping_neg());
+        },
+        None => {
+            let _ = AW_RATE.insert(
+                rk,
+                RateState {
+                    last_ns: now,
+                    suppressed: 0,
+                },
+                BPF_NOEXIST as u64,
+            );
+        }
+    }
+}
+
+/// Atomic add whose result is unused, so it compiles to BPF_XADD on every BPF CPU version.
+#[inline(always)]
+unsafe fn atomic_add(dst: *mut u64, v: u64) {
+    // SAFETY: the caller passes a pointer into a map value.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            dst, v,
+        );
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,216 @@
+//! cgroup2 discovery and the few operations agentwall needs: open by path, create, move a
+//! process in, remove, and read the kernel's cgroup id (what the eBPF programs see).
+
+use std::{
+    fs,
+    io::{self, Write as _},
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup2 filesystem is mounted (looked in /proc/self/mountinfo)")]
+    NoCgroup2Mount,
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path} is not on the cgroup2 filesystem mounted at {root}")]
+    NotCgroup2 { path: PathBuf, root: PathBuf },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Where cgroup2 is mounted, and which cgroup that mount shows at its top (not "/" inside a
+/// cgroup namespace), so levels can be counted from the real root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cgroup2Mount {
+    pub mount_point: PathBuf,
+    pub root_depth: u32,
+}
+
+impl Cgroup2Mount {
+    /// Finds the cgroup2 mount from `/proc/self/mountinfo`; never assumes `/sys/fs/cgroup`.
+    pub fn discover() -> Result<Self, CgroupError> {
+        let path = Path::new("/proc/self/mountinfo");
+        let text = fs::read_to_string(path).map_err(io_err(path))?;
+        Self::from_mountinfo(&text).ok_or(CgroupError::NoCgroup2Mount)
+    }
+
+    pub fn from_mountinfo(text: &str) -> Option<Self> {
+        text.lines().find_map(|line| {
+            // Fields: id parent major:minor root mount_point options [optional...] - fstype ...
+            let (pre, post) = line.split_once(" - ")?;
+            if post.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            let mut f = pre.split_whitespace();
+            let root = f.nth(3)?;
+            let mount_point = f.next()?;
+            Some(Self {
+                mount_point: PathBuf::from(unescape_mountinfo(mount_point)),
+                root_depth: Path::new(root)
+                    .components()
+                    .filter(|c| matches!(c, std::path::Component::Normal(_)))
+                    .count() as u32,
+            })
+        })
+    }
+
+    pub fn root(&self) -> Result<Cgroup, CgroupError> {
+        Cgroup::open_in(self, &self.mount_point)
+    }
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One cgroup2 directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cgroup {
+    path: PathBuf,
+    id: u64,
+    level: u32,
+}
+
+impl Cgroup {
+    /// Opens an existing cgroup directory.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, CgroupError> {
+        Self::open_in(&Cgroup2Mount::discover()?, path.as_ref())
+    }
+
+    fn open_in(mount: &Cgroup2Mount, path: &Path) -> Result<Self, CgroupError> {
+        let path = path.canonicalize().map_err(io_err(path))?;
+        let rel = path
+            .strip_prefix(&mount.mount_point)
+            .map_err(|_| CgroupError::NotCgroup2 {
+                path: path.clone(),
+                root: mount.mount_point.clone(),
+            })?;
+        let meta = fs::metadata(&path).map_err(io_err(&path))?;
+        // On cgroup2 the directory's inode number is the cgroup id that
+        // bpf_get_current_cgroup_id() returns.
+        let level = mount.root_depth + rel.components().count() as u32;
+        let procs = path.join("cgroup.procs");
+        if !procs.exists() {
+            return Err(CgroupError::NotCgroup2 {
+                path,
+                root: mount.mount_point.clone(),
+            });
+        }
+        Ok(Self {
+            id: meta.ino(),
+            path,
+            level,
+        })
+    }
+
+    /// Creates `path` (and missing parents) as a cgroup, or opens it if it exists.
+    pub fn create(path: impl AsRef<Path>) -> Result<Self, CgroupError> {
+        let path = path.as_ref();
+        fs::create_dir_all(path).map_err(io_err(path))?;
+        Self::open(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The kernel's cgroup id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Depth under the cgroup2 root (the root is level 0), as `bpf_get_current_ancestor_cgroup_id`
+    /// counts it.
+    pub fn level(&self) -> u32 {
+        self.level
+    }
+
+    /// Moves a process (all its threads) into this cgroup.
+    pub fn add_process(&self, pid: u32) -> Result<(), CgroupError> {
+        let procs = self.path.join("cgroup.procs");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(&procs)
+            .map_err(io_err(&procs))?;
+        f.write_all(pid.to_string().as_bytes())
+            .map_err(io_err(&procs))
+    }
+
+    /// Whether any process lives in this cgroup or below it.
+    pub fn is_populated(&self) -> Result<bool, CgroupError> {
+        let events = self.path.join("cgroup.events");
+        let text = fs::read_to_string(&events).map_err(io_err(&events))?;
+        Ok(text.lines().any(|l| l.trim() == "populated 1"))
+    }
+
+    /// Opens (creating if needed) the child cgroup `name`.
+    pub fn child(&self, name: &str) -> Result<Self, CgroupError> {
+        Self::create(self.path.join(name))
+    }
+
+    /// Removes this cgroup and every cgroup below it, deepest first. Processes still inside make
+    /// this fail with EBUSY; move them out first.
+    pub fn remove_tree(&self) -> Result<(), CgroupError> {
+        remove_tree(&self.path)
+    }
+}
+
+fn remove_tree(path: &Path) -> Result<(), CgroupError> {
+    for entry in fs::read_dir(path).map_err(io_err(path))? {
+        let entry = entry.map_err(io_err(path))?;
+        if entry.file_type().map_err(io_err(path))?.is_dir() {
+            remove_tree(&entry.path())?;
+        }
+    }
+    fs::remove_dir(path).map_err(io_err(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_among_v1_mounts() {
+        let text = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                    32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n\
+                    41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        let m = Cgroup2Mount::from_mountinfo(text).unwrap();
+        assert_eq!(m.mount_point, PathBuf::from("/sys/fs/cgroup/unified"));
+        assert_eq!(m.root_depth, 0);
+    }
+
+    #[test]
+    fn namespaced_root_and_escaped_mount_point() {
+        let text = "41 31 0:38 /a/b /mnt/my\\040cg rw shared:1 - cgroup2 cgroup2 rw\n";
+        let m = Cgroup2Mount::from_mountinfo(text).unwrap();
+        assert_eq!(m.mount_point, PathBuf::from("/mnt/my cg"));
+        assert_eq!(m.root_depth, 2);
+    }
+
+    #[test]
+    fn no_cgroup2_is_none() {
+        assert!(Cgroup2Mount::from_mountinfo("1 0 0:1 / / rw - ext4 /dev/vda rw\n").is_none());
+    }
+}

@@ -1,0 +1,215 @@
+//! Decision records from the kernel's ring buffer, decoded for userspace.
+
+use std::{
+    fmt,
+    net::IpAddr,
+    os::fd::{AsRawFd, RawFd},
+};
+
+use agent_common::{self as c, Event};
+use aya::maps::{MapData, RingBuf};
+
+use crate::{
+    clock::BootInstant,
+    policy::{
+        Protocol, Reason,
+        model::addr_from16,
+    },
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// Denied in enforce mode (or for a revoked/expired identity, or an unbound cgroup under
+    /// `unknown_flows = deny`).
+    Deny,
+    /// Audit mode: would have been denied, was allowed.
+    Audit,
+    /// A cgroup bound to no identity made this flow (allowed, reported).
+    UnknownFlow,
+    /// A governed identity tried to open a socket other than TCP or UDP.
+    SocketDeny,
+}
+
+impl EventKind {
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            c::EVENT_DENY => Self::Deny,
+            c::EVENT_AUDIT => Self::Audit,
+            c::EVENT_UNKNOWN_FLOW => Self::UnknownFlow,
+            c::EVENT_SOCK_DENY => Self::SocketDeny,
+            _ => return None,
+        })
+    }
+
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Deny => c::EVENT_DENY,
+            Self::Audit => c::EVENT_AUDIT,
+            Self::UnknownFlow => c::EVENT_UNKNOWN_FLOW,
+            Self::SocketDeny => c::EVENT_SOCK_DENY,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deny => "deny",
+            Self::Audit => "audit",
+            Self::UnknownFlow => "unknown",
+            Self::SocketDeny => "socket-deny",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hook {
+    Connect4,
+    Connect6,
+    Sendmsg4,
+    Sendmsg6,
+    SockCreate,
+}
+
+impl Hook {
+    fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            c::HOOK_CONNECT4 => Self::Connect4,
+            c::HOOK_CONNECT6 => Self::Connect6,
+            c::HOOK_SENDMSG4 => Self::Sendmsg4,
+            c::HOOK_SENDMSG6 => Self::Sendmsg6,
+            c::HOOK_SOCK_CREATE => Self::SockCreate,
+            _ => return None,
+        })
+    }
+}
+
+/// One decision record as the kernel wrote it, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventRecord {
+    pub time: BootInstant,
+    pub kind: EventKind,
+    pub reason: Option<Reason>,
+    pub hook: Hook,
+    /// 0 when the cgroup is bound to no identity.
+    pub identity: u32,
+    pub cgroup_id: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    pub dest: IpAddr,
+    pub port: u16,
+    /// Tcp or Udp for flows; None for socket records and other protocols.
+    pub proto: Option<Protocol>,
+    pub rule_id: u32,
+    /// Identical records folded into this one by the kernel's rate limit.
+    pub suppressed: u32,
+    pub sock_type: u16,
+    pub sock_protocol: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("malformed event record: {0}")]
+pub struct DecodeError(String);
+
+impl EventRecord {
+    /// Decodes the raw bytes of one ring buffer item (which need not be aligned).
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() < std::mem::size_of::<Event>() {
+            return Err(DecodeError(format!(
+                "{} bytes, expected {}",
+                bytes.len(),
+                std::mem::size_of::<Event>()
+            )));
+        }
+        // SAFETY: length checked; Event is plain old data valid for any bit pattern.
+        let e: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        Self::from_raw(&e)
+    }
+
+    pub fn from_raw(e: &Event) -> Result<Self, DecodeError> {
+        let kind = EventKind::from_code(e.kind)
+            .ok_or_else(|| DecodeError(format!("unknown kind {}", e.kind)))?;
+        let hook =
+            Hook::from_code(e.hook).ok_or_else(|| DecodeError(format!("unknown hook {}", e.hook)))?;
+        let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
+        Ok(Self {
+            time: BootInstant(e.ts_ns),
+            kind,
+            reason: Reason::from_code(e.reason),
+            hook,
+            identity: e.identity,
+            cgroup_id: e.cgroup_id,
+            pid: (e.pid_tgid >> 32) as u32,
+            tid: e.pid_tgid as u32,
+            uid: e.uid_gid as u32,
+            gid: (e.uid_gid >> 32) as u32,
+            comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
+            dest: addr_from16(e.addr),
+            port: e.port,
+            proto: match e.proto {
+                c::PROTO_TCP => Some(Protocol::Tcp),
+                c::PROTO_UDP => Some(Protocol::Udp),
+                _ => None,
+            },
+            rule_id: e.rule_id,
+            suppressed: e.suppressed,
+            sock_type: e.sock_type,
+            sock_protocol: e.sock_protocol,
+        })
+    }
+}
+
+impl fmt::Display for EventRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} pid={} comm={} ", self.kind.as_str(), self.pid, self.comm)?;
+        if self.hook == Hook::SockCreate {
+            write!(f, "socket type={} protocol={}", self.sock_type, self.sock_protocol)?;
+        } else {
+            let proto = self.proto.map_or("other".to_owned(), |p| p.to_string());
+            match self.dest {
+                IpAddr::V4(a) => write!(f, "{proto} {a}:{}", self.port)?,
+                IpAddr::V6(a) => write!(f, "{proto} [{a}]:{}", self.port)?,
+            }
+        }
+        if let Some(r) = self.reason {
+            write!(f, " ({r})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads decision records from the pinned ring buffer.
+pub struct EventReader {
+    ring: RingBuf<MapData>,
+}
+
+impl EventReader {
+    pub(crate) fn new(ring: RingBuf<MapData>) -> Self {
+        Self { ring }
+    }
+
+    /// The next record, if one is waiting. Records that fail to decode are skipped with a
+    /// warning: a newer kernel object must never wedge the reader.
+    pub fn try_next(&mut self) -> Option<EventRecord> {
+        loop {
+            let item = self.ring.next()?;
+            match EventRecord::decode(&item) {
+                Ok(r) => return Some(r),
+                Err(e) => tracing::warn!(error = %e, "skipping event record"),
+            }
+        }
+    }
+
+    /// Drains every waiting record.
+    pub fn drain(&mut self) -> Vec<EventRecord> {
+        std::iter::from_fn(|| self.try_next()).collect()
+    }
+}
+
+/// Becomes readable when records are waiting (for epoll or tokio's AsyncFd).
+impl AsRawFd for EventReader {
+    fn as_raw_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+}

@@ -1,0 +1,527 @@
+//! The kernel datapath: load the eBPF programs or adopt pinned ones, attach them to a cgroup,
+//! and keep their maps in sync with bindings, identities and rules.
+//!
+//! Everything lives under `<bpffs_dir>/v<ABI_VERSION>/{links,maps}`. Links are pinned, so
+//! enforcement outlives the process that attached it; a later start adopts the pins instead of
+//! attaching twice, and [`teardown`] is the only way enforcement goes away.
+
+pub mod event;
+pub mod sys;
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use agent_common::{
+    self as c, ABI_VERSION, ALL_MAPS, ALL_PROGRAMS, Addr, Binding, Config, GLOBAL_DENY_SLOT,
+    IdentityState, MAX_IDENTITIES, RuleSet,
+};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, ArrayOfMaps, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf,
+        lpm_trie::Key,
+    },
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr,
+        links::{FdLink, PinnedLink},
+    },
+};
+use ipnet::IpNet;
+use tracing::{debug, info};
+
+pub use event::{EventKind, EventReader, EventRecord, Hook};
+
+use crate::{
+    cgroup::{Cgroup, CgroupError},
+    policy::{
+        CompileError, CompiledTrie, IdentityStatus, IdentityView, Mode, Rule, UnknownFlows,
+        compile_global_deny, compile_rules,
+    },
+};
+
+/// The compiled eBPF object, built by build.rs from agent-ebpf.
+/// BPF_F_NO_PREALLOC: LPM tries must not preallocate.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+
+/// Cloud metadata endpoints: denied to every identity unless a rule names them exactly.
+pub const DEFAULT_GLOBAL_DENY: [&str; 2] = ["169.254.169.254/32", "fd00:ec2::254/128"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path} is not on a bpf filesystem (mount one with `mount -t bpf bpf {path}`)")]
+    NotBpffs { path: PathBuf },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] Box<aya::EbpfError>),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("eBPF link of {name}: {source}")]
+    Link {
+        name: &'static str,
+        source: Box<aya::programs::links::LinkError>,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: Box<MapError>,
+    },
+    #[error("the eBPF object has no map named {0}")]
+    MissingMap(&'static str),
+    #[error("the eBPF object has no program named {0}")]
+    MissingProgram(&'static str),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("identity {0} is out of range: identities are 1..{max}", max = MAX_IDENTITIES - 1)]
+    IdentityOutOfRange(u32),
+    #[error("cgroup level {level} of {path} is deeper than the {max} levels the datapath walks")]
+    TooDeep { path: PathBuf, level: u32, max: u32 },
+    #[error("{path} still has processes; unbinding it would leave them ungoverned")]
+    Populated { path: PathBuf },
+    #[error("rules for identity {identity}: {source}")]
+    Compile {
+        identity: u32,
+        source: CompileError,
+    },
+    #[error(
+        "{what}: {source} (nothing was changed; the previous rules stay in force)"
+    )]
+    Apply {
+        what: String,
+        source: Box<MapError>,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
+    move |source| DatapathError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |e| DatapathError::Map {
+        name,
+        source: Box::new(e),
+    }
+}
+
+/// Where to attach and where to pin.
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    /// The cgroup the programs attach to; it and every cgroup below it are judged.
+    pub attach_cgroup: PathBuf,
+    /// Base directory in bpffs; pins go to `<bpffs_dir>/v<ABI_VERSION>`.
+    pub bpffs_dir: PathBuf,
+    pub unknown_flows: UnknownFlows,
+    /// Identical events inside this window are counted, not written again.
+    pub rate_window: Duration,
+}
+
+impl DatapathConfig {
+    pub fn new(attach_cgroup: impl Into<PathBuf>, bpffs_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            attach_cgroup: attach_cgroup.into(),
+            bpffs_dir: bpffs_dir.into(),
+            unknown_flows: UnknownFlows::default(),
+            rate_window: Duration::from_secs(1),
+        }
+    }
+}
+
+/// How [`Datapath::start`] found the programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StartReport {
+    /// Programs this start attached.
+    pub attached: usize,
+    /// Programs whose pinned links were already in place.
+    pub adopted: usize,
+}
+
+pub fn pin_dir(bpffs_dir: &Path) -> PathBuf {
+    bpffs_dir.join(format!("v{ABI_VERSION}"))
+}
+
+fn attach_type(name: &str) -> u32 {
+    match name {
+        c::PROG_CONNECT4 => sys::ATTACH_INET4_CONNECT,
+        c::PROG_CONNECT6 => sys::ATTACH_INET6_CONNECT,
+        c::PROG_SENDMSG4 => sys::ATTACH_UDP4_SENDMSG,
+        c::PROG_SENDMSG6 => sys::ATTACH_UDP6_SENDMSG,
+        _ => sys::ATTACH_INET_SOCK_CREATE,
+    }
+}
+
+/// A running datapath: handles to the pinned maps.
+pub struct Datapath {
+    pin_dir: PathBuf,
+    attach: Cgroup,
+    bindings: HashMap<MapData, u64, Binding>,
+    identities: Array<MapData, IdentityState>,
+    rules: ArrayOfMaps<MapData, LpmTrie<MapData, Addr, RuleSet>>,
+    config: Array<MapData, Config>,
+    drops: PerCpuArray<MapData, u64>,
+    events: Option<RingBuf<MapData>>,
+    report: StartReport,
+}
+
+impl Datapath {
+    /// Loads and attaches the programs, or adopts those already pinned for this ABI version.
+    /// A failure part-way detaches whatever this call attached.
+    pub fn start(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
+        let attach = Cgroup::open(&cfg.attach_cgroup)?;
+        sys::ensure_bpffs(&cfg.bpffs_dir).map_err(io_err(Path::new("/sys/fs/bpf")))?;
+        let dir = pin_dir(&cfg.bpffs_dir);
+        let (maps_dir, links_dir) = (dir.join("maps"), dir.join("links"));
+        for d in [&maps_dir, &links_dir] {
+            fs::create_dir_all(d).map_err(io_err(d))?;
+        }
+        if !sys::is_bpffs(&dir).map_err(io_err(&dir))? {
+            return Err(DatapathError::NotBpffs { path: dir });
+        }
+
+        let mut loader = EbpfLoader::new();
+        let map_paths: Vec<(&'static str, PathBuf)> =
+            ALL_MAPS.iter().map(|n| (*n, maps_dir.join(n))).collect();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
+
+        let report = attach_all(&mut ebpf, &attach, &links_dir)?;
+        info!(
+            cgroup = %attach.path().display(),
+            attached = report.attached,
+            adopted = report.adopted,
+            pins = %dir.display(),
+            "datapath ready"
+        );
+
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))
+        };
+        let bindings = HashMap::try_from(take(&mut ebpf, c::MAP_BINDINGS)?)
+            .map_err(map_err(c::MAP_BINDINGS))?;
+        let identities = Array::try_from(take(&mut ebpf, c::MAP_IDENTITIES)?)
+            .map_err(map_err(c::MAP_IDENTITIES))?;
+        let rules =
+            ArrayOfMaps::try_from(take(&mut ebpf, c::MAP_RULES)?).map_err(map_err(c::MAP_RULES))?;
+        let config =
+            Array::try_from(take(&mut ebpf, c::MAP_CONFIG)?).map_err(map_err(c::MAP_CONFIG))?;
+        let drops = PerCpuArray::try_from(take(&mut ebpf, c::MAP_EVENT_DROPS)?)
+            .map_err(map_err(c::MAP_EVENT_DROPS))?;
+        let events =
+            RingBuf::try_from(take(&mut ebpf, c::MAP_EVENTS)?).map_err(map_err(c::MAP_EVENTS))?;
+
+        let mut dp = Self {
+            pin_dir: dir,
+            attach,
+            bindings,
+            identities,
+            rules,
+            config,
+            drops,
+            events: Some(events),
+            report,
+        };
+        // Rebuild what the kernel reads from config: a restarted daemon keeps the bindings the
+        // pinned map holds.
+        let mut levels = 0u32;
+        for entry in dp.bindings.iter() {
+            let (_, b) = entry.map_err(map_err(c::MAP_BINDINGS))?;
+            levels |= 1u32.checked_shl(b.level).unwrap_or(0);
+        }
+        let mut conf = dp.read_config()?;
+        conf.bound_levels |= levels;
+        conf.unknown_flows = cfg.unknown_flows.code();
+        conf.rate_window_ns = u64::try_from(cfg.rate_window.as_nanos()).unwrap_or(u64::MAX);
+        dp.write_config(conf)?;
+        Ok(dp)
+    }
+
+    pub fn start_report(&self) -> StartReport {
+        self.report
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn attach_cgroup(&self) -> &Cgroup {
+        &self.attach
+    }
+
+    fn read_config(&self) -> Result<Config, DatapathError> {
+        self.config.get(&0, 0).map_err(map_err(c::MAP_CONFIG))
+    }
+
+    fn write_config(&mut self, conf: Config) -> Result<(), DatapathError> {
+        self.config.set(0, conf, 0).map_err(map_err(c::MAP_CONFIG))
+    }
+
+    pub fn set_unknown_flows(&mut self, unknown: UnknownFlows) -> Result<(), DatapathError> {
+        let mut conf = self.read_config()?;
+        conf.unknown_flows = unknown.code();
+        self.write_config(conf)
+    }
+
+    fn check_identity(identity: u32) -> Result<(), DatapathError> {
+        if identity == 0 || identity >= MAX_IDENTITIES {
+            return Err(DatapathError::IdentityOutOfRange(identity));
+        }
+        Ok(())
+    }
+
+    /// Sets what the kernel knows of an identity. Write the identity before binding cgroups to
+    /// it; until then its cgroups are denied everything.
+    pub fn set_identity(&mut self, identity: u32, view: IdentityView) -> Result<(), DatapathError> {
+        Self::check_identity(identity)?;
+        let state = IdentityState {
+            not_after_ns: view.not_after.map_or(0, |t| t.0.max(1)),
+            state: match view.status {
+                IdentityStatus::Active => c::IDENTITY_ACTIVE,
+                IdentityStatus::Revoked => c::IDENTITY_REVOKED,
+            },
+            mode: match view.mode {
+                Mode::Enforce => c::MODE_ENFORCE,
+                Mode::Audit => c::MODE_AUDIT,
+            },
+            _pad: [0; 6],
+        };
+        self.identities
+            .set(identity, state, 0)
+            .map_err(map_err(c::MAP_IDENTITIES))
+    }
+
+    /// Binds `cgroup` and every cgroup below it to `identity`. Bound cgroups are default-deny.
+    pub fn bind(&mut self, cgroup: &Cgroup, identity: u32) -> Result<(), DatapathError> {
+        Self::check_identity(identity)?;
+        if cgroup.level() >= c::MAX_CGROUP_LEVELS {
+            return Err(DatapathError::TooDeep {
+                path: cgroup.path().to_owned(),
+                level: cgroup.level(),
+                max: c::MAX_CGROUP_LEVELS,
+            });
+        }
+        // The level bit goes in first so the binding is found the moment it exists.
+        let mut conf = self.read_config()?;
+        conf.bound_levels |= 1 << cgroup.level();
+        self.write_config(conf)?;
+        let b = Binding {
+            identity,
+            level: cgroup.level(),
+        };
+        self.bindings
+            .insert(cgroup.id(), b, 0)
+            .map_err(map_err(c::MAP_BINDINGS))?;
+        debug!(cgroup_id = cgroup.id(), identity, "bound cgroup");
+        Ok(())
+    }
+
+    /// Removes a binding. Refused while processes live in the cgroup: unbinding must never turn
+    /// a governed process into an ungoverned one (revoke the identity instead).
+    pub fn unbind(&mut self, cgroup: &Cgroup) -> Result<(), DatapathError> {
+        if cgroup.is_populated()? {
+            return Err(DatapathError::Populated {
+                path: cgroup.path().to_owned(),
+            });
+        }
+        self.unbind_id(cgroup.id())
+    }
+
+    /// Removes the binding of a cgroup id whose cgroup is gone.
+    pub fn unbind_id(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
+        match self.bindings.remove(&cgroup_id) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+                Ok(())
+            }
+            Err(e) => Err(map_err(c::MAP_BINDINGS)(e)),
+        }
+    }
+
+    /// The bindings in force: cgroup id → identity.
+    pub fn bindings(&self) -> Result<Vec<(u64, u32)>, DatapathError> {
+        self.bindings
+            .iter()
+            .map(|r| r.map(|(k, b)| (k, b.identity)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(c::MAP_BINDINGS))
+    }
+
+    /// Replaces an identity's rules in one step: a new trie is built and filled on the side,
+    /// then swapped in with a single map update, so a connecting process sees the old rules or
+    /// the new ones, never a mix. On any error the old rules stay.
+    pub fn set_rules(&mut self, identity: u32, rules: &[Rule]) -> Result<usize, DatapathError> {
+        Self::check_identity(identity)?;
+        let compiled =
+            compile_rules(rules).map_err(|source| DatapathError::Compile { identity, source })?;
+        let n = compiled.len();
+        self.swap_trie(identity, &compiled, &format!("rules for identity {identity}"))?;
+        Ok(n)
+    }
+
+    /// Replaces the global deny list (atomically, as for rules).
+    pub fn set_global_deny(&mut self, nets: &[IpNet]) -> Result<(), DatapathError> {
+        self.swap_trie(
+            GLOBAL_DENY_SLOT,
+            &compile_global_deny(nets),
+            "global deny list",
+        )
+    }
+
+    fn swap_trie(
+        &mut self,
+        slot: u32,
+        compiled: &CompiledTrie,
+        what: &str,
+    ) -> Result<(), DatapathError> {
+        let apply = |source: MapError| DatapathError::Apply {
+            what: what.to_owned(),
+            source: Box::new(source),
+        };
+        let capacity = u32::try_from(compiled.len().max(1)).unwrap_or(u32::MAX);
+        let mut trie: LpmTrie<MapData, Addr, RuleSet> =
+            LpmTrie::create(capacity, BPF_F_NO_PREALLOC).map_err(apply)?;
+        for (net, set) in &compiled.entries {
+            trie.insert(&Key::new(u32::from(net.len), net.addr), set, 0)
+                .map_err(apply)?;
+        }
+        self.rules.set(slot, &trie, 0).map_err(apply)?;
+        Ok(())
+    }
+
+    /// Records that could not be written to the ring buffer, summed over CPUs.
+    pub fn dropped_events(&self) -> Result<u64, DatapathError> {
+        let per_cpu = self.drops.get(&0, 0).map_err(map_err(c::MAP_EVENT_DROPS))?;
+        Ok(per_cpu.iter().sum())
+    }
+
+    /// The reader of decision records; there is one, and this hands it out once.
+    pub fn take_events(&mut self) -> Option<EventReader> {
+        self.events.take().map(EventReader::new)
+    }
+}
+
+fn attach_all(
+    ebpf: &mut Ebpf,
+    attach: &Cgroup,
+    links_dir: &Path,
+) -> Result<StartReport, DatapathError> {
+    let mut report = StartReport {
+        attached: 0,
+        adopted: 0,
+    };
+    let mut pinned_now: Vec<PathBuf> = Vec::new();
+    let result = (|| {
+        let cgroup_file = fs::File::open(attach.path()).map_err(io_err(attach.path()))?;
+        for name in ALL_PROGRAMS {
+            let link_err = |e: aya::programs::links::LinkError| DatapathError::Link {
+                name,
+                source: Box::new(e),
+            };
+            let link_path = links_dir.join(name);
+            if link_path.exists() {
+                // A pin from an earlier start: enforcement is already in place.
+                PinnedLink::from_pin(&link_path).map_err(link_err)?;
+                report.adopted += 1;
+                continue;
+            }
+            let prog_err = |e: aya::programs::ProgramError| DatapathError::Program {
+                name,
+                source: Box::new(e),
+            };
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?;
+            let link: FdLink = if name == c::PROG_SOCK_CREATE {
+                let p: &mut CgroupSock = prog.try_into().map_err(prog_err)?;
+                p.load().map_err(prog_err)?;
+                let id = p
+                    .attach(&cgroup_file, CgroupAttachMode::Single)
+                    .map_err(prog_err)?;
+                p.take_link(id)
+                    .map_err(prog_err)?
+                    .try_into()
+                    .map_err(link_err)?
+            } else {
+                let p: &mut CgroupSockAddr = prog.try_into().map_err(prog_err)?;
+                p.load().map_err(prog_err)?;
+                let id = p
+                    .attach(&cgroup_file, CgroupAttachMode::Single)
+                    .map_err(prog_err)?;
+                p.take_link(id)
+                    .map_err(prog_err)?
+                    .try_into()
+                    .map_err(link_err)?
+            };
+            link.pin(&link_path).map_err(|source| DatapathError::Pin {
+                path: link_path.clone(),
+                source,
+            })?;
+            pinned_now.push(link_path);
+            report.attached += 1;
+        }
+        Ok(report)
+    })();
+    if result.is_err() {
+        for p in &pinned_now {
+            let _ = fs::remove_file(p);
+        }
+    }
+    result
+}
+
+/// Ids of agentwall-relevant programs attached directly to `cgroup`, over all five hooks.
+pub fn attached_programs(cgroup: &Path) -> Result<Vec<u32>, DatapathError> {
+    let mut ids = Vec::new();
+    for name in ALL_PROGRAMS {
+        ids.extend(sys::prog_query(cgroup, attach_type(name)).map_err(io_err(cgroup))?);
+    }
+    Ok(ids)
+}
+
+/// Detaches everything and removes every pin under `bpffs_dir` for this ABI version. Links go
+/// first, so enforcement ends before its maps do. Absent pins are not an error.
+pub fn teardown(bpffs_dir: &Path) -> Result<(), DatapathError> {
+    let dir = pin_dir(bpffs_dir);
+    for sub in ["links", "maps"] {
+        let d = dir.join(sub);
+        match fs::read_dir(&d) {
+            Ok(entries) => {
+                for e in entries {
+                    let p = e.map_err(io_err(&d))?.path();
+                    fs::remove_file(&p).map_err(io_err(&p))?;
+                }
+                fs::remove_dir(&d).map_err(io_err(&d))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&d)(e)),
+        }
+    }
+    for d in [dir.as_path(), bpffs_dir] {
+        match fs::remove_dir(d) {
+            Ok(()) => {}
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ENOTEMPTY) => {}
+            Err(e) => return Err(io_err(d)(e)),
+        }
+    }
+    Ok(())
+}

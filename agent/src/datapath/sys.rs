@@ -1,0 +1,102 @@
+//! The few bpf(2) and filesystem calls aya 0.14 does not expose.
+
+use std::{
+    ffi::CString,
+    io,
+    os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _},
+    path::Path,
+};
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const BPF_PROG_QUERY: libc::c_long = 16;
+
+/// Attach types the datapath uses (enum bpf_attach_type).
+pub const ATTACH_INET_SOCK_CREATE: u32 = 2;
+pub const ATTACH_INET4_CONNECT: u32 = 10;
+pub const ATTACH_INET6_CONNECT: u32 = 11;
+pub const ATTACH_UDP4_SENDMSG: u32 = 14;
+pub const ATTACH_UDP6_SENDMSG: u32 = 15;
+
+/// The BPF_PROG_QUERY member of union bpf_attr.
+#[repr(C)]
+#[derive(Default)]
+struct ProgQueryAttr {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+}
+
+/// Ids of the programs attached directly to `cgroup` for `attach_type` (not inherited ones).
+pub fn prog_query(cgroup: &Path, attach_type: u32) -> io::Result<Vec<u32>> {
+    let dir = std::fs::File::open(cgroup)?;
+    let mut ids = vec![0u32; 64];
+    let mut attr = ProgQueryAttr {
+        target_fd: dir.as_raw_fd() as u32,
+        attach_type,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..Default::default()
+    };
+    // SAFETY: attr is a valid BPF_PROG_QUERY attribute whose prog_ids buffer outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &mut attr as *mut ProgQueryAttr,
+            std::mem::size_of::<ProgQueryAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    ids.truncate(attr.prog_cnt as usize);
+    Ok(ids)
+}
+
+fn statfs_magic(path: &Path) -> io::Result<i64> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: zeroed statfs is a valid out-buffer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64)
+}
+
+pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+    Ok(statfs_magic(path)? == BPF_FS_MAGIC)
+}
+
+/// Mounts bpffs at `/sys/fs/bpf` when `dir` lives below it and it is not mounted yet (some hosts
+/// do not mount it at boot).
+pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
+    let sys = Path::new("/sys/fs/bpf");
+    if dir.starts_with(sys) && !is_bpffs(sys)? {
+        let src = CString::new("bpf").expect("no NUL");
+        let target = CString::new("/sys/fs/bpf").expect("no NUL");
+        // SAFETY: valid C strings; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

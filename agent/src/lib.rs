@@ -1,0 +1,9 @@
+//! agentwall: identity-bound egress allowlists for AI agents, enforced by eBPF cgroup hooks.
+//!
+//! The library owns all logic; the `agentwall` binary is a thin CLI over it.
+
+pub mod cgroup;
+pub mod clock;
+pub mod datapath;
+pub mod logging;
+pub mod policy;

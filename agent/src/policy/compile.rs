@@ -1,0 +1,235 @@
+//! Compiles an identity's rules into LPM trie entries.
+//!
+//! The kernel does one longest-prefix match and then scans the port entries stored under that
+//! prefix. So that a more specific CIDR never hides the ports of a less specific one, every
+//! prefix carries the entries of every rule whose CIDR contains it, most specific rule first.
+//! IPv4 prefixes only ever carry IPv4 rules: when an IPv6 rule covers the IPv4-mapped space
+//! (`::/0`, say), a barrier entry at `::ffff:0:0/96` keeps it out of IPv4 lookups.
+
+use std::collections::{BTreeSet, HashMap};
+
+use agent_common::{MAX_PORT_ENTRIES, PortEntry, RuleSet};
+use ipnet::IpNet;
+
+use super::model::{Net, PortRange, Rule, V4_SPACE};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error(
+        "{prefix} needs {count} port entries once the rules covering it are merged \
+         (rules {rules}); at most {max} fit: merge port ranges or split the CIDR"
+    )]
+    TooManyPortEntries {
+        prefix: String,
+        count: usize,
+        max: usize,
+        rules: String,
+    },
+    #[error("rule id 0 is reserved; rule ids start at 1")]
+    ZeroRuleId,
+}
+
+/// Trie entries ready for the datapath: key prefix and value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompiledTrie {
+    pub entries: Vec<(Net, RuleSet)>,
+}
+
+impl CompiledTrie {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+struct Flat<'a> {
+    rule: &'a Rule,
+    ports: Vec<PortRange>,
+}
+
+/// Sorted, overlapping and adjacent ranges merged; empty means any.
+fn merged_ports(ports: &[PortRange]) -> Vec<PortRange> {
+    if ports.is_empty() {
+        return vec![PortRange::ANY];
+    }
+    let mut v = ports.to_vec();
+    v.sort();
+    let mut out: Vec<PortRange> = Vec::with_capacity(v.len());
+    for r in v {
+        match out.last_mut() {
+            Some(last) if u32::from(r.lo) <= u32::from(last.hi) + 1 => last.hi = last.hi.max(r.hi),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+pub fn compile_rules(rules: &[Rule]) -> Result<CompiledTrie, CompileError> {
+    let mut by_net: HashMap<Net, Vec<Flat<'_>>> = HashMap::new();
+    for rule in rules {
+        if rule.id == 0 {
+            return Err(CompileError::ZeroRuleId);
+        }
+        let ports = merged_ports(&rule.ports);
+        for to in &rule.to {
+            by_net.entry(Net::from(*to)).or_default().push(Flat {
+                rule,
+                ports: ports.clone(),
+            });
+        }
+    }
+    let lens: BTreeSet<u8> = by_net.keys().map(|n| n.len).collect();
+    let mut prefixes: Vec<Net> = by_net.keys().copied().collect();
+    if !by_net.contains_key(&V4_SPACE) && by_net.keys().any(|n| !n.is_v4() && n.contains(&V4_SPACE))
+    {
+        prefixes.push(V4_SPACE);
+    }
+    prefixes.sort();
+
+    let mut entries = Vec::with_capacity(prefixes.len());
+    for p in prefixes {
+        let mut set = RuleSet {
+            prefix_len: p.len,
+            ..RuleSet::default()
+        };
+        let mut found: Vec<PortEntry> = Vec::new();
+        for &len in lens.range(..=p.len) {
+            let q = Net::new(p.addr, len);
+            if q.is_v4() != p.is_v4() {
+                continue;
+            }
+            for f in by_net.get(&q).into_iter().flatten() {
+                for r in &f.ports {
+                    found.push(PortEntry {
+                        port_lo: r.lo,
+                        port_hi: r.hi,
+                        proto: f.rule.protocol.mask(),
+                        prefix_len: q.len,
+                        rule_id: f.rule.id,
+                        expires_ns: f.rule.expires.map_or(0, |e| e.0),
+                        ..PortEntry::default()
+                    });
+                }
+            }
+        }
+        found.sort_by(|a, b| {
+            b.prefix_len
+                .cmp(&a.prefix_len)
+                .then(a.rule_id.cmp(&b.rule_id))
+                .then(a.port_lo.cmp(&b.port_lo))
+        });
+        found.dedup();
+        if found.len() > MAX_PORT_ENTRIES {
+            let mut ids: Vec<u32> = found.iter().map(|e| e.rule_id).collect();
+            ids.dedup();
+            return Err(CompileError::TooManyPortEntries {
+                prefix: p.to_string(),
+                count: found.len(),
+                max: MAX_PORT_ENTRIES,
+                rules: ids
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        set.count = found.len() as u8;
+        set.entries[..found.len()].copy_from_slice(&found);
+        entries.push((p, set));
+    }
+    Ok(CompiledTrie { entries })
+}
+
+/// The global deny trie: each value carries only the prefix length it is stored under, which
+/// the kernel compares with the allowing rule's (a rule at least as specific wins).
+pub fn compile_global_deny(nets: &[IpNet]) -> CompiledTrie {
+    let mut prefixes: BTreeSet<Net> = nets.iter().map(|n| Net::from(*n)).collect();
+    let mut entries: Vec<(Net, RuleSet)> = Vec::with_capacity(prefixes.len() + 1);
+    if !prefixes.contains(&V4_SPACE) && prefixes.iter().any(|n| !n.is_v4() && n.contains(&V4_SPACE))
+    {
+        // A barrier with length 0 denies nothing: every rule is at least that specific.
+        entries.push((V4_SPACE, RuleSet::default()));
+    }
+    for p in std::mem::take(&mut prefixes) {
+        entries.push((
+            p,
+            RuleSet {
+                prefix_len: p.len,
+                ..RuleSet::default()
+            },
+        ));
+    }
+    CompiledTrie { entries }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::model::Protocol;
+
+    fn rule(id: u32, to: &[&str], ports: &[&str], protocol: Protocol) -> Rule {
+        Rule {
+            id,
+            to: to.iter().map(|s| s.parse().unwrap()).collect(),
+            ports: ports.iter().map(|s| s.parse().unwrap()).collect(),
+            protocol,
+            expires: None,
+        }
+    }
+
+    fn find<'a>(t: &'a CompiledTrie, net: &str) -> &'a RuleSet {
+        let n = Net::from(net.parse::<IpNet>().unwrap());
+        &t.entries.iter().find(|(k, _)| *k == n).unwrap().1
+    }
+
+    #[test]
+    fn specific_prefix_carries_ports_of_wider_rules_most_specific_first() {
+        let t = compile_rules(&[
+            rule(1, &["10.0.0.0/8"], &["443"], Protocol::Tcp),
+            rule(2, &["10.1.0.0/16"], &["80", "81", "8000-8100"], Protocol::Any),
+        ])
+        .unwrap();
+        let s = find(&t, "10.1.0.0/16");
+        assert_eq!(s.count, 3);
+        assert_eq!(
+            (s.entries[0].rule_id, s.entries[0].port_lo, s.entries[0].port_hi),
+            (2, 80, 81)
+        );
+        assert_eq!(s.entries[1].port_lo, 8000);
+        assert_eq!((s.entries[2].rule_id, s.entries[2].prefix_len), (1, 104));
+        assert_eq!(find(&t, "10.0.0.0/8").count, 1);
+    }
+
+    #[test]
+    fn ipv6_default_route_gets_a_barrier_over_ipv4() {
+        let t = compile_rules(&[rule(1, &["::/0"], &[], Protocol::Any)]).unwrap();
+        let barrier = find(&t, "0.0.0.0/0");
+        assert_eq!(barrier.count, 0);
+        let t = compile_rules(&[rule(1, &["2001:db8::/32"], &[], Protocol::Any)]).unwrap();
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn too_many_ports_is_a_clear_error() {
+        let ports: Vec<String> = (1..=20).map(|p| (p * 2).to_string()).collect();
+        let ports: Vec<&str> = ports.iter().map(String::as_str).collect();
+        let err = compile_rules(&[rule(7, &["192.0.2.0/24"], &ports, Protocol::Tcp)]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "192.0.2.0/24 needs 20 port entries once the rules covering it are merged (rules 7); \
+             at most 16 fit: merge port ranges or split the CIDR"
+        );
+    }
+
+    #[test]
+    fn adjacent_ports_merge() {
+        let t = compile_rules(&[rule(1, &["192.0.2.1/32"], &["80", "81", "82-90", "100"], Protocol::Tcp)])
+            .unwrap();
+        let s = find(&t, "192.0.2.1/32");
+        assert_eq!(s.count, 2);
+        assert_eq!((s.entries[0].port_lo, s.entries[0].port_hi), (80, 90));
+    }
+}

@@ -1,0 +1,12 @@
+//! Policy: the rule model, its compilation into datapath entries, and the reference evaluator
+//! that decides exactly as the kernel does.
+
+pub mod compile;
+pub mod eval;
+pub mod model;
+
+pub use compile::{CompileError, CompiledTrie, compile_global_deny, compile_rules};
+pub use eval::{Decision, Subject, Verdict, evaluate_flow, evaluate_socket};
+pub use model::{
+    IdentityStatus, IdentityView, Mode, Net, PortRange, Protocol, Reason, Rule, UnknownFlows,
+};

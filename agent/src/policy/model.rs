@@ -1,0 +1,393 @@
+//! The rule model shared by the compiler, the reference evaluator and the datapath.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
+
+use agent_common as c;
+use ipnet::IpNet;
+
+use crate::clock::BootInstant;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    #[error("invalid port {value:?}: expected a number 1-65535 or a range like \"8000-8100\"")]
+    BadPort { value: String },
+    #[error("invalid port range {value:?}: the first port is greater than the last")]
+    ReversedRange { value: String },
+    #[error("invalid protocol {value:?}: expected tcp, udp or any")]
+    BadProtocol { value: String },
+    #[error("invalid mode {value:?}: expected enforce or audit")]
+    BadMode { value: String },
+    #[error("invalid unknown_flows {value:?}: expected report, deny or ignore")]
+    BadUnknownFlows { value: String },
+}
+
+/// Protocols a rule allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Any,
+}
+
+impl Protocol {
+    pub fn mask(self) -> u8 {
+        match self {
+            Self::Tcp => c::PROTO_TCP,
+            Self::Udp => c::PROTO_UDP,
+            Self::Any => c::PROTO_ANY,
+        }
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(Self::Tcp),
+            "udp" => Ok(Self::Udp),
+            "any" => Ok(Self::Any),
+            _ => Err(ModelError::BadProtocol { value: s.into() }),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Any => "any",
+        })
+    }
+}
+
+/// An inclusive port range; a single port has `lo == hi`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl PortRange {
+    pub const ANY: Self = Self { lo: 0, hi: 65535 };
+
+    pub fn single(p: u16) -> Self {
+        Self { lo: p, hi: p }
+    }
+
+    pub fn contains(self, p: u16) -> bool {
+        self.lo <= p && p <= self.hi
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ModelError::BadPort { value: s.into() };
+        let port = |t: &str| -> Result<u16, ModelError> {
+            let t = t.trim();
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            match t.parse::<u16>() {
+                Ok(p) if p > 0 => Ok(p),
+                _ => Err(bad()),
+            }
+        };
+        let r = match s.split_once('-') {
+            Some((a, b)) => Self {
+                lo: port(a)?,
+                hi: port(b)?,
+            },
+            None => Self::single(port(s)?),
+        };
+        if r.lo > r.hi {
+            return Err(ModelError::ReversedRange { value: s.into() });
+        }
+        Ok(r)
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == Self::ANY {
+            f.write_str("any")
+        } else if self.lo == self.hi {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
+    }
+}
+
+/// A prefix in the datapath's single address space: IPv6 as is, IPv4 as IPv4-mapped IPv6
+/// (`::ffff:a.b.c.d`, length + 96). Host bits are always zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Net {
+    pub addr: [u8; 16],
+    pub len: u8,
+}
+
+/// `::ffff:0:0/96`, where every IPv4 address lives.
+pub const V4_SPACE: Net = Net {
+    addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0],
+    len: 96,
+};
+
+impl Net {
+    pub fn new(addr: [u8; 16], len: u8) -> Self {
+        let len = len.min(128);
+        Self {
+            addr: mask(addr, len),
+            len,
+        }
+    }
+
+    /// The /128 of an address; IPv4 and IPv4-mapped IPv6 give the same key.
+    pub fn host(ip: IpAddr) -> Self {
+        Self::new(addr16(ip), 128)
+    }
+
+    pub fn contains(&self, other: &Net) -> bool {
+        self.len <= other.len && mask(other.addr, self.len) == self.addr
+    }
+
+    /// Whether this prefix lies in the IPv4 space (and so is judged by IPv4 rules only).
+    pub fn is_v4(&self) -> bool {
+        V4_SPACE.contains(self)
+    }
+}
+
+impl From<IpNet> for Net {
+    fn from(n: IpNet) -> Self {
+        match n {
+            IpNet::V4(v4) => Self::new(v4.addr().to_ipv6_mapped().octets(), v4.prefix_len() + 96),
+            IpNet::V6(v6) => Self::new(v6.addr().octets(), v6.prefix_len()),
+        }
+    }
+}
+
+impl fmt::Display for Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_v4() {
+            let a = &self.addr;
+            write!(
+                f,
+                "{}/{}",
+                Ipv4Addr::new(a[12], a[13], a[14], a[15]),
+                self.len - 96
+            )
+        } else {
+            write!(f, "{}/{}", Ipv6Addr::from(self.addr), self.len)
+        }
+    }
+}
+
+pub fn addr16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The address a datapath key stands for: IPv4 for the IPv4-mapped space.
+pub fn addr_from16(a: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(a);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+fn mask(mut a: [u8; 16], len: u8) -> [u8; 16] {
+    for (i, b) in a.iter_mut().enumerate() {
+        let bit = (i * 8) as u8;
+        if bit >= len {
+            *b = 0;
+        } else if len - bit < 8 {
+            *b &= 0xffu8 << (8 - (len - bit));
+        }
+    }
+    a
+}
+
+/// One allow rule of an identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// Reported in decision records; unique within an identity, never 0.
+    pub id: u32,
+    pub to: Vec<IpNet>,
+    /// Empty means any port.
+    pub ports: Vec<PortRange>,
+    pub protocol: Protocol,
+    pub expires: Option<BootInstant>,
+}
+
+/// `enforce` denies; `audit` reports what would be denied and allows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+impl FromStr for Mode {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "enforce" => Ok(Self::Enforce),
+            "audit" => Ok(Self::Audit),
+            _ => Err(ModelError::BadMode { value: s.into() }),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdentityStatus {
+    Active,
+    Revoked,
+}
+
+/// What the datapath knows of an identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdentityView {
+    pub status: IdentityStatus,
+    pub mode: Mode,
+    pub not_after: Option<BootInstant>,
+}
+
+/// What happens to flows from cgroups bound to no identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum UnknownFlows {
+    /// Allow and report (the raw material of shadow-AI discovery).
+    #[default]
+    Report,
+    Deny,
+    Ignore,
+}
+
+impl UnknownFlows {
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Report => c::UNKNOWN_REPORT,
+            Self::Deny => c::UNKNOWN_DENY,
+            Self::Ignore => c::UNKNOWN_IGNORE,
+        }
+    }
+}
+
+impl FromStr for UnknownFlows {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "report" => Ok(Self::Report),
+            "deny" => Ok(Self::Deny),
+            "ignore" => Ok(Self::Ignore),
+            _ => Err(ModelError::BadUnknownFlows { value: s.into() }),
+        }
+    }
+}
+
+/// Why a flow was (or in audit mode would have been) denied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    NoRule,
+    GlobalDeny,
+    Revoked,
+    Expired,
+    Unbound,
+    SocketType,
+}
+
+impl Reason {
+    pub fn code(self) -> u8 {
+        match self {
+            Self::NoRule => c::REASON_NO_RULE,
+            Self::GlobalDeny => c::REASON_GLOBAL_DENY,
+            Self::Revoked => c::REASON_REVOKED,
+            Self::Expired => c::REASON_EXPIRED,
+            Self::Unbound => c::REASON_UNBOUND,
+            Self::SocketType => c::REASON_SOCKET_TYPE,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            c::REASON_NO_RULE => Self::NoRule,
+            c::REASON_GLOBAL_DENY => Self::GlobalDeny,
+            c::REASON_REVOKED => Self::Revoked,
+            c::REASON_EXPIRED => Self::Expired,
+            c::REASON_UNBOUND => Self::Unbound,
+            c::REASON_SOCKET_TYPE => Self::SocketType,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoRule => "no rule allows it",
+            Self::GlobalDeny => "global deny list",
+            Self::Revoked => "identity revoked",
+            Self::Expired => "identity expired",
+            Self::Unbound => "no identity (unknown_flows = deny)",
+            Self::SocketType => "socket type not allowed",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_parse_with_clear_errors() {
+        assert_eq!("443".parse::<PortRange>().unwrap(), PortRange::single(443));
+        assert_eq!(
+            "8000-8100".parse::<PortRange>().unwrap(),
+            PortRange { lo: 8000, hi: 8100 }
+        );
+        for bad in ["0", "65536", "", "-1", "80-", "a", "1-2-3", "+80"] {
+            assert_eq!(
+                bad.parse::<PortRange>().unwrap_err(),
+                ModelError::BadPort { value: bad.into() },
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            "90-80".parse::<PortRange>().unwrap_err().to_string(),
+            "invalid port range \"90-80\": the first port is greater than the last"
+        );
+    }
+
+    #[test]
+    fn ipv4_lives_in_the_mapped_space() {
+        let n: Net = "10.1.2.0/24".parse::<IpNet>().unwrap().into();
+        assert_eq!(n.len, 120);
+        assert!(n.is_v4());
+        assert_eq!(n.to_string(), "10.1.2.0/24");
+        assert!(n.contains(&Net::host("10.1.2.3".parse().unwrap())));
+        assert!(n.contains(&Net::host("::ffff:10.1.2.3".parse().unwrap())));
+        let v6: Net = "2001:db8::/32".parse::<IpNet>().unwrap().into();
+        assert!(!v6.is_v4());
+        let all6: Net = "::/0".parse::<IpNet>().unwrap().into();
+        assert!(!all6.is_v4());
+    }
+
+    #[test]
+    fn net_masks_host_bits() {
+        let n = Net::new(addr16("10.1.2.3".parse().unwrap()), 120);
+        assert_eq!(n.to_string(), "10.1.2.0/24");
+        let n = Net::new(addr16("10.255.2.3".parse().unwrap()), 105);
+        assert_eq!(n.to_string(), "10.128.0.0/9");
+    }
+}

@@ -1,0 +1,318 @@
+//! A process that tests place inside a cgroup (and optionally a fresh network namespace) and
+//! drive over stdin: each command line performs one socket operation and answers one line,
+//! `ok` or `err ERRNO`, which is what the kernel verdict looks like from an agent's side.
+//!
+//! Commands:
+//!   connect tcp|udp ADDR PORT      connect() a new socket
+//!   sendto udp ADDR PORT           unconnected sendto()
+//!   sendmmsg udp ADDR PORT         unconnected sendmmsg() of two datagrams
+//!   fastopen ADDR PORT             TCP Fast Open: sendto(MSG_FASTOPEN) on a fresh socket
+//!   socket inet|inet6 TYPE PROTO   socket(); TYPE stream|dgram|raw, PROTO a number
+//!   listen tcp ADDR PORT           bind+listen, kept open until exit
+//!   connect-loop tcp ADDR PORT N   N connects; answers `eperm=X other=Y`
+//!   sweep tcp ADDR LO HI           one connect to each port LO..=HI; answers `eperm=X other=Y`
+//!   exit
+//! Startup: `aw-probe [--cgroup DIR] [--netns]` prints `ready PID` once in place.
+
+use std::{
+    io::{self, BufRead, Write},
+    mem,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+fn errno_name(e: i32) -> String {
+    match e {
+        libc::EPERM => "EPERM".into(),
+        libc::EACCES => "EACCES".into(),
+        libc::ENETUNREACH => "ENETUNREACH".into(),
+        libc::ECONNREFUSED => "ECONNREFUSED".into(),
+        libc::EINPROGRESS => "EINPROGRESS".into(),
+        libc::EAFNOSUPPORT => "EAFNOSUPPORT".into(),
+        libc::EPROTONOSUPPORT => "EPROTONOSUPPORT".into(),
+        libc::ESOCKTNOSUPPORT => "ESOCKTNOSUPPORT".into(),
+        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL".into(),
+        libc::EINVAL => "EINVAL".into(),
+        other => format!("E{other}"),
+    }
+}
+
+fn last_err() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: zeroed sockaddr_storage is valid; we fill the family-specific prefix.
+    let mut ss: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is large enough for sockaddr_in.
+            unsafe { std::ptr::write((&raw mut ss).cast(), sin) };
+            mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: as above.
+            unsafe { std::ptr::write((&raw mut ss).cast(), sin6) };
+            mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+fn new_socket(family: i32, ty: i32, proto: i32) -> Result<OwnedFd, i32> {
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, proto) };
+    if fd < 0 {
+        return Err(last_err());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn family(addr: &SocketAddr) -> i32 {
+    if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    }
+}
+
+fn kind(proto: &str) -> Result<(i32, i32), String> {
+    match proto {
+        "tcp" => Ok((libc::SOCK_STREAM, libc::IPPROTO_TCP)),
+        "udp" => Ok((libc::SOCK_DGRAM, libc::IPPROTO_UDP)),
+        other => Err(format!("bad protocol {other}")),
+    }
+}
+
+fn do_connect(proto: &str, addr: SocketAddr) -> Result<(), i32> {
+    let (ty, p) = kind(proto).map_err(|_| libc::EINVAL)?;
+    let s = new_socket(family(&addr), ty, p)?;
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: valid fd and address.
+    let rc = unsafe { libc::connect(s.as_raw_fd(), (&raw const ss).cast(), len) };
+    if rc < 0 { Err(last_err()) } else { Ok(()) }
+}
+
+fn do_sendto(addr: SocketAddr, flags: i32, ty: i32, proto: i32) -> Result<(), i32> {
+    let s = new_socket(family(&addr), ty, proto)?;
+    let (ss, len) = sockaddr(addr);
+    let buf = b"agentwall-probe";
+    // SAFETY: valid fd, buffer and address.
+    let rc = unsafe {
+        libc::sendto(
+            s.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            flags,
+            (&raw const ss).cast(),
+            len,
+        )
+    };
+    if rc < 0 { Err(last_err()) } else { Ok(()) }
+}
+
+fn do_sendmmsg(addr: SocketAddr) -> Result<(), i32> {
+    let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)?;
+    let (mut ss, len) = sockaddr(addr);
+    let mut buf = *b"agentwall-probe";
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: zeroed mmsghdr is valid; fields set below point to live locals.
+    let mut msgs: [libc::mmsghdr; 2] = unsafe { mem::zeroed() };
+    for m in &mut msgs {
+        m.msg_hdr.msg_name = (&raw mut ss).cast();
+        m.msg_hdr.msg_namelen = len;
+        m.msg_hdr.msg_iov = &raw mut iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: as above.
+    let rc = unsafe { libc::sendmmsg(s.as_raw_fd(), msgs.as_mut_ptr(), 2, 0) };
+    if rc < 0 { Err(last_err()) } else { Ok(()) }
+}
+
+fn do_listen(addr: SocketAddr) -> Result<OwnedFd, i32> {
+    let s = new_socket(family(&addr), libc::SOCK_STREAM, libc::IPPROTO_TCP)?;
+    let one: i32 = 1;
+    // SAFETY: valid fd and option buffer.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            4,
+        )
+    };
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: valid fd and address.
+    if unsafe { libc::bind(s.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
+        return Err(last_err());
+    }
+    // SAFETY: valid fd.
+    if unsafe { libc::listen(s.as_raw_fd(), 4096) } < 0 {
+        return Err(last_err());
+    }
+    Ok(s)
+}
+
+fn answer(r: Result<(), i32>) -> String {
+    match r {
+        Ok(()) => "ok".into(),
+        Err(e) => format!("err {}", errno_name(e)),
+    }
+}
+
+fn tally(proto: &str, addrs: impl Iterator<Item = SocketAddr>) -> String {
+    let (mut eperm, mut other) = (0u64, 0u64);
+    for a in addrs {
+        match do_connect(proto, a) {
+            Err(libc::EPERM) => eperm += 1,
+            _ => other += 1,
+        }
+    }
+    format!("eperm={eperm} other={other}")
+}
+
+fn set_lo_up() -> Result<(), i32> {
+    let s = new_socket(libc::AF_INET, libc::SOCK_DGRAM, 0)?;
+    // SAFETY: zeroed ifreq is valid; name copied in below.
+    let mut ifr: libc::ifreq = unsafe { mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: valid fd and ifreq.
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
+        return Err(last_err());
+    }
+    // SAFETY: union access of the flags member, which SIOCGIFFLAGS filled.
+    unsafe { ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as i16 };
+    // SAFETY: as above.
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } < 0 {
+        return Err(last_err());
+    }
+    Ok(())
+}
+
+fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let sa = |ip: &str, port: &str| -> Result<SocketAddr, String> {
+        let ip: IpAddr = ip.parse().map_err(|e| format!("bad address {ip}: {e}"))?;
+        let port: u16 = port.parse().map_err(|e| format!("bad port {port}: {e}"))?;
+        Ok(SocketAddr::new(ip, port))
+    };
+    Ok(match w.as_slice() {
+        ["connect", proto, ip, port] => {
+            kind(proto)?;
+            answer(do_connect(proto, sa(ip, port)?))
+        }
+        ["sendto", "udp", ip, port] => answer(do_sendto(
+            sa(ip, port)?,
+            0,
+            libc::SOCK_DGRAM,
+            libc::IPPROTO_UDP,
+        )),
+        ["sendmmsg", "udp", ip, port] => answer(do_sendmmsg(sa(ip, port)?)),
+        ["fastopen", ip, port] => answer(do_sendto(
+            sa(ip, port)?,
+            libc::MSG_FASTOPEN,
+            libc::SOCK_STREAM,
+            libc::IPPROTO_TCP,
+        )),
+        ["socket", fam, ty, proto] => {
+            let fam = match *fam {
+                "inet" => libc::AF_INET,
+                "inet6" => libc::AF_INET6,
+                f => return Err(format!("bad family {f}")),
+            };
+            let ty = match *ty {
+                "stream" => libc::SOCK_STREAM,
+                "dgram" => libc::SOCK_DGRAM,
+                "raw" => libc::SOCK_RAW,
+                t => return Err(format!("bad type {t}")),
+            };
+            let proto: i32 = proto.parse().map_err(|e| format!("bad protocol: {e}"))?;
+            answer(new_socket(fam, ty, proto).map(drop))
+        }
+        ["listen", "tcp", ip, port] => match do_listen(sa(ip, port)?) {
+            Ok(fd) => {
+                keep.push(fd);
+                "ok".into()
+            }
+            Err(e) => format!("err {}", errno_name(e)),
+        },
+        ["connect-loop", proto, ip, port, n] => {
+            kind(proto)?;
+            let addr = sa(ip, port)?;
+            let n: u64 = n.parse().map_err(|e| format!("bad count: {e}"))?;
+            tally(proto, (0..n).map(|_| addr))
+        }
+        ["sweep", proto, ip, lo, hi] => {
+            kind(proto)?;
+            let base = sa(ip, lo)?;
+            let hi: u16 = hi.parse().map_err(|e| format!("bad port: {e}"))?;
+            tally(proto, (base.port()..=hi).map(|p| SocketAddr::new(base.ip(), p)))
+        }
+        _ => return Err(format!("unknown command: {line}")),
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--cgroup" => {
+                let dir = &args[i + 1];
+                std::fs::write(
+                    format!("{dir}/cgroup.procs"),
+                    std::process::id().to_string(),
+                )
+                .unwrap_or_else(|e| panic!("joining cgroup {dir}: {e}"));
+                i += 2;
+            }
+            "--netns" => {
+                // SAFETY: plain syscall; this process is single-threaded here.
+                if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                    panic!("unshare(CLONE_NEWNET): {}", io::Error::last_os_error());
+                }
+                set_lo_up().unwrap_or_else(|e| panic!("bringing lo up: errno {e}"));
+                i += 1;
+            }
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    writeln!(out, "ready {}", std::process::id()).unwrap();
+    out.flush().unwrap();
+    let mut keep = Vec::new();
+    for line in io::stdin().lock().lines() {
+        let line = line.unwrap();
+        if line.trim() == "exit" {
+            break;
+        }
+        let reply = run(&line, &mut keep).unwrap_or_else(|e| format!("bad {e}"));
+        writeln!(out, "{reply}").unwrap();
+        out.flush().unwrap();
+    }
+}

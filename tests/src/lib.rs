@@ -1,0 +1,194 @@
+//! Harness for agentwall's privileged tests: every test gets its own cgroup subtree (the attach
+//! point), its own bpffs pin directory, and probes in their own network namespaces; guards tear
+//! all of it down, also when a test panics.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use agentwall::{
+    cgroup::{Cgroup, Cgroup2Mount},
+    datapath::{self, DatapathConfig},
+};
+
+/// Privileged tests must run as root; without it they fail loudly instead of skipping.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "agentwall's kernel tests need root (cgroups, bpffs, network namespaces); run `cargo xtask test` as root"
+    );
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn unique(name: &str) -> String {
+    format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A private cgroup subtree and bpffs pin directory for one test.
+pub struct TestEnv {
+    pub root: Cgroup,
+    pub bpffs_dir: PathBuf,
+}
+
+impl TestEnv {
+    pub fn new(name: &str) -> Self {
+        require_root();
+        let mount = Cgroup2Mount::discover().expect("cgroup2 mount");
+        let id = unique(name);
+        let root = Cgroup::create(mount.mount_point.join("agentwall-test").join(&id))
+            .expect("create test cgroup");
+        Self {
+            root,
+            bpffs_dir: PathBuf::from("/sys/fs/bpf/agentwall-test").join(id),
+        }
+    }
+
+    pub fn config(&self) -> DatapathConfig {
+        DatapathConfig::new(self.root.path(), &self.bpffs_dir)
+    }
+
+    /// A cgroup below the test's attach point (created if missing).
+    pub fn cgroup(&self, rel: &str) -> Cgroup {
+        Cgroup::create(self.root.path().join(rel)).expect("create cgroup")
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let _ = datapath::teardown(&self.bpffs_dir);
+        kill_tree(self.root.path());
+        let _ = self.root.remove_tree();
+    }
+}
+
+/// Kills every process in a cgroup subtree and waits until it is empty.
+pub fn kill_tree(path: &Path) {
+    let kill = path.join("cgroup.kill");
+    if kill.exists() {
+        let _ = std::fs::write(&kill, "1");
+    }
+    for _ in 0..500 {
+        match std::fs::read_to_string(path.join("cgroup.events")) {
+            Ok(t) if t.lines().any(|l| l.trim() == "populated 0") => return,
+            Err(_) => return,
+            _ => std::thread::sleep(std::time::Duration::from_millis(2)),
+        }
+    }
+}
+
+/// Path of a binary built by this crate (next to the test executable's deps dir).
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().expect("deps dir");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("target dir")
+    } else {
+        dir
+    };
+    let p = dir.join(name);
+    assert!(p.exists(), "{} not built; run through `cargo xtask test`", p.display());
+    p
+}
+
+/// An aw-probe process inside a cgroup and (optionally) its own network namespace.
+pub struct Probe {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pub pid: u32,
+}
+
+impl Probe {
+    /// Starts a probe in `cgroup` and a fresh network namespace with only `lo` up.
+    pub fn spawn(cgroup: &Cgroup) -> Self {
+        Self::spawn_args(&["--cgroup", &cgroup.path().display().to_string(), "--netns"])
+    }
+
+    pub fn spawn_args(args: &[&str]) -> Self {
+        let mut child = Command::new(bin_path("aw-probe"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn aw-probe");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read ready line");
+        let pid = line
+            .trim()
+            .strip_prefix("ready ")
+            .unwrap_or_else(|| panic!("aw-probe did not get ready: {line:?}"))
+            .parse()
+            .expect("pid");
+        Self {
+            child,
+            stdin,
+            stdout,
+            pid,
+        }
+    }
+
+    /// Runs one command and returns its one-line answer.
+    pub fn cmd(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").expect("write to probe");
+        self.stdin.flush().expect("flush");
+        self.read_answer(line)
+    }
+
+    fn read_answer(&mut self, line: &str) -> String {
+        let mut out = String::new();
+        self.stdout.read_line(&mut out).expect("read from probe");
+        assert!(!out.is_empty(), "probe exited while answering {line:?}");
+        let out = out.trim().to_owned();
+        assert!(!out.starts_with("bad "), "probe rejected {line:?}: {out}");
+        out
+    }
+
+    /// Sends many commands at once, then reads every answer in order.
+    pub fn batch(&mut self, lines: &[String]) -> Vec<String> {
+        let mut buf = String::new();
+        for l in lines {
+            buf.push_str(l);
+            buf.push('\n');
+        }
+        let writer = {
+            let mut stdin = self.stdin.try_clone_handle();
+            std::thread::spawn(move || {
+                stdin.write_all(buf.as_bytes()).expect("write batch");
+                stdin.flush().expect("flush");
+            })
+        };
+        let answers = lines.iter().map(|l| self.read_answer(l)).collect();
+        writer.join().expect("batch writer");
+        answers
+    }
+}
+
+trait CloneHandle {
+    fn try_clone_handle(&self) -> std::fs::File;
+}
+
+impl CloneHandle for ChildStdin {
+    fn try_clone_handle(&self) -> std::fs::File {
+        use std::os::fd::AsFd;
+        std::fs::File::from(self.as_fd().try_clone_to_owned().expect("dup stdin"))
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
