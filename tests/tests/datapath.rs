@@ -6,7 +6,7 @@ use std::{net::IpAddr, time::Duration};
 
 use agentwall::{
     clock::BootInstant,
-    datapath::{Datapath, EventKind, EventRecord},
+    datapath::{Datapath, EventKind, EventRecord, attached_programs, pin_dir, teardown},
     policy::{
         IdentityStatus, IdentityView, Mode, Protocol, Reason, Rule, Subject, UnknownFlows,
         Verdict, evaluate_flow,
@@ -211,4 +211,255 @@ fn verdict_table_matches_kernel_and_reference_evaluator() {
     got.sort_by_key(key);
     assert_eq!(got, expected_records);
     assert_eq!(dp.dropped_events().unwrap(), 0);
+}
+
+fn record_for<'a>(records: &'a [EventRecord], port: u16) -> &'a EventRecord {
+    records
+        .iter()
+        .find(|r| r.port == port)
+        .unwrap_or_else(|| panic!("no record for port {port} in {records:?}"))
+}
+
+#[test]
+fn audit_unbound_descendants_expiry_and_revocation() {
+    let env = TestEnv::new("modes");
+    let mut dp = Datapath::start(&env.config()).expect("start datapath");
+    let mut events = dp.take_events().unwrap();
+    let web = vec![rule(1, &["192.0.2.0/24"], &["443"], Protocol::Tcp)];
+    let bound = |dp: &mut Datapath, id: u32, view: Option<IdentityView>, rules: &[Rule]| {
+        if let Some(v) = view {
+            dp.set_identity(id, v).unwrap();
+        }
+        dp.set_rules(id, rules).unwrap();
+        let cg = env.cgroup(&format!("id{id}"));
+        dp.bind(&cg, id).unwrap();
+        cg
+    };
+
+    // Audit mode: the would-be denial is allowed and reported, raw sockets too.
+    let audit = bound(&mut dp, 1, Some(active(Mode::Audit)), &web);
+    let mut p = Probe::spawn(&audit);
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 80"), ALLOWED);
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), ALLOWED);
+    assert_eq!(p.cmd("socket inet raw 255"), "ok");
+    let recs = drain_until(&mut events, 2);
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    let r = record_for(&recs, 80);
+    assert_eq!((r.kind, r.reason, r.identity), (EventKind::Audit, Some(Reason::NoRule), 1));
+    let s = recs.iter().find(|r| r.port == 0).unwrap();
+    assert_eq!((s.kind, s.reason), (EventKind::Audit, Some(Reason::SocketType)));
+
+    // A cgroup below a bound one is governed by it.
+    let top = bound(&mut dp, 2, Some(active(Mode::Enforce)), &web);
+    let deep = env.cgroup(&format!("{}/worker/deeper", top.path().file_name().unwrap().to_str().unwrap()));
+    let mut p = Probe::spawn(&deep);
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 80"), DENIED);
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), ALLOWED);
+    let recs = drain_until(&mut events, 1);
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!((recs[0].identity, recs[0].cgroup_id), (2, deep.id()));
+
+    // Unbound cgroups: report (default), deny, ignore.
+    let other = env.cgroup("unbound");
+    let mut p = Probe::spawn(&other);
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 81"), ALLOWED);
+    let recs = drain_until(&mut events, 1);
+    assert_eq!(recs.len(), 1);
+    assert_eq!((recs[0].kind, recs[0].identity, recs[0].reason), (EventKind::UnknownFlow, 0, None));
+    dp.set_unknown_flows(UnknownFlows::Deny).unwrap();
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 82"), DENIED);
+    assert_eq!(p.cmd("socket inet raw 255"), "ok", "unbound processes keep raw sockets");
+    let recs = drain_until(&mut events, 1);
+    assert_eq!((recs[0].kind, recs[0].reason), (EventKind::Deny, Some(Reason::Unbound)));
+    dp.set_unknown_flows(UnknownFlows::Ignore).unwrap();
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 83"), ALLOWED);
+    assert!(events.drain().is_empty());
+
+    // An expired rule no longer allows; a live one does.
+    let now = BootInstant::now();
+    let mut rules = vec![
+        rule(1, &["192.0.2.0/24"], &["443"], Protocol::Tcp),
+        rule(2, &["198.51.100.0/24"], &["443"], Protocol::Tcp),
+    ];
+    rules[0].expires = Some(BootInstant(now.0 - 1));
+    rules[1].expires = Some(BootInstant::after(Duration::from_secs(3600)));
+    let cg = bound(&mut dp, 3, Some(active(Mode::Enforce)), &rules);
+    let mut p = Probe::spawn(&cg);
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), DENIED);
+    assert_eq!(p.cmd("connect tcp 198.51.100.1 443"), ALLOWED);
+
+    // Identity past its deadline, revoked, or never written: deny-all, still bound.
+    let past = IdentityView {
+        not_after: Some(BootInstant(now.0 - 1)),
+        ..active(Mode::Audit)
+    };
+    let revoked = IdentityView {
+        status: IdentityStatus::Revoked,
+        ..active(Mode::Enforce)
+    };
+    for (id, view, reason) in [
+        (4, Some(past), Reason::Expired),
+        (5, Some(revoked), Reason::Revoked),
+        (6, None, Reason::Revoked),
+    ] {
+        let cg = bound(&mut dp, id, view, &web);
+        let mut p = Probe::spawn(&cg);
+        events.drain();
+        assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), DENIED, "identity {id}");
+        let recs = drain_until(&mut events, 1);
+        assert_eq!((recs[0].identity, recs[0].reason), (id, Some(reason)));
+    }
+
+    // A deadline that passes during the test closes without any userspace action.
+    let deadline = BootInstant::after(Duration::from_millis(300));
+    let cg = bound(
+        &mut dp,
+        7,
+        Some(IdentityView {
+            not_after: Some(deadline),
+            ..active(Mode::Enforce)
+        }),
+        &web,
+    );
+    let mut p = Probe::spawn(&cg);
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), ALLOWED);
+    // Waiting for the clock is the behaviour under test, not synchronisation.
+    while !deadline.is_past() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), DENIED);
+}
+
+#[test]
+fn pinned_enforcement_survives_sigkill_and_is_adopted_once() {
+    let env = TestEnv::new("restart");
+    let agent = env.cgroup("agent");
+    let mut loader = std::process::Command::new(agentwall_tests::bin_path("aw-loader"))
+        .args([
+            env.root.path().to_str().unwrap(),
+            env.bpffs_dir.to_str().unwrap(),
+            agent.path().to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(loader.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready 5", "loader attached all five programs");
+
+    let mut p = Probe::spawn(&agent);
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 80"), DENIED);
+    loader.kill().unwrap();
+    loader.wait().unwrap();
+    // Loader gone: the pinned links and maps keep enforcing.
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 81"), DENIED);
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), ALLOWED);
+    assert_eq!(attached_programs(env.root.path()).unwrap().len(), 5);
+
+    // A new start adopts the pins instead of attaching twice.
+    let mut dp = Datapath::start(&env.config()).unwrap();
+    assert_eq!(dp.start_report().attached, 0);
+    assert_eq!(dp.start_report().adopted, 5);
+    assert_eq!(attached_programs(env.root.path()).unwrap().len(), 5);
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 82"), DENIED);
+    // Records written while nobody was reading are there for the new reader.
+    let recs = drain_until(&mut dp.take_events().unwrap(), 3);
+    let ports: Vec<u16> = recs.iter().map(|r| r.port).collect();
+    assert_eq!(ports, [80, 81, 82]);
+
+    drop(dp);
+    teardown(&env.bpffs_dir).unwrap();
+    // The kernel releases a link whose last reference went away from a workqueue, so detach
+    // lands a moment after the pins are gone.
+    let mut left = attached_programs(env.root.path()).unwrap();
+    for _ in 0..400 {
+        if left.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        left = attached_programs(env.root.path()).unwrap();
+    }
+    assert_eq!(left, Vec::<u32>::new());
+    assert!(!pin_dir(&env.bpffs_dir).exists());
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 80"), ALLOWED, "detached: no enforcement left");
+}
+
+#[test]
+fn policy_swaps_are_atomic_for_connecting_processes() {
+    let env = TestEnv::new("atomic");
+    let mut dp = Datapath::start(&env.config()).unwrap();
+    let a = vec![
+        rule(1, &["192.0.2.0/24"], &["443"], Protocol::Tcp),
+        rule(2, &["198.51.100.0/24"], &[], Protocol::Any),
+    ];
+    let b = vec![
+        rule(1, &["192.0.2.10/32"], &["443"], Protocol::Tcp),
+        rule(2, &["192.0.2.0/25"], &["443-444"], Protocol::Tcp),
+        rule(3, &["203.0.113.0/24"], &["53"], Protocol::Udp),
+        rule(4, &["2001:db8::/32"], &["80"], Protocol::Tcp),
+    ];
+    dp.set_identity(1, active(Mode::Enforce)).unwrap();
+    dp.set_rules(1, &a).unwrap();
+    let agent = env.cgroup("agent");
+    dp.bind(&agent, 1).unwrap();
+    let mut allowed = Probe::spawn(&agent);
+    let mut denied = Probe::spawn(&agent);
+    let n = 20_000;
+    let t1 = std::thread::spawn(move || allowed.cmd(&format!("connect-loop tcp 192.0.2.10 443 {n}")));
+    let t2 = std::thread::spawn(move || denied.cmd(&format!("connect-loop tcp 192.0.2.10 80 {n}")));
+    let mut swaps = 0u32;
+    while !(t1.is_finished() && t2.is_finished()) {
+        dp.set_rules(1, if swaps % 2 == 0 { &b } else { &a }).unwrap();
+        swaps += 1;
+    }
+    assert_eq!(t1.join().unwrap(), format!("eperm=0 other={n}"));
+    assert_eq!(t2.join().unwrap(), format!("eperm={n} other=0"));
+    assert!(swaps >= 20, "only {swaps} swaps overlapped the loops");
+}
+
+#[test]
+fn drop_counter_accounts_for_every_record_not_read() {
+    let env = TestEnv::new("drops");
+    let mut dp = Datapath::start(&env.config()).unwrap();
+    dp.set_identity(1, active(Mode::Enforce)).unwrap();
+    dp.set_rules(1, &[]).unwrap();
+    let agent = env.cgroup("agent");
+    dp.bind(&agent, 1).unwrap();
+    let mut p = Probe::spawn(&agent);
+    // 4000 distinct denials (one per port) with nobody reading: more than the ring holds.
+    let sent = 4000u64;
+    assert_eq!(p.cmd(&format!("sweep tcp 192.0.2.1 1 {sent}")), format!("eperm={sent} other=0"));
+    let read = dp.take_events().unwrap().drain().len() as u64;
+    let dropped = dp.dropped_events().unwrap();
+    assert!(dropped > 0, "the ring buffer never filled ({read} read)");
+    assert_eq!(read + dropped, sent, "read {read} + dropped {dropped}");
+}
+
+#[test]
+fn identical_denials_are_rate_limited_and_counted() {
+    let env = TestEnv::new("ratelimit");
+    let mut cfg = env.config();
+    cfg.rate_window = Duration::from_millis(100);
+    let mut dp = Datapath::start(&cfg).unwrap();
+    dp.set_identity(1, active(Mode::Enforce)).unwrap();
+    dp.set_rules(1, &[]).unwrap();
+    let agent = env.cgroup("agent");
+    dp.bind(&agent, 1).unwrap();
+    let mut events = dp.take_events().unwrap();
+    let mut p = Probe::spawn(&agent);
+    assert_eq!(p.cmd("connect-loop tcp 192.0.2.1 80 500"), "eperm=500 other=0");
+    let first = BootInstant::now();
+    // One more after the window has surely closed carries the count of what was folded.
+    while BootInstant::now().0 < first.0 + 150_000_000 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(p.cmd("connect tcp 192.0.2.1 80"), DENIED);
+    let recs = events.drain();
+    assert!(recs.len() < 50, "{} records for 501 identical denials", recs.len());
+    let total: u64 = recs.iter().map(|r| 1 + u64::from(r.suppressed)).sum();
+    assert_eq!(total, 501);
 }

@@ -1,0 +1,44 @@
+//! Loads and pins the datapath like a node would, binds one agent cgroup, prints `ready`, and
+//! then waits to be killed: the restart test SIGKILLs it and checks enforcement survives.
+//!
+//! Usage: aw-loader ATTACH_CGROUP BPFFS_DIR AGENT_CGROUP
+
+use agentwall::{
+    cgroup::Cgroup,
+    datapath::{Datapath, DatapathConfig},
+    policy::{IdentityStatus, IdentityView, Mode, Protocol, Rule},
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [attach, bpffs, agent] = args.as_slice() else {
+        panic!("usage: aw-loader ATTACH_CGROUP BPFFS_DIR AGENT_CGROUP");
+    };
+    let mut dp = Datapath::start(&DatapathConfig::new(attach, bpffs)).expect("start");
+    dp.set_identity(
+        1,
+        IdentityView {
+            status: IdentityStatus::Active,
+            mode: Mode::Enforce,
+            not_after: None,
+        },
+    )
+    .expect("identity");
+    dp.set_rules(
+        1,
+        &[Rule {
+            id: 1,
+            to: vec!["192.0.2.0/24".parse().unwrap()],
+            ports: vec!["443".parse().unwrap()],
+            protocol: Protocol::Tcp,
+            expires: None,
+        }],
+    )
+    .expect("rules");
+    dp.bind(&Cgroup::open(agent).expect("agent cgroup"), 1)
+        .expect("bind");
+    println!("ready {}", dp.start_report().attached);
+    loop {
+        std::thread::park();
+    }
+}
