@@ -1,1 +1,151 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | test | bench datapath | demo`.
+//!
+//! Every task runs `setup` first, which installs what a fresh machine lacks for building the
+//! eBPF programs (rust-src for the nightly toolchain, bpf-linker 0.10.0) and is quick when
+//! everything is already there.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// bpf-linker 0.10.0 is the last release that loads rustc's own LLVM (see KERNEL-NOTES).
+const BPF_LINKER_VERSION: &str = "0.10.0";
+const NIGHTLY: &str = "nightly";
+
+#[derive(Parser)]
+#[command(about = "agentwall project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain prerequisites (idempotent).
+    Setup,
+    /// Build every crate, the eBPF object included.
+    Build,
+    /// Build and run the whole test suite: unit tests and the privileged kernel tests (root).
+    Test,
+    /// Run a benchmark and print its table.
+    Bench {
+        #[arg(value_parser = ["datapath"])]
+        which: String,
+        /// Connects measured per configuration.
+        #[arg(long, default_value_t = 20_000)]
+        iterations: u32,
+    },
+    /// The end-to-end demo (arrives with the node).
+    Demo,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.task {
+        Task::Setup => setup(),
+        Task::Build => {
+            setup()?;
+            run(cargo(&root).args(["build", "--all-targets"]))
+        }
+        Task::Test => {
+            setup()?;
+            require_root("the kernel tests load eBPF programs and create cgroups")?;
+            // Unit tests and integration tests of every default member; the tests crate builds
+            // its helper binaries (aw-probe, aw-loader) first.
+            run(cargo(&root).args(["test", "--no-fail-fast"]))
+        }
+        Task::Bench { which, iterations } => {
+            setup()?;
+            require_root("the benchmark attaches eBPF programs")?;
+            run(cargo(&root).args([
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                "agentwall-tests",
+                "--bin",
+                "aw-bench",
+                "--",
+                &which,
+                "--iterations",
+                &iterations.to_string(),
+            ]))
+        }
+        Task::Demo => {
+            setup()?;
+            bail!(
+                "the demo arrives with the node (certificates, policy files, launch); \
+                 today `cargo xtask test` shows the datapath at work"
+            )
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root);
+    c
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn require_root(why: &str) -> Result<()> {
+    // `id -u` keeps libc out of xtask.
+    let uid = output(Command::new("id").arg("-u")).unwrap_or_default();
+    if uid.trim() != "0" {
+        bail!("this task must run as root: {why}");
+    }
+    Ok(())
+}
+
+fn setup() -> Result<()> {
+    // The nightly toolchain builds agent-ebpf with -Z build-std=core, which needs rust-src.
+    if output(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--version"])).is_none() {
+        eprintln!("setup: installing the {NIGHTLY} toolchain");
+        run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
+    }
+    let sysroot = output(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--print", "sysroot"]))
+        .context("asking the nightly toolchain for its sysroot")?;
+    let core_src = Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core");
+    if !core_src.exists() {
+        eprintln!("setup: adding rust-src to {NIGHTLY}");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+    }
+    let have = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !have.contains(BPF_LINKER_VERSION) {
+        eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} (about a minute)");
+        run(Command::new("cargo").args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+        ]))?;
+    }
+    Ok(())
+}

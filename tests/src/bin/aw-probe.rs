@@ -11,6 +11,8 @@
 //!   listen tcp ADDR PORT           bind+listen, kept open until exit
 //!   connect-loop tcp ADDR PORT N   N connects; answers `eperm=X other=Y`
 //!   sweep tcp ADDR LO HI           one connect to each port LO..=HI; answers `eperm=X other=Y`
+//!   bench-connect ADDR PORT N      listen on ADDR:PORT, time N TCP connects to it; answers
+//!                                  `p50=NS p99=NS`
 //!   exit
 //! Startup: `aw-probe [--cgroup DIR] [--netns]` prints `ready PID` once in place.
 
@@ -193,6 +195,55 @@ fn tally(proto: &str, addrs: impl Iterator<Item = SocketAddr>) -> String {
     format!("eperm={eperm} other={other}")
 }
 
+/// Times `connect()` alone (socket creation and close are outside the clock). Client sockets
+/// close with RST (linger 0) so no TIME_WAIT piles up; a thread drains the accept queue.
+fn bench_connect(addr: SocketAddr, n: usize, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
+    let listener = do_listen(addr).map_err(|e| format!("listen: {}", errno_name(e)))?;
+    let lfd = listener.as_raw_fd();
+    keep.push(listener);
+    std::thread::spawn(move || {
+        loop {
+            // SAFETY: lfd stays open for the life of the process (kept in `keep`).
+            let c = unsafe { libc::accept4(lfd, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+            if c >= 0 {
+                // SAFETY: c is a fresh descriptor we own.
+                unsafe { libc::close(c) };
+            }
+        }
+    });
+    let (ss, len) = sockaddr(addr);
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let warmup = n / 10;
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..warmup + n {
+        let s = new_socket(family(&addr), libc::SOCK_STREAM, libc::IPPROTO_TCP)
+            .map_err(|e| format!("socket: {}", errno_name(e)))?;
+        // SAFETY: valid fd and option buffer.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                mem::size_of::<libc::linger>() as u32,
+            )
+        };
+        let t0 = std::time::Instant::now();
+        // SAFETY: valid fd and address.
+        let rc = unsafe { libc::connect(s.as_raw_fd(), (&raw const ss).cast(), len) };
+        let dt = t0.elapsed();
+        if rc < 0 {
+            return Err(format!("connect: {}", errno_name(last_err())));
+        }
+        if i >= warmup {
+            samples.push(dt.as_nanos() as u64);
+        }
+    }
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    Ok(format!("p50={} p99={}", at(0.50), at(0.99)))
+}
+
 fn set_lo_up() -> Result<(), i32> {
     let s = new_socket(libc::AF_INET, libc::SOCK_DGRAM, 0)?;
     // SAFETY: zeroed ifreq is valid; name copied in below.
@@ -271,6 +322,10 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             let base = sa(ip, lo)?;
             let hi: u16 = hi.parse().map_err(|e| format!("bad port: {e}"))?;
             tally(proto, (base.port()..=hi).map(|p| SocketAddr::new(base.ip(), p)))
+        }
+        ["bench-connect", ip, port, n] => {
+            let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
+            bench_connect(sa(ip, port)?, n, keep)?
         }
         _ => return Err(format!("unknown command: {line}")),
     })

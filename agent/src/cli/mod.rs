@@ -1,0 +1,39 @@
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod down;
+
+#[derive(Parser)]
+#[command(name = "agentwall", version, about = "Identity-bound egress allowlists for AI agents, enforced by eBPF")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Detach the datapath and remove every pin: enforcement ends.
+    Down(down::Args),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = agentwall::logging::init(
+        std::env::var("AGENTWALL_LOG").ok().as_deref(),
+        std::env::var("AGENTWALL_LOG_FORMAT").ok().as_deref(),
+    ) {
+        eprintln!("agentwall: {e}");
+        return ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Command::Down(args) => down::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agentwall: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
