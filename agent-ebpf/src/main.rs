@@ -168,7 +168,8 @@ fn try_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
 fn try_sock_create(ctx: &SockContext) -> i32 {
     // SAFETY: the kernel hands sock programs a valid bpf_sock.
     let (ty, protocol) = unsafe { ((*ctx.sock).type_, (*ctx.sock).protocol) };
-    if (ty == SOCK_STREAM && protocol == IPPROTO_TCP) || (ty == SOCK_DGRAM && protocol == IPPROTO_UDP)
+    if (ty == SOCK_STREAM && protocol == IPPROTO_TCP)
+        || (ty == SOCK_DGRAM && protocol == IPPROTO_UDP)
     {
         return ALLOW;
     }
@@ -193,10 +194,28 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
         None => false,
     };
     if audit {
-        report(&flow, leaf, identity, EVENT_AUDIT, REASON_SOCKET_TYPE, 0, &cfg, now);
+        report(
+            &flow,
+            leaf,
+            identity,
+            EVENT_AUDIT,
+            REASON_SOCKET_TYPE,
+            0,
+            &cfg,
+            now,
+        );
         ALLOW
     } else {
-        report(&flow, leaf, identity, EVENT_SOCK_DENY, REASON_SOCKET_TYPE, 0, &cfg, now);
+        report(
+            &flow,
+            leaf,
+            identity,
+            EVENT_SOCK_DENY,
+            REASON_SOCKET_TYPE,
+            0,
+            &cfg,
+            now,
+        );
         DENY
     }
 }
@@ -263,11 +282,29 @@ fn judge(flow: &Flow) -> i32 {
     // Revoked, unset and expired identities are denied whatever the mode: audit mode is for
     // trying out a policy, not for keeping a dead identity alive.
     if state != IDENTITY_ACTIVE {
-        report(flow, leaf, identity, EVENT_DENY, REASON_REVOKED, 0, &cfg, now);
+        report(
+            flow,
+            leaf,
+            identity,
+            EVENT_DENY,
+            REASON_REVOKED,
+            0,
+            &cfg,
+            now,
+        );
         return DENY;
     }
     if not_after != 0 && now >= not_after {
-        report(flow, leaf, identity, EVENT_DENY, REASON_EXPIRED, 0, &cfg, now);
+        report(
+            flow,
+            leaf,
+            identity,
+            EVENT_DENY,
+            REASON_EXPIRED,
+            0,
+            &cfg,
+            now,
+        );
         return DENY;
     }
     let (reason, rule_id) = check_rules(identity, flow, now);
@@ -275,7 +312,16 @@ fn judge(flow: &Flow) -> i32 {
         return ALLOW;
     }
     if mode == MODE_AUDIT {
-        report(flow, leaf, identity, EVENT_AUDIT, reason, rule_id, &cfg, now);
+        report(
+            flow,
+            leaf,
+            identity,
+            EVENT_AUDIT,
+            reason,
+            rule_id,
+            &cfg,
+            now,
+        );
         ALLOW
     } else {
         report(flow, leaf, identity, EVENT_DENY, reason, rule_id, &cfg, now);
@@ -342,13 +388,25 @@ fn report(
     let rk = RateKey {
         cgroup_id: leaf,
         addr: flow.addr,
-        port: if flow.hook == HOOK_SOCK_CREATE { flow.sock_type } else { flow.port },
+        port: if flow.hook == HOOK_SOCK_CREATE {
+            flow.sock_type
+        } else {
+            flow.port
+        },
         kind,
-        proto: if flow.hook == HOOK_SOCK_CREATE { flow.sock_protocol as u8 } else { flow.proto },
+        proto: if flow.hook == HOOK_SOCK_CREATE {
+            flow.sock_protocol as u8
+        } else {
+            flow.proto
+        },
         reason,
         _pad: [0; 3],
     };
-    let window = if cfg.rate_window_ns == 0 { DEFAULT_RATE_WINDOW_NS } else { cfg.rate_window_ns };
+    let window = if cfg.rate_window_ns == 0 {
+        DEFAULT_RATE_WINDOW_NS
+    } else {
+        cfg.rate_window_ns
+    };
     let state = AW_RATE.get_ptr_mut(rk);
     let mut suppressed = 0u64;
     if let Some(st) = state {
@@ -379,7 +437,11 @@ fn report(
         addr: flow.addr,
         identity,
         rule_id,
-        suppressed: if suppressed > u32::MAX as u64 { u32::MAX } else { suppressed as u32 },
+        suppressed: if suppressed > u32::MAX as u64 {
+            u32::MAX
+        } else {
+            suppressed as u32
+        },
         port: flow.port,
         kind,
         reason,

@@ -96,7 +96,11 @@ pub fn bin_path(name: &str) -> PathBuf {
         dir
     };
     let p = dir.join(name);
-    assert!(p.exists(), "{} not built; run through `cargo xtask test`", p.display());
+    assert!(
+        p.exists(),
+        "{} not built; run through `cargo xtask test`",
+        p.display()
+    );
     p
 }
 

@@ -8,8 +8,8 @@ use agentwall::{
     clock::BootInstant,
     datapath::{Datapath, EventKind, EventRecord, attached_programs, pin_dir, teardown},
     policy::{
-        IdentityStatus, IdentityView, Mode, Protocol, Reason, Rule, Subject, UnknownFlows,
-        Verdict, evaluate_flow,
+        IdentityStatus, IdentityView, Mode, Protocol, Reason, Rule, Subject, UnknownFlows, Verdict,
+        evaluate_flow,
     },
 };
 use agentwall_tests::{Probe, TestEnv};
@@ -154,7 +154,11 @@ fn verdict_table_matches_kernel_and_reference_evaluator() {
             proto,
             BootInstant::now(),
         );
-        let want_verdict = if *want == DENIED { Verdict::Deny } else { Verdict::Allow };
+        let want_verdict = if *want == DENIED {
+            Verdict::Deny
+        } else {
+            Verdict::Allow
+        };
         assert_eq!(d.verdict, want_verdict, "reference evaluator for `{cmd}`");
         if d.verdict == Verdict::Deny {
             let dest = match dest {
@@ -202,10 +206,19 @@ fn verdict_table_matches_kernel_and_reference_evaluator() {
         .iter()
         .map(|r| {
             assert_eq!(r.kind, EventKind::Deny, "{r}");
-            assert_eq!((r.pid, r.identity, r.comm.as_str()), (probe.pid, 1, "aw-probe"));
+            assert_eq!(
+                (r.pid, r.identity, r.comm.as_str()),
+                (probe.pid, 1, "aw-probe")
+            );
             assert_eq!(r.cgroup_id, agent.id());
             assert_eq!(r.suppressed, 0);
-            (r.dest, r.port, r.proto.unwrap(), r.reason.unwrap(), r.rule_id)
+            (
+                r.dest,
+                r.port,
+                r.proto.unwrap(),
+                r.reason.unwrap(),
+                r.rule_id,
+            )
         })
         .collect();
     got.sort_by_key(key);
@@ -213,7 +226,7 @@ fn verdict_table_matches_kernel_and_reference_evaluator() {
     assert_eq!(dp.dropped_events().unwrap(), 0);
 }
 
-fn record_for<'a>(records: &'a [EventRecord], port: u16) -> &'a EventRecord {
+fn record_for(records: &[EventRecord], port: u16) -> &EventRecord {
     records
         .iter()
         .find(|r| r.port == port)
@@ -245,13 +258,22 @@ fn audit_unbound_descendants_expiry_and_revocation() {
     let recs = drain_until(&mut events, 2);
     assert_eq!(recs.len(), 2, "{recs:?}");
     let r = record_for(&recs, 80);
-    assert_eq!((r.kind, r.reason, r.identity), (EventKind::Audit, Some(Reason::NoRule), 1));
+    assert_eq!(
+        (r.kind, r.reason, r.identity),
+        (EventKind::Audit, Some(Reason::NoRule), 1)
+    );
     let s = recs.iter().find(|r| r.port == 0).unwrap();
-    assert_eq!((s.kind, s.reason), (EventKind::Audit, Some(Reason::SocketType)));
+    assert_eq!(
+        (s.kind, s.reason),
+        (EventKind::Audit, Some(Reason::SocketType))
+    );
 
     // A cgroup below a bound one is governed by it.
     let top = bound(&mut dp, 2, Some(active(Mode::Enforce)), &web);
-    let deep = env.cgroup(&format!("{}/worker/deeper", top.path().file_name().unwrap().to_str().unwrap()));
+    let deep = env.cgroup(&format!(
+        "{}/worker/deeper",
+        top.path().file_name().unwrap().to_str().unwrap()
+    ));
     let mut p = Probe::spawn(&deep);
     assert_eq!(p.cmd("connect tcp 192.0.2.10 80"), DENIED);
     assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), ALLOWED);
@@ -265,12 +287,22 @@ fn audit_unbound_descendants_expiry_and_revocation() {
     assert_eq!(p.cmd("connect tcp 192.0.2.10 81"), ALLOWED);
     let recs = drain_until(&mut events, 1);
     assert_eq!(recs.len(), 1);
-    assert_eq!((recs[0].kind, recs[0].identity, recs[0].reason), (EventKind::UnknownFlow, 0, None));
+    assert_eq!(
+        (recs[0].kind, recs[0].identity, recs[0].reason),
+        (EventKind::UnknownFlow, 0, None)
+    );
     dp.set_unknown_flows(UnknownFlows::Deny).unwrap();
     assert_eq!(p.cmd("connect tcp 192.0.2.10 82"), DENIED);
-    assert_eq!(p.cmd("socket inet raw 255"), "ok", "unbound processes keep raw sockets");
+    assert_eq!(
+        p.cmd("socket inet raw 255"),
+        "ok",
+        "unbound processes keep raw sockets"
+    );
     let recs = drain_until(&mut events, 1);
-    assert_eq!((recs[0].kind, recs[0].reason), (EventKind::Deny, Some(Reason::Unbound)));
+    assert_eq!(
+        (recs[0].kind, recs[0].reason),
+        (EventKind::Deny, Some(Reason::Unbound))
+    );
     dp.set_unknown_flows(UnknownFlows::Ignore).unwrap();
     assert_eq!(p.cmd("connect tcp 192.0.2.10 83"), ALLOWED);
     assert!(events.drain().is_empty());
@@ -385,7 +417,11 @@ fn pinned_enforcement_survives_sigkill_and_is_adopted_once() {
     }
     assert_eq!(left, Vec::<u32>::new());
     assert!(!pin_dir(&env.bpffs_dir).exists());
-    assert_eq!(p.cmd("connect tcp 192.0.2.10 80"), ALLOWED, "detached: no enforcement left");
+    assert_eq!(
+        p.cmd("connect tcp 192.0.2.10 80"),
+        ALLOWED,
+        "detached: no enforcement left"
+    );
 }
 
 #[test]
@@ -409,11 +445,13 @@ fn policy_swaps_are_atomic_for_connecting_processes() {
     let mut allowed = Probe::spawn(&agent);
     let mut denied = Probe::spawn(&agent);
     let n = 20_000;
-    let t1 = std::thread::spawn(move || allowed.cmd(&format!("connect-loop tcp 192.0.2.10 443 {n}")));
+    let t1 =
+        std::thread::spawn(move || allowed.cmd(&format!("connect-loop tcp 192.0.2.10 443 {n}")));
     let t2 = std::thread::spawn(move || denied.cmd(&format!("connect-loop tcp 192.0.2.10 80 {n}")));
     let mut swaps = 0u32;
     while !(t1.is_finished() && t2.is_finished()) {
-        dp.set_rules(1, if swaps % 2 == 0 { &b } else { &a }).unwrap();
+        dp.set_rules(1, if swaps.is_multiple_of(2) { &b } else { &a })
+            .unwrap();
         swaps += 1;
     }
     assert_eq!(t1.join().unwrap(), format!("eperm=0 other={n}"));
@@ -432,7 +470,10 @@ fn drop_counter_accounts_for_every_record_not_read() {
     let mut p = Probe::spawn(&agent);
     // 4000 distinct denials (one per port) with nobody reading: more than the ring holds.
     let sent = 4000u64;
-    assert_eq!(p.cmd(&format!("sweep tcp 192.0.2.1 1 {sent}")), format!("eperm={sent} other=0"));
+    assert_eq!(
+        p.cmd(&format!("sweep tcp 192.0.2.1 1 {sent}")),
+        format!("eperm={sent} other=0")
+    );
     let read = dp.take_events().unwrap().drain().len() as u64;
     let dropped = dp.dropped_events().unwrap();
     assert!(dropped > 0, "the ring buffer never filled ({read} read)");
@@ -451,7 +492,10 @@ fn identical_denials_are_rate_limited_and_counted() {
     dp.bind(&agent, 1).unwrap();
     let mut events = dp.take_events().unwrap();
     let mut p = Probe::spawn(&agent);
-    assert_eq!(p.cmd("connect-loop tcp 192.0.2.1 80 500"), "eperm=500 other=0");
+    assert_eq!(
+        p.cmd("connect-loop tcp 192.0.2.1 80 500"),
+        "eperm=500 other=0"
+    );
     let first = BootInstant::now();
     // One more after the window has surely closed carries the count of what was folded.
     while BootInstant::now().0 < first.0 + 150_000_000 {
@@ -459,7 +503,11 @@ fn identical_denials_are_rate_limited_and_counted() {
     }
     assert_eq!(p.cmd("connect tcp 192.0.2.1 80"), DENIED);
     let recs = events.drain();
-    assert!(recs.len() < 50, "{} records for 501 identical denials", recs.len());
+    assert!(
+        recs.len() < 50,
+        "{} records for 501 identical denials",
+        recs.len()
+    );
     let total: u64 = recs.iter().map(|r| 1 + u64::from(r.suppressed)).sum();
     assert_eq!(total, 501);
 }

@@ -39,8 +39,16 @@ fn random_net(rng: &mut StdRng) -> IpNet {
     match rng.random_range(0..10) {
         0 => "0.0.0.0/0".parse().unwrap(),
         1 => "::/0".parse().unwrap(),
-        2..=6 => IpNet::V4(Ipv4Net::new(random_v4(rng), rng.random_range(22..=32)).unwrap().trunc()),
-        _ => IpNet::V6(Ipv6Net::new(random_v6(rng), rng.random_range(32..=128)).unwrap().trunc()),
+        2..=6 => IpNet::V4(
+            Ipv4Net::new(random_v4(rng), rng.random_range(22..=32))
+                .unwrap()
+                .trunc(),
+        ),
+        _ => IpNet::V6(
+            Ipv6Net::new(random_v6(rng), rng.random_range(32..=128))
+                .unwrap()
+                .trunc(),
+        ),
     }
 }
 
@@ -50,7 +58,10 @@ fn random_ports(rng: &mut StdRng) -> Vec<PortRange> {
             let a = PORTS[rng.random_range(0..PORTS.len())];
             if rng.random_bool(0.3) {
                 let b = PORTS[rng.random_range(0..PORTS.len())];
-                PortRange { lo: a.min(b), hi: a.max(b) }
+                PortRange {
+                    lo: a.min(b),
+                    hi: a.max(b),
+                }
             } else {
                 PortRange::single(a)
             }
@@ -63,7 +74,9 @@ fn random_rules(rng: &mut StdRng) -> Vec<Rule> {
     (1..=rng.random_range(1..=12))
         .map(|id| Rule {
             id,
-            to: (0..rng.random_range(1..=3)).map(|_| random_net(rng)).collect(),
+            to: (0..rng.random_range(1..=3))
+                .map(|_| random_net(rng))
+                .collect(),
             ports: random_ports(rng),
             protocol: [Protocol::Tcp, Protocol::Udp, Protocol::Any][rng.random_range(0..3)],
             expires: match rng.random_range(0..8) {
@@ -100,7 +113,11 @@ fn random_flow(rng: &mut StdRng, rules: &[Rule]) -> (String, Protocol, IpAddr, u
         IpAddr::V4(v4) => V4_BASES.iter().any(|b| v4.octets()[..3] == b[..3]),
         IpAddr::V6(v6) => v6.segments()[..2] == [0x2001, 0x0db8],
     };
-    let dest = if in_doc { dest } else { IpAddr::V4(random_v4(rng)) };
+    let dest = if in_doc {
+        dest
+    } else {
+        IpAddr::V4(random_v4(rng))
+    };
     let port = if rng.random_bool(0.8) {
         PORTS[rng.random_range(0..PORTS.len())]
     } else {
@@ -154,15 +171,22 @@ fn kernel_agrees_with_reference_evaluator_on_random_policies() {
                 Err(e) => panic!("{e}"),
             }
         };
-        let gd: Vec<IpNet> = (0..rng.random_range(0..=3)).map(|_| random_net(&mut rng)).collect();
+        let gd: Vec<IpNet> = (0..rng.random_range(0..=3))
+            .map(|_| random_net(&mut rng))
+            .collect();
         dp.set_global_deny(&gd).unwrap();
-        let flows: Vec<_> = (0..per_policy).map(|_| random_flow(&mut rng, &rules)).collect();
+        let flows: Vec<_> = (0..per_policy)
+            .map(|_| random_flow(&mut rng, &rules))
+            .collect();
         let cmds: Vec<String> = flows.iter().map(|f| f.0.clone()).collect();
         let answers = probe.batch(&cmds);
         let now = BootInstant::now();
         for ((cmd, proto, dest, port), got) in flows.iter().zip(answers) {
             let want = evaluate_flow(
-                Subject::Bound { view: Some(view), rules: &rules },
+                Subject::Bound {
+                    view: Some(view),
+                    rules: &rules,
+                },
                 &gd,
                 UnknownFlows::Report,
                 *dest,
@@ -195,5 +219,8 @@ fn kernel_agrees_with_reference_evaluator_on_random_policies() {
     );
     assert!(checked >= 10_000);
     // Both verdicts must be well represented or the comparison proves little.
-    assert!(denied > checked / 10 && denied < checked * 9 / 10, "{denied} of {checked} denied");
+    assert!(
+        denied > checked / 10 && denied < checked * 9 / 10,
+        "{denied} of {checked} denied"
+    );
 }

@@ -100,9 +100,7 @@ fn cargo(root: &Path) -> Command {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -129,10 +127,17 @@ fn setup() -> Result<()> {
     // The nightly toolchain builds agent-ebpf with -Z build-std=core, which needs rust-src.
     if output(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--version"])).is_none() {
         eprintln!("setup: installing the {NIGHTLY} toolchain");
-        run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            NIGHTLY,
+            "--profile",
+            "minimal",
+        ]))?;
     }
-    let sysroot = output(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--print", "sysroot"]))
-        .context("asking the nightly toolchain for its sysroot")?;
+    let sysroot =
+        output(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--print", "sysroot"]))
+            .context("asking the nightly toolchain for its sysroot")?;
     let core_src = Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core");
     if !core_src.exists() {
         eprintln!("setup: adding rust-src to {NIGHTLY}");

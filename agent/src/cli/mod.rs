@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 mod down;
 
 #[derive(Parser)]
-#[command(name = "agentwall", version, about = "Identity-bound egress allowlists for AI agents, enforced by eBPF")]
+#[command(
+    name = "agentwall",
+    version,
+    about = "Identity-bound egress allowlists for AI agents, enforced by eBPF"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

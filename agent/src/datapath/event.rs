@@ -11,10 +11,7 @@ use aya::maps::{MapData, RingBuf};
 
 use crate::{
     clock::BootInstant,
-    policy::{
-        Protocol, Reason,
-        model::addr_from16,
-    },
+    policy::{Protocol, Reason, model::addr_from16},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -130,8 +127,8 @@ impl EventRecord {
     pub fn from_raw(e: &Event) -> Result<Self, DecodeError> {
         let kind = EventKind::from_code(e.kind)
             .ok_or_else(|| DecodeError(format!("unknown kind {}", e.kind)))?;
-        let hook =
-            Hook::from_code(e.hook).ok_or_else(|| DecodeError(format!("unknown hook {}", e.hook)))?;
+        let hook = Hook::from_code(e.hook)
+            .ok_or_else(|| DecodeError(format!("unknown hook {}", e.hook)))?;
         let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
         Ok(Self {
             time: BootInstant(e.ts_ns),
@@ -162,9 +159,19 @@ impl EventRecord {
 
 impl fmt::Display for EventRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} pid={} comm={} ", self.kind.as_str(), self.pid, self.comm)?;
+        write!(
+            f,
+            "{} pid={} comm={} ",
+            self.kind.as_str(),
+            self.pid,
+            self.comm
+        )?;
         if self.hook == Hook::SockCreate {
-            write!(f, "socket type={} protocol={}", self.sock_type, self.sock_protocol)?;
+            write!(
+                f,
+                "socket type={} protocol={}",
+                self.sock_type, self.sock_protocol
+            )?;
         } else {
             let proto = self.proto.map_or("other".to_owned(), |p| p.to_string());
             match self.dest {

@@ -92,17 +92,9 @@ pub enum DatapathError {
     #[error("{path} still has processes; unbinding it would leave them ungoverned")]
     Populated { path: PathBuf },
     #[error("rules for identity {identity}: {source}")]
-    Compile {
-        identity: u32,
-        source: CompileError,
-    },
-    #[error(
-        "{what}: {source} (nothing was changed; the previous rules stay in force)"
-    )]
-    Apply {
-        what: String,
-        source: Box<MapError>,
-    },
+    Compile { identity: u32, source: CompileError },
+    #[error("{what}: {source} (nothing was changed; the previous rules stay in force)")]
+    Apply { what: String, source: Box<MapError> },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
@@ -372,7 +364,11 @@ impl Datapath {
         let compiled =
             compile_rules(rules).map_err(|source| DatapathError::Compile { identity, source })?;
         let n = compiled.len();
-        self.swap_trie(identity, &compiled, &format!("rules for identity {identity}"))?;
+        self.swap_trie(
+            identity,
+            &compiled,
+            &format!("rules for identity {identity}"),
+        )?;
         Ok(n)
     }
 

@@ -189,13 +189,22 @@ mod tests {
     fn specific_prefix_carries_ports_of_wider_rules_most_specific_first() {
         let t = compile_rules(&[
             rule(1, &["10.0.0.0/8"], &["443"], Protocol::Tcp),
-            rule(2, &["10.1.0.0/16"], &["80", "81", "8000-8100"], Protocol::Any),
+            rule(
+                2,
+                &["10.1.0.0/16"],
+                &["80", "81", "8000-8100"],
+                Protocol::Any,
+            ),
         ])
         .unwrap();
         let s = find(&t, "10.1.0.0/16");
         assert_eq!(s.count, 3);
         assert_eq!(
-            (s.entries[0].rule_id, s.entries[0].port_lo, s.entries[0].port_hi),
+            (
+                s.entries[0].rule_id,
+                s.entries[0].port_lo,
+                s.entries[0].port_hi
+            ),
             (2, 80, 81)
         );
         assert_eq!(s.entries[1].port_lo, 8000);
@@ -226,8 +235,13 @@ mod tests {
 
     #[test]
     fn adjacent_ports_merge() {
-        let t = compile_rules(&[rule(1, &["192.0.2.1/32"], &["80", "81", "82-90", "100"], Protocol::Tcp)])
-            .unwrap();
+        let t = compile_rules(&[rule(
+            1,
+            &["192.0.2.1/32"],
+            &["80", "81", "82-90", "100"],
+            Protocol::Tcp,
+        )])
+        .unwrap();
         let s = find(&t, "192.0.2.1/32");
         assert_eq!(s.count, 2);
         assert_eq!((s.entries[0].port_lo, s.entries[0].port_hi), (80, 90));

@@ -190,17 +190,26 @@ mod tests {
 
     #[test]
     fn wider_rule_ports_stay_visible_under_a_narrower_cidr() {
-        let rules = [rule(1, "10.0.0.0/8", &["443"]), rule(2, "10.1.0.0/16", &["80"])];
+        let rules = [
+            rule(1, "10.0.0.0/8", &["443"]),
+            rule(2, "10.1.0.0/16", &["80"]),
+        ];
         assert_eq!(eval(&rules, &[], "10.1.2.3", 443).verdict, Verdict::Allow);
         assert_eq!(eval(&rules, &[], "10.1.2.3", 80).rule_id, 0);
-        assert_eq!(eval(&rules, &[], "10.2.2.3", 80).reason, Some(Reason::NoRule));
+        assert_eq!(
+            eval(&rules, &[], "10.2.2.3", 80).reason,
+            Some(Reason::NoRule)
+        );
     }
 
     #[test]
     fn global_deny_yields_only_to_an_exact_rule() {
         let wide = [rule(1, "169.254.0.0/16", &[])];
         let d = eval(&wide, &["169.254.169.254/32"], "169.254.169.254", 80);
-        assert_eq!((d.verdict, d.reason, d.rule_id), (Verdict::Deny, Some(Reason::GlobalDeny), 1));
+        assert_eq!(
+            (d.verdict, d.reason, d.rule_id),
+            (Verdict::Deny, Some(Reason::GlobalDeny), 1)
+        );
         let exact = [rule(1, "169.254.169.254/32", &[])];
         let d = eval(&exact, &["169.254.169.254/32"], "169.254.169.254", 80);
         assert_eq!(d.verdict, Verdict::Allow);
@@ -210,7 +219,10 @@ mod tests {
     fn ipv6_rules_never_cover_ipv4() {
         let rules = [rule(1, "::/0", &[])];
         assert_eq!(eval(&rules, &[], "192.0.2.1", 80).verdict, Verdict::Deny);
-        assert_eq!(eval(&rules, &[], "::ffff:192.0.2.1", 80).verdict, Verdict::Deny);
+        assert_eq!(
+            eval(&rules, &[], "::ffff:192.0.2.1", 80).verdict,
+            Verdict::Deny
+        );
         assert_eq!(eval(&rules, &[], "2001:db8::1", 80).verdict, Verdict::Allow);
     }
 }

@@ -100,12 +100,18 @@ fn main() {
 
     println!("connect() to a loopback listener, {iterations} connects x {ROUNDS} rounds per row");
     println!();
-    println!("| rules loaded | identities | rules of this identity | apply ms | p50 ns | p99 ns | added p50 ns | added p99 ns | connect4 program ns/run |");
+    println!(
+        "| rules loaded | identities | rules of this identity | apply ms | p50 ns | p99 ns | added p50 ns | added p99 ns | connect4 program ns/run |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut bound = false;
     for (total, identities) in [(0usize, 0u32), (10, 1), (10_000, 1_000), (100_000, 1_000)] {
         let t0 = Instant::now();
-        let per = if identities == 0 { 0 } else { total / identities as usize };
+        let per = if identities == 0 {
+            0
+        } else {
+            total / identities as usize
+        };
         for id in 1..=identities {
             dp.set_identity(id, view).unwrap();
             dp.set_rules(id, &rules_for(id, per)).unwrap();

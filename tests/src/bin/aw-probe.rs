@@ -212,7 +212,10 @@ fn bench_connect(addr: SocketAddr, n: usize, keep: &mut Vec<OwnedFd>) -> Result<
         }
     });
     let (ss, len) = sockaddr(addr);
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     let warmup = n / 10;
     let mut samples = Vec::with_capacity(n);
     for i in 0..warmup + n {
@@ -321,7 +324,10 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             kind(proto)?;
             let base = sa(ip, lo)?;
             let hi: u16 = hi.parse().map_err(|e| format!("bad port: {e}"))?;
-            tally(proto, (base.port()..=hi).map(|p| SocketAddr::new(base.ip(), p)))
+            tally(
+                proto,
+                (base.port()..=hi).map(|p| SocketAddr::new(base.ip(), p)),
+            )
         }
         ["bench-connect", ip, port, n] => {
             let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
