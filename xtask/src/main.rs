@@ -57,7 +57,7 @@ fn main() -> Result<()> {
             require_root("the kernel tests load eBPF programs and create cgroups")?;
             // Unit tests and integration tests of every default member; the tests crate builds
             // its helper binaries (aw-probe, aw-loader) first.
-            run(cargo(&root).args(["test", "--no-fail-fast"]))
+            run_tests(cargo(&root).args(["test", "--no-fail-fast"]))
         }
         Task::Bench { which, iterations } => {
             setup()?;
@@ -103,6 +103,45 @@ fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs cargo test, passing its output through, and closes with one summary line over all
+/// test binaries so the total is not lost among per-binary results.
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cmd:?}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut w = part.split_whitespace().rev();
+                let (Some(word), Some(n)) = (w.next(), w.next()) else {
+                    continue;
+                };
+                let n: u64 = n.parse().unwrap_or(0);
+                match word {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!();
+    println!("summary: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    if passed == 0 {
+        bail!("no test ran");
     }
     Ok(())
 }
