@@ -41,11 +41,9 @@ pub const ALL_PROGRAMS: [&str; 5] = [
     PROG_SOCK_CREATE,
 ];
 
-/// Capacity of the identity table; identity 0 is reserved (its rule slot holds the global deny
-/// list), so usable identities are `1..MAX_IDENTITIES`.
+/// Capacity of the identity table; identity 0 is reserved (it means "no identity" in event
+/// records), so usable identities are `1..MAX_IDENTITIES`.
 pub const MAX_IDENTITIES: u32 = 16384;
-/// Slot of `AW_RULES` that holds the global deny trie.
-pub const GLOBAL_DENY_SLOT: u32 = 0;
 pub const MAX_BINDINGS: u32 = 65536;
 /// Port entries one LPM prefix can carry after less specific rules are merged into it.
 pub const MAX_PORT_ENTRIES: usize = 16;
@@ -149,17 +147,20 @@ pub struct PortEntry {
     pub expires_ns: u64,
 }
 
-/// Value of a per-identity LPM trie (and of the global deny trie, which uses only the header).
+/// Value of a per-identity LPM trie.
 ///
 /// Entries are sorted by `prefix_len` descending, then `rule_id` ascending, so the first entry
-/// that matches is the most specific rule.
+/// that matches is the most specific rule. The global deny list is compiled into every
+/// identity's trie: `deny_len` is the longest global deny prefix covering this key (0 = none),
+/// and an entry less specific than it does not allow. One lookup answers both questions.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RuleSet {
     pub count: u8,
     /// Prefix length of the trie key this value is stored under.
     pub prefix_len: u8,
-    pub _pad: [u8; 6],
+    pub deny_len: u8,
+    pub _pad: [u8; 5],
     pub entries: [PortEntry; MAX_PORT_ENTRIES],
 }
 
@@ -168,7 +169,8 @@ impl Default for RuleSet {
         Self {
             count: 0,
             prefix_len: 0,
-            _pad: [0; 6],
+            deny_len: 0,
+            _pad: [0; 5],
             entries: [PortEntry::default(); MAX_PORT_ENTRIES],
         }
     }

@@ -11,8 +11,8 @@
 
 use agent_common::{
     Addr, Binding, Config, DEFAULT_RATE_WINDOW_NS, EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY,
-    EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES, Event, GLOBAL_DENY_SLOT, HOOK_CONNECT4, HOOK_CONNECT6,
-    HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SOCK_CREATE, IDENTITY_ACTIVE, IdentityState, MAX_BINDINGS,
+    EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES, Event, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4,
+    HOOK_SENDMSG6, HOOK_SOCK_CREATE, IDENTITY_ACTIVE, IdentityState, MAX_BINDINGS,
     MAX_CGROUP_LEVELS, MAX_IDENTITIES, MAX_PORT_ENTRIES, MODE_AUDIT, PROTO_TCP, PROTO_UDP,
     RATE_ENTRIES, REASON_EXPIRED, REASON_GLOBAL_DENY, REASON_NO_RULE, REASON_NONE, REASON_REVOKED,
     REASON_SOCKET_TYPE, REASON_UNBOUND, RateKey, RateState, RuleSet, UNKNOWN_DENY, UNKNOWN_IGNORE,
@@ -42,8 +42,8 @@ const SOCK_DGRAM: u32 = 2;
 static AW_BINDINGS: HashMap<u64, Binding, { MAX_BINDINGS as usize }> = HashMap::new();
 #[btf_map]
 static AW_IDENTITIES: Array<IdentityState, { MAX_IDENTITIES as usize }> = Array::new();
-/// Slot n holds identity n's LPM trie; slot 0 the global deny trie. Userspace swaps a whole trie
-/// in one update, which is what makes a policy change atomic for a connecting process.
+/// Slot n holds identity n's LPM trie (global deny list compiled in). Userspace swaps a whole
+/// trie in one update, which is what makes a policy change atomic for a connecting process.
 #[btf_map]
 static AW_RULES: ArrayOfMaps<LpmTrie<Addr, RuleSet, 1>, { MAX_IDENTITIES as usize }> =
     ArrayOfMaps::new();
@@ -274,7 +274,6 @@ fn judge(flow: &Flow) -> i32 {
             }
         };
     };
-    let now = unsafe { bpf_ktime_get_boot_ns() };
     let (state, mode, not_after) = match AW_IDENTITIES.get(identity) {
         Some(st) => (st.state, st.mode, st.not_after_ns),
         None => (0, 0, 0),
@@ -282,57 +281,45 @@ fn judge(flow: &Flow) -> i32 {
     // Revoked, unset and expired identities are denied whatever the mode: audit mode is for
     // trying out a policy, not for keeping a dead identity alive.
     if state != IDENTITY_ACTIVE {
-        report(
-            flow,
-            leaf,
-            identity,
-            EVENT_DENY,
-            REASON_REVOKED,
-            0,
-            &cfg,
-            now,
-        );
+        report(flow, leaf, identity, EVENT_DENY, REASON_REVOKED, 0, &cfg, 0);
         return DENY;
     }
-    if not_after != 0 && now >= not_after {
-        report(
-            flow,
-            leaf,
-            identity,
-            EVENT_DENY,
-            REASON_EXPIRED,
-            0,
-            &cfg,
-            now,
-        );
-        return DENY;
+    // The clock is read only when a deadline needs it; 0 means "not read yet".
+    let mut now = 0u64;
+    if not_after != 0 {
+        now = unsafe { bpf_ktime_get_boot_ns() };
+        if now >= not_after {
+            report(
+                flow,
+                leaf,
+                identity,
+                EVENT_DENY,
+                REASON_EXPIRED,
+                0,
+                &cfg,
+                now,
+            );
+            return DENY;
+        }
     }
-    let (reason, rule_id) = check_rules(identity, flow, now);
+    let (reason, rule_id) = check_rules(identity, flow, &mut now);
     if reason == REASON_NONE {
         return ALLOW;
     }
-    if mode == MODE_AUDIT {
-        report(
-            flow,
-            leaf,
-            identity,
-            EVENT_AUDIT,
-            reason,
-            rule_id,
-            &cfg,
-            now,
-        );
-        ALLOW
+    let kind = if mode == MODE_AUDIT {
+        EVENT_AUDIT
     } else {
-        report(flow, leaf, identity, EVENT_DENY, reason, rule_id, &cfg, now);
-        DENY
-    }
+        EVENT_DENY
+    };
+    report(flow, leaf, identity, kind, reason, rule_id, &cfg, now);
+    if mode == MODE_AUDIT { ALLOW } else { DENY }
 }
 
 /// Longest-prefix match on the identity's trie, then the first port entry (most specific rule
-/// first) that allows port, protocol and time; then the global deny trie.
+/// first) that allows port, protocol and time; that rule must be at least as specific as the
+/// global deny prefix covering the destination.
 #[inline(always)]
-fn check_rules(identity: u32, flow: &Flow, now: u64) -> (u8, u32) {
+fn check_rules(identity: u32, flow: &Flow, now: &mut u64) -> (u8, u32) {
     let key = Key::new(128, flow.addr);
     let Some(set) = AW_RULES.get_value_ptr_mut(identity, &key) else {
         return (REASON_NO_RULE, 0);
@@ -347,25 +334,26 @@ fn check_rules(identity: u32, flow: &Flow, now: u64) -> (u8, u32) {
             break;
         }
         let e = &set.entries[i];
-        if flow.port >= e.port_lo
-            && flow.port <= e.port_hi
-            && e.proto & flow.proto != 0
-            && (e.expires_ns == 0 || now < e.expires_ns)
-        {
-            matched = Some((e.prefix_len, e.rule_id));
-            break;
+        if flow.port >= e.port_lo && flow.port <= e.port_hi && e.proto & flow.proto != 0 {
+            if e.expires_ns == 0 {
+                matched = Some((e.prefix_len, e.rule_id));
+                break;
+            }
+            if *now == 0 {
+                *now = unsafe { bpf_ktime_get_boot_ns() };
+            }
+            if *now < e.expires_ns {
+                matched = Some((e.prefix_len, e.rule_id));
+                break;
+            }
         }
         i += 1;
     }
     let Some((prefix_len, rule_id)) = matched else {
         return (REASON_NO_RULE, 0);
     };
-    if let Some(deny) = AW_RULES.get_value_ptr_mut(GLOBAL_DENY_SLOT, &key) {
-        // SAFETY: as above.
-        let deny_len = unsafe { (*deny).prefix_len };
-        if prefix_len < deny_len {
-            return (REASON_GLOBAL_DENY, rule_id);
-        }
+    if prefix_len < set.deny_len {
+        return (REASON_GLOBAL_DENY, rule_id);
     }
     (REASON_NONE, rule_id)
 }
@@ -385,6 +373,12 @@ fn report(
     cfg: &Config,
     now: u64,
 ) {
+    // Callers pass 0 when they had no reason to read the clock yet.
+    let now = if now == 0 {
+        unsafe { bpf_ktime_get_boot_ns() }
+    } else {
+        now
+    };
     let rk = RateKey {
         cgroup_id: leaf,
         addr: flow.addr,

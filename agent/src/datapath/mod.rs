@@ -15,8 +15,8 @@ use std::{
 };
 
 use agent_common::{
-    self as c, ABI_VERSION, ALL_MAPS, ALL_PROGRAMS, Addr, Binding, Config, GLOBAL_DENY_SLOT,
-    IdentityState, MAX_IDENTITIES, RuleSet,
+    self as c, ABI_VERSION, ALL_MAPS, ALL_PROGRAMS, Addr, Binding, Config, IdentityState,
+    MAX_IDENTITIES, RuleSet,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -38,7 +38,7 @@ use crate::{
     cgroup::{Cgroup, CgroupError},
     policy::{
         CompileError, CompiledTrie, IdentityStatus, IdentityView, Mode, Rule, UnknownFlows,
-        compile_global_deny, compile_rules,
+        compile_rules,
     },
 };
 
@@ -168,6 +168,10 @@ pub struct Datapath {
     drops: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     report: StartReport,
+    /// What each identity's trie was compiled from, so a new global deny list can be compiled
+    /// into every trie. A restarted daemon re-applies its policy, which refills this.
+    applied: std::collections::BTreeMap<u32, Vec<Rule>>,
+    global_deny: Vec<IpNet>,
 }
 
 impl Datapath {
@@ -230,6 +234,8 @@ impl Datapath {
             drops,
             events: Some(events),
             report,
+            applied: Default::default(),
+            global_deny: Vec::new(),
         };
         // Rebuild what the kernel reads from config: a restarted daemon keeps the bindings the
         // pinned map holds.
@@ -361,24 +367,37 @@ impl Datapath {
     /// the new ones, never a mix. On any error the old rules stay.
     pub fn set_rules(&mut self, identity: u32, rules: &[Rule]) -> Result<usize, DatapathError> {
         Self::check_identity(identity)?;
-        let compiled =
-            compile_rules(rules).map_err(|source| DatapathError::Compile { identity, source })?;
+        let compiled = compile_rules(rules, &self.global_deny)
+            .map_err(|source| DatapathError::Compile { identity, source })?;
         let n = compiled.len();
         self.swap_trie(
             identity,
             &compiled,
             &format!("rules for identity {identity}"),
         )?;
+        self.applied.insert(identity, rules.to_vec());
         Ok(n)
     }
 
-    /// Replaces the global deny list (atomically, as for rules).
+    /// Replaces the global deny list. It lives inside every identity's trie, so each one is
+    /// recompiled and swapped (each swap atomic); all are compiled before any is swapped, so a
+    /// list that cannot be compiled changes nothing.
     pub fn set_global_deny(&mut self, nets: &[IpNet]) -> Result<(), DatapathError> {
-        self.swap_trie(
-            GLOBAL_DENY_SLOT,
-            &compile_global_deny(nets),
-            "global deny list",
-        )
+        let mut compiled = Vec::with_capacity(self.applied.len());
+        for (&identity, rules) in &self.applied {
+            let t = compile_rules(rules, nets)
+                .map_err(|source| DatapathError::Compile { identity, source })?;
+            compiled.push((identity, t));
+        }
+        for (identity, t) in &compiled {
+            self.swap_trie(
+                *identity,
+                t,
+                &format!("global deny list for identity {identity}"),
+            )?;
+        }
+        self.global_deny = nets.to_vec();
+        Ok(())
     }
 
     fn swap_trie(

@@ -5,6 +5,11 @@
 //! prefix carries the entries of every rule whose CIDR contains it, most specific rule first.
 //! IPv4 prefixes only ever carry IPv4 rules: when an IPv6 rule covers the IPv4-mapped space
 //! (`::/0`, say), a barrier entry at `::ffff:0:0/96` keeps it out of IPv4 lookups.
+//!
+//! The global deny list is compiled into the same trie: its prefixes become keys too, and every
+//! value records the longest deny prefix covering it (`deny_len`). The longest match for a
+//! destination then tells both which rules contain it and which deny prefix covers it, so the
+//! kernel needs a single lookup.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -67,8 +72,9 @@ fn merged_ports(ports: &[PortRange]) -> Vec<PortRange> {
     out
 }
 
-pub fn compile_rules(rules: &[Rule]) -> Result<CompiledTrie, CompileError> {
+pub fn compile_rules(rules: &[Rule], global_deny: &[IpNet]) -> Result<CompiledTrie, CompileError> {
     let mut by_net: HashMap<Net, Vec<Flat<'_>>> = HashMap::new();
+    let deny: BTreeSet<Net> = global_deny.iter().map(|n| Net::from(*n)).collect();
     for rule in rules {
         if rule.id == 0 {
             return Err(CompileError::ZeroRuleId);
@@ -82,17 +88,22 @@ pub fn compile_rules(rules: &[Rule]) -> Result<CompiledTrie, CompileError> {
         }
     }
     let lens: BTreeSet<u8> = by_net.keys().map(|n| n.len).collect();
-    let mut prefixes: Vec<Net> = by_net.keys().copied().collect();
-    if !by_net.contains_key(&V4_SPACE) && by_net.keys().any(|n| !n.is_v4() && n.contains(&V4_SPACE))
-    {
-        prefixes.push(V4_SPACE);
+    let mut prefixes: BTreeSet<Net> = by_net.keys().copied().collect();
+    prefixes.extend(deny.iter().copied());
+    if prefixes.iter().any(|n| !n.is_v4() && n.contains(&V4_SPACE)) {
+        prefixes.insert(V4_SPACE);
     }
-    prefixes.sort();
 
     let mut entries = Vec::with_capacity(prefixes.len());
     for p in prefixes {
         let mut set = RuleSet {
             prefix_len: p.len,
+            deny_len: deny
+                .iter()
+                .filter(|d| d.is_v4() == p.is_v4() && d.contains(&p))
+                .map(|d| d.len)
+                .max()
+                .unwrap_or(0),
             ..RuleSet::default()
         };
         let mut found: Vec<PortEntry> = Vec::new();
@@ -143,28 +154,6 @@ pub fn compile_rules(rules: &[Rule]) -> Result<CompiledTrie, CompileError> {
     Ok(CompiledTrie { entries })
 }
 
-/// The global deny trie: each value carries only the prefix length it is stored under, which
-/// the kernel compares with the allowing rule's (a rule at least as specific wins).
-pub fn compile_global_deny(nets: &[IpNet]) -> CompiledTrie {
-    let mut prefixes: BTreeSet<Net> = nets.iter().map(|n| Net::from(*n)).collect();
-    let mut entries: Vec<(Net, RuleSet)> = Vec::with_capacity(prefixes.len() + 1);
-    if !prefixes.contains(&V4_SPACE) && prefixes.iter().any(|n| !n.is_v4() && n.contains(&V4_SPACE))
-    {
-        // A barrier with length 0 denies nothing: every rule is at least that specific.
-        entries.push((V4_SPACE, RuleSet::default()));
-    }
-    for p in std::mem::take(&mut prefixes) {
-        entries.push((
-            p,
-            RuleSet {
-                prefix_len: p.len,
-                ..RuleSet::default()
-            },
-        ));
-    }
-    CompiledTrie { entries }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,15 +176,18 @@ mod tests {
 
     #[test]
     fn specific_prefix_carries_ports_of_wider_rules_most_specific_first() {
-        let t = compile_rules(&[
-            rule(1, &["10.0.0.0/8"], &["443"], Protocol::Tcp),
-            rule(
-                2,
-                &["10.1.0.0/16"],
-                &["80", "81", "8000-8100"],
-                Protocol::Any,
-            ),
-        ])
+        let t = compile_rules(
+            &[
+                rule(1, &["10.0.0.0/8"], &["443"], Protocol::Tcp),
+                rule(
+                    2,
+                    &["10.1.0.0/16"],
+                    &["80", "81", "8000-8100"],
+                    Protocol::Any,
+                ),
+            ],
+            &[],
+        )
         .unwrap();
         let s = find(&t, "10.1.0.0/16");
         assert_eq!(s.count, 3);
@@ -214,18 +206,31 @@ mod tests {
 
     #[test]
     fn ipv6_default_route_gets_a_barrier_over_ipv4() {
-        let t = compile_rules(&[rule(1, &["::/0"], &[], Protocol::Any)]).unwrap();
+        let t = compile_rules(&[rule(1, &["::/0"], &[], Protocol::Any)], &[]).unwrap();
         let barrier = find(&t, "0.0.0.0/0");
         assert_eq!(barrier.count, 0);
-        let t = compile_rules(&[rule(1, &["2001:db8::/32"], &[], Protocol::Any)]).unwrap();
+        let t = compile_rules(&[rule(1, &["2001:db8::/32"], &[], Protocol::Any)], &[]).unwrap();
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn global_deny_is_compiled_into_the_trie() {
+        let gd: Vec<IpNet> = vec!["169.254.169.254/32".parse().unwrap()];
+        let t = compile_rules(&[rule(1, &["169.254.0.0/16"], &[], Protocol::Tcp)], &gd).unwrap();
+        let host = find(&t, "169.254.169.254/32");
+        assert_eq!(
+            (host.count, host.deny_len, host.entries[0].prefix_len),
+            (1, 128, 112)
+        );
+        assert_eq!(find(&t, "169.254.0.0/16").deny_len, 0);
     }
 
     #[test]
     fn too_many_ports_is_a_clear_error() {
         let ports: Vec<String> = (1..=20).map(|p| (p * 2).to_string()).collect();
         let ports: Vec<&str> = ports.iter().map(String::as_str).collect();
-        let err = compile_rules(&[rule(7, &["192.0.2.0/24"], &ports, Protocol::Tcp)]).unwrap_err();
+        let err =
+            compile_rules(&[rule(7, &["192.0.2.0/24"], &ports, Protocol::Tcp)], &[]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "192.0.2.0/24 needs 20 port entries once the rules covering it are merged (rules 7); \
@@ -235,12 +240,15 @@ mod tests {
 
     #[test]
     fn adjacent_ports_merge() {
-        let t = compile_rules(&[rule(
-            1,
-            &["192.0.2.1/32"],
-            &["80", "81", "82-90", "100"],
-            Protocol::Tcp,
-        )])
+        let t = compile_rules(
+            &[rule(
+                1,
+                &["192.0.2.1/32"],
+                &["80", "81", "82-90", "100"],
+                Protocol::Tcp,
+            )],
+            &[],
+        )
         .unwrap();
         let s = find(&t, "192.0.2.1/32");
         assert_eq!(s.count, 2);

@@ -5,7 +5,7 @@ pub mod compile;
 pub mod eval;
 pub mod model;
 
-pub use compile::{CompileError, CompiledTrie, compile_global_deny, compile_rules};
+pub use compile::{CompileError, CompiledTrie, compile_rules};
 pub use eval::{Decision, Subject, Verdict, evaluate_flow, evaluate_socket};
 pub use model::{
     IdentityStatus, IdentityView, Mode, Net, PortRange, Protocol, Reason, Rule, UnknownFlows,
