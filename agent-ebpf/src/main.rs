@@ -116,14 +116,7 @@ fn try_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
     addr[13] = octets[1];
     addr[14] = octets[2];
     addr[15] = octets[3];
-    judge(&Flow {
-        addr,
-        port: u16::from_be(port as u16),
-        proto: proto_bit(protocol),
-        hook,
-        sock_type: ty as u16,
-        sock_protocol: protocol as u16,
-    })
+    judge_sock_addr(addr, port, protocol, ty, hook)
 }
 
 #[inline(always)]
@@ -154,6 +147,12 @@ fn try_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
     }
     // An IPv4-mapped destination (::ffff:a.b.c.d) already sits where IPv4 rules live in the
     // trie, so it is judged as its IPv4 address without a special case.
+    judge_sock_addr(addr, port, protocol, ty, hook)
+}
+
+/// `port` as the context holds it (network byte order in the low 16 bits).
+#[inline(always)]
+fn judge_sock_addr(addr: Addr, port: u32, protocol: u32, ty: u32, hook: u8) -> i32 {
     judge(&Flow {
         addr,
         port: u16::from_be(port as u16),

@@ -464,26 +464,24 @@ fn attach_all(
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram(name))?;
+            // The two program types share no trait for load/attach/take_link in aya 0.14.
+            macro_rules! load_attach {
+                ($ty:ty) => {{
+                    let p: &mut $ty = prog.try_into().map_err(prog_err)?;
+                    p.load().map_err(prog_err)?;
+                    let id = p
+                        .attach(&cgroup_file, CgroupAttachMode::Single)
+                        .map_err(prog_err)?;
+                    p.take_link(id)
+                        .map_err(prog_err)?
+                        .try_into()
+                        .map_err(link_err)?
+                }};
+            }
             let link: FdLink = if name == c::PROG_SOCK_CREATE {
-                let p: &mut CgroupSock = prog.try_into().map_err(prog_err)?;
-                p.load().map_err(prog_err)?;
-                let id = p
-                    .attach(&cgroup_file, CgroupAttachMode::Single)
-                    .map_err(prog_err)?;
-                p.take_link(id)
-                    .map_err(prog_err)?
-                    .try_into()
-                    .map_err(link_err)?
+                load_attach!(CgroupSock)
             } else {
-                let p: &mut CgroupSockAddr = prog.try_into().map_err(prog_err)?;
-                p.load().map_err(prog_err)?;
-                let id = p
-                    .attach(&cgroup_file, CgroupAttachMode::Single)
-                    .map_err(prog_err)?;
-                p.take_link(id)
-                    .map_err(prog_err)?
-                    .try_into()
-                    .map_err(link_err)?
+                load_attach!(CgroupSockAddr)
             };
             link.pin(&link_path).map_err(|source| DatapathError::Pin {
                 path: link_path.clone(),
