@@ -68,6 +68,14 @@ impl Drop for TestEnv {
         let _ = datapath::teardown(&self.bpffs_dir);
         kill_tree(self.root.path());
         let _ = self.root.remove_tree();
+        // The shared parents go too once the last test has left them (best effort: another
+        // test may still be using them).
+        for parent in [self.root.path().parent(), self.bpffs_dir.parent()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 
