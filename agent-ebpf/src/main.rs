@@ -172,11 +172,8 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
     {
         return ALLOW;
     }
-    let Some(cfg) = config() else {
-        return ALLOW;
-    };
     let leaf = unsafe { bpf_get_current_cgroup_id() };
-    let Some(identity) = find_binding(leaf, cfg.bound_levels) else {
+    let Some(identity) = find_binding(leaf) else {
         return ALLOW;
     };
     let flow = Flow {
@@ -200,7 +197,6 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
             EVENT_AUDIT,
             REASON_SOCKET_TYPE,
             0,
-            &cfg,
             now,
         );
         ALLOW
@@ -212,7 +208,6 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
             EVENT_SOCK_DENY,
             REASON_SOCKET_TYPE,
             0,
-            &cfg,
             now,
         );
         DENY
@@ -227,11 +222,16 @@ fn config() -> Option<Config> {
 /// The identity governing the current task: the binding of its own cgroup, else of its deepest
 /// bound ancestor. Only levels that userspace marked as holding a binding are looked up.
 #[inline(always)]
-fn find_binding(leaf: u64, bound_levels: u32) -> Option<u32> {
+fn find_binding(leaf: u64) -> Option<u32> {
     // SAFETY: read-only lookups of plain-old-data values.
     if let Some(b) = unsafe { AW_BINDINGS.get(leaf) } {
         return Some(b.identity);
     }
+    // Config is read only off the hot path: a process in a bound cgroup never needs it.
+    let bound_levels = match config() {
+        Some(c) => c.bound_levels,
+        None => 0,
+    };
     let mut found = None;
     let mut level = 0u32;
     while level < MAX_CGROUP_LEVELS {
@@ -254,21 +254,22 @@ fn find_binding(leaf: u64, bound_levels: u32) -> Option<u32> {
 
 #[inline(always)]
 fn judge(flow: &Flow) -> i32 {
-    let Some(cfg) = config() else {
-        return ALLOW;
-    };
     let leaf = unsafe { bpf_get_current_cgroup_id() };
-    let Some(identity) = find_binding(leaf, cfg.bound_levels) else {
-        return match cfg.unknown_flows {
+    let Some(identity) = find_binding(leaf) else {
+        let unknown = match config() {
+            Some(c) => c.unknown_flows,
+            None => UNKNOWN_IGNORE,
+        };
+        return match unknown {
             UNKNOWN_IGNORE => ALLOW,
             UNKNOWN_DENY => {
                 let now = unsafe { bpf_ktime_get_boot_ns() };
-                report(flow, leaf, 0, EVENT_DENY, REASON_UNBOUND, 0, &cfg, now);
+                report(flow, leaf, 0, EVENT_DENY, REASON_UNBOUND, 0, now);
                 DENY
             }
             _ => {
                 let now = unsafe { bpf_ktime_get_boot_ns() };
-                report(flow, leaf, 0, EVENT_UNKNOWN_FLOW, REASON_NONE, 0, &cfg, now);
+                report(flow, leaf, 0, EVENT_UNKNOWN_FLOW, REASON_NONE, 0, now);
                 ALLOW
             }
         };
@@ -280,7 +281,7 @@ fn judge(flow: &Flow) -> i32 {
     // Revoked, unset and expired identities are denied whatever the mode: audit mode is for
     // trying out a policy, not for keeping a dead identity alive.
     if state != IDENTITY_ACTIVE {
-        report(flow, leaf, identity, EVENT_DENY, REASON_REVOKED, 0, &cfg, 0);
+        report(flow, leaf, identity, EVENT_DENY, REASON_REVOKED, 0, 0);
         return DENY;
     }
     // The clock is read only when a deadline needs it; 0 means "not read yet".
@@ -288,16 +289,7 @@ fn judge(flow: &Flow) -> i32 {
     if not_after != 0 {
         now = unsafe { bpf_ktime_get_boot_ns() };
         if now >= not_after {
-            report(
-                flow,
-                leaf,
-                identity,
-                EVENT_DENY,
-                REASON_EXPIRED,
-                0,
-                &cfg,
-                now,
-            );
+            report(flow, leaf, identity, EVENT_DENY, REASON_EXPIRED, 0, now);
             return DENY;
         }
     }
@@ -310,7 +302,7 @@ fn judge(flow: &Flow) -> i32 {
     } else {
         EVENT_DENY
     };
-    report(flow, leaf, identity, kind, reason, rule_id, &cfg, now);
+    report(flow, leaf, identity, kind, reason, rule_id, now);
     if mode == MODE_AUDIT { ALLOW } else { DENY }
 }
 
@@ -362,16 +354,7 @@ fn check_rules(identity: u32, flow: &Flow, now: &mut u64) -> (u8, u32) {
 /// ring buffer is counted in `AW_EVENT_DROPS`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn report(
-    flow: &Flow,
-    leaf: u64,
-    identity: u32,
-    kind: u8,
-    reason: u8,
-    rule_id: u32,
-    cfg: &Config,
-    now: u64,
-) {
+fn report(flow: &Flow, leaf: u64, identity: u32, kind: u8, reason: u8, rule_id: u32, now: u64) {
     // Callers pass 0 when they had no reason to read the clock yet.
     let now = if now == 0 {
         unsafe { bpf_ktime_get_boot_ns() }
@@ -395,10 +378,14 @@ fn report(
         reason,
         _pad: [0; 3],
     };
-    let window = if cfg.rate_window_ns == 0 {
+    let window = match config() {
+        Some(c) => c.rate_window_ns,
+        None => 0,
+    };
+    let window = if window == 0 {
         DEFAULT_RATE_WINDOW_NS
     } else {
-        cfg.rate_window_ns
+        window
     };
     let state = AW_RATE.get_ptr_mut(rk);
     let mut suppressed = 0u64;

@@ -62,6 +62,8 @@ fn main() -> Result<()> {
         Task::Bench { which, iterations } => {
             setup()?;
             require_root("the benchmark attaches eBPF programs")?;
+            // The benchmark drives aw-probe, so every helper binary must be fresh.
+            run(cargo(&root).args(["build", "--release", "-p", "agentwall-tests", "--bins"]))?;
             run(cargo(&root).args([
                 "run",
                 "--release",

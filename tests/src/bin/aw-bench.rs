@@ -48,7 +48,7 @@ fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
         id: 1,
         to: vec!["127.0.0.1/32".parse().unwrap()],
         ports: vec![PORT.to_string().parse().unwrap()],
-        protocol: Protocol::Tcp,
+        protocol: Protocol::Any,
         expires: None,
     }];
     for i in 1..n as u32 {
@@ -93,17 +93,21 @@ fn main() {
     std::fs::write(stats_path, "1").expect("enable BPF run-time stats");
 
     let cmd = format!("bench-connect 127.0.0.1 {PORT} {iterations}");
+    let udp_cmd = format!("bench-udp 127.0.0.1 {PORT} {}", iterations * 5);
+    // (TCP p50, TCP p99, UDP p50): a fresh probe (and network namespace) per measurement.
     let measure = |cg| {
         let mut p = Probe::spawn(cg);
-        parse(&p.cmd(&cmd))
+        let (p50, p99) = parse(&p.cmd(&cmd));
+        let (u50, _) = parse(&p.cmd(&udp_cmd));
+        (p50, p99, u50)
     };
 
     println!("connect() to a loopback listener, {iterations} connects x {ROUNDS} rounds per row");
     println!();
     println!(
-        "| rules loaded | identities | rules of this identity | apply ms | p50 ns | p99 ns | added p50 ns | added p99 ns | connect4 program ns/run |"
+        "| rules loaded | identities | rules of this identity | apply ms | p50 ns | p99 ns | added p50 ns | added p99 ns | UDP connect added p50 ns | connect4 program ns/run |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut bound = false;
     for (total, identities) in [(0usize, 0u32), (10, 1), (10_000, 1_000), (100_000, 1_000)] {
         let t0 = Instant::now();
@@ -122,13 +126,16 @@ fn main() {
             bound = true;
         }
         let (mut b50, mut b99, mut g50, mut g99) = (vec![], vec![], vec![], vec![]);
+        let (mut bu, mut gu) = (vec![], vec![]);
         let (mut prog_ns, mut prog_runs) = (0u64, 0u64);
         for _ in 0..ROUNDS {
-            let (p50, p99) = measure(&plain);
+            let (p50, p99, u50) = measure(&plain);
             b50.push(p50);
             b99.push(p99);
+            bu.push(u50);
             let before = connect4_stats(attach.path());
-            let (p50, p99) = measure(if identities == 0 { &attach } else { &governed });
+            let (p50, p99, u50) = measure(if identities == 0 { &attach } else { &governed });
+            gu.push(u50);
             let after = connect4_stats(attach.path());
             prog_ns += after.0 - before.0;
             prog_runs += after.1 - before.1;
@@ -136,18 +143,22 @@ fn main() {
             g99.push(p99);
         }
         let (b50, b99, g50, g99) = (median(b50), median(b99), median(g50), median(g99));
+        let (bu, gu) = (median(bu), median(gu));
         let label = if identities == 0 {
             "attached, cgroup unbound (unknown_flows=report)".to_owned()
         } else {
             total.to_string()
         };
         println!(
-            "| {label} | {identities} | {per} | {apply_ms:.1} | {g50} | {g99} | {:+} | {:+} | {} |",
+            "| {label} | {identities} | {per} | {apply_ms:.1} | {g50} | {g99} | {:+} | {:+} | {:+} | {} |",
             g50 as i64 - b50 as i64,
             g99 as i64 - b99 as i64,
+            gu as i64 - bu as i64,
             prog_ns / prog_runs.max(1)
         );
-        eprintln!("  baseline (no program on the path): p50 {b50} ns, p99 {b99} ns");
+        eprintln!(
+            "  baseline (no program on the path): TCP p50 {b50} ns, p99 {b99} ns; UDP connect p50 {bu} ns"
+        );
     }
     let _ = std::fs::write(stats_path, old_stats.trim());
     println!();

@@ -13,6 +13,8 @@
 //!   sweep tcp ADDR LO HI           one connect to each port LO..=HI; answers `eperm=X other=Y`
 //!   bench-connect ADDR PORT N      listen on ADDR:PORT, time N TCP connects to it; answers
 //!                                  `p50=NS p99=NS`
+//!   bench-udp ADDR PORT N          time N connect() calls re-connecting one UDP socket (no
+//!                                  handshake: the hook's own cost stands out); `p50=NS p99=NS`
 //!   exit
 //! Startup: `aw-probe [--cgroup DIR] [--netns]` prints `ready PID` once in place.
 
@@ -195,6 +197,33 @@ fn tally(proto: &str, addrs: impl Iterator<Item = SocketAddr>) -> String {
     format!("eperm={eperm} other={other}")
 }
 
+fn percentiles(mut samples: Vec<u64>) -> String {
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    format!("p50={} p99={}", at(0.50), at(0.99))
+}
+
+fn bench_udp(addr: SocketAddr, n: usize) -> Result<String, String> {
+    let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+        .map_err(|e| format!("socket: {}", errno_name(e)))?;
+    let (ss, len) = sockaddr(addr);
+    let warmup = n / 10;
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..warmup + n {
+        let t0 = std::time::Instant::now();
+        // SAFETY: valid fd and address.
+        let rc = unsafe { libc::connect(s.as_raw_fd(), (&raw const ss).cast(), len) };
+        let dt = t0.elapsed();
+        if rc < 0 {
+            return Err(format!("connect: {}", errno_name(last_err())));
+        }
+        if i >= warmup {
+            samples.push(dt.as_nanos() as u64);
+        }
+    }
+    Ok(percentiles(samples))
+}
+
 /// Times `connect()` alone (socket creation and close are outside the clock). Client sockets
 /// close with RST (linger 0) so no TIME_WAIT piles up; a thread drains the accept queue.
 fn bench_connect(addr: SocketAddr, n: usize, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
@@ -242,9 +271,7 @@ fn bench_connect(addr: SocketAddr, n: usize, keep: &mut Vec<OwnedFd>) -> Result<
             samples.push(dt.as_nanos() as u64);
         }
     }
-    samples.sort_unstable();
-    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    Ok(format!("p50={} p99={}", at(0.50), at(0.99)))
+    Ok(percentiles(samples))
 }
 
 fn set_lo_up() -> Result<(), i32> {
@@ -328,6 +355,10 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 proto,
                 (base.port()..=hi).map(|p| SocketAddr::new(base.ip(), p)),
             )
+        }
+        ["bench-udp", ip, port, n] => {
+            let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
+            bench_udp(sa(ip, port)?, n)?
         }
         ["bench-connect", ip, port, n] => {
             let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
