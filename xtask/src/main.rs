@@ -57,6 +57,9 @@ fn main() -> Result<()> {
             require_root("the kernel tests load eBPF programs and create cgroups")?;
             // Unit tests and integration tests of every default member; the tests crate builds
             // its helper binaries (aw-probe, aw-loader) first.
+            // The tests crate drives the real `agentwall` binary, which `cargo test` alone does
+            // not build for another package's tests.
+            run(cargo(&root).args(["build", "--bins"]))?;
             run_tests(cargo(&root).args(["test", "--no-fail-fast"]))
         }
         Task::Bench { which, iterations } => {

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod down;
+mod policy;
 
 #[derive(Parser)]
 #[command(
@@ -19,6 +20,9 @@ struct Cli {
 enum Command {
     /// Detach the datapath and remove every pin: enforcement ends.
     Down(down::Args),
+    /// Policy as code: check and test policy directories.
+    #[command(subcommand)]
+    Policy(policy::Command),
 }
 
 pub fn main() -> ExitCode {
@@ -32,6 +36,7 @@ pub fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Down(args) => down::run(args),
+        Command::Policy(cmd) => return policy::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -111,7 +111,12 @@ pub fn evaluate_flow(
                 .max();
             match deny_len {
                 Some(d) if len < d => (Reason::GlobalDeny, id),
-                _ => return Decision::allow(),
+                _ => {
+                    return Decision {
+                        rule_id: id,
+                        ..Decision::allow()
+                    };
+                }
             }
         }
     };
@@ -195,7 +200,7 @@ mod tests {
             rule(2, "10.1.0.0/16", &["80"]),
         ];
         assert_eq!(eval(&rules, &[], "10.1.2.3", 443).verdict, Verdict::Allow);
-        assert_eq!(eval(&rules, &[], "10.1.2.3", 80).rule_id, 0);
+        assert_eq!(eval(&rules, &[], "10.1.2.3", 80).rule_id, 2);
         assert_eq!(
             eval(&rules, &[], "10.2.2.3", 80).reason,
             Some(Reason::NoRule)

@@ -3,7 +3,10 @@
 
 pub mod compile;
 pub mod eval;
+pub mod lint;
 pub mod model;
+pub mod scenario;
+pub mod source;
 
 pub use compile::{CompileError, CompiledTrie, compile_rules};
 pub use eval::{Decision, Subject, Verdict, evaluate_flow, evaluate_socket};

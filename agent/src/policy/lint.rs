@@ -1,0 +1,193 @@
+//! `agentwall policy check` warnings: rules wider than anyone asked for, duplicated and
+//! shadowed rules, archetypes nobody uses, rules already expired. Warnings never block a policy.
+
+use std::fmt;
+
+use ipnet::IpNet;
+
+use super::{
+    model::{Net, PortRange, Protocol},
+    source::{EffectiveRule, Origin, PolicySet},
+};
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Warning {
+    /// The document the warning is about.
+    pub origin: Origin,
+    /// The rule's position in the document's `egress`, when it is about a rule.
+    pub index: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: warning: ", self.origin)?;
+        if let Some(i) = self.index {
+            write!(f, "egress[{i}]: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+fn ports_cover(a: &[PortRange], b: &[PortRange]) -> bool {
+    if a.is_empty() {
+        return true;
+    }
+    if b.is_empty() {
+        return false;
+    }
+    b.iter()
+        .all(|r| a.iter().any(|o| o.lo <= r.lo && r.hi <= o.hi))
+}
+
+fn proto_covers(a: Protocol, b: Protocol) -> bool {
+    a.mask() & b.mask() == b.mask()
+}
+
+fn nets_cover(a: &[IpNet], b: &[IpNet]) -> bool {
+    b.iter().all(|n| {
+        let n = Net::from(*n);
+        a.iter()
+            .map(|o| Net::from(*o))
+            .any(|o| o.is_v4() == n.is_v4() && o.contains(&n))
+    })
+}
+
+/// Whether `a` allows everything `b` allows, for at least as long.
+fn covers(a: &EffectiveRule, b: &EffectiveRule) -> bool {
+    let lasts = match (a.rule.expires, b.rule.expires) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(x), Some(y)) => x >= y,
+    };
+    lasts
+        && proto_covers(a.rule.protocol, b.rule.protocol)
+        && ports_cover(&a.rule.ports, &b.rule.ports)
+        && nets_cover(&a.rule.to, &b.rule.to)
+}
+
+pub fn lint(set: &PolicySet) -> Vec<Warning> {
+    let mut out = Vec::new();
+    let now = time::OffsetDateTime::now_utc();
+    let mut seen_sources = std::collections::BTreeSet::new();
+    for agent in &set.agents {
+        let rules = set.effective_rules(agent);
+        for (i, r) in rules.iter().enumerate() {
+            let warn = |message: String| Warning {
+                origin: r.source.origin.clone(),
+                index: Some(r.source.index),
+                message,
+            };
+            // Archetype rules are reported once, not once per agent that extends them.
+            let first_time = seen_sources.insert(r.source.place());
+            if first_time {
+                for net in &r.rule.to {
+                    if net.prefix_len() == 0 {
+                        let family = if matches!(net, IpNet::V4(_)) {
+                            "IPv4"
+                        } else {
+                            "IPv6"
+                        };
+                        out.push(warn(format!("rule allows every {family} address ({net})")));
+                    }
+                }
+                if r.rule.ports.is_empty() {
+                    out.push(warn("rule allows every port (no `ports`)".into()));
+                }
+                if let Some(t) = r.source.expires.filter(|t| *t <= now) {
+                    out.push(warn(format!("rule expired at {t}; it allows nothing")));
+                }
+            }
+            let same = |o: &EffectiveRule| {
+                r.rule.to == o.rule.to
+                    && r.rule.ports == o.rule.ports
+                    && r.rule.protocol == o.rule.protocol
+                    && r.rule.expires == o.rule.expires
+            };
+            if let Some(first) = rules[..i].iter().find(|o| same(o)) {
+                out.push(warn(format!(
+                    "duplicates {} (in the rules of {:?})",
+                    first.source.place(),
+                    agent.name
+                )));
+            } else if let Some(wider) = rules
+                .iter()
+                .enumerate()
+                .find(|&(j, o)| j != i && !same(o) && covers(o, r))
+                .map(|(_, o)| o)
+            {
+                out.push(warn(format!(
+                    "shadowed by {} (in the rules of {:?}): it allows nothing more",
+                    wider.source.place(),
+                    agent.name
+                )));
+            }
+        }
+    }
+    for a in set.unused_archetypes() {
+        out.push(Warning {
+            origin: a.origin.clone(),
+            index: None,
+            message: format!("Archetype {:?} is not extended by any AgentPolicy", a.name),
+        });
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::policy::source::parse_sources;
+
+    #[test]
+    fn warns_about_wide_duplicate_shadowed_expired_and_unused() {
+        let text = "\
+kind: Archetype
+name: web
+egress:
+  - to: [192.0.2.0/24]
+    ports: [443]
+    protocol: tcp
+---
+kind: Archetype
+name: unused
+egress:
+  - to: [203.0.113.0/24]
+    ports: [1]
+---
+kind: AgentPolicy
+name: bot
+identity: spiffe://example.org/bot
+extends: [web]
+egress:
+  - to: [192.0.2.10]
+    ports: [443]
+    protocol: tcp
+  - to: [\"::/0\"]
+  - to: [198.51.100.0/24]
+    ports: [80]
+  - to: [198.51.100.0/24]
+    ports: [80]
+  - to: [198.51.100.7]
+    ports: [81]
+    expires: 2001-01-01T00:00:00Z
+";
+        let set = parse_sources(&[(PathBuf::from("p.yaml"), text.into())]).unwrap();
+        let got: Vec<String> = lint(&set).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            [
+                "p.yaml:8: warning: Archetype \"unused\" is not extended by any AgentPolicy",
+                "p.yaml:14: warning: egress[0]: shadowed by p.yaml:1 egress[0] (in the rules of \"bot\"): it allows nothing more",
+                "p.yaml:14: warning: egress[1]: rule allows every IPv6 address (::/0)",
+                "p.yaml:14: warning: egress[1]: rule allows every port (no `ports`)",
+                "p.yaml:14: warning: egress[3]: duplicates p.yaml:14 egress[2] (in the rules of \"bot\")",
+                "p.yaml:14: warning: egress[4]: rule expired at 2001-01-01 0:00:00.0 +00:00:00; it allows nothing",
+            ]
+        );
+    }
+}

@@ -1,0 +1,910 @@
+//! Policy as code: YAML documents in a directory, validated into the rule model.
+//!
+//! Every error names file, line and column and the offending value. Values are checked while
+//! they are deserialized (ports, CIDRs, protocols, times), so the YAML parser's own location
+//! points at the value; checks across documents (names, `extends`, identities) point at the
+//! document. A directory with any error yields no policy at all: nothing is half-applied.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, de};
+use sha2::{Digest, Sha256};
+
+use super::model::{Mode, PortRange, Protocol, Rule};
+use crate::clock::BootInstant;
+
+/// One problem, with where it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Line 0: the file as a whole (it could not be read).
+        if self.line == 0 {
+            return write!(f, "{}: {}", self.file.display(), self.message);
+        }
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
+    }
+}
+
+/// Every error found in a policy directory (parsing goes on past the first).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct PolicyErrors(pub Vec<PolicyError>);
+
+impl fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a document or rule came from, for errors and decision records.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// A rule destination: an address or CIDR. Names are recognised so the error can say that
+/// FQDN rules are not supported yet rather than that the value is malformed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Dest(IpNet);
+
+impl<'de> Deserialize<'de> for Dest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_dest(&s).map(Dest).map_err(de::Error::custom)
+    }
+}
+
+fn parse_dest(s: &str) -> Result<IpNet, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    match s.parse::<IpNet>() {
+        Ok(net) if net.trunc() == net => Ok(net),
+        Ok(net) => Err(format!(
+            "{s:?} has host bits set; the network is {}",
+            net.trunc()
+        )),
+        Err(_) if looks_like_name(s) => Err(format!(
+            "{s:?}: FQDN rules are not yet supported; use addresses or CIDRs"
+        )),
+        Err(_) => Err(format!(
+            "{s:?} is not an IP address or CIDR (e.g. 192.0.2.0/24, 2001:db8::/32)"
+        )),
+    }
+}
+
+fn looks_like_name(s: &str) -> bool {
+    let s = s
+        .strip_prefix("**.")
+        .or_else(|| s.strip_prefix("*."))
+        .unwrap_or(s);
+    s.contains('.')
+        && s.split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        && s.bytes().any(|b| b.is_ascii_alphabetic())
+}
+
+macro_rules! deserialize_from_str {
+    ($ty:ident, $inner:ty) => {
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        struct $ty($inner);
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = StringOrNumber::deserialize(d)?.0;
+                <$inner>::from_str(&s).map($ty).map_err(de::Error::custom)
+            }
+        }
+    };
+}
+
+/// Ports may be written as numbers or strings.
+struct StringOrNumber(String);
+
+impl<'de> Deserialize<'de> for StringOrNumber {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = StringOrNumber;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or a number")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(StringOrNumber(v.to_owned()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(StringOrNumber(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(StringOrNumber(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+deserialize_from_str!(PortSpec, PortRange);
+deserialize_from_str!(ProtocolSpec, Protocol);
+deserialize_from_str!(ModeSpec, Mode);
+
+/// An RFC 3339 time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Expires(time::OffsetDateTime);
+
+impl<'de> Deserialize<'de> for Expires {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339)
+            .map(Expires)
+            .map_err(|e| {
+                de::Error::custom(format!(
+                    "expires {s:?} is not an RFC 3339 time (e.g. 2026-12-31T18:00:00Z): {e}"
+                ))
+            })
+    }
+}
+
+/// Accepted by the parser so the error can be specific.
+struct Schedule;
+
+impl<'de> Deserialize<'de> for Schedule {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Err(de::Error::custom(format!(
+            "schedule {s:?}: schedules are not yet supported; use expires"
+        )))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    to: Vec<Dest>,
+    #[serde(default)]
+    ports: Vec<PortSpec>,
+    #[serde(default)]
+    protocol: Option<ProtocolSpec>,
+    #[serde(default)]
+    expires: Option<Expires>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    schedule: Option<Schedule>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgentPolicy {
+    #[allow(dead_code)]
+    kind: String,
+    name: String,
+    identity: String,
+    #[serde(default)]
+    mode: Option<ModeSpec>,
+    #[serde(default)]
+    extends: Vec<String>,
+    #[serde(default)]
+    egress: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawArchetype {
+    #[allow(dead_code)]
+    kind: String,
+    name: String,
+    #[serde(default)]
+    extends: Vec<String>,
+    #[serde(default)]
+    egress: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGlobalDeny {
+    #[allow(dead_code)]
+    kind: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    name: Option<String>,
+    to: Vec<Dest>,
+}
+
+#[derive(Deserialize)]
+struct KindOnly {
+    kind: Option<String>,
+}
+
+/// A rule as written, with where it was written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleSource {
+    pub to: Vec<IpNet>,
+    /// Empty means any port.
+    pub ports: Vec<PortRange>,
+    pub protocol: Protocol,
+    pub expires: Option<time::OffsetDateTime>,
+    pub reason: Option<String>,
+    /// The document the rule is in, and its position in that document's `egress`.
+    pub origin: Origin,
+    pub index: usize,
+}
+
+impl RuleSource {
+    /// "file:line egress[i]", for messages.
+    pub fn place(&self) -> String {
+        format!("{} egress[{}]", self.origin, self.index)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Archetype {
+    pub name: String,
+    pub extends: Vec<String>,
+    pub egress: Vec<RuleSource>,
+    pub origin: Origin,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentPolicy {
+    pub name: String,
+    pub identity: String,
+    pub mode: Mode,
+    pub extends: Vec<String>,
+    pub egress: Vec<RuleSource>,
+    pub origin: Origin,
+}
+
+/// A validated policy directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicySet {
+    /// Content hash of every file (name and bytes): carried by every decision record.
+    pub revision: String,
+    pub agents: Vec<AgentPolicy>,
+    pub archetypes: BTreeMap<String, Archetype>,
+    /// From `GlobalDeny` documents; when there is none, the built-in default applies.
+    pub global_deny: Option<Vec<IpNet>>,
+}
+
+fn err_at(file: &Path, line: usize, column: usize, message: impl Into<String>) -> PolicyError {
+    PolicyError {
+        file: file.to_owned(),
+        line,
+        column,
+        message: message.into(),
+    }
+}
+
+/// Splits a YAML stream into documents at `---` lines; returns (first line, text) pairs.
+fn documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut start = 1;
+    let mut cur = String::new();
+    for (i, line) in text.lines().enumerate() {
+        if line == "---" || line.starts_with("--- ") {
+            docs.push((start, std::mem::take(&mut cur)));
+            start = i + 2;
+        } else {
+            cur.push_str(line);
+            cur.push('\n');
+        }
+    }
+    docs.push((start, cur));
+    docs.into_iter()
+        .filter(|(_, t)| {
+            t.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .collect()
+}
+
+fn yaml_err(file: &Path, doc: &str, first_line: usize, e: &serde_yaml_ng::Error) -> PolicyError {
+    // The library appends "at line X column Y" relative to the document; we give our own.
+    let msg = e.to_string();
+    let msg = match msg.find(" at line ") {
+        Some(i) => msg[..i].to_owned(),
+        None => msg,
+    };
+    let (line, col) = match e.location() {
+        Some(l) => refine(doc, l.line(), l.column(), &msg),
+        None => (1, 1),
+    };
+    err_at(file, first_line + line - 1, col, msg)
+}
+
+/// The parser places errors raised by our value checks at the enclosing collection; the
+/// message quotes the offending value (`"x"` or `` `x` ``), so look for it from there on.
+fn refine(doc: &str, line: usize, col: usize, msg: &str) -> (usize, usize) {
+    let quoted = ['"', '`'].iter().find_map(|&q| {
+        let start = msg.find(q)? + 1;
+        let len = msg[start..].find(q)?;
+        Some(&msg[start..start + len])
+    });
+    let Some(value) = quoted.filter(|v| !v.is_empty()) else {
+        return (line, col);
+    };
+    for (i, text) in doc.lines().enumerate().skip(line - 1) {
+        let from = if i == line - 1 {
+            col.saturating_sub(1).min(text.len())
+        } else {
+            0
+        };
+        if let Some(pos) = text.get(from..).and_then(|t| t.find(value)) {
+            let pos = from + pos;
+            // Point at the opening quote when the value is quoted in the file.
+            let pos = if pos > 0 && matches!(&text[pos - 1..pos], "\"" | "'") {
+                pos - 1
+            } else {
+                pos
+            };
+            return (i + 1, pos + 1);
+        }
+    }
+    (line, col)
+}
+
+fn rules(raw: Vec<RawRule>, origin: &Origin) -> Vec<RuleSource> {
+    raw.into_iter()
+        .enumerate()
+        .map(|(index, r)| RuleSource {
+            to: r.to.into_iter().map(|d| d.0).collect(),
+            ports: r.ports.into_iter().map(|p| p.0).collect(),
+            protocol: r.protocol.map_or(Protocol::Any, |p| p.0),
+            expires: r.expires.map(|e| e.0),
+            reason: r.reason,
+            origin: origin.clone(),
+            index,
+        })
+        .collect()
+}
+
+fn valid_spiffe_id(s: &str) -> Result<(), String> {
+    let rest = s
+        .strip_prefix("spiffe://")
+        .ok_or_else(|| format!("identity {s:?} is not a SPIFFE ID (spiffe://trust-domain/path)"))?;
+    let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if domain.is_empty()
+        || !domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+    {
+        return Err(format!(
+            "identity {s:?}: the trust domain must be lowercase letters, digits, '-', '.', '_'"
+        ));
+    }
+    if path.is_empty()
+        || path
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return Err(format!(
+            "identity {s:?}: the path must be non-empty segments (spiffe://{domain}/agent/name)"
+        ));
+    }
+    Ok(())
+}
+
+/// Reads and validates every `*.yaml` / `*.yml` file in `dir`.
+pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyErrors> {
+    let io = |e: std::io::Error| PolicyErrors(vec![err_at(dir, 0, 0, e.to_string())]);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("yaml") | Some("yml")
+                )
+        })
+        .collect();
+    files.sort();
+    let mut sources = Vec::with_capacity(files.len());
+    for f in files {
+        let text = std::fs::read_to_string(&f)
+            .map_err(|e| PolicyErrors(vec![err_at(&f, 0, 0, e.to_string())]))?;
+        sources.push((f, text));
+    }
+    parse_sources(&sources)
+}
+
+/// Validates policy given as (file name, text) pairs; `load_dir` reads them from disk.
+pub fn parse_sources(sources: &[(PathBuf, String)]) -> Result<PolicySet, PolicyErrors> {
+    let mut errors = Vec::new();
+    let mut hash = Sha256::new();
+    let mut agents: Vec<AgentPolicy> = Vec::new();
+    let mut archetypes: BTreeMap<String, Archetype> = BTreeMap::new();
+    let mut global_deny: Option<Vec<IpNet>> = None;
+    for (file, text) in sources {
+        let name = file
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        hash.update((name.len() as u64).to_le_bytes());
+        hash.update(name.as_bytes());
+        hash.update((text.len() as u64).to_le_bytes());
+        hash.update(text.as_bytes());
+        for (first, doc) in documents(text) {
+            let origin = Origin {
+                file: file.clone(),
+                line: first,
+            };
+            let kind = match serde_yaml_ng::from_str::<KindOnly>(&doc) {
+                Ok(k) => k.kind,
+                Err(e) => {
+                    errors.push(yaml_err(file, &doc, first, &e));
+                    continue;
+                }
+            };
+            match kind.as_deref() {
+                Some("AgentPolicy") => match serde_yaml_ng::from_str::<RawAgentPolicy>(&doc) {
+                    Ok(raw) => {
+                        if let Err(m) = valid_spiffe_id(&raw.identity) {
+                            errors.push(err_at(file, first, 1, m));
+                            continue;
+                        }
+                        if let Some(prev) = agents.iter().find(|a| a.name == raw.name) {
+                            errors.push(err_at(
+                                file,
+                                first,
+                                1,
+                                format!(
+                                    "AgentPolicy {:?} is defined twice (first at {})",
+                                    raw.name, prev.origin
+                                ),
+                            ));
+                            continue;
+                        }
+                        if let Some(prev) = agents.iter().find(|a| a.identity == raw.identity) {
+                            errors.push(err_at(file, first, 1, format!(
+                                "identity {} already has AgentPolicy {:?} (at {}); one policy per identity",
+                                raw.identity, prev.name, prev.origin
+                            )));
+                            continue;
+                        }
+                        agents.push(AgentPolicy {
+                            name: raw.name,
+                            identity: raw.identity,
+                            mode: raw.mode.map_or(Mode::Enforce, |m| m.0),
+                            extends: raw.extends,
+                            egress: rules(raw.egress, &origin),
+                            origin,
+                        });
+                    }
+                    Err(e) => errors.push(yaml_err(file, &doc, first, &e)),
+                },
+                Some("Archetype") => match serde_yaml_ng::from_str::<RawArchetype>(&doc) {
+                    Ok(raw) => {
+                        if let Some(prev) = archetypes.get(&raw.name) {
+                            errors.push(err_at(
+                                file,
+                                first,
+                                1,
+                                format!(
+                                    "Archetype {:?} is defined twice (first at {})",
+                                    raw.name, prev.origin
+                                ),
+                            ));
+                            continue;
+                        }
+                        archetypes.insert(
+                            raw.name.clone(),
+                            Archetype {
+                                name: raw.name,
+                                extends: raw.extends,
+                                egress: rules(raw.egress, &origin),
+                                origin,
+                            },
+                        );
+                    }
+                    Err(e) => errors.push(yaml_err(file, &doc, first, &e)),
+                },
+                Some("GlobalDeny") => match serde_yaml_ng::from_str::<RawGlobalDeny>(&doc) {
+                    Ok(raw) => global_deny
+                        .get_or_insert_with(Vec::new)
+                        .extend(raw.to.into_iter().map(|d| d.0)),
+                    Err(e) => errors.push(yaml_err(file, &doc, first, &e)),
+                },
+                Some(other) => errors.push(err_at(
+                    file,
+                    first,
+                    1,
+                    format!(
+                        "unknown kind {other:?}: expected AgentPolicy, Archetype or GlobalDeny"
+                    ),
+                )),
+                None => errors.push(err_at(file, first, 1, "document has no `kind`")),
+            }
+        }
+    }
+    // Cross-document checks: every `extends` names an archetype, and there are no cycles.
+    let extends_of = |name: &str| archetypes.get(name).map(|a| a.extends.as_slice());
+    for (who, origin, extends) in agents
+        .iter()
+        .map(|a| (format!("AgentPolicy {:?}", a.name), &a.origin, &a.extends))
+        .chain(
+            archetypes
+                .values()
+                .map(|a| (format!("Archetype {:?}", a.name), &a.origin, &a.extends)),
+        )
+    {
+        for e in extends {
+            if !archetypes.contains_key(e) {
+                errors.push(err_at(
+                    &origin.file,
+                    origin.line,
+                    1,
+                    format!("{who} extends {e:?}, which is not an Archetype"),
+                ));
+            }
+        }
+    }
+    for name in archetypes.keys() {
+        if let Some(cycle) = find_cycle(name, &extends_of) {
+            let a = &archetypes[name];
+            if cycle.first() == Some(&name.as_str()) {
+                errors.push(err_at(
+                    &a.origin.file,
+                    a.origin.line,
+                    1,
+                    format!("Archetype {name:?} extends itself: {}", cycle.join(" -> ")),
+                ));
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(PolicyErrors(errors));
+    }
+    Ok(PolicySet {
+        revision: hash
+            .finalize()
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        agents,
+        archetypes,
+        global_deny,
+    })
+}
+
+/// A path from `start` back to itself through `extends`, if there is one.
+fn find_cycle<'a>(
+    start: &'a str,
+    extends_of: &dyn Fn(&str) -> Option<&'a [String]>,
+) -> Option<Vec<&'a str>> {
+    fn walk<'a>(
+        at: &'a str,
+        start: &'a str,
+        path: &mut Vec<&'a str>,
+        seen: &mut BTreeSet<&'a str>,
+        extends_of: &dyn Fn(&str) -> Option<&'a [String]>,
+    ) -> bool {
+        for next in extends_of(at).unwrap_or(&[]) {
+            if next == start {
+                path.push(next);
+                return true;
+            }
+            if seen.insert(next) {
+                path.push(next);
+                if walk(next, start, path, seen, extends_of) {
+                    return true;
+                }
+                path.pop();
+            }
+        }
+        false
+    }
+    let mut path = vec![start];
+    let mut seen = BTreeSet::new();
+    walk(start, start, &mut path, &mut seen, extends_of).then_some(path)
+}
+
+/// One rule of an identity's effective set, and where it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EffectiveRule {
+    pub rule: Rule,
+    /// "AgentPolicy x" or "Archetype y".
+    pub from: String,
+    pub source: RuleSource,
+}
+
+impl PolicySet {
+    pub fn agent(&self, identity: &str) -> Option<&AgentPolicy> {
+        self.agents.iter().find(|a| a.identity == identity)
+    }
+
+    /// The global deny list in force: the documents' entries, or the built-in default.
+    pub fn global_deny(&self) -> Vec<IpNet> {
+        self.global_deny.clone().unwrap_or_else(|| {
+            crate::datapath::DEFAULT_GLOBAL_DENY
+                .iter()
+                .map(|s| s.parse().expect("valid default"))
+                .collect()
+        })
+    }
+
+    /// An agent's rules with archetypes layered in (each archetype once, depth first, in
+    /// `extends` order, before the agent's own rules). Rule ids count from 1 in that order.
+    pub fn effective_rules(&self, agent: &AgentPolicy) -> Vec<EffectiveRule> {
+        let mut out: Vec<EffectiveRule> = Vec::new();
+        let mut seen = BTreeSet::new();
+        fn layer<'a>(
+            set: &'a PolicySet,
+            extends: &'a [String],
+            seen: &mut BTreeSet<&'a str>,
+            out: &mut Vec<(String, &'a RuleSource)>,
+        ) {
+            for name in extends {
+                if !seen.insert(name.as_str()) {
+                    continue;
+                }
+                if let Some(a) = set.archetypes.get(name) {
+                    layer(set, &a.extends, seen, out);
+                    out.extend(a.egress.iter().map(|r| (format!("Archetype {name:?}"), r)));
+                }
+            }
+        }
+        let mut sources = Vec::new();
+        layer(self, &agent.extends, &mut seen, &mut sources);
+        sources.extend(
+            agent
+                .egress
+                .iter()
+                .map(|r| (format!("AgentPolicy {:?}", agent.name), r)),
+        );
+        for (i, (from, src)) in sources.into_iter().enumerate() {
+            out.push(EffectiveRule {
+                rule: Rule {
+                    id: i as u32 + 1,
+                    to: src.to.clone(),
+                    ports: src.ports.clone(),
+                    protocol: src.protocol,
+                    expires: src.expires.map(|t| BootInstant::from_system_time(t.into())),
+                },
+                from,
+                source: src.clone(),
+            });
+        }
+        out
+    }
+
+    /// Archetypes no AgentPolicy reaches, directly or through other archetypes.
+    pub fn unused_archetypes(&self) -> Vec<&Archetype> {
+        let mut used = BTreeSet::new();
+        let mut stack: Vec<&str> = self
+            .agents
+            .iter()
+            .flat_map(|a| a.extends.iter().map(String::as_str))
+            .collect();
+        while let Some(n) = stack.pop() {
+            if used.insert(n) {
+                if let Some(a) = self.archetypes.get(n) {
+                    stack.extend(a.extends.iter().map(String::as_str));
+                }
+            }
+        }
+        self.archetypes
+            .values()
+            .filter(|a| !used.contains(a.name.as_str()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(files: &[(&str, &str)]) -> Result<PolicySet, PolicyErrors> {
+        let sources: Vec<(PathBuf, String)> = files
+            .iter()
+            .map(|(n, t)| (PathBuf::from(n), (*t).to_owned()))
+            .collect();
+        parse_sources(&sources)
+    }
+
+    fn errors(files: &[(&str, &str)]) -> Vec<String> {
+        parse(files)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    const GOOD: &str = "\
+kind: Archetype
+name: web
+egress:
+  - to: [0.0.0.0/0]
+    ports: [443]
+    protocol: tcp
+---
+kind: AgentPolicy
+name: support-bot
+identity: spiffe://example.org/agent/support
+mode: audit
+extends: [web]
+egress:
+  - to: [192.0.2.10, 2001:db8::/32]
+    ports: [\"8000-8100\", 53]
+    protocol: udp
+    expires: 2099-01-01T00:00:00Z
+    reason: ticket 42
+";
+
+    #[test]
+    fn layers_archetypes_before_own_rules() {
+        let set = parse(&[("a.yaml", GOOD)]).unwrap();
+        let agent = set.agent("spiffe://example.org/agent/support").unwrap();
+        assert_eq!(agent.mode, Mode::Audit);
+        assert_eq!(agent.origin.line, 8);
+        let rules = set.effective_rules(agent);
+        assert_eq!(rules.len(), 2);
+        assert_eq!(
+            (rules[0].rule.id, rules[0].from.as_str()),
+            (1, "Archetype \"web\"")
+        );
+        assert_eq!(rules[1].rule.to[0].to_string(), "192.0.2.10/32");
+        assert_eq!(
+            rules[1].rule.ports,
+            vec![PortRange { lo: 8000, hi: 8100 }, PortRange::single(53)]
+        );
+        assert!(rules[1].rule.expires.is_some());
+        assert_eq!(
+            set.global_deny().len(),
+            2,
+            "built-in default when no GlobalDeny"
+        );
+        assert!(set.unused_archetypes().is_empty());
+    }
+
+    #[test]
+    fn revision_is_a_content_hash() {
+        let a = parse(&[("a.yaml", GOOD)]).unwrap().revision;
+        assert_eq!(a, parse(&[("a.yaml", GOOD)]).unwrap().revision);
+        assert_ne!(
+            a,
+            parse(&[("a.yaml", &GOOD.replace("42", "43"))])
+                .unwrap()
+                .revision
+        );
+        assert_eq!(a.len(), 16);
+    }
+
+    #[test]
+    fn bad_values_are_reported_where_they_are() {
+        let bad = GOOD.replace(
+            "ports: [\"8000-8100\", 53]",
+            "ports: [\"8000-8100\", 99999]",
+        );
+        assert_eq!(
+            errors(&[("a.yaml", &bad)]),
+            [
+                "a.yaml:15:26: egress[0].ports: invalid port \"99999\": expected a number 1-65535 or a range like \"8000-8100\""
+            ]
+        );
+        let bad = GOOD.replace("protocol: udp", "protocol: icmp");
+        assert_eq!(
+            errors(&[("a.yaml", &bad)]),
+            ["a.yaml:16:15: egress[0]: invalid protocol \"icmp\": expected tcp, udp or any"]
+        );
+        let bad = GOOD.replace("2001:db8::/32", "api.example.com");
+        assert_eq!(
+            errors(&[("a.yaml", &bad)]),
+            [
+                "a.yaml:14:22: egress[0].to: \"api.example.com\": FQDN rules are not yet supported; use addresses or CIDRs"
+            ]
+        );
+        let bad = GOOD.replace("192.0.2.10,", "192.0.2.10/24,");
+        assert_eq!(
+            errors(&[("a.yaml", &bad)]),
+            [
+                "a.yaml:14:10: egress[0].to: \"192.0.2.10/24\" has host bits set; the network is 192.0.2.0/24"
+            ]
+        );
+        let bad = GOOD.replace("    reason: ticket 42", "    reasons: ticket 42");
+        let e = errors(&[("a.yaml", &bad)]);
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].starts_with("a.yaml:18:5: egress[0]: unknown field `reasons`, expected one of"),
+            "{e:?}"
+        );
+        let bad = GOOD.replace("2099-01-01T00:00:00Z", "next tuesday");
+        assert!(errors(&[("a.yaml", &bad)])[0].starts_with(
+            "a.yaml:17:14: egress[0]: expires \"next tuesday\" is not an RFC 3339 time"
+        ));
+    }
+
+    #[test]
+    fn cross_document_errors_name_the_document() {
+        let bad = GOOD.replace("extends: [web]", "extends: [web, mobile]");
+        assert_eq!(
+            errors(&[("a.yaml", &bad)]),
+            [
+                "a.yaml:8:1: AgentPolicy \"support-bot\" extends \"mobile\", which is not an Archetype"
+            ]
+        );
+        let cyc =
+            "kind: Archetype\nname: a\nextends: [b]\n---\nkind: Archetype\nname: b\nextends: [a]\n";
+        assert_eq!(
+            errors(&[("c.yaml", cyc)]),
+            [
+                "c.yaml:1:1: Archetype \"a\" extends itself: a -> b -> a",
+                "c.yaml:5:1: Archetype \"b\" extends itself: b -> a -> b"
+            ]
+        );
+        let twice = format!(
+            "{GOOD}---\n{}",
+            GOOD.split("---\n")
+                .nth(1)
+                .unwrap()
+                .replace("support-bot", "other")
+        );
+        assert_eq!(
+            errors(&[("a.yaml", &twice)]),
+            [
+                "a.yaml:20:1: identity spiffe://example.org/agent/support already has AgentPolicy \"support-bot\" (at a.yaml:8); one policy per identity"
+            ]
+        );
+        assert_eq!(
+            errors(&[("k.yaml", "kind: Agent\nname: x\n")]),
+            ["k.yaml:1:1: unknown kind \"Agent\": expected AgentPolicy, Archetype or GlobalDeny"]
+        );
+        let bad_id = GOOD.replace(
+            "spiffe://example.org/agent/support",
+            "https://example.org/x",
+        );
+        assert_eq!(
+            errors(&[("a.yaml", &bad_id)]),
+            [
+                "a.yaml:8:1: identity \"https://example.org/x\" is not a SPIFFE ID (spiffe://trust-domain/path)"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_error_in_every_file_is_reported() {
+        let e = errors(&[
+            (
+                "a.yaml",
+                "kind: AgentPolicy\nname: a\nidentity: spiffe://x.org/a\negress:\n  - to: [nope]\n",
+            ),
+            ("b.yaml", "kind: GlobalDeny\nto: [10.0.0.0/33]\n"),
+        ]);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].starts_with("a.yaml:5:"), "{e:?}");
+        assert!(e[1].starts_with("b.yaml:2:"), "{e:?}");
+    }
+}
