@@ -10,6 +10,7 @@ pub mod sys;
 
 use std::{
     fs, io,
+    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -20,10 +21,7 @@ use agent_common::{
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, ArrayOfMaps, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf,
-        lpm_trie::Key,
-    },
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr,
         links::{FdLink, PinnedLink},
@@ -73,6 +71,15 @@ pub enum DatapathError {
     Pin {
         path: PathBuf,
         source: aya::pin::PinError,
+    },
+    #[error(
+        "swapping rule tries: {source} after {applied} of {total} identities were swapped \
+         (those run the new rules, the rest the old)"
+    )]
+    Swap {
+        applied: usize,
+        total: usize,
+        source: io::Error,
     },
     #[error("eBPF map {name}: {source}")]
     Map {
@@ -163,7 +170,8 @@ pub struct Datapath {
     attach: Cgroup,
     bindings: HashMap<MapData, u64, Binding>,
     identities: Array<MapData, IdentityState>,
-    rules: ArrayOfMaps<MapData, LpmTrie<MapData, Addr, RuleSet>>,
+    /// The outer array of per-identity tries; written with batch updates (see `swap_tries`).
+    rules: MapData,
     config: Array<MapData, Config>,
     drops: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
@@ -215,8 +223,14 @@ impl Datapath {
             .map_err(map_err(c::MAP_BINDINGS))?;
         let identities = Array::try_from(take(&mut ebpf, c::MAP_IDENTITIES)?)
             .map_err(map_err(c::MAP_IDENTITIES))?;
-        let rules =
-            ArrayOfMaps::try_from(take(&mut ebpf, c::MAP_RULES)?).map_err(map_err(c::MAP_RULES))?;
+        let rules = match take(&mut ebpf, c::MAP_RULES)? {
+            aya::maps::Map::ArrayOfMaps(data) => data,
+            _ => {
+                return Err(map_err(c::MAP_RULES)(MapError::InvalidName {
+                    name: c::MAP_RULES.into(),
+                }));
+            }
+        };
         let config =
             Array::try_from(take(&mut ebpf, c::MAP_CONFIG)?).map_err(map_err(c::MAP_CONFIG))?;
         let drops = PerCpuArray::try_from(take(&mut ebpf, c::MAP_EVENT_DROPS)?)
@@ -366,22 +380,33 @@ impl Datapath {
     /// then swapped in with a single map update, so a connecting process sees the old rules or
     /// the new ones, never a mix. On any error the old rules stay.
     pub fn set_rules(&mut self, identity: u32, rules: &[Rule]) -> Result<usize, DatapathError> {
-        Self::check_identity(identity)?;
-        let compiled = compile_rules(rules, &self.global_deny)
-            .map_err(|source| DatapathError::Compile { identity, source })?;
-        let n = compiled.len();
-        self.swap_trie(
-            identity,
-            &compiled,
-            &format!("rules for identity {identity}"),
-        )?;
-        self.applied.insert(identity, rules.to_vec());
+        let n = self.set_rules_many(&[(identity, rules)])?;
         Ok(n)
     }
 
-    /// Replaces the global deny list. It lives inside every identity's trie, so each one is
-    /// recompiled and swapped (each swap atomic); all are compiled before any is swapped, so a
-    /// list that cannot be compiled changes nothing.
+    /// Replaces the rules of several identities: every trie is compiled and filled first, then
+    /// all are swapped in by one batch update (each identity's swap is atomic, and the kernel
+    /// waits for one RCU grace period for the lot instead of one per identity). Returns the
+    /// number of trie entries written. A compile or fill error changes nothing.
+    pub fn set_rules_many(&mut self, sets: &[(u32, &[Rule])]) -> Result<usize, DatapathError> {
+        let mut compiled = Vec::with_capacity(sets.len());
+        for &(identity, rules) in sets {
+            Self::check_identity(identity)?;
+            let t = compile_rules(rules, &self.global_deny)
+                .map_err(|source| DatapathError::Compile { identity, source })?;
+            compiled.push((identity, t));
+        }
+        let n = compiled.iter().map(|(_, t)| t.len()).sum();
+        self.swap_tries(&compiled)?;
+        for &(identity, rules) in sets {
+            self.applied.insert(identity, rules.to_vec());
+        }
+        Ok(n)
+    }
+
+    /// Replaces the global deny list. It lives inside every identity's trie, so every trie is
+    /// recompiled and all are swapped in one batch; a list that cannot be compiled changes
+    /// nothing.
     pub fn set_global_deny(&mut self, nets: &[IpNet]) -> Result<(), DatapathError> {
         let mut compiled = Vec::with_capacity(self.applied.len());
         for (&identity, rules) in &self.applied {
@@ -389,36 +414,51 @@ impl Datapath {
                 .map_err(|source| DatapathError::Compile { identity, source })?;
             compiled.push((identity, t));
         }
-        for (identity, t) in &compiled {
-            self.swap_trie(
-                *identity,
-                t,
-                &format!("global deny list for identity {identity}"),
-            )?;
-        }
+        self.swap_tries(&compiled)?;
         self.global_deny = nets.to_vec();
         Ok(())
     }
 
-    fn swap_trie(
-        &mut self,
-        slot: u32,
-        compiled: &CompiledTrie,
-        what: &str,
-    ) -> Result<(), DatapathError> {
-        let apply = |source: MapError| DatapathError::Apply {
-            what: what.to_owned(),
-            source: Box::new(source),
-        };
-        let capacity = u32::try_from(compiled.len().max(1)).unwrap_or(u32::MAX);
-        let mut trie: LpmTrie<MapData, Addr, RuleSet> =
-            LpmTrie::create(capacity, BPF_F_NO_PREALLOC).map_err(apply)?;
-        for (net, set) in &compiled.entries {
-            trie.insert(&Key::new(u32::from(net.len), net.addr), set, 0)
-                .map_err(apply)?;
+    fn swap_tries(&mut self, compiled: &[(u32, CompiledTrie)]) -> Result<(), DatapathError> {
+        let mut tries = Vec::with_capacity(compiled.len());
+        for (identity, t) in compiled {
+            let apply = |source: MapError| DatapathError::Apply {
+                what: format!("rules for identity {identity}"),
+                source: Box::new(source),
+            };
+            let capacity = u32::try_from(t.len().max(1)).unwrap_or(u32::MAX);
+            let def = aya_obj::Map::new_from_params(
+                aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_LPM_TRIE as u32,
+                std::mem::size_of::<Key<Addr>>() as u32,
+                std::mem::size_of::<RuleSet>() as u32,
+                capacity,
+                BPF_F_NO_PREALLOC,
+            );
+            let mut map =
+                aya::maps::Map::LpmTrie(MapData::create(def, "aw_rules", None).map_err(apply)?);
+            let mut trie: LpmTrie<&mut MapData, Addr, RuleSet> =
+                (&mut map).try_into().map_err(apply)?;
+            for (net, set) in &t.entries {
+                trie.insert(&Key::new(u32::from(net.len), net.addr), set, 0)
+                    .map_err(apply)?;
+            }
+            tries.push(map);
         }
-        self.rules.set(slot, &trie, 0).map_err(apply)?;
-        Ok(())
+        let keys: Vec<u32> = compiled.iter().map(|(id, _)| *id).collect();
+        let fds: Vec<u32> = tries
+            .iter()
+            .map(|m| match m {
+                aya::maps::Map::LpmTrie(d) => d.fd().as_fd().as_raw_fd() as u32,
+                _ => unreachable!("built as LpmTrie above"),
+            })
+            .collect();
+        sys::map_update_batch(self.rules.fd().as_fd(), &keys, &fds).map_err(|(applied, e)| {
+            DatapathError::Swap {
+                applied,
+                total: keys.len(),
+                source: e,
+            }
+        })
     }
 
     /// Records that could not be written to the ring buffer, summed over CPUs.

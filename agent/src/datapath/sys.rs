@@ -9,6 +9,7 @@ use std::{
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// Attach types the datapath uses (enum bpf_attach_type).
 pub const ATTACH_INET_SOCK_CREATE: u32 = 2;
@@ -97,6 +98,54 @@ pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
+    }
+    Ok(())
+}
+
+/// The BPF_MAP_*_BATCH member of union bpf_attr.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Updates many u32 → u32 entries in one call. For map-in-map outer maps the kernel waits for
+/// one RCU grace period per call rather than per element, which is what makes swapping many
+/// identities' tries at once fast. On failure, returns how many entries were applied.
+pub fn map_update_batch(
+    map: std::os::fd::BorrowedFd<'_>,
+    keys: &[u32],
+    values: &[u32],
+) -> Result<(), (usize, io::Error)> {
+    assert_eq!(keys.len(), values.len());
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: attr points at key and value arrays of `count` elements that outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err((attr.count as usize, io::Error::last_os_error()));
     }
     Ok(())
 }

@@ -116,10 +116,14 @@ fn main() {
         } else {
             total / identities as usize
         };
+        let sets: Vec<(u32, Vec<Rule>)> = (1..=identities)
+            .map(|id| (id, rules_for(id, per)))
+            .collect();
         for id in 1..=identities {
             dp.set_identity(id, view).unwrap();
-            dp.set_rules(id, &rules_for(id, per)).unwrap();
         }
+        let refs: Vec<(u32, &[Rule])> = sets.iter().map(|(id, r)| (*id, r.as_slice())).collect();
+        dp.set_rules_many(&refs).unwrap();
         let apply_ms = t0.elapsed().as_secs_f64() * 1e3;
         if identities > 0 && !bound {
             dp.bind(&governed, 1).unwrap();
