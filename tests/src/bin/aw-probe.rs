@@ -203,6 +203,28 @@ fn percentiles(mut samples: Vec<u64>) -> String {
     format!("p50={} p99={}", at(0.50), at(0.99))
 }
 
+/// One `connect()`, timed alone.
+fn timed_connect(
+    s: &OwnedFd,
+    ss: &libc::sockaddr_storage,
+    len: libc::socklen_t,
+) -> Result<u64, String> {
+    let t0 = std::time::Instant::now();
+    // SAFETY: valid fd and address.
+    let rc = unsafe {
+        libc::connect(
+            s.as_raw_fd(),
+            (ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    let dt = t0.elapsed();
+    if rc < 0 {
+        return Err(format!("connect: {}", errno_name(last_err())));
+    }
+    Ok(dt.as_nanos() as u64)
+}
+
 fn bench_udp(addr: SocketAddr, n: usize) -> Result<String, String> {
     let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
         .map_err(|e| format!("socket: {}", errno_name(e)))?;
@@ -210,15 +232,9 @@ fn bench_udp(addr: SocketAddr, n: usize) -> Result<String, String> {
     let warmup = n / 10;
     let mut samples = Vec::with_capacity(n);
     for i in 0..warmup + n {
-        let t0 = std::time::Instant::now();
-        // SAFETY: valid fd and address.
-        let rc = unsafe { libc::connect(s.as_raw_fd(), (&raw const ss).cast(), len) };
-        let dt = t0.elapsed();
-        if rc < 0 {
-            return Err(format!("connect: {}", errno_name(last_err())));
-        }
+        let ns = timed_connect(&s, &ss, len)?;
         if i >= warmup {
-            samples.push(dt.as_nanos() as u64);
+            samples.push(ns);
         }
     }
     Ok(percentiles(samples))
@@ -260,15 +276,9 @@ fn bench_connect(addr: SocketAddr, n: usize, keep: &mut Vec<OwnedFd>) -> Result<
                 mem::size_of::<libc::linger>() as u32,
             )
         };
-        let t0 = std::time::Instant::now();
-        // SAFETY: valid fd and address.
-        let rc = unsafe { libc::connect(s.as_raw_fd(), (&raw const ss).cast(), len) };
-        let dt = t0.elapsed();
-        if rc < 0 {
-            return Err(format!("connect: {}", errno_name(last_err())));
-        }
+        let ns = timed_connect(&s, &ss, len)?;
         if i >= warmup {
-            samples.push(dt.as_nanos() as u64);
+            samples.push(ns);
         }
     }
     Ok(percentiles(samples))
