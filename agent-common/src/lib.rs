@@ -99,6 +99,10 @@ pub const HOOK_SOCK_CREATE: u8 = 5;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Binding {
+    /// CLOCK_BOOTTIME deadline in ns after which this binding's certificate has expired and
+    /// the cgroup is denied everything; 0 = none. Per binding, because each launch presents
+    /// its own certificate.
+    pub not_after_ns: u64,
     pub identity: u32,
     /// Level of the bound cgroup under the cgroup2 root, kept so a restarted daemon can rebuild
     /// [`Config::bound_levels`] from the pinned map alone.
@@ -109,8 +113,6 @@ pub struct Binding {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IdentityState {
-    /// CLOCK_BOOTTIME deadline in ns after which the identity is expired; 0 = none.
-    pub not_after_ns: u64,
     pub state: u8,
     pub mode: u8,
     pub _pad: [u8; 6],
@@ -241,8 +243,8 @@ mod pod {
 }
 
 // Layout guards: the kernel and userspace must agree on these sizes byte for byte.
-const _: () = assert!(core::mem::size_of::<Binding>() == 8);
-const _: () = assert!(core::mem::size_of::<IdentityState>() == 16);
+const _: () = assert!(core::mem::size_of::<Binding>() == 16);
+const _: () = assert!(core::mem::size_of::<IdentityState>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<RuleSet>() == 8 + 24 * MAX_PORT_ENTRIES);

@@ -173,9 +173,10 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
         return ALLOW;
     }
     let leaf = unsafe { bpf_get_current_cgroup_id() };
-    let Some(identity) = find_binding(leaf) else {
+    let Some(binding) = find_binding(leaf) else {
         return ALLOW;
     };
+    let identity = binding.identity;
     let flow = Flow {
         addr: [0; 16],
         port: 0,
@@ -222,10 +223,10 @@ fn config() -> Option<Config> {
 /// The identity governing the current task: the binding of its own cgroup, else of its deepest
 /// bound ancestor. Only levels that userspace marked as holding a binding are looked up.
 #[inline(always)]
-fn find_binding(leaf: u64) -> Option<u32> {
+fn find_binding(leaf: u64) -> Option<Binding> {
     // SAFETY: read-only lookups of plain-old-data values.
     if let Some(b) = unsafe { AW_BINDINGS.get(leaf) } {
-        return Some(b.identity);
+        return Some(*b);
     }
     // Config is read only off the hot path: a process in a bound cgroup never needs it.
     let bound_levels = match config() {
@@ -244,7 +245,7 @@ fn find_binding(leaf: u64) -> Option<u32> {
                 break;
             }
             if let Some(b) = unsafe { AW_BINDINGS.get(anc) } {
-                found = Some(b.identity);
+                found = Some(*b);
             }
         }
         level += 1;
@@ -255,7 +256,7 @@ fn find_binding(leaf: u64) -> Option<u32> {
 #[inline(always)]
 fn judge(flow: &Flow) -> i32 {
     let leaf = unsafe { bpf_get_current_cgroup_id() };
-    let Some(identity) = find_binding(leaf) else {
+    let Some(binding) = find_binding(leaf) else {
         let unknown = match config() {
             Some(c) => c.unknown_flows,
             None => UNKNOWN_IGNORE,
@@ -274,9 +275,10 @@ fn judge(flow: &Flow) -> i32 {
             }
         };
     };
-    let (state, mode, not_after) = match AW_IDENTITIES.get(identity) {
-        Some(st) => (st.state, st.mode, st.not_after_ns),
-        None => (0, 0, 0),
+    let (identity, not_after) = (binding.identity, binding.not_after_ns);
+    let (state, mode) = match AW_IDENTITIES.get(identity) {
+        Some(st) => (st.state, st.mode),
+        None => (0, 0),
     };
     // Revoked, unset and expired identities are denied whatever the mode: audit mode is for
     // trying out a policy, not for keeping a dead identity alive.

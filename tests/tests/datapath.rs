@@ -87,10 +87,11 @@ fn verdict_table_matches_kernel_and_reference_evaluator() {
         rule(7, &["169.254.0.0/16"], &["443"], Protocol::Tcp),
         rule(8, &["127.0.0.1/32"], &["18080"], Protocol::Tcp),
     ];
-    dp.set_identity(1, active(Mode::Enforce)).unwrap();
+    dp.set_identity(1, IdentityStatus::Active, Mode::Enforce)
+        .unwrap();
     dp.set_rules(1, &rules).unwrap();
     let agent = env.cgroup("agent");
-    dp.bind(&agent, 1).unwrap();
+    dp.bind(&agent, 1, None).unwrap();
     let mut events = dp.take_events().unwrap();
     let mut probe = Probe::spawn(&agent);
 
@@ -241,11 +242,11 @@ fn audit_unbound_descendants_expiry_and_revocation() {
     let web = vec![rule(1, &["192.0.2.0/24"], &["443"], Protocol::Tcp)];
     let bound = |dp: &mut Datapath, id: u32, view: Option<IdentityView>, rules: &[Rule]| {
         if let Some(v) = view {
-            dp.set_identity(id, v).unwrap();
+            dp.set_identity(id, v.status, v.mode).unwrap();
         }
         dp.set_rules(id, rules).unwrap();
         let cg = env.cgroup(&format!("id{id}"));
-        dp.bind(&cg, id).unwrap();
+        dp.bind(&cg, id, view.and_then(|v| v.not_after)).unwrap();
         cg
     };
 
@@ -438,10 +439,11 @@ fn policy_swaps_are_atomic_for_connecting_processes() {
         rule(3, &["203.0.113.0/24"], &["53"], Protocol::Udp),
         rule(4, &["2001:db8::/32"], &["80"], Protocol::Tcp),
     ];
-    dp.set_identity(1, active(Mode::Enforce)).unwrap();
+    dp.set_identity(1, IdentityStatus::Active, Mode::Enforce)
+        .unwrap();
     dp.set_rules(1, &a).unwrap();
     let agent = env.cgroup("agent");
-    dp.bind(&agent, 1).unwrap();
+    dp.bind(&agent, 1, None).unwrap();
     let mut allowed = Probe::spawn(&agent);
     let mut denied = Probe::spawn(&agent);
     let n = 20_000;
@@ -463,10 +465,11 @@ fn policy_swaps_are_atomic_for_connecting_processes() {
 fn drop_counter_accounts_for_every_record_not_read() {
     let env = TestEnv::new("drops");
     let mut dp = Datapath::start(&env.config()).unwrap();
-    dp.set_identity(1, active(Mode::Enforce)).unwrap();
+    dp.set_identity(1, IdentityStatus::Active, Mode::Enforce)
+        .unwrap();
     dp.set_rules(1, &[]).unwrap();
     let agent = env.cgroup("agent");
-    dp.bind(&agent, 1).unwrap();
+    dp.bind(&agent, 1, None).unwrap();
     let mut p = Probe::spawn(&agent);
     // 4000 distinct denials (one per port) with nobody reading: more than the ring holds.
     let sent = 4000u64;
@@ -486,10 +489,11 @@ fn identical_denials_are_rate_limited_and_counted() {
     let mut cfg = env.config();
     cfg.rate_window = Duration::from_millis(100);
     let mut dp = Datapath::start(&cfg).unwrap();
-    dp.set_identity(1, active(Mode::Enforce)).unwrap();
+    dp.set_identity(1, IdentityStatus::Active, Mode::Enforce)
+        .unwrap();
     dp.set_rules(1, &[]).unwrap();
     let agent = env.cgroup("agent");
-    dp.bind(&agent, 1).unwrap();
+    dp.bind(&agent, 1, None).unwrap();
     let mut events = dp.take_events().unwrap();
     let mut p = Probe::spawn(&agent);
     assert_eq!(

@@ -153,9 +153,9 @@ fn kernel_agrees_with_reference_evaluator_on_random_policies() {
         mode: Mode::Enforce,
         not_after: None,
     };
-    dp.set_identity(1, view).unwrap();
+    dp.set_identity(1, view.status, view.mode).unwrap();
     let agent = env.cgroup("agent");
-    dp.bind(&agent, 1).unwrap();
+    dp.bind(&agent, 1, None).unwrap();
     let mut probe = Probe::spawn(&agent);
 
     let (policies, per_policy) = (20, 600);

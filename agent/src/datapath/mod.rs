@@ -34,10 +34,8 @@ pub use event::{EventKind, EventReader, EventRecord, Hook};
 
 use crate::{
     cgroup::{Cgroup, CgroupError},
-    policy::{
-        CompileError, CompiledTrie, IdentityStatus, IdentityView, Mode, Rule, UnknownFlows,
-        compile_rules,
-    },
+    clock::BootInstant,
+    policy::{CompileError, CompiledTrie, IdentityStatus, Mode, Rule, UnknownFlows, compile_rules},
 };
 
 /// The compiled eBPF object, built by build.rs from agent-ebpf.
@@ -301,15 +299,19 @@ impl Datapath {
 
     /// Sets what the kernel knows of an identity. Write the identity before binding cgroups to
     /// it; until then its cgroups are denied everything.
-    pub fn set_identity(&mut self, identity: u32, view: IdentityView) -> Result<(), DatapathError> {
+    pub fn set_identity(
+        &mut self,
+        identity: u32,
+        status: IdentityStatus,
+        mode: Mode,
+    ) -> Result<(), DatapathError> {
         Self::check_identity(identity)?;
         let state = IdentityState {
-            not_after_ns: view.not_after.map_or(0, |t| t.0.max(1)),
-            state: match view.status {
+            state: match status {
                 IdentityStatus::Active => c::IDENTITY_ACTIVE,
                 IdentityStatus::Revoked => c::IDENTITY_REVOKED,
             },
-            mode: match view.mode {
+            mode: match mode {
                 Mode::Enforce => c::MODE_ENFORCE,
                 Mode::Audit => c::MODE_AUDIT,
             },
@@ -320,8 +322,15 @@ impl Datapath {
             .map_err(map_err(c::MAP_IDENTITIES))
     }
 
-    /// Binds `cgroup` and every cgroup below it to `identity`. Bound cgroups are default-deny.
-    pub fn bind(&mut self, cgroup: &Cgroup, identity: u32) -> Result<(), DatapathError> {
+    /// Binds `cgroup` and every cgroup below it to `identity` until `not_after` (the
+    /// certificate's expiry; the kernel enforces it). Bound cgroups are default-deny. Binding an
+    /// already bound cgroup again replaces its identity and deadline (renewal).
+    pub fn bind(
+        &mut self,
+        cgroup: &Cgroup,
+        identity: u32,
+        not_after: Option<BootInstant>,
+    ) -> Result<(), DatapathError> {
         Self::check_identity(identity)?;
         if cgroup.level() >= c::MAX_CGROUP_LEVELS {
             return Err(DatapathError::TooDeep {
@@ -335,6 +344,7 @@ impl Datapath {
         conf.bound_levels |= 1 << cgroup.level();
         self.write_config(conf)?;
         let b = Binding {
+            not_after_ns: not_after.map_or(0, |t| t.0.max(1)),
             identity,
             level: cgroup.level(),
         };

@@ -120,13 +120,13 @@ fn main() {
             .map(|id| (id, rules_for(id, per)))
             .collect();
         for id in 1..=identities {
-            dp.set_identity(id, view).unwrap();
+            dp.set_identity(id, view.status, view.mode).unwrap();
         }
         let refs: Vec<(u32, &[Rule])> = sets.iter().map(|(id, r)| (*id, r.as_slice())).collect();
         dp.set_rules_many(&refs).unwrap();
         let apply_ms = t0.elapsed().as_secs_f64() * 1e3;
         if identities > 0 && !bound {
-            dp.bind(&governed, 1).unwrap();
+            dp.bind(&governed, 1, None).unwrap();
             bound = true;
         }
         let (mut b50, mut b99, mut g50, mut g99) = (vec![], vec![], vec![], vec![]);

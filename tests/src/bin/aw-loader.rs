@@ -6,7 +6,7 @@
 use agentwall::{
     cgroup::Cgroup,
     datapath::{Datapath, DatapathConfig},
-    policy::{IdentityStatus, IdentityView, Mode, Protocol, Rule},
+    policy::{IdentityStatus, Mode, Protocol, Rule},
 };
 
 fn main() {
@@ -15,15 +15,8 @@ fn main() {
         panic!("usage: aw-loader ATTACH_CGROUP BPFFS_DIR AGENT_CGROUP");
     };
     let mut dp = Datapath::start(&DatapathConfig::new(attach, bpffs)).expect("start");
-    dp.set_identity(
-        1,
-        IdentityView {
-            status: IdentityStatus::Active,
-            mode: Mode::Enforce,
-            not_after: None,
-        },
-    )
-    .expect("identity");
+    dp.set_identity(1, IdentityStatus::Active, Mode::Enforce)
+        .expect("identity");
     dp.set_rules(
         1,
         &[Rule {
@@ -35,7 +28,7 @@ fn main() {
         }],
     )
     .expect("rules");
-    dp.bind(&Cgroup::open(agent).expect("agent cgroup"), 1)
+    dp.bind(&Cgroup::open(agent).expect("agent cgroup"), 1, None)
         .expect("bind");
     println!("ready {}", dp.start_report().attached);
     loop {
