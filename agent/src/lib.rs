@@ -2,8 +2,12 @@
 //!
 //! The library owns all logic; the `agentwall` binary is a thin CLI over it.
 
+pub mod api;
 pub mod cgroup;
 pub mod clock;
+pub mod config;
 pub mod datapath;
+pub mod identity;
 pub mod logging;
+pub mod node;
 pub mod policy;

@@ -3,7 +3,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod down;
+mod launch;
+mod node;
 mod policy;
+mod status;
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +23,12 @@ struct Cli {
 enum Command {
     /// Detach the datapath and remove every pin: enforcement ends.
     Down(down::Args),
+    /// Run the node: datapath, policy, identities, local API.
+    Node(node::Args),
+    /// Prove an identity to the node and run a command confined to it.
+    Launch(launch::Args),
+    /// The node's state: revision, identities, sessions.
+    Status(status::Args),
     /// Policy as code: check and test policy directories.
     #[command(subcommand)]
     Policy(policy::Command),
@@ -36,6 +45,9 @@ pub fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Down(args) => down::run(args),
+        Command::Node(args) => node::run(args),
+        Command::Launch(args) => return launch::run(args),
+        Command::Status(args) => status::run(args),
         Command::Policy(cmd) => return policy::run(cmd),
     };
     match result {

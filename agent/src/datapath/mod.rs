@@ -414,6 +414,33 @@ impl Datapath {
         Ok(n)
     }
 
+    /// Installs a whole policy in one batch: the global deny list and every identity's rules.
+    /// Identities applied before but absent from `sets` get no rules (deny-all), so a policy
+    /// that drops an identity never leaves its cgroups on stale rules.
+    pub fn apply(
+        &mut self,
+        global_deny: &[IpNet],
+        sets: &[(u32, &[Rule])],
+    ) -> Result<usize, DatapathError> {
+        let mut all: std::collections::BTreeMap<u32, &[Rule]> =
+            self.applied.keys().map(|&id| (id, &[][..])).collect();
+        for &(identity, rules) in sets {
+            Self::check_identity(identity)?;
+            all.insert(identity, rules);
+        }
+        let mut compiled = Vec::with_capacity(all.len());
+        for (&identity, rules) in &all {
+            let t = compile_rules(rules, global_deny)
+                .map_err(|source| DatapathError::Compile { identity, source })?;
+            compiled.push((identity, t));
+        }
+        let n = compiled.iter().map(|(_, t)| t.len()).sum();
+        self.swap_tries(&compiled)?;
+        self.applied = all.into_iter().map(|(id, r)| (id, r.to_vec())).collect();
+        self.global_deny = global_deny.to_vec();
+        Ok(n)
+    }
+
     /// Replaces the global deny list. It lives inside every identity's trie, so every trie is
     /// recompiled and all are swapped in one batch; a list that cannot be compiled changes
     /// nothing.

@@ -390,32 +390,6 @@ fn rules(raw: Vec<RawRule>, origin: &Origin) -> Vec<RuleSource> {
         .collect()
 }
 
-fn valid_spiffe_id(s: &str) -> Result<(), String> {
-    let rest = s
-        .strip_prefix("spiffe://")
-        .ok_or_else(|| format!("identity {s:?} is not a SPIFFE ID (spiffe://trust-domain/path)"))?;
-    let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
-    if domain.is_empty()
-        || !domain
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
-    {
-        return Err(format!(
-            "identity {s:?}: the trust domain must be lowercase letters, digits, '-', '.', '_'"
-        ));
-    }
-    if path.is_empty()
-        || path
-            .split('/')
-            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
-    {
-        return Err(format!(
-            "identity {s:?}: the path must be non-empty segments (spiffe://{domain}/agent/name)"
-        ));
-    }
-    Ok(())
-}
-
 /// Reads and validates every `*.yaml` / `*.yml` file in `dir`.
 pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyErrors> {
     let io = |e: std::io::Error| PolicyErrors(vec![err_at(dir, 0, 0, e.to_string())]);
@@ -470,8 +444,8 @@ pub fn parse_sources(sources: &[(PathBuf, String)]) -> Result<PolicySet, PolicyE
             match kind.as_deref() {
                 Some("AgentPolicy") => match serde_yaml_ng::from_str::<RawAgentPolicy>(&doc) {
                     Ok(raw) => {
-                        if let Err(m) = valid_spiffe_id(&raw.identity) {
-                            errors.push(err_at(file, first, 1, m));
+                        if let Err(e) = raw.identity.parse::<crate::identity::AgentId>() {
+                            errors.push(err_at(file, first, 1, format!("identity {e}")));
                             continue;
                         }
                         if let Some(prev) = agents.iter().find(|a| a.name == raw.name) {

@@ -1,0 +1,308 @@
+//! The node's local API: one JSON request and one JSON response per connection, inside TLS 1.3
+//! over a unix socket. The client certificate is the agent's identity (proof of possession is
+//! the handshake itself); the server is authenticated by the socket: clients refuse a socket
+//! not owned by root.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::{fs::MetadataExt as _, net::UnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use rustls::{
+    ClientConfig, ClientConnection, DigitallySignedStruct, ServerConfig, SignatureScheme,
+    StreamOwned,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{TrustStore, provider};
+
+/// The name the node's ephemeral server certificate carries.
+pub const SERVER_NAME: &str = "agentwall.node";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    /// Place the calling process in a cgroup bound to the certificate's identity.
+    Launch,
+    /// Root only: the node's state.
+    Status,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+}
+
+impl Response {
+    pub fn error(identity: Option<String>, error: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(error.into()),
+            identity,
+            ..Self::default()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("node is not running: cannot connect to {path}: {source}")]
+    NotRunning {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not owned by root; refusing to trust it as the node's socket")]
+    UntrustedSocket { path: PathBuf },
+    #[error("{path}: {message}")]
+    Credential { path: PathBuf, message: String },
+    #[error("private key {key} does not match certificate {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("talking to the node: {0}")]
+    Protocol(String),
+}
+
+/// The node's TLS configuration: TLS 1.3 only, an ephemeral self-signed server certificate,
+/// client certificates verified by the trust store.
+pub fn server_config(trust: &TrustStore) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let key = rcgen::KeyPair::generate().map_err(|e| rustls::Error::General(e.to_string()))?;
+    let cert = rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned()])
+        .and_then(|p| p.self_signed(&key))
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let key = PrivateKeyDer::try_from(key.serialize_der())
+        .map_err(|e| rustls::Error::General(e.into()))?;
+    let cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(trust.client_verifier())
+        .with_single_cert(vec![cert.der().clone()], key)?;
+    Ok(Arc::new(cfg))
+}
+
+/// The node is authenticated by the root-owned socket, not by its certificate; this still
+/// checks that the server holds the key of the certificate it sent.
+#[derive(Debug)]
+struct SocketAuthenticated(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for SocketAuthenticated {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not used".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A client certificate chain and its key, read from PEM files.
+pub struct Credentials {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    cert_path: PathBuf,
+    key_path: PathBuf,
+}
+
+impl Credentials {
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, ApiError> {
+        let cred = |path: &Path, message: String| ApiError::Credential {
+            path: path.to_owned(),
+            message,
+        };
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| cred(cert, e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| cred(cert, e.to_string()))?;
+        if chain.is_empty() {
+            return Err(cred(cert, "no CERTIFICATE blocks found".into()));
+        }
+        let k = PrivateKeyDer::from_pem_file(key).map_err(|e| cred(key, e.to_string()))?;
+        Ok(Self {
+            chain,
+            key: k,
+            cert_path: cert.to_owned(),
+            key_path: key.to_owned(),
+        })
+    }
+}
+
+/// Sends one request to the node and returns its response.
+pub fn call(
+    socket: &Path,
+    creds: Option<Credentials>,
+    req: &Request,
+) -> Result<Response, ApiError> {
+    let meta = std::fs::metadata(socket).map_err(|source| ApiError::NotRunning {
+        path: socket.to_owned(),
+        source,
+    })?;
+    if meta.uid() != 0 {
+        return Err(ApiError::UntrustedSocket {
+            path: socket.to_owned(),
+        });
+    }
+    let p = provider();
+    let builder = ClientConfig::builder_with_provider(p.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ApiError::Protocol(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SocketAuthenticated(p.clone())));
+    let config = match creds {
+        Some(c) => {
+            let key = p
+                .key_provider
+                .load_private_key(c.key.clone_key())
+                .map_err(|e| ApiError::Credential {
+                    path: c.key_path.clone(),
+                    message: e.to_string(),
+                })?;
+            let certified = rustls::sign::CertifiedKey::new(c.chain.clone(), key);
+            if certified.keys_match().is_err() {
+                return Err(ApiError::KeyMismatch {
+                    cert: c.cert_path,
+                    key: c.key_path,
+                });
+            }
+            builder
+                .with_client_auth_cert(c.chain, c.key)
+                .map_err(|e| ApiError::Credential {
+                    path: c.cert_path,
+                    message: e.to_string(),
+                })?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let stream = UnixStream::connect(socket).map_err(|source| ApiError::NotRunning {
+        path: socket.to_owned(),
+        source,
+    })?;
+    let conn = ClientConnection::new(
+        Arc::new(config),
+        ServerName::try_from(SERVER_NAME).expect("valid name"),
+    )
+    .map_err(|e| ApiError::Protocol(e.to_string()))?;
+    let mut tls = StreamOwned::new(conn, stream);
+    let mut line = serde_json::to_string(req).expect("requests serialize");
+    line.push('\n');
+    tls.write_all(line.as_bytes())
+        .and_then(|()| tls.flush())
+        .map_err(|e| ApiError::Protocol(e.to_string()))?;
+    let mut reply = String::new();
+    BufReader::new(&mut tls)
+        .read_line(&mut reply)
+        .map_err(|e| ApiError::Protocol(e.to_string()))?;
+    serde_json::from_str(&reply)
+        .map_err(|e| ApiError::Protocol(format!("bad response {reply:?}: {e}")))
+}
+
+const SO_PEERPIDFD: libc::c_int = 77;
+
+/// A pidfd for the process at the other end of a unix socket, taken by the kernel when it
+/// connected: it cannot name another process later, whatever happens to the pid.
+pub fn peer_pidfd(sock: &impl AsRawFd) -> std::io::Result<OwnedFd> {
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid socket and out-buffer of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&raw mut fd).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel handed us a new descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The uid of the peer of a unix socket (SO_PEERCRED).
+pub fn peer_uid(sock: &impl AsRawFd) -> std::io::Result<u32> {
+    // SAFETY: zeroed ucred is valid.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: valid socket and out-buffer.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// The pid a pidfd refers to now (from /proc/self/fdinfo), if the process is alive.
+pub fn pidfd_pid(pidfd: &OwnedFd) -> std::io::Result<u32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))?;
+    let pid: i64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other("no Pid in pidfd fdinfo"))?;
+    u32::try_from(pid).map_err(|_| std::io::Error::other("process has exited"))
+}
+
+/// Whether the process behind a pidfd is still alive.
+pub fn pidfd_alive(pidfd: &OwnedFd) -> bool {
+    // SAFETY: signal 0 only checks; valid pidfd.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        ) == 0
+    }
+}

@@ -1,0 +1,87 @@
+use std::{ffi::OsString, os::unix::process::CommandExt as _, path::PathBuf, process::ExitCode};
+
+use agentwall::{
+    api::{self, Credentials, Request},
+    config::DEFAULT_SOCKET,
+    identity::peer_from_cert,
+};
+use rustls::pki_types::{CertificateDer, pem::PemObject};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The agent's certificate (PEM; chain allowed).
+    #[arg(long)]
+    cert: PathBuf,
+    /// The certificate's private key (PEM).
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Run the command as this user (name or uid) after placement.
+    #[arg(long)]
+    user: Option<String>,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<OsString>,
+}
+
+/// Exit status 2 for every refusal; otherwise the command's own (it replaces this process).
+pub fn run(args: Args) -> ExitCode {
+    let claimed = CertificateDer::pem_file_iter(&args.cert)
+        .ok()
+        .and_then(|mut it| it.next())
+        .and_then(Result::ok)
+        .and_then(|c| peer_from_cert(&c).ok())
+        .map_or_else(|| "unknown".to_owned(), |p| p.id.to_string());
+    let fail = |msg: String| {
+        eprintln!("agentwall launch: rejected: {msg} (identity {claimed})");
+        ExitCode::from(2)
+    };
+    let creds = match Credentials::load(&args.cert, &args.key) {
+        Ok(c) => c,
+        Err(e) => return fail(e.to_string()),
+    };
+    let user = match args.user.as_deref().map(lookup_user).transpose() {
+        Ok(u) => u,
+        Err(e) => return fail(e),
+    };
+    match api::call(&args.socket, Some(creds), &Request::Launch) {
+        Ok(r) if r.ok => {}
+        Ok(r) => return fail(r.error.unwrap_or_else(|| "refused".into())),
+        Err(e) => return fail(e.to_string()),
+    }
+    let mut cmd = std::process::Command::new(&args.command[0]);
+    cmd.args(&args.command[1..]);
+    if let Some((uid, gid)) = user {
+        cmd.uid(uid).gid(gid);
+        // SAFETY: setgroups is async-signal-safe; runs in the child before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setgroups(0, std::ptr::null()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let err = cmd.exec();
+    eprintln!(
+        "agentwall launch: cannot run {}: {err}",
+        args.command[0].to_string_lossy()
+    );
+    ExitCode::from(127)
+}
+
+fn lookup_user(name: &str) -> Result<(u32, u32), String> {
+    let c = std::ffi::CString::new(name).map_err(|_| format!("bad user name {name:?}"))?;
+    // SAFETY: valid C string; the result points to static storage or is null.
+    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+    if !pw.is_null() {
+        // SAFETY: non-null passwd entry.
+        return Ok(unsafe { ((*pw).pw_uid, (*pw).pw_gid) });
+    }
+    match name.parse::<u32>() {
+        Ok(uid) => Ok((uid, uid)),
+        Err(_) => Err(format!("no such user {name:?}")),
+    }
+}

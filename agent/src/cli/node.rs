@@ -1,0 +1,82 @@
+use std::{io::Write as _, path::PathBuf};
+
+use agentwall::{
+    config::{DEFAULT_CONFIG, NodeConfig, UnknownFlowsSetting},
+    node::Node,
+};
+use anyhow::Context as _;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// TOML config file; flags override its settings.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    policy_dir: Option<PathBuf>,
+    #[arg(long)]
+    trust_bundle: Option<PathBuf>,
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// CRL file (repeatable).
+    #[arg(long)]
+    crl: Vec<PathBuf>,
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    #[arg(long)]
+    socket_group: Option<String>,
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[arg(long)]
+    bpffs_dir: Option<PathBuf>,
+    #[arg(long)]
+    attach_cgroup: Option<PathBuf>,
+    #[arg(long, value_parser = ["report", "deny", "ignore"])]
+    unknown_flows: Option<String>,
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(p) => NodeConfig::load(p)?,
+        None if std::path::Path::new(DEFAULT_CONFIG).exists() => {
+            NodeConfig::load(std::path::Path::new(DEFAULT_CONFIG))?
+        }
+        None => NodeConfig::default(),
+    };
+    let flags = NodeConfig {
+        policy_dir: args.policy_dir,
+        trust_bundle: args.trust_bundle,
+        trust_domain: args.trust_domain,
+        crl: args.crl,
+        socket: args.socket,
+        socket_group: args.socket_group,
+        state_dir: args.state_dir,
+        bpffs_dir: args.bpffs_dir,
+        attach_cgroup: args.attach_cgroup,
+        unknown_flows: args.unknown_flows.map(|s| match s.as_str() {
+            "deny" => UnknownFlowsSetting::Deny,
+            "ignore" => UnknownFlowsSetting::Ignore,
+            _ => UnknownFlowsSetting::Report,
+        }),
+        audit_log: args.audit_log,
+    };
+    let cfg = file.overlay(flags);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let node = Node::start(cfg)?;
+        node.serve(|socket, revision| {
+            println!(
+                "agentwall node ready: socket={} revision={revision}",
+                socket.display()
+            );
+            let _ = std::io::stdout().flush();
+        })
+        .await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,205 @@
+//! The node's configuration: a TOML file with defaults; every key can also be set by a flag.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::policy::UnknownFlows;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("missing setting `{0}` (in the config file or as --{flag})", flag = .0.replace('_', "-"))]
+    Missing(&'static str),
+}
+
+/// `/etc/agentwall/agentwall.toml`. Unknown keys are errors.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Directory of policy YAML files.
+    pub policy_dir: Option<PathBuf>,
+    /// PEM file with one or more CA certificates agents' certificates must chain to.
+    pub trust_bundle: Option<PathBuf>,
+    /// Only SPIFFE IDs in this trust domain are accepted.
+    pub trust_domain: Option<String>,
+    /// PEM CRL files; reloaded when they change.
+    pub crl: Vec<PathBuf>,
+    /// The node's API socket.
+    pub socket: Option<PathBuf>,
+    /// Group allowed to use the socket (default: root only).
+    pub socket_group: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub bpffs_dir: Option<PathBuf>,
+    /// Where the programs attach; cgroups the node creates live below it.
+    pub attach_cgroup: Option<PathBuf>,
+    pub unknown_flows: Option<UnknownFlowsSetting>,
+    pub audit_log: Option<PathBuf>,
+}
+
+/// `unknown_flows` as written in TOML.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownFlowsSetting {
+    Report,
+    Deny,
+    Ignore,
+}
+
+impl From<UnknownFlowsSetting> for UnknownFlows {
+    fn from(s: UnknownFlowsSetting) -> Self {
+        match s {
+            UnknownFlowsSetting::Report => Self::Report,
+            UnknownFlowsSetting::Deny => Self::Deny,
+            UnknownFlowsSetting::Ignore => Self::Ignore,
+        }
+    }
+}
+
+pub const DEFAULT_CONFIG: &str = "/etc/agentwall/agentwall.toml";
+pub const DEFAULT_SOCKET: &str = "/run/agentwall/agentwall.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/agentwall";
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/agentwall";
+pub const DEFAULT_POLICY_DIR: &str = "/etc/agentwall/policy";
+
+impl NodeConfig {
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((1, 1), |span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                (line, column)
+            });
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.message().to_owned(),
+            }
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Settings from `over` (flags) replace those from `self` (the file).
+    pub fn overlay(mut self, over: NodeConfig) -> Self {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
+        }
+        take!(
+            policy_dir,
+            trust_bundle,
+            trust_domain,
+            socket,
+            socket_group,
+            state_dir,
+            bpffs_dir,
+            attach_cgroup,
+            unknown_flows,
+            audit_log
+        );
+        if !over.crl.is_empty() {
+            self.crl = over.crl;
+        }
+        self
+    }
+
+    pub fn policy_dir(&self) -> PathBuf {
+        self.policy_dir
+            .clone()
+            .unwrap_or_else(|| DEFAULT_POLICY_DIR.into())
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.socket.clone().unwrap_or_else(|| DEFAULT_SOCKET.into())
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into())
+    }
+
+    pub fn bpffs_dir(&self) -> PathBuf {
+        self.bpffs_dir
+            .clone()
+            .unwrap_or_else(|| DEFAULT_BPFFS_DIR.into())
+    }
+
+    pub fn trust_bundle(&self) -> Result<&Path, ConfigError> {
+        self.trust_bundle
+            .as_deref()
+            .ok_or(ConfigError::Missing("trust_bundle"))
+    }
+
+    pub fn unknown_flows(&self) -> UnknownFlows {
+        self.unknown_flows.map_or(UnknownFlows::Report, Into::into)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_with_defaults_and_flags_win() {
+        let c = NodeConfig::parse(
+            Path::new("a.toml"),
+            "policy_dir = \"/p\"\ntrust_bundle = \"/ca.pem\"\nunknown_flows = \"deny\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.unknown_flows(), UnknownFlows::Deny);
+        assert_eq!(c.socket(), PathBuf::from(DEFAULT_SOCKET));
+        let c = c.overlay(NodeConfig {
+            policy_dir: Some("/q".into()),
+            ..Default::default()
+        });
+        assert_eq!(c.policy_dir(), PathBuf::from("/q"));
+        assert_eq!(c.trust_bundle().unwrap(), Path::new("/ca.pem"));
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        let e = NodeConfig::parse(
+            Path::new("a.toml"),
+            "policy_dir = \"/p\"\nsockett = \"/s\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("a.toml:2:1: unknown field `sockett`"),
+            "{e}"
+        );
+        let e = NodeConfig::parse(Path::new("a.toml"), "unknown_flows = \"maybe\"\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("a.toml:1:17: unknown variant `maybe`"),
+            "{e}"
+        );
+        assert_eq!(
+            NodeConfig::default()
+                .trust_bundle()
+                .unwrap_err()
+                .to_string(),
+            "missing setting `trust_bundle` (in the config file or as --trust-bundle)"
+        );
+    }
+}

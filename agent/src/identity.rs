@@ -1,0 +1,385 @@
+//! Agent identity: SPIFFE IDs from X.509 certificates.
+//!
+//! rustls/webpki validate the chain (trust bundle, validity, clientAuth EKU, CRLs). Our own
+//! checks wrap that verifier and never replace it: [`DeferringVerifier`] lets the handshake
+//! finish when webpki rejects a certificate only so the node can tell the launcher *why*,
+//! and every such connection is refused before anything else happens. Proof of possession
+//! (the handshake signature) is never deferred.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error as TlsError, RootCertStore,
+    SignatureScheme,
+    client::danger::HandshakeSignatureValid,
+    pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime, pem::PemObject},
+    server::{
+        WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("trust bundle {path}: {message}")]
+    Bundle { path: PathBuf, message: String },
+    #[error("CRL {path}: {message}")]
+    Crl { path: PathBuf, message: String },
+    #[error("{0:?} is not a SPIFFE ID (spiffe://trust-domain/path)")]
+    NotSpiffe(String),
+    #[error("{id:?}: {why}")]
+    BadSpiffe { id: String, why: &'static str },
+}
+
+/// A verified agent identity: the SPIFFE ID from a certificate's URI SAN.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AgentId {
+    trust_domain: String,
+    path: String,
+}
+
+impl AgentId {
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+impl FromStr for AgentId {
+    type Err = IdentityError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| IdentityError::NotSpiffe(s.to_owned()))?;
+        let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let bad = |why| IdentityError::BadSpiffe {
+            id: s.to_owned(),
+            why,
+        };
+        if domain.is_empty()
+            || !domain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+        {
+            return Err(bad(
+                "the trust domain must be lowercase letters, digits, '-', '.', '_'",
+            ));
+        }
+        if path.is_empty()
+            || path
+                .split('/')
+                .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        {
+            return Err(bad(
+                "the path must be one or more non-empty segments (spiffe://domain/agent/name)",
+            ));
+        }
+        if !path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._/".contains(&b))
+        {
+            return Err(bad("the path may hold only letters, digits, '-', '.', '_'"));
+        }
+        Ok(Self {
+            trust_domain: domain.to_owned(),
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for AgentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "spiffe://{}/{}", self.trust_domain, self.path)
+    }
+}
+
+/// What the node learned from a verified client certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedPeer {
+    pub id: AgentId,
+    pub not_after: SystemTime,
+    /// Hex serial number of the certificate.
+    pub serial: String,
+}
+
+/// Why a presented certificate was refused, in words for the launcher and the audit log.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("no client certificate was presented")]
+    NoCertificate,
+    #[error("certificate has expired")]
+    Expired,
+    #[error("certificate is not valid yet")]
+    NotYetValid,
+    #[error("certificate is not signed by a trusted CA (unknown issuer)")]
+    UnknownIssuer,
+    #[error("certificate is revoked")]
+    Revoked,
+    #[error("certificate is not valid for client authentication (EKU clientAuth missing)")]
+    NotClientAuth,
+    #[error("certificate rejected: {0}")]
+    Invalid(String),
+    #[error("certificate has no SPIFFE ID (expected one URI SAN spiffe://...)")]
+    NoSpiffeId,
+    #[error("certificate has {0} URI SANs; exactly one SPIFFE ID is allowed")]
+    SeveralUris(usize),
+    #[error("malformed SPIFFE ID: {0}")]
+    BadSpiffeId(String),
+    #[error("identity {id} is outside the trust domain {expected}")]
+    WrongTrustDomain { id: String, expected: String },
+}
+
+fn rejection_of(e: &TlsError) -> Rejection {
+    match e {
+        TlsError::NoCertificatesPresented => Rejection::NoCertificate,
+        TlsError::InvalidCertificate(c) => match c {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                Rejection::Expired
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                Rejection::NotYetValid
+            }
+            CertificateError::UnknownIssuer => Rejection::UnknownIssuer,
+            CertificateError::Revoked => Rejection::Revoked,
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                Rejection::NotClientAuth
+            }
+            other => Rejection::Invalid(format!("{other:?}")),
+        },
+        other => Rejection::Invalid(other.to_string()),
+    }
+}
+
+fn fingerprint(cert: &CertificateDer<'_>) -> [u8; 32] {
+    Sha256::digest(cert.as_ref()).into()
+}
+
+/// Wraps webpki's client verifier. A certificate webpki rejects still completes the handshake
+/// (the key must still sign it), and the rejection is kept for the connection to report;
+/// [`TrustStore::verify`] refuses such a peer before anything else.
+#[derive(Debug)]
+pub struct DeferringVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    outcomes: Mutex<HashMap<[u8; 32], Result<(), TlsError>>>,
+}
+
+impl ClientCertVerifier for DeferringVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        // Root may call status without a certificate; launch refuses a peer without one.
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, TlsError> {
+        let outcome = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+            .map(|_| ());
+        let mut map = self.outcomes.lock().expect("verifier lock");
+        // Bounded: entries are taken by the connection that made them.
+        if map.len() > 4096 {
+            map.clear();
+        }
+        map.insert(fingerprint(end_entity), outcome);
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The trust configuration of a node: CA bundle, CRLs, optional trust domain.
+#[derive(Debug)]
+pub struct TrustStore {
+    verifier: Arc<DeferringVerifier>,
+    trust_domain: Option<String>,
+}
+
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl TrustStore {
+    pub fn load(
+        bundle: &Path,
+        crls: &[PathBuf],
+        trust_domain: Option<&str>,
+    ) -> Result<Self, IdentityError> {
+        let bundle_err = |message: String| IdentityError::Bundle {
+            path: bundle.to_owned(),
+            message,
+        };
+        let mut roots = RootCertStore::empty();
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(bundle)
+            .map_err(|e| bundle_err(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| bundle_err(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(bundle_err("no CERTIFICATE blocks found".into()));
+        }
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| bundle_err(format!("not a usable CA certificate: {e}")))?;
+        }
+        let mut crl_ders = Vec::new();
+        for path in crls {
+            let crl_err = |message: String| IdentityError::Crl {
+                path: path.clone(),
+                message,
+            };
+            let list: Vec<CertificateRevocationListDer<'static>> =
+                CertificateRevocationListDer::pem_file_iter(path)
+                    .map_err(|e| crl_err(e.to_string()))?
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| crl_err(e.to_string()))?;
+            if list.is_empty() {
+                return Err(crl_err("no X509 CRL blocks found".into()));
+            }
+            crl_ders.extend(list);
+        }
+        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .with_crls(crl_ders)
+            .build()
+            .map_err(|e| bundle_err(e.to_string()))?;
+        if let Some(td) = trust_domain {
+            AgentId::from_str(&format!("spiffe://{td}/x"))?;
+        }
+        Ok(Self {
+            verifier: Arc::new(DeferringVerifier {
+                inner,
+                outcomes: Mutex::new(HashMap::new()),
+            }),
+            trust_domain: trust_domain.map(str::to_owned),
+        })
+    }
+
+    pub fn client_verifier(&self) -> Arc<DeferringVerifier> {
+        self.verifier.clone()
+    }
+
+    /// The verdict on a peer after the handshake: webpki's, then the SPIFFE ID checks.
+    pub fn verify(&self, chain: Option<&[CertificateDer<'_>]>) -> Result<VerifiedPeer, Rejection> {
+        let end_entity = chain
+            .and_then(<[_]>::first)
+            .ok_or(Rejection::NoCertificate)?;
+        let outcome = self
+            .verifier
+            .outcomes
+            .lock()
+            .expect("verifier lock")
+            .remove(&fingerprint(end_entity))
+            .ok_or_else(|| Rejection::Invalid("certificate was not verified".into()))?;
+        outcome.map_err(|e| rejection_of(&e))?;
+        let peer = peer_from_cert(end_entity)?;
+        if let Some(td) = &self.trust_domain {
+            if peer.id.trust_domain() != td {
+                return Err(Rejection::WrongTrustDomain {
+                    id: peer.id.to_string(),
+                    expected: td.clone(),
+                });
+            }
+        }
+        Ok(peer)
+    }
+}
+
+/// The SPIFFE ID, expiry and serial of a certificate webpki has already accepted.
+pub fn peer_from_cert(der: &CertificateDer<'_>) -> Result<VerifiedPeer, Rejection> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| Rejection::Invalid(format!("unparsable certificate: {e}")))?;
+    let mut uris = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(u) = name {
+                uris.push(*u);
+            }
+        }
+    }
+    let uri = match uris.as_slice() {
+        [] => return Err(Rejection::NoSpiffeId),
+        [one] => *one,
+        more => return Err(Rejection::SeveralUris(more.len())),
+    };
+    if !uri.starts_with("spiffe://") {
+        return Err(Rejection::NoSpiffeId);
+    }
+    let id = AgentId::from_str(uri).map_err(|e| Rejection::BadSpiffeId(e.to_string()))?;
+    let secs = cert.validity().not_after.timestamp();
+    let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
+    Ok(VerifiedPeer {
+        id,
+        not_after,
+        serial: cert.raw_serial_as_string().replace(':', ""),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_ids_parse_strictly() {
+        let id: AgentId = "spiffe://example.org/agent/support".parse().unwrap();
+        assert_eq!(
+            (id.trust_domain(), id.path()),
+            ("example.org", "agent/support")
+        );
+        assert_eq!(id.to_string(), "spiffe://example.org/agent/support");
+        for bad in [
+            "https://example.org/a",
+            "spiffe://Example.org/a",
+            "spiffe://example.org",
+            "spiffe://example.org/",
+            "spiffe://example.org/a//b",
+            "spiffe://example.org/a/../b",
+            "spiffe:///a",
+            "spiffe://example.org/a?b",
+        ] {
+            assert!(bad.parse::<AgentId>().is_err(), "{bad}");
+        }
+    }
+}

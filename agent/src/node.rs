@@ -1,0 +1,438 @@
+//! The node daemon: datapath + policy + identities, serving the local API.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    api::{self, Request, Response},
+    cgroup::{Cgroup, Cgroup2Mount, CgroupError},
+    clock::BootInstant,
+    config::{ConfigError, NodeConfig},
+    datapath::{Datapath, DatapathConfig, DatapathError},
+    identity::{IdentityError, Rejection, TrustStore, VerifiedPeer},
+    policy::{
+        IdentityStatus, Rule,
+        source::{PolicyErrors, PolicySet, load_dir},
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("policy {dir}:\n{errors}")]
+    Policy { dir: PathBuf, errors: PolicyErrors },
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("TLS set-up: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> NodeError + '_ {
+    move |source| NodeError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Identity numbers the datapath uses, stable across restarts (kept in `state_dir`).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct IdentityNumbers {
+    numbers: BTreeMap<String, u32>,
+}
+
+impl IdentityNumbers {
+    fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("identities.json")
+    }
+
+    fn load(state_dir: &Path) -> Result<Self, NodeError> {
+        let p = Self::path(state_dir);
+        match std::fs::read_to_string(&p) {
+            Ok(t) => serde_json::from_str(&t).map_err(|e| NodeError::Io {
+                path: p,
+                source: io::Error::other(e),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(io_err(&p)(e)),
+        }
+    }
+
+    fn save(&self, state_dir: &Path) -> Result<(), NodeError> {
+        let p = Self::path(state_dir);
+        let tmp = p.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(self).expect("serializable");
+        std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, &p).map_err(io_err(&p))
+    }
+
+    fn get_or_assign(&mut self, id: &str) -> u32 {
+        if let Some(&n) = self.numbers.get(id) {
+            return n;
+        }
+        let n = self.numbers.values().max().map_or(1, |m| m + 1);
+        self.numbers.insert(id.to_owned(), n);
+        n
+    }
+}
+
+/// A launched or enrolled agent.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Session {
+    pub identity: String,
+    pub number: u32,
+    pub cgroup: PathBuf,
+    pub pid: u32,
+    pub serial: String,
+    pub not_after: String,
+}
+
+struct State {
+    datapath: Datapath,
+    policy: PolicySet,
+    last_policy_error: Option<String>,
+    numbers: IdentityNumbers,
+    sessions: Vec<Session>,
+    seq: u64,
+}
+
+pub struct Node {
+    cfg: NodeConfig,
+    trust: TrustStore,
+    tls: Arc<rustls::ServerConfig>,
+    /// Cgroups the node creates live here, below the attach point.
+    agents_cgroup: Cgroup,
+    state: Mutex<State>,
+}
+
+impl Node {
+    /// Starts the datapath (adopting pins), loads and applies policy. The policy must be valid
+    /// to start: there is no last good revision yet.
+    pub fn start(cfg: NodeConfig) -> Result<Arc<Self>, NodeError> {
+        let trust = TrustStore::load(cfg.trust_bundle()?, &cfg.crl, cfg.trust_domain.as_deref())?;
+        let dir = cfg.policy_dir();
+        let policy = load_dir(&dir).map_err(|errors| NodeError::Policy {
+            dir: dir.clone(),
+            errors,
+        })?;
+        let state_dir = cfg.state_dir();
+        std::fs::create_dir_all(&state_dir).map_err(io_err(&state_dir))?;
+        let attach = match &cfg.attach_cgroup {
+            Some(p) => p.clone(),
+            None => Cgroup2Mount::discover()?.mount_point,
+        };
+        let mut dp_cfg = DatapathConfig::new(&attach, cfg.bpffs_dir());
+        dp_cfg.unknown_flows = cfg.unknown_flows();
+        let datapath = Datapath::start(&dp_cfg)?;
+        let agents_cgroup = Cgroup::create(attach.join("agentwall"))?;
+        let tls = api::server_config(&trust)?;
+        let node = Arc::new(Self {
+            cfg,
+            trust,
+            tls,
+            agents_cgroup,
+            state: Mutex::new(State {
+                datapath,
+                policy: policy.clone(),
+                last_policy_error: None,
+                numbers: IdentityNumbers::load(&state_dir)?,
+                sessions: Vec::new(),
+                seq: 0,
+            }),
+        });
+        node.apply(policy)?;
+        Ok(node)
+    }
+
+    fn apply(&self, policy: PolicySet) -> Result<(), NodeError> {
+        let t0 = std::time::Instant::now();
+        let mut st = self.state.lock().expect("node state");
+        let mut sets: Vec<(u32, Vec<Rule>)> = Vec::new();
+        for agent in &policy.agents {
+            let n = st.numbers.get_or_assign(&agent.identity);
+            st.datapath
+                .set_identity(n, IdentityStatus::Active, agent.mode)?;
+            let rules = policy
+                .effective_rules(agent)
+                .into_iter()
+                .map(|r| r.rule)
+                .collect();
+            sets.push((n, rules));
+        }
+        st.numbers.save(&self.cfg.state_dir())?;
+        let refs: Vec<(u32, &[Rule])> = sets.iter().map(|(n, r)| (*n, r.as_slice())).collect();
+        let entries = st.datapath.apply(&policy.global_deny(), &refs)?;
+        info!(
+            revision = %policy.revision,
+            identities = policy.agents.len(),
+            trie_entries = entries,
+            apply_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "policy applied"
+        );
+        st.policy = policy;
+        st.last_policy_error = None;
+        Ok(())
+    }
+
+    /// Re-reads the policy directory; a new valid revision is applied, an invalid one is
+    /// refused and the last good one stays in force.
+    pub fn reload(&self) {
+        let dir = self.cfg.policy_dir();
+        let current = self
+            .state
+            .lock()
+            .expect("node state")
+            .policy
+            .revision
+            .clone();
+        match load_dir(&dir) {
+            Ok(set) if set.revision == current => {}
+            Ok(set) => {
+                if let Err(e) = self.apply(set) {
+                    error!(error = %e, "applying policy failed; the previous revision stays");
+                    self.state.lock().expect("node state").last_policy_error = Some(e.to_string());
+                }
+            }
+            Err(errors) => {
+                let mut st = self.state.lock().expect("node state");
+                let text = errors.to_string();
+                if st.last_policy_error.as_deref() != Some(&text) {
+                    warn!(revision = %st.policy.revision, errors = %text,
+                        "policy change rejected; keeping the last good revision");
+                    st.last_policy_error = Some(text);
+                }
+            }
+        }
+    }
+
+    fn launch(&self, peer: VerifiedPeer, pidfd: std::os::fd::OwnedFd) -> Response {
+        let id = peer.id.to_string();
+        let reject = |why: String| {
+            warn!(identity = %id, reason = %why, "launch rejected");
+            Response::error(Some(id.clone()), why)
+        };
+        let mut st = self.state.lock().expect("node state");
+        let Some(agent) = st.policy.agent(&id).cloned() else {
+            return reject(format!("no AgentPolicy for identity {id}"));
+        };
+        let number = st.numbers.get_or_assign(&agent.identity);
+        let pid = match api::pidfd_pid(&pidfd) {
+            Ok(p) => p,
+            Err(e) => return reject(format!("the launching process is gone: {e}")),
+        };
+        st.seq += 1;
+        let name = format!(
+            "{}-{}-{}",
+            id.trim_start_matches("spiffe://").replace('/', "_"),
+            pid,
+            st.seq
+        );
+        let cg = match self.agents_cgroup.child(&name) {
+            Ok(c) => c,
+            Err(e) => return reject(format!("creating the agent's cgroup: {e}")),
+        };
+        let deadline = BootInstant::from_system_time(peer.not_after);
+        if let Err(e) = st.datapath.bind(&cg, number, Some(deadline)) {
+            let _ = cg.remove_tree();
+            return reject(format!("binding the agent's cgroup: {e}"));
+        }
+        // The pid came from the pidfd; if the process is still alive after the move, the pid
+        // we wrote was the launcher's and not a reused one.
+        if let Err(e) = cg.add_process(pid) {
+            return reject(format!(
+                "moving pid {pid} into {}: {e}",
+                cg.path().display()
+            ));
+        }
+        if !api::pidfd_alive(&pidfd) {
+            return reject("the launching process exited during placement".into());
+        }
+        let not_after = time::OffsetDateTime::from(peer.not_after)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        info!(identity = %id, cgroup_id = cg.id(), pid, serial = %peer.serial, %not_after, "agent launched");
+        st.sessions.push(Session {
+            identity: id.clone(),
+            number,
+            cgroup: cg.path().to_owned(),
+            pid,
+            serial: peer.serial,
+            not_after,
+        });
+        Response {
+            ok: true,
+            identity: Some(id),
+            cgroup: Some(cg.path().to_owned()),
+            ..Response::default()
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let st = self.state.lock().expect("node state");
+        let identities: Vec<serde_json::Value> = st
+            .policy
+            .agents
+            .iter()
+            .map(|a| {
+                let sessions: Vec<&Session> =
+                    st.sessions.iter().filter(|s| s.identity == a.identity).collect();
+                serde_json::json!({
+                    "identity": a.identity,
+                    "policy": a.name,
+                    "number": st.numbers.numbers.get(&a.identity),
+                    "mode": match a.mode { crate::policy::Mode::Enforce => "enforce", crate::policy::Mode::Audit => "audit" },
+                    "rules": st.policy.effective_rules(a).len(),
+                    "sessions": sessions,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "revision": st.policy.revision,
+            "policy_error": st.last_policy_error,
+            "identities": identities,
+            "dropped_events": st.datapath.dropped_events().ok(),
+            "pins": st.datapath.pin_dir(),
+        })
+    }
+
+    async fn handle(self: Arc<Self>, stream: UnixStream) {
+        let pidfd = api::peer_pidfd(&stream);
+        let uid = api::peer_uid(&stream).ok();
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
+        let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                warn!(error = %e, "API handshake failed");
+                return;
+            }
+            Err(_) => {
+                warn!("API handshake timed out");
+                return;
+            }
+        };
+        let peer = self.trust.verify(tls.get_ref().1.peer_certificates());
+        let (read, mut write) = tokio::io::split(tls);
+        let mut line = String::new();
+        let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, 64 * 1024));
+        let reply = match tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
+            .await
+        {
+            Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+                Ok(Request::Launch) => match (peer, pidfd) {
+                    (Ok(peer), Ok(pidfd)) => self.launch(peer, pidfd),
+                    (Err(r), _) => rejection(&r),
+                    (_, Err(e)) => {
+                        Response::error(None, format!("cannot identify the calling process: {e}"))
+                    }
+                },
+                Ok(Request::Status) if uid == Some(0) => Response {
+                    ok: true,
+                    status: Some(self.status()),
+                    ..Response::default()
+                },
+                Ok(Request::Status) => Response::error(None, "status is for root only"),
+                Err(e) => Response::error(None, format!("bad request {:?}: {e}", line.trim())),
+            },
+            _ => Response::error(None, "no request received"),
+        };
+        let mut out = serde_json::to_string(&reply).expect("responses serialize");
+        out.push('\n');
+        let _ = write.write_all(out.as_bytes()).await;
+        let _ = write.shutdown().await;
+    }
+
+    /// Serves the API until SIGTERM or SIGINT. Enforcement stays pinned after it returns.
+    pub async fn serve(self: Arc<Self>, ready: impl FnOnce(&Path, &str)) -> Result<(), NodeError> {
+        let socket = self.cfg.socket();
+        if let Some(parent) = socket.parent() {
+            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        match std::fs::remove_file(&socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&socket)(e)),
+        }
+        let listener = UnixListener::bind(&socket).map_err(io_err(&socket))?;
+        // Root only unless a group is configured.
+        let mode = if self.cfg.socket_group.is_some() {
+            0o660
+        } else {
+            0o600
+        };
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(mode))
+            .map_err(io_err(&socket))?;
+        if let Some(group) = &self.cfg.socket_group {
+            chown_group(&socket, group)?;
+        }
+        let revision = self
+            .state
+            .lock()
+            .expect("node state")
+            .policy
+            .revision
+            .clone();
+        ready(&socket, &revision);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(io_err(Path::new("SIGTERM")))?;
+        let mut reload = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                conn = listener.accept() => match conn {
+                    Ok((stream, _)) => { tokio::spawn(self.clone().handle(stream)); }
+                    Err(e) => warn!(error = %e, "accept failed"),
+                },
+                _ = reload.tick() => {
+                    let node = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || node.reload()).await;
+                }
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        let _ = std::fs::remove_file(&socket);
+        info!("node stopped; enforcement stays pinned (agentwall down removes it)");
+        Ok(())
+    }
+}
+
+fn rejection(r: &Rejection) -> Response {
+    warn!(reason = %r, "launch rejected");
+    Response::error(None, r.to_string())
+}
+
+fn chown_group(path: &Path, group: &str) -> Result<(), NodeError> {
+    let c = std::ffi::CString::new(group).map_err(|e| NodeError::Io {
+        path: path.to_owned(),
+        source: io::Error::other(e),
+    })?;
+    // SAFETY: valid C string; getgrnam returns a pointer into static storage or null.
+    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
+    if gr.is_null() {
+        return Err(NodeError::Io {
+            path: path.to_owned(),
+            source: io::Error::other(format!("socket_group {group:?} does not exist")),
+        });
+    }
+    // SAFETY: gr is non-null.
+    let gid = unsafe { (*gr).gr_gid };
+    std::os::unix::fs::chown(path, None, Some(gid)).map_err(io_err(path))
+}
