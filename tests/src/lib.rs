@@ -9,6 +9,8 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
+pub mod pki;
+
 use agentwall::{
     cgroup::{Cgroup, Cgroup2Mount},
     datapath::{self, DatapathConfig},
@@ -127,12 +129,18 @@ impl Probe {
     }
 
     pub fn spawn_args(args: &[&str]) -> Self {
-        let mut child = Command::new(bin_path("aw-probe"))
-            .args(args)
+        let mut c = Command::new(bin_path("aw-probe"));
+        c.args(args);
+        Self::from_command(c)
+    }
+
+    /// Starts a probe through another command (e.g. `agentwall launch ... -- aw-probe`).
+    pub fn from_command(mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .expect("spawn aw-probe");
+            .expect("spawn the probe");
         let stdin = child.stdin.take().expect("stdin");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();

@@ -1,0 +1,430 @@
+//! End to end: the real `agentwall node` and `agentwall launch` binaries, real TLS over the
+//! unix socket, real certificates (rcgen, plus one from openssl), real kernel enforcement.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use agentwall_tests::{
+    Probe, TestEnv, bin_path,
+    pki::{Ca, CertSpec, Issued},
+};
+
+const ID: &str = "spiffe://example.org/agent/support";
+
+const POLICY: &str = "\
+kind: AgentPolicy
+name: support
+identity: spiffe://example.org/agent/support
+egress:
+  - to: [192.0.2.0/24]
+    ports: [443]
+    protocol: tcp
+";
+
+/// A running `agentwall node`; SIGKILLed on drop if the test did not stop it.
+struct NodeProc {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl NodeProc {
+    fn start(env: &TestEnv, dir: &Path) -> Self {
+        let socket = dir.join("aw.sock");
+        let mut child = Command::new(bin_path("agentwall"))
+            .args(["node", "--trust-domain", "example.org"])
+            .arg("--trust-bundle")
+            .arg(dir.join("ca.pem"))
+            .arg("--policy-dir")
+            .arg(dir.join("policy"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--bpffs-dir")
+            .arg(&env.bpffs_dir)
+            .arg("--attach-cgroup")
+            .arg(env.root.path())
+            .env("AGENTWALL_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn node");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("agentwall node ready: socket="),
+            "node did not start: {line:?}"
+        );
+        Self { child, socket }
+    }
+
+    fn stop(mut self) -> i32 {
+        // SAFETY: plain signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap().code().unwrap_or(-1)
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_cert(dir: &Path, name: &str, c: &Issued) -> (PathBuf, PathBuf) {
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, &c.cert_pem).unwrap();
+    std::fs::write(&key, &c.key_pem).unwrap();
+    (cert, key)
+}
+
+fn launch_args(socket: &Path, cert: &Path, key: &Path) -> Command {
+    let mut c = Command::new(bin_path("agentwall"));
+    c.arg("launch")
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .arg("--socket")
+        .arg(socket)
+        .arg("--");
+    c
+}
+
+/// Launches aw-probe under the identity; it unshares its own network namespace.
+fn launch_probe(socket: &Path, cert: &Path, key: &Path) -> Probe {
+    let mut c = launch_args(socket, cert, key);
+    c.arg(bin_path("aw-probe")).arg("--netns");
+    Probe::from_command(c)
+}
+
+fn status_json(socket: &Path) -> serde_json::Value {
+    let out = Command::new(bin_path("agentwall"))
+        .args(["status", "--output", "json", "--socket"])
+        .arg(socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Polls `status` until `pred` holds (the node reloads policy on its own schedule).
+fn wait_status(
+    socket: &Path,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = status_json(socket);
+        if pred(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn openssl_agent_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    // An issuing CA made by openssl as well, so the chain is openssl's end to end.
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl must be installed for the interop test");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        format!(
+            "subjectAltName=URI:{ID}\nextendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n"
+        ),
+    )
+    .unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ossl-ca.key",
+        "-out",
+        "ossl-ca.pem",
+        "-subj",
+        "/CN=openssl CA",
+        "-days",
+        "1",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ossl-agent.key",
+        "-out",
+        "ossl-agent.csr",
+        "-subj",
+        "/CN=agent",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "ossl-agent.csr",
+        "-CA",
+        "ossl-ca.pem",
+        "-CAkey",
+        "ossl-ca.key",
+        "-CAcreateserial",
+        "-out",
+        "ossl-agent.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    (dir.join("ossl-agent.pem"), dir.join("ossl-agent.key"))
+}
+
+#[test]
+fn node_launch_verifies_identity_enforces_and_reloads_policy() {
+    let env = TestEnv::new("node");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Ca::new("agentwall test CA");
+    std::fs::create_dir(dir.join("policy")).unwrap();
+    std::fs::write(dir.join("policy/agents.yaml"), POLICY).unwrap();
+    let (ocert, okey) = openssl_agent_cert(
+        dir,
+        &Issued {
+            cert_pem: ca.pem(),
+            key_pem: String::new(),
+        },
+    );
+    // The bundle trusts both CAs: ours and the one openssl made.
+    let bundle = format!(
+        "{}{}",
+        ca.pem(),
+        std::fs::read_to_string(dir.join("ossl-ca.pem")).unwrap()
+    );
+    std::fs::write(dir.join("ca.pem"), bundle).unwrap();
+    let node = NodeProc::start(&env, dir);
+
+    // A good certificate: the command runs inside a cgroup below the attach point, and the
+    // policy decides its connections.
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", probe.pid)).unwrap();
+    let rel = env.root.path().file_name().unwrap().to_str().unwrap();
+    assert!(
+        cgroup.contains(&format!("/{rel}/agentwall/example.org_agent_support-")),
+        "{cgroup}"
+    );
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 80"), "err EPERM");
+
+    // The same with a certificate chain made by openssl.
+    let mut oprobe = launch_probe(&node.socket, &ocert, &okey);
+    assert_eq!(oprobe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    assert_eq!(oprobe.cmd("connect tcp 192.0.2.10 80"), "err EPERM");
+
+    // launch's exit status is the command's.
+    let st = launch_args(&node.socket, &cert, &key)
+        .args(["sh", "-c", "exit 7"])
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(7));
+
+    // Every kind of bad certificate: exit 2, one line naming reason and identity, and the
+    // command never runs.
+    let other = Ca::new("someone else's CA");
+    let now = time::OffsetDateTime::now_utc();
+    let hour = time::Duration::hours(1);
+    let expired = CertSpec {
+        not_before: now - hour * 3,
+        not_after: now - hour,
+        ..CertSpec::agent(ID)
+    };
+    let early = CertSpec {
+        not_before: now + hour,
+        not_after: now + hour * 2,
+        ..CertSpec::agent(ID)
+    };
+    let server_only = CertSpec {
+        client_auth: false,
+        ..CertSpec::agent(ID)
+    };
+    let no_uri = CertSpec {
+        uris: vec![],
+        ..CertSpec::agent(ID)
+    };
+    let two_uris = CertSpec {
+        uris: vec![ID.into(), "spiffe://example.org/agent/b".into()],
+        ..CertSpec::agent(ID)
+    };
+    let cases: Vec<(&str, Issued, &str)> = vec![
+        (
+            "expired",
+            ca.issue(&expired),
+            "certificate has expired (identity spiffe://example.org/agent/support)",
+        ),
+        (
+            "early",
+            ca.issue(&early),
+            "certificate is not valid yet (identity spiffe://example.org/agent/support)",
+        ),
+        (
+            "stranger",
+            other.issue(&CertSpec::agent(ID)),
+            "certificate is not signed by a trusted CA (unknown issuer) (identity spiffe://example.org/agent/support)",
+        ),
+        (
+            "server-only",
+            ca.issue(&server_only),
+            "certificate is not valid for client authentication (EKU clientAuth missing) (identity spiffe://example.org/agent/support)",
+        ),
+        (
+            "no-uri",
+            ca.issue(&no_uri),
+            "certificate has no SPIFFE ID (expected one URI SAN spiffe://...) (identity unknown)",
+        ),
+        (
+            "two-uris",
+            ca.issue(&two_uris),
+            "certificate has 2 URI SANs; exactly one SPIFFE ID is allowed (identity unknown)",
+        ),
+        (
+            "other-domain",
+            ca.issue(&CertSpec::agent("spiffe://other.org/agent/support")),
+            "identity spiffe://other.org/agent/support is outside the trust domain example.org (identity spiffe://other.org/agent/support)",
+        ),
+        (
+            "no-policy",
+            ca.issue(&CertSpec::agent("spiffe://example.org/agent/nobody")),
+            "no AgentPolicy for identity spiffe://example.org/agent/nobody (identity spiffe://example.org/agent/nobody)",
+        ),
+    ];
+    let marker = dir.join("ran");
+    let touch = [
+        "sh".to_owned(),
+        "-c".to_owned(),
+        format!("touch {}", marker.display()),
+    ];
+    for (name, issued, want) in &cases {
+        let (c, k) = write_cert(dir, name, issued);
+        let out = launch_args(&node.socket, &c, &k)
+            .args(&touch)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim(),
+            format!("agentwall launch: rejected: {want}"),
+            "{name}"
+        );
+        assert!(!marker.exists(), "{name}: the command ran");
+    }
+    // A key that is not the certificate's, and no node at all.
+    let (_, stranger_key) = write_cert(dir, "stranger2", &ca.issue(&CertSpec::agent(ID)));
+    let out = launch_args(&node.socket, &cert, &stranger_key)
+        .args(&touch)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        format!(
+            "agentwall launch: rejected: private key {} does not match certificate {} (identity {ID})",
+            stranger_key.display(),
+            cert.display()
+        )
+    );
+    let out = launch_args(&dir.join("missing.sock"), &cert, &key)
+        .args(&touch)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with(&format!(
+        "agentwall launch: rejected: node is not running: cannot connect to {}",
+        dir.join("missing.sock").display()
+    )));
+    assert!(!marker.exists());
+
+    // status names the identity and its sessions.
+    let s = status_json(&node.socket);
+    let ident = &s["identities"][0];
+    assert_eq!(ident["identity"], ID);
+    assert_eq!(ident["mode"], "enforce");
+    assert_eq!(ident["sessions"].as_array().unwrap().len(), 3, "{s}");
+    let revision = s["revision"].as_str().unwrap().to_owned();
+
+    // Hot reload: a valid edit is enforced at once for running agents...
+    std::fs::write(
+        dir.join("policy/agents.yaml"),
+        POLICY.replace("[443]", "[443, 80]"),
+    )
+    .unwrap();
+    let s = wait_status(&node.socket, "the new revision", |s| {
+        s["revision"] != revision.as_str()
+    });
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 80"), "err ENETUNREACH");
+    // ...an invalid one is refused and the last good revision stays in force.
+    let good = s["revision"].as_str().unwrap().to_owned();
+    std::fs::write(
+        dir.join("policy/agents.yaml"),
+        POLICY.replace("[443]", "[99999]"),
+    )
+    .unwrap();
+    let s = wait_status(&node.socket, "the rejection", |s| {
+        !s["policy_error"].is_null()
+    });
+    assert_eq!(s["revision"], good.as_str());
+    assert!(
+        s["policy_error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid port \"99999\""),
+        "{s}"
+    );
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 80"), "err ENETUNREACH");
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 22"), "err EPERM");
+
+    // SIGTERM: the node exits cleanly and enforcement stays.
+    assert_eq!(node.stop(), 0);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 22"), "err EPERM");
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+}
