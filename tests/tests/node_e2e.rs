@@ -223,13 +223,7 @@ fn node_launch_verifies_identity_enforces_and_reloads_policy() {
     let ca = Ca::new("agentwall test CA");
     std::fs::create_dir(dir.join("policy")).unwrap();
     std::fs::write(dir.join("policy/agents.yaml"), POLICY).unwrap();
-    let (ocert, okey) = openssl_agent_cert(
-        dir,
-        &Issued {
-            cert_pem: ca.pem(),
-            key_pem: String::new(),
-        },
-    );
+    let (ocert, okey) = openssl_agent_cert(dir);
     // The bundle trusts both CAs: ours and the one openssl made.
     let bundle = format!(
         "{}{}",
