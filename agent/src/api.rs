@@ -33,6 +33,13 @@ pub enum Request {
     Launch,
     /// Root only: the node's state.
     Status,
+    /// Root only: decision records after sequence number `after`.
+    Flows {
+        #[serde(default)]
+        after: u64,
+        #[serde(default)]
+        verdict: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +53,8 @@ pub struct Response {
     pub cgroup: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<Vec<crate::flows::FlowRecord>>,
 }
 
 impl Response {

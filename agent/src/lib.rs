@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod clock;
 pub mod config;
 pub mod datapath;
+pub mod flows;
 pub mod identity;
 pub mod logging;
 pub mod node;

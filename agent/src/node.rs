@@ -20,7 +20,8 @@ use crate::{
     cgroup::{Cgroup, Cgroup2Mount, CgroupError},
     clock::BootInstant,
     config::{ConfigError, NodeConfig},
-    datapath::{Datapath, DatapathConfig, DatapathError},
+    datapath::{Datapath, DatapathConfig, DatapathError, EventReader, EventRecord},
+    flows::{self, Recent},
     identity::{IdentityError, Rejection, TrustStore, VerifiedPeer},
     policy::{
         IdentityStatus, Rule,
@@ -99,6 +100,7 @@ impl IdentityNumbers {
 pub struct Session {
     pub identity: String,
     pub number: u32,
+    pub cgroup_id: u64,
     pub cgroup: PathBuf,
     pub pid: u32,
     pub serial: String,
@@ -112,6 +114,7 @@ struct State {
     numbers: IdentityNumbers,
     sessions: Vec<Session>,
     seq: u64,
+    recent: Recent,
 }
 
 pub struct Node {
@@ -120,6 +123,8 @@ pub struct Node {
     tls: Arc<rustls::ServerConfig>,
     /// Cgroups the node creates live here, below the attach point.
     agents_cgroup: Cgroup,
+    cgroup_mount: PathBuf,
+    events: Mutex<Option<EventReader>>,
     state: Mutex<State>,
 }
 
@@ -141,7 +146,8 @@ impl Node {
         };
         let mut dp_cfg = DatapathConfig::new(&attach, cfg.bpffs_dir());
         dp_cfg.unknown_flows = cfg.unknown_flows();
-        let datapath = Datapath::start(&dp_cfg)?;
+        let mut datapath = Datapath::start(&dp_cfg)?;
+        let events = datapath.take_events();
         let agents_cgroup = Cgroup::create(attach.join("agentwall"))?;
         let tls = api::server_config(&trust)?;
         let node = Arc::new(Self {
@@ -149,6 +155,8 @@ impl Node {
             trust,
             tls,
             agents_cgroup,
+            cgroup_mount: Cgroup2Mount::discover()?.mount_point,
+            events: Mutex::new(events),
             state: Mutex::new(State {
                 datapath,
                 policy: policy.clone(),
@@ -156,6 +164,7 @@ impl Node {
                 numbers: IdentityNumbers::load(&state_dir)?,
                 sessions: Vec::new(),
                 seq: 0,
+                recent: Recent::default(),
             }),
         });
         node.apply(policy)?;
@@ -272,6 +281,7 @@ impl Node {
         st.sessions.push(Session {
             identity: id.clone(),
             number,
+            cgroup_id: cg.id(),
             cgroup: cg.path().to_owned(),
             pid,
             serial: peer.serial,
@@ -350,6 +360,18 @@ impl Node {
                     ..Response::default()
                 },
                 Ok(Request::Status) => Response::error(None, "status is for root only"),
+                Ok(Request::Flows { after, verdict }) if uid == Some(0) => Response {
+                    ok: true,
+                    flows: Some(
+                        self.state
+                            .lock()
+                            .expect("node state")
+                            .recent
+                            .since(after, verdict.as_deref()),
+                    ),
+                    ..Response::default()
+                },
+                Ok(Request::Flows { .. }) => Response::error(None, "flows are for root only"),
                 Err(e) => Response::error(None, format!("bad request {:?}: {e}", line.trim())),
             },
             _ => Response::error(None, "no request received"),
@@ -358,6 +380,71 @@ impl Node {
         out.push('\n');
         let _ = write.write_all(out.as_bytes()).await;
         let _ = write.shutdown().await;
+    }
+
+    /// Enriches a kernel record: identity name, cgroup path, rule, revision.
+    fn record(&self, e: &EventRecord) {
+        let mut st = self.state.lock().expect("node state");
+        let mut r = flows::base(e, &st.policy.revision);
+        if e.identity != 0 {
+            r.identity = st
+                .numbers
+                .numbers
+                .iter()
+                .find(|&(_, &n)| n == e.identity)
+                .map(|(id, _)| id.clone());
+        }
+        r.cgroup = st
+            .sessions
+            .iter()
+            .find(|s| s.cgroup_id == e.cgroup_id)
+            .map(|s| s.cgroup.display().to_string())
+            .or_else(|| {
+                let text = std::fs::read_to_string(format!("/proc/{}/cgroup", e.pid)).ok()?;
+                let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+                Some(
+                    self.cgroup_mount
+                        .join(rel.trim_start_matches('/'))
+                        .display()
+                        .to_string(),
+                )
+            });
+        if e.rule_id > 0 {
+            if let Some(agent) = r.identity.as_deref().and_then(|id| st.policy.agent(id)) {
+                r.rule = st
+                    .policy
+                    .effective_rules(agent)
+                    .get(e.rule_id as usize - 1)
+                    .map(|x| x.source.place());
+            }
+        }
+        tracing::debug!(record = %r, "decision");
+        st.recent.push(r);
+    }
+
+    /// Reads the kernel's decision records as they arrive.
+    async fn read_events(self: Arc<Self>) {
+        let Some(reader) = self.events.lock().expect("events").take() else {
+            return;
+        };
+        // SAFETY: the reader owns the ring buffer's map fd, which stays open and the same for
+        // as long as the reader lives inside the AsyncFd.
+        let mut fd = match unsafe { tokio::io::unix::AsyncFd::register(reader) } {
+            Ok(fd) => fd,
+            Err(e) => {
+                error!(error = %e, "cannot watch the event ring buffer; no flows will be recorded");
+                return;
+            }
+        };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            for e in guard.get_inner_mut().drain() {
+                self.record(&e);
+            }
+            guard.clear_ready();
+        }
     }
 
     /// Serves the API until SIGTERM or SIGINT. Enforcement stays pinned after it returns.
@@ -390,6 +477,7 @@ impl Node {
             .policy
             .revision
             .clone();
+        tokio::spawn(self.clone().read_events());
         ready(&socket, &revision);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(io_err(Path::new("SIGTERM")))?;

@@ -23,6 +23,15 @@ egress:
   - to: [192.0.2.0/24]
     ports: [443]
     protocol: tcp
+---
+kind: AgentPolicy
+name: auditor
+identity: spiffe://example.org/agent/auditor
+mode: audit
+egress:
+  - to: [198.51.100.0/24]
+    ports: [443]
+    protocol: tcp
 ";
 
 /// A running `agentwall node`; SIGKILLed on drop if the test did not stop it.
@@ -139,6 +148,50 @@ fn wait_status(
     }
 }
 
+fn flows(socket: &Path, verdict: &str) -> Vec<serde_json::Value> {
+    let out = Command::new(bin_path("agentwall"))
+        .args([
+            "flows",
+            "--output",
+            "json",
+            "--verdict",
+            verdict,
+            "--socket",
+        ])
+        .arg(socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Polls `flows` until a record of `verdict` for `port` shows up (records arrive from the
+/// kernel asynchronously).
+fn wait_flow(socket: &Path, verdict: &str, port: u16) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(r) = flows(socket, verdict)
+            .into_iter()
+            .find(|r| r["port"] == port)
+        {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {verdict} record for port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn openssl_agent_cert(dir: &Path) -> (PathBuf, PathBuf) {
     // An issuing CA made by openssl as well, so the chain is openssl's end to end.
     let run = |args: &[&str]| {
@@ -245,6 +298,51 @@ fn node_launch_verifies_identity_enforces_and_reloads_policy() {
     );
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 80"), "err EPERM");
+
+    // The denial is recorded with identity, process, cgroup, reason and revision.
+    let rec = wait_flow(&node.socket, "deny", 80);
+    assert_eq!(rec["identity"], ID);
+    assert_eq!(rec["pid"], probe.pid);
+    assert_eq!(rec["dest"], "192.0.2.10");
+    assert_eq!(rec["protocol"], "tcp");
+    assert_eq!(rec["reason"], "no rule allows it");
+    assert!(rec["exe"].as_str().unwrap().ends_with("/aw-probe"), "{rec}");
+    assert!(
+        rec["cgroup"]
+            .as_str()
+            .unwrap()
+            .contains("/agentwall/example.org_agent_support-"),
+        "{rec}"
+    );
+    assert_eq!(rec["revision"], status_json(&node.socket)["revision"]);
+
+    // Audit mode: the would-be denial is allowed and recorded as audit.
+    let (acert, akey) = write_cert(
+        dir,
+        "auditor",
+        &ca.issue(&CertSpec::agent("spiffe://example.org/agent/auditor")),
+    );
+    let mut auditor = launch_probe(&node.socket, &acert, &akey);
+    assert_eq!(
+        auditor.cmd("connect tcp 198.51.100.9 8443"),
+        "err ENETUNREACH"
+    );
+    let rec = wait_flow(&node.socket, "audit", 8443);
+    assert_eq!(rec["identity"], "spiffe://example.org/agent/auditor");
+    assert_eq!(rec["reason"], "no rule allows it");
+
+    // A process in no identity's cgroup: allowed, recorded as an unknown flow.
+    let mut stranger = Probe::spawn(&env.cgroup("unenrolled"));
+    assert_eq!(
+        stranger.cmd("connect tcp 203.0.113.5 8080"),
+        "err ENETUNREACH"
+    );
+    let rec = wait_flow(&node.socket, "unknown", 8080);
+    assert!(rec.get("identity").is_none(), "{rec}");
+    assert!(
+        rec["cgroup"].as_str().unwrap().ends_with("/unenrolled"),
+        "{rec}"
+    );
 
     // The same with a certificate chain made by openssl.
     let mut oprobe = launch_probe(&node.socket, &ocert, &okey);
@@ -380,16 +478,25 @@ fn node_launch_verifies_identity_enforces_and_reloads_policy() {
 
     // status names the identity and its sessions.
     let s = status_json(&node.socket);
-    let ident = &s["identities"][0];
-    assert_eq!(ident["identity"], ID);
+    let by_id = |id: &str| {
+        s["identities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["identity"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} missing from status: {s}"))
+    };
+    let ident = by_id(ID);
     assert_eq!(ident["mode"], "enforce");
     assert_eq!(ident["sessions"].as_array().unwrap().len(), 3, "{s}");
+    assert_eq!(by_id("spiffe://example.org/agent/auditor")["mode"], "audit");
     let revision = s["revision"].as_str().unwrap().to_owned();
 
     // Hot reload: a valid edit is enforced at once for running agents...
     std::fs::write(
         dir.join("policy/agents.yaml"),
-        POLICY.replace("[443]", "[443, 80]"),
+        POLICY.replacen("[443]", "[443, 80]", 1),
     )
     .unwrap();
     let s = wait_status(&node.socket, "the new revision", |s| {
@@ -400,7 +507,7 @@ fn node_launch_verifies_identity_enforces_and_reloads_policy() {
     let good = s["revision"].as_str().unwrap().to_owned();
     std::fs::write(
         dir.join("policy/agents.yaml"),
-        POLICY.replace("[443]", "[99999]"),
+        POLICY.replacen("[443]", "[99999]", 1),
     )
     .unwrap();
     let s = wait_status(&node.socket, "the rejection", |s| {

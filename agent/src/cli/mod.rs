@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod down;
+mod flows;
 mod launch;
 mod node;
 mod policy;
@@ -29,6 +30,8 @@ enum Command {
     Launch(launch::Args),
     /// The node's state: revision, identities, sessions.
     Status(status::Args),
+    /// Denied, audited and unknown flows, recent and (with --follow) live.
+    Flows(flows::Args),
     /// Policy as code: check and test policy directories.
     #[command(subcommand)]
     Policy(policy::Command),
@@ -48,6 +51,7 @@ pub fn main() -> ExitCode {
         Command::Node(args) => node::run(args),
         Command::Launch(args) => return launch::run(args),
         Command::Status(args) => status::run(args),
+        Command::Flows(args) => flows::run(args),
         Command::Policy(cmd) => return policy::run(cmd),
     };
     match result {

@@ -1,0 +1,50 @@
+use std::{path::PathBuf, time::Duration};
+
+use agentwall::{
+    api::{self, Request},
+    config::DEFAULT_SOCKET,
+};
+use anyhow::bail;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Keep printing new records as they arrive.
+    #[arg(long)]
+    follow: bool,
+    /// Only records of this verdict.
+    #[arg(long, value_parser = ["deny", "audit", "unknown", "socket-deny"])]
+    verdict: Option<String>,
+    #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+    output: String,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut after = 0;
+    loop {
+        let r = api::call(
+            &args.socket,
+            None,
+            &Request::Flows {
+                after,
+                verdict: args.verdict.clone(),
+            },
+        )?;
+        if !r.ok {
+            bail!("{}", r.error.unwrap_or_else(|| "refused".into()));
+        }
+        for f in r.flows.unwrap_or_default() {
+            after = after.max(f.seq);
+            if args.output == "json" {
+                println!("{}", serde_json::to_string(&f)?);
+            } else {
+                println!("{f}");
+            }
+        }
+        if !args.follow {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

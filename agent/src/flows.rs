@@ -1,0 +1,153 @@
+//! Decision records from the kernel, enriched for people: identity, process, cgroup, rule,
+//! policy revision. The node keeps the most recent ones for `agentwall flows`.
+
+use std::{collections::VecDeque, net::IpAddr, time::SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{clock::BootInstant, datapath::EventRecord};
+
+/// How many records the node keeps in memory.
+pub const RECENT: usize = 10_000;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    pub seq: u64,
+    /// RFC 3339, UTC.
+    pub time: String,
+    /// deny | audit | unknown | socket-deny
+    pub verdict: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The SPIFFE ID, or none for cgroups bound to no identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    pub pid: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    pub comm: String,
+    pub uid: u32,
+    pub cgroup_id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dest: Option<IpAddr>,
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// The rule involved (overruled by the global deny list, say), as file:line egress[i].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    pub revision: String,
+    /// Identical records the kernel folded into this one.
+    pub suppressed: u32,
+}
+
+impl std::fmt::Display for FlowRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let who = self
+            .identity
+            .clone()
+            .or_else(|| self.cgroup.clone())
+            .unwrap_or_else(|| format!("cgroup {}", self.cgroup_id));
+        write!(
+            f,
+            "{} {:<7} {who} pid={} ({})",
+            self.time, self.verdict, self.pid, self.comm
+        )?;
+        let proto = self.protocol.as_deref().unwrap_or("?");
+        match self.dest {
+            Some(IpAddr::V6(a)) => write!(f, " -> [{a}]:{}/{proto}", self.port)?,
+            Some(a) => write!(f, " -> {a}:{}/{proto}", self.port)?,
+            None => write!(f, " {proto}")?,
+        }
+        if let Some(r) = &self.reason {
+            write!(f, ": {r}")?;
+        }
+        if let Some(r) = &self.rule {
+            write!(f, " [rule {r}]")?;
+        }
+        if self.suppressed > 0 {
+            write!(f, " (+{} identical)", self.suppressed)?;
+        }
+        Ok(())
+    }
+}
+
+/// Wall-clock time of a boot-clock instant.
+pub fn wall_time(t: BootInstant) -> SystemTime {
+    let now = BootInstant::now();
+    let ago = std::time::Duration::from_nanos(now.0.saturating_sub(t.0));
+    SystemTime::now() - ago
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// The process's executable, if it is still there to ask.
+pub fn exe_of(pid: u32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.display().to_string())
+}
+
+/// Recent records, oldest first, with increasing sequence numbers.
+#[derive(Debug, Default)]
+pub struct Recent {
+    records: VecDeque<FlowRecord>,
+    next_seq: u64,
+}
+
+impl Recent {
+    pub fn push(&mut self, mut r: FlowRecord) {
+        self.next_seq += 1;
+        r.seq = self.next_seq;
+        if self.records.len() == RECENT {
+            self.records.pop_front();
+        }
+        self.records.push_back(r);
+    }
+
+    /// Records after `after`, optionally of one verdict.
+    pub fn since(&self, after: u64, verdict: Option<&str>) -> Vec<FlowRecord> {
+        self.records
+            .iter()
+            .filter(|r| r.seq > after && verdict.is_none_or(|v| r.verdict == v))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The parts of a record that come straight from the kernel.
+pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
+    let flow = e.hook != crate::datapath::Hook::SockCreate;
+    FlowRecord {
+        seq: 0,
+        time: rfc3339(wall_time(e.time)),
+        verdict: e.kind.as_str().to_owned(),
+        reason: e.reason.map(|r| r.to_string()),
+        identity: None,
+        pid: e.pid,
+        exe: exe_of(e.pid),
+        comm: e.comm.clone(),
+        uid: e.uid,
+        cgroup_id: e.cgroup_id,
+        cgroup: None,
+        dest: flow.then_some(e.dest),
+        port: e.port,
+        protocol: if flow {
+            e.proto.map(|p| p.to_string())
+        } else {
+            Some(format!(
+                "socket type {} protocol {}",
+                e.sock_type, e.sock_protocol
+            ))
+        },
+        rule: None,
+        revision: revision.to_owned(),
+        suppressed: e.suppressed,
+    }
+}
