@@ -10,6 +10,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+
+mod demo;
 use clap::{Parser, Subcommand};
 
 /// bpf-linker 0.10.0 is the last release that loads rustc's own LLVM (see KERNEL-NOTES).
@@ -39,7 +41,7 @@ enum Task {
         #[arg(long, default_value_t = 20_000)]
         iterations: u32,
     },
-    /// The end-to-end demo (arrives with the node).
+    /// agentwall end to end on this machine: certificates, policy, node, agents, flows.
     Demo,
 }
 
@@ -83,10 +85,9 @@ fn main() -> Result<()> {
         }
         Task::Demo => {
             setup()?;
-            bail!(
-                "the demo arrives with the node (certificates, policy files, launch); \
-                 today `cargo xtask test` shows the datapath at work"
-            )
+            require_root("the demo attaches eBPF programs and creates cgroups")?;
+            run(cargo(&root).args(["build", "--bins", "--quiet"]))?;
+            demo::run(&root)
         }
     }
 }
