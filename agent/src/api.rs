@@ -31,6 +31,14 @@ pub const SERVER_NAME: &str = "agentwall.node";
 pub enum Request {
     /// Place the calling process in a cgroup bound to the certificate's identity.
     Launch,
+    /// Root only, with the identity's certificate: bind an existing cgroup (a systemd unit, a
+    /// container) to the certificate's identity.
+    Enroll { cgroup: PathBuf },
+    /// From inside a bound cgroup, with a newer certificate for the same identity: extend the
+    /// cgroup's deadline to the new certificate's expiry.
+    Renew,
+    /// Root only: deny the identity everything at once, on every cgroup bound to it.
+    Revoke { identity: String },
     /// Root only: the node's state.
     Status,
     /// Root only: decision records after sequence number `after`.

@@ -58,6 +58,9 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> NodeError + '_ {
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct IdentityNumbers {
     numbers: BTreeMap<String, u32>,
+    /// Revoked identities stay revoked across policy reloads and restarts.
+    #[serde(default)]
+    revoked: std::collections::BTreeSet<String>,
 }
 
 impl IdentityNumbers {
@@ -177,8 +180,12 @@ impl Node {
         let mut sets: Vec<(u32, Vec<Rule>)> = Vec::new();
         for agent in &policy.agents {
             let n = st.numbers.get_or_assign(&agent.identity);
-            st.datapath
-                .set_identity(n, IdentityStatus::Active, agent.mode)?;
+            let status = if st.numbers.revoked.contains(&agent.identity) {
+                IdentityStatus::Revoked
+            } else {
+                IdentityStatus::Active
+            };
+            st.datapath.set_identity(n, status, agent.mode)?;
             let rules = policy
                 .effective_rules(agent)
                 .into_iter()
@@ -232,6 +239,44 @@ impl Node {
         }
     }
 
+    /// The identity's number, if it may be bound now (it has a policy and is not revoked).
+    fn admissible(st: &mut State, id: &str) -> Result<u32, String> {
+        if st.policy.agent(id).is_none() {
+            return Err(format!("no AgentPolicy for identity {id}"));
+        }
+        if st.numbers.revoked.contains(id) {
+            return Err(format!("identity {id} is revoked"));
+        }
+        Ok(st.numbers.get_or_assign(id))
+    }
+
+    /// Binds `cg` to the peer's identity until its certificate expires and records the session.
+    fn bind_session(
+        st: &mut State,
+        peer: &VerifiedPeer,
+        number: u32,
+        cg: &Cgroup,
+        pid: u32,
+    ) -> Result<(), String> {
+        let deadline = BootInstant::from_system_time(peer.not_after);
+        st.datapath
+            .bind(cg, number, Some(deadline))
+            .map_err(|e| format!("binding {}: {e}", cg.path().display()))?;
+        let not_after = flows::rfc3339(peer.not_after);
+        info!(identity = %peer.id, cgroup_id = cg.id(), pid, serial = %peer.serial, %not_after, "cgroup bound");
+        st.sessions.retain(|s| s.cgroup_id != cg.id());
+        st.sessions.push(Session {
+            identity: peer.id.to_string(),
+            number,
+            cgroup_id: cg.id(),
+            cgroup: cg.path().to_owned(),
+            pid,
+            serial: peer.serial.clone(),
+            not_after,
+        });
+        Ok(())
+    }
+
     fn launch(&self, peer: VerifiedPeer, pidfd: std::os::fd::OwnedFd) -> Response {
         let id = peer.id.to_string();
         let reject = |why: String| {
@@ -239,10 +284,10 @@ impl Node {
             Response::error(Some(id.clone()), why)
         };
         let mut st = self.state.lock().expect("node state");
-        let Some(agent) = st.policy.agent(&id).cloned() else {
-            return reject(format!("no AgentPolicy for identity {id}"));
+        let number = match Self::admissible(&mut st, &id) {
+            Ok(n) => n,
+            Err(why) => return reject(why),
         };
-        let number = st.numbers.get_or_assign(&agent.identity);
         let pid = match api::pidfd_pid(&pidfd) {
             Ok(p) => p,
             Err(e) => return reject(format!("the launching process is gone: {e}")),
@@ -258,10 +303,9 @@ impl Node {
             Ok(c) => c,
             Err(e) => return reject(format!("creating the agent's cgroup: {e}")),
         };
-        let deadline = BootInstant::from_system_time(peer.not_after);
-        if let Err(e) = st.datapath.bind(&cg, number, Some(deadline)) {
+        if let Err(why) = Self::bind_session(&mut st, &peer, number, &cg, pid) {
             let _ = cg.remove_tree();
-            return reject(format!("binding the agent's cgroup: {e}"));
+            return reject(why);
         }
         // The pid came from the pidfd; if the process is still alive after the move, the pid
         // we wrote was the launcher's and not a reused one.
@@ -274,23 +318,124 @@ impl Node {
         if !api::pidfd_alive(&pidfd) {
             return reject("the launching process exited during placement".into());
         }
-        let not_after = time::OffsetDateTime::from(peer.not_after)
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
-        info!(identity = %id, cgroup_id = cg.id(), pid, serial = %peer.serial, %not_after, "agent launched");
-        st.sessions.push(Session {
-            identity: id.clone(),
-            number,
-            cgroup_id: cg.id(),
-            cgroup: cg.path().to_owned(),
-            pid,
-            serial: peer.serial,
-            not_after,
-        });
         Response {
             ok: true,
             identity: Some(id),
             cgroup: Some(cg.path().to_owned()),
+            ..Response::default()
+        }
+    }
+
+    fn enroll(&self, peer: VerifiedPeer, path: &Path) -> Response {
+        let id = peer.id.to_string();
+        let reject = |why: String| {
+            warn!(identity = %id, reason = %why, "enroll rejected");
+            Response::error(Some(id.clone()), why)
+        };
+        let cg = match Cgroup::open(path) {
+            Ok(c) => c,
+            Err(e) => return reject(e.to_string()),
+        };
+        let attach = self.agents_cgroup.path().parent().unwrap_or(Path::new("/"));
+        if !cg.path().starts_with(attach) || cg.path() == attach {
+            return reject(format!(
+                "{} is not below the attach cgroup {}; the datapath would not see it",
+                cg.path().display(),
+                attach.display()
+            ));
+        }
+        let mut st = self.state.lock().expect("node state");
+        let number = match Self::admissible(&mut st, &id) {
+            Ok(n) => n,
+            Err(why) => return reject(why),
+        };
+        if let Err(why) = Self::bind_session(&mut st, &peer, number, &cg, 0) {
+            return reject(why);
+        }
+        Response {
+            ok: true,
+            identity: Some(id),
+            cgroup: Some(cg.path().to_owned()),
+            ..Response::default()
+        }
+    }
+
+    fn renew(&self, peer: VerifiedPeer, pidfd: std::os::fd::OwnedFd) -> Response {
+        let id = peer.id.to_string();
+        let reject = |why: String| {
+            warn!(identity = %id, reason = %why, "renew rejected");
+            Response::error(Some(id.clone()), why)
+        };
+        let cgroup = api::pidfd_pid(&pidfd).ok().and_then(|pid| {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+            let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
+            Some(self.cgroup_mount.join(rel.trim_start_matches('/')))
+        });
+        let Some(cgroup) = cgroup else {
+            return reject("cannot find the calling process's cgroup".into());
+        };
+        let mut st = self.state.lock().expect("node state");
+        // The caller's own cgroup or the nearest bound one above it.
+        let Some(session) = st
+            .sessions
+            .iter()
+            .filter(|s| cgroup.starts_with(&s.cgroup))
+            .max_by_key(|s| s.cgroup.components().count())
+            .cloned()
+        else {
+            return reject(format!(
+                "{} is not bound by this node; run renew from inside the agent",
+                cgroup.display()
+            ));
+        };
+        if session.identity != id {
+            return reject(format!(
+                "this cgroup belongs to {}, not to {id}",
+                session.identity
+            ));
+        }
+        if let Err(why) = Self::admissible(&mut st, &id) {
+            return reject(why);
+        }
+        let cg = match Cgroup::open(&session.cgroup) {
+            Ok(c) => c,
+            Err(e) => return reject(e.to_string()),
+        };
+        if let Err(why) = Self::bind_session(&mut st, &peer, session.number, &cg, session.pid) {
+            return reject(why);
+        }
+        Response {
+            ok: true,
+            identity: Some(id),
+            cgroup: Some(session.cgroup),
+            ..Response::default()
+        }
+    }
+
+    /// Denies the identity everything at once and keeps it revoked (across reloads too).
+    fn revoke(&self, id: &str) -> Response {
+        let mut st = self.state.lock().expect("node state");
+        let Some(&number) = st.numbers.numbers.get(id) else {
+            return Response::error(Some(id.to_owned()), format!("unknown identity {id}"));
+        };
+        let mode = st
+            .policy
+            .agent(id)
+            .map_or(crate::policy::Mode::Enforce, |a| a.mode);
+        if let Err(e) = st
+            .datapath
+            .set_identity(number, IdentityStatus::Revoked, mode)
+        {
+            return Response::error(Some(id.to_owned()), e.to_string());
+        }
+        st.numbers.revoked.insert(id.to_owned());
+        if let Err(e) = st.numbers.save(&self.cfg.state_dir()) {
+            error!(error = %e, identity = id, "revocation is in force but could not be saved");
+        }
+        warn!(identity = id, "identity revoked");
+        Response {
+            ok: true,
+            identity: Some(id.to_owned()),
             ..Response::default()
         }
     }
@@ -315,6 +460,7 @@ impl Node {
             })
             .collect();
         serde_json::json!({
+            "revoked": st.numbers.revoked,
             "revision": st.policy.revision,
             "policy_error": st.last_policy_error,
             "identities": identities,
@@ -354,6 +500,20 @@ impl Node {
                         Response::error(None, format!("cannot identify the calling process: {e}"))
                     }
                 },
+                Ok(Request::Enroll { cgroup }) => match peer {
+                    Ok(_) if uid != Some(0) => Response::error(None, "enroll is for root only"),
+                    Ok(peer) => self.enroll(peer, &cgroup),
+                    Err(r) => rejection(&r),
+                },
+                Ok(Request::Renew) => match (peer, pidfd) {
+                    (Ok(peer), Ok(pidfd)) => self.renew(peer, pidfd),
+                    (Err(r), _) => rejection(&r),
+                    (_, Err(e)) => {
+                        Response::error(None, format!("cannot identify the calling process: {e}"))
+                    }
+                },
+                Ok(Request::Revoke { identity }) if uid == Some(0) => self.revoke(&identity),
+                Ok(Request::Revoke { .. }) => Response::error(None, "revoke is for root only"),
                 Ok(Request::Status) if uid == Some(0) => Response {
                     ok: true,
                     status: Some(self.status()),

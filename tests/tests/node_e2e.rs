@@ -529,3 +529,188 @@ fn node_launch_verifies_identity_enforces_and_reloads_policy() {
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 22"), "err EPERM");
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
 }
+
+#[test]
+fn certificate_expiry_cuts_the_agent_off_even_with_the_node_stopped() {
+    let env = TestEnv::new("expiry");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Ca::new("agentwall test CA");
+    std::fs::create_dir(dir.join("policy")).unwrap();
+    std::fs::write(dir.join("policy/agents.yaml"), POLICY).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let node = NodeProc::start(&env, dir);
+
+    // X.509 times have one-second resolution: a certificate valid for three more seconds.
+    let now = time::OffsetDateTime::now_utc();
+    let not_after = (now + time::Duration::seconds(3))
+        .replace_nanosecond(0)
+        .unwrap();
+    let spec = CertSpec {
+        not_after,
+        ..CertSpec::agent(ID)
+    };
+    let (cert, key) = write_cert(dir, "short", &ca.issue(&spec));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+
+    // The node goes away; the kernel still holds the deadline.
+    assert_eq!(node.stop(), 0);
+    // Waiting for the clock is the behaviour under test, not synchronisation.
+    let until = std::time::SystemTime::from(not_after) + Duration::from_millis(50);
+    while std::time::SystemTime::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+}
+
+fn agentwall_out(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin_path("agentwall"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    )
+}
+
+#[test]
+fn enroll_renew_and_revoke() {
+    let env = TestEnv::new("lifecycle");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Ca::new("agentwall test CA");
+    std::fs::create_dir(dir.join("policy")).unwrap();
+    std::fs::write(dir.join("policy/agents.yaml"), POLICY).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let node = NodeProc::start(&env, dir);
+    let sock = node.socket.to_str().unwrap().to_owned();
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let (c, k) = (cert.to_str().unwrap(), key.to_str().unwrap());
+
+    // enroll: a process already running in an existing cgroup is governed from then on.
+    let unit = env.cgroup("services/support.service");
+    let mut svc = Probe::spawn(&unit);
+    assert_eq!(svc.cmd("connect tcp 192.0.2.10 80"), "err ENETUNREACH");
+    let unit_path = unit.path().to_str().unwrap();
+    let (code, out, err) = agentwall_out(&[
+        "enroll", "--cgroup", unit_path, "--cert", c, "--key", k, "--socket", &sock,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, format!("agentwall enroll: {unit_path} bound to {ID}"));
+    assert_eq!(svc.cmd("connect tcp 192.0.2.10 80"), "err EPERM");
+    assert_eq!(svc.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    // A cgroup the datapath does not see is refused.
+    let root = agentwall::cgroup::Cgroup2Mount::discover()
+        .unwrap()
+        .mount_point;
+    let (code, _, err) = agentwall_out(&[
+        "enroll",
+        "--cgroup",
+        root.to_str().unwrap(),
+        "--cert",
+        c,
+        "--key",
+        k,
+        "--socket",
+        &sock,
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("is not below the attach cgroup"), "{err}");
+
+    // renew: an agent launched with a certificate about to expire renews it from inside.
+    let now = time::OffsetDateTime::now_utc();
+    let not_after = (now + time::Duration::seconds(3))
+        .replace_nanosecond(0)
+        .unwrap();
+    let (sc, sk) = write_cert(
+        dir,
+        "short",
+        &ca.issue(&CertSpec {
+            not_after,
+            ..CertSpec::agent(ID)
+        }),
+    );
+    let mut cmd = launch_args(&node.socket, &sc, &sk);
+    cmd.args([
+        "sh",
+        "-c",
+        &format!(
+            "{aw} renew --cert {c} --key {k} --socket {sock} >&2 && exec {probe} --netns",
+            aw = bin_path("agentwall").display(),
+            probe = bin_path("aw-probe").display()
+        ),
+    ]);
+    let mut renewed = Probe::from_command(cmd);
+    let until = std::time::SystemTime::from(not_after) + Duration::from_millis(50);
+    while std::time::SystemTime::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        renewed.cmd("connect tcp 192.0.2.10 443"),
+        "err ENETUNREACH",
+        "renewal extended the deadline"
+    );
+
+    // Renewing with another identity's certificate, or from outside any bound cgroup, fails.
+    let (oc, ok) = write_cert(
+        dir,
+        "auditor",
+        &ca.issue(&CertSpec::agent("spiffe://example.org/agent/auditor")),
+    );
+    let out = launch_args(&node.socket, &cert, &key)
+        .args([
+            bin_path("agentwall").to_str().unwrap(),
+            "renew",
+            "--cert",
+            oc.to_str().unwrap(),
+            "--key",
+            ok.to_str().unwrap(),
+            "--socket",
+            &sock,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "this cgroup belongs to {ID}, not to spiffe://example.org/agent/auditor"
+        )),
+        "{err}"
+    );
+    let (code, _, err) = agentwall_out(&["renew", "--cert", c, "--key", k, "--socket", &sock]);
+    assert_eq!(code, 2);
+    assert!(err.contains("is not bound by this node"), "{err}");
+
+    // revoke: every cgroup of the identity is denied at once, and it cannot launch again.
+    let (code, out, err) = agentwall_out(&["revoke", ID, "--socket", &sock]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        format!("agentwall revoke: {ID} is denied everything from now on")
+    );
+    assert_eq!(svc.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+    assert_eq!(renewed.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+    let out = launch_args(&node.socket, &cert, &key)
+        .arg("true")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        format!("agentwall launch: rejected: identity {ID} is revoked (identity {ID})")
+    );
+    // A policy reload does not bring it back.
+    std::fs::write(
+        dir.join("policy/agents.yaml"),
+        format!("{POLICY}\n# touched\n"),
+    )
+    .unwrap();
+    let before = status_json(&node.socket)["revision"].clone();
+    wait_status(&node.socket, "the reload", |s| s["revision"] != before);
+    assert_eq!(svc.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+    drop(node);
+}

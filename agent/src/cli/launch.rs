@@ -1,4 +1,9 @@
-use std::{ffi::OsString, os::unix::process::CommandExt as _, path::PathBuf, process::ExitCode};
+use std::{
+    ffi::OsString,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use agentwall::{
     api::{self, Credentials, Request},
@@ -25,30 +30,58 @@ pub struct Args {
     command: Vec<OsString>,
 }
 
-/// Exit status 2 for every refusal; otherwise the command's own (it replaces this process).
-pub fn run(args: Args) -> ExitCode {
-    let claimed = CertificateDer::pem_file_iter(&args.cert)
+/// The identity a certificate file claims, for messages (not verified: the node does that).
+fn claimed_identity(cert: &Path) -> String {
+    CertificateDer::pem_file_iter(cert)
         .ok()
         .and_then(|mut it| it.next())
         .and_then(Result::ok)
         .and_then(|c| peer_from_cert(&c).ok())
-        .map_or_else(|| "unknown".to_owned(), |p| p.id.to_string());
+        .map_or_else(|| "unknown".to_owned(), |p| p.id.to_string())
+}
+
+/// Sends a request that proves the identity of `cert`. On refusal prints one line naming the
+/// reason and the identity and returns exit status 2.
+pub fn call_with_cert(
+    verb: &str,
+    socket: &Path,
+    cert: &Path,
+    key: &Path,
+    req: &Request,
+    check: impl FnOnce() -> Result<(), String>,
+) -> Result<api::Response, ExitCode> {
     let fail = |msg: String| {
-        eprintln!("agentwall launch: rejected: {msg} (identity {claimed})");
+        eprintln!(
+            "agentwall {verb}: rejected: {msg} (identity {})",
+            claimed_identity(cert)
+        );
         ExitCode::from(2)
     };
-    let creds = match Credentials::load(&args.cert, &args.key) {
-        Ok(c) => c,
-        Err(e) => return fail(e.to_string()),
+    let creds = Credentials::load(cert, key).map_err(|e| fail(e.to_string()))?;
+    check().map_err(fail)?;
+    match api::call(socket, Some(creds), req) {
+        Ok(r) if r.ok => Ok(r),
+        Ok(r) => Err(fail(r.error.unwrap_or_else(|| "refused".into()))),
+        Err(e) => Err(fail(e.to_string())),
+    }
+}
+
+/// Exit status 2 for every refusal; otherwise the command's own (it replaces this process).
+pub fn run(args: Args) -> ExitCode {
+    let mut user = None;
+    let check = || {
+        user = args.user.as_deref().map(lookup_user).transpose()?;
+        Ok(())
     };
-    let user = match args.user.as_deref().map(lookup_user).transpose() {
-        Ok(u) => u,
-        Err(e) => return fail(e),
-    };
-    match api::call(&args.socket, Some(creds), &Request::Launch) {
-        Ok(r) if r.ok => {}
-        Ok(r) => return fail(r.error.unwrap_or_else(|| "refused".into())),
-        Err(e) => return fail(e.to_string()),
+    if let Err(code) = call_with_cert(
+        "launch",
+        &args.socket,
+        &args.cert,
+        &args.key,
+        &Request::Launch,
+        check,
+    ) {
+        return code;
     }
     let mut cmd = std::process::Command::new(&args.command[0]);
     cmd.args(&args.command[1..]);

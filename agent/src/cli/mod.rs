@@ -3,10 +3,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod down;
+mod enroll;
 mod flows;
 mod launch;
 mod node;
 mod policy;
+mod renew;
+mod revoke;
 mod status;
 
 #[derive(Parser)]
@@ -28,6 +31,12 @@ enum Command {
     Node(node::Args),
     /// Prove an identity to the node and run a command confined to it.
     Launch(launch::Args),
+    /// Bind an existing cgroup (a systemd unit, a container) to a certificate's identity.
+    Enroll(enroll::Args),
+    /// From inside a bound cgroup: extend its deadline with a newer certificate.
+    Renew(renew::Args),
+    /// Deny an identity everything, at once, on every cgroup bound to it.
+    Revoke(revoke::Args),
     /// The node's state: revision, identities, sessions.
     Status(status::Args),
     /// Denied, audited and unknown flows, recent and (with --follow) live.
@@ -50,6 +59,9 @@ pub fn main() -> ExitCode {
         Command::Down(args) => down::run(args),
         Command::Node(args) => node::run(args),
         Command::Launch(args) => return launch::run(args),
+        Command::Enroll(args) => return enroll::run(args),
+        Command::Renew(args) => return renew::run(args),
+        Command::Revoke(args) => revoke::run(args),
         Command::Status(args) => status::run(args),
         Command::Flows(args) => flows::run(args),
         Command::Policy(cmd) => return policy::run(cmd),
