@@ -12,3 +12,4 @@ pub mod identity;
 pub mod logging;
 pub mod node;
 pub mod policy;
+pub mod sockets;

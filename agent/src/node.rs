@@ -432,7 +432,25 @@ impl Node {
         if let Err(e) = st.numbers.save(&self.cfg.state_dir()) {
             error!(error = %e, identity = id, "revocation is in force but could not be saved");
         }
-        warn!(identity = id, "identity revoked");
+        // New connections already fail; end the established ones too.
+        let cgroups: Vec<&Path> = st
+            .sessions
+            .iter()
+            .filter(|s| s.identity == id)
+            .map(|s| s.cgroup.as_path())
+            .collect();
+        let destroyed = match crate::sockets::destroy_tcp_in(&cgroups) {
+            Ok(n) => n,
+            Err(e) => {
+                error!(error = %e, identity = id, "could not destroy the identity's connections");
+                0
+            }
+        };
+        warn!(
+            identity = id,
+            connections_destroyed = destroyed,
+            "identity revoked"
+        );
         Response {
             ok: true,
             identity: Some(id.to_owned()),

@@ -23,6 +23,9 @@ egress:
   - to: [192.0.2.0/24]
     ports: [443]
     protocol: tcp
+  - to: [127.0.0.1]
+    ports: [9000]
+    protocol: tcp
 ---
 kind: AgentPolicy
 name: auditor
@@ -685,7 +688,13 @@ fn enroll_renew_and_revoke() {
     assert_eq!(code, 2);
     assert!(err.contains("is not bound by this node"), "{err}");
 
-    // revoke: every cgroup of the identity is denied at once, and it cannot launch again.
+    // An established connection of the identity, to a listener inside its own namespace.
+    assert_eq!(svc.cmd("listen tcp 127.0.0.1 9000"), "ok");
+    assert_eq!(svc.cmd("hold tcp 127.0.0.1 9000"), "ok");
+    assert_eq!(svc.cmd("held"), "alive=1 closed=0");
+
+    // revoke: every cgroup of the identity is denied at once, its established connections are
+    // destroyed, and it cannot launch again.
     let (code, out, err) = agentwall_out(&["revoke", ID, "--socket", &sock]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(
@@ -694,6 +703,7 @@ fn enroll_renew_and_revoke() {
     );
     assert_eq!(svc.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
     assert_eq!(renewed.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+    assert_eq!(svc.cmd("held"), "alive=0 closed=1");
     let out = launch_args(&node.socket, &cert, &key)
         .arg("true")
         .output()

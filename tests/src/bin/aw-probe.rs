@@ -15,6 +15,8 @@
 //!                                  `p50=NS p99=NS`
 //!   bench-udp ADDR PORT N          time N connect() calls re-connecting one UDP socket (no
 //!                                  handshake: the hook's own cost stands out); `p50=NS p99=NS`
+//!   hold tcp ADDR PORT             connect and keep the connection open
+//!   held                           answers `alive=N closed=M` for the kept connections
 //!   exit
 //! Startup: `aw-probe [--cgroup DIR] [--netns]` prints `ready PID` once in place.
 
@@ -197,6 +199,12 @@ fn tally(proto: &str, addrs: impl Iterator<Item = SocketAddr>) -> String {
     format!("eperm={eperm} other={other}")
 }
 
+/// Connections kept open by `hold`.
+fn held() -> std::sync::MutexGuard<'static, Vec<OwnedFd>> {
+    static HELD: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());
+    HELD.lock().expect("held lock")
+}
+
 fn percentiles(mut samples: Vec<u64>) -> String {
     samples.sort_unstable();
     let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
@@ -365,6 +373,40 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 proto,
                 (base.port()..=hi).map(|p| SocketAddr::new(base.ip(), p)),
             )
+        }
+        ["hold", "tcp", ip, port] => {
+            let addr = sa(ip, port)?;
+            let s = new_socket(family(&addr), libc::SOCK_STREAM, libc::IPPROTO_TCP)
+                .map_err(|e| format!("socket: {}", errno_name(e)))?;
+            let (ss, len) = sockaddr(addr);
+            // SAFETY: valid fd and address.
+            if unsafe { libc::connect(s.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
+                format!("err {}", errno_name(last_err()))
+            } else {
+                held().push(s);
+                "ok".into()
+            }
+        }
+        ["held"] => {
+            let (mut alive, mut closed) = (0, 0);
+            for s in held().iter() {
+                let mut b = [0u8; 1];
+                // SAFETY: valid fd and buffer.
+                let n = unsafe {
+                    libc::recv(
+                        s.as_raw_fd(),
+                        b.as_mut_ptr().cast(),
+                        1,
+                        libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                    )
+                };
+                if n < 0 && last_err() == libc::EAGAIN {
+                    alive += 1;
+                } else {
+                    closed += 1;
+                }
+            }
+            format!("alive={alive} closed={closed}")
         }
         ["bench-udp", ip, port, n] => {
             let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
