@@ -106,7 +106,11 @@ pub struct Binding {
     pub identity: u32,
     /// Level of the bound cgroup under the cgroup2 root, kept so a restarted daemon can rebuild
     /// [`Config::bound_levels`] from the pinned map alone.
-    pub level: u32,
+    pub level: u8,
+    /// Non-zero: the certificate behind this binding was revoked (a CRL lists it); the cgroup
+    /// stays bound and is denied everything.
+    pub revoked: u8,
+    pub _pad: [u8; 2],
 }
 
 /// Value of `AW_IDENTITIES` (index: identity number).

@@ -187,7 +187,7 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
     };
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let audit = match AW_IDENTITIES.get(identity) {
-        Some(st) => st.state == IDENTITY_ACTIVE && st.mode == MODE_AUDIT,
+        Some(st) => binding.revoked == 0 && st.state == IDENTITY_ACTIVE && st.mode == MODE_AUDIT,
         None => false,
     };
     if audit {
@@ -280,9 +280,10 @@ fn judge(flow: &Flow) -> i32 {
         Some(st) => (st.state, st.mode),
         None => (0, 0),
     };
-    // Revoked, unset and expired identities are denied whatever the mode: audit mode is for
-    // trying out a policy, not for keeping a dead identity alive.
-    if state != IDENTITY_ACTIVE {
+    // Revoked, unset and expired identities (and bindings whose certificate was revoked) are
+    // denied whatever the mode: audit mode is for trying out a policy, not for keeping a dead
+    // identity alive.
+    if state != IDENTITY_ACTIVE || binding.revoked != 0 {
         report(flow, leaf, identity, EVENT_DENY, REASON_REVOKED, 0, 0);
         return DENY;
     }

@@ -383,3 +383,30 @@ mod tests {
         }
     }
 }
+
+/// Hex serial numbers (as [`VerifiedPeer::serial`] writes them) listed in PEM CRL files.
+pub fn revoked_serials(
+    crls: &[PathBuf],
+) -> Result<std::collections::HashSet<String>, IdentityError> {
+    let mut out = std::collections::HashSet::new();
+    for path in crls {
+        let crl_err = |message: String| IdentityError::Crl {
+            path: path.clone(),
+            message,
+        };
+        let ders: Vec<CertificateRevocationListDer<'static>> =
+            CertificateRevocationListDer::pem_file_iter(path)
+                .map_err(|e| crl_err(e.to_string()))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| crl_err(e.to_string()))?;
+        for der in &ders {
+            let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
+                .map_err(|e| crl_err(format!("unparsable CRL: {e}")))?;
+            out.extend(
+                crl.iter_revoked_certificates()
+                    .map(|r| r.raw_serial_as_string().replace(':', "")),
+            );
+        }
+    }
+    Ok(out)
+}

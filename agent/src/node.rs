@@ -108,6 +108,8 @@ pub struct Session {
     pub pid: u32,
     pub serial: String,
     pub not_after: String,
+    /// Its certificate is on a CRL: the cgroup stays bound and is denied everything.
+    pub revoked: bool,
 }
 
 struct State {
@@ -120,10 +122,41 @@ struct State {
     recent: Recent,
 }
 
+/// The trust store and the TLS configuration built on it: replaced together when CRLs change,
+/// and a connection uses one pair from handshake to verdict.
+struct Tls {
+    trust: TrustStore,
+    config: Arc<rustls::ServerConfig>,
+}
+
+impl Tls {
+    fn load(cfg: &NodeConfig) -> Result<Self, NodeError> {
+        let trust = TrustStore::load(cfg.trust_bundle()?, &cfg.crl, cfg.trust_domain.as_deref())?;
+        let config = api::server_config(&trust)?;
+        Ok(Self { trust, config })
+    }
+}
+
+/// What the CRL files looked like when last read (path, modification time, length).
+type CrlStamp = Vec<(PathBuf, Option<std::time::SystemTime>, u64)>;
+
+fn crl_stamp(crls: &[PathBuf]) -> CrlStamp {
+    crls.iter()
+        .map(|p| {
+            let m = std::fs::metadata(p).ok();
+            (
+                p.clone(),
+                m.as_ref().and_then(|m| m.modified().ok()),
+                m.map_or(0, |m| m.len()),
+            )
+        })
+        .collect()
+}
+
 pub struct Node {
     cfg: NodeConfig,
-    trust: TrustStore,
-    tls: Arc<rustls::ServerConfig>,
+    tls: std::sync::RwLock<Arc<Tls>>,
+    crls: Mutex<CrlStamp>,
     /// Cgroups the node creates live here, below the attach point.
     agents_cgroup: Cgroup,
     cgroup_mount: PathBuf,
@@ -135,7 +168,7 @@ impl Node {
     /// Starts the datapath (adopting pins), loads and applies policy. The policy must be valid
     /// to start: there is no last good revision yet.
     pub fn start(cfg: NodeConfig) -> Result<Arc<Self>, NodeError> {
-        let trust = TrustStore::load(cfg.trust_bundle()?, &cfg.crl, cfg.trust_domain.as_deref())?;
+        let tls = Tls::load(&cfg)?;
         let dir = cfg.policy_dir();
         let policy = load_dir(&dir).map_err(|errors| NodeError::Policy {
             dir: dir.clone(),
@@ -152,11 +185,10 @@ impl Node {
         let mut datapath = Datapath::start(&dp_cfg)?;
         let events = datapath.take_events();
         let agents_cgroup = Cgroup::create(attach.join("agentwall"))?;
-        let tls = api::server_config(&trust)?;
         let node = Arc::new(Self {
+            crls: Mutex::new(crl_stamp(&cfg.crl)),
             cfg,
-            trust,
-            tls,
+            tls: std::sync::RwLock::new(Arc::new(tls)),
             agents_cgroup,
             cgroup_mount: Cgroup2Mount::discover()?.mount_point,
             events: Mutex::new(events),
@@ -208,9 +240,60 @@ impl Node {
         Ok(())
     }
 
+    /// Re-reads changed CRL files: new handshakes use them, and running sessions whose
+    /// certificate is now listed are cut off (binding revoked, connections destroyed).
+    fn reload_crls(&self) {
+        let stamp = crl_stamp(&self.cfg.crl);
+        {
+            let mut old = self.crls.lock().expect("crl stamp");
+            if *old == stamp {
+                return;
+            }
+            *old = stamp;
+        }
+        match Tls::load(&self.cfg) {
+            Ok(t) => *self.tls.write().expect("tls") = Arc::new(t),
+            Err(e) => {
+                error!(error = %e, "CRL change rejected; the previous CRLs stay in force");
+                return;
+            }
+        }
+        let serials = match crate::identity::revoked_serials(&self.cfg.crl) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "reading CRLs");
+                return;
+            }
+        };
+        let mut st = self.state.lock().expect("node state");
+        let hit: Vec<Session> = st
+            .sessions
+            .iter()
+            .filter(|s| !s.revoked && serials.contains(&s.serial))
+            .cloned()
+            .collect();
+        for s in hit {
+            if let Err(e) = st.datapath.revoke_binding(s.cgroup_id) {
+                error!(error = %e, cgroup = %s.cgroup.display(), "revoking a binding failed");
+                continue;
+            }
+            let destroyed =
+                crate::sockets::destroy_tcp_in(&[s.cgroup.as_path()]).unwrap_or_else(|e| {
+                    error!(error = %e, "could not destroy the session's connections");
+                    0
+                });
+            warn!(identity = %s.identity, serial = %s.serial, cgroup = %s.cgroup.display(),
+                connections_destroyed = destroyed, "certificate revoked by CRL; session cut off");
+            if let Some(x) = st.sessions.iter_mut().find(|x| x.cgroup_id == s.cgroup_id) {
+                x.revoked = true;
+            }
+        }
+    }
+
     /// Re-reads the policy directory; a new valid revision is applied, an invalid one is
     /// refused and the last good one stays in force.
     pub fn reload(&self) {
+        self.reload_crls();
         let dir = self.cfg.policy_dir();
         let current = self
             .state
@@ -273,6 +356,7 @@ impl Node {
             pid,
             serial: peer.serial.clone(),
             not_after,
+            revoked: false,
         });
         Ok(())
     }
@@ -490,7 +574,8 @@ impl Node {
     async fn handle(self: Arc<Self>, stream: UnixStream) {
         let pidfd = api::peer_pidfd(&stream);
         let uid = api::peer_uid(&stream).ok();
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
+        let tls_state = self.tls.read().expect("tls").clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls_state.config.clone());
         let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
         {
             Ok(Ok(t)) => t,
@@ -503,7 +588,7 @@ impl Node {
                 return;
             }
         };
-        let peer = self.trust.verify(tls.get_ref().1.peer_certificates());
+        let peer = tls_state.trust.verify(tls.get_ref().1.peer_certificates());
         let (read, mut write) = tokio::io::split(tls);
         let mut line = String::new();
         let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, 64 * 1024));

@@ -1,8 +1,9 @@
 //! Test certificates made with rcgen: a CA and agent certificates with any flaw a test needs.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams,
+    SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -35,6 +36,7 @@ impl CertSpec {
 pub struct Issued {
     pub cert_pem: String,
     pub key_pem: String,
+    pub serial: Vec<u8>,
 }
 
 impl Ca {
@@ -69,11 +71,42 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;
+        // A positive serial with no leading zero byte, so every encoder writes it the same way.
+        let mut serial: Vec<u8> = rand::random::<[u8; 8]>().to_vec();
+        serial[0] = (serial[0] & 0x7f) | 0x10;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
         let key = KeyPair::generate().expect("key");
         let cert = params.signed_by(&key, &self.issuer).expect("sign");
         Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            serial,
         }
+    }
+
+    /// A PEM CRL signed by this CA listing `serials`.
+    pub fn crl(&self, serials: &[&[u8]]) -> String {
+        let now = OffsetDateTime::now_utc();
+        let params = CertificateRevocationListParams {
+            this_update: now - Duration::minutes(1),
+            next_update: now + Duration::hours(1),
+            crl_number: SerialNumber::from(rand::random::<u32>() as u64),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(s),
+                    revocation_time: now - Duration::minutes(1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&self.issuer)
+            .expect("CRL")
+            .pem()
+            .expect("PEM")
     }
 }

@@ -45,9 +45,14 @@ struct NodeProc {
 
 impl NodeProc {
     fn start(env: &TestEnv, dir: &Path) -> Self {
+        Self::start_with(env, dir, &[])
+    }
+
+    fn start_with(env: &TestEnv, dir: &Path, extra: &[&str]) -> Self {
         let socket = dir.join("aw.sock");
         let mut child = Command::new(bin_path("agentwall"))
             .args(["node", "--trust-domain", "example.org"])
+            .args(extra)
             .arg("--trust-bundle")
             .arg(dir.join("ca.pem"))
             .arg("--policy-dir")
@@ -723,4 +728,54 @@ fn enroll_renew_and_revoke() {
     wait_status(&node.socket, "the reload", |s| s["revision"] != before);
     assert_eq!(svc.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
     drop(node);
+}
+
+#[test]
+fn a_crl_listing_a_running_certificate_cuts_its_session_off() {
+    let env = TestEnv::new("crl");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Ca::new("agentwall test CA");
+    std::fs::create_dir(dir.join("policy")).unwrap();
+    std::fs::write(dir.join("policy/agents.yaml"), POLICY).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let crl = dir.join("ca.crl.pem");
+    std::fs::write(&crl, ca.crl(&[])).unwrap();
+    let node = NodeProc::start_with(&env, dir, &["--crl", crl.to_str().unwrap()]);
+
+    let a = ca.issue(&CertSpec::agent(ID));
+    let (acert, akey) = write_cert(dir, "a", &a);
+    let (bcert, bkey) = write_cert(dir, "b", &ca.issue(&CertSpec::agent(ID)));
+    let mut pa = launch_probe(&node.socket, &acert, &akey);
+    assert_eq!(pa.cmd("listen tcp 127.0.0.1 9000"), "ok");
+    assert_eq!(pa.cmd("hold tcp 127.0.0.1 9000"), "ok");
+    assert_eq!(pa.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+
+    // The CA revokes certificate A; the file is replaced atomically, as CA tooling does.
+    let tmp_crl = dir.join("ca.crl.pem.new");
+    std::fs::write(&tmp_crl, ca.crl(&[&a.serial])).unwrap();
+    std::fs::rename(&tmp_crl, &crl).unwrap();
+    wait_status(&node.socket, "the session to be revoked", |s| {
+        s["identities"].as_array().unwrap().iter().any(|i| {
+            i["sessions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["revoked"] == true)
+        })
+    });
+    assert_eq!(pa.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+    assert_eq!(pa.cmd("held"), "alive=0 closed=1");
+    let out = launch_args(&node.socket, &acert, &akey)
+        .arg("true")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        format!("agentwall launch: rejected: certificate is revoked (identity {ID})")
+    );
+    // Another certificate of the same identity is unaffected.
+    let mut pb = launch_probe(&node.socket, &bcert, &bkey);
+    assert_eq!(pb.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
 }

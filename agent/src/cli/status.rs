@@ -25,6 +25,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("revision: {}", s["revision"].as_str().unwrap_or("?"));
+    for id in s["revoked"].as_array().into_iter().flatten() {
+        println!("revoked identity: {}", id.as_str().unwrap_or("?"));
+    }
     if let Some(e) = s["policy_error"].as_str() {
         println!("rejected policy change (last good revision in force):\n{e}");
     }
@@ -41,10 +44,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         for s in id["sessions"].as_array().into_iter().flatten() {
             println!(
-                "    pid {} cgroup {} not_after {}",
+                "    pid {} cgroup {} not_after {}{}",
                 s["pid"],
                 s["cgroup"].as_str().unwrap_or("?"),
-                s["not_after"].as_str().unwrap_or("?")
+                s["not_after"].as_str().unwrap_or("?"),
+                if s["revoked"] == true { " REVOKED (CRL)" } else { "" }
             );
         }
     }

@@ -254,7 +254,7 @@ impl Datapath {
         let mut levels = 0u32;
         for entry in dp.bindings.iter() {
             let (_, b) = entry.map_err(map_err(c::MAP_BINDINGS))?;
-            levels |= 1u32.checked_shl(b.level).unwrap_or(0);
+            levels |= 1u32.checked_shl(u32::from(b.level)).unwrap_or(0);
         }
         let mut conf = dp.read_config()?;
         conf.bound_levels |= levels;
@@ -346,13 +346,28 @@ impl Datapath {
         let b = Binding {
             not_after_ns: not_after.map_or(0, |t| t.0.max(1)),
             identity,
-            level: cgroup.level(),
+            level: cgroup.level() as u8,
+            revoked: 0,
+            _pad: [0; 2],
         };
         self.bindings
             .insert(cgroup.id(), b, 0)
             .map_err(map_err(c::MAP_BINDINGS))?;
         debug!(cgroup_id = cgroup.id(), identity, "bound cgroup");
         Ok(())
+    }
+
+    /// Marks one binding revoked (its certificate is on a CRL): the cgroup stays bound and is
+    /// denied everything, whatever its identity's state.
+    pub fn revoke_binding(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
+        let mut b = self
+            .bindings
+            .get(&cgroup_id, 0)
+            .map_err(map_err(c::MAP_BINDINGS))?;
+        b.revoked = 1;
+        self.bindings
+            .insert(cgroup_id, b, 0)
+            .map_err(map_err(c::MAP_BINDINGS))
     }
 
     /// Removes a binding. Refused while processes live in the cgroup: unbinding must never turn
