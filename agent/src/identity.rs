@@ -357,33 +357,6 @@ pub fn peer_from_cert(der: &CertificateDer<'_>) -> Result<VerifiedPeer, Rejectio
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spiffe_ids_parse_strictly() {
-        let id: AgentId = "spiffe://example.org/agent/support".parse().unwrap();
-        assert_eq!(
-            (id.trust_domain(), id.path()),
-            ("example.org", "agent/support")
-        );
-        assert_eq!(id.to_string(), "spiffe://example.org/agent/support");
-        for bad in [
-            "https://example.org/a",
-            "spiffe://Example.org/a",
-            "spiffe://example.org",
-            "spiffe://example.org/",
-            "spiffe://example.org/a//b",
-            "spiffe://example.org/a/../b",
-            "spiffe:///a",
-            "spiffe://example.org/a?b",
-        ] {
-            assert!(bad.parse::<AgentId>().is_err(), "{bad}");
-        }
-    }
-}
-
 /// Hex serial numbers (as [`VerifiedPeer::serial`] writes them) listed in PEM CRL files.
 pub fn revoked_serials(
     crls: &[PathBuf],
@@ -409,4 +382,31 @@ pub fn revoked_serials(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_ids_parse_strictly() {
+        let id: AgentId = "spiffe://example.org/agent/support".parse().unwrap();
+        assert_eq!(
+            (id.trust_domain(), id.path()),
+            ("example.org", "agent/support")
+        );
+        assert_eq!(id.to_string(), "spiffe://example.org/agent/support");
+        for bad in [
+            "https://example.org/a",
+            "spiffe://Example.org/a",
+            "spiffe://example.org",
+            "spiffe://example.org/",
+            "spiffe://example.org/a//b",
+            "spiffe://example.org/a/../b",
+            "spiffe:///a",
+            "spiffe://example.org/a?b",
+        ] {
+            assert!(bad.parse::<AgentId>().is_err(), "{bad}");
+        }
+    }
 }

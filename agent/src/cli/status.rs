@@ -48,7 +48,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 s["pid"],
                 s["cgroup"].as_str().unwrap_or("?"),
                 s["not_after"].as_str().unwrap_or("?"),
-                if s["revoked"] == true { " REVOKED (CRL)" } else { "" }
+                if s["revoked"] == true {
+                    " REVOKED (CRL)"
+                } else {
+                    ""
+                }
             );
         }
     }
