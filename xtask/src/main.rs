@@ -43,6 +43,14 @@ enum Task {
     },
     /// agentwall end to end on this machine: certificates, policy, node, agents, flows.
     Demo,
+    /// Fuzz a parser for a bounded time (libFuzzer via cargo-fuzz, nightly). Crashes are copied
+    /// to fuzz/regressions/<target>/, which a regular test replays.
+    Fuzz {
+        #[arg(value_parser = ["policy"])]
+        target: String,
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+    },
 }
 
 fn main() -> Result<()> {
@@ -82,6 +90,10 @@ fn main() -> Result<()> {
                 "--iterations",
                 &iterations.to_string(),
             ]))
+        }
+        Task::Fuzz { target, seconds } => {
+            setup()?;
+            fuzz(&root, &target, seconds)
         }
         Task::Demo => {
             setup()?;
@@ -165,6 +177,48 @@ fn require_root(why: &str) -> Result<()> {
     if uid.trim() != "0" {
         bail!("this task must run as root: {why}");
     }
+    Ok(())
+}
+
+fn fuzz(root: &Path, target: &str, seconds: u32) -> Result<()> {
+    if output(Command::new("cargo").args(["fuzz", "--version"])).is_none() {
+        eprintln!("setup: installing cargo-fuzz (about a minute)");
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let corpus = root.join("fuzz/corpus").join(target);
+    let artifacts = root.join("fuzz/artifacts").join(target);
+    let regressions = root.join("fuzz/regressions").join(target);
+    std::fs::create_dir_all(&regressions)?;
+    let before: Vec<_> = std::fs::read_dir(&artifacts)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    let status = Command::new("rustup")
+        .args(["run", NIGHTLY, "cargo", "fuzz", "run", target])
+        .arg(&corpus)
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        .current_dir(root)
+        .status()
+        .context("running cargo fuzz")?;
+    let found: Vec<PathBuf> = std::fs::read_dir(&artifacts)
+        .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    for p in &found {
+        let dest = regressions.join(p.file_name().expect("file name"));
+        std::fs::copy(p, &dest)?;
+        eprintln!("fuzz: new crash kept as {}", dest.display());
+    }
+    if !status.success() || !found.is_empty() {
+        bail!(
+            "fuzzing {target} found {} crash(es); they are in {} and the regression test replays them",
+            found.len(),
+            regressions.display()
+        );
+    }
+    println!("fuzz: {target}: no crash in {seconds} s");
     Ok(())
 }
 

@@ -355,21 +355,22 @@ fn refine(doc: &str, line: usize, col: usize, msg: &str) -> (usize, usize) {
     let Some(value) = quoted.filter(|v| !v.is_empty()) else {
         return (line, col);
     };
-    for (i, text) in doc.lines().enumerate().skip(line - 1) {
-        let from = if i == line - 1 {
-            col.saturating_sub(1).min(text.len())
+    // Columns count characters, not bytes.
+    for (i, text) in doc.lines().enumerate().skip(line.saturating_sub(1)) {
+        let from = if i + 1 == line {
+            text.char_indices()
+                .nth(col.saturating_sub(1))
+                .map_or(text.len(), |(b, _)| b)
         } else {
             0
         };
-        if let Some(pos) = text.get(from..).and_then(|t| t.find(value)) {
-            let pos = from + pos;
+        if let Some(pos) = text[from..].find(value) {
+            let mut pos = from + pos;
             // Point at the opening quote when the value is quoted in the file.
-            let pos = if pos > 0 && matches!(&text[pos - 1..pos], "\"" | "'") {
-                pos - 1
-            } else {
-                pos
-            };
-            return (i + 1, pos + 1);
+            if text[..pos].ends_with(['"', '\'']) {
+                pos -= 1;
+            }
+            return (i + 1, text[..pos].chars().count() + 1);
         }
     }
     (line, col)
