@@ -240,6 +240,31 @@ impl Node {
         Ok(())
     }
 
+    /// Ends launched sessions whose processes have all exited: the binding goes (nothing is
+    /// left to govern) and so does the cgroup the node made. Enrolled cgroups are kept: they
+    /// belong to someone else and may be repopulated.
+    fn collect_sessions(&self) {
+        let mut st = self.state.lock().expect("node state");
+        let done: Vec<Session> = st
+            .sessions
+            .iter()
+            .filter(|s| s.cgroup.starts_with(self.agents_cgroup.path()))
+            .filter(|s| Cgroup::open(&s.cgroup).is_ok_and(|c| c.is_populated().is_ok_and(|p| !p)))
+            .cloned()
+            .collect();
+        for s in done {
+            if let Ok(cg) = Cgroup::open(&s.cgroup) {
+                if let Err(e) = st.datapath.unbind(&cg) {
+                    warn!(error = %e, cgroup = %s.cgroup.display(), "ending a session");
+                    continue;
+                }
+                let _ = cg.remove_tree();
+            }
+            info!(identity = %s.identity, cgroup = %s.cgroup.display(), "session ended");
+            st.sessions.retain(|x| x.cgroup_id != s.cgroup_id);
+        }
+    }
+
     /// Re-reads changed CRL files: new handshakes use them, and running sessions whose
     /// certificate is now listed are cut off (binding revoked, connections destroyed).
     fn reload_crls(&self) {
@@ -294,6 +319,7 @@ impl Node {
     /// refused and the last good one stays in force.
     pub fn reload(&self) {
         self.reload_crls();
+        self.collect_sessions();
         let dir = self.cfg.policy_dir();
         let current = self
             .state

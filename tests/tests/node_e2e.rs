@@ -497,7 +497,28 @@ fn node_launch_verifies_identity_enforces_and_reloads_policy() {
     };
     let ident = by_id(ID);
     assert_eq!(ident["mode"], "enforce");
-    assert_eq!(ident["sessions"].as_array().unwrap().len(), 3, "{s}");
+    // The `sh -c "exit 7"` session ended with its process: the node drops it and its cgroup;
+    // the two running probes remain.
+    let live = |s: &serde_json::Value| -> Vec<u64> {
+        let mut pids: Vec<u64> = s["identities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["identity"] == ID)
+            .flat_map(|i| {
+                i["sessions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x["pid"].as_u64().unwrap())
+            })
+            .collect();
+        pids.sort();
+        pids
+    };
+    let mut want = vec![u64::from(probe.pid), u64::from(oprobe.pid)];
+    want.sort();
+    wait_status(&node.socket, "the ended session to go", |s| live(s) == want);
     assert_eq!(by_id("spiffe://example.org/agent/auditor")["mode"], "audit");
     let revision = s["revision"].as_str().unwrap().to_owned();
 
