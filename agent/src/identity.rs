@@ -265,22 +265,10 @@ impl TrustStore {
                 .add(c)
                 .map_err(|e| bundle_err(format!("not a usable CA certificate: {e}")))?;
         }
-        let mut crl_ders = Vec::new();
-        for path in crls {
-            let crl_err = |message: String| IdentityError::Crl {
-                path: path.clone(),
-                message,
-            };
-            let list: Vec<CertificateRevocationListDer<'static>> =
-                CertificateRevocationListDer::pem_file_iter(path)
-                    .map_err(|e| crl_err(e.to_string()))?
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| crl_err(e.to_string()))?;
-            if list.is_empty() {
-                return Err(crl_err("no X509 CRL blocks found".into()));
-            }
-            crl_ders.extend(list);
-        }
+        let crl_ders: Vec<_> = read_crls(crls)?
+            .into_iter()
+            .flat_map(|(_, ders)| ders)
+            .collect();
         let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
             .with_crls(crl_ders)
             .build()
@@ -357,24 +345,41 @@ pub fn peer_from_cert(der: &CertificateDer<'_>) -> Result<VerifiedPeer, Rejectio
     })
 }
 
+/// Every CRL in each PEM file; a file with none is an error.
+fn read_crls(
+    crls: &[PathBuf],
+) -> Result<Vec<(&PathBuf, Vec<CertificateRevocationListDer<'static>>)>, IdentityError> {
+    crls.iter()
+        .map(|path| {
+            let crl_err = |message: String| IdentityError::Crl {
+                path: path.clone(),
+                message,
+            };
+            let list: Vec<CertificateRevocationListDer<'static>> =
+                CertificateRevocationListDer::pem_file_iter(path)
+                    .map_err(|e| crl_err(e.to_string()))?
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| crl_err(e.to_string()))?;
+            if list.is_empty() {
+                return Err(crl_err("no X509 CRL blocks found".into()));
+            }
+            Ok((path, list))
+        })
+        .collect()
+}
+
 /// Hex serial numbers (as [`VerifiedPeer::serial`] writes them) listed in PEM CRL files.
 pub fn revoked_serials(
     crls: &[PathBuf],
 ) -> Result<std::collections::HashSet<String>, IdentityError> {
     let mut out = std::collections::HashSet::new();
-    for path in crls {
-        let crl_err = |message: String| IdentityError::Crl {
-            path: path.clone(),
-            message,
-        };
-        let ders: Vec<CertificateRevocationListDer<'static>> =
-            CertificateRevocationListDer::pem_file_iter(path)
-                .map_err(|e| crl_err(e.to_string()))?
-                .collect::<Result<_, _>>()
-                .map_err(|e| crl_err(e.to_string()))?;
+    for (path, ders) in read_crls(crls)? {
         for der in &ders {
-            let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
-                .map_err(|e| crl_err(format!("unparsable CRL: {e}")))?;
+            let (_, crl) =
+                x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| IdentityError::Crl {
+                    path: path.clone(),
+                    message: format!("unparsable CRL: {e}"),
+                })?;
             out.extend(
                 crl.iter_revoked_certificates()
                     .map(|r| r.raw_serial_as_string().replace(':', "")),

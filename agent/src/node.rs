@@ -240,6 +240,15 @@ impl Node {
         Ok(())
     }
 
+    fn revision(&self) -> String {
+        self.state
+            .lock()
+            .expect("node state")
+            .policy
+            .revision
+            .clone()
+    }
+
     /// Ends launched sessions whose processes have all exited: the binding goes (nothing is
     /// left to govern) and so does the cgroup the node made. Enrolled cgroups are kept: they
     /// belong to someone else and may be repopulated.
@@ -321,13 +330,7 @@ impl Node {
         self.reload_crls();
         self.collect_sessions();
         let dir = self.cfg.policy_dir();
-        let current = self
-            .state
-            .lock()
-            .expect("node state")
-            .policy
-            .revision
-            .clone();
+        let current = self.revision();
         match load_dir(&dir) {
             Ok(set) if set.revision == current => {}
             Ok(set) => {
@@ -759,13 +762,7 @@ impl Node {
         if let Some(group) = &self.cfg.socket_group {
             chown_group(&socket, group)?;
         }
-        let revision = self
-            .state
-            .lock()
-            .expect("node state")
-            .policy
-            .revision
-            .clone();
+        let revision = self.revision();
         tokio::spawn(self.clone().read_events());
         ready(&socket, &revision);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

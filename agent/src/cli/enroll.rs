@@ -1,29 +1,23 @@
 use std::{path::PathBuf, process::ExitCode};
 
-use agentwall::{api::Request, config::DEFAULT_SOCKET};
+use agentwall::api::Request;
 
-use super::launch::call_with_cert;
+use super::launch::CertArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// The existing cgroup to bind (a systemd unit, a container), below the attach cgroup.
     #[arg(long)]
     cgroup: PathBuf,
-    #[arg(long)]
-    cert: PathBuf,
-    #[arg(long)]
-    key: PathBuf,
-    #[arg(long, default_value = DEFAULT_SOCKET)]
-    socket: PathBuf,
+    #[command(flatten)]
+    id: CertArgs,
 }
 
 pub fn run(args: Args) -> ExitCode {
     let req = Request::Enroll {
         cgroup: args.cgroup.clone(),
     };
-    match call_with_cert("enroll", &args.socket, &args.cert, &args.key, &req, || {
-        Ok(())
-    }) {
+    match args.id.call("enroll", &req, || Ok(())) {
         Ok(r) => {
             println!(
                 "agentwall enroll: {} bound to {}",

@@ -12,16 +12,49 @@ use agentwall::{
 };
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 
+/// The identity to prove and the node to prove it to (shared by launch, enroll, renew).
 #[derive(clap::Args)]
-pub struct Args {
+pub struct CertArgs {
     /// The agent's certificate (PEM; chain allowed).
     #[arg(long)]
-    cert: PathBuf,
+    pub cert: PathBuf,
     /// The certificate's private key (PEM).
     #[arg(long)]
-    key: PathBuf,
+    pub key: PathBuf,
     #[arg(long, default_value = DEFAULT_SOCKET)]
-    socket: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl CertArgs {
+    /// Sends a request that proves the identity of `cert`. On refusal prints one line naming
+    /// the reason and the identity and returns exit status 2.
+    pub fn call(
+        &self,
+        verb: &str,
+        req: &Request,
+        check: impl FnOnce() -> Result<(), String>,
+    ) -> Result<api::Response, ExitCode> {
+        let fail = |msg: String| {
+            eprintln!(
+                "agentwall {verb}: rejected: {msg} (identity {})",
+                claimed_identity(&self.cert)
+            );
+            ExitCode::from(2)
+        };
+        let creds = Credentials::load(&self.cert, &self.key).map_err(|e| fail(e.to_string()))?;
+        check().map_err(fail)?;
+        match api::call(&self.socket, Some(creds), req) {
+            Ok(r) if r.ok => Ok(r),
+            Ok(r) => Err(fail(r.error.unwrap_or_else(|| "refused".into()))),
+            Err(e) => Err(fail(e.to_string())),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    id: CertArgs,
     /// Run the command as this user (name or uid) after placement.
     #[arg(long)]
     user: Option<String>,
@@ -40,32 +73,6 @@ fn claimed_identity(cert: &Path) -> String {
         .map_or_else(|| "unknown".to_owned(), |p| p.id.to_string())
 }
 
-/// Sends a request that proves the identity of `cert`. On refusal prints one line naming the
-/// reason and the identity and returns exit status 2.
-pub fn call_with_cert(
-    verb: &str,
-    socket: &Path,
-    cert: &Path,
-    key: &Path,
-    req: &Request,
-    check: impl FnOnce() -> Result<(), String>,
-) -> Result<api::Response, ExitCode> {
-    let fail = |msg: String| {
-        eprintln!(
-            "agentwall {verb}: rejected: {msg} (identity {})",
-            claimed_identity(cert)
-        );
-        ExitCode::from(2)
-    };
-    let creds = Credentials::load(cert, key).map_err(|e| fail(e.to_string()))?;
-    check().map_err(fail)?;
-    match api::call(socket, Some(creds), req) {
-        Ok(r) if r.ok => Ok(r),
-        Ok(r) => Err(fail(r.error.unwrap_or_else(|| "refused".into()))),
-        Err(e) => Err(fail(e.to_string())),
-    }
-}
-
 /// Exit status 2 for every refusal; otherwise the command's own (it replaces this process).
 pub fn run(args: Args) -> ExitCode {
     let mut user = None;
@@ -73,14 +80,7 @@ pub fn run(args: Args) -> ExitCode {
         user = args.user.as_deref().map(lookup_user).transpose()?;
         Ok(())
     };
-    if let Err(code) = call_with_cert(
-        "launch",
-        &args.socket,
-        &args.cert,
-        &args.key,
-        &Request::Launch,
-        check,
-    ) {
+    if let Err(code) = args.id.call("launch", &Request::Launch, check) {
         return code;
     }
     let mut cmd = std::process::Command::new(&args.command[0]);

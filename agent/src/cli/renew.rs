@@ -1,29 +1,18 @@
-use std::{path::PathBuf, process::ExitCode};
+use std::process::ExitCode;
 
-use agentwall::{api::Request, config::DEFAULT_SOCKET};
+use agentwall::api::Request;
 
-use super::launch::call_with_cert;
+use super::launch::CertArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A newer certificate for the same identity.
-    #[arg(long)]
-    cert: PathBuf,
-    #[arg(long)]
-    key: PathBuf,
-    #[arg(long, default_value = DEFAULT_SOCKET)]
-    socket: PathBuf,
+    /// A newer certificate for the same identity, its key, and the node's socket.
+    #[command(flatten)]
+    id: CertArgs,
 }
 
 pub fn run(args: Args) -> ExitCode {
-    match call_with_cert(
-        "renew",
-        &args.socket,
-        &args.cert,
-        &args.key,
-        &Request::Renew,
-        || Ok(()),
-    ) {
+    match args.id.call("renew", &Request::Renew, || Ok(())) {
         Ok(r) => {
             println!(
                 "agentwall renew: {} extended for {}",
