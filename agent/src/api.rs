@@ -39,6 +39,9 @@ pub enum Request {
     Renew,
     /// Root only: deny the identity everything at once, on every cgroup bound to it.
     Revoke { identity: String },
+    /// Root only: re-read the policy directory now (as the node does on its own every half
+    /// second); answers with the revision in force and the rejection, if any.
+    Reload,
     /// Root only: the node's state.
     Status,
     /// Root only: decision records after sequence number `after`.

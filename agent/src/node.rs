@@ -646,6 +646,18 @@ impl Node {
                 },
                 Ok(Request::Revoke { identity }) if uid == Some(0) => self.revoke(&identity),
                 Ok(Request::Revoke { .. }) => Response::error(None, "revoke is for root only"),
+                Ok(Request::Reload) if uid == Some(0) => {
+                    let node = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || node.reload()).await;
+                    let st = self.state.lock().expect("node state");
+                    Response {
+                        ok: st.last_policy_error.is_none(),
+                        error: st.last_policy_error.clone(),
+                        status: Some(serde_json::json!({ "revision": st.policy.revision })),
+                        ..Response::default()
+                    }
+                }
+                Ok(Request::Reload) => Response::error(None, "policy apply is for root only"),
                 Ok(Request::Status) if uid == Some(0) => Response {
                     ok: true,
                     status: Some(self.status()),

@@ -522,26 +522,51 @@ fn node_launch_verifies_identity_enforces_and_reloads_policy() {
     assert_eq!(by_id("spiffe://example.org/agent/auditor")["mode"], "audit");
     let revision = s["revision"].as_str().unwrap().to_owned();
 
-    // Hot reload: a valid edit is enforced at once for running agents...
+    // `policy apply` makes the node apply an edit now: a valid one is enforced at once for
+    // running agents...
+    let apply = || {
+        let out = Command::new(bin_path("agentwall"))
+            .args(["policy", "apply", "--socket"])
+            .arg(&node.socket)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        )
+    };
     std::fs::write(
         dir.join("policy/agents.yaml"),
         POLICY.replacen("[443]", "[443, 80]", 1),
     )
     .unwrap();
-    let s = wait_status(&node.socket, "the new revision", |s| {
-        s["revision"] != revision.as_str()
-    });
+    let (code, out, err) = apply();
+    assert_eq!(code, 0, "{err}");
+    let good = status_json(&node.socket)["revision"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(good, revision);
+    assert_eq!(out, format!("applied: revision {good} in force"));
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 80"), "err ENETUNREACH");
     // ...an invalid one is refused and the last good revision stays in force.
-    let good = s["revision"].as_str().unwrap().to_owned();
     std::fs::write(
         dir.join("policy/agents.yaml"),
         POLICY.replacen("[443]", "[99999]", 1),
     )
     .unwrap();
-    let s = wait_status(&node.socket, "the rejection", |s| {
-        !s["policy_error"].is_null()
-    });
+    let (code, _, err) = apply();
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("egress[0].ports: invalid port \"99999\""),
+        "{err}"
+    );
+    assert!(
+        err.ends_with(&format!("refused: revision {good} stays in force")),
+        "{err}"
+    );
+    let s = status_json(&node.socket);
     assert_eq!(s["revision"], good.as_str());
     assert!(
         s["policy_error"]
@@ -552,6 +577,40 @@ fn node_launch_verifies_identity_enforces_and_reloads_policy() {
     );
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 80"), "err ENETUNREACH");
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 22"), "err EPERM");
+
+    // --user: the command runs as that user, still inside the agent's cgroup.
+    let out = Command::new(bin_path("agentwall"))
+        .arg("launch")
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("--socket")
+        .arg(&node.socket)
+        .args([
+            "--user",
+            "nobody",
+            "--",
+            "sh",
+            "-c",
+            "id -u; id -G; cat /proc/self/cgroup",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("65534"), "{text}");
+    assert_eq!(lines.next(), Some("65534"), "no supplementary groups are kept: {text}");
+    assert!(
+        text.contains("/agentwall/example.org_agent_support-"),
+        "{text}"
+    );
 
     // SIGTERM: the node exits cleanly and enforcement stays.
     assert_eq!(node.stop(), 0);

@@ -86,16 +86,8 @@ pub fn run(args: Args) -> ExitCode {
     let mut cmd = std::process::Command::new(&args.command[0]);
     cmd.args(&args.command[1..]);
     if let Some((uid, gid)) = user {
+        // std drops supplementary groups (setgroups(0)) itself when root changes uid.
         cmd.uid(uid).gid(gid);
-        // SAFETY: setgroups is async-signal-safe; runs in the child before exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setgroups(0, std::ptr::null()) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
     }
     let err = cmd.exec();
     eprintln!(

@@ -13,6 +13,12 @@ pub enum Command {
         #[arg(default_value = DEFAULT_POLICY_DIR)]
         dir: PathBuf,
     },
+    /// Make the running node apply its policy directory now; prints the revision in force, or
+    /// why the change was refused (the last good revision stays).
+    Apply {
+        #[arg(long, default_value = agentwall::config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Run scenarios (identity, destination, port, protocol, expected verdict) against a policy.
     Test {
         /// Directory of *.yaml policy files.
@@ -54,6 +60,30 @@ pub fn run(cmd: Command) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Apply { socket } => {
+            match agentwall::api::call(&socket, None, &agentwall::api::Request::Reload) {
+                Ok(r) => {
+                    let revision = r
+                        .status
+                        .as_ref()
+                        .and_then(|s| s["revision"].as_str())
+                        .unwrap_or("?")
+                        .to_owned();
+                    if r.ok {
+                        println!("applied: revision {revision} in force");
+                        ExitCode::SUCCESS
+                    } else {
+                        eprintln!("{}", r.error.unwrap_or_default());
+                        eprintln!("refused: revision {revision} stays in force");
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("agentwall policy apply: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Test { policy, scenarios } => {
             let set = match load_dir(&policy) {
                 Ok(set) => set,
