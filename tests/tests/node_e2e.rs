@@ -606,7 +606,11 @@ fn node_launch_verifies_identity_enforces_and_reloads_policy() {
     let text = String::from_utf8_lossy(&out.stdout);
     let mut lines = text.lines();
     assert_eq!(lines.next(), Some("65534"), "{text}");
-    assert_eq!(lines.next(), Some("65534"), "no supplementary groups are kept: {text}");
+    assert_eq!(
+        lines.next(),
+        Some("65534"),
+        "no supplementary groups are kept: {text}"
+    );
     assert!(
         text.contains("/agentwall/example.org_agent_support-"),
         "{text}"
