@@ -596,6 +596,7 @@ impl Node {
             "policy_error": st.last_policy_error,
             "identities": identities,
             "dropped_events": st.datapath.dropped_events().ok(),
+            "map_fill": st.datapath.fill().ok(),
             "pins": st.datapath.pin_dir(),
         })
     }

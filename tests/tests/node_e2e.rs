@@ -521,6 +521,10 @@ fn node_launch_verifies_identity_enforces_and_reloads_policy() {
     wait_status(&node.socket, "the ended session to go", |s| live(s) == want);
     assert_eq!(by_id("spiffe://example.org/agent/auditor")["mode"], "audit");
     let revision = s["revision"].as_str().unwrap().to_owned();
+    // Two identities applied; a binding per session still alive.
+    assert_eq!(s["map_fill"]["identities"], 2, "{s}");
+    assert_eq!(s["map_fill"]["bindings_max"], 65536);
+    assert!(s["map_fill"]["bindings"].as_u64().unwrap() >= 3, "{s}");
 
     // `policy apply` makes the node apply an edit now: a valid one is enforced at once for
     // running agents...

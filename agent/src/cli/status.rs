@@ -32,6 +32,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("rejected policy change (last good revision in force):\n{e}");
     }
     println!("dropped events: {}", s["dropped_events"]);
+    let f = &s["map_fill"];
+    println!(
+        "maps: bindings {}/{}, identities {}/{}, rules {}",
+        f["bindings"], f["bindings_max"], f["identities"], f["identities_max"], f["rules"]
+    );
     for id in s["identities"].as_array().into_iter().flatten() {
         let sessions = id["sessions"].as_array().map_or(0, Vec::len);
         println!(

@@ -139,6 +139,17 @@ impl DatapathConfig {
     }
 }
 
+/// Occupancy of the datapath's fixed-size maps (for `status` and metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MapFill {
+    pub bindings: usize,
+    pub bindings_max: usize,
+    pub identities: usize,
+    pub identities_max: usize,
+    /// Rules applied, over all identities (each identity's trie is sized to its rules).
+    pub rules: usize,
+}
+
 /// How [`Datapath::start`] found the programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StartReport {
@@ -510,6 +521,18 @@ impl Datapath {
                 total: keys.len(),
                 source: e,
             }
+        })
+    }
+
+    /// How full the maps with fixed capacity are.
+    pub fn fill(&self) -> Result<MapFill, DatapathError> {
+        let bindings = self.bindings.keys().count();
+        Ok(MapFill {
+            bindings,
+            bindings_max: c::MAX_BINDINGS as usize,
+            identities: self.applied.len(),
+            identities_max: MAX_IDENTITIES as usize - 1,
+            rules: self.applied.values().map(Vec::len).sum(),
         })
     }
 
