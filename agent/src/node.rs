@@ -54,6 +54,11 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> NodeError + '_ {
     }
 }
 
+/// Where the node keeps the files of the last policy it applied.
+fn last_good_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("policy-last-good")
+}
+
 /// Identity numbers the datapath uses, stable across restarts (kept in `state_dir`).
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct IdentityNumbers {
@@ -170,12 +175,21 @@ impl Node {
     pub fn start(cfg: NodeConfig) -> Result<Arc<Self>, NodeError> {
         let tls = Tls::load(&cfg)?;
         let dir = cfg.policy_dir();
-        let policy = load_dir(&dir).map_err(|errors| NodeError::Policy {
-            dir: dir.clone(),
-            errors,
-        })?;
         let state_dir = cfg.state_dir();
         std::fs::create_dir_all(&state_dir).map_err(io_err(&state_dir))?;
+        // A bad policy directory never replaces a good policy: start on the last good one
+        // (kept in state_dir) and say why.
+        let (policy, policy_error) = match load_dir(&dir) {
+            Ok(p) => (p, None),
+            Err(errors) => match load_dir(&last_good_dir(&state_dir)) {
+                Ok(p) => {
+                    warn!(revision = %p.revision, errors = %errors,
+                        "policy directory is invalid; starting on the last good revision");
+                    (p, Some(errors.to_string()))
+                }
+                Err(_) => return Err(NodeError::Policy { dir, errors }),
+            },
+        };
         let attach = match &cfg.attach_cgroup {
             Some(p) => p.clone(),
             None => Cgroup2Mount::discover()?.mount_point,
@@ -203,6 +217,7 @@ impl Node {
             }),
         });
         node.apply(policy)?;
+        node.state.lock().expect("node state").last_policy_error = policy_error;
         Ok(node)
     }
 
@@ -225,6 +240,13 @@ impl Node {
                 .collect();
             sets.push((n, rules));
         }
+        // Identities known from before (this run or an earlier one) that the policy no longer
+        // names keep their bindings but get no rules: deny-all, never stale rules.
+        for (id, &n) in &st.numbers.numbers {
+            if policy.agent(id).is_none() {
+                sets.push((n, Vec::new()));
+            }
+        }
         st.numbers.save(&self.cfg.state_dir())?;
         let refs: Vec<(u32, &[Rule])> = sets.iter().map(|(n, r)| (*n, r.as_slice())).collect();
         let entries = st.datapath.apply(&policy.global_deny(), &refs)?;
@@ -235,6 +257,10 @@ impl Node {
             apply_ms = t0.elapsed().as_secs_f64() * 1e3,
             "policy applied"
         );
+        let keep = last_good_dir(&self.cfg.state_dir());
+        if let Err(e) = crate::policy::source::save_dir(&policy, &keep) {
+            warn!(error = %e, dir = %keep.display(), "could not keep a copy of the applied policy");
+        }
         st.policy = policy;
         st.last_policy_error = None;
         Ok(())

@@ -867,3 +867,38 @@ fn a_crl_listing_a_running_certificate_cuts_its_session_off() {
     let mut pb = launch_probe(&node.socket, &bcert, &bkey);
     assert_eq!(pb.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
 }
+
+#[test]
+fn a_node_restarted_on_a_broken_policy_keeps_the_last_good_one() {
+    let env = TestEnv::new("lastgood");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Ca::new("agentwall test CA");
+    std::fs::create_dir(dir.join("policy")).unwrap();
+    std::fs::write(dir.join("policy/agents.yaml"), POLICY).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let node = NodeProc::start(&env, dir);
+    let good = status_json(&node.socket)["revision"].clone();
+    assert_eq!(node.stop(), 0);
+
+    // Broken while the node was down.
+    std::fs::write(
+        dir.join("policy/agents.yaml"),
+        POLICY.replacen("protocol: tcp", "protocol: icmp", 1),
+    )
+    .unwrap();
+    let node = NodeProc::start(&env, dir);
+    let s = status_json(&node.socket);
+    assert_eq!(s["revision"], good);
+    assert!(
+        s["policy_error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid protocol \"icmp\""),
+        "{s}"
+    );
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 80"), "err EPERM");
+}

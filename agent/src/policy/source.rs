@@ -296,6 +296,8 @@ pub struct PolicySet {
     pub archetypes: BTreeMap<String, Archetype>,
     /// From `GlobalDeny` documents; when there is none, the built-in default applies.
     pub global_deny: Option<Vec<IpNet>>,
+    /// The files this was read from (name, text), so the node can keep the last good policy.
+    pub sources: Vec<(PathBuf, String)>,
 }
 
 fn err_at(file: &Path, line: usize, column: usize, message: impl Into<String>) -> PolicyError {
@@ -571,7 +573,24 @@ pub fn parse_sources(sources: &[(PathBuf, String)]) -> Result<PolicySet, PolicyE
         agents,
         archetypes,
         global_deny,
+        sources: sources.to_vec(),
     })
+}
+
+/// Writes `set`'s files into `dir` (replacing what was there) so [`load_dir`] can read the
+/// same revision back. The new copy is complete before it replaces the old one.
+pub fn save_dir(set: &PolicySet, dir: &Path) -> std::io::Result<()> {
+    let tmp = dir.with_extension("new");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    for (path, text) in &set.sources {
+        let name = path
+            .file_name()
+            .ok_or_else(|| std::io::Error::other(format!("{} has no file name", path.display())))?;
+        std::fs::write(tmp.join(name), text)?;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&tmp, dir)
 }
 
 /// A path from `start` back to itself through `extends`, if there is one.
