@@ -832,6 +832,26 @@ fn rejection(r: &Rejection) -> Response {
     Response::error(None, r.to_string())
 }
 
+/// Tells a service manager (systemd's `NOTIFY_SOCKET`) that the node is ready, or stopping.
+/// `notify_socket` is the variable's value; a leading '@' names an abstract socket.
+pub fn sd_notify(notify_socket: Option<&str>, message: &str) {
+    use std::os::{linux::net::SocketAddrExt as _, unix::net::UnixDatagram};
+    let Some(target) = notify_socket.filter(|s| !s.is_empty()) else {
+        return;
+    };
+    let addr = match target.strip_prefix('@') {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()),
+        None => std::os::unix::net::SocketAddr::from_pathname(target),
+    };
+    let sent = addr.and_then(|addr| {
+        let sock = UnixDatagram::unbound()?;
+        sock.send_to_addr(message.as_bytes(), &addr)
+    });
+    if let Err(e) = sent {
+        warn!(error = %e, socket = target, "could not notify the service manager");
+    }
+}
+
 fn chown_group(path: &Path, group: &str) -> Result<(), NodeError> {
     let c = std::ffi::CString::new(group).map_err(|e| NodeError::Io {
         path: path.to_owned(),

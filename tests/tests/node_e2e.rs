@@ -49,10 +49,15 @@ impl NodeProc {
     }
 
     fn start_with(env: &TestEnv, dir: &Path, extra: &[&str]) -> Self {
+        Self::start_env(env, dir, extra, &[])
+    }
+
+    fn start_env(env: &TestEnv, dir: &Path, extra: &[&str], vars: &[(&str, &Path)]) -> Self {
         let socket = dir.join("aw.sock");
         let mut child = Command::new(bin_path("agentwall"))
             .args(["node", "--trust-domain", "example.org"])
             .args(extra)
+            .envs(vars.iter().copied())
             .arg("--trust-bundle")
             .arg(dir.join("ca.pem"))
             .arg("--policy-dir")
@@ -877,9 +882,20 @@ fn a_node_restarted_on_a_broken_policy_keeps_the_last_good_one() {
     std::fs::create_dir(dir.join("policy")).unwrap();
     std::fs::write(dir.join("policy/agents.yaml"), POLICY).unwrap();
     std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    let node = NodeProc::start(&env, dir);
+    // Started as a systemd service would: readiness also goes to NOTIFY_SOCKET.
+    let notify_path = dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    let node = NodeProc::start_env(&env, dir, &[], &[("NOTIFY_SOCKET", &notify_path)]);
     let good = status_json(&node.socket)["revision"].clone();
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&buf[..n]),
+        format!("READY=1\nSTATUS=policy revision {}", good.as_str().unwrap())
+    );
     assert_eq!(node.stop(), 0);
+    let n = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
 
     // Broken while the node was down.
     std::fs::write(

@@ -67,6 +67,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let notify = std::env::var("NOTIFY_SOCKET").ok();
     rt.block_on(async move {
         let node = Node::start(cfg)?;
         node.serve(|socket, revision| {
@@ -75,8 +76,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 socket.display()
             );
             let _ = std::io::stdout().flush();
+            agentwall::node::sd_notify(
+                notify.as_deref(),
+                &format!("READY=1\nSTATUS=policy revision {revision}"),
+            );
         })
         .await?;
+        agentwall::node::sd_notify(notify.as_deref(), "STOPPING=1");
         Ok(())
     })
 }
