@@ -125,6 +125,8 @@ struct State {
     sessions: Vec<Session>,
     seq: u64,
     recent: Recent,
+    /// When a schedule window next opens or closes; the policy is applied again then.
+    rearm_at: Option<std::time::SystemTime>,
 }
 
 /// The trust store and the TLS configuration built on it: replaced together when CRLs change,
@@ -214,6 +216,7 @@ impl Node {
                 sessions: Vec::new(),
                 seq: 0,
                 recent: Recent::default(),
+                rearm_at: None,
             }),
         });
         node.apply(policy)?;
@@ -261,6 +264,7 @@ impl Node {
         if let Err(e) = crate::policy::source::save_dir(&policy, &keep) {
             warn!(error = %e, dir = %keep.display(), "could not keep a copy of the applied policy");
         }
+        st.rearm_at = policy.next_schedule_change(std::time::SystemTime::now());
         st.policy = policy;
         st.last_policy_error = None;
         Ok(())
@@ -355,6 +359,18 @@ impl Node {
     pub fn reload(&self) {
         self.reload_crls();
         self.collect_sessions();
+        // A schedule window opened or closed: the same revision, applied as of now.
+        let due = {
+            let st = self.state.lock().expect("node state");
+            st.rearm_at
+                .is_some_and(|t| std::time::SystemTime::now() >= t)
+                .then(|| st.policy.clone())
+        };
+        if let Some(policy) = due {
+            if let Err(e) = self.apply(policy) {
+                error!(error = %e, "re-applying scheduled rules failed");
+            }
+        }
         let dir = self.cfg.policy_dir();
         let current = self.revision();
         match load_dir(&dir) {

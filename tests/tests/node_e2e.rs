@@ -918,3 +918,62 @@ fn a_node_restarted_on_a_broken_policy_keeps_the_last_good_one() {
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 80"), "err EPERM");
 }
+
+#[test]
+fn scheduled_rules_allow_only_inside_their_windows() {
+    let env = TestEnv::new("schedule");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Ca::new("agentwall test CA");
+    // One window that is open all day, one that opens two hours from now (UTC).
+    let now = time::OffsetDateTime::now_utc();
+    let (opens, closes) = (
+        now + time::Duration::hours(2),
+        now + time::Duration::hours(3),
+    );
+    let closed = format!(
+        "daily {:02}:{:02}-{:02}:{:02} UTC",
+        opens.hour(),
+        opens.minute(),
+        closes.hour(),
+        closes.minute()
+    );
+    let policy = format!(
+        "kind: AgentPolicy\nname: support\nidentity: {ID}\negress:\n  \
+         - to: [192.0.2.0/24]\n    ports: [443]\n    protocol: tcp\n    schedule: \"daily 00:00-24:00 UTC\"\n  \
+         - to: [192.0.2.0/24]\n    ports: [8443]\n    protocol: tcp\n    schedule: \"{closed}\"\n"
+    );
+    std::fs::create_dir(dir.join("policy")).unwrap();
+    std::fs::write(dir.join("policy/agents.yaml"), policy).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let node = NodeProc::start(&env, dir);
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    assert_eq!(
+        probe.cmd("connect tcp 192.0.2.10 8443"),
+        "err EPERM",
+        "window {closed} is closed"
+    );
+
+    // A malformed schedule is an error where it is written.
+    std::fs::write(
+        dir.join("policy/agents.yaml"),
+        format!(
+            "kind: AgentPolicy\nname: support\nidentity: {ID}\negress:\n  \
+             - to: [192.0.2.0/24]\n    schedule: \"Mon-Fry 09:00-18:00\"\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin_path("agentwall"))
+        .args(["policy", "check"])
+        .arg(dir.join("policy"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("agents.yaml:6:15: egress[0]: schedule \"Mon-Fry 09:00-18:00\": \"Mon-Fry\" is not a day or day range"),
+        "{err}"
+    );
+}

@@ -6,6 +6,7 @@ pub mod eval;
 pub mod lint;
 pub mod model;
 pub mod scenario;
+pub mod schedule;
 pub mod source;
 
 pub use compile::{CompileError, CompiledTrie, compile_rules};

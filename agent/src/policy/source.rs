@@ -17,7 +17,10 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, de};
 use sha2::{Digest, Sha256};
 
-use super::model::{Mode, PortRange, Protocol, Rule};
+use super::{
+    model::{Mode, PortRange, Protocol, Rule},
+    schedule::{Schedule, Window},
+};
 use crate::clock::BootInstant;
 
 /// One problem, with where it is.
@@ -176,15 +179,13 @@ impl<'de> Deserialize<'de> for Expires {
     }
 }
 
-/// Accepted by the parser so the error can be specific.
-struct Schedule;
+/// A schedule, checked where it is written.
+struct ScheduleSpec(Schedule);
 
-impl<'de> Deserialize<'de> for Schedule {
+impl<'de> Deserialize<'de> for ScheduleSpec {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        Err(de::Error::custom(format!(
-            "schedule {s:?}: schedules are not yet supported; use expires"
-        )))
+        s.parse().map(ScheduleSpec).map_err(de::Error::custom)
     }
 }
 
@@ -199,8 +200,7 @@ struct RawRule {
     #[serde(default)]
     expires: Option<Expires>,
     #[serde(default)]
-    #[allow(dead_code)]
-    schedule: Option<Schedule>,
+    schedule: Option<ScheduleSpec>,
     #[serde(default)]
     reason: Option<String>,
 }
@@ -256,6 +256,8 @@ pub struct RuleSource {
     pub ports: Vec<PortRange>,
     pub protocol: Protocol,
     pub expires: Option<time::OffsetDateTime>,
+    /// Allowed only inside these windows.
+    pub schedule: Option<Schedule>,
     pub reason: Option<String>,
     /// The document the rule is in, and its position in that document's `egress`.
     pub origin: Origin,
@@ -386,6 +388,7 @@ fn rules(raw: Vec<RawRule>, origin: &Origin) -> Vec<RuleSource> {
             ports: r.ports.into_iter().map(|p| p.0).collect(),
             protocol: r.protocol.map_or(Protocol::Any, |p| p.0),
             expires: r.expires.map(|e| e.0),
+            schedule: r.schedule.map(|s| s.0),
             reason: r.reason,
             origin: origin.clone(),
             index,
@@ -652,6 +655,16 @@ impl PolicySet {
     /// An agent's rules with archetypes layered in (each archetype once, depth first, in
     /// `extends` order, before the agent's own rules). Rule ids count from 1 in that order.
     pub fn effective_rules(&self, agent: &AgentPolicy) -> Vec<EffectiveRule> {
+        self.effective_rules_at(agent, std::time::SystemTime::now())
+    }
+
+    /// The effective rules as of `now`: a scheduled rule expires when its open window ends,
+    /// and is already expired while its window is closed (rule ids never shift).
+    pub fn effective_rules_at(
+        &self,
+        agent: &AgentPolicy,
+        now: std::time::SystemTime,
+    ) -> Vec<EffectiveRule> {
         let mut out: Vec<EffectiveRule> = Vec::new();
         let mut seen = BTreeSet::new();
         fn layer<'a>(
@@ -679,19 +692,46 @@ impl PolicySet {
                 .map(|r| (format!("AgentPolicy {:?}", agent.name), r)),
         );
         for (i, (from, src)) in sources.into_iter().enumerate() {
+            let mut deadline: Option<std::time::SystemTime> = src.expires.map(Into::into);
+            if let Some(s) = &src.schedule {
+                let close = match s.at(now) {
+                    Window::Open { until } => until,
+                    // Already over: the kernel entry never matches.
+                    Window::Closed { .. } => std::time::SystemTime::UNIX_EPOCH,
+                };
+                deadline = Some(deadline.map_or(close, |d| d.min(close)));
+            }
             out.push(EffectiveRule {
                 rule: Rule {
                     id: i as u32 + 1,
                     to: src.to.clone(),
                     ports: src.ports.clone(),
                     protocol: src.protocol,
-                    expires: src.expires.map(|t| BootInstant::from_system_time(t.into())),
+                    expires: deadline.map(BootInstant::from_system_time),
                 },
                 from,
                 source: src.clone(),
             });
         }
         out
+    }
+
+    /// The next instant after `now` at which a schedule window opens or closes: the policy
+    /// must be applied again then (closing also happens in the kernel without the node).
+    pub fn next_schedule_change(
+        &self,
+        now: std::time::SystemTime,
+    ) -> Option<std::time::SystemTime> {
+        self.agents
+            .iter()
+            .flat_map(|a| a.egress.iter())
+            .chain(self.archetypes.values().flat_map(|a| a.egress.iter()))
+            .filter_map(|r| r.schedule.as_ref())
+            .filter_map(|s| match s.at(now) {
+                Window::Open { until } => Some(until),
+                Window::Closed { opens } => opens,
+            })
+            .min()
     }
 
     /// Archetypes no AgentPolicy reaches, directly or through other archetypes.
