@@ -632,7 +632,12 @@ impl Node {
                 })
             })
             .collect();
+        let node = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
         serde_json::json!({
+            "node": node,
+            "version": env!("CARGO_PKG_VERSION"),
             "revoked": st.numbers.revoked,
             "revision": st.policy.revision,
             "policy_error": st.last_policy_error,

@@ -526,6 +526,8 @@ fn node_launch_verifies_identity_enforces_and_reloads_policy() {
     wait_status(&node.socket, "the ended session to go", |s| live(s) == want);
     assert_eq!(by_id("spiffe://example.org/agent/auditor")["mode"], "audit");
     let revision = s["revision"].as_str().unwrap().to_owned();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(s["node"], host.trim());
     // Two identities applied; a binding per session still alive.
     assert_eq!(s["map_fill"]["identities"], 2, "{s}");
     assert_eq!(s["map_fill"]["bindings_max"], 65536);

@@ -24,6 +24,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
+    println!(
+        "node: {} (agentwall {})",
+        s["node"].as_str().unwrap_or("?"),
+        s["version"].as_str().unwrap_or("?")
+    );
     println!("revision: {}", s["revision"].as_str().unwrap_or("?"));
     for id in s["revoked"].as_array().into_iter().flatten() {
         println!("revoked identity: {}", id.as_str().unwrap_or("?"));
