@@ -65,7 +65,8 @@ impl std::fmt::Display for FlowRecord {
             write!(f, ": {r}")?;
         }
         if let Some(r) = &self.rule {
-            write!(f, " [rule {r}]")?;
+            // A recorded rule on a denial is one the global deny list overruled.
+            write!(f, " [overrules rule {r}]")?;
         }
         if self.suppressed > 0 {
             write!(f, " (+{} identical)", self.suppressed)?;
@@ -81,9 +82,13 @@ pub fn wall_time(t: BootInstant) -> SystemTime {
     SystemTime::now() - ago
 }
 
+/// RFC 3339 in UTC with milliseconds.
 pub fn rfc3339(t: SystemTime) -> String {
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
     time::OffsetDateTime::from(t)
-        .format(&time::format_description::well_known::Rfc3339)
+        .format(FORMAT)
         .unwrap_or_default()
 }
 

@@ -33,6 +33,10 @@ egress:
     ports: [8080]
     protocol: tcp
     reason: tool server
+  - to: [169.254.0.0/16]
+    ports: [80]
+    protocol: tcp
+    reason: link-local device API (the cloud metadata address inside stays denied)
 ---
 # The research bot is being rolled out: audit mode reports what enforce mode would deny.
 kind: AgentPolicy
@@ -275,7 +279,7 @@ pub fn run(root: &Path) -> Result<()> {
             "connect tcp 203.0.113.7 443",
         ),
         (
-            "cloud metadata 169.254.169.254:80 (global deny list)",
+            "cloud metadata 169.254.169.254:80 (inside an allowed range, on the global deny list)",
             "connect tcp 169.254.169.254 80",
         ),
     ] {
