@@ -3,6 +3,7 @@
 //! The library owns all logic; the `agentwall` binary is a thin CLI over it.
 
 pub mod api;
+pub mod audit;
 pub mod cgroup;
 pub mod clock;
 pub mod config;

@@ -54,6 +54,9 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> NodeError + '_ {
     }
 }
 
+/// An audit log file is rotated past this size.
+const AUDIT_MAX_BYTES: u64 = 64 << 20;
+
 /// Where the node keeps the files of the last policy it applied.
 fn last_good_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("policy-last-good")
@@ -127,6 +130,24 @@ struct State {
     recent: Recent,
     /// When a schedule window next opens or closes; the policy is applied again then.
     rearm_at: Option<std::time::SystemTime>,
+    audit: Option<crate::audit::AuditLog>,
+    /// Kernel records already reported as lost.
+    dropped_seen: u64,
+    /// Audit records that could not be written.
+    audit_failures: u64,
+}
+
+impl State {
+    /// Appends to the audit log, if there is one. A failure is logged and counted; it never
+    /// stops enforcement.
+    fn audit(&mut self, kind: &str, fields: serde_json::Value) {
+        if let Some(log) = &mut self.audit {
+            if let Err(e) = log.append(kind, fields) {
+                self.audit_failures += 1;
+                error!(error = %e, failures = self.audit_failures, "audit record not written");
+            }
+        }
+    }
 }
 
 /// The trust store and the TLS configuration built on it: replaced together when CRLs change,
@@ -201,6 +222,7 @@ impl Node {
         let mut datapath = Datapath::start(&dp_cfg)?;
         let events = datapath.take_events();
         let agents_cgroup = Cgroup::create(attach.join("agentwall"))?;
+        let cfg_audit = cfg.audit_log.clone();
         let node = Arc::new(Self {
             crls: Mutex::new(crl_stamp(&cfg.crl)),
             cfg,
@@ -217,6 +239,17 @@ impl Node {
                 seq: 0,
                 recent: Recent::default(),
                 rearm_at: None,
+                audit: match &cfg_audit {
+                    Some(p) => Some(crate::audit::AuditLog::open(p, AUDIT_MAX_BYTES).map_err(
+                        |e| NodeError::Io {
+                            path: p.clone(),
+                            source: io::Error::other(e.to_string()),
+                        },
+                    )?),
+                    None => None,
+                },
+                dropped_seen: 0,
+                audit_failures: 0,
             }),
         });
         node.apply(policy)?;
@@ -265,6 +298,10 @@ impl Node {
             warn!(error = %e, dir = %keep.display(), "could not keep a copy of the applied policy");
         }
         st.rearm_at = policy.next_schedule_change(std::time::SystemTime::now());
+        st.audit(
+            "policy",
+            serde_json::json!({ "event": "applied", "revision": policy.revision, "identities": policy.agents.len() }),
+        );
         st.policy = policy;
         st.last_policy_error = None;
         Ok(())
@@ -300,6 +337,10 @@ impl Node {
                 let _ = cg.remove_tree();
             }
             info!(identity = %s.identity, cgroup = %s.cgroup.display(), "session ended");
+            st.audit(
+                "identity",
+                serde_json::json!({ "event": "session-ended", "identity": s.identity, "cgroup": s.cgroup, "serial": s.serial }),
+            );
             st.sessions.retain(|x| x.cgroup_id != s.cgroup_id);
         }
     }
@@ -348,6 +389,10 @@ impl Node {
                 });
             warn!(identity = %s.identity, serial = %s.serial, cgroup = %s.cgroup.display(),
                 connections_destroyed = destroyed, "certificate revoked by CRL; session cut off");
+            st.audit(
+                "identity",
+                serde_json::json!({ "event": "revoked-by-crl", "identity": s.identity, "serial": s.serial, "cgroup": s.cgroup, "connections_destroyed": destroyed }),
+            );
             if let Some(x) = st.sessions.iter_mut().find(|x| x.cgroup_id == s.cgroup_id) {
                 x.revoked = true;
             }
@@ -359,6 +404,19 @@ impl Node {
     pub fn reload(&self) {
         self.reload_crls();
         self.collect_sessions();
+        {
+            let mut st = self.state.lock().expect("node state");
+            let dropped = st.datapath.dropped_events().unwrap_or(0);
+            if dropped > st.dropped_seen {
+                let lost = dropped - st.dropped_seen;
+                st.dropped_seen = dropped;
+                warn!(lost, "kernel records lost (ring buffer full)");
+                st.audit(
+                    "loss",
+                    serde_json::json!({ "records_lost": lost, "total_lost": dropped }),
+                );
+            }
+        }
         // A schedule window opened or closed: the same revision, applied as of now.
         let due = {
             let st = self.state.lock().expect("node state");
@@ -385,6 +443,11 @@ impl Node {
                 let mut st = self.state.lock().expect("node state");
                 let text = errors.to_string();
                 if st.last_policy_error.as_deref() != Some(&text) {
+                    let revision = st.policy.revision.clone();
+                    st.audit(
+                        "policy",
+                        serde_json::json!({ "event": "rejected", "errors": text, "revision_in_force": revision }),
+                    );
                     warn!(revision = %st.policy.revision, errors = %text,
                         "policy change rejected; keeping the last good revision");
                     st.last_policy_error = Some(text);
@@ -407,6 +470,7 @@ impl Node {
     /// Binds `cg` to the peer's identity until its certificate expires and records the session.
     fn bind_session(
         st: &mut State,
+        event: &str,
         peer: &VerifiedPeer,
         number: u32,
         cg: &Cgroup,
@@ -417,7 +481,14 @@ impl Node {
             .bind(cg, number, Some(deadline))
             .map_err(|e| format!("binding {}: {e}", cg.path().display()))?;
         let not_after = flows::rfc3339(peer.not_after);
-        info!(identity = %peer.id, cgroup_id = cg.id(), pid, serial = %peer.serial, %not_after, "cgroup bound");
+        info!(identity = %peer.id, cgroup_id = cg.id(), pid, serial = %peer.serial, %not_after, event, "cgroup bound");
+        st.audit(
+            "identity",
+            serde_json::json!({
+                "event": event, "identity": peer.id.to_string(), "serial": peer.serial,
+                "cgroup": cg.path(), "pid": pid, "not_after": not_after,
+            }),
+        );
         st.sessions.retain(|s| s.cgroup_id != cg.id());
         st.sessions.push(Session {
             identity: peer.id.to_string(),
@@ -458,7 +529,7 @@ impl Node {
             Ok(c) => c,
             Err(e) => return reject(format!("creating the agent's cgroup: {e}")),
         };
-        if let Err(why) = Self::bind_session(&mut st, &peer, number, &cg, pid) {
+        if let Err(why) = Self::bind_session(&mut st, "launched", &peer, number, &cg, pid) {
             let _ = cg.remove_tree();
             return reject(why);
         }
@@ -504,7 +575,7 @@ impl Node {
             Ok(n) => n,
             Err(why) => return reject(why),
         };
-        if let Err(why) = Self::bind_session(&mut st, &peer, number, &cg, 0) {
+        if let Err(why) = Self::bind_session(&mut st, "enrolled", &peer, number, &cg, 0) {
             return reject(why);
         }
         Response {
@@ -556,7 +627,9 @@ impl Node {
             Ok(c) => c,
             Err(e) => return reject(e.to_string()),
         };
-        if let Err(why) = Self::bind_session(&mut st, &peer, session.number, &cg, session.pid) {
+        if let Err(why) =
+            Self::bind_session(&mut st, "renewed", &peer, session.number, &cg, session.pid)
+        {
             return reject(why);
         }
         Response {
@@ -605,6 +678,10 @@ impl Node {
             identity = id,
             connections_destroyed = destroyed,
             "identity revoked"
+        );
+        st.audit(
+            "identity",
+            serde_json::json!({ "event": "revoked", "identity": id, "connections_destroyed": destroyed }),
         );
         Response {
             ok: true,
@@ -728,6 +805,21 @@ impl Node {
             },
             _ => Response::error(None, "no request received"),
         };
+        if !reply.ok {
+            if let Ok(req @ (Request::Launch | Request::Enroll { .. } | Request::Renew)) =
+                serde_json::from_str::<Request>(&line)
+            {
+                let op = match req {
+                    Request::Launch => "launch",
+                    Request::Enroll { .. } => "enroll",
+                    _ => "renew",
+                };
+                self.state.lock().expect("node state").audit(
+                    "identity",
+                    serde_json::json!({ "event": "rejected", "op": op, "identity": reply.identity, "reason": reply.error }),
+                );
+            }
+        }
         let mut out = serde_json::to_string(&reply).expect("responses serialize");
         out.push('\n');
         let _ = write.write_all(out.as_bytes()).await;
@@ -771,6 +863,7 @@ impl Node {
             }
         }
         tracing::debug!(record = %r, "decision");
+        st.audit("decision", serde_json::to_value(&r).unwrap_or_default());
         st.recent.push(r);
     }
 

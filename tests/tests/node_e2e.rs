@@ -688,7 +688,8 @@ fn enroll_renew_and_revoke() {
     std::fs::create_dir(dir.join("policy")).unwrap();
     std::fs::write(dir.join("policy/agents.yaml"), POLICY).unwrap();
     std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    let node = NodeProc::start(&env, dir);
+    let audit = dir.join("audit/audit.jsonl");
+    let node = NodeProc::start_with(&env, dir, &["--audit-log", audit.to_str().unwrap()]);
     let sock = node.socket.to_str().unwrap().to_owned();
     let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
     let (c, k) = (cert.to_str().unwrap(), key.to_str().unwrap());
@@ -822,7 +823,67 @@ fn enroll_renew_and_revoke() {
     let before = status_json(&node.socket)["revision"].clone();
     wait_status(&node.socket, "the reload", |s| s["revision"] != before);
     assert_eq!(svc.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
-    drop(node);
+    assert_eq!(node.stop(), 0);
+
+    // Everything above is in the audit log, and the chain verifies.
+    let (code, out, err) = agentwall_out(&["audit", "verify", audit.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("records in 1 file(s), chain intact"), "{out}");
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let events: Vec<String> = records
+        .iter()
+        .filter(|r| r["kind"] == "identity" || r["kind"] == "policy")
+        .map(|r| {
+            format!(
+                "{}:{}",
+                r["kind"].as_str().unwrap(),
+                r["event"].as_str().unwrap()
+            )
+        })
+        .collect();
+    for want in [
+        "policy:applied",
+        "identity:enrolled",
+        "identity:rejected",
+        "identity:launched",
+        "identity:renewed",
+        "identity:revoked",
+    ] {
+        assert!(
+            events.iter().any(|e| e == want),
+            "{want} missing from {events:?}"
+        );
+    }
+    let deny = records
+        .iter()
+        .find(|r| r["kind"] == "decision" && r["verdict"] == "deny" && r["port"] == 80)
+        .expect("the port-80 denial is in the audit log");
+    assert_eq!(deny["identity"], ID);
+    assert_eq!(deny["dest"], "192.0.2.10");
+
+    // Changing one record is caught at that record.
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let k = lines.len() / 2;
+    lines[k] = lines[k].replacen("\"seq\":", "\"x\":0,\"seq\":", 1);
+    std::fs::write(&audit, lines.join("\n") + "\n").unwrap();
+    let (code, _, err) = agentwall_out(&["audit", "verify", audit.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with(&format!(
+            "agentwall audit verify: {}:{}: record seq",
+            audit.display(),
+            k + 1
+        )),
+        "{err}"
+    );
+    assert!(
+        err.ends_with("does not match its hash (it was changed)"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod audit;
 mod down;
 mod enroll;
 mod flows;
@@ -41,6 +42,9 @@ enum Command {
     Status(status::Args),
     /// Denied, audited and unknown flows, recent and (with --follow) live.
     Flows(flows::Args),
+    /// The tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(audit::Command),
     /// Policy as code: check and test policy directories.
     #[command(subcommand)]
     Policy(policy::Command),
@@ -65,6 +69,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => status::run(args),
         Command::Flows(args) => flows::run(args),
         Command::Policy(cmd) => return policy::run(cmd),
+        Command::Audit(cmd) => return audit::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,320 @@
+//! The audit log: append-only JSONL in which every record carries a sequence number, the hash
+//! of the record before it and its own hash, so `agentwall audit verify` finds the first
+//! record that was changed, removed, reordered or cut short. Rotation by size keeps the chain
+//! going: a new file's first record points at the last record of the previous file.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+};
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// The `prev` of the very first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}:{line}: {message}")]
+    Broken {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// sha256 over the previous hash and the record's JSON without its `hash` field. Keys are
+/// sorted (serde_json's map), so writer and verifier produce the same bytes.
+fn record_hash(record: &Map<String, Value>) -> String {
+    let mut r = record.clone();
+    r.remove("hash");
+    let text = Value::Object(r).to_string();
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// An open audit log.
+pub struct AuditLog {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    max_bytes: u64,
+    seq: u64,
+    prev: String,
+}
+
+impl AuditLog {
+    /// Opens `path` for appending, continuing the chain of what is already there (or of the
+    /// newest rotated file when `path` is new).
+    pub fn open(path: &Path, max_bytes: u64) -> Result<Self, AuditError> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        let (mut seq, mut prev) = (0, GENESIS.to_owned());
+        let mut sources: Vec<PathBuf> = rotated(path);
+        sources.push(path.to_owned());
+        for p in sources.iter().rev() {
+            if let Some(last) = last_record(p)? {
+                seq = last.get("seq").and_then(Value::as_u64).unwrap_or(0);
+                prev = last
+                    .get("hash")
+                    .and_then(Value::as_str)
+                    .unwrap_or(GENESIS)
+                    .to_owned();
+                break;
+            }
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        let size = file.metadata().map_err(io_err(path))?.len();
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            size,
+            max_bytes,
+            seq,
+            prev,
+        })
+    }
+
+    /// Appends one record: `kind` plus `fields`, stamped with seq, time, prev and hash.
+    pub fn append(&mut self, kind: &str, fields: Value) -> Result<u64, AuditError> {
+        let mut r = match fields {
+            Value::Object(m) => m,
+            other => {
+                let mut m = Map::new();
+                m.insert("value".into(), other);
+                m
+            }
+        };
+        self.seq += 1;
+        r.insert("seq".into(), self.seq.into());
+        r.insert("kind".into(), kind.into());
+        r.insert(
+            "time".into(),
+            crate::flows::rfc3339(std::time::SystemTime::now()).into(),
+        );
+        r.insert("prev".into(), self.prev.clone().into());
+        let hash = record_hash(&r);
+        r.insert("hash".into(), hash.clone().into());
+        let mut line = Value::Object(r).to_string();
+        line.push('\n');
+        if self.max_bytes > 0 && self.size > 0 && self.size + line.len() as u64 > self.max_bytes {
+            self.rotate()?;
+        }
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(io_err(&self.path))?;
+        self.size += line.len() as u64;
+        self.prev = hash;
+        Ok(self.seq)
+    }
+
+    fn rotate(&mut self) -> Result<(), AuditError> {
+        self.file.sync_all().map_err(io_err(&self.path))?;
+        let n = rotated(&self.path).len() + 1;
+        let to = PathBuf::from(format!("{}.{n}", self.path.display()));
+        fs::rename(&self.path, &to).map_err(io_err(&self.path))?;
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(io_err(&self.path))?;
+        self.size = 0;
+        Ok(())
+    }
+}
+
+/// Rotated files of `path` (`path.1`, `path.2`, ...), oldest first.
+pub fn rotated(path: &Path) -> Vec<PathBuf> {
+    (1..)
+        .map(|n| PathBuf::from(format!("{}.{n}", path.display())))
+        .take_while(|p| p.exists())
+        .collect()
+}
+
+fn last_record(path: &Path) -> Result<Option<Map<String, Value>>, AuditError> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let mut last = None;
+    for line in BufReader::new(f).lines() {
+        let line = line.map_err(io_err(path))?;
+        if let Ok(Value::Object(m)) = serde_json::from_str(&line) {
+            last = Some(m);
+        }
+    }
+    Ok(last)
+}
+
+/// Checks a chain of files (oldest first). Returns the number of records, or the first
+/// broken one with its file and line.
+pub fn verify(files: &[PathBuf]) -> Result<u64, AuditError> {
+    let mut expect_seq: Option<u64> = None;
+    let mut prev: Option<String> = None;
+    let mut count = 0;
+    for path in files {
+        let f = File::open(path).map_err(io_err(path))?;
+        for (i, line) in BufReader::new(f).lines().enumerate() {
+            let line = line.map_err(io_err(path))?;
+            let broken = |message: String| AuditError::Broken {
+                path: path.clone(),
+                line: i + 1,
+                message,
+            };
+            let Ok(Value::Object(r)) = serde_json::from_str::<Value>(&line) else {
+                return Err(broken("not a JSON record (cut short or edited)".into()));
+            };
+            let seq = r
+                .get("seq")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| broken("record has no seq".into()))?;
+            let want = expect_seq.unwrap_or(seq);
+            if seq != want {
+                return Err(broken(format!(
+                    "record seq {seq} where seq {want} was expected (records missing or reordered)"
+                )));
+            }
+            let stored = r.get("hash").and_then(Value::as_str).unwrap_or("");
+            if record_hash(&r) != stored {
+                return Err(broken(format!(
+                    "record seq {seq} does not match its hash (it was changed)"
+                )));
+            }
+            let p = r.get("prev").and_then(Value::as_str).unwrap_or("");
+            if let Some(before) = &prev {
+                if p != before {
+                    return Err(broken(format!(
+                        "record seq {seq} does not follow the record before it (prev hash differs)"
+                    )));
+                }
+            }
+            prev = Some(stored.to_owned());
+            expect_seq = Some(seq + 1);
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_with(dir: &Path, n: usize, max: u64) -> PathBuf {
+        let p = dir.join("audit.jsonl");
+        let mut log = AuditLog::open(&p, max).unwrap();
+        for i in 0..n {
+            log.append(
+                "deny",
+                serde_json::json!({ "port": i, "dest": "192.0.2.1" }),
+            )
+            .unwrap();
+        }
+        p
+    }
+
+    fn lines(p: &Path) -> Vec<String> {
+        fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn write(p: &Path, l: &[String]) {
+        fs::write(p, l.iter().map(|x| format!("{x}\n")).collect::<String>()).unwrap();
+    }
+
+    #[test]
+    fn chain_verifies_and_continues_after_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let p = log_with(d.path(), 5, 0);
+        let mut log = AuditLog::open(&p, 0).unwrap();
+        assert_eq!(log.append("policy", serde_json::json!({})).unwrap(), 6);
+        assert_eq!(verify(&[p]).unwrap(), 6);
+    }
+
+    #[test]
+    fn tampering_is_caught_at_the_right_record() {
+        let d = tempfile::tempdir().unwrap();
+        let p = log_with(d.path(), 5, 0);
+        let orig = lines(&p);
+
+        let mut l = orig.clone();
+        l[2] = l[2].replace("192.0.2.1", "192.0.2.2");
+        write(&p, &l);
+        assert_eq!(
+            verify(std::slice::from_ref(&p)).unwrap_err().to_string(),
+            format!(
+                "{}:3: record seq 3 does not match its hash (it was changed)",
+                p.display()
+            )
+        );
+
+        let mut l = orig.clone();
+        l.remove(1);
+        write(&p, &l);
+        assert_eq!(
+            verify(std::slice::from_ref(&p)).unwrap_err().to_string(),
+            format!(
+                "{}:2: record seq 3 where seq 2 was expected (records missing or reordered)",
+                p.display()
+            )
+        );
+
+        let mut l = orig.clone();
+        l.swap(3, 4);
+        write(&p, &l);
+        assert!(
+            verify(std::slice::from_ref(&p))
+                .unwrap_err()
+                .to_string()
+                .starts_with(&format!("{}:4: record seq 5", p.display()))
+        );
+
+        let mut l = orig.clone();
+        l[4].truncate(20);
+        write(&p, &l);
+        assert_eq!(
+            verify(std::slice::from_ref(&p)).unwrap_err().to_string(),
+            format!("{}:5: not a JSON record (cut short or edited)", p.display())
+        );
+    }
+
+    #[test]
+    fn rotation_keeps_the_chain_across_files() {
+        let d = tempfile::tempdir().unwrap();
+        let p = log_with(d.path(), 20, 600);
+        let mut files = rotated(&p);
+        assert!(files.len() >= 2, "{files:?}");
+        files.push(p.clone());
+        assert_eq!(verify(&files).unwrap(), 20);
+        // Dropping a middle file breaks the chain where the next file starts.
+        let without: Vec<PathBuf> = files.iter().filter(|f| **f != files[1]).cloned().collect();
+        assert!(
+            verify(&without)
+                .unwrap_err()
+                .to_string()
+                .contains("records missing or reordered")
+        );
+    }
+}
