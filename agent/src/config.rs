@@ -46,6 +46,8 @@ pub struct NodeConfig {
     pub attach_cgroup: Option<PathBuf>,
     pub unknown_flows: Option<UnknownFlowsSetting>,
     pub audit_log: Option<PathBuf>,
+    /// The audit log is rotated past this many bytes (default 64 MiB).
+    pub audit_log_max_bytes: Option<u64>,
 }
 
 /// `unknown_flows` as written in TOML.
@@ -114,7 +116,8 @@ impl NodeConfig {
             bpffs_dir,
             attach_cgroup,
             unknown_flows,
-            audit_log
+            audit_log,
+            audit_log_max_bytes
         );
         if !over.crl.is_empty() {
             self.crl = over.crl;
@@ -163,9 +166,11 @@ mod tests {
     fn parses_with_defaults_and_flags_win() {
         let c = NodeConfig::parse(
             Path::new("a.toml"),
-            "policy_dir = \"/p\"\ntrust_bundle = \"/ca.pem\"\nunknown_flows = \"deny\"\n",
+            "policy_dir = \"/p\"\ntrust_bundle = \"/ca.pem\"\nunknown_flows = \"deny\"\n\
+             audit_log = \"/a.jsonl\"\naudit_log_max_bytes = 1048576\n",
         )
         .unwrap();
+        assert_eq!(c.audit_log_max_bytes, Some(1 << 20));
         assert_eq!(c.unknown_flows(), UnknownFlows::Deny);
         assert_eq!(c.socket(), PathBuf::from(DEFAULT_SOCKET));
         let c = c.overlay(NodeConfig {

@@ -54,7 +54,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> NodeError + '_ {
     }
 }
 
-/// An audit log file is rotated past this size.
+/// An audit log file is rotated past this size unless `audit_log_max_bytes` says otherwise.
 const AUDIT_MAX_BYTES: u64 = 64 << 20;
 
 /// Where the node keeps the files of the last policy it applied.
@@ -223,6 +223,7 @@ impl Node {
         let events = datapath.take_events();
         let agents_cgroup = Cgroup::create(attach.join("agentwall"))?;
         let cfg_audit = cfg.audit_log.clone();
+        let audit_max = cfg.audit_log_max_bytes.unwrap_or(AUDIT_MAX_BYTES);
         let node = Arc::new(Self {
             crls: Mutex::new(crl_stamp(&cfg.crl)),
             cfg,
@@ -240,12 +241,12 @@ impl Node {
                 recent: Recent::default(),
                 rearm_at: None,
                 audit: match &cfg_audit {
-                    Some(p) => Some(crate::audit::AuditLog::open(p, AUDIT_MAX_BYTES).map_err(
-                        |e| NodeError::Io {
+                    Some(p) => Some(crate::audit::AuditLog::open(p, audit_max).map_err(|e| {
+                        NodeError::Io {
                             path: p.clone(),
                             source: io::Error::other(e.to_string()),
-                        },
-                    )?),
+                        }
+                    })?),
                     None => None,
                 },
                 dropped_seen: 0,

@@ -34,6 +34,8 @@ pub struct Args {
     unknown_flows: Option<String>,
     #[arg(long)]
     audit_log: Option<PathBuf>,
+    #[arg(long)]
+    audit_log_max_bytes: Option<u64>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -60,6 +62,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             _ => UnknownFlowsSetting::Report,
         }),
         audit_log: args.audit_log,
+        audit_log_max_bytes: args.audit_log_max_bytes,
     };
     let cfg = file.overlay(flags);
     let rt = tokio::runtime::Builder::new_multi_thread()
