@@ -635,13 +635,8 @@ fn node_launch_verifies_identity_enforces_and_reloads_policy() {
 
 #[test]
 fn certificate_expiry_cuts_the_agent_off_even_with_the_node_stopped() {
-    let env = TestEnv::new("expiry");
-    let tmp = tempfile::tempdir().unwrap();
+    let (env, tmp, ca) = setup("expiry", POLICY);
     let dir = tmp.path();
-    let ca = Ca::new("agentwall test CA");
-    std::fs::create_dir(dir.join("policy")).unwrap();
-    std::fs::write(dir.join("policy/agents.yaml"), POLICY).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
     let node = NodeProc::start(&env, dir);
 
     // X.509 times have one-second resolution: a certificate valid for three more seconds.
@@ -667,6 +662,18 @@ fn certificate_expiry_cuts_the_agent_off_even_with_the_node_stopped() {
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
 }
 
+/// A test's cgroup subtree and pin dir, a temp dir holding `policy/agents.yaml` and `ca.pem`,
+/// and the CA.
+fn setup(name: &str, policy: &str) -> (TestEnv, tempfile::TempDir, Ca) {
+    let env = TestEnv::new(name);
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("agentwall test CA");
+    std::fs::create_dir(tmp.path().join("policy")).unwrap();
+    std::fs::write(tmp.path().join("policy/agents.yaml"), policy).unwrap();
+    std::fs::write(tmp.path().join("ca.pem"), ca.pem()).unwrap();
+    (env, tmp, ca)
+}
+
 fn agentwall_out(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(bin_path("agentwall"))
         .args(args)
@@ -681,13 +688,8 @@ fn agentwall_out(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn enroll_renew_and_revoke() {
-    let env = TestEnv::new("lifecycle");
-    let tmp = tempfile::tempdir().unwrap();
+    let (env, tmp, ca) = setup("lifecycle", POLICY);
     let dir = tmp.path();
-    let ca = Ca::new("agentwall test CA");
-    std::fs::create_dir(dir.join("policy")).unwrap();
-    std::fs::write(dir.join("policy/agents.yaml"), POLICY).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
     let audit = dir.join("audit/audit.jsonl");
     let node = NodeProc::start_with(&env, dir, &["--audit-log", audit.to_str().unwrap()]);
     let sock = node.socket.to_str().unwrap().to_owned();
@@ -888,13 +890,8 @@ fn enroll_renew_and_revoke() {
 
 #[test]
 fn a_crl_listing_a_running_certificate_cuts_its_session_off() {
-    let env = TestEnv::new("crl");
-    let tmp = tempfile::tempdir().unwrap();
+    let (env, tmp, ca) = setup("crl", POLICY);
     let dir = tmp.path();
-    let ca = Ca::new("agentwall test CA");
-    std::fs::create_dir(dir.join("policy")).unwrap();
-    std::fs::write(dir.join("policy/agents.yaml"), POLICY).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
     let crl = dir.join("ca.crl.pem");
     std::fs::write(&crl, ca.crl(&[])).unwrap();
     let node = NodeProc::start_with(&env, dir, &["--crl", crl.to_str().unwrap()]);
@@ -938,13 +935,8 @@ fn a_crl_listing_a_running_certificate_cuts_its_session_off() {
 
 #[test]
 fn a_node_restarted_on_a_broken_policy_keeps_the_last_good_one() {
-    let env = TestEnv::new("lastgood");
-    let tmp = tempfile::tempdir().unwrap();
+    let (env, tmp, ca) = setup("lastgood", POLICY);
     let dir = tmp.path();
-    let ca = Ca::new("agentwall test CA");
-    std::fs::create_dir(dir.join("policy")).unwrap();
-    std::fs::write(dir.join("policy/agents.yaml"), POLICY).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
     // Started as a systemd service would: readiness also goes to NOTIFY_SOCKET.
     let notify_path = dir.join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
@@ -984,10 +976,6 @@ fn a_node_restarted_on_a_broken_policy_keeps_the_last_good_one() {
 
 #[test]
 fn scheduled_rules_allow_only_inside_their_windows() {
-    let env = TestEnv::new("schedule");
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let ca = Ca::new("agentwall test CA");
     // One window that is open all day, one that opens two hours from now (UTC).
     let now = time::OffsetDateTime::now_utc();
     let (opens, closes) = (
@@ -1006,9 +994,8 @@ fn scheduled_rules_allow_only_inside_their_windows() {
          - to: [192.0.2.0/24]\n    ports: [443]\n    protocol: tcp\n    schedule: \"daily 00:00-24:00 UTC\"\n  \
          - to: [192.0.2.0/24]\n    ports: [8443]\n    protocol: tcp\n    schedule: \"{closed}\"\n"
     );
-    std::fs::create_dir(dir.join("policy")).unwrap();
-    std::fs::write(dir.join("policy/agents.yaml"), policy).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let (env, tmp, ca) = setup("schedule", &policy);
+    let dir = tmp.path();
     let node = NodeProc::start(&env, dir);
     let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
     let mut probe = launch_probe(&node.socket, &cert, &key);
