@@ -433,7 +433,10 @@ impl Node {
         let dir = self.cfg.policy_dir();
         let current = self.revision();
         match load_dir(&dir) {
-            Ok(set) if set.revision == current => {}
+            // The directory is back to what is in force: any earlier rejection is over.
+            Ok(set) if set.revision == current => {
+                self.state.lock().expect("node state").last_policy_error = None;
+            }
             Ok(set) => {
                 if let Err(e) = self.apply(set) {
                     error!(error = %e, "applying policy failed; the previous revision stays");

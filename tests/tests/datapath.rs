@@ -446,7 +446,7 @@ fn policy_swaps_are_atomic_for_connecting_processes() {
     dp.bind(&agent, 1, None).unwrap();
     let mut allowed = Probe::spawn(&agent);
     let mut denied = Probe::spawn(&agent);
-    let n = 20_000;
+    let n = 100_000;
     let t1 =
         std::thread::spawn(move || allowed.cmd(&format!("connect-loop tcp 192.0.2.10 443 {n}")));
     let t2 = std::thread::spawn(move || denied.cmd(&format!("connect-loop tcp 192.0.2.10 80 {n}")));
@@ -458,7 +458,7 @@ fn policy_swaps_are_atomic_for_connecting_processes() {
     }
     assert_eq!(t1.join().unwrap(), format!("eperm=0 other={n}"));
     assert_eq!(t2.join().unwrap(), format!("eperm={n} other=0"));
-    assert!(swaps >= 20, "only {swaps} swaps overlapped the loops");
+    assert!(swaps >= 10, "only {swaps} swaps overlapped the loops");
 }
 
 #[test]

@@ -816,14 +816,17 @@ fn enroll_renew_and_revoke() {
         String::from_utf8_lossy(&out.stderr).trim(),
         format!("agentwall launch: rejected: identity {ID} is revoked (identity {ID})")
     );
-    // A policy reload does not bring it back.
+    // A policy reload does not bring it back. (The revision is read before the edit: the node
+    // may pick the edit up on its own before `policy apply` runs.)
+    let before = status_json(&node.socket)["revision"].clone();
     std::fs::write(
         dir.join("policy/agents.yaml"),
         format!("{POLICY}\n# touched\n"),
     )
     .unwrap();
-    let before = status_json(&node.socket)["revision"].clone();
-    wait_status(&node.socket, "the reload", |s| s["revision"] != before);
+    let (code, _, err) = agentwall_out(&["policy", "apply", "--socket", &sock]);
+    assert_eq!(code, 0, "{err}");
+    assert_ne!(status_json(&node.socket)["revision"], before);
     assert_eq!(svc.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
     assert_eq!(node.stop(), 0);
 
