@@ -48,6 +48,8 @@ pub struct NodeConfig {
     pub audit_log: Option<PathBuf>,
     /// The audit log is rotated past this many bytes (default 64 MiB).
     pub audit_log_max_bytes: Option<u64>,
+    /// Address for the Prometheus text endpoint (`GET /metrics`); off when unset.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `unknown_flows` as written in TOML.
@@ -117,7 +119,8 @@ impl NodeConfig {
             attach_cgroup,
             unknown_flows,
             audit_log,
-            audit_log_max_bytes
+            audit_log_max_bytes,
+            metrics_listen
         );
         if !over.crl.is_empty() {
             self.crl = over.crl;

@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod flows;
 pub mod identity;
 pub mod logging;
+pub mod metrics;
 pub mod node;
 pub mod policy;
 pub mod sockets;

@@ -135,6 +135,7 @@ struct State {
     dropped_seen: u64,
     /// Audit records that could not be written.
     audit_failures: u64,
+    counters: crate::metrics::Counters,
 }
 
 impl State {
@@ -251,6 +252,7 @@ impl Node {
                 },
                 dropped_seen: 0,
                 audit_failures: 0,
+                counters: Default::default(),
             }),
         });
         node.apply(policy)?;
@@ -299,6 +301,8 @@ impl Node {
             warn!(error = %e, dir = %keep.display(), "could not keep a copy of the applied policy");
         }
         st.rearm_at = policy.next_schedule_change(std::time::SystemTime::now());
+        st.counters.policy_applies += 1;
+        st.counters.last_apply_seconds = t0.elapsed().as_secs_f64();
         st.audit(
             "policy",
             serde_json::json!({ "event": "applied", "revision": policy.revision, "identities": policy.agents.len() }),
@@ -868,6 +872,10 @@ impl Node {
         }
         tracing::debug!(record = %r, "decision");
         st.audit("decision", serde_json::to_value(&r).unwrap_or_default());
+        *st.counters
+            .decisions
+            .entry((r.identity.clone().unwrap_or_default(), r.verdict.clone()))
+            .or_default() += 1 + u64::from(r.suppressed);
         st.recent.push(r);
     }
 
@@ -896,6 +904,62 @@ impl Node {
         }
     }
 
+    /// The metrics page, read now.
+    pub fn metrics(&self) -> String {
+        let st = self.state.lock().expect("node state");
+        let fill = st.datapath.fill().ok();
+        let revoked = st.numbers.revoked.len();
+        let g = crate::metrics::Gauges {
+            dropped_events: st.datapath.dropped_events().unwrap_or(0),
+            bindings: fill.map_or(0, |f| f.bindings),
+            bindings_max: fill.map_or(0, |f| f.bindings_max),
+            identities_active: st.numbers.numbers.len().saturating_sub(revoked),
+            identities_revoked: revoked,
+            identities_max: fill.map_or(0, |f| f.identities_max),
+            sessions: st.sessions.len(),
+            audit_write_failures: st.audit_failures,
+        };
+        crate::metrics::render(&st.counters, &g)
+    }
+
+    /// Answers `GET /metrics` on `metrics_listen`; anything else gets 404.
+    async fn serve_metrics(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        use tokio::io::AsyncReadExt as _;
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                continue;
+            };
+            let node = self.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = 0;
+                while got < buf.len() {
+                    match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf[got..]))
+                        .await
+                    {
+                        Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                        Ok(Ok(n)) => got += n,
+                    }
+                    if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf[..got]);
+                let (status, body) = if head.starts_with("GET /metrics ") {
+                    ("200 OK", node.metrics())
+                } else {
+                    ("404 Not Found", "not found: try GET /metrics\n".to_owned())
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(resp.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    }
+
     /// Serves the API until SIGTERM or SIGINT. Enforcement stays pinned after it returns.
     pub async fn serve(self: Arc<Self>, ready: impl FnOnce(&Path, &str)) -> Result<(), NodeError> {
         let socket = self.cfg.socket();
@@ -921,6 +985,12 @@ impl Node {
         }
         let revision = self.revision();
         tokio::spawn(self.clone().read_events());
+        if let Some(addr) = self.cfg.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(io_err(Path::new(&addr.to_string())))?;
+            tokio::spawn(self.clone().serve_metrics(listener));
+        }
         ready(&socket, &revision);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(io_err(Path::new("SIGTERM")))?;

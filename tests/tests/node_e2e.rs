@@ -1030,3 +1030,75 @@ fn scheduled_rules_allow_only_inside_their_windows() {
         "{err}"
     );
 }
+
+/// `GET /metrics` over a plain TCP connection to loopback.
+fn scrape(addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: agentwall\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
+}
+
+fn value(s: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    s.samples
+        .iter()
+        .find(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+        .unwrap_or_else(|| panic!("{metric} {labels:?} not scraped"))
+}
+
+#[test]
+fn metrics_count_what_happened() {
+    let (env, tmp, ca) = setup("metrics", POLICY);
+    let dir = tmp.path();
+    // A free loopback port for the metrics endpoint.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let node = NodeProc::start_with(&env, dir, &["--metrics-listen", &addr.to_string()]);
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    for port in [80, 81, 82] {
+        assert_eq!(
+            probe.cmd(&format!("connect tcp 192.0.2.10 {port}")),
+            "err EPERM"
+        );
+    }
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    let mut stranger = Probe::spawn(&env.cgroup("unenrolled"));
+    assert_eq!(
+        stranger.cmd("connect tcp 203.0.113.5 8080"),
+        "err ENETUNREACH"
+    );
+    wait_flow(&node.socket, "deny", 82);
+    wait_flow(&node.socket, "unknown", 8080);
+
+    let s = scrape(addr);
+    let deny = [("identity", ID), ("verdict", "deny")];
+    assert_eq!(value(&s, "agentwall_decisions_total", &deny), 3.0);
+    let unknown = [("identity", ""), ("verdict", "unknown")];
+    assert_eq!(value(&s, "agentwall_decisions_total", &unknown), 1.0);
+    assert_eq!(value(&s, "agentwall_sessions", &[]), 1.0);
+    assert_eq!(
+        value(&s, "agentwall_identities", &[("state", "active")]),
+        2.0
+    );
+    assert_eq!(value(&s, "agentwall_policy_applies_total", &[]), 1.0);
+    assert_eq!(
+        value(&s, "agentwall_map_capacity", &[("map", "bindings")]),
+        65536.0
+    );
+    assert_eq!(value(&s, "agentwall_events_dropped_total", &[]), 0.0);
+    assert!(value(&s, "agentwall_policy_apply_seconds", &[]) > 0.0);
+}

@@ -29,7 +29,7 @@ enum Command {
     /// Detach the datapath and remove every pin: enforcement ends.
     Down(down::Args),
     /// Run the node: datapath, policy, identities, local API.
-    Node(node::Args),
+    Node(Box<node::Args>),
     /// Prove an identity to the node and run a command confined to it.
     Launch(launch::Args),
     /// Bind an existing cgroup (a systemd unit, a container) to a certificate's identity.
@@ -61,7 +61,7 @@ pub fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Down(args) => down::run(args),
-        Command::Node(args) => node::run(args),
+        Command::Node(args) => node::run(*args),
         Command::Launch(args) => return launch::run(args),
         Command::Enroll(args) => return enroll::run(args),
         Command::Renew(args) => return renew::run(args),

@@ -36,6 +36,9 @@ pub struct Args {
     audit_log: Option<PathBuf>,
     #[arg(long)]
     audit_log_max_bytes: Option<u64>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -63,6 +66,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }),
         audit_log: args.audit_log,
         audit_log_max_bytes: args.audit_log_max_bytes,
+        metrics_listen: args.metrics_listen,
     };
     let cfg = file.overlay(flags);
     let rt = tokio::runtime::Builder::new_multi_thread()
