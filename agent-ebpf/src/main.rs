@@ -185,34 +185,13 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
         sock_type: ty as u16,
         sock_protocol: protocol as u16,
     };
-    let now = unsafe { bpf_ktime_get_boot_ns() };
     let audit = match AW_IDENTITIES.get(identity) {
         Some(st) => binding.revoked == 0 && st.state == IDENTITY_ACTIVE && st.mode == MODE_AUDIT,
         None => false,
     };
-    if audit {
-        report(
-            &flow,
-            leaf,
-            identity,
-            EVENT_AUDIT,
-            REASON_SOCKET_TYPE,
-            0,
-            now,
-        );
-        ALLOW
-    } else {
-        report(
-            &flow,
-            leaf,
-            identity,
-            EVENT_SOCK_DENY,
-            REASON_SOCKET_TYPE,
-            0,
-            now,
-        );
-        DENY
-    }
+    let kind = if audit { EVENT_AUDIT } else { EVENT_SOCK_DENY };
+    report(&flow, leaf, identity, kind, REASON_SOCKET_TYPE, 0, 0);
+    if audit { ALLOW } else { DENY }
 }
 
 #[inline(always)]
@@ -264,13 +243,11 @@ fn judge(flow: &Flow) -> i32 {
         return match unknown {
             UNKNOWN_IGNORE => ALLOW,
             UNKNOWN_DENY => {
-                let now = unsafe { bpf_ktime_get_boot_ns() };
-                report(flow, leaf, 0, EVENT_DENY, REASON_UNBOUND, 0, now);
+                report(flow, leaf, 0, EVENT_DENY, REASON_UNBOUND, 0, 0);
                 DENY
             }
             _ => {
-                let now = unsafe { bpf_ktime_get_boot_ns() };
-                report(flow, leaf, 0, EVENT_UNKNOWN_FLOW, REASON_NONE, 0, now);
+                report(flow, leaf, 0, EVENT_UNKNOWN_FLOW, REASON_NONE, 0, 0);
                 ALLOW
             }
         };
