@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map layout changes: pins live under `<bpffs_dir>/v{ABI_VERSION}`, so a new
 /// layout never adopts maps written by an old one.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 pub const MAP_BINDINGS: &str = "AW_BINDINGS";
 pub const MAP_IDENTITIES: &str = "AW_IDENTITIES";
@@ -15,9 +15,10 @@ pub const MAP_CONFIG: &str = "AW_CONFIG";
 pub const MAP_EVENTS: &str = "AW_EVENTS";
 pub const MAP_EVENT_DROPS: &str = "AW_EVENT_DROPS";
 pub const MAP_RATE: &str = "AW_RATE";
+pub const MAP_DNS_ORIGIN: &str = "AW_DNS_ORIGIN";
 
 /// Every map the programs use, in a stable order (pinning, adoption and teardown walk it).
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 8] = [
     MAP_BINDINGS,
     MAP_IDENTITIES,
     MAP_RULES,
@@ -25,6 +26,7 @@ pub const ALL_MAPS: [&str; 7] = [
     MAP_EVENTS,
     MAP_EVENT_DROPS,
     MAP_RATE,
+    MAP_DNS_ORIGIN,
 ];
 
 pub const PROG_CONNECT4: &str = "aw_connect4";
@@ -32,13 +34,21 @@ pub const PROG_CONNECT6: &str = "aw_connect6";
 pub const PROG_SENDMSG4: &str = "aw_sendmsg4";
 pub const PROG_SENDMSG6: &str = "aw_sendmsg6";
 pub const PROG_SOCK_CREATE: &str = "aw_sock_create";
+pub const PROG_RECVMSG4: &str = "aw_recvmsg4";
+pub const PROG_RECVMSG6: &str = "aw_recvmsg6";
+pub const PROG_GETPEERNAME4: &str = "aw_getpeername4";
+pub const PROG_GETPEERNAME6: &str = "aw_getpeername6";
 
-pub const ALL_PROGRAMS: [&str; 5] = [
+pub const ALL_PROGRAMS: [&str; 9] = [
     PROG_CONNECT4,
     PROG_CONNECT6,
     PROG_SENDMSG4,
     PROG_SENDMSG6,
     PROG_SOCK_CREATE,
+    PROG_RECVMSG4,
+    PROG_RECVMSG6,
+    PROG_GETPEERNAME4,
+    PROG_GETPEERNAME6,
 ];
 
 /// Capacity of the identity table; identity 0 is reserved (it means "no identity" in event
@@ -53,6 +63,23 @@ pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 pub const RATE_ENTRIES: u32 = 16384;
 /// Identical events inside this window are counted instead of written again.
 pub const DEFAULT_RATE_WINDOW_NS: u64 = 1_000_000_000;
+/// Sockets whose DNS traffic was steered to the proxy, remembered until they are reused.
+pub const DNS_ORIGIN_ENTRIES: u32 = 65536;
+/// DNS from identities with name rules is steered to `127.77.(n >> 8).(n & 0xff)`, the proxy
+/// address of identity n: the address the proxy receives a query on says who asked, so no
+/// lookup can race with a socket being closed and reused.
+pub const DNS_PROXY_NET: [u8; 2] = [127, 77];
+pub const DNS_PORT: u16 = 53;
+
+/// The proxy address of an identity, as its four octets.
+pub const fn dns_proxy_addr(identity: u32) -> [u8; 4] {
+    [
+        DNS_PROXY_NET[0],
+        DNS_PROXY_NET[1],
+        (identity >> 8) as u8,
+        identity as u8,
+    ]
+}
 
 /// Protocol bits in [`PortEntry::proto`] and [`Event::proto`].
 pub const PROTO_TCP: u8 = 1;
@@ -119,7 +146,9 @@ pub struct Binding {
 pub struct IdentityState {
     pub state: u8,
     pub mode: u8,
-    pub _pad: [u8; 6],
+    /// Non-zero: the identity has name rules, so its DNS goes through the node's proxy.
+    pub dns: u8,
+    pub _pad: [u8; 5],
 }
 
 /// Value of `AW_CONFIG[0]`.
@@ -130,7 +159,10 @@ pub struct Config {
     /// Bit n set: some cgroup at level n is bound. The ancestor walk skips the other levels.
     pub bound_levels: u32,
     pub unknown_flows: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// Port the DNS proxy listens on at every identity's proxy address; 0 = no proxy, and
+    /// nothing is steered.
+    pub dns_port: u16,
 }
 
 /// LPM key data: an IPv6 address; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`, prefix + 96).
@@ -180,6 +212,19 @@ impl Default for RuleSet {
             entries: [PortEntry::default(); MAX_PORT_ENTRIES],
         }
     }
+}
+
+/// Value of `AW_DNS_ORIGIN` (key: socket cookie): where a steered socket meant to go, so
+/// replies and `getpeername` show the resolver it asked instead of the proxy. Addresses and
+/// ports in network byte order, as the hooks see them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsOrigin {
+    pub resolver_ip4: u32,
+    pub proxy_ip4: u32,
+    pub resolver_port: u16,
+    pub proxy_port: u16,
+    pub _pad: u32,
 }
 
 /// A record on the `AW_EVENTS` ring buffer.
@@ -244,6 +289,7 @@ mod pod {
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for RateKey {}
     unsafe impl aya::Pod for RateState {}
+    unsafe impl aya::Pod for DnsOrigin {}
 }
 
 // Layout guards: the kernel and userspace must agree on these sizes byte for byte.
@@ -255,3 +301,4 @@ const _: () = assert!(core::mem::size_of::<RuleSet>() == 8 + 24 * MAX_PORT_ENTRI
 const _: () = assert!(core::mem::size_of::<Event>() == 88);
 const _: () = assert!(core::mem::size_of::<RateKey>() == 32);
 const _: () = assert!(core::mem::size_of::<RateState>() == 16);
+const _: () = assert!(core::mem::size_of::<DnsOrigin>() == 16);

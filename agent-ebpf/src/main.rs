@@ -10,12 +10,13 @@
 #![feature(core_intrinsics)]
 
 use agent_common::{
-    Addr, Binding, Config, DEFAULT_RATE_WINDOW_NS, EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY,
-    EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES, Event, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4,
-    HOOK_SENDMSG6, HOOK_SOCK_CREATE, IDENTITY_ACTIVE, IdentityState, MAX_BINDINGS,
-    MAX_CGROUP_LEVELS, MAX_IDENTITIES, MAX_PORT_ENTRIES, MODE_AUDIT, PROTO_TCP, PROTO_UDP,
-    RATE_ENTRIES, REASON_EXPIRED, REASON_GLOBAL_DENY, REASON_NO_RULE, REASON_NONE, REASON_REVOKED,
-    REASON_SOCKET_TYPE, REASON_UNBOUND, RateKey, RateState, RuleSet, UNKNOWN_DENY, UNKNOWN_IGNORE,
+    Addr, Binding, Config, DEFAULT_RATE_WINDOW_NS, DNS_ORIGIN_ENTRIES, DNS_PORT, DnsOrigin,
+    EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY, EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES, Event,
+    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SOCK_CREATE, IDENTITY_ACTIVE,
+    IdentityState, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES, MAX_PORT_ENTRIES, MODE_AUDIT,
+    PROTO_TCP, PROTO_UDP, RATE_ENTRIES, REASON_EXPIRED, REASON_GLOBAL_DENY, REASON_NO_RULE,
+    REASON_NONE, REASON_REVOKED, REASON_SOCKET_TYPE, REASON_UNBOUND, RateKey, RateState, RuleSet,
+    UNKNOWN_DENY, UNKNOWN_IGNORE, dns_proxy_addr,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, bpf_sock_addr},
@@ -24,7 +25,8 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
-        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_socket_cookie,
+        bpf_ktime_get_boot_ns,
     },
     macros::{btf_map, cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
@@ -32,6 +34,8 @@ use aya_ebpf::{
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
+/// Internal verdict: allow, after pointing the socket at the identity's DNS proxy address.
+const STEER: i32 = 2;
 
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
@@ -55,6 +59,12 @@ static AW_EVENTS: RingBuf<Event, { EVENTS_RING_BYTES as usize }> = RingBuf::new(
 static AW_EVENT_DROPS: PerCpuArray<u64, 1> = PerCpuArray::new();
 #[btf_map]
 static AW_RATE: LruHashMap<RateKey, RateState, { RATE_ENTRIES as usize }> = LruHashMap::new();
+#[btf_map]
+static AW_DNS_ORIGIN: LruHashMap<u64, DnsOrigin, { DNS_ORIGIN_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// `::ffff:0:0/96`'s third word, as the hooks hold it (network byte order in memory).
+const MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// What a hook saw, in the one address space the tries use.
 struct Flow {
@@ -91,6 +101,101 @@ pub fn aw_sock_create(ctx: SockContext) -> i32 {
     try_sock_create(&ctx)
 }
 
+#[cgroup_sock_addr(recvmsg4)]
+pub fn aw_recvmsg4(ctx: SockAddrContext) -> i32 {
+    try_restore(&ctx, false)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn aw_getpeername4(ctx: SockAddrContext) -> i32 {
+    try_restore(&ctx, false)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn aw_recvmsg6(ctx: SockAddrContext) -> i32 {
+    try_restore(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn aw_getpeername6(ctx: SockAddrContext) -> i32 {
+    try_restore(&ctx, true)
+}
+
+/// Replies from the proxy, and the peer of a socket connected to it, show the resolver the
+/// socket asked: stub resolvers drop answers from any other address. Always returns 1 (these
+/// hooks cannot deny).
+#[inline(always)]
+fn try_restore(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: a cookie lookup on the context's socket; plain-old-data map value.
+    let cookie = unsafe { bpf_get_socket_cookie(sa as *mut _) };
+    let Some(o) = (unsafe { AW_DNS_ORIGIN.get(cookie) }) else {
+        return ALLOW;
+    };
+    let o = *o;
+    // SAFETY: recvmsg and getpeername programs may read and write user_ip4/user_ip6/user_port.
+    unsafe {
+        if (*sa).user_port as u16 != o.proxy_port {
+            return ALLOW;
+        }
+        if v6 {
+            let (w0, w1, w2, w3) = (
+                (*sa).user_ip6[0],
+                (*sa).user_ip6[1],
+                (*sa).user_ip6[2],
+                (*sa).user_ip6[3],
+            );
+            if w0 == 0 && w1 == 0 && w2 == MAPPED_WORD && w3 == o.proxy_ip4 {
+                (*sa).user_ip6[3] = o.resolver_ip4;
+                (*sa).user_port = u32::from(o.resolver_port);
+            }
+        } else if (*sa).user_ip4 == o.proxy_ip4 {
+            (*sa).user_ip4 = o.resolver_ip4;
+            (*sa).user_port = u32::from(o.resolver_port);
+        }
+    }
+    ALLOW
+}
+
+/// Points a DNS socket at the proxy address of `identity` and remembers where it meant to go.
+/// `ip4`/`port` are the context's values (network byte order); `mapped`: an AF_INET6 socket
+/// with an IPv4-mapped destination.
+#[inline(always)]
+fn steer(ctx: &SockAddrContext, identity: u32, ip4: u32, port: u32, mapped: bool) -> i32 {
+    let dns_port = match config() {
+        Some(c) => c.dns_port,
+        None => 0,
+    };
+    let proxy_ip4 = u32::from_ne_bytes(dns_proxy_addr(identity));
+    let proxy_port = dns_port.to_be();
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: connect and sendmsg programs may write the destination; the cookie helper takes
+    // the context.
+    unsafe {
+        let cookie = bpf_get_socket_cookie(sa as *mut _);
+        // A full LRU evicts the oldest socket's entry; a failed insert only means replies keep
+        // the proxy's address, which stub resolvers reject: closed, not open.
+        let _ = AW_DNS_ORIGIN.insert(
+            cookie,
+            DnsOrigin {
+                resolver_ip4: ip4,
+                proxy_ip4,
+                resolver_port: port as u16,
+                proxy_port,
+                _pad: 0,
+            },
+            0,
+        );
+        if mapped {
+            (*sa).user_ip6[3] = proxy_ip4;
+        } else {
+            (*sa).user_ip4 = proxy_ip4;
+        }
+        (*sa).user_port = u32::from(proxy_port);
+    }
+    ALLOW
+}
+
 #[inline(always)]
 fn proto_bit(protocol: u32) -> u8 {
     match protocol {
@@ -116,7 +221,11 @@ fn try_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
     addr[13] = octets[1];
     addr[14] = octets[2];
     addr[15] = octets[3];
-    judge_sock_addr(addr, port, protocol, ty, hook)
+    let mut identity = 0;
+    match judge_sock_addr(addr, port, protocol, ty, hook, &mut identity) {
+        STEER => steer(ctx, identity, ip, port, false),
+        v => v,
+    }
 }
 
 #[inline(always)]
@@ -147,20 +256,34 @@ fn try_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
     }
     // An IPv4-mapped destination (::ffff:a.b.c.d) already sits where IPv4 rules live in the
     // trie, so it is judged as its IPv4 address without a special case.
-    judge_sock_addr(addr, port, protocol, ty, hook)
+    let mut identity = 0;
+    match judge_sock_addr(addr, port, protocol, ty, hook, &mut identity) {
+        STEER => steer(ctx, identity, w3, port, true),
+        v => v,
+    }
 }
 
 /// `port` as the context holds it (network byte order in the low 16 bits).
 #[inline(always)]
-fn judge_sock_addr(addr: Addr, port: u32, protocol: u32, ty: u32, hook: u8) -> i32 {
-    judge(&Flow {
-        addr,
-        port: u16::from_be(port as u16),
-        proto: proto_bit(protocol),
-        hook,
-        sock_type: ty as u16,
-        sock_protocol: protocol as u16,
-    })
+fn judge_sock_addr(
+    addr: Addr,
+    port: u32,
+    protocol: u32,
+    ty: u32,
+    hook: u8,
+    identity: &mut u32,
+) -> i32 {
+    judge(
+        &Flow {
+            addr,
+            port: u16::from_be(port as u16),
+            proto: proto_bit(protocol),
+            hook,
+            sock_type: ty as u16,
+            sock_protocol: protocol as u16,
+        },
+        identity,
+    )
 }
 
 #[inline(always)]
@@ -233,7 +356,7 @@ fn find_binding(leaf: u64) -> Option<Binding> {
 }
 
 #[inline(always)]
-fn judge(flow: &Flow) -> i32 {
+fn judge(flow: &Flow, out_identity: &mut u32) -> i32 {
     let leaf = unsafe { bpf_get_current_cgroup_id() };
     let Some(binding) = find_binding(leaf) else {
         let unknown = match config() {
@@ -253,9 +376,9 @@ fn judge(flow: &Flow) -> i32 {
         };
     };
     let (identity, not_after) = (binding.identity, binding.not_after_ns);
-    let (state, mode) = match AW_IDENTITIES.get(identity) {
-        Some(st) => (st.state, st.mode),
-        None => (0, 0),
+    let (state, mode, dns) = match AW_IDENTITIES.get(identity) {
+        Some(st) => (st.state, st.mode, st.dns),
+        None => (0, 0, 0),
     };
     // Revoked, unset and expired identities (and bindings whose certificate was revoked) are
     // denied whatever the mode: audit mode is for trying out a policy, not for keeping a dead
@@ -273,6 +396,18 @@ fn judge(flow: &Flow) -> i32 {
             return DENY;
         }
     }
+    // DNS to an IPv4 resolver (IPv4-mapped included) from an identity with name rules goes to
+    // its proxy, whatever the resolver: the proxy learns the addresses its rules allow.
+    if dns != 0 && flow.port == DNS_PORT && flow.proto != 0 && is_v4(&flow.addr) {
+        let dns_port = match config() {
+            Some(c) => c.dns_port,
+            None => 0,
+        };
+        if dns_port != 0 {
+            *out_identity = identity;
+            return STEER;
+        }
+    }
     let (reason, rule_id) = check_rules(identity, flow, &mut now);
     if reason == REASON_NONE {
         return ALLOW;
@@ -284,6 +419,13 @@ fn judge(flow: &Flow) -> i32 {
     };
     report(flow, leaf, identity, kind, reason, rule_id, now);
     if mode == MODE_AUDIT { ALLOW } else { DENY }
+}
+
+#[inline(always)]
+fn is_v4(a: &Addr) -> bool {
+    a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
 }
 
 /// Longest-prefix match on the identity's trie, then the first port entry (most specific rule

@@ -50,6 +50,21 @@ pub struct NodeConfig {
     pub audit_log_max_bytes: Option<u64>,
     /// Address for the Prometheus text endpoint (`GET /metrics`); off when unset.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Port of the DNS proxy at every identity's proxy address (default 15053; 0 turns the
+    /// proxy off, and name rules then allow nothing).
+    pub dns_listen_port: Option<u16>,
+    /// Resolvers the proxy forwards to, tried in order (default: the host's resolv.conf).
+    pub dns_upstream: Vec<std::net::SocketAddr>,
+    /// Seconds a learned address stays allowed after its TTL ran out (default 60).
+    pub dns_grace_secs: Option<u64>,
+    /// TTLs below this many seconds count as this (default 5).
+    pub dns_min_ttl_secs: Option<u64>,
+    /// Names with live addresses one identity may have (default 1024).
+    pub dns_max_names: Option<usize>,
+    /// Addresses one name may have per identity (default 32).
+    pub dns_max_addresses: Option<usize>,
+    /// Milliseconds one upstream gets to answer before the next is tried (default 2000).
+    pub dns_timeout_ms: Option<u64>,
 }
 
 /// `unknown_flows` as written in TOML.
@@ -120,10 +135,19 @@ impl NodeConfig {
             unknown_flows,
             audit_log,
             audit_log_max_bytes,
-            metrics_listen
+            metrics_listen,
+            dns_listen_port,
+            dns_grace_secs,
+            dns_min_ttl_secs,
+            dns_max_names,
+            dns_max_addresses,
+            dns_timeout_ms
         );
         if !over.crl.is_empty() {
             self.crl = over.crl;
+        }
+        if !over.dns_upstream.is_empty() {
+            self.dns_upstream = over.dns_upstream;
         }
         self
     }
@@ -154,6 +178,29 @@ impl NodeConfig {
         self.trust_bundle
             .as_deref()
             .ok_or(ConfigError::Missing("trust_bundle"))
+    }
+
+    pub fn dns_port(&self) -> u16 {
+        self.dns_listen_port.unwrap_or(15053)
+    }
+
+    pub fn dns_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.dns_grace_secs.unwrap_or(60))
+    }
+
+    pub fn dns_min_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.dns_min_ttl_secs.unwrap_or(5))
+    }
+
+    pub fn dns_caps(&self) -> crate::dns::Caps {
+        crate::dns::Caps {
+            names_per_identity: self.dns_max_names.unwrap_or(1024),
+            addresses_per_name: self.dns_max_addresses.unwrap_or(32),
+        }
+    }
+
+    pub fn dns_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.dns_timeout_ms.unwrap_or(2000))
     }
 
     pub fn unknown_flows(&self) -> UnknownFlows {

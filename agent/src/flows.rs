@@ -32,6 +32,9 @@ pub struct FlowRecord {
     pub cgroup: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dest: Option<IpAddr>,
+    /// The name the identity last resolved to `dest` through the DNS proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fqdn: Option<String>,
     pub port: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
@@ -56,10 +59,11 @@ impl std::fmt::Display for FlowRecord {
             self.time, self.verdict, self.pid, self.comm
         )?;
         let proto = self.protocol.as_deref().unwrap_or("?");
-        match self.dest {
-            Some(IpAddr::V6(a)) => write!(f, " -> [{a}]:{}/{proto}", self.port)?,
-            Some(a) => write!(f, " -> {a}:{}/{proto}", self.port)?,
-            None => write!(f, " {proto}")?,
+        match (self.dest, &self.fqdn) {
+            (Some(a), Some(n)) => write!(f, " -> {n} ({a}):{}/{proto}", self.port)?,
+            (Some(IpAddr::V6(a)), None) => write!(f, " -> [{a}]:{}/{proto}", self.port)?,
+            (Some(a), None) => write!(f, " -> {a}:{}/{proto}", self.port)?,
+            (None, _) => write!(f, " {proto}")?,
         }
         if let Some(r) = &self.reason {
             write!(f, ": {r}")?;
@@ -142,6 +146,7 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
         cgroup_id: e.cgroup_id,
         cgroup: None,
         dest: flow.then_some(e.dest),
+        fqdn: None,
         port: e.port,
         protocol: if flow {
             e.proto.map(|p| p.to_string())

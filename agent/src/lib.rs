@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod clock;
 pub mod config;
 pub mod datapath;
+pub mod dns;
 pub mod flows;
 pub mod identity;
 pub mod logging;

@@ -10,6 +10,10 @@ pub struct Counters {
     pub decisions: BTreeMap<(String, String), u64>,
     pub policy_applies: u64,
     pub last_apply_seconds: f64,
+    /// Addresses DNS answers made allowed.
+    pub dns_learned: u64,
+    /// Addresses a cap kept out.
+    pub dns_refused: u64,
 }
 
 /// Point-in-time values read when scraped.
@@ -23,6 +27,9 @@ pub struct Gauges {
     pub identities_max: usize,
     pub sessions: usize,
     pub audit_write_failures: u64,
+    /// The DNS proxy's counters, when it runs.
+    pub dns: Option<std::sync::Arc<crate::dns::proxy::Stats>>,
+    pub dns_learned_addresses: usize,
 }
 
 fn escape(v: &str) -> String {
@@ -143,5 +150,125 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         "agentwall_audit_write_failures_total {}",
         g.audit_write_failures
     );
+    if let Some(d) = &g.dns {
+        render_dns(&mut out, c, g, d);
+    }
     out
+}
+
+fn render_dns(out: &mut String, c: &Counters, g: &Gauges, d: &crate::dns::proxy::Stats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    header(
+        out,
+        "agentwall_dns_queries_total",
+        "counter",
+        "Queries the DNS proxy received, by transport.",
+    );
+    let _ = writeln!(
+        out,
+        "agentwall_dns_queries_total{{transport=\"udp\"}} {}",
+        d.queries_udp.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "agentwall_dns_queries_total{{transport=\"tcp\"}} {}",
+        d.queries_tcp.load(Relaxed)
+    );
+    header(
+        out,
+        "agentwall_dns_answers_total",
+        "counter",
+        "Upstream answers passed on to agents.",
+    );
+    let _ = writeln!(
+        out,
+        "agentwall_dns_answers_total {}",
+        d.answers.load(Relaxed)
+    );
+    header(
+        out,
+        "agentwall_dns_upstream_failures_total",
+        "counter",
+        "Queries no upstream answered in time (the agent got SERVFAIL).",
+    );
+    let _ = writeln!(
+        out,
+        "agentwall_dns_upstream_failures_total {}",
+        d.upstream_failures.load(Relaxed)
+    );
+    header(
+        out,
+        "agentwall_dns_dropped_total",
+        "counter",
+        "DNS messages the proxy dropped, by reason.",
+    );
+    for (reason, v) in [
+        ("malformed_query", &d.dropped_malformed_query),
+        ("oversized_query", &d.dropped_oversized_query),
+        ("malformed_response", &d.dropped_malformed_response),
+        ("mismatched_response", &d.dropped_mismatched_response),
+    ] {
+        let _ = writeln!(
+            out,
+            "agentwall_dns_dropped_total{{reason=\"{reason}\"}} {}",
+            v.load(Relaxed)
+        );
+    }
+    header(
+        out,
+        "agentwall_dns_learned_addresses",
+        "gauge",
+        "Addresses allowed now because an allowed name resolved to them.",
+    );
+    let _ = writeln!(
+        out,
+        "agentwall_dns_learned_addresses {}",
+        g.dns_learned_addresses
+    );
+    header(
+        out,
+        "agentwall_dns_addresses_learned_total",
+        "counter",
+        "Addresses DNS answers made allowed.",
+    );
+    let _ = writeln!(
+        out,
+        "agentwall_dns_addresses_learned_total {}",
+        c.dns_learned
+    );
+    header(
+        out,
+        "agentwall_dns_addresses_refused_total",
+        "counter",
+        "Addresses of allowed names a cap kept denied.",
+    );
+    let _ = writeln!(
+        out,
+        "agentwall_dns_addresses_refused_total {}",
+        c.dns_refused
+    );
+    header(
+        out,
+        "agentwall_dns_proxy_latency_seconds",
+        "histogram",
+        "Time from a query's arrival to its answer going out, upstream and kernel update included.",
+    );
+    for (i, le) in crate::dns::proxy::LATENCY_BUCKETS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "agentwall_dns_proxy_latency_seconds_bucket{{le=\"{le}\"}} {}",
+            d.latency_buckets[i].load(Relaxed)
+        );
+    }
+    let count = d.latency_count.load(Relaxed);
+    let _ = writeln!(
+        out,
+        "agentwall_dns_proxy_latency_seconds_bucket{{le=\"+Inf\"}} {count}"
+    );
+    let _ = writeln!(
+        out,
+        "agentwall_dns_proxy_latency_seconds_sum {}",
+        d.latency_sum_us.load(Relaxed) as f64 / 1e6
+    );
+    let _ = writeln!(out, "agentwall_dns_proxy_latency_seconds_count {count}");
 }

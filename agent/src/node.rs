@@ -21,6 +21,10 @@ use crate::{
     clock::BootInstant,
     config::{ConfigError, NodeConfig},
     datapath::{Datapath, DatapathConfig, DatapathError, EventReader, EventRecord},
+    dns::{
+        Answer, Learned, Observed,
+        proxy::{AnswerSink, Proxy, ProxyConfig},
+    },
     flows::{self, Recent},
     identity::{IdentityError, Rejection, TrustStore, VerifiedPeer},
     policy::{
@@ -136,6 +140,14 @@ struct State {
     /// Audit records that could not be written.
     audit_failures: u64,
     counters: crate::metrics::Counters,
+    /// Each identity's rules from the policy in force, before learned host rules.
+    base_rules: BTreeMap<u32, Vec<Rule>>,
+    learned: Learned,
+    /// `learned` changed since it was last written to state_dir.
+    learned_dirty: bool,
+    observed: Observed,
+    /// Why the DNS proxy cannot serve (some of) the identities with name rules.
+    dns_error: Option<String>,
 }
 
 impl State {
@@ -190,7 +202,20 @@ pub struct Node {
     agents_cgroup: Cgroup,
     cgroup_mount: PathBuf,
     events: Mutex<Option<EventReader>>,
+    /// None when `dns_listen_port` is 0.
+    dns: Option<Proxy>,
     state: Mutex<State>,
+}
+
+/// Hands the proxy's answers to the node without a reference cycle.
+struct DnsSink(std::sync::Weak<Node>);
+
+impl AnswerSink for DnsSink {
+    fn answered(&self, identity: u32, answer: &Answer) {
+        if let Some(node) = self.0.upgrade() {
+            node.dns_answered(identity, answer);
+        }
+    }
 }
 
 impl Node {
@@ -220,39 +245,85 @@ impl Node {
         };
         let mut dp_cfg = DatapathConfig::new(&attach, cfg.bpffs_dir());
         dp_cfg.unknown_flows = cfg.unknown_flows();
+        let caps = cfg.dns_caps();
+        dp_cfg.host_headroom = u32::try_from(
+            caps.names_per_identity
+                .saturating_mul(caps.addresses_per_name)
+                .min(1 << 16),
+        )
+        .unwrap_or(1 << 16);
         let mut datapath = Datapath::start(&dp_cfg)?;
+        datapath.set_dns_port(cfg.dns_port())?;
+        let learned_path = Learned::path(&state_dir);
+        let learned = Learned::load(&learned_path).unwrap_or_else(|e| {
+            // Addresses not known are denied: starting empty fails closed.
+            error!(error = %e, "learned DNS addresses unreadable; starting without them");
+            Learned::default()
+        });
+        let mut dns_error = None;
+        let upstreams = if cfg.dns_upstream.is_empty() {
+            crate::dns::resolv_conf_upstreams(Path::new("/etc/resolv.conf")).unwrap_or_else(|e| {
+                error!(error = %e, "the DNS proxy has no upstream; every query gets SERVFAIL");
+                dns_error = Some(e.to_string());
+                Vec::new()
+            })
+        } else {
+            cfg.dns_upstream.clone()
+        };
         let events = datapath.take_events();
         let agents_cgroup = Cgroup::create(attach.join("agentwall"))?;
         let cfg_audit = cfg.audit_log.clone();
         let audit_max = cfg.audit_log_max_bytes.unwrap_or(AUDIT_MAX_BYTES);
-        let node = Arc::new(Self {
+        let dns_port = cfg.dns_port();
+        let dns_timeout = cfg.dns_timeout();
+        let cgroup_mount = Cgroup2Mount::discover()?.mount_point;
+        let numbers = IdentityNumbers::load(&state_dir)?;
+        let audit = match &cfg_audit {
+            Some(p) => {
+                Some(
+                    crate::audit::AuditLog::open(p, audit_max).map_err(|e| NodeError::Io {
+                        path: p.clone(),
+                        source: io::Error::other(e.to_string()),
+                    })?,
+                )
+            }
+            None => None,
+        };
+        let node = Arc::new_cyclic(|weak| Self {
+            dns: (dns_port != 0).then(|| {
+                Proxy::new(
+                    ProxyConfig {
+                        port: dns_port,
+                        upstreams,
+                        timeout: dns_timeout,
+                    },
+                    Arc::new(DnsSink(weak.clone())),
+                )
+            }),
             crls: Mutex::new(crl_stamp(&cfg.crl)),
             cfg,
             tls: std::sync::RwLock::new(Arc::new(tls)),
             agents_cgroup,
-            cgroup_mount: Cgroup2Mount::discover()?.mount_point,
+            cgroup_mount,
             events: Mutex::new(events),
             state: Mutex::new(State {
                 datapath,
                 policy: policy.clone(),
                 last_policy_error: None,
-                numbers: IdentityNumbers::load(&state_dir)?,
+                numbers,
                 sessions: Vec::new(),
                 seq: 0,
                 recent: Recent::default(),
                 rearm_at: None,
-                audit: match &cfg_audit {
-                    Some(p) => Some(crate::audit::AuditLog::open(p, audit_max).map_err(|e| {
-                        NodeError::Io {
-                            path: p.clone(),
-                            source: io::Error::other(e.to_string()),
-                        }
-                    })?),
-                    None => None,
-                },
+                audit,
                 dropped_seen: 0,
                 audit_failures: 0,
                 counters: Default::default(),
+                base_rules: BTreeMap::new(),
+                learned,
+                learned_dirty: false,
+                observed: Observed::new(65536),
+                dns_error,
             }),
         });
         node.apply(policy)?;
@@ -272,7 +343,7 @@ impl Node {
                 IdentityStatus::Active
             };
             st.datapath.set_identity(n, status, agent.mode)?;
-            let rules = policy
+            let rules: Vec<Rule> = policy
                 .effective_rules(agent)
                 .into_iter()
                 .map(|r| r.rule)
@@ -287,8 +358,57 @@ impl Node {
             }
         }
         st.numbers.save(&self.cfg.state_dir())?;
-        let refs: Vec<(u32, &[Rule])> = sets.iter().map(|(n, r)| (*n, r.as_slice())).collect();
+        let named: std::collections::BTreeSet<u32> = sets
+            .iter()
+            .filter(|(_, rules)| rules.iter().any(|r| !r.fqdns.is_empty()))
+            .map(|(n, _)| *n)
+            .collect();
+        // The proxy listens before any DNS is steered to it.
+        match &self.dns {
+            Some(proxy) => {
+                let failed = proxy.sync(&named);
+                st.dns_error = (!failed.is_empty()).then(|| {
+                    failed
+                        .iter()
+                        .map(|(n, e)| {
+                            format!(
+                                "identity {n}: DNS proxy cannot listen on {}: {e}",
+                                crate::dns::proxy::proxy_addr(*n, proxy.port())
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                });
+                if let Some(e) = &st.dns_error {
+                    error!(error = %e, "names of these identities stay unresolvable (closed, not open)");
+                }
+            }
+            None if !named.is_empty() => warn!(
+                identities = named.len(),
+                "name rules allow nothing while the DNS proxy is off (dns_listen_port = 0)"
+            ),
+            None => {}
+        }
+        let keep: std::collections::BTreeSet<u32> = sets.iter().map(|(n, _)| *n).collect();
+        if st
+            .learned
+            .retain(|n| keep.contains(&n) && named.contains(&n))
+        {
+            st.learned_dirty = true;
+        }
+        let full: Vec<(u32, Vec<Rule>)> = sets
+            .iter()
+            .map(|(n, r)| (*n, st.learned.host_rules(*n, r)))
+            .collect();
+        let refs: Vec<(u32, &[Rule])> = full.iter().map(|(n, r)| (*n, r.as_slice())).collect();
         let entries = st.datapath.apply(&policy.global_deny(), &refs)?;
+        for &n in &keep {
+            let steer = self.dns.is_some() && named.contains(&n);
+            if let Err(e) = st.datapath.set_dns(n, steer) {
+                error!(identity = n, error = %e, "could not set DNS steering");
+            }
+        }
+        st.base_rules = sets.into_iter().collect();
         info!(
             revision = %policy.revision,
             identities = policy.agents.len(),
@@ -422,6 +542,7 @@ impl Node {
                 );
             }
         }
+        self.expire_learned();
         // A schedule window opened or closed: the same revision, applied as of now.
         let due = {
             let st = self.state.lock().expect("node state");
@@ -460,6 +581,116 @@ impl Node {
                         "policy change rejected; keeping the last good revision");
                     st.last_policy_error = Some(text);
                 }
+            }
+        }
+    }
+
+    /// Makes an answer's addresses enforceable for the identity that asked, when one of its
+    /// rules allows the name; remembers every answer's names for decision records. Runs before
+    /// the agent sees the answer.
+    fn dns_answered(&self, identity: u32, a: &Answer) {
+        let mut st = self.state.lock().expect("node state");
+        for (ip, _) in &a.addrs {
+            st.observed.insert(identity, *ip, &a.qname);
+        }
+        let Some(base) = st.base_rules.get(&identity).cloned() else {
+            return;
+        };
+        let Some(rule) = base
+            .iter()
+            .find(|r| r.fqdns.iter().any(|p| p.matches(&a.qname)))
+        else {
+            return;
+        };
+        let rule_id = rule.id;
+        if a.addrs.is_empty() {
+            return;
+        }
+        let now = std::time::SystemTime::now();
+        let (grace, min_ttl) = (self.cfg.dns_grace(), self.cfg.dns_min_ttl());
+        let addrs: Vec<(std::net::IpAddr, std::time::SystemTime)> = a
+            .addrs
+            .iter()
+            .map(|&(ip, ttl)| {
+                (
+                    ip,
+                    now + Duration::from_secs(u64::from(ttl)).max(min_ttl) + grace,
+                )
+            })
+            .collect();
+        let caps = self.cfg.dns_caps();
+        let out = st.learned.learn(identity, &a.qname, &addrs, caps, now);
+        let id = self.name_of(&st, identity);
+        if !out.refused.is_empty() {
+            st.counters.dns_refused += out.refused.len() as u64;
+            let refused: Vec<String> = out.refused.iter().map(|(ip, _)| ip.to_string()).collect();
+            let cap = out.refused[0].1;
+            warn!(identity = %id, name = %a.qname, cap, refused = ?refused,
+                "DNS answer over a cap: these addresses stay denied");
+            st.audit(
+                "dns",
+                serde_json::json!({ "event": "cap", "identity": id, "name": a.qname, "cap": cap, "refused": refused }),
+            );
+        }
+        if out.changed.is_empty() {
+            return;
+        }
+        let rules = st.learned.host_rules(identity, &base);
+        match st.datapath.update_hosts(identity, &rules, &out.changed) {
+            Ok(()) => {
+                st.learned_dirty = true;
+                if !out.added.is_empty() {
+                    st.counters.dns_learned += out.added.len() as u64;
+                    let added: Vec<String> = out.added.iter().map(|ip| ip.to_string()).collect();
+                    tracing::debug!(identity = %id, name = %a.qname, addrs = ?added, "learned");
+                    st.audit(
+                        "dns",
+                        serde_json::json!({ "event": "learned", "identity": id, "name": a.qname, "addrs": added, "rule_id": rule_id }),
+                    );
+                }
+            }
+            Err(e) => {
+                error!(identity = %id, name = %a.qname, error = %e,
+                    "could not allow a DNS answer's addresses; they stay denied");
+                st.audit(
+                    "dns",
+                    serde_json::json!({ "event": "install_failed", "identity": id, "name": a.qname, "error": e.to_string() }),
+                );
+            }
+        }
+    }
+
+    /// The SPIFFE ID behind an identity number ("" when unknown).
+    fn name_of(&self, st: &State, identity: u32) -> String {
+        st.numbers
+            .numbers
+            .iter()
+            .find(|&(_, &n)| n == identity)
+            .map(|(id, _)| id.clone())
+            .unwrap_or_default()
+    }
+
+    /// Drops learned addresses past their deadline (the kernel stopped allowing them on its
+    /// own) and keeps the learned file current.
+    fn expire_learned(&self) {
+        let mut st = self.state.lock().expect("node state");
+        let gone = st.learned.expire(std::time::SystemTime::now());
+        for (identity, addrs) in gone {
+            st.learned_dirty = true;
+            let Some(base) = st.base_rules.get(&identity) else {
+                continue;
+            };
+            let rules = st.learned.host_rules(identity, base);
+            let st = &mut *st;
+            if let Err(e) = st.datapath.update_hosts(identity, &rules, &addrs) {
+                warn!(identity, error = %e, "could not remove expired learned addresses (they no longer allow)");
+            }
+        }
+        if st.learned_dirty {
+            let path = Learned::path(&self.cfg.state_dir());
+            match st.learned.save(&path) {
+                Ok(()) => st.learned_dirty = false,
+                Err(e) => warn!(error = %e, "could not save learned DNS addresses"),
             }
         }
     }
@@ -730,6 +961,11 @@ impl Node {
             "dropped_events": st.datapath.dropped_events().ok(),
             "map_fill": st.datapath.fill().ok(),
             "pins": st.datapath.pin_dir(),
+            "dns": {
+                "port": self.dns.as_ref().map(Proxy::port),
+                "learned_addresses": st.learned.len(),
+                "error": st.dns_error,
+            },
         })
     }
 
@@ -846,6 +1082,9 @@ impl Node {
                 .find(|&(_, &n)| n == e.identity)
                 .map(|(id, _)| id.clone());
         }
+        if let Some(dest) = r.dest {
+            r.fqdn = st.observed.get(e.identity, dest).map(str::to_owned);
+        }
         r.cgroup = st
             .sessions
             .iter()
@@ -918,6 +1157,8 @@ impl Node {
             identities_max: fill.map_or(0, |f| f.identities_max),
             sessions: st.sessions.len(),
             audit_write_failures: st.audit_failures,
+            dns: self.dns.as_ref().map(Proxy::stats),
+            dns_learned_addresses: st.learned.len(),
         };
         crate::metrics::render(&st.counters, &g)
     }

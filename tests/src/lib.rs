@@ -9,6 +9,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
+pub mod node;
 pub mod pki;
 
 use agentwall::{
@@ -79,6 +80,70 @@ impl Drop for TestEnv {
             let _ = std::fs::remove_dir(parent);
         }
     }
+}
+
+/// A named network namespace made for one test (`ip netns add`), with `lo` up; deleted on
+/// drop. Outside addresses are unreachable from inside it.
+pub struct NetNs {
+    pub name: String,
+    file: std::fs::File,
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> Self {
+        require_root();
+        let name = unique(&format!("aw-{tag}"));
+        run_ip(&["netns", "add", &name]);
+        let ns = Self {
+            file: std::fs::File::open(format!("/run/netns/{name}")).expect("open netns"),
+            name,
+        };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n NAME ARGS...`, which must succeed.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        run_ip(&all);
+    }
+
+    /// Makes `cmd` start inside this namespace.
+    pub fn enter(&self, cmd: &mut Command) {
+        use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+        let fd = self.file.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; the fd stays open in the forked child.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn run_ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("iproute2's `ip` is needed by the tests");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Kills every process in a cgroup subtree and waits until it is empty.

@@ -29,6 +29,7 @@ fn active(mode: Mode) -> IdentityView {
 fn rule(id: u32, to: &[&str], ports: &[&str], protocol: Protocol) -> Rule {
     Rule {
         id,
+        fqdns: Vec::new(),
         to: to.iter().map(|s| s.parse().unwrap()).collect(),
         ports: ports.iter().map(|s| s.parse().unwrap()).collect(),
         protocol,

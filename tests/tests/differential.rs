@@ -74,6 +74,7 @@ fn random_rules(rng: &mut StdRng) -> Vec<Rule> {
     (1..=rng.random_range(1..=12))
         .map(|id| Rule {
             id,
+            fqdns: Vec::new(),
             to: (0..rng.random_range(1..=3))
                 .map(|_| random_net(rng))
                 .collect(),

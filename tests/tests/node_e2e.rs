@@ -2,14 +2,14 @@
 //! unix socket, real certificates (rcgen, plus one from openssl), real kernel enforcement.
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::Command,
+    time::Duration,
 };
 
 use agentwall_tests::{
     Probe, TestEnv, bin_path,
+    node::{NodeProc, launch_args, launch_probe, status_json, wait_flow, wait_status, write_cert},
     pki::{Ca, CertSpec, Issued},
 };
 
@@ -36,174 +36,6 @@ egress:
     ports: [443]
     protocol: tcp
 ";
-
-/// A running `agentwall node`; SIGKILLed on drop if the test did not stop it.
-struct NodeProc {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl NodeProc {
-    fn start(env: &TestEnv, dir: &Path) -> Self {
-        Self::start_with(env, dir, &[])
-    }
-
-    fn start_with(env: &TestEnv, dir: &Path, extra: &[&str]) -> Self {
-        Self::start_env(env, dir, extra, &[])
-    }
-
-    fn start_env(env: &TestEnv, dir: &Path, extra: &[&str], vars: &[(&str, &Path)]) -> Self {
-        let socket = dir.join("aw.sock");
-        let mut child = Command::new(bin_path("agentwall"))
-            .args(["node", "--trust-domain", "example.org"])
-            .args(extra)
-            .envs(vars.iter().copied())
-            .arg("--trust-bundle")
-            .arg(dir.join("ca.pem"))
-            .arg("--policy-dir")
-            .arg(dir.join("policy"))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--bpffs-dir")
-            .arg(&env.bpffs_dir)
-            .arg("--attach-cgroup")
-            .arg(env.root.path())
-            .env("AGENTWALL_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn node");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            line.starts_with("agentwall node ready: socket="),
-            "node did not start: {line:?}"
-        );
-        Self { child, socket }
-    }
-
-    fn stop(mut self) -> i32 {
-        // SAFETY: plain signal to our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().unwrap().code().unwrap_or(-1)
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn write_cert(dir: &Path, name: &str, c: &Issued) -> (PathBuf, PathBuf) {
-    let cert = dir.join(format!("{name}.pem"));
-    let key = dir.join(format!("{name}.key"));
-    std::fs::write(&cert, &c.cert_pem).unwrap();
-    std::fs::write(&key, &c.key_pem).unwrap();
-    (cert, key)
-}
-
-fn launch_args(socket: &Path, cert: &Path, key: &Path) -> Command {
-    let mut c = Command::new(bin_path("agentwall"));
-    c.arg("launch")
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .arg("--socket")
-        .arg(socket)
-        .arg("--");
-    c
-}
-
-/// Launches aw-probe under the identity; it unshares its own network namespace.
-fn launch_probe(socket: &Path, cert: &Path, key: &Path) -> Probe {
-    let mut c = launch_args(socket, cert, key);
-    c.arg(bin_path("aw-probe")).arg("--netns");
-    Probe::from_command(c)
-}
-
-fn status_json(socket: &Path) -> serde_json::Value {
-    let out = Command::new(bin_path("agentwall"))
-        .args(["status", "--output", "json", "--socket"])
-        .arg(socket)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Polls `status` until `pred` holds (the node reloads policy on its own schedule).
-fn wait_status(
-    socket: &Path,
-    what: &str,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = status_json(socket);
-        if pred(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn flows(socket: &Path, verdict: &str) -> Vec<serde_json::Value> {
-    let out = Command::new(bin_path("agentwall"))
-        .args([
-            "flows",
-            "--output",
-            "json",
-            "--verdict",
-            verdict,
-            "--socket",
-        ])
-        .arg(socket)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// Polls `flows` until a record of `verdict` for `port` shows up (records arrive from the
-/// kernel asynchronously).
-fn wait_flow(socket: &Path, verdict: &str, port: u16) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(r) = flows(socket, verdict)
-            .into_iter()
-            .find(|r| r["port"] == port)
-        {
-            return r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {verdict} record for port {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn openssl_agent_cert(dir: &Path) -> (PathBuf, PathBuf) {
     // An issuing CA made by openssl as well, so the chain is openssl's end to end.

@@ -39,6 +39,22 @@ pub struct Args {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// DNS proxy port at each identity's proxy address (0 = off).
+    #[arg(long)]
+    dns_listen_port: Option<u16>,
+    /// Upstream resolver for the DNS proxy, e.g. 192.0.2.53:53 (repeatable; default: resolv.conf).
+    #[arg(long)]
+    dns_upstream: Vec<std::net::SocketAddr>,
+    #[arg(long)]
+    dns_grace_secs: Option<u64>,
+    #[arg(long)]
+    dns_min_ttl_secs: Option<u64>,
+    #[arg(long)]
+    dns_max_names: Option<usize>,
+    #[arg(long)]
+    dns_max_addresses: Option<usize>,
+    #[arg(long)]
+    dns_timeout_ms: Option<u64>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -67,6 +83,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         audit_log: args.audit_log,
         audit_log_max_bytes: args.audit_log_max_bytes,
         metrics_listen: args.metrics_listen,
+        dns_listen_port: args.dns_listen_port,
+        dns_upstream: args.dns_upstream,
+        dns_grace_secs: args.dns_grace_secs,
+        dns_min_ttl_secs: args.dns_min_ttl_secs,
+        dns_max_names: args.dns_max_names,
+        dns_max_addresses: args.dns_max_addresses,
+        dns_timeout_ms: args.dns_timeout_ms,
     };
     let cfg = file.overlay(flags);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -35,7 +35,9 @@ pub use event::{EventKind, EventReader, EventRecord, Hook};
 use crate::{
     cgroup::{Cgroup, CgroupError},
     clock::BootInstant,
-    policy::{CompileError, CompiledTrie, IdentityStatus, Mode, Rule, UnknownFlows, compile_rules},
+    policy::{
+        CompileError, CompiledTrie, IdentityStatus, Mode, Net, Rule, UnknownFlows, compile_rules,
+    },
 };
 
 /// The compiled eBPF object, built by build.rs from agent-ebpf.
@@ -100,6 +102,8 @@ pub enum DatapathError {
     Compile { identity: u32, source: CompileError },
     #[error("{what}: {source} (nothing was changed; the previous rules stay in force)")]
     Apply { what: String, source: Box<MapError> },
+    #[error("identity {0} has no trie from this process yet: apply its rules first")]
+    NoTrie(u32),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
@@ -126,6 +130,9 @@ pub struct DatapathConfig {
     pub unknown_flows: UnknownFlows,
     /// Identical events inside this window are counted, not written again.
     pub rate_window: Duration,
+    /// Entries every identity's trie can take beyond its compiled rules: the host entries
+    /// learned from DNS answers. LPM tries allocate per entry, so room costs nothing unused.
+    pub host_headroom: u32,
 }
 
 impl DatapathConfig {
@@ -135,6 +142,7 @@ impl DatapathConfig {
             bpffs_dir: bpffs_dir.into(),
             unknown_flows: UnknownFlows::default(),
             rate_window: Duration::from_secs(1),
+            host_headroom: 4096,
         }
     }
 }
@@ -169,6 +177,10 @@ fn attach_type(name: &str) -> u32 {
         c::PROG_CONNECT6 => sys::ATTACH_INET6_CONNECT,
         c::PROG_SENDMSG4 => sys::ATTACH_UDP4_SENDMSG,
         c::PROG_SENDMSG6 => sys::ATTACH_UDP6_SENDMSG,
+        c::PROG_RECVMSG4 => sys::ATTACH_UDP4_RECVMSG,
+        c::PROG_RECVMSG6 => sys::ATTACH_UDP6_RECVMSG,
+        c::PROG_GETPEERNAME4 => sys::ATTACH_INET4_GETPEERNAME,
+        c::PROG_GETPEERNAME6 => sys::ATTACH_INET6_GETPEERNAME,
         _ => sys::ATTACH_INET_SOCK_CREATE,
     }
 }
@@ -189,6 +201,11 @@ pub struct Datapath {
     /// into every trie. A restarted daemon re-applies its policy, which refills this.
     applied: std::collections::BTreeMap<u32, Vec<Rule>>,
     global_deny: Vec<IpNet>,
+    /// The trie in force for each identity this process swapped in, kept for in-place host
+    /// updates ([`Datapath::update_hosts`]).
+    tries: std::collections::BTreeMap<u32, aya::maps::Map>,
+    /// Room left in every trie for host entries learned after it was built.
+    host_headroom: u32,
 }
 
 impl Datapath {
@@ -259,6 +276,8 @@ impl Datapath {
             report,
             applied: Default::default(),
             global_deny: Vec::new(),
+            tries: Default::default(),
+            host_headroom: cfg.host_headroom,
         };
         // Rebuild what the kernel reads from config: a restarted daemon keeps the bindings the
         // pinned map holds.
@@ -317,6 +336,8 @@ impl Datapath {
         mode: Mode,
     ) -> Result<(), DatapathError> {
         Self::check_identity(identity)?;
+        // DNS steering is set on its own (set_dns) and survives a change of status or mode.
+        let dns = self.identities.get(&identity, 0).map_or(0, |s| s.dns);
         let state = IdentityState {
             state: match status {
                 IdentityStatus::Active => c::IDENTITY_ACTIVE,
@@ -326,11 +347,95 @@ impl Datapath {
                 Mode::Enforce => c::MODE_ENFORCE,
                 Mode::Audit => c::MODE_AUDIT,
             },
-            _pad: [0; 6],
+            dns,
+            _pad: [0; 5],
         };
         self.identities
             .set(identity, state, 0)
             .map_err(map_err(c::MAP_IDENTITIES))
+    }
+
+    /// Whether the identity's DNS (port 53 to IPv4 resolvers, UDP and TCP) goes to the proxy.
+    pub fn set_dns(&mut self, identity: u32, steer: bool) -> Result<(), DatapathError> {
+        Self::check_identity(identity)?;
+        let mut state = self
+            .identities
+            .get(&identity, 0)
+            .map_err(map_err(c::MAP_IDENTITIES))?;
+        let want = u8::from(steer);
+        if state.dns == want {
+            return Ok(());
+        }
+        state.dns = want;
+        self.identities
+            .set(identity, state, 0)
+            .map_err(map_err(c::MAP_IDENTITIES))
+    }
+
+    /// The port the DNS proxy listens on at every identity's proxy address; 0 turns steering
+    /// off for everyone.
+    pub fn set_dns_port(&mut self, port: u16) -> Result<(), DatapathError> {
+        let mut conf = self.read_config()?;
+        conf.dns_port = port;
+        self.write_config(conf)
+    }
+
+    /// Rewrites the host entries (/32, /128) of `addrs` in an identity's trie in place, from
+    /// `rules`: the identity's whole rule list, learned host rules included. Other entries
+    /// are untouched, so no trie swap (and no RCU wait) is needed: this is what makes a DNS
+    /// answer's addresses usable within microseconds. A host left with nothing to say is
+    /// removed from the trie.
+    pub fn update_hosts(
+        &mut self,
+        identity: u32,
+        rules: &[Rule],
+        addrs: &[std::net::IpAddr],
+    ) -> Result<(), DatapathError> {
+        Self::check_identity(identity)?;
+        let Some(map) = self.tries.get_mut(&identity) else {
+            return Err(DatapathError::NoTrie(identity));
+        };
+        let mut trie: LpmTrie<&mut MapData, Addr, RuleSet> =
+            map.try_into().map_err(map_err(c::MAP_RULES))?;
+        for &ip in addrs {
+            let host = Net::host(ip);
+            // Only rules and deny prefixes covering the host matter to its entry.
+            let covering: Vec<Rule> = rules
+                .iter()
+                .filter(|r| r.to.iter().any(|n| Net::from(*n).contains(&host)))
+                .map(|r| Rule {
+                    to: r
+                        .to
+                        .iter()
+                        .copied()
+                        .filter(|n| Net::from(*n).contains(&host))
+                        .collect(),
+                    ..r.clone()
+                })
+                .collect();
+            let deny: Vec<IpNet> = self
+                .global_deny
+                .iter()
+                .copied()
+                .filter(|n| Net::from(*n).contains(&host))
+                .collect();
+            let compiled = compile_rules(&covering, &deny)
+                .map_err(|source| DatapathError::Compile { identity, source })?;
+            let key = Key::new(u32::from(host.len), host.addr);
+            let apply = |source: MapError| DatapathError::Apply {
+                what: format!("host entry {ip} for identity {identity}"),
+                source: Box::new(source),
+            };
+            match compiled.entries.iter().find(|(n, _)| *n == host) {
+                Some((_, set)) => trie.insert(&key, set, 0).map_err(apply)?,
+                None => match trie.remove(&key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(apply(e)),
+                },
+            }
+        }
+        self.applied.insert(identity, rules.to_vec());
+        Ok(())
     }
 
     /// Binds `cgroup` and every cgroup below it to `identity` until `not_after` (the
@@ -489,7 +594,9 @@ impl Datapath {
                 what: format!("rules for identity {identity}"),
                 source: Box::new(source),
             };
-            let capacity = u32::try_from(t.len().max(1)).unwrap_or(u32::MAX);
+            let capacity = u32::try_from(t.len().max(1))
+                .unwrap_or(u32::MAX)
+                .saturating_add(self.host_headroom);
             let def = aya_obj::Map::new_from_params(
                 aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_LPM_TRIE as u32,
                 std::mem::size_of::<Key<Addr>>() as u32,
@@ -515,13 +622,23 @@ impl Datapath {
                 _ => unreachable!("built as LpmTrie above"),
             })
             .collect();
-        sys::map_update_batch(self.rules.fd().as_fd(), &keys, &fds).map_err(|(applied, e)| {
-            DatapathError::Swap {
-                applied,
-                total: keys.len(),
-                source: e,
-            }
-        })
+        let result =
+            sys::map_update_batch(self.rules.fd().as_fd(), &keys, &fds).map_err(|(applied, e)| {
+                DatapathError::Swap {
+                    applied,
+                    total: keys.len(),
+                    source: e,
+                }
+            });
+        let swapped = match &result {
+            Ok(()) => keys.len(),
+            Err(DatapathError::Swap { applied, .. }) => *applied,
+            Err(_) => 0,
+        };
+        for (id, map) in keys.iter().zip(tries).take(swapped) {
+            self.tries.insert(*id, map);
+        }
+        result
     }
 
     /// How full the maps with fixed capacity are.

@@ -17,6 +17,10 @@ pub const ATTACH_INET4_CONNECT: u32 = 10;
 pub const ATTACH_INET6_CONNECT: u32 = 11;
 pub const ATTACH_UDP4_SENDMSG: u32 = 14;
 pub const ATTACH_UDP6_SENDMSG: u32 = 15;
+pub const ATTACH_UDP4_RECVMSG: u32 = 19;
+pub const ATTACH_UDP6_RECVMSG: u32 = 20;
+pub const ATTACH_INET4_GETPEERNAME: u32 = 29;
+pub const ATTACH_INET6_GETPEERNAME: u32 = 30;
 
 /// The BPF_PROG_QUERY member of union bpf_attr.
 #[repr(C)]

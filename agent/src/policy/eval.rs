@@ -170,6 +170,7 @@ mod tests {
     fn rule(id: u32, to: &str, ports: &[&str]) -> Rule {
         Rule {
             id,
+            fqdns: Vec::new(),
             to: vec![to.parse().unwrap()],
             ports: ports.iter().map(|s| s.parse().unwrap()).collect(),
             protocol: Protocol::Any,

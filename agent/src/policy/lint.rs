@@ -6,6 +6,7 @@ use std::fmt;
 use ipnet::IpNet;
 
 use super::{
+    fqdn::{FqdnKind, FqdnPattern},
     model::{Net, PortRange, Protocol},
     source::{EffectiveRule, Origin, PolicySet},
 };
@@ -64,6 +65,26 @@ fn covers(a: &EffectiveRule, b: &EffectiveRule) -> bool {
         && proto_covers(a.rule.protocol, b.rule.protocol)
         && ports_cover(&a.rule.ports, &b.rule.ports)
         && nets_cover(&a.rule.to, &b.rule.to)
+        && names_cover(&a.rule.fqdns, &b.rule.fqdns)
+}
+
+fn names_cover(a: &[FqdnPattern], b: &[FqdnPattern]) -> bool {
+    b.iter().all(|q| a.iter().any(|p| pattern_covers(p, q)))
+}
+
+/// Whether every name `q` matches is matched by `p`.
+fn pattern_covers(p: &FqdnPattern, q: &FqdnPattern) -> bool {
+    let below = |name: &str, suffix: &str| {
+        name.strip_suffix(suffix)
+            .is_some_and(|f| f.ends_with('.') && f.len() > 1)
+    };
+    match (p.kind, q.kind) {
+        _ if p == q => true,
+        (FqdnKind::AnyDepth, FqdnKind::Exact) => below(&q.suffix, &p.suffix),
+        (FqdnKind::AnyDepth, _) => q.suffix == p.suffix || below(&q.suffix, &p.suffix),
+        (FqdnKind::OneLabel, FqdnKind::Exact) => p.matches(&q.suffix),
+        _ => false,
+    }
 }
 
 pub fn lint(set: &PolicySet) -> Vec<Warning> {
@@ -100,6 +121,7 @@ pub fn lint(set: &PolicySet) -> Vec<Warning> {
             }
             let same = |o: &EffectiveRule| {
                 r.rule.to == o.rule.to
+                    && r.rule.fqdns == o.rule.fqdns
                     && r.rule.ports == o.rule.ports
                     && r.rule.protocol == o.rule.protocol
                     && r.rule.expires == o.rule.expires

@@ -3,6 +3,7 @@
 
 pub mod compile;
 pub mod eval;
+pub mod fqdn;
 pub mod lint;
 pub mod model;
 pub mod scenario;
@@ -11,6 +12,7 @@ pub mod source;
 
 pub use compile::{CompileError, CompiledTrie, compile_rules};
 pub use eval::{Decision, Subject, Verdict, evaluate_flow, evaluate_socket};
+pub use fqdn::{FqdnError, FqdnKind, FqdnPattern};
 pub use model::{
     IdentityStatus, IdentityView, Mode, Net, PortRange, Protocol, Reason, Rule, UnknownFlows,
 };

@@ -221,6 +221,9 @@ pub struct Rule {
     /// Reported in decision records; unique within an identity, never 0.
     pub id: u32,
     pub to: Vec<IpNet>,
+    /// Name patterns: their addresses reach the trie as host rules once the identity's own
+    /// DNS answers name them (see `crate::dns`).
+    pub fqdns: Vec<super::fqdn::FqdnPattern>,
     /// Empty means any port.
     pub ports: Vec<PortRange>,
     pub protocol: Protocol,

@@ -18,6 +18,7 @@ use serde::{Deserialize, Deserializer, de};
 use sha2::{Digest, Sha256};
 
 use super::{
+    fqdn::FqdnPattern,
     model::{Mode, PortRange, Protocol, Rule},
     schedule::{Schedule, Window},
 };
@@ -81,16 +82,45 @@ impl fmt::Display for Origin {
 /// A rule destination: an address or CIDR. Names are recognised so the error can say that
 /// FQDN rules are not supported yet rather than that the value is malformed.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Dest(IpNet);
+enum Dest {
+    Net(IpNet),
+    Name(FqdnPattern),
+}
 
 impl<'de> Deserialize<'de> for Dest {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_dest(&s).map(Dest).map_err(de::Error::custom)
+        parse_dest(&s).map_err(de::Error::custom)
     }
 }
 
-fn parse_dest(s: &str) -> Result<IpNet, String> {
+/// A GlobalDeny entry: addresses and CIDRs only.
+struct DenyDest(IpNet);
+
+impl<'de> Deserialize<'de> for DenyDest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match parse_dest(&s).map_err(de::Error::custom)? {
+            Dest::Net(n) => Ok(DenyDest(n)),
+            Dest::Name(_) => Err(de::Error::custom(format!(
+                "{s:?}: GlobalDeny takes addresses and CIDRs; a name is denied by leaving it out of every rule"
+            ))),
+        }
+    }
+}
+
+fn parse_dest(s: &str) -> Result<Dest, String> {
+    if s.starts_with('*') || !s.is_ascii() || looks_like_name(s.strip_suffix('.').unwrap_or(s)) {
+        return s
+            .parse::<FqdnPattern>()
+            .map(Dest::Name)
+            .map_err(|e| e.problem.clone())
+            .map_err(|p| format!("{s:?}: {p}"));
+    }
+    parse_net(s).map(Dest::Net)
+}
+
+fn parse_net(s: &str) -> Result<IpNet, String> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(IpNet::from(ip));
     }
@@ -99,9 +129,6 @@ fn parse_dest(s: &str) -> Result<IpNet, String> {
         Ok(net) => Err(format!(
             "{s:?} has host bits set; the network is {}",
             net.trunc()
-        )),
-        Err(_) if looks_like_name(s) => Err(format!(
-            "{s:?}: FQDN rules are not yet supported; use addresses or CIDRs"
         )),
         Err(_) => Err(format!(
             "{s:?} is not an IP address or CIDR (e.g. 192.0.2.0/24, 2001:db8::/32)"
@@ -240,7 +267,7 @@ struct RawGlobalDeny {
     #[serde(default)]
     #[allow(dead_code)]
     name: Option<String>,
-    to: Vec<Dest>,
+    to: Vec<DenyDest>,
 }
 
 #[derive(Deserialize)]
@@ -252,6 +279,8 @@ struct KindOnly {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleSource {
     pub to: Vec<IpNet>,
+    /// Name patterns; their addresses are learned from the identity's own DNS answers.
+    pub fqdns: Vec<FqdnPattern>,
     /// Empty means any port.
     pub ports: Vec<PortRange>,
     pub protocol: Protocol,
@@ -345,6 +374,27 @@ fn yaml_err(file: &Path, doc: &str, first_line: usize, e: &serde_yaml_ng::Error)
         Some(l) => refine(doc, l.line(), l.column(), &msg),
         None => (1, 1),
     };
+    // `*.example.com` unquoted is an alias to YAML, and the parser's complaint says nothing
+    // of that: point at the star and say what to write.
+    if let Some(text) = doc.lines().nth(line.saturating_sub(1)) {
+        if let Some(star) = text
+            .find("*.")
+            .filter(|&i| !text[..i].ends_with(['"', '\'']))
+        {
+            let name: String = text[star..]
+                .chars()
+                .take_while(|c| !matches!(c, ',' | ']' | ' ' | '}'))
+                .collect();
+            return err_at(
+                file,
+                first_line + line - 1,
+                text[..star].chars().count() + 1,
+                format!(
+                    "a wildcard name must be quoted in YAML ({name:?}): an unquoted `*` starts an alias"
+                ),
+            );
+        }
+    }
     err_at(file, first_line + line - 1, col, msg)
 }
 
@@ -384,7 +434,22 @@ fn rules(raw: Vec<RawRule>, origin: &Origin) -> Vec<RuleSource> {
     raw.into_iter()
         .enumerate()
         .map(|(index, r)| RuleSource {
-            to: r.to.into_iter().map(|d| d.0).collect(),
+            to: r
+                .to
+                .iter()
+                .filter_map(|d| match d {
+                    Dest::Net(n) => Some(*n),
+                    Dest::Name(_) => None,
+                })
+                .collect(),
+            fqdns: r
+                .to
+                .into_iter()
+                .filter_map(|d| match d {
+                    Dest::Name(n) => Some(n),
+                    Dest::Net(_) => None,
+                })
+                .collect(),
             ports: r.ports.into_iter().map(|p| p.0).collect(),
             protocol: r.protocol.map_or(Protocol::Any, |p| p.0),
             expires: r.expires.map(|e| e.0),
@@ -705,6 +770,7 @@ impl PolicySet {
                 rule: Rule {
                     id: i as u32 + 1,
                     to: src.to.clone(),
+                    fqdns: src.fqdns.clone(),
                     ports: src.ports.clone(),
                     protocol: src.protocol,
                     expires: deadline.map(BootInstant::from_system_time),
@@ -854,11 +920,19 @@ egress:
             errors(&[("a.yaml", &bad)]),
             ["a.yaml:16:15: egress[0]: invalid protocol \"icmp\": expected tcp, udp or any"]
         );
-        let bad = GOOD.replace("2001:db8::/32", "api.example.com");
+        let bad = GOOD.replace("2001:db8::/32", "\"*.com\"");
         assert_eq!(
             errors(&[("a.yaml", &bad)]),
             [
-                "a.yaml:14:22: egress[0].to: \"api.example.com\": FQDN rules are not yet supported; use addresses or CIDRs"
+                "a.yaml:14:22: egress[0].to: \"*.com\": a wildcard over a top-level domain (\"com\") allows a whole TLD; name at least two labels"
+            ]
+        );
+        // Unquoted, `*` starts a YAML alias: say so instead of the parser's riddle.
+        let bad = GOOD.replace("2001:db8::/32", "*.example.com");
+        assert_eq!(
+            errors(&[("a.yaml", &bad)]),
+            [
+                "a.yaml:14:22: a wildcard name must be quoted in YAML (\"*.example.com\"): an unquoted `*` starts an alias"
             ]
         );
         let bad = GOOD.replace("192.0.2.10,", "192.0.2.10/24,");

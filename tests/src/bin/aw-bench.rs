@@ -46,6 +46,7 @@ fn median(mut v: Vec<u64>) -> u64 {
 fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
     let mut rules = vec![Rule {
         id: 1,
+        fqdns: Vec::new(),
         to: vec!["127.0.0.1/32".parse().unwrap()],
         ports: vec![PORT.to_string().parse().unwrap()],
         protocol: Protocol::Any,
@@ -57,6 +58,7 @@ fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
         let addr = std::net::Ipv4Addr::from(0x0a00_0000 | (x & 0x00ff_ffff));
         rules.push(Rule {
             id: i + 1,
+            fqdns: Vec::new(),
             to: vec![IpNet::V4(Ipv4Net::new(addr, len).unwrap().trunc())],
             ports: vec!["443".parse().unwrap()],
             protocol: Protocol::Tcp,

@@ -21,6 +21,7 @@ fn main() {
         1,
         &[Rule {
             id: 1,
+            fqdns: Vec::new(),
             to: vec!["192.0.2.0/24".parse().unwrap()],
             ports: vec!["443".parse().unwrap()],
             protocol: Protocol::Tcp,

@@ -17,8 +17,17 @@
 //!                                  handshake: the hook's own cost stands out); `p50=NS p99=NS`
 //!   hold tcp ADDR PORT             connect and keep the connection open
 //!   held                           answers `alive=N closed=M` for the kept connections
+//!   resolve NAME SERVER MODE TYPE  one DNS query to SERVER:53 the way stub resolvers send it;
+//!                                  MODE udp (connected, like glibc), udpu (unconnected, like
+//!                                  musl), tcp, or auto (udp, then tcp when truncated); TYPE A or
+//!                                  AAAA. Answers `ok ADDR,..` (sorted), `rcode NAME`, `tc`, or
+//!                                  `err ...`; a reply or peer address other than SERVER:53 is
+//!                                  `err source ADDR` / `err peer ADDR`, as a stub would reject it
+//!   gai NAME                       getaddrinfo(); `ok ADDR,..` (sorted) or `err EAI CODE`
+//!   dns-garbage SERVER             sends a query with a compression loop and an oversized one
 //!   exit
-//! Startup: `aw-probe [--cgroup DIR] [--netns]` prints `ready PID` once in place.
+//! Startup: `aw-probe [--cgroup DIR] [--netns] [--resolv-conf FILE]` prints `ready PID` once in
+//! place; `--resolv-conf` bind-mounts FILE over /etc/resolv.conf in a private mount namespace.
 
 use std::{
     io::{self, BufRead, Write},
@@ -416,8 +425,238 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
             bench_connect(sa(ip, port)?, n, keep)?
         }
+        ["resolve", name, server, mode, ty] => resolve(name, server, mode, ty)?,
+        ["gai", name] => gai(name),
+        ["dns-garbage", server] => {
+            let to = SocketAddr::new(server.parse().map_err(|e| format!("bad address: {e}"))?, 53);
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+            // Header with one question whose name is a pointer to itself.
+            let looped = [
+                0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xC0, 12, 0, 1, 0, 1,
+            ];
+            s.send_to(&looped, to).map_err(|e| e.to_string())?;
+            s.send_to(&[0u8; 5000], to).map_err(|e| e.to_string())?;
+            "sent".into()
+        }
         _ => return Err(format!("unknown command: {line}")),
     })
+}
+
+fn dns_query(name: &str, ty: &str) -> Result<(u16, Vec<u8>), String> {
+    use hickory_proto::{
+        op::{Message, Query},
+        rr::{Name, RecordType},
+    };
+    let rtype = match ty {
+        "A" => RecordType::A,
+        "AAAA" => RecordType::AAAA,
+        t => return Err(format!("bad record type {t}")),
+    };
+    let id = (std::process::id() as u16) ^ 0x5a5a;
+    let mut m = Message::new();
+    m.set_id(id)
+        .set_recursion_desired(true)
+        .add_query(Query::query(
+            Name::from_ascii(name).map_err(|e| e.to_string())?,
+            rtype,
+        ));
+    Ok((id, m.to_vec().map_err(|e| e.to_string())?))
+}
+
+fn dns_result(id: u16, bytes: &[u8]) -> String {
+    use hickory_proto::{
+        op::{Message, ResponseCode},
+        rr::RData,
+    };
+    let Ok(m) = Message::from_vec(bytes) else {
+        return "err malformed".into();
+    };
+    if m.id() != id {
+        return "err id".into();
+    }
+    if m.truncated() {
+        return "tc".into();
+    }
+    if m.response_code() != ResponseCode::NoError {
+        return format!("rcode {:?}", m.response_code());
+    }
+    let mut addrs: Vec<IpAddr> = m
+        .answers()
+        .iter()
+        .filter_map(|r| match r.data() {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect();
+    addrs.sort();
+    let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    format!("ok {}", list.join(","))
+}
+
+fn io_errno(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "err ETIMEDOUT".into(),
+        _ => format!("err {}", errno_name(e.raw_os_error().unwrap_or(0))),
+    }
+}
+
+fn resolve(name: &str, server: &str, mode: &str, ty: &str) -> Result<String, String> {
+    let server = SocketAddr::new(server.parse().map_err(|e| format!("bad address: {e}"))?, 53);
+    let (id, q) = dns_query(name, ty)?;
+    let timeout = Some(std::time::Duration::from_secs(3));
+    let udp = |connected: bool| -> String {
+        let bind = if server.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let s = match std::net::UdpSocket::bind(bind) {
+            Ok(s) => s,
+            Err(e) => return io_errno(&e),
+        };
+        let _ = s.set_read_timeout(timeout);
+        let sent = if connected {
+            if let Err(e) = s.connect(server) {
+                return io_errno(&e);
+            }
+            match s.peer_addr() {
+                Ok(p) if p != server => return format!("err peer {p}"),
+                Err(e) => return io_errno(&e),
+                Ok(_) => {}
+            }
+            s.send(&q)
+        } else {
+            s.send_to(&q, server)
+        };
+        if let Err(e) = sent {
+            return io_errno(&e);
+        }
+        let mut buf = vec![0u8; 65535];
+        match s.recv_from(&mut buf) {
+            Ok((_, from)) if from != server => format!("err source {from}"),
+            Ok((n, _)) => dns_result(id, &buf[..n]),
+            Err(e) => io_errno(&e),
+        }
+    };
+    let tcp = || -> String {
+        use std::io::Read as _;
+        let mut s = match std::net::TcpStream::connect_timeout(&server, timeout.unwrap()) {
+            Ok(s) => s,
+            Err(e) => return io_errno(&e),
+        };
+        match s.peer_addr() {
+            Ok(p) if p != server => return format!("err peer {p}"),
+            Err(e) => return io_errno(&e),
+            Ok(_) => {}
+        }
+        let _ = s.set_read_timeout(timeout);
+        let mut out = (q.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(&q);
+        if let Err(e) = s.write_all(&out) {
+            return io_errno(&e);
+        }
+        let mut len = [0u8; 2];
+        if let Err(e) = s.read_exact(&mut len) {
+            return io_errno(&e);
+        }
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        if let Err(e) = s.read_exact(&mut buf) {
+            return io_errno(&e);
+        }
+        dns_result(id, &buf)
+    };
+    Ok(match mode {
+        "udp" => udp(true),
+        "udpu" => udp(false),
+        "tcp" => tcp(),
+        "auto" => match udp(true) {
+            r if r == "tc" => tcp(),
+            r => r,
+        },
+        m => return Err(format!("bad mode {m}")),
+    })
+}
+
+fn gai(name: &str) -> String {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return "err name".into();
+    };
+    // SAFETY: zeroed addrinfo hints are valid; we own the result list and free it.
+    unsafe {
+        let mut hints: libc::addrinfo = mem::zeroed();
+        hints.ai_family = libc::AF_UNSPEC;
+        hints.ai_socktype = libc::SOCK_STREAM;
+        let mut res: *mut libc::addrinfo = std::ptr::null_mut();
+        let rc = libc::getaddrinfo(c.as_ptr(), std::ptr::null(), &hints, &mut res);
+        if rc != 0 {
+            return format!("err EAI {rc}");
+        }
+        let mut addrs = Vec::new();
+        let mut p = res;
+        while !p.is_null() {
+            let ai = &*p;
+            match ai.ai_family {
+                libc::AF_INET => {
+                    let sin = &*(ai.ai_addr as *const libc::sockaddr_in);
+                    addrs.push(IpAddr::from(
+                        u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                    ));
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*(ai.ai_addr as *const libc::sockaddr_in6);
+                    addrs.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                }
+                _ => {}
+            }
+            p = ai.ai_next;
+        }
+        libc::freeaddrinfo(res);
+        addrs.sort();
+        addrs.dedup();
+        let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        format!("ok {}", list.join(","))
+    }
+}
+
+/// Gives this process its own /etc/resolv.conf without touching the host's.
+fn use_resolv_conf(file: &str) -> Result<(), String> {
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    // SAFETY: plain syscalls with valid C strings; single-threaded here.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(format!(
+                "unshare(CLONE_NEWNS): {}",
+                io::Error::last_os_error()
+            ));
+        }
+        let root = c("/");
+        if libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(format!("making / private: {}", io::Error::last_os_error()));
+        }
+        let (src, dst) = (c(file), c("/etc/resolv.conf"));
+        if libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(format!(
+                "bind-mounting {file}: {}",
+                io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn main() {
@@ -441,6 +680,10 @@ fn main() {
                 }
                 set_lo_up().unwrap_or_else(|e| panic!("bringing lo up: errno {e}"));
                 i += 1;
+            }
+            "--resolv-conf" => {
+                use_resolv_conf(&args[i + 1]).unwrap_or_else(|e| panic!("{e}"));
+                i += 2;
             }
             other => panic!("unknown argument {other}"),
         }

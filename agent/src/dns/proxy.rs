@@ -1,0 +1,358 @@
+//! The DNS proxy: one UDP socket and one TCP listener per identity with name rules, on that
+//! identity's proxy address (`127.77.x.y`, see `agent_common::dns_proxy_addr`). The datapath
+//! steers the identity's DNS there, so the address a query arrives on says who asked.
+//!
+//! Each query is forwarded unchanged to the upstream resolvers in order; the answer is checked
+//! (id, question), handed to the [`AnswerSink`] (which makes its addresses enforceable) and only
+//! then passed on, so the agent can never connect before the kernel allows the address.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream, UdpSocket},
+    runtime::Handle,
+    task::JoinHandle,
+};
+use tracing::{debug, warn};
+
+use super::{Answer, read_answer};
+
+/// Receives every answer before the agent does.
+pub trait AnswerSink: Send + Sync + 'static {
+    fn answered(&self, identity: u32, answer: &Answer);
+}
+
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    pub port: u16,
+    pub upstreams: Vec<SocketAddr>,
+    /// How long one upstream gets before the next is tried.
+    pub timeout: Duration,
+}
+
+/// Queries larger than this are not DNS any resolver sends over UDP.
+const MAX_UDP_QUERY: usize = 4096;
+/// A TCP client that says nothing for this long is dropped.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// Latency histogram bucket bounds, seconds (Prometheus `le`).
+pub const LATENCY_BUCKETS: [f64; 10] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0,
+];
+
+/// Counters, read by the metrics page.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub queries_udp: AtomicU64,
+    pub queries_tcp: AtomicU64,
+    pub answers: AtomicU64,
+    /// Upstream gave no usable answer in time; the agent got SERVFAIL.
+    pub upstream_failures: AtomicU64,
+    pub dropped_malformed_query: AtomicU64,
+    pub dropped_oversized_query: AtomicU64,
+    pub dropped_malformed_response: AtomicU64,
+    pub dropped_mismatched_response: AtomicU64,
+    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    pub latency_count: AtomicU64,
+    /// Sum of latencies in microseconds.
+    pub latency_sum_us: AtomicU64,
+}
+
+impl Stats {
+    fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
+            if s <= *b {
+                self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+struct Shared {
+    cfg: ProxyConfig,
+    sink: Arc<dyn AnswerSink>,
+    stats: Arc<Stats>,
+}
+
+/// The tasks serving one identity; they stop when this is dropped.
+struct Listener {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+pub struct Proxy {
+    shared: Arc<Shared>,
+    handle: Handle,
+    listeners: Mutex<BTreeMap<u32, Listener>>,
+}
+
+/// The address identity `n`'s DNS is steered to.
+pub fn proxy_addr(identity: u32, port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::from(agent_common::dns_proxy_addr(identity)), port))
+}
+
+impl Proxy {
+    /// Must be called inside the tokio runtime the proxy will run on.
+    pub fn new(cfg: ProxyConfig, sink: Arc<dyn AnswerSink>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                cfg,
+                sink,
+                stats: Arc::default(),
+            }),
+            handle: Handle::current(),
+            listeners: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.shared.stats.clone()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.shared.cfg.port
+    }
+
+    /// Listens for exactly these identities: new ones get sockets, others lose theirs.
+    /// Returns the identities whose sockets could not be opened, with why.
+    pub fn sync(&self, identities: &BTreeSet<u32>) -> Vec<(u32, io::Error)> {
+        let mut listeners = self.listeners.lock().expect("proxy listeners");
+        listeners.retain(|id, _| identities.contains(id));
+        let mut failed = Vec::new();
+        for &id in identities {
+            if listeners.contains_key(&id) {
+                continue;
+            }
+            match self.listen(id) {
+                Ok(l) => {
+                    listeners.insert(id, l);
+                }
+                Err(e) => failed.push((id, e)),
+            }
+        }
+        failed
+    }
+
+    fn listen(&self, identity: u32) -> io::Result<Listener> {
+        let addr = proxy_addr(identity, self.shared.cfg.port);
+        let _guard = self.handle.enter();
+        let udp = std::net::UdpSocket::bind(addr)?;
+        udp.set_nonblocking(true)?;
+        let udp = Arc::new(UdpSocket::from_std(udp)?);
+        let tcp = std::net::TcpListener::bind(addr)?;
+        tcp.set_nonblocking(true)?;
+        let tcp = TcpListener::from_std(tcp)?;
+        debug!(identity, %addr, "DNS proxy listening");
+        let s = self.shared.clone();
+        let udp_task = self.handle.spawn(serve_udp(udp, identity, s.clone()));
+        let tcp_task = self.handle.spawn(serve_tcp(tcp, identity, s));
+        Ok(Listener {
+            tasks: vec![udp_task, tcp_task],
+        })
+    }
+}
+
+/// A query worth forwarding: one question, opcode QUERY, not a response.
+fn parse_query(bytes: &[u8]) -> Option<Message> {
+    let m = Message::from_vec(bytes).ok()?;
+    (m.message_type() == MessageType::Query
+        && m.op_code() == OpCode::Query
+        && m.queries().len() == 1)
+        .then_some(m)
+}
+
+/// Whether `bytes` answers `query`; counts what it is not.
+fn check_response(query: &Message, bytes: &[u8], stats: &Stats) -> Option<Message> {
+    let Ok(r) = Message::from_vec(bytes) else {
+        bump(&stats.dropped_malformed_response);
+        return None;
+    };
+    if r.id() != query.id()
+        || r.message_type() != MessageType::Response
+        || r.queries().len() != 1
+        || r.queries()[0].name() != query.queries()[0].name()
+        || r.queries()[0].query_type() != query.queries()[0].query_type()
+    {
+        bump(&stats.dropped_mismatched_response);
+        return None;
+    }
+    Some(r)
+}
+
+fn servfail(query: &Message) -> Vec<u8> {
+    let mut m = Message::new();
+    m.set_id(query.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(query.recursion_desired())
+        .set_recursion_available(true)
+        .set_response_code(ResponseCode::ServFail)
+        .add_queries(query.queries().to_vec());
+    m.to_vec().unwrap_or_default()
+}
+
+async fn forward_udp(query: &Message, bytes: &[u8], sh: &Shared) -> Option<(Vec<u8>, Message)> {
+    for &up in &sh.cfg.upstreams {
+        let bind: SocketAddr = if up.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let Ok(sock) = UdpSocket::bind(bind).await else {
+            continue;
+        };
+        if sock.connect(up).await.is_err() || sock.send(bytes).await.is_err() {
+            continue;
+        }
+        let deadline = tokio::time::Instant::now() + sh.cfg.timeout;
+        let mut buf = vec![0u8; 65535];
+        // Wrong ids and garbage are dropped and counted; the right answer may still come.
+        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
+            if let Some(m) = check_response(query, &buf[..n], &sh.stats) {
+                buf.truncate(n);
+                return Some((buf, m));
+            }
+        }
+    }
+    None
+}
+
+async fn read_framed(s: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let len = s.read_u16().await?;
+    let mut buf = vec![0u8; usize::from(len)];
+    s.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_framed(s: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
+    let len = u16::try_from(bytes.len()).map_err(|_| io::Error::other("message too long"))?;
+    let mut out = Vec::with_capacity(bytes.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(bytes);
+    s.write_all(&out).await
+}
+
+async fn forward_tcp(query: &Message, bytes: &[u8], sh: &Shared) -> Option<(Vec<u8>, Message)> {
+    for &up in &sh.cfg.upstreams {
+        let attempt = async {
+            let mut s = TcpStream::connect(up).await.ok()?;
+            write_framed(&mut s, bytes).await.ok()?;
+            let resp = read_framed(&mut s).await.ok()?;
+            let m = check_response(query, &resp, &sh.stats)?;
+            Some((resp, m))
+        };
+        if let Ok(Some(r)) = tokio::time::timeout(sh.cfg.timeout, attempt).await {
+            return Some(r);
+        }
+    }
+    None
+}
+
+/// Forwards, learns, and returns the bytes for the agent (SERVFAIL when no upstream answered).
+async fn resolve(identity: u32, query: &Message, bytes: &[u8], tcp: bool, sh: &Shared) -> Vec<u8> {
+    let t0 = Instant::now();
+    let got = if tcp {
+        forward_tcp(query, bytes, sh).await
+    } else {
+        forward_udp(query, bytes, sh).await
+    };
+    let out = match got {
+        Some((resp, m)) => {
+            bump(&sh.stats.answers);
+            if let Some(a) = read_answer(query, &m) {
+                // The agent gets the answer only after the kernel allows what it names.
+                sh.sink.answered(identity, &a);
+            }
+            resp
+        }
+        None => {
+            bump(&sh.stats.upstream_failures);
+            warn!(identity, upstreams = ?sh.cfg.upstreams, "no upstream resolver answered; SERVFAIL");
+            servfail(query)
+        }
+    };
+    sh.stats.observe(t0.elapsed());
+    out
+}
+
+async fn serve_udp(sock: Arc<UdpSocket>, identity: u32, sh: Arc<Shared>) {
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let (n, from) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                debug!(identity, error = %e, "DNS proxy receive failed");
+                continue;
+            }
+        };
+        bump(&sh.stats.queries_udp);
+        if n > MAX_UDP_QUERY {
+            bump(&sh.stats.dropped_oversized_query);
+            continue;
+        }
+        let bytes = buf[..n].to_vec();
+        let Some(query) = parse_query(&bytes) else {
+            bump(&sh.stats.dropped_malformed_query);
+            continue;
+        };
+        let (sock, sh) = (sock.clone(), sh.clone());
+        tokio::spawn(async move {
+            let out = resolve(identity, &query, &bytes, false, &sh).await;
+            let _ = sock.send_to(&out, from).await;
+        });
+    }
+}
+
+async fn serve_tcp(listener: TcpListener, identity: u32, sh: Arc<Shared>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let sh = sh.clone();
+        tokio::spawn(async move {
+            loop {
+                let bytes = match tokio::time::timeout(TCP_IDLE, read_framed(&mut conn)).await {
+                    Ok(Ok(b)) => b,
+                    _ => return,
+                };
+                bump(&sh.stats.queries_tcp);
+                let Some(query) = parse_query(&bytes) else {
+                    bump(&sh.stats.dropped_malformed_query);
+                    return;
+                };
+                let out = resolve(identity, &query, &bytes, true, &sh).await;
+                if write_framed(&mut conn, &out).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,483 @@
+//! Name rules end to end: a real DNS server (aw-dns, hickory-proto) inside a network namespace
+//! the test made, the real node (and its DNS proxy) in that namespace, and an agent launched
+//! there whose own DNS queries decide which addresses it may reach.
+
+use std::{
+    io::{BufRead, BufReader, Read as _, Write as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use agentwall_tests::{
+    NetNs, Probe, TestEnv, bin_path,
+    node::{NodeProc, flows, launch_args, status_json, wait_status, write_cert},
+    pki::{Ca, CertSpec},
+};
+
+const ID: &str = "spiffe://example.org/agent/dns";
+const RESOLVER: &str = "192.0.2.53";
+
+/// aw-dns inside the namespace; killed on drop.
+struct DnsServer(Child);
+
+impl DnsServer {
+    fn start(ns: &NetNs, zone: &Path) -> Self {
+        let mut cmd = Command::new(bin_path("aw-dns"));
+        cmd.arg(format!("{RESOLVER}:53"))
+            .arg(zone)
+            .stdout(Stdio::piped());
+        ns.enter(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn aw-dns");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "aw-dns did not start");
+        Self(child)
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Lab {
+    env: TestEnv,
+    tmp: tempfile::TempDir,
+    ns: NetNs,
+    dns: Option<DnsServer>,
+    cert: PathBuf,
+    key: PathBuf,
+    flags: Vec<String>,
+}
+
+impl Lab {
+    /// The namespace: the resolver's address on `lo`, 203.0.113.0/24 and 2001:db8::/64 local
+    /// (so allowed connects reach a listener), nothing else.
+    fn new(name: &str, policy: &str, zone: &serde_json::Value, flags: &[&str]) -> Self {
+        let env = TestEnv::new(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let ca = Ca::new("agentwall test CA");
+        std::fs::create_dir(dir.join("policy")).unwrap();
+        std::fs::write(dir.join("policy/agents.yaml"), policy).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("zone.json"), zone.to_string()).unwrap();
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {RESOLVER}\noptions timeout:2 attempts:1\n"),
+        )
+        .unwrap();
+        let ns = NetNs::new(name);
+        ns.ip(&["addr", "add", &format!("{RESOLVER}/32"), "dev", "lo"]);
+        ns.ip(&["route", "add", "local", "203.0.113.0/24", "dev", "lo"]);
+        ns.ip(&["-6", "route", "add", "local", "2001:db8::/64", "dev", "lo"]);
+        let dns = Some(DnsServer::start(&ns, &dir.join("zone.json")));
+        let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+        let mut all: Vec<String> = vec![
+            "--dns-upstream".into(),
+            format!("{RESOLVER}:53"),
+            "--dns-timeout-ms".into(),
+            "500".into(),
+            "--audit-log".into(),
+            dir.join("audit.jsonl").display().to_string(),
+        ];
+        all.extend(flags.iter().map(ToString::to_string));
+        Self {
+            env,
+            tmp,
+            ns,
+            dns,
+            cert,
+            key,
+            flags: all,
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    fn node(&self) -> NodeProc {
+        let flags: Vec<&str> = self.flags.iter().map(String::as_str).collect();
+        NodeProc::start_in(&self.env, self.dir(), &flags, &[], Some(&self.ns))
+    }
+
+    /// The agent, launched under its identity inside the namespace, with the namespace's
+    /// resolver in its own /etc/resolv.conf.
+    fn agent(&self, node: &NodeProc) -> Probe {
+        let mut c = launch_args(&node.socket, &self.cert, &self.key);
+        self.ns.enter(&mut c);
+        c.arg(bin_path("aw-probe"))
+            .arg("--resolv-conf")
+            .arg(self.dir().join("resolv.conf"));
+        let mut p = Probe::from_command(c);
+        assert_eq!(p.cmd("listen tcp :: 443"), "ok");
+        p
+    }
+
+    fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn resolve(p: &mut Probe, name: &str, mode: &str, ty: &str) -> String {
+    p.cmd(&format!("resolve {name} {RESOLVER} {mode} {ty}"))
+}
+
+fn connect(p: &mut Probe, ip: &str, port: u16) -> String {
+    p.cmd(&format!("connect tcp {ip} {port}"))
+}
+
+fn a(name: &str, ip: &str) -> serde_json::Value {
+    serde_json::json!({ "name": name, "type": "A", "value": ip })
+}
+
+/// The metrics page, fetched from inside the namespace (the node listens on its loopback).
+fn scrape(ns: &NetNs, addr: &str) -> prometheus_parse::Scrape {
+    let name = ns.name.clone();
+    let addr = addr.to_owned();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: setns on this thread only; it ends right after.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        let body = body.split_once("\r\n\r\n").unwrap().1.to_owned();
+        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+fn value(s: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    s.samples
+        .iter()
+        .find(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+        .unwrap_or_else(|| panic!("no sample {metric} {labels:?}"))
+}
+
+const POLICY: &str = "\
+kind: AgentPolicy
+name: dns
+identity: spiffe://example.org/agent/dns
+egress:
+  - to: [api.example.com, chain.example.com, big.example.com, mis.example.com]
+    ports: [443]
+    protocol: tcp
+  - to: [\"*.one.example.com\"]
+    ports: [443]
+    protocol: tcp
+  - to: [\"**.any.example.com\"]
+    ports: [443]
+    protocol: tcp
+  - to: [many.example.com]
+    ports: [443]
+    protocol: tcp
+";
+
+#[test]
+fn names_allow_exactly_the_addresses_the_agent_resolved() {
+    let mut records = vec![
+        a("api.example.com", "203.0.113.10"),
+        serde_json::json!({ "name": "api.example.com", "type": "AAAA", "value": "2001:db8::10" }),
+        a("x.one.example.com", "203.0.113.11"),
+        a("a.b.one.example.com", "203.0.113.12"),
+        a("one.example.com", "203.0.113.13"),
+        a("a.b.any.example.com", "203.0.113.14"),
+        a("any.example.com", "203.0.113.15"),
+        a("unknown-llm.example.net", "203.0.113.7"),
+        a("evil.example.org", "203.0.113.20"),
+        a("shared.one.example.com", "203.0.113.20"),
+        serde_json::json!({ "name": "chain.example.com", "type": "CNAME", "value": "edge.cdn.example.net" }),
+        a("edge.cdn.example.net", "203.0.113.30"),
+        a("big.example.com", "203.0.113.40"),
+        a("big.example.com", "203.0.113.41"),
+        a("big.example.com", "203.0.113.42"),
+        a("mis.example.com", "203.0.113.60"),
+    ];
+    for i in 50..58 {
+        records.push(a("many.example.com", &format!("203.0.113.{i}")));
+    }
+    let zone = serde_json::json!({
+        "records": records,
+        "truncate": ["big.example.com"],
+        "garbage": ["bad.example.com"],
+        "mismatch": ["mis.example.com"],
+        "silent": ["slow.example.com"],
+    });
+    let lab = Lab::new(
+        "dns-match",
+        POLICY,
+        &zone,
+        &[
+            "--dns-max-addresses",
+            "4",
+            "--metrics-listen",
+            "127.0.0.1:9464",
+        ],
+    );
+    let node = lab.node();
+    let mut p = lab.agent(&node);
+
+    // Nothing is allowed before the agent asks.
+    assert_eq!(connect(&mut p, "203.0.113.10", 443), "err EPERM");
+    assert_eq!(
+        resolve(&mut p, "api.example.com", "udp", "A"),
+        "ok 203.0.113.10"
+    );
+    assert_eq!(connect(&mut p, "203.0.113.10", 443), "ok");
+    assert_eq!(
+        connect(&mut p, "203.0.113.10", 80),
+        "err EPERM",
+        "the rule's ports"
+    );
+    assert_eq!(
+        resolve(&mut p, "API.Example.COM.", "tcp", "AAAA"),
+        "ok 2001:db8::10"
+    );
+    assert_eq!(connect(&mut p, "2001:db8::10", 443), "ok");
+
+    // `*.` is exactly one label, `**.` any depth; neither is the apex.
+    for (name, ip, want) in [
+        ("x.one.example.com", "203.0.113.11", "ok"),
+        ("a.b.one.example.com", "203.0.113.12", "err EPERM"),
+        ("one.example.com", "203.0.113.13", "err EPERM"),
+        ("a.b.any.example.com", "203.0.113.14", "ok"),
+        ("any.example.com", "203.0.113.15", "err EPERM"),
+    ] {
+        assert_eq!(resolve(&mut p, name, "udpu", "A"), format!("ok {ip}"));
+        assert_eq!(connect(&mut p, ip, 443), want, "{name}");
+    }
+
+    // A name no rule allows is answered, and its address stays denied; the record says
+    // which name the agent asked for.
+    assert_eq!(
+        resolve(&mut p, "unknown-llm.example.net", "udp", "A"),
+        "ok 203.0.113.7"
+    );
+    assert_eq!(connect(&mut p, "203.0.113.7", 443), "err EPERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let denied = loop {
+        if let Some(r) = flows(&node.socket, "deny")
+            .into_iter()
+            .find(|r| r["dest"] == "203.0.113.7")
+        {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no denial record for 203.0.113.7"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(denied["fqdn"], "unknown-llm.example.net");
+    let text = Command::new(bin_path("agentwall"))
+        .args(["flows", "--verdict", "deny", "--socket"])
+        .arg(&node.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("-> unknown-llm.example.net (203.0.113.7):443/tcp"),
+        "{text}"
+    );
+
+    // One address, two names: the denied name allows nothing, the allowed one allows it.
+    assert_eq!(
+        resolve(&mut p, "evil.example.org", "udp", "A"),
+        "ok 203.0.113.20"
+    );
+    assert_eq!(connect(&mut p, "203.0.113.20", 443), "err EPERM");
+    assert_eq!(
+        resolve(&mut p, "shared.one.example.com", "udp", "A"),
+        "ok 203.0.113.20"
+    );
+    assert_eq!(connect(&mut p, "203.0.113.20", 443), "ok");
+
+    // A CNAME chain: the asked name's rule covers the address at the end of the chain.
+    assert_eq!(
+        resolve(&mut p, "chain.example.com", "udp", "A"),
+        "ok 203.0.113.30"
+    );
+    assert_eq!(connect(&mut p, "203.0.113.30", 443), "ok");
+
+    // Truncated over UDP, complete over TCP, as a stub resolver retries.
+    assert_eq!(resolve(&mut p, "big.example.com", "udp", "A"), "tc");
+    assert_eq!(connect(&mut p, "203.0.113.41", 443), "err EPERM");
+    assert_eq!(
+        resolve(&mut p, "big.example.com", "auto", "A"),
+        "ok 203.0.113.40,203.0.113.41,203.0.113.42"
+    );
+    assert_eq!(connect(&mut p, "203.0.113.41", 443), "ok");
+
+    // Addresses per name are capped: the first four are allowed, the rest stay denied and a
+    // record says so.
+    let many = resolve(&mut p, "many.example.com", "udp", "A");
+    assert_eq!(many.matches("203.0.113.5").count(), 8, "{many}");
+    assert_eq!(connect(&mut p, "203.0.113.53", 443), "ok");
+    assert_eq!(connect(&mut p, "203.0.113.54", 443), "err EPERM");
+    let cap = lab
+        .audit()
+        .into_iter()
+        .find(|r| r["kind"] == "dns" && r["event"] == "cap")
+        .expect("a cap record");
+    assert_eq!(cap["name"], "many.example.com");
+    assert_eq!(cap["refused"].as_array().unwrap().len(), 4);
+    let learned = lab
+        .audit()
+        .into_iter()
+        .find(|r| r["kind"] == "dns" && r["event"] == "learned" && r["name"] == "api.example.com")
+        .expect("a learned record");
+    assert_eq!(learned["identity"], ID);
+
+    // Hostile upstream answers: a reply with the wrong id is dropped and the right one used;
+    // a compression loop and silence end in SERVFAIL; the proxy keeps serving.
+    assert_eq!(
+        resolve(&mut p, "mis.example.com", "udp", "A"),
+        "ok 203.0.113.60"
+    );
+    assert_eq!(connect(&mut p, "203.0.113.60", 443), "ok");
+    assert_eq!(
+        resolve(&mut p, "bad.example.com", "udp", "A"),
+        "rcode ServFail"
+    );
+    assert_eq!(
+        resolve(&mut p, "slow.example.com", "udp", "A"),
+        "rcode ServFail"
+    );
+    // Hostile queries from the agent are dropped and counted.
+    assert_eq!(p.cmd(&format!("dns-garbage {RESOLVER}")), "sent");
+
+    // glibc's own resolver (connected UDP, A and AAAA at once, reply address checked).
+    assert_eq!(p.cmd("gai api.example.com"), "ok 203.0.113.10,2001:db8::10");
+
+    let m = scrape(&lab.ns, "127.0.0.1:9464");
+    let dropped = |r| value(&m, "agentwall_dns_dropped_total", &[("reason", r)]);
+    assert_eq!(dropped("mismatched_response"), 1.0);
+    assert_eq!(dropped("malformed_response"), 1.0);
+    assert_eq!(dropped("malformed_query"), 1.0);
+    assert_eq!(dropped("oversized_query"), 1.0);
+    assert_eq!(value(&m, "agentwall_dns_upstream_failures_total", &[]), 2.0);
+    assert_eq!(value(&m, "agentwall_dns_addresses_refused_total", &[]), 4.0);
+    assert!(value(&m, "agentwall_dns_learned_addresses", &[]) >= 12.0);
+    assert!(value(&m, "agentwall_dns_queries_total", &[("transport", "tcp")]) >= 2.0);
+    let s = status_json(&node.socket);
+    assert_eq!(s["dns"]["port"], 15053);
+    assert!(s["dns"]["error"].is_null(), "{s}");
+}
+
+#[test]
+fn learned_addresses_expire_survive_restarts_and_fail_closed() {
+    let policy = "\
+kind: AgentPolicy
+name: dns
+identity: spiffe://example.org/agent/dns
+egress:
+  - to: [api.example.com, short.example.com]
+    ports: [443]
+    protocol: tcp
+";
+    let zone = serde_json::json!({ "records": [
+        a("api.example.com", "203.0.113.10"),
+        { "name": "short.example.com", "type": "A", "value": "203.0.113.40", "ttl": 1 },
+    ]});
+    let mut lab = Lab::new(
+        "dns-life",
+        policy,
+        &zone,
+        &["--dns-grace-secs", "1", "--dns-min-ttl-secs", "0"],
+    );
+    let node = lab.node();
+    let mut p = lab.agent(&node);
+
+    // TTL 1 s + grace 1 s: new connections are cut after that, the open one is not.
+    assert_eq!(
+        resolve(&mut p, "short.example.com", "udp", "A"),
+        "ok 203.0.113.40"
+    );
+    assert_eq!(p.cmd("hold tcp 203.0.113.40 443"), "ok");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while connect(&mut p, "203.0.113.40", 443) == "ok" {
+        assert!(Instant::now() < deadline, "learned address never expired");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(connect(&mut p, "203.0.113.40", 443), "err EPERM");
+    assert_eq!(p.cmd("held"), "alive=1 closed=0");
+    // Asking again allows it again.
+    assert_eq!(
+        resolve(&mut p, "short.example.com", "udp", "A"),
+        "ok 203.0.113.40"
+    );
+    assert_eq!(connect(&mut p, "203.0.113.40", 443), "ok");
+
+    assert_eq!(
+        resolve(&mut p, "api.example.com", "udp", "A"),
+        "ok 203.0.113.10"
+    );
+    // The learned file is written on the node's next tick.
+    let learned = lab.dir().join("state/dns-learned.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&learned)
+        .unwrap_or_default()
+        .contains("api.example.com")
+    {
+        assert!(Instant::now() < deadline, "learned addresses not saved");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Node down: DNS fails closed, learned addresses keep their deadline.
+    assert_eq!(node.stop(), 0);
+    assert_eq!(
+        resolve(&mut p, "api.example.com", "udp", "A"),
+        "err ECONNREFUSED"
+    );
+    assert_eq!(connect(&mut p, "203.0.113.10", 443), "ok");
+
+    // Restarted: the policy is applied again with what was learned, so the address stays
+    // allowed without asking again.
+    let node = lab.node();
+    assert_eq!(connect(&mut p, "203.0.113.10", 443), "ok");
+    assert_eq!(
+        resolve(&mut p, "api.example.com", "udp", "A"),
+        "ok 203.0.113.10"
+    );
+
+    // Upstream down: SERVFAIL, and what was learned stays until its deadline.
+    lab.dns = None;
+    assert_eq!(
+        resolve(&mut p, "api.example.com", "udp", "A"),
+        "rcode ServFail"
+    );
+    assert_eq!(connect(&mut p, "203.0.113.10", 443), "ok");
+
+    // A policy without the name: its learned addresses go with it.
+    std::fs::write(
+        lab.dir().join("policy/agents.yaml"),
+        policy.replace("api.example.com, ", ""),
+    )
+    .unwrap();
+    let before = status_json(&node.socket)["revision"].clone();
+    wait_status(&node.socket, "the new revision", |s| {
+        s["revision"] != before
+    });
+    assert_eq!(connect(&mut p, "203.0.113.10", 443), "err EPERM");
+}
