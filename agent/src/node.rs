@@ -635,7 +635,7 @@ impl Node {
         if out.changed.is_empty() {
             return;
         }
-        let rules = st.learned.host_rules(identity, &base);
+        let rules = st.learned.host_rules_for(identity, &base, &out.changed);
         match st.datapath.update_hosts(identity, &rules, &out.changed) {
             Ok(()) => {
                 st.learned_dirty = true;
@@ -680,7 +680,7 @@ impl Node {
             let Some(base) = st.base_rules.get(&identity) else {
                 continue;
             };
-            let rules = st.learned.host_rules(identity, base);
+            let rules = st.learned.host_rules_for(identity, base, &addrs);
             let st = &mut *st;
             if let Err(e) = st.datapath.update_hosts(identity, &rules, &addrs) {
                 warn!(identity, error = %e, "could not remove expired learned addresses (they no longer allow)");

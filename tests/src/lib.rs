@@ -146,6 +146,32 @@ fn run_ip(args: &[&str]) {
     );
 }
 
+/// aw-dns inside the namespace; killed on drop.
+pub struct DnsServer(Child);
+
+impl DnsServer {
+    /// Serves `zone` (see aw-dns) on `listen` (UDP and TCP) inside `ns`.
+    pub fn start(ns: &NetNs, listen: &str, zone: &Path) -> Self {
+        let mut cmd = Command::new(bin_path("aw-dns"));
+        cmd.arg(listen).arg(zone).stdout(Stdio::piped());
+        ns.enter(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn aw-dns");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "aw-dns did not start");
+        Self(child)
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Kills every process in a cgroup subtree and waits until it is empty.
 pub fn kill_tree(path: &Path) {
     let kill = path.join("cgroup.kill");

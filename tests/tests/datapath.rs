@@ -364,6 +364,15 @@ fn audit_unbound_descendants_expiry_and_revocation() {
     assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), DENIED);
 }
 
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn pinned_enforcement_survives_sigkill_and_is_adopted_once() {
     let env = TestEnv::new("restart");
@@ -377,28 +386,32 @@ fn pinned_enforcement_survives_sigkill_and_is_adopted_once() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let stdout = loader.stdout.take().unwrap();
+    // Killed even when an assertion below fails first.
+    let mut loader = KillOnDrop(loader);
     let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(loader.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "ready 5", "loader attached all five programs");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+    let all = agent_common::ALL_PROGRAMS.len();
+    assert_eq!(
+        line.trim(),
+        format!("ready {all}"),
+        "loader attached every program"
+    );
 
     let mut p = Probe::spawn(&agent);
     assert_eq!(p.cmd("connect tcp 192.0.2.10 80"), DENIED);
-    loader.kill().unwrap();
-    loader.wait().unwrap();
+    loader.0.kill().unwrap();
+    loader.0.wait().unwrap();
     // Loader gone: the pinned links and maps keep enforcing.
     assert_eq!(p.cmd("connect tcp 192.0.2.10 81"), DENIED);
     assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), ALLOWED);
-    assert_eq!(attached_programs(env.root.path()).unwrap().len(), 5);
+    assert_eq!(attached_programs(env.root.path()).unwrap().len(), all);
 
     // A new start adopts the pins instead of attaching twice.
     let mut dp = Datapath::start(&env.config()).unwrap();
     assert_eq!(dp.start_report().attached, 0);
-    assert_eq!(dp.start_report().adopted, 5);
-    assert_eq!(attached_programs(env.root.path()).unwrap().len(), 5);
+    assert_eq!(dp.start_report().adopted, all);
+    assert_eq!(attached_programs(env.root.path()).unwrap().len(), all);
     assert_eq!(p.cmd("connect tcp 192.0.2.10 82"), DENIED);
     // Records written while nobody was reading are there for the new reader.
     let recs = drain_until(&mut dp.take_events().unwrap(), 3);

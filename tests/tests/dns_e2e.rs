@@ -3,47 +3,20 @@
 //! there whose own DNS queries decide which addresses it may reach.
 
 use std::{
-    io::{BufRead, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use agentwall_tests::{
-    NetNs, Probe, TestEnv, bin_path,
+    DnsServer, NetNs, Probe, TestEnv, bin_path,
     node::{NodeProc, flows, launch_args, status_json, wait_status, write_cert},
     pki::{Ca, CertSpec},
 };
 
 const ID: &str = "spiffe://example.org/agent/dns";
 const RESOLVER: &str = "192.0.2.53";
-
-/// aw-dns inside the namespace; killed on drop.
-struct DnsServer(Child);
-
-impl DnsServer {
-    fn start(ns: &NetNs, zone: &Path) -> Self {
-        let mut cmd = Command::new(bin_path("aw-dns"));
-        cmd.arg(format!("{RESOLVER}:53"))
-            .arg(zone)
-            .stdout(Stdio::piped());
-        ns.enter(&mut cmd);
-        let mut child = cmd.spawn().expect("spawn aw-dns");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "ready", "aw-dns did not start");
-        Self(child)
-    }
-}
-
-impl Drop for DnsServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 struct Lab {
     env: TestEnv,
@@ -76,7 +49,11 @@ impl Lab {
         ns.ip(&["addr", "add", &format!("{RESOLVER}/32"), "dev", "lo"]);
         ns.ip(&["route", "add", "local", "203.0.113.0/24", "dev", "lo"]);
         ns.ip(&["-6", "route", "add", "local", "2001:db8::/64", "dev", "lo"]);
-        let dns = Some(DnsServer::start(&ns, &dir.join("zone.json")));
+        let dns = Some(DnsServer::start(
+            &ns,
+            &format!("{RESOLVER}:53"),
+            &dir.join("zone.json"),
+        ));
         let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
         let mut all: Vec<String> = vec![
             "--dns-upstream".into(),

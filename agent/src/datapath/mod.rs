@@ -381,10 +381,13 @@ impl Datapath {
     }
 
     /// Rewrites the host entries (/32, /128) of `addrs` in an identity's trie in place, from
-    /// `rules`: the identity's whole rule list, learned host rules included. Other entries
-    /// are untouched, so no trie swap (and no RCU wait) is needed: this is what makes a DNS
-    /// answer's addresses usable within microseconds. A host left with nothing to say is
-    /// removed from the trie.
+    /// `rules`: every rule covering those addresses, learned host rules included (rules
+    /// covering none of them are ignored). Other entries are untouched, so no trie swap (and
+    /// no RCU wait) is needed: this is what makes a DNS answer's addresses usable within
+    /// microseconds. A host left with nothing to say is removed from the trie.
+    ///
+    /// Host entries written here are not part of what [`Datapath::set_global_deny`] rebuilds
+    /// from; the node re-applies its whole policy (learned hosts included) instead.
     pub fn update_hosts(
         &mut self,
         identity: u32,
@@ -434,7 +437,6 @@ impl Datapath {
                 },
             }
         }
-        self.applied.insert(identity, rules.to_vec());
         Ok(())
     }
 
@@ -732,7 +734,7 @@ fn attach_all(
     result
 }
 
-/// Ids of agentwall-relevant programs attached directly to `cgroup`, over all five hooks.
+/// Ids of agentwall-relevant programs attached directly to `cgroup`, over every hook it uses.
 pub fn attached_programs(cgroup: &Path) -> Result<Vec<u32>, DatapathError> {
     let mut ids = Vec::new();
     for name in ALL_PROGRAMS {

@@ -121,6 +121,10 @@ fn millis(t: SystemTime) -> u64 {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Learned {
     identities: BTreeMap<u32, BTreeMap<String, BTreeMap<IpAddr, u64>>>,
+    /// (identity, address) → names: an answer's host entries are rebuilt from the names of
+    /// its addresses alone, not from everything the identity ever learned.
+    #[serde(skip)]
+    by_addr: HashMap<(u32, IpAddr), std::collections::BTreeSet<String>>,
 }
 
 impl Learned {
@@ -130,15 +134,33 @@ impl Learned {
 
     pub fn load(path: &Path) -> Result<Self, DnsError> {
         match std::fs::read_to_string(path) {
-            Ok(t) => serde_json::from_str(&t).map_err(|source| DnsError::Corrupt {
-                path: path.to_owned(),
-                source,
-            }),
+            Ok(t) => {
+                let mut l: Self = serde_json::from_str(&t).map_err(|source| DnsError::Corrupt {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                l.reindex();
+                Ok(l)
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Self::default()),
             Err(source) => Err(DnsError::Io {
                 path: path.to_owned(),
                 source,
             }),
+        }
+    }
+
+    fn reindex(&mut self) {
+        self.by_addr.clear();
+        for (&id, names) in &self.identities {
+            for (name, addrs) in names {
+                for ip in addrs.keys() {
+                    self.by_addr
+                        .entry((id, *ip))
+                        .or_default()
+                        .insert(name.clone());
+                }
+            }
         }
     }
 
@@ -205,6 +227,10 @@ impl Learned {
                         continue;
                     }
                     known.insert(ip, d);
+                    self.by_addr
+                        .entry((identity, ip))
+                        .or_default()
+                        .insert(name.to_owned());
                     out.changed.push(ip);
                     out.added.push(ip);
                 }
@@ -217,17 +243,43 @@ impl Learned {
     /// same id, ports and protocol as the rule, expiring at the latest deadline of those names
     /// (or the rule's own expiry, if sooner).
     pub fn host_rules(&self, identity: u32, base: &[Rule]) -> Vec<Rule> {
-        let mut out = base.to_vec();
         let Some(names) = self.identities.get(&identity) else {
-            return out;
+            return base.to_vec();
         };
-        let mut best: BTreeMap<(IpAddr, usize), u64> = BTreeMap::new();
-        for (name, addrs) in names {
-            for (i, r) in base.iter().enumerate() {
-                if !r.fqdns.iter().any(|p| p.matches(name)) {
-                    continue;
+        Self::with_hosts(
+            base,
+            names
+                .iter()
+                .flat_map(|(n, a)| a.iter().map(move |(ip, d)| (n.as_str(), *ip, *d))),
+        )
+    }
+
+    /// Like [`Learned::host_rules`], with host rules for `addrs` only: enough to rewrite
+    /// those addresses' entries, at a cost that does not grow with what else was learned.
+    pub fn host_rules_for(&self, identity: u32, base: &[Rule], addrs: &[IpAddr]) -> Vec<Rule> {
+        let Some(names) = self.identities.get(&identity) else {
+            return base.to_vec();
+        };
+        let mut found = Vec::new();
+        for ip in addrs {
+            for n in self.by_addr.get(&(identity, *ip)).into_iter().flatten() {
+                if let Some(d) = names.get(n).and_then(|a| a.get(ip)) {
+                    found.push((n.as_str(), *ip, *d));
                 }
-                for (&ip, &d) in addrs {
+            }
+        }
+        Self::with_hosts(base, found.into_iter())
+    }
+
+    fn with_hosts<'a>(
+        base: &[Rule],
+        learned: impl Iterator<Item = (&'a str, IpAddr, u64)>,
+    ) -> Vec<Rule> {
+        let mut out = base.to_vec();
+        let mut best: BTreeMap<(IpAddr, usize), u64> = BTreeMap::new();
+        for (name, ip, d) in learned {
+            for (i, r) in base.iter().enumerate() {
+                if r.fqdns.iter().any(|p| p.matches(name)) {
                     let e = best.entry((ip, i)).or_insert(0);
                     *e = (*e).max(d);
                 }
@@ -254,10 +306,16 @@ impl Learned {
         let now_ms = millis(now);
         let mut gone: BTreeMap<u32, Vec<IpAddr>> = BTreeMap::new();
         for (&id, names) in &mut self.identities {
-            for addrs in names.values_mut() {
+            for (name, addrs) in names.iter_mut() {
                 addrs.retain(|&ip, &mut d| {
                     if d <= now_ms {
                         gone.entry(id).or_default().push(ip);
+                        if let Some(set) = self.by_addr.get_mut(&(id, ip)) {
+                            set.remove(name);
+                            if set.is_empty() {
+                                self.by_addr.remove(&(id, ip));
+                            }
+                        }
                     }
                     d > now_ms
                 });
@@ -276,7 +334,11 @@ impl Learned {
     pub fn retain(&mut self, keep: impl Fn(u32) -> bool) -> bool {
         let before = self.identities.len();
         self.identities.retain(|&id, _| keep(id));
-        before != self.identities.len()
+        if before == self.identities.len() {
+            return false;
+        }
+        self.reindex();
+        true
     }
 
     /// Learned addresses, all identities (for metrics and status).
@@ -456,8 +518,17 @@ mod tests {
         );
         assert!(l.host_rules(2, std::slice::from_ref(&rule)).len() == 1);
 
+        let only = l.host_rules_for(1, std::slice::from_ref(&rule), &[ip("192.0.2.9")]);
+        assert_eq!(only.len(), 2);
+        assert_eq!(only[1].to[0].to_string(), "192.0.2.9/32");
+
         let gone = l.expire(at(45));
         assert_eq!(gone.get(&1), Some(&vec![ip("192.0.2.9")]));
         assert_eq!(l.len(), 2);
+        assert!(
+            l.host_rules_for(1, std::slice::from_ref(&rule), &[ip("192.0.2.9")])
+                .len()
+                == 1
+        );
     }
 }

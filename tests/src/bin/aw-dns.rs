@@ -1,6 +1,6 @@
 //! A small authoritative DNS server for tests, built on hickory-proto: UDP and TCP on one
-//! address, answers from a JSON zone file that is read again for every query (tests edit it to
-//! change answers).
+//! address, answers from a JSON zone file that is read again whenever it changes (tests edit it
+//! to change answers).
 //!
 //! Zone file:
 //! ```json
@@ -56,16 +56,40 @@ fn has(list: &[String], name: &str) -> bool {
     list.iter().any(|n| norm(n) == name)
 }
 
+type Stamp = (Option<std::time::SystemTime>, u64);
+
+/// The zone, parsed again only when the file changed (tests edit it to change answers).
+fn zone(path: &str) -> std::sync::Arc<Zone> {
+    static CACHE: std::sync::Mutex<Option<(Stamp, std::sync::Arc<Zone>)>> =
+        std::sync::Mutex::new(None);
+    let meta = std::fs::metadata(path).ok();
+    let stamp = (
+        meta.as_ref().and_then(|m| m.modified().ok()),
+        meta.map_or(0, |m| m.len()),
+    );
+    let mut cache = CACHE.lock().unwrap();
+    if let Some((s, z)) = cache.as_ref() {
+        if *s == stamp {
+            return z.clone();
+        }
+    }
+    let z: std::sync::Arc<Zone> = std::sync::Arc::new(
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default(),
+    );
+    *cache = Some((stamp, z.clone()));
+    z
+}
+
 enum Reply {
     Bytes(Vec<Vec<u8>>),
     Nothing,
 }
 
 fn answer(zone_path: &str, query: &[u8], udp: bool) -> Reply {
-    let zone: Zone = std::fs::read_to_string(zone_path)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
+    let zone = zone(zone_path);
     let Ok(q) = Message::from_vec(query) else {
         return Reply::Nothing;
     };

@@ -25,6 +25,9 @@
 //!                                  `err source ADDR` / `err peer ADDR`, as a stub would reject it
 //!   gai NAME                       getaddrinfo(); `ok ADDR,..` (sorted) or `err EAI CODE`
 //!   dns-garbage SERVER             sends a query with a compression loop and an oversized one
+//!   bench-dns SERVER N QPS NAMES   N A queries for n0..n{NAMES-1}.example.com, paced at QPS,
+//!                                  each on a fresh connected UDP socket as a stub resolver
+//!                                  does; answers `p50=NS p99=NS fail=K` (socket to answer)
 //!   exit
 //! Startup: `aw-probe [--cgroup DIR] [--netns] [--resolv-conf FILE]` prints `ready PID` once in
 //! place; `--resolv-conf` bind-mounts FILE over /etc/resolv.conf in a private mount namespace.
@@ -427,6 +430,10 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         }
         ["resolve", name, server, mode, ty] => resolve(name, server, mode, ty)?,
         ["gai", name] => gai(name),
+        ["bench-dns", server, n, qps, names] => {
+            let parse = |v: &str| v.parse::<u64>().map_err(|e| format!("bad number {v}: {e}"));
+            bench_dns(server, parse(n)?, parse(qps)?, parse(names)?)?
+        }
         ["dns-garbage", server] => {
             let to = SocketAddr::new(server.parse().map_err(|e| format!("bad address: {e}"))?, 53);
             let s = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
@@ -617,6 +624,48 @@ fn gai(name: &str) -> String {
         let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
         format!("ok {}", list.join(","))
     }
+}
+
+fn bench_dns(server: &str, n: u64, qps: u64, names: u64) -> Result<String, String> {
+    let server = SocketAddr::new(server.parse().map_err(|e| format!("bad address: {e}"))?, 53);
+    let queries: Vec<(u16, Vec<u8>)> = (0..names.max(1))
+        .map(|i| dns_query(&format!("n{i}.example.com"), "A"))
+        .collect::<Result<_, _>>()?;
+    let period = std::time::Duration::from_nanos(1_000_000_000 / qps.max(1));
+    let warmup = n / 10;
+    let mut samples = Vec::with_capacity(n as usize);
+    let mut fail = 0u64;
+    let mut buf = vec![0u8; 4096];
+    let start = std::time::Instant::now();
+    for i in 0..warmup + n {
+        let due = start + period * u32::try_from(i).unwrap_or(u32::MAX);
+        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let (id, q) = &queries[(i % names.max(1)) as usize];
+        let t0 = std::time::Instant::now();
+        let ok = (|| -> io::Result<bool> {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+            s.connect(server)?;
+            s.send(q)?;
+            let (got, from) = s.recv_from(&mut buf)?;
+            Ok(from == server && dns_result(*id, &buf[..got]).starts_with("ok 2"))
+        })()
+        .unwrap_or(false);
+        let ns = t0.elapsed().as_nanos() as u64;
+        if i >= warmup {
+            if ok {
+                samples.push(ns);
+            } else {
+                fail += 1;
+            }
+        }
+    }
+    if samples.is_empty() {
+        return Ok(format!("p50=0 p99=0 fail={fail}"));
+    }
+    Ok(format!("{} fail={fail}", percentiles(samples)))
 }
 
 /// Gives this process its own /etc/resolv.conf without touching the host's.

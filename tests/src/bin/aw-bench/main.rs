@@ -1,4 +1,5 @@
-//! `cargo xtask bench datapath`: what the datapath adds to connect().
+//! `cargo xtask bench datapath`: what the datapath adds to connect(). `dns` (in dns.rs): what
+//! the DNS proxy adds to a lookup.
 //!
 //! A probe in its own network namespace times TCP connects to a loopback listener, from a
 //! cgroup outside the attach point (baseline: no program runs) and from a cgroup bound to an
@@ -68,14 +69,22 @@ fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
     rules
 }
 
+mod dns;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let iterations: usize = match args.as_slice() {
+    match args.as_slice() {
         [which, flag, n] if which == "datapath" && flag == "--iterations" => {
-            n.parse().expect("iterations")
+            datapath(n.parse().expect("iterations"))
         }
-        _ => panic!("usage: aw-bench datapath --iterations N"),
-    };
+        [which, flag, n] if which == "dns" && flag == "--iterations" => {
+            dns::run(n.parse().expect("iterations"))
+        }
+        _ => panic!("usage: aw-bench datapath|dns --iterations N"),
+    }
+}
+
+fn datapath(iterations: usize) {
     let env = TestEnv::new("bench");
     let attach = env.cgroup("attached");
     let plain = env.cgroup("plain");
