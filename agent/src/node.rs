@@ -398,7 +398,7 @@ impl Node {
         }
         let full: Vec<(u32, Vec<Rule>)> = sets
             .iter()
-            .map(|(n, r)| (*n, st.learned.host_rules(*n, r)))
+            .map(|(n, r)| (*n, st.learned.host_rules(*n, r, &policy.global_deny())))
             .collect();
         let refs: Vec<(u32, &[Rule])> = full.iter().map(|(n, r)| (*n, r.as_slice())).collect();
         let entries = st.datapath.apply(&policy.global_deny(), &refs)?;
@@ -608,19 +608,28 @@ impl Node {
         }
         let now = std::time::SystemTime::now();
         let (grace, min_ttl) = (self.cfg.dns_grace(), self.cfg.dns_min_ttl());
-        let addrs: Vec<(std::net::IpAddr, std::time::SystemTime)> = a
-            .addrs
-            .iter()
-            .map(|&(ip, ttl)| {
-                (
+        let deny = st.policy.global_deny();
+        let id = self.name_of(&st, identity);
+        let mut addrs: Vec<(std::net::IpAddr, std::time::SystemTime)> = Vec::new();
+        for &(ip, ttl) in &a.addrs {
+            match crate::dns::unlearnable(ip, &deny) {
+                None => addrs.push((
                     ip,
                     now + Duration::from_secs(u64::from(ttl)).max(min_ttl) + grace,
-                )
-            })
-            .collect();
+                )),
+                Some(why) => {
+                    st.counters.dns_refused += 1;
+                    warn!(identity = %id, name = %a.qname, addr = %ip, why,
+                        "DNS answer names an address DNS may not open; it stays denied");
+                    st.audit(
+                        "dns",
+                        serde_json::json!({ "event": "refused", "identity": id, "name": a.qname, "addr": ip.to_string(), "why": why }),
+                    );
+                }
+            }
+        }
         let caps = self.cfg.dns_caps();
         let out = st.learned.learn(identity, &a.qname, &addrs, caps, now);
-        let id = self.name_of(&st, identity);
         if !out.refused.is_empty() {
             st.counters.dns_refused += out.refused.len() as u64;
             let refused: Vec<String> = out.refused.iter().map(|(ip, _)| ip.to_string()).collect();
@@ -635,7 +644,9 @@ impl Node {
         if out.changed.is_empty() {
             return;
         }
-        let rules = st.learned.host_rules_for(identity, &base, &out.changed);
+        let rules = st
+            .learned
+            .host_rules_for(identity, &base, &out.changed, &deny);
         match st.datapath.update_hosts(identity, &rules, &out.changed) {
             Ok(()) => {
                 st.learned_dirty = true;
@@ -680,7 +691,8 @@ impl Node {
             let Some(base) = st.base_rules.get(&identity) else {
                 continue;
             };
-            let rules = st.learned.host_rules_for(identity, base, &addrs);
+            let deny = st.policy.global_deny();
+            let rules = st.learned.host_rules_for(identity, base, &addrs, &deny);
             let st = &mut *st;
             if let Err(e) = st.datapath.update_hosts(identity, &rules, &addrs) {
                 warn!(identity, error = %e, "could not remove expired learned addresses (they no longer allow)");

@@ -529,3 +529,97 @@ fn identical_denials_are_rate_limited_and_counted() {
     let total: u64 = recs.iter().map(|r| 1 + u64::from(r.suppressed)).sum();
     assert_eq!(total, 501);
 }
+
+#[test]
+fn learned_hosts_are_written_in_place_and_merge_with_wider_rules() {
+    let env = TestEnv::new("hosts");
+    let mut dp = Datapath::start(&env.config()).expect("start datapath");
+    let gd = default_deny();
+    dp.set_global_deny(&gd).unwrap();
+    let base = vec![
+        rule(1, &["192.0.2.0/24"], &["80"], Protocol::Tcp),
+        Rule {
+            fqdns: vec!["api.example.com".parse().unwrap()],
+            ..rule(2, &[], &["443"], Protocol::Tcp)
+        },
+    ];
+    dp.set_identity(1, IdentityStatus::Active, Mode::Enforce)
+        .unwrap();
+    dp.set_rules(1, &base).unwrap();
+    let agent = env.cgroup("agent");
+    dp.bind(&agent, 1, None).unwrap();
+    let mut probe = Probe::spawn(&agent);
+    let host = |ip: &str, expires: Option<BootInstant>| Rule {
+        expires,
+        ..rule(2, &[ip], &["443"], Protocol::Tcp)
+    };
+    let check = |probe: &mut Probe, rules: &[Rule], table: &[(&str, &str)]| {
+        for (cmd, want) in table {
+            assert_eq!(&probe.cmd(cmd), want, "kernel verdict for `{cmd}`");
+            let (proto, dest, port) = flow_of(cmd);
+            let d = evaluate_flow(
+                Subject::Bound {
+                    view: Some(active(Mode::Enforce)),
+                    rules,
+                },
+                &gd,
+                UnknownFlows::Report,
+                dest,
+                port,
+                proto,
+                BootInstant::now(),
+            );
+            assert_eq!(
+                d.verdict == Verdict::Allow,
+                *want == ALLOWED,
+                "reference evaluator for `{cmd}`"
+            );
+        }
+    };
+    check(
+        &mut probe,
+        &base,
+        &[
+            ("connect tcp 192.0.2.5 443", DENIED),
+            ("connect tcp 192.0.2.5 80", ALLOWED),
+        ],
+    );
+
+    // The name resolved to 192.0.2.5 (inside the /24) and 198.51.100.9 (outside any rule).
+    let far = BootInstant(BootInstant::now().0 + 3_600_000_000_000);
+    let mut rules = base.clone();
+    rules.push(host("192.0.2.5/32", Some(far)));
+    rules.push(host("198.51.100.9/32", Some(far)));
+    let addrs: Vec<IpAddr> = vec![
+        "192.0.2.5".parse().unwrap(),
+        "198.51.100.9".parse().unwrap(),
+    ];
+    dp.update_hosts(1, &rules, &addrs).unwrap();
+    let learned = [
+        ("connect tcp 192.0.2.5 443", ALLOWED),
+        // The /24 rule's port is still there on the host entry.
+        ("connect tcp 192.0.2.5 80", ALLOWED),
+        ("connect tcp 192.0.2.6 443", DENIED),
+        ("connect tcp 198.51.100.9 443", ALLOWED),
+        ("connect tcp 198.51.100.9 80", DENIED),
+        ("connect udp 198.51.100.9 443", DENIED),
+    ];
+    check(&mut probe, &rules, &learned);
+
+    // A deadline in the past denies at once; dropping the host rules removes the entries.
+    let past = BootInstant(BootInstant::now().0 - 1);
+    let mut expired = base.clone();
+    expired.push(host("198.51.100.9/32", Some(past)));
+    dp.update_hosts(1, &expired, &addrs[1..]).unwrap();
+    assert_eq!(probe.cmd("connect tcp 198.51.100.9 443"), DENIED);
+    dp.update_hosts(1, &base, &addrs).unwrap();
+    check(
+        &mut probe,
+        &base,
+        &[
+            ("connect tcp 192.0.2.5 443", DENIED),
+            ("connect tcp 192.0.2.5 80", ALLOWED),
+            ("connect tcp 198.51.100.9 443", DENIED),
+        ],
+    );
+}

@@ -190,6 +190,8 @@ fn names_allow_exactly_the_addresses_the_agent_resolved() {
         a("big.example.com", "203.0.113.41"),
         a("big.example.com", "203.0.113.42"),
         a("mis.example.com", "203.0.113.60"),
+        a("meta.one.example.com", "169.254.169.254"),
+        a("local.one.example.com", "127.0.0.1"),
     ];
     for i in 50..58 {
         records.push(a("many.example.com", &format!("203.0.113.{i}")));
@@ -290,6 +292,32 @@ fn names_allow_exactly_the_addresses_the_agent_resolved() {
     );
     assert_eq!(connect(&mut p, "203.0.113.20", 443), "ok");
 
+    // DNS rebinding: an allowed name answering the metadata service or loopback opens
+    // neither (the first would be ENETUNREACH here if allowed, the second "ok").
+    assert_eq!(
+        resolve(&mut p, "meta.one.example.com", "udp", "A"),
+        "ok 169.254.169.254"
+    );
+    assert_eq!(connect(&mut p, "169.254.169.254", 443), "err EPERM");
+    assert_eq!(
+        resolve(&mut p, "local.one.example.com", "udp", "A"),
+        "ok 127.0.0.1"
+    );
+    assert_eq!(connect(&mut p, "127.0.0.1", 443), "err EPERM");
+    let refused: Vec<String> = lab
+        .audit()
+        .into_iter()
+        .filter(|r| r["kind"] == "dns" && r["event"] == "refused")
+        .map(|r| format!("{} {}", r["name"], r["why"]))
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            "\"meta.one.example.com\" \"on the global deny list\"",
+            "\"local.one.example.com\" \"loopback, link-local, multicast or unspecified address\""
+        ]
+    );
+
     // A CNAME chain: the asked name's rule covers the address at the end of the chain.
     assert_eq!(
         resolve(&mut p, "chain.example.com", "udp", "A"),
@@ -354,7 +382,7 @@ fn names_allow_exactly_the_addresses_the_agent_resolved() {
     assert_eq!(dropped("malformed_query"), 1.0);
     assert_eq!(dropped("oversized_query"), 1.0);
     assert_eq!(value(&m, "agentwall_dns_upstream_failures_total", &[]), 2.0);
-    assert_eq!(value(&m, "agentwall_dns_addresses_refused_total", &[]), 4.0);
+    assert_eq!(value(&m, "agentwall_dns_addresses_refused_total", &[]), 6.0);
     assert!(value(&m, "agentwall_dns_learned_addresses", &[]) >= 12.0);
     assert!(value(&m, "agentwall_dns_queries_total", &[("transport", "tcp")]) >= 2.0);
     let s = status_json(&node.socket);

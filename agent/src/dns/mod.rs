@@ -93,6 +93,41 @@ pub fn read_answer(query: &Message, response: &Message) -> Option<Answer> {
     Some(Answer { qname, addrs })
 }
 
+/// Why an answer's address is never learned, if it is not: DNS must not open what the global
+/// deny list closes, nor loopback, link-local, multicast or unspecified addresses (DNS
+/// rebinding onto the host or the cloud metadata service). A rule may still name such an
+/// address directly.
+pub fn unlearnable(ip: IpAddr, global_deny: &[IpNet]) -> Option<&'static str> {
+    let host = crate::policy::Net::host(ip);
+    if global_deny
+        .iter()
+        .any(|n| crate::policy::Net::from(*n).contains(&host))
+    {
+        return Some("on the global deny list");
+    }
+    let v4 = match ip {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+    };
+    let special = match (v4, ip) {
+        (Some(a), _) => {
+            a.is_loopback()
+                || a.is_link_local()
+                || a.is_multicast()
+                || a.is_unspecified()
+                || a.is_broadcast()
+        }
+        (None, IpAddr::V6(a)) => {
+            a.is_loopback()
+                || a.is_multicast()
+                || a.is_unspecified()
+                || (a.segments()[0] & 0xffc0) == 0xfe80
+        }
+        (None, IpAddr::V4(_)) => false,
+    };
+    special.then_some("loopback, link-local, multicast or unspecified address")
+}
+
 /// Limits on what one identity's DNS answers may add.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Caps {
@@ -242,12 +277,13 @@ impl Learned {
     /// `base` plus one host rule per learned address and rule that allows one of its names:
     /// same id, ports and protocol as the rule, expiring at the latest deadline of those names
     /// (or the rule's own expiry, if sooner).
-    pub fn host_rules(&self, identity: u32, base: &[Rule]) -> Vec<Rule> {
+    pub fn host_rules(&self, identity: u32, base: &[Rule], global_deny: &[IpNet]) -> Vec<Rule> {
         let Some(names) = self.identities.get(&identity) else {
             return base.to_vec();
         };
         Self::with_hosts(
             base,
+            global_deny,
             names
                 .iter()
                 .flat_map(|(n, a)| a.iter().map(move |(ip, d)| (n.as_str(), *ip, *d))),
@@ -256,7 +292,13 @@ impl Learned {
 
     /// Like [`Learned::host_rules`], with host rules for `addrs` only: enough to rewrite
     /// those addresses' entries, at a cost that does not grow with what else was learned.
-    pub fn host_rules_for(&self, identity: u32, base: &[Rule], addrs: &[IpAddr]) -> Vec<Rule> {
+    pub fn host_rules_for(
+        &self,
+        identity: u32,
+        base: &[Rule],
+        addrs: &[IpAddr],
+        global_deny: &[IpNet],
+    ) -> Vec<Rule> {
         let Some(names) = self.identities.get(&identity) else {
             return base.to_vec();
         };
@@ -268,16 +310,22 @@ impl Learned {
                 }
             }
         }
-        Self::with_hosts(base, found.into_iter())
+        Self::with_hosts(base, global_deny, found.into_iter())
     }
 
+    /// Addresses [`unlearnable`] refuses get no host rule, whatever the learned file says
+    /// (the deny list may have grown since).
     fn with_hosts<'a>(
         base: &[Rule],
+        global_deny: &[IpNet],
         learned: impl Iterator<Item = (&'a str, IpAddr, u64)>,
     ) -> Vec<Rule> {
         let mut out = base.to_vec();
         let mut best: BTreeMap<(IpAddr, usize), u64> = BTreeMap::new();
         for (name, ip, d) in learned {
+            if unlearnable(ip, global_deny).is_some() {
+                continue;
+            }
             for (i, r) in base.iter().enumerate() {
                 if r.fqdns.iter().any(|p| p.matches(name)) {
                     let e = best.entry((ip, i)).or_insert(0);
@@ -470,6 +518,27 @@ mod tests {
     }
 
     #[test]
+    fn dns_never_opens_denied_or_host_local_addresses() {
+        let deny: Vec<IpNet> = vec!["169.254.169.254/32".parse().unwrap()];
+        for bad in [
+            "169.254.169.254",
+            "127.0.0.1",
+            "127.77.0.1",
+            "::1",
+            "::ffff:127.0.0.1",
+            "fe80::1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+        ] {
+            assert!(unlearnable(bad.parse().unwrap(), &deny).is_some(), "{bad}");
+        }
+        for good in ["203.0.113.7", "10.1.2.3", "2001:db8::1"] {
+            assert_eq!(unlearnable(good.parse().unwrap(), &deny), None, "{good}");
+        }
+    }
+
+    #[test]
     fn learn_caps_refresh_and_expire() {
         let caps = Caps {
             names_per_identity: 2,
@@ -509,16 +578,19 @@ mod tests {
             protocol: Protocol::Tcp,
             expires: None,
         };
-        let rules = l.host_rules(1, std::slice::from_ref(&rule));
+        let rules = l.host_rules(1, std::slice::from_ref(&rule), &[]);
         assert_eq!(rules.len(), 4, "{rules:?}");
         assert!(
             rules[1..]
                 .iter()
                 .all(|r| r.id == 4 && r.to[0].prefix_len() == 32)
         );
-        assert!(l.host_rules(2, std::slice::from_ref(&rule)).len() == 1);
+        assert!(l.host_rules(2, std::slice::from_ref(&rule), &[]).len() == 1);
+        // A deny list that grew since: the address gets no host rule.
+        let deny: Vec<IpNet> = vec!["192.0.2.0/30".parse().unwrap()];
+        assert_eq!(l.host_rules(1, std::slice::from_ref(&rule), &deny).len(), 2);
 
-        let only = l.host_rules_for(1, std::slice::from_ref(&rule), &[ip("192.0.2.9")]);
+        let only = l.host_rules_for(1, std::slice::from_ref(&rule), &[ip("192.0.2.9")], &[]);
         assert_eq!(only.len(), 2);
         assert_eq!(only[1].to[0].to_string(), "192.0.2.9/32");
 
@@ -526,7 +598,7 @@ mod tests {
         assert_eq!(gone.get(&1), Some(&vec![ip("192.0.2.9")]));
         assert_eq!(l.len(), 2);
         assert!(
-            l.host_rules_for(1, std::slice::from_ref(&rule), &[ip("192.0.2.9")])
+            l.host_rules_for(1, std::slice::from_ref(&rule), &[ip("192.0.2.9")], &[])
                 .len()
                 == 1
         );

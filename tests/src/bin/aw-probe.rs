@@ -511,7 +511,8 @@ fn io_errno(e: &io::Error) -> String {
 fn resolve(name: &str, server: &str, mode: &str, ty: &str) -> Result<String, String> {
     let server = SocketAddr::new(server.parse().map_err(|e| format!("bad address: {e}"))?, 53);
     let (id, q) = dns_query(name, ty)?;
-    let timeout = Some(std::time::Duration::from_secs(3));
+    let wait = std::time::Duration::from_secs(3);
+    let timeout = Some(wait);
     let udp = |connected: bool| -> String {
         let bind = if server.is_ipv4() {
             "0.0.0.0:0"
@@ -548,7 +549,7 @@ fn resolve(name: &str, server: &str, mode: &str, ty: &str) -> Result<String, Str
     };
     let tcp = || -> String {
         use std::io::Read as _;
-        let mut s = match std::net::TcpStream::connect_timeout(&server, timeout.unwrap()) {
+        let mut s = match std::net::TcpStream::connect_timeout(&server, wait) {
             Ok(s) => s,
             Err(e) => return io_errno(&e),
         };
