@@ -70,6 +70,20 @@ pub const DNS_ORIGIN_ENTRIES: u32 = 65536;
 /// lookup can race with a socket being closed and reused.
 pub const DNS_PROXY_NET: [u8; 2] = [127, 77];
 pub const DNS_PORT: u16 = 53;
+/// `fd61:7761:6c6c::/96`: DNS to IPv6 resolvers goes to this prefix + n. The node routes the
+/// prefix to itself (a `local` route on `lo`) and binds with IPV6_FREEBIND.
+pub const DNS_PROXY_NET6: [u8; 12] = [0xfd, 0x61, 0x77, 0x61, 0x6c, 0x6c, 0, 0, 0, 0, 0, 0];
+pub const DNS_PROXY_NET6_LEN: u8 = 96;
+
+/// The IPv6 proxy address of an identity.
+pub const fn dns_proxy_addr6(identity: u32) -> [u8; 16] {
+    let n = identity.to_be_bytes();
+    let p = DNS_PROXY_NET6;
+    [
+        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11], n[0], n[1], n[2],
+        n[3],
+    ]
+}
 
 /// The proxy address of an identity, as its four octets.
 pub const fn dns_proxy_addr(identity: u32) -> [u8; 4] {
@@ -215,13 +229,14 @@ impl Default for RuleSet {
 }
 
 /// Value of `AW_DNS_ORIGIN` (key: socket cookie): where a steered socket meant to go, so
-/// replies and `getpeername` show the resolver it asked instead of the proxy. Addresses and
+/// replies and `getpeername` show the resolver it asked instead of the proxy. Addresses are
+/// 32-bit words in the hooks' `user_ip6` layout (IPv4 as `::ffff:a.b.c.d`); addresses and
 /// ports in network byte order, as the hooks see them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsOrigin {
-    pub resolver_ip4: u32,
-    pub proxy_ip4: u32,
+    pub resolver: [u32; 4],
+    pub proxy: [u32; 4],
     pub resolver_port: u16,
     pub proxy_port: u16,
     pub _pad: u32,
@@ -301,4 +316,4 @@ const _: () = assert!(core::mem::size_of::<RuleSet>() == 8 + 24 * MAX_PORT_ENTRI
 const _: () = assert!(core::mem::size_of::<Event>() == 88);
 const _: () = assert!(core::mem::size_of::<RateKey>() == 32);
 const _: () = assert!(core::mem::size_of::<RateState>() == 16);
-const _: () = assert!(core::mem::size_of::<DnsOrigin>() == 16);
+const _: () = assert!(core::mem::size_of::<DnsOrigin>() == 40);

@@ -16,7 +16,7 @@ use agent_common::{
     IdentityState, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES, MAX_PORT_ENTRIES, MODE_AUDIT,
     PROTO_TCP, PROTO_UDP, RATE_ENTRIES, REASON_EXPIRED, REASON_GLOBAL_DENY, REASON_NO_RULE,
     REASON_NONE, REASON_REVOKED, REASON_SOCKET_TYPE, REASON_UNBOUND, RateKey, RateState, RuleSet,
-    UNKNOWN_DENY, UNKNOWN_IGNORE, dns_proxy_addr,
+    UNKNOWN_DENY, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, bpf_sock_addr},
@@ -145,28 +145,61 @@ fn try_restore(ctx: &SockAddrContext, v6: bool) -> i32 {
                 (*sa).user_ip6[2],
                 (*sa).user_ip6[3],
             );
-            if w0 == 0 && w1 == 0 && w2 == MAPPED_WORD && w3 == o.proxy_ip4 {
-                (*sa).user_ip6[3] = o.resolver_ip4;
+            if [w0, w1, w2, w3] == o.proxy {
+                (*sa).user_ip6[0] = o.resolver[0];
+                (*sa).user_ip6[1] = o.resolver[1];
+                (*sa).user_ip6[2] = o.resolver[2];
+                (*sa).user_ip6[3] = o.resolver[3];
                 (*sa).user_port = u32::from(o.resolver_port);
             }
-        } else if (*sa).user_ip4 == o.proxy_ip4 {
-            (*sa).user_ip4 = o.resolver_ip4;
+        } else if o.proxy[0] == 0
+            && o.proxy[1] == 0
+            && o.proxy[2] == MAPPED_WORD
+            && (*sa).user_ip4 == o.proxy[3]
+        {
+            (*sa).user_ip4 = o.resolver[3];
             (*sa).user_port = u32::from(o.resolver_port);
         }
     }
     ALLOW
 }
 
+/// How a steered socket addresses its resolver.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// AF_INET: `user_ip4`.
+    V4,
+    /// AF_INET6 with an IPv4-mapped resolver: `user_ip6`, IPv4 proxy address mapped.
+    Mapped,
+    /// AF_INET6 with an IPv6 resolver: `user_ip6`, the IPv6 proxy address.
+    V6,
+}
+
 /// Points a DNS socket at the proxy address of `identity` and remembers where it meant to go.
-/// `ip4`/`port` are the context's values (network byte order); `mapped`: an AF_INET6 socket
-/// with an IPv4-mapped destination.
+/// `resolver` is the destination in `user_ip6` layout, `port` the context's (network byte
+/// order).
 #[inline(always)]
-fn steer(ctx: &SockAddrContext, identity: u32, ip4: u32, port: u32, mapped: bool) -> i32 {
+fn steer(ctx: &SockAddrContext, identity: u32, resolver: [u32; 4], port: u32, fam: Family) -> i32 {
     let dns_port = match config() {
         Some(c) => c.dns_port,
         None => 0,
     };
-    let proxy_ip4 = u32::from_ne_bytes(dns_proxy_addr(identity));
+    let proxy = if fam == Family::V6 {
+        let a = dns_proxy_addr6(identity);
+        [
+            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+        ]
+    } else {
+        [
+            0,
+            0,
+            MAPPED_WORD,
+            u32::from_ne_bytes(dns_proxy_addr(identity)),
+        ]
+    };
     let proxy_port = dns_port.to_be();
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: connect and sendmsg programs may write the destination; the cookie helper takes
@@ -178,18 +211,23 @@ fn steer(ctx: &SockAddrContext, identity: u32, ip4: u32, port: u32, mapped: bool
         let _ = AW_DNS_ORIGIN.insert(
             cookie,
             DnsOrigin {
-                resolver_ip4: ip4,
-                proxy_ip4,
+                resolver,
+                proxy,
                 resolver_port: port as u16,
                 proxy_port,
                 _pad: 0,
             },
             0,
         );
-        if mapped {
-            (*sa).user_ip6[3] = proxy_ip4;
-        } else {
-            (*sa).user_ip4 = proxy_ip4;
+        match fam {
+            Family::V4 => (*sa).user_ip4 = proxy[3],
+            Family::Mapped => (*sa).user_ip6[3] = proxy[3],
+            Family::V6 => {
+                (*sa).user_ip6[0] = proxy[0];
+                (*sa).user_ip6[1] = proxy[1];
+                (*sa).user_ip6[2] = proxy[2];
+                (*sa).user_ip6[3] = proxy[3];
+            }
         }
         (*sa).user_port = u32::from(proxy_port);
     }
@@ -223,7 +261,7 @@ fn try_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
     addr[15] = octets[3];
     let mut identity = 0;
     match judge_sock_addr(addr, port, protocol, ty, hook, &mut identity) {
-        STEER => steer(ctx, identity, ip, port, false),
+        STEER => steer(ctx, identity, [0, 0, MAPPED_WORD, ip], port, Family::V4),
         v => v,
     }
 }
@@ -258,7 +296,14 @@ fn try_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
     // trie, so it is judged as its IPv4 address without a special case.
     let mut identity = 0;
     match judge_sock_addr(addr, port, protocol, ty, hook, &mut identity) {
-        STEER => steer(ctx, identity, w3, port, true),
+        STEER => {
+            let fam = if w0 == 0 && w1 == 0 && w2 == MAPPED_WORD {
+                Family::Mapped
+            } else {
+                Family::V6
+            };
+            steer(ctx, identity, [w0, w1, w2, w3], port, fam)
+        }
         v => v,
     }
 }
@@ -396,9 +441,9 @@ fn judge(flow: &Flow, out_identity: &mut u32) -> i32 {
             return DENY;
         }
     }
-    // DNS to an IPv4 resolver (IPv4-mapped included) from an identity with name rules goes to
-    // its proxy, whatever the resolver: the proxy learns the addresses its rules allow.
-    if dns != 0 && flow.port == DNS_PORT && flow.proto != 0 && is_v4(&flow.addr) {
+    // DNS from an identity with name rules goes to its proxy, whatever the resolver: the
+    // proxy learns the addresses its rules allow.
+    if dns != 0 && flow.port == DNS_PORT && flow.proto != 0 {
         let dns_port = match config() {
             Some(c) => c.dns_port,
             None => 0,
@@ -419,13 +464,6 @@ fn judge(flow: &Flow, out_identity: &mut u32) -> i32 {
     };
     report(flow, leaf, identity, kind, reason, rule_id, now);
     if mode == MODE_AUDIT { ALLOW } else { DENY }
-}
-
-#[inline(always)]
-fn is_v4(a: &Addr) -> bool {
-    a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0
-        && a[10] == 0xff
-        && a[11] == 0xff
 }
 
 /// Longest-prefix match on the identity's trie, then the first port entry (most specific rule

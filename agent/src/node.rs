@@ -261,6 +261,12 @@ impl Node {
             Learned::default()
         });
         let mut dns_error = None;
+        if cfg.dns_port() != 0 {
+            if let Err(e) = crate::dns::route::ensure_local_route() {
+                warn!(error = %e, prefix = %crate::dns::route::proxy_net6(),
+                    "cannot route the IPv6 DNS proxy prefix; lookups through IPv6 resolvers fail (closed)");
+            }
+        }
         let upstreams = if cfg.dns_upstream.is_empty() {
             crate::dns::resolv_conf_upstreams(Path::new("/etc/resolv.conf")).unwrap_or_else(|e| {
                 error!(error = %e, "the DNS proxy has no upstream; every query gets SERVFAIL");

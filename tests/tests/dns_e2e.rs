@@ -17,12 +17,15 @@ use agentwall_tests::{
 
 const ID: &str = "spiffe://example.org/agent/dns";
 const RESOLVER: &str = "192.0.2.53";
+/// The same zone, also served over IPv6.
+const RESOLVER6: &str = "2001:db8::53";
 
 struct Lab {
     env: TestEnv,
     tmp: tempfile::TempDir,
     ns: NetNs,
-    dns: Option<DnsServer>,
+    /// On RESOLVER and RESOLVER6.
+    dns: Vec<DnsServer>,
     cert: PathBuf,
     key: PathBuf,
     flags: Vec<String>,
@@ -49,11 +52,18 @@ impl Lab {
         ns.ip(&["addr", "add", &format!("{RESOLVER}/32"), "dev", "lo"]);
         ns.ip(&["route", "add", "local", "203.0.113.0/24", "dev", "lo"]);
         ns.ip(&["-6", "route", "add", "local", "2001:db8::/64", "dev", "lo"]);
-        let dns = Some(DnsServer::start(
-            &ns,
-            &format!("{RESOLVER}:53"),
-            &dir.join("zone.json"),
-        ));
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{RESOLVER6}/128"),
+            "dev",
+            "lo",
+        ]);
+        let dns = vec![
+            DnsServer::start(&ns, &format!("{RESOLVER}:53"), &dir.join("zone.json")),
+            DnsServer::start(&ns, &format!("[{RESOLVER6}]:53"), &dir.join("zone.json")),
+        ];
         let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
         let mut all: Vec<String> = vec![
             "--dns-upstream".into(),
@@ -191,6 +201,8 @@ fn names_allow_exactly_the_addresses_the_agent_resolved() {
         a("big.example.com", "203.0.113.42"),
         a("mis.example.com", "203.0.113.60"),
         a("meta.one.example.com", "169.254.169.254"),
+        a("v6.one.example.com", "203.0.113.16"),
+        serde_json::json!({ "name": "v6.one.example.com", "type": "AAAA", "value": "2001:db8::16" }),
         a("local.one.example.com", "127.0.0.1"),
     ];
     for i in 50..58 {
@@ -291,6 +303,23 @@ fn names_allow_exactly_the_addresses_the_agent_resolved() {
         "ok 203.0.113.20"
     );
     assert_eq!(connect(&mut p, "203.0.113.20", 443), "ok");
+
+    // An IPv6 resolver is steered the same way, connected, unconnected and over TCP.
+    for (mode, ty, ip) in [
+        ("udp", "A", "203.0.113.16"),
+        ("udpu", "A", "203.0.113.16"),
+        ("tcp", "AAAA", "2001:db8::16"),
+    ] {
+        assert_eq!(
+            p.cmd(&format!(
+                "resolve v6.one.example.com {RESOLVER6} {mode} {ty}"
+            )),
+            format!("ok {ip}"),
+            "{mode} {ty}"
+        );
+    }
+    assert_eq!(connect(&mut p, "203.0.113.16", 443), "ok");
+    assert_eq!(connect(&mut p, "2001:db8::16", 443), "ok");
 
     // DNS rebinding: an allowed name answering the metadata service or loopback opens
     // neither (the first would be ENETUNREACH here if allowed, the second "ok").
@@ -467,7 +496,7 @@ egress:
     );
 
     // Upstream down: SERVFAIL, and what was learned stays until its deadline.
-    lab.dns = None;
+    lab.dns.clear();
     assert_eq!(
         resolve(&mut p, "api.example.com", "udp", "A"),
         "rcode ServFail"

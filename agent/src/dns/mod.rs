@@ -5,6 +5,7 @@
 //! This module owns what is learned; [`proxy`] owns the sockets.
 
 pub mod proxy;
+pub mod route;
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},

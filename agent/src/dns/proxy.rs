@@ -114,9 +114,82 @@ pub struct Proxy {
     listeners: Mutex<BTreeMap<u32, Listener>>,
 }
 
-/// The address identity `n`'s DNS is steered to.
+/// The address identity `n`'s DNS to IPv4 resolvers is steered to.
 pub fn proxy_addr(identity: u32, port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::from(agent_common::dns_proxy_addr(identity)), port))
+}
+
+/// The address identity `n`'s DNS to IPv6 resolvers is steered to.
+pub fn proxy_addr6(identity: u32, port: u16) -> SocketAddr {
+    SocketAddr::from((
+        std::net::Ipv6Addr::from(agent_common::dns_proxy_addr6(identity)),
+        port,
+    ))
+}
+
+/// A socket bound to `addr` with IPV6_FREEBIND: the address is routed here (a `local`
+/// route) but is on no interface.
+fn bind_freebind(addr: SocketAddr, stream: bool) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let SocketAddr::V6(a) = addr else {
+        return Err(io::Error::other("not an IPv6 address"));
+    };
+    let ty = if stream {
+        libc::SOCK_STREAM
+    } else {
+        libc::SOCK_DGRAM
+    };
+    // SAFETY: plain syscalls on a descriptor this function owns; the sockaddr is fully
+    // initialised.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_INET6,
+            ty | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        for (level, opt) in [
+            (libc::IPPROTO_IPV6, libc::IPV6_FREEBIND),
+            (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+        ] {
+            if libc::setsockopt(
+                fd.as_raw_fd(),
+                level,
+                opt,
+                (&raw const one).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        let sin6 = libc::sockaddr_in6 {
+            sin6_family: libc::AF_INET6 as libc::sa_family_t,
+            sin6_port: a.port().to_be(),
+            sin6_flowinfo: 0,
+            sin6_addr: libc::in6_addr {
+                s6_addr: a.ip().octets(),
+            },
+            sin6_scope_id: 0,
+        };
+        if libc::bind(
+            fd.as_raw_fd(),
+            (&raw const sin6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        if stream && libc::listen(fd.as_raw_fd(), 1024) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(fd)
+    }
 }
 
 impl Proxy {
@@ -172,11 +245,29 @@ impl Proxy {
         let tcp = TcpListener::from_std(tcp)?;
         debug!(identity, %addr, "DNS proxy listening");
         let s = self.shared.clone();
-        let udp_task = self.handle.spawn(serve_udp(udp, identity, s.clone()));
-        let tcp_task = self.handle.spawn(serve_tcp(tcp, identity, s));
-        Ok(Listener {
-            tasks: vec![udp_task, tcp_task],
-        })
+        let mut tasks = vec![
+            self.handle.spawn(serve_udp(udp, identity, s.clone())),
+            self.handle.spawn(serve_tcp(tcp, identity, s.clone())),
+        ];
+        // IPv6 resolvers: best effort (a host without IPv6 has no IPv6 DNS to steer; the
+        // agent's lookups there fail, closed).
+        let addr6 = proxy_addr6(identity, self.shared.cfg.port);
+        let v6 = (|| -> io::Result<(UdpSocket, TcpListener)> {
+            let u = std::net::UdpSocket::from(bind_freebind(addr6, false)?);
+            let t = std::net::TcpListener::from(bind_freebind(addr6, true)?);
+            Ok((UdpSocket::from_std(u)?, TcpListener::from_std(t)?))
+        })();
+        match v6 {
+            Ok((u, t)) => {
+                tasks.push(
+                    self.handle
+                        .spawn(serve_udp(Arc::new(u), identity, s.clone())),
+                );
+                tasks.push(self.handle.spawn(serve_tcp(t, identity, s)));
+            }
+            Err(e) => warn!(identity, addr = %addr6, error = %e, "DNS proxy not listening on IPv6"),
+        }
+        Ok(Listener { tasks })
     }
 }
 
