@@ -272,7 +272,7 @@ pub struct Event {
 
 /// Key of the `AW_RATE` LRU map: what makes two events "identical".
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RateKey {
     pub cgroup_id: u64,
     pub addr: Addr,
@@ -289,6 +289,10 @@ pub struct RateState {
     pub last_ns: u64,
     /// 64-bit because eBPF atomics on this target are 64-bit only.
     pub suppressed: u64,
+    /// When the first and the latest of the suppressed events happened (0: none yet). Plain
+    /// stores: approximate under concurrency, which timestamps of a run can afford.
+    pub first_ns: u64,
+    pub seen_ns: u64,
 }
 
 #[cfg(feature = "user")]
@@ -315,5 +319,5 @@ const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<RuleSet>() == 8 + 24 * MAX_PORT_ENTRIES);
 const _: () = assert!(core::mem::size_of::<Event>() == 88);
 const _: () = assert!(core::mem::size_of::<RateKey>() == 32);
-const _: () = assert!(core::mem::size_of::<RateState>() == 16);
+const _: () = assert!(core::mem::size_of::<RateState>() == 32);
 const _: () = assert!(core::mem::size_of::<DnsOrigin>() == 40);

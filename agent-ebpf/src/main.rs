@@ -554,6 +554,10 @@ fn report(flow: &Flow, leaf: u64, identity: u32, kind: u8, reason: u8, rule_id: 
         unsafe {
             if now.wrapping_sub((*st).last_ns) < window {
                 atomic_add(&raw mut (*st).suppressed, 1);
+                if (*st).first_ns == 0 {
+                    (*st).first_ns = now;
+                }
+                (*st).seen_ns = now;
                 return;
             }
             suppressed = core::ptr::read_volatile(&raw const (*st).suppressed);
@@ -596,6 +600,7 @@ fn report(flow: &Flow, leaf: u64, identity: u32, kind: u8, reason: u8, rule_id: 
     match state {
         Some(st) => unsafe {
             (*st).last_ns = now;
+            (*st).first_ns = 0;
             // Subtract what this record carried; increments that raced in stay counted.
             atomic_add(&raw mut (*st).suppressed, suppressed.wrapping_neg());
         },
@@ -605,6 +610,8 @@ fn report(flow: &Flow, leaf: u64, identity: u32, kind: u8, reason: u8, rule_id: 
                 RateState {
                     last_ns: now,
                     suppressed: 0,
+                    first_ns: 0,
+                    seen_ns: 0,
                 },
                 BPF_NOEXIST as u64,
             );

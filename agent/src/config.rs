@@ -65,6 +65,9 @@ pub struct NodeConfig {
     pub dns_max_addresses: Option<usize>,
     /// Milliseconds one upstream gets to answer before the next is tried (default 2000).
     pub dns_timeout_ms: Option<u64>,
+    /// Identical flows within this many seconds of the first are folded into one record
+    /// (default 10; 0 writes every kernel record as it comes).
+    pub aggregate_window_secs: Option<u64>,
 }
 
 /// `unknown_flows` as written in TOML.
@@ -141,7 +144,8 @@ impl NodeConfig {
             dns_min_ttl_secs,
             dns_max_names,
             dns_max_addresses,
-            dns_timeout_ms
+            dns_timeout_ms,
+            aggregate_window_secs
         );
         if !over.crl.is_empty() {
             self.crl = over.crl;
@@ -201,6 +205,10 @@ impl NodeConfig {
 
     pub fn dns_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.dns_timeout_ms.unwrap_or(2000))
+    }
+
+    pub fn aggregate_window(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.aggregate_window_secs.unwrap_or(10))
     }
 
     pub fn unknown_flows(&self) -> UnknownFlows {

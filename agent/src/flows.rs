@@ -42,8 +42,26 @@ pub struct FlowRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
     pub revision: String,
-    /// Identical records the kernel folded into this one.
-    pub suppressed: u32,
+    /// Flows this record stands for: identical flows are folded into one record, by the
+    /// kernel (within its rate window) and by the node (within `aggregate_window`).
+    pub count: u64,
+    /// With `count` > 1: when the first and the last of them happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+    /// The process's command line (arguments joined by spaces, at most 1 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// The systemd unit the process runs in, from its cgroup path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// The container id (64 hex digits) in its cgroup path, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// Serial number (hex) of the certificate the governing session presented.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
 }
 
 impl std::fmt::Display for FlowRecord {
@@ -72,8 +90,8 @@ impl std::fmt::Display for FlowRecord {
             // A recorded rule on a denial is one the global deny list overruled.
             write!(f, " [overrules rule {r}]")?;
         }
-        if self.suppressed > 0 {
-            write!(f, " (+{} identical)", self.suppressed)?;
+        if self.count > 1 {
+            write!(f, " (x{})", self.count)?;
         }
         Ok(())
     }
@@ -158,6 +176,89 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
         },
         rule: None,
         revision: revision.to_owned(),
-        suppressed: e.suppressed,
+        count: 1 + u64::from(e.suppressed),
+        first_seen: None,
+        last_seen: None,
+        cmdline: cmdline_of(e.pid),
+        unit: None,
+        container: None,
+        serial: None,
+    }
+}
+
+/// The process's command line, if it is still there to ask.
+pub fn cmdline_of(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut text: String = String::from_utf8_lossy(&raw)
+        .split('\0')
+        .filter(|a| !a.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if text.is_empty() {
+        return None;
+    }
+    if text.len() > 1024 {
+        let mut cut = 1024;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    Some(text)
+}
+
+/// The systemd unit and container id a cgroup path names, if any: the deepest
+/// `*.service`/`*.scope` component, and a 64-hex-digit id as docker, podman, containerd and
+/// CRI-O write it (`docker-ID.scope`, `/docker/ID`, `cri-containerd-ID.scope`, `libpod-ID`).
+pub fn unit_and_container(cgroup: &str) -> (Option<String>, Option<String>) {
+    let mut unit = None;
+    let mut container = None;
+    for part in cgroup.split('/') {
+        if part.ends_with(".service") || part.ends_with(".scope") {
+            unit = Some(part.to_owned());
+        }
+        let stem = part
+            .strip_suffix(".scope")
+            .unwrap_or(part)
+            .rsplit(['-', ':'])
+            .next()
+            .unwrap_or(part);
+        if stem.len() == 64 && stem.bytes().all(|b| b.is_ascii_hexdigit()) {
+            container = Some(stem.to_owned());
+        }
+    }
+    (unit, container)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_and_containers_from_cgroup_paths() {
+        let id = "a".repeat(64);
+        assert_eq!(
+            unit_and_container(&format!("/sys/fs/cgroup/system.slice/docker-{id}.scope")),
+            (Some(format!("docker-{id}.scope")), Some(id.clone()))
+        );
+        assert_eq!(
+            unit_and_container(&format!(
+                "/sys/fs/cgroup/kubepods/burstable/pod1/cri-containerd-{id}.scope"
+            ))
+            .1,
+            Some(id.clone())
+        );
+        assert_eq!(
+            unit_and_container(&format!("/sys/fs/cgroup/docker/{id}")),
+            (None, Some(id.clone()))
+        );
+        assert_eq!(
+            unit_and_container("/sys/fs/cgroup/system.slice/agent.service"),
+            (Some("agent.service".into()), None)
+        );
+        assert_eq!(
+            unit_and_container("/sys/fs/cgroup/user.slice"),
+            (None, None)
+        );
     }
 }

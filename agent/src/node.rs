@@ -148,7 +148,40 @@ struct State {
     observed: Observed,
     /// Why the DNS proxy cannot serve (some of) the identities with name rules.
     dns_error: Option<String>,
+    /// Runs of identical flows being folded (see `Node::record`).
+    aggregates: std::collections::HashMap<AggKey, Aggregate>,
+    /// The latest record of each kernel rate-limit key, to report counts the kernel still
+    /// held for it (identity number, record).
+    templates: std::collections::HashMap<agent_common::RateKey, (u32, flows::FlowRecord)>,
 }
+
+/// What makes two flows identical: identity, cgroup, destination, port, protocol, verdict,
+/// reason.
+type AggKey = (
+    u32,
+    u64,
+    Option<std::net::IpAddr>,
+    u16,
+    Option<String>,
+    String,
+    Option<String>,
+);
+
+/// Flows folded since a run's first record was written.
+struct Aggregate {
+    opened: std::time::Instant,
+    pending: u64,
+    pending_first: Option<String>,
+    last: String,
+    /// The latest of them, written with the totals.
+    template: flows::FlowRecord,
+}
+
+/// Open runs of identical flows kept at most; past that, every window closes early.
+const MAX_AGGREGATES: usize = 65536;
+/// A flow quiet for this long has its kernel-held count collected (twice the kernel's rate
+/// window, so the kernel is done with it).
+const KERNEL_IDLE: Duration = Duration::from_secs(2);
 
 impl State {
     /// Appends to the audit log, if there is one. A failure is logged and counted; it never
@@ -330,6 +363,8 @@ impl Node {
                 learned_dirty: false,
                 observed: Observed::new(65536),
                 dns_error,
+                aggregates: Default::default(),
+                templates: Default::default(),
             }),
         });
         node.apply(policy)?;
@@ -549,6 +584,11 @@ impl Node {
             }
         }
         self.expire_learned();
+        self.sweep_kernel_counts();
+        {
+            let mut st = self.state.lock().expect("node state");
+            Self::flush_aggregates(&mut st, Some(self.cfg.aggregate_window()));
+        }
         // A schedule window opened or closed: the same revision, applied as of now.
         let due = {
             let st = self.state.lock().expect("node state");
@@ -1088,17 +1128,12 @@ impl Node {
         let _ = write.shutdown().await;
     }
 
-    /// Enriches a kernel record: identity name, cgroup path, rule, revision.
-    fn record(&self, e: &EventRecord) {
-        let mut st = self.state.lock().expect("node state");
+    /// Enriches a kernel record: identity name and certificate serial, process, cgroup path,
+    /// systemd unit or container, name asked for, rule, revision.
+    fn enrich(&self, st: &State, e: &EventRecord) -> flows::FlowRecord {
         let mut r = flows::base(e, &st.policy.revision);
         if e.identity != 0 {
-            r.identity = st
-                .numbers
-                .numbers
-                .iter()
-                .find(|&(_, &n)| n == e.identity)
-                .map(|(id, _)| id.clone());
+            r.identity = Some(self.name_of(st, e.identity)).filter(|n| !n.is_empty());
         }
         if let Some(dest) = r.dest {
             r.fqdn = st.observed.get(e.identity, dest).map(str::to_owned);
@@ -1118,6 +1153,16 @@ impl Node {
                         .to_string(),
                 )
             });
+        if let Some(cg) = &r.cgroup {
+            (r.unit, r.container) = flows::unit_and_container(cg);
+            // The session whose cgroup governs this one: the deepest that contains it.
+            r.serial = st
+                .sessions
+                .iter()
+                .filter(|s| Path::new(cg).starts_with(&s.cgroup))
+                .max_by_key(|s| s.cgroup.components().count())
+                .map(|s| s.serial.clone());
+        }
         if e.rule_id > 0 {
             if let Some(agent) = r.identity.as_deref().and_then(|id| st.policy.agent(id)) {
                 r.rule = st
@@ -1127,13 +1172,140 @@ impl Node {
                     .map(|x| x.source.place());
             }
         }
-        tracing::debug!(record = %r, "decision");
-        st.audit("decision", serde_json::to_value(&r).unwrap_or_default());
+        r
+    }
+
+    /// Records a kernel event. The first of a run of identical flows is written at once; the
+    /// rest are counted and written as one record (count, first and last seen) when the
+    /// `aggregate_window` that the first opened closes, so a connect storm yields a bounded
+    /// number of records and loses no count.
+    fn record(&self, e: &EventRecord) {
+        let mut st = self.state.lock().expect("node state");
+        let r = self.enrich(&st, e);
+        if st.templates.len() >= MAX_AGGREGATES {
+            st.templates.clear();
+        }
+        st.templates.insert(e.rate_key, (e.identity, r.clone()));
+        self.fold(&mut st, e.identity, r);
+    }
+
+    /// Counts held in the kernel for flows that went quiet are taken and recorded like any
+    /// other (the kernel would only report them with the next identical flow).
+    fn sweep_kernel_counts(&self) {
+        let mut st = self.state.lock().expect("node state");
+        let drained = match st.datapath.drain_idle_counts(KERNEL_IDLE) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "could not collect the kernel's folded counts");
+                return;
+            }
+        };
+        for (k, n, first, seen) in drained {
+            let (identity, mut r) = match st.templates.get(&k) {
+                Some(t) => t.clone(),
+                None => {
+                    // From before this node started: what the key alone says.
+                    let raw = agent_common::Event {
+                        ts_ns: seen.0,
+                        cgroup_id: k.cgroup_id,
+                        addr: k.addr,
+                        port: k.port,
+                        kind: k.kind,
+                        reason: k.reason,
+                        proto: k.proto,
+                        hook: agent_common::HOOK_CONNECT4,
+                        ..Default::default()
+                    };
+                    match EventRecord::from_raw(&raw) {
+                        Ok(e) => (0, self.enrich(&st, &e)),
+                        Err(_) => continue,
+                    }
+                }
+            };
+            r.count = n;
+            r.first_seen = Some(flows::rfc3339(flows::wall_time(if first.0 == 0 {
+                seen
+            } else {
+                first
+            })));
+            r.last_seen = Some(flows::rfc3339(flows::wall_time(seen)));
+            r.time = r.last_seen.clone().unwrap_or(r.time);
+            self.fold(&mut st, identity, r);
+        }
+    }
+
+    /// Counts a record and writes it, or folds it into its open run.
+    fn fold(&self, st: &mut State, identity: u32, r: flows::FlowRecord) {
         *st.counters
             .decisions
             .entry((r.identity.clone().unwrap_or_default(), r.verdict.clone()))
-            .or_default() += 1 + u64::from(r.suppressed);
+            .or_default() += r.count;
+        if self.cfg.aggregate_window().is_zero() {
+            Self::emit(st, r);
+            return;
+        }
+        let key: AggKey = (
+            identity,
+            r.cgroup_id,
+            r.dest,
+            r.port,
+            r.protocol.clone(),
+            r.verdict.clone(),
+            r.reason.clone(),
+        );
+        if let Some(a) = st.aggregates.get_mut(&key) {
+            a.pending += r.count;
+            a.pending_first
+                .get_or_insert_with(|| r.first_seen.clone().unwrap_or_else(|| r.time.clone()));
+            a.last = r.last_seen.clone().unwrap_or_else(|| r.time.clone());
+            a.template = r;
+            return;
+        }
+        if st.aggregates.len() >= MAX_AGGREGATES {
+            // Bounded memory: close every window early rather than lose counts.
+            Self::flush_aggregates(st, None);
+        }
+        st.aggregates.insert(
+            key,
+            Aggregate {
+                opened: std::time::Instant::now(),
+                pending: 0,
+                pending_first: None,
+                last: r.time.clone(),
+                template: r.clone(),
+            },
+        );
+        Self::emit(st, r);
+    }
+
+    fn emit(st: &mut State, r: flows::FlowRecord) {
+        tracing::debug!(record = %r, "decision");
+        st.audit("decision", serde_json::to_value(&r).unwrap_or_default());
         st.recent.push(r);
+    }
+
+    /// Writes the folded flows of windows open longer than `window` (all, with `None`).
+    fn flush_aggregates(st: &mut State, window: Option<Duration>) {
+        let due: Vec<AggKey> = st
+            .aggregates
+            .iter()
+            .filter(|(_, a)| window.is_none_or(|w| a.opened.elapsed() >= w))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in due {
+            let Some(a) = st.aggregates.remove(&k) else {
+                continue;
+            };
+            if a.pending == 0 {
+                continue;
+            }
+            let mut r = a.template;
+            r.count = a.pending;
+            r.first_seen = a.pending_first.or(r.first_seen);
+            r.last_seen = Some(a.last);
+            r.time = r.last_seen.clone().unwrap_or(r.time);
+            Self::emit(st, r);
+        }
     }
 
     /// Reads the kernel's decision records as they arrive.
@@ -1269,6 +1441,8 @@ impl Node {
             }
         }
         let _ = std::fs::remove_file(&socket);
+        self.sweep_kernel_counts();
+        Self::flush_aggregates(&mut self.state.lock().expect("node state"), None);
         info!("node stopped; enforcement stays pinned (agentwall down removes it)");
         Ok(())
     }

@@ -934,3 +934,62 @@ fn metrics_count_what_happened() {
     assert_eq!(value(&s, "agentwall_events_dropped_total", &[]), 0.0);
     assert!(value(&s, "agentwall_policy_apply_seconds", &[]) > 0.0);
 }
+
+#[test]
+fn a_storm_of_identical_denials_yields_bounded_records_with_every_count() {
+    let (env, tmp, ca) = setup("storm", POLICY);
+    let dir = tmp.path();
+    let audit = dir.join("audit.jsonl");
+    let node = NodeProc::start_with(
+        &env,
+        dir,
+        &[
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--aggregate-window-secs",
+            "1",
+        ],
+    );
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(
+        probe.cmd("connect-loop tcp 192.0.2.10 80 2000"),
+        "eperm=2000 other=0"
+    );
+    let records = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["kind"] == "decision" && r["dest"] == "192.0.2.10" && r["port"] == 80)
+            .collect()
+    };
+    // The first denial is written at once; the rest are folded (by the kernel's rate limit,
+    // whose count the node collects once the flow goes quiet) into one more record.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        let got = records();
+        let total: u64 = got.iter().map(|r| r["count"].as_u64().unwrap()).sum();
+        if total >= 2000 {
+            break got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "counts add up to {total} of 2000: {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let counts: Vec<u64> = got.iter().map(|r| r["count"].as_u64().unwrap()).collect();
+    assert_eq!(counts, [1, 1999], "{got:?}");
+    let folded = &got[1];
+    assert!(folded["first_seen"].as_str().unwrap() <= folded["last_seen"].as_str().unwrap());
+    // Enriched: identity, certificate serial, process and its command line.
+    let serial = status_json(&node.socket)["identities"][0]["sessions"][0]["serial"].clone();
+    assert!(serial.as_str().is_some_and(|s| !s.is_empty()), "{serial}");
+    for r in &got {
+        assert_eq!(r["identity"], ID);
+        assert_eq!(r["serial"], serial);
+        assert_eq!(r["pid"], probe.pid);
+        assert!(r["cmdline"].as_str().unwrap().contains("aw-probe"), "{r}");
+    }
+}

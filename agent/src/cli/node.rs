@@ -55,6 +55,9 @@ pub struct Args {
     dns_max_addresses: Option<usize>,
     #[arg(long)]
     dns_timeout_ms: Option<u64>,
+    /// Fold identical flows within this many seconds into one record (0 = off).
+    #[arg(long)]
+    aggregate_window_secs: Option<u64>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -90,6 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         dns_max_names: args.dns_max_names,
         dns_max_addresses: args.dns_max_addresses,
         dns_timeout_ms: args.dns_timeout_ms,
+        aggregate_window_secs: args.aggregate_window_secs,
     };
     let cfg = file.overlay(flags);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -103,6 +103,9 @@ pub struct EventRecord {
     pub suppressed: u32,
     pub sock_type: u16,
     pub sock_protocol: u16,
+    /// The kernel's rate-limit key of this record: counts the kernel still holds for it
+    /// (see `Datapath::drain_idle_counts`) belong to the same flow.
+    pub rate_key: c::RateKey,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +156,23 @@ impl EventRecord {
             suppressed: e.suppressed,
             sock_type: e.sock_type,
             sock_protocol: e.sock_protocol,
+            rate_key: c::RateKey {
+                cgroup_id: e.cgroup_id,
+                addr: e.addr,
+                port: if e.hook == c::HOOK_SOCK_CREATE {
+                    e.sock_type
+                } else {
+                    e.port
+                },
+                kind: e.kind,
+                proto: if e.hook == c::HOOK_SOCK_CREATE {
+                    e.sock_protocol as u8
+                } else {
+                    e.proto
+                },
+                reason: e.reason,
+                _pad: [0; 3],
+            },
         })
     }
 }

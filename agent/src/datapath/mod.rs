@@ -195,6 +195,7 @@ pub struct Datapath {
     rules: MapData,
     config: Array<MapData, Config>,
     drops: PerCpuArray<MapData, u64>,
+    rate: HashMap<MapData, c::RateKey, c::RateState>,
     events: Option<RingBuf<MapData>>,
     report: StartReport,
     /// What each identity's trie was compiled from, so a new global deny list can be compiled
@@ -263,6 +264,8 @@ impl Datapath {
             .map_err(map_err(c::MAP_EVENT_DROPS))?;
         let events =
             RingBuf::try_from(take(&mut ebpf, c::MAP_EVENTS)?).map_err(map_err(c::MAP_EVENTS))?;
+        let rate =
+            HashMap::try_from(take(&mut ebpf, c::MAP_RATE)?).map_err(map_err(c::MAP_RATE))?;
 
         let mut dp = Self {
             pin_dir: dir,
@@ -272,6 +275,7 @@ impl Datapath {
             rules,
             config,
             drops,
+            rate,
             events: Some(events),
             report,
             applied: Default::default(),
@@ -659,6 +663,56 @@ impl Datapath {
     pub fn dropped_events(&self) -> Result<u64, DatapathError> {
         let per_cpu = self.drops.get(&0, 0).map_err(map_err(c::MAP_EVENT_DROPS))?;
         Ok(per_cpu.iter().sum())
+    }
+
+    /// Takes the counts the kernel's rate limit holds for flows that went quiet at least
+    /// `idle` ago. Those counts ride on the next identical record, which may never come; taken
+    /// here (atomically, with lookup-and-delete), they are reported instead of lost.
+    /// Returns (key, count, first and last suppressed event).
+    pub fn drain_idle_counts(
+        &mut self,
+        idle: Duration,
+    ) -> Result<Vec<(c::RateKey, u64, BootInstant, BootInstant)>, DatapathError> {
+        let now = BootInstant::now().0;
+        let idle = u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX);
+        let mut due = Vec::new();
+        for entry in self.rate.iter() {
+            let Ok((k, v)) = entry else { continue };
+            let last = v.last_ns.max(v.seen_ns);
+            if v.suppressed > 0 && now.saturating_sub(last) >= idle {
+                due.push(k);
+            }
+        }
+        let mut out = Vec::new();
+        for k in due {
+            let mut v = c::RateState::default();
+            // SAFETY: both are plain old data; the byte views cover exactly the map's key and
+            // value sizes.
+            let (kb, vb) = unsafe {
+                (
+                    std::slice::from_raw_parts(
+                        (&raw const k).cast::<u8>(),
+                        size_of::<c::RateKey>(),
+                    ),
+                    std::slice::from_raw_parts_mut(
+                        (&raw mut v).cast::<u8>(),
+                        size_of::<c::RateState>(),
+                    ),
+                )
+            };
+            let fd = aya::maps::IterableMap::map(&self.rate).fd().as_fd();
+            if sys::map_lookup_and_delete(fd, kb, vb).map_err(io_err(Path::new(c::MAP_RATE)))?
+                && v.suppressed > 0
+            {
+                out.push((
+                    k,
+                    v.suppressed,
+                    BootInstant(v.first_ns),
+                    BootInstant(v.seen_ns),
+                ));
+            }
+        }
+        Ok(out)
     }
 
     /// The reader of decision records; there is one, and this hands it out once.

@@ -10,6 +10,51 @@ use std::{
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// The element-operation member of union bpf_attr.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Removes `key` and returns its value in one step, so a concurrent writer cannot slip an
+/// update between the read and the delete. `Ok(false)`: no such key.
+pub fn map_lookup_and_delete(
+    map: std::os::fd::BorrowedFd<'_>,
+    key: &[u8],
+    value: &mut [u8],
+) -> io::Result<bool> {
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key.as_ptr() as u64,
+        value: value.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: attr points at key and value buffers the size the map was made with; they
+    // outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &mut attr as *mut ElemAttr,
+            std::mem::size_of::<ElemAttr>() as u32,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) {
+        return Ok(false);
+    }
+    Err(e)
+}
 
 /// Attach types the datapath uses (enum bpf_attach_type).
 pub const ATTACH_INET_SOCK_CREATE: u32 = 2;
