@@ -119,6 +119,8 @@ pub const EVENT_DENY: u8 = 1;
 pub const EVENT_AUDIT: u8 = 2;
 pub const EVENT_UNKNOWN_FLOW: u8 = 3;
 pub const EVENT_SOCK_DENY: u8 = 4;
+/// Allowed by a rule (`Config::record_allowed`); carries the rule.
+pub const EVENT_ALLOW: u8 = 5;
 
 /// [`Event::reason`]: why a flow was (or would have been) denied.
 pub const REASON_NONE: u8 = 0;
@@ -173,7 +175,9 @@ pub struct Config {
     /// Bit n set: some cgroup at level n is bound. The ancestor walk skips the other levels.
     pub bound_levels: u32,
     pub unknown_flows: u8,
-    pub _pad: u8,
+    /// Non-zero: flows a rule allows are reported too (rate-limited like every record), the
+    /// raw material of unused-rule reports and policy simulation.
+    pub record_allowed: u8,
     /// Port the DNS proxy listens on at every identity's proxy address; 0 = no proxy, and
     /// nothing is steered.
     pub dns_port: u16,

@@ -11,12 +11,13 @@
 
 use agent_common::{
     Addr, Binding, Config, DEFAULT_RATE_WINDOW_NS, DNS_ORIGIN_ENTRIES, DNS_PORT, DnsOrigin,
-    EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY, EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES, Event,
-    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SOCK_CREATE, IDENTITY_ACTIVE,
-    IdentityState, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES, MAX_PORT_ENTRIES, MODE_AUDIT,
-    PROTO_TCP, PROTO_UDP, RATE_ENTRIES, REASON_EXPIRED, REASON_GLOBAL_DENY, REASON_NO_RULE,
-    REASON_NONE, REASON_REVOKED, REASON_SOCKET_TYPE, REASON_UNBOUND, RateKey, RateState, RuleSet,
-    UNKNOWN_DENY, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6,
+    EVENT_ALLOW, EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY, EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES,
+    Event, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SOCK_CREATE,
+    IDENTITY_ACTIVE, IdentityState, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES,
+    MAX_PORT_ENTRIES, MODE_AUDIT, PROTO_TCP, PROTO_UDP, RATE_ENTRIES, REASON_EXPIRED,
+    REASON_GLOBAL_DENY, REASON_NO_RULE, REASON_NONE, REASON_REVOKED, REASON_SOCKET_TYPE,
+    REASON_UNBOUND, RateKey, RateState, RuleSet, UNKNOWN_DENY, UNKNOWN_IGNORE, dns_proxy_addr,
+    dns_proxy_addr6,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, bpf_sock_addr},
@@ -455,6 +456,13 @@ fn judge(flow: &Flow, out_identity: &mut u32) -> i32 {
     }
     let (reason, rule_id) = check_rules(identity, flow, &mut now);
     if reason == REASON_NONE {
+        let record = match config() {
+            Some(c) => c.record_allowed,
+            None => 0,
+        };
+        if record != 0 {
+            report(flow, leaf, identity, EVENT_ALLOW, REASON_NONE, rule_id, now);
+        }
         return ALLOW;
     }
     let kind = if mode == MODE_AUDIT {

@@ -68,6 +68,9 @@ pub struct NodeConfig {
     /// Identical flows within this many seconds of the first are folded into one record
     /// (default 10; 0 writes every kernel record as it comes).
     pub aggregate_window_secs: Option<u64>,
+    /// Record flows rules allow, too (default true): what `report unused` and `policy
+    /// simulate` read.
+    pub record_allowed: Option<bool>,
 }
 
 /// `unknown_flows` as written in TOML.
@@ -145,7 +148,8 @@ impl NodeConfig {
             dns_max_names,
             dns_max_addresses,
             dns_timeout_ms,
-            aggregate_window_secs
+            aggregate_window_secs,
+            record_allowed
         );
         if !over.crl.is_empty() {
             self.crl = over.crl;

@@ -15,7 +15,7 @@ pub struct FlowRecord {
     pub seq: u64,
     /// RFC 3339, UTC.
     pub time: String,
-    /// deny | audit | unknown | socket-deny
+    /// deny | audit | unknown | socket-deny | allow
     pub verdict: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -41,6 +41,9 @@ pub struct FlowRecord {
     /// The rule involved (overruled by the global deny list, say), as file:line egress[i].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// That rule's number among the identity's effective rules (from 1), in `revision`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule_id: Option<u32>,
     pub revision: String,
     /// Flows this record stands for: identical flows are folded into one record, by the
     /// kernel (within its rate window) and by the node (within `aggregate_window`).
@@ -86,9 +89,11 @@ impl std::fmt::Display for FlowRecord {
         if let Some(r) = &self.reason {
             write!(f, ": {r}")?;
         }
-        if let Some(r) = &self.rule {
+        match (&self.rule, self.verdict.as_str()) {
+            (Some(r), "allow") => write!(f, " [rule {r}]")?,
             // A recorded rule on a denial is one the global deny list overruled.
-            write!(f, " [overrules rule {r}]")?;
+            (Some(r), _) => write!(f, " [overrules rule {r}]")?,
+            (None, _) => {}
         }
         if self.count > 1 {
             write!(f, " (x{})", self.count)?;
@@ -175,6 +180,7 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
             ))
         },
         rule: None,
+        rule_id: (e.rule_id > 0).then_some(e.rule_id),
         revision: revision.to_owned(),
         count: 1 + u64::from(e.suppressed),
         first_seen: None,

@@ -15,4 +15,5 @@ pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod policy;
+pub mod review;
 pub mod sockets;

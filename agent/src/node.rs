@@ -278,6 +278,7 @@ impl Node {
         };
         let mut dp_cfg = DatapathConfig::new(&attach, cfg.bpffs_dir());
         dp_cfg.unknown_flows = cfg.unknown_flows();
+        dp_cfg.record_allowed = cfg.record_allowed.unwrap_or(true);
         let caps = cfg.dns_caps();
         dp_cfg.host_headroom = u32::try_from(
             caps.names_per_identity

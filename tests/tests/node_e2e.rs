@@ -992,4 +992,50 @@ fn a_storm_of_identical_denials_yields_bounded_records_with_every_count() {
         assert_eq!(r["pid"], probe.pid);
         assert!(r["cmdline"].as_str().unwrap().contains("aw-probe"), "{r}");
     }
+
+    // Allowed flows are recorded with their rule, which is what `report unused` counts.
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    let allow = wait_flow(&node.socket, "allow", 443);
+    assert_eq!(allow["rule_id"], 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let report = loop {
+        let (code, out, err) = agentwall_out(&[
+            "report",
+            "unused",
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--policy",
+            dir.join("policy").to_str().unwrap(),
+            "--output",
+            "json",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if v["hits"].as_u64() > Some(0) {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no allowed flow in the audit log"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let unused: Vec<(String, u64)> = report["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["identity"].as_str().unwrap().to_owned(),
+                r["rule_id"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        unused,
+        [
+            (ID.to_owned(), 2),
+            ("spiffe://example.org/agent/auditor".to_owned(), 1)
+        ]
+    );
 }

@@ -14,7 +14,7 @@ pub struct Args {
     #[arg(long)]
     follow: bool,
     /// Only records of this verdict.
-    #[arg(long, value_parser = ["deny", "audit", "unknown", "socket-deny"])]
+    #[arg(long, value_parser = ["deny", "audit", "unknown", "socket-deny", "allow"])]
     verdict: Option<String>,
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     output: String,

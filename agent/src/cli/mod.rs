@@ -10,6 +10,7 @@ mod launch;
 mod node;
 mod policy;
 mod renew;
+mod report;
 mod revoke;
 mod status;
 
@@ -45,9 +46,12 @@ enum Command {
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(audit::Command),
-    /// Policy as code: check and test policy directories.
+    /// Policy as code: check, test, simulate and suggest policy.
     #[command(subcommand)]
     Policy(policy::Command),
+    /// Reports over recorded flows.
+    #[command(subcommand)]
+    Report(report::Command),
 }
 
 pub fn main() -> ExitCode {
@@ -70,6 +74,7 @@ pub fn main() -> ExitCode {
         Command::Flows(args) => flows::run(args),
         Command::Policy(cmd) => return policy::run(cmd),
         Command::Audit(cmd) => return audit::run(cmd),
+        Command::Report(cmd) => return report::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

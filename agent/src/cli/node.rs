@@ -58,6 +58,9 @@ pub struct Args {
     /// Fold identical flows within this many seconds into one record (0 = off).
     #[arg(long)]
     aggregate_window_secs: Option<u64>,
+    /// Record flows rules allow too (true|false; default true).
+    #[arg(long)]
+    record_allowed: Option<bool>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -94,6 +97,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         dns_max_addresses: args.dns_max_addresses,
         dns_timeout_ms: args.dns_timeout_ms,
         aggregate_window_secs: args.aggregate_window_secs,
+        record_allowed: args.record_allowed,
     };
     let cfg = file.overlay(flags);
     let rt = tokio::runtime::Builder::new_multi_thread()

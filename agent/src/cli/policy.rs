@@ -27,6 +27,37 @@ pub enum Command {
         /// YAML list of scenarios.
         scenarios: PathBuf,
     },
+    /// Replay recorded flows against a candidate policy: what would newly be denied or
+    /// allowed, per identity. Exits 1 when anything would newly be denied.
+    Simulate {
+        /// The candidate policy directory.
+        #[arg(long)]
+        policy: PathBuf,
+        /// Flows to replay: audit log lines or `agentwall flows --output json` lines.
+        #[arg(long, conflicts_with = "since")]
+        flows: Option<PathBuf>,
+        /// Replay the audit log's flows from this long ago on (90s, 30m, 24h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Default: `audit_log` from the node's config.
+        #[arg(long)]
+        audit_log: Option<PathBuf>,
+        /// Exit 0 even when flows would newly be denied.
+        #[arg(long)]
+        allow_new_denials: bool,
+        #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+        output: String,
+    },
+    /// The smallest AgentPolicy covering an identity's recorded flows (for audit-then-enforce
+    /// rollouts), as YAML.
+    Suggest {
+        #[arg(long)]
+        identity: String,
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        audit_log: Option<PathBuf>,
+    },
 }
 
 /// Exit codes: 0 good, 1 policy errors or failed scenarios, 2 unreadable input (from clap).
@@ -84,6 +115,75 @@ pub fn run(cmd: Command) -> ExitCode {
                 }
             }
         }
+        Command::Simulate {
+            policy,
+            flows,
+            since,
+            audit_log,
+            allow_new_denials,
+            output,
+        } => {
+            let set = match load_dir(&policy) {
+                Ok(set) => set,
+                Err(errors) => {
+                    for e in &errors.0 {
+                        eprintln!("{e}");
+                    }
+                    eprintln!(
+                        "{}: invalid policy; nothing was simulated",
+                        policy.display()
+                    );
+                    return ExitCode::FAILURE;
+                }
+            };
+            let recorded = match super::report::flows(flows, audit_log, since.as_deref()) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("agentwall policy simulate: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let sim = agentwall::review::simulate(&set, &recorded);
+            if output == "json" {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&sim).expect("serializable")
+                );
+            } else {
+                for c in &sim.newly_denied {
+                    println!("newly denied: {c}");
+                }
+                for c in &sim.newly_allowed {
+                    println!("newly allowed: {c}");
+                }
+                println!(
+                    "{} flow(s) replayed against revision {}: {} newly denied, {} newly allowed",
+                    sim.replayed,
+                    set.revision,
+                    sim.newly_denied.len(),
+                    sim.newly_allowed.len()
+                );
+            }
+            if sim.newly_denied.is_empty() || allow_new_denials {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Command::Suggest {
+            identity,
+            since,
+            audit_log,
+        } => match super::report::flows(None, audit_log, since.as_deref()) {
+            Ok(f) => {
+                print!("{}", agentwall::review::suggest(&identity, &f));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("agentwall policy suggest: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Test { policy, scenarios } => {
             let set = match load_dir(&policy) {
                 Ok(set) => set,

@@ -25,6 +25,8 @@ pub enum EventKind {
     UnknownFlow,
     /// A governed identity tried to open a socket other than TCP or UDP.
     SocketDeny,
+    /// Allowed by a rule (recorded when `record_allowed` is on).
+    Allow,
 }
 
 impl EventKind {
@@ -34,6 +36,7 @@ impl EventKind {
             c::EVENT_AUDIT => Self::Audit,
             c::EVENT_UNKNOWN_FLOW => Self::UnknownFlow,
             c::EVENT_SOCK_DENY => Self::SocketDeny,
+            c::EVENT_ALLOW => Self::Allow,
             _ => return None,
         })
     }
@@ -44,6 +47,7 @@ impl EventKind {
             Self::Audit => c::EVENT_AUDIT,
             Self::UnknownFlow => c::EVENT_UNKNOWN_FLOW,
             Self::SocketDeny => c::EVENT_SOCK_DENY,
+            Self::Allow => c::EVENT_ALLOW,
         }
     }
 
@@ -53,6 +57,7 @@ impl EventKind {
             Self::Audit => "audit",
             Self::UnknownFlow => "unknown",
             Self::SocketDeny => "socket-deny",
+            Self::Allow => "allow",
         }
     }
 }

@@ -133,6 +133,8 @@ pub struct DatapathConfig {
     /// Entries every identity's trie can take beyond its compiled rules: the host entries
     /// learned from DNS answers. LPM tries allocate per entry, so room costs nothing unused.
     pub host_headroom: u32,
+    /// Report flows a rule allows as well (rate-limited like every record).
+    pub record_allowed: bool,
 }
 
 impl DatapathConfig {
@@ -143,6 +145,7 @@ impl DatapathConfig {
             unknown_flows: UnknownFlows::default(),
             rate_window: Duration::from_secs(1),
             host_headroom: 4096,
+            record_allowed: false,
         }
     }
 }
@@ -293,6 +296,7 @@ impl Datapath {
         let mut conf = dp.read_config()?;
         conf.bound_levels |= levels;
         conf.unknown_flows = cfg.unknown_flows.code();
+        conf.record_allowed = u8::from(cfg.record_allowed);
         conf.rate_window_ns = u64::try_from(cfg.rate_window.as_nanos()).unwrap_or(u64::MAX);
         dp.write_config(conf)?;
         Ok(dp)

@@ -1,0 +1,441 @@
+//! Reviews over recorded flows (the audit log's decision records): what a candidate policy
+//! would change (`policy simulate`), which rules no flow used (`report unused`), and the
+//! smallest rule set that covers what an identity did (`policy suggest`).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    io::{self, BufRead as _},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::{
+    clock::BootInstant,
+    policy::{
+        IdentityStatus, IdentityView, Mode, PortRange, Protocol, Rule, Subject, UnknownFlows,
+        Verdict, evaluate_flow, source::PolicySet,
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}:{line}: not a JSON record: {source}")]
+    Json {
+        path: PathBuf,
+        line: usize,
+        source: serde_json::Error,
+    },
+    #[error("invalid duration {0:?}: expected a number and a unit, like 90s, 30m, 24h or 7d")]
+    Duration(String),
+}
+
+/// "90s", "30m", "24h", "7d".
+pub fn parse_duration(s: &str) -> Result<Duration, ReviewError> {
+    let bad = || ReviewError::Duration(s.to_owned());
+    let unit = s.chars().last().ok_or_else(bad)?;
+    let n: u64 = s[..s.len() - unit.len_utf8()].parse().map_err(|_| bad())?;
+    let secs = match unit {
+        's' => n,
+        'm' => n * 60,
+        'h' => n * 3600,
+        'd' => n * 86400,
+        _ => return Err(bad()),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// One recorded flow of a governed identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub identity: String,
+    pub dest: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub fqdn: Option<String>,
+    /// allow | audit | deny
+    pub verdict: String,
+    pub reason: Option<String>,
+    pub rule_id: Option<u32>,
+    pub revision: String,
+    pub count: u64,
+    pub time: Option<SystemTime>,
+}
+
+impl Flow {
+    /// Allowed by the rules (audit records are flows the rules did not allow).
+    pub fn allowed(&self) -> bool {
+        self.verdict == "allow"
+    }
+
+    /// Whether the rules decided it (not an expired or revoked identity, say).
+    fn rule_decided(&self) -> bool {
+        self.allowed()
+            || matches!(
+                self.reason.as_deref(),
+                Some("no rule allows it" | "global deny list")
+            )
+    }
+}
+
+fn parse_time(s: &str) -> Option<SystemTime> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(Into::into)
+}
+
+/// Decision records of governed identities from `files` (audit log lines or `flows --output
+/// json` lines), newer than `since` when given. Other records are skipped.
+pub fn read_flows(files: &[PathBuf], since: Option<SystemTime>) -> Result<Vec<Flow>, ReviewError> {
+    let mut out = Vec::new();
+    for path in files {
+        let f = std::fs::File::open(path).map_err(|source| ReviewError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        for (i, line) in io::BufReader::new(f).lines().enumerate() {
+            let line = line.map_err(|source| ReviewError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: serde_json::Value =
+                serde_json::from_str(&line).map_err(|source| ReviewError::Json {
+                    path: path.clone(),
+                    line: i + 1,
+                    source,
+                })?;
+            if v.get("kind").is_some_and(|k| k != "decision") {
+                continue;
+            }
+            let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+            let (Some(identity), Some(dest), Some(verdict)) =
+                (s("identity"), s("dest"), s("verdict"))
+            else {
+                continue;
+            };
+            let Ok(dest) = dest.parse::<IpAddr>() else {
+                continue;
+            };
+            let protocol = match s("protocol").as_deref() {
+                Some("tcp") => Protocol::Tcp,
+                Some("udp") => Protocol::Udp,
+                _ => continue,
+            };
+            if !matches!(verdict.as_str(), "allow" | "audit" | "deny") {
+                continue;
+            }
+            let time = s("last_seen")
+                .or_else(|| s("time"))
+                .and_then(|t| parse_time(&t));
+            if let (Some(since), Some(t)) = (since, time) {
+                if t < since {
+                    continue;
+                }
+            }
+            out.push(Flow {
+                identity,
+                dest,
+                port: v.get("port").and_then(|p| p.as_u64()).unwrap_or(0) as u16,
+                protocol,
+                fqdn: s("fqdn"),
+                verdict,
+                reason: s("reason"),
+                rule_id: v.get("rule_id").and_then(|r| r.as_u64()).map(|r| r as u32),
+                revision: s("revision").unwrap_or_default(),
+                count: v.get("count").and_then(|c| c.as_u64()).unwrap_or(1),
+                time,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// An audit log and its rotated predecessors, oldest first.
+pub fn audit_files(path: &Path) -> Vec<PathBuf> {
+    let mut files = crate::audit::rotated(path);
+    files.push(path.to_owned());
+    files
+}
+
+/// A flow whose verdict a candidate policy changes, with how often it was seen.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Change {
+    pub identity: String,
+    pub dest: IpAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fqdn: Option<String>,
+    pub port: u16,
+    pub protocol: String,
+    pub count: u64,
+    /// The candidate's rule (allowed) or reason (denied).
+    pub why: String,
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dest = match (&self.fqdn, self.dest) {
+            (Some(n), a) => format!("{n} ({a})"),
+            (None, IpAddr::V6(a)) => format!("[{a}]"),
+            (None, a) => a.to_string(),
+        };
+        write!(
+            f,
+            "{} -> {dest}:{}/{} (x{}): {}",
+            self.identity, self.port, self.protocol, self.count, self.why
+        )
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Simulation {
+    pub newly_denied: Vec<Change>,
+    pub newly_allowed: Vec<Change>,
+    /// Recorded flows replayed (counts summed).
+    pub replayed: u64,
+}
+
+/// An identity's rules under `set`, with a host rule for `fqdn` where a name rule allows it
+/// (the address the name resolved to when the flow was recorded).
+fn rules_for(set: &PolicySet, identity: &str, dest: IpAddr, fqdn: Option<&str>) -> Vec<Rule> {
+    let Some(agent) = set.agent(identity) else {
+        return Vec::new();
+    };
+    let mut rules: Vec<Rule> = set
+        .effective_rules(agent)
+        .into_iter()
+        .map(|r| r.rule)
+        .collect();
+    if let Some(name) = fqdn {
+        let hosts: Vec<Rule> = rules
+            .iter()
+            .filter(|r| r.fqdns.iter().any(|p| p.matches(name)))
+            .map(|r| Rule {
+                to: vec![IpNet::from(dest)],
+                fqdns: Vec::new(),
+                ..r.clone()
+            })
+            .collect();
+        rules.extend(hosts);
+    }
+    rules
+}
+
+/// Replays `flows` against `candidate` with the reference evaluator (the one the kernel is
+/// tested against) and lists the flows whose verdict by the rules would change.
+pub fn simulate(candidate: &PolicySet, flows: &[Flow]) -> Simulation {
+    let deny = candidate.global_deny();
+    let view = IdentityView {
+        status: IdentityStatus::Active,
+        mode: Mode::Enforce,
+        not_after: None,
+    };
+    type Key = (String, IpAddr, u16, Protocol, Option<String>);
+    let mut changes: BTreeMap<Key, (bool, String, u64)> = BTreeMap::new();
+    let mut sim = Simulation::default();
+    for f in flows.iter().filter(|f| f.rule_decided()) {
+        sim.replayed += f.count;
+        let rules = rules_for(candidate, &f.identity, f.dest, f.fqdn.as_deref());
+        let d = evaluate_flow(
+            Subject::Bound {
+                view: Some(view),
+                rules: &rules,
+            },
+            &deny,
+            UnknownFlows::Report,
+            f.dest,
+            f.port,
+            f.protocol,
+            BootInstant::now(),
+        );
+        let after = d.verdict == Verdict::Allow;
+        if after == f.allowed() {
+            continue;
+        }
+        let why = if candidate.agent(&f.identity).is_none() {
+            "no AgentPolicy for this identity".to_owned()
+        } else if after {
+            candidate
+                .agent(&f.identity)
+                .and_then(|a| {
+                    candidate
+                        .effective_rules(a)
+                        .get(d.rule_id.checked_sub(1)? as usize)
+                        .map(|r| format!("rule {}", r.source.place()))
+                })
+                .unwrap_or_else(|| "allowed".into())
+        } else {
+            d.reason.map_or("denied".into(), |r| r.to_string())
+        };
+        let e = changes
+            .entry((
+                f.identity.clone(),
+                f.dest,
+                f.port,
+                f.protocol,
+                f.fqdn.clone(),
+            ))
+            .or_insert((after, why, 0));
+        e.2 += f.count;
+    }
+    for ((identity, dest, port, protocol, fqdn), (after, why, count)) in changes {
+        let c = Change {
+            identity,
+            dest,
+            fqdn,
+            port,
+            protocol: protocol.to_string(),
+            count,
+            why,
+        };
+        if after {
+            sim.newly_allowed.push(c);
+        } else {
+            sim.newly_denied.push(c);
+        }
+    }
+    sim
+}
+
+/// A rule no recorded flow used.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UnusedRule {
+    pub identity: String,
+    /// The rule's number among the identity's effective rules (from 1).
+    pub rule_id: u32,
+    /// file:line egress[i]
+    pub place: String,
+    /// `AgentPolicy "name"` or `Archetype "name"`.
+    pub from: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct UnusedReport {
+    pub rules: Vec<UnusedRule>,
+    /// Archetypes none of whose rules was used by any identity that extends them.
+    pub archetypes: Vec<String>,
+    /// Allowed flows counted (of the revision in force).
+    pub hits: u64,
+}
+
+/// Rules of `set` with no allowed flow recorded under its revision (records carry the
+/// revision and the rule number, which are stable together).
+pub fn unused(set: &PolicySet, flows: &[Flow]) -> UnusedReport {
+    let mut report = UnusedReport::default();
+    let mut hit: BTreeSet<(String, u32)> = BTreeSet::new();
+    for f in flows
+        .iter()
+        .filter(|f| f.allowed() && f.revision == set.revision)
+    {
+        if let Some(id) = f.rule_id {
+            hit.insert((f.identity.clone(), id));
+            report.hits += f.count;
+        }
+    }
+    // Per archetype: (used anywhere, extended by anyone).
+    let mut archetype_used: BTreeMap<String, bool> = BTreeMap::new();
+    for agent in &set.agents {
+        for r in set.effective_rules(agent) {
+            let used = hit.contains(&(agent.identity.clone(), r.rule.id));
+            if let Some(name) = r
+                .from
+                .strip_prefix("Archetype \"")
+                .and_then(|n| n.strip_suffix('"'))
+            {
+                *archetype_used.entry(name.to_owned()).or_default() |= used;
+            }
+            if !used {
+                report.rules.push(UnusedRule {
+                    identity: agent.identity.clone(),
+                    rule_id: r.rule.id,
+                    place: r.source.place(),
+                    from: r.from.clone(),
+                });
+            }
+        }
+    }
+    report.archetypes = archetype_used
+        .into_iter()
+        .filter(|(_, used)| !used)
+        .map(|(n, _)| n)
+        .collect();
+    report
+}
+
+/// The smallest AgentPolicy (as YAML) whose rules allow every flow recorded for `identity`:
+/// one rule per set of destinations that share protocol and ports, names where the agent
+/// resolved one, addresses otherwise.
+pub fn suggest(identity: &str, flows: &[Flow]) -> String {
+    let mut by_dest: BTreeMap<(String, Protocol), BTreeSet<u16>> = BTreeMap::new();
+    for f in flows.iter().filter(|f| f.identity == identity) {
+        let dest = f.fqdn.clone().unwrap_or_else(|| f.dest.to_string());
+        by_dest
+            .entry((dest, f.protocol))
+            .or_default()
+            .insert(f.port);
+    }
+    let mut rules: BTreeMap<(Protocol, Vec<PortRange>), BTreeSet<String>> = BTreeMap::new();
+    for ((dest, proto), ports) in by_dest {
+        let mut ranges: Vec<PortRange> = Vec::new();
+        for p in ports {
+            match ranges.last_mut() {
+                Some(r) if u32::from(r.hi) + 1 == u32::from(p) => r.hi = p,
+                _ => ranges.push(PortRange::single(p)),
+            }
+        }
+        rules.entry((proto, ranges)).or_default().insert(dest);
+    }
+    let name = identity.rsplit('/').next().unwrap_or(identity);
+    let mut out =
+        format!("kind: AgentPolicy\nname: {name}\nidentity: {identity}\nmode: enforce\negress:\n");
+    if rules.is_empty() {
+        out.push_str("  []\n");
+    }
+    for ((proto, ports), dests) in rules {
+        let quote = |d: &String| {
+            if d.starts_with('*') || d.contains(':') {
+                format!("{d:?}")
+            } else {
+                d.clone()
+            }
+        };
+        let to: Vec<String> = dests.iter().map(quote).collect();
+        let ports: Vec<String> = ports
+            .iter()
+            .map(|p| format!("{:?}", p.to_string()))
+            .collect();
+        out.push_str(&format!(
+            "  - to: [{}]\n    ports: [{}]\n    protocol: {proto}\n",
+            to.join(", "),
+            ports.join(", ")
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
+        assert_eq!(
+            parse_duration("7w").unwrap_err().to_string(),
+            "invalid duration \"7w\": expected a number and a unit, like 90s, 30m, 24h or 7d"
+        );
+        assert!(parse_duration("").is_err());
+    }
+}
