@@ -71,6 +71,12 @@ pub struct NodeConfig {
     /// Record flows rules allow, too (default true): what `report unused` and `policy
     /// simulate` read.
     pub record_allowed: Option<bool>,
+    /// Seconds between resolutions of the AI catalog's names (default 300; 0 = never, and
+    /// catalog addresses then come from the DNS proxy's answers only).
+    pub catalog_refresh_secs: Option<u64>,
+    /// Services added to the built-in AI catalog: `[[ai_catalog]]` tables with `service` and
+    /// `names` (exact names, `*.` and `**.` patterns).
+    pub ai_catalog: Vec<crate::discovery::CatalogEntry>,
 }
 
 /// `unknown_flows` as written in TOML.
@@ -149,8 +155,12 @@ impl NodeConfig {
             dns_max_addresses,
             dns_timeout_ms,
             aggregate_window_secs,
-            record_allowed
+            record_allowed,
+            catalog_refresh_secs
         );
+        if !over.ai_catalog.is_empty() {
+            self.ai_catalog = over.ai_catalog;
+        }
         if !over.crl.is_empty() {
             self.crl = over.crl;
         }
@@ -209,6 +219,10 @@ impl NodeConfig {
 
     pub fn dns_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.dns_timeout_ms.unwrap_or(2000))
+    }
+
+    pub fn catalog_refresh(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.catalog_refresh_secs.unwrap_or(300))
     }
 
     pub fn aggregate_window(&self) -> std::time::Duration {

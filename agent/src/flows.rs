@@ -62,6 +62,9 @@ pub struct FlowRecord {
     /// The container id (64 hex digits) in its cgroup path, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// The AI service the destination belongs to (shadow-AI catalog).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     /// Serial number (hex) of the certificate the governing session presented.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
@@ -85,6 +88,9 @@ impl std::fmt::Display for FlowRecord {
             (Some(IpAddr::V6(a)), None) => write!(f, " -> [{a}]:{}/{proto}", self.port)?,
             (Some(a), None) => write!(f, " -> {a}:{}/{proto}", self.port)?,
             (None, _) => write!(f, " {proto}")?,
+        }
+        if let Some(s) = &self.service {
+            write!(f, " [{s}]")?;
         }
         if let Some(r) = &self.reason {
             write!(f, ": {r}")?;
@@ -188,6 +194,7 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
         cmdline: cmdline_of(e.pid),
         unit: None,
         container: None,
+        service: None,
         serial: None,
     }
 }

@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod clock;
 pub mod config;
 pub mod datapath;
+pub mod discovery;
 pub mod dns;
 pub mod flows;
 pub mod identity;

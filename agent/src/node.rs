@@ -49,6 +49,8 @@ pub enum NodeError {
     Io { path: PathBuf, source: io::Error },
     #[error("TLS set-up: {0}")]
     Tls(#[from] rustls::Error),
+    #[error(transparent)]
+    Catalog(#[from] crate::discovery::CatalogError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> NodeError + '_ {
@@ -148,6 +150,8 @@ struct State {
     observed: Observed,
     /// Why the DNS proxy cannot serve (some of) the identities with name rules.
     dns_error: Option<String>,
+    /// AI services and the addresses they are known to have.
+    catalog: crate::discovery::Catalog,
     /// Runs of identical flows being folded (see `Node::record`).
     aggregates: std::collections::HashMap<AggKey, Aggregate>,
     /// The latest record of each kernel rate-limit key, to report counts the kernel still
@@ -237,6 +241,8 @@ pub struct Node {
     events: Mutex<Option<EventReader>>,
     /// None when `dns_listen_port` is 0.
     dns: Option<Proxy>,
+    /// Where the node resolves the AI catalog's names.
+    upstreams: Vec<std::net::SocketAddr>,
     state: Mutex<State>,
 }
 
@@ -316,6 +322,8 @@ impl Node {
         let audit_max = cfg.audit_log_max_bytes.unwrap_or(AUDIT_MAX_BYTES);
         let dns_port = cfg.dns_port();
         let dns_timeout = cfg.dns_timeout();
+        let catalog = crate::discovery::Catalog::new(&cfg.ai_catalog)?;
+        let catalog_upstreams = upstreams.clone();
         let cgroup_mount = Cgroup2Mount::discover()?.mount_point;
         let numbers = IdentityNumbers::load(&state_dir)?;
         let audit = match &cfg_audit {
@@ -340,6 +348,7 @@ impl Node {
                     Arc::new(DnsSink(weak.clone())),
                 )
             }),
+            upstreams: catalog_upstreams,
             crls: Mutex::new(crl_stamp(&cfg.crl)),
             cfg,
             tls: std::sync::RwLock::new(Arc::new(tls)),
@@ -364,6 +373,7 @@ impl Node {
                 learned_dirty: false,
                 observed: Observed::new(65536),
                 dns_error,
+                catalog,
                 aggregates: Default::default(),
                 templates: Default::default(),
             }),
@@ -640,6 +650,9 @@ impl Node {
         for (ip, _) in &a.addrs {
             st.observed.insert(identity, *ip, &a.qname);
         }
+        let seen: Vec<std::net::IpAddr> = a.addrs.iter().map(|(ip, _)| *ip).collect();
+        let keep = self.cfg.catalog_refresh() * 2 + self.cfg.dns_grace();
+        st.catalog.observe(&a.qname, &seen, keep);
         let Some(base) = st.base_rules.get(&identity).cloned() else {
             return;
         };
@@ -1020,6 +1033,7 @@ impl Node {
             "dropped_events": st.datapath.dropped_events().ok(),
             "map_fill": st.datapath.fill().ok(),
             "pins": st.datapath.pin_dir(),
+            "catalog": { "addresses": st.catalog.known_addresses() },
             "dns": {
                 "port": self.dns.as_ref().map(Proxy::port),
                 "learned_addresses": st.learned.len(),
@@ -1138,6 +1152,7 @@ impl Node {
         }
         if let Some(dest) = r.dest {
             r.fqdn = st.observed.get(e.identity, dest).map(str::to_owned);
+            r.service = st.catalog.service_of_addr(dest).map(|(s, _)| s.to_owned());
         }
         r.cgroup = st
             .sessions
@@ -1334,6 +1349,40 @@ impl Node {
         }
     }
 
+    /// Resolves the AI catalog's names now and every `catalog_refresh_secs`, so unknown flows
+    /// to them are tagged with their service.
+    async fn refresh_catalog(self: Arc<Self>) {
+        let every = self.cfg.catalog_refresh();
+        loop {
+            let names = self.state.lock().expect("node state").catalog.exact_names();
+            let node = self.clone();
+            let found = tokio::task::spawn_blocking(move || {
+                names
+                    .into_iter()
+                    .map(|n| {
+                        let addrs =
+                            crate::discovery::resolve(&node.upstreams, &n, Duration::from_secs(2));
+                        (n, addrs)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            {
+                let mut st = self.state.lock().expect("node state");
+                for (name, addrs) in &found {
+                    st.catalog
+                        .observe(name, addrs, every * 2 + Duration::from_secs(60));
+                }
+                tracing::debug!(
+                    addresses = st.catalog.known_addresses(),
+                    "AI catalog resolved"
+                );
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
     /// The metrics page, read now.
     pub fn metrics(&self) -> String {
         let st = self.state.lock().expect("node state");
@@ -1417,6 +1466,9 @@ impl Node {
         }
         let revision = self.revision();
         tokio::spawn(self.clone().read_events());
+        if !self.cfg.catalog_refresh().is_zero() {
+            tokio::spawn(self.clone().refresh_catalog());
+        }
         if let Some(addr) = self.cfg.metrics_listen {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await

@@ -374,8 +374,18 @@ pub fn unused(set: &PolicySet, flows: &[Flow]) -> UnusedReport {
 /// one rule per set of destinations that share protocol and ports, names where the agent
 /// resolved one, addresses otherwise.
 pub fn suggest(identity: &str, flows: &[Flow]) -> String {
+    let mine: Vec<Flow> = flows
+        .iter()
+        .filter(|f| f.identity == identity)
+        .cloned()
+        .collect();
+    suggest_for(identity, &mine)
+}
+
+/// [`suggest`] over flows already chosen (any identity field), for `identity`.
+pub fn suggest_for(identity: &str, flows: &[Flow]) -> String {
     let mut by_dest: BTreeMap<(String, Protocol), BTreeSet<u16>> = BTreeMap::new();
-    for f in flows.iter().filter(|f| f.identity == identity) {
+    for f in flows {
         let dest = f.fqdn.clone().unwrap_or_else(|| f.dest.to_string());
         by_dest
             .entry((dest, f.protocol))

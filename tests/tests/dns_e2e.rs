@@ -515,3 +515,115 @@ egress:
     });
     assert_eq!(connect(&mut p, "203.0.113.10", 443), "err EPERM");
 }
+
+#[test]
+fn an_unenrolled_process_reaching_an_ai_service_shows_up_as_shadow_ai() {
+    let zone = serde_json::json!({ "records": [
+        a("api.openai.com", "203.0.113.80"),
+        a("api.anthropic.com", "203.0.113.81"),
+        a("llm.corp.example", "203.0.113.82"),
+    ]});
+    let tmp_cfg = tempfile::tempdir().unwrap();
+    let cfg = tmp_cfg.path().join("node.toml");
+    std::fs::write(
+        &cfg,
+        "[[ai_catalog]]\nservice = \"Internal LLM\"\nnames = [\"llm.corp.example\"]\n",
+    )
+    .unwrap();
+    let policy = "\
+kind: AgentPolicy
+name: dns
+identity: spiffe://example.org/agent/dns
+egress:
+  - to: [192.0.2.1]
+    ports: [443]
+";
+    let lab = Lab::new(
+        "shadow",
+        policy,
+        &zone,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--catalog-refresh-secs",
+            "300",
+            "--aggregate-window-secs",
+            "1",
+        ],
+    );
+    let node = lab.node();
+    // The node resolves the catalog's names through its upstream when it starts.
+    wait_status(&node.socket, "catalog addresses", |s| {
+        s["catalog"]["addresses"].as_u64() >= Some(3)
+    });
+
+    // A process nobody enrolled, in the node's subtree and namespace.
+    let rogue = lab.env.cgroup("rogue");
+    let mut c = Command::new(bin_path("aw-probe"));
+    c.args(["--cgroup", rogue.path().to_str().unwrap()]);
+    lab.ns.enter(&mut c);
+    let mut p = Probe::from_command(c);
+    for _ in 0..3 {
+        assert_eq!(connect(&mut p, "203.0.113.80", 443), "err ECONNREFUSED");
+    }
+    assert_eq!(connect(&mut p, "203.0.113.82", 8443), "err ECONNREFUSED");
+    assert_eq!(connect(&mut p, "203.0.113.99", 443), "err ECONNREFUSED");
+
+    let audit = lab.dir().join("audit.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let groups = loop {
+        let out = Command::new(bin_path("agentwall"))
+            .args(["shadow-ai", "--output", "json", "--audit-log"])
+            .arg(&audit)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let counts: Vec<(String, u64)> = v[0]["services"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|s| {
+                        (
+                            s["service"].as_str().unwrap().to_owned(),
+                            s["count"].as_u64().unwrap(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if counts == [("Internal LLM".to_owned(), 1), ("OpenAI".to_owned(), 3)] {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "shadow-ai says {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(groups.as_array().unwrap().len(), 1, "{groups}");
+    let g = &groups[0];
+    assert_eq!(
+        g["group"],
+        format!("exe {} (uid 0)", bin_path("aw-probe").display())
+    );
+    assert_eq!(g["services"][1]["destinations"][0], "203.0.113.80:443");
+    let suggested = g["suggested_policy"].as_str().unwrap();
+    assert!(
+        suggested.contains("  - to: [203.0.113.80]\n    ports: [\"443\"]\n    protocol: tcp\n"),
+        "{suggested}"
+    );
+    // The flow to an address outside the catalog is an unknown flow, not shadow AI.
+    let text = Command::new(bin_path("agentwall"))
+        .args(["flows", "--verdict", "unknown", "--socket"])
+        .arg(&node.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("-> 203.0.113.80:443/tcp [OpenAI]"), "{text}");
+    assert!(
+        text.contains("-> 203.0.113.99:443/tcp\n") || text.ends_with("-> 203.0.113.99:443/tcp"),
+        "{text}"
+    );
+}

@@ -235,6 +235,8 @@ pub fn run(root: &Path) -> Result<()> {
         .arg(&cleanup.bpffs)
         .arg("--attach-cgroup")
         .arg(&cleanup.cgroup)
+        // The demo stays on this machine: no resolution of the AI catalog's names.
+        .args(["--catalog-refresh-secs", "0"])
         .env("AGENTWALL_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()

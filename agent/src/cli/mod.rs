@@ -12,6 +12,7 @@ mod policy;
 mod renew;
 mod report;
 mod revoke;
+mod shadow_ai;
 mod status;
 
 #[derive(Parser)]
@@ -52,6 +53,8 @@ enum Command {
     /// Reports over recorded flows.
     #[command(subcommand)]
     Report(report::Command),
+    /// Process groups that reached AI services without an identity (shadow AI).
+    ShadowAi(shadow_ai::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -75,6 +78,7 @@ pub fn main() -> ExitCode {
         Command::Policy(cmd) => return policy::run(cmd),
         Command::Audit(cmd) => return audit::run(cmd),
         Command::Report(cmd) => return report::run(cmd),
+        Command::ShadowAi(args) => return shadow_ai::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -61,6 +61,9 @@ pub struct Args {
     /// Record flows rules allow too (true|false; default true).
     #[arg(long)]
     record_allowed: Option<bool>,
+    /// Seconds between resolutions of the AI catalog's names (0 = never).
+    #[arg(long)]
+    catalog_refresh_secs: Option<u64>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -98,6 +101,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         dns_timeout_ms: args.dns_timeout_ms,
         aggregate_window_secs: args.aggregate_window_secs,
         record_allowed: args.record_allowed,
+        catalog_refresh_secs: args.catalog_refresh_secs,
+        ai_catalog: Vec::new(),
     };
     let cfg = file.overlay(flags);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -1,0 +1,388 @@
+//! Shadow-AI discovery: a catalog of AI and LLM service endpoints (name patterns), the
+//! addresses they are known to have, and the report of which unenrolled processes reached
+//! them.
+//!
+//! Addresses come from two places: the node resolves the catalog's exact names through its
+//! upstream resolvers every `catalog_refresh_secs`, and every answer the DNS proxy passes on
+//! for a catalog name is remembered too.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr, UdpSocket},
+    time::{Duration, Instant, SystemTime},
+};
+
+use hickory_proto::{
+    op::{Message, MessageType, Query},
+    rr::{Name, RecordType},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    policy::{FqdnKind, FqdnPattern},
+    review::Flow,
+};
+
+/// One service and the names it answers on.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogEntry {
+    pub service: String,
+    /// Exact names, `*.` and `**.` patterns.
+    pub names: Vec<String>,
+}
+
+/// The catalog that ships with agentwall; `ai_catalog` in the node config adds to it.
+pub const BUILTIN: &[(&str, &[&str])] = &[
+    (
+        "OpenAI",
+        &["api.openai.com", "**.openai.com", "**.chatgpt.com"],
+    ),
+    (
+        "Anthropic",
+        &["api.anthropic.com", "**.anthropic.com", "**.claude.ai"],
+    ),
+    (
+        "Google Gemini / Vertex AI",
+        &[
+            "generativelanguage.googleapis.com",
+            "aiplatform.googleapis.com",
+            "us-central1-aiplatform.googleapis.com",
+            "us-east4-aiplatform.googleapis.com",
+            "europe-west4-aiplatform.googleapis.com",
+            "asia-northeast1-aiplatform.googleapis.com",
+        ],
+    ),
+    (
+        "AWS Bedrock",
+        &[
+            "bedrock-runtime.us-east-1.amazonaws.com",
+            "bedrock-runtime.us-west-2.amazonaws.com",
+            "bedrock-runtime.eu-central-1.amazonaws.com",
+            "bedrock-runtime.eu-west-1.amazonaws.com",
+            "bedrock-runtime.ap-northeast-1.amazonaws.com",
+            "bedrock.us-east-1.amazonaws.com",
+            "bedrock.us-west-2.amazonaws.com",
+        ],
+    ),
+    (
+        "Azure OpenAI",
+        &["**.openai.azure.com", "**.cognitiveservices.azure.com"],
+    ),
+    ("Mistral", &["api.mistral.ai", "**.mistral.ai"]),
+    (
+        "Cohere",
+        &["api.cohere.com", "api.cohere.ai", "**.cohere.com"],
+    ),
+    (
+        "Hugging Face",
+        &["huggingface.co", "**.huggingface.co", "**.hf.space"],
+    ),
+    ("Groq", &["api.groq.com"]),
+    ("Together AI", &["api.together.xyz", "api.together.ai"]),
+    ("Perplexity", &["api.perplexity.ai"]),
+    (
+        "MCP (public server)",
+        &[
+            "mcp.atlassian.com",
+            "mcp.notion.com",
+            "mcp.linear.app",
+            "mcp.stripe.com",
+            "mcp.sentry.dev",
+            "mcp.deepwiki.com",
+            "api.githubcopilot.com",
+        ],
+    ),
+];
+
+#[derive(Debug, thiserror::Error)]
+#[error("ai_catalog entry {service:?}: {source}")]
+pub struct CatalogError {
+    service: String,
+    source: crate::policy::FqdnError,
+}
+
+/// Services with parsed patterns, and the addresses seen for them.
+#[derive(Debug)]
+pub struct Catalog {
+    services: Vec<(String, Vec<FqdnPattern>)>,
+    /// address → (service, name, when learned; kept until `until`)
+    addrs: HashMap<IpAddr, (String, String, Instant)>,
+}
+
+impl Catalog {
+    /// The built-in catalog plus `extra`; a bad name in `extra` is an error naming it.
+    pub fn new(extra: &[CatalogEntry]) -> Result<Self, CatalogError> {
+        let mut services = Vec::new();
+        for (service, names) in BUILTIN {
+            let pats = names
+                .iter()
+                .map(|n| n.parse().expect("built-in catalog names are valid"))
+                .collect();
+            services.push(((*service).to_owned(), pats));
+        }
+        for e in extra {
+            let pats = e
+                .names
+                .iter()
+                .map(|n| n.parse())
+                .collect::<Result<Vec<FqdnPattern>, _>>()
+                .map_err(|source| CatalogError {
+                    service: e.service.clone(),
+                    source,
+                })?;
+            services.push((e.service.clone(), pats));
+        }
+        Ok(Self {
+            services,
+            addrs: HashMap::new(),
+        })
+    }
+
+    /// The service a name belongs to.
+    pub fn service_of_name(&self, name: &str) -> Option<&str> {
+        self.services
+            .iter()
+            .find(|(_, pats)| pats.iter().any(|p| p.matches(name)))
+            .map(|(s, _)| s.as_str())
+    }
+
+    /// The service and name an address is known for.
+    pub fn service_of_addr(&self, ip: IpAddr) -> Option<(&str, &str)> {
+        self.addrs
+            .get(&ip)
+            .filter(|(_, _, until)| *until > Instant::now())
+            .map(|(s, n, _)| (s.as_str(), n.as_str()))
+    }
+
+    /// Remembers that `name` resolved to `addrs`, for `keep`, when the name is in the catalog.
+    pub fn observe(&mut self, name: &str, addrs: &[IpAddr], keep: Duration) {
+        let Some(service) = self.service_of_name(name).map(str::to_owned) else {
+            return;
+        };
+        let until = Instant::now() + keep;
+        for ip in addrs {
+            self.addrs
+                .insert(*ip, (service.clone(), name.to_owned(), until));
+        }
+        self.addrs.retain(|_, (_, _, u)| *u > Instant::now());
+    }
+
+    /// The exact names worth resolving (patterns with wildcards cannot be).
+    pub fn exact_names(&self) -> Vec<String> {
+        self.services
+            .iter()
+            .flat_map(|(_, pats)| pats.iter())
+            .filter(|p| p.kind == FqdnKind::Exact)
+            .map(|p| p.suffix.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    }
+
+    pub fn known_addresses(&self) -> usize {
+        let now = Instant::now();
+        self.addrs.values().filter(|(_, _, u)| *u > now).count()
+    }
+}
+
+/// A/AAAA addresses of `name` from the first upstream that answers (blocking; run off the
+/// async workers).
+pub fn resolve(upstreams: &[SocketAddr], name: &str, timeout: Duration) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let Ok(qname) = Name::from_ascii(format!("{name}.")) else {
+        return out;
+    };
+    for rtype in [RecordType::A, RecordType::AAAA] {
+        for up in upstreams {
+            let bind = if up.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            let Ok(sock) = UdpSocket::bind(bind) else {
+                continue;
+            };
+            let _ = sock.set_read_timeout(Some(timeout));
+            let id: u16 = rand_id();
+            let mut q = Message::new();
+            q.set_id(id)
+                .set_recursion_desired(true)
+                .add_query(Query::query(qname.clone(), rtype));
+            let Ok(bytes) = q.to_vec() else { continue };
+            if sock.connect(up).is_err() || sock.send(&bytes).is_err() {
+                continue;
+            }
+            let mut buf = [0u8; 4096];
+            let Ok(n) = sock.recv(&mut buf) else { continue };
+            let Ok(r) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            if r.id() != id || r.message_type() != MessageType::Response {
+                continue;
+            }
+            if let Some(a) = crate::dns::read_answer(&q, &r) {
+                out.extend(a.addrs.into_iter().map(|(ip, _)| ip));
+            }
+            break;
+        }
+    }
+    out
+}
+
+fn rand_id() -> u16 {
+    // The clock's low bits: only a guard against stale replies on a fresh socket.
+    (SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        & 0xffff) as u16
+}
+
+/// What one process group reached.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceUse {
+    pub service: String,
+    /// Names and addresses, with ports.
+    pub destinations: BTreeSet<String>,
+    pub count: u64,
+    pub first_seen: String,
+    pub last_seen: String,
+}
+
+/// A process group that talked to AI services without an identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ShadowGroup {
+    /// `unit NAME`, `container ID` or `exe PATH (uid N)`.
+    pub group: String,
+    pub services: Vec<ServiceUse>,
+    /// An AgentPolicy to enroll it with.
+    pub suggested_policy: String,
+}
+
+/// Groups unknown flows tagged with a service by process group.
+pub fn shadow_ai(records: &[serde_json::Value]) -> Vec<ShadowGroup> {
+    type Acc = BTreeMap<String, ServiceUse>;
+    let mut groups: BTreeMap<String, (Acc, Vec<Flow>)> = BTreeMap::new();
+    for r in records {
+        let s = |k: &str| r.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+        if s("verdict").as_deref() != Some("unknown") {
+            continue;
+        }
+        let Some(service) = s("service") else {
+            continue;
+        };
+        let group = if let Some(u) = s("unit") {
+            format!("unit {u}")
+        } else if let Some(c) = s("container") {
+            format!("container {c}")
+        } else {
+            format!(
+                "exe {} (uid {})",
+                s("exe").unwrap_or_else(|| s("comm").unwrap_or_default()),
+                r.get("uid").and_then(|v| v.as_u64()).unwrap_or(0)
+            )
+        };
+        let port = r.get("port").and_then(|v| v.as_u64()).unwrap_or(0) as u16;
+        let count = r.get("count").and_then(|v| v.as_u64()).unwrap_or(1);
+        let dest = s("dest").unwrap_or_default();
+        let name = s("fqdn");
+        let first = s("first_seen").or_else(|| s("time")).unwrap_or_default();
+        let last = s("last_seen").or_else(|| s("time")).unwrap_or_default();
+        let (acc, flows) = groups.entry(group).or_default();
+        let u = acc.entry(service.clone()).or_insert_with(|| ServiceUse {
+            service: service.clone(),
+            destinations: BTreeSet::new(),
+            count: 0,
+            first_seen: first.clone(),
+            last_seen: last.clone(),
+        });
+        u.destinations.insert(match &name {
+            Some(n) => format!("{n} ({dest}):{port}"),
+            None => format!("{dest}:{port}"),
+        });
+        u.count += count;
+        if first < u.first_seen {
+            u.first_seen = first;
+        }
+        if last > u.last_seen {
+            u.last_seen = last;
+        }
+        if let (Ok(ip), Some(proto)) = (dest.parse(), s("protocol")) {
+            flows.push(Flow {
+                identity: String::new(),
+                dest: ip,
+                port,
+                protocol: if proto == "udp" {
+                    crate::policy::Protocol::Udp
+                } else {
+                    crate::policy::Protocol::Tcp
+                },
+                fqdn: name,
+                verdict: "unknown".into(),
+                reason: None,
+                rule_id: None,
+                revision: String::new(),
+                count,
+                time: None,
+            });
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(group, (acc, flows))| {
+            let slug: String = group
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_lowercase()
+                    } else {
+                        '-'
+                    }
+                })
+                .collect::<String>()
+                .split('-')
+                .filter(|p| !p.is_empty())
+                .take(4)
+                .collect::<Vec<_>>()
+                .join("-");
+            let identity = format!("spiffe://YOUR-TRUST-DOMAIN/agent/{slug}");
+            ShadowGroup {
+                group,
+                services: acc.into_values().collect(),
+                suggested_policy: crate::review::suggest_for(&identity, &flows),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_matches_names_and_learns_addresses() {
+        let mut c = Catalog::new(&[CatalogEntry {
+            service: "Internal LLM".into(),
+            names: vec!["llm.corp.example".into()],
+        }])
+        .unwrap();
+        assert_eq!(c.service_of_name("API.OpenAI.com."), Some("OpenAI"));
+        assert_eq!(
+            c.service_of_name("x.y.openai.azure.com"),
+            Some("Azure OpenAI")
+        );
+        assert_eq!(c.service_of_name("llm.corp.example"), Some("Internal LLM"));
+        assert_eq!(c.service_of_name("example.com"), None);
+        let ip: IpAddr = "203.0.113.80".parse().unwrap();
+        c.observe("api.openai.com", &[ip], Duration::from_secs(60));
+        assert_eq!(c.service_of_addr(ip), Some(("OpenAI", "api.openai.com")));
+        assert!(c.exact_names().contains(&"api.anthropic.com".to_owned()));
+        assert!(!c.exact_names().iter().any(|n| n.contains('*')));
+        let err = Catalog::new(&[CatalogEntry {
+            service: "Bad".into(),
+            names: vec!["*.com".into()],
+        }])
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("ai_catalog entry \"Bad\": \"*.com\""),
+            "{err}"
+        );
+    }
+}
