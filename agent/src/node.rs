@@ -124,6 +124,9 @@ pub struct Session {
     pub not_after: String,
     /// Its certificate is on a CRL: the cgroup stays bound and is denied everything.
     pub revoked: bool,
+    /// The certificate's expiry was recorded (the kernel cut the session off on its own).
+    #[serde(skip)]
+    pub expiry_noted: bool,
 }
 
 struct State {
@@ -595,6 +598,7 @@ impl Node {
             }
         }
         self.expire_learned();
+        self.note_expiries();
         self.sweep_kernel_counts();
         {
             let mut st = self.state.lock().expect("node state");
@@ -810,8 +814,34 @@ impl Node {
             serial: peer.serial.clone(),
             not_after,
             revoked: false,
+            expiry_noted: false,
         });
         Ok(())
+    }
+
+    /// Records each session whose certificate has expired, once: the kernel already denies
+    /// it everything at the deadline, with or without the node.
+    fn note_expiries(&self) {
+        let mut st = self.state.lock().expect("node state");
+        let now = time::OffsetDateTime::now_utc();
+        let mut expired = Vec::new();
+        for s in st.sessions.iter_mut().filter(|s| !s.expiry_noted) {
+            let at = time::OffsetDateTime::parse(
+                &s.not_after,
+                &time::format_description::well_known::Rfc3339,
+            );
+            if at.is_ok_and(|t| t <= now) {
+                s.expiry_noted = true;
+                expired.push(s.clone());
+            }
+        }
+        for s in expired {
+            warn!(identity = %s.identity, cgroup = %s.cgroup.display(), "certificate expired; the session is denied everything");
+            st.audit(
+                "identity",
+                serde_json::json!({ "event": "expired", "identity": s.identity, "cgroup": s.cgroup, "serial": s.serial, "not_after": s.not_after }),
+            );
+        }
     }
 
     fn launch(&self, peer: VerifiedPeer, pidfd: std::os::fd::OwnedFd) -> Response {

@@ -41,13 +41,13 @@ impl NodeProc {
         if let Some(ns) = netns {
             ns.enter(&mut cmd);
         }
+        cmd.args(["node", "--trust-domain", "example.org"]);
         // The node resolves the AI catalog's names through the host's resolvers unless told
         // not to: tests never send DNS out of the machine.
         if !extra.contains(&"--catalog-refresh-secs") {
             cmd.args(["--catalog-refresh-secs", "0"]);
         }
         let mut child = cmd
-            .args(["node", "--trust-domain", "example.org"])
             .args(extra)
             .envs(vars.iter().copied())
             .arg("--trust-bundle")

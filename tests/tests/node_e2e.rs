@@ -494,6 +494,38 @@ fn certificate_expiry_cuts_the_agent_off_even_with_the_node_stopped() {
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
 }
 
+#[test]
+fn a_certificate_expiring_under_a_running_node_is_an_audit_event() {
+    let (env, tmp, ca) = setup("expiry-audit", POLICY);
+    let dir = tmp.path();
+    let audit = dir.join("audit.jsonl");
+    let node = NodeProc::start_with(&env, dir, &["--audit-log", audit.to_str().unwrap()]);
+    let not_after = (time::OffsetDateTime::now_utc() + time::Duration::seconds(2))
+        .replace_nanosecond(0)
+        .unwrap();
+    let spec = CertSpec {
+        not_after,
+        ..CertSpec::agent(ID)
+    };
+    let (cert, key) = write_cert(dir, "short", &ca.issue(&spec));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let event = loop {
+        let found = std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|r| r["kind"] == "identity" && r["event"] == "expired");
+        if let Some(e) = found {
+            break e;
+        }
+        assert!(std::time::Instant::now() < deadline, "no expired event");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(event["identity"], ID);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+}
+
 /// A test's cgroup subtree and pin dir, a temp dir holding `policy/agents.yaml` and `ca.pem`,
 /// and the CA.
 fn setup(name: &str, policy: &str) -> (TestEnv, tempfile::TempDir, Ca) {
