@@ -100,6 +100,23 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
     );
     header(
         &mut out,
+        "agentwall_map_fill_ratio",
+        "gauge",
+        "Entries over capacity of the datapath's fixed-size maps (0 to 1).",
+    );
+    let ratio = |n: usize, max: usize| if max == 0 { 0.0 } else { n as f64 / max as f64 };
+    let _ = writeln!(
+        out,
+        "agentwall_map_fill_ratio{{map=\"bindings\"}} {}",
+        ratio(g.bindings, g.bindings_max)
+    );
+    let _ = writeln!(
+        out,
+        "agentwall_map_fill_ratio{{map=\"identities\"}} {}",
+        ratio(g.identities_active + g.identities_revoked, g.identities_max)
+    );
+    header(
+        &mut out,
         "agentwall_identities",
         "gauge",
         "Identities known to the node, by state.",

@@ -153,6 +153,10 @@ struct State {
     observed: Observed,
     /// Why the DNS proxy cannot serve (some of) the identities with name rules.
     dns_error: Option<String>,
+    /// Identities with name rules (their DNS is steered to the proxy).
+    named: std::collections::BTreeSet<u32>,
+    /// The IPv6 proxy prefix is routed to `lo` in the node's namespace.
+    routed6: bool,
     /// AI services and the addresses they are known to have.
     catalog: crate::discovery::Catalog,
     /// Runs of identical flows being folded (see `Node::record`).
@@ -304,12 +308,6 @@ impl Node {
             Learned::default()
         });
         let mut dns_error = None;
-        if cfg.dns_port() != 0 {
-            if let Err(e) = crate::dns::route::ensure_local_route() {
-                warn!(error = %e, prefix = %crate::dns::route::proxy_net6(),
-                    "cannot route the IPv6 DNS proxy prefix; lookups through IPv6 resolvers fail (closed)");
-            }
-        }
         let upstreams = if cfg.dns_upstream.is_empty() {
             crate::dns::resolv_conf_upstreams(Path::new("/etc/resolv.conf")).unwrap_or_else(|e| {
                 error!(error = %e, "the DNS proxy has no upstream; every query gets SERVFAIL");
@@ -377,6 +375,8 @@ impl Node {
                 observed: Observed::new(65536),
                 dns_error,
                 catalog,
+                named: Default::default(),
+                routed6: false,
                 aggregates: Default::default(),
                 templates: Default::default(),
             }),
@@ -419,31 +419,8 @@ impl Node {
             .map(|(n, _)| *n)
             .collect();
         // The proxy listens before any DNS is steered to it.
-        match &self.dns {
-            Some(proxy) => {
-                let failed = proxy.sync(&named);
-                st.dns_error = (!failed.is_empty()).then(|| {
-                    failed
-                        .iter()
-                        .map(|(n, e)| {
-                            format!(
-                                "identity {n}: DNS proxy cannot listen on {}: {e}",
-                                crate::dns::proxy::proxy_addr(*n, proxy.port())
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                });
-                if let Some(e) = &st.dns_error {
-                    error!(error = %e, "names of these identities stay unresolvable (closed, not open)");
-                }
-            }
-            None if !named.is_empty() => warn!(
-                identities = named.len(),
-                "name rules allow nothing while the DNS proxy is off (dns_listen_port = 0)"
-            ),
-            None => {}
-        }
+        st.named = named.clone();
+        self.sync_dns(&mut st);
         let keep: std::collections::BTreeSet<u32> = sets.iter().map(|(n, _)| *n).collect();
         if st
             .learned
@@ -599,6 +576,10 @@ impl Node {
         }
         self.expire_learned();
         self.note_expiries();
+        {
+            let mut st = self.state.lock().expect("node state");
+            self.sync_dns(&mut st);
+        }
         self.sweep_kernel_counts();
         {
             let mut st = self.state.lock().expect("node state");
@@ -819,6 +800,66 @@ impl Node {
         Ok(())
     }
 
+    /// Has the proxy listen for every identity with name rules, in the node's network
+    /// namespace and in each namespace its sessions' processes use (containers), and nowhere
+    /// else.
+    fn sync_dns(&self, st: &mut State) {
+        let Some(proxy) = &self.dns else {
+            if !st.named.is_empty() {
+                warn!(
+                    identities = st.named.len(),
+                    "name rules allow nothing while the DNS proxy is off (dns_listen_port = 0)"
+                );
+            }
+            return;
+        };
+        use std::os::unix::fs::MetadataExt as _;
+        let inode = |p: &Path| std::fs::metadata(p).ok().map(|m| m.ino());
+        let own = inode(Path::new("/proc/self/ns/net"));
+        let mut want: BTreeMap<u32, Vec<crate::dns::proxy::Netns>> =
+            st.named.iter().map(|n| (*n, Vec::new())).collect();
+        for s in &st.sessions {
+            let Some(list) = want.get_mut(&s.number) else {
+                continue;
+            };
+            let procs = std::fs::read_to_string(s.cgroup.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+                if let Some(ino) = inode(&path) {
+                    if Some(ino) != own && !list.iter().any(|n| n.inode == ino) {
+                        list.push(crate::dns::proxy::Netns { inode: ino, path });
+                    }
+                }
+            }
+        }
+        if !want.is_empty() && !st.routed6 {
+            // Routed once, when some identity first needs it.
+            match crate::dns::route::ensure_local_route() {
+                Ok(()) => st.routed6 = true,
+                Err(e) => warn!(error = %e, prefix = %crate::dns::route::proxy_net6(),
+                    "cannot route the IPv6 DNS proxy prefix; lookups through IPv6 resolvers fail (closed)"),
+            }
+        }
+        let failed = proxy.sync(&want);
+        let error = (!failed.is_empty()).then(|| {
+            failed
+                .iter()
+                .map(|(n, place, e)| {
+                    format!(
+                        "identity {n}: DNS proxy cannot listen on {} in {place}: {e}",
+                        crate::dns::proxy::proxy_addr(*n, proxy.port())
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
+        if error.is_some() && error != st.dns_error {
+            error!(error = %error.as_deref().unwrap_or_default(),
+                "names of these identities stay unresolvable there (closed, not open)");
+        }
+        st.dns_error = error;
+    }
+
     /// Records each session whose certificate has expired, once: the kernel already denies
     /// it everything at the deadline, with or without the node.
     fn note_expiries(&self) {
@@ -885,6 +926,8 @@ impl Node {
         if !api::pidfd_alive(&pidfd) {
             return reject("the launching process exited during placement".into());
         }
+        // Before the agent's first lookup: a proxy in its network namespace.
+        self.sync_dns(&mut st);
         Response {
             ok: true,
             identity: Some(id),
@@ -919,6 +962,7 @@ impl Node {
         if let Err(why) = Self::bind_session(&mut st, "enrolled", &peer, number, &cg, 0) {
             return reject(why);
         }
+        self.sync_dns(&mut st);
         Response {
             ok: true,
             identity: Some(id),

@@ -152,9 +152,16 @@ pub struct DnsServer(Child);
 impl DnsServer {
     /// Serves `zone` (see aw-dns) on `listen` (UDP and TCP) inside `ns`.
     pub fn start(ns: &NetNs, listen: &str, zone: &Path) -> Self {
+        Self::start_in(Some(ns), listen, zone)
+    }
+
+    /// As [`DnsServer::start`]; with no namespace, in this one (loopback addresses only).
+    pub fn start_in(ns: Option<&NetNs>, listen: &str, zone: &Path) -> Self {
         let mut cmd = Command::new(bin_path("aw-dns"));
         cmd.arg(listen).arg(zone).stdout(Stdio::piped());
-        ns.enter(&mut cmd);
+        if let Some(ns) = ns {
+            ns.enter(&mut cmd);
+        }
         let mut child = cmd.spawn().expect("spawn aw-dns");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())

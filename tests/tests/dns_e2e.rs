@@ -627,3 +627,94 @@ egress:
         "{text}"
     );
 }
+
+/// A free loopback port for UDP and TCP alike (bound and released; good enough for a test).
+fn free_port() -> u16 {
+    loop {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = u.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+#[test]
+fn agents_in_their_own_network_namespace_get_a_proxy_there() {
+    // The node routes its IPv6 proxy prefix to lo here; put this host back as it was.
+    let routed_before = !Command::new("ip")
+        .args([
+            "-6",
+            "route",
+            "show",
+            "table",
+            "local",
+            "fd61:7761:6c6c::/96",
+        ])
+        .output()
+        .unwrap()
+        .stdout
+        .is_empty();
+    struct Unroute(bool);
+    impl Drop for Unroute {
+        fn drop(&mut self) {
+            if !self.0 {
+                let _ = agentwall::dns::route::remove_local_route();
+            }
+        }
+    }
+    let _unroute = Unroute(routed_before);
+    let env = TestEnv::new("dns-netns");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Ca::new("agentwall test CA");
+    std::fs::create_dir(dir.join("policy")).unwrap();
+    std::fs::write(
+        dir.join("policy/agents.yaml"),
+        "kind: AgentPolicy\nname: dns\nidentity: spiffe://example.org/agent/dns\negress:\n  - to: [api.example.com]\n    ports: [443]\n    protocol: tcp\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(
+        dir.join("zone.json"),
+        serde_json::json!({ "records": [a("api.example.com", "203.0.113.10")] }).to_string(),
+    )
+    .unwrap();
+    // The node and its upstream on this host's loopback; the agent in a namespace of its own
+    // (a container, say), whose resolver address exists nowhere: steering makes it work.
+    let upstream = format!("127.0.0.1:{}", free_port());
+    let _dns = DnsServer::start_in(None, &upstream, &dir.join("zone.json"));
+    let proxy_port = free_port().to_string();
+    let node = NodeProc::start_in(
+        &env,
+        dir,
+        &[
+            "--dns-upstream",
+            &upstream,
+            "--dns-listen-port",
+            &proxy_port,
+        ],
+        &[],
+        None,
+    );
+    let ns = NetNs::new("dns-ctr");
+    ns.ip(&["route", "add", "local", "203.0.113.0/24", "dev", "lo"]);
+    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+    let mut c = launch_args(&node.socket, &cert, &key);
+    ns.enter(&mut c);
+    c.arg(bin_path("aw-probe"));
+    let mut p = Probe::from_command(c);
+    assert_eq!(p.cmd("listen tcp :: 443"), "ok");
+    assert_eq!(connect(&mut p, "203.0.113.10", 443), "err EPERM");
+    assert_eq!(
+        resolve(&mut p, "api.example.com", "udp", "A"),
+        "ok 203.0.113.10"
+    );
+    assert_eq!(
+        p.cmd("resolve api.example.com 198.51.100.53 tcp A"),
+        "ok 203.0.113.10"
+    );
+    assert_eq!(connect(&mut p, "203.0.113.10", 443), "ok");
+    let s = status_json(&node.socket);
+    assert!(s["dns"]["error"].is_null(), "{s}");
+}

@@ -963,6 +963,10 @@ fn metrics_count_what_happened() {
         value(&s, "agentwall_map_capacity", &[("map", "bindings")]),
         65536.0
     );
+    assert_eq!(
+        value(&s, "agentwall_map_fill_ratio", &[("map", "bindings")]),
+        1.0 / 65536.0
+    );
     assert_eq!(value(&s, "agentwall_events_dropped_total", &[]), 0.0);
     assert!(value(&s, "agentwall_policy_apply_seconds", &[]) > 0.0);
 }

@@ -16,5 +16,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "agentwall: datapath under {} detached and unpinned",
         args.bpffs_dir.display()
     );
+    // The node routes its IPv6 DNS proxy prefix to lo when name rules need it.
+    agentwall::dns::route::remove_local_route().with_context(|| {
+        format!(
+            "removing the route of {}/96",
+            agentwall::dns::route::proxy_net6()
+        )
+    })?;
     Ok(())
 }

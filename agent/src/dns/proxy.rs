@@ -7,7 +7,7 @@
 //! then passed on, so the agent can never connect before the kernel allows the address.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     io,
     net::{Ipv4Addr, SocketAddr},
     sync::{
@@ -111,7 +111,8 @@ impl Drop for Listener {
 pub struct Proxy {
     shared: Arc<Shared>,
     handle: Handle,
-    listeners: Mutex<BTreeMap<u32, Listener>>,
+    /// By (identity, network namespace inode; 0 = the node's own).
+    listeners: Mutex<BTreeMap<(u32, u64), Listener>>,
 }
 
 /// The address identity `n`'s DNS to IPv4 resolvers is steered to.
@@ -214,61 +215,113 @@ impl Proxy {
         self.shared.cfg.port
     }
 
-    /// Listens for exactly these identities: new ones get sockets, others lose theirs.
-    /// Returns the identities whose sockets could not be opened, with why.
-    pub fn sync(&self, identities: &BTreeSet<u32>) -> Vec<(u32, io::Error)> {
+    /// Listens for exactly these identities, each in the node's own network namespace and in
+    /// the namespaces given with it (where its agents run): new pairs get sockets, others
+    /// lose theirs. Returns what could not be opened, with why.
+    pub fn sync(&self, want: &BTreeMap<u32, Vec<Netns>>) -> Vec<(u32, String, io::Error)> {
         let mut listeners = self.listeners.lock().expect("proxy listeners");
-        listeners.retain(|id, _| identities.contains(id));
+        listeners.retain(|(id, ns), _| {
+            want.get(id)
+                .is_some_and(|v| *ns == 0 || v.iter().any(|n| n.inode == *ns))
+        });
         let mut failed = Vec::new();
-        for &id in identities {
-            if listeners.contains_key(&id) {
-                continue;
-            }
-            match self.listen(id) {
-                Ok(l) => {
-                    listeners.insert(id, l);
+        for (&id, spaces) in want {
+            let places =
+                std::iter::once((0, None)).chain(spaces.iter().map(|n| (n.inode, Some(n))));
+            for (inode, ns) in places {
+                if let std::collections::btree_map::Entry::Vacant(slot) =
+                    listeners.entry((id, inode))
+                {
+                    match self.listen(id, ns) {
+                        Ok(l) => {
+                            slot.insert(l);
+                        }
+                        Err(e) => failed.push((
+                            id,
+                            ns.map_or("the node's network namespace".into(), |n| {
+                                n.path.display().to_string()
+                            }),
+                            e,
+                        )),
+                    }
                 }
-                Err(e) => failed.push((id, e)),
             }
         }
         failed
     }
 
-    fn listen(&self, identity: u32) -> io::Result<Listener> {
-        let addr = proxy_addr(identity, self.shared.cfg.port);
-        let _guard = self.handle.enter();
-        let udp = std::net::UdpSocket::bind(addr)?;
-        udp.set_nonblocking(true)?;
-        let udp = Arc::new(UdpSocket::from_std(udp)?);
-        let tcp = std::net::TcpListener::bind(addr)?;
-        tcp.set_nonblocking(true)?;
-        let tcp = TcpListener::from_std(tcp)?;
-        debug!(identity, %addr, "DNS proxy listening");
-        let s = self.shared.clone();
-        let mut tasks = vec![
-            self.handle.spawn(serve_udp(udp, identity, s.clone())),
-            self.handle.spawn(serve_tcp(tcp, identity, s.clone())),
-        ];
-        // IPv6 resolvers: best effort (a host without IPv6 has no IPv6 DNS to steer; the
-        // agent's lookups there fail, closed).
-        let addr6 = proxy_addr6(identity, self.shared.cfg.port);
-        let v6 = (|| -> io::Result<(UdpSocket, TcpListener)> {
-            let u = std::net::UdpSocket::from(bind_freebind(addr6, false)?);
-            let t = std::net::TcpListener::from(bind_freebind(addr6, true)?);
-            Ok((UdpSocket::from_std(u)?, TcpListener::from_std(t)?))
-        })();
-        match v6 {
-            Ok((u, t)) => {
-                tasks.push(
-                    self.handle
-                        .spawn(serve_udp(Arc::new(u), identity, s.clone())),
-                );
-                tasks.push(self.handle.spawn(serve_tcp(t, identity, s)));
+    /// Binds an identity's proxy sockets, in `ns` when given (a socket stays in the namespace
+    /// it was made in; forwarding happens from the node's own).
+    fn listen(&self, identity: u32, ns: Option<&Netns>) -> io::Result<Listener> {
+        let port = self.shared.cfg.port;
+        let bound = match ns {
+            None => bind_all(identity, port),
+            Some(ns) => {
+                let path = ns.path.clone();
+                std::thread::scope(|s| {
+                    s.spawn(move || {
+                        use std::os::fd::AsRawFd as _;
+                        let f = std::fs::File::open(&path)?;
+                        // SAFETY: setns on this short-lived thread only.
+                        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                        if let Err(e) = super::route::ensure_local_route() {
+                            debug!(error = %e, "no IPv6 proxy route in the agent's namespace");
+                        }
+                        bind_all(identity, port)
+                    })
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("binding thread panicked")))
+                })
             }
-            Err(e) => warn!(identity, addr = %addr6, error = %e, "DNS proxy not listening on IPv6"),
+        }?;
+        let _guard = self.handle.enter();
+        let s = self.shared.clone();
+        let mut tasks = Vec::new();
+        for (udp, tcp) in bound {
+            let udp = Arc::new(UdpSocket::from_std(udp)?);
+            let tcp = TcpListener::from_std(tcp)?;
+            tasks.push(self.handle.spawn(serve_udp(udp, identity, s.clone())));
+            tasks.push(self.handle.spawn(serve_tcp(tcp, identity, s.clone())));
         }
+        debug!(identity, netns = ?ns.map(|n| n.inode), "DNS proxy listening");
         Ok(Listener { tasks })
     }
+}
+
+/// A network namespace agents of an identity run in: its inode (identity) and a path that
+/// opens it now (`/proc/PID/ns/net`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Netns {
+    pub inode: u64,
+    pub path: std::path::PathBuf,
+}
+
+/// The IPv4 sockets (required) and the IPv6 ones (best effort: without IPv6 there is no IPv6
+/// DNS to steer, and such lookups fail, closed) of one identity, in the calling thread's
+/// network namespace.
+fn bind_all(
+    identity: u32,
+    port: u16,
+) -> io::Result<Vec<(std::net::UdpSocket, std::net::TcpListener)>> {
+    let addr = proxy_addr(identity, port);
+    let udp = std::net::UdpSocket::bind(addr)?;
+    udp.set_nonblocking(true)?;
+    let tcp = std::net::TcpListener::bind(addr)?;
+    tcp.set_nonblocking(true)?;
+    let mut out = vec![(udp, tcp)];
+    let addr6 = proxy_addr6(identity, port);
+    match (|| -> io::Result<_> {
+        Ok((
+            std::net::UdpSocket::from(bind_freebind(addr6, false)?),
+            std::net::TcpListener::from(bind_freebind(addr6, true)?),
+        ))
+    })() {
+        Ok(pair) => out.push(pair),
+        Err(e) => warn!(identity, addr = %addr6, error = %e, "DNS proxy not listening on IPv6"),
+    }
+    Ok(out)
 }
 
 /// A query worth forwarding: one question, opcode QUERY, not a response.

@@ -35,6 +35,13 @@ pub fn ensure_local_route() -> io::Result<()> {
     if lo == 0 {
         return Err(io::Error::last_os_error());
     }
+    request(
+        RouteNetlinkMessage::NewRoute(route_message(lo)),
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+    )
+}
+
+fn route_message(lo: u32) -> RouteMessage {
     let mut msg = RouteMessage::default();
     msg.header = RouteHeader {
         address_family: AddressFamily::Inet6,
@@ -49,12 +56,14 @@ pub fn ensure_local_route() -> io::Result<()> {
         RouteAttribute::Destination(RouteAddress::Inet6(proxy_net6())),
         RouteAttribute::Oif(lo),
     ];
+    msg
+}
+
+/// Sends one rtnetlink request and waits for its acknowledgement.
+fn request(payload: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
     let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
-    let mut req = NetlinkMessage::new(
-        header,
-        NetlinkPayload::from(RouteNetlinkMessage::NewRoute(msg)),
-    );
+    header.flags = flags;
+    let mut req = NetlinkMessage::new(header, NetlinkPayload::from(payload));
     req.finalize();
     let mut buf = vec![0u8; req.buffer_len()];
     req.serialize(&mut buf);
@@ -72,5 +81,25 @@ pub fn ensure_local_route() -> io::Result<()> {
             Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
         },
         _ => Ok(()),
+    }
+}
+
+/// Removes the route [`ensure_local_route`] adds (`agentwall down`); absent is fine.
+pub fn remove_local_route() -> io::Result<()> {
+    // SAFETY: a NUL-terminated constant.
+    let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+    let mut msg = route_message(lo);
+    msg.header.protocol = RouteProtocol::Unspec;
+    let r = request(
+        RouteNetlinkMessage::DelRoute(msg),
+        NLM_F_REQUEST | NLM_F_ACK,
+    );
+    match r {
+        Err(e)
+            if e.raw_os_error() == Some(libc::ESRCH) || e.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
     }
 }
