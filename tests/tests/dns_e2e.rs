@@ -503,13 +503,14 @@ egress:
     );
     assert_eq!(connect(&mut p, "203.0.113.10", 443), "ok");
 
-    // A policy without the name: its learned addresses go with it.
+    // A policy without the name: its learned addresses go with it. (The revision is read
+    // before the edit: the node may apply it before a later read.)
+    let before = status_json(&node.socket)["revision"].clone();
     std::fs::write(
         lab.dir().join("policy/agents.yaml"),
         policy.replace("api.example.com, ", ""),
     )
     .unwrap();
-    let before = status_json(&node.socket)["revision"].clone();
     wait_status(&node.socket, "the new revision", |s| {
         s["revision"] != before
     });
