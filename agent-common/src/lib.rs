@@ -16,9 +16,10 @@ pub const MAP_EVENTS: &str = "AW_EVENTS";
 pub const MAP_EVENT_DROPS: &str = "AW_EVENT_DROPS";
 pub const MAP_RATE: &str = "AW_RATE";
 pub const MAP_DNS_ORIGIN: &str = "AW_DNS_ORIGIN";
+pub const MAP_RULE_HITS: &str = "AW_RULE_HITS";
 
 /// Every map the programs use, in a stable order (pinning, adoption and teardown walk it).
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 9] = [
     MAP_BINDINGS,
     MAP_IDENTITIES,
     MAP_RULES,
@@ -27,6 +28,7 @@ pub const ALL_MAPS: [&str; 8] = [
     MAP_EVENT_DROPS,
     MAP_RATE,
     MAP_DNS_ORIGIN,
+    MAP_RULE_HITS,
 ];
 
 pub const PROG_CONNECT4: &str = "aw_connect4";
@@ -63,6 +65,14 @@ pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 pub const RATE_ENTRIES: u32 = 16384;
 /// Identical events inside this window are counted instead of written again.
 pub const DEFAULT_RATE_WINDOW_NS: u64 = 1_000_000_000;
+/// Rules whose hits the kernel counts (LRU: the least recently hit go first when full).
+pub const RULE_HIT_ENTRIES: u32 = 65536;
+
+/// Key of `AW_RULE_HITS`: identity in the high 32 bits, rule id in the low.
+pub const fn rule_hit_key(identity: u32, rule_id: u32) -> u64 {
+    ((identity as u64) << 32) | rule_id as u64
+}
+
 /// Sockets whose DNS traffic was steered to the proxy, remembered until they are reused.
 pub const DNS_ORIGIN_ENTRIES: u32 = 65536;
 /// DNS from identities with name rules is steered to `127.77.(n >> 8).(n & 0xff)`, the proxy

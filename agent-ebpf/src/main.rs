@@ -16,13 +16,14 @@ use agent_common::{
     IDENTITY_ACTIVE, IdentityState, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES,
     MAX_PORT_ENTRIES, MODE_AUDIT, PROTO_TCP, PROTO_UDP, RATE_ENTRIES, REASON_EXPIRED,
     REASON_GLOBAL_DENY, REASON_NO_RULE, REASON_NONE, REASON_REVOKED, REASON_SOCKET_TYPE,
-    REASON_UNBOUND, RateKey, RateState, RuleSet, UNKNOWN_DENY, UNKNOWN_IGNORE, dns_proxy_addr,
-    dns_proxy_addr6,
+    REASON_UNBOUND, RULE_HIT_ENTRIES, RateKey, RateState, RuleSet, UNKNOWN_DENY, UNKNOWN_IGNORE,
+    dns_proxy_addr, dns_proxy_addr6, rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, bpf_sock_addr},
     btf_maps::{
-        Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key,
+        Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf,
+        lpm_trie::Key,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
@@ -60,6 +61,10 @@ static AW_EVENTS: RingBuf<Event, { EVENTS_RING_BYTES as usize }> = RingBuf::new(
 static AW_EVENT_DROPS: PerCpuArray<u64, 1> = PerCpuArray::new();
 #[btf_map]
 static AW_RATE: LruHashMap<RateKey, RateState, { RATE_ENTRIES as usize }> = LruHashMap::new();
+/// Flows each rule allowed, per CPU (key: `rule_hit_key`).
+#[btf_map]
+static AW_RULE_HITS: LruPerCpuHashMap<u64, u64, { RULE_HIT_ENTRIES as usize }> =
+    LruPerCpuHashMap::new();
 #[btf_map]
 static AW_DNS_ORIGIN: LruHashMap<u64, DnsOrigin, { DNS_ORIGIN_ENTRIES as usize }> =
     LruHashMap::new();
@@ -461,6 +466,7 @@ fn judge(flow: &Flow, out_identity: &mut u32) -> i32 {
             None => 0,
         };
         if record != 0 {
+            count_hit(identity, rule_id);
             report(flow, leaf, identity, EVENT_ALLOW, REASON_NONE, rule_id, now);
         }
         return ALLOW;
@@ -623,6 +629,19 @@ fn report(flow: &Flow, leaf: u64, identity: u32, kind: u8, reason: u8, rule_id: 
                 },
                 BPF_NOEXIST as u64,
             );
+        }
+    }
+}
+
+/// One more flow allowed by this rule, on this CPU's counter.
+#[inline(always)]
+fn count_hit(identity: u32, rule_id: u32) {
+    let key = rule_hit_key(identity, rule_id);
+    match AW_RULE_HITS.get_ptr_mut(key) {
+        // SAFETY: this CPU's slot of a per-CPU value.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = AW_RULE_HITS.insert(key, 1, BPF_NOEXIST as u64);
         }
     }
 }

@@ -30,6 +30,8 @@ pub struct Gauges {
     /// The DNS proxy's counters, when it runs.
     pub dns: Option<std::sync::Arc<crate::dns::proxy::Stats>>,
     pub dns_learned_addresses: usize,
+    /// (identity, rule id, rule place, flows the kernel counted for it).
+    pub rule_hits: Vec<(String, u32, String, u64)>,
 }
 
 fn escape(v: &str) -> String {
@@ -167,6 +169,20 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         "agentwall_audit_write_failures_total {}",
         g.audit_write_failures
     );
+    header(
+        &mut out,
+        "agentwall_rule_hits_total",
+        "counter",
+        "Flows each rule allowed, counted in the kernel (with record_allowed); reset when a new revision renumbers the rules.",
+    );
+    for (identity, id, place, n) in &g.rule_hits {
+        let _ = writeln!(
+            out,
+            "agentwall_rule_hits_total{{identity=\"{}\",rule_id=\"{id}\",rule=\"{}\"}} {n}",
+            escape(identity),
+            escape(place)
+        );
+    }
     if let Some(d) = &g.dns {
         render_dns(&mut out, c, g, d);
     }

@@ -434,6 +434,12 @@ impl Node {
             .collect();
         let refs: Vec<(u32, &[Rule])> = full.iter().map(|(n, r)| (*n, r.as_slice())).collect();
         let entries = st.datapath.apply(&policy.global_deny(), &refs)?;
+        if st.policy.revision != policy.revision {
+            // Rule numbers belong to a revision: counts of the old numbering would lie.
+            if let Err(e) = st.datapath.clear_rule_hits() {
+                warn!(error = %e, "could not reset the rule hit counters");
+            }
+        }
         for &n in &keep {
             let steer = self.dns.is_some() && named.contains(&n);
             if let Err(e) = st.datapath.set_dns(n, steer) {
@@ -1457,6 +1463,24 @@ impl Node {
         }
     }
 
+    /// Each rule's kernel hit count: (identity, rule id, file:line egress[i], count).
+    fn rule_hits(&self, st: &State) -> Vec<(String, u32, String, u64)> {
+        let Ok(hits) = st.datapath.rule_hits() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for agent in &st.policy.agents {
+            let Some(&n) = st.numbers.numbers.get(&agent.identity) else {
+                continue;
+            };
+            for r in st.policy.effective_rules(agent) {
+                let count = hits.get(&(n, r.rule.id)).copied().unwrap_or(0);
+                out.push((agent.identity.clone(), r.rule.id, r.source.place(), count));
+            }
+        }
+        out
+    }
+
     /// The metrics page, read now.
     pub fn metrics(&self) -> String {
         let st = self.state.lock().expect("node state");
@@ -1473,6 +1497,7 @@ impl Node {
             audit_write_failures: st.audit_failures,
             dns: self.dns.as_ref().map(Proxy::stats),
             dns_learned_addresses: st.learned.len(),
+            rule_hits: self.rule_hits(&st),
         };
         crate::metrics::render(&st.counters, &g)
     }

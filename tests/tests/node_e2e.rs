@@ -940,6 +940,7 @@ fn metrics_count_what_happened() {
         );
     }
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    assert_eq!(probe.cmd("connect tcp 192.0.2.11 443"), "err ENETUNREACH");
     let mut stranger = Probe::spawn(&env.cgroup("unenrolled"));
     assert_eq!(
         stranger.cmd("connect tcp 203.0.113.5 8080"),
@@ -953,6 +954,15 @@ fn metrics_count_what_happened() {
     assert_eq!(value(&s, "agentwall_decisions_total", &deny), 3.0);
     let unknown = [("identity", ""), ("verdict", "unknown")];
     assert_eq!(value(&s, "agentwall_decisions_total", &unknown), 1.0);
+    // The kernel counted both allowed connects against rule 1, none against rule 2.
+    let hits = |rule: &str| {
+        value(
+            &s,
+            "agentwall_rule_hits_total",
+            &[("identity", ID), ("rule_id", rule)],
+        )
+    };
+    assert_eq!((hits("1"), hits("2")), (2.0, 0.0));
     assert_eq!(value(&s, "agentwall_sessions", &[]), 1.0);
     assert_eq!(
         value(&s, "agentwall_identities", &[("state", "active")]),

@@ -199,6 +199,7 @@ pub struct Datapath {
     config: Array<MapData, Config>,
     drops: PerCpuArray<MapData, u64>,
     rate: HashMap<MapData, c::RateKey, c::RateState>,
+    hits: aya::maps::PerCpuHashMap<MapData, u64, u64>,
     events: Option<RingBuf<MapData>>,
     report: StartReport,
     /// What each identity's trie was compiled from, so a new global deny list can be compiled
@@ -269,6 +270,8 @@ impl Datapath {
             RingBuf::try_from(take(&mut ebpf, c::MAP_EVENTS)?).map_err(map_err(c::MAP_EVENTS))?;
         let rate =
             HashMap::try_from(take(&mut ebpf, c::MAP_RATE)?).map_err(map_err(c::MAP_RATE))?;
+        let hits = aya::maps::PerCpuHashMap::try_from(take(&mut ebpf, c::MAP_RULE_HITS)?)
+            .map_err(map_err(c::MAP_RULE_HITS))?;
 
         let mut dp = Self {
             pin_dir: dir,
@@ -279,6 +282,7 @@ impl Datapath {
             config,
             drops,
             rate,
+            hits,
             events: Some(events),
             report,
             applied: Default::default(),
@@ -667,6 +671,30 @@ impl Datapath {
     pub fn dropped_events(&self) -> Result<u64, DatapathError> {
         let per_cpu = self.drops.get(&0, 0).map_err(map_err(c::MAP_EVENT_DROPS))?;
         Ok(per_cpu.iter().sum())
+    }
+
+    /// Flows each rule allowed since the counters were last cleared, summed over CPUs:
+    /// (identity, rule id) → count. Counted while `record_allowed` is on.
+    pub fn rule_hits(&self) -> Result<std::collections::BTreeMap<(u32, u32), u64>, DatapathError> {
+        let mut out = std::collections::BTreeMap::new();
+        for entry in self.hits.iter() {
+            let (k, per_cpu) = entry.map_err(map_err(c::MAP_RULE_HITS))?;
+            let n: u64 = per_cpu.iter().sum();
+            out.insert(((k >> 32) as u32, k as u32), n);
+        }
+        Ok(out)
+    }
+
+    /// Forgets every rule's count (rule ids are renumbered by a new policy revision).
+    pub fn clear_rule_hits(&mut self) -> Result<(), DatapathError> {
+        let keys: Vec<u64> = self.hits.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            match self.hits.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(c::MAP_RULE_HITS)(e)),
+            }
+        }
+        Ok(())
     }
 
     /// Takes the counts the kernel's rate limit holds for flows that went quiet at least
