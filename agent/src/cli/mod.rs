@@ -42,7 +42,7 @@ enum Command {
     Revoke(revoke::Args),
     /// The node's state: revision, identities, sessions.
     Status(status::Args),
-    /// Denied, audited and unknown flows, recent and (with --follow) live.
+    /// Recorded flows (denied, audited, unknown, allowed), recent and (with --follow) live.
     Flows(flows::Args),
     /// The tamper-evident audit log.
     #[command(subcommand)]

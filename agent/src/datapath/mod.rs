@@ -384,6 +384,13 @@ impl Datapath {
             .map_err(map_err(c::MAP_IDENTITIES))
     }
 
+    /// Whether flows that rules allow are reported and counted per rule.
+    pub fn set_record_allowed(&mut self, on: bool) -> Result<(), DatapathError> {
+        let mut conf = self.read_config()?;
+        conf.record_allowed = u8::from(on);
+        self.write_config(conf)
+    }
+
     /// The port the DNS proxy listens on at every identity's proxy address; 0 turns steering
     /// off for everyone.
     pub fn set_dns_port(&mut self, port: u16) -> Result<(), DatapathError> {
