@@ -28,6 +28,16 @@
 //!   bench-dns SERVER N QPS NAMES   N A queries for n0..n{NAMES-1}.example.com, paced at QPS,
 //!                                  each on a fresh connected UDP socket as a stub resolver
 //!                                  does; answers `p50=NS p99=NS fail=K` (socket to answer)
+//!   uring-connect ADDR PORT        TCP connect() submitted through io_uring
+//!   uring-sendmsg ADDR PORT        unconnected UDP sendmsg() submitted through io_uring
+//!   write PATH TEXT                write TEXT to PATH (cgroup.procs, say)
+//!   mkdir PATH                     create a directory (a child cgroup, say)
+//!   connect-unix PATH              connect to a unix stream socket
+//!   fork-storm N tcp ADDR PORT     N children, each one connect(); `eperm=X other=Y`
+//!   recv-socket PATH               listen on unix socket PATH; a socket sent there over
+//!                                  SCM_RIGHTS is kept (answers at once)
+//!   send-socket PATH               make a TCP socket and send it to PATH over SCM_RIGHTS
+//!   connect-received ADDR PORT     connect() the socket received over SCM_RIGHTS
 //!   exit
 //! Startup: `aw-probe [--cgroup DIR] [--netns] [--resolv-conf FILE]` prints `ready PID` once in
 //! place; `--resolv-conf` bind-mounts FILE over /etc/resolv.conf in a private mount namespace.
@@ -353,6 +363,7 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             let fam = match *fam {
                 "inet" => libc::AF_INET,
                 "inet6" => libc::AF_INET6,
+                "packet" => libc::AF_PACKET,
                 f => return Err(format!("bad family {f}")),
             };
             let ty = match *ty {
@@ -430,6 +441,44 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         }
         ["resolve", name, server, mode, ty] => resolve(name, server, mode, ty)?,
         ["gai", name] => gai(name),
+        ["uring-connect", ip, port] => uring(sa(ip, port)?, false)?,
+        ["uring-sendmsg", ip, port] => uring(sa(ip, port)?, true)?,
+        ["write", path, text] => match std::fs::write(path, text) {
+            Ok(()) => "ok".into(),
+            Err(e) => format!("err {}", errno_name(e.raw_os_error().unwrap_or(0))),
+        },
+        ["mkdir", path] => match std::fs::create_dir(path) {
+            Ok(()) => "ok".into(),
+            Err(e) => format!("err {}", errno_name(e.raw_os_error().unwrap_or(0))),
+        },
+        ["connect-unix", path] => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => "ok".into(),
+            Err(e) => format!("err {}", errno_name(e.raw_os_error().unwrap_or(0))),
+        },
+        ["fork-storm", n, "tcp", ip, port] => {
+            let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
+            fork_storm(n, sa(ip, port)?)
+        }
+        ["recv-socket", path] => recv_socket(path)?,
+        ["send-socket", path] => send_socket(path)?,
+        ["connect-received", ip, port] => {
+            let (mut got, _) = ARRIVED
+                .wait_timeout_while(
+                    RECEIVED.lock().unwrap(),
+                    std::time::Duration::from_secs(5),
+                    |r| r.is_none(),
+                )
+                .unwrap();
+            let fd = got.take().ok_or("no socket received")?;
+            let (ss, len) = sockaddr(sa(ip, port)?);
+            // SAFETY: a valid fd and address.
+            let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const ss).cast(), len) };
+            if rc < 0 {
+                format!("err {}", errno_name(last_err()))
+            } else {
+                "ok".into()
+            }
+        }
         ["bench-dns", server, n, qps, names] => {
             let parse = |v: &str| v.parse::<u64>().map_err(|e| format!("bad number {v}: {e}"));
             bench_dns(server, parse(n)?, parse(qps)?, parse(names)?)?
@@ -447,6 +496,158 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         }
         _ => return Err(format!("unknown command: {line}")),
     })
+}
+
+/// One connect (TCP) or unconnected sendmsg (UDP) submitted through io_uring, which must meet
+/// the same hooks as the plain system calls.
+fn uring(addr: SocketAddr, udp: bool) -> Result<String, String> {
+    use io_uring::{IoUring, opcode, types};
+    let (ty, proto) = if udp {
+        (libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+    } else {
+        (libc::SOCK_STREAM, libc::IPPROTO_TCP)
+    };
+    let s =
+        new_socket(family(&addr), ty, proto).map_err(|e| format!("socket: {}", errno_name(e)))?;
+    let mut ring = IoUring::new(4).map_err(|e| format!("io_uring: {e}"))?;
+    let (mut ss, len) = sockaddr(addr);
+    let payload = *b"x";
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut _,
+        iov_len: payload.len(),
+    };
+    // SAFETY: a zeroed msghdr is valid; its pointers are filled with locals that outlive the
+    // submission (we wait for its completion below).
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_name = (&raw mut ss).cast();
+    msg.msg_namelen = len;
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    let sqe = if udp {
+        opcode::SendMsg::new(types::Fd(s.as_raw_fd()), &raw const msg).build()
+    } else {
+        opcode::Connect::new(types::Fd(s.as_raw_fd()), (&raw const ss).cast(), len).build()
+    };
+    // SAFETY: every buffer the entry points at lives until the completion is reaped.
+    unsafe {
+        ring.submission()
+            .push(&sqe)
+            .map_err(|e| format!("io_uring push: {e}"))?;
+    }
+    ring.submit_and_wait(1)
+        .map_err(|e| format!("io_uring submit: {e}"))?;
+    let cqe = ring.completion().next().ok_or("io_uring: no completion")?;
+    Ok(if cqe.result() < 0 {
+        format!("err {}", errno_name(-cqe.result()))
+    } else {
+        "ok".into()
+    })
+}
+
+fn fork_storm(n: usize, addr: SocketAddr) -> String {
+    let (ss, len) = sockaddr(addr);
+    let mut children = Vec::with_capacity(n);
+    for _ in 0..n {
+        // SAFETY: the child only makes async-signal-safe calls, then _exit()s.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: plain system calls in the child.
+            unsafe {
+                let s = libc::socket(family(&addr), libc::SOCK_STREAM, libc::IPPROTO_TCP);
+                let rc = libc::connect(s, (&raw const ss).cast(), len);
+                let code = if rc < 0 && *libc::__errno_location() == libc::EPERM {
+                    0
+                } else {
+                    1
+                };
+                libc::_exit(code);
+            }
+        }
+        if pid > 0 {
+            children.push(pid);
+        }
+    }
+    let (mut eperm, mut other) = (0, n - children.len());
+    for pid in children {
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &raw mut status, 0) };
+        if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+            eperm += 1;
+        } else {
+            other += 1;
+        }
+    }
+    format!("eperm={eperm} other={other}")
+}
+
+/// The socket received over SCM_RIGHTS, and its arrival signal.
+static RECEIVED: std::sync::Mutex<Option<OwnedFd>> = std::sync::Mutex::new(None);
+static ARRIVED: std::sync::Condvar = std::sync::Condvar::new();
+
+fn recv_socket(path: &str) -> Result<String, String> {
+    let _ = std::fs::remove_file(path);
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| e.to_string())?;
+    std::thread::spawn(move || {
+        let Ok((conn, _)) = listener.accept() else {
+            return;
+        };
+        let mut byte = [0u8; 1];
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        let mut cbuf = [0u64; 8];
+        // SAFETY: a zeroed msghdr is valid; buffers are locals that outlive the call.
+        unsafe {
+            let mut msg: libc::msghdr = mem::zeroed();
+            msg.msg_iov = &raw mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = cbuf.as_mut_ptr().cast();
+            msg.msg_controllen = mem::size_of_val(&cbuf);
+            if libc::recvmsg(conn.as_raw_fd(), &raw mut msg, 0) <= 0 {
+                return;
+            }
+            let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+            if !cmsg.is_null() && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>());
+                *RECEIVED.lock().unwrap() = Some(OwnedFd::from_raw_fd(fd));
+                ARRIVED.notify_all();
+            }
+        }
+    });
+    Ok("ok".into())
+}
+
+fn send_socket(path: &str) -> Result<String, String> {
+    let s = new_socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_TCP)
+        .map_err(|e| format!("socket: {}", errno_name(e)))?;
+    let conn = std::os::unix::net::UnixStream::connect(path).map_err(|e| e.to_string())?;
+    let byte = [1u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_ptr() as *mut _,
+        iov_len: 1,
+    };
+    let mut cbuf = [0u64; 8];
+    // SAFETY: as in recv_socket; CMSG_* compute offsets inside cbuf.
+    let rc = unsafe {
+        let mut msg: libc::msghdr = mem::zeroed();
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), s.as_raw_fd());
+        libc::sendmsg(conn.as_raw_fd(), &raw const msg, 0)
+    };
+    if rc < 0 {
+        return Ok(format!("err {}", errno_name(last_err())));
+    }
+    drop(conn);
+    Ok("ok".into())
 }
 
 fn dns_query(name: &str, ty: &str) -> Result<(u16, Vec<u8>), String> {

@@ -1,0 +1,221 @@
+//! Every way a governed agent might get out, each expected to fail: the agent is launched by
+//! the real node under its identity as an unprivileged user (`--user nobody`), inside a
+//! network namespace the test made (nothing there is routable, so nothing can leave even if a
+//! verdict were wrong). Each case asserts the exact outcome, and the record where the kernel
+//! writes one.
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use agentwall_tests::{
+    NetNs, Probe, TestEnv, bin_path,
+    node::{NodeProc, flows, write_cert},
+    pki::{Ca, CertSpec},
+};
+
+const ID: &str = "spiffe://example.org/agent/escape";
+
+const POLICY: &str = "\
+kind: AgentPolicy
+name: escape
+identity: spiffe://example.org/agent/escape
+egress:
+  - to: [192.0.2.0/24]
+    ports: [443]
+    protocol: tcp
+";
+
+/// Waits for a deny record of the identity to `dest:port` and returns it.
+fn denial(socket: &Path, dest: &str, port: u16) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(r) = flows(socket, "deny")
+            .into_iter()
+            .find(|r| r["dest"] == dest && r["port"] == port)
+        {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no deny record for {dest}:{port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_governed_agent_cannot_get_out() {
+    let env = TestEnv::new("attacks");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Ca::new("agentwall test CA");
+    std::fs::create_dir(dir.join("policy")).unwrap();
+    std::fs::write(dir.join("policy/agents.yaml"), POLICY).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let audit = dir.join("audit.jsonl");
+    let node = NodeProc::start_with(
+        &env,
+        dir,
+        &[
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--aggregate-window-secs",
+            "1",
+        ],
+    );
+    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+    // Where the agent (as nobody) and a helper can meet over a unix socket.
+    let shared = dir.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+
+    let ns = NetNs::new("attacks");
+    let mut c = Command::new(bin_path("agentwall"));
+    c.arg("launch")
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("--socket")
+        .arg(&node.socket)
+        .args(["--user", "nobody", "--"])
+        .arg(bin_path("aw-probe"));
+    ns.enter(&mut c);
+    let mut agent = Probe::from_command(c);
+    // An unenrolled helper in the same namespace, root, outside the agent's cgroup.
+    let helper_cg = env.cgroup("helper");
+    let mut h = Command::new(bin_path("aw-probe"));
+    h.args(["--cgroup", helper_cg.path().to_str().unwrap()]);
+    ns.enter(&mut h);
+    let mut helper = Probe::from_command(h);
+
+    // Allowed is allowed (ENETUNREACH: the hook let it through, nothing is routable).
+    assert_eq!(agent.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+
+    // Raw and packet sockets: an unprivileged agent has no CAP_NET_RAW, and for a privileged
+    // one sock_create denies raw sockets (datapath tests). ICMP ping sockets and SCTP are not
+    // TCP or UDP: sock_create denies them and records it.
+    assert_eq!(agent.cmd("socket inet raw 1"), "err EPERM");
+    assert_eq!(agent.cmd("socket inet6 raw 58"), "err EPERM");
+    assert_eq!(agent.cmd("socket packet raw 768"), "err EPERM");
+    // ICMP ping sockets need the user's group in net.ipv4.ping_group_range (EACCES without);
+    // with it, sock_create denies them.
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ping_group_range").unwrap();
+    let mut r = range.split_whitespace().map(|v| v.parse::<u64>().unwrap());
+    let (lo, hi) = (r.next().unwrap(), r.next().unwrap());
+    let nobody_gid = 65534;
+    let want = if (lo..=hi).contains(&nobody_gid) {
+        "err EPERM"
+    } else {
+        "err EACCES"
+    };
+    assert_eq!(agent.cmd("socket inet dgram 1"), want, "ICMP ping socket");
+    // SCTP: where the kernel has it (the unenrolled helper can open one), sock_create denies
+    // it; elsewhere nobody gets one.
+    let want = match helper.cmd("socket inet stream 132").as_str() {
+        "ok" => "err EPERM",
+        other => {
+            assert_eq!(other, "err EPROTONOSUPPORT");
+            "err EPROTONOSUPPORT"
+        }
+    };
+    assert_eq!(agent.cmd("socket inet stream 132"), want, "SCTP socket");
+
+    // Address tricks: IPv4-mapped IPv6 is judged as IPv4; IPv4-compatible IPv6 is an IPv6
+    // address no rule names.
+    assert_eq!(agent.cmd("connect tcp ::ffff:203.0.113.5 443"), "err EPERM");
+    assert_eq!(agent.cmd("connect tcp ::203.0.113.5 443"), "err EPERM");
+    denial(&node.socket, "203.0.113.5", 443);
+    denial(&node.socket, "::cb00:7105", 443);
+
+    // Other ways to send: sendmmsg, TCP Fast Open, io_uring connect and sendmsg.
+    assert_eq!(agent.cmd("sendmmsg udp 203.0.113.6 5353"), "err EPERM");
+    assert_eq!(agent.cmd("fastopen 203.0.113.7 443"), "err EPERM");
+    assert_eq!(agent.cmd("uring-connect 203.0.113.8 443"), "err EPERM");
+    assert_eq!(agent.cmd("uring-sendmsg 203.0.113.9 53"), "err EPERM");
+    assert_eq!(agent.cmd("uring-connect 192.0.2.10 443"), "err ENETUNREACH");
+    for (dest, port) in [
+        ("203.0.113.6", 5353),
+        ("203.0.113.7", 443),
+        ("203.0.113.8", 443),
+        ("203.0.113.9", 53),
+    ] {
+        let r = denial(&node.socket, dest, port);
+        assert_eq!(r["identity"], ID);
+        assert_eq!(r["reason"], "no rule allows it");
+    }
+
+    // DNS to a resolver no rule names, over UDP and TCP.
+    assert_eq!(agent.cmd("connect udp 203.0.113.53 53"), "err EPERM");
+    assert_eq!(agent.cmd("connect tcp 203.0.113.53 53"), "err EPERM");
+    denial(&node.socket, "203.0.113.53", 53);
+
+    // A socket an unenrolled process made and passed over SCM_RIGHTS is judged by the task
+    // that calls connect(): the agent's identity, so denied. (The reverse, an agent's socket
+    // used by an unenrolled process, is judged as unenrolled: see the threat model.)
+    let path = shared.join("pass.sock");
+    let path = path.to_str().unwrap();
+    assert_eq!(agent.cmd(&format!("recv-socket {path}")), "ok");
+    assert_eq!(helper.cmd(&format!("send-socket {path}")), "ok");
+    assert_eq!(agent.cmd("connect-received 203.0.113.10 443"), "err EPERM");
+    denial(&node.socket, "203.0.113.10", 443);
+
+    // Leaving the cgroup: another cgroup's cgroup.procs and a child cgroup are root's.
+    let me = agent.pid;
+    for target in [env.root.path(), helper_cg.path()] {
+        assert_eq!(
+            agent.cmd(&format!("write {}/cgroup.procs {me}", target.display())),
+            "err EACCES"
+        );
+    }
+    let own = std::fs::read_to_string(format!("/proc/{me}/cgroup")).unwrap();
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap()
+        .to_owned();
+    let own_dir = agentwall::cgroup::Cgroup2Mount::discover()
+        .unwrap()
+        .mount_point
+        .join(own.trim_start_matches('/'));
+    assert_eq!(
+        agent.cmd(&format!("mkdir {}/escape", own_dir.display())),
+        "err EACCES"
+    );
+
+    // The node's API: root only.
+    assert_eq!(
+        agent.cmd(&format!("connect-unix {}", node.socket.display())),
+        "err EACCES"
+    );
+
+    // Thousands of children inherit the cgroup: every one is denied, and the records add up
+    // to exactly that many flows.
+    assert_eq!(
+        agent.cmd("fork-storm 1000 tcp 203.0.113.11 443"),
+        "eperm=1000 other=0"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let total: u64 = std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| {
+                r["kind"] == "decision" && r["dest"] == "203.0.113.11" && r["verdict"] == "deny"
+            })
+            .map(|r| r["count"].as_u64().unwrap())
+            .sum();
+        if total == 1000 {
+            break;
+        }
+        assert!(total < 1000, "counted {total} of 1000");
+        assert!(Instant::now() < deadline, "counted {total} of 1000");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
