@@ -118,9 +118,14 @@ impl AuditLog {
         if self.max_bytes > 0 && self.size > 0 && self.size + line.len() as u64 > self.max_bytes {
             self.rotate()?;
         }
-        self.file
-            .write_all(line.as_bytes())
-            .map_err(io_err(&self.path))?;
+        if let Err(e) = self.file.write_all(line.as_bytes()) {
+            // Nothing half-written stays (a full disk, say): cut back to the last whole record
+            // and give the sequence number back, so the chain continues intact once writes
+            // succeed again and the caller's loss record accounts for the gap.
+            let _ = self.file.set_len(self.size);
+            self.seq -= 1;
+            return Err(io_err(&self.path)(e));
+        }
         self.size += line.len() as u64;
         self.prev = hash;
         Ok(self.seq)

@@ -144,6 +144,8 @@ struct State {
     dropped_seen: u64,
     /// Audit records that could not be written.
     audit_failures: u64,
+    /// Of those, the ones no `loss` record in the log accounts for yet.
+    audit_unlogged: u64,
     counters: crate::metrics::Counters,
     /// Each identity's rules from the policy in force, before learned host rules.
     base_rules: BTreeMap<u32, Vec<Rule>>,
@@ -199,9 +201,26 @@ impl State {
     /// stops enforcement.
     fn audit(&mut self, kind: &str, fields: serde_json::Value) {
         if let Some(log) = &mut self.audit {
+            // Records that could not be written earlier are a counted loss in the log itself,
+            // once it takes records again.
+            if self.audit_unlogged > 0
+                && log
+                    .append(
+                        "loss",
+                        serde_json::json!({ "audit_records_lost": self.audit_unlogged }),
+                    )
+                    .is_ok()
+            {
+                self.audit_unlogged = 0;
+            }
             if let Err(e) = log.append(kind, fields) {
                 self.audit_failures += 1;
-                error!(error = %e, failures = self.audit_failures, "audit record not written");
+                self.audit_unlogged += 1;
+                // A full disk fails every record: say so at 1, 2, 4, 8... failures, not each.
+                if self.audit_failures.is_power_of_two() {
+                    error!(error = %e, failures = self.audit_failures,
+                        "audit records not written (counted in agentwall_audit_write_failures_total)");
+                }
             }
         }
     }
@@ -368,6 +387,7 @@ impl Node {
                 audit,
                 dropped_seen: 0,
                 audit_failures: 0,
+                audit_unlogged: 0,
                 counters: Default::default(),
                 base_rules: BTreeMap::new(),
                 learned,

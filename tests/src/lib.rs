@@ -264,6 +264,18 @@ impl Probe {
         self.read_answer(line)
     }
 
+    /// Sends one command without waiting; [`Probe::answer`] reads its reply later, so the test
+    /// can act while the probe works.
+    pub fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").expect("write to probe");
+        self.stdin.flush().expect("flush");
+    }
+
+    /// The reply to the command [`Probe::send`] sent.
+    pub fn answer(&mut self, line: &str) -> String {
+        self.read_answer(line)
+    }
+
     fn read_answer(&mut self, line: &str) -> String {
         let mut out = String::new();
         self.stdout.read_line(&mut out).expect("read from probe");

@@ -11,7 +11,7 @@ use std::{
 
 use agentwall_tests::{
     DnsServer, NetNs, Probe, TestEnv, bin_path,
-    node::{NodeProc, flows, launch_args, status_json, wait_status, write_cert},
+    node::{NodeProc, flows, launch_args, metric, status_json, wait_status, write_cert},
     pki::{Ca, CertSpec},
 };
 
@@ -147,19 +147,6 @@ fn scrape(ns: &NetNs, addr: &str) -> prometheus_parse::Scrape {
     })
     .join()
     .unwrap()
-}
-
-fn value(s: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    s.samples
-        .iter()
-        .find(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .map(|x| match x.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => f64::NAN,
-        })
-        .unwrap_or_else(|| panic!("no sample {metric} {labels:?}"))
 }
 
 const POLICY: &str = "\
@@ -405,15 +392,21 @@ fn names_allow_exactly_the_addresses_the_agent_resolved() {
     assert_eq!(p.cmd("gai api.example.com"), "ok 203.0.113.10,2001:db8::10");
 
     let m = scrape(&lab.ns, "127.0.0.1:9464");
-    let dropped = |r| value(&m, "agentwall_dns_dropped_total", &[("reason", r)]);
+    let dropped = |r| metric(&m, "agentwall_dns_dropped_total", &[("reason", r)]);
     assert_eq!(dropped("mismatched_response"), 1.0);
     assert_eq!(dropped("malformed_response"), 1.0);
     assert_eq!(dropped("malformed_query"), 1.0);
     assert_eq!(dropped("oversized_query"), 1.0);
-    assert_eq!(value(&m, "agentwall_dns_upstream_failures_total", &[]), 2.0);
-    assert_eq!(value(&m, "agentwall_dns_addresses_refused_total", &[]), 6.0);
-    assert!(value(&m, "agentwall_dns_learned_addresses", &[]) >= 12.0);
-    assert!(value(&m, "agentwall_dns_queries_total", &[("transport", "tcp")]) >= 2.0);
+    assert_eq!(
+        metric(&m, "agentwall_dns_upstream_failures_total", &[]),
+        2.0
+    );
+    assert_eq!(
+        metric(&m, "agentwall_dns_addresses_refused_total", &[]),
+        6.0
+    );
+    assert!(metric(&m, "agentwall_dns_learned_addresses", &[]) >= 12.0);
+    assert!(metric(&m, "agentwall_dns_queries_total", &[("transport", "tcp")]) >= 2.0);
     let s = status_json(&node.socket);
     assert_eq!(s["dns"]["port"], 15053);
     assert!(s["dns"]["error"].is_null(), "{s}");

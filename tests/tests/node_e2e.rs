@@ -9,7 +9,10 @@ use std::{
 
 use agentwall_tests::{
     Probe, TestEnv, bin_path,
-    node::{NodeProc, launch_args, launch_probe, status_json, wait_flow, wait_status, write_cert},
+    node::{
+        NodeProc, launch_args, launch_probe, metric, scrape, status_json, wait_flow, wait_status,
+        write_cert,
+    },
     pki::{Ca, CertSpec, Issued},
 };
 
@@ -896,31 +899,6 @@ fn scheduled_rules_allow_only_inside_their_windows() {
 }
 
 /// `GET /metrics` over a plain TCP connection to loopback.
-fn scrape(addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: agentwall\r\n\r\n")
-        .unwrap();
-    let mut resp = String::new();
-    c.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
-}
-
-fn value(s: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    s.samples
-        .iter()
-        .find(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .map(|x| match x.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => f64::NAN,
-        })
-        .unwrap_or_else(|| panic!("{metric} {labels:?} not scraped"))
-}
-
 #[test]
 fn metrics_count_what_happened() {
     let (env, tmp, ca) = setup("metrics", POLICY);
@@ -951,34 +929,34 @@ fn metrics_count_what_happened() {
 
     let s = scrape(addr);
     let deny = [("identity", ID), ("verdict", "deny")];
-    assert_eq!(value(&s, "agentwall_decisions_total", &deny), 3.0);
+    assert_eq!(metric(&s, "agentwall_decisions_total", &deny), 3.0);
     let unknown = [("identity", ""), ("verdict", "unknown")];
-    assert_eq!(value(&s, "agentwall_decisions_total", &unknown), 1.0);
+    assert_eq!(metric(&s, "agentwall_decisions_total", &unknown), 1.0);
     // The kernel counted both allowed connects against rule 1, none against rule 2.
     let hits = |rule: &str| {
-        value(
+        metric(
             &s,
             "agentwall_rule_hits_total",
             &[("identity", ID), ("rule_id", rule)],
         )
     };
     assert_eq!((hits("1"), hits("2")), (2.0, 0.0));
-    assert_eq!(value(&s, "agentwall_sessions", &[]), 1.0);
+    assert_eq!(metric(&s, "agentwall_sessions", &[]), 1.0);
     assert_eq!(
-        value(&s, "agentwall_identities", &[("state", "active")]),
+        metric(&s, "agentwall_identities", &[("state", "active")]),
         2.0
     );
-    assert_eq!(value(&s, "agentwall_policy_applies_total", &[]), 1.0);
+    assert_eq!(metric(&s, "agentwall_policy_applies_total", &[]), 1.0);
     assert_eq!(
-        value(&s, "agentwall_map_capacity", &[("map", "bindings")]),
+        metric(&s, "agentwall_map_capacity", &[("map", "bindings")]),
         65536.0
     );
     assert_eq!(
-        value(&s, "agentwall_map_fill_ratio", &[("map", "bindings")]),
+        metric(&s, "agentwall_map_fill_ratio", &[("map", "bindings")]),
         1.0 / 65536.0
     );
-    assert_eq!(value(&s, "agentwall_events_dropped_total", &[]), 0.0);
-    assert!(value(&s, "agentwall_policy_apply_seconds", &[]) > 0.0);
+    assert_eq!(metric(&s, "agentwall_events_dropped_total", &[]), 0.0);
+    assert!(metric(&s, "agentwall_policy_apply_seconds", &[]) > 0.0);
 }
 
 #[test]

@@ -1,0 +1,197 @@
+//! Faults: the node killed during a connect storm, and a full disk under the audit log.
+//! Enforcement lives in the kernel, so neither may change a single verdict; what the node
+//! records must be recovered or counted as lost.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use agentwall_tests::{
+    TestEnv,
+    node::{NodeProc, flows, launch_probe, metric, scrape, write_cert},
+    pki::{Ca, CertSpec},
+};
+
+const ID: &str = "spiffe://example.org/agent/support";
+
+const POLICY: &str = "\
+kind: AgentPolicy
+name: support
+identity: spiffe://example.org/agent/support
+egress:
+  - to: [192.0.2.0/24]
+    ports: [443]
+    protocol: tcp
+";
+
+fn setup(name: &str) -> (TestEnv, tempfile::TempDir, Ca) {
+    let env = TestEnv::new(name);
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("agentwall test CA");
+    std::fs::create_dir(tmp.path().join("policy")).unwrap();
+    std::fs::write(tmp.path().join("policy/agents.yaml"), POLICY).unwrap();
+    std::fs::write(tmp.path().join("ca.pem"), ca.pem()).unwrap();
+    (env, tmp, ca)
+}
+
+#[test]
+fn sigkill_of_the_node_mid_storm_changes_no_verdict_and_loses_no_record() {
+    let (env, tmp, ca) = setup("sigkill");
+    let dir = tmp.path();
+    let node = NodeProc::start(&env, dir);
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+
+    // A storm of denied connects while the node is SIGKILLed and started again...
+    let storm = "connect-loop tcp 203.0.113.5 443 200000";
+    probe.send(storm);
+    drop(node);
+    let node = NodeProc::start(&env, dir);
+    assert_eq!(probe.answer(storm), "eperm=200000 other=0");
+    // ...and of allowed ones (ENETUNREACH in the probe's namespace: the hook let them by).
+    let storm = "connect-loop tcp 192.0.2.10 443 200000";
+    probe.send(storm);
+    drop(node);
+    let node = NodeProc::start(&env, dir);
+    assert_eq!(probe.answer(storm), "eperm=0 other=200000");
+
+    // Denials made while no node runs wait in the pinned ring buffer for the next one.
+    drop(node);
+    assert_eq!(
+        probe.cmd("sweep tcp 203.0.113.6 2000 2099"),
+        "eperm=100 other=0"
+    );
+    let node = NodeProc::start(&env, dir);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ports: std::collections::BTreeSet<u64> = flows(&node.socket, "deny")
+            .iter()
+            .filter(|r| r["dest"] == "203.0.113.6")
+            .map(|r| r["port"].as_u64().unwrap())
+            .collect();
+        if ports == (2000..2100).collect() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of 100 records read after the restart",
+            ports.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A small tmpfs for the audit log, unmounted on drop.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting a tmpfs at {}", at.display());
+        Self(at.to_owned())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_under_the_audit_log_changes_no_verdict_and_counts_the_loss() {
+    let (env, tmp, ca) = setup("diskfull");
+    let dir = tmp.path();
+    let disk = SmallDisk::mount(&dir.join("small"), "32k");
+    let audit = disk.0.join("audit.jsonl");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let node = NodeProc::start_with(
+        &env,
+        dir,
+        &[
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--metrics-listen",
+            &addr.to_string(),
+        ],
+    );
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    // 500 distinct denials: far more records than 32 KiB holds.
+    assert_eq!(
+        probe.cmd("sweep tcp 203.0.113.5 3000 3499"),
+        "eperm=500 other=0"
+    );
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = scrape(addr);
+        let denied = metric(
+            &s,
+            "agentwall_decisions_total",
+            &[("identity", ID), ("verdict", "deny")],
+        );
+        let failures = metric(&s, "agentwall_audit_write_failures_total", &[]);
+        if denied == 500.0 && failures > 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "denied {denied}, audit failures {failures}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Still enforcing.
+    assert_eq!(probe.cmd("connect tcp 203.0.113.5 4000"), "err EPERM");
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+
+    // Room again: the log says how many records it lost, and its chain is intact.
+    let ok = std::process::Command::new("mount")
+        .args(["-o", "remount,size=4m"])
+        .arg(&disk.0)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    assert_eq!(probe.cmd("connect tcp 203.0.113.5 4001"), "err EPERM");
+    let failures = metric(&scrape(addr), "agentwall_audit_write_failures_total", &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lost = loop {
+        let lost: u64 = std::fs::read_to_string(&audit)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["kind"] == "loss")
+            .filter_map(|r| r["audit_records_lost"].as_u64())
+            .sum();
+        if lost > 0 {
+            break lost;
+        }
+        assert!(Instant::now() < deadline, "no loss record");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(lost as f64, failures);
+    let out = std::process::Command::new(agentwall_tests::bin_path("agentwall"))
+        .args(["audit", "verify"])
+        .arg(&audit)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
