@@ -9,6 +9,8 @@ pub struct Counters {
     /// repeats included.
     pub decisions: BTreeMap<(String, String), u64>,
     pub policy_applies: u64,
+    /// Policy changes refused (invalid, or more than the datapath holds).
+    pub policy_rejections: u64,
     pub last_apply_seconds: f64,
     /// Addresses DNS answers made allowed.
     pub dns_learned: u64,
@@ -147,6 +149,17 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         "Policy revisions applied to the kernel.",
     );
     let _ = writeln!(out, "agentwall_policy_applies_total {}", c.policy_applies);
+    header(
+        &mut out,
+        "agentwall_policy_rejections_total",
+        "counter",
+        "Policy changes refused (invalid, or more than the datapath holds); the last good revision stayed.",
+    );
+    let _ = writeln!(
+        out,
+        "agentwall_policy_rejections_total {}",
+        c.policy_rejections
+    );
     header(
         &mut out,
         "agentwall_policy_apply_seconds",

@@ -51,6 +51,15 @@ pub enum NodeError {
     Tls(#[from] rustls::Error),
     #[error(transparent)]
     Catalog(#[from] crate::discovery::CatalogError),
+    #[error(
+        "the policy needs {total} identities ({known} known to this node, {new} new); the datapath holds at most {max}: nothing was applied",
+        total = known + new
+    )]
+    Capacity {
+        known: usize,
+        new: usize,
+        max: usize,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> NodeError + '_ {
@@ -133,6 +142,11 @@ struct State {
     datapath: Datapath,
     policy: PolicySet,
     last_policy_error: Option<String>,
+    /// A valid revision that could not be applied (capacity, say); not retried until the
+    /// directory changes.
+    refused_revision: Option<String>,
+    /// What the policy directory looked like when last read.
+    policy_stamp: Option<CrlStamp>,
     numbers: IdentityNumbers,
     sessions: Vec<Session>,
     seq: u64,
@@ -241,8 +255,17 @@ impl Tls {
     }
 }
 
-/// What the CRL files looked like when last read (path, modification time, length).
+/// What files looked like when last read (path, modification time, length).
 type CrlStamp = Vec<(PathBuf, Option<std::time::SystemTime>, u64)>;
+
+/// The policy directory's files, with their modification times and lengths.
+fn policy_stamp(dir: &Path) -> CrlStamp {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    crl_stamp(&files)
+}
 
 fn crl_stamp(crls: &[PathBuf]) -> CrlStamp {
     crls.iter()
@@ -379,6 +402,8 @@ impl Node {
                 datapath,
                 policy: policy.clone(),
                 last_policy_error: None,
+                refused_revision: None,
+                policy_stamp: None,
                 numbers,
                 sessions: Vec::new(),
                 seq: 0,
@@ -409,6 +434,21 @@ impl Node {
     fn apply(&self, policy: PolicySet) -> Result<(), NodeError> {
         let t0 = std::time::Instant::now();
         let mut st = self.state.lock().expect("node state");
+        // Refused whole before anything changes: identity numbers are kept for good, so the
+        // table must hold everyone known plus everyone new.
+        let new = policy
+            .agents
+            .iter()
+            .filter(|a| !st.numbers.numbers.contains_key(&a.identity))
+            .count();
+        let max = agent_common::MAX_IDENTITIES as usize - 1;
+        if st.numbers.numbers.len() + new > max {
+            return Err(NodeError::Capacity {
+                known: st.numbers.numbers.len(),
+                new,
+                max,
+            });
+        }
         let mut sets: Vec<(u32, Vec<Rule>)> = Vec::new();
         for agent in &policy.agents {
             let n = st.numbers.get_or_assign(&agent.identity);
@@ -584,7 +624,8 @@ impl Node {
 
     /// Re-reads the policy directory; a new valid revision is applied, an invalid one is
     /// refused and the last good one stays in force.
-    pub fn reload(&self) {
+    /// `force`: read the policy directory even when nothing in it changed (`policy apply`).
+    pub fn reload(&self, force: bool) {
         self.reload_crls();
         self.collect_sessions();
         {
@@ -624,16 +665,46 @@ impl Node {
             }
         }
         let dir = self.cfg.policy_dir();
+        // Parsed again only when a file in it changed: a large directory costs nothing while
+        // it stays as it is.
+        let stamp = policy_stamp(&dir);
+        {
+            let mut st = self.state.lock().expect("node state");
+            if !force && st.policy_stamp.as_ref() == Some(&stamp) {
+                return;
+            }
+            st.policy_stamp = Some(stamp);
+        }
         let current = self.revision();
         match load_dir(&dir) {
             // The directory is back to what is in force: any earlier rejection is over.
             Ok(set) if set.revision == current => {
-                self.state.lock().expect("node state").last_policy_error = None;
+                let mut st = self.state.lock().expect("node state");
+                st.last_policy_error = None;
+                st.refused_revision = None;
             }
+            // Refused once already: not tried (and logged) again every tick.
+            Ok(set)
+                if self
+                    .state
+                    .lock()
+                    .expect("node state")
+                    .refused_revision
+                    .as_deref()
+                    == Some(set.revision.as_str()) => {}
             Ok(set) => {
+                let revision = set.revision.clone();
                 if let Err(e) = self.apply(set) {
                     error!(error = %e, "applying policy failed; the previous revision stays");
-                    self.state.lock().expect("node state").last_policy_error = Some(e.to_string());
+                    let mut st = self.state.lock().expect("node state");
+                    let in_force = st.policy.revision.clone();
+                    st.audit(
+                        "policy",
+                        serde_json::json!({ "event": "rejected", "revision": revision, "errors": e.to_string(), "revision_in_force": in_force }),
+                    );
+                    st.last_policy_error = Some(e.to_string());
+                    st.refused_revision = Some(revision);
+                    st.counters.policy_rejections += 1;
                 }
             }
             Err(errors) => {
@@ -647,6 +718,7 @@ impl Node {
                     );
                     warn!(revision = %st.policy.revision, errors = %text,
                         "policy change rejected; keeping the last good revision");
+                    st.counters.policy_rejections += 1;
                     st.last_policy_error = Some(text);
                 }
             }
@@ -1190,7 +1262,7 @@ impl Node {
                 Ok(Request::Revoke { .. }) => Response::error(None, "revoke is for root only"),
                 Ok(Request::Reload) if uid == Some(0) => {
                     let node = self.clone();
-                    let _ = tokio::task::spawn_blocking(move || node.reload()).await;
+                    let _ = tokio::task::spawn_blocking(move || node.reload(true)).await;
                     let st = self.state.lock().expect("node state");
                     Response {
                         ok: st.last_policy_error.is_none(),
@@ -1606,7 +1678,7 @@ impl Node {
                 },
                 _ = reload.tick() => {
                     let node = self.clone();
-                    let _ = tokio::task::spawn_blocking(move || node.reload()).await;
+                    let _ = tokio::task::spawn_blocking(move || node.reload(false)).await;
                 }
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,

@@ -195,3 +195,63 @@ fn a_full_disk_under_the_audit_log_changes_no_verdict_and_counts_the_loss() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_policy_beyond_the_identity_table_is_refused_whole() {
+    let (env, tmp, ca) = setup("capacity");
+    let dir = tmp.path();
+    let audit = dir.join("audit.jsonl");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let node = NodeProc::start_with(
+        &env,
+        dir,
+        &[
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--metrics-listen",
+            &addr.to_string(),
+        ],
+    );
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    let before = agentwall_tests::node::status_json(&node.socket)["revision"].clone();
+
+    // One identity more than the datapath's table holds, and the support agent's rule gone.
+    let max = agent_common::MAX_IDENTITIES as usize - 1;
+    let mut text = String::new();
+    for i in 0..=max {
+        text.push_str(&format!(
+            "---\nkind: AgentPolicy\nname: a{i}\nidentity: spiffe://example.org/agent/a{i}\negress:\n  - to: [198.51.100.1]\n    ports: [443]\n"
+        ));
+    }
+    std::fs::write(dir.join("policy/agents.yaml"), text).unwrap();
+    let s = agentwall_tests::node::wait_status(&node.socket, "the refusal", |s| {
+        s["policy_error"].is_string()
+    });
+    assert_eq!(
+        s["policy_error"],
+        format!(
+            "the policy needs {} identities (1 known to this node, {} new); the datapath holds at most {max}: nothing was applied",
+            max + 2,
+            max + 1
+        )
+    );
+    assert_eq!(s["revision"], before);
+    // The support agent keeps its rule.
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    assert_eq!(
+        metric(&scrape(addr), "agentwall_policy_rejections_total", &[]),
+        1.0
+    );
+    let rejected = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["kind"] == "policy" && r["event"] == "rejected")
+        .expect("a rejected record");
+    assert_eq!(rejected["revision_in_force"], before);
+}
