@@ -35,7 +35,7 @@ enum Task {
     Test,
     /// Run a benchmark and print its table.
     Bench {
-        #[arg(value_parser = ["datapath", "dns"])]
+        #[arg(value_parser = ["datapath", "dns", "compare"])]
         which: String,
         /// Operations measured per configuration and round (default: 20,000 connects for
         /// datapath, 2,000 lookups for dns).
@@ -79,7 +79,14 @@ fn main() -> Result<()> {
             // The benchmark drives aw-probe (and the dns one the agentwall binary), so every
             // binary must be fresh.
             run(cargo(&root).args(["build", "--release", "--bins"]))?;
-            let iterations = iterations.unwrap_or(if which == "dns" { 2_000 } else { 20_000 });
+            let iterations = iterations.unwrap_or(match which.as_str() {
+                "dns" => 2_000,
+                "compare" => 5_000,
+                _ => 20_000,
+            });
+            if which == "compare" {
+                install_peers()?;
+            }
             run(cargo(&root).args([
                 "run",
                 "--release",
@@ -105,6 +112,29 @@ fn main() -> Result<()> {
             demo::run(&root)
         }
     }
+}
+
+/// What `bench compare` measures agentwall against, from Debian's packages (idempotent).
+fn install_peers() -> Result<()> {
+    let have = |cmd: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {cmd}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if have("nft") && have("iptables-restore") {
+        return Ok(());
+    }
+    println!("installing nftables and iptables (Debian packages) for the comparison");
+    run(Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "nftables",
+            "iptables",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn workspace_root() -> PathBuf {

@@ -69,6 +69,7 @@ fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
     rules
 }
 
+mod compare;
 mod dns;
 
 fn main() {
@@ -80,7 +81,10 @@ fn main() {
         [which, flag, n] if which == "dns" && flag == "--iterations" => {
             dns::run(n.parse().expect("iterations"))
         }
-        _ => panic!("usage: aw-bench datapath|dns --iterations N"),
+        [which, flag, n] if which == "compare" && flag == "--iterations" => {
+            compare::run(n.parse().expect("iterations"))
+        }
+        _ => panic!("usage: aw-bench datapath|dns|compare --iterations N"),
     }
 }
 
