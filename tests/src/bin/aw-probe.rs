@@ -13,6 +13,8 @@
 //!   sweep tcp ADDR LO HI           one connect to each port LO..=HI; answers `eperm=X other=Y`
 //!   bench-connect ADDR PORT N      listen on ADDR:PORT, time N TCP connects to it; answers
 //!                                  `p50=NS p99=NS`
+//!   bench-sendto ADDR PORT N       N unconnected one-byte sendto()s to a local sink;
+//!                                  `pps=N`
 //!   bench-udp ADDR PORT N          time N connect() calls re-connecting one UDP socket (no
 //!                                  handshake: the hook's own cost stands out); `p50=NS p99=NS`
 //!   hold tcp ADDR PORT             connect and keep the connection open
@@ -255,6 +257,41 @@ fn timed_connect(
     Ok(dt.as_nanos() as u64)
 }
 
+/// Unconnected sendto() of N one-byte datagrams to a local socket that drains them; answers
+/// `pps=N` (datagrams per second).
+fn bench_sendto(addr: SocketAddr, n: usize) -> Result<String, String> {
+    let sink = std::net::UdpSocket::bind(addr).map_err(|e| format!("bind: {e}"))?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while sink.recv(&mut buf).is_ok() {}
+    });
+    let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+        .map_err(|e| format!("socket: {}", errno_name(e)))?;
+    let (ss, len) = sockaddr(addr);
+    let byte = [0u8; 1];
+    let t0 = std::time::Instant::now();
+    for _ in 0..n {
+        // SAFETY: valid fd, buffer and address.
+        let rc = unsafe {
+            libc::sendto(
+                s.as_raw_fd(),
+                byte.as_ptr().cast(),
+                1,
+                0,
+                (&raw const ss).cast(),
+                len,
+            )
+        };
+        if rc < 0 {
+            return Ok(format!("err {}", errno_name(last_err())));
+        }
+    }
+    Ok(format!(
+        "pps={}",
+        (n as f64 / t0.elapsed().as_secs_f64()) as u64
+    ))
+}
+
 fn bench_udp(addr: SocketAddr, n: usize) -> Result<String, String> {
     let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
         .map_err(|e| format!("socket: {}", errno_name(e)))?;
@@ -430,6 +467,10 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 }
             }
             format!("alive={alive} closed={closed}")
+        }
+        ["bench-sendto", ip, port, n] => {
+            let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
+            bench_sendto(sa(ip, port)?, n)?
         }
         ["bench-udp", ip, port, n] => {
             let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
