@@ -13,6 +13,9 @@
 //!   sweep tcp ADDR LO HI           one connect to each port LO..=HI; answers `eperm=X other=Y`
 //!   bench-connect ADDR PORT N      listen on ADDR:PORT, time N TCP connects to it; answers
 //!                                  `p50=NS p99=NS`
+//!   bench-proxy PADDR PPORT ADDR PORT N
+//!                                  N HTTP CONNECTs through the proxy at PADDR:PPORT to a
+//!                                  listener at ADDR:PORT; `p50=NS p99=NS`
 //!   bench-sendto ADDR PORT N       N unconnected one-byte sendto()s to a local sink;
 //!                                  `pps=N`
 //!   bench-udp ADDR PORT N          time N connect() calls re-connecting one UDP socket (no
@@ -257,6 +260,49 @@ fn timed_connect(
     Ok(dt.as_nanos() as u64)
 }
 
+/// N HTTP CONNECTs through the proxy at `proxy` to a listener this probe opens at `dest`,
+/// each timed from connect() to the proxy's "200"; answers `p50=NS p99=NS`.
+fn bench_proxy(proxy: SocketAddr, dest: SocketAddr, n: usize) -> Result<String, String> {
+    use std::io::Read as _;
+    let listener = std::net::TcpListener::bind(dest).map_err(|e| format!("listen: {e}"))?;
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            drop(c);
+        }
+    });
+    let req = format!("CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n");
+    let warmup = n / 10;
+    let mut samples = Vec::with_capacity(n);
+    let mut buf = [0u8; 512];
+    for i in 0..warmup + n {
+        let t0 = std::time::Instant::now();
+        let mut s = std::net::TcpStream::connect(proxy).map_err(|e| format!("proxy: {e}"))?;
+        s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+        let mut got = 0;
+        while !buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf[got..]) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => got += k,
+            }
+            if got == buf.len() {
+                break;
+            }
+        }
+        let ns = t0.elapsed().as_nanos() as u64;
+        let head = String::from_utf8_lossy(&buf[..got]);
+        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+            return Ok(format!(
+                "err proxy said {:?}",
+                head.lines().next().unwrap_or("")
+            ));
+        }
+        if i >= warmup {
+            samples.push(ns);
+        }
+    }
+    Ok(percentiles(samples))
+}
+
 /// Unconnected sendto() of N one-byte datagrams to a local socket that drains them; answers
 /// `pps=N` (datagrams per second).
 fn bench_sendto(addr: SocketAddr, n: usize) -> Result<String, String> {
@@ -467,6 +513,10 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 }
             }
             format!("alive={alive} closed={closed}")
+        }
+        ["bench-proxy", pip, pport, ip, port, n] => {
+            let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
+            bench_proxy(sa(pip, pport)?, sa(ip, port)?, n)?
         }
         ["bench-sendto", ip, port, n] => {
             let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;

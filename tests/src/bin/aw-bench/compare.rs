@@ -119,6 +119,89 @@ fn iptables_ruleset(path: &str, n: usize) -> String {
     s
 }
 
+/// tinyproxy in a namespace; killed on drop.
+struct Tinyproxy(std::process::Child);
+
+impl Drop for Tinyproxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The agent-sandbox approach: an HTTP CONNECT allowlist proxy (tinyproxy, denying by default,
+/// with the same N entries as a host filter) in front of the same loopback listener.
+fn proxy_rows(iterations: usize, in_ns: &dyn Fn(&NetNs) -> Probe) {
+    let proxy_port = PORT + 10;
+    let (direct_port, dest_port) = (PORT + 2, PORT + 3);
+    // Each request costs the proxy a filter scan: fewer of them, or 10,000 entries take minutes.
+    let n_iter = (iterations / 50).clamp(100, 1000);
+    println!();
+    println!(
+        "HTTP CONNECT allowlist proxy (tinyproxy, FilterDefaultDeny, N host entries), {n_iter} requests x {ROUNDS} rounds, medians:"
+    );
+    println!();
+    println!("| entries | direct connect p50 ns | through the proxy p50 / p99 ns | added p50 ns |");
+    println!("|---:|---:|---:|---:|");
+    for n in [10usize, 1_000, 10_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut filter = String::new();
+        for a in entries(n) {
+            let _ = writeln!(filter, "^{}$", a.to_string().replace('.', "\\."));
+        }
+        std::fs::write(dir.path().join("filter"), filter).unwrap();
+        std::fs::write(
+            dir.path().join("tinyproxy.conf"),
+            format!(
+                "Port {proxy_port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 256\nAllow 127.0.0.1\n\
+                 ConnectPort {dest_port}\nFilter \"{}\"\nFilterDefaultDeny Yes\nLogLevel Critical\n",
+                dir.path().join("filter").display()
+            ),
+        )
+        .unwrap();
+        let ns = NetNs::new("cmp-proxy");
+        let mut c = Command::new("tinyproxy");
+        c.arg("-d")
+            .arg("-c")
+            .arg(dir.path().join("tinyproxy.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        ns.enter(&mut c);
+        let _proxy = Tinyproxy(
+            c.spawn()
+                .expect("tinyproxy (cargo xtask bench compare installs it)"),
+        );
+        let mut p = in_ns(&ns);
+        // Ready when it accepts (it compiles every filter entry first).
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while p.cmd(&format!("connect tcp 127.0.0.1 {proxy_port}")) != "ok" {
+            assert!(Instant::now() < deadline, "tinyproxy did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (mut d, mut t) = (vec![], vec![]);
+        for _ in 0..ROUNDS {
+            d.push(parse(&p.cmd(&format!(
+                "bench-connect 127.0.0.1 {direct_port} {n_iter}"
+            ))));
+            let ans = p.cmd(&format!(
+                "bench-proxy 127.0.0.1 {proxy_port} 127.0.0.1 {dest_port} {n_iter}"
+            ));
+            t.push(parse(&ans));
+            // Fresh listeners per round: each bench command binds its own.
+            p = in_ns(&ns);
+        }
+        let d50 = median(d.iter().map(|x| x.0).collect());
+        let (t50, t99) = (
+            median(t.iter().map(|x| x.0).collect()),
+            median(t.iter().map(|x| x.1).collect()),
+        );
+        println!(
+            "| {n} | {d50} | {t50} / {t99} | {:+} |",
+            t50 as i64 - d50 as i64
+        );
+    }
+}
+
 /// This process's resident memory, KiB.
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -251,6 +334,8 @@ pub fn run(iterations: usize) {
             ))
         );
     }
+    proxy_rows(iterations, &in_ns);
+
     // Unconnected UDP: every sendto() passes sendmsg4; governed (a rule for the sink) or not.
     let mut u_rules = rules(10);
     u_rules.push(Rule {
