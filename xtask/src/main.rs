@@ -122,10 +122,10 @@ fn install_peers() -> Result<()> {
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    if have("nft") && have("iptables-restore") {
+    if have("nft") && have("iptables-restore") && have("tinyproxy") {
         return Ok(());
     }
-    println!("installing nftables and iptables (Debian packages) for the comparison");
+    println!("installing nftables, iptables and tinyproxy (Debian packages) for the comparison");
     run(Command::new("apt-get")
         .args([
             "install",
@@ -133,6 +133,7 @@ fn install_peers() -> Result<()> {
             "--no-install-recommends",
             "nftables",
             "iptables",
+            "tinyproxy",
         ])
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
