@@ -627,11 +627,39 @@ impl Datapath {
             );
             let mut map =
                 aya::maps::Map::LpmTrie(MapData::create(def, "aw_rules", None).map_err(apply)?);
-            let mut trie: LpmTrie<&mut MapData, Addr, RuleSet> =
-                (&mut map).try_into().map_err(apply)?;
+            // One batch call fills the new trie (one syscall, not one per entry); a kernel
+            // without batch updates for LPM tries gets them one by one.
+            let mut keys: Vec<u8> = Vec::with_capacity(t.len() * size_of::<Key<Addr>>());
+            let mut values: Vec<u8> = Vec::with_capacity(t.len() * size_of::<RuleSet>());
             for (net, set) in &t.entries {
-                trie.insert(&Key::new(u32::from(net.len), net.addr), set, 0)
-                    .map_err(apply)?;
+                let k = Key::new(u32::from(net.len), net.addr);
+                // SAFETY: Key<Addr> and RuleSet are plain old data with no padding holes the
+                // kernel would read (repr(C) with explicit fields).
+                unsafe {
+                    keys.extend_from_slice(std::slice::from_raw_parts(
+                        (&raw const k).cast::<u8>(),
+                        size_of::<Key<Addr>>(),
+                    ));
+                    values.extend_from_slice(std::slice::from_raw_parts(
+                        std::ptr::from_ref(set).cast::<u8>(),
+                        size_of::<RuleSet>(),
+                    ));
+                }
+            }
+            let batched = match &map {
+                aya::maps::Map::LpmTrie(d) => {
+                    sys::map_update_batch_raw(d.fd().as_fd(), &keys, &values, t.len())
+                }
+                _ => unreachable!("built as LpmTrie above"),
+            };
+            if let Err((done, e)) = batched {
+                debug!(error = %e, done, "batch fill of a trie failed; inserting one by one");
+                let mut trie: LpmTrie<&mut MapData, Addr, RuleSet> =
+                    (&mut map).try_into().map_err(apply)?;
+                for (net, set) in &t.entries {
+                    trie.insert(&Key::new(u32::from(net.len), net.addr), set, 0)
+                        .map_err(apply)?;
+                }
             }
             tries.push(map);
         }

@@ -165,6 +165,41 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// Writes `count` entries (packed keys of `key_size` bytes, values of `value_size`) in one
+/// call. Returns how many were applied on failure; a kernel whose map type has no batch
+/// update says EINVAL or EOPNOTSUPP before applying any.
+pub fn map_update_batch_raw(
+    map: std::os::fd::BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: usize,
+) -> Result<(), (usize, io::Error)> {
+    if count == 0 {
+        return Ok(());
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: count as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: attr points at packed key and value arrays of `count` elements, each of the
+    // sizes the map was created with; they outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err((attr.count as usize, io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// Updates many u32 → u32 entries in one call. For map-in-map outer maps the kernel waits for
 /// one RCU grace period per call rather than per element, which is what makes swapping many
 /// identities' tries at once fast. On failure, returns how many entries were applied.
