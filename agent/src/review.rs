@@ -90,20 +90,21 @@ fn parse_time(s: &str) -> Option<SystemTime> {
         .map(Into::into)
 }
 
-/// Decision records of governed identities from `files` (audit log lines or `flows --output
-/// json` lines), newer than `since` when given. Other records are skipped.
-pub fn read_flows(files: &[PathBuf], since: Option<SystemTime>) -> Result<Vec<Flow>, ReviewError> {
+/// Decision records from `files` (audit log lines or `flows --output json` lines), as JSON,
+/// newer than `since` when given; other records are skipped. What every review reads.
+pub fn read_decisions(
+    files: &[PathBuf],
+    since: Option<SystemTime>,
+) -> Result<Vec<serde_json::Value>, ReviewError> {
     let mut out = Vec::new();
     for path in files {
-        let f = std::fs::File::open(path).map_err(|source| ReviewError::Io {
+        let io = |source| ReviewError::Io {
             path: path.clone(),
             source,
-        })?;
+        };
+        let f = std::fs::File::open(path).map_err(io)?;
         for (i, line) in io::BufReader::new(f).lines().enumerate() {
-            let line = line.map_err(|source| ReviewError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            let line = line.map_err(io)?;
             if line.trim().is_empty() {
                 continue;
             }
@@ -116,45 +117,57 @@ pub fn read_flows(files: &[PathBuf], since: Option<SystemTime>) -> Result<Vec<Fl
             if v.get("kind").is_some_and(|k| k != "decision") {
                 continue;
             }
-            let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
-            let (Some(identity), Some(dest), Some(verdict)) =
-                (s("identity"), s("dest"), s("verdict"))
-            else {
-                continue;
-            };
-            let Ok(dest) = dest.parse::<IpAddr>() else {
-                continue;
-            };
-            let protocol = match s("protocol").as_deref() {
-                Some("tcp") => Protocol::Tcp,
-                Some("udp") => Protocol::Udp,
-                _ => continue,
-            };
-            if !matches!(verdict.as_str(), "allow" | "audit" | "deny") {
-                continue;
-            }
-            let time = s("last_seen")
-                .or_else(|| s("time"))
-                .and_then(|t| parse_time(&t));
+            let time = v
+                .get("last_seen")
+                .or_else(|| v.get("time"))
+                .and_then(|t| t.as_str())
+                .and_then(parse_time);
             if let (Some(since), Some(t)) = (since, time) {
                 if t < since {
                     continue;
                 }
             }
-            out.push(Flow {
-                identity,
-                dest,
-                port: v.get("port").and_then(|p| p.as_u64()).unwrap_or(0) as u16,
-                protocol,
-                fqdn: s("fqdn"),
-                verdict,
-                reason: s("reason"),
-                rule_id: v.get("rule_id").and_then(|r| r.as_u64()).map(|r| r as u32),
-                revision: s("revision").unwrap_or_default(),
-                count: v.get("count").and_then(|c| c.as_u64()).unwrap_or(1),
-                time,
-            });
+            out.push(v);
         }
+    }
+    Ok(out)
+}
+
+/// The flows of governed identities among [`read_decisions`]' records.
+pub fn read_flows(files: &[PathBuf], since: Option<SystemTime>) -> Result<Vec<Flow>, ReviewError> {
+    let mut out = Vec::new();
+    for v in read_decisions(files, since)? {
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+        let (Some(identity), Some(dest), Some(verdict)) = (s("identity"), s("dest"), s("verdict"))
+        else {
+            continue;
+        };
+        let Ok(dest) = dest.parse::<IpAddr>() else {
+            continue;
+        };
+        let protocol = match s("protocol").as_deref() {
+            Some("tcp") => Protocol::Tcp,
+            Some("udp") => Protocol::Udp,
+            _ => continue,
+        };
+        if !matches!(verdict.as_str(), "allow" | "audit" | "deny") {
+            continue;
+        }
+        out.push(Flow {
+            identity,
+            dest,
+            port: v.get("port").and_then(|p| p.as_u64()).unwrap_or(0) as u16,
+            protocol,
+            fqdn: s("fqdn"),
+            verdict,
+            reason: s("reason"),
+            rule_id: v.get("rule_id").and_then(|r| r.as_u64()).map(|r| r as u32),
+            revision: s("revision").unwrap_or_default(),
+            count: v.get("count").and_then(|c| c.as_u64()).unwrap_or(1),
+            time: s("last_seen")
+                .or_else(|| s("time"))
+                .and_then(|t| parse_time(&t)),
+        });
     }
     Ok(out)
 }

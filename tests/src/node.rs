@@ -7,7 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{NetNs, Probe, TestEnv, bin_path, pki::Issued};
+use crate::{
+    NetNs, Probe, TestEnv, bin_path,
+    pki::{Ca, Issued},
+};
 
 /// A running `agentwall node`; SIGKILLed on drop if the test did not stop it.
 pub struct NodeProc {
@@ -133,24 +136,53 @@ pub fn status_json(socket: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Polls `f` until it gives a value, for up to `within`; panics naming `what` (and the last
+/// thing `f` said) when it never does. The node and the kernel report asynchronously; this is
+/// the one waiting loop the tests share.
+pub fn eventually<T>(what: &str, within: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) => assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {last}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Polls `status` until `pred` holds (the node reloads policy on its own schedule).
 pub fn wait_status(
     socket: &Path,
     what: &str,
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually(what, Duration::from_secs(10), || {
         let s = status_json(socket);
-        if pred(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        if pred(&s) { Ok(s) } else { Err(s.to_string()) }
+    })
+}
+
+/// A test's cgroup subtree and pin dir, a temp dir holding `policy/agents.yaml` and `ca.pem`,
+/// and the CA.
+pub fn setup(name: &str, policy: &str) -> (TestEnv, tempfile::TempDir, Ca) {
+    let env = TestEnv::new(name);
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("agentwall test CA");
+    std::fs::create_dir(tmp.path().join("policy")).unwrap();
+    std::fs::write(tmp.path().join("policy/agents.yaml"), policy).unwrap();
+    std::fs::write(tmp.path().join("ca.pem"), ca.pem()).unwrap();
+    (env, tmp, ca)
+}
+
+/// A free loopback TCP address (bound and released), for the node's metrics endpoint.
+pub fn loopback_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 pub fn flows(socket: &Path, verdict: &str) -> Vec<serde_json::Value> {
@@ -181,20 +213,26 @@ pub fn flows(socket: &Path, verdict: &str) -> Vec<serde_json::Value> {
 /// Polls `flows` until a record of `verdict` for `port` shows up (records arrive from the
 /// kernel asynchronously).
 pub fn wait_flow(socket: &Path, verdict: &str, port: u16) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(r) = flows(socket, verdict)
-            .into_iter()
-            .find(|r| r["port"] == port)
-        {
-            return r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {verdict} record for port {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_flow_where(socket, verdict, |r| r["port"] == port)
+}
+
+/// Polls `flows` until a record of `verdict` that `pred` accepts shows up.
+pub fn wait_flow_where(
+    socket: &Path,
+    verdict: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    eventually(
+        &format!("a {verdict} record"),
+        Duration::from_secs(10),
+        || {
+            let all = flows(socket, verdict);
+            let n = all.len();
+            all.into_iter()
+                .find(|r| pred(r))
+                .ok_or_else(|| format!("{n} other {verdict} records"))
+        },
+    )
 }
 
 /// `GET /metrics` from the node on `addr`, parsed as Prometheus text.

@@ -12,9 +12,9 @@ use std::{
 };
 
 use agentwall_tests::{
-    NetNs, Probe, TestEnv, bin_path,
-    node::{NodeProc, flows, write_cert},
-    pki::{Ca, CertSpec},
+    NetNs, Probe, bin_path,
+    node::{NodeProc, setup, wait_flow_where, write_cert},
+    pki::CertSpec,
 };
 
 const ID: &str = "spiffe://example.org/agent/escape";
@@ -31,31 +31,13 @@ egress:
 
 /// Waits for a deny record of the identity to `dest:port` and returns it.
 fn denial(socket: &Path, dest: &str, port: u16) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(r) = flows(socket, "deny")
-            .into_iter()
-            .find(|r| r["dest"] == dest && r["port"] == port)
-        {
-            return r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no deny record for {dest}:{port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_flow_where(socket, "deny", |r| r["dest"] == dest && r["port"] == port)
 }
 
 #[test]
 fn a_governed_agent_cannot_get_out() {
-    let env = TestEnv::new("attacks");
-    let tmp = tempfile::tempdir().unwrap();
+    let (env, tmp, ca) = setup("attacks", POLICY);
     let dir = tmp.path();
-    let ca = Ca::new("agentwall test CA");
-    std::fs::create_dir(dir.join("policy")).unwrap();
-    std::fs::write(dir.join("policy/agents.yaml"), POLICY).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
     let audit = dir.join("audit.jsonl");
     let node = NodeProc::start_with(
         &env,

@@ -11,7 +11,7 @@ use std::{
 
 use agentwall_tests::{
     DnsServer, NetNs, Probe, TestEnv, bin_path,
-    node::{NodeProc, flows, launch_args, metric, status_json, wait_status, write_cert},
+    node::{NodeProc, launch_args, metric, status_json, wait_flow_where, wait_status, write_cert},
     pki::{Ca, CertSpec},
 };
 
@@ -253,20 +253,7 @@ fn names_allow_exactly_the_addresses_the_agent_resolved() {
         "ok 203.0.113.7"
     );
     assert_eq!(connect(&mut p, "203.0.113.7", 443), "err EPERM");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let denied = loop {
-        if let Some(r) = flows(&node.socket, "deny")
-            .into_iter()
-            .find(|r| r["dest"] == "203.0.113.7")
-        {
-            break r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no denial record for 203.0.113.7"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let denied = wait_flow_where(&node.socket, "deny", |r| r["dest"] == "203.0.113.7");
     assert_eq!(denied["fqdn"], "unknown-llm.example.net");
     let text = Command::new(bin_path("agentwall"))
         .args(["flows", "--verdict", "deny", "--socket"])

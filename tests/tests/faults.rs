@@ -8,9 +8,8 @@ use std::{
 };
 
 use agentwall_tests::{
-    TestEnv,
-    node::{NodeProc, flows, launch_probe, metric, scrape, write_cert},
-    pki::{Ca, CertSpec},
+    node::{NodeProc, flows, launch_probe, loopback_addr, metric, scrape, setup, write_cert},
+    pki::CertSpec,
 };
 
 const ID: &str = "spiffe://example.org/agent/support";
@@ -25,19 +24,9 @@ egress:
     protocol: tcp
 ";
 
-fn setup(name: &str) -> (TestEnv, tempfile::TempDir, Ca) {
-    let env = TestEnv::new(name);
-    let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::new("agentwall test CA");
-    std::fs::create_dir(tmp.path().join("policy")).unwrap();
-    std::fs::write(tmp.path().join("policy/agents.yaml"), POLICY).unwrap();
-    std::fs::write(tmp.path().join("ca.pem"), ca.pem()).unwrap();
-    (env, tmp, ca)
-}
-
 #[test]
 fn sigkill_of_the_node_mid_storm_changes_no_verdict_and_loses_no_record() {
-    let (env, tmp, ca) = setup("sigkill");
+    let (env, tmp, ca) = setup("sigkill", POLICY);
     let dir = tmp.path();
     let node = NodeProc::start(&env, dir);
     let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
@@ -110,14 +99,11 @@ impl Drop for SmallDisk {
 
 #[test]
 fn a_full_disk_under_the_audit_log_changes_no_verdict_and_counts_the_loss() {
-    let (env, tmp, ca) = setup("diskfull");
+    let (env, tmp, ca) = setup("diskfull", POLICY);
     let dir = tmp.path();
     let disk = SmallDisk::mount(&dir.join("small"), "32k");
     let audit = disk.0.join("audit.jsonl");
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = loopback_addr();
     let node = NodeProc::start_with(
         &env,
         dir,
@@ -198,13 +184,10 @@ fn a_full_disk_under_the_audit_log_changes_no_verdict_and_counts_the_loss() {
 
 #[test]
 fn a_policy_beyond_the_identity_table_is_refused_whole() {
-    let (env, tmp, ca) = setup("capacity");
+    let (env, tmp, ca) = setup("capacity", POLICY);
     let dir = tmp.path();
     let audit = dir.join("audit.jsonl");
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = loopback_addr();
     let node = NodeProc::start_with(
         &env,
         dir,

@@ -10,8 +10,8 @@ use std::{
 use agentwall_tests::{
     Probe, TestEnv, bin_path,
     node::{
-        NodeProc, launch_args, launch_probe, metric, scrape, status_json, wait_flow, wait_status,
-        write_cert,
+        NodeProc, launch_args, launch_probe, loopback_addr, metric, scrape, setup, status_json,
+        wait_flow, wait_status, write_cert,
     },
     pki::{Ca, CertSpec, Issued},
 };
@@ -529,18 +529,6 @@ fn a_certificate_expiring_under_a_running_node_is_an_audit_event() {
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
 }
 
-/// A test's cgroup subtree and pin dir, a temp dir holding `policy/agents.yaml` and `ca.pem`,
-/// and the CA.
-fn setup(name: &str, policy: &str) -> (TestEnv, tempfile::TempDir, Ca) {
-    let env = TestEnv::new(name);
-    let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::new("agentwall test CA");
-    std::fs::create_dir(tmp.path().join("policy")).unwrap();
-    std::fs::write(tmp.path().join("policy/agents.yaml"), policy).unwrap();
-    std::fs::write(tmp.path().join("ca.pem"), ca.pem()).unwrap();
-    (env, tmp, ca)
-}
-
 fn agentwall_out(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(bin_path("agentwall"))
         .args(args)
@@ -903,11 +891,7 @@ fn scheduled_rules_allow_only_inside_their_windows() {
 fn metrics_count_what_happened() {
     let (env, tmp, ca) = setup("metrics", POLICY);
     let dir = tmp.path();
-    // A free loopback port for the metrics endpoint.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = loopback_addr();
     let node = NodeProc::start_with(&env, dir, &["--metrics-listen", &addr.to_string()]);
     let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
     let mut probe = launch_probe(&node.socket, &cert, &key);

@@ -38,12 +38,13 @@ pub fn audit_log(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     anyhow::bail!("no audit log: give --audit-log FILE or set audit_log in {DEFAULT_CONFIG}")
 }
 
-/// Recorded flows from `--flows FILE` or the audit log, since `since`.
-pub fn flows(
+/// The files to read (`--flows FILE`, else the audit log and its rotations) and the start of
+/// the `--since` window.
+pub fn sources(
     file: Option<PathBuf>,
     audit: Option<PathBuf>,
     since: Option<&str>,
-) -> anyhow::Result<Vec<Flow>> {
+) -> anyhow::Result<(Vec<PathBuf>, Option<std::time::SystemTime>)> {
     let since = since
         .map(review::parse_duration)
         .transpose()?
@@ -52,6 +53,16 @@ pub fn flows(
         Some(f) => vec![f],
         None => review::audit_files(&audit_log(audit)?),
     };
+    Ok((files, since))
+}
+
+/// Recorded flows from `--flows FILE` or the audit log, since `since`.
+pub fn flows(
+    file: Option<PathBuf>,
+    audit: Option<PathBuf>,
+    since: Option<&str>,
+) -> anyhow::Result<Vec<Flow>> {
+    let (files, since) = sources(file, audit, since)?;
     Ok(review::read_flows(&files, since)?)
 }
 

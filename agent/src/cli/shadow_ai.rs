@@ -15,43 +15,9 @@ pub struct Args {
 }
 
 fn records(args: &Args) -> anyhow::Result<Vec<serde_json::Value>> {
-    let since = args
-        .since
-        .as_deref()
-        .map(review::parse_duration)
-        .transpose()?
-        .map(|d| time::OffsetDateTime::now_utc() - d);
-    let log = super::report::audit_log(args.audit_log.clone())?;
-    let mut out = Vec::new();
-    for path in review::audit_files(&log) {
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let v: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
-            if v.get("kind").is_some_and(|k| k != "decision") {
-                continue;
-            }
-            let when = v
-                .get("last_seen")
-                .or_else(|| v.get("time"))
-                .and_then(|t| t.as_str())
-                .and_then(|t| {
-                    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
-                        .ok()
-                });
-            if let (Some(since), Some(t)) = (since, when) {
-                if t < since {
-                    continue;
-                }
-            }
-            out.push(v);
-        }
-    }
-    Ok(out)
+    let (files, since) =
+        super::report::sources(None, args.audit_log.clone(), args.since.as_deref())?;
+    Ok(review::read_decisions(&files, since)?)
 }
 
 pub fn run(args: Args) -> ExitCode {

@@ -165,7 +165,7 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Writes `count` entries (packed keys of `key_size` bytes, values of `value_size`) in one
+/// Writes `count` entries (keys and values packed at the sizes the map was made with) in one
 /// call. Returns how many were applied on failure; a kernel whose map type has no batch
 /// update says EINVAL or EOPNOTSUPP before applying any.
 pub fn map_update_batch_raw(
@@ -209,27 +209,6 @@ pub fn map_update_batch(
     values: &[u32],
 ) -> Result<(), (usize, io::Error)> {
     assert_eq!(keys.len(), values.len());
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let mut attr = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: keys.len() as u32,
-        map_fd: map.as_raw_fd() as u32,
-        ..Default::default()
-    };
-    // SAFETY: attr points at key and value arrays of `count` elements that outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err((attr.count as usize, io::Error::last_os_error()));
-    }
-    Ok(())
+    let bytes = |v: &[u32]| v.iter().flat_map(|x| x.to_ne_bytes()).collect::<Vec<u8>>();
+    map_update_batch_raw(map, &bytes(keys), &bytes(values), keys.len())
 }

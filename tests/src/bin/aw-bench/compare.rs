@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::{median, parse};
 use agentwall::{
     cgroup::Cgroup2Mount,
     datapath::Datapath,
@@ -24,23 +25,6 @@ use ipnet::{IpNet, Ipv4Net};
 const PORT: u16 = 18444;
 const ROUNDS: usize = 9;
 const SIZES: [usize; 4] = [10, 1_000, 10_000, 100_000];
-
-fn parse(answer: &str) -> (u64, u64) {
-    let v: Vec<u64> = answer
-        .split_whitespace()
-        .map(|kv| {
-            kv.split_once('=')
-                .and_then(|(_, v)| v.parse().ok())
-                .unwrap_or_else(|| panic!("bad bench answer {answer:?}"))
-        })
-        .collect();
-    (v[0], v[1])
-}
-
-fn median(mut v: Vec<u64>) -> u64 {
-    v.sort_unstable();
-    v[v.len() / 2]
-}
 
 /// Filler destinations (distinct /32s in 10/8) and the listener, last.
 fn entries(n: usize) -> Vec<std::net::Ipv4Addr> {

@@ -10,6 +10,7 @@
 
 use std::process::Command;
 
+use crate::{median, values};
 use agentwall_tests::{
     DnsServer, NetNs, Probe, TestEnv, bin_path,
     node::{NodeProc, launch_args, write_cert},
@@ -21,6 +22,12 @@ const NAMES: u64 = 1000;
 const QPS: u64 = 1000;
 const ROUNDS: usize = 5;
 
+/// `p50=NS p99=NS fail=N`.
+fn triple(answer: &str) -> (u64, u64, u64) {
+    let v = values(answer);
+    (v[0], v[1], v[2])
+}
+
 const POLICY: &str = "\
 kind: AgentPolicy
 name: bench
@@ -30,23 +37,6 @@ egress:
     ports: [443]
     protocol: tcp
 ";
-
-fn parse(answer: &str) -> (u64, u64, u64) {
-    let v: Vec<u64> = answer
-        .split_whitespace()
-        .map(|kv| {
-            kv.split_once('=')
-                .and_then(|(_, v)| v.parse().ok())
-                .unwrap_or_else(|| panic!("bad bench answer {answer:?}"))
-        })
-        .collect();
-    (v[0], v[1], v[2])
-}
-
-fn median(mut v: Vec<u64>) -> u64 {
-    v.sort_unstable();
-    v[v.len() / 2]
-}
 
 pub fn run(queries: u64) {
     let env = TestEnv::new("bench-dns");
@@ -93,11 +83,11 @@ pub fn run(queries: u64) {
     let (mut d50, mut d99, mut p50, mut p99) = (vec![], vec![], vec![], vec![]);
     let (mut dfail, mut pfail) = (0, 0);
     for _ in 0..ROUNDS {
-        let (a, b, f) = parse(&direct.cmd(&cmd));
+        let (a, b, f) = triple(&direct.cmd(&cmd));
         d50.push(a);
         d99.push(b);
         dfail += f;
-        let (a, b, f) = parse(&agent.cmd(&cmd));
+        let (a, b, f) = triple(&agent.cmd(&cmd));
         p50.push(a);
         p99.push(b);
         pfail += f;

@@ -18,13 +18,22 @@ use ipnet::{IpNet, Ipv4Net};
 const PORT: u16 = 18443;
 const ROUNDS: usize = 9;
 
-fn parse(answer: &str) -> (u64, u64) {
-    let mut it = answer.split_whitespace().map(|kv| {
-        kv.split_once('=')
-            .and_then(|(_, v)| v.parse().ok())
-            .unwrap_or_else(|| panic!("bad bench answer {answer:?}"))
-    });
-    (it.next().unwrap(), it.next().unwrap())
+/// The numbers of a probe's `key=value ...` answer, in order.
+pub(crate) fn values(answer: &str) -> Vec<u64> {
+    answer
+        .split_whitespace()
+        .map(|kv| {
+            kv.split_once('=')
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or_else(|| panic!("bad bench answer {answer:?}"))
+        })
+        .collect()
+}
+
+/// `p50=NS p99=NS`.
+pub(crate) fn parse(answer: &str) -> (u64, u64) {
+    let v = values(answer);
+    (v[0], v[1])
 }
 
 /// Cumulative (run time ns, run count) of the connect4 program attached at `cgroup`, from the
@@ -38,7 +47,7 @@ fn connect4_stats(cgroup: &std::path::Path) -> (u64, u64) {
         .expect("connect4 program is loaded")
 }
 
-fn median(mut v: Vec<u64>) -> u64 {
+pub(crate) fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
     v[v.len() / 2]
 }
