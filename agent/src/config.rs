@@ -22,6 +22,8 @@ pub enum ConfigError {
     },
     #[error("missing setting `{0}` (in the config file or as --{flag})", flag = .0.replace('_', "-"))]
     Missing(&'static str),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// `/etc/agentwall/agentwall.toml`. Unknown keys are errors.
@@ -77,6 +79,9 @@ pub struct NodeConfig {
     /// Services added to the built-in AI catalog: `[[ai_catalog]]` tables with `service` and
     /// `names` (exact names, `*.` and `**.` patterns).
     pub ai_catalog: Vec<crate::discovery::CatalogEntry>,
+    /// `[control_plane]`: url, ca, cert, key (the node's certificate), spool_max_bytes. With
+    /// it, policy comes from the control plane (and `policy_dir` must not be set).
+    pub control_plane: Option<crate::control_plane::config::ClientConfig>,
 }
 
 /// `unknown_flows` as written in TOML.
@@ -127,7 +132,11 @@ impl NodeConfig {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(path, &text)
+        let mut c = Self::parse(path, &text)?;
+        if let Some(cp) = &mut c.control_plane {
+            cp.resolve_paths(path);
+        }
+        Ok(c)
     }
 
     /// Settings from `over` (flags) replace those from `self` (the file).
@@ -167,13 +176,31 @@ impl NodeConfig {
         if !over.dns_upstream.is_empty() {
             self.dns_upstream = over.dns_upstream;
         }
+        if let Some(cp) = over.control_plane {
+            self.control_plane = Some(self.control_plane.unwrap_or_default().overlay(cp));
+        }
         self
     }
 
+    /// Where policy is read from: the directory the control plane's bundles are written to
+    /// when there is one, `policy_dir` otherwise.
     pub fn policy_dir(&self) -> PathBuf {
+        if self.control_plane.is_some() {
+            return crate::control_plane::link::policy_dir(&self.state_dir());
+        }
         self.policy_dir
             .clone()
             .unwrap_or_else(|| DEFAULT_POLICY_DIR.into())
+    }
+
+    /// Settings that cannot go together.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.control_plane.is_some() && self.policy_dir.is_some() {
+            return Err(ConfigError::Conflict(
+                "policy_dir and control_plane are both set: with a control plane, policy comes from it (remove one)".into(),
+            ));
+        }
+        Ok(())
     }
 
     pub fn socket(&self) -> PathBuf {

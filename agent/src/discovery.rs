@@ -235,7 +235,7 @@ fn rand_id() -> u16 {
 }
 
 /// What one process group reached.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ServiceUse {
     pub service: String,
     /// Names and addresses, with ports.
@@ -246,7 +246,7 @@ pub struct ServiceUse {
 }
 
 /// A process group that talked to AI services without an identity.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ShadowGroup {
     /// `unit NAME`, `container ID` or `exe PATH (uid N)`.
     pub group: String,

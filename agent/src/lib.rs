@@ -7,6 +7,7 @@ pub mod audit;
 pub mod cgroup;
 pub mod clock;
 pub mod config;
+pub mod control_plane;
 pub mod datapath;
 pub mod discovery;
 pub mod dns;

@@ -34,6 +34,8 @@ pub struct Gauges {
     pub dns_learned_addresses: usize,
     /// (identity, rule id, rule place, flows the kernel counted for it).
     pub rule_hits: Vec<(String, u32, String, u64)>,
+    /// The control plane link's counters, when there is one.
+    pub control_plane: Option<std::sync::Arc<crate::control_plane::link::LinkStats>>,
 }
 
 fn escape(v: &str) -> String {
@@ -199,6 +201,9 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
     if let Some(d) = &g.dns {
         render_dns(&mut out, c, g, d);
     }
+    if let Some(l) = &g.control_plane {
+        render_link(&mut out, l);
+    }
     out
 }
 
@@ -317,4 +322,56 @@ fn render_dns(out: &mut String, c: &Counters, g: &Gauges, d: &crate::dns::proxy:
         d.latency_sum_us.load(Relaxed) as f64 / 1e6
     );
     let _ = writeln!(out, "agentwall_dns_proxy_latency_seconds_count {count}");
+}
+
+fn render_link(out: &mut String, l: &crate::control_plane::link::LinkStats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let rows: [(&str, &str, &str, u64); 7] = [
+        (
+            "agentwall_control_plane_connected",
+            "gauge",
+            "1 while the last poll of the control plane succeeded.",
+            u64::from(l.connected.load(Relaxed)),
+        ),
+        (
+            "agentwall_control_plane_applied_version",
+            "gauge",
+            "The control plane's policy bundle version in force.",
+            l.applied_version.load(Relaxed),
+        ),
+        (
+            "agentwall_control_plane_spool_records",
+            "gauge",
+            "Records in the spool not yet acknowledged by the control plane.",
+            l.spool_records.load(Relaxed),
+        ),
+        (
+            "agentwall_control_plane_spool_bytes",
+            "gauge",
+            "Bytes the report spool takes on disk.",
+            l.spool_bytes.load(Relaxed),
+        ),
+        (
+            "agentwall_control_plane_records_sent_total",
+            "counter",
+            "Records the control plane stored.",
+            l.sent.load(Relaxed),
+        ),
+        (
+            "agentwall_control_plane_records_duplicate_total",
+            "counter",
+            "Records sent again that the control plane already had.",
+            l.duplicates.load(Relaxed),
+        ),
+        (
+            "agentwall_control_plane_records_lost_total",
+            "counter",
+            "Records dropped because the spool was full or could not be written.",
+            l.lost.load(Relaxed),
+        ),
+    ];
+    for (name, kind, help, v) in rows {
+        header(out, name, kind, help);
+        let _ = writeln!(out, "{name} {v}");
+    }
 }

@@ -180,7 +180,14 @@ struct State {
     /// The latest record of each kernel rate-limit key, to report counts the kernel still
     /// held for it (identity number, record).
     templates: std::collections::HashMap<agent_common::RateKey, (u32, flows::FlowRecord)>,
+    /// Records bound for the control plane, when there is one (taken by its link).
+    outbox: Option<Vec<serde_json::Value>>,
+    /// Records the outbox could not hold (the link stalled); reported with the next one.
+    outbox_lost: u64,
 }
+
+/// Records the outbox holds at most before new ones count as lost.
+const OUTBOX_MAX: usize = 1 << 20;
 
 /// What makes two flows identical: identity, cgroup, destination, port, protocol, verdict,
 /// reason.
@@ -214,6 +221,28 @@ impl State {
     /// Appends to the audit log, if there is one. A failure is logged and counted; it never
     /// stops enforcement.
     fn audit(&mut self, kind: &str, fields: serde_json::Value) {
+        if let Some(out) = &mut self.outbox {
+            if out.len() >= OUTBOX_MAX {
+                self.outbox_lost += 1;
+            } else {
+                let now = crate::flows::rfc3339(std::time::SystemTime::now());
+                if self.outbox_lost > 0 {
+                    out.push(serde_json::json!({ "kind": "loss", "time": now, "outbox_records_lost": self.outbox_lost }));
+                    self.outbox_lost = 0;
+                }
+                let mut r = match &fields {
+                    serde_json::Value::Object(m) => m.clone(),
+                    other => {
+                        let mut m = serde_json::Map::new();
+                        m.insert("value".into(), other.clone());
+                        m
+                    }
+                };
+                r.insert("kind".into(), kind.into());
+                r.entry("time").or_insert(now.into());
+                out.push(serde_json::Value::Object(r));
+            }
+        }
         if let Some(log) = &mut self.audit {
             // Records that could not be written earlier are a counted loss in the log itself,
             // once it takes records again.
@@ -293,6 +322,8 @@ pub struct Node {
     /// Where the node resolves the AI catalog's names.
     upstreams: Vec<std::net::SocketAddr>,
     state: Mutex<State>,
+    /// Set once the control plane link runs.
+    link: std::sync::OnceLock<Arc<crate::control_plane::link::LinkStats>>,
 }
 
 /// Hands the proxy's answers to the node without a reference cycle.
@@ -310,10 +341,16 @@ impl Node {
     /// Starts the datapath (adopting pins), loads and applies policy. The policy must be valid
     /// to start: there is no last good revision yet.
     pub fn start(cfg: NodeConfig) -> Result<Arc<Self>, NodeError> {
+        cfg.check()?;
         let tls = Tls::load(&cfg)?;
         let dir = cfg.policy_dir();
         let state_dir = cfg.state_dir();
         std::fs::create_dir_all(&state_dir).map_err(io_err(&state_dir))?;
+        if cfg.control_plane.is_some() {
+            // Before the first bundle arrives the node enforces an empty policy: every bound
+            // identity is denied everything.
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
         // A bad policy directory never replaces a good policy: start on the last good one
         // (kept in state_dir) and say why.
         let (policy, policy_error) = match load_dir(&dir) {
@@ -424,7 +461,10 @@ impl Node {
                 routed6: false,
                 aggregates: Default::default(),
                 templates: Default::default(),
+                outbox: None,
+                outbox_lost: 0,
             }),
+            link: std::sync::OnceLock::new(),
         });
         node.apply(policy)?;
         node.state.lock().expect("node state").last_policy_error = policy_error;
@@ -1590,6 +1630,7 @@ impl Node {
             dns: self.dns.as_ref().map(Proxy::stats),
             dns_learned_addresses: st.learned.len(),
             rule_hits: self.rule_hits(&st),
+            control_plane: self.link.get().cloned(),
         };
         crate::metrics::render(&st.counters, &g)
     }
@@ -1655,6 +1696,13 @@ impl Node {
         if let Some(group) = &self.cfg.socket_group {
             chown_group(&socket, group)?;
         }
+        if let Some(cp) = &self.cfg.control_plane {
+            let link = crate::control_plane::link::Link::new(cp, &self.cfg.state_dir())
+                .map_err(|e| io_err(Path::new("control_plane"))(io::Error::other(e.to_string())))?;
+            let _ = self.link.set(link.stats.clone());
+            self.state.lock().expect("node state").outbox = Some(Vec::new());
+            link.spawn(self.clone());
+        }
         let revision = self.revision();
         tokio::spawn(self.clone().read_events());
         if !self.cfg.catalog_refresh().is_zero() {
@@ -1689,6 +1737,60 @@ impl Node {
         Self::flush_aggregates(&mut self.state.lock().expect("node state"), None);
         info!("node stopped; enforcement stays pinned (agentwall down removes it)");
         Ok(())
+    }
+}
+
+impl crate::control_plane::link::Enforcer for Node {
+    fn apply_bundle(&self, set: PolicySet) -> Result<(), String> {
+        let revision = set.revision.clone();
+        self.reload(true);
+        let st = self.state.lock().expect("node state");
+        if st.policy.revision == revision {
+            Ok(())
+        } else {
+            Err(st
+                .last_policy_error
+                .clone()
+                .unwrap_or_else(|| format!("revision {revision} is not in force")))
+        }
+    }
+
+    fn revoke_all(&self, identities: &[String]) {
+        for id in identities {
+            let (known, done) = {
+                let st = self.state.lock().expect("node state");
+                (
+                    st.numbers.numbers.contains_key(id),
+                    st.numbers.revoked.contains(id),
+                )
+            };
+            if done {
+                continue;
+            }
+            if known {
+                let r = self.revoke(id);
+                if !r.ok {
+                    error!(identity = %id, error = ?r.error, "fleet-wide revocation failed on this node");
+                }
+                continue;
+            }
+            // Not seen here yet: it stays revoked should it ever be.
+            let mut st = self.state.lock().expect("node state");
+            st.numbers.revoked.insert(id.clone());
+            if let Err(e) = st.numbers.save(&self.cfg.state_dir()) {
+                error!(error = %e, identity = %id, "revocation could not be saved");
+            }
+            warn!(identity = %id, "identity revoked fleet-wide (no session here)");
+            st.audit(
+                "identity",
+                serde_json::json!({ "event": "revoked", "identity": id, "connections_destroyed": 0, "by": "control-plane" }),
+            );
+        }
+    }
+
+    fn take_outbox(&self) -> Vec<serde_json::Value> {
+        let mut st = self.state.lock().expect("node state");
+        st.outbox.as_mut().map(std::mem::take).unwrap_or_default()
     }
 }
 

@@ -3,6 +3,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod audit;
+mod control_plane;
+mod cp;
 mod down;
 mod enroll;
 mod flows;
@@ -55,6 +57,11 @@ enum Command {
     Report(report::Command),
     /// Process groups that reached AI services without an identity (shadow AI).
     ShadowAi(shadow_ai::Args),
+    /// The control plane server.
+    #[command(subcommand)]
+    ControlPlane(control_plane::Command),
+    /// Talk to a control plane: push policy, list nodes, read flows and shadow AI, revoke.
+    Cp(cp::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -79,6 +86,8 @@ pub fn main() -> ExitCode {
         Command::Audit(cmd) => return audit::run(cmd),
         Command::Report(cmd) => return report::run(cmd),
         Command::ShadowAi(args) => return shadow_ai::run(args),
+        Command::ControlPlane(cmd) => control_plane::run(cmd),
+        Command::Cp(args) => cp::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

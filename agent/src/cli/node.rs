@@ -64,6 +64,20 @@ pub struct Args {
     /// Seconds between resolutions of the AI catalog's names (0 = never).
     #[arg(long)]
     catalog_refresh_secs: Option<u64>,
+    /// Control plane URL (https://HOST:PORT); policy then comes from it.
+    #[arg(long)]
+    control_plane_url: Option<String>,
+    /// CA bundle of the control plane's certificate.
+    #[arg(long)]
+    control_plane_ca: Option<PathBuf>,
+    /// This node's certificate (a SPIFFE ID such as spiffe://example.org/node/HOST) and key.
+    #[arg(long)]
+    control_plane_cert: Option<PathBuf>,
+    #[arg(long)]
+    control_plane_key: Option<PathBuf>,
+    /// Size limit of the report spool, in bytes (default 64 MiB).
+    #[arg(long)]
+    control_plane_spool_max_bytes: Option<u64>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -103,6 +117,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         record_allowed: args.record_allowed,
         catalog_refresh_secs: args.catalog_refresh_secs,
         ai_catalog: Vec::new(),
+        control_plane: {
+            let cp = agentwall::control_plane::config::ClientConfig {
+                url: args.control_plane_url,
+                ca: args.control_plane_ca,
+                cert: args.control_plane_cert,
+                key: args.control_plane_key,
+                token_file: None,
+                spool_max_bytes: args.control_plane_spool_max_bytes,
+            };
+            (cp != Default::default()).then_some(cp)
+        },
     };
     let cfg = file.overlay(flags);
     let rt = tokio::runtime::Builder::new_multi_thread()

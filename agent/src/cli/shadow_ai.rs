@@ -36,11 +36,21 @@ pub fn run(args: Args) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    for g in &groups {
-        println!("{}", g.group);
+    print_groups(&groups, "");
+    println!(
+        "{} process group(s) reached AI services without an identity",
+        groups.len()
+    );
+    ExitCode::SUCCESS
+}
+
+/// The text form of shadow-AI groups, each line after `indent`.
+pub fn print_groups(groups: &[discovery::ShadowGroup], indent: &str) {
+    for g in groups {
+        println!("{indent}{}", g.group);
         for s in &g.services {
             println!(
-                "  {}: {} flow(s), first {}, last {}: {}",
+                "{indent}  {}: {} flow(s), first {}, last {}: {}",
                 s.service,
                 s.count,
                 s.first_seen,
@@ -52,14 +62,9 @@ pub fn run(args: Args) -> ExitCode {
                     .join(", ")
             );
         }
-        println!("  suggested policy:");
+        println!("{indent}  suggested policy:");
         for l in g.suggested_policy.lines() {
-            println!("    {l}");
+            println!("{indent}    {l}");
         }
     }
-    println!(
-        "{} process group(s) reached AI services without an identity",
-        groups.len()
-    );
-    ExitCode::SUCCESS
 }

@@ -1,0 +1,56 @@
+use std::{io::Write as _, path::PathBuf};
+
+use agentwall::control_plane::{config::ServerConfig, server};
+use anyhow::Context as _;
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Run the control plane server.
+    Serve(ServeArgs),
+    /// Print a new random bearer token and the `token_sha256` line for the server's config.
+    Token,
+}
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// TOML config: listen, cert, key, client_ca, database, [[access]] (see the README).
+    #[arg(long)]
+    config: PathBuf,
+    /// Overrides `listen` (port 0 picks a free port; the ready line names it).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+}
+
+pub fn run(cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Token => {
+            let mut b = [0u8; 32];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+                .context("reading /dev/urandom")?;
+            let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            let hash: String = <sha2::Sha256 as sha2::Digest>::digest(token.as_bytes())
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect();
+            println!("token: {token}");
+            println!("token_sha256 = [\"{hash}\"]");
+            Ok(())
+        }
+        Command::Serve(args) => {
+            let mut cfg = ServerConfig::load(&args.config)?;
+            if let Some(l) = args.listen {
+                cfg.listen = l;
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(server::serve(cfg, |addr| {
+                println!("agentwall control plane ready: listen={addr}");
+                let _ = std::io::stdout().flush();
+            }))?;
+            Ok(())
+        }
+    }
+}

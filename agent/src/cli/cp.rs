@@ -1,0 +1,343 @@
+use std::path::{Path, PathBuf};
+
+use agentwall::{
+    control_plane::{
+        Bundle, BundleFile, FlowPage, FlowQuery, NodeInfo, NodeShadowAi, PushRequest,
+        RevokeRequest,
+        client::{Client, ClientError},
+        config::ClientConfig,
+    },
+    flows::FlowRecord,
+};
+use anyhow::{Context as _, bail};
+
+/// Where `agentwall cp` reads its settings when `--config` is not given.
+const DEFAULT_CLIENT_CONFIG: &str = "/etc/agentwall/cp-client.toml";
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// TOML: url, ca, and cert + key or token_file. Flags override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[arg(long, global = true)]
+    url: Option<String>,
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
+    #[arg(long, global = true)]
+    cert: Option<PathBuf>,
+    #[arg(long, global = true)]
+    key: Option<PathBuf>,
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text")]
+    output: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Policy bundles.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Nodes: last seen, applied revision, version.
+    Nodes,
+    /// Flows every node reported.
+    Flows(FlowArgs),
+    /// Shadow AI across nodes.
+    ShadowAi {
+        /// Only flows from this long ago on (30m, 24h) or since an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Revoke an identity on every node.
+    Revoke { identity: String },
+}
+
+#[derive(clap::Subcommand)]
+enum PolicyCommand {
+    /// Validate and push a policy directory (refused whole if anything in it is invalid).
+    Push { dir: PathBuf },
+    /// The newest bundle (or --version N).
+    Show {
+        #[arg(long)]
+        version: Option<u64>,
+    },
+}
+
+#[derive(clap::Args)]
+struct FlowArgs {
+    #[arg(long)]
+    node: Option<String>,
+    #[arg(long)]
+    identity: Option<String>,
+    /// deny | audit | unknown | socket-deny | allow
+    #[arg(long)]
+    verdict: Option<String>,
+    /// A destination address.
+    #[arg(long)]
+    dest: Option<String>,
+    #[arg(long)]
+    service: Option<String>,
+    /// From this long ago (30m, 24h) or an RFC 3339 time.
+    #[arg(long)]
+    since: Option<String>,
+    /// Before this long ago or an RFC 3339 time.
+    #[arg(long)]
+    until: Option<String>,
+    /// Records per page (default 100).
+    #[arg(long)]
+    limit: Option<u32>,
+    /// Continue after this id (the `next` a page printed).
+    #[arg(long)]
+    after: Option<u64>,
+    /// Every page, not just the first.
+    #[arg(long)]
+    all: bool,
+}
+
+fn client(args: &Args) -> anyhow::Result<Client> {
+    let file = match &args.config {
+        Some(p) => ClientConfig::load(p)?,
+        None if Path::new(DEFAULT_CLIENT_CONFIG).exists() => {
+            ClientConfig::load(Path::new(DEFAULT_CLIENT_CONFIG))?
+        }
+        None => ClientConfig::default(),
+    };
+    let cfg = file.overlay(ClientConfig {
+        url: args.url.clone(),
+        ca: args.ca.clone(),
+        cert: args.cert.clone(),
+        key: args.key.clone(),
+        token_file: args.token_file.clone(),
+        spool_max_bytes: None,
+    });
+    Ok(Client::new(&cfg)?)
+}
+
+/// `30m` ago or an RFC 3339 time, as RFC 3339.
+fn when(s: &str) -> anyhow::Result<String> {
+    if time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).is_ok() {
+        return Ok(s.to_owned());
+    }
+    let d = agentwall::review::parse_duration(s)
+        .with_context(|| format!("{s:?} is neither a duration (30m, 24h) nor an RFC 3339 time"))?;
+    Ok(agentwall::flows::rfc3339(std::time::SystemTime::now() - d))
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+}
+
+/// The policy files of a directory, as `load_dir` would read them.
+fn read_bundle(dir: &Path) -> anyhow::Result<Vec<BundleFile>> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let p = e?.path();
+        let yaml = matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
+        if !p.is_file() || !yaml {
+            continue;
+        }
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("{}: not a UTF-8 file name", p.display()))?
+            .to_owned();
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        files.push(BundleFile { name, text });
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    if files.is_empty() {
+        bail!("{}: no *.yaml or *.yml files to push", dir.display());
+    }
+    Ok(files)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run_async(args))
+}
+
+async fn run_async(args: Args) -> anyhow::Result<()> {
+    let c = client(&args)?;
+    let json = args.output == "json";
+    match &args.command {
+        Command::Policy(PolicyCommand::Push { dir }) => {
+            let files = read_bundle(dir)?;
+            let n = files.len();
+            let r: Result<Bundle, ClientError> = c
+                .send_json(
+                    hyper::Method::PUT,
+                    "/v1/policy",
+                    &PushRequest { files },
+                    std::time::Duration::from_secs(60),
+                )
+                .await;
+            match r {
+                Ok(b) if json => print_json(&serde_json::json!({
+                    "version": b.version, "revision": b.revision, "files": n,
+                })),
+                Ok(b) => println!(
+                    "pushed version {} revision {} ({n} file(s))",
+                    b.version, b.revision
+                ),
+                Err(ClientError::Refused { body, errors, .. }) if !errors.is_empty() => {
+                    // Point at the files as the admin has them.
+                    for e in &errors {
+                        let mut e = e.clone();
+                        e.file = dir.join(&e.file).display().to_string();
+                        eprintln!("{e}");
+                    }
+                    bail!("{body}");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Command::Policy(PolicyCommand::Show { version }) => {
+            let path = match version {
+                Some(v) => format!("/v1/policy?version={v}"),
+                None => "/v1/policy".to_owned(),
+            };
+            let b: Bundle = c.get(&path).await?;
+            if json {
+                print_json(&b);
+            } else {
+                println!(
+                    "version {} revision {} pushed {} by {}",
+                    b.version, b.revision, b.pushed_at, b.pushed_by
+                );
+                for f in &b.files {
+                    println!("--- {} ({} bytes)", f.name, f.text.len());
+                    print!("{}", f.text);
+                    if !f.text.ends_with('\n') {
+                        println!();
+                    }
+                }
+            }
+        }
+        Command::Nodes => {
+            let nodes: Vec<NodeInfo> = c.get("/v1/nodes").await?;
+            if json {
+                print_json(&nodes);
+            } else {
+                for n in &nodes {
+                    let applied = match (n.applied_version, &n.applied_revision) {
+                        (Some(v), Some(r)) => format!("version {v} revision {r}"),
+                        _ => "no bundle applied".to_owned(),
+                    };
+                    println!(
+                        "{}  last seen {}  {applied}  agentwall {}",
+                        n.node,
+                        n.last_seen,
+                        n.agent_version.as_deref().unwrap_or("?")
+                    );
+                    if let Some(e) = &n.error {
+                        println!("  error: {e}");
+                    }
+                }
+                println!("{} node(s)", nodes.len());
+            }
+        }
+        Command::Flows(f) => {
+            let mut q = FlowQuery {
+                node: f.node.clone(),
+                identity: f.identity.clone(),
+                verdict: f.verdict.clone(),
+                dest: f.dest.clone(),
+                service: f.service.clone(),
+                since: f.since.as_deref().map(when).transpose()?,
+                until: f.until.as_deref().map(when).transpose()?,
+                after: f.after,
+                limit: f.limit,
+                kind: None,
+            };
+            let mut all = Vec::new();
+            loop {
+                let path = format!("/v1/flows?{}", serde_urlencoded::to_string(&q)?);
+                let page: FlowPage = c.get(&path).await?;
+                let next = page.next;
+                if json {
+                    all.extend(page.flows);
+                } else {
+                    for s in &page.flows {
+                        match serde_json::from_value::<FlowRecord>(s.record.clone()) {
+                            Ok(r) => println!("{} {r}", s.node),
+                            Err(_) => println!("{} {}", s.node, s.record),
+                        }
+                    }
+                }
+                match next {
+                    Some(n) if f.all => q.after = Some(n),
+                    Some(n) => {
+                        if json {
+                            print_json(&FlowPage {
+                                flows: all,
+                                next: Some(n),
+                            });
+                        } else {
+                            println!("more: --after {n}");
+                        }
+                        return Ok(());
+                    }
+                    None => break,
+                }
+            }
+            if json {
+                print_json(&FlowPage {
+                    flows: all,
+                    next: None,
+                });
+            }
+        }
+        Command::ShadowAi { since } => {
+            let path = match since {
+                Some(s) => format!(
+                    "/v1/shadow-ai?{}",
+                    serde_urlencoded::to_string([("since", when(s)?)])?
+                ),
+                None => "/v1/shadow-ai".to_owned(),
+            };
+            let nodes: Vec<NodeShadowAi> = c.get(&path).await?;
+            if json {
+                print_json(&nodes);
+            } else {
+                let mut groups = 0;
+                for n in &nodes {
+                    println!("node {}", n.node);
+                    super::shadow_ai::print_groups(&n.groups, "  ");
+                    groups += n.groups.len();
+                }
+                println!(
+                    "{groups} process group(s) on {} node(s) reached AI services without an identity",
+                    nodes.len()
+                );
+            }
+        }
+        Command::Revoke { identity } => {
+            let r: serde_json::Value = c
+                .send_json(
+                    hyper::Method::POST,
+                    "/v1/revocations",
+                    &RevokeRequest {
+                        identity: identity.clone(),
+                    },
+                    std::time::Duration::from_secs(30),
+                )
+                .await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "revoked {} on every node (revocation generation {})",
+                    r["identity"].as_str().unwrap_or(identity),
+                    r["generation"]
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,329 @@
+//! The control plane's client, used by the node and by `agentwall cp`: HTTPS over rustls,
+//! one kept-alive HTTP/1.1 connection per client, opened again when it breaks.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Method, Request, StatusCode, client::conn::http1::SendRequest};
+use rustls::pki_types::ServerName;
+
+use super::{ErrorBody, config::ClientConfig, server::ServerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("control plane client: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Credentials(#[from] ServerError),
+    #[error("{path}: {source}")]
+    Token {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot reach the control plane at {url}: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("the control plane at {url} did not answer within {secs} s")]
+    Timeout { url: String, secs: u64 },
+    #[error("the control plane refused {what}: {status}: {body}")]
+    Refused {
+        what: String,
+        status: StatusCode,
+        body: String,
+        /// Per-file problems of a refused policy push.
+        errors: Vec<super::WireError>,
+    },
+    #[error("the control plane answered {what} with something unreadable: {0}", what = .1)]
+    BadAnswer(String, String),
+}
+
+impl ClientError {
+    /// Whether trying again later may work (the server is down or busy), as opposed to a
+    /// refusal that will not change.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } | Self::Timeout { .. } => true,
+            Self::Refused { status, .. } => status.is_server_error(),
+            _ => false,
+        }
+    }
+}
+
+pub struct Client {
+    url: String,
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+    tls: tokio_rustls::TlsConnector,
+    token: Option<String>,
+    conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
+}
+
+impl Client {
+    pub fn new(cfg: &ClientConfig) -> Result<Self, ClientError> {
+        let url = cfg
+            .url
+            .clone()
+            .ok_or_else(|| ClientError::Config("no url (https://HOST:PORT) is set".into()))?;
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| ClientError::Config(format!("url {url:?}: {e}")))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(ClientError::Config(format!(
+                "url {url:?} must start with https://"
+            )));
+        }
+        if uri.path() != "/" && !uri.path().is_empty() {
+            return Err(ClientError::Config(format!(
+                "url {url:?} must not have a path"
+            )));
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| ClientError::Config(format!("url {url:?} has no host")))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(443);
+        let server_name = ServerName::try_from(host.clone())
+            .map_err(|e| ClientError::Config(format!("url {url:?}: host: {e}")))?;
+        let ca = cfg.ca.as_ref().ok_or_else(|| {
+            ClientError::Config("no ca (the CA bundle of the server's certificate) is set".into())
+        })?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in super::server::load_certs(ca)? {
+            roots.add(c).map_err(|e| ServerError::Pem {
+                path: ca.clone(),
+                message: format!("not a usable CA certificate: {e}"),
+            })?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(crate::identity::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Config(e.to_string()))?
+            .with_root_certificates(roots);
+        let mut tls = match (&cfg.cert, &cfg.key) {
+            (Some(cert), Some(key)) => {
+                let (chain, k) = super::server::load_chain_and_key(cert, key)?;
+                builder.with_client_auth_cert(chain, k).map_err(|e| {
+                    ClientError::Config(format!(
+                        "{} and {} do not make a usable credential: {e}",
+                        cert.display(),
+                        key.display()
+                    ))
+                })?
+            }
+            (None, None) => builder.with_no_client_auth(),
+            _ => {
+                return Err(ClientError::Config(
+                    "cert and key go together: set both or neither".into(),
+                ));
+            }
+        };
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let token = match &cfg.token_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|source| ClientError::Token {
+                        path: p.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        if cfg.cert.is_none() && token.is_none() {
+            return Err(ClientError::Config(
+                "no credentials: set cert and key, or token_file".into(),
+            ));
+        }
+        Ok(Self {
+            url,
+            host,
+            port,
+            server_name,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            token,
+            conn: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, ClientError> {
+        let unreachable = |message: String| ClientError::Unreachable {
+            url: self.url.clone(),
+            message,
+        };
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self
+            .tls
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| unreachable(format!("TLS: {e}")))?;
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(send)
+    }
+
+    /// Sends one request and returns the answer's status and body; a kept connection that
+    /// turned out closed is replaced once.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(Bytes, bool)>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let fut = async {
+            let mut guard = self.conn.lock().await;
+            for attempt in 0..2 {
+                let mut send = match guard.take() {
+                    Some(s) if !s.is_closed() => s,
+                    _ => self.connect().await?,
+                };
+                if send.ready().await.is_err() {
+                    continue;
+                }
+                let mut req = Request::builder()
+                    .method(method.clone())
+                    .uri(path)
+                    .header(hyper::header::HOST, format!("{}:{}", self.host, self.port));
+                if let Some(t) = &self.token {
+                    req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+                }
+                let payload = match &body {
+                    Some((b, gzip)) => {
+                        req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+                        if *gzip {
+                            req = req.header(hyper::header::CONTENT_ENCODING, "gzip");
+                        }
+                        b.clone()
+                    }
+                    None => Bytes::new(),
+                };
+                let req = req
+                    .body(Full::new(payload))
+                    .map_err(|e| ClientError::Config(e.to_string()))?;
+                match send.send_request(req).await {
+                    Ok(resp) => {
+                        let status = resp.status();
+                        let bytes = resp
+                            .into_body()
+                            .collect()
+                            .await
+                            .map_err(|e| ClientError::Unreachable {
+                                url: self.url.clone(),
+                                message: e.to_string(),
+                            })?
+                            .to_bytes();
+                        *guard = Some(send);
+                        return Ok((status, bytes));
+                    }
+                    // A kept-alive connection the server closed meanwhile: once more on a
+                    // new one.
+                    Err(e) if attempt == 0 && (e.is_closed() || e.is_incomplete_message()) => {
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(ClientError::Unreachable {
+                            url: self.url.clone(),
+                            message: e.to_string(),
+                        });
+                    }
+                }
+            }
+            Err(ClientError::Unreachable {
+                url: self.url.clone(),
+                message: "the connection closed".into(),
+            })
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => {
+                // Whatever the connection was in the middle of is unusable now.
+                *self.conn.lock().await = None;
+                Err(ClientError::Timeout {
+                    url: self.url.clone(),
+                    secs: timeout.as_secs(),
+                })
+            }
+        }
+    }
+
+    /// A request whose answer is JSON; refusals become [`ClientError::Refused`] with the
+    /// server's message.
+    pub async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(Bytes, bool)>,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let what = format!("{method} {path}");
+        let (status, bytes) = self.request(method, path, body, timeout).await?;
+        if !status.is_success() {
+            let parsed: Option<ErrorBody> = serde_json::from_slice(&bytes).ok();
+            return Err(ClientError::Refused {
+                what,
+                status,
+                body: parsed.as_ref().map_or_else(
+                    || String::from_utf8_lossy(&bytes).into_owned(),
+                    |b| b.error.clone(),
+                ),
+                errors: parsed.map(|b| b.errors).unwrap_or_default(),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::BadAnswer(e.to_string(), what))
+    }
+
+    pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::GET, path, None, Duration::from_secs(30))
+            .await
+    }
+
+    pub async fn send_json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &impl serde::Serialize,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let b = Bytes::from(serde_json::to_vec(body).expect("requests serialize"));
+        self.call(method, path, Some((b, false)), timeout).await
+    }
+
+    /// Posts a report batch, gzip-compressed.
+    pub async fn post_reports(
+        &self,
+        batch: &super::ReportBatch,
+    ) -> Result<super::Ingested, ClientError> {
+        use std::io::Write as _;
+        let json = serde_json::to_vec(batch).expect("batches serialize");
+        let mut enc = flate2::write::GzEncoder::new(
+            Vec::with_capacity(json.len() / 4),
+            flate2::Compression::fast(),
+        );
+        enc.write_all(&json)
+            .map_err(|e| ClientError::Config(format!("compressing a batch: {e}")))?;
+        let body = enc
+            .finish()
+            .map_err(|e| ClientError::Config(format!("compressing a batch: {e}")))?;
+        self.call(
+            Method::POST,
+            "/v1/node/reports",
+            Some((Bytes::from(body), true)),
+            Duration::from_secs(60),
+        )
+        .await
+    }
+}

@@ -1,0 +1,327 @@
+//! The node's side: long-polls the control plane for policy bundles and revocations, and
+//! ships the node's records through the spool.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use tracing::{error, info, warn};
+
+use super::{
+    Bundle, PollReply, PollRequest, ReportBatch,
+    client::{Client, ClientError},
+    config::ClientConfig,
+    spool::Spool,
+};
+
+/// What the node does with what the control plane sends.
+pub trait Enforcer: Send + Sync + 'static {
+    /// Applies a validated bundle (written to `policy_dir` first); returns the revision in
+    /// force afterwards and the reason when it is not the bundle's.
+    fn apply_bundle(&self, set: crate::policy::source::PolicySet) -> Result<(), String>;
+    /// Revokes identities fleet-wide (known to this node or not).
+    fn revoke_all(&self, identities: &[String]);
+    /// Records written since the last call, oldest first.
+    fn take_outbox(&self) -> Vec<serde_json::Value>;
+}
+
+/// Counters for the node's metrics.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    pub connected: AtomicBool,
+    pub applied_version: AtomicU64,
+    pub spool_records: AtomicU64,
+    pub spool_bytes: AtomicU64,
+    pub sent: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub lost: AtomicU64,
+}
+
+/// Kept in `state_dir/control-plane/link.json`: where the conversation stands.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+struct LinkState {
+    known_version: u64,
+    revocation_gen: u64,
+    applied_version: Option<u64>,
+    applied_revision: Option<String>,
+    error: Option<String>,
+}
+
+impl LinkState {
+    fn load(path: &Path) -> Self {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    }
+
+    fn save(&self, path: &Path) {
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(self).expect("link state");
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+            warn!(error = %e, path = %path.display(), "could not keep the control plane link state");
+        }
+    }
+}
+
+/// The directory the node enforces policy from when a control plane is configured.
+pub fn policy_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("control-plane").join("policy")
+}
+
+pub struct Link {
+    poll: Client,
+    reports: Client,
+    spool: Arc<Mutex<Spool>>,
+    state_path: PathBuf,
+    policy_dir: PathBuf,
+    pub stats: Arc<LinkStats>,
+}
+
+const BATCH: usize = 5000;
+
+impl Link {
+    pub fn new(cfg: &ClientConfig, state_dir: &Path) -> Result<Self, LinkError> {
+        let dir = state_dir.join("control-plane");
+        let spool = Spool::open(&dir.join("spool"), cfg.spool_max_bytes())?;
+        let stats = Arc::new(LinkStats::default());
+        stats.spool_records.store(spool.pending(), Relaxed);
+        stats.spool_bytes.store(spool.bytes(), Relaxed);
+        std::fs::create_dir_all(policy_dir(state_dir)).map_err(|source| LinkError::Io {
+            path: policy_dir(state_dir),
+            source,
+        })?;
+        Ok(Self {
+            poll: Client::new(cfg)?,
+            reports: Client::new(cfg)?,
+            spool: Arc::new(Mutex::new(spool)),
+            state_path: dir.join("link.json"),
+            policy_dir: policy_dir(state_dir),
+            stats,
+        })
+    }
+
+    /// Runs both loops for as long as the node runs.
+    pub fn spawn(self, node: Arc<dyn Enforcer>) {
+        let link = Arc::new(self);
+        tokio::spawn(link.clone().poll_loop(node.clone()));
+        tokio::spawn(link.report_loop(node));
+    }
+
+    async fn poll_loop(self: Arc<Self>, node: Arc<dyn Enforcer>) {
+        let mut st = LinkState::load(&self.state_path);
+        if let Some(v) = st.applied_version {
+            self.stats.applied_version.store(v, Relaxed);
+        }
+        let mut backoff = Backoff::default();
+        let mut complained = false;
+        loop {
+            let req = PollRequest {
+                known_version: st.known_version,
+                revocation_gen: st.revocation_gen,
+                applied_version: st.applied_version,
+                applied_revision: st.applied_revision.clone(),
+                error: st.error.clone(),
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                wait_ms: 25_000,
+            };
+            let reply: Result<PollReply, ClientError> = self
+                .poll
+                .send_json(
+                    hyper::Method::POST,
+                    "/v1/node/poll",
+                    &req,
+                    Duration::from_secs(40),
+                )
+                .await;
+            let reply = match reply {
+                Ok(r) => r,
+                Err(e) => {
+                    self.stats.connected.store(false, Relaxed);
+                    if !complained {
+                        error!(error = %e, url = self.poll.url(),
+                            "control plane unreachable; enforcing the last good policy, reports go to the spool");
+                        complained = true;
+                    }
+                    tokio::time::sleep(backoff.next()).await;
+                    continue;
+                }
+            };
+            if complained {
+                info!(url = self.poll.url(), "control plane reachable again");
+                complained = false;
+            }
+            backoff = Backoff::default();
+            self.stats.connected.store(true, Relaxed);
+            let mut changed = false;
+            if let Some(b) = reply.bundle {
+                self.take_bundle(&node, &mut st, b).await;
+                changed = true;
+            }
+            if reply.revocation_gen != st.revocation_gen {
+                let ids = reply.revoked.clone();
+                let n = node.clone();
+                let _ = tokio::task::spawn_blocking(move || n.revoke_all(&ids)).await;
+                st.revocation_gen = reply.revocation_gen;
+                changed = true;
+            }
+            if changed {
+                st.save(&self.state_path);
+            }
+        }
+    }
+
+    async fn take_bundle(&self, node: &Arc<dyn Enforcer>, st: &mut LinkState, b: Bundle) {
+        st.known_version = b.version;
+        let files = b.files.clone();
+        let dir = self.policy_dir.clone();
+        let node = node.clone();
+        // Checked again here: the node trusts the control plane's TLS, not its validation.
+        let outcome = tokio::task::spawn_blocking(move || {
+            let set = super::validate(&files).map_err(|errs| {
+                errs.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })?;
+            crate::policy::source::save_dir(&set, &dir)
+                .map_err(|e| format!("writing {}: {e}", dir.display()))?;
+            node.apply_bundle(set)
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match outcome {
+            Ok(()) => {
+                info!(version = b.version, revision = %b.revision, "policy bundle from the control plane applied");
+                st.applied_version = Some(b.version);
+                st.applied_revision = Some(b.revision.clone());
+                st.error = None;
+                self.stats.applied_version.store(b.version, Relaxed);
+            }
+            Err(e) => {
+                error!(version = b.version, error = %e, "policy bundle from the control plane not applied; the previous one stays");
+                st.error = Some(format!("version {}: {e}", b.version));
+            }
+        }
+    }
+
+    async fn report_loop(self: Arc<Self>, node: Arc<dyn Enforcer>) {
+        let mut backoff = Backoff::default();
+        let mut retry_at = tokio::time::Instant::now();
+        let mut complained = false;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let records = node.take_outbox();
+            let spool = self.spool.clone();
+            let stats = self.stats.clone();
+            let appended = tokio::task::spawn_blocking(move || {
+                let mut s = spool.lock().expect("spool");
+                let r = s.append(records);
+                stats.lost.store(s.lost_total, Relaxed);
+                stats.spool_records.store(s.pending(), Relaxed);
+                stats.spool_bytes.store(s.bytes(), Relaxed);
+                r
+            })
+            .await;
+            if let Ok(Err(e)) = appended {
+                error!(error = %e, "records could not be spooled (counted in agentwall_control_plane_records_lost_total)");
+            }
+            if tokio::time::Instant::now() < retry_at {
+                continue;
+            }
+            // Sends until the spool is empty or the control plane fails.
+            loop {
+                let spool = self.spool.clone();
+                let batch = tokio::task::spawn_blocking(move || {
+                    let mut s = spool.lock().expect("spool");
+                    let epoch = s.epoch;
+                    s.peek(BATCH).map(|b| (epoch, b))
+                })
+                .await;
+                let (epoch, batch) = match batch {
+                    Ok(Ok(b)) => b,
+                    Ok(Err(e)) => {
+                        error!(error = %e, "reading the report spool failed");
+                        break;
+                    }
+                    Err(_) => break,
+                };
+                if batch.records.is_empty() {
+                    break;
+                }
+                let end = batch.end;
+                let body = ReportBatch {
+                    epoch,
+                    records: batch.records,
+                };
+                match self.reports.post_reports(&body).await {
+                    Ok(ingested) => {
+                        if complained {
+                            info!("reports reach the control plane again");
+                            complained = false;
+                        }
+                        backoff = Backoff::default();
+                        self.stats.sent.fetch_add(ingested.accepted, Relaxed);
+                        self.stats
+                            .duplicates
+                            .fetch_add(ingested.duplicates, Relaxed);
+                        let spool = self.spool.clone();
+                        let stats = self.stats.clone();
+                        let acked = tokio::task::spawn_blocking(move || {
+                            let mut s = spool.lock().expect("spool");
+                            let r = s.ack(end);
+                            stats.spool_records.store(s.pending(), Relaxed);
+                            stats.spool_bytes.store(s.bytes(), Relaxed);
+                            r
+                        })
+                        .await;
+                        if let Ok(Err(e)) = acked {
+                            error!(error = %e, "acknowledging spooled records failed");
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        if !complained {
+                            warn!(error = %e, "reports not delivered; kept in the spool and retried");
+                            complained = true;
+                        }
+                        retry_at = tokio::time::Instant::now() + backoff.next();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Spool(#[from] super::spool::SpoolError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// 0.25 s doubling to 5 s.
+#[derive(Default)]
+struct Backoff(u32);
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let d = Duration::from_millis(250) * 2u32.pow(self.0.min(5));
+        self.0 += 1;
+        d.min(Duration::from_secs(5))
+    }
+}

@@ -1,0 +1,290 @@
+//! The control plane: a server where admins push policy bundles and security reads what every
+//! node reported, and the node's side of the conversation (long-poll for policy and
+//! revocations, reports through an on-disk spool).
+//!
+//! The wire types below are the whole API; the README documents it route by route.
+
+pub mod client;
+pub mod config;
+pub mod link;
+pub mod server;
+pub mod spool;
+pub mod store;
+
+use serde::{Deserialize, Serialize};
+
+/// One policy file of a bundle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleFile {
+    pub name: String,
+    pub text: String,
+}
+
+/// What an admin pushes: the files of a policy directory.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PushRequest {
+    pub files: Vec<BundleFile>,
+}
+
+/// A stored policy bundle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bundle {
+    /// 1, 2, 3... in push order.
+    pub version: u64,
+    /// The same content hash the node computes (`policy check` prints it).
+    pub revision: String,
+    pub pushed_at: String,
+    pub pushed_by: String,
+    pub files: Vec<BundleFile>,
+}
+
+/// A node's long-poll: what it has, and how it is doing.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PollRequest {
+    /// The newest bundle version the node has seen (0: none).
+    pub known_version: u64,
+    /// The newest revocation generation the node has seen.
+    pub revocation_gen: u64,
+    pub applied_version: Option<u64>,
+    pub applied_revision: Option<String>,
+    /// Why the last bundle was not applied.
+    pub error: Option<String>,
+    pub agent_version: String,
+    /// How long the server may hold the request when nothing is new (capped by the server).
+    pub wait_ms: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PollReply {
+    /// The newest bundle version (0: nothing pushed yet).
+    pub version: u64,
+    /// Present when `version` is newer than the node's `known_version`.
+    pub bundle: Option<Bundle>,
+    pub revocation_gen: u64,
+    /// Every identity revoked fleet-wide (present when the generation moved).
+    pub revoked: Vec<String>,
+}
+
+/// A batch of records from a node's spool. `epoch` is chosen when the spool is created and
+/// `rid` counts up within it, so (node, epoch, rid) names a record for good: a batch sent
+/// twice is stored once.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReportBatch {
+    pub epoch: u64,
+    pub records: Vec<Reported>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Reported {
+    pub rid: u64,
+    pub record: Box<serde_json::value::RawValue>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ingested {
+    pub accepted: u64,
+    pub duplicates: u64,
+}
+
+/// A node as the control plane knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The node's SPIFFE ID.
+    pub node: String,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub applied_version: Option<u64>,
+    pub applied_revision: Option<String>,
+    pub agent_version: Option<String>,
+    pub error: Option<String>,
+}
+
+/// Filters of `GET /v1/flows`; every one optional.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FlowQuery {
+    pub node: Option<String>,
+    pub identity: Option<String>,
+    /// deny | audit | unknown | socket-deny | allow
+    pub verdict: Option<String>,
+    /// An address as written in records (`203.0.113.7`, `2001:db8::1`).
+    pub dest: Option<String>,
+    pub service: Option<String>,
+    /// RFC 3339 (UTC); records at or after.
+    pub since: Option<String>,
+    /// RFC 3339 (UTC); records before.
+    pub until: Option<String>,
+    /// Records with an id above this one (the `next` of the previous page).
+    pub after: Option<u64>,
+    /// Page size (default 100, at most 10,000).
+    pub limit: Option<u32>,
+    /// `decision` (default) or `loss`.
+    pub kind: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredFlow {
+    /// Ascending in arrival order; pages continue after it.
+    pub id: u64,
+    pub node: String,
+    pub record: serde_json::Value,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FlowPage {
+    pub flows: Vec<StoredFlow>,
+    /// Pass as `after` for the next page; absent on the last one.
+    pub next: Option<u64>,
+}
+
+/// Shadow AI seen by one node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeShadowAi {
+    pub node: String,
+    pub groups: Vec<crate::discovery::ShadowGroup>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub identity: String,
+    pub generation: u64,
+    pub at: String,
+    pub by: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RevokeRequest {
+    pub identity: String,
+}
+
+/// One policy problem, as the API returns it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Every refusal's body.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    /// For a refused push: every problem in the bundle.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<WireError>,
+}
+
+/// Bundle file names are plain `*.yaml` / `*.yml` names: no directories, nothing hidden.
+pub fn check_file_name(name: &str) -> Result<(), String> {
+    let ok_ext = name.ends_with(".yaml") || name.ends_with(".yml");
+    if name.is_empty()
+        || name.starts_with('.')
+        || name.contains(['/', '\\', '\0'])
+        || !ok_ext
+        || name.len() > 255
+    {
+        return Err(format!(
+            "bundle file name {name:?} is not a plain *.yaml or *.yml file name"
+        ));
+    }
+    Ok(())
+}
+
+/// Validates a bundle with the same code as `policy check`.
+pub fn validate(files: &[BundleFile]) -> Result<crate::policy::source::PolicySet, Vec<WireError>> {
+    let mut bad = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for f in files {
+        if let Err(m) = check_file_name(&f.name) {
+            bad.push(WireError {
+                file: f.name.clone(),
+                line: 0,
+                column: 0,
+                message: m,
+            });
+        } else if !seen.insert(f.name.as_str()) {
+            bad.push(WireError {
+                file: f.name.clone(),
+                line: 0,
+                column: 0,
+                message: "file name given twice".into(),
+            });
+        }
+    }
+    if !bad.is_empty() {
+        return Err(bad);
+    }
+    let mut sorted: Vec<(std::path::PathBuf, String)> = files
+        .iter()
+        .map(|f| (std::path::PathBuf::from(&f.name), f.text.clone()))
+        .collect();
+    // The order `load_dir` reads a directory in, so the revision matches the node's.
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    crate::policy::source::parse_sources(&sorted).map_err(|errors| {
+        errors
+            .0
+            .into_iter()
+            .map(|e| WireError {
+                file: e.file.display().to_string(),
+                line: e.line,
+                column: e.column,
+                message: e.message,
+            })
+            .collect()
+    })
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.message
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_are_plain() {
+        for bad in ["", ".x.yaml", "a/b.yaml", "../x.yaml", "x.txt", "x.yaml\0"] {
+            assert!(check_file_name(bad).is_err(), "{bad:?}");
+        }
+        check_file_name("agents.yaml").unwrap();
+        check_file_name("a.yml").unwrap();
+    }
+
+    #[test]
+    fn a_bundle_has_the_revision_load_dir_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "kind: AgentPolicy\nname: a\nidentity: spiffe://example.org/a\negress:\n  - to: [192.0.2.0/24]\n    ports: [443]\n    protocol: tcp\n";
+        std::fs::write(dir.path().join("b.yaml"), text).unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            "kind: GlobalDeny\nto: [169.254.169.254]\n",
+        )
+        .unwrap();
+        let from_dir = crate::policy::source::load_dir(dir.path());
+        let files = vec![
+            BundleFile {
+                name: "b.yaml".into(),
+                text: text.into(),
+            },
+            BundleFile {
+                name: "a.yaml".into(),
+                text: "kind: GlobalDeny\nto: [169.254.169.254]\n".into(),
+            },
+        ];
+        match (from_dir, validate(&files)) {
+            (Ok(d), Ok(b)) => assert_eq!(d.revision, b.revision),
+            (d, b) => panic!("both should parse: {:?} / {:?}", d.err(), b.err()),
+        }
+    }
+}

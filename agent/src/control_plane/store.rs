@@ -1,0 +1,506 @@
+//! The control plane's storage, behind one interface ([`Store`]) so another database can
+//! follow; [`SqliteStore`] is the embedded default (one file, WAL).
+
+use std::{path::Path, sync::Mutex};
+
+use rusqlite::{Connection, OptionalExtension as _, params};
+
+use super::{
+    Bundle, BundleFile, FlowPage, FlowQuery, Ingested, NodeInfo, PollRequest, Reported, Revocation,
+    StoredFlow,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Open {
+        path: std::path::PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("database {path} has schema version {found}; this agentwall knows up to {known}")]
+    TooNew {
+        path: std::path::PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("stored data unreadable: {0}")]
+    Corrupt(String),
+}
+
+/// A node's poll, noted at `at`.
+#[derive(Clone, Debug)]
+pub struct NodeSeen {
+    pub node: String,
+    pub at: String,
+    pub poll: PollRequest,
+}
+
+/// Everything the server keeps.
+pub trait Store: Send + Sync {
+    /// Stores a validated bundle as the next version.
+    fn push_policy(
+        &self,
+        revision: &str,
+        files: &[BundleFile],
+        by: &str,
+    ) -> Result<Bundle, StoreError>;
+    /// A bundle by version, or the newest one.
+    fn policy(&self, version: Option<u64>) -> Result<Option<Bundle>, StoreError>;
+    /// Notes nodes' polls: last seen, applied revision, version, error.
+    fn nodes_seen(&self, seen: &[NodeSeen]) -> Result<(), StoreError>;
+    fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError>;
+    /// Stores reported records; ones already stored (same node, epoch, rid) are skipped.
+    fn ingest(&self, node: &str, epoch: u64, records: &[Reported]) -> Result<Ingested, StoreError>;
+    fn flows(&self, q: &FlowQuery) -> Result<FlowPage, StoreError>;
+    /// Revokes an identity fleet-wide; returns the new revocation generation (unchanged when
+    /// it was already revoked).
+    fn revoke(&self, identity: &str, by: &str) -> Result<u64, StoreError>;
+    /// The revocation generation and every revocation.
+    fn revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError>;
+}
+
+/// Versioned schema: migration `i` takes a database from version `i` to `i + 1`
+/// (`PRAGMA user_version`). Never edit one that has shipped; add the next.
+const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
+        version INTEGER PRIMARY KEY,
+        revision TEXT NOT NULL,
+        pushed_at TEXT NOT NULL,
+        pushed_by TEXT NOT NULL,
+        files TEXT NOT NULL
+    );
+    CREATE TABLE nodes (
+        node TEXT PRIMARY KEY,
+        first_seen TEXT NOT NULL,
+        last_seen TEXT NOT NULL,
+        applied_version INTEGER,
+        applied_revision TEXT,
+        agent_version TEXT,
+        error TEXT
+    );
+    CREATE TABLE flows (
+        id INTEGER PRIMARY KEY,
+        node TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        rid INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        time TEXT NOT NULL,
+        verdict TEXT,
+        identity TEXT,
+        dest TEXT,
+        service TEXT,
+        record TEXT NOT NULL,
+        UNIQUE (node, epoch, rid)
+    );
+    CREATE INDEX flows_time ON flows (time);
+    CREATE TABLE revocations (
+        generation INTEGER PRIMARY KEY,
+        identity TEXT NOT NULL UNIQUE,
+        at TEXT NOT NULL,
+        by TEXT NOT NULL
+    );"];
+
+pub struct SqliteStore {
+    /// Writes go through one connection (SQLite has one writer); reads use their own, which
+    /// WAL lets run beside a write.
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+fn now() -> String {
+    crate::flows::rfc3339(std::time::SystemTime::now())
+}
+
+/// The fields a record is indexed by.
+#[derive(serde::Deserialize)]
+struct Indexed<'a> {
+    #[serde(default, borrow)]
+    kind: Option<&'a str>,
+    #[serde(default, borrow)]
+    time: Option<&'a str>,
+    #[serde(default, borrow)]
+    verdict: Option<&'a str>,
+    #[serde(default, borrow)]
+    identity: Option<&'a str>,
+    #[serde(default)]
+    dest: Option<std::net::IpAddr>,
+    #[serde(default, borrow)]
+    service: Option<&'a str>,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+                path: path.to_owned(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        }
+        let writer = Connection::open(path).map_err(open_err)?;
+        writer
+            .pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        // A node drops records from its spool once they are acknowledged, so an
+        // acknowledged batch must survive a power cut: FULL syncs the WAL at each commit
+        // (one per batch, not per record).
+        writer
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        writer.busy_timeout(std::time::Duration::from_secs(5))?;
+        let found: i64 = writer.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if found > known {
+            return Err(StoreError::TooNew {
+                path: path.to_owned(),
+                found,
+                known,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            let tx = writer.unchecked_transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", i as i64 + 1)?;
+            tx.commit()?;
+        }
+        let reader = Connection::open(path).map_err(open_err)?;
+        reader.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(Self {
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    fn bundle_row(
+        r: &rusqlite::Row<'_>,
+    ) -> rusqlite::Result<(u64, String, String, String, String)> {
+        Ok((
+            r.get::<_, i64>(0)? as u64,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+        ))
+    }
+}
+
+impl Store for SqliteStore {
+    fn push_policy(
+        &self,
+        revision: &str,
+        files: &[BundleFile],
+        by: &str,
+    ) -> Result<Bundle, StoreError> {
+        let text = serde_json::to_string(files).expect("files serialize");
+        let at = now();
+        let db = self.writer.lock().expect("db");
+        db.execute(
+            "INSERT INTO policy (revision, pushed_at, pushed_by, files) VALUES (?1, ?2, ?3, ?4)",
+            params![revision, at, by, text],
+        )?;
+        Ok(Bundle {
+            version: db.last_insert_rowid() as u64,
+            revision: revision.to_owned(),
+            pushed_at: at,
+            pushed_by: by.to_owned(),
+            files: files.to_vec(),
+        })
+    }
+
+    fn policy(&self, version: Option<u64>) -> Result<Option<Bundle>, StoreError> {
+        let db = self.reader.lock().expect("db");
+        let row = match version {
+            Some(v) => db
+                .query_row(
+                    "SELECT version, revision, pushed_at, pushed_by, files FROM policy WHERE version = ?1",
+                    [v as i64],
+                    Self::bundle_row,
+                )
+                .optional()?,
+            None => db
+                .query_row(
+                    "SELECT version, revision, pushed_at, pushed_by, files FROM policy ORDER BY version DESC LIMIT 1",
+                    [],
+                    Self::bundle_row,
+                )
+                .optional()?,
+        };
+        row.map(|(version, revision, pushed_at, pushed_by, files)| {
+            Ok(Bundle {
+                version,
+                revision,
+                pushed_at,
+                pushed_by,
+                files: serde_json::from_str(&files)
+                    .map_err(|e| StoreError::Corrupt(format!("policy version {version}: {e}")))?,
+            })
+        })
+        .transpose()
+    }
+
+    fn nodes_seen(&self, seen: &[NodeSeen]) -> Result<(), StoreError> {
+        let mut db = self.writer.lock().expect("db");
+        let tx = db.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO nodes (node, first_seen, last_seen, applied_version, applied_revision, agent_version, error)
+                 VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (node) DO UPDATE SET last_seen = ?2, applied_version = ?3,
+                     applied_revision = ?4, agent_version = ?5, error = ?6",
+            )?;
+            for s in seen {
+                st.execute(params![
+                    s.node,
+                    s.at,
+                    s.poll.applied_version.map(|v| v as i64),
+                    s.poll.applied_revision,
+                    s.poll.agent_version,
+                    s.poll.error
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
+        let db = self.reader.lock().expect("db");
+        let mut st = db.prepare(
+            "SELECT node, first_seen, last_seen, applied_version, applied_revision, agent_version, error
+             FROM nodes ORDER BY node",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(NodeInfo {
+                node: r.get(0)?,
+                first_seen: r.get(1)?,
+                last_seen: r.get(2)?,
+                applied_version: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                applied_revision: r.get(4)?,
+                agent_version: r.get(5)?,
+                error: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn ingest(&self, node: &str, epoch: u64, records: &[Reported]) -> Result<Ingested, StoreError> {
+        let mut db = self.writer.lock().expect("db");
+        let tx = db.transaction()?;
+        let mut out = Ingested::default();
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT OR IGNORE INTO flows (node, epoch, rid, kind, time, verdict, identity, dest, service, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
+            for r in records {
+                let text = r.record.get();
+                let ix: Indexed<'_> = serde_json::from_str(text).map_err(|e| {
+                    StoreError::Corrupt(format!("record {} of epoch {epoch}: {e}", r.rid))
+                })?;
+                let n = st.execute(params![
+                    node,
+                    epoch as i64,
+                    r.rid as i64,
+                    ix.kind.unwrap_or("decision"),
+                    ix.time.unwrap_or_default(),
+                    ix.verdict,
+                    ix.identity,
+                    ix.dest.map(|d| d.to_string()),
+                    ix.service,
+                    text
+                ])?;
+                if n == 1 {
+                    out.accepted += 1;
+                } else {
+                    out.duplicates += 1;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn flows(&self, q: &FlowQuery) -> Result<FlowPage, StoreError> {
+        let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+        let mut sql = String::from("SELECT id, node, record FROM flows WHERE kind = ?1");
+        let mut args: Vec<rusqlite::types::Value> =
+            vec![q.kind.clone().unwrap_or_else(|| "decision".into()).into()];
+        let mut filter = |col: &str, op: &str, v: rusqlite::types::Value| {
+            args.push(v);
+            sql.push_str(&format!(" AND {col} {op} ?{}", args.len()));
+        };
+        for (col, v) in [
+            ("node", &q.node),
+            ("identity", &q.identity),
+            ("verdict", &q.verdict),
+            ("dest", &q.dest),
+            ("service", &q.service),
+        ] {
+            if let Some(v) = v {
+                filter(col, "=", v.clone().into());
+            }
+        }
+        if let Some(s) = &q.since {
+            filter("time", ">=", s.clone().into());
+        }
+        if let Some(u) = &q.until {
+            filter("time", "<", u.clone().into());
+        }
+        if let Some(a) = q.after {
+            filter("id", ">", (a as i64).into());
+        }
+        sql.push_str(&format!(" ORDER BY id LIMIT {limit}"));
+        let db = self.reader.lock().expect("db");
+        let mut st = db.prepare(&sql)?;
+        let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut flows = Vec::new();
+        for row in rows {
+            let (id, node, text) = row?;
+            let record = serde_json::from_str(&text)
+                .map_err(|e| StoreError::Corrupt(format!("flow {id}: {e}")))?;
+            flows.push(StoredFlow { id, node, record });
+        }
+        let next = (flows.len() == limit as usize)
+            .then(|| flows.last().map(|f| f.id))
+            .flatten();
+        Ok(FlowPage { flows, next })
+    }
+
+    fn revoke(&self, identity: &str, by: &str) -> Result<u64, StoreError> {
+        let db = self.writer.lock().expect("db");
+        db.execute(
+            "INSERT OR IGNORE INTO revocations (identity, at, by) VALUES (?1, ?2, ?3)",
+            params![identity, now(), by],
+        )?;
+        Ok(db.query_row(
+            "SELECT COALESCE(MAX(generation), 0) FROM revocations",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
+    }
+
+    fn revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError> {
+        let db = self.reader.lock().expect("db");
+        let mut st =
+            db.prepare("SELECT identity, generation, at, by FROM revocations ORDER BY generation")?;
+        let all: Vec<Revocation> = st
+            .query_map([], |r| {
+                Ok(Revocation {
+                    identity: r.get(0)?,
+                    generation: r.get::<_, i64>(1)? as u64,
+                    at: r.get(2)?,
+                    by: r.get(3)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok((all.last().map_or(0, |r| r.generation), all))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(rid: u64, verdict: &str, time: &str) -> Reported {
+        let text = format!(
+            r#"{{"kind":"decision","time":"{time}","verdict":"{verdict}","identity":"spiffe://example.org/a","dest":"203.0.113.7","port":443}}"#
+        );
+        Reported {
+            rid,
+            record: serde_json::value::RawValue::from_string(text).unwrap(),
+        }
+    }
+
+    #[test]
+    fn duplicates_are_stored_once_and_pages_continue() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("cp.db")).unwrap();
+        let batch: Vec<Reported> = (1..=5)
+            .map(|i| rec(i, "deny", &format!("2026-11-23T00:00:0{i}.000Z")))
+            .collect();
+        assert_eq!(
+            s.ingest("n1", 7, &batch).unwrap(),
+            Ingested {
+                accepted: 5,
+                duplicates: 0
+            }
+        );
+        assert_eq!(
+            s.ingest("n1", 7, &batch[2..]).unwrap(),
+            Ingested {
+                accepted: 0,
+                duplicates: 3
+            }
+        );
+        // Another epoch (a node whose spool was recreated) or another node is new.
+        assert_eq!(s.ingest("n1", 8, &batch[..1]).unwrap().accepted, 1);
+        assert_eq!(s.ingest("n2", 7, &batch[..1]).unwrap().accepted, 1);
+        let p1 = s
+            .flows(&FlowQuery {
+                node: Some("n1".into()),
+                limit: Some(4),
+                ..FlowQuery::default()
+            })
+            .unwrap();
+        assert_eq!(p1.flows.len(), 4);
+        let p2 = s
+            .flows(&FlowQuery {
+                node: Some("n1".into()),
+                limit: Some(4),
+                after: p1.next,
+                ..FlowQuery::default()
+            })
+            .unwrap();
+        assert_eq!(p2.flows.len(), 2);
+        assert_eq!(p2.next, None);
+        let timed = s
+            .flows(&FlowQuery {
+                since: Some("2026-11-23T00:00:02.000Z".into()),
+                until: Some("2026-11-23T00:00:04.000Z".into()),
+                node: Some("n1".into()),
+                ..FlowQuery::default()
+            })
+            .unwrap();
+        assert_eq!(timed.flows.len(), 2, "{timed:?}");
+    }
+
+    #[test]
+    fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp.db");
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            let files = vec![BundleFile {
+                name: "a.yaml".into(),
+                text: "x".into(),
+            }];
+            assert_eq!(s.push_policy("r1", &files, "admin").unwrap().version, 1);
+            assert_eq!(s.push_policy("r2", &files, "admin").unwrap().version, 2);
+            assert_eq!(s.revoke("spiffe://example.org/a", "admin").unwrap(), 1);
+            assert_eq!(s.revoke("spiffe://example.org/a", "admin").unwrap(), 1);
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.policy(None).unwrap().unwrap().revision, "r2");
+        assert_eq!(s.policy(Some(1)).unwrap().unwrap().revision, "r1");
+        assert_eq!(s.revocations().unwrap().0, 1);
+        drop(s);
+        let c = Connection::open(&path).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        let e = SqliteStore::open(&path).err().unwrap().to_string();
+        assert!(
+            e.contains("has schema version 99; this agentwall knows up to 1"),
+            "{e}"
+        );
+    }
+}
