@@ -140,6 +140,11 @@ pub struct Recent {
 }
 
 impl Recent {
+    /// The number the next record pushed gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq + 1
+    }
+
     pub fn push(&mut self, mut r: FlowRecord) {
         self.next_seq += 1;
         r.seq = self.next_seq;

@@ -330,7 +330,7 @@ fn render_link(out: &mut String, l: &crate::control_plane::link::LinkStats) {
         (
             "agentwall_control_plane_connected",
             "gauge",
-            "1 while the last poll of the control plane succeeded.",
+            "1 while the last exchange with the control plane (a poll or a report) succeeded.",
             u64::from(l.connected.load(Relaxed)),
         ),
         (

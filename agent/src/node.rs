@@ -221,42 +221,55 @@ impl State {
     /// Appends to the audit log, if there is one. A failure is logged and counted; it never
     /// stops enforcement.
     fn audit(&mut self, kind: &str, fields: serde_json::Value) {
-        if let Some(out) = &mut self.outbox {
-            if out.len() >= OUTBOX_MAX {
-                self.outbox_lost += 1;
-            } else {
-                let now = crate::flows::rfc3339(std::time::SystemTime::now());
-                if self.outbox_lost > 0 {
-                    out.push(serde_json::json!({ "kind": "loss", "time": now, "outbox_records_lost": self.outbox_lost }));
-                    self.outbox_lost = 0;
-                }
-                let mut r = match &fields {
-                    serde_json::Value::Object(m) => m.clone(),
-                    other => {
-                        let mut m = serde_json::Map::new();
-                        m.insert("value".into(), other.clone());
-                        m
-                    }
-                };
-                r.insert("kind".into(), kind.into());
-                r.entry("time").or_insert(now.into());
-                out.push(serde_json::Value::Object(r));
-            }
+        let for_link = self.outbox.is_some().then(|| fields.clone());
+        let audit_seq = self.log(kind, fields);
+        let (Some(out), Some(fields)) = (&mut self.outbox, for_link) else {
+            return;
+        };
+        if out.len() >= OUTBOX_MAX {
+            self.outbox_lost += 1;
+            return;
         }
-        if let Some(log) = &mut self.audit {
-            // Records that could not be written earlier are a counted loss in the log itself,
-            // once it takes records again.
-            if self.audit_unlogged > 0
-                && log
-                    .append(
-                        "loss",
-                        serde_json::json!({ "audit_records_lost": self.audit_unlogged }),
-                    )
-                    .is_ok()
-            {
-                self.audit_unlogged = 0;
+        let now = crate::flows::rfc3339(std::time::SystemTime::now());
+        if self.outbox_lost > 0 {
+            out.push(serde_json::json!({ "kind": "loss", "time": now, "outbox_records_lost": self.outbox_lost }));
+            self.outbox_lost = 0;
+        }
+        let mut r = match fields {
+            serde_json::Value::Object(m) => m,
+            other => {
+                let mut m = serde_json::Map::new();
+                m.insert("value".into(), other);
+                m
             }
-            if let Err(e) = log.append(kind, fields) {
+        };
+        r.insert("kind".into(), kind.into());
+        r.entry("time").or_insert(now.into());
+        // Ties the control plane's copy to the record in the node's tamper-evident log.
+        if let Some(seq) = audit_seq {
+            r.insert("audit_seq".into(), seq.into());
+        }
+        out.push(serde_json::Value::Object(r));
+    }
+
+    /// Appends to the audit log; the record's sequence number there, when written.
+    fn log(&mut self, kind: &str, fields: serde_json::Value) -> Option<u64> {
+        let log = self.audit.as_mut()?;
+        // Records that could not be written earlier are a counted loss in the log itself,
+        // once it takes records again.
+        if self.audit_unlogged > 0
+            && log
+                .append(
+                    "loss",
+                    serde_json::json!({ "audit_records_lost": self.audit_unlogged }),
+                )
+                .is_ok()
+        {
+            self.audit_unlogged = 0;
+        }
+        match log.append(kind, fields) {
+            Ok(seq) => Some(seq),
+            Err(e) => {
                 self.audit_failures += 1;
                 self.audit_unlogged += 1;
                 // A full disk fails every record: say so at 1, 2, 4, 8... failures, not each.
@@ -264,6 +277,7 @@ impl State {
                     error!(error = %e, failures = self.audit_failures,
                         "audit records not written (counted in agentwall_audit_write_failures_total)");
                 }
+                None
             }
         }
     }
@@ -1506,7 +1520,8 @@ impl Node {
         Self::emit(st, r);
     }
 
-    fn emit(st: &mut State, r: flows::FlowRecord) {
+    fn emit(st: &mut State, mut r: flows::FlowRecord) {
+        r.seq = st.recent.next_seq();
         tracing::debug!(record = %r, "decision");
         st.audit("decision", serde_json::to_value(&r).unwrap_or_default());
         st.recent.push(r);

@@ -9,6 +9,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
+pub mod cp;
 pub mod node;
 pub mod pki;
 

@@ -50,13 +50,15 @@ impl NodeProc {
         if !extra.contains(&"--catalog-refresh-secs") {
             cmd.args(["--catalog-refresh-secs", "0"]);
         }
-        let mut child = cmd
-            .args(extra)
+        cmd.args(extra)
             .envs(vars.iter().copied())
             .arg("--trust-bundle")
-            .arg(dir.join("ca.pem"))
-            .arg("--policy-dir")
-            .arg(dir.join("policy"))
+            .arg(dir.join("ca.pem"));
+        // With a control plane, policy comes from it.
+        if !extra.contains(&"--control-plane-url") {
+            cmd.arg("--policy-dir").arg(dir.join("policy"));
+        }
+        let mut child = cmd
             .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")

@@ -84,6 +84,27 @@ impl Ca {
         }
     }
 
+    /// A server certificate for an IP address (serverAuth), valid for a day.
+    pub fn issue_server(&self, ip: std::net::IpAddr) -> Issued {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "control plane");
+        params.subject_alt_names = vec![SanType::IpAddress(ip)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(1);
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            serial: Vec::new(),
+        }
+    }
+
     /// A PEM CRL signed by this CA listing `serials`.
     pub fn crl(&self, serials: &[&[u8]]) -> String {
         let now = OffsetDateTime::now_utc();

@@ -94,6 +94,9 @@ struct FlowArgs {
     /// Every page, not just the first.
     #[arg(long)]
     all: bool,
+    /// `decision` (default) or `loss` (records a node could not deliver, counted).
+    #[arg(long)]
+    kind: Option<String>,
 }
 
 fn client(args: &Args) -> anyhow::Result<Client> {
@@ -253,7 +256,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 until: f.until.as_deref().map(when).transpose()?,
                 after: f.after,
                 limit: f.limit,
-                kind: None,
+                kind: f.kind.clone(),
             };
             let mut all = Vec::new();
             loop {

@@ -61,7 +61,7 @@ enum Command {
     #[command(subcommand)]
     ControlPlane(control_plane::Command),
     /// Talk to a control plane: push policy, list nodes, read flows and shadow AI, revoke.
-    Cp(cp::Args),
+    Cp(Box<cp::Args>),
 }
 
 pub fn main() -> ExitCode {
@@ -87,7 +87,7 @@ pub fn main() -> ExitCode {
         Command::Report(cmd) => return report::run(cmd),
         Command::ShadowAi(args) => return shadow_ai::run(args),
         Command::ControlPlane(cmd) => control_plane::run(cmd),
-        Command::Cp(args) => cp::run(args),
+        Command::Cp(args) => cp::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -268,6 +268,7 @@ impl Link {
                             complained = false;
                         }
                         backoff = Backoff::default();
+                        self.stats.connected.store(true, Relaxed);
                         self.stats.sent.fetch_add(ingested.accepted, Relaxed);
                         self.stats
                             .duplicates
@@ -288,6 +289,7 @@ impl Link {
                         }
                     }
                     Err(e) => {
+                        self.stats.connected.store(false, Relaxed);
                         if !complained {
                             warn!(error = %e, "reports not delivered; kept in the spool and retried");
                             complained = true;

@@ -1,0 +1,244 @@
+//! Driving the real control plane: `agentwall control-plane serve` on loopback with its own
+//! PKI (server, node and admin certificates from a CA apart from the agents'), and the
+//! `agentwall cp` CLI.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+};
+
+use agentwall::control_plane::{client::Client, config::ClientConfig};
+
+use crate::{
+    bin_path,
+    node::write_cert,
+    pki::{Ca, CertSpec},
+};
+
+pub const NODE_ID: &str = "spiffe://example.org/node/test";
+pub const ADMIN_ID: &str = "spiffe://example.org/admin/alice";
+
+/// Files of a control plane and of everyone who talks to it.
+pub struct CpFixture {
+    pub dir: PathBuf,
+    pub ca: Ca,
+    pub config: PathBuf,
+    pub ca_pem: PathBuf,
+    pub admin: (PathBuf, PathBuf),
+    pub node: (PathBuf, PathBuf),
+    pub admin_token: PathBuf,
+    pub security_token: PathBuf,
+}
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl CpFixture {
+    /// Writes everything under `dir/cp`.
+    pub fn new(dir: &Path) -> Self {
+        let dir = dir.join("cp");
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = Ca::new("agentwall control plane CA");
+        let ca_pem = dir.join("cp-ca.pem");
+        std::fs::write(&ca_pem, ca.pem()).unwrap();
+        write_cert(
+            &dir,
+            "server",
+            &ca.issue_server(std::net::Ipv4Addr::LOCALHOST.into()),
+        );
+        let admin = write_cert(&dir, "admin", &ca.issue(&CertSpec::agent(ADMIN_ID)));
+        let node = write_cert(&dir, "node", &ca.issue(&CertSpec::agent(NODE_ID)));
+        let (admin_tok, security_tok) = ("admin-token-0123456789", "security-token-9876543210");
+        let admin_token = dir.join("admin.token");
+        let security_token = dir.join("security.token");
+        std::fs::write(&admin_token, admin_tok).unwrap();
+        std::fs::write(&security_token, security_tok).unwrap();
+        let config = dir.join("cp.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"listen = "127.0.0.1:0"
+cert = "server.pem"
+key = "server.key"
+client_ca = ["cp-ca.pem"]
+database = "db/cp.db"
+
+[[access]]
+role = "admin"
+spiffe_ids = ["{ADMIN_ID}"]
+token_sha256 = ["{}"]
+
+[[access]]
+role = "security"
+token_sha256 = ["{}"]
+
+[[access]]
+role = "node"
+spiffe_ids = ["spiffe://example.org/node/*"]
+"#,
+                sha256_hex(admin_tok),
+                sha256_hex(security_tok)
+            ),
+        )
+        .unwrap();
+        Self {
+            dir,
+            ca,
+            config,
+            ca_pem,
+            admin,
+            node,
+            admin_token,
+            security_token,
+        }
+    }
+
+    /// A client for a node certificate (`spiffe://example.org/node/NAME`).
+    pub fn node_client(&self, url: &str, name: &str) -> Client {
+        let (cert, key) = write_cert(
+            &self.dir,
+            &format!("node-{name}"),
+            &self.ca.issue(&CertSpec::agent(&format!(
+                "spiffe://example.org/node/{name}"
+            ))),
+        );
+        self.client(url, Some((cert, key)), None)
+    }
+
+    pub fn client(
+        &self,
+        url: &str,
+        cert: Option<(PathBuf, PathBuf)>,
+        token: Option<&Path>,
+    ) -> Client {
+        let (cert, key) = cert.unzip();
+        Client::new(&ClientConfig {
+            url: Some(url.to_owned()),
+            ca: Some(self.ca_pem.clone()),
+            cert,
+            key,
+            token_file: token.map(Path::to_owned),
+            spool_max_bytes: None,
+        })
+        .unwrap()
+    }
+
+    /// The node's flags for this control plane.
+    pub fn node_flags(&self, url: &str) -> Vec<String> {
+        vec![
+            "--control-plane-url".into(),
+            url.into(),
+            "--control-plane-ca".into(),
+            self.ca_pem.display().to_string(),
+            "--control-plane-cert".into(),
+            self.node.0.display().to_string(),
+            "--control-plane-key".into(),
+            self.node.1.display().to_string(),
+        ]
+    }
+}
+
+/// A running control plane; SIGKILLed on drop. Its log goes to `log`.
+pub struct CpProc {
+    pub child: Child,
+    pub url: String,
+    pub addr: std::net::SocketAddr,
+    pub log: PathBuf,
+}
+
+impl CpProc {
+    /// Starts on a free loopback port, or on `addr` (to come back where it was).
+    pub fn start(fx: &CpFixture, addr: Option<std::net::SocketAddr>) -> Self {
+        let log = fx.dir.join("cp.log");
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let listen = addr.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+        let mut child = Command::new(bin_path("agentwall"))
+            .args(["control-plane", "serve", "--config"])
+            .arg(&fx.config)
+            .args(["--listen", &listen])
+            .env("AGENTWALL_LOG", "info")
+            .env("AGENTWALL_LOG_FORMAT", "text")
+            .stdout(Stdio::piped())
+            .stderr(err)
+            .spawn()
+            .expect("spawn control plane");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr: std::net::SocketAddr = line
+            .trim()
+            .strip_prefix("agentwall control plane ready: listen=")
+            .unwrap_or_else(|| {
+                panic!(
+                    "control plane did not start: {line:?}\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
+            .parse()
+            .unwrap();
+        Self {
+            child,
+            url: format!("https://{addr}"),
+            addr,
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for CpProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `agentwall cp ARGS` against `url` with `creds` (`--cert/--key` or `--token-file`).
+pub fn cp(fx: &CpFixture, url: &str, creds: &[&str], args: &[&str]) -> Output {
+    Command::new(bin_path("agentwall"))
+        .arg("cp")
+        .args(["--url", url, "--ca"])
+        .arg(&fx.ca_pem)
+        .args(creds)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `--cert C --key K` of the admin.
+pub fn admin_creds(fx: &CpFixture) -> Vec<String> {
+    vec![
+        "--cert".into(),
+        fx.admin.0.display().to_string(),
+        "--key".into(),
+        fx.admin.1.display().to_string(),
+    ]
+}
+
+/// Runs `agentwall cp … --output json` and parses what it printed; panics with stderr when it
+/// fails.
+pub fn cp_json(fx: &CpFixture, url: &str, creds: &[&str], args: &[&str]) -> serde_json::Value {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--output", "json"]);
+    let out = cp(fx, url, creds, &all);
+    assert!(
+        out.status.success(),
+        "agentwall cp {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

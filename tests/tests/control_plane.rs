@@ -1,0 +1,960 @@
+//! The control plane: the real server process over real TLS on loopback, the real `agentwall
+//! cp` CLI, and (in the kernel tests) the real node enforcing what was pushed.
+
+use std::{path::Path, time::Duration};
+
+use agentwall::control_plane::{
+    Ingested, PollReply, PollRequest, ReportBatch, Reported, client::ClientError,
+};
+use agentwall_tests::{
+    cp::{ADMIN_ID, CpFixture, CpProc, NODE_ID, admin_creds, cp, cp_json},
+    node::{
+        NodeProc, eventually, launch_probe, loopback_addr, metric, scrape, setup, status_json,
+        wait_status, write_cert,
+    },
+    pki::{Ca, CertSpec},
+};
+
+const POLICY_A: &str = "\
+kind: AgentPolicy
+name: support
+identity: spiffe://example.org/agent/support
+egress:
+  - to: [192.0.2.0/24]
+    ports: [443]
+    protocol: tcp
+";
+
+fn policy_dir(root: &Path, name: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
+    let d = root.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    for (n, t) in files {
+        std::fs::write(d.join(n), t).unwrap();
+    }
+    d
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn record(
+    verdict: &str,
+    identity: Option<&str>,
+    dest: &str,
+    service: Option<&str>,
+    seq: u64,
+) -> serde_json::Value {
+    let mut r = serde_json::json!({
+        "kind": "decision", "seq": seq, "time": format!("2026-11-23T00:00:{:02}.000Z", seq % 60),
+        "verdict": verdict, "pid": 7, "comm": "agent", "uid": 0, "cgroup_id": 1,
+        "dest": dest, "port": 443, "protocol": "tcp", "revision": "r", "count": 1,
+        "exe": "/usr/bin/agent",
+    });
+    if let Some(i) = identity {
+        r["identity"] = i.into();
+    }
+    if let Some(s) = service {
+        r["service"] = s.into();
+        r["unit"] = "notebook.service".into();
+    }
+    r
+}
+
+fn batch(epoch: u64, first_rid: u64, records: &[serde_json::Value]) -> ReportBatch {
+    ReportBatch {
+        epoch,
+        records: records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Reported {
+                rid: first_rid + i as u64,
+                record: serde_json::value::RawValue::from_string(r.to_string()).unwrap(),
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn pushes_are_validated_whole_and_roles_are_enforced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    let server = CpProc::start(&fx, None);
+    let url = server.url.clone();
+    let admin = admin_creds(&fx);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let security_tok = fx.security_token.display().to_string();
+    let security = ["--token-file", security_tok.as_str()];
+
+    // Nothing pushed yet.
+    let out = cp(&fx, &url, &admin, &["policy", "show"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("404 Not Found: no policy has been pushed yet"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A valid push gets version 1 and the revision `policy check` computes.
+    let good = policy_dir(tmp.path(), "good", &[("agents.yaml", POLICY_A)]);
+    let revision = agentwall::policy::source::load_dir(&good).unwrap().revision;
+    let pushed = cp_json(
+        &fx,
+        &url,
+        &admin,
+        &["policy", "push", good.to_str().unwrap()],
+    );
+    assert_eq!(pushed["version"], 1);
+    assert_eq!(pushed["revision"], revision.as_str());
+
+    // An invalid bundle is refused whole, with each problem at its file, line and column
+    // (as the admin's directory has them), and nothing is stored.
+    let bad = policy_dir(
+        tmp.path(),
+        "bad",
+        &[
+            ("agents.yaml", POLICY_A),
+            (
+                "more.yaml",
+                "kind: AgentPolicy\nname: other\nidentity: spiffe://example.org/agent/other\negress:\n  - to: [192.0.2.0/33]\n    ports: [443]\n    protocol: tcp\n",
+            ),
+        ],
+    );
+    let out = cp(
+        &fx,
+        &url,
+        &admin,
+        &["policy", "push", bad.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let local = agentwall::policy::source::load_dir(&bad)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err.lines().next().unwrap(),
+        local.lines().next().unwrap(),
+        "{err}"
+    );
+    assert!(
+        err.starts_with(&format!("{}:5:", bad.join("more.yaml").display())),
+        "{err}"
+    );
+    assert!(
+        err.contains("the bundle is invalid (1 problem(s)); nothing was stored"),
+        "{err}"
+    );
+    let shown = cp_json(&fx, &url, &security, &["policy", "show"]);
+    assert_eq!(shown["version"], 1);
+    assert_eq!(shown["pushed_by"], ADMIN_ID);
+    assert_eq!(shown["files"][0]["text"], POLICY_A);
+
+    // A file name that is not a plain policy file name is refused too.
+    let rt = rt();
+    let admin_client = fx.client(&url, Some(fx.admin.clone()), None);
+    let e = rt
+        .block_on(admin_client.send_json::<serde_json::Value>(
+            hyper::Method::PUT,
+            "/v1/policy",
+            &serde_json::json!({ "files": [{ "name": "../etc/x.yaml", "text": POLICY_A }] }),
+            Duration::from_secs(10),
+        ))
+        .unwrap_err();
+    match e {
+        ClientError::Refused { status, errors, .. } => {
+            assert_eq!(status, 422);
+            assert_eq!(
+                errors[0].message,
+                "bundle file name \"../etc/x.yaml\" is not a plain *.yaml or *.yml file name"
+            );
+        }
+        e => panic!("{e}"),
+    }
+
+    // Security reads but may not push; the refusal is logged.
+    let out = cp(
+        &fx,
+        &url,
+        &security,
+        &["policy", "push", good.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("403 Forbidden: token:")
+            && err.contains("(role security) may not use PUT /v1/policy: it needs role admin"),
+        "{err}"
+    );
+    // Nor revoke.
+    let out = cp(
+        &fx,
+        &url,
+        &security,
+        &["revoke", "spiffe://example.org/agent/support"],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("may not use POST /v1/revocations: it needs role admin"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // An admin token on a node route is refused.
+    let admin_by_token = fx.client(&url, None, Some(&fx.admin_token));
+    let e = rt
+        .block_on(admin_by_token.send_json::<PollReply>(
+            hyper::Method::POST,
+            "/v1/node/poll",
+            &PollRequest::default(),
+            Duration::from_secs(10),
+        ))
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("(role admin) may not use POST /v1/node/poll: it needs role node"),
+        "{e}"
+    );
+    // ...and a node may not read flows or push.
+    let node = fx.client(&url, Some(fx.node.clone()), None);
+    let e = rt
+        .block_on(node.get::<serde_json::Value>("/v1/flows"))
+        .unwrap_err();
+    assert!(
+        e.to_string().contains(&format!(
+            "{NODE_ID} (role node) may not use GET /v1/flows: it needs role admin or security"
+        )),
+        "{e}"
+    );
+
+    // A node certificate from another CA never gets past the handshake.
+    let rogue_ca = Ca::new("rogue");
+    let rogue = write_cert(&fx.dir, "rogue", &rogue_ca.issue(&CertSpec::agent(NODE_ID)));
+    let e = rt
+        .block_on(fx.client(&url, Some(rogue), None).send_json::<PollReply>(
+            hyper::Method::POST,
+            "/v1/node/poll",
+            &PollRequest::default(),
+            Duration::from_secs(10),
+        ))
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Unreachable { .. }), "{e}");
+    // A certificate from the right CA whose ID holds no role is refused.
+    let stranger = write_cert(
+        &fx.dir,
+        "stranger",
+        &fx.ca
+            .issue(&CertSpec::agent("spiffe://example.org/agent/support")),
+    );
+    let e = rt
+        .block_on(
+            fx.client(&url, Some(stranger), None)
+                .get::<serde_json::Value>("/v1/nodes"),
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("spiffe://example.org/agent/support holds no role on this control plane"),
+        "{e}"
+    );
+    // So is a token nobody configured.
+    let wrong = fx.dir.join("wrong.token");
+    std::fs::write(&wrong, "guess").unwrap();
+    let e = rt
+        .block_on(
+            fx.client(&url, None, Some(&wrong))
+                .get::<serde_json::Value>("/v1/nodes"),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("403 Forbidden: token:"), "{e}");
+
+    let log = server.log_text();
+    assert!(log.contains("TLS handshake refused"), "{log}");
+    assert_eq!(
+        log.matches("request refused").count(),
+        6,
+        "every refusal is logged once:\n{log}"
+    );
+}
+
+#[test]
+fn reports_are_stored_once_and_read_back_by_filter_page_and_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    let server = CpProc::start(&fx, None);
+    let url = server.url.clone();
+    let rt = rt();
+    let n1 = fx.node_client(&url, "n1");
+    let n2 = fx.node_client(&url, "n2");
+    let id = ID;
+    let recs1: Vec<serde_json::Value> = (0..10)
+        .map(|i| {
+            if i < 6 {
+                record("deny", Some(id), "203.0.113.7", None, i)
+            } else {
+                record("unknown", None, "198.51.100.20", Some("openai"), i)
+            }
+        })
+        .collect();
+    let b = batch(42, 1, &recs1);
+    let first: Ingested = rt.block_on(n1.post_reports(&b)).unwrap();
+    assert_eq!(
+        first,
+        Ingested {
+            accepted: 10,
+            duplicates: 0
+        }
+    );
+    // The same batch again (a node that never saw the answer) is stored once.
+    let again: Ingested = rt.block_on(n1.post_reports(&b)).unwrap();
+    assert_eq!(
+        again,
+        Ingested {
+            accepted: 0,
+            duplicates: 10
+        }
+    );
+    let b2 = batch(
+        7,
+        1,
+        &[record(
+            "unknown",
+            None,
+            "198.51.100.21",
+            Some("anthropic"),
+            3,
+        )],
+    );
+    rt.block_on(n2.post_reports(&b2)).unwrap();
+
+    let sec = fx.security_token.display().to_string();
+    let security = ["--token-file", sec.as_str()];
+    let all = cp_json(&fx, &url, &security, &["flows", "--all"]);
+    assert_eq!(all["flows"].as_array().unwrap().len(), 11);
+    let denies = cp_json(
+        &fx,
+        &url,
+        &security,
+        &["flows", "--verdict", "deny", "--identity", id, "--all"],
+    );
+    assert_eq!(denies["flows"].as_array().unwrap().len(), 6);
+    assert!(
+        denies["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["node"] == "spiffe://example.org/node/n1")
+    );
+    let by_dest = cp_json(&fx, &url, &security, &["flows", "--dest", "198.51.100.21"]);
+    assert_eq!(by_dest["flows"][0]["node"], "spiffe://example.org/node/n2");
+    let by_service = cp_json(
+        &fx,
+        &url,
+        &security,
+        &["flows", "--service", "openai", "--all"],
+    );
+    assert_eq!(by_service["flows"].as_array().unwrap().len(), 4);
+    let by_node = cp_json(
+        &fx,
+        &url,
+        &security,
+        &["flows", "--node", "spiffe://example.org/node/n2"],
+    );
+    assert_eq!(by_node["flows"].as_array().unwrap().len(), 1);
+    // Time range over the records' own times.
+    let timed = cp_json(
+        &fx,
+        &url,
+        &security,
+        &[
+            "flows",
+            "--since",
+            "2026-11-23T00:00:02Z",
+            "--until",
+            "2026-11-23T00:00:05Z",
+            "--node",
+            "spiffe://example.org/node/n1",
+        ],
+    );
+    assert_eq!(timed["flows"].as_array().unwrap().len(), 3);
+    // Pages: 4 + 4 + 3, each continuing after the last.
+    let p1 = cp_json(&fx, &url, &security, &["flows", "--limit", "4"]);
+    assert_eq!(p1["flows"].as_array().unwrap().len(), 4);
+    let next = p1["next"].as_u64().unwrap().to_string();
+    let p2 = cp_json(
+        &fx,
+        &url,
+        &security,
+        &["flows", "--limit", "4", "--after", &next],
+    );
+    assert_eq!(
+        p2["flows"][0]["id"].as_u64().unwrap(),
+        p1["next"].as_u64().unwrap() + 1
+    );
+    // Text form: node first, then the record as `agentwall flows` prints it.
+    let out = cp(
+        &fx,
+        &url,
+        &security,
+        &["flows", "--verdict", "deny", "--limit", "1"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("spiffe://example.org/node/n1 2026-11-23T00:00:00.000Z deny    spiffe://example.org/agent/support pid=7 (agent) -> 203.0.113.7:443/tcp"),
+        "{text}"
+    );
+    assert!(text.contains("more: --after "), "{text}");
+    // Bad filters are refused with the value.
+    let out = cp(&fx, &url, &security, &["flows", "--since", "yesterday"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("\"yesterday\" is neither a duration"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e = rt
+        .block_on(
+            fx.client(&url, None, Some(&fx.security_token))
+                .get::<serde_json::Value>("/v1/flows?limit=0"),
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("limit 0 is outside 1..=10000"),
+        "{e}"
+    );
+
+    // Shadow AI across nodes: each node's process groups with their services.
+    let shadow = cp_json(&fx, &url, &security, &["shadow-ai"]);
+    let nodes: Vec<&str> = shadow
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        nodes,
+        [
+            "spiffe://example.org/node/n1",
+            "spiffe://example.org/node/n2"
+        ]
+    );
+    assert_eq!(shadow[0]["groups"][0]["group"], "unit notebook.service");
+    assert_eq!(shadow[0]["groups"][0]["services"][0]["service"], "openai");
+    assert_eq!(shadow[0]["groups"][0]["services"][0]["count"], 4);
+    assert_eq!(
+        shadow[1]["groups"][0]["services"][0]["service"],
+        "anthropic"
+    );
+
+    // Nodes are listed with what they said in their last poll.
+    rt.block_on(n1.send_json::<PollReply>(
+        hyper::Method::POST,
+        "/v1/node/poll",
+        &PollRequest {
+            applied_version: Some(3),
+            applied_revision: Some("abc".into()),
+            agent_version: "9.9.9".into(),
+            ..PollRequest::default()
+        },
+        Duration::from_secs(10),
+    ))
+    .unwrap();
+    let nodes = cp_json(&fx, &url, &security, &["nodes"]);
+    assert_eq!(nodes[0]["node"], "spiffe://example.org/node/n1");
+    assert_eq!(nodes[0]["applied_version"], 3);
+    assert_eq!(nodes[0]["applied_revision"], "abc");
+    assert_eq!(nodes[0]["agent_version"], "9.9.9");
+
+    // Everything is still there after a restart of the server (same database).
+    drop(server);
+    let server = CpProc::start(&fx, None);
+    let all = cp_json(&fx, &server.url, &security, &["flows", "--all"]);
+    assert_eq!(all["flows"].as_array().unwrap().len(), 11);
+}
+
+#[test]
+fn a_revocation_wakes_every_waiting_node_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    let server = CpProc::start(&fx, None);
+    let url = server.url.clone();
+    let rt = rt();
+    let clients: Vec<_> = (0..20)
+        .map(|i| fx.node_client(&url, &format!("w{i}")))
+        .collect();
+    let id = ID;
+    let got = rt.block_on(async {
+        // Each node first learns the current state, then waits (up to 25 s) for news.
+        let mut waits = Vec::new();
+        for c in clients {
+            let c = std::sync::Arc::new(c);
+            let now: PollReply = c
+                .send_json(
+                    hyper::Method::POST,
+                    "/v1/node/poll",
+                    &PollRequest::default(),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+            waits.push(tokio::spawn(async move {
+                let req = PollRequest {
+                    known_version: now.version,
+                    revocation_gen: now.revocation_gen,
+                    wait_ms: 25_000,
+                    ..PollRequest::default()
+                };
+                let r: PollReply = c
+                    .send_json(
+                        hyper::Method::POST,
+                        "/v1/node/poll",
+                        &req,
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .unwrap();
+                (std::time::Instant::now(), r)
+            }));
+        }
+        // The waits are held by the server before the revocation goes in.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let admin = fx.client(&url, Some(fx.admin.clone()), None);
+        let revoked_at = std::time::Instant::now();
+        let r: serde_json::Value = admin
+            .send_json(
+                hyper::Method::POST,
+                "/v1/revocations",
+                &serde_json::json!({ "identity": id }),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r["generation"], 1);
+        let mut out = Vec::new();
+        for w in waits {
+            let (at, reply) = w.await.unwrap();
+            out.push((at.saturating_duration_since(revoked_at), reply));
+        }
+        out
+    });
+    let slowest = got.iter().map(|(d, _)| *d).max().unwrap();
+    eprintln!("revocation reached 20 waiting nodes; slowest after {slowest:?}");
+    for (_, reply) in &got {
+        assert_eq!(reply.revocation_gen, 1);
+        assert_eq!(reply.revoked, [id]);
+    }
+    // Woken by the revocation, not by the end of the 25 s wait.
+    assert!(slowest < Duration::from_secs(20), "{slowest:?}");
+    // A malformed identity is refused with the value.
+    let admin = admin_creds(&fx);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let out = cp(&fx, &url, &admin, &["revoke", "not-an-id"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("\"not-an-id\" is not a SPIFFE ID"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const ID: &str = "spiffe://example.org/agent/support";
+
+const POLICY_B: &str = "\
+kind: AgentPolicy
+name: support
+identity: spiffe://example.org/agent/support
+egress:
+  - to: [198.51.100.0/24]
+    ports: [443]
+    protocol: tcp
+";
+
+/// Pushes `text` as `agents.yaml` with the admin's certificate; returns the revision.
+fn push(fx: &CpFixture, url: &str, name: &str, text: &str) -> String {
+    let d = policy_dir(&fx.dir, name, &[("agents.yaml", text)]);
+    let admin = admin_creds(fx);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let r = cp_json(fx, url, &admin, &["policy", "push", d.to_str().unwrap()]);
+    r["revision"].as_str().unwrap().to_owned()
+}
+
+fn node_args<'a>(flags: &'a [String], extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v: Vec<&str> = flags.iter().map(String::as_str).collect();
+    v.extend_from_slice(extra);
+    v
+}
+
+fn security(fx: &CpFixture) -> [String; 2] {
+    [
+        "--token-file".into(),
+        fx.security_token.display().to_string(),
+    ]
+}
+
+/// Stored decisions of `ID` with `verdict`, every page.
+fn stored(fx: &CpFixture, url: &str, verdict: &str) -> Vec<serde_json::Value> {
+    let sec = security(fx);
+    let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
+    let all = cp_json(
+        fx,
+        url,
+        &sec,
+        &[
+            "flows",
+            "--verdict",
+            verdict,
+            "--identity",
+            ID,
+            "--all",
+            "--limit",
+            "1000",
+        ],
+    );
+    all["flows"].as_array().unwrap().clone()
+}
+
+#[test]
+fn a_push_is_enforced_on_the_node_and_its_denials_reach_security() {
+    let (env, tmp, ca) = setup("cp-push", POLICY_A);
+    let dir = tmp.path();
+    let fx = CpFixture::new(dir);
+    let server = CpProc::start(&fx, None);
+    let url = server.url.clone();
+    let flags = fx.node_flags(&url);
+    let node = NodeProc::start_with(&env, dir, &node_args(&flags, &[]));
+    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+
+    // Pushed from the admin CLI, enforced in the node's kernel.
+    let rev1 = push(&fx, &url, "v1", POLICY_A);
+    wait_status(&node.socket, "version 1 applied", |s| {
+        s["revision"] == rev1.as_str()
+    });
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    assert_eq!(probe.cmd("connect tcp 198.51.100.10 443"), "err EPERM");
+
+    // The denial shows up for security, attributed to the node.
+    let denial = eventually(
+        "the denial at the control plane",
+        Duration::from_secs(10),
+        || {
+            let s = stored(&fx, &url, "deny");
+            s.into_iter()
+                .next()
+                .ok_or_else(|| "no denial yet".to_owned())
+        },
+    );
+    assert_eq!(denial["node"], NODE_ID);
+    assert_eq!(denial["record"]["dest"], "198.51.100.10");
+    assert_eq!(denial["record"]["port"], 443);
+    assert_eq!(denial["record"]["revision"], rev1.as_str());
+    let sec = security(&fx);
+    let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
+    let text = cp(&fx, &url, &sec, &["flows", "--verdict", "deny"]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains(&format!("{NODE_ID} "))
+            && String::from_utf8_lossy(&text.stdout)
+                .contains("-> 198.51.100.10:443/tcp: no rule allows it"),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+
+    // A new push replaces the allowlist atomically on the node.
+    let rev2 = push(&fx, &url, "v2", POLICY_B);
+    wait_status(&node.socket, "version 2 applied", |s| {
+        s["revision"] == rev2.as_str()
+    });
+    assert_eq!(
+        probe.cmd("connect tcp 198.51.100.10 443"),
+        "err ENETUNREACH"
+    );
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+    let nodes = eventually(
+        "the node reports version 2",
+        Duration::from_secs(10),
+        || {
+            let n = cp_json(&fx, &url, &sec, &["nodes"]);
+            if n[0]["applied_version"] == 2 {
+                Ok(n)
+            } else {
+                Err(n.to_string())
+            }
+        },
+    );
+    assert_eq!(nodes[0]["node"], NODE_ID);
+    assert_eq!(nodes[0]["applied_revision"], rev2.as_str());
+    assert_eq!(nodes[0]["agent_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(nodes[0]["error"], serde_json::Value::Null);
+
+    // Without the control plane, a restarted node enforces the last bundle it applied.
+    let addr = server.addr;
+    drop(server);
+    drop(probe);
+    assert_eq!(node.stop(), 0);
+    let node = NodeProc::start_with(&env, dir, &node_args(&flags, &[]));
+    assert_eq!(status_json(&node.socket)["revision"], rev2.as_str());
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(
+        probe.cmd("connect tcp 198.51.100.10 443"),
+        "err ENETUNREACH"
+    );
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+
+    // Back, the control plane revokes the identity fleet-wide: the node denies it everything.
+    let server = CpProc::start(&fx, Some(addr));
+    let admin = admin_creds(&fx);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let out = cp(&fx, &server.url, &admin, &["revoke", ID]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("revoked {ID} on every node (revocation generation 1)\n")
+    );
+    wait_status(&node.socket, "the revocation applied", |s| {
+        s["revoked"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|x| x == ID))
+    });
+    assert_eq!(probe.cmd("connect tcp 198.51.100.10 443"), "err EPERM");
+}
+
+#[test]
+fn records_made_while_the_control_plane_is_away_arrive_exactly_once() {
+    let (env, tmp, ca) = setup("cp-outage", POLICY_A);
+    let dir = tmp.path();
+    let fx = CpFixture::new(dir);
+    let server = CpProc::start(&fx, None);
+    let url = server.url.clone();
+    let flags = fx.node_flags(&url);
+    let audit = dir.join("audit.jsonl");
+    let metrics = loopback_addr();
+    let m = metrics.to_string();
+    let node = NodeProc::start_with(
+        &env,
+        dir,
+        &node_args(
+            &flags,
+            &[
+                "--aggregate-window-secs",
+                "0",
+                "--audit-log",
+                audit.to_str().unwrap(),
+                "--metrics-listen",
+                &m,
+            ],
+        ),
+    );
+    let rev = push(&fx, &url, "v1", POLICY_A);
+    wait_status(&node.socket, "policy applied", |s| {
+        s["revision"] == rev.as_str()
+    });
+    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+
+    // A stream of distinct denials: before, during and after an outage of the control plane
+    // (SIGKILL, so a batch may be stored without its answer reaching the node).
+    assert_eq!(
+        probe.cmd("sweep tcp 203.0.113.5 1000 1199"),
+        "eperm=200 other=0"
+    );
+    let addr = server.addr;
+    drop(server);
+    assert_eq!(
+        probe.cmd("sweep tcp 203.0.113.5 1200 1599"),
+        "eperm=400 other=0"
+    );
+    eventually(
+        "records waiting in the spool",
+        Duration::from_secs(10),
+        || {
+            let waiting = metric(
+                &scrape(metrics),
+                "agentwall_control_plane_spool_records",
+                &[],
+            );
+            if waiting > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{waiting}"))
+            }
+        },
+    );
+    let server = CpProc::start(&fx, Some(addr));
+    assert_eq!(
+        probe.cmd("sweep tcp 203.0.113.5 1600 1799"),
+        "eperm=200 other=0"
+    );
+
+    let got = eventually(
+        "all 800 denials at the control plane",
+        Duration::from_secs(30),
+        || {
+            let s = stored(&fx, &server.url, "deny");
+            if s.len() >= 800 {
+                Ok(s)
+            } else {
+                Err(format!("{} so far", s.len()))
+            }
+        },
+    );
+    let mut ports: Vec<u64> = got
+        .iter()
+        .map(|f| f["record"]["port"].as_u64().unwrap())
+        .collect();
+    ports.sort_unstable();
+    assert_eq!(
+        ports,
+        (1000..1800).collect::<Vec<u64>>(),
+        "each denial exactly once"
+    );
+    // The same records the node's own audit log holds.
+    let mut logged: Vec<u64> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["kind"] == "decision" && r["verdict"] == "deny" && r["identity"] == ID)
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    let mut sent: Vec<u64> = got
+        .iter()
+        .map(|f| f["record"]["audit_seq"].as_u64().unwrap())
+        .collect();
+    logged.sort_unstable();
+    sent.sort_unstable();
+    assert_eq!(sent, logged);
+    let s = eventually("the spool drained", Duration::from_secs(10), || {
+        let s = scrape(metrics);
+        if metric(&s, "agentwall_control_plane_spool_records", &[]) == 0.0 {
+            Ok(s)
+        } else {
+            Err("not yet".into())
+        }
+    });
+    assert_eq!(
+        metric(&s, "agentwall_control_plane_records_lost_total", &[]),
+        0.0
+    );
+    assert_eq!(metric(&s, "agentwall_control_plane_connected", &[]), 1.0);
+}
+
+#[test]
+fn a_full_spool_counts_what_it_drops_and_reports_the_count() {
+    let (env, tmp, ca) = setup("cp-spool-full", POLICY_A);
+    let dir = tmp.path();
+    let fx = CpFixture::new(dir);
+    let server = CpProc::start(&fx, None);
+    let url = server.url.clone();
+    let flags = fx.node_flags(&url);
+    let metrics = loopback_addr();
+    let m = metrics.to_string();
+    let node = NodeProc::start_with(
+        &env,
+        dir,
+        &node_args(
+            &flags,
+            &[
+                "--aggregate-window-secs",
+                "0",
+                "--metrics-listen",
+                &m,
+                "--control-plane-spool-max-bytes",
+                "65536",
+            ],
+        ),
+    );
+    let rev = push(&fx, &url, "v1", POLICY_A);
+    wait_status(&node.socket, "policy applied", |s| {
+        s["revision"] == rev.as_str()
+    });
+    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    eventually("the spool drained", Duration::from_secs(10), || {
+        let w = metric(
+            &scrape(metrics),
+            "agentwall_control_plane_spool_records",
+            &[],
+        );
+        if w == 0.0 {
+            Ok(())
+        } else {
+            Err(format!("{w}"))
+        }
+    });
+
+    let addr = server.addr;
+    drop(server);
+    assert_eq!(
+        probe.cmd("sweep tcp 203.0.113.5 1000 2999"),
+        "eperm=2000 other=0"
+    );
+    // Every record either waits in the spool or is counted lost (the spool also holds the
+    // loss records that fit).
+    let lost = eventually(
+        "2,000 records spooled or counted",
+        Duration::from_secs(10),
+        || {
+            let s = scrape(metrics);
+            let (w, l) = (
+                metric(&s, "agentwall_control_plane_spool_records", &[]),
+                metric(&s, "agentwall_control_plane_records_lost_total", &[]),
+            );
+            if w + l >= 2000.0 {
+                Ok(l)
+            } else {
+                Err(format!("waiting {w}, lost {l}"))
+            }
+        },
+    );
+    assert!(lost > 0.0 && lost < 2000.0, "{lost}");
+
+    let server = CpProc::start(&fx, Some(addr));
+    // The denials that fit arrive, then a loss record with the count of those that did not.
+    let sec = security(&fx);
+    let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
+    eventually("the spool drained", Duration::from_secs(30), || {
+        let w = metric(
+            &scrape(metrics),
+            "agentwall_control_plane_spool_records",
+            &[],
+        );
+        if w == 0.0 {
+            Ok(())
+        } else {
+            Err(format!("{w}"))
+        }
+    });
+    // Nothing more is lost once the control plane is back; the count arrives as loss
+    // records after the records that fit.
+    let lost = metric(
+        &scrape(metrics),
+        "agentwall_control_plane_records_lost_total",
+        &[],
+    );
+    eventually("the loss reported", Duration::from_secs(10), || {
+        let l = cp_json(
+            &fx,
+            &server.url,
+            &sec,
+            &["flows", "--kind", "loss", "--all"],
+        );
+        let reported: f64 = l["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["record"]["spool_records_lost"].as_f64().unwrap())
+            .sum();
+        if reported == lost {
+            Ok(())
+        } else {
+            Err(format!("{reported} of {lost}: {l}"))
+        }
+    });
+    let got = stored(&fx, &server.url, "deny");
+    assert_eq!(got.len() as f64 + lost, 2000.0);
+}
