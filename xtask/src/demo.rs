@@ -1,8 +1,10 @@
 //! `cargo xtask demo`: agentwall end to end on this machine, in plain words, then cleaned up.
 //!
-//! A throwaway CA and two agent certificates (rcgen), a sample policy, a node attached to a
-//! private cgroup subtree, agents launched into private network namespaces: an allowed
-//! connection, a denied one, an audit-mode would-deny, an unknown flow, `status` and `flows`.
+//! A throwaway CA and two agent certificates (rcgen), a control plane on loopback with its own
+//! CA, a node attached to a private cgroup subtree that takes its policy from the control
+//! plane, a push from the admin CLI, agents launched into private network namespaces: an
+//! allowed connection, a denied one, an audit-mode would-deny, an unknown flow, `status`,
+//! `flows` and the same denials read back from the control plane.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -18,6 +20,8 @@ use rcgen::{
 
 const SUPPORT: &str = "spiffe://demo.agentwall/agent/support-bot";
 const RESEARCH: &str = "spiffe://demo.agentwall/agent/research-bot";
+const NODE: &str = "spiffe://demo.agentwall/node/demo";
+const ADMIN: &str = "spiffe://demo.agentwall/admin/demo";
 
 const POLICY: &str = "\
 # The support bot may reach its LLM API range on 443 and a local tool server on 8080.
@@ -53,6 +57,8 @@ egress:
 struct Cleanup {
     children: Vec<Child>,
     node: Option<Child>,
+    /// Stopped after the node, which would otherwise report it unreachable.
+    control_plane: Option<Child>,
     cgroup: PathBuf,
     bpffs: PathBuf,
     agentwall: PathBuf,
@@ -68,6 +74,10 @@ impl Drop for Cleanup {
         if let Some(mut n) = self.node.take() {
             let _ = Command::new("kill").arg(n.id().to_string()).status();
             let _ = n.wait();
+        }
+        if let Some(mut c) = self.control_plane.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
         let _ = Command::new(&self.agentwall)
             .args(["down", "--bpffs-dir"])
@@ -148,10 +158,37 @@ fn write_identity(
     name: &str,
     id: &str,
 ) -> Result<(PathBuf, PathBuf)> {
+    write_cert(
+        dir,
+        ca,
+        name,
+        SanType::URI(id.try_into()?),
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )
+}
+
+fn new_ca(name: &str) -> Result<CertifiedIssuer<'static, KeyPair>> {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.distinguished_name.push(DnType::CommonName, name);
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(CertifiedIssuer::self_signed(
+        ca_params,
+        KeyPair::generate()?,
+    )?)
+}
+
+fn write_cert(
+    dir: &Path,
+    ca: &CertifiedIssuer<'_, KeyPair>,
+    name: &str,
+    san: SanType,
+    usage: ExtendedKeyUsagePurpose,
+) -> Result<(PathBuf, PathBuf)> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name.push(DnType::CommonName, name);
-    params.subject_alt_names = vec![SanType::URI(id.try_into()?)];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.subject_alt_names = vec![san];
+    params.extended_key_usages = vec![usage];
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::minutes(5);
     params.not_after = now + time::Duration::hours(1);
@@ -189,6 +226,7 @@ pub fn run(root: &Path) -> Result<()> {
     let mut cleanup = Cleanup {
         children: Vec::new(),
         node: None,
+        control_plane: None,
         cgroup: cgroup2_mount()?.join(format!("agentwall-demo-{id}")),
         bpffs: PathBuf::from(format!("/sys/fs/bpf/agentwall-demo-{id}")),
         agentwall: agentwall.clone(),
@@ -197,27 +235,67 @@ pub fn run(root: &Path) -> Result<()> {
     std::fs::create_dir_all(&cleanup.cgroup)?;
 
     println!("== 1. A throwaway CA and two agent certificates (rcgen)");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "agentwall demo CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+    let ca = new_ca("agentwall demo CA")?;
     std::fs::write(dir.join("ca.pem"), ca.pem())?;
     let (scert, skey) = write_identity(&dir, &ca, "support-bot", SUPPORT)?;
     let (rcert, rkey) = write_identity(&dir, &ca, "research-bot", RESEARCH)?;
     println!("   {SUPPORT}\n   {RESEARCH}");
 
     println!(
-        "\n== 2. A sample policy ({})",
-        dir.join("policy/agents.yaml").display()
+        "\n== 2. A control plane on 127.0.0.1, with its own CA: a server certificate, the node's ({NODE}) and an admin's ({ADMIN})"
     );
-    std::fs::write(dir.join("policy/agents.yaml"), POLICY)?;
-    print!("{POLICY}");
+    let cp_dir = dir.join("control-plane");
+    std::fs::create_dir_all(&cp_dir)?;
+    let cp_ca = new_ca("agentwall demo control plane CA")?;
+    std::fs::write(cp_dir.join("cp-ca.pem"), cp_ca.pem())?;
+    write_cert(
+        &cp_dir,
+        &cp_ca,
+        "server",
+        SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
+    let (ncert, nkey) = write_identity(&cp_dir, &cp_ca, "node", NODE)?;
+    let (acert, akey) = write_identity(&cp_dir, &cp_ca, "admin", ADMIN)?;
+    std::fs::write(
+        cp_dir.join("cp.toml"),
+        format!(
+            "listen = \"127.0.0.1:0\"\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = [\"cp-ca.pem\"]\ndatabase = \"cp.db\"\n\n[[access]]\nrole = \"admin\"\nspiffe_ids = [\"{ADMIN}\"]\n\n[[access]]\nrole = \"node\"\nspiffe_ids = [\"spiffe://demo.agentwall/node/*\"]\n"
+        ),
+    )?;
+    let mut cp = Command::new(&agentwall)
+        .args(["control-plane", "serve", "--config"])
+        .arg(cp_dir.join("cp.toml"))
+        .env("AGENTWALL_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting agentwall control-plane serve")?;
+    let mut cp_ready = String::new();
+    BufReader::new(cp.stdout.take().expect("piped")).read_line(&mut cp_ready)?;
+    cleanup.control_plane = Some(cp);
+    let url = match cp_ready
+        .trim()
+        .strip_prefix("agentwall control plane ready: listen=")
+    {
+        Some(addr) => format!("https://{addr}"),
+        None => bail!("the control plane did not start"),
+    };
+    print!("   {cp_ready}");
+    let admin_cli = |args: &[&str]| -> Result<std::process::Output> {
+        Ok(Command::new(&agentwall)
+            .arg("cp")
+            .args(["--url", &url, "--ca"])
+            .arg(cp_dir.join("cp-ca.pem"))
+            .arg("--cert")
+            .arg(&acert)
+            .arg("--key")
+            .arg(&akey)
+            .args(args)
+            .output()?)
+    };
 
     println!(
-        "\n== 3. The node, attached to a private cgroup subtree ({})",
+        "\n== 3. The node, attached to a private cgroup subtree ({}), taking policy from the control plane",
         cleanup.cgroup.display()
     );
     let socket = dir.join("agentwall.sock");
@@ -225,8 +303,12 @@ pub fn run(root: &Path) -> Result<()> {
         .args(["node", "--trust-domain", "demo.agentwall"])
         .arg("--trust-bundle")
         .arg(dir.join("ca.pem"))
-        .arg("--policy-dir")
-        .arg(dir.join("policy"))
+        .args(["--control-plane-url", &url, "--control-plane-ca"])
+        .arg(cp_dir.join("cp-ca.pem"))
+        .arg("--control-plane-cert")
+        .arg(&ncert)
+        .arg("--control-plane-key")
+        .arg(&nkey)
         .arg("--socket")
         .arg(&socket)
         .arg("--state-dir")
@@ -249,6 +331,49 @@ pub fn run(root: &Path) -> Result<()> {
     }
     print!("   {ready}");
 
+    println!(
+        "\n== 4. The admin pushes a sample policy ({}) with `agentwall cp policy push`",
+        dir.join("policy/agents.yaml").display()
+    );
+    std::fs::write(dir.join("policy/agents.yaml"), POLICY)?;
+    print!("{POLICY}");
+    let out = admin_cli(&[
+        "policy",
+        "push",
+        dir.join("policy").to_str().unwrap_or_default(),
+    ])?;
+    if !out.status.success() {
+        bail!("push refused: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let pushed = String::from_utf8_lossy(&out.stdout).into_owned();
+    print!("   {pushed}");
+    let revision = pushed
+        .split_whitespace()
+        .skip_while(|w| *w != "revision")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    // The node takes it on its long-poll; wait until it enforces that revision.
+    let status_json = || -> Result<String> {
+        let out = Command::new(&agentwall)
+            .args(["status", "--output", "json", "--socket"])
+            .arg(&socket)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let mut enforced = false;
+    for _ in 0..200 {
+        if status_json()?.contains(&format!("\"revision\": \"{revision}\"")) {
+            enforced = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if !enforced {
+        bail!("the node did not take revision {revision} from the control plane");
+    }
+    println!("   the node enforces revision {revision}");
+
     let launch = |cert: &Path, key: &Path| {
         let mut c = Command::new(&agentwall);
         c.arg("launch")
@@ -263,7 +388,7 @@ pub fn run(root: &Path) -> Result<()> {
     };
 
     println!(
-        "\n== 4. The support bot, launched with its certificate into its own network namespace"
+        "\n== 5. The support bot, launched with its certificate into its own network namespace"
     );
     let mut support = Agent::start(&mut launch(&scert, &skey), &mut cleanup)?;
     support.ask("listen tcp 127.0.0.1 8080")?;
@@ -288,14 +413,14 @@ pub fn run(root: &Path) -> Result<()> {
         println!("   {what}: {}", explain(&support.ask(cmd)?));
     }
 
-    println!("\n== 5. The research bot, in audit mode");
+    println!("\n== 6. The research bot, in audit mode");
     let mut research = Agent::start(&mut launch(&rcert, &rkey), &mut cleanup)?;
     println!(
         "   unknown service 203.0.113.7:443: {} - recorded as an audit would-deny",
         explain(&research.ask("connect tcp 203.0.113.7 443")?)
     );
 
-    println!("\n== 6. A process nobody enrolled (shadow AI)");
+    println!("\n== 7. A process nobody enrolled (shadow AI)");
     let unenrolled = cleanup.cgroup.join("unenrolled");
     std::fs::create_dir_all(&unenrolled)?;
     let mut shadow = Agent::start(
@@ -326,9 +451,9 @@ pub fn run(root: &Path) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    println!("\n== 7. agentwall flows");
+    println!("\n== 8. agentwall flows");
     print!("{}", flows(&[])?);
-    println!("\n== 8. agentwall status");
+    println!("\n== 9. agentwall status");
     let out = Command::new(&agentwall)
         .arg("status")
         .arg("--socket")
@@ -336,8 +461,25 @@ pub fn run(root: &Path) -> Result<()> {
         .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
 
+    println!("\n== 10. The same flows at the control plane: agentwall cp flows --verdict deny");
+    let mut denials = String::new();
+    for _ in 0..200 {
+        denials = String::from_utf8_lossy(&admin_cli(&["flows", "--verdict", "deny"])?.stdout)
+            .into_owned();
+        if denials.contains("203.0.113.7") && denials.contains("169.254.169.254") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    print!("{denials}");
+    println!("\n== 11. agentwall cp nodes");
+    print!(
+        "{}",
+        String::from_utf8_lossy(&admin_cli(&["nodes"])?.stdout)
+    );
+
     println!(
-        "\n== 9. Cleaning up: agents stopped, node stopped, datapath detached, cgroups removed"
+        "\n== 12. Cleaning up: agents, node and control plane stopped, datapath detached, cgroups removed"
     );
     drop(cleanup);
     println!("   done");

@@ -35,10 +35,10 @@ enum Task {
     Test,
     /// Run a benchmark and print its table.
     Bench {
-        #[arg(value_parser = ["datapath", "dns", "compare"])]
+        #[arg(value_parser = ["datapath", "dns", "compare", "control-plane"])]
         which: String,
         /// Operations measured per configuration and round (default: 20,000 connects for
-        /// datapath, 2,000 lookups for dns).
+        /// datapath, 2,000 lookups for dns, 5,000 for compare, 10 pushes for control-plane).
         #[arg(long)]
         iterations: Option<u32>,
     },
@@ -82,6 +82,8 @@ fn main() -> Result<()> {
             let iterations = iterations.unwrap_or(match which.as_str() {
                 "dns" => 2_000,
                 "compare" => 5_000,
+                // Pushes timed per fleet size.
+                "control-plane" => 10,
                 _ => 20_000,
             });
             if which == "compare" {

@@ -318,10 +318,15 @@ impl Client {
         let body = enc
             .finish()
             .map_err(|e| ClientError::Config(format!("compressing a batch: {e}")))?;
+        self.post_compressed(Bytes::from(body)).await
+    }
+
+    /// Posts a report batch already serialized and gzip-compressed.
+    pub async fn post_compressed(&self, body: Bytes) -> Result<super::Ingested, ClientError> {
         self.call(
             Method::POST,
             "/v1/node/reports",
-            Some((Bytes::from(body), true)),
+            Some((body, true)),
             Duration::from_secs(60),
         )
         .await

@@ -23,8 +23,8 @@ use tower::ServiceExt as _;
 use tracing::{error, info, warn};
 
 use super::{
-    Bundle, ErrorBody, FlowQuery, Ingested, NodeShadowAi, PollReply, PollRequest, PushRequest,
-    ReportBatch, RevokeRequest,
+    Bundle, ErrorBody, FlowQuery, Ingested, NodeShadowAi, PollRequest, PushRequest, ReportBatch,
+    RevokeRequest,
     config::{Access, CpConfigError, Role, ServerConfig},
     store::{NodeSeen, SqliteStore, Store, StoreError},
 };
@@ -130,7 +130,8 @@ pub struct Server {
     poll_timeout: Duration,
     /// (newest bundle version, revocation generation): long-polls wait on changes.
     changes: tokio::sync::watch::Sender<(u64, u64)>,
-    latest: std::sync::RwLock<Option<Arc<Bundle>>>,
+    /// The newest bundle, serialized once for every poll that gets it.
+    latest: std::sync::RwLock<Option<Arc<serde_json::value::RawValue>>>,
     /// Polls not yet written to the store (written once a second, in one transaction).
     seen: Mutex<HashMap<String, NodeSeen>>,
 }
@@ -141,10 +142,11 @@ impl Server {
         access: Vec<Access>,
         poll_timeout: Duration,
     ) -> Result<Arc<Self>, StoreError> {
-        let latest = store.policy(None)?.map(Arc::new);
+        let newest = store.policy(None)?;
         let (generation, _) = store.revocations()?;
         let (changes, _) =
-            tokio::sync::watch::channel((latest.as_ref().map_or(0, |b| b.version), generation));
+            tokio::sync::watch::channel((newest.as_ref().map_or(0, |b| b.version), generation));
+        let latest = newest.as_ref().map(bundle_json);
         Ok(Arc::new(Self {
             store,
             access,
@@ -260,6 +262,12 @@ impl Server {
     }
 }
 
+fn bundle_json(b: &Bundle) -> Arc<serde_json::value::RawValue> {
+    serde_json::value::to_raw_value(b)
+        .expect("bundles serialize")
+        .into()
+}
+
 /// Largest request body (a compressed report batch, a policy bundle).
 const MAX_BODY: usize = 32 << 20;
 /// Largest decompressed report batch.
@@ -348,7 +356,7 @@ async fn put_policy(
     let bundle = blocking(move || store.push_policy(&revision, &files, &by)).await?;
     info!(principal = %who.name, version = bundle.version, revision = %bundle.revision,
         identities = set.agents.len(), "policy pushed");
-    *s.latest.write().expect("latest") = Some(Arc::new(bundle.clone()));
+    *s.latest.write().expect("latest") = Some(bundle_json(&bundle));
     s.changes.send_modify(|c| c.0 = bundle.version);
     Ok(Json(bundle))
 }
@@ -522,7 +530,7 @@ async fn node_poll(
     Extension(peer): Extension<Peer>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Json<PollReply>, Fail> {
+) -> Result<Response, Fail> {
     let who = s.allow(&peer, &headers, "POST /v1/node/poll", &[Role::Node])?;
     let req: PollRequest = serde_json::from_slice(&body)
         .map_err(|e| Fail::new(StatusCode::BAD_REQUEST, format!("body is not a poll: {e}")))?;
@@ -542,24 +550,32 @@ async fn node_poll(
         let news =
             (version != 0 && version != req.known_version) || generation != req.revocation_gen;
         if news || tokio::time::Instant::now() >= deadline {
-            let mut reply = PollReply {
-                version,
-                revocation_gen: generation,
-                ..PollReply::default()
-            };
-            if version != 0 && version != req.known_version {
-                reply.bundle = s.latest.read().expect("latest").as_deref().cloned();
-            }
-            if generation != req.revocation_gen {
+            let revoked: Vec<String> = if generation != req.revocation_gen {
                 let store = s.store.clone();
-                reply.revoked = blocking(move || store.revocations())
+                blocking(move || store.revocations())
                     .await?
                     .1
                     .into_iter()
                     .map(|r| r.identity)
-                    .collect();
-            }
-            return Ok(Json(reply));
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let bundle = (version != 0 && version != req.known_version)
+                .then(|| s.latest.read().expect("latest").clone())
+                .flatten();
+            let body = serde_json::to_vec(&PollReplyOut {
+                version,
+                bundle: bundle.as_deref(),
+                revocation_gen: generation,
+                revoked: &revoked,
+            })
+            .expect("replies serialize");
+            return Ok((
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response());
         }
         if tokio::time::timeout_at(deadline, rx.changed())
             .await
@@ -568,6 +584,16 @@ async fn node_poll(
             return Err(Fail::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"));
         }
     }
+}
+
+/// A poll's answer as sent: [`PollReply`] with the bundle as the bytes serialized once at
+/// push time (a push wakes every node, and the bundle is the bulk of each answer).
+#[derive(serde::Serialize)]
+struct PollReplyOut<'a> {
+    version: u64,
+    bundle: Option<&'a serde_json::value::RawValue>,
+    revocation_gen: u64,
+    revoked: &'a [String],
 }
 
 async fn node_reports(

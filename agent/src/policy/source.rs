@@ -363,6 +363,17 @@ fn documents(text: &str) -> Vec<(usize, String)> {
         .collect()
 }
 
+/// The kind of a document whose top level states a known one on a line of its own.
+fn plain_kind(doc: &str) -> Option<&str> {
+    let mut kinds = doc.lines().filter_map(|l| l.strip_prefix("kind:"));
+    let k = kinds.next()?.trim();
+    // Twice is the parser's to report.
+    if kinds.next().is_some() {
+        return None;
+    }
+    matches!(k, "AgentPolicy" | "Archetype" | "GlobalDeny").then_some(k)
+}
+
 fn yaml_err(file: &Path, doc: &str, first_line: usize, e: &serde_yaml_ng::Error) -> PolicyError {
     // The library appends "at line X column Y" relative to the document; we give our own.
     let msg = e.to_string();
@@ -505,12 +516,17 @@ pub fn parse_sources(sources: &[(PathBuf, String)]) -> Result<PolicySet, PolicyE
                 file: file.clone(),
                 line: first,
             };
-            let kind = match serde_yaml_ng::from_str::<KindOnly>(&doc) {
-                Ok(k) => k.kind,
-                Err(e) => {
-                    errors.push(yaml_err(file, &doc, first, &e));
-                    continue;
-                }
+            // Parsing a document just for its kind doubles the cost of a policy: a plain
+            // top-level `kind:` line is read directly; anything else goes to the parser.
+            let kind = match plain_kind(&doc) {
+                Some(k) => Some(k.to_owned()),
+                None => match serde_yaml_ng::from_str::<KindOnly>(&doc) {
+                    Ok(k) => k.kind,
+                    Err(e) => {
+                        errors.push(yaml_err(file, &doc, first, &e));
+                        continue;
+                    }
+                },
             };
             match kind.as_deref() {
                 Some("AgentPolicy") => match serde_yaml_ng::from_str::<RawAgentPolicy>(&doc) {

@@ -79,6 +79,7 @@ fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
 }
 
 mod compare;
+mod control_plane;
 mod dns;
 
 fn main() {
@@ -93,7 +94,10 @@ fn main() {
         [which, flag, n] if which == "compare" && flag == "--iterations" => {
             compare::run(n.parse().expect("iterations"))
         }
-        _ => panic!("usage: aw-bench datapath|dns|compare --iterations N"),
+        [which, flag, n] if which == "control-plane" && flag == "--iterations" => {
+            control_plane::run(n.parse().expect("iterations"))
+        }
+        _ => panic!("usage: aw-bench datapath|dns|compare|control-plane --iterations N"),
     }
 }
 
