@@ -7,6 +7,7 @@ use agentwall::control_plane::{
     Ingested, PollReply, PollRequest, ReportBatch, Reported, client::ClientError,
 };
 use agentwall_tests::{
+    SmallDisk,
     cp::{ADMIN_ID, CpFixture, CpProc, NODE_ID, admin_creds, cp, cp_json},
     node::{
         NodeProc, eventually, launch_probe, loopback_addr, metric, scrape, setup, status_json,
@@ -957,4 +958,110 @@ fn a_full_spool_counts_what_it_drops_and_reports_the_count() {
     });
     let got = stored(&fx, &server.url, "deny");
     assert_eq!(got.len() as f64 + lost, 2000.0);
+}
+
+#[test]
+fn a_full_disk_under_the_spool_counts_the_loss_and_reports_it() {
+    let (env, tmp, ca) = setup("cp-spool-disk", POLICY_A);
+    let dir = tmp.path();
+    let fx = CpFixture::new(dir);
+    // The spool gets a 64 KiB disk of its own; its size limit (64 MiB) is never the bound.
+    let disk = SmallDisk::mount(&dir.join("state/control-plane/spool"), "64k");
+    let server = CpProc::start(&fx, None);
+    let url = server.url.clone();
+    let flags = fx.node_flags(&url);
+    let metrics = loopback_addr();
+    let m = metrics.to_string();
+    let node = NodeProc::start_with(
+        &env,
+        dir,
+        &node_args(
+            &flags,
+            &["--aggregate-window-secs", "0", "--metrics-listen", &m],
+        ),
+    );
+    let rev = push(&fx, &url, "v1", POLICY_A);
+    wait_status(&node.socket, "policy applied", |s| {
+        s["revision"] == rev.as_str()
+    });
+    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    eventually("the spool drained", Duration::from_secs(10), || {
+        let w = metric(
+            &scrape(metrics),
+            "agentwall_control_plane_spool_records",
+            &[],
+        );
+        if w == 0.0 {
+            Ok(())
+        } else {
+            Err(format!("{w}"))
+        }
+    });
+
+    let addr = server.addr;
+    drop(server);
+    assert_eq!(
+        probe.cmd("sweep tcp 203.0.113.5 1000 1999"),
+        "eperm=1000 other=0"
+    );
+    // The disk fills long before 1,000 records are in: the rest is counted.
+    let lost = eventually(
+        "1,000 records spooled or counted",
+        Duration::from_secs(10),
+        || {
+            let s = scrape(metrics);
+            let (w, l) = (
+                metric(&s, "agentwall_control_plane_spool_records", &[]),
+                metric(&s, "agentwall_control_plane_records_lost_total", &[]),
+            );
+            if w + l >= 1000.0 && l > 0.0 {
+                Ok(l)
+            } else {
+                Err(format!("waiting {w}, lost {l}"))
+            }
+        },
+    );
+    assert!(lost < 1000.0, "{lost}");
+
+    // Back: what was spooled arrives, the acknowledged segments free the disk, and the count
+    // of what was lost follows.
+    let server = CpProc::start(&fx, Some(addr));
+    let sec = security(&fx);
+    let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
+    eventually("the loss reported", Duration::from_secs(30), || {
+        let lost = metric(
+            &scrape(metrics),
+            "agentwall_control_plane_records_lost_total",
+            &[],
+        );
+        let l = cp_json(
+            &fx,
+            &server.url,
+            &sec,
+            &["flows", "--kind", "loss", "--all"],
+        );
+        let reported: f64 = l["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["record"]["spool_records_lost"].as_f64().unwrap())
+            .sum();
+        if reported == lost {
+            Ok(())
+        } else {
+            Err(format!("{reported} of {lost}: {l}"))
+        }
+    });
+    let lost = metric(
+        &scrape(metrics),
+        "agentwall_control_plane_records_lost_total",
+        &[],
+    );
+    let sweep: Vec<serde_json::Value> = stored(&fx, &server.url, "deny")
+        .into_iter()
+        .filter(|f| (1000..2000).contains(&f["record"]["port"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(sweep.len() as f64 + lost, 1000.0);
+    drop(disk);
 }

@@ -8,6 +8,7 @@ use std::{
 };
 
 use agentwall_tests::{
+    SmallDisk,
     node::{NodeProc, flows, launch_probe, loopback_addr, metric, scrape, setup, write_cert},
     pki::CertSpec,
 };
@@ -71,32 +72,6 @@ fn sigkill_of_the_node_mid_storm_changes_no_verdict_and_loses_no_record() {
     }
 }
 
-/// A small tmpfs for the audit log, unmounted on drop.
-struct SmallDisk(PathBuf);
-
-impl SmallDisk {
-    fn mount(at: &Path, size: &str) -> Self {
-        std::fs::create_dir_all(at).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "mounting a tmpfs at {}", at.display());
-        Self(at.to_owned())
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[test]
 fn a_full_disk_under_the_audit_log_changes_no_verdict_and_counts_the_loss() {
     let (env, tmp, ca) = setup("diskfull", POLICY);
@@ -145,13 +120,7 @@ fn a_full_disk_under_the_audit_log_changes_no_verdict_and_counts_the_loss() {
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
 
     // Room again: the log says how many records it lost, and its chain is intact.
-    let ok = std::process::Command::new("mount")
-        .args(["-o", "remount,size=4m"])
-        .arg(&disk.0)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    disk.grow("4m");
     assert_eq!(probe.cmd("connect tcp 203.0.113.5 4001"), "err EPERM");
     let failures = metric(&scrape(addr), "agentwall_audit_write_failures_total", &[]);
     let deadline = Instant::now() + Duration::from_secs(10);

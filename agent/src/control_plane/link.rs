@@ -214,6 +214,7 @@ impl Link {
         let mut backoff = Backoff::default();
         let mut retry_at = tokio::time::Instant::now();
         let mut complained = false;
+        let mut spool_failures = 0u64;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -231,7 +232,12 @@ impl Link {
             })
             .await;
             if let Ok(Err(e)) = appended {
-                error!(error = %e, "records could not be spooled (counted in agentwall_control_plane_records_lost_total)");
+                spool_failures += 1;
+                // A full disk fails every tick: say so at 1, 2, 4, 8... failures, not each.
+                if spool_failures.is_power_of_two() {
+                    error!(error = %e, failures = spool_failures,
+                        "records could not be spooled (counted in agentwall_control_plane_records_lost_total)");
+                }
             }
             if tokio::time::Instant::now() < retry_at {
                 continue;

@@ -221,7 +221,6 @@ impl Spool {
         let mut lines: Vec<(u64, String)> = Vec::with_capacity(records.len() + 1);
         let mut rid = self.next_rid;
         let mut room = self.max_bytes.saturating_sub(self.bytes);
-        let mut lost = 0u64;
         let line_of = |rid: u64, v: &serde_json::Value| {
             let mut l = format!("{{\"rid\":{rid},\"record\":{v}}}");
             l.push('\n');
@@ -240,33 +239,32 @@ impl Spool {
                 rid += 1;
             }
         }
-        let loss_written = !lines.is_empty();
+        let with_loss = !lines.is_empty();
         for r in &records {
             let l = line_of(rid, r);
             if (l.len() as u64) > room {
-                lost += 1;
                 continue;
             }
             room -= l.len() as u64;
             lines.push((rid, l));
             rid += 1;
         }
-        if loss_written {
+        // Records that did not fit and records whose write failed (a full disk) are a
+        // counted loss alike; a loss record that could not be written is owed still.
+        let (written, failed) = self.write_lines(&lines);
+        let loss_in = with_loss && written > 0;
+        if loss_in {
             self.lost_pending = 0;
         }
+        let lost = (records.len() + usize::from(loss_in) - written) as u64;
         self.lost_pending += lost;
         self.lost_total += lost;
-        if let Err(e) = self.write_lines(&lines) {
-            // Nothing of this append is kept; it is a counted loss like a full spool.
-            let n = lines.len() as u64 - u64::from(loss_written);
-            self.lost_pending += n;
-            self.lost_total += n;
-            return Err(e);
-        }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
-    fn write_lines(&mut self, lines: &[(u64, String)]) -> Result<(), SpoolError> {
+    /// Writes lines in order, syncing each segment's part; how many were written, and the
+    /// error that stopped the rest.
+    fn write_lines(&mut self, lines: &[(u64, String)]) -> (usize, Option<SpoolError>) {
         let mut i = 0;
         while i < lines.len() {
             let need_new = self
@@ -285,36 +283,64 @@ impl Spool {
             let seg = self.segments.back_mut().expect("a segment");
             let mut buf = String::new();
             let mut last = seg.last_rid;
+            let start = i;
             while i < lines.len() && seg.bytes + (buf.len() as u64) < self.segment_bytes {
                 buf.push_str(&lines[i].1);
                 last = lines[i].0;
                 i += 1;
             }
             let path = seg.path.clone();
-            let mut f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(io_err(&path))?;
-            let written = f
-                .write_all(buf.as_bytes())
-                .and_then(|()| f.sync_data())
-                .map_err(io_err(&path));
-            if let Err(e) = written {
-                // Cut back to the last whole record, so the file stays readable.
-                let _ = f.set_len(seg.bytes);
-                if seg.last_rid == 0 {
-                    let _ = std::fs::remove_file(&path);
-                    self.segments.pop_back();
+            let file = OpenOptions::new().create(true).append(true).open(&path);
+            let result = file.and_then(|mut f| {
+                let r = f.write_all(buf.as_bytes()).and_then(|()| f.sync_data());
+                if r.is_ok() {
+                    return Ok(None);
                 }
-                return Err(e);
+                // Cut back to the last whole record, so the file stays readable, then keep
+                // as many whole records as still fit (a disk that filled up mid-chunk).
+                f.set_len(seg.bytes)?;
+                let mut kept = 0u64;
+                let mut n = 0;
+                for (_, l) in &lines[start..i] {
+                    if f.write_all(l.as_bytes()).is_err() {
+                        let _ = f.set_len(seg.bytes + kept);
+                        break;
+                    }
+                    kept += l.len() as u64;
+                    n += 1;
+                }
+                f.sync_data()?;
+                Ok(Some((n, kept, r.expect_err("the chunk failed"))))
+            });
+            match result {
+                Ok(None) => {
+                    seg.bytes += buf.len() as u64;
+                    seg.last_rid = last;
+                    self.bytes += buf.len() as u64;
+                    self.next_rid = last + 1;
+                }
+                Ok(Some((n, kept, e))) => {
+                    if n > 0 {
+                        seg.bytes += kept;
+                        seg.last_rid = lines[start + n - 1].0;
+                        self.bytes += kept;
+                        self.next_rid = seg.last_rid + 1;
+                    } else if seg.last_rid == 0 {
+                        let _ = std::fs::remove_file(&path);
+                        self.segments.pop_back();
+                    }
+                    return (start + n, Some(io_err(&path)(e)));
+                }
+                Err(e) => {
+                    if seg.last_rid == 0 {
+                        let _ = std::fs::remove_file(&path);
+                        self.segments.pop_back();
+                    }
+                    return (start, Some(io_err(&path)(e)));
+                }
             }
-            seg.bytes += buf.len() as u64;
-            seg.last_rid = last;
-            self.bytes += buf.len() as u64;
-            self.next_rid = last + 1;
         }
-        Ok(())
+        (i, None)
     }
 
     /// Up to `max` records after the acknowledged ones, oldest first.
@@ -408,12 +434,7 @@ impl Spool {
     pub fn ack(&mut self, end: Cursor) -> Result<(), SpoolError> {
         self.acked = end.rid - 1;
         self.read = Some(end);
-        let path = self.dir.join("acked");
-        let tmp = self.dir.join("acked.tmp");
-        // Not synced: after a crash an older value only means records sent again, which the
-        // control plane stores once.
-        std::fs::write(&tmp, self.acked.to_string()).map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        // Segments go first: on a full disk, that is what makes room for the file below.
         while let Some(seg) = self.segments.front() {
             if seg.last_rid == 0 || seg.last_rid > self.acked {
                 break;
@@ -422,7 +443,12 @@ impl Spool {
             self.bytes -= seg.bytes;
             self.segments.pop_front();
         }
-        Ok(())
+        let path = self.dir.join("acked");
+        let tmp = self.dir.join("acked.tmp");
+        // Not synced: after a crash an older value only means records sent again, which the
+        // control plane stores once.
+        std::fs::write(&tmp, self.acked.to_string()).map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))
     }
 }
 
