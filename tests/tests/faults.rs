@@ -2,10 +2,7 @@
 //! Enforcement lives in the kernel, so neither may change a single verdict; what the node
 //! records must be recovered or counted as lost.
 
-use std::{
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use agentwall_tests::{
     SmallDisk,
