@@ -718,6 +718,11 @@ impl Node {
                 error!(error = %e, "re-applying scheduled rules failed");
             }
         }
+        // With a control plane, policy changes arrive as bundles, which apply themselves
+        // (`force`); the tick never reads the directory while a bundle is being written to it.
+        if self.cfg.control_plane.is_some() && !force {
+            return;
+        }
         let dir = self.cfg.policy_dir();
         // Parsed again only when a file in it changed: a large directory costs nothing while
         // it stays as it is.

@@ -416,16 +416,27 @@ fn reports_are_stored_once_and_read_back_by_filter_page_and_node() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let e = rt
-        .block_on(
-            fx.client(&url, None, Some(&fx.security_token))
-                .get::<serde_json::Value>("/v1/flows?limit=0"),
-        )
-        .unwrap_err();
-    assert!(
-        e.to_string().contains("limit 0 is outside 1..=10000"),
-        "{e}"
-    );
+    let sec_client = fx.client(&url, None, Some(&fx.security_token));
+    for (query, error) in [
+        ("limit=0", "limit 0 is outside 1..=10000"),
+        (
+            "dest=example.com",
+            "dest \"example.com\" is not an IP address",
+        ),
+        (
+            "verdict=denied",
+            "verdict \"denied\" is not one of deny, audit, unknown, socket-deny, allow",
+        ),
+        ("since=monday", "since \"monday\" is not an RFC 3339 time"),
+    ] {
+        let e = rt
+            .block_on(sec_client.get::<serde_json::Value>(&format!("/v1/flows?{query}")))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("400 Bad Request: {error}")),
+            "{query}: {e}"
+        );
+    }
 
     // Shadow AI across nodes: each node's process groups with their services.
     let shadow = cp_json(&fx, &url, &security, &["shadow-ai"]);

@@ -275,6 +275,9 @@ const MAX_BATCH_BYTES: u64 = 256 << 20;
 
 type S = State<Arc<Server>>;
 
+/// The verdicts decision records carry.
+const VERDICTS: [&str; 5] = ["deny", "audit", "unknown", "socket-deny", "allow"];
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, Fail> {
@@ -412,6 +415,24 @@ async fn get_flows(
     }
     if let Some(t) = &q.until {
         q.until = Some(normal_time("until", t)?);
+    }
+    if let Some(d) = &q.dest {
+        // Stored as the address's canonical text.
+        let ip: std::net::IpAddr = d.parse().map_err(|_| {
+            Fail::new(
+                StatusCode::BAD_REQUEST,
+                format!("dest {d:?} is not an IP address"),
+            )
+        })?;
+        q.dest = Some(ip.to_string());
+    }
+    if let Some(v) = &q.verdict
+        && !VERDICTS.contains(&v.as_str())
+    {
+        return Err(Fail::new(
+            StatusCode::BAD_REQUEST,
+            format!("verdict {v:?} is not one of {}", VERDICTS.join(", ")),
+        ));
     }
     if let Some(l) = q.limit
         && !(1..=10_000).contains(&l)
