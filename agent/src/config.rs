@@ -109,15 +109,20 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/agentwall";
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/agentwall";
 pub const DEFAULT_POLICY_DIR: &str = "/etc/agentwall/policy";
 
+/// Where in `text` a TOML error is (line and column from 1).
+pub fn toml_position(text: &str, e: &toml::de::Error) -> (usize, usize) {
+    e.span().map_or((1, 1), |span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        (line, column)
+    })
+}
+
 impl NodeConfig {
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map_or((1, 1), |span| {
-                let before = &text[..span.start.min(text.len())];
-                let line = before.matches('\n').count() + 1;
-                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-                (line, column)
-            });
+            let (line, column) = toml_position(text, &e);
             ConfigError::Parse {
                 path: path.to_owned(),
                 line,

@@ -855,224 +855,155 @@ fn records_made_while_the_control_plane_is_away_arrive_exactly_once() {
     assert_eq!(metric(&s, "agentwall_control_plane_connected", &[]), 1.0);
 }
 
+/// A control plane, a node reporting to it with `extra` flags, the policy applied, an agent
+/// launched and the spool empty; with `disk`, the spool lives on a tmpfs of that size.
+struct SpoolRig {
+    probe: agentwall_tests::Probe,
+    server: Option<CpProc>,
+    addr: std::net::SocketAddr,
+    metrics: std::net::SocketAddr,
+    _node: NodeProc,
+    _disk: Option<SmallDisk>,
+    fx: CpFixture,
+    _env: agentwall_tests::TestEnv,
+    _tmp: tempfile::TempDir,
+}
+
+impl SpoolRig {
+    fn start(name: &str, extra: &[&str], disk: Option<&str>) -> Self {
+        let (env, tmp, ca) = setup(name, POLICY_A);
+        let dir = tmp.path();
+        let fx = CpFixture::new(dir);
+        let disk = disk.map(|size| SmallDisk::mount(&dir.join("state/control-plane/spool"), size));
+        let server = CpProc::start(&fx, None);
+        let flags = fx.node_flags(&server.url);
+        let metrics = loopback_addr();
+        let m = metrics.to_string();
+        let mut args = vec!["--aggregate-window-secs", "0", "--metrics-listen", &m];
+        args.extend_from_slice(extra);
+        let node = NodeProc::start_with(&env, dir, &node_args(&flags, &args));
+        let rev = push(&fx, &server.url, "v1", POLICY_A);
+        wait_status(&node.socket, "policy applied", |s| {
+            s["revision"] == rev.as_str()
+        });
+        let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+        let probe = launch_probe(&node.socket, &cert, &key);
+        let rig = Self {
+            probe,
+            addr: server.addr,
+            server: Some(server),
+            metrics,
+            _node: node,
+            _disk: disk,
+            fx,
+            _env: env,
+            _tmp: tmp,
+        };
+        rig.wait_drained();
+        rig
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        metric(&scrape(self.metrics), name, &[])
+    }
+
+    fn wait_drained(&self) {
+        eventually("the spool drained", Duration::from_secs(30), || {
+            let w = self.metric("agentwall_control_plane_spool_records");
+            if w == 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{w}"))
+            }
+        });
+    }
+
+    /// Waits until every one of `made` records is spooled or counted lost; the count lost.
+    fn wait_accounted(&self, made: f64) -> f64 {
+        let lost = eventually(
+            "records spooled or counted",
+            Duration::from_secs(10),
+            || {
+                let (w, l) = (
+                    self.metric("agentwall_control_plane_spool_records"),
+                    self.metric("agentwall_control_plane_records_lost_total"),
+                );
+                // The spool also holds the loss records that fit.
+                if w + l >= made && l > 0.0 {
+                    Ok(l)
+                } else {
+                    Err(format!("waiting {w}, lost {l}"))
+                }
+            },
+        );
+        assert!(lost < made, "{lost} of {made} lost: nothing was spooled");
+        lost
+    }
+
+    /// Stops the control plane (SIGKILL).
+    fn outage(&mut self) {
+        self.server = None;
+    }
+
+    /// Starts it again where it was; once the spool drained and the loss records arrived,
+    /// returns the stored denials and the count lost.
+    fn back(&mut self) -> (Vec<serde_json::Value>, f64) {
+        let server = CpProc::start(&self.fx, Some(self.addr));
+        let url = server.url.clone();
+        self.server = Some(server);
+        self.wait_drained();
+        // Nothing more is lost once the control plane is back.
+        let lost = self.metric("agentwall_control_plane_records_lost_total");
+        let sec = security(&self.fx);
+        let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
+        eventually("the loss reported", Duration::from_secs(10), || {
+            let l = cp_json(&self.fx, &url, &sec, &["flows", "--kind", "loss", "--all"]);
+            let reported: f64 = l["flows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["record"]["spool_records_lost"].as_f64().unwrap())
+                .sum();
+            if reported == lost {
+                Ok(())
+            } else {
+                Err(format!("{reported} of {lost}: {l}"))
+            }
+        });
+        (stored(&self.fx, &url, "deny"), lost)
+    }
+}
+
 #[test]
 fn a_full_spool_counts_what_it_drops_and_reports_the_count() {
-    let (env, tmp, ca) = setup("cp-spool-full", POLICY_A);
-    let dir = tmp.path();
-    let fx = CpFixture::new(dir);
-    let server = CpProc::start(&fx, None);
-    let url = server.url.clone();
-    let flags = fx.node_flags(&url);
-    let metrics = loopback_addr();
-    let m = metrics.to_string();
-    let node = NodeProc::start_with(
-        &env,
-        dir,
-        &node_args(
-            &flags,
-            &[
-                "--aggregate-window-secs",
-                "0",
-                "--metrics-listen",
-                &m,
-                "--control-plane-spool-max-bytes",
-                "65536",
-            ],
-        ),
+    let mut rig = SpoolRig::start(
+        "cp-spool-full",
+        &["--control-plane-spool-max-bytes", "65536"],
+        None,
     );
-    let rev = push(&fx, &url, "v1", POLICY_A);
-    wait_status(&node.socket, "policy applied", |s| {
-        s["revision"] == rev.as_str()
-    });
-    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
-    let mut probe = launch_probe(&node.socket, &cert, &key);
-    eventually("the spool drained", Duration::from_secs(10), || {
-        let w = metric(
-            &scrape(metrics),
-            "agentwall_control_plane_spool_records",
-            &[],
-        );
-        if w == 0.0 {
-            Ok(())
-        } else {
-            Err(format!("{w}"))
-        }
-    });
-
-    let addr = server.addr;
-    drop(server);
+    rig.outage();
     assert_eq!(
-        probe.cmd("sweep tcp 203.0.113.5 1000 2999"),
+        rig.probe.cmd("sweep tcp 203.0.113.5 1000 2999"),
         "eperm=2000 other=0"
     );
-    // Every record either waits in the spool or is counted lost (the spool also holds the
-    // loss records that fit).
-    let lost = eventually(
-        "2,000 records spooled or counted",
-        Duration::from_secs(10),
-        || {
-            let s = scrape(metrics);
-            let (w, l) = (
-                metric(&s, "agentwall_control_plane_spool_records", &[]),
-                metric(&s, "agentwall_control_plane_records_lost_total", &[]),
-            );
-            if w + l >= 2000.0 {
-                Ok(l)
-            } else {
-                Err(format!("waiting {w}, lost {l}"))
-            }
-        },
-    );
-    assert!(lost > 0.0 && lost < 2000.0, "{lost}");
-
-    let server = CpProc::start(&fx, Some(addr));
-    // The denials that fit arrive, then a loss record with the count of those that did not.
-    let sec = security(&fx);
-    let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
-    eventually("the spool drained", Duration::from_secs(30), || {
-        let w = metric(
-            &scrape(metrics),
-            "agentwall_control_plane_spool_records",
-            &[],
-        );
-        if w == 0.0 {
-            Ok(())
-        } else {
-            Err(format!("{w}"))
-        }
-    });
-    // Nothing more is lost once the control plane is back; the count arrives as loss
-    // records after the records that fit.
-    let lost = metric(
-        &scrape(metrics),
-        "agentwall_control_plane_records_lost_total",
-        &[],
-    );
-    eventually("the loss reported", Duration::from_secs(10), || {
-        let l = cp_json(
-            &fx,
-            &server.url,
-            &sec,
-            &["flows", "--kind", "loss", "--all"],
-        );
-        let reported: f64 = l["flows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| f["record"]["spool_records_lost"].as_f64().unwrap())
-            .sum();
-        if reported == lost {
-            Ok(())
-        } else {
-            Err(format!("{reported} of {lost}: {l}"))
-        }
-    });
-    let got = stored(&fx, &server.url, "deny");
-    assert_eq!(got.len() as f64 + lost, 2000.0);
+    rig.wait_accounted(2000.0);
+    // The denials that fit arrive, then loss records with the count of those that did not.
+    let (stored, lost) = rig.back();
+    assert_eq!(stored.len() as f64 + lost, 2000.0);
 }
 
 #[test]
 fn a_full_disk_under_the_spool_counts_the_loss_and_reports_it() {
-    let (env, tmp, ca) = setup("cp-spool-disk", POLICY_A);
-    let dir = tmp.path();
-    let fx = CpFixture::new(dir);
     // The spool gets a 64 KiB disk of its own; its size limit (64 MiB) is never the bound.
-    let disk = SmallDisk::mount(&dir.join("state/control-plane/spool"), "64k");
-    let server = CpProc::start(&fx, None);
-    let url = server.url.clone();
-    let flags = fx.node_flags(&url);
-    let metrics = loopback_addr();
-    let m = metrics.to_string();
-    let node = NodeProc::start_with(
-        &env,
-        dir,
-        &node_args(
-            &flags,
-            &["--aggregate-window-secs", "0", "--metrics-listen", &m],
-        ),
-    );
-    let rev = push(&fx, &url, "v1", POLICY_A);
-    wait_status(&node.socket, "policy applied", |s| {
-        s["revision"] == rev.as_str()
-    });
-    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
-    let mut probe = launch_probe(&node.socket, &cert, &key);
-    eventually("the spool drained", Duration::from_secs(10), || {
-        let w = metric(
-            &scrape(metrics),
-            "agentwall_control_plane_spool_records",
-            &[],
-        );
-        if w == 0.0 {
-            Ok(())
-        } else {
-            Err(format!("{w}"))
-        }
-    });
-
-    let addr = server.addr;
-    drop(server);
+    let mut rig = SpoolRig::start("cp-spool-disk", &[], Some("64k"));
+    rig.outage();
     assert_eq!(
-        probe.cmd("sweep tcp 203.0.113.5 1000 1999"),
+        rig.probe.cmd("sweep tcp 203.0.113.5 1000 1999"),
         "eperm=1000 other=0"
     );
-    // The disk fills long before 1,000 records are in: the rest is counted.
-    let lost = eventually(
-        "1,000 records spooled or counted",
-        Duration::from_secs(10),
-        || {
-            let s = scrape(metrics);
-            let (w, l) = (
-                metric(&s, "agentwall_control_plane_spool_records", &[]),
-                metric(&s, "agentwall_control_plane_records_lost_total", &[]),
-            );
-            if w + l >= 1000.0 && l > 0.0 {
-                Ok(l)
-            } else {
-                Err(format!("waiting {w}, lost {l}"))
-            }
-        },
-    );
-    assert!(lost < 1000.0, "{lost}");
-
+    rig.wait_accounted(1000.0);
     // Back: what was spooled arrives, the acknowledged segments free the disk, and the count
     // of what was lost follows.
-    let server = CpProc::start(&fx, Some(addr));
-    let sec = security(&fx);
-    let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
-    eventually("the loss reported", Duration::from_secs(30), || {
-        let lost = metric(
-            &scrape(metrics),
-            "agentwall_control_plane_records_lost_total",
-            &[],
-        );
-        let l = cp_json(
-            &fx,
-            &server.url,
-            &sec,
-            &["flows", "--kind", "loss", "--all"],
-        );
-        let reported: f64 = l["flows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| f["record"]["spool_records_lost"].as_f64().unwrap())
-            .sum();
-        if reported == lost {
-            Ok(())
-        } else {
-            Err(format!("{reported} of {lost}: {l}"))
-        }
-    });
-    let lost = metric(
-        &scrape(metrics),
-        "agentwall_control_plane_records_lost_total",
-        &[],
-    );
-    let sweep: Vec<serde_json::Value> = stored(&fx, &server.url, "deny")
-        .into_iter()
-        .filter(|f| (1000..2000).contains(&f["record"]["port"].as_u64().unwrap()))
-        .collect();
-    assert_eq!(sweep.len() as f64 + lost, 1000.0);
-    drop(disk);
+    let (stored, lost) = rig.back();
+    assert_eq!(stored.len() as f64 + lost, 1000.0);
 }

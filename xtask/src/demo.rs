@@ -203,6 +203,18 @@ fn write_cert(
     Ok((c, k))
 }
 
+/// Asks `done` every 50 ms for up to 10 s (the node and the control plane work
+/// asynchronously); whether it said yes.
+fn eventually(mut done: impl FnMut() -> Result<bool>) -> Result<bool> {
+    for _ in 0..200 {
+        if done()? {
+            return Ok(true);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(false)
+}
+
 fn cgroup2_mount() -> Result<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     info.lines()
@@ -361,14 +373,8 @@ pub fn run(root: &Path) -> Result<()> {
             .output()?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    let mut enforced = false;
-    for _ in 0..200 {
-        if status_json()?.contains(&format!("\"revision\": \"{revision}\"")) {
-            enforced = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let enforced =
+        eventually(|| Ok(status_json()?.contains(&format!("\"revision\": \"{revision}\""))))?;
     if !enforced {
         bail!("the node did not take revision {revision} from the control plane");
     }
@@ -445,12 +451,7 @@ pub fn run(root: &Path) -> Result<()> {
             .output()?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    for _ in 0..100 {
-        if flows(&[])?.lines().count() >= 4 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    eventually(|| Ok(flows(&[])?.lines().count() >= 4))?;
     println!("\n== 8. agentwall flows");
     print!("{}", flows(&[])?);
     println!("\n== 9. agentwall status");
@@ -463,14 +464,11 @@ pub fn run(root: &Path) -> Result<()> {
 
     println!("\n== 10. The same flows at the control plane: agentwall cp flows --verdict deny");
     let mut denials = String::new();
-    for _ in 0..200 {
+    eventually(|| {
         denials = String::from_utf8_lossy(&admin_cli(&["flows", "--verdict", "deny"])?.stdout)
             .into_owned();
-        if denials.contains("203.0.113.7") && denials.contains("169.254.169.254") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+        Ok(denials.contains("203.0.113.7") && denials.contains("169.254.169.254"))
+    })?;
     print!("{denials}");
     println!("\n== 11. agentwall cp nodes");
     print!(

@@ -86,12 +86,7 @@ fn default_listen() -> std::net::SocketAddr {
 
 fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, CpConfigError> {
     toml::from_str(text).map_err(|e| {
-        let (line, column) = e.span().map_or((1, 1), |span| {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            (line, column)
-        });
+        let (line, column) = crate::config::toml_position(text, &e);
         CpConfigError::Parse {
             path: path.to_owned(),
             line,

@@ -149,11 +149,8 @@ impl Spool {
         for first in firsts {
             let path = s.segment_path(first);
             let (last_rid, bytes) = Self::recover(&path)?;
-            if last_rid != 0 && last_rid <= acked {
-                let _ = std::fs::remove_file(&path);
-                continue;
-            }
-            if last_rid == 0 {
+            // Empty, or acknowledged in full.
+            if last_rid <= acked {
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
@@ -360,25 +357,15 @@ impl Spool {
                     rid: seg.first_rid,
                 };
             }
-            let mut f = File::open(&seg.path).map_err(io_err(&seg.path))?;
-            f.seek(SeekFrom::Start(cur.offset))
-                .map_err(io_err(&seg.path))?;
-            let mut reader = BufReader::new(f.take(seg.bytes - cur.offset));
-            let mut line = String::new();
-            while records.len() < max {
-                line.clear();
-                let n = reader.read_line(&mut line).map_err(io_err(&seg.path))?;
-                if n == 0 {
-                    break;
+            read_records(seg, cur.offset, |offset, len, r| {
+                if records.len() >= max {
+                    return false;
                 }
-                let r: Reported = serde_json::from_str(&line).map_err(|e| SpoolError::Corrupt {
-                    path: seg.path.clone(),
-                    message: format!("at byte {}: {e}", cur.offset),
-                })?;
-                cur.offset += n as u64;
+                cur.offset = offset + len;
                 cur.rid = r.rid + 1;
                 records.push(r);
-            }
+                true
+            })?;
             if records.len() >= max {
                 break;
             }
@@ -401,33 +388,25 @@ impl Spool {
                 rid,
             });
         };
-        let f = File::open(&seg.path).map_err(io_err(&seg.path))?;
-        let mut reader = BufReader::new(f.take(seg.bytes));
-        let (mut offset, mut line) = (0u64, String::new());
-        loop {
-            line.clear();
-            let n = reader.read_line(&mut line).map_err(io_err(&seg.path))?;
-            if n == 0 {
-                break;
-            }
-            let r: Reported = serde_json::from_str(&line).map_err(|e| SpoolError::Corrupt {
-                path: seg.path.clone(),
-                message: e.to_string(),
-            })?;
+        let mut found = None;
+        let mut end = 0;
+        read_records(seg, 0, |offset, len, r| {
+            end = offset + len;
             if r.rid >= rid {
-                return Ok(Cursor {
+                found = Some(Cursor {
                     segment: seg.first_rid,
                     offset,
                     rid: r.rid,
                 });
+                return false;
             }
-            offset += n as u64;
-        }
-        Ok(Cursor {
+            true
+        })?;
+        Ok(found.unwrap_or(Cursor {
             segment: seg.first_rid,
-            offset,
+            offset: end,
             rid,
-        })
+        }))
     }
 
     /// The control plane has everything before `end`: forget it.
@@ -449,6 +428,34 @@ impl Spool {
         // control plane stores once.
         std::fs::write(&tmp, self.acked.to_string()).map_err(io_err(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io_err(&path))
+    }
+}
+
+/// Reads the whole records of `seg` from byte `from` on, handing each (with its offset and
+/// length) to `each` until it returns false.
+fn read_records(
+    seg: &Segment,
+    from: u64,
+    mut each: impl FnMut(u64, u64, Reported) -> bool,
+) -> Result<(), SpoolError> {
+    let mut f = File::open(&seg.path).map_err(io_err(&seg.path))?;
+    f.seek(SeekFrom::Start(from)).map_err(io_err(&seg.path))?;
+    let mut reader = BufReader::new(f.take(seg.bytes.saturating_sub(from)));
+    let (mut offset, mut line) = (from, String::new());
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line).map_err(io_err(&seg.path))? as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        let r: Reported = serde_json::from_str(&line).map_err(|e| SpoolError::Corrupt {
+            path: seg.path.clone(),
+            message: format!("at byte {offset}: {e}"),
+        })?;
+        if !each(offset, n, r) {
+            return Ok(());
+        }
+        offset += n;
     }
 }
 
