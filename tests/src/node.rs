@@ -12,6 +12,20 @@ use crate::{
     pki::{Ca, Issued},
 };
 
+/// The identity most node tests launch agents as.
+pub const SUPPORT_ID: &str = "spiffe://example.org/agent/support";
+
+/// Its policy: 192.0.2.0/24 on 443/tcp, nothing else.
+pub const SUPPORT_POLICY: &str = "\
+kind: AgentPolicy
+name: support
+identity: spiffe://example.org/agent/support
+egress:
+  - to: [192.0.2.0/24]
+    ports: [443]
+    protocol: tcp
+";
+
 /// A running `agentwall node`; SIGKILLed on drop if the test did not stop it.
 pub struct NodeProc {
     pub child: Child,

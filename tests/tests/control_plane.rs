@@ -10,21 +10,13 @@ use agentwall_tests::{
     SmallDisk,
     cp::{ADMIN_ID, CpFixture, CpProc, NODE_ID, admin_creds, cp, cp_json},
     node::{
-        NodeProc, eventually, launch_probe, loopback_addr, metric, scrape, setup, status_json,
-        wait_status, write_cert,
+        NodeProc, SUPPORT_ID, SUPPORT_POLICY, eventually, launch_probe, loopback_addr, metric,
+        scrape, setup, status_json, wait_status, write_cert,
     },
     pki::{Ca, CertSpec},
 };
 
-const POLICY_A: &str = "\
-kind: AgentPolicy
-name: support
-identity: spiffe://example.org/agent/support
-egress:
-  - to: [192.0.2.0/24]
-    ports: [443]
-    protocol: tcp
-";
+const POLICY_A: &str = SUPPORT_POLICY;
 
 fn policy_dir(root: &Path, name: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
     let d = root.join(name);
@@ -571,7 +563,7 @@ fn a_revocation_wakes_every_waiting_node_at_once() {
     );
 }
 
-const ID: &str = "spiffe://example.org/agent/support";
+const ID: &str = SUPPORT_ID;
 
 const POLICY_B: &str = "\
 kind: AgentPolicy

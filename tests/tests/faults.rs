@@ -6,21 +6,15 @@ use std::time::{Duration, Instant};
 
 use agentwall_tests::{
     SmallDisk,
-    node::{NodeProc, flows, launch_probe, loopback_addr, metric, scrape, setup, write_cert},
+    node::{
+        NodeProc, SUPPORT_ID, SUPPORT_POLICY, flows, launch_probe, loopback_addr, metric, scrape,
+        setup, write_cert,
+    },
     pki::CertSpec,
 };
 
-const ID: &str = "spiffe://example.org/agent/support";
-
-const POLICY: &str = "\
-kind: AgentPolicy
-name: support
-identity: spiffe://example.org/agent/support
-egress:
-  - to: [192.0.2.0/24]
-    ports: [443]
-    protocol: tcp
-";
+const ID: &str = SUPPORT_ID;
+const POLICY: &str = SUPPORT_POLICY;
 
 #[test]
 fn sigkill_of_the_node_mid_storm_changes_no_verdict_and_loses_no_record() {
