@@ -1270,6 +1270,17 @@ impl Node {
                 "learned_addresses": st.learned.len(),
                 "error": st.dns_error,
             },
+            "control_plane": self.link.get().map(|l| {
+                use std::sync::atomic::Ordering::Relaxed;
+                serde_json::json!({
+                    "url": self.cfg.control_plane.as_ref().and_then(|c| c.url.clone()),
+                    "connected": l.connected.load(Relaxed),
+                    "applied_version": l.applied_version.load(Relaxed),
+                    "spool_records": l.spool_records.load(Relaxed),
+                    "spool_bytes": l.spool_bytes.load(Relaxed),
+                    "records_lost": l.lost.load(Relaxed),
+                })
+            }),
         })
     }
 

@@ -265,6 +265,35 @@ fn pushes_are_validated_whole_and_roles_are_enforced() {
         .unwrap_err();
     assert!(e.to_string().contains("403 Forbidden: token:"), "{e}");
 
+    // Client settings that cannot work are refused before anything is sent.
+    for (args, error) in [
+        (
+            vec!["nodes"],
+            "control plane client: no url (https://HOST:PORT) is set",
+        ),
+        (
+            vec!["--url", "http://127.0.0.1:1", "nodes"],
+            "url \"http://127.0.0.1:1\" must start with https://",
+        ),
+        (
+            vec!["--url", url.as_str(), "--cert", "x.pem", "nodes"],
+            "cert and key go together: set both or neither",
+        ),
+    ] {
+        let out = std::process::Command::new(agentwall_tests::bin_path("agentwall"))
+            .arg("cp")
+            .args(["--ca"])
+            .arg(&fx.ca_pem)
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(error),
+            "{args:?}: {err}"
+        );
+    }
+
     let log = server.log_text();
     assert!(log.contains("TLS handshake refused"), "{log}");
     assert_eq!(
@@ -691,6 +720,28 @@ fn a_push_is_enforced_on_the_node_and_its_denials_reach_security() {
     assert_eq!(nodes[0]["applied_revision"], rev2.as_str());
     assert_eq!(nodes[0]["agent_version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(nodes[0]["error"], serde_json::Value::Null);
+    let st = status_json(&node.socket);
+    assert_eq!(st["control_plane"]["url"], url.as_str());
+    assert_eq!(st["control_plane"]["applied_version"], 2);
+    // The admin CLI reads its settings from a file as well (relative paths from the file).
+    let client_cfg = fx.dir.join("cp-client.toml");
+    std::fs::write(
+        &client_cfg,
+        format!("url = \"{url}\"\nca = \"cp-ca.pem\"\ntoken_file = \"security.token\"\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(agentwall_tests::bin_path("agentwall"))
+        .args(["cp", "nodes", "--output", "json", "--config"])
+        .arg(&client_cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[0]["node"], NODE_ID);
 
     // Without the control plane, a restarted node enforces the last bundle it applied.
     let addr = server.addr;

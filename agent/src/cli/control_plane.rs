@@ -46,10 +46,16 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
+            let notify = std::env::var("NOTIFY_SOCKET").ok();
             rt.block_on(server::serve(cfg, |addr| {
                 println!("agentwall control plane ready: listen={addr}");
                 let _ = std::io::stdout().flush();
+                agentwall::node::sd_notify(
+                    notify.as_deref(),
+                    &format!("READY=1\nSTATUS=listening on {addr}"),
+                );
             }))?;
+            agentwall::node::sd_notify(notify.as_deref(), "STOPPING=1");
             Ok(())
         }
     }

@@ -37,6 +37,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("rejected policy change (last good revision in force):\n{e}");
     }
     println!("dropped events: {}", s["dropped_events"]);
+    let cp = &s["control_plane"];
+    if !cp.is_null() {
+        println!(
+            "control plane: {} ({}), bundle version {} applied, {} record(s) spooled, {} lost",
+            cp["url"].as_str().unwrap_or("?"),
+            if cp["connected"] == true {
+                "connected"
+            } else {
+                "unreachable"
+            },
+            cp["applied_version"],
+            cp["spool_records"],
+            cp["records_lost"]
+        );
+    }
     let f = &s["map_fill"];
     println!(
         "maps: bindings {}/{}, identities {}/{}, rules {}",
