@@ -51,8 +51,15 @@ static AW_IDENTITIES: Array<IdentityState, { MAX_IDENTITIES as usize }> = Array:
 /// Slot n holds identity n's LPM trie (global deny list compiled in). Userspace swaps a whole
 /// trie in one update, which is what makes a policy change atomic for a connecting process.
 #[btf_map]
-static AW_RULES: ArrayOfMaps<LpmTrie<Addr, RuleSet, 1>, { MAX_IDENTITIES as usize }> =
+static AW_RULES: ArrayOfMaps<LpmTrie<Addr, RuleSetWords, 1>, { MAX_IDENTITIES as usize }> =
     ArrayOfMaps::new();
+
+/// A [`RuleSet`] as the template's BTF describes it: words, not a struct. Userspace creates
+/// the tries it swaps in without BTF, and Linux before 6.2 only accepts an inner map whose
+/// BTF-derived value layout (`timer_off`) matches the template's; a struct value gives
+/// -ENOENT there, a non-struct the same -EINVAL as no BTF at all.
+type RuleSetWords = [u64; core::mem::size_of::<RuleSet>() / 8];
+const _: () = assert!(core::mem::size_of::<RuleSet>() % 8 == 0);
 #[btf_map]
 static AW_CONFIG: Array<Config, 1> = Array::new();
 #[btf_map]
@@ -489,8 +496,9 @@ fn check_rules(identity: u32, flow: &Flow, now: &mut u64) -> (u8, u32) {
     let Some(set) = AW_RULES.get_value_ptr_mut(identity, &key) else {
         return (REASON_NO_RULE, 0);
     };
-    // SAFETY: a value pointer from a successful lookup, read only.
-    let set: &RuleSet = unsafe { &*set };
+    // SAFETY: a value pointer from a successful lookup, read only; the value is a RuleSet
+    // stored as words of the same size (see RuleSetWords).
+    let set: &RuleSet = unsafe { &*set.cast::<RuleSet>() };
     let count = set.count as usize;
     let mut matched: Option<(u8, u32)> = None;
     let mut i = 0;

@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 mod demo;
+mod kernel;
 use clap::{Parser, Subcommand};
 
 /// bpf-linker 0.10.0 is the last release that loads rustc's own LLVM (see KERNEL-NOTES).
@@ -32,7 +33,12 @@ enum Task {
     /// Build every crate, the eBPF object included.
     Build,
     /// Build and run the whole test suite: unit tests and the privileged kernel tests (root).
-    Test,
+    Test {
+        /// Run it in a VM on this kernel instead: a Debian kernel package (.deb), an unpacked
+        /// one, or `debian-6.1` / `debian-6.12` (downloaded from Debian's packages).
+        #[arg(long)]
+        kernel: Option<String>,
+    },
     /// Run a benchmark and print its table.
     Bench {
         #[arg(value_parser = ["datapath", "dns", "compare", "control-plane"])]
@@ -63,7 +69,12 @@ fn main() -> Result<()> {
             setup()?;
             run(cargo(&root).args(["build", "--all-targets"]))
         }
-        Task::Test => {
+        Task::Test { kernel: Some(k) } => {
+            setup()?;
+            require_root("the VM mounts this machine's root and the tests load eBPF programs")?;
+            kernel::run(&root, &k)
+        }
+        Task::Test { kernel: None } => {
             setup()?;
             require_root("the kernel tests load eBPF programs and create cgroups")?;
             // Unit tests and integration tests of every default member; the tests crate builds
@@ -161,6 +172,33 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Totals over the `test result:` lines of many test executables.
+#[derive(Default)]
+struct Summary {
+    passed: u64,
+    failed: u64,
+}
+
+impl Summary {
+    fn line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut w = part.split_whitespace().rev();
+            let (Some(word), Some(n)) = (w.next(), w.next()) else {
+                continue;
+            };
+            let n: u64 = n.parse().unwrap_or(0);
+            match word {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
 /// Runs cargo test, passing its output through, and closes with one summary line over all
 /// test binaries so the total is not lost among per-binary results.
 fn run_tests(cmd: &mut Command) -> Result<()> {
@@ -169,25 +207,13 @@ fn run_tests(cmd: &mut Command) -> Result<()> {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("running {cmd:?}"))?;
-    let (mut passed, mut failed) = (0u64, 0u64);
+    let mut summary = Summary::default();
     for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
         let line = line?;
         println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split(';') {
-                let mut w = part.split_whitespace().rev();
-                let (Some(word), Some(n)) = (w.next(), w.next()) else {
-                    continue;
-                };
-                let n: u64 = n.parse().unwrap_or(0);
-                match word {
-                    "passed" => passed += n,
-                    "failed" => failed += n,
-                    _ => {}
-                }
-            }
-        }
+        summary.line(&line);
     }
+    let Summary { passed, failed } = summary;
     let status = child.wait()?;
     println!();
     println!("summary: {passed} passed, {failed} failed");
