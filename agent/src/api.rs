@@ -261,6 +261,10 @@ const SO_PEERPIDFD: libc::c_int = 77;
 
 /// A pidfd for the process at the other end of a unix socket, taken by the kernel when it
 /// connected: it cannot name another process later, whatever happens to the pid.
+///
+/// Kernels before 6.5 have no SO_PEERPIDFD: there the pidfd is opened from the pid the kernel
+/// recorded at connect (SO_PEERCRED). That names the right process unless the peer exited and
+/// its pid was reused in between; the README's threat model says what that allows.
 pub fn peer_pidfd(sock: &impl AsRawFd) -> std::io::Result<OwnedFd> {
     let mut fd: libc::c_int = -1;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -274,15 +278,30 @@ pub fn peer_pidfd(sock: &impl AsRawFd) -> std::io::Result<OwnedFd> {
             &mut len,
         )
     };
-    if rc != 0 {
+    if rc == 0 {
+        // SAFETY: the kernel handed us a new descriptor.
+        return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::ENOPROTOOPT) {
+        return Err(e);
+    }
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        tracing::warn!("this kernel has no SO_PEERPIDFD (Linux 6.5): launch identifies callers by the pid recorded at connect");
+    });
+    let pid = peer_cred(sock)?.pid;
+    // SAFETY: plain syscall; the result is a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: the kernel handed us a new descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
-/// The uid of the peer of a unix socket (SO_PEERCRED).
-pub fn peer_uid(sock: &impl AsRawFd) -> std::io::Result<u32> {
+/// The peer credentials of a unix socket, as the kernel recorded them at connect.
+fn peer_cred(sock: &impl AsRawFd) -> std::io::Result<libc::ucred> {
     // SAFETY: zeroed ucred is valid.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
@@ -299,7 +318,12 @@ pub fn peer_uid(sock: &impl AsRawFd) -> std::io::Result<u32> {
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(cred.uid)
+    Ok(cred)
+}
+
+/// The uid of the peer of a unix socket (SO_PEERCRED).
+pub fn peer_uid(sock: &impl AsRawFd) -> std::io::Result<u32> {
+    Ok(peer_cred(sock)?.uid)
 }
 
 /// The pid a pidfd refers to now (from /proc/self/fdinfo), if the process is alive.
