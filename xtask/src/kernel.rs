@@ -26,7 +26,9 @@ struct Kernel {
     release: String,
 }
 
-/// What the 9p root needs, in load order; ones built into the kernel are absent and skipped.
+/// What the 9p root needs, then what the node needs (socket diagnostics, to destroy a revoked
+/// identity's connections), in load order; ones built into the kernel are absent and skipped.
+/// The guest cannot load modules on demand (this machine's root has none for its kernel).
 const MODULES: &[&str] = &[
     "drivers/virtio/virtio",
     "drivers/virtio/virtio_ring",
@@ -38,6 +40,9 @@ const MODULES: &[&str] = &[
     "net/9p/9pnet",
     "net/9p/9pnet_virtio",
     "fs/9p/9p",
+    "net/ipv4/inet_diag",
+    "net/ipv4/tcp_diag",
+    "net/ipv4/udp_diag",
 ];
 
 const INIT: &str = r#"#!/bin/busybox sh
