@@ -345,7 +345,9 @@ fn audit_unbound_descendants_expiry_and_revocation() {
     }
 
     // A deadline that passes during the test closes without any userspace action.
-    let deadline = BootInstant::after(Duration::from_millis(300));
+    // Long enough for the probe to start and connect once before it, also on an emulated
+    // kernel (the kernel matrix).
+    let deadline = BootInstant::after(Duration::from_secs(2));
     let cg = bound(
         &mut dp,
         7,

@@ -124,12 +124,19 @@ fn download(dir: &Path, suite: &str, series: &str) -> Result<PathBuf> {
     let found = sh(Command::new("apt-cache").args(&opts).args([
         "search",
         "--names-only",
-        &format!("^linux-image-{}[.0-9-]*-amd64$", series.replace('.', "\\.")),
+        &format!("^linux-image-{}[.0-9]", series.replace('.', "\\.")),
     ]))?;
+    // The generic flavour (not cloud, rt, unsigned or debug symbols): 6.1.0-50-amd64,
+    // 6.12.57+deb12-amd64.
     let mut names: Vec<&str> = found
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| !n.contains("unsigned") && !n.contains("-dbg"))
+        .filter(|n| {
+            n.ends_with("-amd64")
+                && !["cloud", "-rt-", "unsigned", "-dbg"]
+                    .iter()
+                    .any(|x| n.contains(x))
+        })
         .collect();
     // Newest ABI last (6.1.0-9 < 6.1.0-47).
     names.sort_by_key(|n| {

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | test | bench datapath | demo`.
+//! Project tasks: `cargo xtask setup | build | test [--kernel K] | bench … | demo | fuzz`.
 //!
 //! Every task runs `setup` first, which installs what a fresh machine lacks for building the
 //! eBPF programs (rust-src for the nightly toolchain, bpf-linker 0.10.0) and is quick when
