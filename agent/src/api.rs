@@ -171,13 +171,7 @@ impl Credentials {
             path: path.to_owned(),
             message,
         };
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-            .map_err(|e| cred(cert, e.to_string()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| cred(cert, e.to_string()))?;
-        if chain.is_empty() {
-            return Err(cred(cert, "no CERTIFICATE blocks found".into()));
-        }
+        let chain = crate::identity::read_certs(cert).map_err(|m| cred(cert, m))?;
         let k = PrivateKeyDer::from_pem_file(key).map_err(|e| cred(key, e.to_string()))?;
         Ok(Self {
             chain,

@@ -238,6 +238,18 @@ pub struct TrustStore {
     trust_domain: Option<String>,
 }
 
+/// Every CERTIFICATE block of a PEM file; at least one.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| e.to_string())?
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("no CERTIFICATE blocks found".into());
+    }
+    Ok(certs)
+}
+
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -253,14 +265,7 @@ impl TrustStore {
             message,
         };
         let mut roots = RootCertStore::empty();
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(bundle)
-            .map_err(|e| bundle_err(e.to_string()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| bundle_err(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(bundle_err("no CERTIFICATE blocks found".into()));
-        }
-        for c in certs {
+        for c in read_certs(bundle).map_err(bundle_err)? {
             roots
                 .add(c)
                 .map_err(|e| bundle_err(format!("not a usable CA certificate: {e}")))?;

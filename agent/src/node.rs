@@ -584,6 +584,26 @@ impl Node {
         Ok(())
     }
 
+    /// Applies a valid policy; when the datapath refuses it (capacity, say), the previous
+    /// revision stays, and the refusal is logged, recorded and remembered.
+    fn apply_or_refuse(&self, set: PolicySet) -> Result<(), String> {
+        let revision = set.revision.clone();
+        let Err(e) = self.apply(set) else {
+            return Ok(());
+        };
+        error!(error = %e, "applying policy failed; the previous revision stays");
+        let mut st = self.state.lock().expect("node state");
+        let in_force = st.policy.revision.clone();
+        st.audit(
+            "policy",
+            serde_json::json!({ "event": "rejected", "revision": revision, "errors": e.to_string(), "revision_in_force": in_force }),
+        );
+        st.last_policy_error = Some(e.to_string());
+        st.refused_revision = Some(revision);
+        st.counters.policy_rejections += 1;
+        Err(e.to_string())
+    }
+
     fn revision(&self) -> String {
         self.state
             .lock()
@@ -752,19 +772,7 @@ impl Node {
                     .as_deref()
                     == Some(set.revision.as_str()) => {}
             Ok(set) => {
-                let revision = set.revision.clone();
-                if let Err(e) = self.apply(set) {
-                    error!(error = %e, "applying policy failed; the previous revision stays");
-                    let mut st = self.state.lock().expect("node state");
-                    let in_force = st.policy.revision.clone();
-                    st.audit(
-                        "policy",
-                        serde_json::json!({ "event": "rejected", "revision": revision, "errors": e.to_string(), "revision_in_force": in_force }),
-                    );
-                    st.last_policy_error = Some(e.to_string());
-                    st.refused_revision = Some(revision);
-                    st.counters.policy_rejections += 1;
-                }
+                let _ = self.apply_or_refuse(set);
             }
             Err(errors) => {
                 let mut st = self.state.lock().expect("node state");
@@ -1773,17 +1781,11 @@ impl Node {
 
 impl crate::control_plane::link::Enforcer for Node {
     fn apply_bundle(&self, set: PolicySet) -> Result<(), String> {
-        let revision = set.revision.clone();
-        self.reload(true);
-        let st = self.state.lock().expect("node state");
-        if st.policy.revision == revision {
-            Ok(())
-        } else {
-            Err(st
-                .last_policy_error
-                .clone()
-                .unwrap_or_else(|| format!("revision {revision} is not in force")))
+        // Already parsed and checked by the link: applied as it is, not read back from disk.
+        if set.revision == self.revision() {
+            return Ok(());
         }
+        self.apply_or_refuse(set)
     }
 
     fn revoke_all(&self, identities: &[String]) {

@@ -21,8 +21,8 @@ use super::{
 
 /// What the node does with what the control plane sends.
 pub trait Enforcer: Send + Sync + 'static {
-    /// Applies a validated bundle (written to `policy_dir` first); returns the revision in
-    /// force afterwards and the reason when it is not the bundle's.
+    /// Applies a validated bundle (already written to `policy_dir`); the reason when it was
+    /// refused.
     fn apply_bundle(&self, set: crate::policy::source::PolicySet) -> Result<(), String>;
     /// Revokes identities fleet-wide (known to this node or not).
     fn revoke_all(&self, identities: &[String]);

@@ -62,18 +62,10 @@ pub fn load_chain_and_key(
 
 /// Every CERTIFICATE block of a PEM file (at least one).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ServerError> {
-    let pem = |message: String| ServerError::Pem {
+    crate::identity::read_certs(path).map_err(|message| ServerError::Pem {
         path: path.to_owned(),
         message,
-    };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| pem(e.to_string()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| pem(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(pem("no CERTIFICATE blocks found".into()));
-    }
-    Ok(certs)
+    })
 }
 
 /// Who is asking: the verified certificate's SPIFFE ID and/or a bearer token.
