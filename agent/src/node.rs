@@ -43,6 +43,11 @@ pub enum NodeError {
     Policy { dir: PathBuf, errors: PolicyErrors },
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error("the rules of {identity}: {source}")]
+    Rules {
+        identity: String,
+        source: DatapathError,
+    },
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
     #[error("{path}: {source}")]
@@ -547,7 +552,25 @@ impl Node {
             .map(|(n, r)| (*n, st.learned.host_rules(*n, r, &policy.global_deny())))
             .collect();
         let refs: Vec<(u32, &[Rule])> = full.iter().map(|(n, r)| (*n, r.as_slice())).collect();
-        let entries = st.datapath.apply(&policy.global_deny(), &refs)?;
+        let entries = match st.datapath.apply(&policy.global_deny(), &refs) {
+            Ok(n) => n,
+            // The datapath knows identities by number; the admin knows them by SPIFFE ID.
+            Err(e) => {
+                let named = e.identity().and_then(|n| {
+                    st.numbers
+                        .numbers
+                        .iter()
+                        .find_map(|(id, &m)| (m == n).then(|| id.clone()))
+                });
+                return Err(match named {
+                    Some(identity) => NodeError::Rules {
+                        identity,
+                        source: e,
+                    },
+                    None => e.into(),
+                });
+            }
+        };
         if st.policy.revision != policy.revision {
             // Rule numbers belong to a revision: counts of the old numbering would lie.
             if let Err(e) = st.datapath.clear_rule_hits() {

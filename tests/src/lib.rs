@@ -357,3 +357,126 @@ impl Drop for SmallDisk {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// A cgroup v1 memory group for the ENOMEM fault test. The threads moved into it have their
+/// kernel allocations (new eBPF maps and their elements) charged to its limit, while a
+/// process's pages stay charged to the group of its main thread. Its OOM killer is off, so an
+/// allocation over the limit fails with ENOMEM instead of killing anything. cgroup v2 cannot
+/// split a process's threads across memory groups, hence v1.
+pub struct MemoryGroup {
+    path: PathBuf,
+    root: PathBuf,
+    /// Set when this guard mounted the v1 memory hierarchy itself.
+    mounted: Option<PathBuf>,
+}
+
+impl MemoryGroup {
+    pub fn create(name: &str, limit_bytes: u64) -> Self {
+        let (root, mounted) = match v1_memory_root() {
+            Some(root) => (root, None),
+            None => {
+                let at =
+                    std::env::temp_dir().join(format!("agentwall-memcg-{}", std::process::id()));
+                std::fs::create_dir_all(&at).unwrap();
+                let ok = Command::new("mount")
+                    .args(["-t", "cgroup", "-o", "memory", "agentwall-memcg"])
+                    .arg(&at)
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(
+                    ok,
+                    "no cgroup v1 memory hierarchy is mounted and mounting one at {} failed: this kernel \
+                     has no v1 memory controller (CONFIG_MEMCG_V1), which the ENOMEM fault test needs",
+                    at.display()
+                );
+                (at.clone(), Some(at))
+            }
+        };
+        let path = root.join(format!("agentwall-test-{name}-{}", std::process::id()));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        let group = Self {
+            path,
+            root,
+            mounted,
+        };
+        group.write("memory.oom_control", "1");
+        group.write("memory.limit_in_bytes", &limit_bytes.to_string());
+        group
+    }
+
+    fn write(&self, file: &str, value: &str) {
+        let p = self.path.join(file);
+        std::fs::write(&p, value)
+            .unwrap_or_else(|e| panic!("writing {value} to {}: {e}", p.display()));
+    }
+
+    /// Moves every thread of `pid` except its main thread into the group, until none is left
+    /// outside (a thread started meanwhile is created where its parent is). Returns how many.
+    pub fn adopt_threads(&self, pid: u32) -> usize {
+        loop {
+            let inside: std::collections::BTreeSet<u32> =
+                std::fs::read_to_string(self.path.join("tasks"))
+                    .unwrap()
+                    .lines()
+                    .map(|l| l.parse().unwrap())
+                    .collect();
+            let outside: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .filter(|tid| *tid != pid && !inside.contains(tid))
+                .collect();
+            if outside.is_empty() {
+                return inside.len();
+            }
+            for tid in outside {
+                // A thread that has just exited cannot be moved; the next pass does not see it.
+                let _ = std::fs::write(self.path.join("tasks"), tid.to_string());
+            }
+        }
+    }
+
+    /// Kernel allocations the group refused since it was made.
+    pub fn failures(&self) -> u64 {
+        std::fs::read_to_string(self.path.join("memory.failcnt"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    pub fn lift_limit(&self) {
+        self.write("memory.limit_in_bytes", "-1");
+    }
+}
+
+fn v1_memory_root() -> Option<PathBuf> {
+    // mountinfo: "... mount-point ... - fstype source super-options"
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mut post = post.split(' ');
+            let fstype = post.next()?;
+            let opts = post.nth(1)?;
+            let at = pre.split(' ').nth(4)?;
+            (fstype == "cgroup" && opts.split(',').any(|o| o == "memory"))
+                .then(|| PathBuf::from(at))
+        })
+}
+
+impl Drop for MemoryGroup {
+    fn drop(&mut self) {
+        if let Ok(tasks) = std::fs::read_to_string(self.path.join("tasks")) {
+            for tid in tasks.lines() {
+                let _ = std::fs::write(self.root.join("tasks"), tid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.path);
+        if let Some(at) = &self.mounted {
+            let _ = Command::new("umount").arg(at).status();
+            let _ = std::fs::remove_dir(at);
+        }
+    }
+}

@@ -1,11 +1,12 @@
-//! Faults: the node killed during a connect storm, and a full disk under the audit log.
+//! Faults: the node killed during a connect storm, a full disk under the audit log, and a
+//! policy the datapath has no room or no memory for.
 //! Enforcement lives in the kernel, so neither may change a single verdict; what the node
 //! records must be recovered or counted as lost.
 
 use std::time::{Duration, Instant};
 
 use agentwall_tests::{
-    SmallDisk,
+    MemoryGroup, SmallDisk,
     node::{
         NodeProc, SUPPORT_ID, SUPPORT_POLICY, flows, launch_probe, loopback_addr, metric, scrape,
         setup, write_cert,
@@ -197,4 +198,91 @@ fn a_policy_beyond_the_identity_table_is_refused_whole() {
         .find(|r| r["kind"] == "policy" && r["event"] == "rejected")
         .expect("a rejected record");
     assert_eq!(rejected["revision_in_force"], before);
+}
+
+#[test]
+fn enomem_while_filling_a_trie_is_refused_whole() {
+    let (env, tmp, ca) = setup("enomem", POLICY);
+    let dir = tmp.path();
+    let audit = dir.join("audit.jsonl");
+    let addr = loopback_addr();
+    let node = NodeProc::start_with(
+        &env,
+        dir,
+        &[
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--metrics-listen",
+            &addr.to_string(),
+        ],
+    );
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    assert_eq!(probe.cmd("connect tcp 198.51.100.1 443"), "err EPERM");
+    let before = agentwall_tests::node::status_json(&node.socket)["revision"].clone();
+
+    // The node's kernel work gets 4 MiB; the new rules need a trie of about 20 MiB: the
+    // support agent leaves 192.0.2.0/24 for 198.51.100.0/24 and 40,000 IPv6 hosts.
+    let group = MemoryGroup::create("enomem", 4 << 20);
+    assert!(group.adopt_threads(node.child.id()) > 0);
+    let hosts: Vec<String> = (1..=40_000u32)
+        .map(|i| format!("2001:db8::{:x}:{:x}", i >> 16, i & 0xffff))
+        .collect();
+    let policy = format!(
+        "kind: AgentPolicy\nname: support\nidentity: {ID}\negress:\n  - to: [198.51.100.0/24, {}]\n    ports: [443]\n    protocol: tcp\n",
+        hosts.join(", ")
+    );
+    std::fs::write(dir.join("policy/agents.yaml"), &policy).unwrap();
+    let s = agentwall_tests::node::wait_status(&node.socket, "the refusal", |s| {
+        s["policy_error"].is_string()
+    });
+    let err = s["policy_error"].as_str().unwrap();
+    assert!(
+        err.starts_with(&format!("the rules of {ID}: filling the trie of identity ")),
+        "{err}"
+    );
+    assert!(
+        err.contains(": Cannot allocate memory (os error 12) after "),
+        "{err}"
+    );
+    assert!(
+        err.ends_with(" entries (nothing was changed; the previous rules stay in force)"),
+        "{err}"
+    );
+    assert!(group.failures() > 0, "the limit was never reached");
+    assert_eq!(s["revision"], before);
+    // Not one of the new rules is in force, and every old one still is.
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    assert_eq!(probe.cmd("connect tcp 198.51.100.1 443"), "err EPERM");
+    assert_eq!(
+        metric(&scrape(addr), "agentwall_policy_rejections_total", &[]),
+        1.0
+    );
+    let rejected = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["kind"] == "policy" && r["event"] == "rejected")
+        .expect("a rejected record");
+    assert_eq!(rejected["errors"], err);
+    assert_eq!(rejected["revision_in_force"], before);
+
+    // With memory again, the same rules go in whole (a comment changes the file, so the node
+    // reads it again).
+    group.lift_limit();
+    std::fs::write(
+        dir.join("policy/agents.yaml"),
+        format!("# memory again\n{policy}"),
+    )
+    .unwrap();
+    agentwall_tests::node::wait_status(&node.socket, "the new revision", |s| {
+        s["revision"] != before && s["policy_error"].is_null()
+    });
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+    assert_eq!(probe.cmd("connect tcp 198.51.100.1 443"), "err ENETUNREACH");
+    assert_eq!(
+        probe.cmd("connect tcp 2001:db8::9c40 443"),
+        "err ENETUNREACH"
+    );
 }

@@ -136,7 +136,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let notify = std::env::var("NOTIFY_SOCKET").ok();
-    rt.block_on(async move {
+    // The main thread only waits for the node's task: everything that touches the kernel runs
+    // on runtime threads, which all descend from the workers. An operator (or the fault suite)
+    // can then put those threads in a cgroup v1 memory group of their own, charging the
+    // datapath's kernel memory there while the process's pages stay with the main thread.
+    let node_task = async move {
         let node = Node::start(cfg)?;
         node.serve(|socket, revision| {
             println!(
@@ -151,6 +155,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         })
         .await?;
         agentwall::node::sd_notify(notify.as_deref(), "STOPPING=1");
-        Ok(())
-    })
+        anyhow::Ok(())
+    };
+    rt.block_on(async move { tokio::spawn(node_task).await })
+        .context("the node's task panicked")?
 }

@@ -102,8 +102,27 @@ pub enum DatapathError {
     Compile { identity: u32, source: CompileError },
     #[error("{what}: {source} (nothing was changed; the previous rules stay in force)")]
     Apply { what: String, source: Box<MapError> },
+    #[error(
+        "filling the trie of identity {identity}: {source} after {done} of {total} entries (nothing was changed; the previous rules stay in force)"
+    )]
+    Fill {
+        identity: u32,
+        done: usize,
+        total: usize,
+        source: io::Error,
+    },
     #[error("identity {0} has no trie from this process yet: apply its rules first")]
     NoTrie(u32),
+}
+
+impl DatapathError {
+    /// The identity whose rules the error is about, if it is about one.
+    pub fn identity(&self) -> Option<u32> {
+        match self {
+            Self::Compile { identity, .. } | Self::Fill { identity, .. } => Some(*identity),
+            _ => None,
+        }
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
@@ -653,7 +672,19 @@ impl Datapath {
                 _ => unreachable!("built as LpmTrie above"),
             };
             if let Err((done, e)) = batched {
-                debug!(error = %e, done, "batch fill of a trie failed; inserting one by one");
+                // EINVAL or EOPNOTSUPP with nothing written: this kernel has no batch update
+                // for LPM tries. Anything else (ENOMEM above all) is the fill failing.
+                let unsupported =
+                    done == 0 && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP));
+                if !unsupported {
+                    return Err(DatapathError::Fill {
+                        identity: *identity,
+                        done,
+                        total: t.len(),
+                        source: e,
+                    });
+                }
+                debug!(error = %e, "no batch update for LPM tries; inserting one by one");
                 let mut trie: LpmTrie<&mut MapData, Addr, RuleSet> =
                     (&mut map).try_into().map_err(apply)?;
                 for (net, set) in &t.entries {
