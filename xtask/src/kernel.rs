@@ -60,8 +60,13 @@ fi
 mount -t proc proc /newroot/proc
 mount -t sysfs sys /newroot/sys
 mount -t devtmpfs dev /newroot/dev
+# The guest's own tmp and run would hide a workspace that lives under them (a clone in
+# /tmp, say): hold it aside and put it back on top.
+ws=$(sed -n 's/.*aw.ws=\([^ ]*\).*/\1/p' /proc/cmdline)
+mkdir -p /ws && mount -o bind "/newroot$ws" /ws
 mount -t tmpfs tmp /newroot/tmp
 mount -t tmpfs run /newroot/run
+mkdir -p "/newroot$ws" && mount -o bind /ws "/newroot$ws"
 mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup
 mount -t bpf bpf /newroot/sys/fs/bpf
 echo "AW_KERNEL_UP $(uname -r)"
@@ -322,8 +327,14 @@ fn boot(
     .arg(initrd)
     .arg("-append")
     .arg(format!(
-        "console=ttyS0 panic=-1 quiet aw.run={}",
-        script.display()
+        "console=ttyS0 panic=-1 quiet aw.run={} aw.ws={}",
+        script.display(),
+        // The script is WORKSPACE/target/kernels/run-tests.sh.
+        script
+            .ancestors()
+            .nth(3)
+            .unwrap_or(Path::new("/"))
+            .display()
     ))
     .args([
         "-virtfs",

@@ -11,8 +11,6 @@
 //! destination then tells both which rules contain it and which deny prefix covers it, so the
 //! kernel needs a single lookup.
 
-use std::collections::{BTreeSet, HashMap};
-
 use agent_common::{MAX_PORT_ENTRIES, PortEntry, RuleSet};
 use ipnet::IpNet;
 
@@ -50,11 +48,6 @@ impl CompiledTrie {
     }
 }
 
-struct Flat<'a> {
-    rule: &'a Rule,
-    ports: Vec<PortRange>,
-}
-
 /// Sorted, overlapping and adjacent ranges merged; empty means any.
 fn merged_ports(ports: &[PortRange]) -> Vec<PortRange> {
     if ports.is_empty() {
@@ -73,64 +66,83 @@ fn merged_ports(ports: &[PortRange]) -> Vec<PortRange> {
 }
 
 pub fn compile_rules(rules: &[Rule], global_deny: &[IpNet]) -> Result<CompiledTrie, CompileError> {
-    let mut by_net: HashMap<Net, Vec<Flat<'_>>> = HashMap::new();
-    let deny: BTreeSet<Net> = global_deny.iter().map(|n| Net::from(*n)).collect();
-    for rule in rules {
+    // Each rule's ports are merged once and shared by all of its destinations. (prefix, rule
+    // index) pairs sorted by prefix let each prefix's rules be found by binary search, with no
+    // allocation per destination.
+    let mut ports: Vec<Vec<PortRange>> = Vec::with_capacity(rules.len());
+    let mut by_net: Vec<(Net, u32)> = Vec::with_capacity(rules.len());
+    for (i, rule) in rules.iter().enumerate() {
         if rule.id == 0 {
             return Err(CompileError::ZeroRuleId);
         }
-        let ports = merged_ports(&rule.ports);
-        for to in &rule.to {
-            by_net.entry(Net::from(*to)).or_default().push(Flat {
-                rule,
-                ports: ports.clone(),
-            });
-        }
+        ports.push(merged_ports(&rule.ports));
+        by_net.extend(rule.to.iter().map(|to| (Net::from(*to), i as u32)));
     }
-    let lens: BTreeSet<u8> = by_net.keys().map(|n| n.len).collect();
-    let mut prefixes: BTreeSet<Net> = by_net.keys().copied().collect();
+    by_net.sort_unstable();
+    let rules_of = |q: &Net| {
+        let lo = by_net.partition_point(|(n, _)| n < q);
+        let hi = lo + by_net[lo..].partition_point(|(n, _)| n == q);
+        &by_net[lo..hi]
+    };
+    let mut deny: Vec<Net> = global_deny.iter().map(|n| Net::from(*n)).collect();
+    deny.sort_unstable();
+    deny.dedup();
+    let lens = sorted_lens(by_net.iter().map(|(n, _)| n.len));
+    let deny_lens = sorted_lens(deny.iter().map(|n| n.len));
+
+    let mut prefixes: Vec<Net> = by_net.iter().map(|(n, _)| *n).collect();
     prefixes.extend(deny.iter().copied());
     if prefixes.iter().any(|n| !n.is_v4() && n.contains(&V4_SPACE)) {
-        prefixes.insert(V4_SPACE);
+        prefixes.push(V4_SPACE);
     }
+    prefixes.sort_unstable();
+    prefixes.dedup();
 
     let mut entries = Vec::with_capacity(prefixes.len());
+    let mut found: Vec<PortEntry> = Vec::new();
     for p in prefixes {
+        // The longest deny prefix of the same family covering p.
+        let deny_len = deny_lens
+            .iter()
+            .rev()
+            .filter(|&&len| len <= p.len)
+            .map(|&len| Net::new(p.addr, len))
+            .find(|q| q.is_v4() == p.is_v4() && deny.binary_search(q).is_ok())
+            .map_or(0, |q| q.len);
         let mut set = RuleSet {
             prefix_len: p.len,
-            deny_len: deny
-                .iter()
-                .filter(|d| d.is_v4() == p.is_v4() && d.contains(&p))
-                .map(|d| d.len)
-                .max()
-                .unwrap_or(0),
+            deny_len,
             ..RuleSet::default()
         };
-        let mut found: Vec<PortEntry> = Vec::new();
-        for &len in lens.range(..=p.len) {
+        found.clear();
+        for &len in lens.iter().take_while(|&&len| len <= p.len) {
             let q = Net::new(p.addr, len);
             if q.is_v4() != p.is_v4() {
                 continue;
             }
-            for f in by_net.get(&q).into_iter().flatten() {
-                for r in &f.ports {
+            for &(_, i) in rules_of(&q) {
+                let rule = &rules[i as usize];
+                for r in &ports[i as usize] {
                     found.push(PortEntry {
                         port_lo: r.lo,
                         port_hi: r.hi,
-                        proto: f.rule.protocol.mask(),
+                        proto: rule.protocol.mask(),
                         prefix_len: q.len,
-                        rule_id: f.rule.id,
-                        expires_ns: f.rule.expires.map_or(0, |e| e.0),
+                        rule_id: rule.id,
+                        expires_ns: rule.expires.map_or(0, |e| e.0),
                         ..PortEntry::default()
                     });
                 }
             }
         }
-        found.sort_by(|a, b| {
+        found.sort_unstable_by(|a, b| {
             b.prefix_len
                 .cmp(&a.prefix_len)
                 .then(a.rule_id.cmp(&b.rule_id))
                 .then(a.port_lo.cmp(&b.port_lo))
+                .then(a.port_hi.cmp(&b.port_hi))
+                .then(a.proto.cmp(&b.proto))
+                .then(a.expires_ns.cmp(&b.expires_ns))
         });
         found.dedup();
         if found.len() > MAX_PORT_ENTRIES {
@@ -152,6 +164,14 @@ pub fn compile_rules(rules: &[Rule], global_deny: &[IpNet]) -> Result<CompiledTr
         entries.push((p, set));
     }
     Ok(CompiledTrie { entries })
+}
+
+/// The distinct prefix lengths, shortest first.
+fn sorted_lens(lens: impl Iterator<Item = u8>) -> Vec<u8> {
+    let mut v: Vec<u8> = lens.collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 #[cfg(test)]
