@@ -44,7 +44,7 @@ enum Task {
         #[arg(value_parser = ["datapath", "dns", "compare", "control-plane"])]
         which: String,
         /// Operations measured per configuration and round (default: 20,000 connects for
-        /// datapath, 2,000 lookups for dns, 5,000 for compare, 10 pushes for control-plane).
+        /// datapath, 2,000 lookups for dns, 40,000 connects for compare, 10 pushes for control-plane).
         #[arg(long)]
         iterations: Option<u32>,
     },
@@ -92,7 +92,7 @@ fn main() -> Result<()> {
             run(cargo(&root).args(["build", "--release", "--bins"]))?;
             let iterations = iterations.unwrap_or(match which.as_str() {
                 "dns" => 2_000,
-                "compare" => 5_000,
+                "compare" => 40_000,
                 // Pushes timed per fleet size.
                 "control-plane" => 10,
                 _ => 20_000,

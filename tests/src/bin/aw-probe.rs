@@ -13,6 +13,9 @@
 //!   sweep tcp ADDR LO HI           one connect to each port LO..=HI; answers `eperm=X other=Y`
 //!   bench-connect ADDR PORT N      listen on ADDR:PORT, time N TCP connects to it; answers
 //!                                  `p50=NS p99=NS`
+//!   bench-connect-block ADDR PORT N
+//!                                  the same, the listener kept for the next block; answers
+//!                                  `samples=NS,NS,..` (each connect, in order)
 //!   bench-proxy PADDR PPORT ADDR PORT N
 //!                                  N HTTP CONNECTs through the proxy at PADDR:PPORT to a
 //!                                  listener at ADDR:PORT; `p50=NS p99=NS`
@@ -355,10 +358,33 @@ fn bench_udp(addr: SocketAddr, n: usize) -> Result<String, String> {
 
 /// Times `connect()` alone (socket creation and close are outside the clock). Client sockets
 /// close with RST (linger 0) so no TIME_WAIT piles up; a thread drains the accept queue.
-fn bench_connect(addr: SocketAddr, n: usize, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
+/// Pins this thread (and the threads it starts later) to the machine's last CPU. Probes
+/// compared block by block then all run their connects and accepts on one and the same CPU:
+/// where the scheduler happens to put a process's two threads otherwise moves its connect
+/// time by about a microsecond, for the life of the process.
+fn pin_to_last_cpu() -> Result<(), String> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { mem::zeroed() };
+    unsafe { libc::CPU_SET(cpus - 1, &mut set) };
+    // SAFETY: valid set of the size passed.
+    if unsafe { libc::sched_setaffinity(0, mem::size_of::<libc::cpu_set_t>(), &set) } < 0 {
+        return Err(format!("sched_setaffinity: {}", errno_name(last_err())));
+    }
+    Ok(())
+}
+
+/// Listens on `addr` (once per process), accepting and closing whatever arrives.
+fn listen_once(addr: SocketAddr, keep: &mut Vec<OwnedFd>) -> Result<(), String> {
+    static LISTENING: std::sync::Mutex<Vec<SocketAddr>> = std::sync::Mutex::new(Vec::new());
+    let mut listening = LISTENING.lock().unwrap();
+    if listening.contains(&addr) {
+        return Ok(());
+    }
     let listener = do_listen(addr).map_err(|e| format!("listen: {}", errno_name(e)))?;
     let lfd = listener.as_raw_fd();
     keep.push(listener);
+    listening.push(addr);
     std::thread::spawn(move || {
         loop {
             // SAFETY: lfd stays open for the life of the process (kept in `keep`).
@@ -369,14 +395,19 @@ fn bench_connect(addr: SocketAddr, n: usize, keep: &mut Vec<OwnedFd>) -> Result<
             }
         }
     });
+    Ok(())
+}
+
+/// `n` TCP connects to `addr`, each on a fresh socket closed with a reset (SO_LINGER 0, so
+/// no TIME_WAIT piles up); the time of each connect() alone, ns.
+fn connect_samples(addr: SocketAddr, n: usize) -> Result<Vec<u64>, String> {
     let (ss, len) = sockaddr(addr);
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
     };
-    let warmup = n / 10;
     let mut samples = Vec::with_capacity(n);
-    for i in 0..warmup + n {
+    for _ in 0..n {
         let s = new_socket(family(&addr), libc::SOCK_STREAM, libc::IPPROTO_TCP)
             .map_err(|e| format!("socket: {}", errno_name(e)))?;
         // SAFETY: valid fd and option buffer.
@@ -389,12 +420,15 @@ fn bench_connect(addr: SocketAddr, n: usize, keep: &mut Vec<OwnedFd>) -> Result<
                 mem::size_of::<libc::linger>() as u32,
             )
         };
-        let ns = timed_connect(&s, &ss, len)?;
-        if i >= warmup {
-            samples.push(ns);
-        }
+        samples.push(timed_connect(&s, &ss, len)?);
     }
-    Ok(percentiles(samples))
+    Ok(samples)
+}
+
+fn bench_connect(addr: SocketAddr, n: usize, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
+    listen_once(addr, keep)?;
+    connect_samples(addr, n / 10)?;
+    Ok(percentiles(connect_samples(addr, n)?))
 }
 
 fn set_lo_up() -> Result<(), i32> {
@@ -525,6 +559,21 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         ["bench-udp", ip, port, n] => {
             let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
             bench_udp(sa(ip, port)?, n)?
+        }
+        ["bench-connect-block", ip, port, n] => {
+            let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
+            let addr = sa(ip, port)?;
+            pin_to_last_cpu()?;
+            listen_once(addr, keep)?;
+            let samples = connect_samples(addr, n)?;
+            let mut out = String::from("samples=");
+            for (i, ns) in samples.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&ns.to_string());
+            }
+            out
         }
         ["bench-connect", ip, port, n] => {
             let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
