@@ -432,13 +432,13 @@ pub fn run(iterations: usize) {
         let (nft_text, ipt_text) = (nft_ruleset(&nft_path, level, n), iptables_ruleset(&rel, n));
         let mut times: [Vec<Duration>; 4] = Default::default();
         for rep in 0..APPLY_REPS {
-            let port = if rep % 2 == 0 { 444 } else { 443 };
+            let (port, other) = if rep % 2 == 0 { (444, 443) } else { (443, 444) };
             let r = rules_with(n, port);
             let t0 = Instant::now();
             dp.set_rules(1, &r).unwrap();
             times[0].push(t0.elapsed());
             // The node's path: the policy text parsed and checked, then applied.
-            let text = policy_yaml(n, port ^ 443 ^ 444);
+            let text = policy_yaml(n, other);
             let t0 = Instant::now();
             let set = parse_sources(&[(PathBuf::from("bench.yaml"), text)]).unwrap();
             let r: Vec<Rule> = set
