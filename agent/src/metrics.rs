@@ -11,6 +11,8 @@ pub struct Counters {
     pub policy_applies: u64,
     /// Policy changes refused (invalid, or more than the datapath holds).
     pub policy_rejections: u64,
+    /// Launches, enrollments and renewals turned down (certificate, admission, datapath).
+    pub session_rejections: u64,
     pub last_apply_seconds: f64,
     /// Addresses DNS answers made allowed.
     pub dns_learned: u64,
@@ -144,6 +146,17 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         "Launched or enrolled cgroups bound now.",
     );
     let _ = writeln!(out, "agentwall_sessions {}", g.sessions);
+    header(
+        &mut out,
+        "agentwall_session_rejections_total",
+        "counter",
+        "Launches, enrollments and renewals the node turned down (each also an audit record).",
+    );
+    let _ = writeln!(
+        out,
+        "agentwall_session_rejections_total {}",
+        c.session_rejections
+    );
     header(
         &mut out,
         "agentwall_policy_applies_total",

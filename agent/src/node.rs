@@ -1421,7 +1421,9 @@ impl Node {
                     Request::Enroll { .. } => "enroll",
                     _ => "renew",
                 };
-                self.state.lock().expect("node state").audit(
+                let mut st = self.state.lock().expect("node state");
+                st.counters.session_rejections += 1;
+                st.audit(
                     "identity",
                     serde_json::json!({ "event": "rejected", "op": op, "identity": reply.identity, "reason": reply.error }),
                 );

@@ -286,3 +286,92 @@ fn enomem_while_filling_a_trie_is_refused_whole() {
         "err ENETUNREACH"
     );
 }
+
+#[test]
+fn a_full_binding_table_refuses_new_agents_and_keeps_the_bound_ones() {
+    use agent_common::{Binding, MAP_BINDINGS, MAX_BINDINGS};
+    let (env, tmp, ca) = setup("bindings", POLICY);
+    let dir = tmp.path();
+    let audit = dir.join("audit.jsonl");
+    let addr = loopback_addr();
+    let node = NodeProc::start_with(
+        &env,
+        dir,
+        &[
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--metrics-listen",
+            &addr.to_string(),
+        ],
+    );
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+
+    // Every other slot of the kernel's binding table taken, by cgroup ids no cgroup has.
+    let pinned = agentwall::datapath::pin_dir(&env.bpffs_dir)
+        .join("maps")
+        .join(MAP_BINDINGS);
+    let mut table: aya::maps::HashMap<_, u64, Binding> = aya::maps::HashMap::try_from(
+        aya::maps::Map::HashMap(aya::maps::MapData::from_pin(&pinned).unwrap()),
+    )
+    .unwrap();
+    let fake = |i: u64| u64::MAX - i;
+    let others = u64::from(MAX_BINDINGS) - 1;
+    for i in 0..others {
+        let b = Binding {
+            not_after_ns: 0,
+            identity: 1,
+            level: 1,
+            revoked: 0,
+            _pad: [0; 2],
+        };
+        table.insert(fake(i), b, 0).unwrap();
+    }
+
+    // A second agent is turned down in so many words, and its command never runs.
+    let ran = dir.join("ran");
+    let out = agentwall_tests::node::launch_args(&node.socket, &cert, &key)
+        .args(["/bin/sh", "-c", &format!("touch {}", ran.display())])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let full = format!(
+        "the datapath's binding table is full ({MAX_BINDINGS} cgroups bound): nothing was bound; a launched agent's binding is freed once all its processes have exited"
+    );
+    assert!(stderr.contains(&full), "{stderr}");
+    assert!(!ran.exists(), "the refused command ran");
+    // The bound agent keeps its verdicts.
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    assert_eq!(probe.cmd("connect tcp 203.0.113.5 443"), "err EPERM");
+    let text = scrape(addr);
+    assert_eq!(
+        metric(&text, "agentwall_map_fill_ratio", &[("map", "bindings")]),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, "agentwall_session_rejections_total", &[]),
+        1.0
+    );
+    let rejected = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["kind"] == "identity" && r["event"] == "rejected")
+        .expect("a rejected record");
+    assert_eq!(rejected["op"], "launch");
+    assert_eq!(rejected["identity"], ID);
+    assert!(
+        rejected["reason"].as_str().unwrap().ends_with(&full),
+        "{rejected}"
+    );
+
+    // With room again, the same agent starts.
+    for i in 0..others {
+        table.remove(&fake(i)).unwrap();
+    }
+    let mut second = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(second.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    assert_eq!(second.cmd("connect tcp 203.0.113.5 443"), "err EPERM");
+}

@@ -96,6 +96,10 @@ pub enum DatapathError {
     IdentityOutOfRange(u32),
     #[error("cgroup level {level} of {path} is deeper than the {max} levels the datapath walks")]
     TooDeep { path: PathBuf, level: u32, max: u32 },
+    #[error(
+        "the datapath's binding table is full ({max} cgroups bound): nothing was bound; a launched agent's binding is freed once all its processes have exited"
+    )]
+    BindingsFull { max: u32 },
     #[error("{path} still has processes; unbinding it would leave them ungoverned")]
     Populated { path: PathBuf },
     #[error("rules for identity {identity}: {source}")]
@@ -506,9 +510,16 @@ impl Datapath {
             revoked: 0,
             _pad: [0; 2],
         };
-        self.bindings
-            .insert(cgroup.id(), b, 0)
-            .map_err(map_err(c::MAP_BINDINGS))?;
+        match self.bindings.insert(cgroup.id(), b, 0) {
+            Ok(()) => {}
+            // A hash map with every slot taken refuses a new key with E2BIG.
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                return Err(DatapathError::BindingsFull {
+                    max: c::MAX_BINDINGS,
+                });
+            }
+            Err(e) => return Err(map_err(c::MAP_BINDINGS)(e)),
+        }
         debug!(cgroup_id = cgroup.id(), identity, "bound cgroup");
         Ok(())
     }
