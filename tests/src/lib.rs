@@ -386,8 +386,9 @@ impl MemoryGroup {
                     .success();
                 assert!(
                     ok,
-                    "no cgroup v1 memory hierarchy is mounted and mounting one at {} failed: this kernel \
-                     has no v1 memory controller (CONFIG_MEMCG_V1), which the ENOMEM fault test needs",
+                    "no cgroup v1 memory hierarchy is mounted and mounting one at {} failed: the ENOMEM \
+                     fault test needs the v1 memory controller, which this kernel lacks \
+                     (CONFIG_MEMCG_V1) or cgroup v2 already uses",
                     at.display()
                 );
                 (at.clone(), Some(at))
