@@ -497,12 +497,99 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyErrors> {
 }
 
 /// Validates policy given as (file name, text) pairs; `load_dir` reads them from disk.
+/// One document on its own, before any check that involves another.
+enum Doc {
+    Agent(AgentPolicy),
+    Archetype(Archetype),
+    GlobalDeny(Vec<IpNet>),
+}
+
+fn parse_document(file: &Path, first: usize, doc: &str) -> Result<Doc, PolicyError> {
+    let origin = Origin {
+        file: file.to_owned(),
+        line: first,
+    };
+    // Parsing a document just for its kind doubles the cost of a policy: a plain top-level
+    // `kind:` line is read directly; anything else goes to the parser.
+    let kind = match plain_kind(doc) {
+        Some(k) => Some(k.to_owned()),
+        None => {
+            serde_yaml_ng::from_str::<KindOnly>(doc)
+                .map_err(|e| yaml_err(file, doc, first, &e))?
+                .kind
+        }
+    };
+    match kind.as_deref() {
+        Some("AgentPolicy") => {
+            let raw = serde_yaml_ng::from_str::<RawAgentPolicy>(doc)
+                .map_err(|e| yaml_err(file, doc, first, &e))?;
+            if let Err(e) = raw.identity.parse::<crate::identity::AgentId>() {
+                return Err(err_at(file, first, 1, format!("identity {e}")));
+            }
+            Ok(Doc::Agent(AgentPolicy {
+                name: raw.name,
+                identity: raw.identity,
+                mode: raw.mode.map_or(Mode::Enforce, |m| m.0),
+                extends: raw.extends,
+                egress: rules(raw.egress, &origin),
+                origin,
+            }))
+        }
+        Some("Archetype") => {
+            let raw = serde_yaml_ng::from_str::<RawArchetype>(doc)
+                .map_err(|e| yaml_err(file, doc, first, &e))?;
+            Ok(Doc::Archetype(Archetype {
+                name: raw.name,
+                extends: raw.extends,
+                egress: rules(raw.egress, &origin),
+                origin,
+            }))
+        }
+        Some("GlobalDeny") => {
+            let raw = serde_yaml_ng::from_str::<RawGlobalDeny>(doc)
+                .map_err(|e| yaml_err(file, doc, first, &e))?;
+            Ok(Doc::GlobalDeny(raw.to.into_iter().map(|d| d.0).collect()))
+        }
+        Some(other) => Err(err_at(
+            file,
+            first,
+            1,
+            format!("unknown kind {other:?}: expected AgentPolicy, Archetype or GlobalDeny"),
+        )),
+        None => Err(err_at(file, first, 1, "document has no `kind`")),
+    }
+}
+
+/// Parses every document, in order, spread over the machine's cores when there are enough
+/// of them to be worth a thread.
+fn parse_documents(docs: &[(&Path, usize, String)]) -> Vec<Result<Doc, PolicyError>> {
+    const PER_THREAD: usize = 64;
+    let parse = |d: &(&Path, usize, String)| parse_document(d.0, d.1, &d.2);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(docs.len() / PER_THREAD);
+    if threads <= 1 {
+        return docs.iter().map(parse).collect();
+    }
+    std::thread::scope(|s| {
+        let parts: Vec<_> = docs
+            .chunks(docs.len().div_ceil(threads))
+            .map(|part| s.spawn(move || part.iter().map(parse).collect::<Vec<_>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
 pub fn parse_sources(sources: &[(PathBuf, String)]) -> Result<PolicySet, PolicyErrors> {
     let mut errors = Vec::new();
     let mut hash = Sha256::new();
     let mut agents: Vec<AgentPolicy> = Vec::new();
     let mut archetypes: BTreeMap<String, Archetype> = BTreeMap::new();
     let mut global_deny: Option<Vec<IpNet>> = None;
+    let mut docs: Vec<(&Path, usize, String)> = Vec::new();
     for (file, text) in sources {
         let name = file
             .file_name()
@@ -512,101 +599,58 @@ pub fn parse_sources(sources: &[(PathBuf, String)]) -> Result<PolicySet, PolicyE
         hash.update((text.len() as u64).to_le_bytes());
         hash.update(text.as_bytes());
         for (first, doc) in documents(text) {
-            let origin = Origin {
-                file: file.clone(),
-                line: first,
-            };
-            // Parsing a document just for its kind doubles the cost of a policy: a plain
-            // top-level `kind:` line is read directly; anything else goes to the parser.
-            let kind = match plain_kind(&doc) {
-                Some(k) => Some(k.to_owned()),
-                None => match serde_yaml_ng::from_str::<KindOnly>(&doc) {
-                    Ok(k) => k.kind,
-                    Err(e) => {
-                        errors.push(yaml_err(file, &doc, first, &e));
-                        continue;
-                    }
-                },
-            };
-            match kind.as_deref() {
-                Some("AgentPolicy") => match serde_yaml_ng::from_str::<RawAgentPolicy>(&doc) {
-                    Ok(raw) => {
-                        if let Err(e) = raw.identity.parse::<crate::identity::AgentId>() {
-                            errors.push(err_at(file, first, 1, format!("identity {e}")));
-                            continue;
-                        }
-                        if let Some(prev) = agents.iter().find(|a| a.name == raw.name) {
-                            errors.push(err_at(
-                                file,
-                                first,
-                                1,
-                                format!(
-                                    "AgentPolicy {:?} is defined twice (first at {})",
-                                    raw.name, prev.origin
-                                ),
-                            ));
-                            continue;
-                        }
-                        if let Some(prev) = agents.iter().find(|a| a.identity == raw.identity) {
-                            errors.push(err_at(file, first, 1, format!(
-                                "identity {} already has AgentPolicy {:?} (at {}); one policy per identity",
-                                raw.identity, prev.name, prev.origin
-                            )));
-                            continue;
-                        }
-                        agents.push(AgentPolicy {
-                            name: raw.name,
-                            identity: raw.identity,
-                            mode: raw.mode.map_or(Mode::Enforce, |m| m.0),
-                            extends: raw.extends,
-                            egress: rules(raw.egress, &origin),
-                            origin,
-                        });
-                    }
-                    Err(e) => errors.push(yaml_err(file, &doc, first, &e)),
-                },
-                Some("Archetype") => match serde_yaml_ng::from_str::<RawArchetype>(&doc) {
-                    Ok(raw) => {
-                        if let Some(prev) = archetypes.get(&raw.name) {
-                            errors.push(err_at(
-                                file,
-                                first,
-                                1,
-                                format!(
-                                    "Archetype {:?} is defined twice (first at {})",
-                                    raw.name, prev.origin
-                                ),
-                            ));
-                            continue;
-                        }
-                        archetypes.insert(
-                            raw.name.clone(),
-                            Archetype {
-                                name: raw.name,
-                                extends: raw.extends,
-                                egress: rules(raw.egress, &origin),
-                                origin,
-                            },
-                        );
-                    }
-                    Err(e) => errors.push(yaml_err(file, &doc, first, &e)),
-                },
-                Some("GlobalDeny") => match serde_yaml_ng::from_str::<RawGlobalDeny>(&doc) {
-                    Ok(raw) => global_deny
-                        .get_or_insert_with(Vec::new)
-                        .extend(raw.to.into_iter().map(|d| d.0)),
-                    Err(e) => errors.push(yaml_err(file, &doc, first, &e)),
-                },
-                Some(other) => errors.push(err_at(
-                    file,
-                    first,
-                    1,
-                    format!(
-                        "unknown kind {other:?}: expected AgentPolicy, Archetype or GlobalDeny"
-                    ),
-                )),
-                None => errors.push(err_at(file, first, 1, "document has no `kind`")),
+            docs.push((file.as_path(), first, doc));
+        }
+    }
+    // Documents parse on their own, so a large policy parses on every core; what one
+    // document says about another is checked afterwards, in order.
+    let mut by_name: std::collections::HashMap<String, usize> = Default::default();
+    let mut by_identity: std::collections::HashMap<String, usize> = Default::default();
+    for parsed in parse_documents(&docs) {
+        match parsed {
+            Err(e) => errors.push(e),
+            Ok(Doc::Agent(a)) => {
+                let (file, first) = (&a.origin.file, a.origin.line);
+                if let Some(&prev) = by_name.get(&a.name) {
+                    errors.push(err_at(
+                        file,
+                        first,
+                        1,
+                        format!(
+                            "AgentPolicy {:?} is defined twice (first at {})",
+                            a.name, agents[prev].origin
+                        ),
+                    ));
+                    continue;
+                }
+                if let Some(&prev) = by_identity.get(&a.identity) {
+                    let prev = &agents[prev];
+                    errors.push(err_at(file, first, 1, format!(
+                        "identity {} already has AgentPolicy {:?} (at {}); one policy per identity",
+                        a.identity, prev.name, prev.origin
+                    )));
+                    continue;
+                }
+                by_name.insert(a.name.clone(), agents.len());
+                by_identity.insert(a.identity.clone(), agents.len());
+                agents.push(a);
             }
+            Ok(Doc::Archetype(a)) => {
+                if let Some(prev) = archetypes.get(&a.name) {
+                    errors.push(err_at(
+                        &a.origin.file,
+                        a.origin.line,
+                        1,
+                        format!(
+                            "Archetype {:?} is defined twice (first at {})",
+                            a.name, prev.origin
+                        ),
+                    ));
+                    continue;
+                }
+                archetypes.insert(a.name.clone(), a);
+            }
+            Ok(Doc::GlobalDeny(to)) => global_deny.get_or_insert_with(Vec::new).extend(to),
         }
     }
     // Cross-document checks: every `extends` names an archetype, and there are no cycles.
@@ -857,6 +901,60 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect()
+    }
+
+    #[test]
+    fn a_large_policy_parses_in_parallel_and_reports_in_document_order() {
+        // 600 documents: enough for every core to take a share. Errors sit in different
+        // shares, and a duplicate refers back across shares.
+        let mut text = String::new();
+        for i in 0..600 {
+            let (name, identity) = match i {
+                450 => (
+                    "a10".to_owned(),
+                    "spiffe://example.org/agent/x450".to_owned(),
+                ),
+                500 => (
+                    "b500".to_owned(),
+                    "spiffe://example.org/agent/a20".to_owned(),
+                ),
+                _ => (format!("a{i}"), format!("spiffe://example.org/agent/a{i}")),
+            };
+            let ports = if i == 5 || i == 590 {
+                "[http]"
+            } else {
+                "[443]"
+            };
+            text.push_str(&format!(
+                "---\nkind: AgentPolicy\nname: {name}\nidentity: {identity}\negress:\n  - to: [192.0.2.1]\n    ports: {ports}\n"
+            ));
+        }
+        let line = |doc: usize| 1 + doc * 7;
+        let got = errors(&[("big.yaml", &text)]);
+        assert_eq!(got.len(), 4, "{got:#?}");
+        assert!(
+            got[0].starts_with(&format!("big.yaml:{}:", line(5) + 6)),
+            "{}",
+            got[0]
+        );
+        assert_eq!(
+            got[1],
+            format!(
+                "big.yaml:{}:1: AgentPolicy \"a10\" is defined twice (first at big.yaml:{})",
+                line(450) + 1,
+                line(10) + 1
+            )
+        );
+        assert!(
+            got[2].contains("already has AgentPolicy \"a20\""),
+            "{}",
+            got[2]
+        );
+        assert!(
+            got[3].starts_with(&format!("big.yaml:{}:", line(590) + 6)),
+            "{}",
+            got[3]
+        );
     }
 
     const GOOD: &str = "\
