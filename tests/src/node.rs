@@ -96,6 +96,23 @@ impl NodeProc {
         Self { child, socket }
     }
 
+    /// Starts the node writing its audit log to `audit` and serving metrics on a free
+    /// loopback address, which it returns.
+    pub fn start_observed(env: &TestEnv, dir: &Path, audit: &Path) -> (Self, std::net::SocketAddr) {
+        let addr = loopback_addr();
+        let node = Self::start_with(
+            env,
+            dir,
+            &[
+                "--audit-log",
+                audit.to_str().unwrap(),
+                "--metrics-listen",
+                &addr.to_string(),
+            ],
+        );
+        (node, addr)
+    }
+
     pub fn stop(mut self) -> i32 {
         // SAFETY: plain signal to our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -138,18 +155,42 @@ pub fn launch_probe(socket: &Path, cert: &Path, key: &Path) -> Probe {
     Probe::from_command(c)
 }
 
-pub fn status_json(socket: &Path) -> serde_json::Value {
-    let out = Command::new(bin_path("agentwall"))
-        .args(["status", "--output", "json", "--socket"])
-        .arg(socket)
-        .output()
-        .unwrap();
+/// The agentwall binary, as a command to add arguments to.
+pub fn agentwall() -> Command {
+    Command::new(bin_path("agentwall"))
+}
+
+/// Runs `cmd`; panics with its stderr unless it succeeds, and returns its stdout.
+pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    out.stdout
+}
+
+/// [`run_ok`], its output read as JSON.
+pub fn run_json(cmd: &mut Command) -> serde_json::Value {
+    serde_json::from_slice(&run_ok(cmd)).unwrap()
+}
+
+pub fn status_json(socket: &Path) -> serde_json::Value {
+    run_json(
+        agentwall()
+            .args(["status", "--output", "json", "--socket"])
+            .arg(socket),
+    )
+}
+
+/// Every record of an audit log (none while it does not exist yet).
+pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// Polls `f` until it gives a value, for up to `within`; panics naming `what` (and the last

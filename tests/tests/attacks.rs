@@ -13,7 +13,7 @@ use std::{
 
 use agentwall_tests::{
     NetNs, Probe, bin_path,
-    node::{NodeProc, setup, wait_flow_where, write_cert},
+    node::{NodeProc, audit_records, setup, wait_flow_where, write_cert},
     pki::CertSpec,
 };
 
@@ -184,10 +184,8 @@ fn a_governed_agent_cannot_get_out() {
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let total: u64 = std::fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        let total: u64 = audit_records(&audit)
+            .into_iter()
             .filter(|r| {
                 r["kind"] == "decision" && r["dest"] == "203.0.113.11" && r["verdict"] == "deny"
             })

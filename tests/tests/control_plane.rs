@@ -10,8 +10,8 @@ use agentwall_tests::{
     SmallDisk,
     cp::{ADMIN_ID, CpFixture, CpProc, NODE_ID, admin_creds, cp, cp_json},
     node::{
-        NodeProc, SUPPORT_ID, SUPPORT_POLICY, eventually, launch_probe, loopback_addr, metric,
-        scrape, setup, status_json, wait_status, write_cert,
+        NodeProc, SUPPORT_ID, SUPPORT_POLICY, agentwall, audit_records, eventually, launch_probe,
+        loopback_addr, metric, run_json, scrape, setup, status_json, wait_status, write_cert,
     },
     pki::{Ca, CertSpec},
 };
@@ -730,17 +730,11 @@ fn a_push_is_enforced_on_the_node_and_its_denials_reach_security() {
         format!("url = \"{url}\"\nca = \"cp-ca.pem\"\ntoken_file = \"security.token\"\n"),
     )
     .unwrap();
-    let out = std::process::Command::new(agentwall_tests::bin_path("agentwall"))
-        .args(["cp", "nodes", "--output", "json", "--config"])
-        .arg(&client_cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let listed = run_json(
+        agentwall()
+            .args(["cp", "nodes", "--output", "json", "--config"])
+            .arg(&client_cfg),
     );
-    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listed[0]["node"], NODE_ID);
 
     // Without the control plane, a restarted node enforces the last bundle it applied.
@@ -869,10 +863,8 @@ fn records_made_while_the_control_plane_is_away_arrive_exactly_once() {
         "each denial exactly once"
     );
     // The same records the node's own audit log holds.
-    let mut logged: Vec<u64> = std::fs::read_to_string(&audit)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let mut logged: Vec<u64> = audit_records(&audit)
+        .into_iter()
         .filter(|r| r["kind"] == "decision" && r["verdict"] == "deny" && r["identity"] == ID)
         .map(|r| r["seq"].as_u64().unwrap())
         .collect();

@@ -11,7 +11,10 @@ use std::{
 
 use agentwall_tests::{
     DnsServer, NetNs, Probe, TestEnv, bin_path,
-    node::{NodeProc, launch_args, metric, status_json, wait_flow_where, wait_status, write_cert},
+    node::{
+        NodeProc, agentwall, launch_args, metric, run_json, status_json, wait_flow_where,
+        wait_status, write_cert,
+    },
     pki::{Ca, CertSpec},
 };
 
@@ -553,17 +556,11 @@ egress:
     let audit = lab.dir().join("audit.jsonl");
     let deadline = Instant::now() + Duration::from_secs(20);
     let groups = loop {
-        let out = Command::new(bin_path("agentwall"))
-            .args(["shadow-ai", "--output", "json", "--audit-log"])
-            .arg(&audit)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let v = run_json(
+            agentwall()
+                .args(["shadow-ai", "--output", "json", "--audit-log"])
+                .arg(&audit),
         );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let counts: Vec<(String, u64)> = v[0]["services"]
             .as_array()
             .map(|a| {

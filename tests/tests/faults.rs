@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use agentwall_tests::{
     MemoryGroup, SmallDisk,
     node::{
-        NodeProc, SUPPORT_ID, SUPPORT_POLICY, flows, launch_probe, loopback_addr, metric, scrape,
-        setup, write_cert,
+        NodeProc, SUPPORT_ID, SUPPORT_POLICY, agentwall, audit_records, flows, launch_probe,
+        metric, run_ok, scrape, setup, write_cert,
     },
     pki::CertSpec,
 };
@@ -70,17 +70,7 @@ fn a_full_disk_under_the_audit_log_changes_no_verdict_and_counts_the_loss() {
     let dir = tmp.path();
     let disk = SmallDisk::mount(&dir.join("small"), "32k");
     let audit = disk.0.join("audit.jsonl");
-    let addr = loopback_addr();
-    let node = NodeProc::start_with(
-        &env,
-        dir,
-        &[
-            "--audit-log",
-            audit.to_str().unwrap(),
-            "--metrics-listen",
-            &addr.to_string(),
-        ],
-    );
+    let (node, addr) = NodeProc::start_observed(&env, dir, &audit);
     let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
     let mut probe = launch_probe(&node.socket, &cert, &key);
     // 500 distinct denials: far more records than 32 KiB holds.
@@ -117,10 +107,8 @@ fn a_full_disk_under_the_audit_log_changes_no_verdict_and_counts_the_loss() {
     let failures = metric(&scrape(addr), "agentwall_audit_write_failures_total", &[]);
     let deadline = Instant::now() + Duration::from_secs(10);
     let lost = loop {
-        let lost: u64 = std::fs::read_to_string(&audit)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        let lost: u64 = audit_records(&audit)
+            .into_iter()
             .filter(|r| r["kind"] == "loss")
             .filter_map(|r| r["audit_records_lost"].as_u64())
             .sum();
@@ -131,16 +119,7 @@ fn a_full_disk_under_the_audit_log_changes_no_verdict_and_counts_the_loss() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(lost as f64, failures);
-    let out = std::process::Command::new(agentwall_tests::bin_path("agentwall"))
-        .args(["audit", "verify"])
-        .arg(&audit)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(agentwall().args(["audit", "verify"]).arg(&audit));
 }
 
 #[test]
@@ -148,17 +127,7 @@ fn a_policy_beyond_the_identity_table_is_refused_whole() {
     let (env, tmp, ca) = setup("capacity", POLICY);
     let dir = tmp.path();
     let audit = dir.join("audit.jsonl");
-    let addr = loopback_addr();
-    let node = NodeProc::start_with(
-        &env,
-        dir,
-        &[
-            "--audit-log",
-            audit.to_str().unwrap(),
-            "--metrics-listen",
-            &addr.to_string(),
-        ],
-    );
+    let (node, addr) = NodeProc::start_observed(&env, dir, &audit);
     let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
     let mut probe = launch_probe(&node.socket, &cert, &key);
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
@@ -191,10 +160,8 @@ fn a_policy_beyond_the_identity_table_is_refused_whole() {
         metric(&scrape(addr), "agentwall_policy_rejections_total", &[]),
         1.0
     );
-    let rejected = std::fs::read_to_string(&audit)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let rejected = audit_records(&audit)
+        .into_iter()
         .find(|r| r["kind"] == "policy" && r["event"] == "rejected")
         .expect("a rejected record");
     assert_eq!(rejected["revision_in_force"], before);
@@ -205,17 +172,7 @@ fn enomem_while_filling_a_trie_is_refused_whole() {
     let (env, tmp, ca) = setup("enomem", POLICY);
     let dir = tmp.path();
     let audit = dir.join("audit.jsonl");
-    let addr = loopback_addr();
-    let node = NodeProc::start_with(
-        &env,
-        dir,
-        &[
-            "--audit-log",
-            audit.to_str().unwrap(),
-            "--metrics-listen",
-            &addr.to_string(),
-        ],
-    );
+    let (node, addr) = NodeProc::start_observed(&env, dir, &audit);
     let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
     let mut probe = launch_probe(&node.socket, &cert, &key);
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
@@ -259,10 +216,8 @@ fn enomem_while_filling_a_trie_is_refused_whole() {
         metric(&scrape(addr), "agentwall_policy_rejections_total", &[]),
         1.0
     );
-    let rejected = std::fs::read_to_string(&audit)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let rejected = audit_records(&audit)
+        .into_iter()
         .find(|r| r["kind"] == "policy" && r["event"] == "rejected")
         .expect("a rejected record");
     assert_eq!(rejected["errors"], err);
@@ -293,17 +248,7 @@ fn a_full_binding_table_refuses_new_agents_and_keeps_the_bound_ones() {
     let (env, tmp, ca) = setup("bindings", POLICY);
     let dir = tmp.path();
     let audit = dir.join("audit.jsonl");
-    let addr = loopback_addr();
-    let node = NodeProc::start_with(
-        &env,
-        dir,
-        &[
-            "--audit-log",
-            audit.to_str().unwrap(),
-            "--metrics-listen",
-            &addr.to_string(),
-        ],
-    );
+    let (node, addr) = NodeProc::start_observed(&env, dir, &audit);
     let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
     let mut probe = launch_probe(&node.socket, &cert, &key);
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
@@ -354,10 +299,8 @@ fn a_full_binding_table_refuses_new_agents_and_keeps_the_bound_ones() {
         metric(&text, "agentwall_session_rejections_total", &[]),
         1.0
     );
-    let rejected = std::fs::read_to_string(&audit)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let rejected = audit_records(&audit)
+        .into_iter()
         .find(|r| r["kind"] == "identity" && r["event"] == "rejected")
         .expect("a rejected record");
     assert_eq!(rejected["op"], "launch");

@@ -10,8 +10,8 @@ use std::{
 use agentwall_tests::{
     Probe, TestEnv, bin_path,
     node::{
-        NodeProc, launch_args, launch_probe, loopback_addr, metric, scrape, setup, status_json,
-        wait_flow, wait_status, write_cert,
+        NodeProc, audit_records, launch_args, launch_probe, loopback_addr, metric, scrape, setup,
+        status_json, wait_flow, wait_status, write_cert,
     },
     pki::{Ca, CertSpec, Issued},
 };
@@ -514,10 +514,8 @@ fn a_certificate_expiring_under_a_running_node_is_an_audit_event() {
     let mut probe = launch_probe(&node.socket, &cert, &key);
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let event = loop {
-        let found = std::fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        let found = audit_records(&audit)
+            .into_iter()
             .find(|r| r["kind"] == "identity" && r["event"] == "expired");
         if let Some(e) = found {
             break e;
@@ -965,10 +963,8 @@ fn a_storm_of_identical_denials_yields_bounded_records_with_every_count() {
         "eperm=2000 other=0"
     );
     let records = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        audit_records(&audit)
+            .into_iter()
             .filter(|r| r["kind"] == "decision" && r["dest"] == "192.0.2.10" && r["port"] == 80)
             .collect()
     };
