@@ -53,8 +53,20 @@ impl NodeProc {
         vars: &[(&str, &Path)],
         netns: Option<&NetNs>,
     ) -> Self {
+        Self::start_bin(&bin_path("agentwall"), env, dir, extra, vars, netns)
+    }
+
+    /// [`NodeProc::start_in`] with another build of the binary (a benchmark's baseline).
+    pub fn start_bin(
+        bin: &Path,
+        env: &TestEnv,
+        dir: &Path,
+        extra: &[&str],
+        vars: &[(&str, &Path)],
+        netns: Option<&NetNs>,
+    ) -> Self {
         let socket = dir.join("aw.sock");
-        let mut cmd = Command::new(bin_path("agentwall"));
+        let mut cmd = Command::new(bin);
         if let Some(ns) = netns {
             ns.enter(&mut cmd);
         }

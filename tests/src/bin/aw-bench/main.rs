@@ -81,6 +81,7 @@ fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
 mod compare;
 mod control_plane;
 mod dns;
+mod records;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -94,10 +95,13 @@ fn main() {
         [which, flag, n] if which == "compare" && flag == "--iterations" => {
             compare::run(n.parse().expect("iterations"))
         }
+        [which, flag, n] if which == "records" && flag == "--iterations" => {
+            records::run(n.parse().expect("iterations"))
+        }
         [which, flag, n] if which == "control-plane" && flag == "--iterations" => {
             control_plane::run(n.parse().expect("iterations"))
         }
-        _ => panic!("usage: aw-bench datapath|dns|compare|control-plane --iterations N"),
+        _ => panic!("usage: aw-bench datapath|dns|records|compare|control-plane --iterations N"),
     }
 }
 
