@@ -17,7 +17,7 @@ use rustls::{
     ClientConfig, ClientConnection, DigitallySignedStruct, ServerConfig, SignatureScheme,
     StreamOwned,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
 };
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +53,30 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The refusal a caller who is not root gets, for requests only root may make.
+    pub fn root_only(&self) -> Option<&'static str> {
+        match self {
+            Self::Launch | Self::Renew => None,
+            Self::Enroll { .. } => Some("enroll is for root only"),
+            Self::Revoke { .. } => Some("revoke is for root only"),
+            Self::Reload => Some("policy apply is for root only"),
+            Self::Status => Some("status is for root only"),
+            Self::Flows { .. } => Some("flows are for root only"),
+        }
+    }
+
+    /// The operation a refusal is recorded under, for those that bind a cgroup.
+    pub fn binding_op(&self) -> Option<&'static str> {
+        match self {
+            Self::Launch => Some("launch"),
+            Self::Enroll { .. } => Some("enroll"),
+            Self::Renew => Some("renew"),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
@@ -63,9 +87,76 @@ pub struct Response {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<serde_json::Value>,
+    pub status: Option<Box<Status>>,
+    /// The revision in force (answer to `Reload`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flows: Option<Vec<crate::flows::FlowRecord>>,
+}
+
+/// The node's state, as `agentwall status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// The host's name.
+    pub node: String,
+    /// agentwall's version.
+    pub version: String,
+    /// Identities revoked on this node.
+    pub revoked: Vec<String>,
+    /// The policy revision in force.
+    pub revision: String,
+    /// Why the last policy change was refused (the revision in force stays).
+    pub policy_error: Option<String>,
+    pub identities: Vec<StatusIdentity>,
+    /// Kernel records the ring buffer had no room for, since the maps were made.
+    pub dropped_events: Option<u64>,
+    pub map_fill: Option<crate::datapath::MapFill>,
+    /// Where links and maps are pinned.
+    pub pins: PathBuf,
+    pub catalog: StatusCatalog,
+    pub dns: StatusDns,
+    pub control_plane: Option<StatusLink>,
+}
+
+/// One identity of the policy in force.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusIdentity {
+    pub identity: String,
+    /// The AgentPolicy's name.
+    pub policy: String,
+    pub number: Option<u32>,
+    /// `enforce` or `audit`.
+    pub mode: String,
+    /// Its effective rules.
+    pub rules: usize,
+    pub sessions: Vec<crate::node::sessions::Session>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusCatalog {
+    /// AI service addresses known.
+    pub addresses: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusDns {
+    /// The proxy's port, when it runs.
+    pub port: Option<u16>,
+    pub learned_addresses: usize,
+    /// Why the proxy cannot serve some identity.
+    pub error: Option<String>,
+}
+
+/// The control plane link.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusLink {
+    pub url: Option<String>,
+    pub connected: bool,
+    pub applied_version: u64,
+    pub spool_records: u64,
+    pub spool_bytes: u64,
+    pub records_lost: u64,
 }
 
 impl Response {
@@ -171,8 +262,8 @@ impl Credentials {
             path: path.to_owned(),
             message,
         };
-        let chain = crate::identity::read_certs(cert).map_err(|m| cred(cert, m))?;
-        let k = PrivateKeyDer::from_pem_file(key).map_err(|e| cred(key, e.to_string()))?;
+        let chain = crate::pem::certs(cert).map_err(|e| cred(cert, e.message))?;
+        let k = crate::pem::key(key).map_err(|e| cred(key, e.message))?;
         Ok(Self {
             chain,
             key: k,

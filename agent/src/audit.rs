@@ -106,10 +106,7 @@ impl AuditLog {
         self.seq += 1;
         r.insert("seq".into(), self.seq.into());
         r.insert("kind".into(), kind.into());
-        r.insert(
-            "time".into(),
-            crate::flows::rfc3339(std::time::SystemTime::now()).into(),
-        );
+        r.insert("time".into(), crate::clock::now_rfc3339().into());
         r.insert("prev".into(), self.prev.clone().into());
         let hash = record_hash(&r);
         r.insert("hash".into(), hash.clone().into());

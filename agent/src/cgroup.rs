@@ -25,6 +25,11 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
     }
 }
 
+/// The cgroup2 path in a `/proc/PID/cgroup` text (its `0::` line).
+pub fn parse_proc_cgroup(text: &str) -> Option<&str> {
+    text.lines().find_map(|l| l.strip_prefix("0::"))
+}
+
 /// Where cgroup2 is mounted, and which cgroup that mount shows at its top (not "/" inside a
 /// cgroup namespace), so levels can be counted from the real root.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,6 +44,18 @@ impl Cgroup2Mount {
         let path = Path::new("/proc/self/mountinfo");
         let text = fs::read_to_string(path).map_err(io_err(path))?;
         Self::from_mountinfo(&text).ok_or(CgroupError::NoCgroup2Mount)
+    }
+
+    /// The cgroup2 directory of process `pid` (the `0::` line of `/proc/PID/cgroup`), if it is
+    /// still there to ask.
+    pub fn cgroup_of(&self, pid: u32) -> Option<PathBuf> {
+        let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        Some(self.path_of(parse_proc_cgroup(&text)?))
+    }
+
+    /// The directory of a cgroup path as `/proc/PID/cgroup` writes it.
+    pub fn path_of(&self, rel: &str) -> PathBuf {
+        self.mount_point.join(rel.trim_start_matches('/'))
     }
 
     pub fn from_mountinfo(text: &str) -> Option<Self> {

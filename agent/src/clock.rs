@@ -1,6 +1,7 @@
-//! Kernel deadlines are CLOCK_BOOTTIME nanoseconds (what `bpf_ktime_get_boot_ns` reads), so they
-//! keep counting through suspend and need no daemon to fire. This module converts wall-clock
-//! times into that clock.
+//! Time, in one place. Kernel deadlines are CLOCK_BOOTTIME nanoseconds (what
+//! `bpf_ktime_get_boot_ns` reads), so they keep counting through suspend and need no daemon to
+//! fire; this module converts wall-clock times into that clock and back. Records, state files
+//! and the API write times as RFC 3339 in UTC, formatted and parsed here.
 
 use std::time::{Duration, SystemTime};
 
@@ -34,6 +35,33 @@ impl BootInstant {
     }
 }
 
+/// Wall-clock time of a boot-clock instant.
+pub fn wall_time(t: BootInstant) -> SystemTime {
+    let now = BootInstant::now();
+    let ago = Duration::from_nanos(now.0.saturating_sub(t.0));
+    SystemTime::now() - ago
+}
+
+/// RFC 3339 in UTC with milliseconds: `2026-12-01T10:00:00.000Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::from(t)
+        .format(FORMAT)
+        .unwrap_or_default()
+}
+
+/// Now, as [`rfc3339`] writes it.
+pub fn now_rfc3339() -> String {
+    rfc3339(SystemTime::now())
+}
+
+/// Parses an RFC 3339 time (any offset).
+pub fn parse_rfc3339(s: &str) -> Result<time::OffsetDateTime, time::error::Parse> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+}
+
 fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -58,6 +86,15 @@ mod tests {
         let d = BootInstant::from_system_time(SystemTime::now() + Duration::from_secs(60));
         let now = BootInstant::now();
         assert!(d.0 > now.0 + 59_000_000_000 && d.0 < now.0 + 61_000_000_000);
+    }
+
+    #[test]
+    fn rfc3339_round_trips_at_millisecond_precision() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_000_000_123);
+        let s = rfc3339(t);
+        assert_eq!(s, "2025-11-24T16:00:00.123Z");
+        assert_eq!(SystemTime::from(parse_rfc3339(&s).unwrap()), t);
+        assert!(parse_rfc3339("yesterday").is_err());
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! Decision records from the kernel, enriched for people: identity, process, cgroup, rule,
 //! policy revision. The node keeps the most recent ones for `agentwall flows`.
 
-use std::{collections::VecDeque, net::IpAddr, time::SystemTime};
+use std::{collections::VecDeque, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{clock::BootInstant, datapath::EventRecord};
+use crate::{
+    clock::{rfc3339, wall_time},
+    datapath::EventRecord,
+};
 
 /// How many records the node keeps in memory.
 pub const RECENT: usize = 10_000;
@@ -106,23 +109,6 @@ impl std::fmt::Display for FlowRecord {
         }
         Ok(())
     }
-}
-
-/// Wall-clock time of a boot-clock instant.
-pub fn wall_time(t: BootInstant) -> SystemTime {
-    let now = BootInstant::now();
-    let ago = std::time::Duration::from_nanos(now.0.saturating_sub(t.0));
-    SystemTime::now() - ago
-}
-
-/// RFC 3339 in UTC with milliseconds.
-pub fn rfc3339(t: SystemTime) -> String {
-    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    time::OffsetDateTime::from(t)
-        .format(FORMAT)
-        .unwrap_or_default()
 }
 
 /// The process's executable, if it is still there to ask.

@@ -16,8 +16,7 @@ use std::{
 };
 
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error as TlsError, RootCertStore,
-    SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error as TlsError, SignatureScheme,
     client::danger::HandshakeSignatureValid,
     pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime, pem::PemObject},
     server::{
@@ -238,18 +237,6 @@ pub struct TrustStore {
     trust_domain: Option<String>,
 }
 
-/// Every CERTIFICATE block of a PEM file; at least one.
-pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| e.to_string())?
-        .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
-    if certs.is_empty() {
-        return Err("no CERTIFICATE blocks found".into());
-    }
-    Ok(certs)
-}
-
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -264,12 +251,7 @@ impl TrustStore {
             path: bundle.to_owned(),
             message,
         };
-        let mut roots = RootCertStore::empty();
-        for c in read_certs(bundle).map_err(bundle_err)? {
-            roots
-                .add(c)
-                .map_err(|e| bundle_err(format!("not a usable CA certificate: {e}")))?;
-        }
+        let roots = crate::pem::roots([bundle]).map_err(|e| bundle_err(e.message))?;
         let crl_ders: Vec<_> = read_crls(crls)?
             .into_iter()
             .flat_map(|(_, ders)| ders)

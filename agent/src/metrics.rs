@@ -3,7 +3,7 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 /// Counters the node keeps as records and applies happen.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Counters {
     /// (identity or "" for cgroups bound to none, verdict) → decisions, kernel-suppressed
     /// repeats included.

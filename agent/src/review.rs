@@ -85,9 +85,7 @@ impl Flow {
 }
 
 fn parse_time(s: &str) -> Option<SystemTime> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .ok()
-        .map(Into::into)
+    crate::clock::parse_rfc3339(s).ok().map(Into::into)
 }
 
 /// Decision records from `files` (audit log lines or `flows --output json` lines), as JSON,

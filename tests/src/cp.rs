@@ -8,7 +8,7 @@ use std::{
     process::{Child, Command, Output, Stdio},
 };
 
-use agentwall::control_plane::{client::Client, config::ClientConfig};
+use agentwall::{config::control_plane::ClientConfig, control_plane::client::Client};
 
 use crate::{
     bin_path,

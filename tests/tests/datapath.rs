@@ -38,7 +38,7 @@ fn rule(id: u32, to: &[&str], ports: &[&str], protocol: Protocol) -> Rule {
 }
 
 fn default_deny() -> Vec<IpNet> {
-    agentwall::datapath::DEFAULT_GLOBAL_DENY
+    agentwall::policy::DEFAULT_GLOBAL_DENY
         .iter()
         .map(|s| s.parse().unwrap())
         .collect()
@@ -75,7 +75,7 @@ fn drain_until(events: &mut agentwall::datapath::EventReader, n: usize) -> Vec<E
 #[test]
 fn verdict_table_matches_kernel_and_reference_evaluator() {
     let env = TestEnv::new("verdicts");
-    let mut dp = Datapath::start(&env.config()).expect("start datapath");
+    let dp = Datapath::start(&env.config()).expect("start datapath");
     let gd = default_deny();
     dp.set_global_deny(&gd).unwrap();
     let rules = vec![
@@ -238,10 +238,10 @@ fn record_for(records: &[EventRecord], port: u16) -> &EventRecord {
 #[test]
 fn audit_unbound_descendants_expiry_and_revocation() {
     let env = TestEnv::new("modes");
-    let mut dp = Datapath::start(&env.config()).expect("start datapath");
+    let dp = Datapath::start(&env.config()).expect("start datapath");
     let mut events = dp.take_events().unwrap();
     let web = vec![rule(1, &["192.0.2.0/24"], &["443"], Protocol::Tcp)];
-    let bound = |dp: &mut Datapath, id: u32, view: Option<IdentityView>, rules: &[Rule]| {
+    let bound = |dp: &Datapath, id: u32, view: Option<IdentityView>, rules: &[Rule]| {
         if let Some(v) = view {
             dp.set_identity(id, v.status, v.mode).unwrap();
         }
@@ -252,7 +252,7 @@ fn audit_unbound_descendants_expiry_and_revocation() {
     };
 
     // Audit mode: the would-be denial is allowed and reported, raw sockets too.
-    let audit = bound(&mut dp, 1, Some(active(Mode::Audit)), &web);
+    let audit = bound(&dp, 1, Some(active(Mode::Audit)), &web);
     let mut p = Probe::spawn(&audit);
     assert_eq!(p.cmd("connect tcp 192.0.2.10 80"), ALLOWED);
     assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), ALLOWED);
@@ -271,7 +271,7 @@ fn audit_unbound_descendants_expiry_and_revocation() {
     );
 
     // A cgroup below a bound one is governed by it.
-    let top = bound(&mut dp, 2, Some(active(Mode::Enforce)), &web);
+    let top = bound(&dp, 2, Some(active(Mode::Enforce)), &web);
     let deep = env.cgroup(&format!(
         "{}/worker/deeper",
         top.path().file_name().unwrap().to_str().unwrap()
@@ -317,7 +317,7 @@ fn audit_unbound_descendants_expiry_and_revocation() {
     ];
     rules[0].expires = Some(BootInstant(now.0 - 1));
     rules[1].expires = Some(BootInstant::after(Duration::from_secs(3600)));
-    let cg = bound(&mut dp, 3, Some(active(Mode::Enforce)), &rules);
+    let cg = bound(&dp, 3, Some(active(Mode::Enforce)), &rules);
     let mut p = Probe::spawn(&cg);
     assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), DENIED);
     assert_eq!(p.cmd("connect tcp 198.51.100.1 443"), ALLOWED);
@@ -336,7 +336,7 @@ fn audit_unbound_descendants_expiry_and_revocation() {
         (5, Some(revoked), Reason::Revoked),
         (6, None, Reason::Revoked),
     ] {
-        let cg = bound(&mut dp, id, view, &web);
+        let cg = bound(&dp, id, view, &web);
         let mut p = Probe::spawn(&cg);
         events.drain();
         assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), DENIED, "identity {id}");
@@ -349,7 +349,7 @@ fn audit_unbound_descendants_expiry_and_revocation() {
     // kernel (the kernel matrix).
     let deadline = BootInstant::after(Duration::from_secs(2));
     let cg = bound(
-        &mut dp,
+        &dp,
         7,
         Some(IdentityView {
             not_after: Some(deadline),
@@ -410,7 +410,7 @@ fn pinned_enforcement_survives_sigkill_and_is_adopted_once() {
     assert_eq!(attached_programs(env.root.path()).unwrap().len(), all);
 
     // A new start adopts the pins instead of attaching twice.
-    let mut dp = Datapath::start(&env.config()).unwrap();
+    let dp = Datapath::start(&env.config()).unwrap();
     assert_eq!(dp.start_report().attached, 0);
     assert_eq!(dp.start_report().adopted, all);
     assert_eq!(attached_programs(env.root.path()).unwrap().len(), all);
@@ -444,7 +444,7 @@ fn pinned_enforcement_survives_sigkill_and_is_adopted_once() {
 #[test]
 fn policy_swaps_are_atomic_for_connecting_processes() {
     let env = TestEnv::new("atomic");
-    let mut dp = Datapath::start(&env.config()).unwrap();
+    let dp = Datapath::start(&env.config()).unwrap();
     let a = vec![
         rule(1, &["192.0.2.0/24"], &["443"], Protocol::Tcp),
         rule(2, &["198.51.100.0/24"], &[], Protocol::Any),
@@ -480,7 +480,7 @@ fn policy_swaps_are_atomic_for_connecting_processes() {
 #[test]
 fn drop_counter_accounts_for_every_record_not_read() {
     let env = TestEnv::new("drops");
-    let mut dp = Datapath::start(&env.config()).unwrap();
+    let dp = Datapath::start(&env.config()).unwrap();
     dp.set_identity(1, IdentityStatus::Active, Mode::Enforce)
         .unwrap();
     dp.set_rules(1, &[]).unwrap();
@@ -504,7 +504,7 @@ fn identical_denials_are_rate_limited_and_counted() {
     let env = TestEnv::new("ratelimit");
     let mut cfg = env.config();
     cfg.rate_window = Duration::from_millis(100);
-    let mut dp = Datapath::start(&cfg).unwrap();
+    let dp = Datapath::start(&cfg).unwrap();
     dp.set_identity(1, IdentityStatus::Active, Mode::Enforce)
         .unwrap();
     dp.set_rules(1, &[]).unwrap();
@@ -535,7 +535,7 @@ fn identical_denials_are_rate_limited_and_counted() {
 #[test]
 fn learned_hosts_are_written_in_place_and_merge_with_wider_rules() {
     let env = TestEnv::new("hosts");
-    let mut dp = Datapath::start(&env.config()).expect("start datapath");
+    let dp = Datapath::start(&env.config()).expect("start datapath");
     let gd = default_deny();
     dp.set_global_deny(&gd).unwrap();
     let base = vec![

@@ -148,7 +148,7 @@ fn kernel_agrees_with_reference_evaluator_on_random_policies() {
     let mut rng = StdRng::seed_from_u64(seed);
 
     let env = TestEnv::new("differential");
-    let mut dp = Datapath::start(&env.config()).unwrap();
+    let dp = Datapath::start(&env.config()).unwrap();
     let view = IdentityView {
         status: IdentityStatus::Active,
         mode: Mode::Enforce,

@@ -14,7 +14,7 @@ fn policy_parser_survives_every_kept_input() {
         for e in entries.flatten() {
             let bytes = std::fs::read(e.path()).unwrap();
             let text = String::from_utf8_lossy(&bytes).into_owned();
-            let _ = agentwall::policy::source::parse_sources(&[("fuzz.yaml".into(), text)]);
+            let _ = agentwall::policy::source::parse_sources(vec![("fuzz.yaml".into(), text)]);
             n += 1;
         }
     }

@@ -129,8 +129,12 @@ fn check_golden<T: serde::Serialize + serde::de::DeserializeOwned>(
         std::fs::write(&path, serde_json::to_string_pretty(got).unwrap() + "\n").unwrap();
         return;
     }
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (AGENTWALL_UPDATE_GOLDEN=1 writes it)", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (AGENTWALL_UPDATE_GOLDEN=1 writes it)",
+            path.display()
+        )
+    });
     let want: T = serde_json::from_str(&text).unwrap();
     let diff = compare(&want, got);
     assert!(
@@ -258,9 +262,15 @@ fn audit_events_and_status_keep_their_shape() {
     assert_eq!(support.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
     assert_eq!(support.cmd("socket inet raw 1"), "err EPERM");
     let mut auditor = launch(AUDITOR, "auditor");
-    assert_eq!(auditor.cmd("connect tcp 198.51.100.9 80"), "err ENETUNREACH");
+    assert_eq!(
+        auditor.cmd("connect tcp 198.51.100.9 80"),
+        "err ENETUNREACH"
+    );
     let mut unbound = Probe::spawn(&env.cgroup("unenrolled"));
-    assert_eq!(unbound.cmd("connect tcp 198.51.100.9 81"), "err ENETUNREACH");
+    assert_eq!(
+        unbound.cmd("connect tcp 198.51.100.9 81"),
+        "err ENETUNREACH"
+    );
     wait_audit(&audit, "a folded denial", |r| {
         r["kind"] == "decision" && r["verdict"] == "deny" && r["count"].as_u64() > Some(1)
     });
@@ -286,7 +296,10 @@ fn audit_events_and_status_keep_their_shape() {
         "nobody",
         &ca.issue(&CertSpec::agent("spiffe://example.org/agent/nobody")),
     );
-    let out = launch_args(&node.socket, &nc, &nk).arg("true").output().unwrap();
+    let out = launch_args(&node.socket, &nc, &nk)
+        .arg("true")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let unit = env.cgroup("services/support.service");
     let _svc = Probe::spawn(&unit);
@@ -341,7 +354,10 @@ fn audit_events_and_status_keep_their_shape() {
     std::fs::write(&next, ca.crl(&[&listed.serial])).unwrap();
     std::fs::rename(&next, &crl).unwrap();
     let (tc, tk) = write_cert(dir, "brief", &ca.issue(&CertSpec::agent(SUPPORT)));
-    let out = launch_args(&node.socket, &tc, &tk).arg("true").output().unwrap();
+    let out = launch_args(&node.socket, &tc, &tk)
+        .arg("true")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     for ev in [
         "rejected",
@@ -356,12 +372,20 @@ fn audit_events_and_status_keep_their_shape() {
     }
 
     // Policy: a broken edit is rejected and a valid one applied. Status is read both ways.
-    std::fs::write(dir.join("policy/broken.yaml"), "kind: AgentPolicy\nname: [\n").unwrap();
+    std::fs::write(
+        dir.join("policy/broken.yaml"),
+        "kind: AgentPolicy\nname: [\n",
+    )
+    .unwrap();
     let broken = wait_status(&node.socket, "the edit to be rejected", |s| {
         s["policy_error"].is_string()
     });
     std::fs::remove_file(dir.join("policy/broken.yaml")).unwrap();
-    std::fs::write(dir.join("policy/agents.yaml"), format!("{POLICY}# edited\n")).unwrap();
+    std::fs::write(
+        dir.join("policy/agents.yaml"),
+        format!("{POLICY}# edited\n"),
+    )
+    .unwrap();
     let before = broken["revision"].clone();
     wait_status(&node.socket, "the edit to be applied", |s| {
         s["revision"] != before && s["policy_error"].is_null()
@@ -379,6 +403,10 @@ fn audit_events_and_status_keep_their_shape() {
     check_golden("status-shape.json", &status_shape, |w, g| {
         shape_diff("status", w, g)
     });
-    check_golden("audit-shape.json", &audit_shape(&audit_records(&audit)), audit_diff);
+    check_golden(
+        "audit-shape.json",
+        &audit_shape(&audit_records(&audit)),
+        audit_diff,
+    );
     drop((support, auditor, unbound, names, renewed));
 }

@@ -1,6 +1,6 @@
 use std::{io::Write as _, path::PathBuf};
 
-use agentwall::control_plane::{config::ServerConfig, server};
+use agentwall::{config::control_plane::ServerConfig, control_plane::server};
 use anyhow::Context as _;
 
 #[derive(clap::Subcommand)]

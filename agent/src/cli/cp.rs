@@ -1,11 +1,11 @@
 use std::path::{Path, PathBuf};
 
 use agentwall::{
+    config::control_plane::ClientConfig,
     control_plane::{
         Bundle, BundleFile, FlowPage, FlowQuery, NodeInfo, NodeShadowAi, PushRequest,
         RevokeRequest,
         client::{Client, ClientError},
-        config::ClientConfig,
     },
     flows::FlowRecord,
 };
@@ -120,12 +120,12 @@ fn client(args: &Args) -> anyhow::Result<Client> {
 
 /// `30m` ago or an RFC 3339 time, as RFC 3339.
 fn when(s: &str) -> anyhow::Result<String> {
-    if time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).is_ok() {
+    if agentwall::clock::parse_rfc3339(s).is_ok() {
         return Ok(s.to_owned());
     }
     let d = agentwall::review::parse_duration(s)
         .with_context(|| format!("{s:?} is neither a duration (30m, 24h) nor an RFC 3339 time"))?;
-    Ok(agentwall::flows::rfc3339(std::time::SystemTime::now() - d))
+    Ok(agentwall::clock::rfc3339(std::time::SystemTime::now() - d))
 }
 
 fn print_json(v: &impl serde::Serialize) {

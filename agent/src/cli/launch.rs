@@ -10,7 +10,6 @@ use agentwall::{
     config::DEFAULT_SOCKET,
     identity::peer_from_cert,
 };
-use rustls::pki_types::{CertificateDer, pem::PemObject};
 
 /// The identity to prove and the node to prove it to (shared by launch, enroll, renew).
 #[derive(clap::Args)]
@@ -65,10 +64,9 @@ pub struct Args {
 
 /// The identity a certificate file claims, for messages (not verified: the node does that).
 fn claimed_identity(cert: &Path) -> String {
-    CertificateDer::pem_file_iter(cert)
+    agentwall::pem::certs(cert)
         .ok()
-        .and_then(|mut it| it.next())
-        .and_then(Result::ok)
+        .and_then(|c| c.into_iter().next())
         .and_then(|c| peer_from_cert(&c).ok())
         .map_or_else(|| "unknown".to_owned(), |p| p.id.to_string())
 }

@@ -118,7 +118,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         catalog_refresh_secs: args.catalog_refresh_secs,
         ai_catalog: Vec::new(),
         control_plane: {
-            let cp = agentwall::control_plane::config::ClientConfig {
+            let cp = agentwall::config::control_plane::ClientConfig {
                 url: args.control_plane_url,
                 ca: args.control_plane_ca,
                 cert: args.control_plane_cert,

@@ -94,12 +94,7 @@ pub fn run(cmd: Command) -> ExitCode {
         Command::Apply { socket } => {
             match agentwall::api::call(&socket, None, &agentwall::api::Request::Reload) {
                 Ok(r) => {
-                    let revision = r
-                        .status
-                        .as_ref()
-                        .and_then(|s| s["revision"].as_str())
-                        .unwrap_or("?")
-                        .to_owned();
+                    let revision = r.revision.clone().unwrap_or_else(|| "?".into());
                     if r.ok {
                         println!("applied: revision {revision} in force");
                         ExitCode::SUCCESS

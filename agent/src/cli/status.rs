@@ -24,60 +24,52 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
-    println!(
-        "node: {} (agentwall {})",
-        s["node"].as_str().unwrap_or("?"),
-        s["version"].as_str().unwrap_or("?")
-    );
-    println!("revision: {}", s["revision"].as_str().unwrap_or("?"));
-    for id in s["revoked"].as_array().into_iter().flatten() {
-        println!("revoked identity: {}", id.as_str().unwrap_or("?"));
+    let or_null = |v: Option<u64>| v.map_or_else(|| "null".to_owned(), |n| n.to_string());
+    println!("node: {} (agentwall {})", s.node, s.version);
+    println!("revision: {}", s.revision);
+    for id in &s.revoked {
+        println!("revoked identity: {id}");
     }
-    if let Some(e) = s["policy_error"].as_str() {
+    if let Some(e) = &s.policy_error {
         println!("rejected policy change (last good revision in force):\n{e}");
     }
-    println!("dropped events: {}", s["dropped_events"]);
-    let cp = &s["control_plane"];
-    if !cp.is_null() {
+    println!("dropped events: {}", or_null(s.dropped_events));
+    if let Some(cp) = &s.control_plane {
         println!(
             "control plane: {} ({}), bundle version {} applied, {} record(s) spooled, {} lost",
-            cp["url"].as_str().unwrap_or("?"),
-            if cp["connected"] == true {
+            cp.url.as_deref().unwrap_or("?"),
+            if cp.connected {
                 "connected"
             } else {
                 "unreachable"
             },
-            cp["applied_version"],
-            cp["spool_records"],
-            cp["records_lost"]
+            cp.applied_version,
+            cp.spool_records,
+            cp.records_lost
         );
     }
-    let f = &s["map_fill"];
-    println!(
-        "maps: bindings {}/{}, identities {}/{}, rules {}",
-        f["bindings"], f["bindings_max"], f["identities"], f["identities_max"], f["rules"]
-    );
-    for id in s["identities"].as_array().into_iter().flatten() {
-        let sessions = id["sessions"].as_array().map_or(0, Vec::len);
+    if let Some(f) = &s.map_fill {
+        println!(
+            "maps: bindings {}/{}, identities {}/{}, rules {}",
+            f.bindings, f.bindings_max, f.identities, f.identities_max, f.rules
+        );
+    }
+    for id in &s.identities {
         println!(
             "{}  policy={} mode={} rules={} sessions={}",
-            id["identity"].as_str().unwrap_or("?"),
-            id["policy"].as_str().unwrap_or("?"),
-            id["mode"].as_str().unwrap_or("?"),
-            id["rules"],
-            sessions
+            id.identity,
+            id.policy,
+            id.mode,
+            id.rules,
+            id.sessions.len()
         );
-        for s in id["sessions"].as_array().into_iter().flatten() {
+        for s in &id.sessions {
             println!(
                 "    pid {} cgroup {} not_after {}{}",
-                s["pid"],
-                s["cgroup"].as_str().unwrap_or("?"),
-                s["not_after"].as_str().unwrap_or("?"),
-                if s["revoked"] == true {
-                    " REVOKED (CRL)"
-                } else {
-                    ""
-                }
+                s.pid,
+                s.cgroup.display(),
+                s.not_after,
+                if s.revoked { " REVOKED (CRL)" } else { "" }
             );
         }
     }

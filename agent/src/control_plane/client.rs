@@ -8,14 +8,15 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::{Method, Request, StatusCode, client::conn::http1::SendRequest};
 use rustls::pki_types::ServerName;
 
-use super::{ErrorBody, config::ClientConfig, server::ServerError};
+use super::ErrorBody;
+use crate::config::control_plane::ClientConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("control plane client: {0}")]
     Config(String),
     #[error(transparent)]
-    Credentials(#[from] ServerError),
+    Credentials(#[from] crate::pem::PemError),
     #[error("{path}: {source}")]
     Token {
         path: PathBuf,
@@ -90,20 +91,14 @@ impl Client {
         let ca = cfg.ca.as_ref().ok_or_else(|| {
             ClientError::Config("no ca (the CA bundle of the server's certificate) is set".into())
         })?;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in super::server::load_certs(ca)? {
-            roots.add(c).map_err(|e| ServerError::Pem {
-                path: ca.clone(),
-                message: format!("not a usable CA certificate: {e}"),
-            })?;
-        }
+        let roots = crate::pem::roots([ca.as_path()])?;
         let builder = rustls::ClientConfig::builder_with_provider(crate::identity::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| ClientError::Config(e.to_string()))?
             .with_root_certificates(roots);
         let mut tls = match (&cfg.cert, &cfg.key) {
             (Some(cert), Some(key)) => {
-                let (chain, k) = super::server::load_chain_and_key(cert, key)?;
+                let (chain, k) = crate::pem::chain_and_key(cert, key)?;
                 builder.with_client_auth_cert(chain, k).map_err(|e| {
                     ClientError::Config(format!(
                         "{} and {} do not make a usable credential: {e}",

@@ -12,18 +12,21 @@ use std::{
 
 use tracing::{error, info, warn};
 
+use crate::config::control_plane::ClientConfig;
+
 use super::{
     Bundle, PollReply, PollRequest, ReportBatch,
     client::{Client, ClientError},
-    config::ClientConfig,
     spool::Spool,
 };
 
+/// Why the node did not apply a bundle (its own error, whatever the node's type).
+pub type ApplyError = Box<dyn std::error::Error + Send + Sync>;
+
 /// What the node does with what the control plane sends.
-pub trait Enforcer: Send + Sync + 'static {
-    /// Applies a validated bundle (already written to `policy_dir`); the reason when it was
-    /// refused.
-    fn apply_bundle(&self, set: crate::policy::source::PolicySet) -> Result<(), String>;
+pub trait NodeSide: Send + Sync + 'static {
+    /// Applies a validated bundle (already written to `policy_dir`); why, when it was refused.
+    fn apply_bundle(&self, set: crate::policy::source::PolicySet) -> Result<(), ApplyError>;
     /// Revokes identities fleet-wide (known to this node or not).
     fn revoke_all(&self, identities: &[String]);
     /// Records written since the last call, oldest first.
@@ -61,17 +64,11 @@ impl LinkState {
     }
 
     fn save(&self, path: &Path) {
-        let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_string_pretty(self).expect("link state");
-        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+        let text = serde_json::to_vec_pretty(self).expect("link state");
+        if let Err(e) = crate::files::write_atomic(path, &text) {
             warn!(error = %e, path = %path.display(), "could not keep the control plane link state");
         }
     }
-}
-
-/// The directory the node enforces policy from when a control plane is configured.
-pub fn policy_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("control-plane").join("policy")
 }
 
 pub struct Link {
@@ -92,28 +89,30 @@ impl Link {
         let stats = Arc::new(LinkStats::default());
         stats.spool_records.store(spool.pending(), Relaxed);
         stats.spool_bytes.store(spool.bytes(), Relaxed);
-        std::fs::create_dir_all(policy_dir(state_dir)).map_err(|source| LinkError::Io {
-            path: policy_dir(state_dir),
-            source,
-        })?;
+        std::fs::create_dir_all(crate::config::control_plane_policy_dir(state_dir)).map_err(
+            |source| LinkError::Io {
+                path: crate::config::control_plane_policy_dir(state_dir),
+                source,
+            },
+        )?;
         Ok(Self {
             poll: Client::new(cfg)?,
             reports: Client::new(cfg)?,
             spool: Arc::new(Mutex::new(spool)),
             state_path: dir.join("link.json"),
-            policy_dir: policy_dir(state_dir),
+            policy_dir: crate::config::control_plane_policy_dir(state_dir),
             stats,
         })
     }
 
     /// Runs both loops for as long as the node runs.
-    pub fn spawn(self, node: Arc<dyn Enforcer>) {
+    pub fn spawn(self, node: Arc<dyn NodeSide>) {
         let link = Arc::new(self);
         tokio::spawn(link.clone().poll_loop(node.clone()));
         tokio::spawn(link.report_loop(node));
     }
 
-    async fn poll_loop(self: Arc<Self>, node: Arc<dyn Enforcer>) {
+    async fn poll_loop(self: Arc<Self>, node: Arc<dyn NodeSide>) {
         let mut st = LinkState::load(&self.state_path);
         if let Some(v) = st.applied_version {
             self.stats.applied_version.store(v, Relaxed);
@@ -176,25 +175,20 @@ impl Link {
         }
     }
 
-    async fn take_bundle(&self, node: &Arc<dyn Enforcer>, st: &mut LinkState, b: Bundle) {
+    async fn take_bundle(&self, node: &Arc<dyn NodeSide>, st: &mut LinkState, b: Bundle) {
         st.known_version = b.version;
         let files = b.files.clone();
         let dir = self.policy_dir.clone();
         let node = node.clone();
         // Checked again here: the node trusts the control plane's TLS, not its validation.
         let outcome = tokio::task::spawn_blocking(move || {
-            let set = super::validate(&files).map_err(|errs| {
-                errs.iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            })?;
+            let set = super::validate(&files).map_err(BundleRefused::Invalid)?;
             crate::policy::source::save_dir(&set, &dir)
-                .map_err(|e| format!("writing {}: {e}", dir.display()))?;
-            node.apply_bundle(set)
+                .map_err(|source| BundleRefused::Write { dir, source })?;
+            node.apply_bundle(set).map_err(BundleRefused::Apply)
         })
         .await
-        .unwrap_or_else(|e| Err(e.to_string()));
+        .unwrap_or_else(|e| Err(BundleRefused::Apply(e.into())));
         match outcome {
             Ok(()) => {
                 info!(version = b.version, revision = %b.revision, "policy bundle from the control plane applied");
@@ -210,7 +204,7 @@ impl Link {
         }
     }
 
-    async fn report_loop(self: Arc<Self>, node: Arc<dyn Enforcer>) {
+    async fn report_loop(self: Arc<Self>, node: Arc<dyn NodeSide>) {
         let mut backoff = Backoff::default();
         let mut retry_at = tokio::time::Instant::now();
         let mut complained = false;
@@ -307,6 +301,20 @@ impl Link {
             }
         }
     }
+}
+
+/// Why a bundle from the control plane is not in force.
+#[derive(Debug, thiserror::Error)]
+enum BundleRefused {
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<super::WireError>),
+    #[error("writing {dir}: {source}")]
+    Write {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Apply(ApplyError),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,6 @@
 //! The wire types below are the whole API; the README documents it route by route.
 
 pub mod client;
-pub mod config;
 pub mod link;
 pub mod server;
 pub mod spool;
@@ -220,7 +219,7 @@ pub fn validate(files: &[BundleFile]) -> Result<crate::policy::source::PolicySet
         .collect();
     // The order `load_dir` reads a directory in, so the revision matches the node's.
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    crate::policy::source::parse_sources(&sorted).map_err(|errors| {
+    crate::policy::source::parse_sources(sorted).map_err(|errors| {
         errors
             .0
             .into_iter()

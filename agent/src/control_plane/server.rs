@@ -5,7 +5,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -17,15 +17,14 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use sha2::Digest as _;
-use tower::ServiceExt as _;
 use tracing::{error, info, warn};
+
+use crate::config::control_plane::{Access, CpConfigError, Role, ServerConfig};
 
 use super::{
     Bundle, ErrorBody, FlowQuery, Ingested, NodeShadowAi, PollRequest, PushRequest, ReportBatch,
     RevokeRequest,
-    config::{Access, CpConfigError, Role, ServerConfig},
     store::{NodeSeen, SqliteStore, Store, StoreError},
 };
 
@@ -35,8 +34,8 @@ pub enum ServerError {
     Config(#[from] CpConfigError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{path}: {message}")]
-    Pem { path: PathBuf, message: String },
+    #[error(transparent)]
+    Pem(#[from] crate::pem::PemError),
     #[error("TLS set-up: {0}")]
     Tls(String),
     #[error("listening on {addr}: {source}")]
@@ -44,28 +43,6 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-}
-
-/// Reads a certificate chain and its key from PEM files.
-pub fn load_chain_and_key(
-    cert: &Path,
-    key: &Path,
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ServerError> {
-    let pem = |path: &Path, message: String| ServerError::Pem {
-        path: path.to_owned(),
-        message,
-    };
-    let chain = load_certs(cert)?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem(key, e.to_string()))?;
-    Ok((chain, key))
-}
-
-/// Every CERTIFICATE block of a PEM file (at least one).
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ServerError> {
-    crate::identity::read_certs(path).map_err(|message| ServerError::Pem {
-        path: path.to_owned(),
-        message,
-    })
 }
 
 /// Who is asking: the verified certificate's SPIFFE ID and/or a bearer token.
@@ -379,8 +356,8 @@ async fn get_nodes(
 
 /// RFC 3339 as the records write it (UTC, milliseconds), so text order is time order.
 fn normal_time(what: &str, s: &str) -> Result<String, Fail> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .map(|t| crate::flows::rfc3339(t.into()))
+    crate::clock::parse_rfc3339(s)
+        .map(|t| crate::clock::rfc3339(t.into()))
         .map_err(|e| {
             Fail::new(
                 StatusCode::BAD_REQUEST,
@@ -551,7 +528,7 @@ async fn node_poll(
         who.name.clone(),
         NodeSeen {
             node: who.name.clone(),
-            at: crate::flows::rfc3339(std::time::SystemTime::now()),
+            at: crate::clock::now_rfc3339(),
             poll: req.clone(),
         },
     );
@@ -663,7 +640,7 @@ async fn node_reports(
 /// The TLS set-up: the server's certificate; client certificates verified against
 /// `client_ca` when presented (bearer-token callers present none).
 fn tls_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, ServerError> {
-    let (chain, key) = load_chain_and_key(&cfg.cert, &cfg.key)?;
+    let (chain, key) = crate::pem::chain_and_key(&cfg.cert, &cfg.key)?;
     let provider = crate::identity::provider();
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -671,15 +648,7 @@ fn tls_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, ServerErr
     let builder = if cfg.client_ca.is_empty() {
         builder.with_no_client_auth()
     } else {
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in &cfg.client_ca {
-            for c in load_certs(ca)? {
-                roots.add(c).map_err(|e| ServerError::Pem {
-                    path: ca.clone(),
-                    message: format!("not a usable CA certificate: {e}"),
-                })?;
-            }
-        }
+        let roots = crate::pem::roots(cfg.client_ca.iter().map(PathBuf::as_path))?;
         let verifier =
             rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .allow_unauthenticated()
@@ -689,7 +658,7 @@ fn tls_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, ServerErr
     };
     let mut c = builder
         .with_single_cert(chain, key)
-        .map_err(|e| ServerError::Pem {
+        .map_err(|e| crate::pem::PemError {
             path: cfg.key.clone(),
             message: format!("does not fit {}: {e}", cfg.cert.display()),
         })?;
@@ -774,16 +743,7 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
                 spiffe_id,
                 addr: Some(from),
             };
-            let svc = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(peer.clone());
-                    router.clone().oneshot(req.map(axum::body::Body::new))
-                },
-            );
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                .await
-            {
+            if let Err(e) = crate::http::serve_connection(tls, router, peer, true).await {
                 tracing::debug!(peer = %from, error = %e, "connection ended");
             }
         });

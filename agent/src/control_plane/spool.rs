@@ -226,7 +226,7 @@ impl Spool {
         if self.lost_pending > 0 {
             let loss = serde_json::json!({
                 "kind": "loss",
-                "time": crate::flows::rfc3339(std::time::SystemTime::now()),
+                "time": crate::clock::now_rfc3339(),
                 "spool_records_lost": self.lost_pending,
             });
             let l = line_of(rid, &loss);

@@ -109,7 +109,7 @@ pub struct SqliteStore {
 }
 
 fn now() -> String {
-    crate::flows::rfc3339(std::time::SystemTime::now())
+    crate::clock::now_rfc3339()
 }
 
 /// The fields a record is indexed by.

@@ -9,9 +9,11 @@ pub mod event;
 pub mod sys;
 
 use std::{
+    collections::BTreeMap,
     fs, io,
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -45,9 +47,6 @@ use crate::{
 const BPF_F_NO_PREALLOC: u32 = 1;
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
-
-/// Cloud metadata endpoints: denied to every identity unless a rule names them exactly.
-pub const DEFAULT_GLOBAL_DENY: [&str; 2] = ["169.254.169.254/32", "fd00:ec2::254/128"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -174,7 +173,7 @@ impl DatapathConfig {
 }
 
 /// Occupancy of the datapath's fixed-size maps (for `status` and metrics).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MapFill {
     pub bindings: usize,
     pub bindings_max: usize,
@@ -211,27 +210,87 @@ fn attach_type(name: &str) -> u32 {
     }
 }
 
-/// A running datapath: handles to the pinned maps.
+/// One identity's trie as this process made it: the map, and what it was compiled from.
+struct Trie {
+    map: Mutex<aya::maps::Map>,
+    fd: u32,
+    /// The rules compiled into it, host entries learned later aside (those are written in
+    /// place by [`Datapath::update_hosts_with`]).
+    base: Arc<[Rule]>,
+    global_deny: Arc<[IpNet]>,
+}
+
+/// The tries this process swapped in, and those staged by a change in progress: host
+/// updates reach both, so an address learned while a change is being applied is in the new
+/// trie too.
+struct Tries {
+    current: BTreeMap<u32, Arc<Trie>>,
+    staged: BTreeMap<u32, Arc<Trie>>,
+    /// The deny list new tries are compiled with.
+    global_deny: Arc<[IpNet]>,
+}
+
+impl Default for Tries {
+    fn default() -> Self {
+        Self {
+            current: BTreeMap::new(),
+            staged: BTreeMap::new(),
+            global_deny: Arc::from(Vec::new()),
+        }
+    }
+}
+
+/// One identity's rules for [`Datapath::apply`].
+#[derive(Clone, Debug)]
+pub struct IdentityRules {
+    pub identity: u32,
+    /// The policy's rules; kept, and handed to host updates.
+    pub base: Arc<[Rule]>,
+    /// Compiled in with `base` when the trie is rebuilt (learned host entries).
+    pub hosts: Vec<Rule>,
+}
+
+/// What the kernel knows of an identity besides its rules and status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdentityConfig {
+    pub identity: u32,
+    pub mode: Mode,
+    /// Its DNS goes to the node's proxy (it has name rules).
+    pub dns: bool,
+}
+
+/// What [`Datapath::apply`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Tries built and swapped in (identities whose rules or deny list changed).
+    pub rebuilt: usize,
+    /// Entries written into them.
+    pub entries: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while a map handle was held leaves the handle as usable as before.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A running datapath: handles to the pinned maps. Every method takes `&self`: each map has
+/// its own lock, held only for its syscalls, so owners share one `Arc<Datapath>`.
 pub struct Datapath {
     pin_dir: PathBuf,
     attach: Cgroup,
-    bindings: HashMap<MapData, u64, Binding>,
-    identities: Array<MapData, IdentityState>,
+    bindings: Mutex<HashMap<MapData, u64, Binding>>,
+    identities: Mutex<Array<MapData, IdentityState>>,
     /// The outer array of per-identity tries; written with batch updates (see `swap_tries`).
     rules: MapData,
-    config: Array<MapData, Config>,
+    config: Mutex<Array<MapData, Config>>,
     drops: PerCpuArray<MapData, u64>,
     rate: HashMap<MapData, c::RateKey, c::RateState>,
-    hits: aya::maps::PerCpuHashMap<MapData, u64, u64>,
-    events: Option<RingBuf<MapData>>,
+    hits: Mutex<aya::maps::PerCpuHashMap<MapData, u64, u64>>,
+    events: Mutex<Option<RingBuf<MapData>>>,
     report: StartReport,
-    /// What each identity's trie was compiled from, so a new global deny list can be compiled
-    /// into every trie. A restarted daemon re-applies its policy, which refills this.
-    applied: std::collections::BTreeMap<u32, Vec<Rule>>,
-    global_deny: Vec<IpNet>,
-    /// The trie in force for each identity this process swapped in, kept for in-place host
-    /// updates ([`Datapath::update_hosts`]).
-    tries: std::collections::BTreeMap<u32, aya::maps::Map>,
+    tries: Mutex<Tries>,
+    /// One change of rules at a time, from compile to swap.
+    applying: Mutex<()>,
     /// Room left in every trie for host entries learned after it was built.
     host_headroom: u32,
 }
@@ -296,36 +355,35 @@ impl Datapath {
         let hits = aya::maps::PerCpuHashMap::try_from(take(&mut ebpf, c::MAP_RULE_HITS)?)
             .map_err(map_err(c::MAP_RULE_HITS))?;
 
-        let mut dp = Self {
+        let dp = Self {
             pin_dir: dir,
             attach,
-            bindings,
-            identities,
+            bindings: Mutex::new(bindings),
+            identities: Mutex::new(identities),
             rules,
-            config,
+            config: Mutex::new(config),
             drops,
             rate,
-            hits,
-            events: Some(events),
+            hits: Mutex::new(hits),
+            events: Mutex::new(Some(events)),
             report,
-            applied: Default::default(),
-            global_deny: Vec::new(),
-            tries: Default::default(),
+            tries: Mutex::new(Tries::default()),
+            applying: Mutex::new(()),
             host_headroom: cfg.host_headroom,
         };
         // Rebuild what the kernel reads from config: a restarted daemon keeps the bindings the
         // pinned map holds.
         let mut levels = 0u32;
-        for entry in dp.bindings.iter() {
+        for entry in lock(&dp.bindings).iter() {
             let (_, b) = entry.map_err(map_err(c::MAP_BINDINGS))?;
             levels |= 1u32.checked_shl(u32::from(b.level)).unwrap_or(0);
         }
-        let mut conf = dp.read_config()?;
-        conf.bound_levels |= levels;
-        conf.unknown_flows = cfg.unknown_flows.code();
-        conf.record_allowed = u8::from(cfg.record_allowed);
-        conf.rate_window_ns = u64::try_from(cfg.rate_window.as_nanos()).unwrap_or(u64::MAX);
-        dp.write_config(conf)?;
+        dp.update_config(|conf| {
+            conf.bound_levels |= levels;
+            conf.unknown_flows = cfg.unknown_flows.code();
+            conf.record_allowed = u8::from(cfg.record_allowed);
+            conf.rate_window_ns = u64::try_from(cfg.rate_window.as_nanos()).unwrap_or(u64::MAX);
+        })?;
         Ok(dp)
     }
 
@@ -341,18 +399,15 @@ impl Datapath {
         &self.attach
     }
 
-    fn read_config(&self) -> Result<Config, DatapathError> {
-        self.config.get(&0, 0).map_err(map_err(c::MAP_CONFIG))
+    fn update_config(&self, f: impl FnOnce(&mut Config)) -> Result<(), DatapathError> {
+        let mut map = lock(&self.config);
+        let mut conf = map.get(&0, 0).map_err(map_err(c::MAP_CONFIG))?;
+        f(&mut conf);
+        map.set(0, conf, 0).map_err(map_err(c::MAP_CONFIG))
     }
 
-    fn write_config(&mut self, conf: Config) -> Result<(), DatapathError> {
-        self.config.set(0, conf, 0).map_err(map_err(c::MAP_CONFIG))
-    }
-
-    pub fn set_unknown_flows(&mut self, unknown: UnknownFlows) -> Result<(), DatapathError> {
-        let mut conf = self.read_config()?;
-        conf.unknown_flows = unknown.code();
-        self.write_config(conf)
+    pub fn set_unknown_flows(&self, unknown: UnknownFlows) -> Result<(), DatapathError> {
+        self.update_config(|conf| conf.unknown_flows = unknown.code())
     }
 
     fn check_identity(identity: u32) -> Result<(), DatapathError> {
@@ -362,18 +417,8 @@ impl Datapath {
         Ok(())
     }
 
-    /// Sets what the kernel knows of an identity. Write the identity before binding cgroups to
-    /// it; until then its cgroups are denied everything.
-    pub fn set_identity(
-        &mut self,
-        identity: u32,
-        status: IdentityStatus,
-        mode: Mode,
-    ) -> Result<(), DatapathError> {
-        Self::check_identity(identity)?;
-        // DNS steering is set on its own (set_dns) and survives a change of status or mode.
-        let dns = self.identities.get(&identity, 0).map_or(0, |s| s.dns);
-        let state = IdentityState {
+    fn state_value(status: IdentityStatus, mode: Mode, dns: u8) -> IdentityState {
+        IdentityState {
             state: match status {
                 IdentityStatus::Active => c::IDENTITY_ACTIVE,
                 IdentityStatus::Revoked => c::IDENTITY_REVOKED,
@@ -384,42 +429,48 @@ impl Datapath {
             },
             dns,
             _pad: [0; 5],
-        };
-        self.identities
-            .set(identity, state, 0)
+        }
+    }
+
+    /// Sets what the kernel knows of an identity. Write the identity before binding cgroups to
+    /// it; until then its cgroups are denied everything.
+    pub fn set_identity(
+        &self,
+        identity: u32,
+        status: IdentityStatus,
+        mode: Mode,
+    ) -> Result<(), DatapathError> {
+        Self::check_identity(identity)?;
+        let mut map = lock(&self.identities);
+        // DNS steering is set on its own (set_dns) and survives a change of status or mode.
+        let dns = map.get(&identity, 0).map_or(0, |s| s.dns);
+        map.set(identity, Self::state_value(status, mode, dns), 0)
             .map_err(map_err(c::MAP_IDENTITIES))
     }
 
     /// Whether the identity's DNS (port 53 to IPv4 resolvers, UDP and TCP) goes to the proxy.
-    pub fn set_dns(&mut self, identity: u32, steer: bool) -> Result<(), DatapathError> {
+    pub fn set_dns(&self, identity: u32, steer: bool) -> Result<(), DatapathError> {
         Self::check_identity(identity)?;
-        let mut state = self
-            .identities
-            .get(&identity, 0)
-            .map_err(map_err(c::MAP_IDENTITIES))?;
+        let mut map = lock(&self.identities);
+        let mut state = map.get(&identity, 0).map_err(map_err(c::MAP_IDENTITIES))?;
         let want = u8::from(steer);
         if state.dns == want {
             return Ok(());
         }
         state.dns = want;
-        self.identities
-            .set(identity, state, 0)
+        map.set(identity, state, 0)
             .map_err(map_err(c::MAP_IDENTITIES))
     }
 
     /// Whether flows that rules allow are reported and counted per rule.
-    pub fn set_record_allowed(&mut self, on: bool) -> Result<(), DatapathError> {
-        let mut conf = self.read_config()?;
-        conf.record_allowed = u8::from(on);
-        self.write_config(conf)
+    pub fn set_record_allowed(&self, on: bool) -> Result<(), DatapathError> {
+        self.update_config(|conf| conf.record_allowed = u8::from(on))
     }
 
     /// The port the DNS proxy listens on at every identity's proxy address; 0 turns steering
     /// off for everyone.
-    pub fn set_dns_port(&mut self, port: u16) -> Result<(), DatapathError> {
-        let mut conf = self.read_config()?;
-        conf.dns_port = port;
-        self.write_config(conf)
+    pub fn set_dns_port(&self, port: u16) -> Result<(), DatapathError> {
+        self.update_config(|conf| conf.dns_port = port)
     }
 
     /// Rewrites the host entries (/32, /128) of `addrs` in an identity's trie in place, from
@@ -427,21 +478,53 @@ impl Datapath {
     /// covering none of them are ignored). Other entries are untouched, so no trie swap (and
     /// no RCU wait) is needed: this is what makes a DNS answer's addresses usable within
     /// microseconds. A host left with nothing to say is removed from the trie.
-    ///
-    /// Host entries written here are not part of what [`Datapath::set_global_deny`] rebuilds
-    /// from; the node re-applies its whole policy (learned hosts included) instead.
     pub fn update_hosts(
-        &mut self,
+        &self,
         identity: u32,
         rules: &[Rule],
         addrs: &[std::net::IpAddr],
     ) -> Result<(), DatapathError> {
+        self.update_hosts_with(identity, addrs, |_, _| rules.to_vec())
+    }
+
+    /// [`Datapath::update_hosts`] for the trie in force and, while a change is being applied,
+    /// the one staged to replace it: `rules_for(base, global_deny)` gives each trie's rules
+    /// for those hosts from what that trie was compiled from.
+    pub fn update_hosts_with(
+        &self,
+        identity: u32,
+        addrs: &[std::net::IpAddr],
+        rules_for: impl Fn(&[Rule], &[IpNet]) -> Vec<Rule>,
+    ) -> Result<(), DatapathError> {
         Self::check_identity(identity)?;
-        let Some(map) = self.tries.get_mut(&identity) else {
-            return Err(DatapathError::NoTrie(identity));
+        let targets: Vec<Arc<Trie>> = {
+            let t = lock(&self.tries);
+            t.current
+                .get(&identity)
+                .into_iter()
+                .chain(t.staged.get(&identity))
+                .cloned()
+                .collect()
         };
-        let mut trie: LpmTrie<&mut MapData, Addr, RuleSet> =
-            map.try_into().map_err(map_err(c::MAP_RULES))?;
+        if targets.is_empty() {
+            return Err(DatapathError::NoTrie(identity));
+        }
+        for t in targets {
+            let rules = rules_for(&t.base, &t.global_deny);
+            Self::write_hosts(&t, identity, &rules, addrs)?;
+        }
+        Ok(())
+    }
+
+    fn write_hosts(
+        trie: &Trie,
+        identity: u32,
+        rules: &[Rule],
+        addrs: &[std::net::IpAddr],
+    ) -> Result<(), DatapathError> {
+        let mut map = lock(&trie.map);
+        let mut trie_map: LpmTrie<&mut MapData, Addr, RuleSet> =
+            (&mut *map).try_into().map_err(map_err(c::MAP_RULES))?;
         for &ip in addrs {
             let host = Net::host(ip);
             // Only rules and deny prefixes covering the host matter to its entry.
@@ -458,7 +541,7 @@ impl Datapath {
                     ..r.clone()
                 })
                 .collect();
-            let deny: Vec<IpNet> = self
+            let deny: Vec<IpNet> = trie
                 .global_deny
                 .iter()
                 .copied()
@@ -472,8 +555,8 @@ impl Datapath {
                 source: Box::new(source),
             };
             match compiled.entries.iter().find(|(n, _)| *n == host) {
-                Some((_, set)) => trie.insert(&key, set, 0).map_err(apply)?,
-                None => match trie.remove(&key) {
+                Some((_, set)) => trie_map.insert(&key, set, 0).map_err(apply)?,
+                None => match trie_map.remove(&key) {
                     Ok(()) | Err(MapError::KeyNotFound) => {}
                     Err(e) => return Err(apply(e)),
                 },
@@ -486,7 +569,7 @@ impl Datapath {
     /// certificate's expiry; the kernel enforces it). Bound cgroups are default-deny. Binding an
     /// already bound cgroup again replaces its identity and deadline (renewal).
     pub fn bind(
-        &mut self,
+        &self,
         cgroup: &Cgroup,
         identity: u32,
         not_after: Option<BootInstant>,
@@ -500,9 +583,7 @@ impl Datapath {
             });
         }
         // The level bit goes in first so the binding is found the moment it exists.
-        let mut conf = self.read_config()?;
-        conf.bound_levels |= 1 << cgroup.level();
-        self.write_config(conf)?;
+        self.update_config(|conf| conf.bound_levels |= 1 << cgroup.level())?;
         let b = Binding {
             not_after_ns: not_after.map_or(0, |t| t.0.max(1)),
             identity,
@@ -510,7 +591,7 @@ impl Datapath {
             revoked: 0,
             _pad: [0; 2],
         };
-        match self.bindings.insert(cgroup.id(), b, 0) {
+        match lock(&self.bindings).insert(cgroup.id(), b, 0) {
             Ok(()) => {}
             // A hash map with every slot taken refuses a new key with E2BIG.
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
@@ -526,20 +607,17 @@ impl Datapath {
 
     /// Marks one binding revoked (its certificate is on a CRL): the cgroup stays bound and is
     /// denied everything, whatever its identity's state.
-    pub fn revoke_binding(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
-        let mut b = self
-            .bindings
-            .get(&cgroup_id, 0)
-            .map_err(map_err(c::MAP_BINDINGS))?;
+    pub fn revoke_binding(&self, cgroup_id: u64) -> Result<(), DatapathError> {
+        let mut map = lock(&self.bindings);
+        let mut b = map.get(&cgroup_id, 0).map_err(map_err(c::MAP_BINDINGS))?;
         b.revoked = 1;
-        self.bindings
-            .insert(cgroup_id, b, 0)
+        map.insert(cgroup_id, b, 0)
             .map_err(map_err(c::MAP_BINDINGS))
     }
 
     /// Removes a binding. Refused while processes live in the cgroup: unbinding must never turn
     /// a governed process into an ungoverned one (revoke the identity instead).
-    pub fn unbind(&mut self, cgroup: &Cgroup) -> Result<(), DatapathError> {
+    pub fn unbind(&self, cgroup: &Cgroup) -> Result<(), DatapathError> {
         if cgroup.is_populated()? {
             return Err(DatapathError::Populated {
                 path: cgroup.path().to_owned(),
@@ -549,8 +627,8 @@ impl Datapath {
     }
 
     /// Removes the binding of a cgroup id whose cgroup is gone.
-    pub fn unbind_id(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
-        match self.bindings.remove(&cgroup_id) {
+    pub fn unbind_id(&self, cgroup_id: u64) -> Result<(), DatapathError> {
+        match lock(&self.bindings).remove(&cgroup_id) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
                 Ok(())
@@ -561,7 +639,7 @@ impl Datapath {
 
     /// The bindings in force: cgroup id → identity.
     pub fn bindings(&self) -> Result<Vec<(u64, u32)>, DatapathError> {
-        self.bindings
+        lock(&self.bindings)
             .iter()
             .map(|r| r.map(|(k, b)| (k, b.identity)))
             .collect::<Result<_, _>>()
@@ -571,176 +649,281 @@ impl Datapath {
     /// Replaces an identity's rules in one step: a new trie is built and filled on the side,
     /// then swapped in with a single map update, so a connecting process sees the old rules or
     /// the new ones, never a mix. On any error the old rules stay.
-    pub fn set_rules(&mut self, identity: u32, rules: &[Rule]) -> Result<usize, DatapathError> {
-        let n = self.set_rules_many(&[(identity, rules)])?;
-        Ok(n)
+    pub fn set_rules(&self, identity: u32, rules: &[Rule]) -> Result<usize, DatapathError> {
+        self.set_rules_many(&[(identity, rules)])
     }
 
     /// Replaces the rules of several identities: every trie is compiled and filled first, then
     /// all are swapped in by one batch update (each identity's swap is atomic, and the kernel
     /// waits for one RCU grace period for the lot instead of one per identity). Returns the
     /// number of trie entries written. A compile or fill error changes nothing.
-    pub fn set_rules_many(&mut self, sets: &[(u32, &[Rule])]) -> Result<usize, DatapathError> {
-        let mut compiled = Vec::with_capacity(sets.len());
-        for &(identity, rules) in sets {
-            Self::check_identity(identity)?;
-            let t = compile_rules(rules, &self.global_deny)
-                .map_err(|source| DatapathError::Compile { identity, source })?;
-            compiled.push((identity, t));
-        }
-        let n = compiled.iter().map(|(_, t)| t.len()).sum();
-        self.swap_tries(&compiled)?;
-        for &(identity, rules) in sets {
-            self.applied.insert(identity, rules.to_vec());
-        }
-        Ok(n)
+    pub fn set_rules_many(&self, sets: &[(u32, &[Rule])]) -> Result<usize, DatapathError> {
+        let _one = lock(&self.applying);
+        let deny = self.global_deny();
+        let builds = sets
+            .iter()
+            .map(|&(identity, rules)| (identity, Arc::from(rules), Vec::new()))
+            .collect();
+        Ok(self.rebuild(&deny, builds, false, || {})?.entries)
     }
 
-    /// Installs a whole policy in one batch: the global deny list and every identity's rules.
-    /// Identities applied before but absent from `sets` get no rules (deny-all), so a policy
-    /// that drops an identity never leaves its cgroups on stale rules.
+    /// The deny list the tries in force were compiled with.
+    fn global_deny(&self) -> Arc<[IpNet]> {
+        lock(&self.tries).global_deny.clone()
+    }
+
+    /// Applies a policy as one change, all or nothing up to the swap: every changed trie is
+    /// compiled, created and filled first (any error changes nothing in the kernel), then all
+    /// are swapped in by one batch update, then the identities' modes and DNS steering are
+    /// written in one more. Identities with a trie but absent from `sets` get none (deny-all),
+    /// so a policy that drops an identity never leaves its cgroups on stale rules. An identity
+    /// whose rules and deny list are what its trie was built from keeps its trie.
+    ///
+    /// `staged` runs once the new tries are registered, before the swap: host updates from
+    /// then on reach them, and what was learned since `sets` was computed is written then.
+    /// `status_of` gives each identity's status at the moment the states are written, so a
+    /// revocation racing the change is never undone.
     pub fn apply(
-        &mut self,
+        &self,
         global_deny: &[IpNet],
-        sets: &[(u32, &[Rule])],
-    ) -> Result<usize, DatapathError> {
-        let mut all: std::collections::BTreeMap<u32, &[Rule]> =
-            self.applied.keys().map(|&id| (id, &[][..])).collect();
-        for &(identity, rules) in sets {
-            Self::check_identity(identity)?;
-            all.insert(identity, rules);
+        sets: Vec<IdentityRules>,
+        configs: &[IdentityConfig],
+        staged: impl FnOnce(),
+        status_of: impl Fn(u32) -> IdentityStatus,
+    ) -> Result<Applied, DatapathError> {
+        let _one = lock(&self.applying);
+        for c in configs {
+            Self::check_identity(c.identity)?;
         }
-        let mut compiled = Vec::with_capacity(all.len());
-        for (&identity, rules) in &all {
-            let t = compile_rules(rules, global_deny)
-                .map_err(|source| DatapathError::Compile { identity, source })?;
-            compiled.push((identity, t));
+        let deny: Arc<[IpNet]> = Arc::from(global_deny);
+        let builds = sets
+            .into_iter()
+            .map(|s| (s.identity, s.base, s.hosts))
+            .collect();
+        let applied = self.rebuild(&deny, builds, true, staged)?;
+        self.write_states(configs, &status_of)?;
+        Ok(applied)
+    }
+
+    fn write_states(
+        &self,
+        configs: &[IdentityConfig],
+        status_of: &dyn Fn(u32) -> IdentityStatus,
+    ) -> Result<(), DatapathError> {
+        if configs.is_empty() {
+            return Ok(());
         }
-        let n = compiled.iter().map(|(_, t)| t.len()).sum();
-        self.swap_tries(&compiled)?;
-        self.applied = all.into_iter().map(|(id, r)| (id, r.to_vec())).collect();
-        self.global_deny = global_deny.to_vec();
-        Ok(n)
+        let map = lock(&self.identities);
+        let mut keys: Vec<u8> = Vec::with_capacity(configs.len() * 4);
+        let mut values: Vec<u8> = Vec::with_capacity(configs.len() * size_of::<IdentityState>());
+        for c in configs {
+            let v = Self::state_value(status_of(c.identity), c.mode, u8::from(c.dns));
+            keys.extend_from_slice(&c.identity.to_ne_bytes());
+            // SAFETY: IdentityState is repr(C) plain old data with explicit padding.
+            values.extend_from_slice(unsafe {
+                std::slice::from_raw_parts((&raw const v).cast::<u8>(), size_of::<IdentityState>())
+            });
+        }
+        let fd = aya::maps::IterableMap::map(&*map).fd().as_fd();
+        sys::map_update_batch_raw(fd, &keys, &values, configs.len()).map_err(|(done, e)| {
+            DatapathError::Apply {
+                what: format!(
+                    "identity states ({done} of {} written; the rules are in force)",
+                    configs.len()
+                ),
+                source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_batch",
+                    io_error: e,
+                })),
+            }
+        })
     }
 
     /// Replaces the global deny list. It lives inside every identity's trie, so every trie is
     /// recompiled and all are swapped in one batch; a list that cannot be compiled changes
     /// nothing.
-    pub fn set_global_deny(&mut self, nets: &[IpNet]) -> Result<(), DatapathError> {
-        let mut compiled = Vec::with_capacity(self.applied.len());
-        for (&identity, rules) in &self.applied {
-            let t = compile_rules(rules, nets)
-                .map_err(|source| DatapathError::Compile { identity, source })?;
-            compiled.push((identity, t));
-        }
-        self.swap_tries(&compiled)?;
-        self.global_deny = nets.to_vec();
+    pub fn set_global_deny(&self, nets: &[IpNet]) -> Result<(), DatapathError> {
+        let _one = lock(&self.applying);
+        let builds = lock(&self.tries)
+            .current
+            .iter()
+            .map(|(&id, t)| (id, t.base.clone(), Vec::new()))
+            .collect();
+        self.rebuild(&Arc::from(nets), builds, false, || {})?;
         Ok(())
     }
 
-    fn swap_tries(&mut self, compiled: &[(u32, CompiledTrie)]) -> Result<(), DatapathError> {
-        let mut tries = Vec::with_capacity(compiled.len());
-        for (identity, t) in compiled {
-            let apply = |source: MapError| DatapathError::Apply {
-                what: format!("rules for identity {identity}"),
-                source: Box::new(source),
-            };
-            let capacity = u32::try_from(t.len().max(1))
-                .unwrap_or(u32::MAX)
-                .saturating_add(self.host_headroom);
-            let def = aya_obj::Map::new_from_params(
-                aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_LPM_TRIE as u32,
-                std::mem::size_of::<Key<Addr>>() as u32,
-                std::mem::size_of::<RuleSet>() as u32,
-                capacity,
-                BPF_F_NO_PREALLOC,
-            );
-            let mut map =
-                aya::maps::Map::LpmTrie(MapData::create(def, "aw_rules", None).map_err(apply)?);
-            // One batch call fills the new trie (one syscall, not one per entry); a kernel
-            // without batch updates for LPM tries gets them one by one.
-            let mut keys: Vec<u8> = Vec::with_capacity(t.len() * size_of::<Key<Addr>>());
-            let mut values: Vec<u8> = Vec::with_capacity(t.len() * size_of::<RuleSet>());
-            for (net, set) in &t.entries {
-                let k = Key::new(u32::from(net.len), net.addr);
-                // SAFETY: Key<Addr> and RuleSet are plain old data with no padding holes the
-                // kernel would read (repr(C) with explicit fields).
-                unsafe {
-                    keys.extend_from_slice(std::slice::from_raw_parts(
-                        (&raw const k).cast::<u8>(),
-                        size_of::<Key<Addr>>(),
-                    ));
-                    values.extend_from_slice(std::slice::from_raw_parts(
-                        std::ptr::from_ref(set).cast::<u8>(),
-                        size_of::<RuleSet>(),
-                    ));
-                }
+    /// Compiles, fills and swaps in the tries of `builds` (identity, base, host rules), whose
+    /// base or deny list differ from their trie's. With `all`, identities holding a trie but
+    /// absent from `builds` get an empty one. The caller holds `applying`.
+    fn rebuild(
+        &self,
+        deny: &Arc<[IpNet]>,
+        mut builds: Vec<(u32, Arc<[Rule]>, Vec<Rule>)>,
+        all: bool,
+        staged: impl FnOnce(),
+    ) -> Result<Applied, DatapathError> {
+        let current: BTreeMap<u32, Arc<Trie>> = lock(&self.tries).current.clone();
+        if all {
+            let listed: std::collections::BTreeSet<u32> = builds.iter().map(|b| b.0).collect();
+            for &id in current.keys().filter(|id| !listed.contains(id)) {
+                builds.push((id, Arc::from(Vec::new()), Vec::new()));
             }
-            let batched = match &map {
-                aya::maps::Map::LpmTrie(d) => {
-                    sys::map_update_batch_raw(d.fd().as_fd(), &keys, &values, t.len())
-                }
-                _ => unreachable!("built as LpmTrie above"),
-            };
-            if let Err((done, e)) = batched {
-                // EINVAL or EOPNOTSUPP with nothing written: this kernel has no batch update
-                // for LPM tries. Anything else (ENOMEM above all) is the fill failing.
-                let unsupported =
-                    done == 0 && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP));
-                if !unsupported {
-                    return Err(DatapathError::Fill {
-                        identity: *identity,
-                        done,
-                        total: t.len(),
-                        source: e,
-                    });
-                }
-                debug!(error = %e, "no batch update for LPM tries; inserting one by one");
-                let mut trie: LpmTrie<&mut MapData, Addr, RuleSet> =
-                    (&mut map).try_into().map_err(apply)?;
-                for (net, set) in &t.entries {
-                    trie.insert(&Key::new(u32::from(net.len), net.addr), set, 0)
-                        .map_err(apply)?;
-                }
-            }
-            tries.push(map);
         }
-        let keys: Vec<u32> = compiled.iter().map(|(id, _)| *id).collect();
-        let fds: Vec<u32> = tries
-            .iter()
-            .map(|m| match m {
+        let mut compiled = Vec::new();
+        for (identity, base, hosts) in builds {
+            Self::check_identity(identity)?;
+            if current
+                .get(&identity)
+                .is_some_and(|t| *t.base == *base && *t.global_deny == **deny)
+            {
+                continue;
+            }
+            let rules: Vec<Rule>;
+            let all_rules: &[Rule] = if hosts.is_empty() {
+                &base
+            } else {
+                rules = base.iter().cloned().chain(hosts).collect();
+                &rules
+            };
+            let t = compile_rules(all_rules, deny)
+                .map_err(|source| DatapathError::Compile { identity, source })?;
+            compiled.push((identity, base, t));
+        }
+        let entries = compiled.iter().map(|(_, _, t)| t.len()).sum();
+        let mut tries = Vec::with_capacity(compiled.len());
+        for (identity, base, t) in &compiled {
+            let map = self.fill_trie(*identity, t)?;
+            let fd = match &map {
                 aya::maps::Map::LpmTrie(d) => d.fd().as_fd().as_raw_fd() as u32,
-                _ => unreachable!("built as LpmTrie above"),
-            })
-            .collect();
-        let result =
-            sys::map_update_batch(self.rules.fd().as_fd(), &keys, &fds).map_err(|(applied, e)| {
-                DatapathError::Swap {
-                    applied,
-                    total: keys.len(),
-                    source: e,
-                }
-            });
+                _ => unreachable!("built as LpmTrie"),
+            };
+            tries.push((
+                *identity,
+                Arc::new(Trie {
+                    map: Mutex::new(map),
+                    fd,
+                    base: base.clone(),
+                    global_deny: deny.clone(),
+                }),
+            ));
+        }
+        drop(compiled);
+        let rebuilt = tries.len();
+        if tries.is_empty() {
+            lock(&self.tries).global_deny = deny.clone();
+            return Ok(Applied::default());
+        }
+        lock(&self.tries).staged = tries.iter().cloned().collect();
+        staged();
+        let result = self.swap_tries(&tries);
         let swapped = match &result {
-            Ok(()) => keys.len(),
+            Ok(()) => tries.len(),
             Err(DatapathError::Swap { applied, .. }) => *applied,
             Err(_) => 0,
         };
-        for (id, map) in keys.iter().zip(tries).take(swapped) {
-            self.tries.insert(*id, map);
+        {
+            let mut t = lock(&self.tries);
+            t.staged.clear();
+            if swapped == tries.len() {
+                t.global_deny = deny.clone();
+            }
+            for (id, trie) in tries.into_iter().take(swapped) {
+                t.current.insert(id, trie);
+            }
         }
-        result
+        result.map(|()| Applied { rebuilt, entries })
+    }
+
+    /// A new trie holding `t`, created and filled, not yet in force.
+    fn fill_trie(&self, identity: u32, t: &CompiledTrie) -> Result<aya::maps::Map, DatapathError> {
+        let apply = |source: MapError| DatapathError::Apply {
+            what: format!("rules for identity {identity}"),
+            source: Box::new(source),
+        };
+        let capacity = u32::try_from(t.len().max(1))
+            .unwrap_or(u32::MAX)
+            .saturating_add(self.host_headroom);
+        let def = aya_obj::Map::new_from_params(
+            aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_LPM_TRIE as u32,
+            std::mem::size_of::<Key<Addr>>() as u32,
+            std::mem::size_of::<RuleSet>() as u32,
+            capacity,
+            BPF_F_NO_PREALLOC,
+        );
+        let mut map =
+            aya::maps::Map::LpmTrie(MapData::create(def, "aw_rules", None).map_err(apply)?);
+        // One batch call fills the new trie (one syscall, not one per entry); a kernel
+        // without batch updates for LPM tries gets them one by one.
+        let mut keys: Vec<u8> = Vec::with_capacity(t.len() * size_of::<Key<Addr>>());
+        let mut values: Vec<u8> = Vec::with_capacity(t.len() * size_of::<RuleSet>());
+        for (net, set) in &t.entries {
+            let k = Key::new(u32::from(net.len), net.addr);
+            // SAFETY: Key<Addr> and RuleSet are plain old data with no padding holes the
+            // kernel would read (repr(C) with explicit fields).
+            unsafe {
+                keys.extend_from_slice(std::slice::from_raw_parts(
+                    (&raw const k).cast::<u8>(),
+                    size_of::<Key<Addr>>(),
+                ));
+                values.extend_from_slice(std::slice::from_raw_parts(
+                    std::ptr::from_ref(set).cast::<u8>(),
+                    size_of::<RuleSet>(),
+                ));
+            }
+        }
+        let batched = match &map {
+            aya::maps::Map::LpmTrie(d) => {
+                sys::map_update_batch_raw(d.fd().as_fd(), &keys, &values, t.len())
+            }
+            _ => unreachable!("built as LpmTrie above"),
+        };
+        if let Err((done, e)) = batched {
+            // EINVAL or EOPNOTSUPP with nothing written: this kernel has no batch update
+            // for LPM tries. Anything else (ENOMEM above all) is the fill failing.
+            let unsupported =
+                done == 0 && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP));
+            if !unsupported {
+                return Err(DatapathError::Fill {
+                    identity,
+                    done,
+                    total: t.len(),
+                    source: e,
+                });
+            }
+            debug!(error = %e, "no batch update for LPM tries; inserting one by one");
+            let mut trie: LpmTrie<&mut MapData, Addr, RuleSet> =
+                (&mut map).try_into().map_err(apply)?;
+            for (net, set) in &t.entries {
+                trie.insert(&Key::new(u32::from(net.len), net.addr), set, 0)
+                    .map_err(apply)?;
+            }
+        }
+        Ok(map)
+    }
+
+    fn swap_tries(&self, tries: &[(u32, Arc<Trie>)]) -> Result<(), DatapathError> {
+        let keys: Vec<u32> = tries.iter().map(|(id, _)| *id).collect();
+        let fds: Vec<u32> = tries.iter().map(|(_, t)| t.fd).collect();
+        sys::map_update_batch(self.rules.fd().as_fd(), &keys, &fds).map_err(|(applied, e)| {
+            DatapathError::Swap {
+                applied,
+                total: keys.len(),
+                source: e,
+            }
+        })
     }
 
     /// How full the maps with fixed capacity are.
     pub fn fill(&self) -> Result<MapFill, DatapathError> {
-        let bindings = self.bindings.keys().count();
+        let bindings = lock(&self.bindings).keys().count();
+        let t = lock(&self.tries);
         Ok(MapFill {
             bindings,
             bindings_max: c::MAX_BINDINGS as usize,
-            identities: self.applied.len(),
+            identities: t.current.len(),
             identities_max: MAX_IDENTITIES as usize - 1,
-            rules: self.applied.values().map(Vec::len).sum(),
+            rules: t.current.values().map(|t| t.base.len()).sum(),
         })
     }
 
@@ -752,9 +935,9 @@ impl Datapath {
 
     /// Flows each rule allowed since the counters were last cleared, summed over CPUs:
     /// (identity, rule id) → count. Counted while `record_allowed` is on.
-    pub fn rule_hits(&self) -> Result<std::collections::BTreeMap<(u32, u32), u64>, DatapathError> {
-        let mut out = std::collections::BTreeMap::new();
-        for entry in self.hits.iter() {
+    pub fn rule_hits(&self) -> Result<BTreeMap<(u32, u32), u64>, DatapathError> {
+        let mut out = BTreeMap::new();
+        for entry in lock(&self.hits).iter() {
             let (k, per_cpu) = entry.map_err(map_err(c::MAP_RULE_HITS))?;
             let n: u64 = per_cpu.iter().sum();
             out.insert(((k >> 32) as u32, k as u32), n);
@@ -763,23 +946,23 @@ impl Datapath {
     }
 
     /// Forgets every rule's count (rule ids are renumbered by a new policy revision).
-    pub fn clear_rule_hits(&mut self) -> Result<(), DatapathError> {
-        let keys: Vec<u64> = self.hits.keys().filter_map(Result::ok).collect();
+    pub fn clear_rule_hits(&self) -> Result<(), DatapathError> {
+        let mut hits = lock(&self.hits);
+        let keys: Vec<u64> = hits.keys().filter_map(Result::ok).collect();
         for k in keys {
-            match self.hits.remove(&k) {
+            match hits.remove(&k) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(map_err(c::MAP_RULE_HITS)(e)),
             }
         }
         Ok(())
     }
-
     /// Takes the counts the kernel's rate limit holds for flows that went quiet at least
     /// `idle` ago. Those counts ride on the next identical record, which may never come; taken
     /// here (atomically, with lookup-and-delete), they are reported instead of lost.
     /// Returns (key, count, first and last suppressed event).
     pub fn drain_idle_counts(
-        &mut self,
+        &self,
         idle: Duration,
     ) -> Result<Vec<(c::RateKey, u64, BootInstant, BootInstant)>, DatapathError> {
         let now = BootInstant::now().0;
@@ -825,8 +1008,8 @@ impl Datapath {
     }
 
     /// The reader of decision records; there is one, and this hands it out once.
-    pub fn take_events(&mut self) -> Option<EventReader> {
-        self.events.take().map(EventReader::new)
+    pub fn take_events(&self) -> Option<EventReader> {
+        lock(&self.events).take().map(EventReader::new)
     }
 }
 

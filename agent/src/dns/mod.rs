@@ -200,21 +200,13 @@ impl Learned {
         }
     }
 
-    /// Written to a temporary file and renamed, so a crash leaves the old file or the new.
+    /// Replaced whole and synced (see [`crate::files::write_atomic`]).
     pub fn save(&self, path: &Path) -> Result<(), DnsError> {
-        let tmp = path.with_extension("json.tmp");
-        let io = |p: &Path| {
-            let p = p.to_owned();
-            move |source| DnsError::Io { path: p, source }
-        };
         let text = serde_json::to_vec(self).expect("serializable");
-        {
-            use std::io::Write as _;
-            let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-            f.write_all(&text).map_err(io(&tmp))?;
-            f.sync_all().map_err(io(&tmp))?;
-        }
-        std::fs::rename(&tmp, path).map_err(io(path))
+        crate::files::write_atomic(path, &text).map_err(|source| DnsError::Io {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// Records that `name` (allowed for `identity`) resolves to `addrs` until their deadlines.
@@ -279,8 +271,16 @@ impl Learned {
     /// same id, ports and protocol as the rule, expiring at the latest deadline of those names
     /// (or the rule's own expiry, if sooner).
     pub fn host_rules(&self, identity: u32, base: &[Rule], global_deny: &[IpNet]) -> Vec<Rule> {
+        let mut out = base.to_vec();
+        out.extend(self.hosts(identity, base, global_deny));
+        out
+    }
+
+    /// The host rules alone of [`Learned::host_rules`]: what a trie built from `base` needs
+    /// on top of it for everything this identity learned.
+    pub fn hosts(&self, identity: u32, base: &[Rule], global_deny: &[IpNet]) -> Vec<Rule> {
         let Some(names) = self.identities.get(&identity) else {
-            return base.to_vec();
+            return Vec::new();
         };
         Self::with_hosts(
             base,
@@ -300,8 +300,9 @@ impl Learned {
         addrs: &[IpAddr],
         global_deny: &[IpNet],
     ) -> Vec<Rule> {
+        let mut out = base.to_vec();
         let Some(names) = self.identities.get(&identity) else {
-            return base.to_vec();
+            return out;
         };
         let mut found = Vec::new();
         for ip in addrs {
@@ -311,17 +312,19 @@ impl Learned {
                 }
             }
         }
-        Self::with_hosts(base, global_deny, found.into_iter())
+        out.extend(Self::with_hosts(base, global_deny, found.into_iter()));
+        out
     }
 
-    /// Addresses [`unlearnable`] refuses get no host rule, whatever the learned file says
-    /// (the deny list may have grown since).
+    /// One host rule per learned address and base rule allowing one of its names. Addresses
+    /// [`unlearnable`] refuses get none, whatever the learned file says (the deny list may
+    /// have grown since).
     fn with_hosts<'a>(
         base: &[Rule],
         global_deny: &[IpNet],
         learned: impl Iterator<Item = (&'a str, IpAddr, u64)>,
     ) -> Vec<Rule> {
-        let mut out = base.to_vec();
+        let mut out = Vec::new();
         let mut best: BTreeMap<(IpAddr, usize), u64> = BTreeMap::new();
         for (name, ip, d) in learned {
             if unlearnable(ip, global_deny).is_some() {
@@ -401,6 +404,11 @@ impl Learned {
 
     pub fn is_empty(&self) -> bool {
         self.identities.is_empty()
+    }
+
+    /// Every learned (identity, address), each once.
+    pub fn addresses(&self) -> impl Iterator<Item = (u32, IpAddr)> + '_ {
+        self.by_addr.keys().copied()
     }
 
     /// (name, address, deadline) of one identity, for `status`.

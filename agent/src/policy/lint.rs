@@ -198,7 +198,7 @@ egress:
     ports: [81]
     expires: 2001-01-01T00:00:00Z
 ";
-        let set = parse_sources(&[(PathBuf::from("p.yaml"), text.into())]).unwrap();
+        let set = parse_sources(vec![(PathBuf::from("p.yaml"), text.into())]).unwrap();
         let got: Vec<String> = lint(&set).iter().map(ToString::to_string).collect();
         assert_eq!(
             got,

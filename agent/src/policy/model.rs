@@ -215,6 +215,10 @@ fn mask(mut a: [u8; 16], len: u8) -> [u8; 16] {
     a
 }
 
+/// The global deny list when the policy has no `GlobalDeny` document: the cloud metadata
+/// endpoints, denied to every identity unless a rule names them exactly.
+pub const DEFAULT_GLOBAL_DENY: [&str; 2] = ["169.254.169.254/32", "fd00:ec2::254/128"];
+
 /// One allow rule of an identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {

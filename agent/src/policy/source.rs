@@ -69,7 +69,8 @@ impl fmt::Display for PolicyErrors {
 /// Where a document or rule came from, for errors and decision records.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Origin {
-    pub file: PathBuf,
+    /// Shared by every rule of the file: a policy of 100,000 rules keeps one copy of each path.
+    pub file: std::sync::Arc<Path>,
     pub line: usize,
 }
 
@@ -196,13 +197,11 @@ struct Expires(time::OffsetDateTime);
 impl<'de> Deserialize<'de> for Expires {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339)
-            .map(Expires)
-            .map_err(|e| {
-                de::Error::custom(format!(
-                    "expires {s:?} is not an RFC 3339 time (e.g. 2026-12-31T18:00:00Z): {e}"
-                ))
-            })
+        crate::clock::parse_rfc3339(&s).map(Expires).map_err(|e| {
+            de::Error::custom(format!(
+                "expires {s:?} is not an RFC 3339 time (e.g. 2026-12-31T18:00:00Z): {e}"
+            ))
+        })
     }
 }
 
@@ -286,7 +285,8 @@ pub struct RuleSource {
     pub protocol: Protocol,
     pub expires: Option<time::OffsetDateTime>,
     /// Allowed only inside these windows.
-    pub schedule: Option<Schedule>,
+    /// Boxed: few rules have one, and every rule pays for the field.
+    pub schedule: Option<Box<Schedule>>,
     pub reason: Option<String>,
     /// The document the rule is in, and its position in that document's `egress`.
     pub origin: Origin,
@@ -319,7 +319,7 @@ pub struct AgentPolicy {
 }
 
 /// A validated policy directory.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicySet {
     /// Content hash of every file (name and bytes): carried by every decision record.
     pub revision: String,
@@ -327,6 +327,8 @@ pub struct PolicySet {
     pub archetypes: BTreeMap<String, Archetype>,
     /// From `GlobalDeny` documents; when there is none, the built-in default applies.
     pub global_deny: Option<Vec<IpNet>>,
+    /// Where each identity's AgentPolicy is in `agents`.
+    pub by_identity: std::collections::HashMap<String, usize>,
     /// The files this was read from (name, text), so the node can keep the last good policy.
     pub sources: Vec<(PathBuf, String)>,
 }
@@ -442,9 +444,10 @@ fn refine(doc: &str, line: usize, col: usize, msg: &str) -> (usize, usize) {
 }
 
 fn rules(raw: Vec<RawRule>, origin: &Origin) -> Vec<RuleSource> {
-    raw.into_iter()
-        .enumerate()
-        .map(|(index, r)| RuleSource {
+    // Not collected in place: that would keep the larger RawRule allocation for good.
+    let mut out = Vec::with_capacity(raw.len());
+    out.extend(raw.into_iter().enumerate().map(|(index, r)| {
+        RuleSource {
             to: r
                 .to
                 .iter()
@@ -464,12 +467,13 @@ fn rules(raw: Vec<RawRule>, origin: &Origin) -> Vec<RuleSource> {
             ports: r.ports.into_iter().map(|p| p.0).collect(),
             protocol: r.protocol.map_or(Protocol::Any, |p| p.0),
             expires: r.expires.map(|e| e.0),
-            schedule: r.schedule.map(|s| s.0),
+            schedule: r.schedule.map(|s| Box::new(s.0)),
             reason: r.reason,
             origin: origin.clone(),
             index,
-        })
-        .collect()
+        }
+    }));
+    out
 }
 
 /// Reads and validates every `*.yaml` / `*.yml` file in `dir`.
@@ -493,7 +497,7 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyErrors> {
             .map_err(|e| PolicyErrors(vec![err_at(&f, 0, 0, e.to_string())]))?;
         sources.push((f, text));
     }
-    parse_sources(&sources)
+    parse_sources(sources)
 }
 
 /// Validates policy given as (file name, text) pairs; `load_dir` reads them from disk.
@@ -504,9 +508,14 @@ enum Doc {
     GlobalDeny(Vec<IpNet>),
 }
 
-fn parse_document(file: &Path, first: usize, doc: &str) -> Result<Doc, PolicyError> {
+fn parse_document(
+    file_arc: &std::sync::Arc<Path>,
+    first: usize,
+    doc: &str,
+) -> Result<Doc, PolicyError> {
+    let file: &Path = file_arc;
     let origin = Origin {
-        file: file.to_owned(),
+        file: file_arc.clone(),
         line: first,
     };
     // Parsing a document just for its kind doubles the cost of a policy: a plain top-level
@@ -562,9 +571,11 @@ fn parse_document(file: &Path, first: usize, doc: &str) -> Result<Doc, PolicyErr
 
 /// Parses every document, in order, spread over the machine's cores when there are enough
 /// of them to be worth a thread.
-fn parse_documents(docs: &[(&Path, usize, String)]) -> Vec<Result<Doc, PolicyError>> {
+fn parse_documents(
+    docs: &[(std::sync::Arc<Path>, usize, String)],
+) -> Vec<Result<Doc, PolicyError>> {
     const PER_THREAD: usize = 64;
-    let parse = |d: &(&Path, usize, String)| parse_document(d.0, d.1, &d.2);
+    let parse = |d: &(std::sync::Arc<Path>, usize, String)| parse_document(&d.0, d.1, &d.2);
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(docs.len() / PER_THREAD);
@@ -583,14 +594,16 @@ fn parse_documents(docs: &[(&Path, usize, String)]) -> Vec<Result<Doc, PolicyErr
     })
 }
 
-pub fn parse_sources(sources: &[(PathBuf, String)]) -> Result<PolicySet, PolicyErrors> {
+pub fn parse_sources(sources: Vec<(PathBuf, String)>) -> Result<PolicySet, PolicyErrors> {
     let mut errors = Vec::new();
     let mut hash = Sha256::new();
     let mut agents: Vec<AgentPolicy> = Vec::new();
     let mut archetypes: BTreeMap<String, Archetype> = BTreeMap::new();
     let mut global_deny: Option<Vec<IpNet>> = None;
-    let mut docs: Vec<(&Path, usize, String)> = Vec::new();
-    for (file, text) in sources {
+    let mut docs: Vec<(std::sync::Arc<Path>, usize, String)> = Vec::new();
+    let files: Vec<std::sync::Arc<Path>> =
+        sources.iter().map(|(f, _)| f.as_path().into()).collect();
+    for ((_, text), file) in sources.iter().zip(&files) {
         let name = file
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
@@ -599,7 +612,7 @@ pub fn parse_sources(sources: &[(PathBuf, String)]) -> Result<PolicySet, PolicyE
         hash.update((text.len() as u64).to_le_bytes());
         hash.update(text.as_bytes());
         for (first, doc) in documents(text) {
-            docs.push((file.as_path(), first, doc));
+            docs.push((file.clone(), first, doc));
         }
     }
     // Documents parse on their own, so a large policy parses on every core; what one
@@ -701,24 +714,23 @@ pub fn parse_sources(sources: &[(PathBuf, String)]) -> Result<PolicySet, PolicyE
         agents,
         archetypes,
         global_deny,
-        sources: sources.to_vec(),
+        by_identity,
+        sources,
     })
 }
 
 /// Writes `set`'s files into `dir` (replacing what was there) so [`load_dir`] can read the
-/// same revision back. The new copy is complete before it replaces the old one.
+/// same revision back: the old directory or the new, never a mix (see
+/// [`crate::files::replace_dir`]).
 pub fn save_dir(set: &PolicySet, dir: &Path) -> std::io::Result<()> {
-    let tmp = dir.with_extension("new");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
+    let mut files = Vec::with_capacity(set.sources.len());
     for (path, text) in &set.sources {
         let name = path
             .file_name()
             .ok_or_else(|| std::io::Error::other(format!("{} has no file name", path.display())))?;
-        std::fs::write(tmp.join(name), text)?;
+        files.push((name, text.as_bytes()));
     }
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&tmp, dir)
+    crate::files::replace_dir(dir, files)
 }
 
 /// A path from `start` back to itself through `extends`, if there is one.
@@ -753,6 +765,43 @@ fn find_cycle<'a>(
     walk(start, start, &mut path, &mut seen, extends_of).then_some(path)
 }
 
+/// The document a rule of an identity's effective set is written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleOwner<'a> {
+    Agent(&'a str),
+    Archetype(&'a str),
+}
+
+impl fmt::Display for RuleOwner<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Agent(n) => write!(f, "AgentPolicy {n:?}"),
+            Self::Archetype(n) => write!(f, "Archetype {n:?}"),
+        }
+    }
+}
+
+/// A rule as the datapath takes it, as of `now` (its schedule's window decides its expiry).
+fn compile_source(src: &RuleSource, id: u32, now: std::time::SystemTime) -> Rule {
+    let mut deadline: Option<std::time::SystemTime> = src.expires.map(Into::into);
+    if let Some(s) = &src.schedule {
+        let close = match s.at(now) {
+            Window::Open { until } => until,
+            // Already over: the kernel entry never matches.
+            Window::Closed { .. } => std::time::SystemTime::UNIX_EPOCH,
+        };
+        deadline = Some(deadline.map_or(close, |d| d.min(close)));
+    }
+    Rule {
+        id,
+        to: src.to.clone(),
+        fqdns: src.fqdns.clone(),
+        ports: src.ports.clone(),
+        protocol: src.protocol,
+        expires: deadline.map(BootInstant::from_system_time),
+    }
+}
+
 /// One rule of an identity's effective set, and where it came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EffectiveRule {
@@ -764,13 +813,13 @@ pub struct EffectiveRule {
 
 impl PolicySet {
     pub fn agent(&self, identity: &str) -> Option<&AgentPolicy> {
-        self.agents.iter().find(|a| a.identity == identity)
+        self.by_identity.get(identity).map(|&i| &self.agents[i])
     }
 
     /// The global deny list in force: the documents' entries, or the built-in default.
     pub fn global_deny(&self) -> Vec<IpNet> {
         self.global_deny.clone().unwrap_or_else(|| {
-            crate::datapath::DEFAULT_GLOBAL_DENY
+            super::model::DEFAULT_GLOBAL_DENY
                 .iter()
                 .map(|s| s.parse().expect("valid default"))
                 .collect()
@@ -790,13 +839,42 @@ impl PolicySet {
         agent: &AgentPolicy,
         now: std::time::SystemTime,
     ) -> Vec<EffectiveRule> {
-        let mut out: Vec<EffectiveRule> = Vec::new();
-        let mut seen = BTreeSet::new();
+        self.rule_sources(agent)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (from, src))| EffectiveRule {
+                rule: compile_source(src, i as u32 + 1, now),
+                from: from.to_string(),
+                source: src.clone(),
+            })
+            .collect()
+    }
+
+    /// An agent's compiled rules as of `now` (rule ids count from 1), without the copies of
+    /// their sources that [`PolicySet::effective_rules_at`] makes: what the node keeps.
+    pub fn rules_at(&self, agent: &AgentPolicy, now: std::time::SystemTime) -> Vec<Rule> {
+        let sources = self.rule_sources(agent);
+        let mut out = Vec::with_capacity(sources.len());
+        out.extend(
+            sources
+                .into_iter()
+                .enumerate()
+                .map(|(i, (_, src))| compile_source(src, i as u32 + 1, now)),
+        );
+        out
+    }
+
+    /// The sources of an agent's effective rules in rule-id order (each archetype once, depth
+    /// first, in `extends` order, before the agent's own rules), with where each came from.
+    pub fn rule_sources<'a>(
+        &'a self,
+        agent: &'a AgentPolicy,
+    ) -> Vec<(RuleOwner<'a>, &'a RuleSource)> {
         fn layer<'a>(
             set: &'a PolicySet,
             extends: &'a [String],
             seen: &mut BTreeSet<&'a str>,
-            out: &mut Vec<(String, &'a RuleSource)>,
+            out: &mut Vec<(RuleOwner<'a>, &'a RuleSource)>,
         ) {
             for name in extends {
                 if !seen.insert(name.as_str()) {
@@ -804,42 +882,25 @@ impl PolicySet {
                 }
                 if let Some(a) = set.archetypes.get(name) {
                     layer(set, &a.extends, seen, out);
-                    out.extend(a.egress.iter().map(|r| (format!("Archetype {name:?}"), r)));
+                    out.extend(a.egress.iter().map(|r| (RuleOwner::Archetype(name), r)));
                 }
             }
         }
-        let mut sources = Vec::new();
-        layer(self, &agent.extends, &mut seen, &mut sources);
-        sources.extend(
+        let mut out = Vec::new();
+        layer(self, &agent.extends, &mut BTreeSet::new(), &mut out);
+        out.extend(
             agent
                 .egress
                 .iter()
-                .map(|r| (format!("AgentPolicy {:?}", agent.name), r)),
+                .map(|r| (RuleOwner::Agent(&agent.name), r)),
         );
-        for (i, (from, src)) in sources.into_iter().enumerate() {
-            let mut deadline: Option<std::time::SystemTime> = src.expires.map(Into::into);
-            if let Some(s) = &src.schedule {
-                let close = match s.at(now) {
-                    Window::Open { until } => until,
-                    // Already over: the kernel entry never matches.
-                    Window::Closed { .. } => std::time::SystemTime::UNIX_EPOCH,
-                };
-                deadline = Some(deadline.map_or(close, |d| d.min(close)));
-            }
-            out.push(EffectiveRule {
-                rule: Rule {
-                    id: i as u32 + 1,
-                    to: src.to.clone(),
-                    fqdns: src.fqdns.clone(),
-                    ports: src.ports.clone(),
-                    protocol: src.protocol,
-                    expires: deadline.map(BootInstant::from_system_time),
-                },
-                from,
-                source: src.clone(),
-            });
-        }
         out
+    }
+
+    /// The source of rule `id` (from 1) of an agent's effective rules.
+    pub fn rule_source<'a>(&'a self, agent: &'a AgentPolicy, id: u32) -> Option<&'a RuleSource> {
+        let i = usize::try_from(id).ok()?.checked_sub(1)?;
+        self.rule_sources(agent).get(i).map(|(_, s)| *s)
     }
 
     /// The next instant after `now` at which a schedule window opens or closes: the policy
@@ -891,7 +952,7 @@ mod tests {
             .iter()
             .map(|(n, t)| (PathBuf::from(n), (*t).to_owned()))
             .collect();
-        parse_sources(&sources)
+        parse_sources(sources)
     }
 
     fn errors(files: &[(&str, &str)]) -> Vec<String> {

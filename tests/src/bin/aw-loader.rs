@@ -14,7 +14,7 @@ fn main() {
     let [attach, bpffs, agent] = args.as_slice() else {
         panic!("usage: aw-loader ATTACH_CGROUP BPFFS_DIR AGENT_CGROUP");
     };
-    let mut dp = Datapath::start(&DatapathConfig::new(attach, bpffs)).expect("start");
+    let dp = Datapath::start(&DatapathConfig::new(attach, bpffs)).expect("start");
     dp.set_identity(1, IdentityStatus::Active, Mode::Enforce)
         .expect("identity");
     dp.set_rules(

@@ -392,7 +392,7 @@ pub fn run(iterations: usize) {
     let fw = env.cgroup("firewalled");
     let mut cfg = env.config();
     cfg.attach_cgroup = attach.path().to_owned();
-    let mut dp = Datapath::start(&cfg).expect("start datapath");
+    let dp = Datapath::start(&cfg).expect("start datapath");
     dp.set_identity(1, IdentityStatus::Active, Mode::Enforce)
         .unwrap();
     dp.set_rules(1, &rules(10)).unwrap();
@@ -440,7 +440,7 @@ pub fn run(iterations: usize) {
             // The node's path: the policy text parsed and checked, then applied.
             let text = policy_yaml(n, other);
             let t0 = Instant::now();
-            let set = parse_sources(&[(PathBuf::from("bench.yaml"), text)]).unwrap();
+            let set = parse_sources(vec![(PathBuf::from("bench.yaml"), text)]).unwrap();
             let r: Vec<Rule> = set
                 .effective_rules(&set.agents[0])
                 .into_iter()

@@ -112,7 +112,7 @@ fn datapath(iterations: usize) {
     let governed = env.cgroup("attached/agent");
     let mut cfg = env.config();
     cfg.attach_cgroup = attach.path().to_owned();
-    let mut dp = Datapath::start(&cfg).expect("start datapath");
+    let dp = Datapath::start(&cfg).expect("start datapath");
     let view = IdentityView {
         status: IdentityStatus::Active,
         mode: Mode::Enforce,

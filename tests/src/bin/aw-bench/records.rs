@@ -76,7 +76,7 @@ fn counts(addr: std::net::SocketAddr) -> (u64, u64) {
 }
 
 struct Rig {
-    node: NodeProc,
+    _node: NodeProc,
     agent: Probe,
     metrics: std::net::SocketAddr,
     /// The next port each sweep starts at, so every flow of the run is new.
@@ -100,7 +100,7 @@ impl Rig {
         c.arg(bin_path("aw-probe")).arg("--netns");
         let agent = Probe::from_command(c);
         Self {
-            node,
+            _node: node,
             agent,
             metrics,
             next: 1,

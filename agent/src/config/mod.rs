@@ -1,4 +1,8 @@
-//! The node's configuration: a TOML file with defaults; every key can also be set by a flag.
+//! Configuration: TOML files with defaults, unknown keys refused with file:line:column. The
+//! node's (`agentwall.toml`, every key also a flag) here; the control plane's and its
+//! clients' in [`control_plane`]. These types describe settings and know no running component.
+
+pub mod control_plane;
 
 use std::path::{Path, PathBuf};
 
@@ -81,7 +85,7 @@ pub struct NodeConfig {
     pub ai_catalog: Vec<crate::discovery::CatalogEntry>,
     /// `[control_plane]`: url, ca, cert, key (the node's certificate), spool_max_bytes. With
     /// it, policy comes from the control plane (and `policy_dir` must not be set).
-    pub control_plane: Option<crate::control_plane::config::ClientConfig>,
+    pub control_plane: Option<control_plane::ClientConfig>,
 }
 
 /// `unknown_flows` as written in TOML.
@@ -108,6 +112,12 @@ pub const DEFAULT_SOCKET: &str = "/run/agentwall/agentwall.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/agentwall";
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/agentwall";
 pub const DEFAULT_POLICY_DIR: &str = "/etc/agentwall/policy";
+
+/// The directory the node enforces policy from when a control plane is configured: the
+/// control-plane link writes each bundle there.
+pub fn control_plane_policy_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("control-plane").join("policy")
+}
 
 /// Where in `text` a TOML error is (line and column from 1).
 pub fn toml_position(text: &str, e: &toml::de::Error) -> (usize, usize) {
@@ -191,7 +201,7 @@ impl NodeConfig {
     /// when there is one, `policy_dir` otherwise.
     pub fn policy_dir(&self) -> PathBuf {
         if self.control_plane.is_some() {
-            return crate::control_plane::link::policy_dir(&self.state_dir());
+            return control_plane_policy_dir(&self.state_dir());
         }
         self.policy_dir
             .clone()

@@ -86,7 +86,7 @@ fn default_listen() -> std::net::SocketAddr {
 
 fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, CpConfigError> {
     toml::from_str(text).map_err(|e| {
-        let (line, column) = crate::config::toml_position(text, &e);
+        let (line, column) = super::toml_position(text, &e);
         CpConfigError::Parse {
             path: path.to_owned(),
             line,

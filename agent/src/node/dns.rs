@@ -1,0 +1,406 @@
+//! DNS learning: turns the answers the proxy forwards into kernel host entries for the
+//! identity that asked (when one of its name rules allows the name), keeps them in
+//! `state_dir/dns-learned.json`, expires them, remembers which name each identity resolved to
+//! each address (for decision records), and has the proxy listen where identities with name
+//! rules live. An answer is installed before the agent sees it, and never waits on a policy
+//! apply: the apply stages its new tries, and what is learned meanwhile reaches both.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use ipnet::IpNet;
+use tracing::{error, warn};
+
+use super::{
+    Counters,
+    enforcer::Applied,
+    journal::{AuditEvent, DnsEvent, Journal},
+};
+use crate::{
+    datapath::Datapath,
+    dns::{
+        Answer, Caps, Learned, Observed,
+        proxy::{Netns, Proxy},
+    },
+    policy::Rule,
+};
+
+/// Changes remembered for an apply in progress to replay; past this, it replays everything.
+const CHANGE_LOG: usize = 65536;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The DNS settings learning needs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub grace: Duration,
+    pub min_ttl: Duration,
+    pub caps: Caps,
+    /// How long the catalog keeps an address an answer named.
+    pub catalog_keep: Duration,
+    pub state_dir: PathBuf,
+}
+
+struct LearnedState {
+    learned: Learned,
+    /// Changed since last written to state_dir.
+    dirty: bool,
+    /// Bumped by every change of host entries; `log` holds the latest ones.
+    generation: u64,
+    log: VecDeque<(u64, u32, Vec<IpAddr>)>,
+    /// The oldest generation `log` still covers.
+    log_from: u64,
+}
+
+impl LearnedState {
+    fn changed(&mut self, identity: u32, addrs: Vec<IpAddr>) {
+        self.generation += 1;
+        self.dirty = true;
+        self.log.push_back((self.generation, identity, addrs));
+        while self.log.len() > CHANGE_LOG {
+            if let Some((g, _, _)) = self.log.pop_front() {
+                self.log_from = g + 1;
+            }
+        }
+    }
+}
+
+struct SyncState {
+    /// Identities with name rules (their DNS is steered to the proxy).
+    named: BTreeSet<u32>,
+    /// The IPv6 proxy prefix is routed to `lo` in the node's namespace.
+    routed6: bool,
+    /// Why the proxy cannot serve (some of) the identities with name rules.
+    error: Option<String>,
+}
+
+pub struct DnsLearning {
+    settings: Settings,
+    proxy: Option<Proxy>,
+    learned: Mutex<LearnedState>,
+    observed: Mutex<Observed>,
+    sync: Mutex<SyncState>,
+}
+
+/// What learning contributes to an apply: the host rules of every named identity, and where
+/// in the learned table that snapshot stands.
+pub struct HostSnapshot {
+    pub generation: u64,
+    pub hosts: BTreeMap<u32, Vec<Rule>>,
+}
+
+impl DnsLearning {
+    pub fn new(settings: Settings, proxy: Option<Proxy>, startup_error: Option<String>) -> Self {
+        let path = Learned::path(&settings.state_dir);
+        let learned = Learned::load(&path).unwrap_or_else(|e| {
+            // Addresses not known are denied: starting empty fails closed.
+            error!(error = %e, "learned DNS addresses unreadable; starting without them");
+            Learned::default()
+        });
+        Self {
+            settings,
+            proxy,
+            learned: Mutex::new(LearnedState {
+                learned,
+                dirty: false,
+                generation: 0,
+                log: VecDeque::new(),
+                log_from: 1,
+            }),
+            observed: Mutex::new(Observed::new(65536)),
+            sync: Mutex::new(SyncState {
+                named: BTreeSet::new(),
+                routed6: false,
+                error: startup_error,
+            }),
+        }
+    }
+
+    pub fn proxy(&self) -> Option<&Proxy> {
+        self.proxy.as_ref()
+    }
+
+    /// The name `identity` last resolved to `ip`, for decision records.
+    pub fn observed_name(&self, identity: u32, ip: IpAddr) -> Option<String> {
+        lock(&self.observed).get(identity, ip).map(str::to_owned)
+    }
+
+    pub fn learned_addresses(&self) -> usize {
+        lock(&self.learned).learned.len()
+    }
+
+    pub fn error(&self) -> Option<String> {
+        lock(&self.sync).error.clone()
+    }
+
+    /// Makes an answer's addresses enforceable for the identity that asked, when one of its
+    /// rules allows the name; remembers every answer's names for decision records. Runs before
+    /// the agent sees the answer.
+    pub fn answered(
+        &self,
+        identity: u32,
+        a: &Answer,
+        applied: &Applied,
+        datapath: &Datapath,
+        journal: &Journal,
+        counters: &Counters,
+    ) {
+        {
+            let mut observed = lock(&self.observed);
+            for (ip, _) in &a.addrs {
+                observed.insert(identity, *ip, &a.qname);
+            }
+        }
+        let Some(base) = applied.rules.get(&identity) else {
+            return;
+        };
+        let Some(rule) = base
+            .iter()
+            .find(|r| r.fqdns.iter().any(|p| p.matches(&a.qname)))
+        else {
+            return;
+        };
+        let rule_id = rule.id;
+        if a.addrs.is_empty() {
+            return;
+        }
+        let now = SystemTime::now();
+        let (grace, min_ttl) = (self.settings.grace, self.settings.min_ttl);
+        let id = applied.identities.name(identity).unwrap_or_default();
+        let mut addrs: Vec<(IpAddr, SystemTime)> = Vec::new();
+        for &(ip, ttl) in &a.addrs {
+            match crate::dns::unlearnable(ip, &applied.global_deny) {
+                None => addrs.push((
+                    ip,
+                    now + Duration::from_secs(u64::from(ttl)).max(min_ttl) + grace,
+                )),
+                Some(why) => {
+                    counters.add(|c| c.dns_refused += 1);
+                    warn!(identity = %id, name = %a.qname, addr = %ip, why,
+                        "DNS answer names an address DNS may not open; it stays denied");
+                    journal.record(&AuditEvent::Dns(DnsEvent::Refused {
+                        identity: id.to_owned(),
+                        name: a.qname.clone(),
+                        addr: ip,
+                        why,
+                    }));
+                }
+            }
+        }
+        // Held from learning to the kernel write: host entries are rewritten in the order
+        // their changes were learned, and an apply replays what it did not see under it.
+        let mut st = lock(&self.learned);
+        let out = st
+            .learned
+            .learn(identity, &a.qname, &addrs, self.settings.caps, now);
+        if !out.refused.is_empty() {
+            counters.add(|c| c.dns_refused += out.refused.len() as u64);
+            let refused: Vec<IpAddr> = out.refused.iter().map(|(ip, _)| *ip).collect();
+            let cap = out.refused[0].1;
+            warn!(identity = %id, name = %a.qname, cap, refused = ?refused,
+                "DNS answer over a cap: these addresses stay denied");
+            journal.record(&AuditEvent::Dns(DnsEvent::Cap {
+                identity: id.to_owned(),
+                name: a.qname.clone(),
+                cap,
+                refused,
+            }));
+        }
+        if out.changed.is_empty() {
+            return;
+        }
+        let learned = &st.learned;
+        let written = datapath.update_hosts_with(identity, &out.changed, |base, deny| {
+            learned.host_rules_for(identity, base, &out.changed, deny)
+        });
+        st.changed(identity, out.changed.clone());
+        drop(st);
+        match written {
+            Ok(()) => {
+                if !out.added.is_empty() {
+                    counters.add(|c| c.dns_learned += out.added.len() as u64);
+                    tracing::debug!(identity = %id, name = %a.qname, addrs = ?out.added, "learned");
+                    journal.record(&AuditEvent::Dns(DnsEvent::Learned {
+                        identity: id.to_owned(),
+                        name: a.qname.clone(),
+                        addrs: out.added,
+                        rule_id,
+                    }));
+                }
+            }
+            Err(e) => {
+                error!(identity = %id, name = %a.qname, error = %e,
+                    "could not allow a DNS answer's addresses; they stay denied");
+                journal.record(&AuditEvent::Dns(DnsEvent::InstallFailed {
+                    identity: id.to_owned(),
+                    name: a.qname.clone(),
+                    error: e.to_string(),
+                }));
+            }
+        }
+    }
+
+    /// For an apply: forgets what identities without name rules (or gone from the policy)
+    /// learned, and gives the host rules of the others against their new rules.
+    pub fn snapshot_for_apply(
+        &self,
+        rules: &std::collections::HashMap<u32, Arc<[Rule]>>,
+        named: &BTreeSet<u32>,
+        global_deny: &[IpNet],
+    ) -> HostSnapshot {
+        let mut st = lock(&self.learned);
+        if st.learned.retain(|n| named.contains(&n)) {
+            st.dirty = true;
+        }
+        let hosts = named
+            .iter()
+            .filter_map(|n| {
+                let base = rules.get(n)?;
+                Some((*n, st.learned.hosts(*n, base, global_deny)))
+            })
+            .collect();
+        HostSnapshot {
+            generation: st.generation,
+            hosts,
+        }
+    }
+
+    /// Writes what was learned since `since` into the tries an apply has staged (and the ones
+    /// in force, which already hold it: the write is the same).
+    pub fn replay(&self, since: u64, datapath: &Datapath) {
+        let st = lock(&self.learned);
+        if st.generation == since {
+            return;
+        }
+        let mut due: BTreeMap<u32, BTreeSet<IpAddr>> = BTreeMap::new();
+        if since + 1 >= st.log_from {
+            for (g, id, addrs) in &st.log {
+                if *g > since {
+                    due.entry(*id).or_default().extend(addrs.iter().copied());
+                }
+            }
+        } else {
+            // The log no longer reaches back: every learned address is written again.
+            for (id, ip) in st.learned.addresses() {
+                due.entry(id).or_default().insert(ip);
+            }
+        }
+        for (id, addrs) in due {
+            let addrs: Vec<IpAddr> = addrs.into_iter().collect();
+            let learned = &st.learned;
+            if let Err(e) = datapath.update_hosts_with(id, &addrs, |base, deny| {
+                learned.host_rules_for(id, base, &addrs, deny)
+            }) {
+                warn!(identity = id, error = %e, "could not carry learned addresses into the new rules");
+            }
+        }
+    }
+
+    /// Drops learned addresses past their deadline (the kernel stopped allowing them on its
+    /// own) and keeps the learned file current.
+    pub fn expire(&self, datapath: &Datapath) {
+        let mut st = lock(&self.learned);
+        let gone = st.learned.expire(SystemTime::now());
+        for (identity, addrs) in gone {
+            let learned = &st.learned;
+            match datapath.update_hosts_with(identity, &addrs, |base, deny| {
+                learned.host_rules_for(identity, base, &addrs, deny)
+            }) {
+                Ok(()) | Err(crate::datapath::DatapathError::NoTrie(_)) => {}
+                Err(e) => {
+                    warn!(identity, error = %e, "could not remove expired learned addresses (they no longer allow)");
+                }
+            }
+            st.changed(identity, addrs);
+        }
+        if st.dirty {
+            let path = Learned::path(&self.settings.state_dir);
+            match st.learned.save(&path) {
+                Ok(()) => st.dirty = false,
+                Err(e) => warn!(error = %e, "could not save learned DNS addresses"),
+            }
+        }
+    }
+
+    /// The identities whose DNS goes to the proxy.
+    pub fn set_named(&self, named: BTreeSet<u32>) {
+        lock(&self.sync).named = named;
+    }
+
+    pub fn named(&self) -> BTreeSet<u32> {
+        lock(&self.sync).named.clone()
+    }
+
+    /// Has the proxy listen for every identity with name rules, in the node's network
+    /// namespace and in each namespace `sessions` names for it, and nowhere else.
+    pub fn sync(&self, sessions: &BTreeMap<u32, Vec<Netns>>) {
+        let mut st = lock(&self.sync);
+        let Some(proxy) = &self.proxy else {
+            if !st.named.is_empty() {
+                warn!(
+                    identities = st.named.len(),
+                    "name rules allow nothing while the DNS proxy is off (dns_listen_port = 0)"
+                );
+            }
+            return;
+        };
+        let want: BTreeMap<u32, Vec<Netns>> = st
+            .named
+            .iter()
+            .map(|n| (*n, sessions.get(n).cloned().unwrap_or_default()))
+            .collect();
+        if !want.is_empty() && !st.routed6 {
+            // Routed once, when some identity first needs it.
+            match crate::dns::route::ensure_local_route() {
+                Ok(()) => st.routed6 = true,
+                Err(e) => warn!(error = %e, prefix = %crate::dns::route::proxy_net6(),
+                    "cannot route the IPv6 DNS proxy prefix; lookups through IPv6 resolvers fail (closed)"),
+            }
+        }
+        let failed = proxy.sync(&want);
+        let error = (!failed.is_empty()).then(|| {
+            failed
+                .iter()
+                .map(|(n, place, e)| {
+                    format!(
+                        "identity {n}: DNS proxy cannot listen on {} in {place}: {e}",
+                        crate::dns::proxy::proxy_addr(*n, proxy.port())
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
+        if error.is_some() && error != st.error {
+            error!(error = %error.as_deref().unwrap_or_default(),
+                "names of these identities stay unresolvable there (closed, not open)");
+        }
+        st.error = error;
+    }
+}
+
+/// Network namespaces the processes of `cgroups` use, other than the node's own.
+pub fn namespaces_of(cgroups: &[&Path]) -> Vec<Netns> {
+    use std::os::unix::fs::MetadataExt as _;
+    let inode = |p: &Path| std::fs::metadata(p).ok().map(|m| m.ino());
+    let own = inode(Path::new("/proc/self/ns/net"));
+    let mut list: Vec<Netns> = Vec::new();
+    for cg in cgroups {
+        let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+            if let Some(ino) = inode(&path) {
+                if Some(ino) != own && !list.iter().any(|n| n.inode == ino) {
+                    list.push(Netns { inode: ino, path });
+                }
+            }
+        }
+    }
+    list
+}

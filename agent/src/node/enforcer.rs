@@ -1,0 +1,435 @@
+//! The policy enforcer: owns the policy in force. Applies a new one to the datapath as one
+//! change (refused whole when anything about it fails), keeps the last good copy in
+//! `state_dir`, remembers a refusal so it is not retried every tick, re-applies when a
+//! schedule window opens or closes, and publishes the applied policy as an immutable
+//! [`Applied`] snapshot that everyone else reads without waiting on an apply.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use ipnet::IpNet;
+use tracing::{error, info, warn};
+
+use super::{
+    Counters, Snapshot,
+    dns::DnsLearning,
+    journal::{AuditEvent, Journal, PolicyEvent},
+    registry::{IdentityTable, Registry, RegistryError},
+    sessions::Sessions,
+};
+use crate::{
+    datapath::{Datapath, DatapathError, IdentityConfig, IdentityRules},
+    files::Stamp,
+    policy::{
+        Rule,
+        source::{PolicyErrors, PolicySet, load_dir},
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnforcerError {
+    #[error("policy {dir}:\n{errors}")]
+    Policy { dir: PathBuf, errors: PolicyErrors },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("the rules of {identity}: {source}")]
+    Rules {
+        identity: String,
+        source: DatapathError,
+    },
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+}
+
+/// The policy in force, as applied: read by enrichment, DNS learning, admission and the
+/// views, replaced whole by each apply.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Without its source texts (kept on disk as the last good copy instead).
+    pub policy: Arc<PolicySet>,
+    /// Every identity this node has numbered, in the policy or not.
+    pub identities: Arc<IdentityTable>,
+    /// Each policy identity's rules, by number: the one copy the node keeps (the datapath
+    /// shares it).
+    pub rules: HashMap<u32, Arc<[Rule]>>,
+    /// Identities with name rules.
+    pub named: BTreeSet<u32>,
+    pub global_deny: Vec<IpNet>,
+}
+
+impl Applied {
+    pub fn revision(&self) -> &str {
+        &self.policy.revision
+    }
+
+    /// "file:line egress[i]" of an identity's rule `rule_id`.
+    pub fn rule_place(&self, identity: &str, rule_id: u32) -> Option<String> {
+        let agent = self.policy.agent(identity)?;
+        self.policy.rule_source(agent, rule_id).map(|s| s.place())
+    }
+}
+
+/// What an apply needs of the other owners.
+pub struct Deps<'a> {
+    pub registry: &'a Registry,
+    pub dns: &'a DnsLearning,
+    pub journal: &'a Journal,
+    pub counters: &'a Counters,
+    /// Where each identity's sessions run (the DNS proxy listens there).
+    pub sessions: &'a Sessions,
+}
+
+struct State {
+    /// A valid revision that could not be applied (capacity, say); not retried until the
+    /// directory changes.
+    refused: Option<String>,
+    /// What the policy directory looked like when last read.
+    stamp: Option<Stamp>,
+    /// When a schedule window next opens or closes; the policy is applied again then.
+    rearm_at: Option<SystemTime>,
+}
+
+pub struct Enforcer {
+    datapath: Arc<Datapath>,
+    applied: Snapshot<Applied>,
+    /// Held through an apply: one change at a time.
+    state: Mutex<State>,
+    /// Why the last change was refused (shown by `status`); its own lock so reading it never
+    /// waits on an apply.
+    last_error: Mutex<Option<String>>,
+    policy_dir: PathBuf,
+    last_good: PathBuf,
+    /// Policy arrives as bundles the link applies; the tick never reads the directory.
+    from_control_plane: bool,
+    /// The DNS proxy runs, so identities with name rules are steered to it.
+    dns_on: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Hands the allocator's free pages back to the kernel. Parsing and compiling a large policy
+/// leaves tens of MiB free inside glibc's arenas, resident for the daemon's whole life unless
+/// trimmed.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+impl Enforcer {
+    /// The policy to start on: the directory's, or when it is invalid, the last good copy
+    /// (with the reason it was not the directory's).
+    pub fn initial_policy(
+        policy_dir: &Path,
+        state_dir: &Path,
+    ) -> Result<(PolicySet, Option<String>), EnforcerError> {
+        match load_dir(policy_dir) {
+            Ok(p) => Ok((p, None)),
+            Err(errors) => match load_dir(&last_good_dir(state_dir)) {
+                Ok(p) => {
+                    warn!(revision = %p.revision, errors = %errors,
+                        "policy directory is invalid; starting on the last good revision");
+                    Ok((p, Some(errors.to_string())))
+                }
+                Err(_) => Err(EnforcerError::Policy {
+                    dir: policy_dir.to_owned(),
+                    errors,
+                }),
+            },
+        }
+    }
+
+    pub fn new(
+        datapath: Arc<Datapath>,
+        policy_dir: PathBuf,
+        state_dir: &Path,
+        from_control_plane: bool,
+        dns_on: bool,
+    ) -> Self {
+        Self {
+            datapath,
+            applied: Snapshot::new(Applied::default()),
+            state: Mutex::new(State {
+                refused: None,
+                stamp: None,
+                rearm_at: None,
+            }),
+            last_error: Mutex::new(None),
+            policy_dir,
+            last_good: last_good_dir(state_dir),
+            from_control_plane,
+            dns_on,
+        }
+    }
+
+    /// The policy in force.
+    pub fn applied(&self) -> Arc<Applied> {
+        self.applied.get()
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        lock(&self.last_error).clone()
+    }
+
+    pub fn set_last_error(&self, e: Option<String>) {
+        *lock(&self.last_error) = e;
+    }
+
+    /// Applies `set`, or fails changing nothing.
+    pub fn apply(&self, set: PolicySet, deps: &Deps<'_>) -> Result<(), EnforcerError> {
+        let mut st = lock(&self.state);
+        let r = self.apply_locked(&mut st, set, deps);
+        drop(st);
+        release_free_memory();
+        r
+    }
+
+    /// Applies a valid policy; when the datapath refuses it (capacity, say), the previous
+    /// revision stays, and the refusal is logged, recorded and remembered.
+    pub fn apply_or_refuse(&self, set: PolicySet, deps: &Deps<'_>) -> Result<(), EnforcerError> {
+        let mut st = lock(&self.state);
+        let r = self.apply_or_refuse_locked(&mut st, set, deps);
+        drop(st);
+        release_free_memory();
+        r
+    }
+
+    fn apply_or_refuse_locked(
+        &self,
+        st: &mut State,
+        set: PolicySet,
+        deps: &Deps<'_>,
+    ) -> Result<(), EnforcerError> {
+        let revision = set.revision.clone();
+        let Err(e) = self.apply_locked(st, set, deps) else {
+            return Ok(());
+        };
+        error!(error = %e, "applying policy failed; the previous revision stays");
+        deps.journal
+            .record(&AuditEvent::Policy(PolicyEvent::Rejected {
+                revision: Some(revision.clone()),
+                errors: e.to_string(),
+                revision_in_force: self.applied().revision().to_owned(),
+            }));
+        self.set_last_error(Some(e.to_string()));
+        st.refused = Some(revision);
+        deps.counters.add(|c| c.policy_rejections += 1);
+        Err(e)
+    }
+
+    fn apply_locked(
+        &self,
+        st: &mut State,
+        mut set: PolicySet,
+        deps: &Deps<'_>,
+    ) -> Result<(), EnforcerError> {
+        let sources = std::mem::take(&mut set.sources);
+        self.apply_set(st, Arc::new(set), Some(sources), deps)
+    }
+
+    /// `sources`: the files to keep as the last good copy (none when re-applying the policy
+    /// in force).
+    fn apply_set(
+        &self,
+        st: &mut State,
+        set: Arc<PolicySet>,
+        sources: Option<Vec<(PathBuf, String)>>,
+        deps: &Deps<'_>,
+    ) -> Result<(), EnforcerError> {
+        let t0 = std::time::Instant::now();
+        // Refused whole before anything changes: identity numbers are kept for good, so the
+        // table must hold everyone known plus everyone new.
+        let table = deps.registry.assign(
+            set.agents.iter().map(|a| a.identity.as_str()),
+            agent_common::MAX_IDENTITIES as usize - 1,
+        )?;
+        let now = SystemTime::now();
+        let deny = set.global_deny();
+        let mut rules: HashMap<u32, Arc<[Rule]>> = HashMap::with_capacity(set.agents.len());
+        let mut named = BTreeSet::new();
+        let mut modes = Vec::with_capacity(set.agents.len());
+        for a in &set.agents {
+            let n = table
+                .number(&a.identity)
+                .expect("every policy identity was just numbered");
+            let r: Arc<[Rule]> = set.rules_at(a, now).into();
+            if r.iter().any(|r| !r.fqdns.is_empty()) {
+                named.insert(n);
+            }
+            rules.insert(n, r);
+            modes.push((n, a.mode));
+        }
+        let mut configs: Vec<IdentityConfig> = modes
+            .into_iter()
+            .map(|(identity, mode)| IdentityConfig {
+                identity,
+                mode,
+                dns: self.dns_on && named.contains(&identity),
+            })
+            .collect();
+        // An identity the policy no longer names is denied everything: enforce mode (an
+        // audit mode left behind would allow it all), no rules, no DNS steering.
+        configs.extend(table.iter().filter(|(_, n)| !rules.contains_key(n)).map(
+            |(_, identity)| IdentityConfig {
+                identity,
+                mode: crate::policy::Mode::Enforce,
+                dns: false,
+            },
+        ));
+        // The proxy listens before any DNS is steered to it.
+        deps.dns.set_named(named.clone());
+        deps.dns.sync(&deps.sessions.namespaces());
+        let mut snap = deps.dns.snapshot_for_apply(&rules, &named, &deny);
+        let empty: Arc<[Rule]> = Arc::from(Vec::new());
+        // Identities known from before (this run or an earlier one) that the policy no longer
+        // names keep their bindings but get no rules: deny-all, never stale rules.
+        let sets: Vec<IdentityRules> = table
+            .iter()
+            .map(|(_, n)| IdentityRules {
+                identity: n,
+                base: rules.get(&n).cloned().unwrap_or_else(|| empty.clone()),
+                hosts: snap.hosts.remove(&n).unwrap_or_default(),
+            })
+            .collect();
+        let generation = snap.generation;
+        let datapath = &*self.datapath;
+        let done = datapath
+            .apply(
+                &deny,
+                sets,
+                &configs,
+                || deps.dns.replay(generation, datapath),
+                |n| deps.registry.status(n),
+            )
+            .map_err(|e| {
+                // The datapath knows identities by number; the admin knows them by SPIFFE ID.
+                match e.identity().and_then(|n| table.name(n)) {
+                    Some(identity) => EnforcerError::Rules {
+                        identity: identity.to_owned(),
+                        source: e,
+                    },
+                    None => e.into(),
+                }
+            })?;
+        let old = self.applied.get();
+        if old.revision() != set.revision {
+            // Rule numbers belong to a revision: counts of the old numbering would lie.
+            if let Err(e) = datapath.clear_rule_hits() {
+                warn!(error = %e, "could not reset the rule hit counters");
+            }
+        }
+        drop(old);
+        let took = t0.elapsed();
+        info!(
+            revision = %set.revision,
+            identities = set.agents.len(),
+            tries_rebuilt = done.rebuilt,
+            trie_entries = done.entries,
+            apply_ms = took.as_secs_f64() * 1e3,
+            "policy applied"
+        );
+        if let Some(sources) = sources {
+            let files = sources
+                .iter()
+                .map(|(p, t)| (p.file_name().unwrap_or(p.as_os_str()), t.as_bytes()));
+            if let Err(e) = crate::files::replace_dir(&self.last_good, files) {
+                warn!(error = %e, dir = %self.last_good.display(), "could not keep a copy of the applied policy");
+            }
+        }
+        st.rearm_at = set.next_schedule_change(now);
+        deps.counters.add(|c| {
+            c.policy_applies += 1;
+            c.last_apply_seconds = took.as_secs_f64();
+        });
+        deps.journal
+            .record(&AuditEvent::Policy(PolicyEvent::Applied {
+                revision: set.revision.clone(),
+                identities: set.agents.len(),
+            }));
+        self.applied.set(Applied {
+            policy: set,
+            identities: table,
+            rules,
+            named,
+            global_deny: deny,
+        });
+        self.set_last_error(None);
+        Ok(())
+    }
+
+    /// A schedule window opened or closed: the same revision, applied as of now.
+    pub fn rearm_if_due(&self, deps: &Deps<'_>) {
+        let mut st = lock(&self.state);
+        if st.rearm_at.is_none_or(|t| SystemTime::now() < t) {
+            return;
+        }
+        let policy = self.applied().policy.clone();
+        if let Err(e) = self.apply_set(&mut st, policy, None, deps) {
+            error!(error = %e, "re-applying scheduled rules failed");
+        }
+        drop(st);
+        release_free_memory();
+    }
+
+    /// Re-reads the policy directory; a new valid revision is applied, an invalid one is
+    /// refused and the last good one stays in force. `force`: read the directory even when
+    /// nothing in it changed (`policy apply`), and even with a control plane.
+    pub fn reload(&self, force: bool, deps: &Deps<'_>) {
+        // With a control plane, policy changes arrive as bundles, which apply themselves
+        // (`force`); the tick never reads the directory while a bundle is being written to it.
+        if self.from_control_plane && !force {
+            return;
+        }
+        let mut st = lock(&self.state);
+        // Parsed again only when a file in it changed: a large directory costs nothing while
+        // it stays as it is.
+        let stamp = Stamp::of_dir(&self.policy_dir);
+        if !force && st.stamp.as_ref() == Some(&stamp) {
+            return;
+        }
+        st.stamp = Some(stamp);
+        let current = self.applied().revision().to_owned();
+        match load_dir(&self.policy_dir) {
+            // The directory is back to what is in force: any earlier rejection is over.
+            Ok(set) if set.revision == current => {
+                self.set_last_error(None);
+                st.refused = None;
+            }
+            // Refused once already: not tried (and logged) again every tick.
+            Ok(set) if st.refused.as_deref() == Some(set.revision.as_str()) => {}
+            Ok(set) => {
+                let _ = self.apply_or_refuse_locked(&mut st, set, deps);
+                drop(st);
+                release_free_memory();
+            }
+            Err(errors) => {
+                let text = errors.to_string();
+                if self.last_error().as_deref() != Some(&text) {
+                    deps.journal
+                        .record(&AuditEvent::Policy(PolicyEvent::Rejected {
+                            revision: None,
+                            errors: text.clone(),
+                            revision_in_force: current.clone(),
+                        }));
+                    warn!(revision = %current, errors = %text,
+                        "policy change rejected; keeping the last good revision");
+                    deps.counters.add(|c| c.policy_rejections += 1);
+                    self.set_last_error(Some(text));
+                }
+            }
+        }
+    }
+}
+
+/// Where the node keeps the files of the last policy it applied.
+fn last_good_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("policy-last-good")
+}

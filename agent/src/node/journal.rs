@@ -1,0 +1,509 @@
+//! The journal: everything the node reports goes through here, to the hash-chained audit log
+//! and, with a control plane, to the outbox its link drains into the report spool. Nothing is
+//! dropped without being counted: records the log could not take become a `loss` record in
+//! the log once it takes records again, and so do records the outbox had no room for.
+
+use std::{net::IpAddr, path::Path, sync::Mutex};
+
+use serde::Serialize;
+use serde_json::Value;
+use tracing::error;
+
+use crate::{audit::AuditLog, flows::FlowRecord};
+
+/// Records the outbox holds at most before new ones count as lost.
+const OUTBOX_MAX: usize = 1 << 20;
+
+/// A certificate-bound session came to be or changed (`launched`, `enrolled`, `renewed`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Bound {
+    pub identity: String,
+    pub serial: String,
+    pub cgroup: std::path::PathBuf,
+    pub pid: u32,
+    pub not_after: String,
+}
+
+/// `kind: identity` records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum IdentityEvent {
+    Launched(Bound),
+    Enrolled(Bound),
+    Renewed(Bound),
+    SessionEnded {
+        identity: String,
+        cgroup: std::path::PathBuf,
+        serial: String,
+    },
+    RevokedByCrl {
+        identity: String,
+        serial: String,
+        cgroup: std::path::PathBuf,
+        connections_destroyed: usize,
+    },
+    Expired {
+        identity: String,
+        cgroup: std::path::PathBuf,
+        serial: String,
+        not_after: String,
+    },
+    Revoked {
+        identity: String,
+        connections_destroyed: usize,
+        /// `control-plane` for a fleet-wide revocation.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        by: Option<&'static str>,
+    },
+    /// A launch, enrollment or renewal turned down.
+    Rejected {
+        op: &'static str,
+        identity: Option<String>,
+        reason: Option<String>,
+    },
+}
+
+/// `kind: policy` records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum PolicyEvent {
+    Applied {
+        revision: String,
+        identities: usize,
+    },
+    /// A change refused: invalid (no `revision`: it never had one), or valid and beyond what
+    /// the datapath holds.
+    Rejected {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        revision: Option<String>,
+        errors: String,
+        revision_in_force: String,
+    },
+}
+
+/// `kind: dns` records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum DnsEvent {
+    /// An answer named an address DNS may not open (deny list, rebinding).
+    Refused {
+        identity: String,
+        name: String,
+        addr: IpAddr,
+        why: &'static str,
+    },
+    /// Addresses a cap kept out.
+    Cap {
+        identity: String,
+        name: String,
+        cap: &'static str,
+        refused: Vec<IpAddr>,
+    },
+    Learned {
+        identity: String,
+        name: String,
+        addrs: Vec<IpAddr>,
+        rule_id: u32,
+    },
+    InstallFailed {
+        identity: String,
+        name: String,
+        error: String,
+    },
+}
+
+/// `kind: loss` records the node writes about the kernel's ring buffer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KernelLoss {
+    pub records_lost: u64,
+    pub total_lost: u64,
+}
+
+/// One audit event.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AuditEvent<'a> {
+    Identity(IdentityEvent),
+    Policy(PolicyEvent),
+    Dns(DnsEvent),
+    Loss(KernelLoss),
+    Decision(&'a FlowRecord),
+}
+
+impl AuditEvent<'_> {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Identity(_) => "identity",
+            Self::Policy(_) => "policy",
+            Self::Dns(_) => "dns",
+            Self::Loss(_) => "loss",
+            Self::Decision(_) => "decision",
+        }
+    }
+
+    /// The record's own fields (the log adds seq, kind, time, prev and hash).
+    pub fn fields(&self) -> Value {
+        let v = match self {
+            Self::Identity(e) => serde_json::to_value(e),
+            Self::Policy(e) => serde_json::to_value(e),
+            Self::Dns(e) => serde_json::to_value(e),
+            Self::Loss(e) => serde_json::to_value(e),
+            Self::Decision(r) => serde_json::to_value(r),
+        };
+        v.expect("audit events serialize")
+    }
+}
+
+struct State {
+    log: Option<AuditLog>,
+    /// Records the log could not take.
+    failures: u64,
+    /// Of those, the ones no `loss` record in the log accounts for yet.
+    unlogged: u64,
+    /// Records bound for the control plane, when there is one (taken by its link).
+    outbox: Option<Vec<Value>>,
+    /// Records the outbox could not hold (the link stalled); reported with the next one.
+    outbox_lost: u64,
+}
+
+pub struct Journal {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("audit log {path}: {message}")]
+pub struct JournalError {
+    path: std::path::PathBuf,
+    message: String,
+}
+
+impl Journal {
+    /// A journal writing to the audit log at `path` (none: records go to the outbox only).
+    pub fn open(path: Option<&Path>, max_bytes: u64) -> Result<Self, JournalError> {
+        let log = path
+            .map(|p| {
+                AuditLog::open(p, max_bytes).map_err(|e| JournalError {
+                    path: p.to_owned(),
+                    message: e.to_string(),
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            state: Mutex::new(State {
+                log,
+                failures: 0,
+                unlogged: 0,
+                outbox: None,
+                outbox_lost: 0,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// From now on, records also go to the outbox (a control plane link runs).
+    pub fn enable_outbox(&self) {
+        self.lock().outbox.get_or_insert_with(Vec::new);
+    }
+
+    /// Records written since the last call, oldest first.
+    pub fn take_outbox(&self) -> Vec<Value> {
+        self.lock()
+            .outbox
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Audit records that could not be written (a full disk, say).
+    pub fn failures(&self) -> u64 {
+        self.lock().failures
+    }
+
+    /// Writes an event to the audit log and the outbox. A failure is logged and counted; it
+    /// never stops enforcement.
+    pub fn record(&self, event: &AuditEvent<'_>) {
+        let kind = event.kind();
+        let fields = event.fields();
+        let mut st = self.lock();
+        let for_link = st.outbox.is_some().then(|| fields.clone());
+        let audit_seq = Self::log(&mut st, kind, fields);
+        let Some(fields) = for_link else {
+            return;
+        };
+        let st = &mut *st;
+        let Some(out) = &mut st.outbox else {
+            return;
+        };
+        if out.len() >= OUTBOX_MAX {
+            st.outbox_lost += 1;
+            return;
+        }
+        let now = crate::clock::now_rfc3339();
+        if st.outbox_lost > 0 {
+            out.push(serde_json::json!({ "kind": "loss", "time": now, "outbox_records_lost": st.outbox_lost }));
+            st.outbox_lost = 0;
+        }
+        let mut r = match fields {
+            Value::Object(m) => m,
+            other => {
+                let mut m = serde_json::Map::new();
+                m.insert("value".into(), other);
+                m
+            }
+        };
+        r.insert("kind".into(), kind.into());
+        r.entry("time").or_insert(now.into());
+        // Ties the control plane's copy to the record in the node's tamper-evident log.
+        if let Some(seq) = audit_seq {
+            r.insert("audit_seq".into(), seq.into());
+        }
+        out.push(Value::Object(r));
+    }
+
+    /// Appends to the audit log; the record's sequence number there, when written.
+    fn log(st: &mut State, kind: &str, fields: Value) -> Option<u64> {
+        let log = st.log.as_mut()?;
+        // Records that could not be written earlier are a counted loss in the log itself,
+        // once it takes records again.
+        if st.unlogged > 0
+            && log
+                .append(
+                    "loss",
+                    serde_json::json!({ "audit_records_lost": st.unlogged }),
+                )
+                .is_ok()
+        {
+            st.unlogged = 0;
+        }
+        match log.append(kind, fields) {
+            Ok(seq) => Some(seq),
+            Err(e) => {
+                st.failures += 1;
+                st.unlogged += 1;
+                // A full disk fails every record: say so at 1, 2, 4, 8... failures, not each.
+                if st.failures.is_power_of_two() {
+                    error!(error = %e, failures = st.failures,
+                        "audit records not written (counted in agentwall_audit_write_failures_total)");
+                }
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each event against the `json!` the node wrote before its events were typed (the
+    //! literals below are those of the node of the commit that introduced this file, with
+    //! sample values): the audit log's records keep their keys and values.
+
+    use super::*;
+    use serde_json::json;
+
+    fn bound() -> Bound {
+        Bound {
+            identity: "spiffe://example.org/agent/a".into(),
+            serial: "0a1b".into(),
+            cgroup: "/sys/fs/cgroup/agentwall/a-1-1".into(),
+            pid: 42,
+            not_after: "2026-12-01T10:00:00.000Z".into(),
+        }
+    }
+
+    fn same(e: AuditEvent<'_>, kind: &str, want: Value) {
+        assert_eq!(e.kind(), kind);
+        assert_eq!(e.fields(), want, "{e:?}");
+    }
+
+    #[test]
+    fn identity_events_keep_their_shape() {
+        let (id, serial, cg, pid, not_after) = (
+            "spiffe://example.org/agent/a",
+            "0a1b",
+            "/sys/fs/cgroup/agentwall/a-1-1",
+            42,
+            "2026-12-01T10:00:00.000Z",
+        );
+        for (ev, e) in [
+            ("launched", IdentityEvent::Launched(bound())),
+            ("enrolled", IdentityEvent::Enrolled(bound())),
+            ("renewed", IdentityEvent::Renewed(bound())),
+        ] {
+            same(
+                AuditEvent::Identity(e),
+                "identity",
+                json!({
+                    "event": ev, "identity": id, "serial": serial,
+                    "cgroup": cg, "pid": pid, "not_after": not_after,
+                }),
+            );
+        }
+        same(
+            AuditEvent::Identity(IdentityEvent::SessionEnded {
+                identity: id.into(),
+                cgroup: cg.into(),
+                serial: serial.into(),
+            }),
+            "identity",
+            json!({ "event": "session-ended", "identity": id, "cgroup": cg, "serial": serial }),
+        );
+        same(
+            AuditEvent::Identity(IdentityEvent::RevokedByCrl {
+                identity: id.into(),
+                serial: serial.into(),
+                cgroup: cg.into(),
+                connections_destroyed: 2,
+            }),
+            "identity",
+            json!({ "event": "revoked-by-crl", "identity": id, "serial": serial, "cgroup": cg, "connections_destroyed": 2 }),
+        );
+        same(
+            AuditEvent::Identity(IdentityEvent::Expired {
+                identity: id.into(),
+                cgroup: cg.into(),
+                serial: serial.into(),
+                not_after: not_after.into(),
+            }),
+            "identity",
+            json!({ "event": "expired", "identity": id, "cgroup": cg, "serial": serial, "not_after": not_after }),
+        );
+        same(
+            AuditEvent::Identity(IdentityEvent::Revoked {
+                identity: id.into(),
+                connections_destroyed: 1,
+                by: None,
+            }),
+            "identity",
+            json!({ "event": "revoked", "identity": id, "connections_destroyed": 1 }),
+        );
+        same(
+            AuditEvent::Identity(IdentityEvent::Revoked {
+                identity: id.into(),
+                connections_destroyed: 0,
+                by: Some("control-plane"),
+            }),
+            "identity",
+            json!({ "event": "revoked", "identity": id, "connections_destroyed": 0, "by": "control-plane" }),
+        );
+        let reason: Option<String> = Some("identity x is revoked".into());
+        same(
+            AuditEvent::Identity(IdentityEvent::Rejected {
+                op: "launch",
+                identity: None,
+                reason: reason.clone(),
+            }),
+            "identity",
+            json!({ "event": "rejected", "op": "launch", "identity": None::<String>, "reason": reason }),
+        );
+    }
+
+    #[test]
+    fn policy_dns_and_loss_events_keep_their_shape() {
+        same(
+            AuditEvent::Policy(PolicyEvent::Applied {
+                revision: "abcd".into(),
+                identities: 3,
+            }),
+            "policy",
+            json!({ "event": "applied", "revision": "abcd", "identities": 3 }),
+        );
+        same(
+            AuditEvent::Policy(PolicyEvent::Rejected {
+                revision: Some("beef".into()),
+                errors: "too many".into(),
+                revision_in_force: "abcd".into(),
+            }),
+            "policy",
+            json!({ "event": "rejected", "revision": "beef", "errors": "too many", "revision_in_force": "abcd" }),
+        );
+        same(
+            AuditEvent::Policy(PolicyEvent::Rejected {
+                revision: None,
+                errors: "a.yaml:1:1: bad".into(),
+                revision_in_force: "abcd".into(),
+            }),
+            "policy",
+            json!({ "event": "rejected", "errors": "a.yaml:1:1: bad", "revision_in_force": "abcd" }),
+        );
+        let (id, name) = ("spiffe://example.org/agent/a", "api.example.com");
+        let ip: IpAddr = "169.254.169.254".parse().unwrap();
+        same(
+            AuditEvent::Dns(DnsEvent::Refused {
+                identity: id.into(),
+                name: name.into(),
+                addr: ip,
+                why: "global deny list",
+            }),
+            "dns",
+            json!({ "event": "refused", "identity": id, "name": name, "addr": ip.to_string(), "why": "global deny list" }),
+        );
+        let addrs: Vec<IpAddr> = vec![
+            "203.0.113.7".parse().unwrap(),
+            "2001:db8::7".parse().unwrap(),
+        ];
+        let strings: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        same(
+            AuditEvent::Dns(DnsEvent::Cap {
+                identity: id.into(),
+                name: name.into(),
+                cap: "addresses per name",
+                refused: addrs.clone(),
+            }),
+            "dns",
+            json!({ "event": "cap", "identity": id, "name": name, "cap": "addresses per name", "refused": strings }),
+        );
+        same(
+            AuditEvent::Dns(DnsEvent::Learned {
+                identity: id.into(),
+                name: name.into(),
+                addrs,
+                rule_id: 2,
+            }),
+            "dns",
+            json!({ "event": "learned", "identity": id, "name": name, "addrs": strings, "rule_id": 2 }),
+        );
+        same(
+            AuditEvent::Dns(DnsEvent::InstallFailed {
+                identity: id.into(),
+                name: name.into(),
+                error: "ENOMEM".into(),
+            }),
+            "dns",
+            json!({ "event": "install_failed", "identity": id, "name": name, "error": "ENOMEM" }),
+        );
+        same(
+            AuditEvent::Loss(KernelLoss {
+                records_lost: 5,
+                total_lost: 9,
+            }),
+            "loss",
+            json!({ "records_lost": 5, "total_lost": 9 }),
+        );
+    }
+
+    #[test]
+    fn records_reach_log_and_outbox_with_their_place_in_the_log() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.jsonl");
+        let j = Journal::open(Some(&p), 0).unwrap();
+        j.record(&AuditEvent::Loss(KernelLoss {
+            records_lost: 1,
+            total_lost: 1,
+        }));
+        j.enable_outbox();
+        j.record(&AuditEvent::Policy(PolicyEvent::Applied {
+            revision: "r".into(),
+            identities: 0,
+        }));
+        let out = j.take_outbox();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0]["kind"], "policy");
+        assert_eq!(out[0]["audit_seq"], 2);
+        assert!(j.take_outbox().is_empty());
+        assert_eq!(crate::audit::verify(&[p]).unwrap(), 2);
+    }
+}

@@ -1,0 +1,717 @@
+//! The node daemon: a composition root over owners, each with its own state and its own lock.
+//! [`Node::start`] builds them; [`Node::serve`] spawns the tasks that drive them (the local
+//! API, the 500 ms tick, the kernel's records, the AI catalog, metrics, the control-plane
+//! link). Flows that involve several owners (a launch, a revocation, a tick) are written here.
+//!
+//! | owner | owns |
+//! |---|---|
+//! | [`registry::Registry`] | identity numbers and revocations (`identities.json`) |
+//! | [`enforcer::Enforcer`] | the policy in force: apply, refuse, last good, schedule re-arm; publishes [`enforcer::Applied`] |
+//! | [`sessions::Sessions`] | launched and enrolled cgroups: admit, bind, renew, collect, expiry, CRL cut-off |
+//! | [`dns::DnsLearning`] | answers → kernel host entries, the learned file, names seen, proxy namespaces |
+//! | [`records::Records`] | decision records: enrich, fold (pure, [`records::Folder`]), emit; recent ones for `flows` |
+//! | [`journal::Journal`] | the audit log, the control-plane outbox, loss counts, typed audit events |
+//! | [`trust::Trust`] | trust bundle, CRLs and the TLS configuration built on them |
+//! | [`views`] | `status` and the metrics page |
+//! | [`api`] | the local API: one request, checked once, handed to its owner |
+//!
+//! Lock order: a lock may be taken while holding those before it in this list, never after:
+//! enforcer (held through an apply) → sessions → DNS learned table → datapath map locks →
+//! record folder → recent records → journal → counters. Snapshots ([`enforcer::Applied`],
+//! TLS) are read by cloning an `Arc`; nothing that serves an agent (a DNS answer, a decision
+//! record, `status`) waits on a policy apply.
+
+pub mod api;
+pub mod dns;
+pub mod enforcer;
+pub mod journal;
+pub mod records;
+pub mod registry;
+pub mod sessions;
+pub mod trust;
+pub mod views;
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::SocketAddr,
+    os::{fd::OwnedFd, unix::fs::PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, OnceLock, RwLock, atomic::AtomicU64},
+    time::Duration,
+};
+
+use tokio::net::UnixListener;
+use tracing::{error, info, warn};
+
+use crate::{
+    cgroup::{Cgroup, Cgroup2Mount, CgroupError},
+    config::{ConfigError, NodeConfig},
+    control_plane::link::{ApplyError, LinkError, LinkStats},
+    datapath::{Datapath, DatapathConfig, DatapathError, EventReader},
+    discovery::{Catalog, CatalogError},
+    dns::{
+        Answer,
+        proxy::{AnswerSink, Netns, Proxy, ProxyConfig},
+    },
+    identity::VerifiedPeer,
+    policy::{IdentityStatus, Mode, source::PolicySet},
+};
+
+use self::{
+    enforcer::{Deps, Enforcer, EnforcerError},
+    journal::{AuditEvent, IdentityEvent, Journal, JournalError, KernelLoss},
+    records::{Lookups, Records},
+    registry::{Registry, RegistryError},
+    sessions::{SessionError, Sessions},
+    trust::{Trust, TrustError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    #[error(transparent)]
+    Enforcer(#[from] EnforcerError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("control plane: {0}")]
+    Link(#[from] LinkError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("socket_group {0:?} does not exist")]
+    NoGroup(String),
+    #[error("metrics_listen {addr}: {source}")]
+    Metrics { addr: SocketAddr, source: io::Error },
+    #[error("installing the SIGTERM handler: {0}")]
+    Signal(io::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> NodeError + '_ {
+    move |source| NodeError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Why a revocation was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    #[error("unknown identity {0}")]
+    Unknown(String),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+}
+
+/// An audit log file is rotated past this size unless `audit_log_max_bytes` says otherwise.
+const AUDIT_MAX_BYTES: u64 = 64 << 20;
+
+/// A value replaced whole and read without waiting: readers clone the `Arc` under a lock held
+/// for no longer than that.
+pub struct Snapshot<T>(RwLock<Arc<T>>);
+
+impl<T> Snapshot<T> {
+    pub fn new(v: T) -> Self {
+        Self(RwLock::new(Arc::new(v)))
+    }
+
+    pub fn get(&self) -> Arc<T> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set(&self, v: T) {
+        let v = Arc::new(v);
+        // The old value is dropped after the lock is released.
+        let _old = std::mem::replace(
+            &mut *self
+                .0
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            v,
+        );
+    }
+}
+
+/// The metrics counters, behind one short lock.
+#[derive(Default)]
+pub struct Counters(Mutex<crate::metrics::Counters>);
+
+impl Counters {
+    pub fn add(&self, f: impl FnOnce(&mut crate::metrics::Counters)) {
+        f(&mut self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+
+    pub fn snapshot(&self) -> crate::metrics::Counters {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+pub struct Node {
+    cfg: NodeConfig,
+    datapath: Arc<Datapath>,
+    trust: Trust,
+    registry: Registry,
+    enforcer: Enforcer,
+    sessions: Sessions,
+    dns: dns::DnsLearning,
+    /// AI services and the addresses they are known to have.
+    catalog: Mutex<Catalog>,
+    /// Where the node resolves the AI catalog's names.
+    upstreams: Vec<SocketAddr>,
+    records: Records,
+    journal: Arc<Journal>,
+    counters: Counters,
+    events: Mutex<Option<EventReader>>,
+    /// Kernel records already reported as lost.
+    dropped_seen: AtomicU64,
+    /// Set once the control plane link runs.
+    link: OnceLock<Arc<LinkStats>>,
+}
+
+/// Hands the proxy's answers to the node without a reference cycle.
+struct DnsSink(std::sync::Weak<Node>);
+
+impl AnswerSink for DnsSink {
+    fn answered(&self, identity: u32, answer: &Answer) {
+        if let Some(node) = self.0.upgrade() {
+            node.dns_answered(identity, answer);
+        }
+    }
+}
+
+impl Node {
+    /// Starts the datapath (adopting pins), loads and applies policy. The policy must be valid
+    /// to start, unless a last good copy is kept.
+    pub fn start(cfg: NodeConfig) -> Result<Arc<Self>, NodeError> {
+        cfg.check()?;
+        let trust = Trust::load(&cfg)?;
+        let dir = cfg.policy_dir();
+        let state_dir = cfg.state_dir();
+        std::fs::create_dir_all(&state_dir).map_err(io_err(&state_dir))?;
+        if cfg.control_plane.is_some() {
+            // Before the first bundle arrives the node enforces an empty policy: every bound
+            // identity is denied everything.
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        // A bad policy directory never replaces a good policy: start on the last good one
+        // (kept in state_dir) and say why.
+        let (policy, policy_error) = Enforcer::initial_policy(&dir, &state_dir)?;
+        let mount = Cgroup2Mount::discover()?;
+        let attach = cfg
+            .attach_cgroup
+            .clone()
+            .unwrap_or_else(|| mount.mount_point.clone());
+        let mut dp_cfg = DatapathConfig::new(&attach, cfg.bpffs_dir());
+        dp_cfg.unknown_flows = cfg.unknown_flows();
+        dp_cfg.record_allowed = cfg.record_allowed.unwrap_or(true);
+        let caps = cfg.dns_caps();
+        dp_cfg.host_headroom = u32::try_from(
+            caps.names_per_identity
+                .saturating_mul(caps.addresses_per_name)
+                .min(1 << 16),
+        )
+        .unwrap_or(1 << 16);
+        let datapath = Arc::new(Datapath::start(&dp_cfg)?);
+        datapath.set_dns_port(cfg.dns_port())?;
+        let mut dns_error = None;
+        let upstreams = if cfg.dns_upstream.is_empty() {
+            crate::dns::resolv_conf_upstreams(Path::new("/etc/resolv.conf")).unwrap_or_else(|e| {
+                error!(error = %e, "the DNS proxy has no upstream; every query gets SERVFAIL");
+                dns_error = Some(e.to_string());
+                Vec::new()
+            })
+        } else {
+            cfg.dns_upstream.clone()
+        };
+        let events = datapath.take_events();
+        let agents = Cgroup::create(attach.join("agentwall"))?;
+        let catalog = Catalog::new(&cfg.ai_catalog)?;
+        let registry = Registry::load(&state_dir)?;
+        let journal = Arc::new(Journal::open(
+            cfg.audit_log.as_deref(),
+            cfg.audit_log_max_bytes.unwrap_or(AUDIT_MAX_BYTES),
+        )?);
+        let settings = dns::Settings {
+            grace: cfg.dns_grace(),
+            min_ttl: cfg.dns_min_ttl(),
+            caps,
+            catalog_keep: cfg.catalog_refresh() * 2 + cfg.dns_grace(),
+            state_dir: state_dir.clone(),
+        };
+        let dns_port = cfg.dns_port();
+        let proxy_cfg = ProxyConfig {
+            port: dns_port,
+            upstreams: upstreams.clone(),
+            timeout: cfg.dns_timeout(),
+        };
+        let enforcer = Enforcer::new(
+            datapath.clone(),
+            dir,
+            &state_dir,
+            cfg.control_plane.is_some(),
+            dns_port != 0,
+        );
+        let node = Arc::new_cyclic(|weak| Self {
+            dns: dns::DnsLearning::new(
+                settings,
+                (dns_port != 0).then(|| Proxy::new(proxy_cfg, Arc::new(DnsSink(weak.clone())))),
+                dns_error,
+            ),
+            upstreams,
+            trust,
+            registry,
+            enforcer,
+            sessions: Sessions::new(datapath.clone(), journal.clone(), agents, mount),
+            catalog: Mutex::new(catalog),
+            records: Records::new(cfg.aggregate_window()),
+            journal,
+            counters: Counters::default(),
+            events: Mutex::new(events),
+            dropped_seen: AtomicU64::new(0),
+            link: OnceLock::new(),
+            datapath,
+            cfg,
+        });
+        node.enforcer.apply(policy, &node.deps())?;
+        node.enforcer.set_last_error(policy_error);
+        Ok(node)
+    }
+
+    fn deps(&self) -> Deps<'_> {
+        Deps {
+            registry: &self.registry,
+            sessions: &self.sessions,
+            dns: &self.dns,
+            journal: &self.journal,
+            counters: &self.counters,
+        }
+    }
+
+    fn catalog(&self) -> std::sync::MutexGuard<'_, Catalog> {
+        self.catalog
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The revision in force.
+    pub fn revision(&self) -> String {
+        self.enforcer.applied().revision().to_owned()
+    }
+
+    /// Re-reads the policy directory (see [`Enforcer::reload`]).
+    pub fn reload_policy(&self, force: bool) {
+        self.enforcer.reload(force, &self.deps());
+    }
+
+    /// The half-second housekeeping: CRLs, ended sessions, lost kernel records, expired
+    /// learned addresses and certificates, the DNS proxy's namespaces, counts the kernel
+    /// held, folded runs, schedule windows and the policy directory.
+    fn tick(&self) {
+        if let Some(serials) = self.trust.reload_crls() {
+            self.sessions.cut_off(&serials);
+        }
+        self.sessions.collect();
+        let dropped = self.datapath.dropped_events().unwrap_or(0);
+        let seen = self
+            .dropped_seen
+            .fetch_max(dropped, std::sync::atomic::Ordering::Relaxed);
+        if dropped > seen {
+            let lost = dropped - seen;
+            warn!(lost, "kernel records lost (ring buffer full)");
+            self.journal.record(&AuditEvent::Loss(KernelLoss {
+                records_lost: lost,
+                total_lost: dropped,
+            }));
+        }
+        self.dns.expire(&self.datapath);
+        self.sessions.note_expiries();
+        self.dns.sync(&self.sessions.namespaces());
+        {
+            let applied = self.enforcer.applied();
+            let with = self.lookups(&applied);
+            self.records
+                .sweep_kernel_counts(&self.datapath, &with, &self.journal, &self.counters);
+        }
+        self.records.flush(false, &self.journal);
+        let deps = self.deps();
+        self.enforcer.rearm_if_due(&deps);
+        self.enforcer.reload(false, &deps);
+    }
+
+    fn lookups<'a>(&'a self, applied: &'a enforcer::Applied) -> Lookups<'a> {
+        Lookups {
+            applied,
+            sessions: &self.sessions,
+            dns: &self.dns,
+            catalog: &self.catalog,
+        }
+    }
+
+    fn dns_answered(&self, identity: u32, answer: &Answer) {
+        let seen: Vec<std::net::IpAddr> = answer.addrs.iter().map(|(ip, _)| *ip).collect();
+        let keep = self.cfg.catalog_refresh() * 2 + self.cfg.dns_grace();
+        self.catalog().observe(&answer.qname, &seen, keep);
+        let applied = self.enforcer.applied();
+        self.dns.answered(
+            identity,
+            answer,
+            &applied,
+            &self.datapath,
+            &self.journal,
+            &self.counters,
+        );
+    }
+
+    /// The identity's number, if it may be bound now (it has a policy and is not revoked).
+    fn admissible(&self, id: &str) -> Result<u32, SessionError> {
+        let applied = self.enforcer.applied();
+        let number = applied
+            .policy
+            .agent(id)
+            .and_then(|_| applied.identities.number(id))
+            .ok_or_else(|| SessionError::NoPolicy(id.to_owned()))?;
+        if self.registry.is_revoked(id) {
+            return Err(SessionError::Revoked(id.to_owned()));
+        }
+        Ok(number)
+    }
+
+    fn refused(op: &str, id: String, why: &SessionError) -> crate::api::Response {
+        warn!(identity = %id, reason = %why, "{op} rejected");
+        crate::api::Response::error(Some(id), why.to_string())
+    }
+
+    fn launch(&self, peer: VerifiedPeer, pidfd: OwnedFd) -> crate::api::Response {
+        let id = peer.id.to_string();
+        let placed = self
+            .admissible(&id)
+            .and_then(|n| self.sessions.launch(&peer, &pidfd, n));
+        match placed {
+            Ok(cgroup) => {
+                // Before the agent's first lookup: a proxy in its network namespace.
+                self.dns.sync(&self.sessions.namespaces());
+                crate::api::Response {
+                    ok: true,
+                    identity: Some(id),
+                    cgroup: Some(cgroup),
+                    ..Default::default()
+                }
+            }
+            Err(e) => Self::refused("launch", id, &e),
+        }
+    }
+
+    fn enroll(&self, peer: VerifiedPeer, path: &Path) -> crate::api::Response {
+        let id = peer.id.to_string();
+        match self.sessions.enroll(&peer, path, || self.admissible(&id)) {
+            Ok(cgroup) => {
+                self.dns.sync(&self.sessions.namespaces());
+                crate::api::Response {
+                    ok: true,
+                    identity: Some(id),
+                    cgroup: Some(cgroup),
+                    ..Default::default()
+                }
+            }
+            Err(e) => Self::refused("enroll", id, &e),
+        }
+    }
+
+    fn renew(&self, peer: VerifiedPeer, pidfd: OwnedFd) -> crate::api::Response {
+        let id = peer.id.to_string();
+        let renewed = self
+            .sessions
+            .session_of_caller(&peer, &pidfd)
+            .and_then(|s| {
+                self.admissible(&id)?;
+                self.sessions.renew(&peer, &s)
+            });
+        match renewed {
+            Ok(cgroup) => crate::api::Response {
+                ok: true,
+                identity: Some(id),
+                cgroup: Some(cgroup),
+                ..Default::default()
+            },
+            Err(e) => Self::refused("renew", id, &e),
+        }
+    }
+
+    /// Denies the identity everything at once and keeps it revoked (across reloads and
+    /// restarts), then ends its established connections. The one path for `revoke` and for
+    /// fleet-wide revocations (`by`).
+    fn revoke(&self, id: &str, by: Option<&'static str>) -> Result<(), RevokeError> {
+        let number = self.registry.table().number(id);
+        if number.is_none() && by.is_none() {
+            return Err(RevokeError::Unknown(id.to_owned()));
+        }
+        // Marked first: an apply writing identity states from now on writes this one revoked.
+        if let Err(e) = self.registry.revoke(id) {
+            error!(error = %e, identity = id, "revocation is in force but could not be saved");
+        }
+        let Some(number) = number else {
+            // Not seen here yet: it stays revoked should it ever be.
+            warn!(identity = %id, "identity revoked fleet-wide (no session here)");
+            self.journal
+                .record(&AuditEvent::Identity(IdentityEvent::Revoked {
+                    identity: id.to_owned(),
+                    connections_destroyed: 0,
+                    by,
+                }));
+            return Ok(());
+        };
+        let mode = self
+            .enforcer
+            .applied()
+            .policy
+            .agent(id)
+            .map_or(Mode::Enforce, |a| a.mode);
+        self.datapath
+            .set_identity(number, IdentityStatus::Revoked, mode)?;
+        // New connections already fail; end the established ones too.
+        let destroyed = self.sessions.end_connections(id);
+        warn!(
+            identity = id,
+            connections_destroyed = destroyed,
+            "identity revoked"
+        );
+        self.journal
+            .record(&AuditEvent::Identity(IdentityEvent::Revoked {
+                identity: id.to_owned(),
+                connections_destroyed: destroyed,
+                by: None,
+            }));
+        Ok(())
+    }
+
+    /// Reads the kernel's decision records as they arrive.
+    async fn read_events(self: Arc<Self>) {
+        let Some(reader) = self
+            .events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        else {
+            return;
+        };
+        // SAFETY: the reader owns the ring buffer's map fd, which stays open and the same for
+        // as long as the reader lives inside the AsyncFd.
+        let mut fd = match unsafe { tokio::io::unix::AsyncFd::register(reader) } {
+            Ok(fd) => fd,
+            Err(e) => {
+                error!(error = %e, "cannot watch the event ring buffer; no flows will be recorded");
+                return;
+            }
+        };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            let applied = self.enforcer.applied();
+            let with = self.lookups(&applied);
+            for e in guard.get_inner_mut().drain() {
+                self.records
+                    .record(&e, &with, &self.journal, &self.counters);
+            }
+            guard.clear_ready();
+        }
+    }
+
+    /// Resolves the AI catalog's names now and every `catalog_refresh_secs`, so unknown flows
+    /// to them are tagged with their service.
+    async fn refresh_catalog(self: Arc<Self>) {
+        let every = self.cfg.catalog_refresh();
+        loop {
+            let names = self.catalog().exact_names();
+            let node = self.clone();
+            let found = tokio::task::spawn_blocking(move || {
+                names
+                    .into_iter()
+                    .map(|n| {
+                        let addrs =
+                            crate::discovery::resolve(&node.upstreams, &n, Duration::from_secs(2));
+                        (n, addrs)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            {
+                let mut catalog = self.catalog();
+                for (name, addrs) in &found {
+                    catalog.observe(name, addrs, every * 2 + Duration::from_secs(60));
+                }
+                tracing::debug!(addresses = catalog.known_addresses(), "AI catalog resolved");
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Serves the API until SIGTERM or SIGINT. Enforcement stays pinned after it returns.
+    pub async fn serve(self: Arc<Self>, ready: impl FnOnce(&Path, &str)) -> Result<(), NodeError> {
+        let socket = self.cfg.socket();
+        if let Some(parent) = socket.parent() {
+            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        match std::fs::remove_file(&socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&socket)(e)),
+        }
+        let listener = UnixListener::bind(&socket).map_err(io_err(&socket))?;
+        // Root only unless a group is configured.
+        let mode = if self.cfg.socket_group.is_some() {
+            0o660
+        } else {
+            0o600
+        };
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(mode))
+            .map_err(io_err(&socket))?;
+        if let Some(group) = &self.cfg.socket_group {
+            chown_group(&socket, group)?;
+        }
+        if let Some(cp) = &self.cfg.control_plane {
+            let link = crate::control_plane::link::Link::new(cp, &self.cfg.state_dir())?;
+            let _ = self.link.set(link.stats.clone());
+            self.journal.enable_outbox();
+            link.spawn(self.clone());
+        }
+        let revision = self.revision();
+        tokio::spawn(self.clone().read_events());
+        if !self.cfg.catalog_refresh().is_zero() {
+            tokio::spawn(self.clone().refresh_catalog());
+        }
+        if let Some(addr) = self.cfg.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| NodeError::Metrics { addr, source })?;
+            tokio::spawn(views::serve_metrics(self.clone(), listener));
+        }
+        ready(&socket, &revision);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(NodeError::Signal)?;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                conn = listener.accept() => match conn {
+                    Ok((stream, _)) => { tokio::spawn(api::handle(self.clone(), stream)); }
+                    Err(e) => warn!(error = %e, "accept failed"),
+                },
+                _ = tick.tick() => {
+                    let node = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || node.tick()).await;
+                }
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        let _ = std::fs::remove_file(&socket);
+        let node = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let applied = node.enforcer.applied();
+            node.records.sweep_kernel_counts(
+                &node.datapath,
+                &node.lookups(&applied),
+                &node.journal,
+                &node.counters,
+            );
+            node.records.flush(true, &node.journal);
+        })
+        .await;
+        info!("node stopped; enforcement stays pinned (agentwall down removes it)");
+        Ok(())
+    }
+}
+
+impl Sessions {
+    /// Network namespaces each identity's sessions use (other than the node's own).
+    pub fn namespaces(&self) -> BTreeMap<u32, Vec<Netns>> {
+        self.cgroups_by_identity()
+            .into_iter()
+            .map(|(n, cgroups)| {
+                let paths: Vec<&Path> = cgroups.iter().map(PathBuf::as_path).collect();
+                (n, dns::namespaces_of(&paths))
+            })
+            .collect()
+    }
+}
+
+impl crate::control_plane::link::NodeSide for Node {
+    fn apply_bundle(&self, set: PolicySet) -> Result<(), ApplyError> {
+        // Already parsed and checked by the link: applied as it is, not read back from disk.
+        if set.revision == self.revision() {
+            return Ok(());
+        }
+        self.enforcer
+            .apply_or_refuse(set, &self.deps())
+            .map_err(Into::into)
+    }
+
+    fn revoke_all(&self, identities: &[String]) {
+        for id in identities {
+            if self.registry.is_revoked(id) {
+                continue;
+            }
+            let known = self.registry.table().number(id).is_some();
+            let by = (!known).then_some("control-plane");
+            if let Err(e) = self.revoke(id, by) {
+                error!(identity = %id, error = %e, "fleet-wide revocation failed on this node");
+            }
+        }
+    }
+
+    fn take_outbox(&self) -> Vec<serde_json::Value> {
+        self.journal.take_outbox()
+    }
+}
+
+/// Tells a service manager (systemd's `NOTIFY_SOCKET`) that the node is ready, or stopping.
+/// `notify_socket` is the variable's value; a leading '@' names an abstract socket.
+pub fn sd_notify(notify_socket: Option<&str>, message: &str) {
+    use std::os::{linux::net::SocketAddrExt as _, unix::net::UnixDatagram};
+    let Some(target) = notify_socket.filter(|s| !s.is_empty()) else {
+        return;
+    };
+    let addr = match target.strip_prefix('@') {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()),
+        None => std::os::unix::net::SocketAddr::from_pathname(target),
+    };
+    let sent = addr.and_then(|addr| {
+        let sock = UnixDatagram::unbound()?;
+        sock.send_to_addr(message.as_bytes(), &addr)
+    });
+    if let Err(e) = sent {
+        warn!(error = %e, socket = target, "could not notify the service manager");
+    }
+}
+
+fn chown_group(path: &Path, group: &str) -> Result<(), NodeError> {
+    let c = std::ffi::CString::new(group).map_err(|_| NodeError::NoGroup(group.to_owned()))?;
+    // SAFETY: valid C string; getgrnam returns a pointer into static storage or null.
+    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
+    if gr.is_null() {
+        return Err(NodeError::NoGroup(group.to_owned()));
+    }
+    // SAFETY: gr is non-null.
+    let gid = unsafe { (*gr).gr_gid };
+    std::os::unix::fs::chown(path, None, Some(gid)).map_err(io_err(path))
+}
