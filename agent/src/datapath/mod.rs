@@ -116,6 +116,8 @@ pub enum DatapathError {
     },
     #[error("identity {0} has no trie from this process yet: apply its rules first")]
     NoTrie(u32),
+    #[error("identity {0}'s trie was built to learn no hosts (it has no name rules)")]
+    HostsNotKept(u32),
 }
 
 impl DatapathError {
@@ -215,9 +217,42 @@ struct Trie {
     map: Mutex<aya::maps::Map>,
     fd: u32,
     /// The rules compiled into it, host entries learned later aside (those are written in
-    /// place by [`Datapath::update_hosts_with`]).
-    base: Arc<[Rule]>,
+    /// place by [`Datapath::update_hosts_with`], which needs them). Kept only for identities
+    /// that learn hosts: the rest are known by `fingerprint`, so a node keeps each rule once.
+    base: Option<Arc<[Rule]>>,
+    /// SHA-256 of the entries compiled from `base` and the deny list, for a trie that keeps
+    /// no `base`: the next change skips it when it would compile to the same.
+    fingerprint: Option<[u8; 32]>,
+    /// Rules compiled into it.
+    rules: usize,
     global_deny: Arc<[IpNet]>,
+}
+
+/// One trie to build: whose, from what, and whether it keeps its rules (it learns hosts).
+struct Build {
+    identity: u32,
+    base: Arc<[Rule]>,
+    hosts: Vec<Rule>,
+    keep_base: bool,
+}
+
+/// Tries built by one thread, and the entries written into them.
+type Built = (Vec<(u32, Arc<Trie>)>, usize);
+
+/// What a compiled trie holds, as a digest.
+fn fingerprint(t: &CompiledTrie) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for (net, set) in &t.entries {
+        h.update(net.addr);
+        h.update([net.len]);
+        // SAFETY: RuleSet is repr(C) plain old data with explicit padding (zeroed by the
+        // compiler that built it), the bytes the kernel gets.
+        h.update(unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(set).cast::<u8>(), size_of::<RuleSet>())
+        });
+    }
+    h.finalize().into()
 }
 
 /// The tries this process swapped in, and those staged by a change in progress: host
@@ -244,10 +279,12 @@ impl Default for Tries {
 #[derive(Clone, Debug)]
 pub struct IdentityRules {
     pub identity: u32,
-    /// The policy's rules; kept, and handed to host updates.
+    /// The policy's rules.
     pub base: Arc<[Rule]>,
     /// Compiled in with `base` when the trie is rebuilt (learned host entries).
     pub hosts: Vec<Rule>,
+    /// Hosts may be learned for it (it has name rules): its trie keeps `base` for them.
+    pub learns: bool,
 }
 
 /// What the kernel knows of an identity besides its rules and status.
@@ -259,6 +296,9 @@ pub struct IdentityConfig {
     pub dns: bool,
 }
 
+/// Tries a thread builds at least (fewer are not worth a thread).
+const MIN_TRIES_PER_THREAD: usize = 64;
+
 /// What [`Datapath::apply`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -266,6 +306,10 @@ pub struct Applied {
     pub rebuilt: usize,
     /// Entries written into them.
     pub entries: usize,
+    /// Compiling, creating and filling the changed tries (wall time, on every core), and
+    /// swapping them in.
+    pub build: Duration,
+    pub swap: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -299,6 +343,13 @@ impl Datapath {
     /// Loads and attaches the programs, or adopts those already pinned for this ABI version.
     /// A failure part-way detaches whatever this call attached.
     pub fn start(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
+        Self::load(cfg)?.attach()
+    }
+
+    /// The first half of [`Datapath::start`]: maps made or adopted, and every program that
+    /// must be attached loaded and checked by the kernel's verifier (the slow part), but
+    /// nothing attached. Dropping the result attaches nothing.
+    pub fn load(cfg: &DatapathConfig) -> Result<Loaded, DatapathError> {
         let attach = Cgroup::open(&cfg.attach_cgroup)?;
         sys::ensure_bpffs(&cfg.bpffs_dir).map_err(io_err(Path::new("/sys/fs/bpf")))?;
         let dir = pin_dir(&cfg.bpffs_dir);
@@ -319,7 +370,37 @@ impl Datapath {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        load_programs(&mut ebpf, &links_dir)?;
+        Ok(Loaded {
+            cfg: cfg.clone(),
+            attach,
+            dir,
+            links_dir,
+            ebpf,
+        })
+    }
+}
 
+/// A datapath loaded but not attached (see [`Datapath::load`]).
+pub struct Loaded {
+    cfg: DatapathConfig,
+    attach: Cgroup,
+    dir: PathBuf,
+    links_dir: PathBuf,
+    ebpf: Ebpf,
+}
+
+impl Loaded {
+    /// Attaches (or adopts) every program, and takes the maps.
+    pub fn attach(self) -> Result<Datapath, DatapathError> {
+        let Self {
+            cfg,
+            attach,
+            dir,
+            links_dir,
+            mut ebpf,
+        } = self;
+        let cfg = &cfg;
         let report = attach_all(&mut ebpf, &attach, &links_dir)?;
         info!(
             cgroup = %attach.path().display(),
@@ -355,7 +436,7 @@ impl Datapath {
         let hits = aya::maps::PerCpuHashMap::try_from(take(&mut ebpf, c::MAP_RULE_HITS)?)
             .map_err(map_err(c::MAP_RULE_HITS))?;
 
-        let dp = Self {
+        let dp = Datapath {
             pin_dir: dir,
             attach,
             bindings: Mutex::new(bindings),
@@ -386,7 +467,9 @@ impl Datapath {
         })?;
         Ok(dp)
     }
+}
 
+impl Datapath {
     pub fn start_report(&self) -> StartReport {
         self.report
     }
@@ -510,7 +593,11 @@ impl Datapath {
             return Err(DatapathError::NoTrie(identity));
         }
         for t in targets {
-            let rules = rules_for(&t.base, &t.global_deny);
+            let base = t
+                .base
+                .as_deref()
+                .ok_or(DatapathError::HostsNotKept(identity))?;
+            let rules = rules_for(base, &t.global_deny);
             Self::write_hosts(&t, identity, &rules, addrs)?;
         }
         Ok(())
@@ -662,7 +749,12 @@ impl Datapath {
         let deny = self.global_deny();
         let builds = sets
             .iter()
-            .map(|&(identity, rules)| (identity, Arc::from(rules), Vec::new()))
+            .map(|&(identity, rules)| Build {
+                identity,
+                base: Arc::from(rules),
+                hosts: Vec::new(),
+                keep_base: true,
+            })
             .collect();
         Ok(self.rebuild(&deny, builds, false, || {})?.entries)
     }
@@ -698,7 +790,12 @@ impl Datapath {
         let deny: Arc<[IpNet]> = Arc::from(global_deny);
         let builds = sets
             .into_iter()
-            .map(|s| (s.identity, s.base, s.hosts))
+            .map(|s| Build {
+                identity: s.identity,
+                base: s.base,
+                hosts: s.hosts,
+                keep_base: s.learns,
+            })
             .collect();
         let applied = self.rebuild(&deny, builds, true, staged)?;
         self.write_states(configs, &status_of)?;
@@ -747,76 +844,104 @@ impl Datapath {
         let builds = lock(&self.tries)
             .current
             .iter()
-            .map(|(&id, t)| (id, t.base.clone(), Vec::new()))
-            .collect();
+            .map(|(&id, t)| {
+                t.base
+                    .clone()
+                    .map(|base| Build {
+                        identity: id,
+                        base,
+                        hosts: Vec::new(),
+                        keep_base: true,
+                    })
+                    .ok_or(DatapathError::HostsNotKept(id))
+            })
+            .collect::<Result<_, _>>()?;
         self.rebuild(&Arc::from(nets), builds, false, || {})?;
         Ok(())
     }
 
-    /// Compiles, fills and swaps in the tries of `builds` (identity, base, host rules), whose
-    /// base or deny list differ from their trie's. With `all`, identities holding a trie but
-    /// absent from `builds` get an empty one. The caller holds `applying`.
+    /// Compiles, fills and swaps in the tries of `builds` whose rules or deny list differ from
+    /// their trie's. With `all`, identities holding a trie but absent from `builds` get an
+    /// empty one. The caller holds `applying`.
     fn rebuild(
         &self,
         deny: &Arc<[IpNet]>,
-        mut builds: Vec<(u32, Arc<[Rule]>, Vec<Rule>)>,
+        mut builds: Vec<Build>,
         all: bool,
         staged: impl FnOnce(),
     ) -> Result<Applied, DatapathError> {
+        let t0 = std::time::Instant::now();
         let current: BTreeMap<u32, Arc<Trie>> = lock(&self.tries).current.clone();
         if all {
-            let listed: std::collections::BTreeSet<u32> = builds.iter().map(|b| b.0).collect();
+            let listed: std::collections::BTreeSet<u32> =
+                builds.iter().map(|b| b.identity).collect();
             for &id in current.keys().filter(|id| !listed.contains(id)) {
-                builds.push((id, Arc::from(Vec::new()), Vec::new()));
+                builds.push(Build {
+                    identity: id,
+                    base: Arc::from(Vec::new()),
+                    hosts: Vec::new(),
+                    keep_base: false,
+                });
             }
         }
-        let mut compiled = Vec::new();
-        for (identity, base, hosts) in builds {
-            Self::check_identity(identity)?;
-            if current
-                .get(&identity)
-                .is_some_and(|t| *t.base == *base && *t.global_deny == **deny)
-            {
-                continue;
-            }
-            let rules: Vec<Rule>;
-            let all_rules: &[Rule] = if hosts.is_empty() {
-                &base
-            } else {
-                rules = base.iter().cloned().chain(hosts).collect();
-                &rules
-            };
-            let t = compile_rules(all_rules, deny)
-                .map_err(|source| DatapathError::Compile { identity, source })?;
-            compiled.push((identity, base, t));
+        for b in &builds {
+            Self::check_identity(b.identity)?;
         }
-        let entries = compiled.iter().map(|(_, _, t)| t.len()).sum();
-        let mut tries = Vec::with_capacity(compiled.len());
-        for (identity, base, t) in &compiled {
-            let map = self.fill_trie(*identity, t)?;
-            let fd = match &map {
-                aya::maps::Map::LpmTrie(d) => d.fd().as_fd().as_raw_fd() as u32,
-                _ => unreachable!("built as LpmTrie"),
-            };
-            tries.push((
-                *identity,
-                Arc::new(Trie {
-                    map: Mutex::new(map),
-                    fd,
-                    base: base.clone(),
-                    global_deny: deny.clone(),
-                }),
-            ));
+        // A trie that keeps its rules is left alone while they and the deny list are the same
+        // (its learned hosts are current); the others are compared by fingerprint once
+        // compiled.
+        builds.retain(|b| {
+            !(b.keep_base
+                && current.get(&b.identity).is_some_and(|t| {
+                    t.base.as_deref() == Some(&*b.base) && *t.global_deny == **deny
+                }))
+        });
+        builds.sort_by_key(|b| b.identity);
+        let current = &current;
+        // Tries are independent: they are compiled and filled on every core, each compiled
+        // trie dropped once its map is filled. The first error (in identity order) is the
+        // one reported, and every trie built is dropped with it: nothing changes.
+        let per_thread = builds
+            .len()
+            .div_ceil(
+                std::thread::available_parallelism()
+                    .map_or(1, |n| n.get())
+                    .min(builds.len().div_ceil(MIN_TRIES_PER_THREAD))
+                    .max(1),
+            )
+            .max(1);
+        let parts: Vec<Result<Built, DatapathError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = builds
+                .chunks(per_thread)
+                .map(|part| s.spawn(move || self.build_tries(part, deny, current)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        drop(builds);
+        let mut tries = Vec::new();
+        let mut entries = 0;
+        for part in parts {
+            let (t, n) = part?;
+            tries.extend(t);
+            entries += n;
         }
-        drop(compiled);
+        let build = t0.elapsed();
         let rebuilt = tries.len();
         if tries.is_empty() {
             lock(&self.tries).global_deny = deny.clone();
-            return Ok(Applied::default());
+            return Ok(Applied {
+                build,
+                ..Applied::default()
+            });
         }
         lock(&self.tries).staged = tries.iter().cloned().collect();
         staged();
+        let t2 = std::time::Instant::now();
         let result = self.swap_tries(&tries);
+        let swap = t2.elapsed();
         let swapped = match &result {
             Ok(()) => tries.len(),
             Err(DatapathError::Swap { applied, .. }) => *applied,
@@ -832,7 +957,60 @@ impl Datapath {
                 t.current.insert(id, trie);
             }
         }
-        result.map(|()| Applied { rebuilt, entries })
+        result.map(|()| Applied {
+            rebuilt,
+            entries,
+            build,
+            swap,
+        })
+    }
+
+    /// Compiles and fills the tries of `part`, one at a time; the entries written. A trie
+    /// that keeps no rules and compiles to what is in force is skipped.
+    fn build_tries(
+        &self,
+        part: &[Build],
+        deny: &Arc<[IpNet]>,
+        current: &BTreeMap<u32, Arc<Trie>>,
+    ) -> Result<Built, DatapathError> {
+        let mut out = Vec::with_capacity(part.len());
+        let mut entries = 0;
+        for b in part {
+            let identity = b.identity;
+            let t = if b.hosts.is_empty() {
+                compile_rules(&b.base, deny)
+            } else {
+                let all: Vec<Rule> = b.base.iter().chain(&b.hosts).cloned().collect();
+                compile_rules(&all, deny)
+            }
+            .map_err(|source| DatapathError::Compile { identity, source })?;
+            let fp = (!b.keep_base).then(|| fingerprint(&t));
+            if fp.is_some()
+                && current
+                    .get(&identity)
+                    .is_some_and(|c| c.fingerprint == fp && *c.global_deny == **deny)
+            {
+                continue;
+            }
+            entries += t.len();
+            let map = self.fill_trie(identity, &t)?;
+            let fd = match &map {
+                aya::maps::Map::LpmTrie(d) => d.fd().as_fd().as_raw_fd() as u32,
+                _ => unreachable!("built as LpmTrie"),
+            };
+            out.push((
+                identity,
+                Arc::new(Trie {
+                    map: Mutex::new(map),
+                    fd,
+                    base: b.keep_base.then(|| b.base.clone()),
+                    fingerprint: fp,
+                    rules: b.base.len(),
+                    global_deny: deny.clone(),
+                }),
+            ));
+        }
+        Ok((out, entries))
     }
 
     /// A new trie holding `t`, created and filled, not yet in force.
@@ -923,7 +1101,7 @@ impl Datapath {
             bindings_max: c::MAX_BINDINGS as usize,
             identities: t.current.len(),
             identities_max: MAX_IDENTITIES as usize - 1,
-            rules: t.current.values().map(|t| t.base.len()).sum(),
+            rules: t.current.values().map(|t| t.rules).sum(),
         })
     }
 
@@ -1013,6 +1191,30 @@ impl Datapath {
     }
 }
 
+/// Loads (the kernel verifies) every program whose link is not pinned yet.
+fn load_programs(ebpf: &mut Ebpf, links_dir: &Path) -> Result<(), DatapathError> {
+    for name in ALL_PROGRAMS {
+        if links_dir.join(name).exists() {
+            continue;
+        }
+        let prog_err = |e: aya::programs::ProgramError| DatapathError::Program {
+            name,
+            source: Box::new(e),
+        };
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?;
+        if name == c::PROG_SOCK_CREATE {
+            let p: &mut CgroupSock = prog.try_into().map_err(prog_err)?;
+            p.load().map_err(prog_err)?;
+        } else {
+            let p: &mut CgroupSockAddr = prog.try_into().map_err(prog_err)?;
+            p.load().map_err(prog_err)?;
+        }
+    }
+    Ok(())
+}
+
 fn attach_all(
     ebpf: &mut Ebpf,
     attach: &Cgroup,
@@ -1048,7 +1250,10 @@ fn attach_all(
             macro_rules! load_attach {
                 ($ty:ty) => {{
                     let p: &mut $ty = prog.try_into().map_err(prog_err)?;
-                    p.load().map_err(prog_err)?;
+                    // Loaded by load_programs, unless its pin vanished since.
+                    if p.fd().is_err() {
+                        p.load().map_err(prog_err)?;
+                    }
                     let id = p
                         .attach(&cgroup_file, CgroupAttachMode::Single)
                         .map_err(prog_err)?;

@@ -53,8 +53,9 @@ pub struct Applied {
     pub policy: Arc<PolicySet>,
     /// Every identity this node has numbered, in the policy or not.
     pub identities: Arc<IdentityTable>,
-    /// Each policy identity's rules, by number: the one copy the node keeps (the datapath
-    /// shares it).
+    /// The compiled rules of each identity with name rules (what DNS learning matches
+    /// answers against), by number; shared with the datapath. Other identities' rules are
+    /// kept once, as written, in `policy`.
     pub rules: HashMap<u32, Arc<[Rule]>>,
     /// Identities with name rules.
     pub named: BTreeSet<u32>,
@@ -81,6 +82,14 @@ pub struct Deps<'a> {
     pub counters: &'a Counters,
     /// Where each identity's sessions run (the DNS proxy listens there).
     pub sessions: &'a Sessions,
+}
+
+/// What the node starts on.
+pub struct Initial {
+    policy: PolicySet,
+    /// Why the policy directory was not used (the last good copy was).
+    error: Option<String>,
+    stamp: Stamp,
 }
 
 struct State {
@@ -126,8 +135,26 @@ fn release_free_memory() {
 
 impl Enforcer {
     /// The policy to start on: the directory's, or when it is invalid, the last good copy
-    /// (with the reason it was not the directory's).
-    pub fn initial_policy(
+    /// (with the reason it was not the directory's). The directory is read once: the first
+    /// tick does not parse it again unless it changed.
+    pub fn initial_policy(policy_dir: &Path, state_dir: &Path) -> Result<Initial, EnforcerError> {
+        let stamp = Stamp::of_dir(policy_dir);
+        let t0 = std::time::Instant::now();
+        let (policy, error) = Self::load_initial(policy_dir, state_dir)?;
+        info!(
+            revision = %policy.revision,
+            identities = policy.agents.len(),
+            read_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "policy read"
+        );
+        Ok(Initial {
+            policy,
+            error,
+            stamp,
+        })
+    }
+
+    fn load_initial(
         policy_dir: &Path,
         state_dir: &Path,
     ) -> Result<(PolicySet, Option<String>), EnforcerError> {
@@ -181,6 +208,15 @@ impl Enforcer {
 
     pub fn set_last_error(&self, e: Option<String>) {
         *lock(&self.last_error) = e;
+    }
+
+    /// Starts on `initial`: applied, its refusal (if it is the last good copy) shown, its
+    /// directory not read again until it changes.
+    pub fn start(&self, initial: Initial, deps: &Deps<'_>) -> Result<(), EnforcerError> {
+        lock(&self.state).stamp = Some(initial.stamp);
+        self.apply(initial.policy, deps)?;
+        self.set_last_error(initial.error);
+        Ok(())
     }
 
     /// Applies `set`, or fails changing nothing.
@@ -297,9 +333,14 @@ impl Enforcer {
                 identity: n,
                 base: rules.get(&n).cloned().unwrap_or_else(|| empty.clone()),
                 hosts: snap.hosts.remove(&n).unwrap_or_default(),
+                learns: named.contains(&n),
             })
             .collect();
         let generation = snap.generation;
+        tracing::debug!(
+            prepare_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "policy compiled for the datapath"
+        );
         let datapath = &*self.datapath;
         let done = datapath
             .apply(
@@ -333,6 +374,8 @@ impl Enforcer {
             identities = set.agents.len(),
             tries_rebuilt = done.rebuilt,
             trie_entries = done.entries,
+            build_ms = done.build.as_secs_f64() * 1e3,
+            swap_ms = done.swap.as_secs_f64() * 1e3,
             apply_ms = took.as_secs_f64() * 1e3,
             "policy applied"
         );
@@ -354,6 +397,9 @@ impl Enforcer {
                 revision: set.revision.clone(),
                 identities: set.agents.len(),
             }));
+        // Only identities that learn hosts keep compiled rules; the rest are in the policy
+        // (and the kernel) alone.
+        rules.retain(|n, _| named.contains(n));
         self.applied.set(Applied {
             policy: set,
             identities: table,
@@ -402,6 +448,8 @@ impl Enforcer {
             Ok(set) if set.revision == current => {
                 self.set_last_error(None);
                 st.refused = None;
+                drop((set, st));
+                release_free_memory();
             }
             // Refused once already: not tried (and logged) again every tick.
             Ok(set) if st.refused.as_deref() == Some(set.revision.as_str()) => {}

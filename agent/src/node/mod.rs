@@ -212,9 +212,6 @@ impl Node {
             // identity is denied everything.
             std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
-        // A bad policy directory never replaces a good policy: start on the last good one
-        // (kept in state_dir) and say why.
-        let (policy, policy_error) = Enforcer::initial_policy(&dir, &state_dir)?;
         let mount = Cgroup2Mount::discover()?;
         let attach = cfg
             .attach_cgroup
@@ -230,7 +227,19 @@ impl Node {
                 .min(1 << 16),
         )
         .unwrap_or(1 << 16);
-        let datapath = Arc::new(Datapath::start(&dp_cfg)?);
+        // The policy is read while the kernel verifies the programs; nothing is attached
+        // before it is known good. A bad policy directory never replaces a good policy: the
+        // node starts on the last good one (kept in state_dir) and says why.
+        let (initial, loaded) = std::thread::scope(|s| {
+            let read = s.spawn(|| Enforcer::initial_policy(&dir, &state_dir));
+            let loaded = Datapath::load(&dp_cfg);
+            (
+                read.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                loaded,
+            )
+        });
+        let initial = initial?;
+        let datapath = Arc::new(loaded?.attach()?);
         datapath.set_dns_port(cfg.dns_port())?;
         let mut dns_error = None;
         let upstreams = if cfg.dns_upstream.is_empty() {
@@ -270,6 +279,7 @@ impl Node {
             cfg.control_plane.is_some(),
             dns_port != 0,
         );
+
         let node = Arc::new_cyclic(|weak| Self {
             dns: dns::DnsLearning::new(
                 settings,
@@ -291,8 +301,7 @@ impl Node {
             datapath,
             cfg,
         });
-        node.enforcer.apply(policy, &node.deps())?;
-        node.enforcer.set_last_error(policy_error);
+        node.enforcer.start(initial, &node.deps())?;
         Ok(node)
     }
 

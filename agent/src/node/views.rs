@@ -32,9 +32,7 @@ impl Node {
                         Mode::Audit => "audit",
                     }
                     .into(),
-                    rules: number
-                        .and_then(|n| applied.rules.get(&n))
-                        .map_or(0, |r| r.len()),
+                    rules: applied.policy.rule_sources(a).len(),
                     sessions: sessions
                         .iter()
                         .filter(|s| s.identity == a.identity)

@@ -277,17 +277,18 @@ struct KindOnly {
 /// A rule as written, with where it was written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleSource {
-    pub to: Vec<IpNet>,
+    /// Inline for the common one address; a policy keeps every rule for its whole life.
+    pub to: smallvec::SmallVec<[IpNet; 1]>,
     /// Name patterns; their addresses are learned from the identity's own DNS answers.
     pub fqdns: Vec<FqdnPattern>,
     /// Empty means any port.
-    pub ports: Vec<PortRange>,
+    pub ports: smallvec::SmallVec<[PortRange; 2]>,
     pub protocol: Protocol,
     pub expires: Option<time::OffsetDateTime>,
     /// Allowed only inside these windows.
     /// Boxed: few rules have one, and every rule pays for the field.
     pub schedule: Option<Box<Schedule>>,
-    pub reason: Option<String>,
+    pub reason: Option<Box<str>>,
     /// The document the rule is in, and its position in that document's `egress`.
     pub origin: Origin,
     pub index: usize,
@@ -468,7 +469,7 @@ fn rules(raw: Vec<RawRule>, origin: &Origin) -> Vec<RuleSource> {
             protocol: r.protocol.map_or(Protocol::Any, |p| p.0),
             expires: r.expires.map(|e| e.0),
             schedule: r.schedule.map(|s| Box::new(s.0)),
-            reason: r.reason,
+            reason: r.reason.map(String::into_boxed_str),
             origin: origin.clone(),
             index,
         }
@@ -794,9 +795,9 @@ fn compile_source(src: &RuleSource, id: u32, now: std::time::SystemTime) -> Rule
     }
     Rule {
         id,
-        to: src.to.clone(),
+        to: src.to.to_vec(),
         fqdns: src.fqdns.clone(),
-        ports: src.ports.clone(),
+        ports: src.ports.to_vec(),
         protocol: src.protocol,
         expires: deadline.map(BootInstant::from_system_time),
     }
