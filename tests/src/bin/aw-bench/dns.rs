@@ -147,7 +147,7 @@ pub fn run(queries: u64) {
     let mut direct = Probe::from_command(plain);
 
     let cmd = format!("bench-dns {RESOLVER} {queries} {QPS} {NAMES}");
-    let mut rounds = |direct: &mut Probe, agent: &mut Probe| {
+    let rounds = |direct: &mut Probe, agent: &mut Probe| {
         let (mut d50, mut d99, mut p50, mut p99) = (vec![], vec![], vec![], vec![]);
         let (mut dfail, mut pfail) = (0, 0);
         for _ in 0..ROUNDS {
