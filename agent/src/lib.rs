@@ -22,3 +22,4 @@ pub mod pem;
 pub mod policy;
 pub mod review;
 pub mod sockets;
+pub mod workers;

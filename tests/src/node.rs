@@ -317,6 +317,20 @@ pub fn scrape(addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
     prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
 }
 
+/// [`scrape`] from inside `ns`, for a node that listens on that namespace's loopback.
+pub fn scrape_in(ns: &NetNs, addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
+    let name = ns.name.clone();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: setns on this thread only; it ends right after.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        scrape(addr)
+    })
+    .join()
+    .unwrap()
+}
+
 /// One sample's value; panics naming the metric when it is not there.
 pub fn metric(s: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
     s.samples

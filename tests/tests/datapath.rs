@@ -2,11 +2,14 @@
 //! their own network namespaces. A connect that passes the hooks fails there with ENETUNREACH
 //! (nothing is routable but `lo`), a denied one with EPERM, so no packet leaves the machine.
 
-use std::{net::IpAddr, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use agentwall::{
     clock::BootInstant,
-    datapath::{Datapath, EventKind, EventRecord, attached_programs, pin_dir, teardown},
+    datapath::{
+        Datapath, EventKind, EventRecord, IdentityConfig, IdentityRules, attached_programs,
+        pin_dir, teardown,
+    },
     policy::{
         IdentityStatus, IdentityView, Mode, Protocol, Reason, Rule, Subject, UnknownFlows, Verdict,
         evaluate_flow,
@@ -624,4 +627,74 @@ fn learned_hosts_are_written_in_place_and_merge_with_wider_rules() {
             ("connect tcp 198.51.100.9 443", DENIED),
         ],
     );
+}
+
+/// A policy change is staged, then swapped in; a DNS answer can arrive in between. Its host
+/// entry must be in the new trie, not only the old one, or the agent that just got the answer
+/// is denied the address. And a revocation racing the change is never undone by it.
+#[test]
+fn hosts_learned_during_a_change_reach_the_new_rules_and_revocations_stay() {
+    let env = TestEnv::new("staged");
+    let dp = Datapath::start(&env.config()).expect("start datapath");
+    let gd = default_deny();
+    let named = Rule {
+        fqdns: vec!["api.example.com".parse().unwrap()],
+        ..rule(1, &[], &["443"], Protocol::Tcp)
+    };
+    let config = [IdentityConfig {
+        identity: 1,
+        mode: Mode::Enforce,
+        dns: false,
+    }];
+    let set = |base: Vec<Rule>| {
+        vec![IdentityRules {
+            identity: 1,
+            base: Arc::from(base),
+            hosts: Vec::new(),
+            learns: true,
+        }]
+    };
+    dp.apply(
+        &gd,
+        set(vec![named.clone()]),
+        &config,
+        || {},
+        |_| IdentityStatus::Active,
+    )
+    .unwrap();
+    let agent = env.cgroup("agent");
+    dp.bind(&agent, 1, None).unwrap();
+    let mut probe = Probe::spawn(&agent);
+    assert_eq!(probe.cmd("connect tcp 198.51.100.9 443"), DENIED);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.1 80"), DENIED);
+
+    // The answer for the name arrives after the new tries are staged, before the swap.
+    let ip: IpAddr = "198.51.100.9".parse().unwrap();
+    let with_host = |base: &[Rule], _: &[IpNet]| {
+        let mut rules = base.to_vec();
+        rules.push(rule(1, &["198.51.100.9/32"], &["443"], Protocol::Tcp));
+        rules
+    };
+    let changed = vec![named, rule(2, &["192.0.2.0/24"], &["80"], Protocol::Tcp)];
+    dp.apply(
+        &gd,
+        set(changed.clone()),
+        &config,
+        || dp.update_hosts_with(1, &[ip], with_host).unwrap(),
+        |_| IdentityStatus::Active,
+    )
+    .unwrap();
+    assert_eq!(
+        probe.cmd("connect tcp 198.51.100.9 443"),
+        ALLOWED,
+        "the host learned mid-change is in the new rules"
+    );
+    assert_eq!(probe.cmd("connect tcp 192.0.2.1 80"), ALLOWED);
+
+    // A change whose states are written after a revocation writes the identity revoked.
+    let mut more = changed;
+    more.push(rule(3, &["203.0.113.0/24"], &["80"], Protocol::Tcp));
+    dp.apply(&gd, set(more), &config, || {}, |_| IdentityStatus::Revoked)
+        .unwrap();
+    assert_eq!(probe.cmd("connect tcp 192.0.2.1 80"), DENIED);
 }

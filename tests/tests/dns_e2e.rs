@@ -3,7 +3,6 @@
 //! there whose own DNS queries decide which addresses it may reach.
 
 use std::{
-    io::{Read as _, Write as _},
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -133,23 +132,7 @@ fn a(name: &str, ip: &str) -> serde_json::Value {
 
 /// The metrics page, fetched from inside the namespace (the node listens on its loopback).
 fn scrape(ns: &NetNs, addr: &str) -> prometheus_parse::Scrape {
-    let name = ns.name.clone();
-    let addr = addr.to_owned();
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
-        use std::os::fd::AsRawFd as _;
-        // SAFETY: setns on this thread only; it ends right after.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        let mut s = std::net::TcpStream::connect(&addr).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        let body = body.split_once("\r\n\r\n").unwrap().1.to_owned();
-        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
-    })
-    .join()
-    .unwrap()
+    agentwall_tests::node::scrape_in(ns, addr.parse().unwrap())
 }
 
 const POLICY: &str = "\

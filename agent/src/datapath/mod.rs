@@ -904,8 +904,7 @@ impl Datapath {
         let per_thread = builds
             .len()
             .div_ceil(
-                std::thread::available_parallelism()
-                    .map_or(1, |n| n.get())
+                crate::workers::threads()
                     .min(builds.len().div_ceil(MIN_TRIES_PER_THREAD))
                     .max(1),
             )

@@ -202,8 +202,17 @@ impl Learned {
 
     /// Replaced whole and synced (see [`crate::files::write_atomic`]).
     pub fn save(&self, path: &Path) -> Result<(), DnsError> {
-        let text = serde_json::to_vec(self).expect("serializable");
-        crate::files::write_atomic(path, &text).map_err(|source| DnsError::Io {
+        Self::store(path, &self.encode())
+    }
+
+    /// What [`Learned::save`] writes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("serializable")
+    }
+
+    /// Writes what [`Learned::encode`] gave (so a caller can write outside its lock).
+    pub fn store(path: &Path, bytes: &[u8]) -> Result<(), DnsError> {
+        crate::files::write_atomic(path, bytes).map_err(|source| DnsError::Io {
             path: path.to_owned(),
             source,
         })
@@ -404,6 +413,20 @@ impl Learned {
 
     pub fn is_empty(&self) -> bool {
         self.identities.is_empty()
+    }
+
+    /// A copy holding only `identities` (without the by-address index: enough for
+    /// [`Learned::hosts`]), so host rules can be computed away from whatever guards this one.
+    pub fn subset(&self, identities: &std::collections::BTreeSet<u32>) -> Self {
+        Self {
+            identities: self
+                .identities
+                .iter()
+                .filter(|(id, _)| identities.contains(id))
+                .map(|(id, names)| (*id, names.clone()))
+                .collect(),
+            by_addr: HashMap::new(),
+        }
     }
 
     /// Every learned (identity, address), each once.

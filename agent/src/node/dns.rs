@@ -48,10 +48,17 @@ pub struct Settings {
     pub state_dir: PathBuf,
 }
 
+/// Deadlines that only moved later are written this often at most (addresses that came or
+/// went are written at the next tick): a restarted node loses at most this much of an
+/// address's extension, well inside the grace every learned address gets.
+const SAVE_EXTENSIONS_EVERY: Duration = Duration::from_secs(10);
+
 struct LearnedState {
     learned: Learned,
-    /// Changed since last written to state_dir.
+    /// Changed since last written to state_dir: addresses came or went.
     dirty: bool,
+    /// Since when only deadlines moved, unwritten.
+    extended: Option<std::time::Instant>,
     /// Bumped by every change of host entries; `log` holds the latest ones.
     generation: u64,
     log: VecDeque<(u64, u32, Vec<IpAddr>)>,
@@ -60,9 +67,15 @@ struct LearnedState {
 }
 
 impl LearnedState {
-    fn changed(&mut self, identity: u32, addrs: Vec<IpAddr>) {
+    /// Host entries of `addrs` were rewritten; `new`: an address came or went (not only a
+    /// deadline that moved).
+    fn changed(&mut self, identity: u32, addrs: Vec<IpAddr>, new: bool) {
         self.generation += 1;
-        self.dirty = true;
+        if new {
+            self.dirty = true;
+        } else {
+            self.extended.get_or_insert_with(std::time::Instant::now);
+        }
         self.log.push_back((self.generation, identity, addrs));
         while self.log.len() > CHANGE_LOG {
             if let Some((g, _, _)) = self.log.pop_front() {
@@ -87,6 +100,8 @@ pub struct DnsLearning {
     learned: Mutex<LearnedState>,
     observed: Mutex<Observed>,
     sync: Mutex<SyncState>,
+    /// One write of the learned file at a time.
+    saving: Mutex<()>,
 }
 
 /// What learning contributes to an apply: the host rules of every named identity, and where
@@ -110,6 +125,7 @@ impl DnsLearning {
             learned: Mutex::new(LearnedState {
                 learned,
                 dirty: false,
+                extended: None,
                 generation: 0,
                 log: VecDeque::new(),
                 log_from: 1,
@@ -120,6 +136,7 @@ impl DnsLearning {
                 routed6: false,
                 error: startup_error,
             }),
+            saving: Mutex::new(()),
         }
     }
 
@@ -220,7 +237,7 @@ impl DnsLearning {
         let written = datapath.update_hosts_with(identity, &out.changed, |base, deny| {
             learned.host_rules_for(identity, base, &out.changed, deny)
         });
-        st.changed(identity, out.changed.clone());
+        st.changed(identity, out.changed.clone(), !out.added.is_empty());
         drop(st);
         match written {
             Ok(()) => {
@@ -255,21 +272,22 @@ impl DnsLearning {
         named: &BTreeSet<u32>,
         global_deny: &[IpNet],
     ) -> HostSnapshot {
-        let mut st = lock(&self.learned);
-        if st.learned.retain(|n| named.contains(&n)) {
-            st.dirty = true;
-        }
+        let (copy, generation) = {
+            let mut st = lock(&self.learned);
+            if st.learned.retain(|n| named.contains(&n)) {
+                st.dirty = true;
+            }
+            (st.learned.subset(named), st.generation)
+        };
+        // Computed from the copy: answers do not wait on it.
         let hosts = named
             .iter()
             .filter_map(|n| {
                 let base = rules.get(n)?;
-                Some((*n, st.learned.hosts(*n, base, global_deny)))
+                Some((*n, copy.hosts(*n, base, global_deny)))
             })
             .collect();
-        HostSnapshot {
-            generation: st.generation,
-            hosts,
-        }
+        HostSnapshot { generation, hosts }
     }
 
     /// Writes what was learned since `since` into the tries an apply has staged (and the ones
@@ -318,14 +336,26 @@ impl DnsLearning {
                     warn!(identity, error = %e, "could not remove expired learned addresses (they no longer allow)");
                 }
             }
-            st.changed(identity, addrs);
+            st.changed(identity, addrs, true);
         }
-        if st.dirty {
-            let path = Learned::path(&self.settings.state_dir);
-            match st.learned.save(&path) {
-                Ok(()) => st.dirty = false,
-                Err(e) => warn!(error = %e, "could not save learned DNS addresses"),
-            }
+        let due = st.dirty
+            || st
+                .extended
+                .is_some_and(|t| t.elapsed() >= SAVE_EXTENSIONS_EVERY);
+        if !due {
+            return;
+        }
+        // Encoded under the lock, written (and synced) outside it: answers never wait on
+        // the disk.
+        let bytes = st.learned.encode();
+        st.dirty = false;
+        st.extended = None;
+        drop(st);
+        let _one = lock(&self.saving);
+        let path = Learned::path(&self.settings.state_dir);
+        if let Err(e) = Learned::store(&path, &bytes) {
+            warn!(error = %e, "could not save learned DNS addresses");
+            lock(&self.learned).dirty = true;
         }
     }
 

@@ -126,11 +126,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// leaves tens of MiB free inside glibc's arenas, resident for the daemon's whole life unless
 /// trimmed.
 fn release_free_memory() {
+    let t0 = std::time::Instant::now();
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim has no preconditions.
     unsafe {
         libc::malloc_trim(0);
     }
+    tracing::debug!(
+        trim_ms = t0.elapsed().as_secs_f64() * 1e3,
+        "free memory handed back"
+    );
 }
 
 impl Enforcer {
@@ -212,25 +217,21 @@ impl Enforcer {
 
     /// Starts on `initial`: applied, its refusal (if it is the last good copy) shown, its
     /// directory not read again until it changes.
+    /// With every core: nothing is served yet.
     pub fn start(&self, initial: Initial, deps: &Deps<'_>) -> Result<(), EnforcerError> {
-        lock(&self.state).stamp = Some(initial.stamp);
-        self.apply(initial.policy, deps)?;
-        self.set_last_error(initial.error);
-        Ok(())
-    }
-
-    /// Applies `set`, or fails changing nothing.
-    pub fn apply(&self, set: PolicySet, deps: &Deps<'_>) -> Result<(), EnforcerError> {
         let mut st = lock(&self.state);
-        let r = self.apply_locked(&mut st, set, deps);
+        st.stamp = Some(initial.stamp);
+        self.apply_locked(&mut st, initial.policy, deps)?;
         drop(st);
         release_free_memory();
-        r
+        self.set_last_error(initial.error);
+        Ok(())
     }
 
     /// Applies a valid policy; when the datapath refuses it (capacity, say), the previous
     /// revision stays, and the refusal is logged, recorded and remembered.
     pub fn apply_or_refuse(&self, set: PolicySet, deps: &Deps<'_>) -> Result<(), EnforcerError> {
+        let _low = crate::workers::Background::enter();
         let mut st = lock(&self.state);
         let r = self.apply_or_refuse_locked(&mut st, set, deps);
         drop(st);
@@ -413,6 +414,7 @@ impl Enforcer {
 
     /// A schedule window opened or closed: the same revision, applied as of now.
     pub fn rearm_if_due(&self, deps: &Deps<'_>) {
+        let _low = crate::workers::Background::enter();
         let mut st = lock(&self.state);
         if st.rearm_at.is_none_or(|t| SystemTime::now() < t) {
             return;
@@ -434,6 +436,7 @@ impl Enforcer {
         if self.from_control_plane && !force {
             return;
         }
+        let _low = crate::workers::Background::enter();
         let mut st = lock(&self.state);
         // Parsed again only when a file in it changed: a large directory costs nothing while
         // it stays as it is.

@@ -577,9 +577,7 @@ fn parse_documents(
 ) -> Vec<Result<Doc, PolicyError>> {
     const PER_THREAD: usize = 64;
     let parse = |d: &(std::sync::Arc<Path>, usize, String)| parse_document(&d.0, d.1, &d.2);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(docs.len() / PER_THREAD);
+    let threads = crate::workers::threads().min(docs.len() / PER_THREAD);
     if threads <= 1 {
         return docs.iter().map(parse).collect();
     }
