@@ -41,10 +41,10 @@ enum Task {
     },
     /// Run a benchmark and print its table.
     Bench {
-        #[arg(value_parser = ["datapath", "dns", "records", "compare", "control-plane"])]
+        #[arg(value_parser = ["datapath", "dns", "node", "records", "compare", "control-plane"])]
         which: String,
         /// Operations measured per configuration and round (default: 20,000 connects for
-        /// datapath, 2,000 lookups for dns, 60,000 flows for records, 40,000 connects for compare, 10 pushes for control-plane).
+        /// datapath, 2,000 lookups for dns, 5 starts for node, 60,000 flows for records, 40,000 connects for compare, 10 pushes for control-plane).
         #[arg(long)]
         iterations: Option<u32>,
     },
@@ -97,6 +97,8 @@ fn main() -> Result<()> {
                 "control-plane" => 10,
                 // Distinct flows per round.
                 "records" => 60_000,
+                // Starts per build.
+                "node" => 5,
                 _ => 20_000,
             });
             if which == "compare" {

@@ -333,57 +333,6 @@ impl Added {
     }
 }
 
-/// A process's resident memory, KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Kernel memory charged to the BPF maps a process holds fds of (fdinfo `memlock`).
-fn bpf_memlock_bytes(pid: u32) -> u64 {
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return 0;
-    };
-    fds.filter_map(Result::ok)
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .filter(|t| t.contains("map_type:"))
-        .filter_map(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("memlock:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        })
-        .sum()
-}
-
-/// The daemon's memory: `agentwall node` started on a policy of `identities` AgentPolicy
-/// documents with `per` one-address rules each. Returns (start to ready, RSS KiB, map bytes).
-fn node_memory(identities: u32, per: u32) -> (Duration, u64, u64) {
-    let mut text = String::new();
-    for id in 1..=identities {
-        let _ = write!(
-            text,
-            "---\nkind: AgentPolicy\nname: a{id}\nidentity: spiffe://example.org/agent/a{id}\negress:\n"
-        );
-        for i in 0..per {
-            let a = std::net::Ipv4Addr::from(0x0b00_0000 | (id << 4) | i);
-            let _ = write!(
-                text,
-                "  - to: [{a}/32]\n    ports: [443]\n    protocol: tcp\n"
-            );
-        }
-    }
-    let (env, tmp, _ca) = agentwall_tests::node::setup("bench-memory", &text);
-    let t0 = Instant::now();
-    let node = agentwall_tests::node::NodeProc::start(&env, tmp.path());
-    let took = t0.elapsed();
-    let pid = node.child.id();
-    (took, rss_kib(pid), bpf_memlock_bytes(pid))
-}
-
 pub fn run(iterations: usize) {
     let env = TestEnv::new("bench-compare");
     let attach = env.cgroup("attached");
@@ -556,7 +505,8 @@ pub fn run(iterations: usize) {
         took.as_secs_f64() * 1e3
     );
     drop(dp);
-    let (started, rss, maps) = node_memory(10_000, 10);
+    let (started, rss, maps) =
+        crate::node::node_memory(&agentwall_tests::bin_path("agentwall"), 10_000, 10);
     println!(
         "agentwall node on the same policy as YAML (10,000 AgentPolicy documents): ready in {:.1} s; RSS {} MiB; kernel memory of its BPF maps {} MiB (fdinfo memlock)",
         started.as_secs_f64(),

@@ -81,6 +81,7 @@ fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
 mod compare;
 mod control_plane;
 mod dns;
+mod node;
 mod records;
 
 fn main() {
@@ -95,13 +96,18 @@ fn main() {
         [which, flag, n] if which == "compare" && flag == "--iterations" => {
             compare::run(n.parse().expect("iterations"))
         }
+        [which, flag, n] if which == "node" && flag == "--iterations" => {
+            node::run(n.parse().expect("iterations"))
+        }
         [which, flag, n] if which == "records" && flag == "--iterations" => {
             records::run(n.parse().expect("iterations"))
         }
         [which, flag, n] if which == "control-plane" && flag == "--iterations" => {
             control_plane::run(n.parse().expect("iterations"))
         }
-        _ => panic!("usage: aw-bench datapath|dns|records|compare|control-plane --iterations N"),
+        _ => {
+            panic!("usage: aw-bench datapath|dns|node|records|compare|control-plane --iterations N")
+        }
     }
 }
 
