@@ -119,6 +119,23 @@ pub struct Status {
     pub control_plane: Option<StatusLink>,
 }
 
+/// A launched or enrolled agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub identity: String,
+    pub number: u32,
+    pub cgroup_id: u64,
+    pub cgroup: PathBuf,
+    pub pid: u32,
+    pub serial: String,
+    pub not_after: String,
+    /// Its certificate is on a CRL: the cgroup stays bound and is denied everything.
+    pub revoked: bool,
+    /// The certificate's expiry was recorded (the kernel cut the session off on its own).
+    #[serde(skip)]
+    pub expiry_noted: bool,
+}
+
 /// One identity of the policy in force.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusIdentity {
@@ -130,7 +147,7 @@ pub struct StatusIdentity {
     pub mode: String,
     /// Its effective rules.
     pub rules: usize,
-    pub sessions: Vec<crate::node::sessions::Session>,
+    pub sessions: Vec<Session>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -173,8 +173,13 @@ pub struct ErrorBody {
     pub errors: Vec<WireError>,
 }
 
+/// A bundle file name that is not a plain `*.yaml` / `*.yml` name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bundle file name {0:?} is not a plain *.yaml or *.yml file name")]
+pub struct BadFileName(pub String);
+
 /// Bundle file names are plain `*.yaml` / `*.yml` names: no directories, nothing hidden.
-pub fn check_file_name(name: &str) -> Result<(), String> {
+pub fn check_file_name(name: &str) -> Result<(), BadFileName> {
     let ok_ext = name.ends_with(".yaml") || name.ends_with(".yml");
     if name.is_empty()
         || name.starts_with('.')
@@ -182,9 +187,7 @@ pub fn check_file_name(name: &str) -> Result<(), String> {
         || !ok_ext
         || name.len() > 255
     {
-        return Err(format!(
-            "bundle file name {name:?} is not a plain *.yaml or *.yml file name"
-        ));
+        return Err(BadFileName(name.to_owned()));
     }
     Ok(())
 }
@@ -199,7 +202,7 @@ pub fn validate(files: &[BundleFile]) -> Result<crate::policy::source::PolicySet
                 file: f.name.clone(),
                 line: 0,
                 column: 0,
-                message: m,
+                message: m.to_string(),
             });
         } else if !seen.insert(f.name.as_str()) {
             bad.push(WireError {

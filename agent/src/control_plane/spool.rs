@@ -109,10 +109,8 @@ impl Spool {
                 let m = Meta {
                     epoch: random_u63(),
                 };
-                let tmp = dir.join("meta.json.tmp");
-                std::fs::write(&tmp, serde_json::to_vec(&m).expect("meta"))
-                    .map_err(io_err(&tmp))?;
-                std::fs::rename(&tmp, &meta_path).map_err(io_err(&meta_path))?;
+                crate::files::write_atomic(&meta_path, &serde_json::to_vec(&m).expect("meta"))
+                    .map_err(io_err(&meta_path))?;
                 m.epoch
             }
             Err(e) => return Err(io_err(&meta_path)(e)),
@@ -423,11 +421,7 @@ impl Spool {
             self.segments.pop_front();
         }
         let path = self.dir.join("acked");
-        let tmp = self.dir.join("acked.tmp");
-        // Not synced: after a crash an older value only means records sent again, which the
-        // control plane stores once.
-        std::fs::write(&tmp, self.acked.to_string()).map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))
+        crate::files::write_atomic(&path, self.acked.to_string().as_bytes()).map_err(io_err(&path))
     }
 }
 

@@ -10,10 +10,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use super::journal::{AuditEvent, Bound, IdentityEvent, Journal};
+pub use crate::api::Session;
 use crate::{
     api,
     cgroup::{Cgroup, Cgroup2Mount},
@@ -21,23 +21,6 @@ use crate::{
     datapath::Datapath,
     identity::VerifiedPeer,
 };
-
-/// A launched or enrolled agent.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Session {
-    pub identity: String,
-    pub number: u32,
-    pub cgroup_id: u64,
-    pub cgroup: PathBuf,
-    pub pid: u32,
-    pub serial: String,
-    pub not_after: String,
-    /// Its certificate is on a CRL: the cgroup stays bound and is denied everything.
-    pub revoked: bool,
-    /// The certificate's expiry was recorded (the kernel cut the session off on its own).
-    #[serde(skip)]
-    pub expiry_noted: bool,
-}
 
 /// Why a launch, enrollment or renewal was turned down: each says so in one line.
 #[derive(Debug, thiserror::Error)]
