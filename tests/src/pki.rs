@@ -30,6 +30,18 @@ impl CertSpec {
             not_after: now + Duration::hours(1),
         }
     }
+
+    /// An agent certificate for `id` that expires `secs` seconds from now, on a whole second
+    /// (X.509 times have one-second resolution).
+    pub fn agent_expiring(id: &str, secs: i64) -> Self {
+        let not_after = (OffsetDateTime::now_utc() + Duration::seconds(secs))
+            .replace_nanosecond(0)
+            .expect("a whole second");
+        Self {
+            not_after,
+            ..Self::agent(id)
+        }
+    }
 }
 
 /// PEM texts of a certificate and its key.

@@ -329,16 +329,10 @@ fn audit_events_and_status_keep_their_shape() {
     ]);
     let mut renewed = Probe::from_command(renew);
     assert_eq!(renewed.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
-    let not_after = (time::OffsetDateTime::now_utc() + time::Duration::seconds(2))
-        .replace_nanosecond(0)
-        .unwrap();
     let (ec, ek) = write_cert(
         dir,
         "short",
-        &ca.issue(&CertSpec {
-            not_after,
-            ..CertSpec::agent(SUPPORT)
-        }),
+        &ca.issue(&CertSpec::agent_expiring(SUPPORT, 2)),
     );
     let mut short = launch_args(&node.socket, &ec, &ek);
     ns.enter(&mut short);

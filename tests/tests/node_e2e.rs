@@ -474,15 +474,9 @@ fn certificate_expiry_cuts_the_agent_off_even_with_the_node_stopped() {
     let dir = tmp.path();
     let node = NodeProc::start(&env, dir);
 
-    // X.509 times have one-second resolution: a certificate valid for three more seconds.
-    let now = time::OffsetDateTime::now_utc();
-    let not_after = (now + time::Duration::seconds(3))
-        .replace_nanosecond(0)
-        .unwrap();
-    let spec = CertSpec {
-        not_after,
-        ..CertSpec::agent(ID)
-    };
+    // A certificate valid for three more seconds.
+    let spec = CertSpec::agent_expiring(ID, 3);
+    let not_after = spec.not_after;
     let (cert, key) = write_cert(dir, "short", &ca.issue(&spec));
     let mut probe = launch_probe(&node.socket, &cert, &key);
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
@@ -503,13 +497,7 @@ fn a_certificate_expiring_under_a_running_node_is_an_audit_event() {
     let dir = tmp.path();
     let audit = dir.join("audit.jsonl");
     let node = NodeProc::start_with(&env, dir, &["--audit-log", audit.to_str().unwrap()]);
-    let not_after = (time::OffsetDateTime::now_utc() + time::Duration::seconds(2))
-        .replace_nanosecond(0)
-        .unwrap();
-    let spec = CertSpec {
-        not_after,
-        ..CertSpec::agent(ID)
-    };
+    let spec = CertSpec::agent_expiring(ID, 2);
     let (cert, key) = write_cert(dir, "short", &ca.issue(&spec));
     let mut probe = launch_probe(&node.socket, &cert, &key);
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -580,18 +568,9 @@ fn enroll_renew_and_revoke() {
     assert!(err.contains("is not below the attach cgroup"), "{err}");
 
     // renew: an agent launched with a certificate about to expire renews it from inside.
-    let now = time::OffsetDateTime::now_utc();
-    let not_after = (now + time::Duration::seconds(3))
-        .replace_nanosecond(0)
-        .unwrap();
-    let (sc, sk) = write_cert(
-        dir,
-        "short",
-        &ca.issue(&CertSpec {
-            not_after,
-            ..CertSpec::agent(ID)
-        }),
-    );
+    let spec = CertSpec::agent_expiring(ID, 3);
+    let not_after = spec.not_after;
+    let (sc, sk) = write_cert(dir, "short", &ca.issue(&spec));
     let mut cmd = launch_args(&node.socket, &sc, &sk);
     cmd.args([
         "sh",

@@ -1193,21 +1193,30 @@ impl Datapath {
 /// Loads (the kernel verifies) every program whose link is not pinned yet.
 fn load_programs(ebpf: &mut Ebpf, links_dir: &Path) -> Result<(), DatapathError> {
     for name in ALL_PROGRAMS {
-        if links_dir.join(name).exists() {
-            continue;
+        if !links_dir.join(name).exists() {
+            load_program(ebpf, name)?;
         }
-        let prog_err = |e: aya::programs::ProgramError| DatapathError::Program {
-            name,
-            source: Box::new(e),
-        };
-        let prog = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram(name))?;
-        if name == c::PROG_SOCK_CREATE {
-            let p: &mut CgroupSock = prog.try_into().map_err(prog_err)?;
+    }
+    Ok(())
+}
+
+/// Loads one program, unless it is loaded already.
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
+    let prog_err = |e: aya::programs::ProgramError| DatapathError::Program {
+        name,
+        source: Box::new(e),
+    };
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?;
+    if name == c::PROG_SOCK_CREATE {
+        let p: &mut CgroupSock = prog.try_into().map_err(prog_err)?;
+        if p.fd().is_err() {
             p.load().map_err(prog_err)?;
-        } else {
-            let p: &mut CgroupSockAddr = prog.try_into().map_err(prog_err)?;
+        }
+    } else {
+        let p: &mut CgroupSockAddr = prog.try_into().map_err(prog_err)?;
+        if p.fd().is_err() {
             p.load().map_err(prog_err)?;
         }
     }
@@ -1238,6 +1247,8 @@ fn attach_all(
                 report.adopted += 1;
                 continue;
             }
+            // Loaded by load_programs, unless its pin vanished since.
+            load_program(ebpf, name)?;
             let prog_err = |e: aya::programs::ProgramError| DatapathError::Program {
                 name,
                 source: Box::new(e),
@@ -1245,14 +1256,10 @@ fn attach_all(
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram(name))?;
-            // The two program types share no trait for load/attach/take_link in aya 0.14.
+            // The two program types share no trait for attach/take_link in aya 0.14.
             macro_rules! load_attach {
                 ($ty:ty) => {{
                     let p: &mut $ty = prog.try_into().map_err(prog_err)?;
-                    // Loaded by load_programs, unless its pin vanished since.
-                    if p.fd().is_err() {
-                        p.load().map_err(prog_err)?;
-                    }
                     let id = p
                         .attach(&cgroup_file, CgroupAttachMode::Single)
                         .map_err(prog_err)?;

@@ -414,9 +414,19 @@ impl Node {
         let placed = self
             .admissible(&id)
             .and_then(|n| self.sessions.launch(&peer, &pidfd, n));
-        match placed {
+        self.bound("launch", id, placed)
+    }
+
+    /// The answer to a launch or enrollment: once bound, the agent's first lookup finds a
+    /// proxy in its network namespace.
+    fn bound(
+        &self,
+        op: &str,
+        id: String,
+        result: Result<PathBuf, SessionError>,
+    ) -> crate::api::Response {
+        match result {
             Ok(cgroup) => {
-                // Before the agent's first lookup: a proxy in its network namespace.
                 self.dns.sync(&self.sessions.namespaces());
                 crate::api::Response {
                     ok: true,
@@ -425,24 +435,14 @@ impl Node {
                     ..Default::default()
                 }
             }
-            Err(e) => Self::refused("launch", id, &e),
+            Err(e) => Self::refused(op, id, &e),
         }
     }
 
     fn enroll(&self, peer: VerifiedPeer, path: &Path) -> crate::api::Response {
         let id = peer.id.to_string();
-        match self.sessions.enroll(&peer, path, || self.admissible(&id)) {
-            Ok(cgroup) => {
-                self.dns.sync(&self.sessions.namespaces());
-                crate::api::Response {
-                    ok: true,
-                    identity: Some(id),
-                    cgroup: Some(cgroup),
-                    ..Default::default()
-                }
-            }
-            Err(e) => Self::refused("enroll", id, &e),
-        }
+        let enrolled = self.sessions.enroll(&peer, path, || self.admissible(&id));
+        self.bound("enroll", id, enrolled)
     }
 
     fn renew(&self, peer: VerifiedPeer, pidfd: OwnedFd) -> crate::api::Response {
