@@ -6,7 +6,8 @@
 use std::cell::Cell;
 
 thread_local! {
-    static BACKGROUND: Cell<bool> = const { Cell::new(false) };
+    /// Inside [`Background`]: the nice value to return to.
+    static BACKGROUND: Cell<Option<libc::c_int>> = const { Cell::new(None) };
 }
 
 /// The nice value background work runs at.
@@ -15,7 +16,7 @@ const BACKGROUND_NICE: libc::c_int = 10;
 /// How many threads a job started from this thread may use.
 pub fn threads() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if BACKGROUND.with(Cell::get) {
+    if BACKGROUND.with(Cell::get).is_some() {
         cores.saturating_sub(1).max(1)
     } else {
         cores
@@ -27,7 +28,7 @@ pub fn threads() -> usize {
 pub struct Background {
     tid: libc::id_t,
     nice: libc::c_int,
-    was: bool,
+    was: Option<libc::c_int>,
 }
 
 impl Background {
@@ -41,7 +42,8 @@ impl Background {
             }
             (tid, nice)
         };
-        let was = BACKGROUND.with(|b| b.replace(true));
+        // Nested: the priority to return to is still the outermost one.
+        let was = BACKGROUND.with(|b| b.replace(Some(b.get().unwrap_or(nice))));
         Self { tid, nice, was }
     }
 }
@@ -52,6 +54,27 @@ impl Drop for Background {
         // SAFETY: as in enter. Raising it back needs CAP_SYS_NICE, which the node has.
         unsafe {
             libc::setpriority(libc::PRIO_PROCESS, self.tid, self.nice);
+        }
+    }
+}
+
+fn set_nice(nice: libc::c_int) {
+    // SAFETY: plain syscalls on this thread's own id.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice);
+    }
+}
+
+/// Runs `f` at the priority this thread had before [`Background`]: for the short parts of
+/// background work that hold a lock what serves agents waits on (no priority inversion).
+pub fn at_normal_priority<T>(f: impl FnOnce() -> T) -> T {
+    match BACKGROUND.with(Cell::get) {
+        None => f(),
+        Some(nice) => {
+            set_nice(nice);
+            let out = f();
+            set_nice(BACKGROUND_NICE.max(nice));
+            out
         }
     }
 }

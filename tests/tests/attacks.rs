@@ -199,3 +199,91 @@ fn a_governed_agent_cannot_get_out() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// An agent that can reach the node's socket (through `socket_group`) and holds another
+/// identity's certificate cannot launch itself, or anything, into that identity: a caller
+/// inside a bound cgroup is refused, and nothing changes for it.
+#[test]
+fn a_governed_agent_cannot_launch_into_another_identity() {
+    const OTHER: &str = "spiffe://example.org/agent/wide";
+    let policy = format!(
+        "{POLICY}---\nkind: AgentPolicy\nname: wide\nidentity: {OTHER}\negress:\n  - to: [0.0.0.0/0]\n"
+    );
+    let (env, tmp, ca) = setup("attacks-relaunch", &policy);
+    let dir = tmp.path();
+    let audit = dir.join("audit.jsonl");
+    let node = NodeProc::start_with(
+        &env,
+        dir,
+        &[
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--socket-group",
+            "nogroup",
+        ],
+    );
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+    // The other identity's credentials, readable by the agent's user.
+    let (wide_cert, wide_key) = write_cert(dir, "wide", &ca.issue(&CertSpec::agent(OTHER)));
+    for f in [&wide_cert, &wide_key] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let ns = NetNs::new("relaunch");
+    let mut c = Command::new(bin_path("agentwall"));
+    c.arg("launch")
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("--socket")
+        .arg(&node.socket)
+        .args(["--user", "nobody", "--"])
+        .arg(bin_path("aw-probe"));
+    ns.enter(&mut c);
+    let mut agent = Probe::from_command(c);
+    assert_eq!(agent.cmd("connect tcp 203.0.113.1 443"), "err EPERM");
+    // The socket is the agent's to reach now.
+    assert_eq!(
+        agent.cmd(&format!("connect-unix {}", node.socket.display())),
+        "ok"
+    );
+
+    let relaunch = format!(
+        "spawn {aw} launch --cert {c} --key {k} --socket {s} -- {probe} connect tcp 203.0.113.1 443",
+        aw = bin_path("agentwall").display(),
+        c = wide_cert.display(),
+        k = wide_key.display(),
+        s = node.socket.display(),
+        probe = bin_path("aw-probe").display(),
+    );
+    let answer = agent.cmd(&relaunch);
+    assert!(
+        answer.starts_with(
+            "exit 2: agentwall launch: rejected: the calling process is already governed: "
+        ),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with(&format!(
+            "is bound to {ID}; launch and enroll are refused from inside a bound cgroup (renew extends the identity it has) (identity {OTHER})"
+        )),
+        "{answer}"
+    );
+    // Nothing changed for the agent, and the refusal is on record.
+    assert_eq!(agent.cmd("connect tcp 203.0.113.1 443"), "err EPERM");
+    assert_eq!(agent.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    let rejected = audit_records(&audit)
+        .into_iter()
+        .find(|r| r["kind"] == "identity" && r["event"] == "rejected")
+        .expect("the refused launch is recorded");
+    assert_eq!(rejected["op"], "launch");
+    assert_eq!(rejected["identity"], OTHER);
+    assert!(
+        rejected["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("the calling process is already governed"),
+        "{rejected}"
+    );
+}

@@ -11,8 +11,8 @@ use std::{
 use agentwall_tests::{
     DnsServer, NetNs, Probe, TestEnv, bin_path,
     node::{
-        NodeProc, agentwall, launch_args, metric, run_json, status_json, wait_flow_where,
-        wait_status, write_cert,
+        NodeProc, agentwall, eventually, launch_args, metric, run_json, status_json,
+        wait_flow_where, wait_status, write_cert,
     },
     pki::{Ca, CertSpec},
 };
@@ -646,6 +646,7 @@ fn agents_in_their_own_network_namespace_get_a_proxy_there() {
     let upstream = format!("127.0.0.1:{}", free_port());
     let _dns = DnsServer::start_in(None, &upstream, &dir.join("zone.json"));
     let proxy_port = free_port().to_string();
+    let audit = dir.join("audit.jsonl");
     let node = NodeProc::start_in(
         &env,
         dir,
@@ -654,6 +655,8 @@ fn agents_in_their_own_network_namespace_get_a_proxy_there() {
             &upstream,
             "--dns-listen-port",
             &proxy_port,
+            "--audit-log",
+            audit.to_str().unwrap(),
         ],
         &[],
         None,
@@ -678,4 +681,49 @@ fn agents_in_their_own_network_namespace_get_a_proxy_there() {
     assert_eq!(connect(&mut p, "203.0.113.10", 443), "ok");
     let s = status_json(&node.socket);
     assert!(s["dns"]["error"].is_null(), "{s}");
+
+    // An agent that makes 500 network namespaces (unprivileged, in user namespaces) gets a
+    // proxy in at most 16 of them (the per-identity cap); the node's descriptors stay bounded
+    // and it goes on serving.
+    let fds = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let before = fds(node.child.id());
+    assert_eq!(
+        p.cmd("spawn-many 500 setpriv --reuid=65534 --regid=65534 --clear-groups unshare -Urn sleep 600"),
+        "spawned 500"
+    );
+    let capped = eventually("the namespace cap record", Duration::from_secs(20), || {
+        let n = std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["kind"] == "dns" && r["event"] == "namespace_cap")
+            .count();
+        if n >= 400 {
+            Ok(n)
+        } else {
+            Err(format!("{n} namespaces refused so far"))
+        }
+    });
+    assert!(capped <= 500, "{capped}");
+    let after = fds(node.child.id());
+    assert!(
+        after <= before + 16 * 4 + 16,
+        "the node went from {before} to {after} open files"
+    );
+    let s = status_json(&node.socket);
+    assert!(
+        s["dns"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("get no DNS proxy (caps: 16 per identity, 256 in all)")),
+        "{s}"
+    );
+    // Still serving: the agent's own namespace keeps its proxy.
+    assert_eq!(
+        resolve(&mut p, "api.example.com", "udp", "A"),
+        "ok 203.0.113.10"
+    );
 }

@@ -10,8 +10,8 @@ use std::{
 use agentwall_tests::{
     Probe, TestEnv, bin_path,
     node::{
-        NodeProc, audit_records, launch_args, launch_probe, loopback_addr, metric, scrape, setup,
-        status_json, wait_flow, wait_status, write_cert,
+        NodeProc, agentwall, audit_records, eventually, launch_args, launch_probe, loopback_addr,
+        metric, scrape, setup, status_json, wait_flow, wait_status, write_cert,
     },
     pki::{Ca, CertSpec, Issued},
 };
@@ -1021,4 +1021,136 @@ fn a_storm_of_identical_denials_yields_bounded_records_with_every_count() {
             ("spiffe://example.org/agent/auditor".to_owned(), 1)
         ]
     );
+}
+
+/// Sessions are state: a CRL published while the node was down, `revoke`, `renew` and
+/// session collection all reach sessions launched before a restart, and the binding of a
+/// cgroup that went away while the node was down is freed.
+#[test]
+fn sessions_launched_before_a_restart_are_still_reached() {
+    let (env, tmp, ca) = setup("restart-sessions", POLICY);
+    let dir = tmp.path();
+    let crl = dir.join("ca.crl.pem");
+    std::fs::write(&crl, ca.crl(&[])).unwrap();
+    let audit = dir.join("audit.jsonl");
+    let flags = [
+        "--crl",
+        crl.to_str().unwrap(),
+        "--audit-log",
+        audit.to_str().unwrap(),
+    ];
+    let node = NodeProc::start_with(&env, dir, &flags);
+    let sock = node.socket.to_str().unwrap().to_owned();
+
+    // A: kept; B: its certificate is listed while the node is down; C: renews after the
+    // restart; D: exits after the restart; a unit enrolled and removed while the node is down.
+    let (ac, ak) = write_cert(dir, "a", &ca.issue(&CertSpec::agent(ID)));
+    let mut a = launch_probe(&node.socket, &ac, &ak);
+    let listed = ca.issue(&CertSpec::agent(ID));
+    let (bc, bk) = write_cert(dir, "b", &listed);
+    let mut b = launch_probe(&node.socket, &bc, &bk);
+    let short = CertSpec::agent_expiring(ID, 6);
+    let until = std::time::SystemTime::from(short.not_after) + Duration::from_millis(50);
+    let (cc, ck) = write_cert(dir, "c", &ca.issue(&short));
+    let mut c = launch_probe(&node.socket, &cc, &ck);
+    let (dc, dk) = write_cert(dir, "d", &ca.issue(&CertSpec::agent(ID)));
+    let d = launch_probe(&node.socket, &dc, &dk);
+    let gone = env.cgroup("services/gone.service");
+    let (gc, gk) = write_cert(dir, "g", &ca.issue(&CertSpec::agent(ID)));
+    let out = agentwall()
+        .args(["enroll", "--cgroup"])
+        .arg(gone.path())
+        .arg("--cert")
+        .arg(&gc)
+        .arg("--key")
+        .arg(&gk)
+        .args(["--socket", &sock])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for p in [&mut a, &mut b] {
+        assert_eq!(p.cmd("listen tcp 127.0.0.1 9000"), "ok");
+        assert_eq!(p.cmd("hold tcp 127.0.0.1 9000"), "ok");
+    }
+    let bindings = |s: &serde_json::Value| s["map_fill"]["bindings"].as_u64().unwrap();
+    let before = bindings(&status_json(&node.socket));
+    assert_eq!(node.stop(), 0);
+
+    let next = dir.join("ca.crl.pem.new");
+    std::fs::write(&next, ca.crl(&[&listed.serial])).unwrap();
+    std::fs::rename(&next, &crl).unwrap();
+    std::fs::remove_dir(gone.path()).unwrap();
+    let node = NodeProc::start_with(&env, dir, &flags);
+
+    // The CRL reached B at start; A runs on.
+    assert_eq!(b.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+    assert_eq!(b.cmd("held"), "alive=0 closed=1");
+    assert_eq!(a.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    let s = status_json(&node.socket);
+    let sessions: Vec<&serde_json::Value> = s["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|i| i["sessions"].as_array().unwrap())
+        .collect();
+    assert_eq!(sessions.len(), 4, "{s}");
+    assert_eq!(
+        sessions.iter().filter(|x| x["revoked"] == true).count(),
+        1,
+        "{s}"
+    );
+    // The removed unit's binding was freed.
+    assert_eq!(bindings(&s), before - 1, "{s}");
+
+    // renew from inside C, a session of the last run.
+    let renewed = c.cmd(&format!(
+        "spawn {aw} renew --cert {c} --key {k} --socket {sock}",
+        aw = bin_path("agentwall").display(),
+        c = ac.display(),
+        k = ak.display(),
+    ));
+    assert!(renewed.starts_with("exit 0"), "{renewed}");
+    while std::time::SystemTime::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        c.cmd("connect tcp 192.0.2.10 443"),
+        "err ENETUNREACH",
+        "the renewal after the restart moved the deadline"
+    );
+
+    // D's processes exit: its session ends and its binding goes.
+    let d_pid = d.pid;
+    drop(d);
+    eventually("D's session to end", Duration::from_secs(10), || {
+        let s = status_json(&node.socket);
+        let left = s["identities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|i| i["sessions"].as_array().unwrap())
+            .any(|x| x["pid"] == d_pid);
+        if left { Err(s.to_string()) } else { Ok(()) }
+    });
+
+    // revoke ends A's established connection: a session of the last run.
+    let (code, _, err) = agentwall_out(&["revoke", ID, "--socket", &sock]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(a.cmd("held"), "alive=0 closed=1");
+    assert_eq!(a.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+    let events: Vec<String> = audit_records(&audit)
+        .iter()
+        .filter(|r| r["kind"] == "identity")
+        .map(|r| r["event"].as_str().unwrap().to_owned())
+        .collect();
+    for want in ["revoked-by-crl", "session-ended", "renewed", "revoked"] {
+        assert!(
+            events.iter().any(|e| e == want),
+            "{want} missing from {events:?}"
+        );
+    }
 }

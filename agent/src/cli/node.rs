@@ -55,6 +55,12 @@ pub struct Args {
     dns_max_addresses: Option<usize>,
     #[arg(long)]
     dns_timeout_ms: Option<u64>,
+    /// Network namespaces (besides the node's) the DNS proxy serves one identity in (default 16).
+    #[arg(long)]
+    dns_max_namespaces_per_identity: Option<usize>,
+    /// Network namespaces (besides the node's) the DNS proxy serves in all (default 256).
+    #[arg(long)]
+    dns_max_namespaces: Option<usize>,
     /// Fold identical flows within this many seconds into one record (0 = off).
     #[arg(long)]
     aggregate_window_secs: Option<u64>,
@@ -113,6 +119,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         dns_max_names: args.dns_max_names,
         dns_max_addresses: args.dns_max_addresses,
         dns_timeout_ms: args.dns_timeout_ms,
+        dns_max_namespaces_per_identity: args.dns_max_namespaces_per_identity,
+        dns_max_namespaces: args.dns_max_namespaces,
         aggregate_window_secs: args.aggregate_window_secs,
         record_allowed: args.record_allowed,
         catalog_refresh_secs: args.catalog_refresh_secs,

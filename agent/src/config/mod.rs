@@ -71,6 +71,12 @@ pub struct NodeConfig {
     pub dns_max_addresses: Option<usize>,
     /// Milliseconds one upstream gets to answer before the next is tried (default 2000).
     pub dns_timeout_ms: Option<u64>,
+    /// Network namespaces besides the node's own in which the DNS proxy listens for one
+    /// identity (default 16); past it, DNS from that identity's further namespaces is refused.
+    pub dns_max_namespaces_per_identity: Option<usize>,
+    /// Network namespaces besides the node's own in which the proxy listens in all (default
+    /// 256): an agent that makes namespaces cannot exhaust the node's descriptors.
+    pub dns_max_namespaces: Option<usize>,
     /// Identical flows within this many seconds of the first are folded into one record
     /// (default 10; 0 writes every kernel record as it comes).
     pub aggregate_window_secs: Option<u64>,
@@ -178,6 +184,8 @@ impl NodeConfig {
             dns_max_names,
             dns_max_addresses,
             dns_timeout_ms,
+            dns_max_namespaces_per_identity,
+            dns_max_namespaces,
             aggregate_window_secs,
             record_allowed,
             catalog_refresh_secs
@@ -257,6 +265,14 @@ impl NodeConfig {
             names_per_identity: self.dns_max_names.unwrap_or(1024),
             addresses_per_name: self.dns_max_addresses.unwrap_or(32),
         }
+    }
+
+    /// (per identity, in all) namespaces the DNS proxy listens in besides the node's own.
+    pub fn dns_namespace_caps(&self) -> (usize, usize) {
+        (
+            self.dns_max_namespaces_per_identity.unwrap_or(16),
+            self.dns_max_namespaces.unwrap_or(256),
+        )
     }
 
     pub fn dns_timeout(&self) -> std::time::Duration {

@@ -118,9 +118,24 @@ pub enum DatapathError {
     NoTrie(u32),
     #[error("identity {0}'s trie was built to learn no hosts (it has no name rules)")]
     HostsNotKept(u32),
+    #[error(
+        "writing identity states: {source} ({failed} of {total} not written; the new rules are in force, their modes and DNS steering are not all)"
+    )]
+    States {
+        failed: usize,
+        total: usize,
+        source: Box<MapError>,
+    },
 }
 
 impl DatapathError {
+    /// The kernel took part of the change before it failed (a partial swap, identity states
+    /// not written): trying the same change again finishes it.
+    pub fn changed_kernel(&self) -> bool {
+        matches!(self, Self::Swap { applied, .. } if *applied > 0)
+            || matches!(self, Self::States { .. })
+    }
+
     /// The identity whose rules the error is about, if it is about one.
     pub fn identity(&self) -> Option<u32> {
         match self {
@@ -367,11 +382,13 @@ impl Datapath {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        let fresh = !ALL_PROGRAMS.iter().any(|n| links_dir.join(n).exists());
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         load_programs(&mut ebpf, &links_dir)?;
         Ok(Loaded {
+            fresh,
             cfg: cfg.clone(),
             attach,
             dir,
@@ -383,6 +400,8 @@ impl Datapath {
 
 /// A datapath loaded but not attached (see [`Datapath::load`]).
 pub struct Loaded {
+    /// No link was pinned before: this load made the pin directory's maps.
+    fresh: bool,
     cfg: DatapathConfig,
     attach: Cgroup,
     dir: PathBuf,
@@ -391,9 +410,16 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// No program was attached before this load: dropping it and tearing the pin directory
+    /// down leaves nothing behind.
+    pub fn fresh(&self) -> bool {
+        self.fresh
+    }
+
     /// Attaches (or adopts) every program, and takes the maps.
     pub fn attach(self) -> Result<Datapath, DatapathError> {
         let Self {
+            fresh: _,
             cfg,
             attach,
             dir,
@@ -517,6 +543,19 @@ impl Datapath {
 
     /// Sets what the kernel knows of an identity. Write the identity before binding cgroups to
     /// it; until then its cgroups are denied everything.
+    /// An identity's status as the kernel holds it (unset reads as none).
+    pub fn identity_status(&self, identity: u32) -> Result<Option<IdentityStatus>, DatapathError> {
+        Self::check_identity(identity)?;
+        let st = lock(&self.identities)
+            .get(&identity, 0)
+            .map_err(map_err(c::MAP_IDENTITIES))?;
+        Ok(match st.state {
+            c::IDENTITY_ACTIVE => Some(IdentityStatus::Active),
+            c::IDENTITY_REVOKED => Some(IdentityStatus::Revoked),
+            _ => None,
+        })
+    }
+
     pub fn set_identity(
         &self,
         identity: u32,
@@ -568,6 +607,19 @@ impl Datapath {
         addrs: &[std::net::IpAddr],
     ) -> Result<(), DatapathError> {
         self.update_hosts_with(identity, addrs, |_, _| rules.to_vec())
+    }
+
+    /// The rules of the identity's trie in force and, while a change is being applied, of the
+    /// trie staged to replace it: what a name must match to be learned (empty for an identity
+    /// whose tries learn no hosts).
+    pub fn learning_rules(&self, identity: u32) -> Vec<Arc<[Rule]>> {
+        let t = lock(&self.tries);
+        t.current
+            .get(&identity)
+            .into_iter()
+            .chain(t.staged.get(&identity))
+            .filter_map(|t| t.base.clone())
+            .collect()
     }
 
     /// [`Datapath::update_hosts`] for the trie in force and, while a change is being applied,
@@ -724,6 +776,15 @@ impl Datapath {
         }
     }
 
+    /// The identity a cgroup is bound to (its own binding; not an ancestor's).
+    pub fn binding(&self, cgroup_id: u64) -> Result<Option<u32>, DatapathError> {
+        match lock(&self.bindings).get(&cgroup_id, 0) {
+            Ok(b) => Ok(Some(b.identity)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(c::MAP_BINDINGS)(e)),
+        }
+    }
+
     /// The bindings in force: cgroup id → identity.
     pub fn bindings(&self) -> Result<Vec<(u64, u32)>, DatapathError> {
         lock(&self.bindings)
@@ -822,18 +883,28 @@ impl Datapath {
             });
         }
         let fd = aya::maps::IterableMap::map(&*map).fd().as_fd();
-        sys::map_update_batch_raw(fd, &keys, &values, configs.len()).map_err(|(done, e)| {
-            DatapathError::Apply {
-                what: format!(
-                    "identity states ({done} of {} written; the rules are in force)",
-                    configs.len()
-                ),
-                source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
-                    call: "bpf_map_update_batch",
-                    io_error: e,
-                })),
+        if sys::map_update_batch_raw(fd, &keys, &values, configs.len()).is_ok() {
+            return Ok(());
+        }
+        // One by one, then: what one entry refuses does not keep the others from being written.
+        drop(map);
+        let mut map = lock(&self.identities);
+        let (mut failed, mut first) = (0, None);
+        for c in configs {
+            let v = Self::state_value(status_of(c.identity), c.mode, u8::from(c.dns));
+            if let Err(e) = map.set(c.identity, v, 0) {
+                failed += 1;
+                first.get_or_insert(e);
             }
-        })
+        }
+        match first {
+            None => Ok(()),
+            Some(e) => Err(DatapathError::States {
+                failed,
+                total: configs.len(),
+                source: Box::new(e),
+            }),
+        }
     }
 
     /// Replaces the global deny list. It lives inside every identity's trie, so every trie is

@@ -101,9 +101,10 @@ impl Node {
                 (Err(r), _) => rejection(&r),
                 (_, Err(e)) => no_process(&e),
             },
-            Request::Enroll { cgroup } => match caller.peer {
-                Ok(peer) => self.enroll(peer, &cgroup),
-                Err(r) => rejection(&r),
+            Request::Enroll { cgroup } => match (caller.peer, caller.pidfd) {
+                (Ok(peer), Ok(pidfd)) => self.enroll(peer, pidfd, &cgroup),
+                (Err(r), _) => rejection(&r),
+                (_, Err(e)) => no_process(&e),
             },
             Request::Renew => match (caller.peer, caller.pidfd) {
                 (Ok(peer), Ok(pidfd)) => self.renew(peer, pidfd),

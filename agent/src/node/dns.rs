@@ -46,6 +46,9 @@ pub struct Settings {
     /// How long the catalog keeps an address an answer named.
     pub catalog_keep: Duration,
     pub state_dir: PathBuf,
+    /// Namespaces besides the node's own the proxy listens in: per identity, and in all.
+    pub namespaces_per_identity: usize,
+    pub namespaces: usize,
 }
 
 /// Deadlines that only moved later are written this often at most (addresses that came or
@@ -88,6 +91,8 @@ impl LearnedState {
 struct SyncState {
     /// Identities with name rules (their DNS is steered to the proxy).
     named: BTreeSet<u32>,
+    /// Namespaces refused by a cap (identity, inode), each recorded once.
+    over_cap: BTreeSet<(u32, u64)>,
     /// The IPv6 proxy prefix is routed to `lo` in the node's namespace.
     routed6: bool,
     /// Why the proxy cannot serve (some of) the identities with name rules.
@@ -133,6 +138,7 @@ impl DnsLearning {
             observed: Mutex::new(Observed::new(65536)),
             sync: Mutex::new(SyncState {
                 named: BTreeSet::new(),
+                over_cap: BTreeSet::new(),
                 routed6: false,
                 error: startup_error,
             }),
@@ -175,16 +181,15 @@ impl DnsLearning {
                 observed.insert(identity, *ip, &a.qname);
             }
         }
-        let Some(base) = applied.rules.get(&identity) else {
+        // The rules of the trie in force, and of one a change in progress has staged: a name
+        // the new policy allows is learned while it is being applied.
+        let Some(rule_id) = datapath.learning_rules(identity).iter().find_map(|base| {
+            base.iter()
+                .find(|r| r.fqdns.iter().any(|p| p.matches(&a.qname)))
+                .map(|r| r.id)
+        }) else {
             return;
         };
-        let Some(rule) = base
-            .iter()
-            .find(|r| r.fqdns.iter().any(|p| p.matches(&a.qname)))
-        else {
-            return;
-        };
-        let rule_id = rule.id;
         if a.addrs.is_empty() {
             return;
         }
@@ -252,6 +257,11 @@ impl DnsLearning {
                     }));
                 }
             }
+            // The identity left the policy (or its name rules) meanwhile: nothing to allow.
+            Err(
+                crate::datapath::DatapathError::NoTrie(_)
+                | crate::datapath::DatapathError::HostsNotKept(_),
+            ) => {}
             Err(e) => {
                 error!(identity = %id, name = %a.qname, error = %e,
                     "could not allow a DNS answer's addresses; they stay denied");
@@ -264,21 +274,17 @@ impl DnsLearning {
         }
     }
 
-    /// For an apply: forgets what identities without name rules (or gone from the policy)
-    /// learned, and gives the host rules of the others against their new rules.
+    /// For an apply: the host rules of every identity with name rules against its new rules.
     pub fn snapshot_for_apply(
         &self,
         rules: &std::collections::HashMap<u32, Arc<[Rule]>>,
         named: &BTreeSet<u32>,
         global_deny: &[IpNet],
     ) -> HostSnapshot {
-        let (copy, generation) = {
-            let mut st = lock(&self.learned);
-            if st.learned.retain(|n| named.contains(&n)) {
-                st.dirty = true;
-            }
+        let (copy, generation) = crate::workers::at_normal_priority(|| {
+            let st = lock(&self.learned);
             (st.learned.subset(named), st.generation)
-        };
+        });
         // Computed from the copy: answers do not wait on it.
         let hosts = named
             .iter()
@@ -290,9 +296,23 @@ impl DnsLearning {
         HostSnapshot { generation, hosts }
     }
 
+    /// Once a change is in force: forgets what identities without name rules (or gone from
+    /// the policy) learned.
+    pub fn forget_unnamed(&self, named: &BTreeSet<u32>) {
+        let mut st = lock(&self.learned);
+        if st.learned.retain(|n| named.contains(&n)) {
+            st.dirty = true;
+        }
+    }
+
     /// Writes what was learned since `since` into the tries an apply has staged (and the ones
-    /// in force, which already hold it: the write is the same).
+    /// in force, which already hold it: the write is the same). Runs at normal priority: DNS
+    /// answers wait for this lock.
     pub fn replay(&self, since: u64, datapath: &Datapath) {
+        crate::workers::at_normal_priority(|| self.replay_locked(since, datapath));
+    }
+
+    fn replay_locked(&self, since: u64, datapath: &Datapath) {
         let st = lock(&self.learned);
         if st.generation == since {
             return;
@@ -338,10 +358,10 @@ impl DnsLearning {
             }
             st.changed(identity, addrs, true);
         }
-        let due = st.dirty
-            || st
-                .extended
-                .is_some_and(|t| t.elapsed() >= SAVE_EXTENSIONS_EVERY);
+        // Never later than half the grace: a restart keeps every address the agent may
+        // still use.
+        let every = SAVE_EXTENSIONS_EVERY.min(self.settings.grace / 2);
+        let due = st.dirty || st.extended.is_some_and(|t| t.elapsed() >= every);
         if !due {
             return;
         }
@@ -359,6 +379,23 @@ impl DnsLearning {
         }
     }
 
+    /// Writes the learned table now if anything is unwritten (the node is stopping).
+    pub fn save_now(&self) {
+        let bytes = {
+            let mut st = lock(&self.learned);
+            if !st.dirty && st.extended.is_none() {
+                return;
+            }
+            st.dirty = false;
+            st.extended = None;
+            st.learned.encode()
+        };
+        let _one = lock(&self.saving);
+        if let Err(e) = Learned::store(&Learned::path(&self.settings.state_dir), &bytes) {
+            warn!(error = %e, "could not save learned DNS addresses");
+        }
+    }
+
     /// The identities whose DNS goes to the proxy.
     pub fn set_named(&self, named: BTreeSet<u32>) {
         lock(&self.sync).named = named;
@@ -369,8 +406,14 @@ impl DnsLearning {
     }
 
     /// Has the proxy listen for every identity with name rules, in the node's network
-    /// namespace and in each namespace `sessions` names for it, and nowhere else.
-    pub fn sync(&self, sessions: &BTreeMap<u32, Vec<Netns>>) {
+    /// namespace and in each namespace `sessions` names for it, and nowhere else. Namespaces
+    /// past the caps get no proxy: DNS there is refused (closed), recorded once.
+    pub fn sync(
+        &self,
+        sessions: &BTreeMap<u32, Vec<Netns>>,
+        names: &super::registry::IdentityTable,
+        journal: &Journal,
+    ) {
         let mut st = lock(&self.sync);
         let Some(proxy) = &self.proxy else {
             if !st.named.is_empty() {
@@ -381,11 +424,43 @@ impl DnsLearning {
             }
             return;
         };
+        let (per_identity, total) = (
+            self.settings.namespaces_per_identity,
+            self.settings.namespaces,
+        );
+        let mut left = total;
+        let mut refused: Vec<(u32, u64)> = Vec::new();
         let want: BTreeMap<u32, Vec<Netns>> = st
             .named
             .iter()
-            .map(|n| (*n, sessions.get(n).cloned().unwrap_or_default()))
+            .map(|n| {
+                let mut spaces = sessions.get(n).cloned().unwrap_or_default();
+                let keep = spaces.len().min(per_identity).min(left);
+                left -= keep;
+                refused.extend(spaces.drain(keep..).map(|ns| (*n, ns.inode)));
+                (*n, spaces)
+            })
             .collect();
+        for (identity, inode) in &refused {
+            if st.over_cap.insert((*identity, *inode)) {
+                warn!(
+                    identity,
+                    netns = inode,
+                    per_identity,
+                    total,
+                    "DNS proxy namespace cap reached: DNS from this namespace is refused"
+                );
+                journal.record(&AuditEvent::Dns(DnsEvent::NamespaceCap {
+                    identity: names.name(*identity).unwrap_or_default().to_owned(),
+                    netns: *inode,
+                    per_identity,
+                    total,
+                }));
+            }
+        }
+        // Forget namespaces that went away, so the set stays as small as the sessions are.
+        let live: BTreeSet<(u32, u64)> = refused.iter().copied().collect();
+        st.over_cap.retain(|k| live.contains(k));
         if !want.is_empty() && !st.routed6 {
             // Routed once, when some identity first needs it.
             match crate::dns::route::ensure_local_route() {
@@ -411,7 +486,16 @@ impl DnsLearning {
             error!(error = %error.as_deref().unwrap_or_default(),
                 "names of these identities stay unresolvable there (closed, not open)");
         }
-        st.error = error;
+        let capped = (!refused.is_empty()).then(|| {
+            format!(
+                "{} network namespace(s) of agents get no DNS proxy (caps: {per_identity} per identity, {total} in all); their DNS is refused",
+                refused.len()
+            )
+        });
+        st.error = match (error, capped) {
+            (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+            (a, b) => a.or(b),
+        };
     }
 }
 

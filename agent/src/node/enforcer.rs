@@ -30,6 +30,16 @@ use crate::{
     },
 };
 
+impl EnforcerError {
+    /// The kernel took part of the change before it failed.
+    pub fn changed_kernel(&self) -> bool {
+        match self {
+            Self::Rules { source, .. } | Self::Datapath(source) => source.changed_kernel(),
+            _ => false,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EnforcerError {
     #[error("policy {dir}:\n{errors}")]
@@ -53,10 +63,6 @@ pub struct Applied {
     pub policy: Arc<PolicySet>,
     /// Every identity this node has numbered, in the policy or not.
     pub identities: Arc<IdentityTable>,
-    /// The compiled rules of each identity with name rules (what DNS learning matches
-    /// answers against), by number; shared with the datapath. Other identities' rules are
-    /// kept once, as written, in `policy`.
-    pub rules: HashMap<u32, Arc<[Rule]>>,
     /// Identities with name rules.
     pub named: BTreeSet<u32>,
     pub global_deny: Vec<IpNet>,
@@ -257,7 +263,11 @@ impl Enforcer {
                 revision_in_force: self.applied().revision().to_owned(),
             }));
         self.set_last_error(Some(e.to_string()));
-        st.refused = Some(revision);
+        // A change the kernel took part of is tried again at the next tick, not remembered as
+        // refused: the next attempt finishes it (or fails again, and says so).
+        if !e.changed_kernel() {
+            st.refused = Some(revision);
+        }
         deps.counters.add(|c| c.policy_rejections += 1);
         Err(e)
     }
@@ -321,9 +331,15 @@ impl Enforcer {
                 dns: false,
             },
         ));
-        // The proxy listens before any DNS is steered to it.
-        deps.dns.set_named(named.clone());
-        deps.dns.sync(&deps.sessions.namespaces());
+        // The proxy listens before any DNS is steered to it: for the identities with name
+        // rules before and after, until the change is in (a refused one changes nothing).
+        let before = self.applied.get().named.clone();
+        let listen = |named: BTreeSet<u32>| {
+            deps.dns.set_named(named);
+            deps.dns
+                .sync(&deps.sessions.namespaces(), &table, deps.journal);
+        };
+        listen(before.union(&named).copied().collect());
         let mut snap = deps.dns.snapshot_for_apply(&rules, &named, &deny);
         let empty: Arc<[Rule]> = Arc::from(Vec::new());
         // Identities known from before (this run or an earlier one) that the policy no longer
@@ -343,26 +359,42 @@ impl Enforcer {
             "policy compiled for the datapath"
         );
         let datapath = &*self.datapath;
-        let done = datapath
-            .apply(
-                &deny,
-                sets,
-                &configs,
-                || deps.dns.replay(generation, datapath),
-                |n| deps.registry.status(n),
-            )
-            .map_err(|e| {
+        let done = match datapath.apply(
+            &deny,
+            sets,
+            &configs,
+            || deps.dns.replay(generation, datapath),
+            |n| deps.registry.status(n),
+        ) {
+            Ok(done) => done,
+            Err(e) => {
+                if !e.changed_kernel() {
+                    listen(before);
+                }
                 // The datapath knows identities by number; the admin knows them by SPIFFE ID.
-                match e.identity().and_then(|n| table.name(n)) {
+                return Err(match e.identity().and_then(|n| table.name(n)) {
                     Some(identity) => EnforcerError::Rules {
                         identity: identity.to_owned(),
                         source: e,
                     },
                     None => e.into(),
-                }
-            })?;
+                });
+            }
+        };
+        // In force in the kernel: everyone reads the new policy from now on.
         let old = self.applied.get();
-        if old.revision() != set.revision {
+        let revision = set.revision.clone();
+        let identities = set.agents.len();
+        let rearm = set.next_schedule_change(now);
+        self.applied.set(Applied {
+            policy: set,
+            identities: table.clone(),
+            named: named.clone(),
+            global_deny: deny,
+        });
+        deps.dns.forget_unnamed(&named);
+        listen(named);
+        if old.revision() != revision {
             // Rule numbers belong to a revision: counts of the old numbering would lie.
             if let Err(e) = datapath.clear_rule_hits() {
                 warn!(error = %e, "could not reset the rule hit counters");
@@ -371,8 +403,8 @@ impl Enforcer {
         drop(old);
         let took = t0.elapsed();
         info!(
-            revision = %set.revision,
-            identities = set.agents.len(),
+            %revision,
+            identities,
             tries_rebuilt = done.rebuilt,
             trie_entries = done.entries,
             build_ms = done.build.as_secs_f64() * 1e3,
@@ -388,26 +420,16 @@ impl Enforcer {
                 warn!(error = %e, dir = %self.last_good.display(), "could not keep a copy of the applied policy");
             }
         }
-        st.rearm_at = set.next_schedule_change(now);
+        st.rearm_at = rearm;
         deps.counters.add(|c| {
             c.policy_applies += 1;
             c.last_apply_seconds = took.as_secs_f64();
         });
         deps.journal
             .record(&AuditEvent::Policy(PolicyEvent::Applied {
-                revision: set.revision.clone(),
-                identities: set.agents.len(),
+                revision,
+                identities,
             }));
-        // Only identities that learn hosts keep compiled rules; the rest are in the policy
-        // (and the kernel) alone.
-        rules.retain(|n, _| named.contains(n));
-        self.applied.set(Applied {
-            policy: set,
-            identities: table,
-            rules,
-            named,
-            global_deny: deny,
-        });
         self.set_last_error(None);
         Ok(())
     }
@@ -415,7 +437,13 @@ impl Enforcer {
     /// A schedule window opened or closed: the same revision, applied as of now.
     pub fn rearm_if_due(&self, deps: &Deps<'_>) {
         let _low = crate::workers::Background::enter();
-        let mut st = lock(&self.state);
+        // An apply in progress (a bundle, `policy apply`) is not waited for: the next tick
+        // looks again.
+        let mut st = match self.state.try_lock() {
+            Ok(st) => st,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
         if st.rearm_at.is_none_or(|t| SystemTime::now() < t) {
             return;
         }

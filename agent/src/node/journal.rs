@@ -110,6 +110,14 @@ pub enum DnsEvent {
         name: String,
         error: String,
     },
+    /// An agent's network namespace got no proxy: a cap was reached.
+    NamespaceCap {
+        identity: String,
+        /// The namespace's inode.
+        netns: u64,
+        per_identity: usize,
+        total: usize,
+    },
 }
 
 /// `kind: loss` records the node writes about the kernel's ring buffer.

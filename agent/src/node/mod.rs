@@ -16,10 +16,13 @@
 //! | [`api`] | the local API: one request, checked once, handed to its owner |
 //!
 //! Lock order: a lock may be taken while holding those before it in this list, never after:
-//! enforcer (held through an apply) → sessions → DNS learned table → datapath map locks →
-//! record folder → recent records → journal → counters. Snapshots ([`enforcer::Applied`],
-//! TLS) are read by cloning an `Arc`; nothing that serves an agent (a DNS answer, a decision
-//! record, `status`) waits on a policy apply.
+//! enforcer (held through an apply) → the datapath's `applying` (one rule change at a time) →
+//! sessions → DNS learned table → the datapath's map locks (tries, then a trie's map;
+//! identities, bindings, config) → registry → record folder → recent records → journal →
+//! counters. The DNS proxy's namespace state is taken on its own. Snapshots
+//! ([`enforcer::Applied`], TLS) are read by cloning an `Arc`; nothing that serves an agent (a
+//! DNS answer, a decision record, `status`, a revocation) waits on a policy apply, and the
+//! parts of an apply that hold a lock an answer waits on run at normal priority.
 
 pub mod api;
 pub mod dns;
@@ -85,6 +88,8 @@ pub enum NodeError {
     Journal(#[from] JournalError),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Sessions(#[from] SessionError),
     #[error("control plane: {0}")]
     Link(#[from] LinkError),
     #[error("{path}: {source}")]
@@ -203,6 +208,7 @@ impl Node {
     /// to start, unless a last good copy is kept.
     pub fn start(cfg: NodeConfig) -> Result<Arc<Self>, NodeError> {
         cfg.check()?;
+        raise_fd_limit();
         let trust = Trust::load(&cfg)?;
         let dir = cfg.policy_dir();
         let state_dir = cfg.state_dir();
@@ -238,8 +244,21 @@ impl Node {
                 loaded,
             )
         });
-        let initial = initial?;
-        let datapath = Arc::new(loaded?.attach()?);
+        let loaded = loaded?;
+        let initial = match initial {
+            Ok(i) => i,
+            Err(e) => {
+                // Nothing was attached; maps this start pinned (none were there) go again.
+                if loaded.fresh() {
+                    drop(loaded);
+                    if let Err(t) = crate::datapath::teardown(&cfg.bpffs_dir()) {
+                        warn!(error = %t, "removing the maps of a start refused for its policy");
+                    }
+                }
+                return Err(e.into());
+            }
+        };
+        let datapath = Arc::new(loaded.attach()?);
         datapath.set_dns_port(cfg.dns_port())?;
         let mut dns_error = None;
         let upstreams = if cfg.dns_upstream.is_empty() {
@@ -259,12 +278,21 @@ impl Node {
             cfg.audit_log.as_deref(),
             cfg.audit_log_max_bytes.unwrap_or(AUDIT_MAX_BYTES),
         )?);
+        let sessions =
+            Sessions::load(datapath.clone(), journal.clone(), agents, mount, &state_dir)?;
+        // CRLs that changed while the node was down reach the sessions it had.
+        match crate::identity::revoked_serials(&cfg.crl) {
+            Ok(s) => sessions.cut_off(&s.into_iter().collect()),
+            Err(e) => error!(error = %e, "reading CRLs for the sessions of the last run"),
+        }
         let settings = dns::Settings {
             grace: cfg.dns_grace(),
             min_ttl: cfg.dns_min_ttl(),
             caps,
             catalog_keep: cfg.catalog_refresh() * 2 + cfg.dns_grace(),
             state_dir: state_dir.clone(),
+            namespaces_per_identity: cfg.dns_namespace_caps().0,
+            namespaces: cfg.dns_namespace_caps().1,
         };
         let dns_port = cfg.dns_port();
         let proxy_cfg = ProxyConfig {
@@ -290,7 +318,7 @@ impl Node {
             trust,
             registry,
             enforcer,
-            sessions: Sessions::new(datapath.clone(), journal.clone(), agents, mount),
+            sessions,
             catalog: Mutex::new(catalog),
             records: Records::new(cfg.aggregate_window()),
             journal,
@@ -353,9 +381,13 @@ impl Node {
         }
         self.dns.expire(&self.datapath);
         self.sessions.note_expiries();
-        self.dns.sync(&self.sessions.namespaces());
         {
             let applied = self.enforcer.applied();
+            self.dns.sync(
+                &self.sessions.namespaces(),
+                &applied.identities,
+                &self.journal,
+            );
             let with = self.lookups(&applied);
             self.records
                 .sweep_kernel_counts(&self.datapath, &with, &self.journal, &self.counters);
@@ -409,10 +441,20 @@ impl Node {
         crate::api::Response::error(Some(id), why.to_string())
     }
 
+    /// The SPIFFE ID of an identity number, for messages.
+    fn name_of(&self, number: u32) -> String {
+        self.registry
+            .table()
+            .name(number)
+            .map_or_else(|| format!("identity {number}"), str::to_owned)
+    }
+
     fn launch(&self, peer: VerifiedPeer, pidfd: OwnedFd) -> crate::api::Response {
         let id = peer.id.to_string();
         let placed = self
-            .admissible(&id)
+            .sessions
+            .refuse_governed_caller(&pidfd, |n| self.name_of(n))
+            .and_then(|()| self.admissible(&id))
             .and_then(|n| self.sessions.launch(&peer, &pidfd, n));
         self.bound("launch", id, placed)
     }
@@ -427,7 +469,11 @@ impl Node {
     ) -> crate::api::Response {
         match result {
             Ok(cgroup) => {
-                self.dns.sync(&self.sessions.namespaces());
+                self.dns.sync(
+                    &self.sessions.namespaces(),
+                    &self.enforcer.applied().identities,
+                    &self.journal,
+                );
                 crate::api::Response {
                     ok: true,
                     identity: Some(id),
@@ -439,9 +485,15 @@ impl Node {
         }
     }
 
-    fn enroll(&self, peer: VerifiedPeer, path: &Path) -> crate::api::Response {
+    fn enroll(&self, peer: VerifiedPeer, pidfd: OwnedFd, path: &Path) -> crate::api::Response {
         let id = peer.id.to_string();
-        let enrolled = self.sessions.enroll(&peer, path, || self.admissible(&id));
+        let enrolled = self
+            .sessions
+            .refuse_governed_caller(&pidfd, |n| self.name_of(n))
+            .and_then(|()| {
+                self.sessions
+                    .enroll(&peer, path, || self.admissible(&id), |n| self.name_of(n))
+            });
         self.bound("enroll", id, enrolled)
     }
 
@@ -469,14 +521,15 @@ impl Node {
     /// restarts), then ends its established connections. The one path for `revoke` and for
     /// fleet-wide revocations (`by`).
     fn revoke(&self, id: &str, by: Option<&'static str>) -> Result<(), RevokeError> {
-        let number = self.registry.table().number(id);
-        if number.is_none() && by.is_none() {
+        if by.is_none() && self.registry.table().number(id).is_none() {
             return Err(RevokeError::Unknown(id.to_owned()));
         }
         // Marked first: an apply writing identity states from now on writes this one revoked.
         if let Err(e) = self.registry.revoke(id) {
             error!(error = %e, identity = id, "revocation is in force but could not be saved");
         }
+        // Read after the mark: an apply that numbers the identity meanwhile writes it revoked.
+        let number = self.registry.table().number(id);
         let Some(number) = number else {
             // Not seen here yet: it stays revoked should it ever be.
             warn!(identity = %id, "identity revoked fleet-wide (no session here)");
@@ -494,9 +547,15 @@ impl Node {
             .policy
             .agent(id)
             .map_or(Mode::Enforce, |a| a.mode);
-        self.datapath
-            .set_identity(number, IdentityStatus::Revoked, mode)?;
-        // New connections already fail; end the established ones too.
+        // Written twice at most: the mark makes the next apply write it in any case.
+        let written = self
+            .datapath
+            .set_identity(number, IdentityStatus::Revoked, mode)
+            .or_else(|_| {
+                self.datapath
+                    .set_identity(number, IdentityStatus::Revoked, mode)
+            });
+        // New connections fail (or will, at the next apply); end the established ones too.
         let destroyed = self.sessions.end_connections(id);
         warn!(
             identity = id,
@@ -509,7 +568,7 @@ impl Node {
                 connections_destroyed: destroyed,
                 by: None,
             }));
-        Ok(())
+        written.map_err(RevokeError::from)
     }
 
     /// Reads the kernel's decision records as they arrive.
@@ -619,6 +678,10 @@ impl Node {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(NodeError::Signal)?;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One tick at a time, never awaited here: a long apply inside a tick does not keep
+        // the API (a revocation, a launch) from being served.
+        let ticking = Arc::new(std::sync::atomic::AtomicBool::new(false));
         loop {
             tokio::select! {
                 conn = listener.accept() => match conn {
@@ -626,8 +689,13 @@ impl Node {
                     Err(e) => warn!(error = %e, "accept failed"),
                 },
                 _ = tick.tick() => {
-                    let node = self.clone();
-                    let _ = tokio::task::spawn_blocking(move || node.tick()).await;
+                    if !ticking.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                        let (node, ticking) = (self.clone(), ticking.clone());
+                        tokio::task::spawn_blocking(move || {
+                            node.tick();
+                            ticking.store(false, std::sync::atomic::Ordering::Release);
+                        });
+                    }
                 }
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
@@ -644,6 +712,7 @@ impl Node {
                 &node.counters,
             );
             node.records.flush(true, &node.journal);
+            node.dns.save_now();
         })
         .await;
         info!("node stopped; enforcement stays pinned (agentwall down removes it)");
@@ -677,7 +746,13 @@ impl crate::control_plane::link::NodeSide for Node {
 
     fn revoke_all(&self, identities: &[String]) {
         for id in identities {
-            if self.registry.is_revoked(id) {
+            // Done already: revoked here, and so in the kernel (or not known to it).
+            let number = self.registry.table().number(id);
+            if self.registry.is_revoked(id)
+                && number.is_none_or(|n| {
+                    self.datapath.identity_status(n).ok().flatten() == Some(IdentityStatus::Revoked)
+                })
+            {
                 continue;
             }
             let known = self.registry.table().number(id).is_some();
@@ -690,6 +765,24 @@ impl crate::control_plane::link::NodeSide for Node {
 
     fn take_outbox(&self) -> Vec<serde_json::Value> {
         self.journal.take_outbox()
+    }
+}
+
+/// One descriptor per identity's trie, four per proxy listener: the soft limit goes up to the
+/// hard one, so the node's own tables, not a default of 1,024, are what bounds it.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls with a valid out-pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                warn!(error = %io::Error::last_os_error(), "could not raise the open files limit");
+            }
+        }
     }
 }
 

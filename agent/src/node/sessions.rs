@@ -1,7 +1,9 @@
 //! The session table: every cgroup this node bound to an identity (launched or enrolled),
 //! with the certificate behind it. Admits, binds, renews and collects sessions, records
 //! their expiry, cuts off those a CRL lists, and ends the established connections of a
-//! revoked identity.
+//! revoked identity. The table is state: written to `state_dir/sessions.json` on every
+//! change and read back at start, so a CRL, `renew`, a revocation and collection reach
+//! sessions launched before a restart, and bindings whose cgroups are gone are freed.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -52,10 +54,59 @@ pub enum SessionError {
     NotBelowAttach { path: PathBuf, attach: PathBuf },
     #[error("cannot find the calling process's cgroup")]
     NoCallerCgroup,
+    #[error("certificate is revoked")]
+    CertificateRevoked,
     #[error("{0} is not bound by this node; run renew from inside the agent")]
     NotBound(PathBuf),
     #[error("this cgroup belongs to {owner}, not to {claimed}")]
     OtherIdentity { owner: String, claimed: String },
+    #[error(
+        "the calling process is already governed: {cgroup} is bound to {identity}; launch and enroll are refused from inside a bound cgroup (renew extends the identity it has)"
+    )]
+    CallerGoverned { cgroup: PathBuf, identity: String },
+    #[error(
+        "{path} is already governed by {identity} (bound at {bound}); revoke that identity or end its session first"
+    )]
+    Governed {
+        path: PathBuf,
+        bound: PathBuf,
+        identity: String,
+    },
+    #[error("reading the binding of {path}: {source}")]
+    Lookup {
+        path: PathBuf,
+        source: crate::datapath::DatapathError,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: not a session table ({source}); the sessions it held stay bound in the kernel, fix or move the file to start"
+    )]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("the datapath's bindings: {0}")]
+    Bindings(crate::datapath::DatapathError),
+}
+
+/// `sessions.json`: a session with what the table remembers about it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored {
+    #[serde(flatten)]
+    session: Session,
+    #[serde(default)]
+    expiry_noted: bool,
+}
+
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct StoredTable {
+    sessions: Vec<Stored>,
+    #[serde(default)]
+    seq: u64,
 }
 
 #[derive(Default)]
@@ -101,10 +152,14 @@ pub struct Governing {
 pub struct Sessions {
     datapath: Arc<Datapath>,
     journal: Arc<Journal>,
+    /// `state_dir/sessions.json`.
+    path: PathBuf,
     /// Cgroups the node creates live here, below the attach point.
     agents: Cgroup,
     mount: Cgroup2Mount,
     table: Mutex<Table>,
+    /// Serials the CRLs in force list: no session binds with one.
+    crl: Mutex<std::collections::BTreeSet<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -112,18 +167,129 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Sessions {
-    pub fn new(
+    /// The table as the last run left it, reconciled with the kernel: sessions whose cgroup
+    /// is gone end (their binding is freed), and so do bindings of cgroups that no longer
+    /// exist. A binding whose cgroup still exists stays, with or without a session: unbinding
+    /// must never turn a governed process into an ungoverned one.
+    pub fn load(
         datapath: Arc<Datapath>,
         journal: Arc<Journal>,
         agents: Cgroup,
         mount: Cgroup2Mount,
-    ) -> Self {
-        Self {
+        state_dir: &Path,
+    ) -> Result<Self, SessionError> {
+        let path = state_dir.join("sessions.json");
+        let stored: StoredTable = match std::fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|source| SessionError::Corrupt {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => StoredTable::default(),
+            Err(source) => return Err(SessionError::Io { path, source }),
+        };
+        let me = Self {
             datapath,
             journal,
+            path,
             agents,
             mount,
             table: Mutex::new(Table::default()),
+            crl: Mutex::new(Default::default()),
+        };
+        me.reconcile(stored)?;
+        Ok(me)
+    }
+
+    fn reconcile(&self, stored: StoredTable) -> Result<(), SessionError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut table = lock(&self.table);
+        table.seq = stored.seq;
+        let (mut kept, mut ended) = (0, 0);
+        for Stored {
+            mut session,
+            expiry_noted,
+        } in stored.sessions
+        {
+            let alive =
+                std::fs::metadata(&session.cgroup).is_ok_and(|m| m.ino() == session.cgroup_id);
+            if alive {
+                session.expiry_noted = expiry_noted;
+                table.insert(session);
+                kept += 1;
+                continue;
+            }
+            if let Err(e) = self.datapath.unbind_id(session.cgroup_id) {
+                warn!(error = %e, cgroup = %session.cgroup.display(), "freeing the binding of a session whose cgroup is gone");
+                continue;
+            }
+            ended += 1;
+            self.journal
+                .record(&AuditEvent::Identity(IdentityEvent::SessionEnded {
+                    identity: session.identity,
+                    cgroup: session.cgroup,
+                    serial: session.serial,
+                }));
+        }
+        // Bindings the table does not know (a crash between binding and saving): those of
+        // cgroups that are gone are freed; the others stay, governed.
+        let attach = self.agents.path().parent().unwrap_or(Path::new("/"));
+        let mut present = std::collections::HashSet::new();
+        let mut stack = vec![attach.to_owned()];
+        while let Some(dir) = stack.pop() {
+            if let Ok(m) = std::fs::metadata(&dir) {
+                present.insert(m.ino());
+            }
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+        }
+        let (mut freed, mut orphans) = (0, 0);
+        for (id, _) in self.datapath.bindings().map_err(SessionError::Bindings)? {
+            if table.by_id.contains_key(&id) {
+                continue;
+            }
+            if present.contains(&id) {
+                orphans += 1;
+            } else if self.datapath.unbind_id(id).is_ok() {
+                freed += 1;
+            }
+        }
+        if orphans > 0 {
+            warn!(
+                bindings = orphans,
+                "bound cgroups without a session (left bound and governed; not reached by renew or CRLs)"
+            );
+        }
+        info!(
+            sessions = kept,
+            ended, freed, "sessions read back from the last run"
+        );
+        self.save(&table);
+        Ok(())
+    }
+
+    /// Writes the table (atomically, synced). A failure is logged: the kernel holds the
+    /// bindings either way, and the next change writes the table again.
+    fn save(&self, table: &Table) {
+        let stored = StoredTable {
+            sessions: table
+                .by_id
+                .values()
+                .map(|s| Stored {
+                    session: s.clone(),
+                    expiry_noted: s.expiry_noted,
+                })
+                .collect(),
+            seq: table.seq,
+        };
+        let bytes = serde_json::to_vec_pretty(&stored).expect("sessions serialize");
+        if let Err(e) = crate::files::write_atomic(&self.path, &bytes) {
+            error!(error = %e, path = %self.path.display(),
+                "the session table could not be saved; a restart would not know these sessions");
         }
     }
 
@@ -137,6 +303,11 @@ impl Sessions {
         cg: &Cgroup,
         pid: u32,
     ) -> Result<(), SessionError> {
+        // A handshake can finish just before a CRL lists the certificate: it binds nothing
+        // afterwards.
+        if lock(&self.crl).contains(&peer.serial) {
+            return Err(SessionError::CertificateRevoked);
+        }
         let deadline = BootInstant::from_system_time(peer.not_after);
         self.datapath
             .bind(cg, number, Some(deadline))
@@ -165,7 +336,53 @@ impl Sessions {
             revoked: false,
             expiry_noted: false,
         });
+        self.save(table);
         Ok(())
+    }
+
+    /// The binding that governs `cgroup`: its own or its nearest bound ancestor's, up to the
+    /// attach cgroup, as (bound cgroup, identity number). Read from the kernel's table, so
+    /// bindings from before a restart count too.
+    pub fn governing_binding(&self, cgroup: &Path) -> Result<Option<(PathBuf, u32)>, SessionError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let attach = self.agents.path().parent().unwrap_or(Path::new("/"));
+        for p in cgroup.ancestors().take_while(|p| p.starts_with(attach)) {
+            let Ok(meta) = std::fs::metadata(p) else {
+                continue;
+            };
+            let found =
+                self.datapath
+                    .binding(meta.ino())
+                    .map_err(|source| SessionError::Lookup {
+                        path: p.to_owned(),
+                        source,
+                    })?;
+            if let Some(n) = found {
+                return Ok(Some((p.to_owned(), n)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Refuses a caller that runs inside a bound cgroup: it would otherwise move itself to
+    /// another identity. `name` turns an identity number into its SPIFFE ID.
+    pub fn refuse_governed_caller(
+        &self,
+        pidfd: &OwnedFd,
+        name: impl Fn(u32) -> String,
+    ) -> Result<(), SessionError> {
+        let pid = api::pidfd_pid(pidfd).map_err(SessionError::LauncherGone)?;
+        let cgroup = self
+            .mount
+            .cgroup_of(pid)
+            .ok_or(SessionError::NoCallerCgroup)?;
+        match self.governing_binding(&cgroup)? {
+            Some((bound, n)) => Err(SessionError::CallerGoverned {
+                cgroup: bound,
+                identity: name(n),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Places the process behind `pidfd` in a new cgroup bound to the peer's identity.
@@ -215,6 +432,7 @@ impl Sessions {
         peer: &VerifiedPeer,
         path: &Path,
         admit: impl FnOnce() -> Result<u32, SessionError>,
+        owner: impl Fn(u32) -> String,
     ) -> Result<PathBuf, SessionError> {
         let cg = Cgroup::open(path)?;
         let attach = self.agents.path().parent().unwrap_or(Path::new("/"));
@@ -225,6 +443,17 @@ impl Sessions {
             });
         }
         let number = admit()?;
+        // Enrolling again under the same identity moves its deadline; another identity's
+        // cgroup (or one below it) is not taken over.
+        if let Some((bound, n)) = self.governing_binding(cg.path())? {
+            if n != number {
+                return Err(SessionError::Governed {
+                    path: cg.path().to_owned(),
+                    bound,
+                    identity: owner(n),
+                });
+            }
+        }
         let mut table = lock(&self.table);
         self.bind(&mut table, IdentityEvent::Enrolled, peer, number, &cg, 0)?;
         Ok(cg.path().to_owned())
@@ -276,15 +505,27 @@ impl Sessions {
     /// belong to someone else and may be repopulated.
     pub fn collect(&self) {
         let mut table = lock(&self.table);
+        // A cgroup that is gone (its owner removed it, or a renew raced its last process) has
+        // nothing left to govern either, enrolled or launched.
+        let gone = |s: &Session| !s.cgroup.exists();
         let done: Vec<Session> = table
             .by_id
             .values()
-            .filter(|s| s.cgroup.starts_with(self.agents.path()))
-            .filter(|s| Cgroup::open(&s.cgroup).is_ok_and(|c| c.is_populated().is_ok_and(|p| !p)))
+            .filter(|s| {
+                gone(s)
+                    || (s.cgroup.starts_with(self.agents.path())
+                        && Cgroup::open(&s.cgroup)
+                            .is_ok_and(|c| c.is_populated().is_ok_and(|p| !p)))
+            })
             .cloned()
             .collect();
         for s in done {
-            if let Ok(cg) = Cgroup::open(&s.cgroup) {
+            if gone(&s) {
+                if let Err(e) = self.datapath.unbind_id(s.cgroup_id) {
+                    warn!(error = %e, cgroup = %s.cgroup.display(), "ending a session");
+                    continue;
+                }
+            } else if let Ok(cg) = Cgroup::open(&s.cgroup) {
                 if let Err(e) = self.datapath.unbind(&cg) {
                     warn!(error = %e, cgroup = %s.cgroup.display(), "ending a session");
                     continue;
@@ -299,13 +540,16 @@ impl Sessions {
                     serial: s.serial.clone(),
                 }));
             table.remove(s.cgroup_id);
+            self.save(&table);
         }
     }
 
-    /// Cuts off running sessions whose certificate serial is in `serials`: the binding is
-    /// revoked in the kernel and the connections destroyed.
+    /// Cuts off running sessions whose certificate serial is in `serials` (the CRLs now in
+    /// force): the binding is revoked in the kernel and the connections destroyed. From now on
+    /// no session binds with one of them.
     pub fn cut_off(&self, serials: &std::collections::BTreeSet<String>) {
         let mut table = lock(&self.table);
+        lock(&self.crl).clone_from(serials);
         let hit: Vec<Session> = table
             .by_id
             .values()
@@ -334,6 +578,7 @@ impl Sessions {
             if let Some(x) = table.by_id.get_mut(&s.cgroup_id) {
                 x.revoked = true;
             }
+            self.save(&table);
         }
     }
 
@@ -349,6 +594,9 @@ impl Sessions {
                     s.expiry_noted = true;
                     expired.push(s.clone());
                 }
+            }
+            if !expired.is_empty() {
+                self.save(&table);
             }
         }
         for s in expired {

@@ -634,6 +634,35 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             s.send_to(&[0u8; 5000], to).map_err(|e| e.to_string())?;
             "sent".into()
         }
+        ["spawn", program, args @ ..] => {
+            // From inside this process's cgroup (and namespaces): exit status and the last
+            // line it wrote to stderr.
+            let out = std::process::Command::new(program)
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .map_err(|e| format!("spawning {program}: {e}"))?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            format!(
+                "exit {}: {}",
+                out.status.code().unwrap_or(-1),
+                err.lines().last().unwrap_or("").trim()
+            )
+        }
+        ["spawn-many", n, program, args @ ..] => {
+            // N children left running (until this probe's cgroup is killed).
+            let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
+            for _ in 0..n {
+                std::process::Command::new(program)
+                    .args(args)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .map_err(|e| format!("spawning {program}: {e}"))?;
+            }
+            format!("spawned {n}")
+        }
         _ => return Err(format!("unknown command: {line}")),
     })
 }
