@@ -345,7 +345,7 @@ pub fn shadow_ai(records: &[serde_json::Value]) -> Vec<ShadowGroup> {
             ShadowGroup {
                 group,
                 services: acc.into_values().collect(),
-                suggested_policy: crate::review::suggest_for(&identity, &flows),
+                suggested_policy: crate::review::suggest_for(&identity, &flows, &[]),
             }
         })
         .collect()

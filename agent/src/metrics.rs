@@ -240,6 +240,17 @@ fn render_dns(out: &mut String, c: &Counters, g: &Gauges, d: &crate::dns::proxy:
     );
     header(
         out,
+        "agentwall_dns_queries_refused_total",
+        "counter",
+        "Queries answered REFUSED because the identity's DNS policy does not allow the name or type; nothing was sent upstream.",
+    );
+    let _ = writeln!(
+        out,
+        "agentwall_dns_queries_refused_total {}",
+        d.refused.load(Relaxed)
+    );
+    header(
+        out,
         "agentwall_dns_answers_total",
         "counter",
         "Upstream answers passed on to agents.",

@@ -94,6 +94,15 @@ pub fn read_decisions(
     files: &[PathBuf],
     since: Option<SystemTime>,
 ) -> Result<Vec<serde_json::Value>, ReviewError> {
+    read_records(files, since, &["decision"])
+}
+
+/// Records of the given kinds (a record without a kind counts as a decision).
+fn read_records(
+    files: &[PathBuf],
+    since: Option<SystemTime>,
+    kinds: &[&str],
+) -> Result<Vec<serde_json::Value>, ReviewError> {
     let mut out = Vec::new();
     for path in files {
         let io = |source| ReviewError::Io {
@@ -112,7 +121,10 @@ pub fn read_decisions(
                     line: i + 1,
                     source,
                 })?;
-            if v.get("kind").is_some_and(|k| k != "decision") {
+            if v.get("kind")
+                .and_then(|k| k.as_str())
+                .is_some_and(|k| !kinds.contains(&k))
+            {
                 continue;
             }
             let time = v
@@ -129,6 +141,33 @@ pub fn read_decisions(
         }
     }
     Ok(out)
+}
+
+/// A query an identity in audit mode made that its policy would refuse.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsWish {
+    pub name: String,
+    /// `A`, `TXT`, ...
+    pub qtype: String,
+}
+
+/// What an identity in audit mode asked the DNS proxy for that its policy would refuse, from
+/// `query_would_refuse` records.
+pub fn read_dns_wishes(
+    files: &[PathBuf],
+    since: Option<SystemTime>,
+    identity: &str,
+) -> Result<Vec<DnsWish>, ReviewError> {
+    Ok(read_records(files, since, &["dns"])?
+        .into_iter()
+        .filter(|v| v["event"] == "query_would_refuse" && v["identity"] == identity)
+        .filter_map(|v| {
+            Some(DnsWish {
+                name: v["name"].as_str()?.to_owned(),
+                qtype: v["type"].as_str()?.to_owned(),
+            })
+        })
+        .collect())
 }
 
 /// The flows of governed identities among [`read_decisions`]' records.
@@ -384,17 +423,19 @@ pub fn unused(set: &PolicySet, flows: &[Flow]) -> UnusedReport {
 /// The smallest AgentPolicy (as YAML) whose rules allow every flow recorded for `identity`:
 /// one rule per set of destinations that share protocol and ports, names where the agent
 /// resolved one, addresses otherwise.
-pub fn suggest(identity: &str, flows: &[Flow]) -> String {
+pub fn suggest(identity: &str, flows: &[Flow], dns: &[DnsWish]) -> String {
     let mine: Vec<Flow> = flows
         .iter()
         .filter(|f| f.identity == identity)
         .cloned()
         .collect();
-    suggest_for(identity, &mine)
+    suggest_for(identity, &mine, dns)
 }
 
-/// [`suggest`] over flows already chosen (any identity field), for `identity`.
-pub fn suggest_for(identity: &str, flows: &[Flow]) -> String {
+/// [`suggest`] over flows already chosen (any identity field), for `identity`. `dns`: the
+/// (name, query type) queries it would have been refused, proposed as `dns.resolve` (and
+/// `dns.types`) entries for the names no proposed rule already allows.
+pub fn suggest_for(identity: &str, flows: &[Flow], dns: &[DnsWish]) -> String {
     let mut by_dest: BTreeMap<(String, Protocol), BTreeSet<u16>> = BTreeMap::new();
     for f in flows {
         let dest = f.fqdn.clone().unwrap_or_else(|| f.dest.to_string());
@@ -415,8 +456,34 @@ pub fn suggest_for(identity: &str, flows: &[Flow]) -> String {
         rules.entry((proto, ranges)).or_default().insert(dest);
     }
     let name = identity.rsplit('/').next().unwrap_or(identity);
-    let mut out =
-        format!("kind: AgentPolicy\nname: {name}\nidentity: {identity}\nmode: enforce\negress:\n");
+    let mut out = format!("kind: AgentPolicy\nname: {name}\nidentity: {identity}\nmode: enforce\n");
+    let reached: BTreeSet<&str> = rules.values().flatten().map(String::as_str).collect();
+    let resolve: BTreeSet<&str> = dns
+        .iter()
+        .map(|w| w.name.as_str())
+        .filter(|n| !reached.contains(n))
+        .collect();
+    let default_types: BTreeSet<String> = crate::policy::names::DEFAULT_QUERY_TYPES
+        .iter()
+        .map(|t| crate::policy::names::QueryType(*t).to_string())
+        .collect();
+    let types: BTreeSet<&str> = dns
+        .iter()
+        .map(|w| w.qtype.as_str())
+        .filter(|t| !default_types.contains(*t))
+        .collect();
+    if !resolve.is_empty() || !types.is_empty() {
+        out.push_str("dns:\n");
+        if !resolve.is_empty() {
+            let names: Vec<&str> = resolve.into_iter().collect();
+            out.push_str(&format!("  resolve: [{}]\n", names.join(", ")));
+        }
+        if !types.is_empty() {
+            let types: Vec<&str> = types.into_iter().collect();
+            out.push_str(&format!("  types: [{}]\n", types.join(", ")));
+        }
+    }
+    out.push_str("egress:\n");
     if rules.is_empty() {
         out.push_str("  []\n");
     }

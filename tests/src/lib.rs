@@ -195,6 +195,81 @@ pub fn kill_tree(path: &Path) {
     }
 }
 
+/// dnsmasq (Debian's), authoritative for a few names, logging every query it gets: the query
+/// log shows what reached the upstream. Killed on drop.
+pub struct Dnsmasq {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Dnsmasq {
+    /// Listens on `ip`:53 inside `ns`; `hosts` are (name, address) records, `txt` (name, text).
+    pub fn start(
+        ns: &NetNs,
+        ip: &str,
+        hosts: &[(&str, &str)],
+        txt: &[(&str, &str)],
+        dir: &Path,
+    ) -> Self {
+        let log = dir.join(format!("dnsmasq-{ip}.log"));
+        let mut cmd = Command::new("dnsmasq");
+        ns.enter(&mut cmd);
+        cmd.args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--no-poll",
+            "--bind-interfaces",
+            "--port=53",
+            "--user=root",
+            "--pid-file=",
+            "--log-queries=extra",
+        ])
+        .arg(format!("--listen-address={ip}"))
+        .arg(format!("--log-facility={}", log.display()));
+        for (name, addr) in hosts {
+            cmd.arg(format!("--host-record={name},{addr}"));
+        }
+        for (name, text) in txt {
+            cmd.arg(format!("--txt-record={name},{text}"));
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq must be installed (cargo xtask test installs dnsmasq-base)");
+        // dnsmasq writes "started" once it has bound its sockets.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_to_string(&log).is_ok_and(|t| t.contains("started, version")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dnsmasq did not start ({})",
+                log.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Self { child, log }
+    }
+
+    /// Every query line of the log (`query[TXT] name from ...`).
+    pub fn queries(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(" query["))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Path of a binary built by this crate (next to the test executable's deps dir).
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");

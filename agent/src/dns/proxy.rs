@@ -2,9 +2,11 @@
 //! identity's proxy address (`127.77.x.y`, see `agent_common::dns_proxy_addr`). The datapath
 //! steers the identity's DNS there, so the address a query arrives on says who asked.
 //!
-//! Each query is forwarded unchanged to the upstream resolvers in order; the answer is checked
-//! (id, question), handed to the [`AnswerSink`] (which makes its addresses enforceable) and only
-//! then passed on, so the agent can never connect before the kernel allows the address.
+//! Each query is first put to the [`AnswerSink`]: one the identity's DNS policy refuses is
+//! answered REFUSED and nothing leaves the host. The rest are forwarded unchanged to the
+//! upstream resolvers in order; the answer is checked (id, question), handed to the sink
+//! (which makes its addresses enforceable) and only then passed on, so the agent can never
+//! connect before the kernel allows the address.
 
 use std::{
     collections::BTreeMap,
@@ -28,8 +30,19 @@ use tracing::{debug, warn};
 
 use super::{Answer, read_answer};
 
-/// Receives every answer before the agent does.
+/// What happens to a query.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    Forward,
+    /// Answered REFUSED; nothing is sent upstream.
+    Refuse,
+}
+
+/// Decides every query before anything leaves the host, and receives every answer before the
+/// agent does.
 pub trait AnswerSink: Send + Sync + 'static {
+    /// `name` lower-case without a trailing dot; `qtype` the query type's code.
+    fn admit(&self, identity: u32, name: &str, qtype: u16) -> Admit;
     fn answered(&self, identity: u32, answer: &Answer);
 }
 
@@ -56,6 +69,8 @@ pub const LATENCY_BUCKETS: [f64; 10] = [
 pub struct Stats {
     pub queries_udp: AtomicU64,
     pub queries_tcp: AtomicU64,
+    /// Answered REFUSED by the identity's DNS policy.
+    pub refused: AtomicU64,
     pub answers: AtomicU64,
     /// Upstream gave no usable answer in time; the agent got SERVFAIL.
     pub upstream_failures: AtomicU64,
@@ -351,14 +366,15 @@ fn check_response(query: &Message, bytes: &[u8], stats: &Stats) -> Option<Messag
     Some(r)
 }
 
-fn servfail(query: &Message) -> Vec<u8> {
+/// An answer with no records and `code`, to `query`.
+fn empty_answer(query: &Message, code: ResponseCode) -> Vec<u8> {
     let mut m = Message::new();
     m.set_id(query.id())
         .set_message_type(MessageType::Response)
         .set_op_code(OpCode::Query)
         .set_recursion_desired(query.recursion_desired())
         .set_recursion_available(true)
-        .set_response_code(ResponseCode::ServFail)
+        .set_response_code(code)
         .add_queries(query.queries().to_vec());
     m.to_vec().unwrap_or_default()
 }
@@ -423,6 +439,12 @@ async fn forward_tcp(query: &Message, bytes: &[u8], sh: &Shared) -> Option<(Vec<
 /// Forwards, learns, and returns the bytes for the agent (SERVFAIL when no upstream answered).
 async fn resolve(identity: u32, query: &Message, bytes: &[u8], tcp: bool, sh: &Shared) -> Vec<u8> {
     let t0 = Instant::now();
+    let q = &query.queries()[0];
+    let name = crate::policy::fqdn::normalize(&q.name().to_ascii());
+    if sh.sink.admit(identity, &name, u16::from(q.query_type())) == Admit::Refuse {
+        bump(&sh.stats.refused);
+        return empty_answer(query, ResponseCode::Refused);
+    }
     let got = if tcp {
         forward_tcp(query, bytes, sh).await
     } else {
@@ -440,7 +462,7 @@ async fn resolve(identity: u32, query: &Message, bytes: &[u8], tcp: bool, sh: &S
         None => {
             bump(&sh.stats.upstream_failures);
             warn!(identity, upstreams = ?sh.cfg.upstreams, "no upstream resolver answered; SERVFAIL");
-            servfail(query)
+            empty_answer(query, ResponseCode::ServFail)
         }
     };
     sh.stats.observe(t0.elapsed());

@@ -25,7 +25,7 @@ use crate::{
     datapath::Datapath,
     dns::{
         Answer, Caps, Learned, Observed,
-        proxy::{Netns, Proxy},
+        proxy::{Admit, Netns, Proxy},
     },
     policy::Rule,
 };
@@ -89,8 +89,10 @@ impl LearnedState {
 }
 
 struct SyncState {
-    /// Identities with name rules (their DNS is steered to the proxy).
-    named: BTreeSet<u32>,
+    /// Identities whose DNS is steered to the proxy (every identity of the policy).
+    served: BTreeSet<u32>,
+    /// The proxy is off: said once.
+    said_off: bool,
     /// Namespaces refused by a cap (identity, inode), each recorded once.
     over_cap: BTreeSet<(u32, u64)>,
     /// The IPv6 proxy prefix is routed to `lo` in the node's namespace.
@@ -107,10 +109,111 @@ pub struct DnsLearning {
     sync: Mutex<SyncState>,
     /// One write of the learned file at a time.
     saving: Mutex<()>,
+    /// Refused queries recorded per identity and second.
+    refusals: RefusalRecords,
 }
 
-/// What learning contributes to an apply: the host rules of every named identity, and where
-/// in the learned table that snapshot stands.
+/// Refused queries are recorded up to this many per identity and second; the rest are counted
+/// in the next record (a tunnel attempt is thousands of distinct names a second).
+const REFUSALS_PER_SECOND: u64 = 20;
+
+/// What one refused query is recorded as.
+#[derive(Clone)]
+struct Refused {
+    name: String,
+    qtype: String,
+    why: String,
+    audit: bool,
+}
+
+impl Refused {
+    fn event(self, identity: String, count: u64) -> DnsEvent {
+        let Self {
+            name,
+            qtype,
+            why,
+            audit,
+        } = self;
+        if audit {
+            DnsEvent::QueryWouldRefuse {
+                identity,
+                name,
+                qtype,
+                why,
+                count,
+            }
+        } else {
+            DnsEvent::QueryRefused {
+                identity,
+                name,
+                qtype,
+                why,
+                count,
+            }
+        }
+    }
+}
+
+/// Per identity: when its current second began, records written in it, refusals counted but
+/// not written yet, and the latest of those.
+struct Held {
+    since: std::time::Instant,
+    written: u64,
+    held: u64,
+    last: Option<Refused>,
+}
+
+#[derive(Default)]
+struct RefusalRecords(Mutex<std::collections::HashMap<u32, Held>>);
+
+impl RefusalRecords {
+    /// Notes one refusal; the count a record must carry now (this one and those held), or
+    /// none when it is only counted.
+    fn note(&self, identity: u32, r: &Refused) -> Option<u64> {
+        let mut m = lock(&self.0);
+        let now = std::time::Instant::now();
+        let e = m.entry(identity).or_insert(Held {
+            since: now,
+            written: 0,
+            held: 0,
+            last: None,
+        });
+        if now.duration_since(e.since) >= Duration::from_secs(1) {
+            e.since = now;
+            e.written = 0;
+        }
+        if e.written < REFUSALS_PER_SECOND {
+            e.written += 1;
+            let count = 1 + e.held;
+            e.held = 0;
+            e.last = None;
+            return Some(count);
+        }
+        e.held += 1;
+        e.last = Some(r.clone());
+        None
+    }
+
+    /// Refusals held for a second or more, to be written now: (identity, latest, count).
+    fn due(&self) -> Vec<(u32, Refused, u64)> {
+        let mut m = lock(&self.0);
+        let now = std::time::Instant::now();
+        let mut out = Vec::new();
+        m.retain(|&id, e| {
+            if now.duration_since(e.since) < Duration::from_secs(1) {
+                return true;
+            }
+            if let Some(last) = e.last.take() {
+                out.push((id, last, e.held));
+            }
+            false
+        });
+        out
+    }
+}
+
+/// What learning contributes to an apply: the host rules of every identity with name rules,
+/// and where in the learned table that snapshot stands.
 pub struct HostSnapshot {
     pub generation: u64,
     pub hosts: BTreeMap<u32, Vec<Rule>>,
@@ -137,12 +240,14 @@ impl DnsLearning {
             }),
             observed: Mutex::new(Observed::new(65536)),
             sync: Mutex::new(SyncState {
-                named: BTreeSet::new(),
+                served: BTreeSet::new(),
+                said_off: false,
                 over_cap: BTreeSet::new(),
                 routed6: false,
                 error: startup_error,
             }),
             saving: Mutex::new(()),
+            refusals: RefusalRecords::default(),
         }
     }
 
@@ -161,6 +266,59 @@ impl DnsLearning {
 
     pub fn error(&self) -> Option<String> {
         lock(&self.sync).error.clone()
+    }
+
+    /// Whether the proxy forwards a query: the identity's DNS policy decides; a refusal (or,
+    /// in audit mode, a would-be refusal) is recorded. An identity the policy does not know
+    /// resolves nothing.
+    pub fn admit(
+        &self,
+        identity: u32,
+        name: &str,
+        qtype: u16,
+        applied: &Applied,
+        journal: &Journal,
+    ) -> Admit {
+        let access = applied.names.get(&identity);
+        let why = match access {
+            None => "the identity has no policy".to_owned(),
+            Some(a) => match a.policy.check(name, qtype) {
+                Ok(()) => return Admit::Forward,
+                Err(r) => r.to_string(),
+            },
+        };
+        let audit = access.is_some_and(|a| a.audit);
+        let refused = Refused {
+            name: name.to_owned(),
+            qtype: crate::policy::names::QueryType(qtype).to_string(),
+            why,
+            audit,
+        };
+        if let Some(count) = self.refusals.note(identity, &refused) {
+            let id = applied
+                .identities
+                .name(identity)
+                .unwrap_or_default()
+                .to_owned();
+            if !audit {
+                warn!(identity = %id, name = %refused.name, qtype = %refused.qtype, why = %refused.why, "DNS query refused");
+            }
+            journal.record(&AuditEvent::Dns(refused.event(id, count)));
+        }
+        if audit { Admit::Forward } else { Admit::Refuse }
+    }
+
+    /// Writes the refusals counted but not written once their second is over (the burst may
+    /// not be followed by another refusal that would carry them).
+    pub fn flush_refusals(&self, applied: &Applied, journal: &Journal) {
+        for (identity, last, count) in self.refusals.due() {
+            let id = applied
+                .identities
+                .name(identity)
+                .unwrap_or_default()
+                .to_owned();
+            journal.record(&AuditEvent::Dns(last.event(id, count)));
+        }
     }
 
     /// Makes an answer's addresses enforceable for the identity that asked, when one of its
@@ -397,17 +555,13 @@ impl DnsLearning {
     }
 
     /// The identities whose DNS goes to the proxy.
-    pub fn set_named(&self, named: BTreeSet<u32>) {
-        lock(&self.sync).named = named;
+    pub fn set_served(&self, served: BTreeSet<u32>) {
+        lock(&self.sync).served = served;
     }
 
-    pub fn named(&self) -> BTreeSet<u32> {
-        lock(&self.sync).named.clone()
-    }
-
-    /// Has the proxy listen for every identity with name rules, in the node's network
-    /// namespace and in each namespace `sessions` names for it, and nowhere else. Namespaces
-    /// past the caps get no proxy: DNS there is refused (closed), recorded once.
+    /// Has the proxy listen for every served identity that has sessions, in the node's
+    /// network namespace and in each namespace `sessions` names for it, and nowhere else.
+    /// Namespaces past the caps get no proxy: DNS there is refused (closed), recorded once.
     pub fn sync(
         &self,
         sessions: &BTreeMap<u32, Vec<Netns>>,
@@ -416,10 +570,11 @@ impl DnsLearning {
     ) {
         let mut st = lock(&self.sync);
         let Some(proxy) = &self.proxy else {
-            if !st.named.is_empty() {
+            if !st.served.is_empty() && !st.said_off {
+                st.said_off = true;
                 warn!(
-                    identities = st.named.len(),
-                    "name rules allow nothing while the DNS proxy is off (dns_listen_port = 0)"
+                    identities = st.served.len(),
+                    "the DNS proxy is off (dns_listen_port = 0): name rules allow nothing, and DNS policy is not enforced"
                 );
             }
             return;
@@ -431,10 +586,11 @@ impl DnsLearning {
         let mut left = total;
         let mut refused: Vec<(u32, u64)> = Vec::new();
         let want: BTreeMap<u32, Vec<Netns>> = st
-            .named
+            .served
             .iter()
-            .map(|n| {
-                let mut spaces = sessions.get(n).cloned().unwrap_or_default();
+            .filter_map(|n| Some((n, sessions.get(n)?)))
+            .map(|(n, spaces)| {
+                let mut spaces = spaces.clone();
                 let keep = spaces.len().min(per_identity).min(left);
                 left -= keep;
                 refused.extend(spaces.drain(keep..).map(|ns| (*n, ns.inode)));

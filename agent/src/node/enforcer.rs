@@ -65,7 +65,17 @@ pub struct Applied {
     pub identities: Arc<IdentityTable>,
     /// Identities with name rules.
     pub named: BTreeSet<u32>,
+    /// What each policy identity may resolve through the proxy, by number.
+    pub names: HashMap<u32, Arc<NameAccess>>,
     pub global_deny: Vec<IpNet>,
+}
+
+/// An identity's DNS policy and mode, as the proxy's queries are judged.
+#[derive(Debug)]
+pub struct NameAccess {
+    pub policy: crate::policy::names::NamePolicy,
+    /// Audit mode: a query that would be refused is forwarded and recorded.
+    pub audit: bool,
 }
 
 impl Applied {
@@ -303,6 +313,7 @@ impl Enforcer {
         let mut rules: HashMap<u32, Arc<[Rule]>> = HashMap::with_capacity(set.agents.len());
         let mut named = BTreeSet::new();
         let mut modes = Vec::with_capacity(set.agents.len());
+        let mut names = HashMap::with_capacity(set.agents.len());
         for a in &set.agents {
             let n = table
                 .number(&a.identity)
@@ -313,13 +324,21 @@ impl Enforcer {
             }
             rules.insert(n, r);
             modes.push((n, a.mode));
+            names.insert(
+                n,
+                Arc::new(NameAccess {
+                    policy: crate::policy::names::NamePolicy::of(&set, a),
+                    audit: a.mode == crate::policy::Mode::Audit,
+                }),
+            );
         }
+        // Every identity's DNS goes through the proxy: what it may resolve is policy too.
         let mut configs: Vec<IdentityConfig> = modes
             .into_iter()
             .map(|(identity, mode)| IdentityConfig {
                 identity,
                 mode,
-                dns: self.dns_on && named.contains(&identity),
+                dns: self.dns_on,
             })
             .collect();
         // An identity the policy no longer names is denied everything: enforce mode (an
@@ -331,15 +350,16 @@ impl Enforcer {
                 dns: false,
             },
         ));
-        // The proxy listens before any DNS is steered to it: for the identities with name
-        // rules before and after, until the change is in (a refused one changes nothing).
-        let before = self.applied.get().named.clone();
-        let listen = |named: BTreeSet<u32>| {
-            deps.dns.set_named(named);
+        // The proxy listens before any DNS is steered to it: for the identities of the policy
+        // before and after, until the change is in (a refused one changes nothing).
+        let served: BTreeSet<u32> = rules.keys().copied().collect();
+        let before: BTreeSet<u32> = self.applied.get().names.keys().copied().collect();
+        let listen = |served: BTreeSet<u32>| {
+            deps.dns.set_served(served);
             deps.dns
                 .sync(&deps.sessions.namespaces(), &table, deps.journal);
         };
-        listen(before.union(&named).copied().collect());
+        listen(before.union(&served).copied().collect());
         let mut snap = deps.dns.snapshot_for_apply(&rules, &named, &deny);
         let empty: Arc<[Rule]> = Arc::from(Vec::new());
         // Identities known from before (this run or an earlier one) that the policy no longer
@@ -390,10 +410,11 @@ impl Enforcer {
             policy: set,
             identities: table.clone(),
             named: named.clone(),
+            names,
             global_deny: deny,
         });
         deps.dns.forget_unnamed(&named);
-        listen(named);
+        listen(served);
         if old.revision() != revision {
             // Rule numbers belong to a revision: counts of the old numbering would lie.
             if let Err(e) = datapath.clear_rule_hits() {

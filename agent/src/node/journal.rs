@@ -110,6 +110,26 @@ pub enum DnsEvent {
         name: String,
         error: String,
     },
+    /// A query the identity's DNS policy does not allow: answered REFUSED, nothing sent.
+    QueryRefused {
+        identity: String,
+        name: String,
+        #[serde(rename = "type")]
+        qtype: String,
+        why: String,
+        /// Queries this record stands for (the ones after the first within a second are
+        /// counted, not written one by one).
+        count: u64,
+    },
+    /// The same in audit mode: forwarded, and recorded as what would have been refused.
+    QueryWouldRefuse {
+        identity: String,
+        name: String,
+        #[serde(rename = "type")]
+        qtype: String,
+        why: String,
+        count: u64,
+    },
     /// An agent's network namespace got no proxy: a cap was reached.
     NamespaceCap {
         identity: String,

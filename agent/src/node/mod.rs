@@ -196,6 +196,19 @@ pub struct Node {
 struct DnsSink(std::sync::Weak<Node>);
 
 impl AnswerSink for DnsSink {
+    fn admit(&self, identity: u32, name: &str, qtype: u16) -> crate::dns::proxy::Admit {
+        match self.0.upgrade() {
+            Some(node) => node.dns.admit(
+                identity,
+                name,
+                qtype,
+                &node.enforcer.applied(),
+                &node.journal,
+            ),
+            None => crate::dns::proxy::Admit::Refuse,
+        }
+    }
+
     fn answered(&self, identity: u32, answer: &Answer) {
         if let Some(node) = self.0.upgrade() {
             node.dns_answered(identity, answer);
@@ -388,6 +401,7 @@ impl Node {
                 &applied.identities,
                 &self.journal,
             );
+            self.dns.flush_refusals(&applied, &self.journal);
             let with = self.lookups(&applied);
             self.records
                 .sweep_kernel_counts(&self.datapath, &with, &self.journal, &self.counters);

@@ -92,6 +92,16 @@ pub fn lint(set: &PolicySet) -> Vec<Warning> {
     let now = time::OffsetDateTime::now_utc();
     let mut seen_sources = std::collections::BTreeSet::new();
     for agent in &set.agents {
+        if agent.dns.resolve.contains(&super::names::Resolvable::Any) {
+            out.push(Warning {
+                origin: agent.origin.clone(),
+                index: None,
+                message: format!(
+                    "AgentPolicy {:?} may resolve any name (dns.resolve: [\"**\"]): its DNS queries are a channel out",
+                    agent.name
+                ),
+            });
+        }
         let rules = set.effective_rules(agent);
         for (i, r) in rules.iter().enumerate() {
             let warn = |message: String| Warning {
@@ -210,6 +220,20 @@ egress:
                 "p.yaml:14: warning: egress[3]: duplicates p.yaml:14 egress[2] (in the rules of \"bot\")",
                 "p.yaml:14: warning: egress[4]: rule expired at 2001-01-01 0:00:00.0 +00:00:00; it allows nothing",
             ]
+        );
+    }
+
+    #[test]
+    fn resolving_any_name_is_warned_about() {
+        let set = parse_sources(vec![(
+            PathBuf::from("p.yaml"),
+            "kind: AgentPolicy\nname: a\nidentity: spiffe://example.org/a\ndns:\n  resolve: [\"**\"]\n".into(),
+        )])
+        .unwrap();
+        let w: Vec<String> = lint(&set).iter().map(ToString::to_string).collect();
+        assert!(
+            w.iter().any(|w| w.starts_with("p.yaml:1: warning: AgentPolicy \"a\" may resolve any name")),
+            "{w:?}"
         );
     }
 }

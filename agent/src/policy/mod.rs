@@ -6,6 +6,7 @@ pub mod eval;
 pub mod fqdn;
 pub mod lint;
 pub mod model;
+pub mod names;
 pub mod scenario;
 pub mod schedule;
 pub mod source;

@@ -231,6 +231,27 @@ struct RawRule {
     reason: Option<String>,
 }
 
+deserialize_from_str!(QueryTypeSpec, super::names::QueryType);
+
+/// A `dns.resolve` entry.
+struct ResolveSpec(super::names::Resolvable);
+
+impl<'de> Deserialize<'de> for ResolveSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(ResolveSpec).map_err(de::Error::custom)
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    #[serde(default)]
+    resolve: Vec<ResolveSpec>,
+    #[serde(default)]
+    types: Vec<QueryTypeSpec>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAgentPolicy {
@@ -242,6 +263,8 @@ struct RawAgentPolicy {
     mode: Option<ModeSpec>,
     #[serde(default)]
     extends: Vec<String>,
+    #[serde(default)]
+    dns: RawDns,
     #[serde(default)]
     egress: Vec<RawRule>,
 }
@@ -315,6 +338,8 @@ pub struct AgentPolicy {
     pub identity: String,
     pub mode: Mode,
     pub extends: Vec<String>,
+    /// What it may resolve beyond its name rules, and which query types.
+    pub dns: super::names::DnsSection,
     pub egress: Vec<RuleSource>,
     pub origin: Origin,
 }
@@ -541,6 +566,10 @@ fn parse_document(
                 identity: raw.identity,
                 mode: raw.mode.map_or(Mode::Enforce, |m| m.0),
                 extends: raw.extends,
+                dns: super::names::DnsSection {
+                    resolve: raw.dns.resolve.into_iter().map(|r| r.0).collect(),
+                    types: raw.dns.types.into_iter().map(|t| t.0).collect(),
+                },
                 egress: rules(raw.egress, &origin),
                 origin,
             }))

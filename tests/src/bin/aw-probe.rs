@@ -824,10 +824,9 @@ fn dns_query(name: &str, ty: &str) -> Result<(u16, Vec<u8>), String> {
         op::{Message, Query},
         rr::{Name, RecordType},
     };
-    let rtype = match ty {
-        "A" => RecordType::A,
-        "AAAA" => RecordType::AAAA,
-        t => return Err(format!("bad record type {t}")),
+    let rtype = match <RecordType as std::str::FromStr>::from_str(ty) {
+        Ok(RecordType::Unknown(_)) | Err(_) => return Err(format!("bad record type {ty}")),
+        Ok(t) => t,
     };
     let id = (std::process::id() as u16) ^ 0x5a5a;
     let mut m = Message::new();
