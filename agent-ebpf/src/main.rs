@@ -267,7 +267,13 @@ fn try_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
     addr[10] = 0xff;
     addr[11] = 0xff;
     // user_ip4 holds the address in network byte order, so its in-memory bytes are the octets.
-    let octets = ip.to_ne_bytes();
+    // 0.0.0.0 is where the kernel sends to loopback (127.0.0.1) after this hook: it is judged
+    // as that.
+    let octets = if ip == 0 {
+        [127, 0, 0, 1]
+    } else {
+        ip.to_ne_bytes()
+    };
     addr[12] = octets[0];
     addr[13] = octets[1];
     addr[14] = octets[2];
@@ -304,6 +310,16 @@ fn try_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
         addr[i * 4 + 2] = b[2];
         addr[i * 4 + 3] = b[3];
         i += 1;
+    }
+    // `::` is where the kernel sends to loopback (::1) after this hook, and `::ffff:0.0.0.0`
+    // to 127.0.0.1: each is judged as that.
+    if w0 == 0 && w1 == 0 && w3 == 0 {
+        if w2 == 0 {
+            addr[15] = 1;
+        } else if w2 == MAPPED_WORD {
+            addr[12] = 127;
+            addr[15] = 1;
+        }
     }
     // An IPv4-mapped destination (::ffff:a.b.c.d) already sits where IPv4 rules live in the
     // trie, so it is judged as its IPv4 address without a special case.

@@ -270,6 +270,42 @@ impl Drop for Dnsmasq {
     }
 }
 
+/// [`bin_path`] as another user can run it: a copy in a directory every user may enter (the
+/// checkout may live where only root can, a 0700 temporary directory say). One copy per
+/// binary and test process.
+pub fn bin_for_anyone(name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        // A static is never dropped: the copies of test processes that are gone are removed
+        // here instead.
+        for e in std::fs::read_dir("/tmp").into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("agentwall-bin-") {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let d = PathBuf::from(format!("/tmp/agentwall-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("a directory for binaries");
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        d
+    });
+    static COPYING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = COPYING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let to = dir.join(name);
+    if !to.exists() {
+        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+        std::fs::copy(bin_path(name), &tmp).expect("copying a binary");
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&tmp, &to).unwrap();
+    }
+    to
+}
+
 /// Path of a binary built by this crate (next to the test executable's deps dir).
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");

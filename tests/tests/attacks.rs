@@ -66,7 +66,7 @@ fn a_governed_agent_cannot_get_out() {
         .arg("--socket")
         .arg(&node.socket)
         .args(["--user", "nobody", "--"])
-        .arg(bin_path("aw-probe"));
+        .arg(agentwall_tests::bin_for_anyone("aw-probe"));
     ns.enter(&mut c);
     let mut agent = Probe::from_command(c);
     // An unenrolled helper in the same namespace, root, outside the agent's cgroup.
@@ -247,7 +247,7 @@ fn a_governed_agent_cannot_launch_into_another_identity() {
         .arg("--socket")
         .arg(&node.socket)
         .args(["--user", "nobody", "--"])
-        .arg(bin_path("aw-probe"));
+        .arg(agentwall_tests::bin_for_anyone("aw-probe"));
     ns.enter(&mut c);
     let mut agent = Probe::from_command(c);
     assert_eq!(agent.cmd("connect tcp 203.0.113.1 443"), "err EPERM");
@@ -259,11 +259,11 @@ fn a_governed_agent_cannot_launch_into_another_identity() {
 
     let relaunch = format!(
         "spawn {aw} launch --cert {c} --key {k} --socket {s} -- {probe} connect tcp 203.0.113.1 443",
-        aw = bin_path("agentwall").display(),
+        aw = agentwall_tests::bin_for_anyone("agentwall").display(),
         c = wide_cert.display(),
         k = wide_key.display(),
         s = node.socket.display(),
-        probe = bin_path("aw-probe").display(),
+        probe = agentwall_tests::bin_for_anyone("aw-probe").display(),
     );
     let answer = agent.cmd(&relaunch);
     assert!(

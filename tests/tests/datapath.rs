@@ -698,3 +698,57 @@ fn hosts_learned_during_a_change_reach_the_new_rules_and_revocations_stay() {
         .unwrap();
     assert_eq!(probe.cmd("connect tcp 192.0.2.1 80"), DENIED);
 }
+
+/// `connect(0.0.0.0:P)` and `connect([::]:P)` reach loopback (the kernel rewrites them after
+/// the hooks ran): they are judged as 127.0.0.1 and ::1, so a rule for every address does not
+/// open a loopback the global deny list closes.
+#[test]
+fn the_unspecified_address_is_judged_as_loopback() {
+    let env = TestEnv::new("unspecified");
+    let dp = Datapath::start(&env.config()).expect("start datapath");
+    let gd: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+    dp.set_global_deny(&gd).unwrap();
+    let rules = vec![
+        rule(1, &["0.0.0.0/0"], &["8080"], Protocol::Any),
+        rule(2, &["::/0"], &["8080"], Protocol::Any),
+    ];
+    dp.set_identity(1, IdentityStatus::Active, Mode::Enforce)
+        .unwrap();
+    dp.set_rules(1, &rules).unwrap();
+    let agent = env.cgroup("agent");
+    dp.bind(&agent, 1, None).unwrap();
+    let mut probe = Probe::spawn(&agent);
+    // Listeners on loopback in the probe's namespace: an allowed connect would succeed.
+    assert_eq!(probe.cmd("listen tcp 127.0.0.1 8080"), "ok");
+    assert_eq!(probe.cmd("listen tcp ::1 8080"), "ok");
+    for (cmd, want) in [
+        ("connect tcp 127.0.0.1 8080", DENIED),
+        ("connect tcp 0.0.0.0 8080", DENIED),
+        ("connect tcp :: 8080", DENIED),
+        ("connect tcp ::ffff:0.0.0.0 8080", DENIED),
+        ("connect udp 0.0.0.0 8080", DENIED),
+        ("sendto udp 0.0.0.0 8080", DENIED),
+        ("sendto udp :: 8080", DENIED),
+        ("connect tcp 198.51.100.1 8080", ALLOWED),
+    ] {
+        assert_eq!(probe.cmd(cmd), want, "kernel verdict for `{cmd}`");
+        let (proto, dest, port) = flow_of(cmd);
+        let d = evaluate_flow(
+            Subject::Bound {
+                view: Some(active(Mode::Enforce)),
+                rules: &rules,
+            },
+            &gd,
+            UnknownFlows::Report,
+            dest,
+            port,
+            proto,
+            BootInstant::now(),
+        );
+        assert_eq!(
+            d.verdict == Verdict::Allow,
+            want == ALLOWED,
+            "reference evaluator for `{cmd}`"
+        );
+    }
+}

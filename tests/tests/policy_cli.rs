@@ -169,3 +169,35 @@ fn policy_test_passes_and_fails_with_reasons() {
             .starts_with("2 passed, 1 failed")
     );
 }
+
+/// `policy check` compiles every identity's rules as the node's datapath does: what it
+/// accepts, a node applies (a prefix holds at most 16 port entries today).
+#[test]
+fn check_refuses_what_the_datapath_could_not_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<String> = (0..17).map(|i| (8000 + 2 * i).to_string()).collect();
+    let a = write(
+        dir.path(),
+        "a.yaml",
+        &format!(
+            "kind: AgentPolicy\nname: many\nidentity: spiffe://example.org/agent/many\negress:\n  - to: [192.0.2.0/24]\n    ports: [{}]\n",
+            ports.join(", ")
+        ),
+    );
+    let d = dir.path().display().to_string();
+    let out = agentwall(&["policy", "check", &d]);
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", out.stderr);
+    assert!(
+        lines[0].starts_with(&format!(
+            "{a}:1:1: AgentPolicy \"many\": 192.0.2.0/24 needs 17 port entries"
+        )),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(
+        lines[1],
+        format!("{d}: invalid: 1 error(s); nothing applied")
+    );
+}

@@ -63,7 +63,10 @@ pub enum Command {
 /// Exit codes: 0 good, 1 policy errors or failed scenarios, 2 unreadable input (from clap).
 pub fn run(cmd: Command) -> ExitCode {
     match cmd {
-        Command::Check { dir } => match load_dir(&dir) {
+        Command::Check { dir } => match load_dir(&dir).and_then(|set| {
+            agentwall::policy::source::check_compiles(&set)?;
+            Ok(set)
+        }) {
             Ok(set) => {
                 let warnings = lint(&set);
                 for w in &warnings {

@@ -222,7 +222,7 @@ pub fn validate(files: &[BundleFile]) -> Result<crate::policy::source::PolicySet
         .collect();
     // The order `load_dir` reads a directory in, so the revision matches the node's.
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    crate::policy::source::parse_sources(sorted).map_err(|errors| {
+    let wire = |errors: crate::policy::source::PolicyErrors| -> Vec<WireError> {
         errors
             .0
             .into_iter()
@@ -233,7 +233,10 @@ pub fn validate(files: &[BundleFile]) -> Result<crate::policy::source::PolicySet
                 message: e.message,
             })
             .collect()
-    })
+    };
+    let set = crate::policy::source::parse_sources(sorted).map_err(wire)?;
+    crate::policy::source::check_compiles(&set).map_err(wire)?;
+    Ok(set)
 }
 
 impl std::fmt::Display for WireError {
@@ -288,5 +291,27 @@ mod tests {
             (Ok(d), Ok(b)) => assert_eq!(d.revision, b.revision),
             (d, b) => panic!("both should parse: {:?} / {:?}", d.err(), b.err()),
         }
+    }
+
+    #[test]
+    fn a_push_the_datapath_could_not_hold_is_refused() {
+        let ports: Vec<String> = (0..17).map(|i| (8000 + 2 * i).to_string()).collect();
+        let files = vec![BundleFile {
+            name: "a.yaml".into(),
+            text: format!(
+                "kind: AgentPolicy\nname: many\nidentity: spiffe://example.org/agent/many\negress:\n  - to: [192.0.2.0/24]\n    ports: [{}]\n",
+                ports.join(", ")
+            ),
+        }];
+        let errs = validate(&files).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert_eq!((errs[0].line, errs[0].column), (1, 1));
+        assert!(
+            errs[0]
+                .message
+                .starts_with("AgentPolicy \"many\": 192.0.2.0/24 needs 17 port entries"),
+            "{}",
+            errs[0]
+        );
     }
 }

@@ -86,7 +86,7 @@ pub fn evaluate_flow(
     if view.not_after.is_some_and(|t| now >= t) {
         return Decision::deny(Reason::Expired);
     }
-    let host = Net::host(dest);
+    let host = Net::host(super::model::judged_destination(dest));
     let v4 = host.is_v4();
     let best = rules
         .iter()

@@ -219,6 +219,19 @@ fn mask(mut a: [u8; 16], len: u8) -> [u8; 16] {
 /// endpoints, denied to every identity unless a rule names them exactly.
 pub const DEFAULT_GLOBAL_DENY: [&str; 2] = ["169.254.169.254/32", "fd00:ec2::254/128"];
 
+/// Where the kernel sends a connect or send to `ip`: the unspecified address (`0.0.0.0`,
+/// `::`, `::ffff:0.0.0.0`) means loopback there, so that is what is judged.
+pub fn judged_destination(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) if a.is_unspecified() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V6(a) if a.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        IpAddr::V6(a) if a.to_ipv4_mapped().is_some_and(|v4| v4.is_unspecified()) => {
+            IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+        }
+        other => other,
+    }
+}
+
 /// One allow rule of an identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {

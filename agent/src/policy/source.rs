@@ -747,6 +747,32 @@ pub fn parse_sources(sources: Vec<(PathBuf, String)>) -> Result<PolicySet, Polic
     })
 }
 
+/// Compiles every identity's rules the way the datapath will, so what `policy check` and a
+/// control plane push accept is what a node applies (identity-table capacity aside, which
+/// depends on the node). Errors point at the AgentPolicy.
+pub fn check_compiles(set: &PolicySet) -> Result<(), PolicyErrors> {
+    let now = std::time::SystemTime::now();
+    let deny = set.global_deny();
+    let errors: Vec<PolicyError> = set
+        .agents
+        .iter()
+        .filter_map(|a| {
+            let e = super::compile::compile_rules(&set.rules_at(a, now), &deny).err()?;
+            Some(err_at(
+                &a.origin.file,
+                a.origin.line,
+                1,
+                format!("AgentPolicy {:?}: {e}", a.name),
+            ))
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(PolicyErrors(errors))
+    }
+}
+
 /// Writes `set`'s files into `dir` (replacing what was there) so [`load_dir`] can read the
 /// same revision back: the old directory or the new, never a mix (see
 /// [`crate::files::replace_dir`]).
