@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map layout changes: pins live under `<bpffs_dir>/v{ABI_VERSION}`, so a new
 /// layout never adopts maps written by an old one.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 pub const MAP_BINDINGS: &str = "AW_BINDINGS";
 pub const MAP_IDENTITIES: &str = "AW_IDENTITIES";
@@ -17,9 +17,12 @@ pub const MAP_EVENT_DROPS: &str = "AW_EVENT_DROPS";
 pub const MAP_RATE: &str = "AW_RATE";
 pub const MAP_DNS_ORIGIN: &str = "AW_DNS_ORIGIN";
 pub const MAP_RULE_HITS: &str = "AW_RULE_HITS";
+pub const MAP_SOCKS: &str = "AW_SOCKS";
+pub const MAP_UNKNOWN_EVENTS: &str = "AW_UNKNOWN_EVENTS";
+pub const MAP_UNKNOWN_RATE: &str = "AW_UNKNOWN_RATE";
 
 /// Every map the programs use, in a stable order (pinning, adoption and teardown walk it).
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_BINDINGS,
     MAP_IDENTITIES,
     MAP_RULES,
@@ -29,6 +32,9 @@ pub const ALL_MAPS: [&str; 9] = [
     MAP_RATE,
     MAP_DNS_ORIGIN,
     MAP_RULE_HITS,
+    MAP_SOCKS,
+    MAP_UNKNOWN_EVENTS,
+    MAP_UNKNOWN_RATE,
 ];
 
 pub const PROG_CONNECT4: &str = "aw_connect4";
@@ -40,8 +46,9 @@ pub const PROG_RECVMSG4: &str = "aw_recvmsg4";
 pub const PROG_RECVMSG6: &str = "aw_recvmsg6";
 pub const PROG_GETPEERNAME4: &str = "aw_getpeername4";
 pub const PROG_GETPEERNAME6: &str = "aw_getpeername6";
+pub const PROG_EGRESS: &str = "aw_egress";
 
-pub const ALL_PROGRAMS: [&str; 9] = [
+pub const ALL_PROGRAMS: [&str; 10] = [
     PROG_CONNECT4,
     PROG_CONNECT6,
     PROG_SENDMSG4,
@@ -51,6 +58,7 @@ pub const ALL_PROGRAMS: [&str; 9] = [
     PROG_RECVMSG6,
     PROG_GETPEERNAME4,
     PROG_GETPEERNAME6,
+    PROG_EGRESS,
 ];
 
 /// Capacity of the identity table; identity 0 is reserved (it means "no identity" in event
@@ -61,7 +69,13 @@ pub const MAX_BINDINGS: u32 = 65536;
 pub const MAX_PORT_ENTRIES: usize = 16;
 /// Cgroup levels the ancestor walk looks at (level 0 is the cgroup2 root).
 pub const MAX_CGROUP_LEVELS: u32 = 32;
+/// Governed identities' records and unbound cgroups' records have a ring buffer each, so a
+/// flood of unknown flows can never take the room of a governed denial.
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+pub const UNKNOWN_EVENTS_RING_BYTES: u32 = 256 * 1024;
+/// Slots of `AW_EVENT_DROPS`: records lost because their ring buffer was full.
+pub const DROPS_GOVERNED: u32 = 0;
+pub const DROPS_UNKNOWN: u32 = 1;
 pub const RATE_ENTRIES: u32 = 16384;
 /// Identical events inside this window are counted instead of written again.
 pub const DEFAULT_RATE_WINDOW_NS: u64 = 1_000_000_000;
@@ -140,6 +154,12 @@ pub const REASON_REVOKED: u8 = 3;
 pub const REASON_EXPIRED: u8 = 4;
 pub const REASON_UNBOUND: u8 = 5;
 pub const REASON_SOCKET_TYPE: u8 = 6;
+/// A packet's destination on the wire is not one its socket was allowed (and no rule allows
+/// it): a routing header, a rewrite after the hooks, a path not thought of.
+pub const REASON_WIRE: u8 = 7;
+/// A packet carries IPv4 options or IPv6 extension headers, which can steer it past the
+/// destination that was judged.
+pub const REASON_PACKET_OPTIONS: u8 = 8;
 
 /// [`Event::hook`].
 pub const HOOK_CONNECT4: u8 = 1;
@@ -147,6 +167,16 @@ pub const HOOK_CONNECT6: u8 = 2;
 pub const HOOK_SENDMSG4: u8 = 3;
 pub const HOOK_SENDMSG6: u8 = 4;
 pub const HOOK_SOCK_CREATE: u8 = 5;
+/// The packet line: cgroup_skb egress, every packet a governed socket sends.
+pub const HOOK_EGRESS: u8 = 6;
+
+/// Destinations a socket's [`SockState`] remembers: the connected peer and the latest
+/// unconnected send.
+pub const SOCK_DESTS: usize = 2;
+/// [`SockState::dests`] slot of the peer `connect()` was allowed.
+pub const SOCK_DEST_CONNECTED: usize = 0;
+/// Slot of the destination the latest unconnected send was allowed.
+pub const SOCK_DEST_SENT: usize = 1;
 
 /// Value of `AW_BINDINGS` (key: cgroup id).
 #[repr(C)]
@@ -256,6 +286,22 @@ pub struct DnsOrigin {
     pub _pad: u32,
 }
 
+/// Value of `AW_SOCKS`, socket storage of every socket a governed task connected or sent on:
+/// where the hooks allowed it to send, checked against every packet it puts on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    /// The cgroup whose binding governs the socket (the key of `AW_BINDINGS`): revocation
+    /// and the certificate deadline are read from it on every packet.
+    pub binding_cgroup: u64,
+    /// Destinations as judged (IPv4 mapped, unspecified addresses as their loopback); the
+    /// DNS proxy's address for a steered socket.
+    pub dests: [Addr; SOCK_DESTS],
+    /// Ports in host byte order; 0 = slot empty.
+    pub ports: [u16; SOCK_DESTS],
+    pub _pad: [u8; 4],
+}
+
 /// A record on the `AW_EVENTS` ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -301,7 +347,8 @@ pub struct RateKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RateState {
     pub last_ns: u64,
-    /// 64-bit because eBPF atomics on this target are 64-bit only.
+    /// Events counted since the last record; a record takes it with one atomic exchange, so
+    /// two CPUs reporting the same key at once never carry the same events twice.
     pub suppressed: u64,
     /// When the first and the latest of the suppressed events happened (0: none yet). Plain
     /// stores: approximate under concurrency, which timestamps of a run can afford.
@@ -323,6 +370,7 @@ mod pod {
     unsafe impl aya::Pod for RateKey {}
     unsafe impl aya::Pod for RateState {}
     unsafe impl aya::Pod for DnsOrigin {}
+    unsafe impl aya::Pod for SockState {}
 }
 
 // Layout guards: the kernel and userspace must agree on these sizes byte for byte.
@@ -335,3 +383,4 @@ const _: () = assert!(core::mem::size_of::<Event>() == 88);
 const _: () = assert!(core::mem::size_of::<RateKey>() == 32);
 const _: () = assert!(core::mem::size_of::<RateState>() == 32);
 const _: () = assert!(core::mem::size_of::<DnsOrigin>() == 40);
+const _: () = assert!(core::mem::size_of::<SockState>() == 8 + 16 * SOCK_DESTS + 8);

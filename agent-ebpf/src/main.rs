@@ -10,28 +10,34 @@
 #![feature(core_intrinsics)]
 
 use agent_common::{
-    Addr, Binding, Config, DEFAULT_RATE_WINDOW_NS, DNS_ORIGIN_ENTRIES, DNS_PORT, DnsOrigin,
-    EVENT_ALLOW, EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY, EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES,
-    Event, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SOCK_CREATE,
-    IDENTITY_ACTIVE, IdentityState, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES,
-    MAX_PORT_ENTRIES, MODE_AUDIT, PROTO_TCP, PROTO_UDP, RATE_ENTRIES, REASON_EXPIRED,
-    REASON_GLOBAL_DENY, REASON_NO_RULE, REASON_NONE, REASON_REVOKED, REASON_SOCKET_TYPE,
-    REASON_UNBOUND, RULE_HIT_ENTRIES, RateKey, RateState, RuleSet, UNKNOWN_DENY, UNKNOWN_IGNORE,
-    dns_proxy_addr, dns_proxy_addr6, rule_hit_key,
+    Addr, Binding, Config, DEFAULT_RATE_WINDOW_NS, DNS_ORIGIN_ENTRIES, DNS_PORT, DROPS_GOVERNED,
+    DROPS_UNKNOWN, DnsOrigin, EVENT_ALLOW, EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY,
+    EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES, Event, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS,
+    HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SOCK_CREATE, IDENTITY_ACTIVE, IdentityState, MAX_BINDINGS,
+    MAX_CGROUP_LEVELS, MAX_IDENTITIES, MAX_PORT_ENTRIES, MODE_AUDIT, PROTO_TCP, PROTO_UDP,
+    RATE_ENTRIES, REASON_EXPIRED, REASON_GLOBAL_DENY, REASON_NO_RULE, REASON_NONE,
+    REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE,
+    RULE_HIT_ENTRIES, RateKey, RateState, RuleSet, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS,
+    SockState, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr,
+    dns_proxy_addr6, rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, bpf_sock_addr},
     btf_maps::{
         Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf,
-        lpm_trie::Key,
+        SkStorage, lpm_trie::Key,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_socket_cookie,
         bpf_ktime_get_boot_ns,
+        generated::{
+            bpf_get_socket_uid, bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id,
+            bpf_skb_load_bytes,
+        },
     },
-    macros::{btf_map, cgroup_sock, cgroup_sock_addr},
-    programs::{SockAddrContext, SockContext},
+    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 
 const ALLOW: i32 = 1;
@@ -62,12 +68,25 @@ type RuleSetWords = [u64; core::mem::size_of::<RuleSet>() / 8];
 const _: () = assert!(core::mem::size_of::<RuleSet>() % 8 == 0);
 #[btf_map]
 static AW_CONFIG: Array<Config, 1> = Array::new();
+/// Records of governed identities.
 #[btf_map]
 static AW_EVENTS: RingBuf<Event, { EVENTS_RING_BYTES as usize }> = RingBuf::new();
+/// Records of cgroups bound to no identity: any local user can fill this one, never the other.
 #[btf_map]
-static AW_EVENT_DROPS: PerCpuArray<u64, 1> = PerCpuArray::new();
+static AW_UNKNOWN_EVENTS: RingBuf<Event, { UNKNOWN_EVENTS_RING_BYTES as usize }> = RingBuf::new();
+/// Slot DROPS_GOVERNED / DROPS_UNKNOWN: records that found their ring buffer full.
+#[btf_map]
+static AW_EVENT_DROPS: PerCpuArray<u64, 2> = PerCpuArray::new();
+/// Rate-limit state of governed records; unbound cgroups have their own table, so their flood
+/// never evicts a governed identity's counts.
 #[btf_map]
 static AW_RATE: LruHashMap<RateKey, RateState, { RATE_ENTRIES as usize }> = LruHashMap::new();
+#[btf_map]
+static AW_UNKNOWN_RATE: LruHashMap<RateKey, RateState, { RATE_ENTRIES as usize }> =
+    LruHashMap::new();
+/// Where each socket a governed task connected or sent on was allowed to send.
+#[btf_map]
+static AW_SOCKS: SkStorage<SockState> = SkStorage::new();
 /// Flows each rule allowed, per CPU (key: `rule_hit_key`).
 #[btf_map]
 static AW_RULE_HITS: LruPerCpuHashMap<u64, u64, { RULE_HIT_ENTRIES as usize }> =
@@ -112,6 +131,13 @@ pub fn aw_sendmsg6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock(sock_create)]
 pub fn aw_sock_create(ctx: SockContext) -> i32 {
     try_sock_create(&ctx)
+}
+
+/// The packet line: every packet a governed socket puts on the wire goes where the hooks
+/// allowed that socket to send, from an identity that is still live.
+#[cgroup_skb(egress)]
+pub fn aw_egress(ctx: SkBuffContext) -> i32 {
+    try_egress(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -190,15 +216,24 @@ enum Family {
 
 /// Points a DNS socket at the proxy address of `identity` and remembers where it meant to go.
 /// `resolver` is the destination in `user_ip6` layout, `port` the context's (network byte
-/// order).
+/// order). Returns the proxy's address as the packet line compares it, and its port.
 #[inline(always)]
-fn steer(ctx: &SockAddrContext, identity: u32, resolver: [u32; 4], port: u32, fam: Family) -> i32 {
+fn steer(
+    ctx: &SockAddrContext,
+    identity: u32,
+    resolver: [u32; 4],
+    port: u32,
+    fam: Family,
+) -> (Addr, u16) {
     let dns_port = match config() {
         Some(c) => c.dns_port,
         None => 0,
     };
+    let v4 = dns_proxy_addr(identity);
+    let mut judged = [0u8; 16];
     let proxy = if fam == Family::V6 {
         let a = dns_proxy_addr6(identity);
+        judged = a;
         [
             u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
             u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
@@ -206,12 +241,13 @@ fn steer(ctx: &SockAddrContext, identity: u32, resolver: [u32; 4], port: u32, fa
             u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
         ]
     } else {
-        [
-            0,
-            0,
-            MAPPED_WORD,
-            u32::from_ne_bytes(dns_proxy_addr(identity)),
-        ]
+        judged[10] = 0xff;
+        judged[11] = 0xff;
+        judged[12] = v4[0];
+        judged[13] = v4[1];
+        judged[14] = v4[2];
+        judged[15] = v4[3];
+        [0, 0, MAPPED_WORD, u32::from_ne_bytes(v4)]
     };
     let proxy_port = dns_port.to_be();
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
@@ -244,7 +280,7 @@ fn steer(ctx: &SockAddrContext, identity: u32, resolver: [u32; 4], port: u32, fa
         }
         (*sa).user_port = u32::from(proxy_port);
     }
-    ALLOW
+    (judged, dns_port)
 }
 
 #[inline(always)]
@@ -253,6 +289,57 @@ fn proto_bit(protocol: u32) -> u8 {
         IPPROTO_TCP => PROTO_TCP,
         IPPROTO_UDP => PROTO_UDP,
         _ => 0,
+    }
+}
+
+/// The slot of [`SockState::dests`] a hook's verdict fills.
+#[inline(always)]
+fn slot_of(hook: u8) -> usize {
+    if hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6 {
+        SOCK_DEST_CONNECTED
+    } else {
+        SOCK_DEST_SENT
+    }
+}
+
+/// Writes down, on the socket, a destination the hooks allowed a governed task: the packet
+/// line lets the socket's packets go there. Without the record the packets would not be
+/// recognised, so a socket that cannot get storage is denied (closed, not open).
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, j: &Judged, addr: Addr, port: u16, hook: u8) -> i32 {
+    // SAFETY: storage of the context's socket, created zeroed when missing; plain-old-data.
+    let st = unsafe { AW_SOCKS.get_or_insert_ptr_mut(ctx, None) };
+    if st.is_null() {
+        return DENY;
+    }
+    let slot = slot_of(hook);
+    // SAFETY: a non-null pointer from the storage helper.
+    unsafe {
+        (*st).binding_cgroup = j.binding_cgroup;
+        (*st).dests[slot] = addr;
+        (*st).ports[slot] = port;
+    }
+    ALLOW
+}
+
+/// After the verdict: steer DNS, and write down what a governed socket may send to.
+#[inline(always)]
+fn conclude(
+    ctx: &SockAddrContext,
+    j: &Judged,
+    addr: Addr,
+    port: u32,
+    hook: u8,
+    resolver: [u32; 4],
+    fam: Family,
+) -> i32 {
+    match j.verdict {
+        STEER => {
+            let (proxy, proxy_port) = steer(ctx, j.identity, resolver, port, fam);
+            remember(ctx, j, proxy, proxy_port, hook)
+        }
+        ALLOW if j.binding_cgroup != 0 => remember(ctx, j, addr, u16::from_be(port as u16), hook),
+        v => v,
     }
 }
 
@@ -278,11 +365,16 @@ fn try_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
     addr[13] = octets[1];
     addr[14] = octets[2];
     addr[15] = octets[3];
-    let mut identity = 0;
-    match judge_sock_addr(addr, port, protocol, ty, hook, &mut identity) {
-        STEER => steer(ctx, identity, [0, 0, MAPPED_WORD, ip], port, Family::V4),
-        v => v,
-    }
+    let j = judge_sock_addr(addr, port, protocol, ty, hook);
+    conclude(
+        ctx,
+        &j,
+        addr,
+        port,
+        hook,
+        [0, 0, MAPPED_WORD, ip],
+        Family::V4,
+    )
 }
 
 #[inline(always)]
@@ -323,41 +415,26 @@ fn try_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
     }
     // An IPv4-mapped destination (::ffff:a.b.c.d) already sits where IPv4 rules live in the
     // trie, so it is judged as its IPv4 address without a special case.
-    let mut identity = 0;
-    match judge_sock_addr(addr, port, protocol, ty, hook, &mut identity) {
-        STEER => {
-            let fam = if w0 == 0 && w1 == 0 && w2 == MAPPED_WORD {
-                Family::Mapped
-            } else {
-                Family::V6
-            };
-            steer(ctx, identity, [w0, w1, w2, w3], port, fam)
-        }
-        v => v,
-    }
+    let j = judge_sock_addr(addr, port, protocol, ty, hook);
+    let fam = if w0 == 0 && w1 == 0 && w2 == MAPPED_WORD {
+        Family::Mapped
+    } else {
+        Family::V6
+    };
+    conclude(ctx, &j, addr, port, hook, [w0, w1, w2, w3], fam)
 }
 
 /// `port` as the context holds it (network byte order in the low 16 bits).
 #[inline(always)]
-fn judge_sock_addr(
-    addr: Addr,
-    port: u32,
-    protocol: u32,
-    ty: u32,
-    hook: u8,
-    identity: &mut u32,
-) -> i32 {
-    judge(
-        &Flow {
-            addr,
-            port: u16::from_be(port as u16),
-            proto: proto_bit(protocol),
-            hook,
-            sock_type: ty as u16,
-            sock_protocol: protocol as u16,
-        },
-        identity,
-    )
+fn judge_sock_addr(addr: Addr, port: u32, protocol: u32, ty: u32, hook: u8) -> Judged {
+    judge(&Flow {
+        addr,
+        port: u16::from_be(port as u16),
+        proto: proto_bit(protocol),
+        hook,
+        sock_type: ty as u16,
+        sock_protocol: protocol as u16,
+    })
 }
 
 #[inline(always)]
@@ -370,7 +447,7 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
         return ALLOW;
     }
     let leaf = unsafe { bpf_get_current_cgroup_id() };
-    let Some(binding) = find_binding(leaf) else {
+    let Some((_, binding)) = find_binding(leaf) else {
         return ALLOW;
     };
     let identity = binding.identity;
@@ -387,8 +464,278 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
         None => false,
     };
     let kind = if audit { EVENT_AUDIT } else { EVENT_SOCK_DENY };
-    report(&flow, leaf, identity, kind, REASON_SOCKET_TYPE, 0, 0);
+    report(
+        &flow,
+        leaf,
+        identity,
+        kind,
+        REASON_SOCKET_TYPE,
+        0,
+        0,
+        Who::Task,
+    );
     if audit { ALLOW } else { DENY }
+}
+
+/// IP headers without options or extension headers, the only ones a governed socket sends.
+const IPV4_HEADER: usize = 20;
+const IPV6_HEADER: usize = 40;
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_DEST_OPTS: u8 = 60;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+
+#[inline(always)]
+fn try_egress(ctx: &SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: the kernel hands cgroup_skb programs a valid __sk_buff; `sk` may be null, which
+    // the helpers and the checks below handle.
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return ALLOW;
+    }
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: a full socket; lookup only (no create), plain-old-data value.
+    let st = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&AW_SOCKS).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<SockState>();
+    // No governed task ever connected or sent on this socket.
+    if st.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: non-null storage pointer.
+    let binding_cgroup = unsafe { (*st).binding_cgroup };
+    let Some(binding) = (unsafe { AW_BINDINGS.get(binding_cgroup) }) else {
+        // The cgroup was unbound since: its tasks' new flows are not judged either.
+        return ALLOW;
+    };
+    let binding = *binding;
+    let identity = binding.identity;
+    let (state, mode) = match AW_IDENTITIES.get(identity) {
+        Some(s) => (s.state, s.mode),
+        None => (0, 0),
+    };
+
+    // The wire: family, options, protocol, destination address and port.
+    let proto_be = unsafe { (*skb).protocol };
+    let mut addr = [0u8; 16];
+    let mut ok = true;
+    let mut options = false;
+    let l4;
+    let ip_proto;
+    // skb->protocol, in network byte order.
+    if proto_be == u32::from(ETH_P_IP.to_be()) {
+        let mut h = [0u8; IPV4_HEADER];
+        // SAFETY: copies into a stack buffer of the given length.
+        if unsafe {
+            bpf_skb_load_bytes(
+                skb as *const _,
+                0,
+                h.as_mut_ptr().cast(),
+                IPV4_HEADER as u32,
+            )
+        } != 0
+        {
+            ok = false;
+        }
+        options = h[0] & 0x0f != 5;
+        ip_proto = h[9];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12] = h[16];
+        addr[13] = h[17];
+        addr[14] = h[18];
+        addr[15] = h[19];
+        l4 = IPV4_HEADER as u32;
+    } else if proto_be == u32::from(ETH_P_IPV6.to_be()) {
+        let mut h = [0u8; IPV6_HEADER];
+        // SAFETY: as above.
+        if unsafe {
+            bpf_skb_load_bytes(
+                skb as *const _,
+                0,
+                h.as_mut_ptr().cast(),
+                IPV6_HEADER as u32,
+            )
+        } != 0
+        {
+            ok = false;
+        }
+        let mut i = 0;
+        while i < 16 {
+            addr[i] = h[24 + i];
+            i += 1;
+        }
+        // One extension header is looked through, so the record still names the protocol and
+        // port the packet was for; the packet is refused either way.
+        let next = h[6];
+        if next == IPV6_HOP_BY_HOP || next == IPV6_ROUTING || next == IPV6_DEST_OPTS {
+            options = true;
+            let mut ext = [0u8; 2];
+            // SAFETY: as above.
+            if unsafe {
+                bpf_skb_load_bytes(
+                    skb as *const _,
+                    IPV6_HEADER as u32,
+                    ext.as_mut_ptr().cast(),
+                    2,
+                )
+            } == 0
+            {
+                ip_proto = ext[0];
+                l4 = IPV6_HEADER as u32 + (u32::from(ext[1]) + 1) * 8;
+            } else {
+                ip_proto = next;
+                l4 = IPV6_HEADER as u32;
+            }
+        } else {
+            ip_proto = next;
+            l4 = IPV6_HEADER as u32;
+        }
+    } else {
+        // Neither IPv4 nor IPv6 from an inet socket: nothing it was allowed.
+        ok = false;
+        ip_proto = 0;
+        l4 = 0;
+    }
+    // IPv6 extension headers (a routing header above all) and anything but TCP or UDP after
+    // the IP header can carry the packet past the destination judged.
+    let proto = match ip_proto as u32 {
+        IPPROTO_TCP => PROTO_TCP,
+        IPPROTO_UDP => PROTO_UDP,
+        _ => {
+            options = true;
+            0
+        }
+    };
+    let mut port = 0u16;
+    if ok && proto != 0 {
+        let mut ports = [0u8; 4];
+        // SAFETY: as above.
+        if unsafe { bpf_skb_load_bytes(skb as *const _, l4, ports.as_mut_ptr().cast(), 4) } != 0 {
+            ok = false;
+        }
+        port = u16::from_be_bytes([ports[2], ports[3]]);
+    }
+    let flow = Flow {
+        addr,
+        port,
+        proto,
+        hook: HOOK_EGRESS,
+        sock_type: 0,
+        sock_protocol: ip_proto as u16,
+    };
+    // SAFETY: helpers on the context's packet.
+    let (leaf, who) = unsafe { (bpf_skb_cgroup_id(skb), Who::Socket(bpf_get_socket_uid(skb))) };
+
+    if state != IDENTITY_ACTIVE || binding.revoked != 0 {
+        report(&flow, leaf, identity, EVENT_DENY, REASON_REVOKED, 0, 0, who);
+        return DENY;
+    }
+    let mut now = 0u64;
+    if binding.not_after_ns != 0 {
+        now = unsafe { bpf_ktime_get_boot_ns() };
+        if now >= binding.not_after_ns {
+            report(
+                &flow,
+                leaf,
+                identity,
+                EVENT_DENY,
+                REASON_EXPIRED,
+                0,
+                now,
+                who,
+            );
+            return DENY;
+        }
+    }
+    let kind = if mode == MODE_AUDIT {
+        EVENT_AUDIT
+    } else {
+        EVENT_DENY
+    };
+    let pass = if mode == MODE_AUDIT { ALLOW } else { DENY };
+    if !ok || options {
+        report(
+            &flow,
+            leaf,
+            identity,
+            kind,
+            REASON_PACKET_OPTIONS,
+            0,
+            now,
+            who,
+        );
+        return pass;
+    }
+    // The fast path: a destination the hooks allowed this socket.
+    let mut i = 0;
+    while i < SOCK_DESTS {
+        // SAFETY: non-null storage pointer; index below SOCK_DESTS.
+        let (p, d) = unsafe { ((*st).ports[i], (*st).dests[i]) };
+        if p != 0 && p == port && same_addr(&d, &addr) {
+            return ALLOW;
+        }
+        i += 1;
+    }
+    // Somewhere else: allowed only if the identity's rules allow that destination by
+    // themselves (a socket sending from several threads at once to several destinations), or
+    // it is the identity's DNS proxy.
+    if is_dns_proxy(identity, &addr, port) {
+        return ALLOW;
+    }
+    let (reason, _) = check_rules(identity, &flow, &mut now);
+    if reason == REASON_NONE {
+        return ALLOW;
+    }
+    report(&flow, leaf, identity, kind, REASON_WIRE, 0, now, who);
+    pass
+}
+
+#[inline(always)]
+fn same_addr(a: &Addr, b: &Addr) -> bool {
+    let mut i = 0;
+    while i < 16 {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// `addr:port` is the DNS proxy address of `identity` (either family).
+#[inline(always)]
+fn is_dns_proxy(identity: u32, addr: &Addr, port: u16) -> bool {
+    let dns_port = match config() {
+        Some(c) => c.dns_port,
+        None => 0,
+    };
+    if dns_port == 0 || port != dns_port {
+        return false;
+    }
+    let v6 = dns_proxy_addr6(identity);
+    if same_addr(addr, &v6) {
+        return true;
+    }
+    let v4 = dns_proxy_addr(identity);
+    addr[0..10] == [0; 10]
+        && addr[10] == 0xff
+        && addr[11] == 0xff
+        && addr[12] == v4[0]
+        && addr[13] == v4[1]
+        && addr[14] == v4[2]
+        && addr[15] == v4[3]
 }
 
 #[inline(always)]
@@ -396,13 +743,14 @@ fn config() -> Option<Config> {
     AW_CONFIG.get(0).copied()
 }
 
-/// The identity governing the current task: the binding of its own cgroup, else of its deepest
-/// bound ancestor. Only levels that userspace marked as holding a binding are looked up.
+/// The binding governing the current task, with the cgroup it is stored under: its own
+/// cgroup's, else its deepest bound ancestor's. Only levels that userspace marked as holding a
+/// binding are looked up.
 #[inline(always)]
-fn find_binding(leaf: u64) -> Option<Binding> {
+fn find_binding(leaf: u64) -> Option<(u64, Binding)> {
     // SAFETY: read-only lookups of plain-old-data values.
     if let Some(b) = unsafe { AW_BINDINGS.get(leaf) } {
-        return Some(*b);
+        return Some((leaf, *b));
     }
     // Config is read only off the hot path: a process in a bound cgroup never needs it.
     let bound_levels = match config() {
@@ -421,7 +769,7 @@ fn find_binding(leaf: u64) -> Option<Binding> {
                 break;
             }
             if let Some(b) = unsafe { AW_BINDINGS.get(anc) } {
-                found = Some(*b);
+                found = Some((anc, *b));
             }
         }
         level += 1;
@@ -429,27 +777,54 @@ fn find_binding(leaf: u64) -> Option<Binding> {
     found
 }
 
+/// What [`judge`] decided, and for whom.
+struct Judged {
+    verdict: i32,
+    identity: u32,
+    /// The cgroup whose binding governs the task; 0 when none does.
+    binding_cgroup: u64,
+}
+
 #[inline(always)]
-fn judge(flow: &Flow, out_identity: &mut u32) -> i32 {
+fn judge(flow: &Flow) -> Judged {
     let leaf = unsafe { bpf_get_current_cgroup_id() };
-    let Some(binding) = find_binding(leaf) else {
+    let Some((binding_cgroup, binding)) = find_binding(leaf) else {
         let unknown = match config() {
             Some(c) => c.unknown_flows,
             None => UNKNOWN_IGNORE,
         };
-        return match unknown {
+        let verdict = match unknown {
             UNKNOWN_IGNORE => ALLOW,
             UNKNOWN_DENY => {
-                report(flow, leaf, 0, EVENT_DENY, REASON_UNBOUND, 0, 0);
+                report(flow, leaf, 0, EVENT_DENY, REASON_UNBOUND, 0, 0, Who::Task);
                 DENY
             }
             _ => {
-                report(flow, leaf, 0, EVENT_UNKNOWN_FLOW, REASON_NONE, 0, 0);
+                report(
+                    flow,
+                    leaf,
+                    0,
+                    EVENT_UNKNOWN_FLOW,
+                    REASON_NONE,
+                    0,
+                    0,
+                    Who::Task,
+                );
                 ALLOW
             }
         };
+        return Judged {
+            verdict,
+            identity: 0,
+            binding_cgroup: 0,
+        };
     };
     let (identity, not_after) = (binding.identity, binding.not_after_ns);
+    let judged = |verdict| Judged {
+        verdict,
+        identity,
+        binding_cgroup,
+    };
     let (state, mode, dns) = match AW_IDENTITIES.get(identity) {
         Some(st) => (st.state, st.mode, st.dns),
         None => (0, 0, 0),
@@ -458,16 +833,34 @@ fn judge(flow: &Flow, out_identity: &mut u32) -> i32 {
     // denied whatever the mode: audit mode is for trying out a policy, not for keeping a dead
     // identity alive.
     if state != IDENTITY_ACTIVE || binding.revoked != 0 {
-        report(flow, leaf, identity, EVENT_DENY, REASON_REVOKED, 0, 0);
-        return DENY;
+        report(
+            flow,
+            leaf,
+            identity,
+            EVENT_DENY,
+            REASON_REVOKED,
+            0,
+            0,
+            Who::Task,
+        );
+        return judged(DENY);
     }
     // The clock is read only when a deadline needs it; 0 means "not read yet".
     let mut now = 0u64;
     if not_after != 0 {
         now = unsafe { bpf_ktime_get_boot_ns() };
         if now >= not_after {
-            report(flow, leaf, identity, EVENT_DENY, REASON_EXPIRED, 0, now);
-            return DENY;
+            report(
+                flow,
+                leaf,
+                identity,
+                EVENT_DENY,
+                REASON_EXPIRED,
+                0,
+                now,
+                Who::Task,
+            );
+            return judged(DENY);
         }
     }
     // DNS from an identity with name rules goes to its proxy, whatever the resolver: the
@@ -478,8 +871,7 @@ fn judge(flow: &Flow, out_identity: &mut u32) -> i32 {
             None => 0,
         };
         if dns_port != 0 {
-            *out_identity = identity;
-            return STEER;
+            return judged(STEER);
         }
     }
     let (reason, rule_id) = check_rules(identity, flow, &mut now);
@@ -490,17 +882,26 @@ fn judge(flow: &Flow, out_identity: &mut u32) -> i32 {
         };
         if record != 0 {
             count_hit(identity, rule_id);
-            report(flow, leaf, identity, EVENT_ALLOW, REASON_NONE, rule_id, now);
+            report(
+                flow,
+                leaf,
+                identity,
+                EVENT_ALLOW,
+                REASON_NONE,
+                rule_id,
+                now,
+                Who::Task,
+            );
         }
-        return ALLOW;
+        return judged(ALLOW);
     }
     let kind = if mode == MODE_AUDIT {
         EVENT_AUDIT
     } else {
         EVENT_DENY
     };
-    report(flow, leaf, identity, kind, reason, rule_id, now);
-    if mode == MODE_AUDIT { ALLOW } else { DENY }
+    report(flow, leaf, identity, kind, reason, rule_id, now, Who::Task);
+    judged(if mode == MODE_AUDIT { ALLOW } else { DENY })
 }
 
 /// Longest-prefix match on the identity's trie, then the first port entry (most specific rule
@@ -547,12 +948,76 @@ fn check_rules(identity: u32, flow: &Flow, now: &mut u64) -> (u8, u32) {
     (REASON_NONE, rule_id)
 }
 
+/// Who a record is about: the task in a hook, or the socket's owner on the packet line (no
+/// task of the agent need be running there: packets also leave from softirq and timers).
+#[derive(Clone, Copy)]
+enum Who {
+    Task,
+    Socket(u32),
+}
+
 /// Writes one event, unless an identical one went out within the rate window: then it is only
-/// counted, and the count rides on the next record written. A record that does not fit in the
+/// counted, and the count rides on the next record written. Governed identities and unbound
+/// cgroups each have their own ring buffer and rate table. A record that does not fit in its
 /// ring buffer is counted in `AW_EVENT_DROPS`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn report(flow: &Flow, leaf: u64, identity: u32, kind: u8, reason: u8, rule_id: u32, now: u64) {
+fn report(
+    flow: &Flow,
+    leaf: u64,
+    identity: u32,
+    kind: u8,
+    reason: u8,
+    rule_id: u32,
+    now: u64,
+    who: Who,
+) {
+    if identity == 0 {
+        report_to(
+            &AW_UNKNOWN_EVENTS,
+            &AW_UNKNOWN_RATE,
+            DROPS_UNKNOWN,
+            flow,
+            leaf,
+            identity,
+            kind,
+            reason,
+            rule_id,
+            now,
+            who,
+        );
+    } else {
+        report_to(
+            &AW_EVENTS,
+            &AW_RATE,
+            DROPS_GOVERNED,
+            flow,
+            leaf,
+            identity,
+            kind,
+            reason,
+            rule_id,
+            now,
+            who,
+        );
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn report_to<const RING: usize, const RATE: usize>(
+    ring: &RingBuf<Event, RING>,
+    rate: &LruHashMap<RateKey, RateState, RATE>,
+    drop_slot: u32,
+    flow: &Flow,
+    leaf: u64,
+    identity: u32,
+    kind: u8,
+    reason: u8,
+    rule_id: u32,
+    now: u64,
+    who: Who,
+) {
     // Callers pass 0 when they had no reason to read the clock yet.
     let now = if now == 0 {
         unsafe { bpf_ktime_get_boot_ns() }
@@ -585,7 +1050,7 @@ fn report(flow: &Flow, leaf: u64, identity: u32, kind: u8, reason: u8, rule_id: 
     } else {
         window
     };
-    let state = AW_RATE.get_ptr_mut(rk);
+    let state = rate.get_ptr_mut(rk);
     let mut suppressed = 0u64;
     if let Some(st) = state {
         // SAFETY: pointer from a successful lookup; the counter is only touched atomically.
@@ -598,19 +1063,30 @@ fn report(flow: &Flow, leaf: u64, identity: u32, kind: u8, reason: u8, rule_id: 
                 (*st).seen_ns = now;
                 return;
             }
-            suppressed = core::ptr::read_volatile(&raw const (*st).suppressed);
+            // The record takes the count whole: a CPU reporting the same flow at the same
+            // moment takes what is left (nothing, or what raced in), never the same events.
+            suppressed = atomic_xchg(&raw mut (*st).suppressed, 0);
         }
     }
-    let Some(mut entry) = AW_EVENTS.reserve(0) else {
-        if let Some(drops) = AW_EVENT_DROPS.get_ptr_mut(0) {
+    let Some(mut entry) = ring.reserve(0) else {
+        if let Some(st) = state {
+            // SAFETY: as above. The count goes back for the next record to carry.
+            unsafe { atomic_add(&raw mut (*st).suppressed, suppressed) };
+        }
+        if let Some(drops) = AW_EVENT_DROPS.get_ptr_mut(drop_slot) {
             // SAFETY: per-CPU slot, this CPU only.
             unsafe { *drops += 1 };
         }
         return;
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let uid_gid = bpf_get_current_uid_gid();
-    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    let (pid_tgid, uid_gid, comm) = match who {
+        Who::Task => (
+            bpf_get_current_pid_tgid(),
+            bpf_get_current_uid_gid(),
+            bpf_get_current_comm().unwrap_or([0; 16]),
+        ),
+        Who::Socket(uid) => (0, u64::from(uid), [0; 16]),
+    };
     entry.write(Event {
         ts_ns: now,
         cgroup_id: leaf,
@@ -639,11 +1115,9 @@ fn report(flow: &Flow, leaf: u64, identity: u32, kind: u8, reason: u8, rule_id: 
         Some(st) => unsafe {
             (*st).last_ns = now;
             (*st).first_ns = 0;
-            // Subtract what this record carried; increments that raced in stay counted.
-            atomic_add(&raw mut (*st).suppressed, suppressed.wrapping_neg());
         },
         None => {
-            let _ = AW_RATE.insert(
+            let _ = rate.insert(
                 rk,
                 RateState {
                     last_ns: now,
@@ -667,6 +1141,15 @@ fn count_hit(identity: u32, rule_id: u32) {
         None => {
             let _ = AW_RULE_HITS.insert(key, 1, BPF_NOEXIST as u64);
         }
+    }
+}
+
+/// Atomic exchange (BPF_XCHG: BPF CPU v3, Linux 5.12+).
+#[inline(always)]
+unsafe fn atomic_xchg(dst: *mut u64, v: u64) -> u64 {
+    // SAFETY: the caller passes a pointer into a map value.
+    unsafe {
+        core::intrinsics::atomic_xchg::<u64, { core::intrinsics::AtomicOrdering::Relaxed }>(dst, v)
     }
 }
 

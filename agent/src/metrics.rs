@@ -23,7 +23,7 @@ pub struct Counters {
 /// Point-in-time values read when scraped.
 #[derive(Debug, Default)]
 pub struct Gauges {
-    pub dropped_events: u64,
+    pub dropped_events: crate::datapath::RingDrops,
     pub bindings: usize,
     pub bindings_max: usize,
     pub identities_active: usize,
@@ -71,9 +71,18 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         &mut out,
         "agentwall_events_dropped_total",
         "counter",
-        "Decision records the kernel could not write because the ring buffer was full.",
+        "Decision records the kernel could not write because their ring buffer was full (governed identities' and unbound cgroups' records have one each).",
     );
-    let _ = writeln!(out, "agentwall_events_dropped_total {}", g.dropped_events);
+    let _ = writeln!(
+        out,
+        "agentwall_events_dropped_total{{records=\"governed\"}} {}",
+        g.dropped_events.governed
+    );
+    let _ = writeln!(
+        out,
+        "agentwall_events_dropped_total{{records=\"unknown\"}} {}",
+        g.dropped_events.unknown
+    );
     header(
         &mut out,
         "agentwall_map_entries",

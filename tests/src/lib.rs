@@ -12,6 +12,7 @@ use std::{
 pub mod cp;
 pub mod node;
 pub mod pki;
+pub mod wire;
 
 use agentwall::{
     cgroup::{Cgroup, Cgroup2Mount},
@@ -108,6 +109,23 @@ impl NetNs {
         let mut all = vec!["-n", self.name.as_str()];
         all.extend_from_slice(args);
         run_ip(&all);
+    }
+
+    /// Runs `f` on a thread inside this namespace (sockets it opens belong there).
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        use std::os::fd::AsRawFd as _;
+        let fd = self.file.as_raw_fd();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns on this thread only; the fd is open for the call.
+                if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                    panic!("setns {}: {}", self.name, std::io::Error::last_os_error());
+                }
+                f()
+            })
+            .join()
+            .expect("thread in namespace")
+        })
     }
 
     /// Makes `cmd` start inside this namespace.

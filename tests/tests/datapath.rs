@@ -502,6 +502,51 @@ fn drop_counter_accounts_for_every_record_not_read() {
     assert_eq!(read + dropped, sent, "read {read} + dropped {dropped}");
 }
 
+/// Unbound processes (any local user) have their own ring buffer and rate table: flooding
+/// them loses only their own records, counted, and every governed denial is read.
+#[test]
+fn a_flood_of_unknown_flows_leaves_every_governed_denial_recorded() {
+    let env = TestEnv::new("flood");
+    let mut cfg = env.config();
+    cfg.unknown_flows = UnknownFlows::Report;
+    let dp = Datapath::start(&cfg).unwrap();
+    dp.set_identity(1, IdentityStatus::Active, Mode::Enforce)
+        .unwrap();
+    dp.set_rules(1, &[]).unwrap();
+    let agent = env.cgroup("agent");
+    dp.bind(&agent, 1, None).unwrap();
+    let mut governed = Probe::spawn(&agent);
+    let mut stranger = Probe::spawn(&env.cgroup("stranger"));
+    // The stranger's distinct flows, nobody reading: far more than a ring holds.
+    let flood = 8000u64;
+    assert_eq!(
+        stranger.cmd(&format!("sweep udp 192.0.2.1 1 {flood}")),
+        format!("eperm=0 other={flood}")
+    );
+    let sent = 300u64;
+    assert_eq!(
+        governed.cmd(&format!("sweep tcp 192.0.2.1 1 {sent}")),
+        format!("eperm={sent} other=0")
+    );
+    let records = dp.take_events().unwrap().drain();
+    let drops = dp.dropped_by_ring().unwrap();
+    let denials = records
+        .iter()
+        .filter(|r| r.identity == 1 && r.kind == EventKind::Deny)
+        .count() as u64;
+    let unknown = records.iter().filter(|r| r.identity == 0).count() as u64;
+    assert_eq!(drops.governed, 0, "{drops:?}");
+    assert_eq!(denials, sent, "{drops:?}");
+    assert!(
+        drops.unknown > 0,
+        "the flood never filled its ring ({unknown} read)"
+    );
+    assert_eq!(unknown + drops.unknown, flood, "{drops:?}");
+    // Governed records come first.
+    let first_unknown = records.iter().position(|r| r.identity == 0).unwrap();
+    assert!(records[..first_unknown].len() as u64 == sent);
+}
+
 #[test]
 fn identical_denials_are_rate_limited_and_counted() {
     let env = TestEnv::new("ratelimit");

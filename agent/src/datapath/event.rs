@@ -3,7 +3,7 @@
 use std::{
     fmt,
     net::IpAddr,
-    os::fd::{AsRawFd, RawFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
 
 use agent_common::{self as c, Event};
@@ -69,6 +69,8 @@ pub enum Hook {
     Sendmsg4,
     Sendmsg6,
     SockCreate,
+    /// The packet line (cgroup_skb egress): a packet a governed socket sent.
+    Egress,
 }
 
 impl Hook {
@@ -79,6 +81,7 @@ impl Hook {
             c::HOOK_SENDMSG4 => Self::Sendmsg4,
             c::HOOK_SENDMSG6 => Self::Sendmsg6,
             c::HOOK_SOCK_CREATE => Self::SockCreate,
+            c::HOOK_EGRESS => Self::Egress,
             _ => return None,
         })
     }
@@ -211,21 +214,57 @@ impl fmt::Display for EventRecord {
     }
 }
 
-/// Reads decision records from the pinned ring buffer.
+/// Reads decision records from the pinned ring buffers: governed identities' first, so a flood
+/// of unknown flows never holds them up.
 pub struct EventReader {
-    ring: RingBuf<MapData>,
+    governed: RingBuf<MapData>,
+    unknown: RingBuf<MapData>,
+    /// Readable when either ring is.
+    epoll: OwnedFd,
 }
 
 impl EventReader {
-    pub(crate) fn new(ring: RingBuf<MapData>) -> Self {
-        Self { ring }
+    pub(crate) fn new(governed: RingBuf<MapData>, unknown: RingBuf<MapData>) -> Self {
+        // SAFETY: epoll_create1 has no preconditions; its result is checked.
+        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(
+            raw >= 0,
+            "epoll_create1: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a fresh descriptor this reader owns from here.
+        let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
+        for ring in [&governed, &unknown] {
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: 0,
+            };
+            // SAFETY: both descriptors are open; `ev` outlives the call.
+            let rc = unsafe {
+                libc::epoll_ctl(
+                    epoll.as_raw_fd(),
+                    libc::EPOLL_CTL_ADD,
+                    ring.as_raw_fd(),
+                    &raw mut ev,
+                )
+            };
+            assert!(rc == 0, "epoll_ctl: {}", std::io::Error::last_os_error());
+        }
+        Self {
+            governed,
+            unknown,
+            epoll,
+        }
     }
 
     /// The next record, if one is waiting. Records that fail to decode are skipped with a
     /// warning: a newer kernel object must never wedge the reader.
     pub fn try_next(&mut self) -> Option<EventRecord> {
         loop {
-            let item = self.ring.next()?;
+            let item = match self.governed.next() {
+                Some(i) => i,
+                None => self.unknown.next()?,
+            };
             match EventRecord::decode(&item) {
                 Ok(r) => return Some(r),
                 Err(e) => tracing::warn!(error = %e, "skipping event record"),
@@ -242,6 +281,6 @@ impl EventReader {
 /// Becomes readable when records are waiting (for epoll or tokio's AsyncFd).
 impl AsRawFd for EventReader {
     fn as_raw_fd(&self) -> RawFd {
-        self.ring.as_raw_fd()
+        self.epoll.as_raw_fd()
     }
 }

@@ -25,7 +25,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
         links::{FdLink, PinnedLink},
     },
 };
@@ -200,6 +200,15 @@ pub struct MapFill {
     pub rules: usize,
 }
 
+/// Records lost because their ring buffer was full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingDrops {
+    /// Governed identities' records.
+    pub governed: u64,
+    /// Records of cgroups bound to no identity.
+    pub unknown: u64,
+}
+
 /// How [`Datapath::start`] found the programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StartReport {
@@ -223,6 +232,7 @@ fn attach_type(name: &str) -> u32 {
         c::PROG_RECVMSG6 => sys::ATTACH_UDP6_RECVMSG,
         c::PROG_GETPEERNAME4 => sys::ATTACH_INET4_GETPEERNAME,
         c::PROG_GETPEERNAME6 => sys::ATTACH_INET6_GETPEERNAME,
+        c::PROG_EGRESS => sys::ATTACH_INET_EGRESS,
         _ => sys::ATTACH_INET_SOCK_CREATE,
     }
 }
@@ -343,9 +353,11 @@ pub struct Datapath {
     rules: MapData,
     config: Mutex<Array<MapData, Config>>,
     drops: PerCpuArray<MapData, u64>,
-    rate: HashMap<MapData, c::RateKey, c::RateState>,
+    /// Rate-limit tables: governed identities', then unbound cgroups'.
+    rate: [HashMap<MapData, c::RateKey, c::RateState>; 2],
     hits: Mutex<aya::maps::PerCpuHashMap<MapData, u64, u64>>,
-    events: Mutex<Option<RingBuf<MapData>>>,
+    /// The ring buffers of governed and of unbound records, until the reader is taken.
+    events: Mutex<Option<(RingBuf<MapData>, RingBuf<MapData>)>>,
     report: StartReport,
     tries: Mutex<Tries>,
     /// One change of rules at a time, from compile to swap.
@@ -457,8 +469,12 @@ impl Loaded {
             .map_err(map_err(c::MAP_EVENT_DROPS))?;
         let events =
             RingBuf::try_from(take(&mut ebpf, c::MAP_EVENTS)?).map_err(map_err(c::MAP_EVENTS))?;
+        let unknown_events = RingBuf::try_from(take(&mut ebpf, c::MAP_UNKNOWN_EVENTS)?)
+            .map_err(map_err(c::MAP_UNKNOWN_EVENTS))?;
         let rate =
             HashMap::try_from(take(&mut ebpf, c::MAP_RATE)?).map_err(map_err(c::MAP_RATE))?;
+        let unknown_rate = HashMap::try_from(take(&mut ebpf, c::MAP_UNKNOWN_RATE)?)
+            .map_err(map_err(c::MAP_UNKNOWN_RATE))?;
         let hits = aya::maps::PerCpuHashMap::try_from(take(&mut ebpf, c::MAP_RULE_HITS)?)
             .map_err(map_err(c::MAP_RULE_HITS))?;
 
@@ -470,9 +486,9 @@ impl Loaded {
             rules,
             config: Mutex::new(config),
             drops,
-            rate,
+            rate: [rate, unknown_rate],
             hits: Mutex::new(hits),
-            events: Mutex::new(Some(events)),
+            events: Mutex::new(Some((events, unknown_events))),
             report,
             tries: Mutex::new(Tries::default()),
             applying: Mutex::new(()),
@@ -1175,10 +1191,23 @@ impl Datapath {
         })
     }
 
-    /// Records that could not be written to the ring buffer, summed over CPUs.
+    /// Records that could not be written to their ring buffer, summed over CPUs and both
+    /// rings.
     pub fn dropped_events(&self) -> Result<u64, DatapathError> {
-        let per_cpu = self.drops.get(&0, 0).map_err(map_err(c::MAP_EVENT_DROPS))?;
-        Ok(per_cpu.iter().sum())
+        let d = self.dropped_by_ring()?;
+        Ok(d.governed.saturating_add(d.unknown))
+    }
+
+    /// Records lost to a full ring buffer, per ring.
+    pub fn dropped_by_ring(&self) -> Result<RingDrops, DatapathError> {
+        let slot = |i: u32| -> Result<u64, DatapathError> {
+            let per_cpu = self.drops.get(&i, 0).map_err(map_err(c::MAP_EVENT_DROPS))?;
+            Ok(per_cpu.iter().fold(0u64, |a, n| a.saturating_add(*n)))
+        };
+        Ok(RingDrops {
+            governed: slot(c::DROPS_GOVERNED)?,
+            unknown: slot(c::DROPS_UNKNOWN)?,
+        })
     }
 
     /// Flows each rule allowed since the counters were last cleared, summed over CPUs:
@@ -1215,41 +1244,43 @@ impl Datapath {
     ) -> Result<Vec<(c::RateKey, u64, BootInstant, BootInstant)>, DatapathError> {
         let now = BootInstant::now().0;
         let idle = u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX);
-        let mut due = Vec::new();
-        for entry in self.rate.iter() {
-            let Ok((k, v)) = entry else { continue };
-            let last = v.last_ns.max(v.seen_ns);
-            if v.suppressed > 0 && now.saturating_sub(last) >= idle {
-                due.push(k);
-            }
-        }
         let mut out = Vec::new();
-        for k in due {
-            let mut v = c::RateState::default();
-            // SAFETY: both are plain old data; the byte views cover exactly the map's key and
-            // value sizes.
-            let (kb, vb) = unsafe {
-                (
-                    std::slice::from_raw_parts(
-                        (&raw const k).cast::<u8>(),
-                        size_of::<c::RateKey>(),
-                    ),
-                    std::slice::from_raw_parts_mut(
-                        (&raw mut v).cast::<u8>(),
-                        size_of::<c::RateState>(),
-                    ),
-                )
-            };
-            let fd = aya::maps::IterableMap::map(&self.rate).fd().as_fd();
-            if sys::map_lookup_and_delete(fd, kb, vb).map_err(io_err(Path::new(c::MAP_RATE)))?
-                && v.suppressed > 0
-            {
-                out.push((
-                    k,
-                    v.suppressed,
-                    BootInstant(v.first_ns),
-                    BootInstant(v.seen_ns),
-                ));
+        for table in &self.rate {
+            let mut due = Vec::new();
+            for entry in table.iter() {
+                let Ok((k, v)) = entry else { continue };
+                let last = v.last_ns.max(v.seen_ns);
+                if v.suppressed > 0 && now.saturating_sub(last) >= idle {
+                    due.push(k);
+                }
+            }
+            for k in due {
+                let mut v = c::RateState::default();
+                // SAFETY: both are plain old data; the byte views cover exactly the map's key
+                // and value sizes.
+                let (kb, vb) = unsafe {
+                    (
+                        std::slice::from_raw_parts(
+                            (&raw const k).cast::<u8>(),
+                            size_of::<c::RateKey>(),
+                        ),
+                        std::slice::from_raw_parts_mut(
+                            (&raw mut v).cast::<u8>(),
+                            size_of::<c::RateState>(),
+                        ),
+                    )
+                };
+                let fd = aya::maps::IterableMap::map(table).fd().as_fd();
+                if sys::map_lookup_and_delete(fd, kb, vb).map_err(io_err(Path::new(c::MAP_RATE)))?
+                    && v.suppressed > 0
+                {
+                    out.push((
+                        k,
+                        v.suppressed,
+                        BootInstant(v.first_ns),
+                        BootInstant(v.seen_ns),
+                    ));
+                }
             }
         }
         Ok(out)
@@ -1257,7 +1288,9 @@ impl Datapath {
 
     /// The reader of decision records; there is one, and this hands it out once.
     pub fn take_events(&self) -> Option<EventReader> {
-        lock(&self.events).take().map(EventReader::new)
+        lock(&self.events)
+            .take()
+            .map(|(governed, unknown)| EventReader::new(governed, unknown))
     }
 }
 
@@ -1282,6 +1315,11 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError
         .ok_or(DatapathError::MissingProgram(name))?;
     if name == c::PROG_SOCK_CREATE {
         let p: &mut CgroupSock = prog.try_into().map_err(prog_err)?;
+        if p.fd().is_err() {
+            p.load().map_err(prog_err)?;
+        }
+    } else if name == c::PROG_EGRESS {
+        let p: &mut CgroupSkb = prog.try_into().map_err(prog_err)?;
         if p.fd().is_err() {
             p.load().map_err(prog_err)?;
         }
@@ -1327,12 +1365,12 @@ fn attach_all(
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram(name))?;
-            // The two program types share no trait for attach/take_link in aya 0.14.
+            // The program types share no trait for attach/take_link in aya 0.14.
             macro_rules! load_attach {
-                ($ty:ty) => {{
+                ($ty:ty $(, $kind:expr)?) => {{
                     let p: &mut $ty = prog.try_into().map_err(prog_err)?;
                     let id = p
-                        .attach(&cgroup_file, CgroupAttachMode::Single)
+                        .attach(&cgroup_file, $($kind,)? CgroupAttachMode::Single)
                         .map_err(prog_err)?;
                     p.take_link(id)
                         .map_err(prog_err)?
@@ -1342,6 +1380,8 @@ fn attach_all(
             }
             let link: FdLink = if name == c::PROG_SOCK_CREATE {
                 load_attach!(CgroupSock)
+            } else if name == c::PROG_EGRESS {
+                load_attach!(CgroupSkb, CgroupSkbAttachType::Egress)
             } else {
                 load_attach!(CgroupSockAddr)
             };

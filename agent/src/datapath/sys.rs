@@ -57,6 +57,7 @@ pub fn map_lookup_and_delete(
 }
 
 /// Attach types the datapath uses (enum bpf_attach_type).
+pub const ATTACH_INET_EGRESS: u32 = 1;
 pub const ATTACH_INET_SOCK_CREATE: u32 = 2;
 pub const ATTACH_INET4_CONNECT: u32 = 10;
 pub const ATTACH_INET6_CONNECT: u32 = 11;

@@ -137,7 +137,7 @@ impl Folder {
             r.reason.clone(),
         );
         if let Some(a) = self.runs.get_mut(&key) {
-            a.pending += r.count;
+            a.pending = a.pending.saturating_add(r.count);
             a.pending_first
                 .get_or_insert_with(|| r.first_seen.clone().unwrap_or_else(|| r.time.clone()));
             a.last = r.last_seen.clone().unwrap_or_else(|| r.time.clone());
@@ -235,9 +235,11 @@ impl Records {
         counters: &Counters,
     ) {
         counters.add(|c| {
-            *c.decisions
+            let n = c
+                .decisions
                 .entry((r.identity.clone().unwrap_or_default(), r.verdict.clone()))
-                .or_default() += r.count;
+                .or_default();
+            *n = n.saturating_add(r.count);
         });
         for out in folder.fold(identity, r, Instant::now()) {
             self.emit(out, journal);

@@ -99,7 +99,7 @@ impl Node {
         let table = self.registry.table();
         let revoked = self.registry.revoked().len();
         let g = crate::metrics::Gauges {
-            dropped_events: self.datapath.dropped_events().unwrap_or(0),
+            dropped_events: self.datapath.dropped_by_ring().unwrap_or_default(),
             bindings: fill.map_or(0, |f| f.bindings),
             bindings_max: fill.map_or(0, |f| f.bindings_max),
             identities_active: table.len().saturating_sub(revoked),

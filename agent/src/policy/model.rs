@@ -321,6 +321,10 @@ pub enum Reason {
     Expired,
     Unbound,
     SocketType,
+    /// The packet line: a packet's destination on the wire is not one its socket was allowed.
+    Wire,
+    /// The packet line: IPv4 options or IPv6 extension headers.
+    PacketOptions,
 }
 
 impl Reason {
@@ -332,6 +336,8 @@ impl Reason {
             Self::Expired => c::REASON_EXPIRED,
             Self::Unbound => c::REASON_UNBOUND,
             Self::SocketType => c::REASON_SOCKET_TYPE,
+            Self::Wire => c::REASON_WIRE,
+            Self::PacketOptions => c::REASON_PACKET_OPTIONS,
         }
     }
 
@@ -343,6 +349,8 @@ impl Reason {
             c::REASON_EXPIRED => Self::Expired,
             c::REASON_UNBOUND => Self::Unbound,
             c::REASON_SOCKET_TYPE => Self::SocketType,
+            c::REASON_WIRE => Self::Wire,
+            c::REASON_PACKET_OPTIONS => Self::PacketOptions,
             _ => return None,
         })
     }
@@ -355,6 +363,8 @@ impl Reason {
             Self::Expired => "identity expired",
             Self::Unbound => "no identity (unknown_flows = deny)",
             Self::SocketType => "socket type not allowed",
+            Self::Wire => "packet sent somewhere its socket was not allowed",
+            Self::PacketOptions => "IP options or IPv6 extension headers",
         }
     }
 }

@@ -25,6 +25,17 @@
 //!                                  handshake: the hook's own cost stands out); `p50=NS p99=NS`
 //!   hold tcp ADDR PORT             connect and keep the connection open
 //!   held                           answers `alive=N closed=M` for the kept connections
+//!   hold udp ADDR PORT             connect a UDP socket and keep it (an established flow)
+//!   send-held                      one datagram on each kept UDP socket: `ok` or `err ERRNO`
+//!   rthdr udp|tcp ADDR PORT VIA    an IPv6 socket with a type-4 segment routing header
+//!                                  [ADDR, VIA] (setsockopt IPV6_RTHDR): sendto, or a
+//!                                  non-blocking connect whose socket is kept; `ok`/`err ERRNO`,
+//!                                  `setsockopt ERRNO` when the kernel refuses the header
+//!   rthdr-cmsg srh|type2 ADDR PORT VIA
+//!                                  the same header (or a type-2 one) as sendmsg ancillary data
+//!   ipopt lsrr|rr ADDR PORT VIA    an IPv4 UDP socket with IP_OPTIONS (loose source route via
+//!                                  VIA, or record route), then sendto
+//!   ip6opt hop|dst ADDR PORT       IPV6_HOPOPTS / IPV6_DSTOPTS (a PadN option), then sendto
 //!   resolve NAME SERVER MODE TYPE  one DNS query to SERVER:53 the way stub resolvers send it;
 //!                                  MODE udp (connected, like glibc), udpu (unconnected, like
 //!                                  musl), tcp, or auto (udp, then tcp when truncated); TYPE A or
@@ -47,8 +58,10 @@
 //!   send-socket PATH               make a TCP socket and send it to PATH over SCM_RIGHTS
 //!   connect-received ADDR PORT     connect() the socket received over SCM_RIGHTS
 //!   exit
-//! Startup: `aw-probe [--cgroup DIR] [--netns] [--resolv-conf FILE]` prints `ready PID` once in
-//! place; `--resolv-conf` bind-mounts FILE over /etc/resolv.conf in a private mount namespace.
+//! Startup: `aw-probe [--cgroup DIR] [--netns] [--resolv-conf FILE] [--cpu N]` prints
+//! `ready PID` once in place; `--resolv-conf` bind-mounts FILE over /etc/resolv.conf in a
+//! private mount namespace; `--cpu` pins the probe to one CPU, so the packets it sends reach a
+//! veth peer in the order it sent them.
 
 use std::{
     io::{self, BufRead, Write},
@@ -227,6 +240,71 @@ fn tally(proto: &str, addrs: impl Iterator<Item = SocketAddr>) -> String {
         }
     }
     format!("eperm={eperm} other={other}")
+}
+
+/// UDP sockets connected by `hold udp`.
+fn held_udp() -> std::sync::MutexGuard<'static, Vec<OwnedFd>> {
+    static HELD: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());
+    HELD.lock().expect("held lock")
+}
+
+/// A type-4 (segment routing) header listing `segments`, the last one first on the wire.
+fn srh(segments: &[std::net::Ipv6Addr]) -> Vec<u8> {
+    let n = segments.len() as u8;
+    let mut h = vec![0u8, 2 * n, 4, n - 1, n - 1, 0, 0, 0];
+    for s in segments {
+        h.extend_from_slice(&s.octets());
+    }
+    h
+}
+
+/// A type-2 routing header (Mobile IPv6) carrying `via`.
+fn rthdr2(via: std::net::Ipv6Addr) -> Vec<u8> {
+    let mut h = vec![0u8, 2, 2, 1, 0, 0, 0, 0];
+    h.extend_from_slice(&via.octets());
+    h
+}
+
+fn setsockopt_bytes(fd: &OwnedFd, level: i32, name: i32, v: &[u8]) -> Result<(), i32> {
+    // SAFETY: valid fd; the buffer outlives the call.
+    if unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            v.as_ptr().cast(),
+            v.len() as libc::socklen_t,
+        )
+    } < 0
+    {
+        return Err(last_err());
+    }
+    Ok(())
+}
+
+fn sendto_one(fd: &OwnedFd, addr: SocketAddr) -> String {
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: valid fd, buffer and address.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            b"x".as_ptr().cast(),
+            1,
+            0,
+            (&raw const ss).cast(),
+            len,
+        )
+    };
+    if n < 0 {
+        format!("err {}", errno_name(last_err()))
+    } else {
+        "ok".into()
+    }
+}
+
+fn v6(ip: &str) -> Result<std::net::Ipv6Addr, String> {
+    ip.parse()
+        .map_err(|e| format!("bad IPv6 address {ip}: {e}"))
 }
 
 /// Connections kept open by `hold`.
@@ -526,6 +604,145 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 held().push(s);
                 "ok".into()
             }
+        }
+        ["hold", "udp", ip, port] => {
+            let addr = sa(ip, port)?;
+            let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+                .map_err(|e| format!("socket: {}", errno_name(e)))?;
+            let (ss, len) = sockaddr(addr);
+            // SAFETY: valid fd and address.
+            if unsafe { libc::connect(s.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
+                format!("err {}", errno_name(last_err()))
+            } else {
+                held_udp().push(s);
+                "ok".into()
+            }
+        }
+        ["send-held"] => {
+            let mut reply = "ok".to_owned();
+            for s in held_udp().iter() {
+                // SAFETY: valid fd and buffer.
+                if unsafe { libc::send(s.as_raw_fd(), b"held".as_ptr().cast(), 4, 0) } < 0 {
+                    reply = format!("err {}", errno_name(last_err()));
+                }
+            }
+            reply
+        }
+        ["rthdr", proto, ip, port, via] => {
+            let (ty, p) = kind(proto)?;
+            let dest = v6(ip)?;
+            let addr = sa(ip, port)?;
+            let s = new_socket(libc::AF_INET6, ty, p)
+                .map_err(|e| format!("socket: {}", errno_name(e)))?;
+            if let Err(e) = setsockopt_bytes(
+                &s,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_RTHDR,
+                &srh(&[dest, v6(via)?]),
+            ) {
+                return Ok(format!("setsockopt {}", errno_name(e)));
+            }
+            if ty == libc::SOCK_DGRAM {
+                sendto_one(&s, addr)
+            } else {
+                // SAFETY: valid fd.
+                unsafe {
+                    let fl = libc::fcntl(s.as_raw_fd(), libc::F_GETFL);
+                    libc::fcntl(s.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+                }
+                let (ss, len) = sockaddr(addr);
+                // SAFETY: valid fd and address.
+                let r = unsafe { libc::connect(s.as_raw_fd(), (&raw const ss).cast(), len) };
+                let reply = if r < 0 {
+                    format!("err {}", errno_name(last_err()))
+                } else {
+                    "ok".into()
+                };
+                // Kept: the kernel retransmits the SYN from it.
+                held().push(s);
+                reply
+            }
+        }
+        ["rthdr-cmsg", which, ip, port, via] => {
+            let dest = v6(ip)?;
+            let hdr = match *which {
+                "srh" => srh(&[dest, v6(via)?]),
+                "type2" => rthdr2(v6(via)?),
+                other => return Err(format!("bad header kind {other}")),
+            };
+            let addr = sa(ip, port)?;
+            let s = new_socket(libc::AF_INET6, libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+                .map_err(|e| format!("socket: {}", errno_name(e)))?;
+            let (ss, len) = sockaddr(addr);
+            // SAFETY: CMSG_SPACE is a pure computation.
+            let space = unsafe { libc::CMSG_SPACE(hdr.len() as u32) } as usize;
+            let mut control = vec![0u8; space];
+            let mut payload = *b"x";
+            let mut iov = libc::iovec {
+                iov_base: payload.as_mut_ptr().cast(),
+                iov_len: 1,
+            };
+            // SAFETY: zeroed msghdr is valid; every pointer set below outlives sendmsg.
+            let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+            msg.msg_name = (&raw const ss).cast_mut().cast();
+            msg.msg_namelen = len;
+            msg.msg_iov = &raw mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space;
+            // SAFETY: the control buffer holds one header of CMSG_SPACE(len) bytes.
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(&raw const msg);
+                (*c).cmsg_level = libc::IPPROTO_IPV6;
+                (*c).cmsg_type = libc::IPV6_RTHDR;
+                (*c).cmsg_len = libc::CMSG_LEN(hdr.len() as u32) as usize;
+                std::ptr::copy_nonoverlapping(hdr.as_ptr(), libc::CMSG_DATA(c), hdr.len());
+            }
+            // SAFETY: valid fd and message.
+            if unsafe { libc::sendmsg(s.as_raw_fd(), &raw const msg, 0) } < 0 {
+                format!("err {}", errno_name(last_err()))
+            } else {
+                "ok".into()
+            }
+        }
+        ["ipopt", which, ip, port, via] => {
+            let addr = sa(ip, port)?;
+            let via: std::net::Ipv4Addr =
+                via.parse().map_err(|e| format!("bad IPv4 address: {e}"))?;
+            let opts: Vec<u8> = match *which {
+                // Loose source route: type 131, length 7, pointer 4, one hop; then padding.
+                "lsrr" => {
+                    let mut o = vec![131u8, 7, 4];
+                    o.extend_from_slice(&via.octets());
+                    o.push(1);
+                    o
+                }
+                // Record route with room for one address, then padding.
+                "rr" => vec![7u8, 7, 4, 0, 0, 0, 0, 1],
+                other => return Err(format!("bad option kind {other}")),
+            };
+            let s = new_socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+                .map_err(|e| format!("socket: {}", errno_name(e)))?;
+            if let Err(e) = setsockopt_bytes(&s, libc::IPPROTO_IP, libc::IP_OPTIONS, &opts) {
+                return Ok(format!("setsockopt {}", errno_name(e)));
+            }
+            sendto_one(&s, addr)
+        }
+        ["ip6opt", which, ip, port] => {
+            let name = match *which {
+                "hop" => libc::IPV6_HOPOPTS,
+                "dst" => libc::IPV6_DSTOPTS,
+                other => return Err(format!("bad option kind {other}")),
+            };
+            let addr = sa(ip, port)?;
+            let s = new_socket(libc::AF_INET6, libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+                .map_err(|e| format!("socket: {}", errno_name(e)))?;
+            // Next header (filled by the kernel), length 0 (8 bytes), PadN of 4 bytes.
+            let h = [0u8, 0, 1, 4, 0, 0, 0, 0];
+            if let Err(e) = setsockopt_bytes(&s, libc::IPPROTO_IPV6, name, &h) {
+                return Ok(format!("setsockopt {}", errno_name(e)));
+            }
+            sendto_one(&s, addr)
         }
         ["held"] => {
             let (mut alive, mut closed) = (0, 0);
@@ -1102,6 +1319,18 @@ fn main() {
             }
             "--resolv-conf" => {
                 use_resolv_conf(&args[i + 1]).unwrap_or_else(|e| panic!("{e}"));
+                i += 2;
+            }
+            "--cpu" => {
+                let cpu: usize = args[i + 1].parse().expect("--cpu N");
+                // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays inside it.
+                unsafe {
+                    let mut set: libc::cpu_set_t = mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    if libc::sched_setaffinity(0, mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                        panic!("sched_setaffinity: {}", io::Error::last_os_error());
+                    }
+                }
                 i += 2;
             }
             other => panic!("unknown argument {other}"),

@@ -1,0 +1,217 @@
+//! The wire: two test network namespaces joined by a veth pair, and the packets the agent's side
+//! puts on it, captured on the peer's end with an AF_PACKET socket. What a test asserts here is
+//! what actually left, not the errno the agent saw.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use crate::NetNs;
+
+pub const AGENT_V4: &str = "192.0.2.1";
+pub const PEER_V4: &str = "192.0.2.2";
+pub const AGENT_V6: &str = "2001:db8::1";
+pub const PEER_V6: &str = "2001:db8::2";
+/// Routed through the peer from the agent's side: destinations beyond it.
+pub const BEYOND_V4: &str = "198.51.100.7";
+pub const BEYOND_V6: &str = "2001:db8:1::7";
+
+const AGENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const PEER_MAC: &str = "02:00:00:00:00:02";
+
+/// An agent namespace and a peer namespace joined by `veth-a` / `veth-p`; both deleted on drop.
+pub struct Link {
+    pub agent: NetNs,
+    pub peer: NetNs,
+}
+
+impl Link {
+    pub fn new(tag: &str) -> Self {
+        let agent = NetNs::new(&format!("{tag}-a"));
+        let peer = NetNs::new(&format!("{tag}-p"));
+        agent.ip(&[
+            "link",
+            "add",
+            "veth-a",
+            "address",
+            "02:00:00:00:00:01",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "veth-p",
+            "address",
+            PEER_MAC,
+            "netns",
+            &peer.name,
+        ]);
+        for (ns, dev, v4, v6) in [
+            (&agent, "veth-a", AGENT_V4, AGENT_V6),
+            (&peer, "veth-p", PEER_V4, PEER_V6),
+        ] {
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
+            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        // Beyond the peer, and the peer's link-layer address known up front: the first packet
+        // leaves at once instead of waiting on neighbour discovery.
+        agent.ip(&["route", "add", "198.51.100.0/24", "via", PEER_V4]);
+        agent.ip(&["-6", "route", "add", "2001:db8:1::/48", "via", PEER_V6]);
+        for addr in [PEER_V4, PEER_V6] {
+            agent.ip(&[
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                PEER_MAC,
+                "dev",
+                "veth-a",
+                "nud",
+                "permanent",
+            ]);
+        }
+        Self { agent, peer }
+    }
+}
+
+/// One IP packet the agent's side sent, as the peer received it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Packet {
+    pub dst: IpAddr,
+    /// IPv4 protocol, or the IPv6 header's next header (43 for a routing header).
+    pub next: u8,
+    /// IPv4 header longer than 20 bytes (options).
+    pub ip_options: bool,
+    /// Destination port, when TCP or UDP follows the IP header directly.
+    pub dport: Option<u16>,
+}
+
+impl Packet {
+    /// Whether this is a TCP or UDP packet to `dst:port` (`dst` as text).
+    pub fn is_to(&self, dst: &str, port: u16) -> bool {
+        self.dst == dst.parse::<IpAddr>().expect("address") && self.dport == Some(port)
+    }
+
+    fn parse(frame: &[u8]) -> Option<Self> {
+        if frame.len() < 14 || frame[6..12] != AGENT_MAC {
+            return None;
+        }
+        let ip = &frame[14..];
+        let port_at = |off: usize| {
+            ip.get(off + 2..off + 4)
+                .map(|b| u16::from_be_bytes([b[0], b[1]]))
+        };
+        match u16::from_be_bytes([frame[12], frame[13]]) {
+            0x0800 if ip.len() >= 20 => {
+                let ihl = usize::from(ip[0] & 0x0f) * 4;
+                let next = ip[9];
+                Some(Self {
+                    dst: IpAddr::V4(Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19])),
+                    next,
+                    ip_options: ihl > 20,
+                    dport: if next == 6 || next == 17 {
+                        port_at(ihl)
+                    } else {
+                        None
+                    },
+                })
+            }
+            0x86dd if ip.len() >= 40 => {
+                let next = ip[6];
+                let mut d = [0u8; 16];
+                d.copy_from_slice(&ip[24..40]);
+                Some(Self {
+                    dst: IpAddr::V6(Ipv6Addr::from(d)),
+                    next,
+                    ip_options: false,
+                    dport: if next == 6 || next == 17 {
+                        port_at(40)
+                    } else {
+                        None
+                    },
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Every frame arriving on one interface of a namespace, from the moment it is made.
+pub struct Capture {
+    fd: OwnedFd,
+}
+
+impl Capture {
+    /// Captures on `ifname` inside `ns`; packets sent after this returns are seen.
+    pub fn start(ns: &NetNs, ifname: &str) -> Self {
+        let ifname = std::ffi::CString::new(ifname).expect("interface name");
+        let fd = ns.run_in(|| {
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain syscalls; the results are checked.
+            unsafe {
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
+                assert!(
+                    fd >= 0,
+                    "AF_PACKET socket: {}",
+                    std::io::Error::last_os_error()
+                );
+                let fd = OwnedFd::from_raw_fd(fd);
+                let index = libc::if_nametoindex(ifname.as_ptr());
+                assert!(index != 0, "no interface {ifname:?}");
+                let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+                sll.sll_family = libc::AF_PACKET as u16;
+                sll.sll_protocol = proto;
+                sll.sll_ifindex = index as i32;
+                let rc = libc::bind(
+                    fd.as_raw_fd(),
+                    (&raw const sll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                assert!(
+                    rc == 0,
+                    "bind AF_PACKET: {}",
+                    std::io::Error::last_os_error()
+                );
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 100_000,
+                };
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const tv).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                fd
+            }
+        });
+        Self { fd }
+    }
+
+    /// Packets from the agent's side until one that `last` accepts (included), in arrival
+    /// order; panics when none arrives within `within`.
+    pub fn until(&mut self, within: Duration, last: impl Fn(&Packet) -> bool) -> Vec<Packet> {
+        let deadline = Instant::now() + within;
+        let mut seen = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while Instant::now() < deadline {
+            // SAFETY: valid fd and buffer.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n <= 0 {
+                continue;
+            }
+            if let Some(p) = Packet::parse(&buf[..n as usize]) {
+                let done = last(&p);
+                seen.push(p);
+                if done {
+                    return seen;
+                }
+            }
+        }
+        panic!("no awaited packet within {within:?}; saw {seen:?}");
+    }
+}
