@@ -27,7 +27,7 @@ struct Kernel {
 }
 
 /// What the 9p root needs, then what the node needs (socket diagnostics, to destroy a revoked
-/// identity's connections), in load order; ones built into the kernel are absent and skipped.
+/// identity's connections) and the tests (veth, packet sockets), in load order; ones built into the kernel are absent and skipped.
 /// The guest cannot load modules on demand (this machine's root has none for its kernel).
 const MODULES: &[&str] = &[
     "drivers/virtio/virtio",
@@ -43,6 +43,9 @@ const MODULES: &[&str] = &[
     "net/ipv4/inet_diag",
     "net/ipv4/tcp_diag",
     "net/ipv4/udp_diag",
+    // The wire tests: a veth pair between test namespaces, captured with AF_PACKET.
+    "drivers/net/veth",
+    "net/packet/af_packet",
 ];
 
 const INIT: &str = r#"#!/bin/busybox sh
