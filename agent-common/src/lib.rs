@@ -47,8 +47,10 @@ pub const PROG_RECVMSG6: &str = "aw_recvmsg6";
 pub const PROG_GETPEERNAME4: &str = "aw_getpeername4";
 pub const PROG_GETPEERNAME6: &str = "aw_getpeername6";
 pub const PROG_EGRESS: &str = "aw_egress";
+/// BPF LSM (`lsm_cgroup/socket_create`): optional, where the kernel's LSM list has `bpf`.
+pub const PROG_SOCKET_FAMILY: &str = "aw_socket_family";
 
-pub const ALL_PROGRAMS: [&str; 10] = [
+pub const ALL_PROGRAMS: [&str; 11] = [
     PROG_CONNECT4,
     PROG_CONNECT6,
     PROG_SENDMSG4,
@@ -59,6 +61,7 @@ pub const ALL_PROGRAMS: [&str; 10] = [
     PROG_GETPEERNAME4,
     PROG_GETPEERNAME6,
     PROG_EGRESS,
+    PROG_SOCKET_FAMILY,
 ];
 
 /// Capacity of the identity table; identity 0 is reserved (it means "no identity" in event
@@ -160,6 +163,9 @@ pub const REASON_WIRE: u8 = 7;
 /// A packet carries IPv4 options or IPv6 extension headers, which can steer it past the
 /// destination that was judged.
 pub const REASON_PACKET_OPTIONS: u8 = 8;
+/// A socket of a family a governed agent has no use for (anything but unix, netlink, inet,
+/// inet6): vsock, packet, XDP, TIPC, RDS, Bluetooth, CAN, ...
+pub const REASON_SOCKET_FAMILY: u8 = 9;
 
 /// [`Event::hook`].
 pub const HOOK_CONNECT4: u8 = 1;
@@ -169,6 +175,14 @@ pub const HOOK_SENDMSG6: u8 = 4;
 pub const HOOK_SOCK_CREATE: u8 = 5;
 /// The packet line: cgroup_skb egress, every packet a governed socket sends.
 pub const HOOK_EGRESS: u8 = 6;
+/// BPF LSM `socket_create`: every socket family.
+pub const HOOK_SOCKET_FAMILY: u8 = 7;
+
+/// Socket families a governed agent may create; the LSM line refuses every other one.
+pub const AF_UNIX: u16 = 1;
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const AF_NETLINK: u16 = 16;
 
 /// Destinations a socket's [`SockState`] remembers: the connected peer and the latest
 /// unconnected send.
@@ -324,7 +338,8 @@ pub struct Event {
     pub reason: u8,
     pub proto: u8,
     pub hook: u8,
-    pub _pad: [u8; 2],
+    /// Socket family of socket records (`AF_*`); 0 on the others.
+    pub family: u16,
     pub sock_type: u16,
     pub sock_protocol: u16,
     pub comm: [u8; 16],
@@ -340,7 +355,9 @@ pub struct RateKey {
     pub kind: u8,
     pub proto: u8,
     pub reason: u8,
-    pub _pad: [u8; 3],
+    /// Socket family of socket records (fits a byte: `AF_MAX` is 46).
+    pub family: u8,
+    pub _pad: [u8; 2],
 }
 
 #[repr(C)]

@@ -10,13 +10,14 @@
 #![feature(core_intrinsics)]
 
 use agent_common::{
-    Addr, Binding, Config, DEFAULT_RATE_WINDOW_NS, DNS_ORIGIN_ENTRIES, DNS_PORT, DROPS_GOVERNED,
-    DROPS_UNKNOWN, DnsOrigin, EVENT_ALLOW, EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY,
-    EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES, Event, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS,
-    HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SOCK_CREATE, IDENTITY_ACTIVE, IdentityState, MAX_BINDINGS,
-    MAX_CGROUP_LEVELS, MAX_IDENTITIES, MAX_PORT_ENTRIES, MODE_AUDIT, PROTO_TCP, PROTO_UDP,
-    RATE_ENTRIES, REASON_EXPIRED, REASON_GLOBAL_DENY, REASON_NO_RULE, REASON_NONE,
-    REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE,
+    AF_INET, AF_INET6, AF_NETLINK, AF_UNIX, Addr, Binding, Config, DEFAULT_RATE_WINDOW_NS,
+    DNS_ORIGIN_ENTRIES, DNS_PORT, DROPS_GOVERNED, DROPS_UNKNOWN, DnsOrigin, EVENT_ALLOW,
+    EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY, EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES, Event,
+    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SOCK_CREATE,
+    HOOK_SOCKET_FAMILY, IDENTITY_ACTIVE, IdentityState, MAX_BINDINGS, MAX_CGROUP_LEVELS,
+    MAX_IDENTITIES, MAX_PORT_ENTRIES, MODE_AUDIT, PROTO_TCP, PROTO_UDP, RATE_ENTRIES,
+    REASON_EXPIRED, REASON_GLOBAL_DENY, REASON_NO_RULE, REASON_NONE, REASON_PACKET_OPTIONS,
+    REASON_REVOKED, REASON_SOCKET_FAMILY, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE,
     RULE_HIT_ENTRIES, RateKey, RateState, RuleSet, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS,
     SockState, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr,
     dns_proxy_addr6, rule_hit_key,
@@ -36,8 +37,8 @@ use aya_ebpf::{
             bpf_skb_load_bytes,
         },
     },
-    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr},
-    programs::{SkBuffContext, SockAddrContext, SockContext},
+    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup},
+    programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext},
 };
 
 const ALLOW: i32 = 1;
@@ -104,6 +105,8 @@ struct Flow {
     port: u16,
     proto: u8,
     hook: u8,
+    /// Socket family, on socket records.
+    family: u16,
     sock_type: u16,
     sock_protocol: u16,
 }
@@ -131,6 +134,13 @@ pub fn aw_sendmsg6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock(sock_create)]
 pub fn aw_sock_create(ctx: SockContext) -> i32 {
     try_sock_create(&ctx)
+}
+
+/// Every socket family, where the kernel runs BPF LSM programs: a governed agent creates only
+/// unix, netlink, inet and inet6 sockets (`sock_create` sees inet ones only).
+#[lsm_cgroup(hook = "socket_create")]
+pub fn aw_socket_family(ctx: LsmContext) -> i32 {
+    try_socket_family(&ctx)
 }
 
 /// The packet line: every packet a governed socket puts on the wire goes where the hooks
@@ -432,6 +442,7 @@ fn judge_sock_addr(addr: Addr, port: u32, protocol: u32, ty: u32, hook: u8) -> J
         port: u16::from_be(port as u16),
         proto: proto_bit(protocol),
         hook,
+        family: 0,
         sock_type: ty as u16,
         sock_protocol: protocol as u16,
     })
@@ -440,7 +451,8 @@ fn judge_sock_addr(addr: Addr, port: u32, protocol: u32, ty: u32, hook: u8) -> J
 #[inline(always)]
 fn try_sock_create(ctx: &SockContext) -> i32 {
     // SAFETY: the kernel hands sock programs a valid bpf_sock.
-    let (ty, protocol) = unsafe { ((*ctx.sock).type_, (*ctx.sock).protocol) };
+    let (family, ty, protocol) =
+        unsafe { ((*ctx.sock).family, (*ctx.sock).type_, (*ctx.sock).protocol) };
     if (ty == SOCK_STREAM && protocol == IPPROTO_TCP)
         || (ty == SOCK_DGRAM && protocol == IPPROTO_UDP)
     {
@@ -456,6 +468,7 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
         port: 0,
         proto: 0,
         hook: HOOK_SOCK_CREATE,
+        family: family as u16,
         sock_type: ty as u16,
         sock_protocol: protocol as u16,
     };
@@ -470,6 +483,55 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
         identity,
         kind,
         REASON_SOCKET_TYPE,
+        0,
+        0,
+        Who::Task,
+    );
+    if audit { ALLOW } else { DENY }
+}
+
+/// `socket_create(int family, int type, int protocol, int kern)`. BPF LSM cgroup programs
+/// return 1 to allow and 0 to refuse (EPERM).
+#[inline(always)]
+fn try_socket_family(ctx: &LsmContext) -> i32 {
+    let family: i32 = ctx.arg(0);
+    let ty: i32 = ctx.arg(1);
+    let protocol: i32 = ctx.arg(2);
+    let kern: i32 = ctx.arg(3);
+    // The kernel's own sockets (a namespace's ICMP and TCP control sockets, say).
+    if kern != 0 {
+        return ALLOW;
+    }
+    let family = family as u16;
+    if family == AF_UNIX || family == AF_INET || family == AF_INET6 || family == AF_NETLINK {
+        return ALLOW;
+    }
+    let leaf = unsafe { bpf_get_current_cgroup_id() };
+    let Some((_, binding)) = find_binding(leaf) else {
+        return ALLOW;
+    };
+    let identity = binding.identity;
+    let flow = Flow {
+        addr: [0; 16],
+        port: 0,
+        proto: 0,
+        hook: HOOK_SOCKET_FAMILY,
+        family,
+        // SOCK_NONBLOCK and SOCK_CLOEXEC ride in the type's high bits.
+        sock_type: (ty & 0xff) as u16,
+        sock_protocol: protocol as u16,
+    };
+    let audit = match AW_IDENTITIES.get(identity) {
+        Some(st) => binding.revoked == 0 && st.state == IDENTITY_ACTIVE && st.mode == MODE_AUDIT,
+        None => false,
+    };
+    let kind = if audit { EVENT_AUDIT } else { EVENT_SOCK_DENY };
+    report(
+        &flow,
+        leaf,
+        identity,
+        kind,
+        REASON_SOCKET_FAMILY,
         0,
         0,
         Who::Task,
@@ -632,6 +694,7 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
         port,
         proto,
         hook: HOOK_EGRESS,
+        family: 0,
         sock_type: 0,
         sock_protocol: ip_proto as u16,
     };
@@ -1024,22 +1087,20 @@ fn report_to<const RING: usize, const RATE: usize>(
     } else {
         now
     };
+    let socket = flow.hook == HOOK_SOCK_CREATE || flow.hook == HOOK_SOCKET_FAMILY;
     let rk = RateKey {
         cgroup_id: leaf,
         addr: flow.addr,
-        port: if flow.hook == HOOK_SOCK_CREATE {
-            flow.sock_type
-        } else {
-            flow.port
-        },
+        port: if socket { flow.sock_type } else { flow.port },
         kind,
-        proto: if flow.hook == HOOK_SOCK_CREATE {
+        proto: if socket {
             flow.sock_protocol as u8
         } else {
             flow.proto
         },
         reason,
-        _pad: [0; 3],
+        family: flow.family as u8,
+        _pad: [0; 2],
     };
     let window = match config() {
         Some(c) => c.rate_window_ns,
@@ -1105,7 +1166,7 @@ fn report_to<const RING: usize, const RATE: usize>(
         reason,
         proto: flow.proto,
         hook: flow.hook,
-        _pad: [0; 2],
+        family: flow.family,
         sock_type: flow.sock_type,
         sock_protocol: flow.sock_protocol,
         comm,

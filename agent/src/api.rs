@@ -112,6 +112,8 @@ pub struct Status {
     /// Kernel records the ring buffer had no room for, since the maps were made.
     pub dropped_events: Option<u64>,
     pub map_fill: Option<crate::datapath::MapFill>,
+    /// Whether socket families beyond inet are judged (the BPF LSM line).
+    pub socket_families: crate::datapath::SocketFamilies,
     /// Where links and maps are pinned.
     pub pins: PathBuf,
     pub catalog: StatusCatalog,

@@ -152,7 +152,8 @@ impl Recent {
 
 /// The parts of a record that come straight from the kernel.
 pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
-    let flow = e.hook != crate::datapath::Hook::SockCreate;
+    use crate::datapath::Hook;
+    let flow = e.hook != Hook::SockCreate && e.hook != Hook::SocketFamily;
     FlowRecord {
         seq: 0,
         time: rfc3339(wall_time(e.time)),
@@ -170,6 +171,14 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
         port: e.port,
         protocol: if flow {
             e.proto.map(|p| p.to_string())
+        } else if e.hook == Hook::SocketFamily {
+            Some(format!(
+                "socket family {} ({}) type {} protocol {}",
+                e.family,
+                crate::datapath::family_name(e.family),
+                e.sock_type,
+                e.sock_protocol
+            ))
         } else {
             Some(format!(
                 "socket type {} protocol {}",

@@ -13,7 +13,7 @@ use std::{
 
 use agentwall_tests::{
     NetNs, Probe, bin_path,
-    node::{NodeProc, audit_records, setup, wait_flow_where, write_cert},
+    node::{NodeProc, audit_records, run_ok, setup, status_json, wait_flow_where, write_cert},
     pki::CertSpec,
 };
 
@@ -294,4 +294,99 @@ fn a_governed_agent_cannot_launch_into_another_identity() {
             .starts_with("the calling process is already governed"),
         "{rejected}"
     );
+}
+
+/// Socket families that reach other hosts outside the inet hooks (vsock to the hypervisor,
+/// packet, XDP, TIPC, RDS, CAN, Bluetooth, ...): a governed agent gets EPERM for every family but
+/// unix, netlink, inet and inet6, with a record, where the kernel runs BPF LSM programs. Where it
+/// does not, the node says so at start and in `status`, with the kernel's reason, and this test
+/// holds it to saying that instead. (This project's CI kernel refuses every BPF program type
+/// that attaches through trampolines, LSM included; the kernel matrix runs the first branch.)
+#[test]
+fn a_governed_agent_opens_only_unix_netlink_and_inet_sockets() {
+    let (env, tmp, ca) = setup("attacks-families", POLICY);
+    let dir = tmp.path();
+    let node = NodeProc::start_with(&env, dir, &["--aggregate-window-secs", "1"]);
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+    let ns = NetNs::new("families");
+    let mut c = Command::new(bin_path("agentwall"));
+    c.arg("launch")
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("--socket")
+        .arg(&node.socket)
+        .args(["--user", "nobody", "--"])
+        .arg(agentwall_tests::bin_for_anyone("aw-probe"));
+    ns.enter(&mut c);
+    let mut agent = Probe::from_command(c);
+    let helper_cg = env.cgroup("helper");
+    let mut h = Command::new(bin_path("aw-probe"));
+    h.args(["--cgroup", helper_cg.path().to_str().unwrap()]);
+    ns.enter(&mut h);
+    let mut helper = Probe::from_command(h);
+
+    // What a governed agent needs.
+    for s in [
+        "socket unix stream 0",
+        "socket unix dgram 0",
+        "socket netlink raw 0",
+        "socket inet stream 6",
+        "socket inet6 dgram 17",
+    ] {
+        assert_eq!(agent.cmd(s), "ok", "{s}");
+    }
+
+    let status = status_json(&node.socket);
+    let families = &status["socket_families"];
+    match families["state"].as_str() {
+        Some("enforced") => {
+            for s in [
+                "socket vsock stream 0",
+                "socket vsock dgram 0",
+                "socket packet dgram 0",
+                "socket xdp raw 0",
+                "socket tipc rdm 0",
+                "socket rds seqpacket 0",
+                "socket can raw 1",
+                "socket bluetooth raw 1",
+                "socket alg seqpacket 0",
+                "socket key raw 2",
+                "socket llc dgram 0",
+            ] {
+                assert_eq!(agent.cmd(s), "err EPERM", "{s}");
+            }
+            // Not the kernel's own refusal: a process bound to no identity is not refused by
+            // agentwall.
+            assert_ne!(helper.cmd("socket vsock stream 0"), "err EPERM");
+            let r = wait_flow_where(&node.socket, "socket-deny", |r| {
+                r["reason"] == "socket family not allowed"
+                    && r["protocol"]
+                        .as_str()
+                        .is_some_and(|p| p.starts_with("socket family 40 (vsock)"))
+            });
+            assert_eq!(r["identity"], ID, "{r}");
+        }
+        Some("unenforced") => {
+            let why = families["why"].as_str().unwrap_or_default();
+            assert!(!why.is_empty(), "{status}");
+            let text = String::from_utf8(run_ok(
+                Command::new(bin_path("agentwall"))
+                    .args(["status", "--socket"])
+                    .arg(&node.socket),
+            ))
+            .unwrap();
+            assert!(
+                text.contains(&format!("socket families: NOT judged beyond inet: {why}")),
+                "{text}"
+            );
+            eprintln!("BPF LSM unavailable on this kernel: {why}");
+            // The inet families stay judged by sock_create either way.
+            assert_eq!(agent.cmd("socket inet raw 1"), "err EPERM");
+            drop(helper);
+        }
+        other => panic!("socket_families: {other:?} in {status}"),
+    }
 }

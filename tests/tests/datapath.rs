@@ -396,10 +396,14 @@ fn pinned_enforcement_survives_sigkill_and_is_adopted_once() {
     let mut loader = KillOnDrop(loader);
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
-    let all = agent_common::ALL_PROGRAMS.len();
+    // Every program, the BPF LSM one only where this kernel runs BPF LSM programs.
+    let (all, lsm) = match line.trim().rsplit_once(' ') {
+        Some((_, "lsm")) => (agent_common::ALL_PROGRAMS.len(), "lsm"),
+        _ => (agent_common::ALL_PROGRAMS.len() - 1, "no-lsm"),
+    };
     assert_eq!(
         line.trim(),
-        format!("ready {all}"),
+        format!("ready {all} {lsm}"),
         "loader attached every program"
     );
 

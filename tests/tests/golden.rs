@@ -52,8 +52,9 @@ egress:
     protocol: tcp
 ";
 
-/// Keys present only while the process a record is about is still there to ask.
-const MAY_VANISH: [&str; 2] = ["exe", "cmdline"];
+/// Keys present on some runs only: a process gone before its record was enriched, and the
+/// reason the socket-family line is off (absent on kernels that run BPF LSM programs).
+const MAY_VANISH: [&str; 3] = ["exe", "cmdline", ".socket_families.why"];
 
 /// JSON type names of a value.
 fn type_of(v: &serde_json::Value) -> &'static str {

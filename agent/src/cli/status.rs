@@ -34,6 +34,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("rejected policy change (last good revision in force):\n{e}");
     }
     println!("dropped events: {}", or_null(s.dropped_events));
+    match &s.socket_families {
+        agentwall::datapath::SocketFamilies::Enforced => {
+            println!("socket families: only unix, netlink, inet and inet6 (BPF LSM)")
+        }
+        agentwall::datapath::SocketFamilies::Unenforced(why) => {
+            println!("socket families: NOT judged beyond inet: {why}")
+        }
+    }
     if let Some(cp) = &s.control_plane {
         println!(
             "control plane: {} ({}), bundle version {} applied, {} record(s) spooled, {} lost",

@@ -71,6 +71,8 @@ pub enum Hook {
     SockCreate,
     /// The packet line (cgroup_skb egress): a packet a governed socket sent.
     Egress,
+    /// BPF LSM `socket_create`: a socket of any family.
+    SocketFamily,
 }
 
 impl Hook {
@@ -82,8 +84,33 @@ impl Hook {
             c::HOOK_SENDMSG6 => Self::Sendmsg6,
             c::HOOK_SOCK_CREATE => Self::SockCreate,
             c::HOOK_EGRESS => Self::Egress,
+            c::HOOK_SOCKET_FAMILY => Self::SocketFamily,
             _ => return None,
         })
+    }
+}
+
+/// The name of a socket family (`AF_*`), as `socket(2)` spells it without the prefix.
+pub fn family_name(family: u16) -> &'static str {
+    match i32::from(family) {
+        libc::AF_UNIX => "unix",
+        libc::AF_INET => "inet",
+        libc::AF_INET6 => "inet6",
+        libc::AF_NETLINK => "netlink",
+        libc::AF_PACKET => "packet",
+        libc::AF_VSOCK => "vsock",
+        libc::AF_XDP => "xdp",
+        libc::AF_TIPC => "tipc",
+        libc::AF_RDS => "rds",
+        libc::AF_CAN => "can",
+        libc::AF_BLUETOOTH => "bluetooth",
+        libc::AF_ALG => "alg",
+        libc::AF_KEY => "key",
+        libc::AF_LLC => "llc",
+        libc::AF_IEEE802154 => "ieee802154",
+        libc::AF_ISDN => "isdn",
+        libc::AF_PPPOX => "pppox",
+        _ => "other",
     }
 }
 
@@ -109,6 +136,8 @@ pub struct EventRecord {
     pub rule_id: u32,
     /// Identical records folded into this one by the kernel's rate limit.
     pub suppressed: u32,
+    /// Socket family (`AF_*`) of socket records; 0 on flows.
+    pub family: u16,
     pub sock_type: u16,
     pub sock_protocol: u16,
     /// The kernel's rate-limit key of this record: counts the kernel still holds for it
@@ -162,24 +191,25 @@ impl EventRecord {
             },
             rule_id: e.rule_id,
             suppressed: e.suppressed,
+            family: e.family,
             sock_type: e.sock_type,
             sock_protocol: e.sock_protocol,
-            rate_key: c::RateKey {
-                cgroup_id: e.cgroup_id,
-                addr: e.addr,
-                port: if e.hook == c::HOOK_SOCK_CREATE {
-                    e.sock_type
-                } else {
-                    e.port
-                },
-                kind: e.kind,
-                proto: if e.hook == c::HOOK_SOCK_CREATE {
-                    e.sock_protocol as u8
-                } else {
-                    e.proto
-                },
-                reason: e.reason,
-                _pad: [0; 3],
+            rate_key: {
+                let socket = e.hook == c::HOOK_SOCK_CREATE || e.hook == c::HOOK_SOCKET_FAMILY;
+                c::RateKey {
+                    cgroup_id: e.cgroup_id,
+                    addr: e.addr,
+                    port: if socket { e.sock_type } else { e.port },
+                    kind: e.kind,
+                    proto: if socket {
+                        e.sock_protocol as u8
+                    } else {
+                        e.proto
+                    },
+                    reason: e.reason,
+                    family: e.family as u8,
+                    _pad: [0; 2],
+                }
             },
         })
     }
@@ -194,11 +224,11 @@ impl fmt::Display for EventRecord {
             self.pid,
             self.comm
         )?;
-        if self.hook == Hook::SockCreate {
+        if self.hook == Hook::SockCreate || self.hook == Hook::SocketFamily {
             write!(
                 f,
-                "socket type={} protocol={}",
-                self.sock_type, self.sock_protocol
+                "socket family={} type={} protocol={}",
+                self.family, self.sock_type, self.sock_protocol
             )?;
         } else {
             let proto = self.proto.map_or("other".to_owned(), |p| p.to_string());

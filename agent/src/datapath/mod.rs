@@ -25,14 +25,14 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LsmCgroup,
         links::{FdLink, PinnedLink},
     },
 };
 use ipnet::IpNet;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-pub use event::{EventKind, EventReader, EventRecord, Hook};
+pub use event::{EventKind, EventReader, EventRecord, Hook, family_name};
 
 use crate::{
     cgroup::{Cgroup, CgroupError},
@@ -200,6 +200,36 @@ pub struct MapFill {
     pub rules: usize,
 }
 
+/// Whether socket families other than inet are judged: the BPF LSM line.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "state", content = "why", rename_all = "snake_case")]
+pub enum SocketFamilies {
+    /// Every family but unix, netlink, inet and inet6 is refused to governed agents.
+    Enforced,
+    /// The kernel runs no BPF LSM programs here (the reason); only inet sockets are judged
+    /// (`sock_create`), and other families rely on the agent lacking capabilities.
+    Unenforced(String),
+}
+
+/// Claims nothing until the datapath has said.
+impl Default for SocketFamilies {
+    fn default() -> Self {
+        Self::Unenforced("not reported".into())
+    }
+}
+
+/// Whether this kernel runs BPF LSM programs: `bpf` in its active LSM list.
+fn lsm_line() -> SocketFamilies {
+    match sys::active_lsms() {
+        Ok(list) if list.trim().split(',').any(|l| l == "bpf") => SocketFamilies::Enforced,
+        Ok(list) => SocketFamilies::Unenforced(format!(
+            "the kernel's active LSMs ({}) do not include bpf; add lsm=...,bpf to its command line",
+            list.trim()
+        )),
+        Err(e) => SocketFamilies::Unenforced(format!("cannot read /sys/kernel/security/lsm: {e}")),
+    }
+}
+
 /// Records lost because their ring buffer was full.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RingDrops {
@@ -233,6 +263,7 @@ fn attach_type(name: &str) -> u32 {
         c::PROG_GETPEERNAME4 => sys::ATTACH_INET4_GETPEERNAME,
         c::PROG_GETPEERNAME6 => sys::ATTACH_INET6_GETPEERNAME,
         c::PROG_EGRESS => sys::ATTACH_INET_EGRESS,
+        c::PROG_SOCKET_FAMILY => sys::ATTACH_LSM_CGROUP,
         _ => sys::ATTACH_INET_SOCK_CREATE,
     }
 }
@@ -353,6 +384,7 @@ pub struct Datapath {
     rules: MapData,
     config: Mutex<Array<MapData, Config>>,
     drops: PerCpuArray<MapData, u64>,
+    families: SocketFamilies,
     /// Rate-limit tables: governed identities', then unbound cgroups'.
     rate: [HashMap<MapData, c::RateKey, c::RateState>; 2],
     hits: Mutex<aya::maps::PerCpuHashMap<MapData, u64, u64>>,
@@ -398,9 +430,15 @@ impl Datapath {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        load_programs(&mut ebpf, &links_dir)?;
+        let mut families = if links_dir.join(c::PROG_SOCKET_FAMILY).exists() {
+            SocketFamilies::Enforced
+        } else {
+            lsm_line()
+        };
+        load_programs(&mut ebpf, &links_dir, &mut families)?;
         Ok(Loaded {
             fresh,
+            families,
             cfg: cfg.clone(),
             attach,
             dir,
@@ -414,6 +452,7 @@ impl Datapath {
 pub struct Loaded {
     /// No link was pinned before: this load made the pin directory's maps.
     fresh: bool,
+    families: SocketFamilies,
     cfg: DatapathConfig,
     attach: Cgroup,
     dir: PathBuf,
@@ -432,6 +471,7 @@ impl Loaded {
     pub fn attach(self) -> Result<Datapath, DatapathError> {
         let Self {
             fresh: _,
+            families,
             cfg,
             attach,
             dir,
@@ -439,7 +479,13 @@ impl Loaded {
             mut ebpf,
         } = self;
         let cfg = &cfg;
-        let report = attach_all(&mut ebpf, &attach, &links_dir)?;
+        let report = attach_all(&mut ebpf, &attach, &links_dir, &families)?;
+        if let SocketFamilies::Unenforced(why) = &families {
+            warn!(
+                why = %why,
+                "socket families other than inet are not judged: governed agents can create vsock, packet or other sockets their capabilities allow"
+            );
+        }
         info!(
             cgroup = %attach.path().display(),
             attached = report.attached,
@@ -486,6 +532,7 @@ impl Loaded {
             rules,
             config: Mutex::new(config),
             drops,
+            families,
             rate: [rate, unknown_rate],
             hits: Mutex::new(hits),
             events: Mutex::new(Some((events, unknown_events))),
@@ -514,6 +561,11 @@ impl Loaded {
 impl Datapath {
     pub fn start_report(&self) -> StartReport {
         self.report
+    }
+
+    /// Whether socket families beyond inet are judged here.
+    pub fn socket_families(&self) -> &SocketFamilies {
+        &self.families
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -1294,12 +1346,29 @@ impl Datapath {
     }
 }
 
-/// Loads (the kernel verifies) every program whose link is not pinned yet.
-fn load_programs(ebpf: &mut Ebpf, links_dir: &Path) -> Result<(), DatapathError> {
+/// Loads (the kernel verifies) every program whose link is not pinned yet. The LSM line is
+/// loaded where the kernel runs BPF LSM programs; a kernel that then refuses it (before 6.0,
+/// no `lsm_cgroup`) leaves it unenforced, said in `families`.
+fn load_programs(
+    ebpf: &mut Ebpf,
+    links_dir: &Path,
+    families: &mut SocketFamilies,
+) -> Result<(), DatapathError> {
     for name in ALL_PROGRAMS {
-        if !links_dir.join(name).exists() {
-            load_program(ebpf, name)?;
+        if links_dir.join(name).exists() {
+            continue;
         }
+        if name == c::PROG_SOCKET_FAMILY {
+            if *families == SocketFamilies::Enforced
+                && let Err(e) = load_program(ebpf, name)
+            {
+                *families = SocketFamilies::Unenforced(format!(
+                    "the kernel refused the BPF LSM socket_create program: {e}"
+                ));
+            }
+            continue;
+        }
+        load_program(ebpf, name)?;
     }
     Ok(())
 }
@@ -1323,6 +1392,15 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError
         if p.fd().is_err() {
             p.load().map_err(prog_err)?;
         }
+    } else if name == c::PROG_SOCKET_FAMILY {
+        let p: &mut LsmCgroup = prog.try_into().map_err(prog_err)?;
+        if p.fd().is_err() {
+            let btf = aya::Btf::from_sys_fs().map_err(|e| DatapathError::Program {
+                name,
+                source: Box::new(aya::programs::ProgramError::Btf(e)),
+            })?;
+            p.load("socket_create", &btf).map_err(prog_err)?;
+        }
     } else {
         let p: &mut CgroupSockAddr = prog.try_into().map_err(prog_err)?;
         if p.fd().is_err() {
@@ -1336,6 +1414,7 @@ fn attach_all(
     ebpf: &mut Ebpf,
     attach: &Cgroup,
     links_dir: &Path,
+    families: &SocketFamilies,
 ) -> Result<StartReport, DatapathError> {
     let mut report = StartReport {
         attached: 0,
@@ -1354,6 +1433,9 @@ fn attach_all(
                 // A pin from an earlier start: enforcement is already in place.
                 PinnedLink::from_pin(&link_path).map_err(link_err)?;
                 report.adopted += 1;
+                continue;
+            }
+            if name == c::PROG_SOCKET_FAMILY && *families != SocketFamilies::Enforced {
                 continue;
             }
             // Loaded by load_programs, unless its pin vanished since.
@@ -1380,6 +1462,10 @@ fn attach_all(
             }
             let link: FdLink = if name == c::PROG_SOCK_CREATE {
                 load_attach!(CgroupSock)
+            } else if name == c::PROG_SOCKET_FAMILY {
+                let p: &mut LsmCgroup = prog.try_into().map_err(prog_err)?;
+                let id = p.attach(&cgroup_file).map_err(prog_err)?;
+                p.take_link(id).map_err(prog_err)?.into()
             } else if name == c::PROG_EGRESS {
                 load_attach!(CgroupSkb, CgroupSkbAttachType::Egress)
             } else {
@@ -1406,7 +1492,12 @@ fn attach_all(
 pub fn attached_programs(cgroup: &Path) -> Result<Vec<u32>, DatapathError> {
     let mut ids = Vec::new();
     for name in ALL_PROGRAMS {
-        ids.extend(sys::prog_query(cgroup, attach_type(name)).map_err(io_err(cgroup))?);
+        match sys::prog_query(cgroup, attach_type(name)) {
+            Ok(found) => ids.extend(found),
+            // A kernel without lsm_cgroup has nothing attached there to find.
+            Err(_) if name == c::PROG_SOCKET_FAMILY => {}
+            Err(e) => return Err(io_err(cgroup)(e)),
+        }
     }
     Ok(ids)
 }

@@ -58,6 +58,7 @@ pub fn map_lookup_and_delete(
 
 /// Attach types the datapath uses (enum bpf_attach_type).
 pub const ATTACH_INET_EGRESS: u32 = 1;
+pub const ATTACH_LSM_CGROUP: u32 = 43;
 pub const ATTACH_INET_SOCK_CREATE: u32 = 2;
 pub const ATTACH_INET4_CONNECT: u32 = 10;
 pub const ATTACH_INET6_CONNECT: u32 = 11;
@@ -150,6 +151,30 @@ pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The kernel's active LSMs, in order (`/sys/kernel/security/lsm`), mounting securityfs
+/// first when nothing is mounted there.
+pub fn active_lsms() -> io::Result<String> {
+    let list = Path::new("/sys/kernel/security/lsm");
+    if !list.exists() {
+        let src = CString::new("securityfs").expect("no NUL");
+        let target = CString::new("/sys/kernel/security").expect("no NUL");
+        // SAFETY: valid C strings; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    std::fs::read_to_string(list)
 }
 
 /// The BPF_MAP_*_BATCH member of union bpf_attr.

@@ -53,6 +53,7 @@ impl Node {
             identities,
             dropped_events: self.datapath.dropped_events().ok(),
             map_fill: self.datapath.fill().ok(),
+            socket_families: self.datapath.socket_families().clone(),
             pins: self.datapath.pin_dir().to_owned(),
             catalog: StatusCatalog {
                 addresses: self.catalog().known_addresses(),

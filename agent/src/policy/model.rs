@@ -325,6 +325,8 @@ pub enum Reason {
     Wire,
     /// The packet line: IPv4 options or IPv6 extension headers.
     PacketOptions,
+    /// A socket family a governed agent has no use for (the BPF LSM line).
+    SocketFamily,
 }
 
 impl Reason {
@@ -338,6 +340,7 @@ impl Reason {
             Self::SocketType => c::REASON_SOCKET_TYPE,
             Self::Wire => c::REASON_WIRE,
             Self::PacketOptions => c::REASON_PACKET_OPTIONS,
+            Self::SocketFamily => c::REASON_SOCKET_FAMILY,
         }
     }
 
@@ -351,6 +354,7 @@ impl Reason {
             c::REASON_SOCKET_TYPE => Self::SocketType,
             c::REASON_WIRE => Self::Wire,
             c::REASON_PACKET_OPTIONS => Self::PacketOptions,
+            c::REASON_SOCKET_FAMILY => Self::SocketFamily,
             _ => return None,
         })
     }
@@ -365,6 +369,7 @@ impl Reason {
             Self::SocketType => "socket type not allowed",
             Self::Wire => "packet sent somewhere its socket was not allowed",
             Self::PacketOptions => "IP options or IPv6 extension headers",
+            Self::SocketFamily => "socket family not allowed",
         }
     }
 }

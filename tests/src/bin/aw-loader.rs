@@ -31,7 +31,11 @@ fn main() {
     .expect("rules");
     dp.bind(&Cgroup::open(agent).expect("agent cgroup"), 1, None)
         .expect("bind");
-    println!("ready {}", dp.start_report().attached);
+    let lsm = match dp.socket_families() {
+        agentwall::datapath::SocketFamilies::Enforced => "lsm",
+        agentwall::datapath::SocketFamilies::Unenforced(_) => "no-lsm",
+    };
+    println!("ready {} {lsm}", dp.start_report().attached);
     loop {
         std::thread::park();
     }

@@ -7,7 +7,9 @@
 //!   sendto udp ADDR PORT           unconnected sendto()
 //!   sendmmsg udp ADDR PORT         unconnected sendmmsg() of two datagrams
 //!   fastopen ADDR PORT             TCP Fast Open: sendto(MSG_FASTOPEN) on a fresh socket
-//!   socket inet|inet6 TYPE PROTO   socket(); TYPE stream|dgram|raw, PROTO a number
+//!   socket FAMILY TYPE PROTO       socket(); FAMILY inet, inet6, unix, netlink, packet, vsock,
+//!                                  xdp, tipc, rds, can, bluetooth, alg, key or llc; TYPE
+//!                                  stream|dgram|raw|seqpacket|rdm; PROTO a number
 //!   listen tcp ADDR PORT           bind+listen, kept open until exit
 //!   connect-loop tcp ADDR PORT N   N connects; answers `eperm=X other=Y`
 //!   sweep tcp ADDR LO HI           one connect to each port LO..=HI; answers `eperm=X other=Y`
@@ -559,12 +561,25 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 "inet" => libc::AF_INET,
                 "inet6" => libc::AF_INET6,
                 "packet" => libc::AF_PACKET,
+                "unix" => libc::AF_UNIX,
+                "netlink" => libc::AF_NETLINK,
+                "vsock" => libc::AF_VSOCK,
+                "xdp" => libc::AF_XDP,
+                "tipc" => libc::AF_TIPC,
+                "rds" => libc::AF_RDS,
+                "can" => libc::AF_CAN,
+                "bluetooth" => libc::AF_BLUETOOTH,
+                "alg" => libc::AF_ALG,
+                "key" => libc::AF_KEY,
+                "llc" => libc::AF_LLC,
                 f => return Err(format!("bad family {f}")),
             };
             let ty = match *ty {
                 "stream" => libc::SOCK_STREAM,
                 "dgram" => libc::SOCK_DGRAM,
                 "raw" => libc::SOCK_RAW,
+                "seqpacket" => libc::SOCK_SEQPACKET,
+                "rdm" => libc::SOCK_RDM,
                 t => return Err(format!("bad type {t}")),
             };
             let proto: i32 = proto.parse().map_err(|e| format!("bad protocol: {e}"))?;
