@@ -698,10 +698,12 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
         sock_type: 0,
         sock_protocol: ip_proto as u16,
     };
+    // Read only for a record: the fast path needs neither.
     // SAFETY: helpers on the context's packet.
-    let (leaf, who) = unsafe { (bpf_skb_cgroup_id(skb), Who::Socket(bpf_get_socket_uid(skb))) };
+    let whose = || unsafe { (bpf_skb_cgroup_id(skb), Who::Socket(bpf_get_socket_uid(skb))) };
 
     if state != IDENTITY_ACTIVE || binding.revoked != 0 {
+        let (leaf, who) = whose();
         report(&flow, leaf, identity, EVENT_DENY, REASON_REVOKED, 0, 0, who);
         return DENY;
     }
@@ -709,6 +711,7 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
     if binding.not_after_ns != 0 {
         now = unsafe { bpf_ktime_get_boot_ns() };
         if now >= binding.not_after_ns {
+            let (leaf, who) = whose();
             report(
                 &flow,
                 leaf,
@@ -729,6 +732,7 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
     };
     let pass = if mode == MODE_AUDIT { ALLOW } else { DENY };
     if !ok || options {
+        let (leaf, who) = whose();
         report(
             &flow,
             leaf,
@@ -761,6 +765,7 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
     if reason == REASON_NONE {
         return ALLOW;
     }
+    let (leaf, who) = whose();
     report(&flow, leaf, identity, kind, REASON_WIRE, 0, now, who);
     pass
 }

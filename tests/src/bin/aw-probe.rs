@@ -23,6 +23,10 @@
 //!                                  listener at ADDR:PORT; `p50=NS p99=NS`
 //!   bench-sendto ADDR PORT N       N unconnected one-byte sendto()s to a local sink;
 //!                                  `pps=N`
+//!   bench-send ADDR PORT N         N one-byte send()s on a connected UDP socket to a local
+//!                                  sink (the packet line alone); `pps=N`
+//!   bench-bulk ADDR PORT MIB       MIB MiB over one TCP connection to a local reader;
+//!                                  `mibps=N`
 //!   bench-udp ADDR PORT N          time N connect() calls re-connecting one UDP socket (no
 //!                                  handshake: the hook's own cost stands out); `p50=NS p99=NS`
 //!   hold tcp ADDR PORT             connect and keep the connection open
@@ -421,6 +425,58 @@ fn bench_sendto(addr: SocketAddr, n: usize) -> Result<String, String> {
     ))
 }
 
+/// `n` one-byte send()s on one connected UDP socket to a local sink: no hook runs per
+/// datagram, only the packet line.
+fn bench_send(addr: SocketAddr, n: usize) -> Result<String, String> {
+    let sink = std::net::UdpSocket::bind(addr).map_err(|e| format!("bind: {e}"))?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while sink.recv(&mut buf).is_ok() {}
+    });
+    let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+        .map_err(|e| format!("socket: {}", errno_name(e)))?;
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: valid fd and address.
+    if unsafe { libc::connect(s.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
+        return Ok(format!("err {}", errno_name(last_err())));
+    }
+    let byte = [0u8; 1];
+    let t0 = std::time::Instant::now();
+    for _ in 0..n {
+        // SAFETY: valid fd and buffer.
+        if unsafe { libc::send(s.as_raw_fd(), byte.as_ptr().cast(), 1, 0) } < 0 {
+            return Ok(format!("err {}", errno_name(last_err())));
+        }
+    }
+    Ok(format!(
+        "pps={}",
+        (n as f64 / t0.elapsed().as_secs_f64()) as u64
+    ))
+}
+
+/// `mib` MiB written over one TCP connection to a local reader, in 64 KiB writes.
+fn bench_bulk(addr: SocketAddr, mib: usize) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| format!("bind: {e}"))?;
+    let reader = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().expect("accept");
+        let mut buf = vec![0u8; 1 << 16];
+        while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let mut c = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    let chunk = vec![0u8; 1 << 16];
+    let t0 = std::time::Instant::now();
+    for _ in 0..mib * 16 {
+        c.write_all(&chunk).map_err(|e| format!("write: {e}"))?;
+    }
+    drop(c);
+    reader.join().map_err(|_| "reader panicked".to_owned())?;
+    Ok(format!(
+        "mibps={}",
+        (mib as f64 / t0.elapsed().as_secs_f64()) as u64
+    ))
+}
+
 fn bench_udp(addr: SocketAddr, n: usize) -> Result<String, String> {
     let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
         .map_err(|e| format!("socket: {}", errno_name(e)))?;
@@ -787,6 +843,14 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         ["bench-sendto", ip, port, n] => {
             let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
             bench_sendto(sa(ip, port)?, n)?
+        }
+        ["bench-send", ip, port, n] => {
+            let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
+            bench_send(sa(ip, port)?, n)?
+        }
+        ["bench-bulk", ip, port, mib] => {
+            let mib: usize = mib.parse().map_err(|e| format!("bad size: {e}"))?;
+            bench_bulk(sa(ip, port)?, mib)?
         }
         ["bench-udp", ip, port, n] => {
             let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;

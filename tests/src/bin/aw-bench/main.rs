@@ -39,12 +39,17 @@ pub(crate) fn parse(answer: &str) -> (u64, u64) {
 /// Cumulative (run time ns, run count) of the connect4 program attached at `cgroup`, from the
 /// kernel's own BPF run-time statistics.
 fn connect4_stats(cgroup: &std::path::Path) -> (u64, u64) {
-    let ids = sys::prog_query(cgroup, sys::ATTACH_INET4_CONNECT).expect("prog query");
+    prog_stats(cgroup, sys::ATTACH_INET4_CONNECT)
+}
+
+/// The same for the program at `attach_type`.
+fn prog_stats(cgroup: &std::path::Path, attach_type: u32) -> (u64, u64) {
+    let ids = sys::prog_query(cgroup, attach_type).expect("prog query");
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .find(|p| ids.contains(&p.id()))
         .map(|p| (p.run_time().as_nanos() as u64, p.run_count()))
-        .expect("connect4 program is loaded")
+        .expect("the program is loaded")
 }
 
 pub(crate) fn median(mut v: Vec<u64>) -> u64 {
@@ -76,6 +81,64 @@ fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
         });
     }
     rules
+}
+
+/// The packet line (cgroup_skb egress), governed against ungoverned in the same rounds: UDP
+/// datagrams per second unconnected (sendmsg hook and packet line) and connected (the packet
+/// line alone), TCP bulk throughput, and the egress program's own cost per packet.
+fn packet_line(
+    plain: &agentwall::cgroup::Cgroup,
+    governed: &agentwall::cgroup::Cgroup,
+    attach: &std::path::Path,
+    iterations: usize,
+    set_stats: &dyn Fn(bool),
+) {
+    let n = iterations * 10;
+    let mib = 256;
+    let cmds = [
+        (
+            "UDP sendto, unconnected (datagrams/s)",
+            format!("bench-sendto 127.0.0.1 {PORT} {n}"),
+        ),
+        (
+            "UDP send, connected (datagrams/s)",
+            format!("bench-send 127.0.0.1 {PORT} {n}"),
+        ),
+        (
+            "TCP bulk, one connection (MiB/s)",
+            format!("bench-bulk 127.0.0.1 {PORT} {mib}"),
+        ),
+    ];
+    println!();
+    println!(
+        "The packet line: {n} datagrams / {mib} MiB per measurement, {ROUNDS} rounds, medians"
+    );
+    println!();
+    println!("| measure | ungoverned | governed | governed / ungoverned |");
+    println!("|---|---:|---:|---:|");
+    for (label, cmd) in &cmds {
+        let (mut base, mut gov) = (vec![], vec![]);
+        for _ in 0..ROUNDS {
+            base.push(values(&Probe::spawn(plain).cmd(cmd))[0]);
+            gov.push(values(&Probe::spawn(governed).cmd(cmd))[0]);
+        }
+        let (b, g) = (median(base), median(gov));
+        println!(
+            "| {label} | {b} | {g} | {:.3} |",
+            g as f64 / b.max(1) as f64
+        );
+    }
+    set_stats(true);
+    let before = prog_stats(attach, sys::ATTACH_INET_EGRESS);
+    Probe::spawn(governed).cmd(&cmds[1].1);
+    let after = prog_stats(attach, sys::ATTACH_INET_EGRESS);
+    set_stats(false);
+    let (ns, runs) = (after.0 - before.0, after.1 - before.1);
+    println!();
+    println!(
+        "egress program on the fast path (a connected socket's packets): {} ns/packet over {runs} runs",
+        ns / runs.max(1)
+    );
 }
 
 mod compare;
@@ -222,6 +285,7 @@ fn datapath(iterations: usize) {
     }
     dp.set_record_allowed(false).unwrap();
     let (off, on) = (median(off), median(on));
+    packet_line(&plain, &governed, attach.path(), iterations, &set_stats);
     println!();
     println!(
         "record_allowed (the node's default: count the rule's hit, rate-limited allow record): UDP connect p50 {off} ns without, {on} ns with ({:+} ns)",
