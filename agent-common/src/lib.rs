@@ -166,6 +166,9 @@ pub const REASON_PACKET_OPTIONS: u8 = 8;
 /// A socket of a family a governed agent has no use for (anything but unix, netlink, inet,
 /// inet6): vsock, packet, XDP, TIPC, RDS, Bluetooth, CAN, ...
 pub const REASON_SOCKET_FAMILY: u8 = 9;
+/// The kernel could not keep the socket's state (its storage: kernel memory); without it the
+/// packet line could not tell the socket's packets apart, so the socket is refused.
+pub const REASON_NO_STORAGE: u8 = 10;
 
 /// [`Event::hook`].
 pub const HOOK_CONNECT4: u8 = 1;

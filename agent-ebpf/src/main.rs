@@ -16,17 +16,20 @@ use agent_common::{
     HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SOCK_CREATE,
     HOOK_SOCKET_FAMILY, IDENTITY_ACTIVE, IdentityState, MAX_BINDINGS, MAX_CGROUP_LEVELS,
     MAX_IDENTITIES, MAX_PORT_ENTRIES, MODE_AUDIT, PROTO_TCP, PROTO_UDP, RATE_ENTRIES,
-    REASON_EXPIRED, REASON_GLOBAL_DENY, REASON_NO_RULE, REASON_NONE, REASON_PACKET_OPTIONS,
-    REASON_REVOKED, REASON_SOCKET_FAMILY, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE,
-    RULE_HIT_ENTRIES, RateKey, RateState, RuleSet, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS,
-    SockState, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr,
-    dns_proxy_addr6, rule_hit_key,
+    REASON_EXPIRED, REASON_GLOBAL_DENY, REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE,
+    REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SOCKET_FAMILY, REASON_SOCKET_TYPE,
+    REASON_UNBOUND, REASON_WIRE, RULE_HIT_ENTRIES, RateKey, RateState, RuleSet,
+    SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SockState, UNKNOWN_DENY,
+    UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, rule_hit_key,
 };
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, bpf_sock_addr},
+    bindings::{
+        BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
+        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock_addr,
+    },
     btf_maps::{
         Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf,
-        SkStorage, lpm_trie::Key,
+        lpm_trie::Key,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
@@ -85,9 +88,49 @@ static AW_RATE: LruHashMap<RateKey, RateState, { RATE_ENTRIES as usize }> = LruH
 #[btf_map]
 static AW_UNKNOWN_RATE: LruHashMap<RateKey, RateState, { RATE_ENTRIES as usize }> =
     LruHashMap::new();
-/// Where each socket a governed task connected or sent on was allowed to send.
+/// Socket storage of every socket a governed task created, connected or sent on: its binding
+/// and where it was allowed to send. Written out by hand rather than with aya-ebpf's
+/// `SkStorage`, whose flags are fixed: BPF_F_CLONE makes a connection a governed listener
+/// accepts inherit the listener's storage, so revocation and expiry reach it too.
+#[repr(C)]
+struct SockStorage {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const SockState,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
+}
+// SAFETY: placeholder pointers the loader patches; never dereferenced.
+unsafe impl Sync for SockStorage {}
 #[btf_map]
-static AW_SOCKS: SkStorage<SockState> = SkStorage::new();
+static AW_SOCKS: SockStorage = SockStorage {
+    r#type: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+    max_entries: core::ptr::null(),
+    map_flags: core::ptr::null(),
+};
+
+/// The storage of `sk`, created (zeroed) when `create` and missing; null when there is none
+/// or it cannot be made.
+#[inline(always)]
+fn sock_state(sk: *mut core::ffi::c_void, create: bool) -> *mut SockState {
+    let flags = if create {
+        u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+    } else {
+        0
+    };
+    // SAFETY: `sk` is a socket pointer the verifier has typed; plain-old-data value.
+    unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&AW_SOCKS).cast_mut().cast(),
+            sk,
+            core::ptr::null_mut(),
+            flags,
+        )
+    }
+    .cast::<SockState>()
+}
 /// Flows each rule allowed, per CPU (key: `rule_hit_key`).
 #[btf_map]
 static AW_RULE_HITS: LruPerCpuHashMap<u64, u64, { RULE_HIT_ENTRIES as usize }> =
@@ -100,6 +143,7 @@ static AW_DNS_ORIGIN: LruHashMap<u64, DnsOrigin, { DNS_ORIGIN_ENTRIES as usize }
 const MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// What a hook saw, in the one address space the tries use.
+#[derive(Clone, Copy)]
 struct Flow {
     addr: Addr,
     port: u16,
@@ -316,13 +360,24 @@ fn slot_of(hook: u8) -> usize {
 /// line lets the socket's packets go there. Without the record the packets would not be
 /// recognised, so a socket that cannot get storage is denied (closed, not open).
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, j: &Judged, addr: Addr, port: u16, hook: u8) -> i32 {
-    // SAFETY: storage of the context's socket, created zeroed when missing; plain-old-data.
-    let st = unsafe { AW_SOCKS.get_or_insert_ptr_mut(ctx, None) };
+fn remember(ctx: &SockAddrContext, flow: &Flow, j: &Judged, addr: Addr, port: u16) -> i32 {
+    // SAFETY: the context's socket, as the kernel hands it to sock_addr programs.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    let st = sock_state(sk.cast(), true);
     if st.is_null() {
+        report(
+            flow,
+            j.leaf,
+            j.identity,
+            EVENT_DENY,
+            REASON_NO_STORAGE,
+            0,
+            j.now,
+            Who::Task,
+        );
         return DENY;
     }
-    let slot = slot_of(hook);
+    let slot = slot_of(flow.hook);
     // SAFETY: a non-null pointer from the storage helper.
     unsafe {
         (*st).binding_cgroup = j.binding_cgroup;
@@ -332,24 +387,48 @@ fn remember(ctx: &SockAddrContext, j: &Judged, addr: Addr, port: u16, hook: u8) 
     ALLOW
 }
 
-/// After the verdict: steer DNS, and write down what a governed socket may send to.
+/// After the verdict: steer DNS, write down what a governed socket may send to, and record
+/// the allowed flow (`record_allowed`).
 #[inline(always)]
 fn conclude(
     ctx: &SockAddrContext,
+    flow: &Flow,
     j: &Judged,
-    addr: Addr,
     port: u32,
-    hook: u8,
     resolver: [u32; 4],
     fam: Family,
 ) -> i32 {
     match j.verdict {
         STEER => {
             let (proxy, proxy_port) = steer(ctx, j.identity, resolver, port, fam);
-            remember(ctx, j, proxy, proxy_port, hook)
+            remember(ctx, flow, j, proxy, proxy_port)
         }
-        ALLOW if j.binding_cgroup != 0 => remember(ctx, j, addr, u16::from_be(port as u16), hook),
+        ALLOW if j.binding_cgroup != 0 => {
+            let v = remember(ctx, flow, j, flow.addr, flow.port);
+            if v == ALLOW && j.allowed_rule != 0 && record_allowed() {
+                count_hit(j.identity, j.allowed_rule);
+                report(
+                    flow,
+                    j.leaf,
+                    j.identity,
+                    EVENT_ALLOW,
+                    REASON_NONE,
+                    j.allowed_rule,
+                    j.now,
+                    Who::Task,
+                );
+            }
+            v
+        }
         v => v,
+    }
+}
+
+#[inline(always)]
+fn record_allowed() -> bool {
+    match config() {
+        Some(c) => c.record_allowed != 0,
+        None => false,
     }
 }
 
@@ -375,16 +454,9 @@ fn try_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
     addr[13] = octets[1];
     addr[14] = octets[2];
     addr[15] = octets[3];
-    let j = judge_sock_addr(addr, port, protocol, ty, hook);
-    conclude(
-        ctx,
-        &j,
-        addr,
-        port,
-        hook,
-        [0, 0, MAPPED_WORD, ip],
-        Family::V4,
-    )
+    let flow = flow_of(addr, port, protocol, ty, hook);
+    let j = judge(&flow);
+    conclude(ctx, &flow, &j, port, [0, 0, MAPPED_WORD, ip], Family::V4)
 }
 
 #[inline(always)]
@@ -425,19 +497,20 @@ fn try_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
     }
     // An IPv4-mapped destination (::ffff:a.b.c.d) already sits where IPv4 rules live in the
     // trie, so it is judged as its IPv4 address without a special case.
-    let j = judge_sock_addr(addr, port, protocol, ty, hook);
+    let flow = flow_of(addr, port, protocol, ty, hook);
+    let j = judge(&flow);
     let fam = if w0 == 0 && w1 == 0 && w2 == MAPPED_WORD {
         Family::Mapped
     } else {
         Family::V6
     };
-    conclude(ctx, &j, addr, port, hook, [w0, w1, w2, w3], fam)
+    conclude(ctx, &flow, &j, port, [w0, w1, w2, w3], fam)
 }
 
 /// `port` as the context holds it (network byte order in the low 16 bits).
 #[inline(always)]
-fn judge_sock_addr(addr: Addr, port: u32, protocol: u32, ty: u32, hook: u8) -> Judged {
-    judge(&Flow {
+fn flow_of(addr: Addr, port: u32, protocol: u32, ty: u32, hook: u8) -> Flow {
+    Flow {
         addr,
         port: u16::from_be(port as u16),
         proto: proto_bit(protocol),
@@ -445,7 +518,7 @@ fn judge_sock_addr(addr: Addr, port: u32, protocol: u32, ty: u32, hook: u8) -> J
         family: 0,
         sock_type: ty as u16,
         sock_protocol: protocol as u16,
-    })
+    }
 }
 
 #[inline(always)]
@@ -453,13 +526,8 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
     // SAFETY: the kernel hands sock programs a valid bpf_sock.
     let (family, ty, protocol) =
         unsafe { ((*ctx.sock).family, (*ctx.sock).type_, (*ctx.sock).protocol) };
-    if (ty == SOCK_STREAM && protocol == IPPROTO_TCP)
-        || (ty == SOCK_DGRAM && protocol == IPPROTO_UDP)
-    {
-        return ALLOW;
-    }
     let leaf = unsafe { bpf_get_current_cgroup_id() };
-    let Some((_, binding)) = find_binding(leaf) else {
+    let Some((binding_cgroup, binding)) = find_binding(leaf) else {
         return ALLOW;
     };
     let identity = binding.identity;
@@ -472,6 +540,30 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
         sock_type: ty as u16,
         sock_protocol: protocol as u16,
     };
+    if (ty == SOCK_STREAM && protocol == IPPROTO_TCP)
+        || (ty == SOCK_DGRAM && protocol == IPPROTO_UDP)
+    {
+        // The socket is governed from birth: a listener, and (storage cloned) every
+        // connection it accepts, stop at the packet line when the binding is revoked or
+        // expires, even though no hook ever judges them.
+        let st = sock_state(ctx.sock.cast(), true);
+        if st.is_null() {
+            report(
+                &flow,
+                leaf,
+                identity,
+                EVENT_SOCK_DENY,
+                REASON_NO_STORAGE,
+                0,
+                0,
+                Who::Task,
+            );
+            return DENY;
+        }
+        // SAFETY: a non-null pointer from the storage helper.
+        unsafe { (*st).binding_cgroup = binding_cgroup };
+        return ALLOW;
+    }
     let audit = match AW_IDENTITIES.get(identity) {
         Some(st) => binding.revoked == 0 && st.state == IDENTITY_ACTIVE && st.mode == MODE_AUDIT,
         None => false,
@@ -545,6 +637,7 @@ const IPV6_HEADER: usize = 40;
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_DEST_OPTS: u8 = 60;
+const IPV6_TLV_JUMBO: u8 = 0xc2;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 
@@ -578,8 +671,10 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
     // SAFETY: non-null storage pointer.
     let binding_cgroup = unsafe { (*st).binding_cgroup };
     let Some(binding) = (unsafe { AW_BINDINGS.get(binding_cgroup) }) else {
-        // The cgroup was unbound since: its tasks' new flows are not judged either.
-        return ALLOW;
+        // The session whose socket this is has ended (or its cgroup was unbound), yet
+        // something still sends on it: a socket handed out of a governed session stays
+        // closed.
+        return DENY;
     };
     let binding = *binding;
     let identity = binding.identity;
@@ -642,21 +737,30 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
         // port the packet was for; the packet is refused either way.
         let next = h[6];
         if next == IPV6_HOP_BY_HOP || next == IPV6_ROUTING || next == IPV6_DEST_OPTS {
-            options = true;
-            let mut ext = [0u8; 2];
+            let mut ext = [0u8; 4];
             // SAFETY: as above.
             if unsafe {
                 bpf_skb_load_bytes(
                     skb as *const _,
                     IPV6_HEADER as u32,
                     ext.as_mut_ptr().cast(),
-                    2,
+                    4,
                 )
             } == 0
             {
                 ip_proto = ext[0];
                 l4 = IPV6_HEADER as u32 + (u32::from(ext[1]) + 1) * 8;
+                // The one extension header the kernel adds itself: BIG TCP's hop-by-hop
+                // header of 8 bytes carrying only the jumbo payload length. It steers
+                // nothing.
+                let jumbo = next == IPV6_HOP_BY_HOP
+                    && ext[1] == 0
+                    && ext[2] == IPV6_TLV_JUMBO
+                    && ext[3] == 4
+                    && ext[0] == IPPROTO_TCP as u8;
+                options = !jumbo;
             } else {
+                options = true;
                 ip_proto = next;
                 l4 = IPV6_HEADER as u32;
             }
@@ -745,6 +849,13 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
         );
         return pass;
     }
+    // A TCP socket no connect() was judged for is a listener or a connection it accepted
+    // (storage from creation, cloned): inbound, which rules do not govern yet; what the packet
+    // line holds it to is a live binding and clean headers, checked above.
+    // SAFETY: non-null storage pointer.
+    if proto == PROTO_TCP && unsafe { (*st).ports[SOCK_DEST_CONNECTED] } == 0 {
+        return ALLOW;
+    }
     // The fast path: a destination the hooks allowed this socket.
     let mut i = 0;
     while i < SOCK_DESTS {
@@ -825,7 +936,10 @@ fn find_binding(leaf: u64) -> Option<(u64, Binding)> {
         Some(c) => c.bound_levels,
         None => 0,
     };
-    let mut found = None;
+    // Written on every path before it is read: Linux 6.1's verifier refuses a read of stack
+    // the program never wrote, which an `Option` of a tuple left to the optimiser can do.
+    let mut found_key = 0u64;
+    let mut found = Binding::default();
     let mut level = 0u32;
     while level < MAX_CGROUP_LEVELS {
         if bound_levels >> level == 0 {
@@ -837,12 +951,17 @@ fn find_binding(leaf: u64) -> Option<(u64, Binding)> {
                 break;
             }
             if let Some(b) = unsafe { AW_BINDINGS.get(anc) } {
-                found = Some((anc, *b));
+                found_key = anc;
+                found = *b;
             }
         }
         level += 1;
     }
-    found
+    if found_key == 0 {
+        None
+    } else {
+        Some((found_key, found))
+    }
 }
 
 /// What [`judge`] decided, and for whom.
@@ -851,6 +970,12 @@ struct Judged {
     identity: u32,
     /// The cgroup whose binding governs the task; 0 when none does.
     binding_cgroup: u64,
+    /// The rule that allowed the flow (0: none, or not allowed by a rule).
+    allowed_rule: u32,
+    /// The task's cgroup.
+    leaf: u64,
+    /// The clock, if judging read it (0: not read).
+    now: u64,
 }
 
 #[inline(always)]
@@ -885,6 +1010,9 @@ fn judge(flow: &Flow) -> Judged {
             verdict,
             identity: 0,
             binding_cgroup: 0,
+            allowed_rule: 0,
+            leaf,
+            now: 0,
         };
     };
     let (identity, not_after) = (binding.identity, binding.not_after_ns);
@@ -892,6 +1020,9 @@ fn judge(flow: &Flow) -> Judged {
         verdict,
         identity,
         binding_cgroup,
+        allowed_rule: 0,
+        leaf,
+        now: 0,
     };
     let (state, mode, dns) = match AW_IDENTITIES.get(identity) {
         Some(st) => (st.state, st.mode, st.dns),
@@ -944,24 +1075,16 @@ fn judge(flow: &Flow) -> Judged {
     }
     let (reason, rule_id) = check_rules(identity, flow, &mut now);
     if reason == REASON_NONE {
-        let record = match config() {
-            Some(c) => c.record_allowed,
-            None => 0,
+        // Recorded by `conclude` once the socket's storage is written: a socket that cannot
+        // get it is denied after all.
+        return Judged {
+            verdict: ALLOW,
+            identity,
+            binding_cgroup,
+            allowed_rule: rule_id,
+            leaf,
+            now,
         };
-        if record != 0 {
-            count_hit(identity, rule_id);
-            report(
-                flow,
-                leaf,
-                identity,
-                EVENT_ALLOW,
-                REASON_NONE,
-                rule_id,
-                now,
-                Who::Task,
-            );
-        }
-        return judged(ALLOW);
     }
     let kind = if mode == MODE_AUDIT {
         EVENT_AUDIT
@@ -1040,33 +1163,61 @@ fn report(
     now: u64,
     who: Who,
 ) {
-    if identity == 0 {
+    emit(&Record {
+        flow,
+        leaf,
+        identity,
+        kind,
+        reason,
+        rule_id,
+        now,
+        who,
+    });
+}
+
+/// A record to write, gathered so [`emit`] takes one argument.
+struct Record<'a> {
+    flow: &'a Flow,
+    leaf: u64,
+    identity: u32,
+    kind: u8,
+    reason: u8,
+    rule_id: u32,
+    now: u64,
+    who: Who,
+}
+
+/// One function for every call site, with its own stack frame: inlined at each of them, the
+/// records' temporaries would not fit the 512-byte BPF stack of a hook.
+#[inline(never)]
+fn emit(r: &Record) {
+    if r.identity == 0 {
         report_to(
             &AW_UNKNOWN_EVENTS,
             &AW_UNKNOWN_RATE,
             DROPS_UNKNOWN,
-            flow,
-            leaf,
-            identity,
-            kind,
-            reason,
-            rule_id,
-            now,
-            who,
+            r.flow,
+            r.leaf,
+            r.identity,
+            r.kind,
+            r.reason,
+            r.rule_id,
+            r.now,
+            r.who,
         );
     } else {
         report_to(
             &AW_EVENTS,
             &AW_RATE,
             DROPS_GOVERNED,
-            flow,
-            leaf,
-            identity,
-            kind,
-            reason,
-            rule_id,
-            now,
-            who,
+            r.flow,
+            r.leaf,
+            r.identity,
+            r.kind,
+            r.reason,
+            r.rule_id,
+            r.now,
+            r.who,
         );
     }
 }
@@ -1153,29 +1304,33 @@ fn report_to<const RING: usize, const RATE: usize>(
         ),
         Who::Socket(uid) => (0, u64::from(uid), [0; 16]),
     };
-    entry.write(Event {
-        ts_ns: now,
-        cgroup_id: leaf,
-        pid_tgid,
-        uid_gid,
-        addr: flow.addr,
-        identity,
-        rule_id,
-        suppressed: if suppressed > u32::MAX as u64 {
+    // Written field by field into the ring's memory: an Event built on the stack first would
+    // not fit the BPF stack next to the hook's own.
+    let e: *mut Event = entry.as_mut_ptr();
+    // SAFETY: `e` points at the reserved record, which is ours until submitted.
+    unsafe {
+        (*e).ts_ns = now;
+        (*e).cgroup_id = leaf;
+        (*e).pid_tgid = pid_tgid;
+        (*e).uid_gid = uid_gid;
+        (*e).addr = flow.addr;
+        (*e).identity = identity;
+        (*e).rule_id = rule_id;
+        (*e).suppressed = if suppressed > u32::MAX as u64 {
             u32::MAX
         } else {
             suppressed as u32
-        },
-        port: flow.port,
-        kind,
-        reason,
-        proto: flow.proto,
-        hook: flow.hook,
-        family: flow.family,
-        sock_type: flow.sock_type,
-        sock_protocol: flow.sock_protocol,
-        comm,
-    });
+        };
+        (*e).port = flow.port;
+        (*e).kind = kind;
+        (*e).reason = reason;
+        (*e).proto = flow.proto;
+        (*e).hook = flow.hook;
+        (*e).family = flow.family;
+        (*e).sock_type = flow.sock_type;
+        (*e).sock_protocol = flow.sock_protocol;
+        (*e).comm = comm;
+    }
     entry.submit(0);
     match state {
         Some(st) => unsafe {

@@ -54,6 +54,8 @@ impl Lab {
         ns.ip(&["addr", "add", &format!("{RESOLVER}/32"), "dev", "lo"]);
         ns.ip(&["route", "add", "local", "203.0.113.0/24", "dev", "lo"]);
         ns.ip(&["-6", "route", "add", "local", "2001:db8::/64", "dev", "lo"]);
+        // nodad: usable at once (otherwise tentative until the kernel's address work runs, and
+        // a server binding it a moment later can meet EADDRNOTAVAIL).
         ns.ip(&[
             "-6",
             "addr",
@@ -61,6 +63,7 @@ impl Lab {
             &format!("{RESOLVER6}/128"),
             "dev",
             "lo",
+            "nodad",
         ]);
         let dns = vec![
             DnsServer::start(&ns, &format!("{RESOLVER}:53"), &dir.join("zone.json")),

@@ -87,12 +87,56 @@ pub fn run(args: Args) -> ExitCode {
         // std drops supplementary groups (setgroups(0)) itself when root changes uid.
         cmd.uid(uid).gid(gid);
     }
+    // Only stdin, stdout and stderr go on to the agent: a socket this process inherited was
+    // made (and maybe connected) outside governance, and would leave the cgroup's rules with
+    // the agent.
+    if let Err(e) = cloexec_from(3) {
+        eprintln!("agentwall launch: cannot keep inherited descriptors from the agent: {e}");
+        return ExitCode::from(2);
+    }
     let err = cmd.exec();
     eprintln!(
         "agentwall launch: cannot run {}: {err}",
         args.command[0].to_string_lossy()
     );
     ExitCode::from(127)
+}
+
+/// Marks every descriptor from `first` on close-on-exec.
+fn cloexec_from(first: u32) -> std::io::Result<()> {
+    // SAFETY: close_range only changes descriptor flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    // Before Linux 5.11: one descriptor at a time.
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let Some(fd) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if fd >= first as i32 {
+            // SAFETY: flag change on a descriptor this process holds (or one the listing
+            // itself held, now closed: EBADF, ignored).
+            unsafe {
+                let fl = libc::fcntl(fd, libc::F_GETFD);
+                if fl >= 0 {
+                    libc::fcntl(fd, libc::F_SETFD, fl | libc::FD_CLOEXEC);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn lookup_user(name: &str) -> Result<(u32, u32), String> {

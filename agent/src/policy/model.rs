@@ -327,6 +327,8 @@ pub enum Reason {
     PacketOptions,
     /// A socket family a governed agent has no use for (the BPF LSM line).
     SocketFamily,
+    /// The kernel could not keep the socket's state (socket storage).
+    NoStorage,
 }
 
 impl Reason {
@@ -341,6 +343,7 @@ impl Reason {
             Self::Wire => c::REASON_WIRE,
             Self::PacketOptions => c::REASON_PACKET_OPTIONS,
             Self::SocketFamily => c::REASON_SOCKET_FAMILY,
+            Self::NoStorage => c::REASON_NO_STORAGE,
         }
     }
 
@@ -355,6 +358,7 @@ impl Reason {
             c::REASON_WIRE => Self::Wire,
             c::REASON_PACKET_OPTIONS => Self::PacketOptions,
             c::REASON_SOCKET_FAMILY => Self::SocketFamily,
+            c::REASON_NO_STORAGE => Self::NoStorage,
             _ => return None,
         })
     }
@@ -370,6 +374,7 @@ impl Reason {
             Self::Wire => "packet sent somewhere its socket was not allowed",
             Self::PacketOptions => "IP options or IPv6 extension headers",
             Self::SocketFamily => "socket family not allowed",
+            Self::NoStorage => "socket state could not be kept (kernel memory)",
         }
     }
 }
