@@ -5,13 +5,18 @@
 //! were sent: a packet the helper sends after an attack is the sign that the attack's packets,
 //! had they left, would already have been seen.
 
-use std::{os::unix::fs::PermissionsExt as _, path::Path, process::Command, time::Duration};
+use std::{
+    os::{fd::AsRawFd as _, unix::fs::PermissionsExt as _},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
 
 use agentwall_tests::{
     Probe, TestEnv, bin_path,
-    node::{NodeProc, eventually, run_ok, setup, wait_flow_where, write_cert},
+    node::{NodeProc, eventually, flows, run_ok, setup, wait_flow_where, write_cert},
     pki::{Ca, CertSpec},
-    wire::{BEYOND_V4, BEYOND_V6, Capture, Link, PEER_V4, PEER_V6, Packet},
+    wire::{AGENT_V6, BEYOND_V4, BEYOND_V6, Capture, Link, PEER_V4, PEER_V6, Packet},
 };
 
 const ID: &str = "spiffe://example.org/agent/wire";
@@ -229,4 +234,98 @@ fn expiry_stops_an_established_udp_flow_with_the_node_down() {
         !seen.iter().any(|p| p.is_to(PEER_V4, 9000)),
         "the expired flow kept sending: {seen:?}"
     );
+}
+
+/// A governed listener is governed at the packet line too: once the identity is revoked, no
+/// connection from outside completes (its SYN-ACK never leaves), node running or not.
+#[test]
+fn revocation_closes_a_governed_listener_to_new_connections() {
+    let fx = fixture("wire-listen");
+    let mut agent = fx.agent("agent", &CertSpec::agent(ID));
+    assert_eq!(agent.cmd(&format!("listen tcp {AGENT_V6} 8088")), "ok");
+    let target: std::net::SocketAddr = format!("[{AGENT_V6}]:8088").parse().unwrap();
+    let connect = || {
+        fx.link.peer.run_in(|| {
+            std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3)).map(drop)
+        })
+    };
+    connect().expect("a connection to the live agent's listener");
+    run_ok(
+        Command::new(bin_path("agentwall"))
+            .args(["revoke", ID, "--socket"])
+            .arg(fx.socket()),
+    );
+    let err = connect().expect_err("revoked: no SYN-ACK leaves");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+}
+
+/// The hop-by-hop header IPv6 BIG TCP adds to large segments carries only their length: a
+/// large allowed upload passes the packet line whole, with no packet refused on the way.
+#[test]
+fn ipv6_big_tcp_passes_the_packet_line() {
+    let fx = fixture("wire-bigtcp");
+    fx.link
+        .agent
+        .ip(&["link", "set", "veth-a", "gso_max_size", "185000"]);
+    fx.link
+        .peer
+        .ip(&["link", "set", "veth-p", "gro_max_size", "185000"]);
+    let listener = fx.link.peer.run_in(|| {
+        std::net::TcpListener::bind(format!("[{PEER_V6}]:9001")).expect("listen on the peer")
+    });
+    let reader = std::thread::spawn(move || {
+        use std::io::Read as _;
+        let (mut c, _) = listener.accept().expect("accept");
+        let mut n = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(k) = c.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        n
+    });
+    let mut agent = fx.agent("agent", &CertSpec::agent(ID));
+    assert_eq!(agent.cmd(&format!("send-bulk {PEER_V6} 9001 64")), "ok");
+    drop(agent);
+    assert_eq!(reader.join().unwrap(), 64 << 20);
+    let refused: Vec<serde_json::Value> = flows(fx.socket(), "deny")
+        .into_iter()
+        .filter(|r| r["reason"] == "IP options or IPv6 extension headers")
+        .collect();
+    assert!(refused.is_empty(), "{refused:#?}");
+}
+
+/// A socket the launching process holds is not handed to the agent: made outside governance,
+/// it would carry its flows past the cgroup's rules.
+#[test]
+fn launch_hands_the_agent_no_inherited_socket() {
+    let fx = fixture("wire-inherit");
+    let (cert, key) = write_cert(fx.dir.path(), "inherit", &fx.ca.issue(&CertSpec::agent(ID)));
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    // A descriptor without close-on-exec, far from the ones other tests' threads use.
+    // SAFETY: plain fcntl on a descriptor this test owns.
+    let inherited = unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_DUPFD, 300) };
+    assert!(inherited >= 300);
+    let out = run_ok(
+        Command::new(bin_path("agentwall"))
+            .arg("launch")
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .arg("--socket")
+            .arg(fx.socket())
+            .args(["--", "/bin/sh", "-c", "ls /proc/self/fd"]),
+    );
+    // SAFETY: closes the duplicate made above.
+    unsafe { libc::close(inherited) };
+    let fds: Vec<String> = String::from_utf8(out)
+        .unwrap()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert!(!fds.contains(&inherited.to_string()), "{fds:?}");
+    assert!(fds.iter().any(|f| f == "0"), "{fds:?}");
 }

@@ -25,6 +25,8 @@
 //!                                  `pps=N`
 //!   bench-send ADDR PORT N         N one-byte send()s on a connected UDP socket to a local
 //!                                  sink (the packet line alone); `pps=N`
+//!   send-bulk ADDR PORT MIB        MIB MiB over one TCP connection to ADDR:PORT; `ok` or
+//!                                  `err ERRNO`
 //!   bench-bulk ADDR PORT MIB       MIB MiB over one TCP connection to a local reader;
 //!                                  `mibps=N`
 //!   bench-udp ADDR PORT N          time N connect() calls re-connecting one UDP socket (no
@@ -847,6 +849,24 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         ["bench-send", ip, port, n] => {
             let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
             bench_send(sa(ip, port)?, n)?
+        }
+        ["send-bulk", ip, port, mib] => {
+            use std::io::Write as _;
+            let mib: usize = mib.parse().map_err(|e| format!("bad size: {e}"))?;
+            match std::net::TcpStream::connect(sa(ip, port)?) {
+                Ok(mut c) => {
+                    let chunk = vec![0u8; 1 << 16];
+                    let mut reply = "ok".to_owned();
+                    for _ in 0..mib * 16 {
+                        if let Err(e) = c.write_all(&chunk) {
+                            reply = format!("err {}", errno_name(e.raw_os_error().unwrap_or(0)));
+                            break;
+                        }
+                    }
+                    reply
+                }
+                Err(e) => format!("err {}", errno_name(e.raw_os_error().unwrap_or(0))),
+            }
         }
         ["bench-bulk", ip, port, mib] => {
             let mib: usize = mib.parse().map_err(|e| format!("bad size: {e}"))?;
