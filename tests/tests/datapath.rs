@@ -801,3 +801,31 @@ fn the_unspecified_address_is_judged_as_loopback() {
         );
     }
 }
+
+/// An upgrade to a new map layout: the new version attaches first, then the pins of the old
+/// one are removed, so enforcement never lapses and never runs twice.
+#[test]
+fn a_new_map_layout_retires_the_old_pins_after_attaching() {
+    let env = TestEnv::new("retire");
+    let dp = Datapath::start(&env.config()).unwrap();
+    let attached = attached_programs(env.root.path()).unwrap().len();
+    drop(dp);
+    // The running version's pins, renamed as an older layout would have left them.
+    let old = env.bpffs_dir.join("v1");
+    std::fs::rename(pin_dir(&env.bpffs_dir), &old).unwrap();
+    assert_eq!(attached_programs(env.root.path()).unwrap().len(), attached);
+
+    let dp = Datapath::start(&env.config()).unwrap();
+    assert_eq!(dp.start_report().attached, attached);
+    assert!(!old.exists(), "the old layout's pins are gone");
+    let mut now = attached_programs(env.root.path()).unwrap().len();
+    // Detaching a link whose last pin went away lands from a workqueue a moment later.
+    for _ in 0..400 {
+        if now == attached {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        now = attached_programs(env.root.path()).unwrap().len();
+    }
+    assert_eq!(now, attached, "one set of programs attached");
+}

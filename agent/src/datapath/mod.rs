@@ -480,6 +480,9 @@ impl Loaded {
         } = self;
         let cfg = &cfg;
         let report = attach_all(&mut ebpf, &attach, &links_dir, &families)?;
+        for version in retire_other_versions(&cfg.bpffs_dir)? {
+            info!(version = %version, "detached the pins of an earlier map layout");
+        }
         if let SocketFamilies::Unenforced(why) = &families {
             warn!(
                 why = %why,
@@ -1505,7 +1508,40 @@ pub fn attached_programs(cgroup: &Path) -> Result<Vec<u32>, DatapathError> {
 /// Detaches everything and removes every pin under `bpffs_dir` for this ABI version. Links go
 /// first, so enforcement ends before its maps do. Absent pins are not an error.
 pub fn teardown(bpffs_dir: &Path) -> Result<(), DatapathError> {
-    let dir = pin_dir(bpffs_dir);
+    remove_pins(&pin_dir(bpffs_dir), bpffs_dir)
+}
+
+/// After an upgrade: the pins of other map-layout versions under `bpffs_dir` (`v1`, `v2`, ...)
+/// are links still enforcing with maps no one updates any more. Called once this version's
+/// programs are attached, so there is no moment without enforcement. Returns the versions
+/// removed.
+fn retire_other_versions(bpffs_dir: &Path) -> Result<Vec<String>, DatapathError> {
+    let mut retired = Vec::new();
+    let entries = match fs::read_dir(bpffs_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(retired),
+        Err(e) => return Err(io_err(bpffs_dir)(e)),
+    };
+    for e in entries {
+        let path = e.map_err(io_err(bpffs_dir))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let other = name
+            .strip_prefix('v')
+            .and_then(|v| v.parse::<u32>().ok())
+            .is_some_and(|v| v != ABI_VERSION);
+        if other && path.join("links").is_dir() {
+            remove_pins(&path, bpffs_dir)?;
+            retired.push(name.to_owned());
+        }
+    }
+    Ok(retired)
+}
+
+/// Removes one version's links, then its maps, then its directory (and `bpffs_dir` when it is
+/// left empty).
+fn remove_pins(dir: &Path, bpffs_dir: &Path) -> Result<(), DatapathError> {
     for sub in ["links", "maps"] {
         let d = dir.join(sub);
         match fs::read_dir(&d) {
@@ -1520,7 +1556,7 @@ pub fn teardown(bpffs_dir: &Path) -> Result<(), DatapathError> {
             Err(e) => return Err(io_err(&d)(e)),
         }
     }
-    for d in [dir.as_path(), bpffs_dir] {
+    for d in [dir, bpffs_dir] {
         match fs::remove_dir(d) {
             Ok(()) => {}
             Err(e)
