@@ -407,6 +407,14 @@ fn pinned_enforcement_survives_sigkill_and_is_adopted_once() {
         "loader attached every program"
     );
 
+    // What a cgroup query lists: Linux 6.1 attaches lsm_cgroup programs but does not list
+    // them there.
+    let visible = attached_programs(env.root.path()).unwrap().len();
+    assert!(
+        visible == all || (lsm == "lsm" && visible == all - 1),
+        "{visible} of {all} programs listed"
+    );
+
     let mut p = Probe::spawn(&agent);
     assert_eq!(p.cmd("connect tcp 192.0.2.10 80"), DENIED);
     loader.0.kill().unwrap();
@@ -414,13 +422,13 @@ fn pinned_enforcement_survives_sigkill_and_is_adopted_once() {
     // Loader gone: the pinned links and maps keep enforcing.
     assert_eq!(p.cmd("connect tcp 192.0.2.10 81"), DENIED);
     assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), ALLOWED);
-    assert_eq!(attached_programs(env.root.path()).unwrap().len(), all);
+    assert_eq!(attached_programs(env.root.path()).unwrap().len(), visible);
 
     // A new start adopts the pins instead of attaching twice.
     let dp = Datapath::start(&env.config()).unwrap();
     assert_eq!(dp.start_report().attached, 0);
     assert_eq!(dp.start_report().adopted, all);
-    assert_eq!(attached_programs(env.root.path()).unwrap().len(), all);
+    assert_eq!(attached_programs(env.root.path()).unwrap().len(), visible);
     assert_eq!(p.cmd("connect tcp 192.0.2.10 82"), DENIED);
     // Records written while nobody was reading are there for the new reader.
     let recs = drain_until(&mut dp.take_events().unwrap(), 3);
