@@ -222,13 +222,14 @@ pub fn eventually<T>(what: &str, within: Duration, mut f: impl FnMut() -> Result
     }
 }
 
-/// Polls `status` until `pred` holds (the node reloads policy on its own schedule).
+/// Polls `status` until `pred` holds (the node reloads policy on its own schedule). Generous,
+/// for the kernel matrix's emulated guests: it returns as soon as `pred` holds.
 pub fn wait_status(
     socket: &Path,
     what: &str,
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    eventually(what, Duration::from_secs(10), || {
+    eventually(what, Duration::from_secs(60), || {
         let s = status_json(socket);
         if pred(&s) { Ok(s) } else { Err(s.to_string()) }
     })
