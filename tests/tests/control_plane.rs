@@ -842,7 +842,7 @@ fn records_made_while_the_control_plane_is_away_arrive_exactly_once() {
 
     let got = eventually(
         "all 800 denials at the control plane",
-        Duration::from_secs(30),
+        Duration::from_secs(180),
         || {
             let s = stored(&fx, &server.url, "deny");
             if s.len() >= 800 {
@@ -958,7 +958,7 @@ impl SpoolRig {
         // Generous: under emulation (the kernel matrix) the sweep's records trickle in.
         let lost = eventually(
             "records spooled or counted",
-            Duration::from_secs(60),
+            Duration::from_secs(180),
             || {
                 let (w, l) = (
                     self.metric("agentwall_control_plane_spool_records"),
