@@ -160,6 +160,22 @@ pub fn launch_args(socket: &Path, cert: &Path, key: &Path) -> Command {
     c
 }
 
+/// `agentwall launch` of aw-probe under the identity as `nobody` (the binary copied where
+/// nobody can run it); the caller adds probe arguments and the namespace.
+pub fn launch_as_nobody(socket: &Path, cert: &Path, key: &Path) -> Command {
+    let mut c = Command::new(bin_path("agentwall"));
+    c.arg("launch")
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .arg("--socket")
+        .arg(socket)
+        .args(["--user", "nobody", "--"])
+        .arg(crate::bin_for_anyone("aw-probe"));
+    c
+}
+
 /// Launches aw-probe under the identity; it unshares its own network namespace.
 pub fn launch_probe(socket: &Path, cert: &Path, key: &Path) -> Probe {
     let mut c = launch_args(socket, cert, key);

@@ -13,7 +13,10 @@ use std::{
 
 use agentwall_tests::{
     NetNs, Probe, bin_path,
-    node::{NodeProc, audit_records, run_ok, setup, status_json, wait_flow_where, write_cert},
+    node::{
+        NodeProc, audit_records, launch_as_nobody, run_ok, setup, status_json, wait_flow_where,
+        write_cert,
+    },
     pki::CertSpec,
 };
 
@@ -57,16 +60,7 @@ fn a_governed_agent_cannot_get_out() {
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
 
     let ns = NetNs::new("attacks");
-    let mut c = Command::new(bin_path("agentwall"));
-    c.arg("launch")
-        .arg("--cert")
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .arg("--socket")
-        .arg(&node.socket)
-        .args(["--user", "nobody", "--"])
-        .arg(agentwall_tests::bin_for_anyone("aw-probe"));
+    let mut c = launch_as_nobody(&node.socket, &cert, &key);
     ns.enter(&mut c);
     let mut agent = Probe::from_command(c);
     // An unenrolled helper in the same namespace, root, outside the agent's cgroup.
@@ -238,16 +232,7 @@ fn a_governed_agent_cannot_launch_into_another_identity() {
         std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
     let ns = NetNs::new("relaunch");
-    let mut c = Command::new(bin_path("agentwall"));
-    c.arg("launch")
-        .arg("--cert")
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .arg("--socket")
-        .arg(&node.socket)
-        .args(["--user", "nobody", "--"])
-        .arg(agentwall_tests::bin_for_anyone("aw-probe"));
+    let mut c = launch_as_nobody(&node.socket, &cert, &key);
     ns.enter(&mut c);
     let mut agent = Probe::from_command(c);
     assert_eq!(agent.cmd("connect tcp 203.0.113.1 443"), "err EPERM");
@@ -310,16 +295,7 @@ fn a_governed_agent_opens_only_unix_netlink_and_inet_sockets() {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
     let ns = NetNs::new("families");
-    let mut c = Command::new(bin_path("agentwall"));
-    c.arg("launch")
-        .arg("--cert")
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .arg("--socket")
-        .arg(&node.socket)
-        .args(["--user", "nobody", "--"])
-        .arg(agentwall_tests::bin_for_anyone("aw-probe"));
+    let mut c = launch_as_nobody(&node.socket, &cert, &key);
     ns.enter(&mut c);
     let mut agent = Probe::from_command(c);
     let helper_cg = env.cgroup("helper");

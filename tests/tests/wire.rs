@@ -14,7 +14,9 @@ use std::{
 
 use agentwall_tests::{
     Probe, TestEnv, bin_path,
-    node::{NodeProc, eventually, flows, run_ok, setup, wait_flow_where, write_cert},
+    node::{
+        NodeProc, eventually, flows, launch_as_nobody, run_ok, setup, wait_flow_where, write_cert,
+    },
     pki::{Ca, CertSpec},
     wire::{AGENT_V6, BEYOND_V4, BEYOND_V6, Capture, Link, PEER_V4, PEER_V6, Packet},
 };
@@ -77,17 +79,8 @@ impl Fixture {
     /// The agent, as nobody, under a certificate made by `spec`.
     fn agent(&self, name: &str, spec: &CertSpec) -> Probe {
         let (cert, key) = write_cert(self.dir.path(), name, &self.ca.issue(spec));
-        let mut c = Command::new(bin_path("agentwall"));
-        c.arg("launch")
-            .arg("--cert")
-            .arg(&cert)
-            .arg("--key")
-            .arg(&key)
-            .arg("--socket")
-            .arg(self.socket())
-            .args(["--user", "nobody", "--"])
-            .arg(agentwall_tests::bin_for_anyone("aw-probe"))
-            .args(["--cpu", "0"]);
+        let mut c = launch_as_nobody(self.socket(), &cert, &key);
+        c.args(["--cpu", "0"]);
         self.link.agent.enter(&mut c);
         Probe::from_command(c)
     }

@@ -134,21 +134,7 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
 pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
     let sys = Path::new("/sys/fs/bpf");
     if dir.starts_with(sys) && !is_bpffs(sys)? {
-        let src = CString::new("bpf").expect("no NUL");
-        let target = CString::new("/sys/fs/bpf").expect("no NUL");
-        // SAFETY: valid C strings; no data argument.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                src.as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        mount_kernel_fs("bpf", "/sys/fs/bpf")?;
     }
     Ok(())
 }
@@ -158,23 +144,29 @@ pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
 pub fn active_lsms() -> io::Result<String> {
     let list = Path::new("/sys/kernel/security/lsm");
     if !list.exists() {
-        let src = CString::new("securityfs").expect("no NUL");
-        let target = CString::new("/sys/kernel/security").expect("no NUL");
-        // SAFETY: valid C strings; no data argument.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                src.as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        mount_kernel_fs("securityfs", "/sys/kernel/security")?;
     }
     std::fs::read_to_string(list)
+}
+
+/// Mounts a kernel pseudo file system of type `fstype` at `target`.
+fn mount_kernel_fs(fstype: &str, target: &str) -> io::Result<()> {
+    let src = CString::new(fstype).expect("no NUL");
+    let target = CString::new(target).expect("no NUL");
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The BPF_MAP_*_BATCH member of union bpf_attr.
