@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map layout changes: pins live under `<bpffs_dir>/v{ABI_VERSION}`, so a new
 /// layout never adopts maps written by an old one.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 pub const MAP_BINDINGS: &str = "AW_BINDINGS";
 pub const MAP_IDENTITIES: &str = "AW_IDENTITIES";
@@ -47,10 +47,12 @@ pub const PROG_RECVMSG6: &str = "aw_recvmsg6";
 pub const PROG_GETPEERNAME4: &str = "aw_getpeername4";
 pub const PROG_GETPEERNAME6: &str = "aw_getpeername6";
 pub const PROG_EGRESS: &str = "aw_egress";
+pub const PROG_INGRESS: &str = "aw_ingress";
+pub const PROG_SETSOCKOPT: &str = "aw_setsockopt";
 /// BPF LSM (`lsm_cgroup/socket_create`): optional, where the kernel's LSM list has `bpf`.
 pub const PROG_SOCKET_FAMILY: &str = "aw_socket_family";
 
-pub const ALL_PROGRAMS: [&str; 11] = [
+pub const ALL_PROGRAMS: [&str; 13] = [
     PROG_CONNECT4,
     PROG_CONNECT6,
     PROG_SENDMSG4,
@@ -61,6 +63,8 @@ pub const ALL_PROGRAMS: [&str; 11] = [
     PROG_GETPEERNAME4,
     PROG_GETPEERNAME6,
     PROG_EGRESS,
+    PROG_INGRESS,
+    PROG_SETSOCKOPT,
     PROG_SOCKET_FAMILY,
 ];
 
@@ -126,6 +130,10 @@ pub const fn dns_proxy_addr(identity: u32) -> [u8; 4] {
 pub const PROTO_TCP: u8 = 1;
 pub const PROTO_UDP: u8 = 2;
 pub const PROTO_ANY: u8 = PROTO_TCP | PROTO_UDP;
+/// Ingress rules share the tries with egress rules, under their own protocol bits: an egress
+/// lookup (bits 1-2) never matches an ingress entry, nor an ingress lookup an egress one.
+pub const PROTO_IN_TCP: u8 = PROTO_TCP << 2;
+pub const PROTO_IN_UDP: u8 = PROTO_UDP << 2;
 
 /// [`IdentityState::state`]. Zero is what an unwritten slot reads as, and fails closed.
 pub const IDENTITY_UNSET: u8 = 0;
@@ -169,6 +177,11 @@ pub const REASON_SOCKET_FAMILY: u8 = 9;
 /// The kernel could not keep the socket's state (its storage: kernel memory); without it the
 /// packet line could not tell the socket's packets apart, so the socket is refused.
 pub const REASON_NO_STORAGE: u8 = 10;
+/// A connection or datagram from outside the host that no ingress rule allows.
+pub const REASON_INBOUND: u8 = 11;
+/// A socket option that lets a socket send from an address the host does not hold
+/// (IP_FREEBIND, IPV6_FREEBIND; the TRANSPARENT ones need CAP_NET_ADMIN but are refused too).
+pub const REASON_SOCKET_OPTION: u8 = 12;
 
 /// [`Event::hook`].
 pub const HOOK_CONNECT4: u8 = 1;
@@ -180,6 +193,15 @@ pub const HOOK_SOCK_CREATE: u8 = 5;
 pub const HOOK_EGRESS: u8 = 6;
 /// BPF LSM `socket_create`: every socket family.
 pub const HOOK_SOCKET_FAMILY: u8 = 7;
+/// The packet line inbound: cgroup_skb ingress, every packet a governed socket receives. Its
+/// records carry the peer in `addr` and the local port in `port`.
+pub const HOOK_INGRESS: u8 = 8;
+/// cgroup setsockopt: options a governed agent may not set. Records carry the level in
+/// `sock_type` and the option in `sock_protocol`.
+pub const HOOK_SETSOCKOPT: u8 = 9;
+/// `ifindex` of the loopback device in every network namespace: traffic between local
+/// processes, governed by the sender's egress rules.
+pub const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Socket families a governed agent may create; the LSM line refuses every other one.
 pub const AF_UNIX: u16 = 1;
@@ -360,7 +382,10 @@ pub struct RateKey {
     pub reason: u8,
     /// Socket family of socket records (fits a byte: `AF_MAX` is 46).
     pub family: u8,
-    pub _pad: [u8; 2],
+    /// `HOOK_INGRESS` for inbound records, 0 otherwise: a peer's packets and packets to that
+    /// peer are never folded together.
+    pub inbound: u8,
+    pub _pad: u8,
 }
 
 #[repr(C)]

@@ -13,18 +13,19 @@ use agent_common::{
     AF_INET, AF_INET6, AF_NETLINK, AF_UNIX, Addr, Binding, Config, DEFAULT_RATE_WINDOW_NS,
     DNS_ORIGIN_ENTRIES, DNS_PORT, DROPS_GOVERNED, DROPS_UNKNOWN, DnsOrigin, EVENT_ALLOW,
     EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY, EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES, Event,
-    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SOCK_CREATE,
-    HOOK_SOCKET_FAMILY, IDENTITY_ACTIVE, IdentityState, MAX_BINDINGS, MAX_CGROUP_LEVELS,
-    MAX_IDENTITIES, MAX_PORT_ENTRIES, MODE_AUDIT, PROTO_TCP, PROTO_UDP, RATE_ENTRIES,
-    REASON_EXPIRED, REASON_GLOBAL_DENY, REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE,
-    REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SOCKET_FAMILY, REASON_SOCKET_TYPE,
-    REASON_UNBOUND, REASON_WIRE, RULE_HIT_ENTRIES, RateKey, RateState, RuleSet,
-    SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SockState, UNKNOWN_DENY,
-    UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, rule_hit_key,
+    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS, HOOK_INGRESS, HOOK_SENDMSG4, HOOK_SENDMSG6,
+    HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCKET_FAMILY, IDENTITY_ACTIVE, IdentityState,
+    LOOPBACK_IFINDEX, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES, MAX_PORT_ENTRIES,
+    MODE_AUDIT, PROTO_TCP, PROTO_UDP, RATE_ENTRIES, REASON_EXPIRED, REASON_GLOBAL_DENY,
+    REASON_INBOUND, REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS,
+    REASON_REVOKED, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION, REASON_SOCKET_TYPE, REASON_UNBOUND,
+    REASON_WIRE, RULE_HIT_ENTRIES, RateKey, RateState, RuleSet, SOCK_DEST_CONNECTED,
+    SOCK_DEST_SENT, SOCK_DESTS, SockState, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE,
+    dns_proxy_addr, dns_proxy_addr6, rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{
-        BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
+        __sk_buff, BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
         bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock_addr,
     },
     btf_maps::{
@@ -40,8 +41,8 @@ use aya_ebpf::{
             bpf_skb_load_bytes,
         },
     },
-    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup},
-    programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext},
+    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, lsm_cgroup},
+    programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext, SockoptContext},
 };
 
 const ALLOW: i32 = 1;
@@ -192,6 +193,20 @@ pub fn aw_socket_family(ctx: LsmContext) -> i32 {
 #[cgroup_skb(egress)]
 pub fn aw_egress(ctx: SkBuffContext) -> i32 {
     try_egress(&ctx)
+}
+
+/// The packet line inbound: every packet a governed socket receives from outside the host is
+/// a reply to what it was allowed to send, or allowed by an ingress rule.
+#[cgroup_skb(ingress)]
+pub fn aw_ingress(ctx: SkBuffContext) -> i32 {
+    try_ingress(&ctx)
+}
+
+/// Socket options that would let a governed socket send from an address the host does not
+/// hold: the packet line checks where packets go, not where they claim to come from.
+#[cgroup_sockopt(setsockopt)]
+pub fn aw_setsockopt(ctx: SockoptContext) -> i32 {
+    try_setsockopt(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -631,6 +646,67 @@ fn try_socket_family(ctx: &LsmContext) -> i32 {
     if audit { ALLOW } else { DENY }
 }
 
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+const IP_FREEBIND: i32 = 15;
+const IP_TRANSPARENT: i32 = 19;
+const IPV6_TRANSPARENT: i32 = 75;
+const IPV6_FREEBIND: i32 = 78;
+/// setsockopt programs see at most a page of the option; the kernel's own buffer is used
+/// whole when the program sets `optlen` to 0.
+const PAGE_SIZE: i32 = 4096;
+
+/// cgroup sockopt programs return 1 to let the kernel go on, 0 to refuse (EPERM).
+#[inline(always)]
+fn try_setsockopt(ctx: &SockoptContext) -> i32 {
+    let so = ctx.sockopt;
+    // SAFETY: the kernel hands sockopt programs a valid bpf_sockopt; the verifier checks each
+    // field access.
+    let (level, optname, optlen) = unsafe { ((*so).level, (*so).optname, (*so).optlen) };
+    let refused = (level == SOL_IP && (optname == IP_FREEBIND || optname == IP_TRANSPARENT))
+        || (level == SOL_IPV6 && (optname == IPV6_FREEBIND || optname == IPV6_TRANSPARENT));
+    if !refused {
+        if optlen > PAGE_SIZE {
+            // SAFETY: setsockopt programs may write optlen.
+            unsafe { (*so).optlen = 0 };
+        }
+        return ALLOW;
+    }
+    let leaf = unsafe { bpf_get_current_cgroup_id() };
+    let Some((_, binding)) = find_binding(leaf) else {
+        if optlen > PAGE_SIZE {
+            unsafe { (*so).optlen = 0 };
+        }
+        return ALLOW;
+    };
+    let identity = binding.identity;
+    let flow = Flow {
+        addr: [0; 16],
+        port: 0,
+        proto: 0,
+        hook: HOOK_SETSOCKOPT,
+        family: 0,
+        sock_type: level as u16,
+        sock_protocol: optname as u16,
+    };
+    let audit = match AW_IDENTITIES.get(identity) {
+        Some(st) => binding.revoked == 0 && st.state == IDENTITY_ACTIVE && st.mode == MODE_AUDIT,
+        None => false,
+    };
+    let kind = if audit { EVENT_AUDIT } else { EVENT_SOCK_DENY };
+    report(
+        &flow,
+        leaf,
+        identity,
+        kind,
+        REASON_SOCKET_OPTION,
+        0,
+        0,
+        Who::Task,
+    );
+    if audit { ALLOW } else { DENY }
+}
+
 /// IP headers without options or extension headers, the only ones a governed socket sends.
 const IPV4_HEADER: usize = 20;
 const IPV6_HEADER: usize = 40;
@@ -641,202 +717,254 @@ const IPV6_TLV_JUMBO: u8 = 0xc2;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 
-#[inline(always)]
-fn try_egress(ctx: &SkBuffContext) -> i32 {
-    let skb = ctx.skb.skb;
-    // SAFETY: the kernel hands cgroup_skb programs a valid __sk_buff; `sk` may be null, which
-    // the helpers and the checks below handle.
-    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return ALLOW;
-    }
-    let sk = unsafe { bpf_sk_fullsock(sk) };
-    if sk.is_null() {
-        return ALLOW;
-    }
-    // SAFETY: a full socket; lookup only (no create), plain-old-data value.
-    let st = unsafe {
-        bpf_sk_storage_get(
-            core::ptr::from_ref(&AW_SOCKS).cast_mut().cast(),
-            sk.cast(),
-            core::ptr::null_mut(),
-            0,
-        )
-    }
-    .cast::<SockState>();
-    // No governed task ever connected or sent on this socket.
-    if st.is_null() {
-        return ALLOW;
-    }
-    // SAFETY: non-null storage pointer.
-    let binding_cgroup = unsafe { (*st).binding_cgroup };
-    let Some(binding) = (unsafe { AW_BINDINGS.get(binding_cgroup) }) else {
-        // The session whose socket this is has ended (or its cgroup was unbound), yet
-        // something still sends on it: a socket handed out of a governed session stays
-        // closed.
-        return DENY;
-    };
-    let binding = *binding;
-    let identity = binding.identity;
-    let (state, mode) = match AW_IDENTITIES.get(identity) {
-        Some(s) => (s.state, s.mode),
-        None => (0, 0),
-    };
+/// What the packet line reads of a packet: its IP header and its ports.
+struct Headers {
+    /// The far end: the destination of a packet sent, the source of one received.
+    addr: Addr,
+    ip_proto: u8,
+    /// `PROTO_TCP`, `PROTO_UDP`, or 0 for any other protocol.
+    proto: u8,
+    /// The far end's port and ours, host byte order (0 when not TCP or UDP).
+    far_port: u16,
+    near_port: u16,
+    /// IPv4 options, IPv6 extension headers (BIG TCP's jumbo header aside), or a protocol
+    /// other than TCP and UDP.
+    options: bool,
+    /// Every header the verdict needs could be read.
+    ok: bool,
+}
 
-    // The wire: family, options, protocol, destination address and port.
+/// `len` bytes at `off` of the packet into `buf`: straight from the packet's linear data,
+/// where the headers almost always are, else through the copying helper.
+#[inline(always)]
+fn load<const N: usize>(skb: *mut __sk_buff, off: usize, buf: &mut [u8; N]) -> bool {
+    // SAFETY: the verifier types `data`/`data_end` as packet pointers and checks every access
+    // against the bound tested here.
+    unsafe {
+        let data = (*skb).data as usize;
+        let end = (*skb).data_end as usize;
+        if data + off + N <= end {
+            let p = (data + off) as *const [u8; N];
+            *buf = *p;
+            return true;
+        }
+        bpf_skb_load_bytes(
+            skb as *const _,
+            off as u32,
+            buf.as_mut_ptr().cast(),
+            N as u32,
+        ) == 0
+    }
+}
+
+/// Reads the headers of a packet the socket sends (`ingress` false) or receives. cgroup_skb
+/// programs see the network header at offset 0 in both directions.
+#[inline(always)]
+fn read_headers(skb: *mut __sk_buff, ingress: bool) -> Headers {
+    let mut h = Headers {
+        addr: [0; 16],
+        ip_proto: 0,
+        proto: 0,
+        far_port: 0,
+        near_port: 0,
+        options: false,
+        ok: true,
+    };
+    // SAFETY: a field of the context.
     let proto_be = unsafe { (*skb).protocol };
-    let mut addr = [0u8; 16];
-    let mut ok = true;
-    let mut options = false;
     let l4;
-    let ip_proto;
-    // skb->protocol, in network byte order.
     if proto_be == u32::from(ETH_P_IP.to_be()) {
-        let mut h = [0u8; IPV4_HEADER];
-        // SAFETY: copies into a stack buffer of the given length.
-        if unsafe {
-            bpf_skb_load_bytes(
-                skb as *const _,
-                0,
-                h.as_mut_ptr().cast(),
-                IPV4_HEADER as u32,
-            )
-        } != 0
-        {
-            ok = false;
-        }
-        options = h[0] & 0x0f != 5;
-        ip_proto = h[9];
-        addr[10] = 0xff;
-        addr[11] = 0xff;
-        addr[12] = h[16];
-        addr[13] = h[17];
-        addr[14] = h[18];
-        addr[15] = h[19];
-        l4 = IPV4_HEADER as u32;
+        let mut b = [0u8; IPV4_HEADER];
+        h.ok = load(skb, 0, &mut b);
+        let ihl = b[0] & 0x0f;
+        h.options = ihl != 5;
+        h.ip_proto = b[9];
+        let at = if ingress { 12 } else { 16 };
+        h.addr[10] = 0xff;
+        h.addr[11] = 0xff;
+        h.addr[12] = b[at];
+        h.addr[13] = b[at + 1];
+        h.addr[14] = b[at + 2];
+        h.addr[15] = b[at + 3];
+        // Options make a packet sent a refusal whatever follows; a packet received is read
+        // past them.
+        l4 = if ingress && ihl >= 5 {
+            usize::from(ihl) * 4
+        } else {
+            IPV4_HEADER
+        };
     } else if proto_be == u32::from(ETH_P_IPV6.to_be()) {
-        let mut h = [0u8; IPV6_HEADER];
-        // SAFETY: as above.
-        if unsafe {
-            bpf_skb_load_bytes(
-                skb as *const _,
-                0,
-                h.as_mut_ptr().cast(),
-                IPV6_HEADER as u32,
-            )
-        } != 0
-        {
-            ok = false;
-        }
+        let mut b = [0u8; IPV6_HEADER];
+        h.ok = load(skb, 0, &mut b);
+        let at = if ingress { 8 } else { 24 };
         let mut i = 0;
         while i < 16 {
-            addr[i] = h[24 + i];
+            h.addr[i] = b[at + i];
             i += 1;
         }
         // One extension header is looked through, so the record still names the protocol and
         // port the packet was for; the packet is refused either way.
-        let next = h[6];
+        let next = b[6];
         if next == IPV6_HOP_BY_HOP || next == IPV6_ROUTING || next == IPV6_DEST_OPTS {
             let mut ext = [0u8; 4];
-            // SAFETY: as above.
-            if unsafe {
-                bpf_skb_load_bytes(
-                    skb as *const _,
-                    IPV6_HEADER as u32,
-                    ext.as_mut_ptr().cast(),
-                    4,
-                )
-            } == 0
-            {
-                ip_proto = ext[0];
-                l4 = IPV6_HEADER as u32 + (u32::from(ext[1]) + 1) * 8;
+            if load(skb, IPV6_HEADER, &mut ext) {
+                h.ip_proto = ext[0];
+                l4 = IPV6_HEADER + (usize::from(ext[1]) + 1) * 8;
                 // The one extension header the kernel adds itself: BIG TCP's hop-by-hop
-                // header of 8 bytes carrying only the jumbo payload length. It steers
-                // nothing.
+                // header of 8 bytes carrying only the jumbo payload length. It steers nothing.
                 let jumbo = next == IPV6_HOP_BY_HOP
                     && ext[1] == 0
                     && ext[2] == IPV6_TLV_JUMBO
                     && ext[3] == 4
                     && ext[0] == IPPROTO_TCP as u8;
-                options = !jumbo;
+                h.options = !jumbo;
             } else {
-                options = true;
-                ip_proto = next;
-                l4 = IPV6_HEADER as u32;
+                h.options = true;
+                h.ip_proto = next;
+                l4 = IPV6_HEADER;
             }
         } else {
-            ip_proto = next;
-            l4 = IPV6_HEADER as u32;
+            h.ip_proto = next;
+            l4 = IPV6_HEADER;
         }
     } else {
-        // Neither IPv4 nor IPv6 from an inet socket: nothing it was allowed.
-        ok = false;
-        ip_proto = 0;
+        // Neither IPv4 nor IPv6 on an inet socket: nothing it was allowed.
+        h.ok = false;
         l4 = 0;
     }
-    // IPv6 extension headers (a routing header above all) and anything but TCP or UDP after
-    // the IP header can carry the packet past the destination judged.
-    let proto = match ip_proto as u32 {
+    h.proto = match u32::from(h.ip_proto) {
         IPPROTO_TCP => PROTO_TCP,
         IPPROTO_UDP => PROTO_UDP,
         _ => {
-            options = true;
+            h.options = true;
             0
         }
     };
-    let mut port = 0u16;
-    if ok && proto != 0 {
+    if h.ok && h.proto != 0 {
         let mut ports = [0u8; 4];
-        // SAFETY: as above.
-        if unsafe { bpf_skb_load_bytes(skb as *const _, l4, ports.as_mut_ptr().cast(), 4) } != 0 {
-            ok = false;
-        }
-        port = u16::from_be_bytes([ports[2], ports[3]]);
+        h.ok = load(skb, l4, &mut ports);
+        let (src, dst) = (
+            u16::from_be_bytes([ports[0], ports[1]]),
+            u16::from_be_bytes([ports[2], ports[3]]),
+        );
+        (h.far_port, h.near_port) = if ingress { (src, dst) } else { (dst, src) };
     }
-    let flow = Flow {
-        addr,
-        port,
-        proto,
-        hook: HOOK_EGRESS,
-        family: 0,
-        sock_type: 0,
-        sock_protocol: ip_proto as u16,
-    };
-    // Read only for a record: the fast path needs neither.
-    // SAFETY: helpers on the context's packet.
-    let whose = || unsafe { (bpf_skb_cgroup_id(skb), Who::Socket(bpf_get_socket_uid(skb))) };
+    h
+}
 
-    if state != IDENTITY_ACTIVE || binding.revoked != 0 {
-        let (leaf, who) = whose();
-        report(&flow, leaf, identity, EVENT_DENY, REASON_REVOKED, 0, 0, who);
-        return DENY;
+/// The governed socket a packet belongs to: its state and the binding behind it.
+/// `Err(verdict)` ends the packet's judgement there (not governed, or its session ended).
+struct Owner {
+    st: *mut SockState,
+    binding: Binding,
+    state: u8,
+    mode: u8,
+}
+
+#[inline(always)]
+fn owner_of(skb: *mut __sk_buff) -> Result<Owner, i32> {
+    // SAFETY: the kernel hands cgroup_skb programs a valid __sk_buff; `sk` may be null, which
+    // is checked.
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return Err(ALLOW);
     }
-    let mut now = 0u64;
-    if binding.not_after_ns != 0 {
-        now = unsafe { bpf_ktime_get_boot_ns() };
-        if now >= binding.not_after_ns {
-            let (leaf, who) = whose();
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return Err(ALLOW);
+    }
+    let st = sock_state(sk.cast(), false);
+    // No governed task ever created, connected or sent on this socket.
+    if st.is_null() {
+        return Err(ALLOW);
+    }
+    // SAFETY: non-null storage pointer.
+    let binding_cgroup = unsafe { (*st).binding_cgroup };
+    let Some(binding) = (unsafe { AW_BINDINGS.get(binding_cgroup) }) else {
+        // The session whose socket this is has ended (or its cgroup was unbound), yet the
+        // socket is still in use: a socket handed out of a governed session stays closed.
+        return Err(DENY);
+    };
+    let binding = *binding;
+    let (state, mode) = match AW_IDENTITIES.get(binding.identity) {
+        Some(s) => (s.state, s.mode),
+        None => (0, 0),
+    };
+    Ok(Owner {
+        st,
+        binding,
+        state,
+        mode,
+    })
+}
+
+/// Revocation and the certificate deadline, on every packet either way: true (and recorded)
+/// when the socket's binding is no longer live. `now` gets the clock if it was read.
+#[inline(always)]
+fn dead(skb: *mut __sk_buff, o: &Owner, flow: &Flow, now: &mut u64) -> bool {
+    let identity = o.binding.identity;
+    if o.state != IDENTITY_ACTIVE || o.binding.revoked != 0 {
+        let (leaf, who) = whose(skb);
+        report(flow, leaf, identity, EVENT_DENY, REASON_REVOKED, 0, 0, who);
+        return true;
+    }
+    if o.binding.not_after_ns != 0 {
+        *now = unsafe { bpf_ktime_get_boot_ns() };
+        if *now >= o.binding.not_after_ns {
+            let (leaf, who) = whose(skb);
             report(
-                &flow,
+                flow,
                 leaf,
                 identity,
                 EVENT_DENY,
                 REASON_EXPIRED,
                 0,
-                now,
+                *now,
                 who,
             );
-            return DENY;
+            return true;
         }
     }
-    let kind = if mode == MODE_AUDIT {
-        EVENT_AUDIT
-    } else {
-        EVENT_DENY
+    false
+}
+
+/// Who a packet-line record is about, read only when one is written: the fast path needs
+/// neither.
+#[inline(always)]
+fn whose(skb: *mut __sk_buff) -> (u64, Who) {
+    // SAFETY: helpers on the context's packet.
+    unsafe { (bpf_skb_cgroup_id(skb), Who::Socket(bpf_get_socket_uid(skb))) }
+}
+
+#[inline(always)]
+fn try_egress(ctx: &SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    let o = match owner_of(skb) {
+        Ok(o) => o,
+        Err(v) => return v,
     };
-    let pass = if mode == MODE_AUDIT { ALLOW } else { DENY };
-    if !ok || options {
-        let (leaf, who) = whose();
+    let identity = o.binding.identity;
+    let h = read_headers(skb, false);
+    let flow = Flow {
+        addr: h.addr,
+        port: h.far_port,
+        proto: h.proto,
+        hook: HOOK_EGRESS,
+        family: 0,
+        sock_type: 0,
+        sock_protocol: u16::from(h.ip_proto),
+    };
+    let mut now = 0u64;
+    if dead(skb, &o, &flow, &mut now) {
+        return DENY;
+    }
+    let (kind, pass) = if o.mode == MODE_AUDIT {
+        (EVENT_AUDIT, ALLOW)
+    } else {
+        (EVENT_DENY, DENY)
+    };
+    if !h.ok || h.options {
+        let (leaf, who) = whose(skb);
         report(
             &flow,
             leaf,
@@ -849,35 +977,136 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
         );
         return pass;
     }
+    let st = o.st;
     // A TCP socket no connect() was judged for is a listener or a connection it accepted
-    // (storage from creation, cloned): inbound, which rules do not govern yet; what the packet
-    // line holds it to is a live binding and clean headers, checked above.
+    // (storage from creation, cloned): its peer passed the ingress line, which judges every
+    // packet such a connection receives.
     // SAFETY: non-null storage pointer.
-    if proto == PROTO_TCP && unsafe { (*st).ports[SOCK_DEST_CONNECTED] } == 0 {
+    if h.proto == PROTO_TCP && unsafe { (*st).ports[SOCK_DEST_CONNECTED] } == 0 {
         return ALLOW;
     }
     // The fast path: a destination the hooks allowed this socket.
-    let mut i = 0;
-    while i < SOCK_DESTS {
-        // SAFETY: non-null storage pointer; index below SOCK_DESTS.
-        let (p, d) = unsafe { ((*st).ports[i], (*st).dests[i]) };
-        if p != 0 && p == port && same_addr(&d, &addr) {
-            return ALLOW;
-        }
-        i += 1;
+    if sent_there(st, &h.addr, h.far_port) {
+        return ALLOW;
     }
     // Somewhere else: allowed only if the identity's rules allow that destination by
     // themselves (a socket sending from several threads at once to several destinations), or
     // it is the identity's DNS proxy.
-    if is_dns_proxy(identity, &addr, port) {
+    if is_dns_proxy(identity, &h.addr, h.far_port) {
         return ALLOW;
     }
     let (reason, _) = check_rules(identity, &flow, &mut now);
     if reason == REASON_NONE {
         return ALLOW;
     }
-    let (leaf, who) = whose();
+    let (leaf, who) = whose(skb);
     report(&flow, leaf, identity, kind, REASON_WIRE, 0, now, who);
+    pass
+}
+
+/// Whether the hooks allowed this socket to send to `addr:port` (one of its remembered
+/// destinations).
+#[inline(always)]
+fn sent_there(st: *mut SockState, addr: &Addr, port: u16) -> bool {
+    let mut i = 0;
+    while i < SOCK_DESTS {
+        // SAFETY: non-null storage pointer; index below SOCK_DESTS.
+        let (p, d) = unsafe { ((*st).ports[i], (*st).dests[i]) };
+        if p != 0 && p == port && same_addr(&d, addr) {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// The packet line inbound: a packet from outside the host reaches a governed socket only as
+/// the reply of a flow its egress rules allowed, or where an ingress rule allows its peer and
+/// local port. Loopback traffic is the local sender's to answer for (its own egress rules).
+#[inline(always)]
+fn try_ingress(ctx: &SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    let o = match owner_of(skb) {
+        Ok(o) => o,
+        Err(v) => return v,
+    };
+    let identity = o.binding.identity;
+    let h = read_headers(skb, true);
+    let flow = Flow {
+        addr: h.addr,
+        port: h.near_port,
+        proto: h.proto,
+        hook: HOOK_INGRESS,
+        family: 0,
+        sock_type: 0,
+        sock_protocol: u16::from(h.ip_proto),
+    };
+    let mut now = 0u64;
+    if dead(skb, &o, &flow, &mut now) {
+        return DENY;
+    }
+    // SAFETY: a field of the context.
+    if unsafe { (*skb).ingress_ifindex } == LOOPBACK_IFINDEX {
+        return ALLOW;
+    }
+    let (kind, pass) = if o.mode == MODE_AUDIT {
+        (EVENT_AUDIT, ALLOW)
+    } else {
+        (EVENT_DENY, DENY)
+    };
+    if !h.ok || h.options {
+        let (leaf, who) = whose(skb);
+        report(
+            &flow,
+            leaf,
+            identity,
+            kind,
+            REASON_PACKET_OPTIONS,
+            0,
+            now,
+            who,
+        );
+        return pass;
+    }
+    let st = o.st;
+    // SAFETY: non-null storage pointer.
+    let connected = unsafe { (*st).ports[SOCK_DEST_CONNECTED] } != 0;
+    if h.proto == PROTO_TCP {
+        // A connection this socket made: the kernel hands it its peer's packets only.
+        if connected {
+            return ALLOW;
+        }
+    } else {
+        // A datagram from where the socket sent, or from a peer and port its egress rules
+        // let it send to anyway (a reply carries nothing the agent could not fetch).
+        if sent_there(st, &h.addr, h.far_port) {
+            return ALLOW;
+        }
+        let back = Flow {
+            port: h.far_port,
+            ..flow
+        };
+        let (reason, _) = check_rules(identity, &back, &mut now);
+        if reason == REASON_NONE {
+            return ALLOW;
+        }
+    }
+    // Inbound proper: a listener, a connection it accepted, a datagram from anywhere else.
+    let inbound = Flow {
+        proto: h.proto << 2,
+        ..flow
+    };
+    let (reason, rule_id) = check_rules(identity, &inbound, &mut now);
+    if reason == REASON_NONE {
+        return ALLOW;
+    }
+    let reason = if reason == REASON_NO_RULE {
+        REASON_INBOUND
+    } else {
+        reason
+    };
+    let (leaf, who) = whose(skb);
+    report(&flow, leaf, identity, kind, reason, rule_id, now, who);
     pass
 }
 
@@ -1243,7 +1472,9 @@ fn report_to<const RING: usize, const RATE: usize>(
     } else {
         now
     };
-    let socket = flow.hook == HOOK_SOCK_CREATE || flow.hook == HOOK_SOCKET_FAMILY;
+    let socket = flow.hook == HOOK_SOCK_CREATE
+        || flow.hook == HOOK_SOCKET_FAMILY
+        || flow.hook == HOOK_SETSOCKOPT;
     let rk = RateKey {
         cgroup_id: leaf,
         addr: flow.addr,
@@ -1256,7 +1487,12 @@ fn report_to<const RING: usize, const RATE: usize>(
         },
         reason,
         family: flow.family as u8,
-        _pad: [0; 2],
+        inbound: if flow.hook == HOOK_INGRESS {
+            HOOK_INGRESS
+        } else {
+            0
+        },
+        _pad: 0,
     };
     let window = match config() {
         Some(c) => c.rate_window_ns,

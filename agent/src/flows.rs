@@ -38,7 +38,12 @@ pub struct FlowRecord {
     /// The name the identity last resolved to `dest` through the DNS proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fqdn: Option<String>,
+    /// The local port for an inbound record, the destination's otherwise.
     pub port: u16,
+    /// "inbound" for a packet a governed socket received (`dest` is then its peer); absent
+    /// for what an agent sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
     /// The rule involved (overruled by the global deny list, say), as file:line egress[i].
@@ -87,6 +92,13 @@ impl std::fmt::Display for FlowRecord {
         )?;
         let proto = self.protocol.as_deref().unwrap_or("?");
         match (self.dest, &self.fqdn) {
+            (Some(a), _) if self.direction.is_some() => {
+                let a = match a {
+                    IpAddr::V6(a) => format!("[{a}]"),
+                    a => a.to_string(),
+                };
+                write!(f, " <- {a} to local port {}/{proto}", self.port)?
+            }
             (Some(a), Some(n)) => write!(f, " -> {n} ({a}):{}/{proto}", self.port)?,
             (Some(IpAddr::V6(a)), None) => write!(f, " -> [{a}]:{}/{proto}", self.port)?,
             (Some(a), None) => write!(f, " -> {a}:{}/{proto}", self.port)?,
@@ -153,7 +165,7 @@ impl Recent {
 /// The parts of a record that come straight from the kernel.
 pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
     use crate::datapath::Hook;
-    let flow = e.hook != Hook::SockCreate && e.hook != Hook::SocketFamily;
+    let flow = !e.hook.is_socket();
     FlowRecord {
         seq: 0,
         time: rfc3339(wall_time(e.time)),
@@ -169,8 +181,16 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
         dest: flow.then_some(e.dest),
         fqdn: None,
         port: e.port,
+        direction: (e.hook == Hook::Ingress).then(|| "inbound".to_owned()),
         protocol: if flow {
             e.proto.map(|p| p.to_string())
+        } else if e.hook == Hook::SetSockopt {
+            Some(format!(
+                "socket option level {} name {} ({})",
+                e.sock_type,
+                e.sock_protocol,
+                crate::datapath::sockopt_name(e.sock_type, e.sock_protocol)
+            ))
         } else if e.hook == Hook::SocketFamily {
             Some(format!(
                 "socket family {} ({}) type {} protocol {}",

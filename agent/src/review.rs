@@ -182,6 +182,11 @@ pub fn read_flows(files: &[PathBuf], since: Option<SystemTime>) -> Result<Vec<Fl
         let Ok(dest) = dest.parse::<IpAddr>() else {
             continue;
         };
+        // What reached an agent says nothing about where it may go: simulation and
+        // suggestions are of egress rules.
+        if v.get("direction").is_some() {
+            continue;
+        }
         let protocol = match s("protocol").as_deref() {
             Some("tcp") => Protocol::Tcp,
             Some("udp") => Protocol::Udp,
@@ -393,7 +398,13 @@ pub fn unused(set: &PolicySet, flows: &[Flow]) -> UnusedReport {
     // Per archetype: (used anywhere, extended by anyone).
     let mut archetype_used: BTreeMap<String, bool> = BTreeMap::new();
     for agent in &set.agents {
-        for r in set.effective_rules(agent) {
+        // Ingress rules leave no allow records (a reply and an allowed peer look the same on
+        // the packet line), so records cannot call one unused.
+        for r in set
+            .effective_rules(agent)
+            .into_iter()
+            .filter(|r| r.rule.direction == crate::policy::Direction::Egress)
+        {
             let used = hit.contains(&(agent.identity.clone(), r.rule.id));
             if let Some(name) = r
                 .from

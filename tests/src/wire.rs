@@ -79,12 +79,14 @@ impl Link {
 /// One IP packet the agent's side sent, as the peer received it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Packet {
+    pub src: IpAddr,
     pub dst: IpAddr,
     /// IPv4 protocol, or the IPv6 header's next header (43 for a routing header).
     pub next: u8,
     /// IPv4 header longer than 20 bytes (options).
     pub ip_options: bool,
-    /// Destination port, when TCP or UDP follows the IP header directly.
+    /// Source and destination port, when TCP or UDP follows the IP header directly.
+    pub sport: Option<u16>,
     pub dport: Option<u16>,
 }
 
@@ -100,7 +102,7 @@ impl Packet {
         }
         let ip = &frame[14..];
         let port_at = |off: usize| {
-            ip.get(off + 2..off + 4)
+            ip.get(off..off + 2)
                 .map(|b| u16::from_be_bytes([b[0], b[1]]))
         };
         match u16::from_be_bytes([frame[12], frame[13]]) {
@@ -108,29 +110,29 @@ impl Packet {
                 let ihl = usize::from(ip[0] & 0x0f) * 4;
                 let next = ip[9];
                 Some(Self {
+                    src: IpAddr::V4(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15])),
                     dst: IpAddr::V4(Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19])),
                     next,
                     ip_options: ihl > 20,
-                    dport: if next == 6 || next == 17 {
-                        port_at(ihl)
-                    } else {
-                        None
-                    },
+                    sport: (next == 6 || next == 17).then(|| port_at(ihl)).flatten(),
+                    dport: (next == 6 || next == 17)
+                        .then(|| port_at(ihl + 2))
+                        .flatten(),
                 })
             }
             0x86dd if ip.len() >= 40 => {
                 let next = ip[6];
                 let mut d = [0u8; 16];
                 d.copy_from_slice(&ip[24..40]);
+                let mut s = [0u8; 16];
+                s.copy_from_slice(&ip[8..24]);
                 Some(Self {
+                    src: IpAddr::V6(Ipv6Addr::from(s)),
                     dst: IpAddr::V6(Ipv6Addr::from(d)),
                     next,
                     ip_options: false,
-                    dport: if next == 6 || next == 17 {
-                        port_at(40)
-                    } else {
-                        None
-                    },
+                    sport: (next == 6 || next == 17).then(|| port_at(40)).flatten(),
+                    dport: (next == 6 || next == 17).then(|| port_at(42)).flatten(),
                 })
             }
             _ => None,

@@ -36,6 +36,7 @@ fn rule(id: u32, to: &[&str], ports: &[&str], protocol: Protocol) -> Rule {
         to: to.iter().map(|s| s.parse().unwrap()).collect(),
         ports: ports.iter().map(|s| s.parse().unwrap()).collect(),
         protocol,
+        direction: agentwall::policy::Direction::Egress,
         expires: None,
     }
 }

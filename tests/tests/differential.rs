@@ -80,6 +80,7 @@ fn random_rules(rng: &mut StdRng) -> Vec<Rule> {
                 .collect(),
             ports: random_ports(rng),
             protocol: [Protocol::Tcp, Protocol::Udp, Protocol::Any][rng.random_range(0..3)],
+            direction: agentwall::policy::Direction::Egress,
             expires: match rng.random_range(0..8) {
                 0 => Some(BootInstant(now.0 - 1)),
                 1 => Some(BootInstant(now.0 + 3_600_000_000_000)),

@@ -34,6 +34,13 @@ egress:
   - to: [192.0.2.2/32, 2001:db8::2/128]
     ports: [9001]
     protocol: tcp
+ingress:
+  - from: [2001:db8::2/128]
+    ports: [8088]
+    protocol: tcp
+  - from: [192.0.2.2/32]
+    ports: [5353]
+    protocol: udp
 ";
 
 const WITHIN: Duration = Duration::from_secs(10);
@@ -321,4 +328,140 @@ fn launch_hands_the_agent_no_inherited_socket() {
         .collect();
     assert!(!fds.contains(&inherited.to_string()), "{fds:?}");
     assert!(fds.iter().any(|f| f == "0"), "{fds:?}");
+}
+
+/// Inbound: a connection from outside reaches a governed listener only where an ingress rule
+/// allows its peer and the local port; anything else gets no SYN-ACK (dropped in the kernel,
+/// recorded). Local processes reach it over loopback, which the sender's own rules govern.
+#[test]
+fn inbound_connections_need_an_ingress_rule() {
+    let mut fx = fixture("wire-inbound");
+    let mut agent = fx.agent("agent", &CertSpec::agent(ID));
+    assert_eq!(agent.cmd("listen tcp :: 8088"), "ok");
+    assert_eq!(agent.cmd("listen tcp :: 8090"), "ok");
+    let connect = |to: String| {
+        let target: std::net::SocketAddr = to.parse().unwrap();
+        fx.link.peer.run_in(|| {
+            std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)).map(drop)
+        })
+    };
+    // The allowed peer, on the allowed port.
+    connect(format!("[{AGENT_V6}]:8088")).expect("the ingress rule's peer and port");
+    // Another peer on that port; the allowed peer on another port.
+    for to in [
+        format!("{}:8088", agentwall_tests::wire::AGENT_V4),
+        format!("[{AGENT_V6}]:8090"),
+    ] {
+        let err = connect(to.clone()).expect_err("no ingress rule: no SYN-ACK");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{to}: {err}");
+    }
+    let seen = fx.until_helper_marker(9104);
+    let answered: Vec<&Packet> = seen
+        .iter()
+        .filter(|p| p.next == 6 && p.dst == PEER_V4.parse::<std::net::IpAddr>().unwrap())
+        .chain(seen.iter().filter(|p| p.sport == Some(8090)))
+        .collect();
+    assert!(answered.is_empty(), "the agent answered: {answered:?}");
+    for (peer, port) in [(PEER_V4, 8088), (PEER_V6, 8090)] {
+        let r = wait_flow_where(fx.socket(), "deny", |r| {
+            r["dest"] == peer && r["port"] == port && r["direction"] == "inbound"
+        });
+        assert_eq!(r["reason"], "no ingress rule allows it", "{r:#}");
+        assert_eq!(r["protocol"], "tcp", "{r:#}");
+        assert_eq!(r["identity"], ID, "{r:#}");
+    }
+    // Loopback: an unenrolled local process reaches the listener; what it may send is its
+    // own rules' business.
+    assert_eq!(fx.helper.cmd("connect tcp ::1 8090"), "ok");
+}
+
+/// Inbound datagrams: replies from where the agent sent, datagrams from a peer and port its
+/// egress rules allow anyway, and what an ingress rule allows reach it; nothing else does.
+#[test]
+fn inbound_datagrams_are_replies_or_allowed_by_a_rule() {
+    let fx = fixture("wire-inbound-udp");
+    let mut agent = fx.agent("agent", &CertSpec::agent(ID));
+    let agent_v4 = agentwall_tests::wire::AGENT_V4;
+    assert_eq!(agent.cmd(&format!("udp-bind {agent_v4} 5000")), "ok");
+    assert_eq!(agent.cmd(&format!("udp-bind {agent_v4} 5353")), "ok");
+    let (served, stranger) = fx.link.peer.run_in(|| {
+        (
+            std::net::UdpSocket::bind(format!("{PEER_V4}:9000")).expect("bind 9000"),
+            std::net::UdpSocket::bind(format!("{PEER_V4}:9500")).expect("bind 9500"),
+        )
+    });
+    let send = |from: &std::net::UdpSocket, port: u16, what: &str| {
+        from.send_to(what.as_bytes(), format!("{agent_v4}:{port}"))
+            .expect("send to the agent");
+    };
+    // A stranger's port, no rule: dropped; then a datagram from the egress-allowed peer and
+    // port arrives first.
+    send(&stranger, 5000, "stranger");
+    send(&served, 5000, "served");
+    assert_eq!(
+        agent.cmd("udp-recv 5000 10000"),
+        format!("from {PEER_V4}:9000 served")
+    );
+    let r = wait_flow_where(fx.socket(), "deny", |r| {
+        r["dest"] == PEER_V4 && r["port"] == 5000 && r["direction"] == "inbound"
+    });
+    assert_eq!(r["reason"], "no ingress rule allows it", "{r:#}");
+    assert_eq!(r["protocol"], "udp", "{r:#}");
+    // A reply to what the agent sent.
+    assert_eq!(agent.cmd(&format!("udp-send 5000 {PEER_V4} 9000")), "ok");
+    let mut buf = [0u8; 64];
+    let (_, back_to) = served.recv_from(&mut buf).expect("the agent's datagram");
+    served.send_to(b"reply", back_to).unwrap();
+    assert_eq!(
+        agent.cmd("udp-recv 5000 10000"),
+        format!("from {PEER_V4}:9000 reply")
+    );
+    // The ingress rule's port takes the stranger.
+    send(&stranger, 5353, "allowed");
+    assert_eq!(
+        agent.cmd("udp-recv 5353 10000"),
+        format!("from {PEER_V4}:9500 allowed")
+    );
+    // And nothing the stranger sent to 5000 was ever delivered.
+    assert_eq!(agent.cmd("udp-recv 5000 200"), "timeout");
+}
+
+/// Sending from an address the host does not hold: the options that allow binding one
+/// (IP_FREEBIND, IPV6_FREEBIND) are refused to a governed agent, so its packets carry the
+/// host's own addresses. An unenrolled process may still set them.
+#[test]
+fn a_governed_agent_sends_only_from_addresses_the_host_holds() {
+    let mut fx = fixture("wire-spoof");
+    let mut agent = fx.agent("agent", &CertSpec::agent(ID));
+    let attempts = [
+        format!("spoof 2001:db8::99 {PEER_V6} 9000"),
+        format!("spoof 192.0.2.99 {PEER_V4} 9000"),
+    ];
+    for a in &attempts {
+        assert_eq!(agent.cmd(a), "setsockopt EPERM", "{a}");
+    }
+    let seen = fx.until_helper_marker(9105);
+    let spoofed: Vec<&Packet> = seen
+        .iter()
+        .filter(|p| {
+            p.src == "2001:db8::99".parse::<std::net::IpAddr>().unwrap()
+                || p.src == "192.0.2.99".parse::<std::net::IpAddr>().unwrap()
+        })
+        .collect();
+    assert!(spoofed.is_empty(), "{spoofed:?}");
+    for option in ["41 name 78 (IPV6_FREEBIND)", "0 name 15 (IP_FREEBIND)"] {
+        let r = wait_flow_where(fx.socket(), "socket-deny", |r| {
+            r["protocol"].as_str().is_some_and(|p| p.ends_with(option))
+        });
+        assert_eq!(
+            r["reason"], "socket option not allowed (non-local source addresses)",
+            "{r:#}"
+        );
+        assert_eq!(r["identity"], ID, "{r:#}");
+    }
+    // Not the agent's: an unenrolled process is not held to it.
+    assert_eq!(
+        fx.helper.cmd(&format!("spoof 2001:db8::99 {PEER_V6} 9000")),
+        "ok"
+    );
 }

@@ -71,11 +71,24 @@ pub enum Hook {
     SockCreate,
     /// The packet line (cgroup_skb egress): a packet a governed socket sent.
     Egress,
+    /// The packet line inbound (cgroup_skb ingress): a packet a governed socket received;
+    /// `dest` is its peer and `port` the local port.
+    Ingress,
     /// BPF LSM `socket_create`: a socket of any family.
     SocketFamily,
+    /// cgroup setsockopt: an option a governed agent may not set.
+    SetSockopt,
 }
 
 impl Hook {
+    /// Records about a socket (its family, type, options), not a flow: no address or port.
+    pub fn is_socket(self) -> bool {
+        matches!(
+            self,
+            Self::SockCreate | Self::SocketFamily | Self::SetSockopt
+        )
+    }
+
     fn from_code(code: u8) -> Option<Self> {
         Some(match code {
             c::HOOK_CONNECT4 => Self::Connect4,
@@ -84,9 +97,22 @@ impl Hook {
             c::HOOK_SENDMSG6 => Self::Sendmsg6,
             c::HOOK_SOCK_CREATE => Self::SockCreate,
             c::HOOK_EGRESS => Self::Egress,
+            c::HOOK_INGRESS => Self::Ingress,
+            c::HOOK_SETSOCKOPT => Self::SetSockopt,
             c::HOOK_SOCKET_FAMILY => Self::SocketFamily,
             _ => return None,
         })
+    }
+}
+
+/// The name of a socket option the setsockopt line refuses.
+pub fn sockopt_name(level: u16, name: u16) -> &'static str {
+    match (i32::from(level), i32::from(name)) {
+        (libc::SOL_IP, libc::IP_FREEBIND) => "IP_FREEBIND",
+        (libc::SOL_IP, libc::IP_TRANSPARENT) => "IP_TRANSPARENT",
+        (libc::SOL_IPV6, libc::IPV6_FREEBIND) => "IPV6_FREEBIND",
+        (libc::SOL_IPV6, libc::IPV6_TRANSPARENT) => "IPV6_TRANSPARENT",
+        _ => "other",
     }
 }
 
@@ -195,7 +221,7 @@ impl EventRecord {
             sock_type: e.sock_type,
             sock_protocol: e.sock_protocol,
             rate_key: {
-                let socket = e.hook == c::HOOK_SOCK_CREATE || e.hook == c::HOOK_SOCKET_FAMILY;
+                let socket = hook.is_socket();
                 c::RateKey {
                     cgroup_id: e.cgroup_id,
                     addr: e.addr,
@@ -208,7 +234,12 @@ impl EventRecord {
                     },
                     reason: e.reason,
                     family: e.family as u8,
-                    _pad: [0; 2],
+                    inbound: if e.hook == c::HOOK_INGRESS {
+                        c::HOOK_INGRESS
+                    } else {
+                        0
+                    },
+                    _pad: 0,
                 }
             },
         })
@@ -224,7 +255,7 @@ impl fmt::Display for EventRecord {
             self.pid,
             self.comm
         )?;
-        if self.hook == Hook::SockCreate || self.hook == Hook::SocketFamily {
+        if self.hook.is_socket() {
             write!(
                 f,
                 "socket family={} type={} protocol={}",

@@ -25,14 +25,15 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LsmCgroup,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupSockopt, LsmCgroup,
         links::{FdLink, PinnedLink},
     },
 };
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
-pub use event::{EventKind, EventReader, EventRecord, Hook, family_name};
+pub use event::{EventKind, EventReader, EventRecord, Hook, family_name, sockopt_name};
 
 use crate::{
     cgroup::{Cgroup, CgroupError},
@@ -65,6 +66,11 @@ pub enum DatapathError {
     Link {
         name: &'static str,
         source: Box<aya::programs::links::LinkError>,
+    },
+    #[error("attaching eBPF program {name}: {source}")]
+    Attach {
+        name: &'static str,
+        source: std::io::Error,
     },
     #[error("pinning {path}: {source}")]
     Pin {
@@ -263,6 +269,8 @@ fn attach_type(name: &str) -> u32 {
         c::PROG_GETPEERNAME4 => sys::ATTACH_INET4_GETPEERNAME,
         c::PROG_GETPEERNAME6 => sys::ATTACH_INET6_GETPEERNAME,
         c::PROG_EGRESS => sys::ATTACH_INET_EGRESS,
+        c::PROG_INGRESS => sys::ATTACH_INET_INGRESS,
+        c::PROG_SETSOCKOPT => sys::ATTACH_CGROUP_SETSOCKOPT,
         c::PROG_SOCKET_FAMILY => sys::ATTACH_LSM_CGROUP,
         _ => sys::ATTACH_INET_SOCK_CREATE,
     }
@@ -1390,8 +1398,13 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError
         if p.fd().is_err() {
             p.load().map_err(prog_err)?;
         }
-    } else if name == c::PROG_EGRESS {
+    } else if name == c::PROG_EGRESS || name == c::PROG_INGRESS {
         let p: &mut CgroupSkb = prog.try_into().map_err(prog_err)?;
+        if p.fd().is_err() {
+            p.load().map_err(prog_err)?;
+        }
+    } else if name == c::PROG_SETSOCKOPT {
+        let p: &mut CgroupSockopt = prog.try_into().map_err(prog_err)?;
         if p.fd().is_err() {
             p.load().map_err(prog_err)?;
         }
@@ -1471,6 +1484,22 @@ fn attach_all(
                 p.take_link(id).map_err(prog_err)?.into()
             } else if name == c::PROG_EGRESS {
                 load_attach!(CgroupSkb, CgroupSkbAttachType::Egress)
+            } else if name == c::PROG_INGRESS {
+                load_attach!(CgroupSkb, CgroupSkbAttachType::Ingress)
+            } else if name == c::PROG_SETSOCKOPT {
+                // aya 0.14 cannot hand out this program's link as an FdLink to pin.
+                let p: &mut CgroupSockopt = prog.try_into().map_err(prog_err)?;
+                let fd = p.fd().map_err(prog_err)?;
+                sys::attach_pinned_link(
+                    fd.as_fd(),
+                    cgroup_file.as_fd(),
+                    sys::ATTACH_CGROUP_SETSOCKOPT,
+                    &link_path,
+                )
+                .map_err(|source| DatapathError::Attach { name, source })?;
+                pinned_now.push(link_path);
+                report.attached += 1;
+                continue;
             } else {
                 load_attach!(CgroupSockAddr)
             };

@@ -11,6 +11,81 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+/// The link-create member of union bpf_attr (no target-specific part).
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    _rest: [u64; 4],
+}
+
+/// The pin member of union bpf_attr.
+#[repr(C)]
+#[derive(Default)]
+struct PinAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// Attaches `prog` to `cgroup` with a BPF link and pins the link at `pin`, for program types
+/// whose aya links cannot be pinned (cgroup sockopt in aya 0.14). The link lives as long as
+/// the pin: the descriptor made here is closed on return.
+pub fn attach_pinned_link(
+    prog: std::os::fd::BorrowedFd<'_>,
+    cgroup: std::os::fd::BorrowedFd<'_>,
+    attach_type: u32,
+    pin: &Path,
+) -> io::Result<()> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        ..Default::default()
+    };
+    // SAFETY: attr is a valid, zero-padded bpf_attr prefix that outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            &mut attr as *mut LinkCreateAttr,
+            std::mem::size_of::<LinkCreateAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor the kernel just returned, owned here.
+    let link = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let path = CString::new(pin.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = PinAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: link.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: attr points at a NUL-terminated path that outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &mut attr as *mut PinAttr,
+            std::mem::size_of::<PinAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 /// The element-operation member of union bpf_attr.
 #[repr(C)]
@@ -57,7 +132,9 @@ pub fn map_lookup_and_delete(
 }
 
 /// Attach types the datapath uses (enum bpf_attach_type).
+pub const ATTACH_INET_INGRESS: u32 = 0;
 pub const ATTACH_INET_EGRESS: u32 = 1;
+pub const ATTACH_CGROUP_SETSOCKOPT: u32 = 22;
 pub const ATTACH_LSM_CGROUP: u32 = 43;
 pub const ATTACH_INET_SOCK_CREATE: u32 = 2;
 pub const ATTACH_INET4_CONNECT: u32 = 10;

@@ -355,6 +355,7 @@ impl Learned {
                 fqdns: Vec::new(),
                 ports: r.ports.clone(),
                 protocol: r.protocol,
+                direction: r.direction,
                 expires: Some(r.expires.map_or(deadline, |e| e.min(deadline))),
             });
         }
@@ -608,6 +609,7 @@ mod tests {
             fqdns: vec![FqdnPattern::from_str("*.example.com").unwrap()],
             ports: vec!["443".parse().unwrap()],
             protocol: Protocol::Tcp,
+            direction: crate::policy::model::Direction::Egress,
             expires: None,
         };
         let rules = l.host_rules(1, std::slice::from_ref(&rule), &[]);

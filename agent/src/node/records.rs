@@ -79,6 +79,7 @@ type RunKey = (
     Option<String>,
     String,
     Option<String>,
+    Option<String>,
 );
 
 /// Flows folded since a run's first record was written.
@@ -135,6 +136,7 @@ impl Folder {
             r.protocol.clone(),
             r.verdict.clone(),
             r.reason.clone(),
+            r.direction.clone(),
         );
         if let Some(a) = self.runs.get_mut(&key) {
             a.pending = a.pending.saturating_add(r.count);
@@ -338,6 +340,7 @@ mod tests {
             dest: Some("192.0.2.1".parse().unwrap()),
             fqdn: None,
             port,
+            direction: None,
             protocol: Some("tcp".into()),
             rule: None,
             rule_id: None,

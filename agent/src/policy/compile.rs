@@ -126,7 +126,7 @@ pub fn compile_rules(rules: &[Rule], global_deny: &[IpNet]) -> Result<CompiledTr
                     found.push(PortEntry {
                         port_lo: r.lo,
                         port_hi: r.hi,
-                        proto: rule.protocol.mask(),
+                        proto: rule.direction.mask(rule.protocol),
                         prefix_len: q.len,
                         rule_id: rule.id,
                         expires_ns: rule.expires.map_or(0, |e| e.0),
@@ -186,6 +186,7 @@ mod tests {
             to: to.iter().map(|s| s.parse().unwrap()).collect(),
             ports: ports.iter().map(|s| s.parse().unwrap()).collect(),
             protocol,
+            direction: crate::policy::model::Direction::Egress,
             expires: None,
         }
     }

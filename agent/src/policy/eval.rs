@@ -6,7 +6,9 @@ use std::net::IpAddr;
 use agent_common as c;
 use ipnet::IpNet;
 
-use super::model::{IdentityStatus, IdentityView, Mode, Net, Protocol, Reason, Rule, UnknownFlows};
+use super::model::{
+    Direction, IdentityStatus, IdentityView, Mode, Net, Protocol, Reason, Rule, UnknownFlows,
+};
 use crate::clock::BootInstant;
 
 /// Who is asking: a cgroup bound to no identity, or an identity (whose state may be unknown to
@@ -91,7 +93,7 @@ pub fn evaluate_flow(
     let best = rules
         .iter()
         .filter(|r| r.expires.is_none_or(|e| now < e))
-        .filter(|r| r.protocol.mask() & proto.mask() != 0)
+        .filter(|r| r.direction == Direction::Egress && r.protocol.mask() & proto.mask() != 0)
         .filter(|r| r.ports.is_empty() || r.ports.iter().any(|p| p.contains(port)))
         .flat_map(|r| {
             r.to.iter()
@@ -174,6 +176,7 @@ mod tests {
             to: vec![to.parse().unwrap()],
             ports: ports.iter().map(|s| s.parse().unwrap()).collect(),
             protocol: Protocol::Any,
+            direction: crate::policy::model::Direction::Egress,
             expires: None,
         }
     }

@@ -7,7 +7,7 @@ use ipnet::IpNet;
 
 use super::{
     fqdn::{FqdnKind, FqdnPattern},
-    model::{Net, PortRange, Protocol},
+    model::{Direction, Net, PortRange, Protocol},
     source::{EffectiveRule, Origin, PolicySet},
 };
 
@@ -15,16 +15,16 @@ use super::{
 pub struct Warning {
     /// The document the warning is about.
     pub origin: Origin,
-    /// The rule's position in the document's `egress`, when it is about a rule.
-    pub index: Option<usize>,
+    /// The rule's section and position in the document, when it is about a rule.
+    pub index: Option<(Direction, usize)>,
     pub message: String,
 }
 
 impl fmt::Display for Warning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: warning: ", self.origin)?;
-        if let Some(i) = self.index {
-            write!(f, "egress[{i}]: ")?;
+        if let Some((d, i)) = self.index {
+            write!(f, "{d}[{i}]: ")?;
         }
         f.write_str(&self.message)
     }
@@ -62,6 +62,7 @@ fn covers(a: &EffectiveRule, b: &EffectiveRule) -> bool {
         (Some(x), Some(y)) => x >= y,
     };
     lasts
+        && a.rule.direction == b.rule.direction
         && proto_covers(a.rule.protocol, b.rule.protocol)
         && ports_cover(&a.rule.ports, &b.rule.ports)
         && nets_cover(&a.rule.to, &b.rule.to)
@@ -106,7 +107,7 @@ pub fn lint(set: &PolicySet) -> Vec<Warning> {
         for (i, r) in rules.iter().enumerate() {
             let warn = |message: String| Warning {
                 origin: r.source.origin.clone(),
-                index: Some(r.source.index),
+                index: Some((r.source.direction, r.source.index)),
                 message,
             };
             // Archetype rules are reported once, not once per agent that extends them.
@@ -130,7 +131,8 @@ pub fn lint(set: &PolicySet) -> Vec<Warning> {
                 }
             }
             let same = |o: &EffectiveRule| {
-                r.rule.to == o.rule.to
+                r.rule.direction == o.rule.direction
+                    && r.rule.to == o.rule.to
                     && r.rule.fqdns == o.rule.fqdns
                     && r.rule.ports == o.rule.ports
                     && r.rule.protocol == o.rule.protocol

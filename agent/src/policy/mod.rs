@@ -15,6 +15,6 @@ pub use compile::{CompileError, CompiledTrie, compile_rules};
 pub use eval::{Decision, Subject, Verdict, evaluate_flow, evaluate_socket};
 pub use fqdn::{FqdnError, FqdnKind, FqdnPattern};
 pub use model::{
-    DEFAULT_GLOBAL_DENY, IdentityStatus, IdentityView, Mode, Net, PortRange, Protocol, Reason,
-    Rule, UnknownFlows,
+    DEFAULT_GLOBAL_DENY, Direction, IdentityStatus, IdentityView, Mode, Net, PortRange, Protocol,
+    Reason, Rule, UnknownFlows,
 };

@@ -65,6 +65,35 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// Which way a rule lets traffic go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    /// Out: `to` are destinations and `ports` theirs.
+    #[default]
+    Egress,
+    /// In from outside the host: `to` are the peers allowed, `ports` the agent's own.
+    Ingress,
+}
+
+impl Direction {
+    /// The protocol bits a rule's entries carry in the shared trie.
+    pub fn mask(self, protocol: Protocol) -> u8 {
+        match self {
+            Self::Egress => protocol.mask(),
+            Self::Ingress => protocol.mask() << 2,
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Egress => "egress",
+            Self::Ingress => "ingress",
+        })
+    }
+}
+
 /// An inclusive port range; a single port has `lo == hi`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortRange {
@@ -244,6 +273,7 @@ pub struct Rule {
     /// Empty means any port.
     pub ports: Vec<PortRange>,
     pub protocol: Protocol,
+    pub direction: Direction,
     pub expires: Option<BootInstant>,
 }
 
@@ -329,6 +359,10 @@ pub enum Reason {
     SocketFamily,
     /// The kernel could not keep the socket's state (socket storage).
     NoStorage,
+    /// From outside the host, and no ingress rule allows it.
+    Inbound,
+    /// A socket option that would let the agent send from an address the host does not hold.
+    SocketOption,
 }
 
 impl Reason {
@@ -344,6 +378,8 @@ impl Reason {
             Self::PacketOptions => c::REASON_PACKET_OPTIONS,
             Self::SocketFamily => c::REASON_SOCKET_FAMILY,
             Self::NoStorage => c::REASON_NO_STORAGE,
+            Self::Inbound => c::REASON_INBOUND,
+            Self::SocketOption => c::REASON_SOCKET_OPTION,
         }
     }
 
@@ -359,6 +395,8 @@ impl Reason {
             c::REASON_PACKET_OPTIONS => Self::PacketOptions,
             c::REASON_SOCKET_FAMILY => Self::SocketFamily,
             c::REASON_NO_STORAGE => Self::NoStorage,
+            c::REASON_INBOUND => Self::Inbound,
+            c::REASON_SOCKET_OPTION => Self::SocketOption,
             _ => return None,
         })
     }
@@ -375,6 +413,8 @@ impl Reason {
             Self::PacketOptions => "IP options or IPv6 extension headers",
             Self::SocketFamily => "socket family not allowed",
             Self::NoStorage => "socket state could not be kept (kernel memory)",
+            Self::Inbound => "no ingress rule allows it",
+            Self::SocketOption => "socket option not allowed (non-local source addresses)",
         }
     }
 }

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     fqdn::FqdnPattern,
-    model::{Mode, PortRange, Protocol, Rule},
+    model::{Direction, Mode, PortRange, Protocol, Rule},
     schedule::{Schedule, Window},
 };
 use crate::clock::BootInstant;
@@ -105,6 +105,22 @@ impl<'de> Deserialize<'de> for DenyDest {
             Dest::Net(n) => Ok(DenyDest(n)),
             Dest::Name(_) => Err(de::Error::custom(format!(
                 "{s:?}: GlobalDeny takes addresses and CIDRs; a name is denied by leaving it out of every rule"
+            ))),
+        }
+    }
+}
+
+/// An ingress peer: addresses and CIDRs only (a name's addresses are learned from the agent's
+/// own lookups, which say nothing about who may connect in).
+struct PeerSpec(IpNet);
+
+impl<'de> Deserialize<'de> for PeerSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match parse_dest(&s).map_err(de::Error::custom)? {
+            Dest::Net(n) => Ok(PeerSpec(n)),
+            Dest::Name(_) => Err(de::Error::custom(format!(
+                "{s:?}: ingress peers are addresses and CIDRs, not names"
             ))),
         }
     }
@@ -215,6 +231,23 @@ impl<'de> Deserialize<'de> for ScheduleSpec {
     }
 }
 
+/// An `ingress` entry: who may reach which local ports.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIngressRule {
+    from: Vec<PeerSpec>,
+    #[serde(default)]
+    ports: Vec<PortSpec>,
+    #[serde(default)]
+    protocol: Option<ProtocolSpec>,
+    #[serde(default)]
+    expires: Option<Expires>,
+    #[serde(default)]
+    schedule: Option<ScheduleSpec>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRule {
@@ -267,6 +300,8 @@ struct RawAgentPolicy {
     dns: RawDns,
     #[serde(default)]
     egress: Vec<RawRule>,
+    #[serde(default)]
+    ingress: Vec<RawIngressRule>,
 }
 
 #[derive(Deserialize)]
@@ -279,6 +314,8 @@ struct RawArchetype {
     extends: Vec<String>,
     #[serde(default)]
     egress: Vec<RawRule>,
+    #[serde(default)]
+    ingress: Vec<RawIngressRule>,
 }
 
 #[derive(Deserialize)]
@@ -312,15 +349,19 @@ pub struct RuleSource {
     /// Boxed: few rules have one, and every rule pays for the field.
     pub schedule: Option<Box<Schedule>>,
     pub reason: Option<Box<str>>,
-    /// The document the rule is in, and its position in that document's `egress`.
+    /// `egress` (`to` are destinations) or `ingress` (`to` are the peers allowed in, and
+    /// `ports` local ports).
+    pub direction: Direction,
+    /// The document the rule is in, and its position in that document's `egress` or
+    /// `ingress`.
     pub origin: Origin,
     pub index: usize,
 }
 
 impl RuleSource {
-    /// "file:line egress[i]", for messages.
+    /// "file:line egress[i]" (or ingress[i]), for messages.
     pub fn place(&self) -> String {
-        format!("{} egress[{}]", self.origin, self.index)
+        format!("{} {}[{}]", self.origin, self.direction, self.index)
     }
 }
 
@@ -329,6 +370,7 @@ pub struct Archetype {
     pub name: String,
     pub extends: Vec<String>,
     pub egress: Vec<RuleSource>,
+    pub ingress: Vec<RuleSource>,
     pub origin: Origin,
 }
 
@@ -341,6 +383,8 @@ pub struct AgentPolicy {
     /// What it may resolve beyond its name rules, and which query types.
     pub dns: super::names::DnsSection,
     pub egress: Vec<RuleSource>,
+    /// Who may reach its listeners and sockets from outside the host.
+    pub ingress: Vec<RuleSource>,
     pub origin: Origin,
 }
 
@@ -495,11 +539,30 @@ fn rules(raw: Vec<RawRule>, origin: &Origin) -> Vec<RuleSource> {
             expires: r.expires.map(|e| e.0),
             schedule: r.schedule.map(|s| Box::new(s.0)),
             reason: r.reason.map(String::into_boxed_str),
+            direction: Direction::Egress,
             origin: origin.clone(),
             index,
         }
     }));
     out
+}
+
+fn ingress_rules(raw: Vec<RawIngressRule>, origin: &Origin) -> Vec<RuleSource> {
+    raw.into_iter()
+        .enumerate()
+        .map(|(index, r)| RuleSource {
+            to: r.from.iter().map(|p| p.0).collect(),
+            fqdns: Vec::new(),
+            ports: r.ports.into_iter().map(|p| p.0).collect(),
+            protocol: r.protocol.map_or(Protocol::Any, |p| p.0),
+            expires: r.expires.map(|e| e.0),
+            schedule: r.schedule.map(|s| Box::new(s.0)),
+            reason: r.reason.map(String::into_boxed_str),
+            direction: Direction::Ingress,
+            origin: origin.clone(),
+            index,
+        })
+        .collect()
 }
 
 /// Reads and validates every `*.yaml` / `*.yml` file in `dir`.
@@ -571,6 +634,7 @@ fn parse_document(
                     types: raw.dns.types.into_iter().map(|t| t.0).collect(),
                 },
                 egress: rules(raw.egress, &origin),
+                ingress: ingress_rules(raw.ingress, &origin),
                 origin,
             }))
         }
@@ -581,6 +645,7 @@ fn parse_document(
                 name: raw.name,
                 extends: raw.extends,
                 egress: rules(raw.egress, &origin),
+                ingress: ingress_rules(raw.ingress, &origin),
                 origin,
             }))
         }
@@ -852,6 +917,7 @@ fn compile_source(src: &RuleSource, id: u32, now: std::time::SystemTime) -> Rule
         fqdns: src.fqdns.clone(),
         ports: src.ports.to_vec(),
         protocol: src.protocol,
+        direction: src.direction,
         expires: deadline.map(BootInstant::from_system_time),
     }
 }
@@ -919,7 +985,9 @@ impl PolicySet {
     }
 
     /// The sources of an agent's effective rules in rule-id order (each archetype once, depth
-    /// first, in `extends` order, before the agent's own rules), with where each came from.
+    /// first, in `extends` order, before the agent's own rules; every egress rule before the
+    /// first ingress rule, so adding ingress rules never renumbers egress ones), with where
+    /// each came from.
     pub fn rule_sources<'a>(
         &'a self,
         agent: &'a AgentPolicy,
@@ -929,22 +997,31 @@ impl PolicySet {
             extends: &'a [String],
             seen: &mut BTreeSet<&'a str>,
             out: &mut Vec<(RuleOwner<'a>, &'a RuleSource)>,
+            ingress: bool,
         ) {
             for name in extends {
                 if !seen.insert(name.as_str()) {
                     continue;
                 }
                 if let Some(a) = set.archetypes.get(name) {
-                    layer(set, &a.extends, seen, out);
-                    out.extend(a.egress.iter().map(|r| (RuleOwner::Archetype(name), r)));
+                    layer(set, &a.extends, seen, out, ingress);
+                    let rules = if ingress { &a.ingress } else { &a.egress };
+                    out.extend(rules.iter().map(|r| (RuleOwner::Archetype(name), r)));
                 }
             }
         }
         let mut out = Vec::new();
-        layer(self, &agent.extends, &mut BTreeSet::new(), &mut out);
+        layer(self, &agent.extends, &mut BTreeSet::new(), &mut out, false);
         out.extend(
             agent
                 .egress
+                .iter()
+                .map(|r| (RuleOwner::Agent(&agent.name), r)),
+        );
+        layer(self, &agent.extends, &mut BTreeSet::new(), &mut out, true);
+        out.extend(
+            agent
+                .ingress
                 .iter()
                 .map(|r| (RuleOwner::Agent(&agent.name), r)),
         );
@@ -965,8 +1042,12 @@ impl PolicySet {
     ) -> Option<std::time::SystemTime> {
         self.agents
             .iter()
-            .flat_map(|a| a.egress.iter())
-            .chain(self.archetypes.values().flat_map(|a| a.egress.iter()))
+            .flat_map(|a| a.egress.iter().chain(&a.ingress))
+            .chain(
+                self.archetypes
+                    .values()
+                    .flat_map(|a| a.egress.iter().chain(&a.ingress)),
+            )
             .filter_map(|r| r.schedule.as_ref())
             .filter_map(|s| match s.at(now) {
                 Window::Open { until } => Some(until),
@@ -1117,6 +1198,70 @@ egress:
             "built-in default when no GlobalDeny"
         );
         assert!(set.unused_archetypes().is_empty());
+    }
+
+    #[test]
+    fn ingress_rules_follow_every_egress_rule_and_take_addresses_only() {
+        let text = "\
+kind: Archetype
+name: served
+ingress:
+  - from: [198.51.100.0/24]
+    ports: [8443]
+    protocol: tcp
+---
+kind: AgentPolicy
+name: bot
+identity: spiffe://example.org/agent/bot
+extends: [served]
+egress:
+  - to: [192.0.2.1]
+    ports: [443]
+ingress:
+  - from: [192.0.2.0/24, 2001:db8::/32]
+    ports: [8080, \"9000-9100\"]
+";
+        let set = parse(&[("a.yaml", text)]).unwrap();
+        let rules = set.effective_rules(&set.agents[0]);
+        let got: Vec<(u32, Direction, String)> = rules
+            .iter()
+            .map(|r| (r.rule.id, r.rule.direction, r.source.place()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (1, Direction::Egress, "a.yaml:8 egress[0]".to_owned()),
+                (2, Direction::Ingress, "a.yaml:1 ingress[0]".to_owned()),
+                (3, Direction::Ingress, "a.yaml:8 ingress[0]".to_owned()),
+            ]
+        );
+        assert_eq!(rules[2].rule.protocol, Protocol::Any);
+        assert_eq!(rules[2].rule.ports.len(), 2);
+        let trie = super::super::compile::compile_rules(
+            &set.rules_at(&set.agents[0], std::time::SystemTime::now()),
+            &[],
+        )
+        .unwrap();
+        let masks: BTreeSet<u8> = trie
+            .entries
+            .iter()
+            .flat_map(|(_, s)| s.entries[..s.count as usize].iter().map(|e| e.proto))
+            .collect();
+        assert_eq!(
+            masks,
+            BTreeSet::from([
+                agent_common::PROTO_ANY,
+                agent_common::PROTO_IN_TCP,
+                agent_common::PROTO_IN_TCP | agent_common::PROTO_IN_UDP
+            ])
+        );
+        let bad = text.replace("[192.0.2.0/24, 2001:db8::/32]", "[peer.example.com]");
+        assert_eq!(
+            errors(&[("a.yaml", &bad)]),
+            [
+                "a.yaml:16:12: ingress[0].from: \"peer.example.com\": ingress peers are addresses and CIDRs, not names"
+            ]
+        );
     }
 
     #[test]

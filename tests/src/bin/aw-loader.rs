@@ -25,6 +25,7 @@ fn main() {
             to: vec!["192.0.2.0/24".parse().unwrap()],
             ports: vec!["443".parse().unwrap()],
             protocol: Protocol::Tcp,
+            direction: agentwall::policy::Direction::Egress,
             expires: None,
         }],
     )

@@ -316,6 +316,23 @@ fn v6(ip: &str) -> Result<std::net::Ipv6Addr, String> {
 }
 
 /// Connections kept open by `hold`.
+/// UDP sockets bound by `udp-bind`, by local port.
+fn bound_udp() -> std::sync::MutexGuard<'static, Vec<(u16, std::net::UdpSocket)>> {
+    static BOUND: std::sync::Mutex<Vec<(u16, std::net::UdpSocket)>> =
+        std::sync::Mutex::new(Vec::new());
+    BOUND.lock().expect("bound lock")
+}
+
+/// The socket `udp-bind` bound to local port `port`.
+fn bound_on(port: &str) -> Result<std::net::UdpSocket, String> {
+    let port: u16 = port.parse().map_err(|e| format!("bad port {port}: {e}"))?;
+    bound_udp()
+        .iter()
+        .find(|(p, _)| *p == port)
+        .map(|(_, s)| s.try_clone().expect("clone"))
+        .ok_or_else(|| format!("nothing bound on {port}"))
+}
+
 fn held() -> std::sync::MutexGuard<'static, Vec<OwnedFd>> {
     static HELD: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());
     HELD.lock().expect("held lock")
@@ -650,6 +667,42 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             }
             Err(e) => format!("err {}", errno_name(e)),
         },
+        ["udp-bind", ip, port] => match std::net::UdpSocket::bind(sa(ip, port)?) {
+            Ok(s) => {
+                let p = s.local_addr().map_err(|e| e.to_string())?.port();
+                bound_udp().push((p, s));
+                "ok".into()
+            }
+            Err(e) => format!("err {}", errno_name(e.raw_os_error().unwrap_or(0))),
+        },
+        // Sends from the socket bound on `lport`, so a reply comes back to it.
+        ["udp-send", lport, ip, port] => {
+            let s = bound_on(lport)?;
+            match s.send_to(b"probe", sa(ip, port)?) {
+                Ok(_) => "ok".into(),
+                Err(e) => format!("err {}", errno_name(e.raw_os_error().unwrap_or(0))),
+            }
+        }
+        // The next datagram on the socket bound on `lport`: "from ADDR PAYLOAD", or "timeout".
+        ["udp-recv", lport, ms] => {
+            let s = bound_on(lport)?;
+            let ms: u64 = ms.parse().map_err(|e| format!("bad timeout: {e}"))?;
+            s.set_read_timeout(Some(std::time::Duration::from_millis(ms)))
+                .map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 512];
+            match s.recv_from(&mut buf) {
+                Ok((n, from)) => format!("from {from} {}", String::from_utf8_lossy(&buf[..n])),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    "timeout".into()
+                }
+                Err(e) => format!("err {}", errno_name(e.raw_os_error().unwrap_or(0))),
+            }
+        }
         ["connect-loop", proto, ip, port, n] => {
             kind(proto)?;
             let addr = sa(ip, port)?;
@@ -798,6 +851,29 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 .map_err(|e| format!("socket: {}", errno_name(e)))?;
             if let Err(e) = setsockopt_bytes(&s, libc::IPPROTO_IP, libc::IP_OPTIONS, &opts) {
                 return Ok(format!("setsockopt {}", errno_name(e)));
+            }
+            sendto_one(&s, addr)
+        }
+        // A datagram to ip:port from `src`, an address this host does not hold, with the
+        // option that allows binding one (IP_FREEBIND / IPV6_FREEBIND). Answers the first
+        // step that fails.
+        ["spoof", src, ip, port] => {
+            let addr = sa(ip, port)?;
+            let from = sa(src, "0")?;
+            let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+                .map_err(|e| format!("socket: {}", errno_name(e)))?;
+            let (level, name) = if addr.is_ipv4() {
+                (libc::IPPROTO_IP, libc::IP_FREEBIND)
+            } else {
+                (libc::IPPROTO_IPV6, libc::IPV6_FREEBIND)
+            };
+            if let Err(e) = setsockopt_bytes(&s, level, name, &1i32.to_ne_bytes()) {
+                return Ok(format!("setsockopt {}", errno_name(e)));
+            }
+            let (ss, len) = sockaddr(from);
+            // SAFETY: valid fd and address.
+            if unsafe { libc::bind(s.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
+                return Ok(format!("bind {}", errno_name(last_err())));
             }
             sendto_one(&s, addr)
         }

@@ -64,6 +64,7 @@ fn rules_with(n: usize, filler_port: u16) -> Vec<Rule> {
                     .unwrap(),
             ],
             protocol: Protocol::Tcp,
+            direction: agentwall::policy::Direction::Egress,
             expires: None,
         })
         .collect()
@@ -450,6 +451,7 @@ pub fn run(iterations: usize) {
         fqdns: Vec::new(),
         ports: vec![(PORT + 1).to_string().parse().unwrap()],
         protocol: Protocol::Udp,
+        direction: agentwall::policy::Direction::Egress,
         expires: None,
     });
     dp.set_rules(1, &u_rules).unwrap();
@@ -486,6 +488,7 @@ pub fn run(iterations: usize) {
                         fqdns: Vec::new(),
                         ports: vec!["443".parse().unwrap()],
                         protocol: Protocol::Tcp,
+                        direction: agentwall::policy::Direction::Egress,
                         expires: None,
                     })
                     .collect(),

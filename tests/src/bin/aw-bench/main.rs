@@ -65,6 +65,7 @@ fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
         to: vec!["127.0.0.1/32".parse().unwrap()],
         ports: vec![PORT.to_string().parse().unwrap()],
         protocol: Protocol::Any,
+        direction: agentwall::policy::Direction::Egress,
         expires: None,
     }];
     for i in 1..n as u32 {
@@ -77,6 +78,7 @@ fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
             to: vec![IpNet::V4(Ipv4Net::new(addr, len).unwrap().trunc())],
             ports: vec!["443".parse().unwrap()],
             protocol: Protocol::Tcp,
+            direction: agentwall::policy::Direction::Egress,
             expires: None,
         });
     }
