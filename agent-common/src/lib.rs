@@ -51,8 +51,14 @@ pub const PROG_INGRESS: &str = "aw_ingress";
 pub const PROG_SETSOCKOPT: &str = "aw_setsockopt";
 /// BPF LSM (`lsm_cgroup/socket_create`): optional, where the kernel's LSM list has `bpf`.
 pub const PROG_SOCKET_FAMILY: &str = "aw_socket_family";
+/// BPF LSM (`lsm_cgroup/socket_setsockopt`): with the socket-family program, the LSM line.
+/// Where it runs, it replaces `aw_setsockopt`, which compat system calls skip.
+pub const PROG_LSM_SETSOCKOPT: &str = "aw_lsm_setsockopt";
 
-pub const ALL_PROGRAMS: [&str; 13] = [
+/// The BPF LSM programs: loaded and attached together, or not at all.
+pub const LSM_PROGRAMS: [&str; 2] = [PROG_SOCKET_FAMILY, PROG_LSM_SETSOCKOPT];
+
+pub const ALL_PROGRAMS: [&str; 14] = [
     PROG_CONNECT4,
     PROG_CONNECT6,
     PROG_SENDMSG4,
@@ -66,6 +72,7 @@ pub const ALL_PROGRAMS: [&str; 13] = [
     PROG_INGRESS,
     PROG_SETSOCKOPT,
     PROG_SOCKET_FAMILY,
+    PROG_LSM_SETSOCKOPT,
 ];
 
 /// Capacity of the identity table; identity 0 is reserved (it means "no identity" in event

@@ -209,6 +209,12 @@ pub fn aw_setsockopt(ctx: SockoptContext) -> i32 {
     try_setsockopt(&ctx)
 }
 
+/// The same, where the kernel runs BPF LSM programs: compat system calls included.
+#[lsm_cgroup(hook = "socket_setsockopt")]
+pub fn aw_lsm_setsockopt(ctx: LsmContext) -> i32 {
+    try_lsm_setsockopt(&ctx)
+}
+
 #[cgroup_sock_addr(recvmsg4)]
 pub fn aw_recvmsg4(ctx: SockAddrContext) -> i32 {
     try_restore(&ctx, false)
@@ -663,20 +669,33 @@ fn try_setsockopt(ctx: &SockoptContext) -> i32 {
     // SAFETY: the kernel hands sockopt programs a valid bpf_sockopt; the verifier checks each
     // field access.
     let (level, optname, optlen) = unsafe { ((*so).level, (*so).optname, (*so).optlen) };
+    let verdict = judge_sockopt(level, optname);
+    if verdict == ALLOW && optlen > PAGE_SIZE {
+        // SAFETY: setsockopt programs may write optlen.
+        unsafe { (*so).optlen = 0 };
+    }
+    verdict
+}
+
+/// The same judgement on the BPF LSM's `socket_setsockopt(sock, level, optname)`, which the
+/// kernel also calls for compat (32-bit) system calls; the cgroup hook does not run for those.
+#[inline(always)]
+fn try_lsm_setsockopt(ctx: &LsmContext) -> i32 {
+    let level: i32 = ctx.arg(1);
+    let optname: i32 = ctx.arg(2);
+    judge_sockopt(level, optname)
+}
+
+/// Refuses a governed task the options that bind non-local addresses, with a record.
+#[inline(always)]
+fn judge_sockopt(level: i32, optname: i32) -> i32 {
     let refused = (level == SOL_IP && (optname == IP_FREEBIND || optname == IP_TRANSPARENT))
         || (level == SOL_IPV6 && (optname == IPV6_FREEBIND || optname == IPV6_TRANSPARENT));
     if !refused {
-        if optlen > PAGE_SIZE {
-            // SAFETY: setsockopt programs may write optlen.
-            unsafe { (*so).optlen = 0 };
-        }
         return ALLOW;
     }
     let leaf = unsafe { bpf_get_current_cgroup_id() };
     let Some((_, binding)) = find_binding(leaf) else {
-        if optlen > PAGE_SIZE {
-            unsafe { (*so).optlen = 0 };
-        }
         return ALLOW;
     };
     let identity = binding.identity;

@@ -17,6 +17,7 @@ pub mod http;
 pub mod identity;
 pub mod logging;
 pub mod metrics;
+pub mod native;
 pub mod node;
 pub mod pem;
 pub mod policy;

@@ -436,6 +436,10 @@ fn a_governed_agent_sends_only_from_addresses_the_host_holds() {
     let attempts = [
         format!("spoof 2001:db8::99 {PEER_V6} 9000"),
         format!("spoof 192.0.2.99 {PEER_V4} 9000"),
+        // The 32-bit gate, which the cgroup setsockopt hook never sees: launch refuses the
+        // agent every compat system call.
+        format!("spoof32 2001:db8::99 {PEER_V6} 9000"),
+        format!("spoof32 192.0.2.99 {PEER_V4} 9000"),
     ];
     for a in &attempts {
         assert_eq!(agent.cmd(a), "setsockopt EPERM", "{a}");
@@ -459,9 +463,14 @@ fn a_governed_agent_sends_only_from_addresses_the_host_holds() {
         );
         assert_eq!(r["identity"], ID, "{r:#}");
     }
-    // Not the agent's: an unenrolled process is not held to it.
-    assert_eq!(
-        fx.helper.cmd(&format!("spoof 2001:db8::99 {PEER_V6} 9000")),
-        "ok"
-    );
+    // Not the agent's: an unenrolled process is not held to it, and this kernel does take
+    // the 32-bit gate (so the agent's refusal above is the filter's, not a missing gate).
+    for probe in ["spoof", "spoof32"] {
+        assert_eq!(
+            fx.helper
+                .cmd(&format!("{probe} 2001:db8::99 {PEER_V6} 9000")),
+            "ok",
+            "{probe}"
+        );
+    }
 }

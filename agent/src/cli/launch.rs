@@ -94,6 +94,11 @@ pub fn run(args: Args) -> ExitCode {
         eprintln!("agentwall launch: cannot keep inherited descriptors from the agent: {e}");
         return ExitCode::from(2);
     }
+    // Compat system calls pass the cgroup setsockopt hook unjudged.
+    if let Err(e) = agentwall::native::native_syscalls_only() {
+        eprintln!("agentwall launch: {e}");
+        return ExitCode::from(2);
+    }
     let err = cmd.exec();
     eprintln!(
         "agentwall launch: cannot run {}: {err}",

@@ -213,7 +213,9 @@ pub enum SocketFamilies {
     /// Every family but unix, netlink, inet and inet6 is refused to governed agents.
     Enforced,
     /// The kernel runs no BPF LSM programs here (the reason); only inet sockets are judged
-    /// (`sock_create`), and other families rely on the agent lacking capabilities.
+    /// (`sock_create`), and other families rely on the agent lacking capabilities. Socket
+    /// options are judged by the cgroup hook, which compat (32-bit) system calls skip:
+    /// `launch` refuses those to the agent.
     Unenforced(String),
 }
 
@@ -221,6 +223,15 @@ pub enum SocketFamilies {
 impl Default for SocketFamilies {
     fn default() -> Self {
         Self::Unenforced("not reported".into())
+    }
+}
+
+/// The LSM hook an `lsm_cgroup` program attaches to.
+fn lsm_hook(name: &str) -> &'static str {
+    if name == c::PROG_LSM_SETSOCKOPT {
+        "socket_setsockopt"
+    } else {
+        "socket_create"
     }
 }
 
@@ -271,7 +282,7 @@ fn attach_type(name: &str) -> u32 {
         c::PROG_EGRESS => sys::ATTACH_INET_EGRESS,
         c::PROG_INGRESS => sys::ATTACH_INET_INGRESS,
         c::PROG_SETSOCKOPT => sys::ATTACH_CGROUP_SETSOCKOPT,
-        c::PROG_SOCKET_FAMILY => sys::ATTACH_LSM_CGROUP,
+        c::PROG_SOCKET_FAMILY | c::PROG_LSM_SETSOCKOPT => sys::ATTACH_LSM_CGROUP,
         _ => sys::ATTACH_INET_SOCK_CREATE,
     }
 }
@@ -1369,12 +1380,13 @@ fn load_programs(
         if links_dir.join(name).exists() {
             continue;
         }
-        if name == c::PROG_SOCKET_FAMILY {
+        if c::LSM_PROGRAMS.contains(&name) {
             if *families == SocketFamilies::Enforced
                 && let Err(e) = load_program(ebpf, name)
             {
                 *families = SocketFamilies::Unenforced(format!(
-                    "the kernel refused the BPF LSM socket_create program: {e}"
+                    "the kernel refused the BPF LSM {} program: {e}",
+                    lsm_hook(name)
                 ));
             }
             continue;
@@ -1408,14 +1420,14 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError
         if p.fd().is_err() {
             p.load().map_err(prog_err)?;
         }
-    } else if name == c::PROG_SOCKET_FAMILY {
+    } else if c::LSM_PROGRAMS.contains(&name) {
         let p: &mut LsmCgroup = prog.try_into().map_err(prog_err)?;
         if p.fd().is_err() {
             let btf = aya::Btf::from_sys_fs().map_err(|e| DatapathError::Program {
                 name,
                 source: Box::new(aya::programs::ProgramError::Btf(e)),
             })?;
-            p.load("socket_create", &btf).map_err(prog_err)?;
+            p.load(lsm_hook(name), &btf).map_err(prog_err)?;
         }
     } else {
         let p: &mut CgroupSockAddr = prog.try_into().map_err(prog_err)?;
@@ -1451,7 +1463,11 @@ fn attach_all(
                 report.adopted += 1;
                 continue;
             }
-            if name == c::PROG_SOCKET_FAMILY && *families != SocketFamilies::Enforced {
+            // One line judges socket options: the LSM's where it runs (it sees compat system
+            // calls too), the cgroup hook's elsewhere. Never both, so nothing is recorded
+            // twice.
+            let lsm = *families == SocketFamilies::Enforced;
+            if (c::LSM_PROGRAMS.contains(&name) && !lsm) || (name == c::PROG_SETSOCKOPT && lsm) {
                 continue;
             }
             // Loaded by load_programs, unless its pin vanished since.
@@ -1478,7 +1494,7 @@ fn attach_all(
             }
             let link: FdLink = if name == c::PROG_SOCK_CREATE {
                 load_attach!(CgroupSock)
-            } else if name == c::PROG_SOCKET_FAMILY {
+            } else if c::LSM_PROGRAMS.contains(&name) {
                 let p: &mut LsmCgroup = prog.try_into().map_err(prog_err)?;
                 let id = p.attach(&cgroup_file).map_err(prog_err)?;
                 p.take_link(id).map_err(prog_err)?.into()
@@ -1527,7 +1543,7 @@ pub fn attached_programs(cgroup: &Path) -> Result<Vec<u32>, DatapathError> {
         match sys::prog_query(cgroup, attach_type(name)) {
             Ok(found) => ids.extend(found),
             // A kernel without lsm_cgroup has nothing attached there to find.
-            Err(_) if name == c::PROG_SOCKET_FAMILY => {}
+            Err(_) if c::LSM_PROGRAMS.contains(&name) => {}
             Err(e) => return Err(io_err(cgroup)(e)),
         }
     }

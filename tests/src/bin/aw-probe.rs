@@ -316,6 +316,47 @@ fn v6(ip: &str) -> Result<std::net::Ipv6Addr, String> {
 }
 
 /// Connections kept open by `hold`.
+/// setsockopt(fd, level, name, &value, 4) through the i386 system call gate; the kernel's
+/// return value (a negative errno on failure).
+#[cfg(target_arch = "x86_64")]
+fn compat_setsockopt(fd: i32, level: i32, name: i32, value: i32) -> i32 {
+    const I386_SETSOCKOPT: i32 = 366;
+    // SAFETY: an anonymous page below 4 GiB, where a 32-bit pointer can reach it.
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_32BIT,
+            -1,
+            0,
+        )
+    };
+    if page == libc::MAP_FAILED {
+        return -last_err();
+    }
+    // SAFETY: the page is ours and writable.
+    unsafe { *page.cast::<i32>() = value };
+    let mut ret = I386_SETSOCKOPT;
+    // SAFETY: a system call through the compat gate with 32-bit arguments; LLVM reserves rbx,
+    // so the first argument is swapped in and out around the call.
+    unsafe {
+        std::arch::asm!(
+            "xchg {fd:e}, ebx",
+            "int 0x80",
+            "xchg {fd:e}, ebx",
+            fd = inout(reg) fd => _,
+            inout("eax") ret,
+            in("ecx") level,
+            in("edx") name,
+            in("esi") page as u32,
+            in("edi") 4,
+        );
+        libc::munmap(page, 4096);
+    }
+    ret
+}
+
 /// UDP sockets bound by `udp-bind`, by local port.
 fn bound_udp() -> std::sync::MutexGuard<'static, Vec<(u16, std::net::UdpSocket)>> {
     static BOUND: std::sync::Mutex<Vec<(u16, std::net::UdpSocket)>> =
@@ -869,6 +910,29 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             };
             if let Err(e) = setsockopt_bytes(&s, level, name, &1i32.to_ne_bytes()) {
                 return Ok(format!("setsockopt {}", errno_name(e)));
+            }
+            let (ss, len) = sockaddr(from);
+            // SAFETY: valid fd and address.
+            if unsafe { libc::bind(s.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
+                return Ok(format!("bind {}", errno_name(last_err())));
+            }
+            sendto_one(&s, addr)
+        }
+        // The same, with the option set through the 32-bit system call gate (`int 0x80`),
+        // which the kernel's cgroup setsockopt hook does not see.
+        ["spoof32", src, ip, port] => {
+            let addr = sa(ip, port)?;
+            let from = sa(src, "0")?;
+            let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+                .map_err(|e| format!("socket: {}", errno_name(e)))?;
+            let (level, name) = if addr.is_ipv4() {
+                (libc::IPPROTO_IP, libc::IP_FREEBIND)
+            } else {
+                (libc::IPPROTO_IPV6, libc::IPV6_FREEBIND)
+            };
+            let rc = compat_setsockopt(s.as_raw_fd(), level, name, 1);
+            if rc < 0 {
+                return Ok(format!("setsockopt {}", errno_name(-rc)));
             }
             let (ss, len) = sockaddr(from);
             // SAFETY: valid fd and address.
