@@ -20,9 +20,10 @@ pub const MAP_RULE_HITS: &str = "AW_RULE_HITS";
 pub const MAP_SOCKS: &str = "AW_SOCKS";
 pub const MAP_UNKNOWN_EVENTS: &str = "AW_UNKNOWN_EVENTS";
 pub const MAP_UNKNOWN_RATE: &str = "AW_UNKNOWN_RATE";
+pub const MAP_RECORD_USAGE: &str = "AW_RECORD_USAGE";
 
 /// Every map the programs use, in a stable order (pinning, adoption and teardown walk it).
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     MAP_BINDINGS,
     MAP_IDENTITIES,
     MAP_RULES,
@@ -35,6 +36,7 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_SOCKS,
     MAP_UNKNOWN_EVENTS,
     MAP_UNKNOWN_RATE,
+    MAP_RECORD_USAGE,
 ];
 
 pub const PROG_CONNECT4: &str = "aw_connect4";
@@ -91,6 +93,13 @@ pub const UNKNOWN_EVENTS_RING_BYTES: u32 = 256 * 1024;
 pub const DROPS_GOVERNED: u32 = 0;
 pub const DROPS_UNKNOWN: u32 = 1;
 pub const RATE_ENTRIES: u32 = 16384;
+/// Reserved room in the governed ring: once this much of it waits unread, an identity that
+/// has written `LOUD_RECORDS` records in the current `RECORD_WINDOW_NS` writes no more there
+/// (counted as dropped), so one identity's flood of distinct flows leaves room for every
+/// other identity's records.
+pub const RESERVED_RING_QUARTERS: u64 = 1;
+pub const LOUD_RECORDS: u64 = 512;
+pub const RECORD_WINDOW_NS: u64 = 1_000_000_000;
 /// Identical events inside this window are counted instead of written again.
 pub const DEFAULT_RATE_WINDOW_NS: u64 = 1_000_000_000;
 /// Rules whose hits the kernel counts (LRU: the least recently hit go first when full).
@@ -395,6 +404,16 @@ pub struct RateKey {
     pub _pad: u8,
 }
 
+/// Value of `AW_RECORD_USAGE` (index: identity): governed records written in the current
+/// window. Plain stores for the window, an atomic add for the count: approximate at a window's
+/// edge, which a fairness threshold can afford.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordUsage {
+    pub window_start_ns: u64,
+    pub written: u64,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RateState {
@@ -423,6 +442,7 @@ mod pod {
     unsafe impl aya::Pod for RateState {}
     unsafe impl aya::Pod for DnsOrigin {}
     unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for RecordUsage {}
 }
 
 // Layout guards: the kernel and userspace must agree on these sizes byte for byte.

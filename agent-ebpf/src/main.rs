@@ -15,11 +15,12 @@ use agent_common::{
     EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY, EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES, Event,
     HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS, HOOK_INGRESS, HOOK_SENDMSG4, HOOK_SENDMSG6,
     HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCKET_FAMILY, IDENTITY_ACTIVE, IdentityState,
-    LOOPBACK_IFINDEX, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES, MAX_PORT_ENTRIES,
-    MODE_AUDIT, PROTO_TCP, PROTO_UDP, RATE_ENTRIES, REASON_EXPIRED, REASON_GLOBAL_DENY,
-    REASON_INBOUND, REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS,
-    REASON_REVOKED, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION, REASON_SOCKET_TYPE, REASON_UNBOUND,
-    REASON_WIRE, RULE_HIT_ENTRIES, RateKey, RateState, RuleSet, SOCK_DEST_CONNECTED,
+    LOOPBACK_IFINDEX, LOUD_RECORDS, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES,
+    MAX_PORT_ENTRIES, MODE_AUDIT, PROTO_TCP, PROTO_UDP, RATE_ENTRIES, REASON_EXPIRED,
+    REASON_GLOBAL_DENY, REASON_INBOUND, REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE,
+    REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION,
+    REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE, RECORD_WINDOW_NS, RESERVED_RING_QUARTERS,
+    RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage, RuleSet, SOCK_DEST_CONNECTED,
     SOCK_DEST_SENT, SOCK_DESTS, SockState, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE,
     dns_proxy_addr, dns_proxy_addr6, rule_hit_key,
 };
@@ -37,8 +38,8 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_socket_cookie,
         bpf_ktime_get_boot_ns,
         generated::{
-            bpf_get_socket_uid, bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id,
-            bpf_skb_load_bytes,
+            bpf_get_socket_uid, bpf_ringbuf_query, bpf_sk_fullsock, bpf_sk_storage_get,
+            bpf_skb_cgroup_id, bpf_skb_load_bytes,
         },
     },
     macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, lsm_cgroup},
@@ -82,6 +83,10 @@ static AW_UNKNOWN_EVENTS: RingBuf<Event, { UNKNOWN_EVENTS_RING_BYTES as usize }>
 /// Slot DROPS_GOVERNED / DROPS_UNKNOWN: records that found their ring buffer full.
 #[btf_map]
 static AW_EVENT_DROPS: PerCpuArray<u64, 2> = PerCpuArray::new();
+/// Governed records each identity wrote in the current window: the loud one loses the reserved
+/// room of the governed ring first.
+#[btf_map]
+static AW_RECORD_USAGE: Array<RecordUsage, { MAX_IDENTITIES as usize }> = Array::new();
 /// Rate-limit state of governed records; unbound cgroups have their own table, so their flood
 /// never evicts a governed identity's counts.
 #[btf_map]
@@ -1540,7 +1545,7 @@ fn report_to<const RING: usize, const RATE: usize>(
             suppressed = atomic_xchg(&raw mut (*st).suppressed, 0);
         }
     }
-    let Some(mut entry) = ring.reserve(0) else {
+    let dropped = || {
         if let Some(st) = state {
             // SAFETY: as above. The count goes back for the next record to carry.
             unsafe { atomic_add(&raw mut (*st).suppressed, suppressed) };
@@ -1549,6 +1554,13 @@ fn report_to<const RING: usize, const RATE: usize>(
             // SAFETY: per-CPU slot, this CPU only.
             unsafe { *drops += 1 };
         }
+    };
+    if drop_slot == DROPS_GOVERNED && loud(ring, identity, now) {
+        dropped();
+        return;
+    }
+    let Some(mut entry) = ring.reserve(0) else {
+        dropped();
         return;
     };
     let (pid_tgid, uid_gid, comm) = match who {
@@ -1605,6 +1617,34 @@ fn report_to<const RING: usize, const RATE: usize>(
             );
         }
     }
+}
+
+/// Counts a governed record of `identity` into its window and says whether it must give way:
+/// the ring's reserved room is in use and this identity already wrote its share this window.
+#[inline(always)]
+fn loud<const RING: usize>(ring: &RingBuf<Event, RING>, identity: u32, now: u64) -> bool {
+    let Some(u) = AW_RECORD_USAGE.get_ptr_mut(identity) else {
+        return false;
+    };
+    // SAFETY: a pointer into the array's value; the count is only touched atomically.
+    unsafe {
+        if now.wrapping_sub((*u).window_start_ns) >= RECORD_WINDOW_NS {
+            (*u).window_start_ns = now;
+            (*u).written = 0;
+        }
+        if (*u).written >= LOUD_RECORDS {
+            const BPF_RB_AVAIL_DATA: u64 = 0;
+            let waiting = bpf_ringbuf_query(
+                core::ptr::from_ref(ring).cast_mut().cast(),
+                BPF_RB_AVAIL_DATA,
+            );
+            if waiting > RING as u64 * (4 - RESERVED_RING_QUARTERS) / 4 {
+                return true;
+            }
+        }
+        atomic_add(&raw mut (*u).written, 1);
+    }
+    false
 }
 
 /// One more flow allowed by this rule, on this CPU's counter.

@@ -515,6 +515,42 @@ fn drop_counter_accounts_for_every_record_not_read() {
     assert_eq!(read + dropped, sent, "read {read} + dropped {dropped}");
 }
 
+/// One governed identity flooding distinct flows fills only its share of the governed ring:
+/// the last quarter is kept for identities that have written little this window, so every
+/// denial of a quiet identity is read. Nothing goes uncounted.
+#[test]
+fn a_loud_identity_leaves_room_for_every_other_identitys_denials() {
+    let env = TestEnv::new("loud");
+    let dp = Datapath::start(&env.config()).unwrap();
+    for id in [1, 2] {
+        dp.set_identity(id, IdentityStatus::Active, Mode::Enforce)
+            .unwrap();
+        dp.set_rules(id, &[]).unwrap();
+    }
+    let (loud_cg, quiet_cg) = (env.cgroup("loud"), env.cgroup("quiet"));
+    dp.bind(&loud_cg, 1, None).unwrap();
+    dp.bind(&quiet_cg, 2, None).unwrap();
+    let mut loud = Probe::spawn(&loud_cg);
+    let mut quiet = Probe::spawn(&quiet_cg);
+    // Far more distinct denials than the ring holds, nobody reading.
+    let flood = 8000u64;
+    assert_eq!(
+        loud.cmd(&format!("sweep tcp 192.0.2.1 1 {flood}")),
+        format!("eperm={flood} other=0")
+    );
+    let sent = 300u64;
+    assert_eq!(
+        quiet.cmd(&format!("sweep tcp 192.0.2.1 1 {sent}")),
+        format!("eperm={sent} other=0")
+    );
+    let records = dp.take_events().unwrap().drain();
+    let drops = dp.dropped_by_ring().unwrap();
+    let of = |id: u32| records.iter().filter(|r| r.identity == id).count() as u64;
+    assert_eq!(of(2), sent, "{drops:?}");
+    assert!(drops.governed > 0, "the flood never filled its share");
+    assert_eq!(of(1) + drops.governed, flood, "{drops:?}");
+}
+
 /// Unbound processes (any local user) have their own ring buffer and rate table: flooding
 /// them loses only their own records, counted, and every governed denial is read.
 #[test]
