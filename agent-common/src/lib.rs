@@ -21,9 +21,10 @@ pub const MAP_SOCKS: &str = "AW_SOCKS";
 pub const MAP_UNKNOWN_EVENTS: &str = "AW_UNKNOWN_EVENTS";
 pub const MAP_UNKNOWN_RATE: &str = "AW_UNKNOWN_RATE";
 pub const MAP_RECORD_USAGE: &str = "AW_RECORD_USAGE";
+pub const MAP_PORT_SETS: &str = "AW_PORT_SETS";
 
 /// Every map the programs use, in a stable order (pinning, adoption and teardown walk it).
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
     MAP_BINDINGS,
     MAP_IDENTITIES,
     MAP_RULES,
@@ -37,6 +38,7 @@ pub const ALL_MAPS: [&str; 13] = [
     MAP_UNKNOWN_EVENTS,
     MAP_UNKNOWN_RATE,
     MAP_RECORD_USAGE,
+    MAP_PORT_SETS,
 ];
 
 pub const PROG_CONNECT4: &str = "aw_connect4";
@@ -81,8 +83,14 @@ pub const ALL_PROGRAMS: [&str; 14] = [
 /// records), so usable identities are `1..MAX_IDENTITIES`.
 pub const MAX_IDENTITIES: u32 = 16384;
 pub const MAX_BINDINGS: u32 = 65536;
-/// Port entries one LPM prefix can carry after less specific rules are merged into it.
+/// Port entries one LPM prefix can carry after less specific rules are merged into it. A rule
+/// whose ports would not fit takes one entry that names a [`PortSet`].
 pub const MAX_PORT_ENTRIES: usize = 16;
+/// Port sets the kernel holds at once, over all identities (content-addressed: identical sets
+/// are stored once). Allocated as used.
+pub const MAX_PORT_SETS: u32 = 4096;
+/// 65,536 ports, one bit each.
+pub const PORT_SET_WORDS: usize = 1024;
 /// Cgroup levels the ancestor walk looks at (level 0 is the cgroup2 root).
 pub const MAX_CGROUP_LEVELS: u32 = 32;
 /// Governed identities' records and unbound cgroups' records have a ring buffer each, so a
@@ -293,9 +301,37 @@ pub struct PortEntry {
     pub prefix_len: u8,
     pub _pad: [u8; 2],
     pub rule_id: u32,
-    pub _pad2: u32,
+    /// 0: the range is the entry's ports. Otherwise the key of a [`PortSet`] in
+    /// `AW_PORT_SETS` holding them (within the range); a missing set allows nothing.
+    pub port_set: u32,
     /// CLOCK_BOOTTIME deadline in ns after which the entry no longer allows; 0 = none.
     pub expires_ns: u64,
+}
+
+/// Value of `AW_PORT_SETS`: the ports of a rule with more ranges than a trie value holds,
+/// bit `p % 64` of word `p / 64` for port p.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortSet {
+    pub bits: [u64; PORT_SET_WORDS],
+}
+
+impl Default for PortSet {
+    fn default() -> Self {
+        Self {
+            bits: [0; PORT_SET_WORDS],
+        }
+    }
+}
+
+impl PortSet {
+    pub fn insert(&mut self, port: u16) {
+        self.bits[usize::from(port) / 64] |= 1 << (port % 64);
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.bits[usize::from(port) / 64] >> (port % 64) & 1 != 0
+    }
 }
 
 /// Value of a per-identity LPM trie.
@@ -443,6 +479,7 @@ mod pod {
     unsafe impl aya::Pod for DnsOrigin {}
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for RecordUsage {}
+    unsafe impl aya::Pod for PortSet {}
 }
 
 // Layout guards: the kernel and userspace must agree on these sizes byte for byte.
@@ -450,6 +487,7 @@ const _: () = assert!(core::mem::size_of::<Binding>() == 16);
 const _: () = assert!(core::mem::size_of::<IdentityState>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);
+const _: () = assert!(core::mem::size_of::<PortSet>() == 8192);
 const _: () = assert!(core::mem::size_of::<RuleSet>() == 8 + 24 * MAX_PORT_ENTRIES);
 const _: () = assert!(core::mem::size_of::<Event>() == 88);
 const _: () = assert!(core::mem::size_of::<RateKey>() == 32);

@@ -16,13 +16,13 @@ use agent_common::{
     HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS, HOOK_INGRESS, HOOK_SENDMSG4, HOOK_SENDMSG6,
     HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCKET_FAMILY, IDENTITY_ACTIVE, IdentityState,
     LOOPBACK_IFINDEX, LOUD_RECORDS, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES,
-    MAX_PORT_ENTRIES, MODE_AUDIT, PROTO_TCP, PROTO_UDP, RATE_ENTRIES, REASON_EXPIRED,
-    REASON_GLOBAL_DENY, REASON_INBOUND, REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE,
-    REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION,
-    REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE, RECORD_WINDOW_NS, RESERVED_RING_QUARTERS,
-    RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage, RuleSet, SOCK_DEST_CONNECTED,
-    SOCK_DEST_SENT, SOCK_DESTS, SockState, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE,
-    dns_proxy_addr, dns_proxy_addr6, rule_hit_key,
+    MAX_PORT_ENTRIES, MAX_PORT_SETS, MODE_AUDIT, PORT_SET_WORDS, PROTO_TCP, PROTO_UDP, PortSet,
+    RATE_ENTRIES, REASON_EXPIRED, REASON_GLOBAL_DENY, REASON_INBOUND, REASON_NO_RULE,
+    REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SOCKET_FAMILY,
+    REASON_SOCKET_OPTION, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE, RECORD_WINDOW_NS,
+    RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage, RuleSet,
+    SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SockState, UNKNOWN_DENY,
+    UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{
@@ -74,6 +74,14 @@ type RuleSetWords = [u64; core::mem::size_of::<RuleSet>() / 8];
 const _: () = assert!(core::mem::size_of::<RuleSet>() % 8 == 0);
 #[btf_map]
 static AW_CONFIG: Array<Config, 1> = Array::new();
+/// Ports of rules with more ranges than a trie value holds (see `PortEntry::port_set`).
+#[btf_map]
+static AW_PORT_SETS: HashMap<
+    u32,
+    PortSet,
+    { MAX_PORT_SETS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 /// Records of governed identities.
 #[btf_map]
 static AW_EVENTS: RingBuf<Event, { EVENTS_RING_BYTES as usize }> = RingBuf::new();
@@ -659,8 +667,12 @@ fn try_socket_family(ctx: &LsmContext) -> i32 {
 
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
+const IP_RECVERR: i32 = 11;
 const IP_FREEBIND: i32 = 15;
 const IP_TRANSPARENT: i32 = 19;
+const IP_RECVERR_RFC4884: i32 = 26;
+const IPV6_RECVERR: i32 = 25;
+const IPV6_RECVERR_RFC4884: i32 = 31;
 const IPV6_TRANSPARENT: i32 = 75;
 const IPV6_FREEBIND: i32 = 78;
 /// setsockopt programs see at most a page of the option; the kernel's own buffer is used
@@ -691,11 +703,21 @@ fn try_lsm_setsockopt(ctx: &LsmContext) -> i32 {
     judge_sockopt(level, optname)
 }
 
-/// Refuses a governed task the options that bind non-local addresses, with a record.
+/// Refuses a governed task, with a record, the options that bind non-local addresses and
+/// those that open the ICMP error queue: an ICMP error quotes whatever bytes its sender
+/// chose, reaches the socket without passing the ingress line, and would be a channel in.
 #[inline(always)]
 fn judge_sockopt(level: i32, optname: i32) -> i32 {
-    let refused = (level == SOL_IP && (optname == IP_FREEBIND || optname == IP_TRANSPARENT))
-        || (level == SOL_IPV6 && (optname == IPV6_FREEBIND || optname == IPV6_TRANSPARENT));
+    let refused = (level == SOL_IP
+        && (optname == IP_FREEBIND
+            || optname == IP_TRANSPARENT
+            || optname == IP_RECVERR
+            || optname == IP_RECVERR_RFC4884))
+        || (level == SOL_IPV6
+            && (optname == IPV6_FREEBIND
+                || optname == IPV6_TRANSPARENT
+                || optname == IPV6_RECVERR
+                || optname == IPV6_RECVERR_RFC4884));
     if !refused {
         return ALLOW;
     }
@@ -740,6 +762,8 @@ const IPV6_DEST_OPTS: u8 = 60;
 const IPV6_TLV_JUMBO: u8 = 0xc2;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+/// `bpf_sock::state` of a listening TCP socket.
+const TCP_LISTEN: u32 = 10;
 
 /// What the packet line reads of a packet: its IP header and its ports.
 struct Headers {
@@ -826,6 +850,11 @@ fn read_headers(skb: *mut __sk_buff, ingress: bool) -> Headers {
             h.addr[i] = b[at + i];
             i += 1;
         }
+        // An IPv4-mapped address on an IPv6 packet would be judged by IPv4 rules, and looks
+        // like IPv4 to the application: no real peer sends one.
+        if h.addr[0..10] == [0; 10] && h.addr[10] == 0xff && h.addr[11] == 0xff {
+            h.ok = false;
+        }
         // One extension header is looked through, so the record still names the protocol and
         // port the packet was for; the packet is refused either way.
         let next = b[6];
@@ -879,6 +908,7 @@ fn read_headers(skb: *mut __sk_buff, ingress: bool) -> Headers {
 /// The governed socket a packet belongs to: its state and the binding behind it.
 /// `Err(verdict)` ends the packet's judgement there (not governed, or its session ended).
 struct Owner {
+    sk: *mut aya_ebpf::bindings::bpf_sock,
     st: *mut SockState,
     binding: Binding,
     state: u8,
@@ -915,6 +945,7 @@ fn owner_of(skb: *mut __sk_buff) -> Result<Owner, i32> {
         None => (0, 0),
     };
     Ok(Owner {
+        sk,
         st,
         binding,
         state,
@@ -1056,7 +1087,9 @@ fn try_ingress(ctx: &SkBuffContext) -> i32 {
     };
     let identity = o.binding.identity;
     let h = read_headers(skb, true);
-    let flow = Flow {
+    // One flow, its port and protocol changed in place for each question: copies of it
+    // would not fit the 512-byte stack on Linux 6.1 next to the record's frame.
+    let mut flow = Flow {
         addr: h.addr,
         port: h.near_port,
         proto: h.proto,
@@ -1093,37 +1126,48 @@ fn try_ingress(ctx: &SkBuffContext) -> i32 {
         return pass;
     }
     let st = o.st;
-    // SAFETY: non-null storage pointer.
-    let connected = unsafe { (*st).ports[SOCK_DEST_CONNECTED] } != 0;
     if h.proto == PROTO_TCP {
-        // A connection this socket made: the kernel hands it its peer's packets only.
-        if connected {
+        // A connection this socket made, from the peer it was allowed. The socket's own
+        // state decides, not only what the connect hook wrote: a connect the kernel then
+        // failed leaves that behind on a socket that may go on to listen.
+        // SAFETY: a full socket from owner_of; non-null storage pointer.
+        let listening = unsafe { (*o.sk).state } == TCP_LISTEN;
+        let (p, d) = unsafe {
+            (
+                (*st).ports[SOCK_DEST_CONNECTED],
+                (*st).dests[SOCK_DEST_CONNECTED],
+            )
+        };
+        if !listening && p != 0 && p == h.far_port && same_addr(&d, &h.addr) {
             return ALLOW;
         }
     } else {
-        // A datagram from where the socket sent, or from a peer and port its egress rules
-        // let it send to anyway (a reply carries nothing the agent could not fetch).
+        // A datagram from where the socket sent; or, to a socket that has sent, from a
+        // peer and port its egress rules let it send to anyway (a reply carries nothing the
+        // agent could not fetch). A socket that never sent takes only what ingress rules
+        // allow.
         if sent_there(st, &h.addr, h.far_port) {
             return ALLOW;
         }
-        let back = Flow {
-            port: h.far_port,
-            ..flow
-        };
-        let (reason, _) = check_rules(identity, &back, &mut now);
-        if reason == REASON_NONE {
-            return ALLOW;
+        // SAFETY: non-null storage pointer.
+        let has_sent =
+            unsafe { (*st).ports[SOCK_DEST_CONNECTED] != 0 || (*st).ports[SOCK_DEST_SENT] != 0 };
+        if has_sent {
+            flow.port = h.far_port;
+            let (reason, _) = check_rules(identity, &flow, &mut now);
+            if reason == REASON_NONE {
+                return ALLOW;
+            }
+            flow.port = h.near_port;
         }
     }
     // Inbound proper: a listener, a connection it accepted, a datagram from anywhere else.
-    let inbound = Flow {
-        proto: h.proto << 2,
-        ..flow
-    };
-    let (reason, rule_id) = check_rules(identity, &inbound, &mut now);
+    flow.proto = h.proto << 2;
+    let (reason, rule_id) = check_rules(identity, &flow, &mut now);
     if reason == REASON_NONE {
         return ALLOW;
     }
+    flow.proto = h.proto;
     let reason = if reason == REASON_NO_RULE {
         REASON_INBOUND
     } else {
@@ -1368,7 +1412,11 @@ fn check_rules(identity: u32, flow: &Flow, now: &mut u64) -> (u8, u32) {
             break;
         }
         let e = &set.entries[i];
-        if flow.port >= e.port_lo && flow.port <= e.port_hi && e.proto & flow.proto != 0 {
+        if flow.port >= e.port_lo
+            && flow.port <= e.port_hi
+            && e.proto & flow.proto != 0
+            && (e.port_set == 0 || in_port_set(e.port_set, flow.port))
+        {
             if e.expires_ns == 0 {
                 matched = Some((e.prefix_len, e.rule_id));
                 break;
@@ -1390,6 +1438,20 @@ fn check_rules(identity: u32, flow: &Flow, now: &mut u64) -> (u8, u32) {
         return (REASON_GLOBAL_DENY, rule_id);
     }
     (REASON_NONE, rule_id)
+}
+
+/// Whether the port set `key` holds `port`; a set that is not there holds nothing.
+#[inline(always)]
+fn in_port_set(key: u32, port: u16) -> bool {
+    // SAFETY: read-only lookup of a plain-old-data value; the word index is below
+    // PORT_SET_WORDS by construction (a u16 over 64).
+    match unsafe { AW_PORT_SETS.get(key) } {
+        Some(s) => {
+            let word = usize::from(port >> 6) & (PORT_SET_WORDS - 1);
+            s.bits[word] >> (port & 63) & 1 != 0
+        }
+        None => false,
+    }
 }
 
 /// Who a record is about: the task in a hook, or the socket's owner on the packet line (no

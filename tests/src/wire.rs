@@ -217,3 +217,109 @@ impl Capture {
         panic!("no awaited packet within {within:?}; saw {seen:?}");
     }
 }
+
+/// A TCP connection from `src` (address and port) to `dst`, made inside `ns`: what `connect`
+/// answers within `within` (`TimedOut` when no SYN-ACK came back).
+pub fn connect_from(
+    ns: &NetNs,
+    src: std::net::SocketAddr,
+    dst: std::net::SocketAddr,
+    within: Duration,
+) -> std::io::Result<()> {
+    let sockaddr = |a: std::net::SocketAddr| -> (libc::sockaddr_storage, libc::socklen_t) {
+        // SAFETY: zeroed sockaddr_storage is valid; the family's prefix is filled below.
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match a {
+            std::net::SocketAddr::V4(v4) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as u16,
+                    sin_port: v4.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_in fits in sockaddr_storage.
+                unsafe { std::ptr::write((&raw mut ss).cast(), sin) };
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            std::net::SocketAddr::V6(v6) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as u16,
+                    sin6_port: v6.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: v6.ip().octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+                unsafe { std::ptr::write((&raw mut ss).cast(), sin6) };
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (ss, len as libc::socklen_t)
+    };
+    ns.run_in(|| {
+        let family = if dst.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: plain socket calls on a descriptor owned here; every result is checked.
+        unsafe {
+            let fd = libc::socket(
+                family,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            );
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let fd = OwnedFd::from_raw_fd(fd);
+            let one: libc::c_int = 1;
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&raw const one).cast(),
+                4,
+            );
+            let (ss, len) = sockaddr(src);
+            if libc::bind(fd.as_raw_fd(), (&raw const ss).cast(), len) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let (ss, len) = sockaddr(dst);
+            if libc::connect(fd.as_raw_fd(), (&raw const ss).cast(), len) < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINPROGRESS) {
+                    return Err(e);
+                }
+            }
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            let ms = i32::try_from(within.as_millis()).unwrap_or(i32::MAX);
+            match libc::poll(&raw mut pfd, 1, ms) {
+                0 => return Err(std::io::ErrorKind::TimedOut.into()),
+                n if n < 0 => return Err(std::io::Error::last_os_error()),
+                _ => {}
+            }
+            let mut err: libc::c_int = 0;
+            let mut len = 4 as libc::socklen_t;
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                (&raw mut err).cast(),
+                &raw mut len,
+            );
+            if err != 0 {
+                return Err(std::io::Error::from_raw_os_error(err));
+            }
+            Ok(())
+        }
+    })
+}

@@ -171,12 +171,13 @@ fn policy_test_passes_and_fails_with_reasons() {
 }
 
 /// `policy check` compiles every identity's rules as the node's datapath does: what it
-/// accepts, a node applies (a prefix holds at most 16 port entries today).
+/// accepts, a node applies. A rule may list any number of ports; a prefix holds at most 16
+/// rules' entries.
 #[test]
 fn check_refuses_what_the_datapath_could_not_hold() {
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<String> = (0..17).map(|i| (8000 + 2 * i).to_string()).collect();
-    let a = write(
+    let ports: Vec<String> = (0..300).map(|i| (8000 + 2 * i).to_string()).collect();
+    let ok = write(
         dir.path(),
         "a.yaml",
         &format!(
@@ -185,6 +186,19 @@ fn check_refuses_what_the_datapath_could_not_hold() {
         ),
     );
     let d = dir.path().display().to_string();
+    let out = agentwall(&["policy", "check", &d]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    std::fs::remove_file(&ok).unwrap();
+    let rules: String = (0..17)
+        .map(|i| format!("  - to: [192.0.2.0/24]\n    ports: [{}]\n", 8000 + i))
+        .collect();
+    let a = write(
+        dir.path(),
+        "a.yaml",
+        &format!(
+            "kind: AgentPolicy\nname: many\nidentity: spiffe://example.org/agent/many\negress:\n{rules}"
+        ),
+    );
     let out = agentwall(&["policy", "check", &d]);
     assert_eq!(out.code, 1, "{}", out.stdout);
     let lines: Vec<&str> = out.stderr.lines().collect();

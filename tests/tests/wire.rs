@@ -170,7 +170,7 @@ fn routing_headers_and_ip_options_never_reach_the_wire() {
     let r = deny_record(
         fx.socket(),
         BEYOND_V6,
-        "IP options or IPv6 extension headers",
+        "IP options, IPv6 extension headers or an IPv4-mapped address on IPv6",
     );
     assert_eq!(r["identity"], ID, "{r}");
     assert_eq!(r["port"], 9000, "{r}");
@@ -292,7 +292,9 @@ fn ipv6_big_tcp_passes_the_packet_line() {
     assert_eq!(reader.join().unwrap(), 64 << 20);
     let refused: Vec<serde_json::Value> = flows(fx.socket(), "deny")
         .into_iter()
-        .filter(|r| r["reason"] == "IP options or IPv6 extension headers")
+        .filter(|r| {
+            r["reason"] == "IP options, IPv6 extension headers or an IPv4-mapped address on IPv6"
+        })
         .collect();
     assert!(refused.is_empty(), "{refused:#?}");
 }
@@ -375,8 +377,9 @@ fn inbound_connections_need_an_ingress_rule() {
     assert_eq!(fx.helper.cmd("connect tcp ::1 8090"), "ok");
 }
 
-/// Inbound datagrams: replies from where the agent sent, datagrams from a peer and port its
-/// egress rules allow anyway, and what an ingress rule allows reach it; nothing else does.
+/// Inbound datagrams: replies to a socket that has sent (from where it sent, or from a peer
+/// and port its egress rules allow it to send to anyway) and what an ingress rule allows
+/// reach it; nothing else does. A socket that never sent takes only what ingress rules allow.
 #[test]
 fn inbound_datagrams_are_replies_or_allowed_by_a_rule() {
     let fx = fixture("wire-inbound-udp");
@@ -394,20 +397,11 @@ fn inbound_datagrams_are_replies_or_allowed_by_a_rule() {
         from.send_to(what.as_bytes(), format!("{agent_v4}:{port}"))
             .expect("send to the agent");
     };
-    // A stranger's port, no rule: dropped; then a datagram from the egress-allowed peer and
-    // port arrives first.
+    // The socket has sent nothing yet: neither the stranger nor the peer its egress rules
+    // allow reaches it.
     send(&stranger, 5000, "stranger");
-    send(&served, 5000, "served");
-    assert_eq!(
-        agent.cmd("udp-recv 5000 10000"),
-        format!("from {PEER_V4}:9000 served")
-    );
-    let r = wait_flow_where(fx.socket(), "deny", |r| {
-        r["dest"] == PEER_V4 && r["port"] == 5000 && r["direction"] == "inbound"
-    });
-    assert_eq!(r["reason"], "no ingress rule allows it", "{r:#}");
-    assert_eq!(r["protocol"], "udp", "{r:#}");
-    // A reply to what the agent sent.
+    send(&served, 5000, "early");
+    // It sends; the reply is the first datagram it ever gets.
     assert_eq!(agent.cmd(&format!("udp-send 5000 {PEER_V4} 9000")), "ok");
     let mut buf = [0u8; 64];
     let (_, back_to) = served.recv_from(&mut buf).expect("the agent's datagram");
@@ -415,6 +409,21 @@ fn inbound_datagrams_are_replies_or_allowed_by_a_rule() {
     assert_eq!(
         agent.cmd("udp-recv 5000 10000"),
         format!("from {PEER_V4}:9000 reply")
+    );
+    for port in [9500, 9000] {
+        let r = wait_flow_where(fx.socket(), "deny", |r| {
+            r["dest"] == PEER_V4 && r["port"] == 5000 && r["direction"] == "inbound"
+        });
+        assert_eq!(r["reason"], "no ingress rule allows it", "{port}: {r:#}");
+        assert_eq!(r["protocol"], "udp", "{r:#}");
+    }
+    // Now that it has sent, the peer and port its egress rules allow may write first; the
+    // stranger still may not.
+    send(&stranger, 5000, "stranger again");
+    send(&served, 5000, "later");
+    assert_eq!(
+        agent.cmd("udp-recv 5000 10000"),
+        format!("from {PEER_V4}:9000 later")
     );
     // The ingress rule's port takes the stranger.
     send(&stranger, 5353, "allowed");
@@ -424,6 +433,48 @@ fn inbound_datagrams_are_replies_or_allowed_by_a_rule() {
     );
     // And nothing the stranger sent to 5000 was ever delivered.
     assert_eq!(agent.cmd("udp-recv 5000 200"), "timeout");
+}
+
+/// A connect the hook allowed but the kernel failed at once leaves the socket unconnected;
+/// listening on it afterwards must not make a listener that passes for a connected socket.
+#[test]
+fn a_listener_is_never_taken_for_a_connected_socket() {
+    let fx = fixture("wire-relisten");
+    let mut agent = fx.agent("agent", &CertSpec::agent(ID));
+    let agent_v4 = agentwall_tests::wire::AGENT_V4;
+    for (how, port) in [("mismatch", 8093), ("v6only", 8094)] {
+        let answer = agent.cmd(&format!(
+            "listen-after-failed-connect {how} {PEER_V4} 9001 {port}"
+        ));
+        assert!(
+            answer.starts_with("connect E") && answer.ends_with("; listening"),
+            "{how}: {answer}"
+        );
+    }
+    // From the very peer and port the failed connect named.
+    for (src, dst) in [
+        (format!("{PEER_V4}:9001"), format!("{agent_v4}:8093")),
+        (format!("[{PEER_V6}]:9001"), format!("[{AGENT_V6}]:8094")),
+    ] {
+        let err = agentwall_tests::wire::connect_from(
+            &fx.link.peer,
+            src.parse().unwrap(),
+            dst.parse().unwrap(),
+            Duration::from_secs(2),
+        )
+        .expect_err("no ingress rule: no SYN-ACK");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::TimedOut,
+            "{src} -> {dst}: {err}"
+        );
+    }
+    for port in [8093, 8094] {
+        let r = wait_flow_where(fx.socket(), "deny", |r| {
+            r["port"] == port && r["direction"] == "inbound"
+        });
+        assert_eq!(r["reason"], "no ingress rule allows it", "{r:#}");
+    }
 }
 
 /// Sending from an address the host does not hold: the options that allow binding one
@@ -444,6 +495,16 @@ fn a_governed_agent_sends_only_from_addresses_the_host_holds() {
     for a in &attempts {
         assert_eq!(agent.cmd(a), "setsockopt EPERM", "{a}");
     }
+    // The ICMP error queue: its messages quote whatever bytes their sender chose, and they
+    // reach the socket past the ingress line.
+    for fam in ["inet", "inet6"] {
+        assert_eq!(
+            agent.cmd(&format!("recverr {fam}")),
+            "setsockopt EPERM",
+            "{fam}"
+        );
+        assert_eq!(fx.helper.cmd(&format!("recverr {fam}")), "ok", "{fam}");
+    }
     let seen = fx.until_helper_marker(9105);
     let spoofed: Vec<&Packet> = seen
         .iter()
@@ -453,12 +514,17 @@ fn a_governed_agent_sends_only_from_addresses_the_host_holds() {
         })
         .collect();
     assert!(spoofed.is_empty(), "{spoofed:?}");
-    for option in ["41 name 78 (IPV6_FREEBIND)", "0 name 15 (IP_FREEBIND)"] {
+    for option in [
+        "41 name 78 (IPV6_FREEBIND)",
+        "0 name 15 (IP_FREEBIND)",
+        "0 name 11 (IP_RECVERR)",
+        "41 name 25 (IPV6_RECVERR)",
+    ] {
         let r = wait_flow_where(fx.socket(), "socket-deny", |r| {
             r["protocol"].as_str().is_some_and(|p| p.ends_with(option))
         });
         assert_eq!(
-            r["reason"], "socket option not allowed (non-local source addresses)",
+            r["reason"], "socket option not allowed (non-local source address or ICMP error queue)",
             "{r:#}"
         );
         assert_eq!(r["identity"], ID, "{r:#}");

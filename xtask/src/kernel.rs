@@ -389,13 +389,25 @@ fn boot(
     Ok((up, exit))
 }
 
-pub fn run(root: &Path, kernel: &str) -> Result<()> {
+pub fn run(root: &Path, kernel: &str, only: &[String]) -> Result<()> {
     install_tools()?;
     let k = resolve(root, kernel)?;
     println!("kernel {} ({})", k.release, k.vmlinuz.display());
     let initrd = initramfs(root, &k)?;
     crate::run(crate::cargo(root).args(["build", "--bins"]))?;
-    let tests = test_executables(root)?;
+    let mut tests = test_executables(root)?;
+    if !only.is_empty() {
+        // Test executables are named `<target>-<hash>`.
+        tests.retain(|(exe, _)| {
+            exe.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.rsplit_once('-'))
+                .is_some_and(|(target, _)| only.iter().any(|o| o == target))
+        });
+        if tests.is_empty() {
+            bail!("no test target named {}", only.join(", "));
+        }
+    }
     let dir = root.join("target/kernels");
     let script = dir.join("run-tests.sh");
     let mut text = String::from("status=0\n");

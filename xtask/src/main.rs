@@ -38,6 +38,10 @@ enum Task {
         /// one, or `debian-6.1` / `debian-6.12` (downloaded from Debian's packages).
         #[arg(long)]
         kernel: Option<String>,
+        /// With --kernel: only these test targets (comma-separated, e.g. `wire,datapath`), for
+        /// a quick look at a change on another kernel. The matrix's results are whole runs.
+        #[arg(long, requires = "kernel", value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Run a benchmark and print its table.
     Bench {
@@ -69,12 +73,15 @@ fn main() -> Result<()> {
             setup()?;
             run(cargo(&root).args(["build", "--all-targets"]))
         }
-        Task::Test { kernel: Some(k) } => {
+        Task::Test {
+            kernel: Some(k),
+            only,
+        } => {
             setup()?;
             require_root("the VM mounts this machine's root and the tests load eBPF programs")?;
-            kernel::run(&root, &k)
+            kernel::run(&root, &k, &only)
         }
-        Task::Test { kernel: None } => {
+        Task::Test { kernel: None, .. } => {
             setup()?;
             require_root("the kernel tests load eBPF programs and create cgroups")?;
             // A real DNS server for the DNS policy tests, from Debian's packages.

@@ -295,12 +295,15 @@ mod tests {
 
     #[test]
     fn a_push_the_datapath_could_not_hold_is_refused() {
-        let ports: Vec<String> = (0..17).map(|i| (8000 + 2 * i).to_string()).collect();
+        // Seventeen rules, each with a port of its own, on one prefix: even one entry per
+        // rule does not fit.
+        let rules: String = (0..17)
+            .map(|i| format!("  - to: [192.0.2.0/24]\n    ports: [{}]\n", 8000 + i))
+            .collect();
         let files = vec![BundleFile {
             name: "a.yaml".into(),
             text: format!(
-                "kind: AgentPolicy\nname: many\nidentity: spiffe://example.org/agent/many\negress:\n  - to: [192.0.2.0/24]\n    ports: [{}]\n",
-                ports.join(", ")
+                "kind: AgentPolicy\nname: many\nidentity: spiffe://example.org/agent/many\negress:\n{rules}"
             ),
         }];
         let errs = validate(&files).unwrap_err();

@@ -112,6 +112,10 @@ pub fn sockopt_name(level: u16, name: u16) -> &'static str {
         (libc::SOL_IP, libc::IP_TRANSPARENT) => "IP_TRANSPARENT",
         (libc::SOL_IPV6, libc::IPV6_FREEBIND) => "IPV6_FREEBIND",
         (libc::SOL_IPV6, libc::IPV6_TRANSPARENT) => "IPV6_TRANSPARENT",
+        (libc::SOL_IP, libc::IP_RECVERR) => "IP_RECVERR",
+        (libc::SOL_IP, 26) => "IP_RECVERR_RFC4884",
+        (libc::SOL_IPV6, libc::IPV6_RECVERR) => "IPV6_RECVERR",
+        (libc::SOL_IPV6, 31) => "IPV6_RECVERR_RFC4884",
         _ => "other",
     }
 }

@@ -19,7 +19,7 @@ use std::{
 
 use agent_common::{
     self as c, ABI_VERSION, ALL_MAPS, ALL_PROGRAMS, Addr, Binding, Config, IdentityState,
-    MAX_IDENTITIES, RuleSet,
+    MAX_IDENTITIES, PortSet, RuleSet,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -109,6 +109,17 @@ pub enum DatapathError {
     Populated { path: PathBuf },
     #[error("rules for identity {identity}: {source}")]
     Compile { identity: u32, source: CompileError },
+    #[error(
+        "rules for identity {identity}: the kernel holds at most {max} port sets (rules listing more port ranges than a trie entry holds) and all are in use (nothing was changed; the previous rules stay in force)"
+    )]
+    PortSetsFull { identity: u32, max: u32 },
+    #[error(
+        "rules for identity {identity}: storing a port set: {source} (nothing was changed; the previous rules stay in force)"
+    )]
+    PortSet {
+        identity: u32,
+        source: Box<MapError>,
+    },
     #[error("{what}: {source} (nothing was changed; the previous rules stay in force)")]
     Apply { what: String, source: Box<MapError> },
     #[error(
@@ -145,7 +156,10 @@ impl DatapathError {
     /// The identity whose rules the error is about, if it is about one.
     pub fn identity(&self) -> Option<u32> {
         match self {
-            Self::Compile { identity, .. } | Self::Fill { identity, .. } => Some(*identity),
+            Self::Compile { identity, .. }
+            | Self::Fill { identity, .. }
+            | Self::PortSetsFull { identity, .. }
+            | Self::PortSet { identity, .. } => Some(*identity),
             _ => None,
         }
     }
@@ -301,6 +315,47 @@ struct Trie {
     /// Rules compiled into it.
     rules: usize,
     global_deny: Arc<[IpNet]>,
+    /// Keys of the port sets its entries name, released when it goes.
+    sets: Mutex<Vec<u32>>,
+    port_sets: Arc<PortSets>,
+}
+
+impl Drop for Trie {
+    fn drop(&mut self) {
+        for k in std::mem::take(&mut *lock(&self.sets)) {
+            self.port_sets.release(k);
+        }
+    }
+}
+
+/// The keys of `compiled`'s port sets, acquired for `trie` (host entries written in place):
+/// a key the trie names already is released again, the others join its list.
+fn trie_sets(
+    trie: &Trie,
+    identity: u32,
+    compiled: &CompiledTrie,
+) -> Result<Vec<u32>, DatapathError> {
+    let mut keys = Vec::with_capacity(compiled.sets.len());
+    for set in &compiled.sets {
+        match trie.port_sets.acquire(identity, set) {
+            Ok(k) => keys.push(k),
+            Err(e) => {
+                for k in keys {
+                    trie.port_sets.release(k);
+                }
+                return Err(e);
+            }
+        }
+    }
+    let mut held = lock(&trie.sets);
+    for &k in &keys {
+        if held.contains(&k) {
+            trie.port_sets.release(k);
+        } else {
+            held.push(k);
+        }
+    }
+    Ok(keys)
 }
 
 /// One trie to build: whose, from what, and whether it keeps its rules (it learns hosts).
@@ -327,7 +382,101 @@ fn fingerprint(t: &CompiledTrie) -> [u8; 32] {
             std::slice::from_raw_parts(std::ptr::from_ref(set).cast::<u8>(), size_of::<RuleSet>())
         });
     }
+    for set in &t.sets {
+        for w in &set.bits {
+            h.update(w.to_le_bytes());
+        }
+    }
     h.finalize().into()
+}
+
+/// The port sets in the kernel (`AW_PORT_SETS`), stored once per content and counted by the
+/// tries that name them: a set goes in before the first trie naming it is swapped in, and
+/// out after the last one is replaced.
+struct PortSets {
+    map: Mutex<HashMap<MapData, u32, PortSet>>,
+    /// Key, content and how many tries name it.
+    table: Mutex<std::collections::HashMap<u32, (Box<PortSet>, usize)>>,
+    /// Sets an earlier process left, named by the tries it swapped in: kept until this one
+    /// has replaced every trie.
+    inherited: Mutex<Vec<u32>>,
+}
+
+impl PortSets {
+    fn new(map: HashMap<MapData, u32, PortSet>) -> Result<Self, DatapathError> {
+        let mut table = std::collections::HashMap::new();
+        for entry in map.iter() {
+            let (k, v) = entry.map_err(map_err(c::MAP_PORT_SETS))?;
+            table.insert(k, (Box::new(v), 1));
+        }
+        let inherited = table.keys().copied().collect();
+        Ok(Self {
+            map: Mutex::new(map),
+            table: Mutex::new(table),
+            inherited: Mutex::new(inherited),
+        })
+    }
+
+    /// The key of `set` in the kernel, stored now if it was not; one more reference.
+    fn acquire(&self, identity: u32, set: &PortSet) -> Result<u32, DatapathError> {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        for w in &set.bits {
+            h.update(w.to_le_bytes());
+        }
+        let d = h.finalize();
+        let mut key = u32::from_le_bytes([d[0], d[1], d[2], d[3]]).max(1);
+        let mut table = lock(&self.table);
+        loop {
+            match table.get_mut(&key) {
+                Some((stored, refs)) if **stored == *set => {
+                    *refs += 1;
+                    return Ok(key);
+                }
+                // Another set under this digest's first bytes: the next key.
+                Some(_) => key = key.checked_add(1).unwrap_or(1),
+                None => break,
+            }
+        }
+        if table.len() >= c::MAX_PORT_SETS as usize {
+            return Err(DatapathError::PortSetsFull {
+                identity,
+                max: c::MAX_PORT_SETS,
+            });
+        }
+        lock(&self.map)
+            .insert(key, set, 0)
+            .map_err(|e| DatapathError::PortSet {
+                identity,
+                source: Box::new(e),
+            })?;
+        table.insert(key, (Box::new(*set), 1));
+        Ok(key)
+    }
+
+    /// One reference fewer; the last takes the set out of the kernel.
+    fn release(&self, key: u32) {
+        let mut table = lock(&self.table);
+        let Some((_, refs)) = table.get_mut(&key) else {
+            return;
+        };
+        *refs -= 1;
+        if *refs == 0 {
+            table.remove(&key);
+            if let Err(e) = lock(&self.map).remove(&key) {
+                warn!(key, error = %e, "could not remove an unused port set");
+            }
+        }
+    }
+
+    /// Every trie an earlier process made has been replaced: its sets are this process's to
+    /// count from now on.
+    fn release_inherited(&self) {
+        let keys = std::mem::take(&mut *lock(&self.inherited));
+        for k in keys {
+            self.release(k);
+        }
+    }
 }
 
 /// The tries this process swapped in, and those staged by a change in progress: host
@@ -415,6 +564,7 @@ pub struct Datapath {
     applying: Mutex<()>,
     /// Room left in every trie for host entries learned after it was built.
     host_headroom: u32,
+    port_sets: Arc<PortSets>,
 }
 
 impl Datapath {
@@ -545,6 +695,10 @@ impl Loaded {
             .map_err(map_err(c::MAP_UNKNOWN_RATE))?;
         let hits = aya::maps::PerCpuHashMap::try_from(take(&mut ebpf, c::MAP_RULE_HITS)?)
             .map_err(map_err(c::MAP_RULE_HITS))?;
+        let port_sets = PortSets::new(
+            HashMap::try_from(take(&mut ebpf, c::MAP_PORT_SETS)?)
+                .map_err(map_err(c::MAP_PORT_SETS))?,
+        )?;
 
         let dp = Datapath {
             pin_dir: dir,
@@ -562,6 +716,7 @@ impl Loaded {
             tries: Mutex::new(Tries::default()),
             applying: Mutex::new(()),
             host_headroom: cfg.host_headroom,
+            port_sets: Arc::new(port_sets),
         };
         // Rebuild what the kernel reads from config: a restarted daemon keeps the bindings the
         // pinned map holds.
@@ -784,7 +939,12 @@ impl Datapath {
                 source: Box::new(source),
             };
             match compiled.entries.iter().find(|(n, _)| *n == host) {
-                Some((_, set)) => trie_map.insert(&key, set, 0).map_err(apply)?,
+                Some((_, set)) => {
+                    let keys = trie_sets(trie, identity, &compiled)?;
+                    trie_map
+                        .insert(&key, Self::with_set_keys(set, &keys), 0)
+                        .map_err(apply)?
+                }
                 None => match trie_map.remove(&key) {
                     Ok(()) | Err(MapError::KeyNotFound) => {}
                     Err(e) => return Err(apply(e)),
@@ -949,6 +1109,8 @@ impl Datapath {
             })
             .collect();
         let applied = self.rebuild(&deny, builds, true, staged)?;
+        // Every identity's trie is now this process's.
+        self.port_sets.release_inherited();
         self.write_states(configs, &status_of)?;
         Ok(applied)
     }
@@ -1153,7 +1315,7 @@ impl Datapath {
                 continue;
             }
             entries += t.len();
-            let map = self.fill_trie(identity, &t)?;
+            let (map, sets) = self.fill_trie(identity, &t)?;
             let fd = match &map {
                 aya::maps::Map::LpmTrie(d) => d.fd().as_fd().as_raw_fd() as u32,
                 _ => unreachable!("built as LpmTrie"),
@@ -1167,14 +1329,68 @@ impl Datapath {
                     fingerprint: fp,
                     rules: b.base.len(),
                     global_deny: deny.clone(),
+                    sets: Mutex::new(sets),
+                    port_sets: self.port_sets.clone(),
                 }),
             ));
         }
         Ok((out, entries))
     }
 
-    /// A new trie holding `t`, created and filled, not yet in force.
-    fn fill_trie(&self, identity: u32, t: &CompiledTrie) -> Result<aya::maps::Map, DatapathError> {
+    /// The port sets of `t` stored (or found) in the kernel, as keys in `t.sets`' order; on
+    /// error none stays acquired.
+    fn acquire_sets(&self, identity: u32, t: &CompiledTrie) -> Result<Vec<u32>, DatapathError> {
+        let mut keys = Vec::with_capacity(t.sets.len());
+        for set in &t.sets {
+            match self.port_sets.acquire(identity, set) {
+                Ok(k) => keys.push(k),
+                Err(e) => {
+                    for k in keys {
+                        self.port_sets.release(k);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(keys)
+    }
+
+    /// A rule set as the kernel takes it: port-set indices of the compile replaced by keys.
+    fn with_set_keys(set: &RuleSet, keys: &[u32]) -> RuleSet {
+        let mut out = *set;
+        for e in &mut out.entries[..usize::from(set.count)] {
+            if e.port_set != 0 {
+                e.port_set = keys[e.port_set as usize - 1];
+            }
+        }
+        out
+    }
+
+    /// A new trie holding `t`, created and filled, not yet in force, and the keys of the port
+    /// sets it names (acquired; released again if filling fails).
+    fn fill_trie(
+        &self,
+        identity: u32,
+        t: &CompiledTrie,
+    ) -> Result<(aya::maps::Map, Vec<u32>), DatapathError> {
+        let keys = self.acquire_sets(identity, t)?;
+        match self.fill_trie_with(identity, t, &keys) {
+            Ok(map) => Ok((map, keys)),
+            Err(e) => {
+                for k in keys {
+                    self.port_sets.release(k);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn fill_trie_with(
+        &self,
+        identity: u32,
+        t: &CompiledTrie,
+        set_keys: &[u32],
+    ) -> Result<aya::maps::Map, DatapathError> {
         let apply = |source: MapError| DatapathError::Apply {
             what: format!("rules for identity {identity}"),
             source: Box::new(source),
@@ -1197,6 +1413,7 @@ impl Datapath {
         let mut values: Vec<u8> = Vec::with_capacity(t.len() * size_of::<RuleSet>());
         for (net, set) in &t.entries {
             let k = Key::new(u32::from(net.len), net.addr);
+            let set = &Self::with_set_keys(set, set_keys);
             // SAFETY: Key<Addr> and RuleSet are plain old data with no padding holes the
             // kernel would read (repr(C) with explicit fields).
             unsafe {
@@ -1233,7 +1450,8 @@ impl Datapath {
             let mut trie: LpmTrie<&mut MapData, Addr, RuleSet> =
                 (&mut map).try_into().map_err(apply)?;
             for (net, set) in &t.entries {
-                trie.insert(&Key::new(u32::from(net.len), net.addr), set, 0)
+                let set = Self::with_set_keys(set, set_keys);
+                trie.insert(&Key::new(u32::from(net.len), net.addr), &set, 0)
                     .map_err(apply)?;
             }
         }
@@ -1250,6 +1468,17 @@ impl Datapath {
                 source: e,
             }
         })
+    }
+
+    /// Port sets in the kernel now (`AW_PORT_SETS`), counted there.
+    pub fn port_sets_in_kernel(&self) -> Result<usize, DatapathError> {
+        let map = lock(&self.port_sets.map);
+        let mut n = 0;
+        for k in map.keys() {
+            k.map_err(map_err(c::MAP_PORT_SETS))?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// How full the maps with fixed capacity are.

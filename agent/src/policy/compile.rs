@@ -6,12 +6,17 @@
 //! IPv4 prefixes only ever carry IPv4 rules: when an IPv6 rule covers the IPv4-mapped space
 //! (`::/0`, say), a barrier entry at `::ffff:0:0/96` keeps it out of IPv4 lookups.
 //!
+//! A prefix holds at most 16 port entries. Where the rules covering it need more, the rules
+//! with the most ranges each take a single entry naming a port set (a 65,536-bit map the
+//! kernel looks up), so a rule may list any number of ports; only more than 16 distinct rules
+//! covering one address are refused.
+//!
 //! The global deny list is compiled into the same trie: its prefixes become keys too, and every
 //! value records the longest deny prefix covering it (`deny_len`). The longest match for a
 //! destination then tells both which rules contain it and which deny prefix covers it, so the
 //! kernel needs a single lookup.
 
-use agent_common::{MAX_PORT_ENTRIES, PortEntry, RuleSet};
+use agent_common::{MAX_PORT_ENTRIES, PortEntry, PortSet, RuleSet};
 use ipnet::IpNet;
 
 use super::model::{Net, PortRange, Rule, V4_SPACE};
@@ -20,7 +25,8 @@ use super::model::{Net, PortRange, Rule, V4_SPACE};
 pub enum CompileError {
     #[error(
         "{prefix} needs {count} port entries once the rules covering it are merged \
-         (rules {rules}); at most {max} fit: merge port ranges or split the CIDR"
+         (rules {rules}), even with each rule's ports in one entry; at most {max} fit: \
+         merge rules or split the CIDR"
     )]
     TooManyPortEntries {
         prefix: String,
@@ -32,10 +38,13 @@ pub enum CompileError {
     ZeroRuleId,
 }
 
-/// Trie entries ready for the datapath: key prefix and value.
+/// Trie entries ready for the datapath: key prefix and value, and the port sets the entries
+/// name (`PortEntry::port_set` is an index into `sets` plus one; the datapath stores each set
+/// and writes its key there instead).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CompiledTrie {
     pub entries: Vec<(Net, RuleSet)>,
+    pub sets: Vec<PortSet>,
 }
 
 impl CompiledTrie {
@@ -99,6 +108,9 @@ pub fn compile_rules(rules: &[Rule], global_deny: &[IpNet]) -> Result<CompiledTr
     prefixes.dedup();
 
     let mut entries = Vec::with_capacity(prefixes.len());
+    let mut sets: Vec<PortSet> = Vec::new();
+    // The set of each rule (by id) that needed one, as an index into `sets`.
+    let mut set_of: std::collections::HashMap<u32, u32> = Default::default();
     let mut found: Vec<PortEntry> = Vec::new();
     for p in prefixes {
         // The longest deny prefix of the same family covering p.
@@ -146,24 +158,95 @@ pub fn compile_rules(rules: &[Rule], global_deny: &[IpNet]) -> Result<CompiledTr
         });
         found.dedup();
         if found.len() > MAX_PORT_ENTRIES {
-            let mut ids: Vec<u32> = found.iter().map(|e| e.rule_id).collect();
-            ids.dedup();
-            return Err(CompileError::TooManyPortEntries {
-                prefix: p.to_string(),
-                count: found.len(),
-                max: MAX_PORT_ENTRIES,
-                rules: ids
-                    .iter()
-                    .map(u32::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
+            found = in_port_sets(&found, &mut sets, &mut set_of).ok_or_else(|| {
+                let mut ids: Vec<u32> = found.iter().map(|e| e.rule_id).collect();
+                ids.dedup();
+                CompileError::TooManyPortEntries {
+                    prefix: p.to_string(),
+                    count: runs(&found).len(),
+                    max: MAX_PORT_ENTRIES,
+                    rules: ids
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }
+            })?;
         }
         set.count = found.len() as u8;
         set.entries[..found.len()].copy_from_slice(&found);
         entries.push((p, set));
     }
-    Ok(CompiledTrie { entries })
+    Ok(CompiledTrie { entries, sets })
+}
+
+/// The runs of `found` (sorted) that come from one rule at one prefix length: one protocol,
+/// one expiry, only their ranges differ. As (start, length).
+fn runs(found: &[PortEntry]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (i, e) in found.iter().enumerate() {
+        match out.last_mut() {
+            Some((start, len))
+                if found[*start].rule_id == e.rule_id
+                    && found[*start].prefix_len == e.prefix_len =>
+            {
+                *len += 1
+            }
+            _ => out.push((i, 1)),
+        }
+    }
+    out
+}
+
+/// `found` in at most `MAX_PORT_ENTRIES` entries: the runs with the most ranges become one
+/// entry naming the rule's port set, in place, so the first match is still the most specific
+/// rule. None when even one entry per run does not fit.
+fn in_port_sets(
+    found: &[PortEntry],
+    sets: &mut Vec<PortSet>,
+    set_of: &mut std::collections::HashMap<u32, u32>,
+) -> Option<Vec<PortEntry>> {
+    let runs = runs(found);
+    if runs.len() > MAX_PORT_ENTRIES {
+        return None;
+    }
+    let mut by_size: Vec<usize> = (0..runs.len()).collect();
+    by_size.sort_by_key(|&r| std::cmp::Reverse(runs[r].1));
+    let mut fold = vec![false; runs.len()];
+    let mut total = found.len();
+    for r in by_size {
+        if total <= MAX_PORT_ENTRIES {
+            break;
+        }
+        fold[r] = true;
+        total -= runs[r].1 - 1;
+    }
+    let mut out = Vec::with_capacity(total);
+    for (r, &(start, len)) in runs.iter().enumerate() {
+        let run = &found[start..start + len];
+        if !fold[r] {
+            out.extend_from_slice(run);
+            continue;
+        }
+        // Every run of a rule holds all of its ranges, so one set per rule serves them all.
+        let index = *set_of.entry(run[0].rule_id).or_insert_with(|| {
+            let mut set = PortSet::default();
+            for e in run {
+                for port in e.port_lo..=e.port_hi {
+                    set.insert(port);
+                }
+            }
+            sets.push(set);
+            sets.len() as u32 - 1
+        });
+        out.push(PortEntry {
+            port_lo: run.iter().map(|e| e.port_lo).min().unwrap_or(0),
+            port_hi: run.iter().map(|e| e.port_hi).max().unwrap_or(0),
+            port_set: index + 1,
+            ..run[0]
+        });
+    }
+    Some(out)
 }
 
 /// The distinct prefix lengths, shortest first.
@@ -248,15 +331,47 @@ mod tests {
     }
 
     #[test]
-    fn too_many_ports_is_a_clear_error() {
-        let ports: Vec<String> = (1..=20).map(|p| (p * 2).to_string()).collect();
+    fn a_rule_with_hundreds_of_ports_takes_one_entry_naming_its_port_set() {
+        let ports: Vec<String> = (1..=300).map(|p| (1000 + p * 2).to_string()).collect();
         let ports: Vec<&str> = ports.iter().map(String::as_str).collect();
-        let err =
-            compile_rules(&[rule(7, &["192.0.2.0/24"], &ports, Protocol::Tcp)], &[]).unwrap_err();
+        let t = compile_rules(
+            &[
+                rule(1, &["192.0.2.7/32"], &["443"], Protocol::Tcp),
+                rule(7, &["192.0.2.0/24"], &ports, Protocol::Tcp),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(t.sets.len(), 1);
+        let set = &t.sets[0];
+        assert!(set.contains(1002) && set.contains(1600) && !set.contains(1001));
+        assert_eq!((1..=65535).filter(|&p| set.contains(p)).count(), 300);
+        // Under the host: the host's own rule first, then rule 7's one set entry.
+        let host = find(&t, "192.0.2.7/32");
+        assert_eq!(host.count, 2);
+        assert_eq!((host.entries[0].rule_id, host.entries[0].port_set), (1, 0));
+        let e = host.entries[1];
+        assert_eq!(
+            (e.rule_id, e.port_set, e.port_lo, e.port_hi),
+            (7, 1, 1002, 1600)
+        );
+        assert_eq!(find(&t, "192.0.2.0/24").entries[0].port_set, 1);
+    }
+
+    #[test]
+    fn more_rules_than_a_prefix_holds_is_a_clear_error() {
+        let rules: Vec<Rule> = (1..=17)
+            .map(|i| {
+                let port = (8000 + i).to_string();
+                rule(i, &["192.0.2.0/24"], &[port.as_str()], Protocol::Tcp)
+            })
+            .collect();
+        let err = compile_rules(&rules, &[]).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "192.0.2.0/24 needs 20 port entries once the rules covering it are merged (rules 7); \
-             at most 16 fit: merge port ranges or split the CIDR"
+            "192.0.2.0/24 needs 17 port entries once the rules covering it are merged (rules \
+             1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17), even with each rule's \
+             ports in one entry; at most 16 fit: merge rules or split the CIDR"
         );
     }
 

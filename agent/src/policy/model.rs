@@ -361,7 +361,8 @@ pub enum Reason {
     NoStorage,
     /// From outside the host, and no ingress rule allows it.
     Inbound,
-    /// A socket option that would let the agent send from an address the host does not hold.
+    /// A socket option that would let the agent send from an address the host does not hold,
+    /// or read ICMP errors (their quoted bytes are a channel in).
     SocketOption,
 }
 
@@ -410,11 +411,15 @@ impl Reason {
             Self::Unbound => "no identity (unknown_flows = deny)",
             Self::SocketType => "socket type not allowed",
             Self::Wire => "packet sent somewhere its socket was not allowed",
-            Self::PacketOptions => "IP options or IPv6 extension headers",
+            Self::PacketOptions => {
+                "IP options, IPv6 extension headers or an IPv4-mapped address on IPv6"
+            }
             Self::SocketFamily => "socket family not allowed",
             Self::NoStorage => "socket state could not be kept (kernel memory)",
             Self::Inbound => "no ingress rule allows it",
-            Self::SocketOption => "socket option not allowed (non-local source addresses)",
+            Self::SocketOption => {
+                "socket option not allowed (non-local source address or ICMP error queue)"
+            }
         }
     }
 }

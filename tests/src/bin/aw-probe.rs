@@ -941,6 +941,78 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             }
             sendto_one(&s, addr)
         }
+        // A connect the hook allows and the kernel then fails at once, on a socket that then
+        // listens on `lport`: `mismatch` gives an AF_INET socket an address whose family
+        // field says AF_INET6, `v6only` connects an IPV6_V6ONLY socket to an IPv4-mapped
+        // address.
+        ["listen-after-failed-connect", how, ip, port, lport] => {
+            let addr = sa(ip, port)?;
+            let lport: u16 = lport.parse().map_err(|e| format!("bad port: {e}"))?;
+            let (fam, any): (i32, IpAddr) = match *how {
+                "mismatch" => (libc::AF_INET, IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+                "v6only" => (libc::AF_INET6, IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
+                other => return Err(format!("bad trick {other}")),
+            };
+            let s = new_socket(fam, libc::SOCK_STREAM, libc::IPPROTO_TCP)
+                .map_err(|e| format!("socket: {}", errno_name(e)))?;
+            let (mut ss, len) = match (*how, addr) {
+                ("v6only", SocketAddr::V4(v4)) => {
+                    setsockopt_bytes(
+                        &s,
+                        libc::IPPROTO_IPV6,
+                        libc::IPV6_V6ONLY,
+                        &1i32.to_ne_bytes(),
+                    )
+                    .map_err(|e| format!("v6only: {}", errno_name(e)))?;
+                    sockaddr(SocketAddr::new(
+                        IpAddr::V6(v4.ip().to_ipv6_mapped()),
+                        v4.port(),
+                    ))
+                }
+                _ => sockaddr(addr),
+            };
+            if *how == "mismatch" {
+                ss.ss_family = libc::AF_INET6 as u16;
+            }
+            // SAFETY: valid fd and address buffer.
+            let rc = unsafe { libc::connect(s.as_raw_fd(), (&raw const ss).cast(), len) };
+            let connect = if rc < 0 {
+                errno_name(last_err())
+            } else {
+                "connected".into()
+            };
+            let (ls, llen) = sockaddr(SocketAddr::new(any, lport));
+            // SAFETY: valid fd and address.
+            if unsafe { libc::bind(s.as_raw_fd(), (&raw const ls).cast(), llen) } < 0 {
+                return Ok(format!(
+                    "connect {connect}; bind {}",
+                    errno_name(last_err())
+                ));
+            }
+            // SAFETY: valid fd.
+            if unsafe { libc::listen(s.as_raw_fd(), 16) } < 0 {
+                return Ok(format!(
+                    "connect {connect}; listen {}",
+                    errno_name(last_err())
+                ));
+            }
+            keep.push(s);
+            format!("connect {connect}; listening")
+        }
+        // Whether the ICMP error queue may be opened on a UDP socket of this family.
+        ["recverr", fam] => {
+            let (f, level, name) = match *fam {
+                "inet" => (libc::AF_INET, libc::IPPROTO_IP, libc::IP_RECVERR),
+                "inet6" => (libc::AF_INET6, libc::IPPROTO_IPV6, libc::IPV6_RECVERR),
+                other => return Err(format!("bad family {other}")),
+            };
+            let s = new_socket(f, libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+                .map_err(|e| format!("socket: {}", errno_name(e)))?;
+            match setsockopt_bytes(&s, level, name, &1i32.to_ne_bytes()) {
+                Ok(()) => "ok".into(),
+                Err(e) => format!("setsockopt {}", errno_name(e)),
+            }
+        }
         ["ip6opt", which, ip, port] => {
             let name = match *which {
                 "hop" => libc::IPV6_HOPOPTS,
