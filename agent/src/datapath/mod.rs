@@ -1451,7 +1451,7 @@ impl Datapath {
                 (&mut map).try_into().map_err(apply)?;
             for (net, set) in &t.entries {
                 let set = Self::with_set_keys(set, set_keys);
-                trie.insert(&Key::new(u32::from(net.len), net.addr), &set, 0)
+                trie.insert(&Key::new(u32::from(net.len), net.addr), set, 0)
                     .map_err(apply)?;
             }
         }
