@@ -1415,7 +1415,7 @@ fn check_rules(identity: u32, flow: &Flow, now: &mut u64) -> (u8, u32) {
         if flow.port >= e.port_lo
             && flow.port <= e.port_hi
             && e.proto & flow.proto != 0
-            && (e.port_set == 0 || in_port_set(e.port_set, flow.port))
+            && (e.port_set == 0 || in_port_set(e.port_set, u32::from(flow.port)))
         {
             if e.expires_ns == 0 {
                 matched = Some((e.prefix_len, e.rule_id));
@@ -1440,18 +1440,17 @@ fn check_rules(identity: u32, flow: &Flow, now: &mut u64) -> (u8, u32) {
     (REASON_NONE, rule_id)
 }
 
-/// Whether the port set `key` holds `port`; a set that is not there holds nothing.
-#[inline(always)]
-fn in_port_set(key: u32, port: u16) -> bool {
-    // SAFETY: read-only lookup of a plain-old-data value; the word index is below
-    // PORT_SET_WORDS by construction (a u16 over 64).
-    match unsafe { AW_PORT_SETS.get(key) } {
-        Some(s) => {
-            let word = usize::from(port >> 6) & (PORT_SET_WORDS - 1);
-            s.bits[word] >> (port & 63) & 1 != 0
-        }
-        None => false,
-    }
+/// Whether the port set `key` holds `port`; a set that is not there holds nothing. A
+/// function of its own: inlined, the word index was computed before the lookup and spilled
+/// to the stack, where Linux 6.1's verifier loses its bound.
+#[inline(never)]
+fn in_port_set(key: u32, port: u32) -> bool {
+    // SAFETY: read-only lookup of a plain-old-data value.
+    let Some(s) = (unsafe { AW_PORT_SETS.get(key) }) else {
+        return false;
+    };
+    let word = ((port >> 6) as usize) & (PORT_SET_WORDS - 1);
+    s.bits[word] >> (port & 63) & 1 != 0
 }
 
 /// Who a record is about: the task in a hook, or the socket's owner on the packet line (no

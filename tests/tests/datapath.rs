@@ -294,10 +294,34 @@ fn rules_with_hundreds_of_ports_hold_in_the_kernel() {
         };
         assert_eq!(&reference, want, "reference verdict for `{cmd}`");
     }
-    // Replaced by rules that need none: the sets go once the new trie is in.
-    dp.set_rules(1, &rules[1..2]).unwrap();
+    // A clean stop leaves enforcement in place, the sets its tries name included, and a new
+    // start finds them.
+    drop(dp);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 1000"), ALLOWED);
+    let dp = Datapath::start(&env.config()).expect("restart datapath");
+    assert_eq!(dp.port_sets_in_kernel().unwrap(), 2);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 1003"), ALLOWED);
+    // The first full apply replaces every trie; rules that need no set leave none behind.
+    dp.apply(
+        &[],
+        vec![IdentityRules {
+            identity: 1,
+            base: Arc::from(&rules[1..2]),
+            hosts: Vec::new(),
+            learns: false,
+        }],
+        &[IdentityConfig {
+            identity: 1,
+            mode: Mode::Enforce,
+            dns: false,
+        }],
+        || {},
+        |_| IdentityStatus::Active,
+    )
+    .unwrap();
     assert_eq!(dp.port_sets_in_kernel().unwrap(), 0);
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 1000"), DENIED);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.7 443"), ALLOWED);
 }
 
 fn record_for(records: &[EventRecord], port: u16) -> &EventRecord {

@@ -400,6 +400,9 @@ struct PortSets {
     /// Sets an earlier process left, named by the tries it swapped in: kept until this one
     /// has replaced every trie.
     inherited: Mutex<Vec<u32>>,
+    /// The datapath is going away (a clean stop): the pinned tries stay in force and keep
+    /// naming their sets, so nothing leaves the kernel from here on.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl PortSets {
@@ -414,6 +417,7 @@ impl PortSets {
             map: Mutex::new(map),
             table: Mutex::new(table),
             inherited: Mutex::new(inherited),
+            closing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -463,6 +467,9 @@ impl PortSets {
         *refs -= 1;
         if *refs == 0 {
             table.remove(&key);
+            if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             if let Err(e) = lock(&self.map).remove(&key) {
                 warn!(key, error = %e, "could not remove an unused port set");
             }
@@ -565,6 +572,19 @@ pub struct Datapath {
     /// Room left in every trie for host entries learned after it was built.
     host_headroom: u32,
     port_sets: Arc<PortSets>,
+    /// Identities whose trie in the kernel an earlier process swapped in (found at start):
+    /// the first full apply replaces them all, emptying those the policy no longer names,
+    /// and only then are the port sets they name this process's to count.
+    foreign: Mutex<std::collections::BTreeSet<u32>>,
+}
+
+/// A clean stop leaves enforcement in place (pins), port sets included.
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        self.port_sets
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Datapath {
@@ -699,6 +719,10 @@ impl Loaded {
             HashMap::try_from(take(&mut ebpf, c::MAP_PORT_SETS)?)
                 .map_err(map_err(c::MAP_PORT_SETS))?,
         )?;
+        let foreign = sys::filled_slots(rules.fd().as_fd(), MAX_IDENTITIES)
+            .map_err(io_err(Path::new(c::MAP_RULES)))?
+            .into_iter()
+            .collect();
 
         let dp = Datapath {
             pin_dir: dir,
@@ -717,6 +741,7 @@ impl Loaded {
             applying: Mutex::new(()),
             host_headroom: cfg.host_headroom,
             port_sets: Arc::new(port_sets),
+            foreign: Mutex::new(foreign),
         };
         // Rebuild what the kernel reads from config: a restarted daemon keeps the bindings the
         // pinned map holds.
@@ -1110,6 +1135,7 @@ impl Datapath {
             .collect();
         let applied = self.rebuild(&deny, builds, true, staged)?;
         // Every identity's trie is now this process's.
+        lock(&self.foreign).clear();
         self.port_sets.release_inherited();
         self.write_states(configs, &status_of)?;
         Ok(applied)
@@ -1198,7 +1224,14 @@ impl Datapath {
         if all {
             let listed: std::collections::BTreeSet<u32> =
                 builds.iter().map(|b| b.identity).collect();
-            for &id in current.keys().filter(|id| !listed.contains(id)) {
+            let foreign = lock(&self.foreign).clone();
+            let unlisted: std::collections::BTreeSet<u32> = current
+                .keys()
+                .chain(&foreign)
+                .copied()
+                .filter(|id| !listed.contains(id))
+                .collect();
+            for id in unlisted {
                 builds.push(Build {
                     identity: id,
                     base: Arc::from(Vec::new()),

@@ -131,6 +131,40 @@ pub fn map_lookup_and_delete(
     Err(e)
 }
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+
+/// The slots of an array of maps (`max` of them) that hold a map.
+pub fn filled_slots(map: std::os::fd::BorrowedFd<'_>, max: u32) -> io::Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for slot in 0..max {
+        let mut id = 0u32;
+        let mut attr = ElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            key: (&raw const slot) as u64,
+            value: (&raw mut id) as u64,
+            ..Default::default()
+        };
+        // SAFETY: attr points at a 4-byte key and a 4-byte value (a map id), both live.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_ELEM,
+                &mut attr as *mut ElemAttr,
+                std::mem::size_of::<ElemAttr>() as u32,
+            )
+        };
+        if rc == 0 {
+            out.push(slot);
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            return Err(e);
+        }
+    }
+    Ok(out)
+}
+
 /// Attach types the datapath uses (enum bpf_attach_type).
 pub const ATTACH_INET_INGRESS: u32 = 0;
 pub const ATTACH_INET_EGRESS: u32 = 1;

@@ -109,8 +109,8 @@ pub fn compile_rules(rules: &[Rule], global_deny: &[IpNet]) -> Result<CompiledTr
 
     let mut entries = Vec::with_capacity(prefixes.len());
     let mut sets: Vec<PortSet> = Vec::new();
-    // The set of each rule (by id) that needed one, as an index into `sets`.
-    let mut set_of: std::collections::HashMap<u32, u32> = Default::default();
+    // Each set made, by the ranges it holds, as an index into `sets`.
+    let mut set_of: std::collections::HashMap<Vec<(u16, u16)>, u32> = Default::default();
     let mut found: Vec<PortEntry> = Vec::new();
     for p in prefixes {
         // The longest deny prefix of the same family covering p.
@@ -163,7 +163,10 @@ pub fn compile_rules(rules: &[Rule], global_deny: &[IpNet]) -> Result<CompiledTr
                 ids.dedup();
                 CompileError::TooManyPortEntries {
                     prefix: p.to_string(),
-                    count: runs(&found).len(),
+                    count: runs(&found)
+                        .iter()
+                        .map(|&(start, len)| parts(&found[start..start + len]).len())
+                        .sum(),
                     max: MAX_PORT_ENTRIES,
                     rules: ids
                         .iter()
@@ -180,8 +183,9 @@ pub fn compile_rules(rules: &[Rule], global_deny: &[IpNet]) -> Result<CompiledTr
     Ok(CompiledTrie { entries, sets })
 }
 
-/// The runs of `found` (sorted) that come from one rule at one prefix length: one protocol,
-/// one expiry, only their ranges differ. As (start, length).
+/// The runs of `found` (sorted) that come from one rule at one prefix length, as (start,
+/// length). Within a run only the ranges, and (host entries learned from DNS beside the
+/// rule's own) the expiry, differ; every entry of a run names the same rule.
 fn runs(found: &[PortEntry]) -> Vec<(usize, usize)> {
     let mut out: Vec<(usize, usize)> = Vec::new();
     for (i, e) in found.iter().enumerate() {
@@ -198,53 +202,80 @@ fn runs(found: &[PortEntry]) -> Vec<(usize, usize)> {
     out
 }
 
-/// `found` in at most `MAX_PORT_ENTRIES` entries: the runs with the most ranges become one
-/// entry naming the rule's port set, in place, so the first match is still the most specific
-/// rule. None when even one entry per run does not fit.
+/// A run's entries by (protocol, expiry), in order of first appearance: each part folds into
+/// one entry of its own, so no entry outlives or outreaches what it stands for.
+fn parts(run: &[PortEntry]) -> Vec<Vec<PortEntry>> {
+    let mut out: Vec<Vec<PortEntry>> = Vec::new();
+    for e in run {
+        match out
+            .iter_mut()
+            .find(|p| p[0].proto == e.proto && p[0].expires_ns == e.expires_ns)
+        {
+            Some(p) => p.push(*e),
+            None => out.push(vec![*e]),
+        }
+    }
+    out
+}
+
+/// `found` in at most `MAX_PORT_ENTRIES` entries: the runs that save the most become one entry
+/// per part naming a port set, in place, so the first match is still the most specific rule.
+/// None when even that does not fit.
 fn in_port_sets(
     found: &[PortEntry],
     sets: &mut Vec<PortSet>,
-    set_of: &mut std::collections::HashMap<u32, u32>,
+    set_of: &mut std::collections::HashMap<Vec<(u16, u16)>, u32>,
 ) -> Option<Vec<PortEntry>> {
     let runs = runs(found);
-    if runs.len() > MAX_PORT_ENTRIES {
+    let split: Vec<Vec<Vec<PortEntry>>> = runs
+        .iter()
+        .map(|&(start, len)| parts(&found[start..start + len]))
+        .collect();
+    if split.iter().map(Vec::len).sum::<usize>() > MAX_PORT_ENTRIES {
         return None;
     }
-    let mut by_size: Vec<usize> = (0..runs.len()).collect();
-    by_size.sort_by_key(|&r| std::cmp::Reverse(runs[r].1));
+    let saving = |r: usize| runs[r].1 - split[r].len();
+    let mut by_saving: Vec<usize> = (0..runs.len()).collect();
+    by_saving.sort_by_key(|&r| std::cmp::Reverse(saving(r)));
     let mut fold = vec![false; runs.len()];
     let mut total = found.len();
-    for r in by_size {
+    for r in by_saving {
         if total <= MAX_PORT_ENTRIES {
             break;
         }
         fold[r] = true;
-        total -= runs[r].1 - 1;
+        total -= saving(r);
     }
     let mut out = Vec::with_capacity(total);
     for (r, &(start, len)) in runs.iter().enumerate() {
-        let run = &found[start..start + len];
         if !fold[r] {
-            out.extend_from_slice(run);
+            out.extend_from_slice(&found[start..start + len]);
             continue;
         }
-        // Every run of a rule holds all of its ranges, so one set per rule serves them all.
-        let index = *set_of.entry(run[0].rule_id).or_insert_with(|| {
-            let mut set = PortSet::default();
-            for e in run {
-                for port in e.port_lo..=e.port_hi {
-                    set.insert(port);
+        for part in &split[r] {
+            let ranges: Vec<(u16, u16)> = part.iter().map(|e| (e.port_lo, e.port_hi)).collect();
+            let index = match set_of.get(&ranges) {
+                Some(&i) => i,
+                None => {
+                    let mut set = PortSet::default();
+                    for &(lo, hi) in &ranges {
+                        for port in lo..=hi {
+                            set.insert(port);
+                        }
+                    }
+                    sets.push(set);
+                    let i = sets.len() as u32 - 1;
+                    set_of.insert(ranges, i);
+                    i
                 }
-            }
-            sets.push(set);
-            sets.len() as u32 - 1
-        });
-        out.push(PortEntry {
-            port_lo: run.iter().map(|e| e.port_lo).min().unwrap_or(0),
-            port_hi: run.iter().map(|e| e.port_hi).max().unwrap_or(0),
-            port_set: index + 1,
-            ..run[0]
-        });
+            };
+            out.push(PortEntry {
+                port_lo: part.iter().map(|e| e.port_lo).min().unwrap_or(0),
+                port_hi: part.iter().map(|e| e.port_hi).max().unwrap_or(0),
+                port_set: index + 1,
+                ..part[0]
+            });
+        }
     }
     Some(out)
 }
@@ -356,6 +387,27 @@ mod tests {
             (7, 1, 1002, 1600)
         );
         assert_eq!(find(&t, "192.0.2.0/24").entries[0].port_set, 1);
+    }
+
+    #[test]
+    fn a_folded_rule_keeps_each_expiry_of_its_entries() {
+        // A rule and the host entry DNS learned for it: same id, same /32, same ports, the
+        // host's deadline earlier. Folded, each keeps its own deadline.
+        let ports: Vec<String> = (0..20).map(|i| (9000 + 2 * i).to_string()).collect();
+        let ports: Vec<&str> = ports.iter().map(String::as_str).collect();
+        let base = rule(3, &["203.0.113.7/32"], &ports, Protocol::Tcp);
+        let host = Rule {
+            expires: Some(crate::clock::BootInstant(5_000)),
+            ..base.clone()
+        };
+        let t = compile_rules(&[base, host], &[]).unwrap();
+        let s = find(&t, "203.0.113.7/32");
+        assert_eq!(s.count, 2);
+        let mut deadlines: Vec<u64> = s.entries[..2].iter().map(|e| e.expires_ns).collect();
+        deadlines.sort_unstable();
+        assert_eq!(deadlines, [0, 5_000]);
+        assert!(s.entries[..2].iter().all(|e| e.port_set == 1));
+        assert_eq!(t.sets.len(), 1, "one content, one set");
     }
 
     #[test]

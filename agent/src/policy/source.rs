@@ -818,19 +818,40 @@ pub fn parse_sources(sources: Vec<(PathBuf, String)>) -> Result<PolicySet, Polic
 pub fn check_compiles(set: &PolicySet) -> Result<(), PolicyErrors> {
     let now = std::time::SystemTime::now();
     let deny = set.global_deny();
-    let errors: Vec<PolicyError> = set
+    let mut port_sets: std::collections::HashSet<agent_common::PortSet> = Default::default();
+    let mut errors: Vec<PolicyError> = set
         .agents
         .iter()
-        .filter_map(|a| {
-            let e = super::compile::compile_rules(&set.rules_at(a, now), &deny).err()?;
-            Some(err_at(
-                &a.origin.file,
-                a.origin.line,
-                1,
-                format!("AgentPolicy {:?}: {e}", a.name),
-            ))
-        })
+        .filter_map(
+            |a| match super::compile::compile_rules(&set.rules_at(a, now), &deny) {
+                Ok(t) => {
+                    port_sets.extend(t.sets);
+                    None
+                }
+                Err(e) => Some(err_at(
+                    &a.origin.file,
+                    a.origin.line,
+                    1,
+                    format!("AgentPolicy {:?}: {e}", a.name),
+                )),
+            },
+        )
         .collect();
+    // A node holds the sets of the rules in force and of the change replacing them at once.
+    let room = agent_common::MAX_PORT_SETS as usize / 2;
+    if port_sets.len() > room
+        && let Some((file, _)) = set.sources.first()
+    {
+        errors.push(err_at(
+            file,
+            0,
+            0,
+            format!(
+                "the policy needs {} distinct port sets (rules listing more port ranges than a trie entry holds); a node holds {room} per policy: list ranges instead of single ports, or share port lists between rules",
+                port_sets.len()
+            ),
+        ));
+    }
     if errors.is_empty() {
         Ok(())
     } else {
