@@ -1449,6 +1449,14 @@ fn in_port_set(key: u32, port: u32) -> bool {
     let Some(s) = (unsafe { AW_PORT_SETS.get(key) }) else {
         return false;
     };
+    // An explicit bound the verifier sees: LLVM turns the shift-and-mask of the index into a
+    // mask-and-shift whose bound only follows from the port's, which Linux 6.1 loses on the
+    // way here. The volatile read keeps LLVM from proving the check away.
+    // SAFETY: a read of a local.
+    let port = unsafe { core::ptr::read_volatile(&port) };
+    if port > u32::from(u16::MAX) {
+        return false;
+    }
     let word = ((port >> 6) as usize) & (PORT_SET_WORDS - 1);
     s.bits[word] >> (port & 63) & 1 != 0
 }
