@@ -806,8 +806,10 @@ fn load<const N: usize>(skb: *mut __sk_buff, off: usize, buf: &mut [u8; N]) -> b
 }
 
 /// Reads the headers of a packet the socket sends (`ingress` false) or receives. cgroup_skb
-/// programs see the network header at offset 0 in both directions.
-#[inline(always)]
+/// programs see the network header at offset 0 in both directions. A function of its own, so
+/// its buffers are not in the frame that also calls the record's (Linux 6.1 holds the two
+/// to 512 bytes together).
+#[inline(never)]
 fn read_headers(skb: *mut __sk_buff, ingress: bool) -> Headers {
     let mut h = Headers {
         addr: [0; 16],
@@ -823,19 +825,19 @@ fn read_headers(skb: *mut __sk_buff, ingress: bool) -> Headers {
     // Only the bytes the verdict needs are read, straight into place: whole headers copied
     // to the stack would not fit Linux 6.1's 512 bytes beside the record's frame.
     let l4;
+    // The first bytes of either header (a one-byte load at the packet's start compiles to a
+    // bound check, `data < end`, the verifier grants no range for).
+    let mut head = [0u8; 10];
     if proto_be == u32::from(ETH_P_IP.to_be()) {
-        let (mut vihl, mut proto, mut a) = ([0u8; 1], [0u8; 1], [0u8; 4]);
         let at = if ingress { 12 } else { 16 };
-        h.ok = load(skb, 0, &mut vihl) && load(skb, 9, &mut proto) && load(skb, at, &mut a);
-        let ihl = vihl[0] & 0x0f;
+        let mut a = [0u8; 4];
+        h.ok = load(skb, 0, &mut head) && load(skb, at, &mut a);
+        let ihl = head[0] & 0x0f;
         h.options = ihl != 5;
-        h.ip_proto = proto[0];
-        h.addr[10] = 0xff;
-        h.addr[11] = 0xff;
-        h.addr[12] = a[0];
-        h.addr[13] = a[1];
-        h.addr[14] = a[2];
-        h.addr[15] = a[3];
+        h.ip_proto = head[9];
+        h.addr = [
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+        ];
         // Options make a packet sent a refusal whatever follows; a packet received is read
         // past them.
         l4 = if ingress && ihl >= 5 {
@@ -844,9 +846,8 @@ fn read_headers(skb: *mut __sk_buff, ingress: bool) -> Headers {
             IPV4_HEADER
         };
     } else if proto_be == u32::from(ETH_P_IPV6.to_be()) {
-        let mut nh = [0u8; 1];
         let at = if ingress { 8 } else { 24 };
-        h.ok = load(skb, 6, &mut nh) && load(skb, at, &mut h.addr);
+        h.ok = load(skb, 0, &mut head) && load(skb, at, &mut h.addr);
         // An IPv4-mapped address on an IPv6 packet would be judged by IPv4 rules, and looks
         // like IPv4 to the application: no real peer sends one.
         if h.addr[0..10] == [0; 10] && h.addr[10] == 0xff && h.addr[11] == 0xff {
@@ -854,7 +855,7 @@ fn read_headers(skb: *mut __sk_buff, ingress: bool) -> Headers {
         }
         // One extension header is looked through, so the record still names the protocol and
         // port the packet was for; the packet is refused either way.
-        let next = nh[0];
+        let next = head[6];
         if next == IPV6_HOP_BY_HOP || next == IPV6_ROUTING || next == IPV6_DEST_OPTS {
             let mut ext = [0u8; 4];
             if load(skb, IPV6_HEADER, &mut ext) {
