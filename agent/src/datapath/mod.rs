@@ -1638,13 +1638,14 @@ fn load_programs(
     links_dir: &Path,
     families: &mut SocketFamilies,
 ) -> Result<(), DatapathError> {
+    let mut btf = None;
     for name in ALL_PROGRAMS {
         if links_dir.join(name).exists() {
             continue;
         }
         if c::LSM_PROGRAMS.contains(&name) {
             if *families == SocketFamilies::Enforced
-                && let Err(e) = load_program(ebpf, name)
+                && let Err(e) = load_program(ebpf, name, &mut btf)
             {
                 *families = SocketFamilies::Unenforced(format!(
                     "the kernel refused the BPF LSM {} program: {e}",
@@ -1653,13 +1654,18 @@ fn load_programs(
             }
             continue;
         }
-        load_program(ebpf, name)?;
+        load_program(ebpf, name, &mut btf)?;
     }
     Ok(())
 }
 
 /// Loads one program, unless it is loaded already.
-fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
+/// `btf`: the kernel's BTF, parsed once for every BPF LSM program (it is megabytes).
+fn load_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    btf: &mut Option<aya::Btf>,
+) -> Result<(), DatapathError> {
     let prog_err = |e: aya::programs::ProgramError| DatapathError::Program {
         name,
         source: Box::new(e),
@@ -1685,11 +1691,14 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError
     } else if c::LSM_PROGRAMS.contains(&name) {
         let p: &mut LsmCgroup = prog.try_into().map_err(prog_err)?;
         if p.fd().is_err() {
-            let btf = aya::Btf::from_sys_fs().map_err(|e| DatapathError::Program {
-                name,
-                source: Box::new(aya::programs::ProgramError::Btf(e)),
-            })?;
-            p.load(lsm_hook(name), &btf).map_err(prog_err)?;
+            if btf.is_none() {
+                *btf = Some(aya::Btf::from_sys_fs().map_err(|e| DatapathError::Program {
+                    name,
+                    source: Box::new(aya::programs::ProgramError::Btf(e)),
+                })?);
+            }
+            let btf = btf.as_ref().expect("parsed above");
+            p.load(lsm_hook(name), btf).map_err(prog_err)?;
         }
     } else {
         let p: &mut CgroupSockAddr = prog.try_into().map_err(prog_err)?;
@@ -1733,7 +1742,7 @@ fn attach_all(
                 continue;
             }
             // Loaded by load_programs, unless its pin vanished since.
-            load_program(ebpf, name)?;
+            load_program(ebpf, name, &mut None)?;
             let prog_err = |e: aya::programs::ProgramError| DatapathError::Program {
                 name,
                 source: Box::new(e),
