@@ -102,12 +102,12 @@ pub const DROPS_GOVERNED: u32 = 0;
 pub const DROPS_UNKNOWN: u32 = 1;
 pub const RATE_ENTRIES: u32 = 16384;
 /// Reserved room in the governed ring: once this much of it waits unread, an identity that
-/// has written `LOUD_RECORDS` records in the current `RECORD_WINDOW_NS` writes no more there
+/// has written `LOUD_RECORDS` records since the node last read the ring writes no more there
 /// (counted as dropped), so one identity's flood of distinct flows leaves room for every
-/// other identity's records.
+/// other identity's records, for as long as the node does not read: a node that is down or
+/// stuck keeps the reserve for the quiet ones.
 pub const RESERVED_RING_QUARTERS: u64 = 1;
 pub const LOUD_RECORDS: u64 = 512;
-pub const RECORD_WINDOW_NS: u64 = 1_000_000_000;
 /// Identical events inside this window are counted instead of written again.
 pub const DEFAULT_RATE_WINDOW_NS: u64 = 1_000_000_000;
 /// Rules whose hits the kernel counts (LRU: the least recently hit go first when full).
@@ -440,13 +440,14 @@ pub struct RateKey {
     pub _pad: u8,
 }
 
-/// Value of `AW_RECORD_USAGE` (index: identity): governed records written in the current
-/// window. Plain stores for the window, an atomic add for the count: approximate at a window's
-/// edge, which a fairness threshold can afford.
+/// Value of `AW_RECORD_USAGE` (index: identity): governed records written since the ring's
+/// consumer was last seen at `consumer_pos`. Plain stores for the position, an atomic add for
+/// the count: approximate when the node reads mid-flood, which a fairness threshold can
+/// afford.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecordUsage {
-    pub window_start_ns: u64,
+    pub consumer_pos: u64,
     pub written: u64,
 }
 

@@ -19,10 +19,10 @@ use agent_common::{
     MAX_PORT_ENTRIES, MAX_PORT_SETS, MODE_AUDIT, PORT_SET_WORDS, PROTO_TCP, PROTO_UDP, PortSet,
     RATE_ENTRIES, REASON_EXPIRED, REASON_GLOBAL_DENY, REASON_INBOUND, REASON_NO_RULE,
     REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SOCKET_FAMILY,
-    REASON_SOCKET_OPTION, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE, RECORD_WINDOW_NS,
-    RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage, RuleSet,
-    SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SockState, UNKNOWN_DENY,
-    UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, rule_hit_key,
+    REASON_SOCKET_OPTION, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE, RESERVED_RING_QUARTERS,
+    RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage, RuleSet, SOCK_DEST_CONNECTED,
+    SOCK_DEST_SENT, SOCK_DESTS, SockState, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE,
+    dns_proxy_addr, dns_proxy_addr6, rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{
@@ -1622,7 +1622,7 @@ fn report_to<const RING: usize, const RATE: usize>(
             unsafe { *drops += 1 };
         }
     };
-    if drop_slot == DROPS_GOVERNED && loud(ring, identity, now) {
+    if drop_slot == DROPS_GOVERNED && loud(ring, identity) {
         dropped();
         return;
     }
@@ -1686,25 +1686,28 @@ fn report_to<const RING: usize, const RATE: usize>(
     }
 }
 
-/// Counts a governed record of `identity` into its window and says whether it must give way:
-/// the ring's reserved room is in use and this identity already wrote its share this window.
+/// Counts a governed record of `identity` and says whether it must give way: the ring's
+/// reserved room is in use and this identity has written its share since the node last read
+/// the ring. The count starts again whenever the node has read, not on a clock: a node that
+/// is down or stuck keeps the reserve for the quiet identities however slow the flood.
 #[inline(always)]
-fn loud<const RING: usize>(ring: &RingBuf<Event, RING>, identity: u32, now: u64) -> bool {
+fn loud<const RING: usize>(ring: &RingBuf<Event, RING>, identity: u32) -> bool {
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+    const BPF_RB_CONS_POS: u64 = 2;
     let Some(u) = AW_RECORD_USAGE.get_ptr_mut(identity) else {
         return false;
     };
-    // SAFETY: a pointer into the array's value; the count is only touched atomically.
+    let ring_ptr = core::ptr::from_ref(ring).cast_mut().cast();
+    // SAFETY: a pointer into the array's value; the count is only touched atomically; the
+    // query helper takes the ring map.
     unsafe {
-        if now.wrapping_sub((*u).window_start_ns) >= RECORD_WINDOW_NS {
-            (*u).window_start_ns = now;
+        let consumer = bpf_ringbuf_query(ring_ptr, BPF_RB_CONS_POS);
+        if consumer != (*u).consumer_pos {
+            (*u).consumer_pos = consumer;
             (*u).written = 0;
         }
         if (*u).written >= LOUD_RECORDS {
-            const BPF_RB_AVAIL_DATA: u64 = 0;
-            let waiting = bpf_ringbuf_query(
-                core::ptr::from_ref(ring).cast_mut().cast(),
-                BPF_RB_AVAIL_DATA,
-            );
+            let waiting = bpf_ringbuf_query(ring_ptr, BPF_RB_AVAIL_DATA);
             if waiting > RING as u64 * (4 - RESERVED_RING_QUARTERS) / 4 {
                 return true;
             }
