@@ -686,12 +686,46 @@ fn try_setsockopt(ctx: &SockoptContext) -> i32 {
     // SAFETY: the kernel hands sockopt programs a valid bpf_sockopt; the verifier checks each
     // field access.
     let (level, optname, optlen) = unsafe { ((*so).level, (*so).optname, (*so).optlen) };
+    if is_recverr(level, optname) {
+        quiet_recverr(ctx);
+    }
     let verdict = judge_sockopt(level, optname);
     if verdict == ALLOW && optlen > PAGE_SIZE {
         // SAFETY: setsockopt programs may write optlen.
         unsafe { (*so).optlen = 0 };
     }
     verdict
+}
+
+#[inline(always)]
+fn is_recverr(level: i32, optname: i32) -> bool {
+    (level == SOL_IP && (optname == IP_RECVERR || optname == IP_RECVERR_RFC4884))
+        || (level == SOL_IPV6 && (optname == IPV6_RECVERR || optname == IPV6_RECVERR_RFC4884))
+}
+
+/// The ICMP error queue stays closed to a governed agent: an ICMP error quotes whatever bytes
+/// its sender chose and reaches the queue without passing the ingress line, a channel in.
+/// Refusing the option would break glibc's resolver (it gives up on a socket where enabling
+/// it fails), so the call succeeds with the value turned to 0: nothing is queued. Not a
+/// denial, so no record.
+#[inline(always)]
+fn quiet_recverr(ctx: &SockoptContext) {
+    let leaf = unsafe { bpf_get_current_cgroup_id() };
+    if find_binding(leaf).is_none() {
+        return;
+    }
+    let so = ctx.sockopt;
+    // SAFETY: optval..optval_end is the kernel's copy of the value, which setsockopt programs
+    // may rewrite; every write is checked against the end.
+    unsafe {
+        let start = (*so).__bindgen_anon_2.optval as usize;
+        let end = (*so).__bindgen_anon_3.optval_end as usize;
+        if start + 4 <= end {
+            *(start as *mut u32) = 0;
+        } else if start + 1 <= end {
+            *(start as *mut u8) = 0;
+        }
+    }
 }
 
 /// The same judgement on the BPF LSM's `socket_setsockopt(sock, level, optname)`, which the
@@ -703,21 +737,11 @@ fn try_lsm_setsockopt(ctx: &LsmContext) -> i32 {
     judge_sockopt(level, optname)
 }
 
-/// Refuses a governed task, with a record, the options that bind non-local addresses and
-/// those that open the ICMP error queue: an ICMP error quotes whatever bytes its sender
-/// chose, reaches the socket without passing the ingress line, and would be a channel in.
+/// Refuses a governed task, with a record, the options that bind non-local addresses.
 #[inline(always)]
 fn judge_sockopt(level: i32, optname: i32) -> i32 {
-    let refused = (level == SOL_IP
-        && (optname == IP_FREEBIND
-            || optname == IP_TRANSPARENT
-            || optname == IP_RECVERR
-            || optname == IP_RECVERR_RFC4884))
-        || (level == SOL_IPV6
-            && (optname == IPV6_FREEBIND
-                || optname == IPV6_TRANSPARENT
-                || optname == IPV6_RECVERR
-                || optname == IPV6_RECVERR_RFC4884));
+    let refused = (level == SOL_IP && (optname == IP_FREEBIND || optname == IP_TRANSPARENT))
+        || (level == SOL_IPV6 && (optname == IPV6_FREEBIND || optname == IPV6_TRANSPARENT));
     if !refused {
         return ALLOW;
     }

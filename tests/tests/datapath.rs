@@ -489,10 +489,9 @@ fn pinned_enforcement_survives_sigkill_and_is_adopted_once() {
     let mut loader = KillOnDrop(loader);
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
-    // Every program: the BPF LSM ones where this kernel runs BPF LSM programs (and then the
-    // cgroup setsockopt one is left out: the LSM's sees more), else the cgroup one.
+    // Every program, the BPF LSM ones only where this kernel runs BPF LSM programs.
     let (all, lsm) = match line.trim().rsplit_once(' ') {
-        Some((_, "lsm")) => (agent_common::ALL_PROGRAMS.len() - 1, "lsm"),
+        Some((_, "lsm")) => (agent_common::ALL_PROGRAMS.len(), "lsm"),
         _ => (
             agent_common::ALL_PROGRAMS.len() - agent_common::LSM_PROGRAMS.len(),
             "no-lsm",

@@ -1734,11 +1734,7 @@ fn attach_all(
                 report.adopted += 1;
                 continue;
             }
-            // One line judges socket options: the LSM's where it runs (it sees compat system
-            // calls too), the cgroup hook's elsewhere. Never both, so nothing is recorded
-            // twice.
-            let lsm = *families == SocketFamilies::Enforced;
-            if (c::LSM_PROGRAMS.contains(&name) && !lsm) || (name == c::PROG_SETSOCKOPT && lsm) {
+            if c::LSM_PROGRAMS.contains(&name) && *families != SocketFamilies::Enforced {
                 continue;
             }
             // Loaded by load_programs, unless its pin vanished since.

@@ -361,8 +361,7 @@ pub enum Reason {
     NoStorage,
     /// From outside the host, and no ingress rule allows it.
     Inbound,
-    /// A socket option that would let the agent send from an address the host does not hold,
-    /// or read ICMP errors (their quoted bytes are a channel in).
+    /// A socket option that would let the agent send from an address the host does not hold.
     SocketOption,
 }
 
@@ -417,9 +416,7 @@ impl Reason {
             Self::SocketFamily => "socket family not allowed",
             Self::NoStorage => "socket state could not be kept (kernel memory)",
             Self::Inbound => "no ingress rule allows it",
-            Self::SocketOption => {
-                "socket option not allowed (non-local source address or ICMP error queue)"
-            }
+            Self::SocketOption => "socket option not allowed (non-local source address)",
         }
     }
 }

@@ -1008,9 +1008,25 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             };
             let s = new_socket(f, libc::SOCK_DGRAM, libc::IPPROTO_UDP)
                 .map_err(|e| format!("socket: {}", errno_name(e)))?;
-            match setsockopt_bytes(&s, level, name, &1i32.to_ne_bytes()) {
-                Ok(()) => "ok".into(),
-                Err(e) => format!("setsockopt {}", errno_name(e)),
+            if let Err(e) = setsockopt_bytes(&s, level, name, &1i32.to_ne_bytes()) {
+                return Ok(format!("setsockopt {}", errno_name(e)));
+            }
+            let mut on = 0i32;
+            let mut len = 4 as libc::socklen_t;
+            // SAFETY: valid fd; a 4-byte buffer and its length.
+            unsafe {
+                libc::getsockopt(
+                    s.as_raw_fd(),
+                    level,
+                    name,
+                    (&raw mut on).cast(),
+                    &raw mut len,
+                );
+            }
+            if on != 0 {
+                "ok on".into()
+            } else {
+                "ok off".into()
             }
         }
         ["ip6opt", which, ip, port] => {
