@@ -686,8 +686,8 @@ fn try_setsockopt(ctx: &SockoptContext) -> i32 {
     // SAFETY: the kernel hands sockopt programs a valid bpf_sockopt; the verifier checks each
     // field access.
     let (level, optname, optlen) = unsafe { ((*so).level, (*so).optname, (*so).optlen) };
-    if is_recverr(level, optname) {
-        quiet_recverr(ctx);
+    if is_recverr(level, optname) && quiet_recverr(ctx, optlen) {
+        return ALLOW;
     }
     let verdict = judge_sockopt(level, optname);
     if verdict == ALLOW && optlen > PAGE_SIZE {
@@ -707,25 +707,30 @@ fn is_recverr(level: i32, optname: i32) -> bool {
 /// its sender chose and reaches the queue without passing the ingress line, a channel in.
 /// Refusing the option would break glibc's resolver (it gives up on a socket where enabling
 /// it fails), so the call succeeds with the value turned to 0: nothing is queued. Not a
-/// denial, so no record.
+/// denial, so no record. True when it did so (a governed task).
 #[inline(always)]
-fn quiet_recverr(ctx: &SockoptContext) {
+fn quiet_recverr(ctx: &SockoptContext, optlen: i32) -> bool {
     let leaf = unsafe { bpf_get_current_cgroup_id() };
     if find_binding(leaf).is_none() {
-        return;
+        return false;
     }
     let so = ctx.sockopt;
-    // SAFETY: optval..optval_end is the kernel's copy of the value, which setsockopt programs
-    // may rewrite; every write is checked against the end.
+    // SAFETY: optval..optval_end is the kernel's copy of the value (its first page), which
+    // setsockopt programs may rewrite; every write is checked against the end. The length is
+    // cut to the int the kernel reads: a longer one (over a page, say) would otherwise have
+    // the kernel read the caller's own buffer instead of this copy.
     unsafe {
         let start = (*so).__bindgen_anon_2.optval as usize;
         let end = (*so).__bindgen_anon_3.optval_end as usize;
-        if start + 4 <= end {
+        if optlen >= 4 && start + 4 <= end {
             *(start as *mut u32) = 0;
-        } else if start + 1 <= end {
+            (*so).optlen = 4;
+        } else if optlen >= 1 && start + 1 <= end {
             *(start as *mut u8) = 0;
+            (*so).optlen = 1;
         }
     }
+    true
 }
 
 /// The same judgement on the BPF LSM's `socket_setsockopt(sock, level, optname)`, which the

@@ -499,8 +499,11 @@ fn a_governed_agent_sends_only_from_addresses_the_host_holds() {
     // reach the socket past the ingress line. Turning it on succeeds (glibc's resolver gives
     // up on a socket where it fails) and leaves it off.
     for fam in ["inet", "inet6"] {
-        assert_eq!(agent.cmd(&format!("recverr {fam}")), "ok off", "{fam}");
-        assert_eq!(fx.helper.cmd(&format!("recverr {fam}")), "ok on", "{fam}");
+        for size in ["int", "long"] {
+            let cmd = format!("recverr {fam} {size}");
+            assert_eq!(agent.cmd(&cmd), "ok off", "{cmd}");
+            assert_eq!(fx.helper.cmd(&cmd), "ok on", "{cmd}");
+        }
     }
     let seen = fx.until_helper_marker(9105);
     let spoofed: Vec<&Packet> = seen

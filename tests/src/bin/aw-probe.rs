@@ -999,8 +999,9 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             keep.push(s);
             format!("connect {connect}; listening")
         }
-        // Whether the ICMP error queue may be opened on a UDP socket of this family.
-        ["recverr", fam] => {
+        // Whether the ICMP error queue may be opened on a UDP socket of this family; `long`
+        // passes the value in a buffer of two pages (the kernel reads its first int).
+        ["recverr", fam, size] => {
             let (f, level, name) = match *fam {
                 "inet" => (libc::AF_INET, libc::IPPROTO_IP, libc::IP_RECVERR),
                 "inet6" => (libc::AF_INET6, libc::IPPROTO_IPV6, libc::IPV6_RECVERR),
@@ -1008,7 +1009,9 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             };
             let s = new_socket(f, libc::SOCK_DGRAM, libc::IPPROTO_UDP)
                 .map_err(|e| format!("socket: {}", errno_name(e)))?;
-            if let Err(e) = setsockopt_bytes(&s, level, name, &1i32.to_ne_bytes()) {
+            let mut value = vec![0u8; if *size == "long" { 8192 } else { 4 }];
+            value[..4].copy_from_slice(&1i32.to_ne_bytes());
+            if let Err(e) = setsockopt_bytes(&s, level, name, &value) {
                 return Ok(format!("setsockopt {}", errno_name(e)));
             }
             let mut on = 0i32;
