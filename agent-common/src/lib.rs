@@ -56,7 +56,8 @@ pub const PROG_SETSOCKOPT: &str = "aw_setsockopt";
 /// BPF LSM (`lsm_cgroup/socket_create`): optional, where the kernel's LSM list has `bpf`.
 pub const PROG_SOCKET_FAMILY: &str = "aw_socket_family";
 /// BPF LSM (`lsm_cgroup/socket_setsockopt`): with the socket-family program, the LSM line.
-/// Where it runs, it replaces `aw_setsockopt`, which compat system calls skip.
+/// It judges the address options on every path, compat system calls included, which the
+/// cgroup `aw_setsockopt` does not see.
 pub const PROG_LSM_SETSOCKOPT: &str = "aw_lsm_setsockopt";
 
 /// The BPF LSM programs: loaded and attached together, or not at all.
