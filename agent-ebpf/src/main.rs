@@ -1010,6 +1010,28 @@ fn dead(skb: *mut __sk_buff, o: &Owner, flow: &Flow, now: &mut u64) -> bool {
     false
 }
 
+/// A packet the line would drop: recorded, then dropped, or in audit mode let through.
+#[inline(always)]
+fn refuse(skb: *mut __sk_buff, o: &Owner, flow: &Flow, reason: u8, rule_id: u32, now: u64) -> i32 {
+    let (kind, pass) = if o.mode == MODE_AUDIT {
+        (EVENT_AUDIT, ALLOW)
+    } else {
+        (EVENT_DENY, DENY)
+    };
+    let (leaf, who) = whose(skb);
+    report(
+        flow,
+        leaf,
+        o.binding.identity,
+        kind,
+        reason,
+        rule_id,
+        now,
+        who,
+    );
+    pass
+}
+
 /// Who a packet-line record is about, read only when one is written: the fast path needs
 /// neither.
 #[inline(always)]
@@ -1040,24 +1062,8 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
     if dead(skb, &o, &flow, &mut now) {
         return DENY;
     }
-    let (kind, pass) = if o.mode == MODE_AUDIT {
-        (EVENT_AUDIT, ALLOW)
-    } else {
-        (EVENT_DENY, DENY)
-    };
     if !h.ok || h.options {
-        let (leaf, who) = whose(skb);
-        report(
-            &flow,
-            leaf,
-            identity,
-            kind,
-            REASON_PACKET_OPTIONS,
-            0,
-            now,
-            who,
-        );
-        return pass;
+        return refuse(skb, &o, &flow, REASON_PACKET_OPTIONS, 0, now);
     }
     let st = o.st;
     // A TCP socket no connect() was judged for is a listener or a connection it accepted
@@ -1081,9 +1087,7 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
     if reason == REASON_NONE {
         return ALLOW;
     }
-    let (leaf, who) = whose(skb);
-    report(&flow, leaf, identity, kind, REASON_WIRE, 0, now, who);
-    pass
+    refuse(skb, &o, &flow, REASON_WIRE, 0, now)
 }
 
 /// Whether the hooks allowed this socket to send to `addr:port` (one of its remembered
@@ -1133,24 +1137,8 @@ fn try_ingress(ctx: &SkBuffContext) -> i32 {
     if unsafe { (*skb).ingress_ifindex } == LOOPBACK_IFINDEX {
         return ALLOW;
     }
-    let (kind, pass) = if o.mode == MODE_AUDIT {
-        (EVENT_AUDIT, ALLOW)
-    } else {
-        (EVENT_DENY, DENY)
-    };
     if !h.ok || h.options {
-        let (leaf, who) = whose(skb);
-        report(
-            &flow,
-            leaf,
-            identity,
-            kind,
-            REASON_PACKET_OPTIONS,
-            0,
-            now,
-            who,
-        );
-        return pass;
+        return refuse(skb, &o, &flow, REASON_PACKET_OPTIONS, 0, now);
     }
     let st = o.st;
     if h.proto == PROTO_TCP {
@@ -1200,9 +1188,7 @@ fn try_ingress(ctx: &SkBuffContext) -> i32 {
     } else {
         reason
     };
-    let (leaf, who) = whose(skb);
-    report(&flow, leaf, identity, kind, reason, rule_id, now, who);
-    pass
+    refuse(skb, &o, &flow, reason, rule_id, now)
 }
 
 #[inline(always)]
