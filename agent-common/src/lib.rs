@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map layout changes: pins live under `<bpffs_dir>/v{ABI_VERSION}`, so a new
 /// layout never adopts maps written by an old one.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 pub const MAP_BINDINGS: &str = "AW_BINDINGS";
 pub const MAP_IDENTITIES: &str = "AW_IDENTITIES";
@@ -22,9 +22,10 @@ pub const MAP_UNKNOWN_EVENTS: &str = "AW_UNKNOWN_EVENTS";
 pub const MAP_UNKNOWN_RATE: &str = "AW_UNKNOWN_RATE";
 pub const MAP_RECORD_USAGE: &str = "AW_RECORD_USAGE";
 pub const MAP_PORT_SETS: &str = "AW_PORT_SETS";
+pub const MAP_BINDING_SLOTS: &str = "AW_BINDING_SLOTS";
 
 /// Every map the programs use, in a stable order (pinning, adoption and teardown walk it).
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_BINDINGS,
     MAP_IDENTITIES,
     MAP_RULES,
@@ -39,6 +40,7 @@ pub const ALL_MAPS: [&str; 14] = [
     MAP_UNKNOWN_RATE,
     MAP_RECORD_USAGE,
     MAP_PORT_SETS,
+    MAP_BINDING_SLOTS,
 ];
 
 pub const PROG_CONNECT4: &str = "aw_connect4";
@@ -59,11 +61,14 @@ pub const PROG_SOCKET_FAMILY: &str = "aw_socket_family";
 /// It judges the address options on every path, compat system calls included, which the
 /// cgroup `aw_setsockopt` does not see.
 pub const PROG_LSM_SETSOCKOPT: &str = "aw_lsm_setsockopt";
+/// BPF LSM (`lsm_cgroup/socket_recvmsg`): a governed task reads no socket error queue, however
+/// the queue was opened (a compat setsockopt skips the cgroup hook that keeps it closed).
+pub const PROG_LSM_RECVMSG: &str = "aw_lsm_recvmsg";
 
 /// The BPF LSM programs: loaded and attached together, or not at all.
-pub const LSM_PROGRAMS: [&str; 2] = [PROG_SOCKET_FAMILY, PROG_LSM_SETSOCKOPT];
+pub const LSM_PROGRAMS: [&str; 3] = [PROG_SOCKET_FAMILY, PROG_LSM_SETSOCKOPT, PROG_LSM_RECVMSG];
 
-pub const ALL_PROGRAMS: [&str; 14] = [
+pub const ALL_PROGRAMS: [&str; 15] = [
     PROG_CONNECT4,
     PROG_CONNECT6,
     PROG_SENDMSG4,
@@ -78,12 +83,16 @@ pub const ALL_PROGRAMS: [&str; 14] = [
     PROG_SETSOCKOPT,
     PROG_SOCKET_FAMILY,
     PROG_LSM_SETSOCKOPT,
+    PROG_LSM_RECVMSG,
 ];
 
 /// Capacity of the identity table; identity 0 is reserved (it means "no identity" in event
 /// records), so usable identities are `1..MAX_IDENTITIES`.
 pub const MAX_IDENTITIES: u32 = 16384;
 pub const MAX_BINDINGS: u32 = 65536;
+/// Entries of `AW_BINDING_SLOTS`: one per binding, plus one spare so a renewal still finds a
+/// fresh slot when the table is full.
+pub const BINDING_SLOTS: u32 = MAX_BINDINGS + 1;
 /// Port entries one LPM prefix can carry after less specific rules are merged into it. A rule
 /// whose ports would not fit takes one entry that names a [`PortSet`].
 pub const MAX_PORT_ENTRIES: usize = 16;
@@ -96,17 +105,19 @@ pub const PORT_SET_WORDS: usize = 1024;
 pub const MAX_CGROUP_LEVELS: u32 = 32;
 /// Governed identities' records and unbound cgroups' records have a ring buffer each, so a
 /// flood of unknown flows can never take the room of a governed denial.
-pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+pub const EVENTS_RING_BYTES: u32 = 1024 * 1024;
 pub const UNKNOWN_EVENTS_RING_BYTES: u32 = 256 * 1024;
 /// Slots of `AW_EVENT_DROPS`: records lost because their ring buffer was full.
 pub const DROPS_GOVERNED: u32 = 0;
 pub const DROPS_UNKNOWN: u32 = 1;
 pub const RATE_ENTRIES: u32 = 16384;
 /// Reserved room in the governed ring: once this much of it waits unread, an identity that
-/// has written `LOUD_RECORDS` records since the node last read the ring writes no more there
-/// (counted as dropped), so one identity's flood of distinct flows leaves room for every
-/// other identity's records, for as long as the node does not read: a node that is down or
-/// stuck keeps the reserve for the quiet ones.
+/// has written `LOUD_RECORDS` records in the current window writes no more there (counted as
+/// dropped), so one identity's flood of distinct flows leaves room for every other
+/// identity's records. A window ends once the node has read a quarter of the ring, not on a
+/// clock and not on every read: a node that is down or stuck keeps the reserve for the quiet
+/// ones, and a node that reads slower than a flood gives the flooder at most
+/// `LOUD_RECORDS` of each quarter it reads.
 pub const RESERVED_RING_QUARTERS: u64 = 1;
 pub const LOUD_RECORDS: u64 = 512;
 /// Identical events inside this window are counted instead of written again.
@@ -207,6 +218,9 @@ pub const REASON_INBOUND: u8 = 11;
 /// A socket option that lets a socket send from an address the host does not hold
 /// (IP_FREEBIND, IPV6_FREEBIND; the TRANSPARENT ones need CAP_NET_ADMIN but are refused too).
 pub const REASON_SOCKET_OPTION: u8 = 12;
+/// A read of a socket's error queue (`MSG_ERRQUEUE`): ICMP errors reach it without passing the
+/// packet line, quoting whatever bytes their sender chose.
+pub const REASON_ERROR_QUEUE: u8 = 13;
 
 /// [`Event::hook`].
 pub const HOOK_CONNECT4: u8 = 1;
@@ -224,6 +238,8 @@ pub const HOOK_INGRESS: u8 = 8;
 /// cgroup setsockopt: options a governed agent may not set. Records carry the level in
 /// `sock_type` and the option in `sock_protocol`.
 pub const HOOK_SETSOCKOPT: u8 = 9;
+/// BPF LSM `socket_recvmsg`: a governed task reading a socket's error queue.
+pub const HOOK_ERROR_QUEUE: u8 = 10;
 /// `ifindex` of the loopback device in every network namespace: traffic between local
 /// processes, governed by the sender's egress rules.
 pub const LOOPBACK_IFINDEX: u32 = 1;
@@ -251,13 +267,28 @@ pub struct Binding {
     /// its own certificate.
     pub not_after_ns: u64,
     pub identity: u32,
+    /// Index of this binding's copy in `AW_BINDING_SLOTS`, which sockets note at creation.
+    pub slot: u32,
     /// Level of the bound cgroup under the cgroup2 root, kept so a restarted daemon can rebuild
     /// [`Config::bound_levels`] from the pinned map alone.
     pub level: u8,
     /// Non-zero: the certificate behind this binding was revoked (a CRL lists it); the cgroup
     /// stays bound and is denied everything.
     pub revoked: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 6],
+}
+
+/// Value of `AW_BINDING_SLOTS` (index: [`Binding::slot`]): a copy of one binding, so the
+/// packet line reads a socket's binding with an array lookup rather than a hash lookup on
+/// every packet. Valid only while `cgroup_id` is the socket's [`SockState::binding_cgroup`];
+/// otherwise the packet line falls back to `AW_BINDINGS`, which stays the authority.
+/// Userspace writes a slot in full before any socket can name it, changes nothing but
+/// `revoked` while its cgroup id stands, and takes the cgroup id away before reusing it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BindingSlot {
+    pub cgroup_id: u64,
+    pub binding: Binding,
 }
 
 /// Value of `AW_IDENTITIES` (index: identity number).
@@ -391,7 +422,8 @@ pub struct SockState {
     pub dests: [Addr; SOCK_DESTS],
     /// Ports in host byte order; 0 = slot empty.
     pub ports: [u16; SOCK_DESTS],
-    pub _pad: [u8; 4],
+    /// [`Binding::slot`] of the binding at creation: where the packet line looks first.
+    pub binding_slot: u32,
 }
 
 /// A record on the `AW_EVENTS` ring buffer.
@@ -441,10 +473,10 @@ pub struct RateKey {
     pub _pad: u8,
 }
 
-/// Value of `AW_RECORD_USAGE` (index: identity): governed records written since the ring's
-/// consumer was last seen at `consumer_pos`. Plain stores for the position, an atomic add for
-/// the count: approximate when the node reads mid-flood, which a fairness threshold can
-/// afford.
+/// Value of `AW_RECORD_USAGE` (index: identity): governed records written in the window that
+/// began with the ring's consumer at `consumer_pos` (see [`LOUD_RECORDS`]). Plain stores for
+/// the position, an atomic add for the count: approximate when the node reads mid-flood,
+/// which a fairness threshold can afford.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecordUsage {
@@ -471,6 +503,7 @@ mod pod {
     // SAFETY: all of these are repr(C), Copy, made of integers with explicit padding fields, so
     // every bit pattern is valid and there are no implicit padding bytes.
     unsafe impl aya::Pod for Binding {}
+    unsafe impl aya::Pod for BindingSlot {}
     unsafe impl aya::Pod for IdentityState {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for PortEntry {}
@@ -485,7 +518,6 @@ mod pod {
 }
 
 // Layout guards: the kernel and userspace must agree on these sizes byte for byte.
-const _: () = assert!(core::mem::size_of::<Binding>() == 16);
 const _: () = assert!(core::mem::size_of::<IdentityState>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);
@@ -496,3 +528,8 @@ const _: () = assert!(core::mem::size_of::<RateKey>() == 32);
 const _: () = assert!(core::mem::size_of::<RateState>() == 32);
 const _: () = assert!(core::mem::size_of::<DnsOrigin>() == 40);
 const _: () = assert!(core::mem::size_of::<SockState>() == 8 + 16 * SOCK_DESTS + 8);
+const _: () = assert!(core::mem::size_of::<Binding>() == 24);
+const _: () = assert!(core::mem::size_of::<BindingSlot>() == 32);
+// The packet line compares `dests` a word at a time.
+const _: () = assert!(core::mem::offset_of!(SockState, dests) % 8 == 0);
+const _: () = assert!(core::mem::align_of::<SockState>() == 8);

@@ -10,19 +10,20 @@
 #![feature(core_intrinsics)]
 
 use agent_common::{
-    AF_INET, AF_INET6, AF_NETLINK, AF_UNIX, Addr, Binding, Config, DEFAULT_RATE_WINDOW_NS,
-    DNS_ORIGIN_ENTRIES, DNS_PORT, DROPS_GOVERNED, DROPS_UNKNOWN, DnsOrigin, EVENT_ALLOW,
-    EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY, EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES, Event,
-    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS, HOOK_INGRESS, HOOK_SENDMSG4, HOOK_SENDMSG6,
-    HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCKET_FAMILY, IDENTITY_ACTIVE, IdentityState,
-    LOOPBACK_IFINDEX, LOUD_RECORDS, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES,
-    MAX_PORT_ENTRIES, MAX_PORT_SETS, MODE_AUDIT, PORT_SET_WORDS, PROTO_TCP, PROTO_UDP, PortSet,
-    RATE_ENTRIES, REASON_EXPIRED, REASON_GLOBAL_DENY, REASON_INBOUND, REASON_NO_RULE,
-    REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SOCKET_FAMILY,
-    REASON_SOCKET_OPTION, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE, RESERVED_RING_QUARTERS,
-    RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage, RuleSet, SOCK_DEST_CONNECTED,
-    SOCK_DEST_SENT, SOCK_DESTS, SockState, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE,
-    dns_proxy_addr, dns_proxy_addr6, rule_hit_key,
+    AF_INET, AF_INET6, AF_NETLINK, AF_UNIX, Addr, BINDING_SLOTS, Binding, BindingSlot, Config,
+    DEFAULT_RATE_WINDOW_NS, DNS_ORIGIN_ENTRIES, DNS_PORT, DROPS_GOVERNED, DROPS_UNKNOWN, DnsOrigin,
+    EVENT_ALLOW, EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY, EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES,
+    Event, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS, HOOK_ERROR_QUEUE, HOOK_INGRESS,
+    HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCKET_FAMILY,
+    IDENTITY_ACTIVE, IdentityState, LOOPBACK_IFINDEX, LOUD_RECORDS, MAX_BINDINGS,
+    MAX_CGROUP_LEVELS, MAX_IDENTITIES, MAX_PORT_ENTRIES, MAX_PORT_SETS, MODE_AUDIT, PORT_SET_WORDS,
+    PROTO_TCP, PROTO_UDP, PortSet, RATE_ENTRIES, REASON_ERROR_QUEUE, REASON_EXPIRED,
+    REASON_GLOBAL_DENY, REASON_INBOUND, REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE,
+    REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION,
+    REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES,
+    RateKey, RateState, RecordUsage, RuleSet, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS,
+    SockState, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr,
+    dns_proxy_addr6, rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{
@@ -58,6 +59,8 @@ const SOCK_DGRAM: u32 = 2;
 
 #[btf_map]
 static AW_BINDINGS: HashMap<u64, Binding, { MAX_BINDINGS as usize }> = HashMap::new();
+#[btf_map]
+static AW_BINDING_SLOTS: Array<BindingSlot, { BINDING_SLOTS as usize }> = Array::new();
 #[btf_map]
 static AW_IDENTITIES: Array<IdentityState, { MAX_IDENTITIES as usize }> = Array::new();
 /// Slot n holds identity n's LPM trie (global deny list compiled in). Userspace swaps a whole
@@ -226,6 +229,12 @@ pub fn aw_setsockopt(ctx: SockoptContext) -> i32 {
 #[lsm_cgroup(hook = "socket_setsockopt")]
 pub fn aw_lsm_setsockopt(ctx: LsmContext) -> i32 {
     try_lsm_setsockopt(&ctx)
+}
+
+/// The ICMP error queue, where the kernel runs BPF LSM programs: a governed task reads none.
+#[lsm_cgroup(hook = "socket_recvmsg")]
+pub fn aw_lsm_recvmsg(ctx: LsmContext) -> i32 {
+    try_lsm_recvmsg(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -415,6 +424,7 @@ fn remember(ctx: &SockAddrContext, flow: &Flow, j: &Judged, addr: Addr, port: u1
     // SAFETY: a non-null pointer from the storage helper.
     unsafe {
         (*st).binding_cgroup = j.binding_cgroup;
+        (*st).binding_slot = j.binding_slot;
         (*st).dests[slot] = addr;
         (*st).ports[slot] = port;
     }
@@ -595,7 +605,10 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
             return DENY;
         }
         // SAFETY: a non-null pointer from the storage helper.
-        unsafe { (*st).binding_cgroup = binding_cgroup };
+        unsafe {
+            (*st).binding_cgroup = binding_cgroup;
+            (*st).binding_slot = binding.slot;
+        }
         return ALLOW;
     }
     let audit = match AW_IDENTITIES.get(identity) {
@@ -742,6 +755,49 @@ fn try_lsm_setsockopt(ctx: &LsmContext) -> i32 {
     judge_sockopt(level, optname)
 }
 
+/// `MSG_ERRQUEUE`, from the kernel's socket.h.
+const MSG_ERRQUEUE: i32 = 0x2000;
+
+/// The cgroup setsockopt program keeps `IP_RECVERR` off, but a compat (32-bit) setsockopt
+/// skips it, and an enrolled agent has no seccomp filter against those: the queue's reads are
+/// refused here, however it was opened.
+#[inline(always)]
+fn try_lsm_recvmsg(ctx: &LsmContext) -> i32 {
+    let flags: i32 = ctx.arg(3);
+    if flags & MSG_ERRQUEUE == 0 {
+        return ALLOW;
+    }
+    let leaf = unsafe { bpf_get_current_cgroup_id() };
+    let Some((_, binding)) = find_binding(leaf) else {
+        return ALLOW;
+    };
+    let flow = Flow {
+        addr: [0; 16],
+        port: 0,
+        proto: 0,
+        hook: HOOK_ERROR_QUEUE,
+        family: 0,
+        sock_type: 0,
+        sock_protocol: 0,
+    };
+    let audit = match AW_IDENTITIES.get(binding.identity) {
+        Some(st) => binding.revoked == 0 && st.state == IDENTITY_ACTIVE && st.mode == MODE_AUDIT,
+        None => false,
+    };
+    let kind = if audit { EVENT_AUDIT } else { EVENT_SOCK_DENY };
+    report(
+        &flow,
+        leaf,
+        binding.identity,
+        kind,
+        REASON_ERROR_QUEUE,
+        0,
+        0,
+        Who::Task,
+    );
+    if audit { ALLOW } else { DENY }
+}
+
 /// Refuses a governed task, with a record, the options that bind non-local addresses.
 #[inline(always)]
 fn judge_sockopt(level: i32, optname: i32) -> i32 {
@@ -794,7 +850,11 @@ const ETH_P_IPV6: u16 = 0x86dd;
 /// `bpf_sock::state` of a listening TCP socket.
 const TCP_LISTEN: u32 = 10;
 
-/// What the packet line reads of a packet: its IP header and its ports.
+/// What the packet line reads of a packet: its IP header and its ports. Aligned, with the
+/// address first, so filling and comparing it takes word stores and loads: BPF has no
+/// unaligned access, and LLVM turns byte-wise zeroing and copying into calls of byte-loop
+/// `memset`/`memmove` functions that cost more than the rest of the fast path.
+#[repr(C, align(8))]
 struct Headers {
     /// The far end: the destination of a packet sent, the source of one received.
     addr: Addr,
@@ -811,7 +871,7 @@ struct Headers {
     ok: bool,
 }
 
-/// `len` bytes at `off` of the packet into `buf`: straight from the packet's linear data,
+/// `N` bytes at `off` of the packet into `buf`: straight from the packet's linear data,
 /// where the headers almost always are, else through the copying helper.
 #[inline(always)]
 fn load<const N: usize>(skb: *mut __sk_buff, off: usize, buf: &mut [u8; N]) -> bool {
@@ -821,8 +881,9 @@ fn load<const N: usize>(skb: *mut __sk_buff, off: usize, buf: &mut [u8; N]) -> b
         let data = (*skb).data as usize;
         let end = (*skb).data_end as usize;
         if data + off + N <= end {
-            let p = (data + off) as *const [u8; N];
-            *buf = *p;
+            // A copy the compiler expands inline (a plain assignment becomes a `memmove`
+            // call).
+            core::ptr::copy_nonoverlapping((data + off) as *const u8, buf.as_mut_ptr(), N);
             return true;
         }
         bpf_skb_load_bytes(
@@ -839,34 +900,33 @@ fn load<const N: usize>(skb: *mut __sk_buff, off: usize, buf: &mut [u8; N]) -> b
 /// its buffers are not in the frame that also calls the record's (Linux 6.1 holds the two
 /// to 512 bytes together).
 #[inline(never)]
-fn read_headers(skb: *mut __sk_buff, ingress: bool) -> Headers {
-    let mut h = Headers {
-        addr: [0; 16],
-        ip_proto: 0,
-        proto: 0,
-        far_port: 0,
-        near_port: 0,
-        options: false,
-        ok: true,
-    };
+fn read_headers(skb: *mut __sk_buff, ingress: bool, h: &mut Headers) {
+    h.ip_proto = 0;
+    h.proto = 0;
+    h.far_port = 0;
+    h.near_port = 0;
+    h.options = false;
     // SAFETY: a field of the context.
     let proto_be = unsafe { (*skb).protocol };
     // Only the bytes the verdict needs are read, straight into place: whole headers copied
     // to the stack would not fit Linux 6.1's 512 bytes beside the record's frame.
     let l4;
     // The first bytes of either header (a one-byte load at the packet's start compiles to a
-    // bound check, `data < end`, the verifier grants no range for).
-    let mut head = [0u8; 10];
+    // bound check, `data < end`, the verifier grants no range for). Words, not a byte array:
+    // see `Headers`.
+    let mut head = [0u64; 2];
+    // SAFETY: 16 bytes of plain data viewed as bytes.
+    let hb = unsafe { &mut *head.as_mut_ptr().cast::<[u8; 10]>() };
     if proto_be == u32::from(ETH_P_IP.to_be()) {
         let at = if ingress { 12 } else { 16 };
-        let mut a = [0u8; 4];
-        h.ok = load(skb, 0, &mut head) && load(skb, at, &mut a);
-        let ihl = head[0] & 0x0f;
+        let mut a = 0u32;
+        // SAFETY: four bytes of plain data viewed as bytes.
+        let ab = unsafe { &mut *(&raw mut a).cast::<[u8; 4]>() };
+        h.ok = load(skb, 0, hb) && load(skb, at, ab);
+        let (ihl, proto) = (hb[0] & 0x0f, hb[9]);
         h.options = ihl != 5;
-        h.ip_proto = head[9];
-        h.addr = [
-            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
-        ];
+        h.ip_proto = proto;
+        h.set_v4(a);
         // Options make a packet sent a refusal whatever follows; a packet received is read
         // past them.
         l4 = if ingress && ihl >= 5 {
@@ -876,27 +936,29 @@ fn read_headers(skb: *mut __sk_buff, ingress: bool) -> Headers {
         };
     } else if proto_be == u32::from(ETH_P_IPV6.to_be()) {
         let at = if ingress { 8 } else { 24 };
-        h.ok = load(skb, 0, &mut head) && load(skb, at, &mut h.addr);
+        h.ok = load(skb, 0, hb) && load(skb, at, &mut h.addr);
         // An IPv4-mapped address on an IPv6 packet would be judged by IPv4 rules, and looks
         // like IPv4 to the application: no real peer sends one.
-        if h.addr[0..10] == [0; 10] && h.addr[10] == 0xff && h.addr[11] == 0xff {
+        if h.is_v4_mapped() {
             h.ok = false;
         }
         // One extension header is looked through, so the record still names the protocol and
         // port the packet was for; the packet is refused either way.
-        let next = head[6];
+        let next = hb[6];
         if next == IPV6_HOP_BY_HOP || next == IPV6_ROUTING || next == IPV6_DEST_OPTS {
-            let mut ext = [0u8; 4];
-            if load(skb, IPV6_HEADER, &mut ext) {
-                h.ip_proto = ext[0];
-                l4 = IPV6_HEADER + (usize::from(ext[1]) + 1) * 8;
+            let mut ext = 0u32;
+            // SAFETY: four bytes of plain data viewed as bytes.
+            let eb = unsafe { &mut *(&raw mut ext).cast::<[u8; 4]>() };
+            if load(skb, IPV6_HEADER, eb) {
+                h.ip_proto = eb[0];
+                l4 = IPV6_HEADER + (usize::from(eb[1]) + 1) * 8;
                 // The one extension header the kernel adds itself: BIG TCP's hop-by-hop
                 // header of 8 bytes carrying only the jumbo payload length. It steers nothing.
                 let jumbo = next == IPV6_HOP_BY_HOP
-                    && ext[1] == 0
-                    && ext[2] == IPV6_TLV_JUMBO
-                    && ext[3] == 4
-                    && ext[0] == IPPROTO_TCP as u8;
+                    && eb[1] == 0
+                    && eb[2] == IPV6_TLV_JUMBO
+                    && eb[3] == 4
+                    && eb[0] == IPPROTO_TCP as u8;
                 h.options = !jumbo;
             } else {
                 h.options = true;
@@ -910,6 +972,7 @@ fn read_headers(skb: *mut __sk_buff, ingress: bool) -> Headers {
     } else {
         // Neither IPv4 nor IPv6 on an inet socket: nothing it was allowed.
         h.ok = false;
+        h.set_v4(0);
         l4 = 0;
     }
     h.proto = match u32::from(h.ip_proto) {
@@ -921,15 +984,64 @@ fn read_headers(skb: *mut __sk_buff, ingress: bool) -> Headers {
         }
     };
     if h.ok && h.proto != 0 {
-        let mut ports = [0u8; 4];
-        h.ok = load(skb, l4, &mut ports);
+        let mut ports = 0u32;
+        // SAFETY: four bytes of plain data viewed as bytes.
+        let pb = unsafe { &mut *(&raw mut ports).cast::<[u8; 4]>() };
+        h.ok = load(skb, l4, pb);
         let (src, dst) = (
-            u16::from_be_bytes([ports[0], ports[1]]),
-            u16::from_be_bytes([ports[2], ports[3]]),
+            u16::from_be_bytes([pb[0], pb[1]]),
+            u16::from_be_bytes([pb[2], pb[3]]),
         );
         (h.far_port, h.near_port) = if ingress { (src, dst) } else { (dst, src) };
     }
-    h
+}
+
+impl Headers {
+    /// Room for `read_headers` to fill: every field is written there, so nothing is zeroed
+    /// twice (see the type's comment for why zeroing costs).
+    #[inline(always)]
+    fn new() -> Self {
+        Self {
+            addr: words_to_addr(0, 0),
+            ip_proto: 0,
+            proto: 0,
+            far_port: 0,
+            near_port: 0,
+            options: false,
+            ok: false,
+        }
+    }
+
+    /// The address as IPv4-mapped IPv6, from the IPv4 address as it sits in the packet.
+    #[inline(always)]
+    fn set_v4(&mut self, a: u32) {
+        let [a0, a1, a2, a3] = a.to_ne_bytes();
+        self.addr = words_to_addr(0, u64::from_ne_bytes([0, 0, 0xff, 0xff, a0, a1, a2, a3]));
+    }
+
+    #[inline(always)]
+    fn is_v4_mapped(&self) -> bool {
+        let (w0, w1) = addr_words(&self.addr);
+        let b = w1.to_ne_bytes();
+        w0 == 0 && b[0] == 0 && b[1] == 0 && b[2] == 0xff && b[3] == 0xff
+    }
+}
+
+/// An address as two native words, memory order kept (`addr_words` back).
+#[inline(always)]
+fn words_to_addr(w0: u64, w1: u64) -> Addr {
+    let mut a = [0u8; 16];
+    a[..8].copy_from_slice(&w0.to_ne_bytes());
+    a[8..].copy_from_slice(&w1.to_ne_bytes());
+    a
+}
+
+#[inline(always)]
+fn addr_words(a: &Addr) -> (u64, u64) {
+    (
+        u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+        u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+    )
 }
 
 /// The governed socket a packet belongs to: its state and the binding behind it.
@@ -960,13 +1072,18 @@ fn owner_of(skb: *mut __sk_buff) -> Result<Owner, i32> {
         return Err(ALLOW);
     }
     // SAFETY: non-null storage pointer.
-    let binding_cgroup = unsafe { (*st).binding_cgroup };
-    let Some(binding) = (unsafe { AW_BINDINGS.get(binding_cgroup) }) else {
-        // The session whose socket this is has ended (or its cgroup was unbound), yet the
-        // socket is still in use: a socket handed out of a governed session stays closed.
-        return Err(DENY);
+    let (binding_cgroup, slot) = unsafe { ((*st).binding_cgroup, (*st).binding_slot) };
+    // The binding's copy in its slot, an array lookup, while the slot still holds this
+    // cgroup's binding; else the binding itself.
+    let binding = match AW_BINDING_SLOTS.get(slot) {
+        Some(s) if binding_cgroup != 0 && s.cgroup_id == binding_cgroup => s.binding,
+        _ => match unsafe { AW_BINDINGS.get(binding_cgroup) } {
+            Some(b) => *b,
+            // The session whose socket this is has ended (or its cgroup was unbound), yet the
+            // socket is still in use: a socket handed out of a governed session stays closed.
+            None => return Err(DENY),
+        },
     };
-    let binding = *binding;
     let (state, mode) = match AW_IDENTITIES.get(binding.identity) {
         Some(s) => (s.state, s.mode),
         None => (0, 0),
@@ -980,34 +1097,38 @@ fn owner_of(skb: *mut __sk_buff) -> Result<Owner, i32> {
     })
 }
 
-/// Revocation and the certificate deadline, on every packet either way: true (and recorded)
-/// when the socket's binding is no longer live. `now` gets the clock if it was read.
+/// Revocation and the certificate deadline, on every packet either way: the reason the
+/// socket's binding is no longer live, or `REASON_NONE`. `now` gets the clock if it was read.
+/// Nothing is read of the packet: a verdict that needs no headers is taken without them.
 #[inline(always)]
-fn dead(skb: *mut __sk_buff, o: &Owner, flow: &Flow, now: &mut u64) -> bool {
-    let identity = o.binding.identity;
+fn liveness(o: &Owner, now: &mut u64) -> u8 {
     if o.state != IDENTITY_ACTIVE || o.binding.revoked != 0 {
-        let (leaf, who) = whose(skb);
-        report(flow, leaf, identity, EVENT_DENY, REASON_REVOKED, 0, 0, who);
-        return true;
+        return REASON_REVOKED;
     }
     if o.binding.not_after_ns != 0 {
         *now = unsafe { bpf_ktime_get_boot_ns() };
         if *now >= o.binding.not_after_ns {
-            let (leaf, who) = whose(skb);
-            report(
-                flow,
-                leaf,
-                identity,
-                EVENT_DENY,
-                REASON_EXPIRED,
-                0,
-                *now,
-                who,
-            );
-            return true;
+            return REASON_EXPIRED;
         }
     }
-    false
+    REASON_NONE
+}
+
+/// A packet of a binding that is no longer live: recorded (whatever the mode) and dropped.
+#[inline(always)]
+fn dead(skb: *mut __sk_buff, o: &Owner, flow: &Flow, reason: u8, now: u64) -> i32 {
+    let (leaf, who) = whose(skb);
+    report(
+        flow,
+        leaf,
+        o.binding.identity,
+        EVENT_DENY,
+        reason,
+        0,
+        now,
+        who,
+    );
+    DENY
 }
 
 /// A packet the line would drop: recorded, then dropped, or in audit mode let through.
@@ -1048,7 +1169,10 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
         Err(v) => return v,
     };
     let identity = o.binding.identity;
-    let h = read_headers(skb, false);
+    let mut now = 0u64;
+    let gone = liveness(&o, &mut now);
+    let mut h = Headers::new();
+    read_headers(skb, false, &mut h);
     let flow = Flow {
         addr: h.addr,
         port: h.far_port,
@@ -1058,9 +1182,8 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
         sock_type: 0,
         sock_protocol: u16::from(h.ip_proto),
     };
-    let mut now = 0u64;
-    if dead(skb, &o, &flow, &mut now) {
-        return DENY;
+    if gone != REASON_NONE {
+        return dead(skb, &o, &flow, gone, now);
     }
     if !h.ok || h.options {
         return refuse(skb, &o, &flow, REASON_PACKET_OPTIONS, 0, now);
@@ -1074,7 +1197,7 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
         return ALLOW;
     }
     // The fast path: a destination the hooks allowed this socket.
-    if sent_there(st, &h.addr, h.far_port) {
+    if sent_there(st, &h) {
         return ALLOW;
     }
     // Somewhere else: allowed only if the identity's rules allow that destination by
@@ -1090,20 +1213,34 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
     refuse(skb, &o, &flow, REASON_WIRE, 0, now)
 }
 
-/// Whether the hooks allowed this socket to send to `addr:port` (one of its remembered
-/// destinations).
+/// Whether the hooks allowed this socket to send to the packet's far end (one of its
+/// remembered destinations).
 #[inline(always)]
-fn sent_there(st: *mut SockState, addr: &Addr, port: u16) -> bool {
+fn sent_there(st: *mut SockState, h: &Headers) -> bool {
     let mut i = 0;
     while i < SOCK_DESTS {
         // SAFETY: non-null storage pointer; index below SOCK_DESTS.
-        let (p, d) = unsafe { ((*st).ports[i], (*st).dests[i]) };
-        if p != 0 && p == port && same_addr(&d, addr) {
+        let p = unsafe { (*st).ports[i] };
+        if p != 0 && p == h.far_port && unsafe { same_place(&raw const (*st).dests[i], h) } {
             return true;
         }
         i += 1;
     }
     false
+}
+
+/// Whether the address at `d`, in socket storage, is the packet's far end. Both sit at
+/// 8-aligned places (map values are; `Headers` is declared so): two word compares instead of
+/// sixteen byte compares.
+///
+/// # Safety
+/// `d` points into a socket storage value.
+#[inline(always)]
+unsafe fn same_place(d: *const Addr, h: &Headers) -> bool {
+    let (d, a) = (d.cast::<u64>(), (&raw const h.addr).cast::<u64>());
+    // SAFETY: SockState::dests sit at 8-aligned offsets of an 8-aligned map value (checked
+    // at compile time in agent-common); `Headers` is align(8) with the address first.
+    unsafe { *d == *a && *d.add(1) == *a.add(1) }
 }
 
 /// The packet line inbound: a packet from outside the host reaches a governed socket only as
@@ -1117,7 +1254,14 @@ fn try_ingress(ctx: &SkBuffContext) -> i32 {
         Err(v) => return v,
     };
     let identity = o.binding.identity;
-    let h = read_headers(skb, true);
+    let mut now = 0u64;
+    let gone = liveness(&o, &mut now);
+    // SAFETY: a field of the context.
+    if gone == REASON_NONE && unsafe { (*skb).ingress_ifindex } == LOOPBACK_IFINDEX {
+        return ALLOW;
+    }
+    let mut h = Headers::new();
+    read_headers(skb, true, &mut h);
     // One flow, its port and protocol changed in place for each question: copies of it
     // would not fit the 512-byte stack on Linux 6.1 next to the record's frame.
     let mut flow = Flow {
@@ -1129,13 +1273,8 @@ fn try_ingress(ctx: &SkBuffContext) -> i32 {
         sock_type: 0,
         sock_protocol: u16::from(h.ip_proto),
     };
-    let mut now = 0u64;
-    if dead(skb, &o, &flow, &mut now) {
-        return DENY;
-    }
-    // SAFETY: a field of the context.
-    if unsafe { (*skb).ingress_ifindex } == LOOPBACK_IFINDEX {
-        return ALLOW;
+    if gone != REASON_NONE {
+        return dead(skb, &o, &flow, gone, now);
     }
     if !h.ok || h.options {
         return refuse(skb, &o, &flow, REASON_PACKET_OPTIONS, 0, now);
@@ -1147,13 +1286,12 @@ fn try_ingress(ctx: &SkBuffContext) -> i32 {
         // failed leaves that behind on a socket that may go on to listen.
         // SAFETY: a full socket from owner_of; non-null storage pointer.
         let listening = unsafe { (*o.sk).state } == TCP_LISTEN;
-        let (p, d) = unsafe {
-            (
-                (*st).ports[SOCK_DEST_CONNECTED],
-                (*st).dests[SOCK_DEST_CONNECTED],
-            )
-        };
-        if !listening && p != 0 && p == h.far_port && same_addr(&d, &h.addr) {
+        let p = unsafe { (*st).ports[SOCK_DEST_CONNECTED] };
+        if !listening
+            && p != 0
+            && p == h.far_port
+            && unsafe { same_place(&raw const (*st).dests[SOCK_DEST_CONNECTED], &h) }
+        {
             return ALLOW;
         }
     } else {
@@ -1161,7 +1299,7 @@ fn try_ingress(ctx: &SkBuffContext) -> i32 {
         // peer and port its egress rules let it send to anyway (a reply carries nothing the
         // agent could not fetch). A socket that never sent takes only what ingress rules
         // allow.
-        if sent_there(st, &h.addr, h.far_port) {
+        if sent_there(st, &h) {
             return ALLOW;
         }
         // SAFETY: non-null storage pointer.
@@ -1280,6 +1418,8 @@ struct Judged {
     identity: u32,
     /// The cgroup whose binding governs the task; 0 when none does.
     binding_cgroup: u64,
+    /// That binding's [`Binding::slot`].
+    binding_slot: u32,
     /// The rule that allowed the flow (0: none, or not allowed by a rule).
     allowed_rule: u32,
     /// The task's cgroup.
@@ -1320,6 +1460,7 @@ fn judge(flow: &Flow) -> Judged {
             verdict,
             identity: 0,
             binding_cgroup: 0,
+            binding_slot: 0,
             allowed_rule: 0,
             leaf,
             now: 0,
@@ -1330,6 +1471,7 @@ fn judge(flow: &Flow) -> Judged {
         verdict,
         identity,
         binding_cgroup,
+        binding_slot: binding.slot,
         allowed_rule: 0,
         leaf,
         now: 0,
@@ -1391,6 +1533,7 @@ fn judge(flow: &Flow) -> Judged {
             verdict: ALLOW,
             identity,
             binding_cgroup,
+            binding_slot: binding.slot,
             allowed_rule: rule_id,
             leaf,
             now,
@@ -1702,9 +1845,11 @@ fn report_to<const RING: usize, const RATE: usize>(
 }
 
 /// Counts a governed record of `identity` and says whether it must give way: the ring's
-/// reserved room is in use and this identity has written its share since the node last read
-/// the ring. The count starts again whenever the node has read, not on a clock: a node that
-/// is down or stuck keeps the reserve for the quiet identities however slow the flood.
+/// reserved room is in use and this identity has written its share of the window. The count
+/// starts again once the node has read a quarter of the ring since the window began, not on
+/// a clock: a node that is down or stuck keeps the reserve for the quiet identities however
+/// slow the flood, and one that reads, but slower than the flood, hands the flooder only its
+/// share of what it read.
 #[inline(always)]
 fn loud<const RING: usize>(ring: &RingBuf<Event, RING>, identity: u32) -> bool {
     const BPF_RB_AVAIL_DATA: u64 = 0;
@@ -1717,7 +1862,8 @@ fn loud<const RING: usize>(ring: &RingBuf<Event, RING>, identity: u32) -> bool {
     // query helper takes the ring map.
     unsafe {
         let consumer = bpf_ringbuf_query(ring_ptr, BPF_RB_CONS_POS);
-        if consumer != (*u).consumer_pos {
+        let start = (*u).consumer_pos;
+        if consumer < start || consumer - start >= RING as u64 / 4 {
             (*u).consumer_pos = consumer;
             (*u).written = 0;
         }

@@ -191,6 +191,8 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
                 e.sock_protocol,
                 crate::datapath::sockopt_name(e.sock_type, e.sock_protocol)
             ))
+        } else if e.hook == Hook::ErrorQueue {
+            Some("socket error queue (recvmsg MSG_ERRQUEUE)".to_owned())
         } else if e.hook == Hook::SocketFamily {
             Some(format!(
                 "socket family {} ({}) type {} protocol {}",

@@ -344,6 +344,24 @@ fn a_governed_agent_opens_only_unix_netlink_and_inet_sockets() {
                         .is_some_and(|p| p.starts_with("socket family 40 (vsock)"))
             });
             assert_eq!(r["identity"], ID, "{r}");
+            // The ICMP error queue: shut to the agent whatever opened it (a 32-bit setsockopt
+            // of an enrolled agent skips the hook that keeps IP_RECVERR off).
+            for fam in ["inet", "inet6"] {
+                assert_eq!(agent.cmd(&format!("errqueue {fam}")), "err EPERM", "{fam}");
+                assert_eq!(
+                    helper.cmd(&format!("errqueue {fam}")),
+                    "err EAGAIN",
+                    "{fam}"
+                );
+            }
+            let r = wait_flow_where(&node.socket, "socket-deny", |r| {
+                r["reason"] == "socket error queue closed (ICMP errors carry unjudged bytes)"
+            });
+            assert_eq!(r["identity"], ID, "{r}");
+            assert_eq!(
+                r["protocol"], "socket error queue (recvmsg MSG_ERRQUEUE)",
+                "{r}"
+            );
         }
         Some("unenforced") => {
             let why = families["why"].as_str().unwrap_or_default();
@@ -361,6 +379,9 @@ fn a_governed_agent_opens_only_unix_netlink_and_inet_sockets() {
             eprintln!("BPF LSM unavailable on this kernel: {why}");
             // The inet families stay judged by sock_create either way.
             assert_eq!(agent.cmd("socket inet raw 1"), "err EPERM");
+            // No LSM line for the error queue: it reads (empty, as the setsockopt line keeps
+            // IP_RECVERR off for native calls).
+            assert_eq!(agent.cmd("errqueue inet"), "err EAGAIN");
             drop(helper);
         }
         other => panic!("socket_families: {other:?} in {status}"),

@@ -588,6 +588,64 @@ fn policy_swaps_are_atomic_for_connecting_processes() {
     assert!(swaps >= 10, "only {swaps} swaps overlapped the loops");
 }
 
+/// The packet line reads a socket's binding through the slot the socket noted at creation.
+/// A renewal moves the binding to a fresh slot, an unbinding frees it, and a freed slot goes
+/// to the next binding: whatever the slot holds, each socket's packets follow its own
+/// binding (revoked: dropped; gone: dropped), across a restart of the datapath too.
+#[test]
+fn every_packet_follows_its_sockets_own_binding_through_renewal_revocation_and_reuse() {
+    let env = TestEnv::new("slots");
+    let mut dp = Datapath::start(&env.config()).unwrap();
+    let local = vec![rule(1, &["127.0.0.1/32"], &["9000"], Protocol::Udp)];
+    for id in [1, 2] {
+        dp.set_identity(id, IdentityStatus::Active, Mode::Enforce)
+            .unwrap();
+        dp.set_rules(id, &local).unwrap();
+    }
+    let cg = env.cgroup("agent");
+    dp.bind(&cg, 1, None).unwrap();
+    let mut p = Probe::spawn(&cg);
+    assert_eq!(p.cmd("udp-bind 127.0.0.1 9000"), "ok");
+    assert_eq!(p.cmd("hold udp 127.0.0.1 9000"), "ok");
+    assert_eq!(p.cmd("send-held"), "ok");
+
+    // Renewal: a fresh slot; the socket made before it keeps sending, one made after too.
+    let later = BootInstant(BootInstant::now().0 + 3_600_000_000_000);
+    dp.bind(&cg, 1, Some(later)).unwrap();
+    assert_eq!(p.cmd("hold udp 127.0.0.1 9000"), "ok");
+    assert_eq!(p.cmd("send-held"), "ok");
+
+    // A restarted datapath rebuilds the slots from the bindings.
+    drop(dp);
+    dp = Datapath::start(&env.config()).unwrap();
+    assert_eq!(p.cmd("send-held"), "ok");
+
+    // Revocation reaches both sockets (one through its slot, one through the binding).
+    dp.revoke_binding(cg.id()).unwrap();
+    assert_eq!(p.cmd("send-held"), DENIED);
+
+    // Bound afresh, then unbound: the binding is gone, its slot goes to another cgroup's
+    // binding, and the sockets stay closed.
+    dp.bind(&cg, 1, None).unwrap();
+    assert_eq!(p.cmd("send-held"), "ok");
+    // A socket that notes the new slot, the one freed and reused next.
+    let mut fresh = Probe::spawn(&cg);
+    assert_eq!(fresh.cmd("udp-bind 127.0.0.1 9000"), "ok");
+    assert_eq!(fresh.cmd("hold udp 127.0.0.1 9000"), "ok");
+    assert_eq!(fresh.cmd("send-held"), "ok");
+    dp.unbind_id(cg.id()).unwrap();
+    assert_eq!(p.cmd("send-held"), DENIED);
+    assert_eq!(fresh.cmd("send-held"), DENIED);
+    let other = env.cgroup("other");
+    dp.bind(&other, 2, None).unwrap();
+    assert_eq!(p.cmd("send-held"), DENIED);
+    assert_eq!(fresh.cmd("send-held"), DENIED);
+    let mut q = Probe::spawn(&other);
+    assert_eq!(q.cmd("udp-bind 127.0.0.1 9000"), "ok");
+    assert_eq!(q.cmd("hold udp 127.0.0.1 9000"), "ok");
+    assert_eq!(q.cmd("send-held"), "ok");
+}
+
 #[test]
 fn drop_counter_accounts_for_every_record_not_read() {
     let env = TestEnv::new("drops");
@@ -598,8 +656,8 @@ fn drop_counter_accounts_for_every_record_not_read() {
     let agent = env.cgroup("agent");
     dp.bind(&agent, 1, None).unwrap();
     let mut p = Probe::spawn(&agent);
-    // 4000 distinct denials (one per port) with nobody reading: more than the ring holds.
-    let sent = 4000u64;
+    // 20,000 distinct denials (one per port) with nobody reading: more than the ring holds.
+    let sent = 20_000u64;
     assert_eq!(
         p.cmd(&format!("sweep tcp 192.0.2.1 1 {sent}")),
         format!("eperm={sent} other=0")
@@ -628,7 +686,7 @@ fn a_loud_identity_leaves_room_for_every_other_identitys_denials() {
     let mut loud = Probe::spawn(&loud_cg);
     let mut quiet = Probe::spawn(&quiet_cg);
     // Far more distinct denials than the ring holds, nobody reading.
-    let flood = 8000u64;
+    let flood = 20000u64;
     assert_eq!(
         loud.cmd(&format!("sweep tcp 192.0.2.1 1 {flood}")),
         format!("eperm={flood} other=0")
@@ -643,6 +701,53 @@ fn a_loud_identity_leaves_room_for_every_other_identitys_denials() {
     let of = |id: u32| records.iter().filter(|r| r.identity == id).count() as u64;
     assert_eq!(of(2), sent, "{drops:?}");
     assert!(drops.governed > 0, "the flood never filled its share");
+    assert_eq!(of(1) + drops.governed, flood, "{drops:?}");
+}
+
+/// The same with a node that reads, but slower than the flood: a few records read do not
+/// hand the flooder the reserve again (its share is per quarter of the ring the node reads).
+#[test]
+fn a_slow_reader_still_leaves_room_for_quiet_identities() {
+    let env = TestEnv::new("loud-slow");
+    let dp = Datapath::start(&env.config()).unwrap();
+    for id in [1, 2] {
+        dp.set_identity(id, IdentityStatus::Active, Mode::Enforce)
+            .unwrap();
+        dp.set_rules(id, &[]).unwrap();
+    }
+    let (loud_cg, quiet_cg) = (env.cgroup("loud"), env.cgroup("quiet"));
+    dp.bind(&loud_cg, 1, None).unwrap();
+    dp.bind(&quiet_cg, 2, None).unwrap();
+    let mut loud = Probe::spawn(&loud_cg);
+    let mut quiet = Probe::spawn(&quiet_cg);
+    let mut events = dp.take_events().unwrap();
+    let mut flood = 20000u64;
+    assert_eq!(
+        loud.cmd(&format!("sweep tcp 192.0.2.1 1 {flood}")),
+        format!("eperm={flood} other=0")
+    );
+    // The node reads a little at a time while the flood goes on: every read moves the ring's
+    // consumer, which must not give the flooder its share again each time.
+    let mut read = vec![];
+    for round in 0..10 {
+        let before = read.len();
+        read.extend((0..10).map_while(|_| events.try_next()));
+        assert_eq!(read.len(), before + 10);
+        assert_eq!(
+            loud.cmd(&format!("sweep tcp 192.0.2.{} 1 1000", 10 + round)),
+            "eperm=1000 other=0"
+        );
+        flood += 1000;
+    }
+    let sent = 300u64;
+    assert_eq!(
+        quiet.cmd(&format!("sweep tcp 192.0.2.1 1 {sent}")),
+        format!("eperm={sent} other=0")
+    );
+    read.extend(events.drain());
+    let drops = dp.dropped_by_ring().unwrap();
+    let of = |id: u32| read.iter().filter(|r| r.identity == id).count() as u64;
+    assert_eq!(of(2), sent, "{drops:?}");
     assert_eq!(of(1) + drops.governed, flood, "{drops:?}");
 }
 

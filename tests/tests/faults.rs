@@ -268,9 +268,10 @@ fn a_full_binding_table_refuses_new_agents_and_keeps_the_bound_ones() {
         let b = Binding {
             not_after_ns: 0,
             identity: 1,
+            slot: 0,
             level: 1,
             revoked: 0,
-            _pad: [0; 2],
+            _pad: [0; 6],
         };
         table.insert(fake(i), b, 0).unwrap();
     }

@@ -78,6 +78,8 @@ pub enum Hook {
     SocketFamily,
     /// cgroup setsockopt: an option a governed agent may not set.
     SetSockopt,
+    /// BPF LSM `socket_recvmsg`: a read of a socket's error queue.
+    ErrorQueue,
 }
 
 impl Hook {
@@ -85,7 +87,7 @@ impl Hook {
     pub fn is_socket(self) -> bool {
         matches!(
             self,
-            Self::SockCreate | Self::SocketFamily | Self::SetSockopt
+            Self::SockCreate | Self::SocketFamily | Self::SetSockopt | Self::ErrorQueue
         )
     }
 
@@ -99,6 +101,7 @@ impl Hook {
             c::HOOK_EGRESS => Self::Egress,
             c::HOOK_INGRESS => Self::Ingress,
             c::HOOK_SETSOCKOPT => Self::SetSockopt,
+            c::HOOK_ERROR_QUEUE => Self::ErrorQueue,
             c::HOOK_SOCKET_FAMILY => Self::SocketFamily,
             _ => return None,
         })

@@ -5,6 +5,7 @@
 //! enforcement outlives the process that attached it; a later start adopts the pins instead of
 //! attaching twice, and [`teardown`] is the only way enforcement goes away.
 
+mod bindings;
 pub mod event;
 pub mod sys;
 
@@ -242,10 +243,10 @@ impl Default for SocketFamilies {
 
 /// The LSM hook an `lsm_cgroup` program attaches to.
 fn lsm_hook(name: &str) -> &'static str {
-    if name == c::PROG_LSM_SETSOCKOPT {
-        "socket_setsockopt"
-    } else {
-        "socket_create"
+    match name {
+        c::PROG_LSM_SETSOCKOPT => "socket_setsockopt",
+        c::PROG_LSM_RECVMSG => "socket_recvmsg",
+        _ => "socket_create",
     }
 }
 
@@ -296,7 +297,9 @@ fn attach_type(name: &str) -> u32 {
         c::PROG_EGRESS => sys::ATTACH_INET_EGRESS,
         c::PROG_INGRESS => sys::ATTACH_INET_INGRESS,
         c::PROG_SETSOCKOPT => sys::ATTACH_CGROUP_SETSOCKOPT,
-        c::PROG_SOCKET_FAMILY | c::PROG_LSM_SETSOCKOPT => sys::ATTACH_LSM_CGROUP,
+        c::PROG_SOCKET_FAMILY | c::PROG_LSM_SETSOCKOPT | c::PROG_LSM_RECVMSG => {
+            sys::ATTACH_LSM_CGROUP
+        }
         _ => sys::ATTACH_INET_SOCK_CREATE,
     }
 }
@@ -553,7 +556,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Datapath {
     pin_dir: PathBuf,
     attach: Cgroup,
-    bindings: Mutex<HashMap<MapData, u64, Binding>>,
+    bindings: Mutex<bindings::Bindings>,
     identities: Mutex<Array<MapData, IdentityState>>,
     /// The outer array of per-identity tries; written with batch updates (see `swap_tries`).
     rules: MapData,
@@ -689,8 +692,12 @@ impl Loaded {
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))
         };
-        let bindings = HashMap::try_from(take(&mut ebpf, c::MAP_BINDINGS)?)
-            .map_err(map_err(c::MAP_BINDINGS))?;
+        let bindings = bindings::Bindings::open(
+            HashMap::try_from(take(&mut ebpf, c::MAP_BINDINGS)?)
+                .map_err(map_err(c::MAP_BINDINGS))?,
+            Array::try_from(take(&mut ebpf, c::MAP_BINDING_SLOTS)?)
+                .map_err(map_err(c::MAP_BINDING_SLOTS))?,
+        )?;
         let identities = Array::try_from(take(&mut ebpf, c::MAP_IDENTITIES)?)
             .map_err(map_err(c::MAP_IDENTITIES))?;
         let rules = match take(&mut ebpf, c::MAP_RULES)? {
@@ -746,8 +753,7 @@ impl Loaded {
         // Rebuild what the kernel reads from config: a restarted daemon keeps the bindings the
         // pinned map holds.
         let mut levels = 0u32;
-        for entry in lock(&dp.bindings).iter() {
-            let (_, b) = entry.map_err(map_err(c::MAP_BINDINGS))?;
+        for (_, b) in lock(&dp.bindings).entries()? {
             levels |= 1u32.checked_shl(u32::from(b.level)).unwrap_or(0);
         }
         dp.update_config(|conf| {
@@ -1001,20 +1007,12 @@ impl Datapath {
         let b = Binding {
             not_after_ns: not_after.map_or(0, |t| t.0.max(1)),
             identity,
+            slot: 0,
             level: cgroup.level() as u8,
             revoked: 0,
-            _pad: [0; 2],
+            _pad: [0; 6],
         };
-        match lock(&self.bindings).insert(cgroup.id(), b, 0) {
-            Ok(()) => {}
-            // A hash map with every slot taken refuses a new key with E2BIG.
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
-                return Err(DatapathError::BindingsFull {
-                    max: c::MAX_BINDINGS,
-                });
-            }
-            Err(e) => return Err(map_err(c::MAP_BINDINGS)(e)),
-        }
+        lock(&self.bindings).insert(cgroup.id(), b)?;
         debug!(cgroup_id = cgroup.id(), identity, "bound cgroup");
         Ok(())
     }
@@ -1022,11 +1020,7 @@ impl Datapath {
     /// Marks one binding revoked (its certificate is on a CRL): the cgroup stays bound and is
     /// denied everything, whatever its identity's state.
     pub fn revoke_binding(&self, cgroup_id: u64) -> Result<(), DatapathError> {
-        let mut map = lock(&self.bindings);
-        let mut b = map.get(&cgroup_id, 0).map_err(map_err(c::MAP_BINDINGS))?;
-        b.revoked = 1;
-        map.insert(cgroup_id, b, 0)
-            .map_err(map_err(c::MAP_BINDINGS))
+        lock(&self.bindings).revoke(cgroup_id)
     }
 
     /// Removes a binding. Refused while processes live in the cgroup: unbinding must never turn
@@ -1042,31 +1036,21 @@ impl Datapath {
 
     /// Removes the binding of a cgroup id whose cgroup is gone.
     pub fn unbind_id(&self, cgroup_id: u64) -> Result<(), DatapathError> {
-        match lock(&self.bindings).remove(&cgroup_id) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
-                Ok(())
-            }
-            Err(e) => Err(map_err(c::MAP_BINDINGS)(e)),
-        }
+        lock(&self.bindings).remove(cgroup_id)
     }
 
     /// The identity a cgroup is bound to (its own binding; not an ancestor's).
     pub fn binding(&self, cgroup_id: u64) -> Result<Option<u32>, DatapathError> {
-        match lock(&self.bindings).get(&cgroup_id, 0) {
-            Ok(b) => Ok(Some(b.identity)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(c::MAP_BINDINGS)(e)),
-        }
+        Ok(lock(&self.bindings).get(cgroup_id)?.map(|b| b.identity))
     }
 
     /// The bindings in force: cgroup id → identity.
     pub fn bindings(&self) -> Result<Vec<(u64, u32)>, DatapathError> {
-        lock(&self.bindings)
-            .iter()
-            .map(|r| r.map(|(k, b)| (k, b.identity)))
-            .collect::<Result<_, _>>()
-            .map_err(map_err(c::MAP_BINDINGS))
+        Ok(lock(&self.bindings)
+            .entries()?
+            .into_iter()
+            .map(|(k, b)| (k, b.identity))
+            .collect())
     }
 
     /// Replaces an identity's rules in one step: a new trie is built and filled on the side,
@@ -1516,7 +1500,7 @@ impl Datapath {
 
     /// How full the maps with fixed capacity are.
     pub fn fill(&self) -> Result<MapFill, DatapathError> {
-        let bindings = lock(&self.bindings).keys().count();
+        let bindings = lock(&self.bindings).count();
         let t = lock(&self.tries);
         Ok(MapFill {
             bindings,

@@ -363,6 +363,8 @@ pub enum Reason {
     Inbound,
     /// A socket option that would let the agent send from an address the host does not hold.
     SocketOption,
+    /// A read of a socket's error queue (the BPF LSM line).
+    ErrorQueue,
 }
 
 impl Reason {
@@ -380,6 +382,7 @@ impl Reason {
             Self::NoStorage => c::REASON_NO_STORAGE,
             Self::Inbound => c::REASON_INBOUND,
             Self::SocketOption => c::REASON_SOCKET_OPTION,
+            Self::ErrorQueue => c::REASON_ERROR_QUEUE,
         }
     }
 
@@ -397,6 +400,7 @@ impl Reason {
             c::REASON_NO_STORAGE => Self::NoStorage,
             c::REASON_INBOUND => Self::Inbound,
             c::REASON_SOCKET_OPTION => Self::SocketOption,
+            c::REASON_ERROR_QUEUE => Self::ErrorQueue,
             _ => return None,
         })
     }
@@ -417,6 +421,7 @@ impl Reason {
             Self::NoStorage => "socket state could not be kept (kernel memory)",
             Self::Inbound => "no ingress rule allows it",
             Self::SocketOption => "socket option not allowed (non-local source address)",
+            Self::ErrorQueue => "socket error queue closed (ICMP errors carry unjudged bytes)",
         }
     }
 }

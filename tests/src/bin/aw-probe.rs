@@ -90,6 +90,7 @@ fn errno_name(e: i32) -> String {
         libc::ESOCKTNOSUPPORT => "ESOCKTNOSUPPORT".into(),
         libc::EADDRNOTAVAIL => "EADDRNOTAVAIL".into(),
         libc::EINVAL => "EINVAL".into(),
+        libc::EAGAIN => "EAGAIN".into(),
         other => format!("E{other}"),
     }
 }
@@ -1030,6 +1031,37 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 "ok on".into()
             } else {
                 "ok off".into()
+            }
+        }
+        ["errqueue", fam] => {
+            let f = match *fam {
+                "inet" => libc::AF_INET,
+                "inet6" => libc::AF_INET6,
+                other => return Err(format!("bad family {other}")),
+            };
+            let s = new_socket(f, libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+                .map_err(|e| format!("socket: {}", errno_name(e)))?;
+            let mut buf = [0u8; 256];
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            // SAFETY: a zeroed msghdr is valid; it points at one live iovec.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = &raw mut iov;
+            msg.msg_iovlen = 1;
+            // SAFETY: valid fd and message header.
+            let n = unsafe {
+                libc::recvmsg(
+                    s.as_raw_fd(),
+                    &raw mut msg,
+                    libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                format!("err {}", errno_name(last_err()))
+            } else {
+                format!("ok {n}")
             }
         }
         ["ip6opt", which, ip, port] => {

@@ -91,6 +91,7 @@ fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
 fn packet_line(
     plain: &agentwall::cgroup::Cgroup,
     governed: &agentwall::cgroup::Cgroup,
+    empty: &agentwall::cgroup::Cgroup,
     attach: &std::path::Path,
     iterations: usize,
     set_stats: &dyn Fn(bool),
@@ -116,31 +117,176 @@ fn packet_line(
         "The packet line: {n} datagrams / {mib} MiB per measurement, {ROUNDS} rounds, medians"
     );
     println!();
-    println!("| measure | ungoverned | governed | governed / ungoverned |");
-    println!("|---|---:|---:|---:|");
+    // A third cgroup runs two programs that only pass (egress and ingress, as the governed
+    // one has): what any cgroup_skb line costs before it judges anything.
+    let floor = [
+        EmptyProgram::attach(empty.path(), sys::ATTACH_INET_EGRESS),
+        EmptyProgram::attach(empty.path(), sys::ATTACH_INET_INGRESS),
+    ];
+    println!(
+        "| measure | ungoverned | empty programs | governed | governed / ungoverned | governed / empty programs |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     for (label, cmd) in &cmds {
-        let (mut base, mut gov) = (vec![], vec![]);
+        let (mut base, mut bare, mut gov) = (vec![], vec![], vec![]);
         for _ in 0..ROUNDS {
             base.push(values(&Probe::spawn(plain).cmd(cmd))[0]);
+            bare.push(values(&Probe::spawn(empty).cmd(cmd))[0]);
             gov.push(values(&Probe::spawn(governed).cmd(cmd))[0]);
         }
-        let (b, g) = (median(base), median(gov));
+        let (b, e, g) = (median(base), median(bare), median(gov));
         println!(
-            "| {label} | {b} | {g} | {:.3} |",
-            g as f64 / b.max(1) as f64
+            "| {label} | {b} | {e} | {g} | {:.3} | {:.3} |",
+            g as f64 / b.max(1) as f64,
+            g as f64 / e.max(1) as f64
         );
     }
+    // Each connected datagram passes the egress program at the sender and the ingress
+    // program at the receiving socket (a governed task made both). An empty program attached
+    // the same way gives the floor: the kernel's dispatch and the statistics' own clock reads.
     set_stats(true);
-    let before = prog_stats(attach, sys::ATTACH_INET_EGRESS);
-    Probe::spawn(governed).cmd(&cmds[1].1);
-    let after = prog_stats(attach, sys::ATTACH_INET_EGRESS);
+    let per_run_of =
+        |cg: &agentwall::cgroup::Cgroup, at: &std::path::Path, kinds: &[u32], cmd: &str| {
+            let before: Vec<_> = kinds.iter().map(|&k| prog_stats(at, k)).collect();
+            Probe::spawn(cg).cmd(cmd);
+            let after: Vec<_> = kinds.iter().map(|&k| prog_stats(at, k)).collect();
+            before
+                .iter()
+                .zip(&after)
+                .map(|(b, a)| (a.0 - b.0) / (a.1 - b.1).max(1))
+                .collect::<Vec<_>>()
+        };
+    let per_run = |cg: &agentwall::cgroup::Cgroup, at: &std::path::Path, kinds: &[u32]| {
+        per_run_of(cg, at, kinds, &cmds[1].1)
+    };
+    let mut rounds = vec![];
+    for _ in 0..ROUNDS {
+        let gov = per_run(
+            governed,
+            attach,
+            &[sys::ATTACH_INET_EGRESS, sys::ATTACH_INET_INGRESS],
+        );
+        let floor = per_run(empty, empty.path(), &[sys::ATTACH_INET_EGRESS]);
+        let unconnected = per_run_of(
+            governed,
+            attach,
+            &[sys::ATTACH_UDP4_SENDMSG, sys::ATTACH_INET_EGRESS],
+            &cmds[0].1,
+        );
+        rounds.push((gov[0], gov[1], floor[0], unconnected[0], unconnected[1]));
+    }
     set_stats(false);
-    let (ns, runs) = (after.0 - before.0, after.1 - before.1);
+    drop(floor);
+    let egress = median(rounds.iter().map(|r| r.0).collect());
+    let ingress = median(rounds.iter().map(|r| r.1).collect());
+    let floor = median(rounds.iter().map(|r| r.2).collect());
     println!();
     println!(
-        "egress program on the fast path (a connected socket's packets): {} ns/packet over {runs} runs",
-        ns / runs.max(1)
+        "The packet line's own cost per packet (connected UDP, the fast path; kernel run-time \
+         statistics, median of {ROUNDS} rounds):"
     );
+    println!();
+    println!("| program | ns/packet | above an empty program |");
+    println!("|---|---:|---:|");
+    println!("| empty cgroup_skb program (floor) | {floor} | 0 |");
+    println!("| egress | {egress} | {:+} |", egress as i64 - floor as i64);
+    println!(
+        "| ingress | {ingress} | {:+} |",
+        ingress as i64 - floor as i64
+    );
+    let sendmsg = median(rounds.iter().map(|r| r.3).collect());
+    let egress_unconnected = median(rounds.iter().map(|r| r.4).collect());
+    println!();
+    println!(
+        "Unconnected UDP (every datagram judged by the sendmsg4 hook, then the packet line): \
+         sendmsg4 {sendmsg} ns/datagram, egress {egress_unconnected} ns/packet."
+    );
+}
+
+/// A cgroup_skb program that only returns "pass" (`r0 = 1; exit`), attached to a cgroup for
+/// as long as this lives: the floor under the packet line's run time.
+struct EmptyProgram {
+    prog: std::os::fd::OwnedFd,
+    cgroup: std::fs::File,
+    attach_type: u32,
+}
+
+impl EmptyProgram {
+    fn attach(cgroup: &std::path::Path, attach_type: u32) -> Self {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _};
+        const BPF_PROG_LOAD: libc::c_long = 5;
+        const BPF_PROG_ATTACH: libc::c_long = 8;
+        const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
+        // mov64 r0, 1; exit
+        let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
+        let license = c"GPL";
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&BPF_PROG_TYPE_CGROUP_SKB.to_ne_bytes());
+        attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+        attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+        attr[68..72].copy_from_slice(&attach_type.to_ne_bytes());
+        // SAFETY: a BPF_PROG_LOAD attribute block whose pointers outlive the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_LOAD,
+                attr.as_ptr(),
+                attr.len() as u32,
+            )
+        };
+        assert!(
+            fd >= 0,
+            "load the empty program: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a new descriptor the kernel just returned.
+        let prog = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        let cg = std::fs::File::open(cgroup).expect("open the cgroup");
+        let mut attr = [0u8; 16];
+        attr[0..4].copy_from_slice(&cg.as_raw_fd().to_ne_bytes());
+        attr[4..8].copy_from_slice(&prog.as_raw_fd().to_ne_bytes());
+        attr[8..12].copy_from_slice(&attach_type.to_ne_bytes());
+        // SAFETY: a BPF_PROG_ATTACH attribute block.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_ATTACH,
+                attr.as_ptr(),
+                attr.len() as u32,
+            )
+        };
+        assert!(
+            rc == 0,
+            "attach the empty program: {}",
+            std::io::Error::last_os_error()
+        );
+        Self {
+            prog,
+            cgroup: cg,
+            attach_type,
+        }
+    }
+}
+
+impl Drop for EmptyProgram {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd as _;
+        const BPF_PROG_DETACH: libc::c_long = 9;
+        let mut attr = [0u8; 16];
+        attr[0..4].copy_from_slice(&self.cgroup.as_raw_fd().to_ne_bytes());
+        attr[4..8].copy_from_slice(&self.prog.as_raw_fd().to_ne_bytes());
+        attr[8..12].copy_from_slice(&self.attach_type.to_ne_bytes());
+        // SAFETY: a BPF_PROG_DETACH attribute block; failure leaves it to the cgroup's removal.
+        unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_DETACH,
+                attr.as_ptr(),
+                attr.len() as u32,
+            )
+        };
+    }
 }
 
 mod compare;
@@ -181,6 +327,7 @@ fn datapath(iterations: usize) {
     let attach = env.cgroup("attached");
     let plain = env.cgroup("plain");
     let governed = env.cgroup("attached/agent");
+    let empty = env.cgroup("empty");
     let mut cfg = env.config();
     cfg.attach_cgroup = attach.path().to_owned();
     let dp = Datapath::start(&cfg).expect("start datapath");
@@ -287,7 +434,14 @@ fn datapath(iterations: usize) {
     }
     dp.set_record_allowed(false).unwrap();
     let (off, on) = (median(off), median(on));
-    packet_line(&plain, &governed, attach.path(), iterations, &set_stats);
+    packet_line(
+        &plain,
+        &governed,
+        &empty,
+        attach.path(),
+        iterations,
+        &set_stats,
+    );
     println!();
     println!(
         "record_allowed (the node's default: count the rule's hit, rate-limited allow record): UDP connect p50 {off} ns without, {on} ns with ({:+} ns)",
