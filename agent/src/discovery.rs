@@ -320,6 +320,7 @@ pub fn shadow_ai(records: &[serde_json::Value]) -> Vec<ShadowGroup> {
                 revision: String::new(),
                 count,
                 time: None,
+                inbound: false,
             });
         }
     }

@@ -66,6 +66,9 @@ pub struct Flow {
     pub revision: String,
     pub count: u64,
     pub time: Option<SystemTime>,
+    /// From outside the host to the agent (`direction: inbound`): `dest` is the peer and
+    /// `port` the agent's own.
+    pub inbound: bool,
 }
 
 impl Flow {
@@ -74,13 +77,15 @@ impl Flow {
         self.verdict == "allow"
     }
 
-    /// Whether the rules decided it (not an expired or revoked identity, say).
+    /// Whether the egress rules decided it (not an expired or revoked identity, say, nor a
+    /// packet from outside, which ingress rules answer for).
     fn rule_decided(&self) -> bool {
-        self.allowed()
-            || matches!(
-                self.reason.as_deref(),
-                Some("no rule allows it" | "global deny list")
-            )
+        !self.inbound
+            && (self.allowed()
+                || matches!(
+                    self.reason.as_deref(),
+                    Some("no rule allows it" | "global deny list")
+                ))
     }
 }
 
@@ -182,11 +187,7 @@ pub fn read_flows(files: &[PathBuf], since: Option<SystemTime>) -> Result<Vec<Fl
         let Ok(dest) = dest.parse::<IpAddr>() else {
             continue;
         };
-        // What reached an agent says nothing about where it may go: simulation and
-        // suggestions are of egress rules.
-        if v.get("direction").is_some() {
-            continue;
-        }
+        let inbound = v.get("direction").and_then(|d| d.as_str()) == Some("inbound");
         let protocol = match s("protocol").as_deref() {
             Some("tcp") => Protocol::Tcp,
             Some("udp") => Protocol::Udp,
@@ -209,6 +210,7 @@ pub fn read_flows(files: &[PathBuf], since: Option<SystemTime>) -> Result<Vec<Fl
             time: s("last_seen")
                 .or_else(|| s("time"))
                 .and_then(|t| parse_time(&t)),
+            inbound,
         });
     }
     Ok(out)
@@ -433,7 +435,9 @@ pub fn unused(set: &PolicySet, flows: &[Flow]) -> UnusedReport {
 
 /// The smallest AgentPolicy (as YAML) whose rules allow every flow recorded for `identity`:
 /// one rule per set of destinations that share protocol and ports, names where the agent
-/// resolved one, addresses otherwise.
+/// resolved one, addresses otherwise. Inbound flows an audit-mode identity would have refused
+/// become `ingress` rules (peers as host addresses); inbound denials in enforce mode do not,
+/// since anyone who can reach the host can cause them.
 pub fn suggest(identity: &str, flows: &[Flow], dns: &[DnsWish]) -> String {
     let mine: Vec<Flow> = flows
         .iter()
@@ -447,25 +451,12 @@ pub fn suggest(identity: &str, flows: &[Flow], dns: &[DnsWish]) -> String {
 /// (name, query type) queries it would have been refused, proposed as `dns.resolve` (and
 /// `dns.types`) entries for the names no proposed rule already allows.
 pub fn suggest_for(identity: &str, flows: &[Flow], dns: &[DnsWish]) -> String {
-    let mut by_dest: BTreeMap<(String, Protocol), BTreeSet<u16>> = BTreeMap::new();
-    for f in flows {
-        let dest = f.fqdn.clone().unwrap_or_else(|| f.dest.to_string());
-        by_dest
-            .entry((dest, f.protocol))
-            .or_default()
-            .insert(f.port);
-    }
-    let mut rules: BTreeMap<(Protocol, Vec<PortRange>), BTreeSet<String>> = BTreeMap::new();
-    for ((dest, proto), ports) in by_dest {
-        let mut ranges: Vec<PortRange> = Vec::new();
-        for p in ports {
-            match ranges.last_mut() {
-                Some(r) if u32::from(r.hi) + 1 == u32::from(p) => r.hi = p,
-                _ => ranges.push(PortRange::single(p)),
-            }
-        }
-        rules.entry((proto, ranges)).or_default().insert(dest);
-    }
+    let rules = grouped(flows.iter().filter(|f| !f.inbound));
+    let ingress = grouped(
+        flows
+            .iter()
+            .filter(|f| f.inbound && f.verdict == "audit" && f.fqdn.is_none()),
+    );
     let name = identity.rsplit('/').next().unwrap_or(identity);
     let mut out = format!("kind: AgentPolicy\nname: {name}\nidentity: {identity}\nmode: enforce\n");
     let reached: BTreeSet<&str> = rules.values().flatten().map(String::as_str).collect();
@@ -498,6 +489,47 @@ pub fn suggest_for(identity: &str, flows: &[Flow], dns: &[DnsWish]) -> String {
     if rules.is_empty() {
         out.push_str("  []\n");
     }
+    write_rules(&mut out, "to", rules);
+    if !ingress.is_empty() {
+        out.push_str("ingress:\n");
+        write_rules(&mut out, "from", ingress);
+    }
+    out
+}
+
+/// Rules that allow `flows`: per destination (name or address) the ports it was reached on,
+/// as ranges; then one rule per (protocol, ports) over every destination that shares them.
+fn grouped<'a>(
+    flows: impl Iterator<Item = &'a Flow>,
+) -> BTreeMap<(Protocol, Vec<PortRange>), BTreeSet<String>> {
+    let mut by_dest: BTreeMap<(String, Protocol), BTreeSet<u16>> = BTreeMap::new();
+    for f in flows {
+        let dest = f.fqdn.clone().unwrap_or_else(|| f.dest.to_string());
+        by_dest
+            .entry((dest, f.protocol))
+            .or_default()
+            .insert(f.port);
+    }
+    let mut rules: BTreeMap<(Protocol, Vec<PortRange>), BTreeSet<String>> = BTreeMap::new();
+    for ((dest, proto), ports) in by_dest {
+        let mut ranges: Vec<PortRange> = Vec::new();
+        for p in ports {
+            match ranges.last_mut() {
+                Some(r) if u32::from(r.hi) + 1 == u32::from(p) => r.hi = p,
+                _ => ranges.push(PortRange::single(p)),
+            }
+        }
+        rules.entry((proto, ranges)).or_default().insert(dest);
+    }
+    rules
+}
+
+/// `rules` as YAML list items whose addresses go under `key` (`to` or `from`).
+fn write_rules(
+    out: &mut String,
+    key: &str,
+    rules: BTreeMap<(Protocol, Vec<PortRange>), BTreeSet<String>>,
+) {
     for ((proto, ports), dests) in rules {
         let quote = |d: &String| {
             if d.starts_with('*') || d.contains(':') {
@@ -512,12 +544,11 @@ pub fn suggest_for(identity: &str, flows: &[Flow], dns: &[DnsWish]) -> String {
             .map(|p| format!("{:?}", p.to_string()))
             .collect();
         out.push_str(&format!(
-            "  - to: [{}]\n    ports: [{}]\n    protocol: {proto}\n",
+            "  - {key}: [{}]\n    ports: [{}]\n    protocol: {proto}\n",
             to.join(", "),
             ports.join(", ")
         ));
     }
-    out
 }
 
 #[cfg(test)]

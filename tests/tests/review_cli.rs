@@ -148,6 +148,32 @@ fn history(revision: &str) -> String {
             serde_json::json!({ "rule_id": 4 }),
             1,
         ),
+        // From outside to the agent's port 8088: in audit mode, would-refusals (proposed as
+        // ingress rules); in enforce mode, a denial anyone can cause (not proposed).
+        rec(
+            &recent,
+            "audit",
+            "198.51.100.20",
+            8088,
+            serde_json::json!({ "direction": "inbound", "reason": "no ingress rule allows it" }),
+            4,
+        ),
+        rec(
+            &recent,
+            "audit",
+            "2001:db8::5",
+            8088,
+            serde_json::json!({ "direction": "inbound", "reason": "no ingress rule allows it" }),
+            1,
+        ),
+        rec(
+            &recent,
+            "deny",
+            "203.0.113.66",
+            22,
+            serde_json::json!({ "direction": "inbound", "reason": "no ingress rule allows it" }),
+            9,
+        ),
     ]
     .join("\n")
         + "\n"
@@ -251,7 +277,9 @@ fn unused_simulate_and_suggest_on_a_scripted_history() {
             "kind: AgentPolicy\nname: bot\nidentity: {BOT}\nmode: enforce\negress:\n\
              \x20 - to: [192.0.2.10, 198.51.100.99, 203.0.113.50, api.example.com]\n\
              \x20   ports: [\"443\"]\n    protocol: tcp\n\
-             \x20 - to: [203.0.113.9]\n    ports: [\"8080\"]\n    protocol: tcp\n"
+             \x20 - to: [203.0.113.9]\n    ports: [\"8080\"]\n    protocol: tcp\n\
+             ingress:\n\
+             \x20 - from: [198.51.100.20, \"2001:db8::5\"]\n    ports: [\"8088\"]\n    protocol: tcp\n"
         )
     );
     let suggested = policy_dir(tmp.path(), "suggested", &yaml);
