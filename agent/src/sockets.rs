@@ -1,4 +1,5 @@
-//! Destroying an identity's established TCP connections (revocation), with SOCK_DESTROY over
+//! Destroying an identity's established TCP connections (revocation), or every TCP and UDP
+//! socket of its sessions (an upgrade to a new map layout), with SOCK_DESTROY over
 //! NETLINK_SOCK_DIAG. A netlink socket only sees its own network namespace, so the work runs
 //! once per namespace the identity's processes use, on a thread that has entered it.
 
@@ -13,7 +14,7 @@ use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla as _,
 };
 use netlink_packet_sock_diag::{
-    AF_INET, AF_INET6, IPPROTO_TCP, SockDiagDestroy, SockDiagMessage,
+    AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, SockDiagDestroy, SockDiagMessage,
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
@@ -21,9 +22,31 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 /// `INET_DIAG_CGROUP_ID`: the socket's cgroup id, a u64 attribute of every dump record.
 const INET_DIAG_CGROUP_ID: u16 = 21;
 
-fn states() -> StateFlags {
-    // Everything but listeners: revocation ends connections, not a server's accept queue.
-    StateFlags::all() - StateFlags::LISTEN
+/// Which sockets a sweep destroys.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sweep {
+    /// TCP connections, not listeners: revocation ends connections, not a server's accept
+    /// queue (its new connections already fail in the kernel).
+    Connections,
+    /// Every TCP and UDP socket, listeners included: sockets whose state the datapath no
+    /// longer holds (made under an earlier map layout) must be made again.
+    Everything,
+}
+
+impl Sweep {
+    fn states(self) -> StateFlags {
+        match self {
+            Self::Connections => StateFlags::all() - StateFlags::LISTEN,
+            Self::Everything => StateFlags::all(),
+        }
+    }
+
+    fn protocols(self) -> &'static [u8] {
+        match self {
+            Self::Connections => &[IPPROTO_TCP],
+            Self::Everything => &[IPPROTO_TCP, IPPROTO_UDP],
+        }
+    }
 }
 
 fn send(
@@ -37,20 +60,23 @@ fn send(
 }
 
 /// Destroys, in the calling thread's network namespace, every non-listening TCP socket whose
-/// cgroup is in `cgroups`; returns how many.
-fn destroy_here(cgroups: &HashSet<u64>) -> io::Result<usize> {
+/// cgroup is in `cgroups` (of the kinds `sweep` names); returns how many.
+fn destroy_here(cgroups: &HashSet<u64>, sweep: Sweep) -> io::Result<usize> {
     let mut sock = Socket::new(NETLINK_SOCK_DIAG)?;
     sock.bind_auto()?;
     sock.connect(&SocketAddr::new(0, 0))?;
     let mut victims = Vec::new();
-    for family in [AF_INET, AF_INET6] {
+    for (family, protocol) in [AF_INET, AF_INET6]
+        .into_iter()
+        .flat_map(|f| sweep.protocols().iter().map(move |p| (f, *p)))
+    {
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | NLM_F_DUMP;
         let req = SockDiagMessage::InetRequest(InetRequest {
             family,
-            protocol: IPPROTO_TCP,
+            protocol,
             extensions: ExtensionFlags::empty(),
-            states: states(),
+            states: sweep.states(),
             socket_id: if family == AF_INET {
                 SocketId::new_v4()
             } else {
@@ -86,7 +112,7 @@ fn destroy_here(cgroups: &HashSet<u64>) -> io::Result<usize> {
                             _ => None,
                         });
                         if cg.is_some_and(|id| cgroups.contains(&id)) {
-                            victims.push((family, r.header.socket_id.clone()));
+                            victims.push((family, protocol, r.header.socket_id.clone()));
                         }
                     }
                     _ => {}
@@ -99,14 +125,14 @@ fn destroy_here(cgroups: &HashSet<u64>) -> io::Result<usize> {
         }
     }
     let mut destroyed = 0;
-    for (family, socket_id) in victims {
+    for (family, protocol, socket_id) in victims {
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | NLM_F_ACK;
         let req = SockDiagDestroy::new(SockDiagMessage::InetRequest(InetRequest {
             family,
-            protocol: IPPROTO_TCP,
+            protocol,
             extensions: ExtensionFlags::empty(),
-            states: states(),
+            states: sweep.states(),
             socket_id,
         }));
         send(
@@ -145,6 +171,18 @@ fn pids_in(cgroup: &Path, out: &mut Vec<u32>) {
 /// cgroups below them), in every network namespace their processes live in. Returns the number
 /// destroyed.
 pub fn destroy_tcp_in(cgroups: &[&Path]) -> io::Result<usize> {
+    destroy_in(cgroups, Sweep::Connections)
+}
+
+/// Destroys every TCP socket (listeners included) and every UDP socket of `cgroups` and the
+/// cgroups below them, in every network namespace their processes live in: after an upgrade
+/// to a new map layout, sockets made before it carry no state the new programs could judge
+/// their packets by. Returns the number destroyed.
+pub fn destroy_all_in(cgroups: &[&Path]) -> io::Result<usize> {
+    destroy_in(cgroups, Sweep::Everything)
+}
+
+fn destroy_in(cgroups: &[&Path], sweep: Sweep) -> io::Result<usize> {
     let mut ids = HashSet::new();
     let mut pids = Vec::new();
     for cg in cgroups {
@@ -165,7 +203,7 @@ pub fn destroy_tcp_in(cgroups: &[&Path]) -> io::Result<usize> {
             }
         }
     }
-    let mut total = destroy_here(&ids)?;
+    let mut total = destroy_here(&ids, sweep)?;
     let own = fs::metadata("/proc/self/ns/net")
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
         .ok();
@@ -179,7 +217,7 @@ pub fn destroy_tcp_in(cgroups: &[&Path]) -> io::Result<usize> {
             if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(io::Error::last_os_error());
             }
-            destroy_here(&ids)
+            destroy_here(&ids, sweep)
         })
         .join()
         .map_err(|_| io::Error::other("socket destroy thread panicked"))??;

@@ -258,7 +258,7 @@ impl Dnsmasq {
             .spawn()
             .expect("dnsmasq must be installed (cargo xtask test installs dnsmasq-base)");
         // dnsmasq writes "started" once it has bound its sockets.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = deadline(std::time::Duration::from_secs(10));
         while !std::fs::read_to_string(&log).is_ok_and(|t| t.contains("started, version")) {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -325,6 +325,24 @@ pub fn bin_for_anyone(name: &str) -> PathBuf {
 }
 
 /// Path of a binary built by this crate (next to the test executable's deps dir).
+/// How long to wait for something the node or the kernel does on its own time: `d`, times
+/// `AGENTWALL_TEST_PATIENCE` where the runner sets it (the kernel matrix's emulated guests
+/// run everything many times slower). A deadline, never a synchronisation: the waits return
+/// as soon as what they wait for holds.
+pub fn patience(d: std::time::Duration) -> std::time::Duration {
+    let factor = std::env::var("AGENTWALL_TEST_PATIENCE")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    d * factor
+}
+
+/// The instant [`patience`]`(d)` from now.
+pub fn deadline(d: std::time::Duration) -> std::time::Instant {
+    std::time::Instant::now() + patience(d)
+}
+
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().expect("deps dir");

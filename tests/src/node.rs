@@ -225,7 +225,7 @@ pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
 /// thing `f` said) when it never does. The node and the kernel report asynchronously; this is
 /// the one waiting loop the tests share.
 pub fn eventually<T>(what: &str, within: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + within;
+    let deadline = crate::deadline(within);
     loop {
         match f() {
             Ok(v) => return v,

@@ -196,7 +196,7 @@ impl Capture {
     /// Packets from the agent's side until one that `last` accepts (included), in arrival
     /// order; panics when none arrives within `within`.
     pub fn until(&mut self, within: Duration, last: impl Fn(&Packet) -> bool) -> Vec<Packet> {
-        let deadline = Instant::now() + within;
+        let deadline = crate::deadline(within);
         let mut seen = Vec::new();
         let mut buf = vec![0u8; 65536];
         while Instant::now() < deadline {

@@ -184,7 +184,7 @@ fn a_governed_agent_cannot_get_out() {
         agent.cmd("fork-storm 1000 tcp 203.0.113.11 443"),
         "eperm=1000 other=0"
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = agentwall_tests::deadline(Duration::from_secs(20));
     loop {
         let total: u64 = audit_records(&audit)
             .into_iter()

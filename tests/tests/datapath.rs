@@ -628,17 +628,43 @@ fn every_packet_follows_its_sockets_own_binding_through_renewal_revocation_and_r
     // binding, and the sockets stay closed.
     dp.bind(&cg, 1, None).unwrap();
     assert_eq!(p.cmd("send-held"), "ok");
-    // A socket that notes the new slot, the one freed and reused next.
+    // A socket that notes the new slot, which then goes to another cgroup's binding.
     let mut fresh = Probe::spawn(&cg);
     assert_eq!(fresh.cmd("udp-bind 127.0.0.1 9000"), "ok");
     assert_eq!(fresh.cmd("hold udp 127.0.0.1 9000"), "ok");
     assert_eq!(fresh.cmd("send-held"), "ok");
+    let maps = pin_dir(&env.bpffs_dir).join("maps");
+    let bindings: aya::maps::HashMap<_, u64, agent_common::Binding> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(
+            aya::maps::MapData::from_pin(maps.join(agent_common::MAP_BINDINGS)).unwrap(),
+        ))
+        .unwrap();
+    let noted = bindings.get(&cg.id(), 0).unwrap().slot;
     dp.unbind_id(cg.id()).unwrap();
     assert_eq!(p.cmd("send-held"), DENIED);
     assert_eq!(fresh.cmd("send-held"), DENIED);
     let other = env.cgroup("other");
     dp.bind(&other, 2, None).unwrap();
     assert_eq!(p.cmd("send-held"), DENIED);
+    assert_eq!(fresh.cmd("send-held"), DENIED);
+    // Freed slots are reused last, but they are reused: the slot the socket noted, holding
+    // the other cgroup's binding, is not the socket's.
+    let mut slots: aya::maps::Array<_, agent_common::BindingSlot> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(
+            aya::maps::MapData::from_pin(maps.join(agent_common::MAP_BINDING_SLOTS)).unwrap(),
+        ))
+        .unwrap();
+    let theirs = bindings.get(&other.id(), 0).unwrap();
+    slots
+        .set(
+            noted,
+            agent_common::BindingSlot {
+                cgroup_id: other.id(),
+                binding: theirs,
+            },
+            0,
+        )
+        .unwrap();
     assert_eq!(fresh.cmd("send-held"), DENIED);
     let mut q = Probe::spawn(&other);
     assert_eq!(q.cmd("udp-bind 127.0.0.1 9000"), "ok");

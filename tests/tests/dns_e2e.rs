@@ -422,7 +422,7 @@ egress:
         "ok 203.0.113.40"
     );
     assert_eq!(p.cmd("hold tcp 203.0.113.40 443"), "ok");
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = agentwall_tests::deadline(Duration::from_secs(15));
     while connect(&mut p, "203.0.113.40", 443) == "ok" {
         assert!(Instant::now() < deadline, "learned address never expired");
         std::thread::sleep(Duration::from_millis(100));
@@ -442,7 +442,7 @@ egress:
     );
     // The learned file is written on the node's next tick.
     let learned = lab.dir().join("state/dns-learned.json");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = agentwall_tests::deadline(Duration::from_secs(10));
     while !std::fs::read_to_string(&learned)
         .unwrap_or_default()
         .contains("api.example.com")
@@ -544,7 +544,7 @@ egress:
     assert_eq!(connect(&mut p, "203.0.113.99", 443), "err ECONNREFUSED");
 
     let audit = lab.dir().join("audit.jsonl");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = agentwall_tests::deadline(Duration::from_secs(20));
     let groups = loop {
         let v = run_json(
             agentwall()

@@ -45,7 +45,7 @@ fn sigkill_of_the_node_mid_storm_changes_no_verdict_and_loses_no_record() {
         "eperm=100 other=0"
     );
     let node = NodeProc::start(&env, dir);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = agentwall_tests::deadline(Duration::from_secs(10));
     loop {
         let ports: std::collections::BTreeSet<u64> = flows(&node.socket, "deny")
             .iter()
@@ -80,7 +80,7 @@ fn a_full_disk_under_the_audit_log_changes_no_verdict_and_counts_the_loss() {
     );
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
     // Generous for the kernel matrix's emulated guests; the loop ends as soon as all are in.
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = agentwall_tests::deadline(Duration::from_secs(120));
     loop {
         let s = scrape(addr);
         let denied = metric(
@@ -106,7 +106,7 @@ fn a_full_disk_under_the_audit_log_changes_no_verdict_and_counts_the_loss() {
     disk.grow("4m");
     assert_eq!(probe.cmd("connect tcp 203.0.113.5 4001"), "err EPERM");
     let failures = metric(&scrape(addr), "agentwall_audit_write_failures_total", &[]);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = agentwall_tests::deadline(Duration::from_secs(10));
     let lost = loop {
         let lost: u64 = audit_records(&audit)
             .into_iter()

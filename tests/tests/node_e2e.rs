@@ -500,7 +500,7 @@ fn a_certificate_expiring_under_a_running_node_is_an_audit_event() {
     let spec = CertSpec::agent_expiring(ID, 2);
     let (cert, key) = write_cert(dir, "short", &ca.issue(&spec));
     let mut probe = launch_probe(&node.socket, &cert, &key);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let deadline = agentwall_tests::deadline(Duration::from_secs(15));
     let event = loop {
         let found = audit_records(&audit)
             .into_iter()
@@ -949,7 +949,7 @@ fn a_storm_of_identical_denials_yields_bounded_records_with_every_count() {
     };
     // The first denial is written at once; the rest are folded (by the kernel's rate limit,
     // whose count the node collects once the flow goes quiet) into one more record.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = agentwall_tests::deadline(Duration::from_secs(20));
     let got = loop {
         let got = records();
         let total: u64 = got.iter().map(|r| r["count"].as_u64().unwrap()).sum();
@@ -980,7 +980,7 @@ fn a_storm_of_identical_denials_yields_bounded_records_with_every_count() {
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
     let allow = wait_flow(&node.socket, "allow", 443);
     assert_eq!(allow["rule_id"], 1);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = agentwall_tests::deadline(Duration::from_secs(10));
     let report = loop {
         let (code, out, err) = agentwall_out(&[
             "report",
@@ -1153,4 +1153,47 @@ fn sessions_launched_before_a_restart_are_still_reached() {
             "{want} missing from {events:?}"
         );
     }
+}
+
+/// An upgrade to a new map layout: the new maps start empty, so the node binds every session
+/// again, ends the sockets made under the old layout (their state lived in its maps), and only
+/// then retires the old pins. No session runs ungoverned at any point: not before the new
+/// maps are filled (the old programs still judge), not after (its bindings are there).
+#[test]
+fn an_upgrade_to_a_new_map_layout_leaves_no_session_ungoverned() {
+    let (env, tmp, ca) = setup("upgrade", POLICY);
+    let dir = tmp.path();
+    let node = NodeProc::start(&env, dir);
+    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+    let mut p = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(p.cmd("listen tcp 127.0.0.1 9000"), "ok");
+    assert_eq!(p.cmd("hold tcp 127.0.0.1 9000"), "ok");
+    assert_eq!(p.cmd("held"), "alive=1 closed=0");
+    assert_eq!(p.cmd("connect tcp 203.0.113.5 443"), "err EPERM");
+    assert_eq!(node.stop(), 0);
+
+    // The running layout's pins, renamed as an older layout would have left them: still
+    // attached, still enforcing, with the only copy of the binding.
+    let old = env.bpffs_dir.join("v1");
+    std::fs::rename(agentwall::datapath::pin_dir(&env.bpffs_dir), &old).unwrap();
+    assert_eq!(p.cmd("connect tcp 203.0.113.5 443"), "err EPERM");
+
+    let node = NodeProc::start(&env, dir);
+    assert!(!old.exists(), "the old layout's pins are gone");
+    // Bound again (unbound, the default unknown_flows would report and allow this), with
+    // its rules.
+    assert_eq!(p.cmd("connect tcp 203.0.113.5 443"), "err EPERM");
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    // The connection made before the upgrade was ended; a new one is judged and made.
+    assert_eq!(p.cmd("held"), "alive=0 closed=1");
+    assert_eq!(p.cmd("listen tcp 127.0.0.1 9001"), "ok");
+    let s = status_json(&node.socket);
+    let sessions: usize = s["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["sessions"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(sessions, 1, "{s}");
+    assert_eq!(s["map_fill"]["bindings"], 1, "{s}");
 }

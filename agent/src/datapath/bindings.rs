@@ -8,7 +8,7 @@
 //! before the binding goes: a packet reading a slot mid-write sees this binding or no match
 //! (then the hash map), never another binding's fields under this cgroup's id.
 
-use std::os::fd::AsFd as _;
+use std::{collections::VecDeque, os::fd::AsFd as _};
 
 use aya::maps::{Array, HashMap, MapData, MapError};
 use tracing::warn;
@@ -22,8 +22,8 @@ const SLOTS: u32 = c::BINDING_SLOTS;
 pub(super) struct Bindings {
     map: HashMap<MapData, u64, Binding>,
     slots: Array<MapData, BindingSlot>,
-    /// Slots no binding names.
-    free: Vec<u32>,
+    /// Slots no binding names, the longest unused first: a slot let go is reused last.
+    free: VecDeque<u32>,
 }
 
 impl Bindings {
@@ -52,7 +52,6 @@ impl Bindings {
             }
         }
         let free = (0..SLOTS)
-            .rev()
             .filter(|&i| values[i as usize].cgroup_id == 0)
             .collect();
         let keys: Vec<u8> = (0..SLOTS).flat_map(u32::to_ne_bytes).collect();
@@ -89,26 +88,42 @@ impl Bindings {
         Ok(this)
     }
 
-    /// Binds `cgroup_id` (or replaces its binding: renewal) in a fresh slot. On any error
-    /// nothing changed.
+    /// Binds `cgroup_id` (or replaces its binding: renewal) in a fresh slot. On an error the
+    /// binding in force stays in force (a renewal's old slot may have been let go: its sockets
+    /// then read the binding itself).
     pub(super) fn insert(&mut self, cgroup_id: u64, mut b: Binding) -> Result<(), DatapathError> {
         let old = self.get(cgroup_id)?;
-        let slot = self.free.pop().ok_or(DatapathError::BindingsFull {
+        let slot = self.free.pop_front().ok_or(DatapathError::BindingsFull {
             max: c::MAX_BINDINGS,
         })?;
         b.slot = slot;
-        let copy = BindingSlot {
-            cgroup_id,
-            binding: b,
-        };
-        if let Err(e) = self.slots.set(slot, copy, 0) {
-            self.free.push(slot);
-            return Err(map_err(c::MAP_BINDING_SLOTS)(e));
+        // The fields first, under no cgroup id, then the id: a socket of this cgroup that
+        // noted this slot index long ago never reads this cgroup's id over a previous
+        // binding's fields.
+        for cgroup in [0, cgroup_id] {
+            let copy = BindingSlot {
+                cgroup_id: cgroup,
+                binding: b,
+            };
+            if let Err(e) = self.slots.set(slot, copy, 0) {
+                let _ = self.slots.set(slot, BindingSlot::default(), 0);
+                self.free.push_back(slot);
+                return Err(map_err(c::MAP_BINDING_SLOTS)(e));
+            }
+        }
+        // A renewal lets the old slot go before the binding changes, so no slot is left
+        // naming this cgroup with the old binding's fields whatever fails next.
+        if let Some(old) = old {
+            if let Err(e) = self.release(cgroup_id, old) {
+                let _ = self.slots.set(slot, BindingSlot::default(), 0);
+                self.free.push_back(slot);
+                return Err(e);
+            }
         }
         if let Err(e) = self.map.insert(cgroup_id, b, 0) {
-            // Unnamed, so no socket can have noted it: cleared for tidiness only.
+            // Unnamed, so no socket has noted it since it was written.
             let _ = self.slots.set(slot, BindingSlot::default(), 0);
-            self.free.push(slot);
+            self.free.push_back(slot);
             return Err(match e {
                 // A hash map with every entry taken refuses a new key with E2BIG.
                 MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
@@ -118,9 +133,6 @@ impl Bindings {
                 }
                 e => map_err(c::MAP_BINDINGS)(e),
             });
-        }
-        if let Some(old) = old {
-            self.release(cgroup_id, old)?;
         }
         Ok(())
     }
@@ -212,7 +224,7 @@ impl Bindings {
                 0,
             )
             .map_err(map_err(c::MAP_BINDING_SLOTS))?;
-        self.free.push(b.slot);
+        self.free.push_back(b.slot);
         Ok(())
     }
 }

@@ -594,7 +594,35 @@ impl Datapath {
     /// Loads and attaches the programs, or adopts those already pinned for this ABI version.
     /// A failure part-way detaches whatever this call attached.
     pub fn start(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
-        Self::load(cfg)?.attach()
+        let dp = Self::load(cfg)?.attach()?;
+        dp.retire_older_layouts()?;
+        Ok(dp)
+    }
+
+    /// The pins of other map-layout versions under the bpffs dir whose links still enforce
+    /// (`v1`, `v2`, ...): an upgrade in progress. Their maps hold the bindings and socket
+    /// state of the agents running from before; this version's maps know none of it until
+    /// its owner puts the bindings in again.
+    pub fn older_layouts(&self) -> Result<Vec<String>, DatapathError> {
+        Ok(other_versions(self.bpffs_dir())?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect())
+    }
+
+    /// Detaches and removes the pins of every other map-layout version. Called once this
+    /// version's programs are attached and its maps hold what the old ones held (the node:
+    /// policy applied, sessions bound, sockets made under the old layout ended): until then
+    /// the old programs go on judging beside the new ones, so there is no moment without
+    /// enforcement. Returns the versions removed.
+    pub fn retire_older_layouts(&self) -> Result<Vec<String>, DatapathError> {
+        let mut retired = Vec::new();
+        for (name, path) in other_versions(self.bpffs_dir())? {
+            remove_pins(&path, self.bpffs_dir())?;
+            info!(version = %name, "detached the pins of an earlier map layout");
+            retired.push(name);
+        }
+        Ok(retired)
     }
 
     /// The first half of [`Datapath::start`]: maps made or adopted, and every program that
@@ -672,9 +700,6 @@ impl Loaded {
         } = self;
         let cfg = &cfg;
         let report = attach_all(&mut ebpf, &attach, &links_dir, &families)?;
-        for version in retire_other_versions(&cfg.bpffs_dir)? {
-            info!(version = %version, "detached the pins of an earlier map layout");
-        }
         if let SocketFamilies::Unenforced(why) = &families {
             warn!(
                 why = %why,
@@ -778,6 +803,11 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// The bpffs directory the versions' pin directories live in.
+    fn bpffs_dir(&self) -> &Path {
+        self.pin_dir.parent().unwrap_or(&self.pin_dir)
     }
 
     pub fn attach_cgroup(&self) -> &Cgroup {
@@ -1807,15 +1837,12 @@ pub fn teardown(bpffs_dir: &Path) -> Result<(), DatapathError> {
     remove_pins(&pin_dir(bpffs_dir), bpffs_dir)
 }
 
-/// After an upgrade: the pins of other map-layout versions under `bpffs_dir` (`v1`, `v2`, ...)
-/// are links still enforcing with maps no one updates any more. Called once this version's
-/// programs are attached, so there is no moment without enforcement. Returns the versions
-/// removed.
-fn retire_other_versions(bpffs_dir: &Path) -> Result<Vec<String>, DatapathError> {
-    let mut retired = Vec::new();
+/// The pin directories of other map-layout versions under `bpffs_dir` that still hold links.
+fn other_versions(bpffs_dir: &Path) -> Result<Vec<(String, PathBuf)>, DatapathError> {
+    let mut found = Vec::new();
     let entries = match fs::read_dir(bpffs_dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(retired),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(found),
         Err(e) => return Err(io_err(bpffs_dir)(e)),
     };
     for e in entries {
@@ -1828,11 +1855,11 @@ fn retire_other_versions(bpffs_dir: &Path) -> Result<Vec<String>, DatapathError>
             .and_then(|v| v.parse::<u32>().ok())
             .is_some_and(|v| v != ABI_VERSION);
         if other && path.join("links").is_dir() {
-            remove_pins(&path, bpffs_dir)?;
-            retired.push(name.to_owned());
+            found.push((name.to_owned(), path));
         }
     }
-    Ok(retired)
+    found.sort();
+    Ok(found)
 }
 
 /// Removes one version's links, then its maps, then its directory (and `bpffs_dir` when it is

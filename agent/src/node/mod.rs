@@ -343,7 +343,29 @@ impl Node {
             cfg,
         });
         node.enforcer.start(initial, &node.deps())?;
+        node.finish_upgrade()?;
         Ok(node)
+    }
+
+    /// After an upgrade to a new map layout, the old layout's programs judge beside the new
+    /// ones until the new maps hold what the old ones did: the policy (applied by now), the
+    /// sessions (bound again when read back), and socket state, which cannot be carried
+    /// across: every TCP and UDP socket the sessions made before is destroyed, so agents make
+    /// them again under the new programs. Then the old pins go.
+    fn finish_upgrade(&self) -> Result<(), NodeError> {
+        let older = self.datapath.older_layouts()?;
+        if older.is_empty() {
+            return Ok(());
+        }
+        let destroyed = self.sessions.end_all_sockets();
+        let retired = self.datapath.retire_older_layouts()?;
+        warn!(
+            layouts = ?retired,
+            sessions = self.sessions.len(),
+            sockets_destroyed = destroyed,
+            "upgraded from an earlier map layout: sockets made before it were destroyed"
+        );
+        Ok(())
     }
 
     fn deps(&self) -> Deps<'_> {

@@ -206,7 +206,7 @@ impl Sessions {
         use std::os::unix::fs::MetadataExt as _;
         let mut table = lock(&self.table);
         table.seq = stored.seq;
-        let (mut kept, mut ended) = (0, 0);
+        let (mut kept, mut ended, mut rebound) = (0, 0, 0);
         for Stored {
             mut session,
             expiry_noted,
@@ -215,6 +215,17 @@ impl Sessions {
             let alive =
                 std::fs::metadata(&session.cgroup).is_ok_and(|m| m.ino() == session.cgroup_id);
             if alive {
+                // The kernel holds the binding across restarts; not after an upgrade to a new
+                // map layout (the old layout's maps hold it), nor after its pins were removed.
+                if self
+                    .datapath
+                    .binding(session.cgroup_id)
+                    .map_err(SessionError::Bindings)?
+                    .is_none()
+                {
+                    self.bind_again(&session)?;
+                    rebound += 1;
+                }
                 session.expiry_noted = expiry_noted;
                 table.insert(session);
                 kept += 1;
@@ -266,10 +277,53 @@ impl Sessions {
         }
         info!(
             sessions = kept,
-            ended, freed, "sessions read back from the last run"
+            ended, freed, rebound, "sessions read back from the last run"
         );
         self.save(&table);
         Ok(())
+    }
+
+    /// Binds a session's cgroup again as the table knows it: identity, certificate deadline,
+    /// revoked or not. A failure refuses the start: a session the kernel does not hold is
+    /// not governed.
+    fn bind_again(&self, s: &Session) -> Result<(), SessionError> {
+        let failed = |source| SessionError::Bind {
+            path: s.cgroup.clone(),
+            source,
+        };
+        let cg = Cgroup::open(&s.cgroup).map_err(|e| failed(e.into()))?;
+        let deadline = crate::clock::parse_rfc3339(&s.not_after)
+            .map(|t| BootInstant::from_system_time(t.into()))
+            .unwrap_or(BootInstant(1));
+        self.datapath
+            .bind(&cg, s.number, Some(deadline))
+            .map_err(failed)?;
+        if s.revoked {
+            self.datapath.revoke_binding(s.cgroup_id).map_err(failed)?;
+        }
+        warn!(identity = %s.identity, cgroup = %s.cgroup.display(), revoked = s.revoked,
+            "session bound again: the kernel did not hold its binding (new map layout or pins removed)");
+        Ok(())
+    }
+
+    /// Destroys every TCP and UDP socket (listeners included) of every session: after an
+    /// upgrade to a new map layout, sockets made before it carry state only the old layout's
+    /// maps held, so the new programs could not judge their packets. Agents make them again,
+    /// under the new programs. Returns how many were destroyed.
+    pub fn end_all_sockets(&self) -> usize {
+        let cgroups: Vec<PathBuf> = lock(&self.table)
+            .by_id
+            .values()
+            .map(|s| s.cgroup.clone())
+            .collect();
+        let paths: Vec<&Path> = cgroups.iter().map(PathBuf::as_path).collect();
+        match crate::sockets::destroy_all_in(&paths) {
+            Ok(n) => n,
+            Err(e) => {
+                error!(error = %e, "could not destroy the sockets sessions made before the upgrade");
+                0
+            }
+        }
     }
 
     /// Writes the table (atomically, synced). A failure is logged: the kernel holds the
