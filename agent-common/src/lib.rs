@@ -221,6 +221,9 @@ pub const REASON_SOCKET_OPTION: u8 = 12;
 /// A read of a socket's error queue (`MSG_ERRQUEUE`): ICMP errors reach it without passing the
 /// packet line, quoting whatever bytes their sender chose.
 pub const REASON_ERROR_QUEUE: u8 = 13;
+/// A packet from a loopback source address (127.0.0.0/8, ::1) leaving by another device: an
+/// unprivileged sender can ask for `::1` with `IPV6_PKTINFO`.
+pub const REASON_LOOPBACK_SOURCE: u8 = 14;
 
 /// [`Event::hook`].
 pub const HOOK_CONNECT4: u8 = 1;

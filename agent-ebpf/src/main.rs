@@ -18,8 +18,8 @@ use agent_common::{
     IDENTITY_ACTIVE, IdentityState, LOOPBACK_IFINDEX, LOUD_RECORDS, MAX_BINDINGS,
     MAX_CGROUP_LEVELS, MAX_IDENTITIES, MAX_PORT_ENTRIES, MAX_PORT_SETS, MODE_AUDIT, PORT_SET_WORDS,
     PROTO_TCP, PROTO_UDP, PortSet, RATE_ENTRIES, REASON_ERROR_QUEUE, REASON_EXPIRED,
-    REASON_GLOBAL_DENY, REASON_INBOUND, REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE,
-    REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION,
+    REASON_GLOBAL_DENY, REASON_INBOUND, REASON_LOOPBACK_SOURCE, REASON_NO_RULE, REASON_NO_STORAGE,
+    REASON_NONE, REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION,
     REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES,
     RateKey, RateState, RecordUsage, RuleSet, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS,
     SockState, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr,
@@ -869,6 +869,9 @@ struct Headers {
     options: bool,
     /// Every header the verdict needs could be read.
     ok: bool,
+    /// A packet sent from a loopback source address (127.0.0.0/8, ::1): it has no business
+    /// on any other device.
+    loop_src: bool,
 }
 
 /// `N` bytes at `off` of the packet into `buf`: straight from the packet's linear data,
@@ -906,6 +909,7 @@ fn read_headers(skb: *mut __sk_buff, ingress: bool, h: &mut Headers) {
     h.far_port = 0;
     h.near_port = 0;
     h.options = false;
+    h.loop_src = false;
     // SAFETY: a field of the context.
     let proto_be = unsafe { (*skb).protocol };
     // Only the bytes the verdict needs are read, straight into place: whole headers copied
@@ -916,7 +920,7 @@ fn read_headers(skb: *mut __sk_buff, ingress: bool, h: &mut Headers) {
     // see `Headers`.
     let mut head = [0u64; 2];
     // SAFETY: 16 bytes of plain data viewed as bytes.
-    let hb = unsafe { &mut *head.as_mut_ptr().cast::<[u8; 10]>() };
+    let hb = unsafe { &mut *head.as_mut_ptr().cast::<[u8; 16]>() };
     if proto_be == u32::from(ETH_P_IP.to_be()) {
         let at = if ingress { 12 } else { 16 };
         let mut a = 0u32;
@@ -924,6 +928,7 @@ fn read_headers(skb: *mut __sk_buff, ingress: bool, h: &mut Headers) {
         let ab = unsafe { &mut *(&raw mut a).cast::<[u8; 4]>() };
         h.ok = load(skb, 0, hb) && load(skb, at, ab);
         let (ihl, proto) = (hb[0] & 0x0f, hb[9]);
+        h.loop_src = !ingress && hb[12] == 127;
         h.options = ihl != 5;
         h.ip_proto = proto;
         h.set_v4(a);
@@ -937,6 +942,14 @@ fn read_headers(skb: *mut __sk_buff, ingress: bool, h: &mut Headers) {
     } else if proto_be == u32::from(ETH_P_IPV6.to_be()) {
         let at = if ingress { 8 } else { 24 };
         h.ok = load(skb, 0, hb) && load(skb, at, &mut h.addr);
+        if !ingress {
+            // The source, for ::1 (an unprivileged sender can ask for it with IPV6_PKTINFO).
+            let mut src = [0u64; 2];
+            // SAFETY: 16 bytes of plain data viewed as bytes.
+            let sb = unsafe { &mut *src.as_mut_ptr().cast::<[u8; 16]>() };
+            h.ok = h.ok && load(skb, 8, sb);
+            h.loop_src = src[0] == 0 && src[1] == u64::from_ne_bytes([0, 0, 0, 0, 0, 0, 0, 1]);
+        }
         // An IPv4-mapped address on an IPv6 packet would be judged by IPv4 rules, and looks
         // like IPv4 to the application: no real peer sends one.
         if h.is_v4_mapped() {
@@ -1009,6 +1022,7 @@ impl Headers {
             near_port: 0,
             options: false,
             ok: false,
+            loop_src: false,
         }
     }
 
@@ -1187,6 +1201,10 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
     }
     if !h.ok || h.options {
         return refuse(skb, &o, &flow, REASON_PACKET_OPTIONS, 0, now);
+    }
+    // SAFETY: a field of the context (the device the packet leaves by).
+    if h.loop_src && unsafe { (*skb).ifindex } != LOOPBACK_IFINDEX {
+        return refuse(skb, &o, &flow, REASON_LOOPBACK_SOURCE, 0, now);
     }
     let st = o.st;
     // A TCP socket no connect() was judged for is a listener or a connection it accepted

@@ -564,6 +564,12 @@ fn a_governed_agent_sends_only_from_addresses_the_host_holds() {
     for a in &attempts {
         assert_eq!(agent.cmd(a), "setsockopt EPERM", "{a}");
     }
+    // The loopback source, which IPV6_PKTINFO gives an unprivileged sender: the packet line
+    // refuses it on any device but loopback.
+    assert_eq!(
+        agent.cmd(&format!("pktinfo6 ::1 {PEER_V6} 9000")),
+        "err EPERM"
+    );
     // The ICMP error queue: its messages quote whatever bytes their sender chose, and they
     // reach the socket past the ingress line. Turning it on succeeds (glibc's resolver gives
     // up on a socket where it fails) and leaves it off.
@@ -580,9 +586,16 @@ fn a_governed_agent_sends_only_from_addresses_the_host_holds() {
         .filter(|p| {
             p.src == "2001:db8::99".parse::<std::net::IpAddr>().unwrap()
                 || p.src == "192.0.2.99".parse::<std::net::IpAddr>().unwrap()
+                || p.src == "::1".parse::<std::net::IpAddr>().unwrap()
         })
         .collect();
     assert!(spoofed.is_empty(), "{spoofed:?}");
+    let r = deny_record(
+        fx.socket(),
+        PEER_V6,
+        "loopback source address on a packet leaving the host",
+    );
+    assert_eq!(r["identity"], ID, "{r:#}");
     for option in ["41 name 78 (IPV6_FREEBIND)", "0 name 15 (IP_FREEBIND)"] {
         let r = wait_flow_where(fx.socket(), "socket-deny", |r| {
             r["protocol"].as_str().is_some_and(|p| p.ends_with(option))
@@ -603,4 +616,9 @@ fn a_governed_agent_sends_only_from_addresses_the_host_holds() {
             "{probe}"
         );
     }
+    // Nor is it to the loopback source, which the kernel does put on the wire.
+    assert_eq!(fx.helper.cmd(&format!("pktinfo6 ::1 {PEER_V6} 9000")), "ok");
+    fx.capture.until(WITHIN, |p| {
+        p.src == "::1".parse::<std::net::IpAddr>().unwrap() && p.dport == Some(9000)
+    });
 }

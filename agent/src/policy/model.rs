@@ -365,6 +365,8 @@ pub enum Reason {
     SocketOption,
     /// A read of a socket's error queue (the BPF LSM line).
     ErrorQueue,
+    /// The packet line: a loopback source address on a packet leaving by another device.
+    LoopbackSource,
 }
 
 impl Reason {
@@ -383,6 +385,7 @@ impl Reason {
             Self::Inbound => c::REASON_INBOUND,
             Self::SocketOption => c::REASON_SOCKET_OPTION,
             Self::ErrorQueue => c::REASON_ERROR_QUEUE,
+            Self::LoopbackSource => c::REASON_LOOPBACK_SOURCE,
         }
     }
 
@@ -401,6 +404,7 @@ impl Reason {
             c::REASON_INBOUND => Self::Inbound,
             c::REASON_SOCKET_OPTION => Self::SocketOption,
             c::REASON_ERROR_QUEUE => Self::ErrorQueue,
+            c::REASON_LOOPBACK_SOURCE => Self::LoopbackSource,
             _ => return None,
         })
     }
@@ -422,6 +426,7 @@ impl Reason {
             Self::Inbound => "no ingress rule allows it",
             Self::SocketOption => "socket option not allowed (non-local source address)",
             Self::ErrorQueue => "socket error queue closed (ICMP errors carry unjudged bytes)",
+            Self::LoopbackSource => "loopback source address on a packet leaving the host",
         }
     }
 }

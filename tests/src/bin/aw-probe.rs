@@ -316,6 +316,46 @@ fn v6(ip: &str) -> Result<std::net::Ipv6Addr, String> {
         .map_err(|e| format!("bad IPv6 address {ip}: {e}"))
 }
 
+/// One datagram from a new IPv6 UDP socket to `addr`, with one IPPROTO_IPV6 ancillary item
+/// (`ty`, `data`): "ok" or "err ERRNO".
+fn sendmsg_cmsg(addr: SocketAddr, ty: i32, data: &[u8]) -> Result<String, String> {
+    let s = new_socket(libc::AF_INET6, libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+        .map_err(|e| format!("socket: {}", errno_name(e)))?;
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(data.len() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    let mut payload = *b"x";
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: zeroed msghdr is valid; every pointer set below outlives sendmsg.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_name = (&raw const ss).cast_mut().cast();
+    msg.msg_namelen = len;
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: the control buffer holds one header of CMSG_SPACE(len) bytes.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*c).cmsg_level = libc::IPPROTO_IPV6;
+        (*c).cmsg_type = ty;
+        (*c).cmsg_len = libc::CMSG_LEN(data.len() as u32) as usize;
+        std::ptr::copy_nonoverlapping(data.as_ptr(), libc::CMSG_DATA(c), data.len());
+    }
+    // SAFETY: valid fd and message.
+    Ok(
+        if unsafe { libc::sendmsg(s.as_raw_fd(), &raw const msg, 0) } < 0 {
+            format!("err {}", errno_name(last_err()))
+        } else {
+            "ok".into()
+        },
+    )
+}
+
 /// Connections kept open by `hold`.
 /// setsockopt(fd, level, name, &value, 4) through the i386 system call gate; the kernel's
 /// return value (a negative errno on failure).
@@ -838,40 +878,24 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 "type2" => rthdr2(v6(via)?),
                 other => return Err(format!("bad header kind {other}")),
             };
-            let addr = sa(ip, port)?;
-            let s = new_socket(libc::AF_INET6, libc::SOCK_DGRAM, libc::IPPROTO_UDP)
-                .map_err(|e| format!("socket: {}", errno_name(e)))?;
-            let (ss, len) = sockaddr(addr);
-            // SAFETY: CMSG_SPACE is a pure computation.
-            let space = unsafe { libc::CMSG_SPACE(hdr.len() as u32) } as usize;
-            let mut control = vec![0u8; space];
-            let mut payload = *b"x";
-            let mut iov = libc::iovec {
-                iov_base: payload.as_mut_ptr().cast(),
-                iov_len: 1,
+            sendmsg_cmsg(sa(ip, port)?, libc::IPV6_RTHDR, &hdr)?
+        }
+        // One datagram sent with IPV6_PKTINFO asking for source `src`.
+        ["pktinfo6", src, ip, port] => {
+            let info = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: v6(src)?.octets(),
+                },
+                ipi6_ifindex: 0,
             };
-            // SAFETY: zeroed msghdr is valid; every pointer set below outlives sendmsg.
-            let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-            msg.msg_name = (&raw const ss).cast_mut().cast();
-            msg.msg_namelen = len;
-            msg.msg_iov = &raw mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = space;
-            // SAFETY: the control buffer holds one header of CMSG_SPACE(len) bytes.
-            unsafe {
-                let c = libc::CMSG_FIRSTHDR(&raw const msg);
-                (*c).cmsg_level = libc::IPPROTO_IPV6;
-                (*c).cmsg_type = libc::IPV6_RTHDR;
-                (*c).cmsg_len = libc::CMSG_LEN(hdr.len() as u32) as usize;
-                std::ptr::copy_nonoverlapping(hdr.as_ptr(), libc::CMSG_DATA(c), hdr.len());
-            }
-            // SAFETY: valid fd and message.
-            if unsafe { libc::sendmsg(s.as_raw_fd(), &raw const msg, 0) } < 0 {
-                format!("err {}", errno_name(last_err()))
-            } else {
-                "ok".into()
-            }
+            // SAFETY: in6_pktinfo is plain data; viewed as its bytes.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    (&raw const info).cast::<u8>(),
+                    mem::size_of::<libc::in6_pktinfo>(),
+                )
+            };
+            sendmsg_cmsg(sa(ip, port)?, libc::IPV6_PKTINFO, bytes)?
         }
         ["ipopt", which, ip, port, via] => {
             let addr = sa(ip, port)?;
