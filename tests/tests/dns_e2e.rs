@@ -713,7 +713,11 @@ fn agents_in_their_own_network_namespace_get_a_proxy_there() {
         if n >= 400 {
             Ok(n)
         } else {
-            Err(format!("{n} namespaces refused so far"))
+            // Whether the namespaces are there at all (an `unshare` that fails exits).
+            Err(format!(
+                "{n} namespaces refused so far; the agent's children: {}",
+                p.cmd("children")
+            ))
         }
     });
     assert!(capped <= 500, "{capped}");

@@ -415,6 +415,12 @@ fn bound_on(port: &str) -> Result<std::net::UdpSocket, String> {
         .ok_or_else(|| format!("nothing bound on {port}"))
 }
 
+/// Children left running by `spawn-many`.
+fn spawned() -> std::sync::MutexGuard<'static, Vec<std::process::Child>> {
+    static SPAWNED: std::sync::Mutex<Vec<std::process::Child>> = std::sync::Mutex::new(Vec::new());
+    SPAWNED.lock().expect("spawned lock")
+}
+
 fn held() -> std::sync::MutexGuard<'static, Vec<OwnedFd>> {
     static HELD: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());
     HELD.lock().expect("held lock")
@@ -1256,15 +1262,34 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             // N children left running (until this probe's cgroup is killed).
             let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
             for _ in 0..n {
-                std::process::Command::new(program)
+                let child = std::process::Command::new(program)
                     .args(args)
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null())
                     .spawn()
                     .map_err(|e| format!("spawning {program}: {e}"))?;
+                spawned().push(child);
             }
             format!("spawned {n}")
+        }
+        // How `spawn-many`'s children are doing: "alive=N exited=M" and the first exit status.
+        ["children"] => {
+            let (mut alive, mut exited, mut first) = (0, 0, None);
+            for c in spawned().iter_mut() {
+                match c.try_wait() {
+                    Ok(None) => alive += 1,
+                    Ok(Some(status)) => {
+                        exited += 1;
+                        first.get_or_insert(status.to_string());
+                    }
+                    Err(e) => return Ok(format!("err {e}")),
+                }
+            }
+            match first {
+                Some(f) => format!("alive={alive} exited={exited} first: {f}"),
+                None => format!("alive={alive} exited={exited}"),
+            }
         }
         _ => return Err(format!("unknown command: {line}")),
     })
