@@ -74,9 +74,11 @@ mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup
 mount -t bpf bpf /newroot/sys/fs/bpf
 echo "AW_KERNEL_UP $(uname -r)"
 script=$(sed -n 's/.*aw.run=\([^ ]*\).*/\1/p' /proc/cmdline)
-chroot /newroot /bin/sh "$script"
-echo "AW_KERNEL_EXIT=$?"
-poweroff -f
+# Into the new root with switch_root, not chroot: the kernel refuses a chrooted process a new
+# user namespace, which the tests' unprivileged `unshare -Urn` needs. busybox goes along on the
+# guest's own tmpfs, to report and power off.
+mkdir -p /newroot/run/aw && cp /bin/busybox /newroot/run/aw/busybox
+exec switch_root /newroot /run/aw/busybox sh -c '/bin/sh "$0"; echo "AW_KERNEL_EXIT=$?"; /run/aw/busybox poweroff -f' "$script"
 "#;
 
 fn sh(cmd: &mut Command) -> Result<String> {
