@@ -611,21 +611,20 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
         }
         return ALLOW;
     }
-    let audit = match AW_IDENTITIES.get(identity) {
+    refuse_task(&flow, leaf, &binding, REASON_SOCKET_TYPE)
+}
+
+/// A socket operation refused to a governed task (a socket type or family, a socket option,
+/// an error-queue read): recorded, then refused, or in audit mode let through. Revoked and
+/// expired identities are refused in either mode.
+#[inline(always)]
+fn refuse_task(flow: &Flow, leaf: u64, binding: &Binding, reason: u8) -> i32 {
+    let audit = match AW_IDENTITIES.get(binding.identity) {
         Some(st) => binding.revoked == 0 && st.state == IDENTITY_ACTIVE && st.mode == MODE_AUDIT,
         None => false,
     };
     let kind = if audit { EVENT_AUDIT } else { EVENT_SOCK_DENY };
-    report(
-        &flow,
-        leaf,
-        identity,
-        kind,
-        REASON_SOCKET_TYPE,
-        0,
-        0,
-        Who::Task,
-    );
+    report(flow, leaf, binding.identity, kind, reason, 0, 0, Who::Task);
     if audit { ALLOW } else { DENY }
 }
 
@@ -649,7 +648,6 @@ fn try_socket_family(ctx: &LsmContext) -> i32 {
     let Some((_, binding)) = find_binding(leaf) else {
         return ALLOW;
     };
-    let identity = binding.identity;
     let flow = Flow {
         addr: [0; 16],
         port: 0,
@@ -660,22 +658,7 @@ fn try_socket_family(ctx: &LsmContext) -> i32 {
         sock_type: (ty & 0xff) as u16,
         sock_protocol: protocol as u16,
     };
-    let audit = match AW_IDENTITIES.get(identity) {
-        Some(st) => binding.revoked == 0 && st.state == IDENTITY_ACTIVE && st.mode == MODE_AUDIT,
-        None => false,
-    };
-    let kind = if audit { EVENT_AUDIT } else { EVENT_SOCK_DENY };
-    report(
-        &flow,
-        leaf,
-        identity,
-        kind,
-        REASON_SOCKET_FAMILY,
-        0,
-        0,
-        Who::Task,
-    );
-    if audit { ALLOW } else { DENY }
+    refuse_task(&flow, leaf, &binding, REASON_SOCKET_FAMILY)
 }
 
 const SOL_IP: i32 = 0;
@@ -780,22 +763,7 @@ fn try_lsm_recvmsg(ctx: &LsmContext) -> i32 {
         sock_type: 0,
         sock_protocol: 0,
     };
-    let audit = match AW_IDENTITIES.get(binding.identity) {
-        Some(st) => binding.revoked == 0 && st.state == IDENTITY_ACTIVE && st.mode == MODE_AUDIT,
-        None => false,
-    };
-    let kind = if audit { EVENT_AUDIT } else { EVENT_SOCK_DENY };
-    report(
-        &flow,
-        leaf,
-        binding.identity,
-        kind,
-        REASON_ERROR_QUEUE,
-        0,
-        0,
-        Who::Task,
-    );
-    if audit { ALLOW } else { DENY }
+    refuse_task(&flow, leaf, &binding, REASON_ERROR_QUEUE)
 }
 
 /// Refuses a governed task, with a record, the options that bind non-local addresses.
@@ -810,7 +778,6 @@ fn judge_sockopt(level: i32, optname: i32) -> i32 {
     let Some((_, binding)) = find_binding(leaf) else {
         return ALLOW;
     };
-    let identity = binding.identity;
     let flow = Flow {
         addr: [0; 16],
         port: 0,
@@ -820,22 +787,7 @@ fn judge_sockopt(level: i32, optname: i32) -> i32 {
         sock_type: level as u16,
         sock_protocol: optname as u16,
     };
-    let audit = match AW_IDENTITIES.get(identity) {
-        Some(st) => binding.revoked == 0 && st.state == IDENTITY_ACTIVE && st.mode == MODE_AUDIT,
-        None => false,
-    };
-    let kind = if audit { EVENT_AUDIT } else { EVENT_SOCK_DENY };
-    report(
-        &flow,
-        leaf,
-        identity,
-        kind,
-        REASON_SOCKET_OPTION,
-        0,
-        0,
-        Who::Task,
-    );
-    if audit { ALLOW } else { DENY }
+    refuse_task(&flow, leaf, &binding, REASON_SOCKET_OPTION)
 }
 
 /// IP headers without options or extension headers, the only ones a governed socket sends.
@@ -902,14 +854,9 @@ fn load<const N: usize>(skb: *mut __sk_buff, off: usize, buf: &mut [u8; N]) -> b
 /// programs see the network header at offset 0 in both directions. A function of its own, so
 /// its buffers are not in the frame that also calls the record's (Linux 6.1 holds the two
 /// to 512 bytes together).
+/// `h` is as [`Headers::new`] made it: what no branch sets stays zero.
 #[inline(never)]
 fn read_headers(skb: *mut __sk_buff, ingress: bool, h: &mut Headers) {
-    h.ip_proto = 0;
-    h.proto = 0;
-    h.far_port = 0;
-    h.near_port = 0;
-    h.options = false;
-    h.loop_src = false;
     // SAFETY: a field of the context.
     let proto_be = unsafe { (*skb).protocol };
     // Only the bytes the verdict needs are read, straight into place: whole headers copied
@@ -985,7 +932,6 @@ fn read_headers(skb: *mut __sk_buff, ingress: bool, h: &mut Headers) {
     } else {
         // Neither IPv4 nor IPv6 on an inet socket: nothing it was allowed.
         h.ok = false;
-        h.set_v4(0);
         l4 = 0;
     }
     h.proto = match u32::from(h.ip_proto) {

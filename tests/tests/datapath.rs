@@ -694,23 +694,28 @@ fn drop_counter_accounts_for_every_record_not_read() {
     assert_eq!(read + dropped, sent, "read {read} + dropped {dropped}");
 }
 
+/// A datapath with two identities and nothing allowed: identity 1's probe (loud) and
+/// identity 2's (quiet).
+fn loud_and_quiet(env: &TestEnv) -> (Datapath, Probe, Probe) {
+    let dp = Datapath::start(&env.config()).unwrap();
+    let [loud, quiet] = [1, 2].map(|id| {
+        dp.set_identity(id, IdentityStatus::Active, Mode::Enforce)
+            .unwrap();
+        dp.set_rules(id, &[]).unwrap();
+        let cg = env.cgroup(if id == 1 { "loud" } else { "quiet" });
+        dp.bind(&cg, id, None).unwrap();
+        Probe::spawn(&cg)
+    });
+    (dp, loud, quiet)
+}
+
 /// One governed identity flooding distinct flows fills only its share of the governed ring:
 /// the last quarter is kept for identities that have written little this window, so every
 /// denial of a quiet identity is read. Nothing goes uncounted.
 #[test]
 fn a_loud_identity_leaves_room_for_every_other_identitys_denials() {
     let env = TestEnv::new("loud");
-    let dp = Datapath::start(&env.config()).unwrap();
-    for id in [1, 2] {
-        dp.set_identity(id, IdentityStatus::Active, Mode::Enforce)
-            .unwrap();
-        dp.set_rules(id, &[]).unwrap();
-    }
-    let (loud_cg, quiet_cg) = (env.cgroup("loud"), env.cgroup("quiet"));
-    dp.bind(&loud_cg, 1, None).unwrap();
-    dp.bind(&quiet_cg, 2, None).unwrap();
-    let mut loud = Probe::spawn(&loud_cg);
-    let mut quiet = Probe::spawn(&quiet_cg);
+    let (dp, mut loud, mut quiet) = loud_and_quiet(&env);
     // Far more distinct denials than the ring holds, nobody reading.
     let flood = 20000u64;
     assert_eq!(
@@ -735,17 +740,7 @@ fn a_loud_identity_leaves_room_for_every_other_identitys_denials() {
 #[test]
 fn a_slow_reader_still_leaves_room_for_quiet_identities() {
     let env = TestEnv::new("loud-slow");
-    let dp = Datapath::start(&env.config()).unwrap();
-    for id in [1, 2] {
-        dp.set_identity(id, IdentityStatus::Active, Mode::Enforce)
-            .unwrap();
-        dp.set_rules(id, &[]).unwrap();
-    }
-    let (loud_cg, quiet_cg) = (env.cgroup("loud"), env.cgroup("quiet"));
-    dp.bind(&loud_cg, 1, None).unwrap();
-    dp.bind(&quiet_cg, 2, None).unwrap();
-    let mut loud = Probe::spawn(&loud_cg);
-    let mut quiet = Probe::spawn(&quiet_cg);
+    let (dp, mut loud, mut quiet) = loud_and_quiet(&env);
     let mut events = dp.take_events().unwrap();
     let mut flood = 20000u64;
     assert_eq!(

@@ -36,6 +36,30 @@ struct PinAttr {
     _pad: u32,
 }
 
+/// One bpf(2) call: `cmd` with `attr`, a `repr(C)` prefix of union bpf_attr (the kernel
+/// takes the size given and requires the rest zero). The kernel's non-negative result (a
+/// descriptor, for the commands that make one), or the error it gave.
+///
+/// # Safety
+/// Every pointer `attr` holds must be valid for what `cmd` reads or writes through it, for the
+/// duration of the call.
+pub unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<i64> {
+    // SAFETY: the caller's promise about attr's pointers; attr itself is live and sized.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<A>() as u32,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
 /// Attaches `prog` to `cgroup` with a BPF link and pins the link at `pin`, for program types
 /// whose aya links cannot be pinned (cgroup sockopt in aya 0.14). The link lives as long as
 /// the pin: the descriptor made here is closed on return.
@@ -52,17 +76,7 @@ pub fn attach_pinned_link(
         ..Default::default()
     };
     // SAFETY: attr is a valid, zero-padded bpf_attr prefix that outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            &mut attr as *mut LinkCreateAttr,
-            std::mem::size_of::<LinkCreateAttr>() as u32,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = unsafe { bpf(BPF_LINK_CREATE, &mut attr) }?;
     // SAFETY: a fresh descriptor the kernel just returned, owned here.
     let link = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
     let path = CString::new(pin.as_os_str().as_bytes())
@@ -73,18 +87,7 @@ pub fn attach_pinned_link(
         ..Default::default()
     };
     // SAFETY: attr points at a NUL-terminated path that outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            &mut attr as *mut PinAttr,
-            std::mem::size_of::<PinAttr>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    unsafe { bpf(BPF_OBJ_PIN, &mut attr) }.map(drop)
 }
 
 /// The element-operation member of union bpf_attr.
@@ -113,22 +116,11 @@ pub fn map_lookup_and_delete(
     };
     // SAFETY: attr points at key and value buffers the size the map was made with; they
     // outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-            &mut attr as *mut ElemAttr,
-            std::mem::size_of::<ElemAttr>() as u32,
-        )
-    };
-    if rc == 0 {
-        return Ok(true);
+    match unsafe { bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) } {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
     }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENOENT) {
-        return Ok(false);
-    }
-    Err(e)
 }
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
@@ -145,21 +137,10 @@ pub fn filled_slots(map: std::os::fd::BorrowedFd<'_>, max: u32) -> io::Result<Ve
             ..Default::default()
         };
         // SAFETY: attr points at a 4-byte key and a 4-byte value (a map id), both live.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_ELEM,
-                &mut attr as *mut ElemAttr,
-                std::mem::size_of::<ElemAttr>() as u32,
-            )
-        };
-        if rc == 0 {
-            out.push(slot);
-            continue;
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ENOENT) {
-            return Err(e);
+        match unsafe { bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
+            Ok(_) => out.push(slot),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(out)
@@ -209,17 +190,7 @@ pub fn prog_query(cgroup: &Path, attach_type: u32) -> io::Result<Vec<u32>> {
         ..Default::default()
     };
     // SAFETY: attr is a valid BPF_PROG_QUERY attribute whose prog_ids buffer outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            &mut attr as *mut ProgQueryAttr,
-            std::mem::size_of::<ProgQueryAttr>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { bpf(BPF_PROG_QUERY, &mut attr) }?;
     ids.truncate(attr.prog_cnt as usize);
     Ok(ids)
 }
@@ -315,18 +286,9 @@ pub fn map_update_batch_raw(
     };
     // SAFETY: attr points at packed key and value arrays of `count` elements, each of the
     // sizes the map was created with; they outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err((attr.count as usize, io::Error::last_os_error()));
-    }
-    Ok(())
+    unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }
+        .map(drop)
+        .map_err(|e| (attr.count as usize, e))
 }
 
 /// Updates many u32 → u32 entries in one call. For map-in-map outer maps the kernel waits for

@@ -311,11 +311,7 @@ impl Sessions {
     /// maps held, so the new programs could not judge their packets. Agents make them again,
     /// under the new programs. Returns how many were destroyed.
     pub fn end_all_sockets(&self) -> usize {
-        let cgroups: Vec<PathBuf> = lock(&self.table)
-            .by_id
-            .values()
-            .map(|s| s.cgroup.clone())
-            .collect();
+        let cgroups = self.cgroups_where(|_| true);
         let paths: Vec<&Path> = cgroups.iter().map(PathBuf::as_path).collect();
         match crate::sockets::destroy_all_in(&paths) {
             Ok(n) => n,
@@ -668,12 +664,7 @@ impl Sessions {
     /// Ends the established connections of every session of `identity` (its new ones already
     /// fail in the kernel). Returns how many were destroyed.
     pub fn end_connections(&self, identity: &str) -> usize {
-        let cgroups: Vec<PathBuf> = lock(&self.table)
-            .by_id
-            .values()
-            .filter(|s| s.identity == identity)
-            .map(|s| s.cgroup.clone())
-            .collect();
+        let cgroups = self.cgroups_where(|s| s.identity == identity);
         let paths: Vec<&Path> = cgroups.iter().map(PathBuf::as_path).collect();
         match crate::sockets::destroy_tcp_in(&paths) {
             Ok(n) => n,
@@ -682,6 +673,16 @@ impl Sessions {
                 0
             }
         }
+    }
+
+    /// The cgroups of the sessions `pred` picks.
+    fn cgroups_where(&self, pred: impl Fn(&Session) -> bool) -> Vec<PathBuf> {
+        lock(&self.table)
+            .by_id
+            .values()
+            .filter(|s| pred(s))
+            .map(|s| s.cgroup.clone())
+            .collect()
     }
 
     /// Every session, in the order they were made.

@@ -213,7 +213,7 @@ struct EmptyProgram {
 
 impl EmptyProgram {
     fn attach(cgroup: &std::path::Path, attach_type: u32) -> Self {
-        use std::os::fd::{AsRawFd as _, FromRawFd as _};
+        use std::os::fd::FromRawFd as _;
         const BPF_PROG_LOAD: libc::c_long = 5;
         const BPF_PROG_ATTACH: libc::c_long = 8;
         const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
@@ -226,41 +226,14 @@ impl EmptyProgram {
         attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
         attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
         attr[68..72].copy_from_slice(&attach_type.to_ne_bytes());
-        // SAFETY: a BPF_PROG_LOAD attribute block whose pointers outlive the call.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_LOAD,
-                attr.as_ptr(),
-                attr.len() as u32,
-            )
-        };
-        assert!(
-            fd >= 0,
-            "load the empty program: {}",
-            std::io::Error::last_os_error()
-        );
+        // SAFETY: the instructions and the license outlive the call.
+        let fd = unsafe { sys::bpf(BPF_PROG_LOAD, &mut attr) }.expect("load the empty program");
         // SAFETY: a new descriptor the kernel just returned.
         let prog = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
         let cg = std::fs::File::open(cgroup).expect("open the cgroup");
-        let mut attr = [0u8; 16];
-        attr[0..4].copy_from_slice(&cg.as_raw_fd().to_ne_bytes());
-        attr[4..8].copy_from_slice(&prog.as_raw_fd().to_ne_bytes());
-        attr[8..12].copy_from_slice(&attach_type.to_ne_bytes());
-        // SAFETY: a BPF_PROG_ATTACH attribute block.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_ATTACH,
-                attr.as_ptr(),
-                attr.len() as u32,
-            )
-        };
-        assert!(
-            rc == 0,
-            "attach the empty program: {}",
-            std::io::Error::last_os_error()
-        );
+        let mut attr = attach_attr(&cg, &prog, attach_type);
+        // SAFETY: no pointers in a BPF_PROG_ATTACH attribute block.
+        unsafe { sys::bpf(BPF_PROG_ATTACH, &mut attr) }.expect("attach the empty program");
         Self {
             prog,
             cgroup: cg,
@@ -269,23 +242,23 @@ impl EmptyProgram {
     }
 }
 
+/// The BPF_PROG_ATTACH / BPF_PROG_DETACH attribute block: cgroup, program, attach type.
+fn attach_attr(cgroup: &std::fs::File, prog: &std::os::fd::OwnedFd, attach_type: u32) -> [u8; 16] {
+    use std::os::fd::AsRawFd as _;
+    let mut attr = [0u8; 16];
+    attr[0..4].copy_from_slice(&cgroup.as_raw_fd().to_ne_bytes());
+    attr[4..8].copy_from_slice(&prog.as_raw_fd().to_ne_bytes());
+    attr[8..12].copy_from_slice(&attach_type.to_ne_bytes());
+    attr
+}
+
 impl Drop for EmptyProgram {
     fn drop(&mut self) {
-        use std::os::fd::AsRawFd as _;
         const BPF_PROG_DETACH: libc::c_long = 9;
-        let mut attr = [0u8; 16];
-        attr[0..4].copy_from_slice(&self.cgroup.as_raw_fd().to_ne_bytes());
-        attr[4..8].copy_from_slice(&self.prog.as_raw_fd().to_ne_bytes());
-        attr[8..12].copy_from_slice(&self.attach_type.to_ne_bytes());
-        // SAFETY: a BPF_PROG_DETACH attribute block; failure leaves it to the cgroup's removal.
-        unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_DETACH,
-                attr.as_ptr(),
-                attr.len() as u32,
-            )
-        };
+        let mut attr = attach_attr(&self.cgroup, &self.prog, self.attach_type);
+        // SAFETY: no pointers in a BPF_PROG_DETACH attribute block. A failure leaves the
+        // program to the cgroup's removal.
+        let _ = unsafe { sys::bpf(BPF_PROG_DETACH, &mut attr) };
     }
 }
 
