@@ -853,8 +853,7 @@ fn load<const N: usize>(skb: *mut __sk_buff, off: usize, buf: &mut [u8; N]) -> b
 /// Reads the headers of a packet the socket sends (`ingress` false) or receives. cgroup_skb
 /// programs see the network header at offset 0 in both directions. A function of its own, so
 /// its buffers are not in the frame that also calls the record's (Linux 6.1 holds the two
-/// to 512 bytes together).
-/// `h` is as [`Headers::new`] made it: what no branch sets stays zero.
+/// to 512 bytes together). `h` is as [`Headers::new`] made it.
 #[inline(never)]
 fn read_headers(skb: *mut __sk_buff, ingress: bool, h: &mut Headers) {
     // SAFETY: a field of the context.
@@ -956,8 +955,7 @@ fn read_headers(skb: *mut __sk_buff, ingress: bool, h: &mut Headers) {
 }
 
 impl Headers {
-    /// Room for `read_headers` to fill: every field is written there, so nothing is zeroed
-    /// twice (see the type's comment for why zeroing costs).
+    /// All zero: `read_headers` sets what each branch reads and leaves the rest so.
     #[inline(always)]
     fn new() -> Self {
         Self {

@@ -144,6 +144,12 @@ fn destroy_here(cgroups: &HashSet<u64>, sweep: Sweep) -> io::Result<usize> {
         if let Ok(msg) = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[..n]) {
             match msg.payload {
                 NetlinkPayload::Error(e) if e.code.is_some() => {
+                    let errno = e.code.map_or(0, |c| -c.get());
+                    // Every socket of an upgrade's sweep must go: only one that is already
+                    // gone is no failure there (a kernel without SOCK_DESTROY says so here).
+                    if sweep == Sweep::Everything && errno != libc::ENOENT {
+                        return Err(io::Error::from_raw_os_error(errno));
+                    }
                     tracing::debug!(error = ?e, "SOCK_DESTROY refused (socket already gone?)");
                 }
                 _ => destroyed += 1,

@@ -357,7 +357,17 @@ impl Node {
         if older.is_empty() {
             return Ok(());
         }
-        let destroyed = self.sessions.end_all_sockets();
+        let destroyed = match self.sessions.end_all_sockets() {
+            Ok(n) => n,
+            Err(e) => {
+                // Sockets the new programs cannot judge may be left: the old layout stays
+                // attached beside the new one (every program must allow), and the next start
+                // tries again.
+                error!(error = %e, layouts = ?older,
+                    "upgrade not finished: sockets made before it could not all be destroyed; the earlier map layout stays attached");
+                return Ok(());
+            }
+        };
         let retired = self.datapath.retire_older_layouts()?;
         warn!(
             layouts = ?retired,

@@ -226,6 +226,16 @@ impl Sessions {
                     self.bind_again(&session)?;
                     rebound += 1;
                 }
+                // Whatever the kernel holds, a revoked session stays revoked there (a crash
+                // between binding again and revoking must not bring it back).
+                if session.revoked {
+                    self.datapath
+                        .revoke_binding(session.cgroup_id)
+                        .map_err(|source| SessionError::Bind {
+                            path: session.cgroup.clone(),
+                            source,
+                        })?;
+                }
                 session.expiry_noted = expiry_noted;
                 table.insert(session);
                 kept += 1;
@@ -283,8 +293,8 @@ impl Sessions {
         Ok(())
     }
 
-    /// Binds a session's cgroup again as the table knows it: identity, certificate deadline,
-    /// revoked or not. A failure refuses the start: a session the kernel does not hold is
+    /// Binds a session's cgroup again as the table knows it: identity and certificate
+    /// deadline (the caller applies a revocation). A failure refuses the start: a session the kernel does not hold is
     /// not governed.
     fn bind_again(&self, s: &Session) -> Result<(), SessionError> {
         let failed = |source| SessionError::Bind {
@@ -298,9 +308,6 @@ impl Sessions {
         self.datapath
             .bind(&cg, s.number, Some(deadline))
             .map_err(failed)?;
-        if s.revoked {
-            self.datapath.revoke_binding(s.cgroup_id).map_err(failed)?;
-        }
         warn!(identity = %s.identity, cgroup = %s.cgroup.display(), revoked = s.revoked,
             "session bound again: the kernel did not hold its binding (new map layout or pins removed)");
         Ok(())
@@ -309,17 +316,12 @@ impl Sessions {
     /// Destroys every TCP and UDP socket (listeners included) of every session: after an
     /// upgrade to a new map layout, sockets made before it carry state only the old layout's
     /// maps held, so the new programs could not judge their packets. Agents make them again,
-    /// under the new programs. Returns how many were destroyed.
-    pub fn end_all_sockets(&self) -> usize {
+    /// under the new programs. Returns how many were destroyed; an error when any could not
+    /// be.
+    pub fn end_all_sockets(&self) -> std::io::Result<usize> {
         let cgroups = self.cgroups_where(|_| true);
         let paths: Vec<&Path> = cgroups.iter().map(PathBuf::as_path).collect();
-        match crate::sockets::destroy_all_in(&paths) {
-            Ok(n) => n,
-            Err(e) => {
-                error!(error = %e, "could not destroy the sockets sessions made before the upgrade");
-                0
-            }
-        }
+        crate::sockets::destroy_all_in(&paths)
     }
 
     /// Writes the table (atomically, synced). A failure is logged: the kernel holds the
