@@ -72,7 +72,7 @@ mount -t tmpfs run /newroot/run
 mkdir -p "/newroot$ws" && mount -o bind /ws "/newroot$ws"
 mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup
 mount -t bpf bpf /newroot/sys/fs/bpf
-echo "AW_KERNEL_UP $(uname -r)"
+echo "AW_KERNEL_UP $(uname -r) clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 script=$(sed -n 's/.*aw.run=\([^ ]*\).*/\1/p' /proc/cmdline)
 # Into the new root with switch_root, not chroot: the kernel refuses a chrooted process a new
 # user namespace, which the tests' unprivileged `unshare -Urn` needs. busybox goes along on the
@@ -332,7 +332,9 @@ fn boot(
     .arg(initrd)
     .arg("-append")
     .arg(format!(
-        "console=ttyS0 panic=-1 quiet aw.run={} aw.ws={}",
+        // tsc=reliable: an emulated guest's clocksource watchdog otherwise finds the TSC
+        // "unstable" under load and falls back to a slow emulated timer.
+        "console=ttyS0 panic=-1 quiet tsc=reliable aw.run={} aw.ws={}",
         script.display(),
         // The script is WORKSPACE/target/kernels/run-tests.sh.
         script
