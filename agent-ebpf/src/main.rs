@@ -40,7 +40,7 @@ use aya_ebpf::{
         bpf_ktime_get_boot_ns,
         generated::{
             bpf_get_socket_uid, bpf_ringbuf_query, bpf_sk_fullsock, bpf_sk_storage_get,
-            bpf_skb_cgroup_id, bpf_skb_load_bytes,
+            bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_load_bytes,
         },
     },
     macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, lsm_cgroup},
@@ -571,7 +571,7 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
     let (family, ty, protocol) =
         unsafe { ((*ctx.sock).family, (*ctx.sock).type_, (*ctx.sock).protocol) };
     let leaf = unsafe { bpf_get_current_cgroup_id() };
-    let Some((binding_cgroup, binding)) = find_binding(leaf) else {
+    let Some((binding_cgroup, binding)) = task_binding(leaf) else {
         return ALLOW;
     };
     let identity = binding.identity;
@@ -645,7 +645,7 @@ fn try_socket_family(ctx: &LsmContext) -> i32 {
         return ALLOW;
     }
     let leaf = unsafe { bpf_get_current_cgroup_id() };
-    let Some((_, binding)) = find_binding(leaf) else {
+    let Some((_, binding)) = task_binding(leaf) else {
         return ALLOW;
     };
     let flow = Flow {
@@ -707,7 +707,7 @@ fn is_recverr(level: i32, optname: i32) -> bool {
 #[inline(always)]
 fn quiet_recverr(ctx: &SockoptContext, optlen: i32) -> bool {
     let leaf = unsafe { bpf_get_current_cgroup_id() };
-    if find_binding(leaf).is_none() {
+    if task_binding(leaf).is_none() {
         return false;
     }
     let so = ctx.sockopt;
@@ -751,7 +751,7 @@ fn try_lsm_recvmsg(ctx: &LsmContext) -> i32 {
         return ALLOW;
     }
     let leaf = unsafe { bpf_get_current_cgroup_id() };
-    let Some((_, binding)) = find_binding(leaf) else {
+    let Some((_, binding)) = task_binding(leaf) else {
         return ALLOW;
     };
     let flow = Flow {
@@ -775,7 +775,7 @@ fn judge_sockopt(level: i32, optname: i32) -> i32 {
         return ALLOW;
     }
     let leaf = unsafe { bpf_get_current_cgroup_id() };
-    let Some((_, binding)) = find_binding(leaf) else {
+    let Some((_, binding)) = task_binding(leaf) else {
         return ALLOW;
     };
     let flow = Flow {
@@ -1024,10 +1024,15 @@ fn owner_of(skb: *mut __sk_buff) -> Result<Owner, i32> {
     if sk.is_null() {
         return Err(ALLOW);
     }
-    let st = sock_state(sk.cast(), false);
-    // No governed task ever created, connected or sent on this socket.
+    let mut st = sock_state(sk.cast(), false);
     if st.is_null() {
-        return Err(ALLOW);
+        st = adopt(skb, sk);
+        if st.is_null() {
+            return Err(ALLOW);
+        }
+        if st == NO_ROOM {
+            return Err(DENY);
+        }
     }
     // SAFETY: non-null storage pointer.
     let (binding_cgroup, slot) = unsafe { ((*st).binding_cgroup, (*st).binding_slot) };
@@ -1054,6 +1059,90 @@ fn owner_of(skb: *mut __sk_buff) -> Result<Owner, i32> {
         mode,
     })
 }
+
+/// [`adopt`]'s answer for a governed socket that could not get storage (never a real
+/// pointer: the storage helper's values are kernel addresses).
+const NO_ROOM: *mut SockState = 1 as *mut SockState;
+
+/// A socket without state whose own cgroup is governed: made before its cgroup was bound
+/// (an `enroll`ed unit's), or before the map layout in force (one an upgrade's socket sweep
+/// could not see: no port yet, held in flight in a unix socket's queue). It gets state at
+/// its first packet, as a socket of that binding: a peer it is connected to is what it may
+/// talk to only if the binding's rules allow that peer; a TCP connection to any other is
+/// marked so that neither line takes its packets as the socket's own. Null: not governed.
+/// Costs a socket with no state, the host's ungoverned traffic, a cgroup lookup.
+#[inline(always)]
+fn adopt(skb: *mut __sk_buff, sk: *mut aya_ebpf::bindings::bpf_sock) -> *mut SockState {
+    // SAFETY: helpers on the context's packet and socket.
+    let cgroup = unsafe { bpf_skb_cgroup_id(skb) };
+    let Some((binding_cgroup, binding)) = find_binding(cgroup, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(skb, level)
+    }) else {
+        return core::ptr::null_mut();
+    };
+    let st = sock_state(sk.cast(), true);
+    if st.is_null() {
+        return NO_ROOM;
+    }
+    // SAFETY: a full socket the verifier typed; non-null storage pointer.
+    unsafe {
+        (*st).binding_cgroup = binding_cgroup;
+        (*st).binding_slot = binding.slot;
+        let (family, protocol, state) = ((*sk).family, (*sk).protocol, (*sk).state);
+        let port = u16::from_be((*sk).dst_port);
+        if state == TCP_LISTEN || port == 0 {
+            return st;
+        }
+        // As the packet line holds a far end: IPv4 mapped; words read one at a time.
+        let mut addr = [0u8; 16];
+        // Each field read where it is, both families' (volatile: the verifier refuses the
+        // pointer arithmetic a choice between two fields compiles to).
+        let v6 = [
+            core::ptr::read_volatile(&raw const (*sk).dst_ip6[0]),
+            core::ptr::read_volatile(&raw const (*sk).dst_ip6[1]),
+            core::ptr::read_volatile(&raw const (*sk).dst_ip6[2]),
+            core::ptr::read_volatile(&raw const (*sk).dst_ip6[3]),
+        ];
+        let v4 = core::ptr::read_volatile(&raw const (*sk).dst_ip4);
+        let words = if family == u32::from(AF_INET6) {
+            v6
+        } else {
+            [0, 0, MAPPED_WORD, v4]
+        };
+        let mut i = 0;
+        while i < 4 {
+            let b = words[i].to_ne_bytes();
+            addr[i * 4] = b[0];
+            addr[i * 4 + 1] = b[1];
+            addr[i * 4 + 2] = b[2];
+            addr[i * 4 + 3] = b[3];
+            i += 1;
+        }
+        let flow = Flow {
+            addr,
+            port,
+            proto: proto_bit(protocol),
+            hook: HOOK_EGRESS,
+            family: 0,
+            sock_type: 0,
+            sock_protocol: 0,
+        };
+        let mut now = 0u64;
+        let (reason, _) = check_rules(binding.identity, &flow, &mut now);
+        if reason == REASON_NONE {
+            (*st).dests[SOCK_DEST_CONNECTED] = addr;
+            (*st).ports[SOCK_DEST_CONNECTED] = port;
+        } else if protocol == IPPROTO_TCP {
+            (*st).dests[SOCK_DEST_CONNECTED] = NOWHERE;
+            (*st).ports[SOCK_DEST_CONNECTED] = port;
+        }
+    }
+    st
+}
+
+/// A destination no packet has (ff..ff: multicast, never a TCP peer): an adopted TCP
+/// connection its binding's rules do not allow is marked with it.
+const NOWHERE: Addr = [0xff; 16];
 
 /// Revocation and the certificate deadline, on every packet either way: the reason the
 /// socket's binding is no longer live, or `REASON_NONE`. `now` gets the clock if it was read.
@@ -1332,11 +1421,11 @@ fn config() -> Option<Config> {
     AW_CONFIG.get(0).copied()
 }
 
-/// The binding governing the current task, with the cgroup it is stored under: its own
-/// cgroup's, else its deepest bound ancestor's. Only levels that userspace marked as holding a
+/// The binding governing cgroup `leaf`, with the cgroup it is stored under: its own
+/// binding, else its deepest bound ancestor's (`ancestor(level)`: the ancestor's id). Only levels that userspace marked as holding a
 /// binding are looked up.
 #[inline(always)]
-fn find_binding(leaf: u64) -> Option<(u64, Binding)> {
+fn find_binding(leaf: u64, ancestor: impl Fn(i32) -> u64) -> Option<(u64, Binding)> {
     // SAFETY: read-only lookups of plain-old-data values.
     if let Some(b) = unsafe { AW_BINDINGS.get(leaf) } {
         return Some((leaf, *b));
@@ -1356,7 +1445,7 @@ fn find_binding(leaf: u64) -> Option<(u64, Binding)> {
             break;
         }
         if bound_levels & (1 << level) != 0 {
-            let anc = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+            let anc = ancestor(level as i32);
             if anc == 0 || anc == leaf {
                 break;
             }
@@ -1372,6 +1461,15 @@ fn find_binding(leaf: u64) -> Option<(u64, Binding)> {
     } else {
         Some((found_key, found))
     }
+}
+
+/// The binding governing the current task (see [`find_binding`]).
+#[inline(always)]
+fn task_binding(leaf: u64) -> Option<(u64, Binding)> {
+    // SAFETY: a helper on the current task.
+    find_binding(leaf, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    })
 }
 
 /// What [`judge`] decided, and for whom.
@@ -1393,7 +1491,7 @@ struct Judged {
 #[inline(always)]
 fn judge(flow: &Flow) -> Judged {
     let leaf = unsafe { bpf_get_current_cgroup_id() };
-    let Some((binding_cgroup, binding)) = find_binding(leaf) else {
+    let Some((binding_cgroup, binding)) = task_binding(leaf) else {
         let unknown = match config() {
             Some(c) => c.unknown_flows,
             None => UNKNOWN_IGNORE,

@@ -194,6 +194,21 @@ impl Cgroup {
     }
 }
 
+/// The ids of `cgroup` and of every cgroup below it (a cgroup2 directory's inode number is
+/// its id). Unreadable directories are left out.
+pub fn subtree_ids(cgroup: &Path, out: &mut std::collections::HashSet<u64>) {
+    if let Ok(m) = fs::metadata(cgroup) {
+        out.insert(m.ino());
+    }
+    if let Ok(entries) = fs::read_dir(cgroup) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                subtree_ids(&e.path(), out);
+            }
+        }
+    }
+}
+
 fn remove_tree(path: &Path) -> Result<(), CgroupError> {
     for entry in fs::read_dir(path).map_err(io_err(path))? {
         let entry = entry.map_err(io_err(path))?;

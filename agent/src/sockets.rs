@@ -192,7 +192,7 @@ fn destroy_in(cgroups: &[&Path], sweep: Sweep) -> io::Result<usize> {
     let mut ids = HashSet::new();
     let mut pids = Vec::new();
     for cg in cgroups {
-        collect_ids(cg, &mut ids);
+        crate::cgroup::subtree_ids(cg, &mut ids);
         pids_in(cg, &mut pids);
     }
     // One entry per network namespace (by inode), with a handle to enter it.
@@ -230,17 +230,4 @@ fn destroy_in(cgroups: &[&Path], sweep: Sweep) -> io::Result<usize> {
         total += n;
     }
     Ok(total)
-}
-
-fn collect_ids(cgroup: &Path, out: &mut HashSet<u64>) {
-    if let Ok(m) = fs::metadata(cgroup) {
-        out.insert(std::os::unix::fs::MetadataExt::ino(&m));
-    }
-    if let Ok(entries) = fs::read_dir(cgroup) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                collect_ids(&e.path(), out);
-            }
-        }
-    }
 }

@@ -1192,6 +1192,33 @@ fn an_upgrade_to_a_new_map_layout_leaves_no_session_ungoverned() {
     std::fs::rename(agentwall::datapath::pin_dir(&env.bpffs_dir), &old).unwrap();
     assert_eq!(p.cmd("connect tcp 203.0.113.5 443"), "err EPERM");
 
+    // A cgroup the old layout binds and the session table does not (bound, then the node
+    // stopped before the table was written).
+    let orphan = env.cgroup("orphan");
+    let mut q = Probe::spawn(&orphan);
+    assert_eq!(q.cmd("connect tcp 203.0.113.5 443"), "err ENETUNREACH");
+    {
+        let data = aya::maps::MapData::from_pin(old.join("maps/AW_BINDINGS")).unwrap();
+        let mut map: aya::maps::HashMap<_, u64, agent_common::Binding> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+        let (_, b) = map.iter().next().expect("the session's binding").unwrap();
+        map.insert(orphan.id(), b, 0).unwrap();
+    }
+    assert_eq!(q.cmd("connect tcp 203.0.113.5 443"), "err EPERM");
+    // The new layout cannot bind it (no certificate): the old one stays attached and governs
+    // it.
+    let node = NodeProc::start(&env, dir);
+    assert!(
+        old.exists(),
+        "an earlier layout governing a cgroup was retired"
+    );
+    assert_eq!(q.cmd("connect tcp 203.0.113.5 443"), "err EPERM");
+    assert_eq!(p.cmd("connect tcp 203.0.113.5 443"), "err EPERM");
+    assert_eq!(node.stop(), 0);
+    // Once that cgroup is gone, the next start finishes the upgrade.
+    drop(q);
+    orphan.remove_tree().unwrap();
+
     let node = NodeProc::start(&env, dir);
     assert!(!old.exists(), "the old layout's pins are gone");
     // Bound again (unbound, the default unknown_flows would report and allow this), with

@@ -368,6 +368,140 @@ fn ipv6_big_tcp_passes_the_packet_line() {
     assert!(refused.is_empty(), "{refused:#?}");
 }
 
+/// Sockets a process made before its cgroup was bound (`enroll` of a running unit) are
+/// governed from their first packet after it: a connection or connected socket to a peer the
+/// rules do not allow sends nothing more, one to an allowed peer goes on, and a listener
+/// takes only what ingress rules allow. The same holds for sockets older than the map layout
+/// in force, which an upgrade's sweep cannot reach (no port yet, or in flight).
+#[test]
+fn sockets_made_before_enroll_are_governed_from_their_first_packet() {
+    let mut fx = fixture("wire-enroll");
+    let agent_v4 = agentwall_tests::wire::AGENT_V4;
+    let (tcp_peer, _udp_allowed, _udp_other) = fx.link.peer.run_in(|| {
+        (
+            std::net::TcpListener::bind(format!("{PEER_V4}:9002")).expect("bind 9002"),
+            std::net::UdpSocket::bind(format!("{PEER_V4}:9000")).expect("bind 9000"),
+            std::net::UdpSocket::bind(format!("{PEER_V4}:9500")).expect("bind 9500"),
+        )
+    });
+    let unit = fx._env.cgroup("unit");
+    let mut c = Command::new(bin_path("aw-probe"));
+    c.args(["--cgroup", unit.path().to_str().unwrap(), "--cpu", "0"]);
+    fx.link.agent.enter(&mut c);
+    let mut svc = Probe::from_command(c);
+    // Unenrolled: everything is open to it.
+    assert_eq!(svc.cmd(&format!("hold tcp {PEER_V4} 9002")), "ok");
+    let (_conn, _) = tcp_peer.accept().expect("the unit's connection");
+    assert_eq!(svc.cmd(&format!("hold udp {PEER_V4} 9000")), "ok");
+    assert_eq!(svc.cmd(&format!("hold udp {PEER_V4} 9500")), "ok");
+    assert_eq!(svc.cmd("listen tcp :: 8090"), "ok");
+    fx.until_helper_marker(9100);
+
+    let (cert, key) = write_cert(fx.dir.path(), "unit", &fx.ca.issue(&CertSpec::agent(ID)));
+    let mut enroll = agentwall_tests::node::agentwall();
+    enroll.args([
+        "enroll",
+        "--cgroup",
+        unit.path().to_str().unwrap(),
+        "--cert",
+    ]);
+    enroll
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("--socket")
+        .arg(fx.socket());
+    run_ok(&mut enroll);
+
+    // The connected socket to 9500 is refused; the one to 9000, which the rules allow, sends.
+    assert_eq!(svc.cmd("send-held"), "err EPERM");
+    assert_eq!(svc.cmd("send-held-tcp"), "ok");
+    let refused = fx.link.peer.run_in(|| {
+        std::net::TcpStream::connect_timeout(
+            &format!("{agent_v4}:8090").parse().unwrap(),
+            Duration::from_secs(2),
+        )
+        .map(drop)
+    });
+    let err = refused.expect_err("no ingress rule for 8090: no SYN-ACK");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    let seen = fx.until_helper_marker(9101);
+    let from_unit: Vec<&Packet> = seen
+        .iter()
+        .filter(|p| !p.dst.is_multicast() && !p.is_to(PEER_V4, 9101))
+        .collect();
+    assert!(
+        from_unit.iter().any(|p| p.is_to(PEER_V4, 9000)),
+        "the allowed connected socket's datagram: {from_unit:?}"
+    );
+    let leaked: Vec<&&Packet> = from_unit
+        .iter()
+        .filter(|p| !p.is_to(PEER_V4, 9000))
+        .collect();
+    assert!(leaked.is_empty(), "left after enroll: {leaked:?}");
+    for port in [9500, 9002] {
+        wait_flow_where(fx.socket(), "deny", |r| {
+            r["dest"] == PEER_V4
+                && r["port"] == port
+                && r["identity"] == ID
+                && r["reason"] == "packet sent somewhere its socket was not allowed"
+        });
+    }
+    let r = wait_flow_where(fx.socket(), "deny", |r| {
+        r["port"] == 8090 && r["direction"] == "inbound"
+    });
+    assert_eq!(r["reason"], "no ingress rule allows it", "{r:#}");
+}
+
+/// An upgrade to a new map layout sweeps the sockets it can list (each with a port) and
+/// retires the old programs; a socket that had no port then (made, not yet bound) carries no
+/// state of the new layout. Listening or binding it afterwards makes nothing ungoverned: it
+/// takes only what ingress rules allow.
+#[test]
+fn a_socket_older_than_the_map_layout_is_governed_when_it_is_used() {
+    let mut fx = fixture("wire-upgrade");
+    let mut agent = fx.agent("agent", &CertSpec::agent(ID));
+    assert_eq!(agent.cmd("keep tcp"), "ok");
+    assert_eq!(agent.cmd("keep udp"), "ok");
+    assert_eq!(fx.node.take().expect("node running").stop(), 0);
+    // The running layout's pins, renamed as an older layout would have left them.
+    let pins = agentwall::datapath::pin_dir(&fx._env.bpffs_dir);
+    std::fs::rename(&pins, fx._env.bpffs_dir.join("v1")).unwrap();
+    fx.node = Some(NodeProc::start_with(
+        &fx._env,
+        fx.dir.path(),
+        &["--aggregate-window-secs", "1"],
+    ));
+    assert!(!fx._env.bpffs_dir.join("v1").exists(), "old layout retired");
+
+    assert_eq!(agent.cmd("listen-kept 8090"), "ok");
+    assert_eq!(agent.cmd("bind-kept 5000"), "ok");
+    let agent_v4 = agentwall_tests::wire::AGENT_V4;
+    let refused = fx.link.peer.run_in(|| {
+        let u = std::net::UdpSocket::bind(format!("{PEER_V4}:9500")).expect("bind 9500");
+        u.send_to(b"stranger", format!("{agent_v4}:5000")).unwrap();
+        std::net::TcpStream::connect_timeout(
+            &format!("{agent_v4}:8090").parse().unwrap(),
+            Duration::from_secs(2),
+        )
+        .map(drop)
+    });
+    let err = refused.expect_err("no ingress rule for 8090: no SYN-ACK");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    let seen = fx.until_helper_marker(9101);
+    let answered: Vec<&Packet> = seen.iter().filter(|p| p.sport == Some(8090)).collect();
+    assert!(answered.is_empty(), "the old socket answered: {answered:?}");
+    assert_eq!(agent.cmd("udp-recv 5000 200"), "timeout");
+    for (port, protocol) in [(8090, "tcp"), (5000, "udp")] {
+        let r = wait_flow_where(fx.socket(), "deny", |r| {
+            r["port"] == port && r["direction"] == "inbound"
+        });
+        assert_eq!(r["reason"], "no ingress rule allows it", "{r:#}");
+        assert_eq!(r["protocol"], protocol, "{r:#}");
+        assert_eq!(r["identity"], ID, "{r:#}");
+    }
+}
+
 /// A socket the launching process holds is not handed to the agent: made outside governance,
 /// it would carry its flows past the cgroup's rules.
 #[test]

@@ -610,6 +610,21 @@ impl Datapath {
             .collect())
     }
 
+    /// The cgroups bound in the maps of every other map-layout version still pinned (ids;
+    /// only the keys are read, which every layout keeps as cgroup ids).
+    pub fn older_bindings(&self) -> Result<Vec<u64>, DatapathError> {
+        let mut ids = Vec::new();
+        for (_, path) in other_versions(self.bpffs_dir())? {
+            let pin = path.join("maps").join(c::MAP_BINDINGS);
+            if pin.exists() {
+                ids.extend(sys::pinned_u64_keys(&pin).map_err(io_err(&pin))?);
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
+    }
+
     /// Detaches and removes the pins of every other map-layout version. Called once this
     /// version's programs are attached and its maps hold what the old ones held (the node:
     /// policy applied, sessions bound, sockets made under the old layout ended): until then

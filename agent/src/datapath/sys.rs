@@ -124,6 +124,48 @@ pub fn map_lookup_and_delete(
 }
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_OBJ_GET: libc::c_long = 7;
+
+/// The keys of the hash map pinned at `path`, read as u64s (its keys must be 8 bytes, as
+/// the bindings map's cgroup ids are in every map layout): for a map of a layout this build
+/// does not know the values of.
+pub fn pinned_u64_keys(path: &Path) -> io::Result<Vec<u64>> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = PinAttr {
+        pathname: c.as_ptr() as u64,
+        // BPF_F_RDONLY: only keys are read.
+        file_flags: 1 << 3,
+        ..Default::default()
+    };
+    // SAFETY: attr points at a NUL-terminated path that outlives the call.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr) }?;
+    // SAFETY: a fresh descriptor the kernel just returned, owned here.
+    let map = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let mut keys = Vec::new();
+    let mut next = 0u64;
+    loop {
+        let prev = keys.last().copied();
+        let mut attr = ElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            key: prev.as_ref().map_or(0, |k| std::ptr::from_ref(k) as u64),
+            value: (&raw mut next) as u64,
+            ..Default::default()
+        };
+        // SAFETY: attr points at an 8-byte key (or none: the first key) and an 8-byte
+        // next-key buffer, both live across the call.
+        match unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
+            // A map changing under the walk can restart it: no walk outlasts every key twice.
+            Ok(_) if keys.len() > 2 * 1024 * 1024 => {
+                return Err(io::Error::other("map keys changed through the whole walk"));
+            }
+            Ok(_) => keys.push(next),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
+            Err(e) => return Err(e),
+        }
+    }
+}
 
 /// The slots of an array of maps (`max` of them) that hold a map.
 pub fn filled_slots(map: std::os::fd::BorrowedFd<'_>, max: u32) -> io::Result<Vec<u32>> {

@@ -357,6 +357,29 @@ impl Node {
         if older.is_empty() {
             return Ok(());
         }
+        // A cgroup the old layout binds and the new one does not (bound, then the node
+        // stopped before its session table was written): retiring the old programs would
+        // leave it ungoverned, and no certificate is at hand to bind it again. The old layout
+        // stays attached and governs it until the cgroup is enrolled again or removed.
+        let bound: std::collections::HashSet<u64> = self
+            .datapath
+            .bindings()?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let mut live = std::collections::HashSet::new();
+        crate::cgroup::subtree_ids(self.datapath.attach_cgroup().path(), &mut live);
+        let orphans: Vec<u64> = self
+            .datapath
+            .older_bindings()?
+            .into_iter()
+            .filter(|id| !bound.contains(id) && live.contains(id))
+            .collect();
+        if !orphans.is_empty() {
+            error!(layouts = ?older, cgroup_ids = ?orphans,
+                "upgrade not finished: an earlier map layout binds cgroups the session table does not know; it stays attached and governs them until each is enrolled again or removed");
+            return Ok(());
+        }
         let destroyed = match self.sessions.end_all_sockets() {
             Ok(n) => n,
             Err(e) => {

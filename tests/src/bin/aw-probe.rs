@@ -35,6 +35,10 @@
 //!   held                           answers `alive=N closed=M` for the kept connections
 //!   hold udp ADDR PORT             connect a UDP socket and keep it (an established flow)
 //!   send-held                      one datagram on each kept UDP socket: `ok` or `err ERRNO`
+//!   send-held-tcp                  four bytes on each kept TCP connection (not waiting)
+//!   keep tcp|udp                   an IPv6 (dual-stack) socket, kept with no address
+//!   listen-kept PORT               the kept TCP socket: bind [::]:PORT and listen
+//!   bind-kept PORT                 the kept UDP socket: bind [::]:PORT (then `udp-recv PORT`)
 //!   rthdr udp|tcp ADDR PORT VIA    an IPv6 socket with a type-4 segment routing header
 //!                                  [ADDR, VIA] (setsockopt IPV6_RTHDR): sendto, or a
 //!                                  non-blocking connect whose socket is kept; `ok`/`err ERRNO`,
@@ -209,7 +213,13 @@ fn do_sendmmsg(addr: SocketAddr) -> Result<(), i32> {
 }
 
 fn do_listen(addr: SocketAddr) -> Result<OwnedFd, i32> {
-    let s = new_socket(family(&addr), libc::SOCK_STREAM, libc::IPPROTO_TCP)?;
+    listen_on(
+        new_socket(family(&addr), libc::SOCK_STREAM, libc::IPPROTO_TCP)?,
+        addr,
+    )
+}
+
+fn listen_on(s: OwnedFd, addr: SocketAddr) -> Result<OwnedFd, i32> {
     let one: i32 = 1;
     // SAFETY: valid fd and option buffer.
     unsafe {
@@ -419,6 +429,21 @@ fn bound_on(port: &str) -> Result<std::net::UdpSocket, String> {
 fn spawned() -> std::sync::MutexGuard<'static, Vec<std::process::Child>> {
     static SPAWNED: std::sync::Mutex<Vec<std::process::Child>> = std::sync::Mutex::new(Vec::new());
     SPAWNED.lock().expect("spawned lock")
+}
+
+/// Sockets made and kept with no address (`keep`), with their type.
+fn kept() -> std::sync::MutexGuard<'static, Vec<(i32, OwnedFd)>> {
+    static KEPT: std::sync::Mutex<Vec<(i32, OwnedFd)>> = std::sync::Mutex::new(Vec::new());
+    KEPT.lock().expect("kept lock")
+}
+
+fn take_kept(ty: i32) -> Result<OwnedFd, String> {
+    let mut k = kept();
+    let i = k
+        .iter()
+        .position(|(t, _)| *t == ty)
+        .ok_or("no kept socket of that type")?;
+    Ok(k.remove(i).1)
 }
 
 fn held() -> std::sync::MutexGuard<'static, Vec<OwnedFd>> {
@@ -755,6 +780,38 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             }
             Err(e) => format!("err {}", errno_name(e)),
         },
+        ["keep", proto] => {
+            let (ty, protocol) = kind(proto)?;
+            match new_socket(libc::AF_INET6, ty, protocol) {
+                Ok(fd) => {
+                    kept().push((ty, fd));
+                    "ok".into()
+                }
+                Err(e) => format!("err {}", errno_name(e)),
+            }
+        }
+        ["listen-kept", port] => {
+            let fd = take_kept(libc::SOCK_STREAM)?;
+            match listen_on(fd, sa("::", port)?) {
+                Ok(fd) => {
+                    keep.push(fd);
+                    "ok".into()
+                }
+                Err(e) => format!("err {}", errno_name(e)),
+            }
+        }
+        ["bind-kept", port] => {
+            let s = std::net::UdpSocket::from(take_kept(libc::SOCK_DGRAM)?);
+            let (ss, len) = sockaddr(sa("::", port)?);
+            // SAFETY: valid fd and address.
+            if unsafe { libc::bind(s.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
+                format!("err {}", errno_name(last_err()))
+            } else {
+                let p = s.local_addr().map_err(|e| e.to_string())?.port();
+                bound_udp().push((p, s));
+                "ok".into()
+            }
+        }
         ["udp-bind", ip, port] => match std::net::UdpSocket::bind(sa(ip, port)?) {
             Ok(s) => {
                 let p = s.local_addr().map_err(|e| e.to_string())?.port();
@@ -837,6 +894,24 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             for s in held_udp().iter() {
                 // SAFETY: valid fd and buffer.
                 if unsafe { libc::send(s.as_raw_fd(), b"held".as_ptr().cast(), 4, 0) } < 0 {
+                    reply = format!("err {}", errno_name(last_err()));
+                }
+            }
+            reply
+        }
+        ["send-held-tcp"] => {
+            let mut reply = "ok".to_owned();
+            for s in held().iter() {
+                // SAFETY: valid fd and buffer.
+                let n = unsafe {
+                    libc::send(
+                        s.as_raw_fd(),
+                        b"held".as_ptr().cast(),
+                        4,
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                if n < 0 {
                     reply = format!("err {}", errno_name(last_err()));
                 }
             }

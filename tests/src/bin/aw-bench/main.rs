@@ -91,6 +91,7 @@ fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
 fn packet_line(
     plain: &agentwall::cgroup::Cgroup,
     governed: &agentwall::cgroup::Cgroup,
+    unbound: &agentwall::cgroup::Cgroup,
     empty: &agentwall::cgroup::Cgroup,
     attach: &std::path::Path,
     iterations: usize,
@@ -173,7 +174,17 @@ fn packet_line(
             &[sys::ATTACH_UDP4_SENDMSG, sys::ATTACH_INET_EGRESS],
             &cmds[0].1,
         );
-        rounds.push((gov[0], gov[1], floor[0], unconnected[0], unconnected[1]));
+        // A socket of an unbound cgroup under the attach point carries no state: each of
+        // its packets asks whether its cgroup is bound (a socket older than its binding).
+        let stray = per_run(unbound, attach, &[sys::ATTACH_INET_EGRESS]);
+        rounds.push((
+            gov[0],
+            gov[1],
+            floor[0],
+            unconnected[0],
+            unconnected[1],
+            stray[0],
+        ));
     }
     set_stats(false);
     drop(floor);
@@ -193,6 +204,11 @@ fn packet_line(
     println!(
         "| ingress | {ingress} | {:+} |",
         ingress as i64 - floor as i64
+    );
+    let stray = median(rounds.iter().map(|r| r.5).collect());
+    println!(
+        "| egress, a socket of an unbound cgroup | {stray} | {:+} |",
+        stray as i64 - floor as i64
     );
     let sendmsg = median(rounds.iter().map(|r| r.3).collect());
     let egress_unconnected = median(rounds.iter().map(|r| r.4).collect());
@@ -300,6 +316,7 @@ fn datapath(iterations: usize) {
     let attach = env.cgroup("attached");
     let plain = env.cgroup("plain");
     let governed = env.cgroup("attached/agent");
+    let unbound = env.cgroup("attached/unbound");
     let empty = env.cgroup("empty");
     let mut cfg = env.config();
     cfg.attach_cgroup = attach.path().to_owned();
@@ -410,6 +427,7 @@ fn datapath(iterations: usize) {
     packet_line(
         &plain,
         &governed,
+        &unbound,
         &empty,
         attach.path(),
         iterations,
