@@ -176,6 +176,22 @@ impl Capture {
                     "bind AF_PACKET: {}",
                     std::io::Error::last_os_error()
                 );
+                // Room for everything a test sends between two reads (an emulated guest's
+                // stretched waits send thousands of packets): a full buffer would drop the
+                // very marker a test waits for.
+                let room: i32 = 64 << 20;
+                let rc = libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&raw const room).cast(),
+                    4,
+                );
+                assert!(
+                    rc == 0,
+                    "SO_RCVBUFFORCE: {}",
+                    std::io::Error::last_os_error()
+                );
                 let tv = libc::timeval {
                     tv_sec: 0,
                     tv_usec: 100_000,
