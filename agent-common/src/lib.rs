@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map layout changes: pins live under `<bpffs_dir>/v{ABI_VERSION}`, so a new
 /// layout never adopts maps written by an old one.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 pub const MAP_BINDINGS: &str = "AW_BINDINGS";
 pub const MAP_IDENTITIES: &str = "AW_IDENTITIES";
@@ -319,6 +319,11 @@ pub struct Config {
     /// Port the DNS proxy listens on at every identity's proxy address; 0 = no proxy, and
     /// nothing is steered.
     pub dns_port: u16,
+    /// Non-zero: a bound cgroup may hold sockets without state (made before it was bound,
+    /// or before this map layout), so the packet line asks, for a socket without state,
+    /// whether its cgroup is bound. Zero spares the host's ungoverned traffic that lookup.
+    pub strays: u8,
+    pub _pad: [u8; 7],
 }
 
 /// LPM key data: an IPv6 address; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`, prefix + 96).
@@ -522,7 +527,7 @@ mod pod {
 
 // Layout guards: the kernel and userspace must agree on these sizes byte for byte.
 const _: () = assert!(core::mem::size_of::<IdentityState>() == 8);
-const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 24);
 const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<PortSet>() == 8192);
 const _: () = assert!(core::mem::size_of::<RuleSet>() == 8 + 24 * MAX_PORT_ENTRIES);

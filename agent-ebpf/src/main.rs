@@ -1026,6 +1026,11 @@ fn owner_of(skb: *mut __sk_buff) -> Result<Owner, i32> {
     }
     let mut st = sock_state(sk.cast(), false);
     if st.is_null() {
+        // No governed task made, connected or sent on it. Only where a bound cgroup may hold
+        // such a socket is its cgroup asked about.
+        if config().is_none_or(|c| c.strays == 0) {
+            return Err(ALLOW);
+        }
         st = adopt(skb, sk);
         if st.is_null() {
             return Err(ALLOW);
@@ -1068,10 +1073,14 @@ const NO_ROOM: *mut SockState = 1 as *mut SockState;
 /// (an `enroll`ed unit's), or before the map layout in force (one an upgrade's socket sweep
 /// could not see: no port yet, held in flight in a unix socket's queue). It gets state at
 /// its first packet, as a socket of that binding: a peer it is connected to is what it may
-/// talk to only if the binding's rules allow that peer; a TCP connection to any other is
-/// marked so that neither line takes its packets as the socket's own. Null: not governed.
+/// talk to only if the binding's egress rules allow that peer (or, for a TCP connection, an
+/// ingress rule allows it as an accepted one); a TCP connection to any other is marked so
+/// that neither line takes its packets as the socket's own. A socket of a kind sock_create
+/// refuses governed tasks (raw) is dropped. Null: not governed.
 /// Costs a socket with no state, the host's ungoverned traffic, a cgroup lookup.
-#[inline(always)]
+// Its own frame: inlined, its locals would push the packet line past the 512-byte stack
+// beside the record's frame.
+#[inline(never)]
 fn adopt(skb: *mut __sk_buff, sk: *mut aya_ebpf::bindings::bpf_sock) -> *mut SockState {
     // SAFETY: helpers on the context's packet and socket.
     let cgroup = unsafe { bpf_skb_cgroup_id(skb) };
@@ -1080,35 +1089,52 @@ fn adopt(skb: *mut __sk_buff, sk: *mut aya_ebpf::bindings::bpf_sock) -> *mut Soc
     }) else {
         return core::ptr::null_mut();
     };
+    // SAFETY: a full socket the verifier typed.
+    let (family, ty, protocol, state, port, local_port) = unsafe {
+        (
+            (*sk).family,
+            (*sk).type_,
+            (*sk).protocol,
+            (*sk).state,
+            u16::from_be((*sk).dst_port),
+            (*sk).src_port as u16,
+        )
+    };
+    let tcp = ty == SOCK_STREAM && protocol == IPPROTO_TCP;
+    let udp = ty == SOCK_DGRAM && protocol == IPPROTO_UDP;
+    // Only the kinds sock_create lets a governed task make: a raw socket made before the
+    // binding stays closed.
+    if !tcp && !udp {
+        return NO_ROOM;
+    }
     let st = sock_state(sk.cast(), true);
     if st.is_null() {
         return NO_ROOM;
     }
-    // SAFETY: a full socket the verifier typed; non-null storage pointer.
-    unsafe {
-        (*st).binding_cgroup = binding_cgroup;
-        (*st).binding_slot = binding.slot;
-        let (family, protocol, state) = ((*sk).family, (*sk).protocol, (*sk).state);
-        let port = u16::from_be((*sk).dst_port);
-        if state == TCP_LISTEN || port == 0 {
-            return st;
-        }
-        // As the packet line holds a far end: IPv4 mapped; words read one at a time.
-        let mut addr = [0u8; 16];
-        // Each field read where it is, both families' (volatile: the verifier refuses the
-        // pointer arithmetic a choice between two fields compiles to).
-        let v6 = [
-            core::ptr::read_volatile(&raw const (*sk).dst_ip6[0]),
-            core::ptr::read_volatile(&raw const (*sk).dst_ip6[1]),
-            core::ptr::read_volatile(&raw const (*sk).dst_ip6[2]),
-            core::ptr::read_volatile(&raw const (*sk).dst_ip6[3]),
-        ];
-        let v4 = core::ptr::read_volatile(&raw const (*sk).dst_ip4);
+    // A listener, or a UDP socket with no peer: nothing to keep; each packet is judged.
+    let has_peer = if tcp { state != TCP_LISTEN } else { port != 0 };
+    if has_peer {
+        // As the packet line holds a far end: IPv4 mapped. Each field read where it is, both
+        // families' (volatile: the verifier refuses the pointer arithmetic a choice between
+        // two fields compiles to).
+        // SAFETY: as above.
+        let (v6, v4) = unsafe {
+            (
+                [
+                    core::ptr::read_volatile(&raw const (*sk).dst_ip6[0]),
+                    core::ptr::read_volatile(&raw const (*sk).dst_ip6[1]),
+                    core::ptr::read_volatile(&raw const (*sk).dst_ip6[2]),
+                    core::ptr::read_volatile(&raw const (*sk).dst_ip6[3]),
+                ],
+                core::ptr::read_volatile(&raw const (*sk).dst_ip4),
+            )
+        };
         let words = if family == u32::from(AF_INET6) {
             v6
         } else {
             [0, 0, MAPPED_WORD, v4]
         };
+        let mut addr = [0u8; 16];
         let mut i = 0;
         while i < 4 {
             let b = words[i].to_ne_bytes();
@@ -1118,7 +1144,7 @@ fn adopt(skb: *mut __sk_buff, sk: *mut aya_ebpf::bindings::bpf_sock) -> *mut Soc
             addr[i * 4 + 3] = b[3];
             i += 1;
         }
-        let flow = Flow {
+        let mut flow = Flow {
             addr,
             port,
             proto: proto_bit(protocol),
@@ -1128,14 +1154,42 @@ fn adopt(skb: *mut __sk_buff, sk: *mut aya_ebpf::bindings::bpf_sock) -> *mut Soc
             sock_protocol: 0,
         };
         let mut now = 0u64;
-        let (reason, _) = check_rules(binding.identity, &flow, &mut now);
-        if reason == REASON_NONE {
-            (*st).dests[SOCK_DEST_CONNECTED] = addr;
-            (*st).ports[SOCK_DEST_CONNECTED] = port;
-        } else if protocol == IPPROTO_TCP {
-            (*st).dests[SOCK_DEST_CONNECTED] = NOWHERE;
-            (*st).ports[SOCK_DEST_CONNECTED] = port;
+        let (egress, _) = if port == 0 {
+            (REASON_NO_RULE, 0)
+        } else {
+            check_rules(binding.identity, &flow, &mut now)
+        };
+        // A TCP connection an ingress rule allows (peer, this end's port) is what a governed
+        // listener would have accepted: kept as accepted connections are, judged inbound.
+        flow.port = local_port;
+        flow.proto = flow.proto << 2;
+        let accepted = tcp && egress != REASON_NONE && {
+            let (inbound, _) = check_rules(binding.identity, &flow, &mut now);
+            inbound == REASON_NONE
+        };
+        let kept = if egress == REASON_NONE {
+            Some((addr, port))
+        } else if tcp && !accepted {
+            // Never port 0 here: that is the mark of a listener or an accepted connection.
+            Some((NOWHERE, if port == 0 { u16::MAX } else { port }))
+        } else {
+            None
+        };
+        if let Some((a, p)) = kept {
+            // SAFETY: non-null storage pointer. Volatile: these stores stay before the
+            // binding's (below).
+            unsafe {
+                core::ptr::write_volatile(&raw mut (*st).dests[SOCK_DEST_CONNECTED], a);
+                core::ptr::write_volatile(&raw mut (*st).ports[SOCK_DEST_CONNECTED], p);
+            }
         }
+    }
+    // The binding last: until it is written, a packet of this socket on another CPU finds no
+    // binding and is dropped, never judged by half-written state.
+    // SAFETY: non-null storage pointer.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*st).binding_slot, binding.slot);
+        core::ptr::write_volatile(&raw mut (*st).binding_cgroup, binding_cgroup);
     }
     st
 }

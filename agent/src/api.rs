@@ -136,6 +136,10 @@ pub struct Session {
     /// The certificate's expiry was recorded (the kernel cut the session off on its own).
     #[serde(skip)]
     pub expiry_noted: bool,
+    /// The map layout (`ABI_VERSION`) its binding was made under; 0: unknown or older than
+    /// the maps in force.
+    #[serde(skip)]
+    pub layout: u32,
 }
 
 /// One identity of the policy in force.
@@ -176,6 +180,9 @@ pub struct StatusLink {
     pub spool_records: u64,
     pub spool_bytes: u64,
     pub records_lost: u64,
+    /// Fleet-wide revocations not applied on this node yet (retried until they are).
+    #[serde(default)]
+    pub revocations_pending: Vec<String>,
 }
 
 impl Response {

@@ -230,6 +230,131 @@ impl ClientCertVerifier for DeferringVerifier {
     }
 }
 
+/// The control plane's client-certificate verifier: webpki against its CAs and CRLs, the
+/// CRLs reread whenever one of their files changes ([`CrlWatchingVerifier::refresh`]).
+/// Callers without a certificate pass the handshake (they present bearer tokens); a
+/// certificate that fails, revoked included, fails it.
+pub struct CrlWatchingVerifier {
+    roots: Arc<rustls::RootCertStore>,
+    crls: Vec<PathBuf>,
+    current: std::sync::RwLock<Arc<dyn ClientCertVerifier>>,
+    /// What each CRL file was when last read: (modified, length, inode).
+    seen: Mutex<Vec<Option<(SystemTime, u64, u64)>>>,
+    hints: Vec<DistinguishedName>,
+}
+
+impl fmt::Debug for CrlWatchingVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CrlWatchingVerifier")
+            .field("crls", &self.crls)
+            .finish_non_exhaustive()
+    }
+}
+
+fn file_state(path: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+impl CrlWatchingVerifier {
+    pub fn new(roots: rustls::RootCertStore, crls: &[PathBuf]) -> Result<Self, IdentityError> {
+        let roots = Arc::new(roots);
+        let seen = crls.iter().map(|p| file_state(p)).collect();
+        let current = Self::build(&roots, crls)?;
+        let hints = current.root_hint_subjects().to_vec();
+        Ok(Self {
+            roots,
+            crls: crls.to_vec(),
+            current: std::sync::RwLock::new(current),
+            seen: Mutex::new(seen),
+            hints,
+        })
+    }
+
+    fn build(
+        roots: &Arc<rustls::RootCertStore>,
+        crls: &[PathBuf],
+    ) -> Result<Arc<dyn ClientCertVerifier>, IdentityError> {
+        let ders: Vec<_> = read_crls(crls)?
+            .into_iter()
+            .flat_map(|(_, ders)| ders)
+            .collect();
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .with_crls(ders)
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| IdentityError::Crl {
+                path: crls.first().cloned().unwrap_or_default(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Rereads the CRLs when a file changed: `Ok(true)` when new ones are in force. A file
+    /// that cannot be read or parsed leaves the last good CRLs in force (the error says
+    /// why), and is tried again at the next call.
+    pub fn refresh(&self) -> Result<bool, IdentityError> {
+        let now: Vec<_> = self.crls.iter().map(|p| file_state(p)).collect();
+        if *self.seen.lock().expect("crl state") == now {
+            return Ok(false);
+        }
+        let v = Self::build(&self.roots, &self.crls)?;
+        *self.current.write().expect("verifier") = v;
+        *self.seen.lock().expect("crl state") = now;
+        Ok(true)
+    }
+
+    fn inner(&self) -> Arc<dyn ClientCertVerifier> {
+        self.current.read().expect("verifier").clone()
+    }
+}
+
+impl ClientCertVerifier for CrlWatchingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, TlsError> {
+        self.inner()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.inner().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.inner().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner().supported_verify_schemes()
+    }
+}
+
 /// The trust configuration of a node: CA bundle, CRLs, optional trust domain.
 #[derive(Debug)]
 pub struct TrustStore {

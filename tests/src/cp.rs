@@ -99,6 +99,13 @@ spiffe_ids = ["spiffe://example.org/node/*"]
         }
     }
 
+    /// Adds to the server's config: `top` before its first table (top-level keys), `tables`
+    /// at the end.
+    pub fn configure(&self, top: &str, tables: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(&self.config, format!("{top}{text}\n{tables}")).unwrap();
+    }
+
     /// A client for a node certificate (`spiffe://example.org/node/NAME`).
     pub fn node_client(&self, url: &str, name: &str) -> Client {
         let (cert, key) = write_cert(

@@ -1,7 +1,14 @@
 //! The control plane: the real server process over real TLS on loopback, the real `agentwall
 //! cp` CLI, and (in the kernel tests) the real node enforcing what was pushed.
 
-use std::{path::Path, time::Duration};
+use std::{
+    io::{Read, Write as _},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use rustls::pki_types::pem::PemObject as _;
 
 use agentwall::control_plane::{
     Ingested, PollReply, PollRequest, ReportBatch, Reported, client::ClientError,
@@ -553,7 +560,16 @@ fn a_revocation_wakes_every_waiting_node_at_once() {
             }));
         }
         // The waits are held by the server before the revocation goes in.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::task::block_in_place(|| {
+            eventually("20 polls held", Duration::from_secs(30), || {
+                let n = cp_metric(&fx, &server, "agentwall_cp_polls_held");
+                if n == 20 {
+                    Ok(())
+                } else {
+                    Err(format!("held {n}"))
+                }
+            })
+        });
         let admin = fx.client(&url, Some(fx.admin.clone()), None);
         let revoked_at = std::time::Instant::now();
         let r: serde_json::Value = admin
@@ -1042,4 +1058,358 @@ fn a_full_disk_under_the_spool_counts_the_loss_and_reports_it() {
     // of what was lost follows.
     let (stored, lost) = rig.back();
     assert_eq!(stored.len() as f64 + lost, 1000.0);
+}
+
+/// Raw HTTP/1.1 over TLS to the server, with no client certificate: what a hostile client
+/// sends byte by byte.
+fn raw(
+    fx: &CpFixture,
+    server: &CpProc,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&fx.ca_pem).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = std::net::TcpStream::connect(server.addr).unwrap();
+    // A bound on a broken test, never what the test waits for.
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(config), "127.0.0.1".try_into().unwrap()).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Reads what the server answers up to the end of the connection: the response, and
+/// whether the server then closed the connection (EOF, not a read timeout).
+fn answer_then_close(s: &mut impl Read) -> (String, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (String::from_utf8_lossy(&out).into_owned(), true),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            // The server may close without close_notify.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::UnexpectedEof
+                    || e.kind() == std::io::ErrorKind::ConnectionReset =>
+            {
+                return (String::from_utf8_lossy(&out).into_owned(), true);
+            }
+            Err(e) => return (format!("{}: {e}", String::from_utf8_lossy(&out)), false),
+        }
+    }
+}
+
+fn cp_metric(fx: &CpFixture, server: &CpProc, name: &str) -> u64 {
+    let mut s = raw(fx, server);
+    let token = std::fs::read_to_string(&fx.security_token).unwrap();
+    write!(
+        s,
+        "GET /v1/metrics HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let (text, _) = answer_then_close(&mut s);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in the metrics:\n{text}"))
+}
+
+/// A hostile client meets the server's limits from the request head: no body byte is read
+/// before the caller is known, bodies are capped per route, slow heads and handshakes are
+/// cut off, connections are capped per address, callers are rate limited, and each
+/// refusal is counted.
+#[test]
+fn the_control_plane_answers_hostile_clients_from_the_request_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    fx.configure(
+        "",
+        "[limits]\nhandshake_timeout_secs = 1\nheader_timeout_secs = 1\nbody_timeout_secs = 2\nmax_connections_per_address = 6\nrequests_per_minute = 5\n",
+    );
+    let server = CpProc::start(&fx, None);
+    let admin_token = std::fs::read_to_string(&fx.admin_token).unwrap();
+
+    // An unauthenticated upload announcing 30 MiB: answered 401 from the head alone (not
+    // one body byte sent), and the connection closed.
+    let mut s = raw(&fx, &server);
+    write!(
+        s,
+        "PUT /v1/policy HTTP/1.1\r\nHost: cp\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        30 << 20
+    )
+    .unwrap();
+    s.flush().unwrap();
+    let (text, closed) = answer_then_close(&mut s);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(text.contains("no credentials"), "{text}");
+    assert!(closed, "{text}");
+
+    // Authorized, but a body over the route's cap: 413 naming the limit, from the head.
+    let mut s = raw(&fx, &server);
+    write!(
+        s,
+        "PUT /v1/policy HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {admin_token}\r\nContent-Length: {}\r\n\r\n",
+        20 << 20
+    )
+    .unwrap();
+    s.flush().unwrap();
+    let (text, closed) = answer_then_close(&mut s);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(
+        text.contains("PUT /v1/policy takes a body of at most 16777216 bytes; the request has a body of 20971520 bytes"),
+        "{text}"
+    );
+    assert!(closed, "{text}");
+
+    // The same over the cap without a length (chunked): cut off at the cap.
+    let mut s = raw(&fx, &server);
+    write!(
+        s,
+        "POST /v1/revocations HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {admin_token}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .unwrap();
+    let chunk = vec![b'x'; 16 << 10];
+    // The server may answer and close before the last chunk is written.
+    for _ in 0..5 {
+        let _ = write!(s, "{:x}\r\n", chunk.len());
+        let _ = s.write_all(&chunk);
+        let _ = s.write_all(b"\r\n");
+    }
+    let _ = s.flush();
+    let (text, closed) = answer_then_close(&mut s);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("at most 65536 bytes"), "{text}");
+    assert!(closed, "{text}");
+
+    // A body that never finishes arriving: 408 after the body timeout.
+    let mut s = raw(&fx, &server);
+    write!(
+        s,
+        "POST /v1/revocations HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {admin_token}\r\nContent-Length: 100\r\n\r\n{{\"iden"
+    )
+    .unwrap();
+    s.flush().unwrap();
+    let (text, closed) = answer_then_close(&mut s);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(closed, "{text}");
+
+    // Half a request head, then nothing: the connection is closed by the head timeout.
+    let mut s = raw(&fx, &server);
+    s.write_all(b"PUT /v1/policy HTTP/1.1\r\nHost: cp\r\n")
+        .unwrap();
+    s.flush().unwrap();
+    let (text, closed) = answer_then_close(&mut s);
+    assert!(closed, "a half head was still served: {text}");
+
+    // A TCP connection that never starts its TLS handshake.
+    let mut tcp = std::net::TcpStream::connect(server.addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let (text, closed) = answer_then_close(&mut tcp);
+    assert!(closed, "a silent connection was kept: {text}");
+
+    // A caller's rate: five requests a minute, then 429 with when to come back.
+    let security_token = std::fs::read_to_string(&fx.security_token).unwrap();
+    let mut statuses = Vec::new();
+    let mut last = String::new();
+    for _ in 0..6 {
+        let mut s = raw(&fx, &server);
+        write!(
+            s,
+            "GET /v1/nodes HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {security_token}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let (text, _) = answer_then_close(&mut s);
+        statuses.push(text.get(9..12).unwrap_or("").to_owned());
+        last = text;
+    }
+    assert_eq!(
+        statuses,
+        ["200", "200", "200", "200", "200", "429"],
+        "{last}"
+    );
+    assert!(
+        last.to_ascii_lowercase().contains("\r\nretry-after: "),
+        "{last}"
+    );
+    assert!(
+        last.contains("made more than 5 requests a minute"),
+        "{last}"
+    );
+
+    // Each refusal counted (the metrics endpoint is not rate limited).
+    for (reason, at_least) in [
+        ("unauthenticated", 1),
+        ("body_too_large", 2),
+        ("body_timeout", 1),
+        ("rate_limited", 1),
+        ("handshake_timeout", 1),
+    ] {
+        let name = format!("agentwall_cp_refusals_total{{reason=\"{reason}\"}}");
+        let n = eventually(&name, Duration::from_secs(30), || {
+            let n = cp_metric(&fx, &server, &name);
+            if n >= at_least {
+                Ok(n)
+            } else {
+                Err(format!("{n}"))
+            }
+        });
+        assert!(n >= at_least, "{name} {n}");
+    }
+
+    // Connections per address, on a server with the default timeouts: six open (waiting in
+    // their handshakes), the seventh closed at once, before any TLS work; one closed, and
+    // there is room again.
+    let fx = CpFixture::new(&tmp.path().join("capped"));
+    fx.configure("", "[limits]\nmax_connections_per_address = 6\n");
+    let server = CpProc::start(&fx, None);
+    let mut held: Vec<std::net::TcpStream> = (0..6)
+        .map(|_| std::net::TcpStream::connect(server.addr).unwrap())
+        .collect();
+    let mut seventh = std::net::TcpStream::connect(server.addr).unwrap();
+    seventh
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let (_, closed) = answer_then_close(&mut seventh);
+    assert!(closed);
+    held.pop();
+    eventually("room for a connection", Duration::from_secs(30), || {
+        let n = cp_metric(
+            &fx,
+            &server,
+            "agentwall_cp_refusals_total{reason=\"address_cap\"}",
+        );
+        if n >= 1 {
+            Ok(())
+        } else {
+            Err(format!("address_cap {n}"))
+        }
+    });
+    let log = server.log_text();
+    assert!(
+        log.contains("connection refused: over the connection cap"),
+        "{log}"
+    );
+}
+
+/// A revoked node or admin certificate loses its role: the CRL the control plane reads
+/// (reread when its file changes) fails its handshake; bearer tokens are untouched.
+#[test]
+fn a_revoked_client_certificate_fails_the_handshake() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    let crl = fx.dir.join("clients.crl");
+    std::fs::write(&crl, fx.ca.crl(&[])).unwrap();
+    fx.configure("client_crl = [\"clients.crl\"]\n", "");
+    let server = CpProc::start(&fx, None);
+    let issued = fx.ca.issue(&CertSpec::agent(ADMIN_ID));
+    let (cert, key) = write_cert(&fx.dir, "alice2", &issued);
+    let creds = [
+        "--cert".to_owned(),
+        cert.display().to_string(),
+        "--key".to_owned(),
+        key.display().to_string(),
+    ];
+    let creds: Vec<&str> = creds.iter().map(String::as_str).collect();
+    let out = cp(&fx, &server.url, &creds, &["nodes"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let next = fx.dir.join("clients.crl.new");
+    std::fs::write(&next, fx.ca.crl(&[&issued.serial])).unwrap();
+    std::fs::rename(&next, &crl).unwrap();
+    eventually("the CRL reread", Duration::from_secs(30), || {
+        let n = cp_metric(&fx, &server, "agentwall_cp_crl_reloads_total");
+        if n >= 1 {
+            Ok(())
+        } else {
+            Err(format!("reloads {n}"))
+        }
+    });
+    // Under TLS 1.3 the client learns only that the connection ended; the server says why.
+    let out = cp(&fx, &server.url, &creds, &["nodes"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the control plane"), "{err}");
+    let log = server.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("TLS handshake refused") && l.contains("Revoked")),
+        "{log}"
+    );
+    // A CRL file that turns unreadable leaves the last good one in force.
+    std::fs::write(&crl, "not a CRL").unwrap();
+    eventually("the failed reread counted", Duration::from_secs(30), || {
+        let n = cp_metric(&fx, &server, "agentwall_cp_crl_reload_failures_total");
+        if n >= 1 {
+            Ok(())
+        } else {
+            Err(format!("failures {n}"))
+        }
+    });
+    let out = cp(&fx, &server.url, &creds, &["nodes"]);
+    assert!(!out.status.success(), "the revocation was forgotten");
+    assert!(
+        server
+            .log_text()
+            .contains("client CRLs could not be reread")
+    );
+}
+
+/// A node holds one long-poll at a time: a second poll from the same node answers the
+/// first at once.
+#[test]
+fn a_node_holds_one_long_poll() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    let server = CpProc::start(&fx, None);
+    let rt = rt();
+    let a = fx.node_client(&server.url, "twin");
+    let b = fx.node_client(&server.url, "twin");
+    let poll = PollRequest {
+        wait_ms: 60_000,
+        ..PollRequest::default()
+    };
+    let send = |c: agentwall::control_plane::client::Client, poll: PollRequest| async move {
+        c.send_json::<PollReply>(
+            hyper::Method::POST,
+            "/v1/node/poll",
+            &poll,
+            Duration::from_secs(90),
+        )
+        .await
+    };
+    let first = rt.spawn(send(a, poll.clone()));
+    eventually("the first poll held", Duration::from_secs(30), || {
+        let n = cp_metric(&fx, &server, "agentwall_cp_polls_held");
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(format!("held {n}"))
+        }
+    });
+    let second = rt.spawn(send(b, poll));
+    let answered = rt
+        .block_on(first)
+        .unwrap()
+        .expect("the first poll answered");
+    assert_eq!(answered.version, 0);
+    assert_eq!(
+        cp_metric(
+            &fx,
+            &server,
+            "agentwall_cp_refusals_total{reason=\"poll_replaced\"}"
+        ),
+        1
+    );
+    assert_eq!(cp_metric(&fx, &server, "agentwall_cp_polls_held"), 1);
+    second.abort();
 }

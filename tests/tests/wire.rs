@@ -395,6 +395,8 @@ fn sockets_made_before_enroll_are_governed_from_their_first_packet() {
     assert_eq!(svc.cmd(&format!("hold udp {PEER_V4} 9000")), "ok");
     assert_eq!(svc.cmd(&format!("hold udp {PEER_V4} 9500")), "ok");
     assert_eq!(svc.cmd("listen tcp :: 8090"), "ok");
+    // A raw socket: a unit may hold CAP_NET_RAW before it is enrolled (this one runs as root).
+    assert_eq!(svc.cmd("raw-keep"), "ok");
     fx.until_helper_marker(9100);
 
     let (cert, key) = write_cert(fx.dir.path(), "unit", &fx.ca.issue(&CertSpec::agent(ID)));
@@ -416,6 +418,11 @@ fn sockets_made_before_enroll_are_governed_from_their_first_packet() {
     // The connected socket to 9500 is refused; the one to 9000, which the rules allow, sends.
     assert_eq!(svc.cmd("send-held"), "err EPERM");
     assert_eq!(svc.cmd("send-held-tcp"), "ok");
+    // A kind of socket governed tasks may not make sends nothing, even where TCP may go.
+    assert_eq!(
+        svc.cmd(&format!("raw-send-tcp {PEER_V4} 9001")),
+        "err EPERM"
+    );
     let refused = fx.link.peer.run_in(|| {
         std::net::TcpStream::connect_timeout(
             &format!("{agent_v4}:8090").parse().unwrap(),

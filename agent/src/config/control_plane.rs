@@ -78,6 +78,46 @@ pub struct ServerConfig {
     pub poll_timeout_secs: Option<u64>,
     #[serde(default)]
     pub access: Vec<Access>,
+    /// CRLs (PEM) client certificates are checked against: a revoked node or admin
+    /// certificate fails the handshake. Reread when a file changes. Each CA in `client_ca`
+    /// needs its CRL here once any is given (a certificate whose revocation status is unknown
+    /// is refused).
+    #[serde(default)]
+    pub client_crl: Vec<PathBuf>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// What one caller, or everyone together, may take of the server before being refused.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Longest a TLS handshake may take, in seconds.
+    pub handshake_timeout_secs: u64,
+    /// Longest a request head may take to arrive, and a kept-alive connection may sit idle
+    /// waiting for the next one, in seconds.
+    pub header_timeout_secs: u64,
+    /// Longest an authorized request's body may take to arrive, in seconds.
+    pub body_timeout_secs: u64,
+    /// Connections open at once, from everyone.
+    pub max_connections: usize,
+    /// Connections open at once from one peer address.
+    pub max_connections_per_address: usize,
+    /// Requests per minute one admin or security caller may make (bursts of as many).
+    pub requests_per_minute: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout_secs: 10,
+            header_timeout_secs: 10,
+            body_timeout_secs: 60,
+            max_connections: 4096,
+            max_connections_per_address: 256,
+            requests_per_minute: 600,
+        }
+    }
 }
 
 fn default_listen() -> std::net::SocketAddr {
@@ -118,7 +158,7 @@ impl ServerConfig {
         c.cert = resolve(path, &c.cert);
         c.key = resolve(path, &c.key);
         c.database = resolve(path, &c.database);
-        for ca in &mut c.client_ca {
+        for ca in c.client_ca.iter_mut().chain(&mut c.client_crl) {
             *ca = resolve(path, ca);
         }
         let invalid = |message: String| CpConfigError::Invalid {
@@ -142,6 +182,27 @@ impl ServerConfig {
                         a.role
                     )));
                 }
+            }
+        }
+        if !c.client_crl.is_empty() && c.client_ca.is_empty() {
+            return Err(invalid(
+                "client_crl is set but client_ca is empty: there are no client certificates to check".into(),
+            ));
+        }
+        let l = &c.limits;
+        for (key, v) in [
+            ("handshake_timeout_secs", l.handshake_timeout_secs),
+            ("header_timeout_secs", l.header_timeout_secs),
+            ("body_timeout_secs", l.body_timeout_secs),
+            ("max_connections", l.max_connections as u64),
+            (
+                "max_connections_per_address",
+                l.max_connections_per_address as u64,
+            ),
+            ("requests_per_minute", u64::from(l.requests_per_minute)),
+        ] {
+            if v == 0 {
+                return Err(invalid(format!("limits.{key} must be at least 1")));
             }
         }
         if c.access.iter().any(|a| !a.spiffe_ids.is_empty()) && c.client_ca.is_empty() {

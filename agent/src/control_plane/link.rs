@@ -27,8 +27,9 @@ pub type ApplyError = Box<dyn std::error::Error + Send + Sync>;
 pub trait NodeSide: Send + Sync + 'static {
     /// Applies a validated bundle (already written to `policy_dir`); why, when it was refused.
     fn apply_bundle(&self, set: crate::policy::source::PolicySet) -> Result<(), ApplyError>;
-    /// Revokes identities fleet-wide (known to this node or not).
-    fn revoke_all(&self, identities: &[String]);
+    /// Revokes identities fleet-wide (known to this node or not); returns those it could not
+    /// revoke (the link asks again until each is done).
+    fn revoke_all(&self, identities: &[String]) -> Vec<String>;
     /// Records written since the last call, oldest first.
     fn take_outbox(&self) -> Vec<serde_json::Value>;
 }
@@ -43,6 +44,8 @@ pub struct LinkStats {
     pub sent: AtomicU64,
     pub duplicates: AtomicU64,
     pub lost: AtomicU64,
+    /// Fleet-wide revocations this node has not managed to apply yet (retried).
+    pub revocations_pending: Mutex<Vec<String>>,
 }
 
 /// Kept in `state_dir/control-plane/link.json`: where the conversation stands.
@@ -162,15 +165,33 @@ impl Link {
                 self.take_bundle(&node, &mut st, b).await;
                 changed = true;
             }
+            let mut retry = false;
             if reply.revocation_gen != st.revocation_gen {
                 let ids = reply.revoked.clone();
                 let n = node.clone();
-                let _ = tokio::task::spawn_blocking(move || n.revoke_all(&ids)).await;
-                st.revocation_gen = reply.revocation_gen;
-                changed = true;
+                let failed = tokio::task::spawn_blocking(move || n.revoke_all(&ids))
+                    .await
+                    .unwrap_or_else(|_| reply.revoked.clone());
+                // The generation moves on only once every revocation in it is applied: the
+                // next poll, still at the old generation, gets the list again at once.
+                if failed.is_empty() {
+                    st.revocation_gen = reply.revocation_gen;
+                    changed = true;
+                } else {
+                    error!(pending = ?failed, "fleet-wide revocations not applied on this node; retrying");
+                    retry = true;
+                }
+                *self
+                    .stats
+                    .revocations_pending
+                    .lock()
+                    .expect("pending revocations") = failed;
             }
             if changed {
                 st.save(&self.state_path);
+            }
+            if retry {
+                tokio::time::sleep(backoff.next()).await;
             }
         }
     }

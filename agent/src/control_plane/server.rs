@@ -6,21 +6,24 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
 };
 
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, Extension, Query, State},
-    http::{HeaderMap, StatusCode},
+    extract::{DefaultBodyLimit, Extension, FromRequest, Query, State},
+    http::{HeaderMap, Method, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
 use sha2::Digest as _;
 use tracing::{error, info, warn};
 
-use crate::config::control_plane::{Access, CpConfigError, Role, ServerConfig};
+use crate::{
+    config::control_plane::{Access, CpConfigError, Limits, Role, ServerConfig},
+    identity::CrlWatchingVerifier,
+};
 
 use super::{
     Bundle, ErrorBody, FlowQuery, Ingested, NodeShadowAi, PollRequest, PushRequest, ReportBatch,
@@ -36,6 +39,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Pem(#[from] crate::pem::PemError),
+    #[error(transparent)]
+    Crl(#[from] crate::identity::IdentityError),
     #[error("TLS set-up: {0}")]
     Tls(String),
     #[error("listening on {addr}: {source}")]
@@ -93,10 +98,189 @@ fn sha256_hex(data: &[u8]) -> String {
         .collect()
 }
 
+/// What a route needs, checked from the request head before any byte of its body is read.
+struct RouteRule {
+    method: Method,
+    path: &'static str,
+    roles: &'static [Role],
+    /// Largest body the route reads (0: it reads none).
+    body_cap: usize,
+    /// Admin and security routes: each caller's requests count against its rate.
+    rate_limited: bool,
+}
+
+const READERS: &[Role] = &[Role::Admin, Role::Security];
+
+/// Every route the server answers (the router below holds the same set).
+const ROUTES: &[RouteRule] = &[
+    RouteRule {
+        method: Method::GET,
+        path: "/v1/policy",
+        roles: READERS,
+        body_cap: 0,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::PUT,
+        path: "/v1/policy",
+        roles: &[Role::Admin],
+        body_cap: 16 << 20,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::GET,
+        path: "/v1/nodes",
+        roles: READERS,
+        body_cap: 0,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::GET,
+        path: "/v1/flows",
+        roles: READERS,
+        body_cap: 0,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::GET,
+        path: "/v1/shadow-ai",
+        roles: READERS,
+        body_cap: 0,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::GET,
+        path: "/v1/revocations",
+        roles: READERS,
+        body_cap: 0,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::POST,
+        path: "/v1/revocations",
+        roles: &[Role::Admin],
+        body_cap: 64 << 10,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::GET,
+        path: "/v1/metrics",
+        roles: READERS,
+        body_cap: 0,
+        rate_limited: false,
+    },
+    RouteRule {
+        method: Method::POST,
+        path: "/v1/node/poll",
+        roles: &[Role::Node],
+        body_cap: 64 << 10,
+        rate_limited: false,
+    },
+    RouteRule {
+        method: Method::POST,
+        path: "/v1/node/reports",
+        roles: &[Role::Node],
+        body_cap: 32 << 20,
+        rate_limited: false,
+    },
+];
+
+/// Why the server turned a caller away before serving it: each is logged and counted
+/// (`agentwall_cp_refusals_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Refusal {
+    Unauthenticated,
+    Forbidden,
+    RateLimited,
+    TooLarge,
+    BodyTimeout,
+    NoSuchRoute,
+    ConnectionCap,
+    AddressCap,
+    HandshakeTimeout,
+    HandshakeFailed,
+    PollReplaced,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 11] = [
+        Self::Unauthenticated,
+        Self::Forbidden,
+        Self::RateLimited,
+        Self::TooLarge,
+        Self::BodyTimeout,
+        Self::NoSuchRoute,
+        Self::ConnectionCap,
+        Self::AddressCap,
+        Self::HandshakeTimeout,
+        Self::HandshakeFailed,
+        Self::PollReplaced,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Unauthenticated => "unauthenticated",
+            Self::Forbidden => "forbidden",
+            Self::RateLimited => "rate_limited",
+            Self::TooLarge => "body_too_large",
+            Self::BodyTimeout => "body_timeout",
+            Self::NoSuchRoute => "no_such_route",
+            Self::ConnectionCap => "connection_cap",
+            Self::AddressCap => "address_cap",
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::HandshakeFailed => "handshake_failed",
+            Self::PollReplaced => "poll_replaced",
+        }
+    }
+}
+
+/// Refusal log lines written per reason per second, at most: a flood is counted in full
+/// and logged in part.
+const REFUSAL_LOGS_PER_SECOND: u32 = 10;
+
+/// The server's own counters, read by `GET /v1/metrics`.
+#[derive(Default)]
+struct Stats {
+    refusals: [std::sync::atomic::AtomicU64; Refusal::ALL.len()],
+    /// (the second, refusal lines logged in it per reason).
+    logged: Mutex<(u64, [u32; Refusal::ALL.len()])>,
+    connections: std::sync::atomic::AtomicU64,
+    polls_held: std::sync::atomic::AtomicU64,
+    crl_reloads: std::sync::atomic::AtomicU64,
+    crl_reload_failures: std::sync::atomic::AtomicU64,
+}
+
+impl Stats {
+    /// Counts a refusal; true while this second's log lines for its reason are under
+    /// [`REFUSAL_LOGS_PER_SECOND`].
+    fn refused(&self, why: Refusal) -> bool {
+        self.refusals[why as usize].fetch_add(1, Ordering::Relaxed);
+        let second = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut l = self.logged.lock().expect("refusal log");
+        if l.0 != second {
+            *l = (second, [0; Refusal::ALL.len()]);
+        }
+        l.1[why as usize] += 1;
+        l.1[why as usize] <= REFUSAL_LOGS_PER_SECOND
+    }
+}
+
+type Limiter = governor::DefaultKeyedRateLimiter<String>;
+
 pub struct Server {
     store: Arc<dyn Store>,
     access: Vec<Access>,
     poll_timeout: Duration,
+    limits: Limits,
+    limiter: Limiter,
+    stats: Stats,
+    /// The long-poll each node holds (by principal): a newer poll ends the older one.
+    polls: Mutex<HashMap<String, (u64, Arc<tokio::sync::Notify>)>>,
+    poll_tickets: std::sync::atomic::AtomicU64,
+    /// Open connections per peer address (the total is `stats.connections`).
+    conns: Mutex<HashMap<std::net::IpAddr, usize>>,
     /// (newest bundle version, revocation generation): long-polls wait on changes.
     changes: tokio::sync::watch::Sender<(u64, u64)>,
     /// The newest bundle, serialized once for every poll that gets it.
@@ -110,16 +294,25 @@ impl Server {
         store: Arc<dyn Store>,
         access: Vec<Access>,
         poll_timeout: Duration,
+        limits: Limits,
     ) -> Result<Arc<Self>, StoreError> {
         let newest = store.policy(None)?;
         let (generation, _) = store.revocations()?;
         let (changes, _) =
             tokio::sync::watch::channel((newest.as_ref().map_or(0, |b| b.version), generation));
         let latest = newest.as_ref().map(bundle_json);
+        let per_minute = std::num::NonZeroU32::new(limits.requests_per_minute)
+            .unwrap_or(std::num::NonZeroU32::MIN);
         Ok(Arc::new(Self {
             store,
             access,
             poll_timeout,
+            limiter: governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute)),
+            limits,
+            stats: Stats::default(),
+            polls: Mutex::new(HashMap::new()),
+            poll_tickets: std::sync::atomic::AtomicU64::new(0),
+            conns: Mutex::new(HashMap::new()),
             changes,
             latest: std::sync::RwLock::new(latest),
             seen: Mutex::new(HashMap::new()),
@@ -165,7 +358,9 @@ impl Server {
             (Some(id), _) => id.clone(),
             (None, Some(t)) => format!("token:{}", &sha256_hex(t.as_bytes())[..12]),
             (None, None) => {
-                warn!(route, peer = ?peer.addr, "request refused: no client certificate and no bearer token");
+                if self.stats.refused(Refusal::Unauthenticated) {
+                    warn!(route, peer = ?peer.addr, "request refused: no client certificate and no bearer token");
+                }
                 return Err(Fail::new(
                     StatusCode::UNAUTHORIZED,
                     "no credentials: present a client certificate or a bearer token",
@@ -174,7 +369,9 @@ impl Server {
         };
         let held = self.roles_of(peer, token);
         if held.is_empty() {
-            warn!(route, principal = %name, peer = ?peer.addr, "request refused: no role");
+            if self.stats.refused(Refusal::Forbidden) {
+                warn!(route, principal = %name, peer = ?peer.addr, "request refused: no role");
+            }
             return Err(Fail::new(
                 StatusCode::FORBIDDEN,
                 format!("{name} holds no role on this control plane"),
@@ -183,8 +380,10 @@ impl Server {
         if !held.iter().any(|r| roles.contains(r)) {
             let needs: Vec<String> = roles.iter().map(Role::to_string).collect();
             let has: Vec<String> = held.iter().map(Role::to_string).collect();
-            warn!(route, principal = %name, roles = %has.join(","), needs = %needs.join("|"),
-                peer = ?peer.addr, "request refused: outside the caller's rights");
+            if self.stats.refused(Refusal::Forbidden) {
+                warn!(route, principal = %name, roles = %has.join(","), needs = %needs.join("|"),
+                    peer = ?peer.addr, "request refused: outside the caller's rights");
+            }
             return Err(Fail::new(
                 StatusCode::FORBIDDEN,
                 format!(
@@ -218,16 +417,180 @@ impl Server {
                 "/v1/revocations",
                 get(get_revocations).post(post_revocation),
             )
+            .route("/v1/metrics", get(get_metrics))
             .route("/v1/node/poll", post(node_poll))
             .route("/v1/node/reports", post(node_reports))
-            .fallback(|| async {
+            // Bodies are read only through `Capped`, under each route's own cap.
+            .layer(DefaultBodyLimit::disable())
+            .layer(axum::middleware::from_fn_with_state(self.clone(), gate))
+            .with_state(self.clone())
+    }
+
+    /// A refusal answered before the request was served: logged (a flood in samples) and
+    /// counted; the connection is closed after the answer, so an unread body is never read.
+    fn refuse(&self, why: Refusal, fail: Fail) -> Response {
+        if self.stats.refused(why) {
+            warn!(reason = why.label(), status = fail.0.as_u16(), error = %fail.1.error,
+                "request refused");
+        }
+        closing(fail.into_response())
+    }
+}
+
+fn closing(mut r: Response) -> Response {
+    r.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    r
+}
+
+/// The body limit of the route a request was let through to, for [`Capped`].
+#[derive(Clone, Copy)]
+struct BodyCap {
+    cap: usize,
+    timeout: Duration,
+    route: &'static RouteRule,
+}
+
+/// Runs before every handler, from the request head alone: the route must exist, the caller
+/// must hold one of its roles and be within its rate, and a declared body must fit the
+/// route's cap. Anything else is answered at once and the connection closed.
+async fn gate(
+    State(s): S,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let Some(rule) = ROUTES.iter().find(|r| r.method == method && r.path == path) else {
+        let known = ROUTES.iter().any(|r| r.path == path);
+        return s.refuse(
+            Refusal::NoSuchRoute,
+            if known {
+                Fail::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("{path} does not take {method} (see the README's API table)"),
+                )
+            } else {
                 Fail::new(
                     StatusCode::NOT_FOUND,
                     "no such route (see the README's API table)",
                 )
-            })
-            .layer(DefaultBodyLimit::max(MAX_BODY))
-            .with_state(self.clone())
+            },
+        );
+    };
+    let route = format!("{method} {path}");
+    let peer = req.extensions().get::<Peer>().cloned().unwrap_or_default();
+    let who = match s.allow(&peer, req.headers(), &route, rule.roles) {
+        Ok(p) => p,
+        // `allow` has counted and logged it.
+        Err(f) => return closing(f.into_response()),
+    };
+    if rule.rate_limited
+        && let Err(not_until) = s.limiter.check_key(&who.name)
+    {
+        use governor::clock::Clock as _;
+        let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let mut r = s.refuse(
+            Refusal::RateLimited,
+            Fail::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "{} made more than {} requests a minute; try again in {secs} s",
+                    who.name, s.limits.requests_per_minute
+                ),
+            ),
+        );
+        r.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from(secs.max(1)),
+        );
+        return r;
+    }
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > rule.body_cap as u64) {
+        return s.refuse(Refusal::TooLarge, too_large(rule, declared));
+    }
+    req.extensions_mut().insert(who);
+    req.extensions_mut().insert(BodyCap {
+        cap: rule.body_cap,
+        timeout: Duration::from_secs(s.limits.body_timeout_secs),
+        route: rule,
+    });
+    let r = next.run(req).await;
+    match r.status() {
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT => closing(r),
+        _ => r,
+    }
+}
+
+fn too_large(rule: &RouteRule, declared: Option<u64>) -> Fail {
+    let what = match declared {
+        Some(n) => format!("a body of {n} bytes"),
+        None => "a body".to_owned(),
+    };
+    Fail::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        if rule.body_cap == 0 {
+            format!(
+                "{} {} takes no body; the request has {what}",
+                rule.method, rule.path
+            )
+        } else {
+            format!(
+                "{} {} takes a body of at most {} bytes; the request has {what} over that",
+                rule.method, rule.path, rule.body_cap
+            )
+        },
+    )
+}
+
+/// A request body read under its route's cap and the body timeout ([`gate`] let it through
+/// with both): over the cap is 413, too slow is 408.
+struct Capped(axum::body::Bytes);
+
+impl FromRequest<Arc<Server>> for Capped {
+    type Rejection = Response;
+
+    async fn from_request(
+        req: axum::extract::Request,
+        s: &Arc<Server>,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(cap) = req.extensions().get::<BodyCap>().copied() else {
+            return Err(Fail::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "route without a body cap",
+            )
+            .into_response());
+        };
+        match tokio::time::timeout(cap.timeout, axum::body::to_bytes(req.into_body(), cap.cap))
+            .await
+        {
+            Ok(Ok(b)) => Ok(Capped(b)),
+            Ok(Err(e)) => {
+                let over = std::error::Error::source(&e)
+                    .is_some_and(|e| e.is::<http_body_util::LengthLimitError>())
+                    || e.to_string().contains("length limit");
+                Err(if over {
+                    s.refuse(Refusal::TooLarge, too_large(cap.route, None))
+                } else {
+                    Fail::new(StatusCode::BAD_REQUEST, format!("reading the body: {e}"))
+                        .into_response()
+                })
+            }
+            Err(_) => Err(s.refuse(
+                Refusal::BodyTimeout,
+                Fail::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the body did not arrive within {} s", cap.timeout.as_secs()),
+                ),
+            )),
+        }
     }
 }
 
@@ -237,8 +600,6 @@ fn bundle_json(b: &Bundle) -> Arc<serde_json::value::RawValue> {
         .into()
 }
 
-/// Largest request body (a compressed report batch, a policy bundle).
-const MAX_BODY: usize = 32 << 20;
 /// Largest decompressed report batch.
 const MAX_BATCH_BYTES: u64 = 256 << 20;
 
@@ -261,18 +622,7 @@ struct VersionQuery {
     version: Option<u64>,
 }
 
-async fn get_policy(
-    State(s): S,
-    Extension(peer): Extension<Peer>,
-    headers: HeaderMap,
-    Query(q): Query<VersionQuery>,
-) -> Result<Json<Bundle>, Fail> {
-    s.allow(
-        &peer,
-        &headers,
-        "GET /v1/policy",
-        &[Role::Admin, Role::Security],
-    )?;
+async fn get_policy(State(s): S, Query(q): Query<VersionQuery>) -> Result<Json<Bundle>, Fail> {
     let store = s.store.clone();
     match blocking(move || store.policy(q.version)).await? {
         Some(b) => Ok(Json(b)),
@@ -288,11 +638,9 @@ async fn get_policy(
 
 async fn put_policy(
     State(s): S,
-    Extension(peer): Extension<Peer>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
+    Extension(who): Extension<Principal>,
+    Capped(body): Capped,
 ) -> Result<Json<Bundle>, Fail> {
-    let who = s.allow(&peer, &headers, "PUT /v1/policy", &[Role::Admin])?;
     let req: PushRequest = serde_json::from_slice(&body).map_err(|e| {
         Fail::new(
             StatusCode::BAD_REQUEST,
@@ -333,17 +681,7 @@ async fn put_policy(
     Ok(Json(bundle))
 }
 
-async fn get_nodes(
-    State(s): S,
-    Extension(peer): Extension<Peer>,
-    headers: HeaderMap,
-) -> Result<Json<Vec<super::NodeInfo>>, Fail> {
-    s.allow(
-        &peer,
-        &headers,
-        "GET /v1/nodes",
-        &[Role::Admin, Role::Security],
-    )?;
+async fn get_nodes(State(s): S) -> Result<Json<Vec<super::NodeInfo>>, Fail> {
     let s2 = s.clone();
     Ok(Json(
         blocking(move || {
@@ -368,16 +706,8 @@ fn normal_time(what: &str, s: &str) -> Result<String, Fail> {
 
 async fn get_flows(
     State(s): S,
-    Extension(peer): Extension<Peer>,
-    headers: HeaderMap,
     query: Result<Query<FlowQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<super::FlowPage>, Fail> {
-    s.allow(
-        &peer,
-        &headers,
-        "GET /v1/flows",
-        &[Role::Admin, Role::Security],
-    )?;
     let Query(mut q) = query.map_err(|e| Fail::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     if let Some(t) = &q.since {
         q.since = Some(normal_time("since", t)?);
@@ -422,16 +752,8 @@ struct SinceQuery {
 
 async fn get_shadow_ai(
     State(s): S,
-    Extension(peer): Extension<Peer>,
-    headers: HeaderMap,
     Query(q): Query<SinceQuery>,
 ) -> Result<Json<Vec<NodeShadowAi>>, Fail> {
-    s.allow(
-        &peer,
-        &headers,
-        "GET /v1/shadow-ai",
-        &[Role::Admin, Role::Security],
-    )?;
     let since = q
         .since
         .as_deref()
@@ -471,28 +793,16 @@ async fn get_shadow_ai(
     Ok(Json(out))
 }
 
-async fn get_revocations(
-    State(s): S,
-    Extension(peer): Extension<Peer>,
-    headers: HeaderMap,
-) -> Result<Json<Vec<super::Revocation>>, Fail> {
-    s.allow(
-        &peer,
-        &headers,
-        "GET /v1/revocations",
-        &[Role::Admin, Role::Security],
-    )?;
+async fn get_revocations(State(s): S) -> Result<Json<Vec<super::Revocation>>, Fail> {
     let store = s.store.clone();
     Ok(Json(blocking(move || store.revocations()).await?.1))
 }
 
 async fn post_revocation(
     State(s): S,
-    Extension(peer): Extension<Peer>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
+    Extension(who): Extension<Principal>,
+    Capped(body): Capped,
 ) -> Result<Json<serde_json::Value>, Fail> {
-    let who = s.allow(&peer, &headers, "POST /v1/revocations", &[Role::Admin])?;
     let req: RevokeRequest = serde_json::from_slice(&body).map_err(|e| {
         Fail::new(
             StatusCode::BAD_REQUEST,
@@ -517,11 +827,9 @@ async fn post_revocation(
 
 async fn node_poll(
     State(s): S,
-    Extension(peer): Extension<Peer>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
+    Extension(who): Extension<Principal>,
+    Capped(body): Capped,
 ) -> Result<Response, Fail> {
-    let who = s.allow(&peer, &headers, "POST /v1/node/poll", &[Role::Node])?;
     let req: PollRequest = serde_json::from_slice(&body)
         .map_err(|e| Fail::new(StatusCode::BAD_REQUEST, format!("body is not a poll: {e}")))?;
     s.seen.lock().expect("seen").insert(
@@ -535,11 +843,13 @@ async fn node_poll(
     let mut rx = s.changes.subscribe();
     let wait = Duration::from_millis(req.wait_ms).min(s.poll_timeout);
     let deadline = tokio::time::Instant::now() + wait;
+    let held = HeldPoll::new(&s, &who.name);
+    let mut replaced = false;
     loop {
         let (version, generation) = *rx.borrow_and_update();
         let news =
             (version != 0 && version != req.known_version) || generation != req.revocation_gen;
-        if news || tokio::time::Instant::now() >= deadline {
+        if news || replaced || tokio::time::Instant::now() >= deadline {
             let revoked: Vec<String> = if generation != req.revocation_gen {
                 let store = s.store.clone();
                 blocking(move || store.revocations())
@@ -567,13 +877,126 @@ async fn node_poll(
             )
                 .into_response());
         }
-        if tokio::time::timeout_at(deadline, rx.changed())
-            .await
-            .is_ok_and(|r| r.is_err())
-        {
-            return Err(Fail::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"));
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, rx.changed()) => {
+                if r.is_ok_and(|r| r.is_err()) {
+                    return Err(Fail::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"));
+                }
+            }
+            () = held.replaced.notified() => {
+                // The same node polls again (a new connection): this one answers now, with
+                // what there is, so a node holds one poll however many it opens.
+                if s.stats.refused(Refusal::PollReplaced) {
+                    warn!(node = %who.name, "a newer poll from the same node ended an older one");
+                }
+                replaced = true;
+            }
         }
     }
+}
+
+/// A node's held long-poll, registered for as long as it lives: a newer poll of the same
+/// node wakes it ([`HeldPoll::replaced`]) to answer at once.
+struct HeldPoll<'a> {
+    server: &'a Server,
+    node: String,
+    ticket: u64,
+    replaced: Arc<tokio::sync::Notify>,
+}
+
+impl<'a> HeldPoll<'a> {
+    fn new(server: &'a Server, node: &str) -> Self {
+        let ticket = server.poll_tickets.fetch_add(1, Ordering::Relaxed) + 1;
+        let replaced = Arc::new(tokio::sync::Notify::new());
+        let older = server
+            .polls
+            .lock()
+            .expect("polls")
+            .insert(node.to_owned(), (ticket, replaced.clone()));
+        match older {
+            // notify_one keeps a permit if the older poll is not waiting at this instant.
+            Some((_, older)) => older.notify_one(),
+            None => {
+                server.stats.polls_held.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Self {
+            server,
+            node: node.to_owned(),
+            ticket,
+            replaced,
+        }
+    }
+}
+
+impl Drop for HeldPoll<'_> {
+    fn drop(&mut self) {
+        let mut polls = self.server.polls.lock().expect("polls");
+        if polls
+            .get(&self.node)
+            .is_some_and(|(t, _)| *t == self.ticket)
+        {
+            polls.remove(&self.node);
+            self.server.stats.polls_held.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn get_metrics(State(s): S) -> Response {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let st = &s.stats;
+    let _ = writeln!(
+        out,
+        "# HELP agentwall_cp_refusals_total Requests and connections the control plane turned away, by reason.\n# TYPE agentwall_cp_refusals_total counter"
+    );
+    for r in Refusal::ALL {
+        let _ = writeln!(
+            out,
+            "agentwall_cp_refusals_total{{reason=\"{}\"}} {}",
+            r.label(),
+            st.refusals[r as usize].load(Ordering::Relaxed)
+        );
+    }
+    for (name, kind, help, v) in [
+        (
+            "agentwall_cp_connections",
+            "gauge",
+            "Connections open now.",
+            st.connections.load(Ordering::Relaxed),
+        ),
+        (
+            "agentwall_cp_polls_held",
+            "gauge",
+            "Node long-polls held now (one per node at most).",
+            st.polls_held.load(Ordering::Relaxed),
+        ),
+        (
+            "agentwall_cp_crl_reloads_total",
+            "counter",
+            "Times changed client CRL files were read and put in force.",
+            st.crl_reloads.load(Ordering::Relaxed),
+        ),
+        (
+            "agentwall_cp_crl_reload_failures_total",
+            "counter",
+            "Times changed client CRL files could not be read (the last good CRLs stay in force).",
+            st.crl_reload_failures.load(Ordering::Relaxed),
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
 }
 
 /// A poll's answer as sent: [`PollReply`] with the bundle as the bytes serialized once at
@@ -588,11 +1011,10 @@ struct PollReplyOut<'a> {
 
 async fn node_reports(
     State(s): S,
-    Extension(peer): Extension<Peer>,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    Capped(body): Capped,
 ) -> Result<Json<Ingested>, Fail> {
-    let who = s.allow(&peer, &headers, "POST /v1/node/reports", &[Role::Node])?;
     let gzip = headers
         .get(axum::http::header::CONTENT_ENCODING)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
@@ -638,23 +1060,25 @@ async fn node_reports(
 }
 
 /// The TLS set-up: the server's certificate; client certificates verified against
-/// `client_ca` when presented (bearer-token callers present none).
-fn tls_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+/// `client_ca` and `client_crl` when presented (bearer-token callers present none). The
+/// verifier is returned too, for the task that rereads the CRLs.
+fn tls_config(
+    cfg: &ServerConfig,
+) -> Result<(Arc<rustls::ServerConfig>, Option<Arc<CrlWatchingVerifier>>), ServerError> {
     let (chain, key) = crate::pem::chain_and_key(&cfg.cert, &cfg.key)?;
     let provider = crate::identity::provider();
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ServerError::Tls(e.to_string()))?;
-    let builder = if cfg.client_ca.is_empty() {
-        builder.with_no_client_auth()
+    let (builder, verifier) = if cfg.client_ca.is_empty() {
+        (builder.with_no_client_auth(), None)
     } else {
         let roots = crate::pem::roots(cfg.client_ca.iter().map(PathBuf::as_path))?;
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| ServerError::Tls(e.to_string()))?;
-        builder.with_client_cert_verifier(verifier)
+        let verifier = Arc::new(CrlWatchingVerifier::new(roots, &cfg.client_crl)?);
+        (
+            builder.with_client_cert_verifier(verifier.clone()),
+            Some(verifier),
+        )
     };
     let mut c = builder
         .with_single_cert(chain, key)
@@ -663,20 +1087,70 @@ fn tls_config(cfg: &ServerConfig) -> Result<Arc<rustls::ServerConfig>, ServerErr
             message: format!("does not fit {}: {e}", cfg.cert.display()),
         })?;
     c.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(c))
+    Ok((Arc::new(c), verifier))
+}
+
+/// How often changed CRL files are looked for.
+const CRL_CHECK: Duration = Duration::from_secs(1);
+
+/// A connection's place under the caps, held as long as the connection lives.
+struct ConnSlot {
+    server: Arc<Server>,
+    addr: std::net::IpAddr,
+}
+
+impl Server {
+    /// A slot for a new connection from `addr`, or the cap it would pass.
+    fn admit(self: &Arc<Self>, addr: std::net::IpAddr) -> Result<ConnSlot, Refusal> {
+        let mut by_addr = self.conns.lock().expect("connections");
+        if self.stats.connections.load(Ordering::Relaxed) >= self.limits.max_connections as u64 {
+            return Err(Refusal::ConnectionCap);
+        }
+        let n = by_addr.entry(addr).or_default();
+        if *n >= self.limits.max_connections_per_address {
+            return Err(Refusal::AddressCap);
+        }
+        *n += 1;
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        Ok(ConnSlot {
+            server: self.clone(),
+            addr,
+        })
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut by_addr = self.server.conns.lock().expect("connections");
+        if let Some(n) = by_addr.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                by_addr.remove(&self.addr);
+            }
+        }
+        self.server
+            .stats
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Serves until SIGTERM or SIGINT. `ready` gets the bound address once connections are
 /// accepted.
 pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
-    let tls = tls_config(&cfg)?;
+    let (tls, crl_verifier) = tls_config(&cfg)?;
     let db = cfg.database.clone();
     let store: Arc<dyn Store> = Arc::new(
         tokio::task::spawn_blocking(move || SqliteStore::open(&db))
             .await
             .map_err(|e| ServerError::Tls(format!("opening the database: {e}")))??,
     );
-    let server = Server::new(store, cfg.access.clone(), cfg.poll_timeout())?;
+    let server = Server::new(
+        store,
+        cfg.access.clone(),
+        cfg.poll_timeout(),
+        cfg.limits.clone(),
+    )?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -701,6 +1175,38 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
             }
         });
     }
+    if let Some(v) = crl_verifier.filter(|_| !cfg.client_crl.is_empty()) {
+        let server = server.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CRL_CHECK);
+            let mut failing = false;
+            loop {
+                tick.tick().await;
+                let v = v.clone();
+                match tokio::task::spawn_blocking(move || v.refresh()).await {
+                    Ok(Ok(true)) => {
+                        failing = false;
+                        server.stats.crl_reloads.fetch_add(1, Ordering::Relaxed);
+                        info!("client CRLs reread: new handshakes use them");
+                    }
+                    Ok(Ok(false)) => {}
+                    Ok(Err(e)) => {
+                        // Counted at each change seen, logged once until it mends.
+                        server
+                            .stats
+                            .crl_reload_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                        if !failing {
+                            error!(error = %e, "client CRLs could not be reread: the last good ones stay in force");
+                        }
+                        failing = true;
+                    }
+                    Err(e) => error!(error = %e, "client CRL reread panicked"),
+                }
+            }
+        });
+    }
+    let limits = cfg.limits.clone();
     info!(%addr, database = %cfg.database.display(), "control plane listening");
     ready(addr);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -715,22 +1221,41 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         };
+        // Over a cap the connection is closed before its handshake: it costs no TLS work.
+        let slot = match server.admit(from.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                if server.stats.refused(why) {
+                    warn!(peer = %from, reason = why.label(), max = limits.max_connections,
+                        max_per_address = limits.max_connections_per_address,
+                        "connection refused: over the connection cap");
+                }
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
+        let handshake = Duration::from_secs(limits.handshake_timeout_secs);
+        let header = Duration::from_secs(limits.header_timeout_secs);
+        let server = server.clone();
         tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(t)) => t,
-                    Ok(Err(e)) => {
+            let _slot = slot;
+            let tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    if server.stats.refused(Refusal::HandshakeFailed) {
                         warn!(peer = %from, error = %e, "TLS handshake refused");
-                        return;
                     }
-                    Err(_) => {
+                    return;
+                }
+                Err(_) => {
+                    if server.stats.refused(Refusal::HandshakeTimeout) {
                         warn!(peer = %from, "TLS handshake timed out");
-                        return;
                     }
-                };
+                    return;
+                }
+            };
             // webpki has verified the chain; the SPIFFE ID names the caller.
             let spiffe_id = tls
                 .get_ref()
@@ -743,7 +1268,9 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
                 spiffe_id,
                 addr: Some(from),
             };
-            if let Err(e) = crate::http::serve_connection(tls, router, peer, true).await {
+            if let Err(e) =
+                crate::http::serve_connection(tls, router, peer, true, Some(header)).await
+            {
                 tracing::debug!(peer = %from, error = %e, "connection ended");
             }
         });

@@ -124,6 +124,11 @@ impl Spool {
             Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
             Err(e) => return Err(io_err(&acked_path)(e)),
         };
+        // At its full width, made atomically now, so that every later ack writes in place.
+        if std::fs::metadata(&acked_path).map_or(true, |m| m.len() != CURSOR_LEN as u64) {
+            crate::files::write_atomic(&acked_path, format!("{acked:020}\n").as_bytes())
+                .map_err(io_err(&acked_path))?;
+        }
         let mut firsts: Vec<u64> = std::fs::read_dir(dir)
             .map_err(io_err(dir))?
             .filter_map(Result::ok)
@@ -407,11 +412,15 @@ impl Spool {
         }))
     }
 
-    /// The control plane has everything before `end`: forget it.
+    /// The control plane has everything before `end`: forget it. The cursor is on disk
+    /// before any segment goes: were it the other way round, a crash in between would leave
+    /// an old cursor and no records after it, and the next start would number new records
+    /// with ids the control plane already holds (and drops as duplicates).
     pub fn ack(&mut self, end: Cursor) -> Result<(), SpoolError> {
-        self.acked = end.rid - 1;
+        let acked = end.rid - 1;
+        write_cursor(&self.dir, acked)?;
+        self.acked = acked;
         self.read = Some(end);
-        // Segments go first: on a full disk, that is what makes room for the file below.
         while let Some(seg) = self.segments.front() {
             if seg.last_rid == 0 || seg.last_rid > self.acked {
                 break;
@@ -420,9 +429,30 @@ impl Spool {
             self.bytes -= seg.bytes;
             self.segments.pop_front();
         }
-        let path = self.dir.join("acked");
-        crate::files::write_atomic(&path, self.acked.to_string().as_bytes()).map_err(io_err(&path))
+        Ok(())
     }
+}
+
+/// Width of the `acked` file: a u64 in decimal, zero-padded, and a newline.
+const CURSOR_LEN: usize = 21;
+
+/// Writes the acknowledged id into `dir/acked` in place and syncs it. The file keeps one
+/// size, so the write needs no new block: it works on a full disk, where a new file (an
+/// atomic replace) could not be made, and a 21-byte write within one sector is not torn.
+/// The file is made when the spool is opened (see [`Spool::open`]).
+fn write_cursor(dir: &Path, acked: u64) -> Result<(), SpoolError> {
+    use std::os::unix::fs::FileExt as _;
+    let path = dir.join("acked");
+    let text = format!("{acked:020}\n");
+    debug_assert_eq!(text.len(), CURSOR_LEN);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    f.write_all_at(text.as_bytes(), 0)
+        .and_then(|()| f.set_len(CURSOR_LEN as u64))
+        .and_then(|()| f.sync_data())
+        .map_err(io_err(&path))
 }
 
 /// Reads the whole records of `seg` from byte `from` on, handing each (with its offset and

@@ -905,6 +905,12 @@ impl Datapath {
             .map_err(map_err(c::MAP_IDENTITIES))
     }
 
+    /// Whether a bound cgroup may hold sockets without state, which the packet line then
+    /// governs from their first packet (see `Config::strays`).
+    pub fn set_strays(&self, on: bool) -> Result<(), DatapathError> {
+        self.update_config(|conf| conf.strays = u8::from(on))
+    }
+
     /// Whether flows that rules allow are reported and counted per rule.
     pub fn set_record_allowed(&self, on: bool) -> Result<(), DatapathError> {
         self.update_config(|conf| conf.record_allowed = u8::from(on))

@@ -367,8 +367,14 @@ impl Node {
             .into_iter()
             .map(|(id, _)| id)
             .collect();
+        // Anywhere on the host, not only below this attach point: an earlier version may have
+        // been attached elsewhere.
         let mut live = std::collections::HashSet::new();
-        crate::cgroup::subtree_ids(self.datapath.attach_cgroup().path(), &mut live);
+        let root = crate::cgroup::Cgroup2Mount::discover().map_or_else(
+            |_| self.datapath.attach_cgroup().path().to_owned(),
+            |m| m.mount_point,
+        );
+        crate::cgroup::subtree_ids(&root, &mut live);
         let orphans: Vec<u64> = self
             .datapath
             .older_bindings()?
@@ -813,7 +819,8 @@ impl crate::control_plane::link::NodeSide for Node {
             .map_err(Into::into)
     }
 
-    fn revoke_all(&self, identities: &[String]) {
+    fn revoke_all(&self, identities: &[String]) -> Vec<String> {
+        let mut failed = Vec::new();
         for id in identities {
             // Done already: revoked here, and so in the kernel (or not known to it).
             let number = self.registry.table().number(id);
@@ -828,8 +835,10 @@ impl crate::control_plane::link::NodeSide for Node {
             let by = (!known).then_some("control-plane");
             if let Err(e) = self.revoke(id, by) {
                 error!(identity = %id, error = %e, "fleet-wide revocation failed on this node");
+                failed.push(id.clone());
             }
         }
+        failed
     }
 
     fn take_outbox(&self) -> Vec<serde_json::Value> {

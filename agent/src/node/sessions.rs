@@ -100,6 +100,8 @@ struct Stored {
     session: Session,
     #[serde(default)]
     expiry_noted: bool,
+    #[serde(default)]
+    layout: u32,
 }
 
 #[derive(Default, serde::Serialize, serde::Deserialize)]
@@ -210,8 +212,10 @@ impl Sessions {
         for Stored {
             mut session,
             expiry_noted,
+            layout,
         } in stored.sessions
         {
+            session.layout = layout;
             let alive =
                 std::fs::metadata(&session.cgroup).is_ok_and(|m| m.ino() == session.cgroup_id);
             if alive {
@@ -224,6 +228,8 @@ impl Sessions {
                     .is_none()
                 {
                     self.bind_again(&session)?;
+                    // Its sockets' state was in maps that are gone.
+                    session.layout = 0;
                     rebound += 1;
                 }
                 // Whatever the kernel holds, a revoked session stays revoked there (a crash
@@ -334,10 +340,22 @@ impl Sessions {
                 .map(|s| Stored {
                     session: s.clone(),
                     expiry_noted: s.expiry_noted,
+                    layout: s.layout,
                 })
                 .collect(),
             seq: table.seq,
         };
+        // An enrolled cgroup (its processes ran before it was bound) or a session older than
+        // these maps may hold sockets without state: the packet line looks for them only
+        // while one does.
+        let strays = table
+            .by_id
+            .values()
+            .any(|s| s.pid == 0 || s.layout != agent_common::ABI_VERSION);
+        if let Err(e) = self.datapath.set_strays(strays) {
+            error!(error = %e, strays,
+                "the datapath could not be told whether sockets older than their binding exist");
+        }
         let bytes = serde_json::to_vec_pretty(&stored).expect("sessions serialize");
         if let Err(e) = crate::files::write_atomic(&self.path, &bytes) {
             error!(error = %e, path = %self.path.display(),
@@ -387,6 +405,7 @@ impl Sessions {
             not_after,
             revoked: false,
             expiry_noted: false,
+            layout: agent_common::ABI_VERSION,
         });
         self.save(table);
         Ok(())
@@ -506,6 +525,14 @@ impl Sessions {
                 });
             }
         }
+        // Its processes may hold sockets made before now: the packet line looks for such
+        // sockets before the binding exists, so none passes in between.
+        self.datapath
+            .set_strays(true)
+            .map_err(|source| SessionError::Bind {
+                path: cg.path().to_owned(),
+                source,
+            })?;
         let mut table = lock(&self.table);
         self.bind(&mut table, IdentityEvent::Enrolled, peer, number, &cg, 0)?;
         Ok(cg.path().to_owned())

@@ -70,6 +70,11 @@ impl Node {
                 spool_records: l.spool_records.load(Relaxed),
                 spool_bytes: l.spool_bytes.load(Relaxed),
                 records_lost: l.lost.load(Relaxed),
+                revocations_pending: l
+                    .revocations_pending
+                    .lock()
+                    .expect("pending revocations")
+                    .clone(),
             }),
         }
     }
@@ -153,7 +158,7 @@ pub async fn serve_metrics(node: Arc<Node>, listener: tokio::net::TcpListener) {
         tokio::spawn(async move {
             let _ = tokio::time::timeout(
                 std::time::Duration::from_secs(10),
-                crate::http::serve_connection(conn, router, (), false),
+                crate::http::serve_connection(conn, router, (), false, None),
             )
             .await;
         });

@@ -37,6 +37,8 @@
 //!   send-held                      one datagram on each kept UDP socket: `ok` or `err ERRNO`
 //!   send-held-tcp                  four bytes on each kept TCP connection (not waiting)
 //!   keep tcp|udp                   an IPv6 (dual-stack) socket, kept with no address
+//!   raw-keep                       an IPv4 raw TCP socket, kept (needs CAP_NET_RAW)
+//!   raw-send-tcp ADDR PORT         a hand-made TCP segment on the kept raw socket
 //!   listen-kept PORT               the kept TCP socket: bind [::]:PORT and listen
 //!   bind-kept PORT                 the kept UDP socket: bind [::]:PORT (then `udp-recv PORT`)
 //!   rthdr udp|tcp ADDR PORT VIA    an IPv6 socket with a type-4 segment routing header
@@ -302,13 +304,17 @@ fn setsockopt_bytes(fd: &OwnedFd, level: i32, name: i32, v: &[u8]) -> Result<(),
 }
 
 fn sendto_one(fd: &OwnedFd, addr: SocketAddr) -> String {
+    sendto_bytes(fd, addr, b"x")
+}
+
+fn sendto_bytes(fd: &OwnedFd, addr: SocketAddr, bytes: &[u8]) -> String {
     let (ss, len) = sockaddr(addr);
     // SAFETY: valid fd, buffer and address.
     let n = unsafe {
         libc::sendto(
             fd.as_raw_fd(),
-            b"x".as_ptr().cast(),
-            1,
+            bytes.as_ptr().cast(),
+            bytes.len(),
             0,
             (&raw const ss).cast(),
             len,
@@ -898,6 +904,30 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 }
             }
             reply
+        }
+        ["raw-keep"] => match new_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) {
+            Ok(fd) => {
+                kept().push((libc::SOCK_RAW, fd));
+                "ok".into()
+            }
+            Err(e) => format!("err {}", errno_name(e)),
+        },
+        ["raw-send-tcp", ip, port] => {
+            let addr = sa(ip, port)?;
+            let k = kept();
+            let (_, s) = k
+                .iter()
+                .find(|(t, _)| *t == libc::SOCK_RAW)
+                .ok_or("no kept raw socket")?;
+            // A TCP header (source port 40000, PSH|ACK) and a payload, made by hand.
+            let mut seg = vec![0u8; 20];
+            seg[0..2].copy_from_slice(&40000u16.to_be_bytes());
+            seg[2..4].copy_from_slice(&addr.port().to_be_bytes());
+            seg[12] = 5 << 4;
+            seg[13] = 0x18;
+            seg[14..16].copy_from_slice(&1024u16.to_be_bytes());
+            seg.extend_from_slice(b"raw");
+            sendto_bytes(s, addr, &seg)
         }
         ["send-held-tcp"] => {
             let mut reply = "ok".to_owned();

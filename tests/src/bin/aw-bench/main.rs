@@ -88,15 +88,30 @@ fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
 /// The packet line (cgroup_skb egress), governed against ungoverned in the same rounds: UDP
 /// datagrams per second unconnected (sendmsg hook and packet line) and connected (the packet
 /// line alone), TCP bulk throughput, and the egress program's own cost per packet.
+/// Where the packet line's probes run.
+struct Subjects<'a> {
+    /// Outside the attach point: no program on the path.
+    plain: &'a agentwall::cgroup::Cgroup,
+    governed: &'a agentwall::cgroup::Cgroup,
+    /// Under the attach point, bound to nothing.
+    unbound: &'a agentwall::cgroup::Cgroup,
+    /// Two programs that only pass.
+    empty: &'a agentwall::cgroup::Cgroup,
+}
+
 fn packet_line(
-    plain: &agentwall::cgroup::Cgroup,
-    governed: &agentwall::cgroup::Cgroup,
-    unbound: &agentwall::cgroup::Cgroup,
-    empty: &agentwall::cgroup::Cgroup,
+    subjects: &Subjects<'_>,
     attach: &std::path::Path,
     iterations: usize,
     set_stats: &dyn Fn(bool),
+    set_strays: &dyn Fn(bool),
 ) {
+    let Subjects {
+        plain,
+        governed,
+        unbound,
+        empty,
+    } = *subjects;
     let n = iterations * 10;
     let mib = 256;
     let cmds = [
@@ -174,9 +189,13 @@ fn packet_line(
             &[sys::ATTACH_UDP4_SENDMSG, sys::ATTACH_INET_EGRESS],
             &cmds[0].1,
         );
-        // A socket of an unbound cgroup under the attach point carries no state: each of
-        // its packets asks whether its cgroup is bound (a socket older than its binding).
+        // A socket of an unbound cgroup under the attach point carries no state. While a
+        // bound cgroup may hold sockets older than its binding (an enrolled unit), each of
+        // its packets asks whether its cgroup is bound; otherwise not.
+        let stray_off = per_run(unbound, attach, &[sys::ATTACH_INET_EGRESS]);
+        set_strays(true);
         let stray = per_run(unbound, attach, &[sys::ATTACH_INET_EGRESS]);
+        set_strays(false);
         rounds.push((
             gov[0],
             gov[1],
@@ -184,6 +203,7 @@ fn packet_line(
             unconnected[0],
             unconnected[1],
             stray[0],
+            stray_off[0],
         ));
     }
     set_stats(false);
@@ -206,8 +226,13 @@ fn packet_line(
         ingress as i64 - floor as i64
     );
     let stray = median(rounds.iter().map(|r| r.5).collect());
+    let stray_off = median(rounds.iter().map(|r| r.6).collect());
     println!(
-        "| egress, a socket of an unbound cgroup | {stray} | {:+} |",
+        "| egress, a socket of an unbound cgroup | {stray_off} | {:+} |",
+        stray_off as i64 - floor as i64
+    );
+    println!(
+        "| the same, while an enrolled unit may hold sockets older than its binding | {stray} | {:+} |",
         stray as i64 - floor as i64
     );
     let sendmsg = median(rounds.iter().map(|r| r.3).collect());
@@ -425,13 +450,16 @@ fn datapath(iterations: usize) {
     dp.set_record_allowed(false).unwrap();
     let (off, on) = (median(off), median(on));
     packet_line(
-        &plain,
-        &governed,
-        &unbound,
-        &empty,
+        &Subjects {
+            plain: &plain,
+            governed: &governed,
+            unbound: &unbound,
+            empty: &empty,
+        },
         attach.path(),
         iterations,
         &set_stats,
+        &|on| dp.set_strays(on).expect("strays switch"),
     );
     println!();
     println!(
