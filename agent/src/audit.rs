@@ -25,6 +25,56 @@ pub enum AuditError {
         line: usize,
         message: String,
     },
+    #[error(
+        "{missing} is missing: the chain has rotated files up to {newest}, so records are gone"
+    )]
+    MissingFile { missing: PathBuf, newest: PathBuf },
+    #[error(
+        "{path}:1: the chain does not start at its genesis: the first record is seq {seq} with prev {prev}; earlier records are missing, or name the trusted point they continue with --from SEQ:HASH"
+    )]
+    NoGenesis {
+        path: PathBuf,
+        seq: u64,
+        prev: String,
+    },
+    #[error(
+        "{path}:1: the first record is seq {seq} with prev {prev}, not the record after the trusted point (seq {from_seq}, hash {from_hash})"
+    )]
+    NotFromPoint {
+        path: PathBuf,
+        seq: u64,
+        prev: String,
+        from_seq: u64,
+        from_hash: String,
+    },
+}
+
+/// Where a verified chain begins: its genesis, or a point an earlier check trusted (the seq
+/// and hash of the last record before the files given).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChainStart {
+    Genesis,
+    After { seq: u64, hash: String },
+}
+
+/// Who may read the log: it names identities, command lines and the names agents asked for.
+const LOG_MODE: u32 = 0o600;
+
+fn open_log(path: &Path) -> Result<File, AuditError> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(LOG_MODE)
+        .open(path)
+        .map_err(io_err(path))?;
+    // A log made by an earlier version (0644) is closed to other users too.
+    let mode = file.metadata().map_err(io_err(path))?.permissions().mode();
+    if mode & 0o077 != 0 {
+        file.set_permissions(fs::Permissions::from_mode(LOG_MODE))
+            .map_err(io_err(path))?;
+    }
+    Ok(file)
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AuditError + '_ {
@@ -64,7 +114,7 @@ impl AuditLog {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
         let (mut seq, mut prev) = (0, GENESIS.to_owned());
-        let mut sources: Vec<PathBuf> = rotated(path);
+        let mut sources: Vec<PathBuf> = rotated(path).into_iter().map(|(_, p)| p).collect();
         sources.push(path.to_owned());
         for p in sources.iter().rev() {
             if let Some(last) = last_record(p)? {
@@ -77,11 +127,7 @@ impl AuditLog {
                 break;
             }
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(io_err(path))?;
+        let file = open_log(path)?;
         let size = file.metadata().map_err(io_err(path))?.len();
         Ok(Self {
             path: path.to_owned(),
@@ -130,25 +176,68 @@ impl AuditLog {
 
     fn rotate(&mut self) -> Result<(), AuditError> {
         self.file.sync_all().map_err(io_err(&self.path))?;
-        let n = rotated(&self.path).len() + 1;
+        // After the newest, even if older ones were removed: numbers are never reused.
+        let n = rotated(&self.path).last().map_or(0, |(n, _)| *n) + 1;
         let to = PathBuf::from(format!("{}.{n}", self.path.display()));
         fs::rename(&self.path, &to).map_err(io_err(&self.path))?;
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(io_err(&self.path))?;
+        self.file = open_log(&self.path)?;
         self.size = 0;
         Ok(())
     }
 }
 
-/// Rotated files of `path` (`path.1`, `path.2`, ...), oldest first.
-pub fn rotated(path: &Path) -> Vec<PathBuf> {
-    (1..)
-        .map(|n| PathBuf::from(format!("{}.{n}", path.display())))
-        .take_while(|p| p.exists())
-        .collect()
+/// Rotated files of `path` (`path.1`, `path.2`, ...) with their numbers, oldest first:
+/// every one there is, gaps or not.
+pub fn rotated(path: &Path) -> Vec<(u64, PathBuf)> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Vec::new();
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let mut found: Vec<(u64, PathBuf)> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let n = e
+                .file_name()
+                .to_str()?
+                .strip_prefix(name)?
+                .strip_prefix('.')?
+                .parse::<u64>()
+                .ok()?;
+            Some((n, path.with_file_name(format!("{name}.{n}"))))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The files of `path`'s whole chain, oldest first: its rotated files, which must run
+/// from `path.1` without a gap, then `path` itself.
+pub fn chain_files(path: &Path) -> Result<Vec<PathBuf>, AuditError> {
+    let rotated = rotated(path);
+    let mut files = Vec::with_capacity(rotated.len() + 1);
+    for (i, (n, p)) in rotated.iter().enumerate() {
+        let want = i as u64 + 1;
+        if *n != want {
+            return Err(AuditError::MissingFile {
+                missing: path.with_file_name(format!(
+                    "{}.{want}",
+                    path.file_name()
+                        .and_then(|f| f.to_str())
+                        .unwrap_or_default()
+                )),
+                newest: rotated.last().map(|(_, p)| p.clone()).unwrap_or_default(),
+            });
+        }
+        files.push(p.clone());
+    }
+    files.push(path.to_owned());
+    Ok(files)
 }
 
 fn last_record(path: &Path) -> Result<Option<Map<String, Value>>, AuditError> {
@@ -167,11 +256,13 @@ fn last_record(path: &Path) -> Result<Option<Map<String, Value>>, AuditError> {
     Ok(last)
 }
 
-/// Checks a chain of files (oldest first). Returns the number of records, or the first
-/// broken one with its file and line.
-pub fn verify(files: &[PathBuf]) -> Result<u64, AuditError> {
-    let mut expect_seq: Option<u64> = None;
-    let mut prev: Option<String> = None;
+/// Checks a chain of files (oldest first) that begins at `start`. Returns the number of
+/// records, or the first broken one with its file and line.
+pub fn verify(files: &[PathBuf], start: &ChainStart) -> Result<u64, AuditError> {
+    let (mut expect_seq, mut prev) = match start {
+        ChainStart::Genesis => (Some(1), Some(GENESIS.to_owned())),
+        ChainStart::After { seq, hash } => (Some(seq + 1), Some(hash.clone())),
+    };
     let mut count = 0;
     for path in files {
         let f = File::open(path).map_err(io_err(path))?;
@@ -190,6 +281,23 @@ pub fn verify(files: &[PathBuf]) -> Result<u64, AuditError> {
                 .and_then(Value::as_u64)
                 .ok_or_else(|| broken("record has no seq".into()))?;
             let want = expect_seq.unwrap_or(seq);
+            let p = r.get("prev").and_then(Value::as_str).unwrap_or("");
+            if count == 0 && (seq != want || Some(p) != prev.as_deref()) {
+                return Err(match start {
+                    ChainStart::Genesis => AuditError::NoGenesis {
+                        path: path.clone(),
+                        seq,
+                        prev: p.to_owned(),
+                    },
+                    ChainStart::After { seq: s, hash } => AuditError::NotFromPoint {
+                        path: path.clone(),
+                        seq,
+                        prev: p.to_owned(),
+                        from_seq: *s,
+                        from_hash: hash.clone(),
+                    },
+                });
+            }
             if seq != want {
                 return Err(broken(format!(
                     "record seq {seq} where seq {want} was expected (records missing or reordered)"
@@ -201,7 +309,6 @@ pub fn verify(files: &[PathBuf]) -> Result<u64, AuditError> {
                     "record seq {seq} does not match its hash (it was changed)"
                 )));
             }
-            let p = r.get("prev").and_then(Value::as_str).unwrap_or("");
             if let Some(before) = &prev {
                 if p != before {
                     return Err(broken(format!(
@@ -252,7 +359,7 @@ mod tests {
         let p = log_with(d.path(), 5, 0);
         let mut log = AuditLog::open(&p, 0).unwrap();
         assert_eq!(log.append("policy", serde_json::json!({})).unwrap(), 6);
-        assert_eq!(verify(&[p]).unwrap(), 6);
+        assert_eq!(verify(&[p], &ChainStart::Genesis).unwrap(), 6);
     }
 
     #[test]
@@ -265,7 +372,9 @@ mod tests {
         l[2] = l[2].replace("192.0.2.1", "192.0.2.2");
         write(&p, &l);
         assert_eq!(
-            verify(std::slice::from_ref(&p)).unwrap_err().to_string(),
+            verify(std::slice::from_ref(&p), &ChainStart::Genesis)
+                .unwrap_err()
+                .to_string(),
             format!(
                 "{}:3: record seq 3 does not match its hash (it was changed)",
                 p.display()
@@ -276,7 +385,9 @@ mod tests {
         l.remove(1);
         write(&p, &l);
         assert_eq!(
-            verify(std::slice::from_ref(&p)).unwrap_err().to_string(),
+            verify(std::slice::from_ref(&p), &ChainStart::Genesis)
+                .unwrap_err()
+                .to_string(),
             format!(
                 "{}:2: record seq 3 where seq 2 was expected (records missing or reordered)",
                 p.display()
@@ -287,7 +398,7 @@ mod tests {
         l.swap(3, 4);
         write(&p, &l);
         assert!(
-            verify(std::slice::from_ref(&p))
+            verify(std::slice::from_ref(&p), &ChainStart::Genesis)
                 .unwrap_err()
                 .to_string()
                 .starts_with(&format!("{}:4: record seq 5", p.display()))
@@ -297,7 +408,9 @@ mod tests {
         l[4].truncate(20);
         write(&p, &l);
         assert_eq!(
-            verify(std::slice::from_ref(&p)).unwrap_err().to_string(),
+            verify(std::slice::from_ref(&p), &ChainStart::Genesis)
+                .unwrap_err()
+                .to_string(),
             format!("{}:5: not a JSON record (cut short or edited)", p.display())
         );
     }
@@ -306,17 +419,66 @@ mod tests {
     fn rotation_keeps_the_chain_across_files() {
         let d = tempfile::tempdir().unwrap();
         let p = log_with(d.path(), 20, 600);
-        let mut files = rotated(&p);
-        assert!(files.len() >= 2, "{files:?}");
-        files.push(p.clone());
-        assert_eq!(verify(&files).unwrap(), 20);
+        let files = chain_files(&p).unwrap();
+        assert!(files.len() >= 3, "{files:?}");
+        assert_eq!(verify(&files, &ChainStart::Genesis).unwrap(), 20);
         // Dropping a middle file breaks the chain where the next file starts.
         let without: Vec<PathBuf> = files.iter().filter(|f| **f != files[1]).cloned().collect();
         assert!(
-            verify(&without)
+            verify(&without, &ChainStart::Genesis)
                 .unwrap_err()
                 .to_string()
                 .contains("records missing or reordered")
         );
+    }
+
+    #[test]
+    fn a_missing_file_or_a_chain_without_its_start_fails() {
+        let d = tempfile::tempdir().unwrap();
+        let p = log_with(d.path(), 20, 600);
+        let files = chain_files(&p).unwrap();
+        let gone = lines(&files[0]);
+        // The oldest rotated file deleted: named, whichever rotated files are left.
+        fs::remove_file(&files[0]).unwrap();
+        let err = chain_files(&p).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{} is missing", files[0].display())),
+            "{err}"
+        );
+        // Given only what is left, the chain has no genesis.
+        let rest = &files[1..];
+        let err = verify(rest, &ChainStart::Genesis).unwrap_err().to_string();
+        assert!(err.contains("does not start at its genesis"), "{err}");
+        // With the trusted point those files continue, they verify.
+        let last_gone = gone.last().cloned().unwrap();
+        let r: Map<String, Value> = serde_json::from_str(&last_gone).unwrap();
+        let from = ChainStart::After {
+            seq: r["seq"].as_u64().unwrap(),
+            hash: r["hash"].as_str().unwrap().to_owned(),
+        };
+        let n = verify(rest, &from).unwrap();
+        assert_eq!(n, 20 - gone.len() as u64);
+        // A rotation after the gap numbers on from the newest file, never reusing one.
+        let mut log = AuditLog::open(&p, 600).unwrap();
+        for i in 0..10 {
+            log.append("deny", serde_json::json!({ "port": i }))
+                .unwrap();
+        }
+        let numbers: Vec<u64> = rotated(&p).into_iter().map(|(n, _)| n).collect();
+        assert!(!numbers.contains(&1), "{numbers:?}");
+    }
+
+    #[test]
+    fn the_log_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.jsonl");
+        fs::write(&p, "").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        let p = log_with(d.path(), 20, 600);
+        for f in chain_files(&p).unwrap() {
+            let mode = fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", f.display());
+        }
     }
 }

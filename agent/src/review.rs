@@ -218,7 +218,10 @@ pub fn read_flows(files: &[PathBuf], since: Option<SystemTime>) -> Result<Vec<Fl
 
 /// An audit log and its rotated predecessors, oldest first.
 pub fn audit_files(path: &Path) -> Vec<PathBuf> {
-    let mut files = crate::audit::rotated(path);
+    let mut files: Vec<PathBuf> = crate::audit::rotated(path)
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
     files.push(path.to_owned());
     files
 }

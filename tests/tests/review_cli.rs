@@ -318,3 +318,53 @@ fn unused_simulate_and_suggest_on_a_scripted_history() {
     assert_eq!(code, 2);
     assert!(err.contains("missing.jsonl: No such file"), "{err}");
 }
+
+/// `audit verify` through the binary: a rotated file deleted, or the chain's start cut away,
+/// fails and names what is missing; the trusted point the rest continues makes it pass.
+#[test]
+fn audit_verify_finds_missing_files_and_a_missing_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("audit.jsonl");
+    let mut log = agentwall::audit::AuditLog::open(&path, 600).unwrap();
+    for i in 0..20 {
+        log.append("decision", serde_json::json!({ "port": i }))
+            .unwrap();
+    }
+    drop(log);
+    let p = path.to_str().unwrap();
+    let (code, out, err) = agentwall(&["audit", "verify", p]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("20 records in "), "{out}");
+
+    let first = tmp.path().join("audit.jsonl.1");
+    let text = std::fs::read_to_string(&first).unwrap();
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    std::fs::remove_file(&first).unwrap();
+    let (code, _, err) = agentwall(&["audit", "verify", p]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim(),
+        format!(
+            "agentwall audit verify: {} is missing: the chain has rotated files up to {}, so records are gone",
+            first.display(),
+            agentwall::audit::rotated(&path).last().unwrap().1.display()
+        )
+    );
+    // The files that are left, named one by one: no genesis.
+    let mut rest: Vec<String> = agentwall::audit::rotated(&path)
+        .into_iter()
+        .map(|(_, f)| f.display().to_string())
+        .collect();
+    rest.push(p.to_owned());
+    let mut args = vec!["audit", "verify"];
+    args.extend(rest.iter().map(String::as_str));
+    let (code, _, err) = agentwall(&args);
+    assert_eq!(code, 1);
+    assert!(err.contains("does not start at its genesis"), "{err}");
+    // With the trusted point they continue from.
+    let point = format!("{}:{}", last["seq"], last["hash"].as_str().unwrap());
+    args.extend(["--from", point.as_str()]);
+    let (code, out, err) = agentwall(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("chain intact"), "{out}");
+}

@@ -532,6 +532,9 @@ mod tests {
         assert_eq!(out[0]["kind"], "policy");
         assert_eq!(out[0]["audit_seq"], 2);
         assert!(j.take_outbox().is_empty());
-        assert_eq!(crate::audit::verify(&[p]).unwrap(), 2);
+        assert_eq!(
+            crate::audit::verify(&[p], &crate::audit::ChainStart::Genesis).unwrap(),
+            2
+        );
     }
 }
