@@ -38,6 +38,24 @@ pub enum AuditError {
         prev: String,
     },
     #[error(
+        "records were cut off the end: the anchor {anchor} says seq {anchor_seq} was written, and the chain ends at seq {last_seq}"
+    )]
+    CutOff {
+        anchor: PathBuf,
+        anchor_seq: u64,
+        last_seq: u64,
+    },
+    #[error(
+        "{path}:{line}: record seq {seq} is not the one the anchor {anchor} holds (hash {hash}): the log was rewritten"
+    )]
+    NotAnchored {
+        path: PathBuf,
+        line: usize,
+        seq: u64,
+        anchor: PathBuf,
+        hash: String,
+    },
+    #[error(
         "{path}:1: the first record is seq {seq} with prev {prev}, not the record after the trusted point (seq {from_seq}, hash {from_hash})"
     )]
     NotFromPoint {
@@ -47,6 +65,54 @@ pub enum AuditError {
         from_seq: u64,
         from_hash: String,
     },
+}
+
+/// The chain's head as the node last saw it on disk, kept apart from the log (in
+/// `state_dir`): records cut off the end of the log are caught against it. Rewritten in
+/// place at a fixed size (see [`crate::files::write_in_place`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Anchor {
+    /// The log it anchors.
+    pub log: PathBuf,
+    pub seq: u64,
+    pub hash: String,
+}
+
+/// Size of the anchor file: its JSON, padded with spaces.
+const ANCHOR_LEN: usize = 512;
+
+impl Anchor {
+    /// The anchor at `path`, if there is one.
+    pub fn read(path: &Path) -> Result<Option<Self>, AuditError> {
+        match fs::read_to_string(path) {
+            Ok(t) => serde_json::from_str(t.trim())
+                .map(Some)
+                .map_err(|e| AuditError::Broken {
+                    path: path.to_owned(),
+                    line: 1,
+                    message: format!("not an audit anchor: {e}"),
+                }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(path)(e)),
+        }
+    }
+
+    fn write(&self, path: &Path) -> Result<(), AuditError> {
+        let mut text = serde_json::to_string(self).expect("anchors serialize");
+        if text.len() >= ANCHOR_LEN {
+            return Err(AuditError::Broken {
+                path: path.to_owned(),
+                line: 1,
+                message: format!(
+                    "the audit log's path is too long for an anchor ({} bytes)",
+                    text.len()
+                ),
+            });
+        }
+        text.extend(std::iter::repeat_n(' ', ANCHOR_LEN - 1 - text.len()));
+        text.push('\n');
+        crate::files::write_in_place(path, text.as_bytes()).map_err(io_err(path))
+    }
 }
 
 /// Where a verified chain begins: its genesis, or a point an earlier check trusted (the seq
@@ -104,6 +170,8 @@ pub struct AuditLog {
     max_bytes: u64,
     seq: u64,
     prev: String,
+    /// The seq the anchor holds.
+    anchored: u64,
 }
 
 impl AuditLog {
@@ -136,7 +204,30 @@ impl AuditLog {
             max_bytes,
             seq,
             prev,
+            anchored: 0,
         })
+    }
+
+    /// The chain's head: the last record's seq and hash.
+    pub fn head(&self) -> (u64, &str) {
+        (self.seq, &self.prev)
+    }
+
+    /// Puts what was written on disk, then moves the anchor at `path` to the chain's head.
+    /// Nothing to do when the head has not moved since.
+    pub fn anchor_to(&mut self, path: &Path) -> Result<(), AuditError> {
+        if self.seq == self.anchored {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(io_err(&self.path))?;
+        Anchor {
+            log: self.path.clone(),
+            seq: self.seq,
+            hash: self.prev.clone(),
+        }
+        .write(path)?;
+        self.anchored = self.seq;
+        Ok(())
     }
 
     /// Appends one record: `kind` plus `fields`, stamped with seq, time, prev and hash.
@@ -256,9 +347,14 @@ fn last_record(path: &Path) -> Result<Option<Map<String, Value>>, AuditError> {
     Ok(last)
 }
 
-/// Checks a chain of files (oldest first) that begins at `start`. Returns the number of
-/// records, or the first broken one with its file and line.
-pub fn verify(files: &[PathBuf], start: &ChainStart) -> Result<u64, AuditError> {
+/// Checks a chain of files (oldest first) that begins at `start` and, with an anchor (and its
+/// path), reaches the record it holds. Returns the number of records, or the first broken
+/// one with its file and line.
+pub fn verify(
+    files: &[PathBuf],
+    start: &ChainStart,
+    anchor: Option<(&Anchor, &Path)>,
+) -> Result<u64, AuditError> {
     let (mut expect_seq, mut prev) = match start {
         ChainStart::Genesis => (Some(1), Some(GENESIS.to_owned())),
         ChainStart::After { seq, hash } => (Some(seq + 1), Some(hash.clone())),
@@ -316,10 +412,32 @@ pub fn verify(files: &[PathBuf], start: &ChainStart) -> Result<u64, AuditError> 
                     )));
                 }
             }
+            if let Some((a, at)) = anchor
+                && a.seq == seq
+                && a.hash != stored
+            {
+                return Err(AuditError::NotAnchored {
+                    path: path.clone(),
+                    line: i + 1,
+                    seq,
+                    anchor: at.to_owned(),
+                    hash: a.hash.clone(),
+                });
+            }
             prev = Some(stored.to_owned());
             expect_seq = Some(seq + 1);
             count += 1;
         }
+    }
+    let last_seq = expect_seq.map_or(0, |s| s - 1);
+    if let Some((a, at)) = anchor
+        && a.seq > last_seq
+    {
+        return Err(AuditError::CutOff {
+            anchor: at.to_owned(),
+            anchor_seq: a.seq,
+            last_seq,
+        });
     }
     Ok(count)
 }
@@ -359,7 +477,7 @@ mod tests {
         let p = log_with(d.path(), 5, 0);
         let mut log = AuditLog::open(&p, 0).unwrap();
         assert_eq!(log.append("policy", serde_json::json!({})).unwrap(), 6);
-        assert_eq!(verify(&[p], &ChainStart::Genesis).unwrap(), 6);
+        assert_eq!(verify(&[p], &ChainStart::Genesis, None).unwrap(), 6);
     }
 
     #[test]
@@ -372,7 +490,7 @@ mod tests {
         l[2] = l[2].replace("192.0.2.1", "192.0.2.2");
         write(&p, &l);
         assert_eq!(
-            verify(std::slice::from_ref(&p), &ChainStart::Genesis)
+            verify(std::slice::from_ref(&p), &ChainStart::Genesis, None)
                 .unwrap_err()
                 .to_string(),
             format!(
@@ -385,7 +503,7 @@ mod tests {
         l.remove(1);
         write(&p, &l);
         assert_eq!(
-            verify(std::slice::from_ref(&p), &ChainStart::Genesis)
+            verify(std::slice::from_ref(&p), &ChainStart::Genesis, None)
                 .unwrap_err()
                 .to_string(),
             format!(
@@ -398,7 +516,7 @@ mod tests {
         l.swap(3, 4);
         write(&p, &l);
         assert!(
-            verify(std::slice::from_ref(&p), &ChainStart::Genesis)
+            verify(std::slice::from_ref(&p), &ChainStart::Genesis, None)
                 .unwrap_err()
                 .to_string()
                 .starts_with(&format!("{}:4: record seq 5", p.display()))
@@ -408,7 +526,7 @@ mod tests {
         l[4].truncate(20);
         write(&p, &l);
         assert_eq!(
-            verify(std::slice::from_ref(&p), &ChainStart::Genesis)
+            verify(std::slice::from_ref(&p), &ChainStart::Genesis, None)
                 .unwrap_err()
                 .to_string(),
             format!("{}:5: not a JSON record (cut short or edited)", p.display())
@@ -421,11 +539,11 @@ mod tests {
         let p = log_with(d.path(), 20, 600);
         let files = chain_files(&p).unwrap();
         assert!(files.len() >= 3, "{files:?}");
-        assert_eq!(verify(&files, &ChainStart::Genesis).unwrap(), 20);
+        assert_eq!(verify(&files, &ChainStart::Genesis, None).unwrap(), 20);
         // Dropping a middle file breaks the chain where the next file starts.
         let without: Vec<PathBuf> = files.iter().filter(|f| **f != files[1]).cloned().collect();
         assert!(
-            verify(&without, &ChainStart::Genesis)
+            verify(&without, &ChainStart::Genesis, None)
                 .unwrap_err()
                 .to_string()
                 .contains("records missing or reordered")
@@ -447,7 +565,9 @@ mod tests {
         );
         // Given only what is left, the chain has no genesis.
         let rest = &files[1..];
-        let err = verify(rest, &ChainStart::Genesis).unwrap_err().to_string();
+        let err = verify(rest, &ChainStart::Genesis, None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not start at its genesis"), "{err}");
         // With the trusted point those files continue, they verify.
         let last_gone = gone.last().cloned().unwrap();
@@ -456,7 +576,7 @@ mod tests {
             seq: r["seq"].as_u64().unwrap(),
             hash: r["hash"].as_str().unwrap().to_owned(),
         };
-        let n = verify(rest, &from).unwrap();
+        let n = verify(rest, &from, None).unwrap();
         assert_eq!(n, 20 - gone.len() as u64);
         // A rotation after the gap numbers on from the newest file, never reusing one.
         let mut log = AuditLog::open(&p, 600).unwrap();
@@ -466,6 +586,36 @@ mod tests {
         }
         let numbers: Vec<u64> = rotated(&p).into_iter().map(|(n, _)| n).collect();
         assert!(!numbers.contains(&1), "{numbers:?}");
+    }
+
+    #[test]
+    fn records_cut_off_the_end_are_caught_against_the_anchor() {
+        let d = tempfile::tempdir().unwrap();
+        let p = log_with(d.path(), 5, 0);
+        let anchor_path = d.path().join("audit.anchor");
+        let mut log = AuditLog::open(&p, 0).unwrap();
+        log.append("deny", serde_json::json!({ "port": 9 }))
+            .unwrap();
+        log.anchor_to(&anchor_path).unwrap();
+        assert_eq!(fs::metadata(&anchor_path).unwrap().len(), ANCHOR_LEN as u64);
+        let anchor = Anchor::read(&anchor_path).unwrap().unwrap();
+        assert_eq!((anchor.seq, anchor.log.as_path()), (6, p.as_path()));
+        let files = chain_files(&p).unwrap();
+        let with = Some((&anchor, anchor_path.as_path()));
+        assert_eq!(verify(&files, &ChainStart::Genesis, with).unwrap(), 6);
+        // The last two records cut away: the chain itself is intact, the anchor is not met.
+        let l = lines(&p);
+        write(&p, &l[..4]);
+        assert_eq!(verify(&files, &ChainStart::Genesis, None).unwrap(), 4);
+        assert_eq!(
+            verify(&files, &ChainStart::Genesis, with)
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "records were cut off the end: the anchor {} says seq 6 was written, and the chain ends at seq 4",
+                anchor_path.display()
+            )
+        );
     }
 
     #[test]

@@ -9,6 +9,25 @@ use std::{
     path::{Path, PathBuf},
 };
 
+/// A small record of fixed size, rewritten in place and synced: `bytes` (always the same
+/// length for one file, at most one 512-byte sector, so a power cut leaves the old bytes or
+/// the new) over `path`. Needs no new block, so it works on a full disk, where a replacement
+/// file could not be made. The first write (no file yet, or one of another size) goes
+/// through [`write_atomic`].
+pub fn write_in_place(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    debug_assert!(bytes.len() <= 512);
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() == bytes.len() as u64 => {}
+        Ok(_) => return write_atomic(path, bytes),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return write_atomic(path, bytes),
+        Err(e) => return Err(e),
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.write_all_at(bytes, 0)?;
+    f.sync_data()
+}
+
 /// Replaces `path` with `bytes`: a temporary file beside it is written and fsync'd, renamed
 /// over `path`, and the directory fsync'd.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {

@@ -662,11 +662,53 @@ fn enroll_renew_and_revoke() {
     assert_eq!(svc.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
     assert_eq!(node.stop(), 0);
 
-    // Everything above is in the audit log, and the chain verifies.
+    // Everything above is in the audit log, and the chain verifies, up to the anchor the
+    // node keeps apart from it. The log is its owner's alone.
+    let anchor = dir.join("state/audit.anchor");
+    let anchor = anchor.to_str().unwrap();
     let (code, out, err) = agentwall_out(&["audit", "verify", audit.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(out.ends_with("records in 1 file(s), chain intact"), "{out}");
+    let (code, out, err) = agentwall_out(&[
+        "audit",
+        "verify",
+        audit.to_str().unwrap(),
+        "--anchor",
+        anchor,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("chain intact, up to the anchor's seq"),
+        "{out}"
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&audit).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let text = std::fs::read_to_string(&audit).unwrap();
+    // Records cut off the end leave an intact chain, and miss the anchor.
+    let kept: Vec<&str> = text.lines().collect();
+    let cut = kept.len() - 2;
+    std::fs::write(&audit, kept[..cut].join("\n") + "\n").unwrap();
+    let (code, _, err) = agentwall_out(&["audit", "verify", audit.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = agentwall_out(&[
+        "audit",
+        "verify",
+        audit.to_str().unwrap(),
+        "--anchor",
+        anchor,
+    ]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim(),
+        format!(
+            "agentwall audit verify: records were cut off the end: the anchor {anchor} says seq {} was written, and the chain ends at seq {cut}",
+            kept.len()
+        )
+    );
+    std::fs::write(&audit, &text).unwrap();
     let records: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

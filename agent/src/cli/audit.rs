@@ -1,16 +1,24 @@
 use std::{path::PathBuf, process::ExitCode};
 
-use agentwall::audit::{ChainStart, chain_files, verify};
+use agentwall::audit::{Anchor, ChainStart, chain_files, verify};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Check an audit log's hash chain; with one file, its rotated predecessors (FILE.1,
     /// FILE.2, ...) are checked first, and every one of them must be there. The chain must
     /// start at its genesis (seq 1) unless --from names the trusted point it continues.
-    /// Reports the first broken or missing record.
+    /// With the node's anchor (--anchor, or --config), records cut off the end are caught
+    /// too. Reports the first broken or missing record.
     Verify {
-        #[arg(required = true)]
+        /// The log (its rotated files are found beside it), or every file in order. With
+        /// --config, the node's `audit_log` when none is given.
         files: Vec<PathBuf>,
+        /// The node's config: its `audit_log` and the anchor in its `state_dir`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The anchor file the node keeps (STATE_DIR/audit.anchor).
+        #[arg(long)]
+        anchor: Option<PathBuf>,
         /// SEQ:HASH of the last record before the files given (a point an earlier check
         /// trusted, when older files were archived or removed on purpose).
         #[arg(long, value_parser = parse_point)]
@@ -34,9 +42,41 @@ fn parse_point(s: &str) -> Result<ChainStart, String> {
     })
 }
 
-/// Exit 0 when the chain is intact, 1 at the first broken or missing record.
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("agentwall audit verify: {e}");
+    ExitCode::FAILURE
+}
+
+/// Exit 0 when the chain is intact, 1 at the first broken or missing record (2 when the
+/// command itself is wrong).
 pub fn run(cmd: Command) -> ExitCode {
-    let Command::Verify { files, from } = cmd;
+    let Command::Verify {
+        mut files,
+        config,
+        mut anchor,
+        from,
+    } = cmd;
+    if let Some(c) = &config {
+        let cfg = match agentwall::config::NodeConfig::load(c) {
+            Ok(cfg) => cfg,
+            Err(e) => return fail(e),
+        };
+        if files.is_empty() {
+            match cfg.audit_log.clone() {
+                Some(p) => files.push(p),
+                None => return fail(format!("{}: sets no audit_log", c.display())),
+            }
+        }
+        anchor.get_or_insert_with(|| agentwall::config::audit_anchor(&cfg.state_dir()));
+    }
+    if files.is_empty() {
+        eprintln!("agentwall audit verify: name the log (FILE) or the node's --config");
+        return ExitCode::from(2);
+    }
+    let anchor = match anchor.as_deref().map(Anchor::read).transpose() {
+        Ok(a) => anchor.zip(a.flatten()),
+        Err(e) => return fail(e),
+    };
     let chain = match files.as_slice() {
         [one] => match chain_files(one) {
             Ok(v) => v,
@@ -47,14 +87,19 @@ pub fn run(cmd: Command) -> ExitCode {
         },
         many => many.to_vec(),
     };
-    match verify(&chain, from.as_ref().unwrap_or(&ChainStart::Genesis)) {
+    let with = anchor.as_ref().map(|(p, a)| (a, p.as_path()));
+    match verify(&chain, from.as_ref().unwrap_or(&ChainStart::Genesis), with) {
         Ok(n) => {
-            println!("{n} records in {} file(s), chain intact", chain.len());
+            let anchored = match &anchor {
+                Some((_, a)) => format!(", up to the anchor's seq {} and on", a.seq),
+                None => String::new(),
+            };
+            println!(
+                "{n} records in {} file(s), chain intact{anchored}",
+                chain.len()
+            );
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("agentwall audit verify: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(e),
     }
 }

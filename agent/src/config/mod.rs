@@ -116,6 +116,11 @@ impl From<UnknownFlowsSetting> for UnknownFlows {
 pub const DEFAULT_CONFIG: &str = "/etc/agentwall/agentwall.toml";
 pub const DEFAULT_SOCKET: &str = "/run/agentwall/agentwall.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/agentwall";
+
+/// Where the node anchors its audit log's head (see [`crate::audit::Anchor`]).
+pub fn audit_anchor(state_dir: &Path) -> PathBuf {
+    state_dir.join("audit.anchor")
+}
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/agentwall";
 pub const DEFAULT_POLICY_DIR: &str = "/etc/agentwall/policy";
 

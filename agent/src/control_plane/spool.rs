@@ -124,11 +124,8 @@ impl Spool {
             Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
             Err(e) => return Err(io_err(&acked_path)(e)),
         };
-        // At its full width, made atomically now, so that every later ack writes in place.
-        if std::fs::metadata(&acked_path).map_or(true, |m| m.len() != CURSOR_LEN as u64) {
-            crate::files::write_atomic(&acked_path, format!("{acked:020}\n").as_bytes())
-                .map_err(io_err(&acked_path))?;
-        }
+        // At its full width now, so that every later ack writes in place.
+        write_cursor(dir, acked)?;
         let mut firsts: Vec<u64> = std::fs::read_dir(dir)
             .map_err(io_err(dir))?
             .filter_map(Result::ok)
@@ -433,26 +430,11 @@ impl Spool {
     }
 }
 
-/// Width of the `acked` file: a u64 in decimal, zero-padded, and a newline.
-const CURSOR_LEN: usize = 21;
-
-/// Writes the acknowledged id into `dir/acked` in place and syncs it. The file keeps one
-/// size, so the write needs no new block: it works on a full disk, where a new file (an
-/// atomic replace) could not be made, and a 21-byte write within one sector is not torn.
-/// The file is made when the spool is opened (see [`Spool::open`]).
+/// Writes the acknowledged id into `dir/acked`, in place and synced, at one width (a u64
+/// in decimal, zero-padded, and a newline): it works on a full disk.
 fn write_cursor(dir: &Path, acked: u64) -> Result<(), SpoolError> {
-    use std::os::unix::fs::FileExt as _;
     let path = dir.join("acked");
-    let text = format!("{acked:020}\n");
-    debug_assert_eq!(text.len(), CURSOR_LEN);
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .map_err(io_err(&path))?;
-    f.write_all_at(text.as_bytes(), 0)
-        .and_then(|()| f.set_len(CURSOR_LEN as u64))
-        .and_then(|()| f.sync_data())
-        .map_err(io_err(&path))
+    crate::files::write_in_place(&path, format!("{acked:020}\n").as_bytes()).map_err(io_err(&path))
 }
 
 /// Reads the whole records of `seg` from byte `from` on, handing each (with its offset and

@@ -183,6 +183,8 @@ impl AuditEvent<'_> {
 
 struct State {
     log: Option<AuditLog>,
+    /// Where the chain's head is anchored (`state_dir/audit.anchor`).
+    anchor: Option<std::path::PathBuf>,
     /// Records the log could not take.
     failures: u64,
     /// Of those, the ones no `loss` record in the log accounts for yet.
@@ -205,9 +207,15 @@ pub struct JournalError {
 }
 
 impl Journal {
-    /// A journal writing to the audit log at `path` (none: records go to the outbox only).
-    pub fn open(path: Option<&Path>, max_bytes: u64) -> Result<Self, JournalError> {
-        let log = path
+    /// A journal writing to the audit log at `path` (none: records go to the outbox only),
+    /// its head anchored at `anchor`. Records cut off the end of the log while the node was
+    /// down (the anchor is ahead of the log) are said so, in the log too.
+    pub fn open(
+        path: Option<&Path>,
+        max_bytes: u64,
+        anchor: Option<&Path>,
+    ) -> Result<Self, JournalError> {
+        let mut log = path
             .map(|p| {
                 AuditLog::open(p, max_bytes).map_err(|e| JournalError {
                     path: p.to_owned(),
@@ -215,9 +223,31 @@ impl Journal {
                 })
             })
             .transpose()?;
+        if let (Some(log), Some(at), Some(p)) = (&mut log, anchor, path) {
+            let held = crate::audit::Anchor::read(at).map_err(|e| JournalError {
+                path: at.to_owned(),
+                message: e.to_string(),
+            })?;
+            let (seq, hash) = log.head();
+            if let Some(a) = held.filter(|a| a.log == p)
+                && (a.seq > seq || (a.seq == seq && a.hash != hash))
+            {
+                error!(anchor = %at.display(), anchored_seq = a.seq, log_seq = seq,
+                    "audit records were cut off the end of the log while the node was down");
+                let _ = log.append(
+                    "loss",
+                    serde_json::json!({
+                        "audit_records_cut": a.seq.saturating_sub(seq),
+                        "anchored_seq": a.seq,
+                        "anchored_hash": a.hash,
+                    }),
+                );
+            }
+        }
         Ok(Self {
             state: Mutex::new(State {
                 log,
+                anchor: anchor.map(Path::to_owned),
                 failures: 0,
                 unlogged: 0,
                 outbox: None,
@@ -244,6 +274,23 @@ impl Journal {
             .as_mut()
             .map(std::mem::take)
             .unwrap_or_default()
+    }
+
+    /// Syncs the audit log and moves its anchor to the chain's head (called every tick, and
+    /// at shutdown). A failure is logged; the next call tries again.
+    pub fn checkpoint(&self) {
+        let mut st = self.lock();
+        let State {
+            log: Some(log),
+            anchor: Some(at),
+            ..
+        } = &mut *st
+        else {
+            return;
+        };
+        if let Err(e) = log.anchor_to(at) {
+            error!(error = %e, "the audit log's anchor could not be moved");
+        }
     }
 
     /// Audit records that could not be written (a full disk, say).
@@ -514,10 +561,34 @@ mod tests {
     }
 
     #[test]
+    fn records_cut_off_while_the_node_was_down_are_recorded_at_start() {
+        let d = tempfile::tempdir().unwrap();
+        let (p, at) = (d.path().join("audit.jsonl"), d.path().join("audit.anchor"));
+        let j = Journal::open(Some(&p), 0, Some(&at)).unwrap();
+        for n in 1..=3 {
+            j.record(&AuditEvent::Loss(KernelLoss {
+                records_lost: 1,
+                total_lost: n,
+            }));
+        }
+        j.checkpoint();
+        drop(j);
+        let text = std::fs::read_to_string(&p).unwrap();
+        let kept: Vec<&str> = text.lines().take(2).collect();
+        std::fs::write(&p, kept.join("\n") + "\n").unwrap();
+        drop(Journal::open(Some(&p), 0, Some(&at)).unwrap());
+        let text = std::fs::read_to_string(&p).unwrap();
+        let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(last["kind"], "loss", "{last}");
+        assert_eq!(last["audit_records_cut"], 1, "{last}");
+        assert_eq!(last["anchored_seq"], 3, "{last}");
+    }
+
+    #[test]
     fn records_reach_log_and_outbox_with_their_place_in_the_log() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("audit.jsonl");
-        let j = Journal::open(Some(&p), 0).unwrap();
+        let j = Journal::open(Some(&p), 0, None).unwrap();
         j.record(&AuditEvent::Loss(KernelLoss {
             records_lost: 1,
             total_lost: 1,
@@ -533,7 +604,7 @@ mod tests {
         assert_eq!(out[0]["audit_seq"], 2);
         assert!(j.take_outbox().is_empty());
         assert_eq!(
-            crate::audit::verify(&[p], &crate::audit::ChainStart::Genesis).unwrap(),
+            crate::audit::verify(&[p], &crate::audit::ChainStart::Genesis, None).unwrap(),
             2
         );
     }

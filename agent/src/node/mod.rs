@@ -290,6 +290,7 @@ impl Node {
         let journal = Arc::new(Journal::open(
             cfg.audit_log.as_deref(),
             cfg.audit_log_max_bytes.unwrap_or(AUDIT_MAX_BYTES),
+            Some(&crate::config::audit_anchor(&state_dir)),
         )?);
         let sessions =
             Sessions::load(datapath.clone(), journal.clone(), agents, mount, &state_dir)?;
@@ -437,6 +438,7 @@ impl Node {
     /// learned addresses and certificates, the DNS proxy's namespaces, counts the kernel
     /// held, folded runs, schedule windows and the policy directory.
     fn tick(&self) {
+        self.journal.checkpoint();
         if let Some(serials) = self.trust.reload_crls() {
             self.sessions.cut_off(&serials);
         }
@@ -787,6 +789,7 @@ impl Node {
                 &node.counters,
             );
             node.records.flush(true, &node.journal);
+            node.journal.checkpoint();
             node.dns.save_now();
         })
         .await;
