@@ -562,7 +562,7 @@ fn a_revocation_wakes_every_waiting_node_at_once() {
         // The waits are held by the server before the revocation goes in.
         tokio::task::block_in_place(|| {
             eventually("20 polls held", Duration::from_secs(30), || {
-                let n = cp_metric(&fx, &server, "agentwall_cp_polls_held");
+                let n = try_cp_metric(&fx, &server, "agentwall_cp_polls_held")?;
                 if n == 20 {
                     Ok(())
                 } else {
@@ -1107,17 +1107,22 @@ fn answer_then_close(s: &mut impl Read) -> (String, bool) {
 }
 
 fn cp_metric(fx: &CpFixture, server: &CpProc, name: &str) -> u64 {
+    try_cp_metric(fx, server, name).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The metric, or why it could not be read (a connection the server refused, say).
+fn try_cp_metric(fx: &CpFixture, server: &CpProc, name: &str) -> Result<u64, String> {
     let mut s = raw(fx, server);
     let token = std::fs::read_to_string(&fx.security_token).unwrap();
     write!(
         s,
         "GET /v1/metrics HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
     )
-    .unwrap();
+    .map_err(|e| format!("asking for {name}: {e}"))?;
     let (text, _) = answer_then_close(&mut s);
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in the metrics:\n{text}"))
+        .ok_or_else(|| format!("{name} not in the metrics:\n{text}"))
 }
 
 /// A hostile client meets the server's limits from the request head: no body byte is read
@@ -1130,7 +1135,7 @@ fn the_control_plane_answers_hostile_clients_from_the_request_head() {
     let fx = CpFixture::new(tmp.path());
     fx.configure(
         "",
-        "[limits]\nhandshake_timeout_secs = 1\nheader_timeout_secs = 1\nbody_timeout_secs = 2\nmax_connections_per_address = 6\nrequests_per_minute = 5\n",
+        "[limits]\nhandshake_timeout_secs = 3\nheader_timeout_secs = 3\nbody_timeout_secs = 3\nrequests_per_minute = 5\n",
     );
     let server = CpProc::start(&fx, None);
     let admin_token = std::fs::read_to_string(&fx.admin_token).unwrap();
@@ -1242,17 +1247,31 @@ fn the_control_plane_answers_hostile_clients_from_the_request_head() {
         "{last}"
     );
 
+    // A node's batch over the record cap is refused whole, 413, counted.
+    let node = fx.node_client(&server.url, "flood");
+    let many: Vec<serde_json::Value> = (0..10_001)
+        .map(|i| record("deny", None, "192.0.2.1", None, i))
+        .collect();
+    let err = rt()
+        .block_on(node.post_reports(&batch(1, 1, &many)))
+        .expect_err("over the record cap");
+    let text = err.to_string();
+    assert!(
+        text.contains("413") && text.contains("a batch of 10001 records; at most 10000 a batch"),
+        "{text}"
+    );
+
     // Each refusal counted (the metrics endpoint is not rate limited).
     for (reason, at_least) in [
         ("unauthenticated", 1),
-        ("body_too_large", 2),
+        ("body_too_large", 3),
         ("body_timeout", 1),
         ("rate_limited", 1),
         ("handshake_timeout", 1),
     ] {
         let name = format!("agentwall_cp_refusals_total{{reason=\"{reason}\"}}");
         let n = eventually(&name, Duration::from_secs(30), || {
-            let n = cp_metric(&fx, &server, &name);
+            let n = try_cp_metric(&fx, &server, &name)?;
             if n >= at_least {
                 Ok(n)
             } else {
@@ -1278,12 +1297,13 @@ fn the_control_plane_answers_hostile_clients_from_the_request_head() {
     let (_, closed) = answer_then_close(&mut seventh);
     assert!(closed);
     held.pop();
+    // Until the server has seen that one go, this connection may be the one over the cap.
     eventually("room for a connection", Duration::from_secs(30), || {
-        let n = cp_metric(
+        let n = try_cp_metric(
             &fx,
             &server,
             "agentwall_cp_refusals_total{reason=\"address_cap\"}",
-        );
+        )?;
         if n >= 1 {
             Ok(())
         } else {
@@ -1327,7 +1347,7 @@ fn a_revoked_client_certificate_fails_the_handshake() {
     std::fs::write(&next, fx.ca.crl(&[&issued.serial])).unwrap();
     std::fs::rename(&next, &crl).unwrap();
     eventually("the CRL reread", Duration::from_secs(30), || {
-        let n = cp_metric(&fx, &server, "agentwall_cp_crl_reloads_total");
+        let n = try_cp_metric(&fx, &server, "agentwall_cp_crl_reloads_total")?;
         if n >= 1 {
             Ok(())
         } else {
@@ -1348,7 +1368,7 @@ fn a_revoked_client_certificate_fails_the_handshake() {
     // A CRL file that turns unreadable leaves the last good one in force.
     std::fs::write(&crl, "not a CRL").unwrap();
     eventually("the failed reread counted", Duration::from_secs(30), || {
-        let n = cp_metric(&fx, &server, "agentwall_cp_crl_reload_failures_total");
+        let n = try_cp_metric(&fx, &server, "agentwall_cp_crl_reload_failures_total")?;
         if n >= 1 {
             Ok(())
         } else {
@@ -1389,7 +1409,7 @@ fn a_node_holds_one_long_poll() {
     };
     let first = rt.spawn(send(a, poll.clone()));
     eventually("the first poll held", Duration::from_secs(30), || {
-        let n = cp_metric(&fx, &server, "agentwall_cp_polls_held");
+        let n = try_cp_metric(&fx, &server, "agentwall_cp_polls_held")?;
         if n == 1 {
             Ok(())
         } else {
@@ -1412,4 +1432,93 @@ fn a_node_holds_one_long_poll() {
     );
     assert_eq!(cp_metric(&fx, &server, "agentwall_cp_polls_held"), 1);
     second.abort();
+}
+
+/// A client certificate a `client_crl` revokes loses access everywhere: on a connection it
+/// opened before the revocation, and on a TLS session it would resume (there are none).
+#[test]
+fn a_revoked_certificate_keeps_no_access_by_resumption_or_open_connection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    let crl = fx.dir.join("clients.crl");
+    std::fs::write(&crl, fx.ca.crl(&[])).unwrap();
+    fx.configure("client_crl = [\"clients.crl\"]\n", "");
+    let server = CpProc::start(&fx, None);
+    let issued = fx
+        .ca
+        .issue(&CertSpec::agent("spiffe://example.org/node/stolen"));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&fx.ca_pem).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<_> =
+        rustls::pki_types::CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+            .map(Result::unwrap)
+            .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+    // rustls' default client keeps sessions to resume (as the node's own client does).
+    let config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap(),
+    );
+    let connect = || {
+        let tcp = std::net::TcpStream::connect(server.addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let conn =
+            rustls::ClientConnection::new(config.clone(), "127.0.0.1".try_into().unwrap()).unwrap();
+        rustls::StreamOwned::new(conn, tcp)
+    };
+    let body = r#"{"known_version":0,"revocation_gen":0,"agent_version":"x","wait_ms":0}"#;
+    let poll = |s: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+                close: bool| {
+        let c = if close { "Connection: close\r\n" } else { "" };
+        let _ = write!(
+            s,
+            "POST /v1/node/poll HTTP/1.1\r\nHost: cp\r\n{c}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = s.flush();
+        let mut buf = vec![0u8; 4096];
+        match s.read(&mut buf) {
+            Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+            Err(e) => format!("error: {e}"),
+        }
+    };
+    // Before the revocation: served, and the client keeps a session ticket.
+    let mut open = connect();
+    assert!(poll(&mut open, false).starts_with("HTTP/1.1 200"));
+    let mut first = connect();
+    assert!(poll(&mut first, true).starts_with("HTTP/1.1 200"));
+    drop(first);
+
+    let next = fx.dir.join("clients.crl.new");
+    std::fs::write(&next, fx.ca.crl(&[&issued.serial])).unwrap();
+    std::fs::rename(&next, &crl).unwrap();
+    eventually("the CRL reread", Duration::from_secs(30), || {
+        let n = try_cp_metric(&fx, &server, "agentwall_cp_crl_reloads_total")?;
+        if n >= 1 {
+            Ok(())
+        } else {
+            Err(format!("reloads {n}"))
+        }
+    });
+
+    let mut resumed = connect();
+    let text = poll(&mut resumed, true);
+    let was_resumed = resumed.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    assert!(
+        !text.starts_with("HTTP/1.1 200"),
+        "a revoked certificate was served on a resumed session (resumed: {was_resumed}): {text}"
+    );
+    let text = poll(&mut open, false);
+    assert!(
+        !text.starts_with("HTTP/1.1 200"),
+        "a revoked certificate was served on the connection it opened before: {text}"
+    );
 }

@@ -41,6 +41,10 @@ pub enum ServerError {
     Pem(#[from] crate::pem::PemError),
     #[error(transparent)]
     Crl(#[from] crate::identity::IdentityError),
+    #[error(
+        "limits.max_connections {max} does not fit the open-files limit {files} (64 kept for the server's own files): lower it, or raise LimitNOFILE"
+    )]
+    FdLimit { max: usize, files: u64 },
     #[error("TLS set-up: {0}")]
     Tls(String),
     #[error("listening on {addr}: {source}")]
@@ -55,6 +59,9 @@ pub enum ServerError {
 struct Peer {
     spiffe_id: Option<String>,
     addr: Option<SocketAddr>,
+    /// The certificate chain the handshake verified (or a resumed session carried): checked
+    /// again for every request, against the CRLs and the clock of that moment.
+    chain: Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>,
 }
 
 /// An authenticated caller and the roles it holds.
@@ -281,12 +288,17 @@ pub struct Server {
     poll_tickets: std::sync::atomic::AtomicU64,
     /// Open connections per peer address (the total is `stats.connections`).
     conns: Mutex<HashMap<std::net::IpAddr, usize>>,
+    /// Nodes with a report batch being stored: one at a time each.
+    reporting: Mutex<std::collections::HashSet<String>>,
+    ingests: tokio::sync::Semaphore,
     /// (newest bundle version, revocation generation): long-polls wait on changes.
     changes: tokio::sync::watch::Sender<(u64, u64)>,
     /// The newest bundle, serialized once for every poll that gets it.
     latest: std::sync::RwLock<Option<Arc<serde_json::value::RawValue>>>,
     /// Polls not yet written to the store (written once a second, in one transaction).
     seen: Mutex<HashMap<String, NodeSeen>>,
+    /// The client-certificate verifier in force (CRLs reread), for per-request rechecks.
+    verifier: std::sync::OnceLock<Arc<CrlWatchingVerifier>>,
 }
 
 impl Server {
@@ -313,9 +325,12 @@ impl Server {
             polls: Mutex::new(HashMap::new()),
             poll_tickets: std::sync::atomic::AtomicU64::new(0),
             conns: Mutex::new(HashMap::new()),
+            reporting: Mutex::new(std::collections::HashSet::new()),
+            ingests: tokio::sync::Semaphore::new(INGESTS_AT_ONCE),
             changes,
             latest: std::sync::RwLock::new(latest),
             seen: Mutex::new(HashMap::new()),
+            verifier: std::sync::OnceLock::new(),
         }))
     }
 
@@ -355,7 +370,18 @@ impl Server {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
         let name = match (&peer.spiffe_id, token) {
-            (Some(id), _) => id.clone(),
+            // One credential names the caller, grants its roles and spends its rate: a token
+            // beside a certificate would do the one under the other's name.
+            (Some(_), Some(_)) => {
+                if self.stats.refused(Refusal::Unauthenticated) {
+                    warn!(route, peer = ?peer.addr, "request refused: both a client certificate and a bearer token");
+                }
+                return Err(Fail::new(
+                    StatusCode::UNAUTHORIZED,
+                    "present a client certificate or a bearer token, not both",
+                ));
+            }
+            (Some(id), None) => id.clone(),
             (None, Some(t)) => format!("token:{}", &sha256_hex(t.as_bytes())[..12]),
             (None, None) => {
                 if self.stats.refused(Refusal::Unauthenticated) {
@@ -481,6 +507,24 @@ async fn gate(
     };
     let route = format!("{method} {path}");
     let peer = req.extensions().get::<Peer>().cloned().unwrap_or_default();
+    // A certificate revoked (or expired) since the handshake loses its connection now.
+    if let (Some(v), Some(chain)) = (s.verifier.get(), peer.chain.as_deref())
+        && let Some((ee, rest)) = chain.split_first()
+        && let Err(e) = rustls::server::danger::ClientCertVerifier::verify_client_cert(
+            &**v,
+            ee,
+            rest,
+            rustls::pki_types::UnixTime::now(),
+        )
+    {
+        return s.refuse(
+            Refusal::Unauthenticated,
+            Fail::new(
+                StatusCode::UNAUTHORIZED,
+                format!("the client certificate is no longer valid: {e}"),
+            ),
+        );
+    }
     let who = match s.allow(&peer, req.headers(), &route, rule.roles) {
         Ok(p) => p,
         // `allow` has counted and logged it.
@@ -600,8 +644,12 @@ fn bundle_json(b: &Bundle) -> Arc<serde_json::value::RawValue> {
         .into()
 }
 
-/// Largest decompressed report batch.
-const MAX_BATCH_BYTES: u64 = 256 << 20;
+/// Largest decompressed report batch (a node sends at most 5,000 records a batch).
+const MAX_BATCH_BYTES: u64 = 32 << 20;
+/// Most records in one batch.
+const MAX_BATCH_RECORDS: usize = 10_000;
+/// Report batches stored at once, from all nodes: the store has one writer.
+const INGESTS_AT_ONCE: usize = 2;
 
 type S = State<Arc<Server>>;
 
@@ -895,6 +943,17 @@ async fn node_poll(
     }
 }
 
+/// Takes `node` off the nodes storing a batch when dropped.
+fn scopeguard_remove<'a>(s: &'a Server, node: &'a str) -> impl Drop + 'a {
+    struct Done<'a>(&'a Server, &'a str);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.reporting.lock().expect("reporting").remove(self.1);
+        }
+    }
+    Done(s, node)
+}
+
 /// A node's held long-poll, registered for as long as it lives: a newer poll of the same
 /// node wakes it ([`HeldPoll::replaced`]) to answer at once.
 struct HeldPoll<'a> {
@@ -1018,6 +1077,25 @@ async fn node_reports(
     let gzip = headers
         .get(axum::http::header::CONTENT_ENCODING)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+    // One batch per node at a time, and few at once from all: a node cannot hold the
+    // store's writer (or the server's memory) with batch after batch.
+    if !s
+        .reporting
+        .lock()
+        .expect("reporting")
+        .insert(who.name.clone())
+    {
+        return Err(Fail::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("a report batch from {} is already being stored", who.name),
+        ));
+    }
+    let _reporting = scopeguard_remove(&s, &who.name);
+    let _permit = s
+        .ingests
+        .acquire()
+        .await
+        .map_err(|_| Fail::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
     let store = s.store.clone();
     let node = who.name.clone();
     let (n, ingested) = tokio::task::spawn_blocking(move || {
@@ -1044,6 +1122,15 @@ async fn node_reports(
                 format!("body is not a report batch: {e}"),
             )
         })?;
+        if batch.records.len() > MAX_BATCH_RECORDS {
+            return Err(Fail::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "a batch of {} records; at most {MAX_BATCH_RECORDS} a batch",
+                    batch.records.len()
+                ),
+            ));
+        }
         let r = store
             .ingest(&node, batch.epoch, &batch.records)
             .map_err(|e| match e {
@@ -1053,7 +1140,12 @@ async fn node_reports(
         Ok((batch.records.len(), r))
     })
     .await
-    .map_err(|e| Fail::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    .map_err(|e| Fail::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .inspect_err(|f| {
+        if f.0 == StatusCode::PAYLOAD_TOO_LARGE && s.stats.refused(Refusal::TooLarge) {
+            warn!(node = %who.name, error = %f.1.error, "report batch refused");
+        }
+    })?;
     tracing::debug!(node = %who.name, records = n, accepted = ingested.accepted,
         duplicates = ingested.duplicates, "reports ingested");
     Ok(Json(ingested))
@@ -1087,6 +1179,9 @@ fn tls_config(
             message: format!("does not fit {}: {e}", cfg.cert.display()),
         })?;
     c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // A resumed session skips the client-certificate verifier (CRLs and expiry): none.
+    c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    c.send_tls13_tickets = 0;
     Ok((Arc::new(c), verifier))
 }
 
@@ -1138,6 +1233,14 @@ impl Drop for ConnSlot {
 /// Serves until SIGTERM or SIGINT. `ready` gets the bound address once connections are
 /// accepted.
 pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
+    // Every connection the caps let in needs a descriptor, and the server a few of its own.
+    let files = crate::node::raise_fd_limit();
+    if cfg.limits.max_connections as u64 + 64 > files {
+        return Err(ServerError::FdLimit {
+            max: cfg.limits.max_connections,
+            files,
+        });
+    }
     let (tls, crl_verifier) = tls_config(&cfg)?;
     let db = cfg.database.clone();
     let store: Arc<dyn Store> = Arc::new(
@@ -1161,6 +1264,9 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
         addr: cfg.listen,
         source,
     })?;
+    if let Some(v) = &crl_verifier {
+        let _ = server.verifier.set(v.clone());
+    }
     let router = server.router();
     {
         let server = server.clone();
@@ -1216,7 +1322,15 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
         let (tcp, from) = tokio::select! {
             c = listener.accept() => match c {
                 Ok(c) => c,
-                Err(e) => { warn!(error = %e, "accept failed"); continue; }
+                Err(e) => {
+                    // Out of descriptors, say: a pause, not a spin, and a log line now and
+                    // then.
+                    if server.stats.refused(Refusal::ConnectionCap) {
+                        warn!(error = %e, "accept failed");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             },
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
@@ -1257,16 +1371,16 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
                 }
             };
             // webpki has verified the chain; the SPIFFE ID names the caller.
-            let spiffe_id = tls
-                .get_ref()
-                .1
-                .peer_certificates()
+            let certs = tls.get_ref().1.peer_certificates();
+            let spiffe_id = certs
                 .and_then(<[_]>::first)
                 .and_then(|c| crate::identity::peer_from_cert(c).ok())
                 .map(|p| p.id.to_string());
+            let chain = certs.map(|c| Arc::new(c.iter().map(|d| d.clone().into_owned()).collect()));
             let peer = Peer {
                 spiffe_id,
                 addr: Some(from),
+                chain,
             };
             if let Err(e) =
                 crate::http::serve_connection(tls, router, peer, true, Some(header)).await

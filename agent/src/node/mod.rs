@@ -221,7 +221,7 @@ impl Node {
     /// to start, unless a last good copy is kept.
     pub fn start(cfg: NodeConfig) -> Result<Arc<Self>, NodeError> {
         cfg.check()?;
-        raise_fd_limit();
+        let _ = raise_fd_limit();
         let trust = Trust::load(&cfg)?;
         let dir = cfg.policy_dir();
         let state_dir = cfg.state_dir();
@@ -849,22 +849,29 @@ impl crate::control_plane::link::NodeSide for Node {
     }
 }
 
-/// One descriptor per identity's trie, four per proxy listener: the soft limit goes up to the
-/// hard one, so the node's own tables, not a default of 1,024, are what bounds it.
-fn raise_fd_limit() {
+/// Raises the soft open-files limit to the hard one, so the daemon's own tables (the node's
+/// tries and proxy listeners, the control plane's connection caps), not a default of 1,024,
+/// are what bounds it. Returns the soft limit in force afterwards.
+pub fn raise_fd_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: plain syscalls with a valid out-pointer.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let old = lim.rlim_cur;
             lim.rlim_cur = lim.rlim_max;
             if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
                 warn!(error = %io::Error::last_os_error(), "could not raise the open files limit");
+                lim.rlim_cur = old;
             }
         }
     }
+    lim.rlim_cur
 }
 
 /// Tells a service manager (systemd's `NOTIFY_SOCKET`) that the node is ready, or stopping.
