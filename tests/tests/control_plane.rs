@@ -1317,6 +1317,22 @@ fn the_control_plane_answers_hostile_clients_from_the_request_head() {
     );
 }
 
+/// Replaces the server's client CRL (`crl`) with one listing `serial`, and waits until the
+/// server has read it.
+fn revoke_in_crl(fx: &CpFixture, server: &CpProc, crl: &Path, serial: &[u8]) {
+    let next = fx.dir.join("clients.crl.new");
+    std::fs::write(&next, fx.ca.crl(&[serial])).unwrap();
+    std::fs::rename(&next, crl).unwrap();
+    eventually("the CRL reread", Duration::from_secs(30), || {
+        let n = try_cp_metric(fx, server, "agentwall_cp_crl_reloads_total")?;
+        if n >= 1 {
+            Ok(())
+        } else {
+            Err(format!("reloads {n}"))
+        }
+    });
+}
+
 /// A revoked node or admin certificate loses its role: the CRL the control plane reads
 /// (reread when its file changes) fails its handshake; bearer tokens are untouched.
 #[test]
@@ -1343,17 +1359,7 @@ fn a_revoked_client_certificate_fails_the_handshake() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let next = fx.dir.join("clients.crl.new");
-    std::fs::write(&next, fx.ca.crl(&[&issued.serial])).unwrap();
-    std::fs::rename(&next, &crl).unwrap();
-    eventually("the CRL reread", Duration::from_secs(30), || {
-        let n = try_cp_metric(&fx, &server, "agentwall_cp_crl_reloads_total")?;
-        if n >= 1 {
-            Ok(())
-        } else {
-            Err(format!("reloads {n}"))
-        }
-    });
+    revoke_in_crl(&fx, &server, &crl, &issued.serial);
     // Under TLS 1.3 the client learns only that the connection ended; the server says why.
     let out = cp(&fx, &server.url, &creds, &["nodes"]);
     assert!(!out.status.success());
@@ -1497,17 +1503,7 @@ fn a_revoked_certificate_keeps_no_access_by_resumption_or_open_connection() {
     assert!(poll(&mut first, true).starts_with("HTTP/1.1 200"));
     drop(first);
 
-    let next = fx.dir.join("clients.crl.new");
-    std::fs::write(&next, fx.ca.crl(&[&issued.serial])).unwrap();
-    std::fs::rename(&next, &crl).unwrap();
-    eventually("the CRL reread", Duration::from_secs(30), || {
-        let n = try_cp_metric(&fx, &server, "agentwall_cp_crl_reloads_total")?;
-        if n >= 1 {
-            Ok(())
-        } else {
-            Err(format!("reloads {n}"))
-        }
-    });
+    revoke_in_crl(&fx, &server, &crl, &issued.serial);
 
     let mut resumed = connect();
     let text = poll(&mut resumed, true);
