@@ -1135,7 +1135,7 @@ fn the_control_plane_answers_hostile_clients_from_the_request_head() {
     let fx = CpFixture::new(tmp.path());
     fx.configure(
         "",
-        "[limits]\nhandshake_timeout_secs = 3\nheader_timeout_secs = 3\nbody_timeout_secs = 3\nrequests_per_minute = 5\n",
+        "[limits]\nhandshake_timeout_secs = 3\nheader_timeout_secs = 3\nbody_timeout_secs = 3\nwrite_timeout_secs = 2\nrequests_per_minute = 5\n",
     );
     let server = CpProc::start(&fx, None);
     let admin_token = std::fs::read_to_string(&fx.admin_token).unwrap();
@@ -1246,6 +1246,47 @@ fn the_control_plane_answers_hostile_clients_from_the_request_head() {
         last.contains("made more than 5 requests a minute"),
         "{last}"
     );
+
+    // A client that pipelines requests and never reads the answers: once its answers stop
+    // moving for the write timeout, the server drops the connection.
+    let mut hog = raw(&fx, &server);
+    let small: i32 = 4096;
+    // SAFETY: a valid socket and option value.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&hog.sock),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const small).cast(),
+            4,
+        )
+    };
+    let request = format!(
+        "GET /v1/metrics HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {}\r\n\r\n",
+        std::fs::read_to_string(&fx.security_token).unwrap()
+    );
+    let writer = std::thread::spawn(move || {
+        // Until the server stops taking requests and then drops the connection.
+        for _ in 0..20_000 {
+            if hog.write_all(request.as_bytes()).is_err() {
+                break;
+            }
+        }
+        hog
+    });
+    eventually("the hog dropped", Duration::from_secs(60), || {
+        let n = try_cp_metric(
+            &fx,
+            &server,
+            "agentwall_cp_refusals_total{reason=\"write_timeout\"}",
+        )?;
+        if n >= 1 {
+            Ok(())
+        } else {
+            Err(format!("write_timeout {n}"))
+        }
+    });
+    drop(writer);
 
     // A node's batch over the record cap is refused whole, 413, counted.
     let node = fx.node_client(&server.url, "flood");

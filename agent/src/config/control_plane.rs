@@ -99,6 +99,9 @@ pub struct Limits {
     pub header_timeout_secs: u64,
     /// Longest an authorized request's body may take to arrive, in seconds.
     pub body_timeout_secs: u64,
+    /// Longest an answer may wait for the client to take its bytes, in seconds: a client that
+    /// stops reading loses its connection.
+    pub write_timeout_secs: u64,
     /// Connections open at once, from everyone.
     pub max_connections: usize,
     /// Connections open at once from one peer address.
@@ -113,6 +116,7 @@ impl Default for Limits {
             handshake_timeout_secs: 10,
             header_timeout_secs: 10,
             body_timeout_secs: 60,
+            write_timeout_secs: 30,
             max_connections: 4096,
             max_connections_per_address: 256,
             requests_per_minute: 600,
@@ -194,6 +198,7 @@ impl ServerConfig {
             ("handshake_timeout_secs", l.handshake_timeout_secs),
             ("header_timeout_secs", l.header_timeout_secs),
             ("body_timeout_secs", l.body_timeout_secs),
+            ("write_timeout_secs", l.write_timeout_secs),
             ("max_connections", l.max_connections as u64),
             (
                 "max_connections_per_address",

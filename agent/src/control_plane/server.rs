@@ -207,10 +207,11 @@ enum Refusal {
     HandshakeTimeout,
     HandshakeFailed,
     PollReplaced,
+    WriteTimeout,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 11] = [
+    const ALL: [Refusal; 12] = [
         Self::Unauthenticated,
         Self::Forbidden,
         Self::RateLimited,
@@ -222,6 +223,7 @@ impl Refusal {
         Self::HandshakeTimeout,
         Self::HandshakeFailed,
         Self::PollReplaced,
+        Self::WriteTimeout,
     ];
 
     fn label(self) -> &'static str {
@@ -237,6 +239,7 @@ impl Refusal {
             Self::HandshakeTimeout => "handshake_timeout",
             Self::HandshakeFailed => "handshake_failed",
             Self::PollReplaced => "poll_replaced",
+            Self::WriteTimeout => "write_timeout",
         }
     }
 }
@@ -1352,6 +1355,7 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
         let router = router.clone();
         let handshake = Duration::from_secs(limits.handshake_timeout_secs);
         let header = Duration::from_secs(limits.header_timeout_secs);
+        let write = Duration::from_secs(limits.write_timeout_secs);
         let server = server.clone();
         tokio::spawn(async move {
             let _slot = slot;
@@ -1382,9 +1386,18 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
                 addr: Some(from),
                 chain,
             };
+            // hyper has no write timeout: a client that stops reading would hold its slot.
+            let mut io = tokio_io_timeout::TimeoutStream::new(tls);
+            io.set_write_timeout(Some(write));
             if let Err(e) =
-                crate::http::serve_connection(tls, router, peer, true, Some(header)).await
+                crate::http::serve_connection(Box::pin(io), router, peer, true, Some(header)).await
             {
+                let timed_out = std::error::Error::source(&e)
+                    .and_then(|s| s.downcast_ref::<std::io::Error>())
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+                if timed_out && server.stats.refused(Refusal::WriteTimeout) {
+                    warn!(peer = %from, "connection closed: the client stopped taking its answers");
+                }
                 tracing::debug!(peer = %from, error = %e, "connection ended");
             }
         });
