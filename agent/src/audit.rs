@@ -124,20 +124,27 @@ pub enum ChainStart {
 }
 
 /// Who may read the log: it names identities, command lines and the names agents asked for.
-const LOG_MODE: u32 = 0o600;
+/// Its owner, and with a reader group (`audit_log_group`) that group.
+fn log_mode(reader_gid: Option<u32>) -> u32 {
+    if reader_gid.is_some() { 0o640 } else { 0o600 }
+}
 
-fn open_log(path: &Path) -> Result<File, AuditError> {
+fn open_log(path: &Path, reader_gid: Option<u32>) -> Result<File, AuditError> {
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let want = log_mode(reader_gid);
     let file = OpenOptions::new()
         .create(true)
         .append(true)
-        .mode(LOG_MODE)
+        .mode(want)
         .open(path)
         .map_err(io_err(path))?;
-    // A log made by an earlier version (0644) is closed to other users too.
-    let mode = file.metadata().map_err(io_err(path))?.permissions().mode();
-    if mode & 0o077 != 0 {
-        file.set_permissions(fs::Permissions::from_mode(LOG_MODE))
+    if let Some(gid) = reader_gid {
+        std::os::unix::fs::fchown(&file, None, Some(gid)).map_err(io_err(path))?;
+    }
+    // A log made by an earlier version (0644), or under another setting, gets this one's.
+    let mode = file.metadata().map_err(io_err(path))?.permissions().mode() & 0o777;
+    if mode != want {
+        file.set_permissions(fs::Permissions::from_mode(want))
             .map_err(io_err(path))?;
     }
     Ok(file)
@@ -172,12 +179,23 @@ pub struct AuditLog {
     prev: String,
     /// The seq the anchor holds.
     anchored: u64,
+    /// The group that may read the log, if any.
+    reader_gid: Option<u32>,
 }
 
 impl AuditLog {
     /// Opens `path` for appending, continuing the chain of what is already there (or of the
-    /// newest rotated file when `path` is new).
+    /// newest rotated file when `path` is new); readable by its owner only.
     pub fn open(path: &Path, max_bytes: u64) -> Result<Self, AuditError> {
+        Self::open_for(path, max_bytes, None)
+    }
+
+    /// [`AuditLog::open`], the log and its rotations also readable by group `reader_gid`.
+    pub fn open_for(
+        path: &Path,
+        max_bytes: u64,
+        reader_gid: Option<u32>,
+    ) -> Result<Self, AuditError> {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
@@ -195,7 +213,7 @@ impl AuditLog {
                 break;
             }
         }
-        let file = open_log(path)?;
+        let file = open_log(path, reader_gid)?;
         let size = file.metadata().map_err(io_err(path))?.len();
         Ok(Self {
             path: path.to_owned(),
@@ -205,6 +223,7 @@ impl AuditLog {
             seq,
             prev,
             anchored: 0,
+            reader_gid,
         })
     }
 
@@ -271,7 +290,7 @@ impl AuditLog {
         let n = rotated(&self.path).last().map_or(0, |(n, _)| *n) + 1;
         let to = PathBuf::from(format!("{}.{n}", self.path.display()));
         fs::rename(&self.path, &to).map_err(io_err(&self.path))?;
-        self.file = open_log(&self.path)?;
+        self.file = open_log(&self.path, self.reader_gid)?;
         self.size = 0;
         Ok(())
     }
@@ -616,6 +635,25 @@ mod tests {
                 anchor_path.display()
             )
         );
+    }
+
+    #[test]
+    fn a_reader_group_may_read_the_log_and_nobody_else() {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.jsonl");
+        // SAFETY: plain syscall.
+        let gid = unsafe { libc::getgid() };
+        let mut log = AuditLog::open_for(&p, 600, Some(gid)).unwrap();
+        for i in 0..20 {
+            log.append("deny", serde_json::json!({ "port": i }))
+                .unwrap();
+        }
+        for f in chain_files(&p).unwrap() {
+            let m = fs::metadata(&f).unwrap();
+            assert_eq!(m.permissions().mode() & 0o777, 0o640, "{}", f.display());
+            assert_eq!(m.gid(), gid, "{}", f.display());
+        }
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub struct Args {
     audit_log: Option<PathBuf>,
     #[arg(long)]
     audit_log_max_bytes: Option<u64>,
+    /// Group that may read the audit log (0640); without one, root only (0600).
+    #[arg(long)]
+    audit_log_group: Option<String>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -111,6 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }),
         audit_log: args.audit_log,
         audit_log_max_bytes: args.audit_log_max_bytes,
+        audit_log_group: args.audit_log_group,
         metrics_listen: args.metrics_listen,
         dns_listen_port: args.dns_listen_port,
         dns_upstream: args.dns_upstream,

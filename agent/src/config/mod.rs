@@ -54,6 +54,8 @@ pub struct NodeConfig {
     pub audit_log: Option<PathBuf>,
     /// The audit log is rotated past this many bytes (default 64 MiB).
     pub audit_log_max_bytes: Option<u64>,
+    /// Group that may read the audit log (0640); without one, root only (0600).
+    pub audit_log_group: Option<String>,
     /// Address for the Prometheus text endpoint (`GET /metrics`); off when unset.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Port of the DNS proxy at every identity's proxy address (default 15053; 0 turns the
@@ -182,6 +184,7 @@ impl NodeConfig {
             unknown_flows,
             audit_log,
             audit_log_max_bytes,
+            audit_log_group,
             metrics_listen,
             dns_listen_port,
             dns_grace_secs,

@@ -214,10 +214,11 @@ impl Journal {
         path: Option<&Path>,
         max_bytes: u64,
         anchor: Option<&Path>,
+        reader_gid: Option<u32>,
     ) -> Result<Self, JournalError> {
         let mut log = path
             .map(|p| {
-                AuditLog::open(p, max_bytes).map_err(|e| JournalError {
+                AuditLog::open_for(p, max_bytes, reader_gid).map_err(|e| JournalError {
                     path: p.to_owned(),
                     message: e.to_string(),
                 })
@@ -564,7 +565,7 @@ mod tests {
     fn records_cut_off_while_the_node_was_down_are_recorded_at_start() {
         let d = tempfile::tempdir().unwrap();
         let (p, at) = (d.path().join("audit.jsonl"), d.path().join("audit.anchor"));
-        let j = Journal::open(Some(&p), 0, Some(&at)).unwrap();
+        let j = Journal::open(Some(&p), 0, Some(&at), None).unwrap();
         for n in 1..=3 {
             j.record(&AuditEvent::Loss(KernelLoss {
                 records_lost: 1,
@@ -576,7 +577,7 @@ mod tests {
         let text = std::fs::read_to_string(&p).unwrap();
         let kept: Vec<&str> = text.lines().take(2).collect();
         std::fs::write(&p, kept.join("\n") + "\n").unwrap();
-        drop(Journal::open(Some(&p), 0, Some(&at)).unwrap());
+        drop(Journal::open(Some(&p), 0, Some(&at), None).unwrap());
         let text = std::fs::read_to_string(&p).unwrap();
         let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
         assert_eq!(last["kind"], "loss", "{last}");
@@ -588,7 +589,7 @@ mod tests {
     fn records_reach_log_and_outbox_with_their_place_in_the_log() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("audit.jsonl");
-        let j = Journal::open(Some(&p), 0, None).unwrap();
+        let j = Journal::open(Some(&p), 0, None, None).unwrap();
         j.record(&AuditEvent::Loss(KernelLoss {
             records_lost: 1,
             total_lost: 1,

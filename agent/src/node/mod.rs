@@ -94,7 +94,7 @@ pub enum NodeError {
     Link(#[from] LinkError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("socket_group {0:?} does not exist")]
+    #[error("group {0:?} (socket_group or audit_log_group) does not exist")]
     NoGroup(String),
     #[error("metrics_listen {addr}: {source}")]
     Metrics { addr: SocketAddr, source: io::Error },
@@ -291,6 +291,7 @@ impl Node {
             cfg.audit_log.as_deref(),
             cfg.audit_log_max_bytes.unwrap_or(AUDIT_MAX_BYTES),
             Some(&crate::config::audit_anchor(&state_dir)),
+            cfg.audit_log_group.as_deref().map(group_id).transpose()?,
         )?);
         let sessions =
             Sessions::load(datapath.clone(), journal.clone(), agents, mount, &state_dir)?;
@@ -895,6 +896,12 @@ pub fn sd_notify(notify_socket: Option<&str>, message: &str) {
 }
 
 fn chown_group(path: &Path, group: &str) -> Result<(), NodeError> {
+    let gid = group_id(group)?;
+    std::os::unix::fs::chown(path, None, Some(gid)).map_err(io_err(path))
+}
+
+/// The id of the group named `group`.
+fn group_id(group: &str) -> Result<u32, NodeError> {
     let c = std::ffi::CString::new(group).map_err(|_| NodeError::NoGroup(group.to_owned()))?;
     // SAFETY: valid C string; getgrnam returns a pointer into static storage or null.
     let gr = unsafe { libc::getgrnam(c.as_ptr()) };
@@ -902,6 +909,5 @@ fn chown_group(path: &Path, group: &str) -> Result<(), NodeError> {
         return Err(NodeError::NoGroup(group.to_owned()));
     }
     // SAFETY: gr is non-null.
-    let gid = unsafe { (*gr).gr_gid };
-    std::os::unix::fs::chown(path, None, Some(gid)).map_err(io_err(path))
+    Ok(unsafe { (*gr).gr_gid })
 }
