@@ -1559,3 +1559,43 @@ fn a_revoked_certificate_keeps_no_access_by_resumption_or_open_connection() {
         "a revoked certificate was served on the connection it opened before: {text}"
     );
 }
+
+/// What a node sends (its version, its error) and what agents put in records reach an
+/// admin's terminal as text: control characters are shown escaped, never sent raw.
+#[test]
+fn node_supplied_text_reaches_the_admins_terminal_escaped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    let server = CpProc::start(&fx, None);
+    let node = fx.node_client(&server.url, "loud");
+    let poll = PollRequest {
+        agent_version: "1.0\u{1b}]0;owned\u{7}\u{1b}[2J".into(),
+        error: Some("bad\u{1b}[31m bundle".into()),
+        ..PollRequest::default()
+    };
+    let _: PollReply = rt()
+        .block_on(node.send_json(
+            hyper::Method::POST,
+            "/v1/node/poll",
+            &poll,
+            Duration::from_secs(30),
+        ))
+        .unwrap();
+    let admin = admin_creds(&fx);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let out = eventually("the node listed", Duration::from_secs(30), || {
+        let out = cp(&fx, &server.url, &admin, &["nodes"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("node/loud") {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    });
+    assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out:?}");
+    assert!(
+        out.contains(r"agentwall 1.0\u{1b}]0;owned\u{7}\u{1b}[2J"),
+        "{out}"
+    );
+    assert!(out.contains(r"error: bad\u{1b}[31m bundle"), "{out}");
+}

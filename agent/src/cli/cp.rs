@@ -232,14 +232,14 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                         (Some(v), Some(r)) => format!("version {v} revision {r}"),
                         _ => "no bundle applied".to_owned(),
                     };
-                    println!(
+                    say!(
                         "{}  last seen {}  {applied}  agentwall {}",
                         n.node,
                         n.last_seen,
                         n.agent_version.as_deref().unwrap_or("?")
                     );
                     if let Some(e) = &n.error {
-                        println!("  error: {e}");
+                        say!("  error: {e}");
                     }
                 }
                 println!("{} node(s)", nodes.len());
@@ -268,8 +268,8 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 } else {
                     for s in &page.flows {
                         match serde_json::from_value::<FlowRecord>(s.record.clone()) {
-                            Ok(r) => println!("{} {r}", s.node),
-                            Err(_) => println!("{} {}", s.node, s.record),
+                            Ok(r) => say!("{} {r}", s.node),
+                            Err(_) => say!("{} {}", s.node, s.record),
                         }
                     }
                 }

@@ -39,7 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if args.output == "json" {
                 println!("{}", serde_json::to_string(&f)?);
             } else {
-                println!("{f}");
+                say!("{f}");
             }
         }
         if !args.follow {

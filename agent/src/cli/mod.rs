@@ -2,6 +2,31 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Prints a line for a person's terminal. Control characters in what nodes, agents and
+/// records supplied (a process name, a version string, an error) are shown escaped, never
+/// sent raw: an agent naming itself with an escape sequence must not drive the terminal of
+/// whoever reads its records.
+macro_rules! say {
+    ($($t:tt)*) => { println!("{}", crate::cli::shown(&format!($($t)*))) };
+}
+
+/// `s` with every control character escaped (`\u{1b}`).
+pub(crate) fn shown(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 mod audit;
 mod control_plane;
 mod cp;

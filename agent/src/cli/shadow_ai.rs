@@ -47,9 +47,9 @@ pub fn run(args: Args) -> ExitCode {
 /// The text form of shadow-AI groups, each line after `indent`.
 pub fn print_groups(groups: &[discovery::ShadowGroup], indent: &str) {
     for g in groups {
-        println!("{indent}{}", g.group);
+        say!("{indent}{}", g.group);
         for s in &g.services {
-            println!(
+            say!(
                 "{indent}  {}: {} flow(s), first {}, last {}: {}",
                 s.service,
                 s.count,
@@ -62,9 +62,9 @@ pub fn print_groups(groups: &[discovery::ShadowGroup], indent: &str) {
                     .join(", ")
             );
         }
-        println!("{indent}  suggested policy:");
+        say!("{indent}  suggested policy:");
         for l in g.suggested_policy.lines() {
-            println!("{indent}    {l}");
+            say!("{indent}    {l}");
         }
     }
 }
