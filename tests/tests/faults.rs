@@ -142,7 +142,8 @@ fn a_policy_beyond_the_identity_table_is_refused_whole() {
             "---\nkind: AgentPolicy\nname: a{i}\nidentity: spiffe://example.org/agent/a{i}\negress:\n  - to: [198.51.100.1]\n    ports: [443]\n"
         ));
     }
-    std::fs::write(dir.join("policy/agents.yaml"), text).unwrap();
+    // In one step (see the ENOMEM test): a half-read file could pass for a smaller policy.
+    agentwall::files::write_atomic(&dir.join("policy/agents.yaml"), text.as_bytes()).unwrap();
     let s = agentwall_tests::node::wait_status(&node.socket, "the refusal", |s| {
         s["policy_error"].is_string()
     });
@@ -191,7 +192,9 @@ fn enomem_while_filling_a_trie_is_refused_whole() {
         "kind: AgentPolicy\nname: support\nidentity: {ID}\negress:\n  - to: [198.51.100.0/24, {}]\n    ports: [443]\n    protocol: tcp\n",
         hosts.join(", ")
     );
-    std::fs::write(dir.join("policy/agents.yaml"), &policy).unwrap();
+    // Replaced in one step: the node watches the directory, and a reader half-way through a
+    // plain write of this megabyte could take the start of the file for a whole policy.
+    agentwall::files::write_atomic(&dir.join("policy/agents.yaml"), policy.as_bytes()).unwrap();
     let s = agentwall_tests::node::wait_status(&node.socket, "the refusal", |s| {
         s["policy_error"].is_string()
     });
@@ -227,9 +230,9 @@ fn enomem_while_filling_a_trie_is_refused_whole() {
     // With memory again, the same rules go in whole (a comment changes the file, so the node
     // reads it again).
     group.lift_limit();
-    std::fs::write(
-        dir.join("policy/agents.yaml"),
-        format!("# memory again\n{policy}"),
+    agentwall::files::write_atomic(
+        &dir.join("policy/agents.yaml"),
+        format!("# memory again\n{policy}").as_bytes(),
     )
     .unwrap();
     agentwall_tests::node::wait_status(&node.socket, "the new revision", |s| {
