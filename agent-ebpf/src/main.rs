@@ -503,6 +503,23 @@ fn try_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
     conclude(ctx, &flow, &j, port, [0, 0, MAPPED_WORD, ip], Family::V4)
 }
 
+/// An address held as four 32-bit words in network order (how the kernel's contexts hold
+/// IPv6 addresses) as the 16 bytes rules are keyed by.
+#[inline(always)]
+fn addr_of_words(words: [u32; 4]) -> Addr {
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        addr[i * 4] = b[0];
+        addr[i * 4 + 1] = b[1];
+        addr[i * 4 + 2] = b[2];
+        addr[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    addr
+}
+
 #[inline(always)]
 fn try_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
     let sa: *const bpf_sock_addr = ctx.sock_addr;
@@ -518,17 +535,7 @@ fn try_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
             (*sa).type_,
         )
     };
-    let mut addr = [0u8; 16];
-    let words = [w0, w1, w2, w3];
-    let mut i = 0;
-    while i < 4 {
-        let b = words[i].to_ne_bytes();
-        addr[i * 4] = b[0];
-        addr[i * 4 + 1] = b[1];
-        addr[i * 4 + 2] = b[2];
-        addr[i * 4 + 3] = b[3];
-        i += 1;
-    }
+    let mut addr = addr_of_words([w0, w1, w2, w3]);
     // `::` is where the kernel sends to loopback (::1) after this hook, and `::ffff:0.0.0.0`
     // to 127.0.0.1: each is judged as that.
     if w0 == 0 && w1 == 0 && w3 == 0 {
@@ -1028,10 +1035,11 @@ fn owner_of(skb: *mut __sk_buff) -> Result<Owner, i32> {
     if st.is_null() {
         // No governed task made, connected or sent on it. Only where a bound cgroup may hold
         // such a socket is its cgroup asked about.
-        if config().is_none_or(|c| c.strays == 0) {
-            return Err(ALLOW);
-        }
-        st = adopt(skb, sk);
+        let bound_levels = match config() {
+            Some(c) if c.strays != 0 => c.bound_levels,
+            _ => return Err(ALLOW),
+        };
+        st = adopt(skb, sk, bound_levels);
         if st.is_null() {
             return Err(ALLOW);
         }
@@ -1081,12 +1089,18 @@ const NO_ROOM: *mut SockState = 1 as *mut SockState;
 // Its own frame: inlined, its locals would push the packet line past the 512-byte stack
 // beside the record's frame.
 #[inline(never)]
-fn adopt(skb: *mut __sk_buff, sk: *mut aya_ebpf::bindings::bpf_sock) -> *mut SockState {
+fn adopt(
+    skb: *mut __sk_buff,
+    sk: *mut aya_ebpf::bindings::bpf_sock,
+    bound_levels: u32,
+) -> *mut SockState {
     // SAFETY: helpers on the context's packet and socket.
     let cgroup = unsafe { bpf_skb_cgroup_id(skb) };
-    let Some((binding_cgroup, binding)) = find_binding(cgroup, |level| unsafe {
-        bpf_skb_ancestor_cgroup_id(skb, level)
-    }) else {
+    let Some((binding_cgroup, binding)) = find_binding(
+        cgroup,
+        || bound_levels,
+        |level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) },
+    ) else {
         return core::ptr::null_mut();
     };
     // SAFETY: a full socket the verifier typed.
@@ -1134,16 +1148,7 @@ fn adopt(skb: *mut __sk_buff, sk: *mut aya_ebpf::bindings::bpf_sock) -> *mut Soc
         } else {
             [0, 0, MAPPED_WORD, v4]
         };
-        let mut addr = [0u8; 16];
-        let mut i = 0;
-        while i < 4 {
-            let b = words[i].to_ne_bytes();
-            addr[i * 4] = b[0];
-            addr[i * 4 + 1] = b[1];
-            addr[i * 4 + 2] = b[2];
-            addr[i * 4 + 3] = b[3];
-            i += 1;
-        }
+        let addr = addr_of_words(words);
         let mut flow = Flow {
             addr,
             port,
@@ -1476,19 +1481,20 @@ fn config() -> Option<Config> {
 }
 
 /// The binding governing cgroup `leaf`, with the cgroup it is stored under: its own
-/// binding, else its deepest bound ancestor's (`ancestor(level)`: the ancestor's id). Only levels that userspace marked as holding a
-/// binding are looked up.
+/// binding, else its deepest bound ancestor's (`ancestor(level)`: the ancestor's id). Only
+/// the levels userspace marked as holding a binding (`bound_levels()`, asked only when the
+/// leaf has none: a process in a bound cgroup never needs it) are looked up.
 #[inline(always)]
-fn find_binding(leaf: u64, ancestor: impl Fn(i32) -> u64) -> Option<(u64, Binding)> {
+fn find_binding(
+    leaf: u64,
+    bound_levels: impl FnOnce() -> u32,
+    ancestor: impl Fn(i32) -> u64,
+) -> Option<(u64, Binding)> {
     // SAFETY: read-only lookups of plain-old-data values.
     if let Some(b) = unsafe { AW_BINDINGS.get(leaf) } {
         return Some((leaf, *b));
     }
-    // Config is read only off the hot path: a process in a bound cgroup never needs it.
-    let bound_levels = match config() {
-        Some(c) => c.bound_levels,
-        None => 0,
-    };
+    let bound_levels = bound_levels();
     // Written on every path before it is read: Linux 6.1's verifier refuses a read of stack
     // the program never wrote, which an `Option` of a tuple left to the optimiser can do.
     let mut found_key = 0u64;
@@ -1521,9 +1527,11 @@ fn find_binding(leaf: u64, ancestor: impl Fn(i32) -> u64) -> Option<(u64, Bindin
 #[inline(always)]
 fn task_binding(leaf: u64) -> Option<(u64, Binding)> {
     // SAFETY: a helper on the current task.
-    find_binding(leaf, |level| unsafe {
-        bpf_get_current_ancestor_cgroup_id(level)
-    })
+    find_binding(
+        leaf,
+        || config().map_or(0, |c| c.bound_levels),
+        |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) },
+    )
 }
 
 /// What [`judge`] decided, and for whom.
