@@ -59,16 +59,29 @@ fn send(
     sock.send(&buf, 0).map(drop)
 }
 
-/// Destroys, in the calling thread's network namespace, every non-listening TCP socket whose
-/// cgroup is in `cgroups` (of the kinds `sweep` names); returns how many.
-fn destroy_here(cgroups: &HashSet<u64>, sweep: Sweep) -> io::Result<usize> {
+/// A TCP or UDP socket a sock_diag dump listed.
+struct Listed {
+    family: u8,
+    protocol: u8,
+    socket_id: SocketId,
+    inode: u32,
+    cgroup: Option<u64>,
+}
+
+fn diag_socket() -> io::Result<Socket> {
     let mut sock = Socket::new(NETLINK_SOCK_DIAG)?;
     sock.bind_auto()?;
     sock.connect(&SocketAddr::new(0, 0))?;
-    let mut victims = Vec::new();
+    Ok(sock)
+}
+
+/// Every socket of `protocols` (IPv4 and IPv6) in `states`, in the calling thread's network
+/// namespace, with its cgroup id.
+fn dump_here(sock: &Socket, protocols: &[u8], states: StateFlags) -> io::Result<Vec<Listed>> {
+    let mut listed = Vec::new();
     for (family, protocol) in [AF_INET, AF_INET6]
         .into_iter()
-        .flat_map(|f| sweep.protocols().iter().map(move |p| (f, *p)))
+        .flat_map(|f| protocols.iter().map(move |p| (f, *p)))
     {
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | NLM_F_DUMP;
@@ -76,7 +89,7 @@ fn destroy_here(cgroups: &HashSet<u64>, sweep: Sweep) -> io::Result<usize> {
             family,
             protocol,
             extensions: ExtensionFlags::empty(),
-            states: sweep.states(),
+            states: states.clone(),
             socket_id: if family == AF_INET {
                 SocketId::new_v4()
             } else {
@@ -84,7 +97,7 @@ fn destroy_here(cgroups: &HashSet<u64>, sweep: Sweep) -> io::Result<usize> {
             },
         });
         send(
-            &sock,
+            sock,
             &mut NetlinkMessage::new(header, NetlinkPayload::from(req)),
         )?;
         let mut buf = vec![0u8; 1 << 16];
@@ -101,7 +114,7 @@ fn destroy_here(cgroups: &HashSet<u64>, sweep: Sweep) -> io::Result<usize> {
                         return Err(io::Error::other(format!("sock_diag dump: {e:?}")));
                     }
                     NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                        let cg = r.nlas.iter().find_map(|nla| match nla {
+                        let cgroup = r.nlas.iter().find_map(|nla| match nla {
                             Nla::Other(o)
                                 if o.kind() == INET_DIAG_CGROUP_ID && o.value_len() == 8 =>
                             {
@@ -111,9 +124,13 @@ fn destroy_here(cgroups: &HashSet<u64>, sweep: Sweep) -> io::Result<usize> {
                             }
                             _ => None,
                         });
-                        if cg.is_some_and(|id| cgroups.contains(&id)) {
-                            victims.push((family, protocol, r.header.socket_id.clone()));
-                        }
+                        listed.push(Listed {
+                            family,
+                            protocol,
+                            socket_id: r.header.socket_id.clone(),
+                            inode: r.header.inode,
+                            cgroup,
+                        });
                     }
                     _ => {}
                 }
@@ -124,8 +141,25 @@ fn destroy_here(cgroups: &HashSet<u64>, sweep: Sweep) -> io::Result<usize> {
             }
         }
     }
+    Ok(listed)
+}
+
+/// Destroys, in the calling thread's network namespace, every socket whose cgroup is in
+/// `cgroups` (of the kinds `sweep` names); returns how many.
+fn destroy_here(cgroups: &HashSet<u64>, sweep: Sweep) -> io::Result<usize> {
+    let sock = diag_socket()?;
+    let victims: Vec<Listed> = dump_here(&sock, sweep.protocols(), sweep.states())?
+        .into_iter()
+        .filter(|l| l.cgroup.is_some_and(|id| cgroups.contains(&id)))
+        .collect();
     let mut destroyed = 0;
-    for (family, protocol, socket_id) in victims {
+    for Listed {
+        family,
+        protocol,
+        socket_id,
+        ..
+    } in victims
+    {
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | NLM_F_ACK;
         let req = SockDiagDestroy::new(SockDiagMessage::InetRequest(InetRequest {
@@ -195,39 +229,305 @@ fn destroy_in(cgroups: &[&Path], sweep: Sweep) -> io::Result<usize> {
         crate::cgroup::subtree_ids(cg, &mut ids);
         pids_in(cg, &mut pids);
     }
-    // One entry per network namespace (by inode), with a handle to enter it.
-    let mut namespaces: BTreeMap<u64, OwnedFd> = BTreeMap::new();
+    let mut namespaces = BTreeMap::new();
     for pid in pids {
-        let path = format!("/proc/{pid}/ns/net");
-        let Ok(meta) = fs::metadata(&path) else {
-            continue;
-        };
-        let ino = std::os::unix::fs::MetadataExt::ino(&meta);
-        if let std::collections::btree_map::Entry::Vacant(v) = namespaces.entry(ino) {
-            if let Ok(f) = fs::File::open(&path) {
-                v.insert(OwnedFd::from(f));
+        for task in tasks_of(pid) {
+            note_namespace(&task.join("ns/net"), &mut namespaces);
+        }
+    }
+    let ids = std::sync::Arc::new(ids);
+    Ok(in_each(namespaces, move || destroy_here(&ids, sweep))?
+        .into_iter()
+        .sum())
+}
+
+/// A socket a process holds that the packet line could not govern as its cgroup's: made in
+/// another cgroup (systemd socket activation hands a unit PID 1's listener; a process moved
+/// in keeps what it made before), or of a kind a governed task may not make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unjudged {
+    pub pid: u32,
+    /// The process's name, as it set it (shown escaped).
+    pub comm: String,
+    pub fd: u32,
+    /// The kernel's name for the socket's protocol (`TCP`, `UDPv6`, `PACKET`, ...).
+    pub kind: String,
+    pub why: Unjudgeable,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unjudgeable {
+    /// A TCP or UDP socket of another cgroup (its id), with its local and peer addresses.
+    OtherCgroup {
+        cgroup: u64,
+        local: std::net::SocketAddr,
+        peer: Option<std::net::SocketAddr>,
+    },
+    /// A TCP or UDP socket no dump lists (neither bound nor connected): where it was made
+    /// cannot be read.
+    Unlisted,
+    /// A kind sock_create refuses governed tasks.
+    Kind,
+}
+
+impl std::fmt::Display for Unjudged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pid {} ({:?}) fd {}: {} socket ",
+            self.pid, self.comm, self.fd, self.kind
+        )?;
+        match &self.why {
+            Unjudgeable::OtherCgroup {
+                cgroup,
+                local,
+                peer: Some(peer),
+            } => write!(f, "{local} -> {peer} made in cgroup id {cgroup}"),
+            Unjudgeable::OtherCgroup {
+                cgroup,
+                local,
+                peer: None,
+            } => write!(f, "on {local} made in cgroup id {cgroup}"),
+            Unjudgeable::Unlisted => {
+                f.write_str("neither bound nor connected, so where it was made cannot be read")
+            }
+            Unjudgeable::Kind => f.write_str("of a kind governed agents may not use"),
+        }
+    }
+}
+
+/// The protocols whose sockets are governed by the cgroup that made them.
+const JUDGED_KINDS: [&str; 4] = ["TCP", "TCPv6", "UDP", "UDPv6"];
+/// Local sockets: they reach no other host.
+const LOCAL_KINDS: [&str; 3] = ["UNIX", "UNIX-STREAM", "NETLINK"];
+
+/// A socket one of `pids`' tasks holds: (pid, fd, inode, protocol name).
+struct Held {
+    pid: u32,
+    fd: u32,
+    link: std::path::PathBuf,
+    inode: u64,
+    kind: String,
+}
+
+fn socket_inode(link: &Path) -> Option<u64> {
+    let target = fs::read_link(link).ok()?;
+    target
+        .to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// `system.sockprotoname`: sockfs names every socket's protocol in this attribute.
+fn protocol_name(link: &Path) -> Option<String> {
+    let path = std::ffi::CString::new(link.as_os_str().as_encoded_bytes()).ok()?;
+    let mut buf = [0u8; 64];
+    // SAFETY: a valid C string and a buffer of the length given.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"system.sockprotoname".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(n).ok()?;
+    let name = buf[..n].split(|b| *b == 0).next()?;
+    Some(String::from_utf8_lossy(name).into_owned())
+}
+
+/// The tasks (threads) of `pid`: a thread may have its own file table and namespace.
+fn tasks_of(pid: u32) -> Vec<std::path::PathBuf> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// Which descriptors of a process count.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Descriptors {
+    /// Every one it holds.
+    All,
+    /// Those it keeps across exec (not close-on-exec): what a launcher hands the agent.
+    KeptAcrossExec,
+}
+
+/// Whether the descriptor behind `fdinfo` is close-on-exec (`flags:` in octal).
+fn close_on_exec(fdinfo: &Path) -> bool {
+    fs::read_to_string(fdinfo).is_ok_and(|t| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .is_some_and(|f| f & libc::O_CLOEXEC as u32 != 0)
+    })
+}
+
+/// Every socket the processes `pids` hold (each once), and a handle on each network
+/// namespace their tasks are in.
+fn held_by(pids: &[u32], which: Descriptors) -> (Vec<Held>, BTreeMap<u64, OwnedFd>) {
+    let mut held = Vec::new();
+    let mut seen = HashSet::new();
+    let mut namespaces = BTreeMap::new();
+    for &pid in pids {
+        for task in tasks_of(pid) {
+            note_namespace(&task.join("ns/net"), &mut namespaces);
+            let Ok(fds) = fs::read_dir(task.join("fd")) else {
+                continue;
+            };
+            for e in fds.flatten() {
+                let link = e.path();
+                let Some(inode) = socket_inode(&link) else {
+                    continue;
+                };
+                if which == Descriptors::KeptAcrossExec
+                    && close_on_exec(&task.join("fdinfo").join(e.file_name()))
+                {
+                    continue;
+                }
+                if !seen.insert(inode) {
+                    continue;
+                }
+                let Some(kind) = protocol_name(&link) else {
+                    continue;
+                };
+                let fd = e.file_name().to_str().and_then(|s| s.parse().ok());
+                held.push(Held {
+                    pid,
+                    fd: fd.unwrap_or(u32::MAX),
+                    link,
+                    inode,
+                    kind,
+                });
             }
         }
     }
-    let mut total = destroy_here(&ids, sweep)?;
+    (held, namespaces)
+}
+
+fn note_namespace(path: &Path, namespaces: &mut BTreeMap<u64, OwnedFd>) {
+    let Ok(meta) = fs::metadata(path) else {
+        return;
+    };
+    let ino = std::os::unix::fs::MetadataExt::ino(&meta);
+    if let std::collections::btree_map::Entry::Vacant(v) = namespaces.entry(ino) {
+        if let Ok(f) = fs::File::open(path) {
+            v.insert(OwnedFd::from(f));
+        }
+    }
+}
+
+/// Runs `work` once in each of `namespaces` (this thread's own in place, the others on a
+/// thread that entered them) and gathers the answers.
+fn in_each<T: Send + 'static>(
+    namespaces: BTreeMap<u64, OwnedFd>,
+    work: impl Fn() -> io::Result<T> + Send + Clone + 'static,
+) -> io::Result<Vec<T>> {
     let own = fs::metadata("/proc/self/ns/net")
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
         .ok();
+    let mut out = vec![work()?];
     for (ino, fd) in namespaces {
         if Some(ino) == own {
             continue;
         }
-        let ids = ids.clone();
-        let n = std::thread::spawn(move || -> io::Result<usize> {
+        let work = work.clone();
+        let t = std::thread::spawn(move || -> io::Result<T> {
             // SAFETY: setns on this thread only; the thread ends right after.
             if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(io::Error::last_os_error());
             }
-            destroy_here(&ids, sweep)
+            work()
         })
         .join()
-        .map_err(|_| io::Error::other("socket destroy thread panicked"))??;
-        total += n;
+        .map_err(|_| io::Error::other("socket diagnostics thread panicked"))??;
+        out.push(t);
     }
-    Ok(total)
+    Ok(out)
+}
+
+/// The sockets the processes `pids` hold that the packet line would not govern as sockets of
+/// a cgroup in `own` (cgroup ids): TCP and UDP sockets made in another cgroup or not listed
+/// anywhere, and sockets of any kind but TCP, UDP, unix and netlink (of the descriptors
+/// `which` names). `enroll` and `launch`
+/// refuse while any is held: a socket keeps the cgroup it was made in, and the packet line
+/// knows a socket's binding only by that cgroup (or by a governed task's own use of it).
+pub fn unjudged(pids: &[u32], own: &HashSet<u64>, which: Descriptors) -> io::Result<Vec<Unjudged>> {
+    let (held, namespaces) = held_by(pids, which);
+    let comm = |pid: u32| {
+        fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim_end().to_owned())
+            .unwrap_or_default()
+    };
+    let mut found = Vec::new();
+    let mut inet = Vec::new();
+    for h in held {
+        if LOCAL_KINDS.contains(&h.kind.as_str()) {
+            continue;
+        }
+        if JUDGED_KINDS.contains(&h.kind.as_str()) {
+            inet.push(h);
+            continue;
+        }
+        found.push(Unjudged {
+            pid: h.pid,
+            comm: comm(h.pid),
+            fd: h.fd,
+            kind: h.kind,
+            why: Unjudgeable::Kind,
+        });
+    }
+    if !inet.is_empty() {
+        let listed: std::collections::HashMap<u64, Listed> = in_each(namespaces, || {
+            dump_here(
+                &diag_socket()?,
+                &[IPPROTO_TCP, IPPROTO_UDP],
+                StateFlags::all(),
+            )
+        })?
+        .into_iter()
+        .flatten()
+        .map(|l| (u64::from(l.inode), l))
+        .collect();
+        for h in inet {
+            let why = match listed.get(&h.inode) {
+                Some(l) if l.cgroup.is_some_and(|c| own.contains(&c)) => continue,
+                Some(l) => {
+                    let peer = std::net::SocketAddr::new(
+                        l.socket_id.destination_address,
+                        l.socket_id.destination_port,
+                    );
+                    Unjudgeable::OtherCgroup {
+                        cgroup: l.cgroup.unwrap_or(0),
+                        local: std::net::SocketAddr::new(
+                            l.socket_id.source_address,
+                            l.socket_id.source_port,
+                        ),
+                        peer: (!peer.ip().is_unspecified() || peer.port() != 0).then_some(peer),
+                    }
+                }
+                // Closed between the listing and the dump: nothing held any more.
+                None if socket_inode(&h.link) != Some(h.inode) => {
+                    continue;
+                }
+                None => Unjudgeable::Unlisted,
+            };
+            found.push(Unjudged {
+                pid: h.pid,
+                comm: comm(h.pid),
+                fd: h.fd,
+                kind: h.kind,
+                why,
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// Every process in `cgroup` and below it.
+pub fn processes_in(cgroup: &Path) -> Vec<u32> {
+    let mut pids = Vec::new();
+    pids_in(cgroup, &mut pids);
+    pids
 }

@@ -153,7 +153,11 @@ impl Capture {
             let proto = (libc::ETH_P_ALL as u16).to_be();
             // SAFETY: plain syscalls; the results are checked.
             unsafe {
-                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
+                let fd = libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    i32::from(proto),
+                );
                 assert!(
                     fd >= 0,
                     "AF_PACKET socket: {}",

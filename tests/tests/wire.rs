@@ -395,8 +395,6 @@ fn sockets_made_before_enroll_are_governed_from_their_first_packet() {
     assert_eq!(svc.cmd(&format!("hold udp {PEER_V4} 9000")), "ok");
     assert_eq!(svc.cmd(&format!("hold udp {PEER_V4} 9500")), "ok");
     assert_eq!(svc.cmd("listen tcp :: 8090"), "ok");
-    // A raw socket: a unit may hold CAP_NET_RAW before it is enrolled (this one runs as root).
-    assert_eq!(svc.cmd("raw-keep"), "ok");
     fx.until_helper_marker(9100);
 
     let (cert, key) = write_cert(fx.dir.path(), "unit", &fx.ca.issue(&CertSpec::agent(ID)));
@@ -418,11 +416,6 @@ fn sockets_made_before_enroll_are_governed_from_their_first_packet() {
     // The connected socket to 9500 is refused; the one to 9000, which the rules allow, sends.
     assert_eq!(svc.cmd("send-held"), "err EPERM");
     assert_eq!(svc.cmd("send-held-tcp"), "ok");
-    // A kind of socket governed tasks may not make sends nothing, even where TCP may go.
-    assert_eq!(
-        svc.cmd(&format!("raw-send-tcp {PEER_V4} 9001")),
-        "err EPERM"
-    );
     let refused = fx.link.peer.run_in(|| {
         std::net::TcpStream::connect_timeout(
             &format!("{agent_v4}:8090").parse().unwrap(),
@@ -458,6 +451,83 @@ fn sockets_made_before_enroll_are_governed_from_their_first_packet() {
         r["port"] == 8090 && r["direction"] == "inbound"
     });
     assert_eq!(r["reason"], "no ingress rule allows it", "{r:#}");
+}
+
+/// `enroll` refuses a unit whose processes hold a socket the packet line could not govern as
+/// the unit's: a raw socket (a unit may hold CAP_NET_RAW), and a listener made in another
+/// cgroup by a process moved in afterwards (as systemd socket activation hands a unit the
+/// listener PID 1 made). The refusal names each, and nothing is bound: the unit sends what it
+/// sent before. Without them, the same unit enrolls.
+#[test]
+fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
+    let mut fx = fixture("wire-enroll-held");
+    let unit = fx._env.cgroup("unit");
+    let elsewhere = fx._env.cgroup("elsewhere");
+    let probe = |fx: &Fixture, cg: &agentwall::cgroup::Cgroup| {
+        let mut c = Command::new(bin_path("aw-probe"));
+        c.args(["--cgroup", cg.path().to_str().unwrap()]);
+        fx.link.agent.enter(&mut c);
+        Probe::from_command(c)
+    };
+    let mut raw = probe(&fx, &unit);
+    assert_eq!(raw.cmd("raw-keep"), "ok");
+    let mut moved = probe(&fx, &elsewhere);
+    assert_eq!(moved.cmd("listen tcp :: 8091"), "ok");
+    unit.add_process(moved.pid)
+        .expect("move the listener's process in");
+
+    let (cert, key) = write_cert(fx.dir.path(), "unit", &fx.ca.issue(&CertSpec::agent(ID)));
+    let socket = fx.socket().to_owned();
+    let enroll = || {
+        let mut c = agentwall_tests::node::agentwall();
+        c.args(["enroll", "--cgroup", unit.path().to_str().unwrap()])
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .arg("--socket")
+            .arg(&socket);
+        c.output().unwrap()
+    };
+    let out = enroll();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let said = |pid: u32, what: &str| {
+        err.split("; ").any(|part| {
+            part.contains(&format!("pid {pid} (\"aw-probe\") fd ")) && part.contains(what)
+        })
+    };
+    assert!(
+        said(
+            raw.pid,
+            ": RAW socket of a kind governed agents may not use"
+        ),
+        "{err}"
+    );
+    let listener = format!(
+        ": TCPv6 socket on [::]:8091 made in cgroup id {}",
+        elsewhere.id()
+    );
+    assert!(said(moved.pid, &listener), "{err}");
+    // Nothing bound: a port no rule allows is still reached.
+    assert_eq!(raw.cmd(&format!("hold udp {PEER_V4} 9500")), "ok");
+    assert_eq!(raw.cmd("send-held"), "ok");
+    let seen = fx.until_helper_marker(9100);
+    assert!(
+        seen.iter().any(|p| p.is_to(PEER_V4, 9500)),
+        "the unit's datagram after the refusal: {seen:?}"
+    );
+
+    drop((raw, moved));
+    let mut own = probe(&fx, &unit);
+    assert_eq!(own.cmd(&format!("hold udp {PEER_V4} 9500")), "ok");
+    let out = enroll();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(own.cmd("send-held"), "err EPERM");
 }
 
 /// An upgrade to a new map layout sweeps the sockets it can list (each with a port) and
@@ -540,6 +610,33 @@ fn launch_hands_the_agent_no_inherited_socket() {
         .collect();
     assert!(!fds.contains(&inherited.to_string()), "{fds:?}");
     assert!(fds.iter().any(|f| f == "0"), "{fds:?}");
+
+    // A socket as a standard stream would go on to the agent: the node refuses the launch.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (local, peer) = (stream.local_addr().unwrap(), listener.local_addr().unwrap());
+    let out = Command::new(bin_path("agentwall"))
+        .arg("launch")
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("--socket")
+        .arg(fx.socket())
+        .args(["--", "/bin/true"])
+        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+            stream,
+        )))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "fd 0: TCP socket {local} -> {peer} made in cgroup id"
+        )),
+        "{err}"
+    );
 }
 
 /// Inbound: a connection from outside reaches a governed listener only where an ingress rule

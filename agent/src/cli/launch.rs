@@ -73,6 +73,13 @@ fn claimed_identity(cert: &Path) -> String {
 
 /// Exit status 2 for every refusal; otherwise the command's own (it replaces this process).
 pub fn run(args: Args) -> ExitCode {
+    // Only stdin, stdout and stderr go on to the agent: a socket this process inherited was
+    // made (and maybe connected) outside governance, and would leave the cgroup's rules with
+    // the agent. Marked before the node is asked, which refuses a socket kept across exec.
+    if let Err(e) = cloexec_from(3) {
+        eprintln!("agentwall launch: cannot keep inherited descriptors from the agent: {e}");
+        return ExitCode::from(2);
+    }
     let mut user = None;
     let check = || {
         user = args.user.as_deref().map(lookup_user).transpose()?;
@@ -86,13 +93,6 @@ pub fn run(args: Args) -> ExitCode {
     if let Some((uid, gid)) = user {
         // std drops supplementary groups (setgroups(0)) itself when root changes uid.
         cmd.uid(uid).gid(gid);
-    }
-    // Only stdin, stdout and stderr go on to the agent: a socket this process inherited was
-    // made (and maybe connected) outside governance, and would leave the cgroup's rules with
-    // the agent.
-    if let Err(e) = cloexec_from(3) {
-        eprintln!("agentwall launch: cannot keep inherited descriptors from the agent: {e}");
-        return ExitCode::from(2);
     }
     // Compat system calls pass the cgroup setsockopt hook unjudged.
     if let Err(e) = agentwall::native::native_syscalls_only() {

@@ -22,6 +22,7 @@ use crate::{
     clock::BootInstant,
     datapath::Datapath,
     identity::VerifiedPeer,
+    sockets::Descriptors,
 };
 
 /// Why a launch, enrollment or renewal was turned down: each says so in one line.
@@ -91,6 +92,19 @@ pub enum SessionError {
     },
     #[error("the datapath's bindings: {0}")]
     Bindings(crate::datapath::DatapathError),
+    #[error(
+        "{path}: its processes hold sockets agentwall cannot govern as this identity's: {}; a socket keeps the cgroup it was made in (systemd socket activation passes the unit sockets PID 1 made; a process moved in keeps the ones it made before). Close them or start the processes without them, then try again",
+        list.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    UnjudgedSockets {
+        path: PathBuf,
+        list: Vec<crate::sockets::Unjudged>,
+    },
+    #[error("reading the sockets held in {path}: {source}")]
+    SocketScan {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// `sessions.json`: a session with what the table remembers about it.
@@ -464,6 +478,14 @@ impl Sessions {
         number: u32,
     ) -> Result<PathBuf, SessionError> {
         let pid = api::pidfd_pid(pidfd).map_err(SessionError::LauncherGone)?;
+        // The cgroup is new: every TCP or UDP socket the launcher holds was made elsewhere.
+        // Close-on-exec ones stay behind at the agent's exec.
+        refuse_unjudged(
+            Path::new(&format!("/proc/{pid}")),
+            &[pid],
+            &Default::default(),
+            Descriptors::KeptAcrossExec,
+        )?;
         let mut table = lock(&self.table);
         table.seq += 1;
         let name = format!(
@@ -516,15 +538,23 @@ impl Sessions {
         let number = admit()?;
         // Enrolling again under the same identity moves its deadline; another identity's
         // cgroup (or one below it) is not taken over.
-        if let Some((bound, n)) = self.governing_binding(cg.path())? {
-            if n != number {
+        let governed = self.governing_binding(cg.path())?;
+        if let Some((bound, n)) = &governed {
+            if *n != number {
                 return Err(SessionError::Governed {
                     path: cg.path().to_owned(),
-                    bound,
-                    identity: owner(n),
+                    bound: bound.clone(),
+                    identity: owner(*n),
                 });
             }
         }
+        let unit = || {
+            let mut own = std::collections::HashSet::new();
+            crate::cgroup::subtree_ids(cg.path(), &mut own);
+            (crate::sockets::processes_in(cg.path()), own)
+        };
+        let (pids, own) = unit();
+        refuse_unjudged(cg.path(), &pids, &own, Descriptors::All)?;
         // Its processes may hold sockets made before now: the packet line looks for such
         // sockets before the binding exists, so none passes in between.
         self.datapath
@@ -535,7 +565,37 @@ impl Sessions {
             })?;
         let mut table = lock(&self.table);
         self.bind(&mut table, IdentityEvent::Enrolled, peer, number, &cg, 0)?;
+        // A socket made between the look above and the binding was made ungoverned (an
+        // AF_PACKET socket, say, which no hook of an unbound cgroup refuses): looked for
+        // again now that new ones are refused, and a first binding is undone if one is held.
+        if governed.is_none() {
+            let (pids, own) = unit();
+            if let Err(e) = refuse_unjudged(cg.path(), &pids, &own, Descriptors::All) {
+                self.undo_enroll(&mut table, &cg);
+                return Err(e);
+            }
+        }
         Ok(cg.path().to_owned())
+    }
+
+    /// Takes back a binding `enroll` just made (and recorded): the cgroup is as it was.
+    fn undo_enroll(&self, table: &mut Table, cg: &Cgroup) {
+        if let Err(e) = self.datapath.unbind(cg) {
+            // Left bound is left closed: the session stays in the table, and collection or
+            // revoke ends it.
+            error!(error = %e, cgroup = %cg.path().display(), "undoing a refused enroll");
+            return;
+        }
+        if let Some(s) = table.by_id.get(&cg.id()).cloned() {
+            self.journal
+                .record(&AuditEvent::Identity(IdentityEvent::SessionEnded {
+                    identity: s.identity,
+                    cgroup: s.cgroup,
+                    serial: s.serial,
+                }));
+        }
+        table.remove(cg.id());
+        self.save(table);
     }
 
     /// The session the process behind `pidfd` runs in (its own cgroup's or the nearest bound
@@ -761,5 +821,28 @@ impl Sessions {
             cgroup: Some(cg.display().to_string()),
             serial,
         }
+    }
+}
+
+/// Refuses while the processes `pids` (of `path`) hold a socket the packet line would not
+/// govern as one of the cgroups `own`.
+fn refuse_unjudged(
+    path: &Path,
+    pids: &[u32],
+    own: &std::collections::HashSet<u64>,
+    which: Descriptors,
+) -> Result<(), SessionError> {
+    let list =
+        crate::sockets::unjudged(pids, own, which).map_err(|source| SessionError::SocketScan {
+            path: path.to_owned(),
+            source,
+        })?;
+    if list.is_empty() {
+        Ok(())
+    } else {
+        Err(SessionError::UnjudgedSockets {
+            path: path.to_owned(),
+            list,
+        })
     }
 }
