@@ -108,6 +108,9 @@ pub struct Status {
     pub revision: String,
     /// Why the last policy change was refused (the revision in force stays).
     pub policy_error: Option<String>,
+    /// Policy files a process is still writing: the directory is read once they are closed.
+    #[serde(default)]
+    pub policy_files_being_written: Vec<String>,
     pub identities: Vec<StatusIdentity>,
     /// Kernel records the ring buffer had no room for, since the maps were made.
     pub dropped_events: Option<u64>,

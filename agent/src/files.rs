@@ -153,9 +153,121 @@ fn sync_parent(p: &Path) -> io::Result<()> {
     std::fs::File::open(parent)?.sync_all()
 }
 
+/// The files of a directory that a process has written to and not yet closed (inotify: a
+/// modification, truncation included, opens a write; closing a file written to, removing it
+/// or renaming it ends it), so a reader never takes a file half-written (`cat > f`, an
+/// editor without rename, a slow copy), whose start is often a valid file by itself.
+pub struct Writes {
+    dir: PathBuf,
+    /// None where inotify could not watch the directory: then nothing is known to be open.
+    watch: Option<(inotify::Inotify, u64)>,
+    open: std::collections::BTreeSet<std::ffi::OsString>,
+}
+
+impl Writes {
+    pub fn watch(dir: &Path) -> Self {
+        let mut w = Self {
+            dir: dir.to_owned(),
+            watch: None,
+            open: Default::default(),
+        };
+        w.rewatch();
+        w
+    }
+
+    fn dir_inode(&self) -> Option<u64> {
+        std::fs::metadata(&self.dir)
+            .ok()
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+    }
+
+    /// A watch on the directory as it is now (it may have been replaced by another).
+    fn rewatch(&mut self) {
+        use inotify::WatchMask as M;
+        self.open.clear();
+        self.watch = None;
+        let Some(ino) = self.dir_inode() else {
+            return;
+        };
+        let made = inotify::Inotify::init().and_then(|i| {
+            i.watches().add(
+                &self.dir,
+                M::MODIFY | M::CLOSE_WRITE | M::DELETE | M::MOVED_FROM | M::MOVED_TO,
+            )?;
+            Ok(i)
+        });
+        match made {
+            Ok(i) => self.watch = Some((i, ino)),
+            Err(e) => tracing::warn!(dir = %self.dir.display(), error = %e,
+                "cannot watch the directory for files being written; only a settled directory is read"),
+        }
+    }
+
+    /// The files written to and not closed since, after taking in what happened.
+    pub fn open(&mut self) -> Vec<std::ffi::OsString> {
+        use inotify::EventMask as E;
+        if self.watch.as_ref().map(|w| w.1) != self.dir_inode() {
+            self.rewatch();
+        }
+        let mut overflowed = false;
+        if let Some((inotify, _)) = &mut self.watch {
+            let mut buf = [0u8; 4096];
+            while let Ok(events) = inotify.read_events(&mut buf) {
+                for e in events {
+                    overflowed |= e.mask.contains(E::Q_OVERFLOW);
+                    let Some(name) = e.name else { continue };
+                    if e.mask.contains(E::MODIFY) {
+                        self.open.insert(name.to_owned());
+                    } else {
+                        self.open.remove(name);
+                    }
+                }
+            }
+        }
+        // What is open can no longer be known; a fresh watch knows nothing open.
+        if overflowed {
+            self.rewatch();
+        }
+        self.open.iter().cloned().collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_written_and_not_closed_is_open_until_closed_renamed_or_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("old.yaml"), "a").unwrap();
+        let mut w = Writes::watch(dir.path());
+        assert!(w.open().is_empty());
+        let mut f = std::fs::File::create(dir.path().join("old.yaml")).unwrap();
+        assert_eq!(w.open(), ["old.yaml"], "truncated, still open");
+        f.write_all(b"kind:").unwrap();
+        assert_eq!(w.open(), ["old.yaml"]);
+        drop(f);
+        assert!(w.open().is_empty(), "closed");
+        // Written beside and renamed into place: never open under its own name.
+        let mut t = std::fs::File::create(dir.path().join(".new.tmp")).unwrap();
+        t.write_all(b"x").unwrap();
+        assert_eq!(w.open(), [".new.tmp"]);
+        std::fs::rename(dir.path().join(".new.tmp"), dir.path().join("new.yaml")).unwrap();
+        assert!(w.open().is_empty(), "renamed away while open");
+        t.write_all(b"y").unwrap();
+        assert_eq!(w.open(), ["new.yaml"], "written under its new name");
+        std::fs::remove_file(dir.path().join("new.yaml")).unwrap();
+        assert!(w.open().is_empty(), "removed");
+        drop(t);
+        // The directory replaced by another: watched anew.
+        let moved = tempfile::tempdir().unwrap();
+        std::fs::rename(dir.path(), moved.path().join("gone")).unwrap();
+        std::fs::create_dir(dir.path()).unwrap();
+        let mut g = std::fs::File::create(dir.path().join("g.yaml")).unwrap();
+        assert!(w.open().is_empty(), "a fresh watch knows of no writer yet");
+        g.write_all(b"z").unwrap();
+        assert_eq!(w.open(), ["g.yaml"]);
+    }
 
     #[test]
     fn a_file_is_replaced_whole() {

@@ -11,6 +11,9 @@ pub struct Counters {
     pub policy_applies: u64,
     /// Policy changes refused (invalid, or more than the datapath holds).
     pub policy_rejections: u64,
+    /// Ticks at which a changed policy directory was not read because a file of it was
+    /// still open for writing.
+    pub policy_reads_held: u64,
     /// Launches, enrollments and renewals turned down (certificate, admission, datapath).
     pub session_rejections: u64,
     pub last_apply_seconds: f64,
@@ -183,6 +186,17 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         out,
         "agentwall_policy_rejections_total {}",
         c.policy_rejections
+    );
+    header(
+        &mut out,
+        "agentwall_policy_reads_held_total",
+        "counter",
+        "Ticks at which a changed policy directory was not read: a file of it was still open for writing.",
+    );
+    let _ = writeln!(
+        out,
+        "agentwall_policy_reads_held_total {}",
+        c.policy_reads_held
     );
     header(
         &mut out,

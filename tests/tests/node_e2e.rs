@@ -851,6 +851,69 @@ fn a_node_restarted_on_a_broken_policy_keeps_the_last_good_one() {
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 80"), "err EPERM");
 }
 
+/// A policy file is read only whole: while a process that wrote to it holds it open (a slow
+/// `cat >`, an editor that writes in place), the node waits and `status` names the file. The
+/// start of this file is a valid policy by itself, without the GlobalDeny that follows: read
+/// half-way, it would have opened 192.0.2.10 to the agent. It never takes effect.
+#[test]
+fn a_policy_file_is_read_only_once_its_writer_closes_it() {
+    use std::io::Write as _;
+    const DENY: &str = "---\nkind: GlobalDeny\nto: [192.0.2.10/32]\n";
+    let (env, tmp, ca) = setup("halfwritten", &format!("{POLICY}{DENY}"));
+    let dir = tmp.path();
+    let audit = dir.join("audit.jsonl");
+    let (node, metrics) = NodeProc::start_observed(&env, dir, &audit);
+    let before = status_json(&node.socket)["revision"].clone();
+    let (cert, key) = write_cert(dir, "support", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+
+    let head = POLICY.replace("ports: [9000]", "ports: [9001]");
+    let mut file = std::fs::File::create(dir.join("policy/agents.yaml")).unwrap();
+    file.write_all(head.as_bytes()).unwrap();
+    wait_status(
+        &node.socket,
+        "the node to see the file being written",
+        |s| s["policy_files_being_written"] == serde_json::json!(["agents.yaml"]),
+    );
+    // Held at three ticks: a directory that stays as it is for one tick is read at the next.
+    eventually("three reads held back", Duration::from_secs(30), || {
+        let held = metric(&scrape(metrics), "agentwall_policy_reads_held_total", &[]);
+        if held >= 3.0 {
+            Ok(())
+        } else {
+            Err(held.to_string())
+        }
+    });
+    assert_eq!(status_json(&node.socket)["revision"], before);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+
+    file.write_all(DENY.as_bytes()).unwrap();
+    drop(file);
+    let s = wait_status(&node.socket, "the whole file to be applied", |s| {
+        s["revision"] != before && s["policy_files_being_written"] == serde_json::json!([])
+    });
+    assert!(s["policy_error"].is_null(), "{s}");
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+    let applied = eventually("the audit record", Duration::from_secs(15), || {
+        let applied: Vec<serde_json::Value> = audit_records(&audit)
+            .into_iter()
+            .filter(|r| r["kind"] == "policy" && r["event"] == "applied")
+            .map(|r| r["revision"].clone())
+            .collect();
+        if applied.last() == Some(&s["revision"]) {
+            Ok(applied)
+        } else {
+            Err(format!("{applied:?}"))
+        }
+    });
+    assert_eq!(
+        applied,
+        [before, s["revision"].clone()],
+        "applied: {applied:?}"
+    );
+}
+
 #[test]
 fn scheduled_rules_allow_only_inside_their_windows() {
     // One window that is open all day, one that opens two hours from now (UTC).

@@ -33,6 +33,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(e) = &s.policy_error {
         println!("rejected policy change (last good revision in force):\n{e}");
     }
+    for f in &s.policy_files_being_written {
+        say!("policy file being written (read once closed): {f}");
+    }
     println!("dropped events: {}", or_null(s.dropped_events));
     match &s.socket_families {
         agentwall::datapath::SocketFamilies::Enforced => {

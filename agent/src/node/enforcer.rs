@@ -23,7 +23,7 @@ use super::{
 };
 use crate::{
     datapath::{Datapath, DatapathError, IdentityConfig, IdentityRules},
-    files::Stamp,
+    files::{Stamp, Writes},
     policy::{
         Rule,
         source::{PolicyErrors, PolicySet, load_dir},
@@ -114,6 +114,12 @@ struct State {
     refused: Option<String>,
     /// What the policy directory looked like when last read.
     stamp: Option<Stamp>,
+    /// A changed directory as first seen: read once it is still so a tick later.
+    settling: Option<Stamp>,
+    /// Files of the directory a process is still writing.
+    writes: Writes,
+    /// What was said about them last (said again only when it changes).
+    waited_for: Vec<std::ffi::OsString>,
     /// When a schedule window next opens or closes; the policy is applied again then.
     rearm_at: Option<SystemTime>,
 }
@@ -126,6 +132,8 @@ pub struct Enforcer {
     /// Why the last change was refused (shown by `status`); its own lock so reading it never
     /// waits on an apply.
     last_error: Mutex<Option<String>>,
+    /// Policy files a process is still writing, which hold back the next read (`status`).
+    being_written: Mutex<Vec<String>>,
     policy_dir: PathBuf,
     last_good: PathBuf,
     /// Policy arrives as bundles the link applies; the tick never reads the directory.
@@ -208,9 +216,13 @@ impl Enforcer {
             state: Mutex::new(State {
                 refused: None,
                 stamp: None,
+                settling: None,
+                writes: Writes::watch(&policy_dir),
+                waited_for: Vec::new(),
                 rearm_at: None,
             }),
             last_error: Mutex::new(None),
+            being_written: Mutex::new(Vec::new()),
             policy_dir,
             last_good: last_good_dir(state_dir),
             from_control_plane,
@@ -225,6 +237,11 @@ impl Enforcer {
 
     pub fn last_error(&self) -> Option<String> {
         lock(&self.last_error).clone()
+    }
+
+    /// Policy files a process is still writing: the directory is read once they are closed.
+    pub fn being_written(&self) -> Vec<String> {
+        lock(&self.being_written).clone()
     }
 
     pub fn set_last_error(&self, e: Option<String>) {
@@ -490,9 +507,35 @@ impl Enforcer {
         // Parsed again only when a file in it changed: a large directory costs nothing while
         // it stays as it is.
         let stamp = Stamp::of_dir(&self.policy_dir);
-        if !force && st.stamp.as_ref() == Some(&stamp) {
-            return;
+        let writing = st.writes.open();
+        if !force {
+            if st.stamp.as_ref() == Some(&stamp) {
+                return;
+            }
+            // A file read while it is written can be cut anywhere, and its start is often a
+            // valid policy by itself (a rule read without its exception): a change is read
+            // once no file of it is open for writing and it stayed as it is for a tick.
+            if st.waited_for != writing {
+                if !writing.is_empty() {
+                    info!(dir = %self.policy_dir.display(), files = ?writing,
+                        "policy files are being written; read once they are closed");
+                }
+                *lock(&self.being_written) = writing
+                    .iter()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .collect();
+                st.waited_for.clone_from(&writing);
+            }
+            if !writing.is_empty() {
+                deps.counters.add(|c| c.policy_reads_held += 1);
+                return;
+            }
+            if st.settling.as_ref() != Some(&stamp) {
+                st.settling = Some(stamp);
+                return;
+            }
         }
+        st.settling = None;
         st.stamp = Some(stamp);
         let current = self.applied().revision().to_owned();
         match load_dir(&self.policy_dir) {

@@ -50,6 +50,7 @@ impl Node {
             revoked: self.registry.revoked().into_iter().collect(),
             revision: applied.revision().to_owned(),
             policy_error: self.enforcer.last_error(),
+            policy_files_being_written: self.enforcer.being_written(),
             identities,
             dropped_events: self.datapath.dropped_events().ok(),
             map_fill: self.datapath.fill().ok(),
