@@ -16,6 +16,8 @@ pub enum CgroupError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path} is not on the cgroup2 filesystem mounted at {root}")]
     NotCgroup2 { path: PathBuf, root: PathBuf },
+    #[error("{path} did not freeze within {secs} s (a process stuck in the kernel?)")]
+    FreezeTimeout { path: PathBuf, secs: u64 },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
@@ -182,6 +184,50 @@ impl Cgroup {
         Ok(text.lines().any(|l| l.trim() == "populated 1"))
     }
 
+    /// Freezes every process in this cgroup and below it until the guard is dropped (the
+    /// cgroup's owner's own freeze, if it had one, stays). Waits until the kernel says the
+    /// whole subtree is frozen, at most `within`.
+    pub fn freeze(&self, within: std::time::Duration) -> Result<Frozen<'_>, CgroupError> {
+        let control = self.path.join("cgroup.freeze");
+        let was = fs::read_to_string(&control).map_err(io_err(&control))?;
+        let guard = Frozen {
+            cgroup: self,
+            thaw: was.trim() != "1",
+        };
+        if guard.thaw {
+            fs::write(&control, "1").map_err(io_err(&control))?;
+        }
+        let events = self.path.join("cgroup.events");
+        let f = fs::File::open(&events).map_err(io_err(&events))?;
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let mut text = String::new();
+            use std::io::{Read as _, Seek as _};
+            (&f).seek(io::SeekFrom::Start(0))
+                .and_then(|_| (&f).read_to_string(&mut text))
+                .map_err(io_err(&events))?;
+            if text.lines().any(|l| l.trim() == "frozen 1") {
+                return Ok(guard);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(CgroupError::FreezeTimeout {
+                    path: self.path.clone(),
+                    secs: within.as_secs(),
+                });
+            }
+            // cgroup.events wakes a poller when it changed since it was last read.
+            let mut pfd = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&f),
+                events: libc::POLLPRI,
+                revents: 0,
+            };
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+        }
+    }
+
     /// Opens (creating if needed) the child cgroup `name`.
     pub fn child(&self, name: &str) -> Result<Self, CgroupError> {
         Self::create(self.path.join(name))
@@ -191,6 +237,24 @@ impl Cgroup {
     /// this fail with EBUSY; move them out first.
     pub fn remove_tree(&self) -> Result<(), CgroupError> {
         remove_tree(&self.path)
+    }
+}
+
+/// A cgroup [`Cgroup::freeze`] froze; thawed when dropped (unless its owner had frozen it).
+pub struct Frozen<'a> {
+    cgroup: &'a Cgroup,
+    thaw: bool,
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        if self.thaw {
+            let control = self.cgroup.path.join("cgroup.freeze");
+            if let Err(e) = fs::write(&control, "0") {
+                tracing::error!(cgroup = %self.cgroup.path.display(), error = %e,
+                    "cannot thaw a cgroup frozen for a socket scan");
+            }
+        }
     }
 }
 

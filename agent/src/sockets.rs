@@ -243,13 +243,15 @@ fn destroy_in(cgroups: &[&Path], sweep: Sweep) -> io::Result<usize> {
 
 /// A socket a process holds that the packet line could not govern as its cgroup's: made in
 /// another cgroup (systemd socket activation hands a unit PID 1's listener; a process moved
-/// in keeps what it made before), or of a kind a governed task may not make.
+/// in keeps what it made before), of a kind a governed task may not make, or held where no
+/// descriptor shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unjudged {
     pub pid: u32,
     /// The process's name, as it set it (shown escaped).
     pub comm: String,
-    pub fd: u32,
+    /// The descriptor, where one holds it.
+    pub fd: Option<u32>,
     /// The kernel's name for the socket's protocol (`TCP`, `UDPv6`, `PACKET`, ...).
     pub kind: String,
     pub why: Unjudgeable,
@@ -268,15 +270,32 @@ pub enum Unjudgeable {
     Unlisted,
     /// A kind sock_create refuses governed tasks.
     Kind,
+    /// Mapped into the process's memory (a packet socket's ring takes packets without a
+    /// descriptor).
+    Mapped,
+    /// Registered with an io_uring instance (used through the ring without a descriptor).
+    Registered,
 }
 
 impl std::fmt::Display for Unjudged {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "pid {} ({:?}) fd {}: {} socket ",
-            self.pid, self.comm, self.fd, self.kind
-        )?;
+        write!(f, "pid {} ({:?})", self.pid, self.comm)?;
+        if let Some(fd) = self.fd {
+            write!(f, " fd {fd}")?;
+        }
+        match &self.why {
+            Unjudgeable::Mapped => {
+                return f.write_str(
+                    ": a socket mapped into memory (a packet ring takes packets without a descriptor)",
+                );
+            }
+            Unjudgeable::Registered => {
+                return f.write_str(
+                    ": an io_uring instance with a registered socket (used without a descriptor)",
+                );
+            }
+            _ => write!(f, ": {} socket ", self.kind)?,
+        }
         match &self.why {
             Unjudgeable::OtherCgroup {
                 cgroup,
@@ -291,7 +310,9 @@ impl std::fmt::Display for Unjudged {
             Unjudgeable::Unlisted => {
                 f.write_str("neither bound nor connected, so where it was made cannot be read")
             }
-            Unjudgeable::Kind => f.write_str("of a kind governed agents may not use"),
+            Unjudgeable::Kind | Unjudgeable::Mapped | Unjudgeable::Registered => {
+                f.write_str("of a kind governed agents may not use")
+            }
         }
     }
 }
@@ -300,50 +321,8 @@ impl std::fmt::Display for Unjudged {
 const JUDGED_KINDS: [&str; 4] = ["TCP", "TCPv6", "UDP", "UDPv6"];
 /// Local sockets: they reach no other host.
 const LOCAL_KINDS: [&str; 3] = ["UNIX", "UNIX-STREAM", "NETLINK"];
-
-/// A socket one of `pids`' tasks holds: (pid, fd, inode, protocol name).
-struct Held {
-    pid: u32,
-    fd: u32,
-    link: std::path::PathBuf,
-    inode: u64,
-    kind: String,
-}
-
-fn socket_inode(link: &Path) -> Option<u64> {
-    let target = fs::read_link(link).ok()?;
-    target
-        .to_str()?
-        .strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
-}
-
-/// `system.sockprotoname`: sockfs names every socket's protocol in this attribute.
-fn protocol_name(link: &Path) -> Option<String> {
-    let path = std::ffi::CString::new(link.as_os_str().as_encoded_bytes()).ok()?;
-    let mut buf = [0u8; 64];
-    // SAFETY: a valid C string and a buffer of the length given.
-    let n = unsafe {
-        libc::getxattr(
-            path.as_ptr(),
-            c"system.sockprotoname".as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    let n = usize::try_from(n).ok()?;
-    let name = buf[..n].split(|b| *b == 0).next()?;
-    Some(String::from_utf8_lossy(name).into_owned())
-}
-
-/// The tasks (threads) of `pid`: a thread may have its own file table and namespace.
-fn tasks_of(pid: u32) -> Vec<std::path::PathBuf> {
-    fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|rd| rd.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default()
-}
+/// Descriptors read in one scan, at most: a unit cannot hold the node in its scan for long.
+const SCAN_BUDGET: usize = 1 << 20;
 
 /// Which descriptors of a process count.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -354,56 +333,196 @@ pub enum Descriptors {
     KeptAcrossExec,
 }
 
-/// Whether the descriptor behind `fdinfo` is close-on-exec (`flags:` in octal).
-fn close_on_exec(fdinfo: &Path) -> bool {
-    fs::read_to_string(fdinfo).is_ok_and(|t| {
-        t.lines()
-            .find_map(|l| l.strip_prefix("flags:"))
-            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
-            .is_some_and(|f| f & libc::O_CLOEXEC as u32 != 0)
-    })
+/// A socket one of the scanned tasks holds.
+struct Held {
+    pid: u32,
+    fd: u32,
+    link: std::path::PathBuf,
+    inode: u64,
+    kind: String,
 }
 
-/// Every socket the processes `pids` hold (each once), and a handle on each network
-/// namespace their tasks are in.
-fn held_by(pids: &[u32], which: Descriptors) -> (Vec<Held>, BTreeMap<u64, OwnedFd>) {
-    let mut held = Vec::new();
-    let mut seen = HashSet::new();
-    let mut namespaces = BTreeMap::new();
-    for &pid in pids {
-        for task in tasks_of(pid) {
-            note_namespace(&task.join("ns/net"), &mut namespaces);
-            let Ok(fds) = fs::read_dir(task.join("fd")) else {
+/// What a scan found: sockets held by descriptor, sockets held otherwise, and a handle on
+/// each network namespace the tasks are in.
+#[derive(Default)]
+struct Scan {
+    held: Vec<Held>,
+    elsewhere: Vec<(u32, Option<u32>, Unjudgeable)>,
+    namespaces: BTreeMap<u64, OwnedFd>,
+    read: usize,
+}
+
+/// The tasks (threads) of `pid`: a thread may have its own namespace.
+fn tasks_of(pid: u32) -> Vec<std::path::PathBuf> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// A task that is gone is not an error: it holds nothing any more.
+fn gone(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH))
+}
+
+fn scan_error(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+fn socket_inode(link: &Path) -> io::Result<Option<u64>> {
+    let target = fs::read_link(link)?;
+    Ok(target
+        .to_str()
+        .and_then(|t| t.strip_prefix("socket:["))
+        .and_then(|t| t.strip_suffix(']'))
+        .and_then(|t| t.parse().ok()))
+}
+
+/// `system.sockprotoname`: sockfs names every socket's protocol in this attribute.
+fn protocol_name(link: &Path) -> io::Result<String> {
+    let path =
+        std::ffi::CString::new(link.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut buf = [0u8; 64];
+    // SAFETY: a valid C string and a buffer of the length given.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"system.sockprotoname".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    let name = buf[..n].split(|b| *b == 0).next().unwrap_or_default();
+    Ok(String::from_utf8_lossy(name).into_owned())
+}
+
+/// Whether the descriptor behind `fdinfo` is close-on-exec (`flags:` in octal).
+fn close_on_exec(fdinfo: &str) -> bool {
+    fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+        .is_some_and(|f| f & libc::O_CLOEXEC as u32 != 0)
+}
+
+/// Whether an io_uring instance's `fdinfo` lists a registered socket.
+fn ring_holds_a_socket(fdinfo: &str) -> bool {
+    fdinfo
+        .lines()
+        .skip_while(|l| !l.starts_with("UserFiles:"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("UserBufs:"))
+        .any(|l| l.contains(": socket:["))
+}
+
+/// Whether task `tid` shares `pid`'s descriptor table (kcmp); read anyway when unknown.
+fn same_files(pid: u32, tid: u32) -> bool {
+    // SAFETY: kcmp only compares kernel objects of two tasks.
+    unsafe {
+        libc::syscall(libc::SYS_kcmp, pid, tid, 2 /* KCMP_FILES */, 0, 0) == 0
+    }
+}
+
+impl Scan {
+    /// Every socket the process `pid` holds: through each descriptor table of its tasks,
+    /// mapped into its memory, or registered with an io_uring instance it holds.
+    fn process(&mut self, pid: u32, which: Descriptors) -> io::Result<()> {
+        let maps = format!("/proc/{pid}/maps");
+        match fs::read_to_string(&maps) {
+            Ok(text) => {
+                if text
+                    .lines()
+                    .any(|l| l.ends_with(']') && l.contains(" socket:["))
+                {
+                    self.elsewhere.push((pid, None, Unjudgeable::Mapped));
+                }
+            }
+            Err(e) if gone(&e) => return Ok(()),
+            Err(e) => return Err(scan_error(Path::new(&maps), e)),
+        }
+        let tasks = format!("/proc/{pid}/task");
+        let tasks: Vec<(u32, std::path::PathBuf)> = match fs::read_dir(&tasks) {
+            Ok(rd) => rd
+                .flatten()
+                .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
+                .collect(),
+            Err(e) if gone(&e) => return Ok(()),
+            Err(e) => return Err(scan_error(Path::new(&tasks), e)),
+        };
+        let mut seen = HashSet::new();
+        for (tid, task) in tasks {
+            note_namespace(&task.join("ns/net"), &mut self.namespaces);
+            if tid != pid && same_files(pid, tid) {
                 continue;
+            }
+            let fd_dir = task.join("fd");
+            let fds = match fs::read_dir(&fd_dir) {
+                Ok(rd) => rd,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(scan_error(&fd_dir, e)),
             };
-            for e in fds.flatten() {
+            for e in fds {
+                let e = e.map_err(|e| scan_error(&fd_dir, e))?;
+                self.read += 1;
+                if self.read > SCAN_BUDGET {
+                    return Err(io::Error::other(format!(
+                        "more than {SCAN_BUDGET} descriptors to read"
+                    )));
+                }
                 let link = e.path();
-                let Some(inode) = socket_inode(&link) else {
+                let fd: u32 = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(u32::MAX);
+                let info_path = task.join("fdinfo").join(e.file_name());
+                let target = match fs::read_link(&link) {
+                    Ok(t) => t,
+                    Err(e) if gone(&e) => continue,
+                    Err(e) => return Err(scan_error(&link, e)),
+                };
+                let target = target.to_string_lossy();
+                let info = || match fs::read_to_string(&info_path) {
+                    Ok(t) => Ok(t),
+                    Err(e) if gone(&e) => Ok(String::new()),
+                    Err(e) => Err(scan_error(&info_path, e)),
+                };
+                if target == "anon_inode:[io_uring]" {
+                    if ring_holds_a_socket(&info()?) {
+                        self.elsewhere
+                            .push((pid, Some(fd), Unjudgeable::Registered));
+                    }
+                    continue;
+                }
+                let Some(inode) = target
+                    .strip_prefix("socket:[")
+                    .and_then(|t| t.strip_suffix(']'))
+                    .and_then(|t| t.parse::<u64>().ok())
+                else {
                     continue;
                 };
-                if which == Descriptors::KeptAcrossExec
-                    && close_on_exec(&task.join("fdinfo").join(e.file_name()))
-                {
+                if which == Descriptors::KeptAcrossExec && close_on_exec(&info()?) {
                     continue;
                 }
                 if !seen.insert(inode) {
                     continue;
                 }
-                let Some(kind) = protocol_name(&link) else {
-                    continue;
+                let kind = match protocol_name(&link) {
+                    Ok(k) => k,
+                    Err(e) if gone(&e) => continue,
+                    Err(e) => return Err(scan_error(&link, e)),
                 };
-                let fd = e.file_name().to_str().and_then(|s| s.parse().ok());
-                held.push(Held {
+                self.held.push(Held {
                     pid,
-                    fd: fd.unwrap_or(u32::MAX),
+                    fd,
                     link,
                     inode,
                     kind,
                 });
             }
         }
+        Ok(())
     }
-    (held, namespaces)
 }
 
 fn note_namespace(path: &Path, namespaces: &mut BTreeMap<u64, OwnedFd>) {
@@ -449,20 +568,39 @@ fn in_each<T: Send + 'static>(
 
 /// The sockets the processes `pids` hold that the packet line would not govern as sockets of
 /// a cgroup in `own` (cgroup ids): TCP and UDP sockets made in another cgroup or not listed
-/// anywhere, and sockets of any kind but TCP, UDP, unix and netlink (of the descriptors
-/// `which` names). `enroll` and `launch`
-/// refuse while any is held: a socket keeps the cgroup it was made in, and the packet line
-/// knows a socket's binding only by that cgroup (or by a governed task's own use of it).
+/// anywhere, sockets of any kind but TCP, UDP, unix and netlink (of the descriptors `which`
+/// names), and sockets held without a descriptor (mapped, registered with io_uring). A
+/// descriptor that cannot be read is an error, never a pass. `enroll` and `launch` refuse
+/// while any is held: a socket keeps the cgroup it was made in, and the packet line knows a
+/// socket's binding only by that cgroup (or by a governed task's own use of it). The
+/// processes must not run meanwhile (a frozen cgroup), or what is read can change under the
+/// scan.
 pub fn unjudged(pids: &[u32], own: &HashSet<u64>, which: Descriptors) -> io::Result<Vec<Unjudged>> {
-    let (held, namespaces) = held_by(pids, which);
+    let mut scan = Scan::default();
+    for &pid in pids {
+        scan.process(pid, which)?;
+    }
     let comm = |pid: u32| {
         fs::read_to_string(format!("/proc/{pid}/comm"))
             .map(|c| c.trim_end().to_owned())
             .unwrap_or_default()
     };
-    let mut found = Vec::new();
+    let mut found: Vec<Unjudged> = scan
+        .elsewhere
+        .into_iter()
+        .map(|(pid, fd, why)| Unjudged {
+            pid,
+            comm: comm(pid),
+            fd,
+            kind: match why {
+                Unjudgeable::Registered => "io_uring".to_owned(),
+                _ => "mapped".to_owned(),
+            },
+            why,
+        })
+        .collect();
     let mut inet = Vec::new();
-    for h in held {
+    for h in scan.held {
         if LOCAL_KINDS.contains(&h.kind.as_str()) {
             continue;
         }
@@ -473,13 +611,13 @@ pub fn unjudged(pids: &[u32], own: &HashSet<u64>, which: Descriptors) -> io::Res
         found.push(Unjudged {
             pid: h.pid,
             comm: comm(h.pid),
-            fd: h.fd,
+            fd: Some(h.fd),
             kind: h.kind,
             why: Unjudgeable::Kind,
         });
     }
     if !inet.is_empty() {
-        let listed: std::collections::HashMap<u64, Listed> = in_each(namespaces, || {
+        let listed: std::collections::HashMap<u64, Listed> = in_each(scan.namespaces, || {
             dump_here(
                 &diag_socket()?,
                 &[IPPROTO_TCP, IPPROTO_UDP],
@@ -507,16 +645,15 @@ pub fn unjudged(pids: &[u32], own: &HashSet<u64>, which: Descriptors) -> io::Res
                         peer: (!peer.ip().is_unspecified() || peer.port() != 0).then_some(peer),
                     }
                 }
-                // Closed between the listing and the dump: nothing held any more.
-                None if socket_inode(&h.link) != Some(h.inode) => {
-                    continue;
-                }
+                // Closed between the listing and the dump (a process killed while frozen):
+                // nothing held any more.
+                None if !matches!(socket_inode(&h.link), Ok(Some(i)) if i == h.inode) => continue,
                 None => Unjudgeable::Unlisted,
             };
             found.push(Unjudged {
                 pid: h.pid,
                 comm: comm(h.pid),
-                fd: h.fd,
+                fd: Some(h.fd),
                 kind: h.kind,
                 why,
             });
@@ -530,4 +667,19 @@ pub fn processes_in(cgroup: &Path) -> Vec<u32> {
     let mut pids = Vec::new();
     pids_in(cgroup, &mut pids);
     pids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_uring_with_a_registered_socket_is_told_from_one_without() {
+        let with = "pos:\t0\nflags:\t02000002\nUserFiles:\t2\n    0: anon_inode:[eventfd]\n    1: socket:[33337831]\nUserBufs:\t0\n";
+        let without = "pos:\t0\nUserFiles:\t1\n    0: /tmp/x\nUserBufs:\t0\n    0: socket:[1]\n";
+        assert!(ring_holds_a_socket(with));
+        assert!(!ring_holds_a_socket(without));
+        assert!(close_on_exec(with));
+        assert!(!close_on_exec("pos:\t0\nflags:\t02\n"));
+    }
 }

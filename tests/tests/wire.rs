@@ -473,6 +473,11 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
     assert_eq!(raw.cmd("raw-keep"), "ok");
     let mut moved = probe(&fx, &elsewhere);
     assert_eq!(moved.cmd("listen tcp :: 8091"), "ok");
+    // Sockets held without a descriptor: a connected UDP socket registered with an io_uring
+    // (sent on through the ring), a packet socket's mapped ring.
+    assert_eq!(moved.cmd(&format!("hold udp {PEER_V4} 9500")), "ok");
+    assert_eq!(moved.cmd("hide-in-ring"), "ok");
+    assert_eq!(moved.cmd("packet-ring"), "ok");
     unit.add_process(moved.pid)
         .expect("move the listener's process in");
 
@@ -509,6 +514,20 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
         elsewhere.id()
     );
     assert!(said(moved.pid, &listener), "{err}");
+    assert!(
+        said(
+            moved.pid,
+            ": an io_uring instance with a registered socket (used without a descriptor)"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "pid {} (\"aw-probe\"): a socket mapped into memory (a packet ring takes packets without a descriptor)",
+            moved.pid
+        )),
+        "{err}"
+    );
     // Nothing bound: a port no rule allows is still reached.
     assert_eq!(raw.cmd(&format!("hold udp {PEER_V4} 9500")), "ok");
     assert_eq!(raw.cmd("send-held"), "ok");
@@ -586,23 +605,29 @@ fn launch_hands_the_agent_no_inherited_socket() {
     let fx = fixture("wire-inherit");
     let (cert, key) = write_cert(fx.dir.path(), "inherit", &fx.ca.issue(&CertSpec::agent(ID)));
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    // A descriptor without close-on-exec, far from the ones other tests' threads use.
-    // SAFETY: plain fcntl on a descriptor this test owns.
-    let inherited = unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_DUPFD, 300) };
-    assert!(inherited >= 300);
-    let out = run_ok(
-        Command::new(bin_path("agentwall"))
-            .arg("launch")
-            .arg("--cert")
-            .arg(&cert)
-            .arg("--key")
-            .arg(&key)
-            .arg("--socket")
-            .arg(fx.socket())
-            .args(["--", "/bin/sh", "-c", "ls /proc/self/fd"]),
-    );
-    // SAFETY: closes the duplicate made above.
-    unsafe { libc::close(inherited) };
+    let (raw_sock, inherited) = (sock.as_raw_fd(), 300);
+    let mut launch = Command::new(bin_path("agentwall"));
+    launch
+        .arg("launch")
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("--socket")
+        .arg(fx.socket())
+        .args(["--", "/bin/sh", "-c", "ls /proc/self/fd"]);
+    // A descriptor without close-on-exec in the launcher only (made in this process, other
+    // tests' children would inherit it).
+    // SAFETY: dup2 between the fork and the exec, on descriptors this test owns.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut launch, move || {
+            if libc::dup2(raw_sock, inherited) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = run_ok(&mut launch);
     let fds: Vec<String> = String::from_utf8(out)
         .unwrap()
         .split_whitespace()

@@ -102,7 +102,14 @@ impl Node {
                 (_, Err(e)) => no_process(&e),
             },
             Request::Enroll { cgroup } => match (caller.peer, caller.pidfd) {
-                (Ok(peer), Ok(pidfd)) => self.enroll(peer, pidfd, &cgroup),
+                // Off the runtime's workers: it freezes the unit and reads every descriptor
+                // its processes hold.
+                (Ok(peer), Ok(pidfd)) => {
+                    let node = self.clone();
+                    tokio::task::spawn_blocking(move || node.enroll(peer, pidfd, &cgroup))
+                        .await
+                        .unwrap_or_else(|e| Response::error(None, format!("enroll failed: {e}")))
+                }
                 (Err(r), _) => rejection(&r),
                 (_, Err(e)) => no_process(&e),
             },

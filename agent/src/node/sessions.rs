@@ -93,19 +93,41 @@ pub enum SessionError {
     #[error("the datapath's bindings: {0}")]
     Bindings(crate::datapath::DatapathError),
     #[error(
-        "{path}: its processes hold sockets agentwall cannot govern as this identity's: {}; a socket keeps the cgroup it was made in (systemd socket activation passes the unit sockets PID 1 made; a process moved in keeps the ones it made before). Close them or start the processes without them, then try again",
-        list.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+        "{whose} hold sockets agentwall cannot govern as this identity's: {}; a socket keeps the cgroup it was made in (systemd socket activation passes the unit sockets PID 1 made; a process moved in keeps the ones it made before). Close them or start the processes without them, then try again",
+        listed(list)
     )]
     UnjudgedSockets {
-        path: PathBuf,
+        whose: String,
         list: Vec<crate::sockets::Unjudged>,
     },
-    #[error("reading the sockets held in {path}: {source}")]
+    #[error("reading the sockets {whose} hold: {source}")]
     SocketScan {
-        path: PathBuf,
+        whose: String,
         source: std::io::Error,
     },
+    #[error("{0}; its sockets cannot be read while its processes run")]
+    Freeze(crate::cgroup::CgroupError),
+    #[error("the node itself runs in {0}; it cannot freeze its own cgroup to read its sockets")]
+    NodeInside(PathBuf),
 }
+
+/// At most ten of `list`, and how many more: a unit can hold a great many.
+fn listed(list: &[crate::sockets::Unjudged]) -> String {
+    const SHOWN: usize = 10;
+    let mut text = list
+        .iter()
+        .take(SHOWN)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if list.len() > SHOWN {
+        text.push_str(&format!("; and {} more", list.len() - SHOWN));
+    }
+    text
+}
+
+/// How long `enroll` waits for a unit to freeze.
+const FREEZE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `sessions.json`: a session with what the table remembers about it.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -479,9 +501,10 @@ impl Sessions {
     ) -> Result<PathBuf, SessionError> {
         let pid = api::pidfd_pid(pidfd).map_err(SessionError::LauncherGone)?;
         // The cgroup is new: every TCP or UDP socket the launcher holds was made elsewhere.
-        // Close-on-exec ones stay behind at the agent's exec.
+        // Close-on-exec ones stay behind at the agent's exec. The launcher waits for this
+        // answer, so nothing it holds changes meanwhile.
         refuse_unjudged(
-            Path::new(&format!("/proc/{pid}")),
+            format!("the launching process (pid {pid})"),
             &[pid],
             &Default::default(),
             Descriptors::KeptAcrossExec,
@@ -538,23 +561,34 @@ impl Sessions {
         let number = admit()?;
         // Enrolling again under the same identity moves its deadline; another identity's
         // cgroup (or one below it) is not taken over.
-        let governed = self.governing_binding(cg.path())?;
-        if let Some((bound, n)) = &governed {
-            if *n != number {
+        if let Some((bound, n)) = self.governing_binding(cg.path())? {
+            if n != number {
                 return Err(SessionError::Governed {
                     path: cg.path().to_owned(),
-                    bound: bound.clone(),
-                    identity: owner(*n),
+                    bound,
+                    identity: owner(n),
                 });
             }
         }
-        let unit = || {
-            let mut own = std::collections::HashSet::new();
-            crate::cgroup::subtree_ids(cg.path(), &mut own);
-            (crate::sockets::processes_in(cg.path()), own)
-        };
-        let (pids, own) = unit();
-        refuse_unjudged(cg.path(), &pids, &own, Descriptors::All)?;
+        // Frozen from the scan until the binding is in force: no socket is made, passed or
+        // closed in between, and no process slips out of the listing.
+        let me = std::process::id();
+        if self
+            .mount
+            .cgroup_of(me)
+            .is_some_and(|c| c.starts_with(cg.path()))
+        {
+            return Err(SessionError::NodeInside(cg.path().to_owned()));
+        }
+        let _frozen = cg.freeze(FREEZE_WITHIN).map_err(SessionError::Freeze)?;
+        let mut own = std::collections::HashSet::new();
+        crate::cgroup::subtree_ids(cg.path(), &mut own);
+        refuse_unjudged(
+            format!("{}: its processes", cg.path().display()),
+            &crate::sockets::processes_in(cg.path()),
+            &own,
+            Descriptors::All,
+        )?;
         // Its processes may hold sockets made before now: the packet line looks for such
         // sockets before the binding exists, so none passes in between.
         self.datapath
@@ -565,37 +599,7 @@ impl Sessions {
             })?;
         let mut table = lock(&self.table);
         self.bind(&mut table, IdentityEvent::Enrolled, peer, number, &cg, 0)?;
-        // A socket made between the look above and the binding was made ungoverned (an
-        // AF_PACKET socket, say, which no hook of an unbound cgroup refuses): looked for
-        // again now that new ones are refused, and a first binding is undone if one is held.
-        if governed.is_none() {
-            let (pids, own) = unit();
-            if let Err(e) = refuse_unjudged(cg.path(), &pids, &own, Descriptors::All) {
-                self.undo_enroll(&mut table, &cg);
-                return Err(e);
-            }
-        }
         Ok(cg.path().to_owned())
-    }
-
-    /// Takes back a binding `enroll` just made (and recorded): the cgroup is as it was.
-    fn undo_enroll(&self, table: &mut Table, cg: &Cgroup) {
-        if let Err(e) = self.datapath.unbind(cg) {
-            // Left bound is left closed: the session stays in the table, and collection or
-            // revoke ends it.
-            error!(error = %e, cgroup = %cg.path().display(), "undoing a refused enroll");
-            return;
-        }
-        if let Some(s) = table.by_id.get(&cg.id()).cloned() {
-            self.journal
-                .record(&AuditEvent::Identity(IdentityEvent::SessionEnded {
-                    identity: s.identity,
-                    cgroup: s.cgroup,
-                    serial: s.serial,
-                }));
-        }
-        table.remove(cg.id());
-        self.save(table);
     }
 
     /// The session the process behind `pidfd` runs in (its own cgroup's or the nearest bound
@@ -824,25 +828,17 @@ impl Sessions {
     }
 }
 
-/// Refuses while the processes `pids` (of `path`) hold a socket the packet line would not
+/// Refuses while the processes `pids` (`whose`, for the message) hold a socket the packet line would not
 /// govern as one of the cgroups `own`.
 fn refuse_unjudged(
-    path: &Path,
+    whose: String,
     pids: &[u32],
     own: &std::collections::HashSet<u64>,
     which: Descriptors,
 ) -> Result<(), SessionError> {
-    let list =
-        crate::sockets::unjudged(pids, own, which).map_err(|source| SessionError::SocketScan {
-            path: path.to_owned(),
-            source,
-        })?;
-    if list.is_empty() {
-        Ok(())
-    } else {
-        Err(SessionError::UnjudgedSockets {
-            path: path.to_owned(),
-            list,
-        })
+    match crate::sockets::unjudged(pids, own, which) {
+        Err(source) => Err(SessionError::SocketScan { whose, source }),
+        Ok(list) if list.is_empty() => Ok(()),
+        Ok(list) => Err(SessionError::UnjudgedSockets { whose, list }),
     }
 }

@@ -63,6 +63,10 @@
 //!                                  does; answers `p50=NS p99=NS fail=K` (socket to answer)
 //!   uring-connect ADDR PORT        TCP connect() submitted through io_uring
 //!   uring-sendmsg ADDR PORT        unconnected UDP sendmsg() submitted through io_uring
+//!   hide-in-ring                   registers the held UDP sockets with a new io_uring and
+//!                                  closes their descriptors (the ring is kept)
+//!   packet-ring                    an AF_PACKET socket with a receive ring mapped, its
+//!                                  descriptor closed (the mapping is kept)
 //!   write PATH TEXT                write TEXT to PATH (cgroup.procs, say)
 //!   mkdir PATH                     create a directory (a child cgroup, say)
 //!   connect-unix PATH              connect to a unix stream socket
@@ -904,6 +908,58 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 }
             }
             reply
+        }
+        ["hide-in-ring"] => {
+            static RINGS: std::sync::Mutex<Vec<io_uring::IoUring>> =
+                std::sync::Mutex::new(Vec::new());
+            let ring = io_uring::IoUring::new(4).map_err(|e| format!("io_uring: {e}"))?;
+            let held: Vec<OwnedFd> = held_udp().drain(..).collect();
+            let fds: Vec<i32> = held.iter().map(AsRawFd::as_raw_fd).collect();
+            ring.submitter()
+                .register_files(&fds)
+                .map_err(|e| format!("register_files: {e}"))?;
+            drop(held);
+            RINGS.lock().expect("rings").push(ring);
+            "ok".into()
+        }
+        ["packet-ring"] => {
+            let s = new_socket(libc::AF_PACKET, libc::SOCK_RAW, 0)
+                .map_err(|e| format!("socket: {}", errno_name(e)))?;
+            let req = libc::tpacket_req {
+                tp_block_size: 4096,
+                tp_block_nr: 1,
+                tp_frame_size: 2048,
+                tp_frame_nr: 2,
+            };
+            // SAFETY: valid fd and option value of its size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_PACKET,
+                    libc::PACKET_RX_RING,
+                    (&raw const req).cast(),
+                    std::mem::size_of_val(&req) as u32,
+                )
+            };
+            if rc < 0 {
+                return Ok(format!("err {}", errno_name(last_err())));
+            }
+            // SAFETY: maps the ring the kernel made; the mapping outlives the descriptor.
+            let map = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    s.as_raw_fd(),
+                    0,
+                )
+            };
+            if map == libc::MAP_FAILED {
+                return Ok(format!("err {}", errno_name(last_err())));
+            }
+            drop(s);
+            "ok".into()
         }
         ["raw-keep"] => match new_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) {
             Ok(fd) => {
