@@ -257,15 +257,33 @@ pub struct ShadowGroup {
 
 /// Groups unknown flows tagged with a service by process group.
 pub fn shadow_ai(records: &[serde_json::Value]) -> Vec<ShadowGroup> {
-    type Acc = BTreeMap<String, ServiceUse>;
-    let mut groups: BTreeMap<String, (Acc, Vec<Flow>)> = BTreeMap::new();
+    let mut fold = ShadowFold::default();
     for r in records {
+        fold.add(r);
+    }
+    fold.finish()
+}
+
+/// A distinct flow: destination, port, UDP or not, name.
+type FlowKey = (IpAddr, u16, bool, Option<String>);
+/// What one process group did: per service, and each distinct flow with its count.
+type GroupUse = (BTreeMap<String, ServiceUse>, BTreeMap<FlowKey, u64>);
+
+/// [`shadow_ai`] one record at a time: what it keeps grows with the distinct groups,
+/// services and destinations, not with the records (a node can report millions).
+#[derive(Default)]
+pub struct ShadowFold {
+    groups: BTreeMap<String, GroupUse>,
+}
+
+impl ShadowFold {
+    pub fn add(&mut self, r: &serde_json::Value) {
         let s = |k: &str| r.get(k).and_then(|v| v.as_str()).map(str::to_owned);
         if s("verdict").as_deref() != Some("unknown") {
-            continue;
+            return;
         }
         let Some(service) = s("service") else {
-            continue;
+            return;
         };
         let group = if let Some(u) = s("unit") {
             format!("unit {u}")
@@ -284,7 +302,7 @@ pub fn shadow_ai(records: &[serde_json::Value]) -> Vec<ShadowGroup> {
         let name = s("fqdn");
         let first = s("first_seen").or_else(|| s("time")).unwrap_or_default();
         let last = s("last_seen").or_else(|| s("time")).unwrap_or_default();
-        let (acc, flows) = groups.entry(group).or_default();
+        let (acc, flows) = self.groups.entry(group).or_default();
         let u = acc.entry(service.clone()).or_insert_with(|| ServiceUse {
             service: service.clone(),
             destinations: BTreeSet::new(),
@@ -296,7 +314,7 @@ pub fn shadow_ai(records: &[serde_json::Value]) -> Vec<ShadowGroup> {
             Some(n) => format!("{n} ({dest}):{port}"),
             None => format!("{dest}:{port}"),
         });
-        u.count += count;
+        u.count = u.count.saturating_add(count);
         if first < u.first_seen {
             u.first_seen = first;
         }
@@ -304,52 +322,60 @@ pub fn shadow_ai(records: &[serde_json::Value]) -> Vec<ShadowGroup> {
             u.last_seen = last;
         }
         if let (Ok(ip), Some(proto)) = (dest.parse(), s("protocol")) {
-            flows.push(Flow {
-                identity: String::new(),
-                dest: ip,
-                port,
-                protocol: if proto == "udp" {
-                    crate::policy::Protocol::Udp
-                } else {
-                    crate::policy::Protocol::Tcp
-                },
-                fqdn: name,
-                verdict: "unknown".into(),
-                reason: None,
-                rule_id: None,
-                revision: String::new(),
-                count,
-                time: None,
-                inbound: false,
-            });
+            let n = flows.entry((ip, port, proto == "udp", name)).or_default();
+            *n = n.saturating_add(count);
         }
     }
-    groups
-        .into_iter()
-        .map(|(group, (acc, flows))| {
-            let slug: String = group
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() {
-                        c.to_ascii_lowercase()
-                    } else {
-                        '-'
-                    }
-                })
-                .collect::<String>()
-                .split('-')
-                .filter(|p| !p.is_empty())
-                .take(4)
-                .collect::<Vec<_>>()
-                .join("-");
-            let identity = format!("spiffe://YOUR-TRUST-DOMAIN/agent/{slug}");
-            ShadowGroup {
-                group,
-                services: acc.into_values().collect(),
-                suggested_policy: crate::review::suggest_for(&identity, &flows, &[]),
-            }
-        })
-        .collect()
+
+    pub fn finish(self) -> Vec<ShadowGroup> {
+        self.groups
+            .into_iter()
+            .map(|(group, (acc, flows))| {
+                let flows: Vec<Flow> = flows
+                    .into_iter()
+                    .map(|((dest, port, udp, fqdn), count)| Flow {
+                        identity: String::new(),
+                        dest,
+                        port,
+                        protocol: if udp {
+                            crate::policy::Protocol::Udp
+                        } else {
+                            crate::policy::Protocol::Tcp
+                        },
+                        fqdn,
+                        verdict: "unknown".into(),
+                        reason: None,
+                        rule_id: None,
+                        revision: String::new(),
+                        count,
+                        time: None,
+                        inbound: false,
+                    })
+                    .collect();
+                let slug: String = group
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() {
+                            c.to_ascii_lowercase()
+                        } else {
+                            '-'
+                        }
+                    })
+                    .collect::<String>()
+                    .split('-')
+                    .filter(|p| !p.is_empty())
+                    .take(4)
+                    .collect::<Vec<_>>()
+                    .join("-");
+                let identity = format!("spiffe://YOUR-TRUST-DOMAIN/agent/{slug}");
+                ShadowGroup {
+                    group,
+                    services: acc.into_values().collect(),
+                    suggested_policy: crate::review::suggest_for(&identity, &flows, &[]),
+                }
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

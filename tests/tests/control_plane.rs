@@ -1060,16 +1060,22 @@ fn a_full_disk_under_the_spool_counts_the_loss_and_reports_it() {
     assert_eq!(stored.len() as f64 + lost, 1000.0);
 }
 
+/// The fixture's CA, as a raw TLS client's roots.
+fn ca_roots(fx: &CpFixture) -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&fx.ca_pem).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    roots
+}
+
 /// Raw HTTP/1.1 over TLS to the server, with no client certificate: what a hostile client
 /// sends byte by byte.
 fn raw(
     fx: &CpFixture,
     server: &CpProc,
 ) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(&fx.ca_pem).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
+    let roots = ca_roots(fx);
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -1494,10 +1500,7 @@ fn a_revoked_certificate_keeps_no_access_by_resumption_or_open_connection() {
     let issued = fx
         .ca
         .issue(&CertSpec::agent("spiffe://example.org/node/stolen"));
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(&fx.ca_pem).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
+    let roots = ca_roots(&fx);
     let chain: Vec<_> =
         rustls::pki_types::CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
             .map(Result::unwrap)

@@ -257,6 +257,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 after: f.after,
                 limit: f.limit,
                 kind: f.kind.clone(),
+                tagged: false,
             };
             let mut all = Vec::new();
             loop {

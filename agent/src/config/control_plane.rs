@@ -102,8 +102,10 @@ pub struct Limits {
     /// Longest an answer may wait for the client to take its bytes, in seconds: a client that
     /// stops reading loses its connection.
     pub write_timeout_secs: u64,
-    /// Connections open at once, from everyone.
-    pub max_connections: usize,
+    /// Connections open at once, from everyone. Default: 4,096, or what the open-files limit
+    /// leaves room for (64 kept for the server's own files) when that is less; a value set
+    /// here that does not fit is refused at start.
+    pub max_connections: Option<usize>,
     /// Connections open at once from one peer address.
     pub max_connections_per_address: usize,
     /// Requests per minute one admin or security caller may make (bursts of as many).
@@ -117,7 +119,7 @@ impl Default for Limits {
             header_timeout_secs: 10,
             body_timeout_secs: 60,
             write_timeout_secs: 30,
-            max_connections: 4096,
+            max_connections: None,
             max_connections_per_address: 256,
             requests_per_minute: 600,
         }
@@ -199,7 +201,7 @@ impl ServerConfig {
             ("header_timeout_secs", l.header_timeout_secs),
             ("body_timeout_secs", l.body_timeout_secs),
             ("write_timeout_secs", l.write_timeout_secs),
-            ("max_connections", l.max_connections as u64),
+            ("max_connections", l.max_connections.unwrap_or(1) as u64),
             (
                 "max_connections_per_address",
                 l.max_connections_per_address as u64,

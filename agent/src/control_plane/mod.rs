@@ -73,6 +73,51 @@ pub struct ReportBatch {
     pub records: Vec<Reported>,
 }
 
+/// Largest decompressed report batch (a node sends at most 5,000 records a batch).
+pub const MAX_BATCH_BYTES: u64 = 32 << 20;
+/// Most records in one batch.
+pub const MAX_BATCH_RECORDS: usize = 10_000;
+
+/// Why a report body is not a batch the control plane stores.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("gzip body: {0}")]
+    Gzip(std::io::Error),
+    #[error("a batch decompresses to more than {MAX_BATCH_BYTES} bytes")]
+    TooLarge,
+    #[error("body is not a report batch: {0}")]
+    NotABatch(serde_json::Error),
+    #[error("a batch of {0} records; at most {MAX_BATCH_RECORDS} a batch")]
+    TooManyRecords(usize),
+}
+
+impl ReportBatch {
+    /// A node's report body (gzip-compressed or not), bounded however it decompresses.
+    pub fn decode(body: &[u8], gzip: bool) -> Result<Self, BatchError> {
+        let inflated;
+        let text = if gzip {
+            use std::io::Read as _;
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(body)
+                .take(MAX_BATCH_BYTES + 1)
+                .read_to_end(&mut out)
+                .map_err(BatchError::Gzip)?;
+            if out.len() as u64 > MAX_BATCH_BYTES {
+                return Err(BatchError::TooLarge);
+            }
+            inflated = out;
+            &inflated[..]
+        } else {
+            body
+        };
+        let batch: Self = serde_json::from_slice(text).map_err(BatchError::NotABatch)?;
+        if batch.records.len() > MAX_BATCH_RECORDS {
+            return Err(BatchError::TooManyRecords(batch.records.len()));
+        }
+        Ok(batch)
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Reported {
     pub rid: u64,
@@ -118,6 +163,9 @@ pub struct FlowQuery {
     pub limit: Option<u32>,
     /// `decision` (default) or `loss`.
     pub kind: Option<String>,
+    /// Only records tagged with a service (shadow AI); not a query parameter.
+    #[serde(skip)]
+    pub tagged: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

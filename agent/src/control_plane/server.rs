@@ -52,6 +52,8 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
 }
 
 /// Who is asking: the verified certificate's SPIFFE ID and/or a bearer token.
@@ -208,10 +210,12 @@ enum Refusal {
     HandshakeFailed,
     PollReplaced,
     WriteTimeout,
+    /// accept(2) failed (out of descriptors, say).
+    AcceptFailed,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 12] = [
+    const ALL: [Refusal; 13] = [
         Self::Unauthenticated,
         Self::Forbidden,
         Self::RateLimited,
@@ -224,6 +228,7 @@ impl Refusal {
         Self::HandshakeFailed,
         Self::PollReplaced,
         Self::WriteTimeout,
+        Self::AcceptFailed,
     ];
 
     fn label(self) -> &'static str {
@@ -240,6 +245,7 @@ impl Refusal {
             Self::HandshakeFailed => "handshake_failed",
             Self::PollReplaced => "poll_replaced",
             Self::WriteTimeout => "write_timeout",
+            Self::AcceptFailed => "accept_failed",
         }
     }
 }
@@ -284,6 +290,8 @@ pub struct Server {
     access: Vec<Access>,
     poll_timeout: Duration,
     limits: Limits,
+    /// `limits.max_connections`, as settled at start.
+    max_connections: usize,
     limiter: Limiter,
     stats: Stats,
     /// The long-poll each node holds (by principal): a newer poll ends the older one.
@@ -323,6 +331,7 @@ impl Server {
             access,
             poll_timeout,
             limiter: governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute)),
+            max_connections: limits.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             limits,
             stats: Stats::default(),
             polls: Mutex::new(HashMap::new()),
@@ -647,10 +656,6 @@ fn bundle_json(b: &Bundle) -> Arc<serde_json::value::RawValue> {
         .into()
 }
 
-/// Largest decompressed report batch (a node sends at most 5,000 records a batch).
-const MAX_BATCH_BYTES: u64 = 32 << 20;
-/// Most records in one batch.
-const MAX_BATCH_RECORDS: usize = 10_000;
 /// Report batches stored at once, from all nodes: the store has one writer.
 const INGESTS_AT_ONCE: usize = 2;
 
@@ -812,19 +817,21 @@ async fn get_shadow_ai(
         .transpose()?;
     let store = s.store.clone();
     let out = blocking(move || {
-        let mut by_node: std::collections::BTreeMap<String, Vec<serde_json::Value>> =
+        // Folded a page at a time: memory grows with what is distinct, not with the records.
+        let mut by_node: std::collections::BTreeMap<String, crate::discovery::ShadowFold> =
             Default::default();
         let mut after = None;
         loop {
             let page = store.flows(&FlowQuery {
                 verdict: Some("unknown".into()),
+                tagged: true,
                 since: since.clone(),
                 after,
                 limit: Some(10_000),
                 ..FlowQuery::default()
             })?;
             for f in page.flows {
-                by_node.entry(f.node).or_default().push(f.record);
+                by_node.entry(f.node).or_default().add(&f.record);
             }
             match page.next {
                 Some(n) => after = Some(n),
@@ -833,9 +840,9 @@ async fn get_shadow_ai(
         }
         Ok(by_node
             .into_iter()
-            .map(|(node, records)| NodeShadowAi {
+            .map(|(node, fold)| NodeShadowAi {
                 node,
-                groups: crate::discovery::shadow_ai(&records),
+                groups: fold.finish(),
             })
             .filter(|n| !n.groups.is_empty())
             .collect())
@@ -946,15 +953,13 @@ async fn node_poll(
     }
 }
 
-/// Takes `node` off the nodes storing a batch when dropped.
-fn scopeguard_remove<'a>(s: &'a Server, node: &'a str) -> impl Drop + 'a {
-    struct Done<'a>(&'a Server, &'a str);
-    impl Drop for Done<'_> {
-        fn drop(&mut self) {
-            self.0.reporting.lock().expect("reporting").remove(self.1);
-        }
+/// A node storing a batch, taken off the nodes storing one when dropped.
+struct Reporting<'a>(&'a Server, &'a str);
+
+impl Drop for Reporting<'_> {
+    fn drop(&mut self) {
+        self.0.reporting.lock().expect("reporting").remove(self.1);
     }
-    Done(s, node)
 }
 
 /// A node's held long-poll, registered for as long as it lives: a newer poll of the same
@@ -1093,7 +1098,7 @@ async fn node_reports(
             format!("a report batch from {} is already being stored", who.name),
         ));
     }
-    let _reporting = scopeguard_remove(&s, &who.name);
+    let _reporting = Reporting(&s, &who.name);
     let _permit = s
         .ingests
         .acquire()
@@ -1101,39 +1106,18 @@ async fn node_reports(
         .map_err(|_| Fail::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
     let store = s.store.clone();
     let node = who.name.clone();
-    let (n, ingested) = tokio::task::spawn_blocking(move || {
-        let text = if gzip {
-            use std::io::Read as _;
-            let mut out = Vec::new();
-            flate2::read::GzDecoder::new(&body[..])
-                .take(MAX_BATCH_BYTES + 1)
-                .read_to_end(&mut out)
-                .map_err(|e| Fail::new(StatusCode::BAD_REQUEST, format!("gzip body: {e}")))?;
-            if out.len() as u64 > MAX_BATCH_BYTES {
-                return Err(Fail::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("a batch decompresses to more than {MAX_BATCH_BYTES} bytes"),
-                ));
-            }
-            out
-        } else {
-            body.to_vec()
-        };
-        let batch: ReportBatch = serde_json::from_slice(&text).map_err(|e| {
-            Fail::new(
-                StatusCode::BAD_REQUEST,
-                format!("body is not a report batch: {e}"),
-            )
+    let (n, ingested) = tokio::task::spawn_blocking(move || -> Result<_, Fail> {
+        let batch = ReportBatch::decode(&body, gzip).map_err(|e| {
+            let status = match e {
+                super::BatchError::TooLarge | super::BatchError::TooManyRecords(_) => {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                }
+                super::BatchError::Gzip(_) | super::BatchError::NotABatch(_) => {
+                    StatusCode::BAD_REQUEST
+                }
+            };
+            Fail::new(status, e.to_string())
         })?;
-        if batch.records.len() > MAX_BATCH_RECORDS {
-            return Err(Fail::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "a batch of {} records; at most {MAX_BATCH_RECORDS} a batch",
-                    batch.records.len()
-                ),
-            ));
-        }
         let r = store
             .ingest(&node, batch.epoch, &batch.records)
             .map_err(|e| match e {
@@ -1201,7 +1185,7 @@ impl Server {
     /// A slot for a new connection from `addr`, or the cap it would pass.
     fn admit(self: &Arc<Self>, addr: std::net::IpAddr) -> Result<ConnSlot, Refusal> {
         let mut by_addr = self.conns.lock().expect("connections");
-        if self.stats.connections.load(Ordering::Relaxed) >= self.limits.max_connections as u64 {
+        if self.stats.connections.load(Ordering::Relaxed) >= self.max_connections as u64 {
             return Err(Refusal::ConnectionCap);
         }
         let n = by_addr.entry(addr).or_default();
@@ -1233,16 +1217,34 @@ impl Drop for ConnSlot {
     }
 }
 
+/// Connections open at once when the configuration says nothing and the open-files limit
+/// has room.
+const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
 /// Serves until SIGTERM or SIGINT. `ready` gets the bound address once connections are
 /// accepted.
 pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
     // Every connection the caps let in needs a descriptor, and the server a few of its own.
     let files = crate::node::raise_fd_limit();
-    if cfg.limits.max_connections as u64 + 64 > files {
-        return Err(ServerError::FdLimit {
-            max: cfg.limits.max_connections,
-            files,
-        });
+    let mut cfg = cfg;
+    let room = usize::try_from(files.saturating_sub(64)).unwrap_or(usize::MAX);
+    match cfg.limits.max_connections {
+        Some(max) if max > room => return Err(ServerError::FdLimit { max, files }),
+        Some(_) => {}
+        None => {
+            let max = DEFAULT_MAX_CONNECTIONS.min(room);
+            if max == 0 {
+                return Err(ServerError::FdLimit { max: 1, files });
+            }
+            if max < DEFAULT_MAX_CONNECTIONS {
+                warn!(
+                    max_connections = max,
+                    open_files = files,
+                    "the open-files limit leaves room for fewer connections than the default"
+                );
+            }
+            cfg.limits.max_connections = Some(max);
+        }
     }
     let (tls, crl_verifier) = tls_config(&cfg)?;
     let db = cfg.database.clone();
@@ -1317,10 +1319,12 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
     }
     let limits = cfg.limits.clone();
     info!(%addr, database = %cfg.database.display(), "control plane listening");
+    // Handlers before readiness: a SIGTERM right after it stops the server cleanly.
+    let signal = |k| tokio::signal::unix::signal(k).map_err(ServerError::Signal);
+    let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = signal(tokio::signal::unix::SignalKind::interrupt())?;
     ready(addr);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| ServerError::Tls(format!("SIGTERM handler: {e}")))?;
     loop {
         let (tcp, from) = tokio::select! {
             c = listener.accept() => match c {
@@ -1328,7 +1332,7 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
                 Err(e) => {
                     // Out of descriptors, say: a pause, not a spin, and a log line now and
                     // then.
-                    if server.stats.refused(Refusal::ConnectionCap) {
+                    if server.stats.refused(Refusal::AcceptFailed) {
                         warn!(error = %e, "accept failed");
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1336,14 +1340,14 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
                 }
             },
             _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = int.recv() => break,
         };
         // Over a cap the connection is closed before its handshake: it costs no TLS work.
         let slot = match server.admit(from.ip()) {
             Ok(slot) => slot,
             Err(why) => {
                 if server.stats.refused(why) {
-                    warn!(peer = %from, reason = why.label(), max = limits.max_connections,
+                    warn!(peer = %from, reason = why.label(), max = server.max_connections,
                         max_per_address = limits.max_connections_per_address,
                         "connection refused: over the connection cap");
                 }

@@ -344,6 +344,9 @@ impl Store for SqliteStore {
                 filter(col, "=", v.clone().into());
             }
         }
+        if q.tagged {
+            filter("service", "IS NOT", rusqlite::types::Value::Null);
+        }
         if let Some(s) = &q.since {
             filter("time", ">=", s.clone().into());
         }

@@ -752,9 +752,13 @@ impl Node {
                 .map_err(|source| NodeError::Metrics { addr, source })?;
             tokio::spawn(views::serve_metrics(self.clone(), listener));
         }
-        ready(&socket, &revision);
+        // Handlers first: a SIGTERM right after readiness must stop the node cleanly, not
+        // kill it with the default action.
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(NodeError::Signal)?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(NodeError::Signal)?;
+        ready(&socket, &revision);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // One tick at a time, never awaited here: a long apply inside a tick does not keep
@@ -776,7 +780,7 @@ impl Node {
                     }
                 }
                 _ = term.recv() => break,
-                _ = tokio::signal::ctrl_c() => break,
+                _ = int.recv() => break,
             }
         }
         let _ = std::fs::remove_file(&socket);
