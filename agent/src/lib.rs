@@ -13,6 +13,7 @@ pub mod discovery;
 pub mod dns;
 pub mod files;
 pub mod flows;
+pub mod fuzzing;
 pub mod http;
 pub mod identity;
 pub mod logging;

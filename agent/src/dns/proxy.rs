@@ -339,6 +339,17 @@ fn bind_all(
     Ok(out)
 }
 
+/// What the proxy does with bytes it did not make: an agent's query (parsed, its name read
+/// as policy reads it, answered REFUSED) and an upstream's answer to it (checked against
+/// the query, its addresses read). The `dns` fuzz target drives it: no input may panic.
+pub fn examine_untrusted(query: &[u8], response: &[u8]) -> Option<super::Answer> {
+    let q = parse_query(query)?;
+    let _ = crate::policy::fqdn::normalize(&q.queries()[0].name().to_ascii());
+    let _ = empty_answer(&q, ResponseCode::Refused);
+    let r = check_response(&q, response, &Stats::default())?;
+    super::read_answer(&q, &r)
+}
+
 /// A query worth forwarding: one question, opcode QUERY, not a response.
 fn parse_query(bytes: &[u8]) -> Option<Message> {
     let m = Message::from_vec(bytes).ok()?;
