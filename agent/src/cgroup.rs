@@ -18,6 +18,10 @@ pub enum CgroupError {
     NotCgroup2 { path: PathBuf, root: PathBuf },
     #[error("{path} did not freeze within {secs} s (a process stuck in the kernel?)")]
     FreezeTimeout { path: PathBuf, secs: u64 },
+    #[error(
+        "{path} is frozen already (cgroup.freeze is 1: by its owner, or by another freeze in progress); thaw it to go on"
+    )]
+    AlreadyFrozen { path: PathBuf },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
@@ -184,19 +188,19 @@ impl Cgroup {
         Ok(text.lines().any(|l| l.trim() == "populated 1"))
     }
 
-    /// Freezes every process in this cgroup and below it until the guard is dropped (the
-    /// cgroup's owner's own freeze, if it had one, stays). Waits until the kernel says the
-    /// whole subtree is frozen, at most `within`.
+    /// Freezes every process in this cgroup and below it until the guard is dropped, and
+    /// waits until the kernel says the whole subtree is frozen, at most `within`. A cgroup
+    /// frozen already is refused: a freeze someone else holds can be lifted under the caller.
     pub fn freeze(&self, within: std::time::Duration) -> Result<Frozen<'_>, CgroupError> {
         let control = self.path.join("cgroup.freeze");
         let was = fs::read_to_string(&control).map_err(io_err(&control))?;
-        let guard = Frozen {
-            cgroup: self,
-            thaw: was.trim() != "1",
-        };
-        if guard.thaw {
-            fs::write(&control, "1").map_err(io_err(&control))?;
+        if was.trim() == "1" {
+            return Err(CgroupError::AlreadyFrozen {
+                path: self.path.clone(),
+            });
         }
+        let guard = Frozen { cgroup: self };
+        fs::write(&control, "1").map_err(io_err(&control))?;
         let events = self.path.join("cgroup.events");
         let f = fs::File::open(&events).map_err(io_err(&events))?;
         let deadline = std::time::Instant::now() + within;
@@ -240,22 +244,24 @@ impl Cgroup {
     }
 }
 
-/// A cgroup [`Cgroup::freeze`] froze; thawed when dropped (unless its owner had frozen it).
+/// A cgroup [`Cgroup::freeze`] froze; thawed when dropped.
 pub struct Frozen<'a> {
     cgroup: &'a Cgroup,
-    thaw: bool,
 }
 
 impl Drop for Frozen<'_> {
     fn drop(&mut self) {
-        if self.thaw {
-            let control = self.cgroup.path.join("cgroup.freeze");
-            if let Err(e) = fs::write(&control, "0") {
-                tracing::error!(cgroup = %self.cgroup.path.display(), error = %e,
-                    "cannot thaw a cgroup frozen for a socket scan");
-            }
+        if let Err(e) = thaw(&self.cgroup.path) {
+            tracing::error!(cgroup = %self.cgroup.path.display(), error = %e,
+                "cannot thaw a cgroup frozen for a socket scan");
         }
     }
+}
+
+/// Lifts a freeze of the cgroup at `path`.
+pub fn thaw(path: &Path) -> Result<(), CgroupError> {
+    let control = path.join("cgroup.freeze");
+    fs::write(&control, "0").map_err(io_err(&control))
 }
 
 /// The ids of `cgroup` and of every cgroup below it (a cgroup2 directory's inode number is

@@ -275,6 +275,9 @@ pub enum Unjudgeable {
     Mapped,
     /// Registered with an io_uring instance (used through the ring without a descriptor).
     Registered,
+    /// An io_uring instance mapped with no descriptor left (its ring registered): what it
+    /// holds cannot be read.
+    HiddenRing,
 }
 
 impl std::fmt::Display for Unjudged {
@@ -294,6 +297,11 @@ impl std::fmt::Display for Unjudged {
                     ": an io_uring instance with a registered socket (used without a descriptor)",
                 );
             }
+            Unjudgeable::HiddenRing => {
+                return f.write_str(
+                    ": an io_uring instance mapped without a descriptor (what it holds cannot be read)",
+                );
+            }
             _ => write!(f, ": {} socket ", self.kind)?,
         }
         match &self.why {
@@ -310,9 +318,10 @@ impl std::fmt::Display for Unjudged {
             Unjudgeable::Unlisted => {
                 f.write_str("neither bound nor connected, so where it was made cannot be read")
             }
-            Unjudgeable::Kind | Unjudgeable::Mapped | Unjudgeable::Registered => {
-                f.write_str("of a kind governed agents may not use")
-            }
+            Unjudgeable::Kind
+            | Unjudgeable::Mapped
+            | Unjudgeable::Registered
+            | Unjudgeable::HiddenRing => f.write_str("of a kind governed agents may not use"),
         }
     }
 }
@@ -405,41 +414,49 @@ fn close_on_exec(fdinfo: &str) -> bool {
         .is_some_and(|f| f & libc::O_CLOEXEC as u32 != 0)
 }
 
-/// Whether an io_uring instance's `fdinfo` lists a registered socket.
+/// Whether an io_uring instance's `fdinfo` may hold a registered socket: an entry that is
+/// not a file path or an anonymous inode (newer kernels print a socket as `socket:[N]`,
+/// older ones by its protocol, `UDP`), or fewer entries than it says it has (the kernel
+/// leaves them out when the ring is busy).
 fn ring_holds_a_socket(fdinfo: &str) -> bool {
-    fdinfo
-        .lines()
-        .skip_while(|l| !l.starts_with("UserFiles:"))
-        .skip(1)
+    let mut lines = fdinfo.lines().skip_while(|l| !l.starts_with("UserFiles:"));
+    let Some(count) = lines
+        .next()
+        .and_then(|l| l.strip_prefix("UserFiles:"))
+        .and_then(|n| n.trim().parse::<usize>().ok())
+    else {
+        return false;
+    };
+    let entries: Vec<&str> = lines
         .take_while(|l| !l.starts_with("UserBufs:"))
-        .any(|l| l.contains(": socket:["))
+        .filter_map(|l| l.split_once(": ").map(|(_, v)| v))
+        .collect();
+    entries.len() < count
+        || entries
+            .iter()
+            .any(|v| !v.starts_with('/') && !v.starts_with("anon_inode:"))
 }
 
-/// Whether task `tid` shares `pid`'s descriptor table (kcmp); read anyway when unknown.
-fn same_files(pid: u32, tid: u32) -> bool {
+/// `kcmp` kinds: the address space, the descriptor table.
+const KCMP_VM: i32 = 1;
+const KCMP_FILES: i32 = 2;
+
+/// Whether task `tid` shares `pid`'s object of `kind` (kcmp); false when unknown (a zombie
+/// leader has neither), so it is read anyway.
+fn shares(pid: u32, tid: u32, kind: i32) -> bool {
     // SAFETY: kcmp only compares kernel objects of two tasks.
-    unsafe {
-        libc::syscall(libc::SYS_kcmp, pid, tid, 2 /* KCMP_FILES */, 0, 0) == 0
-    }
+    unsafe { libc::syscall(libc::SYS_kcmp, pid, tid, kind, 0, 0) == 0 }
 }
 
 impl Scan {
     /// Every socket the process `pid` holds: through each descriptor table of its tasks,
     /// mapped into its memory, or registered with an io_uring instance it holds.
-    fn process(&mut self, pid: u32, which: Descriptors) -> io::Result<()> {
-        let maps = format!("/proc/{pid}/maps");
-        match fs::read_to_string(&maps) {
-            Ok(text) => {
-                if text
-                    .lines()
-                    .any(|l| l.ends_with(']') && l.contains(" socket:["))
-                {
-                    self.elsewhere.push((pid, None, Unjudgeable::Mapped));
-                }
-            }
-            Err(e) if gone(&e) => return Ok(()),
-            Err(e) => return Err(scan_error(Path::new(&maps), e)),
-        }
+    fn process(
+        &mut self,
+        pid: u32,
+        which: Descriptors,
+        unit_tasks: Option<&HashSet<u32>>,
+    ) -> io::Result<()> {
         let tasks = format!("/proc/{pid}/task");
         let tasks: Vec<(u32, std::path::PathBuf)> = match fs::read_dir(&tasks) {
             Ok(rd) => rd
@@ -449,10 +466,34 @@ impl Scan {
             Err(e) if gone(&e) => return Ok(()),
             Err(e) => return Err(scan_error(Path::new(&tasks), e)),
         };
+        // A thread outside the unit is not frozen with it, and shares what it holds.
+        if let Some(unit) = unit_tasks {
+            if let Some((tid, _)) = tasks.iter().find(|(tid, _)| !unit.contains(tid)) {
+                return Err(io::Error::other(format!(
+                    "pid {pid} has a thread ({tid}) outside the cgroup, which is not frozen with it"
+                )));
+            }
+        }
         let mut seen = HashSet::new();
+        let (mut mapped, mut ring_mapped, mut ring_fd) = (false, false, false);
         for (tid, task) in tasks {
             note_namespace(&task.join("ns/net"), &mut self.namespaces);
-            if tid != pid && same_files(pid, tid) {
+            // Each address space once (a leader that exited shows an empty map; its live
+            // threads do not).
+            if tid == pid || !shares(pid, tid, KCMP_VM) {
+                let maps = task.join("maps");
+                match fs::read_to_string(&maps) {
+                    Ok(text) => {
+                        for l in text.lines() {
+                            mapped |= l.ends_with(']') && l.contains(" socket:[");
+                            ring_mapped |= l.ends_with("anon_inode:[io_uring]");
+                        }
+                    }
+                    Err(e) if gone(&e) => {}
+                    Err(e) => return Err(scan_error(&maps, e)),
+                }
+            }
+            if tid != pid && shares(pid, tid, KCMP_FILES) {
                 continue;
             }
             let fd_dir = task.join("fd");
@@ -488,6 +529,7 @@ impl Scan {
                     Err(e) => Err(scan_error(&info_path, e)),
                 };
                 if target == "anon_inode:[io_uring]" {
+                    ring_fd = true;
                     if ring_holds_a_socket(&info()?) {
                         self.elsewhere
                             .push((pid, Some(fd), Unjudgeable::Registered));
@@ -520,6 +562,12 @@ impl Scan {
                     kind,
                 });
             }
+        }
+        if mapped {
+            self.elsewhere.push((pid, None, Unjudgeable::Mapped));
+        }
+        if ring_mapped && !ring_fd {
+            self.elsewhere.push((pid, None, Unjudgeable::HiddenRing));
         }
         Ok(())
     }
@@ -575,10 +623,15 @@ fn in_each<T: Send + 'static>(
 /// socket's binding only by that cgroup (or by a governed task's own use of it). The
 /// processes must not run meanwhile (a frozen cgroup), or what is read can change under the
 /// scan.
-pub fn unjudged(pids: &[u32], own: &HashSet<u64>, which: Descriptors) -> io::Result<Vec<Unjudged>> {
+pub fn unjudged(
+    pids: &[u32],
+    own: &HashSet<u64>,
+    which: Descriptors,
+    unit_tasks: Option<&HashSet<u32>>,
+) -> io::Result<Vec<Unjudged>> {
     let mut scan = Scan::default();
     for &pid in pids {
-        scan.process(pid, which)?;
+        scan.process(pid, which, unit_tasks)?;
     }
     let comm = |pid: u32| {
         fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -593,7 +646,7 @@ pub fn unjudged(pids: &[u32], own: &HashSet<u64>, which: Descriptors) -> io::Res
             comm: comm(pid),
             fd,
             kind: match why {
-                Unjudgeable::Registered => "io_uring".to_owned(),
+                Unjudgeable::Registered | Unjudgeable::HiddenRing => "io_uring".to_owned(),
                 _ => "mapped".to_owned(),
             },
             why,
@@ -662,11 +715,42 @@ pub fn unjudged(pids: &[u32], own: &HashSet<u64>, which: Descriptors) -> io::Res
     Ok(found)
 }
 
-/// Every process in `cgroup` and below it.
-pub fn processes_in(cgroup: &Path) -> Vec<u32> {
-    let mut pids = Vec::new();
-    pids_in(cgroup, &mut pids);
-    pids
+/// Every process with a thread in `cgroup` or below it, and every such thread, read from
+/// `cgroup.threads` (which a threaded cgroup has and `cgroup.procs` refuses): a cgroup that
+/// cannot be read is an error, never an empty unit.
+pub fn processes_in(cgroup: &Path) -> io::Result<(Vec<u32>, HashSet<u32>)> {
+    fn walk(cg: &Path, tids: &mut HashSet<u32>) -> io::Result<()> {
+        let threads = cg.join("cgroup.threads");
+        let text = fs::read_to_string(&threads).map_err(|e| scan_error(&threads, e))?;
+        tids.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        for e in fs::read_dir(cg).map_err(|e| scan_error(cg, e))? {
+            let e = e.map_err(|e| scan_error(cg, e))?;
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(&e.path(), tids)?;
+            }
+        }
+        Ok(())
+    }
+    let mut tids = HashSet::new();
+    walk(cgroup, &mut tids)?;
+    let mut pids = std::collections::BTreeSet::new();
+    for &tid in &tids {
+        let status = format!("/proc/{tid}/status");
+        match fs::read_to_string(&status) {
+            Ok(t) => {
+                if let Some(tgid) = t
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Tgid:"))
+                    .and_then(|v| v.trim().parse().ok())
+                {
+                    pids.insert(tgid);
+                }
+            }
+            Err(e) if gone(&e) => {}
+            Err(e) => return Err(scan_error(Path::new(&status), e)),
+        }
+    }
+    Ok((pids.into_iter().collect(), tids))
 }
 
 #[cfg(test)]
@@ -679,6 +763,14 @@ mod tests {
         let without = "pos:\t0\nUserFiles:\t1\n    0: /tmp/x\nUserBufs:\t0\n    0: socket:[1]\n";
         assert!(ring_holds_a_socket(with));
         assert!(!ring_holds_a_socket(without));
+        // Kernels before the path form name a socket by its protocol.
+        let older = "UserFiles:\t1\n    0: UDP\nUserBufs:\t0\n";
+        assert!(ring_holds_a_socket(older));
+        // Entries left out (the ring was busy): what it holds is unknown.
+        assert!(ring_holds_a_socket(
+            "UserFiles:\t2\n    0: /tmp/x\nUserBufs:\t0\n"
+        ));
+        assert!(!ring_holds_a_socket("UserFiles:\t0\nUserBufs:\t0\n"));
         assert!(close_on_exec(with));
         assert!(!close_on_exec("pos:\t0\nflags:\t02\n"));
     }

@@ -527,6 +527,82 @@ fn agentwall_out(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `enroll` freezes a unit while it reads its sockets and binds it, so it leaves alone what
+/// it cannot own: a unit its owner froze (a freeze someone else holds can be lifted under
+/// the scan), and a cgroup holding another session below it (it would freeze that
+/// session). A node that died while a unit was frozen for it thaws the unit at its next
+/// start.
+#[test]
+fn enroll_freezes_only_what_it_owns_and_a_crash_leaves_nothing_frozen() {
+    let (env, tmp, ca) = setup("freeze", POLICY);
+    let dir = tmp.path();
+    let node = NodeProc::start(&env, dir);
+    let sock = node.socket.to_str().unwrap().to_owned();
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let (c, k) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let enroll = |cg: &Path| {
+        agentwall_out(&[
+            "enroll",
+            "--cgroup",
+            cg.to_str().unwrap(),
+            "--cert",
+            c,
+            "--key",
+            k,
+            "--socket",
+            &sock,
+        ])
+    };
+    let freeze_of = |cg: &Path| {
+        std::fs::read_to_string(cg.join("cgroup.freeze"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+
+    let owned = env.cgroup("services/frozen.service");
+    let _svc = Probe::spawn(&owned);
+    std::fs::write(owned.path().join("cgroup.freeze"), "1").unwrap();
+    let (code, _, err) = enroll(owned.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("is frozen already (cgroup.freeze is 1"),
+        "{err}"
+    );
+    assert_eq!(freeze_of(owned.path()), "1", "the owner's freeze stays");
+    std::fs::write(owned.path().join("cgroup.freeze"), "0").unwrap();
+
+    let parent = env.cgroup("services/parent");
+    let child = env.cgroup("services/parent/child.service");
+    let _in_child = Probe::spawn(&child);
+    let (code, _, err) = enroll(child.path());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(freeze_of(child.path()), "0", "thawed after the enroll");
+    let (code, _, err) = enroll(parent.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("holds the session at {}", child.path().display())),
+        "{err}"
+    );
+    assert_eq!(freeze_of(child.path()), "0");
+    assert_eq!(node.stop(), 0);
+
+    // As a node killed between freezing a unit and thawing it leaves things.
+    let stuck = env.cgroup("services/stuck.service");
+    let mut p = Probe::spawn(&stuck);
+    std::fs::write(stuck.path().join("cgroup.freeze"), "1").unwrap();
+    std::fs::write(
+        dir.join("state/enroll-frozen"),
+        stuck.path().as_os_str().as_encoded_bytes(),
+    )
+    .unwrap();
+    let node = NodeProc::start(&env, dir);
+    assert_eq!(freeze_of(stuck.path()), "0");
+    assert!(!dir.join("state/enroll-frozen").exists());
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 80"), "err ENETUNREACH");
+    drop(node);
+}
+
 #[test]
 fn enroll_renew_and_revoke() {
     let (env, tmp, ca) = setup("lifecycle", POLICY);

@@ -109,6 +109,15 @@ pub enum SessionError {
     Freeze(crate::cgroup::CgroupError),
     #[error("the node itself runs in {0}; it cannot freeze its own cgroup to read its sockets")]
     NodeInside(PathBuf),
+    #[error(
+        "{path} holds the session at {below}; enroll that cgroup's own (unbound) children instead"
+    )]
+    HoldsSessions { path: PathBuf, below: PathBuf },
+    #[error("recording the freeze at {path}: {source}")]
+    FreezeMarker {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// At most ten of `list`, and how many more: a unit can hold a great many.
@@ -124,6 +133,37 @@ fn listed(list: &[crate::sockets::Unjudged]) -> String {
         text.push_str(&format!("; and {} more", list.len() - SHOWN));
     }
     text
+}
+
+/// A unit frozen for `enroll`, and the note that says so (`state_dir/enroll-frozen`), which
+/// a node that dies before the thaw finds at start: thawed, then the note removed.
+struct FrozenForEnroll<'a> {
+    frozen: Option<crate::cgroup::Frozen<'a>>,
+    marker: &'a Path,
+}
+
+impl<'a> FrozenForEnroll<'a> {
+    fn freeze(cg: &'a Cgroup, marker: &'a Path) -> Result<Self, SessionError> {
+        crate::files::write_atomic(marker, cg.path().as_os_str().as_encoded_bytes()).map_err(
+            |source| SessionError::FreezeMarker {
+                path: marker.to_owned(),
+                source,
+            },
+        )?;
+        let mut me = Self {
+            frozen: None,
+            marker,
+        };
+        me.frozen = Some(cg.freeze(FREEZE_WITHIN).map_err(SessionError::Freeze)?);
+        Ok(me)
+    }
+}
+
+impl Drop for FrozenForEnroll<'_> {
+    fn drop(&mut self) {
+        drop(self.frozen.take());
+        let _ = std::fs::remove_file(self.marker);
+    }
 }
 
 /// How long `enroll` waits for a unit to freeze.
@@ -198,6 +238,12 @@ pub struct Sessions {
     table: Mutex<Table>,
     /// Serials the CRLs in force list: no session binds with one.
     crl: Mutex<std::collections::BTreeSet<String>>,
+    /// One enroll at a time: two freezing the same unit would thaw it under each other,
+    /// and two identities could each bind a cgroup the other had just checked.
+    enrolling: Mutex<()>,
+    /// `state_dir/enroll-frozen`: the cgroup an enroll froze, until it is thawed; a node that
+    /// died in between thaws it at start.
+    frozen_marker: PathBuf,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -227,6 +273,19 @@ impl Sessions {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => StoredTable::default(),
             Err(source) => return Err(SessionError::Io { path, source }),
         };
+        let frozen_marker = state_dir.join("enroll-frozen");
+        if let Ok(cg) = std::fs::read_to_string(&frozen_marker) {
+            let cg = PathBuf::from(cg);
+            match crate::cgroup::thaw(&cg) {
+                Ok(()) => {
+                    warn!(cgroup = %cg.display(), "thawed a cgroup an unfinished enroll froze")
+                }
+                Err(e) => {
+                    warn!(cgroup = %cg.display(), error = %e, "thawing a cgroup an unfinished enroll froze")
+                }
+            }
+            let _ = std::fs::remove_file(&frozen_marker);
+        }
         let me = Self {
             datapath,
             journal,
@@ -235,6 +294,8 @@ impl Sessions {
             mount,
             table: Mutex::new(Table::default()),
             crl: Mutex::new(Default::default()),
+            enrolling: Mutex::new(()),
+            frozen_marker,
         };
         me.reconcile(stored)?;
         Ok(me)
@@ -508,6 +569,7 @@ impl Sessions {
             &[pid],
             &Default::default(),
             Descriptors::KeptAcrossExec,
+            None,
         )?;
         let mut table = lock(&self.table);
         table.seq += 1;
@@ -559,6 +621,7 @@ impl Sessions {
             });
         }
         let number = admit()?;
+        let _one = lock(&self.enrolling);
         // Enrolling again under the same identity moves its deadline; another identity's
         // cgroup (or one below it) is not taken over.
         if let Some((bound, n)) = self.governing_binding(cg.path())? {
@@ -580,15 +643,27 @@ impl Sessions {
         {
             return Err(SessionError::NodeInside(cg.path().to_owned()));
         }
-        let _frozen = cg.freeze(FREEZE_WITHIN).map_err(SessionError::Freeze)?;
+        // Nor one that holds sessions below it: its enroll would freeze them.
+        if let Some(below) = lock(&self.table)
+            .by_path
+            .keys()
+            .find(|p| p.starts_with(cg.path()) && p.as_path() != cg.path())
+        {
+            return Err(SessionError::HoldsSessions {
+                path: cg.path().to_owned(),
+                below: below.clone(),
+            });
+        }
+        let whose = format!("{}: its processes", cg.path().display());
+        let _frozen = FrozenForEnroll::freeze(&cg, &self.frozen_marker)?;
+        let (pids, tasks) =
+            crate::sockets::processes_in(cg.path()).map_err(|source| SessionError::SocketScan {
+                whose: whose.clone(),
+                source,
+            })?;
         let mut own = std::collections::HashSet::new();
         crate::cgroup::subtree_ids(cg.path(), &mut own);
-        refuse_unjudged(
-            format!("{}: its processes", cg.path().display()),
-            &crate::sockets::processes_in(cg.path()),
-            &own,
-            Descriptors::All,
-        )?;
+        refuse_unjudged(whose, &pids, &own, Descriptors::All, Some(&tasks))?;
         // Its processes may hold sockets made before now: the packet line looks for such
         // sockets before the binding exists, so none passes in between.
         self.datapath
@@ -835,8 +910,9 @@ fn refuse_unjudged(
     pids: &[u32],
     own: &std::collections::HashSet<u64>,
     which: Descriptors,
+    unit_tasks: Option<&std::collections::HashSet<u32>>,
 ) -> Result<(), SessionError> {
-    match crate::sockets::unjudged(pids, own, which) {
+    match crate::sockets::unjudged(pids, own, which, unit_tasks) {
         Err(source) => Err(SessionError::SocketScan { whose, source }),
         Ok(list) if list.is_empty() => Ok(()),
         Ok(list) => Err(SessionError::UnjudgedSockets { whose, list }),
