@@ -57,7 +57,7 @@ enum Task {
     /// Fuzz a parser for a bounded time (libFuzzer via cargo-fuzz, nightly). Crashes are copied
     /// to fuzz/regressions/<target>/, which a regular test replays.
     Fuzz {
-        #[arg(value_parser = ["policy"])]
+        #[arg(value_parser = ["policy", "dns", "cp_report", "cp_push"])]
         target: String,
         #[arg(long, default_value_t = 60)]
         seconds: u32,
