@@ -1184,6 +1184,7 @@ struct ConnSlot {
 impl Server {
     /// A slot for a new connection from `addr`, or the cap it would pass.
     fn admit(self: &Arc<Self>, addr: std::net::IpAddr) -> Result<ConnSlot, Refusal> {
+        let addr = caller_block(addr);
         let mut by_addr = self.conns.lock().expect("connections");
         if self.stats.connections.load(Ordering::Relaxed) >= self.max_connections as u64 {
             return Err(Refusal::ConnectionCap);
@@ -1198,6 +1199,19 @@ impl Server {
             server: self.clone(),
             addr,
         })
+    }
+}
+
+/// What the per-address cap counts a peer under: an IPv4 address, or an IPv6 address's /64
+/// (one host is usually given a whole /64, and could open connections from each address in
+/// it). An IPv4-mapped address is its IPv4 address.
+fn caller_block(addr: std::net::IpAddr) -> std::net::IpAddr {
+    match addr {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.into(),
+            None => std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1)).into(),
+        },
+        v4 => v4,
     }
 }
 
@@ -1410,4 +1424,19 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
     let _ = tokio::task::spawn_blocking(move || s.flush_seen()).await;
     info!("control plane stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_caller_is_counted_by_its_64() {
+        let block = |a: &str| caller_block(a.parse().unwrap()).to_string();
+        assert_eq!(block("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(block("2001:db8:1:2:ffff:ffff:ffff:ffff"), "2001:db8:1:2::");
+        assert_eq!(block("2001:db8:1:3::1"), "2001:db8:1:3::");
+        assert_eq!(block("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(block("192.0.2.7"), "192.0.2.7");
+    }
 }
