@@ -237,6 +237,12 @@ impl ClientCertVerifier for DeferringVerifier {
 pub struct CrlWatchingVerifier {
     roots: Arc<rustls::RootCertStore>,
     crls: Vec<PathBuf>,
+    /// A certificate checked against a CRL past its nextUpdate fails (no stale "not
+    /// revoked"); off with `accept_expired_crl`.
+    enforce_expiry: bool,
+    /// The highest CRL number each issuer's CRLs have had: an older CRL put back (one that
+    /// does not list a later revocation) is refused.
+    numbers: Mutex<HashMap<Vec<u8>, x509_parser::num_bigint::BigUint>>,
     current: std::sync::RwLock<Arc<dyn ClientCertVerifier>>,
     /// What each CRL file was when last read: (modified, length, inode).
     seen: Mutex<Vec<Option<(SystemTime, u64, u64)>>>,
@@ -258,36 +264,87 @@ fn file_state(path: &Path) -> Option<(SystemTime, u64, u64)> {
 }
 
 impl CrlWatchingVerifier {
-    pub fn new(roots: rustls::RootCertStore, crls: &[PathBuf]) -> Result<Self, IdentityError> {
+    pub fn new(
+        roots: rustls::RootCertStore,
+        crls: &[PathBuf],
+        enforce_expiry: bool,
+    ) -> Result<Self, IdentityError> {
         let roots = Arc::new(roots);
         let seen = crls.iter().map(|p| file_state(p)).collect();
-        let current = Self::build(&roots, crls)?;
+        let (current, numbers) = Self::build(&roots, crls, enforce_expiry, &HashMap::new())?;
         let hints = current.root_hint_subjects().to_vec();
         Ok(Self {
             roots,
             crls: crls.to_vec(),
+            enforce_expiry,
+            numbers: Mutex::new(numbers),
             current: std::sync::RwLock::new(current),
             seen: Mutex::new(seen),
             hints,
         })
     }
 
+    /// A verifier over the CRLs in `crls`, and each issuer's highest CRL number among them;
+    /// refused when an issuer's number is below `before`'s.
+    #[allow(clippy::type_complexity)]
     fn build(
         roots: &Arc<rustls::RootCertStore>,
         crls: &[PathBuf],
-    ) -> Result<Arc<dyn ClientCertVerifier>, IdentityError> {
-        let ders: Vec<_> = read_crls(crls)?
-            .into_iter()
-            .flat_map(|(_, ders)| ders)
-            .collect();
-        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        enforce_expiry: bool,
+        before: &HashMap<Vec<u8>, x509_parser::num_bigint::BigUint>,
+    ) -> Result<
+        (
+            Arc<dyn ClientCertVerifier>,
+            HashMap<Vec<u8>, x509_parser::num_bigint::BigUint>,
+        ),
+        IdentityError,
+    > {
+        let read = read_crls(crls)?;
+        let mut numbers: HashMap<Vec<u8>, x509_parser::num_bigint::BigUint> = HashMap::new();
+        for (path, ders) in &read {
+            for der in ders {
+                let crl_err = |message: String| IdentityError::Crl {
+                    path: (*path).clone(),
+                    message,
+                };
+                let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
+                    .map_err(|e| crl_err(format!("unparsable CRL: {e}")))?;
+                let Some(n) = crl.crl_number() else { continue };
+                let e = numbers
+                    .entry(crl.issuer().as_raw().to_vec())
+                    .or_insert_with(|| n.clone());
+                if n > e {
+                    *e = n.clone();
+                }
+            }
+        }
+        for (issuer, old) in before {
+            if let Some(n) = numbers.get(issuer).filter(|n| *n < old) {
+                let name =
+                    <x509_parser::x509::X509Name as x509_parser::prelude::FromDer<_>>::from_der(
+                        issuer,
+                    )
+                    .map_or_else(|_| "an issuer".to_owned(), |(_, n)| n.to_string());
+                return Err(IdentityError::Crl {
+                    path: crls.first().cloned().unwrap_or_default(),
+                    message: format!(
+                        "the newest CRL of {name} is number {n}, below {old} already in force: an older CRL put back is not taken"
+                    ),
+                });
+            }
+        }
+        let ders: Vec<_> = read.into_iter().flat_map(|(_, ders)| ders).collect();
+        let mut builder = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
             .with_crls(ders)
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| IdentityError::Crl {
-                path: crls.first().cloned().unwrap_or_default(),
-                message: e.to_string(),
-            })
+            .allow_unauthenticated();
+        if enforce_expiry {
+            builder = builder.enforce_revocation_expiration();
+        }
+        let v = builder.build().map_err(|e| IdentityError::Crl {
+            path: crls.first().cloned().unwrap_or_default(),
+            message: e.to_string(),
+        })?;
+        Ok((v, numbers))
     }
 
     /// Rereads the CRLs when a file changed: `Ok(true)` when new ones are in force. A file
@@ -298,8 +355,10 @@ impl CrlWatchingVerifier {
         if *self.seen.lock().expect("crl state") == now {
             return Ok(false);
         }
-        let v = Self::build(&self.roots, &self.crls)?;
+        let before = self.numbers.lock().expect("crl numbers").clone();
+        let (v, numbers) = Self::build(&self.roots, &self.crls, self.enforce_expiry, &before)?;
         *self.current.write().expect("verifier") = v;
+        *self.numbers.lock().expect("crl numbers") = numbers;
         *self.seen.lock().expect("crl state") = now;
         Ok(true)
     }

@@ -125,12 +125,23 @@ impl Ca {
     }
 
     /// A PEM CRL signed by this CA listing `serials`.
+    /// A CRL listing `serials`, numbered above every CRL made before it in this process
+    /// (a control plane refuses a CRL numbered below the one in force), good for an hour.
     pub fn crl(&self, serials: &[&[u8]]) -> String {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1000);
+        let number = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.crl_numbered(serials, number, Duration::hours(1))
+    }
+
+    /// A CRL with the CRL number `number`, whose nextUpdate is `next_in` from now (negative:
+    /// past).
+    pub fn crl_numbered(&self, serials: &[&[u8]], number: u64, next_in: Duration) -> String {
         let now = OffsetDateTime::now_utc();
+        let this_update = (now - Duration::minutes(1)).min(now + next_in - Duration::minutes(1));
         let params = CertificateRevocationListParams {
-            this_update: now - Duration::minutes(1),
-            next_update: now + Duration::hours(1),
-            crl_number: SerialNumber::from(rand::random::<u32>() as u64),
+            this_update,
+            next_update: now + next_in,
+            crl_number: SerialNumber::from(number),
             issuing_distribution_point: None,
             revoked_certs: serials
                 .iter()

@@ -1435,6 +1435,61 @@ fn a_revoked_client_certificate_fails_the_handshake() {
             .log_text()
             .contains("client CRLs could not be reread")
     );
+
+    // An older CRL put back (numbered below the one in force, without the revocation) is
+    // not taken.
+    std::fs::write(&crl, fx.ca.crl_numbered(&[], 1, time::Duration::hours(1))).unwrap();
+    eventually("the rollback refused", Duration::from_secs(30), || {
+        let log = server.log_text();
+        if log.contains("an older CRL put back is not taken") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    });
+    let out = cp(&fx, &server.url, &creds, &["nodes"]);
+    assert!(
+        !out.status.success(),
+        "an older CRL brought the revocation back"
+    );
+
+    // A CRL past its nextUpdate says nothing of revocations since: no certificate passes it.
+    let fresh = fx.ca.issue(&CertSpec::agent(ADMIN_ID));
+    let (fcert, fkey) = write_cert(&fx.dir, "alice3", &fresh);
+    let fresh_creds = [
+        "--cert",
+        fcert.to_str().unwrap(),
+        "--key",
+        fkey.to_str().unwrap(),
+    ];
+    std::fs::write(
+        &crl,
+        fx.ca
+            .crl_numbered(&[&issued.serial], u64::MAX >> 1, -time::Duration::hours(1)),
+    )
+    .unwrap();
+    eventually("the stale CRL read", Duration::from_secs(30), || {
+        let n = try_cp_metric(&fx, &server, "agentwall_cp_crl_reloads_total")?;
+        if n >= 2 {
+            Ok(())
+        } else {
+            Err(format!("reloads {n}"))
+        }
+    });
+    let out = cp(&fx, &server.url, &fresh_creds, &["nodes"]);
+    assert!(
+        !out.status.success(),
+        "a stale CRL let a certificate through"
+    );
+    assert!(
+        server
+            .log_text()
+            .lines()
+            .any(|l| l.contains("TLS handshake refused")
+                && l.contains("certificate revocation list expired")),
+        "{}",
+        server.log_text()
+    );
 }
 
 /// A node holds one long-poll at a time: a second poll from the same node answers the

@@ -84,6 +84,11 @@ pub struct ServerConfig {
     /// is refused).
     #[serde(default)]
     pub client_crl: Vec<PathBuf>,
+    /// Take a CRL past its nextUpdate as current. Off (the default), a client certificate
+    /// checked against such a CRL fails: a CRL no one renewed says nothing of revocations
+    /// since.
+    #[serde(default)]
+    pub accept_expired_crl: bool,
     #[serde(default)]
     pub limits: Limits,
 }

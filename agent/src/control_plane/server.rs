@@ -1153,7 +1153,11 @@ fn tls_config(
         (builder.with_no_client_auth(), None)
     } else {
         let roots = crate::pem::roots(cfg.client_ca.iter().map(PathBuf::as_path))?;
-        let verifier = Arc::new(CrlWatchingVerifier::new(roots, &cfg.client_crl)?);
+        let verifier = Arc::new(CrlWatchingVerifier::new(
+            roots,
+            &cfg.client_crl,
+            !cfg.accept_expired_crl,
+        )?);
         (
             builder.with_client_cert_verifier(verifier.clone()),
             Some(verifier),
@@ -1304,27 +1308,28 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
         let server = server.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(CRL_CHECK);
-            let mut failing = false;
+            let mut failing: Option<String> = None;
             loop {
                 tick.tick().await;
                 let v = v.clone();
                 match tokio::task::spawn_blocking(move || v.refresh()).await {
                     Ok(Ok(true)) => {
-                        failing = false;
+                        failing = None;
                         server.stats.crl_reloads.fetch_add(1, Ordering::Relaxed);
                         info!("client CRLs reread: new handshakes use them");
                     }
                     Ok(Ok(false)) => {}
                     Ok(Err(e)) => {
-                        // Counted at each change seen, logged once until it mends.
+                        // Counted at each try, logged when the reason changes.
                         server
                             .stats
                             .crl_reload_failures
                             .fetch_add(1, Ordering::Relaxed);
-                        if !failing {
+                        let text = e.to_string();
+                        if failing.as_deref() != Some(text.as_str()) {
                             error!(error = %e, "client CRLs could not be reread: the last good ones stay in force");
+                            failing = Some(text);
                         }
-                        failing = true;
                     }
                     Err(e) => error!(error = %e, "client CRL reread panicked"),
                 }
