@@ -373,7 +373,7 @@ fn render_dns(out: &mut String, c: &Counters, g: &Gauges, d: &crate::dns::proxy:
 
 fn render_link(out: &mut String, l: &crate::control_plane::link::LinkStats) {
     use std::sync::atomic::Ordering::Relaxed;
-    let rows: [(&str, &str, &str, u64); 7] = [
+    let rows: [(&str, &str, &str, u64); 8] = [
         (
             "agentwall_control_plane_connected",
             "gauge",
@@ -415,6 +415,12 @@ fn render_link(out: &mut String, l: &crate::control_plane::link::LinkStats) {
             "counter",
             "Records dropped because the spool was full or could not be written.",
             l.lost.load(Relaxed),
+        ),
+        (
+            "agentwall_control_plane_polls_replaced_total",
+            "counter",
+            "Polls a newer poll as this node ended (another process with this node's certificate?); each is followed by a 5 s pause.",
+            l.polls_replaced.load(Relaxed),
         ),
     ];
     for (name, kind, help, v) in rows {

@@ -1530,6 +1530,7 @@ fn a_node_holds_one_long_poll() {
         .unwrap()
         .expect("the first poll answered");
     assert_eq!(answered.version, 0);
+    assert!(answered.replaced, "the answer says it was replaced");
     assert_eq!(
         cp_metric(
             &fx,
@@ -1540,6 +1541,56 @@ fn a_node_holds_one_long_poll() {
     );
     assert_eq!(cp_metric(&fx, &server, "agentwall_cp_polls_held"), 1);
     second.abort();
+}
+
+/// Two nodes with one node certificate end each other's polls. Each ended poll's answer
+/// says so, and the node counts it and pauses 5 s before it polls again (and warns once):
+/// every replacement the server counts is one a node was told of. (The pause bounds the
+/// rate at one poll per holder per 5 s; a rate is a benchmark's to measure, not asserted.)
+#[test]
+fn two_holders_of_one_node_certificate_pause_instead_of_storming() {
+    let (env_a, tmp, _) = setup("cp-twin-a", POLICY_A);
+    let (env_b, tmp_b, _) = setup("cp-twin-b", POLICY_A);
+    let fx = CpFixture::new(tmp.path());
+    let server = CpProc::start(&fx, None);
+    let flags = fx.node_flags(&server.url);
+    let start = |env: &agentwall_tests::TestEnv, dir: &Path| {
+        let m = loopback_addr();
+        let node = NodeProc::start_with(
+            env,
+            dir,
+            &node_args(&flags, &["--metrics-listen", &m.to_string()]),
+        );
+        (node, m)
+    };
+    let (_a, ma) = start(&env_a, tmp.path());
+    let (_b, mb) = start(&env_b, tmp_b.path());
+    let replaced = |m| {
+        metric(
+            &scrape(m),
+            "agentwall_control_plane_polls_replaced_total",
+            &[],
+        )
+    };
+    eventually("each twin paused twice", Duration::from_secs(60), || {
+        let (a, b) = (replaced(ma), replaced(mb));
+        if a >= 2.0 && b >= 2.0 {
+            Ok(())
+        } else {
+            Err(format!("a {a} b {b}"))
+        }
+    });
+    let at_server = cp_metric(
+        &fx,
+        &server,
+        "agentwall_cp_refusals_total{reason=\"poll_replaced\"}",
+    ) as f64;
+    let at_nodes = replaced(ma) + replaced(mb);
+    // A replacement the server made after the nodes were read, at most one per node.
+    assert!(
+        at_server <= at_nodes + 2.0,
+        "the server ended {at_server} polls, the nodes paused after {at_nodes}"
+    );
 }
 
 /// A client certificate a `client_crl` revokes loses access everywhere: on a connection it

@@ -46,7 +46,12 @@ pub struct LinkStats {
     pub lost: AtomicU64,
     /// Fleet-wide revocations this node has not managed to apply yet (retried).
     pub revocations_pending: Mutex<Vec<String>>,
+    /// Polls a newer poll as this node ended (another holder of its certificate?).
+    pub polls_replaced: AtomicU64,
 }
+
+/// How long the link waits after a poll a newer one as the same node ended.
+const REPLACED_PAUSE: Duration = Duration::from_secs(5);
 
 /// Kept in `state_dir/control-plane/link.json`: where the conversation stands.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -122,6 +127,7 @@ impl Link {
         }
         let mut backoff = Backoff::default();
         let mut complained = false;
+        let mut twin_warned = false;
         loop {
             let req = PollRequest {
                 known_version: st.known_version,
@@ -192,6 +198,19 @@ impl Link {
             }
             if retry {
                 tokio::time::sleep(backoff.next()).await;
+            } else if reply.replaced && !changed {
+                // Two processes polling as one node end each other's polls at once: each
+                // waits before polling again, or together they poll as fast as the network
+                // lets them.
+                if !twin_warned {
+                    warn!(
+                        url = self.poll.url(),
+                        "a newer poll as this node ended this one: is this node's certificate used by another process?"
+                    );
+                    twin_warned = true;
+                }
+                self.stats.polls_replaced.fetch_add(1, Relaxed);
+                tokio::time::sleep(REPLACED_PAUSE).await;
             }
         }
     }

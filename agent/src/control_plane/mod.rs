@@ -62,6 +62,10 @@ pub struct PollReply {
     pub revocation_gen: u64,
     /// Every identity revoked fleet-wide (present when the generation moved).
     pub revoked: Vec<String>,
+    /// Answered early because a newer poll of the same node came: another process holds
+    /// this node's certificate, or this node gave up on this poll's connection.
+    #[serde(default)]
+    pub replaced: bool,
 }
 
 /// A batch of records from a node's spool. `epoch` is chosen when the spool is created and

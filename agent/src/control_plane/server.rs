@@ -927,6 +927,7 @@ async fn node_poll(
                 bundle: bundle.as_deref(),
                 revocation_gen: generation,
                 revoked: &revoked,
+                replaced,
             })
             .expect("replies serialize");
             return Ok((
@@ -1074,6 +1075,8 @@ struct PollReplyOut<'a> {
     bundle: Option<&'a serde_json::value::RawValue>,
     revocation_gen: u64,
     revoked: &'a [String],
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    replaced: bool,
 }
 
 async fn node_reports(
