@@ -242,7 +242,7 @@ pub struct CrlWatchingVerifier {
     enforce_expiry: bool,
     /// The highest CRL number each issuer's CRLs have had: an older CRL put back (one that
     /// does not list a later revocation) is refused.
-    numbers: Mutex<HashMap<Vec<u8>, x509_parser::num_bigint::BigUint>>,
+    numbers: Mutex<CrlNumbers>,
     current: std::sync::RwLock<Arc<dyn ClientCertVerifier>>,
     /// What each CRL file was when last read: (modified, length, inode).
     seen: Mutex<Vec<Option<(SystemTime, u64, u64)>>>,
@@ -286,53 +286,14 @@ impl CrlWatchingVerifier {
 
     /// A verifier over the CRLs in `crls`, and each issuer's highest CRL number among them;
     /// refused when an issuer's number is below `before`'s.
-    #[allow(clippy::type_complexity)]
     fn build(
         roots: &Arc<rustls::RootCertStore>,
         crls: &[PathBuf],
         enforce_expiry: bool,
-        before: &HashMap<Vec<u8>, x509_parser::num_bigint::BigUint>,
-    ) -> Result<
-        (
-            Arc<dyn ClientCertVerifier>,
-            HashMap<Vec<u8>, x509_parser::num_bigint::BigUint>,
-        ),
-        IdentityError,
-    > {
+        before: &CrlNumbers,
+    ) -> Result<(Arc<dyn ClientCertVerifier>, CrlNumbers), IdentityError> {
+        let numbers = crl_numbers_after(crls, before)?;
         let read = read_crls(crls)?;
-        let mut numbers: HashMap<Vec<u8>, x509_parser::num_bigint::BigUint> = HashMap::new();
-        for (path, ders) in &read {
-            for der in ders {
-                let crl_err = |message: String| IdentityError::Crl {
-                    path: (*path).clone(),
-                    message,
-                };
-                let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
-                    .map_err(|e| crl_err(format!("unparsable CRL: {e}")))?;
-                let Some(n) = crl.crl_number() else { continue };
-                let e = numbers
-                    .entry(crl.issuer().as_raw().to_vec())
-                    .or_insert_with(|| n.clone());
-                if n > e {
-                    *e = n.clone();
-                }
-            }
-        }
-        for (issuer, old) in before {
-            if let Some(n) = numbers.get(issuer).filter(|n| *n < old) {
-                let name =
-                    <x509_parser::x509::X509Name as x509_parser::prelude::FromDer<_>>::from_der(
-                        issuer,
-                    )
-                    .map_or_else(|_| "an issuer".to_owned(), |(_, n)| n.to_string());
-                return Err(IdentityError::Crl {
-                    path: crls.first().cloned().unwrap_or_default(),
-                    message: format!(
-                        "the newest CRL of {name} is number {n}, below {old} already in force: an older CRL put back is not taken"
-                    ),
-                });
-            }
-        }
         let ders: Vec<_> = read.into_iter().flat_map(|(_, ders)| ders).collect();
         let mut builder = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
             .with_crls(ders)
@@ -516,6 +477,49 @@ pub fn peer_from_cert(der: &CertificateDer<'_>) -> Result<VerifiedPeer, Rejectio
     })
 }
 
+/// Each CRL issuer's (its raw name's) highest CRL number.
+pub type CrlNumbers = HashMap<Vec<u8>, x509_parser::num_bigint::BigUint>;
+
+/// Each issuer's highest CRL number in the files `crls`; refused when an issuer's is below
+/// its number in `before` (the CRLs in force): an older CRL put back, which would bring
+/// back a revoked certificate, is not taken.
+pub fn crl_numbers_after(
+    crls: &[PathBuf],
+    before: &CrlNumbers,
+) -> Result<CrlNumbers, IdentityError> {
+    let mut numbers = CrlNumbers::new();
+    for (path, ders) in read_crls(crls)? {
+        for der in &ders {
+            let (_, crl) =
+                x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| IdentityError::Crl {
+                    path: path.clone(),
+                    message: format!("unparsable CRL: {e}"),
+                })?;
+            let Some(n) = crl.crl_number() else { continue };
+            let e = numbers
+                .entry(crl.issuer().as_raw().to_vec())
+                .or_insert_with(|| n.clone());
+            if n > e {
+                *e = n.clone();
+            }
+        }
+    }
+    for (issuer, old) in before {
+        if let Some(n) = numbers.get(issuer).filter(|n| *n < old) {
+            let name =
+                <x509_parser::x509::X509Name as x509_parser::prelude::FromDer<_>>::from_der(issuer)
+                    .map_or_else(|_| "an issuer".to_owned(), |(_, n)| n.to_string());
+            return Err(IdentityError::Crl {
+                path: crls.first().cloned().unwrap_or_default(),
+                message: format!(
+                    "the newest CRL of {name} is number {n}, below {old} already in force: an older CRL put back is not taken"
+                ),
+            });
+        }
+    }
+    Ok(numbers)
+}
+
 /// Every CRL in each PEM file; a file with none is an error.
 fn read_crls(
     crls: &[PathBuf],
@@ -563,6 +567,52 @@ pub fn revoked_serials(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_older_crl_put_back_is_refused() {
+        use rcgen::{
+            CertificateParams, CertificateRevocationListParams, IsCa, KeyIdMethod, KeyPair,
+            KeyUsagePurpose, SerialNumber,
+        };
+        let key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::CrlSign, KeyUsagePurpose::KeyCertSign];
+        let issuer = rcgen::Issuer::new(ca, key);
+        let dir = tempfile::tempdir().unwrap();
+        let crl = |n: u64| {
+            let now = time::OffsetDateTime::now_utc();
+            let pem = CertificateRevocationListParams {
+                this_update: now,
+                next_update: now + time::Duration::hours(1),
+                crl_number: SerialNumber::from(n),
+                issuing_distribution_point: None,
+                revoked_certs: vec![],
+                key_identifier_method: KeyIdMethod::Sha256,
+            }
+            .signed_by(&issuer)
+            .unwrap()
+            .pem()
+            .unwrap();
+            let path = dir.path().join(format!("{n}.crl"));
+            std::fs::write(&path, pem).unwrap();
+            vec![path]
+        };
+        let five = crl_numbers_after(&crl(5), &CrlNumbers::new()).unwrap();
+        assert_eq!(
+            five.values().map(ToString::to_string).collect::<Vec<_>>(),
+            ["5"]
+        );
+        crl_numbers_after(&crl(6), &five).unwrap();
+        crl_numbers_after(&crl(5), &five).unwrap();
+        let err = crl_numbers_after(&crl(3), &five).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "is number 3, below 5 already in force: an older CRL put back is not taken"
+            ),
+            "{err}"
+        );
+    }
 
     #[test]
     fn spiffe_ids_parse_strictly() {

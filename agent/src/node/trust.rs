@@ -43,13 +43,19 @@ pub struct Trust {
     cfg: NodeConfig,
     current: Snapshot<Tls>,
     crls: Mutex<Stamp>,
+    /// The CRL numbers in force: an older CRL put back is refused.
+    numbers: Mutex<crate::identity::CrlNumbers>,
 }
 
 impl Trust {
     pub fn load(cfg: &NodeConfig) -> Result<Self, TrustError> {
+        let tls = Tls::load(cfg)?;
+        let numbers = crate::identity::crl_numbers_after(&cfg.crl, &Default::default())
+            .map_err(TrustError::from)?;
         Ok(Self {
-            current: Snapshot::new(Tls::load(cfg)?),
+            current: Snapshot::new(tls),
             crls: Mutex::new(Stamp::of(&cfg.crl)),
+            numbers: Mutex::new(numbers),
             cfg: cfg.clone(),
         })
     }
@@ -71,6 +77,14 @@ impl Trust {
             }
             *old = stamp;
         }
+        let mut numbers = self.numbers.lock().unwrap_or_else(|p| p.into_inner());
+        let newer = match crate::identity::crl_numbers_after(&self.cfg.crl, &numbers) {
+            Ok(n) => n,
+            Err(e) => {
+                error!(error = %e, "CRL change rejected; the previous CRLs stay in force");
+                return None;
+            }
+        };
         match Tls::load(&self.cfg) {
             Ok(t) => self.current.set(t),
             Err(e) => {
@@ -78,6 +92,7 @@ impl Trust {
                 return None;
             }
         }
+        *numbers = newer;
         match crate::identity::revoked_serials(&self.cfg.crl) {
             Ok(s) => Some(s.into_iter().collect()),
             Err(e) => {
