@@ -1141,7 +1141,7 @@ fn the_control_plane_answers_hostile_clients_from_the_request_head() {
     let fx = CpFixture::new(tmp.path());
     fx.configure(
         "",
-        "[limits]\nhandshake_timeout_secs = 3\nheader_timeout_secs = 3\nbody_timeout_secs = 3\nwrite_timeout_secs = 2\nrequests_per_minute = 5\n",
+        "[limits]\nhandshake_timeout_secs = 3\nheader_timeout_secs = 3\nbody_timeout_secs = 3\nwrite_timeout_secs = 2\nrequests_per_minute = 5\nnode_records_per_minute = 10\n",
     );
     let server = CpProc::start(&fx, None);
     let admin_token = std::fs::read_to_string(&fx.admin_token).unwrap();
@@ -1307,13 +1307,29 @@ fn the_control_plane_answers_hostile_clients_from_the_request_head() {
         text.contains("413") && text.contains("a batch of 10001 records; at most 10000 a batch"),
         "{text}"
     );
+    // A node's records a minute are capped (10 here; a whole batch may come at once): past
+    // the quota a batch is refused whole, 429, nothing stored, and sent again later.
+    let ingested = rt()
+        .block_on(node.post_reports(&batch(1, 1, &many[..10_000])))
+        .expect("a whole batch within the burst");
+    assert_eq!(ingested.accepted, 10_000);
+    let err = rt()
+        .block_on(node.post_reports(&batch(1, 10_001, &many[..5])))
+        .expect_err("over the node's quota");
+    let text = err.to_string();
+    assert!(
+        text.contains("429")
+            && text
+                .contains("flood reported more than 10 records a minute; send this batch again in"),
+        "{text}"
+    );
 
     // Each refusal counted (the metrics endpoint is not rate limited).
     for (reason, at_least) in [
         ("unauthenticated", 1),
         ("body_too_large", 3),
         ("body_timeout", 1),
-        ("rate_limited", 1),
+        ("rate_limited", 2),
         ("handshake_timeout", 1),
     ] {
         let name = format!("agentwall_cp_refusals_total{{reason=\"{reason}\"}}");

@@ -115,6 +115,8 @@ pub struct Limits {
     pub max_connections_per_address: usize,
     /// Requests per minute one admin or security caller may make (bursts of as many).
     pub requests_per_minute: u32,
+    /// Records one node may report a minute (a whole batch, up to 10,000, may come at once).
+    pub node_records_per_minute: u32,
 }
 
 impl Default for Limits {
@@ -127,6 +129,7 @@ impl Default for Limits {
             max_connections: None,
             max_connections_per_address: 256,
             requests_per_minute: 600,
+            node_records_per_minute: 600_000,
         }
     }
 }
@@ -212,6 +215,10 @@ impl ServerConfig {
                 l.max_connections_per_address as u64,
             ),
             ("requests_per_minute", u64::from(l.requests_per_minute)),
+            (
+                "node_records_per_minute",
+                u64::from(l.node_records_per_minute),
+            ),
         ] {
             if v == 0 {
                 return Err(invalid(format!("limits.{key} must be at least 1")));

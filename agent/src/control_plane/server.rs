@@ -293,6 +293,8 @@ pub struct Server {
     /// `limits.max_connections`, as settled at start.
     max_connections: usize,
     limiter: Limiter,
+    /// Records each node may report a minute.
+    report_quota: Limiter,
     stats: Stats,
     /// The long-poll each node holds (by principal): a newer poll ends the older one.
     polls: Mutex<HashMap<String, (u64, Arc<tokio::sync::Notify>)>>,
@@ -331,6 +333,21 @@ impl Server {
             access,
             poll_timeout,
             limiter: governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute)),
+            report_quota: governor::RateLimiter::keyed(
+                governor::Quota::per_minute(
+                    std::num::NonZeroU32::new(limits.node_records_per_minute)
+                        .unwrap_or(std::num::NonZeroU32::MIN),
+                )
+                // A whole batch fits however low the rate.
+                .allow_burst(
+                    std::num::NonZeroU32::new(
+                        limits
+                            .node_records_per_minute
+                            .max(super::MAX_BATCH_RECORDS as u32),
+                    )
+                    .unwrap_or(std::num::NonZeroU32::MIN),
+                ),
+            ),
             max_connections: limits.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             limits,
             stats: Stats::default(),
@@ -1084,7 +1101,29 @@ async fn node_reports(
     Extension(who): Extension<Principal>,
     headers: HeaderMap,
     Capped(body): Capped,
-) -> Result<Json<Ingested>, Fail> {
+) -> Response {
+    match store_reports(&s, &who, &headers, body).await {
+        Ok(ingested) => Json(ingested).into_response(),
+        Err((f, None)) => f.into_response(),
+        Err((f, Some(secs))) => {
+            let mut r = s.refuse(Refusal::RateLimited, f);
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+            r
+        }
+    }
+}
+
+/// A node's report batch, decoded, within the node's record quota, stored. An error with a
+/// number of seconds is over the quota (Retry-After).
+async fn store_reports(
+    s: &Arc<Server>,
+    who: &Principal,
+    headers: &HeaderMap,
+    body: bytes::Bytes,
+) -> Result<Ingested, (Fail, Option<u64>)> {
     let gzip = headers
         .get(axum::http::header::CONTENT_ENCODING)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
@@ -1096,21 +1135,23 @@ async fn node_reports(
         .expect("reporting")
         .insert(who.name.clone())
     {
-        return Err(Fail::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!("a report batch from {} is already being stored", who.name),
+        return Err((
+            Fail::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("a report batch from {} is already being stored", who.name),
+            ),
+            None,
         ));
     }
-    let _reporting = Reporting(&s, &who.name);
-    let _permit = s
-        .ingests
-        .acquire()
-        .await
-        .map_err(|_| Fail::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
-    let store = s.store.clone();
-    let node = who.name.clone();
-    let (n, ingested) = tokio::task::spawn_blocking(move || -> Result<_, Fail> {
-        let batch = ReportBatch::decode(&body, gzip).map_err(|e| {
+    let _reporting = Reporting(s, &who.name);
+    let _permit = s.ingests.acquire().await.map_err(|_| {
+        (
+            Fail::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+            None,
+        )
+    })?;
+    let batch = tokio::task::spawn_blocking(move || {
+        ReportBatch::decode(&body, gzip).map_err(|e| {
             let status = match e {
                 super::BatchError::TooLarge | super::BatchError::TooManyRecords(_) => {
                     StatusCode::PAYLOAD_TOO_LARGE
@@ -1120,25 +1161,70 @@ async fn node_reports(
                 }
             };
             Fail::new(status, e.to_string())
-        })?;
-        let r = store
-            .ingest(&node, batch.epoch, &batch.records)
-            .map_err(|e| match e {
-                StoreError::Corrupt(m) => Fail::new(StatusCode::BAD_REQUEST, m),
-                e => Fail::from(e),
-            })?;
-        Ok((batch.records.len(), r))
+        })
     })
     .await
-    .map_err(|e| Fail::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| {
+        (
+            Fail::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            None,
+        )
+    })?
     .inspect_err(|f| {
         if f.0 == StatusCode::PAYLOAD_TOO_LARGE && s.stats.refused(Refusal::TooLarge) {
             warn!(node = %who.name, error = %f.1.error, "report batch refused");
         }
-    })?;
+    })
+    .map_err(|f| (f, None))?;
+    // Each node's records a minute: one node cannot fill the store for all. A batch over
+    // the quota is stored whole later (the node keeps it in its spool and sends it again).
+    let n = batch.records.len();
+    if let Some(records) = std::num::NonZeroU32::new(n as u32) {
+        let refused = match s.report_quota.check_key_n(&who.name, records) {
+            Ok(Ok(())) => None,
+            Ok(Err(not_until)) => {
+                use governor::clock::Clock as _;
+                let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+                Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+            }
+            // More than the quota's burst: never storable; the batch cap keeps this out.
+            Err(_) => Some(60),
+        };
+        if let Some(secs) = refused {
+            let secs = secs.max(1);
+            return Err((
+                Fail::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "{} reported more than {} records a minute; send this batch again in {secs} s",
+                        who.name, s.limits.node_records_per_minute
+                    ),
+                ),
+                Some(secs),
+            ));
+        }
+    }
+    let store = s.store.clone();
+    let node = who.name.clone();
+    let ingested = tokio::task::spawn_blocking(move || {
+        store
+            .ingest(&node, batch.epoch, &batch.records)
+            .map_err(|e| match e {
+                StoreError::Corrupt(m) => Fail::new(StatusCode::BAD_REQUEST, m),
+                e => Fail::from(e),
+            })
+    })
+    .await
+    .map_err(|e| {
+        (
+            Fail::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            None,
+        )
+    })?
+    .map_err(|f| (f, None))?;
     tracing::debug!(node = %who.name, records = n, accepted = ingested.accepted,
         duplicates = ingested.duplicates, "reports ingested");
-    Ok(Json(ingested))
+    Ok(ingested)
 }
 
 /// The TLS set-up: the server's certificate; client certificates verified against
