@@ -1139,9 +1139,17 @@ fn try_cp_metric(fx: &CpFixture, server: &CpProc, name: &str) -> Result<u64, Str
 fn the_control_plane_answers_hostile_clients_from_the_request_head() {
     let tmp = tempfile::tempdir().unwrap();
     let fx = CpFixture::new(tmp.path());
+    // Stretched with the deadlines on an emulated guest, where a TLS handshake alone can
+    // take seconds.
+    let (t, w) = (
+        agentwall_tests::patience(Duration::from_secs(3)).as_secs(),
+        agentwall_tests::patience(Duration::from_secs(2)).as_secs(),
+    );
     fx.configure(
         "",
-        "[limits]\nhandshake_timeout_secs = 3\nheader_timeout_secs = 3\nbody_timeout_secs = 3\nwrite_timeout_secs = 2\nrequests_per_minute = 5\nnode_records_per_minute = 10\n",
+        &format!(
+            "[limits]\nhandshake_timeout_secs = {t}\nheader_timeout_secs = {t}\nbody_timeout_secs = {t}\nwrite_timeout_secs = {w}\nrequests_per_minute = 5\nnode_records_per_minute = 10\n"
+        ),
     );
     let server = CpProc::start(&fx, None);
     let admin_token = std::fs::read_to_string(&fx.admin_token).unwrap();
