@@ -236,6 +236,8 @@ impl ClientCertVerifier for DeferringVerifier {
 /// certificate that fails, revoked included, fails it.
 pub struct CrlWatchingVerifier {
     roots: Arc<rustls::RootCertStore>,
+    /// The CAs, as certificates: a CRL must be signed by one.
+    cas: Vec<CertificateDer<'static>>,
     crls: Vec<PathBuf>,
     /// A certificate checked against a CRL past its nextUpdate fails (no stale "not
     /// revoked"); off with `accept_expired_crl`.
@@ -266,15 +268,17 @@ fn file_state(path: &Path) -> Option<(SystemTime, u64, u64)> {
 impl CrlWatchingVerifier {
     pub fn new(
         roots: rustls::RootCertStore,
+        cas: Vec<CertificateDer<'static>>,
         crls: &[PathBuf],
         enforce_expiry: bool,
     ) -> Result<Self, IdentityError> {
         let roots = Arc::new(roots);
         let seen = crls.iter().map(|p| file_state(p)).collect();
-        let (current, numbers) = Self::build(&roots, crls, enforce_expiry, &HashMap::new())?;
+        let (current, numbers) = Self::build(&roots, &cas, crls, enforce_expiry, &HashMap::new())?;
         let hints = current.root_hint_subjects().to_vec();
         Ok(Self {
             roots,
+            cas,
             crls: crls.to_vec(),
             enforce_expiry,
             numbers: Mutex::new(numbers),
@@ -284,19 +288,19 @@ impl CrlWatchingVerifier {
         })
     }
 
-    /// A verifier over the CRLs in `crls`, and each issuer's highest CRL number among them;
-    /// refused when an issuer's number is below `before`'s.
+    /// A verifier over the CRLs in `crls` (see [`CrlSet::read`]), and each issuer's newest
+    /// CRL number.
     fn build(
         roots: &Arc<rustls::RootCertStore>,
+        cas: &[CertificateDer<'static>],
         crls: &[PathBuf],
         enforce_expiry: bool,
         before: &CrlNumbers,
     ) -> Result<(Arc<dyn ClientCertVerifier>, CrlNumbers), IdentityError> {
-        let numbers = crl_numbers_after(crls, before)?;
-        let read = read_crls(crls)?;
-        let ders: Vec<_> = read.into_iter().flat_map(|(_, ders)| ders).collect();
+        let set = CrlSet::read(crls, cas, before)?;
+        let numbers = set.numbers;
         let mut builder = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-            .with_crls(ders)
+            .with_crls(set.ders)
             .allow_unauthenticated();
         if enforce_expiry {
             builder = builder.enforce_revocation_expiration();
@@ -317,7 +321,13 @@ impl CrlWatchingVerifier {
             return Ok(false);
         }
         let before = self.numbers.lock().expect("crl numbers").clone();
-        let (v, numbers) = Self::build(&self.roots, &self.crls, self.enforce_expiry, &before)?;
+        let (v, numbers) = Self::build(
+            &self.roots,
+            &self.cas,
+            &self.crls,
+            self.enforce_expiry,
+            &before,
+        )?;
         *self.current.write().expect("verifier") = v;
         *self.numbers.lock().expect("crl numbers") = numbers;
         *self.seen.lock().expect("crl state") = now;
@@ -389,7 +399,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 impl TrustStore {
     pub fn load(
         bundle: &Path,
-        crls: &[PathBuf],
+        crls: &CrlSet,
         trust_domain: Option<&str>,
     ) -> Result<Self, IdentityError> {
         let bundle_err = |message: String| IdentityError::Bundle {
@@ -397,12 +407,8 @@ impl TrustStore {
             message,
         };
         let roots = crate::pem::roots([bundle]).map_err(|e| bundle_err(e.message))?;
-        let crl_ders: Vec<_> = read_crls(crls)?
-            .into_iter()
-            .flat_map(|(_, ders)| ders)
-            .collect();
         let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .with_crls(crl_ders)
+            .with_crls(crls.ders.clone())
             .build()
             .map_err(|e| bundle_err(e.to_string()))?;
         if let Some(td) = trust_domain {
@@ -477,47 +483,115 @@ pub fn peer_from_cert(der: &CertificateDer<'_>) -> Result<VerifiedPeer, Rejectio
     })
 }
 
-/// Each CRL issuer's (its raw name's) highest CRL number.
+/// Each CRL issuer's (its raw name's) highest CRL number in force.
 pub type CrlNumbers = HashMap<Vec<u8>, x509_parser::num_bigint::BigUint>;
 
-/// Each issuer's highest CRL number in the files `crls`; refused when an issuer's is below
-/// its number in `before` (the CRLs in force): an older CRL put back, which would bring
-/// back a revoked certificate, is not taken.
-pub fn crl_numbers_after(
-    crls: &[PathBuf],
-    before: &CrlNumbers,
-) -> Result<CrlNumbers, IdentityError> {
-    let mut numbers = CrlNumbers::new();
-    for (path, ders) in read_crls(crls)? {
-        for der in &ders {
-            let (_, crl) =
-                x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| IdentityError::Crl {
+/// CRLs as the trust store takes them, read once from their files.
+#[derive(Default)]
+pub struct CrlSet {
+    /// The newest CRL of each issuer, and only it: webpki judges a certificate by the first
+    /// CRL that covers it, so an older one put before a newer would win.
+    pub ders: Vec<CertificateRevocationListDer<'static>>,
+    /// Each issuer's newest CRL number (the ones in force before, merged).
+    pub numbers: CrlNumbers,
+    /// Hex serials the chosen CRLs list (as [`VerifiedPeer::serial`] writes them).
+    pub serials: std::collections::BTreeSet<String>,
+}
+
+impl CrlSet {
+    /// Reads the CRL files `paths`. Each CRL must be signed by one of `cas` (a forged CRL is
+    /// refused, never believed for its number). Refused too when an issuer whose number is
+    /// in `before` (the CRLs in force) has no numbered CRL any more, or only an older one:
+    /// an older CRL put back would bring back a revoked certificate.
+    pub fn read(
+        paths: &[PathBuf],
+        cas: &[CertificateDer<'_>],
+        before: &CrlNumbers,
+    ) -> Result<Self, IdentityError> {
+        use x509_parser::num_bigint::BigUint;
+        let cas: Vec<x509_parser::certificate::X509Certificate<'_>> = cas
+            .iter()
+            .filter_map(|c| x509_parser::parse_x509_certificate(c.as_ref()).ok())
+            .map(|(_, c)| c)
+            .collect();
+        // Per issuer: (number, thisUpdate, the CRL, its serials).
+        type Newest = (
+            Option<BigUint>,
+            i64,
+            CertificateRevocationListDer<'static>,
+            Vec<String>,
+        );
+        let mut newest: HashMap<Vec<u8>, Newest> = HashMap::new();
+        for (path, ders) in read_crls(paths)? {
+            for der in ders {
+                let crl_err = |message: String| IdentityError::Crl {
                     path: path.clone(),
-                    message: format!("unparsable CRL: {e}"),
-                })?;
-            let Some(n) = crl.crl_number() else { continue };
-            let e = numbers
-                .entry(crl.issuer().as_raw().to_vec())
-                .or_insert_with(|| n.clone());
-            if n > e {
-                *e = n.clone();
+                    message,
+                };
+                let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
+                    .map_err(|e| crl_err(format!("unparsable CRL: {e}")))?;
+                let issuer = crl.issuer().as_raw().to_vec();
+                let signed = cas.iter().any(|ca| {
+                    ca.subject().as_raw() == issuer.as_slice()
+                        && crl.verify_signature(ca.public_key()).is_ok()
+                });
+                if !signed {
+                    return Err(crl_err(format!(
+                        "the CRL of {} is not signed by a CA of the trust bundle",
+                        crl.issuer()
+                    )));
+                }
+                let entry = (
+                    crl.crl_number().cloned(),
+                    crl.last_update().timestamp(),
+                    der.clone(),
+                    crl.iter_revoked_certificates()
+                        .map(|r| r.raw_serial_as_string().replace(':', ""))
+                        .collect(),
+                );
+                match newest.get(&issuer) {
+                    Some(have) if (&have.0, have.1) >= (&entry.0, entry.1) => {}
+                    _ => {
+                        newest.insert(issuer, entry);
+                    }
+                }
             }
         }
-    }
-    for (issuer, old) in before {
-        if let Some(n) = numbers.get(issuer).filter(|n| *n < old) {
+        let mut numbers = CrlNumbers::new();
+        for (issuer, (n, ..)) in &newest {
+            if let Some(n) = n {
+                numbers.insert(issuer.clone(), n.clone());
+            }
+        }
+        let first = || paths.first().cloned().unwrap_or_default();
+        for (issuer, old) in before {
             let name =
                 <x509_parser::x509::X509Name as x509_parser::prelude::FromDer<_>>::from_der(issuer)
                     .map_or_else(|_| "an issuer".to_owned(), |(_, n)| n.to_string());
-            return Err(IdentityError::Crl {
-                path: crls.first().cloned().unwrap_or_default(),
-                message: format!(
+            let message = match numbers.get(issuer) {
+                None => format!(
+                    "no numbered CRL of {name} any more (number {old} is in force): a CRL is not dropped or replaced by an unnumbered one"
+                ),
+                Some(n) if n < old => format!(
                     "the newest CRL of {name} is number {n}, below {old} already in force: an older CRL put back is not taken"
                 ),
+                Some(_) => continue,
+            };
+            return Err(IdentityError::Crl {
+                path: first(),
+                message,
             });
         }
+        let mut set = Self {
+            numbers,
+            ..Self::default()
+        };
+        for (_, _, der, serials) in newest.into_values() {
+            set.ders.push(der);
+            set.serials.extend(serials);
+        }
+        Ok(set)
     }
-    Ok(numbers)
 }
 
 /// Every CRL in each PEM file; a file with none is an error.
@@ -543,74 +617,105 @@ fn read_crls(
         .collect()
 }
 
-/// Hex serial numbers (as [`VerifiedPeer::serial`] writes them) listed in PEM CRL files.
-pub fn revoked_serials(
-    crls: &[PathBuf],
-) -> Result<std::collections::HashSet<String>, IdentityError> {
-    let mut out = std::collections::HashSet::new();
-    for (path, ders) in read_crls(crls)? {
-        for der in &ders {
-            let (_, crl) =
-                x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| IdentityError::Crl {
-                    path: path.clone(),
-                    message: format!("unparsable CRL: {e}"),
-                })?;
-            out.extend(
-                crl.iter_revoked_certificates()
-                    .map(|r| r.raw_serial_as_string().replace(':', "")),
-            );
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn an_older_crl_put_back_is_refused() {
+    fn crls_are_taken_only_signed_newest_first_and_never_older() {
         use rcgen::{
-            CertificateParams, CertificateRevocationListParams, IsCa, KeyIdMethod, KeyPair,
+            CertificateParams, CertificateRevocationListParams, DnType, IsCa, KeyIdMethod, KeyPair,
             KeyUsagePurpose, SerialNumber,
         };
+        let ca_params = || {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.distinguished_name.push(DnType::CommonName, "crl test CA");
+            p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::CrlSign, KeyUsagePurpose::KeyCertSign];
+            p
+        };
         let key = KeyPair::generate().unwrap();
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca.key_usages = vec![KeyUsagePurpose::CrlSign, KeyUsagePurpose::KeyCertSign];
-        let issuer = rcgen::Issuer::new(ca, key);
+        let ca_cert = ca_params().self_signed(&key).unwrap().der().clone();
+        let issuer = rcgen::Issuer::new(ca_params(), key);
+        // Same name, another key: what a forger without the CA's key can make.
+        let forger = rcgen::Issuer::new(ca_params(), KeyPair::generate().unwrap());
+        let other = {
+            let mut p = ca_params();
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            p.distinguished_name.push(DnType::CommonName, "another CA");
+            let k = KeyPair::generate().unwrap();
+            (
+                p.self_signed(&k).unwrap().der().clone(),
+                rcgen::Issuer::new(p, k),
+            )
+        };
+        let cas = [ca_cert, other.0.clone()];
         let dir = tempfile::tempdir().unwrap();
-        let crl = |n: u64| {
+        let pem = |by: &rcgen::Issuer<'_, KeyPair>, n: Option<u64>, revoked: &[u8]| {
             let now = time::OffsetDateTime::now_utc();
-            let pem = CertificateRevocationListParams {
+            CertificateRevocationListParams {
                 this_update: now,
                 next_update: now + time::Duration::hours(1),
-                crl_number: SerialNumber::from(n),
+                crl_number: SerialNumber::from(n.unwrap_or(0)),
                 issuing_distribution_point: None,
-                revoked_certs: vec![],
+                revoked_certs: revoked
+                    .iter()
+                    .map(|s| rcgen::RevokedCertParams {
+                        serial_number: SerialNumber::from_slice(&[*s]),
+                        revocation_time: now,
+                        reason_code: None,
+                        invalidity_date: None,
+                    })
+                    .collect(),
                 key_identifier_method: KeyIdMethod::Sha256,
             }
-            .signed_by(&issuer)
+            .signed_by(by)
             .unwrap()
             .pem()
-            .unwrap();
-            let path = dir.path().join(format!("{n}.crl"));
-            std::fs::write(&path, pem).unwrap();
+            .unwrap()
+        };
+        let file = |name: &str, pems: &[String]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pems.concat()).unwrap();
             vec![path]
         };
-        let five = crl_numbers_after(&crl(5), &CrlNumbers::new()).unwrap();
+        let read = |paths: Vec<PathBuf>, before: &CrlNumbers| CrlSet::read(&paths, &cas, before);
+
+        let five = read(file("5", &[pem(&issuer, Some(5), &[])]), &CrlNumbers::new()).unwrap();
         assert_eq!(
-            five.values().map(ToString::to_string).collect::<Vec<_>>(),
+            five.numbers
+                .values()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
             ["5"]
         );
-        crl_numbers_after(&crl(6), &five).unwrap();
-        crl_numbers_after(&crl(5), &five).unwrap();
-        let err = crl_numbers_after(&crl(3), &five).unwrap_err().to_string();
-        assert!(
-            err.contains(
-                "is number 3, below 5 already in force: an older CRL put back is not taken"
+        read(file("5b", &[pem(&issuer, Some(5), &[])]), &five.numbers).unwrap();
+        // An older CRL put before a newer one: only the newest is handed on.
+        let both = read(
+            file(
+                "3+6",
+                &[pem(&issuer, Some(3), &[]), pem(&issuer, Some(6), &[7])],
             ),
-            "{err}"
+            &five.numbers,
+        )
+        .unwrap();
+        assert_eq!(both.ders.len(), 1);
+        assert_eq!(both.serials.iter().collect::<Vec<_>>(), ["07"]);
+        let refused = |paths, what: &str| {
+            let err = read(paths, &five.numbers).err().map(|e| e.to_string());
+            assert!(err.as_deref().is_some_and(|e| e.contains(what)), "{err:?}");
+        };
+        refused(
+            file("3", &[pem(&issuer, Some(3), &[])]),
+            "is number 3, below 5 already in force: an older CRL put back is not taken",
+        );
+        refused(
+            file("forged", &[pem(&forger, Some(1 << 60), &[])]),
+            "is not signed by a CA of the trust bundle",
+        );
+        refused(
+            file("other", &[pem(&other.1, Some(9), &[])]),
+            "no numbered CRL of CN=crl test CA any more (number 5 is in force)",
         );
     }
 

@@ -1093,6 +1093,44 @@ fn raw(
 
 /// Reads what the server answers up to the end of the connection: the response, and
 /// whether the server then closed the connection (EOF, not a read timeout).
+/// A TCP connection to `to` from the loopback address `from` (127.0.0.0/8 is all the
+/// host's): a caller at another address.
+fn tcp_from(from: std::net::Ipv4Addr, to: std::net::SocketAddr) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd as _;
+    let std::net::SocketAddr::V4(to) = to else {
+        panic!("an IPv4 server address")
+    };
+    let sa = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+    // SAFETY: plain socket calls on a descriptor owned here; every result is checked.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let stream = std::net::TcpStream::from_raw_fd(fd);
+        let src = sa(std::net::SocketAddrV4::new(from, 0));
+        assert_eq!(
+            libc::bind(fd, (&raw const src).cast(), len),
+            0,
+            "bind {from}"
+        );
+        let dst = sa(to);
+        assert_eq!(
+            libc::connect(fd, (&raw const dst).cast(), len),
+            0,
+            "connect: {}",
+            std::io::Error::last_os_error()
+        );
+        stream
+    }
+}
+
 fn answer_then_close(s: &mut impl Read) -> (String, bool) {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
@@ -1514,6 +1552,70 @@ fn a_revoked_client_certificate_fails_the_handshake() {
         "{}",
         server.log_text()
     );
+}
+
+/// The last quarter of the connection cap is kept for peers that made an authorized
+/// request lately: silent connections from unknown addresses fill the rest, a further
+/// unknown one is closed at once, and a known admin still gets in.
+#[test]
+fn the_last_quarter_of_the_connection_cap_is_kept_for_known_callers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    fx.configure(
+        "",
+        "[limits]\nmax_connections = 8\nmax_connections_per_address = 2\nhandshake_timeout_secs = 600\n",
+    );
+    let server = CpProc::start(&fx, None);
+    // The admin's address (127.0.0.1) becomes known with its first request.
+    let admin = admin_creds(&fx);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let out = cp(&fx, &server.url, &admin, &["nodes"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let silent: Vec<std::net::TcpStream> = [2, 3, 4]
+        .into_iter()
+        .flat_map(|last| {
+            let from = std::net::Ipv4Addr::new(127, 0, 0, last);
+            [tcp_from(from, server.addr), tcp_from(from, server.addr)]
+        })
+        .collect();
+    eventually(
+        "six silent connections held",
+        Duration::from_secs(30),
+        || {
+            // The metrics request's own connection is one more.
+            let n = try_cp_metric(&fx, &server, "agentwall_cp_connections")?;
+            if n == 7 {
+                Ok(())
+            } else {
+                Err(format!("connections {n}"))
+            }
+        },
+    );
+    let mut stranger = tcp_from(std::net::Ipv4Addr::new(127, 0, 0, 5), server.addr);
+    stranger
+        .set_read_timeout(Some(agentwall_tests::patience(Duration::from_secs(60))))
+        .unwrap();
+    let (text, closed) = answer_then_close(&mut stranger);
+    assert!(closed, "an unknown caller took the reserve: {text}");
+    let out = cp(&fx, &server.url, &admin, &["nodes"]);
+    assert!(
+        out.status.success(),
+        "the known admin was shut out: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        cp_metric(
+            &fx,
+            &server,
+            "agentwall_cp_refusals_total{reason=\"connection_cap\"}"
+        ) >= 1
+    );
+    drop(silent);
 }
 
 /// A node holds one long-poll at a time: a second poll from the same node answers the

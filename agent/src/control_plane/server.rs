@@ -45,6 +45,10 @@ pub enum ServerError {
         "limits.max_connections {max} does not fit the open-files limit {files} (64 kept for the server's own files): lower it, or raise LimitNOFILE"
     )]
     FdLimit { max: usize, files: u64 },
+    #[error(
+        "the open-files limit {files} leaves no room for connections (64 kept for the server's own files): raise LimitNOFILE"
+    )]
+    NoRoomForConnections { files: u64 },
     #[error("TLS set-up: {0}")]
     Tls(String),
     #[error("listening on {addr}: {source}")]
@@ -301,6 +305,9 @@ pub struct Server {
     poll_tickets: std::sync::atomic::AtomicU64,
     /// Open connections per peer address (the total is `stats.connections`).
     conns: Mutex<HashMap<std::net::IpAddr, usize>>,
+    /// Peer addresses (blocks) that made an authorized request lately, and when: the last
+    /// quarter of the connection cap is theirs.
+    known: Mutex<HashMap<std::net::IpAddr, std::time::Instant>>,
     /// Nodes with a report batch being stored: one at a time each.
     reporting: Mutex<std::collections::HashSet<String>>,
     ingests: tokio::sync::Semaphore,
@@ -354,6 +361,7 @@ impl Server {
             polls: Mutex::new(HashMap::new()),
             poll_tickets: std::sync::atomic::AtomicU64::new(0),
             conns: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashMap::new()),
             reporting: Mutex::new(std::collections::HashSet::new()),
             ingests: tokio::sync::Semaphore::new(INGESTS_AT_ONCE),
             changes,
@@ -555,7 +563,12 @@ async fn gate(
         );
     }
     let who = match s.allow(&peer, req.headers(), &route, rule.roles) {
-        Ok(p) => p,
+        Ok(p) => {
+            if let Some(a) = peer.addr {
+                s.known(a.ip());
+            }
+            p
+        }
         // `allow` has counted and logged it.
         Err(f) => return closing(f.into_response()),
     };
@@ -1242,8 +1255,13 @@ fn tls_config(
         (builder.with_no_client_auth(), None)
     } else {
         let roots = crate::pem::roots(cfg.client_ca.iter().map(PathBuf::as_path))?;
+        let mut cas = Vec::new();
+        for path in &cfg.client_ca {
+            cas.extend(crate::pem::certs(path)?);
+        }
         let verifier = Arc::new(CrlWatchingVerifier::new(
             roots,
+            cas,
             &cfg.client_crl,
             !cfg.accept_expired_crl,
         )?);
@@ -1279,7 +1297,14 @@ impl Server {
     fn admit(self: &Arc<Self>, addr: std::net::IpAddr) -> Result<ConnSlot, Refusal> {
         let addr = caller_block(addr);
         let mut by_addr = self.conns.lock().expect("connections");
-        if self.stats.connections.load(Ordering::Relaxed) >= self.max_connections as u64 {
+        let open = self.stats.connections.load(Ordering::Relaxed);
+        if open >= self.max_connections as u64 {
+            return Err(Refusal::ConnectionCap);
+        }
+        // The last quarter of the cap is kept for peers that made an authorized request
+        // lately: connections from unknown addresses cannot shut nodes and admins out.
+        let open_to_all = self.max_connections - self.max_connections / 4;
+        if open >= open_to_all as u64 && !self.is_known(addr) {
             return Err(Refusal::ConnectionCap);
         }
         let n = by_addr.entry(addr).or_default();
@@ -1294,6 +1319,34 @@ impl Server {
         })
     }
 }
+
+impl Server {
+    /// Notes that `addr` (its block) made an authorized request now.
+    fn known(&self, addr: std::net::IpAddr) {
+        let mut known = self.known.lock().expect("known peers");
+        // Bounded: the oldest half goes when it is full.
+        if known.len() >= KNOWN_PEERS {
+            let mut times: Vec<std::time::Instant> = known.values().copied().collect();
+            times.sort_unstable();
+            let cut = times[times.len() / 2];
+            known.retain(|_, t| *t > cut);
+        }
+        known.insert(caller_block(addr), std::time::Instant::now());
+    }
+
+    fn is_known(&self, block: std::net::IpAddr) -> bool {
+        self.known
+            .lock()
+            .expect("known peers")
+            .get(&block)
+            .is_some_and(|t| t.elapsed() < KNOWN_FOR)
+    }
+}
+
+/// Peer blocks remembered as authorized, at most.
+const KNOWN_PEERS: usize = 65_536;
+/// How long an authorized request keeps its peer block in the reserve.
+const KNOWN_FOR: Duration = Duration::from_secs(3600);
 
 /// What the per-address cap counts a peer under: an IPv4 address, or an IPv6 address's /64
 /// (one host is usually given a whole /64, and could open connections from each address in
@@ -1341,7 +1394,7 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
         None => {
             let max = DEFAULT_MAX_CONNECTIONS.min(room);
             if max == 0 {
-                return Err(ServerError::FdLimit { max: 1, files });
+                return Err(ServerError::NoRoomForConnections { files });
             }
             if max < DEFAULT_MAX_CONNECTIONS {
                 warn!(

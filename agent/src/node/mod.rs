@@ -296,10 +296,7 @@ impl Node {
         let sessions =
             Sessions::load(datapath.clone(), journal.clone(), agents, mount, &state_dir)?;
         // CRLs that changed while the node was down reach the sessions it had.
-        match crate::identity::revoked_serials(&cfg.crl) {
-            Ok(s) => sessions.cut_off(&s.into_iter().collect()),
-            Err(e) => error!(error = %e, "reading CRLs for the sessions of the last run"),
-        }
+        sessions.cut_off(&trust.revoked());
         let settings = dns::Settings {
             grace: cfg.dns_grace(),
             min_ttl: cfg.dns_min_ttl(),

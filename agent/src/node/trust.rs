@@ -12,7 +12,7 @@ use super::Snapshot;
 use crate::{
     config::{ConfigError, NodeConfig},
     files::Stamp,
-    identity::{IdentityError, TrustStore},
+    identity::{CrlNumbers, CrlSet, IdentityError, TrustStore},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -32,8 +32,8 @@ pub struct Tls {
 }
 
 impl Tls {
-    fn load(cfg: &NodeConfig) -> Result<Self, TrustError> {
-        let trust = TrustStore::load(cfg.trust_bundle()?, &cfg.crl, cfg.trust_domain.as_deref())?;
+    fn load(cfg: &NodeConfig, crls: &CrlSet) -> Result<Self, TrustError> {
+        let trust = TrustStore::load(cfg.trust_bundle()?, crls, cfg.trust_domain.as_deref())?;
         let config = crate::api::server_config(&trust)?;
         Ok(Self { trust, config })
     }
@@ -44,18 +44,31 @@ pub struct Trust {
     current: Snapshot<Tls>,
     crls: Mutex<Stamp>,
     /// The CRL numbers in force: an older CRL put back is refused.
-    numbers: Mutex<crate::identity::CrlNumbers>,
+    numbers: Mutex<CrlNumbers>,
+    /// The serials the CRLs in force list.
+    serials: Mutex<BTreeSet<String>>,
+}
+
+/// The trust bundle's CAs, which must sign every CRL.
+fn cas(cfg: &NodeConfig) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TrustError> {
+    let bundle = cfg.trust_bundle()?;
+    crate::pem::certs(bundle).map_err(|e| {
+        TrustError::Identity(IdentityError::Bundle {
+            path: bundle.to_owned(),
+            message: e.message,
+        })
+    })
 }
 
 impl Trust {
     pub fn load(cfg: &NodeConfig) -> Result<Self, TrustError> {
-        let tls = Tls::load(cfg)?;
-        let numbers = crate::identity::crl_numbers_after(&cfg.crl, &Default::default())
-            .map_err(TrustError::from)?;
+        let set = CrlSet::read(&cfg.crl, &cas(cfg)?, &CrlNumbers::new())?;
+        let tls = Tls::load(cfg, &set)?;
         Ok(Self {
             current: Snapshot::new(tls),
             crls: Mutex::new(Stamp::of(&cfg.crl)),
-            numbers: Mutex::new(numbers),
+            numbers: Mutex::new(set.numbers),
+            serials: Mutex::new(set.serials),
             cfg: cfg.clone(),
         })
     }
@@ -65,9 +78,18 @@ impl Trust {
         self.current.get()
     }
 
-    /// Re-reads changed CRL files: new handshakes use them. Returns the serials they revoke
-    /// (running sessions with one of them must be cut off), or nothing when they did not
-    /// change or were refused (the previous CRLs stay in force).
+    /// The serials the CRLs in force list.
+    pub fn revoked(&self) -> BTreeSet<String> {
+        self.serials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Re-reads changed CRL files (once: what is checked is what is used): new handshakes
+    /// use them. Returns the serials they revoke (running sessions with one of them must be
+    /// cut off), or nothing when they did not change or were refused (the previous CRLs
+    /// stay in force).
     pub fn reload_crls(&self) -> Option<BTreeSet<String>> {
         let stamp = Stamp::of(&self.cfg.crl);
         {
@@ -78,25 +100,20 @@ impl Trust {
             *old = stamp;
         }
         let mut numbers = self.numbers.lock().unwrap_or_else(|p| p.into_inner());
-        let newer = match crate::identity::crl_numbers_after(&self.cfg.crl, &numbers) {
-            Ok(n) => n,
+        let loaded = cas(&self.cfg).and_then(|cas| {
+            let set = CrlSet::read(&self.cfg.crl, &cas, &numbers)?;
+            let tls = Tls::load(&self.cfg, &set)?;
+            Ok((set, tls))
+        });
+        match loaded {
+            Ok((set, tls)) => {
+                self.current.set(tls);
+                *numbers = set.numbers;
+                *self.serials.lock().unwrap_or_else(|p| p.into_inner()) = set.serials.clone();
+                Some(set.serials)
+            }
             Err(e) => {
                 error!(error = %e, "CRL change rejected; the previous CRLs stay in force");
-                return None;
-            }
-        };
-        match Tls::load(&self.cfg) {
-            Ok(t) => self.current.set(t),
-            Err(e) => {
-                error!(error = %e, "CRL change rejected; the previous CRLs stay in force");
-                return None;
-            }
-        }
-        *numbers = newer;
-        match crate::identity::revoked_serials(&self.cfg.crl) {
-            Ok(s) => Some(s.into_iter().collect()),
-            Err(e) => {
-                error!(error = %e, "reading CRLs");
                 None
             }
         }
