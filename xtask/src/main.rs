@@ -277,6 +277,10 @@ fn fuzz(root: &Path, target: &str, seconds: u32) -> Result<()> {
         run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
     }
     let corpus = root.join("fuzz/corpus").join(target);
+    // libFuzzer adds what it finds to the first corpus directory: a working one under
+    // target/, so the repository keeps only its seeds.
+    let work = root.join("fuzz/target/corpus").join(target);
+    std::fs::create_dir_all(&work)?;
     let artifacts = root.join("fuzz/artifacts").join(target);
     let regressions = root.join("fuzz/regressions").join(target);
     std::fs::create_dir_all(&regressions)?;
@@ -285,6 +289,7 @@ fn fuzz(root: &Path, target: &str, seconds: u32) -> Result<()> {
         .unwrap_or_default();
     let status = Command::new("rustup")
         .args(["run", NIGHTLY, "cargo", "fuzz", "run", target])
+        .arg(&work)
         .arg(&corpus)
         .arg("--")
         .arg(format!("-max_total_time={seconds}"))
