@@ -397,9 +397,11 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 impl TrustStore {
+    /// `enforce_expiry`: a certificate checked against a CRL past its nextUpdate fails.
     pub fn load(
         bundle: &Path,
         crls: &CrlSet,
+        enforce_expiry: bool,
         trust_domain: Option<&str>,
     ) -> Result<Self, IdentityError> {
         let bundle_err = |message: String| IdentityError::Bundle {
@@ -407,10 +409,12 @@ impl TrustStore {
             message,
         };
         let roots = crate::pem::roots([bundle]).map_err(|e| bundle_err(e.message))?;
-        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .with_crls(crls.ders.clone())
-            .build()
-            .map_err(|e| bundle_err(e.to_string()))?;
+        let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .with_crls(crls.ders.clone());
+        if enforce_expiry {
+            builder = builder.enforce_revocation_expiration();
+        }
+        let inner = builder.build().map_err(|e| bundle_err(e.to_string()))?;
         if let Some(td) = trust_domain {
             AgentId::from_str(&format!("spiffe://{td}/x"))?;
         }

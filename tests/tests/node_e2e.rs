@@ -884,6 +884,27 @@ fn a_crl_listing_a_running_certificate_cuts_its_session_off() {
     // Another certificate of the same identity is unaffected.
     let mut pb = launch_probe(&node.socket, &bcert, &bkey);
     assert_eq!(pb.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+
+    // A CRL past its nextUpdate says nothing of revocations since: no certificate passes
+    // it (the same certificate B is refused once the stale CRL is read).
+    std::fs::write(
+        &tmp_crl,
+        ca.crl_numbered(&[&a.serial], u64::MAX >> 1, -time::Duration::hours(1)),
+    )
+    .unwrap();
+    std::fs::rename(&tmp_crl, &crl).unwrap();
+    eventually("the stale CRL refusing B", Duration::from_secs(30), || {
+        let out = launch_args(&node.socket, &bcert, &bkey)
+            .arg("true")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.code() == Some(2) && err.contains("ExpiredRevocationList") {
+            Ok(())
+        } else {
+            Err(format!("{:?} {err}", out.status.code()))
+        }
+    });
 }
 
 #[test]

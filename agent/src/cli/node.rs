@@ -20,6 +20,9 @@ pub struct Args {
     /// CRL file (repeatable).
     #[arg(long)]
     crl: Vec<PathBuf>,
+    /// Take a CRL past its nextUpdate as current (true|false; default false).
+    #[arg(long)]
+    accept_expired_crl: Option<bool>,
     #[arg(long)]
     socket: Option<PathBuf>,
     #[arg(long)]
@@ -102,6 +105,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         trust_bundle: args.trust_bundle,
         trust_domain: args.trust_domain,
         crl: args.crl,
+        accept_expired_crl: args.accept_expired_crl,
         socket: args.socket,
         socket_group: args.socket_group,
         state_dir: args.state_dir,

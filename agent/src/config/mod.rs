@@ -42,6 +42,9 @@ pub struct NodeConfig {
     pub trust_domain: Option<String>,
     /// PEM CRL files; reloaded when they change.
     pub crl: Vec<PathBuf>,
+    /// Take a CRL past its nextUpdate as current (default false: a certificate checked
+    /// against such a CRL is refused, since it says nothing of revocations since).
+    pub accept_expired_crl: Option<bool>,
     /// The node's API socket.
     pub socket: Option<PathBuf>,
     /// Group allowed to use the socket (default: root only).
@@ -196,7 +199,8 @@ impl NodeConfig {
             dns_max_namespaces,
             aggregate_window_secs,
             record_allowed,
-            catalog_refresh_secs
+            catalog_refresh_secs,
+            accept_expired_crl
         );
         if !over.ai_catalog.is_empty() {
             self.ai_catalog = over.ai_catalog;

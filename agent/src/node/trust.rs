@@ -33,7 +33,12 @@ pub struct Tls {
 
 impl Tls {
     fn load(cfg: &NodeConfig, crls: &CrlSet) -> Result<Self, TrustError> {
-        let trust = TrustStore::load(cfg.trust_bundle()?, crls, cfg.trust_domain.as_deref())?;
+        let trust = TrustStore::load(
+            cfg.trust_bundle()?,
+            crls,
+            !cfg.accept_expired_crl.unwrap_or(false),
+            cfg.trust_domain.as_deref(),
+        )?;
         let config = crate::api::server_config(&trust)?;
         Ok(Self { trust, config })
     }
