@@ -15,7 +15,8 @@ use std::{
 use agentwall_tests::{
     Probe, TestEnv, bin_path,
     node::{
-        NodeProc, eventually, flows, launch_as_nobody, run_ok, setup, wait_flow_where, write_cert,
+        NodeProc, eventually, flows, launch_args, launch_as_nobody, run_ok, setup, wait_flow_where,
+        write_cert,
     },
     pki::{Ca, CertSpec},
     wire::{AGENT_V6, BEYOND_V4, BEYOND_V6, Capture, Link, PEER_V4, PEER_V6, Packet},
@@ -606,16 +607,8 @@ fn launch_hands_the_agent_no_inherited_socket() {
     let (cert, key) = write_cert(fx.dir.path(), "inherit", &fx.ca.issue(&CertSpec::agent(ID)));
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let (raw_sock, inherited) = (sock.as_raw_fd(), 300);
-    let mut launch = Command::new(bin_path("agentwall"));
-    launch
-        .arg("launch")
-        .arg("--cert")
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .arg("--socket")
-        .arg(fx.socket())
-        .args(["--", "/bin/sh", "-c", "ls /proc/self/fd"]);
+    let mut launch = launch_args(fx.socket(), &cert, &key);
+    launch.args(["/bin/sh", "-c", "ls /proc/self/fd"]);
     // A descriptor without close-on-exec in the launcher only (made in this process, other
     // tests' children would inherit it).
     // SAFETY: dup2 between the fork and the exec, on descriptors this test owns.
@@ -640,15 +633,8 @@ fn launch_hands_the_agent_no_inherited_socket() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (local, peer) = (stream.local_addr().unwrap(), listener.local_addr().unwrap());
-    let out = Command::new(bin_path("agentwall"))
-        .arg("launch")
-        .arg("--cert")
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .arg("--socket")
-        .arg(fx.socket())
-        .args(["--", "/bin/true"])
+    let out = launch_args(fx.socket(), &cert, &key)
+        .arg("/bin/true")
         .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
             stream,
         )))
