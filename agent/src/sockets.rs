@@ -193,20 +193,6 @@ fn destroy_here(cgroups: &HashSet<u64>, sweep: Sweep) -> io::Result<usize> {
     Ok(destroyed)
 }
 
-/// Every process in `cgroup` and below it.
-fn pids_in(cgroup: &Path, out: &mut Vec<u32>) {
-    if let Ok(t) = fs::read_to_string(cgroup.join("cgroup.procs")) {
-        out.extend(t.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
-    }
-    if let Ok(entries) = fs::read_dir(cgroup) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                pids_in(&e.path(), out);
-            }
-        }
-    }
-}
-
 /// Destroys the TCP connections of every socket that belongs to one of `cgroups` (and the
 /// cgroups below them), in every network namespace their processes live in. Returns the number
 /// destroyed.
@@ -227,7 +213,10 @@ fn destroy_in(cgroups: &[&Path], sweep: Sweep) -> io::Result<usize> {
     let mut pids = Vec::new();
     for cg in cgroups {
         crate::cgroup::subtree_ids(cg, &mut ids);
-        pids_in(cg, &mut pids);
+        // A cgroup already gone has no process left to sweep.
+        if let Ok((p, _)) = processes_in(cg) {
+            pids.extend(p);
+        }
     }
     let mut namespaces = BTreeMap::new();
     for pid in pids {
