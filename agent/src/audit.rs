@@ -163,10 +163,7 @@ fn record_hash(record: &Map<String, Value>) -> String {
     let mut r = record.clone();
     r.remove("hash");
     let text = Value::Object(r).to_string();
-    Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(text.as_bytes()))
 }
 
 /// An open audit log.

@@ -240,10 +240,25 @@ pub struct ServiceUse {
     pub service: String,
     /// Names and addresses, with ports.
     pub destinations: BTreeSet<String>,
+    /// Distinct destinations seen past the [`SHADOW_DESTINATIONS`] listed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub destinations_left_out: u64,
     pub count: u64,
     pub first_seen: String,
     pub last_seen: String,
 }
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Most process groups one fold keeps: the group key is made of what a node reports (unit
+/// names, executables), so a node could name millions. Records of further groups are
+/// counted ([`ShadowFold::left_out`]), not kept.
+pub const SHADOW_GROUPS: usize = 1_000;
+/// Most destinations listed per group and service, and distinct flows kept per group (for
+/// its suggested policy).
+pub const SHADOW_DESTINATIONS: usize = 256;
 
 /// A process group that talked to AI services without an identity.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -274,9 +289,15 @@ type GroupUse = (BTreeMap<String, ServiceUse>, BTreeMap<FlowKey, u64>);
 #[derive(Default)]
 pub struct ShadowFold {
     groups: BTreeMap<String, GroupUse>,
+    left_out: u64,
 }
 
 impl ShadowFold {
+    /// Records not folded because their group came after [`SHADOW_GROUPS`] others.
+    pub fn left_out(&self) -> u64 {
+        self.left_out
+    }
+
     pub fn add(&mut self, r: &serde_json::Value) {
         let s = |k: &str| r.get(k).and_then(|v| v.as_str()).map(str::to_owned);
         if s("verdict").as_deref() != Some("unknown") {
@@ -302,18 +323,28 @@ impl ShadowFold {
         let name = s("fqdn");
         let first = s("first_seen").or_else(|| s("time")).unwrap_or_default();
         let last = s("last_seen").or_else(|| s("time")).unwrap_or_default();
+        if self.groups.len() >= SHADOW_GROUPS && !self.groups.contains_key(&group) {
+            self.left_out += 1;
+            return;
+        }
         let (acc, flows) = self.groups.entry(group).or_default();
         let u = acc.entry(service.clone()).or_insert_with(|| ServiceUse {
             service: service.clone(),
             destinations: BTreeSet::new(),
+            destinations_left_out: 0,
             count: 0,
             first_seen: first.clone(),
             last_seen: last.clone(),
         });
-        u.destinations.insert(match &name {
+        let shown = match &name {
             Some(n) => format!("{n} ({dest}):{port}"),
             None => format!("{dest}:{port}"),
-        });
+        };
+        if u.destinations.len() < SHADOW_DESTINATIONS || u.destinations.contains(&shown) {
+            u.destinations.insert(shown);
+        } else {
+            u.destinations_left_out += 1;
+        }
         u.count = u.count.saturating_add(count);
         if first < u.first_seen {
             u.first_seen = first;
@@ -322,8 +353,11 @@ impl ShadowFold {
             u.last_seen = last;
         }
         if let (Ok(ip), Some(proto)) = (dest.parse(), s("protocol")) {
-            let n = flows.entry((ip, port, proto == "udp", name)).or_default();
-            *n = n.saturating_add(count);
+            let key = (ip, port, proto == "udp", name);
+            if flows.len() < SHADOW_DESTINATIONS || flows.contains_key(&key) {
+                let n = flows.entry(key).or_default();
+                *n = n.saturating_add(count);
+            }
         }
     }
 
@@ -411,5 +445,37 @@ mod tests {
                 .starts_with("ai_catalog entry \"Bad\": \"*.com\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_fold_keeps_a_bounded_number_of_groups_and_destinations() {
+        let rec = |unit: &str, dest: &str| {
+            serde_json::json!({"verdict": "unknown", "service": "OpenAI", "unit": unit,
+                "dest": dest, "port": 443, "protocol": "tcp", "time": "2026-12-02T00:00:00Z"})
+        };
+        let mut fold = ShadowFold::default();
+        for i in 0..SHADOW_GROUPS + 5 {
+            fold.add(&rec(&format!("u{i}.service"), "203.0.113.1"));
+        }
+        // A group already kept still counts once the cap is reached.
+        fold.add(&rec("u0.service", "203.0.113.1"));
+        for i in 0..SHADOW_DESTINATIONS + 3 {
+            let d = std::net::Ipv4Addr::from(0xc633_6400_u32 + i as u32).to_string();
+            fold.add(&rec("u1.service", &d));
+        }
+        assert_eq!(fold.left_out(), 5);
+        let groups = fold.finish();
+        assert_eq!(groups.len(), SHADOW_GROUPS);
+        let u0 = groups
+            .iter()
+            .find(|g| g.group == "unit u0.service")
+            .unwrap();
+        assert_eq!(u0.services[0].count, 2);
+        let u1 = groups
+            .iter()
+            .find(|g| g.group == "unit u1.service")
+            .unwrap();
+        assert_eq!(u1.services[0].destinations.len(), SHADOW_DESTINATIONS);
+        assert_eq!(u1.services[0].destinations_left_out, 4);
     }
 }

@@ -22,8 +22,15 @@ pub fn cp_report(data: &[u8]) {
     let Some((flag, body)) = data.split_first() else {
         return;
     };
-    if let Ok(batch) = crate::control_plane::ReportBatch::decode(body, flag & 1 == 1) {
+    if let Ok((batch, bytes)) = crate::control_plane::ReportBatch::decode(body, flag & 1 == 1) {
         assert!(batch.records.len() <= crate::control_plane::MAX_BATCH_RECORDS);
+        assert!(bytes as u64 <= crate::control_plane::MAX_BATCH_BYTES);
+        assert!(
+            batch
+                .records
+                .iter()
+                .all(|r| r.record.get().len() <= crate::control_plane::MAX_RECORD_BYTES)
+        );
     }
 }
 

@@ -32,6 +32,8 @@ pub enum IdentityError {
     Bundle { path: PathBuf, message: String },
     #[error("CRL {path}: {message}")]
     Crl { path: PathBuf, message: String },
+    #[error("CRL numbers kept in {path}: {message}")]
+    CrlNumbersFile { path: PathBuf, message: String },
     #[error("{0:?} is not a SPIFFE ID (spiffe://trust-domain/path)")]
     NotSpiffe(String),
     #[error("{id:?}: {why}")]
@@ -245,6 +247,8 @@ pub struct CrlWatchingVerifier {
     /// The highest CRL number each issuer's CRLs have had: an older CRL put back (one that
     /// does not list a later revocation) is refused.
     numbers: Mutex<CrlNumbers>,
+    /// Where `numbers` are kept across restarts.
+    kept: CrlNumbersFile,
     current: std::sync::RwLock<Arc<dyn ClientCertVerifier>>,
     /// What each CRL file was when last read: (modified, length, inode).
     seen: Mutex<Vec<Option<(SystemTime, u64, u64)>>>,
@@ -271,10 +275,14 @@ impl CrlWatchingVerifier {
         cas: Vec<CertificateDer<'static>>,
         crls: &[PathBuf],
         enforce_expiry: bool,
+        kept: CrlNumbersFile,
     ) -> Result<Self, IdentityError> {
         let roots = Arc::new(roots);
         let seen = crls.iter().map(|p| file_state(p)).collect();
-        let (current, numbers) = Self::build(&roots, &cas, crls, enforce_expiry, &HashMap::new())?;
+        // CRLs older than those in force before a restart refuse the start.
+        let before = kept.load()?;
+        let (current, numbers) = Self::build(&roots, &cas, crls, enforce_expiry, &before)?;
+        kept.keep(&before, &numbers);
         let hints = current.root_hint_subjects().to_vec();
         Ok(Self {
             roots,
@@ -282,6 +290,7 @@ impl CrlWatchingVerifier {
             crls: crls.to_vec(),
             enforce_expiry,
             numbers: Mutex::new(numbers),
+            kept,
             current: std::sync::RwLock::new(current),
             seen: Mutex::new(seen),
             hints,
@@ -329,8 +338,9 @@ impl CrlWatchingVerifier {
             &before,
         )?;
         *self.current.write().expect("verifier") = v;
-        *self.numbers.lock().expect("crl numbers") = numbers;
         *self.seen.lock().expect("crl state") = now;
+        self.kept.keep(&before, &numbers);
+        *self.numbers.lock().expect("crl numbers") = numbers;
         Ok(true)
     }
 
@@ -490,6 +500,86 @@ pub fn peer_from_cert(der: &CertificateDer<'_>) -> Result<VerifiedPeer, Rejectio
 /// Each CRL issuer's (its raw name's) highest CRL number in force.
 pub type CrlNumbers = HashMap<Vec<u8>, x509_parser::num_bigint::BigUint>;
 
+/// Where each issuer's newest CRL number in force is kept across restarts: an older CRL put
+/// back while the process was down is refused at its start as it would be while it runs.
+pub struct CrlNumbersFile(pub PathBuf);
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KeptNumber {
+    /// The issuer's name (DER, hex): what CRLs are matched by.
+    issuer: String,
+    /// The same, readable.
+    name: String,
+    number: String,
+}
+
+impl CrlNumbersFile {
+    /// The numbers kept; none when the file does not exist yet. A file that cannot be read
+    /// is an error (the caller refuses to start rather than forget them).
+    pub fn load(&self) -> Result<CrlNumbers, IdentityError> {
+        let err = |message: String| IdentityError::CrlNumbersFile {
+            path: self.0.clone(),
+            message,
+        };
+        let text = match std::fs::read(&self.0) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(CrlNumbers::new()),
+            Err(e) => return Err(err(e.to_string())),
+        };
+        let kept: Vec<KeptNumber> = serde_json::from_slice(&text).map_err(|e| {
+            err(format!(
+                "{e} (remove the file to trust the CRLs on disk as they are)"
+            ))
+        })?;
+        kept.into_iter()
+            .map(|k| {
+                let issuer = hex::decode(&k.issuer)
+                    .map_err(|e| err(format!("issuer {:?}: {e}", k.issuer)))?;
+                let n = k
+                    .number
+                    .parse::<x509_parser::num_bigint::BigUint>()
+                    .map_err(|e| err(format!("number {:?} of {}: {e}", k.number, k.name)))?;
+                Ok((issuer, n))
+            })
+            .collect()
+    }
+
+    /// Keeps `now` when it differs from `before`. The CRLs behind `now` are in force either
+    /// way: a file that cannot be written (a full disk) only shortens what a restart
+    /// remembers, so it is logged, not fatal, and written again at the next change.
+    pub fn keep(&self, before: &CrlNumbers, now: &CrlNumbers) {
+        if before != now
+            && let Err(e) = self.save(now)
+        {
+            tracing::error!(error = %e, "the CRL numbers in force could not be kept; a restart checks CRLs against older ones");
+        }
+    }
+
+    /// Keeps `numbers` (written whole, synced).
+    pub fn save(&self, numbers: &CrlNumbers) -> Result<(), IdentityError> {
+        let mut kept: Vec<KeptNumber> = numbers
+            .iter()
+            .map(|(issuer, n)| KeptNumber {
+                issuer: hex::encode(issuer),
+                name: issuer_name(issuer),
+                number: n.to_string(),
+            })
+            .collect();
+        kept.sort_by(|a, b| a.issuer.cmp(&b.issuer));
+        let text = serde_json::to_vec_pretty(&kept).expect("CRL numbers serialize");
+        crate::files::write_atomic(&self.0, &text).map_err(|e| IdentityError::CrlNumbersFile {
+            path: self.0.clone(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// An issuer's raw (DER) name, readable.
+fn issuer_name(der: &[u8]) -> String {
+    <x509_parser::x509::X509Name as x509_parser::prelude::FromDer<_>>::from_der(der)
+        .map_or_else(|_| "an issuer".to_owned(), |(_, n)| n.to_string())
+}
+
 /// CRLs as the trust store takes them, read once from their files.
 #[derive(Default)]
 pub struct CrlSet {
@@ -569,9 +659,14 @@ impl CrlSet {
         }
         let first = || paths.first().cloned().unwrap_or_default();
         for (issuer, old) in before {
-            let name =
-                <x509_parser::x509::X509Name as x509_parser::prelude::FromDer<_>>::from_der(issuer)
-                    .map_or_else(|_| "an issuer".to_owned(), |(_, n)| n.to_string());
+            // A CA taken out of the bundle signs nothing any more: its number is moot.
+            if !cas
+                .iter()
+                .any(|ca| ca.subject().as_raw() == issuer.as_slice())
+            {
+                continue;
+            }
+            let name = issuer_name(issuer);
             let message = match numbers.get(issuer) {
                 None => format!(
                     "no numbered CRL of {name} any more (number {old} is in force): a CRL is not dropped or replaced by an unnumbered one"

@@ -373,7 +373,7 @@ fn render_dns(out: &mut String, c: &Counters, g: &Gauges, d: &crate::dns::proxy:
 
 fn render_link(out: &mut String, l: &crate::control_plane::link::LinkStats) {
     use std::sync::atomic::Ordering::Relaxed;
-    let rows: [(&str, &str, &str, u64); 8] = [
+    let rows: [(&str, &str, &str, u64); 10] = [
         (
             "agentwall_control_plane_connected",
             "gauge",
@@ -413,8 +413,20 @@ fn render_link(out: &mut String, l: &crate::control_plane::link::LinkStats) {
         (
             "agentwall_control_plane_records_lost_total",
             "counter",
-            "Records dropped because the spool was full or could not be written.",
+            "Records dropped because the spool was full or could not be written, or because the control plane refused them as too large.",
             l.lost.load(Relaxed),
+        ),
+        (
+            "agentwall_control_plane_records_refused_total",
+            "counter",
+            "Records the control plane refused as too large even alone (counted lost too).",
+            l.records_refused.load(Relaxed),
+        ),
+        (
+            "agentwall_control_plane_reports_deferred_total",
+            "counter",
+            "Report batches the control plane asked to send again later (over the node's quota, or busy); they wait in the spool for the Retry-After it gave.",
+            l.reports_deferred.load(Relaxed),
         ),
         (
             "agentwall_control_plane_polls_replaced_total",

@@ -33,10 +33,7 @@ pub struct CpFixture {
 
 fn sha256_hex(s: &str) -> String {
     use sha2::Digest as _;
-    sha2::Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
 }
 
 impl CpFixture {
@@ -204,6 +201,22 @@ impl CpProc {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs the server expecting it to refuse to start; returns what it said on stderr.
+    pub fn start_refused(fx: &CpFixture) -> String {
+        let out = Command::new(bin_path("agentwall"))
+            .args(["control-plane", "serve", "--config"])
+            .arg(&fx.config)
+            .args(["--listen", "127.0.0.1:0"])
+            .output()
+            .expect("run control plane");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !out.status.success() && !stdout.contains("ready"),
+            "the control plane started: {stdout}"
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
     }
 }
 

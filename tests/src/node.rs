@@ -66,6 +66,44 @@ impl NodeProc {
         netns: Option<&NetNs>,
     ) -> Self {
         let socket = dir.join("aw.sock");
+        let mut child = Self::command(bin, env, dir, extra, vars, netns)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn node");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("agentwall node ready: socket="),
+            "node did not start: {line:?}"
+        );
+        Self { child, socket }
+    }
+
+    /// Runs the node as [`NodeProc::start_with`] would, expecting it to refuse to start;
+    /// returns what it said on stderr.
+    pub fn start_refused(env: &TestEnv, dir: &Path, extra: &[&str]) -> String {
+        let out = Self::command(&bin_path("agentwall"), env, dir, extra, &[], None)
+            .output()
+            .expect("run node");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !out.status.success() && !stdout.contains("ready"),
+            "the node started: {stdout}"
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    fn command(
+        bin: &Path,
+        env: &TestEnv,
+        dir: &Path,
+        extra: &[&str],
+        vars: &[(&str, &Path)],
+        netns: Option<&NetNs>,
+    ) -> Command {
+        let socket = dir.join("aw.sock");
         let mut cmd = Command::new(bin);
         if let Some(ns) = netns {
             ns.enter(&mut cmd);
@@ -84,8 +122,7 @@ impl NodeProc {
         if !extra.contains(&"--control-plane-url") {
             cmd.arg("--policy-dir").arg(dir.join("policy"));
         }
-        let mut child = cmd
-            .arg("--socket")
+        cmd.arg("--socket")
             .arg(&socket)
             .arg("--state-dir")
             .arg(dir.join("state"))
@@ -93,19 +130,8 @@ impl NodeProc {
             .arg(&env.bpffs_dir)
             .arg("--attach-cgroup")
             .arg(env.root.path())
-            .env("AGENTWALL_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn node");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            line.starts_with("agentwall node ready: socket="),
-            "node did not start: {line:?}"
-        );
-        Self { child, socket }
+            .env("AGENTWALL_LOG", "warn");
+        cmd
     }
 
     /// Starts the node writing its audit log to `audit` and serving metrics on a free

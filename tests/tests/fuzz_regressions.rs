@@ -55,7 +55,7 @@ fn the_seeds_read_as_real_exchanges() {
     assert_eq!(a.addrs, [("192.0.2.80".parse().unwrap(), 60)]);
     for f in ["plain.bin", "gzip.bin"] {
         let seed = std::fs::read(root.join("cp_report").join(f)).unwrap();
-        let batch = agentwall::control_plane::ReportBatch::decode(&seed[1..], seed[0] == 1)
+        let (batch, _) = agentwall::control_plane::ReportBatch::decode(&seed[1..], seed[0] == 1)
             .unwrap_or_else(|e| panic!("{f}: {e}"));
         assert_eq!(batch.records.len(), 2, "{f}");
     }

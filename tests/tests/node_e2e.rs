@@ -905,6 +905,33 @@ fn a_crl_listing_a_running_certificate_cuts_its_session_off() {
             Err(format!("{:?} {err}", out.status.code()))
         }
     });
+
+    // The CRL numbers in force outlive the node: an older CRL (one that does not list A)
+    // put back while it is down refuses its start, until the one in force is back.
+    assert_eq!(node.stop(), 0);
+    let kept = std::fs::read_to_string(dir.join("state/crl-numbers.json")).unwrap();
+    assert!(kept.contains(&(u64::MAX >> 1).to_string()), "{kept}");
+    std::fs::write(&crl, ca.crl_numbered(&[], 1, time::Duration::hours(1))).unwrap();
+    let crl_flag = ["--crl", crl.to_str().unwrap()];
+    let err = NodeProc::start_refused(&env, dir, &crl_flag);
+    assert!(
+        err.contains(&format!(
+            "is number 1, below {} already in force: an older CRL put back is not taken",
+            u64::MAX >> 1
+        )),
+        "{err}"
+    );
+    std::fs::write(
+        &crl,
+        ca.crl_numbered(&[&a.serial], u64::MAX >> 1, time::Duration::hours(1)),
+    )
+    .unwrap();
+    let node = NodeProc::start_with(&env, dir, &crl_flag);
+    let out = launch_args(&node.socket, &acert, &akey)
+        .arg("true")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]

@@ -28,11 +28,8 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             std::fs::File::open("/dev/urandom")
                 .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
                 .context("reading /dev/urandom")?;
-            let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
-            let hash: String = <sha2::Sha256 as sha2::Digest>::digest(token.as_bytes())
-                .iter()
-                .map(|x| format!("{x:02x}"))
-                .collect();
+            let token = hex::encode(b);
+            let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
             println!("token: {token}");
             println!("token_sha256 = [\"{hash}\"]");
             Ok(())

@@ -313,6 +313,13 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 for n in &nodes {
                     println!("node {}", n.node);
                     super::shadow_ai::print_groups(&n.groups, "  ");
+                    if n.records_left_out > 0 {
+                        println!(
+                            "  and {} record(s) of further process groups (at most {} are shown a node)",
+                            n.records_left_out,
+                            agentwall::discovery::SHADOW_GROUPS
+                        );
+                    }
                     groups += n.groups.len();
                 }
                 println!(

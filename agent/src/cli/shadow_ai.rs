@@ -49,8 +49,13 @@ pub fn print_groups(groups: &[discovery::ShadowGroup], indent: &str) {
     for g in groups {
         say!("{indent}{}", g.group);
         for s in &g.services {
+            let more = if s.destinations_left_out > 0 {
+                format!(" and {} more destination(s)", s.destinations_left_out)
+            } else {
+                String::new()
+            };
             say!(
-                "{indent}  {}: {} flow(s), first {}, last {}: {}",
+                "{indent}  {}: {} flow(s), first {}, last {}: {}{more}",
                 s.service,
                 s.count,
                 s.first_seen,

@@ -117,6 +117,16 @@ pub struct Limits {
     pub requests_per_minute: u32,
     /// Records one node may report a minute (a whole batch, up to 10,000, may come at once).
     pub node_records_per_minute: u32,
+    /// Bytes (of JSON, decompressed) one node may report a minute (a whole batch, up to
+    /// 32 MiB, may come at once).
+    pub node_bytes_per_minute: u32,
+    /// Request body bytes the server reads or holds at once, from all callers together (at
+    /// least 32 MiB, the largest body a route takes): a body that finds no room is answered
+    /// 503 with Retry-After at once.
+    pub body_bytes_in_flight: u64,
+    /// The per-address cap counts an IPv6 peer by its address's first this many bits (64:
+    /// one host usually holds a whole /64; 128: each address alone).
+    pub ipv6_prefix_len: u8,
 }
 
 impl Default for Limits {
@@ -130,6 +140,9 @@ impl Default for Limits {
             max_connections_per_address: 256,
             requests_per_minute: 600,
             node_records_per_minute: 600_000,
+            node_bytes_per_minute: 512 << 20,
+            body_bytes_in_flight: 256 << 20,
+            ipv6_prefix_len: 64,
         }
     }
 }
@@ -219,10 +232,25 @@ impl ServerConfig {
                 "node_records_per_minute",
                 u64::from(l.node_records_per_minute),
             ),
+            ("node_bytes_per_minute", u64::from(l.node_bytes_per_minute)),
+            ("ipv6_prefix_len", u64::from(l.ipv6_prefix_len)),
         ] {
             if v == 0 {
                 return Err(invalid(format!("limits.{key} must be at least 1")));
             }
+        }
+        if l.ipv6_prefix_len > 128 {
+            return Err(invalid(format!(
+                "limits.ipv6_prefix_len is {}; an IPv6 prefix is at most 128 bits",
+                l.ipv6_prefix_len
+            )));
+        }
+        if l.body_bytes_in_flight < crate::control_plane::MAX_BATCH_BYTES {
+            return Err(invalid(format!(
+                "limits.body_bytes_in_flight is {}; it must hold the largest body a route takes ({} bytes)",
+                l.body_bytes_in_flight,
+                crate::control_plane::MAX_BATCH_BYTES
+            )));
         }
         if c.access.iter().any(|a| !a.spiffe_ids.is_empty()) && c.client_ca.is_empty() {
             return Err(invalid(
@@ -234,6 +262,14 @@ impl ServerConfig {
 
     pub fn load(path: &Path) -> Result<Self, CpConfigError> {
         Self::parse(path, &read(path)?)
+    }
+
+    /// Where the newest CRL number of each client CA is kept across restarts: beside the
+    /// database (`cp.db` keeps them in `cp.db.crl-numbers.json`).
+    pub fn crl_numbers(&self) -> PathBuf {
+        let mut name = self.database.as_os_str().to_owned();
+        name.push(".crl-numbers.json");
+        name.into()
     }
 
     pub fn poll_timeout(&self) -> std::time::Duration {

@@ -122,6 +122,11 @@ pub const DEFAULT_CONFIG: &str = "/etc/agentwall/agentwall.toml";
 pub const DEFAULT_SOCKET: &str = "/run/agentwall/agentwall.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/agentwall";
 
+/// Each CRL issuer's newest CRL number in force, kept across restarts.
+pub fn crl_numbers(state_dir: &Path) -> PathBuf {
+    state_dir.join("crl-numbers.json")
+}
+
 /// Where the node anchors its audit log's head (see [`crate::audit::Anchor`]).
 pub fn audit_anchor(state_dir: &Path) -> PathBuf {
     state_dir.join("audit.anchor")

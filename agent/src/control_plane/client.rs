@@ -33,6 +33,8 @@ pub enum ClientError {
         body: String,
         /// Per-file problems of a refused policy push.
         errors: Vec<super::WireError>,
+        /// Seconds the server asked the caller to wait (`Retry-After`).
+        retry_after: Option<u64>,
     },
     #[error("the control plane answered {what} with something unreadable: {0}", what = .1)]
     BadAnswer(String, String),
@@ -44,7 +46,9 @@ impl ClientError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Unreachable { .. } | Self::Timeout { .. } => true,
-            Self::Refused { status, .. } => status.is_server_error(),
+            Self::Refused { status, .. } => {
+                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+            }
             _ => false,
         }
     }
@@ -170,15 +174,15 @@ impl Client {
         Ok(send)
     }
 
-    /// Sends one request and returns the answer's status and body; a kept connection that
-    /// turned out closed is replaced once.
+    /// Sends one request and returns the answer's status, body and `Retry-After` (in
+    /// seconds); a kept connection that turned out closed is replaced once.
     pub async fn request(
         &self,
         method: Method,
         path: &str,
         body: Option<(Bytes, bool)>,
         timeout: Duration,
-    ) -> Result<(StatusCode, Bytes), ClientError> {
+    ) -> Result<(StatusCode, Bytes, Option<u64>), ClientError> {
         let fut = async {
             let mut guard = self.conn.lock().await;
             for attempt in 0..2 {
@@ -212,6 +216,11 @@ impl Client {
                 match send.send_request(req).await {
                     Ok(resp) => {
                         let status = resp.status();
+                        let retry_after = resp
+                            .headers()
+                            .get(hyper::header::RETRY_AFTER)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.trim().parse::<u64>().ok());
                         let bytes = resp
                             .into_body()
                             .collect()
@@ -222,7 +231,7 @@ impl Client {
                             })?
                             .to_bytes();
                         *guard = Some(send);
-                        return Ok((status, bytes));
+                        return Ok((status, bytes, retry_after));
                     }
                     // A kept-alive connection the server closed meanwhile: once more on a
                     // new one.
@@ -265,7 +274,7 @@ impl Client {
         timeout: Duration,
     ) -> Result<T, ClientError> {
         let what = format!("{method} {path}");
-        let (status, bytes) = self.request(method, path, body, timeout).await?;
+        let (status, bytes, retry_after) = self.request(method, path, body, timeout).await?;
         if !status.is_success() {
             let parsed: Option<ErrorBody> = serde_json::from_slice(&bytes).ok();
             return Err(ClientError::Refused {
@@ -276,6 +285,7 @@ impl Client {
                     |b| b.error.clone(),
                 ),
                 errors: parsed.map(|b| b.errors).unwrap_or_default(),
+                retry_after,
             });
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::BadAnswer(e.to_string(), what))

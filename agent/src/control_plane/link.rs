@@ -48,7 +48,15 @@ pub struct LinkStats {
     pub revocations_pending: Mutex<Vec<String>>,
     /// Polls a newer poll as this node ended (another holder of its certificate?).
     pub polls_replaced: AtomicU64,
+    /// Report batches the control plane asked to send again later (over a quota, busy).
+    pub reports_deferred: AtomicU64,
+    /// Records the control plane refused as too large even alone: dropped from the spool
+    /// (counted in `lost` too).
+    pub records_refused: AtomicU64,
 }
+
+/// Longest wait a `Retry-After` may impose on the report loop.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// How long the link waits after a poll a newer one as the same node ended.
 const REPLACED_PAUSE: Duration = Duration::from_secs(5);
@@ -249,6 +257,8 @@ impl Link {
         let mut retry_at = tokio::time::Instant::now();
         let mut complained = false;
         let mut spool_failures = 0u64;
+        let mut batch_limit = BATCH;
+        let mut deferred = false;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -282,7 +292,7 @@ impl Link {
                 let batch = tokio::task::spawn_blocking(move || {
                     let mut s = spool.lock().expect("spool");
                     let epoch = s.epoch;
-                    s.peek(BATCH).map(|b| (epoch, b))
+                    s.peek(batch_limit).map(|b| (epoch, b))
                 })
                 .await;
                 let (epoch, batch) = match batch {
@@ -301,6 +311,7 @@ impl Link {
                     epoch,
                     records: batch.records,
                 };
+                let sent = body.records.len();
                 match self.reports.post_reports(&body).await {
                     Ok(ingested) => {
                         if complained {
@@ -308,25 +319,63 @@ impl Link {
                             complained = false;
                         }
                         backoff = Backoff::default();
+                        batch_limit = (batch_limit * 2).min(BATCH);
                         self.stats.connected.store(true, Relaxed);
                         self.stats.sent.fetch_add(ingested.accepted, Relaxed);
                         self.stats
                             .duplicates
                             .fetch_add(ingested.duplicates, Relaxed);
-                        let spool = self.spool.clone();
-                        let stats = self.stats.clone();
-                        let acked = tokio::task::spawn_blocking(move || {
-                            let mut s = spool.lock().expect("spool");
-                            let r = s.ack(end);
-                            stats.spool_records.store(s.pending(), Relaxed);
-                            stats.spool_bytes.store(s.bytes(), Relaxed);
-                            r
-                        })
-                        .await;
-                        if let Ok(Err(e)) = acked {
-                            error!(error = %e, "acknowledging spooled records failed");
+                        if !self.ack(end).await {
                             break;
                         }
+                    }
+                    // Over a size bound: the batch again in halves, down to one record; one
+                    // record refused alone is dropped and counted lost, or it would hold
+                    // back every record after it for good.
+                    Err(ClientError::Refused { status, body, .. })
+                        if status == hyper::StatusCode::PAYLOAD_TOO_LARGE =>
+                    {
+                        self.stats.connected.store(true, Relaxed);
+                        if sent > 1 {
+                            batch_limit = (sent / 2).max(1);
+                            continue;
+                        }
+                        error!(error = %body, "the control plane refused a record as too large; dropped (counted in agentwall_control_plane_records_lost_total)");
+                        self.stats.records_refused.fetch_add(1, Relaxed);
+                        let spool = self.spool.clone();
+                        let stats = self.stats.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            let mut s = spool.lock().expect("spool");
+                            s.count_lost(1);
+                            stats.lost.store(s.lost_total, Relaxed);
+                        })
+                        .await;
+                        if !self.ack(end).await {
+                            break;
+                        }
+                    }
+                    // Asked to come back later (a quota, a busy server): the control plane is
+                    // there; the batch waits in the spool as long as it says.
+                    Err(ClientError::Refused {
+                        status,
+                        retry_after,
+                        body,
+                        ..
+                    }) if status == hyper::StatusCode::TOO_MANY_REQUESTS
+                        || (status == hyper::StatusCode::SERVICE_UNAVAILABLE
+                            && retry_after.is_some()) =>
+                    {
+                        self.stats.connected.store(true, Relaxed);
+                        self.stats.reports_deferred.fetch_add(1, Relaxed);
+                        let wait = Duration::from_secs(retry_after.unwrap_or(1).max(1))
+                            .min(MAX_RETRY_AFTER);
+                        if !deferred {
+                            warn!(error = %body, wait_secs = wait.as_secs(),
+                                "the control plane asked for reports later; kept in the spool");
+                            deferred = true;
+                        }
+                        retry_at = tokio::time::Instant::now() + wait;
+                        break;
                     }
                     Err(e) => {
                         self.stats.connected.store(false, Relaxed);
@@ -338,7 +387,31 @@ impl Link {
                         break;
                     }
                 }
+                deferred = false;
             }
+        }
+    }
+
+    /// Forgets the spooled records before `end` (the control plane has them, or refused them
+    /// for good); false when that failed (logged).
+    async fn ack(&self, end: super::spool::Cursor) -> bool {
+        let spool = self.spool.clone();
+        let stats = self.stats.clone();
+        let acked = tokio::task::spawn_blocking(move || {
+            let mut s = spool.lock().expect("spool");
+            let r = s.ack(end);
+            stats.spool_records.store(s.pending(), Relaxed);
+            stats.spool_bytes.store(s.bytes(), Relaxed);
+            r
+        })
+        .await;
+        match acked {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                error!(error = %e, "acknowledging spooled records failed");
+                false
+            }
+            Err(_) => false,
         }
     }
 }

@@ -81,6 +81,9 @@ pub struct ReportBatch {
 pub const MAX_BATCH_BYTES: u64 = 32 << 20;
 /// Most records in one batch.
 pub const MAX_BATCH_RECORDS: usize = 10_000;
+/// Largest record (its JSON) in a batch. The node's own records stay far below it (command
+/// lines are cut at 1 KiB); a node that meets it drops that record and counts it lost.
+pub const MAX_RECORD_BYTES: usize = 256 << 10;
 
 /// Why a report body is not a batch the control plane stores.
 #[derive(Debug, thiserror::Error)]
@@ -91,13 +94,30 @@ pub enum BatchError {
     TooLarge,
     #[error("body is not a report batch: {0}")]
     NotABatch(serde_json::Error),
-    #[error("a batch of {0} records; at most {MAX_BATCH_RECORDS} a batch")]
-    TooManyRecords(usize),
+    #[error(
+        "a batch of more than {MAX_BATCH_RECORDS} records; at most {MAX_BATCH_RECORDS} a batch"
+    )]
+    TooManyRecords,
+    #[error("record {index} of the batch is {bytes} bytes; at most {MAX_RECORD_BYTES} a record")]
+    RecordTooLarge { index: usize, bytes: usize },
+}
+
+impl BatchError {
+    /// Over a size or count bound (413), as opposed to malformed (400).
+    pub fn is_too_large(&self) -> bool {
+        matches!(
+            self,
+            Self::TooLarge | Self::TooManyRecords | Self::RecordTooLarge { .. }
+        )
+    }
 }
 
 impl ReportBatch {
-    /// A node's report body (gzip-compressed or not), bounded however it decompresses.
-    pub fn decode(body: &[u8], gzip: bool) -> Result<Self, BatchError> {
+    /// A node's report body (gzip-compressed or not), bounded however it decompresses. The
+    /// record count and each record's size are checked as the records are read: a body of a
+    /// million tiny records stops at the first one over the count, not after parsing all.
+    /// Returns the batch and its size decompressed (what a node's byte quota counts).
+    pub fn decode(body: &[u8], gzip: bool) -> Result<(Self, usize), BatchError> {
         let inflated;
         let text = if gzip {
             use std::io::Read as _;
@@ -112,13 +132,108 @@ impl ReportBatch {
             inflated = out;
             &inflated[..]
         } else {
+            if body.len() as u64 > MAX_BATCH_BYTES {
+                return Err(BatchError::TooLarge);
+            }
             body
         };
-        let batch: Self = serde_json::from_slice(text).map_err(BatchError::NotABatch)?;
-        if batch.records.len() > MAX_BATCH_RECORDS {
-            return Err(BatchError::TooManyRecords(batch.records.len()));
+        let mut over = None;
+        let mut de = serde_json::Deserializer::from_slice(text);
+        let batch = serde::Deserializer::deserialize_struct(
+            &mut de,
+            "ReportBatch",
+            &["epoch", "records"],
+            BoundedBatch { over: &mut over },
+        )
+        .and_then(|b| de.end().map(|()| b));
+        match (batch, over) {
+            (_, Some(e)) => Err(e),
+            (Ok(b), None) => Ok((b, text.len())),
+            (Err(e), None) => Err(BatchError::NotABatch(e)),
         }
-        Ok(batch)
+    }
+}
+
+/// Reads a [`ReportBatch`], stopping at the first bound passed (noted in `over`).
+struct BoundedBatch<'a> {
+    over: &'a mut Option<BatchError>,
+}
+
+impl<'de> serde::de::Visitor<'de> for BoundedBatch<'_> {
+    type Value = ReportBatch;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a report batch {\"epoch\": N, \"records\": [...]}")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ReportBatch, A::Error> {
+        use serde::de::Error as _;
+        let (mut epoch, mut records) = (None, None);
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match &*key {
+                "epoch" if epoch.is_none() => epoch = Some(map.next_value()?),
+                "records" if records.is_none() => {
+                    records = Some(map.next_value_seed(BoundedRecords {
+                        over: &mut *self.over,
+                    })?);
+                }
+                "epoch" | "records" => {
+                    return Err(A::Error::custom(format!("duplicate field `{key}`")));
+                }
+                // Unknown fields are skipped, as the derived reader did.
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(ReportBatch {
+            epoch: epoch.ok_or_else(|| A::Error::missing_field("epoch"))?,
+            records: records.ok_or_else(|| A::Error::missing_field("records"))?,
+        })
+    }
+}
+
+struct BoundedRecords<'a> {
+    over: &'a mut Option<BatchError>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for BoundedRecords<'_> {
+    type Value = Vec<Reported>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<Reported>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for BoundedRecords<'_> {
+    type Value = Vec<Reported>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of records")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> Result<Vec<Reported>, A::Error> {
+        use serde::de::Error as _;
+        let mut out = Vec::new();
+        while let Some(r) = seq.next_element::<Reported>()? {
+            let bytes = r.record.get().len();
+            if bytes > MAX_RECORD_BYTES {
+                *self.over = Some(BatchError::RecordTooLarge {
+                    index: out.len(),
+                    bytes,
+                });
+                return Err(A::Error::custom("record too large"));
+            }
+            if out.len() == MAX_BATCH_RECORDS {
+                *self.over = Some(BatchError::TooManyRecords);
+                return Err(A::Error::custom("too many records"));
+            }
+            out.push(r);
+        }
+        Ok(out)
     }
 }
 
@@ -192,6 +307,14 @@ pub struct FlowPage {
 pub struct NodeShadowAi {
     pub node: String,
     pub groups: Vec<crate::discovery::ShadowGroup>,
+    /// Records of process groups past the first [`crate::discovery::SHADOW_GROUPS`], counted
+    /// and not shown.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub records_left_out: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -368,5 +491,41 @@ mod tests {
             "{}",
             errs[0]
         );
+    }
+
+    #[test]
+    fn a_batch_is_bounded_as_it_is_read() {
+        let rec = |i: usize| format!(r#"{{"rid":{i},"record":{{"kind":"decision"}}}}"#);
+        let body = |n: usize| {
+            let recs: Vec<String> = (0..n).map(rec).collect();
+            format!(r#"{{"epoch":7,"x":[1],"records":[{}]}}"#, recs.join(","))
+        };
+        let (b, len) = ReportBatch::decode(body(3).as_bytes(), false).unwrap();
+        assert_eq!((b.epoch, b.records.len(), len), (7, 3, body(3).len()));
+        let e = ReportBatch::decode(body(MAX_BATCH_RECORDS + 1).as_bytes(), false).unwrap_err();
+        assert!(matches!(e, BatchError::TooManyRecords), "{e}");
+        assert!(e.is_too_large());
+        let big = format!(
+            r#"{{"epoch":1,"records":[{},{{"rid":2,"record":"{}"}}]}}"#,
+            rec(1),
+            "z".repeat(MAX_RECORD_BYTES)
+        );
+        let e = ReportBatch::decode(big.as_bytes(), false).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "record 1 of the batch is {} bytes; at most {MAX_RECORD_BYTES} a record",
+                MAX_RECORD_BYTES + 2
+            )
+        );
+        for bad in [
+            r#"{"epoch":1}"#,
+            r#"{"epoch":1,"records":[],"epoch":2}"#,
+            r#"{"epoch":1,"records":[]} trailing"#,
+            r#"[1,2]"#,
+        ] {
+            let e = ReportBatch::decode(bad.as_bytes(), false).unwrap_err();
+            assert!(matches!(e, BatchError::NotABatch(_)), "{bad}: {e}");
+        }
     }
 }

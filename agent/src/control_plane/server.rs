@@ -68,6 +68,8 @@ struct Peer {
     /// The certificate chain the handshake verified (or a resumed session carried): checked
     /// again for every request, against the CRLs and the clock of that moment.
     chain: Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>,
+    /// The connection's place under the caps.
+    slot: Option<Arc<ConnSlot>>,
 }
 
 /// An authenticated caller and the roles it holds.
@@ -105,10 +107,7 @@ impl From<StoreError> for Fail {
 }
 
 fn sha256_hex(data: &[u8]) -> String {
-    sha2::Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(sha2::Sha256::digest(data))
 }
 
 /// What a route needs, checked from the request head before any byte of its body is read.
@@ -216,10 +215,12 @@ enum Refusal {
     WriteTimeout,
     /// accept(2) failed (out of descriptors, say).
     AcceptFailed,
+    /// No room in the budget of body bytes in flight within the body timeout.
+    BodyBudget,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 13] = [
+    const ALL: [Refusal; 14] = [
         Self::Unauthenticated,
         Self::Forbidden,
         Self::RateLimited,
@@ -233,6 +234,7 @@ impl Refusal {
         Self::PollReplaced,
         Self::WriteTimeout,
         Self::AcceptFailed,
+        Self::BodyBudget,
     ];
 
     fn label(self) -> &'static str {
@@ -250,6 +252,7 @@ impl Refusal {
             Self::PollReplaced => "poll_replaced",
             Self::WriteTimeout => "write_timeout",
             Self::AcceptFailed => "accept_failed",
+            Self::BodyBudget => "body_budget",
         }
     }
 }
@@ -299,6 +302,13 @@ pub struct Server {
     limiter: Limiter,
     /// Records each node may report a minute.
     report_quota: Limiter,
+    /// Bytes (decompressed) each node may report a minute.
+    byte_quota: Limiter,
+    /// Nodes a quota refused lately, and until when: their next batches are refused from
+    /// the request head, before their bodies are read.
+    report_wait: Mutex<HashMap<String, std::time::Instant>>,
+    /// Request body bytes being read or held at once, from everyone.
+    body_budget: Arc<tokio::sync::Semaphore>,
     stats: Stats,
     /// The long-poll each node holds (by principal): a newer poll ends the older one.
     polls: Mutex<HashMap<String, (u64, Arc<tokio::sync::Notify>)>>,
@@ -355,6 +365,26 @@ impl Server {
                     .unwrap_or(std::num::NonZeroU32::MIN),
                 ),
             ),
+            byte_quota: governor::RateLimiter::keyed(
+                governor::Quota::per_minute(
+                    std::num::NonZeroU32::new(limits.node_bytes_per_minute)
+                        .unwrap_or(std::num::NonZeroU32::MIN),
+                )
+                .allow_burst(
+                    std::num::NonZeroU32::new(
+                        limits
+                            .node_bytes_per_minute
+                            .max(super::MAX_BATCH_BYTES as u32),
+                    )
+                    .unwrap_or(std::num::NonZeroU32::MIN),
+                ),
+            ),
+            report_wait: Mutex::new(HashMap::new()),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(limits.body_bytes_in_flight)
+                    .unwrap_or(usize::MAX)
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             max_connections: limits.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             limits,
             stats: Stats::default(),
@@ -567,6 +597,12 @@ async fn gate(
             if let Some(a) = peer.addr {
                 s.known(a.ip());
             }
+            // A caller with a role no longer counts against its address's cap: the cap is
+            // for connections no one has vouched for, and several nodes behind one address
+            // (a NAT, a shared /64) must not shut each other out.
+            if let Some(slot) = &peer.slot {
+                slot.vouched();
+            }
             p
         }
         // `allow` has counted and logged it.
@@ -575,9 +611,7 @@ async fn gate(
     if rule.rate_limited
         && let Err(not_until) = s.limiter.check_key(&who.name)
     {
-        use governor::clock::Clock as _;
-        let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let secs = retry_secs(&not_until);
         let mut r = s.refuse(
             Refusal::RateLimited,
             Fail::new(
@@ -637,8 +671,14 @@ fn too_large(rule: &RouteRule, declared: Option<u64>) -> Fail {
 }
 
 /// A request body read under its route's cap and the body timeout ([`gate`] let it through
-/// with both): over the cap is 413, too slow is 408.
-struct Capped(axum::body::Bytes);
+/// with both): over the cap is 413, too slow is 408. The body's bytes count against the
+/// server's budget of body bytes in flight until the value is dropped: a body that finds no
+/// room is answered 503 with Retry-After at once (load shed, not queued: a queue would hold
+/// connections and their memory all the same).
+struct Capped(
+    axum::body::Bytes,
+    #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit,
+);
 
 impl FromRequest<Arc<Server>> for Capped {
     type Rejection = Response;
@@ -654,10 +694,48 @@ impl FromRequest<Arc<Server>> for Capped {
             )
             .into_response());
         };
+        // What the body may take: its declared length ([`gate`] checked it against the
+        // cap), or the whole cap when it declares none.
+        let claim = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(cap.cap)
+            .min(cap.cap);
+        let budget = match s
+            .body_budget
+            .clone()
+            .try_acquire_many_owned(u32::try_from(claim.max(1)).unwrap_or(u32::MAX))
+        {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => {
+                return Err(
+                    Fail::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+                );
+            }
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                let mut r = s.refuse(
+                    Refusal::BodyBudget,
+                    Fail::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "the server is reading {} bytes of request bodies already; send this one again later",
+                            s.limits.body_bytes_in_flight
+                        ),
+                    ),
+                );
+                r.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from(1u32),
+                );
+                return Err(r);
+            }
+        };
         match tokio::time::timeout(cap.timeout, axum::body::to_bytes(req.into_body(), cap.cap))
             .await
         {
-            Ok(Ok(b)) => Ok(Capped(b)),
+            Ok(Ok(b)) => Ok(Capped(b, budget)),
             Ok(Err(e)) => {
                 let over = std::error::Error::source(&e)
                     .is_some_and(|e| e.is::<http_body_util::LengthLimitError>())
@@ -725,7 +803,7 @@ async fn get_policy(State(s): S, Query(q): Query<VersionQuery>) -> Result<Json<B
 async fn put_policy(
     State(s): S,
     Extension(who): Extension<Principal>,
-    Capped(body): Capped,
+    Capped(body, _budget): Capped,
 ) -> Result<Json<Bundle>, Fail> {
     let req: PushRequest = serde_json::from_slice(&body).map_err(|e| {
         Fail::new(
@@ -872,6 +950,7 @@ async fn get_shadow_ai(
             .into_iter()
             .map(|(node, fold)| NodeShadowAi {
                 node,
+                records_left_out: fold.left_out(),
                 groups: fold.finish(),
             })
             .filter(|n| !n.groups.is_empty())
@@ -889,7 +968,7 @@ async fn get_revocations(State(s): S) -> Result<Json<Vec<super::Revocation>>, Fa
 async fn post_revocation(
     State(s): S,
     Extension(who): Extension<Principal>,
-    Capped(body): Capped,
+    Capped(body, _budget): Capped,
 ) -> Result<Json<serde_json::Value>, Fail> {
     let req: RevokeRequest = serde_json::from_slice(&body).map_err(|e| {
         Fail::new(
@@ -916,7 +995,7 @@ async fn post_revocation(
 async fn node_poll(
     State(s): S,
     Extension(who): Extension<Principal>,
-    Capped(body): Capped,
+    Capped(body, _budget): Capped,
 ) -> Result<Response, Fail> {
     let req: PollRequest = serde_json::from_slice(&body)
         .map_err(|e| Fail::new(StatusCode::BAD_REQUEST, format!("body is not a poll: {e}")))?;
@@ -1070,6 +1149,21 @@ async fn get_metrics(State(s): S) -> Response {
             st.polls_held.load(Ordering::Relaxed),
         ),
         (
+            "agentwall_cp_report_batches_in_progress",
+            "gauge",
+            "Report batches being received, decoded or stored now (one per node at most).",
+            s.reporting.lock().expect("reporting").len() as u64,
+        ),
+        (
+            "agentwall_cp_body_bytes_in_flight",
+            "gauge",
+            "Request body bytes being read or held now, out of limits.body_bytes_in_flight.",
+            s.limits
+                .body_bytes_in_flight
+                .min(tokio::sync::Semaphore::MAX_PERMITS as u64)
+                .saturating_sub(s.body_budget.available_permits() as u64),
+        ),
+        (
             "agentwall_cp_crl_reloads_total",
             "counter",
             "Times changed client CRL files were read and put in force.",
@@ -1112,32 +1206,117 @@ struct PollReplyOut<'a> {
 async fn node_reports(
     State(s): S,
     Extension(who): Extension<Principal>,
-    headers: HeaderMap,
-    Capped(body): Capped,
+    req: axum::extract::Request,
 ) -> Response {
-    match store_reports(&s, &who, &headers, body).await {
+    match store_reports(&s, &who, req).await {
         Ok(ingested) => Json(ingested).into_response(),
-        Err((f, None)) => f.into_response(),
-        Err((f, Some(secs))) => {
+        Err(Refused::Plain(f)) => f.into_response(),
+        Err(Refused::Body(r)) => *r,
+        Err(Refused::Later(f, secs)) => {
             let mut r = s.refuse(Refusal::RateLimited, f);
             r.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from(secs),
+                axum::http::HeaderValue::from(secs.max(1)),
             );
             r
         }
     }
 }
 
-/// A node's report batch, decoded, within the node's record quota, stored. An error with a
-/// number of seconds is over the quota (Retry-After).
+/// Why a report batch was not stored.
+enum Refused {
+    Plain(Fail),
+    /// Answered while reading the body ([`Capped`]).
+    Body(Box<Response>),
+    /// Over a quota or already reporting: send it again in this many seconds.
+    Later(Fail, u64),
+}
+
+/// Seconds until a quota has room, from a refusal of `governor`'s.
+fn retry_secs(
+    not_until: &governor::NotUntil<
+        <governor::clock::DefaultClock as governor::clock::Clock>::Instant,
+    >,
+) -> u64 {
+    use governor::clock::Clock as _;
+    let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+}
+
+impl Server {
+    /// Takes `n` of `node`'s report quota `q` (records or bytes), or says when to come back
+    /// (and refuses the node's batches from their heads until then).
+    fn spend(
+        &self,
+        q: &Limiter,
+        node: &str,
+        n: usize,
+        what: &str,
+        per_minute: u64,
+    ) -> Result<(), Refused> {
+        let Some(n) = std::num::NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX)) else {
+            return Ok(());
+        };
+        let secs = match q.check_key_n(&node.to_owned(), n) {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(not_until)) => retry_secs(&not_until),
+            // More than the quota's burst: never storable; the batch caps keep this out.
+            Err(_) => 60,
+        };
+        let mut wait = self.report_wait.lock().expect("report waits");
+        // Bounded: what has expired goes first, then (a flood of names) everything.
+        if wait.len() >= KNOWN_PEERS {
+            let now = std::time::Instant::now();
+            wait.retain(|_, until| *until > now);
+            if wait.len() >= KNOWN_PEERS {
+                wait.clear();
+            }
+        }
+        wait.insert(
+            node.to_owned(),
+            std::time::Instant::now() + Duration::from_secs(secs),
+        );
+        drop(wait);
+        Self::over_quota(node, what, per_minute, secs)
+    }
+
+    /// Refused from the head: `node` was told to come back later, and it is not later yet.
+    fn still_waiting(&self, node: &str) -> Option<u64> {
+        let mut wait = self.report_wait.lock().expect("report waits");
+        let until = *wait.get(node)?;
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            wait.remove(node);
+            return None;
+        }
+        Some(left.as_secs() + u64::from(left.subsec_nanos() > 0))
+    }
+
+    fn over_quota(node: &str, what: &str, per_minute: u64, secs: u64) -> Result<(), Refused> {
+        Err(Refused::Later(
+            Fail::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "{node} reported more than {per_minute} {what} a minute; send this batch again in {} s",
+                    secs.max(1)
+                ),
+            ),
+            secs,
+        ))
+    }
+}
+
+/// A node's report batch: one at a time per node and within the node's quotas, both checked
+/// from the request head before any byte of the body is read; then the body read within the
+/// server's budget of bytes in flight, decoded under the batch bounds, charged to the
+/// quotas and stored.
 async fn store_reports(
     s: &Arc<Server>,
     who: &Principal,
-    headers: &HeaderMap,
-    body: bytes::Bytes,
-) -> Result<Ingested, (Fail, Option<u64>)> {
-    let gzip = headers
+    req: axum::extract::Request,
+) -> Result<Ingested, Refused> {
+    let gzip = req
+        .headers()
         .get(axum::http::header::CONTENT_ENCODING)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
     // One batch per node at a time, and few at once from all: a node cannot hold the
@@ -1148,75 +1327,64 @@ async fn store_reports(
         .expect("reporting")
         .insert(who.name.clone())
     {
-        return Err((
+        return Err(Refused::Later(
             Fail::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 format!("a report batch from {} is already being stored", who.name),
             ),
-            None,
+            1,
         ));
     }
     let _reporting = Reporting(s, &who.name);
-    let _permit = s.ingests.acquire().await.map_err(|_| {
-        (
-            Fail::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
-            None,
-        )
-    })?;
-    let batch = tokio::task::spawn_blocking(move || {
+    let (records_a_minute, bytes_a_minute) = (
+        u64::from(s.limits.node_records_per_minute),
+        u64::from(s.limits.node_bytes_per_minute),
+    );
+    // A node a quota turned away is turned away again before it sends its body, until the
+    // time it was given.
+    if let Some(secs) = s.still_waiting(&who.name) {
+        return Err(Refused::Later(
+            Fail::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "{} is over its report quota ({records_a_minute} records and {bytes_a_minute} bytes a minute); send this batch again in {secs} s",
+                    who.name
+                ),
+            ),
+            secs,
+        ));
+    }
+    let Capped(body, _budget) = Capped::from_request(req, s)
+        .await
+        .map_err(|r| Refused::Body(Box::new(r)))?;
+    let _permit =
+        s.ingests.acquire().await.map_err(|_| {
+            Refused::Plain(Fail::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))
+        })?;
+    let (batch, bytes) = tokio::task::spawn_blocking(move || {
         ReportBatch::decode(&body, gzip).map_err(|e| {
-            let status = match e {
-                super::BatchError::TooLarge | super::BatchError::TooManyRecords(_) => {
-                    StatusCode::PAYLOAD_TOO_LARGE
-                }
-                super::BatchError::Gzip(_) | super::BatchError::NotABatch(_) => {
-                    StatusCode::BAD_REQUEST
-                }
+            let status = if e.is_too_large() {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
             };
             Fail::new(status, e.to_string())
         })
     })
     .await
-    .map_err(|e| {
-        (
-            Fail::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-            None,
-        )
-    })?
-    .inspect_err(|f| {
+    .map_err(|e| Refused::Plain(Fail::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))?
+    .map_err(|f| {
         if f.0 == StatusCode::PAYLOAD_TOO_LARGE && s.stats.refused(Refusal::TooLarge) {
             warn!(node = %who.name, error = %f.1.error, "report batch refused");
         }
-    })
-    .map_err(|f| (f, None))?;
-    // Each node's records a minute: one node cannot fill the store for all. A batch over
-    // the quota is stored whole later (the node keeps it in its spool and sends it again).
+        Refused::Plain(f)
+    })?;
+    // Each node's records and bytes a minute: one node cannot fill the store for all. A
+    // batch over a quota is stored whole later (the node keeps it in its spool and sends it
+    // again).
     let n = batch.records.len();
-    if let Some(records) = std::num::NonZeroU32::new(n as u32) {
-        let refused = match s.report_quota.check_key_n(&who.name, records) {
-            Ok(Ok(())) => None,
-            Ok(Err(not_until)) => {
-                use governor::clock::Clock as _;
-                let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
-                Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
-            }
-            // More than the quota's burst: never storable; the batch cap keeps this out.
-            Err(_) => Some(60),
-        };
-        if let Some(secs) = refused {
-            let secs = secs.max(1);
-            return Err((
-                Fail::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    format!(
-                        "{} reported more than {} records a minute; send this batch again in {secs} s",
-                        who.name, s.limits.node_records_per_minute
-                    ),
-                ),
-                Some(secs),
-            ));
-        }
-    }
+    s.spend(&s.byte_quota, &who.name, bytes, "bytes", bytes_a_minute)?;
+    s.spend(&s.report_quota, &who.name, n, "records", records_a_minute)?;
     let store = s.store.clone();
     let node = who.name.clone();
     let ingested = tokio::task::spawn_blocking(move || {
@@ -1228,14 +1396,9 @@ async fn store_reports(
             })
     })
     .await
-    .map_err(|e| {
-        (
-            Fail::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-            None,
-        )
-    })?
-    .map_err(|f| (f, None))?;
-    tracing::debug!(node = %who.name, records = n, accepted = ingested.accepted,
+    .map_err(|e| Refused::Plain(Fail::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))?
+    .map_err(Refused::Plain)?;
+    tracing::debug!(node = %who.name, records = n, bytes, accepted = ingested.accepted,
         duplicates = ingested.duplicates, "reports ingested");
     Ok(ingested)
 }
@@ -1264,6 +1427,7 @@ fn tls_config(
             cas,
             &cfg.client_crl,
             !cfg.accept_expired_crl,
+            crate::identity::CrlNumbersFile(cfg.crl_numbers()),
         )?);
         (
             builder.with_client_cert_verifier(verifier.clone()),
@@ -1289,13 +1453,23 @@ const CRL_CHECK: Duration = Duration::from_secs(1);
 /// A connection's place under the caps, held as long as the connection lives.
 struct ConnSlot {
     server: Arc<Server>,
-    addr: std::net::IpAddr,
+    block: std::net::IpAddr,
+    /// Still counted against its block's per-address cap (until a request with a role).
+    per_address: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for ConnSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnSlot")
+            .field("block", &self.block)
+            .finish()
+    }
 }
 
 impl Server {
     /// A slot for a new connection from `addr`, or the cap it would pass.
     fn admit(self: &Arc<Self>, addr: std::net::IpAddr) -> Result<ConnSlot, Refusal> {
-        let addr = caller_block(addr);
+        let block = self.block_of(addr);
         let mut by_addr = self.conns.lock().expect("connections");
         let open = self.stats.connections.load(Ordering::Relaxed);
         if open >= self.max_connections as u64 {
@@ -1304,10 +1478,10 @@ impl Server {
         // The last quarter of the cap is kept for peers that made an authorized request
         // lately: connections from unknown addresses cannot shut nodes and admins out.
         let open_to_all = self.max_connections - self.max_connections / 4;
-        if open >= open_to_all as u64 && !self.is_known(addr) {
+        if open >= open_to_all as u64 && !self.is_known(block) {
             return Err(Refusal::ConnectionCap);
         }
-        let n = by_addr.entry(addr).or_default();
+        let n = by_addr.entry(block).or_default();
         if *n >= self.limits.max_connections_per_address {
             return Err(Refusal::AddressCap);
         }
@@ -1315,14 +1489,14 @@ impl Server {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         Ok(ConnSlot {
             server: self.clone(),
-            addr,
+            block,
+            per_address: std::sync::atomic::AtomicBool::new(true),
         })
     }
-}
 
-impl Server {
     /// Notes that `addr` (its block) made an authorized request now.
     fn known(&self, addr: std::net::IpAddr) {
+        let block = self.block_of(addr);
         let mut known = self.known.lock().expect("known peers");
         // Bounded: the oldest half goes when it is full.
         if known.len() >= KNOWN_PEERS {
@@ -1331,7 +1505,7 @@ impl Server {
             let cut = times[times.len() / 2];
             known.retain(|_, t| *t > cut);
         }
-        known.insert(caller_block(addr), std::time::Instant::now());
+        known.insert(block, std::time::Instant::now());
     }
 
     fn is_known(&self, block: std::net::IpAddr) -> bool {
@@ -1341,6 +1515,10 @@ impl Server {
             .get(&block)
             .is_some_and(|t| t.elapsed() < KNOWN_FOR)
     }
+
+    fn block_of(&self, addr: std::net::IpAddr) -> std::net::IpAddr {
+        caller_block(addr, self.limits.ipv6_prefix_len)
+    }
 }
 
 /// Peer blocks remembered as authorized, at most.
@@ -1348,27 +1526,49 @@ const KNOWN_PEERS: usize = 65_536;
 /// How long an authorized request keeps its peer block in the reserve.
 const KNOWN_FOR: Duration = Duration::from_secs(3600);
 
-/// What the per-address cap counts a peer under: an IPv4 address, or an IPv6 address's /64
-/// (one host is usually given a whole /64, and could open connections from each address in
-/// it). An IPv4-mapped address is its IPv4 address.
-fn caller_block(addr: std::net::IpAddr) -> std::net::IpAddr {
+/// What the per-address cap counts a peer under: an IPv4 address, or an IPv6 address's first
+/// `v6_prefix` bits (one host is usually given a whole /64, and could open connections from
+/// each address in it). An IPv4-mapped address is its IPv4 address.
+fn caller_block(addr: std::net::IpAddr, v6_prefix: u8) -> std::net::IpAddr {
     match addr {
         std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => v4.into(),
-            None => std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1)).into(),
+            None => {
+                let keep = u32::from(v6_prefix.min(128));
+                let mask = u128::MAX.checked_shl(128 - keep).unwrap_or(0);
+                std::net::Ipv6Addr::from(u128::from(v6) & mask).into()
+            }
         },
         v4 => v4,
     }
 }
 
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        let mut by_addr = self.server.conns.lock().expect("connections");
-        if let Some(n) = by_addr.get_mut(&self.addr) {
+impl ConnSlot {
+    /// The connection made a request with a role: it leaves its block's per-address count
+    /// (it stays in the total).
+    fn vouched(&self) {
+        if self.per_address.swap(false, Ordering::Relaxed) {
+            self.server.release_block(self.block);
+        }
+    }
+}
+
+impl Server {
+    fn release_block(&self, block: std::net::IpAddr) {
+        let mut by_addr = self.conns.lock().expect("connections");
+        if let Some(n) = by_addr.get_mut(&block) {
             *n -= 1;
             if *n == 0 {
-                by_addr.remove(&self.addr);
+                by_addr.remove(&block);
             }
+        }
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        if *self.per_address.get_mut() {
+            self.server.release_block(self.block);
         }
         self.server
             .stats
@@ -1522,8 +1722,8 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
         let header = Duration::from_secs(limits.header_timeout_secs);
         let write = Duration::from_secs(limits.write_timeout_secs);
         let server = server.clone();
+        let slot = Arc::new(slot);
         tokio::spawn(async move {
-            let _slot = slot;
             let tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
@@ -1550,6 +1750,7 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
                 spiffe_id,
                 addr: Some(from),
                 chain,
+                slot: Some(slot),
             };
             // hyper has no write timeout: a client that stops reading would hold its slot.
             let mut io = tokio_io_timeout::TimeoutStream::new(tls);
@@ -1578,12 +1779,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_ipv6_caller_is_counted_by_its_64() {
-        let block = |a: &str| caller_block(a.parse().unwrap()).to_string();
+    fn an_ipv6_caller_is_counted_by_its_prefix() {
+        let block = |a: &str| caller_block(a.parse().unwrap(), 64).to_string();
         assert_eq!(block("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
         assert_eq!(block("2001:db8:1:2:ffff:ffff:ffff:ffff"), "2001:db8:1:2::");
         assert_eq!(block("2001:db8:1:3::1"), "2001:db8:1:3::");
         assert_eq!(block("::ffff:192.0.2.7"), "192.0.2.7");
         assert_eq!(block("192.0.2.7"), "192.0.2.7");
+        let by = |a: &str, n| caller_block(a.parse().unwrap(), n).to_string();
+        assert_eq!(by("2001:db8:1:2:aaaa::1", 128), "2001:db8:1:2:aaaa::1");
+        assert_eq!(by("2001:db8:1:2:aaaa::1", 48), "2001:db8:1::");
+        assert_eq!(by("2001:db8:1:2:aaaa::1", 1), "::");
+        assert_eq!(by("::ffff:192.0.2.7", 128), "192.0.2.7");
     }
 }

@@ -239,7 +239,10 @@ impl Spool {
         let with_loss = !lines.is_empty();
         for r in &records {
             let l = line_of(rid, r);
-            if (l.len() as u64) > room {
+            // A record the control plane would refuse (and with it every batch it is in) is
+            // a counted loss here instead.
+            let record_bytes = l.len() - format!("{{\"rid\":{rid},\"record\":}}\n").len();
+            if (l.len() as u64) > room || record_bytes > super::MAX_RECORD_BYTES {
                 continue;
             }
             room -= l.len() as u64;
@@ -338,6 +341,13 @@ impl Spool {
             }
         }
         (i, None)
+    }
+
+    /// Counts `n` records lost after they were spooled (refused by the control plane for
+    /// good): the next loss record carries them.
+    pub fn count_lost(&mut self, n: u64) {
+        self.lost_pending += n;
+        self.lost_total += n;
     }
 
     /// Up to `max` records after the acknowledged ones, oldest first.

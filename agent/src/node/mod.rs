@@ -222,10 +222,10 @@ impl Node {
     pub fn start(cfg: NodeConfig) -> Result<Arc<Self>, NodeError> {
         cfg.check()?;
         let _ = raise_fd_limit();
-        let trust = Trust::load(&cfg)?;
         let dir = cfg.policy_dir();
         let state_dir = cfg.state_dir();
         std::fs::create_dir_all(&state_dir).map_err(io_err(&state_dir))?;
+        let trust = Trust::load(&cfg)?;
         if cfg.control_plane.is_some() {
             // Before the first bundle arrives the node enforces an empty policy: every bound
             // identity is denied everything.

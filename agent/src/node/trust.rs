@@ -12,7 +12,7 @@ use super::Snapshot;
 use crate::{
     config::{ConfigError, NodeConfig},
     files::Stamp,
-    identity::{CrlNumbers, CrlSet, IdentityError, TrustStore},
+    identity::{CrlNumbers, CrlNumbersFile, CrlSet, IdentityError, TrustStore},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +52,8 @@ pub struct Trust {
     numbers: Mutex<CrlNumbers>,
     /// The serials the CRLs in force list.
     serials: Mutex<BTreeSet<String>>,
+    /// Where the numbers are kept across restarts (`state_dir/crl-numbers.json`).
+    kept: CrlNumbersFile,
 }
 
 /// The trust bundle's CAs, which must sign every CRL.
@@ -66,14 +68,21 @@ fn cas(cfg: &NodeConfig) -> Result<Vec<rustls::pki_types::CertificateDer<'static
 }
 
 impl Trust {
+    /// The trust bundle and CRLs in force at start. CRLs older than the ones in force when
+    /// the node last ran (numbers kept in `state_dir`) refuse the start: a CRL put back
+    /// while the node was down would bring back a revoked certificate.
     pub fn load(cfg: &NodeConfig) -> Result<Self, TrustError> {
-        let set = CrlSet::read(&cfg.crl, &cas(cfg)?, &CrlNumbers::new())?;
+        let kept = CrlNumbersFile(crate::config::crl_numbers(&cfg.state_dir()));
+        let before = kept.load()?;
+        let set = CrlSet::read(&cfg.crl, &cas(cfg)?, &before)?;
         let tls = Tls::load(cfg, &set)?;
+        kept.keep(&before, &set.numbers);
         Ok(Self {
             current: Snapshot::new(tls),
             crls: Mutex::new(Stamp::of(&cfg.crl)),
             numbers: Mutex::new(set.numbers),
             serials: Mutex::new(set.serials),
+            kept,
             cfg: cfg.clone(),
         })
     }
@@ -113,6 +122,7 @@ impl Trust {
         match loaded {
             Ok((set, tls)) => {
                 self.current.set(tls);
+                self.kept.keep(&numbers, &set.numbers);
                 *numbers = set.numbers;
                 *self.serials.lock().unwrap_or_else(|p| p.into_inner()) = set.serials.clone();
                 Some(set.serials)

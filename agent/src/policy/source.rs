@@ -798,12 +798,7 @@ pub fn parse_sources(sources: Vec<(PathBuf, String)>) -> Result<PolicySet, Polic
         return Err(PolicyErrors(errors));
     }
     Ok(PolicySet {
-        revision: hash
-            .finalize()
-            .iter()
-            .take(8)
-            .map(|b| format!("{b:02x}"))
-            .collect(),
+        revision: hex::encode(&hash.finalize()[..8]),
         agents,
         archetypes,
         global_deny,
