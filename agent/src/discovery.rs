@@ -235,7 +235,7 @@ fn rand_id() -> u16 {
 }
 
 /// What one process group reached.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ServiceUse {
     pub service: String,
     /// Names and addresses, with ports.
@@ -261,7 +261,7 @@ pub const SHADOW_GROUPS: usize = 1_000;
 pub const SHADOW_DESTINATIONS: usize = 256;
 
 /// A process group that talked to AI services without an identity.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ShadowGroup {
     /// `unit NAME`, `container ID` or `exe PATH (uid N)`.
     pub group: String,

@@ -79,6 +79,7 @@ fn main() -> Result<()> {
         } => {
             setup()?;
             require_root("the VM mounts this machine's root and the tests load eBPF programs")?;
+            install_schemathesis(&root)?;
             kernel::run(&root, &k, &only)
         }
         Task::Test { kernel: None, .. } => {
@@ -86,6 +87,7 @@ fn main() -> Result<()> {
             require_root("the kernel tests load eBPF programs and create cgroups")?;
             // A real DNS server for the DNS policy tests, from Debian's packages.
             apt_install(&["dnsmasq"], &["dnsmasq-base"])?;
+            install_schemathesis(&root)?;
             // Unit tests and integration tests of every default member; the tests crate builds
             // its helper binaries (aw-probe, aw-loader) first.
             // The tests crate drives the real `agentwall` binary, which `cargo test` alone does
@@ -140,6 +142,43 @@ fn main() -> Result<()> {
     }
 }
 
+/// The schemathesis release the API schema test drives (`tests/tests/api_schema.rs`).
+const SCHEMATHESIS: &str = "4.32.5";
+
+/// schemathesis from PyPI, pinned, in a virtualenv under `target/tools` (idempotent): the
+/// API schema test runs it against a real control plane.
+fn install_schemathesis(root: &Path) -> Result<()> {
+    let venv = root.join("target/tools/schemathesis");
+    let bin = venv.join("bin/schemathesis");
+    let installed = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(SCHEMATHESIS));
+    if installed {
+        return Ok(());
+    }
+    apt_install(&["python3"], &["python3"])?;
+    let venv_made = || {
+        Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+            && venv.join("bin/pip").exists()
+    };
+    // Debian's python3 makes virtualenvs only with python3-venv (ensurepip).
+    if !venv_made() {
+        apt_get_install(&["python3-venv"])?;
+        if !venv_made() {
+            bail!("python3 -m venv {} failed", venv.display());
+        }
+    }
+    println!("installing schemathesis {SCHEMATHESIS} (PyPI)");
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .arg(format!("schemathesis=={SCHEMATHESIS}")))
+}
+
 /// What `bench compare` measures agentwall against, from Debian's packages (idempotent).
 fn install_peers() -> Result<()> {
     apt_install(
@@ -163,6 +202,12 @@ fn apt_install(commands: &[&str], packages: &[&str]) -> Result<()> {
     if commands.iter().all(|c| have(c)) {
         return Ok(());
     }
+    apt_get_install(packages)
+}
+
+/// Installs Debian `packages` (fetching the package lists first when a fresh machine has
+/// none).
+fn apt_get_install(packages: &[&str]) -> Result<()> {
     println!("installing {} (Debian packages)", packages.join(", "));
     let install = || {
         let mut c = Command::new("apt-get");

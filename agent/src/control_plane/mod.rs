@@ -13,20 +13,20 @@ pub mod store;
 use serde::{Deserialize, Serialize};
 
 /// One policy file of a bundle.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BundleFile {
     pub name: String,
     pub text: String,
 }
 
 /// What an admin pushes: the files of a policy directory.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PushRequest {
     pub files: Vec<BundleFile>,
 }
 
 /// A stored policy bundle.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Bundle {
     /// 1, 2, 3... in push order.
     pub version: u64,
@@ -38,7 +38,7 @@ pub struct Bundle {
 }
 
 /// A node's long-poll: what it has, and how it is doing.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PollRequest {
     /// The newest bundle version the node has seen (0: none).
     pub known_version: u64,
@@ -53,7 +53,7 @@ pub struct PollRequest {
     pub wait_ms: u64,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PollReply {
     /// The newest bundle version (0: nothing pushed yet).
     pub version: u64,
@@ -71,7 +71,7 @@ pub struct PollReply {
 /// A batch of records from a node's spool. `epoch` is chosen when the spool is created and
 /// `rid` counts up within it, so (node, epoch, rid) names a record for good: a batch sent
 /// twice is stored once.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReportBatch {
     pub epoch: u64,
     pub records: Vec<Reported>,
@@ -237,20 +237,22 @@ impl<'de> serde::de::Visitor<'de> for BoundedRecords<'_> {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Reported {
     pub rid: u64,
+    /// A record as the node's audit log holds it.
+    #[schema(value_type = Object)]
     pub record: Box<serde_json::value::RawValue>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Ingested {
     pub accepted: u64,
     pub duplicates: u64,
 }
 
 /// A node as the control plane knows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeInfo {
     /// The node's SPIFFE ID.
     pub node: String,
@@ -263,7 +265,8 @@ pub struct NodeInfo {
 }
 
 /// Filters of `GET /v1/flows`; every one optional.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct FlowQuery {
     pub node: Option<String>,
     pub identity: Option<String>,
@@ -287,15 +290,16 @@ pub struct FlowQuery {
     pub tagged: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StoredFlow {
     /// Ascending in arrival order; pages continue after it.
     pub id: u64,
     pub node: String,
+    #[schema(value_type = Object)]
     pub record: serde_json::Value,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FlowPage {
     pub flows: Vec<StoredFlow>,
     /// Pass as `after` for the next page; absent on the last one.
@@ -303,7 +307,7 @@ pub struct FlowPage {
 }
 
 /// Shadow AI seen by one node.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeShadowAi {
     pub node: String,
     pub groups: Vec<crate::discovery::ShadowGroup>,
@@ -317,7 +321,7 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Revocation {
     pub identity: String,
     pub generation: u64,
@@ -325,13 +329,21 @@ pub struct Revocation {
     pub by: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RevokeRequest {
     pub identity: String,
 }
 
+/// What `POST /v1/revocations` answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Revoked {
+    pub identity: String,
+    /// The revocation generation it made; nodes catch up to it.
+    pub generation: u64,
+}
+
 /// One policy problem, as the API returns it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WireError {
     pub file: String,
     pub line: usize,
@@ -340,7 +352,7 @@ pub struct WireError {
 }
 
 /// Every refusal's body.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: String,
     /// For a refused push: every problem in the bundle.

@@ -195,6 +195,13 @@ const ROUTES: &[RouteRule] = &[
         body_cap: 32 << 20,
         rate_limited: false,
     },
+    RouteRule {
+        method: Method::GET,
+        path: "/v1/openapi.json",
+        roles: &[Role::Admin, Role::Security, Role::Node],
+        body_cap: 0,
+        rate_limited: true,
+    },
 ];
 
 /// Why the server turned a caller away before serving it: each is logged and counted
@@ -513,6 +520,7 @@ impl Server {
             .route("/v1/metrics", get(get_metrics))
             .route("/v1/node/poll", post(node_poll))
             .route("/v1/node/reports", post(node_reports))
+            .route("/v1/openapi.json", get(get_openapi))
             // Bodies are read only through `Capped`, under each route's own cap.
             .layer(DefaultBodyLimit::disable())
             .layer(axum::middleware::from_fn_with_state(self.clone(), gate))
@@ -758,6 +766,26 @@ impl FromRequest<Arc<Server>> for Capped {
     }
 }
 
+/// A query string read into `T`; one that does not fit is 400 with the API's JSON error
+/// body, like every other refusal.
+struct Params<T>(T);
+
+impl<T: serde::de::DeserializeOwned, St: Send + Sync> axum::extract::FromRequestParts<St>
+    for Params<T>
+{
+    type Rejection = Fail;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &St,
+    ) -> Result<Self, Fail> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| Params(q))
+            .map_err(|e| Fail::new(StatusCode::BAD_REQUEST, e.body_text()))
+    }
+}
+
 fn bundle_json(b: &Bundle) -> Arc<serde_json::value::RawValue> {
     serde_json::value::to_raw_value(b)
         .expect("bundles serialize")
@@ -781,12 +809,18 @@ async fn blocking<T: Send + 'static>(
         .map_err(Fail::from)
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct VersionQuery {
+    /// A bundle version (default: the newest).
     version: Option<u64>,
 }
 
-async fn get_policy(State(s): S, Query(q): Query<VersionQuery>) -> Result<Json<Bundle>, Fail> {
+/// A policy bundle: the newest, or the version asked for.
+#[utoipa::path(get, path = "/v1/policy", tag = "policy", params(VersionQuery),
+    responses((status = 200, description = "The bundle", body = Bundle),
+        (status = 404, description = "No such version, or nothing pushed yet", body = ErrorBody)))]
+async fn get_policy(State(s): S, Params(q): Params<VersionQuery>) -> Result<Json<Bundle>, Fail> {
     let store = s.store.clone();
     match blocking(move || store.policy(q.version)).await? {
         Some(b) => Ok(Json(b)),
@@ -800,6 +834,11 @@ async fn get_policy(State(s): S, Query(q): Query<VersionQuery>) -> Result<Json<B
     }
 }
 
+/// Pushes a policy bundle: validated whole with the node's own parser, stored as the next
+/// version, and sent to every node's long-poll.
+#[utoipa::path(put, path = "/v1/policy", tag = "policy", request_body = PushRequest,
+    responses((status = 200, description = "Stored as the next version", body = Bundle),
+        (status = 422, description = "Invalid; nothing stored: every problem, by file, line and column", body = ErrorBody)))]
 async fn put_policy(
     State(s): S,
     Extension(who): Extension<Principal>,
@@ -845,6 +884,9 @@ async fn put_policy(
     Ok(Json(bundle))
 }
 
+/// Every node that has polled, with the bundle it applied.
+#[utoipa::path(get, path = "/v1/nodes", tag = "nodes",
+    responses((status = 200, description = "The nodes", body = Vec<super::NodeInfo>)))]
 async fn get_nodes(State(s): S) -> Result<Json<Vec<super::NodeInfo>>, Fail> {
     let s2 = s.clone();
     Ok(Json(
@@ -868,11 +910,13 @@ fn normal_time(what: &str, s: &str) -> Result<String, Fail> {
         })
 }
 
+/// Stored records, filtered, a page at a time.
+#[utoipa::path(get, path = "/v1/flows", tag = "reports", params(FlowQuery),
+    responses((status = 200, description = "A page of records", body = super::FlowPage)))]
 async fn get_flows(
     State(s): S,
-    query: Result<Query<FlowQuery>, axum::extract::rejection::QueryRejection>,
+    Params(mut q): Params<FlowQuery>,
 ) -> Result<Json<super::FlowPage>, Fail> {
-    let Query(mut q) = query.map_err(|e| Fail::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     if let Some(t) = &q.since {
         q.since = Some(normal_time("since", t)?);
     }
@@ -909,14 +953,20 @@ async fn get_flows(
     Ok(Json(blocking(move || store.flows(&q)).await?))
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SinceQuery {
+    /// RFC 3339 (UTC): records at or after.
     since: Option<String>,
 }
 
+/// Unknown flows to AI services, grouped per node by unit, container or executable, with a
+/// suggested policy for each group.
+#[utoipa::path(get, path = "/v1/shadow-ai", tag = "reports", params(SinceQuery),
+    responses((status = 200, description = "Per node", body = Vec<NodeShadowAi>)))]
 async fn get_shadow_ai(
     State(s): S,
-    Query(q): Query<SinceQuery>,
+    Params(q): Params<SinceQuery>,
 ) -> Result<Json<Vec<NodeShadowAi>>, Fail> {
     let since = q
         .since
@@ -960,16 +1010,22 @@ async fn get_shadow_ai(
     Ok(Json(out))
 }
 
+/// Every identity revoked fleet-wide.
+#[utoipa::path(get, path = "/v1/revocations", tag = "revocations",
+    responses((status = 200, description = "The revocations", body = Vec<super::Revocation>)))]
 async fn get_revocations(State(s): S) -> Result<Json<Vec<super::Revocation>>, Fail> {
     let store = s.store.clone();
     Ok(Json(blocking(move || store.revocations()).await?.1))
 }
 
+/// Revokes an identity on every node.
+#[utoipa::path(post, path = "/v1/revocations", tag = "revocations", request_body = RevokeRequest,
+    responses((status = 200, description = "Revoked; nodes learn it at their next poll", body = super::Revoked)))]
 async fn post_revocation(
     State(s): S,
     Extension(who): Extension<Principal>,
     Capped(body, _budget): Capped,
-) -> Result<Json<serde_json::Value>, Fail> {
+) -> Result<Json<super::Revoked>, Fail> {
     let req: RevokeRequest = serde_json::from_slice(&body).map_err(|e| {
         Fail::new(
             StatusCode::BAD_REQUEST,
@@ -987,11 +1043,16 @@ async fn post_revocation(
     let generation = blocking(move || store.revoke(&ident, &by)).await?;
     warn!(principal = %who.name, identity = %id, generation, "identity revoked fleet-wide");
     s.changes.send_modify(|c| c.1 = generation);
-    Ok(Json(
-        serde_json::json!({ "identity": id.to_string(), "generation": generation }),
-    ))
+    Ok(Json(super::Revoked {
+        identity: id.to_string(),
+        generation,
+    }))
 }
 
+/// A node's long-poll: answered when a newer bundle or revocation exists, or after the poll
+/// timeout with nothing new.
+#[utoipa::path(post, path = "/v1/node/poll", tag = "node", request_body = PollRequest,
+    responses((status = 200, description = "What is new (maybe nothing)", body = super::PollReply)))]
 async fn node_poll(
     State(s): S,
     Extension(who): Extension<Principal>,
@@ -1119,6 +1180,9 @@ impl Drop for HeldPoll<'_> {
     }
 }
 
+/// The control plane's own counters, in the Prometheus text format.
+#[utoipa::path(get, path = "/v1/metrics", tag = "metrics",
+    responses((status = 200, description = "Prometheus text", content_type = "text/plain", body = String)))]
 async fn get_metrics(State(s): S) -> Response {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -1203,6 +1267,10 @@ struct PollReplyOut<'a> {
     replaced: bool,
 }
 
+/// A batch of a node's records (gzip with `Content-Encoding: gzip`, or plain JSON). A batch
+/// sent twice is stored once.
+#[utoipa::path(post, path = "/v1/node/reports", tag = "node", request_body = ReportBatch,
+    responses((status = 200, description = "Stored", body = Ingested)))]
 async fn node_reports(
     State(s): S,
     Extension(who): Extension<Principal>,
@@ -1401,6 +1469,142 @@ async fn store_reports(
     tracing::debug!(node = %who.name, records = n, bytes, accepted = ingested.accepted,
         duplicates = ingested.duplicates, "reports ingested");
     Ok(ingested)
+}
+
+/// The API as an OpenAPI 3.1 document, derived from the handlers and wire types above (and
+/// checked against [`ROUTES`] by a test, so the two cannot drift).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "agentwall control plane",
+        description = "Admins push policy bundles, nodes long-poll for them and report records, security reads the reports. Every route authenticates from the request head (a client certificate or a bearer token) and names the roles that may use it; see the README's API table."
+    ),
+    paths(
+        get_policy,
+        put_policy,
+        get_nodes,
+        get_flows,
+        get_shadow_ai,
+        get_revocations,
+        post_revocation,
+        get_metrics,
+        node_poll,
+        node_reports,
+        get_openapi
+    ),
+    modifiers(&Refusals)
+)]
+struct ApiDoc;
+
+/// Adds what every route may answer besides its own results: the refusals [`gate`] and
+/// [`Capped`] make, and the security schemes.
+struct Refusals;
+
+impl utoipa::Modify for Refusals {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{
+            ContentBuilder, Ref, ResponseBuilder,
+            security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme},
+        };
+        let refusal = |what: &str| {
+            ResponseBuilder::new()
+                .description(what)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        let components = api.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "client_certificate",
+            SecurityScheme::MutualTls {
+                description: Some(
+                    "A client certificate whose SPIFFE ID the access list names".into(),
+                ),
+                extensions: None,
+            },
+        );
+        let schema = <ErrorBody as utoipa::PartialSchema>::schema();
+        components.schemas.insert("ErrorBody".into(), schema);
+        api.security = Some(vec![
+            SecurityRequirement::new("bearer", Vec::<String>::new()),
+            SecurityRequirement::new("client_certificate", Vec::<String>::new()),
+        ]);
+        for (path, item) in &mut api.paths.paths {
+            for (method, op) in [
+                (Method::GET, item.get.as_mut()),
+                (Method::PUT, item.put.as_mut()),
+                (Method::POST, item.post.as_mut()),
+            ] {
+                let Some(op) = op else { continue };
+                let body = ROUTES
+                    .iter()
+                    .find(|r| r.method == method && r.path == path)
+                    .is_some_and(|r| r.body_cap > 0);
+                let mut add = vec![
+                    ("400", "A malformed request (query or body)"),
+                    (
+                        "401",
+                        "No credentials, both kinds, or a certificate no longer valid",
+                    ),
+                    ("403", "The caller holds none of the route's roles"),
+                    (
+                        "413",
+                        "A body over the route's cap (or any body where the route takes none)",
+                    ),
+                    (
+                        "429",
+                        "Over the caller's rate or a node's report quota (Retry-After)",
+                    ),
+                    ("500", "The store failed"),
+                ];
+                if body {
+                    add.extend([
+                        ("408", "The body did not arrive within the body timeout"),
+                        (
+                            "503",
+                            "No room in the budget of body bytes in flight (Retry-After)",
+                        ),
+                    ]);
+                }
+                for (code, what) in add {
+                    op.responses
+                        .responses
+                        .entry(code.into())
+                        .or_insert_with(|| refusal(what).into());
+                }
+            }
+        }
+    }
+}
+
+/// This API's OpenAPI 3.1 document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    <ApiDoc as utoipa::OpenApi>::openapi()
+}
+
+/// The API document (OpenAPI 3.1).
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "meta",
+    responses((status = 200, description = "This document", content_type = "application/json", body = Object)))]
+async fn get_openapi() -> Response {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let text = DOC.get_or_init(|| {
+        openapi()
+            .to_pretty_json()
+            .expect("the API document serializes")
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        text.as_str(),
+    )
+        .into_response()
 }
 
 /// The TLS set-up: the server's certificate; client certificates verified against
@@ -1777,6 +1981,38 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_api_document_names_every_route_and_only_those() {
+        let doc = openapi();
+        let mut documented = Vec::new();
+        for (path, item) in &doc.paths.paths {
+            for (m, op) in [
+                (Method::GET, &item.get),
+                (Method::PUT, &item.put),
+                (Method::POST, &item.post),
+                (Method::DELETE, &item.delete),
+                (Method::PATCH, &item.patch),
+            ] {
+                if let Some(op) = op {
+                    documented.push(format!("{m} {path}"));
+                    let codes: Vec<&String> = op.responses.responses.keys().collect();
+                    for c in ["200", "401", "403", "429"] {
+                        assert!(codes.iter().any(|k| *k == c), "{m} {path}: {codes:?}");
+                    }
+                }
+            }
+        }
+        let mut routes: Vec<String> = ROUTES
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect();
+        documented.sort();
+        routes.sort();
+        assert_eq!(documented, routes);
+        let text = doc.to_pretty_json().unwrap();
+        assert!(text.contains("\"openapi\": \"3.1.0\""), "{}", &text[..200]);
+    }
 
     #[test]
     fn an_ipv6_caller_is_counted_by_its_prefix() {
