@@ -12,6 +12,7 @@ use std::{
 pub mod cp;
 pub mod node;
 pub mod pki;
+pub mod soak;
 pub mod wire;
 
 use agentwall::{

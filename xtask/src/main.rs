@@ -43,6 +43,13 @@ enum Task {
         #[arg(long, requires = "kernel", value_delimiter = ',')]
         only: Vec<String>,
     },
+    /// A node, a control plane and agents for N minutes with churn; prints RSS and
+    /// descriptors over time, denials made vs stored vs lost, and wrong verdicts (exit 1 on
+    /// any problem). The test suite runs two minutes of it.
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
     /// Run a benchmark and print its table.
     Bench {
         #[arg(value_parser = ["datapath", "dns", "node", "records", "compare", "control-plane"])]
@@ -132,6 +139,22 @@ fn main() -> Result<()> {
         Task::Fuzz { target, seconds } => {
             setup()?;
             fuzz(&root, &target, seconds)
+        }
+        Task::Soak { minutes } => {
+            setup()?;
+            require_root("the soak run attaches eBPF programs and creates cgroups")?;
+            run(cargo(&root).args(["build", "--bins"]))?;
+            run(cargo(&root).args([
+                "run",
+                "--quiet",
+                "-p",
+                "agentwall-tests",
+                "--bin",
+                "aw-soak",
+                "--",
+                "--minutes",
+                &minutes.to_string(),
+            ]))
         }
         Task::Demo => {
             setup()?;
