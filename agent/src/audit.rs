@@ -158,8 +158,9 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AuditError + '_ {
 }
 
 /// sha256 over the previous hash and the record's JSON without its `hash` field. Keys are
-/// sorted (serde_json's map), so writer and verifier produce the same bytes.
-fn record_hash(record: &Map<String, Value>) -> String {
+/// sorted (serde_json's map), so writer and verifier (the node's, or the control plane's for
+/// the copies it was sent) produce the same bytes.
+pub fn record_hash(record: &Map<String, Value>) -> String {
     let mut r = record.clone();
     r.remove("hash");
     let text = Value::Object(r).to_string();
@@ -176,6 +177,8 @@ pub struct AuditLog {
     prev: String,
     /// The seq the anchor holds.
     anchored: u64,
+    /// The last record there was when the log was opened.
+    last: Option<Map<String, Value>>,
     /// The group that may read the log, if any.
     reader_gid: Option<u32>,
 }
@@ -196,17 +199,18 @@ impl AuditLog {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
-        let (mut seq, mut prev) = (0, GENESIS.to_owned());
+        let (mut seq, mut prev, mut last) = (0, GENESIS.to_owned(), None);
         let mut sources: Vec<PathBuf> = rotated(path).into_iter().map(|(_, p)| p).collect();
         sources.push(path.to_owned());
         for p in sources.iter().rev() {
-            if let Some(last) = last_record(p)? {
-                seq = last.get("seq").and_then(Value::as_u64).unwrap_or(0);
-                prev = last
+            if let Some(r) = last_record(p)? {
+                seq = r.get("seq").and_then(Value::as_u64).unwrap_or(0);
+                prev = r
                     .get("hash")
                     .and_then(Value::as_str)
                     .unwrap_or(GENESIS)
                     .to_owned();
+                last = Some(r);
                 break;
             }
         }
@@ -220,8 +224,14 @@ impl AuditLog {
             seq,
             prev,
             anchored: 0,
+            last,
             reader_gid,
         })
+    }
+
+    /// The last record there was when the log was opened.
+    pub fn last_record(&self) -> Option<&Map<String, Value>> {
+        self.last.as_ref()
     }
 
     /// The chain's head: the last record's seq and hash.
@@ -236,6 +246,7 @@ impl AuditLog {
             return Ok(());
         }
         self.file.sync_data().map_err(io_err(&self.path))?;
+        crate::failpoint!("audit-before-anchor");
         Anchor {
             log: self.path.clone(),
             seq: self.seq,
@@ -248,6 +259,17 @@ impl AuditLog {
 
     /// Appends one record: `kind` plus `fields`, stamped with seq, time, prev and hash.
     pub fn append(&mut self, kind: &str, fields: Value) -> Result<u64, AuditError> {
+        self.append_record(kind, fields).map(|(seq, _)| seq)
+    }
+
+    /// [`AuditLog::append`], also returning the record as written (what the control plane is
+    /// sent, so it can check the chain too).
+    pub fn append_record(
+        &mut self,
+        kind: &str,
+        fields: Value,
+    ) -> Result<(u64, Map<String, Value>), AuditError> {
+        crate::failpoint!("audit-before-append");
         let mut r = match fields {
             Value::Object(m) => m,
             other => {
@@ -263,7 +285,7 @@ impl AuditLog {
         r.insert("prev".into(), self.prev.clone().into());
         let hash = record_hash(&r);
         r.insert("hash".into(), hash.clone().into());
-        let mut line = Value::Object(r).to_string();
+        let mut line = Value::Object(r.clone()).to_string();
         line.push('\n');
         if self.max_bytes > 0 && self.size > 0 && self.size + line.len() as u64 > self.max_bytes {
             self.rotate()?;
@@ -278,7 +300,53 @@ impl AuditLog {
         }
         self.size += line.len() as u64;
         self.prev = hash;
-        Ok(self.seq)
+        crate::failpoint!("audit-after-append");
+        Ok((self.seq, r))
+    }
+
+    /// The records after seq `after`, oldest first, at most `max` of them (how many more
+    /// there were is returned too): read back from the files, the current one and as many
+    /// rotated ones as reach back to `after`. A log whose head is behind `after` was started
+    /// again (a new chain): all of its current file is returned.
+    pub fn records_after(
+        &self,
+        after: u64,
+        max: usize,
+    ) -> Result<(Vec<Map<String, Value>>, u64), AuditError> {
+        let restarted = self.seq < after;
+        let mut files = vec![self.path.clone()];
+        if !restarted {
+            for (_, p) in rotated(&self.path).into_iter().rev() {
+                match first_seq(files.last().expect("one file"))? {
+                    Some(first) if first <= after + 1 => break,
+                    _ => files.push(p),
+                }
+            }
+        }
+        let (mut out, mut more) = (Vec::new(), 0u64);
+        for p in files.iter().rev() {
+            let f = match File::open(p) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(p)(e)),
+            };
+            for line in BufReader::new(f).lines() {
+                let line = line.map_err(io_err(p))?;
+                let Ok(Value::Object(r)) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                let seq = r.get("seq").and_then(Value::as_u64).unwrap_or(0);
+                if !restarted && seq <= after {
+                    continue;
+                }
+                if out.len() < max {
+                    out.push(r);
+                } else {
+                    more += 1;
+                }
+            }
+        }
+        Ok((out, more))
     }
 
     fn rotate(&mut self) -> Result<(), AuditError> {
@@ -286,7 +354,9 @@ impl AuditLog {
         // After the newest, even if older ones were removed: numbers are never reused.
         let n = rotated(&self.path).last().map_or(0, |(n, _)| *n) + 1;
         let to = PathBuf::from(format!("{}.{n}", self.path.display()));
+        crate::failpoint!("audit-before-rotate");
         fs::rename(&self.path, &to).map_err(io_err(&self.path))?;
+        crate::failpoint!("audit-after-rotate");
         self.file = open_log(&self.path, self.reader_gid)?;
         self.size = 0;
         Ok(())
@@ -345,6 +415,22 @@ pub fn chain_files(path: &Path) -> Result<Vec<PathBuf>, AuditError> {
     }
     files.push(path.to_owned());
     Ok(files)
+}
+
+/// The seq of the first record of `path`, if it has one.
+fn first_seq(path: &Path) -> Result<Option<u64>, AuditError> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    for line in BufReader::new(f).lines() {
+        let line = line.map_err(io_err(path))?;
+        if let Ok(Value::Object(m)) = serde_json::from_str(&line) {
+            return Ok(m.get("seq").and_then(Value::as_u64));
+        }
+    }
+    Ok(None)
 }
 
 fn last_record(path: &Path) -> Result<Option<Map<String, Value>>, AuditError> {

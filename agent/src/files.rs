@@ -33,6 +33,7 @@ pub fn write_in_place(path: &Path, bytes: &[u8]) -> io::Result<()> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut f = atomic_write_file::AtomicWriteFile::open(path)?;
     f.write_all(bytes)?;
+    crate::failpoint!("state-file-before-rename");
     f.commit()
 }
 

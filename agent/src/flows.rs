@@ -76,6 +76,11 @@ pub struct FlowRecord {
     /// Serial number (hex) of the certificate the governing session presented.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// The kernel event this record was made from (`BOOT_NS-TID`): a node that crashed after
+    /// writing the record and before it let go of the event reads the event again at its
+    /// next start, and knows it by this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_event: Option<String>,
 }
 
 impl std::fmt::Display for FlowRecord {
@@ -218,6 +223,7 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
         container: None,
         service: None,
         serial: None,
+        kernel_event: Some(e.key()),
     }
 }
 

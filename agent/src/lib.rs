@@ -2,6 +2,48 @@
 //!
 //! The library owns all logic; the `agentwall` binary is a thin CLI over it.
 
+/// A named point where a test may crash the process: compiled only with the `failpoints`
+/// feature (the test suite's build), and armed by [`arm_failpoints`]. The crash is a SIGKILL
+/// of the whole process: nothing after the point runs, no destructor, no flush.
+#[cfg(feature = "failpoints")]
+macro_rules! failpoint {
+    ($name:literal) => {
+        fail::fail_point!($name, |_| $crate::crash_here($name))
+    };
+}
+#[cfg(not(feature = "failpoints"))]
+macro_rules! failpoint {
+    ($name:literal) => {};
+}
+pub(crate) use failpoint;
+
+/// Kills this process where it stands (a failpoint was reached).
+#[cfg(feature = "failpoints")]
+pub fn crash_here(name: &str) -> ! {
+    eprintln!("failpoint {name}: crashing");
+    // SAFETY: plain system calls.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    unreachable!("SIGKILL is not caught")
+}
+
+/// Arms the failpoints `AGENTWALL_FAILPOINTS` names (`NAME=ACTIONS;...`, fail's syntax:
+/// `spool-after-write=return` crashes at the first pass, `=2*off->return` at the third). The
+/// node calls it once it is ready, so passes are counted from there. Nothing without the
+/// `failpoints` feature.
+pub fn arm_failpoints() {
+    #[cfg(feature = "failpoints")]
+    if let Ok(spec) = std::env::var("AGENTWALL_FAILPOINTS") {
+        for point in spec.split(';').filter(|p| !p.is_empty()) {
+            let (name, actions) = point.split_once('=').unwrap_or((point, "return"));
+            if let Err(e) = fail::cfg(name, actions) {
+                panic!("AGENTWALL_FAILPOINTS {point:?}: {e}");
+            }
+        }
+    }
+}
+
 pub mod api;
 pub mod audit;
 pub mod cgroup;

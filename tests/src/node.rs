@@ -349,15 +349,20 @@ pub fn wait_flow_where(
 
 /// `GET /metrics` from the node on `addr`, parsed as Prometheus text.
 pub fn scrape(addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
+    try_scrape(addr).unwrap_or_else(|| panic!("no metrics at {addr}"))
+}
+
+/// [`scrape`], or nothing when the endpoint does not answer (its node died).
+pub fn try_scrape(addr: std::net::SocketAddr) -> Option<prometheus_parse::Scrape> {
     use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    let mut c = std::net::TcpStream::connect(addr).ok()?;
     c.write_all(b"GET /metrics HTTP/1.1\r\nHost: agentwall\r\n\r\n")
-        .unwrap();
+        .ok()?;
     let mut resp = String::new();
-    c.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    c.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
     assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
+    Some(prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap())
 }
 
 /// [`scrape`] from inside `ns`, for a node that listens on that namespace's loopback.

@@ -5,6 +5,7 @@ use agentwall::{
     control_plane::{
         Bundle, BundleFile, FlowPage, FlowQuery, NodeInfo, NodeShadowAi, PushRequest,
         RevokeRequest,
+        chain::ChainReport,
         client::{Client, ClientError},
     },
     flows::FlowRecord,
@@ -52,6 +53,21 @@ enum Command {
     },
     /// Revoke an identity on every node.
     Revoke { identity: String },
+    /// The audit chains of what nodes sent.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(clap::Subcommand)]
+enum AuditCommand {
+    /// Checks the records the control plane holds of a node's audit log: every record's
+    /// hash, each one following the one before, no seq missing beyond what the node reported
+    /// lost. Exit 1 when something is wrong.
+    Verify {
+        /// The node's SPIFFE ID (as `agentwall cp nodes` lists it).
+        #[arg(long)]
+        node: String,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -126,6 +142,53 @@ fn when(s: &str) -> anyhow::Result<String> {
     let d = agentwall::review::parse_duration(s)
         .with_context(|| format!("{s:?} is neither a duration (30m, 24h) nor an RFC 3339 time"))?;
     Ok(agentwall::clock::rfc3339(std::time::SystemTime::now() - d))
+}
+
+fn print_chain(r: &ChainReport) {
+    say!("node {}", r.node);
+    match (&r.head, r.first_seq) {
+        (Some(h), Some(first)) => say!(
+            "{} record(s) held, seq {first} to {} (head {} at {})",
+            r.records,
+            h.seq,
+            h.hash,
+            h.time.as_deref().unwrap_or("?")
+        ),
+        _ => say!("no record of its audit chain held"),
+    }
+    for b in &r.breaks {
+        say!("broken: seq {} (flow {}): {}", b.seq, b.id, b.problem);
+    }
+    if r.breaks_total > r.breaks.len() as u64 {
+        say!("... {} more broken", r.breaks_total - r.breaks.len() as u64);
+    }
+    for g in &r.gaps {
+        say!(
+            "missing: {} record(s) between seq {} and seq {}",
+            g.missing,
+            g.after_seq,
+            g.before_seq
+        );
+    }
+    if r.missing > 0 {
+        let lost: Vec<String> = r
+            .reported_lost
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        say!(
+            "{} seq(s) missing in all; the node reported lost: {}",
+            r.missing,
+            if lost.is_empty() {
+                "nothing".to_owned()
+            } else {
+                lost.join(", ")
+            }
+        );
+    }
+    if r.intact && r.records > 0 {
+        say!("chain intact");
+    }
 }
 
 fn print_json(v: &impl serde::Serialize) {
@@ -325,6 +388,25 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 println!(
                     "{groups} process group(s) on {} node(s) reached AI services without an identity",
                     nodes.len()
+                );
+            }
+        }
+        Command::Audit(AuditCommand::Verify { node }) => {
+            let q = serde_urlencoded::to_string([("node", node)]).expect("a query string");
+            let r: ChainReport = c.get(&format!("/v1/audit/chain?{q}")).await?;
+            if json {
+                print_json(&r);
+            } else {
+                print_chain(&r);
+            }
+            if r.records == 0 {
+                bail!("the control plane holds no audit records of {node}: nothing to verify");
+            }
+            if !r.intact {
+                bail!(
+                    "the audit chain of {node} is not intact: {} record(s) do not check out, {} seq(s) missing that the node did not report lost",
+                    r.breaks_total,
+                    r.unexplained
                 );
             }
         }

@@ -131,6 +131,12 @@ pub fn crl_numbers(state_dir: &Path) -> PathBuf {
 pub fn audit_anchor(state_dir: &Path) -> PathBuf {
     state_dir.join("audit.anchor")
 }
+
+/// The kernel's count of lost records (ring buffer full) as last reported: the count is kept
+/// in a pinned map across restarts, so a new process reports only what it adds.
+pub fn kernel_lost(state_dir: &Path) -> PathBuf {
+    state_dir.join("kernel-lost")
+}
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/agentwall";
 pub const DEFAULT_POLICY_DIR: &str = "/etc/agentwall/policy";
 

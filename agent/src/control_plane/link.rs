@@ -121,6 +121,16 @@ impl Link {
         })
     }
 
+    /// The seq of the last audit record the spool took (see [`Spool::handled`]); a new
+    /// spool starts after `head`, the audit log's head now (none: no audit log).
+    pub fn handled(&self, head: Option<u64>) -> Result<Option<u64>, LinkError> {
+        let mut s = self.spool.lock().expect("spool");
+        if let Some(h) = head {
+            s.start_at(h)?;
+        }
+        Ok(s.handled())
+    }
+
     /// Runs both loops for as long as the node runs.
     pub fn spawn(self, node: Arc<dyn NodeSide>) {
         let link = Arc::new(self);

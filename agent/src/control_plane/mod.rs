@@ -4,6 +4,7 @@
 //!
 //! The wire types below are the whole API; the README documents it route by route.
 
+pub mod chain;
 pub mod client;
 pub mod link;
 pub mod server;

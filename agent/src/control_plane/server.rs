@@ -162,6 +162,13 @@ const ROUTES: &[RouteRule] = &[
     },
     RouteRule {
         method: Method::GET,
+        path: "/v1/audit/chain",
+        roles: READERS,
+        body_cap: 0,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::GET,
         path: "/v1/revocations",
         roles: READERS,
         body_cap: 0,
@@ -513,6 +520,7 @@ impl Server {
             .route("/v1/nodes", get(get_nodes))
             .route("/v1/flows", get(get_flows))
             .route("/v1/shadow-ai", get(get_shadow_ai))
+            .route("/v1/audit/chain", get(get_audit_chain))
             .route(
                 "/v1/revocations",
                 get(get_revocations).post(post_revocation),
@@ -796,6 +804,41 @@ fn bundle_json(b: &Bundle) -> Arc<serde_json::value::RawValue> {
 const INGESTS_AT_ONCE: usize = 2;
 
 type S = State<Arc<Server>>;
+
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ChainQuery {
+    /// The node's SPIFFE ID.
+    node: String,
+}
+
+/// What the control plane holds of a node's audit chain, checked record by record: changed
+/// or forged records, seqs missing between the ones held, the head, and what the node itself
+/// reported lost.
+#[utoipa::path(get, path = "/v1/audit/chain", tag = "reports", params(ChainQuery),
+    responses((status = 200, description = "The chain as held", body = super::chain::ChainReport),
+        (status = 404, description = "No such node", body = ErrorBody)))]
+async fn get_audit_chain(
+    State(s): S,
+    Params(q): Params<ChainQuery>,
+) -> Result<Json<super::chain::ChainReport>, Fail> {
+    let store = s.store.clone();
+    let node = q.node.clone();
+    let report = blocking(move || {
+        s.flush_seen()?;
+        let mut check = super::chain::ChainCheck::new(&node);
+        Ok(store
+            .audit_chain(&node, &mut check)?
+            .then(|| check.finish()))
+    })
+    .await?;
+    report.map(Json).ok_or_else(|| {
+        Fail::new(
+            StatusCode::NOT_FOUND,
+            format!("no node {:?} is known to this control plane", q.node),
+        )
+    })
+}
 
 /// The verdicts decision records carry.
 const VERDICTS: [&str; 5] = ["deny", "audit", "unknown", "socket-deny", "allow"];
@@ -1485,6 +1528,7 @@ async fn store_reports(
         get_nodes,
         get_flows,
         get_shadow_ai,
+        get_audit_chain,
         get_revocations,
         post_revocation,
         get_metrics,

@@ -4,8 +4,13 @@
 //! room; past `max_bytes` new records are dropped, counted, and a `loss` record with the count
 //! goes out as soon as there is room again.
 //!
-//! Layout: `meta.json` (the epoch), `acked` (the highest acknowledged record id) and segment
-//! files named by their first record id, each a JSON line per record (`{"rid":..,"record":..}`).
+//! Layout: `meta.json` (the epoch), `acked` (the highest acknowledged record id and the last
+//! [`Mark`]) and segment files named by their first record id, each a JSON line per record
+//! (`{"rid":..,"record":..}`). Every append ends with a mark line (`{"mark":..}`): which audit
+//! record it took last and the losses not yet reported. An append is whole once its mark is
+//! on disk; records after the newest mark are cut at the next start, and the node reads them
+//! back from its audit log (see [`Spool::handled`]), so a crash anywhere neither loses a
+//! logged record uncounted nor counts one both lost and sent.
 
 use std::{
     collections::VecDeque,
@@ -69,11 +74,70 @@ pub struct Spool {
     /// Records dropped since the node started.
     pub lost_total: u64,
     read: Option<Cursor>,
+    /// The seq of the last audit record an append took (written or counted lost).
+    handled: Option<u64>,
+    /// Marks written so far: the newest mark on disk wins at the next start.
+    stamp: u64,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Meta {
     epoch: u64,
+}
+
+/// Where the spool stood after an append (or an acknowledgement): enough to start again
+/// from it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Mark {
+    /// Orders marks: the segments' and the `acked` file's.
+    stamp: u64,
+    /// The seq of the last audit record taken (0: the log was empty); none: not known.
+    handled: Option<u64>,
+    /// Records counted lost whose loss record is not written yet.
+    lost: u64,
+    /// The id the next record gets: records from it on are not part of a whole append.
+    next_rid: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MarkLine {
+    mark: Mark,
+}
+
+/// A line of a segment: a record or a mark.
+enum Line {
+    Record(Reported),
+    Mark(Mark),
+}
+
+fn parse_line(line: &str) -> Result<Line, serde_json::Error> {
+    if line.starts_with("{\"mark\":") {
+        serde_json::from_str::<MarkLine>(line).map(|m| Line::Mark(m.mark))
+    } else {
+        serde_json::from_str::<Reported>(line).map(Line::Record)
+    }
+}
+
+/// The seq of `r` in the audit log, if it came from there.
+fn audit_seq(r: &serde_json::Value) -> Option<u64> {
+    r.get("hash")?;
+    r.get("seq")?.as_u64()
+}
+
+/// A line to write: its text, and its record id when it is a record.
+struct Out {
+    rid: Option<u64>,
+    text: String,
+}
+
+/// What [`Spool::recover`] finds in a segment.
+struct Recovered {
+    /// The last whole record's id (0: none).
+    last_rid: u64,
+    /// Bytes of whole lines.
+    good: u64,
+    /// The last mark.
+    mark: Option<Mark>,
 }
 
 fn random_u63() -> u64 {
@@ -116,16 +180,16 @@ impl Spool {
             Err(e) => return Err(io_err(&meta_path)(e)),
         };
         let acked_path = dir.join("acked");
-        let acked = match std::fs::read_to_string(&acked_path) {
-            Ok(t) => t.trim().parse().map_err(|e| SpoolError::Corrupt {
+        // `acked` alone (a spool of an earlier version: whole records are kept as they are),
+        // or `acked` and the mark at that time.
+        let (acked, acked_mark) = match std::fs::read_to_string(&acked_path) {
+            Ok(t) => parse_cursor(&t).ok_or_else(|| SpoolError::Corrupt {
                 path: acked_path.clone(),
-                message: format!("{t:?}: {e}"),
+                message: format!("{:?}: not an acknowledged id and mark", t.trim()),
             })?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (0, None),
             Err(e) => return Err(io_err(&acked_path)(e)),
         };
-        // At its full width now, so that every later ack writes in place.
-        write_cursor(dir, acked)?;
         let mut firsts: Vec<u64> = std::fs::read_dir(dir)
             .map_err(io_err(dir))?
             .filter_map(Result::ok)
@@ -145,33 +209,78 @@ impl Spool {
             lost_pending: 0,
             lost_total: 0,
             read: None,
+            handled: None,
+            stamp: 0,
         };
+        let mut found = Vec::with_capacity(firsts.len());
+        let mut newest = acked_mark;
         for first in firsts {
             let path = s.segment_path(first);
-            let (last_rid, bytes) = Self::recover(&path)?;
+            let r = Self::recover(&path)?;
+            if let Some(m) = r.mark
+                && newest.is_none_or(|n| m.stamp >= n.stamp)
+            {
+                newest = Some(m);
+            }
+            found.push((first, path, r));
+        }
+        // Records after the newest mark are an append cut short: gone, to be read back
+        // from the audit log.
+        if let Some(m) = newest {
+            for (_, path, r) in &mut found {
+                if r.last_rid >= m.next_rid {
+                    (r.last_rid, r.good) = Self::cut(path, m.next_rid)?;
+                }
+            }
+            s.handled = m.handled;
+            s.lost_pending = m.lost;
+            s.stamp = m.stamp;
+        }
+        for (first, path, r) in found {
             // Empty, or acknowledged in full.
-            if last_rid <= acked {
+            if r.last_rid <= acked {
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
-            s.next_rid = s.next_rid.max(last_rid + 1);
-            s.bytes += bytes;
+            s.next_rid = s.next_rid.max(r.last_rid + 1);
+            s.bytes += r.good;
             s.segments.push_back(Segment {
                 first_rid: first,
-                last_rid,
+                last_rid: r.last_rid,
                 path,
-                bytes,
+                bytes: r.good,
             });
         }
+        if let Some(m) = newest {
+            s.next_rid = s.next_rid.max(m.next_rid);
+        }
+        // At its full width now, so that every later ack writes in place.
+        s.write_cursor(acked)?;
         Ok(s)
     }
 
-    fn segment_path(&self, first: u64) -> PathBuf {
-        self.dir.join(format!("{first:020}.jsonl"))
+    /// The seq of the last audit record the spool took, written or counted lost: the node
+    /// sends the records after it from its audit log when it starts. `None` for a new spool
+    /// until [`Spool::start_at`].
+    pub fn handled(&self) -> Option<u64> {
+        self.handled
     }
 
-    /// The last whole record's id and the length up to it; a cut-short tail is removed.
-    fn recover(path: &Path) -> Result<(u64, u64), SpoolError> {
+    /// A new spool (or one of an earlier version) takes the audit log from after `head` on,
+    /// said on disk at once: a crash before its first append still finds the records written
+    /// meanwhile in the log.
+    pub fn start_at(&mut self, head: u64) -> Result<(), SpoolError> {
+        if self.handled.is_none() {
+            self.handled = Some(head);
+            self.stamp += 1;
+            self.write_cursor(self.acked)?;
+        }
+        Ok(())
+    }
+
+    /// Cuts `path` before its first record with id `from` or more; what is left (last id,
+    /// bytes).
+    fn cut(path: &Path, from: u64) -> Result<(u64, u64), SpoolError> {
         let file = File::open(path).map_err(io_err(path))?;
         let mut reader = BufReader::new(file);
         let (mut good, mut last) = (0u64, 0u64);
@@ -179,25 +288,64 @@ impl Spool {
         loop {
             line.clear();
             let n = reader.read_line(&mut line).map_err(io_err(path))?;
-            if n == 0 || !line.ends_with('\n') {
+            if n == 0 {
                 break;
             }
-            match serde_json::from_str::<Reported>(&line) {
-                Ok(r) => last = r.rid,
-                Err(_) => break,
+            if let Ok(Line::Record(r)) = parse_line(&line) {
+                if r.rid >= from {
+                    break;
+                }
+                last = r.rid;
             }
             good += n as u64;
         }
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        f.set_len(good).map_err(io_err(path))?;
+        f.sync_all().map_err(io_err(path))?;
+        Ok((last, good))
+    }
+
+    fn segment_path(&self, first: u64) -> PathBuf {
+        self.dir.join(format!("{first:020}.jsonl"))
+    }
+
+    /// The last whole record's id, the length up to the last whole line and the last mark;
+    /// a cut-short tail is removed.
+    fn recover(path: &Path) -> Result<Recovered, SpoolError> {
+        let file = File::open(path).map_err(io_err(path))?;
+        let mut reader = BufReader::new(file);
+        let mut found = Recovered {
+            last_rid: 0,
+            good: 0,
+            mark: None,
+        };
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = reader.read_line(&mut line).map_err(io_err(path))?;
+            if n == 0 || !line.ends_with('\n') {
+                break;
+            }
+            match parse_line(&line) {
+                Ok(Line::Record(r)) => found.last_rid = r.rid,
+                Ok(Line::Mark(m)) => found.mark = Some(m),
+                Err(_) => break,
+            }
+            found.good += n as u64;
+        }
         let len = std::fs::metadata(path).map_err(io_err(path))?.len();
-        if len != good {
+        if len != found.good {
             let f = OpenOptions::new()
                 .write(true)
                 .open(path)
                 .map_err(io_err(path))?;
-            f.set_len(good).map_err(io_err(path))?;
+            f.set_len(found.good).map_err(io_err(path))?;
             f.sync_all().map_err(io_err(path))?;
         }
-        Ok((last, good))
+        Ok(found)
     }
 
     /// Records waiting to be sent.
@@ -209,13 +357,13 @@ impl Spool {
         self.bytes
     }
 
-    /// Appends records in order and syncs them to disk. Records that do not fit are dropped
-    /// and counted; the next append that has room writes a loss record first.
+    /// Appends records in order and syncs them to disk, with a mark. Records that do not fit
+    /// are dropped and counted; the next append that has room writes a loss record first.
     pub fn append(&mut self, records: Vec<serde_json::Value>) -> Result<(), SpoolError> {
         if records.is_empty() && self.lost_pending == 0 {
             return Ok(());
         }
-        let mut lines: Vec<(u64, String)> = Vec::with_capacity(records.len() + 1);
+        let mut lines: Vec<Out> = Vec::with_capacity(records.len() + 2);
         let mut rid = self.next_rid;
         let mut room = self.max_bytes.saturating_sub(self.bytes);
         let line_of = |rid: u64, v: &serde_json::Value| {
@@ -232,26 +380,48 @@ impl Spool {
             let l = line_of(rid, &loss);
             if (l.len() as u64) <= room {
                 room -= l.len() as u64;
-                lines.push((rid, l));
+                lines.push(Out {
+                    rid: Some(rid),
+                    text: l,
+                });
                 rid += 1;
             }
         }
         let with_loss = !lines.is_empty();
+        let mut handled = self.handled;
+        let mut dropped = 0u64;
         for r in &records {
+            handled = audit_seq(r).or(handled);
             let l = line_of(rid, r);
             // A record the control plane would refuse (and with it every batch it is in) is
             // a counted loss here instead.
             let record_bytes = l.len() - format!("{{\"rid\":{rid},\"record\":}}\n").len();
             if (l.len() as u64) > room || record_bytes > super::MAX_RECORD_BYTES {
+                dropped += 1;
                 continue;
             }
             room -= l.len() as u64;
-            lines.push((rid, l));
+            lines.push(Out {
+                rid: Some(rid),
+                text: l,
+            });
             rid += 1;
         }
+        // The mark as it will be once every line is written: a crash before it is on disk
+        // cuts the lines before it at the next start, as if this append never was.
+        let mark = Mark {
+            stamp: self.stamp + 1,
+            handled,
+            lost: if with_loss { 0 } else { self.lost_pending } + dropped,
+            next_rid: rid,
+        };
+        lines.push(Out {
+            rid: None,
+            text: mark_line(&mark),
+        });
         // Records that did not fit and records whose write failed (a full disk) are a
         // counted loss alike; a loss record that could not be written is owed still.
-        let (written, failed) = self.write_lines(&lines);
+        let (written, marked, failed) = self.write_lines(&lines);
         let loss_in = with_loss && written > 0;
         if loss_in {
             self.lost_pending = 0;
@@ -259,20 +429,35 @@ impl Spool {
         let lost = (records.len() + usize::from(loss_in) - written) as u64;
         self.lost_pending += lost;
         self.lost_total += lost;
+        self.handled = handled;
+        if marked {
+            self.stamp = mark.stamp;
+        }
         failed.map_or(Ok(()), Err)
     }
 
-    /// Writes lines in order, syncing each segment's part; how many were written, and the
-    /// error that stopped the rest.
-    fn write_lines(&mut self, lines: &[(u64, String)]) -> (usize, Option<SpoolError>) {
+    /// Writes lines in order, syncing each segment's part; how many records were written,
+    /// whether the last line (the mark) was, and the error that stopped the rest.
+    fn write_lines(&mut self, lines: &[Out]) -> (usize, bool, Option<SpoolError>) {
         let mut i = 0;
+        let records_in = |ls: &[Out]| ls.iter().filter(|l| l.rid.is_some()).count();
         while i < lines.len() {
             let need_new = self
                 .segments
                 .back()
                 .is_none_or(|s| s.bytes >= self.segment_bytes);
             if need_new {
-                let first = lines[i].0;
+                // Named by the id its first record has (or will have: a mark comes first
+                // only at the end of an append, before the next record).
+                let first = lines[i..].iter().find_map(|l| l.rid).unwrap_or(
+                    self.next_rid.max(
+                        lines[..i]
+                            .iter()
+                            .filter_map(|l| l.rid)
+                            .max()
+                            .map_or(0, |r| r + 1),
+                    ),
+                );
                 self.segments.push_back(Segment {
                     first_rid: first,
                     last_rid: 0,
@@ -285,28 +470,37 @@ impl Spool {
             let mut last = seg.last_rid;
             let start = i;
             while i < lines.len() && seg.bytes + (buf.len() as u64) < self.segment_bytes {
-                buf.push_str(&lines[i].1);
-                last = lines[i].0;
+                buf.push_str(&lines[i].text);
+                if let Some(r) = lines[i].rid {
+                    last = r;
+                }
                 i += 1;
             }
             let path = seg.path.clone();
             let file = OpenOptions::new().create(true).append(true).open(&path);
             let result = file.and_then(|mut f| {
+                #[cfg(feature = "failpoints")]
+                fail::fail_point!("spool-torn-write", |_| {
+                    let _ = f.write_all(&buf.as_bytes()[..buf.len() / 2]);
+                    let _ = f.sync_data();
+                    crate::crash_here("spool-torn-write")
+                });
+                crate::failpoint!("spool-before-write");
                 let r = f.write_all(buf.as_bytes()).and_then(|()| f.sync_data());
                 if r.is_ok() {
                     return Ok(None);
                 }
-                // Cut back to the last whole record, so the file stays readable, then keep
-                // as many whole records as still fit (a disk that filled up mid-chunk).
+                // Cut back to the last whole line, so the file stays readable, then keep
+                // as many whole lines as still fit (a disk that filled up mid-chunk).
                 f.set_len(seg.bytes)?;
                 let mut kept = 0u64;
                 let mut n = 0;
-                for (_, l) in &lines[start..i] {
-                    if f.write_all(l.as_bytes()).is_err() {
+                for l in &lines[start..i] {
+                    if f.write_all(l.text.as_bytes()).is_err() {
                         let _ = f.set_len(seg.bytes + kept);
                         break;
                     }
-                    kept += l.len() as u64;
+                    kept += l.text.len() as u64;
                     n += 1;
                 }
                 f.sync_data()?;
@@ -317,30 +511,40 @@ impl Spool {
                     seg.bytes += buf.len() as u64;
                     seg.last_rid = last;
                     self.bytes += buf.len() as u64;
-                    self.next_rid = last + 1;
+                    if last > 0 {
+                        self.next_rid = self.next_rid.max(last + 1);
+                    }
                 }
                 Ok(Some((n, kept, e))) => {
-                    if n > 0 {
-                        seg.bytes += kept;
-                        seg.last_rid = lines[start + n - 1].0;
-                        self.bytes += kept;
-                        self.next_rid = seg.last_rid + 1;
-                    } else if seg.last_rid == 0 {
+                    let done = &lines[start..start + n];
+                    if let Some(r) = done.iter().filter_map(|l| l.rid).last() {
+                        seg.last_rid = r;
+                        self.next_rid = r + 1;
+                    }
+                    seg.bytes += kept;
+                    self.bytes += kept;
+                    if seg.bytes == 0 {
                         let _ = std::fs::remove_file(&path);
                         self.segments.pop_back();
                     }
-                    return (start + n, Some(io_err(&path)(e)));
+                    let marked = start + n == lines.len();
+                    return (
+                        records_in(&lines[..start + n]),
+                        marked,
+                        Some(io_err(&path)(e)),
+                    );
                 }
                 Err(e) => {
-                    if seg.last_rid == 0 {
+                    if seg.bytes == 0 {
                         let _ = std::fs::remove_file(&path);
                         self.segments.pop_back();
                     }
-                    return (start, Some(io_err(&path)(e)));
+                    return (records_in(&lines[..start]), false, Some(io_err(&path)(e)));
                 }
             }
         }
-        (i, None)
+        crate::failpoint!("spool-after-write");
+        (records_in(lines), true, None)
     }
 
     /// Counts `n` records lost after they were spooled (refused by the control plane for
@@ -425,7 +629,10 @@ impl Spool {
     /// with ids the control plane already holds (and drops as duplicates).
     pub fn ack(&mut self, end: Cursor) -> Result<(), SpoolError> {
         let acked = end.rid - 1;
-        write_cursor(&self.dir, acked)?;
+        crate::failpoint!("spool-before-ack");
+        self.stamp += 1;
+        self.write_cursor(acked)?;
+        crate::failpoint!("spool-after-ack");
         self.acked = acked;
         self.read = Some(end);
         while let Some(seg) = self.segments.front() {
@@ -440,11 +647,54 @@ impl Spool {
     }
 }
 
-/// Writes the acknowledged id into `dir/acked`, in place and synced, at one width (a u64
-/// in decimal, zero-padded, and a newline): it works on a full disk.
-fn write_cursor(dir: &Path, acked: u64) -> Result<(), SpoolError> {
-    let path = dir.join("acked");
-    crate::files::write_in_place(&path, format!("{acked:020}\n").as_bytes()).map_err(io_err(&path))
+impl Spool {
+    /// Writes the acknowledged id and the spool's mark into `dir/acked`, in place and
+    /// synced, at one width (u64s in decimal, zero-padded): it works on a full disk.
+    fn write_cursor(&self, acked: u64) -> Result<(), SpoolError> {
+        let path = self.dir.join("acked");
+        let m = Mark {
+            stamp: self.stamp,
+            handled: self.handled,
+            lost: self.lost_pending,
+            next_rid: self.next_rid,
+        };
+        let text = format!(
+            "{acked:020} {:020} {:020} {:020} {:020}\n",
+            m.stamp,
+            m.handled.map_or(0, |h| h + 1),
+            m.lost,
+            m.next_rid
+        );
+        crate::files::write_in_place(&path, text.as_bytes()).map_err(io_err(&path))
+    }
+}
+
+/// `acked` and its mark, or `acked` alone (an earlier version's spool).
+fn parse_cursor(text: &str) -> Option<(u64, Option<Mark>)> {
+    let n: Vec<u64> = text
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    match n[..] {
+        [acked] => Some((acked, None)),
+        [acked, stamp, handled, lost, next_rid] => Some((
+            acked,
+            Some(Mark {
+                stamp,
+                handled: handled.checked_sub(1),
+                lost,
+                next_rid,
+            }),
+        )),
+        _ => None,
+    }
+}
+
+fn mark_line(m: &Mark) -> String {
+    let mut l = serde_json::to_string(&MarkLine { mark: *m }).expect("marks serialize");
+    l.push('\n');
+    l
 }
 
 /// Reads the whole records of `seg` from byte `from` on, handing each (with its offset and
@@ -464,10 +714,19 @@ fn read_records(
         if n == 0 {
             return Ok(());
         }
-        let r: Reported = serde_json::from_str(&line).map_err(|e| SpoolError::Corrupt {
-            path: seg.path.clone(),
-            message: format!("at byte {offset}: {e}"),
-        })?;
+        let r = match parse_line(&line) {
+            Ok(Line::Record(r)) => r,
+            Ok(Line::Mark(_)) => {
+                offset += n;
+                continue;
+            }
+            Err(e) => {
+                return Err(SpoolError::Corrupt {
+                    path: seg.path.clone(),
+                    message: format!("at byte {offset}: {e}"),
+                });
+            }
+        };
         if !each(offset, n, r) {
             return Ok(());
         }
@@ -546,5 +805,82 @@ mod tests {
         assert_eq!(got[0]["kind"], "loss");
         assert_eq!(got[0]["spool_records_lost"], 1000 - kept);
         assert_eq!(got[1]["n"], 1001);
+    }
+
+    fn logged(seq: u64) -> serde_json::Value {
+        serde_json::json!({ "kind": "decision", "seq": seq, "hash": format!("h{seq}"), "prev": "p" })
+    }
+
+    #[test]
+    fn an_append_without_its_mark_is_cut_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.handled(), None);
+        s.append((1..=5).map(logged).collect()).unwrap();
+        assert_eq!(s.handled(), Some(5));
+        drop(s);
+        // A second append whose records reached the disk and whose mark did not (the
+        // process died in between): as if it never was.
+        let seg = dir.path().join(format!("{:020}.jsonl", 1));
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        for seq in 6..=7 {
+            writeln!(f, "{{\"rid\":{seq},\"record\":{}}}", logged(seq)).unwrap();
+        }
+        drop(f);
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.handled(), Some(5));
+        assert_eq!(s.pending(), 5);
+        // Read back from the log, they get the ids the cut ones had.
+        s.append((6..=7).map(logged).collect()).unwrap();
+        let got: Vec<u64> = drain(&mut s, 100)
+            .iter()
+            .map(|r| r["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(got, (1..=7).collect::<Vec<_>>());
+        drop(s);
+        // Everything acknowledged: the mark lives on in `acked`.
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!((s.handled(), s.pending()), (Some(7), 0));
+    }
+
+    #[test]
+    fn losses_not_yet_reported_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 8192).unwrap();
+        s.append((1..=1000).map(logged).collect()).unwrap();
+        let lost = s.lost_total;
+        assert!(lost > 0);
+        // Every record the spool took counts as handled, lost or not.
+        assert_eq!(s.handled(), Some(1000));
+        // Two more refused by the control plane: counted, then acknowledged (as the link does).
+        s.count_lost(2);
+        let kept = drain(&mut s, 10_000).len() as u64;
+        drop(s);
+        let mut s = Spool::open(dir.path(), 8192).unwrap();
+        s.append(vec![logged(1001)]).unwrap();
+        let got = drain(&mut s, 10_000);
+        assert_eq!(got[0]["spool_records_lost"], lost + 2, "{got:?}");
+        assert_eq!(kept + lost, 1000);
+    }
+
+    #[test]
+    fn a_spool_of_an_earlier_version_keeps_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        s.append((1..=3).map(rec).collect()).unwrap();
+        drop(s);
+        // The earlier layout: `acked` alone, no marks in the segments.
+        std::fs::write(dir.path().join("acked"), format!("{:020}\n", 0)).unwrap();
+        let seg = dir.path().join(format!("{:020}.jsonl", 1));
+        let text = std::fs::read_to_string(&seg).unwrap();
+        let records: String = text
+            .lines()
+            .filter(|l| !l.starts_with("{\"mark\""))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&seg, records).unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!((s.handled(), s.pending()), (None, 3));
+        assert_eq!(drain(&mut s, 100).len(), 3);
     }
 }

@@ -59,11 +59,19 @@ pub trait Store: Send + Sync {
     fn revoke(&self, identity: &str, by: &str) -> Result<u64, StoreError>;
     /// The revocation generation and every revocation.
     fn revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError>;
+    /// Walks what is held of `node`'s audit chain: each chained record (stored id, text) in
+    /// ascending seq, then each of its loss records. False when nothing of the node is held.
+    fn audit_chain(
+        &self,
+        node: &str,
+        check: &mut super::chain::ChainCheck,
+    ) -> Result<bool, StoreError>;
 }
 
 /// Versioned schema: migration `i` takes a database from version `i` to `i + 1`
 /// (`PRAGMA user_version`). Never edit one that has shipped; add the next.
-const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE policy (
         version INTEGER PRIMARY KEY,
         revision TEXT NOT NULL,
         pushed_at TEXT NOT NULL,
@@ -99,7 +107,15 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
         identity TEXT NOT NULL UNIQUE,
         at TEXT NOT NULL,
         by TEXT NOT NULL
-    );"];
+    );",
+    // Records carry their place in the node's audit chain: the control plane checks the
+    // chain of what it holds, and a record sent twice (read back from the log after a crash)
+    // is stored once.
+    "ALTER TABLE flows ADD COLUMN audit_seq INTEGER;
+    ALTER TABLE flows ADD COLUMN audit_hash TEXT;
+    CREATE UNIQUE INDEX flows_audit_hash ON flows (node, audit_hash) WHERE audit_hash IS NOT NULL;
+    CREATE INDEX flows_audit_seq ON flows (node, audit_seq) WHERE audit_seq IS NOT NULL;",
+];
 
 pub struct SqliteStore {
     /// Writes go through one connection (SQLite has one writer); reads use their own, which
@@ -127,6 +143,13 @@ struct Indexed<'a> {
     dest: Option<std::net::IpAddr>,
     #[serde(default, borrow)]
     service: Option<&'a str>,
+    /// The record's place in the node's audit chain, when it came from the log.
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default, borrow)]
+    prev: Option<&'a str>,
+    #[serde(default, borrow)]
+    hash: Option<&'a str>,
 }
 
 impl SqliteStore {
@@ -293,14 +316,18 @@ impl Store for SqliteStore {
         let mut out = Ingested::default();
         {
             let mut st = tx.prepare_cached(
-                "INSERT OR IGNORE INTO flows (node, epoch, rid, kind, time, verdict, identity, dest, service, record)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT OR IGNORE INTO flows (node, epoch, rid, kind, time, verdict, identity, dest, service, record, audit_seq, audit_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )?;
             for r in records {
                 let text = r.record.get();
                 let ix: Indexed<'_> = serde_json::from_str(text).map_err(|e| {
                     StoreError::Corrupt(format!("record {} of epoch {epoch}: {e}", r.rid))
                 })?;
+                let chained = match (ix.seq, ix.prev, ix.hash) {
+                    (Some(seq), Some(_), Some(hash)) if seq <= i64::MAX as u64 => Some((seq, hash)),
+                    _ => None,
+                };
                 let n = st.execute(params![
                     node,
                     epoch as i64,
@@ -311,7 +338,9 @@ impl Store for SqliteStore {
                     ix.identity,
                     ix.dest.map(|d| d.to_string()),
                     ix.service,
-                    text
+                    text,
+                    chained.map(|(seq, _)| seq as i64),
+                    chained.map(|(_, hash)| hash),
                 ])?;
                 if n == 1 {
                     out.accepted += 1;
@@ -390,6 +419,39 @@ impl Store for SqliteStore {
             [],
             |r| r.get::<_, i64>(0),
         )? as u64)
+    }
+
+    fn audit_chain(
+        &self,
+        node: &str,
+        check: &mut super::chain::ChainCheck,
+    ) -> Result<bool, StoreError> {
+        let db = self.reader.lock().expect("db");
+        let known: bool = db.query_row(
+            "SELECT EXISTS (SELECT 1 FROM nodes WHERE node = ?1) OR EXISTS (SELECT 1 FROM flows WHERE node = ?1)",
+            params![node],
+            |r| r.get(0),
+        )?;
+        if !known {
+            return Ok(false);
+        }
+        let mut st = db.prepare(
+            "SELECT id, record FROM flows WHERE node = ?1 AND audit_seq IS NOT NULL
+             ORDER BY audit_seq, id",
+        )?;
+        let mut rows = st.query(params![node])?;
+        while let Some(row) = rows.next()? {
+            let id: i64 = row.get(0)?;
+            let text: String = row.get(1)?;
+            check.record(id as u64, &text);
+        }
+        let mut st = db.prepare("SELECT record FROM flows WHERE node = ?1 AND kind = 'loss'")?;
+        let mut rows = st.query(params![node])?;
+        while let Some(row) = rows.next()? {
+            let text: String = row.get(0)?;
+            check.loss(&text);
+        }
+        Ok(true)
     }
 
     fn revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError> {
@@ -478,6 +540,46 @@ mod tests {
     }
 
     #[test]
+    fn a_chained_record_sent_again_under_a_new_id_is_stored_once_and_its_chain_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("cp.db")).unwrap();
+        let log_dir = tempfile::tempdir().unwrap();
+        let mut log = crate::audit::AuditLog::open(&log_dir.path().join("a.jsonl"), 0).unwrap();
+        let logged: Vec<String> = (0..3)
+            .map(|i| {
+                let (_, r) = log
+                    .append_record("decision", serde_json::json!({ "port": i }))
+                    .unwrap();
+                serde_json::Value::Object(r).to_string()
+            })
+            .collect();
+        let as_sent = |rid: u64, text: &str| Reported {
+            rid,
+            record: serde_json::value::RawValue::from_string(text.to_owned()).unwrap(),
+        };
+        let first: Vec<Reported> = (0..2)
+            .map(|i| as_sent(i + 1, &logged[i as usize]))
+            .collect();
+        assert_eq!(s.ingest("n1", 7, &first).unwrap().accepted, 2);
+        // After a crash the node read seq 2 back from its log and spooled it again, under a
+        // new id: stored once. Seq 3 is new.
+        let again = vec![as_sent(3, &logged[1]), as_sent(4, &logged[2])];
+        assert_eq!(
+            s.ingest("n1", 7, &again).unwrap(),
+            Ingested {
+                accepted: 1,
+                duplicates: 1
+            }
+        );
+        let mut check = crate::control_plane::chain::ChainCheck::new("n1");
+        assert!(s.audit_chain("n1", &mut check).unwrap());
+        let r = check.finish();
+        assert!(r.intact && r.records == 3, "{r:?}");
+        let mut nobody = crate::control_plane::chain::ChainCheck::new("n9");
+        assert!(!s.audit_chain("n9", &mut nobody).unwrap());
+    }
+
+    #[test]
     fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cp.db");
@@ -502,7 +604,7 @@ mod tests {
         drop(c);
         let e = SqliteStore::open(&path).err().unwrap().to_string();
         assert!(
-            e.contains("has schema version 99; this agentwall knows up to 1"),
+            e.contains("has schema version 99; this agentwall knows up to 2"),
             "{e}"
         );
     }

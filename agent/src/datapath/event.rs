@@ -183,6 +183,11 @@ pub struct EventRecord {
 pub struct DecodeError(String);
 
 impl EventRecord {
+    /// What tells this event from every other: when (CLOCK_BOOTTIME ns) and which thread.
+    pub fn key(&self) -> String {
+        format!("{}-{}", self.time.0, self.tid)
+    }
+
     /// Decodes the raw bytes of one ring buffer item (which need not be aligned).
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         if bytes.len() < std::mem::size_of::<Event>() {
@@ -289,6 +294,10 @@ pub struct EventReader {
     unknown: RingBuf<MapData>,
     /// Readable when either ring is.
     epoll: OwnedFd,
+    /// See [`EventReader::skip_first`].
+    skip: Option<String>,
+    first_governed: bool,
+    first_unknown: bool,
 }
 
 impl EventReader {
@@ -322,6 +331,9 @@ impl EventReader {
             governed,
             unknown,
             epoll,
+            skip: None,
+            first_governed: false,
+            first_unknown: false,
         }
     }
 
@@ -343,6 +355,46 @@ impl EventReader {
     /// Drains every waiting record.
     pub fn drain(&mut self) -> Vec<EventRecord> {
         std::iter::from_fn(|| self.try_next()).collect()
+    }
+
+    /// Hands every waiting record to `each`, one at a time, letting go of each in the ring
+    /// only once `each` returned: a crash before then leaves it there for the next start
+    /// (which skips, by [`EventReader::skip_first`], the one whose record was written).
+    pub fn drain_with(&mut self, mut each: impl FnMut(EventRecord)) {
+        // Governed identities' records first, as in `try_next`.
+        for unknown in [false, true] {
+            loop {
+                let ring = if unknown {
+                    &mut self.unknown
+                } else {
+                    &mut self.governed
+                };
+                let Some(item) = ring.next() else {
+                    break;
+                };
+                let first = if unknown {
+                    std::mem::take(&mut self.first_unknown)
+                } else {
+                    std::mem::take(&mut self.first_governed)
+                };
+                match EventRecord::decode(&item) {
+                    Ok(r) if first && self.skip.as_deref() == Some(r.key().as_str()) => {
+                        tracing::info!(event = %r.key(), "event recorded before the node stopped, not recorded again");
+                    }
+                    Ok(r) => each(r),
+                    Err(e) => tracing::warn!(error = %e, "skipping event record"),
+                }
+                drop(item);
+            }
+        }
+    }
+
+    /// The event whose record the audit log ends with: skipped if either ring starts with
+    /// it (the node stopped after writing its record and before letting go of it).
+    pub fn skip_first(&mut self, key: Option<String>) {
+        self.skip = key;
+        self.first_governed = true;
+        self.first_unknown = true;
     }
 }
 

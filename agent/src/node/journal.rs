@@ -7,7 +7,7 @@ use std::{net::IpAddr, path::Path, sync::Mutex};
 
 use serde::Serialize;
 use serde_json::Value;
-use tracing::error;
+use tracing::{error, info};
 
 use crate::{audit::AuditLog, flows::FlowRecord};
 
@@ -193,6 +193,8 @@ struct State {
     outbox: Option<Vec<Value>>,
     /// Records the outbox could not hold (the link stalled); reported with the next one.
     outbox_lost: u64,
+    /// The kernel event of the log's last record at start, if it came from one.
+    last_event: Option<String>,
 }
 
 pub struct Journal {
@@ -245,8 +247,15 @@ impl Journal {
                 );
             }
         }
+        let last_event = log.as_ref().and_then(|l| {
+            l.last_record()
+                .and_then(|r| r.get("kernel_event"))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        });
         Ok(Self {
             state: Mutex::new(State {
+                last_event,
                 log,
                 anchor: anchor.map(Path::to_owned),
                 failures: 0,
@@ -263,9 +272,15 @@ impl Journal {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// From now on, records also go to the outbox (a control plane link runs).
-    pub fn enable_outbox(&self) {
-        self.lock().outbox.get_or_insert_with(Vec::new);
+    /// The seq of the audit log's last record (none without a log).
+    pub fn head(&self) -> Option<u64> {
+        self.lock().log.as_ref().map(|l| l.head().0)
+    }
+
+    /// The kernel event (see [`crate::flows::FlowRecord::kernel_event`]) of the record the log
+    /// ended with when the node started.
+    pub fn last_event(&self) -> Option<String> {
+        self.lock().last_event.clone()
     }
 
     /// Records written since the last call, oldest first.
@@ -300,17 +315,38 @@ impl Journal {
     }
 
     /// Writes an event to the audit log and the outbox. A failure is logged and counted; it
-    /// never stops enforcement.
+    /// never stops enforcement. The control plane is sent the record as the log holds it
+    /// (seq, prev and hash included), so it can check the chain of what it was sent.
     pub fn record(&self, event: &AuditEvent<'_>) {
         let kind = event.kind();
         let fields = event.fields();
         let mut st = self.lock();
-        let for_link = st.outbox.is_some().then(|| fields.clone());
-        let audit_seq = Self::log(&mut st, kind, fields);
-        let Some(fields) = for_link else {
-            return;
+        let unlogged = (st.outbox.is_some() && st.log.is_none()).then(|| fields.clone());
+        let written = Self::log(&mut st, kind, fields);
+        let r = match (written, unlogged) {
+            (Ok(Some(r)), _) => r,
+            // Not in the log: the control plane gets it unchained.
+            (Ok(None), Some(fields)) | (Err(fields), _) => {
+                let mut r = match fields {
+                    Value::Object(m) => m,
+                    other => {
+                        let mut m = serde_json::Map::new();
+                        m.insert("value".into(), other);
+                        m
+                    }
+                };
+                r.insert("kind".into(), kind.into());
+                r.entry("time")
+                    .or_insert(crate::clock::now_rfc3339().into());
+                r
+            }
+            (Ok(None), None) => return,
         };
-        let st = &mut *st;
+        Self::push_out(&mut st, r);
+    }
+
+    /// Puts a record in the outbox, when there is one.
+    fn push_out(st: &mut State, r: serde_json::Map<String, Value>) {
         let Some(out) = &mut st.outbox else {
             return;
         };
@@ -318,45 +354,67 @@ impl Journal {
             st.outbox_lost += 1;
             return;
         }
-        let now = crate::clock::now_rfc3339();
         if st.outbox_lost > 0 {
+            let now = crate::clock::now_rfc3339();
             out.push(serde_json::json!({ "kind": "loss", "time": now, "outbox_records_lost": st.outbox_lost }));
             st.outbox_lost = 0;
-        }
-        let mut r = match fields {
-            Value::Object(m) => m,
-            other => {
-                let mut m = serde_json::Map::new();
-                m.insert("value".into(), other);
-                m
-            }
-        };
-        r.insert("kind".into(), kind.into());
-        r.entry("time").or_insert(now.into());
-        // Ties the control plane's copy to the record in the node's tamper-evident log.
-        if let Some(seq) = audit_seq {
-            r.insert("audit_seq".into(), seq.into());
         }
         out.push(Value::Object(r));
     }
 
-    /// Appends to the audit log; the record's sequence number there, when written.
-    fn log(st: &mut State, kind: &str, fields: Value) -> Option<u64> {
-        let log = st.log.as_mut()?;
+    /// From now on, records also go to the outbox (a control plane link runs), starting with
+    /// those the log holds after seq `after`: what the spool had not taken when the node last
+    /// stopped (a crash between a write to the log and the spool). `None`: from now on only.
+    pub fn enable_outbox_from(&self, after: Option<u64>) {
+        let mut st = self.lock();
+        st.outbox.get_or_insert_with(Vec::new);
+        let (Some(after), Some(log)) = (after, &st.log) else {
+            return;
+        };
+        match log.records_after(after, OUTBOX_MAX) {
+            Ok((records, more)) => {
+                if !records.is_empty() || more > 0 {
+                    info!(
+                        after,
+                        records = records.len(),
+                        left_out = more,
+                        "audit records the report spool had not taken go to the control plane"
+                    );
+                }
+                for r in records {
+                    Self::push_out(&mut st, r);
+                }
+                st.outbox_lost += more;
+            }
+            Err(e) => {
+                error!(error = %e, after, "the audit log could not be read back for the control plane; records written just before the node stopped may be missing there");
+            }
+        }
+    }
+
+    /// Appends to the audit log: the record as written; `Ok(None)` without a log; the fields
+    /// back when the write failed. A loss record the log writes itself goes to the outbox.
+    fn log(
+        st: &mut State,
+        kind: &str,
+        fields: Value,
+    ) -> Result<Option<serde_json::Map<String, Value>>, Value> {
+        let Some(log) = st.log.as_mut() else {
+            return Ok(None);
+        };
         // Records that could not be written earlier are a counted loss in the log itself,
         // once it takes records again.
-        if st.unlogged > 0
-            && log
-                .append(
-                    "loss",
-                    serde_json::json!({ "audit_records_lost": st.unlogged }),
-                )
-                .is_ok()
-        {
-            st.unlogged = 0;
+        if st.unlogged > 0 {
+            let loss = serde_json::json!({ "audit_records_lost": st.unlogged });
+            if let Ok((_, r)) = log.append_record("loss", loss) {
+                st.unlogged = 0;
+                Self::push_out(st, r);
+            }
         }
-        match log.append(kind, fields) {
-            Ok(seq) => Some(seq),
+        let log = st.log.as_mut().expect("checked above");
+        let kept = st.outbox.is_some().then(|| fields.clone());
+        match log.append_record(kind, fields) {
+            Ok((_, r)) => Ok(Some(r)),
             Err(e) => {
                 st.failures += 1;
                 st.unlogged += 1;
@@ -365,7 +423,7 @@ impl Journal {
                     error!(error = %e, failures = st.failures,
                         "audit records not written (counted in agentwall_audit_write_failures_total)");
                 }
-                None
+                Err(kept.unwrap_or(Value::Null))
             }
         }
     }
@@ -594,7 +652,7 @@ mod tests {
             records_lost: 1,
             total_lost: 1,
         }));
-        j.enable_outbox();
+        j.enable_outbox_from(None);
         j.record(&AuditEvent::Policy(PolicyEvent::Applied {
             revision: "r".into(),
             identities: 0,
@@ -602,11 +660,43 @@ mod tests {
         let out = j.take_outbox();
         assert_eq!(out.len(), 1);
         assert_eq!(out[0]["kind"], "policy");
-        assert_eq!(out[0]["audit_seq"], 2);
+        assert_eq!(out[0]["seq"], 2);
+        // The record as the log holds it: its hash checks out wherever it is sent.
+        let text = std::fs::read_to_string(&p).unwrap();
+        let logged: Value = serde_json::from_str(text.lines().nth(1).unwrap()).unwrap();
+        assert_eq!(out[0], logged);
+        let r = out[0].as_object().unwrap();
+        assert_eq!(crate::audit::record_hash(r), r["hash"].as_str().unwrap());
         assert!(j.take_outbox().is_empty());
         assert_eq!(
             crate::audit::verify(&[p], &crate::audit::ChainStart::Genesis, None).unwrap(),
             2
         );
+    }
+
+    #[test]
+    fn records_the_spool_had_not_taken_are_read_back_from_the_log() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.jsonl");
+        // Small files: the records asked for reach back into rotated ones.
+        let j = Journal::open(Some(&p), 400, None, None).unwrap();
+        for n in 1..=12 {
+            j.record(&AuditEvent::Loss(KernelLoss {
+                records_lost: 1,
+                total_lost: n,
+            }));
+        }
+        assert!(crate::audit::rotated(&p).len() >= 3);
+        j.enable_outbox_from(Some(4));
+        j.record(&AuditEvent::Policy(PolicyEvent::Applied {
+            revision: "r".into(),
+            identities: 0,
+        }));
+        let seqs: Vec<u64> = j
+            .take_outbox()
+            .iter()
+            .map(|r| r["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, (5..=13).collect::<Vec<_>>());
     }
 }

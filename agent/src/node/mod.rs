@@ -216,6 +216,17 @@ impl AnswerSink for DnsSink {
     }
 }
 
+/// What an earlier process already reported of the kernel's lost-record count: none when
+/// the count is below it (the maps are new).
+fn reported_kernel_loss(state_dir: &std::path::Path, datapath: &Datapath) -> u64 {
+    let reported = std::fs::read_to_string(crate::config::kernel_lost(state_dir))
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let now = datapath.dropped_events().unwrap_or(0);
+    if reported <= now { reported } else { 0 }
+}
+
 impl Node {
     /// Starts the datapath (adopting pins), loads and applies policy. The policy must be valid
     /// to start, unless a last good copy is kept.
@@ -336,7 +347,7 @@ impl Node {
             journal,
             counters: Counters::default(),
             events: Mutex::new(events),
-            dropped_seen: AtomicU64::new(0),
+            dropped_seen: AtomicU64::new(reported_kernel_loss(&cfg.state_dir(), &datapath)),
             link: OnceLock::new(),
             datapath,
             cfg,
@@ -452,6 +463,13 @@ impl Node {
                 records_lost: lost,
                 total_lost: dropped,
             }));
+            // After the record: a crash in between counts these twice, never not at all.
+            let path = crate::config::kernel_lost(&self.cfg.state_dir());
+            if let Err(e) =
+                crate::files::write_in_place(&path, format!("{dropped:020}\n").as_bytes())
+            {
+                error!(error = %e, path = %path.display(), "the kernel's reported loss count could not be kept; a restart reports it again");
+            }
         }
         self.dns.expire(&self.datapath);
         self.sessions.note_expiries();
@@ -648,7 +666,7 @@ impl Node {
 
     /// Reads the kernel's decision records as they arrive.
     async fn read_events(self: Arc<Self>) {
-        let Some(reader) = self
+        let Some(mut reader) = self
             .events
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -656,6 +674,7 @@ impl Node {
         else {
             return;
         };
+        reader.skip_first(self.journal.last_event());
         // SAFETY: the reader owns the ring buffer's map fd, which stays open and the same for
         // as long as the reader lives inside the AsyncFd.
         let mut fd = match unsafe { tokio::io::unix::AsyncFd::register(reader) } {
@@ -671,10 +690,10 @@ impl Node {
             };
             let applied = self.enforcer.applied();
             let with = self.lookups(&applied);
-            for e in guard.get_inner_mut().drain() {
+            guard.get_inner_mut().drain_with(|e| {
                 self.records
                     .record(&e, &with, &self.journal, &self.counters);
-            }
+            });
             guard.clear_ready();
         }
     }
@@ -735,7 +754,9 @@ impl Node {
         if let Some(cp) = &self.cfg.control_plane {
             let link = crate::control_plane::link::Link::new(cp, &self.cfg.state_dir())?;
             let _ = self.link.set(link.stats.clone());
-            self.journal.enable_outbox();
+            // What the spool had not taken when the node stopped is sent from the log.
+            self.journal
+                .enable_outbox_from(link.handled(self.journal.head())?);
             link.spawn(self.clone());
         }
         let revision = self.revision();
@@ -756,6 +777,7 @@ impl Node {
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
             .map_err(NodeError::Signal)?;
         ready(&socket, &revision);
+        crate::arm_failpoints();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // One tick at a time, never awaited here: a long apply inside a tick does not keep

@@ -353,6 +353,7 @@ mod tests {
             container: None,
             service: None,
             serial: None,
+            kernel_event: None,
         }
     }
 

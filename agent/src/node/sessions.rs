@@ -454,6 +454,7 @@ impl Sessions {
                 "the datapath could not be told whether sockets older than their binding exist");
         }
         let bytes = serde_json::to_vec_pretty(&stored).expect("sessions serialize");
+        crate::failpoint!("sessions-save");
         if let Err(e) = crate::files::write_atomic(&self.path, &bytes) {
             error!(error = %e, path = %self.path.display(),
                 "the session table could not be saved; a restart would not know these sessions");
