@@ -259,6 +259,9 @@ pub const SHADOW_GROUPS: usize = 1_000;
 /// Most destinations listed per group and service, and distinct flows kept per group (for
 /// its suggested policy).
 pub const SHADOW_DESTINATIONS: usize = 256;
+/// Services kept per group (the catalog names a few dozen): a node sending free-form service
+/// names cannot grow one group without bound. Records of the others are counted as left out.
+pub const SHADOW_SERVICES: usize = 64;
 
 /// A process group that talked to AI services without an identity.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -293,7 +296,8 @@ pub struct ShadowFold {
 }
 
 impl ShadowFold {
-    /// Records not folded because their group came after [`SHADOW_GROUPS`] others.
+    /// Records not folded because their group came after [`SHADOW_GROUPS`] others, or their
+    /// service after [`SHADOW_SERVICES`] others of its group.
     pub fn left_out(&self) -> u64 {
         self.left_out
     }
@@ -328,6 +332,10 @@ impl ShadowFold {
             return;
         }
         let (acc, flows) = self.groups.entry(group).or_default();
+        if acc.len() >= SHADOW_SERVICES && !acc.contains_key(&service) {
+            self.left_out += 1;
+            return;
+        }
         let u = acc.entry(service.clone()).or_insert_with(|| ServiceUse {
             service: service.clone(),
             destinations: BTreeSet::new(),
@@ -477,5 +485,15 @@ mod tests {
             .unwrap();
         assert_eq!(u1.services[0].destinations.len(), SHADOW_DESTINATIONS);
         assert_eq!(u1.services[0].destinations_left_out, 4);
+
+        // Free-form service names in one group stop at the cap too.
+        let mut fold = ShadowFold::default();
+        for i in 0..SHADOW_SERVICES + 7 {
+            let mut r = rec("u.service", "203.0.113.1");
+            r["service"] = format!("svc-{i}").into();
+            fold.add(&r);
+        }
+        assert_eq!(fold.left_out(), 7);
+        assert_eq!(fold.finish()[0].services.len(), SHADOW_SERVICES);
     }
 }

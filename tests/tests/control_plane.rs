@@ -1059,7 +1059,11 @@ fn a_node_over_its_report_quota_waits_as_told_and_loses_nothing() {
                 "agentwall_decisions_total",
                 &[("identity", ID), ("verdict", "deny")],
             );
-            if n >= want { Ok(()) } else { Err(format!("{n} of {want}")) }
+            if n >= want {
+                Ok(())
+            } else {
+                Err(format!("{n} of {want}"))
+            }
         });
     }
     eventually("a batch deferred", Duration::from_secs(120), || {
@@ -1768,6 +1772,58 @@ fn the_per_address_cap_counts_only_connections_without_a_role() {
     let text = String::from_utf8_lossy(&text);
     assert!(
         text.contains("agentwall_cp_refusals_total{reason=\"address_cap\"} 1\n"),
+        "{text}"
+    );
+    drop(clients);
+}
+
+/// Connections a caller made authorized requests on count against the caller's own cap: one
+/// stolen credential cannot hold every connection (nor, through them, the body budget).
+#[test]
+fn one_caller_holds_at_most_its_share_of_connections() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    fx.configure(
+        "",
+        "[limits]\nmax_connections_per_caller = 2\nheader_timeout_secs = 600\n",
+    );
+    let server = CpProc::start(&fx, None);
+    let rt = rt();
+    let clients: Vec<_> = (0..3)
+        .map(|_| fx.client(&server.url, None, Some(&fx.security_token)))
+        .collect();
+    for c in &clients[..2] {
+        let nodes: Result<Vec<agentwall::control_plane::NodeInfo>, _> =
+            rt.block_on(c.get("/v1/nodes"));
+        assert!(nodes.is_ok(), "{nodes:?}");
+    }
+    // Both kept open: a third connection of the same caller is turned away, told when to
+    // come back.
+    let third: Result<Vec<agentwall::control_plane::NodeInfo>, _> =
+        rt.block_on(clients[2].get("/v1/nodes"));
+    match third {
+        Err(agentwall::control_plane::client::ClientError::Refused { status, body, .. }) => {
+            assert_eq!(status, hyper::StatusCode::TOO_MANY_REQUESTS);
+            assert!(body.contains("holds 2 connections already"), "{body}");
+        }
+        other => panic!("a third connection was served: {other:?}"),
+    }
+    // Another caller is not affected.
+    let admin = fx.client(&server.url, None, Some(&fx.admin_token));
+    let nodes: Result<Vec<agentwall::control_plane::NodeInfo>, _> =
+        rt.block_on(admin.get("/v1/nodes"));
+    assert!(nodes.is_ok(), "{nodes:?}");
+    let (_, text, _) = rt
+        .block_on(admin.request(
+            hyper::Method::GET,
+            "/v1/metrics",
+            None,
+            Duration::from_secs(30),
+        ))
+        .unwrap();
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains("agentwall_cp_refusals_total{reason=\"caller_cap\"} 1\n"),
         "{text}"
     );
     drop(clients);

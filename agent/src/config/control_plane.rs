@@ -111,8 +111,13 @@ pub struct Limits {
     /// leaves room for (64 kept for the server's own files) when that is less; a value set
     /// here that does not fit is refused at start.
     pub max_connections: Option<usize>,
-    /// Connections open at once from one peer address.
+    /// Connections open at once from one peer address that no request with a role vouched
+    /// for yet.
     pub max_connections_per_address: usize,
+    /// Connections open at once that one caller (a node, an admin, a security reader) made
+    /// an authorized request on: one stolen credential cannot hold every connection, nor,
+    /// through them, the budget of bodies in flight.
+    pub max_connections_per_caller: usize,
     /// Requests per minute one admin or security caller may make (bursts of as many).
     pub requests_per_minute: u32,
     /// Records one node may report a minute (a whole batch, up to 10,000, may come at once).
@@ -138,6 +143,7 @@ impl Default for Limits {
             write_timeout_secs: 30,
             max_connections: None,
             max_connections_per_address: 256,
+            max_connections_per_caller: 64,
             requests_per_minute: 600,
             node_records_per_minute: 600_000,
             node_bytes_per_minute: 512 << 20,
@@ -234,6 +240,10 @@ impl ServerConfig {
             ),
             ("node_bytes_per_minute", u64::from(l.node_bytes_per_minute)),
             ("ipv6_prefix_len", u64::from(l.ipv6_prefix_len)),
+            (
+                "max_connections_per_caller",
+                l.max_connections_per_caller as u64,
+            ),
         ] {
             if v == 0 {
                 return Err(invalid(format!("limits.{key} must be at least 1")));

@@ -55,6 +55,18 @@ pub struct LinkStats {
     pub records_refused: AtomicU64,
 }
 
+/// The count a spool loss record carries, when `records` is one.
+fn loss_count(records: &[super::Reported]) -> Option<u64> {
+    let [r] = records else {
+        return None;
+    };
+    let v: serde_json::Value = serde_json::from_str(r.record.get()).ok()?;
+    if v.get("kind")? != "loss" {
+        return None;
+    }
+    v.get("spool_records_lost")?.as_u64()
+}
+
 /// Longest wait a `Retry-After` may impose on the report loop.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
@@ -269,6 +281,7 @@ impl Link {
         let mut spool_failures = 0u64;
         let mut batch_limit = BATCH;
         let mut deferred = false;
+        let mut lone_refusals = 0u32;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -322,8 +335,11 @@ impl Link {
                     records: batch.records,
                 };
                 let sent = body.records.len();
-                match self.reports.post_reports(&body).await {
+                let result = self.reports.post_reports(&body).await;
+                let sent_records = body.records;
+                match result {
                     Ok(ingested) => {
+                        lone_refusals = 0;
                         if complained {
                             info!("reports reach the control plane again");
                             complained = false;
@@ -350,19 +366,34 @@ impl Link {
                             batch_limit = (sent / 2).max(1);
                             continue;
                         }
-                        error!(error = %body, "the control plane refused a record as too large; dropped (counted in agentwall_control_plane_records_lost_total)");
-                        self.stats.records_refused.fetch_add(1, Relaxed);
+                        // A loss record refused is not one more record lost: the count it
+                        // carried is owed still. A server (or a proxy) that refuses every
+                        // record alone would otherwise have the counter grow on its own.
+                        let owed = loss_count(&sent_records);
+                        if owed.is_none() {
+                            error!(error = %body, "the control plane refused a record as too large; dropped (counted in agentwall_control_plane_records_lost_total)");
+                            self.stats.records_refused.fetch_add(1, Relaxed);
+                        }
                         let spool = self.spool.clone();
                         let stats = self.stats.clone();
                         let _ = tokio::task::spawn_blocking(move || {
                             let mut s = spool.lock().expect("spool");
-                            s.count_lost(1);
+                            match owed {
+                                Some(n) => s.owe_lost(n),
+                                None => s.count_lost(1),
+                            }
                             stats.lost.store(s.lost_total, Relaxed);
                         })
                         .await;
                         if !self.ack(end).await {
                             break;
                         }
+                        // Refused alone again and again: not faster than the backoff.
+                        lone_refusals += 1;
+                        if lone_refusals > 1 {
+                            tokio::time::sleep(backoff.next()).await;
+                        }
+                        continue;
                     }
                     // Asked to come back later (a quota, a busy server): the control plane is
                     // there; the batch waits in the spool as long as it says.

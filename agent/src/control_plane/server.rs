@@ -231,10 +231,14 @@ enum Refusal {
     AcceptFailed,
     /// No room in the budget of body bytes in flight within the body timeout.
     BodyBudget,
+    /// A caller already holds its share of connections.
+    CallerCap,
+    /// A report batch that is not one (malformed JSON, wrong types, a bad gzip stream).
+    BadBatch,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 14] = [
+    const ALL: [Refusal; 16] = [
         Self::Unauthenticated,
         Self::Forbidden,
         Self::RateLimited,
@@ -249,6 +253,8 @@ impl Refusal {
         Self::WriteTimeout,
         Self::AcceptFailed,
         Self::BodyBudget,
+        Self::CallerCap,
+        Self::BadBatch,
     ];
 
     fn label(self) -> &'static str {
@@ -267,6 +273,8 @@ impl Refusal {
             Self::WriteTimeout => "write_timeout",
             Self::AcceptFailed => "accept_failed",
             Self::BodyBudget => "body_budget",
+            Self::CallerCap => "caller_cap",
+            Self::BadBatch => "bad_batch",
         }
     }
 }
@@ -329,6 +337,8 @@ pub struct Server {
     poll_tickets: std::sync::atomic::AtomicU64,
     /// Open connections per peer address (the total is `stats.connections`).
     conns: Mutex<HashMap<std::net::IpAddr, usize>>,
+    /// Vouched connections open per caller.
+    callers: Mutex<HashMap<String, usize>>,
     /// Peer addresses (blocks) that made an authorized request lately, and when: the last
     /// quarter of the connection cap is theirs.
     known: Mutex<HashMap<std::net::IpAddr, std::time::Instant>>,
@@ -405,6 +415,7 @@ impl Server {
             polls: Mutex::new(HashMap::new()),
             poll_tickets: std::sync::atomic::AtomicU64::new(0),
             conns: Mutex::new(HashMap::new()),
+            callers: Mutex::new(HashMap::new()),
             known: Mutex::new(HashMap::new()),
             reporting: Mutex::new(std::collections::HashSet::new()),
             ingests: tokio::sync::Semaphore::new(INGESTS_AT_ONCE),
@@ -615,9 +626,26 @@ async fn gate(
             }
             // A caller with a role no longer counts against its address's cap: the cap is
             // for connections no one has vouched for, and several nodes behind one address
-            // (a NAT, a shared /64) must not shut each other out.
-            if let Some(slot) = &peer.slot {
-                slot.vouched();
+            // (a NAT, a shared /64) must not shut each other out. It counts against the
+            // caller's own cap instead.
+            if let Some(slot) = &peer.slot
+                && !slot.vouched(&p.name)
+            {
+                let mut r = s.refuse(
+                    Refusal::CallerCap,
+                    Fail::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        format!(
+                            "{} holds {} connections already, its most; try again in 1 s",
+                            p.name, s.limits.max_connections_per_caller
+                        ),
+                    ),
+                );
+                r.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("1"),
+                );
+                return closing(r);
             }
             p
         }
@@ -1485,9 +1513,23 @@ async fn store_reports(
     .await
     .map_err(|e| Refused::Plain(Fail::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))?
     .map_err(|f| {
-        if f.0 == StatusCode::PAYLOAD_TOO_LARGE && s.stats.refused(Refusal::TooLarge) {
+        let why = if f.0 == StatusCode::PAYLOAD_TOO_LARGE {
+            Refusal::TooLarge
+        } else {
+            Refusal::BadBatch
+        };
+        if s.stats.refused(why) {
             warn!(node = %who.name, error = %f.1.error, "report batch refused");
         }
+        // A batch that fails to decode costs the node a whole batch's bytes of its quota:
+        // sending broken batches back to back would otherwise keep a core busy for free.
+        let _ = s.spend(
+            &s.byte_quota,
+            &who.name,
+            super::MAX_BATCH_BYTES as usize,
+            "bytes",
+            bytes_a_minute,
+        );
         Refused::Plain(f)
     })?;
     // Each node's records and bytes a minute: one node cannot fill the store for all. A
@@ -1704,6 +1746,8 @@ struct ConnSlot {
     block: std::net::IpAddr,
     /// Still counted against its block's per-address cap (until a request with a role).
     per_address: std::sync::atomic::AtomicBool,
+    /// The caller whose cap it counts against once vouched for.
+    caller: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for ConnSlot {
@@ -1739,6 +1783,7 @@ impl Server {
             server: self.clone(),
             block,
             per_address: std::sync::atomic::AtomicBool::new(true),
+            caller: std::sync::OnceLock::new(),
         })
     }
 
@@ -1792,12 +1837,23 @@ fn caller_block(addr: std::net::IpAddr, v6_prefix: u8) -> std::net::IpAddr {
 }
 
 impl ConnSlot {
-    /// The connection made a request with a role: it leaves its block's per-address count
-    /// (it stays in the total).
-    fn vouched(&self) {
+    /// The connection made a request with a role, as `caller`: it leaves its block's
+    /// per-address count for the caller's (it stays in the total). False when the caller
+    /// holds its most already (the connection is then to be closed).
+    fn vouched(&self, caller: &str) -> bool {
+        if self.caller.get().is_none() {
+            let mut by_caller = self.server.callers.lock().expect("callers");
+            let n = by_caller.entry(caller.to_owned()).or_default();
+            if *n >= self.server.limits.max_connections_per_caller {
+                return false;
+            }
+            *n += 1;
+            let _ = self.caller.set(caller.to_owned());
+        }
         if self.per_address.swap(false, Ordering::Relaxed) {
             self.server.release_block(self.block);
         }
+        true
     }
 }
 
@@ -1817,6 +1873,15 @@ impl Drop for ConnSlot {
     fn drop(&mut self) {
         if *self.per_address.get_mut() {
             self.server.release_block(self.block);
+        }
+        if let Some(c) = self.caller.get() {
+            let mut by_caller = self.server.callers.lock().expect("callers");
+            if let Some(n) = by_caller.get_mut(c) {
+                *n -= 1;
+                if *n == 0 {
+                    by_caller.remove(c);
+                }
+            }
         }
         self.server
             .stats

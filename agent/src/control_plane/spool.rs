@@ -517,7 +517,7 @@ impl Spool {
                 }
                 Ok(Some((n, kept, e))) => {
                     let done = &lines[start..start + n];
-                    if let Some(r) = done.iter().filter_map(|l| l.rid).last() {
+                    if let Some(r) = done.iter().rev().find_map(|l| l.rid) {
                         seg.last_rid = r;
                         self.next_rid = r + 1;
                     }
@@ -552,6 +552,12 @@ impl Spool {
     pub fn count_lost(&mut self, n: u64) {
         self.lost_pending += n;
         self.lost_total += n;
+    }
+
+    /// `n` records already counted lost whose loss record did not reach the control plane
+    /// (it refused it): the next loss record carries them again.
+    pub fn owe_lost(&mut self, n: u64) {
+        self.lost_pending += n;
     }
 
     /// Up to `max` records after the acknowledged ones, oldest first.
