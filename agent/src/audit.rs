@@ -55,6 +55,15 @@ pub enum AuditError {
         anchor: PathBuf,
         hash: String,
     },
+    #[error("{path}: {message}")]
+    Key { path: PathBuf, message: String },
+    #[error("{path}:{line}: checkpoint seq {seq}: {message}")]
+    BadCheckpoint {
+        path: PathBuf,
+        line: usize,
+        seq: u64,
+        message: String,
+    },
     #[error(
         "{path}:1: the first record is seq {seq} with prev {prev}, not the record after the trusted point (seq {from_seq}, hash {from_hash})"
     )]
@@ -113,6 +122,93 @@ impl Anchor {
         text.push('\n');
         crate::files::write_in_place(path, text.as_bytes()).map_err(io_err(path))
     }
+}
+
+/// What a checkpoint signs: the chain's head at that moment. Everything up to it is bound
+/// by the hash chain, so one signature covers every record before it.
+fn checkpoint_message(seq: u64, hash: &str) -> String {
+    format!("agentwall audit checkpoint v1\n{seq}\n{hash}\n")
+}
+
+/// Names a key in checkpoints: the first 16 bytes of the sha256 of its raw public key, hex.
+fn key_id(public: &[u8]) -> String {
+    hex::encode(&Sha256::digest(public)[..16])
+}
+
+/// The node's checkpoint key: Ed25519, PKCS#8 PEM (`openssl genpkey -algorithm ed25519`).
+pub struct Signer {
+    pair: ring::signature::Ed25519KeyPair,
+    id: String,
+}
+
+impl Signer {
+    pub fn load(path: &Path) -> Result<Self, AuditError> {
+        let key_err = |message: String| AuditError::Key {
+            path: path.to_owned(),
+            message,
+        };
+        let der = crate::pem::key(path).map_err(|e| key_err(e.to_string()))?;
+        let rustls_pki_types::PrivateKeyDer::Pkcs8(p8) = der else {
+            return Err(key_err(
+                "not a PKCS#8 key (an Ed25519 key is PKCS#8)".into(),
+            ));
+        };
+        let pair =
+            ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(p8.secret_pkcs8_der())
+                .map_err(|e| key_err(format!("not an Ed25519 key: {e}")))?;
+        use ring::signature::KeyPair as _;
+        let id = key_id(pair.public_key().as_ref());
+        Ok(Self { pair, id })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// A public key checkpoints are checked against (SPKI PEM, `openssl pkey -pubout`).
+pub struct SignerKey {
+    raw: Vec<u8>,
+    id: String,
+}
+
+impl SignerKey {
+    pub fn load(path: &Path) -> Result<Self, AuditError> {
+        let key_err = |message: String| AuditError::Key {
+            path: path.to_owned(),
+            message,
+        };
+        use rustls_pki_types::pem::PemObject as _;
+        let spki = rustls_pki_types::SubjectPublicKeyInfoDer::from_pem_file(path)
+            .map_err(|e| key_err(format!("not a PUBLIC KEY PEM: {e}")))?;
+        use x509_parser::prelude::FromDer as _;
+        let (_, info) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki.as_ref())
+            .map_err(|e| key_err(format!("not a public key: {e}")))?;
+        // id-Ed25519 (RFC 8410).
+        if info.algorithm.algorithm.to_id_string() != "1.3.101.112" {
+            return Err(key_err(format!(
+                "an {} key, not Ed25519",
+                info.algorithm.algorithm.to_id_string()
+            )));
+        }
+        let raw = info.subject_public_key.data.to_vec();
+        Ok(Self {
+            id: key_id(&raw),
+            raw,
+        })
+    }
+}
+
+/// What [`verify_signed`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Verified {
+    pub records: u64,
+    /// The last seq a checkpoint signed (with a signer key given).
+    pub signed_through: Option<u64>,
+    /// Checkpoints checked.
+    pub checkpoints: u64,
+    /// The chain's last seq.
+    pub last_seq: u64,
 }
 
 /// Where a verified chain begins: its genesis, or a point an earlier check trusted (the seq
@@ -179,6 +275,8 @@ pub struct AuditLog {
     anchored: u64,
     /// The last record there was when the log was opened.
     last: Option<Map<String, Value>>,
+    /// The kernel events of the last records there were when the log was opened.
+    recent_events: Vec<String>,
     /// The group that may read the log, if any.
     reader_gid: Option<u32>,
 }
@@ -200,10 +298,16 @@ impl AuditLog {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
         let (mut seq, mut prev, mut last) = (0, GENESIS.to_owned(), None);
+        let mut recent_events = Vec::new();
         let mut sources: Vec<PathBuf> = rotated(path).into_iter().map(|(_, p)| p).collect();
         sources.push(path.to_owned());
         for p in sources.iter().rev() {
-            if let Some(r) = last_record(p)? {
+            let Tail {
+                last: found,
+                events,
+            } = tail(p)?;
+            if let Some(r) = found {
+                recent_events = events;
                 seq = r.get("seq").and_then(Value::as_u64).unwrap_or(0);
                 prev = r
                     .get("hash")
@@ -225,6 +329,7 @@ impl AuditLog {
             prev,
             anchored: 0,
             last,
+            recent_events,
             reader_gid,
         })
     }
@@ -234,9 +339,35 @@ impl AuditLog {
         self.last.as_ref()
     }
 
+    /// The kernel events (see [`crate::flows::FlowRecord::kernel_event`]) of the last
+    /// records there were when the log was opened: other records may have been written
+    /// between an event's record and the node letting go of it.
+    pub fn recent_events(&self) -> &[String] {
+        &self.recent_events
+    }
+
     /// The chain's head: the last record's seq and hash.
     pub fn head(&self) -> (u64, &str) {
         (self.seq, &self.prev)
+    }
+
+    /// Appends a `checkpoint` record signing the chain's head with `signer`: the record as
+    /// written.
+    pub fn sign_checkpoint(
+        &mut self,
+        signer: &Signer,
+    ) -> Result<(u64, Map<String, Value>), AuditError> {
+        let (seq, hash) = (self.seq, self.prev.clone());
+        let signature = signer.pair.sign(checkpoint_message(seq, &hash).as_bytes());
+        self.append_record(
+            "checkpoint",
+            serde_json::json!({
+                "signed_seq": seq,
+                "signed_hash": hash,
+                "key": signer.id,
+                "signature": hex::encode(signature.as_ref()),
+            }),
+        )
     }
 
     /// Puts what was written on disk, then moves the anchor at `path` to the chain's head.
@@ -433,20 +564,45 @@ fn first_seq(path: &Path) -> Result<Option<u64>, AuditError> {
     Ok(None)
 }
 
-fn last_record(path: &Path) -> Result<Option<Map<String, Value>>, AuditError> {
+/// Kernel events of a file's last records kept (see [`AuditLog::recent_events`]).
+const RECENT_EVENTS: usize = 64;
+
+/// A file's last record, and the `kernel_event`s of its last [`RECENT_EVENTS`] records that
+/// name one.
+struct Tail {
+    last: Option<Map<String, Value>>,
+    events: Vec<String>,
+}
+
+fn tail(path: &Path) -> Result<Tail, AuditError> {
     let f = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(Tail {
+                last: None,
+                events: Vec::new(),
+            });
+        }
         Err(e) => return Err(io_err(path)(e)),
     };
     let mut last = None;
+    let mut events = std::collections::VecDeque::with_capacity(RECENT_EVENTS);
     for line in BufReader::new(f).lines() {
         let line = line.map_err(io_err(path))?;
         if let Ok(Value::Object(m)) = serde_json::from_str(&line) {
+            if let Some(e) = m.get("kernel_event").and_then(Value::as_str) {
+                if events.len() == RECENT_EVENTS {
+                    events.pop_front();
+                }
+                events.push_back(e.to_owned());
+            }
             last = Some(m);
         }
     }
-    Ok(last)
+    Ok(Tail {
+        last,
+        events: events.into(),
+    })
 }
 
 /// Checks a chain of files (oldest first) that begins at `start` and, with an anchor (and its
@@ -457,6 +613,20 @@ pub fn verify(
     start: &ChainStart,
     anchor: Option<(&Anchor, &Path)>,
 ) -> Result<u64, AuditError> {
+    verify_signed(files, start, anchor, None).map(|v| v.records)
+}
+
+/// [`verify`], and with `signer` every `checkpoint` record's signature: each must be made
+/// with that key over the record just before it. A chain rewritten by someone without the
+/// key (root on the node, a copy edited elsewhere) fails at its first checkpoint after the
+/// change.
+pub fn verify_signed(
+    files: &[PathBuf],
+    start: &ChainStart,
+    anchor: Option<(&Anchor, &Path)>,
+    signer: Option<&SignerKey>,
+) -> Result<Verified, AuditError> {
+    let mut found = Verified::default();
     let (mut expect_seq, mut prev) = match start {
         ChainStart::Genesis => (Some(1), Some(GENESIS.to_owned())),
         ChainStart::After { seq, hash } => (Some(seq + 1), Some(hash.clone())),
@@ -514,6 +684,43 @@ pub fn verify(
                     )));
                 }
             }
+            if let Some(key) = signer
+                && r.get("kind").and_then(Value::as_str) == Some("checkpoint")
+            {
+                let bad = |message: String| AuditError::BadCheckpoint {
+                    path: path.clone(),
+                    line: i + 1,
+                    seq,
+                    message,
+                };
+                let signed_seq = r.get("signed_seq").and_then(Value::as_u64);
+                let signed_hash = r.get("signed_hash").and_then(Value::as_str).unwrap_or("");
+                if r.get("key").and_then(Value::as_str) != Some(key.id.as_str()) {
+                    return Err(bad(format!(
+                        "signed by key {}, not by the key given ({})",
+                        r.get("key").and_then(Value::as_str).unwrap_or("?"),
+                        key.id
+                    )));
+                }
+                if signed_seq != Some(seq - 1) || signed_hash != p {
+                    return Err(bad(
+                        "does not sign the record before it (the chain was rewritten around it)"
+                            .into(),
+                    ));
+                }
+                let sig = r
+                    .get("signature")
+                    .and_then(Value::as_str)
+                    .and_then(|h| hex::decode(h).ok())
+                    .unwrap_or_default();
+                ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &key.raw)
+                    .verify(checkpoint_message(seq - 1, signed_hash).as_bytes(), &sig)
+                    .map_err(|_| {
+                        bad("its signature does not verify (forged, or the records it signs were changed)".into())
+                    })?;
+                found.checkpoints += 1;
+                found.signed_through = Some(seq - 1);
+            }
             if let Some((a, at)) = anchor
                 && a.seq == seq
                 && a.hash != stored
@@ -541,7 +748,9 @@ pub fn verify(
             last_seq,
         });
     }
-    Ok(count)
+    found.records = count;
+    found.last_seq = last_seq;
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -751,5 +960,79 @@ mod tests {
             let mode = fs::metadata(&f).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", f.display());
         }
+    }
+
+    /// An Ed25519 key pair in `dir`: (private PEM, public PEM).
+    fn ed25519(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let (private, public) = (
+            dir.join(format!("{name}.key")),
+            dir.join(format!("{name}.pub")),
+        );
+        fs::write(&private, k.serialize_pem()).unwrap();
+        fs::write(&public, k.public_key_pem()).unwrap();
+        (private, public)
+    }
+
+    #[test]
+    fn signed_checkpoints_verify_and_a_chain_rewritten_without_the_key_does_not() {
+        let d = tempfile::tempdir().unwrap();
+        let (private, public) = ed25519(d.path(), "node");
+        let (_, other) = ed25519(d.path(), "other");
+        let signer = Signer::load(&private).unwrap();
+        let key = SignerKey::load(&public).unwrap();
+        let p = d.path().join("audit.jsonl");
+        let mut log = AuditLog::open(&p, 0).unwrap();
+        for i in 0..3 {
+            log.append("deny", serde_json::json!({ "port": i }))
+                .unwrap();
+        }
+        log.sign_checkpoint(&signer).unwrap();
+        log.append("deny", serde_json::json!({ "port": 9 }))
+            .unwrap();
+        let files = chain_files(&p).unwrap();
+        let v = verify_signed(&files, &ChainStart::Genesis, None, Some(&key)).unwrap();
+        assert_eq!(
+            (v.records, v.checkpoints, v.signed_through, v.last_seq),
+            (5, 1, Some(3), 5)
+        );
+        // Another key's checkpoints are not these.
+        let wrong = SignerKey::load(&other).unwrap();
+        let e = verify_signed(&files, &ChainStart::Genesis, None, Some(&wrong))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not by the key given"), "{e}");
+        // Root on the node changes record 2 and re-hashes everything after it, checkpoint
+        // included: the hash chain holds, the signature does not.
+        let mut records: Vec<Map<String, Value>> = lines(&p)
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        records[1].insert("port".into(), 99.into());
+        let mut prev = GENESIS.to_owned();
+        for r in &mut records {
+            r.insert("prev".into(), prev.clone().into());
+            if r["kind"] == "checkpoint" {
+                r.insert("signed_hash".into(), prev.clone().into());
+            }
+            let h = record_hash(r);
+            r.insert("hash".into(), h.clone().into());
+            prev = h;
+        }
+        write(
+            &p,
+            &records
+                .iter()
+                .map(|r| Value::Object(r.clone()).to_string())
+                .collect::<Vec<_>>(),
+        );
+        assert!(verify(&files, &ChainStart::Genesis, None).is_ok());
+        let e = verify_signed(&files, &ChainStart::Genesis, None, Some(&key))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":4: checkpoint seq 4: its signature does not verify"),
+            "{e}"
+        );
     }
 }

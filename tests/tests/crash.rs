@@ -3,7 +3,8 @@
 //! acknowledgement cursor) and its state files (the session table, a state file's
 //! replacement), and started again. Every denial an agent met is then stored at the control
 //! plane exactly once (none counted lost: nothing here runs out of room), the control plane
-//! finds the node's audit chain whole, and the node's own log verifies against its anchor.
+//! finds the node's audit chain whole, and the node's own log verifies against its anchor
+//! and the key its checkpoints are signed with.
 
 use std::{
     os::unix::process::ExitStatusExt as _,
@@ -187,6 +188,11 @@ fn a_crash_at_any_failpoint_loses_no_record_and_stores_none_twice() {
     let url = server.url.clone();
     let metrics = loopback_addr();
     let audit = dir.join("audit/audit.jsonl");
+    // The node signs a checkpoint every second with its own key.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let (signing_key, signer) = (dir.join("audit-signing.key"), dir.join("audit-signing.pub"));
+    std::fs::write(&signing_key, key.serialize_pem()).unwrap();
+    std::fs::write(&signer, key.public_key_pem()).unwrap();
     let mut args = fx.node_flags(&url);
     args.extend(
         [
@@ -199,6 +205,10 @@ fn a_crash_at_any_failpoint_loses_no_record_and_stores_none_twice() {
             // Rotation every few records: the rotation's failpoints are reached.
             "--audit-log-max-bytes",
             "4096",
+            "--audit-signing-key",
+            signing_key.to_str().unwrap(),
+            "--audit-checkpoint-secs",
+            "1",
         ]
         .iter()
         .map(|s| (*s).to_owned()),
@@ -371,14 +381,21 @@ fn a_crash_at_any_failpoint_loses_no_record_and_stores_none_twice() {
     let out = std::process::Command::new(bin_path("agentwall"))
         .args(["audit", "verify", "--anchor"])
         .arg(dir.join("state/audit.anchor"))
+        .arg("--signer")
+        .arg(&signer)
         .arg(&rig.audit)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
+    let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    // Checkpoints were signed (the run takes several seconds), crashes or not.
+    assert!(
+        said.contains("signed checkpoint(s), the last signing seq"),
+        "{said}"
     );
     drop(server);
 }

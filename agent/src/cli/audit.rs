@@ -1,6 +1,6 @@
 use std::{path::PathBuf, process::ExitCode};
 
-use agentwall::audit::{Anchor, ChainStart, chain_files, verify};
+use agentwall::audit::{Anchor, ChainStart, SignerKey, chain_files, verify_signed};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -23,6 +23,10 @@ pub enum Command {
         /// trusted, when older files were archived or removed on purpose).
         #[arg(long, value_parser = parse_point)]
         from: Option<ChainStart>,
+        /// The public key (SPKI PEM) the node signs checkpoints with: every `checkpoint`
+        /// record must carry a valid signature by it over the record before it.
+        #[arg(long)]
+        signer: Option<PathBuf>,
     },
 }
 
@@ -55,7 +59,12 @@ pub fn run(cmd: Command) -> ExitCode {
         config,
         mut anchor,
         from,
+        signer,
     } = cmd;
+    let signer = match signer.as_deref().map(SignerKey::load).transpose() {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
     if let Some(c) = &config {
         let cfg = match agentwall::config::NodeConfig::load(c) {
             Ok(cfg) => cfg,
@@ -88,16 +97,32 @@ pub fn run(cmd: Command) -> ExitCode {
         many => many.to_vec(),
     };
     let with = anchor.as_ref().map(|(p, a)| (a, p.as_path()));
-    match verify(&chain, from.as_ref().unwrap_or(&ChainStart::Genesis), with) {
-        Ok(n) => {
+    match verify_signed(
+        &chain,
+        from.as_ref().unwrap_or(&ChainStart::Genesis),
+        with,
+        signer.as_ref(),
+    ) {
+        Ok(v) => {
             let anchored = match &anchor {
                 Some((_, a)) => format!(", up to the anchor's seq {} and on", a.seq),
                 None => String::new(),
             };
             println!(
-                "{n} records in {} file(s), chain intact{anchored}",
+                "{} records in {} file(s), chain intact{anchored}",
+                v.records,
                 chain.len()
             );
+            if signer.is_some() {
+                match v.signed_through {
+                    Some(s) => println!(
+                        "{} signed checkpoint(s), the last signing seq {s}; {} record(s) after it not yet signed",
+                        v.checkpoints,
+                        v.last_seq - s
+                    ),
+                    None => println!("no signed checkpoint: no record is signed yet"),
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(e) => fail(e),

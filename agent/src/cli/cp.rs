@@ -186,6 +186,13 @@ fn print_chain(r: &ChainReport) {
             }
         );
     }
+    if r.unchained > 0 {
+        say!(
+            "{} record(s) held outside the chain; the node's log said it could not write {}",
+            r.unchained,
+            r.audit_write_failures
+        );
+    }
     if r.intact && r.records > 0 {
         say!("chain intact");
     }
@@ -404,9 +411,11 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             }
             if !r.intact {
                 bail!(
-                    "the audit chain of {node} is not intact: {} record(s) do not check out, {} seq(s) missing that the node did not report lost",
+                    "the audit chain of {node} is not intact: {} record(s) do not check out, {} seq(s) missing that the node did not report lost, {} record(s) outside the chain for {} its log could not write",
                     r.breaks_total,
-                    r.unexplained
+                    r.unexplained,
+                    r.unchained,
+                    r.audit_write_failures
                 );
             }
         }

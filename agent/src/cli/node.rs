@@ -42,6 +42,13 @@ pub struct Args {
     /// Group that may read the audit log (0640); without one, root only (0600).
     #[arg(long)]
     audit_log_group: Option<String>,
+    /// Ed25519 private key (PKCS#8 PEM) to sign audit checkpoints with; `audit verify
+    /// --signer` checks them against its public key.
+    #[arg(long)]
+    audit_signing_key: Option<PathBuf>,
+    /// Seconds between signed audit checkpoints (default 60).
+    #[arg(long)]
+    audit_checkpoint_secs: Option<u64>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -119,6 +126,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         audit_log: args.audit_log,
         audit_log_max_bytes: args.audit_log_max_bytes,
         audit_log_group: args.audit_log_group,
+        audit_signing_key: args.audit_signing_key,
+        audit_checkpoint_secs: args.audit_checkpoint_secs,
         metrics_listen: args.metrics_listen,
         dns_listen_port: args.dns_listen_port,
         dns_upstream: args.dns_upstream,

@@ -59,6 +59,10 @@ pub struct NodeConfig {
     pub audit_log_max_bytes: Option<u64>,
     /// Group that may read the audit log (0640); without one, root only (0600).
     pub audit_log_group: Option<String>,
+    /// Ed25519 private key (PKCS#8 PEM) the node signs audit checkpoints with.
+    pub audit_signing_key: Option<PathBuf>,
+    /// Seconds between signed checkpoints (default 60).
+    pub audit_checkpoint_secs: Option<u64>,
     /// Address for the Prometheus text endpoint (`GET /metrics`); off when unset.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Port of the DNS proxy at every identity's proxy address (default 15053; 0 turns the
@@ -199,6 +203,8 @@ impl NodeConfig {
             audit_log,
             audit_log_max_bytes,
             audit_log_group,
+            audit_signing_key,
+            audit_checkpoint_secs,
             metrics_listen,
             dns_listen_port,
             dns_grace_secs,

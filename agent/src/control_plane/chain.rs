@@ -61,6 +61,11 @@ pub struct ChainReport {
     pub reported_lost: BTreeMap<String, u64>,
     /// Missing seqs beyond what the node reported lost.
     pub unexplained: u64,
+    /// The node's records held outside the chain (besides its spool's and outbox's loss
+    /// records), and how many of them its log said it could not write (the only ones that
+    /// belong there).
+    pub unchained: u64,
+    pub audit_write_failures: u64,
     /// No break, and no gap beyond the losses the node reported.
     pub intact: bool,
 }
@@ -140,7 +145,7 @@ impl ChainCheck {
             }
             Some((l, _)) => {
                 let missing = seq - l - 1;
-                self.report.missing += missing;
+                self.report.missing = self.report.missing.saturating_add(missing);
                 if self.report.gaps.len() < LISTED {
                     self.report.gaps.push(ChainGap {
                         after_seq: *l,
@@ -163,21 +168,44 @@ impl ChainCheck {
         let Ok(r) = serde_json::from_str::<Map<String, Value>>(text) else {
             return;
         };
+        // Node-supplied counts: added without overflow.
         for key in SENT_LOSSES {
             if let Some(n) = r.get(*key).and_then(Value::as_u64) {
-                *self
+                let sum = self
                     .report
                     .reported_lost
                     .entry((*key).to_owned())
-                    .or_default() += n;
+                    .or_default();
+                *sum = sum.saturating_add(n);
             }
+        }
+        // Records the log could not take went out unchained; only a chained loss record
+        // (the log's own) speaks for them.
+        if r.contains_key("hash")
+            && let Some(n) = r.get("audit_records_lost").and_then(Value::as_u64)
+        {
+            self.report.audit_write_failures = self.report.audit_write_failures.saturating_add(n);
         }
     }
 
+    /// Records of the node held outside the chain, loss records aside.
+    pub fn unchained(&mut self, n: u64) {
+        self.report.unchained = n;
+    }
+
     pub fn finish(mut self) -> ChainReport {
-        let lost: u64 = self.report.reported_lost.values().sum();
+        let lost = self
+            .report
+            .reported_lost
+            .values()
+            .fold(0u64, |a, n| a.saturating_add(*n));
         self.report.unexplained = self.report.missing.saturating_sub(lost);
-        self.report.intact = self.report.breaks_total == 0 && self.report.unexplained == 0;
+        // A node that keeps a chain sends everything through it but what its log failed to
+        // write.
+        let stray =
+            self.report.records > 0 && self.report.unchained > self.report.audit_write_failures;
+        self.report.intact =
+            self.report.breaks_total == 0 && self.report.unexplained == 0 && !stray;
         self.report
     }
 }

@@ -11,6 +11,10 @@ use rustls::pki_types::ServerName;
 use super::ErrorBody;
 use crate::config::control_plane::ClientConfig;
 
+/// The largest answer read: a bundle with room to spare, a page of flows unless its records
+/// are huge (then a smaller `--limit` reads it).
+const MAX_ANSWER: usize = 256 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("control plane client: {0}")]
@@ -221,13 +225,18 @@ impl Client {
                             .get(hyper::header::RETRY_AFTER)
                             .and_then(|v| v.to_str().ok())
                             .and_then(|v| v.trim().parse::<u64>().ok());
-                        let bytes = resp
-                            .into_body()
+                        // Bounded: a hostile or broken server cannot make the node (or the
+                        // CLI) hold an answer of any size. The connection is not reused.
+                        let bytes = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
                             .collect()
                             .await
                             .map_err(|e| ClientError::Unreachable {
                                 url: self.url.clone(),
-                                message: e.to_string(),
+                                message: if e.is::<http_body_util::LengthLimitError>() {
+                                    format!("an answer over {} MiB", MAX_ANSWER >> 20)
+                                } else {
+                                    e.to_string()
+                                },
                             })?
                             .to_bytes();
                         *guard = Some(send);

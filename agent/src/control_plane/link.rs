@@ -358,8 +358,11 @@ impl Link {
                     // Over a size bound: the batch again in halves, down to one record; one
                     // record refused alone is dropped and counted lost, or it would hold
                     // back every record after it for good.
+                    // The same for a batch the control plane cannot read (400): one record it
+                    // cannot take must not hold back the rest.
                     Err(ClientError::Refused { status, body, .. })
-                        if status == hyper::StatusCode::PAYLOAD_TOO_LARGE =>
+                        if status == hyper::StatusCode::PAYLOAD_TOO_LARGE
+                            || status == hyper::StatusCode::BAD_REQUEST =>
                     {
                         self.stats.connected.store(true, Relaxed);
                         if sent > 1 {
@@ -371,7 +374,7 @@ impl Link {
                         // record alone would otherwise have the counter grow on its own.
                         let owed = loss_count(&sent_records);
                         if owed.is_none() {
-                            error!(error = %body, "the control plane refused a record as too large; dropped (counted in agentwall_control_plane_records_lost_total)");
+                            error!(error = %body, %status, "the control plane refused a record alone; dropped (counted in agentwall_control_plane_records_lost_total)");
                             self.stats.records_refused.fetch_add(1, Relaxed);
                         }
                         let spool = self.spool.clone();

@@ -1,7 +1,7 @@
 //! The control plane's storage, behind one interface ([`Store`]) so another database can
 //! follow; [`SqliteStore`] is the embedded default (one file, WAL).
 
-use std::{path::Path, sync::Mutex};
+use std::{borrow::Cow, path::Path, sync::Mutex};
 
 use rusqlite::{Connection, OptionalExtension as _, params};
 
@@ -122,34 +122,46 @@ pub struct SqliteStore {
     /// WAL lets run beside a write.
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
+    /// For reads that take long (a node's whole audit chain): their own connection, so the
+    /// other reads do not wait behind them.
+    path: std::path::PathBuf,
+}
+
+/// A connection's lock; one a panic left poisoned is still usable (SQLite rolled back
+/// whatever the panicking call had open), so one bad request cannot take every later one
+/// down with it.
+fn lock(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn now() -> String {
     crate::clock::now_rfc3339()
 }
 
-/// The fields a record is indexed by.
+/// The fields a record is indexed by. Text is borrowed where it can be and copied where the
+/// JSON escaped it (a quote or a non-ASCII letter in a name).
 #[derive(serde::Deserialize)]
 struct Indexed<'a> {
     #[serde(default, borrow)]
-    kind: Option<&'a str>,
+    kind: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    time: Option<&'a str>,
+    time: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    verdict: Option<&'a str>,
+    verdict: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    identity: Option<&'a str>,
-    #[serde(default)]
-    dest: Option<std::net::IpAddr>,
+    identity: Option<Cow<'a, str>>,
+    /// Kept as text: a record whose `dest` is not an address is stored without one.
     #[serde(default, borrow)]
-    service: Option<&'a str>,
+    dest: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    service: Option<Cow<'a, str>>,
     /// The record's place in the node's audit chain, when it came from the log.
     #[serde(default)]
     seq: Option<u64>,
     #[serde(default, borrow)]
-    prev: Option<&'a str>,
+    prev: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    hash: Option<&'a str>,
+    hash: Option<Cow<'a, str>>,
 }
 
 impl SqliteStore {
@@ -194,6 +206,7 @@ impl SqliteStore {
         reader.busy_timeout(std::time::Duration::from_secs(5))?;
         Ok(Self {
             writer: Mutex::new(writer),
+            path: path.to_owned(),
             reader: Mutex::new(reader),
         })
     }
@@ -220,7 +233,7 @@ impl Store for SqliteStore {
     ) -> Result<Bundle, StoreError> {
         let text = serde_json::to_string(files).expect("files serialize");
         let at = now();
-        let db = self.writer.lock().expect("db");
+        let db = lock(&self.writer);
         db.execute(
             "INSERT INTO policy (revision, pushed_at, pushed_by, files) VALUES (?1, ?2, ?3, ?4)",
             params![revision, at, by, text],
@@ -235,7 +248,7 @@ impl Store for SqliteStore {
     }
 
     fn policy(&self, version: Option<u64>) -> Result<Option<Bundle>, StoreError> {
-        let db = self.reader.lock().expect("db");
+        let db = lock(&self.reader);
         let row = match version {
             Some(v) => db
                 .query_row(
@@ -266,7 +279,7 @@ impl Store for SqliteStore {
     }
 
     fn nodes_seen(&self, seen: &[NodeSeen]) -> Result<(), StoreError> {
-        let mut db = self.writer.lock().expect("db");
+        let mut db = lock(&self.writer);
         let tx = db.transaction()?;
         {
             let mut st = tx.prepare_cached(
@@ -291,7 +304,7 @@ impl Store for SqliteStore {
     }
 
     fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
-        let db = self.reader.lock().expect("db");
+        let db = lock(&self.reader);
         let mut st = db.prepare(
             "SELECT node, first_seen, last_seen, applied_version, applied_revision, agent_version, error
              FROM nodes ORDER BY node",
@@ -311,7 +324,7 @@ impl Store for SqliteStore {
     }
 
     fn ingest(&self, node: &str, epoch: u64, records: &[Reported]) -> Result<Ingested, StoreError> {
-        let mut db = self.writer.lock().expect("db");
+        let mut db = lock(&self.writer);
         let tx = db.transaction()?;
         let mut out = Ingested::default();
         {
@@ -324,23 +337,35 @@ impl Store for SqliteStore {
                 let ix: Indexed<'_> = serde_json::from_str(text).map_err(|e| {
                     StoreError::Corrupt(format!("record {} of epoch {epoch}: {e}", r.rid))
                 })?;
-                let chained = match (ix.seq, ix.prev, ix.hash) {
-                    (Some(seq), Some(_), Some(hash)) if seq <= i64::MAX as u64 => Some((seq, hash)),
+                let chained = match (ix.seq, &ix.prev, ix.hash.as_deref()) {
+                    (Some(seq), Some(_), Some(hash)) => Some((seq.min(i64::MAX as u64), hash)),
                     _ => None,
                 };
+                // Kept by its hash only when the hash is its own: a record carrying another
+                // one's hash (sent first) must not shut the real one out as a duplicate. It is
+                // still in the chain by its seq, where the check names it.
+                let own_hash = chained.is_some_and(|(_, hash)| {
+                    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
+                        .is_ok_and(|m| crate::audit::record_hash(&m) == hash)
+                });
+                // Stored as the address's canonical text, as the flows filter asks for it.
+                let dest = ix
+                    .dest
+                    .as_deref()
+                    .and_then(|d| d.parse::<std::net::IpAddr>().ok());
                 let n = st.execute(params![
                     node,
                     epoch as i64,
                     r.rid as i64,
-                    ix.kind.unwrap_or("decision"),
-                    ix.time.unwrap_or_default(),
-                    ix.verdict,
-                    ix.identity,
-                    ix.dest.map(|d| d.to_string()),
-                    ix.service,
+                    ix.kind.as_deref().unwrap_or("decision"),
+                    ix.time.as_deref().unwrap_or_default(),
+                    ix.verdict.as_deref(),
+                    ix.identity.as_deref(),
+                    dest.map(|d| d.to_string()),
+                    ix.service.as_deref(),
                     text,
                     chained.map(|(seq, _)| seq as i64),
-                    chained.map(|(_, hash)| hash),
+                    chained.filter(|_| own_hash).map(|(_, hash)| hash),
                 ])?;
                 if n == 1 {
                     out.accepted += 1;
@@ -386,7 +411,7 @@ impl Store for SqliteStore {
             filter("id", ">", (a as i64).into());
         }
         sql.push_str(&format!(" ORDER BY id LIMIT {limit}"));
-        let db = self.reader.lock().expect("db");
+        let db = lock(&self.reader);
         let mut st = db.prepare(&sql)?;
         let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
             Ok((
@@ -409,7 +434,7 @@ impl Store for SqliteStore {
     }
 
     fn revoke(&self, identity: &str, by: &str) -> Result<u64, StoreError> {
-        let db = self.writer.lock().expect("db");
+        let db = lock(&self.writer);
         db.execute(
             "INSERT OR IGNORE INTO revocations (identity, at, by) VALUES (?1, ?2, ?3)",
             params![identity, now(), by],
@@ -426,7 +451,11 @@ impl Store for SqliteStore {
         node: &str,
         check: &mut super::chain::ChainCheck,
     ) -> Result<bool, StoreError> {
-        let db = self.reader.lock().expect("db");
+        let db = Connection::open_with_flags(
+            &self.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        db.busy_timeout(std::time::Duration::from_secs(5))?;
         let known: bool = db.query_row(
             "SELECT EXISTS (SELECT 1 FROM nodes WHERE node = ?1) OR EXISTS (SELECT 1 FROM flows WHERE node = ?1)",
             params![node],
@@ -451,11 +480,21 @@ impl Store for SqliteStore {
             let text: String = row.get(0)?;
             check.loss(&text);
         }
+        // Records outside the chain (loss records of the spool and the outbox are, by
+        // design): the ones a chain's own loss records do not account for are suspect.
+        let unchained: i64 = db.query_row(
+            // Since the first chained record: what an earlier version sent is not suspect.
+            "SELECT COUNT(*) FROM flows WHERE node = ?1 AND audit_seq IS NULL AND kind != 'loss'
+             AND id > (SELECT MIN(id) FROM flows WHERE node = ?1 AND audit_seq IS NOT NULL)",
+            params![node],
+            |r| r.get(0),
+        )?;
+        check.unchained(unchained as u64);
         Ok(true)
     }
 
     fn revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError> {
-        let db = self.reader.lock().expect("db");
+        let db = lock(&self.reader);
         let mut st =
             db.prepare("SELECT identity, generation, at, by FROM revocations ORDER BY generation")?;
         let all: Vec<Revocation> = st
@@ -540,6 +579,25 @@ mod tests {
     }
 
     #[test]
+    fn escaped_text_and_a_dest_that_is_no_address_are_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("cp.db")).unwrap();
+        let text = r#"{"kind":"decision","time":"2026-11-23T00:00:01.000Z","verdict":"deny","identity":"spiffe://example.org/caf\u00e9 \"q\"","dest":"not-an-address","service":"Open\nAI"}"#;
+        let r = Reported {
+            rid: 1,
+            record: serde_json::value::RawValue::from_string(text.to_owned()).unwrap(),
+        };
+        assert_eq!(s.ingest("n1", 1, &[r]).unwrap().accepted, 1);
+        let page = s
+            .flows(&FlowQuery {
+                identity: Some("spiffe://example.org/café \"q\"".into()),
+                ..FlowQuery::default()
+            })
+            .unwrap();
+        assert_eq!(page.flows.len(), 1, "{page:?}");
+    }
+
+    #[test]
     fn a_chained_record_sent_again_under_a_new_id_is_stored_once_and_its_chain_checked() {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(&dir.path().join("cp.db")).unwrap();
@@ -577,6 +635,69 @@ mod tests {
         assert!(r.intact && r.records == 3, "{r:?}");
         let mut nobody = crate::control_plane::chain::ChainCheck::new("n9");
         assert!(!s.audit_chain("n9", &mut nobody).unwrap());
+    }
+
+    /// What a holder of a node's certificate might send to muddy its chain, each found.
+    #[test]
+    fn a_node_cannot_talk_its_chain_into_looking_whole() {
+        use crate::control_plane::chain::ChainCheck;
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("cp.db")).unwrap();
+        let log_dir = tempfile::tempdir().unwrap();
+        let mut log = crate::audit::AuditLog::open(&log_dir.path().join("a.jsonl"), 0).unwrap();
+        let logged: Vec<String> = (0..3)
+            .map(|i| {
+                let (_, r) = log
+                    .append_record("decision", serde_json::json!({ "port": i }))
+                    .unwrap();
+                serde_json::Value::Object(r).to_string()
+            })
+            .collect();
+        let sent = |rid: u64, text: &str| Reported {
+            rid,
+            record: serde_json::value::RawValue::from_string(text.to_owned()).unwrap(),
+        };
+        let check = |node: &str| {
+            let mut c = ChainCheck::new(node);
+            assert!(s.audit_chain(node, &mut c).unwrap());
+            c.finish()
+        };
+        // Seq 3's hash on a forged record, sent before the real seq 3: the real one is still
+        // stored, and the forgery is named.
+        let mut forged: serde_json::Value = serde_json::from_str(&logged[2]).unwrap();
+        forged["port"] = 99.into();
+        let batch = vec![
+            sent(1, &logged[0]),
+            sent(2, &logged[1]),
+            sent(3, &forged.to_string()),
+            sent(4, &logged[2]),
+        ];
+        assert_eq!(s.ingest("a", 1, &batch).unwrap().accepted, 4);
+        let r = check("a");
+        assert!(!r.intact && r.breaks_total >= 1, "{r:?}");
+        // Loss counts that overflow are summed without a panic, and the store still reads.
+        let huge = r#"{"kind":"loss","spool_records_lost":18446744073709551615}"#;
+        let one = r#"{"kind":"loss","spool_records_lost":1}"#;
+        assert_eq!(
+            s.ingest("b", 1, &[sent(1, huge), sent(2, one), sent(3, &logged[0])])
+                .unwrap()
+                .accepted,
+            3
+        );
+        assert_eq!(check("b").reported_lost["spool_records_lost"], u64::MAX);
+        assert!(s.nodes().is_ok());
+        // Records sent outside the chain by a node that keeps one, no write failure of its
+        // log speaking for them.
+        let stray =
+            r#"{"kind":"decision","verdict":"deny","identity":"spiffe://example.org/other"}"#;
+        assert_eq!(
+            s.ingest("c", 1, &[sent(1, &logged[0]), sent(2, stray)])
+                .unwrap()
+                .accepted,
+            2
+        );
+        let r = check("c");
+        assert_eq!((r.unchained, r.intact), (1, false), "{r:?}");
     }
 
     #[test]

@@ -295,7 +295,7 @@ pub struct EventReader {
     /// Readable when either ring is.
     epoll: OwnedFd,
     /// See [`EventReader::skip_first`].
-    skip: Option<String>,
+    skip: std::collections::HashSet<String>,
     first_governed: bool,
     first_unknown: bool,
 }
@@ -331,7 +331,7 @@ impl EventReader {
             governed,
             unknown,
             epoll,
-            skip: None,
+            skip: std::collections::HashSet::new(),
             first_governed: false,
             first_unknown: false,
         }
@@ -378,7 +378,7 @@ impl EventReader {
                     std::mem::take(&mut self.first_governed)
                 };
                 match EventRecord::decode(&item) {
-                    Ok(r) if first && self.skip.as_deref() == Some(r.key().as_str()) => {
+                    Ok(r) if first && self.skip.contains(&r.key()) => {
                         tracing::info!(event = %r.key(), "event recorded before the node stopped, not recorded again");
                     }
                     Ok(r) => each(r),
@@ -389,10 +389,11 @@ impl EventReader {
         }
     }
 
-    /// The event whose record the audit log ends with: skipped if either ring starts with
-    /// it (the node stopped after writing its record and before letting go of it).
-    pub fn skip_first(&mut self, key: Option<String>) {
-        self.skip = key;
+    /// Events whose records the audit log ends with: skipped when either ring starts with
+    /// one (the node stopped after writing its record and before letting go of it; other
+    /// records may have been written in between).
+    pub fn skip_first(&mut self, keys: std::collections::HashSet<String>) {
+        self.skip = keys;
         self.first_governed = true;
         self.first_unknown = true;
     }

@@ -193,8 +193,18 @@ struct State {
     outbox: Option<Vec<Value>>,
     /// Records the outbox could not hold (the link stalled); reported with the next one.
     outbox_lost: u64,
-    /// The kernel event of the log's last record at start, if it came from one.
-    last_event: Option<String>,
+    /// The kernel events of the log's last records at start.
+    recent_events: std::collections::HashSet<String>,
+    /// Signs a checkpoint of the chain's head every so often (see [`Journal::sign_with`]).
+    signing: Option<Signing>,
+}
+
+struct Signing {
+    signer: crate::audit::Signer,
+    every: std::time::Duration,
+    last_at: std::time::Instant,
+    /// The seq of the last checkpoint record written.
+    last_seq: u64,
 }
 
 pub struct Journal {
@@ -247,15 +257,14 @@ impl Journal {
                 );
             }
         }
-        let last_event = log.as_ref().and_then(|l| {
-            l.last_record()
-                .and_then(|r| r.get("kernel_event"))
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        });
+        let recent_events = log
+            .as_ref()
+            .map(|l| l.recent_events().iter().cloned().collect())
+            .unwrap_or_default();
         Ok(Self {
             state: Mutex::new(State {
-                last_event,
+                recent_events,
+                signing: None,
                 log,
                 anchor: anchor.map(Path::to_owned),
                 failures: 0,
@@ -277,10 +286,10 @@ impl Journal {
         self.lock().log.as_ref().map(|l| l.head().0)
     }
 
-    /// The kernel event (see [`crate::flows::FlowRecord::kernel_event`]) of the record the log
-    /// ended with when the node started.
-    pub fn last_event(&self) -> Option<String> {
-        self.lock().last_event.clone()
+    /// The kernel events (see [`crate::flows::FlowRecord::kernel_event`]) of the records
+    /// the log ended with when the node started.
+    pub fn recent_events(&self) -> std::collections::HashSet<String> {
+        self.lock().recent_events.clone()
     }
 
     /// Records written since the last call, oldest first.
@@ -292,10 +301,36 @@ impl Journal {
             .unwrap_or_default()
     }
 
+    /// From now on a `checkpoint` record signed by `signer` goes in every `every` (when
+    /// records were written since the last one).
+    pub fn sign_with(&self, signer: crate::audit::Signer, every: std::time::Duration) {
+        self.lock().signing = Some(Signing {
+            signer,
+            every,
+            last_at: std::time::Instant::now(),
+            last_seq: 0,
+        });
+    }
+
     /// Syncs the audit log and moves its anchor to the chain's head (called every tick, and
-    /// at shutdown). A failure is logged; the next call tries again.
-    pub fn checkpoint(&self) {
+    /// at shutdown), signing a checkpoint first when one is due (`last`: at once, the node
+    /// is stopping). A failure is logged; the next call tries again.
+    pub fn checkpoint(&self, last: bool) {
         let mut st = self.lock();
+        let st = &mut *st;
+        if let (Some(sg), Some(log)) = (&mut st.signing, &mut st.log)
+            && (last || sg.last_at.elapsed() >= sg.every)
+            && log.head().0 > sg.last_seq
+        {
+            sg.last_at = std::time::Instant::now();
+            match log.sign_checkpoint(&sg.signer) {
+                Ok((seq, r)) => {
+                    sg.last_seq = seq;
+                    Self::push_out(st, r);
+                }
+                Err(e) => error!(error = %e, "the audit checkpoint could not be written"),
+            }
+        }
         let State {
             log: Some(log),
             anchor: Some(at),
@@ -630,7 +665,7 @@ mod tests {
                 total_lost: n,
             }));
         }
-        j.checkpoint();
+        j.checkpoint(false);
         drop(j);
         let text = std::fs::read_to_string(&p).unwrap();
         let kept: Vec<&str> = text.lines().take(2).collect();

@@ -86,6 +86,8 @@ pub enum NodeError {
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
     Journal(#[from] JournalError),
+    #[error("audit signing key: {0}")]
+    SigningKey(#[from] crate::audit::AuditError),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error(transparent)]
@@ -304,6 +306,18 @@ impl Node {
             Some(&crate::config::audit_anchor(&state_dir)),
             cfg.audit_log_group.as_deref().map(group_id).transpose()?,
         )?);
+        if let Some(key) = &cfg.audit_signing_key {
+            // A key that cannot be read refuses the start: a node asked to sign must not
+            // run unsigned without anyone noticing.
+            let signer = crate::audit::Signer::load(key)?;
+            let every = Duration::from_secs(cfg.audit_checkpoint_secs.unwrap_or(60).max(1));
+            tracing::info!(
+                key = signer.id(),
+                every_secs = every.as_secs(),
+                "audit checkpoints are signed"
+            );
+            journal.sign_with(signer, every);
+        }
         let sessions =
             Sessions::load(datapath.clone(), journal.clone(), agents, mount, &state_dir)?;
         // CRLs that changed while the node was down reach the sessions it had.
@@ -447,7 +461,7 @@ impl Node {
     /// learned addresses and certificates, the DNS proxy's namespaces, counts the kernel
     /// held, folded runs, schedule windows and the policy directory.
     fn tick(&self) {
-        self.journal.checkpoint();
+        self.journal.checkpoint(false);
         if let Some(serials) = self.trust.reload_crls() {
             self.sessions.cut_off(&serials);
         }
@@ -674,7 +688,7 @@ impl Node {
         else {
             return;
         };
-        reader.skip_first(self.journal.last_event());
+        reader.skip_first(self.journal.recent_events());
         // SAFETY: the reader owns the ring buffer's map fd, which stays open and the same for
         // as long as the reader lives inside the AsyncFd.
         let mut fd = match unsafe { tokio::io::unix::AsyncFd::register(reader) } {
@@ -813,7 +827,8 @@ impl Node {
                 &node.counters,
             );
             node.records.flush(true, &node.journal);
-            node.journal.checkpoint();
+            // A clean stop leaves the log signed to its end.
+            node.journal.checkpoint(true);
             node.dns.save_now();
         })
         .await;
