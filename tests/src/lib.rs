@@ -199,6 +199,44 @@ impl Drop for DnsServer {
     }
 }
 
+/// The node routes its IPv6 DNS proxy prefix to `lo` on this host when agents run in
+/// namespaces of their own; this puts the host back as it was (the route removed unless it
+/// was there before).
+pub struct ProxyRouteGuard(bool);
+
+impl ProxyRouteGuard {
+    pub fn new() -> Self {
+        let routed_before = !Command::new("ip")
+            .args([
+                "-6",
+                "route",
+                "show",
+                "table",
+                "local",
+                "fd61:7761:6c6c::/96",
+            ])
+            .output()
+            .unwrap()
+            .stdout
+            .is_empty();
+        Self(routed_before)
+    }
+}
+
+impl Default for ProxyRouteGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for ProxyRouteGuard {
+    fn drop(&mut self) {
+        if !self.0 {
+            let _ = agentwall::dns::route::remove_local_route();
+        }
+    }
+}
+
 /// Kills every process in a cgroup subtree and waits until it is empty.
 pub fn kill_tree(path: &Path) {
     let kill = path.join("cgroup.kill");

@@ -1,10 +1,10 @@
 //! Crash consistency, shown: the node is killed (SIGKILL) at each named failpoint of the audit
 //! log (append, rotation, anchor), the report spool (write, a write torn half-way, the
-//! acknowledgement cursor) and its state files (the session table, a state file's
-//! replacement), and started again. Every denial an agent met is then stored at the control
-//! plane exactly once (none counted lost: nothing here runs out of room), the control plane
-//! finds the node's audit chain whole, and the node's own log verifies against its anchor
-//! and the key its checkpoints are signed with.
+//! acknowledgement cursor) and its state files (the session table, the addresses learned
+//! from DNS, a state file's replacement), and started again. Every denial an agent met is
+//! then stored at the control plane exactly once (none counted lost: nothing here runs out of
+//! room), the control plane finds the node's audit chain whole, and the node's own log
+//! verifies against its anchor and the key its checkpoints are signed with.
 
 use std::{
     os::unix::process::ExitStatusExt as _,
@@ -32,7 +32,13 @@ egress:
   - to: [192.0.2.0/24]
     ports: [443]
     protocol: tcp
+  - to: [api.crash.example]
+    ports: [443]
+    protocol: tcp
 ";
+
+/// What `api.crash.example` resolves to (a name rule allows it once the agent asked).
+const LEARNED: &str = "203.0.113.10";
 
 /// Each failpoint, and how many passes it lets by before it crashes the node (counted from
 /// the node's readiness).
@@ -49,6 +55,7 @@ const POINTS: &[(&str, u32)] = &[
     ("spool-after-ack", 1),
     ("sessions-save", 0),
     ("state-file-before-rename", 0),
+    ("learned-save", 0),
 ];
 
 struct Rig {
@@ -125,6 +132,18 @@ fn caught_up(rig: &Rig, node: &mut NodeProc, n: u64) {
     );
 }
 
+/// The agent's lookup of the allowed name, through the node's proxy (which reaches the
+/// agent's namespace at the node's next tick: refused until then).
+fn lookup(probe: &mut Probe) {
+    eventually("the name resolved", Duration::from_secs(30), || match probe
+        .cmd("resolve api.crash.example 203.0.113.53 udp A")
+        .as_str()
+    {
+        a if a == format!("ok {LEARNED}") => Ok(()),
+        other => Err(other.to_owned()),
+    });
+}
+
 /// The agent's verdicts are what its policy says: its allowed destination passes the hooks
 /// (and meets an empty namespace), anything else is refused.
 fn verdicts_hold(probe: &mut Probe, port: &mut u16) -> u64 {
@@ -188,6 +207,18 @@ fn a_crash_at_any_failpoint_loses_no_record_and_stores_none_twice() {
     let url = server.url.clone();
     let metrics = loopback_addr();
     let audit = dir.join("audit/audit.jsonl");
+    let _unroute = agentwall_tests::ProxyRouteGuard::new();
+    // The upstream the node's DNS proxy forwards allowed names to.
+    std::fs::write(
+        dir.join("zone.json"),
+        serde_json::json!({ "records": [{ "name": "api.crash.example", "type": "A", "ttl": 300, "value": LEARNED }] })
+            .to_string(),
+    )
+    .unwrap();
+    let upstream = loopback_addr();
+    let _dns =
+        agentwall_tests::DnsServer::start_in(None, &upstream.to_string(), &dir.join("zone.json"));
+    let proxy_port = loopback_addr().port().to_string();
     // The node signs a checkpoint every second with its own key.
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
     let (signing_key, signer) = (dir.join("audit-signing.key"), dir.join("audit-signing.pub"));
@@ -209,6 +240,10 @@ fn a_crash_at_any_failpoint_loses_no_record_and_stores_none_twice() {
             signing_key.to_str().unwrap(),
             "--audit-checkpoint-secs",
             "1",
+            "--dns-upstream",
+            &upstream.to_string(),
+            "--dns-listen-port",
+            &proxy_port,
         ]
         .iter()
         .map(|s| (*s).to_owned()),
@@ -268,6 +303,10 @@ fn a_crash_at_any_failpoint_loses_no_record_and_stores_none_twice() {
         node = rig.start(Some(&spec));
         // What reaches each point: a renewal (the session table), denials (the log, the
         // spool, its acknowledgements, the anchor at the next tick).
+        // The learned-address file: a lookup of the allowed name (saved at the next tick).
+        if *point == "learned-save" {
+            lookup(&mut probe);
+        }
         if point.starts_with("sessions") || point.starts_with("state-file") {
             renewals += 1;
             let (c, k) = write_cert(
@@ -310,6 +349,15 @@ fn a_crash_at_any_failpoint_loses_no_record_and_stores_none_twice() {
         // Started again, it enforces as before and takes the agent's session back.
         node = rig.start(None);
         let n = verdicts_hold(&mut probe, &mut port);
+        if *point == "learned-save" {
+            // The learned file is whole (old or new): the name resolves and is reachable.
+            lookup(&mut probe);
+            assert_eq!(
+                probe.cmd(&format!("connect tcp {LEARNED} 443")),
+                "err ENETUNREACH",
+                "the learned address is allowed"
+            );
+        }
         made += n;
         caught_up(&rig, &mut node, n);
     }

@@ -609,29 +609,7 @@ fn free_port() -> u16 {
 
 #[test]
 fn agents_in_their_own_network_namespace_get_a_proxy_there() {
-    // The node routes its IPv6 proxy prefix to lo here; put this host back as it was.
-    let routed_before = !Command::new("ip")
-        .args([
-            "-6",
-            "route",
-            "show",
-            "table",
-            "local",
-            "fd61:7761:6c6c::/96",
-        ])
-        .output()
-        .unwrap()
-        .stdout
-        .is_empty();
-    struct Unroute(bool);
-    impl Drop for Unroute {
-        fn drop(&mut self) {
-            if !self.0 {
-                let _ = agentwall::dns::route::remove_local_route();
-            }
-        }
-    }
-    let _unroute = Unroute(routed_before);
+    let _unroute = agentwall_tests::ProxyRouteGuard::new();
     let env = TestEnv::new("dns-netns");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();

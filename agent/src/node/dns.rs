@@ -531,6 +531,7 @@ impl DnsLearning {
         drop(st);
         let _one = lock(&self.saving);
         let path = Learned::path(&self.settings.state_dir);
+        crate::failpoint!("learned-save");
         if let Err(e) = Learned::store(&path, &bytes) {
             warn!(error = %e, "could not save learned DNS addresses");
             lock(&self.learned).dirty = true;
