@@ -31,6 +31,16 @@ pub fn cp_report(data: &[u8]) {
                 .iter()
                 .all(|r| r.record.get().len() <= crate::control_plane::MAX_RECORD_BYTES)
         );
+        // The chain check reads what nodes sent, in any order here: it never panics, and
+        // lists at most its bound.
+        let mut check = crate::control_plane::chain::ChainCheck::new("fuzz");
+        for r in &batch.records {
+            check.record(r.rid, r.record.get());
+            check.loss(r.record.get());
+        }
+        let report = check.finish();
+        assert!(report.gaps.len() <= crate::control_plane::chain::LISTED);
+        assert!(report.breaks.len() <= crate::control_plane::chain::LISTED);
     }
 }
 

@@ -59,6 +59,15 @@ fn the_seeds_read_as_real_exchanges() {
             .unwrap_or_else(|e| panic!("{f}: {e}"));
         assert_eq!(batch.records.len(), 2, "{f}");
     }
+    // Records as a node's log writes them: the chain check finds them whole.
+    let seed = std::fs::read(root.join("cp_report/chained.bin")).unwrap();
+    let (batch, _) = agentwall::control_plane::ReportBatch::decode(&seed[1..], false).unwrap();
+    let mut check = agentwall::control_plane::chain::ChainCheck::new("seed");
+    for r in &batch.records {
+        check.record(r.rid, r.record.get());
+    }
+    let report = check.finish();
+    assert!(report.intact && report.records == 3, "{report:?}");
     for f in ["one-file.json", "two-files.json"] {
         let seed = std::fs::read(root.join("cp_push").join(f)).unwrap();
         let req: agentwall::control_plane::PushRequest = serde_json::from_slice(&seed).unwrap();

@@ -125,6 +125,12 @@ impl ChainCheck {
                     self.broken(seq, id, "seq 1 does not start from the genesis".into());
                 }
             }
+            // The store hands records over in ascending seq; anyone else gets a break, not a
+            // wrapped subtraction.
+            Some((l, _)) if seq < *l => {
+                let l = *l;
+                self.broken(seq, id, format!("comes after seq {l}: out of order"));
+            }
             Some((l, _)) if *l == seq => self.broken(
                 seq,
                 id,
