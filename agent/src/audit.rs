@@ -629,7 +629,7 @@ pub fn verify_signed(
     let mut found = Verified::default();
     let (mut expect_seq, mut prev) = match start {
         ChainStart::Genesis => (Some(1), Some(GENESIS.to_owned())),
-        ChainStart::After { seq, hash } => (Some(seq + 1), Some(hash.clone())),
+        ChainStart::After { seq, hash } => (Some(seq.saturating_add(1)), Some(hash.clone())),
     };
     let mut count = 0;
     for path in files {

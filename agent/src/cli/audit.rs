@@ -24,9 +24,15 @@ pub enum Command {
         #[arg(long, value_parser = parse_point)]
         from: Option<ChainStart>,
         /// The public key (SPKI PEM) the node signs checkpoints with: every `checkpoint`
-        /// record must carry a valid signature by it over the record before it.
+        /// record must carry a valid signature by it over the record before it, and a log
+        /// with records must have at least one.
         #[arg(long)]
         signer: Option<PathBuf>,
+        /// With --signer: fail when more than N records follow the last checkpoint (a node
+        /// signs every `audit_checkpoint_secs` and when it stops, so a stopped node's log
+        /// ends signed: 0).
+        #[arg(long, requires = "signer")]
+        max_unsigned: Option<u64>,
     },
 }
 
@@ -60,6 +66,7 @@ pub fn run(cmd: Command) -> ExitCode {
         mut anchor,
         from,
         signer,
+        max_unsigned,
     } = cmd;
     let signer = match signer.as_deref().map(SignerKey::load).transpose() {
         Ok(k) => k,
@@ -115,12 +122,28 @@ pub fn run(cmd: Command) -> ExitCode {
             );
             if signer.is_some() {
                 match v.signed_through {
-                    Some(s) => println!(
-                        "{} signed checkpoint(s), the last signing seq {s}; {} record(s) after it not yet signed",
-                        v.checkpoints,
-                        v.last_seq - s
-                    ),
-                    None => println!("no signed checkpoint: no record is signed yet"),
+                    Some(s) => {
+                        // The checkpoint record itself follows the seq it signs.
+                        let unsigned = v.last_seq.saturating_sub(s + 1);
+                        println!(
+                            "{} signed checkpoint(s), the last signing seq {s}; {unsigned} record(s) after it not yet signed",
+                            v.checkpoints
+                        );
+                        if let Some(max) = max_unsigned
+                            && unsigned > max
+                        {
+                            return fail(format!(
+                                "{unsigned} record(s) follow the last signed checkpoint (at most {max} allowed): checkpoints after it were removed, or the records were added without the key"
+                            ));
+                        }
+                    }
+                    None if v.records > 0 => {
+                        return fail(format!(
+                            "{} record(s) and no signed checkpoint: checkpoints were removed, or the log was not written by a node signing with this key",
+                            v.records
+                        ));
+                    }
+                    None => {}
                 }
             }
             ExitCode::SUCCESS

@@ -185,11 +185,13 @@ impl ChainCheck {
                 *sum = sum.saturating_add(n);
             }
         }
-        // Records the log could not take went out unchained; only a chained loss record
-        // (the log's own) speaks for them.
-        if r.contains_key("hash")
-            && let Some(n) = r.get("audit_records_lost").and_then(Value::as_u64)
-        {
+        // Records the log could not take went out unchained; only a loss record of the chain
+        // (the log's own: seq, prev and its own hash) speaks for them.
+        let chained = r.get("seq").and_then(Value::as_u64).is_some()
+            && r.get("prev").and_then(Value::as_str).is_some()
+            && r.get("hash").and_then(Value::as_str)
+                == Some(crate::audit::record_hash(&r).as_str());
+        if chained && let Some(n) = r.get("audit_records_lost").and_then(Value::as_u64) {
             self.report.audit_write_failures = self.report.audit_write_failures.saturating_add(n);
         }
     }

@@ -55,7 +55,7 @@ pub struct LinkStats {
     pub records_refused: AtomicU64,
 }
 
-/// The count a spool loss record carries, when `records` is one.
+/// The count a spool or outbox loss record carries, when `records` is one.
 fn loss_count(records: &[super::Reported]) -> Option<u64> {
     let [r] = records else {
         return None;
@@ -64,7 +64,17 @@ fn loss_count(records: &[super::Reported]) -> Option<u64> {
     if v.get("kind")? != "loss" {
         return None;
     }
-    v.get("spool_records_lost")?.as_u64()
+    // The counts a node's own loss records carry for records the control plane never got.
+    let spool = v
+        .get("spool_records_lost")
+        .and_then(serde_json::Value::as_u64);
+    let outbox = v
+        .get("outbox_records_lost")
+        .and_then(serde_json::Value::as_u64);
+    if spool.is_none() && outbox.is_none() {
+        return None;
+    }
+    Some(spool.unwrap_or(0).saturating_add(outbox.unwrap_or(0)))
 }
 
 /// Longest wait a `Retry-After` may impose on the report loop.
@@ -358,11 +368,13 @@ impl Link {
                     // Over a size bound: the batch again in halves, down to one record; one
                     // record refused alone is dropped and counted lost, or it would hold
                     // back every record after it for good.
-                    // The same for a batch the control plane cannot read (400): one record it
-                    // cannot take must not hold back the rest.
+                    // The same for a record the control plane cannot store (422): one record it
+                    // cannot take must not hold back the rest. A 400 is not one of these: a
+                    // proxy in front answers 400 to a certificate it refuses, and the spool
+                    // must then wait, not empty itself into counted losses.
                     Err(ClientError::Refused { status, body, .. })
                         if status == hyper::StatusCode::PAYLOAD_TOO_LARGE
-                            || status == hyper::StatusCode::BAD_REQUEST =>
+                            || status == hyper::StatusCode::UNPROCESSABLE_ENTITY =>
                     {
                         self.stats.connected.store(true, Relaxed);
                         if sent > 1 {

@@ -1341,7 +1341,8 @@ struct PollReplyOut<'a> {
 /// A batch of a node's records (gzip with `Content-Encoding: gzip`, or plain JSON). A batch
 /// sent twice is stored once.
 #[utoipa::path(post, path = "/v1/node/reports", tag = "node", request_body = ReportBatch,
-    responses((status = 200, description = "Stored", body = Ingested)))]
+    responses((status = 200, description = "Stored", body = Ingested),
+        (status = 422, description = "A record of the batch cannot be stored (a field of the wrong type)", body = ErrorBody)))]
 async fn node_reports(
     State(s): S,
     Extension(who): Extension<Principal>,
@@ -1544,13 +1545,22 @@ async fn store_reports(
         store
             .ingest(&node, batch.epoch, &batch.records)
             .map_err(|e| match e {
-                StoreError::Corrupt(m) => Fail::new(StatusCode::BAD_REQUEST, m),
+                // A record of the batch that cannot be stored (a field of the wrong type): 422,
+                // which the node answers by sending the batch again in halves, down to that
+                // record alone, and dropping it counted. A 400 (the whole body unreadable, or
+                // a proxy's refusal) it retries as it is.
+                StoreError::Corrupt(m) => Fail::new(StatusCode::UNPROCESSABLE_ENTITY, m),
                 e => Fail::from(e),
             })
     })
     .await
     .map_err(|e| Refused::Plain(Fail::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())))?
-    .map_err(Refused::Plain)?;
+    .map_err(|f| {
+        if f.0 == StatusCode::UNPROCESSABLE_ENTITY && s.stats.refused(Refusal::BadBatch) {
+            warn!(node = %who.name, error = %f.1.error, "report batch refused");
+        }
+        Refused::Plain(f)
+    })?;
     tracing::debug!(node = %who.name, records = n, bytes, accepted = ingested.accepted,
         duplicates = ingested.duplicates, "reports ingested");
     Ok(ingested)

@@ -698,6 +698,16 @@ mod tests {
         );
         let r = check("c");
         assert_eq!((r.unchained, r.intact), (1, false), "{r:?}");
+        // ... nor with a loss record of its own making that claims log write failures: only
+        // a record of the chain speaks for them.
+        let fake = r#"{"kind":"loss","hash":"","audit_records_lost":1000}"#;
+        assert_eq!(s.ingest("c", 1, &[sent(3, fake)]).unwrap().accepted, 1);
+        let r = check("c");
+        assert_eq!(
+            (r.unchained, r.audit_write_failures, r.intact),
+            (1, 0, false),
+            "{r:?}"
+        );
     }
 
     #[test]
