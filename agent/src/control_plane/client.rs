@@ -15,6 +15,18 @@ use crate::config::control_plane::ClientConfig;
 /// are huge (then a smaller `--limit` reads it).
 const MAX_ANSWER: usize = 256 << 20;
 
+/// A `Retry-After` value in seconds from `now`: delay-seconds, or an HTTP-date (RFC 9110,
+/// IMF-fixdate and the other forms RFC 2822 reads), a date already past being 0.
+fn retry_after_secs(v: &str, now: jiff::Timestamp) -> Option<u64> {
+    let v = v.trim();
+    if let Ok(n) = v.parse::<u64>() {
+        return Some(n);
+    }
+    let at = jiff::fmt::rfc2822::parse(v).ok()?.timestamp();
+    let secs = at.as_second().saturating_sub(now.as_second());
+    Some(u64::try_from(secs).unwrap_or(0))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("control plane client: {0}")]
@@ -224,7 +236,7 @@ impl Client {
                             .headers()
                             .get(hyper::header::RETRY_AFTER)
                             .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.trim().parse::<u64>().ok());
+                            .and_then(|v| retry_after_secs(v, jiff::Timestamp::now()));
                         // Bounded: a hostile or broken server cannot make the node (or the
                         // CLI) hold an answer of any size. The connection is not reused.
                         let bytes = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
@@ -344,5 +356,24 @@ impl Client {
             Duration::from_secs(60),
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn retry_after_is_read_as_seconds_or_as_a_date() {
+        let now: jiff::Timestamp = "2026-12-03T08:49:30Z".parse().unwrap();
+        assert_eq!(super::retry_after_secs("120", now), Some(120));
+        assert_eq!(
+            super::retry_after_secs("Thu, 03 Dec 2026 08:50:00 GMT", now),
+            Some(30)
+        );
+        assert_eq!(
+            super::retry_after_secs("Thu, 03 Dec 2026 08:00:00 GMT", now),
+            Some(0)
+        );
+        assert_eq!(super::retry_after_secs("soon", now), None);
+        assert_eq!(super::retry_after_secs("-5", now), None);
     }
 }
