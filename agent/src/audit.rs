@@ -436,14 +436,11 @@ impl AuditLog {
     }
 
     /// The records after seq `after`, oldest first, at most `max` of them (how many more
-    /// there were is returned too): read back from the files, the current one and as many
-    /// rotated ones as reach back to `after`. A log whose head is behind `after` was started
-    /// again (a new chain): all of its current file is returned.
-    pub fn records_after(
-        &self,
-        after: u64,
-        max: usize,
-    ) -> Result<(Vec<Map<String, Value>>, u64), AuditError> {
+    /// there were, and the first and last of their seqs, are returned too): read back from
+    /// the files, the current one and as many rotated ones as reach back to `after`. A log
+    /// whose head is behind `after` was started again (a new chain): all of its current file
+    /// is returned.
+    pub fn records_after(&self, after: u64, max: usize) -> Result<RecordsAfter, AuditError> {
         let restarted = self.seq < after;
         let mut files = vec![self.path.clone()];
         if !restarted {
@@ -454,7 +451,7 @@ impl AuditLog {
                 }
             }
         }
-        let (mut out, mut more) = (Vec::new(), 0u64);
+        let (mut out, mut more, mut more_span) = (Vec::new(), 0u64, None::<(u64, u64)>);
         for p in files.iter().rev() {
             let f = match File::open(p) {
                 Ok(f) => f,
@@ -474,10 +471,11 @@ impl AuditLog {
                     out.push(r);
                 } else {
                     more += 1;
+                    more_span = crate::control_plane::spool::widen(more_span, Some(seq));
                 }
             }
         }
-        Ok((out, more))
+        Ok((out, more, more_span))
     }
 
     fn rotate(&mut self) -> Result<(), AuditError> {
@@ -493,6 +491,10 @@ impl AuditLog {
         Ok(())
     }
 }
+
+/// What [`AuditLog::records_after`] read: the records, how many more there were, and the
+/// span of their seqs.
+pub type RecordsAfter = (Vec<Map<String, Value>>, u64, Option<(u64, u64)>);
 
 /// Rotated files of `path` (`path.1`, `path.2`, ...) with their numbers, oldest first:
 /// every one there is, gaps or not.

@@ -1097,9 +1097,16 @@ fn a_node_over_its_report_quota_waits_as_told_and_loses_nothing() {
 
 #[test]
 fn a_full_spool_counts_what_it_drops_and_reports_the_count() {
+    let logs = tempfile::tempdir().unwrap();
+    let audit = logs.path().join("audit.jsonl");
     let mut rig = SpoolRig::start(
         "cp-spool-full",
-        &["--control-plane-spool-max-bytes", "65536"],
+        &[
+            "--control-plane-spool-max-bytes",
+            "65536",
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ],
         None,
     );
     rig.outage();
@@ -1111,6 +1118,38 @@ fn a_full_spool_counts_what_it_drops_and_reports_the_count() {
     // The denials that fit arrive, then loss records with the count of those that did not.
     let (stored, lost) = rig.back();
     assert_eq!(stored.len() as f64 + lost, 2000.0);
+    // The loss records name the seqs they stand for: the control plane finds the node's
+    // chain whole, its gaps all inside what the node said it lost.
+    let server = rig.server.as_ref().unwrap();
+    let sec = security(&rig.fx);
+    let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
+    // One more denial after them, so the seqs lost lie between records the control plane
+    // holds.
+    assert_eq!(rig.probe.cmd("connect tcp 203.0.113.5 3000"), "err EPERM");
+    let url = server.url.clone();
+    let chain = eventually(
+        "the gap behind the new record",
+        Duration::from_secs(30),
+        || {
+            let c = cp_json(
+                &rig.fx,
+                &url,
+                &sec,
+                &["audit", "verify", "--node", agentwall_tests::cp::NODE_ID],
+            );
+            if c["missing"].as_u64().unwrap_or(0) > 0 {
+                Ok(c)
+            } else {
+                Err(format!("{c}"))
+            }
+        },
+    );
+    assert_eq!(chain["intact"], true, "{chain:#}");
+    assert!(
+        chain["missing"].as_u64().unwrap() >= lost as u64,
+        "{chain:#}"
+    );
+    assert_eq!(chain["unexplained"], 0, "{chain:#}");
 }
 
 #[test]

@@ -59,7 +59,7 @@ pub struct ChainReport {
     /// Records the node reported it could not send, by where they were lost
     /// (`spool_records_lost`, `outbox_records_lost`), summed from its loss records.
     pub reported_lost: BTreeMap<String, u64>,
-    /// Missing seqs beyond what the node reported lost.
+    /// Missing seqs outside every span of seqs the node reported lost.
     pub unexplained: u64,
     /// The node's records held outside the chain (besides its spool's and outbox's loss
     /// records), and how many of them its log said it could not write (the only ones that
@@ -73,10 +73,26 @@ pub struct ChainReport {
 /// Loss counts that stand for records the control plane never got.
 const SENT_LOSSES: &[&str] = &["spool_records_lost", "outbox_records_lost"];
 
-/// Walks a node's chain in seq order, one record at a time.
+/// Where the seqs a loss record stands for are named: `[first, last]`.
+const LOST_SPANS: &[&str] = &["spool_seqs_lost", "outbox_seqs_lost"];
+
+/// A `[first, last]` span of audit seqs, as loss records carry it.
+pub fn seq_span(v: &Value) -> Option<(u64, u64)> {
+    let [a, b] = v.as_array()?.as_slice() else {
+        return None;
+    };
+    let (a, b) = (a.as_u64()?, b.as_u64()?);
+    (a <= b).then_some((a, b))
+}
+
+/// Walks a node's chain in seq order, one record at a time (its loss records first: a gap
+/// is a reported loss only inside a span of seqs one of them names).
 pub struct ChainCheck {
     report: ChainReport,
     last: Option<(u64, String)>,
+    /// Spans of seqs reported lost, merged and sorted once the walk starts.
+    spans: Vec<(u64, u64)>,
+    merged: bool,
 }
 
 impl ChainCheck {
@@ -87,7 +103,27 @@ impl ChainCheck {
                 ..ChainReport::default()
             },
             last: None,
+            spans: Vec::new(),
+            merged: false,
         }
+    }
+
+    /// Whether seqs `a..=b` lie inside one reported span.
+    fn covered(&mut self, a: u64, b: u64) -> bool {
+        if !self.merged {
+            self.spans.sort_unstable();
+            let mut out: Vec<(u64, u64)> = Vec::with_capacity(self.spans.len());
+            for &(x, y) in &self.spans {
+                match out.last_mut() {
+                    Some(last) if x <= last.1.saturating_add(1) => last.1 = last.1.max(y),
+                    _ => out.push((x, y)),
+                }
+            }
+            self.spans = out;
+            self.merged = true;
+        }
+        let i = self.spans.partition_point(|&(x, _)| x <= a);
+        i > 0 && self.spans[i - 1].1 >= b
     }
 
     fn broken(&mut self, seq: u64, id: u64, problem: String) {
@@ -150,11 +186,15 @@ impl ChainCheck {
                 }
             }
             Some((l, _)) => {
+                let l = *l;
                 let missing = seq - l - 1;
                 self.report.missing = self.report.missing.saturating_add(missing);
+                if !self.covered(l + 1, seq - 1) {
+                    self.report.unexplained = self.report.unexplained.saturating_add(missing);
+                }
                 if self.report.gaps.len() < LISTED {
                     self.report.gaps.push(ChainGap {
-                        after_seq: *l,
+                        after_seq: l,
                         before_seq: seq,
                         missing,
                     });
@@ -174,6 +214,12 @@ impl ChainCheck {
         let Ok(r) = serde_json::from_str::<Map<String, Value>>(text) else {
             return;
         };
+        for key in LOST_SPANS {
+            if let Some(span) = r.get(*key).and_then(seq_span) {
+                self.spans.push(span);
+                self.merged = false;
+            }
+        }
         // Node-supplied counts: added without overflow.
         for key in SENT_LOSSES {
             if let Some(n) = r.get(*key).and_then(Value::as_u64) {
@@ -202,12 +248,6 @@ impl ChainCheck {
     }
 
     pub fn finish(mut self) -> ChainReport {
-        let lost = self
-            .report
-            .reported_lost
-            .values()
-            .fold(0u64, |a, n| a.saturating_add(*n));
-        self.report.unexplained = self.report.missing.saturating_sub(lost);
         // A node that keeps a chain sends everything through it but what its log failed to
         // write.
         let stray =
@@ -242,11 +282,11 @@ mod tests {
 
     fn check(records: &[String], losses: &[&str]) -> ChainReport {
         let mut c = ChainCheck::new("n");
-        for (i, r) in records.iter().enumerate() {
-            c.record(i as u64 + 1, r);
-        }
         for l in losses {
             c.loss(l);
+        }
+        for (i, r) in records.iter().enumerate() {
+            c.record(i as u64 + 1, r);
         }
         c.finish()
     }
@@ -269,8 +309,30 @@ mod tests {
         let r = check(&gap, &[]);
         assert_eq!((r.missing, r.unexplained, r.intact), (2, 2, false));
         assert_eq!(r.gaps[0].after_seq, 2);
-        // ... and the node said its spool dropped two.
-        let r = check(&gap, &[r#"{"kind":"loss","spool_records_lost":2}"#]);
+        // ... and the node said its spool dropped those two.
+        let r = check(
+            &gap,
+            &[r#"{"kind":"loss","spool_records_lost":2,"spool_seqs_lost":[3,4]}"#],
+        );
+        assert!(r.intact, "{r:?}");
+        // A count alone, or seqs elsewhere, explain nothing: a node cannot cover a gap with
+        // a number.
+        for claim in [
+            r#"{"kind":"loss","spool_records_lost":1000}"#,
+            r#"{"kind":"loss","spool_records_lost":2,"spool_seqs_lost":[4,9]}"#,
+            r#"{"kind":"loss","outbox_records_lost":2,"outbox_seqs_lost":[9,3]}"#,
+        ] {
+            let r = check(&gap, &[claim]);
+            assert_eq!((r.unexplained, r.intact), (2, false), "{claim}: {r:?}");
+        }
+        // Two adjacent spans from the spool and the outbox together cover it.
+        let r = check(
+            &gap,
+            &[
+                r#"{"kind":"loss","spool_records_lost":1,"spool_seqs_lost":[3,3]}"#,
+                r#"{"kind":"loss","outbox_records_lost":1,"outbox_seqs_lost":[4,4]}"#,
+            ],
+        );
         assert!(r.intact, "{r:?}");
         // A record changed.
         let mut changed = c.clone();

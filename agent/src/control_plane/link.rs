@@ -55,8 +55,9 @@ pub struct LinkStats {
     pub records_refused: AtomicU64,
 }
 
-/// The count a spool or outbox loss record carries, when `records` is one.
-fn loss_count(records: &[super::Reported]) -> Option<u64> {
+/// The count (and the span of audit seqs) a spool or outbox loss record carries, when
+/// `records` is one.
+fn loss_count(records: &[super::Reported]) -> Option<(u64, Option<(u64, u64)>)> {
     let [r] = records else {
         return None;
     };
@@ -74,7 +75,21 @@ fn loss_count(records: &[super::Reported]) -> Option<u64> {
     if spool.is_none() && outbox.is_none() {
         return None;
     }
-    Some(spool.unwrap_or(0).saturating_add(outbox.unwrap_or(0)))
+    let span = ["spool_seqs_lost", "outbox_seqs_lost"]
+        .iter()
+        .filter_map(|k| super::chain::seq_span(v.get(*k)?))
+        .reduce(|(a, b), (x, y)| (a.min(x), b.max(y)));
+    Some((spool.unwrap_or(0).saturating_add(outbox.unwrap_or(0)), span))
+}
+
+/// The audit seq of the record `records` is, when it is one record from the log.
+fn lone_seq(records: &[super::Reported]) -> Option<u64> {
+    let [r] = records else {
+        return None;
+    };
+    let v: serde_json::Value = serde_json::from_str(r.record.get()).ok()?;
+    v.get("hash")?;
+    v.get("seq")?.as_u64()
 }
 
 /// Longest wait a `Retry-After` may impose on the report loop.
@@ -385,6 +400,7 @@ impl Link {
                         // carried is owed still. A server (or a proxy) that refuses every
                         // record alone would otherwise have the counter grow on its own.
                         let owed = loss_count(&sent_records);
+                        let seq = lone_seq(&sent_records);
                         if owed.is_none() {
                             error!(error = %body, %status, "the control plane refused a record alone; dropped (counted in agentwall_control_plane_records_lost_total)");
                             self.stats.records_refused.fetch_add(1, Relaxed);
@@ -394,8 +410,8 @@ impl Link {
                         let _ = tokio::task::spawn_blocking(move || {
                             let mut s = spool.lock().expect("spool");
                             match owed {
-                                Some(n) => s.owe_lost(n),
-                                None => s.count_lost(1),
+                                Some((n, span)) => s.owe_lost(n, span),
+                                None => s.count_lost(1, seq),
                             }
                             stats.lost.store(s.lost_total, Relaxed);
                         })

@@ -71,6 +71,9 @@ pub struct Spool {
     bytes: u64,
     /// Records dropped since the last loss record went in.
     lost_pending: u64,
+    /// The audit seqs those records spanned (first, last), when they came from the log: the
+    /// control plane takes a gap in a node's chain as a loss only inside a span reported.
+    lost_span: Span,
     /// Records dropped since the node started.
     pub lost_total: u64,
     read: Option<Cursor>,
@@ -97,6 +100,29 @@ struct Mark {
     lost: u64,
     /// The id the next record gets: records from it on are not part of a whole append.
     next_rid: u64,
+    /// The audit seqs of the losses not yet reported (first, last).
+    #[serde(default)]
+    lost_span: Span,
+}
+
+/// A run of audit seqs (first, last).
+type Span = Option<(u64, u64)>;
+
+/// `span` widened to hold `seq`.
+pub(crate) fn widen(span: Span, seq: Option<u64>) -> Span {
+    match (span, seq) {
+        (None, Some(q)) => Some((q, q)),
+        (Some((a, b)), Some(q)) => Some((a.min(q), b.max(q))),
+        (span, None) => span,
+    }
+}
+
+/// The span holding both.
+pub(crate) fn join(a: Span, b: Span) -> Span {
+    match b {
+        Some((x, y)) => widen(widen(a, Some(x)), Some(y)),
+        None => a,
+    }
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -124,9 +150,11 @@ fn audit_seq(r: &serde_json::Value) -> Option<u64> {
     r.get("seq")?.as_u64()
 }
 
-/// A line to write: its text, and its record id when it is a record.
+/// A line to write: its text, and its record id when it is a record (with its audit seq,
+/// when it has one).
 struct Out {
     rid: Option<u64>,
+    seq: Option<u64>,
     text: String,
 }
 
@@ -207,6 +235,7 @@ impl Spool {
             segments: VecDeque::new(),
             bytes: 0,
             lost_pending: 0,
+            lost_span: None,
             lost_total: 0,
             read: None,
             handled: None,
@@ -234,6 +263,7 @@ impl Spool {
             }
             s.handled = m.handled;
             s.lost_pending = m.lost;
+            s.lost_span = m.lost_span;
             s.stamp = m.stamp;
         }
         for (first, path, r) in found {
@@ -372,16 +402,20 @@ impl Spool {
             l
         };
         if self.lost_pending > 0 {
-            let loss = serde_json::json!({
+            let mut loss = serde_json::json!({
                 "kind": "loss",
                 "time": crate::clock::now_rfc3339(),
                 "spool_records_lost": self.lost_pending,
             });
+            if let Some((a, b)) = self.lost_span {
+                loss["spool_seqs_lost"] = serde_json::json!([a, b]);
+            }
             let l = line_of(rid, &loss);
             if (l.len() as u64) <= room {
                 room -= l.len() as u64;
                 lines.push(Out {
                     rid: Some(rid),
+                    seq: None,
                     text: l,
                 });
                 rid += 1;
@@ -390,19 +424,23 @@ impl Spool {
         let with_loss = !lines.is_empty();
         let mut handled = self.handled;
         let mut dropped = 0u64;
+        let mut dropped_span = None;
         for r in &records {
-            handled = audit_seq(r).or(handled);
+            let seq = audit_seq(r);
+            handled = seq.or(handled);
             let l = line_of(rid, r);
             // A record the control plane would refuse (and with it every batch it is in) is
             // a counted loss here instead.
             let record_bytes = l.len() - format!("{{\"rid\":{rid},\"record\":}}\n").len();
             if (l.len() as u64) > room || record_bytes > super::MAX_RECORD_BYTES {
                 dropped += 1;
+                dropped_span = widen(dropped_span, seq);
                 continue;
             }
             room -= l.len() as u64;
             lines.push(Out {
                 rid: Some(rid),
+                seq,
                 text: l,
             });
             rid += 1;
@@ -414,9 +452,15 @@ impl Spool {
             handled,
             lost: if with_loss { 0 } else { self.lost_pending } + dropped,
             next_rid: rid,
+            lost_span: if with_loss {
+                dropped_span
+            } else {
+                join(self.lost_span, dropped_span)
+            },
         };
         lines.push(Out {
             rid: None,
+            seq: None,
             text: mark_line(&mark),
         });
         // Records that did not fit and records whose write failed (a full disk) are a
@@ -425,7 +469,15 @@ impl Spool {
         let loss_in = with_loss && written > 0;
         if loss_in {
             self.lost_pending = 0;
+            self.lost_span = None;
         }
+        // What a failed write left out counts in the span too.
+        let failed_span = lines
+            .iter()
+            .filter(|l| l.rid.is_some())
+            .skip(written)
+            .fold(None, |span, l| widen(span, l.seq));
+        self.lost_span = join(join(self.lost_span, dropped_span), failed_span);
         let lost = (records.len() + usize::from(loss_in) - written) as u64;
         self.lost_pending += lost;
         self.lost_total += lost;
@@ -549,15 +601,17 @@ impl Spool {
 
     /// Counts `n` records lost after they were spooled (refused by the control plane for
     /// good): the next loss record carries them.
-    pub fn count_lost(&mut self, n: u64) {
+    pub fn count_lost(&mut self, n: u64, seq: Option<u64>) {
         self.lost_pending += n;
         self.lost_total += n;
+        self.lost_span = widen(self.lost_span, seq);
     }
 
     /// `n` records already counted lost whose loss record did not reach the control plane
     /// (it refused it): the next loss record carries them again.
-    pub fn owe_lost(&mut self, n: u64) {
+    pub fn owe_lost(&mut self, n: u64, span: Option<(u64, u64)>) {
         self.lost_pending += n;
+        self.lost_span = join(self.lost_span, span);
     }
 
     /// Up to `max` records after the acknowledged ones, oldest first.
@@ -663,9 +717,12 @@ impl Spool {
             handled: self.handled,
             lost: self.lost_pending,
             next_rid: self.next_rid,
+            lost_span: self.lost_span,
         };
+        // Seqs start at 1: 0 is no span.
+        let (from, to) = m.lost_span.unwrap_or((0, 0));
         let text = format!(
-            "{acked:020} {:020} {:020} {:020} {:020}\n",
+            "{acked:020} {:020} {:020} {:020} {:020} {from:020} {to:020}\n",
             m.stamp,
             m.handled.map_or(0, |h| h + 1),
             m.lost,
@@ -684,13 +741,14 @@ fn parse_cursor(text: &str) -> Option<(u64, Option<Mark>)> {
         .ok()?;
     match n[..] {
         [acked] => Some((acked, None)),
-        [acked, stamp, handled, lost, next_rid] => Some((
+        [acked, stamp, handled, lost, next_rid, from, to] => Some((
             acked,
             Some(Mark {
                 stamp,
                 handled: handled.checked_sub(1),
                 lost,
                 next_rid,
+                lost_span: (from > 0 && to >= from).then_some((from, to)),
             }),
         )),
         _ => None,
@@ -859,7 +917,7 @@ mod tests {
         // Every record the spool took counts as handled, lost or not.
         assert_eq!(s.handled(), Some(1000));
         // Two more refused by the control plane: counted, then acknowledged (as the link does).
-        s.count_lost(2);
+        s.count_lost(2, None);
         let kept = drain(&mut s, 10_000).len() as u64;
         drop(s);
         let mut s = Spool::open(dir.path(), 8192).unwrap();
@@ -867,6 +925,11 @@ mod tests {
         let got = drain(&mut s, 10_000);
         assert_eq!(got[0]["spool_records_lost"], lost + 2, "{got:?}");
         assert_eq!(kept + lost, 1000);
+        // The seqs they were: what did not fit, the last ones.
+        assert_eq!(
+            got[0]["spool_seqs_lost"],
+            serde_json::json!([kept + 1, 1000])
+        );
     }
 
     #[test]

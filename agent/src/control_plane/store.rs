@@ -464,6 +464,13 @@ impl Store for SqliteStore {
         if !known {
             return Ok(false);
         }
+        // Loss records first: the spans of seqs they name explain the gaps.
+        let mut st = db.prepare("SELECT record FROM flows WHERE node = ?1 AND kind = 'loss'")?;
+        let mut rows = st.query(params![node])?;
+        while let Some(row) = rows.next()? {
+            let text: String = row.get(0)?;
+            check.loss(&text);
+        }
         let mut st = db.prepare(
             "SELECT id, record FROM flows WHERE node = ?1 AND audit_seq IS NOT NULL
              ORDER BY audit_seq, id",
@@ -473,12 +480,6 @@ impl Store for SqliteStore {
             let id: i64 = row.get(0)?;
             let text: String = row.get(1)?;
             check.record(id as u64, &text);
-        }
-        let mut st = db.prepare("SELECT record FROM flows WHERE node = ?1 AND kind = 'loss'")?;
-        let mut rows = st.query(params![node])?;
-        while let Some(row) = rows.next()? {
-            let text: String = row.get(0)?;
-            check.loss(&text);
         }
         // Records outside the chain (loss records of the spool and the outbox are, by
         // design): the ones a chain's own loss records do not account for are suspect.

@@ -193,6 +193,8 @@ struct State {
     outbox: Option<Vec<Value>>,
     /// Records the outbox could not hold (the link stalled); reported with the next one.
     outbox_lost: u64,
+    /// The audit seqs of those records (first, last), when they came from the log.
+    outbox_lost_span: Option<(u64, u64)>,
     /// The kernel events of the log's last records at start.
     recent_events: std::collections::HashSet<String>,
     /// Signs a checkpoint of the chain's head every so often (see [`Journal::sign_with`]).
@@ -271,6 +273,7 @@ impl Journal {
                 unlogged: 0,
                 outbox: None,
                 outbox_lost: 0,
+                outbox_lost_span: None,
             }),
         })
     }
@@ -387,11 +390,17 @@ impl Journal {
         };
         if out.len() >= OUTBOX_MAX {
             st.outbox_lost += 1;
+            let seq = r.get("hash").and(r.get("seq")).and_then(Value::as_u64);
+            st.outbox_lost_span = crate::control_plane::spool::widen(st.outbox_lost_span, seq);
             return;
         }
         if st.outbox_lost > 0 {
             let now = crate::clock::now_rfc3339();
-            out.push(serde_json::json!({ "kind": "loss", "time": now, "outbox_records_lost": st.outbox_lost }));
+            let mut loss = serde_json::json!({ "kind": "loss", "time": now, "outbox_records_lost": st.outbox_lost });
+            if let Some((a, b)) = st.outbox_lost_span.take() {
+                loss["outbox_seqs_lost"] = serde_json::json!([a, b]);
+            }
+            out.push(loss);
             st.outbox_lost = 0;
         }
         out.push(Value::Object(r));
@@ -407,7 +416,7 @@ impl Journal {
             return;
         };
         match log.records_after(after, OUTBOX_MAX) {
-            Ok((records, more)) => {
+            Ok((records, more, more_span)) => {
                 if !records.is_empty() || more > 0 {
                     info!(
                         after,
@@ -420,6 +429,10 @@ impl Journal {
                     Self::push_out(&mut st, r);
                 }
                 st.outbox_lost += more;
+                if let Some((a, b)) = more_span {
+                    st.outbox_lost_span =
+                        crate::control_plane::spool::join(st.outbox_lost_span, Some((a, b)));
+                }
             }
             Err(e) => {
                 error!(error = %e, after, "the audit log could not be read back for the control plane; records written just before the node stopped may be missing there");
