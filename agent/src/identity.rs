@@ -567,10 +567,16 @@ impl CrlNumbersFile {
             .collect();
         kept.sort_by(|a, b| a.issuer.cmp(&b.issuer));
         let text = serde_json::to_vec_pretty(&kept).expect("CRL numbers serialize");
-        crate::files::write_atomic(&self.0, &text).map_err(|e| IdentityError::CrlNumbersFile {
+        let fail = |e: std::io::Error| IdentityError::CrlNumbersFile {
             path: self.0.clone(),
             message: e.to_string(),
-        })
+        };
+        // Its directory may not be there yet: the control plane keeps the file beside its
+        // database, whose directory the store makes only after the CRLs are read.
+        if let Some(dir) = self.0.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(fail)?;
+        }
+        crate::files::write_atomic(&self.0, &text).map_err(fail)
     }
 }
 

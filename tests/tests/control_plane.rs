@@ -301,8 +301,9 @@ fn pushes_are_validated_whole_and_roles_are_enforced() {
         );
     }
 
-    let log = server.log_text();
-    assert!(log.contains("TLS handshake refused"), "{log}");
+    let log = wait_log(&server, "the handshake refusal logged", |l| {
+        l.contains("TLS handshake refused")
+    });
     assert_eq!(
         log.matches("request refused").count(),
         6,
@@ -1548,11 +1549,22 @@ fn the_control_plane_answers_hostile_clients_from_the_request_head() {
             Err(format!("address_cap {n}"))
         }
     });
-    let log = server.log_text();
-    assert!(
-        log.contains("connection refused: over the connection cap"),
-        "{log}"
-    );
+    wait_log(&server, "the cap logged", |l| {
+        l.contains("connection refused: over the connection cap")
+    });
+}
+
+/// Waits until the server's log has a line `pred` accepts: a refusal is logged as it is made,
+/// which the client refused may notice first. Returns the log.
+fn wait_log(server: &CpProc, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    eventually(what, Duration::from_secs(10), || {
+        let log = server.log_text();
+        if log.lines().any(&pred) {
+            Ok(log)
+        } else {
+            Err(log)
+        }
+    })
 }
 
 /// Replaces the server's client CRL (`crl`) with one listing `serial`, and waits until the
@@ -1608,12 +1620,9 @@ fn a_revoked_client_certificate_fails_the_handshake() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot reach the control plane"), "{err}");
-    let log = server.log_text();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("TLS handshake refused") && l.contains("Revoked")),
-        "{log}"
-    );
+    wait_log(&server, "the refusal logged", |l| {
+        l.contains("TLS handshake refused") && l.contains("Revoked")
+    });
     // A CRL file that turns unreadable leaves the last good one in force.
     std::fs::write(&crl, "not a CRL").unwrap();
     eventually("the failed reread counted", Duration::from_secs(30), || {
@@ -1686,15 +1695,9 @@ fn a_revoked_client_certificate_fails_the_handshake() {
         !out.status.success(),
         "a stale CRL let a certificate through"
     );
-    assert!(
-        server
-            .log_text()
-            .lines()
-            .any(|l| l.contains("TLS handshake refused")
-                && l.contains("certificate revocation list expired")),
-        "{}",
-        server.log_text()
-    );
+    wait_log(&server, "the stale CRL's refusal logged", |l| {
+        l.contains("TLS handshake refused") && l.contains("certificate revocation list expired")
+    });
 }
 
 /// The last quarter of the connection cap is kept for peers that made an authorized
