@@ -257,9 +257,15 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AuditError + '_ {
 /// sorted (serde_json's map), so writer and verifier (the node's, or the control plane's for
 /// the copies it was sent) produce the same bytes.
 pub fn record_hash(record: &Map<String, Value>) -> String {
-    let mut r = record.clone();
-    r.remove("hash");
-    let text = Value::Object(r).to_string();
+    // A record being written has no hash yet: hashed as it is, without a copy.
+    let text = if record.contains_key("hash") {
+        let mut r = record.clone();
+        r.remove("hash");
+        serde_json::to_string(&r)
+    } else {
+        serde_json::to_string(record)
+    }
+    .expect("records serialize");
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
@@ -416,7 +422,7 @@ impl AuditLog {
         r.insert("prev".into(), self.prev.clone().into());
         let hash = record_hash(&r);
         r.insert("hash".into(), hash.clone().into());
-        let mut line = Value::Object(r.clone()).to_string();
+        let mut line = serde_json::to_string(&r).expect("records serialize");
         line.push('\n');
         if self.max_bytes > 0 && self.size > 0 && self.size + line.len() as u64 > self.max_bytes {
             self.rotate()?;

@@ -151,26 +151,29 @@ fn verdicts_hold(probe: &mut Probe, port: &mut u16) -> u64 {
     deny(probe, port, 1)
 }
 
+/// Every stored denial of the agent, one page.
+fn denial_page(rig: &Rig) -> serde_json::Value {
+    let admin = rig.admin();
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let args = [
+        "flows",
+        "--verdict",
+        "deny",
+        "--identity",
+        AGENT,
+        "--all",
+        "--limit",
+        "10000",
+    ];
+    cp_json(&rig.fx, &rig.url, &admin, &args)
+}
+
 /// The denials of the agent the control plane holds, their counts summed, and the records the
 /// node reported lost.
 fn stored(rig: &Rig) -> (u64, u64) {
     let admin = rig.admin();
     let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
-    let page = cp_json(
-        &rig.fx,
-        &rig.url,
-        &admin,
-        &[
-            "flows",
-            "--verdict",
-            "deny",
-            "--identity",
-            AGENT,
-            "--all",
-            "--limit",
-            "10000",
-        ],
-    );
+    let page = denial_page(rig);
     let denials = page["flows"]
         .as_array()
         .unwrap()
@@ -379,21 +382,7 @@ fn a_crash_at_any_failpoint_loses_no_record_and_stores_none_twice() {
     }));
     let (denials, lost) = stored(&rig);
     if denials != made {
-        let page = cp_json(
-            &rig.fx,
-            &rig.url,
-            &admin,
-            &[
-                "flows",
-                "--verdict",
-                "deny",
-                "--identity",
-                AGENT,
-                "--all",
-                "--limit",
-                "10000",
-            ],
-        );
+        let page = denial_page(&rig);
         let mut ports: Vec<u64> = page["flows"]
             .as_array()
             .unwrap()

@@ -258,27 +258,24 @@ impl ChainCheck {
     }
 }
 
+/// A chain of `n` records as a node's log writes them (ports from `base` on).
+#[cfg(test)]
+pub(crate) fn logged(n: usize, base: usize) -> Vec<String> {
+    let d = tempfile::tempdir().unwrap();
+    let mut log = crate::audit::AuditLog::open(&d.path().join("a.jsonl"), 0).unwrap();
+    (0..n)
+        .map(|i| {
+            let (_, r) = log
+                .append_record("decision", serde_json::json!({ "port": base + i }))
+                .unwrap();
+            Value::Object(r).to_string()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A chain of `n` records as a node's log writes them.
-    fn chain(n: usize) -> Vec<String> {
-        chain_from(n, 0)
-    }
-
-    fn chain_from(n: usize, base: usize) -> Vec<String> {
-        let d = tempfile::tempdir().unwrap();
-        let mut log = crate::audit::AuditLog::open(&d.path().join("a.jsonl"), 0).unwrap();
-        (0..n)
-            .map(|i| {
-                let (_, r) = log
-                    .append_record("decision", serde_json::json!({ "port": base + i }))
-                    .unwrap();
-                Value::Object(r).to_string()
-            })
-            .collect()
-    }
 
     fn check(records: &[String], losses: &[&str]) -> ChainReport {
         let mut c = ChainCheck::new("n");
@@ -293,7 +290,7 @@ mod tests {
 
     #[test]
     fn a_whole_chain_is_intact_and_its_head_is_the_last_record() {
-        let r = check(&chain(5), &[]);
+        let r = check(&super::logged(5, 0), &[]);
         assert!(r.intact, "{r:?}");
         assert_eq!(
             (r.records, r.first_seq, r.head.unwrap().seq),
@@ -303,7 +300,7 @@ mod tests {
 
     #[test]
     fn gaps_breaks_and_restarts_are_found() {
-        let c = chain(6);
+        let c = super::logged(6, 0);
         // Seqs 3 and 4 never arrived.
         let gap = [&c[..2], &c[4..]].concat();
         let r = check(&gap, &[]);
@@ -351,7 +348,7 @@ mod tests {
         let r = check(&f, &[]);
         assert_eq!(r.breaks_total, 2, "{r:?}");
         // A log started again: seq 1 twice.
-        let again = chain_from(2, 100);
+        let again = super::logged(2, 100);
         let mut both = vec![c[0].clone(), again[0].clone()];
         both.extend(c[1..].iter().cloned());
         let r = check(&both, &[]);

@@ -546,6 +546,16 @@ impl Server {
             .with_state(self.clone())
     }
 
+    /// A 429 with `Retry-After` (at least 1 s), refused as `why`.
+    fn too_many(&self, why: Refusal, message: String, secs: u64) -> Response {
+        let mut r = self.refuse(why, Fail::new(StatusCode::TOO_MANY_REQUESTS, message));
+        r.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from(secs.max(1)),
+        );
+        r
+    }
+
     /// A refusal answered before the request was served: logged (a flood in samples) and
     /// counted; the connection is closed after the answer, so an unread body is never read.
     fn refuse(&self, why: Refusal, fail: Fail) -> Response {
@@ -631,21 +641,14 @@ async fn gate(
             if let Some(slot) = &peer.slot
                 && !slot.vouched(&p.name)
             {
-                let mut r = s.refuse(
+                return closing(s.too_many(
                     Refusal::CallerCap,
-                    Fail::new(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        format!(
-                            "{} holds {} connections already, its most; try again in 1 s",
-                            p.name, s.limits.max_connections_per_caller
-                        ),
+                    format!(
+                        "{} holds {} connections already, its most; try again in 1 s",
+                        p.name, s.limits.max_connections_per_caller
                     ),
-                );
-                r.headers_mut().insert(
-                    axum::http::header::RETRY_AFTER,
-                    axum::http::HeaderValue::from_static("1"),
-                );
-                return closing(r);
+                    1,
+                ));
             }
             p
         }
@@ -656,21 +659,14 @@ async fn gate(
         && let Err(not_until) = s.limiter.check_key(&who.name)
     {
         let secs = retry_secs(&not_until);
-        let mut r = s.refuse(
+        return s.too_many(
             Refusal::RateLimited,
-            Fail::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "{} made more than {} requests a minute; try again in {secs} s",
-                    who.name, s.limits.requests_per_minute
-                ),
+            format!(
+                "{} made more than {} requests a minute; try again in {secs} s",
+                who.name, s.limits.requests_per_minute
             ),
+            secs,
         );
-        r.headers_mut().insert(
-            axum::http::header::RETRY_AFTER,
-            axum::http::HeaderValue::from(secs.max(1)),
-        );
-        return r;
     }
     let declared = req
         .headers()

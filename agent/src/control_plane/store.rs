@@ -516,6 +516,14 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
+    /// `text` as a node sends it, under id `rid`.
+    fn sent(rid: u64, text: &str) -> Reported {
+        Reported {
+            rid,
+            record: serde_json::value::RawValue::from_string(text.to_owned()).unwrap(),
+        }
+    }
+
     fn rec(rid: u64, verdict: &str, time: &str) -> Reported {
         let text = format!(
             r#"{{"kind":"decision","time":"{time}","verdict":"{verdict}","identity":"spiffe://example.org/a","dest":"203.0.113.7","port":443}}"#
@@ -602,20 +610,8 @@ mod tests {
     fn a_chained_record_sent_again_under_a_new_id_is_stored_once_and_its_chain_checked() {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(&dir.path().join("cp.db")).unwrap();
-        let log_dir = tempfile::tempdir().unwrap();
-        let mut log = crate::audit::AuditLog::open(&log_dir.path().join("a.jsonl"), 0).unwrap();
-        let logged: Vec<String> = (0..3)
-            .map(|i| {
-                let (_, r) = log
-                    .append_record("decision", serde_json::json!({ "port": i }))
-                    .unwrap();
-                serde_json::Value::Object(r).to_string()
-            })
-            .collect();
-        let as_sent = |rid: u64, text: &str| Reported {
-            rid,
-            record: serde_json::value::RawValue::from_string(text.to_owned()).unwrap(),
-        };
+        let logged = crate::control_plane::chain::logged(3, 0);
+        let as_sent = sent;
         let first: Vec<Reported> = (0..2)
             .map(|i| as_sent(i + 1, &logged[i as usize]))
             .collect();
@@ -644,20 +640,7 @@ mod tests {
         use crate::control_plane::chain::ChainCheck;
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(&dir.path().join("cp.db")).unwrap();
-        let log_dir = tempfile::tempdir().unwrap();
-        let mut log = crate::audit::AuditLog::open(&log_dir.path().join("a.jsonl"), 0).unwrap();
-        let logged: Vec<String> = (0..3)
-            .map(|i| {
-                let (_, r) = log
-                    .append_record("decision", serde_json::json!({ "port": i }))
-                    .unwrap();
-                serde_json::Value::Object(r).to_string()
-            })
-            .collect();
-        let sent = |rid: u64, text: &str| Reported {
-            rid,
-            record: serde_json::value::RawValue::from_string(text.to_owned()).unwrap(),
-        };
+        let logged = crate::control_plane::chain::logged(3, 0);
         let check = |node: &str| {
             let mut c = ChainCheck::new(node);
             assert!(s.audit_chain(node, &mut c).unwrap());
