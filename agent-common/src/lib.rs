@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map layout changes: pins live under `<bpffs_dir>/v{ABI_VERSION}`, so a new
 /// layout never adopts maps written by an old one.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 pub const MAP_BINDINGS: &str = "AW_BINDINGS";
 pub const MAP_IDENTITIES: &str = "AW_IDENTITIES";
@@ -62,13 +62,23 @@ pub const PROG_SOCKET_FAMILY: &str = "aw_socket_family";
 /// cgroup `aw_setsockopt` does not see.
 pub const PROG_LSM_SETSOCKOPT: &str = "aw_lsm_setsockopt";
 /// BPF LSM (`lsm_cgroup/socket_recvmsg`): a governed task reads no socket error queue, however
-/// the queue was opened (a compat setsockopt skips the cgroup hook that keeps it closed).
+/// the queue was opened (a compat setsockopt skips the cgroup hook that keeps it closed), and
+/// reads only sockets governed as its own (see [`PROG_LSM_SENDMSG`]).
 pub const PROG_LSM_RECVMSG: &str = "aw_lsm_recvmsg";
+/// BPF LSM (`lsm_cgroup/socket_sendmsg`): a governed task sends only on sockets governed as its
+/// own. A socket handed to it (over a unix socket, in flight there when its cgroup was
+/// enrolled) is taken in as its socket, or refused if another binding governs it.
+pub const PROG_LSM_SENDMSG: &str = "aw_lsm_sendmsg";
 
 /// The BPF LSM programs: loaded and attached together, or not at all.
-pub const LSM_PROGRAMS: [&str; 3] = [PROG_SOCKET_FAMILY, PROG_LSM_SETSOCKOPT, PROG_LSM_RECVMSG];
+pub const LSM_PROGRAMS: [&str; 4] = [
+    PROG_SOCKET_FAMILY,
+    PROG_LSM_SETSOCKOPT,
+    PROG_LSM_RECVMSG,
+    PROG_LSM_SENDMSG,
+];
 
-pub const ALL_PROGRAMS: [&str; 15] = [
+pub const ALL_PROGRAMS: [&str; 16] = [
     PROG_CONNECT4,
     PROG_CONNECT6,
     PROG_SENDMSG4,
@@ -84,6 +94,7 @@ pub const ALL_PROGRAMS: [&str; 15] = [
     PROG_SOCKET_FAMILY,
     PROG_LSM_SETSOCKOPT,
     PROG_LSM_RECVMSG,
+    PROG_LSM_SENDMSG,
 ];
 
 /// Capacity of the identity table; identity 0 is reserved (it means "no identity" in event
@@ -93,6 +104,9 @@ pub const MAX_BINDINGS: u32 = 65536;
 /// Entries of `AW_BINDING_SLOTS`: one per binding, plus one spare so a renewal still finds a
 /// fresh slot when the table is full.
 pub const BINDING_SLOTS: u32 = MAX_BINDINGS + 1;
+/// [`SockState::binding_slot`] of a socket claimed by the LSM line and not yet settled (never a
+/// slot: slots are below [`BINDING_SLOTS`]).
+pub const SLOT_CLAIMED: u32 = u32::MAX;
 /// Port entries one LPM prefix can carry after less specific rules are merged into it. A rule
 /// whose ports would not fit takes one entry that names a [`PortSet`].
 pub const MAX_PORT_ENTRIES: usize = 16;
@@ -224,6 +238,9 @@ pub const REASON_ERROR_QUEUE: u8 = 13;
 /// A packet from a loopback source address (127.0.0.0/8, ::1) leaving by another device: an
 /// unprivileged sender can ask for `::1` with `IPV6_PKTINFO`.
 pub const REASON_LOOPBACK_SOURCE: u8 = 14;
+/// A socket another binding governs, used by a governed task (handed over a unix socket): the
+/// packet line would judge its packets by the other identity's rules.
+pub const REASON_FOREIGN_SOCKET: u8 = 15;
 
 /// [`Event::hook`].
 pub const HOOK_CONNECT4: u8 = 1;
@@ -243,6 +260,9 @@ pub const HOOK_INGRESS: u8 = 8;
 pub const HOOK_SETSOCKOPT: u8 = 9;
 /// BPF LSM `socket_recvmsg`: a governed task reading a socket's error queue.
 pub const HOOK_ERROR_QUEUE: u8 = 10;
+/// BPF LSM `socket_sendmsg`/`socket_recvmsg`: a governed task using a socket it may not (one of
+/// a family it may not create, or one another binding governs). `family` carries its family.
+pub const HOOK_SOCKET_USE: u8 = 11;
 /// `ifindex` of the loopback device in every network namespace: traffic between local
 /// processes, governed by the sender's egress rules.
 pub const LOOPBACK_IFINDEX: u32 = 1;
@@ -431,6 +451,8 @@ pub struct SockState {
     /// Ports in host byte order; 0 = slot empty.
     pub ports: [u16; SOCK_DESTS],
     /// [`Binding::slot`] of the binding at creation: where the packet line looks first.
+    /// [`SLOT_CLAIMED`]: a governed task took the socket up before any hook of its binding
+    /// saw it; the packet line settles it as that binding's at its next packet.
     pub binding_slot: u32,
 }
 

@@ -15,15 +15,15 @@ use agent_common::{
     EVENT_ALLOW, EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY, EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES,
     Event, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS, HOOK_ERROR_QUEUE, HOOK_INGRESS,
     HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCKET_FAMILY,
-    IDENTITY_ACTIVE, IdentityState, LOOPBACK_IFINDEX, LOUD_RECORDS, MAX_BINDINGS,
+    HOOK_SOCKET_USE, IDENTITY_ACTIVE, IdentityState, LOOPBACK_IFINDEX, LOUD_RECORDS, MAX_BINDINGS,
     MAX_CGROUP_LEVELS, MAX_IDENTITIES, MAX_PORT_ENTRIES, MAX_PORT_SETS, MODE_AUDIT, PORT_SET_WORDS,
     PROTO_TCP, PROTO_UDP, PortSet, RATE_ENTRIES, REASON_ERROR_QUEUE, REASON_EXPIRED,
-    REASON_GLOBAL_DENY, REASON_INBOUND, REASON_LOOPBACK_SOURCE, REASON_NO_RULE, REASON_NO_STORAGE,
-    REASON_NONE, REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION,
-    REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES,
-    RateKey, RateState, RecordUsage, RuleSet, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS,
-    SockState, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr,
-    dns_proxy_addr6, rule_hit_key,
+    REASON_FOREIGN_SOCKET, REASON_GLOBAL_DENY, REASON_INBOUND, REASON_LOOPBACK_SOURCE,
+    REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS, REASON_REVOKED,
+    REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE,
+    RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage, RuleSet,
+    SLOT_CLAIMED, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SockState, UNKNOWN_DENY,
+    UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{
@@ -231,10 +231,18 @@ pub fn aw_lsm_setsockopt(ctx: LsmContext) -> i32 {
     try_lsm_setsockopt(&ctx)
 }
 
-/// The ICMP error queue, where the kernel runs BPF LSM programs: a governed task reads none.
+/// The ICMP error queue, where the kernel runs BPF LSM programs: a governed task reads none;
+/// and it reads only sockets governed as its own.
 #[lsm_cgroup(hook = "socket_recvmsg")]
 pub fn aw_lsm_recvmsg(ctx: LsmContext) -> i32 {
     try_lsm_recvmsg(&ctx)
+}
+
+/// A governed task sends only on sockets governed as its own, where the kernel runs BPF LSM
+/// programs.
+#[lsm_cgroup(hook = "socket_sendmsg")]
+pub fn aw_lsm_sendmsg(ctx: LsmContext) -> i32 {
+    try_socket_use(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -755,7 +763,7 @@ const MSG_ERRQUEUE: i32 = 0x2000;
 fn try_lsm_recvmsg(ctx: &LsmContext) -> i32 {
     let flags: i32 = ctx.arg(3);
     if flags & MSG_ERRQUEUE == 0 {
-        return ALLOW;
+        return try_socket_use(ctx);
     }
     let leaf = unsafe { bpf_get_current_cgroup_id() };
     let Some((_, binding)) = task_binding(leaf) else {
@@ -771,6 +779,93 @@ fn try_lsm_recvmsg(ctx: &LsmContext) -> i32 {
         sock_protocol: 0,
     };
     refuse_task(&flow, leaf, &binding, REASON_ERROR_QUEUE)
+}
+
+/// `struct socket` up to its `sk`, a layout unchanged since Linux 2.6. Each load is checked
+/// against the running kernel's BTF when the program loads: were `sk` elsewhere, the pointer
+/// read would not be a `struct sock` and the storage helper's argument check would refuse
+/// the program (the LSM line then says it is not enforced), never read the wrong field.
+#[repr(C)]
+struct KernelSocket {
+    state: u32,
+    kind: i16,
+    _pad: u16,
+    flags: u64,
+    file: u64,
+    sk: *mut core::ffi::c_void,
+}
+
+/// `struct sock_common` up to `skc_family`, the head of every `struct sock` (unchanged since
+/// Linux 2.6).
+#[repr(C)]
+struct KernelSockCommon {
+    addrs: u64,
+    hash: u32,
+    ports: u32,
+    family: u16,
+}
+
+/// A send or receive by a governed task (LSM `socket_sendmsg`/`socket_recvmsg`, first
+/// argument the socket). A socket keeps the cgroup it was made in, and the packet line knows
+/// a socket's binding by its storage or that cgroup: one made elsewhere and handed over (held
+/// in flight in a unix socket while the unit was enrolled, say) would be judged as nobody's.
+/// So: a family the task may not create is refused; an inet socket another binding governs is
+/// refused; one no binding governs yet is claimed for the task's, and the packet line settles
+/// it at its next packet exactly as it adopts a bound unit's older sockets (its peer kept
+/// only if the task's rules allow it).
+#[inline(always)]
+fn try_socket_use(ctx: &LsmContext) -> i32 {
+    let leaf = unsafe { bpf_get_current_cgroup_id() };
+    let Some((binding_cgroup, binding)) = task_binding(leaf) else {
+        return ALLOW;
+    };
+    let sock: *const KernelSocket = ctx.arg(0);
+    if sock.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: a BTF-typed kernel pointer the verifier checks the load against.
+    let sk = unsafe { (*sock).sk };
+    // A socket without one is being released: the call fails in the kernel anyway.
+    if sk.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: as above; `sk` points at a `struct sock`, which begins with `sock_common`.
+    let family = unsafe { (*sk.cast::<KernelSockCommon>()).family };
+    if family == AF_UNIX || family == AF_NETLINK {
+        return ALLOW;
+    }
+    let flow = Flow {
+        addr: [0; 16],
+        port: 0,
+        proto: 0,
+        hook: HOOK_SOCKET_USE,
+        family,
+        sock_type: 0,
+        sock_protocol: 0,
+    };
+    if family != AF_INET && family != AF_INET6 {
+        return refuse_task(&flow, leaf, &binding, REASON_SOCKET_FAMILY);
+    }
+    let st = sock_state(sk, true);
+    if st.is_null() {
+        return refuse_task(&flow, leaf, &binding, REASON_NO_STORAGE);
+    }
+    // SAFETY: a non-null pointer from the storage helper.
+    let owner = unsafe { core::ptr::read_volatile(&raw const (*st).binding_cgroup) };
+    if owner == binding_cgroup {
+        return ALLOW;
+    }
+    if owner != 0 {
+        return refuse_task(&flow, leaf, &binding, REASON_FOREIGN_SOCKET);
+    }
+    // Storage no hook wrote (made just now, or an adoption on another CPU about to write
+    // it): claimed. The mark first, the binding last, as `adopt` writes them.
+    // SAFETY: as above.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*st).binding_slot, SLOT_CLAIMED);
+        core::ptr::write_volatile(&raw mut (*st).binding_cgroup, binding_cgroup);
+    }
+    ALLOW
 }
 
 /// Refuses a governed task, with a record, the options that bind non-local addresses.
@@ -1039,7 +1134,7 @@ fn owner_of(skb: *mut __sk_buff) -> Result<Owner, i32> {
             Some(c) if c.strays != 0 => c.bound_levels,
             _ => return Err(ALLOW),
         };
-        st = adopt(skb, sk, bound_levels);
+        st = adopt(skb, sk, bound_levels, core::ptr::null_mut());
         if st.is_null() {
             return Err(ALLOW);
         }
@@ -1048,7 +1143,16 @@ fn owner_of(skb: *mut __sk_buff) -> Result<Owner, i32> {
         }
     }
     // SAFETY: non-null storage pointer.
-    let (binding_cgroup, slot) = unsafe { ((*st).binding_cgroup, (*st).binding_slot) };
+    let (mut binding_cgroup, mut slot) = unsafe { ((*st).binding_cgroup, (*st).binding_slot) };
+    if slot == SLOT_CLAIMED {
+        // A governed task took the socket up (the LSM line): settled as its binding's now.
+        st = adopt(skb, sk, 0, st);
+        if st.is_null() || st == NO_ROOM {
+            return Err(DENY);
+        }
+        // SAFETY: as above.
+        (binding_cgroup, slot) = unsafe { ((*st).binding_cgroup, (*st).binding_slot) };
+    }
     // The binding's copy in its slot, an array lookup, while the slot still holds this
     // cgroup's binding; else the binding itself.
     let binding = match AW_BINDING_SLOTS.get(slot) {
@@ -1086,6 +1190,10 @@ const NO_ROOM: *mut SockState = 1 as *mut SockState;
 /// that neither line takes its packets as the socket's own. A socket of a kind sock_create
 /// refuses governed tasks (raw) is dropped. Null: not governed.
 /// Costs a socket with no state, the host's ungoverned traffic, a cgroup lookup.
+///
+/// `claimed` (not null): the storage of a socket the LSM line claimed for a governed task's
+/// binding (one handed to it); settled the same way as that binding's, whatever cgroup the
+/// socket was made in. Null then: the claiming session has ended.
 // Its own frame: inlined, its locals would push the packet line past the 512-byte stack
 // beside the record's frame.
 #[inline(never)]
@@ -1093,15 +1201,27 @@ fn adopt(
     skb: *mut __sk_buff,
     sk: *mut aya_ebpf::bindings::bpf_sock,
     bound_levels: u32,
+    claimed: *mut SockState,
 ) -> *mut SockState {
-    // SAFETY: helpers on the context's packet and socket.
-    let cgroup = unsafe { bpf_skb_cgroup_id(skb) };
-    let Some((binding_cgroup, binding)) = find_binding(
-        cgroup,
-        || bound_levels,
-        |level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) },
-    ) else {
-        return core::ptr::null_mut();
+    let (binding_cgroup, binding) = if claimed.is_null() {
+        // SAFETY: helpers on the context's packet and socket.
+        let cgroup = unsafe { bpf_skb_cgroup_id(skb) };
+        match find_binding(
+            cgroup,
+            || bound_levels,
+            |level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) },
+        ) {
+            Some(b) => b,
+            None => return core::ptr::null_mut(),
+        }
+    } else {
+        // SAFETY: a non-null storage pointer.
+        let c = unsafe { core::ptr::read_volatile(&raw const (*claimed).binding_cgroup) };
+        // The claiming task's session has ended: null, and the socket stays closed.
+        match unsafe { AW_BINDINGS.get(c) } {
+            Some(b) => (c, *b),
+            None => return core::ptr::null_mut(),
+        }
     };
     // SAFETY: a full socket the verifier typed.
     let (family, ty, protocol, state, port, local_port) = unsafe {
@@ -1121,7 +1241,11 @@ fn adopt(
     if !tcp && !udp {
         return NO_ROOM;
     }
-    let st = sock_state(sk.cast(), true);
+    let st = if claimed.is_null() {
+        sock_state(sk.cast(), true)
+    } else {
+        claimed
+    };
     if st.is_null() {
         return NO_ROOM;
     }
@@ -1898,8 +2022,9 @@ fn report_to<const RING: usize, const RATE: usize>(
             unsafe { atomic_add(&raw mut (*st).suppressed, suppressed) };
         }
         if let Some(drops) = AW_EVENT_DROPS.get_ptr_mut(drop_slot) {
-            // SAFETY: per-CPU slot, this CPU only.
-            unsafe { *drops += 1 };
+            // SAFETY: per-CPU slot. Atomic even so: a packet's softirq can run this on the
+            // same CPU between a task's load and store, and one of the two counts would go.
+            unsafe { atomic_add(drops, 1) };
         }
     };
     if drop_slot == DROPS_GOVERNED && loud(ring, identity) {

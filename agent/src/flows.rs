@@ -198,6 +198,12 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
             ))
         } else if e.hook == Hook::ErrorQueue {
             Some("socket error queue (recvmsg MSG_ERRQUEUE)".to_owned())
+        } else if e.hook == Hook::SocketUse {
+            Some(format!(
+                "send or receive on a socket of family {} ({})",
+                e.family,
+                crate::datapath::family_name(e.family)
+            ))
         } else if e.hook == Hook::SocketFamily {
             Some(format!(
                 "socket family {} ({}) type {} protocol {}",

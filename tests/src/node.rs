@@ -238,6 +238,30 @@ pub fn status_json(socket: &Path) -> serde_json::Value {
     )
 }
 
+/// Whether the node enforces the BPF LSM line (socket families, socket use, options, error
+/// queue): `None` when it does; the node's reason when it says it does not, which it must
+/// then say in `status`. The kernel matrix's guests run BPF LSM programs and set
+/// `AGENTWALL_TEST_EXPECT_LSM`: there a node that does not enforce the line fails the test
+/// (a program the kernel's verifier refused, say), rather than taking the other branch.
+pub fn lsm_line(socket: &Path) -> Option<String> {
+    let status = status_json(socket);
+    let families = &status["socket_families"];
+    match families["state"].as_str() {
+        Some("enforced") => None,
+        Some("unenforced") => {
+            let why = families["why"].as_str().unwrap_or_default().to_owned();
+            assert!(!why.is_empty(), "{status}");
+            assert!(
+                std::env::var_os("AGENTWALL_TEST_EXPECT_LSM").is_none(),
+                "this kernel runs BPF LSM programs, yet the node does not enforce the line: {why}"
+            );
+            eprintln!("BPF LSM unavailable on this kernel: {why}");
+            Some(why)
+        }
+        other => panic!("socket_families: {other:?} in {status}"),
+    }
+}
+
 /// Every record of an audit log (none while it does not exist yet).
 pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)

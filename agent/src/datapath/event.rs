@@ -80,6 +80,9 @@ pub enum Hook {
     SetSockopt,
     /// BPF LSM `socket_recvmsg`: a read of a socket's error queue.
     ErrorQueue,
+    /// BPF LSM `socket_sendmsg`/`socket_recvmsg`: a socket the task may not use (a family it
+    /// may not create, or one another binding governs).
+    SocketUse,
 }
 
 impl Hook {
@@ -87,7 +90,11 @@ impl Hook {
     pub fn is_socket(self) -> bool {
         matches!(
             self,
-            Self::SockCreate | Self::SocketFamily | Self::SetSockopt | Self::ErrorQueue
+            Self::SockCreate
+                | Self::SocketFamily
+                | Self::SetSockopt
+                | Self::ErrorQueue
+                | Self::SocketUse
         )
     }
 
@@ -102,6 +109,7 @@ impl Hook {
             c::HOOK_INGRESS => Self::Ingress,
             c::HOOK_SETSOCKOPT => Self::SetSockopt,
             c::HOOK_ERROR_QUEUE => Self::ErrorQueue,
+            c::HOOK_SOCKET_USE => Self::SocketUse,
             c::HOOK_SOCKET_FAMILY => Self::SocketFamily,
             _ => return None,
         })

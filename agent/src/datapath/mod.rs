@@ -246,6 +246,7 @@ fn lsm_hook(name: &str) -> &'static str {
     match name {
         c::PROG_LSM_SETSOCKOPT => "socket_setsockopt",
         c::PROG_LSM_RECVMSG => "socket_recvmsg",
+        c::PROG_LSM_SENDMSG => "socket_sendmsg",
         _ => "socket_create",
     }
 }
@@ -297,9 +298,10 @@ fn attach_type(name: &str) -> u32 {
         c::PROG_EGRESS => sys::ATTACH_INET_EGRESS,
         c::PROG_INGRESS => sys::ATTACH_INET_INGRESS,
         c::PROG_SETSOCKOPT => sys::ATTACH_CGROUP_SETSOCKOPT,
-        c::PROG_SOCKET_FAMILY | c::PROG_LSM_SETSOCKOPT | c::PROG_LSM_RECVMSG => {
-            sys::ATTACH_LSM_CGROUP
-        }
+        c::PROG_SOCKET_FAMILY
+        | c::PROG_LSM_SETSOCKOPT
+        | c::PROG_LSM_RECVMSG
+        | c::PROG_LSM_SENDMSG => sys::ATTACH_LSM_CGROUP,
         _ => sys::ATTACH_INET_SOCK_CREATE,
     }
 }

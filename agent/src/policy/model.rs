@@ -367,6 +367,8 @@ pub enum Reason {
     ErrorQueue,
     /// The packet line: a loopback source address on a packet leaving by another device.
     LoopbackSource,
+    /// A socket another binding governs, sent or read on by a governed task (the BPF LSM line).
+    ForeignSocket,
 }
 
 impl Reason {
@@ -386,6 +388,7 @@ impl Reason {
             Self::SocketOption => c::REASON_SOCKET_OPTION,
             Self::ErrorQueue => c::REASON_ERROR_QUEUE,
             Self::LoopbackSource => c::REASON_LOOPBACK_SOURCE,
+            Self::ForeignSocket => c::REASON_FOREIGN_SOCKET,
         }
     }
 
@@ -405,6 +408,7 @@ impl Reason {
             c::REASON_SOCKET_OPTION => Self::SocketOption,
             c::REASON_ERROR_QUEUE => Self::ErrorQueue,
             c::REASON_LOOPBACK_SOURCE => Self::LoopbackSource,
+            c::REASON_FOREIGN_SOCKET => Self::ForeignSocket,
             _ => return None,
         })
     }
@@ -427,6 +431,7 @@ impl Reason {
             Self::SocketOption => "socket option not allowed (non-local source address)",
             Self::ErrorQueue => "socket error queue closed (ICMP errors carry unjudged bytes)",
             Self::LoopbackSource => "loopback source address on a packet leaving the host",
+            Self::ForeignSocket => "socket another identity's session governs",
         }
     }
 }

@@ -36,6 +36,11 @@
 //!   hold udp ADDR PORT             connect a UDP socket and keep it (an established flow)
 //!   send-held                      one datagram on each kept UDP socket: `ok` or `err ERRNO`
 //!   send-held-tcp                  four bytes on each kept TCP connection (not waiting)
+//!   fd-inbox NAME                  binds a unix datagram socket at the abstract address NAME
+//!   pass-held NAME                 hands every kept TCP and UDP socket to NAME (SCM_RIGHTS) and
+//!                                  closes its own descriptors
+//!   take-passed                    receives sockets handed to the inbox and keeps them as its
+//!                                  own held ones: `ok N`
 //!   keep tcp|udp                   an IPv6 (dual-stack) socket, kept with no address
 //!   raw-keep                       an IPv4 raw TCP socket, kept (needs CAP_NET_RAW)
 //!   raw-send-tcp ADDR PORT         a hand-made TCP segment on the kept raw socket
@@ -374,6 +379,94 @@ fn sendmsg_cmsg(addr: SocketAddr, ty: i32, data: &[u8]) -> Result<String, String
             "ok".into()
         },
     )
+}
+
+/// The abstract unix address NAME (network-namespace scoped: the test's own).
+fn abstract_addr(name: &str) -> Result<std::os::unix::net::SocketAddr, String> {
+    use std::os::linux::net::SocketAddrExt as _;
+    std::os::unix::net::SocketAddr::from_abstract_name(name).map_err(|e| format!("{name}: {e}"))
+}
+
+/// The inbox `fd-inbox` bound.
+fn inbox() -> std::sync::MutexGuard<'static, Option<std::os::unix::net::UnixDatagram>> {
+    static INBOX: std::sync::Mutex<Option<std::os::unix::net::UnixDatagram>> =
+        std::sync::Mutex::new(None);
+    INBOX.lock().expect("inbox")
+}
+
+/// Sends `fds` in one datagram over `sock` (SCM_RIGHTS), `kinds` (one byte per descriptor)
+/// as its payload.
+fn pass_fds(sock: &std::os::unix::net::UnixDatagram, fds: &[i32], kinds: &[u8]) -> String {
+    let bytes = std::mem::size_of_val(fds);
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
+    let mut control = vec![0u8; space];
+    let mut payload = kinds.to_vec();
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: payload.len(),
+    };
+    // SAFETY: zeroed msghdr is valid; every pointer set below outlives sendmsg.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: the control buffer holds one header of CMSG_SPACE(bytes) bytes.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as usize;
+        std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), bytes);
+    }
+    // SAFETY: valid fd and message.
+    if unsafe { libc::sendmsg(sock.as_raw_fd(), &raw const msg, 0) } < 0 {
+        format!("err {}", errno_name(last_err()))
+    } else {
+        "ok".into()
+    }
+}
+
+/// Receives one datagram of descriptors `pass_fds` sent: each with its kind byte.
+fn take_fds(sock: &std::os::unix::net::UnixDatagram) -> Result<Vec<(u8, OwnedFd)>, String> {
+    const MAX: usize = 16;
+    let mut kinds = [0u8; MAX];
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE((MAX * 4) as u32) } as usize;
+    let mut control = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: kinds.as_mut_ptr().cast(),
+        iov_len: MAX,
+    };
+    // SAFETY: zeroed msghdr is valid; every pointer set below outlives recvmsg.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: valid fd and message.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &raw mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(format!("recvmsg: {}", errno_name(last_err())));
+    }
+    let mut out = Vec::new();
+    // SAFETY: walks the control messages the kernel wrote; each descriptor is now ours.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let count = ((*c).cmsg_len - libc::CMSG_LEN(0) as usize) / 4;
+                let data = libc::CMSG_DATA(c).cast::<i32>();
+                for i in 0..count {
+                    let fd = OwnedFd::from_raw_fd(data.add(i).read_unaligned());
+                    out.push((kinds.get(i).copied().unwrap_or(0), fd));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&raw const msg, c);
+        }
+    }
+    Ok(out)
 }
 
 /// Connections kept open by `hold`.
@@ -908,6 +1001,43 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 }
             }
             reply
+        }
+        ["fd-inbox", name] => {
+            let sock = std::os::unix::net::UnixDatagram::bind_addr(&abstract_addr(name)?)
+                .map_err(|e| format!("bind {name}: {e}"))?;
+            *inbox() = Some(sock);
+            "ok".into()
+        }
+        ["pass-held", name] => {
+            let sock =
+                std::os::unix::net::UnixDatagram::unbound().map_err(|e| format!("socket: {e}"))?;
+            sock.connect_addr(&abstract_addr(name)?)
+                .map_err(|e| format!("connect {name}: {e}"))?;
+            let tcp: Vec<OwnedFd> = held().drain(..).collect();
+            let udp: Vec<OwnedFd> = held_udp().drain(..).collect();
+            let mut fds = Vec::new();
+            let mut kinds = Vec::new();
+            for s in &tcp {
+                fds.push(s.as_raw_fd());
+                kinds.push(b't');
+            }
+            for s in &udp {
+                fds.push(s.as_raw_fd());
+                kinds.push(b'u');
+            }
+            pass_fds(&sock, &fds, &kinds)
+        }
+        ["take-passed"] => {
+            let got = take_fds(inbox().as_ref().ok_or("no fd-inbox")?)?;
+            let n = got.len();
+            for (kind, fd) in got {
+                if kind == b't' {
+                    held().push(fd);
+                } else {
+                    held_udp().push(fd);
+                }
+            }
+            format!("ok {n}")
         }
         ["hide-in-ring"] => {
             static RINGS: std::sync::Mutex<Vec<io_uring::IoUring>> =
