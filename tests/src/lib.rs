@@ -557,7 +557,10 @@ pub struct MemoryGroup {
 }
 
 impl MemoryGroup {
-    pub fn create(name: &str, limit_bytes: u64) -> Self {
+    /// The group, or why this kernel cannot make one: no cgroup v1 memory hierarchy is mounted
+    /// and mounting one fails (a kernel built without `CONFIG_MEMCG_V1`, as Debian's 6.12, or
+    /// one whose memory controller cgroup v2 already uses).
+    pub fn create(name: &str, limit_bytes: u64) -> Result<Self, String> {
         let (root, mounted) = match v1_memory_root() {
             Some(root) => (root, None),
             None => {
@@ -570,13 +573,13 @@ impl MemoryGroup {
                     .status()
                     .unwrap()
                     .success();
-                assert!(
-                    ok,
-                    "no cgroup v1 memory hierarchy is mounted and mounting one at {} failed: the ENOMEM \
-                     fault test needs the v1 memory controller, which this kernel lacks \
-                     (CONFIG_MEMCG_V1) or cgroup v2 already uses",
-                    at.display()
-                );
+                if !ok {
+                    let _ = std::fs::remove_dir(&at);
+                    return Err(format!(
+                        "no cgroup v1 memory hierarchy is mounted and mounting one at {} failed",
+                        at.display()
+                    ));
+                }
                 (at.clone(), Some(at))
             }
         };
@@ -589,7 +592,7 @@ impl MemoryGroup {
         };
         group.write("memory.oom_control", "1");
         group.write("memory.limit_in_bytes", &limit_bytes.to_string());
-        group
+        Ok(group)
     }
 
     fn write(&self, file: &str, value: &str) {

@@ -1468,6 +1468,13 @@ impl Datapath {
         let capacity = u32::try_from(t.len().max(1))
             .unwrap_or(u32::MAX)
             .saturating_add(self.host_headroom);
+        // The suite's stand-in for the kernel's ENOMEM where no memory group can make one (no
+        // cgroup v1 memory controller): a trie too small for its entries, which the kernel
+        // refuses part-way (ENOSPC) exactly where ENOMEM would.
+        #[cfg(feature = "failpoints")]
+        let capacity = fail::eval("trie-capacity", |v| v.and_then(|v| v.parse().ok()))
+            .flatten()
+            .unwrap_or(capacity);
         let def = aya_obj::Map::new_from_params(
             aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_LPM_TRIE as u32,
             std::mem::size_of::<Key<Addr>>() as u32,
