@@ -65,20 +65,23 @@ pub const PROG_LSM_SETSOCKOPT: &str = "aw_lsm_setsockopt";
 /// the queue was opened (a compat setsockopt skips the cgroup hook that keeps it closed), and
 /// reads only sockets governed as its own (see [`PROG_LSM_SENDMSG`]).
 pub const PROG_LSM_RECVMSG: &str = "aw_lsm_recvmsg";
-/// BPF LSM (`lsm_cgroup/socket_sendmsg`): a governed task sends only on sockets governed as its
-/// own. A socket handed to it (over a unix socket, in flight there when its cgroup was
-/// enrolled) is taken in as its socket, or refused if another binding governs it.
+/// BPF LSM (`lsm_cgroup/socket_sendmsg`): a governed task sends on no socket another binding
+/// governs, nor on one of a family it may not create.
 pub const PROG_LSM_SENDMSG: &str = "aw_lsm_sendmsg";
+/// BPF LSM (`lsm_cgroup/file_receive`): a socket handed to a governed task (SCM_RIGHTS,
+/// pidfd_getfd) is taken only as one it could have made itself, and is governed as its own.
+pub const PROG_LSM_FILE_RECEIVE: &str = "aw_lsm_file_receive";
 
 /// The BPF LSM programs: loaded and attached together, or not at all.
-pub const LSM_PROGRAMS: [&str; 4] = [
+pub const LSM_PROGRAMS: [&str; 5] = [
     PROG_SOCKET_FAMILY,
     PROG_LSM_SETSOCKOPT,
     PROG_LSM_RECVMSG,
     PROG_LSM_SENDMSG,
+    PROG_LSM_FILE_RECEIVE,
 ];
 
-pub const ALL_PROGRAMS: [&str; 16] = [
+pub const ALL_PROGRAMS: [&str; 17] = [
     PROG_CONNECT4,
     PROG_CONNECT6,
     PROG_SENDMSG4,
@@ -95,6 +98,7 @@ pub const ALL_PROGRAMS: [&str; 16] = [
     PROG_LSM_SETSOCKOPT,
     PROG_LSM_RECVMSG,
     PROG_LSM_SENDMSG,
+    PROG_LSM_FILE_RECEIVE,
 ];
 
 /// Capacity of the identity table; identity 0 is reserved (it means "no identity" in event
@@ -241,6 +245,9 @@ pub const REASON_LOOPBACK_SOURCE: u8 = 14;
 /// A socket another binding governs, used by a governed task (handed over a unix socket): the
 /// packet line would judge its packets by the other identity's rules.
 pub const REASON_FOREIGN_SOCKET: u8 = 15;
+/// A socket handed to a governed task whose queue may hold what no rule judged: a listener (its
+/// accept queue), a bound datagram socket without a peer (datagrams from anyone).
+pub const REASON_HANDED_SOCKET: u8 = 16;
 
 /// [`Event::hook`].
 pub const HOOK_CONNECT4: u8 = 1;
@@ -263,6 +270,9 @@ pub const HOOK_ERROR_QUEUE: u8 = 10;
 /// BPF LSM `socket_sendmsg`/`socket_recvmsg`: a governed task using a socket it may not (one of
 /// a family it may not create, or one another binding governs). `family` carries its family.
 pub const HOOK_SOCKET_USE: u8 = 11;
+/// BPF LSM `file_receive`: a socket handed to a governed task that it may not take. `family`
+/// and `sock_type` carry the socket's; a refused peer is in `addr` and `port`.
+pub const HOOK_SOCKET_RECEIVE: u8 = 12;
 /// `ifindex` of the loopback device in every network namespace: traffic between local
 /// processes, governed by the sender's egress rules.
 pub const LOOPBACK_IFINDEX: u32 = 1;

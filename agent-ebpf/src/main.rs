@@ -15,10 +15,10 @@ use agent_common::{
     EVENT_ALLOW, EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY, EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES,
     Event, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS, HOOK_ERROR_QUEUE, HOOK_INGRESS,
     HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCKET_FAMILY,
-    HOOK_SOCKET_USE, IDENTITY_ACTIVE, IdentityState, LOOPBACK_IFINDEX, LOUD_RECORDS, MAX_BINDINGS,
+    HOOK_SOCKET_RECEIVE, HOOK_SOCKET_USE, IDENTITY_ACTIVE, IdentityState, LOOPBACK_IFINDEX, LOUD_RECORDS, MAX_BINDINGS,
     MAX_CGROUP_LEVELS, MAX_IDENTITIES, MAX_PORT_ENTRIES, MAX_PORT_SETS, MODE_AUDIT, PORT_SET_WORDS,
     PROTO_TCP, PROTO_UDP, PortSet, RATE_ENTRIES, REASON_ERROR_QUEUE, REASON_EXPIRED,
-    REASON_FOREIGN_SOCKET, REASON_GLOBAL_DENY, REASON_INBOUND, REASON_LOOPBACK_SOURCE,
+    REASON_FOREIGN_SOCKET, REASON_GLOBAL_DENY, REASON_HANDED_SOCKET, REASON_INBOUND, REASON_LOOPBACK_SOURCE,
     REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS, REASON_REVOKED,
     REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE,
     RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage, RuleSet,
@@ -41,6 +41,7 @@ use aya_ebpf::{
         generated::{
             bpf_get_socket_uid, bpf_ringbuf_query, bpf_sk_fullsock, bpf_sk_storage_get,
             bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_load_bytes,
+            bpf_skc_to_tcp_sock, bpf_sock_from_file,
         },
     },
     macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, lsm_cgroup},
@@ -243,6 +244,14 @@ pub fn aw_lsm_recvmsg(ctx: LsmContext) -> i32 {
 #[lsm_cgroup(hook = "socket_sendmsg")]
 pub fn aw_lsm_sendmsg(ctx: LsmContext) -> i32 {
     try_socket_use(&ctx)
+}
+
+/// A descriptor a governed task receives (SCM_RIGHTS, pidfd_getfd): a socket made elsewhere
+/// is taken only as one the task could have made itself, and is governed as its own from
+/// then on.
+#[lsm_cgroup(hook = "file_receive")]
+pub fn aw_lsm_file_receive(ctx: LsmContext) -> i32 {
+    try_file_receive(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -795,45 +804,57 @@ struct KernelSocket {
     sk: *mut core::ffi::c_void,
 }
 
-/// `struct sock_common` up to `skc_family`, the head of every `struct sock` (unchanged since
-/// Linux 2.6).
+/// `struct sock_common` up to `skc_v6_daddr`, the head of every `struct sock`; these offsets
+/// are the same on every kernel agentwall loads on (IPv6 built in, as the kernels with BPF
+/// LSM are), and each load is checked against the running kernel's BTF.
 #[repr(C)]
 struct KernelSockCommon {
-    addrs: u64,
+    daddr: u32,
+    rcv_saddr: u32,
     hash: u32,
-    ports: u32,
+    /// Network byte order.
+    dport: u16,
+    /// Host byte order.
+    num: u16,
     family: u16,
+    state: u8,
+    _flags: u8,
+    _bound_dev_if: i32,
+    _bind_node: [u64; 2],
+    _prot: u64,
+    _net: u64,
+    v6_daddr: [u32; 4],
 }
 
 /// A send or receive by a governed task (LSM `socket_sendmsg`/`socket_recvmsg`, first
-/// argument the socket). A socket keeps the cgroup it was made in, and the packet line knows
-/// a socket's binding by its storage or that cgroup: one made elsewhere and handed over (held
-/// in flight in a unix socket while the unit was enrolled, say) would be judged as nobody's.
-/// So: a family the task may not create is refused; an inet socket another binding governs is
-/// refused; one no binding governs yet is claimed for the task's, and the packet line settles
-/// it at its next packet exactly as it adopts a bound unit's older sockets (its peer kept
-/// only if the task's rules allow it).
+/// argument the socket): a family the task may not create is refused, and so is an inet
+/// socket another binding governs (the packet line would judge it by the other binding's
+/// rules). Nothing is claimed here: the kernel's own users of a socket (NFS, NBD) send in
+/// whatever task's context wakes them, and a claim there would put the host's storage under
+/// the agent's rules. Sockets handed over are claimed where they are received.
 #[inline(always)]
 fn try_socket_use(ctx: &LsmContext) -> i32 {
-    let leaf = unsafe { bpf_get_current_cgroup_id() };
-    let Some((binding_cgroup, binding)) = task_binding(leaf) else {
-        return ALLOW;
-    };
     let sock: *const KernelSocket = ctx.arg(0);
     if sock.is_null() {
         return ALLOW;
     }
     // SAFETY: a BTF-typed kernel pointer the verifier checks the load against.
-    let sk = unsafe { (*sock).sk };
-    // A socket without one is being released: the call fails in the kernel anyway.
-    if sk.is_null() {
+    let (sk, file) = unsafe { ((*sock).sk, (*sock).file) };
+    // Without `sk`: being released, the call fails in the kernel anyway. Without a file: a
+    // kernel socket, in no task's descriptor table.
+    if sk.is_null() || file == 0 {
         return ALLOW;
     }
+    // The family first: the host's unix and netlink traffic pays for no binding lookup.
     // SAFETY: as above; `sk` points at a `struct sock`, which begins with `sock_common`.
     let family = unsafe { (*sk.cast::<KernelSockCommon>()).family };
     if family == AF_UNIX || family == AF_NETLINK {
         return ALLOW;
     }
+    let leaf = unsafe { bpf_get_current_cgroup_id() };
+    let Some((binding_cgroup, binding)) = task_binding(leaf) else {
+        return ALLOW;
+    };
     let flow = Flow {
         addr: [0; 16],
         port: 0,
@@ -846,26 +867,163 @@ fn try_socket_use(ctx: &LsmContext) -> i32 {
     if family != AF_INET && family != AF_INET6 {
         return refuse_task(&flow, leaf, &binding, REASON_SOCKET_FAMILY);
     }
+    let st = sock_state(sk, false);
+    if st.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: a non-null pointer from the storage helper.
+    let owner = unsafe { core::ptr::read_volatile(&raw const (*st).binding_cgroup) };
+    if owner == 0 || owner == binding_cgroup {
+        return ALLOW;
+    }
+    refuse_task(&flow, leaf, &binding, REASON_FOREIGN_SOCKET)
+}
+
+/// `file_receive(file)`, in the receiving task's context. A socket a governed task receives
+/// is taken only if the task could have made it itself and nothing it holds was let in
+/// unjudged: unix and netlink sockets as they are; an inet socket only if it is plain TCP or
+/// UDP (multipath TCP's subflows and SCTP's associations are sockets no hook of the binding
+/// sees), not a listener (its accept queue holds connections no ingress rule judged), not a
+/// bound datagram socket without a peer (its queue holds datagrams from anyone), connected
+/// only to a peer the binding's rules allow (an egress rule, or for TCP an ingress rule on its
+/// port), and not another binding's. Taken, it is claimed for the task's binding, which the
+/// packet line settles at its next packet, whatever cgroup it was made in. Refused: EPERM to
+/// the receive, with a record.
+#[inline(always)]
+fn try_file_receive(ctx: &LsmContext) -> i32 {
+    let file: *mut aya_ebpf::bindings::file = ctx.arg(0);
+    // SAFETY: a BTF-typed kernel pointer; the helper answers null for anything not a socket.
+    let sock = unsafe { bpf_sock_from_file(file) }.cast::<KernelSocket>();
+    if sock.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: as above, a `struct socket` the helper typed.
+    let (sk, kind) = unsafe { ((*sock).sk, (*sock).kind) };
+    if sk.is_null() {
+        return ALLOW;
+    }
+    let common = sk.cast::<KernelSockCommon>();
+    // SAFETY: `sk` points at a `struct sock`, which begins with `sock_common`.
+    let family = unsafe { (*common).family };
+    if family == AF_UNIX || family == AF_NETLINK {
+        return ALLOW;
+    }
+    let leaf = unsafe { bpf_get_current_cgroup_id() };
+    let Some((binding_cgroup, binding)) = task_binding(leaf) else {
+        return ALLOW;
+    };
+    let mut flow = Flow {
+        addr: [0; 16],
+        port: 0,
+        proto: 0,
+        hook: HOOK_SOCKET_RECEIVE,
+        family,
+        sock_type: kind as u16,
+        sock_protocol: 0,
+    };
+    if family != AF_INET && family != AF_INET6 {
+        return refuse_task(&flow, leaf, &binding, REASON_SOCKET_FAMILY);
+    }
+    let ty = kind as u32;
+    // SAFETY: a socket pointer the verifier typed; null unless its protocol is TCP.
+    let tcp = ty == SOCK_STREAM && !unsafe { bpf_skc_to_tcp_sock(sk) }.is_null();
+    if !tcp && ty != SOCK_DGRAM {
+        return refuse_task(&flow, leaf, &binding, REASON_SOCKET_TYPE);
+    }
+    flow.proto = if tcp { PROTO_TCP } else { PROTO_UDP };
+    // SAFETY: as above.
+    let (state, port, local_port, v4, v6) = unsafe {
+        (
+            u32::from(core::ptr::read_volatile(&raw const (*common).state)),
+            u16::from_be(core::ptr::read_volatile(&raw const (*common).dport)),
+            core::ptr::read_volatile(&raw const (*common).num),
+            core::ptr::read_volatile(&raw const (*common).daddr),
+            [
+                core::ptr::read_volatile(&raw const (*common).v6_daddr[0]),
+                core::ptr::read_volatile(&raw const (*common).v6_daddr[1]),
+                core::ptr::read_volatile(&raw const (*common).v6_daddr[2]),
+                core::ptr::read_volatile(&raw const (*common).v6_daddr[3]),
+            ],
+        )
+    };
+    let unjudged_queue = if tcp {
+        state == TCP_LISTEN
+    } else {
+        port == 0 && local_port != 0
+    };
+    if unjudged_queue {
+        if refuse_task(&flow, leaf, &binding, REASON_HANDED_SOCKET) == DENY {
+            return DENY;
+        }
+    } else if port != 0 {
+        flow.addr = addr_of_words(if family == AF_INET6 {
+            v6
+        } else {
+            [0, 0, MAPPED_WORD, v4]
+        });
+        flow.port = port;
+        if judge_peer(binding.identity, &mut flow, local_port, tcp) == Peer::Refused
+            && refuse_task(&flow, leaf, &binding, REASON_NO_RULE) == DENY
+        {
+            return DENY;
+        }
+    }
     let st = sock_state(sk, true);
     if st.is_null() {
         return refuse_task(&flow, leaf, &binding, REASON_NO_STORAGE);
     }
-    // SAFETY: a non-null pointer from the storage helper.
-    let owner = unsafe { core::ptr::read_volatile(&raw const (*st).binding_cgroup) };
-    if owner == binding_cgroup {
+    // Claimed only if no binding holds it: the mark first, then the binding in one
+    // compare-and-swap, so two claims (or a claim and an adoption) cannot both win. A loser
+    // leaves the mark, which the packet line settles as the winner's binding.
+    // SAFETY: a non-null pointer from the storage helper; the binding is only written
+    // whole, by this exchange or by `adopt`.
+    let owner = unsafe {
+        let owner = core::ptr::read_volatile(&raw const (*st).binding_cgroup);
+        if owner == 0 {
+            core::ptr::write_volatile(&raw mut (*st).binding_slot, SLOT_CLAIMED);
+            atomic_cmpxchg(&raw mut (*st).binding_cgroup, 0, binding_cgroup)
+        } else {
+            owner
+        }
+    };
+    if owner == 0 || owner == binding_cgroup {
         return ALLOW;
     }
-    if owner != 0 {
-        return refuse_task(&flow, leaf, &binding, REASON_FOREIGN_SOCKET);
+    refuse_task(&flow, leaf, &binding, REASON_FOREIGN_SOCKET)
+}
+
+/// How a governed socket's peer stands with its binding's rules.
+#[derive(PartialEq, Eq)]
+enum Peer {
+    /// An egress rule allows the peer.
+    Egress,
+    /// A TCP connection an ingress rule allows (peer, this end's port): what a governed
+    /// listener would have accepted.
+    Accepted,
+    Refused,
+}
+
+/// [`Peer`] for `flow`'s address and port (port 0: no peer an egress rule could allow).
+/// `flow` is left with its port and protocol as given.
+#[inline(always)]
+fn judge_peer(identity: u32, flow: &mut Flow, local_port: u16, tcp: bool) -> Peer {
+    let mut now = 0u64;
+    if flow.port != 0 && check_rules(identity, flow, &mut now).0 == REASON_NONE {
+        return Peer::Egress;
     }
-    // Storage no hook wrote (made just now, or an adoption on another CPU about to write
-    // it): claimed. The mark first, the binding last, as `adopt` writes them.
-    // SAFETY: as above.
-    unsafe {
-        core::ptr::write_volatile(&raw mut (*st).binding_slot, SLOT_CLAIMED);
-        core::ptr::write_volatile(&raw mut (*st).binding_cgroup, binding_cgroup);
+    if !tcp {
+        return Peer::Refused;
     }
-    ALLOW
+    let (port, proto) = (flow.port, flow.proto);
+    flow.port = local_port;
+    flow.proto = proto << 2;
+    let inbound = check_rules(identity, flow, &mut now).0;
+    (flow.port, flow.proto) = (port, proto);
+    if inbound == REASON_NONE {
+        Peer::Accepted
+    } else {
+        Peer::Refused
+    }
 }
 
 /// Refuses a governed task, with a record, the options that bind non-local addresses.
@@ -1143,7 +1301,11 @@ fn owner_of(skb: *mut __sk_buff) -> Result<Owner, i32> {
         }
     }
     // SAFETY: non-null storage pointer.
-    let (mut binding_cgroup, mut slot) = unsafe { ((*st).binding_cgroup, (*st).binding_slot) };
+    // The binding before its slot: both writers put the slot first.
+    let (mut binding_cgroup, mut slot) = unsafe {
+        let c = core::ptr::read_volatile(&raw const (*st).binding_cgroup);
+        (c, core::ptr::read_volatile(&raw const (*st).binding_slot))
+    };
     if slot == SLOT_CLAIMED {
         // A governed task took the socket up (the LSM line): settled as its binding's now.
         st = adopt(skb, sk, 0, st);
@@ -1151,7 +1313,10 @@ fn owner_of(skb: *mut __sk_buff) -> Result<Owner, i32> {
             return Err(DENY);
         }
         // SAFETY: as above.
-        (binding_cgroup, slot) = unsafe { ((*st).binding_cgroup, (*st).binding_slot) };
+        (binding_cgroup, slot) = unsafe {
+            let c = core::ptr::read_volatile(&raw const (*st).binding_cgroup);
+            (c, core::ptr::read_volatile(&raw const (*st).binding_slot))
+        };
     }
     // The binding's copy in its slot, an array lookup, while the slot still holds this
     // cgroup's binding; else the binding itself.
@@ -1282,27 +1447,12 @@ fn adopt(
             sock_type: 0,
             sock_protocol: 0,
         };
-        let mut now = 0u64;
-        let (egress, _) = if port == 0 {
-            (REASON_NO_RULE, 0)
-        } else {
-            check_rules(binding.identity, &flow, &mut now)
-        };
-        // A TCP connection an ingress rule allows (peer, this end's port) is what a governed
-        // listener would have accepted: kept as accepted connections are, judged inbound.
-        flow.port = local_port;
-        flow.proto = flow.proto << 2;
-        let accepted = tcp && egress != REASON_NONE && {
-            let (inbound, _) = check_rules(binding.identity, &flow, &mut now);
-            inbound == REASON_NONE
-        };
-        let kept = if egress == REASON_NONE {
-            Some((addr, port))
-        } else if tcp && !accepted {
+        let kept = match judge_peer(binding.identity, &mut flow, local_port, tcp) {
+            Peer::Egress => Some((addr, port)),
             // Never port 0 here: that is the mark of a listener or an accepted connection.
-            Some((NOWHERE, if port == 0 { u16::MAX } else { port }))
-        } else {
-            None
+            Peer::Refused if tcp => Some((NOWHERE, if port == 0 { u16::MAX } else { port })),
+            // Accepted: kept as accepted connections are, judged inbound.
+            _ => None,
         };
         if let Some((a, p)) = kept {
             // SAFETY: non-null storage pointer. Volatile: these stores stay before the
@@ -2144,6 +2294,20 @@ unsafe fn atomic_xchg(dst: *mut u64, v: u64) -> u64 {
     // SAFETY: the caller passes a pointer into a map value.
     unsafe {
         core::intrinsics::atomic_xchg::<u64, { core::intrinsics::AtomicOrdering::Relaxed }>(dst, v)
+    }
+}
+
+/// Atomic compare-and-exchange (BPF_CMPXCHG: BPF CPU v3, Linux 5.12+): the value found.
+#[inline(always)]
+unsafe fn atomic_cmpxchg(dst: *mut u64, old: u64, new: u64) -> u64 {
+    // SAFETY: the caller passes a pointer into a map value.
+    unsafe {
+        core::intrinsics::atomic_cxchg::<
+            u64,
+            { core::intrinsics::AtomicOrdering::Relaxed },
+            { core::intrinsics::AtomicOrdering::Relaxed },
+        >(dst, old, new)
+        .0
     }
 }
 

@@ -171,6 +171,8 @@ impl Recent {
 pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
     use crate::datapath::Hook;
     let flow = !e.hook.is_socket();
+    // A handed socket refused for its peer: the peer, beside the socket's description.
+    let peer = e.hook == Hook::SocketReceive && e.port != 0;
     FlowRecord {
         seq: 0,
         time: rfc3339(wall_time(e.time)),
@@ -183,7 +185,7 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
         uid: e.uid,
         cgroup_id: e.cgroup_id,
         cgroup: None,
-        dest: flow.then_some(e.dest),
+        dest: (flow || peer).then_some(e.dest),
         fqdn: None,
         port: e.port,
         direction: (e.hook == Hook::Ingress).then(|| "inbound".to_owned()),
@@ -203,6 +205,13 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
                 "send or receive on a socket of family {} ({})",
                 e.family,
                 crate::datapath::family_name(e.family)
+            ))
+        } else if e.hook == Hook::SocketReceive {
+            Some(format!(
+                "socket of family {} ({}) type {} received from another process",
+                e.family,
+                crate::datapath::family_name(e.family),
+                e.sock_type
             ))
         } else if e.hook == Hook::SocketFamily {
             Some(format!(

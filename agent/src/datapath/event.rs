@@ -83,6 +83,9 @@ pub enum Hook {
     /// BPF LSM `socket_sendmsg`/`socket_recvmsg`: a socket the task may not use (a family it
     /// may not create, or one another binding governs).
     SocketUse,
+    /// BPF LSM `file_receive`: a socket handed to a governed task that it may not take. A
+    /// refused peer is in `dest` and `port`.
+    SocketReceive,
 }
 
 impl Hook {
@@ -95,6 +98,7 @@ impl Hook {
                 | Self::SetSockopt
                 | Self::ErrorQueue
                 | Self::SocketUse
+                | Self::SocketReceive
         )
     }
 
@@ -110,6 +114,7 @@ impl Hook {
             c::HOOK_SETSOCKOPT => Self::SetSockopt,
             c::HOOK_ERROR_QUEUE => Self::ErrorQueue,
             c::HOOK_SOCKET_USE => Self::SocketUse,
+            c::HOOK_SOCKET_RECEIVE => Self::SocketReceive,
             c::HOOK_SOCKET_FAMILY => Self::SocketFamily,
             _ => return None,
         })

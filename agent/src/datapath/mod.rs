@@ -247,6 +247,7 @@ fn lsm_hook(name: &str) -> &'static str {
         c::PROG_LSM_SETSOCKOPT => "socket_setsockopt",
         c::PROG_LSM_RECVMSG => "socket_recvmsg",
         c::PROG_LSM_SENDMSG => "socket_sendmsg",
+        c::PROG_LSM_FILE_RECEIVE => "file_receive",
         _ => "socket_create",
     }
 }
@@ -301,7 +302,8 @@ fn attach_type(name: &str) -> u32 {
         c::PROG_SOCKET_FAMILY
         | c::PROG_LSM_SETSOCKOPT
         | c::PROG_LSM_RECVMSG
-        | c::PROG_LSM_SENDMSG => sys::ATTACH_LSM_CGROUP,
+        | c::PROG_LSM_SENDMSG
+        | c::PROG_LSM_FILE_RECEIVE => sys::ATTACH_LSM_CGROUP,
         _ => sys::ATTACH_INET_SOCK_CREATE,
     }
 }

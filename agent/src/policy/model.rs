@@ -369,6 +369,9 @@ pub enum Reason {
     LoopbackSource,
     /// A socket another binding governs, sent or read on by a governed task (the BPF LSM line).
     ForeignSocket,
+    /// A listener, or a bound datagram socket without a peer, handed to a governed task: its
+    /// queue may hold what no rule judged (the BPF LSM line).
+    HandedSocket,
 }
 
 impl Reason {
@@ -389,6 +392,7 @@ impl Reason {
             Self::ErrorQueue => c::REASON_ERROR_QUEUE,
             Self::LoopbackSource => c::REASON_LOOPBACK_SOURCE,
             Self::ForeignSocket => c::REASON_FOREIGN_SOCKET,
+            Self::HandedSocket => c::REASON_HANDED_SOCKET,
         }
     }
 
@@ -409,6 +413,7 @@ impl Reason {
             c::REASON_ERROR_QUEUE => Self::ErrorQueue,
             c::REASON_LOOPBACK_SOURCE => Self::LoopbackSource,
             c::REASON_FOREIGN_SOCKET => Self::ForeignSocket,
+            c::REASON_HANDED_SOCKET => Self::HandedSocket,
             _ => return None,
         })
     }
@@ -432,6 +437,9 @@ impl Reason {
             Self::ErrorQueue => "socket error queue closed (ICMP errors carry unjudged bytes)",
             Self::LoopbackSource => "loopback source address on a packet leaving the host",
             Self::ForeignSocket => "socket another identity's session governs",
+            Self::HandedSocket => {
+                "handed a listening or unconnected bound socket (its queue was never judged)"
+            }
         }
     }
 }

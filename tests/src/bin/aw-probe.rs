@@ -34,6 +34,9 @@
 //!   hold tcp ADDR PORT             connect and keep the connection open
 //!   held                           answers `alive=N closed=M` for the kept connections
 //!   hold udp ADDR PORT             connect a UDP socket and keep it (an established flow)
+//!   hold mptcp ADDR PORT           a multipath TCP connection, kept with the TCP ones
+//!   hold listener ADDR PORT        a TCP listener, kept with the TCP connections
+//!   hold bound-udp ADDR PORT       a UDP socket bound to ADDR:PORT with no peer, kept
 //!   send-held                      one datagram on each kept UDP socket: `ok` or `err ERRNO`
 //!   send-held-tcp                  four bytes on each kept TCP connection (not waiting)
 //!   fd-inbox NAME                  binds a unix datagram socket at the abstract address NAME
@@ -976,6 +979,39 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 format!("err {}", errno_name(last_err()))
             } else {
                 held().push(s);
+                "ok".into()
+            }
+        }
+        ["hold", "mptcp", ip, port] => {
+            let addr = sa(ip, port)?;
+            let s = new_socket(family(&addr), libc::SOCK_STREAM, libc::IPPROTO_MPTCP)
+                .map_err(|e| format!("socket: {}", errno_name(e)))?;
+            let (ss, len) = sockaddr(addr);
+            // SAFETY: valid fd and address.
+            if unsafe { libc::connect(s.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
+                format!("err {}", errno_name(last_err()))
+            } else {
+                held().push(s);
+                "ok".into()
+            }
+        }
+        ["hold", "listener", ip, port] => match do_listen(sa(ip, port)?) {
+            Ok(fd) => {
+                held().push(fd);
+                "ok".into()
+            }
+            Err(e) => format!("err {}", errno_name(e)),
+        },
+        ["hold", "bound-udp", ip, port] => {
+            let addr = sa(ip, port)?;
+            let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+                .map_err(|e| format!("socket: {}", errno_name(e)))?;
+            let (ss, len) = sockaddr(addr);
+            // SAFETY: valid fd and address.
+            if unsafe { libc::bind(s.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
+                format!("err {}", errno_name(last_err()))
+            } else {
+                held_udp().push(s);
                 "ok".into()
             }
         }
