@@ -931,6 +931,19 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
         return refuse_task(&flow, leaf, &binding, REASON_SOCKET_TYPE);
     }
     flow.proto = if tcp { PROTO_TCP } else { PROTO_UDP };
+    // Governed already: the agent's own (passed between its processes), kept as it is; another
+    // session's, refused.
+    let st = sock_state(sk, false);
+    if !st.is_null() {
+        // SAFETY: a non-null pointer from the storage helper.
+        let owner = unsafe { core::ptr::read_volatile(&raw const (*st).binding_cgroup) };
+        if owner == binding_cgroup {
+            return ALLOW;
+        }
+        if owner != 0 {
+            return refuse_task(&flow, leaf, &binding, REASON_FOREIGN_SOCKET);
+        }
+    }
     // SAFETY: as above.
     let (state, port, local_port, v4, v6) = unsafe {
         (
