@@ -494,7 +494,9 @@ fn a_socket_handed_to_a_governed_agent_is_governed_as_its_own() {
         "ok 1",
         "a TCP connection to an allowed peer"
     );
-    let (_allowed_conn, _) = tcp_allowed.accept().expect("the helper's allowed connection");
+    let (_allowed_conn, _) = tcp_allowed
+        .accept()
+        .expect("the helper's allowed connection");
 
     // Each refused, with its record; the ones with a peer name it.
     let mut refused = |fx: &mut Fixture, hold: String, reason: &str, ty: u8, port: Option<u16>| {
