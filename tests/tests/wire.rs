@@ -537,7 +537,10 @@ fn a_socket_handed_to_a_governed_agent_is_governed_as_its_own() {
         None,
     );
 
-    // The taken ones send as the agent's, to their allowed peers; nothing else left.
+    // The taken ones send as the agent's, to their allowed peers; nothing else left. The
+    // helper's own packets so far (its handshakes, the refused sockets' closes) end at a
+    // marker first.
+    fx.until_helper_marker(9100);
     assert_eq!(agent.cmd("send-held"), "ok");
     assert_eq!(agent.cmd("send-held-tcp"), "ok");
     let seen = fx.until_helper_marker(9101);
