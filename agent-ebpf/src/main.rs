@@ -439,9 +439,26 @@ fn remember(ctx: &SockAddrContext, flow: &Flow, j: &Judged, addr: Addr, port: u1
         return DENY;
     }
     let slot = slot_of(flow.hook);
+    // The binding only where none is written yet: a socket another binding governs keeps it
+    // (its packets are judged by that binding's rules, and this one's verdict says nothing
+    // about them).
     // SAFETY: a non-null pointer from the storage helper.
+    let held = unsafe { atomic_cmpxchg(&raw mut (*st).binding_cgroup, 0, j.binding_cgroup) };
+    if held != 0 && held != j.binding_cgroup {
+        report(
+            flow,
+            j.leaf,
+            j.identity,
+            EVENT_DENY,
+            REASON_FOREIGN_SOCKET,
+            0,
+            j.now,
+            Who::Task,
+        );
+        return DENY;
+    }
+    // SAFETY: as above.
     unsafe {
-        (*st).binding_cgroup = j.binding_cgroup;
         (*st).binding_slot = j.binding_slot;
         (*st).dests[slot] = addr;
         (*st).ports[slot] = port;
@@ -517,7 +534,8 @@ fn try_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
     addr[14] = octets[2];
     addr[15] = octets[3];
     let flow = flow_of(addr, port, protocol, ty, hook);
-    let j = judge(&flow);
+    // SAFETY: the context's socket, as the kernel hands it to sock_addr programs.
+    let j = judge(&flow, unsafe { (*sa).__bindgen_anon_1.sk }.cast());
     conclude(ctx, &flow, &j, port, [0, 0, MAPPED_WORD, ip], Family::V4)
 }
 
@@ -567,7 +585,8 @@ fn try_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
     // An IPv4-mapped destination (::ffff:a.b.c.d) already sits where IPv4 rules live in the
     // trie, so it is judged as its IPv4 address without a special case.
     let flow = flow_of(addr, port, protocol, ty, hook);
-    let j = judge(&flow);
+    // SAFETY: as above.
+    let j = judge(&flow, unsafe { (*sa).__bindgen_anon_1.sk }.cast());
     let fam = if w0 == 0 && w1 == 0 && w2 == MAPPED_WORD {
         Family::Mapped
     } else {
@@ -710,7 +729,9 @@ fn try_setsockopt(ctx: &SockoptContext) -> i32 {
     if is_recverr(level, optname) && quiet_recverr(ctx, optlen) {
         return ALLOW;
     }
-    let verdict = judge_sockopt(level, optname);
+    // SAFETY: the kernel hands sockopt programs their socket.
+    let sk = unsafe { (*so).__bindgen_anon_1.sk };
+    let verdict = judge_sockopt(level, optname, sk.cast());
     if verdict == ALLOW && optlen > PAGE_SIZE {
         // SAFETY: setsockopt programs may write optlen.
         unsafe { (*so).optlen = 0 };
@@ -758,9 +779,16 @@ fn quiet_recverr(ctx: &SockoptContext, optlen: i32) -> bool {
 /// kernel also calls for compat (32-bit) system calls; the cgroup hook does not run for those.
 #[inline(always)]
 fn try_lsm_setsockopt(ctx: &LsmContext) -> i32 {
+    let sock: *const KernelSocket = ctx.arg(0);
     let level: i32 = ctx.arg(1);
     let optname: i32 = ctx.arg(2);
-    judge_sockopt(level, optname)
+    // SAFETY: a BTF-typed kernel pointer the verifier checks the load against.
+    let sk = if sock.is_null() {
+        core::ptr::null_mut()
+    } else {
+        unsafe { (*sock).sk }
+    };
+    judge_sockopt(level, optname, sk.cast())
 }
 
 /// `MSG_ERRQUEUE`, from the kernel's socket.h.
@@ -884,10 +912,10 @@ fn try_socket_use(ctx: &LsmContext) -> i32 {
 /// is taken only if the task could have made it itself and nothing it holds was let in
 /// unjudged: unix and netlink sockets as they are; an inet socket only if it is plain TCP or
 /// UDP (multipath TCP's subflows and SCTP's associations are sockets no hook of the binding
-/// sees), not a listener (its accept queue holds connections no ingress rule judged), not a
-/// bound datagram socket without a peer (its queue holds datagrams from anyone), connected
-/// only to a peer the binding's rules allow (an egress rule, or for TCP an ingress rule on its
-/// port), and not another binding's. Taken, it is claimed for the task's binding, which the
+/// sees), connected (a listener's accept queue holds connections no ingress rule judged, an
+/// unconnected datagram socket's queue datagrams from anyone), only to a peer the binding's
+/// rules allow (an egress rule, or for TCP an ingress rule on its port), and not another
+/// binding's. Taken, it is claimed for the task's binding, which the
 /// packet line settles at its next packet, whatever cgroup it was made in. Refused: EPERM to
 /// the receive, with a record.
 #[inline(always)]
@@ -960,16 +988,13 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
             ],
         )
     };
-    let unjudged_queue = if tcp {
-        state == TCP_LISTEN
-    } else {
-        port == 0 && local_port != 0
-    };
-    if unjudged_queue {
+    // No peer: a listener, a bound datagram socket, or one a connect(AF_UNSPEC) unhashed
+    // with its datagrams still queued; none of them holds only what a rule allowed.
+    if port == 0 || (tcp && state == TCP_LISTEN) {
         if refuse_task(&flow, leaf, &binding, REASON_HANDED_SOCKET) == DENY {
             return DENY;
         }
-    } else if port != 0 {
+    } else {
         flow.addr = addr_of_words(if family == AF_INET6 {
             v6
         } else {
@@ -1042,15 +1067,21 @@ fn judge_peer(identity: u32, flow: &mut Flow, local_port: u16, tcp: bool) -> Pee
 
 /// Refuses a governed task, with a record, the options that bind non-local addresses.
 #[inline(always)]
-fn judge_sockopt(level: i32, optname: i32) -> i32 {
+fn judge_sockopt(level: i32, optname: i32, sk: *mut core::ffi::c_void) -> i32 {
     let refused = (level == SOL_IP && (optname == IP_FREEBIND || optname == IP_TRANSPARENT))
         || (level == SOL_IPV6 && (optname == IPV6_FREEBIND || optname == IPV6_TRANSPARENT));
     if !refused {
         return ALLOW;
     }
     let leaf = unsafe { bpf_get_current_cgroup_id() };
-    let Some((_, binding)) = task_binding(leaf) else {
-        return ALLOW;
+    // A governed socket keeps to local addresses whoever sets its options.
+    let binding = match task_binding(leaf) {
+        Some((_, b)) => b,
+        None => match socket_binding(sk) {
+            Holder::Nobody => return ALLOW,
+            Holder::Binding(_, b) => b,
+            Holder::Ended => return DENY,
+        },
     };
     let flow = Flow {
         addr: [0; 16],
@@ -1838,10 +1869,65 @@ struct Judged {
     now: u64,
 }
 
+/// Who governs a socket by its storage (see [`socket_binding`]).
+enum Holder {
+    /// No binding: a socket no governed task made, connected or took up.
+    Nobody,
+    Binding(u64, Binding),
+    /// The binding's session has ended: the socket stays closed.
+    Ended,
+}
+
+/// The binding `sk`'s storage names, for a task no binding governs: a governed socket is
+/// judged by its binding's rules whoever connects it, sends on it or sets its options (an
+/// agent's socket handed to an ungoverned process and back, or still held by the agent while
+/// the other connects it, carries no peer its rules did not allow).
 #[inline(always)]
-fn judge(flow: &Flow) -> Judged {
+fn socket_binding(sk: *mut core::ffi::c_void) -> Holder {
+    if sk.is_null() {
+        return Holder::Nobody;
+    }
+    let st = sock_state(sk, false);
+    if st.is_null() {
+        return Holder::Nobody;
+    }
+    // SAFETY: a non-null pointer from the storage helper.
+    let owner = unsafe { core::ptr::read_volatile(&raw const (*st).binding_cgroup) };
+    if owner == 0 {
+        return Holder::Nobody;
+    }
+    // SAFETY: a read-only lookup of a plain-old-data value.
+    match unsafe { AW_BINDINGS.get(owner) } {
+        Some(b) => Holder::Binding(owner, *b),
+        None => Holder::Ended,
+    }
+}
+
+/// The verdict on `flow` for the current task on socket `sk`: by the task's binding, else by
+/// the socket's (see [`socket_binding`]), else as a flow of no identity.
+#[inline(always)]
+fn judge(flow: &Flow, sk: *mut core::ffi::c_void) -> Judged {
     let leaf = unsafe { bpf_get_current_cgroup_id() };
-    let Some((binding_cgroup, binding)) = task_binding(leaf) else {
+    let found = match task_binding(leaf) {
+        Some(b) => Some(b),
+        None => match socket_binding(sk) {
+            Holder::Nobody => None,
+            Holder::Binding(c, b) => Some((c, b)),
+            // As the packet line drops the packets of such a socket: without a record.
+            Holder::Ended => {
+                return Judged {
+                    verdict: DENY,
+                    identity: 0,
+                    binding_cgroup: 0,
+                    binding_slot: 0,
+                    allowed_rule: 0,
+                    leaf,
+                    now: 0,
+                };
+            }
+        },
+    };
+    let Some((binding_cgroup, binding)) = found else {
         let unknown = match config() {
             Some(c) => c.unknown_flows,
             None => UNKNOWN_IGNORE,

@@ -525,7 +525,7 @@ fn a_socket_handed_to_a_governed_agent_is_governed_as_its_own() {
         Some(9002),
     );
     let (_conn, _) = tcp_peer.accept().expect("the helper's refused connection");
-    let handed = "handed a listening or unconnected bound socket (its queue was never judged)";
+    let handed = "handed a socket with no peer: a listener or an unconnected socket (its queue was never judged)";
     refused(&mut fx, "listener 0.0.0.0 8093".into(), handed, 1, None);
     refused(&mut fx, "bound-udp 0.0.0.0 8094".into(), handed, 2, None);
     // Multipath TCP: its subflows are sockets no hook of the agent's binding would see.
@@ -573,6 +573,77 @@ fn a_socket_handed_to_a_governed_agent_is_governed_as_its_own() {
         r["protocol"], "socket of family 2 (inet) type 2 received from another process",
         "{r}"
     );
+}
+
+/// A governed agent's socket is judged by its identity's rules whoever connects it: lent to a
+/// process bound to no identity (which could otherwise connect it anywhere and hand it back,
+/// while the agent keeps a descriptor to it all along), it reaches only what the agent's rules
+/// allow, and keeps to local addresses. The borrower's own sockets stay its own business.
+#[test]
+fn an_agents_socket_lent_to_another_process_keeps_to_the_agents_rules() {
+    let mut fx = fixture("wire-lent");
+    let (tcp_allowed, _tcp_other) = fx.link.peer.run_in(|| {
+        (
+            std::net::TcpListener::bind(format!("{PEER_V4}:9001")).expect("bind 9001"),
+            std::net::TcpListener::bind(format!("{PEER_V4}:9002")).expect("bind 9002"),
+        )
+    });
+    let mut agent = fx.agent("agent", &CertSpec::agent(ID));
+    assert_eq!(fx.helper.cmd("fd-inbox aw-lent-helper"), "ok");
+    let mut lend = |fx: &mut Fixture, proto: &str, fam: &str| {
+        assert_eq!(agent.cmd(&format!("hold-fresh {proto} {fam}")), "ok");
+        assert_eq!(agent.cmd("pass-held aw-lent-helper"), "ok");
+        assert_eq!(
+            fx.helper.cmd("take-passed"),
+            "ok 1",
+            "the {proto} socket lent"
+        );
+    };
+    fx.until_helper_marker(9100);
+
+    lend(&mut fx, "tcp", "4");
+    assert_eq!(
+        fx.helper.cmd(&format!("connect-held {PEER_V4} 9002")),
+        "err EPERM",
+        "the agent's TCP socket connected by the borrower where the agent may not go"
+    );
+    let r = wait_flow_where(fx.socket(), "deny", |r| {
+        r["dest"] == PEER_V4 && r["port"] == 9002 && r["reason"] == "no rule allows it"
+    });
+    assert_eq!(r["identity"], ID, "{r}");
+    assert_eq!(fx.helper.cmd("freebind-held"), "err EPERM");
+    let r = wait_flow_where(fx.socket(), "socket-deny", |r| {
+        r["reason"] == "socket option not allowed (non-local source address)"
+    });
+    assert_eq!(r["identity"], ID, "{r}");
+    assert_eq!(
+        fx.helper.cmd(&format!("connect-held {PEER_V4} 9001")),
+        "ok",
+        "where the agent's rules allow"
+    );
+    let _conn = tcp_allowed
+        .accept()
+        .expect("the lent socket's allowed connection");
+    assert_eq!(fx.helper.cmd("drop-held"), "ok");
+
+    lend(&mut fx, "udp", "6");
+    assert_eq!(
+        fx.helper.cmd(&format!("connect-held {PEER_V6} 9500")),
+        "err EPERM",
+        "the agent's UDP socket connected by the borrower where the agent may not go"
+    );
+    assert_eq!(fx.helper.cmd(&format!("connect-held {PEER_V6} 9000")), "ok");
+    assert_eq!(fx.helper.cmd("drop-held"), "ok");
+
+    let seen = fx.until_helper_marker(9101);
+    let leaked: Vec<&Packet> = seen
+        .iter()
+        .filter(|p| p.is_to(PEER_V4, 9002) || p.is_to(PEER_V6, 9500))
+        .collect();
+    assert!(leaked.is_empty(), "left through a lent socket: {leaked:?}");
+
+    // The borrower's own socket goes where it likes: it is no agent's.
+    assert_eq!(fx.helper.cmd(&format!("hold tcp {PEER_V4} 9002")), "ok");
 }
 
 /// `enroll` refuses a unit whose processes hold a socket the packet line could not govern as

@@ -1028,6 +1028,84 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 "ok".into()
             }
         }
+        // A socket made and neither bound nor connected, to be lent to another process.
+        ["hold-fresh", proto, fam] => {
+            let family = match *fam {
+                "4" => libc::AF_INET,
+                "6" => libc::AF_INET6,
+                other => return Err(format!("bad family {other:?}: 4 or 6")),
+            };
+            let (ty, protocol) = match *proto {
+                "tcp" => (libc::SOCK_STREAM, libc::IPPROTO_TCP),
+                "udp" => (libc::SOCK_DGRAM, libc::IPPROTO_UDP),
+                other => return Err(format!("bad protocol {other:?}: tcp or udp")),
+            };
+            let s = new_socket(family, ty, protocol)
+                .map_err(|e| format!("socket: {}", errno_name(e)))?;
+            if ty == libc::SOCK_STREAM {
+                held().push(s);
+            } else {
+                held_udp().push(s);
+            }
+            "ok".into()
+        }
+        // Connects every held socket to ADDR PORT: "ok", or the first failure's errno.
+        ["connect-held", ip, port] => {
+            let (ss, len) = sockaddr(sa(ip, port)?);
+            let mut reply = "ok".to_owned();
+            for s in held().iter().chain(held_udp().iter()) {
+                // SAFETY: valid fd and address.
+                if unsafe { libc::connect(s.as_raw_fd(), (&raw const ss).cast(), len) } < 0
+                    && reply == "ok"
+                {
+                    reply = format!("err {}", errno_name(last_err()));
+                }
+            }
+            reply
+        }
+        // Sets IP_FREEBIND (IPV6_FREEBIND on IPv6 sockets) on every held socket.
+        ["freebind-held"] => {
+            let mut reply = "ok".to_owned();
+            for s in held().iter().chain(held_udp().iter()) {
+                let one: libc::c_int = 1;
+                let mut family: libc::c_int = 0;
+                let mut flen = std::mem::size_of_val(&family) as libc::socklen_t;
+                // SAFETY: valid fd and a value buffer of the length given.
+                unsafe {
+                    libc::getsockopt(
+                        s.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_DOMAIN,
+                        (&raw mut family).cast(),
+                        &raw mut flen,
+                    )
+                };
+                let (level, name) = if family == libc::AF_INET6 {
+                    (libc::SOL_IPV6, libc::IPV6_FREEBIND)
+                } else {
+                    (libc::SOL_IP, libc::IP_FREEBIND)
+                };
+                // SAFETY: valid fd and option value of its size.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        s.as_raw_fd(),
+                        level,
+                        name,
+                        (&raw const one).cast(),
+                        std::mem::size_of_val(&one) as u32,
+                    )
+                };
+                if rc < 0 && reply == "ok" {
+                    reply = format!("err {}", errno_name(last_err()));
+                }
+            }
+            reply
+        }
+        ["drop-held"] => {
+            held().clear();
+            held_udp().clear();
+            "ok".into()
+        }
         ["send-held"] => {
             let mut reply = "ok".to_owned();
             for s in held_udp().iter() {
