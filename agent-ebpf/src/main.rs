@@ -912,10 +912,10 @@ fn try_socket_use(ctx: &LsmContext) -> i32 {
 /// is taken only if the task could have made it itself and nothing it holds was let in
 /// unjudged: unix and netlink sockets as they are; an inet socket only if it is plain TCP or
 /// UDP (multipath TCP's subflows and SCTP's associations are sockets no hook of the binding
-/// sees), connected (a listener's accept queue holds connections no ingress rule judged, an
-/// unconnected datagram socket's queue datagrams from anyone), only to a peer the binding's
-/// rules allow (an egress rule, or for TCP an ingress rule on its port), and not another
-/// binding's. Taken, it is claimed for the task's binding, which the
+/// sees), not a listener (its accept queue holds connections no ingress rule judged), not a
+/// bound datagram socket without a peer (its queue holds datagrams from anyone), connected
+/// only to a peer the binding's rules allow (an egress rule, or for TCP an ingress rule on its
+/// port), and not another binding's. Taken, it is claimed for the task's binding, which the
 /// packet line settles at its next packet, whatever cgroup it was made in. Refused: EPERM to
 /// the receive, with a record.
 #[inline(always)]
@@ -988,13 +988,18 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
             ],
         )
     };
-    // No peer: a listener, a bound datagram socket, or one a connect(AF_UNSPEC) unhashed
-    // with its datagrams still queued; none of them holds only what a rule allowed.
-    if port == 0 || (tcp && state == TCP_LISTEN) {
+    // A fresh socket (no port, no peer) holds nothing: it is judged where it connects or
+    // sends, by the receiver's binding.
+    let unjudged_queue = if tcp {
+        state == TCP_LISTEN
+    } else {
+        port == 0 && local_port != 0
+    };
+    if unjudged_queue {
         if refuse_task(&flow, leaf, &binding, REASON_HANDED_SOCKET) == DENY {
             return DENY;
         }
-    } else {
+    } else if port != 0 {
         flow.addr = addr_of_words(if family == AF_INET6 {
             v6
         } else {

@@ -500,7 +500,14 @@ fn a_socket_handed_to_a_governed_agent_is_governed_as_its_own() {
 
     // Each refused, with its record; the ones with a peer name it.
     let mut refused = |fx: &mut Fixture, hold: String, reason: &str, ty: u8, port: Option<u16>| {
-        assert_eq!(hand(fx, &hold), "ok 0", "{hold} was taken");
+        let got = hand(fx, &hold);
+        assert_eq!(
+            got,
+            "ok 0",
+            "{hold} was taken; the node's socket records: {:?}; its status: {}",
+            agentwall_tests::node::flows(fx.socket(), "socket-deny"),
+            agentwall_tests::node::status_json(fx.socket())
+        );
         let what = format!("socket of family 2 (inet) type {ty} received from another process");
         let r = wait_flow_where(fx.socket(), "socket-deny", |r| {
             r["reason"] == reason && r["protocol"] == what && port.is_none_or(|p| r["port"] == p)
@@ -525,7 +532,7 @@ fn a_socket_handed_to_a_governed_agent_is_governed_as_its_own() {
         Some(9002),
     );
     let (_conn, _) = tcp_peer.accept().expect("the helper's refused connection");
-    let handed = "handed a socket with no peer: a listener or an unconnected socket (its queue was never judged)";
+    let handed = "handed a listening or unconnected bound socket (its queue was never judged)";
     refused(&mut fx, "listener 0.0.0.0 8093".into(), handed, 1, None);
     refused(&mut fx, "bound-udp 0.0.0.0 8094".into(), handed, 2, None);
     // Multipath TCP: its subflows are sockets no hook of the agent's binding would see.
