@@ -393,7 +393,7 @@ fn boot(
     Ok((up, exit))
 }
 
-pub fn run(root: &Path, kernel: &str, only: &[String]) -> Result<()> {
+pub fn run(root: &Path, kernel: &str, only: &[String], filter: Option<&str>) -> Result<()> {
     install_tools()?;
     let k = resolve(root, kernel)?;
     println!("kernel {} ({})", k.release, k.vmlinuz.display());
@@ -447,9 +447,13 @@ pub fn run(root: &Path, kernel: &str, only: &[String]) -> Result<()> {
     } else {
         "export AGENTWALL_TEST_PATIENCE=10\nstatus=0\n"
     });
+    // The filter goes to the harness as its one argument, quoted for the guest's shell.
+    let filter = filter.map_or(String::new(), |f| {
+        format!(" '{}'", f.replace('\'', "'\\''"))
+    });
     for (exe, cwd) in &tests {
         text.push_str(&format!(
-            "echo \"     Running {}\"\ncd '{}' && '{}' || status=1\n",
+            "echo \"     Running {}\"\ncd '{}' && '{}'{filter} || status=1\n",
             exe.display(),
             cwd.display(),
             exe.display()

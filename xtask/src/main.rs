@@ -42,6 +42,9 @@ enum Task {
         /// a quick look at a change on another kernel. The matrix's results are whole runs.
         #[arg(long, requires = "kernel", value_delimiter = ',')]
         only: Vec<String>,
+        /// With --kernel: only the tests whose names contain this (the test harness's filter).
+        #[arg(long, requires = "kernel")]
+        filter: Option<String>,
     },
     /// A node, a control plane and agents for N minutes with churn; prints RSS and
     /// descriptors over time, denials made vs stored vs lost, and wrong verdicts (exit 1 on
@@ -83,11 +86,12 @@ fn main() -> Result<()> {
         Task::Test {
             kernel: Some(k),
             only,
+            filter,
         } => {
             setup()?;
             require_root("the VM mounts this machine's root and the tests load eBPF programs")?;
             install_schemathesis(&root)?;
-            kernel::run(&root, &k, &only)
+            kernel::run(&root, &k, &only, filter.as_deref())
         }
         Task::Test { kernel: None, .. } => {
             setup()?;
