@@ -1080,13 +1080,10 @@ fn judge_sockopt(level: i32, optname: i32, sk: *mut core::ffi::c_void) -> i32 {
     }
     let leaf = unsafe { bpf_get_current_cgroup_id() };
     // A governed socket keeps to local addresses whoever sets its options.
-    let binding = match task_binding(leaf) {
-        Some((_, b)) => b,
-        None => match socket_binding(sk) {
-            Holder::Nobody => return ALLOW,
-            Holder::Binding(_, b) => b,
-            Holder::Ended => return DENY,
-        },
+    let binding = match governing(leaf, sk) {
+        Holder::Binding(_, b) => b,
+        Holder::Nobody => return ALLOW,
+        Holder::Ended => return DENY,
     };
     let flow = Flow {
         addr: [0; 16],
@@ -1908,56 +1905,20 @@ fn socket_binding(sk: *mut core::ffi::c_void) -> Holder {
     }
 }
 
-/// The verdict on `flow` for the current task on socket `sk`: by the task's binding, else by
-/// the socket's (see [`socket_binding`]), else as a flow of no identity.
+/// Who governs the current task's use of `sk`: the task's binding, else the socket's.
 #[inline(always)]
-fn judge(flow: &Flow, sk: *mut core::ffi::c_void) -> Judged {
-    let leaf = unsafe { bpf_get_current_cgroup_id() };
-    let found = match task_binding(leaf) {
-        Some(b) => Some(b),
-        None => match socket_binding(sk) {
-            Holder::Nobody => None,
-            Holder::Binding(c, b) => Some((c, b)),
-            // As the packet line drops the packets of such a socket: without a record.
-            Holder::Ended => {
-                return Judged {
-                    verdict: DENY,
-                    identity: 0,
-                    binding_cgroup: 0,
-                    binding_slot: 0,
-                    allowed_rule: 0,
-                    leaf,
-                    now: 0,
-                };
-            }
-        },
-    };
-    let Some((binding_cgroup, binding)) = found else {
-        let unknown = match config() {
-            Some(c) => c.unknown_flows,
-            None => UNKNOWN_IGNORE,
-        };
-        let verdict = match unknown {
-            UNKNOWN_IGNORE => ALLOW,
-            UNKNOWN_DENY => {
-                report(flow, leaf, 0, EVENT_DENY, REASON_UNBOUND, 0, 0, Who::Task);
-                DENY
-            }
-            _ => {
-                report(
-                    flow,
-                    leaf,
-                    0,
-                    EVENT_UNKNOWN_FLOW,
-                    REASON_NONE,
-                    0,
-                    0,
-                    Who::Task,
-                );
-                ALLOW
-            }
-        };
-        return Judged {
+fn governing(leaf: u64, sk: *mut core::ffi::c_void) -> Holder {
+    match task_binding(leaf) {
+        Some((c, b)) => Holder::Binding(c, b),
+        None => socket_binding(sk),
+    }
+}
+
+impl Judged {
+    /// A verdict for a task and socket no binding governs.
+    #[inline(always)]
+    fn unbound(verdict: i32, leaf: u64) -> Self {
+        Judged {
             verdict,
             identity: 0,
             binding_cgroup: 0,
@@ -1965,7 +1926,46 @@ fn judge(flow: &Flow, sk: *mut core::ffi::c_void) -> Judged {
             allowed_rule: 0,
             leaf,
             now: 0,
-        };
+        }
+    }
+}
+
+/// The verdict on `flow` for the current task on socket `sk` (see [`governing`]), or as a
+/// flow of no identity.
+#[inline(always)]
+fn judge(flow: &Flow, sk: *mut core::ffi::c_void) -> Judged {
+    let leaf = unsafe { bpf_get_current_cgroup_id() };
+    let (binding_cgroup, binding) = match governing(leaf, sk) {
+        Holder::Binding(c, b) => (c, b),
+        // As the packet line drops the packets of such a socket: without a record.
+        Holder::Ended => return Judged::unbound(DENY, leaf),
+        Holder::Nobody => {
+            let unknown = match config() {
+                Some(c) => c.unknown_flows,
+                None => UNKNOWN_IGNORE,
+            };
+            let verdict = match unknown {
+                UNKNOWN_IGNORE => ALLOW,
+                UNKNOWN_DENY => {
+                    report(flow, leaf, 0, EVENT_DENY, REASON_UNBOUND, 0, 0, Who::Task);
+                    DENY
+                }
+                _ => {
+                    report(
+                        flow,
+                        leaf,
+                        0,
+                        EVENT_UNKNOWN_FLOW,
+                        REASON_NONE,
+                        0,
+                        0,
+                        Who::Task,
+                    );
+                    ALLOW
+                }
+            };
+            return Judged::unbound(verdict, leaf);
+        }
     };
     let (identity, not_after) = (binding.identity, binding.not_after_ns);
     let judged = |verdict| Judged {
