@@ -353,7 +353,22 @@ pub struct Config {
     /// or before this map layout), so the packet line asks, for a socket without state,
     /// whether its cgroup is bound. Zero spares the host's ungoverned traffic that lookup.
     pub strays: u8,
-    pub _pad: [u8; 7],
+    pub _pad: u8,
+    pub inet_flags: InetFlagsAt,
+}
+
+/// Where this kernel keeps an inet socket's FREEBIND and TRANSPARENT flags (bits of
+/// `inet_sock.inet_flags` from Linux 6.5, bitfields of `inet_sock` before), found in its BTF:
+/// byte offsets from the start of `struct sock`, and the bit within that byte. The receipt
+/// line reads them on a socket handed to a governed task; a zero mask (not found) has it
+/// refuse every inet socket handed in, as it cannot tell.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InetFlagsAt {
+    pub freebind_at: u16,
+    pub transparent_at: u16,
+    pub freebind_mask: u8,
+    pub transparent_mask: u8,
 }
 
 /// LPM key data: an IPv6 address; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`, prefix + 96).
@@ -560,6 +575,7 @@ mod pod {
 // Layout guards: the kernel and userspace must agree on these sizes byte for byte.
 const _: () = assert!(core::mem::size_of::<IdentityState>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
+const _: () = assert!(core::mem::offset_of!(Config, inet_flags) == 18);
 const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<PortSet>() == 8192);
 const _: () = assert!(core::mem::size_of::<RuleSet>() == 8 + 24 * MAX_PORT_ENTRIES);

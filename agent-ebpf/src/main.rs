@@ -38,7 +38,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_socket_cookie,
-        bpf_ktime_get_boot_ns,
+        bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
         generated::{
             bpf_get_socket_uid, bpf_ringbuf_query, bpf_sk_fullsock, bpf_sk_storage_get,
             bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_load_bytes, bpf_skc_to_tcp_sock,
@@ -749,14 +749,18 @@ fn is_recverr(level: i32, optname: i32) -> bool {
 /// its sender chose and reaches the queue without passing the ingress line, a channel in.
 /// Refusing the option would break glibc's resolver (it gives up on a socket where enabling
 /// it fails), so the call succeeds with the value turned to 0: nothing is queued. Not a
-/// denial, so no record. True when it did so (a governed task).
+/// denial, so no record. True when it did so (a governed task or socket).
 #[inline(always)]
 fn quiet_recverr(ctx: &SockoptContext, optlen: i32) -> bool {
+    let so = ctx.sockopt;
     let leaf = unsafe { bpf_get_current_cgroup_id() };
-    if task_binding(leaf).is_none() {
+    // SAFETY: the kernel hands sockopt programs their socket.
+    let sk = unsafe { (*so).__bindgen_anon_1.sk };
+    // A governed socket lent to a task no binding governs stays quiet too: the agent keeps
+    // a descriptor to it.
+    if matches!(governing(leaf, sk.cast()), Holder::Nobody) {
         return false;
     }
-    let so = ctx.sockopt;
     // SAFETY: optval..optval_end is the kernel's copy of the value (its first page), which
     // setsockopt programs may rewrite; every write is checked against the end. The length is
     // cut to the int the kernel reads: a longer one (over a page, say) would otherwise have
@@ -960,6 +964,16 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
         return refuse_task(&flow, leaf, &binding, REASON_SOCKET_TYPE);
     }
     flow.proto = if tcp { PROTO_TCP } else { PROTO_UDP };
+    // Whoever made it: a governed task cannot set these, and with them the socket binds, and
+    // sends from, addresses the host does not hold.
+    let option = nonlocal_option(sk);
+    if option != 0 {
+        flow.sock_protocol = option;
+        if refuse_task(&flow, leaf, &binding, REASON_SOCKET_OPTION) == DENY {
+            return DENY;
+        }
+        flow.sock_protocol = 0;
+    }
     // Governed already: the agent's own (passed between its processes), kept as it is; another
     // session's, refused.
     let st = sock_state(sk, false);
@@ -1034,6 +1048,43 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
         return ALLOW;
     }
     refuse_task(&flow, leaf, &binding, REASON_FOREIGN_SOCKET)
+}
+
+/// What [`nonlocal_option`] answers when it cannot read the flags (their place unknown on
+/// this kernel, or the read failed): the socket is refused as if one were set.
+const NONLOCAL_UNKNOWN: u16 = u16::MAX;
+
+/// The option (`IP_FREEBIND`, `IP_TRANSPARENT`; their IPv6 forms set the same flags) that
+/// lets inet socket `sk` bind addresses the host does not hold, 0 if neither is set. Read at
+/// the offsets userspace found in the kernel's BTF (`Config::inet_flags`), with the helper
+/// that reads any kernel address: the verifier checks a direct load only at an offset fixed
+/// when the program was built, and these move between kernels.
+#[inline(always)]
+fn nonlocal_option(sk: *mut core::ffi::c_void) -> u16 {
+    let Some(conf) = config() else {
+        return NONLOCAL_UNKNOWN;
+    };
+    let at = conf.inet_flags;
+    for (offset, mask, option) in [
+        (at.freebind_at, at.freebind_mask, IP_FREEBIND as u16),
+        (
+            at.transparent_at,
+            at.transparent_mask,
+            IP_TRANSPARENT as u16,
+        ),
+    ] {
+        if mask == 0 {
+            return NONLOCAL_UNKNOWN;
+        }
+        // SAFETY: the helper reads kernel memory without faulting; `sk` is a live socket the
+        // verifier typed, and userspace keeps the offset inside `struct inet_sock`.
+        match unsafe { bpf_probe_read_kernel(sk.cast::<u8>().wrapping_add(usize::from(offset))) } {
+            Ok(flags) if flags & mask == 0 => {}
+            Ok(_) => return option,
+            Err(_) => return NONLOCAL_UNKNOWN,
+        }
+    }
+    0
 }
 
 /// How a governed socket's peer stands with its binding's rules.

@@ -208,10 +208,11 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
             ))
         } else if e.hook == Hook::SocketReceive {
             Some(format!(
-                "socket of family {} ({}) type {} received from another process",
+                "socket of family {} ({}) type {} received from another process{}",
                 e.family,
                 crate::datapath::family_name(e.family),
-                e.sock_type
+                e.sock_type,
+                crate::datapath::received_option(e.sock_protocol)
             ))
         } else if e.hook == Hook::SocketFamily {
             Some(format!(

@@ -582,6 +582,111 @@ fn a_socket_handed_to_a_governed_agent_is_governed_as_its_own() {
     );
 }
 
+/// A socket a process bound to no identity made with IPV6_FREEBIND (or IP_FREEBIND), which a
+/// governed agent is refused, bound to an address the host does not hold and connected to a
+/// peer the agent may reach: handed in, it would send from that address, and the allowed
+/// peer's answers would go to whoever holds it. Refused at the receipt with a record naming
+/// the flag, as is a fresh socket with the flag set, which the agent would bind itself; the
+/// same socket without the flag is taken.
+#[test]
+fn a_handed_socket_that_binds_addresses_the_host_does_not_hold_is_refused() {
+    let mut fx = fixture("wire-handed-freebind");
+    let _peers = fx.link.peer.run_in(|| {
+        (
+            std::net::UdpSocket::bind(format!("[{PEER_V6}]:9000")).expect("bind [v6]:9000"),
+            std::net::UdpSocket::bind(format!("{PEER_V4}:9000")).expect("bind 9000"),
+        )
+    });
+    let mut agent = fx.agent("agent", &CertSpec::agent(ID));
+    assert_eq!(agent.cmd("fd-inbox aw-freebind-agent"), "ok");
+    let mut hand = |fx: &mut Fixture, hold: &[String]| -> String {
+        for h in hold {
+            assert_eq!(fx.helper.cmd(h), "ok", "{h}");
+        }
+        assert_eq!(fx.helper.cmd("pass-held aw-freebind-agent"), "ok");
+        agent.cmd("take-passed")
+    };
+    let spoofed6 = format!("hold freebind-udp 2001:db8::99 {PEER_V6} 9000");
+    let taken = hand(&mut fx, std::slice::from_ref(&spoofed6));
+    if let Some(why) = lsm_line(fx.socket()) {
+        // Nothing judges a handed socket there: the threat model says so.
+        assert_eq!(taken, "ok 1", "{why}");
+        return;
+    }
+    let status = |fx: &Fixture| {
+        format!(
+            "the node's socket records: {:?}; its status: {}",
+            flows(fx.socket(), "socket-deny"),
+            agentwall_tests::node::status_json(fx.socket())
+        )
+    };
+    assert_eq!(taken, "ok 0", "{spoofed6} was taken; {}", status(&fx));
+    let cases = [
+        (
+            vec![format!("hold freebind-udp 192.0.2.99 {PEER_V4} 9000")],
+            2,
+            2,
+        ),
+        (
+            vec!["hold-fresh tcp 6".to_owned(), "freebind-held".to_owned()],
+            10,
+            1,
+        ),
+        (
+            vec!["hold-fresh udp 4".to_owned(), "freebind-held".to_owned()],
+            2,
+            2,
+        ),
+    ];
+    for (hold, _, _) in &cases {
+        assert_eq!(
+            hand(&mut fx, hold),
+            "ok 0",
+            "{hold:?} was taken; {}",
+            status(&fx)
+        );
+    }
+    for (family, name, ty) in [(10, "inet6", 2)].into_iter().chain(
+        cases
+            .iter()
+            .map(|(_, f, t)| (*f, if *f == 10 { "inet6" } else { "inet" }, *t)),
+    ) {
+        let what = format!(
+            "socket of family {family} ({name}) type {ty} received from another process, with FREEBIND set"
+        );
+        let r = wait_flow_where(fx.socket(), "socket-deny", |r| r["protocol"] == what);
+        assert_eq!(
+            r["reason"], "socket option not allowed (non-local source address)",
+            "{r:#}"
+        );
+        assert_eq!(r["identity"], ID, "{r:#}");
+    }
+    // The same socket without the flag is taken, and sends from the agent's own address.
+    assert_eq!(
+        hand(&mut fx, &[format!("hold udp {PEER_V6} 9000")]),
+        "ok 1",
+        "{}",
+        status(&fx)
+    );
+    fx.until_helper_marker(9100);
+    assert_eq!(agent.cmd("send-held"), "ok");
+    let seen = fx.until_helper_marker(9101);
+    let agent_v6: std::net::IpAddr = AGENT_V6.parse().unwrap();
+    assert!(
+        seen.iter()
+            .any(|p| p.src == agent_v6 && p.is_to(PEER_V6, 9000)),
+        "the taken socket's datagram: {seen:?}"
+    );
+    let spoofed: Vec<&Packet> = seen
+        .iter()
+        .filter(|p| {
+            p.src == "2001:db8::99".parse::<std::net::IpAddr>().unwrap()
+                || p.src == "192.0.2.99".parse::<std::net::IpAddr>().unwrap()
+        })
+        .collect();
+    assert!(spoofed.is_empty(), "{spoofed:?}");
+}
+
 /// A governed agent's socket is judged by its identity's rules whoever connects it: lent to a
 /// process bound to no identity (which could otherwise connect it anywhere and hand it back,
 /// while the agent keeps a descriptor to it all along), it reaches only what the agent's rules

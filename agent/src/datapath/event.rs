@@ -136,6 +136,17 @@ pub fn sockopt_name(level: u16, name: u16) -> &'static str {
     }
 }
 
+/// What a socket received from another process had set that refused it (the receipt
+/// line's `sock_protocol`), as the tail of its description: nothing for 0.
+pub fn received_option(code: u16) -> &'static str {
+    match i32::from(code) {
+        0 => "",
+        libc::IP_FREEBIND => ", with FREEBIND set",
+        libc::IP_TRANSPARENT => ", with TRANSPARENT set",
+        _ => ", its FREEBIND and TRANSPARENT flags unreadable on this kernel",
+    }
+}
+
 /// The name of a socket family (`AF_*`), as `socket(2)` spells it without the prefix.
 pub fn family_name(family: u16) -> &'static str {
     match i32::from(family) {

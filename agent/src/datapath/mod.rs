@@ -7,6 +7,7 @@
 
 mod bindings;
 pub mod event;
+pub mod layout;
 pub mod sys;
 
 use std::{
@@ -20,7 +21,7 @@ use std::{
 
 use agent_common::{
     self as c, ABI_VERSION, ALL_MAPS, ALL_PROGRAMS, Addr, Binding, Config, IdentityState,
-    MAX_IDENTITIES, PortSet, RuleSet,
+    InetFlagsAt, MAX_IDENTITIES, PortSet, RuleSet,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -34,7 +35,9 @@ use aya::{
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
-pub use event::{EventKind, EventReader, EventRecord, Hook, family_name, sockopt_name};
+pub use event::{
+    EventKind, EventReader, EventRecord, Hook, family_name, received_option, sockopt_name,
+};
 
 use crate::{
     cgroup::{Cgroup, CgroupError},
@@ -796,6 +799,16 @@ impl Loaded {
         };
         // Rebuild what the kernel reads from config: a restarted daemon keeps the bindings the
         // pinned map holds.
+        // Without the LSM line nothing reads it; a kernel whose BTF does not say leaves it
+        // unknown, and every inet socket handed to a governed agent is refused.
+        let inet_flags = if dp.families == SocketFamilies::Enforced {
+            layout::inet_flags_at(Path::new(layout::KERNEL_BTF)).unwrap_or_else(|e| {
+                warn!(error = %e, "inet sockets handed to governed agents are refused: where this kernel keeps their FREEBIND and TRANSPARENT flags is unknown");
+                InetFlagsAt::default()
+            })
+        } else {
+            InetFlagsAt::default()
+        };
         let mut levels = 0u32;
         for (_, b) in lock(&dp.bindings).entries()? {
             levels |= 1u32.checked_shl(u32::from(b.level)).unwrap_or(0);
@@ -805,6 +818,7 @@ impl Loaded {
             conf.unknown_flows = cfg.unknown_flows.code();
             conf.record_allowed = u8::from(cfg.record_allowed);
             conf.rate_window_ns = u64::try_from(cfg.rate_window.as_nanos()).unwrap_or(u64::MAX);
+            conf.inet_flags = inet_flags;
         })?;
         Ok(dp)
     }

@@ -1067,39 +1067,34 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         ["freebind-held"] => {
             let mut reply = "ok".to_owned();
             for s in held().iter().chain(held_udp().iter()) {
-                let one: libc::c_int = 1;
-                let mut family: libc::c_int = 0;
-                let mut flen = std::mem::size_of_val(&family) as libc::socklen_t;
-                // SAFETY: valid fd and a value buffer of the length given.
-                unsafe {
-                    libc::getsockopt(
-                        s.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_DOMAIN,
-                        (&raw mut family).cast(),
-                        &raw mut flen,
-                    )
-                };
-                let (level, name) = if family == libc::AF_INET6 {
-                    (libc::SOL_IPV6, libc::IPV6_FREEBIND)
-                } else {
-                    (libc::SOL_IP, libc::IP_FREEBIND)
-                };
-                // SAFETY: valid fd and option value of its size.
-                let rc = unsafe {
-                    libc::setsockopt(
-                        s.as_raw_fd(),
-                        level,
-                        name,
-                        (&raw const one).cast(),
-                        std::mem::size_of_val(&one) as u32,
-                    )
-                };
-                if rc < 0 && reply == "ok" {
-                    reply = format!("err {}", errno_name(last_err()));
+                if let Err(e) = set_freebind(s)
+                    && reply == "ok"
+                {
+                    reply = format!("err {}", errno_name(e));
                 }
             }
             reply
+        }
+        // A UDP socket with IP_FREEBIND (IPV6_FREEBIND) set, bound to SRC, which the host
+        // need not hold, and connected to IP PORT: it sends from SRC.
+        ["hold", "freebind-udp", src, ip, port] => {
+            let addr = sa(ip, port)?;
+            let from = sa(src, "0")?;
+            let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+                .map_err(|e| format!("socket: {}", errno_name(e)))?;
+            set_freebind(&s).map_err(|e| format!("setsockopt: {}", errno_name(e)))?;
+            let (ss, len) = sockaddr(from);
+            // SAFETY: valid fd and address.
+            if unsafe { libc::bind(s.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
+                return Ok(format!("bind err {}", errno_name(last_err())));
+            }
+            let (ss, len) = sockaddr(addr);
+            // SAFETY: valid fd and address.
+            if unsafe { libc::connect(s.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
+                return Ok(format!("connect err {}", errno_name(last_err())));
+            }
+            held_udp().push(s);
+            "ok".into()
         }
         ["drop-held"] => {
             held().clear();
@@ -2166,4 +2161,37 @@ fn main() {
         writeln!(out, "{reply}").unwrap();
         out.flush().unwrap();
     }
+}
+
+/// Sets IP_FREEBIND, or IPV6_FREEBIND on an IPv6 socket: the errno of a failure.
+fn set_freebind(s: &OwnedFd) -> Result<(), i32> {
+    let one: libc::c_int = 1;
+    let mut family: libc::c_int = 0;
+    let mut flen = std::mem::size_of_val(&family) as libc::socklen_t;
+    // SAFETY: valid fd and a value buffer of the length given.
+    unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&raw mut family).cast(),
+            &raw mut flen,
+        )
+    };
+    let (level, name) = if family == libc::AF_INET6 {
+        (libc::SOL_IPV6, libc::IPV6_FREEBIND)
+    } else {
+        (libc::SOL_IP, libc::IP_FREEBIND)
+    };
+    // SAFETY: valid fd and option value of its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&raw const one).cast(),
+            std::mem::size_of_val(&one) as u32,
+        )
+    };
+    if rc < 0 { Err(last_err()) } else { Ok(()) }
 }

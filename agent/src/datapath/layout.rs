@@ -1,0 +1,285 @@
+//! Where this kernel keeps what the receipt line reads beyond the layouts that never change:
+//! an inet socket's FREEBIND and TRANSPARENT flags, found in the kernel's BTF. Linux 6.5
+//! moved them from bitfields of `struct inet_sock` into the bits of its `inet_flags`, and
+//! where `inet_sock` begins them depends on the size of `struct sock`, which each kernel's
+//! configuration sets: no offset compiled into the programs would hold everywhere.
+
+use std::path::{Path, PathBuf};
+
+use agent_common::InetFlagsAt;
+use btf::btf::{Btf, Type};
+
+/// Where the running kernel publishes its BTF.
+pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("reading the kernel's BTF from {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: btf::Error,
+    },
+    #[error("the kernel's BTF at {path} has no struct {name}")]
+    NoStruct { path: PathBuf, name: &'static str },
+    #[error(
+        "the kernel's BTF at {path} has neither inet_sock.inet_flags with INET_FLAGS_{flag} nor the bitfield inet_sock.{field}"
+    )]
+    NoFlag {
+        path: PathBuf,
+        flag: &'static str,
+        field: &'static str,
+    },
+    #[error("inet_sock's {what} lies at byte {byte}, past where the receipt line reads (4096)")]
+    TooFar { what: &'static str, byte: u64 },
+}
+
+/// [`InetFlagsAt`] from the BTF file at `path` (the kernel's: [`KERNEL_BTF`]).
+pub fn inet_flags_at(path: &Path) -> Result<InetFlagsAt, LayoutError> {
+    let btf = Btf::from_file(path).map_err(|source| LayoutError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let members = match btf.get_type_by_name("inet_sock").map(|t| &t.base_type) {
+        Ok(Type::Struct(s)) => &s.members,
+        _ => {
+            return Err(LayoutError::NoStruct {
+                path: path.to_owned(),
+                name: "inet_sock",
+            });
+        }
+    };
+    // `struct inet_sock` begins with its `struct sock`, so an offset in it is one from `sk`.
+    let bit_of = |flag: &'static str, field: &'static str| -> Result<u64, LayoutError> {
+        let word = members
+            .iter()
+            .find(|m| m.name.as_deref() == Some("inet_flags"))
+            .map(|m| u64::from(m.offset));
+        if let Some(word) = word
+            && let Some(bit) = enum_value(&btf, &format!("INET_FLAGS_{flag}"))
+        {
+            // `inet_flags` is an unsigned long the kernel's bitops index from its least
+            // significant bit: on a little-endian machine bit n is in byte n / 8.
+            return Ok(word + bit);
+        }
+        members
+            .iter()
+            .find(|m| m.name.as_deref() == Some(field) && m.bits == Some(1))
+            .map(|m| u64::from(m.offset))
+            .ok_or_else(|| LayoutError::NoFlag {
+                path: path.to_owned(),
+                flag,
+                field,
+            })
+    };
+    let freebind = bit_of("FREEBIND", "freebind")?;
+    let transparent = bit_of("TRANSPARENT", "transparent")?;
+    let at = |what: &'static str, bit: u64| -> Result<(u16, u8), LayoutError> {
+        let byte = bit / 8;
+        match u16::try_from(byte) {
+            Ok(b) if byte < 4096 => Ok((b, 1u8 << (bit % 8))),
+            _ => Err(LayoutError::TooFar { what, byte }),
+        }
+    };
+    let (freebind_at, freebind_mask) = at("FREEBIND flag", freebind)?;
+    let (transparent_at, transparent_mask) = at("TRANSPARENT flag", transparent)?;
+    Ok(InetFlagsAt {
+        freebind_at,
+        transparent_at,
+        freebind_mask,
+        transparent_mask,
+    })
+}
+
+// A bit numbered from the least significant end of a word is in byte n / 8 only where the
+// least significant byte comes first.
+const _: () = assert!(cfg!(target_endian = "little"));
+
+/// The value of the enumerator `name` in any enum of `btf` (the kernel's `INET_FLAGS_*` are
+/// members of an anonymous one).
+fn enum_value(btf: &Btf, name: &str) -> Option<u64> {
+    btf.get_types().iter().find_map(|t| match &t.base_type {
+        Type::Enum32(e) | Type::Enum64(e) => e
+            .entries
+            .iter()
+            .find(|en| en.name.as_deref() == Some(name))
+            .and_then(|en| u64::try_from(en.value).ok()),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A BTF file as the kernel's format documentation lays it out: header, types, strings.
+    struct BtfFile {
+        types: Vec<u8>,
+        strings: Vec<u8>,
+    }
+
+    const BTF_KIND_INT: u32 = 1;
+    const BTF_KIND_STRUCT: u32 = 4;
+    const BTF_KIND_ENUM: u32 = 6;
+
+    impl BtfFile {
+        fn new() -> Self {
+            Self {
+                types: Vec::new(),
+                strings: vec![0],
+            }
+        }
+        fn name(&mut self, s: &str) -> u32 {
+            let at = self.strings.len() as u32;
+            self.strings.extend_from_slice(s.as_bytes());
+            self.strings.push(0);
+            at
+        }
+        fn words(&mut self, words: &[u32]) {
+            for w in words {
+                self.types.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+        /// Type 1 (the first added): an 8-byte unsigned int.
+        fn int(&mut self) {
+            let n = self.name("long unsigned int");
+            self.words(&[n, BTF_KIND_INT << 24, 8, 64]);
+        }
+        /// Members: (name, offset in bits, bitfield size or 0), all of type 1.
+        fn strukt(&mut self, name: &str, size: u32, members: &[(&str, u32, u32)]) {
+            let n = self.name(name);
+            let bitfields = members.iter().any(|m| m.2 != 0);
+            let info =
+                (BTF_KIND_STRUCT << 24) | (u32::from(bitfields) << 31) | members.len() as u32;
+            self.words(&[n, info, size]);
+            for (m, off, bits) in members {
+                let mn = self.name(m);
+                let off = if bitfields { (bits << 24) | off } else { *off };
+                self.words(&[mn, 1, off]);
+            }
+        }
+        fn enumeration(&mut self, entries: &[(&str, u32)]) {
+            self.words(&[0, (BTF_KIND_ENUM << 24) | entries.len() as u32, 4]);
+            for (e, v) in entries {
+                let en = self.name(e);
+                self.words(&[en, *v]);
+            }
+        }
+        fn write(&self, dir: &Path) -> PathBuf {
+            let mut out = Vec::new();
+            out.extend_from_slice(&0xeb9fu16.to_le_bytes());
+            out.extend_from_slice(&[1, 0]);
+            for w in [
+                24u32,
+                0,
+                self.types.len() as u32,
+                self.types.len() as u32,
+                self.strings.len() as u32,
+            ] {
+                out.extend_from_slice(&w.to_le_bytes());
+            }
+            out.extend_from_slice(&self.types);
+            out.extend_from_slice(&self.strings);
+            let path = dir.join("vmlinux");
+            std::fs::write(&path, out).expect("write the BTF file");
+            path
+        }
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("aw-layout-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("temp dir");
+        d
+    }
+
+    #[test]
+    fn flags_in_inet_flags_bits_from_linux_6_5() {
+        let mut f = BtfFile::new();
+        f.int();
+        f.enumeration(&[
+            ("INET_FLAGS_PKTINFO", 0),
+            ("INET_FLAGS_FREEBIND", 11),
+            ("INET_FLAGS_TRANSPARENT", 15),
+        ]);
+        f.strukt(
+            "inet_sock",
+            1000,
+            &[("pinet6", 6272, 0), ("inet_flags", 6400, 0)],
+        );
+        let at = inet_flags_at(&f.write(&dir("6.5"))).expect("resolved");
+        // Bit 11 of the word at byte 800: byte 801, bit 3; bit 15: byte 801, bit 7.
+        assert_eq!(
+            at,
+            InetFlagsAt {
+                freebind_at: 801,
+                transparent_at: 801,
+                freebind_mask: 1 << 3,
+                transparent_mask: 1 << 7,
+            }
+        );
+    }
+
+    #[test]
+    fn flags_in_bitfields_before_linux_6_5() {
+        let mut f = BtfFile::new();
+        f.int();
+        // 6.1's order: recverr, is_icsk, freebind, hdrincl, mc_loop, transparent, ...
+        f.strukt(
+            "inet_sock",
+            1000,
+            &[
+                ("recverr", 7232, 1),
+                ("is_icsk", 7233, 1),
+                ("freebind", 7234, 1),
+                ("hdrincl", 7235, 1),
+                ("mc_loop", 7236, 1),
+                ("transparent", 7237, 1),
+            ],
+        );
+        let at = inet_flags_at(&f.write(&dir("6.1"))).expect("resolved");
+        assert_eq!(
+            at,
+            InetFlagsAt {
+                freebind_at: 904,
+                transparent_at: 904,
+                freebind_mask: 1 << 2,
+                transparent_mask: 1 << 5,
+            }
+        );
+    }
+
+    #[test]
+    fn a_kernel_without_either_layout_is_an_error_naming_the_flag() {
+        let mut f = BtfFile::new();
+        f.int();
+        f.strukt("inet_sock", 1000, &[("freebind", 7234, 1)]);
+        let path = f.write(&dir("neither"));
+        let err = inet_flags_at(&path).expect_err("no TRANSPARENT");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the kernel's BTF at {} has neither inet_sock.inet_flags with INET_FLAGS_TRANSPARENT nor the bitfield inet_sock.transparent",
+                path.display()
+            )
+        );
+        let mut f = BtfFile::new();
+        f.int();
+        let path = f.write(&dir("nostruct"));
+        assert_eq!(
+            inet_flags_at(&path).expect_err("no struct").to_string(),
+            format!(
+                "the kernel's BTF at {} has no struct inet_sock",
+                path.display()
+            )
+        );
+    }
+
+    /// The running kernel's own BTF resolves, whichever layout it has.
+    #[test]
+    fn the_running_kernel_resolves() {
+        let at = inet_flags_at(Path::new(KERNEL_BTF)).expect("this kernel's BTF");
+        assert_ne!(at.freebind_mask, 0);
+        assert_ne!(at.transparent_mask, 0);
+        assert!(at.freebind_at > 0 && at.transparent_at > 0, "{at:?}");
+    }
+}
