@@ -745,6 +745,8 @@ fn an_agents_socket_lent_to_another_process_keeps_to_the_agents_rules() {
         "the agent's UDP socket connected by the borrower where the agent may not go"
     );
     assert_eq!(fx.helper.cmd(&format!("connect-held {PEER_V6} 9000")), "ok");
+    // Its error queue stays shut: the agent kept a descriptor to it.
+    assert_eq!(fx.helper.cmd("recverr-held"), "ok off");
     assert_eq!(fx.helper.cmd("drop-held"), "ok");
 
     let seen = fx.until_helper_marker(9101);

@@ -1433,35 +1433,26 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         // Whether the ICMP error queue may be opened on a UDP socket of this family; `long`
         // passes the value in a buffer of two pages (the kernel reads its first int).
         ["recverr", fam, size] => {
-            let (f, level, name) = match *fam {
-                "inet" => (libc::AF_INET, libc::IPPROTO_IP, libc::IP_RECVERR),
-                "inet6" => (libc::AF_INET6, libc::IPPROTO_IPV6, libc::IPV6_RECVERR),
+            let f = match *fam {
+                "inet" => libc::AF_INET,
+                "inet6" => libc::AF_INET6,
                 other => return Err(format!("bad family {other}")),
             };
             let s = new_socket(f, libc::SOCK_DGRAM, libc::IPPROTO_UDP)
                 .map_err(|e| format!("socket: {}", errno_name(e)))?;
-            let mut value = vec![0u8; if *size == "long" { 8192 } else { 4 }];
-            value[..4].copy_from_slice(&1i32.to_ne_bytes());
-            if let Err(e) = setsockopt_bytes(&s, level, name, &value) {
-                return Ok(format!("setsockopt {}", errno_name(e)));
+            match recverr(&s, *size == "long") {
+                Ok(true) => "ok on".into(),
+                Ok(false) => "ok off".into(),
+                Err(e) => format!("setsockopt {}", errno_name(e)),
             }
-            let mut on = 0i32;
-            let mut len = 4 as libc::socklen_t;
-            // SAFETY: valid fd; a 4-byte buffer and its length.
-            unsafe {
-                libc::getsockopt(
-                    s.as_raw_fd(),
-                    level,
-                    name,
-                    (&raw mut on).cast(),
-                    &raw mut len,
-                );
+        }
+        // Turns the error queue on for every held UDP socket: "ok on" if any was left on.
+        ["recverr-held"] => {
+            let mut on = false;
+            for s in held_udp().iter() {
+                on |= recverr(s, false).map_err(|e| format!("setsockopt {}", errno_name(e)))?;
             }
-            if on != 0 {
-                "ok on".into()
-            } else {
-                "ok off".into()
-            }
+            if on { "ok on".into() } else { "ok off".into() }
         }
         ["errqueue", fam] => {
             let f = match *fam {
@@ -2194,4 +2185,42 @@ fn set_freebind(s: &OwnedFd) -> Result<(), i32> {
         )
     };
     if rc < 0 { Err(last_err()) } else { Ok(()) }
+}
+
+/// Sets IP_RECVERR (IPV6_RECVERR on an IPv6 socket) to 1, with a value of a page and more
+/// when `long`: whether it then reads as on, or the errno of a refusal.
+fn recverr(s: &OwnedFd, long: bool) -> Result<bool, i32> {
+    let mut family: libc::c_int = 0;
+    let mut flen = std::mem::size_of_val(&family) as libc::socklen_t;
+    // SAFETY: valid fd and a value buffer of the length given.
+    unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&raw mut family).cast(),
+            &raw mut flen,
+        )
+    };
+    let (level, name) = if family == libc::AF_INET6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_RECVERR)
+    };
+    let mut value = vec![0u8; if long { 8192 } else { 4 }];
+    value[..4].copy_from_slice(&1i32.to_ne_bytes());
+    setsockopt_bytes(s, level, name, &value)?;
+    let mut on = 0i32;
+    let mut len = 4 as libc::socklen_t;
+    // SAFETY: valid fd; a 4-byte buffer and its length.
+    unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&raw mut on).cast(),
+            &raw mut len,
+        );
+    }
+    Ok(on != 0)
 }
