@@ -357,6 +357,76 @@ pub struct Config {
     pub inet_flags: InetFlagsAt,
 }
 
+/// A field of a kernel struct the BPF LSM programs read at an offset fixed when they are
+/// built: `struct socket` (unchanged since Linux 2.6) and the head of `struct sock_common`
+/// (the same wherever network namespaces and IPv6 are built in, as on every kernel with BPF
+/// LSM we know). The verifier checks only that a load stays inside some field, so the node
+/// checks each offset against the running kernel's BTF before it loads those programs.
+pub struct KernelField {
+    pub strukt: &'static str,
+    pub field: &'static str,
+    /// Bytes from the start of the struct.
+    pub at: usize,
+}
+
+pub const SOCKET_TYPE_AT: usize = 4;
+pub const SOCKET_FILE_AT: usize = 16;
+pub const SOCKET_SK_AT: usize = 24;
+pub const SKC_DADDR_AT: usize = 0;
+pub const SKC_DPORT_AT: usize = 12;
+pub const SKC_NUM_AT: usize = 14;
+pub const SKC_FAMILY_AT: usize = 16;
+pub const SKC_STATE_AT: usize = 18;
+pub const SKC_V6_DADDR_AT: usize = 56;
+
+pub const KERNEL_FIELDS: [KernelField; 9] = [
+    KernelField {
+        strukt: "socket",
+        field: "type",
+        at: SOCKET_TYPE_AT,
+    },
+    KernelField {
+        strukt: "socket",
+        field: "file",
+        at: SOCKET_FILE_AT,
+    },
+    KernelField {
+        strukt: "socket",
+        field: "sk",
+        at: SOCKET_SK_AT,
+    },
+    KernelField {
+        strukt: "sock_common",
+        field: "skc_daddr",
+        at: SKC_DADDR_AT,
+    },
+    KernelField {
+        strukt: "sock_common",
+        field: "skc_dport",
+        at: SKC_DPORT_AT,
+    },
+    KernelField {
+        strukt: "sock_common",
+        field: "skc_num",
+        at: SKC_NUM_AT,
+    },
+    KernelField {
+        strukt: "sock_common",
+        field: "skc_family",
+        at: SKC_FAMILY_AT,
+    },
+    KernelField {
+        strukt: "sock_common",
+        field: "skc_state",
+        at: SKC_STATE_AT,
+    },
+    KernelField {
+        strukt: "sock_common",
+        field: "skc_v6_daddr",
+        at: SKC_V6_DADDR_AT,
+    },
+];
+
 /// Where this kernel keeps an inet socket's FREEBIND and TRANSPARENT flags (bits of
 /// `inet_sock.inet_flags` from Linux 6.5, bitfields of `inet_sock` before), found in its BTF:
 /// byte offsets from the start of `struct sock`, and the bit within that byte. The receipt

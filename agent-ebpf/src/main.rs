@@ -823,10 +823,10 @@ fn try_lsm_recvmsg(ctx: &LsmContext) -> i32 {
     refuse_task(&flow, leaf, &binding, REASON_ERROR_QUEUE)
 }
 
-/// `struct socket` up to its `sk`, a layout unchanged since Linux 2.6. Each load is checked
-/// against the running kernel's BTF when the program loads: were `sk` elsewhere, the pointer
-/// read would not be a `struct sock` and the storage helper's argument check would refuse
-/// the program (the LSM line then says it is not enforced), never read the wrong field.
+/// `struct socket` up to its `sk`, a layout unchanged since Linux 2.6. The node checks these
+/// offsets (`agent_common::KERNEL_FIELDS`) against the running kernel's BTF before it loads
+/// the programs that read them; a kernel that differs has the LSM line unenforced, said in
+/// its status.
 #[repr(C)]
 struct KernelSocket {
     state: u32,
@@ -837,9 +837,8 @@ struct KernelSocket {
     sk: *mut core::ffi::c_void,
 }
 
-/// `struct sock_common` up to `skc_v6_daddr`, the head of every `struct sock`; these offsets
-/// are the same on every kernel agentwall loads on (IPv6 built in, as the kernels with BPF
-/// LSM are), and each load is checked against the running kernel's BTF.
+/// `struct sock_common` up to `skc_v6_daddr`, the head of every `struct sock`; the offsets
+/// are checked as `KernelSocket`'s are.
 #[repr(C)]
 struct KernelSockCommon {
     daddr: u32,
@@ -858,6 +857,19 @@ struct KernelSockCommon {
     _net: u64,
     v6_daddr: [u32; 4],
 }
+
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(KernelSocket, kind) == agent_common::SOCKET_TYPE_AT);
+    assert!(offset_of!(KernelSocket, file) == agent_common::SOCKET_FILE_AT);
+    assert!(offset_of!(KernelSocket, sk) == agent_common::SOCKET_SK_AT);
+    assert!(offset_of!(KernelSockCommon, daddr) == agent_common::SKC_DADDR_AT);
+    assert!(offset_of!(KernelSockCommon, dport) == agent_common::SKC_DPORT_AT);
+    assert!(offset_of!(KernelSockCommon, num) == agent_common::SKC_NUM_AT);
+    assert!(offset_of!(KernelSockCommon, family) == agent_common::SKC_FAMILY_AT);
+    assert!(offset_of!(KernelSockCommon, state) == agent_common::SKC_STATE_AT);
+    assert!(offset_of!(KernelSockCommon, v6_daddr) == agent_common::SKC_V6_DADDR_AT);
+};
 
 /// A send or receive by a governed task (LSM `socket_sendmsg`/`socket_recvmsg`, first
 /// argument the socket): a family the task may not create is refused, and so is an inet

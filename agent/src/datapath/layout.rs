@@ -6,8 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
-use agent_common::InetFlagsAt;
-use btf::btf::{Btf, Type};
+use agent_common::{InetFlagsAt, KERNEL_FIELDS};
+use btf::btf::{Btf, StructMember, Type};
 
 /// Where the running kernel publishes its BTF.
 pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -22,6 +22,22 @@ pub enum LayoutError {
     },
     #[error("the kernel's BTF at {path} has no struct {name}")]
     NoStruct { path: PathBuf, name: &'static str },
+    #[error("the kernel's BTF at {path} has no field {strukt}.{field}")]
+    NoField {
+        path: PathBuf,
+        strukt: &'static str,
+        field: &'static str,
+    },
+    #[error(
+        "the kernel's BTF at {path} puts {strukt}.{field} at byte {found}, where the LSM programs read byte {expected}"
+    )]
+    Moved {
+        path: PathBuf,
+        strukt: &'static str,
+        field: &'static str,
+        expected: usize,
+        found: u64,
+    },
     #[error(
         "the kernel's BTF at {path} has neither inet_sock.inet_flags with INET_FLAGS_{flag} nor the bitfield inet_sock.{field}"
     )]
@@ -34,79 +50,140 @@ pub enum LayoutError {
     TooFar { what: &'static str, byte: u64 },
 }
 
-/// [`InetFlagsAt`] from the BTF file at `path` (the kernel's: [`KERNEL_BTF`]).
-pub fn inet_flags_at(path: &Path) -> Result<InetFlagsAt, LayoutError> {
-    let btf = Btf::from_file(path).map_err(|source| LayoutError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let members = match btf.get_type_by_name("inet_sock").map(|t| &t.base_type) {
-        Ok(Type::Struct(s)) => &s.members,
-        _ => {
-            return Err(LayoutError::NoStruct {
-                path: path.to_owned(),
-                name: "inet_sock",
-            });
+/// A kernel's BTF, parsed (tens of megabytes while it lives: keep it only while asking).
+pub struct KernelBtf {
+    path: PathBuf,
+    btf: Btf,
+}
+
+impl KernelBtf {
+    pub fn read(path: &Path) -> Result<Self, LayoutError> {
+        let btf = Btf::from_file(path).map_err(|source| LayoutError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            btf,
+        })
+    }
+
+    fn members(&self, name: &'static str) -> Result<&[StructMember], LayoutError> {
+        match self.btf.get_type_by_name(name).map(|t| &t.base_type) {
+            Ok(Type::Struct(s)) => Ok(&s.members),
+            _ => Err(LayoutError::NoStruct {
+                path: self.path.clone(),
+                name,
+            }),
         }
-    };
-    // `struct inet_sock` begins with its `struct sock`, so an offset in it is one from `sk`.
-    let bit_of = |flag: &'static str, field: &'static str| -> Result<u64, LayoutError> {
-        let word = members
-            .iter()
-            .find(|m| m.name.as_deref() == Some("inet_flags"))
-            .map(|m| u64::from(m.offset));
-        if let Some(word) = word
-            && let Some(bit) = enum_value(&btf, &format!("INET_FLAGS_{flag}"))
-        {
-            // `inet_flags` is an unsigned long the kernel's bitops index from its least
-            // significant bit: on a little-endian machine bit n is in byte n / 8.
-            return Ok(word + bit);
+    }
+
+    /// The bit offset of field `name` among `members`, looking into anonymous structs and
+    /// unions (`skc_daddr` sits in one inside another).
+    fn bit_of(&self, members: &[StructMember], name: &str, depth: u8) -> Option<u64> {
+        for m in members {
+            if m.name.as_deref() == Some(name) {
+                return Some(u64::from(m.offset));
+            }
+            // The parser names an anonymous member "".
+            if m.name.as_deref().unwrap_or_default().is_empty() && depth < 4 {
+                let inner = match self.btf.get_type_by_id(m.type_id).map(|t| &t.base_type) {
+                    Ok(Type::Struct(s) | Type::Union(s)) => &s.members,
+                    _ => continue,
+                };
+                if let Some(bit) = self.bit_of(inner, name, depth + 1) {
+                    return Some(u64::from(m.offset) + bit);
+                }
+            }
         }
-        members
+        None
+    }
+
+    /// Each of [`KERNEL_FIELDS`] where the programs read it.
+    pub fn check_fields(&self) -> Result<(), LayoutError> {
+        for f in &KERNEL_FIELDS {
+            let members = self.members(f.strukt)?;
+            let bit = self
+                .bit_of(members, f.field, 0)
+                .ok_or_else(|| LayoutError::NoField {
+                    path: self.path.clone(),
+                    strukt: f.strukt,
+                    field: f.field,
+                })?;
+            if bit % 8 != 0 || bit / 8 != f.at as u64 {
+                return Err(LayoutError::Moved {
+                    path: self.path.clone(),
+                    strukt: f.strukt,
+                    field: f.field,
+                    expected: f.at,
+                    found: bit / 8,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Where this kernel keeps an inet socket's FREEBIND and TRANSPARENT flags.
+    pub fn inet_flags_at(&self) -> Result<InetFlagsAt, LayoutError> {
+        let members = self.members("inet_sock")?;
+        // `struct inet_sock` begins with its `struct sock`: an offset in it is one from `sk`.
+        let bit_of = |flag: &'static str, field: &'static str| -> Result<u64, LayoutError> {
+            if let Some(word) = self.bit_of(members, "inet_flags", 0)
+                && let Some(bit) = self.enum_value(&format!("INET_FLAGS_{flag}"))
+            {
+                // `inet_flags` is an unsigned long the kernel's bitops index from its least
+                // significant bit: on a little-endian machine bit n is in byte n / 8.
+                return Ok(word + bit);
+            }
+            members
+                .iter()
+                .find(|m| m.name.as_deref() == Some(field) && m.bits == Some(1))
+                .map(|m| u64::from(m.offset))
+                .ok_or_else(|| LayoutError::NoFlag {
+                    path: self.path.clone(),
+                    flag,
+                    field,
+                })
+        };
+        let freebind = bit_of("FREEBIND", "freebind")?;
+        let transparent = bit_of("TRANSPARENT", "transparent")?;
+        let at = |what: &'static str, bit: u64| -> Result<(u16, u8), LayoutError> {
+            let byte = bit / 8;
+            match u16::try_from(byte) {
+                Ok(b) if byte < 4096 => Ok((b, 1u8 << (bit % 8))),
+                _ => Err(LayoutError::TooFar { what, byte }),
+            }
+        };
+        let (freebind_at, freebind_mask) = at("FREEBIND flag", freebind)?;
+        let (transparent_at, transparent_mask) = at("TRANSPARENT flag", transparent)?;
+        Ok(InetFlagsAt {
+            freebind_at,
+            transparent_at,
+            freebind_mask,
+            transparent_mask,
+        })
+    }
+
+    /// The value of the enumerator `name` in any enum (the kernel's `INET_FLAGS_*` are
+    /// members of an anonymous one).
+    fn enum_value(&self, name: &str) -> Option<u64> {
+        self.btf
+            .get_types()
             .iter()
-            .find(|m| m.name.as_deref() == Some(field) && m.bits == Some(1))
-            .map(|m| u64::from(m.offset))
-            .ok_or_else(|| LayoutError::NoFlag {
-                path: path.to_owned(),
-                flag,
-                field,
+            .find_map(|t| match &t.base_type {
+                Type::Enum32(e) | Type::Enum64(e) => e
+                    .entries
+                    .iter()
+                    .find(|en| en.name.as_deref() == Some(name))
+                    .and_then(|en| u64::try_from(en.value).ok()),
+                _ => None,
             })
-    };
-    let freebind = bit_of("FREEBIND", "freebind")?;
-    let transparent = bit_of("TRANSPARENT", "transparent")?;
-    let at = |what: &'static str, bit: u64| -> Result<(u16, u8), LayoutError> {
-        let byte = bit / 8;
-        match u16::try_from(byte) {
-            Ok(b) if byte < 4096 => Ok((b, 1u8 << (bit % 8))),
-            _ => Err(LayoutError::TooFar { what, byte }),
-        }
-    };
-    let (freebind_at, freebind_mask) = at("FREEBIND flag", freebind)?;
-    let (transparent_at, transparent_mask) = at("TRANSPARENT flag", transparent)?;
-    Ok(InetFlagsAt {
-        freebind_at,
-        transparent_at,
-        freebind_mask,
-        transparent_mask,
-    })
+    }
 }
 
 // A bit numbered from the least significant end of a word is in byte n / 8 only where the
 // least significant byte comes first.
 const _: () = assert!(cfg!(target_endian = "little"));
-
-/// The value of the enumerator `name` in any enum of `btf` (the kernel's `INET_FLAGS_*` are
-/// members of an anonymous one).
-fn enum_value(btf: &Btf, name: &str) -> Option<u64> {
-    btf.get_types().iter().find_map(|t| match &t.base_type {
-        Type::Enum32(e) | Type::Enum64(e) => e
-            .entries
-            .iter()
-            .find(|en| en.name.as_deref() == Some(name))
-            .and_then(|en| u64::try_from(en.value).ok()),
-        _ => None,
-    })
-}
 
 #[cfg(test)]
 mod tests {
@@ -120,6 +197,7 @@ mod tests {
 
     const BTF_KIND_INT: u32 = 1;
     const BTF_KIND_STRUCT: u32 = 4;
+    const BTF_KIND_UNION: u32 = 5;
     const BTF_KIND_ENUM: u32 = 6;
 
     impl BtfFile {
@@ -147,15 +225,19 @@ mod tests {
         }
         /// Members: (name, offset in bits, bitfield size or 0), all of type 1.
         fn strukt(&mut self, name: &str, size: u32, members: &[(&str, u32, u32)]) {
-            let n = self.name(name);
+            let typed: Vec<_> = members.iter().map(|&(m, o, b)| (m, o, b, 1)).collect();
+            self.typed(BTF_KIND_STRUCT, name, size, &typed);
+        }
+        /// Members: (name, offset in bits, bitfield size or 0, type id); "" is anonymous.
+        fn typed(&mut self, kind: u32, name: &str, size: u32, members: &[(&str, u32, u32, u32)]) {
+            let n = if name.is_empty() { 0 } else { self.name(name) };
             let bitfields = members.iter().any(|m| m.2 != 0);
-            let info =
-                (BTF_KIND_STRUCT << 24) | (u32::from(bitfields) << 31) | members.len() as u32;
+            let info = (kind << 24) | (u32::from(bitfields) << 31) | members.len() as u32;
             self.words(&[n, info, size]);
-            for (m, off, bits) in members {
-                let mn = self.name(m);
-                let off = if bitfields { (bits << 24) | off } else { *off };
-                self.words(&[mn, 1, off]);
+            for &(m, off, bits, ty) in members {
+                let mn = if m.is_empty() { 0 } else { self.name(m) };
+                let off = if bitfields { (bits << 24) | off } else { off };
+                self.words(&[mn, ty, off]);
             }
         }
         fn enumeration(&mut self, entries: &[(&str, u32)]) {
@@ -206,7 +288,9 @@ mod tests {
             1000,
             &[("pinet6", 6272, 0), ("inet_flags", 6400, 0)],
         );
-        let at = inet_flags_at(&f.write(&dir("6.5"))).expect("resolved");
+        let at = KernelBtf::read(&f.write(&dir("6.5")))
+            .and_then(|b| b.inet_flags_at())
+            .expect("resolved");
         // Bit 11 of the word at byte 800: byte 801, bit 3; bit 15: byte 801, bit 7.
         assert_eq!(
             at,
@@ -236,7 +320,9 @@ mod tests {
                 ("transparent", 7237, 1),
             ],
         );
-        let at = inet_flags_at(&f.write(&dir("6.1"))).expect("resolved");
+        let at = KernelBtf::read(&f.write(&dir("6.1")))
+            .and_then(|b| b.inet_flags_at())
+            .expect("resolved");
         assert_eq!(
             at,
             InetFlagsAt {
@@ -254,7 +340,9 @@ mod tests {
         f.int();
         f.strukt("inet_sock", 1000, &[("freebind", 7234, 1)]);
         let path = f.write(&dir("neither"));
-        let err = inet_flags_at(&path).expect_err("no TRANSPARENT");
+        let err = KernelBtf::read(&path)
+            .and_then(|b| b.inet_flags_at())
+            .expect_err("no TRANSPARENT");
         assert_eq!(
             err.to_string(),
             format!(
@@ -266,7 +354,10 @@ mod tests {
         f.int();
         let path = f.write(&dir("nostruct"));
         assert_eq!(
-            inet_flags_at(&path).expect_err("no struct").to_string(),
+            KernelBtf::read(&path)
+                .and_then(|b| b.inet_flags_at())
+                .expect_err("no struct")
+                .to_string(),
             format!(
                 "the kernel's BTF at {} has no struct inet_sock",
                 path.display()
@@ -274,10 +365,76 @@ mod tests {
         );
     }
 
-    /// The running kernel's own BTF resolves, whichever layout it has.
+    /// `struct socket` and `struct sock_common` as the programs read them, `skc_daddr` inside
+    /// an anonymous struct in an anonymous union as in the kernel; `skc_v6_daddr` at the bit
+    /// given (a kernel built without network namespaces has it 8 bytes earlier).
+    fn kernel_fields(v6_daddr_at: u32) -> BtfFile {
+        let mut f = BtfFile::new();
+        f.int(); // 1
+        // 2: struct { skc_daddr; skc_rcv_saddr; }, 3: the union holding it.
+        f.typed(
+            BTF_KIND_STRUCT,
+            "",
+            8,
+            &[("skc_daddr", 0, 0, 1), ("skc_rcv_saddr", 32, 0, 1)],
+        );
+        f.typed(
+            BTF_KIND_UNION,
+            "",
+            8,
+            &[("skc_addrpair", 0, 0, 1), ("", 0, 0, 2)],
+        );
+        f.typed(
+            BTF_KIND_STRUCT,
+            "sock_common",
+            136,
+            &[
+                ("", 0, 0, 3),
+                ("skc_dport", 96, 0, 1),
+                ("skc_num", 112, 0, 1),
+                ("skc_family", 128, 0, 1),
+                ("skc_state", 144, 0, 1),
+                ("skc_v6_daddr", v6_daddr_at, 0, 1),
+            ],
+        );
+        f.strukt(
+            "socket",
+            128,
+            &[
+                ("state", 0, 0),
+                ("type", 32, 0),
+                ("flags", 64, 0),
+                ("file", 128, 0),
+                ("sk", 192, 0),
+            ],
+        );
+        f
+    }
+
+    #[test]
+    fn the_lsm_programs_fixed_fields_are_checked_where_they_read_them() {
+        let path = kernel_fields(448).write(&dir("fields"));
+        KernelBtf::read(&path)
+            .and_then(|b| b.check_fields())
+            .expect("the layout the programs read");
+        let path = kernel_fields(384).write(&dir("no-netns"));
+        let err = KernelBtf::read(&path).and_then(|b| b.check_fields());
+        assert_eq!(
+            err.expect_err("moved").to_string(),
+            format!(
+                "the kernel's BTF at {} puts sock_common.skc_v6_daddr at byte 48, where the LSM programs read byte 56",
+                path.display()
+            )
+        );
+    }
+
+    /// The running kernel's own BTF has the fixed fields where the programs read them, and the
+    /// flags in one of the two layouts.
     #[test]
     fn the_running_kernel_resolves() {
-        let at = inet_flags_at(Path::new(KERNEL_BTF)).expect("this kernel's BTF");
+        let btf = KernelBtf::read(Path::new(KERNEL_BTF)).expect("this kernel's BTF");
+        btf.check_fields().expect("the LSM programs' fixed offsets");
+        let at = btf.inet_flags_at().expect("the flags");
         assert_ne!(at.freebind_mask, 0);
         assert_ne!(at.transparent_mask, 0);
         assert!(at.freebind_at > 0 && at.transparent_at > 0, "{at:?}");

@@ -677,10 +677,12 @@ impl Datapath {
         } else {
             lsm_line()
         };
+        let inet_flags = kernel_layout(&mut families);
         load_programs(&mut ebpf, &links_dir, &mut families)?;
         Ok(Loaded {
             fresh,
             families,
+            inet_flags,
             cfg: cfg.clone(),
             attach,
             dir,
@@ -695,6 +697,7 @@ pub struct Loaded {
     /// No link was pinned before: this load made the pin directory's maps.
     fresh: bool,
     families: SocketFamilies,
+    inet_flags: InetFlagsAt,
     cfg: DatapathConfig,
     attach: Cgroup,
     dir: PathBuf,
@@ -714,6 +717,7 @@ impl Loaded {
         let Self {
             fresh: _,
             families,
+            inet_flags,
             cfg,
             attach,
             dir,
@@ -799,16 +803,6 @@ impl Loaded {
         };
         // Rebuild what the kernel reads from config: a restarted daemon keeps the bindings the
         // pinned map holds.
-        // Without the LSM line nothing reads it; a kernel whose BTF does not say leaves it
-        // unknown, and every inet socket handed to a governed agent is refused.
-        let inet_flags = if dp.families == SocketFamilies::Enforced {
-            layout::inet_flags_at(Path::new(layout::KERNEL_BTF)).unwrap_or_else(|e| {
-                warn!(error = %e, "inet sockets handed to governed agents are refused: where this kernel keeps their FREEBIND and TRANSPARENT flags is unknown");
-                InetFlagsAt::default()
-            })
-        } else {
-            InetFlagsAt::default()
-        };
         let mut levels = 0u32;
         for (_, b) in lock(&dp.bindings).entries()? {
             levels |= 1u32.checked_shl(u32::from(b.level)).unwrap_or(0);
@@ -1688,6 +1682,30 @@ impl Datapath {
             .take()
             .map(|(governed, unknown)| EventReader::new(governed, unknown))
     }
+}
+
+/// Checks, where the LSM line would load, the kernel struct fields its programs read at
+/// fixed offsets against the kernel's BTF (a kernel that differs leaves the line
+/// unenforced, said in `families`), and finds where it keeps an inet socket's FREEBIND and
+/// TRANSPARENT flags. Not found: unknown (zero), and every inet socket handed to a governed
+/// agent is refused.
+fn kernel_layout(families: &mut SocketFamilies) -> InetFlagsAt {
+    if *families != SocketFamilies::Enforced {
+        return InetFlagsAt::default();
+    }
+    let checked = layout::KernelBtf::read(Path::new(layout::KERNEL_BTF))
+        .and_then(|btf| btf.check_fields().map(|()| btf));
+    let btf = match checked {
+        Ok(btf) => btf,
+        Err(e) => {
+            *families = SocketFamilies::Unenforced(e.to_string());
+            return InetFlagsAt::default();
+        }
+    };
+    btf.inet_flags_at().unwrap_or_else(|e| {
+        warn!(error = %e, "inet sockets handed to governed agents are refused: where this kernel keeps their FREEBIND and TRANSPARENT flags is unknown");
+        InetFlagsAt::default()
+    })
 }
 
 /// Loads (the kernel verifies) every program whose link is not pinned yet. The LSM line is
