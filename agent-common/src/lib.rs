@@ -12,6 +12,7 @@ pub const MAP_BINDINGS: &str = "AW_BINDINGS";
 pub const MAP_IDENTITIES: &str = "AW_IDENTITIES";
 pub const MAP_RULES: &str = "AW_RULES";
 pub const MAP_CONFIG: &str = "AW_CONFIG";
+pub const MAP_LAYOUT: &str = "AW_LAYOUT";
 pub const MAP_EVENTS: &str = "AW_EVENTS";
 pub const MAP_EVENT_DROPS: &str = "AW_EVENT_DROPS";
 pub const MAP_RATE: &str = "AW_RATE";
@@ -25,7 +26,7 @@ pub const MAP_PORT_SETS: &str = "AW_PORT_SETS";
 pub const MAP_BINDING_SLOTS: &str = "AW_BINDING_SLOTS";
 
 /// Every map the programs use, in a stable order (pinning, adoption and teardown walk it).
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 16] = [
     MAP_BINDINGS,
     MAP_IDENTITIES,
     MAP_RULES,
@@ -41,6 +42,7 @@ pub const ALL_MAPS: [&str; 15] = [
     MAP_RECORD_USAGE,
     MAP_PORT_SETS,
     MAP_BINDING_SLOTS,
+    MAP_LAYOUT,
 ];
 
 pub const PROG_CONNECT4: &str = "aw_connect4";
@@ -353,8 +355,7 @@ pub struct Config {
     /// or before this map layout), so the packet line asks, for a socket without state,
     /// whether its cgroup is bound. Zero spares the host's ungoverned traffic that lookup.
     pub strays: u8,
-    pub _pad: u8,
-    pub inet_flags: InetFlagsAt,
+    pub _pad: [u8; 7],
 }
 
 /// A field of a kernel struct the BPF LSM programs read at an offset fixed when they are
@@ -427,18 +428,21 @@ pub const KERNEL_FIELDS: [KernelField; 9] = [
     },
 ];
 
-/// Where this kernel keeps an inet socket's FREEBIND and TRANSPARENT flags (bits of
-/// `inet_sock.inet_flags` from Linux 6.5, bitfields of `inet_sock` before), found in its BTF:
-/// byte offsets from the start of `struct sock`, and the bit within that byte. The receipt
-/// line reads them on a socket handed to a governed task; a zero mask (not found) has it
-/// refuse every inet socket handed in, as it cannot tell.
+/// Value of `AW_LAYOUT[0]`: where this kernel keeps what the receipt line reads at offsets
+/// that move between kernels, found in its BTF. Offsets are bytes from the start of
+/// `struct sock`; 0 (or a zero mask) is unknown, and the receipt line then refuses what it
+/// cannot judge.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct InetFlagsAt {
+pub struct KernelLayout {
+    /// An inet socket's FREEBIND and TRANSPARENT flags (bits of `inet_sock.inet_flags` from
+    /// Linux 6.5, bitfields of `inet_sock` before), and the bit of each within its byte.
     pub freebind_at: u16,
     pub transparent_at: u16,
     pub freebind_mask: u8,
     pub transparent_mask: u8,
+    /// `sk_backlog.rmem_alloc`: the bytes of received data a socket holds, in every queue.
+    pub rmem_alloc_at: u16,
 }
 
 /// LPM key data: an IPv6 address; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`, prefix + 96).
@@ -631,6 +635,7 @@ mod pod {
     unsafe impl aya::Pod for BindingSlot {}
     unsafe impl aya::Pod for IdentityState {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for KernelLayout {}
     unsafe impl aya::Pod for PortEntry {}
     unsafe impl aya::Pod for RuleSet {}
     unsafe impl aya::Pod for Event {}
@@ -645,7 +650,7 @@ mod pod {
 // Layout guards: the kernel and userspace must agree on these sizes byte for byte.
 const _: () = assert!(core::mem::size_of::<IdentityState>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
-const _: () = assert!(core::mem::offset_of!(Config, inet_flags) == 18);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 8);
 const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<PortSet>() == 8192);
 const _: () = assert!(core::mem::size_of::<RuleSet>() == 8 + 24 * MAX_PORT_ENTRIES);

@@ -15,16 +15,16 @@ use agent_common::{
     EVENT_ALLOW, EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY, EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES,
     Event, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS, HOOK_ERROR_QUEUE, HOOK_INGRESS,
     HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCKET_FAMILY,
-    HOOK_SOCKET_RECEIVE, HOOK_SOCKET_USE, IDENTITY_ACTIVE, IdentityState, LOOPBACK_IFINDEX,
-    LOUD_RECORDS, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES, MAX_PORT_ENTRIES, MAX_PORT_SETS,
-    MODE_AUDIT, PORT_SET_WORDS, PROTO_TCP, PROTO_UDP, PortSet, RATE_ENTRIES, REASON_ERROR_QUEUE,
-    REASON_EXPIRED, REASON_FOREIGN_SOCKET, REASON_GLOBAL_DENY, REASON_HANDED_SOCKET,
-    REASON_INBOUND, REASON_LOOPBACK_SOURCE, REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE,
-    REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION,
-    REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES,
-    RateKey, RateState, RecordUsage, RuleSet, SLOT_CLAIMED, SOCK_DEST_CONNECTED, SOCK_DEST_SENT,
-    SOCK_DESTS, SockState, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr,
-    dns_proxy_addr6, rule_hit_key,
+    HOOK_SOCKET_RECEIVE, HOOK_SOCKET_USE, IDENTITY_ACTIVE, IdentityState, KernelLayout,
+    LOOPBACK_IFINDEX, LOUD_RECORDS, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES,
+    MAX_PORT_ENTRIES, MAX_PORT_SETS, MODE_AUDIT, PORT_SET_WORDS, PROTO_TCP, PROTO_UDP, PortSet,
+    RATE_ENTRIES, REASON_ERROR_QUEUE, REASON_EXPIRED, REASON_FOREIGN_SOCKET, REASON_GLOBAL_DENY,
+    REASON_HANDED_SOCKET, REASON_INBOUND, REASON_LOOPBACK_SOURCE, REASON_NO_RULE,
+    REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SOCKET_FAMILY,
+    REASON_SOCKET_OPTION, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE, RESERVED_RING_QUARTERS,
+    RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage, RuleSet, SLOT_CLAIMED, SOCK_DEST_CONNECTED,
+    SOCK_DEST_SENT, SOCK_DESTS, SockState, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE,
+    dns_proxy_addr, dns_proxy_addr6, rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{
@@ -79,6 +79,10 @@ type RuleSetWords = [u64; core::mem::size_of::<RuleSet>() / 8];
 const _: () = assert!(core::mem::size_of::<RuleSet>() % 8 == 0);
 #[btf_map]
 static AW_CONFIG: Array<Config, 1> = Array::new();
+/// Where this kernel keeps the socket fields the receipt line reads; userspace fills it
+/// from the kernel's BTF.
+#[btf_map]
+static AW_LAYOUT: Array<KernelLayout, 1> = Array::new();
 /// Ports of rules with more ranges than a trie value holds (see `PortEntry::port_set`).
 #[btf_map]
 static AW_PORT_SETS: HashMap<
@@ -978,7 +982,8 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
     flow.proto = if tcp { PROTO_TCP } else { PROTO_UDP };
     // Whoever made it: a governed task cannot set these, and with them the socket binds, and
     // sends from, addresses the host does not hold.
-    let option = nonlocal_option(sk);
+    let at = layout();
+    let option = nonlocal_option(sk, &at);
     if option != 0 {
         flow.sock_protocol = option;
         if refuse_task(&flow, leaf, &binding, REASON_SOCKET_OPTION) == DENY {
@@ -1015,11 +1020,13 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
         )
     };
     // A fresh socket (no port, no peer) holds nothing: it is judged where it connects or
-    // sends, by the receiver's binding.
+    // sends, by the receiver's binding. A UDP socket may hold datagrams from anyone whatever
+    // it looks like now (received before it was connected, or kept when a connect to
+    // AF_UNSPEC unhashed it); a TCP connection's queue holds only its peer's bytes.
     let unjudged_queue = if tcp {
         state == TCP_LISTEN
     } else {
-        port == 0 && local_port != 0
+        (port == 0 && local_port != 0) || holds_data(sk, &at)
     };
     if unjudged_queue {
         if refuse_task(&flow, leaf, &binding, REASON_HANDED_SOCKET) == DENY {
@@ -1066,17 +1073,29 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
 /// this kernel, or the read failed): the socket is refused as if one were set.
 const NONLOCAL_UNKNOWN: u16 = u16::MAX;
 
-/// The option (`IP_FREEBIND`, `IP_TRANSPARENT`; their IPv6 forms set the same flags) that
-/// lets inet socket `sk` bind addresses the host does not hold, 0 if neither is set. Read at
-/// the offsets userspace found in the kernel's BTF (`Config::inet_flags`), with the helper
-/// that reads any kernel address: the verifier checks a direct load only at an offset fixed
-/// when the program was built, and these move between kernels.
+/// [`KernelLayout`], all unknown until userspace has written it.
 #[inline(always)]
-fn nonlocal_option(sk: *mut core::ffi::c_void) -> u16 {
-    let Some(conf) = config() else {
-        return NONLOCAL_UNKNOWN;
-    };
-    let at = conf.inet_flags;
+fn layout() -> KernelLayout {
+    AW_LAYOUT.get(0).copied().unwrap_or_default()
+}
+
+/// One byte of `sk` at `offset`, read with the helper that reads any kernel address: the
+/// verifier checks a direct load only at an offset fixed when the program was built, and
+/// these move between kernels. None: unknown (offset 0) or unreadable.
+#[inline(always)]
+fn sock_bytes<T>(sk: *mut core::ffi::c_void, offset: u16) -> Option<T> {
+    if offset == 0 {
+        return None;
+    }
+    // SAFETY: the helper reads kernel memory without faulting; `sk` is a live socket the
+    // verifier typed, and userspace keeps the offset inside the socket's struct.
+    unsafe { bpf_probe_read_kernel(sk.cast::<u8>().wrapping_add(usize::from(offset)).cast()) }.ok()
+}
+
+/// The option (`IP_FREEBIND`, `IP_TRANSPARENT`; their IPv6 forms set the same flags) that
+/// lets inet socket `sk` bind addresses the host does not hold, 0 if neither is set.
+#[inline(always)]
+fn nonlocal_option(sk: *mut core::ffi::c_void, at: &KernelLayout) -> u16 {
     for (offset, mask, option) in [
         (at.freebind_at, at.freebind_mask, IP_FREEBIND as u16),
         (
@@ -1088,15 +1107,20 @@ fn nonlocal_option(sk: *mut core::ffi::c_void) -> u16 {
         if mask == 0 {
             return NONLOCAL_UNKNOWN;
         }
-        // SAFETY: the helper reads kernel memory without faulting; `sk` is a live socket the
-        // verifier typed, and userspace keeps the offset inside `struct inet_sock`.
-        match unsafe { bpf_probe_read_kernel(sk.cast::<u8>().wrapping_add(usize::from(offset))) } {
-            Ok(flags) if flags & mask == 0 => {}
-            Ok(_) => return option,
-            Err(_) => return NONLOCAL_UNKNOWN,
+        match sock_bytes::<u8>(sk, offset) {
+            Some(flags) if flags & mask == 0 => {}
+            Some(_) => return option,
+            None => return NONLOCAL_UNKNOWN,
         }
     }
     0
+}
+
+/// Whether `sk` holds received data (or cannot be read): a datagram socket's queues hold
+/// whatever reached it before it was handed over, from anyone, unjudged by the binding.
+#[inline(always)]
+fn holds_data(sk: *mut core::ffi::c_void, at: &KernelLayout) -> bool {
+    sock_bytes::<i32>(sk, at.rmem_alloc_at).is_none_or(|bytes| bytes != 0)
 }
 
 /// How a governed socket's peer stands with its binding's rules.

@@ -19,7 +19,7 @@ use agentwall_tests::{
         wait_flow_where, write_cert,
     },
     pki::{Ca, CertSpec},
-    wire::{AGENT_V6, BEYOND_V4, BEYOND_V6, Capture, Link, PEER_V4, PEER_V6, Packet},
+    wire::{AGENT_V4, AGENT_V6, BEYOND_V4, BEYOND_V6, Capture, Link, PEER_V4, PEER_V6, Packet},
 };
 
 const ID: &str = "spiffe://example.org/agent/wire";
@@ -532,7 +532,7 @@ fn a_socket_handed_to_a_governed_agent_is_governed_as_its_own() {
         Some(9002),
     );
     let (_conn, _) = tcp_peer.accept().expect("the helper's refused connection");
-    let handed = "handed a listening or unconnected bound socket (its queue was never judged)";
+    let handed = "handed a listener, an unconnected bound socket or one holding datagrams (its queue was never judged)";
     refused(&mut fx, "listener 0.0.0.0 8093".into(), handed, 1, None);
     refused(&mut fx, "bound-udp 0.0.0.0 8094".into(), handed, 2, None);
     // Multipath TCP: its subflows are sockets no hook of the agent's binding would see.
@@ -670,6 +670,93 @@ fn a_handed_socket_that_binds_addresses_the_host_does_not_hold_is_refused() {
         .filter(|p| p.src == "2001:db8::99".parse::<std::net::IpAddr>().unwrap())
         .collect();
     assert!(spoofed.is_empty(), "{spoofed:?}");
+}
+
+/// A UDP socket holds what reached it before it was handed in, from anyone, unjudged by the
+/// agent's rules: datagrams a process bound to no identity let queue on a bound socket before
+/// connecting it to a peer the agent may reach, or on a connected one before a connect to
+/// AF_UNSPEC unhashed it (it then looks fresh). Both refused at the receipt; the same
+/// sockets with nothing queued are taken.
+#[test]
+fn a_handed_udp_socket_holding_datagrams_is_refused() {
+    let mut fx = fixture("wire-handed-queued");
+    let peer = fx
+        .link
+        .peer
+        .run_in(|| std::net::UdpSocket::bind(format!("{PEER_V4}:9000")).expect("bind 9000"));
+    let mut agent = fx.agent("agent", &CertSpec::agent(ID));
+    assert_eq!(agent.cmd("fd-inbox aw-queued-agent"), "ok");
+    let mut pass = |fx: &mut Fixture| -> String {
+        assert_eq!(fx.helper.cmd("pass-held aw-queued-agent"), "ok");
+        agent.cmd("take-passed")
+    };
+    let queue = |fx: &mut Fixture, port: u16| {
+        peer.send_to(b"unjudged", format!("{AGENT_V4}:{port}"))
+            .expect("send to the helper");
+        assert_eq!(fx.helper.cmd("wait-queued 10000"), "ok");
+    };
+    let held_port = |fx: &mut Fixture| -> u16 {
+        let got = fx.helper.cmd("held-port");
+        got.strip_prefix("ok ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("held-port: {got}"))
+    };
+
+    // Received while bound, then connected where the agent may go.
+    assert_eq!(
+        fx.helper.cmd(&format!("hold bound-udp {AGENT_V4} 7301")),
+        "ok"
+    );
+    queue(&mut fx, 7301);
+    assert_eq!(fx.helper.cmd(&format!("connect-held {PEER_V4} 9000")), "ok");
+    let taken = pass(&mut fx);
+    if let Some(why) = lsm_line(fx.socket()) {
+        // Nothing judges a handed socket there: the threat model says so.
+        assert_eq!(taken, "ok 1", "{why}");
+        return;
+    }
+    let status = |fx: &Fixture| {
+        format!(
+            "the node's socket records: {:?}; its status: {}",
+            flows(fx.socket(), "socket-deny"),
+            agentwall_tests::node::status_json(fx.socket())
+        )
+    };
+    assert_eq!(
+        taken,
+        "ok 0",
+        "bound, queued, connected: taken; {}",
+        status(&fx)
+    );
+    let r = wait_flow_where(fx.socket(), "socket-deny", |r| {
+        r["reason"]
+            == "handed a listener, an unconnected bound socket or one holding datagrams (its queue was never judged)"
+    });
+    assert_eq!(r["identity"], ID, "{r:#}");
+    assert_eq!(
+        r["protocol"], "socket of family 2 (inet) type 2 received from another process",
+        "{r:#}"
+    );
+
+    // Connected, queued, disconnected: unhashed, it looks fresh.
+    assert_eq!(fx.helper.cmd(&format!("hold udp {PEER_V4} 9000")), "ok");
+    let port = held_port(&mut fx);
+    queue(&mut fx, port);
+    assert_eq!(fx.helper.cmd("disconnect-held"), "ok");
+    assert_eq!(held_port(&mut fx), 0, "unhashed by the disconnect");
+    assert_eq!(
+        pass(&mut fx),
+        "ok 0",
+        "disconnected with its queue: taken; {}",
+        status(&fx)
+    );
+
+    // Nothing queued: taken, connected or disconnected.
+    assert_eq!(fx.helper.cmd(&format!("hold udp {PEER_V4} 9000")), "ok");
+    assert_eq!(pass(&mut fx), "ok 1", "{}", status(&fx));
+    assert_eq!(fx.helper.cmd(&format!("hold udp {PEER_V4} 9000")), "ok");
+    assert_eq!(fx.helper.cmd("disconnect-held"), "ok");
+    assert_eq!(pass(&mut fx), "ok 1", "{}", status(&fx));
 }
 
 /// A governed agent's socket is judged by its identity's rules whoever connects it: lent to a

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use agent_common::{InetFlagsAt, KERNEL_FIELDS};
+use agent_common::{KERNEL_FIELDS, KernelLayout};
 use btf::btf::{Btf, StructMember, Type};
 
 /// Where the running kernel publishes its BTF.
@@ -46,8 +46,12 @@ pub enum LayoutError {
         flag: &'static str,
         field: &'static str,
     },
-    #[error("inet_sock's {what} lies at byte {byte}, past where the receipt line reads (4096)")]
+    #[error(
+        "the kernel keeps the socket's {what} at byte {byte}, past where the receipt line reads (4096)"
+    )]
     TooFar { what: &'static str, byte: u64 },
+    #[error("the kernel keeps the socket's {what} at bit {bit}, not at the start of a byte")]
+    Unaligned { what: &'static str, bit: u64 },
 }
 
 /// A kernel's BTF, parsed (tens of megabytes while it lives: keep it only while asking).
@@ -78,25 +82,44 @@ impl KernelBtf {
         }
     }
 
-    /// The bit offset of field `name` among `members`, looking into anonymous structs and
-    /// unions (`skc_daddr` sits in one inside another).
-    fn bit_of(&self, members: &[StructMember], name: &str, depth: u8) -> Option<u64> {
+    /// The bit offset and type of field `name` among `members`, looking into anonymous
+    /// structs and unions (`skc_daddr` sits in one inside another).
+    fn field(&self, members: &[StructMember], name: &str, depth: u8) -> Option<(u64, u32)> {
         for m in members {
             if m.name.as_deref() == Some(name) {
-                return Some(u64::from(m.offset));
+                return Some((u64::from(m.offset), m.type_id));
             }
             // The parser names an anonymous member "".
             if m.name.as_deref().unwrap_or_default().is_empty() && depth < 4 {
-                let inner = match self.btf.get_type_by_id(m.type_id).map(|t| &t.base_type) {
-                    Ok(Type::Struct(s) | Type::Union(s)) => &s.members,
-                    _ => continue,
+                let Some(inner) = self.members_of(m.type_id) else {
+                    continue;
                 };
-                if let Some(bit) = self.bit_of(inner, name, depth + 1) {
-                    return Some(u64::from(m.offset) + bit);
+                if let Some((bit, ty)) = self.field(inner, name, depth + 1) {
+                    return Some((u64::from(m.offset) + bit, ty));
                 }
             }
         }
         None
+    }
+
+    fn members_of(&self, type_id: u32) -> Option<&[StructMember]> {
+        match self.btf.get_type_by_id(type_id).map(|t| &t.base_type) {
+            Ok(Type::Struct(s) | Type::Union(s)) => Some(&s.members),
+            _ => None,
+        }
+    }
+
+    /// The bit offset of `path` (a field, a field of that field's struct, ...) in `members`.
+    fn bit_of(&self, members: &[StructMember], path: &[&str]) -> Option<u64> {
+        let (mut members, mut bits) = (members, 0);
+        for (i, name) in path.iter().enumerate() {
+            let (bit, ty) = self.field(members, name, 0)?;
+            bits += bit;
+            if i + 1 < path.len() {
+                members = self.members_of(ty)?;
+            }
+        }
+        Some(bits)
     }
 
     /// Each of [`KERNEL_FIELDS`] where the programs read it.
@@ -104,7 +127,7 @@ impl KernelBtf {
         for f in &KERNEL_FIELDS {
             let members = self.members(f.strukt)?;
             let bit = self
-                .bit_of(members, f.field, 0)
+                .bit_of(members, &[f.field])
                 .ok_or_else(|| LayoutError::NoField {
                     path: self.path.clone(),
                     strukt: f.strukt,
@@ -123,12 +146,13 @@ impl KernelBtf {
         Ok(())
     }
 
-    /// Where this kernel keeps an inet socket's FREEBIND and TRANSPARENT flags.
-    pub fn inet_flags_at(&self) -> Result<InetFlagsAt, LayoutError> {
+    /// Where this kernel keeps an inet socket's FREEBIND and TRANSPARENT flags: the
+    /// `*_at` and `*_mask` fields of [`KernelLayout`], the others 0.
+    pub fn inet_flags(&self) -> Result<KernelLayout, LayoutError> {
         let members = self.members("inet_sock")?;
         // `struct inet_sock` begins with its `struct sock`: an offset in it is one from `sk`.
         let bit_of = |flag: &'static str, field: &'static str| -> Result<u64, LayoutError> {
-            if let Some(word) = self.bit_of(members, "inet_flags", 0)
+            if let Some(word) = self.bit_of(members, &["inet_flags"])
                 && let Some(bit) = self.enum_value(&format!("INET_FLAGS_{flag}"))
             {
                 // `inet_flags` is an unsigned long the kernel's bitops index from its least
@@ -145,23 +169,36 @@ impl KernelBtf {
                     field,
                 })
         };
-        let freebind = bit_of("FREEBIND", "freebind")?;
-        let transparent = bit_of("TRANSPARENT", "transparent")?;
-        let at = |what: &'static str, bit: u64| -> Result<(u16, u8), LayoutError> {
-            let byte = bit / 8;
-            match u16::try_from(byte) {
-                Ok(b) if byte < 4096 => Ok((b, 1u8 << (bit % 8))),
-                _ => Err(LayoutError::TooFar { what, byte }),
-            }
-        };
-        let (freebind_at, freebind_mask) = at("FREEBIND flag", freebind)?;
-        let (transparent_at, transparent_mask) = at("TRANSPARENT flag", transparent)?;
-        Ok(InetFlagsAt {
+        let (freebind_at, freebind_mask) =
+            byte_of("FREEBIND flag", bit_of("FREEBIND", "freebind")?)?;
+        let (transparent_at, transparent_mask) =
+            byte_of("TRANSPARENT flag", bit_of("TRANSPARENT", "transparent")?)?;
+        Ok(KernelLayout {
             freebind_at,
             transparent_at,
             freebind_mask,
             transparent_mask,
+            rmem_alloc_at: 0,
         })
+    }
+
+    /// Where `struct sock` counts the bytes of received data a socket holds.
+    pub fn rmem_alloc_at(&self) -> Result<u16, LayoutError> {
+        let path = ["sk_backlog", "rmem_alloc", "counter"];
+        let bit =
+            self.bit_of(self.members("sock")?, &path)
+                .ok_or_else(|| LayoutError::NoField {
+                    path: self.path.clone(),
+                    strukt: "sock",
+                    field: "sk_backlog.rmem_alloc.counter",
+                })?;
+        match byte_of("sk_backlog.rmem_alloc", bit)? {
+            (at, 1) => Ok(at),
+            _ => Err(LayoutError::Unaligned {
+                what: "sk_backlog.rmem_alloc",
+                bit,
+            }),
+        }
     }
 
     /// The value of the enumerator `name` in any enum (the kernel's `INET_FLAGS_*` are
@@ -178,6 +215,15 @@ impl KernelBtf {
                     .and_then(|en| u64::try_from(en.value).ok()),
                 _ => None,
             })
+    }
+}
+
+/// The byte holding bit `bit`, and the bit's mask in it; within where the receipt line reads.
+fn byte_of(what: &'static str, bit: u64) -> Result<(u16, u8), LayoutError> {
+    let byte = bit / 8;
+    match u16::try_from(byte) {
+        Ok(b) if byte < 4096 => Ok((b, 1u8 << (bit % 8))),
+        _ => Err(LayoutError::TooFar { what, byte }),
     }
 }
 
@@ -289,16 +335,17 @@ mod tests {
             &[("pinet6", 6272, 0), ("inet_flags", 6400, 0)],
         );
         let at = KernelBtf::read(&f.write(&dir("6.5")))
-            .and_then(|b| b.inet_flags_at())
+            .and_then(|b| b.inet_flags())
             .expect("resolved");
         // Bit 11 of the word at byte 800: byte 801, bit 3; bit 15: byte 801, bit 7.
         assert_eq!(
             at,
-            InetFlagsAt {
+            KernelLayout {
                 freebind_at: 801,
                 transparent_at: 801,
                 freebind_mask: 1 << 3,
                 transparent_mask: 1 << 7,
+                rmem_alloc_at: 0,
             }
         );
     }
@@ -321,15 +368,16 @@ mod tests {
             ],
         );
         let at = KernelBtf::read(&f.write(&dir("6.1")))
-            .and_then(|b| b.inet_flags_at())
+            .and_then(|b| b.inet_flags())
             .expect("resolved");
         assert_eq!(
             at,
-            InetFlagsAt {
+            KernelLayout {
                 freebind_at: 904,
                 transparent_at: 904,
                 freebind_mask: 1 << 2,
                 transparent_mask: 1 << 5,
+                rmem_alloc_at: 0,
             }
         );
     }
@@ -341,7 +389,7 @@ mod tests {
         f.strukt("inet_sock", 1000, &[("freebind", 7234, 1)]);
         let path = f.write(&dir("neither"));
         let err = KernelBtf::read(&path)
-            .and_then(|b| b.inet_flags_at())
+            .and_then(|b| b.inet_flags())
             .expect_err("no TRANSPARENT");
         assert_eq!(
             err.to_string(),
@@ -355,7 +403,7 @@ mod tests {
         let path = f.write(&dir("nostruct"));
         assert_eq!(
             KernelBtf::read(&path)
-                .and_then(|b| b.inet_flags_at())
+                .and_then(|b| b.inet_flags())
                 .expect_err("no struct")
                 .to_string(),
             format!(
@@ -434,7 +482,9 @@ mod tests {
     fn the_running_kernel_resolves() {
         let btf = KernelBtf::read(Path::new(KERNEL_BTF)).expect("this kernel's BTF");
         btf.check_fields().expect("the LSM programs' fixed offsets");
-        let at = btf.inet_flags_at().expect("the flags");
+        let at = btf.inet_flags().expect("the flags");
+        let rmem = btf.rmem_alloc_at().expect("sk_backlog.rmem_alloc");
+        assert!(rmem > 0, "{rmem}");
         assert_ne!(at.freebind_mask, 0);
         assert_ne!(at.transparent_mask, 0);
         assert!(at.freebind_at > 0 && at.transparent_at > 0, "{at:?}");

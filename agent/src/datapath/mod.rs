@@ -21,7 +21,7 @@ use std::{
 
 use agent_common::{
     self as c, ABI_VERSION, ALL_MAPS, ALL_PROGRAMS, Addr, Binding, Config, IdentityState,
-    InetFlagsAt, MAX_IDENTITIES, PortSet, RuleSet,
+    KernelLayout, MAX_IDENTITIES, PortSet, RuleSet,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -677,12 +677,12 @@ impl Datapath {
         } else {
             lsm_line()
         };
-        let inet_flags = kernel_layout(&mut families);
+        let layout = kernel_layout(&mut families);
         load_programs(&mut ebpf, &links_dir, &mut families)?;
         Ok(Loaded {
             fresh,
             families,
-            inet_flags,
+            layout,
             cfg: cfg.clone(),
             attach,
             dir,
@@ -697,7 +697,7 @@ pub struct Loaded {
     /// No link was pinned before: this load made the pin directory's maps.
     fresh: bool,
     families: SocketFamilies,
-    inet_flags: InetFlagsAt,
+    layout: KernelLayout,
     cfg: DatapathConfig,
     attach: Cgroup,
     dir: PathBuf,
@@ -717,7 +717,7 @@ impl Loaded {
         let Self {
             fresh: _,
             families,
-            inet_flags,
+            layout,
             cfg,
             attach,
             dir,
@@ -761,6 +761,11 @@ impl Loaded {
         };
         let config =
             Array::try_from(take(&mut ebpf, c::MAP_CONFIG)?).map_err(map_err(c::MAP_CONFIG))?;
+        let mut layout_map: Array<_, KernelLayout> =
+            Array::try_from(take(&mut ebpf, c::MAP_LAYOUT)?).map_err(map_err(c::MAP_LAYOUT))?;
+        layout_map
+            .set(0, layout, 0)
+            .map_err(map_err(c::MAP_LAYOUT))?;
         let drops = PerCpuArray::try_from(take(&mut ebpf, c::MAP_EVENT_DROPS)?)
             .map_err(map_err(c::MAP_EVENT_DROPS))?;
         let events =
@@ -812,7 +817,6 @@ impl Loaded {
             conf.unknown_flows = cfg.unknown_flows.code();
             conf.record_allowed = u8::from(cfg.record_allowed);
             conf.rate_window_ns = u64::try_from(cfg.rate_window.as_nanos()).unwrap_or(u64::MAX);
-            conf.inet_flags = inet_flags;
         })?;
         Ok(dp)
     }
@@ -1686,12 +1690,12 @@ impl Datapath {
 
 /// Checks, where the LSM line would load, the kernel struct fields its programs read at
 /// fixed offsets against the kernel's BTF (a kernel that differs leaves the line
-/// unenforced, said in `families`), and finds where it keeps an inet socket's FREEBIND and
-/// TRANSPARENT flags. Not found: unknown (zero), and every inet socket handed to a governed
-/// agent is refused.
-fn kernel_layout(families: &mut SocketFamilies) -> InetFlagsAt {
+/// unenforced, said in `families`), and finds the fields the receipt line reads at offsets
+/// that move between kernels. One not found is unknown (zero), and the receipt line refuses
+/// what it would have judged by it.
+fn kernel_layout(families: &mut SocketFamilies) -> KernelLayout {
     if *families != SocketFamilies::Enforced {
-        return InetFlagsAt::default();
+        return KernelLayout::default();
     }
     let checked = layout::KernelBtf::read(Path::new(layout::KERNEL_BTF))
         .and_then(|btf| btf.check_fields().map(|()| btf));
@@ -1699,13 +1703,18 @@ fn kernel_layout(families: &mut SocketFamilies) -> InetFlagsAt {
         Ok(btf) => btf,
         Err(e) => {
             *families = SocketFamilies::Unenforced(e.to_string());
-            return InetFlagsAt::default();
+            return KernelLayout::default();
         }
     };
-    btf.inet_flags_at().unwrap_or_else(|e| {
+    let mut found = btf.inet_flags().unwrap_or_else(|e| {
         warn!(error = %e, "inet sockets handed to governed agents are refused: where this kernel keeps their FREEBIND and TRANSPARENT flags is unknown");
-        InetFlagsAt::default()
-    })
+        KernelLayout::default()
+    });
+    found.rmem_alloc_at = btf.rmem_alloc_at().unwrap_or_else(|e| {
+        warn!(error = %e, "UDP sockets handed to governed agents are refused: where this kernel counts their queued data is unknown");
+        0
+    });
+    found
 }
 
 /// Loads (the kernel verifies) every program whose link is not pinned yet. The LSM line is

@@ -438,7 +438,7 @@ impl Reason {
             Self::LoopbackSource => "loopback source address on a packet leaving the host",
             Self::ForeignSocket => "socket another identity's session governs",
             Self::HandedSocket => {
-                "handed a listening or unconnected bound socket (its queue was never judged)"
+                "handed a listener, an unconnected bound socket or one holding datagrams (its queue was never judged)"
             }
         }
     }

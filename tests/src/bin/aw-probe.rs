@@ -1096,6 +1096,60 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             held_udp().push(s);
             "ok".into()
         }
+        // Waits up to MS milliseconds for a datagram queued on each held UDP socket.
+        ["wait-queued", ms] => {
+            let ms: i32 = ms.parse().map_err(|e| format!("bad timeout: {e}"))?;
+            for s in held_udp().iter() {
+                let mut p = libc::pollfd {
+                    fd: s.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&raw mut p, 1, ms) } != 1 {
+                    return Ok("timeout".into());
+                }
+            }
+            "ok".into()
+        }
+        // The local port of the last held UDP socket.
+        ["held-port"] => {
+            let held = held_udp();
+            let s = held.last().ok_or("no held UDP socket")?;
+            // SAFETY: zeroed sockaddr_storage is valid; the kernel fills up to `len`.
+            let mut ss: libc::sockaddr_storage = unsafe { mem::zeroed() };
+            let mut len = mem::size_of_val(&ss) as libc::socklen_t;
+            // SAFETY: valid fd and an address buffer of the length given.
+            if unsafe { libc::getsockname(s.as_raw_fd(), (&raw mut ss).cast(), &raw mut len) } < 0 {
+                return Ok(format!("err {}", errno_name(last_err())));
+            }
+            // sin_port and sin6_port sit at the same place, in network byte order.
+            // SAFETY: the storage holds a sockaddr_in or sockaddr_in6.
+            let port = unsafe { (*(&raw const ss).cast::<libc::sockaddr_in>()).sin_port };
+            format!("ok {}", u16::from_be(port))
+        }
+        // Disconnects every held UDP socket (connect to AF_UNSPEC), which unhashes one whose
+        // port the connect chose: it then looks unbound, whatever its queue holds.
+        ["disconnect-held"] => {
+            let mut reply = "ok".to_owned();
+            for s in held_udp().iter() {
+                // SAFETY: zeroed sockaddr is valid; AF_UNSPEC is 0.
+                let sa: libc::sockaddr = unsafe { mem::zeroed() };
+                // SAFETY: valid fd and address of the length given.
+                if unsafe {
+                    libc::connect(
+                        s.as_raw_fd(),
+                        &raw const sa,
+                        mem::size_of_val(&sa) as libc::socklen_t,
+                    )
+                } < 0
+                    && reply == "ok"
+                {
+                    reply = format!("err {}", errno_name(last_err()));
+                }
+            }
+            reply
+        }
         ["drop-held"] => {
             held().clear();
             held_udp().clear();
