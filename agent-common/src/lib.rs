@@ -443,6 +443,9 @@ pub struct KernelLayout {
     pub transparent_mask: u8,
     /// `sk_backlog.rmem_alloc`: the bytes of received data a socket holds, in every queue.
     pub rmem_alloc_at: u16,
+    /// `sk_protocol`: a datagram socket's protocol (UDP; or ICMP, UDP-Lite, L2TP, which
+    /// governed agents may not make).
+    pub protocol_at: u16,
 }
 
 /// LPM key data: an IPv6 address; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`, prefix + 96).
@@ -650,7 +653,7 @@ mod pod {
 // Layout guards: the kernel and userspace must agree on these sizes byte for byte.
 const _: () = assert!(core::mem::size_of::<IdentityState>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 8);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 10);
 const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<PortSet>() == 8192);
 const _: () = assert!(core::mem::size_of::<RuleSet>() == 8 + 24 * MAX_PORT_ENTRIES);

@@ -979,10 +979,19 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
     if !tcp && ty != SOCK_DGRAM {
         return refuse_task(&flow, leaf, &binding, REASON_SOCKET_TYPE);
     }
+    let at = layout();
+    if !tcp {
+        // Datagram sockets of other protocols (ICMP echo, UDP-Lite, L2TP) are ones the agent
+        // may not make; their traffic would be dropped unrecorded at the packet line.
+        let protocol = sock_bytes::<u16>(sk, at.protocol_at).unwrap_or(u16::MAX);
+        if u32::from(protocol) != IPPROTO_UDP {
+            flow.sock_protocol = protocol;
+            return refuse_task(&flow, leaf, &binding, REASON_SOCKET_TYPE);
+        }
+    }
     flow.proto = if tcp { PROTO_TCP } else { PROTO_UDP };
     // Whoever made it: a governed task cannot set these, and with them the socket binds, and
     // sends from, addresses the host does not hold.
-    let at = layout();
     let option = nonlocal_option(sk, &at);
     if option != 0 {
         flow.sock_protocol = option;
@@ -2309,9 +2318,12 @@ fn report_to<const RING: usize, const RATE: usize>(
     } else {
         now
     };
+    // A socket received without a peer is told apart by its type and what refused it (an
+    // option, a protocol), as a refused socket is.
     let socket = flow.hook == HOOK_SOCK_CREATE
         || flow.hook == HOOK_SOCKET_FAMILY
-        || flow.hook == HOOK_SETSOCKOPT;
+        || flow.hook == HOOK_SETSOCKOPT
+        || (flow.hook == HOOK_SOCKET_RECEIVE && flow.port == 0);
     let rk = RateKey {
         cgroup_id: leaf,
         addr: flow.addr,

@@ -212,7 +212,7 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
                 e.family,
                 crate::datapath::family_name(e.family),
                 e.sock_type,
-                crate::datapath::received_option(e.sock_protocol)
+                crate::datapath::received_detail(e.reason, e.sock_protocol)
             ))
         } else if e.hook == Hook::SocketFamily {
             Some(format!(

@@ -544,6 +544,21 @@ fn a_socket_handed_to_a_governed_agent_is_governed_as_its_own() {
         None,
     );
 
+    // A datagram socket of another protocol (UDP-Lite here; ICMP echo and L2TP alike), which
+    // the agent may not make.
+    assert_eq!(fx.helper.cmd("hold-fresh udplite 4"), "ok");
+    assert_eq!(fx.helper.cmd("pass-held aw-handed-agent"), "ok");
+    assert_eq!(
+        agent.cmd("take-passed"),
+        "ok 0",
+        "a UDP-Lite socket was taken"
+    );
+    let r = wait_flow_where(fx.socket(), "socket-deny", |r| {
+        r["protocol"]
+            == "socket of family 2 (inet) type 2 received from another process, protocol 136 (not UDP)"
+    });
+    assert_eq!(r["reason"], "socket type not allowed", "{r:#}");
+    assert_eq!(r["identity"], ID, "{r:#}");
     // The taken ones send as the agent's, to their allowed peers; nothing else left. The
     // helper's own packets so far (its handshakes, the refused sockets' closes) end at a
     // marker first.

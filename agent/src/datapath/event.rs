@@ -136,14 +136,17 @@ pub fn sockopt_name(level: u16, name: u16) -> &'static str {
     }
 }
 
-/// What a socket received from another process had set that refused it (the receipt
-/// line's `sock_protocol`), as the tail of its description: nothing for 0.
-pub fn received_option(code: u16) -> &'static str {
-    match i32::from(code) {
-        0 => "",
-        libc::IP_FREEBIND => ", with FREEBIND set",
-        libc::IP_TRANSPARENT => ", with TRANSPARENT set",
-        _ => ", its FREEBIND and TRANSPARENT flags unreadable on this kernel",
+/// What refused a socket received from another process, beyond its family and type (the
+/// receipt line's `sock_protocol`), as the tail of its description: the option it had set,
+/// or for a datagram socket refused for its kind, its protocol. Nothing for 0.
+pub fn received_detail(reason: Option<Reason>, code: u16) -> String {
+    match (reason, code) {
+        (_, 0) => String::new(),
+        (Some(Reason::SocketType), u16::MAX) => ", its protocol unreadable on this kernel".into(),
+        (Some(Reason::SocketType), p) => format!(", protocol {p} (not UDP)"),
+        (_, c) if i32::from(c) == libc::IP_FREEBIND => ", with FREEBIND set".into(),
+        (_, c) if i32::from(c) == libc::IP_TRANSPARENT => ", with TRANSPARENT set".into(),
+        _ => ", its FREEBIND and TRANSPARENT flags unreadable on this kernel".into(),
     }
 }
 

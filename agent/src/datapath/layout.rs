@@ -179,7 +179,36 @@ impl KernelBtf {
             freebind_mask,
             transparent_mask,
             rmem_alloc_at: 0,
+            protocol_at: 0,
         })
+    }
+
+    /// Where `struct sock` keeps its protocol (a u16 since Linux 5.6).
+    pub fn protocol_at(&self) -> Result<u16, LayoutError> {
+        let sock = self.members("sock")?;
+        let field = sock
+            .iter()
+            .find(|m| m.name.as_deref() == Some("sk_protocol"))
+            .ok_or_else(|| LayoutError::NoField {
+                path: self.path.clone(),
+                strukt: "sock",
+                field: "sk_protocol",
+            })?;
+        let bit = u64::from(field.offset);
+        // A bitfield before 5.6: not a byte the program could read whole.
+        if field.bits.unwrap_or(0) != 0 {
+            return Err(LayoutError::Unaligned {
+                what: "sk_protocol",
+                bit,
+            });
+        }
+        match byte_of("sk_protocol", bit)? {
+            (at, 1) => Ok(at),
+            _ => Err(LayoutError::Unaligned {
+                what: "sk_protocol",
+                bit,
+            }),
+        }
     }
 
     /// Where `struct sock` counts the bytes of received data a socket holds.
@@ -346,6 +375,7 @@ mod tests {
                 freebind_mask: 1 << 3,
                 transparent_mask: 1 << 7,
                 rmem_alloc_at: 0,
+                protocol_at: 0,
             }
         );
     }
@@ -378,6 +408,7 @@ mod tests {
                 freebind_mask: 1 << 2,
                 transparent_mask: 1 << 5,
                 rmem_alloc_at: 0,
+                protocol_at: 0,
             }
         );
     }
@@ -485,6 +516,8 @@ mod tests {
         let at = btf.inet_flags().expect("the flags");
         let rmem = btf.rmem_alloc_at().expect("sk_backlog.rmem_alloc");
         assert!(rmem > 0, "{rmem}");
+        let protocol = btf.protocol_at().expect("sk_protocol");
+        assert!(protocol > 0, "{protocol}");
         assert_ne!(at.freebind_mask, 0);
         assert_ne!(at.transparent_mask, 0);
         assert!(at.freebind_at > 0 && at.transparent_at > 0, "{at:?}");

@@ -36,7 +36,7 @@ use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
 pub use event::{
-    EventKind, EventReader, EventRecord, Hook, family_name, received_option, sockopt_name,
+    EventKind, EventReader, EventRecord, Hook, family_name, received_detail, sockopt_name,
 };
 
 use crate::{
@@ -1709,6 +1709,10 @@ fn kernel_layout(families: &mut SocketFamilies) -> KernelLayout {
     let mut found = btf.inet_flags().unwrap_or_else(|e| {
         warn!(error = %e, "inet sockets handed to governed agents are refused: where this kernel keeps their FREEBIND and TRANSPARENT flags is unknown");
         KernelLayout::default()
+    });
+    found.protocol_at = btf.protocol_at().unwrap_or_else(|e| {
+        warn!(error = %e, "UDP sockets handed to governed agents are refused: where this kernel keeps a socket's protocol is unknown");
+        0
     });
     found.rmem_alloc_at = btf.rmem_alloc_at().unwrap_or_else(|e| {
         warn!(error = %e, "UDP sockets handed to governed agents are refused: where this kernel counts their queued data is unknown");

@@ -1038,7 +1038,8 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             let (ty, protocol) = match *proto {
                 "tcp" => (libc::SOCK_STREAM, libc::IPPROTO_TCP),
                 "udp" => (libc::SOCK_DGRAM, libc::IPPROTO_UDP),
-                other => return Err(format!("bad protocol {other:?}: tcp or udp")),
+                "udplite" => (libc::SOCK_DGRAM, libc::IPPROTO_UDPLITE),
+                other => return Err(format!("bad protocol {other:?}: tcp, udp or udplite")),
             };
             let s = new_socket(family, ty, protocol)
                 .map_err(|e| format!("socket: {}", errno_name(e)))?;
