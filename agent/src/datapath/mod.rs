@@ -677,8 +677,10 @@ impl Datapath {
         } else {
             lsm_line()
         };
-        let layout = kernel_layout(&mut families);
         load_programs(&mut ebpf, &links_dir, &mut families)?;
+        // After the loads (a kernel that refuses the LSM programs is spared the BTF parse),
+        // before anything is attached: a line found wrong here is never attached.
+        let layout = kernel_layout(&mut families);
         Ok(Loaded {
             fresh,
             families,
