@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map layout changes: pins live under `<bpffs_dir>/v{ABI_VERSION}`, so a new
 /// layout never adopts maps written by an old one.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 pub const MAP_BINDINGS: &str = "AW_BINDINGS";
 pub const MAP_IDENTITIES: &str = "AW_IDENTITIES";
@@ -436,16 +436,21 @@ pub const KERNEL_FIELDS: [KernelField; 9] = [
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelLayout {
     /// An inet socket's FREEBIND and TRANSPARENT flags (bits of `inet_sock.inet_flags` from
-    /// Linux 6.5, bitfields of `inet_sock` before), and the bit of each within its byte.
+    /// Linux 6.5, bitfields of `inet_sock` before); the bit of each within its byte below.
     pub freebind_at: u16,
     pub transparent_at: u16,
-    pub freebind_mask: u8,
-    pub transparent_mask: u8,
     /// `sk_backlog.rmem_alloc`: the bytes of received data a socket holds, in every queue.
     pub rmem_alloc_at: u16,
     /// `sk_protocol`: a datagram socket's protocol (UDP; or ICMP, UDP-Lite, L2TP, which
     /// governed agents may not make).
     pub protocol_at: u16,
+    /// `sk_userlocks`' `SOCK_BINDADDR_LOCK`: the socket's local address was chosen by
+    /// `bind()`, not by the kernel (a bitfield before Linux 6.x, a byte since).
+    pub bindaddr_at: u16,
+    pub freebind_mask: u8,
+    pub transparent_mask: u8,
+    pub bindaddr_mask: u8,
+    pub _pad: u8,
 }
 
 /// LPM key data: an IPv6 address; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`, prefix + 96).
@@ -653,7 +658,7 @@ mod pod {
 // Layout guards: the kernel and userspace must agree on these sizes byte for byte.
 const _: () = assert!(core::mem::size_of::<IdentityState>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 10);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 14);
 const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<PortSet>() == 8192);
 const _: () = assert!(core::mem::size_of::<RuleSet>() == 8 + 24 * MAX_PORT_ENTRIES);

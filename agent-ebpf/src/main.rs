@@ -248,7 +248,7 @@ pub fn aw_lsm_recvmsg(ctx: LsmContext) -> i32 {
 /// programs.
 #[lsm_cgroup(hook = "socket_sendmsg")]
 pub fn aw_lsm_sendmsg(ctx: LsmContext) -> i32 {
-    try_socket_use(&ctx)
+    try_socket_use(&ctx, true)
 }
 
 /// A descriptor a governed task receives (SCM_RIGHTS, pidfd_getfd): a socket made elsewhere
@@ -809,7 +809,7 @@ const MSG_ERRQUEUE: i32 = 0x2000;
 fn try_lsm_recvmsg(ctx: &LsmContext) -> i32 {
     let flags: i32 = ctx.arg(3);
     if flags & MSG_ERRQUEUE == 0 {
-        return try_socket_use(ctx);
+        return try_socket_use(ctx, false);
     }
     let leaf = unsafe { bpf_get_current_cgroup_id() };
     let Some((_, binding)) = task_binding(leaf) else {
@@ -880,9 +880,12 @@ const _: () = {
 /// socket another binding governs (the packet line would judge it by the other binding's
 /// rules). Nothing is claimed here: the kernel's own users of a socket (NFS, NBD) send in
 /// whatever task's context wakes them, and a claim there would put the host's storage under
-/// the agent's rules. Sockets handed over are claimed where they are received.
+/// the agent's rules. Sockets handed over are claimed where they are received. A send on a
+/// socket with FREEBIND or TRANSPARENT set is refused: only one handed over can have them,
+/// set while the receipt was claiming it, and with them a datagram's ancillary data (or a
+/// bind) picks a source the host does not hold.
 #[inline(always)]
-fn try_socket_use(ctx: &LsmContext) -> i32 {
+fn try_socket_use(ctx: &LsmContext, send: bool) -> i32 {
     let sock: *const KernelSocket = ctx.arg(0);
     if sock.is_null() {
         return ALLOW;
@@ -915,6 +918,16 @@ fn try_socket_use(ctx: &LsmContext) -> i32 {
     };
     if family != AF_INET && family != AF_INET6 {
         return refuse_task(&flow, leaf, &binding, REASON_SOCKET_FAMILY);
+    }
+    if send {
+        let option = nonlocal_option(sk, &layout(), false);
+        if option != 0 {
+            let flow = Flow {
+                sock_protocol: option,
+                ..flow
+            };
+            return refuse_task(&flow, leaf, &binding, REASON_SOCKET_OPTION);
+        }
     }
     let st = sock_state(sk, false);
     if st.is_null() {
@@ -991,8 +1004,9 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
     }
     flow.proto = if tcp { PROTO_TCP } else { PROTO_UDP };
     // Whoever made it: a governed task cannot set these, and with them the socket binds, and
-    // sends from, addresses the host does not hold.
-    let option = nonlocal_option(sk, &at);
+    // sends from, addresses the host does not hold; nor can the receipt tell whether an
+    // address its maker chose with bind() is one the host holds.
+    let option = nonlocal_option(sk, &at, true);
     if option != 0 {
         flow.sock_protocol = option;
         if refuse_task(&flow, leaf, &binding, REASON_SOCKET_OPTION) == DENY {
@@ -1072,10 +1086,18 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
             owner
         }
     };
-    if owner == 0 || owner == binding_cgroup {
-        return ALLOW;
+    if owner != 0 && owner != binding_cgroup {
+        return refuse_task(&flow, leaf, &binding, REASON_FOREIGN_SOCKET);
     }
-    refuse_task(&flow, leaf, &binding, REASON_FOREIGN_SOCKET)
+    // Claimed, no setsockopt changes these any more (each is judged by the binding now), but
+    // one whose hooks ran before the claim may have set its flag since the read above. What
+    // lands later still is refused where the socket sends.
+    let option = nonlocal_option(sk, &at, true);
+    if option != 0 {
+        flow.sock_protocol = option;
+        return refuse_task(&flow, leaf, &binding, REASON_SOCKET_OPTION);
+    }
+    ALLOW
 }
 
 /// What [`nonlocal_option`] answers when it cannot read the flags (their place unknown on
@@ -1101,18 +1123,29 @@ fn sock_bytes<T>(sk: *mut core::ffi::c_void, offset: u16) -> Option<T> {
     unsafe { bpf_probe_read_kernel(sk.cast::<u8>().wrapping_add(usize::from(offset)).cast()) }.ok()
 }
 
+/// What [`nonlocal_option`] answers for a socket whose local address its maker chose with
+/// `bind()` (`SOCK_BINDADDR_LOCK`): with one of the options, or the host's `ip_nonlocal_bind`,
+/// any address, and clearing the option afterwards leaves the address bound.
+const NONLOCAL_BOUND: u16 = u16::MAX - 1;
+
 /// The option (`IP_FREEBIND`, `IP_TRANSPARENT`; their IPv6 forms set the same flags) that
-/// lets inet socket `sk` bind addresses the host does not hold, 0 if neither is set.
+/// lets inet socket `sk` bind addresses the host does not hold, [`NONLOCAL_BOUND`] for an
+/// address bound by choice when `bound` is asked about, 0 if none.
 #[inline(always)]
-fn nonlocal_option(sk: *mut core::ffi::c_void, at: &KernelLayout) -> u16 {
-    for (offset, mask, option) in [
+fn nonlocal_option(sk: *mut core::ffi::c_void, at: &KernelLayout, bound: bool) -> u16 {
+    let checks = [
         (at.freebind_at, at.freebind_mask, IP_FREEBIND as u16),
         (
             at.transparent_at,
             at.transparent_mask,
             IP_TRANSPARENT as u16,
         ),
-    ] {
+        (at.bindaddr_at, at.bindaddr_mask, NONLOCAL_BOUND),
+    ];
+    for (i, (offset, mask, option)) in checks.into_iter().enumerate() {
+        if i == 2 && !bound {
+            break;
+        }
         if mask == 0 {
             return NONLOCAL_UNKNOWN;
         }

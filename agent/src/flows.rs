@@ -202,9 +202,10 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
             Some("socket error queue (recvmsg MSG_ERRQUEUE)".to_owned())
         } else if e.hook == Hook::SocketUse {
             Some(format!(
-                "send or receive on a socket of family {} ({})",
+                "send or receive on a socket of family {} ({}){}",
                 e.family,
-                crate::datapath::family_name(e.family)
+                crate::datapath::family_name(e.family),
+                crate::datapath::socket_detail(e.reason, e.sock_protocol)
             ))
         } else if e.hook == Hook::SocketReceive {
             Some(format!(
@@ -212,7 +213,7 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
                 e.family,
                 crate::datapath::family_name(e.family),
                 e.sock_type,
-                crate::datapath::received_detail(e.reason, e.sock_protocol)
+                crate::datapath::socket_detail(e.reason, e.sock_protocol)
             ))
         } else if e.hook == Hook::SocketFamily {
             Some(format!(

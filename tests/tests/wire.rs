@@ -636,6 +636,20 @@ fn a_handed_socket_that_binds_addresses_the_host_does_not_hold_is_refused() {
         )
     };
     assert_eq!(taken, "ok 0", "{spoofed6} was taken; {}", status(&fx));
+    // The option turned off again after the bind: the address stays bound.
+    let cleared = format!("hold freebind-cleared-udp 2001:db8::99 {PEER_V6} 9000");
+    assert_eq!(
+        hand(&mut fx, std::slice::from_ref(&cleared)),
+        "ok 0",
+        "{cleared} was taken; {}",
+        status(&fx)
+    );
+    let what = "socket of family 10 (inet6) type 2 received from another process, bound by its sender to an address of its choosing";
+    let r = wait_flow_where(fx.socket(), "socket-deny", |r| r["protocol"] == what);
+    assert_eq!(
+        r["reason"], "socket option not allowed (non-local source address)",
+        "{r:#}"
+    );
     // Fresh, with the flag set: the agent would bind it where it likes. (An IPv4 socket
     // bound to an address the host does not hold finds no route to connect.)
     for (fam, proto) in [("6", "tcp"), ("4", "udp")] {
@@ -718,10 +732,7 @@ fn a_handed_udp_socket_holding_datagrams_is_refused() {
     };
 
     // Received while bound, then connected where the agent may go.
-    assert_eq!(
-        fx.helper.cmd(&format!("hold bound-udp {AGENT_V4} 7301")),
-        "ok"
-    );
+    assert_eq!(fx.helper.cmd("hold bound-udp 0.0.0.0 7301"), "ok");
     queue(&mut fx, 7301);
     assert_eq!(fx.helper.cmd(&format!("connect-held {PEER_V4} 9000")), "ok");
     let taken = pass(&mut fx);

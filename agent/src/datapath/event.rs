@@ -136,16 +136,18 @@ pub fn sockopt_name(level: u16, name: u16) -> &'static str {
     }
 }
 
-/// What refused a socket received from another process, beyond its family and type (the
-/// receipt line's `sock_protocol`), as the tail of its description: the option it had set,
-/// or for a datagram socket refused for its kind, its protocol. Nothing for 0.
-pub fn received_detail(reason: Option<Reason>, code: u16) -> String {
+/// What refused a socket received from another process, or a send on one, beyond its
+/// family and type (the receipt and socket-use lines' `sock_protocol`), as the tail of its
+/// description: the option it had set, for a datagram socket refused for its kind its
+/// protocol, or an address its sender chose. Nothing for 0.
+pub fn socket_detail(reason: Option<Reason>, code: u16) -> String {
     match (reason, code) {
         (_, 0) => String::new(),
         (Some(Reason::SocketType), u16::MAX) => ", its protocol unreadable on this kernel".into(),
         (Some(Reason::SocketType), p) => format!(", protocol {p} (not UDP)"),
         (_, c) if i32::from(c) == libc::IP_FREEBIND => ", with FREEBIND set".into(),
         (_, c) if i32::from(c) == libc::IP_TRANSPARENT => ", with TRANSPARENT set".into(),
+        (_, 0xfffe) => ", bound by its sender to an address of its choosing".into(),
         _ => ", its FREEBIND and TRANSPARENT flags unreadable on this kernel".into(),
     }
 }

@@ -178,9 +178,30 @@ impl KernelBtf {
             transparent_at,
             freebind_mask,
             transparent_mask,
-            rmem_alloc_at: 0,
-            protocol_at: 0,
+            ..KernelLayout::default()
         })
+    }
+
+    /// Where `struct sock` keeps `SOCK_BINDADDR_LOCK` (bit 2 of `sk_userlocks`, a 4-bit
+    /// field before Linux 6.x and a byte since; bit 2 is the same bit either way on a
+    /// little-endian machine).
+    pub fn bindaddr_lock(&self) -> Result<(u16, u8), LayoutError> {
+        let field = self
+            .members("sock")?
+            .iter()
+            .find(|m| m.name.as_deref() == Some("sk_userlocks"))
+            .ok_or_else(|| LayoutError::NoField {
+                path: self.path.clone(),
+                strukt: "sock",
+                field: "sk_userlocks",
+            })?;
+        match field.bits.unwrap_or(0) {
+            0 | 4..=8 => byte_of("sk_userlocks", u64::from(field.offset) + 2),
+            _ => Err(LayoutError::Unaligned {
+                what: "sk_userlocks",
+                bit: u64::from(field.offset),
+            }),
+        }
     }
 
     /// Where `struct sock` keeps its protocol (a u16 since Linux 5.6).
@@ -374,8 +395,7 @@ mod tests {
                 transparent_at: 801,
                 freebind_mask: 1 << 3,
                 transparent_mask: 1 << 7,
-                rmem_alloc_at: 0,
-                protocol_at: 0,
+                ..KernelLayout::default()
             }
         );
     }
@@ -407,8 +427,7 @@ mod tests {
                 transparent_at: 904,
                 freebind_mask: 1 << 2,
                 transparent_mask: 1 << 5,
-                rmem_alloc_at: 0,
-                protocol_at: 0,
+                ..KernelLayout::default()
             }
         );
     }
@@ -507,6 +526,26 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_bind_address_lock_as_a_bitfield_and_as_a_byte() {
+        // 6.1: `sk_padding:1, sk_kern_sock:1, sk_no_check_tx:1, sk_no_check_rx:1,
+        // sk_userlocks:4` in one byte; SOCK_BINDADDR_LOCK is the field's bit 2.
+        let mut f = BtfFile::new();
+        f.int();
+        f.strukt(
+            "sock",
+            800,
+            &[("sk_kern_sock", 1937, 1), ("sk_userlocks", 1940, 4)],
+        );
+        let got = KernelBtf::read(&f.write(&dir("lock-bits"))).and_then(|b| b.bindaddr_lock());
+        assert_eq!(got.expect("bitfield"), (242, 1 << 6));
+        let mut f = BtfFile::new();
+        f.int();
+        f.strukt("sock", 800, &[("sk_userlocks", 1944, 0)]);
+        let got = KernelBtf::read(&f.write(&dir("lock-byte"))).and_then(|b| b.bindaddr_lock());
+        assert_eq!(got.expect("byte"), (243, 1 << 2));
+    }
+
     /// The running kernel's own BTF has the fixed fields where the programs read them, and the
     /// flags in one of the two layouts.
     #[test]
@@ -516,6 +555,8 @@ mod tests {
         let at = btf.inet_flags().expect("the flags");
         let rmem = btf.rmem_alloc_at().expect("sk_backlog.rmem_alloc");
         assert!(rmem > 0, "{rmem}");
+        let (lock_at, lock_mask) = btf.bindaddr_lock().expect("sk_userlocks");
+        assert!(lock_at > 0 && lock_mask != 0, "{lock_at} {lock_mask}");
         let protocol = btf.protocol_at().expect("sk_protocol");
         assert!(protocol > 0, "{protocol}");
         assert_ne!(at.freebind_mask, 0);

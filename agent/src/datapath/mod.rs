@@ -36,7 +36,7 @@ use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
 pub use event::{
-    EventKind, EventReader, EventRecord, Hook, family_name, received_detail, sockopt_name,
+    EventKind, EventReader, EventRecord, Hook, family_name, socket_detail, sockopt_name,
 };
 
 use crate::{
@@ -1711,6 +1711,10 @@ fn kernel_layout(families: &mut SocketFamilies) -> KernelLayout {
     let mut found = btf.inet_flags().unwrap_or_else(|e| {
         warn!(error = %e, "inet sockets handed to governed agents are refused: where this kernel keeps their FREEBIND and TRANSPARENT flags is unknown");
         KernelLayout::default()
+    });
+    (found.bindaddr_at, found.bindaddr_mask) = btf.bindaddr_lock().unwrap_or_else(|e| {
+        warn!(error = %e, "inet sockets handed to governed agents are refused: where this kernel marks an address chosen by bind() is unknown");
+        (0, 0)
     });
     found.protocol_at = btf.protocol_at().unwrap_or_else(|e| {
         warn!(error = %e, "UDP sockets handed to governed agents are refused: where this kernel keeps a socket's protocol is unknown");

@@ -1068,7 +1068,7 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         ["freebind-held"] => {
             let mut reply = "ok".to_owned();
             for s in held().iter().chain(held_udp().iter()) {
-                if let Err(e) = set_freebind(s)
+                if let Err(e) = set_freebind(s, true)
                     && reply == "ok"
                 {
                     reply = format!("err {}", errno_name(e));
@@ -1077,17 +1077,27 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             reply
         }
         // A UDP socket with IP_FREEBIND (IPV6_FREEBIND) set, bound to SRC, which the host
-        // need not hold, and connected to IP PORT: it sends from SRC.
-        ["hold", "freebind-udp", src, ip, port] => {
+        // need not hold, and connected to IP PORT: it sends from SRC. `freebind-cleared-udp`
+        // turns the option off again after the bind, which leaves the address bound.
+        [
+            "hold",
+            how @ ("freebind-udp" | "freebind-cleared-udp"),
+            src,
+            ip,
+            port,
+        ] => {
             let addr = sa(ip, port)?;
             let from = sa(src, "0")?;
             let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
                 .map_err(|e| format!("socket: {}", errno_name(e)))?;
-            set_freebind(&s).map_err(|e| format!("setsockopt: {}", errno_name(e)))?;
+            set_freebind(&s, true).map_err(|e| format!("setsockopt: {}", errno_name(e)))?;
             let (ss, len) = sockaddr(from);
             // SAFETY: valid fd and address.
             if unsafe { libc::bind(s.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
                 return Ok(format!("bind err {}", errno_name(last_err())));
+            }
+            if *how == "freebind-cleared-udp" {
+                set_freebind(&s, false).map_err(|e| format!("setsockopt: {}", errno_name(e)))?;
             }
             let (ss, len) = sockaddr(addr);
             // SAFETY: valid fd and address.
@@ -2209,9 +2219,9 @@ fn main() {
     }
 }
 
-/// Sets IP_FREEBIND, or IPV6_FREEBIND on an IPv6 socket: the errno of a failure.
-fn set_freebind(s: &OwnedFd) -> Result<(), i32> {
-    let one: libc::c_int = 1;
+/// Sets IP_FREEBIND, or IPV6_FREEBIND on an IPv6 socket, on or off: the errno of a failure.
+fn set_freebind(s: &OwnedFd, on: bool) -> Result<(), i32> {
+    let one: libc::c_int = on.into();
     let mut family: libc::c_int = 0;
     let mut flen = std::mem::size_of_val(&family) as libc::socklen_t;
     // SAFETY: valid fd and a value buffer of the length given.
