@@ -447,6 +447,9 @@ pub struct KernelLayout {
     /// `sk_userlocks`' `SOCK_BINDADDR_LOCK`: the socket's local address was chosen by
     /// `bind()`, not by the kernel (a bitfield before Linux 6.x, a byte since).
     pub bindaddr_at: u16,
+    /// `sk_lock.owned`: a task holds the socket's lock, in the middle of a call on it (a
+    /// bind between its address check and `SOCK_BINDADDR_LOCK`, say).
+    pub owned_at: u16,
     pub freebind_mask: u8,
     pub transparent_mask: u8,
     pub bindaddr_mask: u8,
@@ -658,7 +661,7 @@ mod pod {
 // Layout guards: the kernel and userspace must agree on these sizes byte for byte.
 const _: () = assert!(core::mem::size_of::<IdentityState>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 14);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 16);
 const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<PortSet>() == 8192);
 const _: () = assert!(core::mem::size_of::<RuleSet>() == 8 + 24 * MAX_PORT_ENTRIES);

@@ -1003,17 +1003,6 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
         }
     }
     flow.proto = if tcp { PROTO_TCP } else { PROTO_UDP };
-    // Whoever made it: a governed task cannot set these, and with them the socket binds, and
-    // sends from, addresses the host does not hold; nor can the receipt tell whether an
-    // address its maker chose with bind() is one the host holds.
-    let option = nonlocal_option(sk, &at, true);
-    if option != 0 {
-        flow.sock_protocol = option;
-        if refuse_task(&flow, leaf, &binding, REASON_SOCKET_OPTION) == DENY {
-            return DENY;
-        }
-        flow.sock_protocol = 0;
-    }
     // Governed already: the agent's own (passed between its processes), kept as it is; another
     // session's, refused.
     let st = sock_state(sk, false);
@@ -1042,6 +1031,19 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
             ],
         )
     };
+    // Whoever made it: a governed task cannot set these, and with them the socket binds, and
+    // sends from, addresses the host does not hold; nor can the receipt tell whether an
+    // address its maker chose with bind() is one the host holds, unless a TCP handshake
+    // completed from it (an accepted connection keeps its listener's choice).
+    let chosen_matters = !(tcp && state == TCP_ESTABLISHED);
+    let option = unsafe_source(sk, &at, chosen_matters);
+    if option != 0 {
+        flow.sock_protocol = option;
+        if refuse_task(&flow, leaf, &binding, REASON_SOCKET_OPTION) == DENY {
+            return DENY;
+        }
+        flow.sock_protocol = 0;
+    }
     // A fresh socket (no port, no peer) holds nothing: it is judged where it connects or
     // sends, by the receiver's binding. A UDP socket may hold datagrams from anyone whatever
     // it looks like now (received before it was connected, or kept when a connect to
@@ -1090,14 +1092,31 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
         return refuse_task(&flow, leaf, &binding, REASON_FOREIGN_SOCKET);
     }
     // Claimed, no setsockopt changes these any more (each is judged by the binding now), but
-    // one whose hooks ran before the claim may have set its flag since the read above. What
-    // lands later still is refused where the socket sends.
-    let option = nonlocal_option(sk, &at, true);
+    // one whose hooks ran before the claim may have set its flag since the read above, and a
+    // bind begun since may hold the lock. What lands later still is refused where the socket
+    // sends.
+    let option = unsafe_source(sk, &at, chosen_matters);
     if option != 0 {
         flow.sock_protocol = option;
         return refuse_task(&flow, leaf, &binding, REASON_SOCKET_OPTION);
     }
     ALLOW
+}
+
+/// What [`unsafe_source`] answers for a socket whose lock a task holds.
+const SOURCE_BUSY: u16 = u16::MAX - 2;
+
+/// Why the receipt cannot trust the source address of handed socket `sk`: a task holds its
+/// lock ([`SOURCE_BUSY`]: a call on it in progress, such as a bind between its address check
+/// and `SOCK_BINDADDR_LOCK`, which a helper can stretch over a whole receipt), else
+/// [`nonlocal_option`]'s answer. 0: none.
+#[inline(always)]
+fn unsafe_source(sk: *mut core::ffi::c_void, at: &KernelLayout, chosen: bool) -> u16 {
+    match sock_bytes::<i32>(sk, at.owned_at) {
+        Some(0) => nonlocal_option(sk, at, chosen),
+        Some(_) => SOURCE_BUSY,
+        None => NONLOCAL_UNKNOWN,
+    }
 }
 
 /// What [`nonlocal_option`] answers when it cannot read the flags (their place unknown on
@@ -1237,6 +1256,8 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 /// `bpf_sock::state` of a listening TCP socket.
 const TCP_LISTEN: u32 = 10;
+/// `sock_common::skc_state` of an established TCP connection.
+const TCP_ESTABLISHED: u32 = 1;
 
 /// What the packet line reads of a packet: its IP header and its ports. Aligned, with the
 /// address first, so filling and comparing it takes word stores and loads: BPF has no

@@ -580,6 +580,27 @@ fn a_socket_handed_to_a_governed_agent_is_governed_as_its_own() {
         .collect();
     assert!(leaked.is_empty(), "left through handed sockets: {leaked:?}");
 
+    // A connection accepted on a listener bound to one of the host's addresses keeps that
+    // address as chosen by bind(): taken, its handshake completed, as an ingress rule allows.
+    assert_eq!(
+        fx.helper.cmd(&format!("hold listener {AGENT_V6} 8088")),
+        "ok"
+    );
+    let _client = fx.link.peer.run_in(|| {
+        std::net::TcpStream::connect(format!("[{AGENT_V6}]:8088")).expect("connect to the helper")
+    });
+    assert_eq!(fx.helper.cmd("accept-held"), "ok");
+    assert_eq!(fx.helper.cmd("pass-held aw-handed-agent"), "ok");
+    assert_eq!(agent.cmd("take-passed"), "ok 1", "an accepted connection");
+    // The agent's own socket bound to a local address, passed between its processes.
+    assert_eq!(agent.cmd(&format!("hold bound-udp {AGENT_V4} 7402")), "ok");
+    assert_eq!(agent.cmd("pass-held aw-handed-agent"), "ok");
+    assert_eq!(
+        agent.cmd("take-passed"),
+        "ok 1",
+        "the agent's own bound socket"
+    );
+
     // Another session's socket (same identity, its own binding): refused at the receipt.
     let mut other = fx.agent("other", &CertSpec::agent(ID));
     let mut third = fx.agent("third", &CertSpec::agent(ID));

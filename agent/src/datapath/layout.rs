@@ -204,6 +204,24 @@ impl KernelBtf {
         }
     }
 
+    /// Where `struct sock` says a task holds its lock (`sk_lock.owned`, an int).
+    pub fn owned_at(&self) -> Result<u16, LayoutError> {
+        let bit = self
+            .bit_of(self.members("sock")?, &["sk_lock", "owned"])
+            .ok_or_else(|| LayoutError::NoField {
+                path: self.path.clone(),
+                strukt: "sock",
+                field: "sk_lock.owned",
+            })?;
+        match byte_of("sk_lock.owned", bit)? {
+            (at, 1) => Ok(at),
+            _ => Err(LayoutError::Unaligned {
+                what: "sk_lock.owned",
+                bit,
+            }),
+        }
+    }
+
     /// Where `struct sock` keeps its protocol (a u16 since Linux 5.6).
     pub fn protocol_at(&self) -> Result<u16, LayoutError> {
         let sock = self.members("sock")?;
@@ -558,6 +576,7 @@ mod tests {
         let (lock_at, lock_mask) = btf.bindaddr_lock().expect("sk_userlocks");
         assert!(lock_at > 0 && lock_mask != 0, "{lock_at} {lock_mask}");
         let protocol = btf.protocol_at().expect("sk_protocol");
+        assert!(btf.owned_at().expect("sk_lock.owned") > 0);
         assert!(protocol > 0, "{protocol}");
         assert_ne!(at.freebind_mask, 0);
         assert_ne!(at.transparent_mask, 0);

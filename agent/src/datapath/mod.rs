@@ -1716,6 +1716,10 @@ fn kernel_layout(families: &mut SocketFamilies) -> KernelLayout {
         warn!(error = %e, "inet sockets handed to governed agents are refused: where this kernel marks an address chosen by bind() is unknown");
         (0, 0)
     });
+    found.owned_at = btf.owned_at().unwrap_or_else(|e| {
+        warn!(error = %e, "inet sockets handed to governed agents are refused: where this kernel marks a socket in use is unknown");
+        0
+    });
     found.protocol_at = btf.protocol_at().unwrap_or_else(|e| {
         warn!(error = %e, "UDP sockets handed to governed agents are refused: where this kernel keeps a socket's protocol is unknown");
         0

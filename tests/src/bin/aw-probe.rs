@@ -1161,6 +1161,26 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             }
             reply
         }
+        // Accepts one connection on the last held socket (a listener), which it then closes:
+        // the connection is held in its place.
+        ["accept-held"] => {
+            let listener = held().pop().ok_or("no held listener")?;
+            // SAFETY: a valid listening fd; no peer address asked for.
+            let fd = unsafe {
+                libc::accept4(
+                    listener.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                return Ok(format!("err {}", errno_name(last_err())));
+            }
+            // SAFETY: a descriptor accept4 just returned, owned by nothing else.
+            held().push(unsafe { OwnedFd::from_raw_fd(fd) });
+            "ok".into()
+        }
         ["drop-held"] => {
             held().clear();
             held_udp().clear();
