@@ -1095,13 +1095,32 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
     // one whose hooks ran before the claim may have set its flag since the read above, and a
     // bind begun since may hold the lock. What lands later still is refused where the socket
     // sends.
-    let option = unsafe_source(sk, &at, chosen_matters);
+    // The state again: the lock is let go only if the connection was established at both
+    // reads (one disconnected since the first may have been bound anew).
+    // SAFETY: as above.
+    let state = u32::from(unsafe { core::ptr::read_volatile(&raw const (*common).state) });
+    let option = unsafe_source(
+        sk,
+        &at,
+        chosen_matters || !(tcp && state == TCP_ESTABLISHED),
+    );
     if option != 0 {
         flow.sock_protocol = option;
-        return refuse_task(&flow, leaf, &binding, REASON_SOCKET_OPTION);
+        // Refused after the claim: the socket is left to no session, so that handing it in
+        // again is not taken for the agent's own socket (and the packet line and connect
+        // hooks keep it closed, as a socket whose session has ended).
+        if refuse_task(&flow, leaf, &binding, REASON_SOCKET_OPTION) == DENY {
+            // SAFETY: a non-null pointer from the storage helper.
+            unsafe { core::ptr::write_volatile(&raw mut (*st).binding_cgroup, REFUSED_SOCKET) };
+            return DENY;
+        }
     }
     ALLOW
 }
+
+/// The binding a socket refused after its claim is left under: no session has it, so every
+/// receipt refuses it as another's and every hook as one whose session has ended.
+const REFUSED_SOCKET: u64 = u64::MAX;
 
 /// What [`unsafe_source`] answers for a socket whose lock a task holds.
 const SOURCE_BUSY: u16 = u16::MAX - 2;
