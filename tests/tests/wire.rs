@@ -104,6 +104,16 @@ impl Fixture {
     }
 }
 
+/// What the node recorded of refused sockets, and its status: said when a receipt expected
+/// to be refused was taken.
+fn socket_records(socket: &Path) -> String {
+    format!(
+        "the node's socket records: {:?}; its status: {}",
+        flows(socket, "socket-deny"),
+        agentwall_tests::node::status_json(socket)
+    )
+}
+
 fn deny_record(socket: &Path, dest: &str, reason: &str) -> serde_json::Value {
     wait_flow_where(socket, "deny", |r| {
         r["dest"] == dest && r["reason"] == reason
@@ -504,9 +514,8 @@ fn a_socket_handed_to_a_governed_agent_is_governed_as_its_own() {
         assert_eq!(
             got,
             "ok 0",
-            "{hold} was taken; the node's socket records: {:?}; its status: {}",
-            agentwall_tests::node::flows(fx.socket(), "socket-deny"),
-            agentwall_tests::node::status_json(fx.socket())
+            "{hold} was taken; {}",
+            socket_records(fx.socket())
         );
         let what = format!("socket of family 2 (inet) type {ty} received from another process");
         let r = wait_flow_where(fx.socket(), "socket-deny", |r| {
@@ -651,21 +660,19 @@ fn a_handed_socket_that_binds_addresses_the_host_does_not_hold_is_refused() {
         assert_eq!(taken, "ok 1", "{why}");
         return;
     }
-    let status = |fx: &Fixture| {
-        format!(
-            "the node's socket records: {:?}; its status: {}",
-            flows(fx.socket(), "socket-deny"),
-            agentwall_tests::node::status_json(fx.socket())
-        )
-    };
-    assert_eq!(taken, "ok 0", "{spoofed6} was taken; {}", status(&fx));
+    assert_eq!(
+        taken,
+        "ok 0",
+        "{spoofed6} was taken; {}",
+        socket_records(fx.socket())
+    );
     // The option turned off again after the bind: the address stays bound.
     let cleared = format!("hold freebind-cleared-udp 2001:db8::99 {PEER_V6} 9000");
     assert_eq!(
         hand(&mut fx, std::slice::from_ref(&cleared)),
         "ok 0",
         "{cleared} was taken; {}",
-        status(&fx)
+        socket_records(fx.socket())
     );
     let what = "socket of family 10 (inet6) type 2 received from another process, bound by its sender to an address of its choosing";
     let r = wait_flow_where(fx.socket(), "socket-deny", |r| r["protocol"] == what);
@@ -684,7 +691,7 @@ fn a_handed_socket_that_binds_addresses_the_host_does_not_hold_is_refused() {
             hand(&mut fx, &hold),
             "ok 0",
             "{hold:?} was taken; {}",
-            status(&fx)
+            socket_records(fx.socket())
         );
     }
     for what in [
@@ -706,7 +713,7 @@ fn a_handed_socket_that_binds_addresses_the_host_does_not_hold_is_refused() {
         hand(&mut fx, &[format!("hold udp {PEER_V6} 9000")]),
         "ok 1",
         "{}",
-        status(&fx)
+        socket_records(fx.socket())
     );
     fx.until_helper_marker(9100);
     assert_eq!(agent.cmd("send-held"), "ok");
@@ -764,18 +771,11 @@ fn a_handed_udp_socket_holding_datagrams_is_refused() {
         assert_eq!(taken, "ok 1", "{why}");
         return;
     }
-    let status = |fx: &Fixture| {
-        format!(
-            "the node's socket records: {:?}; its status: {}",
-            flows(fx.socket(), "socket-deny"),
-            agentwall_tests::node::status_json(fx.socket())
-        )
-    };
     assert_eq!(
         taken,
         "ok 0",
         "bound, queued, connected: taken; {}",
-        status(&fx)
+        socket_records(fx.socket())
     );
     let r = wait_flow_where(fx.socket(), "socket-deny", |r| {
         r["reason"]
@@ -797,15 +797,15 @@ fn a_handed_udp_socket_holding_datagrams_is_refused() {
         pass(&mut fx),
         "ok 0",
         "disconnected with its queue: taken; {}",
-        status(&fx)
+        socket_records(fx.socket())
     );
 
     // Nothing queued: taken, connected or disconnected.
     assert_eq!(fx.helper.cmd(&format!("hold udp {PEER_V4} 9000")), "ok");
-    assert_eq!(pass(&mut fx), "ok 1", "{}", status(&fx));
+    assert_eq!(pass(&mut fx), "ok 1", "{}", socket_records(fx.socket()));
     assert_eq!(fx.helper.cmd(&format!("hold udp {PEER_V4} 9000")), "ok");
     assert_eq!(fx.helper.cmd("disconnect-held"), "ok");
-    assert_eq!(pass(&mut fx), "ok 1", "{}", status(&fx));
+    assert_eq!(pass(&mut fx), "ok 1", "{}", socket_records(fx.socket()));
 }
 
 /// A governed agent's socket is judged by its identity's rules whoever connects it: lent to a

@@ -206,19 +206,21 @@ impl KernelBtf {
 
     /// Where `struct sock` says a task holds its lock (`sk_lock.owned`, an int).
     pub fn owned_at(&self) -> Result<u16, LayoutError> {
+        self.sock_byte(&["sk_lock", "owned"], "sk_lock.owned")
+    }
+
+    /// The byte offset in `struct sock` of the field at `path`, which must start a byte.
+    fn sock_byte(&self, path: &[&str], what: &'static str) -> Result<u16, LayoutError> {
         let bit = self
-            .bit_of(self.members("sock")?, &["sk_lock", "owned"])
+            .bit_of(self.members("sock")?, path)
             .ok_or_else(|| LayoutError::NoField {
                 path: self.path.clone(),
                 strukt: "sock",
-                field: "sk_lock.owned",
+                field: what,
             })?;
-        match byte_of("sk_lock.owned", bit)? {
+        match byte_of(what, bit)? {
             (at, 1) => Ok(at),
-            _ => Err(LayoutError::Unaligned {
-                what: "sk_lock.owned",
-                bit,
-            }),
+            _ => Err(LayoutError::Unaligned { what, bit }),
         }
     }
 
@@ -252,21 +254,10 @@ impl KernelBtf {
 
     /// Where `struct sock` counts the bytes of received data a socket holds.
     pub fn rmem_alloc_at(&self) -> Result<u16, LayoutError> {
-        let path = ["sk_backlog", "rmem_alloc", "counter"];
-        let bit =
-            self.bit_of(self.members("sock")?, &path)
-                .ok_or_else(|| LayoutError::NoField {
-                    path: self.path.clone(),
-                    strukt: "sock",
-                    field: "sk_backlog.rmem_alloc.counter",
-                })?;
-        match byte_of("sk_backlog.rmem_alloc", bit)? {
-            (at, 1) => Ok(at),
-            _ => Err(LayoutError::Unaligned {
-                what: "sk_backlog.rmem_alloc",
-                bit,
-            }),
-        }
+        self.sock_byte(
+            &["sk_backlog", "rmem_alloc", "counter"],
+            "sk_backlog.rmem_alloc.counter",
+        )
     }
 
     /// The value of the enumerator `name` in any enum (the kernel's `INET_FLAGS_*` are

@@ -2242,18 +2242,7 @@ fn main() {
 /// Sets IP_FREEBIND, or IPV6_FREEBIND on an IPv6 socket, on or off: the errno of a failure.
 fn set_freebind(s: &OwnedFd, on: bool) -> Result<(), i32> {
     let one: libc::c_int = on.into();
-    let mut family: libc::c_int = 0;
-    let mut flen = std::mem::size_of_val(&family) as libc::socklen_t;
-    // SAFETY: valid fd and a value buffer of the length given.
-    unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
-            (&raw mut family).cast(),
-            &raw mut flen,
-        )
-    };
+    let family = socket_family(s);
     let (level, name) = if family == libc::AF_INET6 {
         (libc::SOL_IPV6, libc::IPV6_FREEBIND)
     } else {
@@ -2275,18 +2264,7 @@ fn set_freebind(s: &OwnedFd, on: bool) -> Result<(), i32> {
 /// Sets IP_RECVERR (IPV6_RECVERR on an IPv6 socket) to 1, with a value of a page and more
 /// when `long`: whether it then reads as on, or the errno of a refusal.
 fn recverr(s: &OwnedFd, long: bool) -> Result<bool, i32> {
-    let mut family: libc::c_int = 0;
-    let mut flen = std::mem::size_of_val(&family) as libc::socklen_t;
-    // SAFETY: valid fd and a value buffer of the length given.
-    unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
-            (&raw mut family).cast(),
-            &raw mut flen,
-        )
-    };
+    let family = socket_family(s);
     let (level, name) = if family == libc::AF_INET6 {
         (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
     } else {
@@ -2308,4 +2286,21 @@ fn recverr(s: &OwnedFd, long: bool) -> Result<bool, i32> {
         );
     }
     Ok(on != 0)
+}
+
+/// A socket's family (`SO_DOMAIN`); 0 if it cannot be read.
+fn socket_family(s: &OwnedFd) -> libc::c_int {
+    let mut family: libc::c_int = 0;
+    let mut flen = std::mem::size_of_val(&family) as libc::socklen_t;
+    // SAFETY: valid fd and a value buffer of the length given.
+    unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&raw mut family).cast(),
+            &raw mut flen,
+        )
+    };
+    family
 }
