@@ -44,6 +44,8 @@ pub enum Request {
     Reload,
     /// Root only: the node's state.
     Status,
+    /// Root only: run the enforcement self-check now, then answer with the node's state.
+    Check,
     /// Root only: decision records after sequence number `after`.
     Flows {
         #[serde(default)]
@@ -61,7 +63,7 @@ impl Request {
             Self::Enroll { .. } => Some("enroll is for root only"),
             Self::Revoke { .. } => Some("revoke is for root only"),
             Self::Reload => Some("policy apply is for root only"),
-            Self::Status => Some("status is for root only"),
+            Self::Status | Self::Check => Some("status is for root only"),
             Self::Flows { .. } => Some("flows are for root only"),
         }
     }
@@ -117,6 +119,9 @@ pub struct Status {
     pub map_fill: Option<crate::datapath::MapFill>,
     /// Whether socket families beyond inet are judged (the BPF LSM line).
     pub socket_families: crate::datapath::SocketFamilies,
+    /// The last enforcement self-check: whether each kernel line refused what it must.
+    #[serde(default)]
+    pub self_check: Option<crate::node::canary::SelfCheck>,
     /// Where links and maps are pinned.
     pub pins: PathBuf,
     pub catalog: StatusCatalog,

@@ -34,6 +34,9 @@ pub struct Gauges {
     pub identities_max: usize,
     pub sessions: usize,
     pub audit_write_failures: u64,
+    /// Enforcement self-checks that failed, and whether the last one passed (1) or not (0).
+    pub selfcheck_failures: u64,
+    pub selfcheck_ok: bool,
     /// The DNS proxy's counters, when it runs.
     pub dns: Option<std::sync::Arc<crate::dns::proxy::Stats>>,
     pub dns_learned_addresses: usize,
@@ -220,6 +223,24 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         "agentwall_audit_write_failures_total {}",
         g.audit_write_failures
     );
+    header(
+        &mut out,
+        "agentwall_selfcheck_failures_total",
+        "counter",
+        "Enforcement self-checks in which a kernel line let through what it must refuse.",
+    );
+    let _ = writeln!(
+        out,
+        "agentwall_selfcheck_failures_total {}",
+        g.selfcheck_failures
+    );
+    header(
+        &mut out,
+        "agentwall_selfcheck_ok",
+        "gauge",
+        "1 while the last enforcement self-check passed; 0 after a failed one (new sessions are refused).",
+    );
+    let _ = writeln!(out, "agentwall_selfcheck_ok {}", u8::from(g.selfcheck_ok));
     header(
         &mut out,
         "agentwall_rule_hits_total",

@@ -1467,3 +1467,120 @@ fn an_upgrade_to_a_new_map_layout_leaves_no_session_ungoverned() {
     assert_eq!(sessions, 1, "{s}");
     assert_eq!(s["map_fill"]["bindings"], 1, "{s}");
 }
+
+/// Detaches the link pinned at `pin` behind its node's back (as another tool, or a kernel
+/// that stopped running the program, would leave it): the pin stays, the program no longer
+/// runs.
+fn detach_pinned_link(pin: &Path) {
+    use std::os::unix::ffi::OsStrExt as _;
+    #[repr(C)]
+    #[derive(Default)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+        _pad: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).unwrap();
+    let mut get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: the attribute points at a NUL-terminated path that outlives the call.
+    let fd = unsafe { agentwall::datapath::sys::bpf(BPF_OBJ_GET, &mut get) }
+        .unwrap_or_else(|e| panic!("opening the link pinned at {}: {e}", pin.display()));
+    let mut detach = LinkDetach {
+        link_fd: fd as u32,
+        _pad: 0,
+    };
+    // SAFETY: a link descriptor the kernel just gave us.
+    let detached = unsafe { agentwall::datapath::sys::bpf(BPF_LINK_DETACH, &mut detach) };
+    // SAFETY: ours, closed once.
+    unsafe { libc::close(fd as i32) };
+    detached.expect("BPF_LINK_DETACH");
+}
+
+#[test]
+fn the_self_check_finds_a_line_that_lets_through_what_it_must_refuse() {
+    let (env, tmp, ca) = setup("selfcheck", POLICY);
+    let dir = tmp.path();
+    let addr = loopback_addr();
+    let node = NodeProc::start_with(&env, dir, &["--metrics-listen", &addr.to_string()]);
+    let lsm = agentwall_tests::node::lsm_line(&node.socket).is_none();
+    // The check ran before the node said it was ready: every line in force refused.
+    let status = status_json(&node.socket);
+    let check = &status["self_check"];
+    assert_eq!(check["ok"], true, "{status}");
+    for line in ["connect4", "connect6", "sendmsg4", "sendmsg6", "sockopt"] {
+        assert_eq!(check[line]["verdict"], "refused", "{line}: {check}");
+    }
+    let lsm_verdict = if lsm { "refused" } else { "not_checked" };
+    assert_eq!(check["families"]["verdict"], lsm_verdict, "{check}");
+    assert_eq!(check["receipt"]["verdict"], lsm_verdict, "{check}");
+    // Its refusals are the node's own: no agent's records, no decisions counted.
+    assert!(
+        agentwall_tests::node::flows(&node.socket, "deny")
+            .iter()
+            .all(|r| r["port"] != 9),
+        "the self-check's refusals were reported as an agent's"
+    );
+    let s = scrape(addr);
+    assert_eq!(metric(&s, "agentwall_selfcheck_ok", &[]), 1.0);
+    assert_eq!(metric(&s, "agentwall_selfcheck_failures_total", &[]), 0.0);
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 80"), "err EPERM");
+
+    // The connect4 line stops running, its pin left in place.
+    let pin = agentwall::datapath::pin_dir(&env.bpffs_dir)
+        .join("links")
+        .join(agent_common::PROG_CONNECT4);
+    detach_pinned_link(&pin);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 80"), "err ENETUNREACH");
+    let status = agentwall_tests::node::run_json(
+        agentwall()
+            .args(["status", "--check", "--output", "json", "--socket"])
+            .arg(&node.socket),
+    );
+    let check = &status["self_check"];
+    assert_eq!(check["ok"], false, "{status}");
+    assert_eq!(check["connect4"]["verdict"], "not_refused", "{check}");
+    assert!(
+        check["connect4"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("os error 101"),
+        "the canary's connect went on to the routing (ENETUNREACH): {check}"
+    );
+    for line in ["connect6", "sendmsg4", "sendmsg6", "sockopt"] {
+        assert_eq!(check[line]["verdict"], "refused", "{line}: {check}");
+    }
+    // New sessions are refused while it fails, saying why.
+    let out = launch_args(&node.socket, &cert, &key)
+        .arg("/bin/true")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "launched on a failing line: {err}");
+    assert!(
+        err.contains("enforcement self-check") && err.contains("connect4"),
+        "{err}"
+    );
+    let text = String::from_utf8(agentwall_tests::node::run_ok(
+        agentwall().args(["status", "--socket"]).arg(&node.socket),
+    ))
+    .unwrap();
+    assert!(text.contains("self-check: FAILED at "), "{text}");
+    let s = scrape(addr);
+    assert_eq!(metric(&s, "agentwall_selfcheck_ok", &[]), 0.0);
+    assert_eq!(metric(&s, "agentwall_selfcheck_failures_total", &[]), 1.0);
+    node.stop();
+}

@@ -12,10 +12,19 @@ pub struct Args {
     socket: PathBuf,
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     output: String,
+    /// Run the enforcement self-check now (a canary process tries what each kernel line must
+    /// refuse) before answering; the node also runs it at start and every five minutes.
+    #[arg(long)]
+    check: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let r = api::call(&args.socket, None, &Request::Status)?;
+    let request = if args.check {
+        Request::Check
+    } else {
+        Request::Status
+    };
+    let r = api::call(&args.socket, None, &request)?;
     if !r.ok {
         bail!("{}", r.error.unwrap_or_else(|| "refused".into()));
     }
@@ -44,6 +53,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         agentwall::datapath::SocketFamilies::Unenforced(why) => {
             println!("socket families: NOT judged beyond inet: {why}")
         }
+    }
+    match &s.self_check {
+        Some(c) if c.ok => println!("self-check: passed at {}", c.at),
+        Some(c) => println!(
+            "self-check: FAILED at {}: {} (new launches and enrollments are refused)",
+            c.at,
+            c.failures()
+        ),
+        None => println!("self-check: not run yet"),
     }
     if let Some(cp) = &s.control_plane {
         println!(

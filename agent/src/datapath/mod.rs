@@ -1582,7 +1582,8 @@ impl Datapath {
             bindings,
             bindings_max: c::MAX_BINDINGS as usize,
             identities: t.current.len(),
-            identities_max: MAX_IDENTITIES as usize - 1,
+            // Less the self-check's.
+            identities_max: MAX_IDENTITIES as usize - 2,
             rules: t.current.values().map(|t| t.rules).sum(),
         })
     }

@@ -95,6 +95,7 @@ fn no_process(e: &std::io::Error) -> Response {
 
 impl Node {
     async fn dispatch(self: Arc<Self>, req: Request, caller: Caller) -> Response {
+        let check = matches!(req, Request::Check);
         match req {
             Request::Launch => match (caller.peer, caller.pidfd) {
                 (Ok(peer), Ok(pidfd)) => self.launch(peer, pidfd),
@@ -137,11 +138,16 @@ impl Node {
                     ..Response::default()
                 }
             }
-            Request::Status => {
+            Request::Status | Request::Check => {
                 let node = self.clone();
-                let status = tokio::task::spawn_blocking(move || node.status())
-                    .await
-                    .unwrap_or_default();
+                let status = tokio::task::spawn_blocking(move || {
+                    if check {
+                        node.canary.run(&node.datapath);
+                    }
+                    node.status()
+                })
+                .await
+                .unwrap_or_default();
                 Response {
                     ok: true,
                     status: Some(Box::new(status)),

@@ -323,7 +323,8 @@ impl Enforcer {
         // table must hold everyone known plus everyone new.
         let table = deps.registry.assign(
             set.agents.iter().map(|a| a.identity.as_str()),
-            agent_common::MAX_IDENTITIES as usize - 1,
+            // The last number is the self-check's (see `canary::CANARY_IDENTITY`).
+            agent_common::MAX_IDENTITIES as usize - 2,
         )?;
         let now = SystemTime::now();
         let deny = set.global_deny();

@@ -12,6 +12,7 @@
 //! | [`records::Records`] | decision records: enrich, fold (pure, [`records::Folder`]), emit; recent ones for `flows` |
 //! | [`journal::Journal`] | the audit log, the control-plane outbox, loss counts, typed audit events |
 //! | [`trust::Trust`] | trust bundle, CRLs and the TLS configuration built on them |
+//! | [`canary::Canary`] | the enforcement self-check: its cgroup, its last result |
 //! | [`views`] | `status` and the metrics page |
 //! | [`api`] | the local API: one request, checked once, handed to its owner |
 //!
@@ -25,6 +26,7 @@
 //! parts of an apply that hold a lock an answer waits on run at normal priority.
 
 pub mod api;
+pub mod canary;
 pub mod dns;
 pub mod enforcer;
 pub mod journal;
@@ -180,6 +182,7 @@ pub struct Node {
     enforcer: Enforcer,
     sessions: Sessions,
     dns: dns::DnsLearning,
+    canary: canary::Canary,
     /// AI services and the addresses they are known to have.
     catalog: Mutex<Catalog>,
     /// Where the node resolves the AI catalog's names.
@@ -298,6 +301,9 @@ impl Node {
         };
         let events = datapath.take_events();
         let agents = Cgroup::create(attach.join("agentwall"))?;
+        // Before the sessions are read back: a canary cgroup an earlier run left goes, and
+        // with it its binding.
+        let canary = canary::Canary::new(datapath.attach_cgroup());
         let catalog = Catalog::new(&cfg.ai_catalog)?;
         let registry = Registry::load(&state_dir)?;
         let journal = Arc::new(Journal::open(
@@ -356,6 +362,7 @@ impl Node {
             registry,
             enforcer,
             sessions,
+            canary,
             catalog: Mutex::new(catalog),
             records: Records::new(cfg.aggregate_window()),
             journal,
@@ -368,6 +375,9 @@ impl Node {
         });
         node.enforcer.start(initial, &node.deps())?;
         node.finish_upgrade()?;
+        // The first self-check before the API serves: no session starts on lines that do not
+        // refuse.
+        node.canary.run(&node.datapath);
         Ok(node)
     }
 
@@ -503,6 +513,7 @@ impl Node {
         let deps = self.deps();
         self.enforcer.rearm_if_due(&deps);
         self.enforcer.reload(false, &deps);
+        self.canary.run_if_due(&self.datapath);
     }
 
     fn lookups<'a>(&'a self, applied: &'a enforcer::Applied) -> Lookups<'a> {
@@ -556,11 +567,23 @@ impl Node {
             .map_or_else(|| format!("identity {number}"), str::to_owned)
     }
 
+    /// Refused while the last self-check failed: a session started then would run on lines
+    /// that do not refuse.
+    fn enforcing(&self) -> Result<(), SessionError> {
+        match self.canary.refusal() {
+            Some(why) => Err(SessionError::SelfCheck(why)),
+            None => Ok(()),
+        }
+    }
+
     fn launch(&self, peer: VerifiedPeer, pidfd: OwnedFd) -> crate::api::Response {
         let id = peer.id.to_string();
         let placed = self
-            .sessions
-            .refuse_governed_caller(&pidfd, |n| self.name_of(n))
+            .enforcing()
+            .and_then(|()| {
+                self.sessions
+                    .refuse_governed_caller(&pidfd, |n| self.name_of(n))
+            })
             .and_then(|()| self.admissible(&id))
             .and_then(|n| self.sessions.launch(&peer, &pidfd, n));
         self.bound("launch", id, placed)
@@ -595,8 +618,11 @@ impl Node {
     fn enroll(&self, peer: VerifiedPeer, pidfd: OwnedFd, path: &Path) -> crate::api::Response {
         let id = peer.id.to_string();
         let enrolled = self
-            .sessions
-            .refuse_governed_caller(&pidfd, |n| self.name_of(n))
+            .enforcing()
+            .and_then(|()| {
+                self.sessions
+                    .refuse_governed_caller(&pidfd, |n| self.name_of(n))
+            })
             .and_then(|()| {
                 self.sessions
                     .enroll(&peer, path, || self.admissible(&id), |n| self.name_of(n))

@@ -32,6 +32,8 @@ pub enum SessionError {
     NoPolicy(String),
     #[error("identity {0} is revoked")]
     Revoked(String),
+    #[error("{0}")]
+    SelfCheck(String),
     #[error("the launching process is gone: {0}")]
     LauncherGone(std::io::Error),
     #[error("the launching process exited during placement")]

@@ -55,6 +55,7 @@ impl Node {
             dropped_events: self.datapath.dropped_events().ok(),
             map_fill: self.datapath.fill().ok(),
             socket_families: self.datapath.socket_families().clone(),
+            self_check: self.canary.last(),
             pins: self.datapath.pin_dir().to_owned(),
             catalog: StatusCatalog {
                 addresses: self.catalog().known_addresses(),
@@ -114,6 +115,8 @@ impl Node {
             identities_max: fill.map_or(0, |f| f.identities_max),
             sessions: self.sessions.len(),
             audit_write_failures: self.journal.failures(),
+            selfcheck_failures: self.canary.failures(),
+            selfcheck_ok: self.canary.refusal().is_none(),
             dns: self.dns.proxy().map(Proxy::stats),
             dns_learned_addresses: self.dns.learned_addresses(),
             rule_hits: self.rule_hits(),

@@ -21,10 +21,14 @@
 //!   bench-proxy PADDR PPORT ADDR PORT N
 //!                                  N HTTP CONNECTs through the proxy at PADDR:PPORT to a
 //!                                  listener at ADDR:PORT; `p50=NS p99=NS`
-//!   bench-sendto ADDR PORT N       N unconnected one-byte sendto()s to a local sink;
-//!                                  `pps=N`
-//!   bench-send ADDR PORT N         N one-byte send()s on a connected UDP socket to a local
-//!                                  sink (the packet line alone); `pps=N`
+//!   bench-sendto ADDR PORT N [SIZE]
+//!                                  N unconnected sendto()s of SIZE bytes (default 1) to a
+//!                                  local sink; `pps=N`
+//!   bench-send ADDR PORT N [SIZE]  N send()s on a connected UDP socket to a local sink (the
+//!                                  packet line alone); `pps=N`
+//!   bench-sendto-out ADDR PORT N [SIZE], bench-send-out ADDR PORT N [SIZE]
+//!                                  the same to an address behind one of this namespace's
+//!                                  devices (no local sink: the datagrams leave by the device)
 //!   send-bulk ADDR PORT MIB        MIB MiB over one TCP connection to ADDR:PORT; `ok` or
 //!                                  `err ERRNO`
 //!   bench-bulk ADDR PORT MIB       MIB MiB over one TCP connection to a local reader;
@@ -628,26 +632,34 @@ fn bench_proxy(proxy: SocketAddr, dest: SocketAddr, n: usize) -> Result<String, 
     Ok(percentiles(samples))
 }
 
-/// Unconnected sendto() of N one-byte datagrams to a local socket that drains them; answers
-/// `pps=N` (datagrams per second).
-fn bench_sendto(addr: SocketAddr, n: usize) -> Result<String, String> {
+/// A local socket at `addr` that drains what is sent to it, for as long as the process lives.
+fn udp_sink(addr: SocketAddr) -> Result<(), String> {
     let sink = std::net::UdpSocket::bind(addr).map_err(|e| format!("bind: {e}"))?;
     std::thread::spawn(move || {
         let mut buf = [0u8; 64];
         while sink.recv(&mut buf).is_ok() {}
     });
+    Ok(())
+}
+
+/// Unconnected sendto() of N datagrams of `size` bytes to `addr` (a local sink drains them
+/// when `sink`); answers `pps=N` (datagrams per second).
+fn bench_sendto(addr: SocketAddr, n: usize, size: usize, sink: bool) -> Result<String, String> {
+    if sink {
+        udp_sink(addr)?;
+    }
     let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
         .map_err(|e| format!("socket: {}", errno_name(e)))?;
     let (ss, len) = sockaddr(addr);
-    let byte = [0u8; 1];
+    let payload = vec![0u8; size];
     let t0 = std::time::Instant::now();
     for _ in 0..n {
         // SAFETY: valid fd, buffer and address.
         let rc = unsafe {
             libc::sendto(
                 s.as_raw_fd(),
-                byte.as_ptr().cast(),
-                1,
+                payload.as_ptr().cast(),
+                size,
                 0,
                 (&raw const ss).cast(),
                 len,
@@ -663,14 +675,12 @@ fn bench_sendto(addr: SocketAddr, n: usize) -> Result<String, String> {
     ))
 }
 
-/// `n` one-byte send()s on one connected UDP socket to a local sink: no hook runs per
-/// datagram, only the packet line.
-fn bench_send(addr: SocketAddr, n: usize) -> Result<String, String> {
-    let sink = std::net::UdpSocket::bind(addr).map_err(|e| format!("bind: {e}"))?;
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 64];
-        while sink.recv(&mut buf).is_ok() {}
-    });
+/// `n` send()s of `size` bytes on one connected UDP socket to `addr` (a local sink drains
+/// them when `sink`): no hook runs per datagram, only the packet line.
+fn bench_send(addr: SocketAddr, n: usize, size: usize, sink: bool) -> Result<String, String> {
+    if sink {
+        udp_sink(addr)?;
+    }
     let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
         .map_err(|e| format!("socket: {}", errno_name(e)))?;
     let (ss, len) = sockaddr(addr);
@@ -678,11 +688,11 @@ fn bench_send(addr: SocketAddr, n: usize) -> Result<String, String> {
     if unsafe { libc::connect(s.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
         return Ok(format!("err {}", errno_name(last_err())));
     }
-    let byte = [0u8; 1];
+    let payload = vec![0u8; size];
     let t0 = std::time::Instant::now();
     for _ in 0..n {
         // SAFETY: valid fd and buffer.
-        if unsafe { libc::send(s.as_raw_fd(), byte.as_ptr().cast(), 1, 0) } < 0 {
+        if unsafe { libc::send(s.as_raw_fd(), payload.as_ptr().cast(), size, 0) } < 0 {
             return Ok(format!("err {}", errno_name(last_err())));
         }
     }
@@ -1611,13 +1621,24 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
             bench_proxy(sa(pip, pport)?, sa(ip, port)?, n)?
         }
-        ["bench-sendto", ip, port, n] => {
+        [
+            cmd @ ("bench-sendto" | "bench-sendto-out" | "bench-send" | "bench-send-out"),
+            ip,
+            port,
+            n,
+            size @ ..,
+        ] if size.len() <= 1 => {
             let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
-            bench_sendto(sa(ip, port)?, n)?
-        }
-        ["bench-send", ip, port, n] => {
-            let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
-            bench_send(sa(ip, port)?, n)?
+            let size: usize = match size {
+                [s] => s.parse().map_err(|e| format!("bad size: {e}"))?,
+                _ => 1,
+            };
+            let sink = !cmd.ends_with("-out");
+            if cmd.starts_with("bench-sendto") {
+                bench_sendto(sa(ip, port)?, n, size, sink)?
+            } else {
+                bench_send(sa(ip, port)?, n, size, sink)?
+            }
         }
         ["send-bulk", ip, port, mib] => {
             use std::io::Write as _;

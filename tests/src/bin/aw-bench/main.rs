@@ -62,7 +62,10 @@ fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
     let mut rules = vec![Rule {
         id: 1,
         fqdns: Vec::new(),
-        to: vec!["127.0.0.1/32".parse().unwrap()],
+        to: vec![
+            "127.0.0.1/32".parse().unwrap(),
+            OFF_HOST_NET.parse().unwrap(),
+        ],
         ports: vec![PORT.to_string().parse().unwrap()],
         protocol: Protocol::Any,
         direction: agentwall::policy::Direction::Egress,
@@ -114,20 +117,47 @@ fn packet_line(
     } = *subjects;
     let n = iterations * 10;
     let mib = 256;
+    // Loopback: the sender's syscall also delivers the datagram to the local sink, so each
+    // one passes the egress line and the ingress line. Leaving the host (a dummy device in the
+    // probe's namespace, which drops what it is given): the egress line alone, as for an
+    // agent talking to other hosts.
     let cmds = [
         (
-            "UDP sendto, unconnected (datagrams/s)",
+            "UDP sendto, unconnected, loopback (datagrams/s)",
             format!("bench-sendto 127.0.0.1 {PORT} {n}"),
         ),
         (
-            "UDP send, connected (datagrams/s)",
+            "UDP send, connected, loopback (datagrams/s)",
             format!("bench-send 127.0.0.1 {PORT} {n}"),
         ),
         (
-            "TCP bulk, one connection (MiB/s)",
+            "UDP sendto, unconnected, leaving the host (datagrams/s)",
+            format!("bench-sendto-out {OFF_HOST_PEER} {PORT} {n}"),
+        ),
+        (
+            "UDP send, connected, leaving the host (datagrams/s)",
+            format!("bench-send-out {OFF_HOST_PEER} {PORT} {n}"),
+        ),
+        (
+            "UDP sendto, unconnected, leaving the host, 1,200 bytes (datagrams/s)",
+            format!("bench-sendto-out {OFF_HOST_PEER} {PORT} {n} 1200"),
+        ),
+        (
+            "UDP send, connected, leaving the host, 1,200 bytes (datagrams/s)",
+            format!("bench-send-out {OFF_HOST_PEER} {PORT} {n} 1200"),
+        ),
+        (
+            "TCP bulk, one connection, loopback (MiB/s)",
             format!("bench-bulk 127.0.0.1 {PORT} {mib}"),
         ),
     ];
+    let measure = |cg: &agentwall::cgroup::Cgroup, cmd: &str| {
+        let mut p = Probe::spawn(cg);
+        if cmd.contains("-out ") {
+            off_host_device(&mut p);
+        }
+        values(&p.cmd(cmd))[0]
+    };
     println!();
     println!(
         "The packet line: {n} datagrams / {mib} MiB per measurement, {ROUNDS} rounds, medians"
@@ -146,9 +176,9 @@ fn packet_line(
     for (label, cmd) in &cmds {
         let (mut base, mut bare, mut gov) = (vec![], vec![], vec![]);
         for _ in 0..ROUNDS {
-            base.push(values(&Probe::spawn(plain).cmd(cmd))[0]);
-            bare.push(values(&Probe::spawn(empty).cmd(cmd))[0]);
-            gov.push(values(&Probe::spawn(governed).cmd(cmd))[0]);
+            base.push(measure(plain, cmd));
+            bare.push(measure(empty, cmd));
+            gov.push(measure(governed, cmd));
         }
         let (b, e, g) = (median(base), median(bare), median(gov));
         println!(
@@ -242,6 +272,27 @@ fn packet_line(
         "Unconnected UDP (every datagram judged by the sendmsg4 hook, then the packet line): \
          sendmsg4 {sendmsg} ns/datagram, egress {egress_unconnected} ns/packet."
     );
+}
+
+/// Where the packet line's off-host rows send: a documentation prefix behind a veth pair in
+/// the probe's own network namespace. The far end's hardware address is one nobody holds, so
+/// the peer device drops each frame as soon as it arrives (no ICMP comes back).
+const OFF_HOST_NET: &str = "192.0.2.0/24";
+const OFF_HOST_ADDR: &str = "192.0.2.1/24";
+const OFF_HOST_PEER: &str = "192.0.2.2";
+
+/// Gives the probe's namespace the device [`OFF_HOST_NET`] lies behind.
+fn off_host_device(p: &mut Probe) {
+    for args in [
+        "link add aw-out type veth peer name aw-out-peer".to_owned(),
+        format!("addr add {OFF_HOST_ADDR} dev aw-out"),
+        "link set aw-out up".to_owned(),
+        "link set aw-out-peer up".to_owned(),
+        format!("neigh replace {OFF_HOST_PEER} lladdr 02:00:00:00:00:02 dev aw-out nud permanent"),
+    ] {
+        let answer = p.cmd(&format!("spawn ip {args}"));
+        assert!(answer.starts_with("exit 0"), "ip {args}: {answer}");
+    }
 }
 
 /// A cgroup_skb program that only returns "pass" (`r0 = 1; exit`), attached to a cgroup for
