@@ -142,7 +142,7 @@ impl Node {
                 let node = self.clone();
                 let status = tokio::task::spawn_blocking(move || {
                     if check {
-                        node.canary.run(&node.datapath);
+                        node.self_check();
                     }
                     node.status()
                 })

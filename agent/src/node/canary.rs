@@ -52,6 +52,10 @@ pub enum CanaryError {
     Silent(Duration),
     #[error("the canary process could not {0}")]
     Setup(&'static str),
+    #[error(
+        "identity number {CANARY_IDENTITY}, the self-check's, is held by {0} (numbered before the self-check existed): the check does not run rather than change that identity's state"
+    )]
+    NumberTaken(String),
 }
 
 /// What one line did with the act the canary tried.
@@ -199,20 +203,25 @@ impl Canary {
     }
 
     /// Runs a check if one is due.
-    pub fn run_if_due(&self, dp: &Datapath) {
+    pub fn run_if_due(&self, dp: &Datapath, holder: Option<&str>) {
         if Instant::now() >= self.state().next {
-            self.run(dp);
+            self.run(dp, holder);
         }
     }
 
-    /// Runs a check now and keeps its result.
-    pub fn run(&self, dp: &Datapath) -> SelfCheck {
+    /// Runs a check now and keeps its result. `holder`: the identity the registry numbers
+    /// [`CANARY_IDENTITY`], if one does.
+    pub fn run(&self, dp: &Datapath, holder: Option<&str>) -> SelfCheck {
         let _one = self
             .running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let at = crate::clock::now_rfc3339();
-        let check = match self.check(dp) {
+        let checked = match holder {
+            Some(id) => Err(CanaryError::NumberTaken(id.to_owned())),
+            None => self.check(dp),
+        };
+        let check = match checked {
             Ok(outcomes) => SelfCheck::of(at, outcomes, None),
             Err(e) => SelfCheck::of(
                 at,

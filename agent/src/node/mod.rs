@@ -377,7 +377,7 @@ impl Node {
         node.finish_upgrade()?;
         // The first self-check before the API serves: no session starts on lines that do not
         // refuse.
-        node.canary.run(&node.datapath);
+        node.self_check();
         Ok(node)
     }
 
@@ -513,7 +513,16 @@ impl Node {
         let deps = self.deps();
         self.enforcer.rearm_if_due(&deps);
         self.enforcer.reload(false, &deps);
-        self.canary.run_if_due(&self.datapath);
+        let table = self.registry.table();
+        self.canary
+            .run_if_due(&self.datapath, table.name(canary::CANARY_IDENTITY));
+    }
+
+    /// Runs the enforcement self-check now.
+    fn self_check(&self) {
+        let table = self.registry.table();
+        self.canary
+            .run(&self.datapath, table.name(canary::CANARY_IDENTITY));
     }
 
     fn lookups<'a>(&'a self, applied: &'a enforcer::Applied) -> Lookups<'a> {
