@@ -355,7 +355,12 @@ pub struct Config {
     /// or before this map layout), so the packet line asks, for a socket without state,
     /// whether its cgroup is bound. Zero spares the host's ungoverned traffic that lookup.
     pub strays: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// The revision of the programs the pinned links run (a digest of the eBPF object that
+    /// attached or last replaced them), written by userspace and read by no program: a
+    /// node whose build differs replaces each program in its link. Zero in pins from before
+    /// it was kept, in what was padding.
+    pub programs: u32,
 }
 
 /// A field of a kernel struct the BPF LSM programs read at an offset fixed when they are

@@ -670,3 +670,43 @@ impl Drop for MemoryGroup {
         }
     }
 }
+
+/// Detaches the link pinned at `pin` behind its node's back (as another tool, or a kernel
+/// that stopped running the program, would leave it): the pin stays, the program no longer
+/// runs.
+pub fn detach_pinned_link(pin: &Path) {
+    use std::os::unix::ffi::OsStrExt as _;
+    #[repr(C)]
+    #[derive(Default)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+        _pad: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).unwrap();
+    let mut get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: the attribute points at a NUL-terminated path that outlives the call.
+    let fd = unsafe { agentwall::datapath::sys::bpf(BPF_OBJ_GET, &mut get) }
+        .unwrap_or_else(|e| panic!("opening the link pinned at {}: {e}", pin.display()));
+    let mut detach = LinkDetach {
+        link_fd: fd as u32,
+        _pad: 0,
+    };
+    // SAFETY: a link descriptor the kernel just gave us.
+    let detached = unsafe { agentwall::datapath::sys::bpf(BPF_LINK_DETACH, &mut detach) };
+    // SAFETY: ours, closed once.
+    unsafe { libc::close(fd as i32) };
+    detached.expect("BPF_LINK_DETACH");
+}

@@ -1103,3 +1103,74 @@ fn a_new_map_layout_retires_the_old_pins_after_attaching() {
     );
     assert!(!now.is_empty());
 }
+
+/// Writes `programs` into the pinned config, as pins another build attached would hold it.
+fn set_pinned_revision(env: &TestEnv, programs: u32) {
+    let path = pin_dir(&env.bpffs_dir)
+        .join("maps")
+        .join(agent_common::MAP_CONFIG);
+    let data = aya::maps::MapData::from_pin(&path).unwrap();
+    let mut config: aya::maps::Array<_, agent_common::Config> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    let mut c = config.get(&0, 0).unwrap();
+    c.programs = programs;
+    config.set(0, c, 0).unwrap();
+}
+
+/// An upgrade whose programs changed and whose maps did not (no new map layout): each pinned
+/// link takes the new build's program in place of the old one, in one step, so enforcement
+/// never lapses and the old programs stop judging. A pinned link someone detached is attached
+/// again at the next start.
+#[test]
+fn a_start_replaces_another_builds_programs_and_attaches_detached_links_again() {
+    let env = TestEnv::new("swap");
+    let agent = env.cgroup("agent");
+    let dp = Datapath::start(&env.config()).unwrap();
+    let all = dp.start_report().attached;
+    dp.set_identity(1, IdentityStatus::Active, Mode::Enforce)
+        .unwrap();
+    dp.set_rules(1, &[rule(1, &["192.0.2.0/24"], &["443"], Protocol::Tcp)])
+        .unwrap();
+    dp.bind(&agent, 1, None).unwrap();
+    let mut p = Probe::spawn(&agent);
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 80"), DENIED);
+    drop(dp);
+    let old_ids = attached_programs(env.root.path()).unwrap();
+
+    // Pins another build attached: every link gets this build's program.
+    set_pinned_revision(&env, 0x0bad_c0de);
+    let dp = Datapath::start(&env.config()).unwrap();
+    let r = dp.start_report();
+    assert_eq!((r.attached, r.adopted, r.replaced), (0, all, all));
+    let new_ids = attached_programs(env.root.path()).unwrap();
+    assert_eq!(new_ids.len(), old_ids.len(), "one program per hook");
+    assert!(
+        !new_ids.iter().any(|id| old_ids.contains(id)),
+        "old programs still attached: {old_ids:?} -> {new_ids:?}"
+    );
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 81"), DENIED);
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), ALLOWED);
+    drop(dp);
+
+    // The same build again: everything adopted as it is.
+    let dp = Datapath::start(&env.config()).unwrap();
+    let r = dp.start_report();
+    assert_eq!((r.attached, r.adopted, r.replaced), (0, all, 0));
+    assert_eq!(attached_programs(env.root.path()).unwrap(), new_ids);
+    drop(dp);
+
+    // The connect4 link detached behind the node's back: its pin stays, it runs nothing.
+    agentwall_tests::detach_pinned_link(
+        &pin_dir(&env.bpffs_dir)
+            .join("links")
+            .join(agent_common::PROG_CONNECT4),
+    );
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 82"), ALLOWED);
+    let dp = Datapath::start(&env.config()).unwrap();
+    let r = dp.start_report();
+    assert_eq!((r.attached, r.adopted, r.replaced), (1, all - 1, 1));
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 83"), DENIED);
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), ALLOWED);
+    drop(dp);
+    teardown(&env.bpffs_dir).unwrap();
+}

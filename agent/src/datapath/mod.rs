@@ -71,6 +71,13 @@ pub enum DatapathError {
         name: &'static str,
         source: Box<aya::programs::links::LinkError>,
     },
+    #[error(
+        "replacing the program of the pinned link {name} (the old one keeps running; `agentwall down` then a start attaches afresh): {source}"
+    )]
+    Replace {
+        name: &'static str,
+        source: io::Error,
+    },
     #[error("attaching eBPF program {name}: {source}")]
     Attach {
         name: &'static str,
@@ -283,6 +290,9 @@ pub struct StartReport {
     pub attached: usize,
     /// Programs whose pinned links were already in place.
     pub adopted: usize,
+    /// Of those, links whose program this start replaced (another build's), or attached again
+    /// (the pinned link had been detached).
+    pub replaced: usize,
 }
 
 pub fn pin_dir(bpffs_dir: &Path) -> PathBuf {
@@ -672,18 +682,24 @@ impl Datapath {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        let swaps = if fresh {
+            Swaps::new()
+        } else {
+            pinned_swaps(&ebpf, &links_dir, &attach)?
+        };
         let mut families = if links_dir.join(c::PROG_SOCKET_FAMILY).exists() {
             SocketFamilies::Enforced
         } else {
             lsm_line()
         };
-        load_programs(&mut ebpf, &links_dir, &mut families)?;
+        load_programs(&mut ebpf, &links_dir, &mut families, &swaps)?;
         // After the loads (a kernel that refuses the LSM programs is spared the BTF parse),
         // before anything is attached: a line found wrong here is never attached.
         let layout = kernel_layout(&mut families);
         Ok(Loaded {
             fresh,
             families,
+            swaps,
             layout,
             cfg: cfg.clone(),
             attach,
@@ -699,6 +715,8 @@ pub struct Loaded {
     /// No link was pinned before: this load made the pin directory's maps.
     fresh: bool,
     families: SocketFamilies,
+    /// Pinned links whose program this start replaces.
+    swaps: Swaps,
     layout: KernelLayout,
     cfg: DatapathConfig,
     attach: Cgroup,
@@ -719,6 +737,7 @@ impl Loaded {
         let Self {
             fresh: _,
             families,
+            swaps,
             layout,
             cfg,
             attach,
@@ -727,7 +746,7 @@ impl Loaded {
             mut ebpf,
         } = self;
         let cfg = &cfg;
-        let report = attach_all(&mut ebpf, &attach, &links_dir, &families)?;
+        let report = attach_all(&mut ebpf, &attach, &links_dir, &families, &swaps)?;
         if let SocketFamilies::Unenforced(why) = &families {
             warn!(
                 why = %why,
@@ -738,6 +757,7 @@ impl Loaded {
             cgroup = %attach.path().display(),
             attached = report.attached,
             adopted = report.adopted,
+            replaced = report.replaced,
             pins = %dir.display(),
             "datapath ready"
         );
@@ -819,6 +839,8 @@ impl Loaded {
             conf.unknown_flows = cfg.unknown_flows.code();
             conf.record_allowed = u8::from(cfg.record_allowed);
             conf.rate_window_ns = u64::try_from(cfg.rate_window.as_nanos()).unwrap_or(u64::MAX);
+            // Every link now runs this build's programs.
+            conf.programs = program_revision();
         })?;
         Ok(dp)
     }
@@ -1732,6 +1754,69 @@ fn kernel_layout(families: &mut SocketFamilies) -> KernelLayout {
     found
 }
 
+/// What a start does with a pinned link other than adopt it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Swap {
+    /// Attached, running another build's program: this build's takes its place in the link,
+    /// atomically (`BPF_LINK_UPDATE`).
+    Update,
+    /// Detached (by `BPF_LINK_DETACH`, or its cgroup was another): it runs nothing, and a new
+    /// link replaces its pin.
+    Reattach,
+}
+
+type Swaps = BTreeMap<&'static str, Swap>;
+
+/// This build's programs, as [`Config::programs`] names them: the first four bytes of the
+/// eBPF object's SHA-256 (never 0, which pins from before the revision was kept hold).
+fn program_revision() -> u32 {
+    use sha2::Digest as _;
+    static REVISION: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *REVISION.get_or_init(|| {
+        let digest = sha2::Sha256::digest(EBPF_OBJECT);
+        u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]]).max(1)
+    })
+}
+
+/// The pinned links this start must replace: each one detached or attached elsewhere, and
+/// every one when the pins' programs are another build's. Read only: nothing changes here.
+fn pinned_swaps(ebpf: &Ebpf, links_dir: &Path, attach: &Cgroup) -> Result<Swaps, DatapathError> {
+    let config: Array<_, Config> = Array::try_from(
+        ebpf.map(c::MAP_CONFIG)
+            .ok_or(DatapathError::MissingMap(c::MAP_CONFIG))?,
+    )
+    .map_err(map_err(c::MAP_CONFIG))?;
+    let pinned = config.get(&0, 0).map_err(map_err(c::MAP_CONFIG))?.programs;
+    let stale = pinned != program_revision();
+    let mut swaps = Swaps::new();
+    for name in ALL_PROGRAMS {
+        let path = links_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let cgroup = sys::pinned_link(&path)
+            .and_then(|l| sys::link_cgroup(l.as_fd()))
+            .map_err(io_err(&path))?;
+        if cgroup != attach.id() {
+            warn!(
+                program = name,
+                cgroup, "a pinned link runs nowhere (detached): attaching it again"
+            );
+            swaps.insert(name, Swap::Reattach);
+        } else if stale {
+            swaps.insert(name, Swap::Update);
+        }
+    }
+    if stale {
+        info!(
+            pinned = format!("{pinned:08x}"),
+            this = format!("{:08x}", program_revision()),
+            "the pinned links run another build's programs: replacing each in its link"
+        );
+    }
+    Ok(swaps)
+}
+
 /// Loads (the kernel verifies) every program whose link is not pinned yet. The LSM line is
 /// loaded where the kernel runs BPF LSM programs; a kernel that then refuses it (before 6.0,
 /// no `lsm_cgroup`) leaves it unenforced, said in `families`.
@@ -1739,10 +1824,16 @@ fn load_programs(
     ebpf: &mut Ebpf,
     links_dir: &Path,
     families: &mut SocketFamilies,
+    swaps: &Swaps,
 ) -> Result<(), DatapathError> {
     let mut btf = None;
     for name in ALL_PROGRAMS {
         if links_dir.join(name).exists() {
+            if swaps.contains_key(name) {
+                // A pinned link's replacement must load: its old program keeps running
+                // otherwise, and the start is refused.
+                load_program(ebpf, name, &mut btf)?;
+            }
             continue;
         }
         if c::LSM_PROGRAMS.contains(&name) {
@@ -1816,10 +1907,12 @@ fn attach_all(
     attach: &Cgroup,
     links_dir: &Path,
     families: &SocketFamilies,
+    swaps: &Swaps,
 ) -> Result<StartReport, DatapathError> {
     let mut report = StartReport {
         attached: 0,
         adopted: 0,
+        replaced: 0,
     };
     let mut pinned_now: Vec<PathBuf> = Vec::new();
     let result = (|| {
@@ -1830,11 +1923,35 @@ fn attach_all(
                 source: Box::new(e),
             };
             let link_path = links_dir.join(name);
-            if link_path.exists() {
+            match swaps.get(name) {
+                _ if !link_path.exists() => {}
                 // A pin from an earlier start: enforcement is already in place.
-                PinnedLink::from_pin(&link_path).map_err(link_err)?;
-                report.adopted += 1;
-                continue;
+                None => {
+                    PinnedLink::from_pin(&link_path).map_err(link_err)?;
+                    report.adopted += 1;
+                    continue;
+                }
+                Some(Swap::Update) => {
+                    let prog = ebpf
+                        .program(name)
+                        .ok_or(DatapathError::MissingProgram(name))?
+                        .fd()
+                        .map_err(|e| DatapathError::Program {
+                            name,
+                            source: Box::new(e),
+                        })?;
+                    let replaced = sys::pinned_link(&link_path)
+                        .and_then(|link| sys::link_update(link.as_fd(), prog.as_fd()));
+                    replaced.map_err(|source| DatapathError::Replace { name, source })?;
+                    report.adopted += 1;
+                    report.replaced += 1;
+                    continue;
+                }
+                // Detached: it runs nothing. A new link takes its place.
+                Some(Swap::Reattach) => {
+                    fs::remove_file(&link_path).map_err(io_err(&link_path))?;
+                    report.replaced += 1;
+                }
             }
             if c::LSM_PROGRAMS.contains(&name) && *families != SocketFamilies::Enforced {
                 continue;
