@@ -73,17 +73,22 @@ pub const PROG_LSM_SENDMSG: &str = "aw_lsm_sendmsg";
 /// BPF LSM (`lsm_cgroup/file_receive`): a socket handed to a governed task (SCM_RIGHTS,
 /// pidfd_getfd) is taken only as one it could have made itself, and is governed as its own.
 pub const PROG_LSM_FILE_RECEIVE: &str = "aw_lsm_file_receive";
+/// BPF LSM (`lsm_cgroup/socket_bind`): a governed socket binds no address the host does not
+/// hold: refused while FREEBIND or TRANSPARENT is set on it, however the flag got there (a
+/// helper's setsockopt that raced the receipt, a unit's socket from before `enroll`).
+pub const PROG_LSM_BIND: &str = "aw_lsm_bind";
 
 /// The BPF LSM programs: loaded and attached together, or not at all.
-pub const LSM_PROGRAMS: [&str; 5] = [
+pub const LSM_PROGRAMS: [&str; 6] = [
     PROG_SOCKET_FAMILY,
     PROG_LSM_SETSOCKOPT,
     PROG_LSM_RECVMSG,
     PROG_LSM_SENDMSG,
     PROG_LSM_FILE_RECEIVE,
+    PROG_LSM_BIND,
 ];
 
-pub const ALL_PROGRAMS: [&str; 17] = [
+pub const ALL_PROGRAMS: [&str; 18] = [
     PROG_CONNECT4,
     PROG_CONNECT6,
     PROG_SENDMSG4,
@@ -101,6 +106,7 @@ pub const ALL_PROGRAMS: [&str; 17] = [
     PROG_LSM_RECVMSG,
     PROG_LSM_SENDMSG,
     PROG_LSM_FILE_RECEIVE,
+    PROG_LSM_BIND,
 ];
 
 /// Capacity of the identity table; identity 0 is reserved (it means "no identity" in event
@@ -275,6 +281,9 @@ pub const HOOK_SOCKET_USE: u8 = 11;
 /// BPF LSM `file_receive`: a socket handed to a governed task that it may not take. `family`
 /// and `sock_type` carry the socket's; a refused peer is in `addr` and `port`.
 pub const HOOK_SOCKET_RECEIVE: u8 = 12;
+/// BPF LSM `socket_bind`: a governed socket's bind refused (FREEBIND or TRANSPARENT set).
+/// `family` carries its family and `sock_protocol` the option.
+pub const HOOK_SOCKET_BIND: u8 = 13;
 /// `ifindex` of the loopback device in every network namespace: traffic between local
 /// processes, governed by the sender's egress rules.
 pub const LOOPBACK_IFINDEX: u32 = 1;

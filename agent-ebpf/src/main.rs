@@ -14,9 +14,9 @@ use agent_common::{
     DEFAULT_RATE_WINDOW_NS, DNS_ORIGIN_ENTRIES, DNS_PORT, DROPS_GOVERNED, DROPS_UNKNOWN, DnsOrigin,
     EVENT_ALLOW, EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY, EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES,
     Event, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS, HOOK_ERROR_QUEUE, HOOK_INGRESS,
-    HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCKET_FAMILY,
-    HOOK_SOCKET_RECEIVE, HOOK_SOCKET_USE, IDENTITY_ACTIVE, IdentityState, KernelLayout,
-    LOOPBACK_IFINDEX, LOUD_RECORDS, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES,
+    HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCKET_BIND,
+    HOOK_SOCKET_FAMILY, HOOK_SOCKET_RECEIVE, HOOK_SOCKET_USE, IDENTITY_ACTIVE, IdentityState,
+    KernelLayout, LOOPBACK_IFINDEX, LOUD_RECORDS, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES,
     MAX_PORT_ENTRIES, MAX_PORT_SETS, MODE_AUDIT, PORT_SET_WORDS, PROTO_TCP, PROTO_UDP, PortSet,
     RATE_ENTRIES, REASON_ERROR_QUEUE, REASON_EXPIRED, REASON_FOREIGN_SOCKET, REASON_GLOBAL_DENY,
     REASON_HANDED_SOCKET, REASON_INBOUND, REASON_LOOPBACK_SOURCE, REASON_NO_RULE,
@@ -257,6 +257,13 @@ pub fn aw_lsm_sendmsg(ctx: LsmContext) -> i32 {
 #[lsm_cgroup(hook = "file_receive")]
 pub fn aw_lsm_file_receive(ctx: LsmContext) -> i32 {
     try_file_receive(&ctx)
+}
+
+/// A governed socket binds only addresses the host holds, where the kernel runs BPF LSM
+/// programs.
+#[lsm_cgroup(hook = "socket_bind")]
+pub fn aw_lsm_bind(ctx: LsmContext) -> i32 {
+    try_socket_bind(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -939,6 +946,51 @@ fn try_socket_use(ctx: &LsmContext, send: bool) -> i32 {
         return ALLOW;
     }
     refuse_task(&flow, leaf, &binding, REASON_FOREIGN_SOCKET)
+}
+
+/// `socket_bind(sock, address, addrlen)`. The setsockopt lines keep FREEBIND and TRANSPARENT
+/// off a governed socket, but a flag can still be on one: set by a helper whose setsockopt
+/// hooks ran before the receipt claimed the socket and whose bit landed after both of the
+/// receipt's reads, or by a unit on its socket before `enroll` bound it. With the flag, a
+/// bind takes any address, and everything the socket sends after (a TCP handshake too)
+/// leaves from it. So a bind of a governed socket (by the task's binding, else the socket's)
+/// is refused while either flag is set, whatever address it names.
+#[inline(always)]
+fn try_socket_bind(ctx: &LsmContext) -> i32 {
+    let sock: *const KernelSocket = ctx.arg(0);
+    if sock.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: a BTF-typed kernel pointer the verifier checks the load against.
+    let sk = unsafe { (*sock).sk };
+    if sk.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: as above; `sk` points at a `struct sock`, which begins with `sock_common`.
+    let family = unsafe { (*sk.cast::<KernelSockCommon>()).family };
+    if family != AF_INET && family != AF_INET6 {
+        return ALLOW;
+    }
+    let leaf = unsafe { bpf_get_current_cgroup_id() };
+    let binding = match governing(leaf, sk) {
+        Holder::Binding(_, b) => b,
+        Holder::Nobody => return ALLOW,
+        Holder::Ended => return DENY,
+    };
+    let option = nonlocal_option(sk, &layout(), false);
+    if option == 0 {
+        return ALLOW;
+    }
+    let flow = Flow {
+        addr: [0; 16],
+        port: 0,
+        proto: 0,
+        hook: HOOK_SOCKET_BIND,
+        family,
+        sock_type: 0,
+        sock_protocol: option,
+    };
+    refuse_task(&flow, leaf, &binding, REASON_SOCKET_OPTION)
 }
 
 /// `file_receive(file)`, in the receiving task's context. A socket a governed task receives

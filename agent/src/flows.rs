@@ -207,6 +207,13 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
                 crate::datapath::family_name(e.family),
                 crate::datapath::socket_detail(e.reason, e.sock_protocol)
             ))
+        } else if e.hook == Hook::SocketBind {
+            Some(format!(
+                "bind of a socket of family {} ({}){}",
+                e.family,
+                crate::datapath::family_name(e.family),
+                crate::datapath::socket_detail(e.reason, e.sock_protocol)
+            ))
         } else if e.hook == Hook::SocketReceive {
             Some(format!(
                 "socket of family {} ({}) type {} received from another process{}",

@@ -464,6 +464,73 @@ fn sockets_made_before_enroll_are_governed_from_their_first_packet() {
     assert_eq!(r["reason"], "no ingress rule allows it", "{r:#}");
 }
 
+/// A unit's socket that had `IPV6_FREEBIND` set before `enroll` bound its cgroup (connected,
+/// so enroll lists it, then disconnected, which unbinds it) binds no address the host does
+/// not hold after: where the kernel runs BPF LSM programs, `socket_bind` refuses the bind
+/// (EPERM, recorded), so nothing leaves from that address. The same holds for a flag a
+/// helper's setsockopt landed on a handed socket after the receipt's reads.
+#[test]
+fn a_governed_socket_with_freebind_set_binds_no_address_the_host_does_not_hold() {
+    let mut fx = fixture("wire-bind-freebind");
+    let _peer = fx
+        .link
+        .peer
+        .run_in(|| std::net::UdpSocket::bind(format!("[{PEER_V6}]:9000")).expect("bind [v6]:9000"));
+    let unit = fx._env.cgroup("unit");
+    let mut c = Command::new(bin_path("aw-probe"));
+    c.args(["--cgroup", unit.path().to_str().unwrap(), "--cpu", "0"]);
+    fx.link.agent.enter(&mut c);
+    let mut svc = Probe::from_command(c);
+    // Ungoverned yet: the flag is the unit's to set.
+    assert_eq!(svc.cmd("hold-fresh udp 6"), "ok");
+    assert_eq!(svc.cmd("freebind-held"), "ok");
+    assert_eq!(svc.cmd(&format!("connect-held {PEER_V6} 9000")), "ok");
+    let (cert, key) = write_cert(fx.dir.path(), "unit", &fx.ca.issue(&CertSpec::agent(ID)));
+    let mut enroll = agentwall_tests::node::agentwall();
+    enroll
+        .args([
+            "enroll",
+            "--cgroup",
+            unit.path().to_str().unwrap(),
+            "--cert",
+        ])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("--socket")
+        .arg(fx.socket());
+    run_ok(&mut enroll);
+    assert_eq!(svc.cmd("disconnect-held"), "ok");
+    let bound = svc.cmd("bind-held 2001:db8::99 0");
+    if let Some(why) = lsm_line(fx.socket()) {
+        // Without BPF LSM nothing sees a bind: the threat model says so.
+        assert_eq!(bound, "ok", "{why}");
+        return;
+    }
+    assert_eq!(bound, "err EPERM", "{}", socket_records(fx.socket()));
+    let r = wait_flow_where(fx.socket(), "socket-deny", |r| {
+        r["protocol"] == "bind of a socket of family 10 (inet6), with FREEBIND set"
+    });
+    assert_eq!(
+        r["reason"], "socket option not allowed (non-local source address)",
+        "{r:#}"
+    );
+    assert_eq!(r["identity"], ID, "{r:#}");
+    // Connected again, it sends nothing while the flag is on (`socket_sendmsg`), and nothing
+    // from the foreign address reaches the wire.
+    assert_eq!(svc.cmd(&format!("connect-held {PEER_V6} 9000")), "ok");
+    assert_eq!(svc.cmd("send-held"), "err EPERM");
+    let seen = fx.until_helper_marker(9102);
+    let foreign: Vec<&Packet> = seen
+        .iter()
+        .filter(|p| p.src.to_string() == "2001:db8::99")
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "sent from the foreign address: {foreign:?}"
+    );
+}
+
 /// A socket made outside governance and handed to a governed agent over a unix socket keeps the
 /// cgroup it was made in, where no binding would judge it. Where the kernel runs BPF LSM
 /// programs, the agent's receipt of it is judged: taken only if the agent could have made it

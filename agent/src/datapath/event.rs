@@ -86,6 +86,8 @@ pub enum Hook {
     /// BPF LSM `file_receive`: a socket handed to a governed task that it may not take. A
     /// refused peer is in `dest` and `port`.
     SocketReceive,
+    /// BPF LSM `socket_bind`: a governed socket's bind while FREEBIND or TRANSPARENT is set.
+    SocketBind,
 }
 
 impl Hook {
@@ -99,6 +101,7 @@ impl Hook {
                 | Self::ErrorQueue
                 | Self::SocketUse
                 | Self::SocketReceive
+                | Self::SocketBind
         )
     }
 
@@ -115,6 +118,7 @@ impl Hook {
             c::HOOK_ERROR_QUEUE => Self::ErrorQueue,
             c::HOOK_SOCKET_USE => Self::SocketUse,
             c::HOOK_SOCKET_RECEIVE => Self::SocketReceive,
+            c::HOOK_SOCKET_BIND => Self::SocketBind,
             c::HOOK_SOCKET_FAMILY => Self::SocketFamily,
             _ => return None,
         })

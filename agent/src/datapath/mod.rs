@@ -258,6 +258,7 @@ fn lsm_hook(name: &str) -> &'static str {
         c::PROG_LSM_RECVMSG => "socket_recvmsg",
         c::PROG_LSM_SENDMSG => "socket_sendmsg",
         c::PROG_LSM_FILE_RECEIVE => "file_receive",
+        c::PROG_LSM_BIND => "socket_bind",
         _ => "socket_create",
     }
 }
@@ -316,7 +317,8 @@ fn attach_type(name: &str) -> u32 {
         | c::PROG_LSM_SETSOCKOPT
         | c::PROG_LSM_RECVMSG
         | c::PROG_LSM_SENDMSG
-        | c::PROG_LSM_FILE_RECEIVE => sys::ATTACH_LSM_CGROUP,
+        | c::PROG_LSM_FILE_RECEIVE
+        | c::PROG_LSM_BIND => sys::ATTACH_LSM_CGROUP,
         _ => sys::ATTACH_INET_SOCK_CREATE,
     }
 }

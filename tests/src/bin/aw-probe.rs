@@ -1151,6 +1151,18 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         }
         // Disconnects every held UDP socket (connect to AF_UNSPEC), which unhashes one whose
         // port the connect chose: it then looks unbound, whatever its queue holds.
+        // Binds the last held UDP socket to ADDR PORT: "ok" or "err ERRNO".
+        ["bind-held", ip, port] => {
+            let held = held_udp();
+            let s = held.last().ok_or("no held UDP socket")?;
+            let (ss, len) = sockaddr(sa(ip, port)?);
+            // SAFETY: valid fd and address.
+            if unsafe { libc::bind(s.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
+                format!("err {}", errno_name(last_err()))
+            } else {
+                "ok".into()
+            }
+        }
         ["disconnect-held"] => {
             let mut reply = "ok".to_owned();
             for s in held_udp().iter() {
