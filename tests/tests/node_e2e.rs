@@ -1472,32 +1472,69 @@ fn an_upgrade_to_a_new_map_layout_leaves_no_session_ungoverned() {
 fn the_self_check_finds_a_line_that_lets_through_what_it_must_refuse() {
     let (env, tmp, ca) = setup("selfcheck", POLICY);
     let dir = tmp.path();
-    let addr = loopback_addr();
-    let node = NodeProc::start_with(&env, dir, &["--metrics-listen", &addr.to_string()]);
+    let audit = dir.join("audit.jsonl");
+    let (node, addr) = NodeProc::start_observed(&env, dir, &audit);
     let lsm = agentwall_tests::node::lsm_line(&node.socket).is_none();
-    // The check ran before the node said it was ready: every line in force refused.
-    let status = status_json(&node.socket);
-    let check = &status["self_check"];
-    assert_eq!(check["ok"], true, "{status}");
-    for line in ["connect4", "connect6", "sendmsg4", "sendmsg6", "sockopt"] {
-        assert_eq!(check[line]["verdict"], "refused", "{line}: {check}");
-    }
+    let refused = [
+        "connect4", "connect6", "sendmsg4", "sendmsg6", "sockopt", "raw",
+    ];
     let lsm_verdict = if lsm { "refused" } else { "not_checked" };
-    assert_eq!(check["families"]["verdict"], lsm_verdict, "{check}");
-    assert_eq!(check["receipt"]["verdict"], lsm_verdict, "{check}");
-    // Its refusals are the node's own: no agent's records, no decisions counted.
+    // The check ran before the node said it was ready, and runs again on request: every line
+    // in force refused, every link runs.
+    for check in [
+        status_json(&node.socket)["self_check"].clone(),
+        check_now(&node.socket),
+    ] {
+        assert_eq!(check["ok"], true, "{check}");
+        assert_eq!(check["detached"], serde_json::json!([]), "{check}");
+        for line in refused {
+            assert_eq!(check[line]["verdict"], "refused", "{line}: {check}");
+        }
+        assert_eq!(check["families"]["verdict"], lsm_verdict, "{check}");
+        assert_eq!(check["receipt"]["verdict"], lsm_verdict, "{check}");
+    }
+    let s = scrape(addr);
+    assert_eq!(metric(&s, "agentwall_selfcheck_ok", &[]), 1.0);
+    assert_eq!(metric(&s, "agentwall_selfcheck_failures_total", &[]), 0.0);
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    // The canary's refusals are the node's own: neither its records nor the counts the
+    // kernel folded for it (collected once a flow goes quiet) are an agent's. An agent's own
+    // folded count, collected after the checks, is the sign the node has swept since.
+    assert_eq!(
+        probe.cmd("connect-loop tcp 192.0.2.10 81 50"),
+        "eperm=50 other=0"
+    );
+    eventually(
+        "the agent's folded denials",
+        Duration::from_secs(20),
+        || {
+            let total: u64 = audit_records(&audit)
+                .iter()
+                .filter(|r| r["kind"] == "decision" && r["port"] == 81)
+                .map(|r| r["count"].as_u64().unwrap_or(0))
+                .sum();
+            if total == 50 {
+                Ok(())
+            } else {
+                Err(format!("{total} of 50"))
+            }
+        },
+    );
+    let canary: Vec<serde_json::Value> = audit_records(&audit)
+        .into_iter()
+        .filter(|r| r["kind"] == "decision" && (r["port"] == 9 || r["dest"] == "192.0.2.1"))
+        .collect();
+    assert!(
+        canary.is_empty(),
+        "the self-check's refusals were reported: {canary:?}"
+    );
     assert!(
         agentwall_tests::node::flows(&node.socket, "deny")
             .iter()
             .all(|r| r["port"] != 9),
         "the self-check's refusals were reported as an agent's"
     );
-    let s = scrape(addr);
-    assert_eq!(metric(&s, "agentwall_selfcheck_ok", &[]), 1.0);
-    assert_eq!(metric(&s, "agentwall_selfcheck_failures_total", &[]), 0.0);
-    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
-    let mut probe = launch_probe(&node.socket, &cert, &key);
-    assert_eq!(probe.cmd("connect tcp 192.0.2.10 80"), "err EPERM");
 
     // The connect4 line stops running, its pin left in place.
     let pin = agentwall::datapath::pin_dir(&env.bpffs_dir)
@@ -1505,13 +1542,13 @@ fn the_self_check_finds_a_line_that_lets_through_what_it_must_refuse() {
         .join(agent_common::PROG_CONNECT4);
     agentwall_tests::detach_pinned_link(&pin);
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 80"), "err ENETUNREACH");
-    let status = agentwall_tests::node::run_json(
-        agentwall()
-            .args(["status", "--check", "--output", "json", "--socket"])
-            .arg(&node.socket),
+    let check = check_now(&node.socket);
+    assert_eq!(check["ok"], false, "{check}");
+    assert_eq!(
+        check["detached"],
+        serde_json::json!(["aw_connect4"]),
+        "{check}"
     );
-    let check = &status["self_check"];
-    assert_eq!(check["ok"], false, "{status}");
     assert_eq!(check["connect4"]["verdict"], "not_refused", "{check}");
     assert!(
         check["connect4"]["detail"]
@@ -1520,7 +1557,7 @@ fn the_self_check_finds_a_line_that_lets_through_what_it_must_refuse() {
             .contains("os error 101"),
         "the canary's connect went on to the routing (ENETUNREACH): {check}"
     );
-    for line in ["connect6", "sendmsg4", "sendmsg6", "sockopt"] {
+    for line in &refused[1..] {
         assert_eq!(check[line]["verdict"], "refused", "{line}: {check}");
     }
     // New sessions are refused while it fails, saying why.
@@ -1531,7 +1568,7 @@ fn the_self_check_finds_a_line_that_lets_through_what_it_must_refuse() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "launched on a failing line: {err}");
     assert!(
-        err.contains("enforcement self-check") && err.contains("connect4"),
+        err.contains("enforcement self-check") && err.contains("link aw_connect4 detached"),
         "{err}"
     );
     let text = String::from_utf8(agentwall_tests::node::run_ok(
@@ -1542,5 +1579,24 @@ fn the_self_check_finds_a_line_that_lets_through_what_it_must_refuse() {
     let s = scrape(addr);
     assert_eq!(metric(&s, "agentwall_selfcheck_ok", &[]), 0.0);
     assert_eq!(metric(&s, "agentwall_selfcheck_failures_total", &[]), 1.0);
+    drop(probe);
     node.stop();
+
+    // A restart attaches the link again; the check passes and sessions start.
+    let node = NodeProc::start(&env, dir);
+    let check = status_json(&node.socket)["self_check"].clone();
+    assert_eq!(check["ok"], true, "{check}");
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 80"), "err EPERM");
+    node.stop();
+}
+
+/// Runs the self-check now; its result.
+fn check_now(socket: &Path) -> serde_json::Value {
+    agentwall_tests::node::run_json(
+        agentwall()
+            .args(["status", "--check", "--output", "json", "--socket"])
+            .arg(socket),
+    )["self_check"]
+        .clone()
 }

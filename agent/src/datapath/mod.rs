@@ -1707,6 +1707,53 @@ impl Datapath {
         Ok(out)
     }
 
+    /// Forgets the kernel's folded counts of records about `cgroup_id` (a cgroup gone whose
+    /// records nobody is to see): they are never drained into records.
+    pub fn forget_counts(&self, cgroup_id: u64) -> Result<usize, DatapathError> {
+        let mut forgotten = 0;
+        for table in &self.rate {
+            let keys: Vec<c::RateKey> = table
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| k.cgroup_id == cgroup_id)
+                .collect();
+            for k in keys {
+                // SAFETY: plain old data; the view covers exactly the map's key size.
+                let kb = unsafe {
+                    std::slice::from_raw_parts((&raw const k).cast::<u8>(), size_of::<c::RateKey>())
+                };
+                let mut vb = [0u8; size_of::<c::RateState>()];
+                let fd = aya::maps::IterableMap::map(table).fd().as_fd();
+                if sys::map_lookup_and_delete(fd, kb, &mut vb)
+                    .map_err(io_err(Path::new(c::MAP_RATE)))?
+                {
+                    forgotten += 1;
+                }
+            }
+        }
+        Ok(forgotten)
+    }
+
+    /// Programs whose pinned link no longer runs them on the attach point (detached behind
+    /// the node's back), or whose pin is gone.
+    pub fn detached_links(&self) -> Vec<&'static str> {
+        let links = self.pin_dir.join("links");
+        let attach = self.attach.id();
+        ALL_PROGRAMS
+            .iter()
+            .filter(|name| {
+                if c::LSM_PROGRAMS.contains(name) && self.families != SocketFamilies::Enforced {
+                    return false;
+                }
+                let path = links.join(name);
+                !sys::pinned_link(&path)
+                    .and_then(|l| sys::link_cgroup(l.as_fd()))
+                    .is_ok_and(|cgroup| cgroup == attach)
+            })
+            .copied()
+            .collect()
+    }
+
     /// The reader of decision records; there is one, and this hands it out once.
     pub fn take_events(&self) -> Option<EventReader> {
         lock(&self.events)

@@ -513,16 +513,18 @@ impl Node {
         let deps = self.deps();
         self.enforcer.rearm_if_due(&deps);
         self.enforcer.reload(false, &deps);
-        let table = self.registry.table();
-        self.canary
-            .run_if_due(&self.datapath, table.name(canary::CANARY_IDENTITY));
     }
 
-    /// Runs the enforcement self-check now.
+    /// The identity table's number for the self-check's canary.
+    fn canary_number(&self) -> Result<u32, canary::CanaryError> {
+        Ok(self
+            .registry
+            .self_check_number(agent_common::MAX_IDENTITIES - 1)?)
+    }
+
+    /// Runs the enforcement self-check now (after one that is running).
     fn self_check(&self) {
-        let table = self.registry.table();
-        self.canary
-            .run(&self.datapath, table.name(canary::CANARY_IDENTITY));
+        self.canary.run(&self.datapath, || self.canary_number());
     }
 
     fn lookups<'a>(&'a self, applied: &'a enforcer::Applied) -> Lookups<'a> {
@@ -740,10 +742,27 @@ impl Node {
             let applied = self.enforcer.applied();
             let with = self.lookups(&applied);
             guard.get_inner_mut().drain_with(|e| {
-                self.records
-                    .record(&e, &with, &self.journal, &self.counters);
+                // The self-check's own: what it must be refused is no agent's doing.
+                if !self.canary.owns(e.identity) {
+                    self.records
+                        .record(&e, &with, &self.journal, &self.counters);
+                }
             });
             guard.clear_ready();
+        }
+    }
+
+    /// The self-check on its schedule, off the tick: a canary that does not answer holds up
+    /// only the check.
+    async fn self_checks(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let node = self.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                node.canary
+                    .run_if_due(&node.datapath, || node.canary_number());
+            })
+            .await;
         }
     }
 
@@ -810,6 +829,7 @@ impl Node {
         }
         let revision = self.revision();
         tokio::spawn(self.clone().read_events());
+        tokio::spawn(self.clone().self_checks());
         if !self.cfg.catalog_refresh().is_zero() {
             tokio::spawn(self.clone().refresh_catalog());
         }

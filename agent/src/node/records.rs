@@ -220,10 +220,6 @@ impl Records {
         journal: &Journal,
         counters: &Counters,
     ) {
-        // The node's own self-check: what it must be refused is no agent's doing.
-        if e.identity == super::canary::CANARY_IDENTITY {
-            return;
-        }
         let r = enrich(e, with);
         let mut folder = lock(&self.folder);
         folder.remember(e.rate_key, e.identity, &r);

@@ -32,7 +32,22 @@ pub enum RegistryError {
         new: usize,
         max: usize,
     },
+    #[error("{path}: identity number {number} is given twice ({first} and {second})")]
+    Duplicate {
+        path: PathBuf,
+        number: u32,
+        first: String,
+        second: String,
+    },
+    #[error(
+        "no identity number is left for the node's self-check: the {used} numbers the datapath holds are taken"
+    )]
+    NoSelfCheckNumber { used: u32 },
 }
+
+/// How the self-check's own number appears where an identity's name would: no policy can
+/// name it (identities are SPIFFE IDs).
+pub const SELF_CHECK: &str = "agentwall:self-check";
 
 /// Numbers ↔ SPIFFE IDs, immutable once published.
 #[derive(Debug, Default)]
@@ -71,6 +86,22 @@ struct File {
     numbers: BTreeMap<String, u32>,
     #[serde(default)]
     revoked: BTreeSet<String>,
+    /// The number the node's self-check binds its canary to: numbered like an identity (so
+    /// no identity ever gets it), and none of a policy's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    self_check: Option<u32>,
+}
+
+impl File {
+    /// The highest number given, the self-check's included.
+    fn last_number(&self) -> u32 {
+        self.numbers
+            .values()
+            .copied()
+            .chain(self.self_check)
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 struct State {
@@ -96,6 +127,24 @@ impl Registry {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => File::default(),
             Err(source) => return Err(RegistryError::Io { path, source }),
         };
+        // A number given twice would put two identities (or an identity and the self-check)
+        // under one binding's rules and state.
+        let mut seen: HashMap<u32, &str> = HashMap::new();
+        let given = file
+            .numbers
+            .iter()
+            .map(|(id, &n)| (id.as_str(), n))
+            .chain(file.self_check.map(|n| (SELF_CHECK, n)));
+        for (id, n) in given {
+            if let Some(first) = seen.insert(n, id) {
+                return Err(RegistryError::Duplicate {
+                    path,
+                    number: n,
+                    first: first.to_owned(),
+                    second: id.to_owned(),
+                });
+            }
+        }
         let table = Arc::new(Self::table_of(&file));
         Ok(Self {
             path,
@@ -157,10 +206,11 @@ impl Registry {
                 max,
             });
         }
-        let first = st.file.numbers.values().max().map_or(1, |m| m + 1);
+        let first = st.file.last_number() + 1;
         let mut file = File {
             numbers: st.file.numbers.clone(),
             revoked: st.file.revoked.clone(),
+            self_check: st.file.self_check,
         };
         for (n, id) in (first..).zip(new) {
             file.numbers.insert(id.to_owned(), n);
@@ -169,6 +219,27 @@ impl Registry {
         st.table = Arc::new(Self::table_of(&file));
         st.file = file;
         Ok(st.table.clone())
+    }
+
+    /// The self-check's number, given (and kept) the first time it is asked for. At most
+    /// `max` (the datapath's last identity number).
+    pub fn self_check_number(&self, max: u32) -> Result<u32, RegistryError> {
+        let mut st = self.lock();
+        if let Some(n) = st.file.self_check {
+            return Ok(n);
+        }
+        let n = st.file.last_number() + 1;
+        if n > max {
+            return Err(RegistryError::NoSelfCheckNumber { used: max });
+        }
+        let file = File {
+            numbers: st.file.numbers.clone(),
+            revoked: st.file.revoked.clone(),
+            self_check: Some(n),
+        };
+        self.save(&file)?;
+        st.file = file;
+        Ok(n)
     }
 
     pub fn is_revoked(&self, id: &str) -> bool {
@@ -228,5 +299,39 @@ mod tests {
         assert!(again.is_revoked("spiffe://x/a"));
         let t = again.assign(["spiffe://x/c"], 3).unwrap();
         assert_eq!(t.number("spiffe://x/c"), Some(3));
+    }
+
+    #[test]
+    fn the_self_check_is_numbered_like_an_identity_and_no_number_is_given_twice() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Registry::load(d.path()).unwrap();
+        r.assign(["spiffe://x/a"], 10).unwrap();
+        assert_eq!(r.self_check_number(10).unwrap(), 2);
+        assert_eq!(r.self_check_number(10).unwrap(), 2, "kept");
+        let t = r.assign(["spiffe://x/b"], 10).unwrap();
+        assert_eq!(t.number("spiffe://x/b"), Some(3), "after the self-check's");
+        assert_eq!(t.len(), 2, "the self-check is no identity");
+        let again = Registry::load(d.path()).unwrap();
+        assert_eq!(again.self_check_number(10).unwrap(), 2);
+        // A table with its last number taken has none for the self-check.
+        let full = tempfile::tempdir().unwrap();
+        let r = Registry::load(full.path()).unwrap();
+        r.assign(["spiffe://x/a", "spiffe://x/b"], 2).unwrap();
+        assert_eq!(
+            r.self_check_number(2).unwrap_err().to_string(),
+            "no identity number is left for the node's self-check: the 2 numbers the datapath holds are taken"
+        );
+        // A number given twice refuses the table, naming both.
+        let dup = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dup.path().join("identities.json"),
+            r#"{"numbers":{"spiffe://x/a":1},"self_check":1}"#,
+        )
+        .unwrap();
+        let e = Registry::load(dup.path()).err().unwrap().to_string();
+        assert!(
+            e.ends_with("identity number 1 is given twice (spiffe://x/a and agentwall:self-check)"),
+            "{e}"
+        );
     }
 }
