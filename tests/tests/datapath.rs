@@ -1172,5 +1172,21 @@ fn a_start_replaces_another_builds_programs_and_attaches_detached_links_again() 
     assert_eq!(p.cmd("connect tcp 192.0.2.10 83"), DENIED);
     assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), ALLOWED);
     drop(dp);
+
+    // The same pins with another attach point: refused, the links left enforcing where
+    // they are (taking them away would leave the agent here unjudged).
+    let before = attached_programs(env.root.path()).unwrap();
+    let mut elsewhere = env.config();
+    elsewhere.attach_cgroup = env.cgroup("elsewhere").path().to_owned();
+    let err = Datapath::start(&elsewhere)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("enforces cgroup") && err.contains("not the attach point"),
+        "{err}"
+    );
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 84"), DENIED);
+    assert_eq!(attached_programs(env.root.path()).unwrap(), before);
     teardown(&env.bpffs_dir).unwrap();
 }

@@ -72,7 +72,20 @@ pub enum DatapathError {
         source: Box<aya::programs::links::LinkError>,
     },
     #[error(
-        "replacing the program of the pinned link {name} (the old one keeps running; `agentwall down` then a start attaches afresh): {source}"
+        "the BPF LSM line is pinned and running, and this build cannot keep it: {0}. The pinned programs stay; `agentwall down` first to start without the line"
+    )]
+    LsmLine(String),
+    #[error(
+        "the pinned link {path} ({name}) enforces cgroup {cgroup}, not the attach point {attach}: set attach_cgroup back, or `agentwall down` first to move enforcement"
+    )]
+    PinnedElsewhere {
+        name: &'static str,
+        path: PathBuf,
+        cgroup: u64,
+        attach: PathBuf,
+    },
+    #[error(
+        "replacing the program of the pinned link {name} (it keeps its old one; links replaced before it run this build's; a start of this build finishes the swap): {source}"
     )]
     Replace {
         name: &'static str,
@@ -698,6 +711,13 @@ impl Datapath {
         // After the loads (a kernel that refuses the LSM programs is spared the BTF parse),
         // before anything is attached: a line found wrong here is never attached.
         let layout = kernel_layout(&mut families);
+        if let SocketFamilies::Unenforced(why) = &families
+            && links_dir.join(c::PROG_SOCKET_FAMILY).exists()
+        {
+            // The pinned LSM links would run on with an unknown layout while status said
+            // the line is off: refused, the pinned programs left as they are.
+            return Err(DatapathError::LsmLine(why.clone()));
+        }
         Ok(Loaded {
             fresh,
             families,
@@ -748,6 +768,18 @@ impl Loaded {
             mut ebpf,
         } = self;
         let cfg = &cfg;
+        if !swaps.is_empty() {
+            // In flux until every link is swapped: a start that stops part-way leaves links
+            // of two builds, which no build's revision may claim (a rollback would adopt them).
+            let mut config: Array<_, Config> = Array::try_from(
+                ebpf.map_mut(c::MAP_CONFIG)
+                    .ok_or(DatapathError::MissingMap(c::MAP_CONFIG))?,
+            )
+            .map_err(map_err(c::MAP_CONFIG))?;
+            let mut conf = config.get(&0, 0).map_err(map_err(c::MAP_CONFIG))?;
+            conf.programs = 0;
+            config.set(0, conf, 0).map_err(map_err(c::MAP_CONFIG))?;
+        }
         let report = attach_all(&mut ebpf, &attach, &links_dir, &families, &swaps)?;
         if let SocketFamilies::Unenforced(why) = &families {
             warn!(
@@ -1781,7 +1813,7 @@ fn kernel_layout(families: &mut SocketFamilies) -> KernelLayout {
         }
     };
     let mut found = btf.inet_flags().unwrap_or_else(|e| {
-        warn!(error = %e, "inet sockets handed to governed agents are refused: where this kernel keeps their FREEBIND and TRANSPARENT flags is unknown");
+        warn!(error = %e, "inet sockets handed to governed agents, and every bind of a governed socket, are refused: where this kernel keeps the FREEBIND and TRANSPARENT flags is unknown");
         KernelLayout::default()
     });
     (found.bindaddr_at, found.bindaddr_mask) = btf.bindaddr_lock().unwrap_or_else(|e| {
@@ -1846,12 +1878,21 @@ fn pinned_swaps(ebpf: &Ebpf, links_dir: &Path, attach: &Cgroup) -> Result<Swaps,
         let cgroup = sys::pinned_link(&path)
             .and_then(|l| sys::link_cgroup(l.as_fd()))
             .map_err(io_err(&path))?;
-        if cgroup != attach.id() {
+        if cgroup == 0 {
             warn!(
                 program = name,
-                cgroup, "a pinned link runs nowhere (detached): attaching it again"
+                "a pinned link runs nowhere (detached): attaching it again"
             );
             swaps.insert(name, Swap::Reattach);
+        } else if cgroup != attach.id() {
+            // Enforcing another cgroup (attach_cgroup changed with the pins kept): taking it
+            // away from there would leave that cgroup's agents unjudged.
+            return Err(DatapathError::PinnedElsewhere {
+                name,
+                path,
+                cgroup,
+                attach: attach.path().to_owned(),
+            });
         } else if stale {
             swaps.insert(name, Swap::Update);
         }
@@ -1889,6 +1930,11 @@ fn load_programs(
             if *families == SocketFamilies::Enforced
                 && let Err(e) = load_program(ebpf, name, &mut btf)
             {
+                // Pinned LSM links run on: the line cannot be said unenforced, nor left half
+                // this build's. The start is refused, the pinned programs left running.
+                if links_dir.join(c::PROG_SOCKET_FAMILY).exists() {
+                    return Err(e);
+                }
                 *families = SocketFamilies::Unenforced(format!(
                     "the kernel refused the BPF LSM {} program: {e}",
                     lsm_hook(name)

@@ -215,6 +215,9 @@ pub struct Canary {
 
 struct State {
     last: Option<SelfCheck>,
+    /// The last check that found a line not enforcing, until one passes: a check that
+    /// could not run since says nothing of that line.
+    failed: Option<SelfCheck>,
     next: Instant,
     failures: u64,
     /// Checks in a row that could not run.
@@ -235,6 +238,7 @@ impl Canary {
             cgroup,
             state: Mutex::new(State {
                 last: None,
+                failed: None,
                 next: Instant::now(),
                 failures: 0,
                 errors: 0,
@@ -308,8 +312,8 @@ impl Canary {
         };
         let mut st = self.state();
         let could_not = !check.ok && !check.failed_line();
+        let was_refusing = refuses(st.failed.as_ref(), st.errors);
         st.errors = if could_not { st.errors + 1 } else { 0 };
-        let was_refusing = st.last.as_ref().is_some_and(|l| refuses(l, st.errors));
         if check.failed_line() {
             st.failures += 1;
             tracing::error!(
@@ -326,6 +330,11 @@ impl Canary {
             tracing::info!("the self-check passes again: launches and enrollments resume");
         }
         st.next = Instant::now() + if could_not { RETRY } else { EVERY };
+        if check.ok {
+            st.failed = None;
+        } else if check.failed_line() {
+            st.failed = Some(check.clone());
+        }
         st.last = Some(check.clone());
         check
     }
@@ -344,14 +353,15 @@ impl Canary {
     /// [`ERRORS_REFUSE`] checks in a row could not run.
     pub fn refusal(&self) -> Option<String> {
         let st = self.state();
-        let last = st.last.as_ref()?;
-        refuses(last, st.errors).then(|| {
-            format!(
-                "the node's enforcement self-check at {} failed ({}): new sessions are refused until one passes",
-                last.at,
-                last.failures()
-            )
-        })
+        if !refuses(st.failed.as_ref(), st.errors) {
+            return None;
+        }
+        let said = st.failed.as_ref().or(st.last.as_ref())?;
+        Some(format!(
+            "the node's enforcement self-check at {} failed ({}): new sessions are refused until one passes",
+            said.at,
+            said.failures()
+        ))
     }
 
     fn check(&self, dp: &Datapath, number: u32) -> Result<[Outcome; LINES], CanaryError> {
@@ -378,10 +388,10 @@ impl Canary {
     }
 }
 
-/// Sessions are refused after a check that found a line not enforcing, or after
-/// [`ERRORS_REFUSE`] in a row that could not run.
-fn refuses(last: &SelfCheck, errors: u32) -> bool {
-    last.failed_line() || errors >= ERRORS_REFUSE
+/// Sessions are refused from a check that found a line not enforcing (`failed`) until one
+/// passes, and after [`ERRORS_REFUSE`] checks in a row that could not run.
+fn refuses(failed: Option<&SelfCheck>, errors: u32) -> bool {
+    failed.is_some() || errors >= ERRORS_REFUSE
 }
 
 /// Reaps canaries that did not die in time before.
@@ -888,9 +898,10 @@ mod tests {
         outcomes[0] = Outcome::Error("its socket: Too many open files".into());
         let partial = SelfCheck::of("t".into(), vec![], outcomes, None);
         assert!(!partial.ok && !partial.failed_line());
-        // Sessions: refused at once on a failed line, after three checks that could not run.
-        assert!(refuses(&failed, 0));
-        assert!(!refuses(&broken, ERRORS_REFUSE - 1));
-        assert!(refuses(&broken, ERRORS_REFUSE));
+        // Sessions: refused from a failed line on (a check that could not run since leaves
+        // that standing), and after three checks in a row that could not run.
+        assert!(refuses(Some(&failed), 0));
+        assert!(!refuses(None, ERRORS_REFUSE - 1));
+        assert!(refuses(None, ERRORS_REFUSE));
     }
 }

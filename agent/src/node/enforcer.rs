@@ -323,7 +323,7 @@ impl Enforcer {
         // table must hold everyone known plus everyone new.
         let table = deps.registry.assign(
             set.agents.iter().map(|a| a.identity.as_str()),
-            // The last number is the self-check's (see `canary::CANARY_IDENTITY`).
+            // One number of the table is the self-check's (`Registry::self_check_number`).
             agent_common::MAX_IDENTITIES as usize - 2,
         )?;
         let now = SystemTime::now();
