@@ -710,3 +710,38 @@ pub fn detach_pinned_link(pin: &Path) {
     unsafe { libc::close(fd as i32) };
     detached.expect("BPF_LINK_DETACH");
 }
+
+/// Pins the link pinned at `pin` a second time, at `at` (`BPF_OBJ_PIN`).
+pub fn pin_again(pin: &Path, at: &Path) {
+    use std::os::unix::ffi::OsStrExt as _;
+    #[repr(C)]
+    #[derive(Default)]
+    struct Obj {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let from = std::ffi::CString::new(pin.as_os_str().as_bytes()).unwrap();
+    let to = std::ffi::CString::new(at.as_os_str().as_bytes()).unwrap();
+    let mut get = Obj {
+        pathname: from.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: the attribute points at a NUL-terminated path that outlives the call.
+    let fd = unsafe { agentwall::datapath::sys::bpf(BPF_OBJ_GET, &mut get) }
+        .unwrap_or_else(|e| panic!("opening the link pinned at {}: {e}", pin.display()));
+    let mut put = Obj {
+        pathname: to.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        ..Default::default()
+    };
+    // SAFETY: as above, with a descriptor the kernel just gave us.
+    let pinned = unsafe { agentwall::datapath::sys::bpf(BPF_OBJ_PIN, &mut put) };
+    // SAFETY: ours, closed once.
+    unsafe { libc::close(fd as i32) };
+    pinned.unwrap_or_else(|e| panic!("pinning at {}: {e}", at.display()));
+}

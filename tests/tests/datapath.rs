@@ -1159,6 +1159,20 @@ fn a_start_replaces_another_builds_programs_and_attaches_detached_links_again() 
     assert_eq!(attached_programs(env.root.path()).unwrap(), new_ids);
     drop(dp);
 
+    // A link pinned under a name this build has no program for (as a newer build's would
+    // be after a downgrade): detached at the next start, this build's own left as they are.
+    let links = pin_dir(&env.bpffs_dir).join("links");
+    agentwall_tests::pin_again(
+        &links.join(agent_common::PROG_CONNECT6),
+        &links.join("aw_from_a_newer_build"),
+    );
+    let dp = Datapath::start(&env.config()).unwrap();
+    let r = dp.start_report();
+    assert_eq!((r.adopted, r.replaced, r.removed), (all, 0, 1));
+    assert!(!links.join("aw_from_a_newer_build").exists());
+    assert_eq!(attached_programs(env.root.path()).unwrap(), new_ids);
+    drop(dp);
+
     // The connect4 link detached behind the node's back: its pin stays, it runs nothing.
     agentwall_tests::detach_pinned_link(
         &pin_dir(&env.bpffs_dir)

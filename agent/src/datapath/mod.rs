@@ -307,6 +307,8 @@ pub struct StartReport {
     /// Of those, links whose program this start replaced (another build's), or attached again
     /// (the pinned link had been detached).
     pub replaced: usize,
+    /// Pinned links of programs this build does not have, detached.
+    pub removed: usize,
 }
 
 pub fn pin_dir(bpffs_dir: &Path) -> PathBuf {
@@ -2008,6 +2010,7 @@ fn attach_all(
         attached: 0,
         adopted: 0,
         replaced: 0,
+        removed: 0,
     };
     let mut pinned_now: Vec<PathBuf> = Vec::new();
     let result = (|| {
@@ -2106,6 +2109,20 @@ fn attach_all(
             })?;
             pinned_now.push(link_path);
             report.attached += 1;
+        }
+        // Links of programs this build does not have (a newer build's, after a downgrade)
+        // would run code no build in charge vouches for: detached, once this build's are in.
+        for entry in fs::read_dir(links_dir).map_err(io_err(links_dir))? {
+            let path = entry.map_err(io_err(links_dir))?.path();
+            let known = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| ALL_PROGRAMS.contains(&n));
+            if !known {
+                warn!(pin = %path.display(), "a pinned link of a program this build does not have: detached");
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                report.removed += 1;
+            }
         }
         Ok(report)
     })();
