@@ -1127,6 +1127,12 @@ fn a_start_replaces_another_builds_programs_and_attaches_detached_links_again() 
     let agent = env.cgroup("agent");
     let dp = Datapath::start(&env.config()).unwrap();
     let all = dp.start_report().attached;
+    // One node per pin directory: a second start would swap and remove the first's links.
+    let busy = Datapath::start(&env.config())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(busy.starts_with("another agentwall node holds "), "{busy}");
     dp.set_identity(1, IdentityStatus::Active, Mode::Enforce)
         .unwrap();
     dp.set_rules(1, &[rule(1, &["192.0.2.0/24"], &["443"], Protocol::Tcp)])

@@ -59,6 +59,8 @@ pub enum DatapathError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path} is not on a bpf filesystem (mount one with `mount -t bpf bpf {path}`)")]
     NotBpffs { path: PathBuf },
+    #[error("another agentwall node holds {path}: one node per pin directory")]
+    Busy { path: PathBuf },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] Box<aya::EbpfError>),
     #[error("eBPF program {name}: {source}")]
@@ -588,6 +590,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// A running datapath: handles to the pinned maps. Every method takes `&self`: each map has
 /// its own lock, held only for its syscalls, so owners share one `Arc<Datapath>`.
 pub struct Datapath {
+    /// The pin directory, locked (`flock`) for as long as this lives: two nodes starting at
+    /// once would swap and remove each other's links.
+    _lock: fs::File,
     pin_dir: PathBuf,
     attach: Cgroup,
     bindings: Mutex<bindings::Bindings>,
@@ -688,6 +693,16 @@ impl Datapath {
         if !sys::is_bpffs(&dir).map_err(io_err(&dir))? {
             return Err(DatapathError::NotBpffs { path: dir });
         }
+        let lock = fs::File::open(&dir).map_err(io_err(&dir))?;
+        // SAFETY: a plain system call on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                DatapathError::Busy { path: dir }
+            } else {
+                io_err(&dir)(e)
+            });
+        }
 
         let mut loader = EbpfLoader::new();
         let map_paths: Vec<(&'static str, PathBuf)> =
@@ -722,6 +737,7 @@ impl Datapath {
         }
         Ok(Loaded {
             fresh,
+            lock,
             families,
             swaps,
             layout,
@@ -738,6 +754,7 @@ impl Datapath {
 pub struct Loaded {
     /// No link was pinned before: this load made the pin directory's maps.
     fresh: bool,
+    lock: fs::File,
     families: SocketFamilies,
     /// Pinned links whose program this start replaces.
     swaps: Swaps,
@@ -760,6 +777,7 @@ impl Loaded {
     pub fn attach(self) -> Result<Datapath, DatapathError> {
         let Self {
             fresh: _,
+            lock: pins_lock,
             families,
             swaps,
             layout,
@@ -846,6 +864,7 @@ impl Loaded {
             .collect();
 
         let dp = Datapath {
+            _lock: pins_lock,
             pin_dir: dir,
             attach,
             bindings: Mutex::new(bindings),
