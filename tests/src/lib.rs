@@ -675,73 +675,29 @@ impl Drop for MemoryGroup {
 /// that stopped running the program, would leave it): the pin stays, the program no longer
 /// runs.
 pub fn detach_pinned_link(pin: &Path) {
-    use std::os::unix::ffi::OsStrExt as _;
-    #[repr(C)]
-    #[derive(Default)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
+    use std::os::fd::{AsFd as _, AsRawFd as _};
     #[repr(C)]
     struct LinkDetach {
         link_fd: u32,
         _pad: u32,
     }
-    const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_DETACH: libc::c_long = 34;
-    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).unwrap();
-    let mut get = ObjGet {
-        pathname: path.as_ptr() as u64,
-        ..Default::default()
-    };
-    // SAFETY: the attribute points at a NUL-terminated path that outlives the call.
-    let fd = unsafe { agentwall::datapath::sys::bpf(BPF_OBJ_GET, &mut get) }
+    let link = agentwall::datapath::sys::pinned_link(pin)
         .unwrap_or_else(|e| panic!("opening the link pinned at {}: {e}", pin.display()));
     let mut detach = LinkDetach {
-        link_fd: fd as u32,
+        link_fd: link.as_fd().as_raw_fd() as u32,
         _pad: 0,
     };
-    // SAFETY: a link descriptor the kernel just gave us.
-    let detached = unsafe { agentwall::datapath::sys::bpf(BPF_LINK_DETACH, &mut detach) };
-    // SAFETY: ours, closed once.
-    unsafe { libc::close(fd as i32) };
-    detached.expect("BPF_LINK_DETACH");
+    // SAFETY: a link descriptor that outlives the call.
+    unsafe { agentwall::datapath::sys::bpf(BPF_LINK_DETACH, &mut detach) }
+        .expect("BPF_LINK_DETACH");
 }
 
-/// Pins the link pinned at `pin` a second time, at `at` (`BPF_OBJ_PIN`).
+/// Pins the link pinned at `pin` a second time, at `at`.
 pub fn pin_again(pin: &Path, at: &Path) {
-    use std::os::unix::ffi::OsStrExt as _;
-    #[repr(C)]
-    #[derive(Default)]
-    struct Obj {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
-    const BPF_OBJ_PIN: libc::c_long = 6;
-    const BPF_OBJ_GET: libc::c_long = 7;
-    let from = std::ffi::CString::new(pin.as_os_str().as_bytes()).unwrap();
-    let to = std::ffi::CString::new(at.as_os_str().as_bytes()).unwrap();
-    let mut get = Obj {
-        pathname: from.as_ptr() as u64,
-        ..Default::default()
-    };
-    // SAFETY: the attribute points at a NUL-terminated path that outlives the call.
-    let fd = unsafe { agentwall::datapath::sys::bpf(BPF_OBJ_GET, &mut get) }
+    use std::os::fd::AsFd as _;
+    let link = agentwall::datapath::sys::pinned_link(pin)
         .unwrap_or_else(|e| panic!("opening the link pinned at {}: {e}", pin.display()));
-    let mut put = Obj {
-        pathname: to.as_ptr() as u64,
-        bpf_fd: fd as u32,
-        ..Default::default()
-    };
-    // SAFETY: as above, with a descriptor the kernel just gave us.
-    let pinned = unsafe { agentwall::datapath::sys::bpf(BPF_OBJ_PIN, &mut put) };
-    // SAFETY: ours, closed once.
-    unsafe { libc::close(fd as i32) };
-    pinned.unwrap_or_else(|e| panic!("pinning at {}: {e}", at.display()));
+    agentwall::datapath::sys::pin_object(link.as_fd(), at)
+        .unwrap_or_else(|e| panic!("pinning at {}: {e}", at.display()));
 }

@@ -4,7 +4,7 @@ use std::{
     ffi::CString,
     io,
     os::{
-        fd::{AsRawFd as _, BorrowedFd, OwnedFd},
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
         unix::ffi::OsStrExt as _,
     },
     path::Path,
@@ -82,11 +82,16 @@ pub fn attach_pinned_link(
     let fd = unsafe { bpf(BPF_LINK_CREATE, &mut attr) }?;
     // SAFETY: a fresh descriptor the kernel just returned, owned here.
     let link = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-    let path = CString::new(pin.as_os_str().as_bytes())
+    pin_object(link.as_fd(), pin)
+}
+
+/// Pins the bpf object `fd` (a link, a map, a program) at `path`.
+pub fn pin_object(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let path = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut attr = PinAttr {
         pathname: path.as_ptr() as u64,
-        bpf_fd: link.as_raw_fd() as u32,
+        bpf_fd: fd.as_raw_fd() as u32,
         ..Default::default()
     };
     // SAFETY: attr points at a NUL-terminated path that outlives the call.
