@@ -2047,7 +2047,15 @@ fn resolve(name: &str, server: &str, mode: &str, ty: &str) -> Result<String, Str
             return io_errno(&e);
         }
         let mut buf = vec![0u8; 65535];
-        match s.recv_from(&mut buf) {
+        // A receive with a timeout is not restarted after the task was woken for something
+        // else (an io_uring completion's task work, a freeze): EINTR, then wait again.
+        let got = loop {
+            match s.recv_from(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        match got {
             Ok((_, from)) if from != server => format!("err source {from}"),
             Ok((n, _)) => dns_result(id, &buf[..n]),
             Err(e) => io_errno(&e),
