@@ -200,16 +200,14 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
             ))
         } else if e.hook == Hook::ErrorQueue {
             Some("socket error queue (recvmsg MSG_ERRQUEUE)".to_owned())
-        } else if e.hook == Hook::SocketUse {
+        } else if e.hook == Hook::SocketUse || e.hook == Hook::SocketBind {
+            let what = if e.hook == Hook::SocketBind {
+                "bind of"
+            } else {
+                "send or receive on"
+            };
             Some(format!(
-                "send or receive on a socket of family {} ({}){}",
-                e.family,
-                crate::datapath::family_name(e.family),
-                crate::datapath::socket_detail(e.reason, e.sock_protocol)
-            ))
-        } else if e.hook == Hook::SocketBind {
-            Some(format!(
-                "bind of a socket of family {} ({}){}",
+                "{what} a socket of family {} ({}){}",
                 e.family,
                 crate::datapath::family_name(e.family),
                 crate::datapath::socket_detail(e.reason, e.sock_protocol)

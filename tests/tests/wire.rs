@@ -93,6 +93,39 @@ impl Fixture {
         Probe::from_command(c)
     }
 
+    /// A unit (an unenrolled cgroup of the test's) with a probe in it, in the agent's
+    /// namespace.
+    fn unit(&self) -> (agentwall::cgroup::Cgroup, Probe) {
+        let unit = self._env.cgroup("unit");
+        let mut c = Command::new(bin_path("aw-probe"));
+        c.args(["--cgroup", unit.path().to_str().unwrap(), "--cpu", "0"]);
+        self.link.agent.enter(&mut c);
+        (unit, Probe::from_command(c))
+    }
+
+    /// `agentwall enroll` of `unit` under the test's identity.
+    fn enroll(&self, unit: &agentwall::cgroup::Cgroup) {
+        let (cert, key) = write_cert(
+            self.dir.path(),
+            "unit",
+            &self.ca.issue(&CertSpec::agent(ID)),
+        );
+        run_ok(
+            agentwall_tests::node::agentwall()
+                .args([
+                    "enroll",
+                    "--cgroup",
+                    unit.path().to_str().unwrap(),
+                    "--cert",
+                ])
+                .arg(&cert)
+                .arg("--key")
+                .arg(&key)
+                .arg("--socket")
+                .arg(self.socket()),
+        );
+    }
+
     /// Has the unenrolled helper send one datagram to the peer, and returns every packet seen
     /// up to it.
     fn until_helper_marker(&mut self, port: u16) -> Vec<Packet> {
@@ -395,11 +428,7 @@ fn sockets_made_before_enroll_are_governed_from_their_first_packet() {
             std::net::UdpSocket::bind(format!("{PEER_V4}:9500")).expect("bind 9500"),
         )
     });
-    let unit = fx._env.cgroup("unit");
-    let mut c = Command::new(bin_path("aw-probe"));
-    c.args(["--cgroup", unit.path().to_str().unwrap(), "--cpu", "0"]);
-    fx.link.agent.enter(&mut c);
-    let mut svc = Probe::from_command(c);
+    let (unit, mut svc) = fx.unit();
     // Unenrolled: everything is open to it.
     assert_eq!(svc.cmd(&format!("hold tcp {PEER_V4} 9002")), "ok");
     let (_conn, _) = tcp_peer.accept().expect("the unit's connection");
@@ -408,21 +437,7 @@ fn sockets_made_before_enroll_are_governed_from_their_first_packet() {
     assert_eq!(svc.cmd("listen tcp :: 8090"), "ok");
     fx.until_helper_marker(9100);
 
-    let (cert, key) = write_cert(fx.dir.path(), "unit", &fx.ca.issue(&CertSpec::agent(ID)));
-    let mut enroll = agentwall_tests::node::agentwall();
-    enroll.args([
-        "enroll",
-        "--cgroup",
-        unit.path().to_str().unwrap(),
-        "--cert",
-    ]);
-    enroll
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .arg("--socket")
-        .arg(fx.socket());
-    run_ok(&mut enroll);
+    fx.enroll(&unit);
 
     // The connected socket to 9500 is refused; the one to 9000, which the rules allow, sends.
     assert_eq!(svc.cmd("send-held"), "err EPERM");
@@ -476,30 +491,12 @@ fn a_governed_socket_with_freebind_set_binds_no_address_the_host_does_not_hold()
         .link
         .peer
         .run_in(|| std::net::UdpSocket::bind(format!("[{PEER_V6}]:9000")).expect("bind [v6]:9000"));
-    let unit = fx._env.cgroup("unit");
-    let mut c = Command::new(bin_path("aw-probe"));
-    c.args(["--cgroup", unit.path().to_str().unwrap(), "--cpu", "0"]);
-    fx.link.agent.enter(&mut c);
-    let mut svc = Probe::from_command(c);
+    let (unit, mut svc) = fx.unit();
     // Ungoverned yet: the flag is the unit's to set.
     assert_eq!(svc.cmd("hold-fresh udp 6"), "ok");
     assert_eq!(svc.cmd("freebind-held"), "ok");
     assert_eq!(svc.cmd(&format!("connect-held {PEER_V6} 9000")), "ok");
-    let (cert, key) = write_cert(fx.dir.path(), "unit", &fx.ca.issue(&CertSpec::agent(ID)));
-    let mut enroll = agentwall_tests::node::agentwall();
-    enroll
-        .args([
-            "enroll",
-            "--cgroup",
-            unit.path().to_str().unwrap(),
-            "--cert",
-        ])
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .arg("--socket")
-        .arg(fx.socket());
-    run_ok(&mut enroll);
+    fx.enroll(&unit);
     assert_eq!(svc.cmd("disconnect-held"), "ok");
     let bound = svc.cmd("bind-held 2001:db8::99 0");
     if let Some(why) = lsm_line(fx.socket()) {

@@ -134,18 +134,24 @@ pub fn map_lookup_and_delete(
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
-/// The link pinned at `path`, opened.
-pub fn pinned_link(path: &Path) -> io::Result<OwnedFd> {
+/// The bpf object pinned at `path`, opened with `file_flags` (`BPF_F_RDONLY`, ...).
+fn pinned_object(path: &Path, file_flags: u32) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut attr = PinAttr {
         pathname: c.as_ptr() as u64,
+        file_flags,
         ..Default::default()
     };
     // SAFETY: attr points at a NUL-terminated path that outlives the call.
     let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr) }?;
     // SAFETY: a fresh descriptor the kernel just returned, owned here.
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// The link pinned at `path`, opened.
+pub fn pinned_link(path: &Path) -> io::Result<OwnedFd> {
+    pinned_object(path, 0)
 }
 
 /// `struct bpf_link_info` up to its cgroup member.
@@ -212,18 +218,8 @@ const BPF_OBJ_GET: libc::c_long = 7;
 /// the bindings map's cgroup ids are in every map layout): for a map of a layout this build
 /// does not know the values of.
 pub fn pinned_u64_keys(path: &Path) -> io::Result<Vec<u64>> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut attr = PinAttr {
-        pathname: c.as_ptr() as u64,
-        // BPF_F_RDONLY: only keys are read.
-        file_flags: 1 << 3,
-        ..Default::default()
-    };
-    // SAFETY: attr points at a NUL-terminated path that outlives the call.
-    let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr) }?;
-    // SAFETY: a fresh descriptor the kernel just returned, owned here.
-    let map = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // BPF_F_RDONLY: only keys are read.
+    let map = pinned_object(path, 1 << 3)?;
     let mut keys = Vec::new();
     let mut next = 0u64;
     loop {

@@ -539,15 +539,17 @@ fn read_answer(ours: &OwnedFd) -> Result<[i32; LINES], CanaryError> {
     if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
         return Err(CanaryError::Silent(ANSWER_WITHIN));
     }
-    let mut buf = [0u8; LINES * 4];
-    // SAFETY: valid fd and buffer.
-    let n = unsafe { libc::read(ours.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n != buf.len() as isize {
-        return Err(CanaryError::Silent(ANSWER_WITHIN));
-    }
     let mut words = [0i32; LINES];
-    for (i, w) in words.iter_mut().enumerate() {
-        *w = i32::from_ne_bytes(buf[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+    // SAFETY: valid fd; the buffer is the words' own bytes.
+    let n = unsafe {
+        libc::read(
+            ours.as_raw_fd(),
+            words.as_mut_ptr().cast(),
+            std::mem::size_of_val(&words),
+        )
+    };
+    if n != std::mem::size_of_val(&words) as isize {
+        return Err(CanaryError::Silent(ANSWER_WITHIN));
     }
     Ok(words)
 }
@@ -583,17 +585,7 @@ fn canary_child(procs: RawFd, chan: RawFd, lsm: bool) -> ! {
         }
         libc::syscall(libc::SYS_close_range, (hi + 1) as u32, u32::MAX, 0u32);
         let answer = |words: [i32; LINES]| -> ! {
-            let mut buf = [0u8; LINES * 4];
-            let mut i = 0;
-            while i < LINES {
-                let b = words[i].to_ne_bytes();
-                buf[i * 4] = b[0];
-                buf[i * 4 + 1] = b[1];
-                buf[i * 4 + 2] = b[2];
-                buf[i * 4 + 3] = b[3];
-                i += 1;
-            }
-            libc::write(chan, buf.as_ptr().cast(), buf.len());
+            libc::write(chan, words.as_ptr().cast(), core::mem::size_of_val(&words));
             libc::_exit(0)
         };
         let mut setup_failed = [0i32; LINES];
