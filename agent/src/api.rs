@@ -378,13 +378,18 @@ pub fn call(
 
 const SO_PEERPIDFD: libc::c_int = 77;
 
-/// A pidfd for the process at the other end of a unix socket, taken by the kernel when it
-/// connected: it cannot name another process later, whatever happens to the pid.
-///
-/// Kernels before 6.5 have no SO_PEERPIDFD: there the pidfd is opened from the pid the kernel
-/// recorded at connect (SO_PEERCRED). That names the right process unless the peer exited and
-/// its pid was reused in between; the README's threat model says what that allows.
-pub fn peer_pidfd(sock: &impl AsRawFd) -> std::io::Result<OwnedFd> {
+/// Whether this kernel hands out a unix socket peer's pidfd (Linux 6.5), asked of a socket
+/// pair of our own.
+pub fn has_peer_pidfd() -> std::io::Result<bool> {
+    let (a, _b) = std::os::unix::net::UnixStream::pair()?;
+    match peer_pidfd_raw(&a) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn peer_pidfd_raw(sock: &impl AsRawFd) -> std::io::Result<OwnedFd> {
     let mut fd: libc::c_int = -1;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: valid socket and out-buffer of the right size.
@@ -397,13 +402,24 @@ pub fn peer_pidfd(sock: &impl AsRawFd) -> std::io::Result<OwnedFd> {
             &mut len,
         )
     };
-    if rc == 0 {
-        // SAFETY: the kernel handed us a new descriptor.
-        return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() != Some(libc::ENOPROTOOPT) {
-        return Err(e);
+    // SAFETY: the kernel handed us a new descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A pidfd for the process at the other end of a unix socket, taken by the kernel when it
+/// connected: it cannot name another process later, whatever happens to the pid.
+///
+/// Kernels before 6.5 have no SO_PEERPIDFD: there the pidfd is opened from the pid the kernel
+/// recorded at connect (SO_PEERCRED). That names the right process unless the peer exited and
+/// its pid was reused in between; the README's threat model says what that allows.
+pub fn peer_pidfd(sock: &impl AsRawFd) -> std::io::Result<OwnedFd> {
+    match peer_pidfd_raw(sock) {
+        Ok(fd) => return Ok(fd),
+        Err(e) if e.raw_os_error() != Some(libc::ENOPROTOOPT) => return Err(e),
+        Err(_) => {}
     }
     static SAID: std::sync::Once = std::sync::Once::new();
     SAID.call_once(|| {

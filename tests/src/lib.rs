@@ -701,3 +701,17 @@ pub fn pin_again(pin: &Path, at: &Path) {
     agentwall::datapath::sys::pin_object(link.as_fd(), at)
         .unwrap_or_else(|e| panic!("pinning at {}: {e}", at.display()));
 }
+
+/// Writes `programs` into the pinned config under `bpffs_dir`, as pins another build
+/// attached would hold it: the next start swaps every program.
+pub fn set_pinned_revision(bpffs_dir: &Path, programs: u32) {
+    let path = agentwall::datapath::pin_dir(bpffs_dir)
+        .join("maps")
+        .join(agent_common::MAP_CONFIG);
+    let data = aya::maps::MapData::from_pin(&path).unwrap();
+    let mut config: aya::maps::Array<_, agent_common::Config> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    let mut c = config.get(&0, 0).unwrap();
+    c.programs = programs;
+    config.set(0, c, 0).unwrap();
+}

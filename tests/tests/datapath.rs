@@ -15,7 +15,7 @@ use agentwall::{
         evaluate_flow,
     },
 };
-use agentwall_tests::{Probe, TestEnv};
+use agentwall_tests::{Probe, TestEnv, set_pinned_revision};
 use ipnet::IpNet;
 
 const ALLOWED: &str = "err ENETUNREACH";
@@ -1104,19 +1104,6 @@ fn a_new_map_layout_retires_the_old_pins_after_attaching() {
     assert!(!now.is_empty());
 }
 
-/// Writes `programs` into the pinned config, as pins another build attached would hold it.
-fn set_pinned_revision(env: &TestEnv, programs: u32) {
-    let path = pin_dir(&env.bpffs_dir)
-        .join("maps")
-        .join(agent_common::MAP_CONFIG);
-    let data = aya::maps::MapData::from_pin(&path).unwrap();
-    let mut config: aya::maps::Array<_, agent_common::Config> =
-        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
-    let mut c = config.get(&0, 0).unwrap();
-    c.programs = programs;
-    config.set(0, c, 0).unwrap();
-}
-
 /// An upgrade whose programs changed and whose maps did not (no new map layout): each pinned
 /// link takes the new build's program in place of the old one, in one step, so enforcement
 /// never lapses and the old programs stop judging. A pinned link someone detached is attached
@@ -1144,7 +1131,7 @@ fn a_start_replaces_another_builds_programs_and_attaches_detached_links_again() 
     let old_ids = attached_programs(env.root.path()).unwrap();
 
     // Pins another build attached: every link gets this build's program.
-    set_pinned_revision(&env, 0x0bad_c0de);
+    set_pinned_revision(&env.bpffs_dir, 0x0bad_c0de);
     let dp = Datapath::start(&env.config()).unwrap();
     let r = dp.start_report();
     assert_eq!((r.attached, r.adopted, r.replaced), (0, all, all));

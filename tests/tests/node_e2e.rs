@@ -1468,6 +1468,76 @@ fn an_upgrade_to_a_new_map_layout_leaves_no_session_ungoverned() {
     assert_eq!(s["map_fill"]["bindings"], 1, "{s}");
 }
 
+/// Ids of the programs attached to `cgroup` once none of `old` is any more: a link whose last
+/// pin went away is released from a kernel workqueue a moment later, which nothing signals.
+fn attached_without(cgroup: &Path, old: &[u32]) -> Vec<u32> {
+    let mut now = agentwall::datapath::attached_programs(cgroup).unwrap();
+    for _ in 0..6000 {
+        if !now.iter().any(|id| old.contains(id)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        now = agentwall::datapath::attached_programs(cgroup).unwrap();
+    }
+    now
+}
+
+/// An upgrade in place while agents connect without pause: the node is stopped and started
+/// again over pins that another build attached (the same map layout, other programs: each
+/// link takes the new program in one step), then over pins an older map layout left (new
+/// maps filled, then the old pins retired). Not one of the agents' connects is judged
+/// wrongly across either switch or while the node is down, and afterwards only the new
+/// programs are attached.
+#[test]
+fn an_upgrade_in_place_under_a_connect_loop_judges_every_connect_rightly() {
+    let (env, tmp, ca) = setup("upgrade-loop", POLICY);
+    let dir = tmp.path();
+    let node = NodeProc::start(&env, dir);
+    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+    let mut denied = launch_probe(&node.socket, &cert, &key);
+    let mut allowed = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(denied.cmd("loop-start tcp 203.0.113.5 443"), "ok");
+    assert_eq!(allowed.cmd("loop-start tcp 192.0.2.10 443"), "ok");
+    let first = agentwall::datapath::attached_programs(env.root.path()).unwrap();
+    assert!(!first.is_empty());
+    assert_eq!(node.stop(), 0);
+
+    // Another build's programs over the same maps.
+    agentwall_tests::set_pinned_revision(&env.bpffs_dir, 0x0bad_c0de);
+    let node = NodeProc::start(&env, dir);
+    let swapped = attached_without(env.root.path(), &first);
+    assert!(
+        !swapped.is_empty() && !swapped.iter().any(|id| first.contains(id)),
+        "the other build's programs still attached: {first:?} -> {swapped:?}"
+    );
+    assert_eq!(node.stop(), 0);
+
+    // An older map layout's pins: the running ones, moved where an older layout keeps them.
+    let old = env.bpffs_dir.join("v1");
+    std::fs::rename(agentwall::datapath::pin_dir(&env.bpffs_dir), &old).unwrap();
+    let node = NodeProc::start(&env, dir);
+    assert!(!old.exists(), "the old layout's pins are gone");
+    let last = attached_without(env.root.path(), &swapped);
+    assert!(
+        !last.is_empty() && !last.iter().any(|id| swapped.contains(id)),
+        "the old layout's programs still attached: {swapped:?} -> {last:?}"
+    );
+    // Connects made under the new layout count too.
+    assert_eq!(denied.cmd("connect tcp 203.0.113.5 443"), "err EPERM");
+    assert_eq!(allowed.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+
+    let d = denied.cmd("loop-stop");
+    let a = allowed.cmd("loop-stop");
+    let only = |said: &str, errno: &str| {
+        let (name, n) = said.split_once('=').unwrap_or(("", ""));
+        !said.contains(' ') && name == errno && n.parse::<u64>().is_ok_and(|n| n > 0)
+    };
+    assert!(only(&d, "EPERM"), "denied destination: {d}");
+    assert!(only(&a, "ENETUNREACH"), "allowed destination: {a}");
+    let s = status_json(&node.socket);
+    assert_eq!(s["map_fill"]["bindings"], 2, "{s}");
+}
+
 #[test]
 fn the_self_check_finds_a_line_that_lets_through_what_it_must_refuse() {
     let (env, tmp, ca) = setup("selfcheck", POLICY);

@@ -13,6 +13,7 @@ use anyhow::{Context as _, Result, bail};
 
 mod demo;
 mod kernel;
+mod package;
 use clap::{Parser, Subcommand};
 
 /// bpf-linker 0.10.0 is the last release that loads rustc's own LLVM (see KERNEL-NOTES).
@@ -64,6 +65,10 @@ enum Task {
     },
     /// agentwall end to end on this machine: certificates, policy, node, agents, flows.
     Demo,
+    /// Build the Debian package (target/debian/agentwall_VERSION_amd64.deb) with cargo-deb:
+    /// the binary, systemd units, default configs, completions, man pages, alerting rules
+    /// and a Grafana dashboard.
+    Package,
     /// Fuzz a parser for a bounded time (libFuzzer via cargo-fuzz, nightly). Crashes are copied
     /// to fuzz/regressions/<target>/, which a regular test replays.
     Fuzz {
@@ -104,6 +109,11 @@ fn main() -> Result<()> {
             // The tests crate drives the real `agentwall` binary, which `cargo test` alone does
             // not build for another package's tests.
             run(cargo(&root).args(["build", "--bins"]))?;
+            // The package test installs the package into a clean Debian root and checks the
+            // alerting rules with promtool.
+            package::build(&root)?;
+            package::debian_root(&root)?;
+            package::promtool(&root)?;
             run_tests(cargo(&root).args(["test", "--no-fail-fast"]))
         }
         Task::Bench { which, iterations } => {
@@ -159,6 +169,10 @@ fn main() -> Result<()> {
                 "--minutes",
                 &minutes.to_string(),
             ]))
+        }
+        Task::Package => {
+            setup()?;
+            package::build(&root).map(drop)
         }
         Task::Demo => {
             setup()?;

@@ -20,16 +20,22 @@ pub struct Args {
     /// TOML: url, ca, and cert + key or token_file. Flags override it.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// The control plane's URL (https://HOST:PORT).
     #[arg(long, global = true)]
     url: Option<String>,
-    #[arg(long, global = true)]
+    /// CA bundle (PEM) the control plane's certificate must chain to.
+    #[arg(long, global = true, value_name = "FILE")]
     ca: Option<PathBuf>,
-    #[arg(long, global = true)]
+    /// A client certificate (PEM) to sign in with, instead of a token.
+    #[arg(long, global = true, value_name = "FILE")]
     cert: Option<PathBuf>,
-    #[arg(long, global = true)]
+    /// The private key of --cert (PEM).
+    #[arg(long, global = true, value_name = "FILE")]
     key: Option<PathBuf>,
-    #[arg(long, global = true)]
+    /// A file holding a bearer token (an admin's or a security reader's).
+    #[arg(long, global = true, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// text for a person, json for programs.
     #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text")]
     output: String,
     #[command(subcommand)]
@@ -52,7 +58,10 @@ enum Command {
         since: Option<String>,
     },
     /// Revoke an identity on every node.
-    Revoke { identity: String },
+    Revoke {
+        /// The SPIFFE ID to revoke.
+        identity: String,
+    },
     /// The audit chains of what nodes sent.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -73,9 +82,13 @@ enum AuditCommand {
 #[derive(clap::Subcommand)]
 enum PolicyCommand {
     /// Validate and push a policy directory (refused whole if anything in it is invalid).
-    Push { dir: PathBuf },
+    Push {
+        /// Directory of *.yaml policy files.
+        dir: PathBuf,
+    },
     /// The newest bundle (or --version N).
     Show {
+        /// The bundle version to show.
         #[arg(long)]
         version: Option<u64>,
     },
@@ -83,8 +96,10 @@ enum PolicyCommand {
 
 #[derive(clap::Args)]
 struct FlowArgs {
+    /// Only flows this node (its SPIFFE ID) reported.
     #[arg(long)]
     node: Option<String>,
+    /// Only flows of this identity (SPIFFE ID).
     #[arg(long)]
     identity: Option<String>,
     /// deny | audit | unknown | socket-deny | allow
@@ -93,6 +108,7 @@ struct FlowArgs {
     /// A destination address.
     #[arg(long)]
     dest: Option<String>,
+    /// Only flows to this AI service (as the catalog names it).
     #[arg(long)]
     service: Option<String>,
     /// From this long ago (30m, 24h) or an RFC 3339 time.

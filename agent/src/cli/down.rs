@@ -2,19 +2,25 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 
+use super::node_config::ConfigArg;
+
 #[derive(clap::Args)]
 pub struct Args {
-    /// The bpffs directory the node pins under.
-    #[arg(long, default_value = "/sys/fs/bpf/agentwall")]
-    bpffs_dir: PathBuf,
+    /// The bpffs directory the node pins under [default: `bpffs_dir` from the config, else
+    /// /sys/fs/bpf/agentwall].
+    #[arg(long, value_name = "DIR")]
+    bpffs_dir: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArg,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    agentwall::datapath::teardown(&args.bpffs_dir)
-        .with_context(|| format!("tearing down {}", args.bpffs_dir.display()))?;
+    let bpffs_dir = args.config.bpffs_dir(args.bpffs_dir)?;
+    agentwall::datapath::teardown(&bpffs_dir)
+        .with_context(|| format!("tearing down {}", bpffs_dir.display()))?;
     println!(
         "agentwall: datapath under {} detached and unpinned",
-        args.bpffs_dir.display()
+        bpffs_dir.display()
     );
     // The node routes its IPv6 DNS proxy prefix to lo when name rules need it.
     agentwall::dns::route::remove_local_route().with_context(|| {

@@ -1,30 +1,31 @@
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
-use agentwall::{
-    api::{self, Request},
-    config::DEFAULT_SOCKET,
-};
+use agentwall::api::{self, Request};
 use anyhow::bail;
+
+use super::node_config::NodeSocket;
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long, default_value = DEFAULT_SOCKET)]
-    socket: PathBuf,
+    #[command(flatten)]
+    socket: NodeSocket,
     /// Keep printing new records as they arrive.
     #[arg(long)]
     follow: bool,
     /// Only records of this verdict.
     #[arg(long, value_parser = ["deny", "audit", "unknown", "socket-deny", "allow"])]
     verdict: Option<String>,
+    /// text for a person, json (one record per line) for programs.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     output: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let socket = args.socket.path()?;
     let mut after = 0;
     loop {
         let r = api::call(
-            &args.socket,
+            &socket,
             None,
             &Request::Flows {
                 after,

@@ -7,9 +7,10 @@ use std::{
 
 use agentwall::{
     api::{self, Credentials, Request},
-    config::DEFAULT_SOCKET,
     identity::peer_from_cert,
 };
+
+use super::node_config::NodeSocket;
 
 /// The identity to prove and the node to prove it to (shared by launch, enroll, renew).
 #[derive(clap::Args)]
@@ -20,8 +21,8 @@ pub struct CertArgs {
     /// The certificate's private key (PEM).
     #[arg(long)]
     pub key: PathBuf,
-    #[arg(long, default_value = DEFAULT_SOCKET)]
-    pub socket: PathBuf,
+    #[command(flatten)]
+    pub socket: NodeSocket,
 }
 
 impl CertArgs {
@@ -42,7 +43,8 @@ impl CertArgs {
         };
         let creds = Credentials::load(&self.cert, &self.key).map_err(|e| fail(e.to_string()))?;
         check().map_err(fail)?;
-        match api::call(&self.socket, Some(creds), req) {
+        let socket = self.socket.path().map_err(|e| fail(format!("{e:#}")))?;
+        match api::call(&socket, Some(creds), req) {
             Ok(r) if r.ok => Ok(r),
             Ok(r) => Err(fail(r.error.unwrap_or_else(|| "refused".into()))),
             Err(e) => Err(fail(e.to_string())),

@@ -33,8 +33,10 @@ mod cp;
 mod down;
 mod enroll;
 mod flows;
+mod generate;
 mod launch;
 mod node;
+mod node_config;
 mod policy;
 mod renew;
 mod report;
@@ -87,6 +89,9 @@ enum Command {
     ControlPlane(control_plane::Command),
     /// Talk to a control plane: push policy, list nodes, read flows and shadow AI, revoke.
     Cp(Box<cp::Args>),
+    /// For packagers: shell completions and man pages.
+    #[command(subcommand)]
+    Generate(generate::Command),
 }
 
 pub fn main() -> ExitCode {
@@ -113,6 +118,7 @@ pub fn main() -> ExitCode {
         Command::ShadowAi(args) => return shadow_ai::run(args),
         Command::ControlPlane(cmd) => control_plane::run(cmd),
         Command::Cp(args) => cp::run(*args),
+        Command::Generate(cmd) => generate::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -120,5 +126,42 @@ pub fn main() -> ExitCode {
             eprintln!("agentwall: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// Every flag and argument of every subcommand says what it is for in `--help` and in
+    /// the man pages.
+    #[test]
+    fn every_argument_has_a_help_line() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() && !cmd.is_hide_set() {
+                missing.push(format!("{path} (the command itself)"));
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" || arg.is_hide_set() {
+                    continue;
+                }
+                if arg
+                    .get_help()
+                    .is_none_or(|h| h.to_string().trim().is_empty())
+                {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut cmd = super::Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "", &mut missing);
+        assert!(missing.is_empty(), "no help line:\n{}", missing.join("\n"));
     }
 }

@@ -1,20 +1,28 @@
 use std::{io::Write as _, path::PathBuf};
 
 use agentwall::{
-    config::{DEFAULT_CONFIG, NodeConfig, UnknownFlowsSetting},
+    config::{NodeConfig, UnknownFlowsSetting},
     node::Node,
 };
 use anyhow::Context as _;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// TOML config file; flags override its settings.
-    #[arg(long)]
+    /// TOML config file; flags override its settings [default: /etc/agentwall/agentwall.toml
+    /// when it exists].
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Check the config, the trust bundle, the CRLs and the policy, and say what the kernel
+    /// offers (BTF, cgroup v2, BPF LSM, SO_PEERPIDFD), then exit without starting anything.
     #[arg(long)]
+    check_config: bool,
+    /// Directory of policy YAML files [default: /etc/agentwall/policy].
+    #[arg(long, value_name = "DIR")]
     policy_dir: Option<PathBuf>,
-    #[arg(long)]
+    /// PEM file of the CA certificates agents' certificates must chain to.
+    #[arg(long, value_name = "FILE")]
     trust_bundle: Option<PathBuf>,
+    /// The SPIFFE trust domain agents' identities must be in (e.g. example.org).
     #[arg(long)]
     trust_domain: Option<String>,
     /// CRL file (repeatable).
@@ -23,20 +31,31 @@ pub struct Args {
     /// Take a CRL past its nextUpdate as current (true|false; default false).
     #[arg(long)]
     accept_expired_crl: Option<bool>,
-    #[arg(long)]
+    /// The local API socket [default: /run/agentwall/agentwall.sock].
+    #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Group that may use the API socket (0660); without one, root only.
     #[arg(long)]
     socket_group: Option<String>,
-    #[arg(long)]
+    /// Where sessions, identities and counters are kept [default: /var/lib/agentwall].
+    #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    #[arg(long)]
+    /// The bpffs directory programs and maps are pinned under [default:
+    /// /sys/fs/bpf/agentwall].
+    #[arg(long, value_name = "DIR")]
     bpffs_dir: Option<PathBuf>,
-    #[arg(long)]
+    /// The cgroup v2 directory the programs attach to; agents are governed below it
+    /// [default: the cgroup v2 mount point].
+    #[arg(long, value_name = "DIR")]
     attach_cgroup: Option<PathBuf>,
+    /// Flows of processes no identity is bound to: report them, deny them, or ignore them
+    /// [default: report].
     #[arg(long, value_parser = ["report", "deny", "ignore"])]
     unknown_flows: Option<String>,
-    #[arg(long)]
+    /// The tamper-evident audit log (JSON lines, hash-chained); without one, no audit log.
+    #[arg(long, value_name = "FILE")]
     audit_log: Option<PathBuf>,
+    /// Rotate the audit log past this size, in bytes (default 64 MiB).
     #[arg(long)]
     audit_log_max_bytes: Option<u64>,
     /// Group that may read the audit log (0640); without one, root only (0600).
@@ -58,14 +77,19 @@ pub struct Args {
     /// Upstream resolver for the DNS proxy, e.g. 192.0.2.53:53 (repeatable; default: resolv.conf).
     #[arg(long)]
     dns_upstream: Vec<std::net::SocketAddr>,
+    /// Seconds a learned address stays allowed after its TTL ran out (default 60).
     #[arg(long)]
     dns_grace_secs: Option<u64>,
+    /// TTLs below this many seconds count as this (default 5).
     #[arg(long)]
     dns_min_ttl_secs: Option<u64>,
+    /// Names with live addresses one identity may have (default 1024).
     #[arg(long)]
     dns_max_names: Option<usize>,
+    /// Addresses one name may have per identity (default 32).
     #[arg(long)]
     dns_max_addresses: Option<usize>,
+    /// Milliseconds one upstream gets to answer before the next is tried (default 2000).
     #[arg(long)]
     dns_timeout_ms: Option<u64>,
     /// Network namespaces (besides the node's) the DNS proxy serves one identity in (default 16).
@@ -74,13 +98,13 @@ pub struct Args {
     /// Network namespaces (besides the node's) the DNS proxy serves in all (default 256).
     #[arg(long)]
     dns_max_namespaces: Option<usize>,
-    /// Fold identical flows within this many seconds into one record (0 = off).
+    /// Fold identical flows within this many seconds into one record (default 10; 0 = off).
     #[arg(long)]
     aggregate_window_secs: Option<u64>,
     /// Record flows rules allow too (true|false; default true).
     #[arg(long)]
     record_allowed: Option<bool>,
-    /// Seconds between resolutions of the AI catalog's names (0 = never).
+    /// Seconds between resolutions of the AI catalog's names (default 300; 0 = never).
     #[arg(long)]
     catalog_refresh_secs: Option<u64>,
     /// Control plane URL (https://HOST:PORT); policy then comes from it.
@@ -89,10 +113,11 @@ pub struct Args {
     /// CA bundle of the control plane's certificate.
     #[arg(long)]
     control_plane_ca: Option<PathBuf>,
-    /// This node's certificate (a SPIFFE ID such as spiffe://example.org/node/HOST) and key.
-    #[arg(long)]
+    /// This node's certificate (a SPIFFE ID such as spiffe://example.org/node/HOST).
+    #[arg(long, value_name = "FILE")]
     control_plane_cert: Option<PathBuf>,
-    #[arg(long)]
+    /// The private key of --control-plane-cert (PEM).
+    #[arg(long, value_name = "FILE")]
     control_plane_key: Option<PathBuf>,
     /// Size limit of the report spool, in bytes (default 64 MiB).
     #[arg(long)]
@@ -100,13 +125,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let file = match &args.config {
-        Some(p) => NodeConfig::load(p)?,
-        None if std::path::Path::new(DEFAULT_CONFIG).exists() => {
-            NodeConfig::load(std::path::Path::new(DEFAULT_CONFIG))?
-        }
-        None => NodeConfig::default(),
-    };
+    let file = NodeConfig::find(args.config.as_deref())?;
+    let check_config = args.check_config;
     let flags = NodeConfig {
         policy_dir: args.policy_dir,
         trust_bundle: args.trust_bundle,
@@ -155,6 +175,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
     };
     let cfg = file.overlay(flags);
+    if check_config {
+        let findings = agentwall::node::preflight::check(&cfg);
+        for f in &findings {
+            // A policy error list is several lines: each is shown on its own.
+            for line in f.to_string().lines() {
+                say!("{line}");
+            }
+        }
+        let errors = findings
+            .iter()
+            .filter(|f| f.verdict == agentwall::node::preflight::Verdict::Error)
+            .count();
+        if errors > 0 {
+            anyhow::bail!("{errors} error(s): the node would not start as configured");
+        }
+        println!("the node can start as configured");
+        return Ok(());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -1,10 +1,11 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use agentwall::{
-    config::{DEFAULT_CONFIG, DEFAULT_POLICY_DIR, NodeConfig},
     policy::source::load_dir,
     review::{self, Flow},
 };
+
+use super::node_config::ConfigArg;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -14,28 +15,18 @@ pub enum Command {
         /// Only flows from this long ago on (90s, 30m, 24h, 7d).
         #[arg(long)]
         since: Option<String>,
-        /// Default: `audit_log` from the node's config.
-        #[arg(long)]
+        /// The audit log to read [default: `audit_log` from the node's config].
+        #[arg(long, value_name = "FILE")]
         audit_log: Option<PathBuf>,
-        #[arg(long, default_value = DEFAULT_POLICY_DIR)]
-        policy: PathBuf,
+        /// The policy directory in force [default: the node config's].
+        #[arg(long, value_name = "DIR")]
+        policy: Option<PathBuf>,
+        /// text for a person, json for programs.
         #[arg(long, value_parser = ["text", "json"], default_value = "text")]
         output: String,
+        #[command(flatten)]
+        config: ConfigArg,
     },
-}
-
-/// The audit log to read: the flag, else the node config's `audit_log`.
-pub fn audit_log(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    if let Some(p) = arg {
-        return Ok(p);
-    }
-    let path = std::path::Path::new(DEFAULT_CONFIG);
-    if path.exists() {
-        if let Some(p) = NodeConfig::load(path)?.audit_log {
-            return Ok(p);
-        }
-    }
-    anyhow::bail!("no audit log: give --audit-log FILE or set audit_log in {DEFAULT_CONFIG}")
 }
 
 /// The files to read (`--flows FILE`, else the audit log and its rotations) and the start of
@@ -43,6 +34,7 @@ pub fn audit_log(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 pub fn sources(
     file: Option<PathBuf>,
     audit: Option<PathBuf>,
+    config: &ConfigArg,
     since: Option<&str>,
 ) -> anyhow::Result<(Vec<PathBuf>, Option<std::time::SystemTime>)> {
     let since = since
@@ -51,7 +43,7 @@ pub fn sources(
         .map(|d| std::time::SystemTime::now() - d);
     let files = match file {
         Some(f) => vec![f],
-        None => review::audit_files(&audit_log(audit)?),
+        None => review::audit_files(&config.audit_log(audit)?),
     };
     Ok((files, since))
 }
@@ -60,9 +52,10 @@ pub fn sources(
 pub fn flows(
     file: Option<PathBuf>,
     audit: Option<PathBuf>,
+    config: &ConfigArg,
     since: Option<&str>,
 ) -> anyhow::Result<Vec<Flow>> {
-    let (files, since) = sources(file, audit, since)?;
+    let (files, since) = sources(file, audit, config, since)?;
     Ok(review::read_flows(&files, since)?)
 }
 
@@ -70,10 +63,11 @@ pub fn flows(
 /// audit log, since `since`.
 pub fn flows_and_wishes(
     audit: Option<PathBuf>,
+    config: &ConfigArg,
     since: Option<&str>,
     identity: &str,
 ) -> anyhow::Result<(Vec<Flow>, Vec<review::DnsWish>)> {
-    let (files, since) = sources(None, audit, since)?;
+    let (files, since) = sources(None, audit, config, since)?;
     Ok((
         review::read_flows(&files, since)?,
         review::read_dns_wishes(&files, since, identity)?,
@@ -86,7 +80,15 @@ pub fn run(cmd: Command) -> ExitCode {
         audit_log,
         policy,
         output,
+        config,
     } = cmd;
+    let policy = match config.policy_dir(policy) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("agentwall report unused: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let set = match load_dir(&policy) {
         Ok(s) => s,
         Err(errors) => {
@@ -94,7 +96,7 @@ pub fn run(cmd: Command) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let flows = match flows(None, audit_log, since.as_deref()) {
+    let flows = match flows(None, audit_log, &config, since.as_deref()) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("agentwall report unused: {e}");

@@ -1,22 +1,19 @@
-use std::path::PathBuf;
-
-use agentwall::{
-    api::{self, Request},
-    config::DEFAULT_SOCKET,
-};
+use agentwall::api::{self, Request};
 use anyhow::bail;
+
+use super::node_config::NodeSocket;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// The SPIFFE ID to revoke.
     identity: String,
-    #[arg(long, default_value = DEFAULT_SOCKET)]
-    socket: PathBuf,
+    #[command(flatten)]
+    socket: NodeSocket,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let r = api::call(
-        &args.socket,
+        &args.socket.path()?,
         None,
         &Request::Revoke {
             identity: args.identity.clone(),

@@ -7,16 +7,23 @@ pub struct Args {
     /// Only flows from this long ago on (90s, 30m, 24h, 7d).
     #[arg(long)]
     since: Option<String>,
-    /// Default: `audit_log` from the node's config.
-    #[arg(long)]
+    /// The audit log to read [default: `audit_log` from the node's config].
+    #[arg(long, value_name = "FILE")]
     audit_log: Option<PathBuf>,
+    /// text for a person, json for programs.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     output: String,
+    #[command(flatten)]
+    config: super::node_config::ConfigArg,
 }
 
 fn records(args: &Args) -> anyhow::Result<Vec<serde_json::Value>> {
-    let (files, since) =
-        super::report::sources(None, args.audit_log.clone(), args.since.as_deref())?;
+    let (files, since) = super::report::sources(
+        None,
+        args.audit_log.clone(),
+        &args.config,
+        args.since.as_deref(),
+    )?;
     Ok(review::read_decisions(&files, since)?)
 }
 

@@ -1,15 +1,13 @@
-use std::path::PathBuf;
-
-use agentwall::{
-    api::{self, Request},
-    config::DEFAULT_SOCKET,
-};
+use agentwall::api::{self, Request};
 use anyhow::bail;
+
+use super::node_config::NodeSocket;
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long, default_value = DEFAULT_SOCKET)]
-    socket: PathBuf,
+    #[command(flatten)]
+    socket: NodeSocket,
+    /// text for a person, json for programs (the same fields as the API's status).
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     output: String,
     /// Run the enforcement self-check now (a canary process tries what each kernel line must
@@ -24,7 +22,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         Request::Status
     };
-    let r = api::call(&args.socket, None, &request)?;
+    let r = api::call(&args.socket.path()?, None, &request)?;
     if !r.ok {
         bail!("{}", r.error.unwrap_or_else(|| "refused".into()));
     }

@@ -185,6 +185,16 @@ impl NodeConfig {
         Ok(c)
     }
 
+    /// The node's config as a command finds it: `explicit` (`--config FILE`, which must be
+    /// readable), else [`DEFAULT_CONFIG`] when that file exists, else every default.
+    pub fn find(explicit: Option<&Path>) -> Result<Self, ConfigError> {
+        match explicit {
+            Some(p) => Self::load(p),
+            None if Path::new(DEFAULT_CONFIG).exists() => Self::load(Path::new(DEFAULT_CONFIG)),
+            None => Ok(Self::default()),
+        }
+    }
+
     /// Settings from `over` (flags) replace those from `self` (the file).
     pub fn overlay(mut self, over: NodeConfig) -> Self {
         macro_rules! take {

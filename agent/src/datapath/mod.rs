@@ -279,7 +279,7 @@ fn lsm_hook(name: &str) -> &'static str {
 }
 
 /// Whether this kernel runs BPF LSM programs: `bpf` in its active LSM list.
-fn lsm_line() -> SocketFamilies {
+pub fn lsm_line() -> SocketFamilies {
     match sys::active_lsms() {
         Ok(list) if list.trim().split(',').any(|l| l == "bpf") => SocketFamilies::Enforced,
         Ok(list) => SocketFamilies::Unenforced(format!(
@@ -300,7 +300,7 @@ pub struct RingDrops {
 }
 
 /// How [`Datapath::start`] found the programs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StartReport {
     /// Programs this start attached.
     pub attached: usize,
@@ -607,7 +607,8 @@ pub struct Datapath {
     hits: Mutex<aya::maps::PerCpuHashMap<MapData, u64, u64>>,
     /// The ring buffers of governed and of unbound records, until the reader is taken.
     events: Mutex<Option<(RingBuf<MapData>, RingBuf<MapData>)>>,
-    report: StartReport,
+    /// Set once the programs are attached ([`Datapath::attach`]).
+    report: std::sync::OnceLock<StartReport>,
     tries: Mutex<Tries>,
     /// One change of rules at a time, from compile to swap.
     applying: Mutex<()>,
@@ -775,6 +776,16 @@ impl Loaded {
 
     /// Attaches (or adopts) every program, and takes the maps.
     pub fn attach(self) -> Result<Datapath, DatapathError> {
+        let (dp, programs) = self.open()?;
+        dp.attach(programs)?;
+        Ok(dp)
+    }
+
+    /// Takes the maps, to be filled, and keeps the programs unattached: after an upgrade to
+    /// a new map layout the new programs must not judge before their maps hold the policy and
+    /// the sessions (the old layout's programs judge meanwhile); [`Datapath::attach`] then
+    /// attaches them. Pins of the running layout keep judging with these same maps throughout.
+    pub fn open(self) -> Result<(Datapath, Programs), DatapathError> {
         let Self {
             fresh: _,
             lock: pins_lock,
@@ -788,33 +799,6 @@ impl Loaded {
             mut ebpf,
         } = self;
         let cfg = &cfg;
-        if !swaps.is_empty() {
-            // In flux until every link is swapped: a start that stops part-way leaves links
-            // of two builds, which no build's revision may claim (a rollback would adopt them).
-            let mut config: Array<_, Config> = Array::try_from(
-                ebpf.map_mut(c::MAP_CONFIG)
-                    .ok_or(DatapathError::MissingMap(c::MAP_CONFIG))?,
-            )
-            .map_err(map_err(c::MAP_CONFIG))?;
-            let mut conf = config.get(&0, 0).map_err(map_err(c::MAP_CONFIG))?;
-            conf.programs = 0;
-            config.set(0, conf, 0).map_err(map_err(c::MAP_CONFIG))?;
-        }
-        let report = attach_all(&mut ebpf, &attach, &links_dir, &families, &swaps)?;
-        if let SocketFamilies::Unenforced(why) = &families {
-            warn!(
-                why = %why,
-                "socket families other than inet are not judged: governed agents can create vsock, packet or other sockets their capabilities allow"
-            );
-        }
-        info!(
-            cgroup = %attach.path().display(),
-            attached = report.attached,
-            adopted = report.adopted,
-            replaced = report.replaced,
-            pins = %dir.display(),
-            "datapath ready"
-        );
 
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))
@@ -876,7 +860,7 @@ impl Loaded {
             rate: [rate, unknown_rate],
             hits: Mutex::new(hits),
             events: Mutex::new(Some((events, unknown_events))),
-            report,
+            report: std::sync::OnceLock::new(),
             tries: Mutex::new(Tries::default()),
             applying: Mutex::new(()),
             host_headroom: cfg.host_headroom,
@@ -894,16 +878,63 @@ impl Loaded {
             conf.unknown_flows = cfg.unknown_flows.code();
             conf.record_allowed = u8::from(cfg.record_allowed);
             conf.rate_window_ns = u64::try_from(cfg.rate_window.as_nanos()).unwrap_or(u64::MAX);
-            // Every link now runs this build's programs.
-            conf.programs = program_revision();
+            if !swaps.is_empty() {
+                // In flux until every link is swapped: a start that stops part-way leaves
+                // links of two builds, which no build's revision may claim (a rollback would
+                // adopt them).
+                conf.programs = 0;
+            }
         })?;
-        Ok(dp)
+        Ok((
+            dp,
+            Programs {
+                ebpf,
+                links_dir,
+                swaps,
+            },
+        ))
     }
 }
 
+/// This build's programs, loaded and not yet attached ([`Loaded::open`]).
+pub struct Programs {
+    ebpf: Ebpf,
+    links_dir: PathBuf,
+    swaps: Swaps,
+}
+
 impl Datapath {
+    /// Attaches (or adopts, or swaps into the pinned links) every program of `programs`.
+    pub fn attach(&self, programs: Programs) -> Result<StartReport, DatapathError> {
+        let Programs {
+            mut ebpf,
+            links_dir,
+            swaps,
+        } = programs;
+        let report = attach_all(&mut ebpf, &self.attach, &links_dir, &self.families, &swaps)?;
+        if let SocketFamilies::Unenforced(why) = &self.families {
+            warn!(
+                why = %why,
+                "socket families other than inet are not judged: governed agents can create vsock, packet or other sockets their capabilities allow"
+            );
+        }
+        info!(
+            cgroup = %self.attach.path().display(),
+            attached = report.attached,
+            adopted = report.adopted,
+            replaced = report.replaced,
+            pins = %self.pin_dir.display(),
+            "datapath ready"
+        );
+        // Every link now runs this build's programs.
+        self.update_config(|conf| conf.programs = program_revision())?;
+        let _ = self.report.set(report);
+        Ok(report)
+    }
+
+    /// How the programs were found at attach (all zero before [`Datapath::attach`]).
     pub fn start_report(&self) -> StartReport {
-        self.report
+        self.report.get().copied().unwrap_or_default()
     }
 
     /// Whether socket families beyond inet are judged here.

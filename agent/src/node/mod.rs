@@ -14,6 +14,7 @@
 //! | [`trust::Trust`] | trust bundle, CRLs and the TLS configuration built on them |
 //! | [`canary::Canary`] | the enforcement self-check: its cgroup, its last result |
 //! | [`views`] | `status` and the metrics page |
+//! | [`preflight`] | `node --check-config`: owns nothing; reads what a start would, keeps nothing |
 //! | [`api`] | the local API: one request, checked once, handed to its owner |
 //!
 //! Lock order: a lock may be taken while holding those before it in this list, never after:
@@ -30,6 +31,7 @@ pub mod canary;
 pub mod dns;
 pub mod enforcer;
 pub mod journal;
+pub mod preflight;
 pub mod records;
 pub mod registry;
 pub mod sessions;
@@ -287,7 +289,9 @@ impl Node {
                 return Err(e.into());
             }
         };
-        let datapath = Arc::new(loaded.attach()?);
+        // Attached once the maps hold the policy and the sessions (below).
+        let (datapath, programs) = loaded.open()?;
+        let datapath = Arc::new(datapath);
         datapath.set_dns_port(cfg.dns_port())?;
         let mut dns_error = None;
         let upstreams = if cfg.dns_upstream.is_empty() {
@@ -374,6 +378,11 @@ impl Node {
             cfg,
         });
         node.enforcer.start(initial, &node.deps())?;
+        // Only now do this build's programs judge: after an upgrade to a new map layout,
+        // programs attached over empty maps would deny bound agents everything (sessions bound
+        // before the policy) or let them through as unbound, while the old layout's programs
+        // still judged correctly beside them.
+        node.datapath.attach(programs)?;
         node.finish_upgrade()?;
         // The first self-check before the API serves: no session starts on lines that do not
         // refuse.

@@ -87,6 +87,16 @@ impl Trust {
         })
     }
 
+    /// What [`Trust::load`] reads, checked the same way and kept nowhere (`node
+    /// --check-config`): (CA certificates, CRLs in force, serials they list).
+    pub fn check(cfg: &NodeConfig) -> Result<(usize, usize, usize), TrustError> {
+        let before = CrlNumbersFile(crate::config::crl_numbers(&cfg.state_dir())).load()?;
+        let cas = cas(cfg)?;
+        let set = CrlSet::read(&cfg.crl, &cas, &before)?;
+        Tls::load(cfg, &set)?;
+        Ok((cas.len(), set.ders.len(), set.serials.len()))
+    }
+
     /// The pair a new connection uses.
     pub fn current(&self) -> Arc<Tls> {
         self.current.get()

@@ -279,6 +279,62 @@ fn tally(proto: &str, addrs: impl Iterator<Item = SocketAddr>) -> String {
     format!("eperm={eperm} other={other}")
 }
 
+/// The background connect loop of `loop-start`: its stop flag, its thread, and the count of
+/// each outcome (`ok` or the errno's name).
+type ConnectLoop = (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<std::collections::BTreeMap<String, u64>>,
+);
+
+fn connect_loop() -> std::sync::MutexGuard<'static, Option<ConnectLoop>> {
+    static LOOP: std::sync::Mutex<Option<ConnectLoop>> = std::sync::Mutex::new(None);
+    LOOP.lock().expect("loop lock")
+}
+
+/// Connects to `addr` over and over on a thread of its own until `loop-stop`; answers once
+/// the first connect is done, so the loop is known to run.
+fn loop_start(proto: &str, addr: SocketAddr) -> String {
+    let mut slot = connect_loop();
+    if slot.is_some() {
+        return "err a loop runs already".into();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (first_tx, first_rx) = std::sync::mpsc::channel();
+    let proto = proto.to_owned();
+    let flag = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let mut counts = std::collections::BTreeMap::new();
+        loop {
+            let outcome = match do_connect(&proto, addr) {
+                Ok(()) => "ok".to_owned(),
+                Err(e) => errno_name(e),
+            };
+            *counts.entry(outcome).or_insert(0u64) += 1;
+            let _ = first_tx.send(());
+            if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                return counts;
+            }
+        }
+    });
+    let _ = first_rx.recv();
+    *slot = Some((stop, thread));
+    "ok".into()
+}
+
+/// Stops the loop and says how each connect ended: `EPERM=1234 ENETUNREACH=2`.
+fn loop_stop() -> String {
+    let Some((stop, thread)) = connect_loop().take() else {
+        return "err no loop runs".into();
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let counts = thread.join().expect("the loop thread");
+    counts
+        .iter()
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// UDP sockets connected by `hold udp`.
 fn held_udp() -> std::sync::MutexGuard<'static, Vec<OwnedFd>> {
     static HELD: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());
@@ -964,6 +1020,12 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 Err(e) => format!("err {}", errno_name(e.raw_os_error().unwrap_or(0))),
             }
         }
+        ["loop-start", proto, ip, port] => {
+            kind(proto)?;
+            let addr = sa(ip, port)?;
+            loop_start(proto, addr)
+        }
+        ["loop-stop"] => loop_stop(),
         ["connect-loop", proto, ip, port, n] => {
             kind(proto)?;
             let addr = sa(ip, port)?;

@@ -1,0 +1,209 @@
+//! `agentwall node --check-config`: what a start would read, checked the way the start checks
+//! it, and what the kernel offers, with nothing started, attached, written or kept.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::{
+    cgroup::Cgroup2Mount,
+    config::NodeConfig,
+    datapath::{SocketFamilies, layout::KERNEL_BTF},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Ok,
+    /// The node starts, with less than it could do (said in the detail).
+    Warning,
+    /// The node would not start, or would not do what the config says.
+    Error,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Finding {
+    pub what: &'static str,
+    pub verdict: Verdict,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = match self.verdict {
+            Verdict::Ok => "ok",
+            Verdict::Warning => "warning",
+            Verdict::Error => "ERROR",
+        };
+        write!(
+            f,
+            "{v:<7} {}: {}",
+            self.what,
+            self.detail.replace('\n', "\n        ")
+        )
+    }
+}
+
+fn finding(what: &'static str, verdict: Verdict, detail: impl Into<String>) -> Finding {
+    Finding {
+        what,
+        verdict,
+        detail: detail.into(),
+    }
+}
+
+/// Every finding for `cfg`, configuration first, then the kernel.
+pub fn check(cfg: &NodeConfig) -> Vec<Finding> {
+    let mut out = Vec::new();
+    out.push(match cfg.check() {
+        Ok(()) => finding("settings", Verdict::Ok, "no settings conflict"),
+        Err(e) => finding("settings", Verdict::Error, e.to_string()),
+    });
+    out.push(match super::trust::Trust::check(cfg) {
+        Ok((cas, crls, serials)) => finding(
+            "trust bundle and CRLs",
+            Verdict::Ok,
+            format!(
+                "{}: {cas} CA certificate(s); {crls} CRL(s) in force listing {serials} serial(s)",
+                cfg.trust_bundle
+                    .as_deref()
+                    .unwrap_or(Path::new("?"))
+                    .display()
+            ),
+        ),
+        Err(e) => finding("trust bundle and CRLs", Verdict::Error, e.to_string()),
+    });
+    out.push(match &cfg.trust_domain {
+        Some(d) => finding(
+            "trust domain",
+            Verdict::Ok,
+            format!("only identities in {d} are accepted"),
+        ),
+        None => finding(
+            "trust domain",
+            Verdict::Warning,
+            "not set: an identity of any trust domain the bundle's CAs sign is accepted",
+        ),
+    });
+    out.push(policy(cfg));
+    if let Some(cp) = &cfg.control_plane {
+        out.push(files(
+            "control plane",
+            &[
+                ("ca", cp.ca.as_deref()),
+                ("cert", cp.cert.as_deref()),
+                ("key", cp.key.as_deref()),
+                ("token_file", cp.token_file.as_deref()),
+            ],
+            cp.url.as_deref().unwrap_or("no url"),
+        ));
+    }
+    if cfg.audit_log.is_some() || cfg.audit_signing_key.is_some() {
+        out.push(files(
+            "audit",
+            &[("audit_signing_key", cfg.audit_signing_key.as_deref())],
+            &cfg.audit_log
+                .as_deref()
+                .map_or_else(|| "no audit log".to_owned(), |p| p.display().to_string()),
+        ));
+    }
+    out.extend(kernel());
+    out
+}
+
+/// The policy a start would enforce, compiled against every capacity the way an apply is.
+fn policy(cfg: &NodeConfig) -> Finding {
+    let dir = cfg.policy_dir();
+    if cfg.control_plane.is_some() && !dir.exists() {
+        return finding(
+            "policy",
+            Verdict::Ok,
+            "comes from the control plane (no bundle received yet: every bound identity is denied everything until one is)",
+        );
+    }
+    let set = crate::policy::source::load_dir(&dir).and_then(|set| {
+        crate::policy::source::check_compiles(&set)?;
+        Ok(set)
+    });
+    match set {
+        Ok(set) => finding(
+            "policy",
+            Verdict::Ok,
+            format!(
+                "{}: {} AgentPolicy, {} Archetype, revision {}",
+                dir.display(),
+                set.agents.len(),
+                set.archetypes.len(),
+                set.revision
+            ),
+        ),
+        Err(errors) => finding(
+            "policy",
+            Verdict::Error,
+            format!("{}: {} error(s):\n{errors}", dir.display(), errors.0.len()),
+        ),
+    }
+}
+
+/// Each named file, when set, must be readable.
+fn files(what: &'static str, named: &[(&str, Option<&Path>)], about: &str) -> Finding {
+    let unreadable: Vec<String> = named
+        .iter()
+        .filter_map(|(key, p)| Some((key, (*p)?)))
+        .filter_map(|(key, p)| {
+            std::fs::File::open(p)
+                .err()
+                .map(|e| format!("{key} {}: {e}", p.display()))
+        })
+        .collect();
+    if unreadable.is_empty() {
+        finding(what, Verdict::Ok, about.to_owned())
+    } else {
+        finding(what, Verdict::Error, unreadable.join("; "))
+    }
+}
+
+/// What this kernel offers the node. Only a missing cgroup v2 stops a start; the rest is
+/// enforcement the node says it cannot give.
+pub fn kernel() -> Vec<Finding> {
+    let mut out = Vec::new();
+    out.push(match Cgroup2Mount::discover() {
+        Ok(m) => finding(
+            "cgroup v2",
+            Verdict::Ok,
+            format!("mounted at {}", m.mount_point.display()),
+        ),
+        Err(e) => finding("cgroup v2", Verdict::Error, e.to_string()),
+    });
+    out.push(if Path::new(KERNEL_BTF).exists() {
+        finding("BTF", Verdict::Ok, KERNEL_BTF)
+    } else {
+        finding(
+            "BTF",
+            Verdict::Warning,
+            format!("{KERNEL_BTF} is missing: the socket flags a handed-in socket carries cannot be read, so every inet socket handed to an agent is refused"),
+        )
+    });
+    out.push(match crate::datapath::lsm_line() {
+        SocketFamilies::Enforced => finding(
+            "BPF LSM",
+            Verdict::Ok,
+            "bpf is among the kernel's active LSMs: the node loads its BPF LSM programs at start (socket families, socket options, handed-in sockets, binds), and `status` says whether they run",
+        ),
+        SocketFamilies::Unenforced(why) => finding(
+            "BPF LSM",
+            Verdict::Warning,
+            format!("{why}: socket families beyond inet, socket options and handed-in sockets are not judged"),
+        ),
+    });
+    out.push(match crate::api::has_peer_pidfd() {
+        Ok(true) => finding("SO_PEERPIDFD", Verdict::Ok, "launch names its caller by pidfd"),
+        Ok(false) => finding(
+            "SO_PEERPIDFD",
+            Verdict::Warning,
+            "this kernel has none (Linux 6.5): launch names its caller by the pid recorded at connect",
+        ),
+        Err(e) => finding("SO_PEERPIDFD", Verdict::Warning, format!("cannot tell: {e}")),
+    });
+    out
+}
