@@ -211,7 +211,7 @@ fn the_package_installs_into_a_clean_debian_root_and_purges_to_nothing() {
     assert_eq!(root.mode("etc/agentwall/agentwall.toml"), 0o640);
     assert_eq!(root.mode("var/lib/agentwall"), 0o700);
     assert_eq!(root.mode("var/lib/agentwall-control-plane"), 0o700);
-    assert_eq!(root.mode("var/log/agentwall"), 0o750);
+    assert_eq!(root.mode("var/log/agentwall"), 0o755);
     let conffiles = root.sh_ok("cat /var/lib/dpkg/info/agentwall.conffiles");
     assert_eq!(
         conffiles.lines().collect::<BTreeSet<_>>(),
