@@ -81,6 +81,14 @@ impl NodeProc {
         Self { child, socket }
     }
 
+    /// `agentwall node --check-config` with the flags [`NodeProc::start_with`] would give.
+    pub fn check_config(env: &TestEnv, dir: &Path, extra: &[&str]) -> std::process::Output {
+        Self::command(&bin_path("agentwall"), env, dir, extra, &[], None)
+            .arg("--check-config")
+            .output()
+            .expect("run node --check-config")
+    }
+
     /// Runs the node as [`NodeProc::start_with`] would, expecting it to refuse to start;
     /// returns what it said on stderr.
     pub fn start_refused(env: &TestEnv, dir: &Path, extra: &[&str]) -> String {

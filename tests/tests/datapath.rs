@@ -1197,3 +1197,64 @@ fn a_start_replaces_another_builds_programs_and_attaches_detached_links_again() 
     assert_eq!(attached_programs(env.root.path()).unwrap(), before);
     teardown(&env.bpffs_dir).unwrap();
 }
+
+/// A pin directory another user made first (bpffs is often world-writable), one anyone may
+/// write, or one that leads elsewhere through a symbolic link is refused, at start and at
+/// teardown: its maker would hold every pin (and could detach every program by removing
+/// them), or point a teardown at files outside bpffs.
+#[test]
+fn pin_directories_another_user_made_or_that_lead_elsewhere_are_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let env = TestEnv::new("pindir");
+    std::fs::create_dir_all(&env.bpffs_dir).unwrap();
+    let chown = |uid: u32| std::os::unix::fs::chown(&env.bpffs_dir, Some(uid), Some(uid)).unwrap();
+    chown(65534);
+    let err = Datapath::start(&env.config()).err().expect("refused");
+    assert!(
+        err.to_string()
+            .contains("is not a safe pin directory: owned by uid 65534, not 0"),
+        "{err}"
+    );
+    assert!(attached_programs(env.root.path()).unwrap().is_empty());
+    chown(0);
+    std::fs::set_permissions(&env.bpffs_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = Datapath::start(&env.config()).err().expect("refused");
+    assert!(
+        err.to_string()
+            .contains("mode 777: writable by its group or by anyone"),
+        "{err}"
+    );
+    std::fs::set_permissions(&env.bpffs_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    drop(Datapath::start(&env.config()).expect("a safe directory starts"));
+
+    // The maps directory swapped for a link to somewhere else: teardown removes nothing there.
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::write(elsewhere.path().join("precious"), "x").unwrap();
+    let dir = pin_dir(&env.bpffs_dir);
+    let real = env.bpffs_dir.join("real");
+    std::fs::rename(&dir, &real).unwrap();
+    std::fs::create_dir_all(dir.join("links")).unwrap();
+    let maps = dir.join("maps");
+    std::os::unix::fs::symlink(elsewhere.path(), &maps).unwrap();
+    let err = agentwall::datapath::teardown_all(&env.bpffs_dir).expect_err("refused");
+    assert!(
+        err.to_string()
+            .contains("not a directory (a symbolic link?)"),
+        "{err}"
+    );
+    assert!(elsewhere.path().join("precious").exists());
+    let err = Datapath::start(&env.config()).err().expect("refused");
+    assert!(
+        err.to_string().contains("not a safe pin directory"),
+        "{err}"
+    );
+    std::fs::remove_file(&maps).unwrap();
+    std::fs::remove_dir(dir.join("links")).unwrap();
+    std::fs::remove_dir(&dir).unwrap();
+    std::fs::rename(&real, &dir).unwrap();
+    assert_eq!(
+        agentwall::datapath::teardown_all(&env.bpffs_dir).unwrap(),
+        [format!("v{}", agent_common::ABI_VERSION)]
+    );
+    assert!(attached_programs(env.root.path()).unwrap().is_empty());
+}

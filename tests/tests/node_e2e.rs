@@ -1538,6 +1538,115 @@ fn an_upgrade_in_place_under_a_connect_loop_judges_every_connect_rightly() {
     assert_eq!(s["map_fill"]["bindings"], 2, "{s}");
 }
 
+/// What would make the node judge by numbers it no longer understands, or lose its pins when
+/// it stops, refuses the start, and `node --check-config` says so; a broken policy directory
+/// is not one of them (the node starts on its last good revision, and the check says that).
+#[test]
+fn the_node_refuses_lost_identity_numbers_and_a_bpffs_that_would_go_with_it() {
+    let (env, tmp, ca) = setup("state-lost", POLICY);
+    let dir = tmp.path();
+    let node = NodeProc::start(&env, dir);
+    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+    let mut p = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(node.stop(), 0);
+
+    // A typo in the policy directory: the check warns, and the start it would make runs.
+    std::fs::write(dir.join("policy/typo.yaml"), "kind: AgentPolicy\nname: [\n").unwrap();
+    let out = NodeProc::check_config(&env, dir, &[]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("warning policy:")
+            && said.contains("typo.yaml:2:")
+            && said.contains("the node starts on the last good revision")
+            && said.contains("ok      bpffs: ")
+            && said.contains("the node can start as configured"),
+        "{said}"
+    );
+    std::fs::remove_file(dir.join("policy/typo.yaml")).unwrap();
+
+    // The identity numbers lost while the bindings stayed pinned: refused, the old programs
+    // judging on as they were.
+    let kept = dir.join("state/identities.json");
+    let saved = std::fs::read(&kept).unwrap();
+    std::fs::remove_file(&kept).unwrap();
+    let err = NodeProc::start_refused(&env, dir, &[]);
+    assert!(
+        err.contains("identities.json is missing while the maps pinned under")
+            && err.contains("bind 1 cgroup(s) to identity numbers")
+            && err.contains("agentwall down --bpffs-dir"),
+        "{err}"
+    );
+    assert_eq!(p.cmd("connect tcp 203.0.113.5 443"), "err EPERM");
+    // The pins gone too, the session table still names numbers: refused as well.
+    let down = agentwall()
+        .args(["down", "--bpffs-dir"])
+        .arg(&env.bpffs_dir)
+        .output()
+        .unwrap();
+    assert!(down.status.success(), "{down:?}");
+    let err = NodeProc::start_refused(&env, dir, &[]);
+    assert!(
+        err.contains("sessions.json lists 1 session(s) by identity number"),
+        "{err}"
+    );
+    // Put back, the node starts and governs the session again.
+    std::fs::write(&kept, saved).unwrap();
+    let node = NodeProc::start(&env, dir);
+    assert_eq!(p.cmd("connect tcp 203.0.113.5 443"), "err EPERM");
+    assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    assert_eq!(node.stop(), 0);
+
+    // No bpffs at /sys/fs/bpf, in a mount namespace of the node's own (a sandboxed unit): a
+    // bpffs it mounted would go, with every pin, when it stops. Refused, and said by the check.
+    let own_ns = |args: &str| {
+        let out = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-ec"])
+            .arg(format!("umount -l /sys/fs/bpf; exec \"$@\" {args}"))
+            .arg("sh")
+            .arg(bin_path("agentwall"))
+            .args(["node", "--trust-bundle"])
+            .arg(dir.join("ca.pem"))
+            .arg("--policy-dir")
+            .arg(dir.join("policy"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--socket")
+            .arg(dir.join("aw.sock"))
+            .arg("--bpffs-dir")
+            .arg(&env.bpffs_dir)
+            .arg("--attach-cgroup")
+            .arg(env.root.path())
+            .args(["--catalog-refresh-secs", "0"])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, said) = own_ns("--check-config");
+    assert!(
+        !ok && said.contains("ERROR   bpffs: no bpf filesystem is mounted at /sys/fs/bpf"),
+        "{said}"
+    );
+    let (ok, said) = own_ns("");
+    assert!(
+        !ok && said.contains("no bpf filesystem is mounted at /sys/fs/bpf, and "),
+        "{said}"
+    );
+    // The host's pins were never touched: the session is judged as before.
+    assert_eq!(p.cmd("connect tcp 203.0.113.5 443"), "err EPERM");
+}
+
 #[test]
 fn the_self_check_finds_a_line_that_lets_through_what_it_must_refuse() {
     let (env, tmp, ca) = setup("selfcheck", POLICY);

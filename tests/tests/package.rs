@@ -208,7 +208,8 @@ fn the_package_installs_into_a_clean_debian_root_and_purges_to_nothing() {
     }
     assert!(root.path().join("var/log/agentwall").is_dir());
     assert_eq!(root.mode("usr/bin/agentwall"), 0o755);
-    assert_eq!(root.mode("etc/agentwall/agentwall.toml"), 0o640);
+    assert_eq!(root.mode("etc/agentwall/agentwall.toml"), 0o644);
+    assert_eq!(root.mode("etc/agentwall/control-plane.toml"), 0o640);
     assert_eq!(root.mode("var/lib/agentwall"), 0o700);
     assert_eq!(root.mode("var/lib/agentwall-control-plane"), 0o700);
     assert_eq!(root.mode("var/log/agentwall"), 0o755);
@@ -307,9 +308,31 @@ fn the_package_installs_into_a_clean_debian_root_and_purges_to_nothing() {
     );
     std::fs::remove_file(root.path().join("etc/agentwall/policy/bad.yaml")).unwrap();
 
+    // A config with a typo: commands that only need the node's paths say so and go on with
+    // the built-in ones (an emergency `revoke` or `down` must not fail on it), and the
+    // package's removal still detaches the datapath (here: finds nothing pinned).
+    std::fs::write(
+        root.path().join("etc/agentwall/agentwall.toml"),
+        "socket = [\n",
+    )
+    .unwrap();
+    let out = root.sh("agentwall status");
+    assert!(
+        !out.status.success()
+            && text(&out).contains("agentwall.toml:1:11: unclosed array")
+            && text(&out).contains("using the built-in paths")
+            && text(&out).contains("/run/agentwall/agentwall.sock"),
+        "{}",
+        text(&out)
+    );
+
     // Remove: the conffiles stay, and nothing else of the package.
     let out = root.sh_ok("dpkg -r agentwall");
     assert!(out.contains("Removing agentwall"), "{out}");
+    assert!(
+        out.contains("agentwall: nothing pinned under /sys/fs/bpf/agentwall"),
+        "{out}"
+    );
     let (added, removed) = diff(&before, &root.files());
     assert!(removed.is_empty(), "remove took {removed:?}");
     // deb-systemd-helper masks a removed package's units (links to /dev/null, lifted on

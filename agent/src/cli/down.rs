@@ -16,12 +16,20 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let bpffs_dir = args.config.bpffs_dir(args.bpffs_dir)?;
-    agentwall::datapath::teardown(&bpffs_dir)
+    let removed = agentwall::datapath::teardown_all(&bpffs_dir)
         .with_context(|| format!("tearing down {}", bpffs_dir.display()))?;
-    println!(
-        "agentwall: datapath under {} detached and unpinned",
-        bpffs_dir.display()
-    );
+    if removed.is_empty() {
+        println!(
+            "agentwall: nothing pinned under {} (no datapath there to detach)",
+            bpffs_dir.display()
+        );
+    } else {
+        println!(
+            "agentwall: datapath under {} detached and unpinned ({})",
+            bpffs_dir.display(),
+            removed.join(", ")
+        );
+    }
     // The node routes its IPv6 DNS proxy prefix to lo when name rules need it.
     agentwall::dns::route::remove_local_route().with_context(|| {
         format!(

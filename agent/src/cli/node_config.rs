@@ -15,8 +15,19 @@ pub struct ConfigArg {
 }
 
 impl ConfigArg {
+    /// The config named with `--config` (whose errors are errors), else the default file;
+    /// one that cannot be read (a user without access, a syntax error) is said and passed
+    /// over for the built-in paths, so `status`, `renew`, `revoke` and `down` keep working
+    /// for whoever may use them.
     pub fn load(&self) -> anyhow::Result<NodeConfig> {
-        Ok(NodeConfig::find(self.config.as_deref())?)
+        match NodeConfig::find(self.config.as_deref()) {
+            Ok(c) => Ok(c),
+            Err(e) if self.config.is_none() => {
+                eprintln!("agentwall: {e}: using the built-in paths");
+                Ok(NodeConfig::default())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn file(&self) -> &Path {

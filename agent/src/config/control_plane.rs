@@ -177,7 +177,7 @@ fn read(path: &Path) -> Result<String, CpConfigError> {
 }
 
 /// `p` as written, or relative to the directory of the file it was written in.
-fn resolve(base: &Path, p: &Path) -> PathBuf {
+pub(crate) fn resolve(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_owned()
     } else {

@@ -179,6 +179,24 @@ impl NodeConfig {
             source,
         })?;
         let mut c = Self::parse(path, &text)?;
+        // Relative to the file, as in the control plane's config: never to whatever directory
+        // a command (`agentwall down`, say) was run from.
+        for p in [
+            &mut c.policy_dir,
+            &mut c.trust_bundle,
+            &mut c.socket,
+            &mut c.state_dir,
+            &mut c.bpffs_dir,
+            &mut c.attach_cgroup,
+            &mut c.audit_log,
+            &mut c.audit_signing_key,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(&mut c.crl)
+        {
+            *p = control_plane::resolve(path, p);
+        }
         if let Some(cp) = &mut c.control_plane {
             cp.resolve_paths(path);
         }

@@ -57,8 +57,18 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub enum DatapathError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("{path} is not on a bpf filesystem (mount one with `mount -t bpf bpf {path}`)")]
+    #[error(
+        "{path} is not on a bpf filesystem (mount one with `mount -t bpf -o mode=0700 bpf {path}`)"
+    )]
     NotBpffs { path: PathBuf },
+    #[error(
+        "no bpf filesystem is mounted at /sys/fs/bpf, and {why}: one the node mounted could go, and every pin and program with it, when the node stops; mount it on the host first (`mount -t bpf -o mode=0700 bpf /sys/fs/bpf`)"
+    )]
+    BpffsNotShared { why: String },
+    #[error(
+        "{path} is not a safe pin directory: {why}; remove it (another user may have made it to take the node's pins over) and start again"
+    )]
+    UnsafePinDir { path: PathBuf, why: String },
     #[error("another agentwall node holds {path}: one node per pin directory")]
     Busy { path: PathBuf },
     #[error("loading the eBPF object: {0}")]
@@ -280,7 +290,16 @@ fn lsm_hook(name: &str) -> &'static str {
 
 /// Whether this kernel runs BPF LSM programs: `bpf` in its active LSM list.
 pub fn lsm_line() -> SocketFamilies {
-    match sys::active_lsms() {
+    judge_lsms(sys::active_lsms())
+}
+
+/// [`lsm_line`] without mounting securityfs where it is not mounted (`node --check-config`).
+pub fn lsm_line_as_mounted() -> SocketFamilies {
+    judge_lsms(std::fs::read_to_string("/sys/kernel/security/lsm"))
+}
+
+fn judge_lsms(list: io::Result<String>) -> SocketFamilies {
+    match list {
         Ok(list) if list.trim().split(',').any(|l| l == "bpf") => SocketFamilies::Enforced,
         Ok(list) => SocketFamilies::Unenforced(format!(
             "the kernel's active LSMs ({}) do not include bpf; add lsm=...,bpf to its command line",
@@ -685,7 +704,11 @@ impl Datapath {
     /// nothing attached. Dropping the result attaches nothing.
     pub fn load(cfg: &DatapathConfig) -> Result<Loaded, DatapathError> {
         let attach = Cgroup::open(&cfg.attach_cgroup)?;
-        sys::ensure_bpffs(&cfg.bpffs_dir).map_err(io_err(Path::new("/sys/fs/bpf")))?;
+        let sys_bpf = Path::new("/sys/fs/bpf");
+        if sys::bpffs_missing(&cfg.bpffs_dir).map_err(io_err(sys_bpf))? {
+            not_shared()?;
+            sys::mount_bpffs().map_err(io_err(sys_bpf))?;
+        }
         let dir = pin_dir(&cfg.bpffs_dir);
         let (maps_dir, links_dir) = (dir.join("maps"), dir.join("links"));
         for d in [&maps_dir, &links_dir] {
@@ -693,6 +716,9 @@ impl Datapath {
         }
         if !sys::is_bpffs(&dir).map_err(io_err(&dir))? {
             return Err(DatapathError::NotBpffs { path: dir });
+        }
+        for d in [&cfg.bpffs_dir, &dir, &maps_dir, &links_dir] {
+            check_pin_dir(d)?;
         }
         let lock = fs::File::open(&dir).map_err(io_err(&dir))?;
         // SAFETY: a plain system call on a descriptor we own.
@@ -2204,6 +2230,115 @@ pub fn teardown(bpffs_dir: &Path) -> Result<(), DatapathError> {
     remove_pins(&pin_dir(bpffs_dir), bpffs_dir)
 }
 
+/// [`teardown`] of every map-layout version pinned under `bpffs_dir` (an upgrade left
+/// unfinished leaves an older one attached): `agentwall down`. Returns the versions removed.
+pub fn teardown_all(bpffs_dir: &Path) -> Result<Vec<String>, DatapathError> {
+    let mut removed = Vec::new();
+    for (name, path) in other_versions(bpffs_dir)? {
+        remove_pins(&path, bpffs_dir)?;
+        removed.push(name);
+    }
+    let own = pin_dir(bpffs_dir);
+    if own.exists() {
+        remove_pins(&own, bpffs_dir)?;
+        removed.push(format!("v{ABI_VERSION}"));
+    }
+    Ok(removed)
+}
+
+/// What a start would find of `bpffs_dir` (`node --check-config`): its pin directories, where
+/// they exist, safe to pin into; and bpffs there, or mountable where the node would mount it.
+/// Nothing is made or mounted.
+pub fn check_pins(bpffs_dir: &Path) -> Result<String, DatapathError> {
+    let sys_bpf = Path::new("/sys/fs/bpf");
+    let mounted = if sys::bpffs_missing(bpffs_dir).map_err(io_err(sys_bpf))? {
+        not_shared()?;
+        "no bpf filesystem at /sys/fs/bpf yet: the node mounts one (mode 0700)".to_owned()
+    } else {
+        let on = bpffs_dir
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("/"));
+        if !sys::is_bpffs(on).map_err(io_err(on))? {
+            return Err(DatapathError::NotBpffs {
+                path: on.to_owned(),
+            });
+        }
+        format!("{} is on bpffs", on.display())
+    };
+    let dir = pin_dir(bpffs_dir);
+    for d in [
+        bpffs_dir.to_owned(),
+        dir.clone(),
+        dir.join("maps"),
+        dir.join("links"),
+    ] {
+        if fs::symlink_metadata(&d).is_ok() {
+            check_pin_dir(&d)?;
+        }
+    }
+    let pinned = other_versions(bpffs_dir)?
+        .into_iter()
+        .map(|(name, _)| name)
+        .chain(
+            dir.join("links")
+                .is_dir()
+                .then(|| format!("v{ABI_VERSION}")),
+        )
+        .collect::<Vec<_>>();
+    Ok(if pinned.is_empty() {
+        format!("{mounted}; nothing pinned")
+    } else {
+        format!("{mounted}; pinned map layouts: {}", pinned.join(", "))
+    })
+}
+
+/// Refuses, when bpffs would have to be mounted, a process whose mounts the host does not
+/// see (or whose namespace cannot be told): what it mounted would go when it stops.
+fn not_shared() -> Result<(), DatapathError> {
+    match sys::in_host_mount_namespace() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(DatapathError::BpffsNotShared {
+            why:
+                "this process runs in a mount namespace of its own (a systemd sandbox, a container)"
+                    .into(),
+        }),
+        Err(e) => Err(DatapathError::BpffsNotShared {
+            why: format!(
+                "whether this process shares the host's mount namespace cannot be told (/proc/1/ns/mnt: {e})"
+            ),
+        }),
+    }
+}
+
+/// A directory the node pins into or removes pins from must be a real directory (not a
+/// link somewhere else), owned by this process's user and writable by no one else: a local
+/// user who made it first would otherwise hold every pin, and could detach every program by
+/// removing them, or point a teardown at files outside bpffs.
+fn check_pin_dir(path: &Path) -> Result<(), DatapathError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let unsafe_dir = |why: String| DatapathError::UnsafePinDir {
+        path: path.to_owned(),
+        why,
+    };
+    let m = fs::symlink_metadata(path).map_err(io_err(path))?;
+    if !m.file_type().is_dir() {
+        return Err(unsafe_dir("not a directory (a symbolic link?)".into()));
+    }
+    // SAFETY: a plain system call with no arguments.
+    let me = unsafe { libc::geteuid() };
+    if m.uid() != me {
+        return Err(unsafe_dir(format!("owned by uid {}, not {me}", m.uid())));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "mode {:o}: writable by its group or by anyone",
+            m.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
 /// The pin directories of other map-layout versions under `bpffs_dir` that still hold links.
 fn other_versions(bpffs_dir: &Path) -> Result<Vec<(String, PathBuf)>, DatapathError> {
     let mut found = Vec::new();
@@ -2221,7 +2356,11 @@ fn other_versions(bpffs_dir: &Path) -> Result<Vec<(String, PathBuf)>, DatapathEr
             .strip_prefix('v')
             .and_then(|v| v.parse::<u32>().ok())
             .is_some_and(|v| v != ABI_VERSION);
-        if other && path.join("links").is_dir() {
+        // A version that still holds a link: an empty links directory (a start refused
+        // before it attached anything) judges nothing and is no layout to upgrade from.
+        let holds_links =
+            fs::read_dir(path.join("links")).is_ok_and(|mut entries| entries.next().is_some());
+        if other && holds_links {
             found.push((name.to_owned(), path));
         }
     }
@@ -2232,8 +2371,17 @@ fn other_versions(bpffs_dir: &Path) -> Result<Vec<(String, PathBuf)>, DatapathEr
 /// Removes one version's links, then its maps, then its directory (and `bpffs_dir` when it is
 /// left empty).
 fn remove_pins(dir: &Path, bpffs_dir: &Path) -> Result<(), DatapathError> {
+    if !fs::exists(dir).map_err(io_err(dir))? {
+        return Ok(());
+    }
+    for d in [bpffs_dir, dir] {
+        check_pin_dir(d)?;
+    }
     for sub in ["links", "maps"] {
         let d = dir.join(sub);
+        if fs::exists(&d).map_err(io_err(&d))? {
+            check_pin_dir(&d)?;
+        }
         match fs::read_dir(&d) {
             Ok(entries) => {
                 for e in entries {

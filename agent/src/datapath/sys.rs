@@ -330,14 +330,26 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
     Ok(statfs_magic(path)? == BPF_FS_MAGIC)
 }
 
-/// Mounts bpffs at `/sys/fs/bpf` when `dir` lives below it and it is not mounted yet (some hosts
-/// do not mount it at boot).
-pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
+/// Whether bpffs must be mounted at `/sys/fs/bpf` for `dir`: it lives below it, and nothing
+/// is mounted there yet (some hosts do not mount it at boot).
+pub fn bpffs_missing(dir: &Path) -> io::Result<bool> {
     let sys = Path::new("/sys/fs/bpf");
-    if dir.starts_with(sys) && !is_bpffs(sys)? {
-        mount_kernel_fs("bpf", "/sys/fs/bpf")?;
-    }
-    Ok(())
+    Ok(dir.starts_with(sys) && !is_bpffs(sys)?)
+}
+
+/// Mounts bpffs at `/sys/fs/bpf`, root's only (mode 0700: a world-writable bpffs lets any
+/// user make the pin directories before the node does).
+pub fn mount_bpffs() -> io::Result<()> {
+    mount_kernel_fs("bpf", "/sys/fs/bpf", Some("mode=0700"))
+}
+
+/// Whether this process shares the host's mount namespace (PID 1's). A file system mounted
+/// in a namespace of its own (a systemd sandbox, say) goes when its last process does.
+pub fn in_host_mount_namespace() -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ours = std::fs::metadata("/proc/self/ns/mnt")?;
+    let host = std::fs::metadata("/proc/1/ns/mnt")?;
+    Ok(ours.ino() == host.ino() && ours.dev() == host.dev())
 }
 
 /// The kernel's active LSMs, in order (`/sys/kernel/security/lsm`), mounting securityfs
@@ -345,23 +357,26 @@ pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
 pub fn active_lsms() -> io::Result<String> {
     let list = Path::new("/sys/kernel/security/lsm");
     if !list.exists() {
-        mount_kernel_fs("securityfs", "/sys/kernel/security")?;
+        mount_kernel_fs("securityfs", "/sys/kernel/security", None)?;
     }
     std::fs::read_to_string(list)
 }
 
-/// Mounts a kernel pseudo file system of type `fstype` at `target`.
-fn mount_kernel_fs(fstype: &str, target: &str) -> io::Result<()> {
+/// Mounts a kernel pseudo file system of type `fstype` at `target`, with `options`.
+fn mount_kernel_fs(fstype: &str, target: &str, options: Option<&str>) -> io::Result<()> {
     let src = CString::new(fstype).expect("no NUL");
     let target = CString::new(target).expect("no NUL");
-    // SAFETY: valid C strings; no data argument.
+    let options = options.map(|o| CString::new(o).expect("no NUL"));
+    // SAFETY: valid C strings; the data argument is a C string or null.
     let rc = unsafe {
         libc::mount(
             src.as_ptr(),
             target.as_ptr(),
             src.as_ptr(),
             0,
-            std::ptr::null(),
+            options
+                .as_ref()
+                .map_or(std::ptr::null(), |o| o.as_ptr().cast()),
         )
     };
     if rc != 0 {

@@ -574,6 +574,6 @@ impl Enforcer {
 }
 
 /// Where the node keeps the files of the last policy it applied.
-fn last_good_dir(state_dir: &Path) -> PathBuf {
+pub(crate) fn last_good_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("policy-last-good")
 }

@@ -106,6 +106,14 @@ pub enum NodeError {
     Metrics { addr: SocketAddr, source: io::Error },
     #[error("installing the SIGTERM handler: {0}")]
     Signal(io::Error),
+    #[error(
+        "{kept} is missing while {found}: which identity each number stands for is lost; restore {kept}, or {fix}, and start again"
+    )]
+    StateLost {
+        kept: PathBuf,
+        found: String,
+        fix: String,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> NodeError + '_ {
@@ -309,6 +317,40 @@ impl Node {
         // with it its binding.
         let canary = canary::Canary::new(datapath.attach_cgroup());
         let catalog = Catalog::new(&cfg.ai_catalog)?;
+        // Pinned bindings name identities by number, and only identities.json says which is
+        // which: without it, a new numbering would give running agents other identities'
+        // rules (and forget revocations).
+        if !registry::kept(&state_dir).exists() {
+            let bound = datapath.bindings()?.len() + datapath.older_bindings()?.len();
+            if bound > 0 {
+                return Err(NodeError::StateLost {
+                    kept: registry::kept(&state_dir),
+                    found: format!(
+                        "the maps pinned under {} bind {bound} cgroup(s) to identity numbers",
+                        cfg.bpffs_dir().display()
+                    ),
+                    fix: format!(
+                        "end that enforcement with `agentwall down --bpffs-dir {}`",
+                        cfg.bpffs_dir().display()
+                    ),
+                });
+            }
+            let listed = sessions::kept_count(&state_dir);
+            if listed > 0 {
+                let table = sessions::kept(&state_dir);
+                return Err(NodeError::StateLost {
+                    kept: registry::kept(&state_dir),
+                    found: format!(
+                        "{} lists {listed} session(s) by identity number",
+                        table.display()
+                    ),
+                    fix: format!(
+                        "remove {} (its sessions are then not governed until launched or enrolled again)",
+                        table.display()
+                    ),
+                });
+            }
+        }
         let registry = Registry::load(&state_dir)?;
         let journal = Arc::new(Journal::open(
             cfg.audit_log.as_deref(),
@@ -1003,7 +1045,7 @@ fn chown_group(path: &Path, group: &str) -> Result<(), NodeError> {
 }
 
 /// The id of the group named `group`.
-fn group_id(group: &str) -> Result<u32, NodeError> {
+pub(crate) fn group_id(group: &str) -> Result<u32, NodeError> {
     let c = std::ffi::CString::new(group).map_err(|_| NodeError::NoGroup(group.to_owned()))?;
     // SAFETY: valid C string; getgrnam returns a pointer into static storage or null.
     let gr = unsafe { libc::getgrnam(c.as_ptr()) };

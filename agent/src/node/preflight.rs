@@ -87,28 +87,83 @@ pub fn check(cfg: &NodeConfig) -> Vec<Finding> {
     });
     out.push(policy(cfg));
     if let Some(cp) = &cfg.control_plane {
-        out.push(files(
-            "control plane",
-            &[
-                ("ca", cp.ca.as_deref()),
-                ("cert", cp.cert.as_deref()),
-                ("key", cp.key.as_deref()),
-                ("token_file", cp.token_file.as_deref()),
-            ],
-            cp.url.as_deref().unwrap_or("no url"),
-        ));
+        out.push(match cp.url.as_deref() {
+            None => finding(
+                "control plane",
+                Verdict::Error,
+                "[control_plane] has no url",
+            ),
+            Some(url) => files(
+                "control plane",
+                &[
+                    ("ca", cp.ca.as_deref()),
+                    ("cert", cp.cert.as_deref()),
+                    ("key", cp.key.as_deref()),
+                    ("token_file", cp.token_file.as_deref()),
+                ],
+                url,
+            ),
+        });
     }
-    if cfg.audit_log.is_some() || cfg.audit_signing_key.is_some() {
-        out.push(files(
-            "audit",
-            &[("audit_signing_key", cfg.audit_signing_key.as_deref())],
-            &cfg.audit_log
-                .as_deref()
-                .map_or_else(|| "no audit log".to_owned(), |p| p.display().to_string()),
-        ));
+    out.push(audit(cfg));
+    for (key, group) in [
+        ("socket_group", &cfg.socket_group),
+        ("audit_log_group", &cfg.audit_log_group),
+    ] {
+        if let Some(g) = group {
+            out.push(match super::group_id(g) {
+                Ok(gid) => finding("groups", Verdict::Ok, format!("{key} {g} is gid {gid}")),
+                Err(e) => finding("groups", Verdict::Error, format!("{key}: {e}")),
+            });
+        }
     }
     out.extend(kernel());
+    out.push(match &cfg.attach_cgroup {
+        None => finding("attach cgroup", Verdict::Ok, "the cgroup v2 mount point"),
+        Some(p) => match crate::cgroup::Cgroup::open(p) {
+            Ok(_) => finding("attach cgroup", Verdict::Ok, p.display().to_string()),
+            Err(e) => finding("attach cgroup", Verdict::Error, e.to_string()),
+        },
+    });
+    out.push(match crate::datapath::check_pins(&cfg.bpffs_dir()) {
+        Ok(said) => finding("bpffs", Verdict::Ok, said),
+        Err(e) => finding("bpffs", Verdict::Error, e.to_string()),
+    });
     out
+}
+
+/// The audit log's directory and the checkpoint signing key, as the start opens them.
+fn audit(cfg: &NodeConfig) -> Finding {
+    let mut said = Vec::new();
+    match &cfg.audit_log {
+        Some(log) => {
+            if let Some(dir) = log.parent().filter(|d| !d.as_os_str().is_empty()) {
+                match std::fs::metadata(dir) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => {
+                        let why =
+                            format!("{}: {} is not a directory", log.display(), dir.display());
+                        return finding("audit", Verdict::Error, why);
+                    }
+                    Err(e) => {
+                        let why = format!("{}: {}: {e}", log.display(), dir.display());
+                        return finding("audit", Verdict::Error, why);
+                    }
+                }
+            }
+            said.push(format!("audit log {}", log.display()));
+        }
+        None => said.push("no audit log".to_owned()),
+    }
+    if let Some(key) = &cfg.audit_signing_key {
+        match crate::audit::Signer::load(key) {
+            Ok(s) => said.push(format!("checkpoints signed with key {}", s.id())),
+            Err(e) => {
+                return finding("audit", Verdict::Error, format!("audit_signing_key: {e}"));
+            }
+        }
+    }
+    finding("audit", Verdict::Ok, said.join("; "))
 }
 
 /// The policy a start would enforce, compiled against every capacity the way an apply is.
@@ -121,27 +176,42 @@ fn policy(cfg: &NodeConfig) -> Finding {
             "comes from the control plane (no bundle received yet: every bound identity is denied everything until one is)",
         );
     }
-    let set = crate::policy::source::load_dir(&dir).and_then(|set| {
-        crate::policy::source::check_compiles(&set)?;
-        Ok(set)
-    });
-    match set {
-        Ok(set) => finding(
+    let compiled = |dir: &Path| {
+        crate::policy::source::load_dir(dir).and_then(|set| {
+            crate::policy::source::check_compiles(&set)?;
+            Ok(set)
+        })
+    };
+    let errors = match compiled(&dir) {
+        Ok(set) => {
+            return finding(
+                "policy",
+                Verdict::Ok,
+                format!(
+                    "{}: {} AgentPolicy, {} Archetype, revision {}",
+                    dir.display(),
+                    set.agents.len(),
+                    set.archetypes.len(),
+                    set.revision
+                ),
+            );
+        }
+        Err(errors) => errors,
+    };
+    let what = format!("{}: {} error(s):\n{errors}", dir.display(), errors.0.len());
+    // A start on an invalid directory runs the last good revision it kept, as the running
+    // node does: the check must not refuse a start the node would make.
+    match compiled(&super::enforcer::last_good_dir(&cfg.state_dir())) {
+        Ok(good) => finding(
             "policy",
-            Verdict::Ok,
+            Verdict::Warning,
             format!(
-                "{}: {} AgentPolicy, {} Archetype, revision {}",
-                dir.display(),
-                set.agents.len(),
-                set.archetypes.len(),
-                set.revision
+                "{what}\nthe node starts on the last good revision {} (kept in {}) until the directory is fixed",
+                good.revision,
+                super::enforcer::last_good_dir(&cfg.state_dir()).display()
             ),
         ),
-        Err(errors) => finding(
-            "policy",
-            Verdict::Error,
-            format!("{}: {} error(s):\n{errors}", dir.display(), errors.0.len()),
-        ),
+        Err(_) => finding("policy", Verdict::Error, what),
     }
 }
 
@@ -184,7 +254,7 @@ pub fn kernel() -> Vec<Finding> {
             format!("{KERNEL_BTF} is missing: the socket flags a handed-in socket carries cannot be read, so every inet socket handed to an agent is refused"),
         )
     });
-    out.push(match crate::datapath::lsm_line() {
+    out.push(match crate::datapath::lsm_line_as_mounted() {
         SocketFamilies::Enforced => finding(
             "BPF LSM",
             Verdict::Ok,

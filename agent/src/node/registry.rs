@@ -114,9 +114,14 @@ pub struct Registry {
     state: Mutex<State>,
 }
 
+/// Where the registry keeps the identity numbers.
+pub fn kept(state_dir: &Path) -> PathBuf {
+    state_dir.join("identities.json")
+}
+
 impl Registry {
     pub fn load(state_dir: &Path) -> Result<Self, RegistryError> {
-        let path = state_dir.join("identities.json");
+        let path = kept(state_dir);
         let file: File = match std::fs::read(&path) {
             Ok(bytes) => {
                 serde_json::from_slice(&bytes).map_err(|source| RegistryError::Corrupt {

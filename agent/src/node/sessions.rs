@@ -252,6 +252,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Where the session table is kept.
+pub fn kept(state_dir: &Path) -> PathBuf {
+    state_dir.join("sessions.json")
+}
+
+/// How many sessions the kept table lists (0 when there is none; one that cannot be read is
+/// [`Sessions::load`]'s to refuse).
+pub fn kept_count(state_dir: &Path) -> usize {
+    std::fs::read(kept(state_dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<StoredTable>(&b).ok())
+        .map_or(0, |t| t.sessions.len())
+}
+
 impl Sessions {
     /// The table as the last run left it, reconciled with the kernel: sessions whose cgroup
     /// is gone end (their binding is freed), and so do bindings of cgroups that no longer
@@ -264,7 +278,7 @@ impl Sessions {
         mount: Cgroup2Mount,
         state_dir: &Path,
     ) -> Result<Self, SessionError> {
-        let path = state_dir.join("sessions.json");
+        let path = kept(state_dir);
         let stored: StoredTable = match std::fs::read(&path) {
             Ok(bytes) => {
                 serde_json::from_slice(&bytes).map_err(|source| SessionError::Corrupt {
