@@ -206,10 +206,12 @@ impl Response {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("node is not running: cannot connect to {path}: {source}")]
+    // The cause is in the text, not a `source`: callers print both `{e}` and `{e:#}`, and
+    // the chain would say it twice.
+    #[error("node is not running: cannot connect to {path}: {error}")]
     NotRunning {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path} is not owned by root; refusing to trust it as the node's socket")]
     UntrustedSocket { path: PathBuf },
@@ -313,9 +315,9 @@ pub fn call(
     creds: Option<Credentials>,
     req: &Request,
 ) -> Result<Response, ApiError> {
-    let meta = std::fs::metadata(socket).map_err(|source| ApiError::NotRunning {
+    let meta = std::fs::metadata(socket).map_err(|error| ApiError::NotRunning {
         path: socket.to_owned(),
-        source,
+        error,
     })?;
     if meta.uid() != 0 {
         return Err(ApiError::UntrustedSocket {
@@ -353,9 +355,9 @@ pub fn call(
         }
         None => builder.with_no_client_auth(),
     };
-    let stream = UnixStream::connect(socket).map_err(|source| ApiError::NotRunning {
+    let stream = UnixStream::connect(socket).map_err(|error| ApiError::NotRunning {
         path: socket.to_owned(),
-        source,
+        error,
     })?;
     let conn = ClientConnection::new(
         Arc::new(config),

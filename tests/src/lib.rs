@@ -72,6 +72,8 @@ impl TestEnv {
 impl Drop for TestEnv {
     fn drop(&mut self) {
         let _ = datapath::teardown(&self.bpffs_dir);
+        // A teardown keeps the pin directory's parent (see `remove_pins`); the test's goes.
+        let _ = std::fs::remove_dir(&self.bpffs_dir);
         kill_tree(self.root.path());
         let _ = self.root.remove_tree();
         // The shared parents go too once the last test has left them (best effort: another

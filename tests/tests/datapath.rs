@@ -1243,6 +1243,8 @@ fn pin_directories_another_user_made_or_that_lead_elsewhere_are_refused() {
         "{err}"
     );
     assert!(elsewhere.path().join("precious").exists());
+    // All or nothing: the refusal removed no level it had checked either.
+    assert!(dir.join("links").is_dir());
     let err = Datapath::start(&env.config()).err().expect("refused");
     assert!(
         err.to_string().contains("not a safe pin directory"),

@@ -1576,12 +1576,22 @@ fn the_node_refuses_lost_identity_numbers_and_a_bpffs_that_would_go_with_it() {
     std::fs::remove_file(&kept).unwrap();
     let err = NodeProc::start_refused(&env, dir, &[]);
     assert!(
-        err.contains("identities.json is missing while the maps pinned under")
+        err.contains("identities.json: missing, while the maps pinned under")
             && err.contains("bind 1 cgroup(s) to identity numbers")
             && err.contains("agentwall down --bpffs-dir"),
         "{err}"
     );
     assert_eq!(p.cmd("connect tcp 203.0.113.5 443"), "err EPERM");
+    // A table that does not match them (`{}`-like, an old backup): refused too.
+    std::fs::write(&kept, r#"{"numbers": {}}"#).unwrap();
+    let err = NodeProc::start_refused(&env, dir, &[]);
+    assert!(
+        err.contains(
+            "the pinned bindings or the session table use identity numbers it does not list"
+        ),
+        "{err}"
+    );
+    std::fs::remove_file(&kept).unwrap();
     // The pins gone too, the session table still names numbers: refused as well.
     let down = agentwall()
         .args(["down", "--bpffs-dir"])

@@ -308,9 +308,14 @@ fn the_package_installs_into_a_clean_debian_root_and_purges_to_nothing() {
     );
     std::fs::remove_file(root.path().join("etc/agentwall/policy/bad.yaml")).unwrap();
 
-    // A config with a typo: commands that only need the node's paths say so and go on with
-    // the built-in ones (an emergency `revoke` or `down` must not fail on it), and the
-    // package's removal still detaches the datapath (here: finds nothing pinned).
+    let out = root.sh_ok("agentwall down");
+    assert!(
+        out.contains("agentwall: nothing pinned under /sys/fs/bpf/agentwall"),
+        "{out}"
+    );
+    // A config with a typo: commands that only need the node's socket say so and go on with
+    // the built-in path (an emergency `revoke` must not fail on it); `down` does not guess
+    // the pins, and the package's removal says it could not detach them.
     std::fs::write(
         root.path().join("etc/agentwall/agentwall.toml"),
         "socket = [\n",
@@ -327,10 +332,16 @@ fn the_package_installs_into_a_clean_debian_root_and_purges_to_nothing() {
     );
 
     // Remove: the conffiles stay, and nothing else of the package.
+    let out = root.sh("agentwall down");
+    assert!(
+        !out.status.success() && text(&out).contains("agentwall.toml:1:11: unclosed array"),
+        "{}",
+        text(&out)
+    );
     let out = root.sh_ok("dpkg -r agentwall");
     assert!(out.contains("Removing agentwall"), "{out}");
     assert!(
-        out.contains("agentwall: nothing pinned under /sys/fs/bpf/agentwall"),
+        out.contains("agentwall: could not detach the datapath"),
         "{out}"
     );
     let (added, removed) = diff(&before, &root.files());

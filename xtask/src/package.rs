@@ -117,7 +117,7 @@ pub fn promtool(root: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(&download)?;
     let fetch = || {
         Command::new("apt-get")
-            .args(["download", "prometheus"])
+            .args(["-o", "APT::Sandbox::User=root", "download", "prometheus"])
             .current_dir(&download)
             .status()
             .is_ok_and(|s| s.success())

@@ -15,10 +15,17 @@ pub struct ConfigArg {
 }
 
 impl ConfigArg {
+    /// The config as commands that change things read it: any error is an error (a `down`
+    /// or `policy check` of the built-in paths would act on another node's pins, or check
+    /// another directory, and say all is well).
+    pub fn load_strict(&self) -> anyhow::Result<NodeConfig> {
+        Ok(NodeConfig::find(self.config.as_deref())?)
+    }
+
     /// The config named with `--config` (whose errors are errors), else the default file;
     /// one that cannot be read (a user without access, a syntax error) is said and passed
-    /// over for the built-in paths, so `status`, `renew`, `revoke` and `down` keep working
-    /// for whoever may use them.
+    /// over for the built-in paths, so `status`, `renew` and `revoke`, which only need the
+    /// socket (root's, checked), keep working for whoever may use them.
     pub fn load(&self) -> anyhow::Result<NodeConfig> {
         match NodeConfig::find(self.config.as_deref()) {
             Ok(c) => Ok(c),
@@ -45,7 +52,7 @@ impl ConfigArg {
     pub fn bpffs_dir(&self, flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         match flag {
             Some(p) => Ok(p),
-            None => Ok(self.load()?.bpffs_dir()),
+            None => Ok(self.load_strict()?.bpffs_dir()),
         }
     }
 
@@ -54,7 +61,7 @@ impl ConfigArg {
     pub fn policy_dir(&self, flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         match flag {
             Some(p) => Ok(p),
-            None => Ok(self.load()?.policy_dir()),
+            None => Ok(self.load_strict()?.policy_dir()),
         }
     }
 

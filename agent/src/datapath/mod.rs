@@ -711,8 +711,21 @@ impl Datapath {
         }
         let dir = pin_dir(&cfg.bpffs_dir);
         let (maps_dir, links_dir) = (dir.join("maps"), dir.join("links"));
-        for d in [&maps_dir, &links_dir] {
-            fs::create_dir_all(d).map_err(io_err(d))?;
+        // Each level checked before anything is made in it, and made root's only: a link a
+        // user left where a level should be is never followed.
+        for d in [&cfg.bpffs_dir, &dir, &maps_dir, &links_dir] {
+            match fs::symlink_metadata(d) {
+                Ok(_) => check_pin_dir(d)?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    use std::os::unix::fs::DirBuilderExt as _;
+                    fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(d)
+                        .map_err(io_err(d))?;
+                }
+                Err(e) => return Err(io_err(d)(e)),
+            }
         }
         if !sys::is_bpffs(&dir).map_err(io_err(&dir))? {
             return Err(DatapathError::NotBpffs { path: dir });
@@ -2234,7 +2247,9 @@ pub fn teardown(bpffs_dir: &Path) -> Result<(), DatapathError> {
 /// unfinished leaves an older one attached): `agentwall down`. Returns the versions removed.
 pub fn teardown_all(bpffs_dir: &Path) -> Result<Vec<String>, DatapathError> {
     let mut removed = Vec::new();
-    for (name, path) in other_versions(bpffs_dir)? {
+    // Every version's directory, links or not: a teardown that stopped after the links
+    // leaves maps pinned.
+    for (name, path) in versions(bpffs_dir, false)? {
         remove_pins(&path, bpffs_dir)?;
         removed.push(name);
     }
@@ -2281,8 +2296,8 @@ pub fn check_pins(bpffs_dir: &Path) -> Result<String, DatapathError> {
         .into_iter()
         .map(|(name, _)| name)
         .chain(
-            dir.join("links")
-                .is_dir()
+            fs::read_dir(dir.join("links"))
+                .is_ok_and(|mut e| e.next().is_some())
                 .then(|| format!("v{ABI_VERSION}")),
         )
         .collect::<Vec<_>>();
@@ -2341,6 +2356,12 @@ fn check_pin_dir(path: &Path) -> Result<(), DatapathError> {
 
 /// The pin directories of other map-layout versions under `bpffs_dir` that still hold links.
 fn other_versions(bpffs_dir: &Path) -> Result<Vec<(String, PathBuf)>, DatapathError> {
+    versions(bpffs_dir, true)
+}
+
+/// The pin directories of other map-layout versions under `bpffs_dir`; with `linked`, only
+/// those that still hold a link.
+fn versions(bpffs_dir: &Path, linked: bool) -> Result<Vec<(String, PathBuf)>, DatapathError> {
     let mut found = Vec::new();
     let entries = match fs::read_dir(bpffs_dir) {
         Ok(e) => e,
@@ -2360,7 +2381,7 @@ fn other_versions(bpffs_dir: &Path) -> Result<Vec<(String, PathBuf)>, DatapathEr
         // before it attached anything) judges nothing and is no layout to upgrade from.
         let holds_links =
             fs::read_dir(path.join("links")).is_ok_and(|mut entries| entries.next().is_some());
-        if other && holds_links {
+        if other && (holds_links || !linked) {
             found.push((name.to_owned(), path));
         }
     }
@@ -2374,14 +2395,18 @@ fn remove_pins(dir: &Path, bpffs_dir: &Path) -> Result<(), DatapathError> {
     if !fs::exists(dir).map_err(io_err(dir))? {
         return Ok(());
     }
+    // Every level checked before anything is removed: a refusal removes nothing.
     for d in [bpffs_dir, dir] {
         check_pin_dir(d)?;
     }
     for sub in ["links", "maps"] {
         let d = dir.join(sub);
-        if fs::exists(&d).map_err(io_err(&d))? {
+        if fs::symlink_metadata(&d).is_ok() {
             check_pin_dir(&d)?;
         }
+    }
+    for sub in ["links", "maps"] {
+        let d = dir.join(sub);
         match fs::read_dir(&d) {
             Ok(entries) => {
                 for e in entries {
@@ -2394,7 +2419,9 @@ fn remove_pins(dir: &Path, bpffs_dir: &Path) -> Result<(), DatapathError> {
             Err(e) => return Err(io_err(&d)(e)),
         }
     }
-    for d in [dir, bpffs_dir] {
+    // `bpffs_dir` itself stays (root's, checked): removing it would let any user of a
+    // world-writable bpffs make it again, their own, before the next start.
+    for d in [dir] {
         match fs::remove_dir(d) {
             Ok(()) => {}
             Err(e)

@@ -347,6 +347,12 @@ pub fn mount_bpffs() -> io::Result<()> {
 /// in a namespace of its own (a systemd sandbox, say) goes when its last process does.
 pub fn in_host_mount_namespace() -> io::Result<bool> {
     use std::os::unix::fs::MetadataExt as _;
+    // PID 1 of the initial PID namespace (its inode is fixed, PROC_PID_INIT_INO): in a
+    // container, PID 1 is the container's init, whose mounts go with the container.
+    const INIT_PID_NS: u64 = 0xEFFF_FFFC;
+    if std::fs::metadata("/proc/1/ns/pid")?.ino() != INIT_PID_NS {
+        return Ok(false);
+    }
     let ours = std::fs::metadata("/proc/self/ns/mnt")?;
     let host = std::fs::metadata("/proc/1/ns/mnt")?;
     Ok(ours.ino() == host.ino() && ours.dev() == host.dev())

@@ -107,7 +107,7 @@ pub enum NodeError {
     #[error("installing the SIGTERM handler: {0}")]
     Signal(io::Error),
     #[error(
-        "{kept} is missing while {found}: which identity each number stands for is lost; restore {kept}, or {fix}, and start again"
+        "{kept}: {found}: which identity each number stands for is lost; restore it, or {fix}, and start again"
     )]
     StateLost {
         kept: PathBuf,
@@ -326,7 +326,7 @@ impl Node {
                 return Err(NodeError::StateLost {
                     kept: registry::kept(&state_dir),
                     found: format!(
-                        "the maps pinned under {} bind {bound} cgroup(s) to identity numbers",
+                        "missing, while the maps pinned under {} bind {bound} cgroup(s) to identity numbers",
                         cfg.bpffs_dir().display()
                     ),
                     fix: format!(
@@ -335,13 +335,13 @@ impl Node {
                     ),
                 });
             }
-            let listed = sessions::kept_count(&state_dir);
+            let listed = sessions::kept_numbers(&state_dir).len();
             if listed > 0 {
                 let table = sessions::kept(&state_dir);
                 return Err(NodeError::StateLost {
                     kept: registry::kept(&state_dir),
                     found: format!(
-                        "{} lists {listed} session(s) by identity number",
+                        "missing, while {} lists {listed} session(s) by identity number",
                         table.display()
                     ),
                     fix: format!(
@@ -352,6 +352,29 @@ impl Node {
             }
         }
         let registry = Registry::load(&state_dir)?;
+        // And a table that does not match them (an old backup put back, one copied from
+        // another host, `{}` written over a corrupt one): numbers it did not give would be
+        // given again, to other identities.
+        let unknown: std::collections::BTreeSet<u32> = datapath
+            .bindings()?
+            .into_iter()
+            .map(|(_, n)| n)
+            .chain(sessions::kept_numbers(&state_dir))
+            .filter(|&n| !registry.gave(n))
+            .collect();
+        if !unknown.is_empty() {
+            return Err(NodeError::StateLost {
+                kept: registry::kept(&state_dir),
+                found: format!(
+                    "the pinned bindings or the session table use identity numbers it does not list ({unknown:?})"
+                ),
+                fix: format!(
+                    "end that enforcement with `agentwall down --bpffs-dir {}` and remove {}",
+                    cfg.bpffs_dir().display(),
+                    sessions::kept(&state_dir).display()
+                ),
+            });
+        }
         let journal = Arc::new(Journal::open(
             cfg.audit_log.as_deref(),
             cfg.audit_log_max_bytes.unwrap_or(AUDIT_MAX_BYTES),

@@ -129,7 +129,29 @@ pub fn check(cfg: &NodeConfig) -> Vec<Finding> {
         Ok(said) => finding("bpffs", Verdict::Ok, said),
         Err(e) => finding("bpffs", Verdict::Error, e.to_string()),
     });
+    out.extend(open_parent(&cfg.bpffs_dir()));
     out
+}
+
+/// A pin directory's parent anyone may write to (bpffs mounted without `mode=0700`): a user
+/// can make the pin directory first, their own, and the node then refuses to start.
+fn open_parent(bpffs_dir: &Path) -> Option<Finding> {
+    use std::os::unix::fs::MetadataExt as _;
+    let parent = bpffs_dir.parent()?;
+    let mode = std::fs::metadata(parent).ok()?.mode();
+    (mode & 0o002 != 0).then(|| {
+        finding(
+            "bpffs",
+            Verdict::Warning,
+            format!(
+                "{} is writable by anyone (mode {:o}): a user can make {} before the node does and keep it from starting; mount bpffs with mode=0700 (as systemd does) or `chmod o-w {}`",
+                parent.display(),
+                mode & 0o7777,
+                bpffs_dir.display(),
+                parent.display()
+            ),
+        )
+    })
 }
 
 /// The audit log's directory and the checkpoint signing key, as the start opens them.
@@ -199,8 +221,12 @@ fn policy(cfg: &NodeConfig) -> Finding {
         Err(errors) => errors,
     };
     let what = format!("{}: {} error(s):\n{errors}", dir.display(), errors.0.len());
-    // A start on an invalid directory runs the last good revision it kept, as the running
-    // node does: the check must not refuse a start the node would make.
+    // A start on a directory that does not load runs the last good revision it kept, as the
+    // running node does: the check must not refuse a start the node would make. One that
+    // loads and does not fit the maps is refused by the start.
+    if crate::policy::source::load_dir(&dir).is_ok() {
+        return finding("policy", Verdict::Error, what);
+    }
     match compiled(&super::enforcer::last_good_dir(&cfg.state_dir())) {
         Ok(good) => finding(
             "policy",

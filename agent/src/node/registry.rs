@@ -226,6 +226,12 @@ impl Registry {
         Ok(st.table.clone())
     }
 
+    /// Whether `number` is one this table gave (an identity's or the self-check's).
+    pub fn gave(&self, number: u32) -> bool {
+        let st = self.lock();
+        st.file.self_check == Some(number) || st.table.name(number).is_some()
+    }
+
     /// The self-check's number, given (and kept) the first time it is asked for. At most
     /// `max` (the datapath's last identity number).
     pub fn self_check_number(&self, max: u32) -> Result<u32, RegistryError> {

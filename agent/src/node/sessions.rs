@@ -257,13 +257,15 @@ pub fn kept(state_dir: &Path) -> PathBuf {
     state_dir.join("sessions.json")
 }
 
-/// How many sessions the kept table lists (0 when there is none; one that cannot be read is
-/// [`Sessions::load`]'s to refuse).
-pub fn kept_count(state_dir: &Path) -> usize {
+/// The identity numbers of the sessions the kept table lists (none when there is no table;
+/// one that cannot be read is [`Sessions::load`]'s to refuse).
+pub fn kept_numbers(state_dir: &Path) -> Vec<u32> {
     std::fs::read(kept(state_dir))
         .ok()
         .and_then(|b| serde_json::from_slice::<StoredTable>(&b).ok())
-        .map_or(0, |t| t.sessions.len())
+        .map_or_else(Vec::new, |t| {
+            t.sessions.iter().map(|s| s.session.number).collect()
+        })
 }
 
 impl Sessions {
