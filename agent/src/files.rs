@@ -28,6 +28,25 @@ pub fn write_in_place(path: &Path, bytes: &[u8]) -> io::Result<()> {
     f.sync_data()
 }
 
+/// A secret's first line (a password): refused when group or others may read the file, so a
+/// secret another user could read is never relied on.
+pub fn read_secret(path: &Path) -> io::Result<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let f = std::fs::File::open(path)?;
+    let mode = f.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "mode {:04o} lets group or others read it; chmod 600 it",
+                mode & 0o7777
+            ),
+        ));
+    }
+    let text = io::read_to_string(f)?;
+    Ok(text.lines().next().unwrap_or_default().to_owned())
+}
+
 /// Replaces `path` with `bytes`: a temporary file beside it is written and fsync'd, renamed
 /// over `path`, and the directory fsync'd.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {

@@ -247,8 +247,8 @@ pub struct CrlWatchingVerifier {
     /// The highest CRL number each issuer's CRLs have had: an older CRL put back (one that
     /// does not list a later revocation) is refused.
     numbers: Mutex<CrlNumbers>,
-    /// Where `numbers` are kept across restarts.
-    kept: CrlNumbersFile,
+    /// Where `numbers` are kept across restarts (none: no CRLs are given, nothing to keep).
+    kept: Option<CrlNumbersFile>,
     current: std::sync::RwLock<Arc<dyn ClientCertVerifier>>,
     /// What each CRL file was when last read: (modified, length, inode).
     seen: Mutex<Vec<Option<(SystemTime, u64, u64)>>>,
@@ -275,14 +275,20 @@ impl CrlWatchingVerifier {
         cas: Vec<CertificateDer<'static>>,
         crls: &[PathBuf],
         enforce_expiry: bool,
-        kept: CrlNumbersFile,
+        kept: Option<CrlNumbersFile>,
     ) -> Result<Self, IdentityError> {
         let roots = Arc::new(roots);
         let seen = crls.iter().map(|p| file_state(p)).collect();
         // CRLs older than those in force before a restart refuse the start.
-        let before = kept.load()?;
+        let before = kept
+            .as_ref()
+            .map(CrlNumbersFile::load)
+            .transpose()?
+            .unwrap_or_default();
         let (current, numbers) = Self::build(&roots, &cas, crls, enforce_expiry, &before)?;
-        kept.keep(&before, &numbers);
+        if let Some(k) = &kept {
+            k.keep(&before, &numbers);
+        }
         let hints = current.root_hint_subjects().to_vec();
         Ok(Self {
             roots,
@@ -339,7 +345,9 @@ impl CrlWatchingVerifier {
         )?;
         *self.current.write().expect("verifier") = v;
         *self.seen.lock().expect("crl state") = now;
-        self.kept.keep(&before, &numbers);
+        if let Some(k) = &self.kept {
+            k.keep(&before, &numbers);
+        }
         *self.numbers.lock().expect("crl numbers") = numbers;
         Ok(true)
     }

@@ -8,7 +8,10 @@ use std::{
     process::{Child, Command, Output, Stdio},
 };
 
-use agentwall::{config::control_plane::ClientConfig, control_plane::client::Client};
+use agentwall::{
+    config::control_plane::ClientConfig,
+    control_plane::{client::Client, store::scratch},
+};
 
 use crate::{
     bin_path,
@@ -17,6 +20,20 @@ use crate::{
 };
 
 pub const NODE_ID: &str = "spiffe://example.org/node/test";
+
+/// Which store the control-plane tests run on: `sqlite` (the default) or `postgres` (a
+/// database of each fixture's own in the server `cargo xtask test` starts). The suite runs
+/// the control-plane tests once with each.
+pub const STORE: &str = "AGENTWALL_TEST_STORE";
+
+/// The store `AGENTWALL_TEST_STORE` names; anything else is a loud failure.
+pub fn postgres_store() -> bool {
+    match std::env::var(STORE).as_deref() {
+        Err(_) | Ok("sqlite") => false,
+        Ok("postgres") => true,
+        Ok(other) => panic!("{STORE}={other:?}: sqlite or postgres"),
+    }
+}
 pub const ADMIN_ID: &str = "spiffe://example.org/admin/alice";
 
 /// Files of a control plane and of everyone who talks to it.
@@ -29,6 +46,8 @@ pub struct CpFixture {
     pub node: (PathBuf, PathBuf),
     pub admin_token: PathBuf,
     pub security_token: PathBuf,
+    /// The PostgreSQL database, when the fixture's store is one.
+    pub postgres: Option<scratch::ScratchDb>,
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -37,8 +56,13 @@ fn sha256_hex(s: &str) -> String {
 }
 
 impl CpFixture {
-    /// Writes everything under `dir/cp`.
+    /// Writes everything under `dir/cp`, on the store `AGENTWALL_TEST_STORE` names.
     pub fn new(dir: &Path) -> Self {
+        Self::on(dir, postgres_store())
+    }
+
+    /// Writes everything under `dir/cp`; the database is PostgreSQL when `postgres`.
+    pub fn on(dir: &Path, postgres: bool) -> Self {
         let dir = dir.join("cp");
         std::fs::create_dir_all(&dir).unwrap();
         let ca = Ca::new("agentwall control plane CA");
@@ -57,6 +81,11 @@ impl CpFixture {
         std::fs::write(&admin_token, admin_tok).unwrap();
         std::fs::write(&security_token, security_tok).unwrap();
         let config = dir.join("cp.toml");
+        let postgres = postgres.then(scratch::database);
+        let database = match &postgres {
+            Some(db) => format!("database = \"{}\"\nstate_dir = \"state\"", db.url),
+            None => "database = \"db/cp.db\"".to_owned(),
+        };
         std::fs::write(
             &config,
             format!(
@@ -64,7 +93,7 @@ impl CpFixture {
 cert = "server.pem"
 key = "server.key"
 client_ca = ["cp-ca.pem"]
-database = "db/cp.db"
+{database}
 
 [[access]]
 role = "admin"
@@ -93,6 +122,15 @@ spiffe_ids = ["spiffe://example.org/node/*"]
             node,
             admin_token,
             security_token,
+            postgres,
+        }
+    }
+
+    /// Where the server keeps the newest CRL numbers.
+    pub fn crl_numbers(&self) -> PathBuf {
+        match self.postgres {
+            Some(_) => self.dir.join("state/crl-numbers.json"),
+            None => self.dir.join("db/cp.db.crl-numbers.json"),
         }
     }
 
@@ -124,6 +162,7 @@ spiffe_ids = ["spiffe://example.org/node/*"]
         let (cert, key) = cert.unzip();
         Client::new(&ClientConfig {
             url: Some(url.to_owned()),
+            urls: Vec::new(),
             ca: Some(self.ca_pem.clone()),
             cert,
             key,
@@ -135,16 +174,24 @@ spiffe_ids = ["spiffe://example.org/node/*"]
 
     /// The node's flags for this control plane.
     pub fn node_flags(&self, url: &str) -> Vec<String> {
-        vec![
-            "--control-plane-url".into(),
-            url.into(),
+        self.node_flags_for(&[url])
+    }
+
+    /// The node's flags for these control-plane replicas, tried in this order.
+    pub fn node_flags_for(&self, urls: &[&str]) -> Vec<String> {
+        let mut flags: Vec<String> = urls
+            .iter()
+            .flat_map(|u| ["--control-plane-url".to_owned(), (*u).to_owned()])
+            .collect();
+        flags.extend([
             "--control-plane-ca".into(),
             self.ca_pem.display().to_string(),
             "--control-plane-cert".into(),
             self.node.0.display().to_string(),
             "--control-plane-key".into(),
             self.node.1.display().to_string(),
-        ]
+        ]);
+        flags
     }
 }
 
@@ -159,7 +206,12 @@ pub struct CpProc {
 impl CpProc {
     /// Starts on a free loopback port, or on `addr` (to come back where it was).
     pub fn start(fx: &CpFixture, addr: Option<std::net::SocketAddr>) -> Self {
-        let log = fx.dir.join("cp.log");
+        Self::start_named(fx, addr, "cp")
+    }
+
+    /// The same, logging to `NAME.log` (one of several replicas).
+    pub fn start_named(fx: &CpFixture, addr: Option<std::net::SocketAddr>, name: &str) -> Self {
+        let log = fx.dir.join(format!("{name}.log"));
         let err = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -14,6 +14,7 @@ use anyhow::{Context as _, Result, bail};
 mod demo;
 mod kernel;
 mod package;
+mod postgres;
 use clap::{Parser, Subcommand};
 
 /// bpf-linker 0.10.0 is the last release that loads rustc's own LLVM (see KERNEL-NOTES).
@@ -69,6 +70,13 @@ enum Task {
     /// the binary, systemd units, default configs, completions, man pages, alerting rules
     /// and a Grafana dashboard.
     Package,
+    /// Run COMMAND with a PostgreSQL server of its own, as the test suite has one
+    /// (`AGENTWALL_TEST_POSTGRES`, `AGENTWALL_TEST_POSTGRES_CA` set), e.g.
+    /// `cargo xtask with-postgres cargo test -p agentwall store`.
+    WithPostgres {
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
     /// Fuzz a parser for a bounded time (libFuzzer via cargo-fuzz, nightly). Crashes are copied
     /// to fuzz/regressions/<target>/, which a regular test replays.
     Fuzz {
@@ -114,7 +122,21 @@ fn main() -> Result<()> {
             package::build(&root)?;
             package::debian_root(&root)?;
             package::promtool(&root)?;
-            run_tests(cargo(&root).args(["test", "--no-fail-fast"]))
+            // The control plane's PostgreSQL store and replicas are tested against a real
+            // server, stopped when the suite ends.
+            let pg = postgres::start()?;
+            let suite = run_tests(cargo(&root).args(["test", "--no-fail-fast"]).envs(pg.env()));
+            // The control plane's end-to-end tests once more, on PostgreSQL (the suite ran
+            // them on SQLite).
+            println!("the control plane's tests again, on PostgreSQL");
+            let on_postgres = run_tests(
+                cargo(&root)
+                    .args(["test", "--no-fail-fast", "-p", "agentwall-tests"])
+                    .args(["--test", "control_plane", "--test", "api_schema"])
+                    .envs(pg.env())
+                    .env("AGENTWALL_TEST_STORE", "postgres"),
+            );
+            suite.and(on_postgres)
         }
         Task::Bench { which, iterations } => {
             setup()?;
@@ -169,6 +191,10 @@ fn main() -> Result<()> {
                 "--minutes",
                 &minutes.to_string(),
             ]))
+        }
+        Task::WithPostgres { command } => {
+            let pg = postgres::start()?;
+            run(Command::new(&command[0]).args(&command[1..]).envs(pg.env()))
         }
         Task::Package => {
             setup()?;

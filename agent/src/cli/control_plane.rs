@@ -19,6 +19,9 @@ pub struct ServeArgs {
     /// Overrides `listen` (port 0 picks a free port; the ready line names it).
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// Overrides `database`: an SQLite file, or postgres://USER@HOST:PORT/DB (replicas).
+    #[arg(long, value_name = "FILE|URL")]
+    database: Option<String>,
 }
 
 pub fn run(cmd: Command) -> anyhow::Result<()> {
@@ -38,6 +41,9 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             let mut cfg = ServerConfig::load(&args.config)?;
             if let Some(l) = args.listen {
                 cfg.listen = l;
+            }
+            if let Some(d) = &args.database {
+                cfg.set_database(d)?;
             }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

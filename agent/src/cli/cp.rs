@@ -141,6 +141,7 @@ fn client(args: &Args) -> anyhow::Result<Client> {
     };
     let cfg = file.overlay(ClientConfig {
         url: args.url.clone(),
+        urls: Vec::new(),
         ca: args.ca.clone(),
         cert: args.cert.clone(),
         key: args.key.clone(),

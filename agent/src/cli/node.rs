@@ -107,9 +107,10 @@ pub struct Args {
     /// Seconds between resolutions of the AI catalog's names (default 300; 0 = never).
     #[arg(long)]
     catalog_refresh_secs: Option<u64>,
-    /// Control plane URL (https://HOST:PORT); policy then comes from it.
+    /// Control plane URL (https://HOST:PORT); policy then comes from it. Repeat it for
+    /// replicas: requests go to one until it fails, then to the next.
     #[arg(long)]
-    control_plane_url: Option<String>,
+    control_plane_url: Vec<String>,
     /// CA bundle of the control plane's certificate.
     #[arg(long)]
     control_plane_ca: Option<PathBuf>,
@@ -164,7 +165,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ai_catalog: Vec::new(),
         control_plane: {
             let cp = agentwall::config::control_plane::ClientConfig {
-                url: args.control_plane_url,
+                url: None,
+                urls: args.control_plane_url,
                 ca: args.control_plane_ca,
                 cert: args.control_plane_cert,
                 key: args.control_plane_key,

@@ -71,8 +71,24 @@ pub struct ServerConfig {
     /// CA bundles client certificates (nodes', admins') must chain to.
     #[serde(default)]
     pub client_ca: Vec<PathBuf>,
-    /// The SQLite database file (created when missing).
-    pub database: PathBuf,
+    /// Where everything is stored: an SQLite file (created when missing), the embedded
+    /// default for one control plane, or `postgres://USER@HOST:PORT/DB`, which any number of
+    /// replicas share.
+    pub database: Database,
+    /// The PostgreSQL password, read from this file (its first line) rather than written in
+    /// the URL. It must not be readable by group or others.
+    #[serde(default)]
+    pub database_password_file: Option<PathBuf>,
+    /// CA bundle (PEM) the PostgreSQL server's certificate must chain to: the connection is
+    /// TLS, the server's name checked. Without it the connection is plain (loopback or a
+    /// Unix socket); `sslmode=require` in the URL then is an error.
+    #[serde(default)]
+    pub database_ca: Option<PathBuf>,
+    /// Where this process keeps its own state (the newest CRL number of each client CA).
+    /// Default: beside an SQLite database; with PostgreSQL it must be set when `client_crl`
+    /// is.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
     /// Longest a node's long-poll is held, in seconds (default 25).
     #[serde(default)]
     pub poll_timeout_secs: Option<u64>,
@@ -153,6 +169,79 @@ impl Default for Limits {
     }
 }
 
+/// The control plane's database, as `database` names it.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Database {
+    Sqlite(PathBuf),
+    /// A `postgres://` or `postgresql://` URL (libpq's URI form).
+    Postgres(String),
+}
+
+impl Database {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.is_empty() {
+            Err("database is empty: name an SQLite file or a postgres:// URL".into())
+        } else if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            Ok(Database::Postgres(text.to_owned()))
+        } else {
+            Ok(Database::Sqlite(PathBuf::from(text)))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Database {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Database::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Never shows a password written in the URL: the text goes to logs and errors.
+impl std::fmt::Display for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(p) => write!(f, "{}", p.display()),
+            Database::Postgres(url) => f.write_str(&redact_url(url)),
+        }
+    }
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+/// `url` with the password of its userinfo (`user:password@`) and any `password=`
+/// parameter replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{name}:***@{host}"),
+            None => format!("{user}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => p.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", params.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
+
 fn default_listen() -> std::net::SocketAddr {
     ([127, 0, 0, 1], 8443).into()
 }
@@ -190,9 +279,18 @@ impl ServerConfig {
         let mut c: Self = parse_toml(path, text)?;
         c.cert = resolve(path, &c.cert);
         c.key = resolve(path, &c.key);
-        c.database = resolve(path, &c.database);
-        for ca in c.client_ca.iter_mut().chain(&mut c.client_crl) {
-            *ca = resolve(path, ca);
+        if let Database::Sqlite(db) = &c.database {
+            c.database = Database::Sqlite(resolve(path, db));
+        }
+        for p in c
+            .client_ca
+            .iter_mut()
+            .chain(&mut c.client_crl)
+            .chain(&mut c.database_password_file)
+            .chain(&mut c.database_ca)
+            .chain(&mut c.state_dir)
+        {
+            *p = resolve(path, p);
         }
         let invalid = |message: String| CpConfigError::Invalid {
             path: path.to_owned(),
@@ -217,6 +315,7 @@ impl ServerConfig {
                 }
             }
         }
+        c.check_database().map_err(invalid)?;
         if !c.client_crl.is_empty() && c.client_ca.is_empty() {
             return Err(invalid(
                 "client_crl is set but client_ca is empty: there are no client certificates to check".into(),
@@ -274,12 +373,61 @@ impl ServerConfig {
         Self::parse(path, &read(path)?)
     }
 
-    /// Where the newest CRL number of each client CA is kept across restarts: beside the
-    /// database (`cp.db` keeps them in `cp.db.crl-numbers.json`).
-    pub fn crl_numbers(&self) -> PathBuf {
-        let mut name = self.database.as_os_str().to_owned();
-        name.push(".crl-numbers.json");
-        name.into()
+    /// Replaces `database` (the `--database` flag), checked as the file's would be.
+    pub fn set_database(&mut self, text: &str) -> Result<(), CpConfigError> {
+        let invalid = |message| CpConfigError::Invalid {
+            path: "--database".into(),
+            message,
+        };
+        self.database = Database::parse(text).map_err(invalid)?;
+        self.check_database().map_err(invalid)
+    }
+
+    fn check_database(&self) -> Result<(), String> {
+        match &self.database {
+            Database::Sqlite(_) => {
+                for (key, set) in [
+                    (
+                        "database_password_file",
+                        self.database_password_file.is_some(),
+                    ),
+                    ("database_ca", self.database_ca.is_some()),
+                ] {
+                    if set {
+                        return Err(format!(
+                            "{key} is set but database {} is an SQLite file, not a postgres:// URL",
+                            self.database
+                        ));
+                    }
+                }
+            }
+            Database::Postgres(_) => {
+                if !self.client_crl.is_empty() && self.state_dir.is_none() {
+                    return Err(
+                        "client_crl is set and the database is PostgreSQL: set state_dir, where this replica keeps the newest CRL numbers".into(),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the newest CRL number of each client CA is kept across restarts: in
+    /// `state_dir`, else beside an SQLite database (`cp.db` keeps them in
+    /// `cp.db.crl-numbers.json`). None only with PostgreSQL and no `state_dir`, which the
+    /// config allows only without `client_crl`.
+    pub fn crl_numbers(&self) -> Option<PathBuf> {
+        if let Some(dir) = &self.state_dir {
+            return Some(dir.join("crl-numbers.json"));
+        }
+        match &self.database {
+            Database::Sqlite(db) => {
+                let mut name = db.as_os_str().to_owned();
+                name.push(".crl-numbers.json");
+                Some(name.into())
+            }
+            Database::Postgres(_) => None,
+        }
     }
 
     pub fn poll_timeout(&self) -> std::time::Duration {
@@ -294,6 +442,9 @@ impl ServerConfig {
 pub struct ClientConfig {
     /// `https://HOST:PORT`.
     pub url: Option<String>,
+    /// Several control-plane replicas (`https://HOST:PORT` each), in the order they are
+    /// tried: requests go to one until it fails, then to the next. Instead of `url`.
+    pub urls: Vec<String>,
     /// CA bundle the server's certificate must chain to.
     pub ca: Option<PathBuf>,
     /// Client certificate and key (PEM).
@@ -333,13 +484,31 @@ impl ClientConfig {
 
     /// Settings of `over` win.
     pub fn overlay(self, over: ClientConfig) -> ClientConfig {
+        // A URL given over the file's replaces all of the file's.
+        let over_urls = over.url.is_some() || !over.urls.is_empty();
         ClientConfig {
-            url: over.url.or(self.url),
+            url: if over_urls { over.url } else { self.url },
+            urls: if over_urls { over.urls } else { self.urls },
             ca: over.ca.or(self.ca),
             cert: over.cert.or(self.cert),
             key: over.key.or(self.key),
             token_file: over.token_file.or(self.token_file),
             spool_max_bytes: over.spool_max_bytes.or(self.spool_max_bytes),
+        }
+    }
+
+    /// The control plane's URLs, `url` or `urls`.
+    pub fn urls(&self) -> Result<Vec<String>, String> {
+        match (&self.url, self.urls.as_slice()) {
+            (Some(_), [_, ..]) => Err("url and urls are both set: set one".into()),
+            (Some(u), []) => Ok(vec![u.clone()]),
+            (None, urls) => {
+                let mut seen = std::collections::HashSet::new();
+                if let Some(dup) = urls.iter().find(|u| !seen.insert(u.as_str())) {
+                    return Err(format!("urls names {dup:?} twice"));
+                }
+                Ok(urls.to_vec())
+            }
         }
     }
 
@@ -397,7 +566,74 @@ mod tests {
         .unwrap();
         assert_eq!(c.cert, Path::new("/srv/cp/c.pem"));
         assert_eq!(c.key, Path::new("/k.pem"));
-        assert_eq!(c.database, Path::new("/srv/cp/db/cp.db"));
+        assert_eq!(c.database, Database::Sqlite("/srv/cp/db/cp.db".into()));
         assert_eq!(c.listen, default_listen());
+    }
+
+    #[test]
+    fn a_postgres_database_is_a_url_whose_password_is_never_shown() {
+        let c = ServerConfig::parse(
+            Path::new("/srv/cp/cp.toml"),
+            "cert = \"c.pem\"\nkey = \"k.pem\"\ndatabase = \"postgres://cp:s3cret@db.example:5432/agentwall?password=x&sslmode=require\"\ndatabase_ca = \"db-ca.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.database.to_string(),
+            "postgres://cp:***@db.example:5432/agentwall?password=***&sslmode=require"
+        );
+        assert_eq!(format!("{c:?}").matches("s3cret").count(), 0);
+        assert_eq!(
+            c.database_ca.as_deref(),
+            Some(Path::new("/srv/cp/db-ca.pem"))
+        );
+        assert_eq!(c.crl_numbers(), None);
+        for (text, says) in [
+            (
+                "database = \"cp.db\"\ndatabase_ca = \"ca.pem\"\n",
+                "database_ca is set but database /srv/cp/cp.db is an SQLite file",
+            ),
+            (
+                "database = \"postgres://cp@db/agentwall\"\nclient_ca = [\"ca.pem\"]\nclient_crl = [\"crl.pem\"]\n",
+                "client_crl is set and the database is PostgreSQL: set state_dir",
+            ),
+            ("database = \"\"\n", "database is empty"),
+        ] {
+            let e = ServerConfig::parse(
+                Path::new("/srv/cp/cp.toml"),
+                &format!("cert = \"c.pem\"\nkey = \"k.pem\"\n{text}"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_client_takes_one_url_or_several_and_flags_replace_the_files() {
+        let p = Path::new("/etc/agentwall/agentwall.toml");
+        let one = ClientConfig::parse(p, "url = \"https://a:8443\"\n").unwrap();
+        assert_eq!(one.urls().unwrap(), ["https://a:8443"]);
+        let many =
+            ClientConfig::parse(p, "urls = [\"https://a:8443\", \"https://b:8443\"]\n").unwrap();
+        assert_eq!(many.urls().unwrap(), ["https://a:8443", "https://b:8443"]);
+        let both = ClientConfig::parse(p, "url = \"https://a\"\nurls = [\"https://b\"]\n").unwrap();
+        assert_eq!(
+            both.urls().unwrap_err(),
+            "url and urls are both set: set one"
+        );
+        let twice = ClientConfig::parse(p, "urls = [\"https://a\", \"https://a\"]\n").unwrap();
+        assert_eq!(twice.urls().unwrap_err(), "urls names \"https://a\" twice");
+        let flags = ClientConfig {
+            url: Some("https://c:1".into()),
+            ..ClientConfig::default()
+        };
+        assert_eq!(many.clone().overlay(flags).urls().unwrap(), ["https://c:1"]);
+        assert_eq!(
+            many.clone()
+                .overlay(ClientConfig::default())
+                .urls()
+                .unwrap(),
+            ["https://a:8443", "https://b:8443"]
+        );
     }
 }

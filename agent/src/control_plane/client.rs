@@ -1,5 +1,6 @@
 //! The control plane's client, used by the node and by `agentwall cp`: HTTPS over rustls,
-//! one kept-alive HTTP/1.1 connection per client, opened again when it breaks.
+//! one kept-alive HTTP/1.1 connection per client, opened again when it breaks. Given several
+//! URLs (replicas), it stays with one until it fails, then moves to the next.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -70,22 +71,17 @@ impl ClientError {
     }
 }
 
-pub struct Client {
+/// One control-plane URL.
+struct Endpoint {
     url: String,
     host: String,
     port: u16,
     server_name: ServerName<'static>,
-    tls: tokio_rustls::TlsConnector,
-    token: Option<String>,
-    conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
 }
 
-impl Client {
-    pub fn new(cfg: &ClientConfig) -> Result<Self, ClientError> {
-        let url = cfg
-            .url
-            .clone()
-            .ok_or_else(|| ClientError::Config("no url (https://HOST:PORT) is set".into()))?;
+impl Endpoint {
+    fn parse(url: &str) -> Result<Self, ClientError> {
+        let url = url.to_owned();
         let uri: hyper::Uri = url
             .parse()
             .map_err(|e| ClientError::Config(format!("url {url:?}: {e}")))?;
@@ -108,6 +104,70 @@ impl Client {
         let port = uri.port_u16().unwrap_or(443);
         let server_name = ServerName::try_from(host.clone())
             .map_err(|e| ClientError::Config(format!("url {url:?}: host: {e}")))?;
+        Ok(Self {
+            url,
+            host,
+            port,
+            server_name,
+        })
+    }
+}
+
+pub struct Client {
+    endpoints: Vec<Endpoint>,
+    /// The endpoint in use: requests go there until one fails to reach it.
+    current: Arc<std::sync::atomic::AtomicUsize>,
+    tls: tokio_rustls::TlsConnector,
+    token: Option<String>,
+    /// The kept connection, and the endpoint it goes to.
+    conn: tokio::sync::Mutex<Option<(usize, SendRequest<Full<Bytes>>)>>,
+}
+
+/// A client's URL in use, as it moves from replica to replica.
+#[derive(Clone, Debug)]
+pub struct CurrentUrl {
+    urls: Arc<[String]>,
+    at: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CurrentUrl {
+    pub fn get(&self) -> &str {
+        &self.urls[self.at.load(std::sync::atomic::Ordering::Relaxed)]
+    }
+}
+
+/// Whether a failure says the replica is gone or broken (try another), as opposed to an
+/// answer that another replica would give too.
+fn is_failover(e: &ClientError) -> bool {
+    match e {
+        ClientError::Unreachable { .. } | ClientError::Timeout { .. } => true,
+        ClientError::Refused {
+            status,
+            retry_after,
+            ..
+        } => {
+            matches!(
+                *status,
+                StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
+            ) || (*status == StatusCode::SERVICE_UNAVAILABLE && retry_after.is_none())
+                || *status == StatusCode::INTERNAL_SERVER_ERROR
+        }
+        _ => false,
+    }
+}
+
+impl Client {
+    pub fn new(cfg: &ClientConfig) -> Result<Self, ClientError> {
+        let urls = cfg.urls().map_err(ClientError::Config)?;
+        if urls.is_empty() {
+            return Err(ClientError::Config(
+                "no url (https://HOST:PORT) is set".into(),
+            ));
+        }
+        let endpoints = urls
+            .iter()
+            .map(|u| Endpoint::parse(u))
+            .collect::<Result<Vec<_>, _>>()?;
         let ca = cfg.ca.as_ref().ok_or_else(|| {
             ClientError::Config("no ca (the CA bundle of the server's certificate) is set".into())
         })?;
@@ -153,32 +213,39 @@ impl Client {
             ));
         }
         Ok(Self {
-            url,
-            host,
-            port,
-            server_name,
+            endpoints,
+            current: Arc::default(),
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
             token,
             conn: tokio::sync::Mutex::new(None),
         })
     }
 
+    /// The URL requests go to now.
     pub fn url(&self) -> &str {
-        &self.url
+        &self.endpoints[self.current.load(std::sync::atomic::Ordering::Relaxed)].url
     }
 
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, ClientError> {
+    /// The URL requests go to, readable from elsewhere as it changes (a status view).
+    pub fn current_url(&self) -> CurrentUrl {
+        CurrentUrl {
+            urls: self.endpoints.iter().map(|e| e.url.clone()).collect(),
+            at: self.current.clone(),
+        }
+    }
+
+    async fn connect(&self, ep: &Endpoint) -> Result<SendRequest<Full<Bytes>>, ClientError> {
         let unreachable = |message: String| ClientError::Unreachable {
-            url: self.url.clone(),
+            url: ep.url.clone(),
             message,
         };
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+        let tcp = tokio::net::TcpStream::connect((ep.host.as_str(), ep.port))
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         let tls = self
             .tls
-            .connect(self.server_name.clone(), tcp)
+            .connect(ep.server_name.clone(), tcp)
             .await
             .map_err(|e| unreachable(format!("TLS: {e}")))?;
         let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
@@ -191,7 +258,10 @@ impl Client {
     }
 
     /// Sends one request and returns the answer's status, body and `Retry-After` (in
-    /// seconds); a kept connection that turned out closed is replaced once.
+    /// seconds). When the control plane in use cannot be reached, fails, or says it is
+    /// going away, the request is sent to the next URL (each tried once), which is used from
+    /// then on. Every route may be sent twice: reports are stored once by their ids, polls
+    /// and revocations are idempotent.
     pub async fn request(
         &self,
         method: Method,
@@ -199,12 +269,59 @@ impl Client {
         body: Option<(Bytes, bool)>,
         timeout: Duration,
     ) -> Result<(StatusCode, Bytes, Option<u64>), ClientError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.endpoints.len();
+        let mut tries = 0;
+        loop {
+            let at = self.current.load(Relaxed);
+            let r = self
+                .request_at(at, method.clone(), path, body.clone(), timeout)
+                .await;
+            let failed = match &r {
+                Ok((status, _, retry_after)) => {
+                    n > 1
+                        && is_failover(&ClientError::Refused {
+                            what: String::new(),
+                            status: *status,
+                            body: String::new(),
+                            errors: Vec::new(),
+                            retry_after: *retry_after,
+                        })
+                }
+                Err(e) => n > 1 && is_failover(e),
+            };
+            tries += 1;
+            if !failed || tries >= n {
+                return r;
+            }
+            // Another request may have moved on already: move only from where this one was.
+            let next = (at + 1) % n;
+            if self
+                .current
+                .compare_exchange(at, next, Relaxed, Relaxed)
+                .is_ok()
+            {
+                tracing::warn!(from = %self.endpoints[at].url, to = %self.endpoints[next].url,
+                    "control plane failed; moving to the next URL");
+            }
+        }
+    }
+
+    async fn request_at(
+        &self,
+        at: usize,
+        method: Method,
+        path: &str,
+        body: Option<(Bytes, bool)>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes, Option<u64>), ClientError> {
+        let ep = &self.endpoints[at];
         let fut = async {
             let mut guard = self.conn.lock().await;
             for attempt in 0..2 {
                 let mut send = match guard.take() {
-                    Some(s) if !s.is_closed() => s,
-                    _ => self.connect().await?,
+                    Some((to, s)) if to == at && !s.is_closed() => s,
+                    _ => self.connect(ep).await?,
                 };
                 if send.ready().await.is_err() {
                     continue;
@@ -212,7 +329,7 @@ impl Client {
                 let mut req = Request::builder()
                     .method(method.clone())
                     .uri(path)
-                    .header(hyper::header::HOST, format!("{}:{}", self.host, self.port));
+                    .header(hyper::header::HOST, format!("{}:{}", ep.host, ep.port));
                 if let Some(t) = &self.token {
                     req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
                 }
@@ -243,7 +360,7 @@ impl Client {
                             .collect()
                             .await
                             .map_err(|e| ClientError::Unreachable {
-                                url: self.url.clone(),
+                                url: ep.url.clone(),
                                 message: if e.is::<http_body_util::LengthLimitError>() {
                                     format!("an answer over {} MiB", MAX_ANSWER >> 20)
                                 } else {
@@ -251,7 +368,7 @@ impl Client {
                                 },
                             })?
                             .to_bytes();
-                        *guard = Some(send);
+                        *guard = Some((at, send));
                         return Ok((status, bytes, retry_after));
                     }
                     // A kept-alive connection the server closed meanwhile: once more on a
@@ -261,14 +378,14 @@ impl Client {
                     }
                     Err(e) => {
                         return Err(ClientError::Unreachable {
-                            url: self.url.clone(),
+                            url: ep.url.clone(),
                             message: e.to_string(),
                         });
                     }
                 }
             }
             Err(ClientError::Unreachable {
-                url: self.url.clone(),
+                url: ep.url.clone(),
                 message: "the connection closed".into(),
             })
         };
@@ -278,7 +395,7 @@ impl Client {
                 // Whatever the connection was in the middle of is unusable now.
                 *self.conn.lock().await = None;
                 Err(ClientError::Timeout {
-                    url: self.url.clone(),
+                    url: ep.url.clone(),
                     secs: timeout.as_secs(),
                 })
             }

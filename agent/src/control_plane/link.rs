@@ -38,6 +38,8 @@ pub trait NodeSide: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct LinkStats {
     pub connected: AtomicBool,
+    /// The control plane (of several replicas, the one) polled.
+    pub polling: std::sync::OnceLock<super::client::CurrentUrl>,
     pub applied_version: AtomicU64,
     pub spool_records: AtomicU64,
     pub spool_bytes: AtomicU64,
@@ -148,8 +150,10 @@ impl Link {
                 source,
             },
         )?;
+        let poll = Client::new(cfg)?;
+        let _ = stats.polling.set(poll.current_url());
         Ok(Self {
-            poll: Client::new(cfg)?,
+            poll,
             reports: Client::new(cfg)?,
             spool: Arc::new(Mutex::new(spool)),
             state_path: dir.join("link.json"),

@@ -28,7 +28,7 @@ use crate::{
 use super::{
     Bundle, ErrorBody, FlowQuery, Ingested, NodeShadowAi, PollRequest, PushRequest, ReportBatch,
     RevokeRequest,
-    store::{NodeSeen, SqliteStore, Store, StoreError},
+    store::{NodeSeen, Store, StoreError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -347,8 +347,8 @@ pub struct Server {
     ingests: tokio::sync::Semaphore,
     /// (newest bundle version, revocation generation): long-polls wait on changes.
     changes: tokio::sync::watch::Sender<(u64, u64)>,
-    /// The newest bundle, serialized once for every poll that gets it.
-    latest: std::sync::RwLock<Option<Arc<serde_json::value::RawValue>>>,
+    /// What polls are answered with; only ever moves forward ([`Server::publish`]).
+    published: std::sync::RwLock<Published>,
     /// Polls not yet written to the store (written once a second, in one transaction).
     seen: Mutex<HashMap<String, NodeSeen>>,
     /// The client-certificate verifier in force (CRLs reread), for per-request rechecks.
@@ -363,10 +363,14 @@ impl Server {
         limits: Limits,
     ) -> Result<Arc<Self>, StoreError> {
         let newest = store.policy(None)?;
-        let (generation, _) = store.revocations()?;
-        let (changes, _) =
-            tokio::sync::watch::channel((newest.as_ref().map_or(0, |b| b.version), generation));
-        let latest = newest.as_ref().map(bundle_json);
+        let (generation, revoked) = store.revocations()?;
+        let published = Published {
+            version: newest.as_ref().map_or(0, |b| b.version),
+            bundle: newest.as_ref().map(bundle_json),
+            generation,
+            revoked: Arc::new(revoked.into_iter().map(|r| r.identity).collect()),
+        };
+        let (changes, _) = tokio::sync::watch::channel((published.version, generation));
         let per_minute = std::num::NonZeroU32::new(limits.requests_per_minute)
             .unwrap_or(std::num::NonZeroU32::MIN);
         Ok(Arc::new(Self {
@@ -420,7 +424,7 @@ impl Server {
             reporting: Mutex::new(std::collections::HashSet::new()),
             ingests: tokio::sync::Semaphore::new(INGESTS_AT_ONCE),
             changes,
-            latest: std::sync::RwLock::new(latest),
+            published: std::sync::RwLock::new(published),
             seen: Mutex::new(HashMap::new()),
             verifier: std::sync::OnceLock::new(),
         }))
@@ -512,6 +516,45 @@ impl Server {
             ));
         }
         Ok(Principal { name })
+    }
+
+    /// Serves `bundle` and the revocations of `generation`, each only when newer than what
+    /// is served: a replica hears of other replicas' changes and makes its own, in any
+    /// order, and must never go back to an older one.
+    fn publish(&self, bundle: Option<&Bundle>, revocations: Option<(u64, Vec<super::Revocation>)>) {
+        let mut p = self.published.write().expect("published");
+        let mut moved = false;
+        if let Some(b) = bundle.filter(|b| b.version > p.version) {
+            p.version = b.version;
+            p.bundle = Some(bundle_json(b));
+            moved = true;
+        }
+        if let Some((generation, all)) = revocations.filter(|(g, _)| *g > p.generation) {
+            p.generation = generation;
+            p.revoked = Arc::new(all.into_iter().map(|r| r.identity).collect());
+            moved = true;
+        }
+        if moved {
+            self.changes.send_replace((p.version, p.generation));
+        }
+    }
+
+    /// Reads what other replicas stored since this one last looked, and serves it.
+    fn catch_up(&self) -> Result<(), StoreError> {
+        let (version, generation) = self.store.heads()?;
+        let (served_version, served_generation) = *self.changes.borrow();
+        let bundle = if version > served_version {
+            self.store.policy(Some(version))?
+        } else {
+            None
+        };
+        let revocations = if generation > served_generation {
+            Some(self.store.revocations()?)
+        } else {
+            None
+        };
+        self.publish(bundle.as_ref(), revocations);
+        Ok(())
     }
 
     /// Writes the polls noted since the last flush.
@@ -818,6 +861,17 @@ impl<T: serde::de::DeserializeOwned, St: Send + Sync> axum::extract::FromRequest
     }
 }
 
+/// What a replica serves to polls: built once per change, shared by every poll.
+#[derive(Clone)]
+struct Published {
+    version: u64,
+    /// The newest bundle, serialized.
+    bundle: Option<Arc<serde_json::value::RawValue>>,
+    generation: u64,
+    /// Every revoked identity, as of `generation`.
+    revoked: Arc<Vec<String>>,
+}
+
 fn bundle_json(b: &Bundle) -> Arc<serde_json::value::RawValue> {
     serde_json::value::to_raw_value(b)
         .expect("bundles serialize")
@@ -946,8 +1000,7 @@ async fn put_policy(
     let bundle = blocking(move || store.push_policy(&revision, &files, &by)).await?;
     info!(principal = %who.name, version = bundle.version, revision = %bundle.revision,
         identities = set.agents.len(), "policy pushed");
-    *s.latest.write().expect("latest") = Some(bundle_json(&bundle));
-    s.changes.send_modify(|c| c.0 = bundle.version);
+    s.publish(Some(&bundle), None);
     Ok(Json(bundle))
 }
 
@@ -1107,9 +1160,14 @@ async fn post_revocation(
     })?;
     let store = s.store.clone();
     let (ident, by) = (id.to_string(), who.name.clone());
-    let generation = blocking(move || store.revoke(&ident, &by)).await?;
+    let (generation, all) = blocking(move || {
+        let generation = store.revoke(&ident, &by)?;
+        // The whole list once, for every poll that needs it.
+        Ok((generation, store.revocations()?))
+    })
+    .await?;
     warn!(principal = %who.name, identity = %id, generation, "identity revoked fleet-wide");
-    s.changes.send_modify(|c| c.1 = generation);
+    s.publish(None, Some(all));
     Ok(Json(super::Revoked {
         identity: id.to_string(),
         generation,
@@ -1141,29 +1199,25 @@ async fn node_poll(
     let held = HeldPoll::new(&s, &who.name);
     let mut replaced = false;
     loop {
-        let (version, generation) = *rx.borrow_and_update();
+        rx.borrow_and_update();
+        let p = s.published.read().expect("published").clone();
+        let (version, generation) = (p.version, p.generation);
         let news =
             (version != 0 && version != req.known_version) || generation != req.revocation_gen;
         if news || replaced || tokio::time::Instant::now() >= deadline {
-            let revoked: Vec<String> = if generation != req.revocation_gen {
-                let store = s.store.clone();
-                blocking(move || store.revocations())
-                    .await?
-                    .1
-                    .into_iter()
-                    .map(|r| r.identity)
-                    .collect()
+            let revoked: &[String] = if generation != req.revocation_gen {
+                &p.revoked
             } else {
-                Vec::new()
+                &[]
             };
             let bundle = (version != 0 && version != req.known_version)
-                .then(|| s.latest.read().expect("latest").clone())
+                .then_some(p.bundle)
                 .flatten();
             let body = serde_json::to_vec(&PollReplyOut {
                 version,
                 bundle: bundle.as_deref(),
                 revocation_gen: generation,
-                revoked: &revoked,
+                revoked,
                 replaced,
             })
             .expect("replies serialize");
@@ -1723,7 +1777,7 @@ fn tls_config(
             cas,
             &cfg.client_crl,
             !cfg.accept_expired_crl,
-            crate::identity::CrlNumbersFile(cfg.crl_numbers()),
+            cfg.crl_numbers().map(crate::identity::CrlNumbersFile),
         )?);
         (
             builder.with_client_cert_verifier(verifier.clone()),
@@ -1742,6 +1796,10 @@ fn tls_config(
     c.send_tls13_tickets = 0;
     Ok((Arc::new(c), verifier))
 }
+
+/// Longest a replica serves an older bundle or revocation list than the database holds,
+/// should an announcement of a change be missed.
+const CATCH_UP: Duration = Duration::from_secs(10);
 
 /// How often changed CRL files are looked for.
 const CRL_CHECK: Duration = Duration::from_secs(1);
@@ -1926,18 +1984,20 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
         }
     }
     let (tls, crl_verifier) = tls_config(&cfg)?;
-    let db = cfg.database.clone();
-    let store: Arc<dyn Store> = Arc::new(
-        tokio::task::spawn_blocking(move || SqliteStore::open(&db))
-            .await
-            .map_err(|e| ServerError::Tls(format!("opening the database: {e}")))??,
-    );
-    let server = Server::new(
-        store,
-        cfg.access.clone(),
-        cfg.poll_timeout(),
-        cfg.limits.clone(),
-    )?;
+    let server = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || {
+            let store: Arc<dyn Store> = super::store::open(&cfg)?.into();
+            Server::new(
+                store,
+                cfg.access.clone(),
+                cfg.poll_timeout(),
+                cfg.limits.clone(),
+            )
+        })
+        .await
+        .map_err(|e| ServerError::Tls(format!("opening the database: {e}")))??
+    };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -1961,6 +2021,35 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
                 let s = server.clone();
                 if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.flush_seen()).await {
                     error!(error = %e, "recording node polls failed");
+                }
+            }
+        });
+    }
+    if let Some(mut heard) = server.store.changes() {
+        // Replicas share the database: what another one stores is served here once it is
+        // announced, and at the latest after CATCH_UP should an announcement be missed.
+        let server = server.clone();
+        tokio::spawn(async move {
+            let mut failing: Option<String> = None;
+            loop {
+                if failing.is_none() {
+                    tokio::select! {
+                        r = heard.changed() => if r.is_err() { return },
+                        () = tokio::time::sleep(CATCH_UP) => {}
+                    }
+                }
+                let s = server.clone();
+                match tokio::task::spawn_blocking(move || s.catch_up()).await {
+                    Ok(Ok(())) => failing = None,
+                    Ok(Err(e)) => {
+                        let text = e.to_string();
+                        if failing.as_deref() != Some(text.as_str()) {
+                            error!(error = %e, "reading other replicas' changes failed; retrying");
+                            failing = Some(text);
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => error!(error = %e, "reading other replicas' changes panicked"),
                 }
             }
         });
@@ -1998,7 +2087,7 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
         });
     }
     let limits = cfg.limits.clone();
-    info!(%addr, database = %cfg.database.display(), "control plane listening");
+    info!(%addr, database = %cfg.database, "control plane listening");
     // Handlers before readiness: a SIGTERM right after it stops the server cleanly.
     let signal = |k| tokio::signal::unix::signal(k).map_err(ServerError::Signal);
     let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;

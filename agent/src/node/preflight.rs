@@ -87,13 +87,18 @@ pub fn check(cfg: &NodeConfig) -> Vec<Finding> {
     });
     out.push(policy(cfg));
     if let Some(cp) = &cfg.control_plane {
-        out.push(match cp.url.as_deref() {
-            None => finding(
+        out.push(match cp.urls().as_deref() {
+            Err(e) => finding(
+                "control plane",
+                Verdict::Error,
+                format!("[control_plane]: {e}"),
+            ),
+            Ok([]) => finding(
                 "control plane",
                 Verdict::Error,
                 "[control_plane] has no url",
             ),
-            Some(url) => files(
+            Ok(urls) => files(
                 "control plane",
                 &[
                     ("ca", cp.ca.as_deref()),
@@ -101,7 +106,7 @@ pub fn check(cfg: &NodeConfig) -> Vec<Finding> {
                     ("key", cp.key.as_deref()),
                     ("token_file", cp.token_file.as_deref()),
                 ],
-                url,
+                &urls.join(", "),
             ),
         });
     }

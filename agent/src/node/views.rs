@@ -66,7 +66,7 @@ impl Node {
                 error: self.dns.error(),
             },
             control_plane: self.link.get().map(|l| StatusLink {
-                url: self.cfg.control_plane.as_ref().and_then(|c| c.url.clone()),
+                url: l.polling.get().map(|u| u.get().to_owned()),
                 connected: l.connected.load(Relaxed),
                 applied_version: l.applied_version.load(Relaxed),
                 spool_records: l.spool_records.load(Relaxed),

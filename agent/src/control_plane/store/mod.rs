@@ -1,0 +1,259 @@
+//! The control plane's storage, behind one interface ([`Store`]): [`SqliteStore`] is the
+//! embedded default (one file, WAL, one process); [`PgStore`] keeps everything in
+//! PostgreSQL, which any number of control-plane replicas share.
+
+use std::borrow::Cow;
+
+use super::{
+    Bundle, BundleFile, FlowPage, FlowQuery, Ingested, NodeInfo, PollRequest, Reported, Revocation,
+};
+
+mod postgres;
+mod sqlite;
+#[cfg(test)]
+mod tests;
+
+pub use postgres::{PgOptions, PgStore};
+pub use sqlite::SqliteStore;
+
+#[cfg(any(test, feature = "testing"))]
+pub use postgres::scratch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// `what` is the file, or the URL without its password.
+    #[error("database {what}: {message}")]
+    Open { what: String, message: String },
+    #[error("database {what} has schema version {found}; this agentwall knows up to {known}")]
+    TooNew {
+        what: String,
+        found: i64,
+        known: i64,
+    },
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database: {}", postgres::describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("database: {0}")]
+    Pool(String),
+    #[error("stored data unreadable: {0}")]
+    Corrupt(String),
+}
+
+/// A node's poll, noted at `at`.
+#[derive(Clone, Debug)]
+pub struct NodeSeen {
+    pub node: String,
+    pub at: String,
+    pub poll: PollRequest,
+}
+
+/// Everything the server keeps.
+pub trait Store: Send + Sync {
+    /// Stores a validated bundle as the next version.
+    fn push_policy(
+        &self,
+        revision: &str,
+        files: &[BundleFile],
+        by: &str,
+    ) -> Result<Bundle, StoreError>;
+    /// A bundle by version, or the newest one.
+    fn policy(&self, version: Option<u64>) -> Result<Option<Bundle>, StoreError>;
+    /// The newest bundle version (0: none) and the revocation generation, cheaply: what a
+    /// replica compares with what it serves.
+    fn heads(&self) -> Result<(u64, u64), StoreError>;
+    /// Notes nodes' polls: last seen, applied revision, version, error.
+    fn nodes_seen(&self, seen: &[NodeSeen]) -> Result<(), StoreError>;
+    fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError>;
+    /// Stores reported records; ones already stored (same node, epoch, rid) are skipped.
+    fn ingest(&self, node: &str, epoch: u64, records: &[Reported]) -> Result<Ingested, StoreError>;
+    fn flows(&self, q: &FlowQuery) -> Result<FlowPage, StoreError>;
+    /// Revokes an identity fleet-wide; returns the new revocation generation (unchanged when
+    /// it was already revoked).
+    fn revoke(&self, identity: &str, by: &str) -> Result<u64, StoreError>;
+    /// The revocation generation and every revocation.
+    fn revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError>;
+    /// Walks what is held of `node`'s audit chain: each chained record (stored id, text) in
+    /// ascending seq, then each of its loss records. False when nothing of the node is held.
+    fn audit_chain(
+        &self,
+        node: &str,
+        check: &mut super::chain::ChainCheck,
+    ) -> Result<bool, StoreError>;
+    /// Ticks whenever another process may have pushed a bundle or revoked an identity (and
+    /// whenever that could have been missed, as when the database connection was lost), so
+    /// a replica can compare [`Store::heads`] with what it serves. None when this process is
+    /// the only writer.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+}
+
+/// Opens the database `cfg` names, migrating its schema. Blocks: call it off the async
+/// runtime's workers.
+pub fn open(
+    cfg: &crate::config::control_plane::ServerConfig,
+) -> Result<Box<dyn Store>, StoreError> {
+    use crate::config::control_plane::Database;
+    Ok(match &cfg.database {
+        Database::Sqlite(path) => Box::new(SqliteStore::open(path)?),
+        Database::Postgres(url) => Box::new(PgStore::open(&PgOptions {
+            url: url.clone(),
+            password_file: cfg.database_password_file.clone(),
+            ca: cfg.database_ca.clone(),
+        })?),
+    })
+}
+
+/// The fields a record is indexed by. Text is borrowed where it can be and copied where the
+/// JSON escaped it (a quote or a non-ASCII letter in a name).
+#[derive(serde::Deserialize)]
+struct Indexed<'a> {
+    #[serde(default, borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    time: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    verdict: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    identity: Option<Cow<'a, str>>,
+    /// Kept as text: a record whose `dest` is not an address is stored without one.
+    #[serde(default, borrow)]
+    dest: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    service: Option<Cow<'a, str>>,
+    /// The record's place in the node's audit chain, when it came from the log.
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default, borrow)]
+    prev: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    hash: Option<Cow<'a, str>>,
+}
+
+/// A reported record as both stores keep it: its text and the columns it is found by.
+struct Row<'a> {
+    rid: i64,
+    kind: Cow<'a, str>,
+    time: Cow<'a, str>,
+    verdict: Option<Cow<'a, str>>,
+    identity: Option<Cow<'a, str>>,
+    /// The address's canonical text, as the flows filter asks for it.
+    dest: Option<String>,
+    service: Option<Cow<'a, str>>,
+    text: &'a str,
+    audit_seq: Option<i64>,
+    /// Set only when the hash is the record's own.
+    audit_hash: Option<Cow<'a, str>>,
+}
+
+impl<'a> Row<'a> {
+    fn of(epoch: u64, r: &'a Reported) -> Result<Self, StoreError> {
+        let text = r.record.get();
+        let ix: Indexed<'a> = serde_json::from_str(text)
+            .map_err(|e| StoreError::Corrupt(format!("record {} of epoch {epoch}: {e}", r.rid)))?;
+        let chained = match (ix.seq, &ix.prev, ix.hash) {
+            (Some(seq), Some(_), Some(hash)) => Some((seq.min(i64::MAX as u64) as i64, hash)),
+            _ => None,
+        };
+        // Kept by its hash only when the hash is its own: a record carrying another one's
+        // hash (sent first) must not shut the real one out as a duplicate. It is still in the
+        // chain by its seq, where the check names it.
+        let own_hash = chained.as_ref().is_some_and(|(_, hash)| {
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
+                .is_ok_and(|m| crate::audit::record_hash(&m) == *hash)
+        });
+        let (audit_seq, audit_hash) = match chained {
+            Some((seq, hash)) => (Some(seq), own_hash.then_some(hash)),
+            None => (None, None),
+        };
+        Ok(Row {
+            rid: r.rid as i64,
+            kind: ix.kind.unwrap_or(Cow::Borrowed("decision")),
+            time: ix.time.unwrap_or_default(),
+            verdict: ix.verdict,
+            identity: ix.identity,
+            dest: ix
+                .dest
+                .as_deref()
+                .and_then(|d| d.parse::<std::net::IpAddr>().ok())
+                .map(|d| d.to_string()),
+            service: ix.service,
+            text,
+            audit_seq,
+            audit_hash,
+        })
+    }
+}
+
+/// A value a flows query binds.
+enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+/// The flows query, for both stores: `placeholder(n)` writes the n-th (from 1) parameter
+/// the way the database spells it. The filters are columns with indexes (see the
+/// migrations); ordered by id, a page at a time.
+fn flows_sql(q: &FlowQuery, placeholder: impl Fn(usize) -> String) -> (String, Vec<Arg>, usize) {
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000) as usize;
+    let mut sql = String::from("SELECT id, node, record FROM flows WHERE kind = ");
+    sql.push_str(&placeholder(1));
+    let mut args = vec![Arg::Text(
+        q.kind.clone().unwrap_or_else(|| "decision".into()),
+    )];
+    let mut filter = |col: &str, op: &str, v: Arg| {
+        args.push(v);
+        sql.push_str(&format!(" AND {col} {op} {}", placeholder(args.len())));
+    };
+    for (col, v) in [
+        ("node", &q.node),
+        ("identity", &q.identity),
+        ("verdict", &q.verdict),
+        ("dest", &q.dest),
+        ("service", &q.service),
+    ] {
+        if let Some(v) = v {
+            filter(col, "=", Arg::Text(v.clone()));
+        }
+    }
+    if let Some(s) = &q.since {
+        filter("time", ">=", Arg::Text(s.clone()));
+    }
+    if let Some(u) = &q.until {
+        filter("time", "<", Arg::Text(u.clone()));
+    }
+    if let Some(a) = q.after {
+        filter("id", ">", Arg::Int(a as i64));
+    }
+    if q.tagged {
+        sql.push_str(" AND service IS NOT NULL");
+    }
+    sql.push_str(&format!(" ORDER BY id LIMIT {limit}"));
+    (sql, args, limit)
+}
+
+/// A page of flows from the rows a query gave.
+fn flow_page(
+    rows: impl IntoIterator<Item = (i64, String, String)>,
+    limit: usize,
+) -> Result<FlowPage, StoreError> {
+    let mut flows = Vec::new();
+    for (id, node, text) in rows {
+        let record = serde_json::from_str(&text)
+            .map_err(|e| StoreError::Corrupt(format!("flow {id}: {e}")))?;
+        flows.push(super::StoredFlow {
+            id: id as u64,
+            node,
+            record,
+        });
+    }
+    let next = (flows.len() == limit)
+        .then(|| flows.last().map(|f| f.id))
+        .flatten();
+    Ok(FlowPage { flows, next })
+}
+
+fn now() -> String {
+    crate::clock::now_rfc3339()
+}

@@ -1,0 +1,822 @@
+//! [`PgStore`]: PostgreSQL, which any number of control-plane replicas share. Replicas keep
+//! nothing of their own: what one stores every other reads, and pushes and revocations are
+//! announced to all of them (`NOTIFY agentwall_changes`, sent when the change commits).
+
+use std::{future::Future, path::PathBuf, str::FromStr as _, time::Duration};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
+use tokio_postgres::{
+    AsyncMessage, Config, NoTls, Socket,
+    config::SslMode,
+    tls::{MakeTlsConnect, TlsConnect},
+    types::ToSql,
+};
+use tracing::{info, warn};
+
+use super::{Arg, NodeSeen, Row, Store, StoreError, now};
+use crate::control_plane::{
+    Bundle, BundleFile, FlowPage, FlowQuery, Ingested, NodeInfo, Reported, Revocation,
+};
+
+/// How to reach the database: the `database`, `database_password_file` and `database_ca`
+/// settings.
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    pub url: String,
+    pub password_file: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+}
+
+/// The channel pushes and revocations are announced on.
+const CHANNEL: &str = "agentwall_changes";
+
+/// Advisory lock keys (one namespace, the first word): the schema's migrations, and the
+/// numbering of bundle versions and revocation generations. Each is taken for one
+/// transaction, so two replicas never migrate at once nor give out one number twice, and
+/// numbers become visible in the order they were given.
+const LOCKS: i32 = 0x6177_6c6c; // "awll"
+const SCHEMA_LOCK: i32 = 1;
+const POLICY_LOCK: i32 = 2;
+const REVOKE_LOCK: i32 = 3;
+
+/// Connections each replica holds at most.
+const POOL_SIZE: usize = 16;
+
+/// Versioned schema: migration `i` takes a database from version `i` to `i + 1` (kept in
+/// `agentwall_schema`). Never edit one that has shipped; add the next.
+const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
+        version BIGINT PRIMARY KEY,
+        revision TEXT NOT NULL,
+        pushed_at TEXT NOT NULL,
+        pushed_by TEXT NOT NULL,
+        files TEXT NOT NULL
+    );
+    CREATE TABLE nodes (
+        node TEXT PRIMARY KEY,
+        first_seen TEXT NOT NULL,
+        last_seen TEXT NOT NULL,
+        applied_version BIGINT,
+        applied_revision TEXT,
+        agent_version TEXT,
+        error TEXT
+    );
+    CREATE TABLE flows (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        node TEXT NOT NULL,
+        epoch BIGINT NOT NULL,
+        rid BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        time TEXT NOT NULL,
+        verdict TEXT,
+        identity TEXT,
+        dest TEXT,
+        service TEXT,
+        record TEXT NOT NULL,
+        audit_seq BIGINT,
+        audit_hash TEXT,
+        UNIQUE (node, epoch, rid)
+    );
+    CREATE INDEX flows_time ON flows (time);
+    CREATE UNIQUE INDEX flows_audit_hash ON flows (node, audit_hash) WHERE audit_hash IS NOT NULL;
+    CREATE INDEX flows_audit_seq ON flows (node, audit_seq) WHERE audit_seq IS NOT NULL;
+    CREATE TABLE revocations (
+        generation BIGINT PRIMARY KEY,
+        identity TEXT NOT NULL UNIQUE,
+        at TEXT NOT NULL,
+        by TEXT NOT NULL
+    );"];
+
+pub struct PgStore {
+    /// Drives the connections; the store's calls block on it (they are made off the
+    /// server's async workers, as every store call is).
+    rt: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+    changes: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Dropped wherever the server ends, perhaps on an async worker, where waiting for
+        // the runtime's threads is not allowed.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A PostgreSQL error with what the server said (its message, detail and hint), not only
+/// "db error".
+pub(super) fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+            if let Some(d) = db.detail() {
+                s.push_str(&format!(" ({d})"));
+            }
+            if let Some(h) = db.hint() {
+                s.push_str(&format!(" hint: {h}"));
+            }
+            s
+        }
+        None => {
+            let mut s = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(c) = source {
+                let text = c.to_string();
+                if !s.contains(&text) {
+                    s.push_str(&format!(": {text}"));
+                }
+                source = c.source();
+            }
+            s
+        }
+    }
+}
+
+fn pool_error(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) => StoreError::Postgres(e),
+        other => StoreError::Pool(other.to_string()),
+    }
+}
+
+impl PgStore {
+    /// Connects, checks the schema and migrates it (once, however many replicas start
+    /// together), and starts listening for other replicas' changes.
+    pub fn open(o: &PgOptions) -> Result<Self, StoreError> {
+        let what = crate::config::control_plane::redact_url(&o.url);
+        let fail = |message: String| StoreError::Open {
+            what: what.clone(),
+            message,
+        };
+        let mut config = Config::from_str(&o.url).map_err(|e| fail(describe(&e)))?;
+        if let Some(p) = &o.password_file {
+            let pw = crate::files::read_secret(p)
+                .map_err(|e| fail(format!("database_password_file {}: {e}", p.display())))?;
+            config.password(pw);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("agentwall-control-plane");
+        }
+        config.connect_timeout(Duration::from_secs(10));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("agentwall-db")
+            .enable_all()
+            .build()
+            .map_err(|e| fail(format!("starting the database runtime: {e}")))?;
+        let (tx, changes) = tokio::sync::watch::channel(0u64);
+        let pool = match &o.ca {
+            Some(ca) => {
+                let roots = crate::pem::roots([ca.as_path()]).map_err(|e| fail(e.to_string()))?;
+                let tls = rustls::ClientConfig::builder_with_provider(crate::identity::provider())
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| fail(e.to_string()))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                config.ssl_mode(SslMode::Require);
+                start(&rt, config, tokio_postgres_rustls::MakeRustlsConnect::new(tls), tx)
+            }
+            None => {
+                if config.get_ssl_mode() == SslMode::Require {
+                    return Err(fail(
+                        "sslmode=require needs database_ca, the CA the server's certificate must chain to"
+                            .into(),
+                    ));
+                }
+                config.ssl_mode(SslMode::Disable);
+                start(&rt, config, NoTls, tx)
+            }
+        }
+        .map_err(|e| fail(e.to_string()))?;
+        let store = Self {
+            rt: Some(rt),
+            pool,
+            changes,
+        };
+        store.block(store.migrate(&what)).map_err(|e| match e {
+            e @ StoreError::TooNew { .. } => e,
+            StoreError::Postgres(e) => fail(describe(&e)),
+            e => fail(e.to_string()),
+        })?;
+        Ok(store)
+    }
+
+    fn block<F: Future>(&self, f: F) -> F::Output {
+        self.rt.as_ref().expect("runtime until dropped").block_on(f)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    async fn migrate(&self, what: &str) -> Result<(), StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, $2)",
+            &[&LOCKS, &SCHEMA_LOCK],
+        )
+        .await?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS agentwall_schema (version INTEGER NOT NULL)")
+            .await?;
+        let found: i32 = match tx
+            .query_opt("SELECT version FROM agentwall_schema", &[])
+            .await?
+        {
+            Some(r) => r.get(0),
+            None => {
+                tx.execute("INSERT INTO agentwall_schema (version) VALUES (0)", &[])
+                    .await?;
+                0
+            }
+        };
+        let known = MIGRATIONS.len() as i32;
+        if found > known {
+            return Err(StoreError::TooNew {
+                what: what.to_owned(),
+                found: found.into(),
+                known: known.into(),
+            });
+        }
+        for sql in &MIGRATIONS[found as usize..] {
+            tx.batch_execute(sql).await?;
+        }
+        if found < known {
+            tx.execute("UPDATE agentwall_schema SET version = $1", &[&known])
+                .await?;
+            info!(database = %what, from = found, to = known, "database schema migrated");
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// The pool, and the task that listens for changes (it ticks `tx`).
+fn start<T>(
+    rt: &tokio::runtime::Runtime,
+    config: Config,
+    tls: T,
+    tx: tokio::sync::watch::Sender<u64>,
+) -> Result<Pool, deadpool_postgres::BuildError>
+where
+    T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
+    T::Stream: Sync + Send,
+    T::TlsConnect: Sync + Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    let manager = Manager::from_config(
+        config.clone(),
+        tls.clone(),
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let pool = Pool::builder(manager)
+        .max_size(POOL_SIZE)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(30)))
+        .create_timeout(Some(Duration::from_secs(10)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .build()?;
+    rt.spawn(listen(config, tls, tx));
+    Ok(pool)
+}
+
+/// Listens on [`CHANNEL`] over a connection of its own, for as long as anyone watches `tx`;
+/// reconnects when the connection is lost. Ticks on each notification, and once each time
+/// listening (re)starts: what was announced while no one listened is then read from the
+/// tables.
+async fn listen<T>(config: Config, tls: T, tx: tokio::sync::watch::Sender<u64>)
+where
+    T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
+    T::Stream: Sync + Send,
+    T::TlsConnect: Sync + Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    let mut lost = false;
+    while !tx.is_closed() {
+        match config.connect(tls.clone()).await {
+            Ok((client, mut conn)) => {
+                let (note, mut notes) = tokio::sync::mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    loop {
+                        match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                            Some(Ok(AsyncMessage::Notification(_))) => {
+                                if note.send(()).is_err() {
+                                    return;
+                                }
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => {
+                                warn!(error = %describe(&e), "database: the connection listening for changes failed");
+                                return;
+                            }
+                            None => return,
+                        }
+                    }
+                });
+                match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                    Ok(()) => {
+                        if lost {
+                            info!("database: listening for changes again");
+                        }
+                        tx.send_modify(|n| *n += 1);
+                        while notes.recv().await.is_some() {
+                            tx.send_modify(|n| *n += 1);
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %describe(&e), "database: LISTEN failed");
+                    }
+                }
+                driver.abort();
+            }
+            Err(e) => {
+                warn!(error = %describe(&e), "database: cannot connect to listen for changes; retrying");
+            }
+        }
+        lost = true;
+        // Whatever was announced meanwhile is read once listening is back; a replica
+        // serves what it has until then.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Text PostgreSQL can hold: it refuses NUL in text, which JSON may carry escaped in a
+/// field that is indexed (the record's own text keeps the escape).
+fn text(s: &str) -> String {
+    s.replace('\0', "\u{FFFD}")
+}
+
+fn opt_text<S: AsRef<str>>(s: &Option<S>) -> Option<String> {
+    s.as_ref().map(|s| text(s.as_ref()))
+}
+
+impl Store for PgStore {
+    fn push_policy(
+        &self,
+        revision: &str,
+        files: &[BundleFile],
+        by: &str,
+    ) -> Result<Bundle, StoreError> {
+        let files_text = serde_json::to_string(files).expect("files serialize");
+        let at = now();
+        let version: i64 = self.block(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, $2)",
+                &[&LOCKS, &POLICY_LOCK],
+            )
+            .await?;
+            let v: i64 = tx
+                .query_one(
+                    "INSERT INTO policy (version, revision, pushed_at, pushed_by, files)
+                     SELECT COALESCE(MAX(version), 0) + 1, $1, $2, $3, $4 FROM policy
+                     RETURNING version",
+                    &[&revision, &at, &by, &files_text],
+                )
+                .await?
+                .get(0);
+            tx.execute("SELECT pg_notify($1, 'policy')", &[&CHANNEL])
+                .await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(v)
+        })?;
+        Ok(Bundle {
+            version: version as u64,
+            revision: revision.to_owned(),
+            pushed_at: at,
+            pushed_by: by.to_owned(),
+            files: files.to_vec(),
+        })
+    }
+
+    fn policy(&self, version: Option<u64>) -> Result<Option<Bundle>, StoreError> {
+        let row = self.block(async {
+            let c = self.client().await?;
+            Ok::<_, StoreError>(match version {
+                Some(v) => {
+                    c.query_opt(
+                        "SELECT version, revision, pushed_at, pushed_by, files FROM policy WHERE version = $1",
+                        &[&(v as i64)],
+                    )
+                    .await?
+                }
+                None => {
+                    c.query_opt(
+                        "SELECT version, revision, pushed_at, pushed_by, files FROM policy ORDER BY version DESC LIMIT 1",
+                        &[],
+                    )
+                    .await?
+                }
+            })
+        })?;
+        row.map(|r| {
+            let version = r.get::<_, i64>(0) as u64;
+            Ok(Bundle {
+                version,
+                revision: r.get(1),
+                pushed_at: r.get(2),
+                pushed_by: r.get(3),
+                files: serde_json::from_str(r.get::<_, &str>(4))
+                    .map_err(|e| StoreError::Corrupt(format!("policy version {version}: {e}")))?,
+            })
+        })
+        .transpose()
+    }
+
+    fn heads(&self) -> Result<(u64, u64), StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let r = c
+                .query_one(
+                    "SELECT (SELECT COALESCE(MAX(version), 0) FROM policy),
+                            (SELECT COALESCE(MAX(generation), 0) FROM revocations)",
+                    &[],
+                )
+                .await?;
+            Ok((r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64))
+        })
+    }
+
+    fn nodes_seen(&self, seen: &[NodeSeen]) -> Result<(), StoreError> {
+        // In one order on every replica, so two flushes that touch the same nodes wait for
+        // each other rather than deadlock.
+        let mut seen: Vec<&NodeSeen> = seen.iter().collect();
+        seen.sort_by(|a, b| a.node.cmp(&b.node));
+        let node: Vec<String> = seen.iter().map(|s| text(&s.node)).collect();
+        let at: Vec<String> = seen.iter().map(|s| text(&s.at)).collect();
+        let version: Vec<Option<i64>> = seen
+            .iter()
+            .map(|s| s.poll.applied_version.map(|v| v as i64))
+            .collect();
+        let revision: Vec<Option<String>> = seen
+            .iter()
+            .map(|s| opt_text(&s.poll.applied_revision))
+            .collect();
+        let agent: Vec<Option<String>> = seen
+            .iter()
+            .map(|s| Some(text(&s.poll.agent_version)))
+            .collect();
+        let error: Vec<Option<String>> = seen.iter().map(|s| opt_text(&s.poll.error)).collect();
+        self.block(async {
+            let c = self.client().await?;
+            // A poll older than the one stored (noted by another replica) changes nothing.
+            c.execute(
+                "INSERT INTO nodes (node, first_seen, last_seen, applied_version, applied_revision, agent_version, error)
+                 SELECT n, t, t, v, r, a, e
+                 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[])
+                     WITH ORDINALITY AS u(n, t, v, r, a, e, i)
+                 ORDER BY i
+                 ON CONFLICT (node) DO UPDATE SET last_seen = EXCLUDED.last_seen,
+                     applied_version = EXCLUDED.applied_version,
+                     applied_revision = EXCLUDED.applied_revision,
+                     agent_version = EXCLUDED.agent_version, error = EXCLUDED.error
+                 WHERE nodes.last_seen <= EXCLUDED.last_seen",
+                &[&node, &at, &version, &revision, &agent, &error],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let rows = c
+                .query(
+                    "SELECT node, first_seen, last_seen, applied_version, applied_revision, agent_version, error
+                     FROM nodes ORDER BY node",
+                    &[],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| NodeInfo {
+                    node: r.get(0),
+                    first_seen: r.get(1),
+                    last_seen: r.get(2),
+                    applied_version: r.get::<_, Option<i64>>(3).map(|v| v as u64),
+                    applied_revision: r.get(4),
+                    agent_version: r.get(5),
+                    error: r.get(6),
+                })
+                .collect())
+        })
+    }
+
+    fn ingest(&self, node: &str, epoch: u64, records: &[Reported]) -> Result<Ingested, StoreError> {
+        let rows = records
+            .iter()
+            .map(|r| Row::of(epoch, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        // One statement over arrays: the whole batch in one round trip and one transaction.
+        let rid: Vec<i64> = rows.iter().map(|r| r.rid).collect();
+        let kind: Vec<String> = rows.iter().map(|r| text(&r.kind)).collect();
+        let time: Vec<String> = rows.iter().map(|r| text(&r.time)).collect();
+        let verdict: Vec<Option<String>> = rows.iter().map(|r| opt_text(&r.verdict)).collect();
+        let identity: Vec<Option<String>> = rows.iter().map(|r| opt_text(&r.identity)).collect();
+        let dest: Vec<Option<String>> = rows.iter().map(|r| r.dest.clone()).collect();
+        let service: Vec<Option<String>> = rows.iter().map(|r| opt_text(&r.service)).collect();
+        let record: Vec<&str> = rows.iter().map(|r| r.text).collect();
+        let seq: Vec<Option<i64>> = rows.iter().map(|r| r.audit_seq).collect();
+        let hash: Vec<Option<String>> = rows.iter().map(|r| opt_text(&r.audit_hash)).collect();
+        let (node, epoch) = (text(node), epoch as i64);
+        let accepted = self.block(async {
+            let c = self.client().await?;
+            let st = c
+                .prepare_cached(
+                    "INSERT INTO flows (node, epoch, rid, kind, time, verdict, identity, dest, service, record, audit_seq, audit_hash)
+                     SELECT $1, $2, rid, kind, time, verdict, identity, dest, service, record, seq, hash
+                     FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                                 $9::text[], $10::text[], $11::bigint[], $12::text[])
+                         WITH ORDINALITY AS u(rid, kind, time, verdict, identity, dest, service, record, seq, hash, i)
+                     ORDER BY i
+                     ON CONFLICT DO NOTHING
+                     RETURNING 1",
+                )
+                .await?;
+            let params: [&(dyn ToSql + Sync); 12] = [
+                &node, &epoch, &rid, &kind, &time, &verdict, &identity, &dest, &service, &record,
+                &seq, &hash,
+            ];
+            Ok::<_, StoreError>(c.query(&st, &params).await?.len() as u64)
+        })?;
+        Ok(Ingested {
+            accepted,
+            duplicates: records.len() as u64 - accepted,
+        })
+    }
+
+    fn flows(&self, q: &FlowQuery) -> Result<FlowPage, StoreError> {
+        let (sql, args, limit) = super::flows_sql(q, |n| format!("${n}"));
+        let args: Vec<Box<dyn ToSql + Sync + Send>> = args
+            .into_iter()
+            .map(|a| -> Box<dyn ToSql + Sync + Send> {
+                match a {
+                    Arg::Text(t) => Box::new(text(&t)),
+                    Arg::Int(i) => Box::new(i),
+                }
+            })
+            .collect();
+        let rows = self.block(async {
+            let c = self.client().await?;
+            let params: Vec<&(dyn ToSql + Sync)> = args
+                .iter()
+                .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+                .collect();
+            Ok::<_, StoreError>(c.query(&sql, &params).await?)
+        })?;
+        super::flow_page(
+            rows.into_iter()
+                .map(|r| (r.get::<_, i64>(0), r.get(1), r.get(2))),
+            limit,
+        )
+    }
+
+    fn revoke(&self, identity: &str, by: &str) -> Result<u64, StoreError> {
+        let (identity, at) = (text(identity), now());
+        self.block(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, $2)",
+                &[&LOCKS, &REVOKE_LOCK],
+            )
+            .await?;
+            let added = tx
+                .execute(
+                    "INSERT INTO revocations (generation, identity, at, by)
+                     SELECT COALESCE(MAX(generation), 0) + 1, $1, $2, $3 FROM revocations
+                     ON CONFLICT (identity) DO NOTHING",
+                    &[&identity, &at, &by],
+                )
+                .await?;
+            if added == 1 {
+                tx.execute("SELECT pg_notify($1, 'revocation')", &[&CHANNEL])
+                    .await?;
+            }
+            let g: i64 = tx
+                .query_one("SELECT COALESCE(MAX(generation), 0) FROM revocations", &[])
+                .await?
+                .get(0);
+            tx.commit().await?;
+            Ok(g as u64)
+        })
+    }
+
+    fn revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError> {
+        let all: Vec<Revocation> = self.block(async {
+            let c = self.client().await?;
+            let rows = c
+                .query(
+                    "SELECT identity, generation, at, by FROM revocations ORDER BY generation",
+                    &[],
+                )
+                .await?;
+            Ok::<_, StoreError>(
+                rows.iter()
+                    .map(|r| Revocation {
+                        identity: r.get(0),
+                        generation: r.get::<_, i64>(1) as u64,
+                        at: r.get(2),
+                        by: r.get(3),
+                    })
+                    .collect(),
+            )
+        })?;
+        Ok((all.last().map_or(0, |r| r.generation), all))
+    }
+
+    fn audit_chain(
+        &self,
+        node: &str,
+        check: &mut crate::control_plane::chain::ChainCheck,
+    ) -> Result<bool, StoreError> {
+        /// Rows fetched at a time: a node's whole chain is never held at once.
+        const PAGE: i32 = 5_000;
+        let node = text(node);
+        self.block(async {
+            let mut c = self.client().await?;
+            // One snapshot for the whole walk: records stored meanwhile are not half seen.
+            let tx = c
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await?;
+            let known: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM nodes WHERE node = $1) OR EXISTS (SELECT 1 FROM flows WHERE node = $1)",
+                    &[&node],
+                )
+                .await?
+                .get(0);
+            if !known {
+                return Ok(false);
+            }
+            // Loss records first: the spans of seqs they name explain the gaps.
+            let losses = tx
+                .bind("SELECT record FROM flows WHERE node = $1 AND kind = 'loss'", &[&node])
+                .await?;
+            loop {
+                let rows = tx.query_portal(&losses, PAGE).await?;
+                for r in &rows {
+                    check.loss(r.get::<_, &str>(0));
+                }
+                if rows.len() < PAGE as usize {
+                    break;
+                }
+            }
+            let chained = tx
+                .bind(
+                    "SELECT id, record FROM flows WHERE node = $1 AND audit_seq IS NOT NULL
+                     ORDER BY audit_seq, id",
+                    &[&node],
+                )
+                .await?;
+            loop {
+                let rows = tx.query_portal(&chained, PAGE).await?;
+                for r in &rows {
+                    check.record(r.get::<_, i64>(0) as u64, r.get::<_, &str>(1));
+                }
+                if rows.len() < PAGE as usize {
+                    break;
+                }
+            }
+            // Records outside the chain (loss records of the spool and the outbox are, by
+            // design): the ones a chain's own loss records do not account for are suspect.
+            // Since the first chained record: what an earlier version sent is not suspect.
+            let unchained: i64 = tx
+                .query_one(
+                    "SELECT COUNT(*) FROM flows WHERE node = $1 AND audit_seq IS NULL AND kind != 'loss'
+                     AND id > (SELECT MIN(id) FROM flows WHERE node = $1 AND audit_seq IS NOT NULL)",
+                    &[&node],
+                )
+                .await?
+                .get(0);
+            check.unchained(unchained as u64);
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.changes.clone())
+    }
+}
+
+/// Databases of their own for tests and benchmarks, in the PostgreSQL server that
+/// `AGENTWALL_TEST_POSTGRES` names (`cargo xtask test` starts one and sets it).
+#[cfg(any(test, feature = "testing"))]
+pub mod scratch {
+    use std::str::FromStr as _;
+
+    /// The server's admin URL (`postgres://postgres:PASSWORD@127.0.0.1:PORT/postgres`).
+    pub const SERVER: &str = "AGENTWALL_TEST_POSTGRES";
+    /// The CA (PEM) the server's certificate chains to; the server takes TLS.
+    pub const SERVER_CA: &str = "AGENTWALL_TEST_POSTGRES_CA";
+
+    /// A database made for one test, dropped with this (connections to it closed first).
+    pub struct ScratchDb {
+        /// The database's URL, with the admin's password in it.
+        pub url: String,
+        pub name: String,
+        admin: String,
+    }
+
+    /// The admin URL; a missing server is a loud failure, never a skip.
+    pub fn server() -> String {
+        std::env::var(SERVER).unwrap_or_else(|_| {
+            panic!(
+                "{SERVER} is not set: the PostgreSQL tests need the server `cargo xtask test` starts (or set {SERVER} to a postgres:// admin URL)"
+            )
+        })
+    }
+
+    pub fn server_ca() -> std::path::PathBuf {
+        std::env::var_os(SERVER_CA)
+            .unwrap_or_else(|| panic!("{SERVER_CA} is not set (see {SERVER})"))
+            .into()
+    }
+
+    /// Runs `sql` on the server as its admin, from a thread of its own (callers may be on
+    /// an async runtime, where blocking on another is not allowed).
+    pub fn admin(url: &str, sql: &str) -> Result<(), String> {
+        let (url, sql) = (url.to_owned(), sql.to_owned());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let config = tokio_postgres::Config::from_str(&url).map_err(|e| e.to_string())?;
+                let (client, conn) = config.connect(tokio_postgres::NoTls).await.map_err(|e| {
+                    format!(
+                        "connecting to {}: {}",
+                        crate::config::control_plane::redact_url(&url),
+                        super::describe(&e)
+                    )
+                })?;
+                tokio::spawn(conn);
+                client
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(|e| format!("{sql}: {}", super::describe(&e)))
+            })
+        })
+        .join()
+        .map_err(|_| "the admin thread panicked".to_owned())?
+    }
+
+    /// `url` with its database replaced by `db`.
+    pub fn with_database(url: &str, db: &str) -> String {
+        let (base, query) = match url.split_once('?') {
+            Some((b, q)) => (b, Some(q)),
+            None => (url, None),
+        };
+        let (scheme, rest) = base.split_once("://").expect("a URL");
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let mut out = format!("{scheme}://{authority}/{db}");
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        out
+    }
+
+    /// A fresh, empty database.
+    pub fn database() -> ScratchDb {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let admin_url = server();
+        let name = format!(
+            "t_{}_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+        );
+        admin(&admin_url, &format!("CREATE DATABASE {name}")).unwrap_or_else(|e| panic!("{e}"));
+        ScratchDb {
+            url: with_database(&admin_url, &name),
+            name,
+            admin: admin_url,
+        }
+    }
+
+    impl Drop for ScratchDb {
+        fn drop(&mut self) {
+            let dropped = admin(
+                &self.admin,
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            );
+            if let Err(e) = dropped {
+                eprintln!("scratch database {}: {e}", self.name);
+            }
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! [`SqliteStore`]: the embedded default, one file (WAL) written by one process.
+
+use std::{path::Path, sync::Mutex};
+
+use rusqlite::{Connection, OptionalExtension as _, params};
+
+use super::{Arg, NodeSeen, Row, Store, StoreError, now};
+use crate::control_plane::{
+    Bundle, BundleFile, FlowPage, FlowQuery, Ingested, NodeInfo, Reported, Revocation,
+};
+
+/// Versioned schema: migration `i` takes a database from version `i` to `i + 1`
+/// (`PRAGMA user_version`). Never edit one that has shipped; add the next.
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE policy (
+        version INTEGER PRIMARY KEY,
+        revision TEXT NOT NULL,
+        pushed_at TEXT NOT NULL,
+        pushed_by TEXT NOT NULL,
+        files TEXT NOT NULL
+    );
+    CREATE TABLE nodes (
+        node TEXT PRIMARY KEY,
+        first_seen TEXT NOT NULL,
+        last_seen TEXT NOT NULL,
+        applied_version INTEGER,
+        applied_revision TEXT,
+        agent_version TEXT,
+        error TEXT
+    );
+    CREATE TABLE flows (
+        id INTEGER PRIMARY KEY,
+        node TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        rid INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        time TEXT NOT NULL,
+        verdict TEXT,
+        identity TEXT,
+        dest TEXT,
+        service TEXT,
+        record TEXT NOT NULL,
+        UNIQUE (node, epoch, rid)
+    );
+    CREATE INDEX flows_time ON flows (time);
+    CREATE TABLE revocations (
+        generation INTEGER PRIMARY KEY,
+        identity TEXT NOT NULL UNIQUE,
+        at TEXT NOT NULL,
+        by TEXT NOT NULL
+    );",
+    // Records carry their place in the node's audit chain: the control plane checks the
+    // chain of what it holds, and a record sent twice (read back from the log after a crash)
+    // is stored once.
+    "ALTER TABLE flows ADD COLUMN audit_seq INTEGER;
+    ALTER TABLE flows ADD COLUMN audit_hash TEXT;
+    CREATE UNIQUE INDEX flows_audit_hash ON flows (node, audit_hash) WHERE audit_hash IS NOT NULL;
+    CREATE INDEX flows_audit_seq ON flows (node, audit_seq) WHERE audit_seq IS NOT NULL;",
+];
+
+pub struct SqliteStore {
+    /// Writes go through one connection (SQLite has one writer); reads use their own, which
+    /// WAL lets run beside a write.
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+    /// For reads that take long (a node's whole audit chain): their own connection, so the
+    /// other reads do not wait behind them.
+    path: std::path::PathBuf,
+}
+
+/// A connection's lock; one a panic left poisoned is still usable (SQLite rolled back
+/// whatever the panicking call had open), so one bad request cannot take every later one
+/// down with it.
+fn lock(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
+            what: path.display().to_string(),
+            message: e.to_string(),
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| open_err(&e))?;
+        }
+        let writer = Connection::open(path).map_err(|e| open_err(&e))?;
+        writer
+            .pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| open_err(&e))?;
+        // A node drops records from its spool once they are acknowledged, so an
+        // acknowledged batch must survive a power cut: FULL syncs the WAL at each commit
+        // (one per batch, not per record).
+        writer
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| open_err(&e))?;
+        writer.busy_timeout(std::time::Duration::from_secs(5))?;
+        let found: i64 = writer.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if found > known {
+            return Err(StoreError::TooNew {
+                what: path.display().to_string(),
+                found,
+                known,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            let tx = writer.unchecked_transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", i as i64 + 1)?;
+            tx.commit()?;
+        }
+        let reader = Connection::open(path).map_err(|e| open_err(&e))?;
+        reader.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(Self {
+            writer: Mutex::new(writer),
+            path: path.to_owned(),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    fn bundle_row(
+        r: &rusqlite::Row<'_>,
+    ) -> rusqlite::Result<(u64, String, String, String, String)> {
+        Ok((
+            r.get::<_, i64>(0)? as u64,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+        ))
+    }
+}
+
+impl Store for SqliteStore {
+    fn push_policy(
+        &self,
+        revision: &str,
+        files: &[BundleFile],
+        by: &str,
+    ) -> Result<Bundle, StoreError> {
+        let text = serde_json::to_string(files).expect("files serialize");
+        let at = now();
+        let db = lock(&self.writer);
+        db.execute(
+            "INSERT INTO policy (revision, pushed_at, pushed_by, files) VALUES (?1, ?2, ?3, ?4)",
+            params![revision, at, by, text],
+        )?;
+        Ok(Bundle {
+            version: db.last_insert_rowid() as u64,
+            revision: revision.to_owned(),
+            pushed_at: at,
+            pushed_by: by.to_owned(),
+            files: files.to_vec(),
+        })
+    }
+
+    fn policy(&self, version: Option<u64>) -> Result<Option<Bundle>, StoreError> {
+        let db = lock(&self.reader);
+        let row = match version {
+            Some(v) => db
+                .query_row(
+                    "SELECT version, revision, pushed_at, pushed_by, files FROM policy WHERE version = ?1",
+                    [v as i64],
+                    Self::bundle_row,
+                )
+                .optional()?,
+            None => db
+                .query_row(
+                    "SELECT version, revision, pushed_at, pushed_by, files FROM policy ORDER BY version DESC LIMIT 1",
+                    [],
+                    Self::bundle_row,
+                )
+                .optional()?,
+        };
+        row.map(|(version, revision, pushed_at, pushed_by, files)| {
+            Ok(Bundle {
+                version,
+                revision,
+                pushed_at,
+                pushed_by,
+                files: serde_json::from_str(&files)
+                    .map_err(|e| StoreError::Corrupt(format!("policy version {version}: {e}")))?,
+            })
+        })
+        .transpose()
+    }
+
+    fn nodes_seen(&self, seen: &[NodeSeen]) -> Result<(), StoreError> {
+        let mut db = lock(&self.writer);
+        let tx = db.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO nodes (node, first_seen, last_seen, applied_version, applied_revision, agent_version, error)
+                 VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (node) DO UPDATE SET last_seen = ?2, applied_version = ?3,
+                     applied_revision = ?4, agent_version = ?5, error = ?6",
+            )?;
+            for s in seen {
+                st.execute(params![
+                    s.node,
+                    s.at,
+                    s.poll.applied_version.map(|v| v as i64),
+                    s.poll.applied_revision,
+                    s.poll.agent_version,
+                    s.poll.error
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
+        let db = lock(&self.reader);
+        let mut st = db.prepare(
+            "SELECT node, first_seen, last_seen, applied_version, applied_revision, agent_version, error
+             FROM nodes ORDER BY node",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(NodeInfo {
+                node: r.get(0)?,
+                first_seen: r.get(1)?,
+                last_seen: r.get(2)?,
+                applied_version: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                applied_revision: r.get(4)?,
+                agent_version: r.get(5)?,
+                error: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn ingest(&self, node: &str, epoch: u64, records: &[Reported]) -> Result<Ingested, StoreError> {
+        let mut db = lock(&self.writer);
+        let tx = db.transaction()?;
+        let mut out = Ingested::default();
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT OR IGNORE INTO flows (node, epoch, rid, kind, time, verdict, identity, dest, service, record, audit_seq, audit_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?;
+            for r in records {
+                let row = Row::of(epoch, r)?;
+                let n = st.execute(params![
+                    node,
+                    epoch as i64,
+                    row.rid,
+                    row.kind,
+                    row.time,
+                    row.verdict,
+                    row.identity,
+                    row.dest,
+                    row.service,
+                    row.text,
+                    row.audit_seq,
+                    row.audit_hash,
+                ])?;
+                if n == 1 {
+                    out.accepted += 1;
+                } else {
+                    out.duplicates += 1;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn flows(&self, q: &FlowQuery) -> Result<FlowPage, StoreError> {
+        let (sql, args, limit) = super::flows_sql(q, |n| format!("?{n}"));
+        let args = args.into_iter().map(|a| match a {
+            Arg::Text(t) => rusqlite::types::Value::Text(t),
+            Arg::Int(i) => rusqlite::types::Value::Integer(i),
+        });
+        let db = lock(&self.reader);
+        let mut st = db.prepare(&sql)?;
+        let rows = st
+            .query_map(rusqlite::params_from_iter(args), |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        super::flow_page(rows, limit)
+    }
+
+    fn heads(&self) -> Result<(u64, u64), StoreError> {
+        let db = lock(&self.reader);
+        let (v, g): (i64, i64) = db.query_row(
+            "SELECT (SELECT COALESCE(MAX(version), 0) FROM policy),
+                    (SELECT COALESCE(MAX(generation), 0) FROM revocations)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((v as u64, g as u64))
+    }
+
+    fn revoke(&self, identity: &str, by: &str) -> Result<u64, StoreError> {
+        let db = lock(&self.writer);
+        db.execute(
+            "INSERT OR IGNORE INTO revocations (identity, at, by) VALUES (?1, ?2, ?3)",
+            params![identity, now(), by],
+        )?;
+        Ok(db.query_row(
+            "SELECT COALESCE(MAX(generation), 0) FROM revocations",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
+    }
+
+    fn audit_chain(
+        &self,
+        node: &str,
+        check: &mut crate::control_plane::chain::ChainCheck,
+    ) -> Result<bool, StoreError> {
+        let db = Connection::open_with_flags(
+            &self.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        db.busy_timeout(std::time::Duration::from_secs(5))?;
+        let known: bool = db.query_row(
+            "SELECT EXISTS (SELECT 1 FROM nodes WHERE node = ?1) OR EXISTS (SELECT 1 FROM flows WHERE node = ?1)",
+            params![node],
+            |r| r.get(0),
+        )?;
+        if !known {
+            return Ok(false);
+        }
+        // Loss records first: the spans of seqs they name explain the gaps.
+        let mut st = db.prepare("SELECT record FROM flows WHERE node = ?1 AND kind = 'loss'")?;
+        let mut rows = st.query(params![node])?;
+        while let Some(row) = rows.next()? {
+            let text: String = row.get(0)?;
+            check.loss(&text);
+        }
+        let mut st = db.prepare(
+            "SELECT id, record FROM flows WHERE node = ?1 AND audit_seq IS NOT NULL
+             ORDER BY audit_seq, id",
+        )?;
+        let mut rows = st.query(params![node])?;
+        while let Some(row) = rows.next()? {
+            let id: i64 = row.get(0)?;
+            let text: String = row.get(1)?;
+            check.record(id as u64, &text);
+        }
+        // Records outside the chain (loss records of the spool and the outbox are, by
+        // design): the ones a chain's own loss records do not account for are suspect.
+        let unchained: i64 = db.query_row(
+            // Since the first chained record: what an earlier version sent is not suspect.
+            "SELECT COUNT(*) FROM flows WHERE node = ?1 AND audit_seq IS NULL AND kind != 'loss'
+             AND id > (SELECT MIN(id) FROM flows WHERE node = ?1 AND audit_seq IS NOT NULL)",
+            params![node],
+            |r| r.get(0),
+        )?;
+        check.unchained(unchained as u64);
+        Ok(true)
+    }
+
+    fn revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError> {
+        let db = lock(&self.reader);
+        let mut st =
+            db.prepare("SELECT identity, generation, at, by FROM revocations ORDER BY generation")?;
+        let all: Vec<Revocation> = st
+            .query_map([], |r| {
+                Ok(Revocation {
+                    identity: r.get(0)?,
+                    generation: r.get::<_, i64>(1)? as u64,
+                    at: r.get(2)?,
+                    by: r.get(3)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok((all.last().map_or(0, |r| r.generation), all))
+    }
+}

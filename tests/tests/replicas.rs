@@ -1,0 +1,341 @@
+//! Control-plane replicas on one PostgreSQL: real server processes over real TLS on
+//! loopback, a real PostgreSQL (the one `cargo xtask test` starts), and the real node
+//! enforcing what any replica was given.
+
+use std::time::Duration;
+
+use agentwall_tests::{
+    cp::{CpFixture, CpProc, NODE_ID, admin_creds, cp, cp_json},
+    node::{
+        NodeProc, SUPPORT_ID, SUPPORT_POLICY, audit_records, eventually, launch_probe,
+        loopback_addr, metric, scrape, setup, status_json, wait_status, write_cert,
+    },
+    pki::CertSpec,
+};
+
+const ID: &str = SUPPORT_ID;
+
+const POLICY_B: &str = "\
+kind: AgentPolicy
+name: support
+identity: spiffe://example.org/agent/support
+egress:
+  - to: [198.51.100.0/24]
+    ports: [443]
+    protocol: tcp
+";
+
+/// Pushes `text` through the replica at `url` with the admin's certificate; the revision.
+fn push(fx: &CpFixture, url: &str, name: &str, text: &str) -> String {
+    let d = fx.dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("agents.yaml"), text).unwrap();
+    let admin = admin_creds(fx);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let r = cp_json(fx, url, &admin, &["policy", "push", d.to_str().unwrap()]);
+    r["revision"].as_str().unwrap().to_owned()
+}
+
+fn security(fx: &CpFixture) -> Vec<String> {
+    vec![
+        "--token-file".into(),
+        fx.security_token.display().to_string(),
+    ]
+}
+
+/// Stored records of `ID` with `verdict`, every page, read through `url`.
+fn stored(fx: &CpFixture, url: &str, verdict: &str) -> Vec<serde_json::Value> {
+    let sec = security(fx);
+    let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
+    let all = cp_json(
+        fx,
+        url,
+        &sec,
+        &[
+            "flows",
+            "--verdict",
+            verdict,
+            "--identity",
+            ID,
+            "--all",
+            "--limit",
+            "1000",
+        ],
+    );
+    all["flows"].as_array().unwrap().clone()
+}
+
+fn args<'a>(flags: &'a [String], extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v: Vec<&str> = flags.iter().map(String::as_str).collect();
+    v.extend_from_slice(extra);
+    v
+}
+
+/// A push and a revocation given to replica A reach a node that polls only replica B; what
+/// the node reports to B, security reads through A.
+#[test]
+fn a_push_and_a_revocation_through_one_replica_are_enforced_by_a_node_on_another() {
+    let (env, tmp, ca) = setup("cp-replicas", SUPPORT_POLICY);
+    let dir = tmp.path();
+    let fx = CpFixture::on(dir, true);
+    let a = CpProc::start_named(&fx, None, "cp-a");
+    let b = CpProc::start_named(&fx, None, "cp-b");
+    let flags = fx.node_flags(&b.url);
+    let node = NodeProc::start_with(&env, dir, &args(&flags, &[]));
+    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+
+    let rev1 = push(&fx, &a.url, "v1", SUPPORT_POLICY);
+    wait_status(&node.socket, "version 1 applied from replica B", |s| {
+        s["revision"] == rev1.as_str()
+    });
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    assert_eq!(probe.cmd("connect tcp 198.51.100.10 443"), "err EPERM");
+
+    // Reported to B, read through A.
+    let denial = eventually(
+        "the denial, read through A",
+        Duration::from_secs(10),
+        || {
+            stored(&fx, &a.url, "deny")
+                .into_iter()
+                .next()
+                .ok_or_else(|| "no denial yet".to_owned())
+        },
+    );
+    assert_eq!(denial["node"], NODE_ID);
+    assert_eq!(denial["record"]["dest"], "198.51.100.10");
+    let sec = security(&fx);
+    let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
+    let nodes = eventually(
+        "B's note of the node, read through A",
+        Duration::from_secs(10),
+        || {
+            let n = cp_json(&fx, &a.url, &sec, &["nodes"]);
+            if n[0]["applied_version"] == 1 {
+                Ok(n)
+            } else {
+                Err(n.to_string())
+            }
+        },
+    );
+    assert_eq!(nodes[0]["node"], NODE_ID);
+
+    // The next push, through B this time, then through A again: the node follows each.
+    let rev2 = push(&fx, &b.url, "v2", POLICY_B);
+    wait_status(&node.socket, "version 2 applied", |s| {
+        s["revision"] == rev2.as_str()
+    });
+    assert_eq!(
+        probe.cmd("connect tcp 198.51.100.10 443"),
+        "err ENETUNREACH"
+    );
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+    let rev3 = push(&fx, &a.url, "v3", SUPPORT_POLICY);
+    wait_status(&node.socket, "version 3 applied", |s| {
+        s["revision"] == rev3.as_str()
+    });
+    let shown = cp_json(&fx, &b.url, &sec, &["policy", "show"]);
+    assert_eq!(
+        (shown["version"].as_u64(), shown["revision"].as_str()),
+        (Some(3), Some(rev3.as_str())),
+        "{shown}"
+    );
+
+    // Revoked through A: the node on B denies the identity everything.
+    let admin = admin_creds(&fx);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let out = cp(&fx, &a.url, &admin, &["revoke", ID]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_status(&node.socket, "the revocation applied", |s| {
+        s["revoked"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|x| x == ID))
+    });
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+    assert_eq!(
+        status_json(&node.socket)["control_plane"]["url"],
+        b.url.as_str()
+    );
+}
+
+/// The replica a node reports to is killed under a stream of denials: the node moves to the
+/// next URL, and every denial is stored once, none lost, none twice; the chain the
+/// control plane holds of the node's audit log is whole.
+#[test]
+fn a_replica_killed_under_a_stream_of_denials_loses_and_doubles_nothing() {
+    let (env, tmp, ca) = setup("cp-failover", SUPPORT_POLICY);
+    let dir = tmp.path();
+    let fx = CpFixture::on(dir, true);
+    let a = CpProc::start_named(&fx, None, "cp-a");
+    let b = CpProc::start_named(&fx, None, "cp-b");
+    let (a_url, b_url) = (a.url.clone(), b.url.clone());
+    let flags = fx.node_flags_for(&[&b_url, &a_url]);
+    let audit = dir.join("audit.jsonl");
+    let metrics = loopback_addr();
+    let m = metrics.to_string();
+    let node = NodeProc::start_with(
+        &env,
+        dir,
+        &args(
+            &flags,
+            &[
+                "--aggregate-window-secs",
+                "0",
+                "--audit-log",
+                audit.to_str().unwrap(),
+                "--metrics-listen",
+                &m,
+            ],
+        ),
+    );
+    let rev = push(&fx, &a_url, "v1", SUPPORT_POLICY);
+    wait_status(&node.socket, "policy applied", |s| {
+        s["revision"] == rev.as_str()
+    });
+    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(
+        status_json(&node.socket)["control_plane"]["url"],
+        b_url.as_str()
+    );
+
+    // Distinct denials before B dies, while batches of them may be on their way to B
+    // (SIGKILL: one may be stored without its answer reaching the node), and after.
+    assert_eq!(
+        probe.cmd("sweep tcp 203.0.113.5 1000 1399"),
+        "eperm=400 other=0"
+    );
+    drop(b);
+    assert_eq!(
+        probe.cmd("sweep tcp 203.0.113.5 1400 1799"),
+        "eperm=400 other=0"
+    );
+
+    let got = eventually(
+        "all 800 denials, through A",
+        Duration::from_secs(180),
+        || {
+            let s = stored(&fx, &a_url, "deny");
+            if s.len() >= 800 {
+                Ok(s)
+            } else {
+                Err(format!("{} so far", s.len()))
+            }
+        },
+    );
+    let mut ports: Vec<u64> = got
+        .iter()
+        .map(|f| f["record"]["port"].as_u64().unwrap())
+        .collect();
+    ports.sort_unstable();
+    assert_eq!(
+        ports,
+        (1000..1800).collect::<Vec<u64>>(),
+        "each denial exactly once"
+    );
+    let mut logged: Vec<u64> = audit_records(&audit)
+        .into_iter()
+        .filter(|r| r["kind"] == "decision" && r["verdict"] == "deny" && r["identity"] == ID)
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    let mut sent: Vec<u64> = got
+        .iter()
+        .map(|f| f["record"]["seq"].as_u64().unwrap())
+        .collect();
+    logged.sort_unstable();
+    sent.sort_unstable();
+    assert_eq!(sent, logged);
+    let s = eventually("the spool drained", Duration::from_secs(30), || {
+        let s = scrape(metrics);
+        if metric(&s, "agentwall_control_plane_spool_records", &[]) == 0.0 {
+            Ok(s)
+        } else {
+            Err("not yet".into())
+        }
+    });
+    assert_eq!(
+        metric(&s, "agentwall_control_plane_records_lost_total", &[]),
+        0.0
+    );
+    assert_eq!(metric(&s, "agentwall_control_plane_connected", &[]), 1.0);
+    assert_eq!(
+        status_json(&node.socket)["control_plane"]["url"],
+        a_url.as_str()
+    );
+
+    // The chain held of the node's log: whole, each record once.
+    let sec = security(&fx);
+    let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
+    let chain = eventually("the chain whole", Duration::from_secs(30), || {
+        let c = cp_json(&fx, &a_url, &sec, &["audit", "verify", "--node", NODE_ID]);
+        if c["intact"] == true {
+            Ok(c)
+        } else {
+            Err(c.to_string())
+        }
+    });
+    assert!(chain["records"].as_u64().unwrap() >= 800, "{chain}");
+    assert_eq!(
+        (chain["missing"].as_u64(), chain["unchained"].as_u64()),
+        (Some(0), Some(0)),
+        "{chain}"
+    );
+}
+
+/// Replicas started at once on an empty database: one migrates it, all serve.
+#[test]
+fn replicas_started_at_once_on_an_empty_database_all_serve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::on(tmp.path(), true);
+    let replicas: Vec<CpProc> = std::thread::scope(|t| {
+        let all: Vec<_> = (0..3)
+            .map(|i| {
+                let fx = &fx;
+                t.spawn(move || CpProc::start_named(fx, None, &format!("cp-{i}")))
+            })
+            .collect();
+        all.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let rev = push(&fx, &replicas[2].url, "v1", SUPPORT_POLICY);
+    let sec = security(&fx);
+    let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
+    for r in &replicas {
+        let p = cp_json(&fx, &r.url, &sec, &["policy", "show"]);
+        assert_eq!(p["revision"], rev.as_str(), "{p}");
+    }
+    let migrated: usize = replicas
+        .iter()
+        .map(|r| r.log_text().matches("database schema migrated").count())
+        .sum();
+    assert_eq!(migrated, 1, "the schema is migrated once");
+}
+
+/// A replica that cannot reach the database refuses to start and says why, without the
+/// password.
+#[test]
+fn a_replica_without_its_database_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::on(tmp.path(), false);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = std::fs::read_to_string(&fx.config).unwrap().replace(
+        "database = \"db/cp.db\"",
+        &format!("database = \"postgres://cp:hunter2@127.0.0.1:{port}/agentwall\""),
+    );
+    std::fs::write(&fx.config, text).unwrap();
+    let said = CpProc::start_refused(&fx);
+    assert!(
+        said.contains(&format!(
+            "database postgres://cp:***@127.0.0.1:{port}/agentwall"
+        )) && !said.contains("hunter2"),
+        "{said}"
+    );
+}
