@@ -90,6 +90,8 @@ impl CpFixture {
             &config,
             format!(
                 r#"listen = "127.0.0.1:0"
+# The tests' records carry fixed times (2026).
+retention_days = 3650
 cert = "server.pem"
 key = "server.key"
 client_ca = ["cp-ca.pem"]

@@ -336,7 +336,8 @@ fn reports_are_stored_once_and_read_back_by_filter_page_and_node() {
         first,
         Ingested {
             accepted: 10,
-            duplicates: 0
+            duplicates: 0,
+            expired: 0
         }
     );
     // The same batch again (a node that never saw the answer) is stored once.
@@ -345,7 +346,8 @@ fn reports_are_stored_once_and_read_back_by_filter_page_and_node() {
         again,
         Ingested {
             accepted: 0,
-            duplicates: 10
+            duplicates: 10,
+            expired: 0
         }
     );
     let b2 = batch(

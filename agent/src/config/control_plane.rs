@@ -89,6 +89,15 @@ pub struct ServerConfig {
     /// is.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// Days stored records are kept, by their `time` (1 to 3,650; default 90). Older ones
+    /// are removed in the background without holding up reports, and a record already older
+    /// when it arrives is not stored (counted as expired).
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+    /// Most bytes the stored records may take in the database; the oldest go first past it.
+    /// Default: no limit but `retention_days`.
+    #[serde(default)]
+    pub retention_max_bytes: Option<u64>,
     /// Longest a node's long-poll is held, in seconds (default 25).
     #[serde(default)]
     pub poll_timeout_secs: Option<u64>,
@@ -242,6 +251,10 @@ pub fn redact_url(url: &str) -> String {
     format!("{scheme}://{authority}{tail}")
 }
 
+fn default_retention_days() -> u32 {
+    90
+}
+
 fn default_listen() -> std::net::SocketAddr {
     ([127, 0, 0, 1], 8443).into()
 }
@@ -316,6 +329,17 @@ impl ServerConfig {
             }
         }
         c.check_database().map_err(invalid)?;
+        if !(1..=3650).contains(&c.retention_days) {
+            return Err(invalid(format!(
+                "retention_days is {}; it is 1 to 3650",
+                c.retention_days
+            )));
+        }
+        if c.retention_max_bytes == Some(0) {
+            return Err(invalid(
+                "retention_max_bytes must be at least 1 (leave it out for no limit)".into(),
+            ));
+        }
         if !c.client_crl.is_empty() && c.client_ca.is_empty() {
             return Err(invalid(
                 "client_crl is set but client_ca is empty: there are no client certificates to check".into(),
@@ -427,6 +451,14 @@ impl ServerConfig {
                 Some(name.into())
             }
             Database::Postgres(_) => None,
+        }
+    }
+
+    /// What the server keeps of stored records.
+    pub fn retention(&self) -> crate::control_plane::store::Retention {
+        crate::control_plane::store::Retention {
+            days: self.retention_days,
+            max_bytes: self.retention_max_bytes,
         }
     }
 

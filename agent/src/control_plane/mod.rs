@@ -250,6 +250,9 @@ pub struct Reported {
 pub struct Ingested {
     pub accepted: u64,
     pub duplicates: u64,
+    /// Records older than the control plane's retention when they arrived: not stored.
+    #[serde(default)]
+    pub expired: u64,
 }
 
 /// A node as the control plane knows it.

@@ -293,6 +293,11 @@ struct Stats {
     polls_held: std::sync::atomic::AtomicU64,
     crl_reloads: std::sync::atomic::AtomicU64,
     crl_reload_failures: std::sync::atomic::AtomicU64,
+    /// Records past `retention_days`: not stored when they arrived so, or removed since.
+    records_expired: std::sync::atomic::AtomicU64,
+    /// Records removed to stay under `retention_max_bytes`.
+    records_over_size: std::sync::atomic::AtomicU64,
+    retention_failures: std::sync::atomic::AtomicU64,
 }
 
 impl Stats {
@@ -1360,6 +1365,24 @@ async fn get_metrics(State(s): S) -> Response {
             "Times changed client CRL files could not be read (the last good CRLs stay in force).",
             st.crl_reload_failures.load(Ordering::Relaxed),
         ),
+        (
+            "agentwall_cp_records_expired_total",
+            "counter",
+            "Records past retention_days, by this process: not stored when they arrived so, or removed since.",
+            st.records_expired.load(Ordering::Relaxed),
+        ),
+        (
+            "agentwall_cp_records_over_size_total",
+            "counter",
+            "Records removed, by this process, to stay under retention_max_bytes.",
+            st.records_over_size.load(Ordering::Relaxed),
+        ),
+        (
+            "agentwall_cp_retention_failures_total",
+            "counter",
+            "Retention passes that failed (retried a minute later).",
+            st.retention_failures.load(Ordering::Relaxed),
+        ),
     ] {
         let _ = writeln!(
             out,
@@ -1612,7 +1635,10 @@ async fn store_reports(
         Refused::Plain(f)
     })?;
     tracing::debug!(node = %who.name, records = n, bytes, accepted = ingested.accepted,
-        duplicates = ingested.duplicates, "reports ingested");
+        duplicates = ingested.duplicates, expired = ingested.expired, "reports ingested");
+    s.stats
+        .records_expired
+        .fetch_add(ingested.expired, Ordering::Relaxed);
     Ok(ingested)
 }
 
@@ -1800,6 +1826,9 @@ fn tls_config(
 /// Longest a replica serves an older bundle or revocation list than the database holds,
 /// should an announcement of a change be missed.
 const CATCH_UP: Duration = Duration::from_secs(10);
+
+/// How often records past the retention are looked for.
+const RETAIN_EVERY: Duration = Duration::from_secs(60);
 
 /// How often changed CRL files are looked for.
 const CRL_CHECK: Duration = Duration::from_secs(1);
@@ -2021,6 +2050,41 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
                 let s = server.clone();
                 if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.flush_seen()).await {
                     error!(error = %e, "recording node polls failed");
+                }
+            }
+        });
+    }
+    {
+        // Retention, a little at a time, off the request path.
+        let server = server.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RETAIN_EVERY);
+            loop {
+                tick.tick().await;
+                let s = server.clone();
+                let today = super::store::today();
+                match tokio::task::spawn_blocking(move || s.store.retain(today)).await {
+                    Ok(Ok(r)) => {
+                        let st = &server.stats;
+                        st.records_expired.fetch_add(r.expired, Ordering::Relaxed);
+                        st.records_over_size
+                            .fetch_add(r.over_size, Ordering::Relaxed);
+                        if r != super::store::Retained::default() {
+                            info!(
+                                expired = r.expired,
+                                over_size = r.over_size,
+                                "stored records past the retention removed"
+                            );
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        server
+                            .stats
+                            .retention_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                        error!(error = %e, "removing records past the retention failed; retried in a minute");
+                    }
+                    Err(e) => error!(error = %e, "retention panicked"),
                 }
             }
         });

@@ -65,9 +65,17 @@ pub trait Store: Send + Sync {
     /// Notes nodes' polls: last seen, applied revision, version, error.
     fn nodes_seen(&self, seen: &[NodeSeen]) -> Result<(), StoreError>;
     fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError>;
-    /// Stores reported records; ones already stored (same node, epoch, rid) are skipped.
+    /// Stores reported records; ones already stored (same node, epoch, rid) are skipped, and
+    /// ones older than the retention are not stored (counted as expired).
     fn ingest(&self, node: &str, epoch: u64, records: &[Reported]) -> Result<Ingested, StoreError>;
+    /// Removes what the retention no longer keeps, as of `today`: records filed under an
+    /// earlier day than `retention_days` before, then the oldest past `retention_max_bytes`.
+    /// Done a little at a time: reports are stored meanwhile.
+    fn retain(&self, today: time::Date) -> Result<Retained, StoreError>;
     fn flows(&self, q: &FlowQuery) -> Result<FlowPage, StoreError>;
+    /// How the database runs the flows query `q` (its plan, one step a line): which index
+    /// each filter uses.
+    fn explain_flows(&self, q: &FlowQuery) -> Result<String, StoreError>;
     /// Revokes an identity fleet-wide; returns the new revocation generation (unchanged when
     /// it was already revoked).
     fn revoke(&self, identity: &str, by: &str) -> Result<u64, StoreError>;
@@ -89,6 +97,61 @@ pub trait Store: Send + Sync {
     }
 }
 
+/// What is kept of stored records (`retention_days`, `retention_max_bytes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    pub days: u32,
+    pub max_bytes: Option<u64>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            days: 90,
+            max_bytes: None,
+        }
+    }
+}
+
+/// What one pass of [`Store::retain`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retained {
+    /// Records filed under days past the retention.
+    pub expired: u64,
+    /// Records removed, oldest first, to keep under `retention_max_bytes`.
+    pub over_size: u64,
+}
+
+/// Today (UTC), as records are filed.
+pub fn today() -> time::Date {
+    time::OffsetDateTime::now_utc().date()
+}
+
+/// The day a record is filed under, which retention goes by: the day of its `time`; a
+/// record with no readable time, or one from more than a day ahead (a clock far off), is
+/// filed under `today` (or tomorrow). None: older than the retention, not stored. A record
+/// sent again (a node retrying) is filed under the same day as before, so the two are one.
+fn file_day(time: &str, today: time::Date, r: &Retention) -> Option<time::Date> {
+    let tomorrow = today.next_day().unwrap_or(today);
+    let first = today
+        .checked_sub(time::Duration::days(i64::from(r.days)))
+        .unwrap_or(time::Date::MIN);
+    match time.get(..10).and_then(|d| time::Date::parse(d, DAY).ok()) {
+        None => Some(today),
+        Some(d) if d < first => None,
+        Some(d) if d > tomorrow => Some(tomorrow),
+        Some(d) => Some(d),
+    }
+}
+
+/// How days are written (and partitions named after them).
+const DAY: &[time::format_description::BorrowedFormatItem<'static>] =
+    time::macros::format_description!("[year]-[month]-[day]");
+
+fn day_text(d: time::Date) -> String {
+    d.format(DAY).expect("dates format")
+}
+
 /// Opens the database `cfg` names, migrating its schema. Blocks: call it off the async
 /// runtime's workers.
 pub fn open(
@@ -96,11 +159,12 @@ pub fn open(
 ) -> Result<Box<dyn Store>, StoreError> {
     use crate::config::control_plane::Database;
     Ok(match &cfg.database {
-        Database::Sqlite(path) => Box::new(SqliteStore::open(path)?),
+        Database::Sqlite(path) => Box::new(SqliteStore::open(path, cfg.retention())?),
         Database::Postgres(url) => Box::new(PgStore::open(&PgOptions {
             url: url.clone(),
             password_file: cfg.database_password_file.clone(),
             ca: cfg.database_ca.clone(),
+            retention: cfg.retention(),
         })?),
     })
 }
@@ -145,10 +209,18 @@ struct Row<'a> {
     audit_seq: Option<i64>,
     /// Set only when the hash is the record's own.
     audit_hash: Option<Cow<'a, str>>,
+    /// The day it is filed under ([`file_day`]), written as text.
+    day: String,
 }
 
 impl<'a> Row<'a> {
-    fn of(epoch: u64, r: &'a Reported) -> Result<Self, StoreError> {
+    /// The record as stored; None when it is older than the retention.
+    fn of(
+        epoch: u64,
+        r: &'a Reported,
+        today: time::Date,
+        retention: &Retention,
+    ) -> Result<Option<Self>, StoreError> {
         let text = r.record.get();
         let ix: Indexed<'a> = serde_json::from_str(text)
             .map_err(|e| StoreError::Corrupt(format!("record {} of epoch {epoch}: {e}", r.rid)))?;
@@ -167,10 +239,14 @@ impl<'a> Row<'a> {
             Some((seq, hash)) => (Some(seq), own_hash.then_some(hash)),
             None => (None, None),
         };
-        Ok(Row {
+        let time = ix.time.unwrap_or_default();
+        let Some(day) = file_day(&time, today, retention) else {
+            return Ok(None);
+        };
+        Ok(Some(Row {
             rid: r.rid as i64,
             kind: ix.kind.unwrap_or(Cow::Borrowed("decision")),
-            time: ix.time.unwrap_or_default(),
+            time,
             verdict: ix.verdict,
             identity: ix.identity,
             dest: ix
@@ -182,7 +258,8 @@ impl<'a> Row<'a> {
             text,
             audit_seq,
             audit_hash,
-        })
+            day: day_text(day),
+        }))
     }
 }
 

@@ -25,6 +25,7 @@ pub struct PgOptions {
     pub url: String,
     pub password_file: Option<PathBuf>,
     pub ca: Option<PathBuf>,
+    pub retention: super::Retention,
 }
 
 /// The channel pushes and revocations are announced on.
@@ -38,10 +39,15 @@ const LOCKS: i32 = 0x6177_6c6c; // "awll"
 const SCHEMA_LOCK: i32 = 1;
 const POLICY_LOCK: i32 = 2;
 const REVOKE_LOCK: i32 = 3;
+const PARTITION_LOCK: i32 = 4;
+const RETAIN_LOCK: i32 = 5;
 
 /// Connections each replica holds at most.
 const POOL_SIZE: usize = 16;
 
+/// Records are kept in one partition of `flows` per day they are filed under
+/// ([`super::file_day`]): retention drops whole partitions, which costs the reports stored
+/// meanwhile nothing. The unique keys hold the day, which a record sent again has too.
 /// Versioned schema: migration `i` takes a database from version `i` to `i + 1` (kept in
 /// `agentwall_schema`). Never edit one that has shipped; add the next.
 const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
@@ -60,8 +66,10 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
         agent_version TEXT,
         error TEXT
     );
+    CREATE SEQUENCE flows_ids;
     CREATE TABLE flows (
-        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id BIGINT NOT NULL DEFAULT nextval('flows_ids'),
+        day DATE NOT NULL,
         node TEXT NOT NULL,
         epoch BIGINT NOT NULL,
         rid BIGINT NOT NULL,
@@ -74,11 +82,17 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
         record TEXT NOT NULL,
         audit_seq BIGINT,
         audit_hash TEXT,
-        UNIQUE (node, epoch, rid)
-    );
+        UNIQUE (node, epoch, rid, day)
+    ) PARTITION BY RANGE (day);
+    CREATE INDEX flows_id ON flows (id);
     CREATE INDEX flows_time ON flows (time);
-    CREATE UNIQUE INDEX flows_audit_hash ON flows (node, audit_hash) WHERE audit_hash IS NOT NULL;
+    CREATE UNIQUE INDEX flows_audit_hash ON flows (node, audit_hash, day) WHERE audit_hash IS NOT NULL;
     CREATE INDEX flows_audit_seq ON flows (node, audit_seq) WHERE audit_seq IS NOT NULL;
+    CREATE INDEX flows_node_id ON flows (node, id);
+    CREATE INDEX flows_identity_id ON flows (identity, id);
+    CREATE INDEX flows_dest_id ON flows (dest, id);
+    CREATE INDEX flows_service_id ON flows (service, id);
+    CREATE INDEX flows_tagged ON flows (id) WHERE service IS NOT NULL;
     CREATE TABLE revocations (
         generation BIGINT PRIMARY KEY,
         identity TEXT NOT NULL UNIQUE,
@@ -92,6 +106,9 @@ pub struct PgStore {
     rt: Option<tokio::runtime::Runtime>,
     pool: Pool,
     changes: tokio::sync::watch::Receiver<u64>,
+    retention: super::Retention,
+    /// The days whose partition this process made or saw.
+    partitions: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Drop for PgStore {
@@ -193,6 +210,8 @@ impl PgStore {
             rt: Some(rt),
             pool,
             changes,
+            retention: o.retention,
+            partitions: std::sync::Mutex::default(),
         };
         store.block(store.migrate(&what)).map_err(|e| match e {
             e @ StoreError::TooNew { .. } => e,
@@ -249,6 +268,122 @@ impl PgStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// The partition of `flows` that holds the records filed under `day` (`YYYY-MM-DD`).
+fn partition(day: &str) -> String {
+    format!("flows_d{}", day.replace('-', ""))
+}
+
+/// The day a partition's name says.
+fn partition_day(name: &str) -> Option<time::Date> {
+    let d = name.strip_prefix("flows_d")?;
+    let text = format!("{}-{}-{}", d.get(..4)?, d.get(4..6)?, d.get(6..)?);
+    time::Date::parse(&text, super::DAY).ok()
+}
+
+impl PgStore {
+    /// Makes the partitions of `days` that this process has not seen (all of them with
+    /// `again`), one replica at a time.
+    async fn partitions_for(
+        &self,
+        c: &mut deadpool_postgres::Object,
+        days: &std::collections::BTreeSet<String>,
+        again: bool,
+    ) -> Result<(), StoreError> {
+        let missing: Vec<&String> = {
+            let known = self.partitions.lock().expect("partitions");
+            days.iter()
+                .filter(|d| again || !known.contains(*d))
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let tx = c.transaction().await?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, $2)",
+            &[&LOCKS, &PARTITION_LOCK],
+        )
+        .await?;
+        for day in &missing {
+            let d = time::Date::parse(day, super::DAY)
+                .map_err(|e| StoreError::Corrupt(format!("day {day}: {e}")))?;
+            let next = super::day_text(d.next_day().unwrap_or(d));
+            tx.batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {} PARTITION OF flows FOR VALUES FROM ('{day}') TO ('{next}')",
+                partition(day)
+            ))
+            .await?;
+        }
+        tx.commit().await?;
+        self.partitions
+            .lock()
+            .expect("partitions")
+            .extend(missing.into_iter().cloned());
+        Ok(())
+    }
+
+    /// The partitions of `flows`, oldest first: (name, day).
+    async fn partitions(
+        &self,
+        c: &deadpool_postgres::Object,
+    ) -> Result<Vec<(String, time::Date)>, StoreError> {
+        let rows = c
+            .query(
+                "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                 WHERE i.inhparent = 'flows'::regclass",
+                &[],
+            )
+            .await?;
+        let mut all: Vec<(String, time::Date)> = rows
+            .iter()
+            .filter_map(|r| {
+                let name: String = r.get(0);
+                partition_day(&name).map(|d| (name, d))
+            })
+            .collect();
+        all.sort_by_key(|(_, d)| *d);
+        Ok(all)
+    }
+
+    /// Detaches and drops `name`; the records it held.
+    async fn drop_partition(
+        &self,
+        c: &deadpool_postgres::Object,
+        name: &str,
+    ) -> Result<u64, StoreError> {
+        let n: i64 = c
+            .query_one(&format!("SELECT COUNT(*) FROM {name}"), &[])
+            .await?
+            .get(0);
+        // Concurrently: reports stored meanwhile are not held up. A detach cut short before
+        // (a crash) is finished first.
+        if let Err(e) = c
+            .batch_execute(&format!(
+                "ALTER TABLE flows DETACH PARTITION {name} CONCURRENTLY"
+            ))
+            .await
+        {
+            if e.code() != Some(&tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE)
+            {
+                return Err(e.into());
+            }
+            c.batch_execute(&format!(
+                "ALTER TABLE flows DETACH PARTITION {name} FINALIZE"
+            ))
+            .await?;
+        }
+        c.batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
+            .await?;
+        if let Some(d) = partition_day(name) {
+            self.partitions
+                .lock()
+                .expect("partitions")
+                .remove(&super::day_text(d));
+        }
+        Ok(n as u64)
     }
 }
 
@@ -351,6 +486,17 @@ fn text(s: &str) -> String {
 
 fn opt_text<S: AsRef<str>>(s: &Option<S>) -> Option<String> {
     s.as_ref().map(|s| text(s.as_ref()))
+}
+
+fn values(args: Vec<Arg>) -> Vec<Box<dyn ToSql + Sync + Send>> {
+    args.into_iter()
+        .map(|a| -> Box<dyn ToSql + Sync + Send> {
+            match a {
+                Arg::Text(t) => Box::new(text(&t)),
+                Arg::Int(i) => Box::new(i),
+            }
+        })
+        .collect()
 }
 
 impl Store for PgStore {
@@ -508,10 +654,21 @@ impl Store for PgStore {
     }
 
     fn ingest(&self, node: &str, epoch: u64, records: &[Reported]) -> Result<Ingested, StoreError> {
-        let rows = records
-            .iter()
-            .map(|r| Row::of(epoch, r))
-            .collect::<Result<Vec<_>, _>>()?;
+        let today = super::today();
+        let mut rows = Vec::with_capacity(records.len());
+        for r in records {
+            if let Some(row) = Row::of(epoch, r, today, &self.retention)? {
+                rows.push(row);
+            }
+        }
+        let expired = (records.len() - rows.len()) as u64;
+        if rows.is_empty() {
+            return Ok(Ingested {
+                expired,
+                ..Ingested::default()
+            });
+        }
+        let days: std::collections::BTreeSet<String> = rows.iter().map(|r| r.day.clone()).collect();
         // One statement over arrays: the whole batch in one round trip and one transaction.
         let rid: Vec<i64> = rows.iter().map(|r| r.rid).collect();
         let kind: Vec<String> = rows.iter().map(|r| text(&r.kind)).collect();
@@ -523,44 +680,127 @@ impl Store for PgStore {
         let record: Vec<&str> = rows.iter().map(|r| r.text).collect();
         let seq: Vec<Option<i64>> = rows.iter().map(|r| r.audit_seq).collect();
         let hash: Vec<Option<String>> = rows.iter().map(|r| opt_text(&r.audit_hash)).collect();
+        let day: Vec<&str> = rows.iter().map(|r| r.day.as_str()).collect();
         let (node, epoch) = (text(node), epoch as i64);
         let accepted = self.block(async {
-            let c = self.client().await?;
+            let mut c = self.client().await?;
+            self.partitions_for(&mut c, &days, false).await?;
             let st = c
                 .prepare_cached(
-                    "INSERT INTO flows (node, epoch, rid, kind, time, verdict, identity, dest, service, record, audit_seq, audit_hash)
-                     SELECT $1, $2, rid, kind, time, verdict, identity, dest, service, record, seq, hash
+                    "INSERT INTO flows (node, epoch, rid, kind, time, verdict, identity, dest, service, record, audit_seq, audit_hash, day)
+                     SELECT $1, $2, rid, kind, time, verdict, identity, dest, service, record, seq, hash, day::date
                      FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
-                                 $9::text[], $10::text[], $11::bigint[], $12::text[])
-                         WITH ORDINALITY AS u(rid, kind, time, verdict, identity, dest, service, record, seq, hash, i)
+                                 $9::text[], $10::text[], $11::bigint[], $12::text[], $13::text[])
+                         WITH ORDINALITY AS u(rid, kind, time, verdict, identity, dest, service, record, seq, hash, day, i)
                      ORDER BY i
                      ON CONFLICT DO NOTHING
                      RETURNING 1",
                 )
                 .await?;
-            let params: [&(dyn ToSql + Sync); 12] = [
+            let params: [&(dyn ToSql + Sync); 13] = [
                 &node, &epoch, &rid, &kind, &time, &verdict, &identity, &dest, &service, &record,
-                &seq, &hash,
+                &seq, &hash, &day,
             ];
-            Ok::<_, StoreError>(c.query(&st, &params).await?.len() as u64)
+            match c.query(&st, &params).await {
+                Ok(rows) => Ok::<_, StoreError>(rows.len() as u64),
+                // A partition another replica's retention dropped (their clocks differ):
+                // made again, once.
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) => {
+                    self.partitions_for(&mut c, &days, true).await?;
+                    Ok(c.query(&st, &params).await?.len() as u64)
+                }
+                Err(e) => Err(e.into()),
+            }
         })?;
         Ok(Ingested {
             accepted,
-            duplicates: records.len() as u64 - accepted,
+            duplicates: rows.len() as u64 - accepted,
+            expired,
         })
+    }
+
+    fn retain(&self, today: time::Date) -> Result<super::Retained, StoreError> {
+        let first = today
+            .checked_sub(time::Duration::days(i64::from(self.retention.days)))
+            .unwrap_or(time::Date::MIN);
+        self.block(async {
+            let mut c = self.client().await?;
+            let mut out = super::Retained::default();
+            // Today's and tomorrow's partitions ahead of the reports that need them.
+            let ahead: std::collections::BTreeSet<String> =
+                [today, today.next_day().unwrap_or(today)]
+                    .into_iter()
+                    .map(super::day_text)
+                    .collect();
+            self.partitions_for(&mut c, &ahead, false).await?;
+            // One replica at a time; the others find nothing left to do.
+            let locked: bool = c
+                .query_one(
+                    "SELECT pg_try_advisory_lock($1, $2)",
+                    &[&LOCKS, &RETAIN_LOCK],
+                )
+                .await?
+                .get(0);
+            if !locked {
+                return Ok(out);
+            }
+            let r = async {
+                let all = self.partitions(&c).await?;
+                for (name, _) in all.iter().filter(|(_, d)| *d < first) {
+                    out.expired += self.drop_partition(&c, name).await?;
+                }
+                if let Some(max) = self.retention.max_bytes {
+                    let mut kept: Vec<(String, time::Date, u64)> = Vec::new();
+                    for (name, day) in all.into_iter().filter(|(_, d)| *d >= first) {
+                        let size: i64 = c
+                            .query_one(
+                                "SELECT pg_total_relation_size($1::text::regclass)",
+                                &[&name],
+                            )
+                            .await?
+                            .get(0);
+                        kept.push((name, day, size as u64));
+                    }
+                    let mut total: u64 = kept.iter().map(|(_, _, s)| s).sum();
+                    // Whole days, oldest first; never today's or a later one.
+                    for (name, day, size) in &kept {
+                        if total <= max || *day >= today {
+                            break;
+                        }
+                        out.over_size += self.drop_partition(&c, name).await?;
+                        total -= size;
+                    }
+                }
+                Ok::<_, StoreError>(())
+            }
+            .await;
+            c.execute("SELECT pg_advisory_unlock($1, $2)", &[&LOCKS, &RETAIN_LOCK])
+                .await?;
+            r.map(|()| out)
+        })
+    }
+
+    fn explain_flows(&self, q: &FlowQuery) -> Result<String, StoreError> {
+        let (sql, args, _) = super::flows_sql(q, |n| format!("${n}"));
+        let args = values(args);
+        let rows = self.block(async {
+            let c = self.client().await?;
+            let params: Vec<&(dyn ToSql + Sync)> = args
+                .iter()
+                .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+                .collect();
+            Ok::<_, StoreError>(c.query(&format!("EXPLAIN {sql}"), &params).await?)
+        })?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n"))
     }
 
     fn flows(&self, q: &FlowQuery) -> Result<FlowPage, StoreError> {
         let (sql, args, limit) = super::flows_sql(q, |n| format!("${n}"));
-        let args: Vec<Box<dyn ToSql + Sync + Send>> = args
-            .into_iter()
-            .map(|a| -> Box<dyn ToSql + Sync + Send> {
-                match a {
-                    Arg::Text(t) => Box::new(text(&t)),
-                    Arg::Int(i) => Box::new(i),
-                }
-            })
-            .collect();
+        let args = values(args);
         let rows = self.block(async {
             let c = self.client().await?;
             let params: Vec<&(dyn ToSql + Sync)> = args

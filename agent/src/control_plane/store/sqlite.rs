@@ -56,7 +56,23 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE flows ADD COLUMN audit_hash TEXT;
     CREATE UNIQUE INDEX flows_audit_hash ON flows (node, audit_hash) WHERE audit_hash IS NOT NULL;
     CREATE INDEX flows_audit_seq ON flows (node, audit_seq) WHERE audit_seq IS NOT NULL;",
+    // The day each record is filed under, which retention goes by (see `file_day`), and an
+    // index for each filter of the flows query, in id order (its paging).
+    "ALTER TABLE flows ADD COLUMN day TEXT;
+    UPDATE flows SET day = CASE
+        WHEN substr(time, 1, 10) GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]' THEN substr(time, 1, 10)
+        ELSE date('now') END;
+    CREATE INDEX flows_day ON flows (day);
+    CREATE INDEX flows_node_id ON flows (node, id);
+    CREATE INDEX flows_identity_id ON flows (identity, id);
+    CREATE INDEX flows_dest_id ON flows (dest, id);
+    CREATE INDEX flows_service_id ON flows (service, id);
+    CREATE INDEX flows_tagged ON flows (id) WHERE service IS NOT NULL;",
 ];
+
+/// Rows removed per transaction by retention: short enough that reports stored meanwhile
+/// wait little for the one writer.
+const RETAIN_BATCH: usize = 2_000;
 
 pub struct SqliteStore {
     /// Writes go through one connection (SQLite has one writer); reads use their own, which
@@ -66,6 +82,7 @@ pub struct SqliteStore {
     /// For reads that take long (a node's whole audit chain): their own connection, so the
     /// other reads do not wait behind them.
     path: std::path::PathBuf,
+    retention: super::Retention,
 }
 
 /// A connection's lock; one a panic left poisoned is still usable (SQLite rolled back
@@ -76,7 +93,7 @@ fn lock(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
 }
 
 impl SqliteStore {
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    pub fn open(path: &Path, retention: super::Retention) -> Result<Self, StoreError> {
         let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
             what: path.display().to_string(),
             message: e.to_string(),
@@ -116,6 +133,7 @@ impl SqliteStore {
             writer: Mutex::new(writer),
             path: path.to_owned(),
             reader: Mutex::new(reader),
+            retention,
         })
     }
 
@@ -130,6 +148,13 @@ impl SqliteStore {
             r.get(4)?,
         ))
     }
+}
+
+fn values(args: Vec<Arg>) -> impl Iterator<Item = rusqlite::types::Value> {
+    args.into_iter().map(|a| match a {
+        Arg::Text(t) => rusqlite::types::Value::Text(t),
+        Arg::Int(i) => rusqlite::types::Value::Integer(i),
+    })
 }
 
 impl Store for SqliteStore {
@@ -237,11 +262,15 @@ impl Store for SqliteStore {
         let mut out = Ingested::default();
         {
             let mut st = tx.prepare_cached(
-                "INSERT OR IGNORE INTO flows (node, epoch, rid, kind, time, verdict, identity, dest, service, record, audit_seq, audit_hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                "INSERT OR IGNORE INTO flows (node, epoch, rid, kind, time, verdict, identity, dest, service, record, audit_seq, audit_hash, day)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?;
+            let today = super::today();
             for r in records {
-                let row = Row::of(epoch, r)?;
+                let Some(row) = Row::of(epoch, r, today, &self.retention)? else {
+                    out.expired += 1;
+                    continue;
+                };
                 let n = st.execute(params![
                     node,
                     epoch as i64,
@@ -255,6 +284,7 @@ impl Store for SqliteStore {
                     row.text,
                     row.audit_seq,
                     row.audit_hash,
+                    row.day,
                 ])?;
                 if n == 1 {
                     out.accepted += 1;
@@ -267,12 +297,21 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
+    fn explain_flows(&self, q: &FlowQuery) -> Result<String, StoreError> {
+        let (sql, args, _) = super::flows_sql(q, |n| format!("?{n}"));
+        let db = lock(&self.reader);
+        let mut st = db.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+        let steps = st
+            .query_map(rusqlite::params_from_iter(values(args)), |r| {
+                r.get::<_, String>(3)
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(steps.join("\n"))
+    }
+
     fn flows(&self, q: &FlowQuery) -> Result<FlowPage, StoreError> {
         let (sql, args, limit) = super::flows_sql(q, |n| format!("?{n}"));
-        let args = args.into_iter().map(|a| match a {
-            Arg::Text(t) => rusqlite::types::Value::Text(t),
-            Arg::Int(i) => rusqlite::types::Value::Integer(i),
-        });
+        let args = values(args);
         let db = lock(&self.reader);
         let mut st = db.prepare(&sql)?;
         let rows = st
@@ -281,6 +320,55 @@ impl Store for SqliteStore {
             })?
             .collect::<Result<Vec<_>, _>>()?;
         super::flow_page(rows, limit)
+    }
+
+    fn retain(&self, today: time::Date) -> Result<super::Retained, StoreError> {
+        let mut out = super::Retained::default();
+        let first = super::day_text(
+            today
+                .checked_sub(time::Duration::days(i64::from(self.retention.days)))
+                .unwrap_or(time::Date::MIN),
+        );
+        // A batch per transaction, the writer let go between them.
+        let batch = |sql: &str, arg: Option<&str>| -> Result<usize, StoreError> {
+            let db = lock(&self.writer);
+            Ok(match arg {
+                Some(a) => db.execute(sql, params![a, RETAIN_BATCH as i64])?,
+                None => db.execute(sql, params![RETAIN_BATCH as i64])?,
+            })
+        };
+        loop {
+            let n = batch(
+                "DELETE FROM flows WHERE id IN (SELECT id FROM flows WHERE day < ?1 LIMIT ?2)",
+                Some(&first),
+            )?;
+            out.expired += n as u64;
+            if n < RETAIN_BATCH {
+                break;
+            }
+        }
+        if let Some(max) = self.retention.max_bytes {
+            loop {
+                let used: i64 = lock(&self.reader).query_row(
+                    "SELECT (page_count - freelist_count) * page_size
+                     FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()",
+                    [],
+                    |r| r.get(0),
+                )?;
+                if used as u64 <= max {
+                    break;
+                }
+                let n = batch(
+                    "DELETE FROM flows WHERE id IN (SELECT id FROM flows ORDER BY id LIMIT ?1)",
+                    None,
+                )?;
+                out.over_size += n as u64;
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn heads(&self) -> Result<(u64, u64), StoreError> {

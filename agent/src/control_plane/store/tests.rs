@@ -4,6 +4,12 @@
 use super::*;
 use crate::control_plane::{BundleFile, FlowQuery, Ingested, Reported};
 
+/// Records of fixed times (2026) stay for the tests' lifetime.
+const KEEP: Retention = Retention {
+    days: 3650,
+    max_bytes: None,
+};
+
 /// A store and what holds its data, dropped after it.
 struct Fixture {
     name: &'static str,
@@ -16,7 +22,7 @@ fn sqlite() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     Fixture {
         name: "sqlite",
-        store: Box::new(SqliteStore::open(&dir.path().join("cp.db")).unwrap()),
+        store: Box::new(SqliteStore::open(&dir.path().join("cp.db"), KEEP).unwrap()),
         _dir: Some(dir),
         _db: None,
     }
@@ -27,6 +33,7 @@ fn pg_options(url: &str) -> PgOptions {
         url: url.to_owned(),
         password_file: None,
         ca: None,
+        retention: KEEP,
     }
 }
 
@@ -73,14 +80,16 @@ fn duplicates_are_stored_once_and_pages_continue() {
             s.ingest("n1", 7, &batch).unwrap(),
             Ingested {
                 accepted: 5,
-                duplicates: 0
+                duplicates: 0,
+                expired: 0
             }
         );
         assert_eq!(
             s.ingest("n1", 7, &batch[2..]).unwrap(),
             Ingested {
                 accepted: 0,
-                duplicates: 3
+                duplicates: 3,
+                expired: 0
             }
         );
         // Another epoch (a node whose spool was recreated) or another node is new.
@@ -153,7 +162,8 @@ fn a_chained_record_sent_again_under_a_new_id_is_stored_once_and_its_chain_check
             s.ingest("n1", 7, &again).unwrap(),
             Ingested {
                 accepted: 1,
-                duplicates: 1
+                duplicates: 1,
+                expired: 0
             }
         );
         let mut check = crate::control_plane::chain::ChainCheck::new("n1");
@@ -250,14 +260,14 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cp.db");
-    fill(&SqliteStore::open(&path).unwrap());
-    kept(&SqliteStore::open(&path).unwrap());
+    fill(&SqliteStore::open(&path, KEEP).unwrap());
+    kept(&SqliteStore::open(&path, KEEP).unwrap());
     let c = rusqlite::Connection::open(&path).unwrap();
     c.pragma_update(None, "user_version", 99).unwrap();
     drop(c);
-    let e = SqliteStore::open(&path).err().unwrap().to_string();
+    let e = SqliteStore::open(&path, KEEP).err().unwrap().to_string();
     assert!(
-        e.contains("has schema version 99; this agentwall knows up to 2"),
+        e.contains("has schema version 99; this agentwall knows up to 3"),
         "{e}"
     );
 
@@ -374,6 +384,7 @@ fn connection_settings_are_checked_and_errors_say_what_was_wrong() {
         url: without.clone(),
         password_file: Some(pwfile.clone()),
         ca: None,
+        retention: KEEP,
     };
     let e = PgStore::open(&o).err().unwrap().to_string();
     assert!(
@@ -401,6 +412,7 @@ fn connection_settings_are_checked_and_errors_say_what_was_wrong() {
         url: db.url.clone(),
         password_file: None,
         ca: Some(scratch::server_ca()),
+        retention: KEEP,
     };
     let s = PgStore::open(&tls).unwrap();
     assert_eq!(s.heads().unwrap(), (0, 0));
@@ -457,4 +469,347 @@ fn a_record_whose_indexed_text_holds_nul_is_stored_by_both() {
         let page = f.store.flows(&FlowQuery::default()).unwrap();
         assert_eq!(page.flows.len(), 1, "{}", f.name);
     }
+}
+
+fn postgres_plan(plan: &str) -> bool {
+    plan.contains("cost=")
+}
+
+/// A record of `identity` to `dest` at `time`, padded with `pad` bytes.
+fn at(rid: u64, time: &str, identity: &str, dest: &str, pad: usize) -> Reported {
+    let text = serde_json::json!({
+        "kind": "decision", "time": time, "verdict": "deny", "identity": identity,
+        "dest": dest, "port": 443, "note": "x".repeat(pad),
+    })
+    .to_string();
+    Reported {
+        rid,
+        record: serde_json::value::RawValue::from_string(text).unwrap(),
+    }
+}
+
+fn days_ago(today: time::Date, n: i64) -> time::Date {
+    today - time::Duration::days(n)
+}
+
+fn noon(d: time::Date) -> String {
+    format!("{}T12:00:00.000Z", day_text(d))
+}
+
+fn with_retention(postgres: bool, retention: Retention) -> Fixture {
+    if postgres {
+        let db = scratch::database();
+        Fixture {
+            name: "postgres",
+            store: Box::new(
+                PgStore::open(&PgOptions {
+                    retention,
+                    ..pg_options(&db.url)
+                })
+                .unwrap(),
+            ),
+            _dir: None,
+            _db: Some(db),
+        }
+    } else {
+        let dir = tempfile::tempdir().unwrap();
+        Fixture {
+            name: "sqlite",
+            store: Box::new(SqliteStore::open(&dir.path().join("cp.db"), retention).unwrap()),
+            _dir: Some(dir),
+            _db: None,
+        }
+    }
+}
+
+fn times_kept(s: &dyn Store) -> Vec<String> {
+    let mut all: Vec<String> = s
+        .flows(&FlowQuery {
+            limit: Some(10_000),
+            ..FlowQuery::default()
+        })
+        .unwrap()
+        .flows
+        .iter()
+        .map(|f| f.record["time"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    all.sort();
+    all
+}
+
+/// Records are kept `retention_days` by the day of their time: one already older when it
+/// arrives is not stored (and counted), older ones go when the days pass, and a record
+/// sent again is still stored once.
+#[test]
+fn retention_removes_what_is_past_it_and_stores_nothing_past_it() {
+    let today = today();
+    let r = Retention {
+        days: 30,
+        max_bytes: None,
+    };
+    for postgres in [false, true] {
+        let f = with_retention(postgres, r);
+        let s = &*f.store;
+        let id = "spiffe://example.org/a";
+        let batch = vec![
+            at(1, &noon(days_ago(today, 40)), id, "203.0.113.1", 0),
+            at(2, &noon(days_ago(today, 20)), id, "203.0.113.2", 0),
+            at(3, &noon(days_ago(today, 5)), id, "203.0.113.3", 0),
+            at(4, &noon(today), id, "203.0.113.4", 0),
+            at(5, "", id, "203.0.113.5", 0),
+        ];
+        assert_eq!(
+            s.ingest("n1", 1, &batch).unwrap(),
+            Ingested {
+                accepted: 4,
+                duplicates: 0,
+                expired: 1
+            },
+            "{}",
+            f.name
+        );
+        // Nothing is past the retention yet.
+        assert_eq!(s.retain(today).unwrap(), Retained::default(), "{}", f.name);
+        // Sixteen days on, the record of twenty days ago is past it.
+        let later = today + time::Duration::days(16);
+        assert_eq!(
+            s.retain(later).unwrap(),
+            Retained {
+                expired: 1,
+                over_size: 0
+            },
+            "{}",
+            f.name
+        );
+        let kept = times_kept(s);
+        assert_eq!(kept.len(), 3, "{}: {kept:?}", f.name);
+        assert!(
+            !kept.contains(&noon(days_ago(today, 20))),
+            "{}: {kept:?}",
+            f.name
+        );
+        // Sent again (a node that did not hear the answer): stored once still.
+        assert_eq!(
+            s.ingest("n1", 1, &batch[2..4]).unwrap(),
+            Ingested {
+                accepted: 0,
+                duplicates: 2,
+                expired: 0
+            },
+            "{}",
+            f.name
+        );
+    }
+}
+
+/// Past `retention_max_bytes`, the oldest records go first: whole days in PostgreSQL
+/// (never today's), a batch of the oldest at a time in SQLite.
+#[test]
+fn a_size_cap_removes_the_oldest_first() {
+    let today = today();
+    for postgres in [false, true] {
+        let f = with_retention(
+            postgres,
+            Retention {
+                days: 30,
+                max_bytes: Some(1),
+            },
+        );
+        let s = &*f.store;
+        let mut rid = 0;
+        for back in [3, 2, 1, 0] {
+            let batch: Vec<Reported> = (0..50)
+                .map(|i| {
+                    rid += 1;
+                    at(
+                        rid,
+                        &noon(days_ago(today, back)),
+                        "spiffe://example.org/a",
+                        &format!("203.0.113.{i}"),
+                        1000,
+                    )
+                })
+                .collect();
+            assert_eq!(s.ingest("n1", 1, &batch).unwrap().accepted, 50);
+        }
+        let r = s.retain(today).unwrap();
+        let kept = times_kept(s);
+        if postgres {
+            assert_eq!((r.over_size, r.expired), (150, 0), "{}", f.name);
+            assert_eq!(kept, vec![noon(today); 50], "{}", f.name);
+        } else {
+            assert_eq!((r.over_size, r.expired), (200, 0), "{}", f.name);
+            assert!(kept.is_empty(), "{}: {kept:?}", f.name);
+        }
+        // Reports are still taken.
+        assert_eq!(
+            s.ingest(
+                "n1",
+                2,
+                &[at(
+                    1,
+                    &noon(today),
+                    "spiffe://example.org/a",
+                    "203.0.113.9",
+                    0
+                )]
+            )
+            .unwrap()
+            .accepted,
+            1
+        );
+    }
+}
+
+/// Each filter of the flows query is served by an index, in id order (the plan is printed:
+/// `cargo xtask with-postgres cargo test -p agentwall --lib query_plans -- --nocapture`).
+#[test]
+fn each_flows_filter_uses_an_index_query_plans() {
+    let today = today();
+    for f in both() {
+        let s = &*f.store;
+        // Enough rows, spread over enough values, that an index is worth it to a planner.
+        for b in 0..200u64 {
+            let batch: Vec<Reported> = (0..100u64)
+                .map(|i| {
+                    let n = b * 100 + i;
+                    let mut r = at(
+                        n,
+                        &format!(
+                            "{}T{:02}:{:02}:{:02}.000Z",
+                            day_text(days_ago(today, (n % 3) as i64)),
+                            (n / 3600) % 24,
+                            (n / 60) % 60,
+                            n % 60
+                        ),
+                        &format!("spiffe://example.org/agent/{}", n % 200),
+                        &format!("203.0.{}.{}", (n / 250) % 250, n % 250),
+                        0,
+                    );
+                    if n % 50 == 0 {
+                        let mut v: serde_json::Value =
+                            serde_json::from_str(r.record.get()).unwrap();
+                        v["service"] = format!("Service {}", n % 7).into();
+                        r.record = serde_json::value::RawValue::from_string(v.to_string()).unwrap();
+                    }
+                    r
+                })
+                .collect();
+            s.ingest(&format!("spiffe://example.org/node/{b}"), 1, &batch)
+                .unwrap();
+        }
+        if let Some(db) = &f._db {
+            scratch::admin(&db.url, "ANALYZE flows").unwrap();
+        }
+        let q = FlowQuery::default;
+        let cases: [(&str, FlowQuery, &str); 7] = [
+            (
+                "node",
+                FlowQuery {
+                    node: Some("spiffe://example.org/node/3".into()),
+                    ..q()
+                },
+                "node_id",
+            ),
+            (
+                "identity",
+                FlowQuery {
+                    identity: Some("spiffe://example.org/agent/7".into()),
+                    ..q()
+                },
+                "identity_id",
+            ),
+            (
+                "dest",
+                FlowQuery {
+                    dest: Some("203.0.1.7".into()),
+                    ..q()
+                },
+                "dest_id",
+            ),
+            (
+                "service",
+                FlowQuery {
+                    service: Some("Service 3".into()),
+                    ..q()
+                },
+                "service_id",
+            ),
+            (
+                "tagged",
+                FlowQuery {
+                    tagged: true,
+                    ..q()
+                },
+                "tagged",
+            ),
+            (
+                "since, until",
+                FlowQuery {
+                    since: Some(format!("{}T01:00:00.000Z", day_text(today))),
+                    until: Some(format!("{}T01:10:00.000Z", day_text(today))),
+                    ..q()
+                },
+                "time",
+            ),
+            (
+                "after (paging)",
+                FlowQuery {
+                    after: Some(19_000),
+                    ..q()
+                },
+                "id",
+            ),
+        ];
+        for (filter, query, index) in cases {
+            let plan = s.explain_flows(&query).unwrap();
+            println!("--- {} flows filtered by {filter}:\n{plan}", f.name);
+            assert!(
+                !plan.contains("Seq Scan")
+                    && !plan.contains("SCAN flows\n")
+                    && !plan.ends_with("SCAN flows"),
+                "{}: {filter} scans the table:\n{plan}",
+                f.name
+            );
+            // SQLite names the index; PostgreSQL names each partition's copy of it (named
+            // after the columns; the planner may take another index that serves the filter).
+            assert!(
+                plan.contains(&format!("flows_{index}"))
+                    || (index == "id" && plan.contains("INTEGER PRIMARY KEY"))
+                    || (postgres_plan(&plan) && plan.contains("Index")),
+                "{}: {filter} does not use the {index} index:\n{plan}",
+                f.name
+            );
+        }
+    }
+}
+
+#[test]
+fn records_are_filed_by_their_day_within_the_retention() {
+    let today = time::macros::date!(2026 - 12 - 04);
+    let r = Retention {
+        days: 30,
+        max_bytes: None,
+    };
+    let day = |t: &str| file_day(t, today, &r).map(day_text);
+    assert_eq!(
+        day("2026-12-03T23:59:59.999Z").as_deref(),
+        Some("2026-12-03")
+    );
+    assert_eq!(
+        day("2026-11-04T00:00:00.000Z").as_deref(),
+        Some("2026-11-04")
+    );
+    assert_eq!(day("2026-11-03T23:59:59.999Z"), None);
+    assert_eq!(
+        day("2026-12-05T10:00:00.000Z").as_deref(),
+        Some("2026-12-05")
+    );
+    assert_eq!(
+        day("2031-01-01T00:00:00.000Z").as_deref(),
+        Some("2026-12-05")
+    );
+    assert_eq!(day("").as_deref(), Some("2026-12-04"));
+    assert_eq!(day("not a time").as_deref(), Some("2026-12-04"));
+    assert_eq!(day("0000-01-01T00:00:00Z"), None);
 }

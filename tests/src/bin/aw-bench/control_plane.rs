@@ -272,7 +272,7 @@ pub fn run(pushes: usize) {
     // Ingest.
     let records = records_json();
     let baseline = {
-        let store = SqliteStore::open(&tmp.path().join("baseline.db")).unwrap();
+        let store = SqliteStore::open(&tmp.path().join("baseline.db"), Default::default()).unwrap();
         let parsed: Vec<Reported> = serde_json::from_str(&records).unwrap();
         let t0 = Instant::now();
         let mut n = 0u64;
