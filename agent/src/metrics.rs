@@ -394,7 +394,7 @@ fn render_dns(out: &mut String, c: &Counters, g: &Gauges, d: &crate::dns::proxy:
 
 fn render_link(out: &mut String, l: &crate::control_plane::link::LinkStats) {
     use std::sync::atomic::Ordering::Relaxed;
-    let rows: [(&str, &str, &str, u64); 10] = [
+    let rows: [(&str, &str, &str, u64); 11] = [
         (
             "agentwall_control_plane_connected",
             "gauge",
@@ -454,6 +454,12 @@ fn render_link(out: &mut String, l: &crate::control_plane::link::LinkStats) {
             "counter",
             "Polls a newer poll as this node ended (another process with this node's certificate?); each is followed by a 5 s pause.",
             l.polls_replaced.load(Relaxed),
+        ),
+        (
+            "agentwall_control_plane_stale_answers_total",
+            "counter",
+            "Poll answers older than the bundle or revocations this node had (a replica behind, or a database put back): refused, the next URL asked.",
+            l.stale_answers.load(Relaxed),
         ),
     ];
     for (name, kind, help, v) in rows {

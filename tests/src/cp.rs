@@ -213,6 +213,16 @@ impl CpProc {
 
     /// The same, logging to `NAME.log` (one of several replicas).
     pub fn start_named(fx: &CpFixture, addr: Option<std::net::SocketAddr>, name: &str) -> Self {
+        Self::start_with(fx, addr, name, &[])
+    }
+
+    /// The same, with more flags (`--database` ...).
+    pub fn start_with(
+        fx: &CpFixture,
+        addr: Option<std::net::SocketAddr>,
+        name: &str,
+        extra: &[&str],
+    ) -> Self {
         let log = fx.dir.join(format!("{name}.log"));
         let err = std::fs::OpenOptions::new()
             .create(true)
@@ -224,6 +234,7 @@ impl CpProc {
             .args(["control-plane", "serve", "--config"])
             .arg(&fx.config)
             .args(["--listen", &listen])
+            .args(extra)
             .env("AGENTWALL_LOG", "info")
             .env("AGENTWALL_LOG_FORMAT", "text")
             .stdout(Stdio::piped())

@@ -339,3 +339,158 @@ fn a_replica_without_its_database_says_why() {
         "{said}"
     );
 }
+
+/// A TCP relay on loopback that can be frozen: it keeps its connections open and stops
+/// passing bytes (no reset), as a network partition does.
+struct Relay {
+    addr: std::net::SocketAddr,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    fn start(to: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = frozen.clone();
+        std::thread::spawn(move || {
+            for inbound in listener.incoming().flatten() {
+                let Ok(outbound) = std::net::TcpStream::connect(to) else {
+                    continue;
+                };
+                for (mut from, mut into) in [
+                    (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                    (outbound, inbound),
+                ] {
+                    let f = f.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read as _, Write as _};
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            // Held, not dropped: the bytes go on once it thaws.
+                            while f.load(SeqCst) {
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            if into.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = into.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Self { addr, frozen }
+    }
+
+    fn freeze(&self, on: bool) {
+        self.frozen.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A counter of the control plane at `url`, read with the security token.
+fn cp_counter(fx: &CpFixture, url: &str, line: &str) -> u64 {
+    let c = fx.client(url, None, Some(&fx.security_token));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (_, body, _) = rt
+        .block_on(c.request(
+            hyper::Method::GET,
+            "/v1/metrics",
+            None,
+            Duration::from_secs(10),
+        ))
+        .unwrap();
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A replica cut off from the database (a partition: no reset, nothing answers) stops
+/// answering polls once it cannot tell what the database holds, so its nodes move to a
+/// replica that can and get what was pushed meanwhile; and a node never goes back to an
+/// older bundle, even when the only replica left is the one behind.
+#[test]
+fn a_replica_cut_off_from_the_database_sends_its_nodes_elsewhere_and_none_goes_back() {
+    let (env, tmp, ca) = setup("cp-partition", SUPPORT_POLICY);
+    let dir = tmp.path();
+    let fx = CpFixture::on(dir, true);
+    // Held polls end within 5 s, so nodes ask again soon.
+    fx.configure("poll_timeout_secs = 5\n", "");
+    let db = fx.postgres.as_ref().unwrap().url.clone();
+    let host_port = db
+        .split('@')
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let relay = Relay::start(host_port.parse().unwrap());
+    let through_relay = db.replace(&host_port, &relay.addr.to_string());
+    let a = CpProc::start_named(&fx, None, "cp-a");
+    let b = CpProc::start_with(&fx, None, "cp-b", &["--database", &through_relay]);
+    let (a_url, b_url) = (a.url.clone(), b.url.clone());
+    let flags = fx.node_flags_for(&[&b_url, &a_url]);
+    let node = NodeProc::start_with(&env, dir, &args(&flags, &[]));
+    let rev1 = push(&fx, &a_url, "v1", SUPPORT_POLICY);
+    wait_status(&node.socket, "version 1 applied, from B", |s| {
+        s["revision"] == rev1.as_str()
+    });
+    assert_eq!(
+        status_json(&node.socket)["control_plane"]["url"],
+        b_url.as_str()
+    );
+    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(probe.cmd("connect tcp 198.51.100.10 443"), "err EPERM");
+
+    // B loses the database; version 2 is pushed through A. The node gets it from A.
+    relay.freeze(true);
+    let rev2 = push(&fx, &a_url, "v2", POLICY_B);
+    wait_status(&node.socket, "version 2 applied, from A", |s| {
+        s["revision"] == rev2.as_str()
+    });
+    assert_eq!(
+        status_json(&node.socket)["control_plane"]["url"],
+        a_url.as_str()
+    );
+    assert_eq!(
+        probe.cmd("connect tcp 198.51.100.10 443"),
+        "err ENETUNREACH"
+    );
+    let stale = "agentwall_cp_refusals_total{reason=\"stale\"}";
+    let refused = cp_counter(&fx, &b_url, stale);
+    assert!(refused >= 1, "B refused no poll as stale");
+
+    // A dies: only B, still cut off, is left. The node keeps version 2 while B refuses it.
+    drop(a);
+    eventually("B refusing the node again", Duration::from_secs(60), || {
+        let n = cp_counter(&fx, &b_url, stale);
+        if n >= refused + 2 {
+            Ok(())
+        } else {
+            Err(format!("{n}"))
+        }
+    });
+    assert_eq!(status_json(&node.socket)["revision"], rev2.as_str());
+    assert_eq!(
+        probe.cmd("connect tcp 198.51.100.10 443"),
+        "err ENETUNREACH"
+    );
+
+    // B reaches the database again: it serves version 2 and the node is back with it.
+    relay.freeze(false);
+    wait_status(&node.socket, "connected to B, version 2", |s| {
+        s["control_plane"]["connected"] == true
+            && s["control_plane"]["url"] == b_url.as_str()
+            && s["revision"] == rev2.as_str()
+    });
+}

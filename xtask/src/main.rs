@@ -158,19 +158,25 @@ fn main() -> Result<()> {
             if which == "compare" {
                 install_peers()?;
             }
-            run(cargo(&root).args([
-                "run",
-                "--release",
-                "--quiet",
-                "-p",
-                "agentwall-tests",
-                "--bin",
-                "aw-bench",
-                "--",
-                &which,
-                "--iterations",
-                &iterations.to_string(),
-            ]))
+            // The control plane is measured on SQLite and on a real PostgreSQL.
+            let pg = (which == "control-plane")
+                .then(postgres::start)
+                .transpose()?;
+            run(cargo(&root)
+                .envs(pg.iter().flat_map(postgres::Server::env))
+                .args([
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "agentwall-tests",
+                    "--bin",
+                    "aw-bench",
+                    "--",
+                    &which,
+                    "--iterations",
+                    &iterations.to_string(),
+                ]))
         }
         Task::Fuzz { target, seconds } => {
             setup()?;

@@ -220,35 +220,43 @@ impl std::fmt::Debug for Database {
     }
 }
 
-/// `url` with the password of its userinfo (`user:password@`) and any `password=`
-/// parameter replaced by `***`.
+/// `url` with its password replaced by `***`, read the way the PostgreSQL client reads it:
+/// the credentials run to the first `@` (a `/` or `?` in a password included), and a
+/// `password` parameter is found by its percent-decoded name.
 pub fn redact_url(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let (authority, tail) = match rest.find(['/', '?']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
+    let (creds, rest) = match rest.split_once('@') {
+        Some((creds, rest)) => {
+            let user = creds.split(':').next().unwrap_or_default();
+            let shown = if creds.contains(':') {
+                format!("{user}:***@")
+            } else {
+                format!("{user}@")
+            };
+            (shown, rest)
+        }
+        None => (String::new(), rest),
     };
-    let authority = match authority.rsplit_once('@') {
-        Some((user, host)) => match user.split_once(':') {
-            Some((name, _)) => format!("{name}:***@{host}"),
-            None => format!("{user}@{host}"),
-        },
-        None => authority.to_owned(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
+    let shown_rest = match rest.split_once('?') {
+        Some((host_path, query)) => {
             let params: Vec<String> = query
                 .split('&')
                 .map(|p| match p.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    Some((k, _))
+                        if percent_encoding::percent_decode_str(k)
+                            .decode_utf8_lossy()
+                            .eq_ignore_ascii_case("password") =>
+                    {
+                        format!("{k}=***")
+                    }
                     _ => p.to_owned(),
                 })
                 .collect();
-            format!("{path}?{}", params.join("&"))
+            format!("{host_path}?{}", params.join("&"))
         }
-        None => tail.to_owned(),
+        None => rest.to_owned(),
     };
-    format!("{scheme}://{authority}{tail}")
+    format!("{scheme}://{creds}{shown_rest}")
 }
 
 fn default_retention_days() -> u32 {
@@ -614,6 +622,22 @@ mod tests {
             "postgres://cp:***@db.example:5432/agentwall?password=***&sslmode=require"
         );
         assert_eq!(format!("{c:?}").matches("s3cret").count(), 0);
+        // Read as the PostgreSQL client reads it: credentials to the first `@`, parameter
+        // names percent-decoded.
+        for (url, shown) in [
+            (
+                "postgres://cp:Zm9v/YmFy+cXV4@db:5432/agentwall",
+                "postgres://cp:***@db:5432/agentwall",
+            ),
+            ("postgres://cp:a?b@db/x", "postgres://cp:***@db/x"),
+            (
+                "postgres://cp@db/x?pass%77ord=hunter2&sslmode=require",
+                "postgres://cp@db/x?pass%77ord=***&sslmode=require",
+            ),
+            ("postgres://db/x", "postgres://db/x"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
         assert_eq!(
             c.database_ca.as_deref(),
             Some(Path::new("/srv/cp/db-ca.pem"))

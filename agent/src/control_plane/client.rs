@@ -226,6 +226,23 @@ impl Client {
         &self.endpoints[self.current.load(std::sync::atomic::Ordering::Relaxed)].url
     }
 
+    /// Moves to the next URL (with several): the caller judged the answer of this one wrong
+    /// (a replica behind the others).
+    pub fn skip(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.endpoints.len();
+        let at = self.current.load(Relaxed);
+        if n > 1
+            && self
+                .current
+                .compare_exchange(at, (at + 1) % n, Relaxed, Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(from = %self.endpoints[at].url, to = %self.endpoints[(at + 1) % n].url,
+                "control plane behind; moving to the next URL");
+        }
+    }
+
     /// The URL requests go to, readable from elsewhere as it changes (a status view).
     pub fn current_url(&self) -> CurrentUrl {
         CurrentUrl {
@@ -271,12 +288,20 @@ impl Client {
     ) -> Result<(StatusCode, Bytes, Option<u64>), ClientError> {
         use std::sync::atomic::Ordering::Relaxed;
         let n = self.endpoints.len();
+        // A push sent once may have been stored though no answer came: sent again to another
+        // replica it would be stored twice, perhaps after a later one. Only a push that never
+        // left is sent elsewhere; every other route may be sent twice.
+        let once = method == Method::PUT;
         let mut tries = 0;
         loop {
             let at = self.current.load(Relaxed);
+            let sent = std::sync::atomic::AtomicBool::new(false);
             let r = self
-                .request_at(at, method.clone(), path, body.clone(), timeout)
+                .request_at(at, method.clone(), path, body.clone(), timeout, &sent)
                 .await;
+            if once && sent.load(Relaxed) {
+                return r;
+            }
             let failed = match &r {
                 Ok((status, _, retry_after)) => {
                     n > 1
@@ -307,6 +332,7 @@ impl Client {
         }
     }
 
+    /// One request to the `at`-th URL; `sent` is set once its bytes may have left.
     async fn request_at(
         &self,
         at: usize,
@@ -314,6 +340,7 @@ impl Client {
         path: &str,
         body: Option<(Bytes, bool)>,
         timeout: Duration,
+        sent: &std::sync::atomic::AtomicBool,
     ) -> Result<(StatusCode, Bytes, Option<u64>), ClientError> {
         let ep = &self.endpoints[at];
         let fut = async {
@@ -346,6 +373,7 @@ impl Client {
                 let req = req
                     .body(Full::new(payload))
                     .map_err(|e| ClientError::Config(e.to_string()))?;
+                sent.store(true, std::sync::atomic::Ordering::Relaxed);
                 match send.send_request(req).await {
                     Ok(resp) => {
                         let status = resp.status();

@@ -38,6 +38,8 @@ pub trait NodeSide: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct LinkStats {
     pub connected: AtomicBool,
+    /// Poll answers older than what the node had (refused).
+    pub stale_answers: AtomicU64,
     /// The control plane (of several replicas, the one) polled.
     pub polling: std::sync::OnceLock<super::client::CurrentUrl>,
     pub applied_version: AtomicU64,
@@ -219,6 +221,23 @@ impl Link {
                     continue;
                 }
             };
+            // Never back: an answer older than what this node already had comes from a
+            // replica behind the others (or a database put back to an older state). The
+            // node keeps what it has and asks another.
+            if (reply.version < st.known_version) || reply.revocation_gen < st.revocation_gen {
+                self.stats.stale_answers.fetch_add(1, Relaxed);
+                error!(
+                    url = self.poll.url(),
+                    version = reply.version,
+                    known = st.known_version,
+                    revocation_gen = reply.revocation_gen,
+                    known_gen = st.revocation_gen,
+                    "the control plane answered with an older bundle or revocation list than this node has; kept what it has"
+                );
+                self.poll.skip();
+                tokio::time::sleep(backoff.next()).await;
+                continue;
+            }
             if complained {
                 info!(url = self.poll.url(), "control plane reachable again");
                 complained = false;

@@ -235,10 +235,13 @@ enum Refusal {
     CallerCap,
     /// A report batch that is not one (malformed JSON, wrong types, a bad gzip stream).
     BadBatch,
+    /// A poll this replica cannot answer truthfully: it has lost the database, or serves
+    /// older than the node has seen.
+    Stale,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 16] = [
+    const ALL: [Refusal; 17] = [
         Self::Unauthenticated,
         Self::Forbidden,
         Self::RateLimited,
@@ -255,6 +258,7 @@ impl Refusal {
         Self::BodyBudget,
         Self::CallerCap,
         Self::BadBatch,
+        Self::Stale,
     ];
 
     fn label(self) -> &'static str {
@@ -275,6 +279,7 @@ impl Refusal {
             Self::BodyBudget => "body_budget",
             Self::CallerCap => "caller_cap",
             Self::BadBatch => "bad_batch",
+            Self::Stale => "stale",
         }
     }
 }
@@ -354,6 +359,9 @@ pub struct Server {
     changes: tokio::sync::watch::Sender<(u64, u64)>,
     /// What polls are answered with; only ever moves forward ([`Server::publish`]).
     published: std::sync::RwLock<Published>,
+    /// With replicas: when this one last read the database's heads. Past [`STALE`], its
+    /// polls are refused (503) so nodes move to a replica that can see the database.
+    caught_up: Mutex<std::time::Instant>,
     /// Polls not yet written to the store (written once a second, in one transaction).
     seen: Mutex<HashMap<String, NodeSeen>>,
     /// The client-certificate verifier in force (CRLs reread), for per-request rechecks.
@@ -430,6 +438,7 @@ impl Server {
             ingests: tokio::sync::Semaphore::new(INGESTS_AT_ONCE),
             changes,
             published: std::sync::RwLock::new(published),
+            caught_up: Mutex::new(std::time::Instant::now()),
             seen: Mutex::new(HashMap::new()),
             verifier: std::sync::OnceLock::new(),
         }))
@@ -546,6 +555,7 @@ impl Server {
 
     /// Reads what other replicas stored since this one last looked, and serves it.
     fn catch_up(&self) -> Result<(), StoreError> {
+        let looked = std::time::Instant::now();
         let (version, generation) = self.store.heads()?;
         let (served_version, served_generation) = *self.changes.borrow();
         let bundle = if version > served_version {
@@ -559,7 +569,36 @@ impl Server {
             None
         };
         self.publish(bundle.as_ref(), revocations);
+        *self.caught_up.lock().expect("caught up") = looked;
         Ok(())
+    }
+
+    /// Why this replica must not answer a poll from a node that knows `known` (version,
+    /// generation): it has not seen the database for [`STALE`] (a partition), or the node
+    /// saw newer than it serves even after looking again. The node then moves to another.
+    fn behind(&self, known: (u64, u64)) -> Option<String> {
+        self.store.changes()?;
+        let age = self.caught_up.lock().expect("caught up").elapsed();
+        if age > STALE {
+            return Some(format!(
+                "this replica has not reached the database for {} s; try another",
+                age.as_secs()
+            ));
+        }
+        let served = *self.changes.borrow();
+        if known.0 > served.0 || known.1 > served.1 {
+            if let Err(e) = self.catch_up() {
+                return Some(format!("this replica cannot read the database: {e}"));
+            }
+            let served = *self.changes.borrow();
+            if known.0 > served.0 || known.1 > served.1 {
+                return Some(format!(
+                    "this replica serves version {} and revocation generation {}, older than the node's {} and {}; try another",
+                    served.0, served.1, known.0, known.1
+                ));
+            }
+        }
+        None
     }
 
     /// Writes the polls noted since the last flush.
@@ -1198,6 +1237,17 @@ async fn node_poll(
             poll: req.clone(),
         },
     );
+    let known = (req.known_version, req.revocation_gen);
+    let s2 = s.clone();
+    if let Some(why) = tokio::task::spawn_blocking(move || s2.behind(known))
+        .await
+        .map_err(|e| Fail::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    {
+        if s.stats.refused(Refusal::Stale) {
+            warn!(node = %who.name, reason = %why, "poll refused: this replica is behind");
+        }
+        return Err(Fail::new(StatusCode::SERVICE_UNAVAILABLE, why));
+    }
     let mut rx = s.changes.subscribe();
     let wait = Duration::from_millis(req.wait_ms).min(s.poll_timeout);
     let deadline = tokio::time::Instant::now() + wait;
@@ -1823,9 +1873,13 @@ fn tls_config(
     Ok((Arc::new(c), verifier))
 }
 
-/// Longest a replica serves an older bundle or revocation list than the database holds,
-/// should an announcement of a change be missed.
-const CATCH_UP: Duration = Duration::from_secs(10);
+/// How often a replica reads the database's heads without an announcement: the longest it
+/// serves an older bundle or revocation list than the database holds, should one be missed.
+const CATCH_UP: Duration = Duration::from_secs(5);
+
+/// Longest a replica answers polls without having read the database's heads; past it,
+/// polls get 503 so nodes move to another replica.
+const STALE: Duration = Duration::from_secs(15);
 
 /// How often records past the retention are looked for.
 const RETAIN_EVERY: Duration = Duration::from_secs(60);

@@ -195,6 +195,25 @@ struct Indexed<'a> {
     hash: Option<Cow<'a, str>>,
 }
 
+/// The longest text an indexed column takes from a record (the record's own text keeps it
+/// whole): an index entry has a size limit, and a node's record must not fail its batch on
+/// it.
+const MAX_INDEXED: usize = 1024;
+/// The longest `time` taken (an RFC 3339 time is some 30 bytes).
+const MAX_TIME: usize = 64;
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn bounded(s: Cow<'_, str>, max: usize) -> Cow<'_, str> {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(s[..end].to_owned())
+}
+
 /// A reported record as both stores keep it: its text and the columns it is found by.
 struct Row<'a> {
     rid: i64,
@@ -239,22 +258,22 @@ impl<'a> Row<'a> {
             Some((seq, hash)) => (Some(seq), own_hash.then_some(hash)),
             None => (None, None),
         };
-        let time = ix.time.unwrap_or_default();
+        let time = bounded(ix.time.unwrap_or_default(), MAX_TIME);
         let Some(day) = file_day(&time, today, retention) else {
             return Ok(None);
         };
         Ok(Some(Row {
             rid: r.rid as i64,
-            kind: ix.kind.unwrap_or(Cow::Borrowed("decision")),
+            kind: bounded(ix.kind.unwrap_or(Cow::Borrowed("decision")), MAX_INDEXED),
             time,
-            verdict: ix.verdict,
-            identity: ix.identity,
+            verdict: ix.verdict.map(|v| bounded(v, MAX_INDEXED)),
+            identity: ix.identity.map(|v| bounded(v, MAX_INDEXED)),
             dest: ix
                 .dest
                 .as_deref()
                 .and_then(|d| d.parse::<std::net::IpAddr>().ok())
                 .map(|d| d.to_string()),
-            service: ix.service,
+            service: ix.service.map(|v| bounded(v, MAX_INDEXED)),
             text,
             audit_seq,
             audit_hash,

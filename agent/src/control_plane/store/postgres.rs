@@ -20,12 +20,41 @@ use crate::control_plane::{
 
 /// How to reach the database: the `database`, `database_password_file` and `database_ca`
 /// settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PgOptions {
     pub url: String,
     pub password_file: Option<PathBuf>,
     pub ca: Option<PathBuf>,
     pub retention: super::Retention,
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("url", &crate::config::control_plane::redact_url(&self.url))
+            .field("password_file", &self.password_file)
+            .field("ca", &self.ca)
+            .field("retention", &self.retention)
+            .finish()
+    }
+}
+
+/// Whether every host `config` names is this machine (loopback, or a Unix socket), where a
+/// plain connection crosses no network.
+fn on_this_machine(config: &Config) -> bool {
+    use tokio_postgres::config::Host;
+    let local = |name: &str| {
+        name == "localhost"
+            || name
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    };
+    config.get_hosts().iter().all(|h| match h {
+        Host::Tcp(name) => local(name),
+        Host::Unix(_) => true,
+    }) && config.get_hostaddrs().iter().all(|a| a.is_loopback())
 }
 
 /// The channel pushes and revocations are announced on.
@@ -40,10 +69,17 @@ const SCHEMA_LOCK: i32 = 1;
 const POLICY_LOCK: i32 = 2;
 const REVOKE_LOCK: i32 = 3;
 const PARTITION_LOCK: i32 = 4;
+/// Held by each report batch's insert until it commits: ids are given in commit order, so
+/// a reader paging with `after` never passes an id that a batch still in flight would
+/// fill in below it.
+const INGEST_LOCK: i32 = 6;
 const RETAIN_LOCK: i32 = 5;
 
 /// Connections each replica holds at most.
 const POOL_SIZE: usize = 16;
+
+/// Longest one store call may take (a node's whole audit chain excepted).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Records are kept in one partition of `flows` per day they are filed under
 /// ([`super::file_day`]): retention drops whole partitions, which costs the reports stored
@@ -150,6 +186,18 @@ pub(super) fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// A batch the database would not store for what a record holds (a data exception, a value
+/// over a limit): the node's to split and drop (422), not a server failure.
+fn refused_record(e: tokio_postgres::Error) -> StoreError {
+    match e.code().map(|c| c.code()) {
+        Some(c) if c.starts_with("22") || c.starts_with("54") => StoreError::Corrupt(format!(
+            "a record the database cannot store: {}",
+            describe(&e)
+        )),
+        _ => StoreError::Postgres(e),
+    }
+}
+
 fn pool_error(e: PoolError) -> StoreError {
     match e {
         PoolError::Backend(e) => StoreError::Postgres(e),
@@ -176,6 +224,10 @@ impl PgStore {
             config.application_name("agentwall-control-plane");
         }
         config.connect_timeout(Duration::from_secs(10));
+        // A database that vanishes without a reset (a partition) is noticed in seconds.
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(10));
+        config.tcp_user_timeout(Duration::from_secs(20));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("agentwall-db")
@@ -201,6 +253,14 @@ impl PgStore {
                             .into(),
                     ));
                 }
+                // Plain text only where it crosses no network: anyone on the path could read
+                // the password and forge what replicas serve.
+                if !on_this_machine(&config) {
+                    return Err(fail(
+                        "the database is not on this machine: set database_ca (TLS, the server's certificate and name checked)"
+                            .into(),
+                    ));
+                }
                 config.ssl_mode(SslMode::Disable);
                 start(&rt, config, NoTls, tx)
             }
@@ -221,8 +281,28 @@ impl PgStore {
         Ok(store)
     }
 
-    fn block<F: Future>(&self, f: F) -> F::Output {
-        self.rt.as_ref().expect("runtime until dropped").block_on(f)
+    /// Runs `f` on the store's runtime, for at most [`CALL_TIMEOUT`]: a database that stops
+    /// answering (a partition that drops packets) fails the call rather than holding it.
+    fn block<T>(&self, f: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        self.block_for(CALL_TIMEOUT, f)
+    }
+
+    fn block_for<T>(
+        &self,
+        limit: Duration,
+        f: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.rt
+            .as_ref()
+            .expect("runtime until dropped")
+            .block_on(async {
+                tokio::time::timeout(limit, f).await.unwrap_or_else(|_| {
+                    Err(StoreError::Pool(format!(
+                        "no answer from the database within {} s",
+                        limit.as_secs()
+                    )))
+                })
+            })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -593,7 +673,6 @@ impl Store for PgStore {
         let mut seen: Vec<&NodeSeen> = seen.iter().collect();
         seen.sort_by(|a, b| a.node.cmp(&b.node));
         let node: Vec<String> = seen.iter().map(|s| text(&s.node)).collect();
-        let at: Vec<String> = seen.iter().map(|s| text(&s.at)).collect();
         let version: Vec<Option<i64>> = seen
             .iter()
             .map(|s| s.poll.applied_version.map(|v| v as i64))
@@ -609,19 +688,21 @@ impl Store for PgStore {
         let error: Vec<Option<String>> = seen.iter().map(|s| opt_text(&s.poll.error)).collect();
         self.block(async {
             let c = self.client().await?;
-            // A poll older than the one stored (noted by another replica) changes nothing.
+            // Times by the database's clock, not each replica's: a replica whose clock is
+            // ahead must not make a node look alive, nor hide a later note.
             c.execute(
                 "INSERT INTO nodes (node, first_seen, last_seen, applied_version, applied_revision, agent_version, error)
-                 SELECT n, t, t, v, r, a, e
-                 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[])
-                     WITH ORDINALITY AS u(n, t, v, r, a, e, i)
+                 SELECT n, t.now, t.now, v, r, a, e
+                 FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[])
+                     WITH ORDINALITY AS u(n, v, r, a, e, i),
+                     (SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC',
+                         'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS now) AS t
                  ORDER BY i
                  ON CONFLICT (node) DO UPDATE SET last_seen = EXCLUDED.last_seen,
                      applied_version = EXCLUDED.applied_version,
                      applied_revision = EXCLUDED.applied_revision,
-                     agent_version = EXCLUDED.agent_version, error = EXCLUDED.error
-                 WHERE nodes.last_seen <= EXCLUDED.last_seen",
-                &[&node, &at, &version, &revision, &agent, &error],
+                     agent_version = EXCLUDED.agent_version, error = EXCLUDED.error",
+                &[&node, &version, &revision, &agent, &error],
             )
             .await?;
             Ok(())
@@ -701,15 +782,26 @@ impl Store for PgStore {
                 &node, &epoch, &rid, &kind, &time, &verdict, &identity, &dest, &service, &record,
                 &seq, &hash, &day,
             ];
-            match c.query(&st, &params).await {
-                Ok(rows) => Ok::<_, StoreError>(rows.len() as u64),
+            let insert = async |c: &mut deadpool_postgres::Object| {
+                let tx = c.transaction().await?;
+                tx.execute(
+                    "SELECT pg_advisory_xact_lock($1, $2)",
+                    &[&LOCKS, &INGEST_LOCK],
+                )
+                .await?;
+                let n = tx.query(&st, &params).await?.len() as u64;
+                tx.commit().await?;
+                Ok::<_, tokio_postgres::Error>(n)
+            };
+            match insert(&mut c).await {
+                Ok(n) => Ok::<_, StoreError>(n),
                 // A partition another replica's retention dropped (their clocks differ):
                 // made again, once.
                 Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) => {
                     self.partitions_for(&mut c, &days, true).await?;
-                    Ok(c.query(&st, &params).await?.len() as u64)
+                    insert(&mut c).await.map_err(refused_record)
                 }
-                Err(e) => Err(e.into()),
+                Err(e) => Err(refused_record(e)),
             }
         })?;
         Ok(Ingested {
@@ -878,7 +970,7 @@ impl Store for PgStore {
         /// Rows fetched at a time: a node's whole chain is never held at once.
         const PAGE: i32 = 5_000;
         let node = text(node);
-        self.block(async {
+        self.block_for(Duration::from_secs(600), async {
             let mut c = self.client().await?;
             // One snapshot for the whole walk: records stored meanwhile are not half seen.
             let tx = c

@@ -431,6 +431,19 @@ fn connection_settings_are_checked_and_errors_say_what_was_wrong() {
     .to_string();
     assert!(e.contains("certificate"), "{e}");
 
+    // A database elsewhere without TLS: refused before anything is sent.
+    let e = PgStore::open(&pg_options(
+        "postgres://cp:hunter2@db.example.org/agentwall",
+    ))
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("the database is not on this machine: set database_ca")
+            && !e.contains("hunter2"),
+        "{e}"
+    );
+
     // Nothing listens there.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -451,10 +464,27 @@ fn connection_settings_are_checked_and_errors_say_what_was_wrong() {
     );
 }
 
-/// A name PostgreSQL cannot hold as text (NUL, escaped in the JSON) is stored all the same.
+/// A name PostgreSQL cannot hold as text (NUL, escaped in the JSON), or fields too long for
+/// an index entry, are stored all the same (the record whole, its indexed columns cut).
 #[test]
 fn a_record_whose_indexed_text_holds_nul_is_stored_by_both() {
     for f in both() {
+        let long = "x".repeat(20_000);
+        let text = serde_json::json!({
+            "kind": "decision", "time": format!("2026-11-23T00:00:01.000Z{long}"),
+            "verdict": long, "identity": format!("spiffe://example.org/{long}"), "service": long,
+        })
+        .to_string();
+        let r = Reported {
+            rid: 2,
+            record: serde_json::value::RawValue::from_string(text).unwrap(),
+        };
+        assert_eq!(
+            f.store.ingest("n1", 1, &[r]).unwrap().accepted,
+            1,
+            "{}",
+            f.name
+        );
         let text = r#"{"kind":"decision","time":"2026-11-23T00:00:01.000Z","verdict":"deny","identity":"spiffe://example.org/a\u0000b"}"#;
         let r = Reported {
             rid: 1,
@@ -467,7 +497,7 @@ fn a_record_whose_indexed_text_holds_nul_is_stored_by_both() {
             f.name
         );
         let page = f.store.flows(&FlowQuery::default()).unwrap();
-        assert_eq!(page.flows.len(), 1, "{}", f.name);
+        assert_eq!(page.flows.len(), 2, "{}", f.name);
     }
 }
 
@@ -812,4 +842,96 @@ fn records_are_filed_by_their_day_within_the_retention() {
     assert_eq!(day("").as_deref(), Some("2026-12-04"));
     assert_eq!(day("not a time").as_deref(), Some("2026-12-04"));
     assert_eq!(day("0000-01-01T00:00:00Z"), None);
+}
+
+/// Ids are given in commit order: a reader that follows new records with `after` while
+/// several report batches are stored at once sees every one of them.
+#[test]
+fn a_reader_paging_with_after_misses_nothing_stored_meanwhile() {
+    for f in both() {
+        let s = &*f.store;
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let seen = std::thread::scope(|t| {
+            let reader = t.spawn(|| {
+                let mut after = None;
+                let mut seen = std::collections::BTreeSet::new();
+                loop {
+                    let last = done.load(std::sync::atomic::Ordering::SeqCst);
+                    let page = s
+                        .flows(&FlowQuery {
+                            after,
+                            limit: Some(500),
+                            ..FlowQuery::default()
+                        })
+                        .unwrap();
+                    for fl in &page.flows {
+                        seen.insert((fl.node.clone(), fl.record["port"].as_u64().unwrap()));
+                    }
+                    if let Some(last_id) = page.flows.last().map(|fl| fl.id) {
+                        after = Some(last_id);
+                    } else if last {
+                        return seen;
+                    }
+                }
+            });
+            let writers: Vec<_> = (0..4)
+                .map(|w| {
+                    t.spawn(move || {
+                        for b in 0..25u64 {
+                            let batch: Vec<Reported> = (0..40u64)
+                                .map(|i| {
+                                    let text = format!(
+                                        r#"{{"kind":"decision","time":"2026-11-23T00:00:00.000Z","verdict":"deny","port":{}}}"#,
+                                        b * 40 + i
+                                    );
+                                    Reported {
+                                        rid: b * 40 + i + 1,
+                                        record: serde_json::value::RawValue::from_string(text)
+                                            .unwrap(),
+                                    }
+                                })
+                                .collect();
+                            s.ingest(&format!("n{w}"), 1, &batch).unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for w in writers {
+                w.join().unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            reader.join().unwrap()
+        });
+        assert_eq!(
+            seen.len(),
+            4 * 1000,
+            "{}: the reader missed records",
+            f.name
+        );
+    }
+}
+
+/// A node's last poll is noted by the database's clock, whatever the replica's says.
+#[test]
+fn nodes_are_seen_by_the_database_clock() {
+    let f = postgres();
+    let at = |t: &str| NodeSeen {
+        node: "spiffe://example.org/node/a".into(),
+        at: t.into(),
+        poll: crate::control_plane::PollRequest {
+            applied_version: Some(2),
+            agent_version: "x".into(),
+            ..Default::default()
+        },
+    };
+    f.store
+        .nodes_seen(&[at("2099-01-01T00:00:00.000Z")])
+        .unwrap();
+    let n = f.store.nodes().unwrap();
+    let now = crate::clock::now_rfc3339();
+    assert!(
+        n[0].last_seen.as_str() <= now.as_str() && n[0].last_seen[..10] == now[..10],
+        "{n:?} at {now}"
+    );
+    assert_eq!(n[0].applied_version, Some(2));
 }
