@@ -308,6 +308,28 @@ fn replicas_started_at_once_on_an_empty_database_all_serve() {
         let p = cp_json(&fx, &r.url, &sec, &["policy", "show"]);
         assert_eq!(p["revision"], rev.as_str(), "{p}");
     }
+    // A node that has seen more than a replica serves is sent elsewhere (409), not given
+    // the older bundle.
+    let node = fx.node_client(&replicas[0].url, "ahead");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let r: Result<agentwall::control_plane::PollReply, _> = rt.block_on(node.send_json(
+        hyper::Method::POST,
+        "/v1/node/poll",
+        &agentwall::control_plane::PollRequest {
+            known_version: 7,
+            agent_version: "x".into(),
+            ..Default::default()
+        },
+        Duration::from_secs(10),
+    ));
+    let e = r.expect_err("refused").to_string();
+    assert!(
+        e.contains("409") && e.contains("this replica serves version 1 and revocation generation 0, older than the node's 7 and 0"),
+        "{e}"
+    );
     let migrated: usize = replicas
         .iter()
         .map(|r| r.log_text().matches("database schema migrated").count())

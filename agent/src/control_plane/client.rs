@@ -151,6 +151,8 @@ fn is_failover(e: &ClientError) -> bool {
                 StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
             ) || (*status == StatusCode::SERVICE_UNAVAILABLE && retry_after.is_none())
                 || *status == StatusCode::INTERNAL_SERVER_ERROR
+                // A replica behind what the node has seen.
+                || *status == StatusCode::CONFLICT
         }
         _ => false,
     }

@@ -574,27 +574,41 @@ impl Server {
     }
 
     /// Why this replica must not answer a poll from a node that knows `known` (version,
-    /// generation): it has not seen the database for [`STALE`] (a partition), or the node
-    /// saw newer than it serves even after looking again. The node then moves to another.
-    fn behind(&self, known: (u64, u64)) -> Option<String> {
+    /// generation): it has not seen the database for [`STALE`] (503: a partition), or the
+    /// node saw newer than it serves even after looking again (409). Either way the node
+    /// moves to another replica.
+    fn behind(&self, known: (u64, u64)) -> Option<(StatusCode, String)> {
         self.store.changes()?;
         let age = self.caught_up.lock().expect("caught up").elapsed();
         if age > STALE {
-            return Some(format!(
-                "this replica has not reached the database for {} s; try another",
-                age.as_secs()
+            return Some((
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "this replica has not reached the database for {} s; try another",
+                    age.as_secs()
+                ),
             ));
         }
         let served = *self.changes.borrow();
         if known.0 > served.0 || known.1 > served.1 {
-            if let Err(e) = self.catch_up() {
-                return Some(format!("this replica cannot read the database: {e}"));
+            // Looked again at most once a second on a node's word: a node claiming numbers
+            // that do not exist cannot make every poll of its cost database reads.
+            if age > Duration::from_secs(1)
+                && let Err(e) = self.catch_up()
+            {
+                return Some((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("this replica cannot read the database: {e}"),
+                ));
             }
             let served = *self.changes.borrow();
             if known.0 > served.0 || known.1 > served.1 {
-                return Some(format!(
-                    "this replica serves version {} and revocation generation {}, older than the node's {} and {}; try another",
-                    served.0, served.1, known.0, known.1
+                return Some((
+                    StatusCode::CONFLICT,
+                    format!(
+                        "this replica serves version {} and revocation generation {}, older than the node's {} and {}; try another",
+                        served.0, served.1, known.0, known.1
+                    ),
                 ));
             }
         }
@@ -1221,7 +1235,8 @@ async fn post_revocation(
 /// A node's long-poll: answered when a newer bundle or revocation exists, or after the poll
 /// timeout with nothing new.
 #[utoipa::path(post, path = "/v1/node/poll", tag = "node", request_body = PollRequest,
-    responses((status = 200, description = "What is new (maybe nothing)", body = super::PollReply)))]
+    responses((status = 200, description = "What is new (maybe nothing)", body = super::PollReply),
+        (status = 409, description = "The node has seen a newer bundle version or revocation generation than this replica serves: ask another", body = ErrorBody)))]
 async fn node_poll(
     State(s): S,
     Extension(who): Extension<Principal>,
@@ -1239,14 +1254,14 @@ async fn node_poll(
     );
     let known = (req.known_version, req.revocation_gen);
     let s2 = s.clone();
-    if let Some(why) = tokio::task::spawn_blocking(move || s2.behind(known))
+    if let Some((status, why)) = tokio::task::spawn_blocking(move || s2.behind(known))
         .await
         .map_err(|e| Fail::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
     {
         if s.stats.refused(Refusal::Stale) {
             warn!(node = %who.name, reason = %why, "poll refused: this replica is behind");
         }
-        return Err(Fail::new(StatusCode::SERVICE_UNAVAILABLE, why));
+        return Err(Fail::new(status, why));
     }
     let mut rx = s.changes.subscribe();
     let wait = Duration::from_millis(req.wait_ms).min(s.poll_timeout);
