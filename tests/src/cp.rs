@@ -327,3 +327,64 @@ pub fn cp_json(fx: &CpFixture, url: &str, creds: &[&str], args: &[&str]) -> serd
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// The support agent's policy narrowed to 198.51.100.0/24 (what a second push makes of
+/// [`crate::node::SUPPORT_POLICY`]).
+pub const POLICY_B: &str = "\
+kind: AgentPolicy
+name: support
+identity: spiffe://example.org/agent/support
+egress:
+  - to: [198.51.100.0/24]
+    ports: [443]
+    protocol: tcp
+";
+
+/// Pushes `text` as `agents.yaml` (written under `fx.dir/NAME`) with the admin's
+/// certificate, through the control plane at `url`; returns the revision.
+pub fn push(fx: &CpFixture, url: &str, name: &str, text: &str) -> String {
+    let d = fx.dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("agents.yaml"), text).unwrap();
+    let admin = admin_creds(fx);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let r = cp_json(fx, url, &admin, &["policy", "push", d.to_str().unwrap()]);
+    r["revision"].as_str().unwrap().to_owned()
+}
+
+/// `--token-file` of the security reader.
+pub fn security(fx: &CpFixture) -> [String; 2] {
+    [
+        "--token-file".into(),
+        fx.security_token.display().to_string(),
+    ]
+}
+
+/// The node's flags for a control plane, then `extra`.
+pub fn node_args<'a>(flags: &'a [String], extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v: Vec<&str> = flags.iter().map(String::as_str).collect();
+    v.extend_from_slice(extra);
+    v
+}
+
+/// Stored decisions of the support agent with `verdict`, every page, read through `url`.
+pub fn stored(fx: &CpFixture, url: &str, verdict: &str) -> Vec<serde_json::Value> {
+    let sec = security(fx);
+    let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
+    let all = cp_json(
+        fx,
+        url,
+        &sec,
+        &[
+            "flows",
+            "--verdict",
+            verdict,
+            "--identity",
+            crate::node::SUPPORT_ID,
+            "--all",
+            "--limit",
+            "1000",
+        ],
+    );
+    all["flows"].as_array().unwrap().clone()
+}

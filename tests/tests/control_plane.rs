@@ -15,7 +15,10 @@ use agentwall::control_plane::{
 };
 use agentwall_tests::{
     SmallDisk,
-    cp::{ADMIN_ID, CpFixture, CpProc, NODE_ID, admin_creds, cp, cp_json},
+    cp::{
+        ADMIN_ID, CpFixture, CpProc, NODE_ID, POLICY_B, admin_creds, cp, cp_json, node_args, push,
+        security, stored,
+    },
     node::{
         NodeProc, SUPPORT_ID, SUPPORT_POLICY, agentwall, audit_records, eventually, launch_probe,
         loopback_addr, metric, run_json, scrape, setup, status_json, wait_status, write_cert,
@@ -612,60 +615,6 @@ fn a_revocation_wakes_every_waiting_node_at_once() {
 }
 
 const ID: &str = SUPPORT_ID;
-
-const POLICY_B: &str = "\
-kind: AgentPolicy
-name: support
-identity: spiffe://example.org/agent/support
-egress:
-  - to: [198.51.100.0/24]
-    ports: [443]
-    protocol: tcp
-";
-
-/// Pushes `text` as `agents.yaml` with the admin's certificate; returns the revision.
-fn push(fx: &CpFixture, url: &str, name: &str, text: &str) -> String {
-    let d = policy_dir(&fx.dir, name, &[("agents.yaml", text)]);
-    let admin = admin_creds(fx);
-    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
-    let r = cp_json(fx, url, &admin, &["policy", "push", d.to_str().unwrap()]);
-    r["revision"].as_str().unwrap().to_owned()
-}
-
-fn node_args<'a>(flags: &'a [String], extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v: Vec<&str> = flags.iter().map(String::as_str).collect();
-    v.extend_from_slice(extra);
-    v
-}
-
-fn security(fx: &CpFixture) -> [String; 2] {
-    [
-        "--token-file".into(),
-        fx.security_token.display().to_string(),
-    ]
-}
-
-/// Stored decisions of `ID` with `verdict`, every page.
-fn stored(fx: &CpFixture, url: &str, verdict: &str) -> Vec<serde_json::Value> {
-    let sec = security(fx);
-    let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
-    let all = cp_json(
-        fx,
-        url,
-        &sec,
-        &[
-            "flows",
-            "--verdict",
-            verdict,
-            "--identity",
-            ID,
-            "--all",
-            "--limit",
-            "1000",
-        ],
-    );
-    all["flows"].as_array().unwrap().clone()
-}
 
 #[test]
 fn a_push_is_enforced_on_the_node_and_its_denials_reach_security() {

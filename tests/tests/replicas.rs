@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use agentwall_tests::{
-    cp::{CpFixture, CpProc, NODE_ID, admin_creds, cp, cp_json},
+    cp::{
+        CpFixture, CpProc, NODE_ID, POLICY_B, admin_creds, cp, cp_json, node_args, push, security,
+        stored,
+    },
     node::{
         NodeProc, SUPPORT_ID, SUPPORT_POLICY, audit_records, eventually, launch_probe,
         loopback_addr, metric, scrape, setup, status_json, wait_status, write_cert,
@@ -14,62 +17,6 @@ use agentwall_tests::{
 };
 
 const ID: &str = SUPPORT_ID;
-
-const POLICY_B: &str = "\
-kind: AgentPolicy
-name: support
-identity: spiffe://example.org/agent/support
-egress:
-  - to: [198.51.100.0/24]
-    ports: [443]
-    protocol: tcp
-";
-
-/// Pushes `text` through the replica at `url` with the admin's certificate; the revision.
-fn push(fx: &CpFixture, url: &str, name: &str, text: &str) -> String {
-    let d = fx.dir.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("agents.yaml"), text).unwrap();
-    let admin = admin_creds(fx);
-    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
-    let r = cp_json(fx, url, &admin, &["policy", "push", d.to_str().unwrap()]);
-    r["revision"].as_str().unwrap().to_owned()
-}
-
-fn security(fx: &CpFixture) -> Vec<String> {
-    vec![
-        "--token-file".into(),
-        fx.security_token.display().to_string(),
-    ]
-}
-
-/// Stored records of `ID` with `verdict`, every page, read through `url`.
-fn stored(fx: &CpFixture, url: &str, verdict: &str) -> Vec<serde_json::Value> {
-    let sec = security(fx);
-    let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
-    let all = cp_json(
-        fx,
-        url,
-        &sec,
-        &[
-            "flows",
-            "--verdict",
-            verdict,
-            "--identity",
-            ID,
-            "--all",
-            "--limit",
-            "1000",
-        ],
-    );
-    all["flows"].as_array().unwrap().clone()
-}
-
-fn args<'a>(flags: &'a [String], extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v: Vec<&str> = flags.iter().map(String::as_str).collect();
-    v.extend_from_slice(extra);
-    v
-}
 
 /// A push and a revocation given to replica A reach a node that polls only replica B; what
 /// the node reports to B, security reads through A.
@@ -81,7 +28,7 @@ fn a_push_and_a_revocation_through_one_replica_are_enforced_by_a_node_on_another
     let a = CpProc::start_named(&fx, None, "cp-a");
     let b = CpProc::start_named(&fx, None, "cp-b");
     let flags = fx.node_flags(&b.url);
-    let node = NodeProc::start_with(&env, dir, &args(&flags, &[]));
+    let node = NodeProc::start_with(&env, dir, &node_args(&flags, &[]));
     let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
 
     let rev1 = push(&fx, &a.url, "v1", SUPPORT_POLICY);
@@ -181,7 +128,7 @@ fn a_replica_killed_under_a_stream_of_denials_loses_and_doubles_nothing() {
     let node = NodeProc::start_with(
         &env,
         dir,
-        &args(
+        &node_args(
             &flags,
             &[
                 "--aggregate-window-secs",
@@ -461,7 +408,7 @@ fn a_replica_cut_off_from_the_database_sends_its_nodes_elsewhere_and_none_goes_b
     let b = CpProc::start_with(&fx, None, "cp-b", &["--database", &through_relay]);
     let (a_url, b_url) = (a.url.clone(), b.url.clone());
     let flags = fx.node_flags_for(&[&b_url, &a_url]);
-    let node = NodeProc::start_with(&env, dir, &args(&flags, &[]));
+    let node = NodeProc::start_with(&env, dir, &node_args(&flags, &[]));
     let rev1 = push(&fx, &a_url, "v1", SUPPORT_POLICY);
     wait_status(&node.socket, "version 1 applied, from B", |s| {
         s["revision"] == rev1.as_str()

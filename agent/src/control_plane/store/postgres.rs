@@ -967,8 +967,6 @@ impl Store for PgStore {
         node: &str,
         check: &mut crate::control_plane::chain::ChainCheck,
     ) -> Result<bool, StoreError> {
-        /// Rows fetched at a time: a node's whole chain is never held at once.
-        const PAGE: i32 = 5_000;
         let node = text(node);
         self.block_for(Duration::from_secs(600), async {
             let mut c = self.client().await?;
@@ -993,15 +991,7 @@ impl Store for PgStore {
             let losses = tx
                 .bind("SELECT record FROM flows WHERE node = $1 AND kind = 'loss'", &[&node])
                 .await?;
-            loop {
-                let rows = tx.query_portal(&losses, PAGE).await?;
-                for r in &rows {
-                    check.loss(r.get::<_, &str>(0));
-                }
-                if rows.len() < PAGE as usize {
-                    break;
-                }
-            }
+            walk(&tx, &losses, |r| check.loss(r.get::<_, &str>(0))).await?;
             let chained = tx
                 .bind(
                     "SELECT id, record FROM flows WHERE node = $1 AND audit_seq IS NOT NULL
@@ -1009,15 +999,10 @@ impl Store for PgStore {
                     &[&node],
                 )
                 .await?;
-            loop {
-                let rows = tx.query_portal(&chained, PAGE).await?;
-                for r in &rows {
-                    check.record(r.get::<_, i64>(0) as u64, r.get::<_, &str>(1));
-                }
-                if rows.len() < PAGE as usize {
-                    break;
-                }
-            }
+            walk(&tx, &chained, |r| {
+                check.record(r.get::<_, i64>(0) as u64, r.get::<_, &str>(1))
+            })
+            .await?;
             // Records outside the chain (loss records of the spool and the outbox are, by
             // design): the ones a chain's own loss records do not account for are suspect.
             // Since the first chained record: what an earlier version sent is not suspect.
@@ -1037,6 +1022,22 @@ impl Store for PgStore {
 
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.changes.clone())
+    }
+}
+
+/// Each row of `portal`, a page at a time: a node's whole chain is never held at once.
+async fn walk(
+    tx: &tokio_postgres::Transaction<'_>,
+    portal: &tokio_postgres::Portal,
+    mut each: impl FnMut(&tokio_postgres::Row),
+) -> Result<(), tokio_postgres::Error> {
+    const PAGE: i32 = 5_000;
+    loop {
+        let rows = tx.query_portal(portal, PAGE).await?;
+        rows.iter().for_each(&mut each);
+        if rows.len() < PAGE as usize {
+            return Ok(());
+        }
     }
 }
 
