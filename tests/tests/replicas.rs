@@ -463,3 +463,187 @@ fn a_replica_cut_off_from_the_database_sends_its_nodes_elsewhere_and_none_goes_b
             && s["revision"] == rev2.as_str()
     });
 }
+
+/// The support identity allowed 203.0.113.0/24 only.
+const POLICY_C: &str = "\
+kind: AgentPolicy
+name: support
+identity: spiffe://example.org/agent/support
+egress:
+  - to: [203.0.113.0/24]
+    ports: [443]
+    protocol: tcp
+";
+
+/// Revokes `identity` fleet-wide through the control plane at `url`.
+fn revoke(fx: &CpFixture, url: &str, identity: &str) {
+    let admin = admin_creds(fx);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let out = cp(fx, url, &admin, &["revoke", identity]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The version of the newest bundle the control plane at `url` holds.
+fn version_at(fx: &CpFixture, url: &str) -> u64 {
+    let sec = security(fx);
+    let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
+    cp_json(fx, url, &sec, &["policy", "show"])["version"]
+        .as_u64()
+        .unwrap()
+}
+
+fn has_revoked(s: &serde_json::Value, identity: &str) -> bool {
+    s["revoked"]
+        .as_array()
+        .is_some_and(|r| r.iter().any(|x| x == identity))
+}
+
+/// A node whose control plane comes back on another database (a fresh one put in place
+/// of the old) takes that database's bundle and revocations, even where its numbers equal
+/// the ones the node knows: numbers of two databases say nothing of each other.
+#[test]
+fn a_node_moved_to_another_database_takes_its_bundle_and_revocations_at_equal_numbers() {
+    let (env, tmp, ca) = setup("cp-lineage", SUPPORT_POLICY);
+    let dir = tmp.path();
+    let fx = CpFixture::on(dir, true);
+    let a = CpProc::start_named(&fx, None, "cp-a");
+    let addr = a.addr;
+    let flags = fx.node_flags(&a.url);
+    let node = NodeProc::start_with(&env, dir, &node_args(&flags, &[]));
+    push(&fx, &a.url, "a1", SUPPORT_POLICY);
+    let rev_a2 = push(&fx, &a.url, "a2", POLICY_B);
+    let other_id = "spiffe://example.org/agent/other";
+    revoke(&fx, &a.url, other_id);
+    wait_status(
+        &node.socket,
+        "version 2 and generation 1 of the first database",
+        |s| s["revision"] == rev_a2.as_str() && has_revoked(s, other_id),
+    );
+    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(
+        probe.cmd("connect tcp 198.51.100.10 443"),
+        "err ENETUNREACH"
+    );
+
+    // The second database gets version 2 and generation 1 of its own before the node can
+    // see it; then its control plane takes the first one's place.
+    let second = agentwall::control_plane::store::scratch::database();
+    drop(a);
+    let b = CpProc::start_with(&fx, None, "cp-b-setup", &["--database", &second.url]);
+    push(&fx, &b.url, "b1", POLICY_B);
+    let rev_b2 = push(&fx, &b.url, "b2", POLICY_C);
+    revoke(&fx, &b.url, ID);
+    assert_eq!(version_at(&fx, &b.url), 2);
+    drop(b);
+    let _b = CpProc::start_with(&fx, Some(addr), "cp-b", &["--database", &second.url]);
+    wait_status(
+        &node.socket,
+        "the second database's version 2 and revocation",
+        |s| s["revision"] == rev_b2.as_str() && has_revoked(s, ID),
+    );
+    // Revocations only add up: the first database's stays.
+    assert!(has_revoked(&status_json(&node.socket), other_id));
+    assert_eq!(probe.cmd("connect tcp 203.0.113.10 443"), "err EPERM");
+    assert_eq!(probe.cmd("connect tcp 198.51.100.10 443"), "err EPERM");
+}
+
+/// The database goes back to an older state under a running replica (restored from a
+/// backup, a standby promoted without the last commits): pushes and revocations are
+/// numbered above what the replica served, so nodes take them. A replica started on it
+/// afterwards learns from the nodes what they hold (409 meanwhile: they keep what they
+/// have) and numbers above that.
+#[test]
+fn a_database_put_back_to_an_older_state_still_takes_pushes_and_revocations() {
+    let (env, tmp, ca) = setup("cp-restore", SUPPORT_POLICY);
+    let dir = tmp.path();
+    let fx = CpFixture::on(dir, true);
+    let db = fx.postgres.as_ref().unwrap().url.clone();
+    let a = CpProc::start_named(&fx, None, "cp-a");
+    let addr = a.addr;
+    let flags = fx.node_flags(&a.url);
+    let node = NodeProc::start_with(&env, dir, &node_args(&flags, &[]));
+    let (first, second, third) = (
+        "spiffe://example.org/agent/first",
+        "spiffe://example.org/agent/second",
+        "spiffe://example.org/agent/third",
+    );
+    push(&fx, &a.url, "v1", SUPPORT_POLICY);
+    let rev2 = push(&fx, &a.url, "v2", POLICY_B);
+    revoke(&fx, &a.url, first);
+    revoke(&fx, &a.url, second);
+    wait_status(&node.socket, "version 2 and generation 2", |s| {
+        s["revision"] == rev2.as_str() && has_revoked(s, second)
+    });
+    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(
+        probe.cmd("connect tcp 198.51.100.10 443"),
+        "err ENETUNREACH"
+    );
+
+    // Put back to a backup taken after version 1 and the first revocation.
+    let put_back =
+        "DELETE FROM policy WHERE version > 1; DELETE FROM revocations WHERE generation > 1";
+    agentwall::control_plane::store::scratch::admin(&db, put_back).unwrap();
+    let rev3 = push(&fx, &a.url, "v3", POLICY_C);
+    assert_eq!(version_at(&fx, &a.url), 3);
+    wait_status(
+        &node.socket,
+        "version 3, numbered above what A served",
+        |s| s["revision"] == rev3.as_str(),
+    );
+    assert_eq!(probe.cmd("connect tcp 203.0.113.10 443"), "err ENETUNREACH");
+    assert_eq!(probe.cmd("connect tcp 198.51.100.10 443"), "err EPERM");
+    revoke(&fx, &a.url, third);
+    wait_status(&node.socket, "the third revocation", |s| {
+        has_revoked(s, third)
+    });
+    // The second revocation is gone from the database: said, and kept by the node.
+    assert!(has_revoked(&status_json(&node.socket), second));
+    let log = a.log_text();
+    assert!(
+        log.contains("identities revoked before are missing from the database's revocation list")
+            && log.contains(second),
+        "{log}"
+    );
+
+    // Put back again, and A replaced by C, which serves version 1 and generation 1: the
+    // node, at 3 and 3, is refused (409) and keeps version 3; C learns from it.
+    agentwall::control_plane::store::scratch::admin(&db, put_back).unwrap();
+    drop(a);
+    let c = CpProc::start_named(&fx, Some(addr), "cp-c");
+    eventually(
+        "C noting that the node knows more than the database",
+        Duration::from_secs(60),
+        || match cp_counter(&fx, &c.url, "agentwall_cp_database_behind") {
+            1 => Ok(()),
+            n => Err(format!("{n}")),
+        },
+    );
+    assert_eq!(status_json(&node.socket)["revision"], rev3.as_str());
+    assert_eq!(probe.cmd("connect tcp 203.0.113.10 443"), "err ENETUNREACH");
+    // A revocation and a push through C are numbered above what the node holds.
+    revoke(&fx, &c.url, ID);
+    wait_status(&node.socket, "the revocation through C", |s| {
+        has_revoked(s, ID)
+    });
+    assert_eq!(probe.cmd("connect tcp 203.0.113.10 443"), "err EPERM");
+    let rev4 = push(&fx, &c.url, "v4", SUPPORT_POLICY);
+    assert_eq!(version_at(&fx, &c.url), 4);
+    wait_status(&node.socket, "version 4 through C", |s| {
+        s["revision"] == rev4.as_str()
+    });
+    eventually(
+        "C no longer behind",
+        Duration::from_secs(30),
+        || match cp_counter(&fx, &c.url, "agentwall_cp_database_behind") {
+            0 => Ok(()),
+            n => Err(format!("{n}")),
+        },
+    );
+}

@@ -110,6 +110,9 @@ struct LinkState {
     applied_version: Option<u64>,
     applied_revision: Option<String>,
     error: Option<String>,
+    /// The lineage of the database the numbers above came from.
+    #[serde(default)]
+    lineage: Option<String>,
 }
 
 impl LinkState {
@@ -198,6 +201,7 @@ impl Link {
                 error: st.error.clone(),
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
                 wait_ms: 25_000,
+                lineage: st.lineage.clone(),
             };
             let reply: Result<PollReply, ClientError> = self
                 .poll
@@ -221,11 +225,36 @@ impl Link {
                     continue;
                 }
             };
+            // Another database (a fresh one, or one put in place of the old): its numbers
+            // start again and say nothing of ours. The control plane answered this poll as
+            // if the node knew nothing, so its bundle and revocations are all here; taking
+            // them cannot undo a revocation (they only add up on a node).
+            let mut moved_lineage = false;
+            if let Some(now) = &reply.lineage
+                && st.lineage.as_ref() != Some(now)
+            {
+                if let Some(had) = &st.lineage {
+                    warn!(url = self.poll.url(), from = %had, to = %now, version = reply.version,
+                        "the control plane answers from another database: its bundle and revocations are taken as new");
+                    st.known_version = 0;
+                    st.revocation_gen = 0;
+                }
+                st.lineage = Some(now.clone());
+                moved_lineage = true;
+            }
             // Never back: an answer older than what this node already had comes from a
             // replica behind the others (or a database put back to an older state). The
-            // node keeps what it has and asks another.
-            if (reply.version < st.known_version) || reply.revocation_gen < st.revocation_gen {
+            // node keeps what it has and asks another. An answer older on one number and
+            // newer on the other (a database put back, then given a revocation) is taken
+            // for its newer part only.
+            let older =
+                reply.version < st.known_version || reply.revocation_gen < st.revocation_gen;
+            let newer = (reply.version > st.known_version && reply.bundle.is_some())
+                || reply.revocation_gen > st.revocation_gen;
+            if older {
                 self.stats.stale_answers.fetch_add(1, Relaxed);
+            }
+            if older && !newer {
                 error!(
                     url = self.poll.url(),
                     version = reply.version,
@@ -244,13 +273,13 @@ impl Link {
             }
             backoff = Backoff::default();
             self.stats.connected.store(true, Relaxed);
-            let mut changed = false;
-            if let Some(b) = reply.bundle {
+            let mut changed = moved_lineage;
+            if let Some(b) = reply.bundle.filter(|b| b.version > st.known_version) {
                 self.take_bundle(&node, &mut st, b).await;
                 changed = true;
             }
             let mut retry = false;
-            if reply.revocation_gen != st.revocation_gen {
+            if reply.revocation_gen > st.revocation_gen {
                 let ids = reply.revoked.clone();
                 let n = node.clone();
                 let failed = tokio::task::spawn_blocking(move || n.revoke_all(&ids))

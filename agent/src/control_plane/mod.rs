@@ -52,6 +52,10 @@ pub struct PollRequest {
     pub agent_version: String,
     /// How long the server may hold the request when nothing is new (capped by the server).
     pub wait_ms: u64,
+    /// The lineage of the database `known_version` and `revocation_gen` came from: a
+    /// control plane on another database answers as if the node knew nothing.
+    #[serde(default)]
+    pub lineage: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
@@ -67,6 +71,10 @@ pub struct PollReply {
     /// this node's certificate, or this node gave up on this poll's connection.
     #[serde(default)]
     pub replaced: bool,
+    /// The lineage of the control plane's database (made with it, kept by its backups):
+    /// numbers of another lineage are not comparable with these.
+    #[serde(default)]
+    pub lineage: Option<String>,
 }
 
 /// A batch of records from a node's spool. `epoch` is chosen when the spool is created and

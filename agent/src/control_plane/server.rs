@@ -303,6 +303,9 @@ struct Stats {
     /// Records removed to stay under `retention_max_bytes`.
     records_over_size: std::sync::atomic::AtomicU64,
     retention_failures: std::sync::atomic::AtomicU64,
+    /// 1 while the database holds older numbers than this replica served (put back to an
+    /// older state) or than nodes know.
+    database_behind: std::sync::atomic::AtomicU64,
 }
 
 impl Stats {
@@ -362,6 +365,10 @@ pub struct Server {
     /// With replicas: when this one last read the database's heads. Past [`STALE`], its
     /// polls are refused (503) so nodes move to a replica that can see the database.
     caught_up: Mutex<std::time::Instant>,
+    /// (version, generation) nodes of this database's lineage showed they know, above what
+    /// the database holds (it was put back to an older state): pushes and revocations are
+    /// numbered above them, so those nodes take them. Bounded by [`MAX_AHEAD`].
+    floor: Mutex<(u64, u64)>,
     /// Polls not yet written to the store (written once a second, in one transaction).
     seen: Mutex<HashMap<String, NodeSeen>>,
     /// The client-certificate verifier in force (CRLs reread), for per-request rechecks.
@@ -439,6 +446,7 @@ impl Server {
             changes,
             published: std::sync::RwLock::new(published),
             caught_up: Mutex::new(std::time::Instant::now()),
+            floor: Mutex::new((0, 0)),
             seen: Mutex::new(HashMap::new()),
             verifier: std::sync::OnceLock::new(),
         }))
@@ -544,6 +552,19 @@ impl Server {
             moved = true;
         }
         if let Some((generation, all)) = revocations.filter(|(g, _)| *g > p.generation) {
+            let now: std::collections::HashSet<&str> =
+                all.iter().map(|r| r.identity.as_str()).collect();
+            let lost: Vec<&String> = p
+                .revoked
+                .iter()
+                .filter(|i| !now.contains(i.as_str()))
+                .collect();
+            if !lost.is_empty() {
+                // Nodes that applied them keep them (revocations only add up on a node), but
+                // nodes that did not, and new ones, will not learn them from this database.
+                error!(identities = ?lost, generation,
+                    "identities revoked before are missing from the database's revocation list (was it put back to an older state?): revoke them again");
+            }
             p.generation = generation;
             p.revoked = Arc::new(all.into_iter().map(|r| r.identity).collect());
             moved = true;
@@ -558,6 +579,19 @@ impl Server {
         let looked = std::time::Instant::now();
         let (version, generation) = self.store.heads()?;
         let (served_version, served_generation) = *self.changes.borrow();
+        let above = self.number_above();
+        let behind = version < above.0 || generation < above.1;
+        if self
+            .stats
+            .database_behind
+            .swap(u64::from(behind), Ordering::Relaxed)
+            == 0
+            && behind
+        {
+            error!(database_version = version, database_generation = generation,
+                served_version, served_generation, floor = ?*self.floor.lock().expect("floor"),
+                "the database holds older numbers than this replica served (restored from a backup, or a standby promoted without the last commits): what was served stays, and the next push and revocation are numbered above it");
+        }
         let bundle = if version > served_version {
             self.store.policy(Some(version))?
         } else {
@@ -575,8 +609,10 @@ impl Server {
 
     /// Why this replica must not answer a poll from a node that knows `known` (version,
     /// generation): it has not seen the database for [`STALE`] (503: a partition), or the
-    /// node saw newer than it serves even after looking again (409). Either way the node
-    /// moves to another replica.
+    /// node saw newer than it serves even after looking again, and this replica has nothing
+    /// newer for it either (409). Either way the node moves to another replica. A node
+    /// ahead on one number and behind on the other is answered: it takes the newer part
+    /// (a newer revocation list is never held back by an older bundle, nor the reverse).
     fn behind(&self, known: (u64, u64)) -> Option<(StatusCode, String)> {
         self.store.changes()?;
         let age = self.caught_up.lock().expect("caught up").elapsed();
@@ -603,6 +639,10 @@ impl Server {
             }
             let served = *self.changes.borrow();
             if known.0 > served.0 || known.1 > served.1 {
+                self.raise_floor(known, served);
+            }
+            let news = served.0 > known.0 || served.1 > known.1;
+            if (known.0 > served.0 || known.1 > served.1) && !news {
                 return Some((
                     StatusCode::CONFLICT,
                     format!(
@@ -613,6 +653,37 @@ impl Server {
             }
         }
         None
+    }
+
+    /// Notes numbers a node of this lineage knows above what this replica serves after
+    /// looking again: the database was put back to an older state (or the node lies, which
+    /// [`MAX_AHEAD`] bounds). The next push and revocation are numbered above them.
+    fn raise_floor(&self, known: (u64, u64), served: (u64, u64)) {
+        let bounded = (
+            known.0.min(served.0.saturating_add(MAX_AHEAD)),
+            known.1.min(served.1.saturating_add(MAX_AHEAD)),
+        );
+        let mut f = self.floor.lock().expect("floor");
+        let raised = (f.0.max(bounded.0), f.1.max(bounded.1));
+        if raised != *f {
+            *f = raised;
+            self.stats.database_behind.store(1, Ordering::Relaxed);
+            error!(
+                node_version = known.0,
+                node_generation = known.1,
+                database_version = served.0,
+                database_generation = served.1,
+                "a node knows newer numbers than the database holds (restored from a backup?): it keeps what it has until a push or revocation numbered above them"
+            );
+        }
+    }
+
+    /// What a push (`.0`) and a revocation (`.1`) are numbered above: what this replica
+    /// served and what nodes showed they know.
+    fn number_above(&self) -> (u64, u64) {
+        let served = *self.changes.borrow();
+        let f = *self.floor.lock().expect("floor");
+        (served.0.max(f.0), served.1.max(f.1))
     }
 
     /// Writes the polls noted since the last flush.
@@ -1055,7 +1126,8 @@ async fn put_policy(
     let store = s.store.clone();
     let by = who.name.clone();
     let revision = set.revision.clone();
-    let bundle = blocking(move || store.push_policy(&revision, &files, &by)).await?;
+    let above = s.number_above().0;
+    let bundle = blocking(move || store.push_policy(&revision, &files, &by, above)).await?;
     info!(principal = %who.name, version = bundle.version, revision = %bundle.revision,
         identities = set.agents.len(), "policy pushed");
     s.publish(Some(&bundle), None);
@@ -1218,8 +1290,9 @@ async fn post_revocation(
     })?;
     let store = s.store.clone();
     let (ident, by) = (id.to_string(), who.name.clone());
+    let above = s.number_above().1;
     let (generation, all) = blocking(move || {
-        let generation = store.revoke(&ident, &by)?;
+        let generation = store.revoke(&ident, &by, above)?;
         // The whole list once, for every poll that needs it.
         Ok((generation, store.revocations()?))
     })
@@ -1252,7 +1325,18 @@ async fn node_poll(
             poll: req.clone(),
         },
     );
-    let known = (req.known_version, req.revocation_gen);
+    // A node that knows another database's lineage knows numbers that say nothing here: it
+    // is answered as a node that knows nothing (it takes this database's bundle and list).
+    // A node that names no lineage (an older agentwall) is taken at its numbers.
+    let known = if req
+        .lineage
+        .as_deref()
+        .is_none_or(|l| l == s.store.lineage())
+    {
+        (req.known_version, req.revocation_gen)
+    } else {
+        (0, 0)
+    };
     let s2 = s.clone();
     if let Some((status, why)) = tokio::task::spawn_blocking(move || s2.behind(known))
         .await
@@ -1272,23 +1356,22 @@ async fn node_poll(
         rx.borrow_and_update();
         let p = s.published.read().expect("published").clone();
         let (version, generation) = (p.version, p.generation);
-        let news =
-            (version != 0 && version != req.known_version) || generation != req.revocation_gen;
+        // Only newer: an older bundle or list (a node ahead on one number) is not sent.
+        let news = version > known.0 || generation > known.1;
         if news || replaced || tokio::time::Instant::now() >= deadline {
-            let revoked: &[String] = if generation != req.revocation_gen {
+            let revoked: &[String] = if generation > known.1 {
                 &p.revoked
             } else {
                 &[]
             };
-            let bundle = (version != 0 && version != req.known_version)
-                .then_some(p.bundle)
-                .flatten();
+            let bundle = (version > known.0).then_some(p.bundle).flatten();
             let body = serde_json::to_vec(&PollReplyOut {
                 version,
                 bundle: bundle.as_deref(),
                 revocation_gen: generation,
                 revoked,
                 replaced,
+                lineage: s.store.lineage(),
             })
             .expect("replies serialize");
             return Ok((
@@ -1448,6 +1531,12 @@ async fn get_metrics(State(s): S) -> Response {
             "Retention passes that failed (retried a minute later).",
             st.retention_failures.load(Ordering::Relaxed),
         ),
+        (
+            "agentwall_cp_database_behind",
+            "gauge",
+            "1 while the database holds older bundle or revocation numbers than this replica served or nodes know (put back to an older state).",
+            st.database_behind.load(Ordering::Relaxed),
+        ),
     ] {
         let _ = writeln!(
             out,
@@ -1474,6 +1563,7 @@ struct PollReplyOut<'a> {
     revoked: &'a [String],
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     replaced: bool,
+    lineage: &'a str,
 }
 
 /// A batch of a node's records (gzip with `Content-Encoding: gzip`, or plain JSON). A batch
@@ -1895,6 +1985,11 @@ const CATCH_UP: Duration = Duration::from_secs(5);
 /// Longest a replica answers polls without having read the database's heads; past it,
 /// polls get 503 so nodes move to another replica.
 const STALE: Duration = Duration::from_secs(15);
+
+/// How far above what a replica serves a node's word may raise the numbers it gives
+/// ([`Server::raise_floor`]): past any honest gap (pushes made after a backup), far from
+/// the end of the numbers however often a lying node says so.
+const MAX_AHEAD: u64 = 1 << 20;
 
 /// How often records past the retention are looked for.
 const RETAIN_EVERY: Duration = Duration::from_secs(60);

@@ -36,6 +36,8 @@ pub enum StoreError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("database: {0}")]
     Pool(String),
+    #[error("no number is left above {0}")]
+    Exhausted(u64),
     #[error("stored data unreadable: {0}")]
     Corrupt(String),
 }
@@ -50,12 +52,18 @@ pub struct NodeSeen {
 
 /// Everything the server keeps.
 pub trait Store: Send + Sync {
-    /// Stores a validated bundle as the next version.
+    /// The database's lineage: made with the database, the same for every replica on it and
+    /// kept by its backups. Another lineage is another database, whose numbers say nothing
+    /// about this one's.
+    fn lineage(&self) -> &str;
+    /// Stores a validated bundle as the next version, numbered above `above` too: what a
+    /// replica served, which a database put back to an older state no longer holds.
     fn push_policy(
         &self,
         revision: &str,
         files: &[BundleFile],
         by: &str,
+        above: u64,
     ) -> Result<Bundle, StoreError>;
     /// A bundle by version, or the newest one.
     fn policy(&self, version: Option<u64>) -> Result<Option<Bundle>, StoreError>;
@@ -76,9 +84,9 @@ pub trait Store: Send + Sync {
     /// How the database runs the flows query `q` (its plan, one step a line): which index
     /// each filter uses.
     fn explain_flows(&self, q: &FlowQuery) -> Result<String, StoreError>;
-    /// Revokes an identity fleet-wide; returns the new revocation generation (unchanged when
-    /// it was already revoked).
-    fn revoke(&self, identity: &str, by: &str) -> Result<u64, StoreError>;
+    /// Revokes an identity fleet-wide; returns the new revocation generation, numbered above
+    /// `above` too (unchanged when it was already revoked).
+    fn revoke(&self, identity: &str, by: &str, above: u64) -> Result<u64, StoreError>;
     /// The revocation generation and every revocation.
     fn revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError>;
     /// Walks what is held of `node`'s audit chain: each chained record (stored id, text) in
@@ -95,6 +103,14 @@ pub trait Store: Send + Sync {
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
+}
+
+/// A number to give above, as both databases keep numbers (64-bit signed).
+fn number(above: u64) -> Result<i64, StoreError> {
+    i64::try_from(above)
+        .ok()
+        .filter(|n| *n < i64::MAX)
+        .ok_or(StoreError::Exhausted(above))
 }
 
 /// What is kept of stored records (`retention_days`, `retention_max_bytes`).

@@ -13,7 +13,7 @@ use tokio_postgres::{
 };
 use tracing::{info, warn};
 
-use super::{Arg, NodeSeen, Row, Store, StoreError, now};
+use super::{Arg, NodeSeen, Row, Store, StoreError, now, number};
 use crate::control_plane::{
     Bundle, BundleFile, FlowPage, FlowQuery, Ingested, NodeInfo, Reported, Revocation,
 };
@@ -134,7 +134,13 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
         identity TEXT NOT NULL UNIQUE,
         at TEXT NOT NULL,
         by TEXT NOT NULL
-    );"];
+    );",
+    // The database's lineage: made once with the database and kept by its backups, so a
+    // node can tell another database (a fresh one, whose numbers start again) from a
+    // replica of the one it knows.
+    "CREATE TABLE agentwall_lineage (id TEXT NOT NULL);
+    INSERT INTO agentwall_lineage (id) SELECT replace(gen_random_uuid()::text, '-', '');",
+];
 
 pub struct PgStore {
     /// Drives the connections; the store's calls block on it (they are made off the
@@ -145,6 +151,7 @@ pub struct PgStore {
     retention: super::Retention,
     /// The days whose partition this process made or saw.
     partitions: std::sync::Mutex<std::collections::HashSet<String>>,
+    lineage: String,
 }
 
 impl Drop for PgStore {
@@ -266,18 +273,20 @@ impl PgStore {
             }
         }
         .map_err(|e| fail(e.to_string()))?;
-        let store = Self {
+        let mut store = Self {
             rt: Some(rt),
             pool,
             changes,
             retention: o.retention,
             partitions: std::sync::Mutex::default(),
+            lineage: String::new(),
         };
-        store.block(store.migrate(&what)).map_err(|e| match e {
+        let lineage = store.block(store.migrate(&what)).map_err(|e| match e {
             e @ StoreError::TooNew { .. } => e,
             StoreError::Postgres(e) => fail(describe(&e)),
             e => fail(e.to_string()),
         })?;
+        store.lineage = lineage;
         Ok(store)
     }
 
@@ -309,7 +318,8 @@ impl PgStore {
         self.pool.get().await.map_err(pool_error)
     }
 
-    async fn migrate(&self, what: &str) -> Result<(), StoreError> {
+    /// Migrates the schema; the database's lineage.
+    async fn migrate(&self, what: &str) -> Result<String, StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
         tx.execute(
@@ -346,8 +356,12 @@ impl PgStore {
                 .await?;
             info!(database = %what, from = found, to = known, "database schema migrated");
         }
+        let lineage: String = tx
+            .query_one("SELECT id FROM agentwall_lineage", &[])
+            .await?
+            .get(0);
         tx.commit().await?;
-        Ok(())
+        Ok(lineage)
     }
 }
 
@@ -580,14 +594,20 @@ fn values(args: Vec<Arg>) -> Vec<Box<dyn ToSql + Sync + Send>> {
 }
 
 impl Store for PgStore {
+    fn lineage(&self) -> &str {
+        &self.lineage
+    }
+
     fn push_policy(
         &self,
         revision: &str,
         files: &[BundleFile],
         by: &str,
+        above: u64,
     ) -> Result<Bundle, StoreError> {
         let files_text = serde_json::to_string(files).expect("files serialize");
         let at = now();
+        let above = number(above)?;
         let version: i64 = self.block(async {
             let mut c = self.client().await?;
             let tx = c.transaction().await?;
@@ -599,9 +619,9 @@ impl Store for PgStore {
             let v: i64 = tx
                 .query_one(
                     "INSERT INTO policy (version, revision, pushed_at, pushed_by, files)
-                     SELECT COALESCE(MAX(version), 0) + 1, $1, $2, $3, $4 FROM policy
+                     SELECT GREATEST(COALESCE(MAX(version), 0), $5) + 1, $1, $2, $3, $4 FROM policy
                      RETURNING version",
-                    &[&revision, &at, &by, &files_text],
+                    &[&revision, &at, &by, &files_text, &above],
                 )
                 .await?
                 .get(0);
@@ -908,8 +928,9 @@ impl Store for PgStore {
         )
     }
 
-    fn revoke(&self, identity: &str, by: &str) -> Result<u64, StoreError> {
+    fn revoke(&self, identity: &str, by: &str, above: u64) -> Result<u64, StoreError> {
         let (identity, at) = (text(identity), now());
+        let above = number(above)?;
         self.block(async {
             let mut c = self.client().await?;
             let tx = c.transaction().await?;
@@ -921,9 +942,9 @@ impl Store for PgStore {
             let added = tx
                 .execute(
                     "INSERT INTO revocations (generation, identity, at, by)
-                     SELECT COALESCE(MAX(generation), 0) + 1, $1, $2, $3 FROM revocations
+                     SELECT GREATEST(COALESCE(MAX(generation), 0), $4) + 1, $1, $2, $3 FROM revocations
                      ON CONFLICT (identity) DO NOTHING",
-                    &[&identity, &at, &by],
+                    &[&identity, &at, &by, &above],
                 )
                 .await?;
             if added == 1 {

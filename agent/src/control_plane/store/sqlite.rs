@@ -4,7 +4,7 @@ use std::{path::Path, sync::Mutex};
 
 use rusqlite::{Connection, OptionalExtension as _, params};
 
-use super::{Arg, NodeSeen, Row, Store, StoreError, now};
+use super::{Arg, NodeSeen, Row, Store, StoreError, now, number};
 use crate::control_plane::{
     Bundle, BundleFile, FlowPage, FlowQuery, Ingested, NodeInfo, Reported, Revocation,
 };
@@ -68,6 +68,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX flows_dest_id ON flows (dest, id);
     CREATE INDEX flows_service_id ON flows (service, id);
     CREATE INDEX flows_tagged ON flows (id) WHERE service IS NOT NULL;",
+    // The database's lineage: made once with the database and kept by its copies, so a
+    // node can tell another database (a fresh one, whose numbers start again) from the one
+    // it knows.
+    "CREATE TABLE lineage (id TEXT NOT NULL);
+    INSERT INTO lineage (id) VALUES (lower(hex(randomblob(16))));",
 ];
 
 /// Rows removed per transaction by retention: short enough that reports stored meanwhile
@@ -83,6 +88,7 @@ pub struct SqliteStore {
     /// other reads do not wait behind them.
     path: std::path::PathBuf,
     retention: super::Retention,
+    lineage: String,
 }
 
 /// A connection's lock; one a panic left poisoned is still usable (SQLite rolled back
@@ -129,7 +135,9 @@ impl SqliteStore {
         }
         let reader = Connection::open(path).map_err(|e| open_err(&e))?;
         reader.busy_timeout(std::time::Duration::from_secs(5))?;
+        let lineage = reader.query_row("SELECT id FROM lineage", [], |r| r.get(0))?;
         Ok(Self {
+            lineage,
             writer: Mutex::new(writer),
             path: path.to_owned(),
             reader: Mutex::new(reader),
@@ -158,18 +166,25 @@ fn values(args: Vec<Arg>) -> impl Iterator<Item = rusqlite::types::Value> {
 }
 
 impl Store for SqliteStore {
+    fn lineage(&self) -> &str {
+        &self.lineage
+    }
+
     fn push_policy(
         &self,
         revision: &str,
         files: &[BundleFile],
         by: &str,
+        above: u64,
     ) -> Result<Bundle, StoreError> {
         let text = serde_json::to_string(files).expect("files serialize");
         let at = now();
+        let above = number(above)?;
         let db = lock(&self.writer);
         db.execute(
-            "INSERT INTO policy (revision, pushed_at, pushed_by, files) VALUES (?1, ?2, ?3, ?4)",
-            params![revision, at, by, text],
+            "INSERT INTO policy (version, revision, pushed_at, pushed_by, files)
+             SELECT max(COALESCE(MAX(version), 0), ?5) + 1, ?1, ?2, ?3, ?4 FROM policy",
+            params![revision, at, by, text, above],
         )?;
         Ok(Bundle {
             version: db.last_insert_rowid() as u64,
@@ -382,11 +397,13 @@ impl Store for SqliteStore {
         Ok((v as u64, g as u64))
     }
 
-    fn revoke(&self, identity: &str, by: &str) -> Result<u64, StoreError> {
+    fn revoke(&self, identity: &str, by: &str, above: u64) -> Result<u64, StoreError> {
+        let above = number(above)?;
         let db = lock(&self.writer);
         db.execute(
-            "INSERT OR IGNORE INTO revocations (identity, at, by) VALUES (?1, ?2, ?3)",
-            params![identity, now(), by],
+            "INSERT OR IGNORE INTO revocations (generation, identity, at, by)
+             SELECT max(COALESCE(MAX(generation), 0), ?4) + 1, ?1, ?2, ?3 FROM revocations",
+            params![identity, now(), by, above],
         )?;
         Ok(db.query_row(
             "SELECT COALESCE(MAX(generation), 0) FROM revocations",

@@ -242,38 +242,61 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
         name: "a.yaml".into(),
         text: "x".into(),
     }];
+    // Numbers go on from the highest stored, and above what the caller says it served (a
+    // database put back to an older state): 2 → 6, and a revocation already made keeps
+    // its generation.
     let fill = |s: &dyn Store| {
-        assert_eq!(s.push_policy("r1", &files, "admin").unwrap().version, 1);
-        assert_eq!(s.push_policy("r2", &files, "admin").unwrap().version, 2);
-        assert_eq!(s.revoke("spiffe://example.org/a", "admin").unwrap(), 1);
-        assert_eq!(s.revoke("spiffe://example.org/a", "admin").unwrap(), 1);
-        assert_eq!(s.revoke("spiffe://example.org/b", "admin").unwrap(), 2);
-        assert_eq!(s.heads().unwrap(), (2, 2));
+        assert_eq!(s.push_policy("r1", &files, "admin", 0).unwrap().version, 1);
+        assert_eq!(s.push_policy("r2", &files, "admin", 0).unwrap().version, 2);
+        assert_eq!(s.push_policy("r6", &files, "admin", 5).unwrap().version, 6);
+        assert_eq!(s.revoke("spiffe://example.org/a", "admin", 0).unwrap(), 1);
+        assert_eq!(s.revoke("spiffe://example.org/a", "admin", 9).unwrap(), 1);
+        assert_eq!(s.revoke("spiffe://example.org/b", "admin", 1).unwrap(), 2);
+        assert_eq!(s.revoke("spiffe://example.org/c", "admin", 6).unwrap(), 7);
+        let e = s
+            .revoke("spiffe://example.org/d", "admin", u64::MAX)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("no number is left above {}", u64::MAX)
+        );
+        assert_eq!(s.heads().unwrap(), (6, 7));
+        assert_eq!(s.lineage().len(), 32, "{}", s.lineage());
+        s.lineage().to_owned()
     };
-    let kept = |s: &dyn Store| {
-        assert_eq!(s.policy(None).unwrap().unwrap().revision, "r2");
+    let kept = |s: &dyn Store, lineage: &str| {
+        assert_eq!(s.policy(None).unwrap().unwrap().revision, "r6");
         assert_eq!(s.policy(Some(1)).unwrap().unwrap().revision, "r1");
         assert!(s.policy(Some(3)).unwrap().is_none());
-        assert_eq!(s.revocations().unwrap().0, 2);
-        assert_eq!(s.heads().unwrap(), (2, 2));
+        assert_eq!(s.revocations().unwrap().0, 7);
+        assert_eq!(s.heads().unwrap(), (6, 7));
+        assert_eq!(s.lineage(), lineage);
     };
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cp.db");
-    fill(&SqliteStore::open(&path, KEEP).unwrap());
-    kept(&SqliteStore::open(&path, KEEP).unwrap());
+    let lineage = fill(&SqliteStore::open(&path, KEEP).unwrap());
+    kept(&SqliteStore::open(&path, KEEP).unwrap(), &lineage);
+    // Another database, another lineage.
+    let other = SqliteStore::open(&dir.path().join("other.db"), KEEP).unwrap();
+    assert_ne!(other.lineage(), lineage);
     let c = rusqlite::Connection::open(&path).unwrap();
     c.pragma_update(None, "user_version", 99).unwrap();
     drop(c);
     let e = SqliteStore::open(&path, KEEP).err().unwrap().to_string();
     assert!(
-        e.contains("has schema version 99; this agentwall knows up to 3"),
+        e.contains("has schema version 99; this agentwall knows up to 4"),
         "{e}"
     );
 
     let db = scratch::database();
-    fill(&PgStore::open(&pg_options(&db.url)).unwrap());
-    kept(&PgStore::open(&pg_options(&db.url)).unwrap());
+    let lineage = fill(&PgStore::open(&pg_options(&db.url)).unwrap());
+    kept(&PgStore::open(&pg_options(&db.url)).unwrap(), &lineage);
+    let other = scratch::database();
+    assert_ne!(
+        PgStore::open(&pg_options(&other.url)).unwrap().lineage(),
+        lineage
+    );
     scratch::admin(&db.url, "UPDATE agentwall_schema SET version = 99").unwrap();
     let e = PgStore::open(&pg_options(&db.url))
         .err()
@@ -282,7 +305,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     let shown = crate::config::control_plane::redact_url(&db.url);
     assert!(
         e.contains(&format!(
-            "database {shown} has schema version 99; this agentwall knows up to 1"
+            "database {shown} has schema version 99; this agentwall knows up to 2"
         )),
         "{e}"
     );
@@ -309,6 +332,7 @@ fn replicas_on_one_database_migrate_once_and_hear_each_other() {
             .collect()
     });
     let (a, b) = (&opened[0], &opened[1]);
+    assert!(opened.iter().all(|s| s.lineage() == a.lineage()));
     let mut heard = b.changes().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -331,10 +355,10 @@ fn replicas_on_one_database_migrate_once_and_hear_each_other() {
         name: "a.yaml".into(),
         text: "x".into(),
     }];
-    assert_eq!(a.push_policy("r1", &files, "admin").unwrap().version, 1);
+    assert_eq!(a.push_policy("r1", &files, "admin", 0).unwrap().version, 1);
     let after_push = wait(start);
     assert_eq!(b.heads().unwrap(), (1, 0));
-    assert_eq!(a.revoke("spiffe://example.org/a", "admin").unwrap(), 1);
+    assert_eq!(a.revoke("spiffe://example.org/a", "admin", 0).unwrap(), 1);
     wait(after_push);
     assert_eq!(b.heads().unwrap(), (1, 1));
     assert_eq!(
@@ -349,8 +373,9 @@ fn replicas_on_one_database_migrate_once_and_hear_each_other() {
             let files = &files;
             t.spawn(move || {
                 for j in 0..10 {
-                    s.push_policy(&format!("r{i}-{j}"), files, "admin").unwrap();
-                    s.revoke(&format!("spiffe://example.org/{i}/{j}"), "admin")
+                    s.push_policy(&format!("r{i}-{j}"), files, "admin", 0)
+                        .unwrap();
+                    s.revoke(&format!("spiffe://example.org/{i}/{j}"), "admin", 0)
                         .unwrap();
                 }
             });
