@@ -191,6 +191,19 @@ impl Database {
         if text.is_empty() {
             Err("database is empty: name an SQLite file or a postgres:// URL".into())
         } else if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            // The client takes the credentials to the first `@`: a second one means an `@`
+            // in the password, whose tail would then be read as the host and shown in every
+            // error. (The URL itself is not shown here for the same reason.)
+            let after = text.split_once("://").map_or(text, |(_, r)| r);
+            if after
+                .split_once('@')
+                .is_some_and(|(_, rest)| rest.contains('@'))
+            {
+                return Err(
+                    "database: the URL has more than one '@': write an '@' in the user name or password as %40"
+                        .into(),
+                );
+            }
             Ok(Database::Postgres(text.to_owned()))
         } else {
             Ok(Database::Sqlite(PathBuf::from(text)))
@@ -653,6 +666,10 @@ mod tests {
                 "client_crl is set and the database is PostgreSQL: set state_dir",
             ),
             ("database = \"\"\n", "database is empty"),
+            (
+                "database = \"postgres://cp:hunter@2@db/agentwall\"\n",
+                "database: the URL has more than one '@': write an '@' in the user name or password as %40",
+            ),
         ] {
             let e = ServerConfig::parse(
                 Path::new("/srv/cp/cp.toml"),
@@ -660,7 +677,7 @@ mod tests {
             )
             .unwrap_err()
             .to_string();
-            assert!(e.contains(says), "{e}");
+            assert!(e.contains(says) && !e.contains("hunter"), "{e}");
         }
     }
 

@@ -299,7 +299,7 @@ impl Client {
             let at = self.current.load(Relaxed);
             let sent = std::sync::atomic::AtomicBool::new(false);
             let r = self
-                .request_at(at, method.clone(), path, body.clone(), timeout, &sent)
+                .request_at(at, method.clone(), path, body.clone(), timeout, &sent, once)
                 .await;
             if once && sent.load(Relaxed) {
                 return r;
@@ -334,7 +334,9 @@ impl Client {
         }
     }
 
-    /// One request to the `at`-th URL; `sent` is set once its bytes may have left.
+    /// One request to the `at`-th URL; `sent` is set once its bytes may have left. A
+    /// request sent `once` is not sent again on a new connection either.
+    #[allow(clippy::too_many_arguments)]
     async fn request_at(
         &self,
         at: usize,
@@ -343,6 +345,7 @@ impl Client {
         body: Option<(Bytes, bool)>,
         timeout: Duration,
         sent: &std::sync::atomic::AtomicBool,
+        once: bool,
     ) -> Result<(StatusCode, Bytes, Option<u64>), ClientError> {
         let ep = &self.endpoints[at];
         let fut = async {
@@ -402,8 +405,12 @@ impl Client {
                         return Ok((status, bytes, retry_after));
                     }
                     // A kept-alive connection the server closed meanwhile: once more on a
-                    // new one.
-                    Err(e) if attempt == 0 && (e.is_closed() || e.is_incomplete_message()) => {
+                    // new one (not a push: its bytes may have reached the server).
+                    Err(e)
+                        if attempt == 0
+                            && !once
+                            && (e.is_closed() || e.is_incomplete_message()) =>
+                    {
                         continue;
                     }
                     Err(e) => {
@@ -508,6 +515,106 @@ impl Client {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, atomic::AtomicUsize};
+
+    /// A TLS server on loopback that reads each request's head and closes the connection
+    /// without an answer (a replica that died while the request was in it); counts the
+    /// requests that reached it.
+    async fn mute_server(ca: &std::path::Path) -> (String, Arc<AtomicUsize>) {
+        use rcgen::{CertificateParams, IsCa, Issuer, KeyPair};
+        use tokio::io::AsyncReadExt as _;
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        std::fs::write(ca, p.self_signed(&ca_key).unwrap().pem()).unwrap();
+        let issuer = Issuer::new(p, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let cfg = rustls::ServerConfig::builder_with_provider(crate::identity::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let heard = Arc::new(AtomicUsize::new(0));
+        let h = heard.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (acceptor, h) = (acceptor.clone(), h.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+        });
+        (url, heard)
+    }
+
+    /// A push whose bytes reached a replica that then died is sent neither to another
+    /// replica nor again to the same one (it may have been stored); a poll is.
+    #[tokio::test]
+    async fn a_push_that_left_is_sent_once_and_a_poll_again() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, heard_a) = mute_server(&dir.path().join("a.pem")).await;
+        let (b, heard_b) = mute_server(&dir.path().join("b.pem")).await;
+        let bundle = dir.path().join("cas.pem");
+        std::fs::write(
+            &bundle,
+            [
+                std::fs::read_to_string(dir.path().join("a.pem")).unwrap(),
+                std::fs::read_to_string(dir.path().join("b.pem")).unwrap(),
+            ]
+            .concat(),
+        )
+        .unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "admin-token-0123456789").unwrap();
+        let c = super::Client::new(&crate::config::control_plane::ClientConfig {
+            url: None,
+            urls: vec![a, b],
+            ca: Some(bundle),
+            cert: None,
+            key: None,
+            token_file: Some(token),
+            spool_max_bytes: None,
+        })
+        .unwrap();
+        let body = Some((bytes::Bytes::from_static(b"{}"), false));
+        let timeout = std::time::Duration::from_secs(10);
+        let e = c
+            .request(hyper::Method::PUT, "/v1/policy", body.clone(), timeout)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, super::ClientError::Unreachable { .. }), "{e}");
+        assert_eq!((heard_a.load(SeqCst), heard_b.load(SeqCst)), (1, 0));
+        // A poll: again on a new connection, then at the next replica.
+        c.request(hyper::Method::POST, "/v1/node/poll", body, timeout)
+            .await
+            .unwrap_err();
+        assert!(heard_a.load(SeqCst) >= 2 && heard_b.load(SeqCst) >= 1);
+    }
+
     #[test]
     fn retry_after_is_read_as_seconds_or_as_a_date() {
         let now: jiff::Timestamp = "2026-12-03T08:49:30Z".parse().unwrap();

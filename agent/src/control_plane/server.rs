@@ -100,9 +100,21 @@ impl IntoResponse for Fail {
 }
 
 impl From<StoreError> for Fail {
+    /// What went wrong is logged, not sent: a caller (a node) has no business with the
+    /// database's errors.
     fn from(e: StoreError) -> Self {
         error!(error = %e, "storage failed");
-        Fail::new(StatusCode::INTERNAL_SERVER_ERROR, format!("storage: {e}"))
+        if e.is_busy() {
+            Fail::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database is unavailable or busy now; send this again (the control plane's log says why)",
+            )
+        } else {
+            Fail::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage failed (the control plane's log says why)",
+            )
+        }
     }
 }
 
@@ -303,6 +315,8 @@ struct Stats {
     /// Records removed to stay under `retention_max_bytes`.
     records_over_size: std::sync::atomic::AtomicU64,
     retention_failures: std::sync::atomic::AtomicU64,
+    /// Retention passes left to another replica, which held the retention lock.
+    retention_skipped: std::sync::atomic::AtomicU64,
     /// 1 while the database holds older numbers than this replica served (put back to an
     /// older state) or than nodes know.
     database_behind: std::sync::atomic::AtomicU64,
@@ -632,9 +646,10 @@ impl Server {
             if age > Duration::from_secs(1)
                 && let Err(e) = self.catch_up()
             {
+                error!(error = %e, "reading what the database holds failed");
                 return Some((
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("this replica cannot read the database: {e}"),
+                    "this replica cannot read the database now; try another".to_owned(),
                 ));
             }
             let served = *self.changes.borrow();
@@ -1532,6 +1547,12 @@ async fn get_metrics(State(s): S) -> Response {
             st.retention_failures.load(Ordering::Relaxed),
         ),
         (
+            "agentwall_cp_retention_skipped_total",
+            "counter",
+            "Retention passes this replica left to another, which was removing records then.",
+            st.retention_skipped.load(Ordering::Relaxed),
+        ),
+        (
             "agentwall_cp_database_behind",
             "gauge",
             "1 while the database holds older bundle or revocation numbers than this replica served or nodes know (put back to an older state).",
@@ -2233,7 +2254,13 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
                         st.records_expired.fetch_add(r.expired, Ordering::Relaxed);
                         st.records_over_size
                             .fetch_add(r.over_size, Ordering::Relaxed);
-                        if r != super::store::Retained::default() {
+                        if r.skipped {
+                            server
+                                .stats
+                                .retention_skipped
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                        if r.expired + r.over_size > 0 {
                             info!(
                                 expired = r.expired,
                                 over_size = r.over_size,

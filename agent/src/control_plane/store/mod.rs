@@ -42,6 +42,33 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// The database could not do it now (unreachable, a lock or a statement timed out, no
+    /// connection free) but may a moment later: the caller may send it again.
+    pub fn is_busy(&self) -> bool {
+        match self {
+            Self::Pool(_) => true,
+            Self::Postgres(e) => match e.code() {
+                // No answer from the server: the connection failed.
+                None => true,
+                Some(c) => {
+                    let c = c.code();
+                    c.starts_with("08")
+                        || c.starts_with("53")
+                        || c.starts_with("57")
+                        || c.starts_with("40")
+                        || c == "55P03"
+                }
+            },
+            Self::Sqlite(e) => matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// A node's poll, noted at `at`.
 #[derive(Clone, Debug)]
 pub struct NodeSeen {
@@ -136,6 +163,8 @@ pub struct Retained {
     pub expired: u64,
     /// Records removed, oldest first, to keep under `retention_max_bytes`.
     pub over_size: u64,
+    /// Another replica was removing them (it held the retention lock).
+    pub skipped: bool,
 }
 
 /// Today (UTC), as records are filed.

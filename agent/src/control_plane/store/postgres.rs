@@ -64,7 +64,7 @@ const CHANNEL: &str = "agentwall_changes";
 /// numbering of bundle versions and revocation generations. Each is taken for one
 /// transaction, so two replicas never migrate at once nor give out one number twice, and
 /// numbers become visible in the order they were given.
-const LOCKS: i32 = 0x6177_6c6c; // "awll"
+pub(super) const LOCKS: i32 = 0x6177_6c6c; // "awll"
 const SCHEMA_LOCK: i32 = 1;
 const POLICY_LOCK: i32 = 2;
 const REVOKE_LOCK: i32 = 3;
@@ -73,13 +73,27 @@ const PARTITION_LOCK: i32 = 4;
 /// a reader paging with `after` never passes an id that a batch still in flight would
 /// fill in below it.
 const INGEST_LOCK: i32 = 6;
-const RETAIN_LOCK: i32 = 5;
+pub(super) const RETAIN_LOCK: i32 = 5;
 
-/// Connections each replica holds at most.
+/// Connections each replica holds at most, besides [`CONTROL_POOL_SIZE`] and the one
+/// listening for changes.
 const POOL_SIZE: usize = 16;
+const CONTROL_POOL_SIZE: usize = 2;
 
 /// Longest one store call may take (a node's whole audit chain excepted).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest one statement may run, on the database's side (`statement_timeout`).
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(50);
+
+/// Longest a new day's partition waits for its lock on `flows` (behind a retention pass
+/// detaching one): the batch that needs it is refused as busy and sent again, rather than
+/// every report waiting in line behind it.
+const PARTITION_LOCK_TIMEOUT: &str = "5s";
+
+/// Longest a retention pass may take, from this side (it waits for readers older than
+/// the partition it detaches; it runs off the request path).
+const RETAIN_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// Records are kept in one partition of `flows` per day they are filed under
 /// ([`super::file_day`]): retention drops whole partitions, which costs the reports stored
@@ -147,6 +161,10 @@ pub struct PgStore {
     /// server's async workers, as every store call is).
     rt: Option<tokio::runtime::Runtime>,
     pool: Pool,
+    /// A few connections of their own for what replicas must always manage: reading the
+    /// heads (catch-up), bundles and revocations, and making pushes and revocations. Report
+    /// batches waiting on the database cannot take them all.
+    control: Pool,
     changes: tokio::sync::watch::Receiver<u64>,
     retention: super::Retention,
     /// The days whose partition this process made or saw.
@@ -235,6 +253,16 @@ impl PgStore {
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(10));
         config.tcp_user_timeout(Duration::from_secs(20));
+        // The database ends a statement before this process gives up on it (a call is
+        // given up after CALL_TIMEOUT), so a connection goes back to the pool idle; and it
+        // notices a client that went away while a statement waits (on a lock), so what the
+        // statement held is let go.
+        let options = format!(
+            "{} -c statement_timeout={} -c client_connection_check_interval=10000",
+            config.get_options().unwrap_or_default(),
+            STATEMENT_TIMEOUT.as_millis()
+        );
+        config.options(options.trim());
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("agentwall-db")
@@ -242,7 +270,7 @@ impl PgStore {
             .build()
             .map_err(|e| fail(format!("starting the database runtime: {e}")))?;
         let (tx, changes) = tokio::sync::watch::channel(0u64);
-        let pool = match &o.ca {
+        let (pool, control) = match &o.ca {
             Some(ca) => {
                 let roots = crate::pem::roots([ca.as_path()]).map_err(|e| fail(e.to_string()))?;
                 let tls = rustls::ClientConfig::builder_with_provider(crate::identity::provider())
@@ -276,6 +304,7 @@ impl PgStore {
         let mut store = Self {
             rt: Some(rt),
             pool,
+            control,
             changes,
             retention: o.retention,
             partitions: std::sync::Mutex::default(),
@@ -316,6 +345,10 @@ impl PgStore {
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(pool_error)
+    }
+
+    async fn control_client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.control.get().await.map_err(pool_error)
     }
 
     /// Migrates the schema; the database's lineage.
@@ -396,6 +429,14 @@ impl PgStore {
             return Ok(());
         }
         let tx = c.transaction().await?;
+        // Made as a table, then attached: attaching locks `flows` only against other
+        // attaches and detaches (SHARE UPDATE EXCLUSIVE), where `CREATE TABLE ... PARTITION
+        // OF` would lock out every report and reader (ACCESS EXCLUSIVE) while it waits
+        // behind a long reader. Waits are bounded: the batch is refused as busy instead.
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = '{PARTITION_LOCK_TIMEOUT}'"
+        ))
+        .await?;
         tx.execute(
             "SELECT pg_advisory_xact_lock($1, $2)",
             &[&LOCKS, &PARTITION_LOCK],
@@ -405,9 +446,32 @@ impl PgStore {
             let d = time::Date::parse(day, super::DAY)
                 .map_err(|e| StoreError::Corrupt(format!("day {day}: {e}")))?;
             let next = super::day_text(d.next_day().unwrap_or(d));
+            let name = partition(day);
+            let (exists, attached): (bool, bool) = {
+                let r = tx
+                    .query_one(
+                        "SELECT to_regclass($1) IS NOT NULL,
+                                EXISTS (SELECT 1 FROM pg_inherits
+                                        WHERE inhrelid = to_regclass($1) AND inhparent = 'flows'::regclass)",
+                        &[&name],
+                    )
+                    .await?;
+                (r.get(0), r.get(1))
+            };
+            if attached {
+                continue;
+            }
+            // A table left detached by a retention pass cut short before its drop is
+            // attached again with what it holds: nothing leaves uncounted, and the next
+            // pass decides again.
+            if !exists {
+                tx.batch_execute(&format!(
+                    "CREATE TABLE {name} (LIKE flows INCLUDING DEFAULTS)"
+                ))
+                .await?;
+            }
             tx.batch_execute(&format!(
-                "CREATE TABLE IF NOT EXISTS {} PARTITION OF flows FOR VALUES FROM ('{day}') TO ('{next}')",
-                partition(day)
+                "ALTER TABLE flows ATTACH PARTITION {name} FOR VALUES FROM ('{day}') TO ('{next}')"
             ))
             .await?;
         }
@@ -442,8 +506,28 @@ impl PgStore {
         Ok(all)
     }
 
-    /// Detaches and drops `name`; the records it held.
-    async fn drop_partition(
+    /// Tables named as partitions that are not attached to `flows`: left by a retention
+    /// pass cut short between its detach and its drop. (A partition being made is attached
+    /// in the transaction that makes it, so none is seen half made.)
+    async fn orphans(&self, c: &deadpool_postgres::Object) -> Result<Vec<String>, StoreError> {
+        let rows = c
+            .query(
+                "SELECT c.relname::text FROM pg_class c
+                 WHERE c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = 'flows'::regclass) AND c.relkind = 'r'
+                   AND c.relname LIKE 'flows\\_d%'
+                   AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid)",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .filter(|n| partition_day(n).is_some())
+            .collect())
+    }
+
+    /// Drops the table `name` (detached); the records it held.
+    async fn drop_table(
         &self,
         c: &deadpool_postgres::Object,
         name: &str,
@@ -452,6 +536,23 @@ impl PgStore {
             .query_one(&format!("SELECT COUNT(*) FROM {name}"), &[])
             .await?
             .get(0);
+        c.batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
+            .await?;
+        if let Some(d) = partition_day(name) {
+            self.partitions
+                .lock()
+                .expect("partitions")
+                .remove(&super::day_text(d));
+        }
+        Ok(n as u64)
+    }
+
+    /// Detaches and drops `name`; the records it held.
+    async fn drop_partition(
+        &self,
+        c: &deadpool_postgres::Object,
+        name: &str,
+    ) -> Result<u64, StoreError> {
         // Concurrently: reports stored meanwhile are not held up. A detach cut short before
         // (a crash) is finished first.
         if let Err(e) = c
@@ -469,25 +570,35 @@ impl PgStore {
             ))
             .await?;
         }
-        c.batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
-            .await?;
-        if let Some(d) = partition_day(name) {
-            self.partitions
-                .lock()
-                .expect("partitions")
-                .remove(&super::day_text(d));
-        }
-        Ok(n as u64)
+        self.drop_table(c, name).await
     }
 }
 
-/// The pool, and the task that listens for changes (it ticks `tx`).
+/// A pooled connection that is closed when dropped instead of going back to the pool.
+struct Discarded(Option<deadpool_postgres::Object>);
+
+impl Discarded {
+    fn get(&mut self) -> &mut deadpool_postgres::Object {
+        self.0.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Discarded {
+    fn drop(&mut self) {
+        if let Some(o) = self.0.take() {
+            drop(deadpool_postgres::Object::take(o));
+        }
+    }
+}
+
+/// The pools (reports and reads; control), and the task that listens for changes (it
+/// ticks `tx`).
 fn start<T>(
     rt: &tokio::runtime::Runtime,
     config: Config,
     tls: T,
     tx: tokio::sync::watch::Sender<u64>,
-) -> Result<Pool, deadpool_postgres::BuildError>
+) -> Result<(Pool, Pool), deadpool_postgres::BuildError>
 where
     T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
     T::Stream: Sync + Send,
@@ -501,15 +612,28 @@ where
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    let pool = Pool::builder(manager)
-        .max_size(POOL_SIZE)
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .wait_timeout(Some(Duration::from_secs(30)))
-        .create_timeout(Some(Duration::from_secs(10)))
-        .recycle_timeout(Some(Duration::from_secs(5)))
-        .build()?;
+    let build = |manager, size| {
+        Pool::builder(manager)
+            .max_size(size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .build()
+    };
+    let pool = build(manager, POOL_SIZE)?;
+    let control = build(
+        Manager::from_config(
+            config.clone(),
+            tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        ),
+        CONTROL_POOL_SIZE,
+    )?;
     rt.spawn(listen(config, tls, tx));
-    Ok(pool)
+    Ok((pool, control))
 }
 
 /// Listens on [`CHANNEL`] over a connection of its own, for as long as anyone watches `tx`;
@@ -609,7 +733,7 @@ impl Store for PgStore {
         let at = now();
         let above = number(above)?;
         let version: i64 = self.block(async {
-            let mut c = self.client().await?;
+            let mut c = self.control_client().await?;
             let tx = c.transaction().await?;
             tx.execute(
                 "SELECT pg_advisory_xact_lock($1, $2)",
@@ -641,7 +765,7 @@ impl Store for PgStore {
 
     fn policy(&self, version: Option<u64>) -> Result<Option<Bundle>, StoreError> {
         let row = self.block(async {
-            let c = self.client().await?;
+            let c = self.control_client().await?;
             Ok::<_, StoreError>(match version {
                 Some(v) => {
                     c.query_opt(
@@ -675,7 +799,7 @@ impl Store for PgStore {
 
     fn heads(&self) -> Result<(u64, u64), StoreError> {
         self.block(async {
-            let c = self.client().await?;
+            let c = self.control_client().await?;
             let r = c
                 .query_one(
                     "SELECT (SELECT COALESCE(MAX(version), 0) FROM policy),
@@ -835,18 +959,23 @@ impl Store for PgStore {
         let first = today
             .checked_sub(time::Duration::days(i64::from(self.retention.days)))
             .unwrap_or(time::Date::MIN);
-        self.block(async {
-            let mut c = self.client().await?;
+        self.block_for(RETAIN_TIMEOUT, async {
+            // A connection of this pass alone, closed at its end however it ends (a
+            // timeout included): the session lock below and anything a statement cut short
+            // held go with it, never back to the pool.
+            let mut c = Discarded(Some(self.client().await?));
             let mut out = super::Retained::default();
-            // Today's and tomorrow's partitions ahead of the reports that need them.
+            // Today's and the next two days' partitions ahead of the reports that need
+            // them, so the report path makes none in the normal course.
             let ahead: std::collections::BTreeSet<String> =
-                [today, today.next_day().unwrap_or(today)]
-                    .into_iter()
+                std::iter::successors(Some(today), |d| d.next_day())
+                    .take(3)
                     .map(super::day_text)
                     .collect();
-            self.partitions_for(&mut c, &ahead, false).await?;
+            self.partitions_for(c.get(), &ahead, false).await?;
             // One replica at a time; the others find nothing left to do.
             let locked: bool = c
+                .get()
                 .query_one(
                     "SELECT pg_try_advisory_lock($1, $2)",
                     &[&LOCKS, &RETAIN_LOCK],
@@ -854,41 +983,49 @@ impl Store for PgStore {
                 .await?
                 .get(0);
             if !locked {
+                out.skipped = true;
                 return Ok(out);
             }
-            let r = async {
-                let all = self.partitions(&c).await?;
-                for (name, _) in all.iter().filter(|(_, d)| *d < first) {
-                    out.expired += self.drop_partition(&c, name).await?;
+            let c = c.get();
+            // The database waits for readers older than a partition it detaches, however
+            // long they take: this pass runs off the request path.
+            c.batch_execute("SET statement_timeout = 0").await?;
+            // Tables a pass cut short detached and did not drop.
+            for name in self.orphans(c).await? {
+                let n = self.drop_table(c, &name).await?;
+                if partition_day(&name).is_some_and(|d| d < first) {
+                    out.expired += n;
+                } else {
+                    out.over_size += n;
                 }
-                if let Some(max) = self.retention.max_bytes {
-                    let mut kept: Vec<(String, time::Date, u64)> = Vec::new();
-                    for (name, day) in all.into_iter().filter(|(_, d)| *d >= first) {
-                        let size: i64 = c
-                            .query_one(
-                                "SELECT pg_total_relation_size($1::text::regclass)",
-                                &[&name],
-                            )
-                            .await?
-                            .get(0);
-                        kept.push((name, day, size as u64));
-                    }
-                    let mut total: u64 = kept.iter().map(|(_, _, s)| s).sum();
-                    // Whole days, oldest first; never today's or a later one.
-                    for (name, day, size) in &kept {
-                        if total <= max || *day >= today {
-                            break;
-                        }
-                        out.over_size += self.drop_partition(&c, name).await?;
-                        total -= size;
-                    }
-                }
-                Ok::<_, StoreError>(())
             }
-            .await;
-            c.execute("SELECT pg_advisory_unlock($1, $2)", &[&LOCKS, &RETAIN_LOCK])
-                .await?;
-            r.map(|()| out)
+            let all = self.partitions(c).await?;
+            for (name, _) in all.iter().filter(|(_, d)| *d < first) {
+                out.expired += self.drop_partition(c, name).await?;
+            }
+            if let Some(max) = self.retention.max_bytes {
+                let mut kept: Vec<(String, time::Date, u64)> = Vec::new();
+                for (name, day) in all.into_iter().filter(|(_, d)| *d >= first) {
+                    let size: i64 = c
+                        .query_one(
+                            "SELECT pg_total_relation_size($1::text::regclass)",
+                            &[&name],
+                        )
+                        .await?
+                        .get(0);
+                    kept.push((name, day, size as u64));
+                }
+                let mut total: u64 = kept.iter().map(|(_, _, s)| s).sum();
+                // Whole days, oldest first; never today's or a later one.
+                for (name, day, size) in &kept {
+                    if total <= max || *day >= today {
+                        break;
+                    }
+                    out.over_size += self.drop_partition(c, name).await?;
+                    total -= size;
+                }
+            }
+            Ok(out)
         })
     }
 
@@ -932,7 +1069,7 @@ impl Store for PgStore {
         let (identity, at) = (text(identity), now());
         let above = number(above)?;
         self.block(async {
-            let mut c = self.client().await?;
+            let mut c = self.control_client().await?;
             let tx = c.transaction().await?;
             tx.execute(
                 "SELECT pg_advisory_xact_lock($1, $2)",
@@ -962,7 +1099,7 @@ impl Store for PgStore {
 
     fn revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError> {
         let all: Vec<Revocation> = self.block(async {
-            let c = self.client().await?;
+            let c = self.control_client().await?;
             let rows = c
                 .query(
                     "SELECT identity, generation, at, by FROM revocations ORDER BY generation",
@@ -1123,6 +1260,60 @@ pub mod scratch {
         })
         .join()
         .map_err(|_| "the admin thread panicked".to_owned())?
+    }
+
+    /// A session that ran `sql` and is kept open (with what it holds: a transaction, a
+    /// lock) until this is dropped.
+    pub struct Held(
+        Option<std::sync::mpsc::Sender<()>>,
+        Option<std::thread::JoinHandle<()>>,
+    );
+
+    /// Runs `sql` as the admin on a session kept open until the answer is dropped; waits
+    /// until `sql` is done.
+    pub fn hold(url: &str, sql: &str) -> Held {
+        let (url, sql) = (url.to_owned(), sql.to_owned());
+        let (done, ready) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let config = tokio_postgres::Config::from_str(&url).expect("a URL");
+                let (client, conn) = match config.connect(tokio_postgres::NoTls).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = done.send(Err(super::describe(&e)));
+                        return;
+                    }
+                };
+                let driver = tokio::spawn(conn);
+                let r = client
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(|e| format!("{sql}: {}", super::describe(&e)));
+                let _ = done.send(r);
+                let _ = tokio::task::spawn_blocking(move || stopped.recv()).await;
+                drop(client);
+                let _ = driver.await;
+            });
+        });
+        ready
+            .recv()
+            .expect("the holding thread answers")
+            .unwrap_or_else(|e| panic!("{e}"));
+        Held(Some(stop), Some(thread))
+    }
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            drop(self.0.take());
+            if let Some(t) = self.1.take() {
+                let _ = t.join();
+            }
+        }
     }
 
     /// `url` with its database replaced by `db`.

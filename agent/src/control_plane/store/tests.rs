@@ -631,7 +631,7 @@ fn retention_removes_what_is_past_it_and_stores_nothing_past_it() {
             s.retain(later).unwrap(),
             Retained {
                 expired: 1,
-                over_size: 0
+                ..Retained::default()
             },
             "{}",
             f.name
@@ -959,4 +959,74 @@ fn nodes_are_seen_by_the_database_clock() {
         "{n:?} at {now}"
     );
     assert_eq!(n[0].applied_version, Some(2));
+}
+
+/// A day's partition is made beside readers that hold `flows` (an audit chain walk holds a
+/// transaction for minutes) and never makes reports wait in line: one that cannot get its
+/// lock soon (a retention pass detaching) refuses its batch as busy, while batches for
+/// days that have a partition go on. A retention pass cut short between detach and drop
+/// is finished by the next, and one replica's pass at a time.
+#[test]
+fn partitions_are_made_beside_readers_and_retention_leaves_nothing_behind() {
+    let today = today();
+    let db = scratch::database();
+    let s = PgStore::open(&PgOptions {
+        retention: Retention {
+            days: 30,
+            max_bytes: None,
+        },
+        ..pg_options(&db.url)
+    })
+    .unwrap();
+    let id = "spiffe://example.org/a";
+    let one =
+        |rid: u64, day: time::Date| s.ingest("n1", 1, &[at(rid, &noon(day), id, "203.0.113.1", 0)]);
+    assert_eq!(one(1, today).unwrap().accepted, 1);
+    let reader = scratch::hold(&db.url, "BEGIN; SELECT count(*) FROM flows");
+    assert_eq!(one(2, days_ago(today, 20)).unwrap().accepted, 1);
+    drop(reader);
+
+    let detaching = scratch::hold(
+        &db.url,
+        "BEGIN; LOCK TABLE flows IN SHARE UPDATE EXCLUSIVE MODE",
+    );
+    let e = one(3, days_ago(today, 21)).unwrap_err();
+    assert!(e.is_busy(), "{e}");
+    assert_eq!(one(4, today).unwrap().accepted, 1);
+    drop(detaching);
+    assert_eq!(one(3, days_ago(today, 21)).unwrap().accepted, 1);
+
+    // Detached, not dropped (a pass cut short): the next pass drops it (its record
+    // counted), and a record of that day later makes the partition again.
+    let detach = |n: i64| {
+        scratch::admin(
+            &db.url,
+            &format!(
+                "ALTER TABLE flows DETACH PARTITION flows_d{}",
+                day_text(days_ago(today, n)).replace('-', "")
+            ),
+        )
+        .unwrap();
+    };
+    detach(20);
+    let r = s.retain(today).unwrap();
+    assert_eq!((r.expired + r.over_size, r.skipped), (1, false));
+    assert_eq!(one(5, days_ago(today, 20)).unwrap().accepted, 1);
+    // A record of a day whose table is left detached attaches it again, with what it held.
+    detach(21);
+    assert_eq!(one(6, days_ago(today, 21)).unwrap().accepted, 1);
+    assert_eq!(times_kept(&s).len(), 5, "{:?}", times_kept(&s));
+
+    // Another replica's pass holds the retention lock: this one's is left to it.
+    let other = scratch::hold(
+        &db.url,
+        &format!(
+            "SELECT pg_advisory_lock({}, {})",
+            postgres::LOCKS,
+            postgres::RETAIN_LOCK
+        ),
+    );
+    assert!(s.retain(today).unwrap().skipped);
+    drop(other);
+    assert!(!s.retain(today).unwrap().skipped);
 }
