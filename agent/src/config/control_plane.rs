@@ -94,8 +94,9 @@ pub struct ServerConfig {
     /// when it arrives is not stored (counted as expired).
     #[serde(default = "default_retention_days")]
     pub retention_days: u32,
-    /// Most bytes the stored records may take in the database; the oldest go first past it.
-    /// Default: no limit but `retention_days`.
+    /// Most bytes of records held (their text as sent); past it the node holding the most
+    /// loses its oldest first, down to the next holder's level. Default: no limit but
+    /// `retention_days`.
     #[serde(default)]
     pub retention_max_bytes: Option<u64>,
     /// Longest a node's long-poll is held, in seconds (default 25).

@@ -156,6 +156,21 @@ impl Default for Retention {
     }
 }
 
+/// Rows read at a time when evicting a node's oldest records past `retention_max_bytes`.
+const EVICT_BATCH: i64 = 2_000;
+
+/// Of `rows` (id, bytes) in id order, the last id to remove to free at least `bytes`.
+fn evict_through(rows: &[(i64, i64)], bytes: u64) -> Option<i64> {
+    let mut freed = 0u64;
+    for (id, b) in rows {
+        freed += (*b).max(0) as u64;
+        if freed >= bytes {
+            return Some(*id);
+        }
+    }
+    rows.last().map(|(id, _)| *id)
+}
+
 /// What one pass of [`Store::retain`] removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Retained {
@@ -165,6 +180,25 @@ pub struct Retained {
     pub over_size: u64,
     /// Another replica was removing them (it held the retention lock).
     pub skipped: bool,
+}
+
+/// Under `retention_max_bytes`, whose records go next, and how many of their bytes: the
+/// node holding the most, so a node's flood (records dated today, say) evicts its own before
+/// anyone else's history; down to the next-largest holder at most, so holders are levelled
+/// rather than one emptied. `held`: bytes of records per node. None when within `max`.
+fn evict_next(held: &[(String, u64)], max: u64) -> Option<(&str, u64)> {
+    let total: u64 = held.iter().map(|(_, b)| b).sum();
+    if total <= max {
+        return None;
+    }
+    let mut by_size: Vec<&(String, u64)> = held.iter().filter(|(_, b)| *b > 0).collect();
+    by_size.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let (node, most) = by_size.first()?;
+    let next = by_size.get(1).map_or(0, |(_, b)| *b);
+    // Holders level with each other give a share each of what is over, not a row each.
+    let over = total - max;
+    let share = over.div_ceil(by_size.len() as u64);
+    Some((node, over.min((most - next).max(share)).max(1)))
 }
 
 /// Today (UTC), as records are filed.

@@ -154,6 +154,16 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
     // replica of the one it knows.
     "CREATE TABLE agentwall_lineage (id TEXT NOT NULL);
     INSERT INTO agentwall_lineage (id) SELECT replace(gen_random_uuid()::text, '-', '');",
+    // Bytes of records held per node and day: what `retention_max_bytes` counts, and whose
+    // records go first past it (the largest holder's).
+    "CREATE TABLE record_bytes (
+        node TEXT NOT NULL,
+        day DATE NOT NULL,
+        bytes BIGINT NOT NULL,
+        PRIMARY KEY (node, day)
+    );
+    INSERT INTO record_bytes (node, day, bytes)
+        SELECT node, day, SUM(octet_length(record)) FROM flows GROUP BY node, day;",
 ];
 
 pub struct PgStore {
@@ -539,6 +549,11 @@ impl PgStore {
         c.batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
             .await?;
         if let Some(d) = partition_day(name) {
+            c.execute(
+                "DELETE FROM record_bytes WHERE day = $1::text::date",
+                &[&super::day_text(d)],
+            )
+            .await?;
             self.partitions
                 .lock()
                 .expect("partitions")
@@ -572,6 +587,54 @@ impl PgStore {
         }
         self.drop_table(c, name).await
     }
+}
+
+/// Removes `node`'s oldest records, at least `bytes` of them (one batch at most), in one
+/// transaction with their count in `record_bytes`; how many.
+async fn evict(
+    c: &mut deadpool_postgres::Object,
+    node: &str,
+    bytes: u64,
+) -> Result<u64, StoreError> {
+    let tx = c.transaction().await?;
+    let rows: Vec<(i64, i64)> = tx
+        .query(
+            "SELECT id, octet_length(record)::bigint FROM flows WHERE node = $1 ORDER BY id LIMIT $2",
+            &[&node, &super::EVICT_BATCH],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let Some(through) = super::evict_through(&rows, bytes) else {
+        // Counted but not held (cannot be, but must not loop forever).
+        tx.execute("DELETE FROM record_bytes WHERE node = $1", &[&node])
+            .await?;
+        tx.commit().await?;
+        return Ok(0);
+    };
+    let n: i64 = tx
+        .query_one(
+            "WITH gone AS (
+                 DELETE FROM flows WHERE node = $1 AND id <= $2
+                 RETURNING day, octet_length(record)::bigint AS b
+             ), per_day AS (SELECT day, SUM(b)::bigint AS b, COUNT(*) AS n FROM gone GROUP BY day),
+             counted AS (
+                 UPDATE record_bytes r SET bytes = r.bytes - p.b FROM per_day p
+                 WHERE r.node = $1 AND r.day = p.day
+             )
+             SELECT COALESCE(SUM(n), 0)::bigint FROM per_day",
+            &[&node, &through],
+        )
+        .await?
+        .get(0);
+    tx.execute(
+        "DELETE FROM record_bytes WHERE node = $1 AND bytes <= 0",
+        &[&node],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(n as u64)
 }
 
 /// A pooled connection that is closed when dropped instead of going back to the pool.
@@ -919,7 +982,7 @@ impl Store for PgStore {
                          WITH ORDINALITY AS u(rid, kind, time, verdict, identity, dest, service, record, seq, hash, day, i)
                      ORDER BY i
                      ON CONFLICT DO NOTHING
-                     RETURNING 1",
+                     RETURNING day::text, octet_length(record)::bigint",
                 )
                 .await?;
             let params: [&(dyn ToSql + Sync); 13] = [
@@ -933,9 +996,22 @@ impl Store for PgStore {
                     &[&LOCKS, &INGEST_LOCK],
                 )
                 .await?;
-                let n = tx.query(&st, &params).await?.len() as u64;
+                let stored = tx.query(&st, &params).await?;
+                let mut by_day: std::collections::BTreeMap<String, i64> =
+                    std::collections::BTreeMap::new();
+                for r in &stored {
+                    *by_day.entry(r.get(0)).or_default() += r.get::<_, i64>(1);
+                }
+                let (days, bytes): (Vec<String>, Vec<i64>) = by_day.into_iter().unzip();
+                tx.execute(
+                    "INSERT INTO record_bytes (node, day, bytes)
+                     SELECT $1, d::date, b FROM UNNEST($2::text[], $3::bigint[]) AS u(d, b)
+                     ON CONFLICT (node, day) DO UPDATE SET bytes = record_bytes.bytes + EXCLUDED.bytes",
+                    &[&node, &days, &bytes],
+                )
+                .await?;
                 tx.commit().await?;
-                Ok::<_, tokio_postgres::Error>(n)
+                Ok::<_, tokio_postgres::Error>(stored.len() as u64)
             };
             match insert(&mut c).await {
                 Ok(n) => Ok::<_, StoreError>(n),
@@ -1004,25 +1080,20 @@ impl Store for PgStore {
                 out.expired += self.drop_partition(c, name).await?;
             }
             if let Some(max) = self.retention.max_bytes {
-                let mut kept: Vec<(String, time::Date, u64)> = Vec::new();
-                for (name, day) in all.into_iter().filter(|(_, d)| *d >= first) {
-                    let size: i64 = c
-                        .query_one(
-                            "SELECT pg_total_relation_size($1::text::regclass)",
-                            &[&name],
+                loop {
+                    let held: Vec<(String, u64)> = c
+                        .query(
+                            "SELECT node, SUM(bytes)::bigint FROM record_bytes GROUP BY node",
+                            &[],
                         )
                         .await?
-                        .get(0);
-                    kept.push((name, day, size as u64));
-                }
-                let mut total: u64 = kept.iter().map(|(_, _, s)| s).sum();
-                // Whole days, oldest first; never today's or a later one.
-                for (name, day, size) in &kept {
-                    if total <= max || *day >= today {
+                        .iter()
+                        .map(|r| (r.get(0), r.get::<_, i64>(1).max(0) as u64))
+                        .collect();
+                    let Some((node, bytes)) = super::evict_next(&held, max) else {
                         break;
-                    }
-                    out.over_size += self.drop_partition(c, name).await?;
-                    total -= size;
+                    };
+                    out.over_size += evict(c, node, bytes).await?;
                 }
             }
             Ok(out)

@@ -73,6 +73,16 @@ const MIGRATIONS: &[&str] = &[
     // it knows.
     "CREATE TABLE lineage (id TEXT NOT NULL);
     INSERT INTO lineage (id) VALUES (lower(hex(randomblob(16))));",
+    // Bytes of records held per node and day: what `retention_max_bytes` counts, and whose
+    // records go first past it (the largest holder's).
+    "CREATE TABLE record_bytes (
+        node TEXT NOT NULL,
+        day TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        PRIMARY KEY (node, day)
+    );
+    INSERT INTO record_bytes (node, day, bytes)
+        SELECT node, day, SUM(length(CAST(record AS BLOB))) FROM flows GROUP BY node, day;",
 ];
 
 /// Rows removed per transaction by retention: short enough that reports stored meanwhile
@@ -163,6 +173,49 @@ fn values(args: Vec<Arg>) -> impl Iterator<Item = rusqlite::types::Value> {
         Arg::Text(t) => rusqlite::types::Value::Text(t),
         Arg::Int(i) => rusqlite::types::Value::Integer(i),
     })
+}
+
+impl SqliteStore {
+    /// Removes `node`'s oldest records, at least `bytes` of them (one batch at most), in one
+    /// transaction with their count in `record_bytes`; how many.
+    fn evict(&self, node: &str, bytes: u64) -> Result<u64, StoreError> {
+        let mut db = lock(&self.writer);
+        let tx = db.transaction()?;
+        let rows: Vec<(i64, i64)> = tx
+            .prepare_cached(
+                "SELECT id, length(CAST(record AS BLOB)) FROM flows WHERE node = ?1 ORDER BY id LIMIT ?2",
+            )?
+            .query_map(params![node, super::EVICT_BATCH], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let Some(through) = super::evict_through(&rows, bytes) else {
+            // Counted but not held (cannot be, but must not loop forever).
+            tx.execute("DELETE FROM record_bytes WHERE node = ?1", [node])?;
+            tx.commit()?;
+            return Ok(0);
+        };
+        let freed: Vec<(String, i64)> = tx
+            .prepare_cached(
+                "DELETE FROM flows WHERE node = ?1 AND id <= ?2 RETURNING day, length(CAST(record AS BLOB))",
+            )?
+            .query_map(params![node, through], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut by_day: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+        for (day, b) in &freed {
+            *by_day.entry(day).or_default() += b;
+        }
+        for (day, b) in by_day {
+            tx.execute(
+                "UPDATE record_bytes SET bytes = bytes - ?3 WHERE node = ?1 AND day = ?2",
+                params![node, day, b],
+            )?;
+        }
+        tx.execute(
+            "DELETE FROM record_bytes WHERE node = ?1 AND bytes <= 0",
+            [node],
+        )?;
+        tx.commit()?;
+        Ok(freed.len() as u64)
+    }
 }
 
 impl Store for SqliteStore {
@@ -275,6 +328,7 @@ impl Store for SqliteStore {
         let mut db = lock(&self.writer);
         let tx = db.transaction()?;
         let mut out = Ingested::default();
+        let mut bytes: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
         {
             let mut st = tx.prepare_cached(
                 "INSERT OR IGNORE INTO flows (node, epoch, rid, kind, time, verdict, identity, dest, service, record, audit_seq, audit_hash, day)
@@ -303,9 +357,17 @@ impl Store for SqliteStore {
                 ])?;
                 if n == 1 {
                     out.accepted += 1;
+                    *bytes.entry(row.day.clone()).or_default() += row.text.len() as i64;
                 } else {
                     out.duplicates += 1;
                 }
+            }
+            let mut held = tx.prepare_cached(
+                "INSERT INTO record_bytes (node, day, bytes) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (node, day) DO UPDATE SET bytes = bytes + excluded.bytes",
+            )?;
+            for (day, b) in &bytes {
+                held.execute(params![node, day, b])?;
             }
         }
         tx.commit()?;
@@ -362,25 +424,20 @@ impl Store for SqliteStore {
                 break;
             }
         }
+        lock(&self.writer).execute("DELETE FROM record_bytes WHERE day < ?1", [&first])?;
         if let Some(max) = self.retention.max_bytes {
             loop {
-                let used: i64 = lock(&self.reader).query_row(
-                    "SELECT (page_count - freelist_count) * page_size
-                     FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()",
-                    [],
-                    |r| r.get(0),
-                )?;
-                if used as u64 <= max {
+                let held: Vec<(String, u64)> = {
+                    let db = lock(&self.reader);
+                    let mut st =
+                        db.prepare("SELECT node, SUM(bytes) FROM record_bytes GROUP BY node")?;
+                    st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)?.max(0) as u64)))?
+                        .collect::<Result<_, _>>()?
+                };
+                let Some((node, bytes)) = super::evict_next(&held, max) else {
                     break;
-                }
-                let n = batch(
-                    "DELETE FROM flows WHERE id IN (SELECT id FROM flows ORDER BY id LIMIT ?1)",
-                    None,
-                )?;
-                out.over_size += n as u64;
-                if n == 0 {
-                    break;
-                }
+                };
+                out.over_size += self.evict(node, bytes)?;
             }
         }
         Ok(out)

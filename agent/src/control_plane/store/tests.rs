@@ -280,12 +280,35 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     // Another database, another lineage.
     let other = SqliteStore::open(&dir.path().join("other.db"), KEEP).unwrap();
     assert_ne!(other.lineage(), lineage);
+    // Records stored before the byte counts existed are counted by the migration.
+    let s = SqliteStore::open(&path, KEEP).unwrap();
+    let r = at(
+        1,
+        "2026-11-30T12:00:00.000Z",
+        "spiffe://example.org/a",
+        "203.0.113.1",
+        10,
+    );
+    let len = r.record.get().len() as i64;
+    assert_eq!(s.ingest("n1", 1, &[r]).unwrap().accepted, 1);
+    drop(s);
     let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch("DROP TABLE record_bytes; PRAGMA user_version = 4")
+        .unwrap();
+    drop(c);
+    drop(SqliteStore::open(&path, KEEP).unwrap());
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let counted: (String, String, i64) = c
+        .query_row("SELECT node, day, bytes FROM record_bytes", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert_eq!(counted, ("n1".into(), "2026-11-30".into(), len));
     c.pragma_update(None, "user_version", 99).unwrap();
     drop(c);
     let e = SqliteStore::open(&path, KEEP).err().unwrap().to_string();
     assert!(
-        e.contains("has schema version 99; this agentwall knows up to 4"),
+        e.contains("has schema version 99; this agentwall knows up to 5"),
         "{e}"
     );
 
@@ -305,7 +328,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     let shown = crate::config::control_plane::redact_url(&db.url);
     assert!(
         e.contains(&format!(
-            "database {shown} has schema version 99; this agentwall knows up to 2"
+            "database {shown} has schema version 99; this agentwall knows up to 3"
         )),
         "{e}"
     );
@@ -660,59 +683,95 @@ fn retention_removes_what_is_past_it_and_stores_nothing_past_it() {
 /// Past `retention_max_bytes`, the oldest records go first: whole days in PostgreSQL
 /// (never today's), a batch of the oldest at a time in SQLite.
 #[test]
-fn a_size_cap_removes_the_oldest_first() {
+fn whose_records_go_first_past_the_size_cap() {
+    let held = |v: &[(&str, u64)]| -> Vec<(String, u64)> {
+        v.iter().map(|(n, b)| ((*n).to_owned(), *b)).collect()
+    };
+    assert_eq!(evict_next(&held(&[("a", 10), ("b", 20)]), 30), None);
+    // The largest first, down to the next one's level at most.
+    assert_eq!(
+        evict_next(&held(&[("a", 100), ("b", 300)]), 200),
+        Some(("b", 200))
+    );
+    assert_eq!(
+        evict_next(&held(&[("a", 100), ("b", 300)]), 350),
+        Some(("b", 50))
+    );
+    // Level holders share what is over.
+    assert_eq!(
+        evict_next(&held(&[("a", 100), ("b", 100)]), 100),
+        Some(("a", 50))
+    );
+    assert_eq!(
+        evict_next(&held(&[("a", 100), ("b", 101)]), 100),
+        Some(("b", 51))
+    );
+    assert_eq!(evict_through(&[(1, 10), (2, 10), (3, 10)], 15), Some(2));
+    assert_eq!(evict_through(&[(1, 10), (2, 10)], 50), Some(2));
+    assert_eq!(evict_through(&[], 50), None);
+}
+
+/// Past `retention_max_bytes`, the node holding the most loses its oldest records first:
+/// one node's flood of records dated today cannot evict another node's history below an
+/// equal share.
+#[test]
+fn a_size_cap_evicts_the_largest_holder_first() {
     let today = today();
+    let id = "spiffe://example.org/a";
+    let record =
+        |rid: u64, back: i64| at(rid, &noon(days_ago(today, back)), id, "203.0.113.1", 1000);
+    let len = record(1, 0).record.get().len() as u64;
     for postgres in [false, true] {
         let f = with_retention(
             postgres,
             Retention {
                 days: 30,
-                max_bytes: Some(1),
+                max_bytes: Some(200 * len),
             },
         );
         let s = &*f.store;
+        // An honest node's history: fifty records on each of three days.
         let mut rid = 0;
-        for back in [3, 2, 1, 0] {
+        for back in [3, 2, 1] {
             let batch: Vec<Reported> = (0..50)
-                .map(|i| {
+                .map(|_| {
                     rid += 1;
-                    at(
-                        rid,
-                        &noon(days_ago(today, back)),
-                        "spiffe://example.org/a",
-                        &format!("203.0.113.{i}"),
-                        1000,
-                    )
+                    record(rid, back)
                 })
                 .collect();
-            assert_eq!(s.ingest("n1", 1, &batch).unwrap().accepted, 50);
+            assert_eq!(s.ingest("honest", 1, &batch).unwrap().accepted, 50);
         }
+        // A flood of three hundred dated today.
+        let flood: Vec<Reported> = (1..=300).map(|rid| record(rid, 0)).collect();
+        assert_eq!(s.ingest("flood", 1, &flood).unwrap().accepted, 300);
         let r = s.retain(today).unwrap();
-        let kept = times_kept(s);
-        if postgres {
-            assert_eq!((r.over_size, r.expired), (150, 0), "{}", f.name);
-            assert_eq!(kept, vec![noon(today); 50], "{}", f.name);
-        } else {
-            assert_eq!((r.over_size, r.expired), (200, 0), "{}", f.name);
-            assert!(kept.is_empty(), "{}: {kept:?}", f.name);
-        }
-        // Reports are still taken.
-        assert_eq!(
-            s.ingest(
-                "n1",
-                2,
-                &[at(
-                    1,
-                    &noon(today),
-                    "spiffe://example.org/a",
-                    "203.0.113.9",
-                    0
-                )]
-            )
-            .unwrap()
-            .accepted,
-            1
+        assert_eq!((r.over_size, r.expired), (250, 0), "{}", f.name);
+        let kept = |node: &str| -> Vec<String> {
+            let mut t: Vec<String> = s
+                .flows(&FlowQuery {
+                    node: Some(node.to_owned()),
+                    limit: Some(10_000),
+                    ..FlowQuery::default()
+                })
+                .unwrap()
+                .flows
+                .iter()
+                .map(|f| f.record["time"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            t.sort();
+            t
+        };
+        let honest = kept("honest");
+        assert_eq!(honest.len(), 100, "{}", f.name);
+        assert!(
+            honest.iter().all(|t| *t != noon(days_ago(today, 3))),
+            "{}",
+            f.name
         );
+        assert_eq!(kept("flood").len(), 100, "{}", f.name);
+        // Within the cap now: the next pass removes nothing, and reports are still taken.
+        assert_eq!(s.retain(today).unwrap(), Retained::default(), "{}", f.name);
+        assert_eq!(s.ingest("honest", 2, &[record(1, 0)]).unwrap().accepted, 1);
     }
 }
 
