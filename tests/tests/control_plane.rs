@@ -115,6 +115,44 @@ fn pushes_are_validated_whole_and_roles_are_enforced() {
     assert_eq!(pushed["version"], 1);
     assert_eq!(pushed["revision"], revision.as_str());
 
+    // Made from version 0 while 1 is the newest (another admin pushed meanwhile): refused,
+    // nothing stored; made from 1, stored as 2.
+    let out = cp(
+        &fx,
+        &url,
+        &admin,
+        &[
+            "policy",
+            "push",
+            good.to_str().unwrap(),
+            "--base-version",
+            "0",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(
+            "409 Conflict: version 1 was pushed since version 0, which this push was made from; nothing was stored"
+        ),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = cp_json(&fx, &url, &admin, &["policy", "show"]);
+    assert_eq!(shown["version"], 1);
+    let pushed = cp_json(
+        &fx,
+        &url,
+        &admin,
+        &[
+            "policy",
+            "push",
+            good.to_str().unwrap(),
+            "--base-version",
+            "1",
+        ],
+    );
+    assert_eq!(pushed["version"], 2);
+
     // An invalid bundle is refused whole, with each problem at its file, line and column
     // (as the admin's directory has them), and nothing is stored.
     let bad = policy_dir(
@@ -153,7 +191,7 @@ fn pushes_are_validated_whole_and_roles_are_enforced() {
         "{err}"
     );
     let shown = cp_json(&fx, &url, &security, &["policy", "show"]);
-    assert_eq!(shown["version"], 1);
+    assert_eq!(shown["version"], 2);
     assert_eq!(shown["pushed_by"], ADMIN_ID);
     assert_eq!(shown["files"][0]["text"], POLICY_A);
 

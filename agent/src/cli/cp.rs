@@ -85,6 +85,10 @@ enum PolicyCommand {
     Push {
         /// Directory of *.yaml policy files.
         dir: PathBuf,
+        /// The version this push was made from (see `policy show`): refused, with nothing
+        /// stored, when another version was pushed since.
+        #[arg(long)]
+        base_version: Option<u64>,
     },
     /// The newest bundle (or --version N).
     Show {
@@ -256,14 +260,17 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     let c = client(&args)?;
     let json = args.output == "json";
     match &args.command {
-        Command::Policy(PolicyCommand::Push { dir }) => {
+        Command::Policy(PolicyCommand::Push { dir, base_version }) => {
             let files = read_bundle(dir)?;
             let n = files.len();
             let r: Result<Bundle, ClientError> = c
                 .send_json(
                     hyper::Method::PUT,
                     "/v1/policy",
-                    &PushRequest { files },
+                    &PushRequest {
+                        files,
+                        base_version: *base_version,
+                    },
                     std::time::Duration::from_secs(60),
                 )
                 .await;

@@ -24,6 +24,11 @@ pub struct BundleFile {
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PushRequest {
     pub files: Vec<BundleFile>,
+    /// The newest version this push was made from (as `GET /v1/policy` showed it; 0: none
+    /// yet). When set and another version was pushed since, nothing is stored (409): two
+    /// admins editing at once do not silently undo each other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_version: Option<u64>,
 }
 
 /// A stored policy bundle.

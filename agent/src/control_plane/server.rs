@@ -104,7 +104,12 @@ impl From<StoreError> for Fail {
     /// database's errors.
     fn from(e: StoreError) -> Self {
         error!(error = %e, "storage failed");
-        if e.is_busy() {
+        if let StoreError::NotNewest { .. } = e {
+            Fail::new(
+                StatusCode::CONFLICT,
+                format!("{e}: look at the newest (cp policy show) and push again"),
+            )
+        } else if e.is_busy() {
             Fail::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the database is unavailable or busy now; send this again (the control plane's log says why)",
@@ -1103,6 +1108,7 @@ async fn get_policy(State(s): S, Params(q): Params<VersionQuery>) -> Result<Json
 /// version, and sent to every node's long-poll.
 #[utoipa::path(put, path = "/v1/policy", tag = "policy", request_body = PushRequest,
     responses((status = 200, description = "Stored as the next version", body = Bundle),
+        (status = 409, description = "`base_version` is not the newest version: another was pushed since; nothing stored", body = ErrorBody),
         (status = 422, description = "Invalid; nothing stored: every problem, by file, line and column", body = ErrorBody)))]
 async fn put_policy(
     State(s): S,
@@ -1141,8 +1147,8 @@ async fn put_policy(
     let store = s.store.clone();
     let by = who.name.clone();
     let revision = set.revision.clone();
-    let above = s.number_above().0;
-    let bundle = blocking(move || store.push_policy(&revision, &files, &by, above)).await?;
+    let (above, base) = (s.number_above().0, req.base_version);
+    let bundle = blocking(move || store.push_policy(&revision, &files, &by, above, base)).await?;
     info!(principal = %who.name, version = bundle.version, revision = %bundle.revision,
         identities = set.agents.len(), "policy pushed");
     s.publish(Some(&bundle), None);

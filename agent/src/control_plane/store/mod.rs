@@ -36,6 +36,10 @@ pub enum StoreError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("database: {0}")]
     Pool(String),
+    #[error(
+        "version {newest} was pushed since version {base}, which this push was made from; nothing was stored"
+    )]
+    NotNewest { base: u64, newest: u64 },
     #[error("no number is left above {0}")]
     Exhausted(u64),
     #[error("stored data unreadable: {0}")]
@@ -84,13 +88,15 @@ pub trait Store: Send + Sync {
     /// about this one's.
     fn lineage(&self) -> &str;
     /// Stores a validated bundle as the next version, numbered above `above` too: what a
-    /// replica served, which a database put back to an older state no longer holds.
+    /// replica served, which a database put back to an older state no longer holds. With
+    /// `base`, only while the newest stored version is `base` ([`StoreError::NotNewest`]).
     fn push_policy(
         &self,
         revision: &str,
         files: &[BundleFile],
         by: &str,
         above: u64,
+        base: Option<u64>,
     ) -> Result<Bundle, StoreError>;
     /// A bundle by version, or the newest one.
     fn policy(&self, version: Option<u64>) -> Result<Option<Bundle>, StoreError>;

@@ -791,6 +791,7 @@ impl Store for PgStore {
         files: &[BundleFile],
         by: &str,
         above: u64,
+        base: Option<u64>,
     ) -> Result<Bundle, StoreError> {
         let files_text = serde_json::to_string(files).expect("files serialize");
         let at = now();
@@ -803,6 +804,18 @@ impl Store for PgStore {
                 &[&LOCKS, &POLICY_LOCK],
             )
             .await?;
+            if let Some(base) = base {
+                let newest: i64 = tx
+                    .query_one("SELECT COALESCE(MAX(version), 0) FROM policy", &[])
+                    .await?
+                    .get(0);
+                if newest as u64 != base {
+                    return Err(StoreError::NotNewest {
+                        base,
+                        newest: newest as u64,
+                    });
+                }
+            }
             let v: i64 = tx
                 .query_one(
                     "INSERT INTO policy (version, revision, pushed_at, pushed_by, files)

@@ -229,18 +229,34 @@ impl Store for SqliteStore {
         files: &[BundleFile],
         by: &str,
         above: u64,
+        base: Option<u64>,
     ) -> Result<Bundle, StoreError> {
         let text = serde_json::to_string(files).expect("files serialize");
         let at = now();
         let above = number(above)?;
-        let db = lock(&self.writer);
-        db.execute(
+        let mut db = lock(&self.writer);
+        let tx = db.transaction()?;
+        if let Some(base) = base {
+            let newest: i64 =
+                tx.query_row("SELECT COALESCE(MAX(version), 0) FROM policy", [], |r| {
+                    r.get(0)
+                })?;
+            if newest as u64 != base {
+                return Err(StoreError::NotNewest {
+                    base,
+                    newest: newest as u64,
+                });
+            }
+        }
+        tx.execute(
             "INSERT INTO policy (version, revision, pushed_at, pushed_by, files)
              SELECT max(COALESCE(MAX(version), 0), ?5) + 1, ?1, ?2, ?3, ?4 FROM policy",
             params![revision, at, by, text, above],
         )?;
+        let version = tx.last_insert_rowid() as u64;
+        tx.commit()?;
         Ok(Bundle {
-            version: db.last_insert_rowid() as u64,
+            version,
             revision: revision.to_owned(),
             pushed_at: at,
             pushed_by: by.to_owned(),

@@ -246,13 +246,43 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     // database put back to an older state): 2 → 6, and a revocation already made keeps
     // its generation.
     let fill = |s: &dyn Store| {
-        assert_eq!(s.push_policy("r1", &files, "admin", 0).unwrap().version, 1);
-        assert_eq!(s.push_policy("r2", &files, "admin", 0).unwrap().version, 2);
-        assert_eq!(s.push_policy("r6", &files, "admin", 5).unwrap().version, 6);
+        assert_eq!(
+            s.push_policy("r1", &files, "admin", 0, None)
+                .unwrap()
+                .version,
+            1
+        );
+        assert_eq!(
+            s.push_policy("r2", &files, "admin", 0, None)
+                .unwrap()
+                .version,
+            2
+        );
+        assert_eq!(
+            s.push_policy("r6", &files, "admin", 5, None)
+                .unwrap()
+                .version,
+            6
+        );
+        // Made from version 2 while 6 is the newest: refused, nothing stored.
+        let e = s
+            .push_policy("r7", &files, "admin", 0, Some(2))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "version 6 was pushed since version 2, which this push was made from; nothing was stored"
+        );
+        assert_eq!(s.heads().unwrap().0, 6);
+        assert_eq!(
+            s.push_policy("r7", &files, "admin", 0, Some(6))
+                .unwrap()
+                .version,
+            7
+        );
         assert_eq!(s.revoke("spiffe://example.org/a", "admin", 0).unwrap(), 1);
         assert_eq!(s.revoke("spiffe://example.org/a", "admin", 9).unwrap(), 1);
         assert_eq!(s.revoke("spiffe://example.org/b", "admin", 1).unwrap(), 2);
-        assert_eq!(s.revoke("spiffe://example.org/c", "admin", 6).unwrap(), 7);
+        assert_eq!(s.revoke("spiffe://example.org/c", "admin", 7).unwrap(), 8);
         let e = s
             .revoke("spiffe://example.org/d", "admin", u64::MAX)
             .unwrap_err();
@@ -260,16 +290,16 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
             e.to_string(),
             format!("no number is left above {}", u64::MAX)
         );
-        assert_eq!(s.heads().unwrap(), (6, 7));
+        assert_eq!(s.heads().unwrap(), (7, 8));
         assert_eq!(s.lineage().len(), 32, "{}", s.lineage());
         s.lineage().to_owned()
     };
     let kept = |s: &dyn Store, lineage: &str| {
-        assert_eq!(s.policy(None).unwrap().unwrap().revision, "r6");
+        assert_eq!(s.policy(None).unwrap().unwrap().revision, "r7");
         assert_eq!(s.policy(Some(1)).unwrap().unwrap().revision, "r1");
         assert!(s.policy(Some(3)).unwrap().is_none());
-        assert_eq!(s.revocations().unwrap().0, 7);
-        assert_eq!(s.heads().unwrap(), (6, 7));
+        assert_eq!(s.revocations().unwrap().0, 8);
+        assert_eq!(s.heads().unwrap(), (7, 8));
         assert_eq!(s.lineage(), lineage);
     };
 
@@ -378,7 +408,12 @@ fn replicas_on_one_database_migrate_once_and_hear_each_other() {
         name: "a.yaml".into(),
         text: "x".into(),
     }];
-    assert_eq!(a.push_policy("r1", &files, "admin", 0).unwrap().version, 1);
+    assert_eq!(
+        a.push_policy("r1", &files, "admin", 0, None)
+            .unwrap()
+            .version,
+        1
+    );
     let after_push = wait(start);
     assert_eq!(b.heads().unwrap(), (1, 0));
     assert_eq!(a.revoke("spiffe://example.org/a", "admin", 0).unwrap(), 1);
@@ -396,7 +431,7 @@ fn replicas_on_one_database_migrate_once_and_hear_each_other() {
             let files = &files;
             t.spawn(move || {
                 for j in 0..10 {
-                    s.push_policy(&format!("r{i}-{j}"), files, "admin", 0)
+                    s.push_policy(&format!("r{i}-{j}"), files, "admin", 0, None)
                         .unwrap();
                     s.revoke(&format!("spiffe://example.org/{i}/{j}"), "admin", 0)
                         .unwrap();
@@ -413,6 +448,22 @@ fn replicas_on_one_database_migrate_once_and_hear_each_other() {
         .map(|r| r.generation)
         .collect();
     assert_eq!(gens, (1..=41).collect::<Vec<_>>());
+    // Four admins push from version 41 at once, through four replicas: one is stored.
+    let stored = std::thread::scope(|t| {
+        let all: Vec<_> = opened
+            .iter()
+            .map(|s| {
+                let files = &files;
+                t.spawn(move || s.push_policy("r-base", files, "admin", 0, Some(41)).is_ok())
+            })
+            .collect();
+        all.into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|ok| *ok)
+            .count()
+    });
+    assert_eq!(stored, 1);
+    assert_eq!(a.heads().unwrap().0, 42);
 }
 
 /// What goes wrong on the way to the database is said, without the password.

@@ -89,6 +89,7 @@ fn bundle(n: usize) -> PushRequest {
         }
     }
     PushRequest {
+        base_version: None,
         files: vec![agentwall::control_plane::BundleFile {
             name: "agents.yaml".into(),
             text,
