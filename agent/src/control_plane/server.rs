@@ -28,7 +28,7 @@ use crate::{
 use super::{
     Bundle, ErrorBody, FlowQuery, Ingested, NodeShadowAi, PollRequest, PushRequest, ReportBatch,
     RevokeRequest,
-    store::{NodeSeen, Store, StoreError},
+    store::{NodeSeen, Spend, Store, StoreError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -1658,6 +1658,13 @@ impl Server {
             // More than the quota's burst: never storable; the batch caps keep this out.
             Err(_) => 60,
         };
+        self.wait_until(node, secs);
+        Self::over_quota(node, what, per_minute, secs)
+    }
+
+    /// Notes that `node` was told to send its reports again in `secs`: until then it is
+    /// refused from the request head.
+    fn wait_until(&self, node: &str, secs: u64) {
         let mut wait = self.report_wait.lock().expect("report waits");
         // Bounded: what has expired goes first, then (a flood of names) everything.
         if wait.len() >= KNOWN_PEERS {
@@ -1671,8 +1678,6 @@ impl Server {
             node.to_owned(),
             std::time::Instant::now() + Duration::from_secs(secs),
         );
-        drop(wait);
-        Self::over_quota(node, what, per_minute, secs)
     }
 
     /// Refused from the head: `node` was told to come back later, and it is not later yet.
@@ -1796,9 +1801,29 @@ async fn store_reports(
     s.spend(&s.report_quota, &who.name, n, "records", records_a_minute)?;
     let store = s.store.clone();
     let node = who.name.clone();
+    // The quotas again, shared by every replica on the database: a node that sends to
+    // several replicas at once gets one quota, not one each.
+    let shared = [
+        Spend {
+            kind: "records",
+            n: n as u64,
+            per_minute: records_a_minute,
+            burst: records_a_minute.max(super::MAX_BATCH_RECORDS as u64),
+        },
+        Spend {
+            kind: "bytes",
+            n: bytes as u64,
+            per_minute: bytes_a_minute,
+            burst: bytes_a_minute.max(super::MAX_BATCH_BYTES),
+        },
+    ];
     let ingested = tokio::task::spawn_blocking(move || {
+        if let Some(secs) = store.spend_shared(&node, &shared).map_err(Fail::from)? {
+            return Ok(Err(secs));
+        }
         store
             .ingest(&node, batch.epoch, &batch.records)
+            .map(Ok)
             .map_err(|e| match e {
                 // A record of the batch that cannot be stored (a field of the wrong type): 422,
                 // which the node answers by sending the batch again in halves, down to that
@@ -1816,6 +1841,23 @@ async fn store_reports(
         }
         Refused::Plain(f)
     })?;
+    let ingested = match ingested {
+        Ok(i) => i,
+        Err(secs) => {
+            s.wait_until(&who.name, secs);
+            return Err(Refused::Later(
+                Fail::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "{} is over its report quota across the control plane's replicas ({records_a_minute} records and {bytes_a_minute} bytes a minute); send this batch again in {} s",
+                        who.name,
+                        secs.max(1)
+                    ),
+                ),
+                secs,
+            ));
+        }
+    };
     tracing::debug!(node = %who.name, records = n, bytes, accepted = ingested.accepted,
         duplicates = ingested.duplicates, expired = ingested.expired, "reports ingested");
     s.stats

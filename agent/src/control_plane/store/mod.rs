@@ -136,6 +136,33 @@ pub trait Store: Send + Sync {
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
+    /// Spends a node's report quotas that every replica on this database shares: all of
+    /// `spend` or nothing. Some(seconds to wait) when one is spent. Without other replicas
+    /// (SQLite) there is nothing to share: the server's own count is the whole.
+    fn spend_shared(&self, _node: &str, _spend: &[Spend]) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
+}
+
+/// Part of a node's report quota to spend: `n` of what it may send `per_minute`, with
+/// bursts of up to `burst`.
+#[derive(Clone, Copy, Debug)]
+pub struct Spend {
+    pub kind: &'static str,
+    pub n: u64,
+    pub per_minute: u64,
+    pub burst: u64,
+}
+
+impl Spend {
+    /// (the quota's new state, or the seconds to wait): the generic cell rate algorithm,
+    /// its state the theoretical arrival time `tat` (seconds), at `now`.
+    fn at(&self, tat: f64, now: f64) -> Result<f64, f64> {
+        let interval = 60.0 / self.per_minute.max(1) as f64;
+        let next = tat.max(now) + self.n as f64 * interval;
+        let late = next - now - self.burst.max(1) as f64 * interval;
+        if late <= 0.0 { Ok(next) } else { Err(late) }
+    }
 }
 
 /// A number to give above, as both databases keep numbers (64-bit signed).

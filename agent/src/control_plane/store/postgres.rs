@@ -164,6 +164,14 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
     );
     INSERT INTO record_bytes (node, day, bytes)
         SELECT node, day, SUM(octet_length(record)) FROM flows GROUP BY node, day;",
+    // Each node's report quotas, shared by every replica (their state: the theoretical
+    // arrival time of the generic cell rate algorithm, in seconds by the database's clock).
+    "CREATE TABLE report_quota (
+        node TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        tat DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (node, kind)
+    );",
 ];
 
 pub struct PgStore {
@@ -783,6 +791,53 @@ fn values(args: Vec<Arg>) -> Vec<Box<dyn ToSql + Sync + Send>> {
 impl Store for PgStore {
     fn lineage(&self) -> &str {
         &self.lineage
+    }
+
+    fn spend_shared(&self, node: &str, spend: &[super::Spend]) -> Result<Option<u64>, StoreError> {
+        let node = text(node);
+        self.block(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            let kinds: Vec<&str> = spend.iter().map(|s| s.kind).collect();
+            tx.execute(
+                "INSERT INTO report_quota (node, kind, tat) SELECT $1, k, 0 FROM UNNEST($2::text[]) AS k
+                 ON CONFLICT DO NOTHING",
+                &[&node, &kinds],
+            )
+            .await?;
+            let rows = tx
+                .query(
+                    "SELECT kind, tat, extract(epoch FROM clock_timestamp())::float8 FROM report_quota
+                     WHERE node = $1 AND kind = ANY($2) ORDER BY kind FOR UPDATE",
+                    &[&node, &kinds],
+                )
+                .await?;
+            let mut next = Vec::with_capacity(spend.len());
+            let mut wait = 0f64;
+            for r in &rows {
+                let (kind, tat, now): (&str, f64, f64) = (r.get(0), r.get(1), r.get(2));
+                let Some(s) = spend.iter().find(|s| s.kind == kind) else {
+                    continue;
+                };
+                match s.at(tat, now) {
+                    Ok(t) => next.push((kind.to_owned(), t)),
+                    Err(late) => wait = wait.max(late),
+                }
+            }
+            if wait > 0.0 {
+                tx.rollback().await?;
+                return Ok(Some(wait.ceil() as u64));
+            }
+            for (kind, t) in &next {
+                tx.execute(
+                    "UPDATE report_quota SET tat = $3 WHERE node = $1 AND kind = $2",
+                    &[&node, kind, t],
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(None)
+        })
     }
 
     fn push_policy(

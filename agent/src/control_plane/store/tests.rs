@@ -358,7 +358,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     let shown = crate::config::control_plane::redact_url(&db.url);
     assert!(
         e.contains(&format!(
-            "database {shown} has schema version 99; this agentwall knows up to 3"
+            "database {shown} has schema version 99; this agentwall knows up to 4"
         )),
         "{e}"
     );
@@ -1139,4 +1139,62 @@ fn partitions_are_made_beside_readers_and_retention_leaves_nothing_behind() {
     assert!(s.retain(today).unwrap().skipped);
     drop(other);
     assert!(!s.retain(today).unwrap().skipped);
+}
+
+/// A node's report quota is one across replicas: what it spent through one is gone
+/// through the other; a batch over one of its quotas spends none of them.
+#[test]
+fn replicas_share_a_nodes_report_quota() {
+    let db = scratch::database();
+    let a = PgStore::open(&pg_options(&db.url)).unwrap();
+    let b = PgStore::open(&pg_options(&db.url)).unwrap();
+    let records = |n| Spend {
+        kind: "records",
+        n,
+        per_minute: 60,
+        burst: 10,
+    };
+    let bytes = |n| Spend {
+        kind: "bytes",
+        n,
+        per_minute: 6_000,
+        burst: 1_000,
+    };
+    assert_eq!(
+        a.spend_shared("n1", &[records(6), bytes(100)]).unwrap(),
+        None
+    );
+    // Over the bytes: refused whole, the records not spent.
+    let wait = b.spend_shared("n1", &[records(4), bytes(1_000)]).unwrap();
+    assert!(wait.is_some_and(|s| (1..=2).contains(&s)), "{wait:?}");
+    assert_eq!(
+        b.spend_shared("n1", &[records(4), bytes(100)]).unwrap(),
+        None
+    );
+    // Ten records spent through both: the next waits about a second.
+    let wait = a.spend_shared("n1", &[records(1), bytes(1)]).unwrap();
+    assert!(wait.is_some_and(|s| (1..=2).contains(&s)), "{wait:?}");
+    // Another node has its own.
+    assert_eq!(
+        b.spend_shared("n2", &[records(10), bytes(1)]).unwrap(),
+        None
+    );
+    // SQLite has one process: nothing to share.
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("cp.db"), KEEP).unwrap();
+    assert_eq!(s.spend_shared("n1", &[records(1_000)]).unwrap(), None);
+}
+
+#[test]
+fn the_cell_rate_algorithm_allows_bursts_and_says_how_long_to_wait() {
+    let s = |n| Spend {
+        kind: "records",
+        n,
+        per_minute: 60,
+        burst: 10,
+    };
+    assert_eq!(s(10).at(0.0, 100.0), Ok(110.0));
+    assert_eq!(s(1).at(110.0, 100.0), Err(1.0));
+    assert_eq!(s(1).at(110.0, 101.0), Ok(111.0));
+    assert_eq!(s(11).at(0.0, 100.0), Err(1.0));
 }
