@@ -198,7 +198,7 @@ impl Database {
             let after = text.split_once("://").map_or(text, |(_, r)| r);
             if after
                 .split_once('@')
-                .is_some_and(|(_, rest)| rest.contains('@'))
+                .is_some_and(|(_, rest)| rest.split('?').next().unwrap_or(rest).contains('@'))
             {
                 return Err(
                     "database: the URL has more than one '@': write an '@' in the user name or password as %40"
@@ -657,6 +657,8 @@ mod tests {
             Some(Path::new("/srv/cp/db-ca.pem"))
         );
         assert_eq!(c.crl_numbers(), None);
+        // An '@' in a parameter is not one in the credentials.
+        assert!(Database::parse("postgres://cp@db/x?sslrootcert=/a@b/ca.pem").is_ok());
         for (text, says) in [
             (
                 "database = \"cp.db\"\ndatabase_ca = \"ca.pem\"\n",

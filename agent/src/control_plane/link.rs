@@ -245,16 +245,29 @@ impl Link {
             // Never back: an answer older than what this node already had comes from a
             // replica behind the others (or a database put back to an older state). The
             // node keeps what it has and asks another. An answer older on one number and
-            // newer on the other (a database put back, then given a revocation) is taken
-            // for its newer part only.
+            // newer on the other is taken for its newer part only. A bundle numbered as
+            // the one this node has but another (two pushes given one number by a database
+            // put back) is the database's: taken.
+            let bundle = reply.bundle.filter(|b| {
+                b.version > st.known_version
+                    || (b.version == st.known_version
+                        && st.applied_revision.as_deref() != Some(b.revision.as_str()))
+            });
             let older =
                 reply.version < st.known_version || reply.revocation_gen < st.revocation_gen;
-            let newer = (reply.version > st.known_version && reply.bundle.is_some())
-                || reply.revocation_gen > st.revocation_gen;
+            let newer = bundle.is_some() || reply.revocation_gen > st.revocation_gen;
             if older {
                 self.stats.stale_answers.fetch_add(1, Relaxed);
             }
+            // Revocations only add up on a node: a list is applied whatever its number, so
+            // one numbered below what this node saw (by a database put back) still counts.
+            let (revoked, retry) = self
+                .take_revocations(&node, &mut st, reply.revocation_gen, &reply.revoked)
+                .await;
             if older && !newer {
+                if revoked {
+                    st.save(&self.state_path);
+                }
                 error!(
                     url = self.poll.url(),
                     version = reply.version,
@@ -273,32 +286,10 @@ impl Link {
             }
             backoff = Backoff::default();
             self.stats.connected.store(true, Relaxed);
-            let mut changed = moved_lineage;
-            if let Some(b) = reply.bundle.filter(|b| b.version > st.known_version) {
+            let mut changed = moved_lineage || revoked;
+            if let Some(b) = bundle {
                 self.take_bundle(&node, &mut st, b).await;
                 changed = true;
-            }
-            let mut retry = false;
-            if reply.revocation_gen > st.revocation_gen {
-                let ids = reply.revoked.clone();
-                let n = node.clone();
-                let failed = tokio::task::spawn_blocking(move || n.revoke_all(&ids))
-                    .await
-                    .unwrap_or_else(|_| reply.revoked.clone());
-                // The generation moves on only once every revocation in it is applied: the
-                // next poll, still at the old generation, gets the list again at once.
-                if failed.is_empty() {
-                    st.revocation_gen = reply.revocation_gen;
-                    changed = true;
-                } else {
-                    error!(pending = ?failed, "fleet-wide revocations not applied on this node; retrying");
-                    retry = true;
-                }
-                *self
-                    .stats
-                    .revocations_pending
-                    .lock()
-                    .expect("pending revocations") = failed;
             }
             if changed {
                 st.save(&self.state_path);
@@ -320,6 +311,41 @@ impl Link {
                 tokio::time::sleep(REPLACED_PAUSE).await;
             }
         }
+    }
+
+    /// Applies the revocations of a poll answer (all of `ids`, whatever `generation`); the
+    /// generation moves on (never back) once every one is applied: until then the next
+    /// poll, still at the old generation, gets the list again at once. (whether the state
+    /// changed, whether to retry.)
+    async fn take_revocations(
+        &self,
+        node: &Arc<dyn NodeSide>,
+        st: &mut LinkState,
+        generation: u64,
+        ids: &[String],
+    ) -> (bool, bool) {
+        if ids.is_empty() && generation <= st.revocation_gen {
+            return (false, false);
+        }
+        let list = ids.to_vec();
+        let n = node.clone();
+        let failed = tokio::task::spawn_blocking(move || n.revoke_all(&list))
+            .await
+            .unwrap_or_else(|_| ids.to_vec());
+        let ok = failed.is_empty();
+        if !ok {
+            error!(pending = ?failed, "fleet-wide revocations not applied on this node; retrying");
+        }
+        *self
+            .stats
+            .revocations_pending
+            .lock()
+            .expect("pending revocations") = failed;
+        if ok && generation > st.revocation_gen {
+            st.revocation_gen = generation;
+            return (true, false);
+        }
+        (false, !ok)
     }
 
     async fn take_bundle(&self, node: &Arc<dyn NodeSide>, st: &mut LinkState, b: Bundle) {

@@ -320,6 +320,8 @@ struct Stats {
     /// Records removed to stay under `retention_max_bytes`.
     records_over_size: std::sync::atomic::AtomicU64,
     retention_failures: std::sync::atomic::AtomicU64,
+    /// Polls from nodes that knew another database (answered as new to this one).
+    polls_other_lineage: std::sync::atomic::AtomicU64,
     /// Retention passes left to another replica, which held the retention lock.
     retention_skipped: std::sync::atomic::AtomicU64,
     /// 1 while the database holds older numbers than this replica served (put back to an
@@ -401,11 +403,13 @@ impl Server {
         poll_timeout: Duration,
         limits: Limits,
     ) -> Result<Arc<Self>, StoreError> {
-        let newest = store.policy(None)?;
-        let (generation, revoked) = store.revocations()?;
+        let newest = store.fresh_policy(None)?;
+        let (generation, revoked) = store.fresh_revocations()?;
         let published = Published {
             version: newest.as_ref().map_or(0, |b| b.version),
             bundle: newest.as_ref().map(bundle_json),
+            revision: newest.as_ref().map(|b| b.revision.clone()),
+            lineage: store.lineage()?.map(Arc::from),
             generation,
             revoked: Arc::new(revoked.into_iter().map(|r| r.identity).collect()),
         };
@@ -568,6 +572,7 @@ impl Server {
         if let Some(b) = bundle.filter(|b| b.version > p.version) {
             p.version = b.version;
             p.bundle = Some(bundle_json(b));
+            p.revision = Some(b.revision.clone());
             moved = true;
         }
         if let Some((generation, all)) = revocations.filter(|(g, _)| *g > p.generation) {
@@ -593,6 +598,17 @@ impl Server {
         }
     }
 
+    /// Learns the database's lineage once it has one (its first bundle or revocation).
+    fn learn_lineage(&self) -> Result<(), StoreError> {
+        if self.published.read().expect("published").lineage.is_some() {
+            return Ok(());
+        }
+        if let Some(l) = self.store.lineage()? {
+            self.published.write().expect("published").lineage = Some(Arc::from(l));
+        }
+        Ok(())
+    }
+
     /// Reads what other replicas stored since this one last looked, and serves it.
     fn catch_up(&self) -> Result<(), StoreError> {
         let looked = std::time::Instant::now();
@@ -612,30 +628,32 @@ impl Server {
                 "the database holds older numbers than this replica served (restored from a backup, or a standby promoted without the last commits): what was served stays, and the next push and revocation are numbered above it");
         }
         let bundle = if version > served_version {
-            self.store.policy(Some(version))?
+            self.store.fresh_policy(Some(version))?
         } else {
             None
         };
         let revocations = if generation > served_generation {
-            Some(self.store.revocations()?)
+            Some(self.store.fresh_revocations()?)
         } else {
             None
         };
         self.publish(bundle.as_ref(), revocations);
+        self.learn_lineage()?;
         *self.caught_up.lock().expect("caught up") = looked;
         Ok(())
     }
 
-    /// Why this replica must not answer a poll from a node that knows `known` (version,
-    /// generation): it has not seen the database for [`STALE`] (503: a partition), or the
-    /// node saw newer than it serves even after looking again, and this replica has nothing
-    /// newer for it either (409). Either way the node moves to another replica. A node
-    /// ahead on one number and behind on the other is answered: it takes the newer part
-    /// (a newer revocation list is never held back by an older bundle, nor the reverse).
+    /// Why this replica must not answer a poll now: it has not read the database for
+    /// [`STALE`] (503: a partition; the node moves to another replica). A node that knows
+    /// newer numbers than this replica serves, even after it looked again, is answered all
+    /// the same (held like any other): the database holds less than the node saw (it was
+    /// put back to an older state, or the node lies). Its numbers raise the floor pushes and
+    /// revocations are numbered above, and its answers carry this database's revocation
+    /// list, which a node applies whatever its number.
     fn behind(&self, known: (u64, u64)) -> Option<(StatusCode, String)> {
-        self.store.changes()?;
+        let replicas = self.store.changes().is_some();
         let age = self.caught_up.lock().expect("caught up").elapsed();
-        if age > STALE {
+        if replicas && age > STALE {
             return Some((
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
@@ -648,7 +666,8 @@ impl Server {
         if known.0 > served.0 || known.1 > served.1 {
             // Looked again at most once a second on a node's word: a node claiming numbers
             // that do not exist cannot make every poll of its cost database reads.
-            if age > Duration::from_secs(1)
+            if replicas
+                && age > Duration::from_secs(1)
                 && let Err(e) = self.catch_up()
             {
                 error!(error = %e, "reading what the database holds failed");
@@ -660,16 +679,6 @@ impl Server {
             let served = *self.changes.borrow();
             if known.0 > served.0 || known.1 > served.1 {
                 self.raise_floor(known, served);
-            }
-            let news = served.0 > known.0 || served.1 > known.1;
-            if (known.0 > served.0 || known.1 > served.1) && !news {
-                return Some((
-                    StatusCode::CONFLICT,
-                    format!(
-                        "this replica serves version {} and revocation generation {}, older than the node's {} and {}; try another",
-                        served.0, served.1, known.0, known.1
-                    ),
-                ));
             }
         }
         None
@@ -1016,6 +1025,9 @@ struct Published {
     version: u64,
     /// The newest bundle, serialized.
     bundle: Option<Arc<serde_json::value::RawValue>>,
+    revision: Option<String>,
+    /// The database's lineage, once it has one (its first change).
+    lineage: Option<Arc<str>>,
     generation: u64,
     /// Every revoked identity, as of `generation`.
     revoked: Arc<Vec<String>>,
@@ -1152,6 +1164,8 @@ async fn put_policy(
     info!(principal = %who.name, version = bundle.version, revision = %bundle.revision,
         identities = set.agents.len(), "policy pushed");
     s.publish(Some(&bundle), None);
+    let s2 = s.clone();
+    blocking(move || s2.learn_lineage()).await?;
     Ok(Json(bundle))
 }
 
@@ -1315,11 +1329,13 @@ async fn post_revocation(
     let (generation, all) = blocking(move || {
         let generation = store.revoke(&ident, &by, above)?;
         // The whole list once, for every poll that needs it.
-        Ok((generation, store.revocations()?))
+        Ok((generation, store.fresh_revocations()?))
     })
     .await?;
     warn!(principal = %who.name, identity = %id, generation, "identity revoked fleet-wide");
     s.publish(None, Some(all));
+    let s2 = s.clone();
+    blocking(move || s2.learn_lineage()).await?;
     Ok(Json(super::Revoked {
         identity: id.to_string(),
         generation,
@@ -1329,8 +1345,7 @@ async fn post_revocation(
 /// A node's long-poll: answered when a newer bundle or revocation exists, or after the poll
 /// timeout with nothing new.
 #[utoipa::path(post, path = "/v1/node/poll", tag = "node", request_body = PollRequest,
-    responses((status = 200, description = "What is new (maybe nothing)", body = super::PollReply),
-        (status = 409, description = "The node has seen a newer bundle version or revocation generation than this replica serves: ask another", body = ErrorBody)))]
+    responses((status = 200, description = "What is new (maybe nothing)", body = super::PollReply)))]
 async fn node_poll(
     State(s): S,
     Extension(who): Extension<Principal>,
@@ -1349,13 +1364,17 @@ async fn node_poll(
     // A node that knows another database's lineage knows numbers that say nothing here: it
     // is answered as a node that knows nothing (it takes this database's bundle and list).
     // A node that names no lineage (an older agentwall) is taken at its numbers.
+    let lineage = s.published.read().expect("published").lineage.clone();
     let known = if req
         .lineage
         .as_deref()
-        .is_none_or(|l| l == s.store.lineage())
+        .is_none_or(|l| lineage.as_deref().is_none_or(|ours| l == ours))
     {
         (req.known_version, req.revocation_gen)
     } else {
+        s.stats.polls_other_lineage.fetch_add(1, Ordering::Relaxed);
+        warn!(node = %who.name, node_lineage = ?req.lineage, lineage = ?lineage,
+            "a node that knows another database: answered with this database's bundle and revocations");
         (0, 0)
     };
     let s2 = s.clone();
@@ -1377,22 +1396,33 @@ async fn node_poll(
         rx.borrow_and_update();
         let p = s.published.read().expect("published").clone();
         let (version, generation) = (p.version, p.generation);
-        // Only newer: an older bundle or list (a node ahead on one number) is not sent.
+        // News is only what is newer. An answer sent anyway (news of the other number, the
+        // end of the wait) carries the revocation list whenever the node's number differs
+        // (it applies the list whatever its number: revocations only add up), and the bundle
+        // when the node's is numbered as this one but is another (two pushes given one
+        // number by a database put back). Never an older bundle.
         let news = version > known.0 || generation > known.1;
         if news || replaced || tokio::time::Instant::now() >= deadline {
-            let revoked: &[String] = if generation > known.1 {
+            let revoked: &[String] = if generation != known.1 {
                 &p.revoked
             } else {
                 &[]
             };
-            let bundle = (version > known.0).then_some(p.bundle).flatten();
+            let other = version == known.0
+                && req
+                    .applied_revision
+                    .as_deref()
+                    .is_some_and(|r| Some(r) != p.revision.as_deref());
+            let bundle = (version > known.0 || (version != 0 && other))
+                .then_some(p.bundle)
+                .flatten();
             let body = serde_json::to_vec(&PollReplyOut {
                 version,
                 bundle: bundle.as_deref(),
                 revocation_gen: generation,
                 revoked,
                 replaced,
-                lineage: s.store.lineage(),
+                lineage: lineage.as_deref(),
             })
             .expect("replies serialize");
             return Ok((
@@ -1559,6 +1589,12 @@ async fn get_metrics(State(s): S) -> Response {
             st.retention_skipped.load(Ordering::Relaxed),
         ),
         (
+            "agentwall_cp_polls_other_lineage_total",
+            "counter",
+            "Polls from nodes that knew another database (a fresh one was put in place of theirs): answered with this database's bundle and revocations.",
+            st.polls_other_lineage.load(Ordering::Relaxed),
+        ),
+        (
             "agentwall_cp_database_behind",
             "gauge",
             "1 while the database holds older bundle or revocation numbers than this replica served or nodes know (put back to an older state).",
@@ -1590,7 +1626,8 @@ struct PollReplyOut<'a> {
     revoked: &'a [String],
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     replaced: bool,
-    lineage: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lineage: Option<&'a str>,
 }
 
 /// A batch of a node's records (gzip with `Content-Encoding: gzip`, or plain JSON). A batch
@@ -2534,5 +2571,169 @@ mod tests {
         assert_eq!(by("2001:db8:1:2:aaaa::1", 48), "2001:db8:1::");
         assert_eq!(by("2001:db8:1:2:aaaa::1", 1), "::");
         assert_eq!(by("::ffff:192.0.2.7", 128), "192.0.2.7");
+    }
+}
+
+/// The server's answers to nodes when its database was put back to an older state, driven
+/// through the real poll handler on SQLite (one replica, restored from a copy and restarted).
+#[cfg(test)]
+mod restored {
+    use super::*;
+    use crate::control_plane::{BundleFile, PollReply, store::SqliteStore};
+
+    fn server(path: &std::path::Path) -> Arc<Server> {
+        let store =
+            SqliteStore::open(path, crate::control_plane::store::Retention::default()).unwrap();
+        Server::new(
+            Arc::new(store),
+            vec![],
+            Duration::from_millis(300),
+            Limits::default(),
+        )
+        .unwrap()
+    }
+
+    fn push(s: &Arc<Server>, rev: &str) -> u64 {
+        let files = vec![BundleFile {
+            name: "p.yaml".into(),
+            text: format!("# {rev}"),
+        }];
+        let b = s
+            .store
+            .push_policy(rev, &files, "admin", s.number_above().0, None)
+            .unwrap();
+        s.publish(Some(&b), None);
+        s.learn_lineage().unwrap();
+        b.version
+    }
+
+    fn revoke(s: &Arc<Server>, id: &str) -> u64 {
+        let g = s.store.revoke(id, "admin", s.number_above().1).unwrap();
+        s.publish(None, Some(s.store.revocations().unwrap()));
+        s.learn_lineage().unwrap();
+        g
+    }
+
+    /// A node's poll through the real handler (a node that applied `applied`).
+    async fn poll(
+        s: &Arc<Server>,
+        known: (u64, u64),
+        applied: Option<&str>,
+        lineage: Option<&str>,
+    ) -> PollReply {
+        let req = PollRequest {
+            known_version: known.0,
+            revocation_gen: known.1,
+            applied_revision: applied.map(str::to_owned),
+            agent_version: "x".into(),
+            wait_ms: 300,
+            lineage: lineage.map(str::to_owned),
+            ..PollRequest::default()
+        };
+        let body = axum::body::Bytes::from(serde_json::to_vec(&req).unwrap());
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .unwrap();
+        let r = node_poll(
+            State(s.clone()),
+            Extension(Principal {
+                name: "node-1".into(),
+            }),
+            Capped(body, permit),
+        )
+        .await
+        .unwrap_or_else(|f| f.into_response());
+        assert_eq!(r.status(), StatusCode::OK);
+        let bytes = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    fn copy_db(from: &std::path::Path, to: &std::path::Path) {
+        for ext in ["", "-wal", "-shm"] {
+            let f = std::path::PathBuf::from(format!("{}{ext}", from.display()));
+            let t = std::path::PathBuf::from(format!("{}{ext}", to.display()));
+            let _ = std::fs::remove_file(&t);
+            if f.exists() {
+                std::fs::copy(&f, &t).unwrap();
+            }
+        }
+    }
+
+    /// Restored from last night's copy and restarted: a revocation made before any node
+    /// polled is numbered below what nodes saw, and still reaches them (a list is applied
+    /// whatever its number); the first poll teaches the server what nodes hold, and the next
+    /// push is numbered above it. The lineage is the copy's: nodes are not reset to it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_restored_database_still_reaches_nodes_that_saw_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, backup) = (dir.path().join("cp.db"), dir.path().join("backup.db"));
+        let s = server(&db);
+        push(&s, "v1");
+        revoke(&s, "spiffe://example.org/a");
+        let lineage = s.published.read().unwrap().lineage.clone().unwrap();
+        drop(s);
+        copy_db(&db, &backup);
+        let s = server(&db);
+        push(&s, "v2");
+        revoke(&s, "spiffe://example.org/b");
+        revoke(&s, "spiffe://example.org/c");
+        let r = poll(&s, (0, 0), None, Some(&lineage)).await;
+        assert_eq!((r.version, r.revocation_gen), (2, 3));
+        drop(s);
+
+        copy_db(&backup, &db);
+        let s = server(&db);
+        assert_eq!(
+            s.published.read().unwrap().lineage.as_deref(),
+            Some(&*lineage)
+        );
+        let g = revoke(&s, "spiffe://example.org/compromised");
+        assert_eq!(g, 2, "numbered before any node said what it holds");
+        // The node at (2, 3), with v2 applied: not told to forget anything, but given the
+        // list with the new revocation; no older bundle.
+        let r = poll(&s, (2, 3), Some("v2"), Some(&lineage)).await;
+        assert_eq!(r.lineage.as_deref(), Some(&*lineage));
+        assert!(r.bundle.is_none(), "{r:?}");
+        assert!(
+            r.revoked
+                .iter()
+                .any(|i| i == "spiffe://example.org/compromised"),
+            "{r:?}"
+        );
+        assert_eq!(s.number_above(), (2, 3));
+        assert_eq!(s.stats.database_behind.load(Ordering::Relaxed), 1);
+        // The next push is numbered above what the node holds, and reaches it.
+        assert_eq!(push(&s, "v3-tightened"), 3);
+        let r = poll(&s, (2, 3), Some("v2"), Some(&lineage)).await;
+        assert_eq!(
+            r.bundle.map(|b| (b.version, b.revision)),
+            Some((3, "v3-tightened".to_owned()))
+        );
+    }
+
+    /// Two pushes given one number (one before the restore, one after, before any node
+    /// polled): a node holding the other revision under that number is given this one.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_bundle_numbered_as_the_nodes_but_another_is_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, backup) = (dir.path().join("cp.db"), dir.path().join("backup.db"));
+        let s = server(&db);
+        push(&s, "v1");
+        let lineage = s.published.read().unwrap().lineage.clone().unwrap();
+        drop(s);
+        copy_db(&db, &backup);
+        let s = server(&db);
+        push(&s, "v2-lost");
+        drop(s);
+        copy_db(&backup, &db);
+        let s = server(&db);
+        assert_eq!(push(&s, "v2-after"), 2);
+        let r = poll(&s, (2, 0), Some("v2-lost"), Some(&lineage)).await;
+        assert_eq!(r.bundle.map(|b| b.revision), Some("v2-after".to_owned()));
+        // A node that has it is not given it again.
+        let r = poll(&s, (2, 0), Some("v2-after"), Some(&lineage)).await;
+        assert!(r.bundle.is_none());
     }
 }

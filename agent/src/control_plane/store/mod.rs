@@ -83,10 +83,8 @@ pub struct NodeSeen {
 
 /// Everything the server keeps.
 pub trait Store: Send + Sync {
-    /// The database's lineage: made with the database, the same for every replica on it and
-    /// kept by its backups. Another lineage is another database, whose numbers say nothing
-    /// about this one's.
-    fn lineage(&self) -> &str;
+    /// The database's lineage ([`lineage_of`] its first change); None until it has one.
+    fn lineage(&self) -> Result<Option<String>, StoreError>;
     /// Stores a validated bundle as the next version, numbered above `above` too: what a
     /// replica served, which a database put back to an older state no longer holds. With
     /// `base`, only while the newest stored version is `base` ([`StoreError::NotNewest`]).
@@ -100,6 +98,10 @@ pub trait Store: Send + Sync {
     ) -> Result<Bundle, StoreError>;
     /// A bundle by version, or the newest one.
     fn policy(&self, version: Option<u64>) -> Result<Option<Bundle>, StoreError>;
+    /// The same, for what a replica serves (catch-up): over connections no reader takes.
+    fn fresh_policy(&self, version: Option<u64>) -> Result<Option<Bundle>, StoreError> {
+        self.policy(version)
+    }
     /// The newest bundle version (0: none) and the revocation generation, cheaply: what a
     /// replica compares with what it serves.
     fn heads(&self) -> Result<(u64, u64), StoreError>;
@@ -122,6 +124,10 @@ pub trait Store: Send + Sync {
     fn revoke(&self, identity: &str, by: &str, above: u64) -> Result<u64, StoreError>;
     /// The revocation generation and every revocation.
     fn revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError>;
+    /// The same, for what a replica serves (catch-up): over connections no reader takes.
+    fn fresh_revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError> {
+        self.revocations()
+    }
     /// Walks what is held of `node`'s audit chain: each chained record (stored id, text) in
     /// ascending seq, then each of its loss records. False when nothing of the node is held.
     fn audit_chain(
@@ -163,6 +169,26 @@ impl Spend {
         let late = next - now - self.burst.max(1) as f64 * interval;
         if late <= 0.0 { Ok(next) } else { Err(late) }
     }
+}
+
+/// The first change a database holds: its first bundle, else its first revocation. Never
+/// removed, so it names the database's history: every copy, backup and restore of it has
+/// it, and another database's is another.
+const FIRST_CHANGE: &str = "SELECT * FROM (
+        SELECT 'policy' AS what, revision AS a, pushed_at AS b, pushed_by AS c, 0 AS o
+        FROM (SELECT * FROM policy ORDER BY version LIMIT 1) p
+        UNION ALL
+        SELECT 'revocation', identity, at, by, 1
+        FROM (SELECT * FROM revocations ORDER BY generation LIMIT 1) r
+    ) f ORDER BY o LIMIT 1";
+
+/// A database's lineage: a digest of its first change ([`FIRST_CHANGE`]), the same for
+/// every replica on it and kept by its backups (taken before or after an upgrade, restored
+/// whole or data only). Numbers of another lineage say nothing about this one's.
+fn lineage_of(what: &str, a: &str, b: &str, c: &str) -> String {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(format!("{what}\n{a}\n{b}\n{c}").as_bytes());
+    hex::encode(&d[..16])
 }
 
 /// A number to give above, as both databases keep numbers (64-bit signed).

@@ -91,6 +91,9 @@ const STATEMENT_TIMEOUT: Duration = Duration::from_secs(50);
 /// every report waiting in line behind it.
 const PARTITION_LOCK_TIMEOUT: &str = "5s";
 
+/// Longest migrating the schema may take (replicas starting meanwhile wait for it).
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Longest a retention pass may take, from this side (it waits for readers older than
 /// the partition it detaches; it runs off the request path).
 const RETAIN_TIMEOUT: Duration = Duration::from_secs(900);
@@ -149,11 +152,6 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
         at TEXT NOT NULL,
         by TEXT NOT NULL
     );",
-    // The database's lineage: made once with the database and kept by its backups, so a
-    // node can tell another database (a fresh one, whose numbers start again) from a
-    // replica of the one it knows.
-    "CREATE TABLE agentwall_lineage (id TEXT NOT NULL);
-    INSERT INTO agentwall_lineage (id) SELECT replace(gen_random_uuid()::text, '-', '');",
     // Bytes of records held per node and day: what `retention_max_bytes` counts, and whose
     // records go first past it (the largest holder's).
     "CREATE TABLE record_bytes (
@@ -187,7 +185,6 @@ pub struct PgStore {
     retention: super::Retention,
     /// The days whose partition this process made or saw.
     partitions: std::sync::Mutex<std::collections::HashSet<String>>,
-    lineage: String,
 }
 
 impl Drop for PgStore {
@@ -319,21 +316,22 @@ impl PgStore {
             }
         }
         .map_err(|e| fail(e.to_string()))?;
-        let mut store = Self {
+        let store = Self {
             rt: Some(rt),
             pool,
             control,
             changes,
             retention: o.retention,
             partitions: std::sync::Mutex::default(),
-            lineage: String::new(),
         };
-        let lineage = store.block(store.migrate(&what)).map_err(|e| match e {
-            e @ StoreError::TooNew { .. } => e,
-            StoreError::Postgres(e) => fail(describe(&e)),
-            e => fail(e.to_string()),
-        })?;
-        store.lineage = lineage;
+        // A migration may rewrite every stored record (a backfill): it is not cut short.
+        store
+            .block_for(MIGRATE_TIMEOUT, store.migrate(&what))
+            .map_err(|e| match e {
+                e @ StoreError::TooNew { .. } => e,
+                StoreError::Postgres(e) => fail(describe(&e)),
+                e => fail(e.to_string()),
+            })?;
         Ok(store)
     }
 
@@ -369,10 +367,11 @@ impl PgStore {
         self.control.get().await.map_err(pool_error)
     }
 
-    /// Migrates the schema; the database's lineage.
-    async fn migrate(&self, what: &str) -> Result<String, StoreError> {
+    async fn migrate(&self, what: &str) -> Result<(), StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
+        // Waiting for another replica's migration, and migrating, take what they take.
+        tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
         tx.execute(
             "SELECT pg_advisory_xact_lock($1, $2)",
             &[&LOCKS, &SCHEMA_LOCK],
@@ -407,12 +406,8 @@ impl PgStore {
                 .await?;
             info!(database = %what, from = found, to = known, "database schema migrated");
         }
-        let lineage: String = tx
-            .query_one("SELECT id FROM agentwall_lineage", &[])
-            .await?
-            .get(0);
         tx.commit().await?;
-        Ok(lineage)
+        Ok(())
     }
 }
 
@@ -645,6 +640,65 @@ async fn evict(
     Ok(n as u64)
 }
 
+impl PgStore {
+    fn policy_from(&self, pool: &Pool, version: Option<u64>) -> Result<Option<Bundle>, StoreError> {
+        let row = self.block(async {
+            let c = pool.get().await.map_err(pool_error)?;
+            Ok::<_, StoreError>(match version {
+                Some(v) => {
+                    c.query_opt(
+                        "SELECT version, revision, pushed_at, pushed_by, files FROM policy WHERE version = $1",
+                        &[&(v as i64)],
+                    )
+                    .await?
+                }
+                None => {
+                    c.query_opt(
+                        "SELECT version, revision, pushed_at, pushed_by, files FROM policy ORDER BY version DESC LIMIT 1",
+                        &[],
+                    )
+                    .await?
+                }
+            })
+        })?;
+        row.map(|r| {
+            let version = r.get::<_, i64>(0) as u64;
+            Ok(Bundle {
+                version,
+                revision: r.get(1),
+                pushed_at: r.get(2),
+                pushed_by: r.get(3),
+                files: serde_json::from_str(r.get::<_, &str>(4))
+                    .map_err(|e| StoreError::Corrupt(format!("policy version {version}: {e}")))?,
+            })
+        })
+        .transpose()
+    }
+
+    fn revocations_from(&self, pool: &Pool) -> Result<(u64, Vec<Revocation>), StoreError> {
+        let all: Vec<Revocation> = self.block(async {
+            let c = pool.get().await.map_err(pool_error)?;
+            let rows = c
+                .query(
+                    "SELECT identity, generation, at, by FROM revocations ORDER BY generation",
+                    &[],
+                )
+                .await?;
+            Ok::<_, StoreError>(
+                rows.iter()
+                    .map(|r| Revocation {
+                        identity: r.get(0),
+                        generation: r.get::<_, i64>(1) as u64,
+                        at: r.get(2),
+                        by: r.get(3),
+                    })
+                    .collect(),
+            )
+        })?;
+        Ok((all.last().map_or(0, |r| r.generation), all))
+    }
+}
+
 /// A pooled connection that is closed when dropped instead of going back to the pool.
 struct Discarded(Option<deadpool_postgres::Object>);
 
@@ -789,8 +843,12 @@ fn values(args: Vec<Arg>) -> Vec<Box<dyn ToSql + Sync + Send>> {
 }
 
 impl Store for PgStore {
-    fn lineage(&self) -> &str {
-        &self.lineage
+    fn lineage(&self) -> Result<Option<String>, StoreError> {
+        self.block(async {
+            let c = self.control_client().await?;
+            let r = c.query_opt(super::FIRST_CHANGE, &[]).await?;
+            Ok(r.map(|r| super::lineage_of(r.get(0), r.get(1), r.get(2), r.get(3))))
+        })
     }
 
     fn spend_shared(&self, node: &str, spend: &[super::Spend]) -> Result<Option<u64>, StoreError> {
@@ -895,39 +953,20 @@ impl Store for PgStore {
     }
 
     fn policy(&self, version: Option<u64>) -> Result<Option<Bundle>, StoreError> {
-        let row = self.block(async {
-            let c = self.control_client().await?;
-            Ok::<_, StoreError>(match version {
-                Some(v) => {
-                    c.query_opt(
-                        "SELECT version, revision, pushed_at, pushed_by, files FROM policy WHERE version = $1",
-                        &[&(v as i64)],
-                    )
-                    .await?
-                }
-                None => {
-                    c.query_opt(
-                        "SELECT version, revision, pushed_at, pushed_by, files FROM policy ORDER BY version DESC LIMIT 1",
-                        &[],
-                    )
-                    .await?
-                }
-            })
-        })?;
-        row.map(|r| {
-            let version = r.get::<_, i64>(0) as u64;
-            Ok(Bundle {
-                version,
-                revision: r.get(1),
-                pushed_at: r.get(2),
-                pushed_by: r.get(3),
-                files: serde_json::from_str(r.get::<_, &str>(4))
-                    .map_err(|e| StoreError::Corrupt(format!("policy version {version}: {e}")))?,
-            })
-        })
-        .transpose()
+        self.policy_from(&self.pool, version)
     }
 
+    fn fresh_policy(&self, version: Option<u64>) -> Result<Option<Bundle>, StoreError> {
+        self.policy_from(&self.control, version)
+    }
+
+    fn revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError> {
+        self.revocations_from(&self.pool)
+    }
+
+    fn fresh_revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError> {
+        self.revocations_from(&self.control)
+    }
     fn heads(&self) -> Result<(u64, u64), StoreError> {
         self.block(async {
             let c = self.control_client().await?;
@@ -1235,30 +1274,6 @@ impl Store for PgStore {
             Ok(g as u64)
         })
     }
-
-    fn revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError> {
-        let all: Vec<Revocation> = self.block(async {
-            let c = self.control_client().await?;
-            let rows = c
-                .query(
-                    "SELECT identity, generation, at, by FROM revocations ORDER BY generation",
-                    &[],
-                )
-                .await?;
-            Ok::<_, StoreError>(
-                rows.iter()
-                    .map(|r| Revocation {
-                        identity: r.get(0),
-                        generation: r.get::<_, i64>(1) as u64,
-                        at: r.get(2),
-                        by: r.get(3),
-                    })
-                    .collect(),
-            )
-        })?;
-        Ok((all.last().map_or(0, |r| r.generation), all))
-    }
-
     fn audit_chain(
         &self,
         node: &str,

@@ -68,11 +68,6 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX flows_dest_id ON flows (dest, id);
     CREATE INDEX flows_service_id ON flows (service, id);
     CREATE INDEX flows_tagged ON flows (id) WHERE service IS NOT NULL;",
-    // The database's lineage: made once with the database and kept by its copies, so a
-    // node can tell another database (a fresh one, whose numbers start again) from the one
-    // it knows.
-    "CREATE TABLE lineage (id TEXT NOT NULL);
-    INSERT INTO lineage (id) VALUES (lower(hex(randomblob(16))));",
     // Bytes of records held per node and day: what `retention_max_bytes` counts, and whose
     // records go first past it (the largest holder's).
     "CREATE TABLE record_bytes (
@@ -98,7 +93,6 @@ pub struct SqliteStore {
     /// other reads do not wait behind them.
     path: std::path::PathBuf,
     retention: super::Retention,
-    lineage: String,
 }
 
 /// A connection's lock; one a panic left poisoned is still usable (SQLite rolled back
@@ -145,9 +139,7 @@ impl SqliteStore {
         }
         let reader = Connection::open(path).map_err(|e| open_err(&e))?;
         reader.busy_timeout(std::time::Duration::from_secs(5))?;
-        let lineage = reader.query_row("SELECT id FROM lineage", [], |r| r.get(0))?;
         Ok(Self {
-            lineage,
             writer: Mutex::new(writer),
             path: path.to_owned(),
             reader: Mutex::new(reader),
@@ -219,8 +211,18 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
-    fn lineage(&self) -> &str {
-        &self.lineage
+    fn lineage(&self) -> Result<Option<String>, StoreError> {
+        let db = lock(&self.reader);
+        Ok(db
+            .query_row(super::FIRST_CHANGE, [], |r| {
+                Ok(super::lineage_of(
+                    &r.get::<_, String>(0)?,
+                    &r.get::<_, String>(1)?,
+                    &r.get::<_, String>(2)?,
+                    &r.get::<_, String>(3)?,
+                ))
+            })
+            .optional()?)
     }
 
     fn push_policy(

@@ -291,8 +291,9 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
             format!("no number is left above {}", u64::MAX)
         );
         assert_eq!(s.heads().unwrap(), (7, 8));
-        assert_eq!(s.lineage().len(), 32, "{}", s.lineage());
-        s.lineage().to_owned()
+        let lineage = s.lineage().unwrap().unwrap();
+        assert_eq!(lineage.len(), 32, "{lineage}");
+        lineage
     };
     let kept = |s: &dyn Store, lineage: &str| {
         assert_eq!(s.policy(None).unwrap().unwrap().revision, "r7");
@@ -300,16 +301,25 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
         assert!(s.policy(Some(3)).unwrap().is_none());
         assert_eq!(s.revocations().unwrap().0, 8);
         assert_eq!(s.heads().unwrap(), (7, 8));
-        assert_eq!(s.lineage(), lineage);
+        assert_eq!(s.lineage().unwrap().as_deref(), Some(lineage));
     };
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cp.db");
     let lineage = fill(&SqliteStore::open(&path, KEEP).unwrap());
     kept(&SqliteStore::open(&path, KEEP).unwrap(), &lineage);
-    // Another database, another lineage.
+    // Another database: none until its first change, then another.
     let other = SqliteStore::open(&dir.path().join("other.db"), KEEP).unwrap();
-    assert_ne!(other.lineage(), lineage);
+    assert_eq!(other.lineage().unwrap(), None);
+    other.revoke("spiffe://example.org/a", "admin", 0).unwrap();
+    let first = other.lineage().unwrap().unwrap();
+    assert_ne!(first, lineage);
+    other.push_policy("r1", &files, "admin", 0, None).unwrap();
+    assert_ne!(
+        other.lineage().unwrap().unwrap(),
+        first,
+        "the first bundle names it"
+    );
     // Records stored before the byte counts existed are counted by the migration.
     let s = SqliteStore::open(&path, KEEP).unwrap();
     let r = at(
@@ -323,7 +333,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     assert_eq!(s.ingest("n1", 1, &[r]).unwrap().accepted, 1);
     drop(s);
     let c = rusqlite::Connection::open(&path).unwrap();
-    c.execute_batch("DROP TABLE record_bytes; PRAGMA user_version = 4")
+    c.execute_batch("DROP TABLE record_bytes; PRAGMA user_version = 3")
         .unwrap();
     drop(c);
     drop(SqliteStore::open(&path, KEEP).unwrap());
@@ -338,7 +348,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     drop(c);
     let e = SqliteStore::open(&path, KEEP).err().unwrap().to_string();
     assert!(
-        e.contains("has schema version 99; this agentwall knows up to 5"),
+        e.contains("has schema version 99; this agentwall knows up to 4"),
         "{e}"
     );
 
@@ -346,10 +356,10 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     let lineage = fill(&PgStore::open(&pg_options(&db.url)).unwrap());
     kept(&PgStore::open(&pg_options(&db.url)).unwrap(), &lineage);
     let other = scratch::database();
-    assert_ne!(
-        PgStore::open(&pg_options(&other.url)).unwrap().lineage(),
-        lineage
-    );
+    let other = PgStore::open(&pg_options(&other.url)).unwrap();
+    assert_eq!(other.lineage().unwrap(), None);
+    other.push_policy("r1", &files, "admin", 0, None).unwrap();
+    assert_ne!(other.lineage().unwrap().unwrap(), lineage);
     scratch::admin(&db.url, "UPDATE agentwall_schema SET version = 99").unwrap();
     let e = PgStore::open(&pg_options(&db.url))
         .err()
@@ -358,7 +368,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     let shown = crate::config::control_plane::redact_url(&db.url);
     assert!(
         e.contains(&format!(
-            "database {shown} has schema version 99; this agentwall knows up to 4"
+            "database {shown} has schema version 99; this agentwall knows up to 3"
         )),
         "{e}"
     );
@@ -385,7 +395,6 @@ fn replicas_on_one_database_migrate_once_and_hear_each_other() {
             .collect()
     });
     let (a, b) = (&opened[0], &opened[1]);
-    assert!(opened.iter().all(|s| s.lineage() == a.lineage()));
     let mut heard = b.changes().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
