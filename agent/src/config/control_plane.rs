@@ -476,6 +476,22 @@ impl ServerConfig {
         }
     }
 
+    /// Where the server keeps the numbers it served: in `state_dir`, or beside an SQLite
+    /// database; none for PostgreSQL without `state_dir`.
+    pub fn served_numbers(&self) -> Option<PathBuf> {
+        if let Some(dir) = &self.state_dir {
+            return Some(dir.join("served.json"));
+        }
+        match &self.database {
+            Database::Sqlite(db) => {
+                let mut name = db.as_os_str().to_owned();
+                name.push(".served.json");
+                Some(name.into())
+            }
+            Database::Postgres(_) => None,
+        }
+    }
+
     /// What the server keeps of stored records.
     pub fn retention(&self) -> crate::control_plane::store::Retention {
         crate::control_plane::store::Retention {

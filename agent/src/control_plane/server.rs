@@ -58,6 +58,19 @@ pub enum ServerError {
     },
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(
+        "{path}: {message} (the numbers this control plane served; remove the file to number from the database's alone)"
+    )]
+    ServedFile { path: PathBuf, message: String },
+}
+
+/// What a replica served (or nodes showed it they hold), kept beside its state: a
+/// database put back to an older state, with this replica restarted, numbers its next push
+/// and revocation above them before any node has polled.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Served {
+    version: u64,
+    generation: u64,
 }
 
 /// Who is asking: the verified certificate's SPIFFE ID and/or a bearer token.
@@ -390,6 +403,8 @@ pub struct Server {
     /// the database holds (it was put back to an older state): pushes and revocations are
     /// numbered above them, so those nodes take them. Bounded by [`MAX_AHEAD`].
     floor: Mutex<(u64, u64)>,
+    /// Where what was served is kept ([`Served`]).
+    served_file: std::sync::OnceLock<PathBuf>,
     /// Polls not yet written to the store (written once a second, in one transaction).
     seen: Mutex<HashMap<String, NodeSeen>>,
     /// The client-certificate verifier in force (CRLs reread), for per-request rechecks.
@@ -470,6 +485,7 @@ impl Server {
             published: std::sync::RwLock::new(published),
             caught_up: Mutex::new(std::time::Instant::now()),
             floor: Mutex::new((0, 0)),
+            served_file: std::sync::OnceLock::new(),
             seen: Mutex::new(HashMap::new()),
             verifier: std::sync::OnceLock::new(),
         }))
@@ -598,14 +614,48 @@ impl Server {
         }
     }
 
-    /// Learns the database's lineage once it has one (its first bundle or revocation).
-    fn learn_lineage(&self) -> Result<(), StoreError> {
+    /// After a change is served: learns the database's lineage once it has one (its first
+    /// bundle or revocation), and keeps what was served.
+    fn settle(&self) -> Result<(), StoreError> {
+        if let Some(path) = self.served_file.get() {
+            let (version, generation) = self.number_above();
+            let text = serde_json::to_vec(&Served {
+                version,
+                generation,
+            })
+            .expect("numbers serialize");
+            if let Err(e) = crate::files::write_atomic(path, &text) {
+                error!(path = %path.display(), error = %e, "could not keep the numbers served");
+            }
+        }
         if self.published.read().expect("published").lineage.is_some() {
             return Ok(());
         }
         if let Some(l) = self.store.lineage()? {
             self.published.write().expect("published").lineage = Some(Arc::from(l));
         }
+        Ok(())
+    }
+
+    /// Keeps what is served in `path` from now on, and numbers above what it holds already.
+    fn keep_served_in(&self, path: PathBuf) -> Result<(), ServerError> {
+        let fail = |message: String| ServerError::ServedFile {
+            path: path.clone(),
+            message,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+        }
+        let kept: Served = match std::fs::read(&path) {
+            Ok(t) => serde_json::from_slice(&t).map_err(|e| fail(e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Served::default(),
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        {
+            let mut f = self.floor.lock().expect("floor");
+            *f = (f.0.max(kept.version), f.1.max(kept.generation));
+        }
+        let _ = self.served_file.set(path);
         Ok(())
     }
 
@@ -638,7 +688,7 @@ impl Server {
             None
         };
         self.publish(bundle.as_ref(), revocations);
-        self.learn_lineage()?;
+        self.settle()?;
         *self.caught_up.lock().expect("caught up") = looked;
         Ok(())
     }
@@ -1165,7 +1215,7 @@ async fn put_policy(
         identities = set.agents.len(), "policy pushed");
     s.publish(Some(&bundle), None);
     let s2 = s.clone();
-    blocking(move || s2.learn_lineage()).await?;
+    blocking(move || s2.settle()).await?;
     Ok(Json(bundle))
 }
 
@@ -1335,7 +1385,7 @@ async fn post_revocation(
     warn!(principal = %who.name, identity = %id, generation, "identity revoked fleet-wide");
     s.publish(None, Some(all));
     let s2 = s.clone();
-    blocking(move || s2.learn_lineage()).await?;
+    blocking(move || s2.settle()).await?;
     Ok(Json(super::Revoked {
         identity: id.to_string(),
         generation,
@@ -2287,12 +2337,17 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || {
             let store: Arc<dyn Store> = super::store::open(&cfg)?.into();
-            Server::new(
+            let server = Server::new(
                 store,
                 cfg.access.clone(),
                 cfg.poll_timeout(),
                 cfg.limits.clone(),
-            )
+            )?;
+            if let Some(path) = cfg.served_numbers() {
+                server.keep_served_in(path)?;
+                server.settle()?;
+            }
+            Ok::<_, ServerError>(server)
         })
         .await
         .map_err(|e| ServerError::Tls(format!("opening the database: {e}")))??
@@ -2603,14 +2658,14 @@ mod restored {
             .push_policy(rev, &files, "admin", s.number_above().0, None)
             .unwrap();
         s.publish(Some(&b), None);
-        s.learn_lineage().unwrap();
+        s.settle().unwrap();
         b.version
     }
 
     fn revoke(s: &Arc<Server>, id: &str) -> u64 {
         let g = s.store.revoke(id, "admin", s.number_above().1).unwrap();
         s.publish(None, Some(s.store.revocations().unwrap()));
-        s.learn_lineage().unwrap();
+        s.settle().unwrap();
         g
     }
 
@@ -2710,6 +2765,47 @@ mod restored {
         assert_eq!(
             r.bundle.map(|b| (b.version, b.revision)),
             Some((3, "v3-tightened".to_owned()))
+        );
+    }
+
+    /// A replica that keeps what it served (beside its database, or in `state_dir`)
+    /// numbers above it after a restore, before any node has polled; a file it cannot read
+    /// stops it, saying which.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn what_was_served_is_kept_and_numbered_above_after_a_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, backup) = (dir.path().join("cp.db"), dir.path().join("backup.db"));
+        let kept = dir.path().join("state/served.json");
+        let keeping = |db: &std::path::Path| {
+            let s = server(db);
+            s.keep_served_in(kept.clone()).unwrap();
+            s
+        };
+        let s = keeping(&db);
+        push(&s, "v1");
+        revoke(&s, "spiffe://example.org/a");
+        drop(s);
+        copy_db(&db, &backup);
+        let s = keeping(&db);
+        push(&s, "v2");
+        revoke(&s, "spiffe://example.org/b");
+        revoke(&s, "spiffe://example.org/c");
+        drop(s);
+        copy_db(&backup, &db);
+        let s = keeping(&db);
+        assert_eq!(s.number_above(), (2, 3));
+        assert_eq!(revoke(&s, "spiffe://example.org/compromised"), 4);
+        assert_eq!(push(&s, "v3"), 3);
+        drop(s);
+        std::fs::write(&kept, "{").unwrap();
+        let e = server(&db)
+            .keep_served_in(kept.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("{}: ", kept.display()))
+                && e.contains("remove the file to number from the database's alone"),
+            "{e}"
         );
     }
 
