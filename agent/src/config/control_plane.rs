@@ -94,7 +94,8 @@ pub struct ServerConfig {
     /// when it arrives is not stored (counted as expired).
     #[serde(default = "default_retention_days")]
     pub retention_days: u32,
-    /// Most bytes of records held (their text as sent); past it the node holding the most
+    /// Most bytes of records held (each its text plus 512 for its row and index entries);
+    /// past it the node holding the most
     /// loses its oldest first, down to the next holder's level. Default: no limit but
     /// `retention_days`.
     #[serde(default)]

@@ -67,10 +67,13 @@ pub enum ServerError {
 /// What a replica served (or nodes showed it they hold), kept beside its state: a
 /// database put back to an older state, with this replica restarted, numbers its next push
 /// and revocation above them before any node has polled.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Served {
     version: u64,
     generation: u64,
+    /// The database they were served from: numbers of another say nothing of this one's.
+    #[serde(default)]
+    lineage: Option<String>,
 }
 
 /// Who is asking: the verified certificate's SPIFFE ID and/or a bearer token.
@@ -581,11 +584,15 @@ impl Server {
 
     /// Serves `bundle` and the revocations of `generation`, each only when newer than what
     /// is served: a replica hears of other replicas' changes and makes its own, in any
-    /// order, and must never go back to an older one.
+    /// order, and must never go back to an older one. (A bundle of the served number but
+    /// another revision, read from the database, replaces the served one: see `catch_up`.)
     fn publish(&self, bundle: Option<&Bundle>, revocations: Option<(u64, Vec<super::Revocation>)>) {
         let mut p = self.published.write().expect("published");
         let mut moved = false;
-        if let Some(b) = bundle.filter(|b| b.version > p.version) {
+        if let Some(b) = bundle.filter(|b| {
+            b.version > p.version
+                || (b.version == p.version && p.revision.as_deref() != Some(b.revision.as_str()))
+        }) {
             p.version = b.version;
             p.bundle = Some(bundle_json(b));
             p.revision = Some(b.revision.clone());
@@ -617,22 +624,23 @@ impl Server {
     /// After a change is served: learns the database's lineage once it has one (its first
     /// bundle or revocation), and keeps what was served.
     fn settle(&self) -> Result<(), StoreError> {
+        if self.published.read().expect("published").lineage.is_none()
+            && let Some(l) = self.store.lineage()?
+        {
+            self.published.write().expect("published").lineage = Some(Arc::from(l));
+        }
         if let Some(path) = self.served_file.get() {
             let (version, generation) = self.number_above();
+            let lineage = self.published.read().expect("published").lineage.clone();
             let text = serde_json::to_vec(&Served {
                 version,
                 generation,
+                lineage: lineage.as_deref().map(str::to_owned),
             })
             .expect("numbers serialize");
             if let Err(e) = crate::files::write_atomic(path, &text) {
                 error!(path = %path.display(), error = %e, "could not keep the numbers served");
             }
-        }
-        if self.published.read().expect("published").lineage.is_some() {
-            return Ok(());
-        }
-        if let Some(l) = self.store.lineage()? {
-            self.published.write().expect("published").lineage = Some(Arc::from(l));
         }
         Ok(())
     }
@@ -651,7 +659,8 @@ impl Server {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Served::default(),
             Err(e) => return Err(fail(e.to_string())),
         };
-        {
+        let ours = self.published.read().expect("published").lineage.clone();
+        if kept.lineage.is_some() && kept.lineage.as_deref() == ours.as_deref() {
             let mut f = self.floor.lock().expect("floor");
             *f = (f.0.max(kept.version), f.1.max(kept.generation));
         }
@@ -677,7 +686,15 @@ impl Server {
                 served_version, served_generation, floor = ?*self.floor.lock().expect("floor"),
                 "the database holds older numbers than this replica served (restored from a backup, or a standby promoted without the last commits): what was served stays, and the next push and revocation are numbered above it");
         }
-        let bundle = if version > served_version {
+        // The same number may hold another bundle than the one served: pushed here before
+        // the database went back, and given again to another push since. The database's is
+        // served from now on.
+        let served_revision = self.published.read().expect("published").revision.clone();
+        let bundle = if version > served_version
+            || (version == served_version
+                && version != 0
+                && self.store.revision_of(version)? != served_revision)
+        {
             self.store.fresh_policy(Some(version))?
         } else {
             None
@@ -1415,6 +1432,17 @@ async fn node_poll(
     // is answered as a node that knows nothing (it takes this database's bundle and list).
     // A node that names no lineage (an older agentwall) is taken at its numbers.
     let lineage = s.published.read().expect("published").lineage.clone();
+    // A lineage is 32 hex digits; anything else is no lineage of ours, and is not logged.
+    if req
+        .lineage
+        .as_deref()
+        .is_some_and(|l| l.len() != 32 || !l.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(Fail::new(
+            StatusCode::BAD_REQUEST,
+            "lineage is 32 hexadecimal digits, as a poll answer gave it",
+        ));
+    }
     let known = if req
         .lineage
         .as_deref()
@@ -1422,9 +1450,11 @@ async fn node_poll(
     {
         (req.known_version, req.revocation_gen)
     } else {
-        s.stats.polls_other_lineage.fetch_add(1, Ordering::Relaxed);
-        warn!(node = %who.name, node_lineage = ?req.lineage, lineage = ?lineage,
-            "a node that knows another database: answered with this database's bundle and revocations");
+        // Logged once for every 1,000 (the first included): a node may ask this every poll.
+        if s.stats.polls_other_lineage.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+            warn!(node = %who.name, node_lineage = ?req.lineage, lineage = ?lineage,
+                "a node that knows another database: answered with this database's bundle and revocations");
+        }
         (0, 0)
     };
     let s2 = s.clone();
@@ -2797,6 +2827,11 @@ mod restored {
         assert_eq!(revoke(&s, "spiffe://example.org/compromised"), 4);
         assert_eq!(push(&s, "v3"), 3);
         drop(s);
+        // Numbers served from another database say nothing of a fresh one's.
+        let fresh = keeping(&dir.path().join("fresh.db"));
+        assert_eq!(fresh.number_above(), (0, 0));
+        assert_eq!(push(&fresh, "f1"), 1);
+        drop(fresh);
         std::fs::write(&kept, "{").unwrap();
         let e = server(&db)
             .keep_served_in(kept.clone())
@@ -2807,6 +2842,53 @@ mod restored {
                 && e.contains("remove the file to number from the database's alone"),
             "{e}"
         );
+    }
+
+    /// A replica still serving a bundle the database lost, under a number another push
+    /// was given since, serves the database's once it catches up; a lineage that is not
+    /// one is refused.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_lost_bundle_is_replaced_by_the_databases_of_its_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("cp.db");
+        let s1 = server(&db);
+        push(&s1, "v1");
+        assert_eq!(push(&s1, "a-lost"), 2);
+        // The database loses it (a standby promoted without the last commit).
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute("DELETE FROM policy WHERE version = 2", [])
+            .unwrap();
+        let s2 = server(&db);
+        assert_eq!(push(&s2, "b-now"), 2);
+        s1.catch_up().unwrap();
+        assert_eq!(
+            s1.published.read().unwrap().revision.as_deref(),
+            Some("b-now")
+        );
+        let lineage = s1.published.read().unwrap().lineage.clone().unwrap();
+        let r = poll(&s1, (2, 0), Some("a-lost"), Some(&lineage)).await;
+        assert_eq!(r.bundle.map(|b| b.revision), Some("b-now".to_owned()));
+
+        let req = PollRequest {
+            lineage: Some("\u{7f}".repeat(40)),
+            ..PollRequest::default()
+        };
+        let body = axum::body::Bytes::from(serde_json::to_vec(&req).unwrap());
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .unwrap();
+        let f = node_poll(
+            State(s1.clone()),
+            Extension(Principal {
+                name: "node-1".into(),
+            }),
+            Capped(body, permit),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert_eq!(f.0, StatusCode::BAD_REQUEST);
     }
 
     /// Two pushes given one number (one before the restore, one after, before any node

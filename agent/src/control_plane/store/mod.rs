@@ -83,7 +83,9 @@ pub struct NodeSeen {
 
 /// Everything the server keeps.
 pub trait Store: Send + Sync {
-    /// The database's lineage ([`lineage_of`] its first change); None until it has one.
+    /// The database's lineage: [`lineage_of`] its first change, written into the database
+    /// the first time it is asked for after that change (and kept there by every copy,
+    /// backup and restore), never another after; None until the database has a change.
     fn lineage(&self) -> Result<Option<String>, StoreError>;
     /// Stores a validated bundle as the next version, numbered above `above` too: what a
     /// replica served, which a database put back to an older state no longer holds. With
@@ -101,6 +103,11 @@ pub trait Store: Send + Sync {
     /// The same, for what a replica serves (catch-up): over connections no reader takes.
     fn fresh_policy(&self, version: Option<u64>) -> Result<Option<Bundle>, StoreError> {
         self.policy(version)
+    }
+    /// The revision stored as `version`, cheaply: a replica checks that what it serves
+    /// under a number is what the database holds under it.
+    fn revision_of(&self, version: u64) -> Result<Option<String>, StoreError> {
+        Ok(self.fresh_policy(Some(version))?.map(|b| b.revision))
     }
     /// The newest bundle version (0: none) and the revocation generation, cheaply: what a
     /// replica compares with what it serves.
@@ -171,16 +178,17 @@ impl Spend {
     }
 }
 
-/// The first change a database holds: its first bundle, else its first revocation. Never
-/// removed, so it names the database's history: every copy, backup and restore of it has
-/// it, and another database's is another.
-const FIRST_CHANGE: &str = "SELECT * FROM (
+/// The first change a database holds: the earlier of its first bundle and its first
+/// revocation (by their times; the bundle on a tie). Never removed, and never another once
+/// there is one (a later push or revocation is later), so it names the database's history:
+/// every copy, backup and restore of it has it, and another database's is another.
+const FIRST_CHANGE: &str = "SELECT what, a, b, c FROM (
         SELECT 'policy' AS what, revision AS a, pushed_at AS b, pushed_by AS c, 0 AS o
         FROM (SELECT * FROM policy ORDER BY version LIMIT 1) p
         UNION ALL
         SELECT 'revocation', identity, at, by, 1
         FROM (SELECT * FROM revocations ORDER BY generation LIMIT 1) r
-    ) f ORDER BY o LIMIT 1";
+    ) f ORDER BY b, o LIMIT 1";
 
 /// A database's lineage: a digest of its first change ([`FIRST_CHANGE`]), the same for
 /// every replica on it and kept by its backups (taken before or after an upgrade, restored
@@ -213,6 +221,15 @@ impl Default for Retention {
             max_bytes: None,
         }
     }
+}
+
+/// What a record counts against `retention_max_bytes`: its text, and [`ROW_COST`] for the
+/// row and its index entries, so a flood of tiny records is counted near what it takes on
+/// disk. (The stores' SQL adds the same 512.)
+pub const ROW_COST: i64 = 512;
+
+fn charged(text: &str) -> i64 {
+    text.len() as i64 + ROW_COST
 }
 
 /// Rows read at a time when evicting a node's oldest records past `retention_max_bytes`.

@@ -161,9 +161,10 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
         PRIMARY KEY (node, day)
     );
     INSERT INTO record_bytes (node, day, bytes)
-        SELECT node, day, SUM(octet_length(record)) FROM flows GROUP BY node, day;",
+        SELECT node, day, SUM(octet_length(record) + 512) FROM flows GROUP BY node, day;",
     // Each node's report quotas, shared by every replica (their state: the theoretical
     // arrival time of the generic cell rate algorithm, in seconds by the database's clock).
+    "CREATE TABLE agentwall_lineage (one INTEGER PRIMARY KEY CHECK (one = 1), id TEXT NOT NULL);",
     "CREATE TABLE report_quota (
         node TEXT NOT NULL,
         kind TEXT NOT NULL,
@@ -549,14 +550,18 @@ impl PgStore {
             .query_one(&format!("SELECT COUNT(*) FROM {name}"), &[])
             .await?
             .get(0);
-        c.batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
-            .await?;
-        if let Some(d) = partition_day(name) {
-            c.execute(
-                "DELETE FROM record_bytes WHERE day = $1::text::date",
-                &[&super::day_text(d)],
+        // The table and its day's byte counts go together (one transaction).
+        let counts = partition_day(name).map_or(String::new(), |d| {
+            format!(
+                "DELETE FROM record_bytes WHERE day = '{}';",
+                super::day_text(d)
             )
-            .await?;
+        });
+        c.batch_execute(&format!(
+            "BEGIN; DROP TABLE IF EXISTS {name}; {counts} COMMIT"
+        ))
+        .await?;
+        if let Some(d) = partition_day(name) {
             self.partitions
                 .lock()
                 .expect("partitions")
@@ -602,7 +607,7 @@ async fn evict(
     let tx = c.transaction().await?;
     let rows: Vec<(i64, i64)> = tx
         .query(
-            "SELECT id, octet_length(record)::bigint FROM flows WHERE node = $1 ORDER BY id LIMIT $2",
+            "SELECT id, octet_length(record)::bigint + 512 FROM flows WHERE node = $1 ORDER BY id LIMIT $2",
             &[&node, &super::EVICT_BATCH],
         )
         .await?
@@ -620,7 +625,7 @@ async fn evict(
         .query_one(
             "WITH gone AS (
                  DELETE FROM flows WHERE node = $1 AND id <= $2
-                 RETURNING day, octet_length(record)::bigint AS b
+                 RETURNING day, octet_length(record)::bigint + 512 AS b
              ), per_day AS (SELECT day, SUM(b)::bigint AS b, COUNT(*) AS n FROM gone GROUP BY day),
              counted AS (
                  UPDATE record_bytes r SET bytes = r.bytes - p.b FROM per_day p
@@ -846,8 +851,21 @@ impl Store for PgStore {
     fn lineage(&self) -> Result<Option<String>, StoreError> {
         self.block(async {
             let c = self.control_client().await?;
-            let r = c.query_opt(super::FIRST_CHANGE, &[]).await?;
-            Ok(r.map(|r| super::lineage_of(r.get(0), r.get(1), r.get(2), r.get(3))))
+            let kept = "SELECT id FROM agentwall_lineage";
+            if let Some(r) = c.query_opt(kept, &[]).await? {
+                return Ok(Some(r.get(0)));
+            }
+            let Some(r) = c.query_opt(super::FIRST_CHANGE, &[]).await? else {
+                return Ok(None);
+            };
+            let id = super::lineage_of(r.get(0), r.get(1), r.get(2), r.get(3));
+            // The first replica to see a change writes it; every other reads that one.
+            c.execute(
+                "INSERT INTO agentwall_lineage (one, id) VALUES (1, $1) ON CONFLICT DO NOTHING",
+                &[&id],
+            )
+            .await?;
+            Ok(c.query_opt(kept, &[]).await?.map(|r| r.get(0)))
         })
     }
 
@@ -967,6 +985,19 @@ impl Store for PgStore {
     fn fresh_revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError> {
         self.revocations_from(&self.control)
     }
+    fn revision_of(&self, version: u64) -> Result<Option<String>, StoreError> {
+        let version = number(version)?;
+        self.block(async {
+            let c = self.control_client().await?;
+            Ok(c.query_opt(
+                "SELECT revision FROM policy WHERE version = $1",
+                &[&version],
+            )
+            .await?
+            .map(|r| r.get(0)))
+        })
+    }
+
     fn heads(&self) -> Result<(u64, u64), StoreError> {
         self.block(async {
             let c = self.control_client().await?;
@@ -1089,7 +1120,7 @@ impl Store for PgStore {
                          WITH ORDINALITY AS u(rid, kind, time, verdict, identity, dest, service, record, seq, hash, day, i)
                      ORDER BY i
                      ON CONFLICT DO NOTHING
-                     RETURNING day::text, octet_length(record)::bigint",
+                     RETURNING day::text, octet_length(record)::bigint + 512",
                 )
                 .await?;
             let params: [&(dyn ToSql + Sync); 13] = [
@@ -1186,6 +1217,19 @@ impl Store for PgStore {
             for (name, _) in all.iter().filter(|(_, d)| *d < first) {
                 out.expired += self.drop_partition(c, name).await?;
             }
+            // Counts of days no partition holds (a table dropped by hand, say) count for
+            // nothing: left, they would have eviction empty a node of what it does hold.
+            let held: Vec<String> = self
+                .partitions(c)
+                .await?
+                .into_iter()
+                .map(|(_, d)| super::day_text(d))
+                .collect();
+            c.execute(
+                "DELETE FROM record_bytes WHERE day::text <> ALL($1::text[])",
+                &[&held],
+            )
+            .await?;
             if let Some(max) = self.retention.max_bytes {
                 loop {
                     let held: Vec<(String, u64)> = c

@@ -77,7 +77,9 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (node, day)
     );
     INSERT INTO record_bytes (node, day, bytes)
-        SELECT node, day, SUM(length(CAST(record AS BLOB))) FROM flows GROUP BY node, day;",
+        SELECT node, day, SUM(length(CAST(record AS BLOB)) + 512) FROM flows GROUP BY node, day;",
+    // The database's lineage, written once (see `Store::lineage`) and kept by its copies.
+    "CREATE TABLE lineage (one INTEGER PRIMARY KEY CHECK (one = 1), id TEXT NOT NULL);",
 ];
 
 /// Rows removed per transaction by retention: short enough that reports stored meanwhile
@@ -175,7 +177,7 @@ impl SqliteStore {
         let tx = db.transaction()?;
         let rows: Vec<(i64, i64)> = tx
             .prepare_cached(
-                "SELECT id, length(CAST(record AS BLOB)) FROM flows WHERE node = ?1 ORDER BY id LIMIT ?2",
+                "SELECT id, length(CAST(record AS BLOB)) + 512 FROM flows WHERE node = ?1 ORDER BY id LIMIT ?2",
             )?
             .query_map(params![node, super::EVICT_BATCH], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
@@ -187,7 +189,7 @@ impl SqliteStore {
         };
         let freed: Vec<(String, i64)> = tx
             .prepare_cached(
-                "DELETE FROM flows WHERE node = ?1 AND id <= ?2 RETURNING day, length(CAST(record AS BLOB))",
+                "DELETE FROM flows WHERE node = ?1 AND id <= ?2 RETURNING day, length(CAST(record AS BLOB)) + 512",
             )?
             .query_map(params![node, through], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
@@ -212,8 +214,15 @@ impl SqliteStore {
 
 impl Store for SqliteStore {
     fn lineage(&self) -> Result<Option<String>, StoreError> {
-        let db = lock(&self.reader);
-        Ok(db
+        let kept = |db: &Connection| {
+            db.query_row("SELECT id FROM lineage", [], |r| r.get::<_, String>(0))
+                .optional()
+        };
+        if let Some(id) = kept(&lock(&self.reader))? {
+            return Ok(Some(id));
+        }
+        let db = lock(&self.writer);
+        let first = db
             .query_row(super::FIRST_CHANGE, [], |r| {
                 Ok(super::lineage_of(
                     &r.get::<_, String>(0)?,
@@ -222,7 +231,14 @@ impl Store for SqliteStore {
                     &r.get::<_, String>(3)?,
                 ))
             })
-            .optional()?)
+            .optional()?;
+        if let Some(id) = first {
+            db.execute(
+                "INSERT OR IGNORE INTO lineage (one, id) VALUES (1, ?1)",
+                [&id],
+            )?;
+        }
+        Ok(kept(&db)?)
     }
 
     fn push_policy(
@@ -375,7 +391,7 @@ impl Store for SqliteStore {
                 ])?;
                 if n == 1 {
                     out.accepted += 1;
-                    *bytes.entry(row.day.clone()).or_default() += row.text.len() as i64;
+                    *bytes.entry(row.day.clone()).or_default() += super::charged(row.text);
                 } else {
                     out.duplicates += 1;
                 }
