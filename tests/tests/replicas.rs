@@ -616,6 +616,9 @@ fn a_database_put_back_to_an_older_state_still_takes_pushes_and_revocations() {
     // the same (revocations only add up).
     agentwall::control_plane::store::scratch::admin(&db, put_back).unwrap();
     drop(a);
+    // A replica that kept nothing of what was served (its state lost too; a replica that
+    // kept `served.json` numbers above it: `server::restored` tests that).
+    std::fs::remove_file(fx.dir.join("state/served.json")).unwrap();
     let early = CpProc::start_named(&fx, None, "cp-early");
     let out = cp(
         &fx,
