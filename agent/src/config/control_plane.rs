@@ -464,30 +464,27 @@ impl ServerConfig {
     /// `cp.db.crl-numbers.json`). None only with PostgreSQL and no `state_dir`, which the
     /// config allows only without `client_crl`.
     pub fn crl_numbers(&self) -> Option<PathBuf> {
-        if let Some(dir) = &self.state_dir {
-            return Some(dir.join("crl-numbers.json"));
-        }
-        match &self.database {
-            Database::Sqlite(db) => {
-                let mut name = db.as_os_str().to_owned();
-                name.push(".crl-numbers.json");
-                Some(name.into())
-            }
-            Database::Postgres(_) => None,
-        }
+        self.state_file("crl-numbers.json")
     }
 
     /// Where the server keeps the numbers it served: in `state_dir`, or beside an SQLite
     /// database; none for PostgreSQL without `state_dir`.
     pub fn served_numbers(&self) -> Option<PathBuf> {
+        self.state_file("served.json")
+    }
+
+    /// This replica's file `name`: in `state_dir`, else beside an SQLite database
+    /// (`cp.db.NAME`); none for PostgreSQL without `state_dir`.
+    fn state_file(&self, name: &str) -> Option<PathBuf> {
         if let Some(dir) = &self.state_dir {
-            return Some(dir.join("served.json"));
+            return Some(dir.join(name));
         }
         match &self.database {
             Database::Sqlite(db) => {
-                let mut name = db.as_os_str().to_owned();
-                name.push(".served.json");
-                Some(name.into())
+                let mut beside = db.as_os_str().to_owned();
+                beside.push(".");
+                beside.push(name);
+                Some(beside.into())
             }
             Database::Postgres(_) => None,
         }

@@ -265,7 +265,7 @@ impl Link {
                 .take_revocations(&node, &mut st, reply.revocation_gen, &reply.revoked)
                 .await;
             if older && !newer {
-                if revoked {
+                if revoked || moved_lineage {
                     st.save(&self.state_path);
                 }
                 error!(

@@ -2715,11 +2715,21 @@ mod restored {
             lineage: lineage.map(str::to_owned),
             ..PollRequest::default()
         };
-        let body = axum::body::Bytes::from(serde_json::to_vec(&req).unwrap());
+        let r = send(s, &req).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let bytes = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    /// `req` as node-1's poll, through the real handler.
+    async fn send(s: &Arc<Server>, req: &PollRequest) -> Response {
+        let body = axum::body::Bytes::from(serde_json::to_vec(req).unwrap());
         let permit = Arc::new(tokio::sync::Semaphore::new(1))
             .try_acquire_owned()
             .unwrap();
-        let r = node_poll(
+        node_poll(
             State(s.clone()),
             Extension(Principal {
                 name: "node-1".into(),
@@ -2727,12 +2737,7 @@ mod restored {
             Capped(body, permit),
         )
         .await
-        .unwrap_or_else(|f| f.into_response());
-        assert_eq!(r.status(), StatusCode::OK);
-        let bytes = axum::body::to_bytes(r.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        serde_json::from_slice(&bytes).unwrap()
+        .unwrap_or_else(|f| f.into_response())
     }
 
     fn copy_db(from: &std::path::Path, to: &std::path::Path) {
@@ -2874,21 +2879,7 @@ mod restored {
             lineage: Some("\u{7f}".repeat(40)),
             ..PollRequest::default()
         };
-        let body = axum::body::Bytes::from(serde_json::to_vec(&req).unwrap());
-        let permit = Arc::new(tokio::sync::Semaphore::new(1))
-            .try_acquire_owned()
-            .unwrap();
-        let f = node_poll(
-            State(s1.clone()),
-            Extension(Principal {
-                name: "node-1".into(),
-            }),
-            Capped(body, permit),
-        )
-        .await
-        .err()
-        .unwrap();
-        assert_eq!(f.0, StatusCode::BAD_REQUEST);
+        assert_eq!(send(&s1, &req).await.status(), StatusCode::BAD_REQUEST);
     }
 
     /// Two pushes given one number (one before the restore, one after, before any node

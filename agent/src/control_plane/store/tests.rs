@@ -658,8 +658,14 @@ fn with_retention(postgres: bool, retention: Retention) -> Fixture {
 }
 
 fn times_kept(s: &dyn Store) -> Vec<String> {
+    times_kept_of(s, None)
+}
+
+/// The times of the records kept (of `node`, or of all), in order.
+fn times_kept_of(s: &dyn Store, node: Option<&str>) -> Vec<String> {
     let mut all: Vec<String> = s
         .flows(&FlowQuery {
+            node: node.map(str::to_owned),
             limit: Some(10_000),
             ..FlowQuery::default()
         })
@@ -803,21 +809,7 @@ fn a_size_cap_evicts_the_largest_holder_first() {
         assert_eq!(s.ingest("flood", 1, &flood).unwrap().accepted, 300);
         let r = s.retain(today).unwrap();
         assert_eq!((r.over_size, r.expired), (250, 0), "{}", f.name);
-        let kept = |node: &str| -> Vec<String> {
-            let mut t: Vec<String> = s
-                .flows(&FlowQuery {
-                    node: Some(node.to_owned()),
-                    limit: Some(10_000),
-                    ..FlowQuery::default()
-                })
-                .unwrap()
-                .flows
-                .iter()
-                .map(|f| f.record["time"].as_str().unwrap_or_default().to_owned())
-                .collect();
-            t.sort();
-            t
-        };
+        let kept = |node: &str| times_kept_of(s, Some(node));
         let honest = kept("honest");
         assert_eq!(honest.len(), 100, "{}", f.name);
         assert!(
