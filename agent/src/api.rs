@@ -156,6 +156,14 @@ pub struct StatusIdentity {
     pub identity: String,
     /// The AgentPolicy's name.
     pub policy: String,
+    /// Who answers for it, and its labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<crate::policy::owner::Owner>,
+    #[serde(
+        default,
+        skip_serializing_if = "crate::policy::owner::Labels::is_empty"
+    )]
+    pub labels: crate::policy::owner::Labels,
     pub number: Option<u32>,
     /// `enforce` or `audit`.
     pub mode: String,

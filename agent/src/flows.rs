@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     clock::{rfc3339, wall_time},
     datapath::EventRecord,
+    policy::owner::{Labels, Owner},
 };
 
 /// How many records the node keeps in memory.
@@ -25,6 +26,11 @@ pub struct FlowRecord {
     /// The SPIFFE ID, or none for cgroups bound to no identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// Who answers for the identity, and its labels, as its AgentPolicy says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
     pub pid: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exe: Option<String>,
@@ -90,11 +96,11 @@ impl std::fmt::Display for FlowRecord {
             .clone()
             .or_else(|| self.cgroup.clone())
             .unwrap_or_else(|| format!("cgroup {}", self.cgroup_id));
-        write!(
-            f,
-            "{} {:<7} {who} pid={} ({})",
-            self.time, self.verdict, self.pid, self.comm
-        )?;
+        write!(f, "{} {:<7} {who}", self.time, self.verdict)?;
+        if let Some(o) = &self.owner {
+            write!(f, " (owner {o})")?;
+        }
+        write!(f, " pid={} ({})", self.pid, self.comm)?;
         let proto = self.protocol.as_deref().unwrap_or("?");
         match (self.dest, &self.fqdn) {
             (Some(a), _) if self.direction.is_some() => {
@@ -179,6 +185,8 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
         verdict: e.kind.as_str().to_owned(),
         reason: e.reason.map(|r| r.to_string()),
         identity: None,
+        owner: None,
+        labels: Labels::default(),
         pid: e.pid,
         exe: exe_of(e.pid),
         comm: e.comm.clone(),

@@ -369,6 +369,9 @@ pub fn simulate(candidate: &PolicySet, flows: &[Flow]) -> Simulation {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct UnusedRule {
     pub identity: String,
+    /// Who answers for the identity: the report is grouped by it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<crate::policy::owner::Owner>,
     /// The rule's number among the identity's effective rules (from 1).
     pub rule_id: u32,
     /// file:line egress[i]
@@ -421,6 +424,7 @@ pub fn unused(set: &PolicySet, flows: &[Flow]) -> UnusedReport {
             if !used {
                 report.rules.push(UnusedRule {
                     identity: agent.identity.clone(),
+                    owner: agent.owner.clone(),
                     rule_id: r.rule.id,
                     place: r.source.place(),
                     from: r.from.clone(),
@@ -428,6 +432,10 @@ pub fn unused(set: &PolicySet, flows: &[Flow]) -> UnusedReport {
             }
         }
     }
+    // Each owner's rules together, owners in order, rules nobody owns last.
+    report
+        .rules
+        .sort_by(|a, b| (a.owner.is_none(), &a.owner).cmp(&(b.owner.is_none(), &b.owner)));
     report.archetypes = archetype_used
         .into_iter()
         .filter(|(_, used)| !used)

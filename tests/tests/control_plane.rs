@@ -352,6 +352,67 @@ fn pushes_are_validated_whole_and_roles_are_enforced() {
     );
 }
 
+/// A control plane that requires owners refuses a bundle with an AgentPolicy that names
+/// none, at that policy's file and line, and stores nothing; with owners it is stored.
+#[test]
+fn a_control_plane_that_requires_owners_refuses_a_policy_without_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    let server = CpProc::start_with(&fx, None, "cp", &["--require-owner"]);
+    let url = server.url.clone();
+    let admin = admin_creds(&fx);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let owned = format!("{POLICY_A}owner: support-team@example.com\n");
+    let unowned = "kind: AgentPolicy\nname: other\nidentity: spiffe://example.org/agent/other\n";
+    let bad = policy_dir(
+        tmp.path(),
+        "bad",
+        &[("agents.yaml", &owned), ("more.yaml", unowned)],
+    );
+    // `policy check` only warns.
+    let out = agentwall()
+        .args(["policy", "check", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!(
+            "{}:1: warning: AgentPolicy \"other\" has no owner",
+            bad.join("more.yaml").display()
+        )),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = cp(
+        &fx,
+        &url,
+        &admin,
+        &["policy", "push", bad.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with(&format!(
+            "{}:1:1: AgentPolicy \"other\" has no owner, and this control plane requires one (require_owner)",
+            bad.join("more.yaml").display()
+        )) && err.contains("the bundle is invalid (1 problem(s)); nothing was stored"),
+        "{err}"
+    );
+    let out = cp(&fx, &url, &admin, &["policy", "show"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no policy has been pushed yet"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pushed = push(&fx, &url, "good", &owned);
+    assert_eq!(
+        pushed,
+        agentwall::policy::source::load_dir(&fx.dir.join("good"))
+            .unwrap()
+            .revision
+    );
+}
+
 #[test]
 fn reports_are_stored_once_and_read_back_by_filter_page_and_node() {
     let tmp = tempfile::tempdir().unwrap();
@@ -534,23 +595,81 @@ fn reports_are_stored_once_and_read_back_by_filter_page_and_node() {
     );
 
     // Nodes are listed with what they said in their last poll.
-    rt.block_on(n1.send_json::<PollReply>(
-        hyper::Method::POST,
-        "/v1/node/poll",
-        &PollRequest {
-            applied_version: Some(3),
-            applied_revision: Some("abc".into()),
-            agent_version: "9.9.9".into(),
-            ..PollRequest::default()
-        },
-        Duration::from_secs(10),
-    ))
+    rt.block_on(
+        n1.send_json::<PollReply>(
+            hyper::Method::POST,
+            "/v1/node/poll",
+            &PollRequest {
+                applied_version: Some(3),
+                applied_revision: Some("abc".into()),
+                agent_version: "9.9.9".into(),
+                owner: Some("platform@example.com".parse().unwrap()),
+                labels: agentwall::policy::owner::Labels::from_assignments(["site=fra1", "tier=1"])
+                    .unwrap(),
+                ..PollRequest::default()
+            },
+            Duration::from_secs(10),
+        ),
+    )
     .unwrap();
     let nodes = cp_json(&fx, &url, &security, &["nodes"]);
     assert_eq!(nodes[0]["node"], "spiffe://example.org/node/n1");
     assert_eq!(nodes[0]["applied_version"], 3);
     assert_eq!(nodes[0]["applied_revision"], "abc");
     assert_eq!(nodes[0]["agent_version"], "9.9.9");
+    assert_eq!(nodes[0]["owner"], "platform@example.com");
+    assert_eq!(
+        nodes[0]["labels"],
+        serde_json::json!({"site": "fra1", "tier": "1"})
+    );
+    let text = cp(&fx, &url, &security, &["nodes", "--output", "text"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("agentwall 9.9.9 owner platform@example.com labels site=fra1,tier=1"),
+        "{text}"
+    );
+    // Whom to ask about the shadow AI on a node: its owner, beside its groups.
+    let shadow = cp_json(&fx, &url, &security, &["shadow-ai"]);
+    assert_eq!(shadow[0]["owner"], "platform@example.com");
+    assert_eq!(shadow[0]["labels"]["site"], "fra1");
+    assert_eq!(shadow[1].get("owner"), None);
+    // An owner or label that is not one is refused with the value; nothing is noted.
+    for (bad, error) in [
+        (
+            serde_json::json!({"owner": "a\nb"}),
+            "owner \"a\\nb\" has a control character",
+        ),
+        (
+            serde_json::json!({"labels": {"site": "fra 1"}}),
+            "label value `fra 1` of `site` is not a label value",
+        ),
+    ] {
+        let mut poll = serde_json::to_value(PollRequest {
+            agent_version: "9.9.9".into(),
+            wait_ms: 0,
+            ..PollRequest::default()
+        })
+        .unwrap();
+        for (k, v) in bad.as_object().unwrap() {
+            poll[k] = v.clone();
+        }
+        let e = rt
+            .block_on(n1.send_json::<PollReply>(
+                hyper::Method::POST,
+                "/v1/node/poll",
+                &poll,
+                Duration::from_secs(10),
+            ))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("400 Bad Request") && e.to_string().contains(error),
+            "{bad}: {e}"
+        );
+    }
+    assert_eq!(
+        cp_json(&fx, &url, &security, &["nodes"])[0]["owner"],
+        "platform@example.com"
+    );
 
     // Everything is still there after a restart of the server (same database).
     drop(server);
@@ -662,11 +781,22 @@ fn a_push_is_enforced_on_the_node_and_its_denials_reach_security() {
     let server = CpProc::start(&fx, None);
     let url = server.url.clone();
     let flags = fx.node_flags(&url);
-    let node = NodeProc::start_with(&env, dir, &node_args(&flags, &[]));
+    let audit = dir.join("audit.jsonl");
+    let host = [
+        "--owner",
+        "platform@example.com",
+        "--label",
+        "site=lab1",
+        "--audit-log",
+        audit.to_str().unwrap(),
+    ];
+    let node = NodeProc::start_with(&env, dir, &node_args(&flags, &host));
     let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
 
-    // Pushed from the admin CLI, enforced in the node's kernel.
-    let rev1 = push(&fx, &url, "v1", POLICY_A);
+    // Pushed from the admin CLI, enforced in the node's kernel; the policy's owner and labels
+    // travel with its records.
+    let owned = format!("{POLICY_A}owner: support-team@example.com\nlabels:\n  team: support\n");
+    let rev1 = push(&fx, &url, "v1", &owned);
     wait_status(&node.socket, "version 1 applied", |s| {
         s["revision"] == rev1.as_str()
     });
@@ -689,16 +819,33 @@ fn a_push_is_enforced_on_the_node_and_its_denials_reach_security() {
     assert_eq!(denial["record"]["dest"], "198.51.100.10");
     assert_eq!(denial["record"]["port"], 443);
     assert_eq!(denial["record"]["revision"], rev1.as_str());
+    assert_eq!(denial["record"]["owner"], "support-team@example.com");
+    assert_eq!(
+        denial["record"]["labels"],
+        serde_json::json!({"team": "support"})
+    );
     let sec = security(&fx);
     let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
     let text = cp(&fx, &url, &sec, &["flows", "--verdict", "deny"]);
     assert!(
         String::from_utf8_lossy(&text.stdout).contains(&format!("{NODE_ID} "))
             && String::from_utf8_lossy(&text.stdout)
+                .contains(&format!("{ID} (owner support-team@example.com) pid="))
+            && String::from_utf8_lossy(&text.stdout)
                 .contains("-> 198.51.100.10:443/tcp: no rule allows it"),
         "{}",
         String::from_utf8_lossy(&text.stdout)
     );
+    // The node's own record of it says the same, and so does its status.
+    let local = audit_records(&audit)
+        .into_iter()
+        .find(|r| r["kind"] == "decision" && r["dest"] == "198.51.100.10")
+        .expect("the denial in the node's audit log");
+    assert_eq!(local["owner"], "support-team@example.com");
+    assert_eq!(local["labels"]["team"], "support");
+    let st = status_json(&node.socket);
+    assert_eq!(st["identities"][0]["owner"], "support-team@example.com");
+    assert_eq!(st["identities"][0]["labels"]["team"], "support");
 
     // A new push replaces the allowlist atomically on the node.
     let rev2 = push(&fx, &url, "v2", POLICY_B);
@@ -726,6 +873,8 @@ fn a_push_is_enforced_on_the_node_and_its_denials_reach_security() {
     assert_eq!(nodes[0]["applied_revision"], rev2.as_str());
     assert_eq!(nodes[0]["agent_version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(nodes[0]["error"], serde_json::Value::Null);
+    assert_eq!(nodes[0]["owner"], "platform@example.com");
+    assert_eq!(nodes[0]["labels"], serde_json::json!({"site": "lab1"}));
     let st = status_json(&node.socket);
     assert_eq!(st["control_plane"]["url"], url.as_str());
     assert_eq!(st["control_plane"]["applied_version"], 2);

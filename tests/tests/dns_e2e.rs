@@ -729,6 +729,9 @@ fn only_names_and_types_the_policy_allows_leave_the_host() {
 kind: AgentPolicy
 name: names
 identity: spiffe://example.org/agent/names
+owner: research@example.com
+labels:
+  team: research
 dns:
   resolve: [\"*.internal.example\"]
   types: [TXT]
@@ -911,6 +914,8 @@ egress:
         .find(|r| r["name"] == "6578666976.attacker.example")
         .expect("the first tunnel query is a record of its own");
     assert_eq!(txt["identity"], "spiffe://example.org/agent/names");
+    assert_eq!(txt["owner"], "research@example.com");
+    assert_eq!(txt["labels"]["team"], "research");
     assert_eq!(txt["type"], "TXT");
     assert_eq!(
         txt["why"],
@@ -927,6 +932,7 @@ egress:
     assert_eq!(would.len(), 1, "{would:#?}");
     assert_eq!(would[0]["identity"], "spiffe://example.org/agent/watcher");
     assert_eq!(would[0]["name"], "other.example.org");
+    assert_eq!(would[0].get("owner"), None, "the watcher names no owner");
     let m = scrape(&ns, metrics);
     assert_eq!(
         metric(&m, "agentwall_dns_queries_refused_total", &[]) as u64,

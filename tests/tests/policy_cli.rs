@@ -22,6 +22,7 @@ egress:
   - to: [\"::/0\"]
     ports: [53]
     protocol: udp
+owner: support-team@example.com
 ";
 
 const SCENARIOS: &str = "\

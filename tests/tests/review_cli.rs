@@ -36,6 +36,15 @@ egress:
   - to: [203.0.113.0/24]
     ports: [8080]
     protocol: tcp
+---
+kind: AgentPolicy
+name: helper
+identity: spiffe://example.org/agent/helper
+owner: ml-team@example.com
+egress:
+  - to: [192.0.2.77]
+    ports: [9000]
+    protocol: tcp
 ";
 
 const CANDIDATE: &str = "\
@@ -206,10 +215,13 @@ fn unused_simulate_and_suggest_on_a_scripted_history() {
     assert_eq!(
         out,
         format!(
-            "unused: {BOT} rule 2 ({f}:8 egress[0], Archetype \"legacy\")\n\
-             unused: {BOT} rule 4 ({f}:15 egress[1], AgentPolicy \"bot\")\n\
+            "owner ml-team@example.com:\n\
+             \x20 unused: spiffe://example.org/agent/helper rule 1 ({f}:27 egress[0], AgentPolicy \"helper\")\n\
+             no owner:\n\
+             \x20 unused: {BOT} rule 2 ({f}:8 egress[0], Archetype \"legacy\")\n\
+             \x20 unused: {BOT} rule 4 ({f}:15 egress[1], AgentPolicy \"bot\")\n\
              unused archetype: legacy\n\
-             2 unused rule(s), 1 unused archetype(s); 7 allowed flow(s) counted under revision {rev}\n"
+             3 unused rule(s), 1 unused archetype(s); 7 allowed flow(s) counted under revision {rev}\n"
         )
     );
     // Over all of it, rule 4 was used once.
@@ -230,7 +242,9 @@ fn unused_simulate_and_suggest_on_a_scripted_history() {
         .iter()
         .map(|r| r["rule_id"].as_u64().unwrap())
         .collect();
-    assert_eq!(ids, [2]);
+    assert_eq!(ids, [1, 2]);
+    assert_eq!(v["rules"][0]["owner"], "ml-team@example.com");
+    assert_eq!(v["rules"][1].get("owner"), None);
     assert_eq!(v["hits"], 8);
 
     // The candidate drops the /24 and port 8080 and adds 198.51.100.0/24:443; the name flow

@@ -28,6 +28,9 @@ const POLICY: &str = "\
 kind: AgentPolicy
 name: support-bot
 identity: spiffe://demo.agentwall/agent/support-bot
+owner: support-team@demo.agentwall
+labels:
+  team: support
 egress:
   - to: [192.0.2.0/24]
     ports: [443]
@@ -46,6 +49,9 @@ egress:
 kind: AgentPolicy
 name: research-bot
 identity: spiffe://demo.agentwall/agent/research-bot
+owner: research-team@demo.agentwall
+labels:
+  team: research
 mode: audit
 egress:
   - to: [198.51.100.0/24]
@@ -331,6 +337,8 @@ pub fn run(root: &Path) -> Result<()> {
         .arg(&cleanup.cgroup)
         // The demo stays on this machine: no resolution of the AI catalog's names.
         .args(["--catalog-refresh-secs", "0"])
+        // Who answers for this host: shown beside the node at the control plane.
+        .args(["--owner", "platform-team@demo.agentwall", "--label", "site=demo"])
         .env("AGENTWALL_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()

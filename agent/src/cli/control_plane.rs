@@ -22,6 +22,9 @@ pub struct ServeArgs {
     /// Overrides `database`: an SQLite file, or postgres://USER@HOST:PORT/DB (replicas).
     #[arg(long, value_name = "FILE|URL")]
     database: Option<String>,
+    /// Overrides `require_owner`: refuse pushes with an AgentPolicy that names no owner.
+    #[arg(long)]
+    require_owner: bool,
 }
 
 pub fn run(cmd: Command) -> anyhow::Result<()> {
@@ -45,6 +48,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             if let Some(d) = &args.database {
                 cfg.set_database(d)?;
             }
+            cfg.require_owner |= args.require_owner;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

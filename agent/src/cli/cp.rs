@@ -327,10 +327,11 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                         _ => "no bundle applied".to_owned(),
                     };
                     say!(
-                        "{}  last seen {}  {applied}  agentwall {}",
+                        "{}  last seen {}  {applied}  agentwall {}{}",
                         n.node,
                         n.last_seen,
-                        n.agent_version.as_deref().unwrap_or("?")
+                        n.agent_version.as_deref().unwrap_or("?"),
+                        agentwall::policy::owner::describe(n.owner.as_ref(), &n.labels)
                     );
                     if let Some(e) = &n.error {
                         say!("  error: {e}");
@@ -405,7 +406,11 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             } else {
                 let mut groups = 0;
                 for n in &nodes {
-                    println!("node {}", n.node);
+                    println!(
+                        "node {}{}",
+                        n.node,
+                        agentwall::policy::owner::describe(n.owner.as_ref(), &n.labels)
+                    );
                     super::shadow_ai::print_groups(&n.groups, "  ");
                     if n.records_left_out > 0 {
                         println!(

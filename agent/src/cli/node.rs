@@ -123,6 +123,12 @@ pub struct Args {
     /// Size limit of the report spool, in bytes (default 64 MiB).
     #[arg(long)]
     control_plane_spool_max_bytes: Option<u64>,
+    /// Who answers for this host, a person or team (e.g. platform@example.com).
+    #[arg(long)]
+    owner: Option<agentwall::policy::owner::Owner>,
+    /// A label of this host, KEY=VALUE (repeatable; replaces the config's `[labels]`).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -175,6 +181,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             };
             (cp != Default::default()).then_some(cp)
         },
+        owner: args.owner,
+        labels: agentwall::policy::owner::Labels::from_assignments(
+            args.labels.iter().map(String::as_str),
+        )?,
     };
     let cfg = file.overlay(flags);
     if check_config {

@@ -9,8 +9,8 @@ use super::node_config::ConfigArg;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
-    /// Rules (and whole archetypes) no allowed flow used, per identity: candidates for
-    /// removal. Counts flows recorded under the policy revision in force.
+    /// Rules (and whole archetypes) no allowed flow used, per owner and identity: candidates
+    /// for removal. Counts flows recorded under the policy revision in force.
     Unused {
         /// Only flows from this long ago on (90s, 30m, 24h, 7d).
         #[arg(long)]
@@ -111,9 +111,17 @@ pub fn run(cmd: Command) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    let mut owner = None;
     for r in &report.rules {
+        if owner != Some(&r.owner) {
+            owner = Some(&r.owner);
+            match &r.owner {
+                Some(o) => println!("owner {o}:"),
+                None => println!("no owner:"),
+            }
+        }
         println!(
-            "unused: {} rule {} ({}, {})",
+            "  unused: {} rule {} ({}, {})",
             r.identity, r.rule_id, r.place, r.from
         );
     }

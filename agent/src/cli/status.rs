@@ -83,12 +83,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     for id in &s.identities {
         println!(
-            "{}  policy={} mode={} rules={} sessions={}",
+            "{}  policy={} mode={} rules={} sessions={}{}",
             id.identity,
             id.policy,
             id.mode,
             id.rules,
-            id.sessions.len()
+            id.sessions.len(),
+            agentwall::policy::owner::describe(id.owner.as_ref(), &id.labels)
         );
         for s in &id.sessions {
             println!(

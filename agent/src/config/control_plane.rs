@@ -116,6 +116,10 @@ pub struct ServerConfig {
     /// since.
     #[serde(default)]
     pub accept_expired_crl: bool,
+    /// Refuse a policy push with an AgentPolicy that names no `owner` (default off:
+    /// `policy check` warns about it).
+    #[serde(default)]
+    pub require_owner: bool,
     #[serde(default)]
     pub limits: Limits,
 }

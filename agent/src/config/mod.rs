@@ -101,6 +101,11 @@ pub struct NodeConfig {
     /// `[control_plane]`: url, ca, cert, key (the node's certificate), spool_max_bytes. With
     /// it, policy comes from the control plane (and `policy_dir` must not be set).
     pub control_plane: Option<control_plane::ClientConfig>,
+    /// Who answers for this host (a person or team): the control plane names it beside the
+    /// node, and beside the shadow AI found on it.
+    pub owner: Option<crate::policy::owner::Owner>,
+    /// `[labels]`: this host's labels (`key = "value"`, Kubernetes-style names), sent along.
+    pub labels: crate::policy::owner::Labels,
 }
 
 /// `unknown_flows` as written in TOML.
@@ -245,8 +250,12 @@ impl NodeConfig {
             aggregate_window_secs,
             record_allowed,
             catalog_refresh_secs,
-            accept_expired_crl
+            accept_expired_crl,
+            owner
         );
+        if !over.labels.is_empty() {
+            self.labels = over.labels;
+        }
         if !over.ai_catalog.is_empty() {
             self.ai_catalog = over.ai_catalog;
         }

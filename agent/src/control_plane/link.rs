@@ -138,6 +138,9 @@ pub struct Link {
     state_path: PathBuf,
     policy_dir: PathBuf,
     pub stats: Arc<LinkStats>,
+    /// Who answers for this host, and its labels: said in every poll.
+    owner: Option<crate::policy::owner::Owner>,
+    labels: crate::policy::owner::Labels,
 }
 
 const BATCH: usize = 5000;
@@ -164,7 +167,19 @@ impl Link {
             state_path: dir.join("link.json"),
             policy_dir: crate::config::control_plane_policy_dir(state_dir),
             stats,
+            owner: None,
+            labels: Default::default(),
         })
+    }
+
+    /// Says in every poll who answers for this host, and its labels.
+    pub fn describing(
+        mut self,
+        owner: Option<crate::policy::owner::Owner>,
+        labels: crate::policy::owner::Labels,
+    ) -> Self {
+        (self.owner, self.labels) = (owner, labels);
+        self
     }
 
     /// The seq of the last audit record the spool took (see [`Spool::handled`]); a new
@@ -202,6 +217,8 @@ impl Link {
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
                 wait_ms: 25_000,
                 lineage: st.lineage.clone(),
+                owner: self.owner.clone(),
+                labels: self.labels.clone(),
             };
             let reply: Result<PollReply, ClientError> = self
                 .poll

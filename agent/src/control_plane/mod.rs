@@ -61,6 +61,16 @@ pub struct PollRequest {
     /// control plane on another database answers as if the node knew nothing.
     #[serde(default)]
     pub lineage: Option<String>,
+    /// Who answers for the node's host, and its labels (its config's `owner`, `[labels]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub owner: Option<crate::policy::owner::Owner>,
+    #[serde(
+        default,
+        skip_serializing_if = "crate::policy::owner::Labels::is_empty"
+    )]
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
+    pub labels: crate::policy::owner::Labels,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
@@ -279,6 +289,16 @@ pub struct NodeInfo {
     pub applied_revision: Option<String>,
     pub agent_version: Option<String>,
     pub error: Option<String>,
+    /// Who answers for the node's host, and its labels, as the node last said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub owner: Option<crate::policy::owner::Owner>,
+    #[serde(
+        default,
+        skip_serializing_if = "crate::policy::owner::Labels::is_empty"
+    )]
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
+    pub labels: crate::policy::owner::Labels,
 }
 
 /// Filters of `GET /v1/flows`; every one optional.
@@ -327,6 +347,17 @@ pub struct FlowPage {
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeShadowAi {
     pub node: String,
+    /// Who answers for the node's host, and its labels, as the node last said: whom to ask
+    /// about what runs there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub owner: Option<crate::policy::owner::Owner>,
+    #[serde(
+        default,
+        skip_serializing_if = "crate::policy::owner::Labels::is_empty"
+    )]
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
+    pub labels: crate::policy::owner::Labels,
     pub groups: Vec<crate::discovery::ShadowGroup>,
     /// Records of process groups past the first [`crate::discovery::SHADOW_GROUPS`], counted
     /// and not shown.
@@ -441,6 +472,24 @@ pub fn validate(files: &[BundleFile]) -> Result<crate::policy::source::PolicySet
     let set = crate::policy::source::parse_sources(sorted).map_err(wire)?;
     crate::policy::source::check_compiles(&set).map_err(wire)?;
     Ok(set)
+}
+
+/// Every AgentPolicy of `set` that names no owner, as an error at its document: what a control
+/// plane with `require_owner` refuses.
+pub fn unowned(set: &crate::policy::source::PolicySet) -> Vec<WireError> {
+    set.agents
+        .iter()
+        .filter(|a| a.owner.is_none())
+        .map(|a| WireError {
+            file: a.origin.file.display().to_string(),
+            line: a.origin.line,
+            column: 1,
+            message: format!(
+                "AgentPolicy {:?} has no owner, and this control plane requires one (require_owner): add `owner:`, a person or team",
+                a.name
+            ),
+        })
+        .collect()
 }
 
 impl std::fmt::Display for WireError {

@@ -408,6 +408,8 @@ pub struct Server {
     floor: Mutex<(u64, u64)>,
     /// Where what was served is kept ([`Served`]).
     served_file: std::sync::OnceLock<PathBuf>,
+    /// Pushes must name an owner for every AgentPolicy (`require_owner`).
+    require_owner: std::sync::atomic::AtomicBool,
     /// Polls not yet written to the store (written once a second, in one transaction).
     seen: Mutex<HashMap<String, NodeSeen>>,
     /// The client-certificate verifier in force (CRLs reread), for per-request rechecks.
@@ -489,6 +491,7 @@ impl Server {
             caught_up: Mutex::new(std::time::Instant::now()),
             floor: Mutex::new((0, 0)),
             served_file: std::sync::OnceLock::new(),
+            require_owner: std::sync::atomic::AtomicBool::new(false),
             seen: Mutex::new(HashMap::new()),
             verifier: std::sync::OnceLock::new(),
         }))
@@ -643,6 +646,11 @@ impl Server {
             }
         }
         Ok(())
+    }
+
+    /// Refuses pushes with an AgentPolicy that names no owner (`require_owner`).
+    pub fn require_owners(&self, on: bool) {
+        self.require_owner.store(on, Ordering::Relaxed);
     }
 
     /// Keeps what is served in `path` from now on, and numbers above what it holds already.
@@ -1201,8 +1209,20 @@ async fn put_policy(
         )
     })?;
     let files = req.files;
+    let require_owner = s.require_owner.load(Ordering::Relaxed);
     let (files, checked) = tokio::task::spawn_blocking(move || {
-        let r = super::validate(&files);
+        let r = super::validate(&files).and_then(|set| {
+            let unowned = if require_owner {
+                super::unowned(&set)
+            } else {
+                Vec::new()
+            };
+            if unowned.is_empty() {
+                Ok(set)
+            } else {
+                Err(unowned)
+            }
+        });
         (files, r)
     })
     .await
@@ -1348,12 +1368,30 @@ async fn get_shadow_ai(
                 None => break,
             }
         }
+        let mut about: HashMap<String, super::NodeInfo> = if by_node.is_empty() {
+            HashMap::new()
+        } else {
+            store
+                .nodes()?
+                .into_iter()
+                .filter(|n| by_node.contains_key(&n.node))
+                .map(|n| (n.node.clone(), n))
+                .collect()
+        };
         Ok(by_node
             .into_iter()
-            .map(|(node, fold)| NodeShadowAi {
-                node,
-                records_left_out: fold.left_out(),
-                groups: fold.finish(),
+            .map(|(node, fold)| {
+                let (owner, labels) = about
+                    .remove(&node)
+                    .map(|n| (n.owner, n.labels))
+                    .unwrap_or_default();
+                NodeShadowAi {
+                    node,
+                    owner,
+                    labels,
+                    records_left_out: fold.left_out(),
+                    groups: fold.finish(),
+                }
             })
             .filter(|n| !n.groups.is_empty())
             .collect())
@@ -2373,6 +2411,7 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
                 cfg.poll_timeout(),
                 cfg.limits.clone(),
             )?;
+            server.require_owners(cfg.require_owner);
             if let Some(path) = cfg.served_numbers() {
                 server.keep_served_in(path)?;
                 server.settle()?;

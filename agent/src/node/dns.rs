@@ -127,16 +127,19 @@ struct Refused {
 }
 
 impl Refused {
-    fn event(self, identity: String, count: u64) -> DnsEvent {
+    fn event(self, identity: String, applied: &Applied, count: u64) -> DnsEvent {
         let Self {
             name,
             qtype,
             why,
             audit,
         } = self;
+        let (owner, labels) = applied.owner_of(&identity);
         if audit {
             DnsEvent::QueryWouldRefuse {
                 identity,
+                owner,
+                labels,
                 name,
                 qtype,
                 why,
@@ -145,6 +148,8 @@ impl Refused {
         } else {
             DnsEvent::QueryRefused {
                 identity,
+                owner,
+                labels,
                 name,
                 qtype,
                 why,
@@ -303,7 +308,7 @@ impl DnsLearning {
             if !audit {
                 warn!(identity = %id, name = %refused.name, qtype = %refused.qtype, why = %refused.why, "DNS query refused");
             }
-            journal.record(&AuditEvent::Dns(refused.event(id, count)));
+            journal.record(&AuditEvent::Dns(refused.event(id, applied, count)));
         }
         if audit { Admit::Forward } else { Admit::Refuse }
     }
@@ -317,7 +322,7 @@ impl DnsLearning {
                 .name(identity)
                 .unwrap_or_default()
                 .to_owned();
-            journal.record(&AuditEvent::Dns(last.event(id, count)));
+            journal.record(&AuditEvent::Dns(last.event(id, applied, count)));
         }
     }
 

@@ -83,6 +83,20 @@ impl Applied {
         &self.policy.revision
     }
 
+    /// Who answers for an identity and its labels, as its AgentPolicy says.
+    pub fn owner_of(
+        &self,
+        identity: &str,
+    ) -> (
+        Option<crate::policy::owner::Owner>,
+        crate::policy::owner::Labels,
+    ) {
+        self.policy
+            .agent(identity)
+            .map(|a| (a.owner.clone(), a.labels.clone()))
+            .unwrap_or_default()
+    }
+
     /// "file:line egress[i]" of an identity's rule `rule_id`.
     pub fn rule_place(&self, identity: &str, rule_id: u32) -> Option<String> {
         let agent = self.policy.agent(identity)?;

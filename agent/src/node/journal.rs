@@ -9,7 +9,11 @@ use serde::Serialize;
 use serde_json::Value;
 use tracing::{error, info};
 
-use crate::{audit::AuditLog, flows::FlowRecord};
+use crate::{
+    audit::AuditLog,
+    flows::FlowRecord,
+    policy::owner::{Labels, Owner},
+};
 
 /// Records the outbox holds at most before new ones count as lost.
 const OUTBOX_MAX: usize = 1 << 20;
@@ -113,6 +117,10 @@ pub enum DnsEvent {
     /// A query the identity's DNS policy does not allow: answered REFUSED, nothing sent.
     QueryRefused {
         identity: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        owner: Option<Owner>,
+        #[serde(skip_serializing_if = "Labels::is_empty")]
+        labels: Labels,
         name: String,
         #[serde(rename = "type")]
         qtype: String,
@@ -124,6 +132,10 @@ pub enum DnsEvent {
     /// The same in audit mode: forwarded, and recorded as what would have been refused.
     QueryWouldRefuse {
         identity: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        owner: Option<Owner>,
+        #[serde(skip_serializing_if = "Labels::is_empty")]
+        labels: Labels,
         name: String,
         #[serde(rename = "type")]
         qtype: String,

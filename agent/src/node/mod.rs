@@ -894,7 +894,8 @@ impl Node {
             chown_group(&socket, group)?;
         }
         if let Some(cp) = &self.cfg.control_plane {
-            let link = crate::control_plane::link::Link::new(cp, &self.cfg.state_dir())?;
+            let link = crate::control_plane::link::Link::new(cp, &self.cfg.state_dir())?
+                .describing(self.cfg.owner.clone(), self.cfg.labels.clone());
             let _ = self.link.set(link.stats.clone());
             // What the spool had not taken when the node stopped is sent from the log.
             self.journal

@@ -45,6 +45,9 @@ pub fn enrich(e: &EventRecord, with: &Lookups<'_>) -> FlowRecord {
     let mut r = flows::base(e, with.applied.revision());
     if e.identity != 0 {
         r.identity = with.applied.identities.name(e.identity).map(str::to_owned);
+        if let Some(id) = r.identity.as_deref() {
+            (r.owner, r.labels) = with.applied.owner_of(id);
+        }
     }
     if let Some(dest) = r.dest {
         r.fqdn = with.dns.observed_name(e.identity, dest);
@@ -331,6 +334,8 @@ mod tests {
             verdict: "deny".into(),
             reason: Some("no rule allows it".into()),
             identity: Some("spiffe://example.org/a".into()),
+            owner: None,
+            labels: Default::default(),
             pid: 7,
             exe: None,
             comm: "probe".into(),

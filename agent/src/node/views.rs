@@ -26,6 +26,8 @@ impl Node {
                 StatusIdentity {
                     identity: a.identity.clone(),
                     policy: a.name.clone(),
+                    owner: a.owner.clone(),
+                    labels: a.labels.clone(),
                     number,
                     mode: match a.mode {
                         Mode::Enforce => "enforce",

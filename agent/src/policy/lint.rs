@@ -93,6 +93,16 @@ pub fn lint(set: &PolicySet) -> Vec<Warning> {
     let now = time::OffsetDateTime::now_utc();
     let mut seen_sources = std::collections::BTreeSet::new();
     for agent in &set.agents {
+        if agent.owner.is_none() {
+            out.push(Warning {
+                origin: agent.origin.clone(),
+                index: None,
+                message: format!(
+                    "AgentPolicy {:?} has no owner: its records name no one who answers for it (add `owner:`, a person or team)",
+                    agent.name
+                ),
+            });
+        }
         if agent.dns.resolve.contains(&super::names::Resolvable::Any) {
             out.push(Warning {
                 origin: agent.origin.clone(),
@@ -216,6 +226,7 @@ egress:
             got,
             [
                 "p.yaml:8: warning: Archetype \"unused\" is not extended by any AgentPolicy",
+                "p.yaml:14: warning: AgentPolicy \"bot\" has no owner: its records name no one who answers for it (add `owner:`, a person or team)",
                 "p.yaml:14: warning: egress[0]: shadowed by p.yaml:1 egress[0] (in the rules of \"bot\"): it allows nothing more",
                 "p.yaml:14: warning: egress[1]: rule allows every IPv6 address (::/0)",
                 "p.yaml:14: warning: egress[1]: rule allows every port (no `ports`)",

@@ -7,6 +7,7 @@ pub mod fqdn;
 pub mod lint;
 pub mod model;
 pub mod names;
+pub mod owner;
 pub mod scenario;
 pub mod schedule;
 pub mod source;

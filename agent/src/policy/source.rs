@@ -293,6 +293,10 @@ struct RawAgentPolicy {
     name: String,
     identity: String,
     #[serde(default)]
+    owner: Option<super::owner::Owner>,
+    #[serde(default)]
+    labels: super::owner::Labels,
+    #[serde(default)]
     mode: Option<ModeSpec>,
     #[serde(default)]
     extends: Vec<String>,
@@ -378,6 +382,9 @@ pub struct Archetype {
 pub struct AgentPolicy {
     pub name: String,
     pub identity: String,
+    /// Who answers for it: carried into its records.
+    pub owner: Option<super::owner::Owner>,
+    pub labels: super::owner::Labels,
     pub mode: Mode,
     pub extends: Vec<String>,
     /// What it may resolve beyond its name rules, and which query types.
@@ -627,6 +634,8 @@ fn parse_document(
             Ok(Doc::Agent(AgentPolicy {
                 name: raw.name,
                 identity: raw.identity,
+                owner: raw.owner,
+                labels: raw.labels,
                 mode: raw.mode.map_or(Mode::Enforce, |m| m.0),
                 extends: raw.extends,
                 dns: super::names::DnsSection {
@@ -1167,6 +1176,44 @@ mod tests {
             "{}",
             got[3]
         );
+    }
+
+    #[test]
+    fn owner_and_labels_are_read_and_checked_where_written() {
+        let set = parse(&[(
+            "p.yaml",
+            "kind: AgentPolicy\nname: a\nidentity: spiffe://example.org/a\nowner: payments@example.com\nlabels:\n  team: payments\n  tier: 1\n  example.com/data-class: pii\n",
+        )])
+        .unwrap();
+        let a = &set.agents[0];
+        assert_eq!(a.owner.as_ref().unwrap().as_str(), "payments@example.com");
+        assert_eq!(
+            a.labels.iter().collect::<Vec<_>>(),
+            [
+                ("example.com/data-class", "pii"),
+                ("team", "payments"),
+                ("tier", "1")
+            ]
+        );
+        let head = "kind: AgentPolicy\nname: a\nidentity: spiffe://example.org/a\n";
+        for (tail, want) in [
+            ("owner: \"\"\n", "p.yaml:4:1: `owner:` is empty"),
+            (
+                "labels:\n  team: pay ments\n",
+                "p.yaml:5:9: labels: label value `pay ments` of `team` is not a label value",
+            ),
+            (
+                "labels:\n  -team: x\n",
+                "p.yaml:5:3: labels: label name `-team` is not a label name",
+            ),
+            (
+                "labels: [team]\n",
+                "p.yaml:4:9: labels: invalid type: sequence, expected a map of label names to values",
+            ),
+        ] {
+            let got = errors(&[("p.yaml", &format!("{head}{tail}"))]);
+            assert!(got[0].starts_with(want), "{tail:?}: {got:?}");
+        }
     }
 
     const GOOD: &str = "\

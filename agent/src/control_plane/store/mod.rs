@@ -277,6 +277,29 @@ fn evict_next(held: &[(String, u64)], max: u64) -> Option<(&str, u64)> {
     Some((node, over.min((most - next).max(share)).max(1)))
 }
 
+/// A node's labels as stored: JSON, or NULL when it has none.
+fn labels_text(l: &crate::policy::owner::Labels) -> Option<String> {
+    (!l.is_empty()).then(|| serde_json::to_string(l).expect("labels serialize"))
+}
+
+/// A stored node with the owner and labels it last said, checked as when it said them.
+fn described(
+    mut n: NodeInfo,
+    owner: Option<String>,
+    labels: Option<String>,
+) -> Result<NodeInfo, StoreError> {
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        StoreError::Corrupt(format!("node {}: {what}: {e}", n.node))
+    };
+    if let Some(o) = owner {
+        n.owner = Some(o.parse().map_err(|e| bad("owner", &e))?);
+    }
+    if let Some(l) = labels {
+        n.labels = serde_json::from_str(&l).map_err(|e| bad("labels", &e))?;
+    }
+    Ok(n)
+}
+
 /// Today (UTC), as records are filed.
 pub fn today() -> time::Date {
     time::OffsetDateTime::now_utc().date()

@@ -162,15 +162,18 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
     );
     INSERT INTO record_bytes (node, day, bytes)
         SELECT node, day, SUM(octet_length(record) + 512) FROM flows GROUP BY node, day;",
+    // The database's lineage, written once (see `Store::lineage`) and kept by its copies.
+    "CREATE TABLE agentwall_lineage (one INTEGER PRIMARY KEY CHECK (one = 1), id TEXT NOT NULL);",
     // Each node's report quotas, shared by every replica (their state: the theoretical
     // arrival time of the generic cell rate algorithm, in seconds by the database's clock).
-    "CREATE TABLE agentwall_lineage (one INTEGER PRIMARY KEY CHECK (one = 1), id TEXT NOT NULL);",
     "CREATE TABLE report_quota (
         node TEXT NOT NULL,
         kind TEXT NOT NULL,
         tat DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (node, kind)
     );",
+    // Who answers for each node's host, and its labels (JSON), as the node last said.
+    "ALTER TABLE nodes ADD COLUMN owner TEXT, ADD COLUMN labels TEXT;",
 ];
 
 pub struct PgStore {
@@ -1031,23 +1034,33 @@ impl Store for PgStore {
             .map(|s| Some(text(&s.poll.agent_version)))
             .collect();
         let error: Vec<Option<String>> = seen.iter().map(|s| opt_text(&s.poll.error)).collect();
+        let owner: Vec<Option<String>> = seen
+            .iter()
+            .map(|s| s.poll.owner.as_ref().map(|o| text(o.as_str())))
+            .collect();
+        let labels: Vec<Option<String>> = seen
+            .iter()
+            .map(|s| super::labels_text(&s.poll.labels))
+            .collect();
         self.block(async {
             let c = self.client().await?;
             // Times by the database's clock, not each replica's: a replica whose clock is
             // ahead must not make a node look alive, nor hide a later note.
             c.execute(
-                "INSERT INTO nodes (node, first_seen, last_seen, applied_version, applied_revision, agent_version, error)
-                 SELECT n, t.now, t.now, v, r, a, e
-                 FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[])
-                     WITH ORDINALITY AS u(n, v, r, a, e, i),
+                "INSERT INTO nodes (node, first_seen, last_seen, applied_version, applied_revision, agent_version, error, owner, labels)
+                 SELECT n, t.now, t.now, v, r, a, e, o, l
+                 FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                         $6::text[], $7::text[])
+                     WITH ORDINALITY AS u(n, v, r, a, e, o, l, i),
                      (SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC',
                          'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS now) AS t
                  ORDER BY i
                  ON CONFLICT (node) DO UPDATE SET last_seen = EXCLUDED.last_seen,
                      applied_version = EXCLUDED.applied_version,
                      applied_revision = EXCLUDED.applied_revision,
-                     agent_version = EXCLUDED.agent_version, error = EXCLUDED.error",
-                &[&node, &version, &revision, &agent, &error],
+                     agent_version = EXCLUDED.agent_version, error = EXCLUDED.error,
+                     owner = EXCLUDED.owner, labels = EXCLUDED.labels",
+                &[&node, &version, &revision, &agent, &error, &owner, &labels],
             )
             .await?;
             Ok(())
@@ -1059,23 +1072,31 @@ impl Store for PgStore {
             let c = self.client().await?;
             let rows = c
                 .query(
-                    "SELECT node, first_seen, last_seen, applied_version, applied_revision, agent_version, error
+                    "SELECT node, first_seen, last_seen, applied_version, applied_revision, agent_version, error,
+                         owner, labels
                      FROM nodes ORDER BY node",
                     &[],
                 )
                 .await?;
-            Ok(rows
-                .iter()
-                .map(|r| NodeInfo {
-                    node: r.get(0),
-                    first_seen: r.get(1),
-                    last_seen: r.get(2),
-                    applied_version: r.get::<_, Option<i64>>(3).map(|v| v as u64),
-                    applied_revision: r.get(4),
-                    agent_version: r.get(5),
-                    error: r.get(6),
+            rows.iter()
+                .map(|r| {
+                    super::described(
+                        NodeInfo {
+                            node: r.get(0),
+                            first_seen: r.get(1),
+                            last_seen: r.get(2),
+                            applied_version: r.get::<_, Option<i64>>(3).map(|v| v as u64),
+                            applied_revision: r.get(4),
+                            agent_version: r.get(5),
+                            error: r.get(6),
+                            owner: None,
+                            labels: Default::default(),
+                        },
+                        r.get(7),
+                        r.get(8),
+                    )
                 })
-                .collect())
+                .collect()
         })
     }
 

@@ -80,6 +80,9 @@ const MIGRATIONS: &[&str] = &[
         SELECT node, day, SUM(length(CAST(record AS BLOB)) + 512) FROM flows GROUP BY node, day;",
     // The database's lineage, written once (see `Store::lineage`) and kept by its copies.
     "CREATE TABLE lineage (one INTEGER PRIMARY KEY CHECK (one = 1), id TEXT NOT NULL);",
+    // Who answers for each node's host, and its labels (JSON), as the node last said.
+    "ALTER TABLE nodes ADD COLUMN owner TEXT;
+    ALTER TABLE nodes ADD COLUMN labels TEXT;",
 ];
 
 /// Rows removed per transaction by retention: short enough that reports stored meanwhile
@@ -318,10 +321,11 @@ impl Store for SqliteStore {
         let tx = db.transaction()?;
         {
             let mut st = tx.prepare_cached(
-                "INSERT INTO nodes (node, first_seen, last_seen, applied_version, applied_revision, agent_version, error)
-                 VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6)
+                "INSERT INTO nodes (node, first_seen, last_seen, applied_version, applied_revision, agent_version, error, owner, labels)
+                 VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (node) DO UPDATE SET last_seen = ?2, applied_version = ?3,
-                     applied_revision = ?4, agent_version = ?5, error = ?6",
+                     applied_revision = ?4, agent_version = ?5, error = ?6, owner = ?7,
+                     labels = ?8",
             )?;
             for s in seen {
                 st.execute(params![
@@ -330,7 +334,9 @@ impl Store for SqliteStore {
                     s.poll.applied_version.map(|v| v as i64),
                     s.poll.applied_revision,
                     s.poll.agent_version,
-                    s.poll.error
+                    s.poll.error,
+                    s.poll.owner.as_ref().map(|o| o.as_str()),
+                    super::labels_text(&s.poll.labels)
                 ])?;
             }
         }
@@ -341,21 +347,32 @@ impl Store for SqliteStore {
     fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
         let db = lock(&self.reader);
         let mut st = db.prepare(
-            "SELECT node, first_seen, last_seen, applied_version, applied_revision, agent_version, error
+            "SELECT node, first_seen, last_seen, applied_version, applied_revision, agent_version, error,
+                 owner, labels
              FROM nodes ORDER BY node",
         )?;
         let rows = st.query_map([], |r| {
-            Ok(NodeInfo {
-                node: r.get(0)?,
-                first_seen: r.get(1)?,
-                last_seen: r.get(2)?,
-                applied_version: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
-                applied_revision: r.get(4)?,
-                agent_version: r.get(5)?,
-                error: r.get(6)?,
-            })
+            Ok((
+                NodeInfo {
+                    node: r.get(0)?,
+                    first_seen: r.get(1)?,
+                    last_seen: r.get(2)?,
+                    applied_version: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                    applied_revision: r.get(4)?,
+                    agent_version: r.get(5)?,
+                    error: r.get(6)?,
+                    owner: None,
+                    labels: Default::default(),
+                },
+                r.get::<_, Option<String>>(7)?,
+                r.get::<_, Option<String>>(8)?,
+            ))
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        rows.map(|row| {
+            let (n, owner, labels) = row?;
+            super::described(n, owner, labels)
+        })
+        .collect()
     }
 
     fn ingest(&self, node: &str, epoch: u64, records: &[Reported]) -> Result<Ingested, StoreError> {

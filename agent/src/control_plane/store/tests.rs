@@ -330,8 +330,11 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     assert_eq!(s.ingest("n1", 1, &[r]).unwrap().accepted, 1);
     drop(s);
     let c = rusqlite::Connection::open(&path).unwrap();
-    c.execute_batch("DROP TABLE record_bytes; DROP TABLE lineage; PRAGMA user_version = 3")
-        .unwrap();
+    c.execute_batch(
+        "DROP TABLE record_bytes; DROP TABLE lineage; ALTER TABLE nodes DROP COLUMN owner;
+         ALTER TABLE nodes DROP COLUMN labels; PRAGMA user_version = 3",
+    )
+    .unwrap();
     drop(c);
     drop(SqliteStore::open(&path, KEEP).unwrap());
     let c = rusqlite::Connection::open(&path).unwrap();
@@ -345,7 +348,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     drop(c);
     let e = SqliteStore::open(&path, KEEP).err().unwrap().to_string();
     assert!(
-        e.contains("has schema version 99; this agentwall knows up to 5"),
+        e.contains("has schema version 99; this agentwall knows up to 6"),
         "{e}"
     );
 
@@ -365,7 +368,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     let shown = crate::config::control_plane::redact_url(&db.url);
     assert!(
         e.contains(&format!(
-            "database {shown} has schema version 99; this agentwall knows up to 4"
+            "database {shown} has schema version 99; this agentwall knows up to 5"
         )),
         "{e}"
     );
@@ -1039,6 +1042,42 @@ fn a_reader_paging_with_after_misses_nothing_stored_meanwhile() {
             seen.len(),
             4 * 1000,
             "{}: the reader missed records",
+            f.name
+        );
+    }
+}
+
+/// A node's owner and labels are kept as it last said them, and gone when it stops saying.
+#[test]
+fn nodes_keep_the_owner_and_labels_they_last_said() {
+    for f in both() {
+        let seen = |owner: Option<&str>, labels: &[&str]| NodeSeen {
+            node: "spiffe://example.org/node/a".into(),
+            at: "2026-12-01T00:00:00.000Z".into(),
+            poll: crate::control_plane::PollRequest {
+                agent_version: "x".into(),
+                owner: owner.map(|o| o.parse().unwrap()),
+                labels: crate::policy::owner::Labels::from_assignments(labels.iter().copied())
+                    .unwrap(),
+                ..Default::default()
+            },
+        };
+        f.store
+            .nodes_seen(&[seen(Some("platform@example.com"), &["site=fra1", "tier=1"])])
+            .unwrap();
+        let n = &f.store.nodes().unwrap()[0];
+        assert_eq!(
+            n.owner.as_ref().map(|o| o.as_str()),
+            Some("platform@example.com"),
+            "{}",
+            f.name
+        );
+        assert_eq!(n.labels.to_string(), "site=fra1,tier=1", "{}", f.name);
+        f.store.nodes_seen(&[seen(None, &[])]).unwrap();
+        let n = &f.store.nodes().unwrap()[0];
+        assert!(
+            n.owner.is_none() && n.labels.is_empty(),
+            "{}: {n:?}",
             f.name
         );
     }
