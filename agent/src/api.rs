@@ -29,8 +29,12 @@ pub const SERVER_NAME: &str = "agentwall.node";
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
-    /// Place the calling process in a cgroup bound to the certificate's identity.
-    Launch,
+    /// Place the calling process in a cgroup bound to the certificate's identity; with
+    /// `follow`, the node renews the session from those files whenever they are rewritten.
+    Launch {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        follow: Option<Follow>,
+    },
     /// Root only, with the identity's certificate: bind an existing cgroup (a systemd unit, a
     /// container) to the certificate's identity.
     Enroll { cgroup: PathBuf },
@@ -59,7 +63,7 @@ impl Request {
     /// The refusal a caller who is not root gets, for requests only root may make.
     pub fn root_only(&self) -> Option<&'static str> {
         match self {
-            Self::Launch | Self::Renew => None,
+            Self::Launch { .. } | Self::Renew => None,
             Self::Enroll { .. } => Some("enroll is for root only"),
             Self::Revoke { .. } => Some("revoke is for root only"),
             Self::Reload => Some("policy apply is for root only"),
@@ -71,12 +75,30 @@ impl Request {
     /// The operation a refusal is recorded under, for those that bind a cgroup.
     pub fn binding_op(&self) -> Option<&'static str> {
         match self {
-            Self::Launch => Some("launch"),
+            Self::Launch { .. } => Some("launch"),
             Self::Enroll { .. } => Some("enroll"),
             Self::Renew => Some("renew"),
             _ => None,
         }
     }
+}
+
+/// The certificate and key files a launched session is renewed from (absolute paths).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Follow {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// What a session is renewed from: the files, read with the filesystem credentials of the
+/// user who launched it (never the node's own).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Followed {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +163,10 @@ pub struct Session {
     pub not_after: String,
     /// Its certificate is on a CRL: the cgroup stays bound and is denied everything.
     pub revoked: bool,
+    /// The files the node renews it from when they are rewritten; none: renewed by hand
+    /// (`agentwall renew`) or not at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow: Option<Followed>,
     /// The certificate's expiry was recorded (the kernel cut the session off on its own).
     #[serde(skip)]
     pub expiry_noted: bool,
@@ -469,6 +495,12 @@ fn peer_cred(sock: &impl AsRawFd) -> std::io::Result<libc::ucred> {
 /// The uid of the peer of a unix socket (SO_PEERCRED).
 pub fn peer_uid(sock: &impl AsRawFd) -> std::io::Result<u32> {
     Ok(peer_cred(sock)?.uid)
+}
+
+/// The peer's (uid, gid), as the kernel saw them when it connected.
+pub fn peer_ids(sock: &impl AsRawFd) -> std::io::Result<(u32, u32)> {
+    let c = peer_cred(sock)?;
+    Ok((c.uid, c.gid))
 }
 
 /// The pid a pidfd refers to now (from /proc/self/fdinfo), if the process is alive.

@@ -462,6 +462,33 @@ impl TrustStore {
             .remove(&fingerprint(end_entity))
             .ok_or_else(|| Rejection::Invalid("certificate was not verified".into()))?;
         outcome.map_err(|e| rejection_of(&e))?;
+        self.identity_of(end_entity)
+    }
+
+    /// The verdict on a certificate chain and key read from files (a rotated pair), as a
+    /// handshake would give it: the chain as webpki judges it (CRLs included), the key the
+    /// certificate's, then the SPIFFE ID checks.
+    pub fn verify_pair(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+    ) -> Result<VerifiedPeer, Rejection> {
+        let (end_entity, intermediates) = chain.split_first().ok_or(Rejection::NoCertificate)?;
+        self.verifier
+            .inner
+            .verify_client_cert(
+                end_entity,
+                intermediates,
+                rustls::pki_types::UnixTime::now(),
+            )
+            .map_err(|e| rejection_of(&e))?;
+        let end_entity = end_entity.clone();
+        rustls::sign::CertifiedKey::from_der(chain, key, &provider())
+            .map_err(|e| Rejection::Invalid(format!("the key is not the certificate's: {e}")))?;
+        self.identity_of(&end_entity)
+    }
+
+    fn identity_of(&self, end_entity: &CertificateDer<'_>) -> Result<VerifiedPeer, Rejection> {
         let peer = peer_from_cert(end_entity)?;
         if let Some(td) = &self.trust_domain {
             if peer.id.trust_domain() != td {

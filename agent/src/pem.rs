@@ -34,6 +34,22 @@ pub fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PemError> {
     Ok(certs)
 }
 
+/// Every CERTIFICATE block of PEM text read from `path`; at least one.
+pub fn certs_in(path: &Path, text: &[u8]) -> Result<Vec<CertificateDer<'static>>, PemError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(text)
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(path, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err(path, "no CERTIFICATE blocks found"));
+    }
+    Ok(certs)
+}
+
+/// The private key in PEM text read from `path`.
+pub fn key_in(path: &Path, text: &[u8]) -> Result<PrivateKeyDer<'static>, PemError> {
+    PrivateKeyDer::from_pem_slice(text).map_err(|e| err(path, e.to_string()))
+}
+
 /// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
 pub fn key(path: &Path) -> Result<PrivateKeyDer<'static>, PemError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| err(path, e.to_string()))

@@ -338,7 +338,12 @@ pub fn run(root: &Path) -> Result<()> {
         // The demo stays on this machine: no resolution of the AI catalog's names.
         .args(["--catalog-refresh-secs", "0"])
         // Who answers for this host: shown beside the node at the control plane.
-        .args(["--owner", "platform-team@demo.agentwall", "--label", "site=demo"])
+        .args([
+            "--owner",
+            "platform-team@demo.agentwall",
+            "--label",
+            "site=demo",
+        ])
         .env("AGENTWALL_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()

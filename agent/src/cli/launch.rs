@@ -59,6 +59,14 @@ pub struct Args {
     /// Run the command as this user (name or uid) after placement.
     #[arg(long)]
     user: Option<String>,
+    /// Have the node renew the session from --cert and --key whenever they are rewritten (by
+    /// a rotator), reading them as the user who runs this command [default: on when the
+    /// certificate lives less than a day].
+    #[arg(long, overrides_with = "no_follow")]
+    follow: bool,
+    /// Renew only by hand (`agentwall renew`), however short the certificate's life.
+    #[arg(long)]
+    no_follow: bool,
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<OsString>,
@@ -87,7 +95,14 @@ pub fn run(args: Args) -> ExitCode {
         user = args.user.as_deref().map(lookup_user).transpose()?;
         Ok(())
     };
-    if let Err(code) = args.id.call("launch", &Request::Launch, check) {
+    let follow = match follow_files(&args) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("agentwall launch: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(code) = args.id.call("launch", &Request::Launch { follow }, check) {
         return code;
     }
     let mut cmd = std::process::Command::new(&args.command[0]);
@@ -107,6 +122,36 @@ pub fn run(args: Args) -> ExitCode {
         args.command[0].to_string_lossy()
     );
     ExitCode::from(127)
+}
+
+/// The files the node is to follow: asked for, or by default when the certificate lives less
+/// than a day (short-lived credentials are only practical when they renew themselves).
+fn follow_files(args: &Args) -> Result<Option<api::Follow>, String> {
+    const SHORT: std::time::Duration = std::time::Duration::from_secs(86_400);
+    let short = || {
+        agentwall::pem::certs(&args.id.cert)
+            .ok()
+            .and_then(|c| c.into_iter().next())
+            .and_then(|c| {
+                x509_parser::parse_x509_certificate(c.as_ref())
+                    .ok()
+                    .map(|(_, x)| {
+                        let v = x.validity();
+                        v.not_after.timestamp() - v.not_before.timestamp()
+                    })
+            })
+            .is_some_and(|life| life < SHORT.as_secs() as i64)
+    };
+    if args.no_follow || !(args.follow || short()) {
+        return Ok(None);
+    }
+    let abs = |p: &Path| {
+        std::path::absolute(p).map_err(|e| format!("cannot follow {}: {e}", p.display()))
+    };
+    Ok(Some(api::Follow {
+        cert: abs(&args.id.cert)?,
+        key: abs(&args.id.key)?,
+    }))
 }
 
 /// Marks every descriptor from `first` on close-on-exec.

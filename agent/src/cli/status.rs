@@ -93,10 +93,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         for s in &id.sessions {
             println!(
-                "    pid {} cgroup {} not_after {}{}",
+                "    pid {} cgroup {} not_after {} renewed {}{}",
                 s.pid,
                 s.cgroup.display(),
                 s.not_after,
+                agentwall::node::follow::renews(s),
                 if s.revoked { " REVOKED (CRL)" } else { "" }
             );
         }

@@ -28,12 +28,13 @@ const STEP: Duration = Duration::from_secs(10);
 struct Caller {
     peer: Result<VerifiedPeer, Rejection>,
     pidfd: std::io::Result<OwnedFd>,
-    uid: Option<u32>,
+    /// (uid, gid) from the socket.
+    ids: Option<(u32, u32)>,
 }
 
 pub(super) async fn handle(node: Arc<Node>, stream: UnixStream) {
     let pidfd = api::peer_pidfd(&stream);
-    let uid = api::peer_uid(&stream).ok();
+    let ids = api::peer_ids(&stream).ok();
     let tls_state = node.trust.current();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_state.config.clone());
     let tls = match tokio::time::timeout(STEP, acceptor.accept(stream)).await {
@@ -50,7 +51,7 @@ pub(super) async fn handle(node: Arc<Node>, stream: UnixStream) {
     let caller = Caller {
         peer: tls_state.trust.verify(tls.get_ref().1.peer_certificates()),
         pidfd,
-        uid,
+        ids,
     };
     let (read, mut write) = tokio::io::split(tls);
     let mut line = String::new();
@@ -63,7 +64,7 @@ pub(super) async fn handle(node: Arc<Node>, stream: UnixStream) {
     let reply = match &request {
         Err(refused) => refused.clone(),
         Ok(req) => match req.root_only() {
-            Some(refusal) if caller.uid != Some(0) => Response::error(None, refusal),
+            Some(refusal) if caller.ids.map(|i| i.0) != Some(0) => Response::error(None, refusal),
             _ => node.clone().dispatch(req.clone(), caller).await,
         },
     };
@@ -97,10 +98,19 @@ impl Node {
     async fn dispatch(self: Arc<Self>, req: Request, caller: Caller) -> Response {
         let check = matches!(req, Request::Check);
         match req {
-            Request::Launch => match (caller.peer, caller.pidfd) {
-                (Ok(peer), Ok(pidfd)) => self.launch(peer, pidfd),
-                (Err(r), _) => rejection(&r),
-                (_, Err(e)) => no_process(&e),
+            Request::Launch { follow } => match (caller.peer, caller.pidfd, caller.ids) {
+                (Ok(peer), Ok(pidfd), Some((uid, gid))) => {
+                    match follow
+                        .map(|f| super::follow::followed(f, uid, gid))
+                        .transpose()
+                    {
+                        Ok(follow) => self.launch(peer, pidfd, follow),
+                        Err(why) => Response::error(Some(peer.id.to_string()), why),
+                    }
+                }
+                (Err(r), _, _) => rejection(&r),
+                (_, Err(e), _) => no_process(&e),
+                (_, _, None) => Response::error(None, "cannot identify the calling user"),
             },
             Request::Enroll { cgroup } => match (caller.peer, caller.pidfd) {
                 // Off the runtime's workers: it freezes the unit and reads every descriptor

@@ -30,6 +30,7 @@ pub mod api;
 pub mod canary;
 pub mod dns;
 pub mod enforcer;
+pub mod follow;
 pub mod journal;
 pub mod preflight;
 pub mod records;
@@ -661,7 +662,12 @@ impl Node {
         }
     }
 
-    fn launch(&self, peer: VerifiedPeer, pidfd: OwnedFd) -> crate::api::Response {
+    fn launch(
+        &self,
+        peer: VerifiedPeer,
+        pidfd: OwnedFd,
+        follow: Option<crate::api::Followed>,
+    ) -> crate::api::Response {
         let id = peer.id.to_string();
         let placed = self
             .enforcing()
@@ -670,7 +676,7 @@ impl Node {
                     .refuse_governed_caller(&pidfd, |n| self.name_of(n))
             })
             .and_then(|()| self.admissible(&id))
-            .and_then(|n| self.sessions.launch(&peer, &pidfd, n));
+            .and_then(|n| self.sessions.launch(&peer, &pidfd, n, follow));
         self.bound("launch", id, placed)
     }
 
@@ -905,6 +911,7 @@ impl Node {
         let revision = self.revision();
         tokio::spawn(self.clone().read_events());
         tokio::spawn(self.clone().self_checks());
+        self.spawn_follower();
         if !self.cfg.catalog_refresh().is_zero() {
             tokio::spawn(self.clone().refresh_catalog());
         }

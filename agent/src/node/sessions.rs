@@ -223,6 +223,14 @@ impl Table {
     }
 }
 
+/// Where a binding goes: the cgroup, the process launched into it (0: enrolled), and the
+/// files it is renewed from.
+struct Placed<'a> {
+    cg: &'a Cgroup,
+    pid: u32,
+    follow: Option<api::Followed>,
+}
+
 /// What enrichment needs of a session: the cgroup's path and the governing certificate.
 pub struct Governing {
     pub cgroup: Option<String>,
@@ -479,16 +487,17 @@ impl Sessions {
         }
     }
 
-    /// Binds `cg` to the peer's identity until its certificate expires and records the session.
+    /// Binds the cgroup to the peer's identity until its certificate expires and records the
+    /// session.
     fn bind(
         &self,
         table: &mut Table,
         event: fn(Bound) -> IdentityEvent,
         peer: &VerifiedPeer,
         number: u32,
-        cg: &Cgroup,
-        pid: u32,
+        placed: Placed<'_>,
     ) -> Result<(), SessionError> {
+        let Placed { cg, pid, follow } = placed;
         // A handshake can finish just before a CRL lists the certificate: it binds nothing
         // afterwards.
         if lock(&self.crl).contains(&peer.serial) {
@@ -520,6 +529,7 @@ impl Sessions {
             serial: peer.serial.clone(),
             not_after,
             revoked: false,
+            follow,
             expiry_noted: false,
             layout: agent_common::ABI_VERSION,
         });
@@ -578,6 +588,7 @@ impl Sessions {
         peer: &VerifiedPeer,
         pidfd: &OwnedFd,
         number: u32,
+        follow: Option<api::Followed>,
     ) -> Result<PathBuf, SessionError> {
         let pid = api::pidfd_pid(pidfd).map_err(SessionError::LauncherGone)?;
         // The cgroup is new: every TCP or UDP socket the launcher holds was made elsewhere.
@@ -605,7 +616,12 @@ impl Sessions {
             .agents
             .child(&name)
             .map_err(SessionError::CreateCgroup)?;
-        if let Err(e) = self.bind(&mut table, IdentityEvent::Launched, peer, number, &cg, pid) {
+        let placed = Placed {
+            cg: &cg,
+            pid,
+            follow,
+        };
+        if let Err(e) = self.bind(&mut table, IdentityEvent::Launched, peer, number, placed) {
             let _ = cg.remove_tree();
             return Err(e);
         }
@@ -692,7 +708,12 @@ impl Sessions {
                 source,
             })?;
         let mut table = lock(&self.table);
-        self.bind(&mut table, IdentityEvent::Enrolled, peer, number, &cg, 0)?;
+        let placed = Placed {
+            cg: &cg,
+            pid: 0,
+            follow: None,
+        };
+        self.bind(&mut table, IdentityEvent::Enrolled, peer, number, placed)?;
         Ok(cg.path().to_owned())
     }
 
@@ -726,13 +747,22 @@ impl Sessions {
     pub fn renew(&self, peer: &VerifiedPeer, session: &Session) -> Result<PathBuf, SessionError> {
         let cg = Cgroup::open(&session.cgroup)?;
         let mut table = lock(&self.table);
+        // Renewed by hand or from its files, it goes on following them.
+        let follow = table
+            .by_id
+            .get(&session.cgroup_id)
+            .and_then(|s| s.follow.clone());
+        let placed = Placed {
+            cg: &cg,
+            pid: session.pid,
+            follow,
+        };
         self.bind(
             &mut table,
             IdentityEvent::Renewed,
             peer,
             session.number,
-            &cg,
-            session.pid,
+            placed,
         )?;
         Ok(session.cgroup.clone())
     }

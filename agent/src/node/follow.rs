@@ -1,0 +1,285 @@
+//! Sessions that renew themselves from their certificate and key files: when a rotator
+//! (spiffe-helper, cert-manager's CSI driver, step, a cron job) rewrites them, the node reads
+//! the new pair, checks it as a launch is checked (chain, validity, EKU, CRLs, trust domain,
+//! the same SPIFFE ID, the key the certificate's), and moves the session's kernel deadline.
+//!
+//! The files are named by whoever launched the session, so they are read with that user's
+//! filesystem credentials, never the node's: a path to a file the launcher could not read
+//! reads nothing. A file that is not a regular file (a FIFO would hold the reader) or is
+//! larger than any certificate is refused without being read. A pair that fails is tried
+//! again for a few seconds (a rotator may write the certificate before the key), then
+//! refused with a record, once per state of the files; the session runs on until its
+//! current deadline.
+
+use std::{
+    collections::HashMap, io::Read as _, os::unix::fs::OpenOptionsExt as _, path::Path, sync::Arc,
+    time::Duration,
+};
+
+use sha2::Digest as _;
+use tracing::{error, info, warn};
+
+use super::{
+    Node,
+    journal::{AuditEvent, IdentityEvent},
+};
+use crate::api::{Follow, Followed, Session};
+
+/// How often the files are looked at: well inside any certificate's life.
+const TICK: Duration = Duration::from_secs(1);
+/// Larger than any certificate chain or key file (each is read every second).
+const MAX_FILE: u64 = 64 << 10;
+/// Looks at a failing pair before it is refused (a rotator between its two writes).
+const SETTLE: u32 = 5;
+
+/// The files of a launch request, checked, with whose credentials they are read.
+pub(super) fn followed(f: Follow, uid: u32, gid: u32) -> Result<Followed, String> {
+    for p in [&f.cert, &f.key] {
+        if !p.is_absolute() {
+            return Err(format!("follow: {} is not an absolute path", p.display()));
+        }
+    }
+    Ok(Followed {
+        cert: f.cert,
+        key: f.key,
+        uid,
+        gid,
+    })
+}
+
+/// What tells one state of a file from another: its content's digest (exact, where times
+/// and sizes may repeat within a clock tick).
+type Stamp = [u8; 32];
+/// A regular file of at most [`MAX_FILE`] bytes, opened without waiting on it.
+fn read_file(path: &Path) -> Result<(Stamp, Vec<u8>), String> {
+    let fail = |e: std::io::Error| format!("{}: {e}", path.display());
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(fail)?;
+    let m = f.metadata().map_err(fail)?;
+    if !m.is_file() {
+        return Err(format!("{}: not a regular file", path.display()));
+    }
+    if m.len() > MAX_FILE {
+        return Err(format!(
+            "{}: {} bytes, more than any certificate or key",
+            path.display(),
+            m.len()
+        ));
+    }
+    let mut text = Vec::with_capacity(m.len() as usize);
+    f.take(MAX_FILE + 1).read_to_end(&mut text).map_err(fail)?;
+    if text.len() as u64 > MAX_FILE {
+        return Err(format!(
+            "{}: grew past {MAX_FILE} bytes while read",
+            path.display()
+        ));
+    }
+    Ok((sha2::Sha256::digest(&text).into(), text))
+}
+
+/// The calling thread's filesystem credentials and groups, changed for `f` and put back.
+/// Raw system calls: each changes this thread only (the C library's wrappers would change
+/// every thread of the node). Leaving uid 0 for the filesystem drops the capabilities that
+/// would bypass file permissions; coming back restores them.
+struct AsUser {
+    groups: Vec<libc::gid_t>,
+}
+
+impl AsUser {
+    fn enter(uid: u32, gid: u32) -> Result<Self, String> {
+        // SAFETY: getgroups with a buffer of the size it asked for.
+        let groups = unsafe {
+            let n = libc::getgroups(0, std::ptr::null_mut());
+            let mut g = vec![0; n.max(0) as usize];
+            let n = libc::getgroups(n, g.as_mut_ptr());
+            g.truncate(n.max(0) as usize);
+            g
+        };
+        let me = Self { groups };
+        // SAFETY: plain system calls on this thread's credentials.
+        unsafe {
+            libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>());
+            libc::syscall(libc::SYS_setfsgid, gid);
+            libc::syscall(libc::SYS_setfsuid, uid);
+            // Each returns the value in force; -1 changes nothing.
+            let fsuid = libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32;
+            let fsgid = libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32;
+            if fsuid != uid || fsgid != gid {
+                drop(me);
+                return Err(format!(
+                    "cannot read files as uid {uid} gid {gid} (the kernel kept {fsuid}/{fsgid})"
+                ));
+            }
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for AsUser {
+    fn drop(&mut self) {
+        // SAFETY: plain system calls on this thread's credentials.
+        let ok = unsafe {
+            libc::syscall(libc::SYS_setfsuid, 0u32);
+            libc::syscall(libc::SYS_setfsgid, 0u32);
+            libc::syscall(libc::SYS_setgroups, self.groups.len(), self.groups.as_ptr());
+            libc::syscall(libc::SYS_setfsuid, u32::MAX) == 0
+        };
+        if !ok {
+            // This thread reads nothing else; following stops and sessions run out.
+            error!("could not take back the node's own credentials after reading followed files");
+            panic!("credentials not restored");
+        }
+    }
+}
+
+/// Both files, read as their user.
+fn read_pair(f: &Followed) -> Result<[(Stamp, Vec<u8>); 2], String> {
+    let _as = AsUser::enter(f.uid, f.gid)?;
+    Ok([read_file(&f.cert)?, read_file(&f.key)?])
+}
+
+/// A state of the files a verdict was reached on: what they held, or why they could not be
+/// read.
+#[derive(Clone, PartialEq, Eq)]
+enum State {
+    Files([Stamp; 2]),
+    Unreadable(String),
+}
+
+/// Where one followed session stands.
+#[derive(Default)]
+struct Seen {
+    /// The state last judged for good (renewed, unchanged or refused).
+    judged: Option<State>,
+    /// Looks at a failing state so far.
+    tries: u32,
+}
+
+impl Node {
+    /// Follows every session launched with `--follow`, for as long as the node runs.
+    pub(super) fn spawn_follower(self: &Arc<Self>) {
+        let node = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("agentwall-follow".into())
+            .spawn(move || {
+                let mut seen: HashMap<u64, Seen> = HashMap::new();
+                loop {
+                    std::thread::sleep(TICK);
+                    node.follow_once(&mut seen);
+                }
+            });
+        if let Err(e) = spawned {
+            error!(error = %e, "sessions launched with --follow will not be renewed: no thread to follow them");
+        }
+    }
+
+    fn follow_once(&self, seen: &mut HashMap<u64, Seen>) {
+        let sessions: Vec<Session> = self
+            .sessions
+            .list()
+            .into_iter()
+            .filter(|s| s.follow.is_some())
+            .collect();
+        seen.retain(|id, _| sessions.iter().any(|s| s.cgroup_id == *id));
+        for s in sessions {
+            let st = seen.entry(s.cgroup_id).or_default();
+            self.follow_session(&s, st);
+        }
+    }
+
+    fn follow_session(&self, s: &Session, st: &mut Seen) {
+        let Some(f) = &s.follow else { return };
+        let read = read_pair(f);
+        let state = match &read {
+            Ok([c, k]) => State::Files([c.0, k.0]),
+            Err(why) => State::Unreadable(why.clone()),
+        };
+        if st.judged.as_ref() == Some(&state) {
+            return;
+        }
+        match read.and_then(|[c, k]| self.judge_pair(s, f, &c.1, &k.1)) {
+            Ok(None) => {
+                st.judged = Some(state);
+                st.tries = 0;
+            }
+            Ok(Some(peer)) => {
+                st.judged = Some(state);
+                st.tries = 0;
+                match self.sessions.renew(&peer, s) {
+                    Ok(_) => info!(identity = %s.identity, cgroup = %s.cgroup.display(),
+                        serial = %peer.serial, cert = %f.cert.display(),
+                        "session renewed from its rotated files"),
+                    Err(e) => self.follow_refused(s, f, &e.to_string()),
+                }
+            }
+            // Refused once a state has failed a few looks in a row (a rotator may be between
+            // its writes), and not again for the same state.
+            Err(why) => {
+                st.tries += 1;
+                if st.tries >= SETTLE {
+                    st.tries = 0;
+                    st.judged = Some(state);
+                    self.follow_refused(s, f, &why);
+                }
+            }
+        }
+    }
+
+    /// The rotated pair's peer when it is a newer certificate the session may move to;
+    /// None when it is the one in force.
+    fn judge_pair(
+        &self,
+        s: &Session,
+        f: &Followed,
+        cert: &[u8],
+        key: &[u8],
+    ) -> Result<Option<crate::identity::VerifiedPeer>, String> {
+        let chain = crate::pem::certs_in(&f.cert, cert).map_err(|e| e.to_string())?;
+        let key = crate::pem::key_in(&f.key, key).map_err(|e| e.to_string())?;
+        let peer = self
+            .trust
+            .current()
+            .trust
+            .verify_pair(chain, key)
+            .map_err(|e| e.to_string())?;
+        if peer.id.to_string() != s.identity {
+            return Err(format!(
+                "the certificate is for {}, not the session's {}",
+                peer.id, s.identity
+            ));
+        }
+        if peer.serial == s.serial {
+            return Ok(None);
+        }
+        self.admissible(&s.identity).map_err(|e| e.to_string())?;
+        Ok(Some(peer))
+    }
+
+    fn follow_refused(&self, s: &Session, f: &Followed, why: &str) {
+        let reason = format!(
+            "rotated files {} and {} refused: {why}; the session runs on until {}",
+            f.cert.display(),
+            f.key.display(),
+            s.not_after
+        );
+        warn!(identity = %s.identity, cgroup = %s.cgroup.display(), reason, "renewal refused");
+        self.counters.add(|c| c.session_rejections += 1);
+        self.journal
+            .record(&AuditEvent::Identity(IdentityEvent::Rejected {
+                op: "renew",
+                identity: Some(s.identity.clone()),
+                reason: Some(reason),
+            }));
+    }
+}
+
+/// For `status`: how a session is renewed.
+pub fn renews(s: &Session) -> String {
+    match &s.follow {
+        Some(f) => format!("from {} (followed)", f.cert.display()),
+        None => "by hand".to_owned(),
+    }
+}

@@ -1,0 +1,292 @@
+//! Sessions that renew themselves from their certificate and key files (`launch --follow`),
+//! against the real node and kernel: a rotator rewrites the files, the node moves the
+//! kernel's deadline, and a pair that fails its checks changes nothing.
+
+use std::{path::Path, time::Duration};
+
+use agentwall_tests::{
+    node::{
+        NodeProc, SUPPORT_ID as ID, SUPPORT_POLICY, audit_records, eventually, launch_probe, setup,
+        status_json, wait_status, write_cert,
+    },
+    pki::{Ca, CertSpec, Issued},
+};
+
+/// The session's certificate serial and deadline, as `status` shows them.
+fn session(socket: &Path) -> (String, String) {
+    let s = &status_json(socket)["identities"][0]["sessions"][0];
+    (
+        s["serial"].as_str().unwrap_or_default().to_owned(),
+        s["not_after"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// Serials as the node writes them: hex, without leading zero bytes.
+fn serial_of(c: &Issued) -> String {
+    let skip = c.serial.iter().take_while(|b| **b == 0).count();
+    hex::encode(&c.serial[skip..])
+}
+
+/// What a rotator that is not careful does: the certificate first, then the key, each
+/// rewritten in place.
+fn rotate(cert: &Path, key: &Path, c: &Issued) {
+    std::fs::write(cert, &c.cert_pem).unwrap();
+    std::fs::write(key, &c.key_pem).unwrap();
+}
+
+fn wait_serial(socket: &Path, what: &str, serial: &str) {
+    wait_status(socket, what, |s| {
+        s["identities"][0]["sessions"][0]["serial"]
+            .as_str()
+            .is_some_and(|x| x.eq_ignore_ascii_case(serial))
+    });
+}
+
+/// A session launched with short-lived certificates, rewritten three times by a rotator
+/// (once across a node restart), connects the whole time without one refusal; once the
+/// rotator stops, the kernel cuts it at the last certificate's deadline, with the node
+/// stopped.
+#[test]
+fn a_followed_session_lives_on_rotated_certificates_and_ends_when_they_stop() {
+    let (env, tmp, ca) = setup("follow", SUPPORT_POLICY);
+    let dir = tmp.path();
+    let audit = dir.join("audit.jsonl");
+    let args = ["--audit-log", audit.to_str().unwrap()];
+    let node = NodeProc::start_with(&env, dir, &args);
+    let life = 8;
+    let first = ca.issue(&CertSpec::agent_expiring(ID, life));
+    let (cert, key) = write_cert(dir, "agent", &first);
+    // Short-lived: followed without being asked.
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    let st = status_json(&node.socket);
+    let s = &st["identities"][0]["sessions"][0];
+    assert_eq!(s["follow"]["cert"], cert.to_str().unwrap());
+    assert_eq!(s["follow"]["key"], key.to_str().unwrap());
+    assert_eq!(s["follow"]["uid"], 0);
+    assert_eq!(probe.cmd("loop-start tcp 192.0.2.10 443"), "ok");
+
+    let mut node = node;
+    let mut last = first;
+    for round in 0..3 {
+        if round == 1 {
+            // Following outlives the node: the session table keeps the files.
+            assert_eq!(node.stop(), 0);
+            node = NodeProc::start_with(&env, dir, &args);
+        }
+        let next = ca.issue(&CertSpec::agent_expiring(ID, life));
+        rotate(&cert, &key, &next);
+        wait_serial(
+            &node.socket,
+            &format!("rotation {round} taken"),
+            &serial_of(&next),
+        );
+        last = next;
+    }
+    let counts = probe.cmd("loop-stop");
+    assert!(
+        counts.starts_with("ENETUNREACH=") && !counts.contains(' '),
+        "every connect passed the kernel while the files were rotated: {counts}"
+    );
+    let (_, not_after) = session(&node.socket);
+    let renewed = audit_records(&audit)
+        .iter()
+        .filter(|r| r["kind"] == "identity" && r["event"] == "renewed")
+        .count();
+    assert_eq!(renewed, 3, "one renewal record a rotation");
+    drop(last);
+
+    // The rotator stops, and so does the node: the kernel ends the session on its own.
+    assert_eq!(node.stop(), 0);
+    let deadline: std::time::SystemTime =
+        agentwall::clock::parse_rfc3339(&not_after).unwrap().into();
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    while std::time::SystemTime::now() < deadline + Duration::from_millis(50) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+}
+
+/// A rotated pair for another identity, from another CA, or with a key that is not the
+/// certificate's, is refused with a record naming the files and why, and the session keeps
+/// its certificate and deadline; a good pair afterwards is taken.
+#[test]
+fn a_rotated_pair_that_fails_its_checks_changes_nothing() {
+    let (env, tmp, ca) = setup("follow-refused", SUPPORT_POLICY);
+    let dir = tmp.path();
+    let audit = dir.join("audit.jsonl");
+    let node = NodeProc::start_with(&env, dir, &["--audit-log", audit.to_str().unwrap()]);
+    let first = ca.issue(&CertSpec::agent(ID));
+    let (cert, key) = write_cert(dir, "agent", &first);
+    // An hour's certificate is followed when asked.
+    let mut cmd = std::process::Command::new(agentwall_tests::bin_path("agentwall"));
+    cmd.args(["launch", "--follow", "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("--socket")
+        .arg(&node.socket)
+        .arg("--")
+        .arg(agentwall_tests::bin_path("aw-probe"))
+        .arg("--netns");
+    let mut probe = agentwall_tests::Probe::from_command(cmd);
+    let before = session(&node.socket);
+    assert_eq!(before.0.to_lowercase(), serial_of(&first));
+
+    let refusals = || -> Vec<String> {
+        audit_records(&audit)
+            .into_iter()
+            .filter(|r| r["kind"] == "identity" && r["event"] == "rejected")
+            .map(|r| r["reason"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let other_ca = Ca::new("another CA");
+    let mismatched = {
+        let a = ca.issue(&CertSpec::agent(ID));
+        let b = ca.issue(&CertSpec::agent(ID));
+        Issued {
+            cert_pem: a.cert_pem,
+            key_pem: b.key_pem,
+            serial: a.serial,
+        }
+    };
+    let cases = [
+        (
+            ca.issue(&CertSpec::agent("spiffe://example.org/agent/other")),
+            "the certificate is for spiffe://example.org/agent/other, not the session's spiffe://example.org/agent/support",
+        ),
+        (
+            other_ca.issue(&CertSpec::agent(ID)),
+            "not signed by a trusted CA",
+        ),
+        (mismatched, "the key is not the certificate's"),
+    ];
+    for (i, (pair, why)) in cases.iter().enumerate() {
+        rotate(&cert, &key, pair);
+        let said = eventually(
+            &format!("refusal {i} recorded"),
+            Duration::from_secs(30),
+            || {
+                let r = refusals();
+                if r.len() > i {
+                    Ok(r[i].clone())
+                } else {
+                    Err(format!("{r:?}"))
+                }
+            },
+        );
+        assert!(
+            said.starts_with(&format!(
+                "rotated files {} and {} refused: ",
+                cert.display(),
+                key.display()
+            )) && said.contains(why)
+                && said.contains(&format!("the session runs on until {}", before.1)),
+            "{said}"
+        );
+        assert_eq!(session(&node.socket), before, "the session is as it was");
+        assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    }
+    let good = ca.issue(&CertSpec::agent_expiring(ID, 1800));
+    rotate(&cert, &key, &good);
+    wait_serial(&node.socket, "the good pair taken", &serial_of(&good));
+    assert_ne!(session(&node.socket).1, before.1);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    // Refused once for each state of the files, not once a look.
+    assert_eq!(refusals().len(), cases.len());
+}
+
+/// The files are read with the launcher's own permissions, never the node's: an agent that
+/// points its followed certificate at a file only root may read (here a good, newer pair)
+/// gets a refusal, and so does one that puts a FIFO there to hold the node's reader. The
+/// follower goes on serving, and takes a good pair the launcher can read.
+#[test]
+fn followed_files_are_read_with_the_launchers_permissions() {
+    use std::os::unix::{ffi::OsStrExt as _, fs::PermissionsExt as _};
+    let (env, tmp, ca) = setup("follow-perms", SUPPORT_POLICY);
+    let dir = tmp.path();
+    let audit = dir.join("audit.jsonl");
+    let node = NodeProc::start_with(
+        &env,
+        dir,
+        &[
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--socket-group",
+            "nogroup",
+        ],
+    );
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The launcher's own files, in a directory only it can write.
+    let own = dir.join("nobody");
+    std::fs::create_dir(&own).unwrap();
+    let chown = |p: &Path| std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+    chown(&own);
+    let first = ca.issue(&CertSpec::agent(ID));
+    let (cert, key) = write_cert(&own, "agent", &first);
+    chown(&cert);
+    chown(&key);
+    // A good, newer pair only root may read.
+    let secret = dir.join("root-only");
+    std::fs::create_dir(&secret).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let newer = ca.issue(&CertSpec::agent(ID));
+    let (root_cert, root_key) = write_cert(&secret, "agent", &newer);
+
+    let mut cmd = std::process::Command::new(agentwall_tests::bin_for_anyone("agentwall"));
+    std::os::unix::process::CommandExt::uid(&mut cmd, 65534);
+    std::os::unix::process::CommandExt::gid(&mut cmd, 65534);
+    cmd.args(["launch", "--follow", "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("--socket")
+        .arg(&node.socket)
+        .arg("--")
+        .arg(agentwall_tests::bin_for_anyone("aw-probe"));
+    let _agent = agentwall_tests::Probe::from_command(cmd);
+    let s = &status_json(&node.socket)["identities"][0]["sessions"][0];
+    assert_eq!(s["follow"]["uid"], 65534);
+    assert_eq!(s["follow"]["gid"], 65534);
+    let before = session(&node.socket);
+
+    let refusals = || -> Vec<String> {
+        audit_records(&audit)
+            .into_iter()
+            .filter(|r| r["kind"] == "identity" && r["event"] == "rejected")
+            .map(|r| r["reason"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let refused = |n: usize, what: &str| {
+        eventually(what, Duration::from_secs(30), || {
+            let r = refusals();
+            r.get(n).cloned().ok_or_else(|| format!("{r:?}"))
+        })
+    };
+    // What the agent can do in its own directory: point the files elsewhere.
+    for (f, to) in [(&cert, &root_cert), (&key, &root_key)] {
+        std::fs::remove_file(f).unwrap();
+        std::os::unix::fs::symlink(to, f).unwrap();
+    }
+    let said = refused(0, "the root-only pair refused");
+    assert!(said.contains("Permission denied"), "{said}");
+    assert_eq!(session(&node.socket), before, "nothing read as root");
+
+    // A FIFO holds no reader.
+    std::fs::remove_file(&cert).unwrap();
+    let path = std::ffi::CString::new(cert.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o644) }, 0);
+    chown(&cert);
+    let said = refused(1, "the FIFO refused");
+    assert!(said.contains("not a regular file"), "{said}");
+    assert_eq!(session(&node.socket), before);
+
+    // A good pair the launcher can read is taken.
+    std::fs::remove_file(&cert).unwrap();
+    std::fs::remove_file(&key).unwrap();
+    let good = ca.issue(&CertSpec::agent(ID));
+    let (c, k) = write_cert(&own, "agent", &good);
+    chown(&c);
+    chown(&k);
+    wait_serial(&node.socket, "the readable pair taken", &serial_of(&good));
+}
