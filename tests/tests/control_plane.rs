@@ -637,7 +637,7 @@ fn reports_are_stored_once_and_read_back_by_filter_page_and_node() {
     for (bad, error) in [
         (
             serde_json::json!({"owner": "a\nb"}),
-            "owner \"a\\nb\" has a control character",
+            "owner \"a\\nb\" has a control or invisible character",
         ),
         (
             serde_json::json!({"labels": {"site": "fra 1"}}),

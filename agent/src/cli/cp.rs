@@ -406,7 +406,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             } else {
                 let mut groups = 0;
                 for n in &nodes {
-                    println!(
+                    say!(
                         "node {}{}",
                         n.node,
                         agentwall::policy::owner::describe(n.owner.as_ref(), &n.labels)

@@ -10,14 +10,16 @@ macro_rules! say {
     ($($t:tt)*) => { println!("{}", crate::cli::shown(&format!($($t)*))) };
 }
 
-/// `s` with every control character escaped (`\u{1b}`).
+/// `s` with every control character escaped (`\u{1b}`), and every character that changes how
+/// the text around it shows without being seen (a direction override).
 pub(crate) fn shown(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
+    let hidden = |c: char| c.is_control() || agentwall::policy::owner::is_hidden_format(c);
+    if !s.chars().any(hidden) {
         return std::borrow::Cow::Borrowed(s);
     }
     s.chars()
         .map(|c| {
-            if c.is_control() {
+            if hidden(c) {
                 c.escape_default().to_string()
             } else {
                 c.to_string()

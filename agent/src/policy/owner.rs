@@ -23,7 +23,7 @@ pub enum OwnerError {
     #[error("owner {value:?} is longer than {MAX_OWNER} characters")]
     LongOwner { value: String },
     #[error(
-        "owner {value:?} has a control character or spaces at either end: write a person or team, e.g. \"payments-team@example.com\""
+        "owner {value:?} has a control or invisible character, or spaces at either end: write a person or team, e.g. \"payments-team@example.com\""
     )]
     BadOwner { value: String },
     #[error(
@@ -40,6 +40,15 @@ pub enum OwnerError {
     TooMany { count: usize },
     #[error("label {value:?} is not KEY=VALUE")]
     NotPair { value: String },
+}
+
+/// Characters that change how text around them is shown without being seen themselves
+/// (direction overrides and isolates, zero-width characters): a name holding one can read
+/// as another in a terminal or a console.
+pub fn is_hidden_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}')
 }
 
 /// A person or team. Shared, not copied, by every record that names it.
@@ -74,7 +83,7 @@ impl FromStr for Owner {
         if s.chars().count() > MAX_OWNER {
             return Err(OwnerError::LongOwner { value: value() });
         }
-        if s.chars().any(char::is_control) || s.trim() != s {
+        if s.chars().any(|c| c.is_control() || is_hidden_format(c)) || s.trim() != s {
             return Err(OwnerError::BadOwner { value: value() });
         }
         Ok(Self(s.into()))
@@ -251,7 +260,8 @@ mod tests {
         for (bad, want) in [
             ("", "`owner:` is empty"),
             (" x", "spaces at either end"),
-            ("a\nb", "control character"),
+            ("a\nb", "control or invisible character"),
+            ("ops\u{202E}moc.elpmaxe", "control or invisible character"),
         ] {
             let e = bad.parse::<Owner>().unwrap_err().to_string();
             assert!(e.contains(want), "{bad:?}: {e}");
