@@ -167,9 +167,15 @@ pub struct Session {
     /// (`agentwall renew`) or not at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub follow: Option<Followed>,
+    /// When the certificate began (RFC 3339): with `not_after`, its life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
     /// The certificate's expiry was recorded (the kernel cut the session off on its own).
     #[serde(skip)]
     pub expiry_noted: bool,
+    /// The session was recorded as past 90% of its certificate's life without a renewal.
+    #[serde(skip)]
+    pub aging_noted: bool,
     /// The map layout (`ABI_VERSION`) its binding was made under; 0: unknown or older than
     /// the maps in force.
     #[serde(skip)]

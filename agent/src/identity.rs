@@ -110,6 +110,7 @@ impl fmt::Display for AgentId {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifiedPeer {
     pub id: AgentId,
+    pub not_before: SystemTime,
     pub not_after: SystemTime,
     /// Hex serial number of the certificate.
     pub serial: String,
@@ -523,11 +524,11 @@ pub fn peer_from_cert(der: &CertificateDer<'_>) -> Result<VerifiedPeer, Rejectio
         return Err(Rejection::NoSpiffeId);
     }
     let id = AgentId::from_str(uri).map_err(|e| Rejection::BadSpiffeId(e.to_string()))?;
-    let secs = cert.validity().not_after.timestamp();
-    let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
+    let at = |secs: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
     Ok(VerifiedPeer {
         id,
-        not_after,
+        not_before: at(cert.validity().not_before.timestamp()),
+        not_after: at(cert.validity().not_after.timestamp()),
         serial: cert.raw_serial_as_string().replace(':', ""),
     })
 }

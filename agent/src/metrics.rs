@@ -42,6 +42,8 @@ pub struct Gauges {
     pub dns_learned_addresses: usize,
     /// (identity, rule id, rule place, flows the kernel counted for it).
     pub rule_hits: Vec<(String, u32, String, u64)>,
+    /// (identity, seconds to its earliest session deadline).
+    pub session_expiry: Vec<(String, f64)>,
     /// The control plane link's counters, when there is one.
     pub control_plane: Option<std::sync::Arc<crate::control_plane::link::LinkStats>>,
 }
@@ -161,6 +163,19 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         "Launched or enrolled cgroups bound now.",
     );
     let _ = writeln!(out, "agentwall_sessions {}", g.sessions);
+    header(
+        &mut out,
+        "agentwall_session_expiry_seconds",
+        "gauge",
+        "Seconds until the earliest certificate deadline among an identity's sessions (the kernel cuts the session then unless it is renewed).",
+    );
+    for (identity, left) in &g.session_expiry {
+        let _ = writeln!(
+            out,
+            "agentwall_session_expiry_seconds{{identity=\"{}\"}} {left:.3}",
+            escape(identity)
+        );
+    }
     header(
         &mut out,
         "agentwall_session_rejections_total",

@@ -27,6 +27,14 @@ fn serial_of(c: &Issued) -> String {
     hex::encode(&c.serial[skip..])
 }
 
+/// A certificate as a rotator gets one: valid from now, for `secs`.
+fn fresh(id: &str, secs: i64) -> CertSpec {
+    CertSpec {
+        not_before: time::OffsetDateTime::now_utc() - time::Duration::seconds(1),
+        ..CertSpec::agent_expiring(id, secs)
+    }
+}
+
 /// What a rotator that is not careful does: the certificate first, then the key, each
 /// rewritten in place.
 fn rotate(cert: &Path, key: &Path, c: &Issued) {
@@ -51,10 +59,17 @@ fn a_followed_session_lives_on_rotated_certificates_and_ends_when_they_stop() {
     let (env, tmp, ca) = setup("follow", SUPPORT_POLICY);
     let dir = tmp.path();
     let audit = dir.join("audit.jsonl");
-    let args = ["--audit-log", audit.to_str().unwrap()];
+    let metrics = agentwall_tests::node::loopback_addr();
+    let metrics_s = metrics.to_string();
+    let args = [
+        "--audit-log",
+        audit.to_str().unwrap(),
+        "--metrics-listen",
+        &metrics_s,
+    ];
     let node = NodeProc::start_with(&env, dir, &args);
     let life = 8;
-    let first = ca.issue(&CertSpec::agent_expiring(ID, life));
+    let first = ca.issue(&fresh(ID, life));
     let (cert, key) = write_cert(dir, "agent", &first);
     // Short-lived: followed without being asked.
     let mut probe = launch_probe(&node.socket, &cert, &key);
@@ -73,7 +88,7 @@ fn a_followed_session_lives_on_rotated_certificates_and_ends_when_they_stop() {
             assert_eq!(node.stop(), 0);
             node = NodeProc::start_with(&env, dir, &args);
         }
-        let next = ca.issue(&CertSpec::agent_expiring(ID, life));
+        let next = ca.issue(&fresh(ID, life));
         rotate(&cert, &key, &next);
         wait_serial(
             &node.socket,
@@ -93,13 +108,36 @@ fn a_followed_session_lives_on_rotated_certificates_and_ends_when_they_stop() {
         .filter(|r| r["kind"] == "identity" && r["event"] == "renewed")
         .count();
     assert_eq!(renewed, 3, "one renewal record a rotation");
-    drop(last);
+    // Time left is a gauge, per identity.
+    let left = agentwall_tests::node::metric(
+        &agentwall_tests::node::scrape(metrics),
+        "agentwall_session_expiry_seconds",
+        &[("identity", ID)],
+    );
+    assert!(left > 0.0 && left <= 60.0, "{left}");
 
-    // The rotator stops, and so does the node: the kernel ends the session on its own.
+    // The rotator stops: past 90% of the last certificate's life, the node warns.
+    let warned = eventually("the expiry warning", Duration::from_secs(60), || {
+        audit_records(&audit)
+            .into_iter()
+            .find(|r| r["kind"] == "identity" && r["event"] == "expires-soon")
+            .ok_or_else(|| "not yet".to_owned())
+    });
+    assert_eq!(warned["identity"], ID);
+    assert_eq!(
+        warned["serial"].as_str().unwrap().to_lowercase(),
+        serial_of(&last)
+    );
+    assert_eq!(warned["not_after"], not_after.as_str());
+    assert_eq!(
+        warned["renewed"],
+        format!("from {} (followed)", cert.display())
+    );
+
+    // And the node stops: the kernel ends the session on its own.
     assert_eq!(node.stop(), 0);
     let deadline: std::time::SystemTime =
         agentwall::clock::parse_rfc3339(&not_after).unwrap().into();
-    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
     while std::time::SystemTime::now() < deadline + Duration::from_millis(50) {
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -339,6 +339,21 @@ fn audit_events_and_status_keep_their_shape() {
     ns.enter(&mut short);
     short.arg(bin_path("aw-probe"));
     let _short = Probe::from_command(short);
+    // Past 90% of its life (an hour behind it, a minute ahead) and renewed by no one.
+    let (ac, ak) = write_cert(
+        dir,
+        "aging",
+        &ca.issue(&CertSpec::agent_expiring(SUPPORT, 60)),
+    );
+    let mut aging = launch_args(&node.socket, &ac, &ak);
+    ns.enter(&mut aging);
+    aging.arg(bin_path("aw-probe"));
+    let _aging = Probe::from_command(aging);
+    wait_audit(
+        &audit,
+        "the expiry warning",
+        event("identity", "expires-soon"),
+    );
     let listed = ca.issue(&CertSpec::agent(SUPPORT));
     let (lc, lk) = write_cert(dir, "listed", &listed);
     let mut cut = launch_args(&node.socket, &lc, &lk);

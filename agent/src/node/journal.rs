@@ -52,6 +52,15 @@ pub enum IdentityEvent {
         serial: String,
         not_after: String,
     },
+    /// Past 90% of its certificate's life with no renewal yet.
+    ExpiresSoon {
+        identity: String,
+        cgroup: std::path::PathBuf,
+        serial: String,
+        not_after: String,
+        /// How the session is renewed (`from FILE (followed)`, `by hand`).
+        renewed: String,
+    },
     Revoked {
         identity: String,
         connections_destroyed: usize,

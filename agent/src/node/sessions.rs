@@ -179,6 +179,8 @@ struct Stored {
     #[serde(default)]
     expiry_noted: bool,
     #[serde(default)]
+    aging_noted: bool,
+    #[serde(default)]
     layout: u32,
 }
 
@@ -335,6 +337,7 @@ impl Sessions {
         for Stored {
             mut session,
             expiry_noted,
+            aging_noted,
             layout,
         } in stored.sessions
         {
@@ -366,6 +369,7 @@ impl Sessions {
                         })?;
                 }
                 session.expiry_noted = expiry_noted;
+                session.aging_noted = aging_noted;
                 table.insert(session);
                 kept += 1;
                 continue;
@@ -463,6 +467,7 @@ impl Sessions {
                 .map(|s| Stored {
                     session: s.clone(),
                     expiry_noted: s.expiry_noted,
+                    aging_noted: s.aging_noted,
                     layout: s.layout,
                 })
                 .collect(),
@@ -530,7 +535,9 @@ impl Sessions {
             not_after,
             revoked: false,
             follow,
+            not_before: Some(crate::clock::rfc3339(peer.not_before)),
             expiry_noted: false,
+            aging_noted: false,
             layout: agent_common::ABI_VERSION,
         });
         self.save(table);
@@ -850,21 +857,51 @@ impl Sessions {
     }
 
     /// Records each session whose certificate has expired, once: the kernel already denies
-    /// it everything at the deadline, with or without the node.
+    /// it everything at the deadline, with or without the node. Before that, records each
+    /// one past 90% of its certificate's life, once a certificate: a warning while there is
+    /// still time to renew.
     pub fn note_expiries(&self) {
         let now = time::OffsetDateTime::now_utc();
         let mut expired = Vec::new();
+        let mut aging = Vec::new();
         {
             let mut table = lock(&self.table);
             for s in table.by_id.values_mut().filter(|s| !s.expiry_noted) {
-                if crate::clock::parse_rfc3339(&s.not_after).is_ok_and(|t| t <= now) {
+                let Ok(end) = crate::clock::parse_rfc3339(&s.not_after) else {
+                    continue;
+                };
+                if end <= now {
                     s.expiry_noted = true;
                     expired.push(s.clone());
+                } else if !s.aging_noted && !s.revoked {
+                    let start = s
+                        .not_before
+                        .as_deref()
+                        .and_then(|t| crate::clock::parse_rfc3339(t).ok());
+                    if let Some(start) = start.filter(|b| *b < end) {
+                        if now >= start + (end - start) * 0.9 {
+                            s.aging_noted = true;
+                            aging.push(s.clone());
+                        }
+                    }
                 }
             }
-            if !expired.is_empty() {
+            if !expired.is_empty() || !aging.is_empty() {
                 self.save(&table);
             }
+        }
+        for s in aging {
+            let renewed = super::follow::renews(&s);
+            warn!(identity = %s.identity, cgroup = %s.cgroup.display(), not_after = %s.not_after,
+                renewed, "certificate past 90% of its life without a renewal");
+            self.journal
+                .record(&AuditEvent::Identity(IdentityEvent::ExpiresSoon {
+                    identity: s.identity,
+                    cgroup: s.cgroup,
+                    serial: s.serial,
+                    not_after: s.not_after,
+                    renewed,
+                }));
         }
         for s in expired {
             warn!(identity = %s.identity, cgroup = %s.cgroup.display(), "certificate expired; the session is denied everything");
@@ -905,6 +942,24 @@ impl Sessions {
     /// Every session, in the order they were made.
     pub fn list(&self) -> Vec<Session> {
         lock(&self.table).by_id.values().cloned().collect()
+    }
+
+    /// Per identity with a session whose certificate has not expired: the seconds left to
+    /// the earliest such deadline.
+    pub fn expiry_seconds(&self) -> Vec<(String, f64)> {
+        let now = time::OffsetDateTime::now_utc();
+        let mut out: BTreeMap<String, f64> = BTreeMap::new();
+        for s in lock(&self.table).by_id.values().filter(|s| !s.revoked) {
+            let Ok(end) = crate::clock::parse_rfc3339(&s.not_after) else {
+                continue;
+            };
+            let left = (end - now).as_seconds_f64();
+            if left > 0.0 {
+                let e = out.entry(s.identity.clone()).or_insert(left);
+                *e = e.min(left);
+            }
+        }
+        out.into_iter().collect()
     }
 
     pub fn len(&self) -> usize {

@@ -122,6 +122,7 @@ impl Node {
             dns: self.dns.proxy().map(Proxy::stats),
             dns_learned_addresses: self.dns.learned_addresses(),
             rule_hits: self.rule_hits(),
+            session_expiry: self.sessions.expiry_seconds(),
             control_plane: self.link.get().cloned(),
         };
         crate::metrics::render(&self.counters.snapshot(), &g)
