@@ -68,7 +68,7 @@ fn a_followed_session_lives_on_rotated_certificates_and_ends_when_they_stop() {
         &metrics_s,
     ];
     let node = NodeProc::start_with(&env, dir, &args);
-    let life = 8;
+    let life = 12;
     let first = ca.issue(&fresh(ID, life));
     let (cert, key) = write_cert(dir, "agent", &first);
     // Short-lived: followed without being asked.
@@ -88,7 +88,8 @@ fn a_followed_session_lives_on_rotated_certificates_and_ends_when_they_stop() {
             assert_eq!(node.stop(), 0);
             node = NodeProc::start_with(&env, dir, &args);
         }
-        let next = ca.issue(&fresh(ID, life));
+        // Each later than the last (X.509 times have whole seconds).
+        let next = ca.issue(&fresh(ID, life + 2 * (round + 1)));
         rotate(&cert, &key, &next);
         wait_serial(
             &node.socket,
@@ -224,13 +225,26 @@ fn a_rotated_pair_that_fails_its_checks_changes_nothing() {
         assert_eq!(session(&node.socket), before, "the session is as it was");
         assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
     }
-    let good = ca.issue(&CertSpec::agent_expiring(ID, 1800));
+    // A good certificate that ends before the session's does not take its deadline back
+    // (the session may have been renewed by hand since it was launched): nothing happens.
+    let older = ca.issue(&CertSpec::agent_expiring(ID, 600));
+    rotate(&cert, &key, &older);
+    // Nothing to wait for but the looks the node takes (one a second).
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(session(&node.socket), before);
+
+    let good = ca.issue(&CertSpec::agent_expiring(ID, 7200));
     rotate(&cert, &key, &good);
     wait_serial(&node.socket, "the good pair taken", &serial_of(&good));
     assert_ne!(session(&node.socket).1, before.1);
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
-    // Refused once for each state of the files, not once a look.
+    // Refused once for each state of the files, not once a look; renewed once.
     assert_eq!(refusals().len(), cases.len());
+    let renewals = audit_records(&audit)
+        .into_iter()
+        .filter(|r| r["kind"] == "identity" && r["event"] == "renewed")
+        .count();
+    assert_eq!(renewals, 1);
 }
 
 /// The files are read with the launcher's own permissions, never the node's: an agent that
@@ -322,7 +336,7 @@ fn followed_files_are_read_with_the_launchers_permissions() {
     // A good pair the launcher can read is taken.
     std::fs::remove_file(&cert).unwrap();
     std::fs::remove_file(&key).unwrap();
-    let good = ca.issue(&CertSpec::agent(ID));
+    let good = ca.issue(&CertSpec::agent_expiring(ID, 7200));
     let (c, k) = write_cert(&own, "agent", &good);
     chown(&c);
     chown(&k);

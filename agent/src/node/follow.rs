@@ -229,7 +229,7 @@ impl Node {
     }
 
     /// The rotated pair's peer when it is a newer certificate the session may move to;
-    /// None when it is the one in force.
+    /// None when it is the one in force or ends no later.
     fn judge_pair(
         &self,
         s: &Session,
@@ -251,7 +251,12 @@ impl Node {
                 peer.id, s.identity
             ));
         }
-        if peer.serial == s.serial {
+        // Only forward: the files may hold a certificate older than the one the session has
+        // (renewed by hand since), which must not take its deadline back.
+        let current = crate::clock::parse_rfc3339(&s.not_after)
+            .map(std::time::SystemTime::from)
+            .ok();
+        if peer.serial == s.serial || current.is_some_and(|c| peer.not_after <= c) {
             return Ok(None);
         }
         self.admissible(&s.identity).map_err(|e| e.to_string())?;
