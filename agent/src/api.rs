@@ -89,16 +89,29 @@ impl Request {
 pub struct Follow {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// (uid, gid) the agent runs as (`launch --user`): a root launcher's files are read as
+    /// that user, who may write where they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<(u32, u32)>,
+    /// Asked for (`--follow`): files the node cannot read refuse the launch. Otherwise (the
+    /// default for short-lived certificates) the session is launched without following them,
+    /// and the answer says why.
+    #[serde(default)]
+    pub asked: bool,
 }
 
 /// What a session is renewed from: the files, read with the filesystem credentials of the
-/// user who launched it (never the node's own).
+/// user who launched it (or, for a root launcher, of the user the agent runs as), never the
+/// node's own.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Followed {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub uid: u32,
     pub gid: u32,
+    /// Supplementary groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +130,9 @@ pub struct Response {
     pub revision: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flows: Option<Vec<crate::flows::FlowRecord>>,
+    /// Done, with something the caller should know (a launch not following its files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// The node's state, as `agentwall status` shows it.
@@ -507,6 +523,35 @@ pub fn peer_uid(sock: &impl AsRawFd) -> std::io::Result<u32> {
 pub fn peer_ids(sock: &impl AsRawFd) -> std::io::Result<(u32, u32)> {
     let c = peer_cred(sock)?;
     Ok((c.uid, c.gid))
+}
+
+/// The peer's supplementary groups, as the kernel saw them when it connected.
+pub fn peer_groups(sock: &impl AsRawFd) -> std::io::Result<Vec<u32>> {
+    let mut groups = vec![0 as libc::gid_t; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: valid socket and out-buffer of `len` bytes.
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(n);
+            return Ok(groups);
+        }
+        let e = std::io::Error::last_os_error();
+        // Too small: `len` says how much it needs.
+        if e.raw_os_error() != Some(libc::ERANGE) || n <= groups.len() {
+            return Err(e);
+        }
+        groups.resize(n, 0);
+    }
 }
 
 /// The pid a pidfd refers to now (from /proc/self/fdinfo), if the process is alive.

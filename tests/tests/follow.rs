@@ -342,3 +342,157 @@ fn followed_files_are_read_with_the_launchers_permissions() {
     chown(&k);
     wait_serial(&node.socket, "the readable pair taken", &serial_of(&good));
 }
+
+/// A session a CRL cut off stays cut off: neither its rotator's next certificate nor a
+/// renewal by hand brings it back.
+#[test]
+fn a_session_a_crl_cut_off_is_not_brought_back_by_its_files() {
+    let (env, tmp, ca) = setup("follow-crl", SUPPORT_POLICY);
+    let dir = tmp.path();
+    let crl = dir.join("ca.crl.pem");
+    std::fs::write(&crl, ca.crl(&[])).unwrap();
+    let audit = dir.join("audit.jsonl");
+    let node = NodeProc::start_with(
+        &env,
+        dir,
+        &[
+            "--crl",
+            crl.to_str().unwrap(),
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ],
+    );
+    let first = ca.issue(&CertSpec::agent(ID));
+    let (cert, key) = write_cert(dir, "agent", &first);
+    let mut cmd = std::process::Command::new(agentwall_tests::bin_path("agentwall"));
+    cmd.args(["launch", "--follow", "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("--socket")
+        .arg(&node.socket)
+        .arg("--")
+        .arg(agentwall_tests::bin_path("aw-probe"))
+        .arg("--netns");
+    let mut probe = agentwall_tests::Probe::from_command(cmd);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    let next = dir.join("ca.crl.pem.new");
+    std::fs::write(&next, ca.crl(&[&first.serial])).unwrap();
+    std::fs::rename(&next, &crl).unwrap();
+    wait_status(&node.socket, "the session cut off", |s| {
+        s["identities"][0]["sessions"][0]["revoked"] == true
+    });
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+
+    // The rotator writes the next certificate: the session stays cut off.
+    let newer = ca.issue(&CertSpec::agent_expiring(ID, 7200));
+    rotate(&cert, &key, &newer);
+    // Nothing to wait for but the looks the node takes (one a second).
+    std::thread::sleep(Duration::from_millis(2500));
+    let s = &status_json(&node.socket)["identities"][0]["sessions"][0];
+    assert_eq!(s["revoked"], true, "{s}");
+    assert_eq!(
+        s["serial"].as_str().unwrap().to_lowercase(),
+        serial_of(&first)
+    );
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+    // Nor by hand, from inside.
+    let answer = probe.cmd(&format!(
+        "spawn {aw} renew --cert {c} --key {k} --socket {sock}",
+        aw = agentwall_tests::bin_path("agentwall").display(),
+        c = cert.display(),
+        k = key.display(),
+        sock = node.socket.display(),
+    ));
+    assert!(
+        answer.starts_with("exit 2")
+            && answer.contains("this session was cut off by a CRL listing its certificate"),
+        "{answer}"
+    );
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
+    assert!(
+        !audit_records(&audit)
+            .iter()
+            .any(|r| r["kind"] == "identity" && r["event"] == "renewed")
+    );
+}
+
+/// A root launcher running its agent as another user (`--user`) has the files read as that
+/// user, who may write where they are; /proc's magic links do not lead past directories
+/// that user cannot enter; and a path with control characters is refused at launch.
+#[test]
+fn files_are_read_as_the_agents_user_and_never_through_proc() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (env, tmp, ca) = setup("follow-user", SUPPORT_POLICY);
+    let dir = tmp.path();
+    let audit = dir.join("audit.jsonl");
+    let node = NodeProc::start_with(&env, dir, &["--audit-log", audit.to_str().unwrap()]);
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let own = dir.join("nobody");
+    std::fs::create_dir(&own).unwrap();
+    let chown = |p: &Path| std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+    chown(&own);
+    let first = ca.issue(&CertSpec::agent(ID));
+    let (cert, key) = write_cert(&own, "agent", &first);
+    chown(&cert);
+    chown(&key);
+    // A newer pair in a directory only root may enter, and a root process working there.
+    let secret = dir.join("root-only");
+    std::fs::create_dir(&secret).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let newer = ca.issue(&CertSpec::agent_expiring(ID, 7200));
+    write_cert(&secret, "agent", &newer);
+    let mut inside = std::process::Command::new("sleep")
+        .arg("600")
+        .current_dir(&secret)
+        .spawn()
+        .unwrap();
+
+    // The agent sends nothing: no namespace of its own (nobody may not make one).
+    let cmd = agentwall_tests::node::launch_as_nobody(&node.socket, &cert, &key);
+    // `launch_as_nobody` puts `--user nobody` before `--`: follow is asked for there.
+    let args: Vec<std::ffi::OsString> = cmd.get_args().map(Into::into).collect();
+    let mut cmd = std::process::Command::new(cmd.get_program());
+    cmd.arg("launch").arg("--follow").args(&args[1..]);
+    let _agent = agentwall_tests::Probe::from_command(cmd);
+    let s = &status_json(&node.socket)["identities"][0]["sessions"][0];
+    assert_eq!(s["follow"]["uid"], 65534, "{s}");
+    let before = session(&node.socket);
+
+    for f in [&cert, &key] {
+        std::fs::remove_file(f).unwrap();
+    }
+    std::os::unix::fs::symlink(format!("/proc/{}/cwd/agent.pem", inside.id()), &cert).unwrap();
+    std::os::unix::fs::symlink(format!("/proc/{}/cwd/agent.key", inside.id()), &key).unwrap();
+    let said = eventually("the /proc path refused", Duration::from_secs(30), || {
+        audit_records(&audit)
+            .into_iter()
+            .find(|r| r["kind"] == "identity" && r["event"] == "rejected")
+            .map(|r| r["reason"].as_str().unwrap_or_default().to_owned())
+            .ok_or_else(|| "not yet".to_owned())
+    });
+    assert!(said.contains("Too many levels of symbolic links"), "{said}");
+    assert_eq!(session(&node.socket), before, "nothing read through /proc");
+    let _ = inside.kill();
+    let _ = inside.wait();
+
+    // A path with a control character is refused at launch.
+    let odd = dir.join("odd\nname.pem");
+    std::fs::copy(dir.join("root-only/agent.pem"), &odd).unwrap();
+    let out = std::process::Command::new(agentwall_tests::bin_path("agentwall"))
+        .args(["launch", "--follow", "--cert"])
+        .arg(&odd)
+        .arg("--key")
+        .arg(dir.join("root-only/agent.key"))
+        .arg("--socket")
+        .arg(&node.socket)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is not an absolute path of at most 4096 bytes without control characters"),
+        "{err}"
+    );
+}

@@ -102,8 +102,13 @@ pub fn run(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(code) = args.id.call("launch", &Request::Launch { follow }, check) {
-        return code;
+    match args.id.call("launch", &Request::Launch { follow }, check) {
+        Err(code) => return code,
+        Ok(r) => {
+            if let Some(w) = r.warning {
+                eprintln!("agentwall launch: {w}");
+            }
+        }
     }
     let mut cmd = std::process::Command::new(&args.command[0]);
     cmd.args(&args.command[1..]);
@@ -151,6 +156,8 @@ fn follow_files(args: &Args) -> Result<Option<api::Follow>, String> {
     Ok(Some(api::Follow {
         cert: abs(&args.id.cert)?,
         key: abs(&args.id.key)?,
+        user: args.user.as_deref().map(lookup_user).transpose()?,
+        asked: args.follow,
     }))
 }
 

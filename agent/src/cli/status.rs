@@ -92,7 +92,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             agentwall::policy::owner::describe(id.owner.as_ref(), &id.labels)
         );
         for s in &id.sessions {
-            println!(
+            say!(
                 "    pid {} cgroup {} not_after {} renewed {}{}",
                 s.pid,
                 s.cgroup.display(),

@@ -62,12 +62,19 @@ pub struct PollRequest {
     #[serde(default)]
     pub lineage: Option<String>,
     /// Who answers for the node's host, and its labels (its config's `owner`, `[labels]`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Ones this control plane does not take (another version's rules) are left out, never
+    /// a reason to refuse the poll: a node must get its bundles and revocations.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::policy::owner::lenient_owner"
+    )]
     #[schema(value_type = Option<String>)]
     pub owner: Option<crate::policy::owner::Owner>,
     #[serde(
         default,
-        skip_serializing_if = "crate::policy::owner::Labels::is_empty"
+        skip_serializing_if = "crate::policy::owner::Labels::is_empty",
+        deserialize_with = "crate::policy::owner::lenient_labels"
     )]
     #[schema(value_type = std::collections::BTreeMap<String, String>)]
     pub labels: crate::policy::owner::Labels,

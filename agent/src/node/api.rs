@@ -30,11 +30,14 @@ struct Caller {
     pidfd: std::io::Result<OwnedFd>,
     /// (uid, gid) from the socket.
     ids: Option<(u32, u32)>,
+    /// Supplementary groups from the socket.
+    groups: Vec<u32>,
 }
 
 pub(super) async fn handle(node: Arc<Node>, stream: UnixStream) {
     let pidfd = api::peer_pidfd(&stream);
     let ids = api::peer_ids(&stream).ok();
+    let groups = api::peer_groups(&stream).unwrap_or_default();
     let tls_state = node.trust.current();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_state.config.clone());
     let tls = match tokio::time::timeout(STEP, acceptor.accept(stream)).await {
@@ -52,6 +55,7 @@ pub(super) async fn handle(node: Arc<Node>, stream: UnixStream) {
         peer: tls_state.trust.verify(tls.get_ref().1.peer_certificates()),
         pidfd,
         ids,
+        groups,
     };
     let (read, mut write) = tokio::io::split(tls);
     let mut line = String::new();
@@ -100,11 +104,41 @@ impl Node {
         match req {
             Request::Launch { follow } => match (caller.peer, caller.pidfd, caller.ids) {
                 (Ok(peer), Ok(pidfd), Some((uid, gid))) => {
-                    match follow
-                        .map(|f| super::follow::followed(f, uid, gid))
-                        .transpose()
-                    {
-                        Ok(follow) => self.launch(peer, pidfd, follow),
+                    let by = super::follow::Launcher {
+                        uid,
+                        gid,
+                        groups: caller.groups,
+                    };
+                    let asked = follow.as_ref().is_some_and(|f| f.asked);
+                    let follow = follow.map(|f| super::follow::followed(f, by)).transpose();
+                    // Read once now: files the node cannot follow refuse a launch that asked
+                    // to follow them, and are not followed otherwise (with a warning).
+                    let mut warning = None;
+                    let follow = match follow {
+                        Ok(Some(f)) => {
+                            let checked = tokio::task::spawn_blocking(move || {
+                                super::follow::check_readable(&f).map(|()| f)
+                            })
+                            .await
+                            .unwrap_or_else(|e| Err(e.to_string()));
+                            match checked {
+                                Ok(f) => Ok(Some(f)),
+                                Err(why) if !asked => {
+                                    warning = Some(format!(
+                                        "not following the certificate files ({why}); renew by hand before it expires"
+                                    ));
+                                    Ok(None)
+                                }
+                                Err(why) => Err(why),
+                            }
+                        }
+                        other => other,
+                    };
+                    match follow {
+                        Ok(follow) => Response {
+                            warning,
+                            ..self.launch(peer, pidfd, follow)
+                        },
                         Err(why) => Response::error(Some(peer.id.to_string()), why),
                     }
                 }

@@ -32,33 +32,85 @@ const MAX_FILE: u64 = 64 << 10;
 /// Looks at a failing pair before it is refused (a rotator between its two writes).
 const SETTLE: u32 = 5;
 
-/// The files of a launch request, checked, with whose credentials they are read.
-pub(super) fn followed(f: Follow, uid: u32, gid: u32) -> Result<Followed, String> {
+/// Longest path taken (PATH_MAX).
+const MAX_PATH: usize = 4096;
+
+/// Who launched: (uid, gid, supplementary groups), from the socket.
+pub(super) struct Launcher {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+/// The files of a launch request, checked, with whose credentials they are read: the
+/// launcher's; a root launcher's as the user the agent runs as, when it names one (that user
+/// may write where the files are).
+pub(super) fn followed(f: Follow, by: Launcher) -> Result<Followed, String> {
     for p in [&f.cert, &f.key] {
-        if !p.is_absolute() {
-            return Err(format!("follow: {} is not an absolute path", p.display()));
+        let text = p.as_os_str().as_encoded_bytes();
+        if !p.is_absolute() || text.len() > MAX_PATH || text.iter().any(u8::is_ascii_control) {
+            return Err(format!(
+                "follow: {p:?} is not an absolute path of at most {MAX_PATH} bytes without control characters"
+            ));
         }
     }
+    let (uid, gid, groups) = match f.user {
+        Some((uid, gid)) if by.uid == 0 => (uid, gid, Vec::new()),
+        _ => (by.uid, by.gid, by.groups),
+    };
     Ok(Followed {
         cert: f.cert,
         key: f.key,
         uid,
         gid,
+        groups,
     })
+}
+
+/// Whether the node can read the pair now, as it will later: a launch whose files it cannot
+/// follow is refused rather than cut off at its first deadline. On a thread of its own (its
+/// credentials change while it reads).
+pub(super) fn check_readable(f: &Followed) -> Result<(), String> {
+    let f = f.clone();
+    std::thread::spawn(move || read_pair(&f).map(|_| ()))
+        .join()
+        .unwrap_or_else(|_| Err("the reader failed".into()))
+        .map_err(|e| format!("--follow: {e}"))
 }
 
 /// What tells one state of a file from another: its content's digest (exact, where times
 /// and sizes may repeat within a clock tick).
 type Stamp = [u8; 32];
-/// A regular file of at most [`MAX_FILE`] bytes, opened without waiting on it.
+/// A regular file of at most [`MAX_FILE`] bytes. Found without following /proc's magic
+/// links (they would lead past directories the user cannot enter) and without opening what
+/// it names until it is known to be a regular file (opening a device can act on it).
 fn read_file(path: &Path) -> Result<(Stamp, Vec<u8>), String> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
     let fail = |e: std::io::Error| format!("{}: {e}", path.display());
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("{}: has a NUL byte", path.display()))?;
+    // SAFETY: open_how is plain data; zero is its every field's default.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: a valid C string and open_how of its own size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            &raw const how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(fail(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a descriptor the call just made, owned here.
+    let found = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let m = std::fs::File::from(found.try_clone().map_err(fail)?)
+        .metadata()
         .map_err(fail)?;
-    let m = f.metadata().map_err(fail)?;
     if !m.is_file() {
         return Err(format!("{}: not a regular file", path.display()));
     }
@@ -69,6 +121,13 @@ fn read_file(path: &Path) -> Result<(Stamp, Vec<u8>), String> {
             m.len()
         ));
     }
+    // Opened for reading through the descriptor found, checked against the user's
+    // permissions like any open.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(format!("/proc/self/fd/{}", found.as_raw_fd()))
+        .map_err(fail)?;
     let mut text = Vec::with_capacity(m.len() as usize);
     f.take(MAX_FILE + 1).read_to_end(&mut text).map_err(fail)?;
     if text.len() as u64 > MAX_FILE {
@@ -86,22 +145,29 @@ fn read_file(path: &Path) -> Result<(Stamp, Vec<u8>), String> {
 /// would bypass file permissions; coming back restores them.
 struct AsUser {
     groups: Vec<libc::gid_t>,
+    dumpable: libc::c_int,
 }
 
 impl AsUser {
-    fn enter(uid: u32, gid: u32) -> Result<Self, String> {
-        // SAFETY: getgroups with a buffer of the size it asked for.
-        let groups = unsafe {
+    fn enter(uid: u32, gid: u32, groups: &[u32]) -> Result<Self, String> {
+        // SAFETY: getgroups with a buffer of the size it asked for; prctl reads a flag.
+        let me = unsafe {
             let n = libc::getgroups(0, std::ptr::null_mut());
             let mut g = vec![0; n.max(0) as usize];
             let n = libc::getgroups(n, g.as_mut_ptr());
             g.truncate(n.max(0) as usize);
-            g
+            Self {
+                groups: g,
+                dumpable: libc::prctl(libc::PR_GET_DUMPABLE),
+            }
         };
-        let me = Self { groups };
         // SAFETY: plain system calls on this thread's credentials.
         unsafe {
-            libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>());
+            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
+                let e = std::io::Error::last_os_error();
+                drop(me);
+                return Err(format!("cannot take the groups of uid {uid}: {e}"));
+            }
             libc::syscall(libc::SYS_setfsgid, gid);
             libc::syscall(libc::SYS_setfsuid, uid);
             // Each returns the value in force; -1 changes nothing.
@@ -110,7 +176,7 @@ impl AsUser {
             if fsuid != uid || fsgid != gid {
                 drop(me);
                 return Err(format!(
-                    "cannot read files as uid {uid} gid {gid} (the kernel kept {fsuid}/{fsgid})"
+                    "cannot read files as uid {uid} gid {gid} (the kernel kept {fsuid}/{fsgid}: the node lacks CAP_SETUID or CAP_SETGID)"
                 ));
             }
         }
@@ -120,12 +186,15 @@ impl AsUser {
 
 impl Drop for AsUser {
     fn drop(&mut self) {
-        // SAFETY: plain system calls on this thread's credentials.
+        // SAFETY: plain system calls on this thread's credentials; prctl sets a flag.
         let ok = unsafe {
             libc::syscall(libc::SYS_setfsuid, 0u32);
             libc::syscall(libc::SYS_setfsgid, 0u32);
-            libc::syscall(libc::SYS_setgroups, self.groups.len(), self.groups.as_ptr());
-            libc::syscall(libc::SYS_setfsuid, u32::MAX) == 0
+            let groups =
+                libc::syscall(libc::SYS_setgroups, self.groups.len(), self.groups.as_ptr()) == 0;
+            // Changing the filesystem uid makes the process undumpable; it was not before.
+            libc::prctl(libc::PR_SET_DUMPABLE, self.dumpable as libc::c_ulong);
+            groups && libc::syscall(libc::SYS_setfsuid, u32::MAX) == 0
         };
         if !ok {
             // This thread reads nothing else; following stops and sessions run out.
@@ -137,7 +206,7 @@ impl Drop for AsUser {
 
 /// Both files, read as their user.
 fn read_pair(f: &Followed) -> Result<[(Stamp, Vec<u8>); 2], String> {
-    let _as = AsUser::enter(f.uid, f.gid)?;
+    let _as = AsUser::enter(f.uid, f.gid, &f.groups)?;
     Ok([read_file(&f.cert)?, read_file(&f.key)?])
 }
 
@@ -181,7 +250,7 @@ impl Node {
             .sessions
             .list()
             .into_iter()
-            .filter(|s| s.follow.is_some())
+            .filter(|s| s.follow.is_some() && !s.revoked)
             .collect();
         seen.retain(|id, _| sessions.iter().any(|s| s.cgroup_id == *id));
         for s in sessions {
@@ -208,10 +277,11 @@ impl Node {
             Ok(Some(peer)) => {
                 st.judged = Some(state);
                 st.tries = 0;
-                match self.sessions.renew(&peer, s) {
-                    Ok(_) => info!(identity = %s.identity, cgroup = %s.cgroup.display(),
+                match self.sessions.renew(&peer, s, true) {
+                    Ok(Some(_)) => info!(identity = %s.identity, cgroup = %s.cgroup.display(),
                         serial = %peer.serial, cert = %f.cert.display(),
                         "session renewed from its rotated files"),
+                    Ok(None) => {}
                     Err(e) => self.follow_refused(s, f, &e.to_string()),
                 }
             }
@@ -228,8 +298,8 @@ impl Node {
         }
     }
 
-    /// The rotated pair's peer when it is a newer certificate the session may move to;
-    /// None when it is the one in force or ends no later.
+    /// The rotated pair's peer when it is another certificate the session may move to (the
+    /// renewal takes only a later one); None when it is the one in force.
     fn judge_pair(
         &self,
         s: &Session,
@@ -237,8 +307,11 @@ impl Node {
         cert: &[u8],
         key: &[u8],
     ) -> Result<Option<crate::identity::VerifiedPeer>, String> {
-        let chain = crate::pem::certs_in(&f.cert, cert).map_err(|e| e.to_string())?;
-        let key = crate::pem::key_in(&f.key, key).map_err(|e| e.to_string())?;
+        // The parser's complaint quotes what it read: none of it goes into records.
+        let chain = crate::pem::certs_in(&f.cert, cert)
+            .map_err(|_| format!("{}: not a PEM certificate chain", f.cert.display()))?;
+        let key = crate::pem::key_in(&f.key, key)
+            .map_err(|_| format!("{}: not a PEM private key", f.key.display()))?;
         let peer = self
             .trust
             .current()
@@ -251,12 +324,7 @@ impl Node {
                 peer.id, s.identity
             ));
         }
-        // Only forward: the files may hold a certificate older than the one the session has
-        // (renewed by hand since), which must not take its deadline back.
-        let current = crate::clock::parse_rfc3339(&s.not_after)
-            .map(std::time::SystemTime::from)
-            .ok();
-        if peer.serial == s.serial || current.is_some_and(|c| peer.not_after <= c) {
+        if peer.serial == s.serial {
             return Ok(None);
         }
         self.admissible(&s.identity).map_err(|e| e.to_string())?;

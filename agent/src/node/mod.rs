@@ -728,7 +728,9 @@ impl Node {
             .session_of_caller(&peer, &pidfd)
             .and_then(|s| {
                 self.admissible(&id)?;
-                self.sessions.renew(&peer, &s)
+                self.sessions
+                    .renew(&peer, &s, false)
+                    .map(|c| c.unwrap_or(s.cgroup))
             });
         match renewed {
             Ok(cgroup) => crate::api::Response {

@@ -59,6 +59,12 @@ pub enum SessionError {
     NoCallerCgroup,
     #[error("certificate is revoked")]
     CertificateRevoked,
+    #[error(
+        "this session was cut off by a CRL listing its certificate; it is not renewed (launch a new one)"
+    )]
+    SessionCutOff,
+    #[error("session {0} has ended")]
+    SessionGone(PathBuf),
     #[error("{0} is not bound by this node; run renew from inside the agent")]
     NotBound(PathBuf),
     #[error("this cgroup belongs to {owner}, not to {claimed}")]
@@ -750,28 +756,43 @@ impl Sessions {
         Ok(session)
     }
 
-    /// Moves a session's deadline to the peer's (newer) certificate.
-    pub fn renew(&self, peer: &VerifiedPeer, session: &Session) -> Result<PathBuf, SessionError> {
+    /// Moves a session's deadline to the peer's (newer) certificate. A session a CRL cut off
+    /// stays cut off. `forward_only`: only to a later deadline than the one in force (a
+    /// followed file may hold an older certificate than a renewal by hand gave it); Ok(None)
+    /// when it is not later. Judged under the table's lock, against the session as it is
+    /// then.
+    pub fn renew(
+        &self,
+        peer: &VerifiedPeer,
+        session: &Session,
+        forward_only: bool,
+    ) -> Result<Option<PathBuf>, SessionError> {
         let cg = Cgroup::open(&session.cgroup)?;
         let mut table = lock(&self.table);
-        // Renewed by hand or from its files, it goes on following them.
-        let follow = table
+        let now = table
             .by_id
             .get(&session.cgroup_id)
-            .and_then(|s| s.follow.clone());
+            .cloned()
+            .ok_or_else(|| SessionError::SessionGone(session.cgroup.clone()))?;
+        if now.revoked {
+            return Err(SessionError::SessionCutOff);
+        }
+        if forward_only {
+            let current = crate::clock::parse_rfc3339(&now.not_after)
+                .map(std::time::SystemTime::from)
+                .ok();
+            if now.serial == peer.serial || current.is_some_and(|c| peer.not_after <= c) {
+                return Ok(None);
+            }
+        }
+        // Renewed by hand or from its files, it goes on following them.
         let placed = Placed {
             cg: &cg,
-            pid: session.pid,
-            follow,
+            pid: now.pid,
+            follow: now.follow.clone(),
         };
-        self.bind(
-            &mut table,
-            IdentityEvent::Renewed,
-            peer,
-            session.number,
-            placed,
-        )?;
-        Ok(session.cgroup.clone())
+        self.bind(&mut table, IdentityEvent::Renewed, peer, now.number, placed)?;
+        Ok(Some(now.cgroup))
     }
 
     /// Ends launched sessions whose processes have all exited: the binding goes (nothing is

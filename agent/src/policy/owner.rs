@@ -42,13 +42,20 @@ pub enum OwnerError {
     NotPair { value: String },
 }
 
-/// Characters that change how text around them is shown without being seen themselves
-/// (direction overrides and isolates, zero-width characters): a name holding one can read
-/// as another in a terminal or a console.
+/// Characters that change how text around them is shown without being seen themselves, or
+/// show as nothing: format characters (direction overrides and isolates, zero-width and tag
+/// characters), other default-ignorable ones (fillers, variation selectors), line and
+/// paragraph separators, and private-use characters. A name holding one can read as another
+/// in a terminal or a console.
 pub fn is_hidden_format(c: char) -> bool {
     matches!(c,
-        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
-        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}')
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{0600}'..='\u{0605}' | '\u{06DD}' | '\u{070F}'
+        | '\u{08E2}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}' | '\u{180B}'..='\u{180F}'
+        | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{206F}'
+        | '\u{3164}' | '\u{E000}'..='\u{F8FF}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+        | '\u{FFA0}' | '\u{FFF0}'..='\u{FFFB}' | '\u{110BD}' | '\u{110CD}'
+        | '\u{13430}'..='\u{1343F}' | '\u{1BCA0}'..='\u{1BCA3}' | '\u{1D173}'..='\u{1D17A}'
+        | '\u{E0000}'..='\u{E0FFF}' | '\u{F0000}'..='\u{10FFFF}')
 }
 
 /// A person or team. Shared, not copied, by every record that names it.
@@ -224,16 +231,15 @@ impl<'de> Deserialize<'de> for Labels {
             }
             fn visit_map<A: de::MapAccess<'de>>(self, mut m: A) -> Result<Labels, A::Error> {
                 let mut pairs: Vec<(String, String)> = Vec::new();
-                // Values may be written as numbers or booleans (`tier: 1`): taken as written.
-                while let Some((k, v)) = m.next_entry::<String, serde_yaml_ng::Value>()? {
+                // Text only, as Kubernetes has it: a number would be read back otherwise than
+                // written (`1.10` as 1.1).
+                while let Some((k, v)) = m.next_entry::<String, serde_json::Value>()? {
                     let v = match v {
-                        serde_yaml_ng::Value::String(s) => s,
-                        serde_yaml_ng::Value::Number(n) => n.to_string(),
-                        serde_yaml_ng::Value::Bool(b) => b.to_string(),
-                        serde_yaml_ng::Value::Null => String::new(),
+                        serde_json::Value::String(s) => s,
+                        serde_json::Value::Null => String::new(),
                         _ => {
                             return Err(de::Error::custom(format!(
-                                "label `{k}` has a value that is not text"
+                                "label `{k}` is not text: quote its value (as written)"
                             )));
                         }
                     };
@@ -244,6 +250,18 @@ impl<'de> Deserialize<'de> for Labels {
         }
         d.deserialize_map(V)
     }
+}
+
+/// An owner as another party wrote it: none when it is not one (what it held is not kept).
+pub fn lenient_owner<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Owner>, D::Error> {
+    Ok(Option::<serde_json::Value>::deserialize(d)?
+        .and_then(|v| v.as_str().and_then(|s| s.parse().ok())))
+}
+
+/// Labels as another party wrote them: none when they are not labels.
+pub fn lenient_labels<'de, D: Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(v).unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -262,6 +280,9 @@ mod tests {
             (" x", "spaces at either end"),
             ("a\nb", "control or invisible character"),
             ("ops\u{202E}moc.elpmaxe", "control or invisible character"),
+            ("ops\u{E0020}", "control or invisible character"),
+            ("ops\u{3164}", "control or invisible character"),
+            ("ops\u{2028}x", "control or invisible character"),
         ] {
             let e = bad.parse::<Owner>().unwrap_err().to_string();
             assert!(e.contains(want), "{bad:?}: {e}");

@@ -1182,7 +1182,7 @@ mod tests {
     fn owner_and_labels_are_read_and_checked_where_written() {
         let set = parse(&[(
             "p.yaml",
-            "kind: AgentPolicy\nname: a\nidentity: spiffe://example.org/a\nowner: payments@example.com\nlabels:\n  team: payments\n  tier: 1\n  example.com/data-class: pii\n",
+            "kind: AgentPolicy\nname: a\nidentity: spiffe://example.org/a\nowner: payments@example.com\nlabels:\n  team: payments\n  tier: \"1\"\n  example.com/data-class: pii\n",
         )])
         .unwrap();
         let a = &set.agents[0];
@@ -1205,6 +1205,10 @@ mod tests {
             (
                 "labels:\n  -team: x\n",
                 "p.yaml:5:3: labels: label name `-team` is not a label name",
+            ),
+            (
+                "labels:\n  tier: 1.10\n",
+                "p.yaml:5:3: labels: label `tier` is not text: quote its value (as written)",
             ),
             (
                 "labels: [team]\n",

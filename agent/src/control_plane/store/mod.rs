@@ -282,22 +282,23 @@ fn labels_text(l: &crate::policy::owner::Labels) -> Option<String> {
     (!l.is_empty()).then(|| serde_json::to_string(l).expect("labels serialize"))
 }
 
-/// A stored node with the owner and labels it last said, checked as when it said them.
-fn described(
-    mut n: NodeInfo,
-    owner: Option<String>,
-    labels: Option<String>,
-) -> Result<NodeInfo, StoreError> {
-    let bad = |what: &str, e: &dyn std::fmt::Display| {
-        StoreError::Corrupt(format!("node {}: {what}: {e}", n.node))
-    };
+/// A stored node with the owner and labels it last said, checked as when it said them: one
+/// this version does not take is left out of that node's row (and logged), never a reason to
+/// fail the whole listing.
+fn described(mut n: NodeInfo, owner: Option<String>, labels: Option<String>) -> NodeInfo {
     if let Some(o) = owner {
-        n.owner = Some(o.parse().map_err(|e| bad("owner", &e))?);
+        match o.parse() {
+            Ok(o) => n.owner = Some(o),
+            Err(e) => tracing::warn!(node = %n.node, error = %e, "stored owner left out"),
+        }
     }
     if let Some(l) = labels {
-        n.labels = serde_json::from_str(&l).map_err(|e| bad("labels", &e))?;
+        match serde_json::from_str(&l) {
+            Ok(l) => n.labels = l,
+            Err(e) => tracing::warn!(node = %n.node, error = %e, "stored labels left out"),
+        }
     }
-    Ok(n)
+    n
 }
 
 /// Today (UTC), as records are filed.

@@ -1078,7 +1078,8 @@ impl Store for PgStore {
                     &[],
                 )
                 .await?;
-            rows.iter()
+            Ok(rows
+                .iter()
                 .map(|r| {
                     super::described(
                         NodeInfo {
@@ -1096,7 +1097,7 @@ impl Store for PgStore {
                         r.get(8),
                     )
                 })
-                .collect()
+                .collect::<Vec<_>>())
         })
     }
 

@@ -370,7 +370,7 @@ impl Store for SqliteStore {
         })?;
         rows.map(|row| {
             let (n, owner, labels) = row?;
-            super::described(n, owner, labels)
+            Ok(super::described(n, owner, labels))
         })
         .collect()
     }
