@@ -323,13 +323,20 @@ fn followed_files_are_read_with_the_launchers_permissions() {
     assert!(said.contains("Permission denied"), "{said}");
     assert_eq!(session(&node.socket), before, "nothing read as root");
 
+    // Nor a file of the kernel's, which the node might see more of than the launcher.
+    std::fs::remove_file(&cert).unwrap();
+    std::os::unix::fs::symlink("/proc/self/maps", &cert).unwrap();
+    let said = refused(1, "the /proc file refused");
+    assert!(said.contains("not a file on a disk filesystem"), "{said}");
+    assert_eq!(session(&node.socket), before);
+
     // A FIFO holds no reader.
     std::fs::remove_file(&cert).unwrap();
     let path = std::ffi::CString::new(cert.as_os_str().as_bytes()).unwrap();
     // SAFETY: a valid C string.
     assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o644) }, 0);
     chown(&cert);
-    let said = refused(1, "the FIFO refused");
+    let said = refused(2, "the FIFO refused");
     assert!(said.contains("not a regular file"), "{said}");
     assert_eq!(session(&node.socket), before);
 

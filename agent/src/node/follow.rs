@@ -71,10 +71,15 @@ pub(super) fn followed(f: Follow, by: Launcher) -> Result<Followed, String> {
 /// follow is refused rather than cut off at its first deadline. On a thread of its own (its
 /// credentials change while it reads).
 pub(super) fn check_readable(f: &Followed) -> Result<(), String> {
+    const WITHIN: Duration = Duration::from_secs(5);
     let f = f.clone();
-    std::thread::spawn(move || read_pair(&f).map(|_| ()))
-        .join()
-        .unwrap_or_else(|_| Err("the reader failed".into()))
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(read_pair(&f).map(|_| ()));
+    });
+    // A file on a filesystem that does not answer holds its reader, not the launch.
+    rx.recv_timeout(WITHIN)
+        .unwrap_or_else(|_| Err(format!("the files were not read within {WITHIN:?}")))
         .map_err(|e| format!("--follow: {e}"))
 }
 
@@ -113,6 +118,19 @@ fn read_file(path: &Path) -> Result<(Stamp, Vec<u8>), String> {
         .map_err(fail)?;
     if !m.is_file() {
         return Err(format!("{}: not a regular file", path.display()));
+    }
+    // The kernel's own files: the node may see more of them than the user (it keeps
+    // CAP_SYS_PTRACE), and no certificate lives there.
+    // SAFETY: fstatfs into a zeroed statfs on a descriptor owned here.
+    let fs = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        (libc::fstatfs(found.as_raw_fd(), &mut st) == 0).then_some(st.f_type)
+    };
+    if matches!(fs, None | Some(libc::PROC_SUPER_MAGIC | libc::SYSFS_MAGIC)) {
+        return Err(format!(
+            "{}: not a file on a disk filesystem",
+            path.display()
+        ));
     }
     if m.len() > MAX_FILE {
         return Err(format!(
