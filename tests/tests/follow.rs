@@ -42,6 +42,30 @@ fn rotate(cert: &Path, key: &Path, c: &Issued) {
     std::fs::write(key, &c.key_pem).unwrap();
 }
 
+/// `launch --follow` of aw-probe in a network namespace of its own.
+fn launch_following(socket: &Path, cert: &Path, key: &Path) -> agentwall_tests::Probe {
+    let mut cmd = std::process::Command::new(agentwall_tests::bin_path("agentwall"));
+    cmd.args(["launch", "--follow", "--cert"])
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .arg("--socket")
+        .arg(socket)
+        .arg("--")
+        .arg(agentwall_tests::bin_path("aw-probe"))
+        .arg("--netns");
+    agentwall_tests::Probe::from_command(cmd)
+}
+
+/// The reasons of the refusals on record, oldest first.
+fn refusals(audit: &Path) -> Vec<String> {
+    audit_records(audit)
+        .into_iter()
+        .filter(|r| r["kind"] == "identity" && r["event"] == "rejected")
+        .map(|r| r["reason"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
 fn wait_serial(socket: &Path, what: &str, serial: &str) {
     wait_status(socket, what, |s| {
         s["identities"][0]["sessions"][0]["serial"]
@@ -157,27 +181,10 @@ fn a_rotated_pair_that_fails_its_checks_changes_nothing() {
     let first = ca.issue(&CertSpec::agent(ID));
     let (cert, key) = write_cert(dir, "agent", &first);
     // An hour's certificate is followed when asked.
-    let mut cmd = std::process::Command::new(agentwall_tests::bin_path("agentwall"));
-    cmd.args(["launch", "--follow", "--cert"])
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .arg("--socket")
-        .arg(&node.socket)
-        .arg("--")
-        .arg(agentwall_tests::bin_path("aw-probe"))
-        .arg("--netns");
-    let mut probe = agentwall_tests::Probe::from_command(cmd);
+    let mut probe = launch_following(&node.socket, &cert, &key);
     let before = session(&node.socket);
     assert_eq!(before.0.to_lowercase(), serial_of(&first));
 
-    let refusals = || -> Vec<String> {
-        audit_records(&audit)
-            .into_iter()
-            .filter(|r| r["kind"] == "identity" && r["event"] == "rejected")
-            .map(|r| r["reason"].as_str().unwrap_or_default().to_owned())
-            .collect()
-    };
     let other_ca = Ca::new("another CA");
     let mismatched = {
         let a = ca.issue(&CertSpec::agent(ID));
@@ -205,7 +212,7 @@ fn a_rotated_pair_that_fails_its_checks_changes_nothing() {
             &format!("refusal {i} recorded"),
             Duration::from_secs(30),
             || {
-                let r = refusals();
+                let r = refusals(&audit);
                 if r.len() > i {
                     Ok(r[i].clone())
                 } else {
@@ -239,7 +246,7 @@ fn a_rotated_pair_that_fails_its_checks_changes_nothing() {
     assert_ne!(session(&node.socket).1, before.1);
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
     // Refused once for each state of the files, not once a look; renewed once.
-    assert_eq!(refusals().len(), cases.len());
+    assert_eq!(refusals(&audit).len(), cases.len());
     let renewals = audit_records(&audit)
         .into_iter()
         .filter(|r| r["kind"] == "identity" && r["event"] == "renewed")
@@ -301,16 +308,9 @@ fn followed_files_are_read_with_the_launchers_permissions() {
     assert_eq!(s["follow"]["gid"], 65534);
     let before = session(&node.socket);
 
-    let refusals = || -> Vec<String> {
-        audit_records(&audit)
-            .into_iter()
-            .filter(|r| r["kind"] == "identity" && r["event"] == "rejected")
-            .map(|r| r["reason"].as_str().unwrap_or_default().to_owned())
-            .collect()
-    };
     let refused = |n: usize, what: &str| {
         eventually(what, Duration::from_secs(30), || {
-            let r = refusals();
+            let r = refusals(&audit);
             r.get(n).cloned().ok_or_else(|| format!("{r:?}"))
         })
     };
@@ -371,17 +371,7 @@ fn a_session_a_crl_cut_off_is_not_brought_back_by_its_files() {
     );
     let first = ca.issue(&CertSpec::agent(ID));
     let (cert, key) = write_cert(dir, "agent", &first);
-    let mut cmd = std::process::Command::new(agentwall_tests::bin_path("agentwall"));
-    cmd.args(["launch", "--follow", "--cert"])
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .arg("--socket")
-        .arg(&node.socket)
-        .arg("--")
-        .arg(agentwall_tests::bin_path("aw-probe"))
-        .arg("--netns");
-    let mut probe = agentwall_tests::Probe::from_command(cmd);
+    let mut probe = launch_following(&node.socket, &cert, &key);
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
     let next = dir.join("ca.crl.pem.new");
     std::fs::write(&next, ca.crl(&[&first.serial])).unwrap();
@@ -472,10 +462,9 @@ fn files_are_read_as_the_agents_user_and_never_through_proc() {
     std::os::unix::fs::symlink(format!("/proc/{}/cwd/agent.pem", inside.id()), &cert).unwrap();
     std::os::unix::fs::symlink(format!("/proc/{}/cwd/agent.key", inside.id()), &key).unwrap();
     let said = eventually("the /proc path refused", Duration::from_secs(30), || {
-        audit_records(&audit)
+        refusals(&audit)
             .into_iter()
-            .find(|r| r["kind"] == "identity" && r["event"] == "rejected")
-            .map(|r| r["reason"].as_str().unwrap_or_default().to_owned())
+            .next()
             .ok_or_else(|| "not yet".to_owned())
     });
     assert!(said.contains("Too many levels of symbolic links"), "{said}");
