@@ -112,6 +112,7 @@ fn main() -> Result<()> {
             // A real DNS server for the DNS policy tests, from Debian's packages.
             apt_install(&["dnsmasq"], &["dnsmasq-base"])?;
             install_schemathesis(&root)?;
+            install_browser(&root)?;
             // Unit tests and integration tests of every default member; the tests crate builds
             // its helper binaries (aw-probe, aw-loader) first.
             // The tests crate drives the real `agentwall` binary, which `cargo test` alone does
@@ -250,6 +251,31 @@ fn install_schemathesis(root: &Path) -> Result<()> {
     run(Command::new(venv.join("bin/pip"))
         .args(["install", "--quiet", "--disable-pip-version-check"])
         .arg(format!("schemathesis=={SCHEMATHESIS}")))
+}
+
+/// The console's browser test: Debian's Chromium, and Playwright's driver (playwright-core,
+/// as tests/browser/package-lock.json pins it) from the npm registry (idempotent).
+fn install_browser(root: &Path) -> Result<()> {
+    apt_install(&["chromium"], &["chromium"])?;
+    apt_install(&["node", "npm"], &["nodejs", "npm"])?;
+    let dir = root.join("tests/browser");
+    let lock: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("package-lock.json"))?)?;
+    let pinned = lock["packages"]["node_modules/playwright-core"]["version"]
+        .as_str()
+        .context("tests/browser/package-lock.json pins no playwright-core")?
+        .to_owned();
+    let installed = std::fs::read_to_string(dir.join("node_modules/playwright-core/package.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|p| p["version"] == pinned.as_str());
+    if installed {
+        return Ok(());
+    }
+    println!("installing playwright-core {pinned} (npm)");
+    run(Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--ignore-scripts"])
+        .current_dir(&dir))
 }
 
 /// What `bench compare` measures agentwall against, from Debian's packages (idempotent).

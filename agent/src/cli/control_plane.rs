@@ -25,6 +25,12 @@ pub struct ServeArgs {
     /// Overrides `require_owner`: refuse pushes with an AgentPolicy that names no owner.
     #[arg(long)]
     require_owner: bool,
+    /// Overrides `console`: serve no console (its routes answer 404).
+    #[arg(long)]
+    no_console: bool,
+    /// Overrides `console_session_hours`: how long a console sign-in lasts (1 to 168).
+    #[arg(long, value_name = "HOURS")]
+    console_session_hours: Option<u32>,
 }
 
 pub fn run(cmd: Command) -> anyhow::Result<()> {
@@ -49,6 +55,10 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
                 cfg.set_database(d)?;
             }
             cfg.require_owner |= args.require_owner;
+            cfg.console &= !args.no_console;
+            if let Some(h) = args.console_session_hours {
+                cfg.set_console_session_hours(h)?;
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

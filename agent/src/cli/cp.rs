@@ -61,6 +61,9 @@ enum Command {
     Revoke {
         /// The SPIFFE ID to revoke.
         identity: String,
+        /// Why, kept with the revocation (at most 1,024 characters).
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// The audit chains of what nodes sent.
     #[command(subcommand)]
@@ -448,13 +451,14 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Revoke { identity } => {
+        Command::Revoke { identity, reason } => {
             let r: serde_json::Value = c
                 .send_json(
                     hyper::Method::POST,
                     "/v1/revocations",
                     &RevokeRequest {
                         identity: identity.clone(),
+                        reason: reason.clone(),
                     },
                     std::time::Duration::from_secs(30),
                 )

@@ -120,8 +120,34 @@ pub struct ServerConfig {
     /// `policy check` warns about it).
     #[serde(default)]
     pub require_owner: bool,
+    /// Serve the console (the browser pages under `/ui` and their sign-in; default on).
+    #[serde(default = "yes")]
+    pub console: bool,
+    /// How long a console sign-in lasts, in hours (1 to 168; default 8). Signing out ends it
+    /// sooner.
+    #[serde(default = "default_console_session_hours")]
+    pub console_session_hours: u32,
     #[serde(default)]
     pub limits: Limits,
+}
+
+/// How long a console sign-in lasts unless configured: a working day.
+pub const DEFAULT_CONSOLE_SESSION_HOURS: i64 = 8;
+
+fn default_console_session_hours() -> u32 {
+    DEFAULT_CONSOLE_SESSION_HOURS as u32
+}
+
+fn check_console_session_hours(hours: u32) -> Result<(), String> {
+    if (1..=168).contains(&hours) {
+        Ok(())
+    } else {
+        Err(format!("console_session_hours is {hours}; it is 1 to 168"))
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What one caller, or everyone together, may take of the server before being refused.
@@ -362,6 +388,7 @@ impl ServerConfig {
                 c.retention_days
             )));
         }
+        check_console_session_hours(c.console_session_hours).map_err(invalid)?;
         if c.retention_max_bytes == Some(0) {
             return Err(invalid(
                 "retention_max_bytes must be at least 1 (leave it out for no limit)".into(),
@@ -432,6 +459,16 @@ impl ServerConfig {
         };
         self.database = Database::parse(text).map_err(invalid)?;
         self.check_database().map_err(invalid)
+    }
+
+    /// Replaces `console_session_hours` (its flag), checked as the file's would be.
+    pub fn set_console_session_hours(&mut self, hours: u32) -> Result<(), CpConfigError> {
+        check_console_session_hours(hours).map_err(|message| CpConfigError::Invalid {
+            path: "--console-session-hours".into(),
+            message,
+        })?;
+        self.console_session_hours = hours;
+        Ok(())
     }
 
     fn check_database(&self) -> Result<(), String> {

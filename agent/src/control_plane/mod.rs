@@ -382,11 +382,17 @@ pub struct Revocation {
     pub generation: u64,
     pub at: String,
     pub by: String,
+    /// Why, as the admin who revoked it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RevokeRequest {
     pub identity: String,
+    /// Why (kept with the revocation; at most 1,024 characters, no control characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// What `POST /v1/revocations` answers.

@@ -25,6 +25,8 @@ use crate::{
     identity::CrlWatchingVerifier,
 };
 
+mod console;
+
 use super::{
     Bundle, ErrorBody, FlowQuery, Ingested, NodeShadowAi, PollRequest, PushRequest, ReportBatch,
     RevokeRequest,
@@ -156,6 +158,10 @@ struct RouteRule {
 
 const READERS: &[Role] = &[Role::Admin, Role::Security];
 
+/// Routes anyone may use: the console's own files and its sign-in (which checks the
+/// credential it is given itself).
+const PUBLIC: &[Role] = &[];
+
 /// Every route the server answers (the router below holds the same set).
 const ROUTES: &[RouteRule] = &[
     RouteRule {
@@ -242,6 +248,57 @@ const ROUTES: &[RouteRule] = &[
         body_cap: 0,
         rate_limited: true,
     },
+    RouteRule {
+        method: Method::GET,
+        path: "/ui",
+        roles: PUBLIC,
+        body_cap: 0,
+        rate_limited: false,
+    },
+    RouteRule {
+        method: Method::GET,
+        path: "/ui/",
+        roles: PUBLIC,
+        body_cap: 0,
+        rate_limited: false,
+    },
+    RouteRule {
+        method: Method::GET,
+        path: "/ui/app.js",
+        roles: PUBLIC,
+        body_cap: 0,
+        rate_limited: false,
+    },
+    RouteRule {
+        method: Method::GET,
+        path: "/ui/app.css",
+        roles: PUBLIC,
+        body_cap: 0,
+        rate_limited: false,
+    },
+    RouteRule {
+        method: Method::POST,
+        path: "/ui/session",
+        roles: PUBLIC,
+        body_cap: 4 << 10,
+        // By the caller's address: sign-ins are where credentials are guessed.
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::GET,
+        path: "/ui/session",
+        // Answers whether the browser is signed in, so the pages know to ask.
+        roles: PUBLIC,
+        body_cap: 0,
+        rate_limited: false,
+    },
+    RouteRule {
+        method: Method::DELETE,
+        path: "/ui/session",
+        roles: READERS,
+        body_cap: 0,
+        rate_limited: true,
+    },
 ];
 
 /// Why the server turned a caller away before serving it: each is logged and counted
@@ -271,10 +328,13 @@ enum Refusal {
     /// A poll this replica cannot answer truthfully: it has lost the database, or serves
     /// older than the node has seen.
     Stale,
+    /// A state-changing request a browser made for another site, or signed in by cookie
+    /// without the session's CSRF token.
+    CrossSite,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 17] = [
+    const ALL: [Refusal; 18] = [
         Self::Unauthenticated,
         Self::Forbidden,
         Self::RateLimited,
@@ -292,6 +352,7 @@ impl Refusal {
         Self::CallerCap,
         Self::BadBatch,
         Self::Stale,
+        Self::CrossSite,
     ];
 
     fn label(self) -> &'static str {
@@ -313,6 +374,7 @@ impl Refusal {
             Self::CallerCap => "caller_cap",
             Self::BadBatch => "bad_batch",
             Self::Stale => "stale",
+            Self::CrossSite => "cross_site",
         }
     }
 }
@@ -414,6 +476,8 @@ pub struct Server {
     seen: Mutex<HashMap<String, NodeSeen>>,
     /// The client-certificate verifier in force (CRLs reread), for per-request rechecks.
     verifier: std::sync::OnceLock<Arc<CrlWatchingVerifier>>,
+    /// How long a console sign-in lasts, in seconds; 0: the console is off.
+    console_secs: std::sync::atomic::AtomicI64,
 }
 
 impl Server {
@@ -494,15 +558,18 @@ impl Server {
             require_owner: std::sync::atomic::AtomicBool::new(false),
             seen: Mutex::new(HashMap::new()),
             verifier: std::sync::OnceLock::new(),
+            console_secs: std::sync::atomic::AtomicI64::new(
+                crate::config::control_plane::DEFAULT_CONSOLE_SESSION_HOURS * 3600,
+            ),
         }))
     }
 
-    fn roles_of(&self, peer: &Peer, token: Option<&str>) -> Vec<Role> {
-        let token_hash = token.map(|t| sha256_hex(t.as_bytes()));
+    /// The roles a certificate's SPIFFE ID or a token (by its SHA-256) holds.
+    fn roles_of(&self, spiffe_id: Option<&str>, token_hash: Option<&str>) -> Vec<Role> {
         self.access
             .iter()
             .filter(|a| {
-                let by_cert = peer.spiffe_id.as_deref().is_some_and(|id| {
+                let by_cert = spiffe_id.is_some_and(|id| {
                     a.spiffe_ids.iter().any(|p| match p.strip_suffix("/*") {
                         Some(prefix) => id
                             .strip_prefix(prefix)
@@ -511,7 +578,6 @@ impl Server {
                     })
                 });
                 let by_token = token_hash
-                    .as_deref()
                     .is_some_and(|h| a.token_sha256.iter().any(|t| t.eq_ignore_ascii_case(h)));
                 by_cert || by_token
             })
@@ -519,20 +585,18 @@ impl Server {
             .collect()
     }
 
-    /// The caller, if it holds one of `roles`; a refusal (logged) otherwise.
+    /// The caller, if it holds one of `roles`; a refusal (logged) otherwise. A console
+    /// session counts only when the request has neither a certificate nor a token.
     fn allow(
         &self,
         peer: &Peer,
         headers: &HeaderMap,
         route: &str,
         roles: &[Role],
+        session: Option<&console::Signed>,
     ) -> Result<Principal, Fail> {
-        let token = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        let name = match (&peer.spiffe_id, token) {
+        let token = bearer(headers);
+        let (name, held) = match (&peer.spiffe_id, token) {
             // One credential names the caller, grants its roles and spends its rate: a token
             // beside a certificate would do the one under the other's name.
             (Some(_), Some(_)) => {
@@ -544,8 +608,28 @@ impl Server {
                     "present a client certificate or a bearer token, not both",
                 ));
             }
-            (Some(id), None) => id.clone(),
-            (None, Some(t)) => format!("token:{}", &sha256_hex(t.as_bytes())[..12]),
+            (Some(id), None) => (id.clone(), self.roles_of(Some(id), None)),
+            (None, Some(t)) => {
+                let hash = sha256_hex(t.as_bytes());
+                (
+                    format!("token:{}", &hash[..12]),
+                    self.roles_of(None, Some(&hash)),
+                )
+            }
+            (None, None) if session.is_some() => {
+                let Some(console::Signed(session)) = session else {
+                    unreachable!()
+                };
+                match self.session_roles(session) {
+                    Ok(held) => held,
+                    Err(f) => {
+                        if self.stats.refused(Refusal::Unauthenticated) {
+                            warn!(route, peer = ?peer.addr, error = %f.1.error, "request refused: console session");
+                        }
+                        return Err(f);
+                    }
+                }
+            }
             (None, None) => {
                 if self.stats.refused(Refusal::Unauthenticated) {
                     warn!(route, peer = ?peer.addr, "request refused: no client certificate and no bearer token");
@@ -556,7 +640,6 @@ impl Server {
                 ));
             }
         };
-        let held = self.roles_of(peer, token);
         if held.is_empty() {
             if self.stats.refused(Refusal::Forbidden) {
                 warn!(route, principal = %name, peer = ?peer.addr, "request refused: no role");
@@ -651,6 +734,19 @@ impl Server {
     /// Refuses pushes with an AgentPolicy that names no owner (`require_owner`).
     pub fn require_owners(&self, on: bool) {
         self.require_owner.store(on, Ordering::Relaxed);
+    }
+
+    /// How long a console sign-in lasts; None turns the console off (its routes answer
+    /// 404).
+    pub fn console(&self, session_hours: Option<u32>) {
+        self.console_secs.store(
+            session_hours.map_or(0, |h| i64::from(h) * 3600),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn console_ttl(&self) -> time::Duration {
+        time::Duration::seconds(self.console_secs.load(Ordering::Relaxed))
     }
 
     /// Keeps what is served in `path` from now on, and numbers above what it holds already.
@@ -816,6 +912,16 @@ impl Server {
             .route("/v1/node/poll", post(node_poll))
             .route("/v1/node/reports", post(node_reports))
             .route("/v1/openapi.json", get(get_openapi))
+            .route("/ui", get(console::to_index))
+            .route("/ui/", get(console::index))
+            .route("/ui/app.js", get(console::app_js))
+            .route("/ui/app.css", get(console::app_css))
+            .route(
+                "/ui/session",
+                get(console::session)
+                    .post(console::sign_in)
+                    .delete(console::sign_out),
+            )
             // Bodies are read only through `Capped`, under each route's own cap.
             .layer(DefaultBodyLimit::disable())
             .layer(axum::middleware::from_fn_with_state(self.clone(), gate))
@@ -843,6 +949,15 @@ impl Server {
     }
 }
 
+/// The request's bearer token, if it has one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 fn closing(mut r: Response) -> Response {
     r.headers_mut().insert(
         axum::http::header::CONNECTION,
@@ -868,7 +983,12 @@ async fn gate(
     next: axum::middleware::Next,
 ) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let Some(rule) = ROUTES.iter().find(|r| r.method == method && r.path == path) else {
+    let console_off = s.console_secs.load(Ordering::Relaxed) == 0;
+    let Some(rule) = ROUTES
+        .iter()
+        .find(|r| r.method == method && r.path == path)
+        .filter(|r| !(console_off && r.path.starts_with("/ui")))
+    else {
         let known = ROUTES.iter().any(|r| r.path == path);
         return s.refuse(
             Refusal::NoSuchRoute,
@@ -887,6 +1007,10 @@ async fn gate(
     };
     let route = format!("{method} {path}");
     let peer = req.extensions().get::<Peer>().cloned().unwrap_or_default();
+    let changes = !matches!(method, Method::GET | Method::HEAD);
+    if changes && let Some(why) = console::cross_site(req.headers()) {
+        return s.refuse(Refusal::CrossSite, Fail::new(StatusCode::FORBIDDEN, why));
+    }
     // A certificate revoked (or expired) since the handshake loses its connection now.
     if let (Some(v), Some(chain)) = (s.verifier.get(), peer.chain.as_deref())
         && let Some((ee, rest)) = chain.split_first()
@@ -905,7 +1029,87 @@ async fn gate(
             ),
         );
     }
-    let who = match s.allow(&peer, req.headers(), &route, rule.roles) {
+    if rule.roles.is_empty() {
+        // Anyone's: the console's files, and its sign-in, whose guesses count against the
+        // caller's address.
+        if rule.rate_limited {
+            let block = match peer.addr {
+                Some(a) => caller_block(a.ip(), s.limits.ipv6_prefix_len).to_string(),
+                None => "unknown".to_owned(),
+            };
+            if let Err(not_until) = s.limiter.check_key(&format!("address:{block}")) {
+                let secs = retry_secs(&not_until);
+                return s.too_many(
+                    Refusal::RateLimited,
+                    format!(
+                        "{block} made more than {} requests a minute; try again in {secs} s",
+                        s.limits.requests_per_minute
+                    ),
+                    secs,
+                );
+            }
+        }
+        let declared = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > rule.body_cap as u64) {
+            return s.refuse(Refusal::TooLarge, too_large(rule, declared));
+        }
+        req.extensions_mut().insert(peer);
+        req.extensions_mut().insert(BodyCap {
+            cap: rule.body_cap,
+            timeout: Duration::from_secs(s.limits.body_timeout_secs),
+            route: rule,
+        });
+        let r = next.run(req).await;
+        return match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT => closing(r),
+            _ => r,
+        };
+    }
+    // A console session, when the request has no other credential.
+    let signed = match console::cookie(req.headers()) {
+        Some(id) if peer.spiffe_id.is_none() && bearer(req.headers()).is_none() => {
+            let (store, hash) = (s.store.clone(), sha256_hex(id.as_bytes()));
+            match blocking(move || store.console_session(&hash)).await {
+                Ok(Some(session)) => Some(console::Signed(Arc::new(session))),
+                Ok(None) => {
+                    return s.refuse(
+                        Refusal::Unauthenticated,
+                        Fail::new(
+                            StatusCode::UNAUTHORIZED,
+                            "the console session has ended or expired; sign in again",
+                        ),
+                    );
+                }
+                Err(f) => return f.into_response(),
+            }
+        }
+        _ => None,
+    };
+    if changes && let Some(console::Signed(session)) = &signed {
+        let sent = req
+            .headers()
+            .get(console::CSRF_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        // Compared by hash: how long the comparison takes says nothing of the token.
+        if sha256_hex(sent) != sha256_hex(session.csrf.as_bytes()) {
+            return s.refuse(
+                Refusal::CrossSite,
+                Fail::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "a state-changing request signed in by the console's cookie must carry the session's {} header",
+                        console::CSRF_HEADER
+                    ),
+                ),
+            );
+        }
+    }
+    let who = match s.allow(&peer, req.headers(), &route, rule.roles, signed.as_ref()) {
         Ok(p) => {
             if let Some(a) = peer.addr {
                 s.known(a.ip());
@@ -953,6 +1157,9 @@ async fn gate(
         return s.refuse(Refusal::TooLarge, too_large(rule, declared));
     }
     req.extensions_mut().insert(who);
+    if let Some(signed) = signed {
+        req.extensions_mut().insert(signed);
+    }
     req.extensions_mut().insert(BodyCap {
         cap: rule.body_cap,
         timeout: Duration::from_secs(s.limits.body_timeout_secs),
@@ -1408,6 +1615,9 @@ async fn get_revocations(State(s): S) -> Result<Json<Vec<super::Revocation>>, Fa
     Ok(Json(blocking(move || store.revocations()).await?.1))
 }
 
+/// Longest reason a revocation keeps, in characters.
+const MAX_REASON: usize = 1024;
+
 /// Revokes an identity on every node.
 #[utoipa::path(post, path = "/v1/revocations", tag = "revocations", request_body = RevokeRequest,
     responses((status = 200, description = "Revoked; nodes learn it at their next poll", body = super::Revoked)))]
@@ -1428,11 +1638,38 @@ async fn post_revocation(
             format!("{:?} is not a SPIFFE ID: {e}", req.identity),
         )
     })?;
+    let reason = match req.reason.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(r) if r.chars().count() > MAX_REASON => {
+            return Err(Fail::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the reason has {} characters; at most {MAX_REASON}",
+                    r.chars().count()
+                ),
+            ));
+        }
+        Some(r) => {
+            if let Some(c) = r
+                .chars()
+                .find(|&c| c.is_control() || crate::policy::owner::is_hidden_format(c))
+            {
+                return Err(Fail::new(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "the reason holds {:?} (U+{:04X}): control and invisible characters are refused",
+                        c, c as u32
+                    ),
+                ));
+            }
+            Some(r.to_owned())
+        }
+    };
     let store = s.store.clone();
     let (ident, by) = (id.to_string(), who.name.clone());
     let above = s.number_above().1;
     let (generation, all) = blocking(move || {
-        let generation = store.revoke(&ident, &by, above)?;
+        let generation = store.revoke(&ident, &by, reason.as_deref(), above)?;
         // The whole list once, for every poll that needs it.
         Ok((generation, store.fresh_revocations()?))
     })
@@ -2412,6 +2649,7 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
                 cfg.limits.clone(),
             )?;
             server.require_owners(cfg.require_owner);
+            server.console(cfg.console.then_some(cfg.console_session_hours));
             if let Some(path) = cfg.served_numbers() {
                 server.keep_served_in(path)?;
                 server.settle()?;
@@ -2671,8 +2909,10 @@ mod tests {
                 }
             }
         }
+        // The console's routes are its pages' own, not the API's.
         let mut routes: Vec<String> = ROUTES
             .iter()
+            .filter(|r| r.path.starts_with("/v1/"))
             .map(|r| format!("{} {}", r.method, r.path))
             .collect();
         documented.sort();
@@ -2732,7 +2972,10 @@ mod restored {
     }
 
     fn revoke(s: &Arc<Server>, id: &str) -> u64 {
-        let g = s.store.revoke(id, "admin", s.number_above().1).unwrap();
+        let g = s
+            .store
+            .revoke(id, "admin", None, s.number_above().1)
+            .unwrap();
         s.publish(None, Some(s.store.revocations().unwrap()));
         s.settle().unwrap();
         g

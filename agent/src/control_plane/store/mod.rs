@@ -81,6 +81,25 @@ pub struct NodeSeen {
     pub poll: PollRequest,
 }
 
+/// A browser signed in to the console. The store holds the cookie's SHA-256 only: a copy of
+/// the database signs no one in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsoleSession {
+    pub id_sha256: String,
+    /// What the browser signed in with, from which its roles are worked out at each request
+    /// (a token or certificate taken out of the access list takes its sessions' rights with
+    /// it): `token:<the token's SHA-256>` or `cert:<SPIFFE ID>`.
+    pub credential: String,
+    /// A certificate sign-in's chain (DER, hex, one per line): checked again at each request
+    /// against the CRLs and the clock of that moment.
+    pub chain: Option<String>,
+    /// What state-changing requests must carry in `X-Agentwall-CSRF`.
+    pub csrf: String,
+    pub created: String,
+    /// RFC 3339 (UTC, as `crate::clock::now_rfc3339` writes it, so text order is time order).
+    pub expires: String,
+}
+
 /// Everything the server keeps.
 pub trait Store: Send + Sync {
     /// The database's lineage: [`lineage_of`] its first change, written into the database
@@ -128,7 +147,13 @@ pub trait Store: Send + Sync {
     fn explain_flows(&self, q: &FlowQuery) -> Result<String, StoreError>;
     /// Revokes an identity fleet-wide; returns the new revocation generation, numbered above
     /// `above` too (unchanged when it was already revoked).
-    fn revoke(&self, identity: &str, by: &str, above: u64) -> Result<u64, StoreError>;
+    fn revoke(
+        &self,
+        identity: &str,
+        by: &str,
+        reason: Option<&str>,
+        above: u64,
+    ) -> Result<u64, StoreError>;
     /// The revocation generation and every revocation.
     fn revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError>;
     /// The same, for what a replica serves (catch-up): over connections no reader takes.
@@ -149,6 +174,12 @@ pub trait Store: Send + Sync {
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
+    /// Keeps a console sign-in (and forgets expired ones).
+    fn console_open(&self, session: &ConsoleSession) -> Result<(), StoreError>;
+    /// The unexpired console sign-in whose cookie hashes to `id_sha256`.
+    fn console_session(&self, id_sha256: &str) -> Result<Option<ConsoleSession>, StoreError>;
+    /// Ends a console sign-in (sign-out); false when there was none.
+    fn console_close(&self, id_sha256: &str) -> Result<bool, StoreError>;
     /// Spends a node's report quotas that every replica on this database shares: all of
     /// `spend` or nothing. Some(seconds to wait) when one is spent. Without other replicas
     /// (SQLite) there is nothing to share: the server's own count is the whole.

@@ -13,7 +13,7 @@ use tokio_postgres::{
 };
 use tracing::{info, warn};
 
-use super::{Arg, NodeSeen, Row, Store, StoreError, now, number};
+use super::{Arg, ConsoleSession, NodeSeen, Row, Store, StoreError, now, number};
 use crate::control_plane::{
     Bundle, BundleFile, FlowPage, FlowQuery, Ingested, NodeInfo, Reported, Revocation,
 };
@@ -174,6 +174,18 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
     );",
     // Who answers for each node's host, and its labels (JSON), as the node last said.
     "ALTER TABLE nodes ADD COLUMN owner TEXT, ADD COLUMN labels TEXT;",
+    // Why an identity was revoked, as the admin said; the console's sign-ins (the cookie's
+    // SHA-256, never the cookie), which every replica honours.
+    "ALTER TABLE revocations ADD COLUMN reason TEXT;
+    CREATE TABLE console_sessions (
+        id_sha256 TEXT PRIMARY KEY,
+        credential TEXT NOT NULL,
+        chain TEXT,
+        csrf TEXT NOT NULL,
+        created TEXT NOT NULL,
+        expires TEXT NOT NULL
+    );
+    CREATE INDEX console_sessions_expires ON console_sessions (expires);",
 ];
 
 pub struct PgStore {
@@ -688,7 +700,7 @@ impl PgStore {
             let c = pool.get().await.map_err(pool_error)?;
             let rows = c
                 .query(
-                    "SELECT identity, generation, at, by FROM revocations ORDER BY generation",
+                    "SELECT identity, generation, at, by, reason FROM revocations ORDER BY generation",
                     &[],
                 )
                 .await?;
@@ -699,6 +711,7 @@ impl PgStore {
                         generation: r.get::<_, i64>(1) as u64,
                         at: r.get(2),
                         by: r.get(3),
+                        reason: r.get(4),
                     })
                     .collect(),
             )
@@ -983,6 +996,64 @@ impl Store for PgStore {
 
     fn revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError> {
         self.revocations_from(&self.pool)
+    }
+
+    fn console_open(&self, session: &ConsoleSession) -> Result<(), StoreError> {
+        let s = session.clone();
+        self.block(async {
+            let c = self.client().await?;
+            c.execute(
+                "DELETE FROM console_sessions WHERE expires <= $1",
+                &[&now()],
+            )
+            .await?;
+            c.execute(
+                "INSERT INTO console_sessions (id_sha256, credential, chain, csrf, created, expires)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &s.id_sha256,
+                    &text(&s.credential),
+                    &s.chain,
+                    &s.csrf,
+                    &s.created,
+                    &s.expires,
+                ],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn console_session(&self, id_sha256: &str) -> Result<Option<ConsoleSession>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            Ok(c.query_opt(
+                "SELECT id_sha256, credential, chain, csrf, created, expires
+                 FROM console_sessions WHERE id_sha256 = $1 AND expires > $2",
+                &[&id_sha256, &now()],
+            )
+            .await?
+            .map(|r| ConsoleSession {
+                id_sha256: r.get(0),
+                credential: r.get(1),
+                chain: r.get(2),
+                csrf: r.get(3),
+                created: r.get(4),
+                expires: r.get(5),
+            }))
+        })
+    }
+
+    fn console_close(&self, id_sha256: &str) -> Result<bool, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            Ok(c.execute(
+                "DELETE FROM console_sessions WHERE id_sha256 = $1",
+                &[&id_sha256],
+            )
+            .await?
+                == 1)
+        })
     }
 
     fn fresh_revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError> {
@@ -1309,8 +1380,14 @@ impl Store for PgStore {
         )
     }
 
-    fn revoke(&self, identity: &str, by: &str, above: u64) -> Result<u64, StoreError> {
-        let (identity, at) = (text(identity), now());
+    fn revoke(
+        &self,
+        identity: &str,
+        by: &str,
+        reason: Option<&str>,
+        above: u64,
+    ) -> Result<u64, StoreError> {
+        let (identity, at, reason) = (text(identity), now(), reason.map(text));
         let above = number(above)?;
         self.block(async {
             let mut c = self.control_client().await?;
@@ -1322,10 +1399,10 @@ impl Store for PgStore {
             .await?;
             let added = tx
                 .execute(
-                    "INSERT INTO revocations (generation, identity, at, by)
-                     SELECT GREATEST(COALESCE(MAX(generation), 0), $4) + 1, $1, $2, $3 FROM revocations
+                    "INSERT INTO revocations (generation, identity, at, by, reason)
+                     SELECT GREATEST(COALESCE(MAX(generation), 0), $4) + 1, $1, $2, $3, $5 FROM revocations
                      ON CONFLICT (identity) DO NOTHING",
-                    &[&identity, &at, &by, &above],
+                    &[&identity, &at, &by, &above, &reason],
                 )
                 .await?;
             if added == 1 {

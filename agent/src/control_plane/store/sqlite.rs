@@ -4,7 +4,7 @@ use std::{path::Path, sync::Mutex};
 
 use rusqlite::{Connection, OptionalExtension as _, params};
 
-use super::{Arg, NodeSeen, Row, Store, StoreError, now, number};
+use super::{Arg, ConsoleSession, NodeSeen, Row, Store, StoreError, now, number};
 use crate::control_plane::{
     Bundle, BundleFile, FlowPage, FlowQuery, Ingested, NodeInfo, Reported, Revocation,
 };
@@ -83,6 +83,18 @@ const MIGRATIONS: &[&str] = &[
     // Who answers for each node's host, and its labels (JSON), as the node last said.
     "ALTER TABLE nodes ADD COLUMN owner TEXT;
     ALTER TABLE nodes ADD COLUMN labels TEXT;",
+    // Why an identity was revoked, as the admin said; the console's sign-ins (the cookie's
+    // SHA-256, never the cookie).
+    "ALTER TABLE revocations ADD COLUMN reason TEXT;
+    CREATE TABLE console_sessions (
+        id_sha256 TEXT PRIMARY KEY,
+        credential TEXT NOT NULL,
+        chain TEXT,
+        csrf TEXT NOT NULL,
+        created TEXT NOT NULL,
+        expires TEXT NOT NULL
+    );
+    CREATE INDEX console_sessions_expires ON console_sessions (expires);",
 ];
 
 /// Rows removed per transaction by retention: short enough that reports stored meanwhile
@@ -505,13 +517,19 @@ impl Store for SqliteStore {
         Ok((v as u64, g as u64))
     }
 
-    fn revoke(&self, identity: &str, by: &str, above: u64) -> Result<u64, StoreError> {
+    fn revoke(
+        &self,
+        identity: &str,
+        by: &str,
+        reason: Option<&str>,
+        above: u64,
+    ) -> Result<u64, StoreError> {
         let above = number(above)?;
         let db = lock(&self.writer);
         db.execute(
-            "INSERT OR IGNORE INTO revocations (generation, identity, at, by)
-             SELECT max(COALESCE(MAX(generation), 0), ?4) + 1, ?1, ?2, ?3 FROM revocations",
-            params![identity, now(), by, above],
+            "INSERT OR IGNORE INTO revocations (generation, identity, at, by, reason)
+             SELECT max(COALESCE(MAX(generation), 0), ?4) + 1, ?1, ?2, ?3, ?5 FROM revocations",
+            params![identity, now(), by, above, reason],
         )?;
         Ok(db.query_row(
             "SELECT COALESCE(MAX(generation), 0) FROM revocations",
@@ -570,8 +588,9 @@ impl Store for SqliteStore {
 
     fn revocations(&self) -> Result<(u64, Vec<Revocation>), StoreError> {
         let db = lock(&self.reader);
-        let mut st =
-            db.prepare("SELECT identity, generation, at, by FROM revocations ORDER BY generation")?;
+        let mut st = db.prepare(
+            "SELECT identity, generation, at, by, reason FROM revocations ORDER BY generation",
+        )?;
         let all: Vec<Revocation> = st
             .query_map([], |r| {
                 Ok(Revocation {
@@ -579,9 +598,60 @@ impl Store for SqliteStore {
                     generation: r.get::<_, i64>(1)? as u64,
                     at: r.get(2)?,
                     by: r.get(3)?,
+                    reason: r.get(4)?,
                 })
             })?
             .collect::<Result<_, _>>()?;
         Ok((all.last().map_or(0, |r| r.generation), all))
+    }
+
+    fn console_open(&self, session: &ConsoleSession) -> Result<(), StoreError> {
+        let db = lock(&self.writer);
+        db.execute(
+            "DELETE FROM console_sessions WHERE expires <= ?1",
+            params![now()],
+        )?;
+        db.execute(
+            "INSERT INTO console_sessions (id_sha256, credential, chain, csrf, created, expires)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                session.id_sha256,
+                session.credential,
+                session.chain,
+                session.csrf,
+                session.created,
+                session.expires
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn console_session(&self, id_sha256: &str) -> Result<Option<ConsoleSession>, StoreError> {
+        let db = lock(&self.reader);
+        Ok(db
+            .query_row(
+                "SELECT id_sha256, credential, chain, csrf, created, expires
+                 FROM console_sessions WHERE id_sha256 = ?1 AND expires > ?2",
+                params![id_sha256, now()],
+                |r| {
+                    Ok(ConsoleSession {
+                        id_sha256: r.get(0)?,
+                        credential: r.get(1)?,
+                        chain: r.get(2)?,
+                        csrf: r.get(3)?,
+                        created: r.get(4)?,
+                        expires: r.get(5)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn console_close(&self, id_sha256: &str) -> Result<bool, StoreError> {
+        let db = lock(&self.writer);
+        Ok(db.execute(
+            "DELETE FROM console_sessions WHERE id_sha256 = ?1",
+            params![id_sha256],
+        )? == 1)
     }
 }

@@ -279,12 +279,28 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
                 .version,
             7
         );
-        assert_eq!(s.revoke("spiffe://example.org/a", "admin", 0).unwrap(), 1);
-        assert_eq!(s.revoke("spiffe://example.org/a", "admin", 9).unwrap(), 1);
-        assert_eq!(s.revoke("spiffe://example.org/b", "admin", 1).unwrap(), 2);
-        assert_eq!(s.revoke("spiffe://example.org/c", "admin", 7).unwrap(), 8);
+        assert_eq!(
+            s.revoke("spiffe://example.org/a", "admin", None, 0)
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            s.revoke("spiffe://example.org/a", "admin", None, 9)
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            s.revoke("spiffe://example.org/b", "admin", None, 1)
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            s.revoke("spiffe://example.org/c", "admin", None, 7)
+                .unwrap(),
+            8
+        );
         let e = s
-            .revoke("spiffe://example.org/d", "admin", u64::MAX)
+            .revoke("spiffe://example.org/d", "admin", None, u64::MAX)
             .unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -311,7 +327,9 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     // Another database: none until its first change, then another.
     let other = SqliteStore::open(&dir.path().join("other.db"), KEEP).unwrap();
     assert_eq!(other.lineage().unwrap(), None);
-    other.revoke("spiffe://example.org/a", "admin", 0).unwrap();
+    other
+        .revoke("spiffe://example.org/a", "admin", None, 0)
+        .unwrap();
     let first = other.lineage().unwrap().unwrap();
     assert_ne!(first, lineage);
     // A later push does not move it: every replica, started before or after, agrees.
@@ -332,7 +350,8 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     let c = rusqlite::Connection::open(&path).unwrap();
     c.execute_batch(
         "DROP TABLE record_bytes; DROP TABLE lineage; ALTER TABLE nodes DROP COLUMN owner;
-         ALTER TABLE nodes DROP COLUMN labels; PRAGMA user_version = 3",
+         ALTER TABLE nodes DROP COLUMN labels; ALTER TABLE revocations DROP COLUMN reason;
+         DROP TABLE console_sessions; PRAGMA user_version = 3",
     )
     .unwrap();
     drop(c);
@@ -348,7 +367,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     drop(c);
     let e = SqliteStore::open(&path, KEEP).err().unwrap().to_string();
     assert!(
-        e.contains("has schema version 99; this agentwall knows up to 6"),
+        e.contains("has schema version 99; this agentwall knows up to 7"),
         "{e}"
     );
 
@@ -368,7 +387,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     let shown = crate::config::control_plane::redact_url(&db.url);
     assert!(
         e.contains(&format!(
-            "database {shown} has schema version 99; this agentwall knows up to 5"
+            "database {shown} has schema version 99; this agentwall knows up to 6"
         )),
         "{e}"
     );
@@ -425,7 +444,11 @@ fn replicas_on_one_database_migrate_once_and_hear_each_other() {
     );
     let after_push = wait(start);
     assert_eq!(b.heads().unwrap(), (1, 0));
-    assert_eq!(a.revoke("spiffe://example.org/a", "admin", 0).unwrap(), 1);
+    assert_eq!(
+        a.revoke("spiffe://example.org/a", "admin", None, 0)
+            .unwrap(),
+        1
+    );
     wait(after_push);
     assert_eq!(b.heads().unwrap(), (1, 1));
     assert_eq!(
@@ -442,7 +465,7 @@ fn replicas_on_one_database_migrate_once_and_hear_each_other() {
                 for j in 0..10 {
                     s.push_policy(&format!("r{i}-{j}"), files, "admin", 0, None)
                         .unwrap();
-                    s.revoke(&format!("spiffe://example.org/{i}/{j}"), "admin", 0)
+                    s.revoke(&format!("spiffe://example.org/{i}/{j}"), "admin", None, 0)
                         .unwrap();
                 }
             });
@@ -1234,4 +1257,39 @@ fn the_cell_rate_algorithm_allows_bursts_and_says_how_long_to_wait() {
     assert_eq!(s(1).at(110.0, 100.0), Err(1.0));
     assert_eq!(s(1).at(110.0, 101.0), Ok(111.0));
     assert_eq!(s(11).at(0.0, 100.0), Err(1.0));
+}
+
+#[test]
+fn console_sessions_are_kept_by_hash_end_on_sign_out_and_expire() {
+    for f in both() {
+        let s = &*f.store;
+        let session = |id: &str, expires: &str| ConsoleSession {
+            id_sha256: id.into(),
+            credential: "token:ab".into(),
+            chain: None,
+            csrf: format!("csrf-{id}"),
+            created: "2026-12-01T00:00:00.000Z".into(),
+            expires: expires.into(),
+        };
+        let live = session("live", "2999-01-01T00:00:00.000Z");
+        s.console_open(&live).unwrap();
+        s.console_open(&session("old", "2020-01-01T00:00:00.000Z"))
+            .unwrap();
+        assert_eq!(s.console_session("live").unwrap(), Some(live.clone()));
+        assert_eq!(s.console_session("old").unwrap(), None, "expired");
+        assert_eq!(s.console_session("nobody").unwrap(), None);
+        // The same cookie hash twice is an error, not a second session.
+        assert!(s.console_open(&live).is_err());
+        assert!(s.console_close("live").unwrap());
+        assert!(!s.console_close("live").unwrap());
+        assert_eq!(s.console_session("live").unwrap(), None, "signed out");
+
+        s.revoke("spiffe://example.org/a", "admin", Some("leaked key"), 0)
+            .unwrap();
+        s.revoke("spiffe://example.org/b", "admin", None, 0)
+            .unwrap();
+        let (_, all) = s.revocations().unwrap();
+        assert_eq!(all[0].reason.as_deref(), Some("leaked key"));
+        assert_eq!(all[1].reason, None);
+    }
 }
