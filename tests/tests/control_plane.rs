@@ -2398,3 +2398,299 @@ fn a_node_report_is_judged_from_its_head_and_bounded_as_it_is_read() {
         assert!(n >= at_least, "{name} {n}");
     }
 }
+
+/// One HTTP/1.1 request over its own TLS connection (`Connection: close` added), as a
+/// browser or a hostile client sends it: the status, the head and the body.
+fn https(
+    fx: &CpFixture,
+    server: &CpProc,
+    cert: Option<&(std::path::PathBuf, std::path::PathBuf)>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
+    let mut s = raw_as(fx, server, cert);
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        server.addr,
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let (text, _) = answer_then_close(&mut s);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"));
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// Signs in to the console with `body` (and `cert`): the cookie header to send back and
+/// the CSRF token.
+fn console_sign_in(
+    fx: &CpFixture,
+    server: &CpProc,
+    cert: Option<&(std::path::PathBuf, std::path::PathBuf)>,
+    body: &str,
+) -> (String, String, serde_json::Value) {
+    let (status, head, text) = https(
+        fx,
+        server,
+        cert,
+        "POST",
+        "/ui/session",
+        &[("Content-Type", "application/json")],
+        body,
+    );
+    assert_eq!(status, 200, "{head}\n{text}");
+    let set = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .unwrap_or_else(|| panic!("no cookie in {head}"));
+    assert!(
+        set.starts_with("__Host-agentwall-session=")
+            && set.contains("; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age=28800"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().unwrap().to_owned();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    (cookie, v["csrf"].as_str().unwrap().to_owned(), v)
+}
+
+#[test]
+fn the_console_signs_people_in_and_refuses_what_another_site_sends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    let server = CpProc::start(&fx, None);
+    let admin_tok = std::fs::read_to_string(&fx.admin_token).unwrap();
+    let sec_tok = std::fs::read_to_string(&fx.security_token).unwrap();
+
+    // The pages are anyone's, and run only their own script.
+    let (status, head, body) = https(&fx, &server, None, "GET", "/ui/", &[], "");
+    assert_eq!(status, 200, "{head}");
+    assert!(body.contains("<script src=\"app.js\" defer></script>"), "{body}");
+    for h in [
+        "content-security-policy: default-src 'none'; script-src 'self';",
+        "x-frame-options: DENY",
+        "cache-control: no-store",
+        "x-content-type-options: nosniff",
+        "content-type: text/html; charset=utf-8",
+    ] {
+        assert!(head.contains(h), "{h} missing from {head}");
+    }
+    let (status, _, body) = https(&fx, &server, None, "GET", "/ui/session", &[], "");
+    assert_eq!((status, body.as_str()), (200, r#"{"signed_in":false}"#));
+
+    // Sign-in takes JSON only (a form on another site cannot send it), and a credential
+    // with a person's role.
+    let (status, _, body) = https(
+        &fx,
+        &server,
+        None,
+        "POST",
+        "/ui/session",
+        &[("Content-Type", "text/plain")],
+        &format!(r#"{{"token":"{admin_tok}"}}"#),
+    );
+    assert_eq!(status, 415, "{body}");
+    let (status, _, body) = https(
+        &fx,
+        &server,
+        None,
+        "POST",
+        "/ui/session",
+        &[("Content-Type", "application/json")],
+        r#"{"token":"guessed"}"#,
+    );
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("that credential holds no role"), "{body}");
+    let node_cert = fx.node.clone();
+    let (status, _, body) = https(
+        &fx,
+        &server,
+        Some(&node_cert),
+        "POST",
+        "/ui/session",
+        &[("Content-Type", "application/json")],
+        "{}",
+    );
+    assert_eq!(status, 401, "a node's certificate opens no console: {body}");
+
+    // Security reads through its cookie, and may not revoke.
+    let (sec, sec_csrf, v) = console_sign_in(
+        &fx,
+        &server,
+        None,
+        &format!(r#"{{"token":"{}"}}"#, sec_tok.trim()),
+    );
+    assert_eq!(v["roles"], serde_json::json!(["security"]));
+    let (status, _, _) = https(&fx, &server, None, "GET", "/v1/nodes", &[("Cookie", &sec)], "");
+    assert_eq!(status, 200);
+    let revoke = r#"{"identity":"spiffe://example.org/agent/a","reason":"leaked key"}"#;
+    let json = ("Content-Type", "application/json");
+    let (status, _, body) = https(
+        &fx,
+        &server,
+        None,
+        "POST",
+        "/v1/revocations",
+        &[("Cookie", &sec), ("X-Agentwall-CSRF", &sec_csrf), json],
+        revoke,
+    );
+    assert_eq!(status, 403, "{body}");
+
+    // An admin's cookie acts only with its CSRF token, and only from this origin.
+    let (adm, adm_csrf, v) = console_sign_in(
+        &fx,
+        &server,
+        None,
+        &format!(r#"{{"token":"{}"}}"#, admin_tok.trim()),
+    );
+    assert_eq!(v["roles"], serde_json::json!(["admin"]));
+    let origin = format!("https://{}", server.addr);
+    for (headers, says) in [
+        (
+            vec![("Cookie", adm.as_str()), json],
+            "must carry the session's x-agentwall-csrf header",
+        ),
+        (
+            vec![("Cookie", &adm), ("X-Agentwall-CSRF", &sec_csrf), json],
+            "must carry the session's x-agentwall-csrf header",
+        ),
+        (
+            vec![
+                ("Cookie", &adm),
+                ("X-Agentwall-CSRF", &adm_csrf),
+                ("Origin", "https://evil.example"),
+                json,
+            ],
+            "from origin \\\"https://evil.example\\\" is refused",
+        ),
+        (
+            vec![
+                ("Cookie", &adm),
+                ("X-Agentwall-CSRF", &adm_csrf),
+                ("Sec-Fetch-Site", "cross-site"),
+                json,
+            ],
+            "(Sec-Fetch-Site: cross-site) is refused",
+        ),
+        (
+            vec![("Cookie", &adm), ("X-Agentwall-CSRF", &adm_csrf), ("Origin", "null"), json],
+            "from origin \\\"null\\\" is refused",
+        ),
+    ] {
+        let (status, _, body) = https(
+            &fx,
+            &server,
+            None,
+            "POST",
+            "/v1/revocations",
+            &headers,
+            revoke,
+        );
+        assert_eq!(status, 403, "{headers:?}: {body}");
+        assert!(body.contains(says), "{headers:?}: {body}");
+    }
+    assert!(cp_metric_labelled(&fx, &server, "agentwall_cp_refusals_total{reason=\"cross_site\"}") >= 5);
+    let (status, _, body) = https(
+        &fx,
+        &server,
+        None,
+        "POST",
+        "/v1/revocations",
+        &[
+            ("Cookie", &adm),
+            ("X-Agentwall-CSRF", &adm_csrf),
+            ("Origin", &origin),
+            ("Sec-Fetch-Site", "same-origin"),
+            json,
+        ],
+        revoke,
+    );
+    assert_eq!(status, 200, "{body}");
+    let (_, _, list) = https(&fx, &server, None, "GET", "/v1/revocations", &[("Cookie", &sec)], "");
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list[0]["reason"], "leaked key");
+    assert!(
+        list[0]["by"].as_str().unwrap().starts_with("token:"),
+        "{list}"
+    );
+
+    // Signing out ends the session on the server: the same cookie opens nothing after.
+    let (status, _, body) = https(
+        &fx,
+        &server,
+        None,
+        "DELETE",
+        "/ui/session",
+        &[("Cookie", &adm), ("X-Agentwall-CSRF", &adm_csrf)],
+        "",
+    );
+    assert_eq!(status, 204, "{body}");
+    let (status, _, body) = https(&fx, &server, None, "GET", "/v1/nodes", &[("Cookie", &adm)], "");
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("the console session has ended or expired"), "{body}");
+    let (_, _, body) = https(&fx, &server, None, "GET", "/ui/session", &[("Cookie", &adm)], "");
+    assert_eq!(body, r#"{"signed_in":false}"#);
+
+    // A client certificate signs in too; its cookie then works without it.
+    let (cert_cookie, _, v) = console_sign_in(&fx, &server, Some(&fx.admin), "{}");
+    assert_eq!(v["principal"], ADMIN_ID);
+    assert_eq!(v["roles"], serde_json::json!(["admin"]));
+    let (status, _, _) = https(
+        &fx,
+        &server,
+        None,
+        "GET",
+        "/v1/nodes",
+        &[("Cookie", &cert_cookie)],
+        "",
+    );
+    assert_eq!(status, 200);
+}
+
+/// A labelled counter of the control plane's metrics (0 when absent).
+fn cp_metric_labelled(fx: &CpFixture, server: &CpProc, series: &str) -> u64 {
+    let tok = std::fs::read_to_string(&fx.security_token).unwrap();
+    let (status, _, body) = https(
+        fx,
+        server,
+        None,
+        "GET",
+        "/v1/metrics",
+        &[("Authorization", &format!("Bearer {}", tok.trim()))],
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[test]
+fn a_control_plane_without_the_console_answers_none_of_its_routes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    fx.configure("console = false\n", "");
+    let server = CpProc::start(&fx, None);
+    for (method, path) in [("GET", "/ui/"), ("GET", "/ui/app.js"), ("POST", "/ui/session")] {
+        let (status, _, body) = https(
+            &fx,
+            &server,
+            None,
+            method,
+            path,
+            &[("Content-Type", "application/json")],
+            "{}",
+        );
+        assert_eq!(status, 404, "{method} {path}: {body}");
+    }
+}

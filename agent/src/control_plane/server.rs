@@ -989,7 +989,9 @@ async fn gate(
         .find(|r| r.method == method && r.path == path)
         .filter(|r| !(console_off && r.path.starts_with("/ui")))
     else {
-        let known = ROUTES.iter().any(|r| r.path == path);
+        let known = ROUTES
+            .iter()
+            .any(|r| r.path == path && !(console_off && r.path.starts_with("/ui")));
         return s.refuse(
             Refusal::NoSuchRoute,
             if known {

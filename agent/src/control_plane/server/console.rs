@@ -154,12 +154,19 @@ struct SignIn {
 }
 
 impl Server {
-    /// The principal name and roles a session's credential holds now (not when it signed
-    /// in), and, for a certificate, whether the chain still verifies.
+    /// The principal name and the people's roles (admin, security) a session's credential
+    /// holds now (not when it signed in), and, for a certificate, whether the chain still
+    /// verifies. A node's role is never a console session's: a cookie cannot poll or report.
     pub(super) fn session_roles(
         &self,
         session: &ConsoleSession,
     ) -> Result<(String, Vec<Role>), Fail> {
+        let (name, mut roles) = self.credential_roles(session)?;
+        roles.retain(|r| matches!(r, Role::Admin | Role::Security));
+        Ok((name, roles))
+    }
+
+    fn credential_roles(&self, session: &ConsoleSession) -> Result<(String, Vec<Role>), Fail> {
         if let Some(hash) = session.credential.strip_prefix("token:") {
             return Ok((
                 format!("token:{}", &hash[..hash.len().min(12)]),
@@ -273,6 +280,7 @@ pub(super) async fn sign_in(
         expires: crate::clock::rfc3339((now + ttl).into()),
     };
     let view = match s.view(&session) {
+        // The console is for people: a node's certificate opens none.
         Ok(v) if !v.roles.is_empty() => v,
         _ => {
             if s.stats.refused(Refusal::Unauthenticated) {
