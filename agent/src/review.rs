@@ -177,26 +177,29 @@ pub fn read_dns_wishes(
 
 /// The flows of governed identities among [`read_decisions`]' records.
 pub fn read_flows(files: &[PathBuf], since: Option<SystemTime>) -> Result<Vec<Flow>, ReviewError> {
-    let mut out = Vec::new();
-    for v in read_decisions(files, since)? {
+    Ok(read_decisions(files, since)?
+        .iter()
+        .filter_map(Flow::of_record)
+        .collect())
+}
+
+impl Flow {
+    /// A governed identity's flow from its decision record (as a node writes or reports
+    /// it); None for records of no identity, or that no review replays.
+    pub fn of_record(v: &serde_json::Value) -> Option<Flow> {
         let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
-        let (Some(identity), Some(dest), Some(verdict)) = (s("identity"), s("dest"), s("verdict"))
-        else {
-            continue;
-        };
-        let Ok(dest) = dest.parse::<IpAddr>() else {
-            continue;
-        };
+        let (identity, dest, verdict) = (s("identity")?, s("dest")?, s("verdict")?);
+        let dest = dest.parse::<IpAddr>().ok()?;
         let inbound = v.get("direction").and_then(|d| d.as_str()) == Some("inbound");
         let protocol = match s("protocol").as_deref() {
             Some("tcp") => Protocol::Tcp,
             Some("udp") => Protocol::Udp,
-            _ => continue,
+            _ => return None,
         };
         if !matches!(verdict.as_str(), "allow" | "audit" | "deny") {
-            continue;
+            return None;
         }
-        out.push(Flow {
+        Some(Flow {
             identity,
             dest,
             port: v.get("port").and_then(|p| p.as_u64()).unwrap_or(0) as u16,
@@ -211,9 +214,8 @@ pub fn read_flows(files: &[PathBuf], since: Option<SystemTime>) -> Result<Vec<Fl
                 .or_else(|| s("time"))
                 .and_then(|t| parse_time(&t)),
             inbound,
-        });
+        })
     }
-    Ok(out)
 }
 
 /// An audit log and its rotated predecessors, oldest first.
@@ -227,7 +229,7 @@ pub fn audit_files(path: &Path) -> Vec<PathBuf> {
 }
 
 /// A flow whose verdict a candidate policy changes, with how often it was seen.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Change {
     pub identity: String,
     pub dest: IpAddr,
@@ -255,7 +257,7 @@ impl fmt::Display for Change {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Simulation {
     pub newly_denied: Vec<Change>,
     pub newly_allowed: Vec<Change>,
@@ -366,7 +368,7 @@ pub fn simulate(candidate: &PolicySet, flows: &[Flow]) -> Simulation {
 }
 
 /// A rule no recorded flow used.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct UnusedRule {
     pub identity: String,
     /// Who answers for the identity: the report is grouped by it.
@@ -380,7 +382,7 @@ pub struct UnusedRule {
     pub from: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct UnusedReport {
     pub rules: Vec<UnusedRule>,
     /// Archetypes none of whose rules was used by any identity that extends them.

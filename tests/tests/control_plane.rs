@@ -2475,7 +2475,10 @@ fn the_console_signs_people_in_and_refuses_what_another_site_sends() {
     // The pages are anyone's, and run only their own script.
     let (status, head, body) = https(&fx, &server, None, "GET", "/ui/", &[], "");
     assert_eq!(status, 200, "{head}");
-    assert!(body.contains("<script src=\"app.js\" defer></script>"), "{body}");
+    assert!(
+        body.contains("<script src=\"app.js\" defer></script>"),
+        "{body}"
+    );
     for h in [
         "content-security-policy: default-src 'none'; script-src 'self';",
         "x-frame-options: DENY",
@@ -2531,7 +2534,15 @@ fn the_console_signs_people_in_and_refuses_what_another_site_sends() {
         &format!(r#"{{"token":"{}"}}"#, sec_tok.trim()),
     );
     assert_eq!(v["roles"], serde_json::json!(["security"]));
-    let (status, _, _) = https(&fx, &server, None, "GET", "/v1/nodes", &[("Cookie", &sec)], "");
+    let (status, _, _) = https(
+        &fx,
+        &server,
+        None,
+        "GET",
+        "/v1/nodes",
+        &[("Cookie", &sec)],
+        "",
+    );
     assert_eq!(status, 200);
     let revoke = r#"{"identity":"spiffe://example.org/agent/a","reason":"leaked key"}"#;
     let json = ("Content-Type", "application/json");
@@ -2583,7 +2594,12 @@ fn the_console_signs_people_in_and_refuses_what_another_site_sends() {
             "(Sec-Fetch-Site: cross-site) is refused",
         ),
         (
-            vec![("Cookie", &adm), ("X-Agentwall-CSRF", &adm_csrf), ("Origin", "null"), json],
+            vec![
+                ("Cookie", &adm),
+                ("X-Agentwall-CSRF", &adm_csrf),
+                ("Origin", "null"),
+                json,
+            ],
             "from origin \\\"null\\\" is refused",
         ),
     ] {
@@ -2599,7 +2615,13 @@ fn the_console_signs_people_in_and_refuses_what_another_site_sends() {
         assert_eq!(status, 403, "{headers:?}: {body}");
         assert!(body.contains(says), "{headers:?}: {body}");
     }
-    assert!(cp_metric_labelled(&fx, &server, "agentwall_cp_refusals_total{reason=\"cross_site\"}") >= 5);
+    assert!(
+        cp_metric_labelled(
+            &fx,
+            &server,
+            "agentwall_cp_refusals_total{reason=\"cross_site\"}"
+        ) >= 5
+    );
     let (status, _, body) = https(
         &fx,
         &server,
@@ -2616,7 +2638,15 @@ fn the_console_signs_people_in_and_refuses_what_another_site_sends() {
         revoke,
     );
     assert_eq!(status, 200, "{body}");
-    let (_, _, list) = https(&fx, &server, None, "GET", "/v1/revocations", &[("Cookie", &sec)], "");
+    let (_, _, list) = https(
+        &fx,
+        &server,
+        None,
+        "GET",
+        "/v1/revocations",
+        &[("Cookie", &sec)],
+        "",
+    );
     let list: serde_json::Value = serde_json::from_str(&list).unwrap();
     assert_eq!(list[0]["reason"], "leaked key");
     assert!(
@@ -2635,10 +2665,29 @@ fn the_console_signs_people_in_and_refuses_what_another_site_sends() {
         "",
     );
     assert_eq!(status, 204, "{body}");
-    let (status, _, body) = https(&fx, &server, None, "GET", "/v1/nodes", &[("Cookie", &adm)], "");
+    let (status, _, body) = https(
+        &fx,
+        &server,
+        None,
+        "GET",
+        "/v1/nodes",
+        &[("Cookie", &adm)],
+        "",
+    );
     assert_eq!(status, 401, "{body}");
-    assert!(body.contains("the console session has ended or expired"), "{body}");
-    let (_, _, body) = https(&fx, &server, None, "GET", "/ui/session", &[("Cookie", &adm)], "");
+    assert!(
+        body.contains("the console session has ended or expired"),
+        "{body}"
+    );
+    let (_, _, body) = https(
+        &fx,
+        &server,
+        None,
+        "GET",
+        "/ui/session",
+        &[("Cookie", &adm)],
+        "",
+    );
     assert_eq!(body, r#"{"signed_in":false}"#);
 
     // A client certificate signs in too; its cookie then works without it.
@@ -2679,9 +2728,34 @@ fn cp_metric_labelled(fx: &CpFixture, server: &CpProc, series: &str) -> u64 {
 fn a_control_plane_without_the_console_answers_none_of_its_routes() {
     let tmp = tempfile::tempdir().unwrap();
     let fx = CpFixture::new(tmp.path());
-    fx.configure("console = false\n", "");
     let server = CpProc::start(&fx, None);
-    for (method, path) in [("GET", "/ui/"), ("GET", "/ui/app.js"), ("POST", "/ui/session")] {
+    let admin_tok = std::fs::read_to_string(&fx.admin_token).unwrap();
+    let (cookie, _, _) = console_sign_in(
+        &fx,
+        &server,
+        None,
+        &format!(r#"{{"token":"{}"}}"#, admin_tok.trim()),
+    );
+    let addr = server.addr;
+    drop(server);
+    // Turned off, the console's cookies open nothing either.
+    fx.configure("console = false\n", "");
+    let server = CpProc::start(&fx, Some(addr));
+    let (status, _, body) = https(
+        &fx,
+        &server,
+        None,
+        "GET",
+        "/v1/nodes",
+        &[("Cookie", &cookie)],
+        "",
+    );
+    assert_eq!(status, 401, "{body}");
+    for (method, path) in [
+        ("GET", "/ui/"),
+        ("GET", "/ui/app.js"),
+        ("POST", "/ui/session"),
+    ] {
         let (status, _, body) = https(
             &fx,
             &server,
@@ -2693,4 +2767,265 @@ fn a_control_plane_without_the_console_answers_none_of_its_routes() {
         );
         assert_eq!(status, 404, "{method} {path}: {body}");
     }
+}
+
+#[test]
+fn console_sessions_are_bounded_per_credential_and_can_be_ended_by_an_admin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    let server = CpProc::start(&fx, None);
+    let sec_tok = std::fs::read_to_string(&fx.security_token).unwrap();
+    let admin_tok = std::fs::read_to_string(&fx.admin_token).unwrap();
+    let sign_in = |tok: &str| {
+        console_sign_in(
+            &fx,
+            &server,
+            None,
+            &format!(r#"{{"token":"{}"}}"#, tok.trim()),
+        )
+    };
+    let nodes = |cookie: &str| {
+        https(
+            &fx,
+            &server,
+            None,
+            "GET",
+            "/v1/nodes",
+            &[("Cookie", cookie)],
+            "",
+        )
+        .0
+    };
+
+    // Signing in over and over keeps the newest 16 sessions of a credential, no more.
+    let sessions: Vec<String> = (0..17).map(|_| sign_in(&sec_tok).0).collect();
+    assert_eq!(nodes(&sessions[0]), 401, "the oldest of 17 ended");
+    assert_eq!(nodes(&sessions[1]), 200);
+    assert_eq!(nodes(&sessions[16]), 200);
+    let (status, head, _) = https(
+        &fx,
+        &server,
+        None,
+        "GET",
+        "/v1/nodes",
+        &[("Cookie", &sessions[16])],
+        "",
+    );
+    assert_eq!(status, 200);
+    assert!(
+        head.contains("cache-control: no-store")
+            && head.contains("x-content-type-options: nosniff"),
+        "{head}"
+    );
+
+    // An admin ends one principal's sessions (on every replica: they are the database's),
+    // then everyone's.
+    let (admin, _, v) = sign_in(&admin_tok);
+    let sec_principal = {
+        let (_, _, v) = sign_in(&sec_tok);
+        v["principal"].as_str().unwrap().to_owned()
+    };
+    assert!(v["principal"].as_str().unwrap().starts_with("token:"));
+    let creds = admin_creds(&fx);
+    let creds: Vec<&str> = creds.iter().map(String::as_str).collect();
+    let out = cp(
+        &fx,
+        &server.url,
+        &creds,
+        &["end-sessions", "--principal", &sec_principal],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ended 16 console session(s)\n"
+    );
+    assert_eq!(nodes(&sessions[16]), 401);
+    assert_eq!(nodes(&admin), 200, "another principal's session is kept");
+    let out = cp(
+        &fx,
+        &server.url,
+        &creds,
+        &["end-sessions", "--principal", "token:12"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("at least 12 hex digits"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cp(&fx, &server.url, &creds, &["end-sessions"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ended 1 console session(s)\n"
+    );
+    assert_eq!(nodes(&admin), 401);
+}
+
+#[test]
+fn failed_credentials_spend_the_callers_address_rate_on_every_route() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    fx.configure("", "[limits]\nrequests_per_minute = 5\n");
+    let server = CpProc::start(&fx, None);
+    let guess = |route: &str| {
+        https(
+            &fx,
+            &server,
+            None,
+            "GET",
+            route,
+            &[("Authorization", "Bearer guessed")],
+            "",
+        )
+        .0
+    };
+    let answers: Vec<u16> = [
+        "/v1/nodes",
+        "/v1/flows",
+        "/v1/policy",
+        "/v1/nodes",
+        "/v1/revocations",
+        "/v1/nodes",
+        "/v1/nodes",
+    ]
+    .iter()
+    .map(|r| guess(r))
+    .collect();
+    assert_eq!(&answers[..5], &[403; 5], "{answers:?}");
+    assert_eq!(&answers[5..], &[429; 2], "{answers:?}");
+    // Sign-in guesses spend the same rate.
+    let (status, _, _) = https(
+        &fx,
+        &server,
+        None,
+        "POST",
+        "/ui/session",
+        &[("Content-Type", "application/json")],
+        r#"{"token":"guessed"}"#,
+    );
+    assert_eq!(status, 429);
+}
+
+#[test]
+fn fleet_reviews_list_diff_simulate_and_find_unused_rules_over_every_nodes_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    let server = CpProc::start(&fx, None);
+    let url = server.url.clone();
+    let rev1 = push(&fx, &url, "v1", POLICY_A);
+    let two_rules =
+        format!("{POLICY_A}  - to: [203.0.113.0/24]\n    ports: [8443]\n    protocol: tcp\n");
+    let rev2 = push(&fx, &url, "v2", &two_rules);
+    let sec = security(&fx);
+    let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
+    let text = |args: &[&str]| {
+        let out = cp(&fx, &url, &sec, args);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (ok, out, err) = text(&["policy", "versions"]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].starts_with(&format!("version 2 revision {rev2} pushed ")),
+        "{out}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("version 1 revision {rev1} pushed ")),
+        "{out}"
+    );
+    assert!(lines[0].ends_with(&format!("by {ADMIN_ID}")), "{out}");
+    let (ok, out, err) = text(&["policy", "diff", "1", "2"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        "--- version 1/agents.yaml\n+++ version 2/agents.yaml\n@@ -5,3 +5,6 @@\n   - to: [192.0.2.0/24]\n     ports: [443]\n     protocol: tcp\n+  - to: [203.0.113.0/24]\n+    ports: [8443]\n+    protocol: tcp\n"
+    );
+    let (ok, _, err) = text(&["policy", "diff", "1", "9"]);
+    assert!(!ok && err.contains("no policy version 9"), "{err}");
+
+    // Two nodes' records under version 2: the first rule used, the second not; a denial.
+    let allow = |dest: &str, port: u64, seq: u64| {
+        let mut r = record("allow", Some(ID), dest, None, seq);
+        r["port"] = port.into();
+        r["revision"] = rev2.as_str().into();
+        r["rule_id"] = 1.into();
+        r
+    };
+    let mut deny = record("deny", Some(ID), "198.51.100.10", None, 3);
+    deny["reason"] = "no rule allows it".into();
+    rt().block_on(async {
+        fx.node_client(&url, "r1")
+            .post_reports(&batch(1, 1, &[allow("192.0.2.10", 443, 1)]))
+            .await
+            .unwrap();
+        fx.node_client(&url, "r2")
+            .post_reports(&batch(1, 1, &[allow("192.0.2.11", 443, 2), deny]))
+            .await
+            .unwrap();
+    });
+
+    let (ok, out, err) = text(&["report", "unused"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        format!(
+            "no owner:\n  unused: {ID} rule 2 (agents.yaml:1 egress[1], AgentPolicy \"support\")\n1 unused rule(s), 0 unused archetype(s); 2 allowed flow(s) counted under revision {rev2}\n"
+        )
+    );
+
+    // A candidate that moves the allowlist: what it would deny and allow, fleet-wide.
+    let candidate = policy_dir(fx.dir.as_path(), "candidate", &[("agents.yaml", POLICY_B)]);
+    let (ok, out, err) = text(&["policy", "simulate", candidate.to_str().unwrap()]);
+    assert!(!ok, "new denials fail the command");
+    assert!(err.contains("2 flow(s) would newly be denied"), "{err}");
+    assert!(
+        out.contains(&format!("newly denied: {ID} -> 192.0.2.10:443/tcp (x1)"))
+            && out.contains(&format!("newly denied: {ID} -> 192.0.2.11:443/tcp (x1)"))
+            && out.contains(&format!(
+                "newly allowed: {ID} -> 198.51.100.10:443/tcp (x1)"
+            ))
+            && out.contains("3 flow(s) replayed against revision "),
+        "{out}"
+    );
+    let (ok, _, err) = text(&[
+        "policy",
+        "simulate",
+        "--allow-new-denials",
+        candidate.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = text(&[
+        "policy",
+        "simulate",
+        "--since",
+        "2999-01-01T00:00:00Z",
+        candidate.to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("0 flow(s) replayed"), "{out}");
+    // An invalid candidate: every problem at the admin's own file, line and column.
+    let bad = policy_dir(
+        fx.dir.as_path(),
+        "bad",
+        &[(
+            "agents.yaml",
+            &POLICY_B.replace("ports: [443]", "ports: [70000]"),
+        )],
+    );
+    let (ok, _, err) = text(&["policy", "simulate", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("{}:6:", bad.join("agents.yaml").display()))
+            && err.contains("nothing was simulated"),
+        "{err}"
+    );
 }

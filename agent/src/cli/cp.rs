@@ -3,8 +3,8 @@ use std::path::{Path, PathBuf};
 use agentwall::{
     config::control_plane::ClientConfig,
     control_plane::{
-        Bundle, BundleFile, FlowPage, FlowQuery, NodeInfo, NodeShadowAi, PushRequest,
-        RevokeRequest,
+        Bundle, BundleFile, BundleInfo, FlowPage, FlowQuery, NodeInfo, NodeShadowAi, PolicyDiff,
+        PushRequest, RevokeRequest, SimulateReply, SimulateRequest, UnusedReply,
         chain::ChainReport,
         client::{Client, ClientError},
     },
@@ -68,6 +68,16 @@ enum Command {
     /// The audit chains of what nodes sent.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Reviews over every node's records.
+    #[command(subcommand)]
+    Report(ReportCommand),
+    /// End console sessions at once, on every replica: everyone's, or one principal's.
+    EndSessions {
+        /// Only this principal's: a SPIFFE ID, or `token:` and the first 12 hex digits of
+        /// the token's SHA-256 (as the logs and `pushed_by` name it).
+        #[arg(long)]
+        principal: Option<String>,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -98,6 +108,38 @@ enum PolicyCommand {
         /// The bundle version to show.
         #[arg(long)]
         version: Option<u64>,
+    },
+    /// Every stored version, newest first: who pushed it and when.
+    Versions,
+    /// What changed from one stored version to another, as unified diffs.
+    Diff {
+        /// The older version.
+        from: u64,
+        /// The newer version.
+        to: u64,
+    },
+    /// Replay every node's recorded flows against a candidate policy directory (nothing is
+    /// pushed): what would newly be denied or allowed. Fails when anything would newly be
+    /// denied.
+    Simulate {
+        /// Directory of *.yaml policy files.
+        dir: PathBuf,
+        /// Only flows from this long ago on (30m, 24h, 7d) or since an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Succeed even when flows would newly be denied.
+        #[arg(long)]
+        allow_new_denials: bool,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum ReportCommand {
+    /// The newest bundle's rules no node recorded a flow for, by owner.
+    Unused {
+        /// Only flows from this long ago on (30m, 24h, 7d) or since an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
     },
 }
 
@@ -317,6 +359,125 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                         println!();
                     }
                 }
+            }
+        }
+        Command::Policy(PolicyCommand::Versions) => {
+            let all: Vec<BundleInfo> = c.get("/v1/policy/versions").await?;
+            if json {
+                print_json(&all);
+            } else {
+                for b in &all {
+                    println!(
+                        "version {} revision {} pushed {} by {}",
+                        b.version, b.revision, b.pushed_at, b.pushed_by
+                    );
+                }
+            }
+        }
+        Command::Policy(PolicyCommand::Diff { from, to }) => {
+            let d: PolicyDiff = c
+                .get(&format!("/v1/policy/diff?from={from}&to={to}"))
+                .await?;
+            if json {
+                print_json(&d);
+            } else if d.files.is_empty() {
+                println!("versions {from} and {to} hold the same files");
+            } else {
+                for f in &d.files {
+                    print!("{}", f.diff);
+                }
+            }
+        }
+        Command::Policy(PolicyCommand::Simulate {
+            dir,
+            since,
+            allow_new_denials,
+        }) => {
+            let req = SimulateRequest {
+                files: read_bundle(dir)?,
+                since: since.as_deref().map(when).transpose()?,
+            };
+            let r: Result<SimulateReply, ClientError> = c
+                .send_json(
+                    hyper::Method::POST,
+                    "/v1/policy/simulate",
+                    &req,
+                    std::time::Duration::from_secs(300),
+                )
+                .await;
+            let r = match r {
+                Ok(r) => r,
+                Err(ClientError::Refused { body, errors, .. }) if !errors.is_empty() => {
+                    for e in &errors {
+                        let mut e = e.clone();
+                        e.file = dir.join(&e.file).display().to_string();
+                        eprintln!("{e}");
+                    }
+                    bail!("{body}; nothing was simulated");
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if json {
+                print_json(&r);
+            } else {
+                super::policy::print_simulation(&r.simulation, &r.revision);
+                if r.truncated {
+                    println!(
+                        "(the control plane holds more than {} records; the first {} were replayed: narrow it with --since)",
+                        agentwall::control_plane::REVIEW_RECORDS,
+                        r.records
+                    );
+                }
+            }
+            if !r.simulation.newly_denied.is_empty() && !allow_new_denials {
+                bail!(
+                    "{} flow(s) would newly be denied (--allow-new-denials to succeed anyway)",
+                    r.simulation.newly_denied.len()
+                );
+            }
+        }
+        Command::Report(ReportCommand::Unused { since }) => {
+            let path = match since {
+                Some(s) => format!(
+                    "/v1/reports/unused?{}",
+                    serde_urlencoded::to_string([("since", when(s)?)])?
+                ),
+                None => "/v1/reports/unused".to_owned(),
+            };
+            let r: UnusedReply = c.get(&path).await?;
+            if json {
+                print_json(&r);
+            } else {
+                super::report::print_unused(&r.report, &r.revision);
+                if r.truncated {
+                    println!(
+                        "(the control plane holds more than {} records; the first {} were counted: narrow it with --since)",
+                        agentwall::control_plane::REVIEW_RECORDS,
+                        r.records
+                    );
+                }
+            }
+        }
+        Command::EndSessions { principal } => {
+            let path = match principal {
+                Some(p) => format!(
+                    "/v1/console/sessions?{}",
+                    serde_urlencoded::to_string([("principal", p)])?
+                ),
+                None => "/v1/console/sessions".to_owned(),
+            };
+            let r: serde_json::Value = c
+                .call(
+                    hyper::Method::DELETE,
+                    &path,
+                    None,
+                    std::time::Duration::from_secs(30),
+                )
+                .await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!("ended {} console session(s)", r["ended"]);
             }
         }
         Command::Nodes => {

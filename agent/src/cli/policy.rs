@@ -147,19 +147,7 @@ pub fn run(cmd: Command) -> ExitCode {
                     serde_json::to_string_pretty(&sim).expect("serializable")
                 );
             } else {
-                for c in &sim.newly_denied {
-                    println!("newly denied: {c}");
-                }
-                for c in &sim.newly_allowed {
-                    println!("newly allowed: {c}");
-                }
-                println!(
-                    "{} flow(s) replayed against revision {}: {} newly denied, {} newly allowed",
-                    sim.replayed,
-                    set.revision,
-                    sim.newly_denied.len(),
-                    sim.newly_allowed.len()
-                );
+                print_simulation(&sim, &set.revision);
             }
             if sim.newly_denied.is_empty() || allow_new_denials {
                 ExitCode::SUCCESS
@@ -266,4 +254,21 @@ fn check(dir: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `policy simulate` for a person: each change, then the totals. The node's and the control
+/// plane's simulations print alike.
+pub fn print_simulation(sim: &agentwall::review::Simulation, revision: &str) {
+    for c in &sim.newly_denied {
+        println!("newly denied: {c}");
+    }
+    for c in &sim.newly_allowed {
+        println!("newly allowed: {c}");
+    }
+    println!(
+        "{} flow(s) replayed against revision {revision}: {} newly denied, {} newly allowed",
+        sim.replayed,
+        sim.newly_denied.len(),
+        sim.newly_allowed.len()
+    );
 }

@@ -111,6 +111,13 @@ pub fn run(cmd: Command) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    print_unused(&report, &set.revision);
+    ExitCode::SUCCESS
+}
+
+/// `report unused` for a person: by owner, then the totals. The node's and the control
+/// plane's reports print alike.
+pub fn print_unused(report: &review::UnusedReport, revision: &str) {
     let mut owner = None;
     for r in &report.rules {
         if owner != Some(&r.owner) {
@@ -129,11 +136,9 @@ pub fn run(cmd: Command) -> ExitCode {
         println!("unused archetype: {a}");
     }
     println!(
-        "{} unused rule(s), {} unused archetype(s); {} allowed flow(s) counted under revision {}",
+        "{} unused rule(s), {} unused archetype(s); {} allowed flow(s) counted under revision {revision}",
         report.rules.len(),
         report.archetypes.len(),
         report.hits,
-        set.revision
     );
-    ExitCode::SUCCESS
 }

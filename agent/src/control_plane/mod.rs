@@ -43,6 +43,78 @@ pub struct Bundle {
     pub files: Vec<BundleFile>,
 }
 
+/// A stored bundle's version, without its files: what `GET /v1/policy/versions` lists.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BundleInfo {
+    pub version: u64,
+    pub revision: String,
+    pub pushed_at: String,
+    pub pushed_by: String,
+}
+
+/// What changed between two bundle versions, file by file (`GET /v1/policy/diff`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PolicyDiff {
+    pub from: u64,
+    pub to: u64,
+    /// Files that differ, by name; files the same in both are left out.
+    pub files: Vec<FileDiff>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FileDiff {
+    pub name: String,
+    /// added | removed | changed
+    pub change: String,
+    /// A unified diff (three lines of context).
+    pub diff: String,
+}
+
+/// A candidate bundle to replay the fleet's recorded flows against (`POST
+/// /v1/policy/simulate`); nothing is stored.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SimulateRequest {
+    pub files: Vec<BundleFile>,
+    /// RFC 3339 (UTC): only flows recorded at or after it (default: every one held).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+}
+
+/// The flows whose verdict a candidate would change, across every node's records.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SimulateReply {
+    /// The candidate's revision (as a push of it would store).
+    pub revision: String,
+    /// What would change, as `agentwall policy simulate --output json` gives it on a node:
+    /// `newly_denied`, `newly_allowed` (identity, dest, fqdn, port, protocol, count, why),
+    /// `replayed` (recorded flows replayed, counts summed).
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub simulation: crate::review::Simulation,
+    /// Decision records read.
+    pub records: u64,
+    /// More records were held than [`REVIEW_RECORDS`]: the answer covers the first read
+    /// (in the order they arrived); narrow it with `since`.
+    pub truncated: bool,
+}
+
+/// The newest bundle's rules no node recorded a flow for (`GET /v1/reports/unused`).
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UnusedReply {
+    pub version: u64,
+    pub revision: String,
+    /// `rules` (each with its identity, owner, rule number and place), `archetypes`, `hits`:
+    /// as `agentwall report unused --output json` gives it on a node.
+    #[schema(value_type = Object)]
+    pub report: crate::review::UnusedReport,
+    pub records: u64,
+    /// As in [`SimulateReply`].
+    pub truncated: bool,
+}
+
+/// Most decision records one fleet review (simulation, unused rules) reads.
+pub const REVIEW_RECORDS: u64 = 500_000;
+
 /// A node's long-poll: what it has, and how it is doing.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PollRequest {

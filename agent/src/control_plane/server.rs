@@ -26,6 +26,7 @@ use crate::{
 };
 
 mod console;
+mod review;
 
 use super::{
     Bundle, ErrorBody, FlowQuery, Ingested, NodeShadowAi, PollRequest, PushRequest, ReportBatch,
@@ -180,6 +181,34 @@ const ROUTES: &[RouteRule] = &[
     },
     RouteRule {
         method: Method::GET,
+        path: "/v1/policy/versions",
+        roles: READERS,
+        body_cap: 0,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::GET,
+        path: "/v1/policy/diff",
+        roles: READERS,
+        body_cap: 0,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::POST,
+        path: "/v1/policy/simulate",
+        roles: READERS,
+        body_cap: 16 << 20,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::GET,
+        path: "/v1/reports/unused",
+        roles: READERS,
+        body_cap: 0,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::GET,
         path: "/v1/nodes",
         roles: READERS,
         body_cap: 0,
@@ -245,6 +274,13 @@ const ROUTES: &[RouteRule] = &[
         method: Method::GET,
         path: "/v1/openapi.json",
         roles: &[Role::Admin, Role::Security, Role::Node],
+        body_cap: 0,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::DELETE,
+        path: "/v1/console/sessions",
+        roles: &[Role::Admin],
         body_cap: 0,
         rate_limited: true,
     },
@@ -478,6 +514,8 @@ pub struct Server {
     verifier: std::sync::OnceLock<Arc<CrlWatchingVerifier>>,
     /// How long a console sign-in lasts, in seconds; 0: the console is off.
     console_secs: std::sync::atomic::AtomicI64,
+    /// Turns for fleet reviews (simulations, unused rules), which read many records.
+    reviews: tokio::sync::Semaphore,
 }
 
 impl Server {
@@ -558,6 +596,7 @@ impl Server {
             require_owner: std::sync::atomic::AtomicBool::new(false),
             seen: Mutex::new(HashMap::new()),
             verifier: std::sync::OnceLock::new(),
+            reviews: tokio::sync::Semaphore::new(review::REVIEWS_AT_ONCE),
             console_secs: std::sync::atomic::AtomicI64::new(
                 crate::config::control_plane::DEFAULT_CONSOLE_SESSION_HOURS * 3600,
             ),
@@ -900,6 +939,10 @@ impl Server {
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/v1/policy", get(get_policy).put(put_policy))
+            .route("/v1/policy/versions", get(review::get_versions))
+            .route("/v1/policy/diff", get(review::get_diff))
+            .route("/v1/policy/simulate", post(review::post_simulate))
+            .route("/v1/reports/unused", get(review::get_unused))
             .route("/v1/nodes", get(get_nodes))
             .route("/v1/flows", get(get_flows))
             .route("/v1/shadow-ai", get(get_shadow_ai))
@@ -912,6 +955,10 @@ impl Server {
             .route("/v1/node/poll", post(node_poll))
             .route("/v1/node/reports", post(node_reports))
             .route("/v1/openapi.json", get(get_openapi))
+            .route(
+                "/v1/console/sessions",
+                axum::routing::delete(console::end_sessions),
+            )
             .route("/ui", get(console::to_index))
             .route("/ui/", get(console::index))
             .route("/ui/app.js", get(console::app_js))
@@ -1072,12 +1119,13 @@ async fn gate(
         };
     }
     // A console session, when the request has no other credential.
+    // (Not with the console off: turning it off ends what its cookies could do.)
     let signed = match console::cookie(req.headers()) {
-        Some(id) if peer.spiffe_id.is_none() && bearer(req.headers()).is_none() => {
+        Some(id) if !console_off && peer.spiffe_id.is_none() && bearer(req.headers()).is_none() => {
             let (store, hash) = (s.store.clone(), sha256_hex(id.as_bytes()));
             match blocking(move || store.console_session(&hash)).await {
-                Ok(Some(session)) => Some(console::Signed(Arc::new(session))),
-                Ok(None) => {
+                Ok(Some(session)) if s.live(&session) => Some(console::Signed(Arc::new(session))),
+                Ok(_) => {
                     return s.refuse(
                         Refusal::Unauthenticated,
                         Fail::new(
@@ -1134,8 +1182,26 @@ async fn gate(
             }
             p
         }
-        // `allow` has counted and logged it.
-        Err(f) => return closing(f.into_response()),
+        // `allow` has counted and logged it. Failures spend the caller's address's rate,
+        // which sign-ins spend too: credentials are guessed at most that fast, on any route.
+        Err(f) => {
+            let block = match peer.addr {
+                Some(a) => caller_block(a.ip(), s.limits.ipv6_prefix_len).to_string(),
+                None => "unknown".to_owned(),
+            };
+            if let Err(not_until) = s.limiter.check_key(&format!("address:{block}")) {
+                let secs = retry_secs(&not_until);
+                return s.too_many(
+                    Refusal::RateLimited,
+                    format!(
+                        "{block} made more than {} failed or anonymous requests a minute; try again in {secs} s",
+                        s.limits.requests_per_minute
+                    ),
+                    secs,
+                );
+            }
+            return closing(f.into_response());
+        }
     };
     if rule.rate_limited
         && let Err(not_until) = s.limiter.check_key(&who.name)
@@ -1167,7 +1233,14 @@ async fn gate(
         timeout: Duration::from_secs(s.limits.body_timeout_secs),
         route: rule,
     });
-    let r = next.run(req).await;
+    let mut r = next.run(req).await;
+    // What the API answers is its callers' alone: no cache keeps it, no browser guesses
+    // another type for it.
+    let h = r.headers_mut();
+    h.entry(axum::http::header::CACHE_CONTROL)
+        .or_insert(axum::http::HeaderValue::from_static("no-store"));
+    h.entry(axum::http::header::X_CONTENT_TYPE_OPTIONS)
+        .or_insert(axum::http::HeaderValue::from_static("nosniff"));
     match r.status() {
         StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT => closing(r),
         _ => r,
@@ -2271,6 +2344,10 @@ async fn store_reports(
     paths(
         get_policy,
         put_policy,
+        review::get_versions,
+        review::get_diff,
+        review::post_simulate,
+        review::get_unused,
         get_nodes,
         get_flows,
         get_shadow_ai,
@@ -2278,6 +2355,7 @@ async fn store_reports(
         get_revocations,
         post_revocation,
         get_metrics,
+        console::end_sessions,
         node_poll,
         node_reports,
         get_openapi
@@ -2332,6 +2410,7 @@ impl utoipa::Modify for Refusals {
                 (Method::GET, item.get.as_mut()),
                 (Method::PUT, item.put.as_mut()),
                 (Method::POST, item.post.as_mut()),
+                (Method::DELETE, item.delete.as_mut()),
             ] {
                 let Some(op) = op else { continue };
                 let body = ROUTES

@@ -153,7 +153,21 @@ struct SignIn {
     token: Option<String>,
 }
 
+/// Largest client certificate chain (DER bytes) a console sign-in keeps.
+const MAX_CHAIN_BYTES: usize = 16 << 10;
+
 impl Server {
+    /// Whether a stored session still lasts: before its expiry, and within the sign-in
+    /// length configured now (shortening `console_session_hours` shortens sessions already
+    /// given).
+    pub(super) fn live(&self, session: &ConsoleSession) -> bool {
+        let now = time::OffsetDateTime::now_utc();
+        let by = |t: &str| crate::clock::parse_rfc3339(t).is_ok_and(|t| now < t);
+        by(&session.expires)
+            && crate::clock::parse_rfc3339(&session.created)
+                .is_ok_and(|c| now < c + self.console_ttl())
+    }
+
     /// The principal name and the people's roles (admin, security) a session's credential
     /// holds now (not when it signed in), and, for a certificate, whether the chain still
     /// verifies. A node's role is never a console session's: a cookie cannot poll or report.
@@ -268,6 +282,17 @@ pub(super) async fn sign_in(
             .map(|c| c.iter().map(hex::encode).collect::<Vec<_>>().join("\n"))
             .unwrap_or_default()
     });
+    // The chain is kept with the session (to check it again at each request): a bounded
+    // one, so sign-ins cannot be made to fill the database.
+    if let Some(c) = chain.as_ref().filter(|c| c.len() > 2 * MAX_CHAIN_BYTES) {
+        return Err(Fail::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the client certificate chain has {} bytes; a console sign-in keeps at most {MAX_CHAIN_BYTES}",
+                c.len() / 2
+            ),
+        ));
+    }
     let ttl = s.console_ttl();
     let now = time::OffsetDateTime::now_utc();
     let id = random_hex()?;
@@ -322,7 +347,10 @@ pub(super) async fn session(State(s): S, headers: HeaderMap) -> Result<Response,
         return Ok(not_signed_in());
     };
     let (store, hash) = (s.store.clone(), sha256_hex(id.as_bytes()));
-    let Some(session) = blocking(move || store.console_session(&hash)).await? else {
+    let Some(session) = blocking(move || store.console_session(&hash))
+        .await?
+        .filter(|session| s.live(session))
+    else {
         return Ok(not_signed_in());
     };
     match s.view(&session) {
@@ -357,4 +385,51 @@ pub(super) async fn sign_out(
         .map_err(|e| Fail::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
     );
     Ok(guarded(r, "text/plain; charset=utf-8"))
+}
+
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct EndQuery {
+    /// Only this principal's sessions, as the API names it: a SPIFFE ID, or `token:` and the
+    /// first 12 hex digits of the token's SHA-256. Without it, everyone's.
+    principal: Option<String>,
+}
+
+/// What `DELETE /v1/console/sessions` answers.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(super) struct Ended {
+    /// Console sessions ended.
+    ended: u64,
+}
+
+/// Ends console sessions at once, on every replica: everyone's, or one principal's (a
+/// stolen cookie, a person who left).
+#[utoipa::path(delete, path = "/v1/console/sessions", tag = "console", params(EndQuery),
+    responses((status = 200, description = "Sessions ended", body = Ended)))]
+pub(super) async fn end_sessions(
+    State(s): S,
+    Extension(who): Extension<Principal>,
+    super::Params(q): super::Params<EndQuery>,
+) -> Result<Json<Ended>, Fail> {
+    let credential = match q.principal.as_deref() {
+        None => None,
+        Some(p) if p.starts_with("token:") => {
+            let hex = &p["token:".len()..];
+            if hex.len() < 12 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(Fail::new(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "principal {p:?}: a token is named by `token:` and at least 12 hex digits of its SHA-256"
+                    ),
+                ));
+            }
+            Some(format!("token:{}", hex.to_ascii_lowercase()))
+        }
+        Some(p) => Some(format!("cert:{p}")),
+    };
+    let store = s.store.clone();
+    let ended = blocking(move || store.console_close_all(credential.as_deref())).await?;
+    warn!(principal = %who.name, whose = q.principal.as_deref().unwrap_or("everyone"), ended,
+        "console sessions ended");
+    Ok(Json(Ended { ended }))
 }

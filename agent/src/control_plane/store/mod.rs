@@ -5,7 +5,8 @@
 use std::borrow::Cow;
 
 use super::{
-    Bundle, BundleFile, FlowPage, FlowQuery, Ingested, NodeInfo, PollRequest, Reported, Revocation,
+    Bundle, BundleFile, BundleInfo, FlowPage, FlowQuery, Ingested, NodeInfo, PollRequest, Reported,
+    Revocation,
 };
 
 mod postgres;
@@ -100,6 +101,10 @@ pub struct ConsoleSession {
     pub expires: String,
 }
 
+/// Live console sign-ins kept per credential: signing in again past it ends the oldest, so
+/// no one fills the database by signing in over and over.
+pub const CONSOLE_SESSIONS_PER_CREDENTIAL: i64 = 16;
+
 /// Everything the server keeps.
 pub trait Store: Send + Sync {
     /// The database's lineage: [`lineage_of`] its first change, written into the database
@@ -123,6 +128,8 @@ pub trait Store: Send + Sync {
     fn fresh_policy(&self, version: Option<u64>) -> Result<Option<Bundle>, StoreError> {
         self.policy(version)
     }
+    /// Every stored version, newest first, without files.
+    fn policy_versions(&self) -> Result<Vec<BundleInfo>, StoreError>;
     /// The revision stored as `version`, cheaply: a replica checks that what it serves
     /// under a number is what the database holds under it.
     fn revision_of(&self, version: u64) -> Result<Option<String>, StoreError> {
@@ -174,8 +181,13 @@ pub trait Store: Send + Sync {
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
-    /// Keeps a console sign-in (and forgets expired ones).
+    /// Keeps a console sign-in, and forgets expired ones and all but the newest
+    /// [`CONSOLE_SESSIONS_PER_CREDENTIAL`] of its credential's.
     fn console_open(&self, session: &ConsoleSession) -> Result<(), StoreError>;
+    /// Ends every console sign-in, or those whose credential is `credential` (a token's may
+    /// be given by its first hex digits, `token:0123456789ab`, as principals are named).
+    /// Returns how many ended.
+    fn console_close_all(&self, credential: Option<&str>) -> Result<u64, StoreError>;
     /// The unexpired console sign-in whose cookie hashes to `id_sha256`.
     fn console_session(&self, id_sha256: &str) -> Result<Option<ConsoleSession>, StoreError>;
     /// Ends a console sign-in (sign-out); false when there was none.

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::{Arg, ConsoleSession, NodeSeen, Row, Store, StoreError, now, number};
 use crate::control_plane::{
-    Bundle, BundleFile, FlowPage, FlowQuery, Ingested, NodeInfo, Reported, Revocation,
+    Bundle, BundleFile, BundleInfo, FlowPage, FlowQuery, Ingested, NodeInfo, Reported, Revocation,
 };
 
 /// How to reach the database: the `database`, `database_password_file` and `database_ca`
@@ -986,6 +986,25 @@ impl Store for PgStore {
         })
     }
 
+    fn policy_versions(&self) -> Result<Vec<BundleInfo>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            Ok(c.query(
+                "SELECT version, revision, pushed_at, pushed_by FROM policy ORDER BY version DESC",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| BundleInfo {
+                version: r.get::<_, i64>(0) as u64,
+                revision: r.get(1),
+                pushed_at: r.get(2),
+                pushed_by: r.get(3),
+            })
+            .collect())
+        })
+    }
+
     fn policy(&self, version: Option<u64>) -> Result<Option<Bundle>, StoreError> {
         self.policy_from(&self.pool, version)
     }
@@ -1000,19 +1019,21 @@ impl Store for PgStore {
 
     fn console_open(&self, session: &ConsoleSession) -> Result<(), StoreError> {
         let s = session.clone();
+        let credential = text(&s.credential);
         self.block(async {
-            let c = self.client().await?;
-            c.execute(
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            tx.execute(
                 "DELETE FROM console_sessions WHERE expires <= $1",
                 &[&now()],
             )
             .await?;
-            c.execute(
+            tx.execute(
                 "INSERT INTO console_sessions (id_sha256, credential, chain, csrf, created, expires)
                  VALUES ($1, $2, $3, $4, $5, $6)",
                 &[
                     &s.id_sha256,
-                    &text(&s.credential),
+                    &credential,
                     &s.chain,
                     &s.csrf,
                     &s.created,
@@ -1020,7 +1041,33 @@ impl Store for PgStore {
                 ],
             )
             .await?;
+            tx.execute(
+                "DELETE FROM console_sessions WHERE credential = $1 AND id_sha256 NOT IN
+                 (SELECT id_sha256 FROM console_sessions WHERE credential = $1
+                  ORDER BY created DESC, id_sha256 LIMIT $2)",
+                &[&credential, &super::CONSOLE_SESSIONS_PER_CREDENTIAL],
+            )
+            .await?;
+            tx.commit().await?;
             Ok(())
+        })
+    }
+
+    fn console_close_all(&self, credential: Option<&str>) -> Result<u64, StoreError> {
+        let credential = credential.map(text);
+        self.block(async {
+            let c = self.client().await?;
+            Ok(match credential {
+                None => c.execute("DELETE FROM console_sessions", &[]).await?,
+                Some(p) => {
+                    c.execute(
+                        "DELETE FROM console_sessions WHERE credential = $1
+                         OR (left($1, 6) = 'token:' AND left(credential, length($1)) = $1)",
+                        &[&p],
+                    )
+                    .await?
+                }
+            })
         })
     }
 

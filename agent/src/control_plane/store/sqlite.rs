@@ -6,7 +6,7 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 
 use super::{Arg, ConsoleSession, NodeSeen, Row, Store, StoreError, now, number};
 use crate::control_plane::{
-    Bundle, BundleFile, FlowPage, FlowQuery, Ingested, NodeInfo, Reported, Revocation,
+    Bundle, BundleFile, BundleInfo, FlowPage, FlowQuery, Ingested, NodeInfo, Reported, Revocation,
 };
 
 /// Versioned schema: migration `i` takes a database from version `i` to `i + 1`
@@ -295,6 +295,24 @@ impl Store for SqliteStore {
             pushed_by: by.to_owned(),
             files: files.to_vec(),
         })
+    }
+
+    fn policy_versions(&self) -> Result<Vec<BundleInfo>, StoreError> {
+        let db = lock(&self.reader);
+        let mut st = db.prepare(
+            "SELECT version, revision, pushed_at, pushed_by FROM policy ORDER BY version DESC",
+        )?;
+        let all = st
+            .query_map([], |r| {
+                Ok(BundleInfo {
+                    version: r.get::<_, i64>(0)? as u64,
+                    revision: r.get(1)?,
+                    pushed_at: r.get(2)?,
+                    pushed_by: r.get(3)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(all)
     }
 
     fn policy(&self, version: Option<u64>) -> Result<Option<Bundle>, StoreError> {
@@ -611,7 +629,8 @@ impl Store for SqliteStore {
             "DELETE FROM console_sessions WHERE expires <= ?1",
             params![now()],
         )?;
-        db.execute(
+        let tx = db.unchecked_transaction()?;
+        tx.execute(
             "INSERT INTO console_sessions (id_sha256, credential, chain, csrf, created, expires)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
@@ -623,7 +642,26 @@ impl Store for SqliteStore {
                 session.expires
             ],
         )?;
+        tx.execute(
+            "DELETE FROM console_sessions WHERE credential = ?1 AND id_sha256 NOT IN
+             (SELECT id_sha256 FROM console_sessions WHERE credential = ?1
+              ORDER BY created DESC, id_sha256 LIMIT ?2)",
+            params![session.credential, super::CONSOLE_SESSIONS_PER_CREDENTIAL],
+        )?;
+        tx.commit()?;
         Ok(())
+    }
+
+    fn console_close_all(&self, credential: Option<&str>) -> Result<u64, StoreError> {
+        let db = lock(&self.writer);
+        Ok(match credential {
+            None => db.execute("DELETE FROM console_sessions", [])?,
+            Some(c) => db.execute(
+                "DELETE FROM console_sessions WHERE credential = ?1
+                 OR (substr(?1, 1, 6) = 'token:' AND substr(credential, 1, length(?1)) = ?1)",
+                params![c],
+            )?,
+        } as u64)
     }
 
     fn console_session(&self, id_sha256: &str) -> Result<Option<ConsoleSession>, StoreError> {
