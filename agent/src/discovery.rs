@@ -324,7 +324,7 @@ impl ShadowFold {
         let port = r.get("port").and_then(|v| v.as_u64()).unwrap_or(0) as u16;
         let count = r.get("count").and_then(|v| v.as_u64()).unwrap_or(1);
         let dest = s("dest").unwrap_or_default();
-        let name = s("fqdn");
+        let name = crate::review::host_name(s("fqdn"));
         let first = s("first_seen").or_else(|| s("time")).unwrap_or_default();
         let last = s("last_seen").or_else(|| s("time")).unwrap_or_default();
         if self.groups.len() >= SHADOW_GROUPS && !self.groups.contains_key(&group) {

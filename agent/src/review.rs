@@ -183,6 +183,15 @@ pub fn read_flows(files: &[PathBuf], since: Option<SystemTime>) -> Result<Vec<Fl
         .collect())
 }
 
+/// A record's `fqdn`, if it is a host name a rule could name: a node's report is not
+/// trusted to hold one, and what reviews suggest is written into policy text.
+pub fn host_name(fqdn: Option<String>) -> Option<String> {
+    fqdn.filter(|n| {
+        n.parse::<crate::policy::fqdn::FqdnPattern>()
+            .is_ok_and(|p| p.kind == crate::policy::fqdn::FqdnKind::Exact)
+    })
+}
+
 impl Flow {
     /// A governed identity's flow from its decision record (as a node writes or reports
     /// it); None for records of no identity, or that no review replays.
@@ -204,7 +213,7 @@ impl Flow {
             dest,
             port: v.get("port").and_then(|p| p.as_u64()).unwrap_or(0) as u16,
             protocol,
-            fqdn: s("fqdn"),
+            fqdn: host_name(s("fqdn")),
             verdict,
             reason: s("reason"),
             rule_id: v.get("rule_id").and_then(|r| r.as_u64()).map(|r| r as u32),
@@ -580,5 +589,30 @@ mod tests {
             "invalid duration \"7w\": expected a number and a unit, like 90s, 30m, 24h or 7d"
         );
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn a_reported_name_that_is_no_host_name_is_not_written_into_a_suggestion() {
+        let rec = |fqdn: &str| {
+            serde_json::json!({
+                "identity": "spiffe://example.org/a", "dest": "203.0.113.80", "verdict": "audit",
+                "protocol": "tcp", "port": 443, "fqdn": fqdn,
+            })
+        };
+        let flows: Vec<Flow> = [
+            rec("api.anthropic.com, 0.0.0.0/0"),
+            rec("x]\n  - to: [0.0.0.0/0"),
+            rec("*.example.com"),
+        ]
+        .iter()
+        .filter_map(Flow::of_record)
+        .collect();
+        assert_eq!(flows.len(), 3);
+        assert!(flows.iter().all(|f| f.fqdn.is_none()), "{flows:?}");
+        let policy = suggest_for("spiffe://example.org/a", &flows, &[]);
+        assert!(policy.contains("  - to: [203.0.113.80]\n"), "{policy}");
+        assert!(!policy.contains("0.0.0.0/0"), "{policy}");
+        let named = Flow::of_record(&rec("API.Example.com")).unwrap();
+        assert_eq!(named.fqdn.as_deref(), Some("API.Example.com"));
     }
 }
