@@ -19,6 +19,7 @@ const TOOLCHAIN: &str = "nightly";
 const PACKAGE: &str = "agent-ebpf";
 
 fn main() -> anyhow::Result<()> {
+    console_packages()?;
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
@@ -100,5 +101,51 @@ fn main() -> anyhow::Result<()> {
     let object = object.with_context(|| format!("the nested cargo built no {PACKAGE} binary"))?;
     std::fs::copy(&object, out_dir.join(PACKAGE))
         .with_context(|| format!("copying {} to {}", object.display(), out_dir.display()))?;
+    Ok(())
+}
+
+/// The console's files from the npm registry (agent/console/package-lock.json), which
+/// `cargo xtask setup` installs: copied into OUT_DIR, where the console embeds them. The
+/// installed version must be the locked one.
+fn console_packages() -> anyhow::Result<()> {
+    let dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?)
+        .join("console");
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR not set")?);
+    println!(
+        "cargo:rerun-if-changed={}",
+        dir.join("package-lock.json").display()
+    );
+    let lock: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("package-lock.json"))
+            .context("console/package-lock.json")?,
+    )
+    .context("console/package-lock.json")?;
+    for (package, files) in [("uplot", ["dist/uPlot.iife.min.js", "dist/uPlot.min.css"])] {
+        let locked = lock["packages"][format!("node_modules/{package}")]["version"]
+            .as_str()
+            .with_context(|| format!("console/package-lock.json locks no {package}"))?;
+        let installed_at = dir.join("node_modules").join(package);
+        println!(
+            "cargo:rerun-if-changed={}",
+            installed_at.join("package.json").display()
+        );
+        let installed = std::fs::read_to_string(installed_at.join("package.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|p| p["version"].as_str().map(str::to_owned));
+        if installed.as_deref() != Some(locked) {
+            bail!(
+                "the console needs {package} {locked} from the npm registry in {} (found {}): run `cargo xtask setup`",
+                installed_at.display(),
+                installed.as_deref().unwrap_or("none")
+            );
+        }
+        for f in files {
+            let from = installed_at.join(f);
+            let name = from.file_name().context("a file name")?;
+            std::fs::copy(&from, out_dir.join(name))
+                .with_context(|| format!("copying {}", from.display()))?;
+        }
+    }
     Ok(())
 }

@@ -3,7 +3,7 @@
 // Content-Security-Policy runs no script but this file.
 "use strict";
 
-const state = { session: null };
+const state = { session: null, timer: null };
 
 // An element with attributes and children (strings become text nodes).
 function el(tag, attrs, ...children) {
@@ -67,7 +67,7 @@ function table(columns, rows, opts) {
 
 function page(title, ...children) {
   const p = document.getElementById("page");
-  p.replaceChildren(el("h1", {}, title), ...children);
+  p.replaceChildren(el("h1", {}, title), ...children.filter((c) => c !== null && c !== undefined));
   p.hidden = false;
   return p;
 }
@@ -79,6 +79,8 @@ function failure(e) {
 // ---- sign-in ----
 
 function signedOut(message) {
+  clearInterval(state.timer);
+  state.timer = null;
   state.session = null;
   document.getElementById("nav").hidden = true;
   document.getElementById("who").hidden = true;
@@ -197,25 +199,48 @@ async function flowsPage(params) {
   }
   const detail = el("div", { id: "flow-detail-box" });
   const flows = result.flows;
-  const rows = flows.map((f) => {
+  const show = (f) => detail.replaceChildren(el("h2", {}, `Flow ${f.id}`), flowDetail(f));
+  const row = (f) => {
     const r = f.record || {};
-    return [
+    return el("tr", {
+      class: "clickable", tabindex: "0", "data-id": f.id,
+      onclick: () => show(f),
+      onkeydown: (ev) => { if (ev.key === "Enter") show(f); },
+    }, [
       r.time || "", f.node, r.identity || "", tag(r.verdict || "?"),
       r.fqdn ? `${r.fqdn} (${r.dest || "?"})` : (r.dest || ""),
       r.port === undefined ? "" : String(r.port), r.protocol || "", r.service || "", r.rule || r.reason || "",
-    ];
+    ].map((c) => el("td", {}, c)));
+  };
+  const t = table(["Time", "Node", "Identity", "Verdict", "Destination", "Port", "Protocol", "Service", "Rule or reason"], [], { id: "flows" });
+  const body = t.querySelector("tbody");
+  body.append(...flows.map(row));
+  // Live: new records as they arrive, after the newest shown, with the same filters.
+  let newest = flows.length ? flows[flows.length - 1].id : Number(params.get("after") || 0);
+  const liveStatus = el("span", { class: "muted", id: "live-status", role: "status" });
+  const live = el("label", {}, el("input", { type: "checkbox", id: "live" }), " Live");
+  live.querySelector("input").addEventListener("change", (ev) => {
+    clearInterval(state.timer);
+    state.timer = null;
+    liveStatus.textContent = "";
+    if (!ev.target.checked) return;
+    const tick = async () => {
+      const more = new URLSearchParams(q);
+      if (newest) more.set("after", String(newest));
+      more.set("limit", "500");
+      try {
+        const next = await api("GET", `/v1/flows?${more}`);
+        body.append(...next.flows.map(row));
+        if (next.flows.length) newest = next.flows[next.flows.length - 1].id;
+        liveStatus.textContent = `following: ${body.children.length} flow(s) shown`;
+      } catch (e) {
+        liveStatus.textContent = e.message;
+      }
+    };
+    tick();
+    state.timer = setInterval(tick, 2000);
   });
-  const t = table(["Time", "Node", "Identity", "Verdict", "Destination", "Port", "Protocol", "Service", "Rule or reason"], rows, {
-    id: "flows",
-    rowAttrs: (i) => ({
-      class: "clickable", tabindex: "0", "data-id": flows[i].id,
-      onclick: () => detail.replaceChildren(el("h2", {}, `Flow ${flows[i].id}`), flowDetail(flows[i])),
-      onkeydown: (ev) => {
-        if (ev.key === "Enter") detail.replaceChildren(el("h2", {}, `Flow ${flows[i].id}`), flowDetail(flows[i]));
-      },
-    }),
-  });
-  const pager = el("div", { class: "pager" }, `${flows.length} flow(s) on this page`);
+  const pager = el("div", { class: "pager" }, `${flows.length} flow(s) on this page`, live, liveStatus);
   if (result.next !== null && result.next !== undefined) {
     const more = new URLSearchParams(params);
     more.set("after", String(result.next));
@@ -304,14 +329,177 @@ async function revocationsPage() {
   page("Revocations", ...children);
 }
 
+// A unified diff, its added and removed lines marked.
+function diffView(text) {
+  return el("pre", { class: "diff" }, text.split("\n").map((line) => {
+    const cls = line.startsWith("+++") || line.startsWith("---") ? "file"
+      : line.startsWith("+") ? "add" : line.startsWith("-") ? "del" : line.startsWith("@@") ? "hunk" : null;
+    return [el("span", { class: cls }, line), "\n"];
+  }));
+}
+
+function changeRows(changes) {
+  return changes.map((c) => [c.identity, c.fqdn ? `${c.fqdn} (${c.dest})` : c.dest, String(c.port), c.protocol, String(c.count), c.why]);
+}
+
+async function policyPage() {
+  const versions = await api("GET", "/v1/policy/versions");
+  const diffBox = el("div", { id: "diff-box" });
+  const pick = (name, chosen) => el("select", { name },
+    versions.map((v) => el("option", { value: String(v.version), selected: v.version === chosen }, `version ${v.version}`)));
+  const diffForm = el("form", { class: "filters", id: "diff-form" },
+    el("label", {}, "from", pick("from", versions.length > 1 ? versions[1].version : null)),
+    el("label", {}, "to", pick("to", versions.length ? versions[0].version : null)),
+    el("button", { type: "submit" }, "Show the changes"));
+  diffForm.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      const d = await api("GET", `/v1/policy/diff?from=${encodeURIComponent(diffForm.elements.from.value)}&to=${encodeURIComponent(diffForm.elements.to.value)}`);
+      diffBox.replaceChildren(d.files.length
+        ? el("div", {}, d.files.map((f) => [el("h3", {}, `${f.name} (${f.change})`), diffView(f.diff)]))
+        : el("p", {}, `Versions ${d.from} and ${d.to} hold the same files.`));
+    } catch (e) {
+      diffBox.replaceChildren(failure(e));
+    }
+  });
+
+  // A candidate: files chosen from disk, or one typed in; validated and replayed against
+  // every node's recorded flows. Nothing is pushed.
+  const result = el("div", { id: "simulation" });
+  const candidate = el("form", { class: "stack", id: "candidate-form" },
+    el("label", {}, "Policy files (*.yaml)", el("input", { type: "file", name: "files", multiple: true, accept: ".yaml,.yml" })),
+    el("label", {}, "or the text of agents.yaml", el("textarea", { name: "text", rows: "10", spellcheck: "false" })),
+    el("label", {}, "Flows since (RFC 3339, optional)", el("input", { name: "since", placeholder: "2026-12-01T00:00:00Z" })),
+    el("button", { type: "submit" }, "Validate and simulate"));
+  candidate.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const files = [];
+    for (const f of candidate.elements.files.files) files.push({ name: f.name, text: await f.text() });
+    if (!files.length && candidate.elements.text.value.trim()) files.push({ name: "agents.yaml", text: candidate.elements.text.value });
+    if (!files.length) {
+      result.replaceChildren(el("p", { class: "error" }, "Choose policy files or type a policy."));
+      return;
+    }
+    const body = { files };
+    if (candidate.elements.since.value.trim()) body.since = candidate.elements.since.value.trim();
+    result.replaceChildren(el("p", { class: "muted" }, "Replaying the fleet's flows…"));
+    try {
+      const r = await api("POST", "/v1/policy/simulate", body);
+      result.replaceChildren(
+        el("p", { id: "simulation-summary" },
+          `Revision ${r.revision}: ${r.replayed} recorded flow(s) replayed; ${r.newly_denied.length} newly denied, ${r.newly_allowed.length} newly allowed.`,
+          r.truncated ? ` Only the first ${r.records} records were read: narrow it with a time.` : ""),
+        el("h3", {}, "Newly denied"),
+        table(["Identity", "Destination", "Port", "Protocol", "Count", "Why"], changeRows(r.newly_denied), { id: "newly-denied" }),
+        el("h3", {}, "Newly allowed"),
+        table(["Identity", "Destination", "Port", "Protocol", "Count", "Rule"], changeRows(r.newly_allowed), { id: "newly-allowed" }));
+    } catch (e) {
+      const problems = e.body && e.body.errors ? e.body.errors : [];
+      result.replaceChildren(failure(e),
+        el("ul", { id: "candidate-errors" }, problems.map((p) => el("li", {}, `${p.file}:${p.line}:${p.column}: ${p.message}`))));
+    }
+  });
+
+  page("Policy",
+    table(["Version", "Revision", "Pushed", "By"],
+      versions.map((v) => [String(v.version), v.revision, v.pushed_at, v.pushed_by]), { id: "versions" }),
+    el("h2", {}, "Compare two versions"), diffForm, diffBox,
+    el("h2", {}, "Try a candidate against the fleet's flows"), candidate, result);
+}
+
+function decisionsChart(buckets, bucketSecs) {
+  const box = el("div", { id: "decisions-chart", class: "chart", role: "img",
+    "aria-label": "Decisions over time: allowed, audit and denied flows per bucket" });
+  if (!buckets.length || typeof uPlot === "undefined") {
+    box.append(el("p", { class: "muted" }, "No decisions recorded in this span."));
+    return box;
+  }
+  const xs = buckets.map((b) => Date.parse(b.start) / 1000);
+  const data = [xs, buckets.map((b) => b.allow), buckets.map((b) => b.audit), buckets.map((b) => b.deny)];
+  // Drawn once the box is in the page (uPlot measures nothing itself; the width is ours).
+  requestAnimationFrame(() => {
+    const width = Math.max(320, box.clientWidth || 800);
+    new uPlot({
+      width, height: 220,
+      // The span the buckets cover, even when it is one bucket.
+      scales: { x: { time: true, range: () => [xs[0], xs[xs.length - 1] + bucketSecs] } },
+      series: [
+        {},
+        { label: "allowed", stroke: "#1d6b32", width: 2 },
+        { label: "audit", stroke: "#8a5a00", width: 2 },
+        { label: "denied", stroke: "#b3261e", width: 2 },
+      ],
+      axes: [{}, { label: `flows per ${bucketSecs >= 3600 ? `${bucketSecs / 3600} h` : `${bucketSecs / 60} min`}` }],
+    }, data, box);
+  });
+  return box;
+}
+
+async function identitiesPage(params) {
+  const q = new URLSearchParams();
+  if (params.get("since")) q.set("since", params.get("since"));
+  const r = await api("GET", `/v1/identities${q.toString() ? `?${q}` : ""}`);
+  const chosen = params.get("id");
+  const one = chosen && r.identities.find((i) => i.identity === chosen);
+  const form = el("form", { class: "filters", id: "identity-filters" },
+    el("label", {}, "since", el("input", { name: "since", value: params.get("since") || "", placeholder: "RFC 3339" })),
+    el("button", { type: "submit" }, "Show"));
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const next = new URLSearchParams();
+    if (form.elements.since.value.trim()) next.set("since", form.elements.since.value.trim());
+    if (chosen) next.set("id", chosen);
+    location.hash = `#/identities?${next}`;
+  });
+  const open = (id) => {
+    const next = new URLSearchParams(params);
+    next.set("id", id);
+    location.hash = `#/identities?${next}`;
+  };
+  const list = table(["Identity", "Owner", "Allowed", "Audit", "Denied", "Nodes", "Last seen", "Unused rules"],
+    r.identities.map((i) => [i.identity, i.owner || "", String(i.allow), String(i.audit), String(i.deny),
+      String(i.nodes.length), i.last_seen || "", String(i.rules.filter((x) => x.hits === 0).length)]),
+    {
+      id: "identities",
+      rowAttrs: (n) => ({
+        class: "clickable", tabindex: "0",
+        onclick: () => open(r.identities[n].identity),
+        onkeydown: (ev) => { if (ev.key === "Enter") open(r.identities[n].identity); },
+      }),
+    });
+  const detail = [];
+  if (one) {
+    detail.push(
+      el("h2", { id: "identity-name" }, one.identity),
+      el("p", {}, one.owner ? `Owner ${one.owner}. ` : "No owner. ",
+        `Seen on ${one.nodes.length} node(s)`, one.nodes.length ? `: ${one.nodes.join(", ")}` : "", "."),
+      decisionsChart(one.buckets, r.bucket_secs),
+      el("h3", {}, "Top destinations"),
+      table(["Destination", "Port", "Protocol", "Allowed", "Audit", "Denied"],
+        one.top_destinations.map((d) => [d.dest, String(d.port), d.protocol, String(d.allow), String(d.audit), String(d.deny)]),
+        { id: "top-destinations" }),
+      el("h3", {}, r.version ? `Rules in version ${r.version}` : "Rules"),
+      table(["Rule", "Place", "From", "Allowed flows"],
+        one.rules.map((x) => [String(x.rule_id), x.place, x.from, x.hits ? String(x.hits) : tag("unused", "drift")]),
+        { id: "rules" }));
+  }
+  page("Identities", form, list,
+    r.truncated ? el("p", { class: "muted" }, `Only the first ${r.records} records were read: narrow it with a time.`) : null,
+    ...detail);
+}
+
 const PAGES = {
   fleet: fleetPage,
   flows: flowsPage,
   "shadow-ai": shadowPage,
+  identities: identitiesPage,
+  policy: policyPage,
   revocations: revocationsPage,
 };
 
 async function route() {
+  clearInterval(state.timer);
+  state.timer = null;
   if (!state.session) return;
   const hash = location.hash.replace(/^#\/?/, "");
   const [name, query] = hash.split("?");

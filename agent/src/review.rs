@@ -403,44 +403,29 @@ pub struct UnusedReport {
 /// Rules of `set` with no allowed flow recorded under its revision (records carry the
 /// revision and the rule number, which are stable together).
 pub fn unused(set: &PolicySet, flows: &[Flow]) -> UnusedReport {
-    let mut report = UnusedReport::default();
-    let mut hit: BTreeSet<(String, u32)> = BTreeSet::new();
-    for f in flows
-        .iter()
-        .filter(|f| f.allowed() && f.revision == set.revision)
-    {
-        if let Some(id) = f.rule_id {
-            hit.insert((f.identity.clone(), id));
-            report.hits += f.count;
-        }
-    }
+    let used = rules_with_hits(set, flows);
+    let mut report = UnusedReport {
+        hits: used.iter().map(|r| r.hits).sum(),
+        ..UnusedReport::default()
+    };
     // Per archetype: (used anywhere, extended by anyone).
     let mut archetype_used: BTreeMap<String, bool> = BTreeMap::new();
-    for agent in &set.agents {
-        // Ingress rules leave no allow records (a reply and an allowed peer look the same on
-        // the packet line), so records cannot call one unused.
-        for r in set
-            .effective_rules(agent)
-            .into_iter()
-            .filter(|r| r.rule.direction == crate::policy::Direction::Egress)
+    for r in used {
+        if let Some(name) = r
+            .from
+            .strip_prefix("Archetype \"")
+            .and_then(|n| n.strip_suffix('"'))
         {
-            let used = hit.contains(&(agent.identity.clone(), r.rule.id));
-            if let Some(name) = r
-                .from
-                .strip_prefix("Archetype \"")
-                .and_then(|n| n.strip_suffix('"'))
-            {
-                *archetype_used.entry(name.to_owned()).or_default() |= used;
-            }
-            if !used {
-                report.rules.push(UnusedRule {
-                    identity: agent.identity.clone(),
-                    owner: agent.owner.clone(),
-                    rule_id: r.rule.id,
-                    place: r.source.place(),
-                    from: r.from.clone(),
-                });
-            }
+            *archetype_used.entry(name.to_owned()).or_default() |= r.hits > 0;
+        }
+        if r.hits == 0 {
+            report.rules.push(UnusedRule {
+                identity: r.identity,
+                owner: r.owner,
+                rule_id: r.rule_id,
+                place: r.place,
+                from: r.from,
+            });
         }
     }
     // Each owner's rules together, owners in order, rules nobody owns last.
@@ -453,6 +438,58 @@ pub fn unused(set: &PolicySet, flows: &[Flow]) -> UnusedReport {
         .map(|(n, _)| n)
         .collect();
     report
+}
+
+/// An egress rule of `set` and the allowed flows recorded under it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RuleUse {
+    pub identity: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<crate::policy::owner::Owner>,
+    pub rule_id: u32,
+    /// file:line egress[i]
+    pub place: String,
+    /// `AgentPolicy "name"` or `Archetype "name"`.
+    pub from: String,
+    /// Allowed flows recorded under it (counts summed), under `set`'s revision.
+    pub hits: u64,
+}
+
+/// Every identity's egress rules under `set`, in order, with the allowed flows recorded
+/// under each (records carry the revision and the rule number, which are stable together).
+/// Ingress rules leave no allow records (a reply and an allowed peer look the same on the
+/// packet line), so they are not counted.
+pub fn rules_with_hits(set: &PolicySet, flows: &[Flow]) -> Vec<RuleUse> {
+    let mut hits: BTreeMap<(&str, u32), u64> = BTreeMap::new();
+    for f in flows
+        .iter()
+        .filter(|f| f.allowed() && f.revision == set.revision)
+    {
+        if let Some(id) = f.rule_id {
+            *hits.entry((f.identity.as_str(), id)).or_default() += f.count;
+        }
+    }
+    let mut out = Vec::new();
+    for agent in &set.agents {
+        for r in set
+            .effective_rules(agent)
+            .into_iter()
+            .filter(|r| r.rule.direction == crate::policy::Direction::Egress)
+        {
+            out.push(RuleUse {
+                identity: agent.identity.clone(),
+                owner: agent.owner.clone(),
+                rule_id: r.rule.id,
+                place: r.source.place(),
+                from: r.from.clone(),
+                hits: hits
+                    .get(&(agent.identity.as_str(), r.rule.id))
+                    .copied()
+                    .unwrap_or(0),
+            });
+        }
+    }
+    out
 }
 
 /// The smallest AgentPolicy (as YAML) whose rules allow every flow recorded for `identity`:

@@ -12,6 +12,19 @@ const origin = new URL(url).origin;
 const expect = JSON.parse(process.env.EXPECT);
 const shots = process.env.SHOTS;
 
+// The next line the test writes on stdin (it acts between two steps of the page).
+const lines = [];
+let wake = null;
+process.stdin.setEncoding("utf8");
+process.stdin.on("data", (d) => {
+  lines.push(...d.split("\n").filter((l) => l));
+  if (wake) wake();
+});
+async function nextLine() {
+  while (!lines.length) await new Promise((r) => { wake = r; });
+  return lines.shift();
+}
+
 function check(ok, what) {
   if (!ok) throw new Error(`check failed: ${what}`);
   console.log(`ok: ${what}`);
@@ -86,9 +99,10 @@ try {
     await context.close();
   }
 
-  // Security reads everything and acts on nothing.
+  // Security reads everything and acts on nothing. (The refused candidate below is
+  // answered 422, which Chromium logs as a failed load.)
   {
-    const { context, page } = await session();
+    const { context, page } = await session(/status of 422/);
     await signIn(page, process.env.SECURITY_TOKEN);
     check((await page.locator("#roles").textContent()) === "(security)", "signed in as security");
     const cookies = await context.cookies();
@@ -117,12 +131,58 @@ try {
       `a denial's detail names its identity, destination and reason (${detail})`);
     await page.screenshot({ path: `${shots}/flows.png`, fullPage: true });
 
+    // Identities: each one's numbers, its chart, its rules and which are unused.
+    await page.locator('nav a[data-page="identities"]').click();
+    check((await rows(page, "identities")) === expect.identities.length, `the identities page lists ${expect.identities.length}`);
+    const want = expect.identities.find((i) => i.identity === expect.identity);
+    const cells = await page.locator("#identities tbody tr", { hasText: expect.identity }).locator("td").allTextContents();
+    check(cells[2] === String(want.allow) && cells[3] === String(want.audit) && cells[4] === String(want.deny),
+      `the identity's counts are the API's (${cells.join(" | ")})`);
+    await page.locator("#identities tbody tr", { hasText: expect.identity }).click();
+    await page.locator("#identity-name").waitFor();
+    await page.locator("#decisions-chart canvas").waitFor();
+    check(true, "the identity's decisions are drawn as a chart");
+    check((await rows(page, "top-destinations")) === want.top_destinations.length, "its top destinations are the API's");
+    check((await rows(page, "rules")) === want.rules.length, "its rules are listed");
+    check((await page.locator("#rules").textContent()).includes("unused") === want.rules.some((r) => r.hits === 0),
+      "unused rules are marked");
+    await page.screenshot({ path: `${shots}/identities.png`, fullPage: true });
+
+    // Policy: versions, a diff, a refused candidate's errors, a candidate's simulation.
+    await page.locator('nav a[data-page="policy"]').click();
+    check((await rows(page, "versions")) === expect.versions, `the policy page lists ${expect.versions} versions`);
+    await page.locator('#diff-form button[type="submit"]').click();
+    await page.locator("pre.diff").first().waitFor();
+    check((await page.locator("pre.diff").first().textContent()).includes(expect.diff_line), "the diff shows the added rule");
+    await page.locator('#candidate-form textarea[name="text"]').fill("kind: AgentPolicy\nname: broken\negress:\n  - to: [192.0.2.0/33]\n");
+    await page.locator('#candidate-form button[type="submit"]').click();
+    await page.locator("#candidate-errors li").first().waitFor();
+    check((await page.locator("#candidate-errors").textContent()).includes("agents.yaml:"), "a refused candidate shows its errors at file:line:column");
+    await page.screenshot({ path: `${shots}/policy-errors.png`, fullPage: true });
+    await page.locator('#candidate-form textarea[name="text"]').fill(expect.candidate);
+    await page.locator('#candidate-form button[type="submit"]').click();
+    await page.locator("#simulation-summary").waitFor();
+    check((await rows(page, "newly-denied")) === expect.newly_denied && (await rows(page, "newly-allowed")) === expect.newly_allowed,
+      `the simulation is the API's: ${expect.newly_denied} newly denied, ${expect.newly_allowed} newly allowed`);
+    await page.screenshot({ path: `${shots}/policy.png`, fullPage: true });
+
     // Shadow AI.
     await page.locator('nav a[data-page="shadow-ai"]').click();
     await page.locator("#shadow-summary").waitFor();
     check((await page.locator(".shadow-group").count()) === expect.shadow_groups, `the shadow AI page shows ${expect.shadow_groups} groups`);
     check((await page.locator(".shadow-group pre").first().textContent()).includes("kind: AgentPolicy"), "with a suggested policy");
     await page.screenshot({ path: `${shots}/shadow-ai.png`, fullPage: true });
+
+    // Live: a flow recorded after the page opened shows up without a reload.
+    await page.locator('nav a[data-page="flows"]').click();
+    await page.locator("#flows").waitFor();
+    await page.locator("#live").check();
+    await page.locator("#live-status").filter({ hasText: "following" }).waitFor();
+    console.log("waiting: live");
+    await nextLine();
+    await page.locator("#flows tbody tr", { hasText: expect.live_dest }).waitFor();
+    check(true, "a new flow reached the live flows page");
+    await page.locator("#live").uncheck();
 
     // Revocations: listed, but no way to revoke.
     await page.locator('nav a[data-page="revocations"]').click();
@@ -169,4 +229,5 @@ try {
   check(consoleErrors.length === 0, `no errors in the browser's console (${consoleErrors.join(" | ")})`);
 } finally {
   await browser.close();
+  process.stdin.destroy();
 }

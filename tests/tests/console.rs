@@ -2,11 +2,16 @@
 //! (`tests/browser/console.mjs`), against the real control plane holding a real node's
 //! records. `cargo xtask test` installs both; a missing one fails here, loudly.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use agentwall::control_plane::{PollReply, PollRequest, ReportBatch, Reported};
 use agentwall_tests::{
-    cp::{CpFixture, CpProc, NODE_ID, cp_json, node_args, push, security, stored},
+    cp::{CpFixture, CpProc, NODE_ID, POLICY_B, cp_json, node_args, push, security, stored},
     node::{
         NodeProc, SUPPORT_ID, SUPPORT_POLICY, eventually, launch_probe, setup, wait_status,
         write_cert,
@@ -62,8 +67,16 @@ fn the_console_shows_what_the_api_returns_and_its_revoke_reaches_the_node() {
     );
     let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(SUPPORT_ID)));
     let owned = format!("{SUPPORT_POLICY}owner: support-team@example.com\n");
-    let rev = push(&fx, &url, "v1", &owned);
-    wait_status(&node.socket, "version 1 applied", |s| {
+    push(&fx, &url, "v1", &owned);
+    // A second version with a rule no flow uses.
+    let added = "  - to: [203.0.113.0/24]\n    ports: [8443]\n    protocol: tcp\n";
+    let rev = push(
+        &fx,
+        &url,
+        "v2",
+        &format!("{SUPPORT_POLICY}{added}owner: support-team@example.com\n"),
+    );
+    wait_status(&node.socket, "version 2 applied", |s| {
         s["revision"] == rev.as_str()
     });
     let mut probe = launch_probe(&node.socket, &cert, &key);
@@ -139,22 +152,49 @@ fn the_console_shows_what_the_api_returns_and_its_revoke_reaches_the_node() {
         .map(|n| count(&n["groups"]))
         .sum();
     assert_eq!(shadow_groups, 1, "{shadow}");
+    let sec_client = fx.client(&url, None, Some(&fx.security_token));
+    let identities: serde_json::Value = rt.block_on(sec_client.get("/v1/identities")).unwrap();
+    let candidate_dir = dir.join("candidate");
+    std::fs::create_dir_all(&candidate_dir).unwrap();
+    std::fs::write(candidate_dir.join("agents.yaml"), POLICY_B).unwrap();
+    let sim = cp_json(
+        &fx,
+        &url,
+        &sec,
+        &[
+            "policy",
+            "simulate",
+            "--allow-new-denials",
+            candidate_dir.to_str().unwrap(),
+        ],
+    );
     let expect = serde_json::json!({
         "nodes": count(&nodes),
         "node": NODE_ID,
         "node_owner": "platform@example.com",
-        "version": 1,
+        "version": 2,
         "flows": count(&flows["flows"]),
         "denials": count(&denials["flows"]),
         "identity": SUPPORT_ID,
         "denied_dest": "198.51.100.10",
         "shadow_groups": shadow_groups,
         "revocations": 0,
+        "live_dest": "198.51.100.11",
+        "identities": identities["identities"],
+        "versions": 2,
+        "diff_line": "+  - to: [203.0.113.0/24]",
+        "candidate": POLICY_B,
+        "newly_denied": count(&sim["newly_denied"]),
+        "newly_allowed": count(&sim["newly_allowed"]),
     });
+    assert!(
+        count(&sim["newly_allowed"]) > 0 && count(&sim["newly_denied"]) > 0,
+        "{sim}"
+    );
 
     let admin_token = std::fs::read_to_string(&fx.admin_token).unwrap();
     let security_token = std::fs::read_to_string(&fx.security_token).unwrap();
-    let out = Command::new("node")
+    let mut script = Command::new("node")
         .arg(browser_dir().join("console.mjs"))
         .current_dir(browser_dir())
         .env("CONSOLE_URL", format!("{url}/ui/"))
@@ -164,14 +204,33 @@ fn the_console_shows_what_the_api_returns_and_its_revoke_reaches_the_node() {
         .env("EXPECT", expect.to_string())
         .env("SHOTS", shots_dir())
         .env("CHROMIUM", &chromium)
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("node (Node.js) runs the browser script");
-    let said = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "the browser script failed:\n{said}");
+    let mut to_script = script.stdin.take().unwrap();
+    let mut stderr = script.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut e = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut e).unwrap();
+        e
+    });
+    let mut said = String::new();
+    for line in BufReader::new(script.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        eprintln!("browser: {line}");
+        // The page follows the flows live: a denial made now must show up in it.
+        if line == "waiting: live" {
+            assert_eq!(probe.cmd("connect tcp 198.51.100.11 443"), "err EPERM");
+            writeln!(to_script, "go").unwrap();
+        }
+        said.push_str(&line);
+        said.push('\n');
+    }
+    let status = script.wait().unwrap();
+    said.push_str(&errors.join().unwrap());
+    assert!(status.success(), "the browser script failed:\n{said}");
     assert!(
         said.contains("ok: no errors in the browser's console"),
         "{said}"
@@ -188,6 +247,9 @@ fn the_console_shows_what_the_api_returns_and_its_revoke_reaches_the_node() {
         "sign-in",
         "fleet",
         "flows",
+        "identities",
+        "policy",
+        "policy-errors",
         "shadow-ai",
         "revoke-confirm",
         "revocations",

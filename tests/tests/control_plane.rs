@@ -2983,6 +2983,47 @@ fn fleet_reviews_list_diff_simulate_and_find_unused_rules_over_every_nodes_recor
         )
     );
 
+    // Each identity: its decisions, destinations and rules with their use.
+    let ids: serde_json::Value = rt()
+        .block_on(
+            fx.client(&url, None, Some(&fx.security_token))
+                .get("/v1/identities"),
+        )
+        .unwrap();
+    assert_eq!(ids["version"], 2);
+    let one = &ids["identities"][0];
+    assert_eq!(one["identity"], ID);
+    assert_eq!(
+        (one["allow"].as_u64(), one["deny"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(
+        one["nodes"],
+        serde_json::json!([
+            "spiffe://example.org/node/r1",
+            "spiffe://example.org/node/r2"
+        ])
+    );
+    assert_eq!(
+        one["top_destinations"].as_array().unwrap().len(),
+        3,
+        "{one}"
+    );
+    let hits: Vec<u64> = one["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["hits"].as_u64().unwrap())
+        .collect();
+    assert_eq!(hits, [2, 0]);
+    let buckets = one["buckets"].as_array().unwrap();
+    assert!(!buckets.is_empty() && buckets.len() <= 48, "{one}");
+    let total: u64 = buckets
+        .iter()
+        .map(|b| b["allow"].as_u64().unwrap() + b["deny"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 3);
+
     // A candidate that moves the allowlist: what it would deny and allow, fleet-wide.
     let candidate = policy_dir(fx.dir.as_path(), "candidate", &[("agents.yaml", POLICY_B)]);
     let (ok, out, err) = text(&["policy", "simulate", candidate.to_str().unwrap()]);

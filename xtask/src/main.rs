@@ -257,25 +257,33 @@ fn install_schemathesis(root: &Path) -> Result<()> {
 /// as tests/browser/package-lock.json pins it) from the npm registry (idempotent).
 fn install_browser(root: &Path) -> Result<()> {
     apt_install(&["chromium"], &["chromium"])?;
-    apt_install(&["node", "npm"], &["nodejs", "npm"])?;
-    let dir = root.join("tests/browser");
-    let lock: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("package-lock.json"))?)?;
-    let pinned = lock["packages"]["node_modules/playwright-core"]["version"]
+    npm_ci(&root.join("tests/browser"), "playwright-core")
+}
+
+/// `npm ci` in `dir` (its package-lock.json) unless `package` is installed there at the
+/// locked version already; no package's install scripts run.
+fn npm_ci(dir: &Path, package: &str) -> Result<()> {
+    let lock: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("package-lock.json"))
+            .with_context(|| format!("{}/package-lock.json", dir.display()))?,
+    )?;
+    let pinned = lock["packages"][format!("node_modules/{package}")]["version"]
         .as_str()
-        .context("tests/browser/package-lock.json pins no playwright-core")?
+        .with_context(|| format!("{}/package-lock.json locks no {package}", dir.display()))?
         .to_owned();
-    let installed = std::fs::read_to_string(dir.join("node_modules/playwright-core/package.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|p| p["version"] == pinned.as_str());
+    let installed =
+        std::fs::read_to_string(dir.join("node_modules").join(package).join("package.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|p| p["version"] == pinned.as_str());
     if installed {
         return Ok(());
     }
-    println!("installing playwright-core {pinned} (npm)");
+    apt_install(&["node", "npm"], &["nodejs", "npm"])?;
+    println!("installing {package} {pinned} (npm, in {})", dir.display());
     run(Command::new("npm")
         .args(["ci", "--no-audit", "--no-fund", "--ignore-scripts"])
-        .current_dir(&dir))
+        .current_dir(dir))
 }
 
 /// What `bench compare` measures agentwall against, from Debian's packages (idempotent).
@@ -463,6 +471,8 @@ fn fuzz(root: &Path, target: &str, seconds: u32) -> Result<()> {
 }
 
 fn setup() -> Result<()> {
+    // The console's chart library, which the agentwall binary embeds (agent/build.rs).
+    npm_ci(&workspace_root().join("agent/console"), "uplot")?;
     // The nightly toolchain builds agent-ebpf with -Z build-std=core, which needs rust-src.
     if output(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--version"])).is_none() {
         eprintln!("setup: installing the {NIGHTLY} toolchain");

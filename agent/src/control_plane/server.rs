@@ -202,6 +202,13 @@ const ROUTES: &[RouteRule] = &[
     },
     RouteRule {
         method: Method::GET,
+        path: "/v1/identities",
+        roles: READERS,
+        body_cap: 0,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::GET,
         path: "/v1/reports/unused",
         roles: READERS,
         body_cap: 0,
@@ -308,6 +315,20 @@ const ROUTES: &[RouteRule] = &[
     RouteRule {
         method: Method::GET,
         path: "/ui/app.css",
+        roles: PUBLIC,
+        body_cap: 0,
+        rate_limited: false,
+    },
+    RouteRule {
+        method: Method::GET,
+        path: "/ui/uplot.js",
+        roles: PUBLIC,
+        body_cap: 0,
+        rate_limited: false,
+    },
+    RouteRule {
+        method: Method::GET,
+        path: "/ui/uplot.css",
         roles: PUBLIC,
         body_cap: 0,
         rate_limited: false,
@@ -943,6 +964,7 @@ impl Server {
             .route("/v1/policy/diff", get(review::get_diff))
             .route("/v1/policy/simulate", post(review::post_simulate))
             .route("/v1/reports/unused", get(review::get_unused))
+            .route("/v1/identities", get(review::get_identities))
             .route("/v1/nodes", get(get_nodes))
             .route("/v1/flows", get(get_flows))
             .route("/v1/shadow-ai", get(get_shadow_ai))
@@ -963,6 +985,8 @@ impl Server {
             .route("/ui/", get(console::index))
             .route("/ui/app.js", get(console::app_js))
             .route("/ui/app.css", get(console::app_css))
+            .route("/ui/uplot.js", get(console::uplot_js))
+            .route("/ui/uplot.css", get(console::uplot_css))
             .route(
                 "/ui/session",
                 get(console::session)
@@ -2348,6 +2372,7 @@ async fn store_reports(
         review::get_diff,
         review::post_simulate,
         review::get_unused,
+        review::get_identities,
         get_nodes,
         get_flows,
         get_shadow_ai,

@@ -30,6 +30,9 @@ pub(super) const CSRF_HEADER: &str = "x-agentwall-csrf";
 const INDEX: &str = include_str!("../../../console/index.html");
 const APP_JS: &str = include_str!("../../../console/app.js");
 const APP_CSS: &str = include_str!("../../../console/app.css");
+/// The chart library (uPlot, from the npm registry: agent/console/package-lock.json).
+const UPLOT_JS: &str = include_str!(concat!(env!("OUT_DIR"), "/uPlot.iife.min.js"));
+const UPLOT_CSS: &str = include_str!(concat!(env!("OUT_DIR"), "/uPlot.min.css"));
 
 /// Where the console's pages may load from and send to: this origin only, scripts from its
 /// files only (no inline code, so injected markup runs nothing), never framed.
@@ -75,6 +78,14 @@ pub(super) async fn app_js() -> Response {
 
 pub(super) async fn app_css() -> Response {
     guarded(APP_CSS.into_response(), "text/css; charset=utf-8")
+}
+
+pub(super) async fn uplot_js() -> Response {
+    guarded(UPLOT_JS.into_response(), "text/javascript; charset=utf-8")
+}
+
+pub(super) async fn uplot_css() -> Response {
+    guarded(UPLOT_CSS.into_response(), "text/css; charset=utf-8")
 }
 
 /// `/ui` without the slash: the page's relative links need the directory.

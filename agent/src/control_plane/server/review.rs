@@ -231,3 +231,283 @@ impl Server {
         })
     }
 }
+
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct IdentitiesQuery {
+    /// RFC 3339 (UTC): only flows recorded at or after it.
+    since: Option<String>,
+}
+
+/// Each governed identity across the fleet: its decisions, over time and by destination,
+/// and its rules in the newest bundle with the flows each allowed.
+#[utoipa::path(get, path = "/v1/identities", tag = "reports", params(IdentitiesQuery),
+    responses((status = 200, description = "Every identity seen in records or named by the newest bundle", body = IdentitiesReply)))]
+pub(super) async fn get_identities(
+    State(s): S,
+    Params(q): Params<IdentitiesQuery>,
+) -> Result<Json<IdentitiesReply>, Fail> {
+    let since = since_of(q.since.as_deref())?;
+    let store = s.store.clone();
+    let _turn = s.review_turn()?;
+    Ok(Json(blocking(move || identities(&*store, since)).await?))
+}
+
+/// Decisions of one identity in one span of time (`start` and the reply's `bucket_secs`).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Bucket {
+    pub start: String,
+    pub allow: u64,
+    pub audit: u64,
+    pub deny: u64,
+}
+
+/// Where an identity went, and how often.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Destination {
+    /// The name asked for, or the address.
+    pub dest: String,
+    pub port: u16,
+    pub protocol: String,
+    pub allow: u64,
+    pub audit: u64,
+    pub deny: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct IdentitySummary {
+    pub identity: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    pub allow: u64,
+    pub audit: u64,
+    pub deny: u64,
+    /// Nodes whose records name it.
+    pub nodes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+    /// Its decisions over time, oldest first, in the reply's buckets.
+    pub buckets: Vec<Bucket>,
+    /// The most used destinations (at most [`TOP_DESTINATIONS`]), most used first.
+    pub top_destinations: Vec<Destination>,
+    /// Its egress rules in the newest bundle, with the allowed flows recorded under each
+    /// (0: unused).
+    #[schema(value_type = Vec<Object>)]
+    pub rules: Vec<crate::review::RuleUse>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct IdentitiesReply {
+    /// The newest bundle's version, whose rules are shown (None: none pushed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// The length of each bucket, chosen so the span of the records fits in at most
+    /// [`BUCKETS`].
+    pub bucket_secs: u64,
+    pub identities: Vec<IdentitySummary>,
+    pub records: u64,
+    pub truncated: bool,
+}
+
+/// Most destinations listed per identity.
+pub const TOP_DESTINATIONS: usize = 10;
+/// Most time buckets per identity.
+pub const BUCKETS: u64 = 48;
+
+fn identities(
+    store: &dyn Store,
+    since: Option<String>,
+) -> Result<IdentitiesReply, crate::control_plane::store::StoreError> {
+    use std::collections::{BTreeMap, BTreeSet};
+    struct Seen {
+        identity: String,
+        owner: Option<String>,
+        node: String,
+        time: Option<i64>,
+        verdict: usize,
+        count: u64,
+        dest: String,
+        port: u16,
+        protocol: String,
+    }
+    let mut q = FlowQuery {
+        since,
+        limit: Some(PAGE),
+        ..FlowQuery::default()
+    };
+    let (mut seen, mut flows, mut read, mut truncated) = (Vec::new(), Vec::new(), 0u64, false);
+    loop {
+        let page = store.flows(&q)?;
+        read += page.flows.len() as u64;
+        for f in &page.flows {
+            let r = &f.record;
+            let text = |k: &str| r.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+            let Some(identity) = text("identity") else {
+                continue;
+            };
+            let verdict = match text("verdict").as_deref() {
+                Some("allow") => 0,
+                Some("audit") => 1,
+                Some("deny" | "socket-deny") => 2,
+                _ => continue,
+            };
+            if let Some(flow) = Flow::of_record(r) {
+                flows.push(flow);
+            }
+            seen.push(Seen {
+                identity,
+                owner: text("owner"),
+                node: f.node.clone(),
+                time: text("last_seen")
+                    .or_else(|| text("time"))
+                    .and_then(|t| crate::clock::parse_rfc3339(&t).ok())
+                    .map(|t| t.unix_timestamp()),
+                verdict,
+                count: r.get("count").and_then(|c| c.as_u64()).unwrap_or(1),
+                dest: crate::review::host_name(text("fqdn"))
+                    .or_else(|| text("dest"))
+                    .unwrap_or_default(),
+                port: r.get("port").and_then(|p| p.as_u64()).unwrap_or(0) as u16,
+                protocol: text("protocol").unwrap_or_default(),
+            });
+        }
+        match page.next {
+            Some(_) if read >= REVIEW_RECORDS => {
+                truncated = true;
+                break;
+            }
+            Some(n) => q.after = Some(n),
+            None => break,
+        }
+    }
+    let newest = store.policy(None)?;
+    let set = newest
+        .as_ref()
+        .and_then(|b| crate::control_plane::validate(&b.files).ok());
+    let rules = set
+        .as_ref()
+        .map(|set| crate::review::rules_with_hits(set, &flows))
+        .unwrap_or_default();
+
+    let times = seen.iter().filter_map(|s| s.time);
+    let (first, last) = (times.clone().min(), times.max());
+    let span = match (first, last) {
+        (Some(a), Some(b)) => (b - a).max(0) as u64,
+        _ => 0,
+    };
+    let bucket_secs = [60, 300, 900, 3_600, 6 * 3_600, 86_400, 7 * 86_400]
+        .into_iter()
+        .find(|b| span / b < BUCKETS - 1)
+        // Records a node dated decades apart still make at most BUCKETS.
+        .unwrap_or(span / (BUCKETS - 2) + 1);
+    let start = first.map(|t| t - t.rem_euclid(bucket_secs as i64));
+    let buckets = start.map_or(0, |s0| (last.unwrap_or(s0) - s0) as u64 / bucket_secs + 1);
+
+    let mut by_id: BTreeMap<String, IdentitySummary> = BTreeMap::new();
+    let mut nodes: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    // Per identity: (destination, port, protocol) -> [allow, audit, deny].
+    type ByDestination = BTreeMap<(String, u16, String), [u64; 3]>;
+    let mut dests: BTreeMap<String, ByDestination> = BTreeMap::new();
+    let mut last_seen: BTreeMap<String, i64> = BTreeMap::new();
+    let new = |identity: &str| IdentitySummary {
+        identity: identity.to_owned(),
+        owner: None,
+        allow: 0,
+        audit: 0,
+        deny: 0,
+        nodes: Vec::new(),
+        last_seen: None,
+        buckets: (0..buckets)
+            .map(|i| Bucket {
+                start: crate::clock::rfc3339(
+                    std::time::UNIX_EPOCH
+                        + std::time::Duration::from_secs(
+                            (start.unwrap_or(0) as u64).saturating_add(i * bucket_secs),
+                        ),
+                ),
+                ..Bucket::default()
+            })
+            .collect(),
+        top_destinations: Vec::new(),
+        rules: Vec::new(),
+    };
+    for s in &seen {
+        let e = by_id
+            .entry(s.identity.clone())
+            .or_insert_with(|| new(&s.identity));
+        if e.owner.is_none() {
+            e.owner.clone_from(&s.owner);
+        }
+        let slot = match s.verdict {
+            0 => &mut e.allow,
+            1 => &mut e.audit,
+            _ => &mut e.deny,
+        };
+        *slot += s.count;
+        if let (Some(t), Some(s0)) = (s.time, start) {
+            let b = &mut e.buckets[((t - s0) as u64 / bucket_secs) as usize];
+            *match s.verdict {
+                0 => &mut b.allow,
+                1 => &mut b.audit,
+                _ => &mut b.deny,
+            } += s.count;
+            let l = last_seen.entry(s.identity.clone()).or_insert(t);
+            *l = (*l).max(t);
+        }
+        nodes
+            .entry(s.identity.clone())
+            .or_default()
+            .insert(s.node.clone());
+        dests
+            .entry(s.identity.clone())
+            .or_default()
+            .entry((s.dest.clone(), s.port, s.protocol.clone()))
+            .or_default()[s.verdict] += s.count;
+    }
+    // Identities the bundle names that no record does yet.
+    for r in &rules {
+        by_id
+            .entry(r.identity.clone())
+            .or_insert_with(|| new(&r.identity));
+    }
+    for r in rules {
+        let e = by_id.get_mut(&r.identity).expect("added above");
+        if let Some(o) = &r.owner {
+            e.owner = Some(o.as_str().to_owned());
+        }
+        e.rules.push(r);
+    }
+    for (id, e) in &mut by_id {
+        e.nodes = nodes.remove(id).unwrap_or_default().into_iter().collect();
+        e.last_seen = last_seen.get(id).map(|t| {
+            crate::clock::rfc3339(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs((*t).max(0) as u64),
+            )
+        });
+        let mut d: Vec<Destination> = dests
+            .remove(id)
+            .unwrap_or_default()
+            .into_iter()
+            .map(
+                |((dest, port, protocol), [allow, audit, deny])| Destination {
+                    dest,
+                    port,
+                    protocol,
+                    allow,
+                    audit,
+                    deny,
+                },
+            )
+            .collect();
+        d.sort_by_key(|d| std::cmp::Reverse(d.allow + d.audit + d.deny));
+        d.truncate(TOP_DESTINATIONS);
+        e.top_destinations = d;
+    }
+    Ok(IdentitiesReply {
+        version: newest.map(|b| b.version),
+        bucket_secs,
+        identities: by_id.into_values().collect(),
+        records: read,
+        truncated,
+    })
+}
