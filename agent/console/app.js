@@ -529,6 +529,14 @@ async function start() {
     signedOut("Signed out.");
   });
   window.addEventListener("hashchange", route);
+  // A one-time sign-in link: its code leaves the address bar (and the history) at once.
+  const link = location.hash.match(/^#link=([0-9a-f]{64})$/);
+  if (link) {
+    history.replaceState(null, "", location.pathname);
+    signedOut("");
+    await signIn({ link: link[1] });
+    return;
+  }
   try {
     const s = await api("GET", "/ui/session");
     if (s && s.signed_in) signedIn(s);

@@ -205,10 +205,14 @@ try {
     await context.close();
   }
 
-  // An admin revokes an identity, with a reason, after confirming.
+  // An admin, signed in by a one-time link (as `agentwall cp console-link` prints one),
+  // revokes an identity, with a reason, after confirming.
   {
     const { context, page } = await session();
-    await signIn(page, process.env.ADMIN_TOKEN);
+    await page.goto(process.env.ADMIN_LINK);
+    await page.locator("#nav").waitFor({ state: "visible" });
+    check((await page.locator("#roles").textContent()) === "(admin)", "signed in as admin by the link");
+    check(!page.url().includes("link="), `the link's code left the address bar (${page.url()})`);
     await page.locator('nav a[data-page="revocations"]').click();
     await page.locator("#revoke-form").waitFor();
     await page.locator('#revoke-form input[name="identity"]').fill(process.env.REVOKE_ID);

@@ -192,13 +192,16 @@ fn the_console_shows_what_the_api_returns_and_its_revoke_reaches_the_node() {
         "{sim}"
     );
 
-    let admin_token = std::fs::read_to_string(&fx.admin_token).unwrap();
     let security_token = std::fs::read_to_string(&fx.security_token).unwrap();
+    // The admin signs in by a one-time link, made with the admin's certificate.
+    let admin = agentwall_tests::cp::admin_creds(&fx);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let link = cp_json(&fx, &url, &admin, &["console-link"]);
     let mut script = Command::new("node")
         .arg(browser_dir().join("console.mjs"))
         .current_dir(browser_dir())
         .env("CONSOLE_URL", format!("{url}/ui/"))
-        .env("ADMIN_TOKEN", admin_token.trim())
+        .env("ADMIN_LINK", link["url"].as_str().unwrap())
         .env("SECURITY_TOKEN", security_token.trim())
         .env("REVOKE_ID", SUPPORT_ID)
         .env("EXPECT", expect.to_string())

@@ -2866,6 +2866,69 @@ fn console_sessions_are_bounded_per_credential_and_can_be_ended_by_an_admin() {
 }
 
 #[test]
+fn a_sign_in_link_signs_one_browser_in_once_with_its_makers_credential() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    let server = CpProc::start(&fx, None);
+    let admin = admin_creds(&fx);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let out = cp(&fx, &server.url, &admin, &["console-link"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let link = text.lines().next().unwrap();
+    let code = link
+        .strip_prefix(&format!("{}/ui/#link=", server.url))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(code.len(), 64, "{text}");
+    assert!(
+        text.contains("(signs one browser in, once, until 20"),
+        "{text}"
+    );
+    let body = format!(r#"{{"link":"{code}"}}"#);
+    let (cookie, _, v) = console_sign_in(&fx, &server, None, &body);
+    assert_eq!(v["principal"], ADMIN_ID, "the maker's credential: {v}");
+    assert_eq!(v["roles"], serde_json::json!(["admin"]));
+    let (status, _, _) = https(
+        &fx,
+        &server,
+        None,
+        "GET",
+        "/v1/nodes",
+        &[("Cookie", &cookie)],
+        "",
+    );
+    assert_eq!(status, 200);
+    let (status, _, body) = https(
+        &fx,
+        &server,
+        None,
+        "POST",
+        "/ui/session",
+        &[("Content-Type", "application/json")],
+        &body,
+    );
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body.contains("was used already, has expired, or never was"),
+        "{body}"
+    );
+    // Security may not make one.
+    let sec = security(&fx);
+    let sec: Vec<&str> = sec.iter().map(String::as_str).collect();
+    let out = cp(&fx, &server.url, &sec, &["console-link"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs role admin"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn failed_credentials_spend_the_callers_address_rate_on_every_route() {
     let tmp = tempfile::tempdir().unwrap();
     let fx = CpFixture::new(tmp.path());

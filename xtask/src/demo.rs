@@ -234,7 +234,7 @@ fn cgroup2_mount() -> Result<PathBuf> {
         .context("no cgroup2 filesystem is mounted")
 }
 
-pub fn run(root: &Path) -> Result<()> {
+pub fn run(root: &Path, keep: bool) -> Result<()> {
     let bin = root.join("target/debug");
     let agentwall = bin.join("agentwall");
     let probe = bin.join("aw-probe");
@@ -489,8 +489,22 @@ pub fn run(root: &Path) -> Result<()> {
         String::from_utf8_lossy(&admin_cli(&["nodes"])?.stdout)
     );
 
+    println!("\n== 12. The console: agentwall cp console-link");
+    let link = String::from_utf8_lossy(&admin_cli(&["console-link"])?.stdout).into_owned();
+    println!("   {url}/ui/ (sign in with a token or a client certificate), or once, as the admin:");
+    for line in link.lines() {
+        println!("   {line}");
+    }
+    if keep && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        println!("   everything keeps running: press Enter to clean up");
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+    } else if keep {
+        println!("   (--keep waits for Enter on a terminal; stdin is not one)");
+    }
+
     println!(
-        "\n== 12. Cleaning up: agents, node and control plane stopped, datapath detached, cgroups removed"
+        "\n== 13. Cleaning up: agents, node and control plane stopped, datapath detached, cgroups removed"
     );
     drop(cleanup);
     println!("   done");

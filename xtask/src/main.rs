@@ -64,8 +64,13 @@ enum Task {
         #[arg(long)]
         iterations: Option<u32>,
     },
-    /// agentwall end to end on this machine: certificates, policy, node, agents, flows.
-    Demo,
+    /// agentwall end to end on this machine: certificates, policy, node, agents, flows; ends
+    /// with the console's address and a one-time sign-in link.
+    Demo {
+        /// Keep everything running until Enter (on a terminal), to look at the console.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Build the Debian package (target/debian/agentwall_VERSION_amd64.deb) with cargo-deb:
     /// the binary, systemd units, default configs, completions, man pages, alerting rules
     /// and a Grafana dashboard.
@@ -207,11 +212,11 @@ fn main() -> Result<()> {
             setup()?;
             package::build(&root).map(drop)
         }
-        Task::Demo => {
+        Task::Demo { keep } => {
             setup()?;
             require_root("the demo attaches eBPF programs and creates cgroups")?;
             run(cargo(&root).args(["build", "--bins", "--quiet"]))?;
-            demo::run(&root)
+            demo::run(&root, keep)
         }
     }
 }

@@ -71,6 +71,9 @@ enum Command {
     /// Reviews over every node's records.
     #[command(subcommand)]
     Report(ReportCommand),
+    /// A one-time link that signs a browser in to the console with this command's own
+    /// credential (good for ten minutes; whoever opens it first is signed in).
+    ConsoleLink,
     /// End console sessions at once, on every replica: everyone's, or one principal's.
     EndSessions {
         /// Only this principal's: a SPIFFE ID, or `token:` and the first 12 hex digits of
@@ -456,6 +459,30 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                         r.records
                     );
                 }
+            }
+        }
+        Command::ConsoleLink => {
+            let r: serde_json::Value = c
+                .call(
+                    hyper::Method::POST,
+                    "/v1/console/links",
+                    None,
+                    std::time::Duration::from_secs(30),
+                )
+                .await?;
+            let link = format!(
+                "{}{}",
+                c.url().trim_end_matches('/'),
+                r["path"].as_str().unwrap_or_default()
+            );
+            if json {
+                print_json(&serde_json::json!({ "url": link, "expires": r["expires"] }));
+            } else {
+                println!("{link}");
+                println!(
+                    "(signs one browser in, once, until {})",
+                    r["expires"].as_str().unwrap_or("?")
+                );
             }
         }
         Command::EndSessions { principal } => {

@@ -285,6 +285,13 @@ const ROUTES: &[RouteRule] = &[
         rate_limited: true,
     },
     RouteRule {
+        method: Method::POST,
+        path: "/v1/console/links",
+        roles: &[Role::Admin],
+        body_cap: 0,
+        rate_limited: true,
+    },
+    RouteRule {
         method: Method::DELETE,
         path: "/v1/console/sessions",
         roles: &[Role::Admin],
@@ -977,6 +984,7 @@ impl Server {
             .route("/v1/node/poll", post(node_poll))
             .route("/v1/node/reports", post(node_reports))
             .route("/v1/openapi.json", get(get_openapi))
+            .route("/v1/console/links", post(console::make_link))
             .route(
                 "/v1/console/sessions",
                 axum::routing::delete(console::end_sessions),
@@ -2381,6 +2389,7 @@ async fn store_reports(
         post_revocation,
         get_metrics,
         console::end_sessions,
+        console::make_link,
         node_poll,
         node_reports,
         get_openapi

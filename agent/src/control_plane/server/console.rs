@@ -159,9 +159,25 @@ pub(super) struct SessionView {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SignIn {
-    /// A bearer token; without it, the client certificate the browser presented.
+    /// A bearer token; without it (or a link), the client certificate the browser presented.
     #[serde(default)]
     token: Option<String>,
+    /// A one-time sign-in link's code.
+    #[serde(default)]
+    link: Option<String>,
+}
+
+/// How long a sign-in link lasts unused.
+const LINK_MINUTES: i64 = 10;
+
+/// The chain a certificate credential was verified with, as a session keeps it.
+fn chain_of(credential: &str, peer: &Peer) -> Option<String> {
+    credential.starts_with("cert:").then(|| {
+        peer.chain
+            .as_deref()
+            .map(|c| c.iter().map(hex::encode).collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
+    })
 }
 
 /// Largest client certificate chain (DER bytes) a console sign-in keeps.
@@ -276,7 +292,26 @@ pub(super) async fn sign_in(
             format!("body is not {{\"token\": TEXT}} or {{}}: {e}"),
         )
     })?;
+    let linked = match req.link.as_deref().map(str::trim) {
+        Some(code) if !code.is_empty() => {
+            let (store, hash) = (s.store.clone(), sha256_hex(code.as_bytes()));
+            let taken = blocking(move || store.console_link_take(&hash)).await?;
+            let Some(link) = taken else {
+                s.stats.refused(Refusal::Unauthenticated);
+                return Err(Fail::new(
+                    StatusCode::UNAUTHORIZED,
+                    "that sign-in link was used already, has expired, or never was",
+                ));
+            };
+            Some(link)
+        }
+        _ => None,
+    };
     let credential = match (req.token.as_deref().map(str::trim), &peer.spiffe_id) {
+        _ if linked.is_some() => linked
+            .as_ref()
+            .map(|l| l.credential.clone())
+            .unwrap_or_default(),
         (Some(t), _) if !t.is_empty() => format!("token:{}", sha256_hex(t.as_bytes())),
         (_, Some(id)) => format!("cert:{id}"),
         _ => {
@@ -287,12 +322,10 @@ pub(super) async fn sign_in(
             ));
         }
     };
-    let chain = credential.starts_with("cert:").then(|| {
-        peer.chain
-            .as_deref()
-            .map(|c| c.iter().map(hex::encode).collect::<Vec<_>>().join("\n"))
-            .unwrap_or_default()
-    });
+    let chain = match &linked {
+        Some(l) => l.chain.clone(),
+        None => chain_of(&credential, &peer),
+    };
     // The chain is kept with the session (to check it again at each request): a bounded
     // one, so sign-ins cannot be made to fill the database.
     if let Some(c) = chain.as_ref().filter(|c| c.len() > 2 * MAX_CHAIN_BYTES) {
@@ -443,4 +476,71 @@ pub(super) async fn end_sessions(
     warn!(principal = %who.name, whose = q.principal.as_deref().unwrap_or("everyone"), ended,
         "console sessions ended");
     Ok(Json(Ended { ended }))
+}
+
+/// What `POST /v1/console/links` answers.
+#[derive(serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct SignInLink {
+    /// Append to the control plane's address: `/ui/#link=CODE`. The code travels in the
+    /// fragment, which browsers never send to a server or in a Referer.
+    pub path: String,
+    pub expires: String,
+}
+
+/// A one-time sign-in link for the caller's own credential (a certificate, a token or a
+/// console session), good for ten minutes: to hand a browser a session without typing a
+/// token into it. Whoever opens it first is signed in; the roles are worked out then.
+#[utoipa::path(post, path = "/v1/console/links", tag = "console",
+    responses((status = 200, description = "A link", body = SignInLink)))]
+pub(super) async fn make_link(
+    State(s): S,
+    Extension(who): Extension<Principal>,
+    peer: Option<Extension<Peer>>,
+    signed: Option<Extension<Signed>>,
+    headers: HeaderMap,
+) -> Result<Json<SignInLink>, Fail> {
+    let peer = peer.map(|Extension(p)| p).unwrap_or_default();
+    let (credential, chain) = match (&peer.spiffe_id, super::bearer(&headers), signed) {
+        (Some(id), _, _) => {
+            let c = format!("cert:{id}");
+            let chain = chain_of(&c, &peer);
+            (c, chain)
+        }
+        (None, Some(t), _) => (format!("token:{}", sha256_hex(t.as_bytes())), None),
+        (None, None, Some(Extension(Signed(session)))) => {
+            (session.credential.clone(), session.chain.clone())
+        }
+        (None, None, None) => {
+            return Err(Fail::new(
+                StatusCode::UNAUTHORIZED,
+                "a sign-in link needs a credential to hand on",
+            ));
+        }
+    };
+    if chain
+        .as_ref()
+        .is_some_and(|c| c.len() > 2 * MAX_CHAIN_BYTES)
+    {
+        return Err(Fail::new(
+            StatusCode::BAD_REQUEST,
+            format!("the client certificate chain is over {MAX_CHAIN_BYTES} bytes"),
+        ));
+    }
+    let code = random_hex()?;
+    let expires = crate::clock::rfc3339(
+        (time::OffsetDateTime::now_utc() + time::Duration::minutes(LINK_MINUTES)).into(),
+    );
+    let link = crate::control_plane::store::ConsoleLink {
+        code_sha256: sha256_hex(code.as_bytes()),
+        credential,
+        chain,
+        expires: expires.clone(),
+    };
+    let store = s.store.clone();
+    blocking(move || store.console_link_open(&link)).await?;
+    info!(principal = %who.name, expires = %expires, "console sign-in link made");
+    Ok(Json(SignInLink {
+        path: format!("/ui/#link={code}"),
+        expires,
+    }))
 }

@@ -101,6 +101,17 @@ pub struct ConsoleSession {
     pub expires: String,
 }
 
+/// A one-time sign-in link an admin made: whoever opens it first is signed in with the
+/// admin's credential (its roles worked out when used, as a session's are).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsoleLink {
+    pub code_sha256: String,
+    /// As [`ConsoleSession::credential`].
+    pub credential: String,
+    pub chain: Option<String>,
+    pub expires: String,
+}
+
 /// Live console sign-ins kept per credential: signing in again past it ends the oldest, so
 /// no one fills the database by signing in over and over.
 pub const CONSOLE_SESSIONS_PER_CREDENTIAL: i64 = 16;
@@ -192,6 +203,11 @@ pub trait Store: Send + Sync {
     fn console_session(&self, id_sha256: &str) -> Result<Option<ConsoleSession>, StoreError>;
     /// Ends a console sign-in (sign-out); false when there was none.
     fn console_close(&self, id_sha256: &str) -> Result<bool, StoreError>;
+    /// Keeps a one-time sign-in link (its code's SHA-256), and forgets expired ones.
+    fn console_link_open(&self, link: &ConsoleLink) -> Result<(), StoreError>;
+    /// Takes the unexpired link whose code hashes to `code_sha256`: it is gone after, so it
+    /// signs in once, on any replica.
+    fn console_link_take(&self, code_sha256: &str) -> Result<Option<ConsoleLink>, StoreError>;
     /// Spends a node's report quotas that every replica on this database shares: all of
     /// `spend` or nothing. Some(seconds to wait) when one is spent. Without other replicas
     /// (SQLite) there is nothing to share: the server's own count is the whole.

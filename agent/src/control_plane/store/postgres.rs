@@ -13,7 +13,7 @@ use tokio_postgres::{
 };
 use tracing::{info, warn};
 
-use super::{Arg, ConsoleSession, NodeSeen, Row, Store, StoreError, now, number};
+use super::{Arg, ConsoleLink, ConsoleSession, NodeSeen, Row, Store, StoreError, now, number};
 use crate::control_plane::{
     Bundle, BundleFile, BundleInfo, FlowPage, FlowQuery, Ingested, NodeInfo, Reported, Revocation,
 };
@@ -185,7 +185,13 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
         created TEXT NOT NULL,
         expires TEXT NOT NULL
     );
-    CREATE INDEX console_sessions_expires ON console_sessions (expires);",
+    CREATE INDEX console_sessions_expires ON console_sessions (expires);
+    CREATE TABLE console_links (
+        code_sha256 TEXT PRIMARY KEY,
+        credential TEXT NOT NULL,
+        chain TEXT,
+        expires TEXT NOT NULL
+    );",
 ];
 
 pub struct PgStore {
@@ -1050,6 +1056,41 @@ impl Store for PgStore {
             .await?;
             tx.commit().await?;
             Ok(())
+        })
+    }
+
+    fn console_link_open(&self, link: &ConsoleLink) -> Result<(), StoreError> {
+        let l = link.clone();
+        let credential = text(&l.credential);
+        self.block(async {
+            let c = self.client().await?;
+            c.execute("DELETE FROM console_links WHERE expires <= $1", &[&now()])
+                .await?;
+            c.execute(
+                "INSERT INTO console_links (code_sha256, credential, chain, expires)
+                 VALUES ($1, $2, $3, $4)",
+                &[&l.code_sha256, &credential, &l.chain, &l.expires],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn console_link_take(&self, code_sha256: &str) -> Result<Option<ConsoleLink>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            Ok(c.query_opt(
+                "DELETE FROM console_links WHERE code_sha256 = $1 AND expires > $2
+                 RETURNING code_sha256, credential, chain, expires",
+                &[&code_sha256, &now()],
+            )
+            .await?
+            .map(|r| ConsoleLink {
+                code_sha256: r.get(0),
+                credential: r.get(1),
+                chain: r.get(2),
+                expires: r.get(3),
+            }))
         })
     }
 

@@ -4,7 +4,7 @@ use std::{path::Path, sync::Mutex};
 
 use rusqlite::{Connection, OptionalExtension as _, params};
 
-use super::{Arg, ConsoleSession, NodeSeen, Row, Store, StoreError, now, number};
+use super::{Arg, ConsoleLink, ConsoleSession, NodeSeen, Row, Store, StoreError, now, number};
 use crate::control_plane::{
     Bundle, BundleFile, BundleInfo, FlowPage, FlowQuery, Ingested, NodeInfo, Reported, Revocation,
 };
@@ -94,7 +94,13 @@ const MIGRATIONS: &[&str] = &[
         created TEXT NOT NULL,
         expires TEXT NOT NULL
     );
-    CREATE INDEX console_sessions_expires ON console_sessions (expires);",
+    CREATE INDEX console_sessions_expires ON console_sessions (expires);
+    CREATE TABLE console_links (
+        code_sha256 TEXT PRIMARY KEY,
+        credential TEXT NOT NULL,
+        chain TEXT,
+        expires TEXT NOT NULL
+    );",
 ];
 
 /// Rows removed per transaction by retention: short enough that reports stored meanwhile
@@ -650,6 +656,39 @@ impl Store for SqliteStore {
         )?;
         tx.commit()?;
         Ok(())
+    }
+
+    fn console_link_open(&self, link: &ConsoleLink) -> Result<(), StoreError> {
+        let db = lock(&self.writer);
+        db.execute(
+            "DELETE FROM console_links WHERE expires <= ?1",
+            params![now()],
+        )?;
+        db.execute(
+            "INSERT INTO console_links (code_sha256, credential, chain, expires)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![link.code_sha256, link.credential, link.chain, link.expires],
+        )?;
+        Ok(())
+    }
+
+    fn console_link_take(&self, code_sha256: &str) -> Result<Option<ConsoleLink>, StoreError> {
+        let db = lock(&self.writer);
+        Ok(db
+            .query_row(
+                "DELETE FROM console_links WHERE code_sha256 = ?1 AND expires > ?2
+                 RETURNING code_sha256, credential, chain, expires",
+                params![code_sha256, now()],
+                |r| {
+                    Ok(ConsoleLink {
+                        code_sha256: r.get(0)?,
+                        credential: r.get(1)?,
+                        chain: r.get(2)?,
+                        expires: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
     }
 
     fn console_close_all(&self, credential: Option<&str>) -> Result<u64, StoreError> {

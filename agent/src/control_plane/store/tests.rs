@@ -351,7 +351,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     c.execute_batch(
         "DROP TABLE record_bytes; DROP TABLE lineage; ALTER TABLE nodes DROP COLUMN owner;
          ALTER TABLE nodes DROP COLUMN labels; ALTER TABLE revocations DROP COLUMN reason;
-         DROP TABLE console_sessions; PRAGMA user_version = 3",
+         DROP TABLE console_sessions; DROP TABLE console_links; PRAGMA user_version = 3",
     )
     .unwrap();
     drop(c);
@@ -1283,6 +1283,24 @@ fn console_sessions_are_kept_by_hash_end_on_sign_out_and_expire() {
         assert!(s.console_close("live").unwrap());
         assert!(!s.console_close("live").unwrap());
         assert_eq!(s.console_session("live").unwrap(), None, "signed out");
+
+        // A sign-in link works once.
+        let link = ConsoleLink {
+            code_sha256: "code".into(),
+            credential: "token:ab".into(),
+            chain: None,
+            expires: "2999-01-01T00:00:00.000Z".into(),
+        };
+        s.console_link_open(&link).unwrap();
+        s.console_link_open(&ConsoleLink {
+            code_sha256: "stale".into(),
+            expires: "2020-01-01T00:00:00.000Z".into(),
+            ..link.clone()
+        })
+        .unwrap();
+        assert_eq!(s.console_link_take("code").unwrap(), Some(link));
+        assert_eq!(s.console_link_take("code").unwrap(), None, "taken once");
+        assert_eq!(s.console_link_take("stale").unwrap(), None, "expired");
 
         s.revoke("spiffe://example.org/a", "admin", Some("leaked key"), 0)
             .unwrap();
