@@ -133,6 +133,8 @@ async function fleetPage() {
         [n.applied_version === null || n.applied_version === undefined ? "none" : String(n.applied_version),
           drift ? [" ", tag("behind", "drift")] : null],
         n.applied_revision || "",
+        n.spool_records === undefined ? "" : String(n.spool_records),
+        n.records_lost === undefined ? "" : (n.records_lost ? tag(`${n.records_lost} lost`, "deny") : "0"),
         n.agent_version || "",
         n.error || "",
       ],
@@ -144,7 +146,7 @@ async function fleetPage() {
       `${nodes.length} node(s), ${stale} stale; newest bundle: `,
       newestVersion === null ? "none pushed" : `version ${newestVersion} (${newest.revision})`),
     table(
-      ["Node", "Owner", "Last seen", "Applied version", "Revision", "agentwall", "Error"],
+      ["Node", "Owner", "Last seen", "Applied version", "Revision", "Spooled", "Lost", "agentwall", "Error"],
       rows.map((r) => r.cells),
       { id: "fleet", rowAttrs: (i) => ({ class: rows[i].stale ? "stale" : null }) },
     ),

@@ -1281,6 +1281,20 @@ fn a_full_spool_counts_what_it_drops_and_reports_the_count() {
         "{chain:#}"
     );
     assert_eq!(chain["unexplained"], 0, "{chain:#}");
+    // The node's loss and its empty spool, as its polls say them, beside it in the fleet.
+    let nodes = eventually(
+        "the node's loss in its listing",
+        Duration::from_secs(60),
+        || {
+            let n = cp_json(&rig.fx, &url, &sec, &["nodes"]);
+            if n[0]["records_lost"].as_f64() == Some(lost) && n[0]["spool_records"] == 0 {
+                Ok(n)
+            } else {
+                Err(n.to_string())
+            }
+        },
+    );
+    assert_eq!(nodes[0]["node"], agentwall_tests::cp::NODE_ID);
 }
 
 #[test]

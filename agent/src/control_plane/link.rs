@@ -219,6 +219,8 @@ impl Link {
                 lineage: st.lineage.clone(),
                 owner: self.owner.clone(),
                 labels: self.labels.clone(),
+                spool_records: Some(self.stats.spool_records.load(Relaxed)),
+                records_lost: Some(self.stats.lost.load(Relaxed)),
             };
             let reply: Result<PollReply, ClientError> = self
                 .poll

@@ -150,6 +150,12 @@ pub struct PollRequest {
     )]
     #[schema(value_type = std::collections::BTreeMap<String, String>)]
     pub labels: crate::policy::owner::Labels,
+    /// Records waiting in the node's spool for the control plane, and records it lost
+    /// since it started keeping count (its spool full, its disk full): shown with the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spool_records: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records_lost: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
@@ -378,6 +384,11 @@ pub struct NodeInfo {
     )]
     #[schema(value_type = std::collections::BTreeMap<String, String>)]
     pub labels: crate::policy::owner::Labels,
+    /// Records waiting in its spool, and records it lost, as it last said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spool_records: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records_lost: Option<u64>,
 }
 
 /// Filters of `GET /v1/flows`; every one optional.

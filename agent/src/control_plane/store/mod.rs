@@ -588,6 +588,12 @@ fn flow_page(
     Ok(FlowPage { flows, next })
 }
 
+/// A count a node said, as the database's signed integer (a lying node's u64::MAX is kept
+/// as the largest it holds).
+fn clamp_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 fn now() -> String {
     crate::clock::now_rfc3339()
 }

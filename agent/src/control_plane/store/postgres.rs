@@ -186,6 +186,7 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
         expires TEXT NOT NULL
     );
     CREATE INDEX console_sessions_expires ON console_sessions (expires);
+    ALTER TABLE nodes ADD COLUMN spool_records BIGINT, ADD COLUMN records_lost BIGINT;
     CREATE TABLE console_links (
         code_sha256 TEXT PRIMARY KEY,
         credential TEXT NOT NULL,
@@ -1201,16 +1202,25 @@ impl Store for PgStore {
             .iter()
             .map(|s| super::labels_text(&s.poll.labels))
             .collect();
+        let spooled: Vec<Option<i64>> = seen
+            .iter()
+            .map(|s| s.poll.spool_records.map(super::clamp_i64))
+            .collect();
+        let lost: Vec<Option<i64>> = seen
+            .iter()
+            .map(|s| s.poll.records_lost.map(super::clamp_i64))
+            .collect();
         self.block(async {
             let c = self.client().await?;
             // Times by the database's clock, not each replica's: a replica whose clock is
             // ahead must not make a node look alive, nor hide a later note.
             c.execute(
-                "INSERT INTO nodes (node, first_seen, last_seen, applied_version, applied_revision, agent_version, error, owner, labels)
-                 SELECT n, t.now, t.now, v, r, a, e, o, l
+                "INSERT INTO nodes (node, first_seen, last_seen, applied_version, applied_revision, agent_version, error, owner, labels,
+                         spool_records, records_lost)
+                 SELECT n, t.now, t.now, v, r, a, e, o, l, sp, lo
                  FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                         $6::text[], $7::text[])
-                     WITH ORDINALITY AS u(n, v, r, a, e, o, l, i),
+                         $6::text[], $7::text[], $8::bigint[], $9::bigint[])
+                     WITH ORDINALITY AS u(n, v, r, a, e, o, l, sp, lo, i),
                      (SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC',
                          'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS now) AS t
                  ORDER BY i
@@ -1218,8 +1228,11 @@ impl Store for PgStore {
                      applied_version = EXCLUDED.applied_version,
                      applied_revision = EXCLUDED.applied_revision,
                      agent_version = EXCLUDED.agent_version, error = EXCLUDED.error,
-                     owner = EXCLUDED.owner, labels = EXCLUDED.labels",
-                &[&node, &version, &revision, &agent, &error, &owner, &labels],
+                     owner = EXCLUDED.owner, labels = EXCLUDED.labels,
+                     spool_records = EXCLUDED.spool_records, records_lost = EXCLUDED.records_lost",
+                &[
+                    &node, &version, &revision, &agent, &error, &owner, &labels, &spooled, &lost,
+                ],
             )
             .await?;
             Ok(())
@@ -1232,7 +1245,7 @@ impl Store for PgStore {
             let rows = c
                 .query(
                     "SELECT node, first_seen, last_seen, applied_version, applied_revision, agent_version, error,
-                         owner, labels
+                         owner, labels, spool_records, records_lost
                      FROM nodes ORDER BY node",
                     &[],
                 )
@@ -1251,6 +1264,12 @@ impl Store for PgStore {
                             error: r.get(6),
                             owner: None,
                             labels: Default::default(),
+                            spool_records: r
+                                .get::<_, Option<i64>>(9)
+                                .map(|v| v.max(0) as u64),
+                            records_lost: r
+                                .get::<_, Option<i64>>(10)
+                                .map(|v| v.max(0) as u64),
                         },
                         r.get(7),
                         r.get(8),

@@ -95,6 +95,8 @@ const MIGRATIONS: &[&str] = &[
         expires TEXT NOT NULL
     );
     CREATE INDEX console_sessions_expires ON console_sessions (expires);
+    ALTER TABLE nodes ADD COLUMN spool_records INTEGER;
+    ALTER TABLE nodes ADD COLUMN records_lost INTEGER;
     CREATE TABLE console_links (
         code_sha256 TEXT PRIMARY KEY,
         credential TEXT NOT NULL,
@@ -357,11 +359,12 @@ impl Store for SqliteStore {
         let tx = db.transaction()?;
         {
             let mut st = tx.prepare_cached(
-                "INSERT INTO nodes (node, first_seen, last_seen, applied_version, applied_revision, agent_version, error, owner, labels)
-                 VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                "INSERT INTO nodes (node, first_seen, last_seen, applied_version, applied_revision, agent_version, error, owner, labels,
+                     spool_records, records_lost)
+                 VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                  ON CONFLICT (node) DO UPDATE SET last_seen = ?2, applied_version = ?3,
                      applied_revision = ?4, agent_version = ?5, error = ?6, owner = ?7,
-                     labels = ?8",
+                     labels = ?8, spool_records = ?9, records_lost = ?10",
             )?;
             for s in seen {
                 st.execute(params![
@@ -372,7 +375,9 @@ impl Store for SqliteStore {
                     s.poll.agent_version,
                     s.poll.error,
                     s.poll.owner.as_ref().map(|o| o.as_str()),
-                    super::labels_text(&s.poll.labels)
+                    super::labels_text(&s.poll.labels),
+                    s.poll.spool_records.map(super::clamp_i64),
+                    s.poll.records_lost.map(super::clamp_i64)
                 ])?;
             }
         }
@@ -384,7 +389,7 @@ impl Store for SqliteStore {
         let db = lock(&self.reader);
         let mut st = db.prepare(
             "SELECT node, first_seen, last_seen, applied_version, applied_revision, agent_version, error,
-                 owner, labels
+                 owner, labels, spool_records, records_lost
              FROM nodes ORDER BY node",
         )?;
         let rows = st.query_map([], |r| {
@@ -399,6 +404,8 @@ impl Store for SqliteStore {
                     error: r.get(6)?,
                     owner: None,
                     labels: Default::default(),
+                    spool_records: r.get::<_, Option<i64>>(9)?.map(|v| v.max(0) as u64),
+                    records_lost: r.get::<_, Option<i64>>(10)?.map(|v| v.max(0) as u64),
                 },
                 r.get::<_, Option<String>>(7)?,
                 r.get::<_, Option<String>>(8)?,

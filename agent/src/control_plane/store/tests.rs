@@ -351,6 +351,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     c.execute_batch(
         "DROP TABLE record_bytes; DROP TABLE lineage; ALTER TABLE nodes DROP COLUMN owner;
          ALTER TABLE nodes DROP COLUMN labels; ALTER TABLE revocations DROP COLUMN reason;
+         ALTER TABLE nodes DROP COLUMN spool_records; ALTER TABLE nodes DROP COLUMN records_lost;
          DROP TABLE console_sessions; DROP TABLE console_links; PRAGMA user_version = 3",
     )
     .unwrap();
