@@ -458,9 +458,10 @@ async function identitiesPage(params) {
     next.set("id", id);
     location.hash = `#/identities?${next}`;
   };
-  const list = table(["Identity", "Owner", "Allowed", "Audit", "Denied", "Nodes", "Last seen", "Unused rules"],
+  const list = table(["Identity", "Owner", "Allowed", "Audit", "Denied", "Nodes", "Sessions", "Last seen", "Unused rules"],
     r.identities.map((i) => [i.identity, i.owner || "", String(i.allow), String(i.audit), String(i.deny),
-      String(i.nodes.length), i.last_seen || "", String(i.rules.filter((x) => x.hits === 0).length)]),
+      String(i.nodes.length), String(i.sessions.reduce((n, s) => n + s.sessions, 0)), i.last_seen || "",
+      String(i.rules.filter((x) => x.hits === 0).length)]),
     {
       id: "identities",
       rowAttrs: (n) => ({
@@ -475,6 +476,9 @@ async function identitiesPage(params) {
       el("h2", { id: "identity-name" }, one.identity),
       el("p", {}, one.owner ? `Owner ${one.owner}. ` : "No owner. ",
         `Seen on ${one.nodes.length} node(s)`, one.nodes.length ? `: ${one.nodes.join(", ")}` : "", "."),
+      el("p", { id: "identity-sessions" }, one.sessions.length
+        ? `Live sessions (as each node last said): ${one.sessions.map((s) => `${s.sessions} on ${s.node}`).join(", ")}.`
+        : "No live session on any node (as each node last said)."),
       decisionsChart(one.buckets, r.bucket_secs),
       el("h3", {}, "Top destinations"),
       table(["Destination", "Port", "Protocol", "Allowed", "Audit", "Denied"],

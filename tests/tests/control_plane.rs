@@ -641,6 +641,11 @@ fn reports_are_stored_once_and_read_back_by_filter_page_and_node() {
         serde_json::json!({"owner": "ops\u{200B}@example.com"}),
         serde_json::json!({"labels": {"site": "fra 1"}}),
         serde_json::json!({"owner": 7, "labels": ["x"]}),
+        serde_json::json!({"sessions": {"not a SPIFFE ID": 1}}),
+        serde_json::json!({"sessions": {ID: -1}}),
+        serde_json::json!({"sessions": (0..257)
+            .map(|i| (format!("spiffe://example.org/agent/{i}"), serde_json::json!(1)))
+            .collect::<serde_json::Map<_, _>>()}),
     ] {
         let mut poll = serde_json::to_value(PollRequest {
             agent_version: "9.9.9".into(),
@@ -661,6 +666,7 @@ fn reports_are_stored_once_and_read_back_by_filter_page_and_node() {
         let n = cp_json(&fx, &url, &security, &["nodes"]);
         assert_eq!(n[0].get("owner"), None, "{bad}: {n}");
         assert_eq!(n[0].get("labels"), None, "{bad}: {n}");
+        assert_eq!(n[0].get("sessions"), None, "{bad}: {n}");
     }
 
     // Everything is still there after a restart of the server (same database).
@@ -867,6 +873,23 @@ fn a_push_is_enforced_on_the_node_and_its_denials_reach_security() {
     assert_eq!(nodes[0]["error"], serde_json::Value::Null);
     assert_eq!(nodes[0]["owner"], "platform@example.com");
     assert_eq!(nodes[0]["labels"], serde_json::json!({"site": "lab1"}));
+    // The poll that said version 2 is applied was made with the agent running.
+    assert_eq!(
+        nodes[0]["sessions"],
+        serde_json::json!({ ID: 1 }),
+        "{nodes}"
+    );
+    let ids: serde_json::Value = rt()
+        .block_on(
+            fx.client(&url, None, Some(&fx.security_token))
+                .get("/v1/identities"),
+        )
+        .unwrap();
+    assert_eq!(
+        ids["identities"][0]["sessions"],
+        serde_json::json!([{ "node": NODE_ID, "sessions": 1 }]),
+        "{ids}"
+    );
     let st = status_json(&node.socket);
     assert_eq!(st["control_plane"]["url"], url.as_str());
     assert_eq!(st["control_plane"]["applied_version"], 2);

@@ -32,6 +32,10 @@ pub trait NodeSide: Send + Sync + 'static {
     fn revoke_all(&self, identities: &[String]) -> Vec<String>;
     /// Records written since the last call, oldest first.
     fn take_outbox(&self) -> Vec<serde_json::Value>;
+    /// Live sessions per identity (the control plane shows them with the identity).
+    fn sessions_by_identity(&self) -> std::collections::BTreeMap<String, u64> {
+        Default::default()
+    }
 }
 
 /// Counters for the node's metrics.
@@ -57,6 +61,19 @@ pub struct LinkStats {
     /// Records the control plane refused as too large even alone: dropped from the spool
     /// (counted in `lost` too).
     pub records_refused: AtomicU64,
+}
+
+/// At most [`super::POLL_SESSIONS`] identities, those with the most sessions.
+fn polled_sessions(
+    all: std::collections::BTreeMap<String, u64>,
+) -> std::collections::BTreeMap<String, u64> {
+    if all.len() <= super::POLL_SESSIONS {
+        return all;
+    }
+    let mut v: Vec<(String, u64)> = all.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v.truncate(super::POLL_SESSIONS);
+    v.into_iter().collect()
 }
 
 /// The count (and the span of audit seqs) a spool or outbox loss record carries, when
@@ -221,6 +238,7 @@ impl Link {
                 labels: self.labels.clone(),
                 spool_records: Some(self.stats.spool_records.load(Relaxed)),
                 records_lost: Some(self.stats.lost.load(Relaxed)),
+                sessions: polled_sessions(node.sessions_by_identity()),
             };
             let reply: Result<PollReply, ClientError> = self
                 .poll

@@ -156,6 +156,15 @@ pub struct PollRequest {
     pub spool_records: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub records_lost: Option<u64>,
+    /// Live sessions per identity (at most [`POLL_SESSIONS`] identities, those with the most
+    /// first). One the control plane does not take (too many, not SPIFFE IDs) is left out
+    /// rather than refusing the poll.
+    #[serde(
+        default,
+        skip_serializing_if = "std::collections::BTreeMap::is_empty",
+        deserialize_with = "lenient_sessions"
+    )]
+    pub sessions: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
@@ -389,6 +398,36 @@ pub struct NodeInfo {
     pub spool_records: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub records_lost: Option<u64>,
+    /// Its live sessions per identity, as it last said.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub sessions: std::collections::BTreeMap<String, u64>,
+}
+
+/// Most identities a poll names sessions for.
+pub const POLL_SESSIONS: usize = 256;
+
+/// A poll's `sessions`, or none when it does not fit (more than [`POLL_SESSIONS`], or a key
+/// that is no SPIFFE ID): a node's listing, never its poll, pays for it.
+fn lenient_sessions<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<std::collections::BTreeMap<String, u64>, D::Error> {
+    let v = Option::<serde_json::Value>::deserialize(d)?;
+    let Some(serde_json::Value::Object(m)) = v else {
+        return Ok(Default::default());
+    };
+    if m.len() > POLL_SESSIONS {
+        return Ok(Default::default());
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for (k, v) in m {
+        match (k.parse::<crate::identity::AgentId>(), v.as_u64()) {
+            (Ok(_), Some(n)) => {
+                out.insert(k, n);
+            }
+            _ => return Ok(Default::default()),
+        }
+    }
+    Ok(out)
 }
 
 /// Filters of `GET /v1/flows`; every one optional.

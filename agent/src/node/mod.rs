@@ -1025,6 +1025,14 @@ impl crate::control_plane::link::NodeSide for Node {
     fn take_outbox(&self) -> Vec<serde_json::Value> {
         self.journal.take_outbox()
     }
+
+    fn sessions_by_identity(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for s in self.sessions.list().into_iter().filter(|s| !s.revoked) {
+            *out.entry(s.identity).or_insert(0) += 1;
+        }
+        out
+    }
 }
 
 /// Raises the soft open-files limit to the hard one, so the daemon's own tables (the node's

@@ -262,6 +262,13 @@ pub struct Bucket {
     pub deny: u64,
 }
 
+/// An identity's live sessions on one node.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct NodeSessions {
+    pub node: String,
+    pub sessions: u64,
+}
+
 /// Where an identity went, and how often.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Destination {
@@ -284,6 +291,8 @@ pub struct IdentitySummary {
     pub deny: u64,
     /// Nodes whose records name it.
     pub nodes: Vec<String>,
+    /// Its live sessions on each node that has one, as the node's last poll said.
+    pub sessions: Vec<NodeSessions>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<String>,
     /// Its decisions over time, oldest first, in the reply's buckets.
@@ -416,6 +425,7 @@ fn identities(
         audit: 0,
         deny: 0,
         nodes: Vec::new(),
+        sessions: Vec::new(),
         last_seen: None,
         buckets: (0..buckets)
             .map(|i| Bucket {
@@ -463,6 +473,20 @@ fn identities(
             .or_default()
             .entry((s.dest.clone(), s.port, s.protocol.clone()))
             .or_default()[s.verdict] += s.count;
+    }
+    // Sessions, as each node's last poll said them (identities with sessions and no
+    // records yet included).
+    for n in store.nodes()? {
+        for (identity, sessions) in n.sessions {
+            by_id
+                .entry(identity.clone())
+                .or_insert_with(|| new(&identity))
+                .sessions
+                .push(NodeSessions {
+                    node: n.node.clone(),
+                    sessions,
+                });
+        }
     }
     // Identities the bundle names that no record does yet.
     for r in &rules {

@@ -588,6 +588,18 @@ fn flow_page(
     Ok(FlowPage { flows, next })
 }
 
+/// A node's sessions per identity, as stored (JSON; None when it has none).
+fn sessions_text(s: &std::collections::BTreeMap<String, u64>) -> Option<String> {
+    (!s.is_empty()).then(|| serde_json::to_string(s).unwrap_or_default())
+}
+
+/// The stored sessions per identity (none when unreadable: the listing shows the node
+/// anyway).
+fn sessions_of(text: Option<&str>) -> std::collections::BTreeMap<String, u64> {
+    text.and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or_default()
+}
+
 /// A count a node said, as the database's signed integer (a lying node's u64::MAX is kept
 /// as the largest it holds).
 fn clamp_i64(n: u64) -> i64 {

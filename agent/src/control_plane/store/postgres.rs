@@ -187,6 +187,7 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
     );
     CREATE INDEX console_sessions_expires ON console_sessions (expires);
     ALTER TABLE nodes ADD COLUMN spool_records BIGINT, ADD COLUMN records_lost BIGINT;
+    ALTER TABLE nodes ADD COLUMN sessions TEXT;
     CREATE TABLE console_links (
         code_sha256 TEXT PRIMARY KEY,
         credential TEXT NOT NULL,
@@ -1210,17 +1211,21 @@ impl Store for PgStore {
             .iter()
             .map(|s| s.poll.records_lost.map(super::clamp_i64))
             .collect();
+        let sessions: Vec<Option<String>> = seen
+            .iter()
+            .map(|s| super::sessions_text(&s.poll.sessions))
+            .collect();
         self.block(async {
             let c = self.client().await?;
             // Times by the database's clock, not each replica's: a replica whose clock is
             // ahead must not make a node look alive, nor hide a later note.
             c.execute(
                 "INSERT INTO nodes (node, first_seen, last_seen, applied_version, applied_revision, agent_version, error, owner, labels,
-                         spool_records, records_lost)
-                 SELECT n, t.now, t.now, v, r, a, e, o, l, sp, lo
+                         spool_records, records_lost, sessions)
+                 SELECT n, t.now, t.now, v, r, a, e, o, l, sp, lo, se
                  FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                         $6::text[], $7::text[], $8::bigint[], $9::bigint[])
-                     WITH ORDINALITY AS u(n, v, r, a, e, o, l, sp, lo, i),
+                         $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::text[])
+                     WITH ORDINALITY AS u(n, v, r, a, e, o, l, sp, lo, se, i),
                      (SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC',
                          'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS now) AS t
                  ORDER BY i
@@ -1229,9 +1234,11 @@ impl Store for PgStore {
                      applied_revision = EXCLUDED.applied_revision,
                      agent_version = EXCLUDED.agent_version, error = EXCLUDED.error,
                      owner = EXCLUDED.owner, labels = EXCLUDED.labels,
-                     spool_records = EXCLUDED.spool_records, records_lost = EXCLUDED.records_lost",
+                     spool_records = EXCLUDED.spool_records, records_lost = EXCLUDED.records_lost,
+                     sessions = EXCLUDED.sessions",
                 &[
                     &node, &version, &revision, &agent, &error, &owner, &labels, &spooled, &lost,
+                    &sessions,
                 ],
             )
             .await?;
@@ -1245,7 +1252,7 @@ impl Store for PgStore {
             let rows = c
                 .query(
                     "SELECT node, first_seen, last_seen, applied_version, applied_revision, agent_version, error,
-                         owner, labels, spool_records, records_lost
+                         owner, labels, spool_records, records_lost, sessions
                      FROM nodes ORDER BY node",
                     &[],
                 )
@@ -1270,6 +1277,7 @@ impl Store for PgStore {
                             records_lost: r
                                 .get::<_, Option<i64>>(10)
                                 .map(|v| v.max(0) as u64),
+                            sessions: super::sessions_of(r.get::<_, Option<String>>(11).as_deref()),
                         },
                         r.get(7),
                         r.get(8),

@@ -97,6 +97,7 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX console_sessions_expires ON console_sessions (expires);
     ALTER TABLE nodes ADD COLUMN spool_records INTEGER;
     ALTER TABLE nodes ADD COLUMN records_lost INTEGER;
+    ALTER TABLE nodes ADD COLUMN sessions TEXT;
     CREATE TABLE console_links (
         code_sha256 TEXT PRIMARY KEY,
         credential TEXT NOT NULL,
@@ -360,11 +361,11 @@ impl Store for SqliteStore {
         {
             let mut st = tx.prepare_cached(
                 "INSERT INTO nodes (node, first_seen, last_seen, applied_version, applied_revision, agent_version, error, owner, labels,
-                     spool_records, records_lost)
-                 VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                     spool_records, records_lost, sessions)
+                 VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                  ON CONFLICT (node) DO UPDATE SET last_seen = ?2, applied_version = ?3,
                      applied_revision = ?4, agent_version = ?5, error = ?6, owner = ?7,
-                     labels = ?8, spool_records = ?9, records_lost = ?10",
+                     labels = ?8, spool_records = ?9, records_lost = ?10, sessions = ?11",
             )?;
             for s in seen {
                 st.execute(params![
@@ -377,7 +378,8 @@ impl Store for SqliteStore {
                     s.poll.owner.as_ref().map(|o| o.as_str()),
                     super::labels_text(&s.poll.labels),
                     s.poll.spool_records.map(super::clamp_i64),
-                    s.poll.records_lost.map(super::clamp_i64)
+                    s.poll.records_lost.map(super::clamp_i64),
+                    super::sessions_text(&s.poll.sessions)
                 ])?;
             }
         }
@@ -389,7 +391,7 @@ impl Store for SqliteStore {
         let db = lock(&self.reader);
         let mut st = db.prepare(
             "SELECT node, first_seen, last_seen, applied_version, applied_revision, agent_version, error,
-                 owner, labels, spool_records, records_lost
+                 owner, labels, spool_records, records_lost, sessions
              FROM nodes ORDER BY node",
         )?;
         let rows = st.query_map([], |r| {
@@ -406,6 +408,7 @@ impl Store for SqliteStore {
                     labels: Default::default(),
                     spool_records: r.get::<_, Option<i64>>(9)?.map(|v| v.max(0) as u64),
                     records_lost: r.get::<_, Option<i64>>(10)?.map(|v| v.max(0) as u64),
+                    sessions: super::sessions_of(r.get::<_, Option<String>>(11)?.as_deref()),
                 },
                 r.get::<_, Option<String>>(7)?,
                 r.get::<_, Option<String>>(8)?,

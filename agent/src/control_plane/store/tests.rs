@@ -352,6 +352,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
         "DROP TABLE record_bytes; DROP TABLE lineage; ALTER TABLE nodes DROP COLUMN owner;
          ALTER TABLE nodes DROP COLUMN labels; ALTER TABLE revocations DROP COLUMN reason;
          ALTER TABLE nodes DROP COLUMN spool_records; ALTER TABLE nodes DROP COLUMN records_lost;
+         ALTER TABLE nodes DROP COLUMN sessions;
          DROP TABLE console_sessions; DROP TABLE console_links; PRAGMA user_version = 3",
     )
     .unwrap();
