@@ -3,7 +3,7 @@
 // Content-Security-Policy runs no script but this file.
 "use strict";
 
-const state = { session: null, timer: null };
+const state = { session: null, timer: null, candidate: null };
 
 // An element with attributes and children (strings become text nodes).
 function el(tag, attrs, ...children) {
@@ -273,10 +273,15 @@ async function shadowPage() {
           try { await navigator.clipboard.writeText(g.suggested_policy); copy.textContent = "Copied"; } catch (_) { copy.textContent = "Select the text to copy it"; }
         },
       }, "Copy the suggested policy");
+      // To the policy page, the suggestion as the candidate (its identity to be named first).
+      const simulate = el("button", {
+        type: "button",
+        onclick: () => { state.candidate = g.suggested_policy; location.hash = "#/policy"; },
+      }, "Simulate it");
       sections.push(el("section", { class: "shadow-group" },
         el("h2", {}, g.group),
         el("p", { class: "muted" }, `on ${n.node}`, n.owner ? `, owned by ${n.owner}` : ""),
-        services, el("h3", {}, "Suggested policy"), policy, copy));
+        services, el("h3", {}, "Suggested policy"), policy, copy, " ", simulate));
     }
   }
   page("Shadow AI",
@@ -402,6 +407,10 @@ async function policyPage() {
     }
   });
 
+  if (state.candidate) {
+    candidate.elements.text.value = state.candidate;
+    state.candidate = null;
+  }
   page("Policy",
     table(["Version", "Revision", "Pushed", "By"],
       versions.map((v) => [String(v.version), v.revision, v.pushed_at, v.pushed_by]), { id: "versions" }),

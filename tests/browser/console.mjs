@@ -172,6 +172,11 @@ try {
     check((await page.locator(".shadow-group").count()) === expect.shadow_groups, `the shadow AI page shows ${expect.shadow_groups} groups`);
     check((await page.locator(".shadow-group pre").first().textContent()).includes("kind: AgentPolicy"), "with a suggested policy");
     await page.screenshot({ path: `${shots}/shadow-ai.png`, fullPage: true });
+    const suggested = await page.locator(".shadow-group pre").first().textContent();
+    await page.locator(".shadow-group button", { hasText: "Simulate it" }).first().click();
+    await page.locator("#candidate-form").waitFor();
+    check((await page.locator('#candidate-form textarea[name="text"]').inputValue()) === suggested,
+      "a suggested policy goes to the policy page as the candidate");
 
     // Live: a flow recorded after the page opened shows up without a reload.
     await page.locator('nav a[data-page="flows"]').click();
