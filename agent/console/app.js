@@ -52,8 +52,11 @@ async function api(method, path, body) {
 
 const isAdmin = () => !!state.session && state.session.roles.includes("admin");
 
+// A label; its style comes from a fixed list, never from what a node wrote.
+const TAG_STYLES = new Set(["allow", "audit", "deny", "socket-deny", "unknown", "stale", "drift"]);
 function tag(text, cls) {
-  return el("span", { class: `tag ${cls || text}` }, text);
+  const style = cls || text;
+  return el("span", { class: `tag ${TAG_STYLES.has(style) ? style : ""}` }, text);
 }
 
 function table(columns, rows, opts) {
@@ -153,6 +156,8 @@ async function fleetPage() {
   );
 }
 
+const LIVE_ROWS = 2000;
+
 const FLOW_FILTERS = ["node", "identity", "verdict", "dest", "service", "since", "until"];
 
 function flowDetail(f) {
@@ -226,7 +231,11 @@ async function flowsPage(params) {
     state.timer = null;
     liveStatus.textContent = "";
     if (!ev.target.checked) return;
+    let busy = false;
     const tick = async () => {
+      // One request at a time: a slow answer is not asked for twice.
+      if (busy) return;
+      busy = true;
       const more = new URLSearchParams(q);
       if (newest) more.set("after", String(newest));
       more.set("limit", "500");
@@ -234,9 +243,13 @@ async function flowsPage(params) {
         const next = await api("GET", `/v1/flows?${more}`);
         body.append(...next.flows.map(row));
         if (next.flows.length) newest = next.flows[next.flows.length - 1].id;
-        liveStatus.textContent = `following: ${body.children.length} flow(s) shown`;
+        // The newest LIVE_ROWS only: a flood does not grow the page without end.
+        while (body.children.length > LIVE_ROWS) body.firstElementChild.remove();
+        liveStatus.textContent = `following: the newest ${body.children.length} flow(s) shown`;
       } catch (e) {
         liveStatus.textContent = e.message;
+      } finally {
+        busy = false;
       }
     };
     tick();
@@ -548,9 +561,14 @@ async function start() {
   const link = location.hash.match(/^#link=([0-9a-f]{64})$/);
   if (link) {
     history.replaceState(null, "", location.pathname);
-    signedOut("");
-    await signIn({ link: link[1] });
-    return;
+    // A link replaces a session this browser has only when its user says so: a page
+    // elsewhere must not sign someone in as another.
+    const now = await api("GET", "/ui/session").catch(() => null);
+    if (!(now && now.signed_in) || window.confirm(`Sign in with the link instead of as ${now.principal}?`)) {
+      signedOut("");
+      await signIn({ link: link[1] });
+      return;
+    }
   }
   try {
     const s = await api("GET", "/ui/session");

@@ -198,6 +198,9 @@ impl Flow {
     pub fn of_record(v: &serde_json::Value) -> Option<Flow> {
         let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
         let (identity, dest, verdict) = (s("identity")?, s("dest")?, s("verdict")?);
+        // What a review keeps of a record is bounded whatever a node wrote: a SPIFFE ID, an
+        // address, a host name, a revision and a reason of sane lengths.
+        identity.parse::<crate::identity::AgentId>().ok()?;
         let dest = dest.parse::<IpAddr>().ok()?;
         let inbound = v.get("direction").and_then(|d| d.as_str()) == Some("inbound");
         let protocol = match s("protocol").as_deref() {
@@ -215,9 +218,9 @@ impl Flow {
             protocol,
             fqdn: host_name(s("fqdn")),
             verdict,
-            reason: s("reason"),
+            reason: s("reason").filter(|r| r.len() <= 256),
             rule_id: v.get("rule_id").and_then(|r| r.as_u64()).map(|r| r as u32),
-            revision: s("revision").unwrap_or_default(),
+            revision: s("revision").filter(|r| r.len() <= 64).unwrap_or_default(),
             count: v.get("count").and_then(|c| c.as_u64()).unwrap_or(1),
             time: s("last_seen")
                 .or_else(|| s("time"))
@@ -272,6 +275,10 @@ pub struct Simulation {
     pub newly_allowed: Vec<Change>,
     /// Recorded flows replayed (counts summed).
     pub replayed: u64,
+    /// The time given ran out before every flow was replayed: the changes are those of the
+    /// flows replayed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped_early: bool,
 }
 
 /// An identity's rules under `set`, with a host rule for `fqdn` where a name rule allows it
@@ -303,7 +310,19 @@ fn rules_for(set: &PolicySet, identity: &str, dest: IpAddr, fqdn: Option<&str>) 
 /// Replays `flows` against `candidate` with the reference evaluator (the one the kernel is
 /// tested against) and lists the flows whose verdict by the rules would change.
 pub fn simulate(candidate: &PolicySet, flows: &[Flow]) -> Simulation {
+    simulate_until(candidate, flows, None)
+}
+
+/// [`simulate`], stopping at `deadline` (the answer says so): a candidate of many rules
+/// against many flows is the caller's to bound.
+pub fn simulate_until(
+    candidate: &PolicySet,
+    flows: &[Flow],
+    deadline: Option<std::time::Instant>,
+) -> Simulation {
     let deny = candidate.global_deny();
+    // An identity's rules, for flows without a name (the same for every address).
+    let mut plain: BTreeMap<&str, Vec<Rule>> = BTreeMap::new();
     let view = IdentityView {
         status: IdentityStatus::Active,
         mode: Mode::Enforce,
@@ -312,13 +331,26 @@ pub fn simulate(candidate: &PolicySet, flows: &[Flow]) -> Simulation {
     type Key = (String, IpAddr, u16, Protocol, Option<String>);
     let mut changes: BTreeMap<Key, (bool, String, u64)> = BTreeMap::new();
     let mut sim = Simulation::default();
-    for f in flows.iter().filter(|f| f.rule_decided()) {
-        sim.replayed += f.count;
-        let rules = rules_for(candidate, &f.identity, f.dest, f.fqdn.as_deref());
+    for (i, f) in flows.iter().filter(|f| f.rule_decided()).enumerate() {
+        if i % 256 == 0 && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            sim.stopped_early = true;
+            break;
+        }
+        sim.replayed = sim.replayed.saturating_add(f.count);
+        let named;
+        let rules = match f.fqdn.as_deref() {
+            Some(name) => {
+                named = rules_for(candidate, &f.identity, f.dest, Some(name));
+                &named
+            }
+            None => plain
+                .entry(f.identity.as_str())
+                .or_insert_with(|| rules_for(candidate, &f.identity, f.dest, None)),
+        };
         let d = evaluate_flow(
             Subject::Bound {
                 view: Some(view),
-                rules: &rules,
+                rules,
             },
             &deny,
             UnknownFlows::Report,
@@ -355,7 +387,7 @@ pub fn simulate(candidate: &PolicySet, flows: &[Flow]) -> Simulation {
                 f.fqdn.clone(),
             ))
             .or_insert((after, why, 0));
-        e.2 += f.count;
+        e.2 = e.2.saturating_add(f.count);
     }
     for ((identity, dest, port, protocol, fqdn), (after, why, count)) in changes {
         let c = Change {
@@ -405,7 +437,7 @@ pub struct UnusedReport {
 pub fn unused(set: &PolicySet, flows: &[Flow]) -> UnusedReport {
     let used = rules_with_hits(set, flows);
     let mut report = UnusedReport {
-        hits: used.iter().map(|r| r.hits).sum(),
+        hits: used.iter().fold(0u64, |n, r| n.saturating_add(r.hits)),
         ..UnusedReport::default()
     };
     // Per archetype: (used anywhere, extended by anyone).
@@ -466,7 +498,8 @@ pub fn rules_with_hits(set: &PolicySet, flows: &[Flow]) -> Vec<RuleUse> {
         .filter(|f| f.allowed() && f.revision == set.revision)
     {
         if let Some(id) = f.rule_id {
-            *hits.entry((f.identity.as_str(), id)).or_default() += f.count;
+            let h = hits.entry((f.identity.as_str(), id)).or_default();
+            *h = h.saturating_add(f.count);
         }
     }
     let mut out = Vec::new();

@@ -2894,12 +2894,44 @@ fn console_sessions_are_bounded_per_credential_and_can_be_ended_by_an_admin() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A link not yet used ends with its maker's sessions; a cookie makes none.
+    let out = cp(&fx, &server.url, &creds, &["console-link"]);
+    let code = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .and_then(|l| l.split("#link=").nth(1))
+        .unwrap()
+        .to_owned();
+    let (status, _, body) = https(
+        &fx,
+        &server,
+        None,
+        "POST",
+        "/v1/console/links",
+        &[
+            ("Cookie", &admin),
+            ("X-Agentwall-CSRF", v["csrf"].as_str().unwrap()),
+        ],
+        "",
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("not from a console session"), "{body}");
     let out = cp(&fx, &server.url, &creds, &["end-sessions"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "ended 1 console session(s)\n"
     );
     assert_eq!(nodes(&admin), 401);
+    let (status, _, body) = https(
+        &fx,
+        &server,
+        None,
+        "POST",
+        "/ui/session",
+        &[("Content-Type", "application/json")],
+        &format!(r#"{{"link":"{code}"}}"#),
+    );
+    assert_eq!(status, 401, "the link ended with the sessions: {body}");
 }
 
 #[test]
@@ -3138,6 +3170,47 @@ fn fleet_reviews_list_diff_simulate_and_find_unused_rules_over_every_nodes_recor
             && out.contains("3 flow(s) replayed against revision "),
         "{out}"
     );
+    // A hostile node's records change no answer's shape and break none: a count at the top
+    // of the range, a time before 1970 and one far ahead, an identity that is no SPIFFE ID.
+    let mut huge = allow("192.0.2.12", 443, 10);
+    huge["count"] = u64::MAX.into();
+    let mut ancient = record("deny", Some(ID), "198.51.100.10", None, 11);
+    ancient["time"] = "1969-12-31T23:00:00Z".into();
+    ancient["last_seen"] = "1969-12-31T23:00:00Z".into();
+    let mut ahead = record("deny", Some(ID), "198.51.100.10", None, 12);
+    ahead["time"] = "9999-12-31T23:00:00Z".into();
+    let bogus = record(
+        "deny",
+        Some("spiffe://example.org/a\u{202e}b"),
+        "198.51.100.10",
+        None,
+        13,
+    );
+    rt().block_on(fx.node_client(&url, "hostile").post_reports(&batch(
+        1,
+        1,
+        &[huge, ancient, ahead, bogus],
+    )))
+    .unwrap();
+    let ids: serde_json::Value = rt()
+        .block_on(
+            fx.client(&url, None, Some(&fx.security_token))
+                .get("/v1/identities"),
+        )
+        .unwrap();
+    assert_eq!(ids["identities"].as_array().unwrap().len(), 1, "{ids}");
+    assert_eq!(ids["identities"][0]["allow"], u64::MAX, "saturated: {ids}");
+    assert!(ids["bucket_secs"].as_u64().unwrap() <= 86_400, "{ids}");
+    for b in ids["identities"][0]["buckets"].as_array().unwrap() {
+        assert!(b["start"].as_str().unwrap().starts_with("20"), "{ids}");
+    }
+    let (ok, out, err) = text(&["report", "unused"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("{} allowed flow(s)", u64::MAX)),
+        "{out}"
+    );
+
     let (ok, _, err) = text(&[
         "policy",
         "simulate",

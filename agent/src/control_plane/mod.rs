@@ -112,8 +112,8 @@ pub struct UnusedReply {
     pub truncated: bool,
 }
 
-/// Most decision records one fleet review (simulation, unused rules) reads.
-pub const REVIEW_RECORDS: u64 = 500_000;
+/// Most decision records one fleet review (simulation, unused rules, identities) reads.
+pub const REVIEW_RECORDS: u64 = 200_000;
 
 /// A node's long-poll: what it has, and how it is doing.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]

@@ -543,7 +543,7 @@ pub struct Server {
     /// How long a console sign-in lasts, in seconds; 0: the console is off.
     console_secs: std::sync::atomic::AtomicI64,
     /// Turns for fleet reviews (simulations, unused rules), which read many records.
-    reviews: tokio::sync::Semaphore,
+    reviews: Arc<tokio::sync::Semaphore>,
 }
 
 impl Server {
@@ -624,7 +624,7 @@ impl Server {
             require_owner: std::sync::atomic::AtomicBool::new(false),
             seen: Mutex::new(HashMap::new()),
             verifier: std::sync::OnceLock::new(),
-            reviews: tokio::sync::Semaphore::new(review::REVIEWS_AT_ONCE),
+            reviews: Arc::new(tokio::sync::Semaphore::new(review::REVIEWS_AT_ONCE)),
             console_secs: std::sync::atomic::AtomicI64::new(
                 crate::config::control_plane::DEFAULT_CONSOLE_SESSION_HOURS * 3600,
             ),
@@ -1007,6 +1007,25 @@ impl Server {
             .with_state(self.clone())
     }
 
+    /// Spends one of the caller's address's requests (a failed credential, a sign-in, an
+    /// unknown cookie: where credentials are guessed); the refusal once they are spent.
+    fn spend_address(&self, peer: &Peer) -> Option<Response> {
+        let block = match peer.addr {
+            Some(a) => caller_block(a.ip(), self.limits.ipv6_prefix_len).to_string(),
+            None => "unknown".to_owned(),
+        };
+        let not_until = self.limiter.check_key(&format!("address:{block}")).err()?;
+        let secs = retry_secs(&not_until);
+        Some(self.too_many(
+            Refusal::RateLimited,
+            format!(
+                "{block} made more than {} failed or anonymous requests a minute; try again in {secs} s",
+                self.limits.requests_per_minute
+            ),
+            secs,
+        ))
+    }
+
     /// A 429 with `Retry-After` (at least 1 s), refused as `why`.
     fn too_many(&self, why: Refusal, message: String, secs: u64) -> Response {
         let mut r = self.refuse(why, Fail::new(StatusCode::TOO_MANY_REQUESTS, message));
@@ -1113,22 +1132,10 @@ async fn gate(
     if rule.roles.is_empty() {
         // Anyone's: the console's files, and its sign-in, whose guesses count against the
         // caller's address.
-        if rule.rate_limited {
-            let block = match peer.addr {
-                Some(a) => caller_block(a.ip(), s.limits.ipv6_prefix_len).to_string(),
-                None => "unknown".to_owned(),
-            };
-            if let Err(not_until) = s.limiter.check_key(&format!("address:{block}")) {
-                let secs = retry_secs(&not_until);
-                return s.too_many(
-                    Refusal::RateLimited,
-                    format!(
-                        "{block} made more than {} requests a minute; try again in {secs} s",
-                        s.limits.requests_per_minute
-                    ),
-                    secs,
-                );
-            }
+        if rule.rate_limited
+            && let Some(r) = s.spend_address(&peer)
+        {
+            return r;
         }
         let declared = req
             .headers()
@@ -1158,6 +1165,9 @@ async fn gate(
             match blocking(move || store.console_session(&hash)).await {
                 Ok(Some(session)) if s.live(&session) => Some(console::Signed(Arc::new(session))),
                 Ok(_) => {
+                    if let Some(r) = s.spend_address(&peer) {
+                        return r;
+                    }
                     return s.refuse(
                         Refusal::Unauthenticated,
                         Fail::new(
@@ -1217,20 +1227,8 @@ async fn gate(
         // `allow` has counted and logged it. Failures spend the caller's address's rate,
         // which sign-ins spend too: credentials are guessed at most that fast, on any route.
         Err(f) => {
-            let block = match peer.addr {
-                Some(a) => caller_block(a.ip(), s.limits.ipv6_prefix_len).to_string(),
-                None => "unknown".to_owned(),
-            };
-            if let Err(not_until) = s.limiter.check_key(&format!("address:{block}")) {
-                let secs = retry_secs(&not_until);
-                return s.too_many(
-                    Refusal::RateLimited,
-                    format!(
-                        "{block} made more than {} failed or anonymous requests a minute; try again in {secs} s",
-                        s.limits.requests_per_minute
-                    ),
-                    secs,
-                );
+            if let Some(r) = s.spend_address(&peer) {
+                return r;
             }
             return closing(f.into_response());
         }
@@ -1476,7 +1474,14 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, Fail> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| Fail::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| {
+            // What failed is the log's to say, not a caller's to read.
+            error!(error = %e, "a request's work failed");
+            Fail::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the request failed inside the control plane (logged there)",
+            )
+        })?
         .map_err(Fail::from)
 }
 
@@ -2765,6 +2770,10 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
             )?;
             server.require_owners(cfg.require_owner);
             server.console(cfg.console.then_some(cfg.console_session_hours));
+            // Turned off, the console's sessions and links end, not wait for it to be on.
+            if !cfg.console {
+                server.store.console_close_all(None)?;
+            }
             if let Some(path) = cfg.served_numbers() {
                 server.keep_served_in(path)?;
                 server.settle()?;

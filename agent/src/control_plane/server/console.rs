@@ -507,13 +507,12 @@ pub(super) async fn make_link(
             (c, chain)
         }
         (None, Some(t), _) => (format!("token:{}", sha256_hex(t.as_bytes())), None),
-        (None, None, Some(Extension(Signed(session)))) => {
-            (session.credential.clone(), session.chain.clone())
-        }
-        (None, None, None) => {
+        // A cookie hands on nothing: a session could otherwise outlive its own end, and
+        // an admin's end of it, by a chain of links.
+        (None, None, _) => {
             return Err(Fail::new(
-                StatusCode::UNAUTHORIZED,
-                "a sign-in link needs a credential to hand on",
+                StatusCode::FORBIDDEN,
+                "a sign-in link is made with a certificate or a token, not from a console session",
             ));
         }
     };

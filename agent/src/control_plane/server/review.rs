@@ -10,34 +10,77 @@ use crate::{
         BundleInfo, FileDiff, FlowQuery, PolicyDiff, REVIEW_RECORDS, SimulateReply,
         SimulateRequest, UnusedReply, store::Store,
     },
+    identity::AgentId,
+    policy::owner::Owner,
     review::Flow,
 };
 
-/// Records read per store query while gathering a review's flows.
-const PAGE: u32 = 10_000;
+/// Records read per store query while gathering a review's flows: a record may be as large
+/// as `MAX_RECORD_BYTES`, so a page is at most a few hundred MiB however a node wrote them.
+const PAGE: u32 = 500;
+
+/// Longest a simulation replays before answering with what it has.
+const SIMULATION_TIME: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Every node's decision records at or after `since`, as flows, up to [`REVIEW_RECORDS`]
-/// records (oldest stored first); and whether more were left unread.
+/// records (oldest stored first), the same flows merged (their counts summed); and whether
+/// more were left unread.
 fn fleet_flows(
     store: &dyn Store,
     since: Option<String>,
 ) -> Result<(Vec<Flow>, u64, bool), crate::control_plane::store::StoreError> {
+    type Key = (
+        String,
+        std::net::IpAddr,
+        u16,
+        crate::policy::Protocol,
+        Option<String>,
+        String,
+        Option<String>,
+        Option<u32>,
+        String,
+        bool,
+    );
     let mut q = FlowQuery {
         since,
         limit: Some(PAGE),
         ..FlowQuery::default()
     };
-    let (mut flows, mut read) = (Vec::new(), 0u64);
-    loop {
+    let mut merged: std::collections::HashMap<Key, Flow> = std::collections::HashMap::new();
+    let mut read = 0u64;
+    let truncated = loop {
         let page = store.flows(&q)?;
         read += page.flows.len() as u64;
-        flows.extend(page.flows.iter().filter_map(|f| Flow::of_record(&f.record)));
-        match page.next {
-            Some(_) if read >= REVIEW_RECORDS => return Ok((flows, read, true)),
-            Some(n) => q.after = Some(n),
-            None => return Ok((flows, read, false)),
+        for f in page.flows.iter().filter_map(|f| Flow::of_record(&f.record)) {
+            let key = (
+                f.identity.clone(),
+                f.dest,
+                f.port,
+                f.protocol,
+                f.fqdn.clone(),
+                f.verdict.clone(),
+                f.reason.clone(),
+                f.rule_id,
+                f.revision.clone(),
+                f.inbound,
+            );
+            match merged.entry(key) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    let c = &mut e.get_mut().count;
+                    *c = c.saturating_add(f.count);
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(Flow { time: None, ..f });
+                }
+            }
         }
-    }
+        match page.next {
+            Some(_) if read >= REVIEW_RECORDS => break true,
+            Some(n) => q.after = Some(n),
+            None => break false,
+        }
+    };
+    Ok((merged.into_values().collect(), read, truncated))
 }
 
 fn since_of(since: Option<&str>) -> Result<Option<String>, Fail> {
@@ -71,10 +114,30 @@ pub(super) async fn get_diff(
 ) -> Result<Json<PolicyDiff>, Fail> {
     let store = s.store.clone();
     let (from, to) = (q.from, q.to);
-    let (a, b) = blocking(move || Ok((store.policy(Some(from))?, store.policy(Some(to))?))).await?;
-    let missing = |v| Fail::new(StatusCode::NOT_FOUND, format!("no policy version {v}"));
-    let a = a.ok_or_else(|| missing(from))?;
-    let b = b.ok_or_else(|| missing(to))?;
+    let turn = s.review_turn()?;
+    let found = blocking(move || {
+        let _turn = turn;
+        let (Some(a), Some(b)) = (store.policy(Some(from))?, store.policy(Some(to))?) else {
+            return Ok(None);
+        };
+        Ok(Some(diff(&a, &b)))
+    })
+    .await?;
+    let files = found.ok_or_else(|| {
+        Fail::new(
+            StatusCode::NOT_FOUND,
+            format!("no policy version {from} or no policy version {to}"),
+        )
+    })?;
+    Ok(Json(PolicyDiff { from, to, files }))
+}
+
+/// Longest one file's diff may take; past it the diff is coarser (whole blocks), not wrong.
+const DIFF_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The files that differ between two bundles, with unified diffs.
+fn diff(a: &crate::control_plane::Bundle, b: &crate::control_plane::Bundle) -> Vec<FileDiff> {
+    let (from, to) = (a.version, b.version);
     let text = |files: &[crate::control_plane::BundleFile], name: &str| {
         files
             .iter()
@@ -87,7 +150,7 @@ pub(super) async fn get_diff(
         .chain(&b.files)
         .map(|f| f.name.as_str())
         .collect();
-    let files = names
+    names
         .into_iter()
         .filter_map(|name| {
             let (old, new) = (text(&a.files, name), text(&b.files, name));
@@ -98,7 +161,9 @@ pub(super) async fn get_diff(
                 _ => return None,
             };
             let (old, new) = (old.unwrap_or_default(), new.unwrap_or_default());
-            let diff = similar::TextDiff::from_lines(&old, &new)
+            let diff = similar::TextDiff::configure()
+                .timeout(DIFF_TIME)
+                .diff_lines(&old, &new)
                 .unified_diff()
                 .context_radius(3)
                 .header(
@@ -112,8 +177,7 @@ pub(super) async fn get_diff(
                 diff,
             })
         })
-        .collect();
-    Ok(Json(PolicyDiff { from, to, files }))
+        .collect()
 }
 
 /// Replays every node's recorded flows against a candidate bundle (validated as a push is;
@@ -135,8 +199,9 @@ pub(super) async fn post_simulate(
     })?;
     let since = since_of(req.since.as_deref())?;
     let store = s.store.clone();
-    let _turn = s.review_turn()?;
+    let turn = s.review_turn()?;
     let answer = blocking(move || {
+        let _turn = turn;
         let set = match crate::control_plane::validate(&req.files) {
             Ok(set) => set,
             Err(errors) => return Ok(Err(errors)),
@@ -144,7 +209,11 @@ pub(super) async fn post_simulate(
         let (flows, records, truncated) = fleet_flows(&*store, since)?;
         Ok(Ok(SimulateReply {
             revision: set.revision.clone(),
-            simulation: crate::review::simulate(&set, &flows),
+            simulation: crate::review::simulate_until(
+                &set,
+                &flows,
+                Some(std::time::Instant::now() + SIMULATION_TIME),
+            ),
             records,
             truncated,
         }))
@@ -179,8 +248,9 @@ pub(super) async fn get_unused(
 ) -> Result<Json<UnusedReply>, Fail> {
     let since = since_of(q.since.as_deref())?;
     let store = s.store.clone();
-    let _turn = s.review_turn()?;
+    let turn = s.review_turn()?;
     let found = blocking(move || {
+        let _turn = turn;
         let Some(bundle) = store.policy(None)? else {
             return Ok(None);
         };
@@ -219,9 +289,10 @@ pub(super) async fn get_unused(
 pub(super) const REVIEWS_AT_ONCE: usize = 2;
 
 impl Server {
-    /// A turn to run a fleet review, or 503 (with Retry-After) while others hold them all.
-    fn review_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Fail> {
-        self.reviews.try_acquire().map_err(|_| {
+    /// A turn to run a fleet review, or 503 while others hold them all. It is held by the
+    /// work itself, not the request: a caller who hangs up does not free it early.
+    fn review_turn(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Fail> {
+        self.reviews.clone().try_acquire_owned().map_err(|_| {
             Fail::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
@@ -249,8 +320,14 @@ pub(super) async fn get_identities(
 ) -> Result<Json<IdentitiesReply>, Fail> {
     let since = since_of(q.since.as_deref())?;
     let store = s.store.clone();
-    let _turn = s.review_turn()?;
-    Ok(Json(blocking(move || identities(&*store, since)).await?))
+    let turn = s.review_turn()?;
+    Ok(Json(
+        blocking(move || {
+            let _turn = turn;
+            identities(&*store, since)
+        })
+        .await?,
+    ))
 }
 
 /// Decisions of one identity in one span of time (`start` and the reply's `bucket_secs`).
@@ -314,9 +391,18 @@ pub struct IdentitiesReply {
     /// [`BUCKETS`].
     pub bucket_secs: u64,
     pub identities: Vec<IdentitySummary>,
+    /// Records of identities past the first [`MAX_IDENTITIES`], not shown.
+    pub identities_left_out: u64,
     pub records: u64,
     pub truncated: bool,
 }
+
+/// Most identities one answer shows (those first in the records).
+pub const MAX_IDENTITIES: usize = 1_000;
+/// Distinct destinations counted per identity before the rest are one row.
+const MAX_DESTINATIONS: usize = 1_000;
+/// The earliest time a chart places (2000-01-01).
+const EARLIEST: i64 = 946_684_800;
 
 /// Most destinations listed per identity.
 pub const TOP_DESTINATIONS: usize = 10;
@@ -345,13 +431,21 @@ fn identities(
         ..FlowQuery::default()
     };
     let (mut seen, mut flows, mut read, mut truncated) = (Vec::new(), Vec::new(), 0u64, false);
+    let mut named: BTreeSet<String> = BTreeSet::new();
+    let mut left_out = 0u64;
+    // Times a chart can place: a node's record dated 1969 or 9999 must not stretch every
+    // identity's chart (nor overflow the arithmetic).
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let plausible = EARLIEST..now.saturating_add(86_400);
     loop {
         let page = store.flows(&q)?;
         read += page.flows.len() as u64;
         for f in &page.flows {
             let r = &f.record;
             let text = |k: &str| r.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-            let Some(identity) = text("identity") else {
+            // Only what a review can stand behind: a SPIFFE ID, an address or host name, an
+            // owner as policies write them; bounded, whatever a node sent.
+            let Some(identity) = text("identity").filter(|i| i.parse::<AgentId>().is_ok()) else {
                 continue;
             };
             let verdict = match text("verdict").as_deref() {
@@ -360,24 +454,38 @@ fn identities(
                 Some("deny" | "socket-deny") => 2,
                 _ => continue,
             };
-            if let Some(flow) = Flow::of_record(r) {
+            if !named.contains(&identity) {
+                if named.len() >= MAX_IDENTITIES {
+                    left_out += 1;
+                    continue;
+                }
+                named.insert(identity.clone());
+            }
+            if let Some(flow) = Flow::of_record(r).filter(|f| f.allowed() && f.rule_id.is_some()) {
                 flows.push(flow);
             }
             seen.push(Seen {
                 identity,
-                owner: text("owner"),
+                owner: text("owner").filter(|o| o.parse::<Owner>().is_ok()),
                 node: f.node.clone(),
-                time: text("last_seen")
-                    .or_else(|| text("time"))
+                time: text("time")
                     .and_then(|t| crate::clock::parse_rfc3339(&t).ok())
-                    .map(|t| t.unix_timestamp()),
+                    .map(|t| t.unix_timestamp())
+                    .filter(|t| plausible.contains(t)),
                 verdict,
                 count: r.get("count").and_then(|c| c.as_u64()).unwrap_or(1),
                 dest: crate::review::host_name(text("fqdn"))
-                    .or_else(|| text("dest"))
+                    .or_else(|| {
+                        text("dest")
+                            .and_then(|d| d.parse::<std::net::IpAddr>().ok())
+                            .map(|a| a.to_string())
+                    })
                     .unwrap_or_default(),
                 port: r.get("port").and_then(|p| p.as_u64()).unwrap_or(0) as u16,
-                protocol: text("protocol").unwrap_or_default(),
+                protocol: match text("protocol").as_deref() {
+                    Some(p @ ("tcp" | "udp")) => p.to_owned(),
+                    _ => String::new(),
+                },
             });
         }
         match page.next {
@@ -453,14 +561,15 @@ fn identities(
             1 => &mut e.audit,
             _ => &mut e.deny,
         };
-        *slot += s.count;
+        *slot = slot.saturating_add(s.count);
         if let (Some(t), Some(s0)) = (s.time, start) {
             let b = &mut e.buckets[((t - s0) as u64 / bucket_secs) as usize];
-            *match s.verdict {
+            let n = match s.verdict {
                 0 => &mut b.allow,
                 1 => &mut b.audit,
                 _ => &mut b.deny,
-            } += s.count;
+            };
+            *n = n.saturating_add(s.count);
             let l = last_seen.entry(s.identity.clone()).or_insert(t);
             *l = (*l).max(t);
         }
@@ -468,11 +577,17 @@ fn identities(
             .entry(s.identity.clone())
             .or_default()
             .insert(s.node.clone());
-        dests
-            .entry(s.identity.clone())
-            .or_default()
-            .entry((s.dest.clone(), s.port, s.protocol.clone()))
-            .or_default()[s.verdict] += s.count;
+        let d = dests.entry(s.identity.clone()).or_default();
+        // Past as many distinct destinations as any page would list, the rest are one row.
+        let key = if d.len() >= MAX_DESTINATIONS
+            && !d.contains_key(&(s.dest.clone(), s.port, s.protocol.clone()))
+        {
+            ("(other destinations)".to_owned(), 0, String::new())
+        } else {
+            (s.dest.clone(), s.port, s.protocol.clone())
+        };
+        let n = &mut d.entry(key).or_default()[s.verdict];
+        *n = n.saturating_add(s.count);
     }
     // Sessions, as each node's last poll said them (identities with sessions and no
     // records yet included).
@@ -523,7 +638,9 @@ fn identities(
                 },
             )
             .collect();
-        d.sort_by_key(|d| std::cmp::Reverse(d.allow + d.audit + d.deny));
+        d.sort_by_key(|d| {
+            std::cmp::Reverse(d.allow.saturating_add(d.audit).saturating_add(d.deny))
+        });
         d.truncate(TOP_DESTINATIONS);
         e.top_destinations = d;
     }
@@ -531,6 +648,7 @@ fn identities(
         version: newest.map(|b| b.version),
         bucket_secs,
         identities: by_id.into_values().collect(),
+        identities_left_out: left_out,
         records: read,
         truncated,
     })

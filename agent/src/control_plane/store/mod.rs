@@ -196,8 +196,8 @@ pub trait Store: Send + Sync {
     /// [`CONSOLE_SESSIONS_PER_CREDENTIAL`] of its credential's.
     fn console_open(&self, session: &ConsoleSession) -> Result<(), StoreError>;
     /// Ends every console sign-in, or those whose credential is `credential` (a token's may
-    /// be given by its first hex digits, `token:0123456789ab`, as principals are named).
-    /// Returns how many ended.
+    /// be given by its first hex digits, `token:0123456789ab`, as principals are named), and
+    /// their unused sign-in links with them. Returns how many sessions ended.
     fn console_close_all(&self, credential: Option<&str>) -> Result<u64, StoreError>;
     /// The unexpired console sign-in whose cookie hashes to `id_sha256`.
     fn console_session(&self, id_sha256: &str) -> Result<Option<ConsoleSession>, StoreError>;

@@ -1099,18 +1099,29 @@ impl Store for PgStore {
     fn console_close_all(&self, credential: Option<&str>) -> Result<u64, StoreError> {
         let credential = credential.map(text);
         self.block(async {
-            let c = self.client().await?;
-            Ok(match credential {
-                None => c.execute("DELETE FROM console_sessions", &[]).await?,
-                Some(p) => {
-                    c.execute(
-                        "DELETE FROM console_sessions WHERE credential = $1
-                         OR (left($1, 6) = 'token:' AND left(credential, length($1)) = $1)",
-                        &[&p],
-                    )
-                    .await?
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            let mut ended = 0;
+            for table in ["console_sessions", "console_links"] {
+                let n = match &credential {
+                    None => tx.execute(&format!("DELETE FROM {table}"), &[]).await?,
+                    Some(p) => {
+                        tx.execute(
+                            &format!(
+                                "DELETE FROM {table} WHERE credential = $1
+                                 OR (left($1, 6) = 'token:' AND left(credential, length($1)) = $1)"
+                            ),
+                            &[p],
+                        )
+                        .await?
+                    }
+                };
+                if table == "console_sessions" {
+                    ended = n;
                 }
-            })
+            }
+            tx.commit().await?;
+            Ok(ended)
         })
     }
 

@@ -703,14 +703,25 @@ impl Store for SqliteStore {
 
     fn console_close_all(&self, credential: Option<&str>) -> Result<u64, StoreError> {
         let db = lock(&self.writer);
-        Ok(match credential {
-            None => db.execute("DELETE FROM console_sessions", [])?,
-            Some(c) => db.execute(
-                "DELETE FROM console_sessions WHERE credential = ?1
-                 OR (substr(?1, 1, 6) = 'token:' AND substr(credential, 1, length(?1)) = ?1)",
-                params![c],
-            )?,
-        } as u64)
+        let tx = db.unchecked_transaction()?;
+        let mut ended = 0;
+        for table in ["console_sessions", "console_links"] {
+            let n = match credential {
+                None => tx.execute(&format!("DELETE FROM {table}"), [])?,
+                Some(c) => tx.execute(
+                    &format!(
+                        "DELETE FROM {table} WHERE credential = ?1
+                         OR (substr(?1, 1, 6) = 'token:' AND substr(credential, 1, length(?1)) = ?1)"
+                    ),
+                    params![c],
+                )?,
+            };
+            if table == "console_sessions" {
+                ended = n as u64;
+            }
+        }
+        tx.commit()?;
+        Ok(ended)
     }
 
     fn console_session(&self, id_sha256: &str) -> Result<Option<ConsoleSession>, StoreError> {
