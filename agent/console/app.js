@@ -22,10 +22,12 @@ function el(tag, attrs, ...children) {
 }
 
 class ApiError extends Error {
-  constructor(status, body) {
+  constructor(status, body, retryAfter) {
     super((body && body.error) || `HTTP ${status}`);
     this.status = status;
     this.body = body;
+    // Seconds the server asked to wait (429), at least 1.
+    this.retryAfter = Math.max(1, Number(retryAfter) || 1);
   }
 }
 
@@ -45,7 +47,7 @@ async function api(method, path, body) {
   try { json = text ? JSON.parse(text) : null; } catch (_) { json = { error: text }; }
   if (!r.ok) {
     if (r.status === 401 && path !== "/ui/session") signedOut("The session has ended; sign in again.");
-    throw new ApiError(r.status, json);
+    throw new ApiError(r.status, json, r.headers.get("Retry-After"));
   }
   return json;
 }
@@ -232,9 +234,11 @@ async function flowsPage(params) {
     liveStatus.textContent = "";
     if (!ev.target.checked) return;
     let busy = false;
+    let pausedUntil = 0;
     const tick = async () => {
-      // One request at a time: a slow answer is not asked for twice.
-      if (busy) return;
+      // One request at a time: a slow answer is not asked for twice; and none while the
+      // server has asked to wait.
+      if (busy || Date.now() < pausedUntil) return;
       busy = true;
       const more = new URLSearchParams(q);
       if (newest) more.set("after", String(newest));
@@ -248,6 +252,10 @@ async function flowsPage(params) {
         liveStatus.textContent = `following: the newest ${body.children.length} flow(s) shown`;
       } catch (e) {
         liveStatus.textContent = e.message;
+        if (e instanceof ApiError && e.status === 429) {
+          pausedUntil = Date.now() + e.retryAfter * 1000;
+          liveStatus.textContent = `${e.message} (paused for ${e.retryAfter} s)`;
+        }
       } finally {
         busy = false;
       }

@@ -321,7 +321,10 @@ impl ShadowFold {
                 r.get("uid").and_then(|v| v.as_u64()).unwrap_or(0)
             )
         };
-        let port = r.get("port").and_then(|v| v.as_u64()).unwrap_or(0) as u16;
+        let Ok(port) = u16::try_from(r.get("port").and_then(|v| v.as_u64()).unwrap_or(0)) else {
+            self.left_out += 1;
+            return;
+        };
         let count = r.get("count").and_then(|v| v.as_u64()).unwrap_or(1);
         let dest = s("dest").unwrap_or_default();
         let name = crate::review::host_name(s("fqdn"));

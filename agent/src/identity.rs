@@ -57,10 +57,23 @@ impl AgentId {
     }
 }
 
+/// Longest SPIFFE ID, in bytes (the SPIFFE ID standard, section 2.3).
+pub const MAX_SPIFFE_ID: usize = 2048;
+/// Longest trust domain name, in characters (the SPIFFE ID standard, section 2.1).
+const MAX_TRUST_DOMAIN: usize = 255;
+
 impl FromStr for AgentId {
     type Err = IdentityError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // The SPIFFE standard's bounds: a name that long is an attack on whatever keeps it,
+        // and is not echoed whole in the error either.
+        if s.len() > MAX_SPIFFE_ID {
+            return Err(IdentityError::BadSpiffe {
+                id: format!("{}…", s.chars().take(64).collect::<String>()),
+                why: "a SPIFFE ID is at most 2048 bytes",
+            });
+        }
         let rest = s
             .strip_prefix("spiffe://")
             .ok_or_else(|| IdentityError::NotSpiffe(s.to_owned()))?;
@@ -69,6 +82,9 @@ impl FromStr for AgentId {
             id: s.to_owned(),
             why,
         };
+        if domain.len() > MAX_TRUST_DOMAIN {
+            return Err(bad("the trust domain is at most 255 characters"));
+        }
         if domain.is_empty()
             || !domain
                 .bytes()
@@ -880,5 +896,25 @@ mod tests {
         ] {
             assert!(bad.parse::<AgentId>().is_err(), "{bad}");
         }
+        // The standard's bounds, at the edge.
+        let longest = format!("spiffe://example.org/{}", "a".repeat(MAX_SPIFFE_ID - 21));
+        assert_eq!(longest.len(), MAX_SPIFFE_ID);
+        assert!(longest.parse::<AgentId>().is_ok());
+        let over = format!("{longest}b");
+        let e = over.parse::<AgentId>().unwrap_err().to_string();
+        assert!(e.contains("at most 2048 bytes"), "{e}");
+        assert!(
+            e.len() < 200,
+            "the error echoes the whole ID: {} bytes",
+            e.len()
+        );
+        let domain = format!("spiffe://{}/a", "d".repeat(256));
+        let e = domain.parse::<AgentId>().unwrap_err().to_string();
+        assert!(e.contains("at most 255"), "{e}");
+        assert!(
+            format!("spiffe://{}/a", "d".repeat(255))
+                .parse::<AgentId>()
+                .is_ok()
+        );
     }
 }

@@ -62,6 +62,7 @@ pub mod logging;
 pub mod metrics;
 pub mod native;
 pub mod node;
+pub mod ocsf;
 pub mod pem;
 pub mod policy;
 pub mod review;

@@ -109,6 +109,19 @@ fn read_records(
     kinds: &[&str],
 ) -> Result<Vec<serde_json::Value>, ReviewError> {
     let mut out = Vec::new();
+    each_record(files, since, Some(kinds), |v| out.push(v))?;
+    Ok(out)
+}
+
+/// Hands each record of `files`, in order, to `each`: of the given kinds (every kind when
+/// None), newer than `since` when given. A line that is not JSON stops the walk with its
+/// file and line.
+pub fn each_record(
+    files: &[PathBuf],
+    since: Option<SystemTime>,
+    kinds: Option<&[&str]>,
+    mut each: impl FnMut(serde_json::Value),
+) -> Result<(), ReviewError> {
     for path in files {
         let io = |source| ReviewError::Io {
             path: path.clone(),
@@ -126,9 +139,10 @@ fn read_records(
                     line: i + 1,
                     source,
                 })?;
-            if v.get("kind")
-                .and_then(|k| k.as_str())
-                .is_some_and(|k| !kinds.contains(&k))
+            if let Some(kinds) = kinds
+                && v.get("kind")
+                    .and_then(|k| k.as_str())
+                    .is_some_and(|k| !kinds.contains(&k))
             {
                 continue;
             }
@@ -142,10 +156,10 @@ fn read_records(
                     continue;
                 }
             }
-            out.push(v);
+            each(v);
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A query an identity in audit mode made that its policy would refuse.
@@ -211,15 +225,25 @@ impl Flow {
         if !matches!(verdict.as_str(), "allow" | "audit" | "deny") {
             return None;
         }
+        // A number out of range is not a port or a rule: the record is not replayed, never
+        // wrapped onto another port or rule.
+        let port = match v.get("port") {
+            None => 0,
+            Some(p) => u16::try_from(p.as_u64()?).ok()?,
+        };
+        let rule_id = match v.get("rule_id").filter(|r| !r.is_null()) {
+            None => None,
+            Some(r) => Some(u32::try_from(r.as_u64()?).ok()?),
+        };
         Some(Flow {
             identity,
             dest,
-            port: v.get("port").and_then(|p| p.as_u64()).unwrap_or(0) as u16,
+            port,
             protocol,
             fqdn: host_name(s("fqdn")),
             verdict,
             reason: s("reason").filter(|r| r.len() <= 256),
-            rule_id: v.get("rule_id").and_then(|r| r.as_u64()).map(|r| r as u32),
+            rule_id,
             revision: s("revision").filter(|r| r.len() <= 64).unwrap_or_default(),
             count: v.get("count").and_then(|c| c.as_u64()).unwrap_or(1),
             time: s("last_seen")
@@ -283,28 +307,68 @@ pub struct Simulation {
 
 /// An identity's rules under `set`, with a host rule for `fqdn` where a name rule allows it
 /// (the address the name resolved to when the flow was recorded).
-fn rules_for(set: &PolicySet, identity: &str, dest: IpAddr, fqdn: Option<&str>) -> Vec<Rule> {
-    let Some(agent) = set.agent(identity) else {
-        return Vec::new();
-    };
-    let mut rules: Vec<Rule> = set
-        .effective_rules(agent)
-        .into_iter()
-        .map(|r| r.rule)
-        .collect();
-    if let Some(name) = fqdn {
-        let hosts: Vec<Rule> = rules
+/// An identity's rules in a candidate, worked out once per simulation: its effective rules
+/// and where each is written.
+struct IdentityRules {
+    known: bool,
+    rules: Vec<Rule>,
+    places: Vec<String>,
+}
+
+impl IdentityRules {
+    fn of(set: &PolicySet, identity: &str) -> Self {
+        let Some(agent) = set.agent(identity) else {
+            return IdentityRules {
+                known: false,
+                rules: Vec::new(),
+                places: Vec::new(),
+            };
+        };
+        let (rules, places) = set
+            .effective_rules(agent)
+            .into_iter()
+            .map(|r| (r.rule, r.source.place()))
+            .unzip();
+        IdentityRules {
+            known: true,
+            rules,
+            places,
+        }
+    }
+
+    /// The rules for a flow to `dest` learned as `fqdn`: a name rule that matches allows
+    /// that address. None when no name rule matches (the plain rules serve).
+    fn for_name(&self, dest: IpAddr, fqdn: &str) -> Option<Vec<Rule>> {
+        let hosts: Vec<Rule> = self
+            .rules
             .iter()
-            .filter(|r| r.fqdns.iter().any(|p| p.matches(name)))
+            .filter(|r| r.fqdns.iter().any(|p| p.matches(fqdn)))
             .map(|r| Rule {
                 to: vec![IpNet::from(dest)],
                 fqdns: Vec::new(),
                 ..r.clone()
             })
             .collect();
-        rules.extend(hosts);
+        (!hosts.is_empty()).then(|| self.rules.iter().cloned().chain(hosts).collect())
     }
-    rules
+
+    /// Where the rule at `index` of the list the flow was judged by is written: past the
+    /// plain rules come the name rules' copies, in order.
+    fn place(&self, index: usize, fqdn: Option<&str>) -> Option<&String> {
+        match index.checked_sub(self.rules.len()) {
+            None => self.places.get(index),
+            Some(copy) => {
+                let name = fqdn?;
+                let (i, _) = self
+                    .rules
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.fqdns.iter().any(|p| p.matches(name)))
+                    .nth(copy)?;
+                self.places.get(i)
+            }
+        }
+    }
 }
 
 /// Replays `flows` against `candidate` with the reference evaluator (the one the kernel is
@@ -321,8 +385,7 @@ pub fn simulate_until(
     deadline: Option<std::time::Instant>,
 ) -> Simulation {
     let deny = candidate.global_deny();
-    // An identity's rules, for flows without a name (the same for every address).
-    let mut plain: BTreeMap<&str, Vec<Rule>> = BTreeMap::new();
+    let mut by_identity: BTreeMap<&str, IdentityRules> = BTreeMap::new();
     let view = IdentityView {
         status: IdentityStatus::Active,
         mode: Mode::Enforce,
@@ -331,26 +394,21 @@ pub fn simulate_until(
     type Key = (String, IpAddr, u16, Protocol, Option<String>);
     let mut changes: BTreeMap<Key, (bool, String, u64)> = BTreeMap::new();
     let mut sim = Simulation::default();
-    for (i, f) in flows.iter().filter(|f| f.rule_decided()).enumerate() {
-        if i % 256 == 0 && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+    for f in flows.iter().filter(|f| f.rule_decided()) {
+        // At every flow: one flow against a candidate of many rules is not free.
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
             sim.stopped_early = true;
             break;
         }
         sim.replayed = sim.replayed.saturating_add(f.count);
-        let named;
-        let rules = match f.fqdn.as_deref() {
-            Some(name) => {
-                named = rules_for(candidate, &f.identity, f.dest, Some(name));
-                &named
-            }
-            None => plain
-                .entry(f.identity.as_str())
-                .or_insert_with(|| rules_for(candidate, &f.identity, f.dest, None)),
-        };
+        let ir = by_identity
+            .entry(f.identity.as_str())
+            .or_insert_with(|| IdentityRules::of(candidate, &f.identity));
+        let named = f.fqdn.as_deref().and_then(|n| ir.for_name(f.dest, n));
         let d = evaluate_flow(
             Subject::Bound {
                 view: Some(view),
-                rules,
+                rules: named.as_ref().unwrap_or(&ir.rules),
             },
             &deny,
             UnknownFlows::Report,
@@ -363,17 +421,13 @@ pub fn simulate_until(
         if after == f.allowed() {
             continue;
         }
-        let why = if candidate.agent(&f.identity).is_none() {
+        let why = if !ir.known {
             "no AgentPolicy for this identity".to_owned()
         } else if after {
-            candidate
-                .agent(&f.identity)
-                .and_then(|a| {
-                    candidate
-                        .effective_rules(a)
-                        .get(d.rule_id.checked_sub(1)? as usize)
-                        .map(|r| format!("rule {}", r.source.place()))
-                })
+            d.rule_id
+                .checked_sub(1)
+                .and_then(|i| ir.place(i as usize, f.fqdn.as_deref()))
+                .map(|p| format!("rule {p}"))
                 .unwrap_or_else(|| "allowed".into())
         } else {
             d.reason.map_or("denied".into(), |r| r.to_string())
@@ -408,24 +462,11 @@ pub fn simulate_until(
     sim
 }
 
-/// A rule no recorded flow used.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct UnusedRule {
-    pub identity: String,
-    /// Who answers for the identity: the report is grouped by it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub owner: Option<crate::policy::owner::Owner>,
-    /// The rule's number among the identity's effective rules (from 1).
-    pub rule_id: u32,
-    /// file:line egress[i]
-    pub place: String,
-    /// `AgentPolicy "name"` or `Archetype "name"`.
-    pub from: String,
-}
-
+/// The rules no recorded flow used.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct UnusedReport {
-    pub rules: Vec<UnusedRule>,
+    /// Each with `hits` 0.
+    pub rules: Vec<RuleUse>,
     /// Archetypes none of whose rules was used by any identity that extends them.
     pub archetypes: Vec<String>,
     /// Allowed flows counted (of the revision in force).
@@ -451,13 +492,7 @@ pub fn unused(set: &PolicySet, flows: &[Flow]) -> UnusedReport {
             *archetype_used.entry(name.to_owned()).or_default() |= r.hits > 0;
         }
         if r.hits == 0 {
-            report.rules.push(UnusedRule {
-                identity: r.identity,
-                owner: r.owner,
-                rule_id: r.rule_id,
-                place: r.place,
-                from: r.from,
-            });
+            report.rules.push(r);
         }
     }
     // Each owner's rules together, owners in order, rules nobody owns last.
@@ -476,8 +511,10 @@ pub fn unused(set: &PolicySet, flows: &[Flow]) -> UnusedReport {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RuleUse {
     pub identity: String,
+    /// Who answers for the identity: reports are grouped by it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner: Option<crate::policy::owner::Owner>,
+    /// The rule's number among the identity's effective rules (from 1).
     pub rule_id: u32,
     /// file:line egress[i]
     pub place: String,
@@ -684,5 +721,38 @@ mod tests {
         assert!(!policy.contains("0.0.0.0/0"), "{policy}");
         let named = Flow::of_record(&rec("API.Example.com")).unwrap();
         assert_eq!(named.fqdn.as_deref(), Some("API.Example.com"));
+    }
+
+    #[test]
+    fn simulation_names_the_name_rule_and_keeps_to_its_time() {
+        let files = vec![crate::control_plane::BundleFile {
+            name: "a.yaml".into(),
+            text: "kind: AgentPolicy\nname: a\nidentity: spiffe://example.org/a\negress:\n  - to: [192.0.2.0/24]\n    ports: [80]\n  - to: [api.example.com]\n    ports: [443]\n".into(),
+        }];
+        let set = crate::control_plane::validate(&files).unwrap();
+        let rec = |port: u64, fqdn: &str| {
+            serde_json::json!({
+                "identity": "spiffe://example.org/a", "dest": "203.0.113.80", "verdict": "deny",
+                "reason": "no rule allows it", "protocol": "tcp", "port": port, "fqdn": fqdn,
+            })
+        };
+        let flows: Vec<Flow> = [rec(443, "api.example.com"), rec(443, "other.example.com")]
+            .iter()
+            .filter_map(Flow::of_record)
+            .collect();
+        let sim = simulate(&set, &flows);
+        assert_eq!(sim.newly_allowed.len(), 1, "{sim:?}");
+        assert_eq!(
+            sim.newly_allowed[0].why, "rule a.yaml:1 egress[1]",
+            "{sim:?}"
+        );
+        // A port past 65535 is no port: not replayed as another one.
+        assert!(Flow::of_record(&rec(65_536 + 443, "api.example.com")).is_none());
+        let mut big = rec(443, "api.example.com");
+        big["rule_id"] = serde_json::json!(1u64 << 32);
+        assert!(Flow::of_record(&big).is_none());
+        // A deadline already passed stops before the first flow, and says so.
+        let late = simulate_until(&set, &flows, Some(std::time::Instant::now()));
+        assert!(late.stopped_early && late.replayed == 0, "{late:?}");
     }
 }

@@ -11,6 +11,7 @@ use std::{
 
 pub mod cp;
 pub mod node;
+pub mod ocsf;
 pub mod pki;
 pub mod soak;
 pub mod wire;

@@ -561,6 +561,7 @@ fn reports_are_stored_once_and_read_back_by_filter_page_and_node() {
             "verdict \"denied\" is not one of deny, audit, unknown, socket-deny, allow",
         ),
         ("since=monday", "since \"monday\" is not an RFC 3339 time"),
+        ("format=cef", "format \"cef\" is not ocsf"),
     ] {
         let e = rt
             .block_on(sec_client.get::<serde_json::Value>(&format!("/v1/flows?{query}")))
@@ -570,6 +571,46 @@ fn reports_are_stored_once_and_read_back_by_filter_page_and_node() {
             "{query}: {e}"
         );
     }
+
+    // For a SIEM: the same records as OCSF Network Activity events, each passing its class's
+    // schema, with the node and the stored record kept.
+    let out = cp(
+        &fx,
+        &url,
+        &security,
+        &["flows", "--all", "--format", "ocsf"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 11);
+    for e in &events {
+        if let Err(why) = agentwall_tests::ocsf::check(e) {
+            panic!("an event fails its OCSF class's schema:\n{why}\n{e:#}");
+        }
+        assert_eq!(e["class_uid"], 4001);
+    }
+    let denied: Vec<&serde_json::Value> = events.iter().filter(|e| e["action_id"] == 2).collect();
+    assert_eq!(denied.len(), 6);
+    assert_eq!(
+        denied[0]["unmapped"]["node"],
+        "spiffe://example.org/node/n1"
+    );
+    assert_eq!(denied[0]["unmapped"]["agentwall"]["identity"], id);
+    assert_eq!(denied[0]["dst_endpoint"]["ip"], "203.0.113.7");
+    let page: serde_json::Value = rt
+        .block_on(sec_client.get("/v1/flows?format=ocsf&limit=4"))
+        .unwrap();
+    assert_eq!(page["events"].as_array().unwrap().len(), 4);
+    assert_eq!(page["not_mapped"], 0);
+    assert!(page["next"].is_u64(), "{page}");
 
     // Shadow AI across nodes: each node's process groups with their services.
     let shadow = cp_json(&fx, &url, &security, &["shadow-ai"]);
@@ -2716,6 +2757,23 @@ fn the_console_signs_people_in_and_refuses_what_another_site_sends() {
         body.contains("the console session has ended or expired"),
         "{body}"
     );
+    // A value no sign-in gives is refused the same way (without a database lookup).
+    for forged in [
+        "__Host-agentwall-session=zz",
+        "__Host-agentwall-session=../../x",
+    ] {
+        let (status, _, body) = https(
+            &fx,
+            &server,
+            None,
+            "GET",
+            "/v1/nodes",
+            &[("Cookie", forged)],
+            "",
+        );
+        assert_eq!(status, 401, "{forged}: {body}");
+        assert!(body.contains("has ended or expired"), "{body}");
+    }
     let (_, _, body) = https(
         &fx,
         &server,

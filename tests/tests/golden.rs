@@ -413,10 +413,64 @@ fn audit_events_and_status_keep_their_shape() {
     check_golden("status-shape.json", &status_shape, |w, g| {
         shape_diff("status", w, g)
     });
-    check_golden(
-        "audit-shape.json",
-        &audit_shape(&audit_records(&audit)),
-        audit_diff,
-    );
+    let records = audit_records(&audit);
+    check_golden("audit-shape.json", &audit_shape(&records), audit_diff);
+    ocsf_export(&audit, &records);
     drop((support, auditor, unbound, names, renewed));
+}
+
+/// `audit export --format ocsf` of the log every kind of record was written to: each event
+/// passes its OCSF class's JSON Schema, carries its record whole, and every record is
+/// written or counted as left out.
+fn ocsf_export(audit: &Path, records: &[serde_json::Value]) {
+    let out = agentwall()
+        .args(["audit", "export", "--format", "ocsf", "--audit-log"])
+        .arg(audit)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let events: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut seen: BTreeSet<(i64, i64, i64)> = BTreeSet::new();
+    for e in &events {
+        if let Err(why) = agentwall_tests::ocsf::check(e) {
+            panic!("an event fails its OCSF class's schema:\n{why}\n{e:#}");
+        }
+        let native = &e["unmapped"]["agentwall"];
+        assert!(records.contains(native), "{e:#}");
+        seen.insert((
+            e["class_uid"].as_i64().unwrap(),
+            e["activity_id"].as_i64().unwrap(),
+            e["status_id"].as_i64().unwrap(),
+        ));
+    }
+    let left_out = records
+        .iter()
+        .filter(|r| !matches!(r["kind"].as_str(), Some("decision" | "dns" | "identity")))
+        .count();
+    assert_eq!(events.len() + left_out, records.len(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{} event(s) written (OCSF 1.3.0); {left_out} record(s)",
+            events.len()
+        )),
+        "{stderr}"
+    );
+    // Allowed and refused connections, a DNS answer, sessions bound, refused and ended,
+    // and identities revoked.
+    for want in [
+        (4001, 1, 1),
+        (4001, 5, 2),
+        (4003, 2, 1),
+        (3002, 1, 1),
+        (3002, 1, 2),
+        (3002, 2, 1),
+        (3001, 5, 1),
+    ] {
+        assert!(seen.contains(&want), "no event {want:?} in {seen:?}");
+    }
 }

@@ -109,6 +109,7 @@ fn main() -> Result<()> {
             setup()?;
             require_root("the VM mounts this machine's root and the tests load eBPF programs")?;
             install_schemathesis(&root)?;
+            install_ocsf_schemas(&root)?;
             kernel::run(&root, &k, &only, filter.as_deref())
         }
         Task::Test { kernel: None, .. } => {
@@ -117,6 +118,7 @@ fn main() -> Result<()> {
             // A real DNS server for the DNS policy tests, from Debian's packages.
             apt_install(&["dnsmasq"], &["dnsmasq-base"])?;
             install_schemathesis(&root)?;
+            install_ocsf_schemas(&root)?;
             install_browser(&root)?;
             // Unit tests and integration tests of every default member; the tests crate builds
             // its helper binaries (aw-probe, aw-loader) first.
@@ -236,11 +238,49 @@ fn install_schemathesis(root: &Path) -> Result<()> {
     if installed {
         return Ok(());
     }
+    python_venv(&venv)?;
+    println!("installing schemathesis {SCHEMATHESIS} (PyPI)");
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .arg(format!("schemathesis=={SCHEMATHESIS}")))
+}
+
+/// The ocsf-json-schema release that builds the OCSF JSON Schemas the OCSF tests check
+/// events against, and the OCSF version the events follow (`agentwall::ocsf::VERSION`).
+const OCSF_JSON_SCHEMA: &str = "1.2.0";
+const OCSF: &str = "1.3.0";
+
+/// The JSON Schemas of the OCSF classes agentwall writes, built by ocsf-json-schema (PyPI,
+/// pinned, in a virtualenv under `target/tools`) into `target/tools/ocsf/VERSION`
+/// (idempotent; `tests/ocsf/schemas.py` says which classes).
+fn install_ocsf_schemas(root: &Path) -> Result<()> {
+    let venv = root.join("target/tools/ocsf-json-schema");
+    let out = root.join("target/tools/ocsf").join(OCSF);
+    let stamp = out.join(".built-by");
+    let want = format!("ocsf-json-schema {OCSF_JSON_SCHEMA}\n");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) {
+        return Ok(());
+    }
+    python_venv(&venv)?;
+    println!("installing ocsf-json-schema {OCSF_JSON_SCHEMA} (PyPI)");
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .arg(format!("ocsf-json-schema=={OCSF_JSON_SCHEMA}")))?;
+    run(Command::new(venv.join("bin/python"))
+        .arg(root.join("tests/ocsf/schemas.py"))
+        .arg(&out)
+        .arg(OCSF))?;
+    std::fs::write(&stamp, want)?;
+    Ok(())
+}
+
+/// A Python virtualenv at `venv` (made again from scratch).
+fn python_venv(venv: &Path) -> Result<()> {
     apt_install(&["python3"], &["python3"])?;
     let venv_made = || {
         Command::new("python3")
             .args(["-m", "venv", "--clear"])
-            .arg(&venv)
+            .arg(venv)
             .status()
             .is_ok_and(|s| s.success())
             && venv.join("bin/pip").exists()
@@ -252,10 +292,7 @@ fn install_schemathesis(root: &Path) -> Result<()> {
             bail!("python3 -m venv {} failed", venv.display());
         }
     }
-    println!("installing schemathesis {SCHEMATHESIS} (PyPI)");
-    run(Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check"])
-        .arg(format!("schemathesis=={SCHEMATHESIS}")))
+    Ok(())
 }
 
 /// The console's browser test: Debian's Chromium, and Playwright's driver (playwright-core,

@@ -34,6 +34,25 @@ pub enum Command {
         #[arg(long, requires = "signer")]
         max_unsigned: Option<u64>,
     },
+    /// Write the log's records as OCSF 1.3.0 events for a SIEM, one JSON object a line,
+    /// oldest first (its rotated files first): decisions as Network Activity, DNS records as
+    /// DNS Activity, identity records as Authentication or Account Change, each with the
+    /// native record under `unmapped.agentwall`. Records of other kinds (policy changes,
+    /// losses, checkpoints) are counted on stderr, not written. The native log keeps the
+    /// hash chain; check it with `audit verify`.
+    Export {
+        /// ocsf: the format to write.
+        #[arg(long, value_parser = ["ocsf"])]
+        format: String,
+        /// Only records from this long ago on (90s, 30m, 24h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// The audit log to read [default: `audit_log` from the node's config].
+        #[arg(long, value_name = "FILE")]
+        audit_log: Option<PathBuf>,
+        #[command(flatten)]
+        config: super::node_config::ConfigArg,
+    },
 }
 
 fn parse_point(s: &str) -> Result<ChainStart, String> {
@@ -60,14 +79,30 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 /// Exit 0 when the chain is intact, 1 at the first broken or missing record (2 when the
 /// command itself is wrong).
 pub fn run(cmd: Command) -> ExitCode {
-    let Command::Verify {
-        mut files,
-        config,
-        mut anchor,
-        from,
-        signer,
-        max_unsigned,
-    } = cmd;
+    let (mut files, config, mut anchor, from, signer, max_unsigned) = match cmd {
+        Command::Verify {
+            files,
+            config,
+            anchor,
+            from,
+            signer,
+            max_unsigned,
+        } => (files, config, anchor, from, signer, max_unsigned),
+        Command::Export {
+            format: _,
+            since,
+            audit_log,
+            config,
+        } => {
+            return match export(audit_log, &config, since.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("agentwall audit export: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     let signer = match signer.as_deref().map(SignerKey::load).transpose() {
         Ok(k) => k,
         Err(e) => return fail(e),
@@ -150,4 +185,40 @@ pub fn run(cmd: Command) -> ExitCode {
         }
         Err(e) => fail(e),
     }
+}
+
+/// `audit export --format ocsf`: every record as an OCSF event on stdout, a line each.
+fn export(
+    audit_log: Option<PathBuf>,
+    config: &super::node_config::ConfigArg,
+    since: Option<&str>,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let (files, since) = super::report::sources(None, audit_log, config, since)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut counted = agentwall::ocsf::Exported::default();
+    let mut failed = None;
+    agentwall::review::each_record(&files, since, None, |r| {
+        if failed.is_some() {
+            return;
+        }
+        if let Some(e) = counted.map(&r, None)
+            && let Err(e) = serde_json::to_writer(&mut out, &e)
+                .map_err(std::io::Error::from)
+                .and_then(|()| out.write_all(b"\n"))
+        {
+            failed = Some(e);
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(anyhow::Error::new(e).context("writing the events"));
+    }
+    out.flush()?;
+    eprintln!(
+        "{} event(s) written (OCSF {}); {} record(s) of kinds OCSF has no class for here (policy, loss, checkpoint) left out",
+        counted.events,
+        agentwall::ocsf::VERSION,
+        counted.not_mapped
+    );
+    Ok(())
 }

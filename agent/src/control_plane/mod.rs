@@ -451,21 +451,52 @@ pub struct FlowQuery {
     pub limit: Option<u32>,
     /// `decision` (default) or `loss`.
     pub kind: Option<String>,
+    /// `ocsf`: the page's records as OCSF 1.3.0 Network Activity events (an [`OcsfPage`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
     /// Only records tagged with a service (shadow AI); not a query parameter.
     #[serde(skip)]
     pub tagged: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StoredFlow {
     /// Ascending in arrival order; pages continue after it.
     pub id: u64,
     pub node: String,
+    /// As the node sent it: kept as text, because a record parsed into a tree takes many
+    /// times its size and a page holds thousands.
     #[schema(value_type = Object)]
-    pub record: serde_json::Value,
+    pub record: Box<serde_json::value::RawValue>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+impl StoredFlow {
+    /// The record parsed, one at a time; None when it is not a JSON object.
+    pub fn value(&self) -> Option<serde_json::Value> {
+        serde_json::from_str(self.record.get())
+            .ok()
+            .filter(serde_json::Value::is_object)
+    }
+}
+
+/// A page of `GET /v1/flows?format=ocsf`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OcsfPage {
+    /// OCSF events, each with the stored record under `unmapped.agentwall` and its node
+    /// under `unmapped.node`.
+    #[schema(value_type = Vec<Object>)]
+    pub events: Vec<serde_json::Value>,
+    /// Records of the page with no OCSF class here (`kind=loss`) or no readable time.
+    pub not_mapped: u64,
+    /// Pass as `after` for the next page; absent on the last one.
+    pub next: Option<u64>,
+}
+
+/// Most record text a page of flows holds: a page ends at `limit` records or at the first
+/// record past this many bytes, whichever comes first (records may be `MAX_RECORD_BYTES`).
+pub const PAGE_BYTES: usize = 8 << 20;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FlowPage {
     pub flows: Vec<StoredFlow>,
     /// Pass as `after` for the next page; absent on the last one.

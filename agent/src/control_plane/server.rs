@@ -1137,32 +1137,21 @@ async fn gate(
         {
             return r;
         }
-        let declared = req
-            .headers()
-            .get(axum::http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > rule.body_cap as u64) {
-            return s.refuse(Refusal::TooLarge, too_large(rule, declared));
-        }
         req.extensions_mut().insert(peer);
-        req.extensions_mut().insert(BodyCap {
-            cap: rule.body_cap,
-            timeout: Duration::from_secs(s.limits.body_timeout_secs),
-            route: rule,
-        });
-        let r = next.run(req).await;
-        return match r.status() {
-            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT => closing(r),
-            _ => r,
-        };
+        return pass_on(&s, req, next, rule).await;
     }
     // A console session, when the request has no other credential.
     // (Not with the console off: turning it off ends what its cookies could do.)
     let signed = match console::cookie(req.headers()) {
         Some(id) if !console_off && peer.spiffe_id.is_none() && bearer(req.headers()).is_none() => {
             let (store, hash) = (s.store.clone(), sha256_hex(id.as_bytes()));
-            match blocking(move || store.console_session(&hash)).await {
+            // A value no sign-in could have given is unknown without asking the database.
+            let found = if console::well_formed(id) {
+                blocking(move || store.console_session(&hash)).await
+            } else {
+                Ok(None)
+            };
+            match found {
                 Ok(Some(session)) if s.live(&session) => Some(console::Signed(Arc::new(session))),
                 Ok(_) => {
                     if let Some(r) = s.spend_address(&peer) {
@@ -1246,6 +1235,30 @@ async fn gate(
             secs,
         );
     }
+    req.extensions_mut().insert(who);
+    if let Some(signed) = signed {
+        req.extensions_mut().insert(signed);
+    }
+    let mut r = pass_on(&s, req, next, rule).await;
+    // What the API answers is its callers' alone: no cache keeps it, no browser guesses
+    // another type for it.
+    let h = r.headers_mut();
+    h.entry(axum::http::header::CACHE_CONTROL)
+        .or_insert(axum::http::HeaderValue::from_static("no-store"));
+    h.entry(axum::http::header::X_CONTENT_TYPE_OPTIONS)
+        .or_insert(axum::http::HeaderValue::from_static("nosniff"));
+    r
+}
+
+/// A request let through to its route: a declared body over the route's cap is refused
+/// before a byte of it is read, the handler reads under the cap and the body timeout, and a
+/// body refused (too large, too slow) ends the connection.
+async fn pass_on(
+    s: &Server,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+    rule: &'static RouteRule,
+) -> Response {
     let declared = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
@@ -1254,23 +1267,12 @@ async fn gate(
     if declared.is_some_and(|n| n > rule.body_cap as u64) {
         return s.refuse(Refusal::TooLarge, too_large(rule, declared));
     }
-    req.extensions_mut().insert(who);
-    if let Some(signed) = signed {
-        req.extensions_mut().insert(signed);
-    }
     req.extensions_mut().insert(BodyCap {
         cap: rule.body_cap,
         timeout: Duration::from_secs(s.limits.body_timeout_secs),
         route: rule,
     });
-    let mut r = next.run(req).await;
-    // What the API answers is its callers' alone: no cache keeps it, no browser guesses
-    // another type for it.
-    let h = r.headers_mut();
-    h.entry(axum::http::header::CACHE_CONTROL)
-        .or_insert(axum::http::HeaderValue::from_static("no-store"));
-    h.entry(axum::http::header::X_CONTENT_TYPE_OPTIONS)
-        .or_insert(axum::http::HeaderValue::from_static("nosniff"));
+    let r = next.run(req).await;
     match r.status() {
         StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT => closing(r),
         _ => r,
@@ -1601,13 +1603,20 @@ fn normal_time(what: &str, s: &str) -> Result<String, Fail> {
         })
 }
 
-/// Stored records, filtered, a page at a time.
+/// Stored records, filtered, a page at a time; with `format=ocsf`, as OCSF events.
 #[utoipa::path(get, path = "/v1/flows", tag = "reports", params(FlowQuery),
-    responses((status = 200, description = "A page of records", body = super::FlowPage)))]
-async fn get_flows(
-    State(s): S,
-    Params(mut q): Params<FlowQuery>,
-) -> Result<Json<super::FlowPage>, Fail> {
+    responses((status = 200, description = "A page of records (an OcsfPage with format=ocsf)", body = super::FlowPage)))]
+async fn get_flows(State(s): S, Params(mut q): Params<FlowQuery>) -> Result<Response, Fail> {
+    let ocsf = match q.format.as_deref() {
+        None => false,
+        Some("ocsf") => true,
+        Some(f) => {
+            return Err(Fail::new(
+                StatusCode::BAD_REQUEST,
+                format!("format {f:?} is not ocsf (leave it out for the stored records)"),
+            ));
+        }
+    };
     if let Some(t) = &q.since {
         q.since = Some(normal_time("since", t)?);
     }
@@ -1641,7 +1650,23 @@ async fn get_flows(
         ));
     }
     let store = s.store.clone();
-    Ok(Json(blocking(move || store.flows(&q)).await?))
+    let page = blocking(move || store.flows(&q)).await?;
+    if !ocsf {
+        return Ok(Json(page).into_response());
+    }
+    let mut counted = crate::ocsf::Exported::default();
+    let events = page
+        .flows
+        .iter()
+        .filter_map(|f| counted.map(&f.value()?, Some(&f.node)))
+        .collect();
+    Ok(Json(super::OcsfPage {
+        events,
+        // A record that is no JSON object is not mapped either.
+        not_mapped: page.flows.len() as u64 - counted.events,
+        next: page.next,
+    })
+    .into_response())
 }
 
 #[derive(serde::Deserialize, utoipa::IntoParams)]
@@ -1680,7 +1705,9 @@ async fn get_shadow_ai(
                 ..FlowQuery::default()
             })?;
             for f in page.flows {
-                by_node.entry(f.node).or_default().add(&f.record);
+                if let Some(r) = f.value() {
+                    by_node.entry(f.node).or_default().add(&r);
+                }
             }
             match page.next {
                 Some(n) => after = Some(n),

@@ -134,6 +134,14 @@ pub(super) fn cross_site(headers: &HeaderMap) -> Option<String> {
     None
 }
 
+/// Whether a cookie's value is of the form sessions are given in ([`random_hex`]).
+pub(super) fn well_formed(value: &str) -> bool {
+    value.len() == 64
+        && value
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 fn random_hex() -> Result<String, Fail> {
     let mut b = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).map_err(|_| {

@@ -41,46 +41,65 @@ fn fleet_flows(
         String,
         bool,
     );
+    let mut merged: std::collections::HashMap<Key, Flow> = std::collections::HashMap::new();
+    let (read, truncated) = each_record(store, since, |_, r| {
+        let Some(f) = Flow::of_record(r) else {
+            return;
+        };
+        let key = (
+            f.identity.clone(),
+            f.dest,
+            f.port,
+            f.protocol,
+            f.fqdn.clone(),
+            f.verdict.clone(),
+            f.reason.clone(),
+            f.rule_id,
+            f.revision.clone(),
+            f.inbound,
+        );
+        match merged.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                let c = &mut e.get_mut().count;
+                *c = c.saturating_add(f.count);
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Flow { time: None, ..f });
+            }
+        }
+    })?;
+    Ok((merged.into_values().collect(), read, truncated))
+}
+
+/// Hands every node's decision records at or after `since` to `each` (with the node that
+/// sent it), oldest stored first, a page at a time, at most [`REVIEW_RECORDS`]: the records
+/// read, and whether more were left unread.
+fn each_record(
+    store: &dyn Store,
+    since: Option<String>,
+    mut each: impl FnMut(&str, &serde_json::Value),
+) -> Result<(u64, bool), crate::control_plane::store::StoreError> {
     let mut q = FlowQuery {
         since,
         limit: Some(PAGE),
         ..FlowQuery::default()
     };
-    let mut merged: std::collections::HashMap<Key, Flow> = std::collections::HashMap::new();
     let mut read = 0u64;
-    let truncated = loop {
+    loop {
         let page = store.flows(&q)?;
         read += page.flows.len() as u64;
-        for f in page.flows.iter().filter_map(|f| Flow::of_record(&f.record)) {
-            let key = (
-                f.identity.clone(),
-                f.dest,
-                f.port,
-                f.protocol,
-                f.fqdn.clone(),
-                f.verdict.clone(),
-                f.reason.clone(),
-                f.rule_id,
-                f.revision.clone(),
-                f.inbound,
-            );
-            match merged.entry(key) {
-                std::collections::hash_map::Entry::Occupied(mut e) => {
-                    let c = &mut e.get_mut().count;
-                    *c = c.saturating_add(f.count);
-                }
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(Flow { time: None, ..f });
-                }
+        for f in &page.flows {
+            // Parsed one at a time: a page is held as text.
+            if let Some(r) = f.value() {
+                each(&f.node, &r);
             }
         }
         match page.next {
-            Some(_) if read >= REVIEW_RECORDS => break true,
+            Some(_) if read >= REVIEW_RECORDS => return Ok((read, true)),
             Some(n) => q.after = Some(n),
-            None => break false,
+            None => return Ok((read, false)),
         }
-    };
-    Ok((merged.into_values().collect(), read, truncated))
+    }
 }
 
 fn since_of(since: Option<&str>) -> Result<Option<String>, Fail> {
@@ -132,7 +151,8 @@ pub(super) async fn get_diff(
     Ok(Json(PolicyDiff { from, to, files }))
 }
 
-/// Longest one file's diff may take; past it the diff is coarser (whole blocks), not wrong.
+/// Longest a diff may take; past it the files left are diffed coarser (whole blocks), not
+/// wrong.
 const DIFF_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The files that differ between two bundles, with unified diffs.
@@ -150,6 +170,8 @@ fn diff(a: &crate::control_plane::Bundle, b: &crate::control_plane::Bundle) -> V
         .chain(&b.files)
         .map(|f| f.name.as_str())
         .collect();
+    // One deadline for the whole diff: past it, every file left is diffed coarsely.
+    let deadline = std::time::Instant::now() + DIFF_TIME;
     names
         .into_iter()
         .filter_map(|name| {
@@ -162,7 +184,7 @@ fn diff(a: &crate::control_plane::Bundle, b: &crate::control_plane::Bundle) -> V
             };
             let (old, new) = (old.unwrap_or_default(), new.unwrap_or_default());
             let diff = similar::TextDiff::configure()
-                .timeout(DIFF_TIME)
+                .deadline(deadline)
                 .diff_lines(&old, &new)
                 .unified_diff()
                 .context_radius(3)
@@ -425,78 +447,64 @@ fn identities(
         port: u16,
         protocol: String,
     }
-    let mut q = FlowQuery {
-        since,
-        limit: Some(PAGE),
-        ..FlowQuery::default()
-    };
-    let (mut seen, mut flows, mut read, mut truncated) = (Vec::new(), Vec::new(), 0u64, false);
+    let (mut seen, mut flows) = (Vec::new(), Vec::new());
     let mut named: BTreeSet<String> = BTreeSet::new();
     let mut left_out = 0u64;
     // Times a chart can place: a node's record dated 1969 or 9999 must not stretch every
     // identity's chart (nor overflow the arithmetic).
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let plausible = EARLIEST..now.saturating_add(86_400);
-    loop {
-        let page = store.flows(&q)?;
-        read += page.flows.len() as u64;
-        for f in &page.flows {
-            let r = &f.record;
-            let text = |k: &str| r.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-            // Only what a review can stand behind: a SPIFFE ID, an address or host name, an
-            // owner as policies write them; bounded, whatever a node sent.
-            let Some(identity) = text("identity").filter(|i| i.parse::<AgentId>().is_ok()) else {
-                continue;
-            };
-            let verdict = match text("verdict").as_deref() {
-                Some("allow") => 0,
-                Some("audit") => 1,
-                Some("deny" | "socket-deny") => 2,
-                _ => continue,
-            };
-            if !named.contains(&identity) {
-                if named.len() >= MAX_IDENTITIES {
-                    left_out += 1;
-                    continue;
-                }
-                named.insert(identity.clone());
+    let (read, truncated) = each_record(store, since, |node, r| {
+        let text = |k: &str| r.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+        // Only what a review can stand behind: a SPIFFE ID, an address or host name, an
+        // owner as policies write them; bounded, whatever a node sent.
+        let Some(identity) = text("identity").filter(|i| i.parse::<AgentId>().is_ok()) else {
+            return;
+        };
+        let verdict = match text("verdict").as_deref() {
+            Some("allow") => 0,
+            Some("audit") => 1,
+            Some("deny" | "socket-deny") => 2,
+            _ => return,
+        };
+        if !named.contains(&identity) {
+            if named.len() >= MAX_IDENTITIES {
+                left_out += 1;
+                return;
             }
-            if let Some(flow) = Flow::of_record(r).filter(|f| f.allowed() && f.rule_id.is_some()) {
-                flows.push(flow);
-            }
-            seen.push(Seen {
-                identity,
-                owner: text("owner").filter(|o| o.parse::<Owner>().is_ok()),
-                node: f.node.clone(),
-                time: text("time")
-                    .and_then(|t| crate::clock::parse_rfc3339(&t).ok())
-                    .map(|t| t.unix_timestamp())
-                    .filter(|t| plausible.contains(t)),
-                verdict,
-                count: r.get("count").and_then(|c| c.as_u64()).unwrap_or(1),
-                dest: crate::review::host_name(text("fqdn"))
-                    .or_else(|| {
-                        text("dest")
-                            .and_then(|d| d.parse::<std::net::IpAddr>().ok())
-                            .map(|a| a.to_string())
-                    })
-                    .unwrap_or_default(),
-                port: r.get("port").and_then(|p| p.as_u64()).unwrap_or(0) as u16,
-                protocol: match text("protocol").as_deref() {
-                    Some(p @ ("tcp" | "udp")) => p.to_owned(),
-                    _ => String::new(),
-                },
-            });
+            named.insert(identity.clone());
         }
-        match page.next {
-            Some(_) if read >= REVIEW_RECORDS => {
-                truncated = true;
-                break;
-            }
-            Some(n) => q.after = Some(n),
-            None => break,
+        if let Some(flow) = Flow::of_record(r).filter(|f| f.allowed() && f.rule_id.is_some()) {
+            flows.push(flow);
         }
-    }
+        seen.push(Seen {
+            identity,
+            owner: text("owner").filter(|o| o.parse::<Owner>().is_ok()),
+            node: node.to_owned(),
+            time: text("time")
+                .and_then(|t| crate::clock::parse_rfc3339(&t).ok())
+                .map(|t| t.unix_timestamp())
+                .filter(|t| plausible.contains(t)),
+            verdict,
+            count: r.get("count").and_then(|c| c.as_u64()).unwrap_or(1),
+            dest: crate::review::host_name(text("fqdn"))
+                .or_else(|| {
+                    text("dest")
+                        .and_then(|d| d.parse::<std::net::IpAddr>().ok())
+                        .map(|a| a.to_string())
+                })
+                .unwrap_or_default(),
+            port: r
+                .get("port")
+                .and_then(|p| p.as_u64())
+                .and_then(|p| u16::try_from(p).ok())
+                .unwrap_or(0),
+            protocol: match text("protocol").as_deref() {
+                Some(p @ ("tcp" | "udp")) => p.to_owned(),
+                _ => String::new(),
+            },
+        });
+    })?;
     let newest = store.policy(None)?;
     let set = newest
         .as_ref()

@@ -567,25 +567,50 @@ fn flows_sql(q: &FlowQuery, placeholder: impl Fn(usize) -> String) -> (String, V
     (sql, args, limit)
 }
 
-/// A page of flows from the rows a query gave.
-fn flow_page(
-    rows: impl IntoIterator<Item = (i64, String, String)>,
+/// A page of flows being filled from the rows a query gives, in id order: full at `limit`
+/// records or once past [`super::PAGE_BYTES`] of record text.
+struct Pager {
+    flows: Vec<super::StoredFlow>,
+    bytes: usize,
     limit: usize,
-) -> Result<FlowPage, StoreError> {
-    let mut flows = Vec::new();
-    for (id, node, text) in rows {
-        let record = serde_json::from_str(&text)
+}
+
+impl Pager {
+    fn new(limit: usize) -> Self {
+        Pager {
+            flows: Vec::new(),
+            bytes: 0,
+            limit,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.flows.len() >= self.limit || self.bytes >= super::PAGE_BYTES
+    }
+
+    /// Takes a row; false once the page is full (the rest are for the next page).
+    fn push(&mut self, id: i64, node: String, text: String) -> Result<bool, StoreError> {
+        self.bytes = self.bytes.saturating_add(text.len());
+        let record = serde_json::value::RawValue::from_string(text)
             .map_err(|e| StoreError::Corrupt(format!("flow {id}: {e}")))?;
-        flows.push(super::StoredFlow {
+        self.flows.push(super::StoredFlow {
             id: id as u64,
             node,
             record,
         });
+        Ok(!self.full())
     }
-    let next = (flows.len() == limit)
-        .then(|| flows.last().map(|f| f.id))
-        .flatten();
-    Ok(FlowPage { flows, next })
+
+    fn finish(self) -> FlowPage {
+        let next = self
+            .full()
+            .then(|| self.flows.last().map(|f| f.id))
+            .flatten();
+        FlowPage {
+            flows: self.flows,
+            next,
+        }
+    }
 }
 
 /// A node's sessions per identity, as stored (JSON; None when it has none).

@@ -1491,19 +1491,34 @@ impl Store for PgStore {
     fn flows(&self, q: &FlowQuery) -> Result<FlowPage, StoreError> {
         let (sql, args, limit) = super::flows_sql(q, |n| format!("${n}"));
         let args = values(args);
-        let rows = self.block(async {
-            let c = self.client().await?;
+        self.block(async {
+            let mut c = self.client().await?;
             let params: Vec<&(dyn ToSql + Sync)> = args
                 .iter()
                 .map(|a| a.as_ref() as &(dyn ToSql + Sync))
                 .collect();
-            Ok::<_, StoreError>(c.query(&sql, &params).await?)
-        })?;
-        super::flow_page(
-            rows.into_iter()
-                .map(|r| (r.get::<_, i64>(0), r.get(1), r.get(2))),
-            limit,
-        )
+            // Through a portal, so a page of large records stops at its byte budget
+            // without the rest crossing the wire.
+            let tx = c.build_transaction().read_only(true).start().await?;
+            let portal = tx.bind(&sql, &params).await?;
+            let mut page = super::Pager::new(limit);
+            let mut bad = None;
+            walk(&tx, &portal, |r| {
+                match page.push(r.get::<_, i64>(0), r.get(1), r.get(2)) {
+                    Ok(more) => more,
+                    Err(e) => {
+                        bad = Some(e);
+                        false
+                    }
+                }
+            })
+            .await?;
+            tx.commit().await?;
+            match bad {
+                Some(e) => Err(e),
+                None => Ok(page.finish()),
+            }
+        })
     }
 
     fn revoke(
@@ -1572,7 +1587,11 @@ impl Store for PgStore {
             let losses = tx
                 .bind("SELECT record FROM flows WHERE node = $1 AND kind = 'loss'", &[&node])
                 .await?;
-            walk(&tx, &losses, |r| check.loss(r.get::<_, &str>(0))).await?;
+            walk(&tx, &losses, |r| {
+                check.loss(r.get::<_, &str>(0));
+                true
+            })
+            .await?;
             let chained = tx
                 .bind(
                     "SELECT id, record FROM flows WHERE node = $1 AND audit_seq IS NOT NULL
@@ -1581,7 +1600,8 @@ impl Store for PgStore {
                 )
                 .await?;
             walk(&tx, &chained, |r| {
-                check.record(r.get::<_, i64>(0) as u64, r.get::<_, &str>(1))
+                check.record(r.get::<_, i64>(0) as u64, r.get::<_, &str>(1));
+                true
             })
             .await?;
             // Records outside the chain (loss records of the spool and the outbox are, by
@@ -1610,13 +1630,18 @@ impl Store for PgStore {
 async fn walk(
     tx: &tokio_postgres::Transaction<'_>,
     portal: &tokio_postgres::Portal,
-    mut each: impl FnMut(&tokio_postgres::Row),
+    mut each: impl FnMut(&tokio_postgres::Row) -> bool,
 ) -> Result<(), tokio_postgres::Error> {
-    const PAGE: i32 = 5_000;
+    // Rows fetched at once: records may be `MAX_RECORD_BYTES` each.
+    const CHUNK: i32 = 100;
     loop {
-        let rows = tx.query_portal(portal, PAGE).await?;
-        rows.iter().for_each(&mut each);
-        if rows.len() < PAGE as usize {
+        let rows = tx.query_portal(portal, CHUNK).await?;
+        for r in &rows {
+            if !each(r) {
+                return Ok(());
+            }
+        }
+        if rows.len() < CHUNK as usize {
             return Ok(());
         }
     }

@@ -488,12 +488,18 @@ impl Store for SqliteStore {
         let args = values(args);
         let db = lock(&self.reader);
         let mut st = db.prepare(&sql)?;
-        let rows = st
-            .query_map(rusqlite::params_from_iter(args), |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        super::flow_page(rows, limit)
+        let mut page = super::Pager::new(limit);
+        // Read a row at a time, so a page of large records stops at its byte budget.
+        let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+        for row in rows {
+            let (id, node, text) = row?;
+            if !page.push(id, node, text)? {
+                break;
+            }
+        }
+        Ok(page.finish())
     }
 
     fn retain(&self, today: time::Date) -> Result<super::Retained, StoreError> {

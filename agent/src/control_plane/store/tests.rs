@@ -126,6 +126,54 @@ fn duplicates_are_stored_once_and_pages_continue() {
 }
 
 #[test]
+fn a_page_of_large_records_ends_at_its_byte_budget_and_the_next_goes_on() {
+    use crate::control_plane::{MAX_RECORD_BYTES, PAGE_BYTES};
+    for f in both() {
+        let s = &*f.store;
+        // 40 records of nearly the largest size a node may send: 10 MiB in all.
+        let pad = MAX_RECORD_BYTES - 200;
+        let total = 40u64;
+        for i in 1..=total {
+            let r = at(
+                i,
+                "2026-11-23T00:00:00.000Z",
+                "spiffe://example.org/a",
+                "203.0.113.7",
+                pad,
+            );
+            assert_eq!(s.ingest("n1", 1, &[r]).unwrap().accepted, 1);
+        }
+        let (mut q, mut seen, mut pages) = (
+            FlowQuery {
+                limit: Some(10_000),
+                ..FlowQuery::default()
+            },
+            Vec::new(),
+            0,
+        );
+        loop {
+            let p = s.flows(&q).unwrap();
+            pages += 1;
+            let bytes: usize = p.flows.iter().map(|f| f.record.get().len()).sum();
+            // At most one record past the budget.
+            assert!(
+                bytes < PAGE_BYTES + MAX_RECORD_BYTES,
+                "{}: a page of {bytes} bytes",
+                f.name
+            );
+            seen.extend(p.flows.iter().map(|f| f.id));
+            match p.next {
+                Some(n) => q.after = Some(n),
+                None => break,
+            }
+        }
+        assert!(pages >= 2, "{}: one page held 10 MiB", f.name);
+        assert_eq!(seen.len() as u64, total, "{}", f.name);
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{}", f.name);
+    }
+}
+
+#[test]
 fn escaped_text_and_a_dest_that_is_no_address_are_stored() {
     for f in both() {
         let s = &*f.store;
@@ -700,7 +748,12 @@ fn times_kept_of(s: &dyn Store, node: Option<&str>) -> Vec<String> {
         .unwrap()
         .flows
         .iter()
-        .map(|f| f.record["time"].as_str().unwrap_or_default().to_owned())
+        .map(|f| {
+            f.value().unwrap()["time"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
         .collect();
     all.sort();
     all
@@ -1026,7 +1079,10 @@ fn a_reader_paging_with_after_misses_nothing_stored_meanwhile() {
                         })
                         .unwrap();
                     for fl in &page.flows {
-                        seen.insert((fl.node.clone(), fl.record["port"].as_u64().unwrap()));
+                        seen.insert((
+                            fl.node.clone(),
+                            fl.value().unwrap()["port"].as_u64().unwrap(),
+                        ));
                     }
                     if let Some(last_id) = page.flows.last().map(|fl| fl.id) {
                         after = Some(last_id);

@@ -1,0 +1,128 @@
+//! Every kind of record agentwall maps to OCSF, and records a hostile node could send, as
+//! events that pass their OCSF class's JSON Schema (the schemas `cargo xtask test` builds).
+//! The records a real node writes are exported and checked end to end in `golden.rs`; the
+//! control plane's `format=ocsf` in `control_plane.rs`.
+
+use agentwall::ocsf::{Exported, event};
+use agentwall_tests::ocsf::check;
+use serde_json::json;
+
+const T: &str = "2026-12-05T01:02:03.456Z";
+const ID: &str = "spiffe://example.org/agent/support";
+
+fn decision(verdict: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut r = json!({
+        "kind": "decision", "time": T, "seq": 3, "hash": "ab", "prev": "cd",
+        "verdict": verdict, "identity": ID, "pid": 7, "comm": "agent", "uid": 1000,
+        "cgroup_id": 9, "dest": "203.0.113.7", "port": 443, "protocol": "tcp",
+        "revision": "r1", "count": 1,
+    });
+    r.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    r
+}
+
+#[test]
+fn every_record_kind_maps_to_an_event_its_class_takes() {
+    let records = [
+        decision(
+            "allow",
+            json!({"rule": "p.yaml:1 egress[0]", "rule_id": 1, "fqdn": "api.example.com"}),
+        ),
+        decision("audit", json!({"reason": "no rule allows it"})),
+        decision(
+            "deny",
+            json!({"reason": "no rule allows it", "first_seen": T, "last_seen": T, "count": 40}),
+        ),
+        decision(
+            "deny",
+            json!({"dest": "2001:db8::7", "owner": "team@example.org", "labels": {"env": "prod"}}),
+        ),
+        decision(
+            "socket-deny",
+            json!({"dest": null, "protocol": "vsock", "reason": "socket family"}),
+        ),
+        decision(
+            "allow",
+            json!({"direction": "inbound", "port": 8080, "dest": "198.51.100.9"}),
+        ),
+        decision(
+            "unknown",
+            json!({"identity": null, "service": "openai", "exe": "/usr/bin/python3"}),
+        ),
+        json!({"kind": "dns", "event": "learned", "time": T, "identity": ID, "name": "api.example.com", "addrs": ["203.0.113.7", "2001:db8::7"], "rule_id": 2}),
+        json!({"kind": "dns", "event": "refused", "time": T, "identity": ID, "name": "rebind.example.com", "addr": "127.0.0.1", "why": "global deny list"}),
+        json!({"kind": "dns", "event": "cap", "time": T, "identity": ID, "name": "many.example.com", "cap": "per-name", "refused": ["203.0.113.8"]}),
+        json!({"kind": "dns", "event": "install_failed", "time": T, "identity": ID, "name": "x.example.com", "error": "map full"}),
+        json!({"kind": "dns", "event": "query_refused", "time": T, "identity": ID, "name": "aGVsbG8.tunnel.example", "type": "TXT", "why": "no rule names it", "count": 9}),
+        json!({"kind": "dns", "event": "query_would_refuse", "time": T, "identity": ID, "name": "_srv._tcp.example.com", "type": "SRV", "why": "no rule names it", "count": 1}),
+        json!({"kind": "identity", "event": "launched", "time": T, "identity": ID, "serial": "0a", "cgroup": "/sys/fs/cgroup/x", "pid": 7, "not_after": T}),
+        json!({"kind": "identity", "event": "enrolled", "time": T, "identity": ID, "serial": "0a", "cgroup": "/x", "pid": 7, "not_after": T}),
+        json!({"kind": "identity", "event": "renewed", "time": T, "identity": ID, "serial": "0b", "cgroup": "/x", "pid": 7, "not_after": T}),
+        json!({"kind": "identity", "event": "rejected", "time": T, "op": "launch", "identity": null, "reason": "the certificate has expired"}),
+        json!({"kind": "identity", "event": "session-ended", "time": T, "identity": ID, "serial": "0a", "cgroup": "/x"}),
+        json!({"kind": "identity", "event": "revoked", "time": T, "identity": ID, "connections_destroyed": 2, "by": "control-plane"}),
+        json!({"kind": "identity", "event": "revoked-by-crl", "time": T, "identity": ID, "serial": "0a", "cgroup": "/x", "connections_destroyed": 0}),
+        json!({"kind": "identity", "event": "expired", "time": T, "identity": ID, "serial": "0a", "cgroup": "/x", "not_after": T}),
+        json!({"kind": "identity", "event": "expires-soon", "time": T, "identity": ID, "serial": "0a", "cgroup": "/x", "not_after": T, "renewed": "by hand"}),
+    ];
+    for r in &records {
+        let e = event(r, Some("spiffe://example.org/node/n1"))
+            .unwrap_or_else(|| panic!("not mapped: {r}"));
+        if let Err(why) = check(&e) {
+            panic!("{r}\n{why}\n{e:#}");
+        }
+        assert_eq!(&e["unmapped"]["agentwall"], r);
+    }
+    // The name a tunnel would use is kept (in the record), and the event still passes.
+    let q = event(&records[11], None).unwrap();
+    assert_eq!(q["query"]["hostname"], "aGVsbG8.tunnel.example");
+    assert_eq!(q["rcode_id"], 5);
+    assert_eq!(q["action_id"], 2);
+}
+
+#[test]
+fn what_a_hostile_node_sends_still_makes_valid_events_or_none() {
+    let long = "x".repeat(300_000);
+    let hostile = [
+        decision(
+            "deny",
+            json!({"identity": long, "reason": long, "rule": long, "revision": long}),
+        ),
+        decision(
+            "deny",
+            json!({"port": -1, "dest": "999.1.1.1", "fqdn": "a..b", "count": -5}),
+        ),
+        decision(
+            "deny",
+            json!({"port": "443", "protocol": {"x": 1}, "labels": ["not", "a map"]}),
+        ),
+        decision(
+            "allow",
+            json!({"rule_id": 1u64 << 40, "seq": u64::MAX, "first_seen": "yesterday"}),
+        ),
+        json!({"kind": "dns", "event": "learned", "time": T, "name": "ünï.example", "addrs": ["x", 7]}),
+        json!({"kind": "identity", "event": "rejected", "time": T, "identity": 7}),
+    ];
+    for r in &hostile {
+        let e = event(r, Some(&long)).unwrap_or_else(|| panic!("not mapped: {r:.200}"));
+        if let Err(why) = check(&e) {
+            panic!("{why:.2000}");
+        }
+    }
+    // No time, an unknown verdict or kind, not an object: counted, not written.
+    let mut counted = Exported::default();
+    for r in [
+        json!({"kind": "decision", "verdict": "deny"}),
+        json!({"kind": "decision", "time": "soon", "verdict": "deny"}),
+        decision("maybe", json!({})),
+        json!({"kind": "dns", "event": "namespace_cap", "time": T}),
+        json!({"kind": "policy", "event": "applied", "time": T}),
+        json!({"kind": "checkpoint", "time": T}),
+        json!([1, 2]),
+    ] {
+        assert!(counted.map(&r, None).is_none(), "{r}");
+    }
+    assert_eq!(counted.not_mapped, 7);
+}
