@@ -3301,3 +3301,315 @@ fn fleet_reviews_list_diff_simulate_and_find_unused_rules_over_every_nodes_recor
         "{err}"
     );
 }
+
+/// A syslog receiver over TLS (RFC 5425) on loopback: every message of every connection goes
+/// to `messages`. Dropping it closes the listener and shuts every connection.
+struct SyslogReceiver {
+    addr: std::net::SocketAddr,
+    messages: std::sync::mpsc::Receiver<String>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SyslogReceiver {
+    fn start(
+        cert: &(std::path::PathBuf, std::path::PathBuf),
+        at: Option<std::net::SocketAddr>,
+    ) -> Self {
+        Self::crashing_after(cert, at, usize::MAX)
+    }
+
+    /// A receiver that takes `keep` messages, then reads the next and crashes before it
+    /// keeps it: the connection shut, what it read lost.
+    fn crashing_after(
+        cert: &(std::path::PathBuf, std::path::PathBuf),
+        at: Option<std::net::SocketAddr>,
+        keep: usize,
+    ) -> Self {
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                rustls::pki_types::CertificateDer::pem_file_iter(&cert.0)
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect(),
+                rustls::pki_types::PrivateKeyDer::from_pem_file(&cert.1).unwrap(),
+            )
+            .unwrap(),
+        );
+        let listener =
+            std::net::TcpListener::bind(at.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()))
+                .unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Non-blocking, so that dropping the receiver can end the accept loop.
+        listener.set_nonblocking(true).unwrap();
+        let (tx, messages) = std::sync::mpsc::channel();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let kept = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accept = {
+            let (stop, conns) = (stop.clone(), conns.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let tcp = match listener.accept() {
+                        Ok((tcp, _)) => tcp,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
+                        }
+                        Err(e) => panic!("accept: {e}"),
+                    };
+                    tcp.set_nonblocking(false).unwrap();
+                    conns.lock().unwrap().push(tcp.try_clone().unwrap());
+                    let (config, tx) = (config.clone(), tx.clone());
+                    let (kept, stop) = (kept.clone(), stop.clone());
+                    std::thread::spawn(move || {
+                        let conn = rustls::ServerConnection::new(config).unwrap();
+                        let mut s = std::io::BufReader::new(rustls::StreamOwned::new(conn, tcp));
+                        // RFC 5425: MSG-LEN SP SYSLOG-MSG, again and again.
+                        loop {
+                            let mut len = Vec::new();
+                            if std::io::BufRead::read_until(&mut s, b' ', &mut len).unwrap_or(0)
+                                == 0
+                            {
+                                return;
+                            }
+                            let Ok(n) = std::str::from_utf8(&len[..len.len() - 1])
+                                .unwrap_or("")
+                                .parse::<usize>()
+                            else {
+                                return;
+                            };
+                            let mut msg = vec![0; n];
+                            if s.read_exact(&mut msg).is_err() {
+                                return;
+                            }
+                            if kept.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= keep {
+                                // A crash a moment after the read (not at once): the sender
+                                // has sent its next turn by then and must not count what
+                                // this connection took as delivered.
+                                std::thread::sleep(Duration::from_millis(300));
+                                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                                let _ = s.get_ref().sock.shutdown(std::net::Shutdown::Both);
+                                return;
+                            }
+                            if tx.send(String::from_utf8(msg).unwrap()).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            })
+        };
+        SyslogReceiver {
+            addr,
+            messages,
+            stop,
+            conns,
+            accept: Some(accept),
+        }
+    }
+
+    /// The next `n` messages (a bound on a broken test, never what the test waits for).
+    fn take(&self, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                self.messages
+                    .recv_timeout(agentwall_tests::patience(Duration::from_secs(60)))
+                    .unwrap_or_else(|e| panic!("message {} of {n}: {e}", i + 1))
+            })
+            .collect()
+    }
+}
+
+impl Drop for SyslogReceiver {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// An RFC 5424 message from the control plane: its PRI, hostname and OCSF event.
+fn syslog_event(msg: &str) -> (u32, String, serde_json::Value) {
+    let (pri, rest) = msg
+        .strip_prefix('<')
+        .and_then(|m| m.split_once(">1 "))
+        .unwrap_or_else(|| panic!("not RFC 5424: {msg}"));
+    let mut fields = rest.splitn(7, ' ');
+    let (_time, host, app, procid, msgid, sd) = (
+        fields.next().unwrap(),
+        fields.next().unwrap().to_owned(),
+        fields.next().unwrap(),
+        fields.next().unwrap(),
+        fields.next().unwrap(),
+        fields.next().unwrap(),
+    );
+    assert_eq!(
+        (app, procid, msgid, sd),
+        ("agentwall", "-", "ocsf", "-"),
+        "{msg}"
+    );
+    let event: serde_json::Value = serde_json::from_str(fields.next().unwrap()).unwrap();
+    (pri.parse().unwrap(), host, event)
+}
+
+#[test]
+fn records_nodes_send_reach_a_syslog_receiver_over_tls_as_ocsf_and_none_is_lost_when_it_goes_away()
+{
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    let receiver_cert = write_cert(
+        &fx.dir,
+        "syslog-receiver",
+        &fx.ca.issue_server(std::net::Ipv4Addr::LOCALHOST.into()),
+    );
+    // It crashes on the first message after the first five.
+    let receiver = SyslogReceiver::crashing_after(&receiver_cert, None, 5);
+    fx.configure(
+        "",
+        &format!(
+            "[syslog]\naddress = \"{}\"\nca = \"cp-ca.pem\"\n",
+            receiver.addr
+        ),
+    );
+    let server = CpProc::start(&fx, None);
+    // Forwarding starts with the records stored after it took over: wait for it.
+    eventually(
+        "the control plane to start forwarding",
+        Duration::from_secs(30),
+        || {
+            server
+                .log_text()
+                .contains("forwarding to the syslog receiver")
+                .then_some(())
+                .ok_or_else(|| server.log_text())
+        },
+    );
+    let rt = rt();
+    let n1 = fx.node_client(&server.url, "n1");
+    let first: Vec<serde_json::Value> = (1..=5)
+        .map(|i| {
+            record(
+                if i % 2 == 0 { "allow" } else { "deny" },
+                Some(SUPPORT_ID),
+                "203.0.113.7",
+                None,
+                i,
+            )
+        })
+        .collect();
+    rt.block_on(n1.post_reports(&batch(1, 1, &first))).unwrap();
+    let mut seqs = std::collections::BTreeSet::new();
+    for m in receiver.take(5) {
+        let (pri, host, e) = syslog_event(&m);
+        if let Err(why) = agentwall_tests::ocsf::check(&e) {
+            panic!("an event fails its OCSF class's schema:\n{why}\n{e:#}");
+        }
+        assert_eq!(host, "spiffe://example.org/node/n1");
+        // Facility log audit (13); a denial is a warning, an allowed flow informational.
+        let want = if e["unmapped"]["agentwall"]["verdict"] == "deny" {
+            108
+        } else {
+            110
+        };
+        assert_eq!(pri, want, "{m}");
+        seqs.insert(e["unmapped"]["agentwall"]["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seqs, (1..=5).collect());
+
+    // The receiver crashes on the next records, losing what it read; more come while it is
+    // away; a receiver on the same address gets every one of them (some may come twice: at
+    // least once, never less).
+    let addr = receiver.addr;
+    let second: Vec<serde_json::Value> = (6..=8)
+        .map(|i| record("deny", Some(SUPPORT_ID), "203.0.113.8", None, i))
+        .collect();
+    rt.block_on(n1.post_reports(&batch(1, 6, &second))).unwrap();
+    // Its accept loop ends once it crashed; dropping it closes its listener.
+    while !receiver.stop.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(receiver);
+    let third: Vec<serde_json::Value> = (9..=10)
+        .map(|i| record("deny", Some(SUPPORT_ID), "203.0.113.9", None, i))
+        .collect();
+    rt.block_on(n1.post_reports(&batch(1, 9, &third))).unwrap();
+    let again = SyslogReceiver::start(&receiver_cert, Some(addr));
+    let mut got = std::collections::BTreeSet::new();
+    while !(6..=10).all(|s| got.contains(&s)) {
+        let (_, _, e) = syslog_event(&again.take(1)[0]);
+        agentwall_tests::ocsf::check(&e).unwrap();
+        got.insert(e["unmapped"]["agentwall"]["seq"].as_u64().unwrap());
+    }
+    assert!(got.iter().all(|s| (1..=10).contains(s)), "{got:?}");
+    let token = std::fs::read_to_string(&fx.security_token).unwrap();
+    let (status, _, body) = https(
+        &fx,
+        &server,
+        None,
+        "GET",
+        "/v1/metrics",
+        &[("Authorization", &format!("Bearer {token}"))],
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+    let forwarded: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("agentwall_cp_syslog_forwarded_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(forwarded >= 10, "{body}");
+}
+
+#[test]
+fn a_syslog_receiver_the_control_plane_cannot_trust_stops_its_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    fx.configure(
+        "",
+        "[syslog]\naddress = \"127.0.0.1:6514\"\nca = \"missing-ca.pem\"\n",
+    );
+    let said = CpProc::start_refused(&fx);
+    assert!(said.contains("missing-ca.pem"), "{said}");
+    std::fs::write(
+        &fx.config,
+        std::fs::read_to_string(&fx.config).unwrap().replace(
+            "ca = \"missing-ca.pem\"",
+            "ca = \"cp-ca.pem\"\ncert = \"admin.pem\"",
+        ),
+    )
+    .unwrap();
+    let said = CpProc::start_refused(&fx);
+    assert!(
+        said.contains("syslog.cert and syslog.key go together"),
+        "{said}"
+    );
+    std::fs::write(
+        &fx.config,
+        std::fs::read_to_string(&fx.config)
+            .unwrap()
+            .replace(
+                "address = \"127.0.0.1:6514\"",
+                "address = \"siem.example.org\"",
+            )
+            .replace("cert = \"admin.pem\"\n", ""),
+    )
+    .unwrap();
+    let said = CpProc::start_refused(&fx);
+    assert!(
+        said.contains("syslog.address \"siem.example.org\" is not HOST:PORT"),
+        "{said}"
+    );
+}

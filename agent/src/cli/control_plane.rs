@@ -31,6 +31,19 @@ pub struct ServeArgs {
     /// Overrides `console_session_hours`: how long a console sign-in lasts (1 to 168).
     #[arg(long, value_name = "HOURS")]
     console_session_hours: Option<u32>,
+    /// Overrides `syslog.address`: forward records as OCSF events to this syslog-over-TLS
+    /// receiver (HOST:PORT).
+    #[arg(long, value_name = "HOST:PORT")]
+    syslog: Option<String>,
+    /// Overrides `syslog.ca`: the CA bundle (PEM) the receiver's certificate chains to.
+    #[arg(long, value_name = "FILE")]
+    syslog_ca: Option<PathBuf>,
+    /// Overrides `syslog.cert`: a client certificate (PEM) for the receiver.
+    #[arg(long, value_name = "FILE", requires = "syslog_key")]
+    syslog_cert: Option<PathBuf>,
+    /// Overrides `syslog.key`: the client certificate's key (PEM).
+    #[arg(long, value_name = "FILE", requires = "syslog_cert")]
+    syslog_key: Option<PathBuf>,
 }
 
 pub fn run(cmd: Command) -> anyhow::Result<()> {
@@ -59,6 +72,11 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             if let Some(h) = args.console_session_hours {
                 cfg.set_console_session_hours(h)?;
             }
+            cfg.set_syslog(
+                args.syslog,
+                args.syslog_ca,
+                args.syslog_cert.zip(args.syslog_key),
+            )?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

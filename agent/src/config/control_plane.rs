@@ -129,6 +129,45 @@ pub struct ServerConfig {
     pub console_session_hours: u32,
     #[serde(default)]
     pub limits: Limits,
+    /// Stream every decision record nodes send to a syslog receiver over TLS, as OCSF
+    /// events (RFC 5424 messages, RFC 5425 framing). Off unless set.
+    #[serde(default)]
+    pub syslog: Option<Syslog>,
+}
+
+/// `[syslog]`: where the control plane forwards what nodes report, for a SIEM.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Syslog {
+    /// The receiver, `HOST:PORT` (syslog over TLS is port 6514); its certificate must name
+    /// HOST.
+    pub address: String,
+    /// CA bundle (PEM) the receiver's certificate must chain to.
+    pub ca: PathBuf,
+    /// A client certificate and key (PEM) for receivers that authenticate senders.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+impl Syslog {
+    /// The receiver's host and port.
+    pub fn host_port(&self) -> Result<(String, u16), String> {
+        let (host, port) = self
+            .address
+            .rsplit_once(':')
+            .ok_or_else(|| format!("syslog.address {:?} is not HOST:PORT", self.address))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port: u16 =
+            port.parse().ok().filter(|p| *p != 0).ok_or_else(|| {
+                format!("syslog.address {:?}: {port:?} is not a port", self.address)
+            })?;
+        if host.is_empty() {
+            return Err(format!("syslog.address {:?} names no host", self.address));
+        }
+        Ok((host.to_owned(), port))
+    }
 }
 
 /// How long a console sign-in lasts unless configured: a working day.
@@ -358,6 +397,14 @@ impl ServerConfig {
         {
             *p = resolve(path, p);
         }
+        if let Some(sl) = &mut c.syslog {
+            for p in std::iter::once(&mut sl.ca)
+                .chain(&mut sl.cert)
+                .chain(&mut sl.key)
+            {
+                *p = resolve(path, p);
+            }
+        }
         let invalid = |message: String| CpConfigError::Invalid {
             path: path.to_owned(),
             message,
@@ -389,6 +436,14 @@ impl ServerConfig {
             )));
         }
         check_console_session_hours(c.console_session_hours).map_err(invalid)?;
+        if let Some(sl) = &c.syslog {
+            sl.host_port().map_err(invalid)?;
+            if sl.cert.is_some() != sl.key.is_some() {
+                return Err(invalid(
+                    "syslog.cert and syslog.key go together: give both or neither".into(),
+                ));
+            }
+        }
         if c.retention_max_bytes == Some(0) {
             return Err(invalid(
                 "retention_max_bytes must be at least 1 (leave it out for no limit)".into(),
@@ -459,6 +514,52 @@ impl ServerConfig {
         };
         self.database = Database::parse(text).map_err(invalid)?;
         self.check_database().map_err(invalid)
+    }
+
+    /// Replaces `syslog`'s address, CA and client credential (their flags), each when given;
+    /// checked as the file's would be.
+    pub fn set_syslog(
+        &mut self,
+        address: Option<String>,
+        ca: Option<PathBuf>,
+        cert_key: Option<(PathBuf, PathBuf)>,
+    ) -> Result<(), CpConfigError> {
+        if address.is_none() && ca.is_none() && cert_key.is_none() {
+            return Ok(());
+        }
+        let invalid = |message: String| CpConfigError::Invalid {
+            path: PathBuf::from("--syslog"),
+            message,
+        };
+        let mut s = match (self.syslog.take(), address, ca) {
+            (Some(mut s), address, ca) => {
+                if let Some(a) = address {
+                    s.address = a;
+                }
+                if let Some(c) = ca {
+                    s.ca = c;
+                }
+                s
+            }
+            (None, Some(address), Some(ca)) => Syslog {
+                address,
+                ca,
+                cert: None,
+                key: None,
+            },
+            (None, _, _) => {
+                return Err(invalid(
+                    "forwarding to syslog needs both an address (--syslog) and a CA (--syslog-ca) when the config has no [syslog]".into(),
+                ));
+            }
+        };
+        if let Some((c, k)) = cert_key {
+            s.cert = Some(c);
+            s.key = Some(k);
+        }
+        s.host_port().map_err(invalid)?;
+        self.syslog = Some(s);
+        Ok(())
     }
 
     /// Replaces `console_session_hours` (its flag), checked as the file's would be.
@@ -629,6 +730,58 @@ impl ClientConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn syslog_is_set_by_file_or_flags_and_checked_either_way() {
+        let p = Path::new("/etc/agentwall/cp.toml");
+        let base = "cert = \"c.pem\"\nkey = \"k.pem\"\ndatabase = \"x.db\"\n";
+        let c = ServerConfig::parse(
+            p,
+            &format!("{base}[syslog]\naddress = \"[2001:db8::5]:6514\"\nca = \"siem.pem\"\n"),
+        )
+        .unwrap();
+        let sl = c.syslog.clone().unwrap();
+        assert_eq!(sl.ca, Path::new("/etc/agentwall/siem.pem"));
+        assert_eq!(sl.host_port().unwrap(), ("2001:db8::5".to_owned(), 6514));
+        let mut c = ServerConfig::parse(p, base).unwrap();
+        let e = c
+            .set_syslog(Some("siem.example.org:6514".into()), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("needs both an address (--syslog) and a CA"),
+            "{e}"
+        );
+        let e = c
+            .set_syslog(
+                Some("siem.example.org:0".into()),
+                Some("ca.pem".into()),
+                None,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"0\" is not a port"), "{e}");
+        c.set_syslog(
+            Some("siem.example.org:6514".into()),
+            Some("ca.pem".into()),
+            Some(("c.pem".into(), "c.key".into())),
+        )
+        .unwrap();
+        assert_eq!(
+            c.syslog.as_ref().unwrap().key.as_deref(),
+            Some(Path::new("c.key"))
+        );
+        let e = ServerConfig::parse(
+            p,
+            &format!("{base}[syslog]\naddress = \"siem\"\nca = \"siem.pem\"\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("syslog.address \"siem\" is not HOST:PORT"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn server_config_errors_say_where() {

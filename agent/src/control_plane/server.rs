@@ -27,6 +27,7 @@ use crate::{
 
 mod console;
 mod review;
+mod syslog;
 
 use super::{
     Bundle, ErrorBody, FlowQuery, Ingested, NodeShadowAi, PollRequest, PushRequest, ReportBatch,
@@ -61,6 +62,8 @@ pub enum ServerError {
     },
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("syslog forwarding: {0}")]
+    Forward(#[from] syslog::ForwardError),
     #[error(
         "{path}: {message} (the numbers this control plane served; remove the file to number from the database's alone)"
     )]
@@ -469,6 +472,12 @@ struct Stats {
     /// 1 while the database holds older numbers than this replica served (put back to an
     /// older state) or than nodes know.
     database_behind: std::sync::atomic::AtomicU64,
+    /// Events this replica sent to the syslog receiver.
+    syslog_forwarded: std::sync::atomic::AtomicU64,
+    /// Records forwarding passed over: no OCSF class for them (or unreadable).
+    syslog_not_mapped: std::sync::atomic::AtomicU64,
+    /// Forwarding attempts that failed (the receiver or the database away).
+    syslog_failures: std::sync::atomic::AtomicU64,
 }
 
 impl Stats {
@@ -2089,6 +2098,24 @@ async fn get_metrics(State(s): S) -> Response {
             st.polls_other_lineage.load(Ordering::Relaxed),
         ),
         (
+            "agentwall_cp_syslog_forwarded_total",
+            "counter",
+            "Events this replica sent to the syslog receiver (OCSF over RFC 5425).",
+            st.syslog_forwarded.load(Ordering::Relaxed),
+        ),
+        (
+            "agentwall_cp_syslog_not_mapped_total",
+            "counter",
+            "Records syslog forwarding passed over: unreadable, or of no OCSF class.",
+            st.syslog_not_mapped.load(Ordering::Relaxed),
+        ),
+        (
+            "agentwall_cp_syslog_failures_total",
+            "counter",
+            "Syslog forwarding attempts that failed (retried every 2 s; the records wait in the store).",
+            st.syslog_failures.load(Ordering::Relaxed),
+        ),
+        (
             "agentwall_cp_database_behind",
             "gauge",
             "1 while the database holds older bundle or revocation numbers than this replica served or nodes know (put back to an older state).",
@@ -2785,6 +2812,11 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
         }
     }
     let (tls, crl_verifier) = tls_config(&cfg)?;
+    let forwarder = cfg
+        .syslog
+        .as_ref()
+        .map(syslog::Forwarder::new)
+        .transpose()?;
     let server = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || {
@@ -2877,6 +2909,9 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
                 }
             }
         });
+    }
+    if let Some(f) = forwarder {
+        tokio::spawn(f.run(server.clone()));
     }
     if let Some(mut heard) = server.store.changes() {
         // Replicas share the database: what another one stores is served here once it is

@@ -203,6 +203,19 @@ pub trait Store: Send + Sync {
     fn console_session(&self, id_sha256: &str) -> Result<Option<ConsoleSession>, StoreError>;
     /// Ends a console sign-in (sign-out); false when there was none.
     fn console_close(&self, id_sha256: &str) -> Result<bool, StoreError>;
+    /// Takes, or keeps, the lease on forwarding `name` for `holder` until `until` (RFC 3339),
+    /// unless another holder's lease is unexpired: the cursor (records with ids above it are
+    /// not forwarded yet; the first claim starts it at the newest record stored), or None
+    /// while another replica forwards.
+    fn forward_claim(
+        &self,
+        name: &str,
+        holder: &str,
+        until: &str,
+    ) -> Result<Option<u64>, StoreError>;
+    /// Moves the cursor of forwarding `name` on to `after` (never back); false when `holder`
+    /// no longer holds it (another replica took over and may send those records again).
+    fn forward_advance(&self, name: &str, holder: &str, after: u64) -> Result<bool, StoreError>;
     /// Keeps a one-time sign-in link (its code's SHA-256), and forgets expired ones.
     fn console_link_open(&self, link: &ConsoleLink) -> Result<(), StoreError>;
     /// Takes the unexpired link whose code hashes to `code_sha256`: it is gone after, so it

@@ -194,6 +194,13 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
         chain TEXT,
         expires TEXT NOT NULL
     );",
+    // Forwarding to a SIEM: how far it got, and which replica holds it until when.
+    "CREATE TABLE forwarding (
+        name TEXT PRIMARY KEY,
+        after BIGINT NOT NULL,
+        holder TEXT NOT NULL,
+        lease_until TEXT NOT NULL
+    );",
 ];
 
 pub struct PgStore {
@@ -1058,6 +1065,43 @@ impl Store for PgStore {
             .await?;
             tx.commit().await?;
             Ok(())
+        })
+    }
+
+    fn forward_claim(
+        &self,
+        name: &str,
+        holder: &str,
+        until: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let (name, holder, until) = (text(name), text(holder), text(until));
+        self.block(async {
+            let c = self.client().await?;
+            let row = c
+                .query_opt(
+                    "INSERT INTO forwarding (name, after, holder, lease_until)
+                     VALUES ($1, (SELECT COALESCE(MAX(id), 0) FROM flows), $2, $3)
+                     ON CONFLICT (name) DO UPDATE SET holder = $2, lease_until = $3
+                     WHERE forwarding.holder = $2 OR forwarding.lease_until <= $4
+                     RETURNING after",
+                    &[&name, &holder, &until, &now()],
+                )
+                .await?;
+            Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64))
+        })
+    }
+
+    fn forward_advance(&self, name: &str, holder: &str, after: u64) -> Result<bool, StoreError> {
+        let (name, holder) = (text(name), text(holder));
+        self.block(async {
+            let c = self.client().await?;
+            let n = c
+                .execute(
+                    "UPDATE forwarding SET after = GREATEST(after, $3) WHERE name = $1 AND holder = $2",
+                    &[&name, &holder, &(after as i64)],
+                )
+                .await?;
+            Ok(n == 1)
         })
     }
 

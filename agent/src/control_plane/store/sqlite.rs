@@ -104,6 +104,13 @@ const MIGRATIONS: &[&str] = &[
         chain TEXT,
         expires TEXT NOT NULL
     );",
+    // Forwarding to a SIEM: how far it got, and which replica holds it until when.
+    "CREATE TABLE forwarding (
+        name TEXT PRIMARY KEY,
+        after INTEGER NOT NULL,
+        holder TEXT NOT NULL,
+        lease_until TEXT NOT NULL
+    );",
 ];
 
 /// Rows removed per transaction by retention: short enough that reports stored meanwhile
@@ -672,6 +679,35 @@ impl Store for SqliteStore {
         )?;
         tx.commit()?;
         Ok(())
+    }
+
+    fn forward_claim(
+        &self,
+        name: &str,
+        holder: &str,
+        until: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let db = lock(&self.writer);
+        let after: Option<i64> = db
+            .query_row(
+                "INSERT INTO forwarding (name, after, holder, lease_until)
+                 VALUES (?1, (SELECT COALESCE(MAX(id), 0) FROM flows), ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET holder = ?2, lease_until = ?3
+                 WHERE forwarding.holder = ?2 OR forwarding.lease_until <= ?4
+                 RETURNING after",
+                params![name, holder, until, super::now()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(after.map(|a| a.max(0) as u64))
+    }
+
+    fn forward_advance(&self, name: &str, holder: &str, after: u64) -> Result<bool, StoreError> {
+        let n = lock(&self.writer).execute(
+            "UPDATE forwarding SET after = MAX(after, ?3) WHERE name = ?1 AND holder = ?2",
+            params![name, holder, after as i64],
+        )?;
+        Ok(n == 1)
     }
 
     fn console_link_open(&self, link: &ConsoleLink) -> Result<(), StoreError> {

@@ -401,7 +401,8 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
          ALTER TABLE nodes DROP COLUMN labels; ALTER TABLE revocations DROP COLUMN reason;
          ALTER TABLE nodes DROP COLUMN spool_records; ALTER TABLE nodes DROP COLUMN records_lost;
          ALTER TABLE nodes DROP COLUMN sessions;
-         DROP TABLE console_sessions; DROP TABLE console_links; PRAGMA user_version = 3",
+         DROP TABLE console_sessions; DROP TABLE console_links; DROP TABLE forwarding;
+         PRAGMA user_version = 3",
     )
     .unwrap();
     drop(c);
@@ -417,7 +418,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     drop(c);
     let e = SqliteStore::open(&path, KEEP).err().unwrap().to_string();
     assert!(
-        e.contains("has schema version 99; this agentwall knows up to 7"),
+        e.contains("has schema version 99; this agentwall knows up to 8"),
         "{e}"
     );
 
@@ -437,7 +438,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     let shown = crate::config::control_plane::redact_url(&db.url);
     assert!(
         e.contains(&format!(
-            "database {shown} has schema version 99; this agentwall knows up to 6"
+            "database {shown} has schema version 99; this agentwall knows up to 7"
         )),
         "{e}"
     );
@@ -1367,5 +1368,66 @@ fn console_sessions_are_kept_by_hash_end_on_sign_out_and_expire() {
         let (_, all) = s.revocations().unwrap();
         assert_eq!(all[0].reason.as_deref(), Some("leaked key"));
         assert_eq!(all[1].reason, None);
+    }
+}
+
+#[test]
+fn one_replica_forwards_at_a_time_and_the_next_goes_on_from_its_cursor() {
+    for f in both() {
+        let s = &*f.store;
+        let batch: Vec<Reported> = (1..=3)
+            .map(|i| rec(i, "deny", &format!("2026-11-23T00:00:0{i}.000Z")))
+            .collect();
+        s.ingest("n1", 1, &batch).unwrap();
+        let newest = s.flows(&FlowQuery::default()).unwrap().flows[2].id;
+        let (later, past) = ("2999-01-01T00:00:00.000Z", "2000-01-01T00:00:00.000Z");
+        // The first claim starts at the newest record stored: forwarding begins now.
+        assert_eq!(
+            s.forward_claim("syslog", "a", later).unwrap(),
+            Some(newest),
+            "{}",
+            f.name
+        );
+        assert_eq!(
+            s.forward_claim("syslog", "b", later).unwrap(),
+            None,
+            "{}",
+            f.name
+        );
+        assert!(
+            !s.forward_advance("syslog", "b", newest + 9).unwrap(),
+            "{}",
+            f.name
+        );
+        assert!(
+            s.forward_advance("syslog", "a", newest + 2).unwrap(),
+            "{}",
+            f.name
+        );
+        // Never back.
+        assert!(s.forward_advance("syslog", "a", 1).unwrap(), "{}", f.name);
+        assert_eq!(
+            s.forward_claim("syslog", "a", past).unwrap(),
+            Some(newest + 2)
+        );
+        // A lease run out is taken over, from where it got.
+        assert_eq!(
+            s.forward_claim("syslog", "b", later).unwrap(),
+            Some(newest + 2),
+            "{}",
+            f.name
+        );
+        assert!(
+            !s.forward_advance("syslog", "a", newest + 3).unwrap(),
+            "{}",
+            f.name
+        );
+        // Another forwarding is another cursor.
+        assert_eq!(
+            s.forward_claim("other", "a", later).unwrap(),
+            Some(newest),
+            "{}",
+            f.name
+        );
     }
 }
