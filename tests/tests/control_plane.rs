@@ -3498,7 +3498,8 @@ fn records_nodes_send_reach_a_syslog_receiver_over_tls_as_ocsf_and_none_is_lost_
     );
     let rt = rt();
     let n1 = fx.node_client(&server.url, "n1");
-    let first: Vec<serde_json::Value> = (1..=5)
+    // Decisions, a refused DNS query and a session: every kind with an OCSF class.
+    let mut first: Vec<serde_json::Value> = (1..=3)
         .map(|i| {
             record(
                 if i % 2 == 0 { "allow" } else { "deny" },
@@ -3509,8 +3510,19 @@ fn records_nodes_send_reach_a_syslog_receiver_over_tls_as_ocsf_and_none_is_lost_
             )
         })
         .collect();
+    first.push(serde_json::json!({
+        "kind": "dns", "event": "query_refused", "seq": 4, "time": "2026-11-23T00:00:04.000Z",
+        "identity": SUPPORT_ID, "name": "aGVsbG8.tunnel.example", "type": "TXT",
+        "why": "no rule names it", "count": 1,
+    }));
+    first.push(serde_json::json!({
+        "kind": "identity", "event": "launched", "seq": 5, "time": "2026-11-23T00:00:05.000Z",
+        "identity": SUPPORT_ID, "serial": "0a", "cgroup": "/x", "pid": 7,
+        "not_after": "2026-11-24T00:00:00.000Z",
+    }));
     rt.block_on(n1.post_reports(&batch(1, 1, &first))).unwrap();
     let mut seqs = std::collections::BTreeSet::new();
+    let mut classes = std::collections::BTreeSet::new();
     for m in receiver.take(5) {
         let (pri, host, e) = syslog_event(&m);
         if let Err(why) = agentwall_tests::ocsf::check(&e) {
@@ -3518,15 +3530,17 @@ fn records_nodes_send_reach_a_syslog_receiver_over_tls_as_ocsf_and_none_is_lost_
         }
         assert_eq!(host, "spiffe://example.org/node/n1");
         // Facility log audit (13); a denial is a warning, an allowed flow informational.
-        let want = if e["unmapped"]["agentwall"]["verdict"] == "deny" {
-            108
-        } else {
-            110
+        let want = match e["severity_id"].as_i64() {
+            Some(3) => 108,
+            Some(1) => 110,
+            other => panic!("severity {other:?}: {e}"),
         };
         assert_eq!(pri, want, "{m}");
         seqs.insert(e["unmapped"]["agentwall"]["seq"].as_u64().unwrap());
+        classes.insert(e["class_uid"].as_i64().unwrap());
     }
     assert_eq!(seqs, (1..=5).collect());
+    assert_eq!(classes, [3002, 4001, 4003].into());
 
     // The receiver crashes on the next records, losing what it read; more come while it is
     // away; a receiver on the same address gets every one of them (some may come twice: at

@@ -582,6 +582,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 kind: f.kind.clone(),
                 format: f.format.clone(),
                 tagged: false,
+                every_kind: false,
             };
             if q.format.is_some() {
                 return ocsf_flows(&c, q, f.all).await;

@@ -457,6 +457,9 @@ pub struct FlowQuery {
     /// Only records tagged with a service (shadow AI); not a query parameter.
     #[serde(skip)]
     pub tagged: bool,
+    /// Records of every kind (forwarding to a SIEM), `kind` ignored; not a query parameter.
+    #[serde(skip)]
+    pub every_kind: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]

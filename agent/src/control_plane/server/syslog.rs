@@ -1,4 +1,4 @@
-//! Forwarding to a SIEM: every decision record nodes send, as an OCSF event in an RFC 5424
+//! Forwarding to a SIEM: every record nodes send (decisions, DNS, identities), as an OCSF event in an RFC 5424
 //! message over TLS (RFC 5425: octet-counted frames). One replica forwards at a time (a
 //! lease in the store, renewed every turn). The stored cursor moves past a page only once
 //! it was sent and lingered on a connection the receiver kept open; a crash, a failed
@@ -178,6 +178,7 @@ impl Forwarder {
             store.flows(&FlowQuery {
                 after: Some(after),
                 limit: Some(PAGE),
+                every_kind: true,
                 ..FlowQuery::default()
             })
         })

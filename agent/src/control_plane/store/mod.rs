@@ -544,15 +544,19 @@ enum Arg {
 /// migrations); ordered by id, a page at a time.
 fn flows_sql(q: &FlowQuery, placeholder: impl Fn(usize) -> String) -> (String, Vec<Arg>, usize) {
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000) as usize;
-    let mut sql = String::from("SELECT id, node, record FROM flows WHERE kind = ");
-    sql.push_str(&placeholder(1));
-    let mut args = vec![Arg::Text(
-        q.kind.clone().unwrap_or_else(|| "decision".into()),
-    )];
+    let mut sql = String::from("SELECT id, node, record FROM flows WHERE TRUE");
+    let mut args = Vec::new();
     let mut filter = |col: &str, op: &str, v: Arg| {
         args.push(v);
         sql.push_str(&format!(" AND {col} {op} {}", placeholder(args.len())));
     };
+    if !q.every_kind {
+        filter(
+            "kind",
+            "=",
+            Arg::Text(q.kind.clone().unwrap_or_else(|| "decision".into())),
+        );
+    }
     for (col, v) in [
         ("node", &q.node),
         ("identity", &q.identity),
