@@ -287,6 +287,23 @@ type FlowKey = (IpAddr, u16, bool, Option<String>);
 /// What one process group did: per service, and each distinct flow with its count.
 type GroupUse = (BTreeMap<String, ServiceUse>, BTreeMap<FlowKey, u64>);
 
+/// The process group a shadow-AI record belongs to: its systemd unit, else its container,
+/// else its executable and user.
+pub fn group_of(r: &serde_json::Value) -> String {
+    let s = |k: &str| r.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    if let Some(u) = s("unit") {
+        format!("unit {u}")
+    } else if let Some(c) = s("container") {
+        format!("container {c}")
+    } else {
+        format!(
+            "exe {} (uid {})",
+            s("exe").unwrap_or_else(|| s("comm").unwrap_or_default()),
+            r.get("uid").and_then(|v| v.as_u64()).unwrap_or(0)
+        )
+    }
+}
+
 /// [`shadow_ai`] one record at a time: what it keeps grows with the distinct groups,
 /// services and destinations, not with the records (a node can report millions).
 #[derive(Default)]
@@ -310,17 +327,7 @@ impl ShadowFold {
         let Some(service) = s("service") else {
             return;
         };
-        let group = if let Some(u) = s("unit") {
-            format!("unit {u}")
-        } else if let Some(c) = s("container") {
-            format!("container {c}")
-        } else {
-            format!(
-                "exe {} (uid {})",
-                s("exe").unwrap_or_else(|| s("comm").unwrap_or_default()),
-                r.get("uid").and_then(|v| v.as_u64()).unwrap_or(0)
-            )
-        };
+        let group = group_of(r);
         let Ok(port) = u16::try_from(r.get("port").and_then(|v| v.as_u64()).unwrap_or(0)) else {
             self.left_out += 1;
             return;

@@ -3627,3 +3627,229 @@ fn a_syslog_receiver_the_control_plane_cannot_trust_stops_its_start() {
         "{said}"
     );
 }
+
+/// A webhook receiver on loopback (plain HTTP/1.1): each POST's JSON body goes to `bodies`.
+/// It answers 503 to the first `refuse` requests, then 200.
+struct WebhookReceiver {
+    addr: std::net::SocketAddr,
+    bodies: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl WebhookReceiver {
+    fn start(refuse: usize) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, bodies) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut answered = 0usize;
+            for tcp in listener.incoming() {
+                let Ok(tcp) = tcp else { return };
+                let mut r = std::io::BufReader::new(tcp.try_clone().unwrap());
+                // Requests on this connection, one after another.
+                loop {
+                    let mut head = String::new();
+                    let mut len = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
+                            break;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                        head.push_str(&line);
+                    }
+                    if head.is_empty() {
+                        break;
+                    }
+                    assert!(head.starts_with("POST /hook HTTP/1.1"), "{head}");
+                    let mut body = vec![0; len];
+                    r.read_exact(&mut body).unwrap();
+                    answered += 1;
+                    let mut w = &tcp;
+                    if answered <= refuse {
+                        let _ = w.write_all(
+                            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n",
+                        );
+                        continue;
+                    }
+                    let _ = w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                    if tx.send(serde_json::from_slice(&body).unwrap()).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        WebhookReceiver { addr, bodies }
+    }
+}
+
+#[test]
+fn anomalies_raise_alerts_each_stored_once_listed_and_posted_to_a_webhook_as_alertmanager_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(tmp.path());
+    // The first post is refused: delivery is retried.
+    let hook = WebhookReceiver::start(1);
+    fx.configure(
+        "",
+        &format!(
+            "[alerts]\nlearning_hours = 0.01\ndenials = 5\ndenial_window_secs = 60\ndns_refusals = 5\ndns_window_secs = 60\nwebhooks = [\"http://{}/hook\"]\n",
+            hook.addr
+        ),
+    );
+    let server = CpProc::start(&fx, None);
+    eventually("alerts to start", Duration::from_secs(30), || {
+        let log = server.log_text();
+        (log.contains("raising alerts over the records stored from now on")
+            && log.contains("sending the alerts raised from now on to the webhook"))
+        .then_some(())
+        .ok_or(log)
+    });
+    let rt = rt();
+    let n1 = fx.node_client(&server.url, "n1");
+    let at = |secs: u64| format!("2026-11-23T00:{:02}:{:02}.000Z", secs / 60, secs % 60);
+    let flow = |verdict: &str, dest: &str, secs: u64| {
+        let mut r = record(verdict, Some(SUPPORT_ID), dest, None, secs);
+        r["time"] = at(secs).into();
+        r
+    };
+    let dns = |event: &str, name: &str, secs: u64| {
+        serde_json::json!({
+            "kind": "dns", "event": event, "time": at(secs), "identity": SUPPORT_ID,
+            "name": name, "type": "TXT", "why": "no rule names it", "count": 1,
+        })
+    };
+    let mut records = vec![
+        // Its baseline (the first 36 s of it), then a destination new after it.
+        flow("allow", "203.0.113.7", 0),
+        flow("allow", "203.0.113.8", 10),
+        flow("allow", "203.0.113.99", 120),
+        flow("allow", "203.0.113.7", 130),
+    ];
+    // Six denials in six seconds: one burst, one alert.
+    records.extend((200..206).map(|s| flow("deny", "198.51.100.1", s)));
+    // Five refused queries, then a name that carries data.
+    records.extend((300..305).map(|s| dns("query_refused", "x.example.org", s)));
+    records.push(dns(
+        "query_would_refuse",
+        "mzxw6ytboi2dqnrvgq3dmnzxha4tsmjqgeztcnbvgy3tqobzha.t.attacker.example",
+        400,
+    ));
+    // A process group new to shadow AI on the node, twice.
+    records.push(record(
+        "unknown",
+        None,
+        "198.51.100.20",
+        Some("openai"),
+        500,
+    ));
+    records.push(record(
+        "unknown",
+        None,
+        "198.51.100.20",
+        Some("openai"),
+        501,
+    ));
+    // A node cannot pass a record off as an alert.
+    records.push(serde_json::json!({
+        "kind": "alert", "time": at(600), "alert": "new_destination", "identity": SUPPORT_ID,
+        "summary": "forged", "fingerprint": "0000000000000000",
+    }));
+    rt.block_on(n1.post_reports(&batch(1, 1, &records)))
+        .unwrap();
+
+    // The webhook gets each alert (a post it refused comes again).
+    let mut got: std::collections::BTreeMap<String, serde_json::Value> = Default::default();
+    while got.len() < 5 {
+        let body = hook
+            .bodies
+            .recv_timeout(agentwall_tests::patience(Duration::from_secs(60)))
+            .unwrap_or_else(|e| panic!("alerts so far {got:#?}: {e}"));
+        assert_eq!(body["version"], "4", "{body}");
+        assert_eq!(body["status"], "firing", "{body}");
+        for a in body["alerts"].as_array().unwrap() {
+            assert_eq!(a["status"], "firing");
+            assert!(
+                a["startsAt"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("2026-11-23T00:"),
+                "{a}"
+            );
+            got.insert(a["fingerprint"].as_str().unwrap().to_owned(), a.clone());
+        }
+    }
+    let mut names: Vec<&str> = got
+        .values()
+        .map(|a| a["labels"]["alertname"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "agentwall_denial_burst",
+            "agentwall_dns_tunnel",
+            "agentwall_dns_tunnel",
+            "agentwall_new_destination",
+            "agentwall_new_shadow_ai",
+        ]
+    );
+    let new_dest = got
+        .values()
+        .find(|a| a["labels"]["alertname"] == "agentwall_new_destination")
+        .unwrap();
+    assert_eq!(new_dest["labels"]["identity"], SUPPORT_ID);
+    assert_eq!(new_dest["labels"]["node"], "spiffe://example.org/node/n1");
+    assert!(
+        new_dest["annotations"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("203.0.113.99"),
+        "{new_dest}"
+    );
+
+    // Listed with their evidence, and stored once each.
+    let sec = fx.security_token.display().to_string();
+    let listed = cp_json(&fx, &server.url, &["--token-file", &sec], &["alerts"]);
+    let alerts = listed["alerts"].as_array().unwrap();
+    assert_eq!(alerts.len(), 5, "{listed:#}");
+    assert!(
+        alerts.iter().all(|a| a["summary"] != "forged"),
+        "{listed:#}"
+    );
+    let burst = alerts
+        .iter()
+        .find(|a| a["alert"] == "denial_burst")
+        .unwrap();
+    assert_eq!(burst["evidence"]["denials"], 5, "{burst}");
+    let tunnel = alerts
+        .iter()
+        .find(|a| a["alert"] == "dns_tunnel" && a["evidence"]["name"].is_string())
+        .unwrap();
+    assert!(
+        tunnel["evidence"]["entropy_bits_per_char"]
+            .as_f64()
+            .unwrap()
+            >= 3.5
+    );
+    assert_eq!(listed["thresholds"]["denials"], 5);
+    assert_eq!(
+        listed["thresholds"]["webhooks"][0],
+        format!("http://{}/…", hook.addr)
+    );
+    let out = cp(
+        &fx,
+        &server.url,
+        &["--token-file", &sec],
+        &["alerts", "--output", "text"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("5 alert(s)"), "{text}");
+    assert!(
+        text.contains("thresholds: new destinations after 0.01 h of learning"),
+        "{text}"
+    );
+}

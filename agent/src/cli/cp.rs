@@ -57,6 +57,13 @@ enum Command {
         #[arg(long)]
         since: Option<String>,
     },
+    /// Anomaly alerts raised over what nodes reported (the newest 1,000), and the
+    /// thresholds that raise them.
+    Alerts {
+        /// Only alerts from this long ago on (30m, 24h) or since an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+    },
     /// Revoke an identity on every node.
     Revoke {
         /// The SPIFFE ID to revoke.
@@ -652,6 +659,47 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                     "{groups} process group(s) on {} node(s) reached AI services without an identity",
                     nodes.len()
                 );
+            }
+        }
+        Command::Alerts { since } => {
+            let path = since_path("/v1/alerts", since.as_deref())?;
+            let r: agentwall::control_plane::AlertsReply = c.get(&path).await?;
+            if json {
+                print_json(&r);
+            } else {
+                let t = &r.thresholds;
+                println!(
+                    "thresholds: new destinations after {} h of learning; {} denials in {} s; {} refused DNS queries in {} s, or a label of {}+ characters at {}+ bits each; new shadow-AI groups; {} webhook(s){}",
+                    t.learning_hours,
+                    t.denials,
+                    t.denial_window_secs,
+                    t.dns_refusals,
+                    t.dns_window_secs,
+                    t.dns_label_length,
+                    t.dns_entropy_bits,
+                    t.webhooks.len(),
+                    if t.enabled { "" } else { " (alerts are off)" }
+                );
+                for a in &r.alerts {
+                    let s = |k: &str| a.get(k).and_then(|v| v.as_str()).unwrap_or("-");
+                    say!(
+                        "{} {} {} {} on {}: {}",
+                        s("time"),
+                        s("alert"),
+                        s("severity"),
+                        a.get("identity")
+                            .or(a.get("subject"))
+                            .and_then(|v| v.as_str())
+                            .unwrap_or("-"),
+                        s("node"),
+                        s("summary")
+                    );
+                    say!(
+                        "  evidence: {}",
+                        a.get("evidence").map(|e| e.to_string()).unwrap_or_default()
+                    );
+                }
+                println!("{} alert(s)", r.alerts.len());
             }
         }
         Command::Audit(AuditCommand::Verify { node }) => {

@@ -59,7 +59,7 @@ pub struct Access {
 }
 
 /// `agentwall control-plane serve --config FILE`.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address to listen on (default 127.0.0.1:8443).
@@ -133,6 +133,115 @@ pub struct ServerConfig {
     /// events (RFC 5424 messages, RFC 5425 framing). Off unless set.
     #[serde(default)]
     pub syslog: Option<Syslog>,
+    /// Anomaly alerts over what nodes report, per identity against its own baseline.
+    #[serde(default)]
+    pub alerts: Alerts,
+}
+
+/// `[alerts]`: what raises an alert, and where alerts are sent.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Alerts {
+    /// Raise alerts at all (default on).
+    pub enabled: bool,
+    /// An identity's destinations in its first this many hours (from its first record)
+    /// are its baseline; a destination (host name, or address without one) it reaches after
+    /// that and never reached before raises `new_destination` (default 24).
+    pub learning_hours: f64,
+    /// `denial_burst`: at least this many denials of one identity ...
+    pub denials: u64,
+    /// ... within this many seconds (by the records' times).
+    pub denial_window_secs: u64,
+    /// `dns_tunnel`: at least this many refused DNS queries of one identity ...
+    pub dns_refusals: u64,
+    /// ... within this many seconds;
+    pub dns_window_secs: u64,
+    /// or a query name with a label at least this long ...
+    pub dns_label_length: usize,
+    /// ... and at least this many bits of entropy per character over its labels below the
+    /// last two (what tunnels encode data in).
+    pub dns_entropy_bits: f64,
+    /// Where alerts are POSTed, in the Alertmanager webhook format: `https://...`, or
+    /// `http://` to a loopback address only.
+    pub webhooks: Vec<String>,
+    /// CA bundle (PEM) an https webhook's certificate chains to.
+    #[schema(value_type = Option<String>)]
+    pub webhook_ca: Option<PathBuf>,
+}
+
+impl Default for Alerts {
+    fn default() -> Self {
+        Alerts {
+            enabled: true,
+            learning_hours: 24.0,
+            denials: 20,
+            denial_window_secs: 60,
+            dns_refusals: 20,
+            dns_window_secs: 60,
+            dns_label_length: 40,
+            dns_entropy_bits: 3.5,
+            webhooks: Vec::new(),
+            webhook_ca: None,
+        }
+    }
+}
+
+impl Alerts {
+    fn check(&self) -> Result<(), String> {
+        if !(self.learning_hours >= 0.0 && self.learning_hours <= 24.0 * 365.0) {
+            return Err(format!(
+                "alerts.learning_hours is {}; it is 0 to 8760",
+                self.learning_hours
+            ));
+        }
+        for (key, v) in [
+            ("denials", self.denials),
+            ("denial_window_secs", self.denial_window_secs),
+            ("dns_refusals", self.dns_refusals),
+            ("dns_window_secs", self.dns_window_secs),
+            ("dns_label_length", self.dns_label_length as u64),
+        ] {
+            if v == 0 {
+                return Err(format!("alerts.{key} must be at least 1"));
+            }
+        }
+        if !(self.dns_entropy_bits > 0.0 && self.dns_entropy_bits <= 8.0) {
+            return Err(format!(
+                "alerts.dns_entropy_bits is {}; it is above 0 and at most 8",
+                self.dns_entropy_bits
+            ));
+        }
+        for w in &self.webhooks {
+            let u: hyper::Uri = w
+                .parse()
+                .map_err(|e| format!("alerts.webhooks: {w:?} is not a URL: {e}"))?;
+            let host = u.host().unwrap_or_default();
+            let loopback = host == "localhost"
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|a| a.is_loopback());
+            match u.scheme_str() {
+                Some("https") if self.webhook_ca.is_some() => {}
+                Some("https") => {
+                    return Err(format!(
+                        "alerts.webhooks: {w:?} is https: set alerts.webhook_ca to the CA its certificate chains to"
+                    ));
+                }
+                Some("http") if loopback => {}
+                _ => {
+                    return Err(format!(
+                        "alerts.webhooks: {w:?} must be https (http only to a loopback address: alerts name identities and hosts)"
+                    ));
+                }
+            }
+            if host.is_empty() {
+                return Err(format!("alerts.webhooks: {w:?} names no host"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[syslog]`: where the control plane forwards what nodes report, for a SIEM.
@@ -397,6 +506,9 @@ impl ServerConfig {
         {
             *p = resolve(path, p);
         }
+        if let Some(ca) = &mut c.alerts.webhook_ca {
+            *ca = resolve(path, ca);
+        }
         if let Some(sl) = &mut c.syslog {
             for p in std::iter::once(&mut sl.ca)
                 .chain(&mut sl.cert)
@@ -436,6 +548,7 @@ impl ServerConfig {
             )));
         }
         check_console_session_hours(c.console_session_hours).map_err(invalid)?;
+        c.alerts.check().map_err(invalid)?;
         if let Some(sl) = &c.syslog {
             sl.host_port().map_err(invalid)?;
             if sl.cert.is_some() != sl.key.is_some() {

@@ -482,6 +482,17 @@ impl StoredFlow {
     }
 }
 
+/// `GET /v1/alerts`.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AlertsReply {
+    /// What raises an alert (`[alerts]` of the control plane's config; webhooks by host).
+    pub thresholds: crate::config::control_plane::Alerts,
+    /// Alert records, oldest first: `alert` (its kind), `time`, `identity` or `subject`,
+    /// `node`, `severity`, `summary`, `evidence`, `fingerprint`.
+    #[schema(value_type = Vec<Object>)]
+    pub alerts: Vec<serde_json::Value>,
+}
+
 /// A page of `GET /v1/flows?format=ocsf`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OcsfPage {

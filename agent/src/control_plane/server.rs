@@ -25,6 +25,7 @@ use crate::{
     identity::CrlWatchingVerifier,
 };
 
+pub mod alerts;
 mod console;
 mod review;
 mod syslog;
@@ -64,6 +65,8 @@ pub enum ServerError {
     Signal(std::io::Error),
     #[error("syslog forwarding: {0}")]
     Forward(#[from] syslog::ForwardError),
+    #[error("alerts.webhooks: {0}")]
+    Webhook(String),
     #[error(
         "{path}: {message} (the numbers this control plane served; remove the file to number from the database's alone)"
     )]
@@ -234,6 +237,13 @@ const ROUTES: &[RouteRule] = &[
     RouteRule {
         method: Method::GET,
         path: "/v1/shadow-ai",
+        roles: READERS,
+        body_cap: 0,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::GET,
+        path: "/v1/alerts",
         roles: READERS,
         body_cap: 0,
         rate_limited: true,
@@ -478,6 +488,14 @@ struct Stats {
     syslog_not_mapped: std::sync::atomic::AtomicU64,
     /// Forwarding attempts that failed (the receiver or the database away).
     syslog_failures: std::sync::atomic::AtomicU64,
+    /// Alerts raised by this replica, by kind ([`alerts::KINDS`]).
+    alerts: [std::sync::atomic::AtomicU64; alerts::KINDS.len()],
+    /// Pages of records alerts could not be worked out for (retried).
+    alert_failures: std::sync::atomic::AtomicU64,
+    /// Alerts webhooks took.
+    alerts_delivered: std::sync::atomic::AtomicU64,
+    /// Webhook posts that failed (retried with backoff).
+    alert_deliveries_failed: std::sync::atomic::AtomicU64,
 }
 
 impl Stats {
@@ -553,6 +571,8 @@ pub struct Server {
     console_secs: std::sync::atomic::AtomicI64,
     /// Turns for fleet reviews (simulations, unused rules), which read many records.
     reviews: Arc<tokio::sync::Semaphore>,
+    /// What raises alerts, as configured (shown by `GET /v1/alerts`).
+    alert_thresholds: std::sync::OnceLock<crate::config::control_plane::Alerts>,
 }
 
 impl Server {
@@ -634,6 +654,7 @@ impl Server {
             seen: Mutex::new(HashMap::new()),
             verifier: std::sync::OnceLock::new(),
             reviews: Arc::new(tokio::sync::Semaphore::new(review::REVIEWS_AT_ONCE)),
+            alert_thresholds: std::sync::OnceLock::new(),
             console_secs: std::sync::atomic::AtomicI64::new(
                 crate::config::control_plane::DEFAULT_CONSOLE_SESSION_HOURS * 3600,
             ),
@@ -808,6 +829,11 @@ impl Server {
     }
 
     /// Refuses pushes with an AgentPolicy that names no owner (`require_owner`).
+    /// What raises alerts (shown by `GET /v1/alerts`).
+    pub fn alert_thresholds(&self, a: crate::config::control_plane::Alerts) {
+        let _ = self.alert_thresholds.set(a);
+    }
+
     pub fn require_owners(&self, on: bool) {
         self.require_owner.store(on, Ordering::Relaxed);
     }
@@ -984,6 +1010,7 @@ impl Server {
             .route("/v1/nodes", get(get_nodes))
             .route("/v1/flows", get(get_flows))
             .route("/v1/shadow-ai", get(get_shadow_ai))
+            .route("/v1/alerts", get(get_alerts))
             .route("/v1/audit/chain", get(get_audit_chain))
             .route(
                 "/v1/revocations",
@@ -1755,6 +1782,68 @@ async fn get_shadow_ai(
     Ok(Json(out))
 }
 
+/// Most alerts one answer lists (the newest).
+const MAX_ALERTS: usize = 1_000;
+
+/// The alerts raised, oldest first (at most the newest 1,000), and the thresholds that
+/// raise them.
+#[utoipa::path(get, path = "/v1/alerts", tag = "reports", params(SinceQuery),
+    responses((status = 200, description = "Alerts and thresholds", body = super::AlertsReply)))]
+async fn get_alerts(
+    State(s): S,
+    Params(q): Params<SinceQuery>,
+) -> Result<Json<super::AlertsReply>, Fail> {
+    let since = q
+        .since
+        .as_deref()
+        .map(|t| normal_time("since", t))
+        .transpose()?;
+    let store = s.store.clone();
+    let mut alerts = blocking(move || {
+        let mut out = std::collections::VecDeque::new();
+        let mut q = FlowQuery {
+            node: Some(alerts::ALERTS_NODE.into()),
+            kind: Some("alert".into()),
+            since,
+            limit: Some(1_000),
+            ..FlowQuery::default()
+        };
+        loop {
+            let page = store.flows(&q)?;
+            for f in page.flows {
+                if let Some(v) = f.value() {
+                    out.push_back(v);
+                    if out.len() > MAX_ALERTS {
+                        out.pop_front();
+                    }
+                }
+            }
+            match page.next {
+                Some(n) => q.after = Some(n),
+                None => break,
+            }
+        }
+        Ok(out)
+    })
+    .await?;
+    let mut thresholds = s.alert_thresholds.get().cloned().unwrap_or_default();
+    // Webhook URLs may carry a secret in their path or query: shown by host only.
+    thresholds.webhooks = thresholds
+        .webhooks
+        .iter()
+        .map(|w| {
+            w.parse::<hyper::Uri>()
+                .ok()
+                .and_then(|u| Some(format!("{}://{}/…", u.scheme_str()?, u.authority()?)))
+                .unwrap_or_else(|| "…".into())
+        })
+        .collect();
+    Ok(Json(super::AlertsReply {
+        thresholds,
+        alerts: alerts.drain(..).collect(),
+    }))
+}
+
 /// Every identity revoked fleet-wide.
 #[utoipa::path(get, path = "/v1/revocations", tag = "revocations",
     responses((status = 200, description = "The revocations", body = Vec<super::Revocation>)))]
@@ -2098,6 +2187,24 @@ async fn get_metrics(State(s): S) -> Response {
             st.polls_other_lineage.load(Ordering::Relaxed),
         ),
         (
+            "agentwall_cp_alert_failures_total",
+            "counter",
+            "Pages of records alerts could not be worked out for (the database away; retried).",
+            st.alert_failures.load(Ordering::Relaxed),
+        ),
+        (
+            "agentwall_cp_alerts_delivered_total",
+            "counter",
+            "Alerts webhooks took (2xx).",
+            st.alerts_delivered.load(Ordering::Relaxed),
+        ),
+        (
+            "agentwall_cp_alert_deliveries_failed_total",
+            "counter",
+            "Webhook posts of alerts that failed (retried with backoff up to a minute).",
+            st.alert_deliveries_failed.load(Ordering::Relaxed),
+        ),
+        (
             "agentwall_cp_syslog_forwarded_total",
             "counter",
             "Events this replica sent to the syslog receiver (OCSF over RFC 5425).",
@@ -2125,6 +2232,17 @@ async fn get_metrics(State(s): S) -> Response {
         let _ = writeln!(
             out,
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP agentwall_cp_alerts_total Alerts this replica raised, by kind.\n# TYPE agentwall_cp_alerts_total counter"
+    );
+    for (kind, n) in alerts::KINDS.iter().zip(&st.alerts) {
+        let _ = writeln!(
+            out,
+            "agentwall_cp_alerts_total{{kind=\"{kind}\"}} {}",
+            n.load(Ordering::Relaxed)
         );
     }
     (
@@ -2443,6 +2561,7 @@ async fn store_reports(
         get_nodes,
         get_flows,
         get_shadow_ai,
+        get_alerts,
         get_audit_chain,
         get_revocations,
         post_revocation,
@@ -2817,6 +2936,13 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
         .as_ref()
         .map(syslog::Forwarder::new)
         .transpose()?;
+    let webhooks = cfg
+        .alerts
+        .webhooks
+        .iter()
+        .map(|u| alerts::Webhook::new(u, cfg.alerts.webhook_ca.as_deref()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ServerError::Webhook)?;
     let server = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || {
@@ -2828,6 +2954,7 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
                 cfg.limits.clone(),
             )?;
             server.require_owners(cfg.require_owner);
+            server.alert_thresholds(cfg.alerts.clone());
             server.console(cfg.console.then_some(cfg.console_session_hours));
             // Turned off, the console's sessions and links end, not wait for it to be on.
             if !cfg.console {
@@ -2912,6 +3039,12 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
     }
     if let Some(f) = forwarder {
         tokio::spawn(f.run(server.clone()));
+    }
+    if cfg.alerts.enabled {
+        tokio::spawn(alerts::detect(server.clone(), cfg.alerts.clone()));
+        for hook in webhooks {
+            tokio::spawn(alerts::deliver(server.clone(), hook));
+        }
     }
     if let Some(mut heard) = server.store.changes() {
         // Replicas share the database: what another one stores is served here once it is

@@ -216,6 +216,10 @@ pub trait Store: Send + Sync {
     /// Moves the cursor of forwarding `name` on to `after` (never back); false when `holder`
     /// no longer holds it (another replica took over and may send those records again).
     fn forward_advance(&self, name: &str, holder: &str, after: u64) -> Result<bool, StoreError>;
+    /// Notes that `subject` (an identity, a node) was seen with `what` (a destination, a
+    /// process group) at `time`: whether it is new, and the earliest time the subject was
+    /// seen with anything (where its baseline began).
+    fn baseline(&self, subject: &str, what: &str, time: &str) -> Result<Seen, StoreError>;
     /// Keeps a one-time sign-in link (its code's SHA-256), and forgets expired ones.
     fn console_link_open(&self, link: &ConsoleLink) -> Result<(), StoreError>;
     /// Takes the unexpired link whose code hashes to `code_sha256`: it is gone after, so it
@@ -227,6 +231,13 @@ pub trait Store: Send + Sync {
     fn spend_shared(&self, _node: &str, _spend: &[Spend]) -> Result<Option<u64>, StoreError> {
         Ok(None)
     }
+}
+
+/// What [`Store::baseline`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub new: bool,
+    pub subject_first: String,
 }
 
 /// Part of a node's report quota to spend: `n` of what it may send `per_minute`, with

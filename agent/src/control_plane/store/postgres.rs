@@ -194,12 +194,19 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
         chain TEXT,
         expires TEXT NOT NULL
     );",
-    // Forwarding to a SIEM: how far it got, and which replica holds it until when.
+    // Forwarding to a SIEM: how far it got, and which replica holds it until when; what
+    // alerts have seen of each identity (its baseline).
     "CREATE TABLE forwarding (
         name TEXT PRIMARY KEY,
         after BIGINT NOT NULL,
         holder TEXT NOT NULL,
         lease_until TEXT NOT NULL
+    );
+    CREATE TABLE alert_seen (
+        subject TEXT NOT NULL,
+        what TEXT NOT NULL,
+        first TEXT NOT NULL,
+        PRIMARY KEY (subject, what)
     );",
 ];
 
@@ -1088,6 +1095,37 @@ impl Store for PgStore {
                 )
                 .await?;
             Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64))
+        })
+    }
+
+    fn baseline(&self, subject: &str, what: &str, time: &str) -> Result<super::Seen, StoreError> {
+        let (subject, what, time) = (text(subject), text(what), text(time));
+        self.block(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            tx.execute(
+                "INSERT INTO alert_seen (subject, what, first) VALUES ($1, '', $2)
+                 ON CONFLICT (subject, what) DO UPDATE SET first = LEAST(alert_seen.first, excluded.first)",
+                &[&subject, &time],
+            )
+            .await?;
+            let new = tx
+                .execute(
+                    "INSERT INTO alert_seen (subject, what, first) VALUES ($1, $2, $3)
+                     ON CONFLICT (subject, what) DO NOTHING",
+                    &[&subject, &what, &time],
+                )
+                .await?
+                == 1;
+            let subject_first: String = tx
+                .query_one(
+                    "SELECT first FROM alert_seen WHERE subject = $1 AND what = ''",
+                    &[&subject],
+                )
+                .await?
+                .get(0);
+            tx.commit().await?;
+            Ok(super::Seen { new, subject_first })
         })
     }
 

@@ -104,12 +104,19 @@ const MIGRATIONS: &[&str] = &[
         chain TEXT,
         expires TEXT NOT NULL
     );",
-    // Forwarding to a SIEM: how far it got, and which replica holds it until when.
+    // Forwarding to a SIEM: how far it got, and which replica holds it until when; what
+    // alerts have seen of each identity (its baseline).
     "CREATE TABLE forwarding (
         name TEXT PRIMARY KEY,
         after INTEGER NOT NULL,
         holder TEXT NOT NULL,
         lease_until TEXT NOT NULL
+    );
+    CREATE TABLE alert_seen (
+        subject TEXT NOT NULL,
+        what TEXT NOT NULL,
+        first TEXT NOT NULL,
+        PRIMARY KEY (subject, what)
     );",
 ];
 
@@ -700,6 +707,28 @@ impl Store for SqliteStore {
             )
             .optional()?;
         Ok(after.map(|a| a.max(0) as u64))
+    }
+
+    fn baseline(&self, subject: &str, what: &str, time: &str) -> Result<super::Seen, StoreError> {
+        let mut db = lock(&self.writer);
+        let tx = db.transaction()?;
+        tx.execute(
+            "INSERT INTO alert_seen (subject, what, first) VALUES (?1, '', ?2)
+             ON CONFLICT (subject, what) DO UPDATE SET first = MIN(first, excluded.first)",
+            params![subject, time],
+        )?;
+        let new = tx.execute(
+            "INSERT INTO alert_seen (subject, what, first) VALUES (?1, ?2, ?3)
+             ON CONFLICT (subject, what) DO NOTHING",
+            params![subject, what, time],
+        )? == 1;
+        let subject_first: String = tx.query_row(
+            "SELECT first FROM alert_seen WHERE subject = ?1 AND what = ''",
+            [subject],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        Ok(super::Seen { new, subject_first })
     }
 
     fn forward_advance(&self, name: &str, holder: &str, after: u64) -> Result<bool, StoreError> {

@@ -401,7 +401,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
          ALTER TABLE nodes DROP COLUMN labels; ALTER TABLE revocations DROP COLUMN reason;
          ALTER TABLE nodes DROP COLUMN spool_records; ALTER TABLE nodes DROP COLUMN records_lost;
          ALTER TABLE nodes DROP COLUMN sessions;
-         DROP TABLE console_sessions; DROP TABLE console_links; DROP TABLE forwarding;
+         DROP TABLE console_sessions; DROP TABLE console_links; DROP TABLE forwarding; DROP TABLE alert_seen;
          PRAGMA user_version = 3",
     )
     .unwrap();
@@ -1428,6 +1428,27 @@ fn one_replica_forwards_at_a_time_and_the_next_goes_on_from_its_cursor() {
             Some(newest),
             "{}",
             f.name
+        );
+        // An identity's baseline: what it was seen with, and since when.
+        let (t1, t5, t6) = (
+            "2026-11-23T00:00:01.000Z",
+            "2026-11-23T00:00:05.000Z",
+            "2026-11-23T00:00:06.000Z",
+        );
+        let seen = |what: &str, t: &str| s.baseline("spiffe://example.org/a", what, t).unwrap();
+        let at = |new: bool, first: &str| Seen {
+            new,
+            subject_first: first.into(),
+        };
+        assert_eq!(seen("api.example.com", t5), at(true, t5), "{}", f.name);
+        assert_eq!(seen("api.example.com", t6), at(false, t5), "{}", f.name);
+        // An earlier record arriving later moves the start back.
+        assert_eq!(seen("203.0.113.9", t1), at(true, t1), "{}", f.name);
+        assert_eq!(seen("203.0.113.9", t6), at(false, t1), "{}", f.name);
+        assert!(
+            s.baseline("spiffe://example.org/b", "203.0.113.9", t6)
+                .unwrap()
+                .new
         );
     }
 }
