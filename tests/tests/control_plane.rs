@@ -715,6 +715,22 @@ fn reports_are_stored_once_and_read_back_by_filter_page_and_node() {
     let server = CpProc::start(&fx, None);
     let all = cp_json(&fx, &server.url, &security, &["flows", "--all"]);
     assert_eq!(all["flows"].as_array().unwrap().len(), 11);
+
+    // Owners are a filter: the records of the identities one team answers for.
+    let mut owned = record("deny", Some(id), "203.0.113.9", None, 40);
+    owned["owner"] = "payments@example.org".into();
+    let n1 = fx.node_client(&server.url, "n1");
+    rt.block_on(n1.post_reports(&batch(42, 100, &[owned])))
+        .unwrap();
+    let by_owner = cp_json(
+        &fx,
+        &server.url,
+        &security,
+        &["flows", "--owner", "payments@example.org", "--all"],
+    );
+    let flows = by_owner["flows"].as_array().unwrap();
+    assert_eq!(flows.len(), 1, "{by_owner}");
+    assert_eq!(flows[0]["record"]["dest"], "203.0.113.9");
 }
 
 #[test]

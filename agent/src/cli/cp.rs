@@ -170,6 +170,9 @@ struct FlowArgs {
     /// Only flows to this AI service (as the catalog names it).
     #[arg(long)]
     service: Option<String>,
+    /// Only flows of identities this owner answers for (as their policies name it).
+    #[arg(long)]
+    owner: Option<String>,
     /// From this long ago (30m, 24h) or an RFC 3339 time.
     #[arg(long)]
     since: Option<String>,
@@ -582,6 +585,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 verdict: f.verdict.clone(),
                 dest: f.dest.clone(),
                 service: f.service.clone(),
+                owner: f.owner.clone(),
                 since: f.since.as_deref().map(when).transpose()?,
                 until: f.until.as_deref().map(when).transpose()?,
                 after: f.after,

@@ -441,6 +441,8 @@ pub struct FlowQuery {
     /// An address as written in records (`203.0.113.7`, `2001:db8::1`).
     pub dest: Option<String>,
     pub service: Option<String>,
+    /// Records of identities this owner answers for (as their policies name it).
+    pub owner: Option<String>,
     /// RFC 3339 (UTC); records at or after.
     pub since: Option<String>,
     /// RFC 3339 (UTC); records before.

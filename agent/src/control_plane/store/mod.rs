@@ -448,6 +448,8 @@ struct Indexed<'a> {
     dest: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     service: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    owner: Option<Cow<'a, str>>,
     /// The record's place in the node's audit chain, when it came from the log.
     #[serde(default)]
     seq: Option<u64>,
@@ -486,6 +488,7 @@ struct Row<'a> {
     /// The address's canonical text, as the flows filter asks for it.
     dest: Option<String>,
     service: Option<Cow<'a, str>>,
+    owner: Option<Cow<'a, str>>,
     text: &'a str,
     audit_seq: Option<i64>,
     /// Set only when the hash is the record's own.
@@ -536,6 +539,7 @@ impl<'a> Row<'a> {
                 .and_then(|d| d.parse::<std::net::IpAddr>().ok())
                 .map(|d| d.to_string()),
             service: ix.service.map(|v| bounded(v, MAX_INDEXED)),
+            owner: ix.owner.map(|v| bounded(v, MAX_INDEXED)),
             text,
             audit_seq,
             audit_hash,
@@ -574,6 +578,7 @@ fn flows_sql(q: &FlowQuery, placeholder: impl Fn(usize) -> String) -> (String, V
         ("verdict", &q.verdict),
         ("dest", &q.dest),
         ("service", &q.service),
+        ("owner", &q.owner),
     ] {
         if let Some(v) = v {
             filter(col, "=", Arg::Text(v.clone()));

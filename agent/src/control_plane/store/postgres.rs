@@ -207,7 +207,9 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
         what TEXT NOT NULL,
         first TEXT NOT NULL,
         PRIMARY KEY (subject, what)
-    );",
+    );
+    ALTER TABLE flows ADD COLUMN owner TEXT;
+    CREATE INDEX flows_owner_id ON flows (owner, id);",
 ];
 
 pub struct PgStore {
@@ -1408,25 +1410,26 @@ impl Store for PgStore {
         let seq: Vec<Option<i64>> = rows.iter().map(|r| r.audit_seq).collect();
         let hash: Vec<Option<String>> = rows.iter().map(|r| opt_text(&r.audit_hash)).collect();
         let day: Vec<&str> = rows.iter().map(|r| r.day.as_str()).collect();
+        let owner: Vec<Option<String>> = rows.iter().map(|r| opt_text(&r.owner)).collect();
         let (node, epoch) = (text(node), epoch as i64);
         let accepted = self.block(async {
             let mut c = self.client().await?;
             self.partitions_for(&mut c, &days, false).await?;
             let st = c
                 .prepare_cached(
-                    "INSERT INTO flows (node, epoch, rid, kind, time, verdict, identity, dest, service, record, audit_seq, audit_hash, day)
-                     SELECT $1, $2, rid, kind, time, verdict, identity, dest, service, record, seq, hash, day::date
+                    "INSERT INTO flows (node, epoch, rid, kind, time, verdict, identity, dest, service, record, audit_seq, audit_hash, day, owner)
+                     SELECT $1, $2, rid, kind, time, verdict, identity, dest, service, record, seq, hash, day::date, owner
                      FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
-                                 $9::text[], $10::text[], $11::bigint[], $12::text[], $13::text[])
-                         WITH ORDINALITY AS u(rid, kind, time, verdict, identity, dest, service, record, seq, hash, day, i)
+                                 $9::text[], $10::text[], $11::bigint[], $12::text[], $13::text[], $14::text[])
+                         WITH ORDINALITY AS u(rid, kind, time, verdict, identity, dest, service, record, seq, hash, day, owner, i)
                      ORDER BY i
                      ON CONFLICT DO NOTHING
                      RETURNING day::text, octet_length(record)::bigint + 512",
                 )
                 .await?;
-            let params: [&(dyn ToSql + Sync); 13] = [
+            let params: [&(dyn ToSql + Sync); 14] = [
                 &node, &epoch, &rid, &kind, &time, &verdict, &identity, &dest, &service, &record,
-                &seq, &hash, &day,
+                &seq, &hash, &day, &owner,
             ];
             let insert = async |c: &mut deadpool_postgres::Object| {
                 let tx = c.transaction().await?;

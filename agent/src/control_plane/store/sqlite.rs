@@ -117,7 +117,9 @@ const MIGRATIONS: &[&str] = &[
         what TEXT NOT NULL,
         first TEXT NOT NULL,
         PRIMARY KEY (subject, what)
-    );",
+    );
+    ALTER TABLE flows ADD COLUMN owner TEXT;
+    CREATE INDEX flows_owner_id ON flows (owner, id);",
 ];
 
 /// Rows removed per transaction by retention: short enough that reports stored meanwhile
@@ -442,8 +444,8 @@ impl Store for SqliteStore {
         let mut bytes: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
         {
             let mut st = tx.prepare_cached(
-                "INSERT OR IGNORE INTO flows (node, epoch, rid, kind, time, verdict, identity, dest, service, record, audit_seq, audit_hash, day)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                "INSERT OR IGNORE INTO flows (node, epoch, rid, kind, time, verdict, identity, dest, service, record, audit_seq, audit_hash, day, owner)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             )?;
             let today = super::today();
             for r in records {
@@ -465,6 +467,7 @@ impl Store for SqliteStore {
                     row.audit_seq,
                     row.audit_hash,
                     row.day,
+                    row.owner,
                 ])?;
                 if n == 1 {
                     out.accepted += 1;

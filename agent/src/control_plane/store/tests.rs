@@ -402,6 +402,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
          ALTER TABLE nodes DROP COLUMN spool_records; ALTER TABLE nodes DROP COLUMN records_lost;
          ALTER TABLE nodes DROP COLUMN sessions;
          DROP TABLE console_sessions; DROP TABLE console_links; DROP TABLE forwarding; DROP TABLE alert_seen;
+         DROP INDEX flows_owner_id; ALTER TABLE flows DROP COLUMN owner;
          PRAGMA user_version = 3",
     )
     .unwrap();
@@ -937,6 +938,12 @@ fn each_flows_filter_uses_an_index_query_plans() {
                         v["service"] = format!("Service {}", n % 7).into();
                         r.record = serde_json::value::RawValue::from_string(v.to_string()).unwrap();
                     }
+                    if n % 40 == 1 {
+                        let mut v: serde_json::Value =
+                            serde_json::from_str(r.record.get()).unwrap();
+                        v["owner"] = format!("team-{}@example.org", n % 9).into();
+                        r.record = serde_json::value::RawValue::from_string(v.to_string()).unwrap();
+                    }
                     r
                 })
                 .collect();
@@ -947,7 +954,7 @@ fn each_flows_filter_uses_an_index_query_plans() {
             scratch::admin(&db.url, "ANALYZE flows").unwrap();
         }
         let q = FlowQuery::default;
-        let cases: [(&str, FlowQuery, &str); 7] = [
+        let cases: [(&str, FlowQuery, &str); 8] = [
             (
                 "node",
                 FlowQuery {
@@ -987,6 +994,14 @@ fn each_flows_filter_uses_an_index_query_plans() {
                     ..q()
                 },
                 "tagged",
+            ),
+            (
+                "owner",
+                FlowQuery {
+                    owner: Some("team-4@example.org".into()),
+                    ..q()
+                },
+                "owner_id",
             ),
             (
                 "since, until",
