@@ -50,7 +50,7 @@ enum Command {
     /// Nodes: last seen, applied revision, version.
     Nodes,
     /// Flows every node reported.
-    Flows(FlowArgs),
+    Flows(Box<FlowArgs>),
     /// Shadow AI across nodes.
     ShadowAi {
         /// Only flows from this long ago on (30m, 24h) or since an RFC 3339 time.
