@@ -310,6 +310,26 @@ async function shadowPage() {
     ...sections);
 }
 
+async function alertsPage() {
+  const r = await api("GET", "/v1/alerts");
+  const t = r.thresholds;
+  // Newest first: what happened last is what is looked for.
+  const rows = [...r.alerts].reverse().map((a) => {
+    const evidence = el("pre", { class: "evidence" }, JSON.stringify(a.evidence || {}, null, 1));
+    const who = a.identity || a.subject || "";
+    const filter = a.identity ? el("a", { href: `#/flows?${new URLSearchParams({ identity: a.identity })}` }, "flows") : "";
+    return [a.time || "", tag(a.alert || "", a.severity === "warning" ? "deny" : "audit"), who, a.node || "",
+      a.summary || "", evidence, filter];
+  });
+  page("Alerts",
+    el("p", { id: "alerts-summary" }, `${r.alerts.length} alert(s)` + (t.enabled ? "" : " (alerts are off)")),
+    el("p", { class: "muted" },
+      `Raised by: a destination new after ${t.learning_hours} h of learning; ${t.denials} denials in ${t.denial_window_secs} s; ` +
+      `${t.dns_refusals} refused DNS queries in ${t.dns_window_secs} s, or a label of ${t.dns_label_length}+ characters at ${t.dns_entropy_bits}+ bits each; ` +
+      `a new shadow-AI group. Sent to ${t.webhooks.length} webhook(s).`),
+    table(["Time", "Alert", "Identity or node", "Node", "Summary", "Evidence", ""], rows, { id: "alerts" }));
+}
+
 async function revocationsPage() {
   let list;
   try {
@@ -528,6 +548,7 @@ const PAGES = {
   fleet: fleetPage,
   flows: flowsPage,
   "shadow-ai": shadowPage,
+  alerts: alertsPage,
   identities: identitiesPage,
   policy: policyPage,
   revocations: revocationsPage,

@@ -178,6 +178,14 @@ try {
     check((await page.locator('#candidate-form textarea[name="text"]').inputValue()) === suggested,
       "a suggested policy goes to the policy page as the candidate");
 
+    // Alerts, with their evidence.
+    await page.locator('nav a[data-page="alerts"]').click();
+    await page.locator("#alerts-summary").waitFor();
+    check((await rows(page, "alerts")) === expect.alerts, `the alerts page shows ${expect.alerts} alert(s)`);
+    check((await page.locator("#alerts tbody").textContent()).includes("new_shadow_ai"), "the shadow-AI alert, by kind");
+    check((await page.locator("#alerts pre.evidence").first().textContent()).includes("notebook.service"), "with its evidence");
+    await page.screenshot({ path: `${shots}/alerts.png`, fullPage: true });
+
     // Live: a flow recorded after the page opened shows up without a reload.
     await page.locator('nav a[data-page="flows"]').click();
     await page.locator("#flows").waitFor();

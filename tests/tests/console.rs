@@ -152,6 +152,16 @@ fn the_console_shows_what_the_api_returns_and_its_revoke_reaches_the_node() {
         .map(|n| count(&n["groups"]))
         .sum();
     assert_eq!(shadow_groups, 1, "{shadow}");
+    // The group is new shadow AI on that node: an alert.
+    let alerts = eventually("the shadow-AI alert", Duration::from_secs(30), || {
+        let a = cp_json(&fx, &url, &sec, &["alerts"]);
+        match count(&a["alerts"]) {
+            0 => Err(a.to_string()),
+            _ => Ok(a),
+        }
+    });
+    assert_eq!(count(&alerts["alerts"]), 1, "{alerts}");
+    assert_eq!(alerts["alerts"][0]["alert"], "new_shadow_ai", "{alerts}");
     let sec_client = fx.client(&url, None, Some(&fx.security_token));
     let identities: serde_json::Value = rt.block_on(sec_client.get("/v1/identities")).unwrap();
     let candidate_dir = dir.join("candidate");
@@ -178,6 +188,7 @@ fn the_console_shows_what_the_api_returns_and_its_revoke_reaches_the_node() {
         "identity": SUPPORT_ID,
         "denied_dest": "198.51.100.10",
         "shadow_groups": shadow_groups,
+        "alerts": count(&alerts["alerts"]),
         "revocations": 0,
         "live_dest": "198.51.100.11",
         "identities": identities["identities"],
