@@ -46,9 +46,11 @@ pub fn event(record: &Value, node: Option<&str>) -> Option<Value> {
         "decision" => network(r)?,
         "dns" => dns(r)?,
         "identity" => identity(r)?,
+        // Only the control plane's own: a node's record that calls itself an alert is none.
+        "alert" if node == Some(crate::control_plane::ALERTS_NODE) => finding(r, time)?,
         _ => return None,
     };
-    let profiled = matches!(kind.as_str(), "decision" | "dns");
+    let profiled = matches!(kind.as_str(), "decision" | "dns" | "alert");
     let mut metadata = json!({
         "version": VERSION,
         "product": {
@@ -396,6 +398,41 @@ fn identity(r: &Map<String, Value>) -> Option<Value> {
         e["service"] = json!({ "name": "agentwall node" });
     }
     Some(e)
+}
+
+/// An alert the control plane raised as a Detection Finding (2004).
+fn finding(r: &Map<String, Value>, time: i64) -> Option<Value> {
+    let kind = text_of(r, "alert")?;
+    let severity = if text_of(r, "severity").as_deref() == Some("warning") {
+        3
+    } else {
+        1
+    };
+    let summary = text_of(r, "summary").unwrap_or_else(|| kind.clone());
+    Some(json!({
+        "class_uid": 2004,
+        "class_name": "Detection Finding",
+        "category_name": "Findings",
+        "activity_id": 1,
+        "activity_name": "Create",
+        "type_name": "Detection Finding: Create",
+        // An alert blocks nothing; it is raised for people to look.
+        "action_id": 99,
+        "action": "Alert",
+        "disposition_id": 19,
+        "disposition": "Alert",
+        "severity_id": severity,
+        "severity": severity_name(severity),
+        "status_id": 1,
+        "status": "New",
+        "message": bounded(summary.clone()),
+        "finding_info": {
+            "uid": bounded(text_of(r, "fingerprint").unwrap_or_else(|| "-".into())),
+            "title": bounded(summary),
+            "types": [bounded(kind)],
+            "created_time": time,
+        },
+    }))
 }
 
 fn severity_name(id: i64) -> &'static str {

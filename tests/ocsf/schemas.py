@@ -17,6 +17,7 @@ CLASSES = {
     "dns_activity": ["security_control"],
     "authentication": [],
     "account_change": [],
+    "detection_finding": ["security_control"],
 }
 
 

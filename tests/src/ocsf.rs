@@ -7,11 +7,12 @@ use std::{collections::HashMap, path::PathBuf, sync::OnceLock};
 use serde_json::Value;
 
 /// The class names of the classes agentwall writes, by `class_uid`.
-const CLASSES: [(i64, &str); 4] = [
+const CLASSES: [(i64, &str); 5] = [
     (4001, "network_activity"),
     (4003, "dns_activity"),
     (3002, "authentication"),
     (3001, "account_change"),
+    (2004, "detection_finding"),
 ];
 
 fn schema_dir() -> PathBuf {

@@ -3864,6 +3864,25 @@ fn anomalies_raise_alerts_each_stored_once_listed_and_posted_to_a_webhook_as_ale
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("5 alert(s)"), "{text}");
+    // For a SIEM: OCSF Detection Findings.
+    let out = cp(
+        &fx,
+        &server.url,
+        &["--token-file", &sec],
+        &["flows", "--kind", "alert", "--all", "--format", "ocsf"],
+    );
+    let findings: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(findings.len(), 5);
+    for e in &findings {
+        assert_eq!(e["class_uid"], 2004, "{e}");
+        if let Err(why) = agentwall_tests::ocsf::check(e) {
+            panic!("a finding fails its OCSF class's schema:\n{why}\n{e:#}");
+        }
+    }
     assert!(
         text.contains("thresholds: new destinations after 0.01 h of learning"),
         "{text}"

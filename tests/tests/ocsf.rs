@@ -66,10 +66,15 @@ fn every_record_kind_maps_to_an_event_its_class_takes() {
         json!({"kind": "identity", "event": "revoked-by-crl", "time": T, "identity": ID, "serial": "0a", "cgroup": "/x", "connections_destroyed": 0}),
         json!({"kind": "identity", "event": "expired", "time": T, "identity": ID, "serial": "0a", "cgroup": "/x", "not_after": T}),
         json!({"kind": "identity", "event": "expires-soon", "time": T, "identity": ID, "serial": "0a", "cgroup": "/x", "not_after": T, "renewed": "by hand"}),
+        json!({"kind": "alert", "time": T, "alert": "denial_burst", "severity": "warning", "node": "n1", "identity": ID, "summary": "20 denials within 60 s", "evidence": {"denials": 20}, "fingerprint": "00ff"}),
+        json!({"kind": "alert", "time": T, "alert": "new_shadow_ai", "severity": "info", "node": "n1", "subject": "n1", "summary": "new", "evidence": {}, "fingerprint": "01ff"}),
     ];
     for r in &records {
-        let e = event(r, Some("spiffe://example.org/node/n1"))
-            .unwrap_or_else(|| panic!("not mapped: {r}"));
+        let node = match r["kind"].as_str() {
+            Some("alert") => "control-plane",
+            _ => "spiffe://example.org/node/n1",
+        };
+        let e = event(r, Some(node)).unwrap_or_else(|| panic!("not mapped: {r}"));
         if let Err(why) = check(&e) {
             panic!("{r}\n{why}\n{e:#}");
         }
@@ -120,9 +125,11 @@ fn what_a_hostile_node_sends_still_makes_valid_events_or_none() {
         json!({"kind": "dns", "event": "namespace_cap", "time": T}),
         json!({"kind": "policy", "event": "applied", "time": T}),
         json!({"kind": "checkpoint", "time": T}),
+        // A node's record calling itself an alert.
+        json!({"kind": "alert", "time": T, "alert": "denial_burst", "summary": "forged"}),
         json!([1, 2]),
     ] {
         assert!(counted.map(&r, None).is_none(), "{r}");
     }
-    assert_eq!(counted.not_mapped, 7);
+    assert_eq!(counted.not_mapped, 8);
 }

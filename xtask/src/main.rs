@@ -257,7 +257,9 @@ fn install_ocsf_schemas(root: &Path) -> Result<()> {
     let venv = root.join("target/tools/ocsf-json-schema");
     let out = root.join("target/tools/ocsf").join(OCSF);
     let stamp = out.join(".built-by");
-    let want = format!("ocsf-json-schema {OCSF_JSON_SCHEMA}\n");
+    // Built again when the generator (the classes it writes) changes.
+    let script = std::fs::read_to_string(root.join("tests/ocsf/schemas.py"))?;
+    let want = format!("ocsf-json-schema {OCSF_JSON_SCHEMA}\n{script}");
     if std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) {
         return Ok(());
     }

@@ -453,7 +453,7 @@ pub struct FlowQuery {
     pub limit: Option<u32>,
     /// `decision` (default) or `loss`.
     pub kind: Option<String>,
-    /// `ocsf`: the page's records as OCSF 1.3.0 Network Activity events (an [`OcsfPage`]).
+    /// `ocsf`: the page's records as OCSF 1.3.0 events (an [`OcsfPage`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
     /// Only records tagged with a service (shadow AI); not a query parameter.
@@ -494,6 +494,10 @@ pub struct AlertsReply {
     #[schema(value_type = Vec<Object>)]
     pub alerts: Vec<serde_json::Value>,
 }
+
+/// The node name the control plane's alert records are stored under: no node's (theirs are
+/// SPIFFE IDs), so a node cannot send a record that passes for an alert.
+pub const ALERTS_NODE: &str = "control-plane";
 
 /// A page of `GET /v1/flows?format=ocsf`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]

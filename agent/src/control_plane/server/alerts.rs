@@ -23,9 +23,7 @@ use crate::{
     control_plane::{FlowQuery, Reported, store::Store},
 };
 
-/// The node name alert records are stored under: no node's (theirs are SPIFFE IDs), so a
-/// node cannot send a record that passes for an alert.
-pub const ALERTS_NODE: &str = "control-plane";
+pub use crate::control_plane::ALERTS_NODE;
 
 /// The kinds, in the order their ids are taken (an alert's record id is the raising
 /// record's id times [`KINDS`]`.len()` plus its kind's place).
