@@ -1720,11 +1720,7 @@ async fn get_shadow_ai(
     State(s): S,
     Params(q): Params<SinceQuery>,
 ) -> Result<Json<Vec<NodeShadowAi>>, Fail> {
-    let since = q
-        .since
-        .as_deref()
-        .map(|t| normal_time("since", t))
-        .transpose()?;
+    let since = since_param(q.since.as_deref())?;
     let store = s.store.clone();
     let out = blocking(move || {
         // Folded a page at a time: memory grows with what is distinct, not with the records.
@@ -1782,6 +1778,34 @@ async fn get_shadow_ai(
     Ok(Json(out))
 }
 
+/// This process as the leases of syslog forwarding and alerts name it: its host, pid and
+/// start time, so no two replicas (nor one restarted) take each other for themselves.
+fn replica_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("{}-{}-{started}", host.trim(), std::process::id())
+    })
+}
+
+/// A store call off the async workers, for background tasks: its failure as text.
+async fn store_call<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("the store call panicked: {e}")),
+    }
+}
+
+/// A `since` query parameter, checked and made UTC.
+fn since_param(since: Option<&str>) -> Result<Option<String>, Fail> {
+    since.map(|t| normal_time("since", t)).transpose()
+}
+
 /// Most alerts one answer lists (the newest).
 const MAX_ALERTS: usize = 1_000;
 
@@ -1793,11 +1817,7 @@ async fn get_alerts(
     State(s): S,
     Params(q): Params<SinceQuery>,
 ) -> Result<Json<super::AlertsReply>, Fail> {
-    let since = q
-        .since
-        .as_deref()
-        .map(|t| normal_time("since", t))
-        .transpose()?;
+    let since = since_param(q.since.as_deref())?;
     let store = s.store.clone();
     let mut alerts = blocking(move || {
         let mut out = std::collections::VecDeque::new();

@@ -334,30 +334,15 @@ pub fn tunnel_like(name: &str, min_label: usize, min_bits: f64) -> Option<(usize
     (bits >= min_bits).then_some((longest, bits))
 }
 
-fn holder() -> String {
-    let mut id = [0u8; 8];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
-    format!("{}-{}", std::process::id(), hex::encode(id))
-}
-
-async fn store_call<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::control_plane::store::StoreError> + Send + 'static,
-) -> Result<T, String> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(e) => Err(format!("the store call panicked: {e}")),
-    }
-}
-
 /// Reads what nodes report and stores the alerts it raises, for as long as the process
 /// runs.
 pub async fn detect(server: Arc<Server>, cfg: Alerts) {
-    let holder = holder();
+    let holder = super::replica_id();
     let detector = Arc::new(std::sync::Mutex::new(Detector::new(cfg)));
     let mut failing: Option<String> = None;
     let mut holding = false;
     loop {
-        let turn = detect_page(&server, &holder, &detector).await;
+        let turn = detect_page(&server, holder, &detector).await;
         match turn {
             Ok(read) => {
                 failing = None;
@@ -392,11 +377,12 @@ async fn detect_page(
 ) -> Result<Option<usize>, String> {
     let until = crate::clock::rfc3339(std::time::SystemTime::now() + LEASE);
     let (store, h) = (server.store.clone(), holder.to_owned());
-    let Some(after) = store_call(move || store.forward_claim("alerts", &h, &until)).await? else {
+    let Some(after) = super::store_call(move || store.forward_claim("alerts", &h, &until)).await?
+    else {
         return Ok(None);
     };
     let (store, h, d) = (server.store.clone(), holder.to_owned(), detector.clone());
-    let raised = store_call(move || {
+    let raised = super::store_call(move || {
         let page = store.flows(&FlowQuery {
             after: Some(after),
             limit: Some(PAGE),
@@ -445,13 +431,13 @@ async fn detect_page(
 /// Sends the stored alerts to one webhook, in the Alertmanager webhook format, for as long
 /// as the process runs: a page at a time, again until it answers 2xx.
 pub async fn deliver(server: Arc<Server>, hook: Webhook) {
-    let holder = holder();
+    let holder = super::replica_id();
     let name = format!("webhook {}", hook.url);
     let mut failing: Option<String> = None;
     let mut wait = RETRY;
     let mut holding = false;
     loop {
-        match deliver_page(&server, &holder, &name, &hook).await {
+        match deliver_page(&server, holder, &name, &hook).await {
             Ok(sent) => {
                 wait = RETRY;
                 if failing.take().is_some() {
@@ -491,11 +477,11 @@ async fn deliver_page(
 ) -> Result<Option<usize>, String> {
     let until = crate::clock::rfc3339(std::time::SystemTime::now() + LEASE);
     let (store, h, n) = (server.store.clone(), holder.to_owned(), name.to_owned());
-    let Some(after) = store_call(move || store.forward_claim(&n, &h, &until)).await? else {
+    let Some(after) = super::store_call(move || store.forward_claim(&n, &h, &until)).await? else {
         return Ok(None);
     };
     let store = server.store.clone();
-    let page = store_call(move || {
+    let page = super::store_call(move || {
         store.flows(&FlowQuery {
             node: Some(ALERTS_NODE.into()),
             kind: Some("alert".into()),
@@ -528,7 +514,7 @@ async fn deliver_page(
     });
     hook.post(body.to_string()).await?;
     let (store, h, n) = (server.store.clone(), holder.to_owned(), name.to_owned());
-    let kept = store_call(move || store.forward_advance(&n, &h, last)).await?;
+    let kept = super::store_call(move || store.forward_advance(&n, &h, last)).await?;
     server
         .stats
         .alerts_delivered

@@ -4,7 +4,7 @@
 
 use axum::{Json, extract::State, http::StatusCode};
 
-use super::{Capped, Fail, Params, S, Server, blocking, normal_time};
+use super::{Capped, Fail, Params, S, Server, blocking};
 use crate::{
     control_plane::{
         BundleInfo, FileDiff, FlowQuery, PolicyDiff, REVIEW_RECORDS, SimulateReply,
@@ -100,10 +100,6 @@ fn each_record(
             None => return Ok((read, false)),
         }
     }
-}
-
-fn since_of(since: Option<&str>) -> Result<Option<String>, Fail> {
-    since.map(|s| normal_time("since", s)).transpose()
 }
 
 /// Every stored bundle version, newest first: who pushed it and when.
@@ -219,7 +215,7 @@ pub(super) async fn post_simulate(
             ),
         )
     })?;
-    let since = since_of(req.since.as_deref())?;
+    let since = super::since_param(req.since.as_deref())?;
     let store = s.store.clone();
     let turn = s.review_turn()?;
     let answer = blocking(move || {
@@ -268,7 +264,7 @@ pub(super) async fn get_unused(
     State(s): S,
     Params(q): Params<UnusedQuery>,
 ) -> Result<Json<UnusedReply>, Fail> {
-    let since = since_of(q.since.as_deref())?;
+    let since = super::since_param(q.since.as_deref())?;
     let store = s.store.clone();
     let turn = s.review_turn()?;
     let found = blocking(move || {
@@ -340,7 +336,7 @@ pub(super) async fn get_identities(
     State(s): S,
     Params(q): Params<IdentitiesQuery>,
 ) -> Result<Json<IdentitiesReply>, Fail> {
-    let since = since_of(q.since.as_deref())?;
+    let since = super::since_param(q.since.as_deref())?;
     let store = s.store.clone();
     let turn = s.review_turn()?;
     Ok(Json(

@@ -48,7 +48,7 @@ pub struct Forwarder {
     name: rustls::pki_types::ServerName<'static>,
     tls: tokio_rustls::TlsConnector,
     /// This process, as the lease names it.
-    holder: String,
+    holder: &'static str,
 }
 
 impl Forwarder {
@@ -74,15 +74,12 @@ impl Forwarder {
             }
             _ => builder.with_no_client_auth(),
         };
-        let mut id = [0u8; 8];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
-            .map_err(|_| ForwardError::Config("the system's random source failed".into()))?;
         Ok(Forwarder {
             host,
             port,
             name: name.to_owned(),
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-            holder: format!("{}-{}", std::process::id(), hex::encode(id)),
+            holder: super::replica_id(),
         })
     }
 
@@ -136,9 +133,9 @@ impl Forwarder {
     /// nothing new, or another replica forwards).
     async fn step(&self, server: &Arc<Server>, link: &mut Option<Link>) -> Result<usize, String> {
         let until = crate::clock::rfc3339(std::time::SystemTime::now() + LEASE);
-        let (store, holder) = (server.store.clone(), self.holder.clone());
+        let (store, holder) = (server.store.clone(), self.holder);
         let Some(confirmed) =
-            store_call(move || store.forward_claim(NAME, &holder, &until)).await?
+            super::store_call(move || store.forward_claim(NAME, holder, &until)).await?
         else {
             // Another replica forwards; a link of ours would only send twice.
             *link = None;
@@ -165,8 +162,8 @@ impl Forwarder {
             .take_while(|(_, at)| at.elapsed() >= LINGER)
             .count();
         if let Some(&(upto, _)) = lingered.checked_sub(1).and_then(|i| l.pending.get(i)) {
-            let (store, holder) = (server.store.clone(), self.holder.clone());
-            if !store_call(move || store.forward_advance(NAME, &holder, upto)).await? {
+            let (store, holder) = (server.store.clone(), self.holder);
+            if !super::store_call(move || store.forward_advance(NAME, holder, upto)).await? {
                 // Taken over meanwhile: the other replica goes on from the stored cursor.
                 *link = None;
                 return Ok(0);
@@ -174,7 +171,7 @@ impl Forwarder {
             l.pending.drain(..lingered);
         }
         let (store, after) = (server.store.clone(), l.sent);
-        let page = store_call(move || {
+        let page = super::store_call(move || {
             store.flows(&FlowQuery {
                 after: Some(after),
                 limit: Some(PAGE),
@@ -243,16 +240,6 @@ impl Link {
                 Ok(Err(e)) => return Err(format!("the connection failed: {e}")),
             }
         }
-    }
-}
-
-/// A store call off the async workers, its failure as text.
-async fn store_call<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::control_plane::store::StoreError> + Send + 'static,
-) -> Result<T, String> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(e) => Err(format!("the store call panicked: {e}")),
     }
 }
 
