@@ -761,6 +761,64 @@ pub fn verify_signed(
     Ok(found)
 }
 
+/// A record's top-level fields, read from its text without building the tree below them:
+/// what reads records by the page (exports, forwarding) spends on each what the fields it
+/// looks at need, however large or deep a hostile node made the rest. A field of another
+/// JSON type than asked for reads as absent; of a repeated key, the last counts.
+pub struct RecordView<'a> {
+    fields: std::collections::HashMap<String, &'a serde_json::value::RawValue>,
+}
+
+impl<'a> RecordView<'a> {
+    /// None when `text` is not a JSON object.
+    pub fn parse(text: &'a str) -> Option<Self> {
+        serde_json::from_str(text)
+            .ok()
+            .map(|fields| Self { fields })
+    }
+
+    pub fn has(&self, k: &str) -> bool {
+        self.fields.contains_key(k)
+    }
+
+    /// A string field.
+    pub fn text(&self, k: &str) -> Option<String> {
+        serde_json::from_str(self.fields.get(k)?.get()).ok()
+    }
+
+    /// A whole number from 0 to 2^64 - 1.
+    pub fn u64(&self, k: &str) -> Option<u64> {
+        serde_json::from_str(self.fields.get(k)?.get()).ok()
+    }
+
+    /// The strings of an array field (its other elements left out).
+    pub fn texts(&self, k: &str) -> Vec<String> {
+        self.fields
+            .get(k)
+            .and_then(|v| serde_json::from_str::<Vec<&serde_json::value::RawValue>>(v.get()).ok())
+            .into_iter()
+            .flatten()
+            .filter_map(|v| serde_json::from_str(v.get()).ok())
+            .collect()
+    }
+
+    /// The string members of an object field, by name (its other members left out).
+    pub fn text_map(&self, k: &str) -> Vec<(String, String)> {
+        self.fields
+            .get(k)
+            .and_then(|v| {
+                serde_json::from_str::<
+                    std::collections::BTreeMap<String, &serde_json::value::RawValue>,
+                >(v.get())
+                .ok()
+            })
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k, serde_json::from_str(v.get()).ok()?)))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,9 @@
 //! `unmapped`, so nothing the native log says is lost in the export. The native log, with
 //! its hash chain, stays the record of truth: an export is a view of it.
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value, json, value::RawValue};
+
+use crate::audit::RecordView;
 
 /// The OCSF version the events follow.
 pub const VERSION: &str = "1.3.0";
@@ -15,6 +17,33 @@ const SECURITY_CONTROL: &str = "security_control";
 
 /// Longest string OCSF takes in a field (its schema's `maxLength`).
 const MAX_TEXT: usize = 65_535;
+
+/// Where a record comes from, which says what names it.
+#[derive(Clone, Copy, Debug)]
+pub enum Origin<'a> {
+    /// A node's own audit log: its chain (`seq`, `hash`) is the node's, and names the record.
+    Log,
+    /// The control plane's store: `node` sent it (or is the control plane's own, for
+    /// alerts) and `id` numbers it there. A node's `seq` and `hash` are only what the node
+    /// says, so the store's number names the event instead.
+    Stored { node: &'a str, id: u64 },
+}
+
+/// An OCSF event: the mapped fields, and the native record as it was written (its text,
+/// never parsed into a tree) under `unmapped.agentwall`.
+#[derive(Debug, serde::Serialize)]
+pub struct Event<'a> {
+    #[serde(flatten)]
+    pub mapped: Map<String, Value>,
+    pub unmapped: Unmapped<'a>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Unmapped<'a> {
+    pub agentwall: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<&'a str>,
+}
 
 /// What an export did with records: mapped, or of a kind OCSF has no class for here
 /// (policy changes, losses, checkpoints), counted so none goes missing unseen.
@@ -26,8 +55,8 @@ pub struct Exported {
 
 impl Exported {
     /// Maps `record`, counting it either way.
-    pub fn map(&mut self, record: &Value, node: Option<&str>) -> Option<Value> {
-        let e = event(record, node);
+    pub fn map<'a>(&mut self, record: &'a RawValue, origin: Origin<'a>) -> Option<Event<'a>> {
+        let e = event(record, origin);
         match e {
             Some(_) => self.events += 1,
             None => self.not_mapped += 1,
@@ -36,18 +65,24 @@ impl Exported {
     }
 }
 
-/// The OCSF event for a native record (`node`: the node that sent it, at the control
-/// plane); None for records OCSF has no class for here, or that lack a time or a kind.
-pub fn event(record: &Value, node: Option<&str>) -> Option<Value> {
-    let r = record.as_object()?;
-    let time = text_of(r, "time").and_then(|t| millis(&t))?;
-    let kind = text_of(r, "kind").unwrap_or_else(|| "decision".into());
+/// The OCSF event for a native record; None for records OCSF has no class for here, that
+/// lack a time or a kind, or that are no JSON object. Only the fields the mapping reads are
+/// parsed: the rest of the record is carried as its text.
+pub fn event<'a>(record: &'a RawValue, origin: Origin<'a>) -> Option<Event<'a>> {
+    let r = RecordView::parse(record.get())?;
+    let native_time = r.text("time")?;
+    let time = millis(&native_time)?;
+    let kind = r.text("kind").unwrap_or_else(|| "decision".into());
+    let node = match origin {
+        Origin::Log => None,
+        Origin::Stored { node, .. } => Some(node),
+    };
     let mut e = match kind.as_str() {
-        "decision" => network(r)?,
-        "dns" => dns(r)?,
-        "identity" => identity(r)?,
+        "decision" => network(&r)?,
+        "dns" => dns(&r)?,
+        "identity" => identity(&r)?,
         // Only the control plane's own: a node's record that calls itself an alert is none.
-        "alert" if node == Some(crate::control_plane::ALERTS_NODE) => finding(r, time)?,
+        "alert" if node == Some(crate::control_plane::ALERTS_NODE) => finding(&r, time)?,
         _ => return None,
     };
     let profiled = matches!(kind.as_str(), "decision" | "dns" | "alert");
@@ -59,31 +94,32 @@ pub fn event(record: &Value, node: Option<&str>) -> Option<Value> {
             "version": env!("CARGO_PKG_VERSION"),
         },
         "log_name": "audit",
-        "original_time": text_of(r, "time"),
+        "original_time": bounded(native_time),
     });
     if profiled {
         metadata["profiles"] = json!([SECURITY_CONTROL]);
     }
-    if let Some(seq) = r
-        .get("seq")
-        .and_then(Value::as_u64)
-        .and_then(|s| i64::try_from(s).ok())
-    {
-        metadata["sequence"] = json!(seq);
-    }
-    if let Some(hash) = text_of(r, "hash") {
-        metadata["uid"] = json!(hash);
+    match origin {
+        Origin::Log => {
+            if let Some(seq) = r.u64("seq").and_then(|s| i64::try_from(s).ok()) {
+                metadata["sequence"] = json!(seq);
+            }
+            if let Some(hash) = r.text("hash") {
+                metadata["uid"] = json!(bounded(hash));
+            }
+        }
+        Origin::Stored { node, id } => metadata["uid"] = json!(bounded(format!("{node}/{id}"))),
     }
     let mut labels: Vec<String> = Vec::new();
-    if let Some(o) = text_of(r, "owner") {
+    if let Some(o) = r.text("owner") {
         labels.push(bounded(format!("owner={o}")));
     }
-    if let Some(l) = r.get("labels").and_then(Value::as_object) {
-        labels.extend(
-            l.iter()
-                .filter_map(|(k, v)| v.as_str().map(|v| bounded(format!("{k}={v}")))),
-        );
-    }
+    // Prefixed, so a label a node names `owner` is never read as the owner.
+    labels.extend(
+        r.text_map("labels")
+            .into_iter()
+            .map(|(k, v)| bounded(format!("label:{k}={v}"))),
+    );
     if !labels.is_empty() {
         metadata["labels"] = json!(labels);
     }
@@ -94,18 +130,21 @@ pub fn event(record: &Value, node: Option<&str>) -> Option<Value> {
     let activity_id = o["activity_id"].as_i64().unwrap_or(0);
     o.insert("category_uid".into(), json!(class_uid / 1000));
     o.insert("type_uid".into(), json!(class_uid * 100 + activity_id));
-    let mut unmapped = Map::new();
-    unmapped.insert("agentwall".into(), record.clone());
-    if let Some(n) = node {
-        unmapped.insert("node".into(), json!(n));
-    }
-    o.insert("unmapped".into(), Value::Object(unmapped));
-    Some(e)
+    let Value::Object(mapped) = e else {
+        unreachable!("events are objects")
+    };
+    Some(Event {
+        mapped,
+        unmapped: Unmapped {
+            agentwall: record,
+            node,
+        },
+    })
 }
 
 /// A decision record as Network Activity (4001).
-fn network(r: &Map<String, Value>) -> Option<Value> {
-    let verdict = text_of(r, "verdict")?;
+fn network(r: &RecordView) -> Option<Value> {
+    let verdict = r.text("verdict")?;
     // (activity, action, disposition, status, severity), by the OCSF 1.3 enumerations.
     let (activity, action, disposition, status, severity) = match verdict.as_str() {
         "allow" => ((1, "Open"), (1, "Allowed"), (1, "Allowed"), 1, 1),
@@ -116,13 +155,13 @@ fn network(r: &Map<String, Value>) -> Option<Value> {
         "deny" | "socket-deny" => ((5, "Refuse"), (2, "Denied"), (2, "Blocked"), 2, 3),
         _ => return None,
     };
-    let inbound = text_of(r, "direction").as_deref() == Some("inbound");
-    let dest = text_of(r, "dest").filter(|d| d.parse::<std::net::IpAddr>().is_ok());
-    let port = r
-        .get("port")
-        .and_then(Value::as_u64)
-        .and_then(|p| u16::try_from(p).ok());
-    let host = text_of(r, "fqdn").filter(|n| hostname(n));
+    let inbound = r.text("direction").as_deref() == Some("inbound");
+    // Written as the address's canonical text, whatever spelling the record used.
+    let dest = r
+        .text("dest")
+        .and_then(|d| Some(canonical_ip(&d)?.to_string()));
+    let port = r.u64("port").and_then(|p| u16::try_from(p).ok());
+    let host = r.text("fqdn").filter(|n| hostname(n));
     let process = process(r);
     // The far end; OCSF wants an endpoint named somehow, so one with no address (a socket
     // family refused before any address) is named by what it was.
@@ -132,7 +171,7 @@ fn network(r: &Map<String, Value>) -> Option<Value> {
             remote.insert("ip".into(), json!(d));
         }
         None => {
-            let what = text_of(r, "protocol").unwrap_or_else(|| "unknown".into());
+            let what = r.text("protocol").unwrap_or_else(|| "unknown".into());
             remote.insert("name".into(), json!(bounded(format!("{what} socket"))));
         }
     }
@@ -157,7 +196,7 @@ fn network(r: &Map<String, Value>) -> Option<Value> {
         "direction_id": if inbound { 1 } else { 2 },
         "direction": if inbound { "Inbound" } else { "Outbound" },
     });
-    match text_of(r, "protocol").as_deref() {
+    match r.text("protocol").as_deref() {
         Some("tcp") => {
             connection["protocol_name"] = json!("tcp");
             connection["protocol_num"] = json!(6);
@@ -169,7 +208,9 @@ fn network(r: &Map<String, Value>) -> Option<Value> {
         Some(p) => connection["protocol_name"] = json!(bounded(p.to_owned())),
         None => {}
     }
-    let who = text_of(r, "identity").unwrap_or_else(|| "a process no identity governs".into());
+    let who = r
+        .text("identity")
+        .unwrap_or_else(|| "a process no identity governs".into());
     let to = match (&host, &dest) {
         (Some(h), Some(d)) => format!("{h} ({d})"),
         (None, Some(d)) => d.clone(),
@@ -179,9 +220,9 @@ fn network(r: &Map<String, Value>) -> Option<Value> {
         "{who} {} {to}:{}/{}: {verdict}",
         if inbound { "from" } else { "to" },
         port.unwrap_or(0),
-        text_of(r, "protocol").unwrap_or_default()
+        r.text("protocol").unwrap_or_default()
     );
-    if let Some(why) = text_of(r, "reason") {
+    if let Some(why) = r.text("reason") {
         message.push_str(&format!(" ({why})"));
     }
     let mut e = json!({
@@ -204,31 +245,29 @@ fn network(r: &Map<String, Value>) -> Option<Value> {
         "connection_info": connection,
         "message": bounded(message),
     });
-    if let Some(why) = text_of(r, "reason") {
+    if let Some(why) = r.text("reason") {
         e["status_detail"] = json!(bounded(why));
     }
-    if let Some(c) = r
-        .get("count")
-        .and_then(Value::as_u64)
-        .and_then(|c| i64::try_from(c).ok())
-    {
+    if let Some(c) = r.u64("count").and_then(|c| i64::try_from(c).ok()) {
         e["count"] = json!(c);
     }
     for (field, native) in [("start_time", "first_seen"), ("end_time", "last_seen")] {
-        if let Some(t) = text_of(r, native).and_then(|t| millis(&t)) {
+        if let Some(t) = r.text(native).and_then(|t| millis(&t)) {
             e[field] = json!(t);
         }
     }
-    let rule_id = r.get("rule_id").and_then(Value::as_u64);
-    if rule_id.is_some() || r.contains_key("rule") {
+    // A rule OCSF takes is named or numbered: a record with neither names no rule.
+    let rule_id = r.u64("rule_id");
+    let place = r.text("rule");
+    if rule_id.is_some() || place.is_some() {
         let mut rule = json!({});
         if let Some(id) = rule_id {
             rule["uid"] = json!(id.to_string());
         }
-        if let Some(place) = text_of(r, "rule") {
+        if let Some(place) = place {
             rule["name"] = json!(bounded(place));
         }
-        if let Some(rev) = text_of(r, "revision") {
+        if let Some(rev) = r.text("revision") {
             rule["version"] = json!(bounded(rev));
         }
         e["firewall_rule"] = rule;
@@ -238,22 +277,25 @@ fn network(r: &Map<String, Value>) -> Option<Value> {
 
 /// The agent's side of a flow: its identity (or, ungoverned, its process name), and the
 /// user the kernel saw.
-fn process(r: &Map<String, Value>) -> Map<String, Value> {
+fn process(r: &RecordView) -> Map<String, Value> {
     let mut p = Map::new();
-    let name = text_of(r, "identity")
-        .or_else(|| text_of(r, "comm"))
+    // An ungoverned process is named by what it calls itself, said so, so that no process
+    // name reads as an identity.
+    let name = r
+        .text("identity")
+        .or_else(|| Some(format!("{} (no identity)", r.text("comm")?)))
         .unwrap_or_else(|| "unknown process".into());
     p.insert("name".into(), json!(bounded(name)));
-    if let Some(uid) = r.get("uid").and_then(Value::as_u64) {
+    if let Some(uid) = r.u64("uid") {
         p.insert("owner".into(), json!({ "uid": uid.to_string() }));
     }
     p
 }
 
 /// A DNS record as DNS Activity (4003).
-fn dns(r: &Map<String, Value>) -> Option<Value> {
-    let event = text_of(r, "event")?;
-    let name = text_of(r, "name");
+fn dns(r: &RecordView) -> Option<Value> {
+    let event = r.text("event")?;
+    let name = r.text("name");
     // (activity, allowed, detail)
     let (activity, allowed) = match event.as_str() {
         "learned" => ((2, "Response"), true),
@@ -268,7 +310,7 @@ fn dns(r: &Map<String, Value>) -> Option<Value> {
         }
         _ => return None,
     };
-    let identity = text_of(r, "identity").unwrap_or_default();
+    let identity = r.text("identity").unwrap_or_default();
     let mut e = json!({
         "class_uid": 4003,
         "class_name": "DNS Activity",
@@ -301,7 +343,7 @@ fn dns(r: &Map<String, Value>) -> Option<Value> {
     });
     if let Some(n) = name.filter(|n| hostname(n)) {
         let mut q = json!({ "hostname": n });
-        if let Some(t) = text_of(r, "type") {
+        if let Some(t) = r.text("type") {
             q["type"] = json!(bounded(t));
         }
         e["query"] = q;
@@ -310,36 +352,30 @@ fn dns(r: &Map<String, Value>) -> Option<Value> {
         e["rcode_id"] = json!(5);
         e["rcode"] = json!("Refused");
     }
-    if let Some(why) = text_of(r, "why")
-        .or_else(|| text_of(r, "cap"))
-        .or_else(|| text_of(r, "error"))
+    if let Some(why) = r
+        .text("why")
+        .or_else(|| r.text("cap"))
+        .or_else(|| r.text("error"))
     {
         e["status_detail"] = json!(bounded(why));
     }
     let addrs: Vec<Value> = match event.as_str() {
-        "learned" => r.get("addrs"),
-        "cap" => r.get("refused"),
-        _ => None,
+        "learned" => r.texts("addrs"),
+        "cap" => r.texts("refused"),
+        _ => Vec::new(),
     }
-    .and_then(Value::as_array)
     .into_iter()
-    .flatten()
-    .chain(r.get("addr"))
-    .filter_map(Value::as_str)
-    .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
+    .chain(r.text("addr"))
+    .filter_map(|a| canonical_ip(&a))
     .map(|a| {
-        let t = if a.contains(':') { "AAAA" } else { "A" };
-        json!({ "rdata": a, "type": t })
+        let t = if a.is_ipv6() { "AAAA" } else { "A" };
+        json!({ "rdata": a.to_string(), "type": t })
     })
     .collect();
     if !addrs.is_empty() {
         e["answers"] = json!(addrs);
     }
-    if let Some(c) = r
-        .get("count")
-        .and_then(Value::as_u64)
-        .and_then(|c| i64::try_from(c).ok())
-    {
+    if let Some(c) = r.u64("count").and_then(|c| i64::try_from(c).ok()) {
         e["count"] = json!(c);
     }
     Some(e)
@@ -347,8 +383,8 @@ fn dns(r: &Map<String, Value>) -> Option<Value> {
 
 /// An identity record as Authentication (3002: a session bound, renewed, refused, ended)
 /// or Account Change (3001: an identity revoked or expired).
-fn identity(r: &Map<String, Value>) -> Option<Value> {
-    let event = text_of(r, "event")?;
+fn identity(r: &RecordView) -> Option<Value> {
+    let event = r.text("event")?;
     let (class, activity, ok, severity) = match event.as_str() {
         "launched" | "enrolled" | "renewed" => ((3002, "Authentication"), (1, "Logon"), true, 1),
         "rejected" => ((3002, "Authentication"), (1, "Logon"), false, 3),
@@ -358,7 +394,7 @@ fn identity(r: &Map<String, Value>) -> Option<Value> {
         "expires-soon" => ((3001, "Account Change"), (99, "Other"), true, 2),
         _ => return None,
     };
-    let identity = text_of(r, "identity");
+    let identity = r.text("identity");
     // OCSF wants the user named: a refusal before any identity was read names none.
     let mut user = json!({
         "type_id": 99,
@@ -368,7 +404,7 @@ fn identity(r: &Map<String, Value>) -> Option<Value> {
     if let Some(id) = &identity {
         user["uid"] = json!(bounded(id.clone()));
     }
-    if let Some(serial) = text_of(r, "serial") {
+    if let Some(serial) = r.text("serial") {
         user["credential_uid"] = json!(bounded(serial));
     }
     let mut e = json!({
@@ -388,7 +424,7 @@ fn identity(r: &Map<String, Value>) -> Option<Value> {
             identity.as_deref().unwrap_or("an identity")
         )),
     });
-    if let Some(why) = text_of(r, "reason") {
+    if let Some(why) = r.text("reason") {
         e["status_detail"] = json!(bounded(why));
     }
     if class.0 == 3002 {
@@ -401,14 +437,14 @@ fn identity(r: &Map<String, Value>) -> Option<Value> {
 }
 
 /// An alert the control plane raised as a Detection Finding (2004).
-fn finding(r: &Map<String, Value>, time: i64) -> Option<Value> {
-    let kind = text_of(r, "alert")?;
-    let severity = if text_of(r, "severity").as_deref() == Some("warning") {
+fn finding(r: &RecordView, time: i64) -> Option<Value> {
+    let kind = r.text("alert")?;
+    let severity = if r.text("severity").as_deref() == Some("warning") {
         3
     } else {
         1
     };
-    let summary = text_of(r, "summary").unwrap_or_else(|| kind.clone());
+    let summary = r.text("summary").unwrap_or_else(|| kind.clone());
     Some(json!({
         "class_uid": 2004,
         "class_name": "Detection Finding",
@@ -427,7 +463,7 @@ fn finding(r: &Map<String, Value>, time: i64) -> Option<Value> {
         "status": "New",
         "message": bounded(summary.clone()),
         "finding_info": {
-            "uid": bounded(text_of(r, "fingerprint").unwrap_or_else(|| "-".into())),
+            "uid": bounded(r.text("fingerprint").unwrap_or_else(|| "-".into())),
             "title": bounded(summary),
             "types": [bounded(kind)],
             "created_time": time,
@@ -445,10 +481,6 @@ fn severity_name(id: i64) -> &'static str {
     }
 }
 
-fn text_of(r: &Map<String, Value>, k: &str) -> Option<String> {
-    r.get(k).and_then(Value::as_str).map(str::to_owned)
-}
-
 /// A string cut to what an OCSF field holds, at a character boundary.
 fn bounded(mut s: String) -> String {
     if s.len() > MAX_TEXT {
@@ -459,6 +491,12 @@ fn bounded(mut s: String) -> String {
         s.truncate(end);
     }
     s
+}
+
+/// An address, to be written in its canonical text (RFC 5952 for IPv6), which every
+/// reader of OCSF's `ip` takes.
+fn canonical_ip(a: &str) -> Option<std::net::IpAddr> {
+    a.parse().ok()
 }
 
 /// Milliseconds since the epoch, as OCSF times are.
@@ -485,47 +523,80 @@ fn hostname(n: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn raw(v: &Value) -> Box<RawValue> {
+        serde_json::value::to_raw_value(v).unwrap()
+    }
+
+    fn mapped(x: &mut Exported, r: &Value, origin: Origin) -> Option<Value> {
+        x.map(&raw(r), origin)
+            .map(|e| serde_json::to_value(&e).unwrap())
+    }
+
     #[test]
     fn records_map_to_their_class_and_the_rest_are_counted() {
         let mut x = Exported::default();
         let deny = json!({
             "kind": "decision", "time": "2026-12-05T01:02:03.456Z", "verdict": "deny",
             "reason": "no rule allows it", "identity": "spiffe://example.org/a",
-            "dest": "203.0.113.7", "port": 443, "protocol": "tcp", "seq": 7, "hash": "ab",
-            "owner": "team@example.org", "labels": {"env": "prod"}, "count": 2,
+            "dest": "2001:DB8:0:0::7", "port": 443, "protocol": "tcp", "seq": 7, "hash": "ab",
+            "owner": "team@example.org", "labels": {"env": "prod", "owner": "mallory"},
+            "count": 2,
         });
-        let e = x.map(&deny, Some("node-1")).unwrap();
+        let at = Origin::Stored {
+            node: "node-1",
+            id: 42,
+        };
+        let e = mapped(&mut x, &deny, at).unwrap();
         assert_eq!(e["class_uid"], 4001);
         assert_eq!(e["type_uid"], 400105);
         assert_eq!(e["category_uid"], 4);
         assert_eq!(e["time"], 1_796_432_523_456i64);
         assert_eq!(e["action_id"], 2);
-        assert_eq!(e["dst_endpoint"]["ip"], "203.0.113.7");
+        assert_eq!(e["dst_endpoint"]["ip"], "2001:db8::7");
         assert_eq!(e["src_endpoint"]["name"], "spiffe://example.org/a");
         assert_eq!(
             e["metadata"]["labels"],
-            json!(["owner=team@example.org", "env=prod"])
+            json!([
+                "owner=team@example.org",
+                "label:env=prod",
+                "label:owner=mallory"
+            ])
         );
+        // At the control plane the store names the event, not what the node says.
+        assert_eq!(e["metadata"]["uid"], "node-1/42");
+        assert!(e["metadata"].get("sequence").is_none());
         assert_eq!(e["unmapped"]["agentwall"], deny);
         assert_eq!(e["unmapped"]["node"], "node-1");
-        // A number out of range is left out, never wrapped.
+        let e = mapped(&mut x, &deny, Origin::Log).unwrap();
+        assert_eq!(e["metadata"]["uid"], "ab");
+        assert_eq!(e["metadata"]["sequence"], 7);
+        assert!(e["unmapped"].get("node").is_none());
+        // A number out of range is left out, never wrapped; a rule with no name or number
+        // is no rule.
         let odd = json!({"kind": "decision", "time": "2026-12-05T01:02:03Z", "verdict": "allow",
-            "port": 70_000, "dest": "not an address", "fqdn": "bad_name.example"});
-        let e = x.map(&odd, None).unwrap();
+            "port": 70_000, "dest": "not an address", "fqdn": "bad_name.example",
+            "rule": {"a": 1}, "comm": "spiffe://example.org/a"});
+        let e = mapped(&mut x, &odd, Origin::Log).unwrap();
         assert_eq!(e["dst_endpoint"], json!({"name": "unknown socket"}));
+        assert!(e.get("firewall_rule").is_none());
+        assert_eq!(
+            e["src_endpoint"]["name"],
+            "spiffe://example.org/a (no identity)"
+        );
         for other in [
             json!({"kind": "policy", "event": "applied", "time": "2026-12-05T01:02:03Z"}),
             json!({"kind": "loss", "time": "2026-12-05T01:02:03Z"}),
             json!({"kind": "decision", "verdict": "deny"}),
+            json!({"kind": "alert", "time": "2026-12-05T01:02:03Z", "alert": "denial_burst"}),
             json!("not an object"),
         ] {
-            assert!(x.map(&other, None).is_none(), "{other}");
+            assert!(mapped(&mut x, &other, at).is_none(), "{other}");
         }
         assert_eq!(
             x,
             Exported {
-                events: 2,
-                not_mapped: 4
+                events: 3,
+                not_mapped: 5
             }
         );
     }

@@ -122,41 +122,62 @@ pub fn each_record(
     kinds: Option<&[&str]>,
     mut each: impl FnMut(serde_json::Value),
 ) -> Result<(), ReviewError> {
+    each_line(files, |path, line, text| {
+        let json = |source| ReviewError::Json {
+            path: path.to_owned(),
+            line,
+            source,
+        };
+        let text = match text {
+            Ok(t) => t,
+            Err(e) => return Err(json(serde_json::Error::io(e))),
+        };
+        let v: serde_json::Value = serde_json::from_str(text).map_err(json)?;
+        if let Some(kinds) = kinds
+            && v.get("kind")
+                .and_then(|k| k.as_str())
+                .is_some_and(|k| !kinds.contains(&k))
+        {
+            return Ok(());
+        }
+        let time = v.get("last_seen").or_else(|| v.get("time"));
+        if before(time.and_then(|t| t.as_str()), since) {
+            return Ok(());
+        }
+        each(v);
+        Ok(())
+    })
+}
+
+/// Whether a record whose `last_seen` or `time` is `time` is older than `since`.
+pub fn before(time: Option<&str>, since: Option<SystemTime>) -> bool {
+    matches!((since, time.and_then(parse_time)), (Some(since), Some(t)) if t < since)
+}
+
+/// Hands each line of `files` that holds something to `each`, in order, with its file and
+/// number (from 1): its text, or why it is none (not UTF-8). A file that cannot be read
+/// stops the walk, as does the first error `each` returns.
+pub fn each_line(
+    files: &[PathBuf],
+    mut each: impl FnMut(&std::path::Path, usize, Result<&str, io::Error>) -> Result<(), ReviewError>,
+) -> Result<(), ReviewError> {
     for path in files {
         let io = |source| ReviewError::Io {
             path: path.clone(),
             source,
         };
-        let f = std::fs::File::open(path).map_err(io)?;
-        for (i, line) in io::BufReader::new(f).lines().enumerate() {
-            let line = line.map_err(io)?;
-            if line.trim().is_empty() {
-                continue;
+        let mut f = io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+        let mut buf = Vec::new();
+        for i in 1.. {
+            buf.clear();
+            if f.read_until(b'\n', &mut buf).map_err(io)? == 0 {
+                break;
             }
-            let v: serde_json::Value =
-                serde_json::from_str(&line).map_err(|source| ReviewError::Json {
-                    path: path.clone(),
-                    line: i + 1,
-                    source,
-                })?;
-            if let Some(kinds) = kinds
-                && v.get("kind")
-                    .and_then(|k| k.as_str())
-                    .is_some_and(|k| !kinds.contains(&k))
-            {
-                continue;
+            match std::str::from_utf8(&buf) {
+                Ok(t) if t.trim().is_empty() => {}
+                Ok(t) => each(path, i, Ok(t.trim()))?,
+                Err(e) => each(path, i, Err(io::Error::new(io::ErrorKind::InvalidData, e)))?,
             }
-            let time = v
-                .get("last_seen")
-                .or_else(|| v.get("time"))
-                .and_then(|t| t.as_str())
-                .and_then(parse_time);
-            if let (Some(since), Some(t)) = (since, time) {
-                if t < since {
-                    continue;
-                }
-            }
-            each(v);
         }
     }
     Ok(())

@@ -46,6 +46,19 @@ fn validators() -> &'static HashMap<i64, jsonschema::Validator> {
     })
 }
 
+/// `record` mapped as the control plane maps a stored record (`node` sent it, stored as
+/// number 1) or, without a node, as `audit export` maps a line of a node's log: the event
+/// as JSON.
+pub fn event(record: &Value, node: Option<&str>) -> Option<Value> {
+    use agentwall::ocsf::Origin;
+    let raw = serde_json::value::to_raw_value(record).expect("JSON");
+    let origin = match node {
+        Some(node) => Origin::Stored { node, id: 1 },
+        None => Origin::Log,
+    };
+    agentwall::ocsf::event(&raw, origin).map(|e| serde_json::to_value(&e).expect("JSON"))
+}
+
 /// Checks `event` against its class's schema; Err lists every violation with its place.
 pub fn check(event: &Value) -> Result<(), String> {
     let uid = event["class_uid"].as_i64().ok_or("no class_uid")?;

@@ -3,8 +3,8 @@
 //! The records a real node writes are exported and checked end to end in `golden.rs`; the
 //! control plane's `format=ocsf` in `control_plane.rs`.
 
-use agentwall::ocsf::{Exported, event};
-use agentwall_tests::ocsf::check;
+use agentwall::ocsf::{Exported, Origin};
+use agentwall_tests::ocsf::{check, event};
 use serde_json::json;
 
 const T: &str = "2026-12-05T01:02:03.456Z";
@@ -109,13 +109,38 @@ fn what_a_hostile_node_sends_still_makes_valid_events_or_none() {
         ),
         json!({"kind": "dns", "event": "learned", "time": T, "name": "ünï.example", "addrs": ["x", 7]}),
         json!({"kind": "identity", "event": "rejected", "time": T, "identity": 7}),
+        // Addresses in every spelling an address parser takes, a rule that is no name,
+        // and a chain a node made up (a node's seq and hash name nothing at the control
+        // plane; in its own log they are the chain, however long).
+        decision(
+            "deny",
+            json!({"dest": "0:0:0:0:0:0:0:1", "rule": {"not": "a name"}, "hash": long, "seq": 1}),
+        ),
+        decision("deny", json!({"dest": "::FFFF:203.0.113.7", "rule": 7})),
+        json!({"kind": "dns", "event": "learned", "time": T, "identity": ID, "name": "a.example", "addrs": ["2001:DB8:0::7", "::ffff:198.51.100.1", "::1.2.3.4"]}),
     ];
     for r in &hostile {
-        let e = event(r, Some(&long)).unwrap_or_else(|| panic!("not mapped: {r:.200}"));
-        if let Err(why) = check(&e) {
-            panic!("{why:.2000}");
+        for node in [Some(long.as_str()), None] {
+            let e = event(r, node).unwrap_or_else(|| panic!("not mapped: {r:.200}"));
+            if let Err(why) = check(&e) {
+                panic!("{why:.2000}");
+            }
         }
     }
+    // Two records a node says are one (the same seq and hash) are two events at the
+    // control plane, named by their place in the store.
+    let forged = decision("deny", json!({}));
+    let ids: Vec<serde_json::Value> = [1u64, 2]
+        .into_iter()
+        .map(|id| {
+            let raw = serde_json::value::to_raw_value(&forged).unwrap();
+            let e = agentwall::ocsf::event(&raw, Origin::Stored { node: "n1", id }).unwrap();
+            serde_json::to_value(&e).unwrap()["metadata"].clone()
+        })
+        .collect();
+    assert_eq!(ids[0]["uid"], "n1/1");
+    assert_eq!(ids[1]["uid"], "n1/2");
+    assert!(ids[0].get("sequence").is_none());
     // No time, an unknown verdict or kind, not an object: counted, not written.
     let mut counted = Exported::default();
     for r in [
@@ -129,7 +154,47 @@ fn what_a_hostile_node_sends_still_makes_valid_events_or_none() {
         json!({"kind": "alert", "time": T, "alert": "denial_burst", "summary": "forged"}),
         json!([1, 2]),
     ] {
-        assert!(counted.map(&r, None).is_none(), "{r}");
+        let raw = serde_json::value::to_raw_value(&r).unwrap();
+        assert!(counted.map(&raw, Origin::Log).is_none(), "{r}");
     }
     assert_eq!(counted.not_mapped, 8);
+}
+
+/// `audit export` goes on past lines that are no record (one cut short by a crash, bytes
+/// that are no UTF-8), counts them and says where the first is, and writes the records
+/// around them.
+#[test]
+fn an_export_goes_on_past_a_damaged_line_and_counts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let a = decision("deny", json!({"seq": 1}));
+    let b = decision("allow", json!({"seq": 3}));
+    let mut text = format!("{a}\n").into_bytes();
+    text.extend_from_slice(&b"{\"kind\":\"decision\",\"time\":\"2026-12-05T01:0\n"[..]);
+    text.extend_from_slice(b"\xff\xfe\n\n");
+    text.extend_from_slice(format!("{b}\n[1,2]\n").as_bytes());
+    std::fs::write(&log, text).unwrap();
+    let out = std::process::Command::new(agentwall_tests::bin_path("agentwall"))
+        .args(["audit", "export", "--format", "ocsf", "--audit-log"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let events: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 2, "{stderr}");
+    assert_eq!(events[0]["unmapped"]["agentwall"], a);
+    assert_eq!(events[1]["unmapped"]["agentwall"], b);
+    assert_eq!(events[1]["metadata"]["sequence"], 3);
+    assert!(
+        stderr.contains(&format!(
+            "3 line(s) that are no JSON record left out (the first at {}:2)",
+            log.display()
+        )),
+        "{stderr}"
+    );
 }

@@ -197,23 +197,43 @@ fn export(
     let (files, since) = super::report::sources(None, audit_log, config, since)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut counted = agentwall::ocsf::Exported::default();
-    let mut failed = None;
-    agentwall::review::each_record(&files, since, None, |r| {
-        if failed.is_some() {
-            return;
+    // A line that is no JSON object (a record cut short by a crash, a damaged file) is
+    // left out and counted, with where the first one is: an export goes on past it.
+    let mut unreadable = (0u64, None);
+    agentwall::review::each_line(&files, |path, line, text| {
+        let record = text
+            .ok()
+            .and_then(|t| serde_json::from_str::<&serde_json::value::RawValue>(t).ok())
+            .filter(|r| r.get().starts_with('{'));
+        let Some(record) = record else {
+            unreadable.0 += 1;
+            unreadable
+                .1
+                .get_or_insert_with(|| format!("{}:{line}", path.display()));
+            return Ok(());
+        };
+        if since.is_some() {
+            let view = agentwall::audit::RecordView::parse(record.get());
+            let time = view.and_then(|v| v.text("last_seen").or_else(|| v.text("time")));
+            if agentwall::review::before(time.as_deref(), since) {
+                return Ok(());
+            }
         }
-        if let Some(e) = counted.map(&r, None)
-            && let Err(e) = serde_json::to_writer(&mut out, &e)
+        if let Some(e) = counted.map(record, agentwall::ocsf::Origin::Log) {
+            serde_json::to_writer(&mut out, &e)
                 .map_err(std::io::Error::from)
                 .and_then(|()| out.write_all(b"\n"))
-        {
-            failed = Some(e);
+                .map_err(|source| agentwall::review::ReviewError::Io {
+                    path: "standard output".into(),
+                    source,
+                })?;
         }
+        Ok(())
     })?;
-    if let Some(e) = failed {
-        return Err(anyhow::Error::new(e).context("writing the events"));
-    }
     out.flush()?;
+    if let (n @ 1.., Some(first)) = unreadable {
+        eprintln!("{n} line(s) that are no JSON record left out (the first at {first})");
+    }
     eprintln!(
         "{} event(s) written (OCSF {}); {} record(s) of kinds OCSF has no class for here (policy, loss, checkpoint) left out",
         counted.events,

@@ -202,6 +202,10 @@ pub const MAX_BATCH_RECORDS: usize = 10_000;
 /// Largest record (its JSON) in a batch. The node's own records stay far below it (command
 /// lines are cut at 1 KiB); a node that meets it drops that record and counts it lost.
 pub const MAX_RECORD_BYTES: usize = 256 << 10;
+/// Deepest nesting of arrays and objects in a record. A node's records are at most three
+/// levels deep; what reads stored records (exports, reviews, the console) parses them, and
+/// a record nested thousands deep is only a way to make that fail or run out of stack.
+pub const MAX_RECORD_DEPTH: usize = 16;
 
 /// Why a report body is not a batch the control plane stores.
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +222,10 @@ pub enum BatchError {
     TooManyRecords,
     #[error("record {index} of the batch is {bytes} bytes; at most {MAX_RECORD_BYTES} a record")]
     RecordTooLarge { index: usize, bytes: usize },
+    #[error(
+        "record {index} of the batch nests arrays and objects deeper than {MAX_RECORD_DEPTH} levels"
+    )]
+    RecordTooDeep { index: usize },
 }
 
 impl BatchError {
@@ -345,6 +353,10 @@ impl<'de> serde::de::Visitor<'de> for BoundedRecords<'_> {
                 });
                 return Err(A::Error::custom("record too large"));
             }
+            if depth(r.record.get()) > MAX_RECORD_DEPTH {
+                *self.over = Some(BatchError::RecordTooDeep { index: out.len() });
+                return Err(A::Error::custom("record too deep"));
+            }
             if out.len() == MAX_BATCH_RECORDS {
                 *self.over = Some(BatchError::TooManyRecords);
                 return Err(A::Error::custom("too many records"));
@@ -353,6 +365,33 @@ impl<'de> serde::de::Visitor<'de> for BoundedRecords<'_> {
         }
         Ok(out)
     }
+}
+
+/// How deep `json` (valid JSON) nests arrays and objects, read byte by byte: brackets inside
+/// strings do not count.
+fn depth(json: &str) -> usize {
+    let (mut deepest, mut now, mut in_string, mut escaped) = (0, 0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                now += 1;
+                deepest = deepest.max(now);
+            }
+            b']' | b'}' => now = now.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
@@ -500,12 +539,12 @@ pub struct AlertsReply {
 pub const ALERTS_NODE: &str = "control-plane";
 
 /// A page of `GET /v1/flows?format=ocsf`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OcsfPage {
     /// OCSF events, each with the stored record under `unmapped.agentwall` and its node
     /// under `unmapped.node`.
     #[schema(value_type = Vec<Object>)]
-    pub events: Vec<serde_json::Value>,
+    pub events: Vec<Box<serde_json::value::RawValue>>,
     /// Records of the page with no OCSF class here (`kind=loss`) or no readable time.
     pub not_mapped: u64,
     /// Pass as `after` for the next page; absent on the last one.
@@ -782,6 +821,29 @@ mod tests {
                 MAX_RECORD_BYTES + 2
             )
         );
+        // Nesting past the bound is refused however it is spelled; brackets in strings are
+        // text.
+        let nested = |n: usize| {
+            format!(
+                r#"{{"epoch":1,"records":[{},{{"rid":2,"record":{{"a":{}1{}}}}}]}}"#,
+                rec(1),
+                "[".repeat(n),
+                "]".repeat(n)
+            )
+        };
+        assert!(ReportBatch::decode(nested(MAX_RECORD_DEPTH - 1).as_bytes(), false).is_ok());
+        for n in [MAX_RECORD_DEPTH, 100_000] {
+            let e = ReportBatch::decode(nested(n).as_bytes(), false).unwrap_err();
+            assert!(
+                matches!(e, BatchError::RecordTooDeep { index: 1 }),
+                "{n}: {e}"
+            );
+        }
+        let strings = format!(
+            r#"{{"epoch":1,"records":[{{"rid":1,"record":{{"a":"{}\"[{{","b":[]}}}}]}}"#,
+            "[{".repeat(100)
+        );
+        assert!(ReportBatch::decode(strings.as_bytes(), false).is_ok());
         for bad in [
             r#"{"epoch":1}"#,
             r#"{"epoch":1,"records":[],"epoch":2}"#,

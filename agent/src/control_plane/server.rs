@@ -1686,23 +1686,39 @@ async fn get_flows(State(s): S, Params(mut q): Params<FlowQuery>) -> Result<Resp
         ));
     }
     let store = s.store.clone();
-    let page = blocking(move || store.flows(&q)).await?;
-    if !ocsf {
-        return Ok(Json(page).into_response());
-    }
-    let mut counted = crate::ocsf::Exported::default();
-    let events = page
-        .flows
-        .iter()
-        .filter_map(|f| counted.map(&f.value()?, Some(&f.node)))
-        .collect();
-    Ok(Json(super::OcsfPage {
-        events,
-        // A record that is no JSON object is not mapped either.
-        not_mapped: page.flows.len() as u64 - counted.events,
-        next: page.next,
+    // The page is read, mapped and written out off the async workers: an OCSF page is
+    // mapped event by event from the stored text, so what it holds is its answer's bytes.
+    let body = blocking(move || {
+        let page = store.flows(&q)?;
+        if !ocsf {
+            return Ok(serde_json::to_vec(&page).expect("pages serialize"));
+        }
+        let mut counted = crate::ocsf::Exported::default();
+        let events = page
+            .flows
+            .iter()
+            .filter_map(|f| {
+                let at = crate::ocsf::Origin::Stored {
+                    node: &f.node,
+                    id: f.id,
+                };
+                let e = counted.map(&f.record, at)?;
+                Some(serde_json::value::to_raw_value(&e).expect("events serialize"))
+            })
+            .collect();
+        Ok(serde_json::to_vec(&super::OcsfPage {
+            events,
+            not_mapped: counted.not_mapped,
+            next: page.next,
+        })
+        .expect("pages serialize"))
     })
-    .into_response())
+    .await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
 }
 
 #[derive(serde::Deserialize, utoipa::IntoParams)]

@@ -171,29 +171,36 @@ impl Forwarder {
             l.pending.drain(..lingered);
         }
         let (store, after) = (server.store.clone(), l.sent);
+        // Read, mapped and framed off the async workers: events are made one at a time
+        // from the stored text, so the page holds its frames and no record's tree.
         let page = super::store_call(move || {
-            store.flows(&FlowQuery {
+            let page = store.flows(&FlowQuery {
                 after: Some(after),
                 limit: Some(PAGE),
                 every_kind: true,
                 ..FlowQuery::default()
-            })
+            })?;
+            let mut frames = Vec::new();
+            let mut not_mapped = 0u64;
+            for f in &page.flows {
+                let at = crate::ocsf::Origin::Stored {
+                    node: &f.node,
+                    id: f.id,
+                };
+                match crate::ocsf::event(&f.record, at) {
+                    Some(e) => frame(&mut frames, &e, &f.node),
+                    None => not_mapped += 1,
+                }
+            }
+            Ok(page
+                .flows
+                .last()
+                .map(|f| (f.id, page.flows.len(), frames, not_mapped)))
         })
         .await?;
-        let Some(last) = page.flows.last().map(|f| f.id) else {
+        let Some((last, read, frames, not_mapped)) = page else {
             return Ok(0);
         };
-        let mut frames = Vec::new();
-        let mut not_mapped = 0u64;
-        for f in &page.flows {
-            match f
-                .value()
-                .and_then(|r| crate::ocsf::event(&r, Some(&f.node)))
-            {
-                Some(e) => frame(&mut frames, &e, &f.node),
-                None => not_mapped += 1,
-            }
-        }
         let stream = &mut l.stream;
         tokio::time::timeout(LEASE / 2, async {
             stream.write_all(&frames).await?;
@@ -206,10 +213,10 @@ impl Forwarder {
         l.sent = last;
         let st = &server.stats;
         st.syslog_forwarded
-            .fetch_add(page.flows.len() as u64 - not_mapped, Ordering::Relaxed);
+            .fetch_add(read as u64 - not_mapped, Ordering::Relaxed);
         st.syslog_not_mapped
             .fetch_add(not_mapped, Ordering::Relaxed);
-        Ok(page.flows.len())
+        Ok(read)
     }
 }
 
@@ -244,9 +251,9 @@ impl Link {
 }
 
 /// Appends `event` as one RFC 5424 message in an RFC 5425 frame (`LEN SP MSG`).
-fn frame(out: &mut Vec<u8>, event: &serde_json::Value, node: &str) {
+fn frame(out: &mut Vec<u8>, event: &crate::ocsf::Event, node: &str) {
     // OCSF severity to syslog severity: informational, notice, warning, error.
-    let severity = match event["severity_id"].as_i64() {
+    let severity = match event.mapped["severity_id"].as_i64() {
         Some(1) => 6,
         Some(2) => 5,
         Some(3) => 4,
@@ -254,14 +261,14 @@ fn frame(out: &mut Vec<u8>, event: &serde_json::Value, node: &str) {
         _ => 5,
     };
     let pri = u32::from(FACILITY) * 8 + severity;
-    let time = event["metadata"]["original_time"]
+    let time = event.mapped["metadata"]["original_time"]
         .as_str()
         .filter(|t| crate::clock::parse_rfc3339(t).is_ok() && t.len() <= 32)
         .unwrap_or("-");
     let msg = format!(
         "<{pri}>1 {time} {} agentwall - ocsf - {}",
         header_field(node, 255),
-        event
+        serde_json::to_string(event).expect("events serialize")
     );
     out.extend_from_slice(format!("{} ", msg.len()).as_bytes());
     out.extend_from_slice(msg.as_bytes());
@@ -283,11 +290,21 @@ mod tests {
 
     #[test]
     fn frames_are_octet_counted_rfc_5424_messages() {
-        let e = serde_json::json!({
+        let serde_json::Value::Object(mapped) = serde_json::json!({
             "severity_id": 3,
             "metadata": {"original_time": "2026-12-05T01:02:03.456Z"},
             "message": "a\nb",
-        });
+        }) else {
+            unreachable!()
+        };
+        let record = serde_json::value::to_raw_value(&serde_json::json!({"a": "b\nc"})).unwrap();
+        let e = crate::ocsf::Event {
+            mapped,
+            unmapped: crate::ocsf::Unmapped {
+                agentwall: &record,
+                node: None,
+            },
+        };
         let mut out = Vec::new();
         frame(&mut out, &e, "spiffe://example.org/node/n1");
         frame(&mut out, &e, "a node with spaces");
