@@ -285,6 +285,17 @@ pub struct AuditLog {
     recent_events: Vec<String>,
     /// The group that may read the log, if any.
     reader_gid: Option<u32>,
+    /// The second file records are also written to as OCSF events, if any.
+    ocsf: Option<OcsfCopy>,
+}
+
+/// The OCSF file of `audit_format = "ocsf"`: a copy for SIEMs that tail files. The native
+/// log stays the record of truth; a record the copy could not take is counted.
+struct OcsfCopy {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    failures: u64,
 }
 
 impl AuditLog {
@@ -337,7 +348,31 @@ impl AuditLog {
             last,
             recent_events,
             reader_gid,
+            ocsf: None,
         })
+    }
+
+    /// Also writes each record appended from now on to `path` as an OCSF event, one a
+    /// line, rotated as the log is (records of kinds OCSF has no class for, such as policy
+    /// changes and checkpoints, are in the native log only).
+    pub fn copy_as_ocsf(&mut self, path: &Path) -> Result<(), AuditError> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        let file = open_log(path, self.reader_gid)?;
+        let size = file.metadata().map_err(io_err(path))?.len();
+        self.ocsf = Some(OcsfCopy {
+            path: path.to_owned(),
+            file,
+            size,
+            failures: 0,
+        });
+        Ok(())
+    }
+
+    /// Records the OCSF file could not take (a full disk, say).
+    pub fn ocsf_failures(&self) -> u64 {
+        self.ocsf.as_ref().map_or(0, |c| c.failures)
     }
 
     /// The last record there was when the log was opened.
@@ -437,6 +472,9 @@ impl AuditLog {
         }
         self.size += line.len() as u64;
         self.prev = hash;
+        if let Some(c) = &mut self.ocsf {
+            c.write(line.trim_end(), self.max_bytes, self.reader_gid);
+        }
         crate::failpoint!("audit-after-append");
         Ok((self.seq, r))
     }
@@ -486,15 +524,55 @@ impl AuditLog {
 
     fn rotate(&mut self) -> Result<(), AuditError> {
         self.file.sync_all().map_err(io_err(&self.path))?;
-        // After the newest, even if older ones were removed: numbers are never reused.
-        let n = rotated(&self.path).last().map_or(0, |(n, _)| *n) + 1;
-        let to = PathBuf::from(format!("{}.{n}", self.path.display()));
+        let to = next_rotated(&self.path);
         crate::failpoint!("audit-before-rotate");
         fs::rename(&self.path, &to).map_err(io_err(&self.path))?;
         crate::failpoint!("audit-after-rotate");
         self.file = open_log(&self.path, self.reader_gid)?;
         self.size = 0;
         Ok(())
+    }
+}
+
+/// The name `path` is rotated to: after the newest, even if older ones were removed, so
+/// numbers are never reused.
+fn next_rotated(path: &Path) -> PathBuf {
+    let n = rotated(path).last().map_or(0, |(n, _)| *n) + 1;
+    PathBuf::from(format!("{}.{n}", path.display()))
+}
+
+impl OcsfCopy {
+    fn write(&mut self, record: &str, max_bytes: u64, reader_gid: Option<u32>) {
+        let Ok(raw) = serde_json::from_str::<&serde_json::value::RawValue>(record) else {
+            return;
+        };
+        let Some(event) = crate::ocsf::event(raw, crate::ocsf::Origin::Log) else {
+            return;
+        };
+        let mut line = serde_json::to_string(&event).expect("events serialize");
+        line.push('\n');
+        let written = (|| {
+            if max_bytes > 0 && self.size > 0 && self.size + line.len() as u64 > max_bytes {
+                fs::rename(&self.path, next_rotated(&self.path)).map_err(io_err(&self.path))?;
+                self.file = open_log(&self.path, reader_gid)?;
+                self.size = 0;
+            }
+            self.file
+                .write_all(line.as_bytes())
+                .map_err(io_err(&self.path))
+        })();
+        match written {
+            Ok(()) => self.size += line.len() as u64,
+            Err(e) => {
+                // Nothing half-written stays: the file is cut back to its last whole event.
+                let _ = self.file.set_len(self.size);
+                self.failures += 1;
+                if self.failures.is_power_of_two() {
+                    tracing::error!(error = %e, failures = self.failures,
+                        "audit records not written to the OCSF file (counted in agentwall_audit_ocsf_write_failures_total)");
+                }
+            }
+        }
     }
 }
 
@@ -908,6 +986,45 @@ mod tests {
                 .to_string(),
             format!("{}:5: not a JSON record (cut short or edited)", p.display())
         );
+    }
+
+    #[test]
+    fn an_ocsf_copy_takes_every_mapped_record_and_rotates_with_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("audit.jsonl");
+        let ocsf = dir.path().join("audit.ocsf.jsonl");
+        let mut log = AuditLog::open(&p, 2_000).unwrap();
+        log.copy_as_ocsf(&ocsf).unwrap();
+        for i in 0..20 {
+            log.append(
+                "decision",
+                serde_json::json!({ "verdict": "deny", "port": i, "dest": "192.0.2.1" }),
+            )
+            .unwrap();
+            // No OCSF class: in the native log only.
+            log.append("policy", serde_json::json!({ "event": "applied" }))
+                .unwrap();
+        }
+        let mut files: Vec<PathBuf> = rotated(&ocsf).into_iter().map(|(_, p)| p).collect();
+        assert!(!files.is_empty(), "the OCSF file was never rotated");
+        files.push(ocsf.clone());
+        let ports: Vec<u64> = files
+            .iter()
+            .flat_map(|f| lines(f))
+            .map(|l| {
+                let e: Value = serde_json::from_str(&l).unwrap();
+                assert_eq!(e["class_uid"], 4001);
+                e["dst_endpoint"]["port"].as_u64().unwrap()
+            })
+            .collect();
+        assert_eq!(ports, (0..20).collect::<Vec<u64>>());
+        // The log's own rotations are the log's: the chain never counts the OCSF files.
+        assert!(
+            rotated(&p)
+                .iter()
+                .all(|(_, f)| !f.to_string_lossy().contains("ocsf"))
+        );
+        assert_eq!(log.ocsf_failures(), 0);
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub struct Gauges {
     pub identities_max: usize,
     pub sessions: usize,
     pub audit_write_failures: u64,
+    pub audit_ocsf_write_failures: u64,
     /// Enforcement self-checks that failed, and whether the last one passed (1) or not (0).
     pub selfcheck_failures: u64,
     pub selfcheck_ok: bool,
@@ -237,6 +238,17 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         out,
         "agentwall_audit_write_failures_total {}",
         g.audit_write_failures
+    );
+    header(
+        &mut out,
+        "agentwall_audit_ocsf_write_failures_total",
+        "counter",
+        "Audit records written to the native log but not to the OCSF file (audit_format = \"ocsf\").",
+    );
+    let _ = writeln!(
+        out,
+        "agentwall_audit_ocsf_write_failures_total {}",
+        g.audit_ocsf_write_failures
     );
     header(
         &mut out,

@@ -236,6 +236,8 @@ fn audit_events_and_status_keep_their_shape() {
             "1",
             "--audit-log",
             audit.to_str().unwrap(),
+            "--audit-format",
+            "ocsf",
             "--aggregate-window-secs",
             "1",
             "--crl",
@@ -422,6 +424,7 @@ fn audit_events_and_status_keep_their_shape() {
 /// `audit export --format ocsf` of the log every kind of record was written to: each event
 /// passes its OCSF class's JSON Schema, carries its record whole, and every record is
 /// written or counted as left out.
+/// The node wrote the same events as it went (`--audit-format ocsf`), beside the log.
 fn ocsf_export(audit: &Path, records: &[serde_json::Value]) {
     let out = agentwall()
         .args(["audit", "export", "--format", "ocsf", "--audit-log"])
@@ -430,8 +433,19 @@ fn ocsf_export(audit: &Path, records: &[serde_json::Value]) {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let events: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
+    let exported = String::from_utf8(out.stdout).unwrap();
+    let written = std::fs::read_to_string(audit.with_file_name("audit.ocsf.jsonl")).unwrap();
+    let differ = exported
+        .lines()
+        .zip(written.lines())
+        .position(|(a, b)| a != b);
+    assert!(
+        differ.is_none() && exported.lines().count() == written.lines().count(),
+        "the node's OCSF file and the export differ (at event {differ:?}; {} and {} events)",
+        written.lines().count(),
+        exported.lines().count()
+    );
+    let events: Vec<serde_json::Value> = exported
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();

@@ -61,6 +61,14 @@ pub struct Args {
     /// Group that may read the audit log (0640); without one, root only (0600).
     #[arg(long)]
     audit_log_group: Option<String>,
+    /// `ocsf`: each audit record is also written as an OCSF event to a second file (the
+    /// hash chain stays on the native log) [default: native].
+    #[arg(long, value_enum)]
+    audit_format: Option<agentwall::config::AuditFormat>,
+    /// The OCSF file of `--audit-format ocsf` [default: NAME.ocsf.jsonl beside the audit
+    /// log NAME.jsonl].
+    #[arg(long, value_name = "FILE")]
+    audit_ocsf_log: Option<PathBuf>,
     /// Ed25519 private key (PKCS#8 PEM) to sign audit checkpoints with; `audit verify
     /// --signer` checks them against its public key.
     #[arg(long)]
@@ -153,6 +161,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         audit_log: args.audit_log,
         audit_log_max_bytes: args.audit_log_max_bytes,
         audit_log_group: args.audit_log_group,
+        audit_format: args.audit_format,
+        audit_ocsf_log: args.audit_ocsf_log,
         audit_signing_key: args.audit_signing_key,
         audit_checkpoint_secs: args.audit_checkpoint_secs,
         metrics_listen: args.metrics_listen,

@@ -59,6 +59,13 @@ pub struct NodeConfig {
     pub audit_log_max_bytes: Option<u64>,
     /// Group that may read the audit log (0640); without one, root only (0600).
     pub audit_log_group: Option<String>,
+    /// `native` (default): the hash-chained log only. `ocsf`: each record is also written
+    /// as an OCSF event to a second file ([`NodeConfig::audit_ocsf_log`]); the chain stays
+    /// on the native log.
+    pub audit_format: Option<AuditFormat>,
+    /// The OCSF file of `audit_format = "ocsf"` (default: beside `audit_log`, named
+    /// `NAME.ocsf.jsonl` for `NAME.jsonl`).
+    pub audit_ocsf_log: Option<PathBuf>,
     /// Ed25519 private key (PKCS#8 PEM) the node signs audit checkpoints with.
     pub audit_signing_key: Option<PathBuf>,
     /// Seconds between signed checkpoints (default 60).
@@ -106,6 +113,14 @@ pub struct NodeConfig {
     pub owner: Option<crate::policy::owner::Owner>,
     /// `[labels]`: this host's labels (`key = "value"`, Kubernetes-style names), sent along.
     pub labels: crate::policy::owner::Labels,
+}
+
+/// `audit_format` as written in TOML.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditFormat {
+    Native,
+    Ocsf,
 }
 
 /// `unknown_flows` as written in TOML.
@@ -178,6 +193,33 @@ impl NodeConfig {
         })
     }
 
+    /// The OCSF file the node writes (`audit_format = "ocsf"`); None for the native log
+    /// only. Err when `ocsf` is asked for without an `audit_log` to copy.
+    pub fn audit_ocsf_log(&self) -> Result<Option<PathBuf>, ConfigError> {
+        if self.audit_format != Some(AuditFormat::Ocsf) {
+            return Ok(None);
+        }
+        let Some(log) = &self.audit_log else {
+            return Err(ConfigError::Conflict(
+                "audit_format = \"ocsf\" writes each audit record to a second file as well, and there is no audit_log to write".into(),
+            ));
+        };
+        let ocsf = match &self.audit_ocsf_log {
+            Some(p) => p.clone(),
+            None => {
+                let stem = log.file_stem().map(|s| s.to_string_lossy().into_owned());
+                log.with_file_name(format!("{}.ocsf.jsonl", stem.unwrap_or_default()))
+            }
+        };
+        if &ocsf == log {
+            return Err(ConfigError::Conflict(format!(
+                "audit_ocsf_log {} is the audit_log itself: the OCSF events go to a second file",
+                ocsf.display()
+            )));
+        }
+        Ok(Some(ocsf))
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -194,6 +236,7 @@ impl NodeConfig {
             &mut c.bpffs_dir,
             &mut c.attach_cgroup,
             &mut c.audit_log,
+            &mut c.audit_ocsf_log,
             &mut c.audit_signing_key,
         ]
         .into_iter()
@@ -236,6 +279,8 @@ impl NodeConfig {
             audit_log,
             audit_log_max_bytes,
             audit_log_group,
+            audit_format,
+            audit_ocsf_log,
             audit_signing_key,
             audit_checkpoint_secs,
             metrics_listen,
@@ -361,6 +406,36 @@ impl NodeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ocsf_file_goes_beside_the_log_and_needs_one() {
+        let c = |t: &str| NodeConfig::parse(Path::new("/n.toml"), t).unwrap();
+        assert_eq!(c("").audit_ocsf_log().unwrap(), None);
+        assert_eq!(
+            c("audit_log = \"/l/a.jsonl\"\naudit_format = \"ocsf\"\n")
+                .audit_ocsf_log()
+                .unwrap(),
+            Some(PathBuf::from("/l/a.ocsf.jsonl"))
+        );
+        assert_eq!(
+            c("audit_log = \"/l/a.jsonl\"\naudit_format = \"native\"\naudit_ocsf_log = \"/o\"\n")
+                .audit_ocsf_log()
+                .unwrap(),
+            None
+        );
+        for (t, says) in [
+            ("audit_format = \"ocsf\"\n", "there is no audit_log"),
+            (
+                "audit_log = \"/a\"\naudit_format = \"ocsf\"\naudit_ocsf_log = \"/a\"\n",
+                "is the audit_log itself",
+            ),
+        ] {
+            let e = c(t).audit_ocsf_log().unwrap_err().to_string();
+            assert!(e.contains(says), "{t}: {e}");
+        }
+        let e = NodeConfig::parse(Path::new("/n.toml"), "audit_format = \"cef\"\n").unwrap_err();
+        assert!(e.to_string().contains("unknown variant `cef`"), "{e}");
+    }
 
     #[test]
     fn parses_with_defaults_and_flags_win() {

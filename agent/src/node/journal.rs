@@ -373,6 +373,25 @@ impl Journal {
         self.lock().failures
     }
 
+    /// Also writes each record from now on to `path` as an OCSF event
+    /// ([`AuditLog::copy_as_ocsf`]); only with an audit log.
+    pub fn copy_as_ocsf(&self, path: &Path) -> Result<(), JournalError> {
+        let mut st = self.lock();
+        let log = st.log.as_mut().ok_or_else(|| JournalError {
+            path: path.to_owned(),
+            message: "an OCSF copy needs an audit log to copy".into(),
+        })?;
+        log.copy_as_ocsf(path).map_err(|e| JournalError {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Records the OCSF file could not take.
+    pub fn ocsf_failures(&self) -> u64 {
+        self.lock().log.as_ref().map_or(0, AuditLog::ocsf_failures)
+    }
+
     /// Writes an event to the audit log and the outbox. A failure is logged and counted; it
     /// never stops enforcement. The control plane is sent the record as the log holds it
     /// (seq, prev and hash included), so it can check the chain of what it was sent.

@@ -382,6 +382,11 @@ impl Node {
             Some(&crate::config::audit_anchor(&state_dir)),
             cfg.audit_log_group.as_deref().map(group_id).transpose()?,
         )?);
+        if let Some(ocsf) = cfg.audit_ocsf_log()? {
+            journal.copy_as_ocsf(&ocsf)?;
+            tracing::info!(path = %ocsf.display(), version = crate::ocsf::VERSION,
+                "audit records are also written as OCSF events");
+        }
         if let Some(key) = &cfg.audit_signing_key {
             // A key that cannot be read refuses the start: a node asked to sign must not
             // run unsigned without anyone noticing.

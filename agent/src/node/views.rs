@@ -117,6 +117,7 @@ impl Node {
             identities_max: fill.map_or(0, |f| f.identities_max),
             sessions: self.sessions.len(),
             audit_write_failures: self.journal.failures(),
+            audit_ocsf_write_failures: self.journal.ocsf_failures(),
             selfcheck_failures: self.canary.failures(),
             selfcheck_ok: self.canary.refusal().is_none(),
             dns: self.dns.proxy().map(Proxy::stats),
