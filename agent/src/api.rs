@@ -247,6 +247,10 @@ pub struct StatusLink {
     /// Fleet-wide revocations not applied on this node yet (retried until they are).
     #[serde(default)]
     pub revocations_pending: Vec<String>,
+    /// Why the newest bundle from the control plane was not applied (the previous one is in
+    /// force): invalid, or not signed as this node requires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_refused: Option<String>,
 }
 
 impl Response {

@@ -164,6 +164,11 @@ impl Signer {
     pub fn id(&self) -> &str {
         &self.id
     }
+
+    /// The Ed25519 signature of `message`, hex.
+    pub fn sign_hex(&self, message: &[u8]) -> String {
+        hex::encode(self.pair.sign(message).as_ref())
+    }
 }
 
 /// A public key checkpoints are checked against (SPKI PEM, `openssl pkey -pubout`).
@@ -196,6 +201,21 @@ impl SignerKey {
             id: key_id(&raw),
             raw,
         })
+    }
+
+    /// The key's id, as signatures name it.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Whether `signature_hex` is this key's Ed25519 signature of `message`.
+    pub fn verifies(&self, message: &[u8], signature_hex: &str) -> bool {
+        let Ok(sig) = hex::decode(signature_hex) else {
+            return false;
+        };
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &self.raw)
+            .verify(message, &sig)
+            .is_ok()
     }
 }
 
@@ -399,14 +419,14 @@ impl AuditLog {
         signer: &Signer,
     ) -> Result<(u64, Map<String, Value>), AuditError> {
         let (seq, hash) = (self.seq, self.prev.clone());
-        let signature = signer.pair.sign(checkpoint_message(seq, &hash).as_bytes());
+        let signature = signer.sign_hex(checkpoint_message(seq, &hash).as_bytes());
         self.append_record(
             "checkpoint",
             serde_json::json!({
                 "signed_seq": seq,
                 "signed_hash": hash,
                 "key": signer.id,
-                "signature": hex::encode(signature.as_ref()),
+                "signature": signature,
             }),
         )
     }
@@ -797,13 +817,13 @@ pub fn verify_signed(
                 let sig = r
                     .get("signature")
                     .and_then(Value::as_str)
-                    .and_then(|h| hex::decode(h).ok())
                     .unwrap_or_default();
-                ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &key.raw)
-                    .verify(checkpoint_message(seq - 1, signed_hash).as_bytes(), &sig)
-                    .map_err(|_| {
-                        bad("its signature does not verify (forged, or the records it signs were changed)".into())
-                    })?;
+                if !key.verifies(checkpoint_message(seq - 1, signed_hash).as_bytes(), sig) {
+                    return Err(bad(
+                        "its signature does not verify (forged, or the records it signs were changed)"
+                            .into(),
+                    ));
+                }
                 found.checkpoints += 1;
                 found.signed_through = Some(seq - 1);
             }

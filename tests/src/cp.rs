@@ -169,7 +169,7 @@ spiffe_ids = ["spiffe://example.org/node/*"]
             cert,
             key,
             token_file: token.map(Path::to_owned),
-            spool_max_bytes: None,
+            ..ClientConfig::default()
         })
         .unwrap()
     }

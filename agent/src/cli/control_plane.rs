@@ -6,7 +6,7 @@ use anyhow::Context as _;
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Run the control plane server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a new random bearer token and the `token_sha256` line for the server's config.
     Token,
 }
@@ -25,6 +25,14 @@ pub struct ServeArgs {
     /// Overrides `require_owner`: refuse pushes with an AgentPolicy that names no owner.
     #[arg(long)]
     require_owner: bool,
+    /// Overrides `approvals_required`: how many signers' signatures a bundle needs before it
+    /// is published.
+    #[arg(long, value_name = "N")]
+    approvals_required: Option<u32>,
+    /// Adds to `[signers]`: NAME=FILE, an admin's name and public key (SPKI PEM).
+    /// Repeatable.
+    #[arg(long = "signer", value_name = "NAME=FILE")]
+    signers: Vec<String>,
     /// Overrides `console`: serve no console (its routes answer 404).
     #[arg(long)]
     no_console: bool,
@@ -68,6 +76,16 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
                 cfg.set_database(d)?;
             }
             cfg.require_owner |= args.require_owner;
+            for s in &args.signers {
+                let (name, file) = s
+                    .split_once('=')
+                    .with_context(|| format!("--signer {s:?} is not NAME=FILE"))?;
+                cfg.signers.insert(name.to_owned(), file.into());
+            }
+            if let Some(n) = args.approvals_required {
+                cfg.approvals_required = n;
+            }
+            cfg.check_approvals().map_err(|e| anyhow::anyhow!(e))?;
             cfg.console &= !args.no_console;
             if let Some(h) = args.console_session_hours {
                 cfg.set_console_session_hours(h)?;

@@ -3,8 +3,9 @@ use std::path::{Path, PathBuf};
 use agentwall::{
     config::control_plane::ClientConfig,
     control_plane::{
-        Bundle, BundleFile, BundleInfo, FlowPage, FlowQuery, NodeInfo, NodeShadowAi, PolicyDiff,
-        PushRequest, RevokeRequest, SimulateReply, SimulateRequest, UnusedReply,
+        Approval, Bundle, BundleFile, BundleInfo, FlowPage, FlowQuery, NodeInfo, NodeShadowAi,
+        PolicyDiff, Proposal, PushRequest, Pushed, RevokeRequest, SimulateReply, SimulateRequest,
+        UnusedReply,
         chain::ChainReport,
         client::{Client, ClientError},
     },
@@ -112,6 +113,29 @@ enum PolicyCommand {
         /// stored, when another version was pushed since.
         #[arg(long)]
         base_version: Option<u64>,
+        /// Sign the bundle with this Ed25519 private key (PKCS#8 PEM): one approval. With
+        /// fewer than the control plane's `approvals_required`, the push is a proposal
+        /// others approve. Repeatable.
+        #[arg(long, value_name = "FILE")]
+        sign_key: Vec<PathBuf>,
+        /// Nodes refuse the bundle after this long (90s, 30m, 24h, 7d); signed with it.
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<String>,
+    },
+    /// Sign a proposal with your key: the files are hashed here and must be what the
+    /// proposal names. The approval that completes it publishes it.
+    Approve {
+        /// The proposal's number (`policy proposals`).
+        id: u64,
+        /// Your Ed25519 private key (PKCS#8 PEM).
+        #[arg(long, value_name = "FILE")]
+        sign_key: PathBuf,
+    },
+    /// Pushes awaiting approvals and those approved, newest first; --id N shows one with
+    /// its files.
+    Proposals {
+        #[arg(long)]
+        id: Option<u64>,
     },
     /// The newest bundle (or --version N).
     Show {
@@ -211,7 +235,7 @@ fn client(args: &Args) -> anyhow::Result<Client> {
         cert: args.cert.clone(),
         key: args.key.clone(),
         token_file: args.token_file.clone(),
-        spool_max_bytes: None,
+        ..ClientConfig::default()
     });
     Ok(Client::new(&cfg)?)
 }
@@ -325,6 +349,93 @@ fn print_json(v: &impl serde::Serialize) {
 }
 
 /// The policy files of a directory, as `load_dir` would read them.
+/// The revision of `files`, as a node computes it; an invalid bundle is an error with each
+/// problem.
+fn hashed(files: &[BundleFile]) -> anyhow::Result<String> {
+    agentwall::control_plane::validate(files)
+        .map(|set| set.revision)
+        .map_err(|errors| {
+            let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!("the bundle is invalid:\n{}", all.join("\n"))
+        })
+}
+
+/// The signing of a push: dated now, expiring after `expires_in`, signed with each key.
+fn sign_push(
+    dir: &Path,
+    files: &[BundleFile],
+    keys: &[PathBuf],
+    expires_in: Option<&str>,
+) -> anyhow::Result<agentwall::control_plane::signing::Signing> {
+    if keys.is_empty() && expires_in.is_none() {
+        return Ok(Default::default());
+    }
+    let revision = hashed(files).with_context(|| format!("signing {}", dir.display()))?;
+    let now = std::time::SystemTime::now();
+    let expires_at = expires_in
+        .map(|d| -> anyhow::Result<String> {
+            Ok(agentwall::clock::rfc3339(
+                now + agentwall::review::parse_duration(d)?,
+            ))
+        })
+        .transpose()?;
+    let not_before = agentwall::clock::rfc3339(now);
+    let signatures = keys
+        .iter()
+        .map(|k| {
+            agentwall::control_plane::signing::sign(
+                k,
+                &revision,
+                &not_before,
+                expires_at.as_deref(),
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(agentwall::control_plane::signing::Signing {
+        not_before: Some(not_before),
+        expires_at,
+        signatures,
+    })
+}
+
+async fn proposal(c: &Client, id: u64) -> anyhow::Result<Proposal> {
+    let mut all: Vec<Proposal> = c.get(&format!("/v1/policy/proposals?id={id}")).await?;
+    all.pop().with_context(|| format!("no proposal {id}"))
+}
+
+fn print_pushed(p: &Pushed, json: bool) {
+    match p {
+        Pushed::Bundle(b) if json => print_json(&serde_json::json!({
+            "version": b.version, "revision": b.revision,
+            "signatures": b.signing.signatures.len(),
+        })),
+        Pushed::Bundle(b) => println!(
+            "published version {} revision {} ({} signature(s))",
+            b.version,
+            b.revision,
+            b.signing.signatures.len()
+        ),
+        Pushed::Proposal {
+            proposal,
+            approvals_required,
+        } if json => print_json(&serde_json::json!({
+            "proposal": proposal.id, "revision": proposal.revision,
+            "signatures": proposal.signing.signatures.len(),
+            "approvals_required": approvals_required,
+        })),
+        Pushed::Proposal {
+            proposal,
+            approvals_required,
+        } => println!(
+            "proposal {} revision {}: {} of {approvals_required} signature(s); others approve it with `agentwall cp policy approve {} --sign-key KEY`",
+            proposal.id,
+            proposal.revision,
+            proposal.signing.signatures.len(),
+            proposal.id
+        ),
+    }
+}
+
 fn read_bundle(dir: &Path) -> anyhow::Result<Vec<BundleFile>> {
     let mut files = Vec::new();
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
@@ -361,28 +472,36 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     let c = client(&args)?;
     let json = args.output == "json";
     match &args.command {
-        Command::Policy(PolicyCommand::Push { dir, base_version }) => {
+        Command::Policy(PolicyCommand::Push {
+            dir,
+            base_version,
+            sign_key,
+            expires_in,
+        }) => {
             let files = read_bundle(dir)?;
             let n = files.len();
-            let r: Result<Bundle, ClientError> = c
+            let signing = sign_push(dir, &files, sign_key, expires_in.as_deref())?;
+            let r: Result<Pushed, ClientError> = c
                 .send_json(
                     hyper::Method::PUT,
                     "/v1/policy",
                     &PushRequest {
                         files,
                         base_version: *base_version,
+                        signing,
                     },
                     std::time::Duration::from_secs(60),
                 )
                 .await;
             match r {
-                Ok(b) if json => print_json(&serde_json::json!({
+                Ok(Pushed::Bundle(b)) if json => print_json(&serde_json::json!({
                     "version": b.version, "revision": b.revision, "files": n,
                 })),
-                Ok(b) => println!(
+                Ok(Pushed::Bundle(b)) => println!(
                     "pushed version {} revision {} ({n} file(s))",
                     b.version, b.revision
                 ),
+                Ok(p) => print_pushed(&p, json),
                 Err(ClientError::Refused { body, errors, .. }) if !errors.is_empty() => {
                     // Point at the files as the admin has them.
                     for e in &errors {
@@ -393,6 +512,90 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                     bail!("{body}");
                 }
                 Err(e) => return Err(e.into()),
+            }
+        }
+        Command::Policy(PolicyCommand::Approve { id, sign_key }) => {
+            let p = proposal(&c, *id).await?;
+            let revision = hashed(&p.files)?;
+            if revision != p.revision {
+                bail!(
+                    "proposal {id} names revision {}, but its files hash to {revision} here: not signed",
+                    p.revision
+                );
+            }
+            let Some(nb) = &p.signing.not_before else {
+                bail!("proposal {id} names no not_before to sign");
+            };
+            eprintln!(
+                "signing proposal {id}: revision {revision}, pushed by {} at {}, valid from {nb}{}, files {}",
+                p.pushed_by,
+                p.pushed_at,
+                p.signing
+                    .expires_at
+                    .as_deref()
+                    .map(|e| format!(" until {e}"))
+                    .unwrap_or_default(),
+                p.files
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let signature = agentwall::control_plane::signing::sign(
+                sign_key,
+                &revision,
+                nb,
+                p.signing.expires_at.as_deref(),
+            )?;
+            let r: Pushed = c
+                .send_json(
+                    hyper::Method::POST,
+                    "/v1/policy/approve",
+                    &Approval { id: *id, signature },
+                    std::time::Duration::from_secs(60),
+                )
+                .await?;
+            print_pushed(&r, json);
+        }
+        Command::Policy(PolicyCommand::Proposals { id }) => {
+            let all: Vec<Proposal> = match id {
+                Some(id) => vec![proposal(&c, *id).await?],
+                None => c.get("/v1/policy/proposals").await?,
+            };
+            if json {
+                print_json(&all);
+            } else {
+                for p in &all {
+                    let state = match p.version {
+                        Some(v) => format!("published as version {v}"),
+                        None => "awaiting approvals".to_owned(),
+                    };
+                    let signers: Vec<&str> = p
+                        .signing
+                        .signatures
+                        .iter()
+                        .map(|s| s.signer.as_str())
+                        .collect();
+                    println!(
+                        "proposal {} revision {} pushed {} by {}: {state}; signed by {}",
+                        p.id,
+                        p.revision,
+                        p.pushed_at,
+                        p.pushed_by,
+                        if signers.is_empty() {
+                            "no one".to_owned()
+                        } else {
+                            signers.join(", ")
+                        }
+                    );
+                    for f in &p.files {
+                        println!("--- {} ({} bytes)", f.name, f.text.len());
+                        print!("{}", f.text);
+                        if !f.text.ends_with('\n') {
+                            println!();
+                        }
+                    }
+                }
             }
         }
         Command::Policy(PolicyCommand::Show { version }) => {

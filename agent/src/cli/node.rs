@@ -131,6 +131,13 @@ pub struct Args {
     /// Size limit of the report spool, in bytes (default 64 MiB).
     #[arg(long)]
     control_plane_spool_max_bytes: Option<u64>,
+    /// A public key (SPKI PEM) of an admin whose signature bundles from the control plane
+    /// may carry; with any, only signed bundles are applied. Repeatable.
+    #[arg(long, value_name = "FILE")]
+    trusted_signer: Vec<PathBuf>,
+    /// How many distinct --trusted-signer keys must have signed a bundle (default 1).
+    #[arg(long, value_name = "N")]
+    signatures_required: Option<u32>,
     /// Who answers for this host, a person or team (e.g. platform@example.com).
     #[arg(long)]
     owner: Option<agentwall::policy::owner::Owner>,
@@ -188,6 +195,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 key: args.control_plane_key,
                 token_file: None,
                 spool_max_bytes: args.control_plane_spool_max_bytes,
+                trusted_signers: args.trusted_signer,
+                signatures_required: args.signatures_required,
             };
             (cp != Default::default()).then_some(cp)
         },

@@ -120,6 +120,15 @@ pub struct ServerConfig {
     /// `policy check` warns about it).
     #[serde(default)]
     pub require_owner: bool,
+    /// How many admins' signatures a pushed bundle needs before it is published (default 0:
+    /// published as pushed). With fewer, a push is a proposal others approve (`cp policy
+    /// approve`), each with their own key; the keys are `signers`.
+    #[serde(default)]
+    pub approvals_required: u32,
+    /// The admins who sign bundles: a name for each (an e-mail, say) and their public key
+    /// (SPKI PEM, `openssl pkey -pubout`). Signatures by other keys are refused.
+    #[serde(default)]
+    pub signers: std::collections::BTreeMap<String, PathBuf>,
     /// Serve the console (the browser pages under `/ui` and their sign-in; default on).
     #[serde(default = "yes")]
     pub console: bool,
@@ -489,6 +498,18 @@ pub(crate) fn resolve(base: &Path, p: &Path) -> PathBuf {
 }
 
 impl ServerConfig {
+    /// `approvals_required` asks for no more signers than there are.
+    pub fn check_approvals(&self) -> Result<(), String> {
+        if self.approvals_required as usize > self.signers.len() {
+            return Err(format!(
+                "approvals_required is {}, and [signers] names {}: no bundle could ever be approved",
+                self.approvals_required,
+                self.signers.len()
+            ));
+        }
+        Ok(())
+    }
+
     pub fn parse(path: &Path, text: &str) -> Result<Self, CpConfigError> {
         let mut c: Self = parse_toml(path, text)?;
         c.cert = resolve(path, &c.cert);
@@ -503,6 +524,7 @@ impl ServerConfig {
             .chain(&mut c.database_password_file)
             .chain(&mut c.database_ca)
             .chain(&mut c.state_dir)
+            .chain(c.signers.values_mut())
         {
             *p = resolve(path, p);
         }
@@ -548,6 +570,7 @@ impl ServerConfig {
             )));
         }
         check_console_session_hours(c.console_session_hours).map_err(invalid)?;
+        c.check_approvals().map_err(invalid)?;
         c.alerts.check().map_err(invalid)?;
         if let Some(sl) = &c.syslog {
             sl.host_port().map_err(invalid)?;
@@ -777,6 +800,12 @@ pub struct ClientConfig {
     pub token_file: Option<PathBuf>,
     /// Node only: the report spool's size limit in bytes (default 64 MiB).
     pub spool_max_bytes: Option<u64>,
+    /// Node only: the public keys (SPKI PEM) of the admins whose signatures a bundle needs;
+    /// with any, the node applies only signed bundles.
+    pub trusted_signers: Vec<PathBuf>,
+    /// Node only: how many distinct `trusted_signers` must have signed a bundle (default 1
+    /// when there are any).
+    pub signatures_required: Option<u32>,
 }
 
 impl ClientConfig {
@@ -800,6 +829,7 @@ impl ClientConfig {
         ]
         .into_iter()
         .flatten()
+        .chain(&mut self.trusted_signers)
         {
             *p = resolve(file, p);
         }
@@ -817,6 +847,12 @@ impl ClientConfig {
             key: over.key.or(self.key),
             token_file: over.token_file.or(self.token_file),
             spool_max_bytes: over.spool_max_bytes.or(self.spool_max_bytes),
+            trusted_signers: if over.trusted_signers.is_empty() {
+                self.trusted_signers
+            } else {
+                over.trusted_signers
+            },
+            signatures_required: over.signatures_required.or(self.signatures_required),
         }
     }
 

@@ -597,7 +597,7 @@ mod tests {
             cert: None,
             key: None,
             token_file: Some(token),
-            spool_max_bytes: None,
+            ..Default::default()
         })
         .unwrap();
         let body = Some((bytes::Bytes::from_static(b"{}"), false));

@@ -61,6 +61,8 @@ pub struct LinkStats {
     /// Records the control plane refused as too large even alone: dropped from the spool
     /// (counted in `lost` too).
     pub records_refused: AtomicU64,
+    /// Why the newest bundle from the control plane was not applied (shown by `status`).
+    pub bundle_refused: Mutex<Option<String>>,
 }
 
 /// At most [`super::POLL_SESSIONS`] identities, those with the most sessions.
@@ -130,6 +132,10 @@ struct LinkState {
     /// The lineage of the database the numbers above came from.
     #[serde(default)]
     lineage: Option<String>,
+    /// The signed `not_before` of the bundle applied: no older signed bundle is taken,
+    /// whatever number a control plane gives it.
+    #[serde(default)]
+    applied_not_before: Option<String>,
 }
 
 impl LinkState {
@@ -158,6 +164,8 @@ pub struct Link {
     /// Who answers for this host, and its labels: said in every poll.
     owner: Option<crate::policy::owner::Owner>,
     labels: crate::policy::owner::Labels,
+    /// The keys bundles must be signed with, and how many of them (0: bundles need none).
+    signers: Arc<(super::signing::Keyring, usize)>,
 }
 
 const BATCH: usize = 5000;
@@ -175,6 +183,17 @@ impl Link {
                 source,
             },
         )?;
+        let keyring = super::signing::Keyring::load_files(&cfg.trusted_signers)?;
+        let required = match cfg.signatures_required {
+            Some(n) => n as usize,
+            None => usize::from(!keyring.is_empty()),
+        };
+        if required > keyring.len() {
+            return Err(LinkError::Signers(format!(
+                "signatures_required is {required}, and trusted_signers names {} key(s): no bundle could be applied",
+                keyring.len()
+            )));
+        }
         let poll = Client::new(cfg)?;
         let _ = stats.polling.set(poll.current_url());
         Ok(Self {
@@ -186,6 +205,7 @@ impl Link {
             stats,
             owner: None,
             labels: Default::default(),
+            signers: Arc::new((keyring, required)),
         })
     }
 
@@ -390,9 +410,35 @@ impl Link {
         let files = b.files.clone();
         let dir = self.policy_dir.clone();
         let node = node.clone();
+        let signers = self.signers.clone();
+        let applied = st
+            .applied_not_before
+            .clone()
+            .zip(st.applied_revision.clone());
+        let signing = b.signing.clone();
+        let revision = b.revision.clone();
         // Checked again here: the node trusts the control plane's TLS, not its validation.
         let outcome = tokio::task::spawn_blocking(move || {
             let set = super::validate(&files).map_err(BundleRefused::Invalid)?;
+            let (keyring, required) = &*signers;
+            if *required > 0 {
+                // What was signed is the revision: the files must hash to it here.
+                if set.revision != revision {
+                    return Err(BundleRefused::NotWhatWasSigned {
+                        ours: set.revision.clone(),
+                        theirs: revision,
+                    });
+                }
+                keyring
+                    .admit(
+                        &set.revision,
+                        &signing,
+                        *required,
+                        applied.as_ref().map(|(nb, r)| (nb.as_str(), r.as_str())),
+                        time::OffsetDateTime::now_utc(),
+                    )
+                    .map_err(BundleRefused::Signing)?;
+            }
             crate::policy::source::save_dir(&set, &dir)
                 .map_err(|source| BundleRefused::Write { dir, source })?;
             node.apply_bundle(set).map_err(BundleRefused::Apply)
@@ -404,12 +450,17 @@ impl Link {
                 info!(version = b.version, revision = %b.revision, "policy bundle from the control plane applied");
                 st.applied_version = Some(b.version);
                 st.applied_revision = Some(b.revision.clone());
+                if b.signing.not_before.is_some() {
+                    st.applied_not_before = b.signing.not_before.clone();
+                }
                 st.error = None;
                 self.stats.applied_version.store(b.version, Relaxed);
+                *self.stats.bundle_refused.lock().expect("bundle refused") = None;
             }
             Err(e) => {
                 error!(version = b.version, error = %e, "policy bundle from the control plane not applied; the previous one stays");
                 st.error = Some(format!("version {}: {e}", b.version));
+                *self.stats.bundle_refused.lock().expect("bundle refused") = st.error.clone();
             }
         }
     }
@@ -615,6 +666,12 @@ enum BundleRefused {
     },
     #[error("{0}")]
     Apply(ApplyError),
+    #[error(
+        "its files hash to revision {ours}, not the revision {theirs} it names and was signed as"
+    )]
+    NotWhatWasSigned { ours: String, theirs: String },
+    #[error("{0}")]
+    Signing(super::signing::SigningError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -628,6 +685,10 @@ pub enum LinkError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    SignerKey(#[from] super::signing::SigningError),
+    #[error("{0}")]
+    Signers(String),
 }
 
 /// 0.25 s doubling to 5 s.

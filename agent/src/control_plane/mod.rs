@@ -8,6 +8,7 @@ pub mod chain;
 pub mod client;
 pub mod link;
 pub mod server;
+pub mod signing;
 pub mod spool;
 pub mod store;
 
@@ -29,6 +30,45 @@ pub struct PushRequest {
     /// admins editing at once do not silently undo each other.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_version: Option<u64>,
+    /// The bundle's signed validity and the pusher's signatures (`cp policy push
+    /// --sign-key`). With fewer than the control plane's `approvals_required`, the push is
+    /// stored as a proposal for others to approve, not published.
+    #[serde(default, skip_serializing_if = "signing::Signing::is_empty")]
+    pub signing: signing::Signing,
+}
+
+/// A push waiting for approvals (`approvals_required`): published as the next bundle
+/// version once enough admins signed it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Proposal {
+    pub id: u64,
+    pub revision: String,
+    pub pushed_at: String,
+    pub pushed_by: String,
+    pub signing: signing::Signing,
+    /// The bundle version it became, once approved.
+    pub version: Option<u64>,
+    /// Left out of lists.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<BundleFile>,
+}
+
+/// What `PUT /v1/policy` did: published a bundle, or stored a proposal awaiting approvals.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum Pushed {
+    Bundle(Bundle),
+    Proposal {
+        proposal: Proposal,
+        approvals_required: usize,
+    },
+}
+
+/// `POST /v1/policy/approve`: one more signer's signature of proposal `id`.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Approval {
+    pub id: u64,
+    pub signature: signing::BundleSignature,
 }
 
 /// A stored policy bundle.
@@ -41,6 +81,9 @@ pub struct Bundle {
     pub pushed_at: String,
     pub pushed_by: String,
     pub files: Vec<BundleFile>,
+    /// Its signed validity and signatures, when it was signed.
+    #[serde(default, skip_serializing_if = "signing::Signing::is_empty")]
+    pub signing: signing::Signing,
 }
 
 /// A stored bundle's version, without its files: what `GET /v1/policy/versions` lists.

@@ -67,6 +67,8 @@ pub enum ServerError {
     Forward(#[from] syslog::ForwardError),
     #[error("alerts.webhooks: {0}")]
     Webhook(String),
+    #[error("signers: {0}")]
+    Signers(#[from] super::signing::SigningError),
     #[error(
         "{path}: {message} (the numbers this control plane served; remove the file to number from the database's alone)"
     )]
@@ -134,6 +136,10 @@ impl From<StoreError> for Fail {
                 StatusCode::CONFLICT,
                 format!("{e}: look at the newest (cp policy show) and push again"),
             )
+        } else if let StoreError::NoProposal(_) = e {
+            Fail::new(StatusCode::NOT_FOUND, e.to_string())
+        } else if let StoreError::Approved { .. } | StoreError::SignedAlready { .. } = e {
+            Fail::new(StatusCode::CONFLICT, e.to_string())
         } else if e.is_busy() {
             Fail::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -183,6 +189,20 @@ const ROUTES: &[RouteRule] = &[
         path: "/v1/policy",
         roles: &[Role::Admin],
         body_cap: 16 << 20,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::GET,
+        path: "/v1/policy/proposals",
+        roles: READERS,
+        body_cap: 0,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::POST,
+        path: "/v1/policy/approve",
+        roles: &[Role::Admin],
+        body_cap: 64 << 10,
         rate_limited: true,
     },
     RouteRule {
@@ -573,6 +593,8 @@ pub struct Server {
     reviews: Arc<tokio::sync::Semaphore>,
     /// What raises alerts, as configured (shown by `GET /v1/alerts`).
     alert_thresholds: std::sync::OnceLock<crate::config::control_plane::Alerts>,
+    /// The signers' keys, and how many must sign a bundle before it is published.
+    approvals: std::sync::OnceLock<(super::signing::Keyring, usize)>,
 }
 
 impl Server {
@@ -588,6 +610,7 @@ impl Server {
             version: newest.as_ref().map_or(0, |b| b.version),
             bundle: newest.as_ref().map(bundle_json),
             revision: newest.as_ref().map(|b| b.revision.clone()),
+            not_before: newest.as_ref().and_then(|b| b.signing.not_before.clone()),
             lineage: store.lineage()?.map(Arc::from),
             generation,
             revoked: Arc::new(revoked.into_iter().map(|r| r.identity).collect()),
@@ -655,6 +678,7 @@ impl Server {
             verifier: std::sync::OnceLock::new(),
             reviews: Arc::new(tokio::sync::Semaphore::new(review::REVIEWS_AT_ONCE)),
             alert_thresholds: std::sync::OnceLock::new(),
+            approvals: std::sync::OnceLock::new(),
             console_secs: std::sync::atomic::AtomicI64::new(
                 crate::config::control_plane::DEFAULT_CONSOLE_SESSION_HOURS * 3600,
             ),
@@ -779,6 +803,7 @@ impl Server {
             p.version = b.version;
             p.bundle = Some(bundle_json(b));
             p.revision = Some(b.revision.clone());
+            p.not_before = b.signing.not_before.clone();
             moved = true;
         }
         if let Some((generation, all)) = revocations.filter(|(g, _)| *g > p.generation) {
@@ -828,12 +853,107 @@ impl Server {
         Ok(())
     }
 
-    /// Refuses pushes with an AgentPolicy that names no owner (`require_owner`).
     /// What raises alerts (shown by `GET /v1/alerts`).
     pub fn alert_thresholds(&self, a: crate::config::control_plane::Alerts) {
         let _ = self.alert_thresholds.set(a);
     }
 
+    /// The signers' keys, and how many of them must sign a bundle before it is published
+    /// (`approvals_required`; fewer make a push a proposal).
+    pub fn approvals(&self, keyring: super::signing::Keyring, required: usize) {
+        let _ = self.approvals.set((keyring, required));
+    }
+
+    /// The signers' keys and `approvals_required` (none and 0 until set).
+    fn signers(&self) -> (&super::signing::Keyring, usize) {
+        static NONE: std::sync::OnceLock<super::signing::Keyring> = std::sync::OnceLock::new();
+        match self.approvals.get() {
+            Some((k, r)) => (k, *r),
+            None => (NONE.get_or_init(Default::default), 0),
+        }
+    }
+
+    /// Checks a push's signing: its times (`not_before` within the clock skew of now,
+    /// `expires_at` after it) and each signature against the signers' keys, naming each
+    /// signer as `[signers]` does; then [`Server::current`]. Returns how many signatures
+    /// publish a bundle.
+    fn signed_as_asked(
+        &self,
+        revision: &str,
+        signing: &mut super::signing::Signing,
+    ) -> Result<usize, Fail> {
+        let (keyring, required) = self.signers();
+        if signing.is_empty() {
+            return Ok(required);
+        }
+        let bad = |m: String| Fail::new(StatusCode::BAD_REQUEST, m);
+        let Some(nb) = signing.not_before.clone() else {
+            return Err(bad(
+                "a signed push names its not_before (the time its signatures date it from)".into(),
+            ));
+        };
+        let time = |field: &str, t: &str| {
+            crate::clock::parse_rfc3339(t)
+                .map_err(|e| bad(format!("{field} {t:?} is not an RFC 3339 time: {e}")))
+        };
+        let (nb_time, now) = (time("not_before", &nb)?, time::OffsetDateTime::now_utc());
+        let skew = super::signing::CLOCK_SKEW_SECS;
+        if (nb_time - now).whole_seconds().abs() > skew {
+            return Err(bad(format!(
+                "not_before {nb} is more than {skew} s from the control plane's clock ({})",
+                crate::clock::rfc3339(now.into())
+            )));
+        }
+        if let Some(exp) = &signing.expires_at
+            && time("expires_at", exp)? <= nb_time
+        {
+            return Err(bad(format!(
+                "expires_at {exp} is not after not_before {nb}"
+            )));
+        }
+        let dated = signing.clone();
+        let mut seen = std::collections::BTreeSet::new();
+        for sig in &mut signing.signatures {
+            keyring
+                .check_one(revision, &dated, sig)
+                .map_err(|e| bad(e.to_string()))?;
+            if !seen.insert(sig.key.clone()) {
+                return Err(bad(format!("key {} signs the push twice", sig.key)));
+            }
+            sig.signer = keyring.name_of(&sig.key).unwrap_or_default().to_owned();
+        }
+        self.current(signing)?;
+        Ok(required)
+    }
+
+    /// Refuses (409) what nodes would: a bundle past its `expires_at`, or older than the
+    /// bundle in force by its signed `not_before`.
+    fn current(&self, signing: &super::signing::Signing) -> Result<(), Fail> {
+        let conflict = |m: String| Fail::new(StatusCode::CONFLICT, m);
+        let now = time::OffsetDateTime::now_utc();
+        if let Some(exp) = &signing.expires_at
+            && crate::clock::parse_rfc3339(exp).is_ok_and(|e| e <= now)
+        {
+            return Err(conflict(format!(
+                "the bundle expired at {exp}: push it again"
+            )));
+        }
+        let newest = self.published.read().expect("published").not_before.clone();
+        if let (Some(nb), Some(newest)) = (&signing.not_before, newest)
+            && let (Ok(a), Ok(b)) = (
+                crate::clock::parse_rfc3339(nb),
+                crate::clock::parse_rfc3339(&newest),
+            )
+            && a < b
+        {
+            return Err(conflict(format!(
+                "the bundle is dated {nb}, before the bundle in force ({newest}): nodes would refuse it as a rollback; push it again"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses pushes with an AgentPolicy that names no owner (`require_owner`).
     pub fn require_owners(&self, on: bool) {
         self.require_owner.store(on, Ordering::Relaxed);
     }
@@ -1002,6 +1122,8 @@ impl Server {
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/v1/policy", get(get_policy).put(put_policy))
+            .route("/v1/policy/proposals", get(get_proposals))
+            .route("/v1/policy/approve", post(post_approve))
             .route("/v1/policy/versions", get(review::get_versions))
             .route("/v1/policy/diff", get(review::get_diff))
             .route("/v1/policy/simulate", post(review::post_simulate))
@@ -1451,6 +1573,8 @@ struct Published {
     /// The newest bundle, serialized.
     bundle: Option<Arc<serde_json::value::RawValue>>,
     revision: Option<String>,
+    /// The newest bundle's signed `not_before`.
+    not_before: Option<String>,
     /// The database's lineage, once it has one (its first change).
     lineage: Option<Arc<str>>,
     generation: u64,
@@ -1549,16 +1673,19 @@ async fn get_policy(State(s): S, Params(q): Params<VersionQuery>) -> Result<Json
 }
 
 /// Pushes a policy bundle: validated whole with the node's own parser, stored as the next
-/// version, and sent to every node's long-poll.
+/// version, and sent to every node's long-poll; or, signed by fewer than
+/// `approvals_required` signers, stored as a proposal for others to approve.
 #[utoipa::path(put, path = "/v1/policy", tag = "policy", request_body = PushRequest,
     responses((status = 200, description = "Stored as the next version", body = Bundle),
+        (status = 202, description = "Stored as a proposal awaiting approvals", body = super::Pushed),
+        (status = 400, description = "A signature or time that does not check; nothing stored", body = ErrorBody),
         (status = 409, description = "`base_version` is not the newest version: another was pushed since; nothing stored", body = ErrorBody),
         (status = 422, description = "Invalid; nothing stored: every problem, by file, line and column", body = ErrorBody)))]
 async fn put_policy(
     State(s): S,
     Extension(who): Extension<Principal>,
     Capped(body, _budget): Capped,
-) -> Result<Json<Bundle>, Fail> {
+) -> Result<Response, Fail> {
     let req: PushRequest = serde_json::from_slice(&body).map_err(|e| {
         Fail::new(
             StatusCode::BAD_REQUEST,
@@ -1566,6 +1693,7 @@ async fn put_policy(
         )
     })?;
     let files = req.files;
+    let mut signing = req.signing;
     let require_owner = s.require_owner.load(Ordering::Relaxed);
     let (files, checked) = tokio::task::spawn_blocking(move || {
         let r = super::validate(&files).and_then(|set| {
@@ -1600,17 +1728,127 @@ async fn put_policy(
             ));
         }
     };
+    let required = s.signed_as_asked(&set.revision, &mut signing)?;
     let store = s.store.clone();
     let by = who.name.clone();
     let revision = set.revision.clone();
+    if signing.signatures.len() < required {
+        let proposal = blocking(move || store.propose(&revision, &files, &by, &signing)).await?;
+        info!(principal = %who.name, proposal = proposal.id, revision = %proposal.revision,
+            signatures = proposal.signing.signatures.len(), approvals_required = required,
+            "policy proposed: it awaits approvals");
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(super::Pushed::Proposal {
+                proposal: super::Proposal {
+                    files: Vec::new(),
+                    ..proposal
+                },
+                approvals_required: required,
+            }),
+        )
+            .into_response());
+    }
     let (above, base) = (s.number_above().0, req.base_version);
-    let bundle = blocking(move || store.push_policy(&revision, &files, &by, above, base)).await?;
+    let bundle =
+        blocking(move || store.push_policy(&revision, &files, &by, above, base, &signing)).await?;
     info!(principal = %who.name, version = bundle.version, revision = %bundle.revision,
-        identities = set.agents.len(), "policy pushed");
+        identities = set.agents.len(), signatures = bundle.signing.signatures.len(), "policy pushed");
     s.publish(Some(&bundle), None);
     let s2 = s.clone();
     blocking(move || s2.settle()).await?;
-    Ok(Json(bundle))
+    Ok(Json(bundle).into_response())
+}
+
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ProposalQuery {
+    /// One proposal, with its files (default: the newest 1,000, without files).
+    id: Option<u64>,
+}
+
+/// Pushes awaiting approvals, and those approved (with the version they became).
+#[utoipa::path(get, path = "/v1/policy/proposals", tag = "policy", params(ProposalQuery),
+    responses((status = 200, description = "Proposals, newest first", body = Vec<super::Proposal>),
+        (status = 404, description = "No such proposal", body = ErrorBody)))]
+async fn get_proposals(
+    State(s): S,
+    Params(q): Params<ProposalQuery>,
+) -> Result<Json<Vec<super::Proposal>>, Fail> {
+    let store = s.store.clone();
+    Ok(Json(
+        blocking(move || match q.id {
+            Some(id) => store
+                .proposal(id)?
+                .map(|p| vec![p])
+                .ok_or(StoreError::NoProposal(id)),
+            None => store.proposals(),
+        })
+        .await?,
+    ))
+}
+
+/// One more signer's approval of a proposal: its signature, checked against the signers'
+/// keys. The approval that brings it to `approvals_required` publishes it as the next
+/// bundle version.
+#[utoipa::path(post, path = "/v1/policy/approve", tag = "policy", request_body = super::Approval,
+    responses((status = 200, description = "The bundle published, or the proposal still awaiting approvals", body = super::Pushed),
+        (status = 400, description = "The signature does not check", body = ErrorBody),
+        (status = 404, description = "No such proposal", body = ErrorBody),
+        (status = 409, description = "Approved already, signed by this key already, expired, or older than the bundle in force", body = ErrorBody)))]
+async fn post_approve(
+    State(s): S,
+    Extension(who): Extension<Principal>,
+    Capped(body, _budget): Capped,
+) -> Result<Json<super::Pushed>, Fail> {
+    let req: super::Approval = serde_json::from_slice(&body).map_err(|e| {
+        Fail::new(
+            StatusCode::BAD_REQUEST,
+            format!("body is not an approval ({{\"id\", \"signature\"}}): {e}"),
+        )
+    })?;
+    let store = s.store.clone();
+    let p = blocking(move || {
+        store
+            .proposal(req.id)?
+            .ok_or(StoreError::NoProposal(req.id))
+    })
+    .await?;
+    let (keyring, required) = s.signers();
+    let mut signature = req.signature;
+    keyring
+        .check_one(&p.revision, &p.signing, &signature)
+        .map_err(|e| Fail::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    signature.signer = keyring
+        .name_of(&signature.key)
+        .unwrap_or_default()
+        .to_owned();
+    s.current(&p.signing)?;
+    let (store, above, signer) = (
+        s.store.clone(),
+        s.number_above().0,
+        signature.signer.clone(),
+    );
+    let (proposal, bundle) =
+        blocking(move || store.approve(p.id, &signature, required, above)).await?;
+    info!(principal = %who.name, proposal = proposal.id, signer = %signer,
+        signatures = proposal.signing.signatures.len(), approvals_required = required,
+        "policy proposal approved");
+    let Some(bundle) = bundle else {
+        return Ok(Json(super::Pushed::Proposal {
+            proposal: super::Proposal {
+                files: Vec::new(),
+                ..proposal
+            },
+            approvals_required: required,
+        }));
+    };
+    info!(version = bundle.version, revision = %bundle.revision, proposal = proposal.id,
+        "policy published: its approvals are complete");
+    s.publish(Some(&bundle), None);
+    let s2 = s.clone();
+    blocking(move || s2.settle()).await?;
+    Ok(Json(super::Pushed::Bundle(bundle)))
 }
 
 /// Every node that has polled, with the bundle it applied.
@@ -2589,6 +2827,8 @@ async fn store_reports(
     paths(
         get_policy,
         put_policy,
+        get_proposals,
+        post_approve,
         review::get_versions,
         review::get_diff,
         review::post_simulate,
@@ -2990,6 +3230,10 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
                 cfg.limits.clone(),
             )?;
             server.require_owners(cfg.require_owner);
+            server.approvals(
+                super::signing::Keyring::load(cfg.signers.clone())?,
+                cfg.approvals_required as usize,
+            );
             server.alert_thresholds(cfg.alerts.clone());
             server.console(cfg.console.then_some(cfg.console_session_hours));
             // Turned off, the console's sessions and links end, not wait for it to be on.
@@ -3319,7 +3563,14 @@ mod restored {
         }];
         let b = s
             .store
-            .push_policy(rev, &files, "admin", s.number_above().0, None)
+            .push_policy(
+                rev,
+                &files,
+                "admin",
+                s.number_above().0,
+                None,
+                &Default::default(),
+            )
             .unwrap();
         s.publish(Some(&b), None);
         s.settle().unwrap();

@@ -79,6 +79,7 @@ impl Node {
                     .lock()
                     .expect("pending revocations")
                     .clone(),
+                bundle_refused: l.bundle_refused.lock().expect("bundle refused").clone(),
             }),
         }
     }

@@ -5,8 +5,9 @@
 use std::borrow::Cow;
 
 use super::{
-    Bundle, BundleFile, BundleInfo, FlowPage, FlowQuery, Ingested, NodeInfo, PollRequest, Reported,
-    Revocation,
+    Bundle, BundleFile, BundleInfo, FlowPage, FlowQuery, Ingested, NodeInfo, PollRequest, Proposal,
+    Reported, Revocation,
+    signing::{BundleSignature, Signing},
 };
 
 mod postgres;
@@ -45,6 +46,12 @@ pub enum StoreError {
     Exhausted(u64),
     #[error("stored data unreadable: {0}")]
     Corrupt(String),
+    #[error("no proposal {0}")]
+    NoProposal(u64),
+    #[error("proposal {id} was approved already: it is bundle version {version}")]
+    Approved { id: u64, version: u64 },
+    #[error("proposal {id} is signed by key {key} already")]
+    SignedAlready { id: u64, key: String },
 }
 
 impl StoreError {
@@ -132,7 +139,30 @@ pub trait Store: Send + Sync {
         by: &str,
         above: u64,
         base: Option<u64>,
+        signing: &Signing,
     ) -> Result<Bundle, StoreError>;
+    /// Stores a validated push that awaits approvals.
+    fn propose(
+        &self,
+        revision: &str,
+        files: &[BundleFile],
+        by: &str,
+        signing: &Signing,
+    ) -> Result<Proposal, StoreError>;
+    /// The newest 1,000 proposals, newest first, without their files.
+    fn proposals(&self) -> Result<Vec<Proposal>, StoreError>;
+    /// A proposal with its files.
+    fn proposal(&self, id: u64) -> Result<Option<Proposal>, StoreError>;
+    /// Adds a checked signature to open proposal `id`; once signed by `required` distinct
+    /// keys, stores it as the next bundle version (numbered above `above` too, as
+    /// [`Store::push_policy`]) in the same transaction, and returns that bundle.
+    fn approve(
+        &self,
+        id: u64,
+        signature: &BundleSignature,
+        required: usize,
+        above: u64,
+    ) -> Result<(Proposal, Option<Bundle>), StoreError>;
     /// A bundle by version, or the newest one.
     fn policy(&self, version: Option<u64>) -> Result<Option<Bundle>, StoreError>;
     /// The same, for what a replica serves (catch-up): over connections no reader takes.
@@ -660,6 +690,78 @@ fn sessions_of(text: Option<&str>) -> std::collections::BTreeMap<String, u64> {
 
 /// A count a node said, as the database's signed integer (a lying node's u64::MAX is kept
 /// as the largest it holds).
+/// A `policy` row: version, revision, pushed_at, pushed_by, files, signing.
+type BundleRow = (u64, String, String, String, String, Option<String>);
+/// A `proposals` row: id, revision, pushed_at, pushed_by, files, signing, version.
+type ProposalRow = (u64, String, String, String, String, String, Option<u64>);
+
+/// A bundle's signing as stored: None when unsigned.
+fn signing_text(s: &Signing) -> Option<String> {
+    (!s.is_empty()).then(|| serde_json::to_string(s).expect("signing serializes"))
+}
+
+fn signing_of(text: Option<&str>, what: &str) -> Result<Signing, StoreError> {
+    match text.filter(|t| !t.is_empty()) {
+        None => Ok(Signing::default()),
+        Some(t) => serde_json::from_str(t).map_err(|e| StoreError::Corrupt(format!("{what}: {e}"))),
+    }
+}
+
+fn bundle_of(
+    version: u64,
+    revision: String,
+    pushed_at: String,
+    pushed_by: String,
+    files: &str,
+    signing: Option<&str>,
+) -> Result<Bundle, StoreError> {
+    let what = format!("policy version {version}");
+    Ok(Bundle {
+        version,
+        revision,
+        pushed_at,
+        pushed_by,
+        files: serde_json::from_str(files)
+            .map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))?,
+        signing: signing_of(signing, &what)?,
+    })
+}
+
+fn proposal_of(
+    (id, revision, pushed_at, pushed_by, files, signing, version): ProposalRow,
+) -> Result<Proposal, StoreError> {
+    let what = format!("proposal {id}");
+    Ok(Proposal {
+        id,
+        revision,
+        pushed_at,
+        pushed_by,
+        signing: signing_of(Some(&signing), &what)?,
+        version,
+        files: serde_json::from_str(&files)
+            .map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))?,
+    })
+}
+
+/// Adds `signature` to open proposal `p`: whether it now holds `required` distinct keys'.
+fn add_approval(
+    p: &mut Proposal,
+    signature: &BundleSignature,
+    required: usize,
+) -> Result<bool, StoreError> {
+    if let Some(version) = p.version {
+        return Err(StoreError::Approved { id: p.id, version });
+    }
+    if p.signing.signatures.iter().any(|s| s.key == signature.key) {
+        return Err(StoreError::SignedAlready {
+            id: p.id,
+            key: signature.key.clone(),
+        });
+    }
+    p.signing.signatures.push(signature.clone());
+    Ok(p.signing.signatures.len() >= required)
+}
+
 fn clamp_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }

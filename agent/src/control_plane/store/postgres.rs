@@ -13,9 +13,14 @@ use tokio_postgres::{
 };
 use tracing::{info, warn};
 
-use super::{Arg, ConsoleLink, ConsoleSession, NodeSeen, Row, Store, StoreError, now, number};
+use super::{
+    Arg, ConsoleLink, ConsoleSession, NodeSeen, Row, Store, StoreError, add_approval, bundle_of,
+    now, number, proposal_of, signing_text,
+};
 use crate::control_plane::{
-    Bundle, BundleFile, BundleInfo, FlowPage, FlowQuery, Ingested, NodeInfo, Reported, Revocation,
+    Bundle, BundleFile, BundleInfo, FlowPage, FlowQuery, Ingested, NodeInfo, Proposal, Reported,
+    Revocation,
+    signing::{BundleSignature, Signing},
 };
 
 /// How to reach the database: the `database`, `database_password_file` and `database_ca`
@@ -210,6 +215,17 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
     );
     ALTER TABLE flows ADD COLUMN owner TEXT;
     CREATE INDEX flows_owner_id ON flows (owner, id);",
+    // Signed bundles: a bundle's validity and signatures, and pushes awaiting approvals.
+    "ALTER TABLE policy ADD COLUMN signing TEXT;
+    CREATE TABLE proposals (
+        id BIGINT PRIMARY KEY,
+        revision TEXT NOT NULL,
+        pushed_at TEXT NOT NULL,
+        pushed_by TEXT NOT NULL,
+        files TEXT NOT NULL,
+        signing TEXT NOT NULL,
+        version BIGINT
+    );",
 ];
 
 pub struct PgStore {
@@ -691,14 +707,14 @@ impl PgStore {
             Ok::<_, StoreError>(match version {
                 Some(v) => {
                     c.query_opt(
-                        "SELECT version, revision, pushed_at, pushed_by, files FROM policy WHERE version = $1",
+                        "SELECT version, revision, pushed_at, pushed_by, files, signing FROM policy WHERE version = $1",
                         &[&(v as i64)],
                     )
                     .await?
                 }
                 None => {
                     c.query_opt(
-                        "SELECT version, revision, pushed_at, pushed_by, files FROM policy ORDER BY version DESC LIMIT 1",
+                        "SELECT version, revision, pushed_at, pushed_by, files, signing FROM policy ORDER BY version DESC LIMIT 1",
                         &[],
                     )
                     .await?
@@ -706,15 +722,14 @@ impl PgStore {
             })
         })?;
         row.map(|r| {
-            let version = r.get::<_, i64>(0) as u64;
-            Ok(Bundle {
-                version,
-                revision: r.get(1),
-                pushed_at: r.get(2),
-                pushed_by: r.get(3),
-                files: serde_json::from_str(r.get::<_, &str>(4))
-                    .map_err(|e| StoreError::Corrupt(format!("policy version {version}: {e}")))?,
-            })
+            bundle_of(
+                r.get::<_, i64>(0) as u64,
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get::<_, &str>(4),
+                r.get(5),
+            )
         })
         .transpose()
     }
@@ -887,6 +902,44 @@ fn values(args: Vec<Arg>) -> Vec<Box<dyn ToSql + Sync + Send>> {
         .collect()
 }
 
+fn proposal_row(r: &tokio_postgres::Row) -> super::ProposalRow {
+    (
+        r.get::<_, i64>(0) as u64,
+        r.get(1),
+        r.get(2),
+        r.get(3),
+        r.get(4),
+        r.get(5),
+        r.get::<_, Option<i64>>(6).map(|v| v as u64),
+    )
+}
+
+/// Inserts the next bundle version in `tx` (which holds the policy lock), numbered above
+/// the newest and `above`, and tells the replicas.
+async fn insert_bundle(
+    tx: &tokio_postgres::Transaction<'_>,
+    revision: &str,
+    files_text: &str,
+    by: &str,
+    at: &str,
+    above: i64,
+    signing: &Signing,
+) -> Result<u64, StoreError> {
+    let signing = signing_text(signing);
+    let v: i64 = tx
+        .query_one(
+            "INSERT INTO policy (version, revision, pushed_at, pushed_by, files, signing)
+             SELECT GREATEST(COALESCE(MAX(version), 0), $5) + 1, $1, $2, $3, $4, $6 FROM policy
+             RETURNING version",
+            &[&revision, &at, &by, &files_text, &above, &signing],
+        )
+        .await?
+        .get(0);
+    tx.execute("SELECT pg_notify($1, 'policy')", &[&CHANNEL])
+        .await?;
+    Ok(v as u64)
+}
+
 impl Store for PgStore {
     fn lineage(&self) -> Result<Option<String>, StoreError> {
         self.block(async {
@@ -963,11 +1016,12 @@ impl Store for PgStore {
         by: &str,
         above: u64,
         base: Option<u64>,
+        signing: &Signing,
     ) -> Result<Bundle, StoreError> {
         let files_text = serde_json::to_string(files).expect("files serialize");
         let at = now();
         let above = number(above)?;
-        let version: i64 = self.block(async {
+        let version: u64 = self.block(async {
             let mut c = self.control_client().await?;
             let tx = c.transaction().await?;
             tx.execute(
@@ -987,26 +1041,153 @@ impl Store for PgStore {
                     });
                 }
             }
-            let v: i64 = tx
-                .query_one(
-                    "INSERT INTO policy (version, revision, pushed_at, pushed_by, files)
-                     SELECT GREATEST(COALESCE(MAX(version), 0), $5) + 1, $1, $2, $3, $4 FROM policy
-                     RETURNING version",
-                    &[&revision, &at, &by, &files_text, &above],
-                )
-                .await?
-                .get(0);
-            tx.execute("SELECT pg_notify($1, 'policy')", &[&CHANNEL])
-                .await?;
+            let v = insert_bundle(&tx, revision, &files_text, by, &at, above, signing).await?;
             tx.commit().await?;
             Ok::<_, StoreError>(v)
         })?;
         Ok(Bundle {
-            version: version as u64,
+            version,
             revision: revision.to_owned(),
             pushed_at: at,
             pushed_by: by.to_owned(),
             files: files.to_vec(),
+            signing: signing.clone(),
+        })
+    }
+
+    fn propose(
+        &self,
+        revision: &str,
+        files: &[BundleFile],
+        by: &str,
+        signing: &Signing,
+    ) -> Result<Proposal, StoreError> {
+        let files_text = serde_json::to_string(files).expect("files serialize");
+        let at = now();
+        let signing_stored = signing_text(signing).unwrap_or_default();
+        let id: i64 = self.block(async {
+            let mut c = self.control_client().await?;
+            let tx = c.transaction().await?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, $2)",
+                &[&LOCKS, &POLICY_LOCK],
+            )
+            .await?;
+            let id: i64 = tx
+                .query_one(
+                    "INSERT INTO proposals (id, revision, pushed_at, pushed_by, files, signing)
+                     SELECT COALESCE(MAX(id), 0) + 1, $1, $2, $3, $4, $5 FROM proposals
+                     RETURNING id",
+                    &[&revision, &at, &by, &files_text, &signing_stored],
+                )
+                .await?
+                .get(0);
+            tx.commit().await?;
+            Ok::<_, StoreError>(id)
+        })?;
+        Ok(Proposal {
+            id: id as u64,
+            revision: revision.to_owned(),
+            pushed_at: at,
+            pushed_by: by.to_owned(),
+            signing: signing.clone(),
+            version: None,
+            files: files.to_vec(),
+        })
+    }
+
+    fn proposals(&self) -> Result<Vec<Proposal>, StoreError> {
+        let rows = self.block(async {
+            let c = self.client().await?;
+            Ok::<_, StoreError>(
+                c.query(
+                    "SELECT id, revision, pushed_at, pushed_by, '[]', signing, version FROM proposals
+                     ORDER BY id DESC LIMIT 1000",
+                    &[],
+                )
+                .await?,
+            )
+        })?;
+        rows.iter().map(|r| proposal_of(proposal_row(r))).collect()
+    }
+
+    fn proposal(&self, id: u64) -> Result<Option<Proposal>, StoreError> {
+        let id = number(id)?;
+        let row = self.block(async {
+            let c = self.client().await?;
+            Ok::<_, StoreError>(
+                c.query_opt(
+                    "SELECT id, revision, pushed_at, pushed_by, files, signing, version FROM proposals
+                     WHERE id = $1",
+                    &[&id],
+                )
+                .await?,
+            )
+        })?;
+        row.map(|r| proposal_of(proposal_row(&r))).transpose()
+    }
+
+    fn approve(
+        &self,
+        id: u64,
+        signature: &BundleSignature,
+        required: usize,
+        above: u64,
+    ) -> Result<(Proposal, Option<Bundle>), StoreError> {
+        let (id, above) = (number(id)?, number(above)?);
+        self.block(async {
+            let mut c = self.control_client().await?;
+            let tx = c.transaction().await?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, $2)",
+                &[&LOCKS, &POLICY_LOCK],
+            )
+            .await?;
+            let row = tx
+                .query_opt(
+                    "SELECT id, revision, pushed_at, pushed_by, files, signing, version FROM proposals
+                     WHERE id = $1",
+                    &[&id],
+                )
+                .await?
+                .ok_or(StoreError::NoProposal(id as u64))?;
+            let mut p = proposal_of(proposal_row(&row))?;
+            let bundle = if add_approval(&mut p, signature, required)? {
+                let files_text = serde_json::to_string(&p.files).expect("files serialize");
+                let at = now();
+                let version = insert_bundle(
+                    &tx,
+                    &p.revision,
+                    &files_text,
+                    &p.pushed_by,
+                    &at,
+                    above,
+                    &p.signing,
+                )
+                .await?;
+                p.version = Some(version);
+                Some(Bundle {
+                    version,
+                    revision: p.revision.clone(),
+                    pushed_at: at,
+                    pushed_by: p.pushed_by.clone(),
+                    files: p.files.clone(),
+                    signing: p.signing.clone(),
+                })
+            } else {
+                None
+            };
+            tx.execute(
+                "UPDATE proposals SET signing = $2, version = $3 WHERE id = $1",
+                &[
+                    &id,
+                    &signing_text(&p.signing).unwrap_or_default(),
+                    &p.version.map(|v| v as i64),
+                ],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok((p, bundle))
         })
     }
 

@@ -4,9 +4,14 @@ use std::{path::Path, sync::Mutex};
 
 use rusqlite::{Connection, OptionalExtension as _, params};
 
-use super::{Arg, ConsoleLink, ConsoleSession, NodeSeen, Row, Store, StoreError, now, number};
+use super::{
+    Arg, BundleRow, ConsoleLink, ConsoleSession, NodeSeen, ProposalRow, Row, Store, StoreError,
+    add_approval, bundle_of, now, number, proposal_of, signing_text,
+};
 use crate::control_plane::{
-    Bundle, BundleFile, BundleInfo, FlowPage, FlowQuery, Ingested, NodeInfo, Reported, Revocation,
+    Bundle, BundleFile, BundleInfo, FlowPage, FlowQuery, Ingested, NodeInfo, Proposal, Reported,
+    Revocation,
+    signing::{BundleSignature, Signing},
 };
 
 /// Versioned schema: migration `i` takes a database from version `i` to `i + 1`
@@ -120,6 +125,17 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE flows ADD COLUMN owner TEXT;
     CREATE INDEX flows_owner_id ON flows (owner, id);",
+    // Signed bundles: a bundle's validity and signatures, and pushes awaiting approvals.
+    "ALTER TABLE policy ADD COLUMN signing TEXT;
+    CREATE TABLE proposals (
+        id INTEGER PRIMARY KEY,
+        revision TEXT NOT NULL,
+        pushed_at TEXT NOT NULL,
+        pushed_by TEXT NOT NULL,
+        files TEXT NOT NULL,
+        signing TEXT NOT NULL,
+        version INTEGER
+    );",
 ];
 
 /// Rows removed per transaction by retention: short enough that reports stored meanwhile
@@ -189,16 +205,45 @@ impl SqliteStore {
         })
     }
 
-    fn bundle_row(
-        r: &rusqlite::Row<'_>,
-    ) -> rusqlite::Result<(u64, String, String, String, String)> {
+    fn bundle_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BundleRow> {
         Ok((
             r.get::<_, i64>(0)? as u64,
             r.get(1)?,
             r.get(2)?,
             r.get(3)?,
             r.get(4)?,
+            r.get(5)?,
         ))
+    }
+
+    fn proposal_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ProposalRow> {
+        Ok((
+            r.get::<_, i64>(0)? as u64,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+            r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+        ))
+    }
+
+    /// Inserts the next bundle version in `tx`: numbered above the newest and `above`.
+    fn insert_bundle(
+        tx: &rusqlite::Transaction<'_>,
+        revision: &str,
+        files_text: &str,
+        by: &str,
+        at: &str,
+        above: i64,
+        signing: &Signing,
+    ) -> Result<u64, StoreError> {
+        tx.execute(
+            "INSERT INTO policy (version, revision, pushed_at, pushed_by, files, signing)
+             SELECT max(COALESCE(MAX(version), 0), ?5) + 1, ?1, ?2, ?3, ?4, ?6 FROM policy",
+            params![revision, at, by, files_text, above, signing_text(signing)],
+        )?;
+        Ok(tx.last_insert_rowid() as u64)
     }
 }
 
@@ -288,6 +333,7 @@ impl Store for SqliteStore {
         by: &str,
         above: u64,
         base: Option<u64>,
+        signing: &Signing,
     ) -> Result<Bundle, StoreError> {
         let text = serde_json::to_string(files).expect("files serialize");
         let at = now();
@@ -306,12 +352,7 @@ impl Store for SqliteStore {
                 });
             }
         }
-        tx.execute(
-            "INSERT INTO policy (version, revision, pushed_at, pushed_by, files)
-             SELECT max(COALESCE(MAX(version), 0), ?5) + 1, ?1, ?2, ?3, ?4 FROM policy",
-            params![revision, at, by, text, above],
-        )?;
-        let version = tx.last_insert_rowid() as u64;
+        let version = Self::insert_bundle(&tx, revision, &text, by, &at, above, signing)?;
         tx.commit()?;
         Ok(Bundle {
             version,
@@ -319,7 +360,122 @@ impl Store for SqliteStore {
             pushed_at: at,
             pushed_by: by.to_owned(),
             files: files.to_vec(),
+            signing: signing.clone(),
         })
+    }
+
+    fn propose(
+        &self,
+        revision: &str,
+        files: &[BundleFile],
+        by: &str,
+        signing: &Signing,
+    ) -> Result<Proposal, StoreError> {
+        let text = serde_json::to_string(files).expect("files serialize");
+        let at = now();
+        let db = lock(&self.writer);
+        db.execute(
+            "INSERT INTO proposals (revision, pushed_at, pushed_by, files, signing)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                revision,
+                at,
+                by,
+                text,
+                signing_text(signing).unwrap_or_default()
+            ],
+        )?;
+        Ok(Proposal {
+            id: db.last_insert_rowid() as u64,
+            revision: revision.to_owned(),
+            pushed_at: at,
+            pushed_by: by.to_owned(),
+            signing: signing.clone(),
+            version: None,
+            files: files.to_vec(),
+        })
+    }
+
+    fn proposals(&self) -> Result<Vec<Proposal>, StoreError> {
+        let db = lock(&self.reader);
+        let mut st = db.prepare(
+            "SELECT id, revision, pushed_at, pushed_by, '[]', signing, version FROM proposals
+             ORDER BY id DESC LIMIT 1000",
+        )?;
+        let rows = st
+            .query_map([], Self::proposal_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(proposal_of).collect()
+    }
+
+    fn proposal(&self, id: u64) -> Result<Option<Proposal>, StoreError> {
+        let db = lock(&self.reader);
+        db.query_row(
+            "SELECT id, revision, pushed_at, pushed_by, files, signing, version FROM proposals
+             WHERE id = ?1",
+            [number(id)?],
+            Self::proposal_row,
+        )
+        .optional()?
+        .map(proposal_of)
+        .transpose()
+    }
+
+    fn approve(
+        &self,
+        id: u64,
+        signature: &BundleSignature,
+        required: usize,
+        above: u64,
+    ) -> Result<(Proposal, Option<Bundle>), StoreError> {
+        let above = number(above)?;
+        let mut db = lock(&self.writer);
+        let tx = db.transaction()?;
+        let mut p = tx
+            .query_row(
+                "SELECT id, revision, pushed_at, pushed_by, files, signing, version FROM proposals
+                 WHERE id = ?1",
+                [number(id)?],
+                Self::proposal_row,
+            )
+            .optional()?
+            .map(proposal_of)
+            .transpose()?
+            .ok_or(StoreError::NoProposal(id))?;
+        let bundle = if add_approval(&mut p, signature, required)? {
+            let files_text = serde_json::to_string(&p.files).expect("files serialize");
+            let at = now();
+            let version = Self::insert_bundle(
+                &tx,
+                &p.revision,
+                &files_text,
+                &p.pushed_by,
+                &at,
+                above,
+                &p.signing,
+            )?;
+            p.version = Some(version);
+            Some(Bundle {
+                version,
+                revision: p.revision.clone(),
+                pushed_at: at,
+                pushed_by: p.pushed_by.clone(),
+                files: p.files.clone(),
+                signing: p.signing.clone(),
+            })
+        } else {
+            None
+        };
+        tx.execute(
+            "UPDATE proposals SET signing = ?2, version = ?3 WHERE id = ?1",
+            params![
+                number(id)?,
+                signing_text(&p.signing).unwrap_or_default(),
+                p.version.map(|v| v as i64)
+            ],
+        )?;
+        tx.commit()?;
+        Ok((p, bundle))
     }
 
     fn policy_versions(&self) -> Result<Vec<BundleInfo>, StoreError> {
@@ -345,29 +501,31 @@ impl Store for SqliteStore {
         let row = match version {
             Some(v) => db
                 .query_row(
-                    "SELECT version, revision, pushed_at, pushed_by, files FROM policy WHERE version = ?1",
+                    "SELECT version, revision, pushed_at, pushed_by, files, signing FROM policy WHERE version = ?1",
                     [v as i64],
                     Self::bundle_row,
                 )
                 .optional()?,
             None => db
                 .query_row(
-                    "SELECT version, revision, pushed_at, pushed_by, files FROM policy ORDER BY version DESC LIMIT 1",
+                    "SELECT version, revision, pushed_at, pushed_by, files, signing FROM policy ORDER BY version DESC LIMIT 1",
                     [],
                     Self::bundle_row,
                 )
                 .optional()?,
         };
-        row.map(|(version, revision, pushed_at, pushed_by, files)| {
-            Ok(Bundle {
-                version,
-                revision,
-                pushed_at,
-                pushed_by,
-                files: serde_json::from_str(&files)
-                    .map_err(|e| StoreError::Corrupt(format!("policy version {version}: {e}")))?,
-            })
-        })
+        row.map(
+            |(version, revision, pushed_at, pushed_by, files, signing)| {
+                bundle_of(
+                    version,
+                    revision,
+                    pushed_at,
+                    pushed_by,
+                    &files,
+                    signing.as_deref(),
+                )
+            },
+        )
         .transpose()
     }
 

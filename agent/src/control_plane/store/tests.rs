@@ -295,26 +295,26 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     // its generation.
     let fill = |s: &dyn Store| {
         assert_eq!(
-            s.push_policy("r1", &files, "admin", 0, None)
+            s.push_policy("r1", &files, "admin", 0, None, &Default::default())
                 .unwrap()
                 .version,
             1
         );
         assert_eq!(
-            s.push_policy("r2", &files, "admin", 0, None)
+            s.push_policy("r2", &files, "admin", 0, None, &Default::default())
                 .unwrap()
                 .version,
             2
         );
         assert_eq!(
-            s.push_policy("r6", &files, "admin", 5, None)
+            s.push_policy("r6", &files, "admin", 5, None, &Default::default())
                 .unwrap()
                 .version,
             6
         );
         // Made from version 2 while 6 is the newest: refused, nothing stored.
         let e = s
-            .push_policy("r7", &files, "admin", 0, Some(2))
+            .push_policy("r7", &files, "admin", 0, Some(2), &Default::default())
             .unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -322,7 +322,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
         );
         assert_eq!(s.heads().unwrap().0, 6);
         assert_eq!(
-            s.push_policy("r7", &files, "admin", 0, Some(6))
+            s.push_policy("r7", &files, "admin", 0, Some(6), &Default::default())
                 .unwrap()
                 .version,
             7
@@ -381,7 +381,9 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     let first = other.lineage().unwrap().unwrap();
     assert_ne!(first, lineage);
     // A later push does not move it: every replica, started before or after, agrees.
-    other.push_policy("r1", &files, "admin", 0, None).unwrap();
+    other
+        .push_policy("r1", &files, "admin", 0, None, &Default::default())
+        .unwrap();
     assert_eq!(other.lineage().unwrap().unwrap(), first);
     // Records stored before the byte counts existed are counted by the migration.
     let s = SqliteStore::open(&path, KEEP).unwrap();
@@ -403,6 +405,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
          ALTER TABLE nodes DROP COLUMN sessions;
          DROP TABLE console_sessions; DROP TABLE console_links; DROP TABLE forwarding; DROP TABLE alert_seen;
          DROP INDEX flows_owner_id; ALTER TABLE flows DROP COLUMN owner;
+         DROP TABLE proposals; ALTER TABLE policy DROP COLUMN signing;
          PRAGMA user_version = 3",
     )
     .unwrap();
@@ -419,7 +422,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     drop(c);
     let e = SqliteStore::open(&path, KEEP).err().unwrap().to_string();
     assert!(
-        e.contains("has schema version 99; this agentwall knows up to 8"),
+        e.contains("has schema version 99; this agentwall knows up to 9"),
         "{e}"
     );
 
@@ -429,7 +432,9 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     let other = scratch::database();
     let other = PgStore::open(&pg_options(&other.url)).unwrap();
     assert_eq!(other.lineage().unwrap(), None);
-    other.push_policy("r1", &files, "admin", 0, None).unwrap();
+    other
+        .push_policy("r1", &files, "admin", 0, None, &Default::default())
+        .unwrap();
     assert_ne!(other.lineage().unwrap().unwrap(), lineage);
     scratch::admin(&db.url, "UPDATE agentwall_schema SET version = 99").unwrap();
     let e = PgStore::open(&pg_options(&db.url))
@@ -439,7 +444,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     let shown = crate::config::control_plane::redact_url(&db.url);
     assert!(
         e.contains(&format!(
-            "database {shown} has schema version 99; this agentwall knows up to 7"
+            "database {shown} has schema version 99; this agentwall knows up to 8"
         )),
         "{e}"
     );
@@ -489,7 +494,7 @@ fn replicas_on_one_database_migrate_once_and_hear_each_other() {
         text: "x".into(),
     }];
     assert_eq!(
-        a.push_policy("r1", &files, "admin", 0, None)
+        a.push_policy("r1", &files, "admin", 0, None, &Default::default())
             .unwrap()
             .version,
         1
@@ -515,8 +520,15 @@ fn replicas_on_one_database_migrate_once_and_hear_each_other() {
             let files = &files;
             t.spawn(move || {
                 for j in 0..10 {
-                    s.push_policy(&format!("r{i}-{j}"), files, "admin", 0, None)
-                        .unwrap();
+                    s.push_policy(
+                        &format!("r{i}-{j}"),
+                        files,
+                        "admin",
+                        0,
+                        None,
+                        &Default::default(),
+                    )
+                    .unwrap();
                     s.revoke(&format!("spiffe://example.org/{i}/{j}"), "admin", None, 0)
                         .unwrap();
                 }
@@ -538,7 +550,10 @@ fn replicas_on_one_database_migrate_once_and_hear_each_other() {
             .iter()
             .map(|s| {
                 let files = &files;
-                t.spawn(move || s.push_policy("r-base", files, "admin", 0, Some(41)).is_ok())
+                t.spawn(move || {
+                    s.push_policy("r-base", files, "admin", 0, Some(41), &Default::default())
+                        .is_ok()
+                })
             })
             .collect();
         all.into_iter()
@@ -1465,5 +1480,71 @@ fn one_replica_forwards_at_a_time_and_the_next_goes_on_from_its_cursor() {
                 .unwrap()
                 .new
         );
+    }
+}
+
+#[test]
+fn a_proposal_becomes_the_next_version_with_its_last_approval_and_only_then() {
+    use crate::control_plane::signing::{BundleSignature, Signing};
+    let files = vec![BundleFile {
+        name: "a.yaml".into(),
+        text: "x".into(),
+    }];
+    let sig = |key: &str| BundleSignature {
+        key: key.into(),
+        signer: format!("{key}@example.org"),
+        signature: "00".into(),
+    };
+    for f in both() {
+        let s = &*f.store;
+        let signing = Signing {
+            not_before: Some("2026-12-05T00:00:00.000Z".into()),
+            expires_at: None,
+            signatures: vec![sig("a")],
+        };
+        assert_eq!(
+            s.push_policy("r1", &files, "admin", 0, None, &signing)
+                .unwrap()
+                .version,
+            1
+        );
+        // What was pushed signed is read back signed.
+        assert_eq!(s.policy(Some(1)).unwrap().unwrap().signing, signing);
+        let p = s.propose("r2", &files, "alice", &signing).unwrap();
+        assert_eq!((p.id, p.version), (1, None), "{}", f.name);
+        assert_eq!(s.proposal(1).unwrap().unwrap(), p, "{}", f.name);
+        // The same key twice is refused, and stores nothing.
+        let e = s.approve(1, &sig("a"), 3, 0).unwrap_err().to_string();
+        assert_eq!(e, "proposal 1 is signed by key a already", "{}", f.name);
+        let (p, b) = s.approve(1, &sig("b"), 3, 0).unwrap();
+        assert!(b.is_none(), "{}", f.name);
+        assert_eq!(p.signing.signatures.len(), 2);
+        assert_eq!(s.policy(None).unwrap().unwrap().version, 1, "{}", f.name);
+        // The last approval publishes it, numbered above what the caller served.
+        let (p, b) = s.approve(1, &sig("c"), 3, 6).unwrap();
+        let b = b.unwrap();
+        assert_eq!((b.version, p.version), (7, Some(7)), "{}", f.name);
+        assert_eq!(b.signing.signatures.len(), 3);
+        assert_eq!(s.policy(None).unwrap().unwrap(), b, "{}", f.name);
+        let e = s.approve(1, &sig("d"), 3, 0).unwrap_err().to_string();
+        assert_eq!(
+            e, "proposal 1 was approved already: it is bundle version 7",
+            "{}",
+            f.name
+        );
+        assert!(matches!(
+            s.approve(9, &sig("d"), 1, 0),
+            Err(StoreError::NoProposal(9))
+        ));
+        // Listed without files, newest first.
+        s.propose("r3", &files, "bob", &Signing::default()).unwrap();
+        let all = s.proposals().unwrap();
+        assert_eq!(
+            all.iter().map(|p| (p.id, p.version)).collect::<Vec<_>>(),
+            [(2, None), (1, Some(7))],
+            "{}",
+            f.name
+        );
+        assert!(all.iter().all(|p| p.files.is_empty()));
     }
 }

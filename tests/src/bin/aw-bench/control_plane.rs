@@ -90,6 +90,7 @@ fn bundle(n: usize) -> PushRequest {
     }
     PushRequest {
         base_version: None,
+        signing: Default::default(),
         files: vec![agentwall::control_plane::BundleFile {
             name: "agents.yaml".into(),
             text,

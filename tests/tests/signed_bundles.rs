@@ -1,0 +1,217 @@
+//! Signed bundles and the two-person rule, with the real control plane and a real node: the
+//! node applies only bundles enough of its trusted signers signed, never one older than what
+//! it applied nor one past its expiry, whatever the control plane serves; the control plane
+//! holds a push short of its approvals as a proposal until others approve it.
+
+use std::path::{Path, PathBuf};
+
+use agentwall_tests::{
+    cp::{CpFixture, CpProc, POLICY_B, admin_creds, cp, node_args},
+    node::{NodeProc, SUPPORT_POLICY, setup, status_json, wait_status},
+};
+
+/// An Ed25519 key pair: (private PKCS#8 PEM, public SPKI PEM).
+fn keypair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let (private, public) = (
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.pub")),
+    );
+    std::fs::write(&private, k.serialize_pem()).unwrap();
+    std::fs::write(&public, k.public_key_pem()).unwrap();
+    (private, public)
+}
+
+/// `agentwall cp policy ARGS` as the admin: (success, stdout, stderr).
+fn policy(fx: &CpFixture, url: &str, args: &[&str]) -> (bool, String, String) {
+    let admin = admin_creds(fx);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let mut all = vec!["policy"];
+    all.extend_from_slice(args);
+    let out = cp(fx, url, &admin, &all);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A policy directory holding `text`.
+fn dir_of(fx: &CpFixture, name: &str, text: &str) -> String {
+    let d = fx.dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("agents.yaml"), text).unwrap();
+    d.display().to_string()
+}
+
+/// The node's reason for refusing the newest bundle, once it says one containing `what`.
+fn refused(node: &NodeProc, what: &str) -> String {
+    let st = wait_status(&node.socket, &format!("a bundle refused: {what}"), |s| {
+        s["control_plane"]["bundle_refused"]
+            .as_str()
+            .is_some_and(|r| r.contains(what))
+    });
+    st["control_plane"]["bundle_refused"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn applied(node: &NodeProc, version: u64) -> serde_json::Value {
+    wait_status(&node.socket, &format!("version {version} applied"), |s| {
+        s["control_plane"]["applied_version"] == version
+            && s["control_plane"].get("bundle_refused").is_none()
+    })
+}
+
+/// The control plane's database, changed while it is down (what a hostile control plane,
+/// or whoever holds its database, can do): `sql` run as is.
+fn tamper(fx: &CpFixture, sql: &str) {
+    let db = rusqlite::Connection::open(fx.dir.join("db/cp.db")).unwrap();
+    db.execute_batch(sql).unwrap();
+}
+
+#[test]
+fn a_node_applies_only_what_its_signers_signed_and_never_an_older_or_expired_bundle() {
+    let (env, tmp, _ca) = setup("cp-signed", SUPPORT_POLICY);
+    let dir = tmp.path();
+    let fx = CpFixture::new(dir);
+    let (alice, alice_pub) = keypair(dir, "alice");
+    let (bob, bob_pub) = keypair(dir, "bob");
+    let (eve, _) = keypair(dir, "eve");
+    fx.configure(
+        "approvals_required = 1\n",
+        &format!(
+            "[signers]\n\"alice@example.org\" = \"{}\"\n\"bob@example.org\" = \"{}\"\n",
+            alice_pub.display(),
+            bob_pub.display()
+        ),
+    );
+    let server = CpProc::start(&fx, None);
+    let url = server.url.clone();
+    let flags = fx.node_flags(&url);
+    let signers = [
+        "--trusted-signer",
+        alice_pub.to_str().unwrap(),
+        "--trusted-signer",
+        bob_pub.to_str().unwrap(),
+        "--signatures-required",
+        "2",
+    ];
+    let node = NodeProc::start_with(&env, dir, &node_args(&flags, &signers));
+    let (alice, bob, eve) = (
+        alice.to_str().unwrap(),
+        bob.to_str().unwrap(),
+        eve.to_str().unwrap(),
+    );
+
+    // One signature is enough for this control plane, not for the node: refused, said why,
+    // and the control plane hears it in the node's poll.
+    let v1 = dir_of(&fx, "v1", SUPPORT_POLICY);
+    let (ok, out, err) = policy(&fx, &url, &["push", &v1, "--sign-key", alice]);
+    assert!(ok && out.starts_with("pushed version 1 "), "{out}{err}");
+    let why = refused(&node, "needs 2");
+    assert!(
+        why.starts_with("version 1: 1 valid signature(s) from keys this node trusts ("),
+        "{why}"
+    );
+    assert_eq!(
+        status_json(&node.socket)["control_plane"]["applied_version"],
+        0
+    );
+
+    // Two signers: applied.
+    let (ok, out, err) = policy(
+        &fx,
+        &url,
+        &["push", &v1, "--sign-key", alice, "--sign-key", bob],
+    );
+    assert!(ok && out.starts_with("pushed version 2 "), "{out}{err}");
+    applied(&node, 2);
+
+    // A control plane that asks for no approvals (or another in its place) publishes an
+    // unsigned push as it is: the node refuses it. One that asks for one holds it as a
+    // proposal.
+    let v3 = dir_of(&fx, "v3", POLICY_B);
+    let (ok, out, err) = policy(&fx, &url, &["push", &v3]);
+    assert!(ok && out.starts_with("proposal 1 revision "), "{out}{err}");
+    let addr = server.addr;
+    drop(server);
+    let server = CpProc::start_with(&fx, Some(addr), "cp", &["--approvals-required", "0"]);
+    let (ok, out, err) = policy(&fx, &url, &["push", &v3]);
+    assert!(ok && out.starts_with("pushed version 3 "), "{out}{err}");
+    assert!(refused(&node, "version 3:").contains("is not signed"));
+
+    // Two approvals required: a push signed once is a proposal, published only when a
+    // second signer approves it; a stranger's key and a second signature by the same key
+    // are refused.
+    drop(server);
+    let server = CpProc::start_with(&fx, Some(addr), "cp", &["--approvals-required", "2"]);
+    let v4 = dir_of(&fx, "v4", POLICY_B);
+    let (ok, out, err) = policy(&fx, &url, &["push", &v4, "--sign-key", alice]);
+    assert!(
+        ok && out.starts_with("proposal 2 revision ") && out.contains(": 1 of 2 signature(s)"),
+        "{out}{err}"
+    );
+    let (ok, out, _) = policy(&fx, &url, &["proposals"]);
+    assert!(
+        ok && out.contains("awaiting approvals; signed by alice@example.org\nproposal 1 "),
+        "{out}"
+    );
+    let (ok, _, err) = policy(&fx, &url, &["approve", "2", "--sign-key", eve]);
+    assert!(!ok && err.contains("not one of the signers' keys"), "{err}");
+    let (ok, _, err) = policy(&fx, &url, &["approve", "2", "--sign-key", alice]);
+    assert!(!ok && err.contains("proposal 2 is signed by key"), "{err}");
+    let (ok, out, err) = policy(&fx, &url, &["approve", "2", "--sign-key", bob]);
+    assert!(ok && out.starts_with("published version 4 "), "{out}{err}");
+    let st = applied(&node, 4);
+    let rev4 = st["revision"].as_str().unwrap().to_owned();
+    let (ok, _, err) = policy(&fx, &url, &["approve", "2", "--sign-key", bob]);
+    assert!(!ok && err.contains("was approved already"), "{err}");
+
+    // A bundle that expires in a few seconds, signed by both: in force for now.
+    let v5 = dir_of(&fx, "v5", SUPPORT_POLICY);
+    let (ok, out, err) = policy(
+        &fx,
+        &url,
+        &[
+            "push",
+            &v5,
+            "--sign-key",
+            alice,
+            "--sign-key",
+            bob,
+            "--expires-in",
+            "3s",
+        ],
+    );
+    assert!(ok && out.starts_with("pushed version 5 "), "{out}{err}");
+    let st = applied(&node, 5);
+    assert_ne!(st["revision"], rev4.as_str());
+
+    // The control plane serves version 2 again, renumbered above the rest: genuinely
+    // signed, but older than what the node applied.
+    drop(server);
+    tamper(&fx, "UPDATE policy SET version = 20 WHERE version = 2");
+    let server = CpProc::start(&fx, Some(addr));
+    let why = refused(&node, "version 20:");
+    assert!(why.contains("a bundle is never rolled back"), "{why}");
+    assert_eq!(
+        status_json(&node.socket)["control_plane"]["applied_version"],
+        5
+    );
+
+    // And version 5 once it has expired, as if new.
+    drop(server);
+    let expiry = std::time::SystemTime::now() + std::time::Duration::from_secs(4);
+    // Waiting for a time to pass, not for an event: nothing signals an expiry.
+    while std::time::SystemTime::now() < expiry {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    tamper(&fx, "UPDATE policy SET version = 30 WHERE version = 5");
+    let _server = CpProc::start(&fx, Some(addr));
+    let why = refused(&node, "version 30:");
+    assert!(why.contains("the bundle expired at"), "{why}");
+    let st = status_json(&node.socket);
+    assert_eq!(st["control_plane"]["applied_version"], 5);
+}
