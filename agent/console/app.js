@@ -391,7 +391,10 @@ function changeRows(changes) {
 }
 
 async function policyPage() {
-  const versions = await api("GET", "/v1/policy/versions");
+  const [versions, proposals] = await Promise.all([
+    api("GET", "/v1/policy/versions"),
+    api("GET", "/v1/policy/proposals"),
+  ]);
   const diffBox = el("div", { id: "diff-box" });
   const pick = (name, chosen) => el("select", { name },
     versions.map((v) => el("option", { value: String(v.version), selected: v.version === chosen }, `version ${v.version}`)));
@@ -455,6 +458,12 @@ async function policyPage() {
   page("Policy",
     table(["Version", "Revision", "Pushed", "By"],
       versions.map((v) => [String(v.version), v.revision, v.pushed_at, v.pushed_by]), { id: "versions" }),
+    el("h2", {}, "Proposals"),
+    el("p", { class: "muted" }, "Pushes awaiting the approvals the control plane requires; signers approve with their own key: agentwall cp policy approve N --sign-key KEY."),
+    table(["Proposal", "Revision", "Pushed", "By", "Signed by", "State"],
+      proposals.map((p) => [String(p.id), p.revision, p.pushed_at, p.pushed_by,
+        p.signing.signatures && p.signing.signatures.length ? p.signing.signatures.map((s) => s.signer || s.key).join(", ") : "no one",
+        p.version ? `published as version ${p.version}` : "awaiting approvals"]), { id: "proposals" }),
     el("h2", {}, "Compare two versions"), diffForm, diffBox,
     el("h2", {}, "Try a candidate against the fleet's flows"), candidate, result);
 }

@@ -151,6 +151,8 @@ try {
     // Policy: versions, a diff, a refused candidate's errors, a candidate's simulation.
     await page.locator('nav a[data-page="policy"]').click();
     check((await rows(page, "versions")) === expect.versions, `the policy page lists ${expect.versions} versions`);
+    check((await rows(page, "proposals")) === expect.proposals, `and ${expect.proposals} proposal(s)`);
+    check((await page.locator("#proposals").textContent()).includes("awaiting approvals"), "a proposal awaiting approvals is said so");
     await page.locator('#diff-form button[type="submit"]').click();
     await page.locator("pre.diff").first().waitFor();
     check((await page.locator("pre.diff").first().textContent()).includes(expect.diff_line), "the diff shows the added rule");

@@ -343,13 +343,33 @@ egress:
 /// Pushes `text` as `agents.yaml` (written under `fx.dir/NAME`) with the admin's
 /// certificate, through the control plane at `url`; returns the revision.
 pub fn push(fx: &CpFixture, url: &str, name: &str, text: &str) -> String {
+    push_signed(fx, url, name, text, &[])["revision"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// [`push`], signed with each of `keys` (`--sign-key`): what `policy push --output json`
+/// said (a version, or a proposal short of its approvals).
+pub fn push_signed(
+    fx: &CpFixture,
+    url: &str,
+    name: &str,
+    text: &str,
+    keys: &[&Path],
+) -> serde_json::Value {
     let d = fx.dir.join(name);
     std::fs::create_dir_all(&d).unwrap();
     std::fs::write(d.join("agents.yaml"), text).unwrap();
     let admin = admin_creds(fx);
     let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
-    let r = cp_json(fx, url, &admin, &["policy", "push", d.to_str().unwrap()]);
-    r["revision"].as_str().unwrap().to_owned()
+    let dir = d.display().to_string();
+    let keys: Vec<String> = keys.iter().map(|k| k.display().to_string()).collect();
+    let mut args = vec!["policy", "push", dir.as_str()];
+    for k in &keys {
+        args.extend(["--sign-key", k.as_str()]);
+    }
+    cp_json(fx, url, &admin, &args)
 }
 
 /// `--token-file` of the security reader.

@@ -161,3 +161,19 @@ impl Ca {
             .expect("PEM")
     }
 }
+
+/// An admin's Ed25519 signing key pair, written as `NAME.key` (PKCS#8 PEM, what `--sign-key`
+/// takes) and `NAME.pub` (SPKI PEM, what `[signers]` and `--trusted-signer` take).
+pub fn signing_keypair(
+    dir: &std::path::Path,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let (private, public) = (
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.pub")),
+    );
+    std::fs::write(&private, k.serialize_pem()).unwrap();
+    std::fs::write(&public, k.public_key_pem()).unwrap();
+    (private, public)
+}

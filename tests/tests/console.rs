@@ -11,12 +11,15 @@ use std::{
 
 use agentwall::control_plane::{PollReply, PollRequest, ReportBatch, Reported};
 use agentwall_tests::{
-    cp::{CpFixture, CpProc, NODE_ID, POLICY_B, cp_json, node_args, push, security, stored},
+    cp::{
+        CpFixture, CpProc, NODE_ID, POLICY_B, cp_json, node_args, push, push_signed, security,
+        stored,
+    },
     node::{
         NodeProc, SUPPORT_ID, SUPPORT_POLICY, eventually, launch_probe, setup, wait_status,
         write_cert,
     },
-    pki::CertSpec,
+    pki::{CertSpec, signing_keypair},
     require_root,
 };
 
@@ -57,6 +60,16 @@ fn the_console_shows_what_the_api_returns_and_its_revoke_reaches_the_node() {
     let (env, tmp, ca) = setup("console", SUPPORT_POLICY);
     let dir = tmp.path();
     let fx = CpFixture::new(dir);
+    // One signer's approval publishes a push: the versions below are signed, and an unsigned
+    // push stays a proposal.
+    let (alice, alice_pub) = signing_keypair(dir, "alice");
+    fx.configure(
+        "approvals_required = 1\n",
+        &format!(
+            "[signers]\n\"alice@example.org\" = \"{}\"\n",
+            alice_pub.display()
+        ),
+    );
     let server = CpProc::start(&fx, None);
     let url = server.url.clone();
     let flags = fx.node_flags(&url);
@@ -67,15 +80,21 @@ fn the_console_shows_what_the_api_returns_and_its_revoke_reaches_the_node() {
     );
     let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(SUPPORT_ID)));
     let owned = format!("{SUPPORT_POLICY}owner: support-team@example.com\n");
-    push(&fx, &url, "v1", &owned);
+    push_signed(&fx, &url, "v1", &owned, &[&alice]);
     // A second version with a rule no flow uses.
     let added = "  - to: [203.0.113.0/24]\n    ports: [8443]\n    protocol: tcp\n";
-    let rev = push(
+    let rev = push_signed(
         &fx,
         &url,
         "v2",
         &format!("{SUPPORT_POLICY}{added}owner: support-team@example.com\n"),
-    );
+        &[&alice],
+    )["revision"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let proposed = push(&fx, &url, "v3", POLICY_B);
+    assert_ne!(proposed, rev);
     wait_status(&node.socket, "version 2 applied", |s| {
         s["revision"] == rev.as_str()
     });
@@ -193,6 +212,7 @@ fn the_console_shows_what_the_api_returns_and_its_revoke_reaches_the_node() {
         "live_dest": "198.51.100.11",
         "identities": identities["identities"],
         "versions": 2,
+        "proposals": 1,
         "diff_line": "+  - to: [203.0.113.0/24]",
         "candidate": POLICY_B,
         "newly_denied": count(&sim["newly_denied"]),

@@ -3,24 +3,11 @@
 //! it applied nor one past its expiry, whatever the control plane serves; the control plane
 //! holds a push short of its approvals as a proposal until others approve it.
 
-use std::path::{Path, PathBuf};
-
 use agentwall_tests::{
     cp::{CpFixture, CpProc, POLICY_B, admin_creds, cp, node_args},
     node::{NodeProc, SUPPORT_POLICY, setup, status_json, wait_status},
+    pki::signing_keypair as keypair,
 };
-
-/// An Ed25519 key pair: (private PKCS#8 PEM, public SPKI PEM).
-fn keypair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-    let (private, public) = (
-        dir.join(format!("{name}.key")),
-        dir.join(format!("{name}.pub")),
-    );
-    std::fs::write(&private, k.serialize_pem()).unwrap();
-    std::fs::write(&public, k.public_key_pem()).unwrap();
-    (private, public)
-}
 
 /// `agentwall cp policy ARGS` as the admin: (success, stdout, stderr).
 fn policy(fx: &CpFixture, url: &str, args: &[&str]) -> (bool, String, String) {
