@@ -867,6 +867,36 @@ pub struct RecordView<'a> {
     fields: std::collections::HashMap<String, &'a serde_json::value::RawValue>,
 }
 
+/// A record's top-level fields, however it is held: parsed ([`serde_json::Value`], as a
+/// node reads its own log) or as text ([`RecordView`], as the control plane reads stored
+/// records).
+pub trait Fields {
+    /// A string field.
+    fn text(&self, k: &str) -> Option<String>;
+    /// A whole number from 0 to 2^64 - 1.
+    fn u64(&self, k: &str) -> Option<u64>;
+}
+
+impl Fields for Value {
+    fn text(&self, k: &str) -> Option<String> {
+        self.get(k).and_then(Value::as_str).map(str::to_owned)
+    }
+
+    fn u64(&self, k: &str) -> Option<u64> {
+        self.get(k).and_then(Value::as_u64)
+    }
+}
+
+impl Fields for RecordView<'_> {
+    fn text(&self, k: &str) -> Option<String> {
+        RecordView::text(self, k)
+    }
+
+    fn u64(&self, k: &str) -> Option<u64> {
+        RecordView::u64(self, k)
+    }
+}
+
 impl<'a> RecordView<'a> {
     /// None when `text` is not a JSON object.
     pub fn parse(text: &'a str) -> Option<Self> {

@@ -289,8 +289,8 @@ type GroupUse = (BTreeMap<String, ServiceUse>, BTreeMap<FlowKey, u64>);
 
 /// The process group a shadow-AI record belongs to: its systemd unit, else its container,
 /// else its executable and user.
-pub fn group_of(r: &serde_json::Value) -> String {
-    let s = |k: &str| r.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+pub fn group_of(r: &impl crate::audit::Fields) -> String {
+    let s = |k: &str| r.text(k);
     if let Some(u) = s("unit") {
         format!("unit {u}")
     } else if let Some(c) = s("container") {
@@ -299,7 +299,7 @@ pub fn group_of(r: &serde_json::Value) -> String {
         format!(
             "exe {} (uid {})",
             s("exe").unwrap_or_else(|| s("comm").unwrap_or_default()),
-            r.get("uid").and_then(|v| v.as_u64()).unwrap_or(0)
+            r.u64("uid").unwrap_or(0)
         )
     }
 }
@@ -319,8 +319,8 @@ impl ShadowFold {
         self.left_out
     }
 
-    pub fn add(&mut self, r: &serde_json::Value) {
-        let s = |k: &str| r.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    pub fn add(&mut self, r: &impl crate::audit::Fields) {
+        let s = |k: &str| r.text(k);
         if s("verdict").as_deref() != Some("unknown") {
             return;
         }
@@ -328,11 +328,11 @@ impl ShadowFold {
             return;
         };
         let group = group_of(r);
-        let Ok(port) = u16::try_from(r.get("port").and_then(|v| v.as_u64()).unwrap_or(0)) else {
+        let Ok(port) = u16::try_from(r.u64("port").unwrap_or(0)) else {
             self.left_out += 1;
             return;
         };
-        let count = r.get("count").and_then(|v| v.as_u64()).unwrap_or(1);
+        let count = r.u64("count").unwrap_or(1);
         let dest = s("dest").unwrap_or_default();
         let name = crate::review::host_name(s("fqdn"));
         let first = s("first_seen").or_else(|| s("time")).unwrap_or_default();

@@ -1991,8 +1991,9 @@ async fn get_shadow_ai(
                 ..FlowQuery::default()
             })?;
             for f in page.flows {
-                if let Some(r) = f.value() {
-                    by_node.entry(f.node).or_default().add(&r);
+                // Read from the stored text: only the fields the fold looks at.
+                if let Some(r) = crate::audit::RecordView::parse(f.record.get()) {
+                    by_node.entry(f.node.clone()).or_default().add(&r);
                 }
             }
             match page.next {

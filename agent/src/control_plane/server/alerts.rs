@@ -146,36 +146,38 @@ impl Detector {
     pub fn observe(
         &mut self,
         node: &str,
-        r: &Value,
+        r: &crate::audit::RecordView<'_>,
         store: &dyn Store,
     ) -> Result<Vec<Alert>, crate::control_plane::store::StoreError> {
-        let text = |k: &str| r.get(k).and_then(Value::as_str);
-        let (Some(time), Some(kind)) = (text("time"), Some(text("kind").unwrap_or("decision")))
-        else {
+        let text = |k: &str| r.text(k);
+        let (Some(time), kind) = (
+            text("time"),
+            text("kind").unwrap_or_else(|| "decision".into()),
+        ) else {
             return Ok(Vec::new());
         };
-        let Some(t) = crate::clock::parse_rfc3339(time)
+        let Some(t) = crate::clock::parse_rfc3339(&time)
             .ok()
             .map(|t| t.unix_timestamp())
         else {
             return Ok(Vec::new());
         };
-        let count = r.get("count").and_then(Value::as_u64).unwrap_or(1).max(1);
+        let count = r.u64("count").unwrap_or(1).max(1);
         // Only what a review can stand behind: a SPIFFE ID, bounded.
         let identity = text("identity").filter(|i| i.parse::<crate::identity::AgentId>().is_ok());
         let mut out = Vec::new();
         let alert =
             |kind: usize, subject: &str, summary: String, evidence: Value, key: String| Alert {
                 kind,
-                time: time.to_owned(),
+                time: time.clone(),
                 subject: subject.to_owned(),
                 node: node.to_owned(),
                 summary,
                 evidence,
                 key,
             };
-        match (kind, identity) {
-            ("decision", Some(id)) => match text("verdict") {
+        match (kind.as_str(), identity.as_deref()) {
+            ("decision", Some(id)) => match text("verdict").as_deref() {
                 Some("deny") => {
                     let window = self.cfg.denial_window_secs as i64;
                     if let Some(w) = follow(&mut self.denials, id, &mut self.left_out)
@@ -187,7 +189,7 @@ impl Detector {
                             format!("{id}: {} denials within {window} s", w.sum),
                             json!({
                                 "denials": w.sum, "window_secs": window,
-                                "last_dest": text("dest"), "last_port": r.get("port"),
+                                "last_dest": text("dest"), "last_port": r.u64("port"),
                                 "last_reason": text("reason"),
                             }),
                             format!("denial_burst|{id}|{t}"),
@@ -195,14 +197,13 @@ impl Detector {
                     }
                 }
                 Some("allow" | "audit") => {
-                    let dest =
-                        crate::review::host_name(text("fqdn").map(str::to_owned)).or_else(|| {
-                            text("dest")
-                                .and_then(|d| d.parse::<std::net::IpAddr>().ok())
-                                .map(|a| a.to_string())
-                        });
+                    let dest = crate::review::host_name(text("fqdn")).or_else(|| {
+                        text("dest")
+                            .and_then(|d| d.parse::<std::net::IpAddr>().ok())
+                            .map(|a| a.to_string())
+                    });
                     if let Some(dest) = dest {
-                        let seen = store.baseline(id, &format!("dest {dest}"), time)?;
+                        let seen = store.baseline(id, &format!("dest {dest}"), &time)?;
                         let learned = crate::clock::parse_rfc3339(&seen.subject_first)
                             .map(|f| (t - f.unix_timestamp()) as f64 / 3600.0)
                             .unwrap_or(0.0);
@@ -215,7 +216,7 @@ impl Detector {
                                 ),
                                 json!({
                                     "destination": dest, "dest": text("dest"),
-                                    "port": r.get("port"), "protocol": text("protocol"),
+                                    "port": r.u64("port"), "protocol": text("protocol"),
                                     "verdict": text("verdict"),
                                     "baseline_since": seen.subject_first,
                                 }),
@@ -229,7 +230,7 @@ impl Detector {
             ("dns", Some(id)) => {
                 let event = text("event").unwrap_or_default();
                 let window = self.cfg.dns_window_secs as i64;
-                if matches!(event, "query_refused" | "query_would_refuse")
+                if matches!(event.as_str(), "query_refused" | "query_would_refuse")
                     && let Some(w) = follow(&mut self.refusals, id, &mut self.left_out)
                     && w.add(t, count, window, self.cfg.dns_refusals)
                 {
@@ -246,7 +247,7 @@ impl Detector {
                 }
                 if let Some(name) = text("name")
                     && let Some((label, bits)) =
-                        tunnel_like(name, self.cfg.dns_label_length, self.cfg.dns_entropy_bits)
+                        tunnel_like(&name, self.cfg.dns_label_length, self.cfg.dns_entropy_bits)
                     && self.names.get(id).is_none_or(|last| t - last >= window)
                     && (self.names.len() < MAX_FOLLOWED || self.names.contains_key(id))
                 {
@@ -264,10 +265,10 @@ impl Detector {
                     ));
                 }
             }
-            ("decision", None) if text("verdict") == Some("unknown") => {
+            ("decision", None) if text("verdict").as_deref() == Some("unknown") => {
                 if let Some(service) = text("service") {
                     let group = crate::discovery::group_of(r);
-                    let seen = store.baseline(node, &format!("shadow {group}"), time)?;
+                    let seen = store.baseline(node, &format!("shadow {group}"), &time)?;
                     if seen.new {
                         out.push(alert(
                             3,
@@ -275,7 +276,7 @@ impl Detector {
                             format!("{node}: {group} talks to {service}, new shadow AI"),
                             json!({
                                 "group": group, "service": service, "dest": text("dest"),
-                                "port": r.get("port"), "exe": text("exe"),
+                                "port": r.u64("port"), "exe": text("exe"),
                             }),
                             format!("new_shadow_ai|{node}|{group}"),
                         ));
@@ -396,7 +397,8 @@ async fn detect_page(
         let mut raised = Vec::new();
         let mut batch = Vec::new();
         for f in page.flows.iter().filter(|f| f.node != ALERTS_NODE) {
-            let Some(r) = f.value() else {
+            // Read from the stored text: only the fields the detector looks at.
+            let Some(r) = crate::audit::RecordView::parse(f.record.get()) else {
                 continue;
             };
             for a in d.observe(&f.node, &r, &*store)? {
