@@ -223,6 +223,17 @@ impl CpProc {
         name: &str,
         extra: &[&str],
     ) -> Self {
+        Self::start_in(fx, addr, name, extra, None)
+    }
+
+    /// [`CpProc::start_with`], inside `netns` when given.
+    pub fn start_in(
+        fx: &CpFixture,
+        addr: Option<std::net::SocketAddr>,
+        name: &str,
+        extra: &[&str],
+        netns: Option<&crate::NetNs>,
+    ) -> Self {
         let log = fx.dir.join(format!("{name}.log"));
         let err = std::fs::OpenOptions::new()
             .create(true)
@@ -230,17 +241,19 @@ impl CpProc {
             .open(&log)
             .unwrap();
         let listen = addr.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
-        let mut child = Command::new(bin_path("agentwall"))
-            .args(["control-plane", "serve", "--config"])
+        let mut cmd = Command::new(bin_path("agentwall"));
+        cmd.args(["control-plane", "serve", "--config"])
             .arg(&fx.config)
             .args(["--listen", &listen])
             .args(extra)
             .env("AGENTWALL_LOG", "info")
             .env("AGENTWALL_LOG_FORMAT", "text")
             .stdout(Stdio::piped())
-            .stderr(err)
-            .spawn()
-            .expect("spawn control plane");
+            .stderr(err);
+        if let Some(ns) = netns {
+            ns.enter(&mut cmd);
+        }
+        let mut child = cmd.spawn().expect("spawn control plane");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -294,14 +307,27 @@ impl Drop for CpProc {
 
 /// Runs `agentwall cp ARGS` against `url` with `creds` (`--cert/--key` or `--token-file`).
 pub fn cp(fx: &CpFixture, url: &str, creds: &[&str], args: &[&str]) -> Output {
-    Command::new(bin_path("agentwall"))
-        .arg("cp")
+    cp_in(None, fx, url, creds, args)
+}
+
+/// [`cp`], run inside `netns` when given (a control plane listening in a test namespace).
+pub fn cp_in(
+    netns: Option<&crate::NetNs>,
+    fx: &CpFixture,
+    url: &str,
+    creds: &[&str],
+    args: &[&str],
+) -> Output {
+    let mut c = Command::new(bin_path("agentwall"));
+    c.arg("cp")
         .args(["--url", url, "--ca"])
         .arg(&fx.ca_pem)
         .args(creds)
-        .args(args)
-        .output()
-        .unwrap()
+        .args(args);
+    if let Some(ns) = netns {
+        ns.enter(&mut c);
+    }
+    c.output().unwrap()
 }
 
 /// `--cert C --key K` of the admin.
@@ -407,4 +433,68 @@ pub fn stored(fx: &CpFixture, url: &str, verdict: &str) -> Vec<serde_json::Value
         ],
     );
     all["flows"].as_array().unwrap().clone()
+}
+
+/// A webhook receiver on loopback (plain HTTP/1.1; in a namespace when started inside
+/// [`crate::NetNs::run_in`]): each POST's JSON body goes to `bodies`.
+/// It answers 503 to the first `refuse` requests, then 200.
+pub struct WebhookReceiver {
+    pub addr: std::net::SocketAddr,
+    pub bodies: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl WebhookReceiver {
+    pub fn start(refuse: usize) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, bodies) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut answered = 0usize;
+            for tcp in listener.incoming() {
+                let Ok(tcp) = tcp else { return };
+                let mut r = std::io::BufReader::new(tcp.try_clone().unwrap());
+                // Requests on this connection, one after another.
+                loop {
+                    let mut head = String::new();
+                    let mut len = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
+                            break;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                        head.push_str(&line);
+                    }
+                    if head.is_empty() {
+                        break;
+                    }
+                    assert!(head.starts_with("POST /hook HTTP/1.1"), "{head}");
+                    let mut body = vec![0; len];
+                    std::io::Read::read_exact(&mut r, &mut body).unwrap();
+                    answered += 1;
+                    let mut w = &tcp;
+                    if answered <= refuse {
+                        let _ = std::io::Write::write_all(
+                            &mut w,
+                            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n",
+                        );
+                        continue;
+                    }
+                    let _ = std::io::Write::write_all(
+                        &mut w,
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+                    );
+                    if tx.send(serde_json::from_slice(&body).unwrap()).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        WebhookReceiver { addr, bodies }
+    }
 }

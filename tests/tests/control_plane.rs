@@ -16,8 +16,8 @@ use agentwall::control_plane::{
 use agentwall_tests::{
     SmallDisk,
     cp::{
-        ADMIN_ID, CpFixture, CpProc, NODE_ID, POLICY_B, admin_creds, cp, cp_json, node_args, push,
-        security, stored,
+        ADMIN_ID, CpFixture, CpProc, NODE_ID, POLICY_B, WebhookReceiver, admin_creds, cp, cp_json,
+        node_args, push, security, stored,
     },
     node::{
         NodeProc, SUPPORT_ID, SUPPORT_POLICY, agentwall, audit_records, eventually, launch_probe,
@@ -3642,65 +3642,6 @@ fn a_syslog_receiver_the_control_plane_cannot_trust_stops_its_start() {
         said.contains("syslog.address \"siem.example.org\" is not HOST:PORT"),
         "{said}"
     );
-}
-
-/// A webhook receiver on loopback (plain HTTP/1.1): each POST's JSON body goes to `bodies`.
-/// It answers 503 to the first `refuse` requests, then 200.
-struct WebhookReceiver {
-    addr: std::net::SocketAddr,
-    bodies: std::sync::mpsc::Receiver<serde_json::Value>,
-}
-
-impl WebhookReceiver {
-    fn start(refuse: usize) -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, bodies) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut answered = 0usize;
-            for tcp in listener.incoming() {
-                let Ok(tcp) = tcp else { return };
-                let mut r = std::io::BufReader::new(tcp.try_clone().unwrap());
-                // Requests on this connection, one after another.
-                loop {
-                    let mut head = String::new();
-                    let mut len = 0usize;
-                    loop {
-                        let mut line = String::new();
-                        if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
-                            break;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap();
-                        }
-                        head.push_str(&line);
-                    }
-                    if head.is_empty() {
-                        break;
-                    }
-                    assert!(head.starts_with("POST /hook HTTP/1.1"), "{head}");
-                    let mut body = vec![0; len];
-                    r.read_exact(&mut body).unwrap();
-                    answered += 1;
-                    let mut w = &tcp;
-                    if answered <= refuse {
-                        let _ = w.write_all(
-                            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n",
-                        );
-                        continue;
-                    }
-                    let _ = w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
-                    if tx.send(serde_json::from_slice(&body).unwrap()).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        WebhookReceiver { addr, bodies }
-    }
 }
 
 #[test]

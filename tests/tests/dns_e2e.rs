@@ -956,3 +956,149 @@ egress:
         "{text}"
     );
 }
+
+/// Every kind of alert, raised by what a scripted agent and an unenrolled process do on a
+/// real node, reaches the webhook a test receiver runs: the node, its control plane and the
+/// receiver all in the lab's namespace.
+#[test]
+fn what_an_agent_does_on_a_real_node_raises_each_alert_kind_at_a_webhook() {
+    use agentwall_tests::cp::{CpFixture, CpProc, NODE_ID, WebhookReceiver, admin_creds, cp_in};
+    let zone = serde_json::json!({ "records": [
+        a("api.example.com", "203.0.113.10"),
+        a("api.openai.com", "203.0.113.80"),
+    ]});
+    let policy = "\
+kind: AgentPolicy
+name: dns
+identity: spiffe://example.org/agent/dns
+egress:
+  - to: [203.0.113.0/25, api.example.com]
+    ports: [443]
+    protocol: tcp
+";
+    let mut lab = Lab::new(
+        "alerts-e2e",
+        policy,
+        &zone,
+        &[
+            "--aggregate-window-secs",
+            "1",
+            "--catalog-refresh-secs",
+            "300",
+        ],
+    );
+    let cp_dir = tempfile::tempdir().unwrap();
+    let fx = CpFixture::new(cp_dir.path());
+    let hook = lab.ns.run_in(|| WebhookReceiver::start(0));
+    fx.configure(
+        "",
+        &format!(
+            "[alerts]\nlearning_hours = 0\ndenials = 3\ndenial_window_secs = 60\ndns_refusals = 3\ndns_window_secs = 60\nwebhooks = [\"http://{}/hook\"]\n",
+            hook.addr
+        ),
+    );
+    let server = CpProc::start_in(&fx, None, "cp", &[], Some(&lab.ns));
+    lab.flags.extend(fx.node_flags(&server.url));
+    let node = lab.node();
+    let pushed = lab.dir().join("pushed");
+    std::fs::create_dir_all(&pushed).unwrap();
+    std::fs::write(pushed.join("agents.yaml"), policy).unwrap();
+    let admin = admin_creds(&fx);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let out = cp_in(
+        Some(&lab.ns),
+        &fx,
+        &server.url,
+        &admin,
+        &["policy", "push", pushed.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_status(&node.socket, "the pushed policy applied", |s| {
+        s["control_plane"]["applied_version"] == 1
+    });
+    wait_status(&node.socket, "catalog addresses", |s| {
+        s["catalog"]["addresses"].as_u64() >= Some(1)
+    });
+
+    let mut p = lab.agent(&node);
+    // A destination the identity never reached: with no learning period, an alert.
+    assert_eq!(connect(&mut p, "203.0.113.10", 443), "ok");
+    // A burst of denials.
+    for port in [444, 445, 446] {
+        assert_eq!(connect(&mut p, "198.51.100.10", port), "err EPERM");
+    }
+    // Refused queries for long, random-looking names: what a DNS tunnel sends.
+    for chunk in [
+        "q8z3xk1m9v7b2n5c4x6z0l8k3j7h1g5f9d2s6a4p0o8i3",
+        "w2e4r6t8y0u1i3o5p7a9s2d4f6g8h0j1k3l5z7x9c2v4b",
+    ] {
+        let answer = resolve(&mut p, &format!("{chunk}.tunnel.example"), "udp", "TXT");
+        assert_eq!(answer, "rcode Refused", "{chunk}");
+    }
+    assert_eq!(
+        resolve(&mut p, "a3f9.tunnel.example", "udp", "TXT"),
+        "rcode Refused"
+    );
+    // An unenrolled process reaching an AI service.
+    let rogue = lab.env.cgroup("rogue");
+    let mut c = Command::new(bin_path("aw-probe"));
+    c.args(["--cgroup", rogue.path().to_str().unwrap()]);
+    lab.ns.enter(&mut c);
+    let mut r = Probe::from_command(c);
+    let said = connect(&mut r, "203.0.113.80", 443);
+    assert!(said == "ok" || said == "err ECONNREFUSED", "{said}");
+
+    // The webhook gets each kind, from the node, about the agent (shadow AI: about the node).
+    let mut kinds: std::collections::BTreeMap<String, serde_json::Value> = Default::default();
+    let deadline = agentwall_tests::deadline(Duration::from_secs(60));
+    while kinds.len() < 4 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let body = hook.bodies.recv_timeout(left).unwrap_or_else(|_| {
+            panic!(
+                "alerts by kind so far: {:?}\n{}",
+                kinds.keys().collect::<Vec<_>>(),
+                std::fs::read_to_string(&server.log).unwrap_or_default()
+            )
+        });
+        assert_eq!(body["version"], "4", "{body}");
+        for a in body["alerts"].as_array().unwrap() {
+            let name = a["labels"]["alertname"].as_str().unwrap().to_owned();
+            kinds.entry(name).or_insert_with(|| a.clone());
+        }
+    }
+    assert_eq!(
+        kinds.keys().map(String::as_str).collect::<Vec<_>>(),
+        [
+            "agentwall_denial_burst",
+            "agentwall_dns_tunnel",
+            "agentwall_new_destination",
+            "agentwall_new_shadow_ai"
+        ]
+    );
+    for (kind, a) in &kinds {
+        assert_eq!(a["labels"]["node"], NODE_ID, "{kind}: {a}");
+        if kind != "agentwall_new_shadow_ai" {
+            assert_eq!(a["labels"]["identity"], ID, "{kind}: {a}");
+        }
+    }
+    assert!(
+        kinds["agentwall_new_destination"]["annotations"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("203.0.113.10"),
+        "{}",
+        kinds["agentwall_new_destination"]
+    );
+    assert!(
+        kinds["agentwall_new_shadow_ai"]["annotations"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("OpenAI"),
+        "{}",
+        kinds["agentwall_new_shadow_ai"]
+    );
+}
