@@ -224,6 +224,35 @@ fn the_console_shows_what_the_api_returns_and_its_revoke_reaches_the_node() {
     );
 
     let security_token = std::fs::read_to_string(&fx.security_token).unwrap();
+    // Firefox first, reading as security (the Chromium script below acts on the data).
+    let firefox = std::env::var("AGENTWALL_TEST_FIREFOX").unwrap_or("/usr/bin/firefox-esr".into());
+    assert!(
+        std::path::Path::new(&firefox).exists(),
+        "{firefox} is missing: `cargo xtask test` installs Debian's firefox-esr"
+    );
+    let out = Command::new("node")
+        .arg(browser_dir().join("firefox.mjs"))
+        .current_dir(browser_dir())
+        .env("CONSOLE_URL", format!("{url}/ui/"))
+        .env("SECURITY_TOKEN", security_token.trim())
+        .env("EXPECT", expect.to_string())
+        .env("SHOTS", shots_dir())
+        .env("FIREFOX", &firefox)
+        .output()
+        .expect("node (Node.js) runs the Firefox script");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in said.lines() {
+        eprintln!("firefox: {line}");
+    }
+    assert!(out.status.success(), "the Firefox script failed:\n{said}");
+    assert!(
+        said.contains("ok: Firefox: no errors in the browser's console"),
+        "{said}"
+    );
     // The admin signs in by a one-time link, made with the admin's certificate.
     let admin = agentwall_tests::cp::admin_creds(&fx);
     let admin: Vec<&str> = admin.iter().map(String::as_str).collect();

@@ -297,11 +297,13 @@ fn python_venv(venv: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The console's browser test: Debian's Chromium, and Playwright's driver (playwright-core,
-/// as tests/browser/package-lock.json pins it) from the npm registry (idempotent).
+/// The console's browser tests: Debian's Chromium and Firefox ESR, Playwright's driver for
+/// the one and puppeteer-core (WebDriver BiDi) for the other, as
+/// tests/browser/package-lock.json pins them, from the npm registry (idempotent).
 fn install_browser(root: &Path) -> Result<()> {
-    apt_install(&["chromium"], &["chromium"])?;
-    npm_ci(&root.join("tests/browser"), "playwright-core")
+    apt_install(&["chromium", "firefox-esr"], &["chromium", "firefox-esr"])?;
+    npm_ci(&root.join("tests/browser"), "playwright-core")?;
+    npm_ci(&root.join("tests/browser"), "puppeteer-core")
 }
 
 /// `npm ci` in `dir` (its package-lock.json) unless `package` is installed there at the
