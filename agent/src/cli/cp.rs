@@ -134,6 +134,7 @@ enum PolicyCommand {
     /// Pushes awaiting approvals and those approved, newest first; --id N shows one with
     /// its files.
     Proposals {
+        /// One proposal, with its files.
         #[arg(long)]
         id: Option<u64>,
     },

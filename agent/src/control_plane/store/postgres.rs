@@ -1112,7 +1112,10 @@ impl Store for PgStore {
     }
 
     fn proposal(&self, id: u64) -> Result<Option<Proposal>, StoreError> {
-        let id = number(id)?;
+        // No number past i64 was ever given to a proposal.
+        let Ok(id) = i64::try_from(id) else {
+            return Ok(None);
+        };
         let row = self.block(async {
             let c = self.client().await?;
             Ok::<_, StoreError>(
@@ -1134,7 +1137,10 @@ impl Store for PgStore {
         required: usize,
         above: u64,
     ) -> Result<(Proposal, Option<Bundle>), StoreError> {
-        let (id, above) = (number(id)?, number(above)?);
+        let above = number(above)?;
+        let Ok(id) = i64::try_from(id) else {
+            return Err(StoreError::NoProposal(id));
+        };
         self.block(async {
             let mut c = self.control_client().await?;
             let tx = c.transaction().await?;

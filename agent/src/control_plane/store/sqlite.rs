@@ -409,11 +409,15 @@ impl Store for SqliteStore {
     }
 
     fn proposal(&self, id: u64) -> Result<Option<Proposal>, StoreError> {
+        // No number past i64 was ever given to a proposal.
+        let Ok(id) = i64::try_from(id) else {
+            return Ok(None);
+        };
         let db = lock(&self.reader);
         db.query_row(
             "SELECT id, revision, pushed_at, pushed_by, files, signing, version FROM proposals
              WHERE id = ?1",
-            [number(id)?],
+            [id],
             Self::proposal_row,
         )
         .optional()?
@@ -429,13 +433,16 @@ impl Store for SqliteStore {
         above: u64,
     ) -> Result<(Proposal, Option<Bundle>), StoreError> {
         let above = number(above)?;
+        let Ok(row_id) = i64::try_from(id) else {
+            return Err(StoreError::NoProposal(id));
+        };
         let mut db = lock(&self.writer);
         let tx = db.transaction()?;
         let mut p = tx
             .query_row(
                 "SELECT id, revision, pushed_at, pushed_by, files, signing, version FROM proposals
                  WHERE id = ?1",
-                [number(id)?],
+                [row_id],
                 Self::proposal_row,
             )
             .optional()?
@@ -469,7 +476,7 @@ impl Store for SqliteStore {
         tx.execute(
             "UPDATE proposals SET signing = ?2, version = ?3 WHERE id = ?1",
             params![
-                number(id)?,
+                row_id,
                 signing_text(&p.signing).unwrap_or_default(),
                 p.version.map(|v| v as i64)
             ],

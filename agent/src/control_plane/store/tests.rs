@@ -1536,6 +1536,12 @@ fn a_proposal_becomes_the_next_version_with_its_last_approval_and_only_then() {
             s.approve(9, &sig("d"), 1, 0),
             Err(StoreError::NoProposal(9))
         ));
+        // A number no proposal can have is none, not a storage failure.
+        assert!(s.proposal(u64::MAX).unwrap().is_none());
+        assert!(matches!(
+            s.approve(u64::MAX, &sig("d"), 1, 0),
+            Err(StoreError::NoProposal(u64::MAX))
+        ));
         // Listed without files, newest first.
         s.propose("r3", &files, "bob", &Signing::default()).unwrap();
         let all = s.proposals().unwrap();
