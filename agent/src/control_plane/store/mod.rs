@@ -743,6 +743,19 @@ fn proposal_of(
     })
 }
 
+/// Proposal `p` as bundle `version`, published at `at` (and noted in `p`).
+fn published(p: &mut Proposal, version: u64, at: String) -> Bundle {
+    p.version = Some(version);
+    Bundle {
+        version,
+        revision: p.revision.clone(),
+        pushed_at: at,
+        pushed_by: p.pushed_by.clone(),
+        files: p.files.clone(),
+        signing: p.signing.clone(),
+    }
+}
+
 /// Adds `signature` to open proposal `p`: whether it now holds `required` distinct keys'.
 fn add_approval(
     p: &mut Proposal,

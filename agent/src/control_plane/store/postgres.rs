@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::{
     Arg, ConsoleLink, ConsoleSession, NodeSeen, Row, Store, StoreError, add_approval, bundle_of,
-    now, number, proposal_of, signing_text,
+    now, number, proposal_of, published, signing_text,
 };
 use crate::control_plane::{
     Bundle, BundleFile, BundleInfo, FlowPage, FlowQuery, Ingested, NodeInfo, Proposal, Reported,
@@ -1171,15 +1171,7 @@ impl Store for PgStore {
                     &p.signing,
                 )
                 .await?;
-                p.version = Some(version);
-                Some(Bundle {
-                    version,
-                    revision: p.revision.clone(),
-                    pushed_at: at,
-                    pushed_by: p.pushed_by.clone(),
-                    files: p.files.clone(),
-                    signing: p.signing.clone(),
-                })
+                Some(published(&mut p, version, at))
             } else {
                 None
             };

@@ -6,7 +6,7 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 
 use super::{
     Arg, BundleRow, ConsoleLink, ConsoleSession, NodeSeen, ProposalRow, Row, Store, StoreError,
-    add_approval, bundle_of, now, number, proposal_of, signing_text,
+    add_approval, bundle_of, now, number, proposal_of, published, signing_text,
 };
 use crate::control_plane::{
     Bundle, BundleFile, BundleInfo, FlowPage, FlowQuery, Ingested, NodeInfo, Proposal, Reported,
@@ -461,15 +461,7 @@ impl Store for SqliteStore {
                 above,
                 &p.signing,
             )?;
-            p.version = Some(version);
-            Some(Bundle {
-                version,
-                revision: p.revision.clone(),
-                pushed_at: at,
-                pushed_by: p.pushed_by.clone(),
-                files: p.files.clone(),
-                signing: p.signing.clone(),
-            })
+            Some(published(&mut p, version, at))
         } else {
             None
         };
