@@ -877,7 +877,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             } else {
                 let t = &r.thresholds;
                 println!(
-                    "thresholds: new destinations after {} h of learning; {} denials in {} s; {} refused DNS queries in {} s, or a label of {}+ characters at {}+ bits each; new shadow-AI groups; {} webhook(s){}",
+                    "thresholds: new destinations after {} h of learning; {} denials in {} s; {} refused DNS queries in {} s, or a label of {}+ characters at {}+ bits each; new shadow-AI groups; at most {} of a kind from a node a minute; {} webhook(s){}",
                     t.learning_hours,
                     t.denials,
                     t.denial_window_secs,
@@ -885,6 +885,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                     t.dns_window_secs,
                     t.dns_label_length,
                     t.dns_entropy_bits,
+                    t.per_minute,
                     t.webhooks.len(),
                     if t.enabled { "" } else { " (alerts are off)" }
                 );

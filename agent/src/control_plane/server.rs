@@ -516,6 +516,14 @@ struct Stats {
     alerts_delivered: std::sync::atomic::AtomicU64,
     /// Webhook posts that failed (retried with backoff).
     alert_deliveries_failed: std::sync::atomic::AtomicU64,
+    /// Records stored that alerts have not been worked out for yet (by any replica).
+    alerts_behind: std::sync::atomic::AtomicU64,
+    /// Identities (on their nodes) whose bursts this replica follows now.
+    alerts_following: std::sync::atomic::AtomicU64,
+    /// Identities not followed: past the most followed at once, or on one node.
+    alerts_left_out: std::sync::atomic::AtomicU64,
+    /// Alerts held back by the per-node, per-kind limit.
+    alerts_held_back: std::sync::atomic::AtomicU64,
 }
 
 impl Stats {
@@ -2478,6 +2486,30 @@ async fn get_metrics(State(s): S) -> Response {
             "counter",
             "Webhook posts of alerts that failed (retried with backoff up to a minute).",
             st.alert_deliveries_failed.load(Ordering::Relaxed),
+        ),
+        (
+            "agentwall_cp_alerts_behind_records",
+            "gauge",
+            "Records stored that alerts have not been worked out for yet (by whichever replica holds the lease): above a page for long, the detector is stuck or its holder died.",
+            st.alerts_behind.load(Ordering::Relaxed),
+        ),
+        (
+            "agentwall_cp_alerts_following",
+            "gauge",
+            "Identities (each on its node) whose denial and DNS bursts this replica follows now.",
+            st.alerts_following.load(Ordering::Relaxed),
+        ),
+        (
+            "agentwall_cp_alerts_left_out_total",
+            "counter",
+            "Records of identities not followed for bursts: past 100,000 followed at once, or 10,000 on one node.",
+            st.alerts_left_out.load(Ordering::Relaxed),
+        ),
+        (
+            "agentwall_cp_alerts_held_back_total",
+            "counter",
+            "Alerts not raised because one node raised alerts.per_minute of that kind within the minute (counted into the next one's evidence).",
+            st.alerts_held_back.load(Ordering::Relaxed),
         ),
         (
             "agentwall_cp_syslog_forwarded_total",

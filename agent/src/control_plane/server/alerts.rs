@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use super::Server;
 use crate::{
     config::control_plane::Alerts,
-    control_plane::{FlowQuery, Reported, store::Store},
+    control_plane::{FlowQuery, Reported},
 };
 
 pub use crate::control_plane::ALERTS_NODE;
@@ -34,20 +34,27 @@ pub const KINDS: [&str; 4] = [
     "new_shadow_ai",
 ];
 
-/// Identities (and nodes) whose bursts are followed at once; past it a new one is counted
-/// and not followed until others go quiet.
+/// Identities (each with its node) followed at once, and on one node: past either a new
+/// one is counted and not followed until others go quiet. Per node, so that one node
+/// reporting made-up identities takes room from itself only.
 const MAX_FOLLOWED: usize = 100_000;
+const MAX_FOLLOWED_PER_NODE: usize = 10_000;
+/// How far ahead of this replica's clock a record's time is believed: a time further ahead
+/// (a clock far off, or a record made up to hold a window open) counts as that.
+const AHEAD_SECS: i64 = 300;
 /// Records read at a time.
 const PAGE: u32 = 500;
 const LEASE: Duration = Duration::from_secs(30);
 const IDLE: Duration = Duration::from_millis(500);
 const RETRY: Duration = Duration::from_secs(2);
+/// How often followed identities gone quiet are forgotten.
+const SWEEP_SECS: i64 = 10;
 
 /// A raised alert, as stored and sent.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Alert {
     pub kind: usize,
-    /// The raising record's time (RFC 3339).
+    /// The raising record's time (RFC 3339), no further ahead than this replica believes.
     pub time: String,
     /// The identity (or, for shadow AI, the node) it is about.
     pub subject: String,
@@ -87,7 +94,7 @@ fn fingerprint(key: &str) -> String {
 }
 
 /// Counts per second over a sliding window.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Window {
     seconds: VecDeque<(i64, u64)>,
     sum: u64,
@@ -97,8 +104,10 @@ struct Window {
 
 impl Window {
     /// Adds `n` at `t`; whether the window's sum reached `threshold` now, an alert not yet
-    /// raised for it.
+    /// raised for it. A record older than the newest counted counts as of the newest: the
+    /// window only moves forward.
     fn add(&mut self, t: i64, n: u64, window: i64, threshold: u64) -> bool {
+        let t = self.seconds.back().map_or(t, |(s, _)| t.max(*s));
         match self.seconds.back_mut() {
             Some((s, c)) if *s == t => *c = c.saturating_add(n),
             _ => self.seconds.push_back((t, n)),
@@ -120,51 +129,314 @@ impl Window {
     }
 }
 
+/// What is followed of one identity on one node.
+#[derive(Clone, Default)]
+struct Followed {
+    denials: Window,
+    refusals: Window,
+    /// The last name-based DNS alert: one per window.
+    named: Option<i64>,
+    /// When a record last touched it (this replica's clock): forgotten once quiet for
+    /// longer than its windows.
+    touched: i64,
+}
+
+/// Alerts of one kind from one node in the current minute (this replica's clock).
+#[derive(Clone, Copy, Default)]
+struct Limit {
+    minute: i64,
+    raised: u64,
+    /// Held back since the last one raised: told with the next.
+    held_back: u64,
+}
+
+/// Per-key state whose changes since the last [`Undoable::commit`] can be taken back: the
+/// detector's state moves with the records of a page, and a page whose alerts could not be
+/// stored is read again, from the state before it.
+struct Undoable<K, V> {
+    map: HashMap<K, V>,
+    undo: Vec<(K, Option<V>)>,
+}
+
+impl<K: Clone + Eq + std::hash::Hash, V: Clone> Undoable<K, V> {
+    fn new() -> Self {
+        Undoable {
+            map: HashMap::new(),
+            undo: Vec::new(),
+        }
+    }
+
+    /// `k`'s value, made by `make` when it has none, to change.
+    fn modify(&mut self, k: &K, make: impl FnOnce() -> V) -> &mut V {
+        let old = self.map.get(k).cloned();
+        self.undo.push((k.clone(), old));
+        self.map.entry(k.clone()).or_insert_with(make)
+    }
+
+    fn remove(&mut self, k: &K) {
+        if let Some(v) = self.map.remove(k) {
+            self.undo.push((k.clone(), Some(v)));
+        }
+    }
+
+    fn rollback(&mut self) {
+        while let Some((k, v)) = self.undo.pop() {
+            match v {
+                Some(v) => self.map.insert(k, v),
+                None => self.map.remove(&k),
+            };
+        }
+    }
+
+    fn commit(&mut self) {
+        self.undo.clear();
+    }
+}
+
+/// The baseline as a page of records sees it: what the store held before the page, and
+/// what the page saw since (noted in the store once the page's alerts are stored).
+#[derive(Default)]
+pub struct PageBaseline {
+    held: crate::control_plane::store::Baseline,
+    pub noted: Vec<(String, String, String)>,
+}
+
+impl PageBaseline {
+    pub fn new(held: crate::control_plane::store::Baseline) -> Self {
+        PageBaseline {
+            held,
+            noted: Vec::new(),
+        }
+    }
+
+    /// Sees `subject` with `what` at `time`: whether that is new, and since when the
+    /// subject has a baseline.
+    fn see(&mut self, subject: &str, what: &str, time: &str) -> (bool, String) {
+        let start = self
+            .held
+            .entry((subject.to_owned(), String::new()))
+            .or_insert_with(|| time.to_owned());
+        if time < start.as_str() {
+            *start = time.to_owned();
+        }
+        let since = start.clone();
+        let new = !self
+            .held
+            .contains_key(&(subject.to_owned(), what.to_owned()));
+        if new {
+            self.held
+                .insert((subject.to_owned(), what.to_owned()), time.to_owned());
+        }
+        self.noted
+            .push((subject.to_owned(), String::new(), time.to_owned()));
+        self.noted
+            .push((subject.to_owned(), what.to_owned(), time.to_owned()));
+        (new, since)
+    }
+}
+
+/// The baseline entry `r` (a record of `node`) looks up, if any: (subject, what). An
+/// identity's baseline is its own on each node: a node's records speak for what runs on it
+/// only.
+pub fn baseline_key(node: &str, r: &crate::audit::RecordView<'_>) -> Option<(String, String)> {
+    let kind = r.text("kind").unwrap_or_else(|| "decision".into());
+    if kind != "decision" {
+        return None;
+    }
+    match (identity_of(r), r.text("verdict").as_deref()) {
+        (Some(id), Some("allow" | "audit")) => {
+            destination_of(r).map(|d| (format!("{id} {node}"), format!("dest {d}")))
+        }
+        (None, Some("unknown")) if r.has("service") => Some((
+            node.to_owned(),
+            format!("shadow {}", crate::discovery::group_of(r)),
+        )),
+        _ => None,
+    }
+}
+
+/// Only what a review can stand behind: a SPIFFE ID, bounded.
+fn identity_of(r: &crate::audit::RecordView<'_>) -> Option<String> {
+    r.text("identity")
+        .filter(|i| i.parse::<crate::identity::AgentId>().is_ok())
+}
+
+/// A destination as a baseline holds it: its host name, or its address.
+fn destination_of(r: &crate::audit::RecordView<'_>) -> Option<String> {
+    crate::review::host_name(r.text("fqdn")).or_else(|| {
+        r.text("dest")
+            .and_then(|d| d.parse::<std::net::IpAddr>().ok())
+            .map(|a| a.to_string())
+    })
+}
+
 /// The alert rules, over records one at a time in the order they were stored.
 pub struct Detector {
     cfg: Alerts,
-    denials: HashMap<String, Window>,
-    refusals: HashMap<String, Window>,
-    /// The last name-based DNS alert of each identity: one per window.
-    names: HashMap<String, i64>,
-    /// Identities past [`MAX_FOLLOWED`], not followed.
+    followed: Undoable<(String, String), Followed>,
+    /// Followed identities per node.
+    per_node: HashMap<String, usize>,
+    limits: Undoable<(String, usize), Limit>,
+    last_sweep: i64,
+    /// Identities past [`MAX_FOLLOWED`] or [`MAX_FOLLOWED_PER_NODE`], not followed.
     pub left_out: u64,
+    left_out_before: u64,
+    /// Alerts held back by the per-node limit.
+    pub held_back: u64,
+    held_back_before: u64,
 }
 
 impl Detector {
     pub fn new(cfg: Alerts) -> Self {
         Detector {
             cfg,
-            denials: HashMap::new(),
-            refusals: HashMap::new(),
-            names: HashMap::new(),
+            followed: Undoable::new(),
+            per_node: HashMap::new(),
+            limits: Undoable::new(),
+            last_sweep: 0,
             left_out: 0,
+            left_out_before: 0,
+            held_back: 0,
+            held_back_before: 0,
         }
     }
 
-    /// The alerts `r` (a node's record) raises; `baseline` is the store's.
+    /// Identities followed now.
+    pub fn followed(&self) -> usize {
+        self.followed.map.len()
+    }
+
+    /// Keeps what the records since the last commit changed.
+    pub fn commit(&mut self) {
+        self.followed.commit();
+        self.limits.commit();
+        self.left_out_before = self.left_out;
+        self.held_back_before = self.held_back;
+    }
+
+    /// Takes back what the records since the last commit changed: they will be read again.
+    pub fn rollback(&mut self) {
+        self.followed.rollback();
+        self.limits.rollback();
+        self.left_out = self.left_out_before;
+        self.held_back = self.held_back_before;
+        self.per_node.clear();
+        for (node, _) in self.followed.map.keys() {
+            *self.per_node.entry(node.clone()).or_default() += 1;
+        }
+    }
+
+    /// Forgets identities quiet for longer than their windows, and past minutes' limits.
+    fn sweep(&mut self, now: i64) {
+        if now - self.last_sweep < SWEEP_SECS {
+            return;
+        }
+        self.last_sweep = now;
+        let quiet = self.cfg.denial_window_secs.max(self.cfg.dns_window_secs) as i64 + AHEAD_SECS;
+        let gone: Vec<(String, String)> = self
+            .followed
+            .map
+            .iter()
+            .filter(|(_, f)| now - f.touched > quiet)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &gone {
+            self.followed.remove(k);
+            if let Some(n) = self.per_node.get_mut(&k.0) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_node.remove(&k.0);
+                }
+            }
+        }
+        let old: Vec<(String, usize)> = self
+            .limits
+            .map
+            .iter()
+            .filter(|(_, l)| l.minute < now / 60 - 1 && l.held_back == 0)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &old {
+            self.limits.remove(k);
+        }
+    }
+
+    /// What is followed of `id` on `node`, made when there is room.
+    fn follow(&mut self, node: &str, id: &str, now: i64) -> Option<&mut Followed> {
+        let key = (node.to_owned(), id.to_owned());
+        if !self.followed.map.contains_key(&key) {
+            let on_node = self.per_node.get(node).copied().unwrap_or(0);
+            if self.followed.map.len() >= MAX_FOLLOWED || on_node >= MAX_FOLLOWED_PER_NODE {
+                self.left_out += 1;
+                return None;
+            }
+            *self.per_node.entry(node.to_owned()).or_default() += 1;
+        }
+        let f = self.followed.modify(&key, Followed::default);
+        f.touched = now;
+        Some(f)
+    }
+
+    /// Whether an alert of `kind` from `node` is raised now (at most `per_minute` a minute
+    /// of each), and how many were held back before it.
+    fn allowed(&mut self, node: &str, kind: usize, now: i64) -> Option<u64> {
+        let per_minute = self.cfg.per_minute;
+        let l = self.limits.modify(&(node.to_owned(), kind), Limit::default);
+        if l.minute != now / 60 {
+            l.minute = now / 60;
+            l.raised = 0;
+        }
+        if l.raised >= per_minute {
+            l.held_back += 1;
+            self.held_back += 1;
+            return None;
+        }
+        l.raised += 1;
+        Some(std::mem::take(&mut l.held_back))
+    }
+
+    /// The alerts `r` (a record of `node`) raises, at `now` (this replica's clock, Unix
+    /// seconds); `baseline` is the page's view of the store's.
     pub fn observe(
         &mut self,
         node: &str,
         r: &crate::audit::RecordView<'_>,
-        store: &dyn Store,
-    ) -> Result<Vec<Alert>, crate::control_plane::store::StoreError> {
+        now: i64,
+        baseline: &mut PageBaseline,
+    ) -> Vec<Alert> {
+        self.sweep(now);
+        let mut out = self.rules(node, r, now, baseline);
+        out.retain_mut(|a| match self.allowed(node, a.kind, now) {
+            None => false,
+            Some(0) => true,
+            Some(n) => {
+                a.evidence["held_back_before"] = json!(n);
+                true
+            }
+        });
+        out
+    }
+
+    fn rules(
+        &mut self,
+        node: &str,
+        r: &crate::audit::RecordView<'_>,
+        now: i64,
+        baseline: &mut PageBaseline,
+    ) -> Vec<Alert> {
         let text = |k: &str| r.text(k);
-        let (Some(time), kind) = (
-            text("time"),
-            text("kind").unwrap_or_else(|| "decision".into()),
-        ) else {
-            return Ok(Vec::new());
-        };
-        let Some(t) = crate::clock::parse_rfc3339(&time)
-            .ok()
-            .map(|t| t.unix_timestamp())
+        let Some(t) = text("time")
+            .and_then(|time| crate::clock::parse_rfc3339(&time).ok())
+            .map(|t| t.unix_timestamp().min(now + AHEAD_SECS))
         else {
-            return Ok(Vec::new());
+            return Vec::new();
         };
+        let time = crate::clock::rfc3339(
+            std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0)),
+        );
+        let kind = text("kind").unwrap_or_else(|| "decision".into());
         let count = r.u64("count").unwrap_or(1).max(1);
-        // Only what a review can stand behind: a SPIFFE ID, bounded.
-        let identity = text("identity").filter(|i| i.parse::<crate::identity::AgentId>().is_ok());
+        let identity = identity_of(r);
         let mut out = Vec::new();
         let alert =
             |kind: usize, subject: &str, summary: String, evidence: Value, key: String| Alert {
@@ -176,38 +448,35 @@ impl Detector {
                 evidence,
                 key,
             };
+        let cfg = self.cfg.clone();
         match (kind.as_str(), identity.as_deref()) {
             ("decision", Some(id)) => match text("verdict").as_deref() {
                 Some("deny") => {
-                    let window = self.cfg.denial_window_secs as i64;
-                    if let Some(w) = follow(&mut self.denials, id, &mut self.left_out)
-                        && w.add(t, count, window, self.cfg.denials)
+                    let window = cfg.denial_window_secs as i64;
+                    if let Some(f) = self.follow(node, id, now)
+                        && f.denials.add(t, count, window, cfg.denials)
                     {
                         out.push(alert(
                             1,
                             id,
-                            format!("{id}: {} denials within {window} s", w.sum),
+                            format!("{id}: {} denials within {window} s", f.denials.sum),
                             json!({
-                                "denials": w.sum, "window_secs": window,
+                                "denials": f.denials.sum, "window_secs": window,
                                 "last_dest": text("dest"), "last_port": r.u64("port"),
                                 "last_reason": text("reason"),
                             }),
-                            format!("denial_burst|{id}|{t}"),
+                            format!("denial_burst|{node}|{id}|{t}"),
                         ));
                     }
                 }
                 Some("allow" | "audit") => {
-                    let dest = crate::review::host_name(text("fqdn")).or_else(|| {
-                        text("dest")
-                            .and_then(|d| d.parse::<std::net::IpAddr>().ok())
-                            .map(|a| a.to_string())
-                    });
-                    if let Some(dest) = dest {
-                        let seen = store.baseline(id, &format!("dest {dest}"), &time)?;
-                        let learned = crate::clock::parse_rfc3339(&seen.subject_first)
+                    if let Some((subject, what)) = baseline_key(node, r) {
+                        let dest = what.trim_start_matches("dest ");
+                        let (new, since) = baseline.see(&subject, &what, &time);
+                        let learned = crate::clock::parse_rfc3339(&since)
                             .map(|f| (t - f.unix_timestamp()) as f64 / 3600.0)
                             .unwrap_or(0.0);
-                        if seen.new && learned >= self.cfg.learning_hours {
+                        if new && learned >= cfg.learning_hours {
                             out.push(alert(
                                 0,
                                 id,
@@ -218,9 +487,9 @@ impl Detector {
                                     "destination": dest, "dest": text("dest"),
                                     "port": r.u64("port"), "protocol": text("protocol"),
                                     "verdict": text("verdict"),
-                                    "baseline_since": seen.subject_first,
+                                    "baseline_since": since,
                                 }),
-                                format!("new_destination|{id}|{dest}"),
+                                format!("new_destination|{node}|{id}|{dest}"),
                             ));
                         }
                     }
@@ -229,53 +498,62 @@ impl Detector {
             },
             ("dns", Some(id)) => {
                 let event = text("event").unwrap_or_default();
-                let window = self.cfg.dns_window_secs as i64;
-                if matches!(event.as_str(), "query_refused" | "query_would_refuse")
-                    && let Some(w) = follow(&mut self.refusals, id, &mut self.left_out)
-                    && w.add(t, count, window, self.cfg.dns_refusals)
+                let window = cfg.dns_window_secs as i64;
+                let refused = matches!(event.as_str(), "query_refused" | "query_would_refuse");
+                let tunnel = text("name").and_then(|name| {
+                    tunnel_like(&name, cfg.dns_label_length, cfg.dns_entropy_bits)
+                        .map(|(label, bits)| (name, label, bits))
+                });
+                if (refused || tunnel.is_some())
+                    && let Some(f) = self.follow(node, id, now)
                 {
-                    out.push(alert(
-                        2,
-                        id,
-                        format!("{id}: {} refused DNS queries within {window} s", w.sum),
-                        json!({
-                            "refused_queries": w.sum, "window_secs": window,
-                            "last_name": text("name"), "last_type": text("type"),
-                        }),
-                        format!("dns_tunnel|refused|{id}|{t}"),
-                    ));
-                }
-                if let Some(name) = text("name")
-                    && let Some((label, bits)) =
-                        tunnel_like(&name, self.cfg.dns_label_length, self.cfg.dns_entropy_bits)
-                    && self.names.get(id).is_none_or(|last| t - last >= window)
-                    && (self.names.len() < MAX_FOLLOWED || self.names.contains_key(id))
-                {
-                    self.names.insert(id.to_owned(), t);
-                    out.push(alert(
-                        2,
-                        id,
-                        format!("{id} queried a long, high-entropy name: {name}"),
-                        json!({
-                            "name": name, "longest_label": label,
-                            "entropy_bits_per_char": (bits * 100.0).round() / 100.0,
-                            "event": event,
-                        }),
-                        format!("dns_tunnel|name|{id}|{t}"),
-                    ));
+                    if refused && f.refusals.add(t, count, window, cfg.dns_refusals) {
+                        out.push(alert(
+                            2,
+                            id,
+                            format!(
+                                "{id}: {} refused DNS queries within {window} s",
+                                f.refusals.sum
+                            ),
+                            json!({
+                                "refused_queries": f.refusals.sum, "window_secs": window,
+                                "last_name": text("name"), "last_type": text("type"),
+                            }),
+                            format!("dns_tunnel|refused|{node}|{id}|{t}"),
+                        ));
+                    }
+                    if let Some((name, label, bits)) = tunnel
+                        && f.named.is_none_or(|last| t - last >= window)
+                    {
+                        f.named = Some(f.named.map_or(t, |last| t.max(last)));
+                        out.push(alert(
+                            2,
+                            id,
+                            format!("{id} queried a long, high-entropy name: {name}"),
+                            json!({
+                                "name": name, "longest_label": label,
+                                "entropy_bits_per_char": (bits * 100.0).round() / 100.0,
+                                "event": event,
+                            }),
+                            format!("dns_tunnel|name|{node}|{id}|{t}"),
+                        ));
+                    }
                 }
             }
-            ("decision", None) if text("verdict").as_deref() == Some("unknown") => {
-                if let Some(service) = text("service") {
-                    let group = crate::discovery::group_of(r);
-                    let seen = store.baseline(node, &format!("shadow {group}"), &time)?;
-                    if seen.new {
+            ("decision", None) => {
+                if let Some((subject, what)) = baseline_key(node, r) {
+                    let group = what.trim_start_matches("shadow ");
+                    let (new, _) = baseline.see(&subject, &what, &time);
+                    if new {
                         out.push(alert(
                             3,
                             node,
-                            format!("{node}: {group} talks to {service}, new shadow AI"),
+                            format!(
+                                "{node}: {group} talks to {}, new shadow AI",
+                                text("service").unwrap_or_default()
+                            ),
                             json!({
-                                "group": group, "service": service, "dest": text("dest"),
+                                "group": group, "service": text("service"), "dest": text("dest"),
                                 "port": r.u64("port"), "exe": text("exe"),
                             }),
                             format!("new_shadow_ai|{node}|{group}"),
@@ -285,24 +563,8 @@ impl Detector {
             }
             _ => {}
         }
-        Ok(out)
+        out
     }
-}
-
-/// The window of `key`, made when there is room.
-fn follow<'a>(
-    map: &'a mut HashMap<String, Window>,
-    key: &str,
-    left_out: &mut u64,
-) -> Option<&'a mut Window> {
-    if !map.contains_key(key) {
-        if map.len() >= MAX_FOLLOWED {
-            *left_out += 1;
-            return None;
-        }
-        map.insert(key.to_owned(), Window::default());
-    }
-    map.get_mut(key)
 }
 
 /// Whether `name` looks like data carried in DNS: a label at least `min_label` long, and
@@ -369,20 +631,31 @@ pub async fn detect(server: Arc<Server>, cfg: Alerts) {
     }
 }
 
-/// One page of records: the alerts they raise stored, the cursor moved past them. How many
-/// were read; None while another replica raises alerts.
+/// One page of records: the alerts they raise stored, then what they added to the
+/// baseline, then the cursor moved past them, so that a crash or a failure anywhere reads
+/// the page again from the same state (an alert's record id is fixed by the record that
+/// raised it: stored twice, it is one). How many were read; None while another replica
+/// raises alerts.
 async fn detect_page(
     server: &Arc<Server>,
     holder: &str,
     detector: &Arc<std::sync::Mutex<Detector>>,
 ) -> Result<Option<usize>, String> {
-    let until = crate::clock::rfc3339(std::time::SystemTime::now() + LEASE);
     let (store, h) = (server.store.clone(), holder.to_owned());
-    let Some(after) = super::store_call(move || store.forward_claim("alerts", &h, &until)).await?
-    else {
+    let (claim, behind) = super::store_call(move || {
+        let claim = store.forward_claim("alerts", &h, LEASE)?;
+        Ok((claim, store.forward_behind("alerts")?))
+    })
+    .await?;
+    server
+        .stats
+        .alerts_behind
+        .store(behind.unwrap_or(0), Ordering::Relaxed);
+    let Some(after) = claim else {
         return Ok(None);
     };
     let (store, h, d) = (server.store.clone(), holder.to_owned(), detector.clone());
+    let s = server.clone();
     let raised = super::store_call(move || {
         let page = store.flows(&FlowQuery {
             after: Some(after),
@@ -393,16 +666,30 @@ async fn detect_page(
         let Some(last) = page.flows.last().map(|f| f.id) else {
             return Ok((Some(0), Vec::new()));
         };
-        let mut d = d.lock().expect("detector");
+        // Read from the stored text: only the fields the detector looks at.
+        let records: Vec<(&str, u64, crate::audit::RecordView<'_>)> = page
+            .flows
+            .iter()
+            .filter(|f| f.node != ALERTS_NODE)
+            .filter_map(|f| {
+                crate::audit::RecordView::parse(f.record.get()).map(|r| (f.node.as_str(), f.id, r))
+            })
+            .collect();
+        let keys: Vec<(String, String)> = records
+            .iter()
+            .filter_map(|(node, _, r)| baseline_key(node, r))
+            .flat_map(|(s, w)| [(s.clone(), String::new()), (s, w)])
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut baseline = PageBaseline::new(store.baseline(&keys)?);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut d = d.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut raised = Vec::new();
         let mut batch = Vec::new();
-        for f in page.flows.iter().filter(|f| f.node != ALERTS_NODE) {
-            // Read from the stored text: only the fields the detector looks at.
-            let Some(r) = crate::audit::RecordView::parse(f.record.get()) else {
-                continue;
-            };
-            for a in d.observe(&f.node, &r, &*store)? {
-                let rid = f.id * KINDS.len() as u64 + a.kind as u64;
+        for (node, id, r) in &records {
+            for a in d.observe(node, r, now, &mut baseline) {
+                let rid = id * KINDS.len() as u64 + a.kind as u64;
                 batch.push(Reported {
                     rid,
                     record: serde_json::value::RawValue::from_string(a.record().to_string())
@@ -411,14 +698,35 @@ async fn detect_page(
                 raised.push(a.kind);
             }
         }
-        if !batch.is_empty() {
-            store.ingest(ALERTS_NODE, 0, &batch)?;
-        }
-        if !store.forward_advance("alerts", &h, last)? {
+        let stored = (|| {
+            if !batch.is_empty() {
+                store.ingest(ALERTS_NODE, 0, &batch)?;
+            }
+            if !baseline.noted.is_empty() {
+                store.baseline_note(&baseline.noted, &crate::clock::now_rfc3339()[..10])?;
+            }
+            store.forward_advance("alerts", &h, last)
+        })();
+        match stored {
+            Ok(true) => {
+                d.commit();
+                let st = &s.stats;
+                st.alerts_following
+                    .store(d.followed() as u64, Ordering::Relaxed);
+                st.alerts_left_out.store(d.left_out, Ordering::Relaxed);
+                st.alerts_held_back.store(d.held_back, Ordering::Relaxed);
+                Ok((Some(page.flows.len()), raised))
+            }
             // Taken over: the other replica reads these again and stores each alert once.
-            return Ok((None, Vec::new()));
+            Ok(false) => {
+                d.rollback();
+                Ok((None, Vec::new()))
+            }
+            Err(e) => {
+                d.rollback();
+                Err(e)
+            }
         }
-        Ok((Some(page.flows.len()), raised))
     })
     .await?;
     for k in &raised.1 {
@@ -477,9 +785,8 @@ async fn deliver_page(
     name: &str,
     hook: &Webhook,
 ) -> Result<Option<usize>, String> {
-    let until = crate::clock::rfc3339(std::time::SystemTime::now() + LEASE);
     let (store, h, n) = (server.store.clone(), holder.to_owned(), name.to_owned());
-    let Some(after) = super::store_call(move || store.forward_claim(&n, &h, &until)).await? else {
+    let Some(after) = super::store_call(move || store.forward_claim(&n, &h, LEASE)).await? else {
         return Ok(None);
     };
     let store = server.store.clone();
@@ -685,5 +992,135 @@ mod tests {
         // Quiet for a window, then another burst: another alert.
         assert!(!w.add(200, 1, 60, 20));
         assert!((201..220).any(|t| w.add(t, 1, 60, 20)));
+    }
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn at(t: i64) -> String {
+        crate::clock::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(t as u64))
+    }
+
+    fn denial(id: &str, t: i64) -> String {
+        json!({"time": at(t), "verdict": "deny", "identity": id, "dest": "203.0.113.9"}).to_string()
+    }
+
+    /// Feeds `records` of `node` (record text) to `d` at `now`: the kinds raised.
+    fn feed(d: &mut Detector, node: &str, records: &[String], now: i64) -> Vec<usize> {
+        let mut b = PageBaseline::default();
+        records
+            .iter()
+            .flat_map(|r| {
+                let v = crate::audit::RecordView::parse(r).unwrap();
+                d.observe(node, &v, now, &mut b)
+            })
+            .map(|a| a.kind)
+            .collect()
+    }
+
+    fn cfg() -> Alerts {
+        Alerts {
+            denials: 5,
+            ..Alerts::default()
+        }
+    }
+
+    #[test]
+    fn a_page_taken_back_leaves_the_detector_as_it_was() {
+        let a = "spiffe://example.org/a";
+        let mut d = Detector::new(cfg());
+        let four: Vec<String> = (0..4).map(|i| denial(a, NOW + i)).collect();
+        assert!(feed(&mut d, "n1", &four, NOW).is_empty());
+        d.commit();
+        // A page of two more reaches the threshold, but could not be stored: read again,
+        // it raises the alert once, not never (window marked fired) nor twice.
+        let two: Vec<String> = (4..6).map(|i| denial(a, NOW + i)).collect();
+        assert_eq!(feed(&mut d, "n1", &two, NOW), [1]);
+        d.rollback();
+        assert_eq!(feed(&mut d, "n1", &two, NOW), [1]);
+        d.commit();
+        assert_eq!(d.followed(), 1);
+    }
+
+    #[test]
+    fn made_up_identities_take_room_from_their_own_node_only_and_are_forgotten_when_quiet() {
+        let mut d = Detector::new(cfg());
+        let flood: Vec<String> = (0..MAX_FOLLOWED_PER_NODE + 5)
+            .map(|i| denial(&format!("spiffe://example.org/fake{i}"), NOW))
+            .collect();
+        feed(&mut d, "evil", &flood, NOW);
+        d.commit();
+        assert_eq!(d.followed(), MAX_FOLLOWED_PER_NODE);
+        assert_eq!(d.left_out, 5);
+        // Another node's identity is followed and alerts as before.
+        let real: Vec<String> = (0..5)
+            .map(|i| denial("spiffe://example.org/real", NOW + i))
+            .collect();
+        assert_eq!(feed(&mut d, "n1", &real, NOW), [1]);
+        // Quiet past the windows: forgotten, room again.
+        let later = NOW + 3600;
+        feed(
+            &mut d,
+            "n1",
+            &[denial("spiffe://example.org/real", later)],
+            later,
+        );
+        assert_eq!(d.followed(), 1);
+    }
+
+    #[test]
+    fn a_time_far_ahead_counts_as_now_and_cannot_hold_a_window_open() {
+        let a = "spiffe://example.org/a";
+        let mut d = Detector::new(cfg());
+        // A burst dated in 2100 fires once, as of (at most) a few minutes ahead ...
+        let ahead: Vec<String> = (0..5).map(|_| denial(a, 4_102_444_800)).collect();
+        assert_eq!(feed(&mut d, "n1", &ahead, NOW), [1]);
+        // ... so a real burst an hour later alerts again.
+        let later = NOW + 3600;
+        let burst: Vec<String> = (0..5).map(|i| denial(a, later + i)).collect();
+        assert_eq!(feed(&mut d, "n1", &burst, later), [1]);
+    }
+
+    #[test]
+    fn one_node_raises_at_most_per_minute_of_a_kind_and_the_next_tells_how_many_were_held() {
+        let mut d = Detector::new(Alerts {
+            denials: 1,
+            per_minute: 3,
+            ..Alerts::default()
+        });
+        let many: Vec<String> = (0..10)
+            .map(|i| denial(&format!("spiffe://example.org/a{i}"), NOW))
+            .collect();
+        assert_eq!(feed(&mut d, "n1", &many, NOW).len(), 3);
+        assert_eq!(d.held_back, 7);
+        // Another node is not held back by it.
+        assert_eq!(feed(&mut d, "n2", &many[..1], NOW).len(), 1);
+        let mut b = PageBaseline::default();
+        let next = denial("spiffe://example.org/b", NOW + 60);
+        let r = crate::audit::RecordView::parse(&next).unwrap();
+        let a = d.observe("n1", &r, NOW + 60, &mut b);
+        assert_eq!(a[0].evidence["held_back_before"], 7);
+    }
+
+    #[test]
+    fn an_identity_baseline_is_its_own_on_each_node() {
+        let id = "spiffe://example.org/a";
+        let allow = |t: i64, dest: &str| {
+            json!({"time": at(t), "verdict": "allow", "identity": id, "dest": dest}).to_string()
+        };
+        let mut d = Detector::new(Alerts {
+            learning_hours: 1.0,
+            ..Alerts::default()
+        });
+        let mut b = PageBaseline::default();
+        let mut see = |node: &str, t: i64, dest: &str| {
+            let text = allow(t, dest);
+            let r = crate::audit::RecordView::parse(&text).unwrap();
+            d.observe(node, &r, t, &mut b).len()
+        };
+        assert_eq!(see("n1", NOW, "203.0.113.1"), 0);
+        // Another node seeing the destination first does not make it known on n1.
+        assert_eq!(see("evil", NOW + 7200, "203.0.113.2"), 0);
+        assert_eq!(see("n1", NOW + 7200, "203.0.113.2"), 1);
+        assert_eq!(see("n1", NOW + 7300, "203.0.113.2"), 0);
     }
 }

@@ -132,10 +132,9 @@ impl Forwarder {
     /// cursor moved past it), and the next page sent. How many records were sent (0:
     /// nothing new, or another replica forwards).
     async fn step(&self, server: &Arc<Server>, link: &mut Option<Link>) -> Result<usize, String> {
-        let until = crate::clock::rfc3339(std::time::SystemTime::now() + LEASE);
         let (store, holder) = (server.store.clone(), self.holder);
         let Some(confirmed) =
-            super::store_call(move || store.forward_claim(NAME, holder, &until)).await?
+            super::store_call(move || store.forward_claim(NAME, holder, LEASE)).await?
         else {
             // Another replica forwards; a link of ours would only send twice.
             *link = None;

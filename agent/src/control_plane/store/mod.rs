@@ -233,23 +233,37 @@ pub trait Store: Send + Sync {
     fn console_session(&self, id_sha256: &str) -> Result<Option<ConsoleSession>, StoreError>;
     /// Ends a console sign-in (sign-out); false when there was none.
     fn console_close(&self, id_sha256: &str) -> Result<bool, StoreError>;
-    /// Takes, or keeps, the lease on forwarding `name` for `holder` until `until` (RFC 3339),
-    /// unless another holder's lease is unexpired: the cursor (records with ids above it are
-    /// not forwarded yet; the first claim starts it at the newest record stored), or None
-    /// while another replica forwards.
+    /// Takes, or keeps, the lease on forwarding `name` for `holder` for `lease` (by the
+    /// database's clock where replicas share one, so a replica whose clock runs ahead cannot
+    /// hold it past its death), unless another holder's lease is unexpired: the cursor
+    /// (records with ids above it are not forwarded yet; the first claim starts it at the
+    /// newest record stored), or None while another replica forwards. A lease that reaches
+    /// further ahead than twice `lease` (written by a clock since set back) counts as run out.
     fn forward_claim(
         &self,
         name: &str,
         holder: &str,
-        until: &str,
+        lease: std::time::Duration,
     ) -> Result<Option<u64>, StoreError>;
     /// Moves the cursor of forwarding `name` on to `after` (never back); false when `holder`
     /// no longer holds it (another replica took over and may send those records again).
     fn forward_advance(&self, name: &str, holder: &str, after: u64) -> Result<bool, StoreError>;
-    /// Notes that `subject` (an identity, a node) was seen with `what` (a destination, a
-    /// process group) at `time`: whether it is new, and the earliest time the subject was
-    /// seen with anything (where its baseline began).
-    fn baseline(&self, subject: &str, what: &str, time: &str) -> Result<Seen, StoreError>;
+    /// How many records the cursor of forwarding `name` is behind the newest stored (None:
+    /// no such forwarding yet).
+    fn forward_behind(&self, name: &str) -> Result<Option<u64>, StoreError>;
+    /// The baseline entries held of `keys` ((subject, what): an identity on a node, a
+    /// destination or process group; `what` empty for the subject itself): when each was
+    /// first seen. Reads only: what a page of records saw is noted by
+    /// [`Store::baseline_note`] once its alerts are stored.
+    fn baseline(&self, keys: &[(String, String)]) -> Result<Baseline, StoreError>;
+    /// Notes (subject, what, time) seen: an entry's first time only ever moves back, and
+    /// each entry noted is kept for the retention's days from `today` (then forgotten, as
+    /// the records are).
+    fn baseline_note(
+        &self,
+        seen: &[(String, String, String)],
+        today: &str,
+    ) -> Result<(), StoreError>;
     /// Keeps a one-time sign-in link (its code's SHA-256), and forgets expired ones.
     fn console_link_open(&self, link: &ConsoleLink) -> Result<(), StoreError>;
     /// Takes the unexpired link whose code hashes to `code_sha256`: it is gone after, so it
@@ -263,11 +277,17 @@ pub trait Store: Send + Sync {
     }
 }
 
-/// What [`Store::baseline`] found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Seen {
-    pub new: bool,
-    pub subject_first: String,
+/// What [`Store::baseline`] found: (subject, what) to the time first seen.
+pub type Baseline = std::collections::HashMap<(String, String), String>;
+
+/// Lease ends are compared as text: one format, to the millisecond, everywhere.
+pub fn lease_end(lease: std::time::Duration) -> (String, String, String) {
+    let now = std::time::SystemTime::now();
+    (
+        crate::clock::rfc3339(now),
+        crate::clock::rfc3339(now + lease),
+        crate::clock::rfc3339(now + lease * 2),
+    )
 }
 
 /// Part of a node's report quota to spend: `n` of what it may send `per_minute`, with

@@ -226,6 +226,10 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
         signing TEXT NOT NULL,
         version BIGINT
     );",
+    // Alerts' baseline is kept as long as records are: each entry's last day seen.
+    "ALTER TABLE alert_seen ADD COLUMN last TEXT;
+    UPDATE alert_seen SET last = substr(first, 1, 10);
+    CREATE INDEX alert_seen_last ON alert_seen (last);",
 ];
 
 pub struct PgStore {
@@ -1260,53 +1264,99 @@ impl Store for PgStore {
         &self,
         name: &str,
         holder: &str,
-        until: &str,
+        lease: std::time::Duration,
     ) -> Result<Option<u64>, StoreError> {
-        let (name, holder, until) = (text(name), text(holder), text(until));
+        let (name, holder) = (text(name), text(holder));
+        let secs = lease.as_secs_f64();
         self.block(async {
             let c = self.client().await?;
+            // The database's clock, the one every replica shares: a replica whose own clock
+            // runs ahead cannot write a lease that outlives it.
             let row = c
                 .query_opt(
-                    "INSERT INTO forwarding (name, after, holder, lease_until)
-                     VALUES ($1, (SELECT COALESCE(MAX(id), 0) FROM flows), $2, $3)
-                     ON CONFLICT (name) DO UPDATE SET holder = $2, lease_until = $3
-                     WHERE forwarding.holder = $2 OR forwarding.lease_until <= $4
+                    "WITH t AS (SELECT clock_timestamp() AT TIME ZONE 'UTC' AS now)
+                     INSERT INTO forwarding (name, after, holder, lease_until)
+                     SELECT $1, (SELECT COALESCE(MAX(id), 0) FROM flows), $2,
+                            to_char(t.now + make_interval(secs => $3), 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
+                     FROM t
+                     ON CONFLICT (name) DO UPDATE SET holder = $2, lease_until = EXCLUDED.lease_until
+                     WHERE forwarding.holder = $2
+                        OR forwarding.lease_until <= to_char((SELECT now FROM t), 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
+                        OR forwarding.lease_until
+                           > to_char((SELECT now FROM t) + make_interval(secs => 2 * $3), 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
                      RETURNING after",
-                    &[&name, &holder, &until, &now()],
+                    &[&name, &holder, &secs],
                 )
                 .await?;
             Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64))
         })
     }
 
-    fn baseline(&self, subject: &str, what: &str, time: &str) -> Result<super::Seen, StoreError> {
-        let (subject, what, time) = (text(subject), text(what), text(time));
+    fn forward_behind(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        let name = text(name);
         self.block(async {
-            let mut c = self.client().await?;
-            let tx = c.transaction().await?;
-            tx.execute(
-                "INSERT INTO alert_seen (subject, what, first) VALUES ($1, '', $2)
-                 ON CONFLICT (subject, what) DO UPDATE SET first = LEAST(alert_seen.first, excluded.first)",
-                &[&subject, &time],
+            let c = self.client().await?;
+            let row = c
+                .query_opt(
+                    "SELECT (SELECT COALESCE(MAX(id), 0) FROM flows) - after FROM forwarding
+                     WHERE name = $1",
+                    &[&name],
+                )
+                .await?;
+            Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64))
+        })
+    }
+
+    fn baseline(&self, keys: &[(String, String)]) -> Result<super::Baseline, StoreError> {
+        let (subjects, whats): (Vec<String>, Vec<String>) =
+            keys.iter().map(|(s, w)| (text(s), text(w))).unzip();
+        self.block(async {
+            let c = self.client().await?;
+            let rows = c
+                .query(
+                    "SELECT a.subject, a.what, a.first FROM alert_seen a
+                     JOIN UNNEST($1::text[], $2::text[]) AS k(subject, what)
+                       ON a.subject = k.subject AND a.what = k.what",
+                    &[&subjects, &whats],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+                .collect())
+        })
+    }
+
+    fn baseline_note(
+        &self,
+        seen: &[(String, String, String)],
+        today: &str,
+    ) -> Result<(), StoreError> {
+        // One row per key: ON CONFLICT cannot touch a row twice in one statement.
+        let mut first: std::collections::BTreeMap<(String, String), String> =
+            std::collections::BTreeMap::new();
+        for (s, w, t) in seen {
+            let t = text(t);
+            let e = first.entry((text(s), text(w))).or_insert_with(|| t.clone());
+            if t < *e {
+                *e = t;
+            }
+        }
+        let (keys, times): (Vec<_>, Vec<String>) = first.into_iter().unzip();
+        let (subjects, whats): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
+        let today = text(today);
+        self.block(async {
+            let c = self.client().await?;
+            c.execute(
+                "INSERT INTO alert_seen (subject, what, first, last)
+                 SELECT s, w, t, $4 FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(s, w, t)
+                 ON CONFLICT (subject, what) DO UPDATE SET
+                    first = LEAST(alert_seen.first, EXCLUDED.first),
+                    last = GREATEST(COALESCE(alert_seen.last, ''), EXCLUDED.last)",
+                &[&subjects, &whats, &times, &today],
             )
             .await?;
-            let new = tx
-                .execute(
-                    "INSERT INTO alert_seen (subject, what, first) VALUES ($1, $2, $3)
-                     ON CONFLICT (subject, what) DO NOTHING",
-                    &[&subject, &what, &time],
-                )
-                .await?
-                == 1;
-            let subject_first: String = tx
-                .query_one(
-                    "SELECT first FROM alert_seen WHERE subject = $1 AND what = ''",
-                    &[&subject],
-                )
-                .await?
-                .get(0);
-            tx.commit().await?;
-            Ok(super::Seen { new, subject_first })
+            Ok(())
         })
     }
 
@@ -1711,6 +1761,11 @@ impl Store for PgStore {
             c.execute(
                 "DELETE FROM record_bytes WHERE day::text <> ALL($1::text[])",
                 &[&held],
+            )
+            .await?;
+            c.execute(
+                "DELETE FROM alert_seen WHERE last < $1",
+                &[&super::day_text(first)],
             )
             .await?;
             if let Some(max) = self.retention.max_bytes {

@@ -136,6 +136,10 @@ const MIGRATIONS: &[&str] = &[
         signing TEXT NOT NULL,
         version INTEGER
     );",
+    // Alerts' baseline is kept as long as records are: each entry's last day seen.
+    "ALTER TABLE alert_seen ADD COLUMN last TEXT;
+    UPDATE alert_seen SET last = substr(first, 1, 10);
+    CREATE INDEX alert_seen_last ON alert_seen (last);",
 ];
 
 /// Rows removed per transaction by retention: short enough that reports stored meanwhile
@@ -702,6 +706,16 @@ impl Store for SqliteStore {
             }
         }
         lock(&self.writer).execute("DELETE FROM record_bytes WHERE day < ?1", [&first])?;
+        loop {
+            let n = batch(
+                "DELETE FROM alert_seen WHERE rowid IN
+                 (SELECT rowid FROM alert_seen WHERE last < ?1 LIMIT ?2)",
+                Some(&first),
+            )?;
+            if n < RETAIN_BATCH {
+                break;
+            }
+        }
         if let Some(max) = self.retention.max_bytes {
             loop {
                 let held: Vec<(String, u64)> = {
@@ -852,8 +866,10 @@ impl Store for SqliteStore {
         &self,
         name: &str,
         holder: &str,
-        until: &str,
+        lease: std::time::Duration,
     ) -> Result<Option<u64>, StoreError> {
+        // One machine holds a SQLite file: its clock is every replica's.
+        let (now, until, too_far) = super::lease_end(lease);
         let db = lock(&self.writer);
         let after: Option<i64> = db
             .query_row(
@@ -861,34 +877,63 @@ impl Store for SqliteStore {
                  VALUES (?1, (SELECT COALESCE(MAX(id), 0) FROM flows), ?2, ?3)
                  ON CONFLICT (name) DO UPDATE SET holder = ?2, lease_until = ?3
                  WHERE forwarding.holder = ?2 OR forwarding.lease_until <= ?4
+                    OR forwarding.lease_until > ?5
                  RETURNING after",
-                params![name, holder, until, super::now()],
+                params![name, holder, until, now, too_far],
                 |r| r.get(0),
             )
             .optional()?;
         Ok(after.map(|a| a.max(0) as u64))
     }
 
-    fn baseline(&self, subject: &str, what: &str, time: &str) -> Result<super::Seen, StoreError> {
+    fn forward_behind(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        let db = lock(&self.reader);
+        let behind: Option<i64> = db
+            .query_row(
+                "SELECT (SELECT COALESCE(MAX(id), 0) FROM flows) - after FROM forwarding
+                 WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(behind.map(|b| b.max(0) as u64))
+    }
+
+    fn baseline(&self, keys: &[(String, String)]) -> Result<super::Baseline, StoreError> {
+        let db = lock(&self.reader);
+        let mut st =
+            db.prepare_cached("SELECT first FROM alert_seen WHERE subject = ?1 AND what = ?2")?;
+        let mut out = super::Baseline::new();
+        for (subject, what) in keys {
+            if let Some(first) = st
+                .query_row(params![subject, what], |r| r.get::<_, String>(0))
+                .optional()?
+            {
+                out.insert((subject.clone(), what.clone()), first);
+            }
+        }
+        Ok(out)
+    }
+
+    fn baseline_note(
+        &self,
+        seen: &[(String, String, String)],
+        today: &str,
+    ) -> Result<(), StoreError> {
         let mut db = lock(&self.writer);
         let tx = db.transaction()?;
-        tx.execute(
-            "INSERT INTO alert_seen (subject, what, first) VALUES (?1, '', ?2)
-             ON CONFLICT (subject, what) DO UPDATE SET first = MIN(first, excluded.first)",
-            params![subject, time],
-        )?;
-        let new = tx.execute(
-            "INSERT INTO alert_seen (subject, what, first) VALUES (?1, ?2, ?3)
-             ON CONFLICT (subject, what) DO NOTHING",
-            params![subject, what, time],
-        )? == 1;
-        let subject_first: String = tx.query_row(
-            "SELECT first FROM alert_seen WHERE subject = ?1 AND what = ''",
-            [subject],
-            |r| r.get(0),
-        )?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO alert_seen (subject, what, first, last) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (subject, what) DO UPDATE SET first = MIN(first, excluded.first),
+                    last = MAX(COALESCE(last, ''), excluded.last)",
+            )?;
+            for (subject, what, time) in seen {
+                st.execute(params![subject, what, time, today])?;
+            }
+        }
         tx.commit()?;
-        Ok(super::Seen { new, subject_first })
+        Ok(())
     }
 
     fn forward_advance(&self, name: &str, holder: &str, after: u64) -> Result<bool, StoreError> {

@@ -2,6 +2,8 @@
 //! its own in the server `cargo xtask test` starts).
 
 use super::*;
+use std::time::Duration;
+
 use crate::control_plane::{BundleFile, FlowQuery, Ingested, Reported};
 
 /// Records of fixed times (2026) stay for the tests' lifetime.
@@ -807,6 +809,15 @@ fn retention_removes_what_is_past_it_and_stores_nothing_past_it() {
             "{}",
             f.name
         );
+        // Alerts' baseline is kept as long as records are, from the day it was last seen.
+        let key = |w: &str| (id.to_owned(), w.to_owned());
+        let seen_on = |w: &str, d: time::Date| {
+            s.baseline_note(&[(id.into(), w.into(), noon(d))], &day_text(d))
+                .unwrap()
+        };
+        seen_on("dest old", days_ago(today, 20));
+        seen_on("dest both", days_ago(today, 20));
+        seen_on("dest both", today);
         // Nothing is past the retention yet.
         assert_eq!(s.retain(today).unwrap(), Retained::default(), "{}", f.name);
         // Sixteen days on, the record of twenty days ago is past it.
@@ -817,6 +828,13 @@ fn retention_removes_what_is_past_it_and_stores_nothing_past_it() {
                 expired: 1,
                 ..Retained::default()
             },
+            "{}",
+            f.name
+        );
+        let held = s.baseline(&[key("dest old"), key("dest both")]).unwrap();
+        assert_eq!(
+            held.keys().collect::<Vec<_>>(),
+            [&key("dest both")],
             "{}",
             f.name
         );
@@ -1410,16 +1428,18 @@ fn one_replica_forwards_at_a_time_and_the_next_goes_on_from_its_cursor() {
             .collect();
         s.ingest("n1", 1, &batch).unwrap();
         let newest = s.flows(&FlowQuery::default()).unwrap().flows[2].id;
-        let (later, past) = ("2999-01-01T00:00:00.000Z", "2000-01-01T00:00:00.000Z");
+        let (long, none) = (Duration::from_secs(3600), Duration::ZERO);
         // The first claim starts at the newest record stored: forwarding begins now.
         assert_eq!(
-            s.forward_claim("syslog", "a", later).unwrap(),
+            s.forward_claim("syslog", "a", long).unwrap(),
             Some(newest),
             "{}",
             f.name
         );
+        assert_eq!(s.forward_behind("syslog").unwrap(), Some(0), "{}", f.name);
+        assert_eq!(s.forward_behind("nothing").unwrap(), None, "{}", f.name);
         assert_eq!(
-            s.forward_claim("syslog", "b", later).unwrap(),
+            s.forward_claim("syslog", "b", long).unwrap(),
             None,
             "{}",
             f.name
@@ -1429,57 +1449,84 @@ fn one_replica_forwards_at_a_time_and_the_next_goes_on_from_its_cursor() {
             "{}",
             f.name
         );
+        let more: Vec<Reported> = (4..=5)
+            .map(|i| rec(i, "deny", &format!("2026-11-23T00:00:0{i}.000Z")))
+            .collect();
+        s.ingest("n1", 1, &more).unwrap();
+        assert_eq!(s.forward_behind("syslog").unwrap(), Some(2), "{}", f.name);
         assert!(
             s.forward_advance("syslog", "a", newest + 2).unwrap(),
             "{}",
             f.name
         );
+        assert_eq!(s.forward_behind("syslog").unwrap(), Some(0), "{}", f.name);
         // Never back.
         assert!(s.forward_advance("syslog", "a", 1).unwrap(), "{}", f.name);
         assert_eq!(
-            s.forward_claim("syslog", "a", past).unwrap(),
+            s.forward_claim("syslog", "a", none).unwrap(),
             Some(newest + 2)
         );
         // A lease run out is taken over, from where it got.
         assert_eq!(
-            s.forward_claim("syslog", "b", later).unwrap(),
+            s.forward_claim("syslog", "b", long).unwrap(),
             Some(newest + 2),
             "{}",
             f.name
         );
         assert!(
-            !s.forward_advance("syslog", "a", newest + 3).unwrap(),
+            !s.forward_advance("syslog", "a", newest).unwrap(),
             "{}",
             f.name
         );
-        // Another forwarding is another cursor.
+        // A lease written further ahead than twice the lease asked for (a clock set back
+        // since, or one that ran ahead) counts as run out.
         assert_eq!(
-            s.forward_claim("other", "a", later).unwrap(),
-            Some(newest),
+            s.forward_claim("syslog", "a", Duration::from_secs(60))
+                .unwrap(),
+            Some(newest + 2),
             "{}",
             f.name
         );
-        // An identity's baseline: what it was seen with, and since when.
+        // Another forwarding is another cursor, starting at the newest record stored.
+        assert_eq!(
+            s.forward_claim("other", "a", long).unwrap(),
+            Some(newest + 2),
+            "{}",
+            f.name
+        );
+        // A baseline: what a subject was seen with, and since when; read without writing,
+        // noted after.
         let (t1, t5, t6) = (
             "2026-11-23T00:00:01.000Z",
             "2026-11-23T00:00:05.000Z",
             "2026-11-23T00:00:06.000Z",
         );
-        let seen = |what: &str, t: &str| s.baseline("spiffe://example.org/a", what, t).unwrap();
-        let at = |new: bool, first: &str| Seen {
-            new,
-            subject_first: first.into(),
-        };
-        assert_eq!(seen("api.example.com", t5), at(true, t5), "{}", f.name);
-        assert_eq!(seen("api.example.com", t6), at(false, t5), "{}", f.name);
-        // An earlier record arriving later moves the start back.
-        assert_eq!(seen("203.0.113.9", t1), at(true, t1), "{}", f.name);
-        assert_eq!(seen("203.0.113.9", t6), at(false, t1), "{}", f.name);
-        assert!(
-            s.baseline("spiffe://example.org/b", "203.0.113.9", t6)
-                .unwrap()
-                .new
-        );
+        let a = "spiffe://example.org/a n1";
+        let key = |s: &str, w: &str| (s.to_owned(), w.to_owned());
+        let keys = [
+            key(a, ""),
+            key(a, "dest api.example.com"),
+            key(a, "dest 203.0.113.9"),
+        ];
+        assert!(s.baseline(&keys).unwrap().is_empty(), "{}", f.name);
+        let note = |w: &str, t: &str| (a.to_owned(), w.to_owned(), t.to_owned());
+        s.baseline_note(
+            &[
+                note("", t5),
+                note("dest api.example.com", t5),
+                note("", t6),
+                note("dest api.example.com", t6),
+            ],
+            "2026-11-23",
+        )
+        .unwrap();
+        // An earlier record noted later moves the start back.
+        s.baseline_note(&[note("", t1), note("dest 203.0.113.9", t1)], "2026-11-24")
+            .unwrap();
+        let held = s.baseline(&keys).unwrap();
+        assert_eq!(held.len(), 3, "{}", f.name);
+        assert_eq!(held[&keys[0]], t1, "{}", f.name);
+        assert_eq!(held[&keys[1]], t5, "{}", f.name);
     }
 }
 
