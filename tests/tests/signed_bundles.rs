@@ -201,4 +201,43 @@ fn a_node_applies_only_what_its_signers_signed_and_never_an_older_or_expired_bun
     assert!(why.contains("the bundle expired at"), "{why}");
     let st = status_json(&node.socket);
     assert_eq!(st["control_plane"]["applied_version"], 5);
+
+    // A node that cannot keep the rollback floor a bundle sets (its state unwritable: a
+    // full disk, say) does not apply the bundle: after a restart it would take an older one.
+    let link = dir.join("state/control-plane/link.json");
+    std::fs::remove_file(&link).unwrap();
+    std::fs::create_dir_all(link.join("in-the-way")).unwrap();
+    let v6 = dir_of(&fx, "v6", POLICY_B);
+    let (ok, out, err) = policy(
+        &fx,
+        &url,
+        &["push", &v6, "--sign-key", alice, "--sign-key", bob],
+    );
+    assert!(ok && out.starts_with("pushed version 31 "), "{out}{err}");
+    let why = refused(&node, "version 31:");
+    assert!(
+        why.contains("keeping its signed not_before (the rollback floor) in "),
+        "{why}"
+    );
+    assert_eq!(
+        status_json(&node.socket)["control_plane"]["applied_version"],
+        5
+    );
+
+    // A state that cannot be read after a restart: the floor it held is unknown, so the
+    // node takes only bundles signed from then on, never any older one.
+    node.stop();
+    std::fs::remove_dir_all(&link).unwrap();
+    std::fs::write(&link, "{ damaged").unwrap();
+    let node = NodeProc::start_with(&env, dir, &node_args(&flags, &signers));
+    let why = refused(&node, "version 31:");
+    assert!(why.contains("a bundle is never rolled back"), "{why}");
+    let v7 = dir_of(&fx, "v7", SUPPORT_POLICY);
+    let (ok, out, err) = policy(
+        &fx,
+        &url,
+        &["push", &v7, "--sign-key", alice, "--sign-key", bob],
+    );
+    assert!(ok && out.starts_with("pushed version 32 "), "{out}{err}");
+    applied(&node, 32);
 }

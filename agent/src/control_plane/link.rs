@@ -140,17 +140,34 @@ struct LinkState {
 
 impl LinkState {
     fn load(path: &Path) -> Self {
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default()
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Self::default(),
+            Err(e) => return Self::lost(path, &e.to_string()),
+        };
+        serde_json::from_str(&text).unwrap_or_else(|e| Self::lost(path, &e.to_string()))
+    }
+
+    /// A state that could not be read: the rollback floor it held is unknown, so it is
+    /// taken as now (only bundles signed from now on are taken), never as none.
+    fn lost(path: &Path, why: &str) -> Self {
+        error!(path = %path.display(), error = why,
+            "the control plane link state is unreadable; taking only bundles signed from now on");
+        LinkState {
+            applied_not_before: Some(crate::clock::now_rfc3339()),
+            ..Self::default()
+        }
     }
 
     fn save(&self, path: &Path) {
-        let text = serde_json::to_vec_pretty(self).expect("link state");
-        if let Err(e) = crate::files::write_atomic(path, &text) {
+        if let Err(e) = self.write(path) {
             warn!(error = %e, path = %path.display(), "could not keep the control plane link state");
         }
+    }
+
+    fn write(&self, path: &Path) -> std::io::Result<()> {
+        let text = serde_json::to_vec_pretty(self).expect("link state");
+        crate::files::write_atomic(path, &text)
     }
 }
 
@@ -414,9 +431,18 @@ impl Link {
         let applied = st
             .applied_not_before
             .clone()
-            .zip(st.applied_revision.clone());
+            .map(|nb| (nb, st.applied_revision.clone().unwrap_or_default()));
         let signing = b.signing.clone();
         let revision = b.revision.clone();
+        // The rollback floor this bundle sets, kept before the bundle is applied: a node
+        // that could not keep it would take an older signed bundle after a restart.
+        let floor = (self.signers.1 > 0 && b.signing.not_before.is_some()).then(|| {
+            let mut next = st.clone();
+            next.applied_not_before = b.signing.not_before.clone();
+            next.applied_revision = Some(b.revision.clone());
+            next.applied_version = Some(b.version);
+            (next, self.state_path.clone())
+        });
         // Checked again here: the node trusts the control plane's TLS, not its validation.
         let outcome = tokio::task::spawn_blocking(move || {
             let set = super::validate(&files).map_err(BundleRefused::Invalid)?;
@@ -438,6 +464,10 @@ impl Link {
                         time::OffsetDateTime::now_utc(),
                     )
                     .map_err(BundleRefused::Signing)?;
+            }
+            if let Some((next, path)) = floor {
+                next.write(&path)
+                    .map_err(|source| BundleRefused::Floor { path, source })?;
             }
             crate::policy::source::save_dir(&set, &dir)
                 .map_err(|source| BundleRefused::Write { dir, source })?;
@@ -672,6 +702,11 @@ enum BundleRefused {
     NotWhatWasSigned { ours: String, theirs: String },
     #[error("{0}")]
     Signing(super::signing::SigningError),
+    #[error("keeping its signed not_before (the rollback floor) in {path}: {source}")]
+    Floor {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
