@@ -17,6 +17,9 @@ const SECURITY_CONTROL: &str = "security_control";
 
 /// Longest string OCSF takes in a field (its schema's `maxLength`).
 const MAX_TEXT: usize = 65_535;
+/// Most labels, and DNS answers, an event lists: an event stays within a small multiple of
+/// its record's size (the record, under `unmapped.agentwall`, holds them all).
+const MAX_LIST: usize = 64;
 
 /// Where a record comes from, which says what names it.
 #[derive(Clone, Copy, Debug)]
@@ -118,6 +121,7 @@ pub fn event<'a>(record: &'a RawValue, origin: Origin<'a>) -> Option<Event<'a>> 
     labels.extend(
         r.text_map("labels")
             .into_iter()
+            .take(MAX_LIST)
             .map(|(k, v)| bounded(format!("label:{k}={v}"))),
     );
     if !labels.is_empty() {
@@ -367,6 +371,7 @@ fn dns(r: &RecordView) -> Option<Value> {
     .into_iter()
     .chain(r.text("addr"))
     .filter_map(|a| canonical_ip(&a))
+    .take(MAX_LIST)
     .map(|a| {
         let t = if a.is_ipv6() { "AAAA" } else { "A" };
         json!({ "rdata": a.to_string(), "type": t })
@@ -530,6 +535,23 @@ mod tests {
     fn mapped(x: &mut Exported, r: &Value, origin: Origin) -> Option<Value> {
         x.map(&raw(r), origin)
             .map(|e| serde_json::to_value(&e).unwrap())
+    }
+
+    #[test]
+    fn an_event_lists_at_most_max_list_labels_and_answers() {
+        let labels: serde_json::Map<String, Value> =
+            (0..500).map(|i| (format!("k{i}"), json!("v"))).collect();
+        let addrs: Vec<String> = (0..500)
+            .map(|i| format!("198.51.100.{}", i % 250))
+            .collect();
+        let learned = json!({"kind": "dns", "event": "learned", "time": "2026-12-05T01:02:03Z",
+            "identity": "spiffe://example.org/a", "name": "api.example.com", "addrs": addrs,
+            "labels": labels});
+        let e = mapped(&mut Exported::default(), &learned, Origin::Log).unwrap();
+        assert_eq!(e["answers"].as_array().unwrap().len(), MAX_LIST);
+        assert_eq!(e["metadata"]["labels"].as_array().unwrap().len(), MAX_LIST);
+        // The record itself, with all of them, rides along.
+        assert_eq!(e["unmapped"]["agentwall"], learned);
     }
 
     #[test]

@@ -21,8 +21,10 @@ const NAME: &str = "syslog";
 /// How long a lease lasts; renewed at every page, so a replica that stops is taken over
 /// after at most this.
 const LEASE: Duration = Duration::from_secs(30);
-/// Records read and sent at a time.
+/// Records read and sent at a time ...
 const PAGE: u32 = 500;
+/// ... or fewer, once their frames reach this many bytes.
+const PAGE_BYTES: usize = 2 << 20;
 /// The wait before trying again after a failure (a dead receiver, the database away).
 const RETRY: Duration = Duration::from_secs(2);
 /// The wait for new records when all are sent.
@@ -155,11 +157,17 @@ impl Forwarder {
         // A receiver gone (closed, crashed: its end of the connection shut) fails the link
         // before anything it may not have read counts as delivered.
         l.alive().await?;
-        let lingered = l
-            .pending
-            .iter()
-            .take_while(|(_, at)| at.elapsed() >= LINGER)
-            .count();
+        // Pages count as delivered once they lingered on a live link and the receiver's
+        // host acknowledged every byte sent: a receiver that stopped reading keeps them
+        // unconfirmed (sent again on the next link), however long the link stays up.
+        let lingered = if l.unacknowledged() == 0 {
+            l.pending
+                .iter()
+                .take_while(|(_, at)| at.elapsed() >= LINGER)
+                .count()
+        } else {
+            0
+        };
         if let Some(&(upto, _)) = lingered.checked_sub(1).and_then(|i| l.pending.get(i)) {
             let (store, holder) = (server.store.clone(), self.holder);
             if !super::store_call(move || store.forward_advance(NAME, holder, upto)).await? {
@@ -180,8 +188,11 @@ impl Forwarder {
                 ..FlowQuery::default()
             })?;
             let mut frames = Vec::new();
-            let mut not_mapped = 0u64;
+            let (mut not_mapped, mut read, mut last) = (0u64, 0usize, None);
             for f in &page.flows {
+                if frames.len() >= PAGE_BYTES {
+                    break;
+                }
                 let at = crate::ocsf::Origin::Stored {
                     node: &f.node,
                     id: f.id,
@@ -190,11 +201,9 @@ impl Forwarder {
                     Some(e) => frame(&mut frames, &e, &f.node),
                     None => not_mapped += 1,
                 }
+                (read, last) = (read + 1, Some(f.id));
             }
-            Ok(page
-                .flows
-                .last()
-                .map(|f| (f.id, page.flows.len(), frames, not_mapped)))
+            Ok(last.map(|id| (id, read, frames, not_mapped)))
         })
         .await?;
         let Some((last, read, frames, not_mapped)) = page else {
@@ -232,6 +241,19 @@ struct Link {
 }
 
 impl Link {
+    /// Bytes sent on the link that the receiver's host has not acknowledged yet (the
+    /// socket's send queue, SIOCOUTQ); all of them when that cannot be told.
+    fn unacknowledged(&self) -> usize {
+        use std::os::fd::AsRawFd as _;
+        let fd = self.stream.get_ref().0.as_raw_fd();
+        let mut queued: libc::c_int = 0;
+        // SAFETY: an open socket's descriptor and a c_int for the kernel to fill.
+        if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) } != 0 {
+            return usize::MAX;
+        }
+        usize::try_from(queued).unwrap_or(usize::MAX)
+    }
+
     /// Err when the receiver has closed its end (a receiver sends nothing otherwise).
     async fn alive(&mut self) -> Result<(), String> {
         use tokio::io::AsyncReadExt as _;
@@ -260,10 +282,14 @@ fn frame(out: &mut Vec<u8>, event: &crate::ocsf::Event, node: &str) {
         _ => 5,
     };
     let pri = u32::from(FACILITY) * 8 + severity;
+    // Written again as RFC 5424 takes it (upper-case T and Z, at most six fractional
+    // digits, no leap second), whatever spelling of RFC 3339 the node used.
     let time = event.mapped["metadata"]["original_time"]
         .as_str()
-        .filter(|t| crate::clock::parse_rfc3339(t).is_ok() && t.len() <= 32)
-        .unwrap_or("-");
+        .and_then(|t| crate::clock::parse_rfc3339(t).ok())
+        .map(|t| crate::clock::rfc3339(t.into()))
+        .filter(|t| t.len() == 24)
+        .unwrap_or_else(|| "-".into());
     let msg = format!(
         "<{pri}>1 {time} {} agentwall - ocsf - {}",
         header_field(node, 255),
@@ -306,7 +332,16 @@ mod tests {
         };
         let mut out = Vec::new();
         frame(&mut out, &e, "spiffe://example.org/node/n1");
-        frame(&mut out, &e, "a node with spaces");
+        let mut other = e.mapped.clone();
+        other["metadata"]["original_time"] = "2026-12-05t01:02:03.456789+01:00".into();
+        let respelled = crate::ocsf::Event {
+            mapped: other,
+            unmapped: crate::ocsf::Unmapped {
+                agentwall: &record,
+                node: None,
+            },
+        };
+        frame(&mut out, &respelled, "a node with spaces");
         let text = String::from_utf8(out).unwrap();
         let (len, rest) = text.split_once(' ').unwrap();
         let len: usize = len.parse().unwrap();
@@ -320,6 +355,9 @@ mod tests {
         // The event is JSON: a newline in it is escaped, never a frame's end.
         assert!(!first.contains('\n'), "{first}");
         let second = &rest[len..];
-        assert!(second.contains(" - agentwall - ocsf - "), "{second}");
+        assert!(
+            second.contains("<108>1 2026-12-05T00:02:03.456Z - agentwall - ocsf - "),
+            "{second}"
+        );
     }
 }
