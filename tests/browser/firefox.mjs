@@ -22,6 +22,10 @@ const browser = await puppeteer.launch({
   browser: "firefox",
   executablePath: process.env.FIREFOX || "/usr/bin/firefox-esr",
   headless: true,
+  // The window's own size, not an emulated one: Firefox ESR's WebDriver BiDi lacks some of
+  // the emulation commands puppeteer's setViewport sends.
+  defaultViewport: null,
+  args: ["--width=1366", "--height=860"],
   // The test's control plane has a certificate from the test's own CA, which this fresh
   // profile does not hold: the chain is not checked, the connection is still TLS.
   acceptInsecureCerts: true,
@@ -58,7 +62,6 @@ async function open(page, name, table) {
 
 try {
   const page = await browser.newPage();
-  await page.setViewport({ width: 1366, height: 860 });
   page.on("request", (r) => {
     const u = new URL(r.url());
     if (u.origin !== origin && u.protocol !== "data:") offHost.push(r.url());

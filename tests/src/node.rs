@@ -322,11 +322,27 @@ pub fn setup(name: &str, policy: &str) -> (TestEnv, tempfile::TempDir, Ca) {
 }
 
 /// A free loopback TCP address (bound and released), for the node's metrics endpoint.
+/// Taken below the kernel's ephemeral range, each port once per test process: a port the
+/// kernel hands out for `bind(0)` (a control plane's, a client's) between this release and
+/// the node's bind would otherwise be taken under it.
 pub fn loopback_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let low = 10_000u32;
+    let span = ephemeral_low.saturating_sub(low).max(1);
+    // Processes of the suite run one after another; each starts somewhere else anyway.
+    let start = std::process::id() * 7919 % span;
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(n < span, "no free loopback port below {ephemeral_low}");
+        let port = low + (start + n) % span;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            return l.local_addr().unwrap();
+        }
+    }
 }
 
 pub fn flows(socket: &Path, verdict: &str) -> Vec<serde_json::Value> {

@@ -65,6 +65,35 @@ enum Command {
         #[arg(long)]
         since: Option<String>,
     },
+    /// Grant an identity temporary access on top of its policy: the newest bundle with a
+    /// Grant file added, pushed as `policy push` pushes (the same signatures and approvals).
+    /// Its rules end at the deadline in each node's kernel, whether or not the node runs.
+    Grant {
+        /// The SPIFFE ID given access (it must have an AgentPolicy).
+        #[arg(long)]
+        identity: String,
+        /// A destination: an address, a CIDR or a name pattern. Repeatable.
+        #[arg(long, required = true)]
+        to: Vec<String>,
+        /// A port or range (443, 8000-8100). Repeatable; none: any port.
+        #[arg(long)]
+        ports: Vec<String>,
+        /// tcp or udp; none: both.
+        #[arg(long)]
+        protocol: Option<String>,
+        /// How long it lasts (30m, 4h; at most 7d).
+        #[arg(long = "for", value_name = "DURATION")]
+        lasting: String,
+        /// Why: kept with the grant for the review afterwards (1 to 1,024 characters).
+        #[arg(long)]
+        reason: String,
+        /// Sign the bundle with this Ed25519 private key (PKCS#8 PEM), as `policy push
+        /// --sign-key`. Repeatable.
+        #[arg(long, value_name = "FILE")]
+        sign_key: Vec<PathBuf>,
+    },
+    /// The grants in the newest bundle: in force, and ended but not yet pushed away.
+    Grants,
     /// Revoke an identity on every node.
     Revoke {
         /// The SPIFFE ID to revoke.
@@ -121,6 +150,11 @@ enum PolicyCommand {
         /// Nodes refuse the bundle after this long (90s, 30m, 24h, 7d); signed with it.
         #[arg(long, value_name = "DURATION")]
         expires_in: Option<String>,
+        /// Leave out the grants in force in the newest bundle (`cp grants`) that the
+        /// directory does not hold; by default they are carried over, so a push does not
+        /// end them early.
+        #[arg(long)]
+        drop_grants: bool,
     },
     /// Sign a proposal with your key: the files are hashed here and must be what the
     /// proposal names. The approval that completes it publishes it.
@@ -461,6 +495,38 @@ fn read_bundle(dir: &Path) -> anyhow::Result<Vec<BundleFile>> {
     Ok(files)
 }
 
+/// The grant files of the newest bundle whose grants are all in force and that `files`
+/// does not hold.
+async fn grants_in_force(c: &Client, files: &[BundleFile]) -> anyhow::Result<Vec<BundleFile>> {
+    let b: Bundle = match c.get("/v1/policy").await {
+        Ok(b) => b,
+        Err(ClientError::Refused { status, .. }) if status == hyper::StatusCode::NOT_FOUND => {
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let Ok(set) = agentwall::control_plane::validate(&b.files) else {
+        return Ok(Vec::new());
+    };
+    let now = time::OffsetDateTime::now_utc();
+    Ok(b.files
+        .into_iter()
+        .filter(|f| {
+            f.name.starts_with("grant-")
+                && !files.iter().any(|o| o.name == f.name)
+                && set
+                    .grants
+                    .iter()
+                    .filter(|g| g.origin.file.file_name() == Some(std::ffi::OsStr::new(&f.name)))
+                    .all(|g| g.until > now)
+                && set
+                    .grants
+                    .iter()
+                    .any(|g| g.origin.file.file_name() == Some(std::ffi::OsStr::new(&f.name)))
+        })
+        .collect())
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -478,8 +544,19 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             base_version,
             sign_key,
             expires_in,
+            drop_grants,
         }) => {
-            let files = read_bundle(dir)?;
+            let mut files = read_bundle(dir)?;
+            if !drop_grants {
+                for f in grants_in_force(&c, &files).await? {
+                    eprintln!(
+                        "carrying over {} (a grant in force; --drop-grants leaves it out)",
+                        f.name
+                    );
+                    files.push(f);
+                }
+                files.sort_by(|a, b| a.name.cmp(&b.name));
+            }
             let n = files.len();
             let signing = sign_push(dir, &files, sign_key, expires_in.as_deref())?;
             let r: Result<Pushed, ClientError> = c
@@ -930,6 +1007,87 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                     r.unchained,
                     r.audit_write_failures
                 );
+            }
+        }
+        Command::Grant {
+            identity,
+            to,
+            ports,
+            protocol,
+            lasting,
+            reason,
+            sign_key,
+        } => {
+            let b: Bundle = c
+                .get("/v1/policy")
+                .await
+                .context("a grant adds to the newest bundle")?;
+            let req = agentwall::policy::grant::GrantRequest {
+                identity,
+                to,
+                ports,
+                protocol: protocol.as_deref(),
+                lasting: agentwall::review::parse_duration(lasting)?,
+                reason,
+                break_glass: false,
+            };
+            let (name, text) =
+                agentwall::policy::grant::grant_file(&req, std::time::SystemTime::now())?;
+            let mut files = b.files.clone();
+            files.push(BundleFile {
+                name: name.clone(),
+                text,
+            });
+            files.sort_by(|a, b| a.name.cmp(&b.name));
+            // Checked here first: what is wrong is said against the grant asked for.
+            hashed(&files).with_context(|| format!("granting {name}"))?;
+            let signing = sign_push(Path::new(&name), &files, sign_key, None)?;
+            let r: Pushed = c
+                .send_json(
+                    hyper::Method::PUT,
+                    "/v1/policy",
+                    &PushRequest {
+                        files,
+                        base_version: Some(b.version),
+                        signing,
+                    },
+                    std::time::Duration::from_secs(60),
+                )
+                .await?;
+            if !json {
+                println!(
+                    "{}: {identity} may reach {} until the deadline in it",
+                    name.trim_end_matches(".yaml"),
+                    to.join(", ")
+                );
+            }
+            print_pushed(&r, json);
+        }
+        Command::Grants => {
+            let b: Bundle = c.get("/v1/policy").await?;
+            let set = agentwall::control_plane::validate(&b.files).map_err(|errors| {
+                let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                anyhow::anyhow!("version {} is invalid here:\n{}", b.version, all.join("\n"))
+            })?;
+            let all = agentwall::policy::grant::views(&set, time::OffsetDateTime::now_utc());
+            if json {
+                print_json(&all);
+            } else {
+                if all.is_empty() {
+                    println!("no grants in version {}", b.version);
+                }
+                for g in &all {
+                    say!(
+                        "{} {} until {} ({}{}): {}; reason: {}",
+                        g.name,
+                        g.identity,
+                        g.until,
+                        if g.active { "in force" } else { "ended" },
+                        if g.break_glass { ", break-glass" } else { "" },
+                        g.rules.join("; "),
+                        g.reason
+                    );
+                }
             }
         }
         Command::Revoke { identity, reason } => {

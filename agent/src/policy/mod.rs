@@ -4,6 +4,7 @@
 pub mod compile;
 pub mod eval;
 pub mod fqdn;
+pub mod grant;
 pub mod lint;
 pub mod model;
 pub mod names;

@@ -334,6 +334,20 @@ struct RawGlobalDeny {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrant {
+    #[allow(dead_code)]
+    kind: String,
+    name: String,
+    identity: String,
+    reason: String,
+    until: Expires,
+    #[serde(default)]
+    break_glass: Option<bool>,
+    egress: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
 struct KindOnly {
     kind: Option<String>,
 }
@@ -395,6 +409,24 @@ pub struct AgentPolicy {
     pub origin: Origin,
 }
 
+/// Temporary access on top of an identity's AgentPolicy (`agentwall cp grant`): its egress
+/// rules are the identity's too, each ending at `until` at the latest, in the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub name: String,
+    pub identity: String,
+    /// Why it was given: kept for the review afterwards.
+    pub reason: String,
+    pub until: time::OffsetDateTime,
+    /// Given in an emergency, ahead of the approvals a bundle needs: flagged for review.
+    pub break_glass: bool,
+    pub egress: Vec<RuleSource>,
+    pub origin: Origin,
+}
+
+/// Longest grant reason.
+pub const MAX_GRANT_REASON: usize = 1024;
+
 /// A validated policy directory.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicySet {
@@ -406,6 +438,8 @@ pub struct PolicySet {
     pub global_deny: Option<Vec<IpNet>>,
     /// Where each identity's AgentPolicy is in `agents`.
     pub by_identity: std::collections::HashMap<String, usize>,
+    /// Grants, in the order written; their rules are in their identities' `egress` too.
+    pub grants: Vec<Grant>,
     /// The files this was read from (name, text), so the node can keep the last good policy.
     pub sources: Vec<(PathBuf, String)>,
 }
@@ -450,7 +484,7 @@ fn plain_kind(doc: &str) -> Option<&str> {
     if kinds.next().is_some() {
         return None;
     }
-    matches!(k, "AgentPolicy" | "Archetype" | "GlobalDeny").then_some(k)
+    matches!(k, "AgentPolicy" | "Archetype" | "GlobalDeny" | "Grant").then_some(k)
 }
 
 fn yaml_err(file: &Path, doc: &str, first_line: usize, e: &serde_yaml_ng::Error) -> PolicyError {
@@ -602,6 +636,7 @@ enum Doc {
     Agent(AgentPolicy),
     Archetype(Archetype),
     GlobalDeny(Vec<IpNet>),
+    Grant(Grant),
 }
 
 fn parse_document(
@@ -663,11 +698,53 @@ fn parse_document(
                 .map_err(|e| yaml_err(file, doc, first, &e))?;
             Ok(Doc::GlobalDeny(raw.to.into_iter().map(|d| d.0).collect()))
         }
+        Some("Grant") => {
+            let raw = serde_yaml_ng::from_str::<RawGrant>(doc)
+                .map_err(|e| yaml_err(file, doc, first, &e))?;
+            if let Err(e) = raw.identity.parse::<crate::identity::AgentId>() {
+                return Err(err_at(file, first, 1, format!("identity {e}")));
+            }
+            let reason = raw.reason.trim();
+            if reason.is_empty() || reason.len() > MAX_GRANT_REASON {
+                return Err(err_at(
+                    file,
+                    first,
+                    1,
+                    format!(
+                        "Grant {:?}: a reason is 1 to {MAX_GRANT_REASON} characters ({} given)",
+                        raw.name,
+                        reason.len()
+                    ),
+                ));
+            }
+            if raw.egress.is_empty() {
+                return Err(err_at(
+                    file,
+                    first,
+                    1,
+                    format!("Grant {:?} grants nothing: its egress is empty", raw.name),
+                ));
+            }
+            let until = raw.until.0;
+            let mut egress = rules(raw.egress, &origin);
+            for r in &mut egress {
+                r.expires = Some(r.expires.map_or(until, |e| e.min(until)));
+            }
+            Ok(Doc::Grant(Grant {
+                name: raw.name,
+                identity: raw.identity,
+                reason: reason.to_owned(),
+                until,
+                break_glass: raw.break_glass.unwrap_or(false),
+                egress,
+                origin,
+            }))
+        }
         Some(other) => Err(err_at(
             file,
             first,
             1,
-            format!("unknown kind {other:?}: expected AgentPolicy, Archetype or GlobalDeny"),
+            format!("unknown kind {other:?}: expected AgentPolicy, Archetype, GlobalDeny or Grant"),
         )),
         None => Err(err_at(file, first, 1, "document has no `kind`")),
     }
@@ -702,6 +779,7 @@ pub fn parse_sources(sources: Vec<(PathBuf, String)>) -> Result<PolicySet, Polic
     let mut agents: Vec<AgentPolicy> = Vec::new();
     let mut archetypes: BTreeMap<String, Archetype> = BTreeMap::new();
     let mut global_deny: Option<Vec<IpNet>> = None;
+    let mut grants: Vec<Grant> = Vec::new();
     let mut docs: Vec<(std::sync::Arc<Path>, usize, String)> = Vec::new();
     let files: Vec<std::sync::Arc<Path>> =
         sources.iter().map(|(f, _)| f.as_path().into()).collect();
@@ -766,6 +844,32 @@ pub fn parse_sources(sources: Vec<(PathBuf, String)>) -> Result<PolicySet, Polic
                 archetypes.insert(a.name.clone(), a);
             }
             Ok(Doc::GlobalDeny(to)) => global_deny.get_or_insert_with(Vec::new).extend(to),
+            Ok(Doc::Grant(g)) => grants.push(g),
+        }
+    }
+    // A grant adds to an identity's policy: one there must be.
+    let mut grant_names: std::collections::HashMap<String, Origin> = Default::default();
+    for g in &grants {
+        if let Some(prev) = grant_names.insert(g.name.clone(), g.origin.clone()) {
+            errors.push(err_at(
+                &g.origin.file,
+                g.origin.line,
+                1,
+                format!("Grant {:?} is defined twice (first at {prev})", g.name),
+            ));
+            continue;
+        }
+        match by_identity.get(&g.identity) {
+            Some(&i) => agents[i].egress.extend(g.egress.iter().cloned()),
+            None => errors.push(err_at(
+                &g.origin.file,
+                g.origin.line,
+                1,
+                format!(
+                    "Grant {:?} is for {}, which has no AgentPolicy: a grant adds to a policy",
+                    g.name, g.identity
+                ),
+            )),
         }
     }
     // Cross-document checks: every `extends` names an archetype, and there are no cycles.
@@ -812,6 +916,7 @@ pub fn parse_sources(sources: Vec<(PathBuf, String)>) -> Result<PolicySet, Polic
         archetypes,
         global_deny,
         by_identity,
+        grants,
         sources,
     })
 }
@@ -1175,6 +1280,68 @@ mod tests {
             got[3].starts_with(&format!("big.yaml:{}:", line(590) + 6)),
             "{}",
             got[3]
+        );
+    }
+
+    #[test]
+    fn a_grant_adds_rules_to_its_identity_that_end_at_its_deadline() {
+        let policy = "kind: AgentPolicy\nname: a\nidentity: spiffe://example.org/a\negress:\n  - to: [192.0.2.1]\n    ports: [443]\n";
+        let grant = "kind: Grant\nname: g1\nidentity: spiffe://example.org/a\nreason: incident 42\nuntil: 2026-12-05T12:00:00Z\negress:\n  - to: [198.51.100.7]\n    ports: [443]\n  - to: [203.0.113.0/24]\n    expires: 2027-01-01T00:00:00Z\n";
+        let set = parse(&[("a.yaml", policy), ("grant-g1.yaml", grant)]).unwrap();
+        assert_eq!(set.grants.len(), 1);
+        let g = &set.grants[0];
+        assert_eq!((g.name.as_str(), g.reason.as_str()), ("g1", "incident 42"));
+        assert!(!g.break_glass);
+        let until = crate::clock::parse_rfc3339("2026-12-05T12:00:00Z").unwrap();
+        let agent = set.agent("spiffe://example.org/a").unwrap();
+        assert_eq!(agent.egress.len(), 3);
+        // Each granted rule ends at the grant's deadline at the latest, and says where it
+        // was written.
+        for r in &agent.egress[1..] {
+            assert_eq!(r.expires, Some(until));
+            assert!(
+                r.place().starts_with("grant-g1.yaml:1 egress["),
+                "{}",
+                r.place()
+            );
+        }
+        assert_eq!(agent.egress[0].expires, None);
+        // Compiled with a kernel deadline.
+        let before = std::time::SystemTime::from(until) - std::time::Duration::from_secs(60);
+        assert_eq!(
+            set.rules_at(agent, before)
+                .iter()
+                .filter(|r| r.expires.is_some())
+                .count(),
+            2
+        );
+
+        // Refused: for an identity without a policy, without a reason, granting nothing,
+        // twice, or with an unreadable deadline.
+        let e = |text: &str| errors(&[("a.yaml", policy), ("g.yaml", text)]).join("\n");
+        let head = "kind: Grant\nname: g\nidentity: spiffe://example.org/a\nreason: r\nuntil: 2026-12-05T12:00:00Z\n";
+        let rule = "egress:\n  - to: [198.51.100.7]\n";
+        assert!(
+            e(&format!("{}{rule}", head.replace("/a\n", "/b\n")))
+                .contains("Grant \"g\" is for spiffe://example.org/b, which has no AgentPolicy"),
+        );
+        assert!(
+            e(&format!(
+                "{}{rule}",
+                head.replace("reason: r", "reason: \"  \"")
+            ))
+            .contains("a reason is 1 to 1024 characters (0 given)")
+        );
+        assert!(e(&format!("{head}egress: []\n")).contains("grants nothing"));
+        assert!(
+            e(&format!("{head}{rule}---\n{head}{rule}")).contains("Grant \"g\" is defined twice")
+        );
+        assert!(
+            e(&format!(
+                "{}{rule}",
+                head.replace("2026-12-05T12:00:00Z", "soon")
+            ))
+            .contains("is not an RFC 3339 time")
         );
     }
 

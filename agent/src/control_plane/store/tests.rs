@@ -424,7 +424,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     drop(c);
     let e = SqliteStore::open(&path, KEEP).err().unwrap().to_string();
     assert!(
-        e.contains("has schema version 99; this agentwall knows up to 9"),
+        e.contains("has schema version 99; this agentwall knows up to 10"),
         "{e}"
     );
 
@@ -446,7 +446,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     let shown = crate::config::control_plane::redact_url(&db.url);
     assert!(
         e.contains(&format!(
-            "database {shown} has schema version 99; this agentwall knows up to 8"
+            "database {shown} has schema version 99; this agentwall knows up to 9"
         )),
         "{e}"
     );

@@ -1,0 +1,187 @@
+//! Just-in-time grants: a `kind: Grant` file added to the newest bundle, pushed as any
+//! bundle is (the same signatures and approvals), whose rules end at its deadline in the
+//! kernel. What `agentwall cp grant` writes and `agentwall cp grants` lists.
+
+use serde::Serialize;
+
+use super::source::{Grant, PolicySet};
+
+/// Longest grant: temporary access is hours, not a standing rule.
+pub const MAX_GRANT: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    #[error("a grant lasts more than 0 s and at most 7 days ({0} s asked)")]
+    Length(u64),
+    #[error("a grant needs at least one destination (--to)")]
+    NoDestination,
+}
+
+/// What an admin asks for.
+pub struct GrantRequest<'a> {
+    pub identity: &'a str,
+    pub to: &'a [String],
+    pub ports: &'a [String],
+    pub protocol: Option<&'a str>,
+    pub lasting: std::time::Duration,
+    pub reason: &'a str,
+    pub break_glass: bool,
+}
+
+#[derive(Serialize)]
+struct GrantDoc<'a> {
+    kind: &'static str,
+    name: &'a str,
+    identity: &'a str,
+    reason: &'a str,
+    until: String,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    break_glass: bool,
+    egress: [GrantRule<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct GrantRule<'a> {
+    to: &'a [String],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    ports: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    protocol: Option<&'a str>,
+}
+
+/// The file (name, YAML text) that grants `req` from `now`: written by serde, so nothing an
+/// admin types can add a key or a rule of its own. The policy parser checks the rest.
+pub fn grant_file(
+    req: &GrantRequest<'_>,
+    now: std::time::SystemTime,
+) -> Result<(String, String), GrantError> {
+    if req.lasting.is_zero() || req.lasting > MAX_GRANT {
+        return Err(GrantError::Length(req.lasting.as_secs()));
+    }
+    if req.to.is_empty() {
+        return Err(GrantError::NoDestination);
+    }
+    let stamp = crate::clock::rfc3339(now);
+    // Unique and in time order: the file name is the grant's name.
+    let digits: String = stamp.chars().filter(char::is_ascii_digit).collect();
+    let name = format!("grant-{digits}");
+    let doc = GrantDoc {
+        kind: "Grant",
+        name: &name,
+        identity: req.identity,
+        reason: req.reason,
+        until: crate::clock::rfc3339(now + req.lasting),
+        break_glass: req.break_glass,
+        egress: [GrantRule {
+            to: req.to,
+            ports: req.ports,
+            protocol: req.protocol,
+        }],
+    };
+    let text = serde_yaml_ng::to_string(&doc).expect("grants serialize");
+    Ok((format!("{name}.yaml"), text))
+}
+
+/// A grant as `cp grants` shows it.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct GrantView {
+    pub name: String,
+    pub identity: String,
+    pub reason: String,
+    pub until: String,
+    /// In force now (its deadline not passed).
+    pub active: bool,
+    pub break_glass: bool,
+    /// Each granted rule as `DEST[,DEST] ports P protocol X`.
+    pub rules: Vec<String>,
+    /// The file it is written in.
+    pub file: String,
+}
+
+impl GrantView {
+    pub fn of(g: &Grant, now: time::OffsetDateTime) -> Self {
+        GrantView {
+            name: g.name.clone(),
+            identity: g.identity.clone(),
+            reason: g.reason.clone(),
+            until: crate::clock::rfc3339(g.until.into()),
+            active: now < g.until,
+            break_glass: g.break_glass,
+            rules: g
+                .egress
+                .iter()
+                .map(|r| {
+                    let to: Vec<String> =
+                        r.to.iter()
+                            .map(ToString::to_string)
+                            .chain(r.fqdns.iter().map(ToString::to_string))
+                            .collect();
+                    let ports: Vec<String> = r.ports.iter().map(ToString::to_string).collect();
+                    format!(
+                        "{} ports {} protocol {}",
+                        to.join(","),
+                        if ports.is_empty() {
+                            "any".to_owned()
+                        } else {
+                            ports.join(",")
+                        },
+                        r.protocol
+                    )
+                })
+                .collect(),
+            file: g.origin.file.display().to_string(),
+        }
+    }
+}
+
+/// Every grant of `set`, newest deadline first.
+pub fn views(set: &PolicySet, now: time::OffsetDateTime) -> Vec<GrantView> {
+    let mut all: Vec<GrantView> = set.grants.iter().map(|g| GrantView::of(g, now)).collect();
+    all.sort_by(|a, b| b.until.cmp(&a.until).then(a.name.cmp(&b.name)));
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_file_is_a_policy_document_that_nothing_typed_can_widen() {
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let to = ["198.51.100.7".to_owned()];
+        let ports = ["443".to_owned()];
+        let req = GrantRequest {
+            identity: "spiffe://example.org/a",
+            to: &to,
+            ports: &ports,
+            protocol: Some("tcp"),
+            lasting: std::time::Duration::from_secs(1800),
+            // A reason that tries to add a rule of its own stays a reason.
+            reason: "ticket 7\negress:\n  - to: [0.0.0.0/0]",
+            break_glass: false,
+        };
+        let (name, text) = grant_file(&req, now).unwrap();
+        assert_eq!(name, "grant-20270115080000000.yaml");
+        let policy = "kind: AgentPolicy\nname: a\nidentity: spiffe://example.org/a\n";
+        let set = super::super::source::parse_sources(vec![
+            ("a.yaml".into(), policy.into()),
+            (name.into(), text),
+        ])
+        .unwrap();
+        let g = &set.grants[0];
+        assert_eq!(g.reason, "ticket 7\negress:\n  - to: [0.0.0.0/0]");
+        assert_eq!(g.egress.len(), 1);
+        let v = GrantView::of(g, now.into());
+        assert!(v.active);
+        assert_eq!(v.until, "2027-01-15T08:30:00.000Z");
+        assert_eq!(v.rules, ["198.51.100.7/32 ports 443 protocol tcp"]);
+        assert!(!GrantView::of(g, (now + req.lasting).into()).active);
+        for long in [0, 8 * 24 * 3600] {
+            let r = GrantRequest {
+                lasting: std::time::Duration::from_secs(long),
+                ..req
+            };
+            assert!(grant_file(&r, now).is_err());
+        }
+    }
+}
