@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use agentwall_tests::{
-    cp::{CpFixture, CpProc, admin_creds, cp, node_args, push},
+    cp::{CpFixture, CpProc, NODE_ID, admin_creds, cp, node_args, push},
     node::{
-        NodeProc, SUPPORT_ID, SUPPORT_POLICY, launch_probe, setup, status_json, wait_status,
+        NodeProc, SUPPORT_ID, SUPPORT_POLICY, eventually, launch_probe, setup, wait_status,
         write_cert,
     },
     pki::CertSpec,
@@ -39,7 +39,11 @@ fn a_grant_opens_a_destination_until_its_deadline_and_the_kernel_ends_it() {
     let server = CpProc::start(&fx, None);
     let url = server.url.clone();
     let flags = fx.node_flags(&url);
-    let node = NodeProc::start_with(&env, dir, &node_args(&flags, &[]));
+    let node = NodeProc::start_with(
+        &env,
+        dir,
+        &node_args(&flags, &["--aggregate-window-secs", "0"]),
+    );
     push(&fx, &url, "v1", SUPPORT_POLICY);
     applied(&node, 1);
     let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(SUPPORT_ID)));
@@ -94,27 +98,30 @@ fn a_grant_opens_a_destination_until_its_deadline_and_the_kernel_ends_it() {
     );
     assert!(!ok && err.contains("--reason"), "{err}");
 
-    // Granted for a few seconds: the destination is reachable (no route in the agent's
-    // namespace, so allowed shows as ENETUNREACH), the rest of the policy is as it was.
-    let (ok, out, err) = admin(
-        &fx,
-        &url,
-        &[
-            "grant",
-            "--identity",
-            SUPPORT_ID,
-            "--to",
-            "198.51.100.10",
-            "--ports",
-            "443",
-            "--protocol",
-            "tcp",
-            "--for",
-            "8s",
-            "--reason",
-            "incident 42: fetch the logs",
-        ],
-    );
+    // Granted: the destination is reachable (no route in the agent's namespace, so allowed
+    // shows as ENETUNREACH), the rest of the policy is as it was.
+    let grant_to = |dest: &str, lasting: &str, reason: &str| {
+        admin(
+            &fx,
+            &url,
+            &[
+                "grant",
+                "--identity",
+                SUPPORT_ID,
+                "--to",
+                dest,
+                "--ports",
+                "443",
+                "--protocol",
+                "tcp",
+                "--for",
+                lasting,
+                "--reason",
+                reason,
+            ],
+        )
+    };
+    let (ok, out, err) = grant_to("198.51.100.10", "10m", "incident 42: fetch the logs");
     assert!(ok && out.contains("published version 2 "), "{out}{err}");
     let grant = out.split(':').next().unwrap().to_owned();
     assert!(grant.starts_with("grant-"), "{out}");
@@ -150,31 +157,75 @@ fn a_grant_opens_a_destination_until_its_deadline_and_the_kernel_ends_it() {
         "err ENETUNREACH"
     );
 
-    // The node goes away; at the deadline the kernel denies the destination on its own.
+    // The review afterwards: who pushed it, who signed it, why, and what it allowed (the
+    // policy's own flows not among them).
+    let review = eventually(
+        "the grant's flows at the control plane",
+        Duration::from_secs(15),
+        || {
+            let (ok, out, err) = admin(&fx, &url, &["report", "grants"]);
+            if ok && out.contains(&format!("{NODE_ID} -> 198.51.100.10:443/tcp x")) {
+                Ok(out)
+            } else {
+                Err(format!("{out}{err}"))
+            }
+        },
+    );
+    assert!(
+        review.starts_with(&format!("{grant} {SUPPORT_ID} until "))
+            && review.contains("\n  pushed in version 2 at ")
+            && review.contains("; signed by nobody\n  reason: incident 42: fetch the logs\n")
+            && !review.contains("192.0.2.10"),
+        "{review}"
+    );
+
+    // A short grant beside it. The node goes away; at that grant's deadline the kernel
+    // denies its destination on its own, and the other grant stays in force.
+    let (ok, out, err) = grant_to("198.51.100.20", "15s", "a quick look");
+    assert!(ok && out.contains("published version 4 "), "{out}{err}");
+    applied(&node, 4);
     assert_eq!(
-        status_json(&node.socket)["control_plane"]["applied_version"],
-        3
+        probe.cmd("connect tcp 198.51.100.20 443"),
+        "err ENETUNREACH"
     );
     assert_eq!(node.stop(), 0);
     let (_, out, _) = admin(&fx, &url, &["grants", "--output", "json"]);
-    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let short = listed
+        .iter()
+        .find(|g| {
+            g["rules"][0]
+                .as_str()
+                .unwrap()
+                .starts_with("198.51.100.20/32")
+        })
+        .unwrap();
     let deadline: std::time::SystemTime =
-        agentwall::clock::parse_rfc3339(listed[0]["until"].as_str().unwrap())
+        agentwall::clock::parse_rfc3339(short["until"].as_str().unwrap())
             .unwrap()
             .into();
     // Waiting for the clock is the behaviour under test, not synchronisation.
     while std::time::SystemTime::now() < deadline + Duration::from_millis(50) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(probe.cmd("connect tcp 198.51.100.10 443"), "err EPERM");
+    assert_eq!(probe.cmd("connect tcp 198.51.100.20 443"), "err EPERM");
+    assert_eq!(
+        probe.cmd("connect tcp 198.51.100.10 443"),
+        "err ENETUNREACH"
+    );
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
     let (ok, out, _) = admin(&fx, &url, &["grants"]);
-    assert!(ok && out.contains("(ended)"), "{out}");
+    assert!(ok && out.contains("(ended): 198.51.100.20/32"), "{out}");
 
-    // An ended grant is not carried over by the next push.
+    // An ended grant is not carried over by the next push; the one in force is.
     let (ok, out, err) = admin(&fx, &url, &["policy", "push", &d]);
-    assert!(ok && out.starts_with("pushed version 4 "), "{out}{err}");
-    assert!(!err.contains("carrying over"), "{err}");
+    assert!(ok && out.starts_with("pushed version 5 "), "{out}{err}");
+    assert_eq!(err.matches("carrying over").count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("carrying over {grant}.yaml")),
+        "{err}"
+    );
     let (_, out, _) = admin(&fx, &url, &["grants"]);
-    assert!(out.starts_with("no grants in version 4"), "{out}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.starts_with(&format!("{grant} ")), "{out}");
 }

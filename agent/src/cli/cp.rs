@@ -210,6 +210,14 @@ enum ReportCommand {
         #[arg(long)]
         since: Option<String>,
     },
+    /// Every grant the bundles held, for the review afterwards: who pushed it, who signed
+    /// it, its reason and deadline, and the flows it allowed.
+    Grants {
+        /// Only grants that ended this long ago or later (30m, 24h, 7d), or since an RFC
+        /// 3339 time, and the flows since then.
+        #[arg(long)]
+        since: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -780,6 +788,63 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 print_json(&r);
             } else {
                 super::report::print_unused(&r.report, &r.revision);
+                if r.truncated {
+                    println!(
+                        "(the control plane holds more than {} records; the first {} were counted: narrow it with --since)",
+                        agentwall::control_plane::REVIEW_RECORDS,
+                        r.records
+                    );
+                }
+            }
+        }
+        Command::Report(ReportCommand::Grants { since }) => {
+            let path = since_path("/v1/reports/grants", since.as_deref())?;
+            let r: agentwall::control_plane::GrantsReply = c.get(&path).await?;
+            if json {
+                print_json(&r);
+            } else {
+                if r.grants.is_empty() {
+                    println!("no grants in the {} version(s) read", r.versions);
+                }
+                for g in &r.grants {
+                    let v = &g.grant;
+                    say!(
+                        "{} {} until {} ({}{}): {}",
+                        v.name,
+                        v.identity,
+                        v.until,
+                        if v.active { "in force" } else { "ended" },
+                        if v.break_glass { ", break-glass" } else { "" },
+                        v.rules.join("; ")
+                    );
+                    say!(
+                        "  pushed in version {} at {} by {}; signed by {}",
+                        g.version,
+                        g.pushed_at,
+                        g.pushed_by,
+                        if g.signed_by.is_empty() {
+                            "nobody".to_owned()
+                        } else {
+                            g.signed_by.join(", ")
+                        }
+                    );
+                    say!("  reason: {}", v.reason);
+                    say!("  {} flow(s) allowed", g.allowed);
+                    for f in &g.flows {
+                        say!(
+                            "    {} -> {}:{}/{} x{}",
+                            f.node,
+                            f.dest,
+                            f.port,
+                            if f.protocol.is_empty() {
+                                "any"
+                            } else {
+                                &f.protocol
+                            },
+                            f.count
+                        );
+                    }
+                }
                 if r.truncated {
                     println!(
                         "(the control plane holds more than {} records; the first {} were counted: narrow it with --since)",

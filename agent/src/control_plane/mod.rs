@@ -155,6 +155,49 @@ pub struct UnusedReply {
     pub truncated: bool,
 }
 
+/// Every grant the bundles since a time held, with who asked, who signed, and the flows
+/// it allowed (`GET /v1/reports/grants`): the review after the fact.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GrantsReply {
+    /// Newest first.
+    pub grants: Vec<GrantReview>,
+    /// Bundle versions read (at most [`REVIEW_VERSIONS`], the newest).
+    pub versions: u64,
+    pub records: u64,
+    /// As in [`SimulateReply`].
+    pub truncated: bool,
+}
+
+/// Most bundle versions one grants review reads.
+pub const REVIEW_VERSIONS: usize = 1_000;
+
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GrantReview {
+    #[serde(flatten)]
+    pub grant: crate::policy::grant::GrantView,
+    /// The bundle version that first held it, and who pushed that.
+    pub version: u64,
+    pub pushed_at: String,
+    pub pushed_by: String,
+    /// Who signed that version (the signers' names).
+    pub signed_by: Vec<String>,
+    /// Flows its rules allowed, by node, destination, port and protocol.
+    pub flows: Vec<GrantFlow>,
+    /// Their sum.
+    pub allowed: u64,
+}
+
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
+pub struct GrantFlow {
+    pub node: String,
+    pub dest: String,
+    pub port: u16,
+    pub protocol: String,
+    pub count: u64,
+}
+
 /// Most decision records one fleet review (simulation, unused rules, identities) reads.
 pub const REVIEW_RECORDS: u64 = 200_000;
 

@@ -242,6 +242,13 @@ const ROUTES: &[RouteRule] = &[
     },
     RouteRule {
         method: Method::GET,
+        path: "/v1/reports/grants",
+        roles: READERS,
+        body_cap: 0,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::GET,
         path: "/v1/nodes",
         roles: READERS,
         body_cap: 0,
@@ -1136,6 +1143,7 @@ impl Server {
             .route("/v1/policy/diff", get(review::get_diff))
             .route("/v1/policy/simulate", post(review::post_simulate))
             .route("/v1/reports/unused", get(review::get_unused))
+            .route("/v1/reports/grants", get(review::get_grants))
             .route("/v1/identities", get(review::get_identities))
             .route("/v1/nodes", get(get_nodes))
             .route("/v1/flows", get(get_flows))
@@ -2866,6 +2874,7 @@ async fn store_reports(
         review::get_diff,
         review::post_simulate,
         review::get_unused,
+        review::get_grants,
         review::get_identities,
         get_nodes,
         get_flows,

@@ -83,7 +83,7 @@ pub fn grant_file(
 }
 
 /// A grant as `cp grants` shows it.
-#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct GrantView {
     pub name: String,
     pub identity: String,

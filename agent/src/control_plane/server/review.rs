@@ -303,6 +303,127 @@ pub(super) async fn get_unused(
     }))
 }
 
+/// Every grant the bundles held (since `since`, by the versions' push times), with who
+/// pushed and signed the version that brought it, and the flows its rules allowed.
+#[utoipa::path(get, path = "/v1/reports/grants", tag = "reports", params(UnusedQuery),
+    responses((status = 200, description = "Grants and what they allowed", body = crate::control_plane::GrantsReply)))]
+pub(super) async fn get_grants(
+    State(s): S,
+    Params(q): Params<UnusedQuery>,
+) -> Result<Json<crate::control_plane::GrantsReply>, Fail> {
+    let since = super::since_param(q.since.as_deref())?;
+    let store = s.store.clone();
+    let turn = s.review_turn()?;
+    let reply = blocking(move || {
+        let _turn = turn;
+        grants(&*store, since)
+    })
+    .await?;
+    Ok(Json(reply))
+}
+
+fn grants(
+    store: &dyn Store,
+    since: Option<String>,
+) -> Result<crate::control_plane::GrantsReply, crate::control_plane::store::StoreError> {
+    use crate::control_plane::{GrantFlow, GrantReview};
+    let now = time::OffsetDateTime::now_utc();
+    let mut versions = store.policy_versions()?;
+    versions.truncate(crate::control_plane::REVIEW_VERSIONS);
+    let read = versions.len() as u64;
+    // Oldest first: a grant is told with the version that first held it.
+    let mut found: Vec<GrantReview> = Vec::new();
+    let mut files: std::collections::BTreeMap<String, usize> = Default::default();
+    for info in versions.iter().rev() {
+        let Some(bundle) = store.policy(Some(info.version))? else {
+            continue;
+        };
+        let Ok(set) = crate::control_plane::validate(&bundle.files) else {
+            continue;
+        };
+        for g in &set.grants {
+            let view = crate::policy::grant::GrantView::of(g, now);
+            if files.contains_key(&view.file) {
+                continue;
+            }
+            // A grant that ended before `since` is not one of this review's.
+            if since.as_deref().is_some_and(|s| view.until.as_str() < s) {
+                continue;
+            }
+            files.insert(view.file.clone(), found.len());
+            found.push(GrantReview {
+                grant: view,
+                version: bundle.version,
+                pushed_at: bundle.pushed_at.clone(),
+                pushed_by: bundle.pushed_by.clone(),
+                signed_by: bundle
+                    .signing
+                    .signatures
+                    .iter()
+                    .map(|s| s.signer.clone())
+                    .collect(),
+                flows: Vec::new(),
+                allowed: 0,
+            });
+        }
+    }
+    let mut counted: std::collections::BTreeMap<(usize, GrantFlow), u64> = Default::default();
+    let (records, truncated) = each_record(store, since, |node, r| {
+        let text = |k: &str| r.get(k).and_then(|v| v.as_str());
+        if !matches!(text("verdict"), Some("allow" | "audit")) {
+            return;
+        }
+        // "FILE:LINE egress[i]", FILE as the node holds it (a path ending in the name).
+        let Some(file) = text("rule")
+            .and_then(|p| p.rsplit_once(':'))
+            .and_then(|(f, _)| std::path::Path::new(f).file_name())
+            .and_then(|f| f.to_str())
+        else {
+            return;
+        };
+        let Some(&i) = files.get(file) else {
+            return;
+        };
+        if text("identity") != Some(found[i].grant.identity.as_str()) {
+            return;
+        }
+        let flow = GrantFlow {
+            node: node.to_owned(),
+            dest: crate::review::host_name(text("fqdn").map(str::to_owned))
+                .or_else(|| {
+                    text("dest")
+                        .and_then(|d| d.parse::<std::net::IpAddr>().ok())
+                        .map(|a| a.to_string())
+                })
+                .unwrap_or_default(),
+            port: r
+                .get("port")
+                .and_then(|p| p.as_u64())
+                .and_then(|p| u16::try_from(p).ok())
+                .unwrap_or(0),
+            protocol: match text("protocol") {
+                Some(p @ ("tcp" | "udp")) => p.to_owned(),
+                _ => String::new(),
+            },
+            count: 0,
+        };
+        let n = counted.entry((i, flow)).or_default();
+        *n = n.saturating_add(r.get("count").and_then(|c| c.as_u64()).unwrap_or(1));
+    })?;
+    for ((i, mut flow), n) in counted {
+        flow.count = n;
+        found[i].allowed = found[i].allowed.saturating_add(n);
+        found[i].flows.push(flow);
+    }
+    found.reverse();
+    Ok(crate::control_plane::GrantsReply {
+        grants: found,
+        versions: read,
+        records,
+        truncated,
+    })
+}
+
 /// Fleet reviews a replica runs at once: each may read [`REVIEW_RECORDS`] records.
 pub(super) const REVIEWS_AT_ONCE: usize = 2;
 
