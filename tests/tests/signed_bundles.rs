@@ -5,8 +5,11 @@
 
 use agentwall_tests::{
     cp::{CpFixture, CpProc, POLICY_B, admin_creds, cp, node_args},
-    node::{NodeProc, SUPPORT_POLICY, setup, status_json, wait_status},
-    pki::signing_keypair as keypair,
+    node::{
+        NodeProc, SUPPORT_ID, SUPPORT_POLICY, launch_probe, setup, status_json, wait_status,
+        write_cert,
+    },
+    pki::{CertSpec, signing_keypair as keypair},
 };
 
 /// `agentwall cp policy ARGS` as the admin: (success, stdout, stderr).
@@ -240,4 +243,157 @@ fn a_node_applies_only_what_its_signers_signed_and_never_an_older_or_expired_bun
     );
     assert!(ok && out.starts_with("pushed version 32 "), "{out}{err}");
     applied(&node, 32);
+}
+
+/// `agentwall cp grant` as the admin, for the support agent: (success, stdout, stderr).
+fn grant(fx: &CpFixture, url: &str, dest: &str, extra: &[&str]) -> (bool, String, String) {
+    let admin = admin_creds(fx);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let mut args = vec![
+        "grant",
+        "--identity",
+        SUPPORT_ID,
+        "--to",
+        dest,
+        "--ports",
+        "443",
+        "--protocol",
+        "tcp",
+        "--reason",
+        "sev1: the payments API is down",
+    ];
+    args.extend_from_slice(extra);
+    let out = cp(fx, url, &admin, &args);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_break_glass_grant_applies_at_once_on_one_signature_and_nothing_else_does() {
+    let (env, tmp, ca) = setup("cp-glass", SUPPORT_POLICY);
+    let dir = tmp.path();
+    let fx = CpFixture::new(dir);
+    let (alice, alice_pub) = keypair(dir, "alice");
+    let (bob, bob_pub) = keypair(dir, "bob");
+    fx.configure(
+        "approvals_required = 2\nbreak_glass_approvals = 1\n",
+        &format!(
+            "[signers]\n\"alice@example.org\" = \"{}\"\n\"bob@example.org\" = \"{}\"\n",
+            alice_pub.display(),
+            bob_pub.display()
+        ),
+    );
+    let server = CpProc::start(&fx, None);
+    let (url, addr) = (server.url.clone(), server.addr);
+    let flags = fx.node_flags(&url);
+    let signers = [
+        "--trusted-signer",
+        alice_pub.to_str().unwrap(),
+        "--trusted-signer",
+        bob_pub.to_str().unwrap(),
+        "--signatures-required",
+        "2",
+        "--break-glass-signatures",
+        "1",
+    ];
+    let node = NodeProc::start_with(&env, dir, &node_args(&flags, &signers));
+    let (alice, bob) = (alice.to_str().unwrap(), bob.to_str().unwrap());
+    let v1 = dir_of(&fx, "v1", SUPPORT_POLICY);
+    let (ok, out, err) = policy(
+        &fx,
+        &url,
+        &["push", &v1, "--sign-key", alice, "--sign-key", bob],
+    );
+    assert!(ok && out.starts_with("pushed version 1 "), "{out}{err}");
+    applied(&node, 1);
+    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(SUPPORT_ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(probe.cmd("connect tcp 198.51.100.10 443"), "err EPERM");
+
+    // One admin, in an emergency: published and applied at once, flagged as break-glass.
+    let (ok, out, err) = grant(
+        &fx,
+        &url,
+        "198.51.100.10",
+        &["--for", "30m", "--break-glass", "--sign-key", alice],
+    );
+    assert!(ok && out.contains("published version 2 "), "{out}{err}");
+    applied(&node, 2);
+    assert_eq!(
+        probe.cmd("connect tcp 198.51.100.10 443"),
+        "err ENETUNREACH"
+    );
+    let admin = admin_creds(&fx);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let listed = String::from_utf8_lossy(&cp(&fx, &url, &admin, &["grants"]).stdout).into_owned();
+    assert!(
+        listed.contains("(in force, break-glass): 198.51.100.10/32 ports 443 protocol tcp"),
+        "{listed}"
+    );
+    let review =
+        String::from_utf8_lossy(&cp(&fx, &url, &admin, &["report", "grants"]).stdout).into_owned();
+    assert!(
+        review.contains("pushed in version 2 at ")
+            && review.contains("; signed by alice@example.org\n"),
+        "{review}"
+    );
+
+    // Not break-glass, or longer than break-glass lasts: it waits for a second approval.
+    let (ok, out, err) = grant(
+        &fx,
+        &url,
+        "198.51.100.11",
+        &["--for", "30m", "--sign-key", alice],
+    );
+    assert!(ok && out.contains("proposal 1 revision "), "{out}{err}");
+    let (ok, _, err) = grant(
+        &fx,
+        &url,
+        "198.51.100.11",
+        &["--for", "5h", "--break-glass", "--sign-key", alice],
+    );
+    assert!(!ok && err.contains("at most 4 hours"), "{err}");
+
+    // A control plane that publishes on one signature (or whoever holds its database): the
+    // node judges the files itself. A changed policy, or a grant that is not break-glass,
+    // on one signature is refused, and the break-glass grant stays in force.
+    drop(server);
+    let _server = CpProc::start_with(&fx, Some(addr), "cp", &["--approvals-required", "0"]);
+    let (ok, out, err) = grant(
+        &fx,
+        &url,
+        "198.51.100.12",
+        &["--for", "30m", "--sign-key", alice],
+    );
+    assert!(ok && out.contains("published version 3 "), "{out}{err}");
+    let why = refused(&node, "version 3:");
+    assert!(
+        why.contains("too few signatures for a bundle, and not one for break-glass: ")
+            && why.contains(" holds something other than break-glass grants"),
+        "{why}"
+    );
+    let wide = dir_of(
+        &fx,
+        "wide",
+        &SUPPORT_POLICY.replace("192.0.2.0/24", "0.0.0.0/0"),
+    );
+    let (ok, out, err) = policy(&fx, &url, &["push", &wide, "--sign-key", alice]);
+    assert!(ok && out.starts_with("pushed version 4 "), "{out}{err}");
+    let why = refused(&node, "version 4:");
+    assert!(
+        why.contains("agents.yaml of the bundle in force is changed or gone"),
+        "{why}"
+    );
+    assert_eq!(probe.cmd("connect tcp 198.51.100.12 443"), "err EPERM");
+    assert_eq!(
+        probe.cmd("connect tcp 198.51.100.10 443"),
+        "err ENETUNREACH"
+    );
+    assert_eq!(
+        status_json(&node.socket)["control_plane"]["applied_version"],
+        2
+    );
 }

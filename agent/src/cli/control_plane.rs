@@ -29,6 +29,10 @@ pub struct ServeArgs {
     /// is published.
     #[arg(long, value_name = "N")]
     approvals_required: Option<u32>,
+    /// Overrides `break_glass_approvals`: how many signatures publish a bundle that only
+    /// adds break-glass grants (fewer than approvals_required).
+    #[arg(long, value_name = "N")]
+    break_glass_approvals: Option<u32>,
     /// Adds to `[signers]`: NAME=FILE, an admin's name and public key (SPKI PEM).
     /// Repeatable.
     #[arg(long = "signer", value_name = "NAME=FILE")]
@@ -84,6 +88,9 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             }
             if let Some(n) = args.approvals_required {
                 cfg.approvals_required = n;
+            }
+            if let Some(n) = args.break_glass_approvals {
+                cfg.break_glass_approvals = Some(n);
             }
             cfg.check_approvals().map_err(|e| anyhow::anyhow!(e))?;
             cfg.console &= !args.no_console;

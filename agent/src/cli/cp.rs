@@ -91,6 +91,11 @@ enum Command {
         /// --sign-key`. Repeatable.
         #[arg(long, value_name = "FILE")]
         sign_key: Vec<PathBuf>,
+        /// An emergency: published and applied at once on the signatures the control
+        /// plane's `break_glass_approvals` and the nodes' `break_glass_signatures` ask for
+        /// (fewer than a bundle needs), at most 4 hours, flagged for review.
+        #[arg(long)]
+        break_glass: bool,
     },
     /// The grants in the newest bundle: in force, and ended but not yet pushed away.
     Grants,
@@ -1082,6 +1087,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             lasting,
             reason,
             sign_key,
+            break_glass,
         } => {
             let b: Bundle = c
                 .get("/v1/policy")
@@ -1094,7 +1100,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 protocol: protocol.as_deref(),
                 lasting: agentwall::review::parse_duration(lasting)?,
                 reason,
-                break_glass: false,
+                break_glass: *break_glass,
             };
             let (name, text) =
                 agentwall::policy::grant::grant_file(&req, std::time::SystemTime::now())?;

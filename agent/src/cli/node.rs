@@ -138,6 +138,11 @@ pub struct Args {
     /// How many distinct --trusted-signer keys must have signed a bundle (default 1).
     #[arg(long, value_name = "N")]
     signatures_required: Option<u32>,
+    /// How many --trusted-signer keys suffice for a bundle that only adds break-glass
+    /// grants (each at most 4 hours) to the one in force (fewer than
+    /// --signatures-required; default: none suffice).
+    #[arg(long, value_name = "N")]
+    break_glass_signatures: Option<u32>,
     /// Who answers for this host, a person or team (e.g. platform@example.com).
     #[arg(long)]
     owner: Option<agentwall::policy::owner::Owner>,
@@ -197,6 +202,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 spool_max_bytes: args.control_plane_spool_max_bytes,
                 trusted_signers: args.trusted_signer,
                 signatures_required: args.signatures_required,
+                break_glass_signatures: args.break_glass_signatures,
             };
             (cp != Default::default()).then_some(cp)
         },

@@ -125,6 +125,12 @@ pub struct ServerConfig {
     /// approve`), each with their own key; the keys are `signers`.
     #[serde(default)]
     pub approvals_required: u32,
+    /// How many signatures publish a break-glass grant at once (`cp grant --break-glass`),
+    /// fewer than `approvals_required`: a bundle that only adds files of break-glass grants
+    /// (each at most 4 hours) to the newest. Unset: break-glass grants wait for approvals
+    /// as any push does.
+    #[serde(default)]
+    pub break_glass_approvals: Option<u32>,
     /// The admins who sign bundles: a name for each (an e-mail, say) and their public key
     /// (SPKI PEM, `openssl pkey -pubout`). Signatures by other keys are refused.
     #[serde(default)]
@@ -513,6 +519,14 @@ impl ServerConfig {
                 self.signers.len()
             ));
         }
+        if let Some(n) = self.break_glass_approvals
+            && (n == 0 || n >= self.approvals_required)
+        {
+            return Err(format!(
+                "break_glass_approvals is {n}: it is at least 1 and fewer than approvals_required ({})",
+                self.approvals_required
+            ));
+        }
         Ok(())
     }
 
@@ -812,6 +826,10 @@ pub struct ClientConfig {
     /// Node only: how many distinct `trusted_signers` must have signed a bundle (default 1
     /// when there are any).
     pub signatures_required: Option<u32>,
+    /// Node only: how many of them suffice for a bundle that only adds break-glass grants
+    /// (each at most 4 hours) to the one in force, compared file by file here (fewer than
+    /// `signatures_required`; unset: none suffice).
+    pub break_glass_signatures: Option<u32>,
 }
 
 impl ClientConfig {
@@ -859,6 +877,7 @@ impl ClientConfig {
                 over.trusted_signers
             },
             signatures_required: over.signatures_required.or(self.signatures_required),
+            break_glass_signatures: over.break_glass_signatures.or(self.break_glass_signatures),
         }
     }
 

@@ -171,6 +171,18 @@ impl LinkState {
     }
 }
 
+/// The files (name, text) of the bundle in force: what the node saved when it applied it.
+fn in_force(dir: &Path) -> std::io::Result<Vec<(String, String)>> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if let Some(name) = p.file_name().and_then(|n| n.to_str()) {
+            files.push((name.to_owned(), std::fs::read_to_string(&p)?));
+        }
+    }
+    Ok(files)
+}
+
 pub struct Link {
     poll: Client,
     reports: Client,
@@ -181,8 +193,9 @@ pub struct Link {
     /// Who answers for this host, and its labels: said in every poll.
     owner: Option<crate::policy::owner::Owner>,
     labels: crate::policy::owner::Labels,
-    /// The keys bundles must be signed with, and how many of them (0: bundles need none).
-    signers: Arc<(super::signing::Keyring, usize)>,
+    /// The keys bundles must be signed with, how many of them (0: bundles need none), and
+    /// how many suffice for a bundle that only adds break-glass grants.
+    signers: Arc<(super::signing::Keyring, usize, Option<usize>)>,
 }
 
 const BATCH: usize = 5000;
@@ -211,6 +224,14 @@ impl Link {
                 keyring.len()
             )));
         }
+        let break_glass = cfg.break_glass_signatures.map(|n| n as usize);
+        if let Some(n) = break_glass
+            && (n == 0 || n >= required)
+        {
+            return Err(LinkError::Signers(format!(
+                "break_glass_signatures is {n}: it is at least 1 and fewer than signatures_required ({required})"
+            )));
+        }
         let poll = Client::new(cfg)?;
         let _ = stats.polling.set(poll.current_url());
         Ok(Self {
@@ -222,7 +243,7 @@ impl Link {
             stats,
             owner: None,
             labels: Default::default(),
-            signers: Arc::new((keyring, required)),
+            signers: Arc::new((keyring, required, break_glass)),
         })
     }
 
@@ -446,7 +467,7 @@ impl Link {
         // Checked again here: the node trusts the control plane's TLS, not its validation.
         let outcome = tokio::task::spawn_blocking(move || {
             let set = super::validate(&files).map_err(BundleRefused::Invalid)?;
-            let (keyring, required) = &*signers;
+            let (keyring, required, break_glass) = &*signers;
             if *required > 0 {
                 // What was signed is the revision: the files must hash to it here.
                 if set.revision != revision {
@@ -455,15 +476,37 @@ impl Link {
                         theirs: revision,
                     });
                 }
-                keyring
-                    .admit(
+                let now = time::OffsetDateTime::now_utc();
+                let admit = |n: usize| {
+                    keyring.admit(
                         &set.revision,
                         &signing,
-                        *required,
+                        n,
                         applied.as_ref().map(|(nb, r)| (nb.as_str(), r.as_str())),
-                        time::OffsetDateTime::now_utc(),
+                        now,
                     )
-                    .map_err(BundleRefused::Signing)?;
+                };
+                match admit(*required) {
+                    Ok(()) => {}
+                    // Fewer signatures than a bundle needs: enough for break-glass grants
+                    // only, judged against the files in force here, not the control
+                    // plane's word.
+                    Err(e @ super::signing::SigningError::TooFew { .. }) => {
+                        let Some(n) = *break_glass else {
+                            return Err(BundleRefused::Signing(e));
+                        };
+                        admit(n).map_err(|_| BundleRefused::Signing(e))?;
+                        let before = in_force(&dir).map_err(|source| BundleRefused::Write {
+                            dir: dir.clone(),
+                            source,
+                        })?;
+                        let grants = crate::policy::grant::break_glass_addition(&before, &set, now)
+                            .map_err(BundleRefused::NotBreakGlass)?;
+                        warn!(grants = ?grants, signatures = signing.signatures.len(),
+                            "break-glass grants applied on fewer signatures than a bundle needs");
+                    }
+                    Err(e) => return Err(BundleRefused::Signing(e)),
+                }
             }
             if let Some((next, path)) = floor {
                 next.write(&path)
@@ -702,6 +745,8 @@ enum BundleRefused {
     NotWhatWasSigned { ours: String, theirs: String },
     #[error("{0}")]
     Signing(super::signing::SigningError),
+    #[error("too few signatures for a bundle, and not one for break-glass: {0}")]
+    NotBreakGlass(crate::policy::grant::BreakGlassError),
     #[error("keeping its signed not_before (the rollback floor) in {path}: {source}")]
     Floor {
         path: PathBuf,

@@ -609,7 +609,7 @@ pub struct Server {
     /// What raises alerts, as configured (shown by `GET /v1/alerts`).
     alert_thresholds: std::sync::OnceLock<crate::config::control_plane::Alerts>,
     /// The signers' keys, and how many must sign a bundle before it is published.
-    approvals: std::sync::OnceLock<(super::signing::Keyring, usize)>,
+    approvals: std::sync::OnceLock<(super::signing::Keyring, usize, Option<usize>)>,
 }
 
 impl Server {
@@ -875,17 +875,27 @@ impl Server {
 
     /// The signers' keys, and how many of them must sign a bundle before it is published
     /// (`approvals_required`; fewer make a push a proposal).
-    pub fn approvals(&self, keyring: super::signing::Keyring, required: usize) {
-        let _ = self.approvals.set((keyring, required));
+    pub fn approvals(
+        &self,
+        keyring: super::signing::Keyring,
+        required: usize,
+        break_glass: Option<usize>,
+    ) {
+        let _ = self.approvals.set((keyring, required, break_glass));
     }
 
     /// The signers' keys and `approvals_required` (none and 0 until set).
     fn signers(&self) -> (&super::signing::Keyring, usize) {
         static NONE: std::sync::OnceLock<super::signing::Keyring> = std::sync::OnceLock::new();
         match self.approvals.get() {
-            Some((k, r)) => (k, *r),
+            Some((k, r, _)) => (k, *r),
             None => (NONE.get_or_init(Default::default), 0),
         }
+    }
+
+    /// `break_glass_approvals`, when set.
+    fn break_glass_approvals(&self) -> Option<usize> {
+        self.approvals.get().and_then(|(_, _, b)| *b)
     }
 
     /// Checks a push's signing: its times (`not_before` within the clock skew of now,
@@ -1748,7 +1758,32 @@ async fn put_policy(
     let store = s.store.clone();
     let by = who.name.clone();
     let revision = set.revision.clone();
-    if signing.signatures.len() < required {
+    // Break-glass: signed by enough for it, and only adding break-glass grants to the
+    // newest bundle (the one the push names as its base, so nothing came between).
+    let mut break_glass = None;
+    if signing.signatures.len() < required
+        && let Some(n) = s.break_glass_approvals()
+        && signing.signatures.len() >= n
+        && let Some(base) = req.base_version
+    {
+        let st = store.clone();
+        let newest = blocking(move || st.policy(None)).await?;
+        if let Some(b) = newest.filter(|b| b.version == base) {
+            let before: Vec<(String, String)> =
+                b.files.into_iter().map(|f| (f.name, f.text)).collect();
+            match crate::policy::grant::break_glass_addition(
+                &before,
+                &set,
+                time::OffsetDateTime::now_utc(),
+            ) {
+                Ok(grants) => break_glass = Some(grants),
+                Err(e) => {
+                    info!(principal = %who.name, why = %e, "not a break-glass bundle: it awaits approvals")
+                }
+            }
+        }
+    }
+    if signing.signatures.len() < required && break_glass.is_none() {
         let proposal = blocking(move || store.propose(&revision, &files, &by, &signing)).await?;
         info!(principal = %who.name, proposal = proposal.id, revision = %proposal.revision,
             signatures = proposal.signing.signatures.len(), approvals_required = required,
@@ -1770,6 +1805,11 @@ async fn put_policy(
         blocking(move || store.push_policy(&revision, &files, &by, above, base, &signing)).await?;
     info!(principal = %who.name, version = bundle.version, revision = %bundle.revision,
         identities = set.agents.len(), signatures = bundle.signing.signatures.len(), "policy pushed");
+    if let Some(grants) = &break_glass {
+        warn!(principal = %who.name, version = bundle.version, grants = ?grants,
+            signatures = bundle.signing.signatures.len(), approvals_required = required,
+            "break-glass grants published ahead of the approvals a bundle needs; review them (cp report grants)");
+    }
     s.publish(Some(&bundle), None);
     let s2 = s.clone();
     blocking(move || s2.settle()).await?;
@@ -3275,6 +3315,7 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
             server.approvals(
                 super::signing::Keyring::load(cfg.signers.clone())?,
                 cfg.approvals_required as usize,
+                cfg.break_glass_approvals.map(|n| n as usize),
             );
             server.alert_thresholds(cfg.alerts.clone());
             server.console(cfg.console.then_some(cfg.console_session_hours));

@@ -9,10 +9,16 @@ use super::source::{Grant, PolicySet};
 /// Longest grant: temporary access is hours, not a standing rule.
 pub const MAX_GRANT: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
+/// Longest break-glass grant: applied on fewer signatures than a bundle needs, it is
+/// short, and reviewed afterwards.
+pub const MAX_BREAK_GLASS: std::time::Duration = std::time::Duration::from_secs(4 * 3600);
+
 #[derive(Debug, thiserror::Error)]
 pub enum GrantError {
     #[error("a grant lasts more than 0 s and at most 7 days ({0} s asked)")]
     Length(u64),
+    #[error("a break-glass grant lasts at most 4 hours ({0} s asked)")]
+    BreakGlassLength(u64),
     #[error("a grant needs at least one destination (--to)")]
     NoDestination,
 }
@@ -58,6 +64,9 @@ pub fn grant_file(
     if req.lasting.is_zero() || req.lasting > MAX_GRANT {
         return Err(GrantError::Length(req.lasting.as_secs()));
     }
+    if req.break_glass && req.lasting > MAX_BREAK_GLASS {
+        return Err(GrantError::BreakGlassLength(req.lasting.as_secs()));
+    }
     if req.to.is_empty() {
         return Err(GrantError::NoDestination);
     }
@@ -80,6 +89,106 @@ pub fn grant_file(
     };
     let text = serde_yaml_ng::to_string(&doc).expect("grants serialize");
     Ok((format!("{name}.yaml"), text))
+}
+
+/// Why a bundle is not the bundle in force with break-glass grants added.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BreakGlassError {
+    #[error("{0} of the bundle in force is changed or gone")]
+    Changed(String),
+    #[error("{0} is not a grant file (grant-*.yaml)")]
+    NotGrant(String),
+    #[error("{file} holds something other than break-glass grants")]
+    NotBreakGlass { file: String },
+    #[error(
+        "grant {name} lasts until {until}, more than 4 hours (and 5 minutes of clock skew) from now"
+    )]
+    TooLong { name: String, until: String },
+    #[error("it adds no grant")]
+    Nothing,
+    #[error("its GlobalDeny is not the one in force")]
+    GlobalDeny,
+}
+
+/// Whether `after` is the bundle whose files are `before` (name, text) with files of
+/// break-glass grants added and nothing else changed, each grant ending within
+/// [`MAX_BREAK_GLASS`] of `now`: what may be applied on fewer signatures than a bundle
+/// needs. The names of the grants added.
+pub fn break_glass_addition(
+    before: &[(String, String)],
+    after: &PolicySet,
+    now: time::OffsetDateTime,
+) -> Result<Vec<String>, BreakGlassError> {
+    let name_of = |p: &std::path::Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let after_files: std::collections::BTreeMap<String, &str> = after
+        .sources
+        .iter()
+        .map(|(p, t)| (name_of(p), t.as_str()))
+        .collect();
+    for (name, text) in before {
+        if after_files.get(name) != Some(&text.as_str()) {
+            return Err(BreakGlassError::Changed(name.clone()));
+        }
+    }
+    let latest = now + MAX_BREAK_GLASS + time::Duration::seconds(300);
+    let mut added = Vec::new();
+    for name in after_files.keys() {
+        if before.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        if !name.starts_with("grant-") {
+            return Err(BreakGlassError::NotGrant(name.clone()));
+        }
+        let grants: Vec<&Grant> = after
+            .grants
+            .iter()
+            .filter(|g| name_of(&g.origin.file) == *name)
+            .collect();
+        // Every document of the file is a grant: the file's documents counted against its
+        // grants (a file with an AgentPolicy beside its grant is refused).
+        let docs = after
+            .agents
+            .iter()
+            .filter(|a| name_of(&a.origin.file) == *name)
+            .count()
+            + after
+                .archetypes
+                .values()
+                .filter(|a| name_of(&a.origin.file) == *name)
+                .count();
+        if grants.is_empty() || docs > 0 || grants.iter().any(|g| !g.break_glass) {
+            return Err(BreakGlassError::NotBreakGlass { file: name.clone() });
+        }
+        for g in grants {
+            if g.until > latest {
+                return Err(BreakGlassError::TooLong {
+                    name: g.name.clone(),
+                    until: crate::clock::rfc3339(g.until.into()),
+                });
+            }
+            added.push(g.name.clone());
+        }
+    }
+    if added.is_empty() {
+        return Err(BreakGlassError::Nothing);
+    }
+    // A GlobalDeny beside a grant would replace the built-in list: the deny list must be
+    // the one in force.
+    let in_force = super::source::parse_sources(
+        before
+            .iter()
+            .map(|(n, t)| (std::path::PathBuf::from(n), t.clone()))
+            .collect(),
+    )
+    .map_err(|_| BreakGlassError::Changed("the bundle in force (it no longer parses)".into()))?;
+    if in_force.global_deny != after.global_deny {
+        return Err(BreakGlassError::GlobalDeny);
+    }
+    Ok(added)
 }
 
 /// A grant as `cp grants` shows it.
@@ -176,6 +285,63 @@ mod tests {
         assert_eq!(v.until, "2027-01-15T08:30:00.000Z");
         assert_eq!(v.rules, ["198.51.100.7/32 ports 443 protocol tcp"]);
         assert!(!GrantView::of(g, (now + req.lasting).into()).active);
+        // Break-glass: only files of break-glass grants added, nothing else changed.
+        let glass = GrantRequest {
+            break_glass: true,
+            lasting: std::time::Duration::from_secs(3600),
+            ..req
+        };
+        let before = vec![("a.yaml".to_owned(), policy.to_owned())];
+        let with = |extra: Vec<(&str, String)>| {
+            let mut all: Vec<(std::path::PathBuf, String)> =
+                before.iter().map(|(n, t)| (n.into(), t.clone())).collect();
+            all.extend(extra.into_iter().map(|(n, t)| (n.into(), t)));
+            super::super::source::parse_sources(all).unwrap()
+        };
+        let (gname, gtext) = grant_file(&glass, now).unwrap();
+        let at = time::OffsetDateTime::from(now);
+        assert_eq!(
+            break_glass_addition(&before, &with(vec![(&gname, gtext.clone())]), at),
+            Ok(vec![gname.trim_end_matches(".yaml").to_owned()])
+        );
+        let e = |extra: Vec<(&str, String)>, at| {
+            break_glass_addition(&before, &with(extra), at)
+                .unwrap_err()
+                .to_string()
+        };
+        // Not break-glass, too long for it, beside a policy change, under another name,
+        // or with a GlobalDeny that would replace the built-in one.
+        let (n2, t2) = grant_file(&req, now).unwrap();
+        assert!(e(vec![(&n2, t2)], at).contains("other than break-glass grants"));
+        assert!(
+            e(vec![(&gname, gtext.clone())], at - time::Duration::hours(4))
+                .contains("more than 4 hours")
+        );
+        let mut changed = with(vec![(&gname, gtext.clone())]);
+        changed.sources[0].1.push_str("owner: x@example.org\n");
+        assert!(
+            break_glass_addition(&before, &changed, at)
+                .unwrap_err()
+                .to_string()
+                .contains("a.yaml of the bundle in force is changed")
+        );
+        assert!(e(vec![("b.yaml", gtext.clone())], at).contains("b.yaml is not a grant file"));
+        let deny = format!("{gtext}---\nkind: GlobalDeny\nto: [192.0.2.99]\n");
+        assert!(e(vec![(&gname, deny)], at).contains("GlobalDeny is not the one in force"));
+        let with_policy =
+            format!("{gtext}---\nkind: AgentPolicy\nname: b\nidentity: spiffe://example.org/b\n");
+        assert!(e(vec![(&gname, with_policy)], at).contains("other than break-glass grants"));
+        assert!(e(vec![], at).contains("adds no grant"));
+        assert!(
+            grant_file(
+                &GrantRequest {
+                    lasting: std::time::Duration::from_secs(5 * 3600),
+                    ..glass
+                },
+                now
+            )
+            .is_err()
+        );
         for long in [0, 8 * 24 * 3600] {
             let r = GrantRequest {
                 lasting: std::time::Duration::from_secs(long),

@@ -1596,7 +1596,9 @@ ingress:
         );
         assert_eq!(
             errors(&[("k.yaml", "kind: Agent\nname: x\n")]),
-            ["k.yaml:1:1: unknown kind \"Agent\": expected AgentPolicy, Archetype or GlobalDeny"]
+            [
+                "k.yaml:1:1: unknown kind \"Agent\": expected AgentPolicy, Archetype, GlobalDeny or Grant"
+            ]
         );
         let bad_id = GOOD.replace(
             "spiffe://example.org/agent/support",

@@ -247,7 +247,7 @@ pub fn baseline_key(node: &str, r: &crate::audit::RecordView<'_>) -> Option<(Str
         (Some(id), Some("allow" | "audit")) => {
             destination_of(r).map(|d| (format!("{id} {node}"), format!("dest {d}")))
         }
-        (None, Some("unknown")) if r.has("service") => Some((
+        (None, Some("unknown")) if r.text("service").is_some() => Some((
             node.to_owned(),
             format!("shadow {}", crate::discovery::group_of(r)),
         )),
