@@ -96,6 +96,8 @@ enum Command {
         /// (fewer than a bundle needs), at most 4 hours, flagged for review.
         #[arg(long)]
         break_glass: bool,
+        #[command(flatten)]
+        base: BaseCheck,
     },
     /// The grants in the newest bundle: in force, and ended but not yet pushed away.
     Grants,
@@ -160,6 +162,8 @@ enum PolicyCommand {
         /// end them early.
         #[arg(long)]
         drop_grants: bool,
+        #[command(flatten)]
+        base: BaseCheck,
     },
     /// Sign a proposal with your key: the files are hashed here and must be what the
     /// proposal names. The approval that completes it publishes it.
@@ -169,6 +173,10 @@ enum PolicyCommand {
         /// Your Ed25519 private key (PKCS#8 PEM).
         #[arg(long, value_name = "FILE")]
         sign_key: PathBuf,
+        /// The whole SHA-256 of the files you reviewed, as `policy proposals --id N` shows
+        /// it: nothing else is signed.
+        #[arg(long, value_name = "HEX")]
+        sha256: String,
     },
     /// Pushes awaiting approvals and those approved, newest first; --id N shows one with
     /// its files.
@@ -223,6 +231,63 @@ enum ReportCommand {
         #[arg(long)]
         since: Option<String>,
     },
+}
+
+/// How files fetched from the control plane are checked before they are signed with yours:
+/// as a node checks them, against the admins' keys.
+#[derive(clap::Args)]
+struct BaseCheck {
+    /// An admin's public key (SPKI PEM) the newest bundle must be signed by before any of it
+    /// is signed with --sign-key (the nodes' trusted_signers). Repeatable.
+    #[arg(long, value_name = "FILE")]
+    trusted_signer: Vec<PathBuf>,
+    /// How many of them (default: all).
+    #[arg(long, value_name = "N")]
+    signatures_required: Option<u32>,
+}
+
+/// Checks `b`, fetched from the control plane, as a node would, before files of it are
+/// signed with the admin's key: a control plane (or whoever holds its database) could
+/// otherwise have the admin sign what it put there.
+fn verified_base(b: &Bundle, check: &BaseCheck) -> anyhow::Result<()> {
+    if check.trusted_signer.is_empty() {
+        bail!(
+            "signing files of the control plane's newest bundle (version {}) needs --trusted-signer KEY (repeatable) to check them against first, as nodes do",
+            b.version
+        );
+    }
+    let keyring = agentwall::control_plane::signing::Keyring::load_files(&check.trusted_signer)?;
+    let required = check
+        .signatures_required
+        .map_or(keyring.len(), |n| n as usize);
+    let (revision, digest) = hashed(&b.files)?;
+    if revision != b.revision {
+        bail!(
+            "version {} names revision {}, but its files hash to {revision} here",
+            b.version,
+            b.revision
+        );
+    }
+    keyring
+        .admit(
+            &digest,
+            &revision,
+            &b.signing,
+            required,
+            None,
+            time::OffsetDateTime::now_utc(),
+        )
+        .with_context(|| format!("version {} of the control plane", b.version))?;
+    Ok(())
+}
+
+/// Whether a file holds grants only, as `cp grant` writes them.
+fn grants_only(text: &str) -> bool {
+    text.split("\n---").all(|doc| {
+        doc.trim_start_matches("---")
+            .trim_start()
+            .starts_with("kind: Grant\n")
+    })
 }
 
 #[derive(clap::Args)]
@@ -397,11 +462,11 @@ fn print_json(v: &impl serde::Serialize) {
 }
 
 /// The policy files of a directory, as `load_dir` would read them.
-/// The revision of `files`, as a node computes it; an invalid bundle is an error with each
-/// problem.
-fn hashed(files: &[BundleFile]) -> anyhow::Result<String> {
+/// (revision, whole SHA-256) of `files`, as a node computes them; an invalid bundle is an
+/// error with each problem.
+fn hashed(files: &[BundleFile]) -> anyhow::Result<(String, String)> {
     agentwall::control_plane::validate(files)
-        .map(|set| set.revision)
+        .map(|set| (set.revision, set.digest))
         .map_err(|errors| {
             let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
             anyhow::anyhow!("the bundle is invalid:\n{}", all.join("\n"))
@@ -418,7 +483,7 @@ fn sign_push(
     if keys.is_empty() && expires_in.is_none() {
         return Ok(Default::default());
     }
-    let revision = hashed(files).with_context(|| format!("signing {}", dir.display()))?;
+    let (_, digest) = hashed(files).with_context(|| format!("signing {}", dir.display()))?;
     let now = std::time::SystemTime::now();
     let expires_at = expires_in
         .map(|d| -> anyhow::Result<String> {
@@ -431,12 +496,7 @@ fn sign_push(
     let signatures = keys
         .iter()
         .map(|k| {
-            agentwall::control_plane::signing::sign(
-                k,
-                &revision,
-                &not_before,
-                expires_at.as_deref(),
-            )
+            agentwall::control_plane::signing::sign(k, &digest, &not_before, expires_at.as_deref())
         })
         .collect::<Result<_, _>>()?;
     Ok(agentwall::control_plane::signing::Signing {
@@ -510,7 +570,11 @@ fn read_bundle(dir: &Path) -> anyhow::Result<Vec<BundleFile>> {
 
 /// The grant files of the newest bundle whose grants are all in force and that `files`
 /// does not hold.
-async fn grants_in_force(c: &Client, files: &[BundleFile]) -> anyhow::Result<Vec<BundleFile>> {
+async fn grants_in_force(
+    c: &Client,
+    files: &[BundleFile],
+    check: Option<&BaseCheck>,
+) -> anyhow::Result<Vec<BundleFile>> {
     let b: Bundle = match c.get("/v1/policy").await {
         Ok(b) => b,
         Err(ClientError::Refused { status, .. }) if status == hyper::StatusCode::NOT_FOUND => {
@@ -518,6 +582,18 @@ async fn grants_in_force(c: &Client, files: &[BundleFile]) -> anyhow::Result<Vec
         }
         Err(e) => return Err(e.into()),
     };
+    // Carried files are signed with the push: checked first, as a node checks them.
+    if let Some(check) = check {
+        if check.trusted_signer.is_empty() {
+            if b.files.iter().any(|f| f.name.starts_with("grant-")) {
+                eprintln!(
+                    "not carrying grants over: a signed push carries them only once --trusted-signer keys confirm the newest bundle"
+                );
+            }
+            return Ok(Vec::new());
+        }
+        verified_base(&b, check)?;
+    }
     let Ok(set) = agentwall::control_plane::validate(&b.files) else {
         return Ok(Vec::new());
     };
@@ -526,6 +602,7 @@ async fn grants_in_force(c: &Client, files: &[BundleFile]) -> anyhow::Result<Vec
         .into_iter()
         .filter(|f| {
             f.name.starts_with("grant-")
+                && grants_only(&f.text)
                 && !files.iter().any(|o| o.name == f.name)
                 && set
                     .grants
@@ -558,10 +635,12 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             sign_key,
             expires_in,
             drop_grants,
+            base,
         }) => {
             let mut files = read_bundle(dir)?;
             if !drop_grants {
-                for f in grants_in_force(&c, &files).await? {
+                let check = (!sign_key.is_empty()).then_some(base);
+                for f in grants_in_force(&c, &files, check).await? {
                     eprintln!(
                         "carrying over {} (a grant in force; --drop-grants leaves it out)",
                         f.name
@@ -605,13 +684,24 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 Err(e) => return Err(e.into()),
             }
         }
-        Command::Policy(PolicyCommand::Approve { id, sign_key }) => {
+        Command::Policy(PolicyCommand::Approve {
+            id,
+            sign_key,
+            sha256,
+        }) => {
             let p = proposal(&c, *id).await?;
-            let revision = hashed(&p.files)?;
+            let (revision, digest) = hashed(&p.files)?;
             if revision != p.revision {
                 bail!(
                     "proposal {id} names revision {}, but its files hash to {revision} here: not signed",
                     p.revision
+                );
+            }
+            // What is signed is what was reviewed: the files `proposals --id` showed, by
+            // their whole hash, not whatever the control plane answers now.
+            if !digest.eq_ignore_ascii_case(sha256.trim()) {
+                bail!(
+                    "proposal {id}'s files hash to sha256 {digest} now, not the {sha256} given: not signed (review it again with `policy proposals --id {id}`)"
                 );
             }
             let Some(nb) = &p.signing.not_before else {
@@ -634,7 +724,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             );
             let signature = agentwall::control_plane::signing::sign(
                 sign_key,
-                &revision,
+                &digest,
                 nb,
                 p.signing.expires_at.as_deref(),
             )?;
@@ -679,6 +769,11 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                             signers.join(", ")
                         }
                     );
+                    if !p.files.is_empty()
+                        && let Ok((_, digest)) = hashed(&p.files)
+                    {
+                        println!("sha256 {digest} (approve it with --sha256 {digest})");
+                    }
                     for f in &p.files {
                         println!("--- {} ({} bytes)", f.name, f.text.len());
                         print!("{}", f.text);
@@ -1088,11 +1183,15 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             reason,
             sign_key,
             break_glass,
+            base,
         } => {
             let b: Bundle = c
                 .get("/v1/policy")
                 .await
                 .context("a grant adds to the newest bundle")?;
+            if !sign_key.is_empty() {
+                verified_base(&b, base)?;
+            }
             let req = agentwall::policy::grant::GrantRequest {
                 identity,
                 to,

@@ -519,12 +519,13 @@ impl ServerConfig {
                 self.signers.len()
             ));
         }
+        // At or above approvals_required it changes nothing (every push needs no more).
         if let Some(n) = self.break_glass_approvals
-            && (n == 0 || n >= self.approvals_required)
+            && (n == 0 || n as usize > self.signers.len())
         {
             return Err(format!(
-                "break_glass_approvals is {n}: it is at least 1 and fewer than approvals_required ({})",
-                self.approvals_required
+                "break_glass_approvals is {n}: it is 1 to the {} signers [signers] names",
+                self.signers.len()
             ));
         }
         Ok(())

@@ -136,6 +136,10 @@ struct LinkState {
     /// whatever number a control plane gives it.
     #[serde(default)]
     applied_not_before: Option<String>,
+    /// The revision of the bundle that set `applied_not_before` (kept before it is applied,
+    /// so the same bundle is taken again after a crash in between).
+    #[serde(default)]
+    floor_revision: Option<String>,
 }
 
 impl LinkState {
@@ -214,8 +218,16 @@ impl Link {
             },
         )?;
         let keyring = super::signing::Keyring::load_files(&cfg.trusted_signers)?;
+        // Several keys and no count: the two-person rule is the node's to enforce, so the
+        // count is said, never assumed.
         let required = match cfg.signatures_required {
             Some(n) => n as usize,
+            None if keyring.len() > 1 => {
+                return Err(LinkError::Signers(format!(
+                    "trusted_signers names {} keys: set signatures_required, how many of them must sign a bundle",
+                    keyring.len()
+                )));
+            }
             None => usize::from(!keyring.is_empty()),
         };
         if required > keyring.len() {
@@ -225,11 +237,13 @@ impl Link {
             )));
         }
         let break_glass = cfg.break_glass_signatures.map(|n| n as usize);
+        // At or above signatures_required it changes nothing.
         if let Some(n) = break_glass
-            && (n == 0 || n >= required)
+            && (n == 0 || n > keyring.len())
         {
             return Err(LinkError::Signers(format!(
-                "break_glass_signatures is {n}: it is at least 1 and fewer than signatures_required ({required})"
+                "break_glass_signatures is {n}: it is 1 to the {} key(s) trusted_signers names",
+                keyring.len()
             )));
         }
         let poll = Client::new(cfg)?;
@@ -444,24 +458,29 @@ impl Link {
     }
 
     async fn take_bundle(&self, node: &Arc<dyn NodeSide>, st: &mut LinkState, b: Bundle) {
+        // The state as it stands, for the floor kept before applying: only the floor moves
+        // there (a crash before the apply must not leave the node saying it applied this).
+        let before = st.clone();
         st.known_version = b.version;
         let files = b.files.clone();
         let dir = self.policy_dir.clone();
         let node = node.clone();
         let signers = self.signers.clone();
-        let applied = st
-            .applied_not_before
-            .clone()
-            .map(|nb| (nb, st.applied_revision.clone().unwrap_or_default()));
+        let applied = st.applied_not_before.clone().map(|nb| {
+            let r = st
+                .floor_revision
+                .clone()
+                .or_else(|| st.applied_revision.clone());
+            (nb, r.unwrap_or_default())
+        });
         let signing = b.signing.clone();
         let revision = b.revision.clone();
         // The rollback floor this bundle sets, kept before the bundle is applied: a node
         // that could not keep it would take an older signed bundle after a restart.
         let floor = (self.signers.1 > 0 && b.signing.not_before.is_some()).then(|| {
-            let mut next = st.clone();
+            let mut next = before;
             next.applied_not_before = b.signing.not_before.clone();
-            next.applied_revision = Some(b.revision.clone());
-            next.applied_version = Some(b.version);
+            next.floor_revision = Some(b.revision.clone());
             (next, self.state_path.clone())
         });
         // Checked again here: the node trusts the control plane's TLS, not its validation.
@@ -479,6 +498,7 @@ impl Link {
                 let now = time::OffsetDateTime::now_utc();
                 let admit = |n: usize| {
                     keyring.admit(
+                        &set.digest,
                         &set.revision,
                         &signing,
                         n,
@@ -523,8 +543,10 @@ impl Link {
                 info!(version = b.version, revision = %b.revision, "policy bundle from the control plane applied");
                 st.applied_version = Some(b.version);
                 st.applied_revision = Some(b.revision.clone());
-                if b.signing.not_before.is_some() {
+                // A floor only from a bundle whose signatures were checked.
+                if self.signers.1 > 0 && b.signing.not_before.is_some() {
                     st.applied_not_before = b.signing.not_before.clone();
+                    st.floor_revision = Some(b.revision.clone());
                 }
                 st.error = None;
                 self.stats.applied_version.store(b.version, Relaxed);

@@ -904,7 +904,7 @@ impl Server {
     /// publish a bundle.
     fn signed_as_asked(
         &self,
-        revision: &str,
+        digest: &str,
         signing: &mut super::signing::Signing,
     ) -> Result<usize, Fail> {
         let (keyring, required) = self.signers();
@@ -940,7 +940,7 @@ impl Server {
         let mut seen = std::collections::BTreeSet::new();
         for sig in &mut signing.signatures {
             keyring
-                .check_one(revision, &dated, sig)
+                .check_one(digest, &dated, sig)
                 .map_err(|e| bad(e.to_string()))?;
             if !seen.insert(sig.key.clone()) {
                 return Err(bad(format!("key {} signs the push twice", sig.key)));
@@ -1754,7 +1754,7 @@ async fn put_policy(
             ));
         }
     };
-    let required = s.signed_as_asked(&set.revision, &mut signing)?;
+    let required = s.signed_as_asked(&set.digest, &mut signing)?;
     let store = s.store.clone();
     let by = who.name.clone();
     let revision = set.revision.clone();
@@ -1872,8 +1872,16 @@ async fn post_approve(
     .await?;
     let (keyring, required) = s.signers();
     let mut signature = req.signature;
+    // What is signed is the whole hash of the proposal's files, worked out here.
+    let files = p.files.clone();
+    let digest = blocking(move || {
+        Ok(super::validate(&files)
+            .map(|set| set.digest)
+            .unwrap_or_default())
+    })
+    .await?;
     keyring
-        .check_one(&p.revision, &p.signing, &signature)
+        .check_one(&digest, &p.signing, &signature)
         .map_err(|e| Fail::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     signature.signer = keyring
         .name_of(&signature.key)

@@ -49,9 +49,9 @@ pub struct BundleSignature {
 }
 
 /// What a signature signs.
-pub fn statement(revision: &str, not_before: &str, expires_at: Option<&str>) -> String {
+pub fn statement(digest: &str, not_before: &str, expires_at: Option<&str>) -> String {
     format!(
-        "agentwall policy bundle v1\nrevision {revision}\nnot_before {not_before}\nexpires_at {}\n",
+        "agentwall policy bundle v2\nsha256 {digest}\nnot_before {not_before}\nexpires_at {}\n",
         expires_at.unwrap_or("-")
     )
 }
@@ -149,10 +149,11 @@ impl Keyring {
             .map(|(n, _)| n.as_str())
     }
 
-    /// Checks one signature of `revision` as `signing` dates it: Err says why it is none.
+    /// Checks one signature of the bundle whose files hash to `digest` (the whole SHA-256)
+    /// as `signing` dates it: Err says why it is none.
     pub fn check_one(
         &self,
-        revision: &str,
+        digest: &str,
         signing: &Signing,
         sig: &BundleSignature,
     ) -> Result<(), SigningError> {
@@ -169,7 +170,7 @@ impl Keyring {
             .find(|(_, k)| k.id() == sig.key)
             .map(|(_, k)| k)
             .ok_or_else(|| refused("not one of the signers' keys"))?;
-        let message = statement(revision, nb, signing.expires_at.as_deref());
+        let message = statement(digest, nb, signing.expires_at.as_deref());
         if key.verifies(message.as_bytes(), &sig.signature) {
             Ok(())
         } else {
@@ -185,6 +186,7 @@ impl Keyring {
     /// in force, when it was signed).
     pub fn admit(
         &self,
+        digest: &str,
         revision: &str,
         signing: &Signing,
         required: usize,
@@ -199,7 +201,7 @@ impl Keyring {
         let mut seen = std::collections::BTreeSet::new();
         let mut other = 0;
         for s in &signing.signatures {
-            match self.check_one(revision, signing, s) {
+            match self.check_one(digest, signing, s) {
                 Ok(()) if seen.insert(s.key.clone()) => {
                     signers.push(self.name_of(&s.key).unwrap_or_default().to_owned());
                 }
@@ -254,11 +256,12 @@ fn parse(t: &str, field: &'static str) -> Result<time::OffsetDateTime, SigningEr
     })
 }
 
-/// Signs `revision` valid from `not_before` until `expires_at` with the private key at
-/// `key` (PKCS#8 PEM): what `cp policy push --sign-key` and `cp policy approve` send.
+/// Signs the bundle whose files hash to `digest`, valid from `not_before` until
+/// `expires_at`, with the private key at `key` (PKCS#8 PEM): what `cp policy push
+/// --sign-key` and `cp policy approve` send.
 pub fn sign(
     key: &Path,
-    revision: &str,
+    digest: &str,
     not_before: &str,
     expires_at: Option<&str>,
 ) -> Result<BundleSignature, SigningError> {
@@ -269,7 +272,7 @@ pub fn sign(
     Ok(BundleSignature {
         key: signer.id().to_owned(),
         signer: String::new(),
-        signature: signer.sign_hex(statement(revision, not_before, expires_at).as_bytes()),
+        signature: signer.sign_hex(statement(digest, not_before, expires_at).as_bytes()),
     })
 }
 
@@ -305,10 +308,11 @@ mod tests {
         };
         let nb = at(-10);
         let two = signed(&nb, None, &[&alice, &bob]);
-        ring.admit("r1", &two, 2, None, now).unwrap();
+        ring.admit("r1", "r1", &two, 2, None, now).unwrap();
         let say = |r: Result<(), SigningError>| r.unwrap_err().to_string();
         // One key twice, a stranger's key, other files: one valid signature.
         let e = say(ring.admit(
+            "r1",
             "r1",
             &signed(&nb, None, &[&alice, &alice, &eve]),
             2,
@@ -325,24 +329,30 @@ mod tests {
             ),
             "{e}"
         );
-        assert!(say(ring.admit("r2", &two, 1, None, now)).starts_with("0 valid"));
-        assert!(say(ring.admit("r1", &Signing::default(), 1, None, now)).contains("not signed"));
+        assert!(say(ring.admit("r2", "r2", &two, 1, None, now)).starts_with("0 valid"));
+        assert!(
+            say(ring.admit("r1", "r1", &Signing::default(), 1, None, now)).contains("not signed")
+        );
         // Times: expired, too far ahead, older than what is in force, or as old but other.
         let old = signed(&at(-100), Some(&at(-1)), &[&alice, &bob]);
-        assert!(say(ring.admit("r1", &old, 2, None, now)).contains("expired at"));
+        assert!(say(ring.admit("r1", "r1", &old, 2, None, now)).contains("expired at"));
         let ahead = signed(&at(CLOCK_SKEW_SECS + 60), None, &[&alice, &bob]);
-        assert!(say(ring.admit("r1", &ahead, 2, None, now)).contains("ahead of this node's clock"));
-        let e = say(ring.admit("r1", &two, 2, Some((&at(0), "r0")), now));
+        assert!(
+            say(ring.admit("r1", "r1", &ahead, 2, None, now))
+                .contains("ahead of this node's clock")
+        );
+        let e = say(ring.admit("r1", "r1", &two, 2, Some((&at(0), "r0")), now));
         assert!(e.contains("never rolled back"), "{e}");
-        let e = say(ring.admit("r1", &two, 2, Some((&nb, "r0")), now));
+        let e = say(ring.admit("r1", "r1", &two, 2, Some((&nb, "r0")), now));
         assert!(e.contains("either could be the newer"), "{e}");
-        ring.admit("r1", &two, 2, Some((&nb, "r1")), now).unwrap();
-        ring.admit("r1", &two, 2, Some((&at(-20), "r0")), now)
+        ring.admit("r1", "r1", &two, 2, Some((&nb, "r1")), now)
+            .unwrap();
+        ring.admit("r1", "r1", &two, 2, Some((&at(-20), "r0")), now)
             .unwrap();
         // A signature is over the times too: moving them breaks it.
         let mut moved = two.clone();
         moved.expires_at = Some(at(3600));
-        assert!(say(ring.admit("r1", &moved, 1, None, now)).starts_with("0 valid"));
+        assert!(say(ring.admit("r1", "r1", &moved, 1, None, now)).starts_with("0 valid"));
         // Two names for one key would count it twice.
         let e = Keyring::load([("a".into(), alice_pub.clone()), ("b".into(), alice_pub)])
             .err()

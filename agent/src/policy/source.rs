@@ -432,6 +432,9 @@ pub const MAX_GRANT_REASON: usize = 1024;
 pub struct PolicySet {
     /// Content hash of every file (name and bytes): carried by every decision record.
     pub revision: String,
+    /// The whole SHA-256 `revision` is the first 8 bytes of: what signatures cover (64 bits
+    /// are few enough to find two bundles of one revision).
+    pub digest: String,
     pub agents: Vec<AgentPolicy>,
     pub archetypes: BTreeMap<String, Archetype>,
     /// From `GlobalDeny` documents; when there is none, the built-in default applies.
@@ -910,8 +913,10 @@ pub fn parse_sources(sources: Vec<(PathBuf, String)>) -> Result<PolicySet, Polic
     if !errors.is_empty() {
         return Err(PolicyErrors(errors));
     }
+    let full = hash.finalize();
     Ok(PolicySet {
-        revision: hex::encode(&hash.finalize()[..8]),
+        revision: hex::encode(&full[..8]),
+        digest: hex::encode(full),
         agents,
         archetypes,
         global_deny,
