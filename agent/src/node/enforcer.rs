@@ -359,7 +359,7 @@ impl Enforcer {
             names.insert(
                 n,
                 Arc::new(NameAccess {
-                    policy: crate::policy::names::NamePolicy::of(&set, a),
+                    policy: crate::policy::names::NamePolicy::of(&set, a, now),
                     audit: a.mode == crate::policy::Mode::Audit,
                 }),
             );

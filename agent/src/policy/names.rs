@@ -92,10 +92,21 @@ pub struct NamePolicy {
 
 impl NamePolicy {
     /// The names and types `agent` may resolve in `set` (its archetypes' name rules too).
-    pub fn of(set: &PolicySet, agent: &AgentPolicy) -> Self {
+    /// What `agent` may resolve at `now`: the names of its rules in force then (an ended
+    /// rule or grant, or one outside its schedule window, lets nothing be resolved; the
+    /// node applies the policy again at each such change, see
+    /// [`PolicySet::next_schedule_change`]).
+    pub fn of(set: &PolicySet, agent: &AgentPolicy, now: std::time::SystemTime) -> Self {
+        let at = time::OffsetDateTime::from(now);
         let mut names: Vec<FqdnPattern> = set
             .rule_sources(agent)
             .into_iter()
+            .filter(|(_, r)| r.expires.is_none_or(|e| at < e))
+            .filter(|(_, r)| {
+                r.schedule.as_ref().is_none_or(|s| {
+                    matches!(s.at(now), crate::policy::schedule::Window::Open { .. })
+                })
+            })
             .flat_map(|(_, r)| r.fqdns.iter().cloned())
             .collect();
         let mut any = false;
@@ -141,7 +152,7 @@ mod tests {
              kind: AgentPolicy\nname: a\nidentity: spiffe://example.org/a\nextends: [base]\n\
              dns:\n  resolve: [db.internal.example]\n  types: [txt]\negress:\n  - to: [api.example.com, 192.0.2.0/24]\n    ports: [443]\n",
         );
-        let p = NamePolicy::of(&set, &set.agents[0]);
+        let p = NamePolicy::of(&set, &set.agents[0], std::time::SystemTime::now());
         let (a, txt, mx) = (1, 16, 15);
         assert_eq!(p.check("API.example.com.", a), Ok(()));
         assert_eq!(p.check("x.cdn.example", a), Ok(()));
@@ -158,11 +169,46 @@ mod tests {
     }
 
     #[test]
+    fn an_ended_rule_or_grant_lets_nothing_be_resolved_and_its_end_reapplies_the_policy() {
+        let set = super::super::source::parse_sources(vec![
+            (
+                "a.yaml".into(),
+                "kind: AgentPolicy\nname: a\nidentity: spiffe://example.org/a\negress:\n  - to: [api.example.com]\n    expires: 2030-01-01T00:00:00Z\n".into(),
+            ),
+            (
+                "grant-1.yaml".into(),
+                "kind: Grant\nname: g\nidentity: spiffe://example.org/a\nreason: r\nuntil: 2030-01-01T01:00:00Z\negress:\n  - to: [\"**.attacker.example\"]\n".into(),
+            ),
+        ])
+        .unwrap();
+        let t = |s: &str| std::time::SystemTime::from(crate::clock::parse_rfc3339(s).unwrap());
+        let a = &set.agents[0];
+        let before = NamePolicy::of(&set, a, t("2029-12-31T23:00:00Z"));
+        assert_eq!(before.check("x.attacker.example", 1), Ok(()));
+        assert_eq!(before.check("api.example.com", 1), Ok(()));
+        let between = NamePolicy::of(&set, a, t("2030-01-01T00:30:00Z"));
+        assert_eq!(between.check("api.example.com", 1), Err(Refusal::Name));
+        assert_eq!(between.check("x.attacker.example", 1), Ok(()));
+        let after = NamePolicy::of(&set, a, t("2030-01-01T01:00:00Z"));
+        assert_eq!(after.check("x.attacker.example", 1), Err(Refusal::Name));
+        // The node applies the policy again at each end.
+        assert_eq!(
+            set.next_schedule_change(t("2029-12-31T23:00:00Z")),
+            Some(t("2030-01-01T00:00:00Z"))
+        );
+        assert_eq!(
+            set.next_schedule_change(t("2030-01-01T00:30:00Z")),
+            Some(t("2030-01-01T01:00:00Z"))
+        );
+        assert_eq!(set.next_schedule_change(t("2030-01-01T01:00:00Z")), None);
+    }
+
+    #[test]
     fn any_name_is_an_explicit_choice() {
         let set = policy(
             "kind: AgentPolicy\nname: a\nidentity: spiffe://example.org/a\ndns:\n  resolve: [\"**\"]\n",
         );
-        let p = NamePolicy::of(&set, &set.agents[0]);
+        let p = NamePolicy::of(&set, &set.agents[0], std::time::SystemTime::now());
         assert_eq!(p.check("anything.example", 28), Ok(()));
         assert_eq!(
             p.check("anything.example", 16),
@@ -170,7 +216,8 @@ mod tests {
         );
         let bare = policy("kind: AgentPolicy\nname: a\nidentity: spiffe://example.org/a\n");
         assert_eq!(
-            NamePolicy::of(&bare, &bare.agents[0]).check("api.example.com", 1),
+            NamePolicy::of(&bare, &bare.agents[0], std::time::SystemTime::now())
+                .check("api.example.com", 1),
             Err(Refusal::Name)
         );
     }

@@ -1169,26 +1169,34 @@ impl PolicySet {
         self.rule_sources(agent).get(i).map(|(_, s)| *s)
     }
 
-    /// The next instant after `now` at which a schedule window opens or closes: the policy
-    /// must be applied again then (closing also happens in the kernel without the node).
+    /// The next instant after `now` at which a schedule window opens or closes, or a rule
+    /// (a grant's included) ends: the policy must be applied again then (the kernel ends
+    /// the rule on its own; what the identity may resolve is the node's to change).
     pub fn next_schedule_change(
         &self,
         now: std::time::SystemTime,
     ) -> Option<std::time::SystemTime> {
-        self.agents
-            .iter()
-            .flat_map(|a| a.egress.iter().chain(&a.ingress))
-            .chain(
-                self.archetypes
-                    .values()
-                    .flat_map(|a| a.egress.iter().chain(&a.ingress)),
-            )
+        let rules = || {
+            self.agents
+                .iter()
+                .flat_map(|a| a.egress.iter().chain(&a.ingress))
+                .chain(
+                    self.archetypes
+                        .values()
+                        .flat_map(|a| a.egress.iter().chain(&a.ingress)),
+                )
+        };
+        let windows = rules()
             .filter_map(|r| r.schedule.as_ref())
             .filter_map(|s| match s.at(now) {
                 Window::Open { until } => Some(until),
                 Window::Closed { opens } => opens,
-            })
-            .min()
+            });
+        let ends = rules()
+            .filter_map(|r| r.expires)
+            .map(std::time::SystemTime::from)
+            .filter(|e| *e > now);
+        windows.chain(ends).min()
     }
 
     /// Archetypes no AgentPolicy reaches, directly or through other archetypes.

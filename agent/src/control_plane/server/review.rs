@@ -333,7 +333,10 @@ fn grants(
     let read = versions.len() as u64;
     // Oldest first: a grant is told with the version that first held it.
     let mut found: Vec<GrantReview> = Vec::new();
-    let mut files: std::collections::BTreeMap<String, usize> = Default::default();
+    // Each distinct grant (a file may hold several, and a later version may rewrite one):
+    // told with the version that first held it as it is.
+    let mut seen: std::collections::BTreeSet<String> = Default::default();
+    let mut files: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
     for info in versions.iter().rev() {
         let Some(bundle) = store.policy(Some(info.version))? else {
             continue;
@@ -343,14 +346,26 @@ fn grants(
         };
         for g in &set.grants {
             let view = crate::policy::grant::GrantView::of(g, now);
-            if files.contains_key(&view.file) {
+            let key = format!(
+                "{}\0{}\0{}\0{}\0{}\0{}",
+                view.file,
+                view.name,
+                view.identity,
+                view.until,
+                view.break_glass,
+                view.rules.join("\0")
+            );
+            if !seen.insert(key) {
                 continue;
             }
             // A grant that ended before `since` is not one of this review's.
             if since.as_deref().is_some_and(|s| view.until.as_str() < s) {
                 continue;
             }
-            files.insert(view.file.clone(), found.len());
+            files
+                .entry(view.file.clone())
+                .or_default()
+                .push(found.len());
             found.push(GrantReview {
                 grant: view,
                 version: bundle.version,
@@ -381,12 +396,14 @@ fn grants(
         else {
             return;
         };
-        let Some(&i) = files.get(file) else {
+        // The newest grant of that file for that identity.
+        let Some(&i) = files.get(file).and_then(|all| {
+            all.iter()
+                .rev()
+                .find(|&&i| text("identity") == Some(found[i].grant.identity.as_str()))
+        }) else {
             return;
         };
-        if text("identity") != Some(found[i].grant.identity.as_str()) {
-            return;
-        }
         let flow = GrantFlow {
             node: node.to_owned(),
             dest: crate::review::host_name(text("fqdn").map(str::to_owned))
@@ -777,4 +794,82 @@ fn identities(
         records: read,
         truncated,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control_plane::{BundleFile, Reported, store::SqliteStore};
+
+    #[test]
+    fn the_grants_review_tells_every_grant_of_a_file_and_every_rewrite_with_its_flows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("cp.db"), Default::default()).unwrap();
+        let policy = |id: &str| {
+            format!("kind: AgentPolicy\nname: {id}\nidentity: spiffe://example.org/{id}\n")
+        };
+        let grant = |name: &str, id: &str, to: &str| {
+            format!(
+                "kind: Grant\nname: {name}\nidentity: spiffe://example.org/{id}\nreason: r\nuntil: 2099-01-01T00:00:00Z\negress:\n  - to: [{to}]\n"
+            )
+        };
+        let push = |files: Vec<(&str, String)>| {
+            let files: Vec<BundleFile> = files
+                .into_iter()
+                .map(|(name, text)| BundleFile {
+                    name: name.into(),
+                    text,
+                })
+                .collect();
+            let set = crate::control_plane::validate(&files).unwrap();
+            store
+                .push_policy(&set.revision, &files, "admin", 0, None, &Default::default())
+                .unwrap();
+        };
+        let base = || vec![("a.yaml", policy("a")), ("b.yaml", policy("b"))];
+        let mut v1 = base();
+        v1.push((
+            "grant-1.yaml",
+            format!(
+                "{}---\n{}",
+                grant("g1", "a", "198.51.100.1"),
+                grant("g2", "b", "0.0.0.0/0")
+            ),
+        ));
+        push(v1);
+        let mut v2 = base();
+        v2.push(("grant-1.yaml", grant("g1", "a", "0.0.0.0/0")));
+        push(v2);
+        // A flow of b under grant-1.yaml, as a node records it (the file as its path).
+        let flow = serde_json::json!({"time": "2026-12-05T00:00:00Z", "verdict": "allow",
+            "identity": "spiffe://example.org/b", "dest": "203.0.113.5", "port": 443,
+            "protocol": "tcp", "rule": "/var/lib/agentwall/policy/grant-1.yaml:5 egress[0]"});
+        store
+            .ingest(
+                "n1",
+                1,
+                &[Reported {
+                    rid: 1,
+                    record: serde_json::value::to_raw_value(&flow).unwrap(),
+                }],
+            )
+            .unwrap();
+        let r = grants(&store, None).unwrap();
+        let told: Vec<(&str, u64, &str)> = r
+            .grants
+            .iter()
+            .map(|g| (g.grant.name.as_str(), g.version, g.grant.rules[0].as_str()))
+            .collect();
+        assert_eq!(
+            told,
+            [
+                ("g1", 2, "0.0.0.0/0 ports any protocol any"),
+                ("g2", 1, "0.0.0.0/0 ports any protocol any"),
+                ("g1", 1, "198.51.100.1/32 ports any protocol any"),
+            ]
+        );
+        let g2 = &r.grants[1];
+        assert_eq!(g2.allowed, 1);
+        assert_eq!(g2.flows[0].dest, "203.0.113.5");
+    }
 }
