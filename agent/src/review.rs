@@ -227,6 +227,26 @@ pub fn host_name(fqdn: Option<String>) -> Option<String> {
     })
 }
 
+/// Where a record says a flow went, as reviews count it: its host name (or its address),
+/// its port and protocol (tcp or udp, else empty); what a node sent bounded to what a review
+/// can stand behind.
+pub fn destination_of<F: crate::audit::Fields>(r: &F) -> (Option<String>, u16, String) {
+    let dest = host_name(r.text("fqdn")).or_else(|| {
+        r.text("dest")
+            .and_then(|d| d.parse::<std::net::IpAddr>().ok())
+            .map(|a| a.to_string())
+    });
+    let port = r
+        .u64("port")
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or(0);
+    let protocol = match r.text("protocol").as_deref() {
+        Some(p @ ("tcp" | "udp")) => p.to_owned(),
+        _ => String::new(),
+    };
+    (dest, port, protocol)
+}
+
 impl Flow {
     /// A governed identity's flow from its decision record (as a node writes or reports
     /// it); None for records of no identity, or that no review replays.

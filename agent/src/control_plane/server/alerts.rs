@@ -244,9 +244,9 @@ pub fn baseline_key(node: &str, r: &crate::audit::RecordView<'_>) -> Option<(Str
         return None;
     }
     match (identity_of(r), r.text("verdict").as_deref()) {
-        (Some(id), Some("allow" | "audit")) => {
-            destination_of(r).map(|d| (format!("{id} {node}"), format!("dest {d}")))
-        }
+        (Some(id), Some("allow" | "audit")) => crate::review::destination_of(r)
+            .0
+            .map(|d| (format!("{id} {node}"), format!("dest {d}"))),
         (None, Some("unknown")) if r.text("service").is_some() => Some((
             node.to_owned(),
             format!("shadow {}", crate::discovery::group_of(r)),
@@ -259,15 +259,6 @@ pub fn baseline_key(node: &str, r: &crate::audit::RecordView<'_>) -> Option<(Str
 fn identity_of(r: &crate::audit::RecordView<'_>) -> Option<String> {
     r.text("identity")
         .filter(|i| i.parse::<crate::identity::AgentId>().is_ok())
-}
-
-/// A destination as a baseline holds it: its host name, or its address.
-fn destination_of(r: &crate::audit::RecordView<'_>) -> Option<String> {
-    crate::review::host_name(r.text("fqdn")).or_else(|| {
-        r.text("dest")
-            .and_then(|d| d.parse::<std::net::IpAddr>().ok())
-            .map(|a| a.to_string())
-    })
 }
 
 /// The alert rules, over records one at a time in the order they were stored.

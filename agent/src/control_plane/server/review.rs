@@ -404,24 +404,12 @@ fn grants(
         }) else {
             return;
         };
+        let (dest, port, protocol) = crate::review::destination_of(r);
         let flow = GrantFlow {
             node: node.to_owned(),
-            dest: crate::review::host_name(text("fqdn").map(str::to_owned))
-                .or_else(|| {
-                    text("dest")
-                        .and_then(|d| d.parse::<std::net::IpAddr>().ok())
-                        .map(|a| a.to_string())
-                })
-                .unwrap_or_default(),
-            port: r
-                .get("port")
-                .and_then(|p| p.as_u64())
-                .and_then(|p| u16::try_from(p).ok())
-                .unwrap_or(0),
-            protocol: match text("protocol") {
-                Some(p @ ("tcp" | "udp")) => p.to_owned(),
-                _ => String::new(),
-            },
+            dest: dest.unwrap_or_default(),
+            port,
+            protocol,
             count: 0,
         };
         let n = counted.entry((i, flow)).or_default();
@@ -611,6 +599,7 @@ fn identities(
         if let Some(flow) = Flow::of_record(r).filter(|f| f.allowed() && f.rule_id.is_some()) {
             flows.push(flow);
         }
+        let (dest, port, protocol) = crate::review::destination_of(r);
         seen.push(Seen {
             identity,
             owner: text("owner").filter(|o| o.parse::<Owner>().is_ok()),
@@ -621,22 +610,9 @@ fn identities(
                 .filter(|t| plausible.contains(t)),
             verdict,
             count: r.get("count").and_then(|c| c.as_u64()).unwrap_or(1),
-            dest: crate::review::host_name(text("fqdn"))
-                .or_else(|| {
-                    text("dest")
-                        .and_then(|d| d.parse::<std::net::IpAddr>().ok())
-                        .map(|a| a.to_string())
-                })
-                .unwrap_or_default(),
-            port: r
-                .get("port")
-                .and_then(|p| p.as_u64())
-                .and_then(|p| u16::try_from(p).ok())
-                .unwrap_or(0),
-            protocol: match text("protocol").as_deref() {
-                Some(p @ ("tcp" | "udp")) => p.to_owned(),
-                _ => String::new(),
-            },
+            dest: dest.unwrap_or_default(),
+            port,
+            protocol,
         });
     })?;
     let newest = store.policy(None)?;
