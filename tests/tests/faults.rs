@@ -359,3 +359,70 @@ fn a_full_binding_table_refuses_new_agents_and_keeps_the_bound_ones() {
     assert_eq!(second.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
     assert_eq!(second.cmd("connect tcp 203.0.113.5 443"), "err EPERM");
 }
+
+#[test]
+fn a_bundle_the_kernel_refuses_leaves_the_policy_files_in_force_for_a_restart() {
+    use agentwall_tests::cp::{CpFixture, CpProc, node_args, push};
+    let (env, tmp, ca) = setup("cp-refused", POLICY);
+    let dir = tmp.path();
+    let fx = CpFixture::new(dir);
+    let server = CpProc::start(&fx, None);
+    let flags = fx.node_flags(&server.url);
+    // Every trie the node fills holds at most 1,000 entries: the kernel refuses more part
+    // way through, as it would on ENOMEM.
+    let node = NodeProc::start_env(
+        &env,
+        dir,
+        &node_args(&flags, &[]),
+        &[(
+            "AGENTWALL_FAILPOINTS",
+            Path::new("trie-capacity=return(1000)"),
+        )],
+    );
+    let revision = push(&fx, &server.url, "v1", POLICY);
+    let s = agentwall_tests::node::wait_status(&node.socket, "version 1 applied", |s| {
+        s["control_plane"]["applied_version"] == 1
+    });
+    assert_eq!(s["revision"], revision.as_str());
+    let in_force = std::fs::read_dir(dir.join("policy"))
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            (p.clone(), std::fs::read_to_string(p).unwrap())
+        })
+        .collect::<std::collections::BTreeMap<_, _>>();
+
+    let hosts: Vec<String> = (1..=2_000u32)
+        .map(|i| format!("2001:db8::{:x}", i))
+        .collect();
+    let big = format!(
+        "kind: AgentPolicy\nname: support\nidentity: {ID}\negress:\n  - to: [{}]\n    ports: [443]\n    protocol: tcp\n",
+        hosts.join(", ")
+    );
+    push(&fx, &server.url, "v2", &big);
+    let s = agentwall_tests::node::wait_status(&node.socket, "version 2 refused", |s| {
+        s["control_plane"]["bundle_refused"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("version 2: "))
+    });
+    let why = s["control_plane"]["bundle_refused"].as_str().unwrap();
+    assert!(why.contains("filling the trie of identity "), "{why}");
+    assert_eq!(s["revision"], revision.as_str());
+    // The directory a restart enforces is the one in force, not the one refused.
+    let now = std::fs::read_dir(dir.join("policy"))
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            (p.clone(), std::fs::read_to_string(p).unwrap())
+        })
+        .collect::<std::collections::BTreeMap<_, _>>();
+    assert_eq!(now, in_force);
+    node.stop();
+    drop(server);
+    let node = NodeProc::start(&env, dir);
+    let s = agentwall_tests::node::status_json(&node.socket);
+    assert_eq!(s["revision"], revision.as_str());
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+}

@@ -222,6 +222,24 @@ fn a_node_applies_only_what_its_signers_signed_and_never_an_older_or_expired_bun
         status_json(&node.socket)["control_plane"]["applied_version"],
         5
     );
+    // An admin asked for a grant is given that old bundle as the newest: its signatures
+    // check out, so both sign the grant on top of it. Signed as added to that bundle, it is
+    // refused by the node, which applied a newer one: the old rules do not come back.
+    let mut args = vec!["--for", "30m", "--sign-key", alice, "--sign-key", bob];
+    args.extend_from_slice(&signers[..4]);
+    let (ok, out, err) = grant(&fx, &url, "198.51.100.10", &args);
+    assert!(ok && out.contains("published version 21 "), "{out}{err}");
+    assert!(err.contains("adding the grant to version 20 "), "{err}");
+    let why = refused(&node, "version 21:");
+    assert!(
+        why.contains("adds grants to a bundle valid from ")
+            && why.contains("its other rules would roll back"),
+        "{why}"
+    );
+    assert_eq!(
+        status_json(&node.socket)["control_plane"]["applied_version"],
+        5
+    );
 
     // And version 5 once it has expired, as if new.
     drop(server);
@@ -275,6 +293,34 @@ fn a_node_applies_only_what_its_signers_signed_and_never_an_older_or_expired_bun
     );
     assert!(ok && out.starts_with("pushed version 32 "), "{out}{err}");
     applied(&node, 32);
+
+    // Whoever holds the database numbers the bundle in force near the end of the numbers:
+    // the node takes it (it is the bundle it applied). Once the database is put right, the
+    // next bundle is numbered far below that, but signed later: applied, not frozen out.
+    drop(_server);
+    let top = i64::MAX as u64;
+    tamper(
+        &fx,
+        &format!("UPDATE policy SET version = {top} WHERE version = 32"),
+    );
+    let server = CpProc::start(&fx, Some(addr));
+    applied(&node, top);
+    drop(server);
+    tamper(
+        &fx,
+        &format!("UPDATE policy SET version = 32 WHERE version = {top}"),
+    );
+    let _server = CpProc::start(&fx, Some(addr));
+    let v8 = dir_of(&fx, "v8", POLICY_B);
+    let (ok, out, err) = policy(
+        &fx,
+        &url,
+        &["push", &v8, "--sign-key", alice, "--sign-key", bob],
+    );
+    assert!(ok && out.starts_with("pushed version "), "{out}{err}");
+    let v: u64 = out.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(v < top, "{out}");
+    applied(&node, v);
 }
 
 /// `agentwall cp grant` as the admin, for the support agent: (success, stdout, stderr).
@@ -386,9 +432,16 @@ fn a_break_glass_grant_applies_at_once_on_one_signature_and_nothing_else_does() 
 
     // Not break-glass: it waits for a second approval. Longer than break-glass lasts:
     // refused.
+    // The newest bundle has one signature: checked as a node checks it, as break-glass
+    // grants added to version 1, which both signed.
     let mut args = vec!["--for", "30m", "--sign-key", alice];
     args.extend_from_slice(&both);
-    args.extend(["--signatures-required", "1"]);
+    let (ok, _, err) = grant(&fx, &url, "198.51.100.11", &args);
+    assert!(
+        !ok && err.contains("1 valid signature(s) from keys this node trusts"),
+        "{err}"
+    );
+    args.extend(["--break-glass-signatures", "1"]);
     let (ok, out, err) = grant(&fx, &url, "198.51.100.11", &args);
     assert!(ok && out.contains("proposal 1 revision "), "{out}{err}");
     let (ok, _, err) = grant(
@@ -432,5 +485,14 @@ fn a_break_glass_grant_applies_at_once_on_one_signature_and_nothing_else_does() 
     assert_eq!(
         status_json(&node.socket)["control_plane"]["applied_version"],
         2
+    );
+    // Nor does the admin's CLI take version 4 for a base: one signature, and more than
+    // break-glass grants added to version 1.
+    let (ok, _, err) = grant(&fx, &url, "198.51.100.13", &args);
+    assert!(
+        !ok && err.contains(
+            "version 4 has 1+ signatures but fewer than 2, and it is not version 1 (the newest with all of them) with break-glass grants added"
+        ),
+        "{err}"
     );
 }

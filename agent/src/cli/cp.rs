@@ -244,41 +244,97 @@ struct BaseCheck {
     /// How many of them (default: all).
     #[arg(long, value_name = "N")]
     signatures_required: Option<u32>,
+    /// How many suffice for a newest bundle that only adds break-glass grants to an older
+    /// one that has all its signatures (the nodes' break_glass_signatures; default: none
+    /// does).
+    #[arg(long, value_name = "N")]
+    break_glass_signatures: Option<u32>,
 }
+
+/// How many versions back a break-glass bundle's fully signed base is looked for.
+const BREAK_GLASS_DEPTH: u64 = 32;
 
 /// Checks `b`, fetched from the control plane, as a node would, before files of it are
 /// signed with the admin's key: a control plane (or whoever holds its database) could
-/// otherwise have the admin sign what it put there.
-fn verified_base(b: &Bundle, check: &BaseCheck) -> anyhow::Result<()> {
+/// otherwise have the admin sign what it put there. A bundle short of its signatures passes
+/// when `--break-glass-signatures` of them signed it and it only adds break-glass grants
+/// to an older version that has them all.
+async fn verified_base(c: &Client, b: &Bundle, check: &BaseCheck) -> anyhow::Result<()> {
+    use agentwall::control_plane::signing::{Keyring, SigningError};
     if check.trusted_signer.is_empty() {
         bail!(
             "signing files of the control plane's newest bundle (version {}) needs --trusted-signer KEY (repeatable) to check them against first, as nodes do",
             b.version
         );
     }
-    let keyring = agentwall::control_plane::signing::Keyring::load_files(&check.trusted_signer)?;
+    let keyring = Keyring::load_files(&check.trusted_signer)?;
     let required = check
         .signatures_required
         .map_or(keyring.len(), |n| n as usize);
-    let (revision, digest) = hashed(&b.files)?;
-    if revision != b.revision {
-        bail!(
-            "version {} names revision {}, but its files hash to {revision} here",
-            b.version,
-            b.revision
-        );
+    let now = time::OffsetDateTime::now_utc();
+    let checked = |b: &Bundle, n: usize| -> anyhow::Result<agentwall::policy::source::PolicySet> {
+        let set = agentwall::control_plane::validate(&b.files).map_err(|errors| {
+            let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!("version {} is invalid here:\n{}", b.version, all.join("\n"))
+        })?;
+        if set.revision != b.revision {
+            bail!(
+                "version {} names revision {}, but its files hash to {} here",
+                b.version,
+                b.revision,
+                set.revision
+            );
+        }
+        keyring
+            .admit(&set.digest, &set.revision, &b.signing, n, None, now)
+            .with_context(|| format!("version {} of the control plane", b.version))?;
+        Ok(set)
+    };
+    let too_few = match checked(b, required) {
+        Ok(_) => return Ok(()),
+        Err(e)
+            if e.downcast_ref::<SigningError>()
+                .is_some_and(|s| matches!(s, SigningError::TooFew { .. })) =>
+        {
+            e
+        }
+        Err(e) => return Err(e),
+    };
+    let Some(n) = check.break_glass_signatures else {
+        return Err(too_few);
+    };
+    let set = checked(b, n as usize).map_err(|_| too_few)?;
+    // The newest fully signed version below it: the bundle must be it plus break-glass
+    // grants, whatever came between.
+    for v in (b.version.saturating_sub(BREAK_GLASS_DEPTH)..b.version).rev() {
+        if v == 0 {
+            break;
+        }
+        let older: Bundle = match c.get(&format!("/v1/policy?version={v}")).await {
+            Ok(o) => o,
+            Err(ClientError::Refused { status, .. }) if status == hyper::StatusCode::NOT_FOUND => {
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if checked(&older, required).is_err() {
+            continue;
+        }
+        let before: Vec<(String, String)> =
+            older.files.into_iter().map(|f| (f.name, f.text)).collect();
+        return agentwall::policy::grant::break_glass_addition(&before, &set, now)
+            .map(|_| ())
+            .with_context(|| {
+                format!(
+                    "version {} has {n}+ signatures but fewer than {required}, and it is not version {v} (the newest with all of them) with break-glass grants added",
+                    b.version
+                )
+            });
     }
-    keyring
-        .admit(
-            &digest,
-            &revision,
-            &b.signing,
-            required,
-            None,
-            time::OffsetDateTime::now_utc(),
-        )
-        .with_context(|| format!("version {} of the control plane", b.version))?;
-    Ok(())
+    bail!(
+        "version {} has fewer than {required} signatures, and none of the {BREAK_GLASS_DEPTH} versions before it has them all to judge it against",
+        b.version
+    )
 }
 
 /// Whether a file holds grants only, as `cp grant` writes them.
@@ -473,12 +529,14 @@ fn hashed(files: &[BundleFile]) -> anyhow::Result<(String, String)> {
         })
 }
 
-/// The signing of a push: dated now, expiring after `expires_in`, signed with each key.
+/// The signing of a push: dated now, expiring after `expires_in`, adding grants to the
+/// bundle valid from `adds_to`, signed with each key.
 fn sign_push(
     dir: &Path,
     files: &[BundleFile],
     keys: &[PathBuf],
     expires_in: Option<&str>,
+    adds_to: Option<String>,
 ) -> anyhow::Result<agentwall::control_plane::signing::Signing> {
     if keys.is_empty() && expires_in.is_none() {
         return Ok(Default::default());
@@ -492,18 +550,17 @@ fn sign_push(
             ))
         })
         .transpose()?;
-    let not_before = agentwall::clock::rfc3339(now);
-    let signatures = keys
-        .iter()
-        .map(|k| {
-            agentwall::control_plane::signing::sign(k, &digest, &not_before, expires_at.as_deref())
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(agentwall::control_plane::signing::Signing {
-        not_before: Some(not_before),
+    let mut signing = agentwall::control_plane::signing::Signing {
+        not_before: Some(agentwall::clock::rfc3339(now)),
         expires_at,
-        signatures,
-    })
+        adds_to,
+        signatures: Vec::new(),
+    };
+    signing.signatures = keys
+        .iter()
+        .map(|k| agentwall::control_plane::signing::sign(k, &digest, &signing))
+        .collect::<Result<_, _>>()?;
+    Ok(signing)
 }
 
 async fn proposal(c: &Client, id: u64) -> anyhow::Result<Proposal> {
@@ -592,7 +649,7 @@ async fn grants_in_force(
             }
             return Ok(Vec::new());
         }
-        verified_base(&b, check)?;
+        verified_base(c, &b, check).await?;
     }
     let Ok(set) = agentwall::control_plane::validate(&b.files) else {
         return Ok(Vec::new());
@@ -650,7 +707,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 files.sort_by(|a, b| a.name.cmp(&b.name));
             }
             let n = files.len();
-            let signing = sign_push(dir, &files, sign_key, expires_in.as_deref())?;
+            let signing = sign_push(dir, &files, sign_key, expires_in.as_deref(), None)?;
             let r: Result<Pushed, ClientError> = c
                 .send_json(
                     hyper::Method::PUT,
@@ -708,7 +765,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 bail!("proposal {id} names no not_before to sign");
             };
             eprintln!(
-                "signing proposal {id}: revision {revision}, pushed by {} at {}, valid from {nb}{}, files {}",
+                "signing proposal {id}: revision {revision}, pushed by {} at {}, valid from {nb}{}{}, files {}",
                 p.pushed_by,
                 p.pushed_at,
                 p.signing
@@ -716,18 +773,18 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                     .as_deref()
                     .map(|e| format!(" until {e}"))
                     .unwrap_or_default(),
+                p.signing
+                    .adds_to
+                    .as_deref()
+                    .map(|b| format!(", adding grants to the bundle valid from {b}"))
+                    .unwrap_or_default(),
                 p.files
                     .iter()
                     .map(|f| f.name.as_str())
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            let signature = agentwall::control_plane::signing::sign(
-                sign_key,
-                &digest,
-                nb,
-                p.signing.expires_at.as_deref(),
-            )?;
+            let signature = agentwall::control_plane::signing::sign(sign_key, &digest, &p.signing)?;
             let r: Pushed = c
                 .send_json(
                     hyper::Method::POST,
@@ -1119,7 +1176,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             } else {
                 let t = &r.thresholds;
                 println!(
-                    "thresholds: new destinations after {} h of learning; {} denials in {} s; {} refused DNS queries in {} s, or a label of {}+ characters at {}+ bits each; new shadow-AI groups; at most {} of a kind from a node a minute; {} webhook(s){}",
+                    "thresholds: new destinations after {} h of learning; {} denials in {} s; {} refused DNS queries in {} s, or a label of {}+ characters at {}+ bits each; new shadow-AI groups; at most {} of a kind about an identity a minute and {} from a node; {} webhook(s){}",
                     t.learning_hours,
                     t.denials,
                     t.denial_window_secs,
@@ -1128,6 +1185,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                     t.dns_label_length,
                     t.dns_entropy_bits,
                     t.per_minute,
+                    t.node_per_minute,
                     t.webhooks.len(),
                     if t.enabled { "" } else { " (alerts are off)" }
                 );
@@ -1190,7 +1248,19 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 .await
                 .context("a grant adds to the newest bundle")?;
             if !sign_key.is_empty() {
-                verified_base(&b, base)?;
+                verified_base(&c, &b, base).await?;
+                eprintln!(
+                    "adding the grant to version {} (revision {}, valid from {}, signed by {})",
+                    b.version,
+                    b.revision,
+                    b.signing.not_before.as_deref().unwrap_or("-"),
+                    b.signing
+                        .signatures
+                        .iter()
+                        .map(|s| s.signer.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
             }
             let req = agentwall::policy::grant::GrantRequest {
                 identity,
@@ -1211,7 +1281,15 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             files.sort_by(|a, b| a.name.cmp(&b.name));
             // Checked here first: what is wrong is said against the grant asked for.
             hashed(&files).with_context(|| format!("granting {name}"))?;
-            let signing = sign_push(Path::new(&name), &files, sign_key, None)?;
+            // Signed as added to the bundle checked above: a node that applied a newer one
+            // refuses it, so an old bundle passed off as the newest does not come back.
+            let signing = sign_push(
+                Path::new(&name),
+                &files,
+                sign_key,
+                None,
+                b.signing.not_before.clone(),
+            )?;
             let r: Pushed = c
                 .send_json(
                     hyper::Method::PUT,

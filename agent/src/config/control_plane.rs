@@ -176,10 +176,14 @@ pub struct Alerts {
     /// ... and at least this many bits of entropy per character over its labels below the
     /// last two (what tunnels encode data in).
     pub dns_entropy_bits: f64,
-    /// At most this many alerts of one kind from one node a minute; the ones past it are
-    /// counted (`agentwall_cp_alerts_held_back_total`) and told with the next one raised
-    /// (default 30).
+    /// At most this many alerts of one kind about one identity (or one node's shadow AI) a
+    /// minute of the records' times; the ones past it are counted
+    /// (`agentwall_cp_alerts_held_back_total`) and told with the next one raised (default
+    /// 30).
     pub per_minute: u64,
+    /// At most this many alerts of one kind from one node a minute of the control plane's
+    /// clock, whatever the records say of their times and identities (default 300).
+    pub node_per_minute: u64,
     /// Where alerts are POSTed, in the Alertmanager webhook format: `https://...`, or
     /// `http://` to a loopback address only.
     pub webhooks: Vec<String>,
@@ -200,6 +204,7 @@ impl Default for Alerts {
             dns_label_length: 40,
             dns_entropy_bits: 3.5,
             per_minute: 30,
+            node_per_minute: 300,
             webhooks: Vec::new(),
             webhook_ca: None,
         }
@@ -221,6 +226,7 @@ impl Alerts {
             ("dns_window_secs", self.dns_window_secs),
             ("dns_label_length", self.dns_label_length as u64),
             ("per_minute", self.per_minute),
+            ("node_per_minute", self.node_per_minute),
         ] {
             if v == 0 {
                 return Err(format!("alerts.{key} must be at least 1"));

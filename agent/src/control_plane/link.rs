@@ -296,9 +296,13 @@ impl Link {
         let mut backoff = Backoff::default();
         let mut complained = false;
         let mut twin_warned = false;
+        // After an answer older than what this node knows, with signed bundles: the next
+        // poll asks for the control plane's bundle as if it knew none, and takes it only if
+        // signed later than the one in force (the number may be what was tampered with).
+        let mut probe = false;
         loop {
             let req = PollRequest {
-                known_version: st.known_version,
+                known_version: if probe { 0 } else { st.known_version },
                 revocation_gen: st.revocation_gen,
                 applied_version: st.applied_version,
                 applied_revision: st.applied_revision.clone(),
@@ -357,10 +361,37 @@ impl Link {
             // newer on the other is taken for its newer part only. A bundle numbered as
             // the one this node has but another (two pushes given one number by a database
             // put back) is the database's: taken.
+            //
+            // With signed bundles the signed time orders them, not the control plane's
+            // number: a bundle signed after the one in force is looked at whatever its
+            // number, so one numbered near u64::MAX by a hostile control plane (or whoever
+            // held its database) cannot freeze the node once the control plane is put right.
+            let signing = self.signers.1 > 0;
+            let floor = st
+                .applied_not_before
+                .as_deref()
+                .map(crate::clock::parse_rfc3339);
+            let signed_later = |b: &Bundle| {
+                let nb = b
+                    .signing
+                    .not_before
+                    .as_deref()
+                    .map(crate::clock::parse_rfc3339);
+                match (nb, &floor) {
+                    (Some(Ok(nb)), Some(Ok(floor))) => nb > *floor,
+                    (Some(Ok(_)), None) => true,
+                    _ => false,
+                }
+            };
+            let probed = std::mem::take(&mut probe);
             let bundle = reply.bundle.filter(|b| {
+                if probed {
+                    return signing && signed_later(b);
+                }
                 b.version > st.known_version
                     || (b.version == st.known_version
                         && st.applied_revision.as_deref() != Some(b.revision.as_str()))
+                    || (signing && signed_later(b))
             });
             let older =
                 reply.version < st.known_version || reply.revocation_gen < st.revocation_gen;
@@ -385,6 +416,7 @@ impl Link {
                     known_gen = st.revocation_gen,
                     "the control plane answered with an older bundle or revocation list than this node has; kept what it has"
                 );
+                probe = signing && !probed;
                 self.poll.skip();
                 tokio::time::sleep(backoff.next()).await;
                 continue;
@@ -532,9 +564,25 @@ impl Link {
                 next.write(&path)
                     .map_err(|source| BundleRefused::Floor { path, source })?;
             }
-            crate::policy::source::save_dir(&set, &dir)
-                .map_err(|source| BundleRefused::Write { dir, source })?;
-            node.apply_bundle(set).map_err(BundleRefused::Apply)
+            // The files in force, put back if the kernel refuses the new ones: a restart
+            // enforces the directory, and it must be what was in force, not what was refused.
+            let previous = in_force(&dir).ok();
+            crate::policy::source::save_dir(&set, &dir).map_err(|source| BundleRefused::Write {
+                dir: dir.clone(),
+                source,
+            })?;
+            node.apply_bundle(set).map_err(|e| {
+                if let Some(files) = &previous {
+                    let back = files
+                        .iter()
+                        .map(|(n, t)| (std::ffi::OsStr::new(n.as_str()), t.as_bytes()));
+                    if let Err(err) = crate::files::replace_dir(&dir, back) {
+                        error!(dir = %dir.display(), error = %err,
+                            "the policy files in force could not be put back after the kernel refused a bundle; a restart would enforce the refused one");
+                    }
+                }
+                BundleRefused::Apply(e)
+            })
         })
         .await
         .unwrap_or_else(|e| Err(BundleRefused::Apply(e.into())));

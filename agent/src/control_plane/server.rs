@@ -936,6 +936,13 @@ impl Server {
                 "expires_at {exp} is not after not_before {nb}"
             )));
         }
+        if let Some(base) = &signing.adds_to
+            && time("adds_to", base)? > nb_time
+        {
+            return Err(bad(format!(
+                "adds_to {base} is after not_before {nb}: grants are added to a bundle made before them"
+            )));
+        }
         let dated = signing.clone();
         let mut seen = std::collections::BTreeSet::new();
         for sig in &mut signing.signatures {
@@ -973,6 +980,18 @@ impl Server {
         {
             return Err(conflict(format!(
                 "the bundle is dated {nb}, before the bundle in force ({newest}): nodes would refuse it as a rollback; push it again"
+            )));
+        }
+        let newest = self.published.read().expect("published").not_before.clone();
+        if let (Some(base), Some(newest)) = (&signing.adds_to, newest)
+            && let (Ok(a), Ok(b)) = (
+                crate::clock::parse_rfc3339(base),
+                crate::clock::parse_rfc3339(&newest),
+            )
+            && a < b
+        {
+            return Err(conflict(format!(
+                "the bundle adds grants to one dated {base}, before the bundle in force ({newest}): nodes would refuse it; grant again"
             )));
         }
         Ok(())
@@ -1128,9 +1147,15 @@ impl Server {
     /// What a push (`.0`) and a revocation (`.1`) are numbered above: what this replica
     /// served and what nodes showed they know.
     fn number_above(&self) -> (u64, u64) {
+        // Never more than MAX_AHEAD above what the database holds: a number served from a
+        // database someone tampered with (a bundle numbered near the end of the numbers)
+        // must not leave no number for the next push once the database is put right.
         let served = *self.changes.borrow();
         let f = *self.floor.lock().expect("floor");
-        (served.0.max(f.0), served.1.max(f.1))
+        (
+            served.0.max(f.0.min(served.0.saturating_add(MAX_AHEAD))),
+            served.1.max(f.1.min(served.1.saturating_add(MAX_AHEAD))),
+        )
     }
 
     /// Writes the polls noted since the last flush.

@@ -26,13 +26,36 @@ pub struct Signing {
     /// RFC 3339: a node refuses the bundle after this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    /// RFC 3339: for grants added to a signed bundle (`cp grant`), that bundle's
+    /// `not_before`. A node that applied a newer bundle refuses this one: an admin given an
+    /// old bundle as the newest (by whoever holds the control plane) signs grants on top of
+    /// it, and the old rules must not come back with them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adds_to: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub signatures: Vec<BundleSignature>,
 }
 
 impl Signing {
     pub fn is_empty(&self) -> bool {
-        self.not_before.is_none() && self.expires_at.is_none() && self.signatures.is_empty()
+        self.not_before.is_none()
+            && self.expires_at.is_none()
+            && self.adds_to.is_none()
+            && self.signatures.is_empty()
+    }
+
+    /// What a signature signs, None without a `not_before`. A bundle that adds to none is
+    /// stated as before `adds_to` existed, so signatures made then still verify.
+    pub fn statement(&self, digest: &str) -> Option<String> {
+        let nb = self.not_before.as_deref()?;
+        let mut s = format!(
+            "agentwall policy bundle v2\nsha256 {digest}\nnot_before {nb}\nexpires_at {}\n",
+            self.expires_at.as_deref().unwrap_or("-")
+        );
+        if let Some(base) = &self.adds_to {
+            s.push_str(&format!("adds_to {base}\n"));
+        }
+        Some(s)
     }
 }
 
@@ -44,16 +67,8 @@ pub struct BundleSignature {
     /// Whose key it is, as the control plane's `[signers]` names it.
     #[serde(default)]
     pub signer: String,
-    /// Ed25519 over [`statement`], hex.
+    /// Ed25519 over [`Signing::statement`], hex.
     pub signature: String,
-}
-
-/// What a signature signs.
-pub fn statement(digest: &str, not_before: &str, expires_at: Option<&str>) -> String {
-    format!(
-        "agentwall policy bundle v2\nsha256 {digest}\nnot_before {not_before}\nexpires_at {}\n",
-        expires_at.unwrap_or("-")
-    )
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +112,10 @@ pub enum SigningError {
         "the bundle is another than the one in force but signed as made at the same time ({not_before}): refused, as either could be the newer"
     )]
     SameTime { not_before: String },
+    #[error(
+        "the bundle adds grants to a bundle valid from {adds_to}, older than the one in force (valid from {applied}): its other rules would roll back"
+    )]
+    AddsToOlder { adds_to: String, applied: String },
     #[error("signature by key {key}: {why}")]
     Refused { key: String, why: &'static str },
 }
@@ -161,7 +180,7 @@ impl Keyring {
             key: sig.key.clone(),
             why,
         };
-        let Some(nb) = &signing.not_before else {
+        let Some(message) = signing.statement(digest) else {
             return Err(refused("the bundle has no not_before to sign"));
         };
         let key = self
@@ -170,7 +189,6 @@ impl Keyring {
             .find(|(_, k)| k.id() == sig.key)
             .map(|(_, k)| k)
             .ok_or_else(|| refused("not one of the signers' keys"))?;
-        let message = statement(digest, nb, signing.expires_at.as_deref());
         if key.verifies(message.as_bytes(), &sig.signature) {
             Ok(())
         } else {
@@ -244,6 +262,14 @@ impl Keyring {
                     not_before: nb.clone(),
                 });
             }
+            if let Some(base) = &signing.adds_to
+                && parse(base, "adds_to")? < applied_time
+            {
+                return Err(SigningError::AddsToOlder {
+                    adds_to: base.clone(),
+                    applied: applied_nb.to_owned(),
+                });
+            }
         }
         Ok(())
     }
@@ -256,15 +282,13 @@ fn parse(t: &str, field: &'static str) -> Result<time::OffsetDateTime, SigningEr
     })
 }
 
-/// Signs the bundle whose files hash to `digest`, valid from `not_before` until
-/// `expires_at`, with the private key at `key` (PKCS#8 PEM): what `cp policy push
-/// --sign-key` and `cp policy approve` send.
-pub fn sign(
-    key: &Path,
-    digest: &str,
-    not_before: &str,
-    expires_at: Option<&str>,
-) -> Result<BundleSignature, SigningError> {
+/// Signs the bundle whose files hash to `digest` as `signing` dates it, with the private
+/// key at `key` (PKCS#8 PEM): what `cp policy push --sign-key` and `cp policy approve`
+/// send.
+pub fn sign(key: &Path, digest: &str, signing: &Signing) -> Result<BundleSignature, SigningError> {
+    let statement = signing
+        .statement(digest)
+        .ok_or(SigningError::Unsigned { required: 1 })?;
     let signer = crate::audit::Signer::load(key).map_err(|e| SigningError::Key {
         path: key.to_owned(),
         message: e.to_string(),
@@ -272,7 +296,7 @@ pub fn sign(
     Ok(BundleSignature {
         key: signer.id().to_owned(),
         signer: String::new(),
-        signature: signer.sign_hex(statement(digest, not_before, expires_at).as_bytes()),
+        signature: signer.sign_hex(statement.as_bytes()),
     })
 }
 
@@ -298,13 +322,14 @@ mod tests {
         let ring = Keyring::load_files(&[alice_pub.clone(), bob_pub]).unwrap();
         let now = time::OffsetDateTime::now_utc();
         let at = |secs: i64| crate::clock::rfc3339((now + time::Duration::seconds(secs)).into());
-        let signed = |nb: &str, exp: Option<&str>, keys: &[&PathBuf]| Signing {
-            not_before: Some(nb.to_owned()),
-            expires_at: exp.map(str::to_owned),
-            signatures: keys
-                .iter()
-                .map(|k| sign(k, "r1", nb, exp).unwrap())
-                .collect(),
+        let signed = |nb: &str, exp: Option<&str>, keys: &[&PathBuf]| {
+            let mut s = Signing {
+                not_before: Some(nb.to_owned()),
+                expires_at: exp.map(str::to_owned),
+                ..Default::default()
+            };
+            s.signatures = keys.iter().map(|k| sign(k, "r1", &s).unwrap()).collect();
+            s
         };
         let nb = at(-10);
         let two = signed(&nb, None, &[&alice, &bob]);
@@ -353,6 +378,22 @@ mod tests {
         let mut moved = two.clone();
         moved.expires_at = Some(at(3600));
         assert!(say(ring.admit("r1", "r1", &moved, 1, None, now)).starts_with("0 valid"));
+        // Grants added to a bundle older than the one in force bring its rules back.
+        let mut grant = Signing {
+            not_before: Some(at(-5)),
+            adds_to: Some(at(-30)),
+            ..Default::default()
+        };
+        grant.signatures = vec![sign(&alice, "r1", &grant).unwrap()];
+        ring.admit("r1", "r1", &grant, 1, Some((&at(-30), "r0")), now)
+            .unwrap();
+        ring.admit("r1", "r1", &grant, 1, None, now).unwrap();
+        let e = say(ring.admit("r1", "r1", &grant, 1, Some((&at(-20), "r0")), now));
+        assert!(e.contains("its other rules would roll back"), "{e}");
+        // The base is signed: taken away (to pass as an ordinary bundle), nothing verifies.
+        let mut stripped = grant.clone();
+        stripped.adds_to = None;
+        assert!(say(ring.admit("r1", "r1", &stripped, 1, None, now)).starts_with("0 valid"));
         // Two names for one key would count it twice.
         let e = Keyring::load([("a".into(), alice_pub.clone()), ("b".into(), alice_pub)])
             .err()

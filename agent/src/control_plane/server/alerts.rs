@@ -63,6 +63,8 @@ pub struct Alert {
     pub evidence: Value,
     /// What makes it the same alert again (the webhook's fingerprint).
     pub key: String,
+    /// The baseline entry it noted as seen, taken back when it is held back.
+    noted: Option<(String, String)>,
 }
 
 impl Alert {
@@ -141,7 +143,8 @@ struct Followed {
     touched: i64,
 }
 
-/// Alerts of one kind from one node in the current minute (this replica's clock).
+/// Alerts of one kind in one minute: about one subject (by the records' minutes, never
+/// back) or from one node (by this replica's clock).
 #[derive(Clone, Copy, Default)]
 struct Limit {
     minute: i64,
@@ -233,6 +236,18 @@ impl PageBaseline {
             .push((subject.to_owned(), what.to_owned(), time.to_owned()));
         (new, since)
     }
+
+    /// Takes back [`PageBaseline::see`] of `what` just now: it is new again.
+    fn unsee(&mut self, subject: &str, what: &str) {
+        self.held.remove(&(subject.to_owned(), what.to_owned()));
+        if let Some(i) = self
+            .noted
+            .iter()
+            .rposition(|(s, w, _)| s == subject && w == what)
+        {
+            self.noted.remove(i);
+        }
+    }
 }
 
 /// The baseline entry `r` (a record of `node`) looks up, if any: (subject, what). An
@@ -267,7 +282,12 @@ pub struct Detector {
     followed: Undoable<(String, String), Followed>,
     /// Followed identities per node.
     per_node: HashMap<String, usize>,
-    limits: Undoable<(String, usize), Limit>,
+    /// Per (node, subject, kind): `per_minute` by the records' minutes, so a backlog sent
+    /// at once is judged as it happened and one noisy identity holds back only its own.
+    limits: Undoable<(String, String, usize), Limit>,
+    /// Per (node, kind): `node_per_minute` by this replica's clock, whatever the records
+    /// say of their times or identities.
+    ceilings: Undoable<(String, usize), Limit>,
     last_sweep: i64,
     /// Identities past [`MAX_FOLLOWED`] or [`MAX_FOLLOWED_PER_NODE`], not followed.
     pub left_out: u64,
@@ -284,6 +304,7 @@ impl Detector {
             followed: Undoable::new(),
             per_node: HashMap::new(),
             limits: Undoable::new(),
+            ceilings: Undoable::new(),
             last_sweep: 0,
             left_out: 0,
             left_out_before: 0,
@@ -301,6 +322,7 @@ impl Detector {
     pub fn commit(&mut self) {
         self.followed.commit();
         self.limits.commit();
+        self.ceilings.commit();
         self.left_out_before = self.left_out;
         self.held_back_before = self.held_back;
     }
@@ -309,6 +331,7 @@ impl Detector {
     pub fn rollback(&mut self) {
         self.followed.rollback();
         self.limits.rollback();
+        self.ceilings.rollback();
         self.left_out = self.left_out_before;
         self.held_back = self.held_back_before;
         self.per_node.clear();
@@ -340,15 +363,29 @@ impl Detector {
                 }
             }
         }
-        let old: Vec<(String, usize)> = self
+        // A subject's minute is its records': one held back an hour ago is told no more
+        // (the metric counted it).
+        let old: Vec<(String, String, usize)> = self
             .limits
+            .map
+            .iter()
+            .filter(|(_, l)| {
+                l.minute < now / 60 - 1 && (l.held_back == 0 || l.minute < now / 60 - 60)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &old {
+            self.limits.remove(k);
+        }
+        let old: Vec<(String, usize)> = self
+            .ceilings
             .map
             .iter()
             .filter(|(_, l)| l.minute < now / 60 - 1 && l.held_back == 0)
             .map(|(k, _)| k.clone())
             .collect();
         for k in &old {
-            self.limits.remove(k);
+            self.ceilings.remove(k);
         }
     }
 
@@ -368,13 +405,32 @@ impl Detector {
         Some(f)
     }
 
-    /// Whether an alert of `kind` from `node` is raised now (at most `per_minute` a minute
-    /// of each), and how many were held back before it.
-    fn allowed(&mut self, node: &str, kind: usize, now: i64) -> Option<u64> {
-        let per_minute = self.cfg.per_minute;
-        let l = self.limits.modify(&(node.to_owned(), kind), Limit::default);
-        if l.minute != now / 60 {
-            l.minute = now / 60;
+    /// Whether `a` (from `node`, dated `t`) is raised: at most `per_minute` a minute of
+    /// its kind about its subject, and `node_per_minute` a minute of this replica's clock
+    /// of its kind from its node. How many were held back before it (of its subject, of its
+    /// node) when it is.
+    fn allowed(&mut self, node: &str, a: &Alert, t: i64, now: i64) -> Option<(u64, u64)> {
+        let (per_minute, per_node) = (self.cfg.per_minute, self.cfg.node_per_minute);
+        let c = self
+            .ceilings
+            .modify(&(node.to_owned(), a.kind), Limit::default);
+        if c.minute != now / 60 {
+            c.minute = now / 60;
+            c.raised = 0;
+        }
+        if c.raised >= per_node {
+            c.held_back += 1;
+            self.held_back += 1;
+            return None;
+        }
+        let l = self.limits.modify(
+            &(node.to_owned(), a.subject.clone(), a.kind),
+            Limit::default,
+        );
+        // Records older than the minute counted count in it: going back would start the
+        // count again.
+        if t / 60 > l.minute {
+            l.minute = t / 60;
             l.raised = 0;
         }
         if l.raised >= per_minute {
@@ -383,7 +439,12 @@ impl Detector {
             return None;
         }
         l.raised += 1;
-        Some(std::mem::take(&mut l.held_back))
+        let subject = std::mem::take(&mut l.held_back);
+        let c = self
+            .ceilings
+            .modify(&(node.to_owned(), a.kind), Limit::default);
+        c.raised += 1;
+        Some((subject, std::mem::take(&mut c.held_back)))
     }
 
     /// The alerts `r` (a record of `node`) raises, at `now` (this replica's clock, Unix
@@ -397,12 +458,25 @@ impl Detector {
     ) -> Vec<Alert> {
         self.sweep(now);
         let mut out = self.rules(node, r, now, baseline);
-        out.retain_mut(|a| match self.allowed(node, a.kind, now) {
-            None => false,
-            Some(0) => true,
-            Some(n) => {
-                a.evidence["held_back_before"] = json!(n);
-                true
+        out.retain_mut(|a| {
+            let t = crate::clock::parse_rfc3339(&a.time).map_or(now, |t| t.unix_timestamp());
+            match self.allowed(node, a, t, now) {
+                None => {
+                    // Not noted as seen: the destination or group alerts when next seen.
+                    if let Some((subject, what)) = &a.noted {
+                        baseline.unsee(subject, what);
+                    }
+                    false
+                }
+                Some((subject, of_node)) => {
+                    if subject > 0 {
+                        a.evidence["held_back_before"] = json!(subject);
+                    }
+                    if of_node > 0 {
+                        a.evidence["node_held_back_before"] = json!(of_node);
+                    }
+                    true
+                }
             }
         });
         out
@@ -438,6 +512,7 @@ impl Detector {
                 summary,
                 evidence,
                 key,
+                noted: None,
             };
         let cfg = self.cfg.clone();
         match (kind.as_str(), identity.as_deref()) {
@@ -482,6 +557,9 @@ impl Detector {
                                 }),
                                 format!("new_destination|{node}|{id}|{dest}"),
                             ));
+                            if let Some(a) = out.last_mut() {
+                                a.noted = Some((subject.clone(), what.clone()));
+                            }
                         }
                     }
                 }
@@ -549,6 +627,9 @@ impl Detector {
                             }),
                             format!("new_shadow_ai|{node}|{group}"),
                         ));
+                        if let Some(a) = out.last_mut() {
+                            a.noted = Some((subject.clone(), what.clone()));
+                        }
                     }
                 }
             }
@@ -1071,25 +1152,96 @@ mod tests {
         assert_eq!(feed(&mut d, "n1", &burst, later), [1]);
     }
 
+    /// A record of `id` reaching `dest` at `t`.
+    fn reached(id: &str, t: i64, dest: &str) -> String {
+        json!({"time": at(t), "verdict": "allow", "identity": id, "dest": dest}).to_string()
+    }
+
     #[test]
-    fn one_node_raises_at_most_per_minute_of_a_kind_and_the_next_tells_how_many_were_held() {
+    fn each_identity_raises_at_most_per_minute_of_a_kind_by_its_records_minutes() {
+        let cfg = Alerts {
+            learning_hours: 0.0,
+            per_minute: 3,
+            ..Alerts::default()
+        };
+        let mut d = Detector::new(cfg.clone());
+        let (noisy, quiet) = ("spiffe://example.org/noisy", "spiffe://example.org/quiet");
+        // Ten new destinations of one identity in one minute: 3 raised, 7 held back ...
+        let many: Vec<String> = (0..10)
+            .map(|i| reached(noisy, NOW + i, &format!("203.0.113.{i}")))
+            .collect();
+        assert_eq!(feed(&mut d, "n1", &many, NOW + 10).len(), 3);
+        assert_eq!(d.held_back, 7);
+        // ... which holds back neither a neighbour nor another node.
+        let other = reached(quiet, NOW + 10, "203.0.113.1");
+        assert_eq!(feed(&mut d, "n1", &[other], NOW + 10).len(), 1);
+        assert_eq!(feed(&mut d, "n2", &many[..1], NOW + 10).len(), 1);
+        // The next one of it, a minute later by its records, tells how many were held.
+        let next = reached(noisy, NOW + 70, "203.0.113.100");
+        let r = crate::audit::RecordView::parse(&next).unwrap();
+        let a = d.observe("n1", &r, NOW + 70, &mut PageBaseline::default());
+        assert_eq!(a[0].evidence["held_back_before"], 7);
+        // A backlog of an hour sent at once is judged by the minutes it happened in: three
+        // a minute of it, not three in all.
+        let mut d = Detector::new(cfg);
+        let hour: Vec<String> = (0..60)
+            .flat_map(|m| {
+                (0..5).map(move |i| reached(noisy, NOW + m * 60 + i, &format!("10.{m}.0.{i}")))
+            })
+            .collect();
+        assert_eq!(feed(&mut d, "n1", &hour, NOW + 3600).len(), 180);
+        // Records dated back in an earlier minute count in the latest: no new allowance.
+        let back: Vec<String> = (0..5)
+            .map(|i| reached(noisy, NOW + i, &format!("198.51.100.{i}")))
+            .collect();
+        assert_eq!(feed(&mut d, "n1", &back, NOW + 3600).len(), 0);
+    }
+
+    #[test]
+    fn one_node_raises_at_most_node_per_minute_of_a_kind_whatever_its_records_say() {
         let mut d = Detector::new(Alerts {
             denials: 1,
             per_minute: 3,
+            node_per_minute: 5,
             ..Alerts::default()
         });
-        let many: Vec<String> = (0..10)
-            .map(|i| denial(&format!("spiffe://example.org/a{i}"), NOW))
+        // Made-up identities and times: at most 5 a minute of the control plane's clock.
+        let made_up: Vec<String> = (0..50)
+            .map(|i| denial(&format!("spiffe://example.org/a{i}"), NOW - i * 600))
             .collect();
-        assert_eq!(feed(&mut d, "n1", &many, NOW).len(), 3);
-        assert_eq!(d.held_back, 7);
-        // Another node is not held back by it.
-        assert_eq!(feed(&mut d, "n2", &many[..1], NOW).len(), 1);
-        let mut b = PageBaseline::default();
+        assert_eq!(feed(&mut d, "n1", &made_up, NOW).len(), 5);
+        assert_eq!(d.held_back, 45);
+        assert_eq!(feed(&mut d, "n2", &made_up[..1], NOW).len(), 1);
         let next = denial("spiffe://example.org/b", NOW + 60);
         let r = crate::audit::RecordView::parse(&next).unwrap();
-        let a = d.observe("n1", &r, NOW + 60, &mut b);
-        assert_eq!(a[0].evidence["held_back_before"], 7);
+        let a = d.observe("n1", &r, NOW + 60, &mut PageBaseline::default());
+        assert_eq!(a[0].evidence["node_held_back_before"], 45);
+    }
+
+    #[test]
+    fn a_new_destination_held_back_alerts_when_next_reached() {
+        let id = "spiffe://example.org/a";
+        let allow = |t: i64, dest: &str| reached(id, t, dest);
+        let mut d = Detector::new(Alerts {
+            learning_hours: 0.0,
+            per_minute: 1,
+            ..Alerts::default()
+        });
+        let mut b = PageBaseline::default();
+        let mut see = |t: i64, dest: &str, b: &mut PageBaseline| {
+            let text = allow(t, dest);
+            let r = crate::audit::RecordView::parse(&text).unwrap();
+            d.observe("n1", &r, t, b).len()
+        };
+        assert_eq!(see(NOW, "203.0.113.1", &mut b), 1);
+        assert_eq!(see(NOW + 1, "203.0.113.2", &mut b), 0);
+        assert!(
+            !b.noted.iter().any(|(_, w, _)| w.ends_with("203.0.113.2")),
+            "{:?}",
+            b.noted
+        );
+        assert_eq!(see(NOW + 61, "203.0.113.2", &mut b), 1);
+        assert_eq!(see(NOW + 62, "203.0.113.2", &mut b), 0);
     }
 
     #[test]
