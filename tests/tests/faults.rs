@@ -360,6 +360,18 @@ fn a_full_binding_table_refuses_new_agents_and_keeps_the_bound_ones() {
     assert_eq!(second.cmd("connect tcp 203.0.113.5 443"), "err EPERM");
 }
 
+/// The files of a policy directory, by path.
+fn policy_files(dir: &Path) -> std::collections::BTreeMap<std::path::PathBuf, String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            let text = std::fs::read_to_string(&p).unwrap();
+            (p, text)
+        })
+        .collect()
+}
+
 #[test]
 fn a_bundle_the_kernel_refuses_leaves_the_policy_files_in_force_for_a_restart() {
     use agentwall_tests::cp::{CpFixture, CpProc, node_args, push};
@@ -384,13 +396,7 @@ fn a_bundle_the_kernel_refuses_leaves_the_policy_files_in_force_for_a_restart() 
         s["control_plane"]["applied_version"] == 1
     });
     assert_eq!(s["revision"], revision.as_str());
-    let in_force = std::fs::read_dir(dir.join("policy"))
-        .unwrap()
-        .map(|e| {
-            let p = e.unwrap().path();
-            (p.clone(), std::fs::read_to_string(p).unwrap())
-        })
-        .collect::<std::collections::BTreeMap<_, _>>();
+    let in_force = policy_files(&dir.join("policy"));
 
     let hosts: Vec<String> = (1..=2_000u32)
         .map(|i| format!("2001:db8::{:x}", i))
@@ -409,14 +415,7 @@ fn a_bundle_the_kernel_refuses_leaves_the_policy_files_in_force_for_a_restart() 
     assert!(why.contains("filling the trie of identity "), "{why}");
     assert_eq!(s["revision"], revision.as_str());
     // The directory a restart enforces is the one in force, not the one refused.
-    let now = std::fs::read_dir(dir.join("policy"))
-        .unwrap()
-        .map(|e| {
-            let p = e.unwrap().path();
-            (p.clone(), std::fs::read_to_string(p).unwrap())
-        })
-        .collect::<std::collections::BTreeMap<_, _>>();
-    assert_eq!(now, in_force);
+    assert_eq!(policy_files(&dir.join("policy")), in_force);
     node.stop();
     drop(server);
     let node = NodeProc::start(&env, dir);

@@ -970,26 +970,21 @@ impl Server {
                 "the bundle expired at {exp}: push it again"
             )));
         }
-        let newest = self.published.read().expect("published").not_before.clone();
-        if let (Some(nb), Some(newest)) = (&signing.not_before, newest)
-            && let (Ok(a), Ok(b)) = (
-                crate::clock::parse_rfc3339(nb),
-                crate::clock::parse_rfc3339(&newest),
+        let Some(newest) = self.published.read().expect("published").not_before.clone() else {
+            return Ok(());
+        };
+        let before_newest = |t: &str| {
+            matches!(
+                (crate::clock::parse_rfc3339(t), crate::clock::parse_rfc3339(&newest)),
+                (Ok(a), Ok(b)) if a < b
             )
-            && a < b
-        {
+        };
+        if let Some(nb) = signing.not_before.as_deref().filter(|t| before_newest(t)) {
             return Err(conflict(format!(
                 "the bundle is dated {nb}, before the bundle in force ({newest}): nodes would refuse it as a rollback; push it again"
             )));
         }
-        let newest = self.published.read().expect("published").not_before.clone();
-        if let (Some(base), Some(newest)) = (&signing.adds_to, newest)
-            && let (Ok(a), Ok(b)) = (
-                crate::clock::parse_rfc3339(base),
-                crate::clock::parse_rfc3339(&newest),
-            )
-            && a < b
-        {
+        if let Some(base) = signing.adds_to.as_deref().filter(|t| before_newest(t)) {
             return Err(conflict(format!(
                 "the bundle adds grants to one dated {base}, before the bundle in force ({newest}): nodes would refuse it; grant again"
             )));
