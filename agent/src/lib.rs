@@ -28,20 +28,23 @@ pub fn crash_here(name: &str) -> ! {
     unreachable!("SIGKILL is not caught")
 }
 
-/// Arms the failpoints `AGENTWALL_FAILPOINTS` names (`NAME=ACTIONS;...`, fail's syntax:
-/// `spool-after-write=return` crashes at the first pass, `=2*off->return` at the third). The
-/// node calls it once it is ready, so passes are counted from there. Nothing without the
-/// `failpoints` feature.
-pub fn arm_failpoints() {
+/// Arms the failpoints the environment variable `var` names (`NAME=ACTIONS;...`, fail's
+/// syntax: `spool-after-write=return` crashes at the first pass, `=2*off->return` at the
+/// third). The node arms `AGENTWALL_FAILPOINTS_AT_START` as it starts (the first apply
+/// meets them) and `AGENTWALL_FAILPOINTS` once it is ready, so their passes are counted
+/// from there. Nothing without the `failpoints` feature.
+pub fn arm_failpoints(var: &str) {
     #[cfg(feature = "failpoints")]
-    if let Ok(spec) = std::env::var("AGENTWALL_FAILPOINTS") {
+    if let Ok(spec) = std::env::var(var) {
         for point in spec.split(';').filter(|p| !p.is_empty()) {
             let (name, actions) = point.split_once('=').unwrap_or((point, "return"));
             if let Err(e) = fail::cfg(name, actions) {
-                panic!("AGENTWALL_FAILPOINTS {point:?}: {e}");
+                panic!("{var} {point:?}: {e}");
             }
         }
     }
+    #[cfg(not(feature = "failpoints"))]
+    let _ = var;
 }
 
 pub mod api;

@@ -382,21 +382,20 @@ fn a_bundle_the_kernel_refuses_leaves_the_policy_files_in_force_for_a_restart() 
     let flags = fx.node_flags(&server.url);
     // Every trie the node fills holds at most 1,000 entries: the kernel refuses more part
     // way through, as it would on ENOMEM.
-    let node = NodeProc::start_env(
-        &env,
-        dir,
-        &node_args(&flags, &[]),
-        &[(
-            "AGENTWALL_FAILPOINTS",
-            Path::new("trie-capacity=return(1000)"),
-        )],
-    );
+    let small_tries = [(
+        "AGENTWALL_FAILPOINTS",
+        Path::new("trie-capacity=return(1000)"),
+    )];
+    let node = NodeProc::start_env(&env, dir, &node_args(&flags, &[]), &small_tries);
     let revision = push(&fx, &server.url, "v1", POLICY);
     let s = agentwall_tests::node::wait_status(&node.socket, "version 1 applied", |s| {
         s["control_plane"]["applied_version"] == 1
     });
     assert_eq!(s["revision"], revision.as_str());
-    let in_force = policy_files(&dir.join("policy"));
+    // Where the node keeps the bundles it takes, which a restart enforces.
+    let bundles = dir.join("state/control-plane/policy");
+    let in_force = policy_files(&bundles);
+    assert_eq!(in_force.len(), 1, "{in_force:?}");
 
     let hosts: Vec<String> = (1..=2_000u32)
         .map(|i| format!("2001:db8::{:x}", i))
@@ -415,13 +414,38 @@ fn a_bundle_the_kernel_refuses_leaves_the_policy_files_in_force_for_a_restart() 
     assert!(why.contains("filling the trie of identity "), "{why}");
     assert_eq!(s["revision"], revision.as_str());
     // The directory a restart enforces is the one in force, not the one refused.
-    assert_eq!(policy_files(&dir.join("policy")), in_force);
+    assert_eq!(policy_files(&bundles), in_force);
     node.stop();
     drop(server);
-    let node = NodeProc::start(&env, dir);
+    // Restarted with its control plane away: it enforces what it kept.
+    let node = NodeProc::start_env(&env, dir, &node_args(&flags, &[]), &[]);
     let s = agentwall_tests::node::status_json(&node.socket);
     assert_eq!(s["revision"], revision.as_str());
     let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
     let mut probe = launch_probe(&node.socket, &cert, &key);
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    drop(probe);
+    node.stop();
+
+    // Had the files in force not been put back (the disk failing at that moment), the
+    // directory would hold the refused bundle: a restart the kernel refuses it on starts on
+    // the last revision it took, says why, and does not try the refused one again.
+    std::fs::write(in_force.keys().next().unwrap(), &big).unwrap();
+    let at_start = [(
+        "AGENTWALL_FAILPOINTS_AT_START",
+        Path::new("trie-capacity=return(1000)"),
+    )];
+    let node = NodeProc::start_env(&env, dir, &node_args(&flags, &[]), &at_start);
+    let s = agentwall_tests::node::status_json(&node.socket);
+    assert_eq!(s["revision"], revision.as_str(), "{s}");
+    let why = s["policy_error"].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("revision ")
+            && why.contains(" refused: ")
+            && why.contains("filling the trie of identity "),
+        "{s}"
+    );
+    let mut probe = launch_probe(&node.socket, &cert, &key);
+    assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    assert_eq!(probe.cmd("connect tcp 2001:db8::1 443"), "err EPERM");
 }

@@ -3,6 +3,11 @@
 //! it applied nor one past its expiry, whatever the control plane serves; the control plane
 //! holds a push short of its approvals as a proposal until others approve it.
 
+use agentwall::control_plane::{
+    BundleFile,
+    signing::{Signing, sign},
+    store::{SqliteStore, Store as _},
+};
 use agentwall_tests::{
     cp::{CpFixture, CpProc, POLICY_B, admin_creds, cp, node_args},
     node::{
@@ -321,6 +326,62 @@ fn a_node_applies_only_what_its_signers_signed_and_never_an_older_or_expired_bun
     let v: u64 = out.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!(v < top, "{out}");
     applied(&node, v);
+
+    // A grant written by hand to last a month, signed by both: the control plane refuses it
+    // (temporary access is not a standing rule)...
+    let month = agentwall::clock::rfc3339(
+        std::time::SystemTime::now() + std::time::Duration::from_secs(30 * 24 * 3600),
+    );
+    let long = format!(
+        "kind: Grant\nname: grant-1\nidentity: {SUPPORT_ID}\nreason: r\nuntil: {month}\negress:\n  - to: [198.51.100.10]\n"
+    );
+    let v9 = dir_of(&fx, "v9", SUPPORT_POLICY);
+    std::fs::write(fx.dir.join("v9/grant-1.yaml"), &long).unwrap();
+    let (ok, out, err) = policy(
+        &fx,
+        &url,
+        &["push", &v9, "--sign-key", alice, "--sign-key", bob],
+    );
+    assert!(
+        !ok && err.contains(&format!(
+            "grant-1.yaml:1:1: grant \"grant-1\" lasts until {month}, more than 7 days"
+        )),
+        "{out}{err}"
+    );
+    // ...and when whoever holds its database publishes it anyway, the node measures the
+    // grant from the time its signers signed, and refuses it too.
+    drop(_server);
+    let files: Vec<BundleFile> = [("agents.yaml", SUPPORT_POLICY), ("grant-1.yaml", &long)]
+        .into_iter()
+        .map(|(name, text)| BundleFile {
+            name: name.into(),
+            text: text.to_owned(),
+        })
+        .collect();
+    let set = agentwall::control_plane::validate(&files).unwrap();
+    let mut signing = Signing {
+        not_before: Some(agentwall::clock::now_rfc3339()),
+        ..Default::default()
+    };
+    for key in [alice, bob] {
+        let s = sign(std::path::Path::new(key), &set.digest, &signing).unwrap();
+        signing.signatures.push(s);
+    }
+    let store = SqliteStore::open(&fx.dir.join("db/cp.db"), Default::default()).unwrap();
+    let pushed = store
+        .push_policy(&set.revision, &files, "db holder", 0, None, &signing)
+        .unwrap();
+    drop(store);
+    let _server = CpProc::start(&fx, Some(addr));
+    let why = refused(&node, &format!("version {}:", pushed.version));
+    assert!(
+        why.contains("grant \"grant-1\" lasts until ") && why.contains("more than 7 days"),
+        "{why}"
+    );
+    assert_eq!(
+        status_json(&node.socket)["control_plane"]["applied_version"],
+        v
+    );
 }
 
 /// `agentwall cp grant` as the admin, for the support agent: (success, stdout, stderr).

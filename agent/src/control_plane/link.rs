@@ -559,6 +559,20 @@ impl Link {
                     }
                     Err(e) => return Err(BundleRefused::Signing(e)),
                 }
+                // Grants last as long as the signers' own time says they may: a control
+                // plane cannot stretch one, and a signer's slip does not become a standing
+                // rule.
+                let signed_at = signing
+                    .not_before
+                    .as_deref()
+                    .and_then(|t| crate::clock::parse_rfc3339(t).ok())
+                    .unwrap_or(now);
+                if let Some((_, e)) = crate::policy::grant::ending_too_late(&set, signed_at)
+                    .into_iter()
+                    .next()
+                {
+                    return Err(BundleRefused::Grant(e));
+                }
             }
             if let Some((next, path)) = floor {
                 next.write(&path)
@@ -817,6 +831,8 @@ enum BundleRefused {
     Signing(super::signing::SigningError),
     #[error("too few signatures for a bundle, and not one for break-glass: {0}")]
     NotBreakGlass(crate::policy::grant::BreakGlassError),
+    #[error("{0}")]
+    Grant(crate::policy::grant::GrantError),
     #[error("keeping its signed not_before (the rollback floor) in {path}: {source}")]
     Floor {
         path: PathBuf,

@@ -803,6 +803,23 @@ pub fn unowned(set: &crate::policy::source::PolicySet) -> Vec<WireError> {
         .collect()
 }
 
+/// The grants of `set` that end later than a grant made `now` may
+/// ([`crate::policy::grant::ending_too_late`]), where each is.
+pub fn grants_ending_too_late(
+    set: &crate::policy::source::PolicySet,
+    now: time::OffsetDateTime,
+) -> Vec<WireError> {
+    crate::policy::grant::ending_too_late(set, now)
+        .into_iter()
+        .map(|(g, e)| WireError {
+            file: g.origin.file.display().to_string(),
+            line: g.origin.line,
+            column: 1,
+            message: e.to_string(),
+        })
+        .collect()
+}
+
 impl std::fmt::Display for WireError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.line == 0 {

@@ -1743,16 +1743,18 @@ async fn put_policy(
     let require_owner = s.require_owner.load(Ordering::Relaxed);
     let (files, checked) = tokio::task::spawn_blocking(move || {
         let r = super::validate(&files).and_then(|set| {
-            let unowned = if require_owner {
+            let mut bad = if require_owner {
                 super::unowned(&set)
             } else {
                 Vec::new()
             };
-            if unowned.is_empty() {
-                Ok(set)
-            } else {
-                Err(unowned)
-            }
+            // A grant is checked against this clock here, and against the signed
+            // not_before at the nodes: one lasting a year would be a standing rule.
+            bad.extend(super::grants_ending_too_late(
+                &set,
+                time::OffsetDateTime::now_utc(),
+            ));
+            if bad.is_empty() { Ok(set) } else { Err(bad) }
         });
         (files, r)
     })

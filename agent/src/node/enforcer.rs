@@ -268,10 +268,34 @@ impl Enforcer {
     pub fn start(&self, initial: Initial, deps: &Deps<'_>) -> Result<(), EnforcerError> {
         let mut st = lock(&self.state);
         st.stamp = Some(initial.stamp);
-        self.apply_locked(&mut st, initial.policy, deps)?;
+        let revision = initial.policy.revision.clone();
+        let mut error = initial.error;
+        if let Err(e) = self.apply_locked(&mut st, initial.policy, deps) {
+            // Files the kernel refuses (a bundle refused while its predecessor's files could
+            // not be put back, a capacity lowered): the last revision it took, not no node.
+            match load_dir(&self.last_good) {
+                Ok(good) if good.revision != revision => {
+                    error!(error = %e, refused = %revision, revision = %good.revision,
+                        "the policy directory's policy was refused; starting on the last good revision");
+                    let why = format!("revision {revision} refused: {e}");
+                    let good_revision = good.revision.clone();
+                    self.apply_locked(&mut st, good, deps)?;
+                    deps.journal
+                        .record(&AuditEvent::Policy(PolicyEvent::Rejected {
+                            revision: Some(revision.clone()),
+                            errors: e.to_string(),
+                            revision_in_force: good_revision,
+                        }));
+                    deps.counters.add(|c| c.policy_rejections += 1);
+                    st.refused = Some(revision);
+                    error = Some(why);
+                }
+                _ => return Err(e),
+            }
+        }
         drop(st);
         release_free_memory();
-        self.set_last_error(initial.error);
+        self.set_last_error(error);
         Ok(())
     }
 

@@ -248,6 +248,7 @@ impl Node {
     /// to start, unless a last good copy is kept.
     pub fn start(cfg: NodeConfig) -> Result<Arc<Self>, NodeError> {
         cfg.check()?;
+        crate::arm_failpoints("AGENTWALL_FAILPOINTS_AT_START");
         let _ = raise_fd_limit();
         let dir = cfg.policy_dir();
         let state_dir = cfg.state_dir();
@@ -935,7 +936,7 @@ impl Node {
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
             .map_err(NodeError::Signal)?;
         ready(&socket, &revision);
-        crate::arm_failpoints();
+        crate::arm_failpoints("AGENTWALL_FAILPOINTS");
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // One tick at a time, never awaited here: a long apply inside a tick does not keep

@@ -13,6 +13,9 @@ pub const MAX_GRANT: std::time::Duration = std::time::Duration::from_secs(7 * 24
 /// short, and reviewed afterwards.
 pub const MAX_BREAK_GLASS: std::time::Duration = std::time::Duration::from_secs(4 * 3600);
 
+/// Clock skew allowed between whoever made a grant and whoever checks its length.
+pub const SKEW: time::Duration = time::Duration::seconds(300);
+
 #[derive(Debug, thiserror::Error)]
 pub enum GrantError {
     #[error("a grant lasts more than 0 s and at most 7 days ({0} s asked)")]
@@ -21,6 +24,41 @@ pub enum GrantError {
     BreakGlassLength(u64),
     #[error("a grant needs at least one destination (--to)")]
     NoDestination,
+    #[error(
+        "grant {name:?} lasts until {until}, more than {most} (and 5 minutes of clock skew) after {from}: temporary access is not a standing rule"
+    )]
+    EndsTooLate {
+        name: String,
+        until: String,
+        from: String,
+        most: &'static str,
+    },
+}
+
+/// The grants of `set` that end later than a grant made at `from` may: more than
+/// [`MAX_GRANT`] after it (a break-glass grant, [`MAX_BREAK_GLASS`]), plus [`SKEW`]. A grant
+/// carried on from an older bundle ended no later than that bundle's time plus its length,
+/// so it passes in every later bundle too.
+pub fn ending_too_late(set: &PolicySet, from: time::OffsetDateTime) -> Vec<(&Grant, GrantError)> {
+    set.grants
+        .iter()
+        .filter_map(|g| {
+            let (most, words) = if g.break_glass {
+                (MAX_BREAK_GLASS, "4 hours")
+            } else {
+                (MAX_GRANT, "7 days")
+            };
+            (g.until > from + most + SKEW).then(|| {
+                let error = GrantError::EndsTooLate {
+                    name: g.name.clone(),
+                    until: crate::clock::rfc3339(g.until.into()),
+                    from: crate::clock::rfc3339(from.into()),
+                    most: words,
+                };
+                (g, error)
+            })
+        })
+        .collect()
 }
 
 /// What an admin asks for.
@@ -134,7 +172,7 @@ pub fn break_glass_addition(
             return Err(BreakGlassError::Changed(name.clone()));
         }
     }
-    let latest = now + MAX_BREAK_GLASS + time::Duration::seconds(300);
+    let latest = now + MAX_BREAK_GLASS + SKEW;
     let mut added = Vec::new();
     for name in after_files.keys() {
         if before.iter().any(|(n, _)| n == name) {
@@ -349,5 +387,41 @@ mod tests {
             };
             assert!(grant_file(&r, now).is_err());
         }
+    }
+
+    #[test]
+    fn a_grant_ends_within_its_length_of_when_it_was_made() {
+        let policy = "kind: AgentPolicy\nname: a\nidentity: spiffe://example.org/a\n";
+        let grant = |until: &str, glass: bool| {
+            format!(
+                "kind: Grant\nname: g\nidentity: spiffe://example.org/a\nreason: r\nuntil: {until}\nbreak_glass: {glass}\negress:\n  - to: [198.51.100.7]\n"
+            )
+        };
+        let made = time::macros::datetime!(2027-01-15 08:00 UTC);
+        let late = |until: &str, glass: bool| -> Vec<String> {
+            let set = super::super::source::parse_sources(vec![
+                ("a.yaml".into(), policy.into()),
+                ("grant-1.yaml".into(), grant(until, glass)),
+            ])
+            .unwrap();
+            ending_too_late(&set, made)
+                .into_iter()
+                .map(|(_, e)| e.to_string())
+                .collect()
+        };
+        // Seven days and the skew pass; a minute more is a standing rule.
+        assert!(late("2027-01-22T08:05:00Z", false).is_empty());
+        assert_eq!(
+            late("2027-01-22T08:06:00Z", false),
+            [
+                "grant \"g\" lasts until 2027-01-22T08:06:00.000Z, more than 7 days (and 5 minutes of clock skew) after 2027-01-15T08:00:00.000Z: temporary access is not a standing rule"
+            ]
+        );
+        // Break-glass: four hours.
+        assert!(late("2027-01-15T12:05:00Z", true).is_empty());
+        assert!(late("2027-01-15T12:06:00Z", true)[0].contains("more than 4 hours"));
+        // Spelled in another offset, the same instant.
+        assert!(late("2027-01-22T10:05:00+02:00", false).is_empty());
+        assert_eq!(late("2027-01-22T10:06:00+02:00", false).len(), 1);
     }
 }
