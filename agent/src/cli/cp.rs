@@ -975,7 +975,12 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                         v.rules.join("; ")
                     );
                     say!(
-                        "  pushed in version {} at {} by {}; signed by {}",
+                        "  {} {} at {} by {}; signed by {}",
+                        if g.held_before {
+                            "pushed in that version or one older than those reviewed; held by version"
+                        } else {
+                            "pushed in version"
+                        },
                         g.version,
                         g.pushed_at,
                         g.pushed_by,

@@ -177,6 +177,10 @@ pub struct GrantReview {
     pub grant: crate::policy::grant::GrantView,
     /// The bundle version that first held it, and who pushed that.
     pub version: u64,
+    /// `version` is the oldest of the versions reviewed and more are stored: the grant may
+    /// have come in an older one, pushed and signed by others.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held_before: bool,
     pub pushed_at: String,
     pub pushed_by: String,
     /// Who signed that version (the signers' names).

@@ -329,8 +329,11 @@ fn grants(
     use crate::control_plane::{GrantFlow, GrantReview};
     let now = time::OffsetDateTime::now_utc();
     let mut versions = store.policy_versions()?;
+    let cut = versions.len() > crate::control_plane::REVIEW_VERSIONS;
     versions.truncate(crate::control_plane::REVIEW_VERSIONS);
     let read = versions.len() as u64;
+    // Newest first: the oldest read, whose grants may have come in a version not read.
+    let oldest = versions.last().map(|v| v.version).filter(|_| cut);
     // Oldest first: a grant is told with the version that first held it.
     let mut found: Vec<GrantReview> = Vec::new();
     // Each distinct grant (a file may hold several, and a later version may rewrite one):
@@ -369,6 +372,7 @@ fn grants(
             found.push(GrantReview {
                 grant: view,
                 version: bundle.version,
+                held_before: oldest == Some(bundle.version),
                 pushed_at: bundle.pushed_at.clone(),
                 pushed_by: bundle.pushed_by.clone(),
                 signed_by: bundle
@@ -847,5 +851,31 @@ mod tests {
         let g2 = &r.grants[1];
         assert_eq!(g2.allowed, 1);
         assert_eq!(g2.flows[0].dest, "203.0.113.5");
+        assert!(r.grants.iter().all(|g| !g.held_before));
+
+        // More versions than a review reads: a grant held by the oldest one read is not
+        // credited to that version's pusher as if it came there.
+        let v = |n: usize| {
+            let mut files = base();
+            files.push(("c.yaml", format!("{}owner: c{n}@example.org\n", policy("c"))));
+            files
+        };
+        for n in 0..crate::control_plane::REVIEW_VERSIONS {
+            let mut files = v(n);
+            files.push(("grant-1.yaml", grant("g1", "a", "0.0.0.0/0")));
+            if n == crate::control_plane::REVIEW_VERSIONS - 1 {
+                files.push(("grant-2.yaml", grant("g3", "b", "192.0.2.1")));
+            }
+            push(files);
+        }
+        let r = grants(&store, None).unwrap();
+        assert_eq!(r.versions, crate::control_plane::REVIEW_VERSIONS as u64);
+        let told: Vec<(&str, u64, bool)> = r
+            .grants
+            .iter()
+            .map(|g| (g.grant.name.as_str(), g.version, g.held_before))
+            .collect();
+        let top = 2 + crate::control_plane::REVIEW_VERSIONS as u64;
+        assert_eq!(told, [("g3", top, false), ("g1", 3, true)]);
     }
 }
