@@ -499,9 +499,20 @@ function decisionsChart(buckets, bucketSecs) {
 async function identitiesPage(params) {
   const q = new URLSearchParams();
   if (params.get("since")) q.set("since", params.get("since"));
+  if (params.get("after")) q.set("after", params.get("after"));
   const r = await api("GET", `/v1/identities${q.toString() ? `?${q}` : ""}`);
   const chosen = params.get("id");
-  const one = chosen && r.identities.find((i) => i.identity === chosen);
+  // One identity's detail: from this page, or asked for alone (a link to it, another page).
+  let one = chosen && r.identities.find((i) => i.identity === chosen);
+  let oneBuckets = r.bucket_secs;
+  if (chosen && !one) {
+    const alone = new URLSearchParams();
+    if (params.get("since")) alone.set("since", params.get("since"));
+    alone.set("identity", chosen);
+    const a = await api("GET", `/v1/identities?${alone}`);
+    one = a.identities[0];
+    oneBuckets = a.bucket_secs;
+  }
   const form = el("form", { class: "filters", id: "identity-filters" },
     el("label", {}, "since", el("input", { name: "since", value: params.get("since") || "", placeholder: "RFC 3339" })),
     el("button", { type: "submit" }, "Show"));
@@ -512,6 +523,21 @@ async function identitiesPage(params) {
     if (chosen) next.set("id", chosen);
     location.hash = `#/identities?${next}`;
   });
+  const pager = el("div", { class: "pager", id: "identities-pager" },
+    `${r.identities.length} identit${r.identities.length === 1 ? "y" : "ies"} on this page`,
+    r.identities_left_out ? `; ${r.identities_left_out} record(s) of identities on later pages` : "");
+  if (r.next_after) {
+    const more = new URLSearchParams(params);
+    more.set("after", r.next_after);
+    more.delete("id");
+    pager.append(el("a", { href: `#/identities?${more}`, id: "identities-next" }, "Next page"));
+  }
+  if (params.get("after")) {
+    const first = new URLSearchParams(params);
+    first.delete("after");
+    first.delete("id");
+    pager.append(el("a", { href: `#/identities?${first}` }, "First page"));
+  }
   const open = (id) => {
     const next = new URLSearchParams(params);
     next.set("id", id);
@@ -538,7 +564,7 @@ async function identitiesPage(params) {
       el("p", { id: "identity-sessions" }, one.sessions.length
         ? `Live sessions (as each node last said): ${one.sessions.map((s) => `${s.sessions} on ${s.node}`).join(", ")}.`
         : "No live session on any node (as each node last said)."),
-      decisionsChart(one.buckets, r.bucket_secs),
+      decisionsChart(one.buckets, oneBuckets),
       el("h3", {}, "Top destinations"),
       table(["Destination", "Port", "Protocol", "Allowed", "Audit", "Denied"],
         one.top_destinations.map((d) => [d.dest, String(d.port), d.protocol, String(d.allow), String(d.audit), String(d.deny)]),
@@ -548,7 +574,7 @@ async function identitiesPage(params) {
         one.rules.map((x) => [String(x.rule_id), x.place, x.from, x.hits ? String(x.hits) : tag("unused", "drift")]),
         { id: "rules" }));
   }
-  page("Identities", form, list,
+  page("Identities", form, list, pager,
     r.truncated ? el("p", { class: "muted" }, `Only the first ${r.records} records were read: narrow it with a time.`) : null,
     ...detail);
 }

@@ -147,6 +147,16 @@ try {
     check((await page.locator("#rules").textContent()).includes("unused") === want.rules.some((r) => r.hits === 0),
       "unused rules are marked");
     await page.screenshot({ path: `${shots}/identities.png`, fullPage: true });
+    check((await page.locator("#identities-pager").textContent()).startsWith(`${expect.identities.length} identit`),
+      "the pager counts the identities on this page");
+    // The page after that identity, by name: it is not listed there, and its detail, asked
+    // for alone, still is.
+    const later = new URLSearchParams({ after: expect.identity, id: expect.identity });
+    await page.evaluate((h) => { location.hash = h; }, `#/identities?${later}`);
+    await page.locator("#identities-pager a", { hasText: "First page" }).waitFor();
+    const listed = await page.locator("#identities tbody tr td:first-child").allTextContents();
+    check(listed.every((i) => i > expect.identity), `a later page lists only identities after it (${listed.join(", ")})`);
+    check((await page.locator("#identity-name").textContent()) === expect.identity, "an identity on no page shown is asked for alone");
 
     // Policy: versions, a diff, a refused candidate's errors, a candidate's simulation.
     await page.locator('nav a[data-page="policy"]').click();

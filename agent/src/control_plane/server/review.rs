@@ -456,6 +456,10 @@ impl Server {
 pub(super) struct IdentitiesQuery {
     /// RFC 3339 (UTC): only flows recorded at or after it.
     since: Option<String>,
+    /// The next page: identities ordered after this one (the reply's `next_after`).
+    after: Option<String>,
+    /// Only this identity.
+    identity: Option<String>,
 }
 
 /// Each governed identity across the fleet: its decisions, over time and by destination,
@@ -472,7 +476,8 @@ pub(super) async fn get_identities(
     Ok(Json(
         blocking(move || {
             let _turn = turn;
-            identities(&*store, since)
+            let page = Page::new(q.after, q.identity, MAX_IDENTITIES);
+            identities(&*store, since, page)
         })
         .await?,
     ))
@@ -538,15 +543,68 @@ pub struct IdentitiesReply {
     /// The length of each bucket, chosen so the span of the records fits in at most
     /// [`BUCKETS`].
     pub bucket_secs: u64,
+    /// In the order of their names, at most [`MAX_IDENTITIES`].
     pub identities: Vec<IdentitySummary>,
-    /// Records of identities past the first [`MAX_IDENTITIES`], not shown.
+    /// Records of identities on later pages, not shown.
     pub identities_left_out: u64,
+    /// More identities follow: ask again with this as `after`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<String>,
     pub records: u64,
     pub truncated: bool,
 }
 
-/// Most identities one answer shows (those first in the records).
+/// Most identities one answer shows (the first by name after the page's start).
 pub const MAX_IDENTITIES: usize = 1_000;
+
+/// The identities one answer shows: the first `size` by name after `after` (or only
+/// `only`), among those records, sessions and the newest bundle name. Kept as they come, so
+/// the answer holds one page however many identities the fleet has.
+struct Page {
+    after: Option<String>,
+    only: Option<String>,
+    size: usize,
+    ids: std::collections::BTreeSet<String>,
+    more: bool,
+}
+
+impl Page {
+    fn new(after: Option<String>, only: Option<String>, size: usize) -> Self {
+        Self {
+            after,
+            only,
+            size,
+            ids: Default::default(),
+            more: false,
+        }
+    }
+
+    /// Whether `id` is on the page as it stands: taken when it sorts before the last of a
+    /// full page, which then goes to a later page.
+    fn admit(&mut self, id: &str) -> bool {
+        if let Some(only) = &self.only {
+            if id != only {
+                return false;
+            }
+        } else if self.after.as_deref().is_some_and(|a| id <= a) {
+            return false;
+        }
+        if self.ids.contains(id) {
+            return true;
+        }
+        if self.ids.len() < self.size {
+            self.ids.insert(id.to_owned());
+            return true;
+        }
+        self.more = true;
+        if self.ids.last().is_some_and(|last| id < last.as_str()) {
+            self.ids.pop_last();
+            self.ids.insert(id.to_owned());
+            return true;
+        }
+        false
+    }
+}
 /// Distinct destinations counted per identity before the rest are one row.
 const MAX_DESTINATIONS: usize = 1_000;
 /// The earliest time a chart places (2000-01-01).
@@ -560,6 +618,7 @@ pub const BUCKETS: u64 = 48;
 fn identities(
     store: &dyn Store,
     since: Option<String>,
+    mut page: Page,
 ) -> Result<IdentitiesReply, crate::control_plane::store::StoreError> {
     use std::collections::{BTreeMap, BTreeSet};
     struct Seen {
@@ -574,8 +633,25 @@ fn identities(
         protocol: String,
     }
     let (mut seen, mut flows) = (Vec::new(), Vec::new());
-    let mut named: BTreeSet<String> = BTreeSet::new();
-    let mut left_out = 0u64;
+    // Records of identities this page could hold, those it ends up holding among them.
+    let mut relevant = 0u64;
+    // Identities the newest bundle names and those with sessions take their places first.
+    let newest = store.policy(None)?;
+    let set = newest
+        .as_ref()
+        .and_then(|b| crate::control_plane::validate(&b.files).ok());
+    let polled = store.nodes()?;
+    for id in set
+        .iter()
+        .flat_map(|s| s.agents.iter().map(|a| &a.identity))
+    {
+        page.admit(id);
+    }
+    for n in &polled {
+        for id in n.sessions.keys() {
+            page.admit(id);
+        }
+    }
     // Times a chart can place: a node's record dated 1969 or 9999 must not stretch every
     // identity's chart (nor overflow the arithmetic).
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -593,12 +669,11 @@ fn identities(
             Some("deny" | "socket-deny") => 2,
             _ => return,
         };
-        if !named.contains(&identity) {
-            if named.len() >= MAX_IDENTITIES {
-                left_out += 1;
-                return;
-            }
-            named.insert(identity.clone());
+        let after =
+            page.only.is_none() && page.after.as_deref().is_none_or(|a| identity.as_str() > a);
+        relevant += u64::from(after);
+        if !page.admit(&identity) {
+            return;
         }
         if let Some(flow) = Flow::of_record(r).filter(|f| f.allowed() && f.rule_id.is_some()) {
             flows.push(flow);
@@ -619,14 +694,19 @@ fn identities(
             protocol,
         });
     })?;
-    let newest = store.policy(None)?;
-    let set = newest
-        .as_ref()
-        .and_then(|b| crate::control_plane::validate(&b.files).ok());
-    let rules = set
+    // Rows of identities a later one put off the page.
+    seen.retain(|s| page.ids.contains(&s.identity));
+    flows.retain(|f| page.ids.contains(&f.identity));
+    let left_out = if page.only.is_some() {
+        0
+    } else {
+        relevant.saturating_sub(seen.len() as u64)
+    };
+    let mut rules = set
         .as_ref()
         .map(|set| crate::review::rules_with_hits(set, &flows))
         .unwrap_or_default();
+    rules.retain(|r| page.ids.contains(&r.identity));
 
     let times = seen.iter().filter_map(|s| s.time);
     let (first, last) = (times.clone().min(), times.max());
@@ -713,8 +793,11 @@ fn identities(
     }
     // Sessions, as each node's last poll said them (identities with sessions and no
     // records yet included).
-    for n in store.nodes()? {
+    for n in polled {
         for (identity, sessions) in n.sessions {
+            if !page.ids.contains(&identity) {
+                continue;
+            }
             by_id
                 .entry(identity.clone())
                 .or_insert_with(|| new(&identity))
@@ -726,10 +809,8 @@ fn identities(
         }
     }
     // Identities the bundle names that no record does yet.
-    for r in &rules {
-        by_id
-            .entry(r.identity.clone())
-            .or_insert_with(|| new(&r.identity));
+    for id in &page.ids {
+        by_id.entry(id.clone()).or_insert_with(|| new(id));
     }
     for r in rules {
         let e = by_id.get_mut(&r.identity).expect("added above");
@@ -771,6 +852,7 @@ fn identities(
         bucket_secs,
         identities: by_id.into_values().collect(),
         identities_left_out: left_out,
+        next_after: page.more.then(|| page.ids.last().cloned()).flatten(),
         records: read,
         truncated,
     })
@@ -857,7 +939,10 @@ mod tests {
         // credited to that version's pusher as if it came there.
         let v = |n: usize| {
             let mut files = base();
-            files.push(("c.yaml", format!("{}owner: c{n}@example.org\n", policy("c"))));
+            files.push((
+                "c.yaml",
+                format!("{}owner: c{n}@example.org\n", policy("c")),
+            ));
             files
         };
         for n in 0..crate::control_plane::REVIEW_VERSIONS {
@@ -877,5 +962,65 @@ mod tests {
             .collect();
         let top = 2 + crate::control_plane::REVIEW_VERSIONS as u64;
         assert_eq!(told, [("g3", top, false), ("g1", 3, true)]);
+    }
+
+    #[test]
+    fn identities_come_a_page_at_a_time_in_the_order_of_their_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("cp.db"), Default::default()).unwrap();
+        // The bundle names b and d; records name a, c, d and e, in that order of arrival.
+        let files: Vec<BundleFile> = ["b", "d"]
+            .iter()
+            .map(|id| BundleFile {
+                name: format!("{id}.yaml"),
+                text: format!(
+                    "kind: AgentPolicy\nname: {id}\nidentity: spiffe://example.org/{id}\n"
+                ),
+            })
+            .collect();
+        let set = crate::control_plane::validate(&files).unwrap();
+        store
+            .push_policy(&set.revision, &files, "admin", 0, None, &Default::default())
+            .unwrap();
+        let records: Vec<Reported> = ["e", "c", "a", "d", "e"]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let r = serde_json::json!({"time": "2026-12-05T00:00:00Z", "verdict": "deny",
+                    "identity": format!("spiffe://example.org/{id}"), "dest": "203.0.113.5",
+                    "port": 443, "protocol": "tcp", "reason": "no rule allows it"});
+                Reported {
+                    rid: i as u64 + 1,
+                    record: serde_json::value::to_raw_value(&r).unwrap(),
+                }
+            })
+            .collect();
+        store.ingest("n1", 1, &records).unwrap();
+        let page = |after: Option<&str>, only: Option<&str>| {
+            let id = |x: &str| format!("spiffe://example.org/{x}");
+            let r = identities(&store, None, Page::new(after.map(id), only.map(id), 2)).unwrap();
+            let names: Vec<String> = r
+                .identities
+                .iter()
+                .map(|i| {
+                    i.identity
+                        .trim_start_matches("spiffe://example.org/")
+                        .to_owned()
+                })
+                .collect();
+            let deny: u64 = r.identities.iter().map(|i| i.deny).sum();
+            (names, deny, r.identities_left_out, r.next_after)
+        };
+        let next = |x: &str| Some(format!("spiffe://example.org/{x}"));
+        assert_eq!(
+            page(None, None),
+            (vec!["a".into(), "b".into()], 1, 4, next("b"))
+        );
+        assert_eq!(
+            page(Some("b"), None),
+            (vec!["c".into(), "d".into()], 2, 2, next("d"))
+        );
+        assert_eq!(page(Some("d"), None), (vec!["e".into()], 2, 0, None));
+        assert_eq!(page(None, Some("e")), (vec!["e".into()], 2, 0, None));
     }
 }
