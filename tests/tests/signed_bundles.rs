@@ -245,6 +245,21 @@ fn a_node_applies_only_what_its_signers_signed_and_never_an_older_or_expired_bun
         status_json(&node.socket)["control_plane"]["applied_version"],
         5
     );
+    // The refused version 21 is now the newest, signed and dated now: a grant on top of it
+    // is signed as added to the old bundle under it, and refused the same way.
+    let (ok, out, err) = grant(&fx, &url, "198.51.100.11", &args);
+    assert!(ok && out.contains("published version 22 "), "{out}{err}");
+    assert!(
+        err.contains("adding the grant to version 21 ")
+            && err.contains(", itself grants on the bundle valid from "),
+        "{err}"
+    );
+    let why = refused(&node, "version 22:");
+    assert!(why.contains("its other rules would roll back"), "{why}");
+    assert_eq!(
+        status_json(&node.socket)["control_plane"]["applied_version"],
+        5
+    );
 
     // And version 5 once it has expired, as if new.
     drop(server);

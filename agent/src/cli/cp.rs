@@ -1255,10 +1255,15 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             if !sign_key.is_empty() {
                 verified_base(&c, &b, base).await?;
                 eprintln!(
-                    "adding the grant to version {} (revision {}, valid from {}, signed by {})",
+                    "adding the grant to version {} (revision {}, valid from {}{}, signed by {})",
                     b.version,
                     b.revision,
                     b.signing.not_before.as_deref().unwrap_or("-"),
+                    b.signing
+                        .adds_to
+                        .as_deref()
+                        .map(|t| format!(", itself grants on the bundle valid from {t}"))
+                        .unwrap_or_default(),
                     b.signing
                         .signatures
                         .iter()
@@ -1286,14 +1291,15 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             files.sort_by(|a, b| a.name.cmp(&b.name));
             // Checked here first: what is wrong is said against the grant asked for.
             hashed(&files).with_context(|| format!("granting {name}"))?;
-            // Signed as added to the bundle checked above: a node that applied a newer one
-            // refuses it, so an old bundle passed off as the newest does not come back.
+            // Signed as added to the full bundle under the one checked above: a node that
+            // applied a newer one refuses it, so an old bundle passed off as the newest does
+            // not come back, with grants on it or on grants on it.
             let signing = sign_push(
                 Path::new(&name),
                 &files,
                 sign_key,
                 None,
-                b.signing.not_before.clone(),
+                b.signing.root().map(str::to_owned),
             )?;
             let r: Pushed = c
                 .send_json(

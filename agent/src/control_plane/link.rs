@@ -140,6 +140,11 @@ struct LinkState {
     /// so the same bundle is taken again after a crash in between).
     #[serde(default)]
     floor_revision: Option<String>,
+    /// The full bundle under the one applied (its `adds_to`, or its own `not_before`):
+    /// grants are taken only on that bundle or a later one. A state kept before it was
+    /// recorded counts the one applied as full (stricter).
+    #[serde(default)]
+    applied_root: Option<String>,
 }
 
 impl LinkState {
@@ -503,7 +508,8 @@ impl Link {
                 .floor_revision
                 .clone()
                 .or_else(|| st.applied_revision.clone());
-            (nb, r.unwrap_or_default())
+            let root = st.applied_root.clone().unwrap_or_else(|| nb.clone());
+            (nb, r.unwrap_or_default(), root)
         });
         let signing = b.signing.clone();
         let revision = b.revision.clone();
@@ -513,6 +519,7 @@ impl Link {
             let mut next = before;
             next.applied_not_before = b.signing.not_before.clone();
             next.floor_revision = Some(b.revision.clone());
+            next.applied_root = b.signing.root().map(str::to_owned);
             (next, self.state_path.clone())
         });
         // Checked again here: the node trusts the control plane's TLS, not its validation.
@@ -534,7 +541,13 @@ impl Link {
                         &set.revision,
                         &signing,
                         n,
-                        applied.as_ref().map(|(nb, r)| (nb.as_str(), r.as_str())),
+                        applied
+                            .as_ref()
+                            .map(|(nb, r, root)| super::signing::InForce {
+                                not_before: nb,
+                                revision: r,
+                                root,
+                            }),
                         now,
                     )
                 };
@@ -609,6 +622,7 @@ impl Link {
                 if self.signers.1 > 0 && b.signing.not_before.is_some() {
                     st.applied_not_before = b.signing.not_before.clone();
                     st.floor_revision = Some(b.revision.clone());
+                    st.applied_root = b.signing.root().map(str::to_owned);
                 }
                 st.error = None;
                 self.stats.applied_version.store(b.version, Relaxed);

@@ -626,6 +626,9 @@ impl Server {
             bundle: newest.as_ref().map(bundle_json),
             revision: newest.as_ref().map(|b| b.revision.clone()),
             not_before: newest.as_ref().and_then(|b| b.signing.not_before.clone()),
+            root: newest
+                .as_ref()
+                .and_then(|b| b.signing.root().map(str::to_owned)),
             lineage: store.lineage()?.map(Arc::from),
             generation,
             revoked: Arc::new(revoked.into_iter().map(|r| r.identity).collect()),
@@ -819,6 +822,7 @@ impl Server {
             p.bundle = Some(bundle_json(b));
             p.revision = Some(b.revision.clone());
             p.not_before = b.signing.not_before.clone();
+            p.root = b.signing.root().map(str::to_owned);
             moved = true;
         }
         if let Some((generation, all)) = revocations.filter(|(g, _)| *g > p.generation) {
@@ -970,23 +974,29 @@ impl Server {
                 "the bundle expired at {exp}: push it again"
             )));
         }
-        let Some(newest) = self.published.read().expect("published").not_before.clone() else {
+        let (newest, root) = {
+            let p = self.published.read().expect("published");
+            (p.not_before.clone(), p.root.clone())
+        };
+        let Some(newest) = newest else {
             return Ok(());
         };
-        let before_newest = |t: &str| {
+        let root = root.unwrap_or_else(|| newest.clone());
+        let before = |t: &str, than: &str| {
             matches!(
-                (crate::clock::parse_rfc3339(t), crate::clock::parse_rfc3339(&newest)),
+                (crate::clock::parse_rfc3339(t), crate::clock::parse_rfc3339(than)),
                 (Ok(a), Ok(b)) if a < b
             )
         };
+        let before_newest = |t: &str| before(t, &newest);
         if let Some(nb) = signing.not_before.as_deref().filter(|t| before_newest(t)) {
             return Err(conflict(format!(
                 "the bundle is dated {nb}, before the bundle in force ({newest}): nodes would refuse it as a rollback; push it again"
             )));
         }
-        if let Some(base) = signing.adds_to.as_deref().filter(|t| before_newest(t)) {
+        if let Some(base) = signing.adds_to.as_deref().filter(|t| before(t, &root)) {
             return Err(conflict(format!(
-                "the bundle adds grants to one dated {base}, before the bundle in force ({newest}): nodes would refuse it; grant again"
+                "the bundle adds grants to one dated {base}, before the bundle under the one in force ({root}): nodes would refuse it; grant again"
             )));
         }
         Ok(())
@@ -1621,6 +1631,8 @@ struct Published {
     revision: Option<String>,
     /// The newest bundle's signed `not_before`.
     not_before: Option<String>,
+    /// The full bundle under it ([`super::signing::Signing::root`]).
+    root: Option<String>,
     /// The database's lineage, once it has one (its first change).
     lineage: Option<Arc<str>>,
     generation: u64,

@@ -44,6 +44,13 @@ impl Signing {
             && self.signatures.is_empty()
     }
 
+    /// The full bundle this one is: the one its grants were added to (`adds_to`), or
+    /// itself. Grants added to grants keep the first bundle's time, so a chain of them is
+    /// judged by the rules under it, not by its newest grant.
+    pub fn root(&self) -> Option<&str> {
+        self.adds_to.as_deref().or(self.not_before.as_deref())
+    }
+
     /// What a signature signs, None without a `not_before`. A bundle that adds to none is
     /// stated as before `adds_to` existed, so signatures made then still verify.
     pub fn statement(&self, digest: &str) -> Option<String> {
@@ -116,8 +123,21 @@ pub enum SigningError {
         "the bundle adds grants to a bundle valid from {adds_to}, older than the one in force (valid from {applied}): its other rules would roll back"
     )]
     AddsToOlder { adds_to: String, applied: String },
+    #[error(
+        "the bundle adds grants to one valid from {adds_to}, after its own not_before {not_before}"
+    )]
+    AddsToLater { adds_to: String, not_before: String },
     #[error("signature by key {key}: {why}")]
     Refused { key: String, why: &'static str },
+}
+
+/// The signed bundle a node has in force, as [`Keyring::admit`] orders bundles by it.
+#[derive(Clone, Copy, Debug)]
+pub struct InForce<'a> {
+    pub not_before: &'a str,
+    pub revision: &'a str,
+    /// Its [`Signing::root`].
+    pub root: &'a str,
 }
 
 /// The public keys (SPKI PEM) signatures are checked against, each by a name.
@@ -200,15 +220,15 @@ impl Keyring {
 
     /// Whether a node may apply the bundle `revision` (its files hashed by the node) as
     /// `signing` dates and signs it: `required` distinct trusted keys signed it, it is valid
-    /// `now`, and it is not older than `applied` (the not_before and revision of the bundle
-    /// in force, when it was signed).
+    /// `now`, and it is not older than `applied` (the bundle in force, when it was signed),
+    /// nor adds grants to a full bundle older than the one under it.
     pub fn admit(
         &self,
         digest: &str,
         revision: &str,
         signing: &Signing,
         required: usize,
-        applied: Option<(&str, &str)>,
+        applied: Option<InForce<'_>>,
         now: time::OffsetDateTime,
     ) -> Result<(), SigningError> {
         let Some(nb) = &signing.not_before else {
@@ -248,26 +268,38 @@ impl Keyring {
                 expires_at: exp.clone(),
             });
         }
-        if let Some((applied_nb, applied_revision)) = applied
-            && let Ok(applied_time) = parse(applied_nb, "not_before")
+        if let Some(base) = &signing.adds_to
+            && parse(base, "adds_to")? > nb_time
+        {
+            return Err(SigningError::AddsToLater {
+                adds_to: base.clone(),
+                not_before: nb.clone(),
+            });
+        }
+        if let Some(applied) = applied
+            && let Ok(applied_time) = parse(applied.not_before, "not_before")
         {
             if nb_time < applied_time {
                 return Err(SigningError::Older {
                     not_before: nb.clone(),
-                    applied: applied_nb.to_owned(),
+                    applied: applied.not_before.to_owned(),
                 });
             }
-            if nb_time == applied_time && revision != applied_revision {
+            if nb_time == applied_time && revision != applied.revision {
                 return Err(SigningError::SameTime {
                     not_before: nb.clone(),
                 });
             }
+            // Grants on a full bundle older than the one under the bundle in force: that
+            // bundle's rules would come back (also through grants on grants, each signed
+            // later than the last).
             if let Some(base) = &signing.adds_to
-                && parse(base, "adds_to")? < applied_time
+                && let Ok(root) = parse(applied.root, "adds_to")
+                && parse(base, "adds_to")? < root
             {
                 return Err(SigningError::AddsToOlder {
                     adds_to: base.clone(),
-                    applied: applied_nb.to_owned(),
+                    applied: applied.root.to_owned(),
                 });
             }
         }
@@ -331,6 +363,18 @@ mod tests {
             s.signatures = keys.iter().map(|k| sign(k, "r1", &s).unwrap()).collect();
             s
         };
+        // A full bundle in force: its own root.
+        struct Full(String, &'static str);
+        impl Full {
+            fn get(&self) -> InForce<'_> {
+                InForce {
+                    not_before: &self.0,
+                    revision: self.1,
+                    root: &self.0,
+                }
+            }
+        }
+        let full = |nb: &str, revision: &'static str| Full(nb.to_owned(), revision);
         let nb = at(-10);
         let two = signed(&nb, None, &[&alice, &bob]);
         ring.admit("r1", "r1", &two, 2, None, now).unwrap();
@@ -366,13 +410,13 @@ mod tests {
             say(ring.admit("r1", "r1", &ahead, 2, None, now))
                 .contains("ahead of this node's clock")
         );
-        let e = say(ring.admit("r1", "r1", &two, 2, Some((&at(0), "r0")), now));
+        let e = say(ring.admit("r1", "r1", &two, 2, Some(full(&at(0), "r0").get()), now));
         assert!(e.contains("never rolled back"), "{e}");
-        let e = say(ring.admit("r1", "r1", &two, 2, Some((&nb, "r0")), now));
+        let e = say(ring.admit("r1", "r1", &two, 2, Some(full(&nb, "r0").get()), now));
         assert!(e.contains("either could be the newer"), "{e}");
-        ring.admit("r1", "r1", &two, 2, Some((&nb, "r1")), now)
+        ring.admit("r1", "r1", &two, 2, Some(full(&nb, "r1").get()), now)
             .unwrap();
-        ring.admit("r1", "r1", &two, 2, Some((&at(-20), "r0")), now)
+        ring.admit("r1", "r1", &two, 2, Some(full(&at(-20), "r0").get()), now)
             .unwrap();
         // A signature is over the times too: moving them breaks it.
         let mut moved = two.clone();
@@ -385,11 +429,40 @@ mod tests {
             ..Default::default()
         };
         grant.signatures = vec![sign(&alice, "r1", &grant).unwrap()];
-        ring.admit("r1", "r1", &grant, 1, Some((&at(-30), "r0")), now)
+        ring.admit("r1", "r1", &grant, 1, Some(full(&at(-30), "r0").get()), now)
             .unwrap();
         ring.admit("r1", "r1", &grant, 1, None, now).unwrap();
-        let e = say(ring.admit("r1", "r1", &grant, 1, Some((&at(-20), "r0")), now));
+        let e = say(ring.admit("r1", "r1", &grant, 1, Some(full(&at(-20), "r0").get()), now));
         assert!(e.contains("its other rules would roll back"), "{e}");
+        // Grants on grants keep the full bundle under them: grants added to an old bundle
+        // and refused cannot become the base of a later grant that passes for newer.
+        let on = |adds_to: &str, nb: &str| {
+            let mut g = Signing {
+                not_before: Some(nb.to_owned()),
+                adds_to: Some(adds_to.to_owned()),
+                ..Default::default()
+            };
+            g.signatures = vec![sign(&alice, "r1", &g).unwrap()];
+            g
+        };
+        let b1 = full(&at(-20), "r0");
+        let g1 = on(&at(-30), &at(-10));
+        assert!(say(ring.admit("r1", "r1", &g1, 1, Some(b1.get()), now)).contains("roll back"));
+        let g2 = on(g1.root().unwrap(), &at(-5));
+        assert!(say(ring.admit("r1", "r1", &g2, 1, Some(b1.get()), now)).contains("roll back"));
+        // Grants on the bundle in force, then on those: taken.
+        let g1 = on(&at(-20), &at(-10));
+        ring.admit("r1", "r1", &g1, 1, Some(b1.get()), now).unwrap();
+        let in_g1 = InForce {
+            not_before: g1.not_before.as_deref().unwrap(),
+            revision: "r0",
+            root: g1.root().unwrap(),
+        };
+        let g2 = on(g1.root().unwrap(), &at(-5));
+        ring.admit("r1", "r1", &g2, 1, Some(in_g1), now).unwrap();
+        // A base after the bundle's own time is no base.
+        let e = say(ring.admit("r1", "r1", &on(&at(-1), &at(-5)), 1, None, now));
+        assert!(e.contains("after its own not_before"), "{e}");
         // The base is signed: taken away (to pass as an ordinary bundle), nothing verifies.
         let mut stripped = grant.clone();
         stripped.adds_to = None;
