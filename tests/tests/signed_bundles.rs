@@ -572,3 +572,90 @@ fn a_break_glass_grant_applies_at_once_on_one_signature_and_nothing_else_does() 
         "{err}"
     );
 }
+
+/// `agentwall cp revoke ID` as the admin: the generation it was given.
+fn revoke(fx: &CpFixture, url: &str, identity: &str) -> u64 {
+    let admin = admin_creds(fx);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    let out = cp(fx, url, &admin, &["revoke", identity, "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    said["generation"].as_u64().unwrap()
+}
+
+/// Whether a node's status lists `id` as revoked.
+fn revoked(id: &'static str) -> impl Fn(&serde_json::Value) -> bool {
+    move |s| {
+        s["revoked"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|x| x == id))
+    }
+}
+
+/// The revocation generation a node keeps.
+fn kept_generation(dir: &std::path::Path) -> u64 {
+    let text = std::fs::read_to_string(dir.join("state/control-plane/link.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&text).unwrap()["revocation_gen"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn a_revocation_list_numbered_near_the_end_once_leaves_no_answer_looking_old() {
+    let (env, tmp, _ca) = setup("cp-generation", SUPPORT_POLICY);
+    let dir = tmp.path();
+    let fx = CpFixture::new(dir);
+    // Held polls end within 2 s: an answer carries the revocation list soon.
+    fx.configure("poll_timeout_secs = 2\n", "");
+    let server = CpProc::start(&fx, None);
+    let url = server.url.clone();
+    let addr = server.addr;
+    let node = NodeProc::start_with(&env, dir, &node_args(&fx.node_flags(&url), &[]));
+    let (first, second) = (
+        "spiffe://example.org/agent/first",
+        "spiffe://example.org/agent/second",
+    );
+    assert_eq!(revoke(&fx, &url, first), 1);
+    wait_status(&node.socket, "the first revocation", revoked(first));
+
+    // Whoever holds the database numbers the list near the end of the numbers, once.
+    drop(server);
+    let top = 9_000_000_000_000_000_000u64;
+    tamper(
+        &fx,
+        &format!("UPDATE revocations SET generation = {top} WHERE generation = 1"),
+    );
+    let server = CpProc::start(&fx, Some(addr));
+    agentwall_tests::node::eventually(
+        "the node taking the list numbered near the end",
+        std::time::Duration::from_secs(30),
+        || match kept_generation(dir) {
+            n if n == top => Ok(()),
+            n => Err(format!("{n}")),
+        },
+    );
+    drop(server);
+    tamper(
+        &fx,
+        &format!("UPDATE revocations SET generation = 1 WHERE generation = {top}"),
+    );
+    // Put right, the next revocation is numbered far below it: applied, and its number
+    // taken, so the control plane's answers are not older news for good.
+    let _server = CpProc::start(&fx, Some(addr));
+    let g = revoke(&fx, &url, second);
+    assert!(g < top, "{g}");
+    wait_status(&node.socket, "the second revocation", revoked(second));
+    agentwall_tests::node::eventually(
+        "the node keeping the list's number",
+        std::time::Duration::from_secs(30),
+        || match kept_generation(dir) {
+            n if n == g => Ok(()),
+            n => Err(format!("{n}")),
+        },
+    );
+    assert!(revoked(first)(&status_json(&node.socket)));
+}

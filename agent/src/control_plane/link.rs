@@ -398,8 +398,11 @@ impl Link {
                         && st.applied_revision.as_deref() != Some(b.revision.as_str()))
                     || (signing && signed_later(b))
             });
-            let older =
-                reply.version < st.known_version || reply.revocation_gen < st.revocation_gen;
+            // Only a bundle numbered below what this node knows is older news: a revocation
+            // list is applied whatever its number (revocations only add up on a node), so
+            // one numbered lower (a database put back, or numbered near the end of the
+            // numbers once by whoever held it) is taken, and its number with it.
+            let older = reply.version < st.known_version;
             let newer = bundle.is_some() || reply.revocation_gen > st.revocation_gen;
             if older {
                 self.stats.stale_answers.fetch_add(1, Relaxed);
@@ -460,8 +463,8 @@ impl Link {
     }
 
     /// Applies the revocations of a poll answer (all of `ids`, whatever `generation`); the
-    /// generation moves on (never back) once every one is applied: until then the next
-    /// poll, still at the old generation, gets the list again at once. (whether the state
+    /// generation becomes the list's once every one is applied: until then the next poll,
+    /// still at the old generation, gets the list again at once. (whether the state
     /// changed, whether to retry.)
     async fn take_revocations(
         &self,
@@ -487,7 +490,10 @@ impl Link {
             .revocations_pending
             .lock()
             .expect("pending revocations") = failed;
-        if ok && generation > st.revocation_gen {
+        // Once every one is applied, the list's number is this node's, lower or higher: a
+        // number kept above every list a control plane sends would make every answer look
+        // old.
+        if ok && generation != st.revocation_gen {
             st.revocation_gen = generation;
             return (true, false);
         }
