@@ -181,6 +181,38 @@ fn a_node_applies_only_what_its_signers_signed_and_never_an_older_or_expired_bun
         &["approve", "2", "--sign-key", alice, "--sha256", &sha],
     );
     assert!(!ok && err.contains("proposal 2 is signed by key"), "{err}");
+    // A control plane that dates the proposal ahead (nodes would take it only then, over
+    // whatever was pushed meanwhile: a rollback in waiting) gets no signature.
+    drop(server);
+    let db = rusqlite::Connection::open(fx.dir.join("db/cp.db")).unwrap();
+    let dated: String = db
+        .query_row("SELECT signing FROM proposals WHERE id = 2", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    db.execute(
+        "UPDATE proposals SET signing = json_set(signing, '$.not_before', '2099-01-01T00:00:00.000Z') WHERE id = 2",
+        [],
+    )
+    .unwrap();
+    let server = CpProc::start_with(&fx, Some(addr), "cp", &["--approvals-required", "2"]);
+    let (ok, _, err) = policy(
+        &fx,
+        &url,
+        &["approve", "2", "--sign-key", bob, "--sha256", &sha],
+    );
+    assert!(
+        !ok && err.contains("proposal 2 is not signed")
+            && err.contains(
+                "valid from 2099-01-01T00:00:00.000Z, more than 300 s ahead of this clock"
+            ),
+        "{err}"
+    );
+    drop(server);
+    db.execute("UPDATE proposals SET signing = ?1 WHERE id = 2", [dated])
+        .unwrap();
+    drop(db);
+    let server = CpProc::start_with(&fx, Some(addr), "cp", &["--approvals-required", "2"]);
     let (ok, out, err) = policy(
         &fx,
         &url,

@@ -764,6 +764,10 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             let Some(nb) = &p.signing.not_before else {
                 bail!("proposal {id} names no not_before to sign");
             };
+            // The times are signed too, and the control plane gave them.
+            p.signing
+                .dated_sanely(time::OffsetDateTime::now_utc())
+                .with_context(|| format!("proposal {id} is not signed"))?;
             eprintln!(
                 "signing proposal {id}: revision {revision}, pushed by {} at {}, valid from {nb}{}{}, files {}",
                 p.pushed_by,

@@ -599,7 +599,12 @@ impl Link {
             }
             // The files in force, put back if the kernel refuses the new ones: a restart
             // enforces the directory, and it must be what was in force, not what was refused.
-            let previous = in_force(&dir).ok();
+            let previous = in_force(&dir)
+                .inspect_err(|e| {
+                    warn!(dir = %dir.display(), error = %e,
+                        "the policy files in force could not be read: they cannot be put back if the kernel refuses this bundle (a restart then starts on the last good revision)");
+                })
+                .ok();
             crate::policy::source::save_dir(&set, &dir).map_err(|source| BundleRefused::Write {
                 dir: dir.clone(),
                 source,

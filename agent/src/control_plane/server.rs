@@ -1916,6 +1916,7 @@ async fn post_approve(
     .await?;
     keyring
         .check_one(&digest, &p.signing, &signature)
+        .and_then(|()| p.signing.dated_sanely(time::OffsetDateTime::now_utc()))
         .map_err(|e| Fail::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     signature.signer = keyring
         .name_of(&signature.key)
