@@ -459,7 +459,7 @@ async function policyPage() {
     table(["Version", "Revision", "Pushed", "By"],
       versions.map((v) => [String(v.version), v.revision, v.pushed_at, v.pushed_by]), { id: "versions" }),
     el("h2", {}, "Proposals"),
-    el("p", { class: "muted" }, "Pushes awaiting the approvals the control plane requires; signers approve with their own key: agentwall cp policy approve N --sign-key KEY."),
+    el("p", { class: "muted" }, "Pushes awaiting the approvals the control plane requires; signers approve with their own key: agentwall cp policy approve N --sign-key KEY --sha256 HASH --trusted-signer PUB."),
     table(["Proposal", "Revision", "Pushed", "By", "Signed by", "State"],
       proposals.map((p) => [String(p.id), p.revision, p.pushed_at, p.pushed_by,
         p.signing.signatures && p.signing.signatures.length ? p.signing.signatures.map((s) => s.signer || s.key).join(", ") : "no one",

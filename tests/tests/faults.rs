@@ -378,6 +378,8 @@ fn a_bundle_the_kernel_refuses_leaves_the_policy_files_in_force_for_a_restart() 
     let (env, tmp, ca) = setup("cp-refused", POLICY);
     let dir = tmp.path();
     let fx = CpFixture::new(dir);
+    // Held polls end within 2 s: a bundle served again reaches the node soon.
+    fx.configure("poll_timeout_secs = 2\n", "");
     let server = CpProc::start(&fx, None);
     let flags = fx.node_flags(&server.url);
     // Every trie the node fills holds at most 1,000 entries: the kernel refuses more part
@@ -416,6 +418,7 @@ fn a_bundle_the_kernel_refuses_leaves_the_policy_files_in_force_for_a_restart() 
     // The directory a restart enforces is the one in force, not the one refused.
     assert_eq!(policy_files(&bundles), in_force);
     node.stop();
+    let addr = server.addr;
     drop(server);
     // Restarted with its control plane away: it enforces what it kept.
     let node = NodeProc::start_env(&env, dir, &node_args(&flags, &[]), &[]);
@@ -447,5 +450,15 @@ fn a_bundle_the_kernel_refuses_leaves_the_policy_files_in_force_for_a_restart() 
     );
     let mut probe = launch_probe(&node.socket, &cert, &key);
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
+    assert_eq!(probe.cmd("connect tcp 2001:db8::1 443"), "err EPERM");
+    // The control plane back: the node does not claim the refused bundle as applied, so it
+    // is served again, refused again and said so; the revision in force stays.
+    let _server = CpProc::start(&fx, Some(addr));
+    let s = agentwall_tests::node::wait_status(&node.socket, "version 2 refused again", |s| {
+        s["control_plane"]["bundle_refused"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("version 2: ") && r.contains("filling the trie"))
+    });
+    assert_eq!(s["revision"], revision.as_str(), "{s}");
     assert_eq!(probe.cmd("connect tcp 2001:db8::1 443"), "err EPERM");
 }

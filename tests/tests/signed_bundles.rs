@@ -163,23 +163,30 @@ fn a_node_applies_only_what_its_signers_signed_and_never_an_older_or_expired_bun
         .to_owned();
     assert!(ok && sha.len() == 64, "{out}");
     let other = "0".repeat(64);
-    let (ok, _, err) = policy(
-        &fx,
-        &url,
-        &["approve", "2", "--sign-key", bob, "--sha256", &other],
-    );
+    let approve = |key: &str, sha: &str| {
+        let (a, b) = (alice_pub.to_str().unwrap(), bob_pub.to_str().unwrap());
+        policy(
+            &fx,
+            &url,
+            &[
+                "approve",
+                "2",
+                "--sign-key",
+                key,
+                "--sha256",
+                sha,
+                "--trusted-signer",
+                a,
+                "--trusted-signer",
+                b,
+            ],
+        )
+    };
+    let (ok, _, err) = approve(bob, &other);
     assert!(!ok && err.contains("not the 0000"), "{err}");
-    let (ok, _, err) = policy(
-        &fx,
-        &url,
-        &["approve", "2", "--sign-key", eve, "--sha256", &sha],
-    );
+    let (ok, _, err) = approve(eve, &sha);
     assert!(!ok && err.contains("not one of the signers' keys"), "{err}");
-    let (ok, _, err) = policy(
-        &fx,
-        &url,
-        &["approve", "2", "--sign-key", alice, "--sha256", &sha],
-    );
+    let (ok, _, err) = approve(alice, &sha);
     assert!(!ok && err.contains("proposal 2 is signed by key"), "{err}");
     // A control plane that dates the proposal ahead (nodes would take it only then, over
     // whatever was pushed meanwhile: a rollback in waiting) gets no signature.
@@ -196,11 +203,7 @@ fn a_node_applies_only_what_its_signers_signed_and_never_an_older_or_expired_bun
     )
     .unwrap();
     let server = CpProc::start_with(&fx, Some(addr), "cp", &["--approvals-required", "2"]);
-    let (ok, _, err) = policy(
-        &fx,
-        &url,
-        &["approve", "2", "--sign-key", bob, "--sha256", &sha],
-    );
+    let (ok, _, err) = approve(bob, &sha);
     assert!(
         !ok && err.contains("proposal 2 is not signed")
             && err.contains(
@@ -208,24 +211,32 @@ fn a_node_applies_only_what_its_signers_signed_and_never_an_older_or_expired_bun
             ),
         "{err}"
     );
+    // Nor one whose times no trusted signer signed: here said to add grants to a bundle
+    // (what would let a node take it over rules as old as that), breaking the pusher's
+    // signature.
+    drop(server);
+    db.execute(
+        "UPDATE proposals SET signing = json_set(?1, '$.adds_to', json_extract(?1, '$.not_before')) WHERE id = 2",
+        [&dated],
+    )
+    .unwrap();
+    let server = CpProc::start_with(&fx, Some(addr), "cp", &["--approvals-required", "2"]);
+    let (ok, _, err) = approve(bob, &sha);
+    assert!(
+        !ok && err.contains("proposal 2 (pushed by ")
+            && err.contains("carries no signature by a --trusted-signer key that verifies for its files and times"),
+        "{err}"
+    );
     drop(server);
     db.execute("UPDATE proposals SET signing = ?1 WHERE id = 2", [dated])
         .unwrap();
     drop(db);
     let server = CpProc::start_with(&fx, Some(addr), "cp", &["--approvals-required", "2"]);
-    let (ok, out, err) = policy(
-        &fx,
-        &url,
-        &["approve", "2", "--sign-key", bob, "--sha256", &sha],
-    );
+    let (ok, out, err) = approve(bob, &sha);
     assert!(ok && out.starts_with("published version 4 "), "{out}{err}");
     let st = applied(&node, 4);
     let rev4 = st["revision"].as_str().unwrap().to_owned();
-    let (ok, _, err) = policy(
-        &fx,
-        &url,
-        &["approve", "2", "--sign-key", bob, "--sha256", &sha],
-    );
+    let (ok, _, err) = approve(bob, &sha);
     assert!(!ok && err.contains("was approved already"), "{err}");
 
     // A bundle that expires in a few seconds, signed by both: in force for now.
@@ -429,6 +440,54 @@ fn a_node_applies_only_what_its_signers_signed_and_never_an_older_or_expired_bun
         status_json(&node.socket)["control_plane"]["applied_version"],
         v
     );
+
+    // Both sign, as grants on the bundle in force, files whose rules are not that bundle's
+    // (what a made-up base would give): the node compares them with the files in force.
+    drop(_server);
+    let store = SqliteStore::open(&fx.dir.join("db/cp.db"), Default::default()).unwrap();
+    let base = store.policy(Some(v)).unwrap().unwrap();
+    let grant = format!(
+        "kind: Grant\nname: grant-2\nidentity: {SUPPORT_ID}\nreason: r\nuntil: {}\negress:\n  - to: [198.51.100.10]\n",
+        agentwall::clock::rfc3339(
+            std::time::SystemTime::now() + std::time::Duration::from_secs(600)
+        )
+    );
+    let files: Vec<BundleFile> = [("agents.yaml", SUPPORT_POLICY), ("grant-2.yaml", &grant)]
+        .into_iter()
+        .map(|(name, text)| BundleFile {
+            name: name.into(),
+            text: text.to_owned(),
+        })
+        .collect();
+    assert_ne!(base.files[0].text, SUPPORT_POLICY);
+    let set = agentwall::control_plane::validate(&files).unwrap();
+    let mut signing = Signing {
+        not_before: Some(agentwall::clock::now_rfc3339()),
+        adds_to: base.signing.not_before.clone(),
+        ..Default::default()
+    };
+    for key in [alice, bob] {
+        let s = sign(std::path::Path::new(key), &set.digest, &signing).unwrap();
+        signing.signatures.push(s);
+    }
+    let made_up = store
+        .push_policy(&set.revision, &files, "db holder", 0, None, &signing)
+        .unwrap();
+    drop(store);
+    let _server = CpProc::start(&fx, Some(addr));
+    let why = refused(&node, &format!("version {}:", made_up.version));
+    assert!(
+        why.contains("it adds grants to the bundle under the one in force, but is more than that bundle with grants: agents.yaml of the bundle in force is changed or gone"),
+        "{why}"
+    );
+
+    // A state deleted beside the bundles the node kept: as unreadable, the floor it held is
+    // unknown, so nothing signed before the restart is taken.
+    node.stop();
+    std::fs::remove_file(&link).unwrap();
+    let node = NodeProc::start_with(&env, dir, &node_args(&flags, &signers));
+    let why = refused(&node, &format!("version {}:", made_up.version));
+    assert!(why.contains("a bundle is never rolled back"), "{why}");
 }
 
 /// `agentwall cp grant` as the admin, for the support agent: (success, stdout, stderr).

@@ -177,6 +177,12 @@ enum PolicyCommand {
         /// it: nothing else is signed.
         #[arg(long, value_name = "HEX")]
         sha256: String,
+        /// An admin's public key (SPKI PEM; the nodes' trusted_signers). Repeatable. A
+        /// proposal is approved only when one of them signed it as it stands (its pusher's
+        /// signature, over its files and its times): what a control plane made up, or
+        /// re-dated, is not.
+        #[arg(long, value_name = "FILE", required = true)]
+        trusted_signer: Vec<PathBuf>,
     },
     /// Pushes awaiting approvals and those approved, newest first; --id N shows one with
     /// its files.
@@ -592,7 +598,7 @@ fn print_pushed(p: &Pushed, json: bool) {
             proposal,
             approvals_required,
         } => println!(
-            "proposal {} revision {}: {} of {approvals_required} signature(s); others approve it with `agentwall cp policy approve {} --sign-key KEY`",
+            "proposal {} revision {}: {} of {approvals_required} signature(s); others approve it with `agentwall cp policy approve {} --sign-key KEY --sha256 HASH --trusted-signer PUB`",
             proposal.id,
             proposal.revision,
             proposal.signing.signatures.len(),
@@ -745,6 +751,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             id,
             sign_key,
             sha256,
+            trusted_signer,
         }) => {
             let p = proposal(&c, *id).await?;
             let (revision, digest) = hashed(&p.files)?;
@@ -768,10 +775,29 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             p.signing
                 .dated_sanely(time::OffsetDateTime::now_utc())
                 .with_context(|| format!("proposal {id} is not signed"))?;
+            // Approved only on top of a signer's own push, as it stands: the pusher's CLI
+            // checked what it added grants to, and its signature covers the times and that
+            // base, so a proposal made up or re-dated by whoever holds the control plane
+            // gets no approval.
+            let keyring = agentwall::control_plane::signing::Keyring::load_files(trusted_signer)?;
+            let first: Vec<&str> = p
+                .signing
+                .signatures
+                .iter()
+                .filter(|s| keyring.check_one(&digest, &p.signing, s).is_ok())
+                .map(|s| keyring.name_of(&s.key).unwrap_or(s.key.as_str()))
+                .collect();
+            if first.is_empty() {
+                bail!(
+                    "proposal {id} (pushed by {}) carries no signature by a --trusted-signer key that verifies for its files and times: a proposal is approved only on top of a signer's own signed push; not signed",
+                    p.pushed_by
+                );
+            }
             eprintln!(
-                "signing proposal {id}: revision {revision}, pushed by {} at {}, valid from {nb}{}{}, files {}",
+                "signing proposal {id}: revision {revision}, pushed by {} at {} and signed by {}, valid from {nb}{}{}, files {}",
                 p.pushed_by,
                 p.pushed_at,
+                first.join(", "),
                 p.signing
                     .expires_at
                     .as_deref()

@@ -36,6 +36,11 @@ pub trait NodeSide: Send + Sync + 'static {
     fn sessions_by_identity(&self) -> std::collections::BTreeMap<String, u64> {
         Default::default()
     }
+    /// The revision in force, and why the policy it read last was not applied (a node
+    /// that started on its last good revision says so here).
+    fn policy_in_force(&self) -> (String, Option<String>) {
+        (String::new(), None)
+    }
 }
 
 /// Counters for the node's metrics.
@@ -295,6 +300,28 @@ impl Link {
 
     async fn poll_loop(self: Arc<Self>, node: Arc<dyn NodeSide>) {
         let mut st = LinkState::load(&self.state_path);
+        // No state beside bundles it kept (the file deleted): the floor it held is unknown,
+        // as for a state that cannot be read, not none.
+        if self.signers.1 > 0
+            && !self.state_path.exists()
+            && in_force(&self.policy_dir).is_ok_and(|f| !f.is_empty())
+        {
+            st = LinkState::lost(&self.state_path, "it is missing beside the bundles kept");
+        }
+        // A node that started on its last good revision (the kernel refused the bundle it
+        // kept) does not have the bundle the state names: not named as applied, it is taken
+        // again when served (and refused again, said in the poll, or applied).
+        let (in_force, _) = node.policy_in_force();
+        if !in_force.is_empty()
+            && st
+                .applied_revision
+                .as_deref()
+                .is_some_and(|r| r != in_force)
+        {
+            warn!(state = ?st.applied_revision, in_force = %in_force,
+                "the bundle the link applied last is not the one in force; it is taken again when served");
+            st.applied_revision = Some(in_force);
+        }
         if let Some(v) = st.applied_version {
             self.stats.applied_version.store(v, Relaxed);
         }
@@ -305,13 +332,17 @@ impl Link {
         // poll asks for the control plane's bundle as if it knew none, and takes it only if
         // signed later than the one in force (the number may be what was tampered with).
         let mut probe = false;
+        // The first poll of this process asks for the whole revocation list: applied again
+        // (what is done already is skipped), it restores any revocation whose mark could
+        // not be saved before a restart, whatever number was kept.
+        let mut first = true;
         loop {
             let req = PollRequest {
                 known_version: if probe { 0 } else { st.known_version },
-                revocation_gen: st.revocation_gen,
+                revocation_gen: if first { 0 } else { st.revocation_gen },
                 applied_version: st.applied_version,
                 applied_revision: st.applied_revision.clone(),
-                error: st.error.clone(),
+                error: st.error.clone().or_else(|| node.policy_in_force().1),
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
                 wait_ms: 25_000,
                 lineage: st.lineage.clone(),
@@ -331,7 +362,10 @@ impl Link {
                 )
                 .await;
             let reply = match reply {
-                Ok(r) => r,
+                Ok(r) => {
+                    first = false;
+                    r
+                }
                 Err(e) => {
                     self.stats.connected.store(false, Relaxed);
                     if !complained {
@@ -577,6 +611,23 @@ impl Link {
                             "break-glass grants applied on fewer signatures than a bundle needs");
                     }
                     Err(e) => return Err(BundleRefused::Signing(e)),
+                }
+                // Grants added to the full bundle under the one in force: checked here
+                // against the files in force, whatever its signers were shown, so only
+                // grants differ.
+                let same_root = |base: &str| {
+                    let t = |s: &str| crate::clock::parse_rfc3339(s).ok();
+                    applied
+                        .as_ref()
+                        .is_some_and(|(_, _, root)| t(base).is_some() && t(base) == t(root))
+                };
+                if signing.adds_to.as_deref().is_some_and(same_root) {
+                    let before = in_force(&dir).map_err(|source| BundleRefused::Write {
+                        dir: dir.clone(),
+                        source,
+                    })?;
+                    crate::policy::grant::grants_only_change(&before, &set)
+                        .map_err(BundleRefused::NotGrantsOn)?;
                 }
                 // Grants last as long as the signers' own time says they may: a control
                 // plane cannot stretch one, and a signer's slip does not become a standing
@@ -858,6 +909,10 @@ enum BundleRefused {
     NotBreakGlass(crate::policy::grant::BreakGlassError),
     #[error("{0}")]
     Grant(crate::policy::grant::GrantError),
+    #[error(
+        "it adds grants to the bundle under the one in force, but is more than that bundle with grants: {0}"
+    )]
+    NotGrantsOn(crate::policy::grant::BreakGlassError),
     #[error("keeping its signed not_before (the rollback floor) in {path}: {source}")]
     Floor {
         path: PathBuf,

@@ -76,11 +76,15 @@ impl Signing {
     }
 
     /// What a signature signs, None without a `not_before`. A bundle that adds to none is
-    /// stated as before `adds_to` existed, so signatures made then still verify.
+    /// stated as before `adds_to` existed, so signatures made then still verify. One that
+    /// adds to a bundle is stated as v3, where `adds_to` is the full bundle under the base
+    /// ([`Signing::root`]): an older CLI signed the base's own `not_before` there, which
+    /// could be a refused grant's, and such a signature must not pass for the new meaning.
     pub fn statement(&self, digest: &str) -> Option<String> {
         let nb = self.not_before.as_deref()?;
+        let version = if self.adds_to.is_some() { 3 } else { 2 };
         let mut s = format!(
-            "agentwall policy bundle v2\nsha256 {digest}\nnot_before {nb}\nexpires_at {}\n",
+            "agentwall policy bundle v{version}\nsha256 {digest}\nnot_before {nb}\nexpires_at {}\n",
             self.expires_at.as_deref().unwrap_or("-")
         );
         if let Some(base) = &self.adds_to {

@@ -1039,6 +1039,10 @@ impl crate::control_plane::link::NodeSide for Node {
         }
         out
     }
+
+    fn policy_in_force(&self) -> (String, Option<String>) {
+        (self.revision(), self.enforcer.last_error())
+    }
 }
 
 /// Raises the soft open-files limit to the hard one, so the daemon's own tables (the node's

@@ -138,6 +138,8 @@ pub enum BreakGlassError {
     NotGrant(String),
     #[error("{file} holds something other than break-glass grants")]
     NotBreakGlass { file: String },
+    #[error("{file} holds something other than grants")]
+    NotGrants { file: String },
     #[error(
         "grant {name} lasts until {until}, more than 4 hours (and 5 minutes of clock skew) from now"
     )]
@@ -157,16 +159,7 @@ pub fn break_glass_addition(
     after: &PolicySet,
     now: time::OffsetDateTime,
 ) -> Result<Vec<String>, BreakGlassError> {
-    let name_of = |p: &std::path::Path| {
-        p.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    };
-    let after_files: std::collections::BTreeMap<String, &str> = after
-        .sources
-        .iter()
-        .map(|(p, t)| (name_of(p), t.as_str()))
-        .collect();
+    let after_files = files_of(after);
     for (name, text) in before {
         if after_files.get(name) != Some(&text.as_str()) {
             return Err(BreakGlassError::Changed(name.clone()));
@@ -181,26 +174,9 @@ pub fn break_glass_addition(
         if !name.starts_with("grant-") {
             return Err(BreakGlassError::NotGrant(name.clone()));
         }
-        let grants: Vec<&Grant> = after
-            .grants
-            .iter()
-            .filter(|g| name_of(&g.origin.file) == *name)
-            .collect();
-        // Every document of the file is a grant: the file's documents counted against its
-        // grants (a file with an AgentPolicy beside its grant is refused).
-        let docs = after
-            .agents
-            .iter()
-            .filter(|a| name_of(&a.origin.file) == *name)
-            .count()
-            + after
-                .archetypes
-                .values()
-                .filter(|a| name_of(&a.origin.file) == *name)
-                .count();
-        if grants.is_empty() || docs > 0 || grants.iter().any(|g| !g.break_glass) {
-            return Err(BreakGlassError::NotBreakGlass { file: name.clone() });
-        }
+        let grants = only_grants(after, name)
+            .filter(|g| g.iter().all(|g| g.break_glass))
+            .ok_or_else(|| BreakGlassError::NotBreakGlass { file: name.clone() })?;
         for g in grants {
             if g.until > latest {
                 return Err(BreakGlassError::TooLong {
@@ -214,8 +190,76 @@ pub fn break_glass_addition(
     if added.is_empty() {
         return Err(BreakGlassError::Nothing);
     }
-    // A GlobalDeny beside a grant would replace the built-in list: the deny list must be
-    // the one in force.
+    same_global_deny(before, after)?;
+    Ok(added)
+}
+
+/// Whether `after` holds the rules of the bundle whose files are `before` (name, text) with
+/// only grants added, changed or taken away: every file not named `grant-*` the same, and
+/// each `grant-*` file of `after` holding grants only. What a bundle that adds grants to the
+/// full bundle under the one in force may differ from it by.
+pub fn grants_only_change(
+    before: &[(String, String)],
+    after: &PolicySet,
+) -> Result<(), BreakGlassError> {
+    let after_files = files_of(after);
+    let rules = |name: &str| !name.starts_with("grant-");
+    for (name, text) in before.iter().filter(|(n, _)| rules(n)) {
+        if after_files.get(name) != Some(&text.as_str()) {
+            return Err(BreakGlassError::Changed(name.clone()));
+        }
+    }
+    for name in after_files.keys() {
+        if rules(name) {
+            if !before.iter().any(|(n, _)| n == name) {
+                return Err(BreakGlassError::NotGrant(name.clone()));
+            }
+        } else if only_grants(after, name).is_none() {
+            return Err(BreakGlassError::NotGrants { file: name.clone() });
+        }
+    }
+    same_global_deny(before, after)
+}
+
+/// The files of `set` by name (the bundle's file names: a node holds them under a path).
+fn files_of(set: &PolicySet) -> std::collections::BTreeMap<String, &str> {
+    set.sources
+        .iter()
+        .map(|(p, t)| (name_of(p), t.as_str()))
+        .collect()
+}
+
+fn name_of(p: &std::path::Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The grants of the file `name` of `set`, when it holds at least one and nothing else:
+/// its documents counted against its grants (a file with an AgentPolicy beside its grant is
+/// refused).
+fn only_grants<'a>(set: &'a PolicySet, name: &str) -> Option<Vec<&'a Grant>> {
+    let grants: Vec<&Grant> = set
+        .grants
+        .iter()
+        .filter(|g| name_of(&g.origin.file) == name)
+        .collect();
+    let others = set
+        .agents
+        .iter()
+        .filter(|a| name_of(&a.origin.file) == name)
+        .count()
+        + set
+            .archetypes
+            .values()
+            .filter(|a| name_of(&a.origin.file) == name)
+            .count();
+    (!grants.is_empty() && others == 0).then_some(grants)
+}
+
+/// A GlobalDeny beside a grant would replace the built-in list: the deny list must be the
+/// one of the files `before`.
+fn same_global_deny(before: &[(String, String)], after: &PolicySet) -> Result<(), BreakGlassError> {
     let in_force = super::source::parse_sources(
         before
             .iter()
@@ -226,7 +270,7 @@ pub fn break_glass_addition(
     if in_force.global_deny != after.global_deny {
         return Err(BreakGlassError::GlobalDeny);
     }
-    Ok(added)
+    Ok(())
 }
 
 /// A grant as `cp grants` shows it.
@@ -387,6 +431,66 @@ mod tests {
             };
             assert!(grant_file(&r, now).is_err());
         }
+    }
+
+    #[test]
+    fn grants_on_the_bundle_in_force_change_grants_only() {
+        let policy = "kind: AgentPolicy\nname: a\nidentity: spiffe://example.org/a\n";
+        let grant = |to: &str| {
+            format!(
+                "kind: Grant\nname: g{to}\nidentity: spiffe://example.org/a\nreason: r\nuntil: 2027-01-15T08:00:00Z\negress:\n  - to: [{to}]\n"
+            )
+        };
+        let before = vec![
+            ("a.yaml".to_owned(), policy.to_owned()),
+            ("grant-1.yaml".to_owned(), grant("198.51.100.1")),
+        ];
+        let check = |files: Vec<(&str, String)>| {
+            let set = super::super::source::parse_sources(
+                files.into_iter().map(|(n, t)| (n.into(), t)).collect(),
+            )
+            .unwrap();
+            grants_only_change(&before, &set).map_err(|e| e.to_string())
+        };
+        // A grant added, one taken away, one changed: grants only.
+        let a = || ("a.yaml", policy.to_owned());
+        check(vec![
+            a(),
+            ("grant-1.yaml", grant("198.51.100.1")),
+            ("grant-2.yaml", grant("198.51.100.2")),
+        ])
+        .unwrap();
+        check(vec![a()]).unwrap();
+        check(vec![a(), ("grant-1.yaml", grant("198.51.100.3"))]).unwrap();
+        // The rules changed, a file of rules added, rules in a grant file, another deny list.
+        let wider = format!("{policy}egress:\n  - to: [0.0.0.0/0]\n");
+        assert_eq!(
+            check(vec![("a.yaml", wider)]).unwrap_err(),
+            "a.yaml of the bundle in force is changed or gone"
+        );
+        let b = "kind: AgentPolicy\nname: b\nidentity: spiffe://example.org/b\n";
+        assert!(
+            check(vec![a(), ("b.yaml", b.into())])
+                .unwrap_err()
+                .contains("b.yaml is not a grant file")
+        );
+        assert!(
+            check(vec![
+                a(),
+                ("grant-2.yaml", format!("{}---\n{b}", grant("192.0.2.1")))
+            ])
+            .unwrap_err()
+            .contains("grant-2.yaml holds something other than grants")
+        );
+        let deny = format!(
+            "{}---\nkind: GlobalDeny\nto: [192.0.2.99]\n",
+            grant("192.0.2.1")
+        );
+        assert!(
+            check(vec![a(), ("grant-2.yaml", deny)])
+                .unwrap_err()
+                .contains("GlobalDeny")
+        );
     }
 
     #[test]
