@@ -641,7 +641,7 @@ fn a_break_glass_grant_applies_at_once_on_one_signature_and_nothing_else_does() 
     assert!(ok && out.starts_with("pushed version 4 "), "{out}{err}");
     let why = refused(&node, "version 4:");
     assert!(
-        why.contains(" of the bundle in force is changed or gone"),
+        why.contains("it is not signed as grants added to the bundle in force (adds_to)"),
         "{why}"
     );
     assert_eq!(probe.cmd("connect tcp 198.51.100.12 443"), "err EPERM");
@@ -749,4 +749,43 @@ fn a_revocation_list_numbered_near_the_end_once_leaves_no_answer_looking_old() {
         },
     );
     assert!(revoked(first)(&status_json(&node.socket)));
+
+    // A control plane's answer can put junk in what a node keeps and sends back (a lineage
+    // that is none, an error as long as a poll may be): the node cleans it when it starts,
+    // and a control plane answers a junk lineage as another database's, never refusing the
+    // poll, so no node is kept away for good.
+    node.stop();
+    let link = dir.join("state/control-plane/link.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&link).unwrap()).unwrap();
+    state["lineage"] = "zzz".into();
+    state["error"] = "x".repeat(70_000).into();
+    std::fs::write(&link, state.to_string()).unwrap();
+    let node = NodeProc::start_with(&env, dir, &node_args(&fx.node_flags(&url), &[]));
+    let third = "spiffe://example.org/agent/third";
+    revoke(&fx, &url, third);
+    wait_status(&node.socket, "the third revocation", revoked(third));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let other = fx.node_client(&url, "other");
+    let reply: agentwall::control_plane::PollReply = rt
+        .block_on(other.send_json(
+            hyper::Method::POST,
+            "/v1/node/poll",
+            &agentwall::control_plane::PollRequest {
+                known_version: 5,
+                revocation_gen: 5,
+                lineage: Some("zzz".into()),
+                ..Default::default()
+            },
+            std::time::Duration::from_secs(10),
+        ))
+        .unwrap();
+    assert!(
+        reply
+            .lineage
+            .as_deref()
+            .is_some_and(agentwall::control_plane::is_lineage)
+            && reply.revoked.len() == 3,
+        "{reply:?}"
+    );
 }

@@ -23,6 +23,23 @@ use super::{
 /// Why the node did not apply a bundle (its own error, whatever the node's type).
 pub type ApplyError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Most of an error a node keeps and sends in its polls: what a control plane sent can be in
+/// it, and a poll too large to take would keep the node away for good.
+const MAX_ERROR: usize = 2048;
+
+/// `e` cut to [`MAX_ERROR`] bytes (at a character), marked when cut.
+fn bounded(mut e: String) -> String {
+    if e.len() > MAX_ERROR {
+        let mut end = MAX_ERROR;
+        while !e.is_char_boundary(end) {
+            end -= 1;
+        }
+        e.truncate(end);
+        e.push_str(" (cut)");
+    }
+    e
+}
+
 /// What the node does with what the control plane sends.
 pub trait NodeSide: Send + Sync + 'static {
     /// Applies a validated bundle (already written to `policy_dir`); why, when it was refused.
@@ -300,6 +317,10 @@ impl Link {
 
     async fn poll_loop(self: Arc<Self>, node: Arc<dyn NodeSide>) {
         let mut st = LinkState::load(&self.state_path);
+        // Kept by a version that took junk from a control plane: cleaned, so every poll is
+        // one a control plane takes.
+        st.lineage = st.lineage.filter(|l| super::is_lineage(l));
+        st.error = st.error.map(bounded);
         // No state beside bundles it kept (the file deleted): the floor it held is unknown,
         // as for a state that cannot be read, not none.
         if self.signers.1 > 0
@@ -342,7 +363,11 @@ impl Link {
                 revocation_gen: if first { 0 } else { st.revocation_gen },
                 applied_version: st.applied_version,
                 applied_revision: st.applied_revision.clone(),
-                error: st.error.clone().or_else(|| node.policy_in_force().1),
+                error: st
+                    .error
+                    .clone()
+                    .or_else(|| node.policy_in_force().1)
+                    .map(bounded),
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
                 wait_ms: 25_000,
                 lineage: st.lineage.clone(),
@@ -382,7 +407,9 @@ impl Link {
             // if the node knew nothing, so its bundle and revocations are all here; taking
             // them cannot undo a revocation (they only add up on a node).
             let mut moved_lineage = false;
-            if let Some(now) = &reply.lineage
+            // Only a lineage as a database gives it is kept: junk sent back in every poll
+            // would be refused by every control plane, for good.
+            if let Some(now) = reply.lineage.as_ref().filter(|l| super::is_lineage(l))
                 && st.lineage.as_ref() != Some(now)
             {
                 if let Some(had) = &st.lineage {
@@ -591,6 +618,13 @@ impl Link {
                         now,
                     )
                 };
+                // Whether `base` is the full bundle under the one in force.
+                let same_root = |base: &str| {
+                    let t = |s: &str| crate::clock::parse_rfc3339(s).ok();
+                    applied
+                        .as_ref()
+                        .is_some_and(|(_, _, root)| t(base).is_some() && t(base) == t(root))
+                };
                 match admit(*required) {
                     Ok(()) => {}
                     // Fewer signatures than a bundle needs: enough for break-glass grants
@@ -601,6 +635,14 @@ impl Link {
                             return Err(BundleRefused::Signing(e));
                         };
                         admit(n).map_err(|_| BundleRefused::Signing(e))?;
+                        // Signed as grants on the bundle in force (as `cp grant` signs
+                        // them), not as a full bundle: taken as one, it would move the base
+                        // grants are judged against.
+                        if !signing.adds_to.as_deref().is_some_and(same_root) {
+                            return Err(BundleRefused::NotBreakGlass(
+                                crate::policy::grant::BreakGlassError::NotOnBase,
+                            ));
+                        }
                         let before = in_force(&dir).map_err(|source| BundleRefused::Write {
                             dir: dir.clone(),
                             source,
@@ -615,12 +657,6 @@ impl Link {
                 // Grants added to the full bundle under the one in force: checked here
                 // against the files in force, whatever its signers were shown, so only
                 // grants differ.
-                let same_root = |base: &str| {
-                    let t = |s: &str| crate::clock::parse_rfc3339(s).ok();
-                    applied
-                        .as_ref()
-                        .is_some_and(|(_, _, root)| t(base).is_some() && t(base) == t(root))
-                };
                 if signing.adds_to.as_deref().is_some_and(same_root) {
                     let before = in_force(&dir).map_err(|source| BundleRefused::Write {
                         dir: dir.clone(),
@@ -660,7 +696,8 @@ impl Link {
                 dir: dir.clone(),
                 source,
             })?;
-            node.apply_bundle(set).map_err(|e| {
+            let applied = set.revision.clone();
+            node.apply_bundle(set).map(|()| applied).map_err(|e| {
                 if let Some(files) = &previous {
                     let back = files
                         .iter()
@@ -676,10 +713,11 @@ impl Link {
         .await
         .unwrap_or_else(|e| Err(BundleRefused::Apply(e.into())));
         match outcome {
-            Ok(()) => {
-                info!(version = b.version, revision = %b.revision, "policy bundle from the control plane applied");
+            // The revision its files hash to here, not the one the control plane named.
+            Ok(revision) => {
+                info!(version = b.version, %revision, "policy bundle from the control plane applied");
                 st.applied_version = Some(b.version);
-                st.applied_revision = Some(b.revision.clone());
+                st.applied_revision = Some(revision);
                 // A floor only from a bundle whose signatures were checked.
                 if self.signers.1 > 0 && b.signing.not_before.is_some() {
                     st.applied_not_before = b.signing.not_before.clone();
@@ -692,7 +730,7 @@ impl Link {
             }
             Err(e) => {
                 error!(version = b.version, error = %e, "policy bundle from the control plane not applied; the previous one stays");
-                st.error = Some(format!("version {}: {e}", b.version));
+                st.error = Some(bounded(format!("version {}: {e}", b.version)));
                 *self.stats.bundle_refused.lock().expect("bundle refused") = st.error.clone();
             }
         }

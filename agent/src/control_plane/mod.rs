@@ -786,6 +786,35 @@ pub fn validate(files: &[BundleFile]) -> Result<crate::policy::source::PolicySet
     };
     let set = crate::policy::source::parse_sources(sorted).map_err(wire)?;
     crate::policy::source::check_compiles(&set).map_err(wire)?;
+    // A file named grant-* holds grants only: such files are what grants added to a bundle
+    // may change (`policy::grant::grants_only_change`), so rules in one would pass as grants.
+    let in_grant_file = |o: &crate::policy::source::Origin| {
+        o.file
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("grant-"))
+    };
+    let misplaced: Vec<WireError> = set
+        .agents
+        .iter()
+        .map(|a| (&a.origin, "AgentPolicy", &a.name))
+        .chain(
+            set.archetypes
+                .values()
+                .map(|a| (&a.origin, "Archetype", &a.name)),
+        )
+        .filter(|(o, _, _)| in_grant_file(o))
+        .map(|(o, kind, name)| WireError {
+            file: o.file.display().to_string(),
+            line: o.line,
+            column: 1,
+            message: format!(
+                "{kind} {name:?} is in a file named grant-*, which holds grants only: name the file otherwise"
+            ),
+        })
+        .collect();
+    if !misplaced.is_empty() {
+        return Err(misplaced);
+    }
     Ok(set)
 }
 
@@ -805,6 +834,12 @@ pub fn unowned(set: &crate::policy::source::PolicySet) -> Vec<WireError> {
             ),
         })
         .collect()
+}
+
+/// Whether `l` is a database lineage as a control plane gives it (32 hex digits): anything
+/// else is no lineage of any database, and neither side keeps or logs it.
+pub fn is_lineage(l: &str) -> bool {
+    l.len() == 32 && l.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// The grants of `set` that end later than a grant made `now` may
@@ -901,6 +936,22 @@ mod tests {
             "{}",
             errs[0]
         );
+    }
+
+    #[test]
+    fn a_file_named_grant_holds_grants_only() {
+        let files = vec![BundleFile {
+            name: "grant-team.yaml".into(),
+            text: "kind: AgentPolicy\nname: team\nidentity: spiffe://example.org/agent/team\n"
+                .into(),
+        }];
+        let errs = validate(&files).unwrap_err();
+        assert_eq!(
+            errs[0].to_string(),
+            "grant-team.yaml:1:1: AgentPolicy \"team\" is in a file named grant-*, which holds grants only: name the file otherwise"
+        );
+        assert!(is_lineage("0123456789abcdef0123456789ABCDEF"));
+        assert!(!is_lineage("zzz") && !is_lineage(&"a".repeat(70_000)));
     }
 
     #[test]

@@ -2318,27 +2318,22 @@ async fn node_poll(
     // is answered as a node that knows nothing (it takes this database's bundle and list).
     // A node that names no lineage (an older agentwall) is taken at its numbers.
     let lineage = s.published.read().expect("published").lineage.clone();
-    // A lineage is 32 hex digits; anything else is no lineage of ours, and is not logged.
-    if req
+    // A lineage is 32 hex digits; anything else (a node given junk by whoever held the
+    // control plane) is no lineage of ours: answered as another database's, so the node
+    // takes this database's bundle and list and its lineage with them, never refused (a
+    // refusal would keep the node away for good). Only a well-formed one is logged.
+    let theirs = req
         .lineage
         .as_deref()
-        .is_some_and(|l| l.len() != 32 || !l.bytes().all(|b| b.is_ascii_hexdigit()))
-    {
-        return Err(Fail::new(
-            StatusCode::BAD_REQUEST,
-            "lineage is 32 hexadecimal digits, as a poll answer gave it",
-        ));
-    }
-    let known = if req
-        .lineage
-        .as_deref()
-        .is_none_or(|l| lineage.as_deref().is_none_or(|ours| l == ours))
+        .map(|l| super::is_lineage(l).then_some(l));
+    let known = if theirs
+        .is_none_or(|l| l.is_some_and(|l| lineage.as_deref().is_none_or(|ours| l == ours)))
     {
         (req.known_version, req.revocation_gen)
     } else {
         // Logged once for every 1,000 (the first included): a node may ask this every poll.
         if s.stats.polls_other_lineage.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
-            warn!(node = %who.name, node_lineage = ?req.lineage, lineage = ?lineage,
+            warn!(node = %who.name, node_lineage = ?theirs.flatten(), lineage = ?lineage,
                 "a node that knows another database: answered with this database's bundle and revocations");
         }
         (0, 0)

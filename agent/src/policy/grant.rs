@@ -148,6 +148,8 @@ pub enum BreakGlassError {
     Nothing,
     #[error("its GlobalDeny is not the one in force")]
     GlobalDeny,
+    #[error("it is not signed as grants added to the bundle in force (adds_to)")]
+    NotOnBase,
 }
 
 /// Whether `after` is the bundle whose files are `before` (name, text) with files of
