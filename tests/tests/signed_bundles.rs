@@ -662,6 +662,53 @@ fn a_break_glass_grant_applies_at_once_on_one_signature_and_nothing_else_does() 
         ),
         "{err}"
     );
+
+    // The refused versions gone: both push version 1's files again, and the break-glass
+    // grant in force is carried over, signed as carried from the bundle the node stands
+    // on: applied, the grant still in force.
+    drop(_server);
+    tamper(&fx, "DELETE FROM policy WHERE version > 2");
+    let _server = CpProc::start_with(&fx, Some(addr), "cp", &["--approvals-required", "0"]);
+    let mut push = vec!["push", &v1, "--sign-key", alice, "--sign-key", bob];
+    push.extend_from_slice(&both);
+    push.extend(["--break-glass-signatures", "1"]);
+    let pushed = |args: &[&str]| {
+        let (ok, out, err) = policy(&fx, &url, args);
+        assert!(ok && out.starts_with("pushed version "), "{out}{err}");
+        let v: u64 = out.split_whitespace().nth(2).unwrap().parse().unwrap();
+        (v, err)
+    };
+    let (v, err) = pushed(&push);
+    assert!(err.contains("carrying over grant-"), "{err}");
+    applied(&node, v);
+    assert_eq!(
+        probe.cmd("connect tcp 198.51.100.10 443"),
+        "err ENETUNREACH"
+    );
+    // The admins end the grant early.
+    let mut drop_grants = push.clone();
+    drop_grants.push("--drop-grants");
+    let (ended, _) = pushed(&drop_grants);
+    applied(&node, ended);
+    assert_eq!(probe.cmd("connect tcp 198.51.100.10 443"), "err EPERM");
+    // Whoever holds the database shows version 2 (the grant not yet past its deadline) as
+    // the newest: it checks out as break-glass grants on the newest fully signed bundle, so
+    // the next push carries the grant over. Signed as carried from a bundle older than the
+    // one the node stands on, it is refused: the ended grant does not come back.
+    drop(_server);
+    tamper(
+        &fx,
+        &format!(
+            "UPDATE policy SET version = {} WHERE version = 2",
+            ended + 1
+        ),
+    );
+    let _server = CpProc::start_with(&fx, Some(addr), "cp", &["--approvals-required", "0"]);
+    let (v, err) = pushed(&push);
+    assert!(err.contains("carrying over grant-"), "{err}");
+    let why = refused(&node, &format!("version {v}:"));
+    assert!(why.contains("grants ended since could come back"), "{why}");
+    assert_eq!(probe.cmd("connect tcp 198.51.100.10 443"), "err EPERM");
 }
 
 /// `agentwall cp revoke ID` as the admin: the generation it was given.

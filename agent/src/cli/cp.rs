@@ -543,6 +543,7 @@ fn sign_push(
     keys: &[PathBuf],
     expires_in: Option<&str>,
     adds_to: Option<String>,
+    carries_from: Option<String>,
 ) -> anyhow::Result<agentwall::control_plane::signing::Signing> {
     if keys.is_empty() && expires_in.is_none() {
         return Ok(Default::default());
@@ -560,6 +561,7 @@ fn sign_push(
         not_before: Some(agentwall::clock::rfc3339(now)),
         expires_at,
         adds_to,
+        carries_from,
         signatures: Vec::new(),
     };
     signing.signatures = keys
@@ -633,18 +635,22 @@ fn read_bundle(dir: &Path) -> anyhow::Result<Vec<BundleFile>> {
 
 /// The grant files of the newest bundle whose grants are all in force and that `files`
 /// does not hold.
+/// The grant files in force in the newest bundle that `files` do not hold, and that bundle's
+/// root ([`agentwall::control_plane::signing::Signing::root`]), which a signed push carrying
+/// them names.
 async fn grants_in_force(
     c: &Client,
     files: &[BundleFile],
     check: Option<&BaseCheck>,
-) -> anyhow::Result<Vec<BundleFile>> {
+) -> anyhow::Result<(Vec<BundleFile>, Option<String>)> {
     let b: Bundle = match c.get("/v1/policy").await {
         Ok(b) => b,
         Err(ClientError::Refused { status, .. }) if status == hyper::StatusCode::NOT_FOUND => {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
         Err(e) => return Err(e.into()),
     };
+    let root = b.signing.root().map(str::to_owned);
     // Carried files are signed with the push: checked first, as a node checks them.
     if let Some(check) = check {
         if check.trusted_signer.is_empty() {
@@ -653,15 +659,16 @@ async fn grants_in_force(
                     "not carrying grants over: a signed push carries them only once --trusted-signer keys confirm the newest bundle"
                 );
             }
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
         verified_base(c, &b, check).await?;
     }
     let Ok(set) = agentwall::control_plane::validate(&b.files) else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     };
     let now = time::OffsetDateTime::now_utc();
-    Ok(b.files
+    let carried: Vec<BundleFile> = b
+        .files
         .into_iter()
         .filter(|f| {
             f.name.starts_with("grant-")
@@ -677,7 +684,8 @@ async fn grants_in_force(
                     .iter()
                     .any(|g| g.origin.file.file_name() == Some(std::ffi::OsStr::new(&f.name)))
         })
-        .collect())
+        .collect();
+    Ok((carried, root))
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -701,19 +709,33 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             base,
         }) => {
             let mut files = read_bundle(dir)?;
+            // Signed with the root of the bundle grants are carried from: a node that
+            // stands on a newer one refuses the push, so an old bundle shown as the newest
+            // cannot bring back grants ended since.
+            let mut carries_from = None;
             if !drop_grants {
                 let check = (!sign_key.is_empty()).then_some(base);
-                for f in grants_in_force(&c, &files, check).await? {
+                let (carried, root) = grants_in_force(&c, &files, check).await?;
+                for f in carried {
                     eprintln!(
-                        "carrying over {} (a grant in force; --drop-grants leaves it out)",
-                        f.name
+                        "carrying over {} (a grant in force in the newest bundle, which stands on the bundle valid from {}; --drop-grants leaves it out)",
+                        f.name,
+                        root.as_deref().unwrap_or("-")
                     );
                     files.push(f);
+                    carries_from.clone_from(&root);
                 }
                 files.sort_by(|a, b| a.name.cmp(&b.name));
             }
             let n = files.len();
-            let signing = sign_push(dir, &files, sign_key, expires_in.as_deref(), None)?;
+            let signing = sign_push(
+                dir,
+                &files,
+                sign_key,
+                expires_in.as_deref(),
+                None,
+                carries_from,
+            )?;
             let r: Result<Pushed, ClientError> = c
                 .send_json(
                     hyper::Method::PUT,
@@ -1330,6 +1352,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 sign_key,
                 None,
                 b.signing.root().map(str::to_owned),
+                None,
             )?;
             let r: Pushed = c
                 .send_json(

@@ -947,6 +947,7 @@ impl Server {
                 "adds_to {base} is after not_before {nb}: grants are added to a bundle made before them"
             )));
         }
+        signing.dated_sanely(now).map_err(|e| bad(e.to_string()))?;
         let dated = signing.clone();
         let mut seen = std::collections::BTreeSet::new();
         for sig in &mut signing.signatures {
@@ -992,6 +993,11 @@ impl Server {
         if let Some(nb) = signing.not_before.as_deref().filter(|t| before_newest(t)) {
             return Err(conflict(format!(
                 "the bundle is dated {nb}, before the bundle in force ({newest}): nodes would refuse it as a rollback; push it again"
+            )));
+        }
+        if let Some(from) = signing.carries_from.as_deref().filter(|t| before(t, &root)) {
+            return Err(conflict(format!(
+                "the bundle carries grants over from one dated {from}, before the bundle under the one in force ({root}): nodes would refuse it; push again"
             )));
         }
         if let Some(base) = signing.adds_to.as_deref().filter(|t| before(t, &root)) {
@@ -3884,11 +3890,16 @@ mod restored {
         let r = poll(&s1, (2, 0), Some("a-lost"), Some(&lineage)).await;
         assert_eq!(r.bundle.map(|b| b.revision), Some("b-now".to_owned()));
 
+        // A lineage that is none (junk a hostile control plane gave the node) is answered as
+        // another database's, never refused: a refused poll would keep the node away.
         let req = PollRequest {
+            known_version: 9,
             lineage: Some("\u{7f}".repeat(40)),
             ..PollRequest::default()
         };
-        assert_eq!(send(&s1, &req).await.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(send(&s1, &req).await.status(), StatusCode::OK);
+        let r = poll(&s1, (9, 0), None, Some(&"\u{7f}".repeat(40))).await;
+        assert_eq!(r.bundle.map(|b| b.revision), Some("b-now".to_owned()));
     }
 
     /// Two pushes given one number (one before the restore, one after, before any node

@@ -32,6 +32,12 @@ pub struct Signing {
     /// it, and the old rules must not come back with them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adds_to: Option<String>,
+    /// RFC 3339: for a push that carries grants over from the newest bundle (`policy push`),
+    /// that bundle's root ([`Signing::root`]). A node whose bundle in force stands on a
+    /// newer one refuses it: grants admins ended early must not come back from an old
+    /// bundle shown as the newest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carries_from: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub signatures: Vec<BundleSignature>,
 }
@@ -41,6 +47,7 @@ impl Signing {
         self.not_before.is_none()
             && self.expires_at.is_none()
             && self.adds_to.is_none()
+            && self.carries_from.is_none()
             && self.signatures.is_empty()
     }
 
@@ -64,13 +71,18 @@ impl Signing {
                 not_before: nb.clone(),
             });
         }
-        if let Some(base) = &self.adds_to
-            && parse(base, "adds_to")? > nb_time
-        {
-            return Err(SigningError::AddsToLater {
-                adds_to: base.clone(),
-                not_before: nb.clone(),
-            });
+        for (field, t) in [
+            ("adds_to", &self.adds_to),
+            ("carries_from", &self.carries_from),
+        ] {
+            if let Some(t) = t
+                && parse(t, field)? > nb_time
+            {
+                return Err(SigningError::AddsToLater {
+                    adds_to: t.clone(),
+                    not_before: nb.clone(),
+                });
+            }
         }
         Ok(())
     }
@@ -82,13 +94,20 @@ impl Signing {
     /// could be a refused grant's, and such a signature must not pass for the new meaning.
     pub fn statement(&self, digest: &str) -> Option<String> {
         let nb = self.not_before.as_deref()?;
-        let version = if self.adds_to.is_some() { 3 } else { 2 };
+        let version = if self.adds_to.is_some() || self.carries_from.is_some() {
+            3
+        } else {
+            2
+        };
         let mut s = format!(
             "agentwall policy bundle v{version}\nsha256 {digest}\nnot_before {nb}\nexpires_at {}\n",
             self.expires_at.as_deref().unwrap_or("-")
         );
         if let Some(base) = &self.adds_to {
             s.push_str(&format!("adds_to {base}\n"));
+        }
+        if let Some(from) = &self.carries_from {
+            s.push_str(&format!("carries_from {from}\n"));
         }
         Some(s)
     }
@@ -152,7 +171,14 @@ pub enum SigningError {
     )]
     AddsToOlder { adds_to: String, applied: String },
     #[error(
-        "the bundle adds grants to one valid from {adds_to}, after its own not_before {not_before}"
+        "the bundle carries grants over from a bundle valid from {carries_from}, older than the one the bundle in force stands on (valid from {applied}): grants ended since could come back"
+    )]
+    CarriesFromOlder {
+        carries_from: String,
+        applied: String,
+    },
+    #[error(
+        "the bundle adds grants to (or carries them from) one valid from {adds_to}, after its own not_before {not_before}"
     )]
     AddsToLater { adds_to: String, not_before: String },
     #[error("signature by key {key}: {why}")]
@@ -318,6 +344,15 @@ impl Keyring {
                     applied: applied.root.to_owned(),
                 });
             }
+            if let Some(from) = &signing.carries_from
+                && let Ok(root) = parse(applied.root, "adds_to")
+                && parse(from, "carries_from")? < root
+            {
+                return Err(SigningError::CarriesFromOlder {
+                    carries_from: from.clone(),
+                    applied: applied.root.to_owned(),
+                });
+            }
         }
         Ok(())
     }
@@ -473,6 +508,21 @@ mod tests {
         };
         let g2 = on(g1.root().unwrap(), &at(-5));
         ring.admit("r1", "r1", &g2, 1, Some(in_g1), now).unwrap();
+        // A push carrying grants over from a bundle older than the one under the bundle in
+        // force: grants admins ended since would come back.
+        let carrying = |from: &str| {
+            let mut g = Signing {
+                not_before: Some(at(-5)),
+                carries_from: Some(from.to_owned()),
+                ..Default::default()
+            };
+            g.signatures = vec![sign(&alice, "r1", &g).unwrap()];
+            g
+        };
+        let e = say(ring.admit("r1", "r1", &carrying(&at(-30)), 1, Some(b1.get()), now));
+        assert!(e.contains("grants ended since could come back"), "{e}");
+        ring.admit("r1", "r1", &carrying(&at(-20)), 1, Some(b1.get()), now)
+            .unwrap();
         // A base after the bundle's own time is no base.
         let e = say(ring.admit("r1", "r1", &on(&at(-1), &at(-5)), 1, None, now));
         assert!(e.contains("after its own not_before"), "{e}");

@@ -1548,6 +1548,7 @@ fn a_proposal_becomes_the_next_version_with_its_last_approval_and_only_then() {
             not_before: Some("2026-12-05T00:00:00.000Z".into()),
             expires_at: None,
             adds_to: None,
+            carries_from: None,
             signatures: vec![sig("a")],
         };
         assert_eq!(
