@@ -807,11 +807,18 @@ fn a_revocation_list_numbered_near_the_end_once_leaves_no_answer_looking_old() {
         serde_json::from_str(&std::fs::read_to_string(&link).unwrap()).unwrap();
     state["lineage"] = "zzz".into();
     state["error"] = "x".repeat(70_000).into();
+    state["known_version"] = top.into();
     std::fs::write(&link, state.to_string()).unwrap();
     let node = NodeProc::start_with(&env, dir, &node_args(&fx.node_flags(&url), &[]));
     let third = "spiffe://example.org/agent/third";
     revoke(&fx, &url, third);
     wait_status(&node.socket, "the third revocation", revoked(third));
+    // The numbers that came with the junk lineage are dropped with it: the next bundle,
+    // numbered far below them, is taken.
+    agentwall_tests::cp::push(&fx, &url, "v1", SUPPORT_POLICY);
+    wait_status(&node.socket, "version 1 applied", |s| {
+        s["control_plane"]["applied_version"] == 1
+    });
     let rt = tokio::runtime::Runtime::new().unwrap();
     let other = fx.node_client(&url, "other");
     let reply: agentwall::control_plane::PollReply = rt

@@ -664,6 +664,10 @@ async fn grants_in_force(
         verified_base(c, &b, check).await?;
     }
     let Ok(set) = agentwall::control_plane::validate(&b.files) else {
+        eprintln!(
+            "not carrying grants over: the newest bundle (version {}) does not validate here",
+            b.version
+        );
         return Ok((Vec::new(), None));
     };
     let now = time::OffsetDateTime::now_utc();
@@ -829,7 +833,12 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                     .adds_to
                     .as_deref()
                     .map(|b| format!(", adding grants to the bundle valid from {b}"))
-                    .unwrap_or_default(),
+                    .unwrap_or_default()
+                    + &p.signing
+                        .carries_from
+                        .as_deref()
+                        .map(|b| format!(", carrying grants over from the bundle valid from {b}"))
+                        .unwrap_or_default(),
                 p.files
                     .iter()
                     .map(|f| f.name.as_str())

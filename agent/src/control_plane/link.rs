@@ -319,7 +319,17 @@ impl Link {
         let mut st = LinkState::load(&self.state_path);
         // Kept by a version that took junk from a control plane: cleaned, so every poll is
         // one a control plane takes.
-        st.lineage = st.lineage.filter(|l| super::is_lineage(l));
+        // A junk lineage came with numbers of no database: dropped as a move to another
+        // database, numbers and all, or a number near the end kept with it would make every
+        // honest answer look old.
+        if st.lineage.as_deref().is_some_and(|l| !super::is_lineage(l)) {
+            warn!(
+                "the control plane link state names no database's lineage; its numbers are dropped with it"
+            );
+            st.lineage = None;
+            st.known_version = 0;
+            st.revocation_gen = 0;
+        }
         st.error = st.error.map(bounded);
         // No state beside bundles it kept (the file deleted): the floor it held is unknown,
         // as for a state that cannot be read, not none.

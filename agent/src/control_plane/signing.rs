@@ -79,7 +79,8 @@ impl Signing {
                 && parse(t, field)? > nb_time
             {
                 return Err(SigningError::AddsToLater {
-                    adds_to: t.clone(),
+                    field,
+                    time: t.clone(),
                     not_before: nb.clone(),
                 });
             }
@@ -178,9 +179,13 @@ pub enum SigningError {
         applied: String,
     },
     #[error(
-        "the bundle adds grants to (or carries them from) one valid from {adds_to}, after its own not_before {not_before}"
+        "the bundle's {field} {time} is after its own not_before {not_before}: grants come from a bundle made before them"
     )]
-    AddsToLater { adds_to: String, not_before: String },
+    AddsToLater {
+        field: &'static str,
+        time: String,
+        not_before: String,
+    },
     #[error("signature by key {key}: {why}")]
     Refused { key: String, why: &'static str },
 }
