@@ -268,13 +268,7 @@ pub fn cmdline_of(pid: u32) -> Option<String> {
     if text.is_empty() {
         return None;
     }
-    if text.len() > 1024 {
-        let mut cut = 1024;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-    }
+    text.truncate(crate::text::prefix(&text, 1024).len());
     Some(text)
 }
 

@@ -70,4 +70,5 @@ pub mod pem;
 pub mod policy;
 pub mod review;
 pub mod sockets;
+pub mod text;
 pub mod workers;

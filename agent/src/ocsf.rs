@@ -488,13 +488,7 @@ fn severity_name(id: i64) -> &'static str {
 
 /// A string cut to what an OCSF field holds, at a character boundary.
 fn bounded(mut s: String) -> String {
-    if s.len() > MAX_TEXT {
-        let mut end = MAX_TEXT;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
+    s.truncate(crate::text::prefix(&s, MAX_TEXT).len());
     s
 }
 

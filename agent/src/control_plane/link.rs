@@ -30,11 +30,7 @@ const MAX_ERROR: usize = 2048;
 /// `e` cut to [`MAX_ERROR`] bytes (at a character), marked when cut.
 fn bounded(mut e: String) -> String {
     if e.len() > MAX_ERROR {
-        let mut end = MAX_ERROR;
-        while !e.is_char_boundary(end) {
-            end -= 1;
-        }
-        e.truncate(end);
+        e.truncate(crate::text::prefix(&e, MAX_ERROR).len());
         e.push_str(" (cut)");
     }
     e

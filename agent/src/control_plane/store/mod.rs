@@ -521,11 +521,7 @@ fn bounded(s: Cow<'_, str>, max: usize) -> Cow<'_, str> {
     if s.len() <= max {
         return s;
     }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    Cow::Owned(s[..end].to_owned())
+    Cow::Owned(crate::text::prefix(&s, max).to_owned())
 }
 
 /// A reported record as both stores keep it: its text and the columns it is found by.
