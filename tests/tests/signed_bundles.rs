@@ -409,29 +409,14 @@ fn a_node_applies_only_what_its_signers_signed_and_never_an_older_or_expired_bun
     // ...and when whoever holds its database publishes it anyway, the node measures the
     // grant from the time its signers signed, and refuses it too.
     drop(_server);
-    let files: Vec<BundleFile> = [("agents.yaml", SUPPORT_POLICY), ("grant-1.yaml", &long)]
-        .into_iter()
-        .map(|(name, text)| BundleFile {
-            name: name.into(),
-            text: text.to_owned(),
-        })
-        .collect();
-    let set = agentwall::control_plane::validate(&files).unwrap();
-    let mut signing = Signing {
-        not_before: Some(agentwall::clock::now_rfc3339()),
-        ..Default::default()
-    };
-    for key in [alice, bob] {
-        let s = sign(std::path::Path::new(key), &set.digest, &signing).unwrap();
-        signing.signatures.push(s);
-    }
-    let store = SqliteStore::open(&fx.dir.join("db/cp.db"), Default::default()).unwrap();
-    let pushed = store
-        .push_policy(&set.revision, &files, "db holder", 0, None, &signing)
-        .unwrap();
-    drop(store);
+    let pushed = signed_into_database(
+        &fx,
+        &[("agents.yaml", SUPPORT_POLICY), ("grant-1.yaml", &long)],
+        None,
+        &[alice, bob],
+    );
     let _server = CpProc::start(&fx, Some(addr));
-    let why = refused(&node, &format!("version {}:", pushed.version));
+    let why = refused(&node, &format!("version {pushed}:"));
     assert!(
         why.contains("grant \"grant-1\" lasts until ") && why.contains("more than 7 days"),
         "{why}"
@@ -446,36 +431,22 @@ fn a_node_applies_only_what_its_signers_signed_and_never_an_older_or_expired_bun
     drop(_server);
     let store = SqliteStore::open(&fx.dir.join("db/cp.db"), Default::default()).unwrap();
     let base = store.policy(Some(v)).unwrap().unwrap();
+    drop(store);
     let grant = format!(
         "kind: Grant\nname: grant-2\nidentity: {SUPPORT_ID}\nreason: r\nuntil: {}\negress:\n  - to: [198.51.100.10]\n",
         agentwall::clock::rfc3339(
             std::time::SystemTime::now() + std::time::Duration::from_secs(600)
         )
     );
-    let files: Vec<BundleFile> = [("agents.yaml", SUPPORT_POLICY), ("grant-2.yaml", &grant)]
-        .into_iter()
-        .map(|(name, text)| BundleFile {
-            name: name.into(),
-            text: text.to_owned(),
-        })
-        .collect();
     assert_ne!(base.files[0].text, SUPPORT_POLICY);
-    let set = agentwall::control_plane::validate(&files).unwrap();
-    let mut signing = Signing {
-        not_before: Some(agentwall::clock::now_rfc3339()),
-        adds_to: base.signing.not_before.clone(),
-        ..Default::default()
-    };
-    for key in [alice, bob] {
-        let s = sign(std::path::Path::new(key), &set.digest, &signing).unwrap();
-        signing.signatures.push(s);
-    }
-    let made_up = store
-        .push_policy(&set.revision, &files, "db holder", 0, None, &signing)
-        .unwrap();
-    drop(store);
+    let made_up = signed_into_database(
+        &fx,
+        &[("agents.yaml", SUPPORT_POLICY), ("grant-2.yaml", &grant)],
+        base.signing.not_before.clone(),
+        &[alice, bob],
+    );
     let _server = CpProc::start(&fx, Some(addr));
-    let why = refused(&node, &format!("version {}:", made_up.version));
+    let why = refused(&node, &format!("version {made_up}:"));
     assert!(
         why.contains("it adds grants to the bundle under the one in force, but is more than that bundle with grants: agents.yaml of the bundle in force is changed or gone"),
         "{why}"
@@ -486,8 +457,41 @@ fn a_node_applies_only_what_its_signers_signed_and_never_an_older_or_expired_bun
     node.stop();
     std::fs::remove_file(&link).unwrap();
     let node = NodeProc::start_with(&env, dir, &node_args(&flags, &signers));
-    let why = refused(&node, &format!("version {}:", made_up.version));
+    let why = refused(&node, &format!("version {made_up}:"));
     assert!(why.contains("a bundle is never rolled back"), "{why}");
+}
+
+/// A bundle of `files` (name, text), dated now, adding grants to `adds_to`, signed with
+/// `keys`, stored in the control plane's database by hand (while it is down), as whoever
+/// holds the database would store what admins signed: its version.
+fn signed_into_database(
+    fx: &CpFixture,
+    files: &[(&str, &str)],
+    adds_to: Option<String>,
+    keys: &[&str],
+) -> u64 {
+    let files: Vec<BundleFile> = files
+        .iter()
+        .map(|(name, text)| BundleFile {
+            name: (*name).into(),
+            text: (*text).to_owned(),
+        })
+        .collect();
+    let set = agentwall::control_plane::validate(&files).unwrap();
+    let mut signing = Signing {
+        not_before: Some(agentwall::clock::now_rfc3339()),
+        adds_to,
+        ..Default::default()
+    };
+    for key in keys {
+        let s = sign(std::path::Path::new(key), &set.digest, &signing).unwrap();
+        signing.signatures.push(s);
+    }
+    let store = SqliteStore::open(&fx.dir.join("db/cp.db"), Default::default()).unwrap();
+    store
+        .push_policy(&set.revision, &files, "db holder", 0, None, &signing)
+        .unwrap()
+        .version
 }
 
 /// `agentwall cp grant` as the admin, for the support agent: (success, stdout, stderr).

@@ -536,7 +536,8 @@ fn hashed(files: &[BundleFile]) -> anyhow::Result<(String, String)> {
 }
 
 /// The signing of a push: dated now, expiring after `expires_in`, adding grants to the
-/// bundle valid from `adds_to`, signed with each key.
+/// bundle valid from `adds_to` or carrying them over from the one valid from
+/// `carries_from`, signed with each key.
 fn sign_push(
     dir: &Path,
     files: &[BundleFile],
@@ -633,8 +634,6 @@ fn read_bundle(dir: &Path) -> anyhow::Result<Vec<BundleFile>> {
     Ok(files)
 }
 
-/// The grant files of the newest bundle whose grants are all in force and that `files`
-/// does not hold.
 /// The grant files in force in the newest bundle that `files` do not hold, and that bundle's
 /// root ([`agentwall::control_plane::signing::Signing::root`]), which a signed push carrying
 /// them names.
@@ -720,6 +719,9 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             if !drop_grants {
                 let check = (!sign_key.is_empty()).then_some(base);
                 let (carried, root) = grants_in_force(&c, &files, check).await?;
+                if !carried.is_empty() {
+                    carries_from.clone_from(&root);
+                }
                 for f in carried {
                     eprintln!(
                         "carrying over {} (a grant in force in the newest bundle, which stands on the bundle valid from {}; --drop-grants leaves it out)",
@@ -727,7 +729,6 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                         root.as_deref().unwrap_or("-")
                     );
                     files.push(f);
-                    carries_from.clone_from(&root);
                 }
                 files.sort_by(|a, b| a.name.cmp(&b.name));
             }

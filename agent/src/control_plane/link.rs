@@ -313,11 +313,10 @@ impl Link {
 
     async fn poll_loop(self: Arc<Self>, node: Arc<dyn NodeSide>) {
         let mut st = LinkState::load(&self.state_path);
-        // Kept by a version that took junk from a control plane: cleaned, so every poll is
-        // one a control plane takes.
-        // A junk lineage came with numbers of no database: dropped as a move to another
-        // database, numbers and all, or a number near the end kept with it would make every
-        // honest answer look old.
+        // Junk a control plane gave an earlier version is cleaned, so every poll is one a
+        // control plane takes. A junk lineage came with numbers of no database: dropped as a
+        // move to another database, numbers and all, or a number near the end kept with it
+        // would make every honest answer look old.
         if st.lineage.as_deref().is_some_and(|l| !super::is_lineage(l)) {
             warn!(
                 "the control plane link state names no database's lineage; its numbers are dropped with it"
@@ -598,6 +597,17 @@ impl Link {
         // Checked again here: the node trusts the control plane's TLS, not its validation.
         let outcome = tokio::task::spawn_blocking(move || {
             let set = super::validate(&files).map_err(BundleRefused::Invalid)?;
+            // The files in force, read once: what grants are judged against, and what is
+            // put back if the kernel refuses the new ones (a restart enforces the directory).
+            let previous = in_force(&dir);
+            let before = || {
+                previous
+                    .as_ref()
+                    .map_err(|e| BundleRefused::Write {
+                        dir: dir.clone(),
+                        source: std::io::Error::new(e.kind(), e.to_string()),
+                    })
+            };
             let (keyring, required, break_glass) = &*signers;
             if *required > 0 {
                 // What was signed is the revision: the files must hash to it here.
@@ -649,11 +659,7 @@ impl Link {
                                 crate::policy::grant::BreakGlassError::NotOnBase,
                             ));
                         }
-                        let before = in_force(&dir).map_err(|source| BundleRefused::Write {
-                            dir: dir.clone(),
-                            source,
-                        })?;
-                        let grants = crate::policy::grant::break_glass_addition(&before, &set, now)
+                        let grants = crate::policy::grant::break_glass_addition(before()?, &set, now)
                             .map_err(BundleRefused::NotBreakGlass)?;
                         warn!(grants = ?grants, signatures = signing.signatures.len(),
                             "break-glass grants applied on fewer signatures than a bundle needs");
@@ -662,13 +668,9 @@ impl Link {
                 }
                 // Grants added to the full bundle under the one in force: checked here
                 // against the files in force, whatever its signers were shown, so only
-                // grants differ.
+                // grants differ (a break-glass bundle was held to more already).
                 if signing.adds_to.as_deref().is_some_and(same_root) {
-                    let before = in_force(&dir).map_err(|source| BundleRefused::Write {
-                        dir: dir.clone(),
-                        source,
-                    })?;
-                    crate::policy::grant::grants_only_change(&before, &set)
+                    crate::policy::grant::grants_only_change(before()?, &set)
                         .map_err(BundleRefused::NotGrantsOn)?;
                 }
                 // Grants last as long as the signers' own time says they may: a control
@@ -690,21 +692,17 @@ impl Link {
                 next.write(&path)
                     .map_err(|source| BundleRefused::Floor { path, source })?;
             }
-            // The files in force, put back if the kernel refuses the new ones: a restart
-            // enforces the directory, and it must be what was in force, not what was refused.
-            let previous = in_force(&dir)
-                .inspect_err(|e| {
-                    warn!(dir = %dir.display(), error = %e,
-                        "the policy files in force could not be read: they cannot be put back if the kernel refuses this bundle (a restart then starts on the last good revision)");
-                })
-                .ok();
+            if let Err(e) = &previous {
+                warn!(dir = %dir.display(), error = %e,
+                    "the policy files in force could not be read: they cannot be put back if the kernel refuses this bundle (a restart then starts on the last good revision)");
+            }
             crate::policy::source::save_dir(&set, &dir).map_err(|source| BundleRefused::Write {
                 dir: dir.clone(),
                 source,
             })?;
             let applied = set.revision.clone();
             node.apply_bundle(set).map(|()| applied).map_err(|e| {
-                if let Some(files) = &previous {
+                if let Ok(files) = &previous {
                     let back = files
                         .iter()
                         .map(|(n, t)| (std::ffi::OsStr::new(n.as_str()), t.as_bytes()));

@@ -940,13 +940,7 @@ impl Server {
                 "expires_at {exp} is not after not_before {nb}"
             )));
         }
-        if let Some(base) = &signing.adds_to
-            && time("adds_to", base)? > nb_time
-        {
-            return Err(bad(format!(
-                "adds_to {base} is after not_before {nb}: grants are added to a bundle made before them"
-            )));
-        }
+        // Bases after the bundle's own time (adds_to, carries_from).
         signing.dated_sanely(now).map_err(|e| bad(e.to_string()))?;
         let dated = signing.clone();
         let mut seen = std::collections::BTreeSet::new();

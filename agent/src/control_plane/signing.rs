@@ -26,10 +26,11 @@ pub struct Signing {
     /// RFC 3339: a node refuses the bundle after this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
-    /// RFC 3339: for grants added to a signed bundle (`cp grant`), that bundle's
-    /// `not_before`. A node that applied a newer bundle refuses this one: an admin given an
-    /// old bundle as the newest (by whoever holds the control plane) signs grants on top of
-    /// it, and the old rules must not come back with them.
+    /// RFC 3339: for grants added to a signed bundle (`cp grant`), the full bundle under it
+    /// ([`Signing::root`] of that bundle). A node whose bundle in force stands on a newer one
+    /// refuses this one: an admin given an old bundle as the newest (by whoever holds the
+    /// control plane) signs grants on top of it, and the old rules must not come back with
+    /// them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adds_to: Option<String>,
     /// RFC 3339: for a push that carries grants over from the newest bundle (`policy push`),

@@ -270,25 +270,16 @@ impl Enforcer {
         st.stamp = Some(initial.stamp);
         let revision = initial.policy.revision.clone();
         let mut error = initial.error;
-        if let Err(e) = self.apply_locked(&mut st, initial.policy, deps) {
-            // Files the kernel refuses (a bundle refused while its predecessor's files could
-            // not be put back, a capacity lowered): the last revision it took, not no node.
+        // Refused as any apply is (recorded, counted, remembered); files the kernel refuses
+        // (a bundle refused while its predecessor's files could not be put back, a capacity
+        // lowered) start the node on the last revision it took, not on nothing.
+        if let Err(e) = self.apply_or_refuse_locked(&mut st, initial.policy, deps) {
             match load_dir(&self.last_good) {
                 Ok(good) if good.revision != revision => {
-                    error!(error = %e, refused = %revision, revision = %good.revision,
-                        "the policy directory's policy was refused; starting on the last good revision");
-                    let why = format!("revision {revision} refused: {e}");
-                    let good_revision = good.revision.clone();
+                    error!(refused = %revision, revision = %good.revision,
+                        "starting on the last good revision");
                     self.apply_locked(&mut st, good, deps)?;
-                    deps.journal
-                        .record(&AuditEvent::Policy(PolicyEvent::Rejected {
-                            revision: Some(revision.clone()),
-                            errors: e.to_string(),
-                            revision_in_force: good_revision,
-                        }));
-                    deps.counters.add(|c| c.policy_rejections += 1);
-                    st.refused = Some(revision);
-                    error = Some(why);
+                    error = Some(format!("revision {revision} refused: {e}"));
                 }
                 _ => return Err(e),
             }

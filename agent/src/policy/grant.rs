@@ -13,8 +13,10 @@ pub const MAX_GRANT: std::time::Duration = std::time::Duration::from_secs(7 * 24
 /// short, and reviewed afterwards.
 pub const MAX_BREAK_GLASS: std::time::Duration = std::time::Duration::from_secs(4 * 3600);
 
-/// Clock skew allowed between whoever made a grant and whoever checks its length.
-pub const SKEW: time::Duration = time::Duration::seconds(300);
+/// Clock skew allowed between whoever made a grant and whoever checks its length: the one
+/// signed bundles are checked with.
+pub const SKEW: time::Duration =
+    time::Duration::seconds(crate::control_plane::signing::CLOCK_SKEW_SECS);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrantError {

@@ -605,6 +605,7 @@ impl Page {
         false
     }
 }
+
 /// Distinct destinations counted per identity before the rest are one row.
 const MAX_DESTINATIONS: usize = 1_000;
 /// The earliest time a chart places (2000-01-01).
