@@ -31,9 +31,13 @@ pub const SERVER_NAME: &str = "agentwall.node";
 pub enum Request {
     /// Place the calling process in a cgroup bound to the certificate's identity; with
     /// `follow`, the node renews the session from those files whenever they are rewritten.
+    /// `workload_api`: the launcher keeps a SPIFFE Workload API stream at that endpoint and
+    /// renews (or ends) the session from it (shown in `status`).
     Launch {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         follow: Option<Follow>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workload_api: Option<String>,
     },
     /// Root only, with the identity's certificate: bind an existing cgroup (a systemd unit, a
     /// container) to the certificate's identity.
@@ -41,6 +45,10 @@ pub enum Request {
     /// From inside a bound cgroup, with a newer certificate for the same identity: extend the
     /// cgroup's deadline to the new certificate's expiry.
     Renew,
+    /// From inside a bound cgroup, with a certificate of its identity: end the session now
+    /// (denied everything, its connections destroyed), for `reason`. What a Workload API
+    /// keeper asks when the API says the workload's SVID is gone.
+    End { reason: String },
     /// Root only: deny the identity everything at once, on every cgroup bound to it.
     Revoke { identity: String },
     /// Root only: re-read the policy directory now (as the node does on its own every half
@@ -63,7 +71,7 @@ impl Request {
     /// The refusal a caller who is not root gets, for requests only root may make.
     pub fn root_only(&self) -> Option<&'static str> {
         match self {
-            Self::Launch { .. } | Self::Renew => None,
+            Self::Launch { .. } | Self::Renew | Self::End { .. } => None,
             Self::Enroll { .. } => Some("enroll is for root only"),
             Self::Revoke { .. } => Some("revoke is for root only"),
             Self::Reload => Some("policy apply is for root only"),
@@ -78,6 +86,7 @@ impl Request {
             Self::Launch { .. } => Some("launch"),
             Self::Enroll { .. } => Some("enroll"),
             Self::Renew => Some("renew"),
+            Self::End { .. } => Some("end"),
             _ => None,
         }
     }
@@ -183,6 +192,9 @@ pub struct Session {
     /// (`agentwall renew`) or not at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub follow: Option<Followed>,
+    /// The Workload API endpoint its launcher renews it from (`launch --workload-api`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_api: Option<String>,
     /// When the certificate began (RFC 3339): with `not_after`, its life.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<String>,
@@ -366,6 +378,21 @@ impl Credentials {
             cert_path: cert.to_owned(),
             key_path: key.to_owned(),
         })
+    }
+
+    /// A chain and key held in memory (an SVID from the Workload API); `from` names where
+    /// they came from in errors.
+    pub fn from_der(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        from: &str,
+    ) -> Self {
+        Self {
+            chain,
+            key,
+            cert_path: PathBuf::from(format!("{from} (certificate)")),
+            key_path: PathBuf::from(format!("{from} (key)")),
+        }
     }
 }
 

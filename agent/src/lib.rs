@@ -72,3 +72,4 @@ pub mod review;
 pub mod sockets;
 pub mod text;
 pub mod workers;
+pub mod workload_api;

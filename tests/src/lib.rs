@@ -15,6 +15,7 @@ pub mod ocsf;
 pub mod pki;
 pub mod soak;
 pub mod wire;
+pub mod workload;
 
 use agentwall::{
     cgroup::{Cgroup, Cgroup2Mount},

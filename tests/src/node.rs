@@ -173,6 +173,29 @@ impl Drop for NodeProc {
     }
 }
 
+/// Serials as the node writes them: hex, without leading zero bytes.
+pub fn serial_of(c: &Issued) -> String {
+    let skip = c.serial.iter().take_while(|b| **b == 0).count();
+    hex::encode(&c.serial[skip..])
+}
+
+/// A certificate as a rotator gets one: valid from now, for `secs`.
+pub fn fresh(id: &str, secs: i64) -> crate::pki::CertSpec {
+    crate::pki::CertSpec {
+        not_before: time::OffsetDateTime::now_utc() - time::Duration::seconds(1),
+        ..crate::pki::CertSpec::agent_expiring(id, secs)
+    }
+}
+
+/// Waits until the (first) session runs on the certificate with `serial`.
+pub fn wait_serial(socket: &Path, what: &str, serial: &str) {
+    wait_status(socket, what, |s| {
+        s["identities"][0]["sessions"][0]["serial"]
+            .as_str()
+            .is_some_and(|x| x.eq_ignore_ascii_case(serial))
+    });
+}
+
 pub fn write_cert(dir: &Path, name: &str, c: &Issued) -> (PathBuf, PathBuf) {
     let cert = dir.join(format!("{name}.pem"));
     let key = dir.join(format!("{name}.key"));

@@ -88,6 +88,8 @@ impl Ca {
             ExtendedKeyUsagePurpose::ServerAuth
         }];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        // As the X509-SVID standard has a leaf: not a CA, said explicitly.
+        params.is_ca = IsCa::ExplicitNoCa;
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;
         // A positive serial with no leading zero byte, so every encoder writes it the same way.

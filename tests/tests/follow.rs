@@ -6,8 +6,8 @@ use std::{path::Path, time::Duration};
 
 use agentwall_tests::{
     node::{
-        NodeProc, SUPPORT_ID as ID, SUPPORT_POLICY, audit_records, eventually, launch_probe, setup,
-        status_json, wait_status, write_cert,
+        NodeProc, SUPPORT_ID as ID, SUPPORT_POLICY, audit_records, eventually, fresh, launch_probe,
+        serial_of, setup, status_json, wait_serial, wait_status, write_cert,
     },
     pki::{Ca, CertSpec, Issued},
 };
@@ -19,20 +19,6 @@ fn session(socket: &Path) -> (String, String) {
         s["serial"].as_str().unwrap_or_default().to_owned(),
         s["not_after"].as_str().unwrap_or_default().to_owned(),
     )
-}
-
-/// Serials as the node writes them: hex, without leading zero bytes.
-fn serial_of(c: &Issued) -> String {
-    let skip = c.serial.iter().take_while(|b| **b == 0).count();
-    hex::encode(&c.serial[skip..])
-}
-
-/// A certificate as a rotator gets one: valid from now, for `secs`.
-fn fresh(id: &str, secs: i64) -> CertSpec {
-    CertSpec {
-        not_before: time::OffsetDateTime::now_utc() - time::Duration::seconds(1),
-        ..CertSpec::agent_expiring(id, secs)
-    }
 }
 
 /// What a rotator that is not careful does: the certificate first, then the key, each
@@ -64,14 +50,6 @@ fn refusals(audit: &Path) -> Vec<String> {
         .filter(|r| r["kind"] == "identity" && r["event"] == "rejected")
         .map(|r| r["reason"].as_str().unwrap_or_default().to_owned())
         .collect()
-}
-
-fn wait_serial(socket: &Path, what: &str, serial: &str) {
-    wait_status(socket, what, |s| {
-        s["identities"][0]["sessions"][0]["serial"]
-            .as_str()
-            .is_some_and(|x| x.eq_ignore_ascii_case(serial))
-    });
 }
 
 /// A session launched with short-lived certificates, rewritten three times by a rotator

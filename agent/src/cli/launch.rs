@@ -1,6 +1,6 @@
 use std::{
     ffi::OsString,
-    os::unix::process::CommandExt as _,
+    os::{fd::OwnedFd, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::ExitCode,
 };
@@ -8,6 +8,7 @@ use std::{
 use agentwall::{
     api::{self, Credentials, Request},
     identity::peer_from_cert,
+    workload_api,
 };
 
 use super::node_config::NodeSocket;
@@ -34,28 +35,68 @@ impl CertArgs {
         req: &Request,
         check: impl FnOnce() -> Result<(), String>,
     ) -> Result<api::Response, ExitCode> {
-        let fail = |msg: String| {
-            eprintln!(
-                "agentwall {verb}: rejected: {msg} (identity {})",
-                claimed_identity(&self.cert)
-            );
-            ExitCode::from(2)
-        };
-        let creds = Credentials::load(&self.cert, &self.key).map_err(|e| fail(e.to_string()))?;
-        check().map_err(fail)?;
-        let socket = self.socket.path().map_err(|e| fail(format!("{e:#}")))?;
-        match api::call(&socket, Some(creds), req) {
-            Ok(r) if r.ok => Ok(r),
-            Ok(r) => Err(fail(r.error.unwrap_or_else(|| "refused".into()))),
-            Err(e) => Err(fail(e.to_string())),
-        }
+        let creds = Credentials::load(&self.cert, &self.key).map_err(|e| e.to_string());
+        call_node(
+            &self.socket,
+            verb,
+            &claimed_identity(&self.cert),
+            creds,
+            req,
+            check,
+        )
+    }
+}
+
+/// Sends a request proven with `creds` to the node. On refusal prints one line naming the
+/// reason and the identity claimed and returns exit status 2.
+fn call_node(
+    socket: &NodeSocket,
+    verb: &str,
+    claimed: &str,
+    creds: Result<Credentials, String>,
+    req: &Request,
+    check: impl FnOnce() -> Result<(), String>,
+) -> Result<api::Response, ExitCode> {
+    let fail = |msg: String| {
+        eprintln!("agentwall {verb}: rejected: {msg} (identity {claimed})");
+        ExitCode::from(2)
+    };
+    let creds = creds.map_err(fail)?;
+    check().map_err(fail)?;
+    let socket = socket.path().map_err(|e| fail(format!("{e:#}")))?;
+    match api::call(&socket, Some(creds), req) {
+        Ok(r) if r.ok => Ok(r),
+        Ok(r) => Err(fail(r.error.unwrap_or_else(|| "refused".into()))),
+        Err(e) => Err(fail(e.to_string())),
     }
 }
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// The agent's certificate (PEM; chain allowed).
+    #[arg(long, required_unless_present = "workload_api", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Take the agent's X509-SVID from the SPIFFE Workload API at SOCKET (`unix:/path`, a
+    /// path, or `tcp://ip:port`; without a value, $SPIFFE_ENDPOINT_SOCKET) instead of
+    /// --cert/--key. A keeper left in the session holds the API's stream: each rotation
+    /// renews the session, and an SVID taken away ends it.
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        num_args = 0..=1,
+        default_missing_value = "",
+        conflicts_with_all = ["cert", "key", "follow"]
+    )]
+    workload_api: Option<String>,
+    /// With --workload-api: use the SVID with this hint when the API issues several
+    /// [default: the first, as the SPIFFE standard says].
+    #[arg(long, requires = "workload_api")]
+    svid_hint: Option<String>,
     #[command(flatten)]
-    id: CertArgs,
+    socket: NodeSocket,
     /// Run the command as this user (name or uid) after placement.
     #[arg(long)]
     user: Option<String>,
@@ -95,19 +136,83 @@ pub fn run(args: Args) -> ExitCode {
         user = args.user.as_deref().map(lookup_user).transpose()?;
         Ok(())
     };
-    let follow = match follow_files(&args) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("agentwall launch: {e}");
+    let mut keeper = None;
+    let launched = match (&args.workload_api, &args.cert, &args.key) {
+        (Some(given), _, _) => {
+            let endpoint = match workload_api::endpoint(Some(given)) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("agentwall launch: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let svid = match first_svid(&endpoint, args.svid_hint.as_deref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("agentwall launch: rejected: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let req = Request::Launch {
+                follow: None,
+                workload_api: Some(endpoint.clone()),
+            };
+            let r = call_node(
+                &args.socket,
+                "launch",
+                &svid.id,
+                Ok(svid.credentials()),
+                &req,
+                check,
+            );
+            let socket = args.socket.path();
+            keeper = socket.ok().map(|socket| workload_api::Keeper {
+                endpoint,
+                hint: args.svid_hint.clone(),
+                socket,
+                current: svid,
+            });
+            r
+        }
+        (None, Some(cert), Some(key)) => {
+            let follow = match follow_files(&args, cert, key) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("agentwall launch: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let req = Request::Launch {
+                follow,
+                workload_api: None,
+            };
+            let creds = Credentials::load(cert, key).map_err(|e| e.to_string());
+            call_node(
+                &args.socket,
+                "launch",
+                &claimed_identity(cert),
+                creds,
+                &req,
+                check,
+            )
+        }
+        _ => {
+            eprintln!("agentwall launch: give --cert and --key, or --workload-api");
             return ExitCode::from(2);
         }
     };
-    match args.id.call("launch", &Request::Launch { follow }, check) {
+    match launched {
         Err(code) => return code,
         Ok(r) => {
             if let Some(w) = r.warning {
                 eprintln!("agentwall launch: {w}");
             }
+        }
+    }
+    if let Some(k) = keeper {
+        if let Err(e) = spawn_keeper(k) {
+            eprintln!("agentwall launch: cannot leave a Workload API keeper in the session: {e}");
+            return ExitCode::from(2);
         }
     }
     let mut cmd = std::process::Command::new(&args.command[0]);
@@ -129,12 +234,144 @@ pub fn run(args: Args) -> ExitCode {
     ExitCode::from(127)
 }
 
+/// The workload's SVID, fetched on a runtime that is gone (its threads with it) before the
+/// keeper is forked.
+fn first_svid(
+    endpoint: &str,
+    hint: Option<&str>,
+) -> Result<workload_api::Svid, workload_api::WorkloadError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| workload_api::WorkloadError::Unreachable {
+            endpoint: endpoint.to_owned(),
+            message: e.to_string(),
+        })?;
+    let svid = rt.block_on(workload_api::fetch(endpoint, hint));
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    svid
+}
+
+/// Leaves a keeper in the session: a grandchild (reaped by init, not the agent) in the
+/// agent's cgroup that follows the Workload API until the agent exits.
+fn spawn_keeper(keeper: workload_api::Keeper) -> Result<(), String> {
+    // The children run Rust code after fork: only safe when no other thread held a lock.
+    let threads = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        });
+    if threads != Some(1) {
+        return Err(format!(
+            "the launcher runs {threads:?} threads; it forks only with one"
+        ));
+    }
+    // SAFETY: pidfd_open of this very process; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+    if fd < 0 {
+        return Err(format!("pidfd_open: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a new descriptor of our own (close-on-exec: the agent does not get it).
+    let agent = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // SAFETY: single-threaded (checked above).
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
+        0 => {
+            // SAFETY: as above; this child only forks and exits.
+            match unsafe { libc::fork() } {
+                0 => {
+                    keeper_main(keeper, agent);
+                    // SAFETY: leaves without running the launcher's exit handlers.
+                    unsafe { libc::_exit(0) }
+                }
+                // SAFETY: as above.
+                -1 => unsafe { libc::_exit(1) },
+                // SAFETY: as above.
+                _ => unsafe { libc::_exit(0) },
+            }
+        }
+        pid => {
+            let mut status = 0;
+            // SAFETY: our own child.
+            while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
+                if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                    break;
+                }
+            }
+            if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+                Ok(())
+            } else {
+                Err("the keeper could not be forked".to_owned())
+            }
+        }
+    }
+}
+
+/// The keeper's life: out of the terminal's session (a Ctrl-C is the agent's to handle),
+/// not open to the agent's ptrace, and holding no network socket the launcher inherited
+/// (made outside governance; the agent's exec closed them, the keeper must too).
+fn keeper_main(keeper: workload_api::Keeper, agent: OwnedFd) {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: plain system calls on descriptors this process holds.
+    unsafe {
+        libc::setsid();
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        if let Ok(null) = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+        {
+            libc::dup2(null.as_raw_fd(), 0);
+            libc::dup2(null.as_raw_fd(), 1);
+        }
+    }
+    close_network_sockets();
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    rt.block_on(keeper.run(workload_api::exited(agent)));
+}
+
+/// Closes every socket this process holds that is not a unix one.
+fn close_network_sockets() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds {
+        let mut domain: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: an out-buffer of the right size; a descriptor that is not a socket (or the
+        // listing's own, closed by now) fails harmlessly.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_DOMAIN,
+                (&raw mut domain).cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 && domain != libc::AF_UNIX {
+            // SAFETY: a socket no Rust object of this process owns (inherited).
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
 /// The files the node is to follow: asked for, or by default when the certificate lives less
 /// than a day (short-lived credentials are only practical when they renew themselves).
-fn follow_files(args: &Args) -> Result<Option<api::Follow>, String> {
+fn follow_files(args: &Args, cert: &Path, key: &Path) -> Result<Option<api::Follow>, String> {
     const SHORT: std::time::Duration = std::time::Duration::from_secs(86_400);
     let short = || {
-        agentwall::pem::certs(&args.id.cert)
+        agentwall::pem::certs(cert)
             .ok()
             .and_then(|c| c.into_iter().next())
             .and_then(|c| {
@@ -154,8 +391,8 @@ fn follow_files(args: &Args) -> Result<Option<api::Follow>, String> {
         std::path::absolute(p).map_err(|e| format!("cannot follow {}: {e}", p.display()))
     };
     Ok(Some(api::Follow {
-        cert: abs(&args.id.cert)?,
-        key: abs(&args.id.key)?,
+        cert: abs(cert)?,
+        key: abs(key)?,
         user: args.user.as_deref().map(lookup_user).transpose()?,
         asked: args.follow,
     }))

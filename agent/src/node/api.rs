@@ -102,8 +102,17 @@ impl Node {
     async fn dispatch(self: Arc<Self>, req: Request, caller: Caller) -> Response {
         let check = matches!(req, Request::Check);
         match req {
-            Request::Launch { follow } => match (caller.peer, caller.pidfd, caller.ids) {
+            Request::Launch {
+                follow,
+                workload_api,
+            } => match (caller.peer, caller.pidfd, caller.ids) {
                 (Ok(peer), Ok(pidfd), Some((uid, gid))) => {
+                    if let Err(why) = super::follow::workload_api_endpoint(
+                        workload_api.as_deref(),
+                        follow.is_some(),
+                    ) {
+                        return Response::error(Some(peer.id.to_string()), why);
+                    }
                     let by = super::follow::Launcher {
                         uid,
                         gid,
@@ -137,7 +146,7 @@ impl Node {
                     match follow {
                         Ok(follow) => Response {
                             warning,
-                            ..self.launch(peer, pidfd, follow)
+                            ..self.launch(peer, pidfd, follow, workload_api)
                         },
                         Err(why) => Response::error(Some(peer.id.to_string()), why),
                     }
@@ -160,6 +169,11 @@ impl Node {
             },
             Request::Renew => match (caller.peer, caller.pidfd) {
                 (Ok(peer), Ok(pidfd)) => self.renew(peer, pidfd),
+                (Err(r), _) => rejection(&r),
+                (_, Err(e)) => no_process(&e),
+            },
+            Request::End { reason } => match (caller.peer, caller.pidfd) {
+                (Ok(peer), Ok(pidfd)) => self.end(peer, pidfd, &reason),
                 (Err(r), _) => rejection(&r),
                 (_, Err(e)) => no_process(&e),
             },

@@ -369,8 +369,32 @@ impl Node {
 
 /// For `status`: how a session is renewed.
 pub fn renews(s: &Session) -> String {
-    match &s.follow {
-        Some(f) => format!("from {} (followed)", f.cert.display()),
-        None => "by hand".to_owned(),
+    match (&s.follow, &s.workload_api) {
+        (Some(f), _) => format!("from {} (followed)", f.cert.display()),
+        (None, Some(endpoint)) => format!("from the Workload API at {endpoint}"),
+        (None, None) => "by hand".to_owned(),
     }
+}
+
+/// The longest Workload API endpoint a launch may name (a unix socket path is at most 108
+/// bytes; `tcp://` endpoints are shorter still).
+const MAX_ENDPOINT: usize = 256;
+
+/// Checks the Workload API endpoint a launch says it renews from: one way of renewing a
+/// session, and a name `status` can show.
+pub(super) fn workload_api_endpoint(endpoint: Option<&str>, follows: bool) -> Result<(), String> {
+    let Some(e) = endpoint else {
+        return Ok(());
+    };
+    if follows {
+        return Err(
+            "a session renews from its files or from the Workload API, not both".to_owned(),
+        );
+    }
+    if e.is_empty() || e.len() > MAX_ENDPOINT || e.chars().any(char::is_control) {
+        return Err(format!(
+            "the Workload API endpoint must be 1 to {MAX_ENDPOINT} bytes of printable text"
+        ));
+    }
+    Ok(())
 }

@@ -46,6 +46,14 @@ pub enum IdentityEvent {
         cgroup: std::path::PathBuf,
         connections_destroyed: usize,
     },
+    /// A session ended at its own request: its Workload API said its SVID is gone.
+    Ended {
+        identity: String,
+        serial: String,
+        cgroup: std::path::PathBuf,
+        connections_destroyed: usize,
+        reason: String,
+    },
     Expired {
         identity: String,
         cgroup: std::path::PathBuf,

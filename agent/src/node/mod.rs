@@ -673,6 +673,7 @@ impl Node {
         peer: VerifiedPeer,
         pidfd: OwnedFd,
         follow: Option<crate::api::Followed>,
+        workload_api: Option<String>,
     ) -> crate::api::Response {
         let id = peer.id.to_string();
         let placed = self
@@ -682,7 +683,7 @@ impl Node {
                     .refuse_governed_caller(&pidfd, |n| self.name_of(n))
             })
             .and_then(|()| self.admissible(&id))
-            .and_then(|n| self.sessions.launch(&peer, &pidfd, n, follow));
+            .and_then(|n| self.sessions.launch(&peer, &pidfd, n, follow, workload_api));
         self.bound("launch", id, placed)
     }
 
@@ -746,6 +747,26 @@ impl Node {
                 ..Default::default()
             },
             Err(e) => Self::refused("renew", id, &e),
+        }
+    }
+
+    /// Ends the caller's own session (its Workload API says the SVID is gone): the binding is
+    /// revoked, as a CRL would, and its connections destroyed. Ending a session only takes
+    /// away, so any process of the session holding a certificate of its identity may ask.
+    fn end(&self, peer: VerifiedPeer, pidfd: OwnedFd, reason: &str) -> crate::api::Response {
+        let id = peer.id.to_string();
+        let ended = self
+            .sessions
+            .session_of_caller(&peer, &pidfd)
+            .and_then(|s| self.sessions.end(&s, reason).map(|()| s.cgroup));
+        match ended {
+            Ok(cgroup) => crate::api::Response {
+                ok: true,
+                identity: Some(id),
+                cgroup: Some(cgroup),
+                ..Default::default()
+            },
+            Err(e) => Self::refused("end", id, &e),
         }
     }
 

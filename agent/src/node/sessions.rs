@@ -237,6 +237,7 @@ struct Placed<'a> {
     cg: &'a Cgroup,
     pid: u32,
     follow: Option<api::Followed>,
+    workload_api: Option<String>,
 }
 
 /// What enrichment needs of a session: the cgroup's path and the governing certificate.
@@ -263,6 +264,9 @@ pub struct Sessions {
     /// died in between thaws it at start.
     frozen_marker: PathBuf,
 }
+
+/// How much of the reason a session's own end request gives is kept (audit, logs).
+const MAX_END_REASON: usize = 512;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -508,7 +512,12 @@ impl Sessions {
         number: u32,
         placed: Placed<'_>,
     ) -> Result<(), SessionError> {
-        let Placed { cg, pid, follow } = placed;
+        let Placed {
+            cg,
+            pid,
+            follow,
+            workload_api,
+        } = placed;
         // A handshake can finish just before a CRL lists the certificate: it binds nothing
         // afterwards.
         if lock(&self.crl).contains(&peer.serial) {
@@ -541,6 +550,7 @@ impl Sessions {
             not_after,
             revoked: false,
             follow,
+            workload_api,
             not_before: Some(crate::clock::rfc3339(peer.not_before)),
             expiry_noted: false,
             aging_noted: false,
@@ -602,6 +612,7 @@ impl Sessions {
         pidfd: &OwnedFd,
         number: u32,
         follow: Option<api::Followed>,
+        workload_api: Option<String>,
     ) -> Result<PathBuf, SessionError> {
         let pid = api::pidfd_pid(pidfd).map_err(SessionError::LauncherGone)?;
         // The cgroup is new: every TCP or UDP socket the launcher holds was made elsewhere.
@@ -633,6 +644,7 @@ impl Sessions {
             cg: &cg,
             pid,
             follow,
+            workload_api,
         };
         if let Err(e) = self.bind(&mut table, IdentityEvent::Launched, peer, number, placed) {
             let _ = cg.remove_tree();
@@ -725,6 +737,7 @@ impl Sessions {
             cg: &cg,
             pid: 0,
             follow: None,
+            workload_api: None,
         };
         self.bind(&mut table, IdentityEvent::Enrolled, peer, number, placed)?;
         Ok(cg.path().to_owned())
@@ -785,11 +798,12 @@ impl Sessions {
                 return Ok(None);
             }
         }
-        // Renewed by hand or from its files, it goes on following them.
+        // Renewed by hand or from its files, it goes on following them (or its Workload API).
         let placed = Placed {
             cg: &cg,
             pid: now.pid,
             follow: now.follow.clone(),
+            workload_api: now.workload_api.clone(),
         };
         self.bind(&mut table, IdentityEvent::Renewed, peer, now.number, placed)?;
         Ok(Some(now.cgroup))
@@ -852,15 +866,9 @@ impl Sessions {
             .cloned()
             .collect();
         for s in hit {
-            if let Err(e) = self.datapath.revoke_binding(s.cgroup_id) {
-                error!(error = %e, cgroup = %s.cgroup.display(), "revoking a binding failed");
+            let Ok(destroyed) = self.cut(&mut table, &s) else {
                 continue;
-            }
-            let destroyed =
-                crate::sockets::destroy_tcp_in(&[s.cgroup.as_path()]).unwrap_or_else(|e| {
-                    error!(error = %e, "could not destroy the session's connections");
-                    0
-                });
+            };
             warn!(identity = %s.identity, serial = %s.serial, cgroup = %s.cgroup.display(),
                 connections_destroyed = destroyed, "certificate revoked by CRL; session cut off");
             self.journal
@@ -870,11 +878,56 @@ impl Sessions {
                     cgroup: s.cgroup.clone(),
                     connections_destroyed: destroyed,
                 }));
-            if let Some(x) = table.by_id.get_mut(&s.cgroup_id) {
-                x.revoked = true;
-            }
-            self.save(&table);
         }
+    }
+
+    /// Ends one session at its own request (its SVID is gone), for `reason`: cut off like a
+    /// revoked certificate's, for good. A session already cut off stays so.
+    pub fn end(&self, session: &Session, reason: &str) -> Result<(), SessionError> {
+        let mut table = lock(&self.table);
+        let now = table
+            .by_id
+            .get(&session.cgroup_id)
+            .cloned()
+            .ok_or_else(|| SessionError::SessionGone(session.cgroup.clone()))?;
+        if now.revoked {
+            return Ok(());
+        }
+        let destroyed = self
+            .cut(&mut table, &now)
+            .map_err(|source| SessionError::Bind {
+                path: now.cgroup.clone(),
+                source,
+            })?;
+        let reason = crate::text::prefix(reason, MAX_END_REASON).to_owned();
+        warn!(identity = %now.identity, serial = %now.serial, cgroup = %now.cgroup.display(),
+            connections_destroyed = destroyed, %reason, "session ended at its own request");
+        self.journal
+            .record(&AuditEvent::Identity(IdentityEvent::Ended {
+                identity: now.identity,
+                serial: now.serial,
+                cgroup: now.cgroup,
+                connections_destroyed: destroyed,
+                reason,
+            }));
+        Ok(())
+    }
+
+    /// Revokes a session's binding in the kernel, destroys its connections and keeps it cut
+    /// off; how many connections went.
+    fn cut(&self, table: &mut Table, s: &Session) -> Result<usize, crate::datapath::DatapathError> {
+        self.datapath.revoke_binding(s.cgroup_id).inspect_err(
+            |e| error!(error = %e, cgroup = %s.cgroup.display(), "revoking a binding failed"),
+        )?;
+        let destroyed = crate::sockets::destroy_tcp_in(&[s.cgroup.as_path()]).unwrap_or_else(|e| {
+            error!(error = %e, "could not destroy the session's connections");
+            0
+        });
+        if let Some(x) = table.by_id.get_mut(&s.cgroup_id) {
+            x.revoked = true;
+        }
+        self.save(table);
+        Ok(destroyed)
     }
 
     /// Records each session whose certificate has expired, once: the kernel already denies
