@@ -26,6 +26,8 @@ use rustls::{
 };
 use sha2::{Digest, Sha256};
 
+use crate::config::Anchors;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
     #[error("trust bundle {path}: {message}")]
@@ -157,6 +159,8 @@ pub enum Rejection {
     BadSpiffeId(String),
     #[error("identity {id} is outside the trust domain {expected}")]
     WrongTrustDomain { id: String, expected: String },
+    #[error("no trust bundle for trust domain {domain}: its identities are not accepted here")]
+    NoBundle { domain: String },
 }
 
 fn rejection_of(e: &TlsError) -> Rejection {
@@ -174,6 +178,12 @@ fn rejection_of(e: &TlsError) -> Rejection {
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
                 Rejection::NotClientAuth
             }
+            // Ours, from the choice of a trust domain's bundle.
+            CertificateError::Other(o) if o.0.downcast_ref::<Rejection>().is_some() => o
+                .0
+                .downcast_ref::<Rejection>()
+                .cloned()
+                .unwrap_or(Rejection::UnknownIssuer),
             other => Rejection::Invalid(format!("{other:?}")),
         },
         other => Rejection::Invalid(other.to_string()),
@@ -246,6 +256,73 @@ impl ClientCertVerifier for DeferringVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+/// webpki's verifier per trust domain: a certificate is verified against the bundle of the
+/// trust domain its SPIFFE ID names, and no other (bundles are never merged, so one domain's
+/// CA cannot vouch for another's identities).
+#[derive(Debug)]
+struct PerDomainVerifier {
+    domains: std::collections::BTreeMap<String, Arc<dyn ClientCertVerifier>>,
+    hints: Vec<DistinguishedName>,
+}
+
+impl PerDomainVerifier {
+    fn refuse(r: Rejection) -> TlsError {
+        TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(r))))
+    }
+
+    fn any(&self) -> &Arc<dyn ClientCertVerifier> {
+        self.domains
+            .values()
+            .next()
+            .expect("at least one trust domain")
+    }
+}
+
+impl ClientCertVerifier for PerDomainVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, TlsError> {
+        // Read before it is verified, only to choose the bundle that then verifies it.
+        let peer = peer_from_cert(end_entity).map_err(Self::refuse)?;
+        let domain = peer.id.trust_domain();
+        let verifier = self.domains.get(domain).ok_or_else(|| {
+            Self::refuse(Rejection::NoBundle {
+                domain: domain.to_owned(),
+            })
+        })?;
+        verifier.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.any().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.any().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.any().supported_verify_schemes()
     }
 }
 
@@ -434,31 +511,56 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 impl TrustStore {
     /// `enforce_expiry`: a certificate checked against a CRL past its nextUpdate fails.
     pub fn load(
-        bundle: &Path,
+        anchors: &Anchors,
         crls: &CrlSet,
         enforce_expiry: bool,
-        trust_domain: Option<&str>,
     ) -> Result<Self, IdentityError> {
-        let bundle_err = |message: String| IdentityError::Bundle {
-            path: bundle.to_owned(),
-            message,
+        let webpki = |bundle: &Path| {
+            let bundle_err = |message: String| IdentityError::Bundle {
+                path: bundle.to_owned(),
+                message,
+            };
+            let roots = crate::pem::roots([bundle]).map_err(|e| bundle_err(e.message))?;
+            let mut builder =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                    .with_crls(crls.ders.clone());
+            if enforce_expiry {
+                builder = builder.enforce_revocation_expiration();
+            }
+            builder.build().map_err(|e| bundle_err(e.to_string()))
         };
-        let roots = crate::pem::roots([bundle]).map_err(|e| bundle_err(e.message))?;
-        let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .with_crls(crls.ders.clone());
-        if enforce_expiry {
-            builder = builder.enforce_revocation_expiration();
-        }
-        let inner = builder.build().map_err(|e| bundle_err(e.to_string()))?;
-        if let Some(td) = trust_domain {
-            AgentId::from_str(&format!("spiffe://{td}/x"))?;
-        }
+        let domain_ok = |td: &str| AgentId::from_str(&format!("spiffe://{td}/x")).map(|_| ());
+        let (inner, trust_domain): (Arc<dyn ClientCertVerifier>, _) = match anchors {
+            Anchors::Shared { bundle, domain } => {
+                if let Some(td) = domain {
+                    domain_ok(td)?;
+                }
+                (webpki(bundle)?, domain.clone())
+            }
+            Anchors::PerDomain(per) => {
+                let mut domains = std::collections::BTreeMap::new();
+                let mut hints = Vec::new();
+                for (td, bundle) in per {
+                    domain_ok(td)?;
+                    let v = webpki(bundle)?;
+                    hints.extend_from_slice(v.root_hint_subjects());
+                    domains.insert(td.clone(), v);
+                }
+                if domains.is_empty() {
+                    return Err(IdentityError::Bundle {
+                        path: PathBuf::new(),
+                        message: "no trust domain has a bundle".into(),
+                    });
+                }
+                (Arc::new(PerDomainVerifier { domains, hints }), None)
+            }
+        };
         Ok(Self {
             verifier: Arc::new(DeferringVerifier {
                 inner,
                 outcomes: Mutex::new(HashMap::new()),
             }),
-            trust_domain: trust_domain.map(str::to_owned),
+            trust_domain,
         })
     }
 
@@ -916,5 +1018,90 @@ mod tests {
                 .parse::<AgentId>()
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn each_trust_domains_bundle_vouches_for_its_own_identities_only() {
+        use base64::Engine as _;
+        use rcgen::{
+            CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+            SanType,
+        };
+        let ca = |name: &str| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let k = KeyPair::generate().unwrap();
+            let cert = p.self_signed(&k).unwrap();
+            (cert.der().clone(), cert.pem(), rcgen::Issuer::new(p, k))
+        };
+        let (a_der, _, a) = ca("a.example CA");
+        let (b_der, b_text, b) = ca("b.example CA");
+        let leaf = |id: &str, by: &rcgen::Issuer<'_, KeyPair>| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            let k = KeyPair::generate().unwrap();
+            let cert = p.signed_by(&k, by).unwrap().der().clone();
+            let key = rustls::pki_types::PrivateKeyDer::try_from(k.serialize_der()).unwrap();
+            (vec![cert], key)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        // a.example's bundle in the SPIFFE format (a JWT-SVID key and a key without x5c are
+        // passed over), b.example's as PEM.
+        let b64 = |d: &CertificateDer<'_>| base64::engine::general_purpose::STANDARD.encode(d);
+        let a_json = dir.path().join("a.json");
+        std::fs::write(
+            &a_json,
+            serde_json::json!({
+                "spiffe_sequence": 7,
+                "keys": [
+                    {"use": "jwt-svid", "kty": "EC", "kid": "k1", "crv": "P-256", "x": "AA", "y": "AA"},
+                    {"use": "x509-svid", "kty": "EC"},
+                    {"use": "x509-svid", "kty": "EC", "x5c": [b64(&a_der), b64(&b_der)]},
+                ]
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let b_pem = dir.path().join("b.pem");
+        std::fs::write(&b_pem, b_text).unwrap();
+        assert_eq!(crate::pem::anchors(&a_json).unwrap(), vec![a_der.clone()]);
+        let per = Anchors::PerDomain(
+            [
+                ("a.example".to_owned(), a_json.clone()),
+                ("b.example".to_owned(), b_pem.clone()),
+            ]
+            .into(),
+        );
+        let trust = TrustStore::load(&per, &CrlSet::default(), true).unwrap();
+        let verify = |id: &str, by| {
+            let (chain, key) = leaf(id, by);
+            trust.verify_pair(chain, key).map(|p| p.id.to_string())
+        };
+        assert_eq!(verify("spiffe://a.example/agent/x", &a).unwrap(), "spiffe://a.example/agent/x");
+        assert_eq!(verify("spiffe://b.example/agent/y", &b).unwrap(), "spiffe://b.example/agent/y");
+        // a.example's CA is not b.example's, though the node trusts both.
+        assert_eq!(
+            verify("spiffe://b.example/agent/z", &a).unwrap_err(),
+            Rejection::UnknownIssuer
+        );
+        assert_eq!(
+            verify("spiffe://c.example/agent/w", &a).unwrap_err().to_string(),
+            "no trust bundle for trust domain c.example: its identities are not accepted here"
+        );
+
+        for (text, says) in [
+            ("{\"keys\": [{\"use\": \"jwt-svid\"}]}", "no x509-svid key with a certificate"),
+            ("{\"keys\": [{\"use\": \"x509-svid\", \"x5c\": [\"%%\"]}]}", "keys[0].x5c[0] is not base64"),
+            ("{\"keys\": [}", "not a SPIFFE bundle: expected value at line 1 column 11"),
+        ] {
+            let f = dir.path().join("bad.json");
+            std::fs::write(&f, text).unwrap();
+            let e = crate::pem::anchors(&f).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("bad.json"), "{text}: {e}");
+        }
     }
 }

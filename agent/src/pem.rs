@@ -63,11 +63,53 @@ pub fn chain_and_key(
     Ok((certs(cert)?, key(key_path)?))
 }
 
+/// The CA certificates of a trust bundle file: PEM, or a SPIFFE bundle (a JSON JWK set, as
+/// `spire-server bundle show -format spiffe` writes it), read as the X509-SVID standard
+/// (section 6.2) says: the first `x5c` certificate of each key whose `use` is `x509-svid`;
+/// other keys (JWT-SVID ones) and keys without `x5c` are passed over.
+pub fn anchors(path: &Path) -> Result<Vec<CertificateDer<'static>>, PemError> {
+    let text = std::fs::read(path).map_err(|e| err(path, e.to_string()))?;
+    if text.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return certs_in(path, &text);
+    }
+    #[derive(serde::Deserialize)]
+    struct Bundle {
+        keys: Vec<Jwk>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Jwk {
+        #[serde(rename = "use", default)]
+        usage: Option<String>,
+        #[serde(default)]
+        x5c: Vec<String>,
+    }
+    let bundle: Bundle = serde_json::from_slice(&text)
+        .map_err(|e| err(path, format!("not a SPIFFE bundle: {e}")))?;
+    let mut cas = Vec::new();
+    for (i, key) in bundle.keys.iter().enumerate() {
+        let (Some("x509-svid"), Some(first)) = (key.usage.as_deref(), key.x5c.first()) else {
+            continue;
+        };
+        use base64::Engine as _;
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(first)
+            .map_err(|e| err(path, format!("keys[{i}].x5c[0] is not base64: {e}")))?;
+        cas.push(CertificateDer::from(der));
+    }
+    if cas.is_empty() {
+        return Err(err(
+            path,
+            "the SPIFFE bundle has no x509-svid key with a certificate: its trust domain issues no X509-SVIDs",
+        ));
+    }
+    Ok(cas)
+}
+
 /// The CA certificates of one or more bundles, as trust anchors.
 pub fn roots<'a>(bundles: impl IntoIterator<Item = &'a Path>) -> Result<RootCertStore, PemError> {
     let mut roots = RootCertStore::empty();
     for path in bundles {
-        for c in certs(path)? {
+        for c in anchors(path)? {
             roots
                 .add(c)
                 .map_err(|e| err(path, format!("not a usable CA certificate: {e}")))?;

@@ -329,3 +329,62 @@ fn workload_api_launches_refuse_what_they_cannot_prove_and_end_with_the_agent() 
     });
     drop(probe);
 }
+
+/// A node given a bundle per trust domain (one in the SPIFFE bundle format, as SPIRE writes
+/// it) verifies each identity against its own domain's bundle only: a partner domain's agent
+/// launches; the partner's CA cannot vouch for an example.org identity nor example.org's CA
+/// for a partner one; a domain with no bundle is refused, saying so.
+#[test]
+fn each_trust_domain_is_verified_against_its_own_bundle() {
+    use base64::Engine as _;
+    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+    const PARTNER: &str = "spiffe://partner.example/agent/p";
+    let (env, tmp, ca) = setup("wlapi-domains", SUPPORT_POLICY);
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("policy/partner.yaml"),
+        format!(
+            "kind: AgentPolicy\nname: partner\nidentity: {PARTNER}\negress:\n  - to: [192.0.2.0/24]\n    ports: [443]\n    protocol: tcp\n"
+        ),
+    )
+    .unwrap();
+    let partner = Ca::new("partner.example CA");
+    let der = CertificateDer::from_pem_slice(partner.pem().as_bytes()).unwrap();
+    let bundle = dir.join("partner.spiffe.json");
+    std::fs::write(
+        &bundle,
+        serde_json::json!({
+            "spiffe_sequence": 3,
+            "spiffe_refresh_hint": 300,
+            "keys": [{"use": "x509-svid", "kty": "EC", "x5c": [
+                base64::engine::general_purpose::STANDARD.encode(der.as_ref())
+            ]}]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let for_partner = format!("partner.example={}", bundle.display());
+    let node = NodeProc::start_with(&env, dir, &["--trust-bundle-for", &for_partner]);
+    let launch = |id: &str, by: &Ca| {
+        let (cert, key) = agentwall_tests::node::write_cert(dir, "try", &by.issue(&CertSpec::agent(id)));
+        let out = agentwall_tests::node::launch_args(&node.socket, &cert, &key)
+            .arg("true")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    assert_eq!(launch(PARTNER, &partner), (Some(0), String::new()));
+    assert_eq!(launch(ID, &ca).0, Some(0));
+    let (code, err) = launch(ID, &partner);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("unknown issuer"), "{err}");
+    let (code, err) = launch(PARTNER, &ca);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("unknown issuer"), "{err}");
+    let (code, err) = launch("spiffe://other.example/agent/o", &partner);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("no trust bundle for trust domain other.example"),
+        "{err}"
+    );
+}

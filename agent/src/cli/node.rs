@@ -19,12 +19,16 @@ pub struct Args {
     /// Directory of policy YAML files [default: /etc/agentwall/policy].
     #[arg(long, value_name = "DIR")]
     policy_dir: Option<PathBuf>,
-    /// PEM file of the CA certificates agents' certificates must chain to.
+    /// The CA certificates agents' certificates must chain to (PEM, or a SPIFFE bundle).
     #[arg(long, value_name = "FILE")]
     trust_bundle: Option<PathBuf>,
     /// The SPIFFE trust domain agents' identities must be in (e.g. example.org).
     #[arg(long)]
     trust_domain: Option<String>,
+    /// A trust domain's own bundle (PEM, or a SPIFFE bundle), never merged with another's
+    /// (repeatable; replaces the config file's `[trust_bundles]`).
+    #[arg(long = "trust-bundle-for", value_name = "DOMAIN=FILE", value_parser = domain_bundle)]
+    trust_bundles: Vec<(String, PathBuf)>,
     /// CRL file (repeatable).
     #[arg(long)]
     crl: Vec<PathBuf>,
@@ -151,6 +155,13 @@ pub struct Args {
     labels: Vec<String>,
 }
 
+fn domain_bundle(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((d, f)) if !d.is_empty() && !f.is_empty() => Ok((d.to_owned(), PathBuf::from(f))),
+        _ => Err(format!("{s:?} is not DOMAIN=FILE")),
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let file = NodeConfig::find(args.config.as_deref())?;
     let check_config = args.check_config;
@@ -158,6 +169,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         policy_dir: args.policy_dir,
         trust_bundle: args.trust_bundle,
         trust_domain: args.trust_domain,
+        trust_bundles: args.trust_bundles.into_iter().collect(),
         crl: args.crl,
         accept_expired_crl: args.accept_expired_crl,
         socket: args.socket,

@@ -36,10 +36,14 @@ pub enum ConfigError {
 pub struct NodeConfig {
     /// Directory of policy YAML files.
     pub policy_dir: Option<PathBuf>,
-    /// PEM file with one or more CA certificates agents' certificates must chain to.
+    /// CA certificates agents' certificates must chain to: PEM, or a SPIFFE bundle (JSON).
     pub trust_bundle: Option<PathBuf>,
     /// Only SPIFFE IDs in this trust domain are accepted.
     pub trust_domain: Option<String>,
+    /// `[trust_bundles]`: a bundle per trust domain (`"example.org" = "FILE"`), never merged:
+    /// an identity of a domain is verified against that domain's bundle only, and domains
+    /// without one are refused.
+    pub trust_bundles: std::collections::BTreeMap<String, PathBuf>,
     /// PEM CRL files; reloaded when they change.
     pub crl: Vec<PathBuf>,
     /// Take a CRL past its nextUpdate as current (default false: a certificate checked
@@ -113,6 +117,28 @@ pub struct NodeConfig {
     pub owner: Option<crate::policy::owner::Owner>,
     /// `[labels]`: this host's labels (`key = "value"`, Kubernetes-style names), sent along.
     pub labels: crate::policy::owner::Labels,
+}
+
+/// Where agents' certificates are verified from ([`NodeConfig::anchors`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Anchors {
+    /// One bundle; with `domain`, only that trust domain's identities are accepted.
+    Shared {
+        bundle: PathBuf,
+        domain: Option<String>,
+    },
+    /// A bundle per trust domain, each used for its own domain's identities only.
+    PerDomain(std::collections::BTreeMap<String, PathBuf>),
+}
+
+impl Anchors {
+    /// Every bundle file.
+    pub fn files(&self) -> Vec<&Path> {
+        match self {
+            Self::Shared { bundle, .. } => vec![bundle.as_path()],
+            Self::PerDomain(per) => per.values().map(PathBuf::as_path).collect(),
+        }
+    }
 }
 
 /// `audit_format` as written in TOML.
@@ -245,6 +271,9 @@ impl NodeConfig {
         {
             *p = control_plane::resolve(path, p);
         }
+        for p in c.trust_bundles.values_mut() {
+            *p = control_plane::resolve(path, p);
+        }
         if let Some(cp) = &mut c.control_plane {
             cp.resolve_paths(path);
         }
@@ -307,6 +336,9 @@ impl NodeConfig {
         if !over.crl.is_empty() {
             self.crl = over.crl;
         }
+        if !over.trust_bundles.is_empty() {
+            self.trust_bundles = over.trust_bundles;
+        }
         if !over.dns_upstream.is_empty() {
             self.dns_upstream = over.dns_upstream;
         }
@@ -353,10 +385,42 @@ impl NodeConfig {
             .unwrap_or_else(|| DEFAULT_BPFFS_DIR.into())
     }
 
-    pub fn trust_bundle(&self) -> Result<&Path, ConfigError> {
-        self.trust_bundle
-            .as_deref()
-            .ok_or(ConfigError::Missing("trust_bundle"))
+    /// The trust anchors: one bundle (for `trust_domain`, or for any domain when none is
+    /// set), or a bundle per trust domain (`trust_bundles`, with `trust_bundle` as
+    /// `trust_domain`'s).
+    pub fn anchors(&self) -> Result<Anchors, ConfigError> {
+        if self.trust_bundles.is_empty() {
+            let bundle = self
+                .trust_bundle
+                .clone()
+                .ok_or(ConfigError::Missing("trust_bundle"))?;
+            return Ok(Anchors::Shared {
+                bundle,
+                domain: self.trust_domain.clone(),
+            });
+        }
+        let mut per = self.trust_bundles.clone();
+        match (&self.trust_bundle, &self.trust_domain) {
+            (None, None) => {}
+            (Some(b), Some(d)) => {
+                if per.insert(d.clone(), b.clone()).is_some() {
+                    return Err(ConfigError::Conflict(format!(
+                        "trust domain {d} has two bundles: trust_bundle (with trust_domain) and trust_bundles.\"{d}\" (remove one)"
+                    )));
+                }
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::Conflict(
+                    "trust_bundle without trust_domain beside trust_bundles: its CAs would be trusted for every trust domain; give trust_domain, or move it into trust_bundles".into(),
+                ));
+            }
+            (None, Some(d)) => {
+                return Err(ConfigError::Conflict(format!(
+                    "trust_domain {d} beside trust_bundles: the trust domains accepted are trust_bundles' own (remove trust_domain, or give its trust_bundle)"
+                )));
+            }
+        }
+        Ok(Anchors::PerDomain(per))
     }
 
     pub fn dns_port(&self) -> u16 {
@@ -453,7 +517,13 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(c.policy_dir(), PathBuf::from("/q"));
-        assert_eq!(c.trust_bundle().unwrap(), Path::new("/ca.pem"));
+        assert_eq!(
+            c.anchors().unwrap(),
+            Anchors::Shared {
+                bundle: "/ca.pem".into(),
+                domain: None
+            }
+        );
     }
 
     #[test]
@@ -475,11 +545,65 @@ mod tests {
             "{e}"
         );
         assert_eq!(
-            NodeConfig::default()
-                .trust_bundle()
-                .unwrap_err()
-                .to_string(),
+            NodeConfig::default().anchors().unwrap_err().to_string(),
             "missing setting `trust_bundle` (in the config file or as --trust-bundle)"
         );
+    }
+
+    #[test]
+    fn bundles_per_trust_domain_are_never_merged_with_a_shared_one() {
+        let c = |t: &str| NodeConfig::parse(Path::new("/n.toml"), t).unwrap();
+        let per = |pairs: &[(&str, &str)]| {
+            Anchors::PerDomain(
+                pairs
+                    .iter()
+                    .map(|(d, f)| ((*d).to_owned(), PathBuf::from(f)))
+                    .collect(),
+            )
+        };
+        let two = "[trust_bundles]\n\"a.example\" = \"/a.json\"\n\"b.example\" = \"/b.pem\"\n";
+        assert_eq!(
+            c(two).anchors().unwrap(),
+            per(&[("a.example", "/a.json"), ("b.example", "/b.pem")])
+        );
+        // trust_bundle is trust_domain's bundle, beside the others.
+        let with = format!("trust_bundle = \"/c.pem\"\ntrust_domain = \"c.example\"\n{two}");
+        assert_eq!(
+            c(&with).anchors().unwrap(),
+            per(&[
+                ("a.example", "/a.json"),
+                ("b.example", "/b.pem"),
+                ("c.example", "/c.pem")
+            ])
+        );
+        for (t, says) in [
+            (
+                format!("trust_bundle = \"/c.pem\"\n{two}"),
+                "would be trusted for every trust domain",
+            ),
+            (
+                format!("trust_domain = \"a.example\"\n{two}"),
+                "the trust domains accepted are trust_bundles' own",
+            ),
+            (
+                format!("trust_bundle = \"/c.pem\"\ntrust_domain = \"a.example\"\n{two}"),
+                "trust domain a.example has two bundles",
+            ),
+        ] {
+            let e = c(&t).anchors().unwrap_err().to_string();
+            assert!(e.contains(says), "{t}: {e}");
+        }
+        // Relative to the file, and flags replace the file's table.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let f = dir.join("n.toml");
+        std::fs::write(&f, "[trust_bundles]\n\"a.example\" = \"a.json\"\n").unwrap();
+        let loaded = NodeConfig::load(&f).unwrap();
+        assert_eq!(loaded.anchors().unwrap(), per(&[("a.example", dir.join("a.json").to_str().unwrap())]));
+        let over = loaded.overlay(NodeConfig {
+            trust_bundles: [("b.example".to_owned(), PathBuf::from("/b.pem"))].into(),
+            ..Default::default()
+        });
+        assert_eq!(over.anchors().unwrap(), per(&[("b.example", "/b.pem")]));
     }
 }

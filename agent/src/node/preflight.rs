@@ -59,27 +59,44 @@ pub fn check(cfg: &NodeConfig) -> Vec<Finding> {
         Ok(()) => finding("settings", Verdict::Ok, "no settings conflict"),
         Err(e) => finding("settings", Verdict::Error, e.to_string()),
     });
+    let anchors = cfg.anchors();
+    let bundles = anchors.as_ref().map_or_else(
+        |_| "?".to_owned(),
+        |a| {
+            a.files()
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    );
     out.push(match super::trust::Trust::check(cfg) {
         Ok((cas, crls, serials)) => finding(
             "trust bundle and CRLs",
             Verdict::Ok,
             format!(
-                "{}: {cas} CA certificate(s); {crls} CRL(s) in force listing {serials} serial(s)",
-                cfg.trust_bundle
-                    .as_deref()
-                    .unwrap_or(Path::new("?"))
-                    .display()
+                "{bundles}: {cas} CA certificate(s); {crls} CRL(s) in force listing {serials} serial(s)"
             ),
         ),
         Err(e) => finding("trust bundle and CRLs", Verdict::Error, e.to_string()),
     });
-    out.push(match &cfg.trust_domain {
-        Some(d) => finding(
+    out.push(match anchors {
+        Ok(crate::config::Anchors::PerDomain(per)) => finding(
+            "trust domain",
+            Verdict::Ok,
+            format!(
+                "only identities in {} are accepted, each verified against its own domain's bundle",
+                per.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        ),
+        Ok(crate::config::Anchors::Shared {
+            domain: Some(d), ..
+        }) => finding(
             "trust domain",
             Verdict::Ok,
             format!("only identities in {d} are accepted"),
         ),
-        None => finding(
+        _ => finding(
             "trust domain",
             Verdict::Warning,
             "not set: an identity of any trust domain the bundle's CAs sign is accepted",

@@ -34,10 +34,9 @@ pub struct Tls {
 impl Tls {
     fn load(cfg: &NodeConfig, crls: &CrlSet) -> Result<Self, TrustError> {
         let trust = TrustStore::load(
-            cfg.trust_bundle()?,
+            &cfg.anchors()?,
             crls,
             !cfg.accept_expired_crl.unwrap_or(false),
-            cfg.trust_domain.as_deref(),
         )?;
         let config = crate::api::server_config(&trust)?;
         Ok(Self { trust, config })
@@ -56,15 +55,18 @@ pub struct Trust {
     kept: CrlNumbersFile,
 }
 
-/// The trust bundle's CAs, which must sign every CRL.
+/// The trust bundles' CAs, one of which must sign every CRL.
 fn cas(cfg: &NodeConfig) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TrustError> {
-    let bundle = cfg.trust_bundle()?;
-    crate::pem::certs(bundle).map_err(|e| {
-        TrustError::Identity(IdentityError::Bundle {
-            path: bundle.to_owned(),
-            message: e.message,
-        })
-    })
+    let mut cas = Vec::new();
+    for bundle in cfg.anchors()?.files() {
+        cas.extend(crate::pem::anchors(bundle).map_err(|e| {
+            TrustError::Identity(IdentityError::Bundle {
+                path: bundle.to_owned(),
+                message: e.message,
+            })
+        })?);
+    }
+    Ok(cas)
 }
 
 impl Trust {
