@@ -179,11 +179,11 @@ fn rejection_of(e: &TlsError) -> Rejection {
                 Rejection::NotClientAuth
             }
             // Ours, from the choice of a trust domain's bundle.
-            CertificateError::Other(o) if o.0.downcast_ref::<Rejection>().is_some() => o
-                .0
-                .downcast_ref::<Rejection>()
-                .cloned()
-                .unwrap_or(Rejection::UnknownIssuer),
+            CertificateError::Other(o) if o.0.downcast_ref::<Rejection>().is_some() => {
+                o.0.downcast_ref::<Rejection>()
+                    .cloned()
+                    .unwrap_or(Rejection::UnknownIssuer)
+            }
             other => Rejection::Invalid(format!("{other:?}")),
         },
         other => Rejection::Invalid(other.to_string()),
@@ -1081,22 +1081,39 @@ mod tests {
             let (chain, key) = leaf(id, by);
             trust.verify_pair(chain, key).map(|p| p.id.to_string())
         };
-        assert_eq!(verify("spiffe://a.example/agent/x", &a).unwrap(), "spiffe://a.example/agent/x");
-        assert_eq!(verify("spiffe://b.example/agent/y", &b).unwrap(), "spiffe://b.example/agent/y");
+        assert_eq!(
+            verify("spiffe://a.example/agent/x", &a).unwrap(),
+            "spiffe://a.example/agent/x"
+        );
+        assert_eq!(
+            verify("spiffe://b.example/agent/y", &b).unwrap(),
+            "spiffe://b.example/agent/y"
+        );
         // a.example's CA is not b.example's, though the node trusts both.
         assert_eq!(
             verify("spiffe://b.example/agent/z", &a).unwrap_err(),
             Rejection::UnknownIssuer
         );
         assert_eq!(
-            verify("spiffe://c.example/agent/w", &a).unwrap_err().to_string(),
+            verify("spiffe://c.example/agent/w", &a)
+                .unwrap_err()
+                .to_string(),
             "no trust bundle for trust domain c.example: its identities are not accepted here"
         );
 
         for (text, says) in [
-            ("{\"keys\": [{\"use\": \"jwt-svid\"}]}", "no x509-svid key with a certificate"),
-            ("{\"keys\": [{\"use\": \"x509-svid\", \"x5c\": [\"%%\"]}]}", "keys[0].x5c[0] is not base64"),
-            ("{\"keys\": [}", "not a SPIFFE bundle: expected value at line 1 column 11"),
+            (
+                "{\"keys\": [{\"use\": \"jwt-svid\"}]}",
+                "no x509-svid key with a certificate",
+            ),
+            (
+                "{\"keys\": [{\"use\": \"x509-svid\", \"x5c\": [\"%%\"]}]}",
+                "keys[0].x5c[0] is not base64",
+            ),
+            (
+                "{\"keys\": [}",
+                "not a SPIFFE bundle: expected value at line 1 column 11",
+            ),
         ] {
             let f = dir.path().join("bad.json");
             std::fs::write(&f, text).unwrap();

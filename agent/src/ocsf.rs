@@ -394,7 +394,9 @@ fn identity(r: &RecordView) -> Option<Value> {
         "launched" | "enrolled" | "renewed" => ((3002, "Authentication"), (1, "Logon"), true, 1),
         "rejected" => ((3002, "Authentication"), (1, "Logon"), false, 3),
         "session-ended" => ((3002, "Authentication"), (2, "Logoff"), true, 1),
-        "revoked" | "revoked-by-crl" | "ended" => ((3001, "Account Change"), (5, "Disable"), true, 3),
+        "revoked" | "revoked-by-crl" | "ended" => {
+            ((3001, "Account Change"), (5, "Disable"), true, 3)
+        }
         "expired" => ((3001, "Account Change"), (5, "Disable"), true, 2),
         "expires-soon" => ((3001, "Account Change"), (99, "Other"), true, 2),
         _ => return None,

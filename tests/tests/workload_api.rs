@@ -366,12 +366,16 @@ fn each_trust_domain_is_verified_against_its_own_bundle() {
     let for_partner = format!("partner.example={}", bundle.display());
     let node = NodeProc::start_with(&env, dir, &["--trust-bundle-for", &for_partner]);
     let launch = |id: &str, by: &Ca| {
-        let (cert, key) = agentwall_tests::node::write_cert(dir, "try", &by.issue(&CertSpec::agent(id)));
+        let (cert, key) =
+            agentwall_tests::node::write_cert(dir, "try", &by.issue(&CertSpec::agent(id)));
         let out = agentwall_tests::node::launch_args(&node.socket, &cert, &key)
             .arg("true")
             .output()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     assert_eq!(launch(PARTNER, &partner), (Some(0), String::new()));
     assert_eq!(launch(ID, &ca).0, Some(0));

@@ -599,7 +599,10 @@ mod tests {
         let f = dir.join("n.toml");
         std::fs::write(&f, "[trust_bundles]\n\"a.example\" = \"a.json\"\n").unwrap();
         let loaded = NodeConfig::load(&f).unwrap();
-        assert_eq!(loaded.anchors().unwrap(), per(&[("a.example", dir.join("a.json").to_str().unwrap())]));
+        assert_eq!(
+            loaded.anchors().unwrap(),
+            per(&[("a.example", dir.join("a.json").to_str().unwrap())])
+        );
         let over = loaded.overlay(NodeConfig {
             trust_bundles: [("b.example".to_owned(), PathBuf::from("/b.pem"))].into(),
             ..Default::default()
