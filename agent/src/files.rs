@@ -31,6 +31,12 @@ pub fn write_in_place(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// A secret's first line (a password): refused when group or others may read the file, so a
 /// secret another user could read is never relied on.
 pub fn read_secret(path: &Path) -> io::Result<String> {
+    let text = read_secret_file(path)?;
+    Ok(text.lines().next().unwrap_or_default().to_owned())
+}
+
+/// A secret file's whole text (a private key), refused as [`read_secret`] refuses one.
+pub fn read_secret_file(path: &Path) -> io::Result<String> {
     use std::os::unix::fs::PermissionsExt as _;
     let f = std::fs::File::open(path)?;
     let mode = f.metadata()?.permissions().mode();
@@ -43,8 +49,7 @@ pub fn read_secret(path: &Path) -> io::Result<String> {
             ),
         ));
     }
-    let text = io::read_to_string(f)?;
-    Ok(text.lines().next().unwrap_or_default().to_owned())
+    io::read_to_string(f)
 }
 
 /// Replaces `path` with `bytes`: a temporary file beside it is written and fsync'd, renamed

@@ -6,6 +6,7 @@
 
 pub mod chain;
 pub mod client;
+pub mod issuer;
 pub mod link;
 pub mod server;
 pub mod signing;
@@ -871,6 +872,13 @@ impl std::fmt::Display for WireError {
             )
         }
     }
+}
+
+/// `N` bytes from the system's random source; None when it fails.
+pub(crate) fn random_bytes<const N: usize>() -> Option<[u8; N]> {
+    let mut b = [0u8; N];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).ok()?;
+    Some(b)
 }
 
 #[cfg(test)]

@@ -143,8 +143,7 @@ pub(super) fn well_formed(value: &str) -> bool {
 }
 
 fn random_hex() -> Result<String, Fail> {
-    let mut b = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).map_err(|_| {
+    let b = crate::control_plane::random_bytes::<32>().ok_or_else(|| {
         Fail::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "the system's random source failed",

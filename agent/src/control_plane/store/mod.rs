@@ -119,6 +119,38 @@ pub struct ConsoleLink {
     pub expires: String,
 }
 
+/// A join token an admin minted for an identity (`cp identity token`): kept by its SHA-256,
+/// never the token; spent once per issuance, until it runs out, expires or is cancelled.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct JoinToken {
+    /// Names the token in lists and to cancel it (not the secret).
+    pub id: String,
+    #[serde(skip)]
+    pub sha256: String,
+    pub identity: String,
+    pub expires: String,
+    pub uses_left: u32,
+    pub created_by: String,
+    pub created: String,
+    pub cancelled: bool,
+}
+
+/// A certificate the control plane's issuer signed: for a join (`token` names the token
+/// spent) or a renewal, through `node`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct Issuance {
+    /// Hex, as nodes write serials.
+    pub serial: String,
+    pub identity: String,
+    pub node: String,
+    /// `join` or `renewal`.
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    pub issued: String,
+    pub not_after: String,
+}
+
 /// Live console sign-ins kept per credential: signing in again past it ends the oldest, so
 /// no one fills the database by signing in over and over.
 pub const CONSOLE_SESSIONS_PER_CREDENTIAL: i64 = 16;
@@ -269,6 +301,22 @@ pub trait Store: Send + Sync {
     /// Takes the unexpired link whose code hashes to `code_sha256`: it is gone after, so it
     /// signs in once, on any replica.
     fn console_link_take(&self, code_sha256: &str) -> Result<Option<ConsoleLink>, StoreError>;
+    /// Keeps a new join token.
+    fn token_create(&self, t: &JoinToken) -> Result<(), StoreError>;
+    /// Every join token, newest first (at most 1,000), expired ones up to a day after.
+    fn tokens(&self) -> Result<Vec<JoinToken>, StoreError>;
+    /// Cancels a token by its id; false when there is none (or it was cancelled already).
+    fn token_cancel(&self, id: &str) -> Result<bool, StoreError>;
+    /// Spends one use of the live token whose SHA-256 is `sha256`, atomically across
+    /// replicas; None when there is no such token, or it is spent, expired or cancelled.
+    fn token_spend(&self, sha256: &str) -> Result<Option<JoinToken>, StoreError>;
+    /// Records an issuance, and forgets those whose certificates ended more than the
+    /// retention's days ago.
+    fn issued(&self, i: &Issuance) -> Result<(), StoreError>;
+    /// The issuance of the certificate with this serial.
+    fn issuance(&self, serial: &str) -> Result<Option<Issuance>, StoreError>;
+    /// Issuances, newest first (at most `limit`).
+    fn issuances(&self, limit: usize) -> Result<Vec<Issuance>, StoreError>;
     /// Spends a node's report quotas that every replica on this database shares: all of
     /// `spend` or nothing. Some(seconds to wait) when one is spent. Without other replicas
     /// (SQLite) there is nothing to share: the server's own count is the whole.
@@ -797,4 +845,11 @@ fn clamp_i64(n: u64) -> i64 {
 
 fn now() -> String {
     crate::clock::now_rfc3339()
+}
+
+/// The time `days` ago, as stored times are written.
+fn days_ago(days: u32) -> String {
+    crate::clock::rfc3339(
+        std::time::SystemTime::now() - std::time::Duration::from_secs(u64::from(days) * 86_400),
+    )
 }

@@ -14,8 +14,8 @@ use tokio_postgres::{
 use tracing::{info, warn};
 
 use super::{
-    Arg, ConsoleLink, ConsoleSession, NodeSeen, Row, Store, StoreError, add_approval, bundle_of,
-    now, number, proposal_of, published, signing_text,
+    Arg, ConsoleLink, ConsoleSession, Issuance, JoinToken, NodeSeen, Row, Store, StoreError,
+    add_approval, bundle_of, now, number, proposal_of, published, signing_text,
 };
 use crate::control_plane::{
     Bundle, BundleFile, BundleInfo, FlowPage, FlowQuery, Ingested, NodeInfo, Proposal, Reported,
@@ -230,6 +230,28 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
     "ALTER TABLE alert_seen ADD COLUMN last TEXT;
     UPDATE alert_seen SET last = substr(first, 1, 10);
     CREATE INDEX alert_seen_last ON alert_seen (last);",
+    // The issuer: join tokens (their SHA-256) and the certificates it signed.
+    "CREATE TABLE join_tokens (
+        id TEXT PRIMARY KEY,
+        sha256 TEXT NOT NULL UNIQUE,
+        identity TEXT NOT NULL,
+        expires TEXT NOT NULL,
+        uses_left BIGINT NOT NULL,
+        created_by TEXT NOT NULL,
+        created TEXT NOT NULL,
+        cancelled BOOLEAN NOT NULL DEFAULT false
+    );
+    CREATE TABLE issuances (
+        serial TEXT PRIMARY KEY,
+        identity TEXT NOT NULL,
+        node TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        token TEXT,
+        issued TEXT NOT NULL,
+        not_after TEXT NOT NULL
+    );
+    CREATE INDEX issuances_issued ON issuances (issued);
+    CREATE INDEX issuances_not_after ON issuances (not_after);",
 ];
 
 pub struct PgStore {
@@ -885,6 +907,18 @@ where
     }
 }
 
+fn issuance_row(r: &tokio_postgres::Row) -> Issuance {
+    Issuance {
+        serial: r.get(0),
+        identity: r.get(1),
+        node: r.get(2),
+        kind: r.get(3),
+        token: r.get(4),
+        issued: r.get(5),
+        not_after: r.get(6),
+    }
+}
+
 /// Text PostgreSQL can hold: it refuses NUL in text, which JSON may carry escaped in a
 /// field that is indexed (the record's own text keeps the escape).
 fn text(s: &str) -> String {
@@ -1406,6 +1440,151 @@ impl Store for PgStore {
                 chain: r.get(2),
                 expires: r.get(3),
             }))
+        })
+    }
+
+    fn token_create(&self, t: &JoinToken) -> Result<(), StoreError> {
+        let t = t.clone();
+        self.block(async {
+            let c = self.client().await?;
+            c.execute(
+                "DELETE FROM join_tokens WHERE expires <= $1",
+                &[&super::days_ago(1)],
+            )
+            .await?;
+            c.execute(
+                "INSERT INTO join_tokens (id, sha256, identity, expires, uses_left, created_by, created)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &t.id,
+                    &t.sha256,
+                    &text(&t.identity),
+                    &t.expires,
+                    &i64::from(t.uses_left),
+                    &text(&t.created_by),
+                    &t.created,
+                ],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn tokens(&self) -> Result<Vec<JoinToken>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let rows = c
+                .query(
+                    "SELECT id, identity, expires, uses_left, created_by, created, cancelled
+                     FROM join_tokens WHERE expires > $1 ORDER BY created DESC, id LIMIT 1000",
+                    &[&super::days_ago(1)],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| JoinToken {
+                    id: r.get(0),
+                    sha256: String::new(),
+                    identity: r.get(1),
+                    expires: r.get(2),
+                    uses_left: u32::try_from(r.get::<_, i64>(3)).unwrap_or(0),
+                    created_by: r.get(4),
+                    created: r.get(5),
+                    cancelled: r.get(6),
+                })
+                .collect())
+        })
+    }
+
+    fn token_cancel(&self, id: &str) -> Result<bool, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let n = c
+                .execute(
+                    "UPDATE join_tokens SET cancelled = true WHERE id = $1 AND NOT cancelled",
+                    &[&id],
+                )
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    fn token_spend(&self, sha256: &str) -> Result<Option<JoinToken>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            Ok(c.query_opt(
+                "UPDATE join_tokens SET uses_left = uses_left - 1
+                 WHERE sha256 = $1 AND uses_left > 0 AND NOT cancelled AND expires > $2
+                 RETURNING id, identity, expires, uses_left, created_by, created",
+                &[&sha256, &now()],
+            )
+            .await?
+            .map(|r| JoinToken {
+                id: r.get(0),
+                sha256: sha256.to_owned(),
+                identity: r.get(1),
+                expires: r.get(2),
+                uses_left: u32::try_from(r.get::<_, i64>(3)).unwrap_or(0),
+                created_by: r.get(4),
+                created: r.get(5),
+                cancelled: false,
+            }))
+        })
+    }
+
+    fn issued(&self, i: &Issuance) -> Result<(), StoreError> {
+        let i = i.clone();
+        let cutoff = super::days_ago(self.retention.days);
+        self.block(async {
+            let c = self.client().await?;
+            c.execute(
+                "DELETE FROM issuances WHERE serial IN
+                 (SELECT serial FROM issuances WHERE not_after < $1 LIMIT 100)",
+                &[&cutoff],
+            )
+            .await?;
+            c.execute(
+                "INSERT INTO issuances (serial, identity, node, kind, token, issued, not_after)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &i.serial,
+                    &text(&i.identity),
+                    &text(&i.node),
+                    &i.kind,
+                    &i.token,
+                    &i.issued,
+                    &i.not_after,
+                ],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn issuance(&self, serial: &str) -> Result<Option<Issuance>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            Ok(c.query_opt(
+                "SELECT serial, identity, node, kind, token, issued, not_after
+                 FROM issuances WHERE serial = $1",
+                &[&serial],
+            )
+            .await?
+            .map(|r| issuance_row(&r)))
+        })
+    }
+
+    fn issuances(&self, limit: usize) -> Result<Vec<Issuance>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let rows = c
+                .query(
+                    "SELECT serial, identity, node, kind, token, issued, not_after
+                     FROM issuances ORDER BY issued DESC, serial LIMIT $1",
+                    &[&(limit as i64)],
+                )
+                .await?;
+            Ok(rows.iter().map(issuance_row).collect())
         })
     }
 

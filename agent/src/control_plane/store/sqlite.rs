@@ -5,8 +5,8 @@ use std::{path::Path, sync::Mutex};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 use super::{
-    Arg, BundleRow, ConsoleLink, ConsoleSession, NodeSeen, ProposalRow, Row, Store, StoreError,
-    add_approval, bundle_of, now, number, proposal_of, published, signing_text,
+    Arg, BundleRow, ConsoleLink, ConsoleSession, Issuance, JoinToken, NodeSeen, ProposalRow, Row,
+    Store, StoreError, add_approval, bundle_of, now, number, proposal_of, published, signing_text,
 };
 use crate::control_plane::{
     Bundle, BundleFile, BundleInfo, FlowPage, FlowQuery, Ingested, NodeInfo, Proposal, Reported,
@@ -140,6 +140,28 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE alert_seen ADD COLUMN last TEXT;
     UPDATE alert_seen SET last = substr(first, 1, 10);
     CREATE INDEX alert_seen_last ON alert_seen (last);",
+    // The issuer: join tokens (their SHA-256) and the certificates it signed.
+    "CREATE TABLE join_tokens (
+        id TEXT PRIMARY KEY,
+        sha256 TEXT NOT NULL UNIQUE,
+        identity TEXT NOT NULL,
+        expires TEXT NOT NULL,
+        uses_left INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        created TEXT NOT NULL,
+        cancelled INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE issuances (
+        serial TEXT PRIMARY KEY,
+        identity TEXT NOT NULL,
+        node TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        token TEXT,
+        issued TEXT NOT NULL,
+        not_after TEXT NOT NULL
+    );
+    CREATE INDEX issuances_issued ON issuances (issued);
+    CREATE INDEX issuances_not_after ON issuances (not_after);",
 ];
 
 /// Rows removed per transaction by retention: short enough that reports stored meanwhile
@@ -155,6 +177,18 @@ pub struct SqliteStore {
     /// other reads do not wait behind them.
     path: std::path::PathBuf,
     retention: super::Retention,
+}
+
+fn issuance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Issuance> {
+    Ok(Issuance {
+        serial: r.get(0)?,
+        identity: r.get(1)?,
+        node: r.get(2)?,
+        kind: r.get(3)?,
+        token: r.get(4)?,
+        issued: r.get(5)?,
+        not_after: r.get(6)?,
+    })
 }
 
 /// A connection's lock; one a panic left poisoned is still usable (SQLite rolled back
@@ -975,6 +1009,127 @@ impl Store for SqliteStore {
                 },
             )
             .optional()?)
+    }
+
+    fn token_create(&self, t: &JoinToken) -> Result<(), StoreError> {
+        let db = lock(&self.writer);
+        // Tokens a day past their end are of no use even to a list.
+        db.execute(
+            "DELETE FROM join_tokens WHERE expires <= ?1",
+            params![super::days_ago(1)],
+        )?;
+        db.execute(
+            "INSERT INTO join_tokens (id, sha256, identity, expires, uses_left, created_by, created)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                t.id,
+                t.sha256,
+                t.identity,
+                t.expires,
+                t.uses_left,
+                t.created_by,
+                t.created
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn tokens(&self) -> Result<Vec<JoinToken>, StoreError> {
+        let db = lock(&self.reader);
+        let mut q = db.prepare(
+            "SELECT id, identity, expires, uses_left, created_by, created, cancelled
+             FROM join_tokens WHERE expires > ?1 ORDER BY created DESC, id LIMIT 1000",
+        )?;
+        let rows = q.query_map(params![super::days_ago(1)], |r| {
+            Ok(JoinToken {
+                id: r.get(0)?,
+                sha256: String::new(),
+                identity: r.get(1)?,
+                expires: r.get(2)?,
+                uses_left: r.get(3)?,
+                created_by: r.get(4)?,
+                created: r.get(5)?,
+                cancelled: r.get::<_, i64>(6)? != 0,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn token_cancel(&self, id: &str) -> Result<bool, StoreError> {
+        let n = lock(&self.writer).execute(
+            "UPDATE join_tokens SET cancelled = 1 WHERE id = ?1 AND cancelled = 0",
+            params![id],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn token_spend(&self, sha256: &str) -> Result<Option<JoinToken>, StoreError> {
+        let db = lock(&self.writer);
+        Ok(db
+            .query_row(
+                "UPDATE join_tokens SET uses_left = uses_left - 1
+                 WHERE sha256 = ?1 AND uses_left > 0 AND cancelled = 0 AND expires > ?2
+                 RETURNING id, identity, expires, uses_left, created_by, created",
+                params![sha256, now()],
+                |r| {
+                    Ok(JoinToken {
+                        id: r.get(0)?,
+                        sha256: sha256.to_owned(),
+                        identity: r.get(1)?,
+                        expires: r.get(2)?,
+                        uses_left: r.get(3)?,
+                        created_by: r.get(4)?,
+                        created: r.get(5)?,
+                        cancelled: false,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn issued(&self, i: &Issuance) -> Result<(), StoreError> {
+        let db = lock(&self.writer);
+        db.execute(
+            "DELETE FROM issuances WHERE serial IN
+             (SELECT serial FROM issuances WHERE not_after < ?1 LIMIT 100)",
+            params![super::days_ago(self.retention.days)],
+        )?;
+        db.execute(
+            "INSERT INTO issuances (serial, identity, node, kind, token, issued, not_after)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                i.serial,
+                i.identity,
+                i.node,
+                i.kind,
+                i.token,
+                i.issued,
+                i.not_after
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn issuance(&self, serial: &str) -> Result<Option<Issuance>, StoreError> {
+        let db = lock(&self.reader);
+        Ok(db
+            .query_row(
+                "SELECT serial, identity, node, kind, token, issued, not_after
+                 FROM issuances WHERE serial = ?1",
+                params![serial],
+                issuance_row,
+            )
+            .optional()?)
+    }
+
+    fn issuances(&self, limit: usize) -> Result<Vec<Issuance>, StoreError> {
+        let db = lock(&self.reader);
+        let mut q = db.prepare(
+            "SELECT serial, identity, node, kind, token, issued, not_after
+             FROM issuances ORDER BY issued DESC, serial LIMIT ?1",
+        )?;
+        let rows = q.query_map(params![limit as i64], issuance_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn console_close_all(&self, credential: Option<&str>) -> Result<u64, StoreError> {
