@@ -12,7 +12,7 @@
 
 use std::{
     future::Future,
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -73,7 +73,15 @@ pub fn endpoint(given: Option<&str>) -> Result<String, WorkloadError> {
             .filter(|v| !v.is_empty())
             .ok_or(WorkloadError::NoEndpoint)?,
     };
-    let e = if raw.starts_with("unix:") || raw.starts_with("tcp:") {
+    if raw.starts_with("tcp:") {
+        // Any local user may listen on a port the API left: its answers could end a
+        // session, or launch one as an identity of that user's choosing.
+        return Err(WorkloadError::Endpoint {
+            endpoint: raw,
+            message: "a tcp endpoint cannot be told from another local user's listener; use the API's unix socket".into(),
+        });
+    }
+    let e = if raw.starts_with("unix:") {
         raw
     } else {
         let abs = std::path::absolute(Path::new(&raw)).map_err(|e| WorkloadError::Endpoint {
@@ -154,7 +162,11 @@ fn pick(endpoint: &str, ctx: &X509Context, hint: Option<&str>) -> Result<Svid, W
             message: "an update with no SVID".to_owned(),
         })?,
     };
-    Ok(Svid {
+    Ok(svid_of(svid))
+}
+
+fn svid_of(svid: &spiffe::X509Svid) -> Svid {
+    Svid {
         id: svid.spiffe_id().to_string(),
         hint: svid.hint().map(str::to_owned),
         chain: svid
@@ -165,7 +177,7 @@ fn pick(endpoint: &str, ctx: &X509Context, hint: Option<&str>) -> Result<Svid, W
         key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
             svid.private_key().as_bytes().to_vec(),
         )),
-    })
+    }
 }
 
 /// The workload's SVID now (the launcher's first fetch).
@@ -189,9 +201,17 @@ pub async fn fetch(endpoint: &str, hint: Option<&str>) -> Result<Svid, WorkloadE
         })
 }
 
-/// What a keeper tells its user (the launcher's standard error).
+/// What a keeper tells its user (the launcher's standard error): best effort, never
+/// blocking or failing (the keeper's stderr is its own file description, made non-blocking,
+/// so an agent that fills or stops the terminal cannot hold the keeper up), and text from
+/// the API made printable.
 fn say(what: &str) {
-    eprintln!("agentwall launch (Workload API keeper): {what}");
+    use std::io::Write as _;
+    let line = format!(
+        "agentwall launch (Workload API keeper): {}\n",
+        crate::text::printable(what)
+    );
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 /// A session's keeper: holds the Workload API's stream and renews or ends the session.
@@ -207,10 +227,23 @@ pub struct Keeper {
 /// What the node said to a renewal or an end.
 enum Answer {
     Done,
-    /// The node answered no: asking again changes nothing.
+    /// The node answered no, or the credentials cannot be used: asking again changes
+    /// nothing.
     Refused(String),
     /// The node could not be asked (restarting): ask again.
     Unasked(String),
+}
+
+/// The stream, or when to open it again.
+enum Stream {
+    Open(
+        std::pin::Pin<
+            Box<dyn futures_util::Stream<Item = Result<X509Context, WorkloadApiError>> + Send>,
+        >,
+    ),
+    Closed {
+        retry_at: tokio::time::Instant,
+    },
 }
 
 impl Keeper {
@@ -218,161 +251,242 @@ impl Keeper {
         match api::call(&self.socket, Some(svid.credentials()), req) {
             Ok(r) if r.ok => Answer::Done,
             Ok(r) => Answer::Refused(r.error.unwrap_or_else(|| "refused".to_owned())),
-            Err(e) => Answer::Unasked(e.to_string()),
-        }
-    }
-
-    /// Renews the session with `next` until the node answers; a refusal keeps the session on
-    /// its current certificate (the node records why).
-    async fn renew(&mut self, next: Svid) {
-        if next.leaf() == self.current.leaf() {
-            return;
-        }
-        loop {
-            match self.ask(&next, &Request::Renew) {
-                Answer::Done => {
-                    self.current = next;
-                    return;
-                }
-                Answer::Refused(why) => {
-                    say(&format!(
-                        "the node refused the rotated SVID for {}: {why}",
-                        next.id
-                    ));
-                    return;
-                }
-                Answer::Unasked(why) => {
-                    say(&format!("cannot renew yet: {why}"));
-                    tokio::time::sleep(RETRY).await;
-                }
+            Err(e @ (api::ApiError::NotRunning { .. } | api::ApiError::Protocol(_))) => {
+                Answer::Unasked(e.to_string())
             }
+            Err(e) => Answer::Refused(e.to_string()),
         }
     }
 
-    /// Ends the session with the SVID it runs on, asking until the node answers (or the
-    /// certificate ran out, when the kernel has ended it already).
-    async fn end(&self, reason: &str) {
-        say(&format!("ending the session: {reason}"));
-        let req = Request::End {
-            reason: reason.to_owned(),
-        };
-        loop {
-            match self.ask(&self.current, &req) {
-                Answer::Done => return,
-                Answer::Refused(why) => {
-                    say(&format!("the node did not end the session: {why}"));
-                    return;
-                }
-                Answer::Unasked(why) => {
-                    say(&format!("cannot end the session yet: {why}"));
-                    tokio::time::sleep(RETRY).await;
-                }
-            }
-        }
-    }
-
-    /// One update of the stream: the SVID to renew with, or why the session ends.
+    /// One update of the stream: the SVID to renew with, or why the session ends. The SVID
+    /// is the one the hint names, else the one of the session's own identity (the API may
+    /// list others, in any order).
     fn judge(&self, ctx: &X509Context) -> Result<Svid, String> {
-        match pick(&self.endpoint, ctx, self.hint.as_deref()) {
-            Ok(s) if s.id != self.current.id => Err(format!(
+        let picked = match &self.hint {
+            Some(_) => {
+                pick(&self.endpoint, ctx, self.hint.as_deref()).map_err(|e| e.to_string())?
+            }
+            None => {
+                let own = ctx
+                    .svids()
+                    .iter()
+                    .position(|s| s.spiffe_id().to_string() == self.current.id);
+                match own {
+                    Some(i) => svid_of(&ctx.svids()[i]),
+                    None => {
+                        return Err(format!(
+                            "the Workload API at {} no longer issues {} (it issues {})",
+                            self.endpoint,
+                            self.current.id,
+                            ctx.svids()
+                                .iter()
+                                .map(|s| s.spiffe_id().to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ));
+                    }
+                }
+            }
+        };
+        if picked.id != self.current.id {
+            return Err(format!(
                 "the Workload API at {} now issues {} instead of {}",
-                self.endpoint, s.id, self.current.id
-            )),
-            Ok(s) => Ok(s),
-            Err(e) => Err(e.to_string()),
+                self.endpoint, picked.id, self.current.id
+            ));
         }
+        Ok(picked)
+    }
+
+    async fn connect(&self) -> Result<Stream, WorkloadError> {
+        let client = WorkloadApiClient::connect_to(&self.endpoint)
+            .await
+            .map_err(|e| classify(&self.endpoint, e))?;
+        let s = client
+            .stream_x509_contexts()
+            .await
+            .map_err(|e| classify(&self.endpoint, e))?;
+        Ok(Stream::Open(Box::pin(s)))
     }
 
     /// Follows the API until it says the SVID is gone (the session is ended) or `stop`
-    /// (the agent exited) completes.
+    /// (the agent exited) completes. One loop: the stream is read while a renewal or an end
+    /// waits for the node (the newest SVID wins), and `stop` is heard whatever is pending.
     pub async fn run(mut self, stop: impl Future<Output = ()>) {
         tokio::pin!(stop);
         let mut backoff = BACKOFF_MIN;
         let mut said_down = false;
+        let mut stream = Stream::Closed {
+            retry_at: tokio::time::Instant::now(),
+        };
+        // The SVID to renew with, and when to ask the node (again).
+        let mut pending: Option<(Svid, tokio::time::Instant)> = None;
+        // A leaf the node refused: not offered again.
+        let mut refused: Vec<u8> = Vec::new();
+        // Why the session must end, and when to ask the node (again).
+        let mut ending: Option<(String, tokio::time::Instant)> = None;
+        let mut said_unasked = false;
         loop {
-            let opened = async {
-                let client = WorkloadApiClient::connect_to(&self.endpoint)
-                    .await
-                    .map_err(|e| classify(&self.endpoint, e))?;
-                client
-                    .stream_x509_contexts()
-                    .await
-                    .map_err(|e| classify(&self.endpoint, e))
-            };
-            let stream = tokio::select! {
-                () = &mut stop => return,
-                s = opened => s,
-            };
-            let mut stream = match stream {
-                Ok(s) => s,
-                Err(e) if e.is_gone() => return self.end(&e.to_string()).await,
-                Err(e) => {
-                    if !said_down {
-                        say(&format!("{e}; trying again with backoff"));
-                        said_down = true;
+            let now = tokio::time::Instant::now();
+            if let Some((why, at)) = &ending {
+                if *at <= now {
+                    let req = Request::End {
+                        reason: why.clone(),
+                    };
+                    match self.ask(&self.current, &req) {
+                        Answer::Done => {
+                            say(&format!("session ended: {why}"));
+                            return;
+                        }
+                        Answer::Refused(e) => {
+                            say(&format!("the node did not end the session ({e}): {why}"));
+                            return;
+                        }
+                        Answer::Unasked(e) => {
+                            if !said_unasked {
+                                say(&format!("cannot end the session yet ({e}); asking again"));
+                                said_unasked = true;
+                            }
+                            ending = Some((why.clone(), now + RETRY));
+                        }
                     }
-                    tokio::select! {
-                        () = &mut stop => return,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    continue;
                 }
-            };
-            loop {
-                let item = tokio::select! {
-                    () = &mut stop => return,
-                    i = stream.next() => i,
-                };
-                match item.map(|r| r.map_err(|e| classify(&self.endpoint, e))) {
-                    Some(Ok(ctx)) => {
-                        backoff = BACKOFF_MIN;
-                        said_down = false;
-                        match self.judge(&ctx) {
-                            Ok(next) => self.renew(next).await,
-                            Err(why) => return self.end(&why).await,
+            } else if let Some((next, at)) = pending.take() {
+                if at <= now {
+                    match self.ask(&next, &Request::Renew) {
+                        Answer::Done => {
+                            self.current = next;
+                            said_unasked = false;
+                        }
+                        Answer::Refused(e) => {
+                            say(&format!(
+                                "the node refused the rotated SVID for {}: {e}",
+                                next.id
+                            ));
+                            refused = next.leaf().to_vec();
+                        }
+                        Answer::Unasked(e) => {
+                            if !said_unasked {
+                                say(&format!("cannot renew yet ({e}); asking again"));
+                                said_unasked = true;
+                            }
+                            pending = Some((next, now + RETRY));
                         }
                     }
-                    Some(Err(e)) if e.is_gone() => return self.end(&e.to_string()).await,
-                    Some(Err(e)) => {
-                        if !said_down {
-                            say(&format!("{e}; reconnecting"));
-                            said_down = true;
-                        }
-                        break;
-                    }
-                    None => break,
+                } else {
+                    pending = Some((next, at));
                 }
             }
+            let wake = [
+                pending.as_ref().map(|p| p.1),
+                ending.as_ref().map(|e| e.1),
+                match &stream {
+                    Stream::Closed { retry_at } => Some(*retry_at),
+                    Stream::Open(_) => None,
+                },
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let sleep = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let item = async {
+                match &mut stream {
+                    Stream::Open(s) => Some(s.next().await),
+                    Stream::Closed { .. } => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = &mut stop => return,
-                () = tokio::time::sleep(backoff) => {}
+                () = sleep => {
+                    if let Stream::Closed { retry_at } = stream {
+                        if retry_at <= tokio::time::Instant::now() {
+                            let opened = tokio::select! {
+                                () = &mut stop => return,
+                                o = self.connect() => o,
+                            };
+                            stream = match opened {
+                                Ok(s) => s,
+                                Err(e) if e.is_gone() => {
+                                    ending.get_or_insert((e.to_string(), tokio::time::Instant::now()));
+                                    Stream::Closed { retry_at: far_future() }
+                                }
+                                Err(e) => {
+                                    if !said_down {
+                                        say(&format!("{e}; trying again with backoff"));
+                                        said_down = true;
+                                    }
+                                    let at = tokio::time::Instant::now() + backoff;
+                                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                                    Stream::Closed { retry_at: at }
+                                }
+                            };
+                        }
+                    }
+                }
+                item = item => {
+                    let item = item.flatten();
+                    match item.map(|r| r.map_err(|e| classify(&self.endpoint, e))) {
+                        Some(Ok(ctx)) => {
+                            backoff = BACKOFF_MIN;
+                            said_down = false;
+                            if ending.is_none() {
+                                match self.judge(&ctx) {
+                                    Ok(next) if next.leaf() == self.current.leaf() || next.leaf() == refused.as_slice() => {
+                                        pending = None;
+                                    }
+                                    Ok(next) => pending = Some((next, tokio::time::Instant::now())),
+                                    Err(why) => {
+                                        ending = Some((why, tokio::time::Instant::now()));
+                                    }
+                                }
+                            }
+                        }
+                        Some(Err(e)) if e.is_gone() => {
+                            ending.get_or_insert((e.to_string(), tokio::time::Instant::now()));
+                            stream = Stream::Closed { retry_at: far_future() };
+                        }
+                        other => {
+                            if let Some(Err(e)) = other {
+                                if !said_down {
+                                    say(&format!("{e}; reconnecting"));
+                                    said_down = true;
+                                }
+                            }
+                            let at = tokio::time::Instant::now() + backoff;
+                            backoff = (backoff * 2).min(BACKOFF_MAX);
+                            stream = Stream::Closed { retry_at: at };
+                        }
+                    }
+                }
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 }
 
-/// Completes when the process behind `pidfd` has exited (a pidfd polls readable then).
+/// Never, as a time (a stream not to be opened again).
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400)
+}
+
+/// Completes when the process behind `pidfd` has exited (a pidfd reads as readable then).
 pub async fn exited(pidfd: OwnedFd) {
-    let waited = tokio::task::spawn_blocking(move || {
-        let mut p = libc::pollfd {
-            fd: pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, for as long as the call.
-        while unsafe { libc::poll(&mut p, 1, -1) } < 0 {
-            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                break;
-            }
+    // SAFETY: the AsyncFd owns the pidfd, so it stays open for as long as it is registered.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+    };
+    match registered {
+        Ok(fd) => {
+            let _ = fd.readable().await;
         }
-    })
-    .await;
-    if let Err(e) = waited {
-        // The keeper cannot know when to go: it goes now, and the session runs to its
-        // certificate's deadline.
-        say(&format!("cannot watch the agent ({e}); not renewing"));
+        Err(e) => {
+            // The keeper cannot know when to go: it goes now, and the session runs to its
+            // certificate's deadline.
+            say(&format!("cannot watch the agent ({e}); not renewing"));
+        }
     }
 }
 
@@ -390,11 +504,7 @@ mod tests {
             endpoint(Some("/run/spire/agent.sock")).unwrap(),
             "unix:///run/spire/agent.sock"
         );
-        assert_eq!(
-            endpoint(Some("tcp://127.0.0.1:8081")).unwrap(),
-            "tcp://127.0.0.1:8081"
-        );
-        let e = endpoint(Some("tcp://localhost:8081")).unwrap_err();
-        assert!(e.to_string().contains("tcp://localhost:8081"), "{e}");
+        let e = endpoint(Some("tcp://127.0.0.1:8081")).unwrap_err();
+        assert!(e.to_string().contains("use the API's unix socket"), "{e}");
     }
 }

@@ -73,7 +73,8 @@ impl X509Svid {
 #[derive(Clone)]
 enum Issuing {
     Svids(Vec<X509Svid>),
-    NoIdentity,
+    /// PermissionDenied, with this message.
+    Denied(String),
 }
 
 struct Shared {
@@ -153,9 +154,9 @@ impl tonic::server::ServerStreamingService<X509SvidRequest> for Fetch {
                         svids,
                         ..Default::default()
                     }),
-                    Issuing::NoIdentity => {
+                    Issuing::Denied(m) => {
                         *ended = true;
-                        Err(Status::permission_denied("no identity issued"))
+                        Err(Status::permission_denied(m))
                     }
                 });
                 std::future::ready(item)
@@ -226,7 +227,14 @@ impl WorkloadApi {
 
     /// The workload's registration is removed: streams end with PermissionDenied.
     pub fn take_away(&self) {
-        self.shared.issuing.send_replace(Issuing::NoIdentity);
+        self.take_away_with("no identity issued");
+    }
+
+    /// As [`WorkloadApi::take_away`], with a message of the server's choosing.
+    pub fn take_away_with(&self, message: &str) {
+        self.shared
+            .issuing
+            .send_replace(Issuing::Denied(message.to_owned()));
     }
 
     /// Stops serving, cutting every stream (a restart is [`WorkloadApi::restart`]).

@@ -65,6 +65,7 @@ fn every_record_kind_maps_to_an_event_its_class_takes() {
         json!({"kind": "identity", "event": "revoked", "time": T, "identity": ID, "connections_destroyed": 2, "by": "control-plane"}),
         json!({"kind": "identity", "event": "revoked-by-crl", "time": T, "identity": ID, "serial": "0a", "cgroup": "/x", "connections_destroyed": 0}),
         json!({"kind": "identity", "event": "expired", "time": T, "identity": ID, "serial": "0a", "cgroup": "/x", "not_after": T}),
+        json!({"kind": "identity", "event": "ended", "time": T, "identity": ID, "serial": "0a", "cgroup": "/x", "connections_destroyed": 0, "reason": "the Workload API issues this workload no SVID"}),
         json!({"kind": "identity", "event": "expires-soon", "time": T, "identity": ID, "serial": "0a", "cgroup": "/x", "not_after": T, "renewed": "by hand"}),
         json!({"kind": "alert", "time": T, "alert": "denial_burst", "severity": "warning", "node": "n1", "identity": ID, "summary": "20 denials within 60 s", "evidence": {"denials": 20}, "fingerprint": "00ff"}),
         json!({"kind": "alert", "time": T, "alert": "new_shadow_ai", "severity": "info", "node": "n1", "subject": "n1", "summary": "new", "evidence": {}, "fingerprint": "01ff"}),

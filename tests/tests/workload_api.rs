@@ -284,7 +284,7 @@ fn workload_api_launches_refuse_what_they_cannot_prove_and_end_with_the_agent() 
     assert_eq!(s["revoked"], false);
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err ENETUNREACH");
 
-    // The API now issues this workload another identity: the session ends.
+    // The API now issues this workload only another identity: the session ends.
     api.issue(vec![X509Svid::from_pem(
         OTHER,
         &ca.issue(&CertSpec::agent(OTHER)),
@@ -300,7 +300,7 @@ fn workload_api_launches_refuse_what_they_cannot_prove_and_end_with_the_agent() 
         ended["reason"]
             .as_str()
             .unwrap()
-            .contains(&format!("now issues {OTHER} instead of {ID}")),
+            .contains(&format!("no longer issues {ID} (it issues {OTHER})")),
         "{ended}"
     );
     assert_eq!(probe.cmd("connect tcp 192.0.2.10 443"), "err EPERM");
@@ -391,4 +391,86 @@ fn each_trust_domain_is_verified_against_its_own_bundle() {
         err.contains("no trust bundle for trust domain other.example"),
         "{err}"
     );
+}
+
+/// A keeper ends its session whatever befalls its standard error and whatever the API sends
+/// before: the agent's stderr is a pipe no one reads any more (writes fail), a rotated SVID's
+/// key is not its certificate's (refused, not retried for ever), and the API takes the SVID
+/// away with a message holding a newline and a terminal escape: the session is ended, the
+/// reason kept printable, and once the agent exits the keeper is gone and the session
+/// collected.
+#[test]
+fn a_keeper_ends_its_session_whatever_its_stderr_and_the_api_send() {
+    let (env, tmp, ca) = setup("wlapi-hostile", SUPPORT_POLICY);
+    let dir = tmp.path();
+    let audit = dir.join("audit.jsonl");
+    let node = NodeProc::start_with(&env, dir, &["--audit-log", audit.to_str().unwrap()]);
+    let ca_pem = ca.pem();
+    let sock = dir.join("workload.sock");
+    let first = ca.issue(&CertSpec::agent(ID));
+    let api = WorkloadApi::start(&sock, vec![X509Svid::from_pem(ID, &first, &ca_pem, "")]);
+    let mut agent = Command::new(bin_path("agentwall"))
+        .arg("launch")
+        .arg(format!("--workload-api=unix://{}", sock.display()))
+        .arg("--socket")
+        .arg(&node.socket)
+        .args(["--", "sleep", "600"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_serial(&node.socket, "launched", &serial_of(&first));
+    let keeper = eventually("the keeper's stream", Duration::from_secs(30), || {
+        api.callers()
+            .into_iter()
+            .rfind(|p| *p != agent.id() as i32)
+            .ok_or_else(|| "not yet".to_owned())
+    });
+    drop(agent.stderr.take());
+
+    let (a, b) = (
+        ca.issue(&CertSpec::agent(ID)),
+        ca.issue(&CertSpec::agent(ID)),
+    );
+    let mut mismatched = X509Svid::from_pem(ID, &a, &ca_pem, "");
+    mismatched.x509_svid_key = X509Svid::from_pem(ID, &b, &ca_pem, "").x509_svid_key;
+    api.issue(vec![mismatched]);
+    api.take_away_with("gone\nINFO agentwall::node: forged \u{1b}[8m");
+    let ended = eventually("the session ended", Duration::from_secs(30), || {
+        records(&audit, "ended")
+            .pop()
+            .ok_or_else(|| "no record yet".to_owned())
+    });
+    assert_eq!(
+        ended["reason"],
+        "Workload API at unix://".to_owned()
+            + sock.to_str().unwrap()
+            + " issues this workload no SVID: permission denied: gone\\u{000a}INFO agentwall::node: forged \\u{001b}[8m"
+    );
+    assert!(
+        ended["serial"]
+            .as_str()
+            .unwrap()
+            .eq_ignore_ascii_case(&serial_of(&first))
+    );
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    eventually(
+        "the keeper gone with its agent",
+        Duration::from_secs(30),
+        || {
+            let st = std::fs::read_to_string(format!("/proc/{keeper}/stat")).unwrap_or_default();
+            if st.is_empty() || st.contains(") Z ") {
+                Ok(())
+            } else {
+                Err(st)
+            }
+        },
+    );
+    wait_status(&node.socket, "the session collected", |s| {
+        s["identities"][0]["sessions"]
+            .as_array()
+            .is_none_or(Vec::is_empty)
+    });
 }

@@ -1,6 +1,9 @@
 use std::{
     ffi::OsString,
-    os::{fd::OwnedFd, unix::process::CommandExt as _},
+    os::{
+        fd::OwnedFd,
+        unix::{fs::OpenOptionsExt as _, process::CommandExt as _},
+    },
     path::{Path, PathBuf},
     process::ExitCode,
 };
@@ -149,7 +152,10 @@ pub fn run(args: Args) -> ExitCode {
             let svid = match first_svid(&endpoint, args.svid_hint.as_deref()) {
                 Ok(s) => s,
                 Err(e) => {
-                    eprintln!("agentwall launch: rejected: {e}");
+                    eprintln!(
+                        "agentwall launch: rejected: {}",
+                        agentwall::text::printable(&e.to_string())
+                    );
                     return ExitCode::from(2);
                 }
             };
@@ -209,6 +215,12 @@ pub fn run(args: Args) -> ExitCode {
             }
         }
     }
+    // Compat system calls pass the cgroup setsockopt hook unjudged: refused before the
+    // keeper is forked, so it runs under the same filter as the agent.
+    if let Err(e) = agentwall::native::native_syscalls_only() {
+        eprintln!("agentwall launch: {e}");
+        return ExitCode::from(2);
+    }
     if let Some(k) = keeper {
         if let Err(e) = spawn_keeper(k) {
             eprintln!("agentwall launch: cannot leave a Workload API keeper in the session: {e}");
@@ -220,11 +232,6 @@ pub fn run(args: Args) -> ExitCode {
     if let Some((uid, gid)) = user {
         // std drops supplementary groups (setgroups(0)) itself when root changes uid.
         cmd.uid(uid).gid(gid);
-    }
-    // Compat system calls pass the cgroup setsockopt hook unjudged.
-    if let Err(e) = agentwall::native::native_syscalls_only() {
-        eprintln!("agentwall launch: {e}");
-        return ExitCode::from(2);
     }
     let err = cmd.exec();
     eprintln!(
@@ -266,6 +273,16 @@ fn spawn_keeper(keeper: workload_api::Keeper) -> Result<(), String> {
     if threads != Some(1) {
         return Err(format!(
             "the launcher runs {threads:?} threads; it forks only with one"
+        ));
+    }
+    // Not open to ptrace from birth: the keeper is a process of the agent's cgroup, and an
+    // agent of the same user must not take it over (its filter, its SVID key). The agent's
+    // exec makes the launcher's process dumpable again.
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "prctl(PR_SET_DUMPABLE): {}",
+            std::io::Error::last_os_error()
         ));
     }
     // SAFETY: pidfd_open of this very process; the result is checked.
@@ -310,21 +327,38 @@ fn spawn_keeper(keeper: workload_api::Keeper) -> Result<(), String> {
 }
 
 /// The keeper's life: out of the terminal's session (a Ctrl-C is the agent's to handle),
-/// not open to the agent's ptrace, and holding no network socket the launcher inherited
-/// (made outside governance; the agent's exec closed them, the keeper must too).
+/// with a standard error of its own that never blocks (the agent shares the launcher's: it
+/// could fill or stop it), holding no network socket the launcher inherited (made outside
+/// governance; the agent's exec closed them, the keeper must too), and leaving at once on a
+/// panic (no unwinding into a runtime that waits on threads).
 fn keeper_main(keeper: workload_api::Keeper, agent: OwnedFd) {
     use std::os::fd::AsRawFd as _;
+    std::panic::set_hook(Box::new(|_| {
+        // SAFETY: leaves at once.
+        unsafe { libc::_exit(101) }
+    }));
     // SAFETY: plain system calls on descriptors this process holds.
     unsafe {
         libc::setsid();
-        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-        if let Ok(null) = std::fs::File::options()
+        let null = std::fs::File::options()
             .read(true)
             .write(true)
-            .open("/dev/null")
-        {
+            .open("/dev/null");
+        if let Ok(null) = &null {
             libc::dup2(null.as_raw_fd(), 0);
             libc::dup2(null.as_raw_fd(), 1);
+        }
+        // Opening the descriptor's file again makes a file description of our own (for a
+        // pipe or a terminal), whose O_NONBLOCK the agent does not share.
+        let own = std::fs::File::options()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/proc/self/fd/2");
+        match (&own, &null) {
+            (Ok(f), _) | (Err(_), Ok(f)) => {
+                libc::dup2(f.as_raw_fd(), 2);
+            }
+            (Err(_), Err(_)) => {}
         }
     }
     close_network_sockets();

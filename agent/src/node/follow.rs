@@ -391,7 +391,11 @@ pub(super) fn workload_api_endpoint(endpoint: Option<&str>, follows: bool) -> Re
             "a session renews from its files or from the Workload API, not both".to_owned(),
         );
     }
-    if e.is_empty() || e.len() > MAX_ENDPOINT || e.chars().any(char::is_control) {
+    if e.is_empty()
+        || e.len() > MAX_ENDPOINT
+        || e.chars()
+            .any(|c| c.is_control() || crate::policy::owner::is_hidden_format(c))
+    {
         return Err(format!(
             "the Workload API endpoint must be 1 to {MAX_ENDPOINT} bytes of printable text"
         ));

@@ -592,6 +592,17 @@ mod tests {
             json!({ "event": "revoked-by-crl", "identity": id, "serial": serial, "cgroup": cg, "connections_destroyed": 2 }),
         );
         same(
+            AuditEvent::Identity(IdentityEvent::Ended {
+                identity: id.into(),
+                serial: serial.into(),
+                cgroup: cg.into(),
+                connections_destroyed: 1,
+                reason: "no identity issued".into(),
+            }),
+            "identity",
+            json!({ "event": "ended", "identity": id, "serial": serial, "cgroup": cg, "connections_destroyed": 1, "reason": "no identity issued" }),
+        );
+        same(
             AuditEvent::Identity(IdentityEvent::Expired {
                 identity: id.into(),
                 cgroup: cg.into(),

@@ -899,7 +899,9 @@ impl Sessions {
                 path: now.cgroup.clone(),
                 source,
             })?;
-        let reason = crate::text::prefix(reason, MAX_END_REASON).to_owned();
+        // Text from the Workload API, by way of the keeper: kept printable.
+        let reason =
+            crate::text::printable(crate::text::prefix(reason, MAX_END_REASON)).into_owned();
         warn!(identity = %now.identity, serial = %now.serial, cgroup = %now.cgroup.display(),
             connections_destroyed = destroyed, %reason, "session ended at its own request");
         self.journal
