@@ -38,7 +38,14 @@ pub enum Request {
         follow: Option<Follow>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         workload_api: Option<String>,
+        /// The chain (PEM) the control plane's issuer signed for this launch (from `Join`):
+        /// the node renews the session from the issuer at half its certificate's life.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        issued: Option<String>,
     },
+    /// Anyone the socket lets in: trade a join token and a CSR, through the node's control
+    /// plane, for a certificate (answered in `chain`) to launch with.
+    Join { token: String, csr: String },
     /// Root only, with the identity's certificate: bind an existing cgroup (a systemd unit, a
     /// container) to the certificate's identity.
     Enroll { cgroup: PathBuf },
@@ -71,7 +78,7 @@ impl Request {
     /// The refusal a caller who is not root gets, for requests only root may make.
     pub fn root_only(&self) -> Option<&'static str> {
         match self {
-            Self::Launch { .. } | Self::Renew | Self::End { .. } => None,
+            Self::Launch { .. } | Self::Renew | Self::End { .. } | Self::Join { .. } => None,
             Self::Enroll { .. } => Some("enroll is for root only"),
             Self::Revoke { .. } => Some("revoke is for root only"),
             Self::Reload => Some("policy apply is for root only"),
@@ -87,6 +94,7 @@ impl Request {
             Self::Enroll { .. } => Some("enroll"),
             Self::Renew => Some("renew"),
             Self::End { .. } => Some("end"),
+            Self::Join { .. } => Some("join"),
             _ => None,
         }
     }
@@ -142,6 +150,9 @@ pub struct Response {
     /// Done, with something the caller should know (a launch not following its files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// A certificate chain (PEM), the answer to `Join`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<String>,
 }
 
 /// The node's state, as `agentwall status` shows it.
@@ -195,6 +206,10 @@ pub struct Session {
     /// The Workload API endpoint its launcher renews it from (`launch --workload-api`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_api: Option<String>,
+    /// The chain (PEM) the control plane's issuer signed last for it (`launch
+    /// --join-token`): the node renews it from the issuer at half its life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued: Option<String>,
     /// When the certificate began (RFC 3339): with `not_after`, its life.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<String>,

@@ -74,6 +74,11 @@ impl Ca {
         self.issuer.pem()
     }
 
+    /// Its private key (PEM): for a control plane that issues with it.
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
     pub fn issue(&self, spec: &CertSpec) -> Issued {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.distinguished_name.push(DnType::CommonName, "agent");

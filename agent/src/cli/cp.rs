@@ -109,6 +109,9 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// The issuer's join tokens and the certificates it signed (`[issuer]`).
+    #[command(subcommand)]
+    Identity(IdentityCommand),
     /// The audit chains of what nodes sent.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -125,6 +128,32 @@ enum Command {
         #[arg(long)]
         principal: Option<String>,
     },
+}
+
+#[derive(clap::Subcommand)]
+enum IdentityCommand {
+    /// Mint a join token for IDENTITY: `agentwall launch --join-token` trades it, through
+    /// an enrolled node, for a short-lived certificate the node then renews. The token is
+    /// shown this once; the control plane keeps only its SHA-256.
+    Token {
+        /// The SPIFFE ID (in the issuer's trust domain).
+        identity: String,
+        /// How long the token lives (10m, 24h; at most 30d).
+        #[arg(long, default_value = "10m")]
+        ttl: String,
+        /// How many certificates it can be traded for (at most 10,000).
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+    /// Join tokens (never the tokens themselves): live ones, and ended ones for a day.
+    Tokens,
+    /// Cancel a join token, by its id as `tokens` lists it.
+    Cancel {
+        /// The token's id.
+        id: String,
+    },
+    /// The certificates the issuer signed, newest first: each join and renewal, by node.
+    Issued,
 }
 
 #[derive(clap::Subcommand)]
@@ -689,6 +718,90 @@ async fn grants_in_force(
         })
         .collect();
     Ok((carried, root))
+}
+
+async fn identity_command(
+    c: &agentwall::control_plane::client::Client,
+    cmd: &IdentityCommand,
+    json: bool,
+) -> anyhow::Result<()> {
+    use agentwall::control_plane::{
+        server::issuing::MintedToken,
+        store::{Issuance, JoinToken},
+    };
+    let timeout = std::time::Duration::from_secs(30);
+    match cmd {
+        IdentityCommand::Token {
+            identity,
+            ttl,
+            uses,
+        } => {
+            let ttl = agentwall::review::parse_duration(ttl)?;
+            let t: MintedToken = c
+                .send_json(
+                    hyper::Method::POST,
+                    "/v1/identity-tokens",
+                    &serde_json::json!({
+                        "identity": identity, "ttl_secs": ttl.as_secs(), "uses": uses,
+                    }),
+                    timeout,
+                )
+                .await?;
+            if json {
+                print_json(&t);
+            } else {
+                println!("{}", t.token);
+                eprintln!(
+                    "join token {} for {}: {} use(s), until {} (shown once: the control plane keeps only its hash)",
+                    t.id, t.identity, t.uses, t.expires
+                );
+            }
+        }
+        IdentityCommand::Tokens => {
+            let list: Vec<JoinToken> = c.get("/v1/identity-tokens").await?;
+            if json {
+                print_json(&list);
+            } else {
+                for t in list {
+                    println!(
+                        "{}  {}  until {}  {} use(s) left{}  by {}",
+                        t.id,
+                        t.identity,
+                        t.expires,
+                        t.uses_left,
+                        if t.cancelled { ", cancelled" } else { "" },
+                        t.created_by
+                    );
+                }
+            }
+        }
+        IdentityCommand::Cancel { id } => {
+            let path = format!(
+                "/v1/identity-tokens?{}",
+                serde_urlencoded::to_string([("id", id)])?
+            );
+            let r: serde_json::Value = c.call(hyper::Method::DELETE, &path, None, timeout).await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!("join token {id} cancelled");
+            }
+        }
+        IdentityCommand::Issued => {
+            let list: Vec<Issuance> = c.get("/v1/issuances").await?;
+            if json {
+                print_json(&list);
+            } else {
+                for i in list {
+                    println!(
+                        "{}  {}  {}  {} via {}  until {}",
+                        i.issued, i.kind, i.identity, i.serial, i.node, i.not_after
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -1412,6 +1525,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Identity(cmd) => identity_command(&c, cmd, json).await?,
         Command::Revoke { identity, reason } => {
             let r: serde_json::Value = c
                 .send_json(

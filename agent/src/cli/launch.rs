@@ -77,7 +77,11 @@ fn call_node(
 #[derive(clap::Args)]
 pub struct Args {
     /// The agent's certificate (PEM; chain allowed).
-    #[arg(long, required_unless_present = "workload_api", requires = "key")]
+    #[arg(
+        long,
+        required_unless_present_any = ["workload_api", "join_token"],
+        requires = "key"
+    )]
     cert: Option<PathBuf>,
     /// The certificate's private key (PEM).
     #[arg(long, requires = "cert")]
@@ -94,6 +98,16 @@ pub struct Args {
         conflicts_with_all = ["cert", "key", "follow"]
     )]
     workload_api: Option<String>,
+    /// Obtain the agent's certificate from the control plane's issuer, through the node,
+    /// with this join token (`agentwall cp identity token`); the node renews it at half
+    /// its life. Prefer the environment variable: a command line is visible to other users.
+    #[arg(
+        long,
+        env = "AGENTWALL_JOIN_TOKEN",
+        hide_env_values = true,
+        conflicts_with_all = ["cert", "key", "follow", "workload_api"]
+    )]
+    join_token: Option<String>,
     /// With --workload-api: use the SVID with this hint when the API issues several
     /// [default: the first, as the SPIFFE standard says].
     #[arg(long, requires = "workload_api")]
@@ -141,6 +155,30 @@ pub fn run(args: Args) -> ExitCode {
     };
     let mut keeper = None;
     let launched = match (&args.workload_api, &args.cert, &args.key) {
+        _ if args.join_token.is_some() => {
+            let token = args.join_token.clone().unwrap_or_default();
+            let (chain, creds) = match joined(&args.socket, token) {
+                Ok(j) => j,
+                Err(e) => {
+                    eprintln!(
+                        "agentwall launch: rejected: {}",
+                        agentwall::text::printable(&e)
+                    );
+                    return ExitCode::from(2);
+                }
+            };
+            let claimed = agentwall::pem::certs_in(Path::new("-"), chain.as_bytes())
+                .ok()
+                .and_then(|c| c.into_iter().next())
+                .and_then(|c| peer_from_cert(&c).ok())
+                .map_or_else(|| "unknown".to_owned(), |p| p.id.to_string());
+            let req = Request::Launch {
+                follow: None,
+                workload_api: None,
+                issued: Some(chain),
+            };
+            call_node(&args.socket, "launch", &claimed, Ok(creds), &req, check)
+        }
         (Some(given), _, _) => {
             let endpoint = match workload_api::endpoint(Some(given)) {
                 Ok(e) => e,
@@ -162,6 +200,7 @@ pub fn run(args: Args) -> ExitCode {
             let req = Request::Launch {
                 follow: None,
                 workload_api: Some(endpoint.clone()),
+                issued: None,
             };
             let r = call_node(
                 &args.socket,
@@ -191,6 +230,7 @@ pub fn run(args: Args) -> ExitCode {
             let req = Request::Launch {
                 follow,
                 workload_api: None,
+                issued: None,
             };
             let creds = Credentials::load(cert, key).map_err(|e| e.to_string());
             call_node(
@@ -239,6 +279,30 @@ pub fn run(args: Args) -> ExitCode {
         args.command[0].to_string_lossy()
     );
     ExitCode::from(127)
+}
+
+/// A certificate from the control plane's issuer, through the node: a key made here (it
+/// never leaves this process), its CSR and the join token traded for the chain.
+fn joined(socket: &NodeSocket, token: String) -> Result<(String, Credentials), String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| format!("making a key: {e}"))?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|r| r.pem())
+        .map_err(|e| format!("making a CSR: {e}"))?;
+    let socket = socket.path().map_err(|e| format!("{e:#}"))?;
+    let r = api::call(&socket, None, &Request::Join { token, csr }).map_err(|e| e.to_string())?;
+    let chain = match (r.ok, r.chain) {
+        (true, Some(c)) => c,
+        _ => return Err(r.error.unwrap_or_else(|| "refused".into())),
+    };
+    let certs = agentwall::pem::certs_in(Path::new("the issued chain"), chain.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let der = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der())
+        .map_err(|e| e.to_string())?;
+    Ok((
+        chain,
+        Credentials::from_der(certs, der, "the control plane's issuer"),
+    ))
 }
 
 /// The workload's SVID, fetched on a runtime that is gone (its threads with it) before the

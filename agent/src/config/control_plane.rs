@@ -151,6 +151,10 @@ pub struct ServerConfig {
     /// Anomaly alerts over what nodes report, per identity against its own baseline.
     #[serde(default)]
     pub alerts: Alerts,
+    /// `[issuer]`: an intermediate CA that issues short-lived X509-SVIDs for join tokens,
+    /// and renews them, through enrolled nodes. Off unless set.
+    #[serde(default)]
+    pub issuer: Option<crate::control_plane::issuer::IssuerConfig>,
 }
 
 /// `[alerts]`: what raises an alert, and where alerts are sent.
@@ -557,6 +561,10 @@ impl ServerConfig {
         }
         if let Some(ca) = &mut c.alerts.webhook_ca {
             *ca = resolve(path, ca);
+        }
+        if let Some(is) = &mut c.issuer {
+            is.ca_cert = resolve(path, &is.ca_cert);
+            is.ca_key = resolve(path, &is.ca_key);
         }
         if let Some(sl) = &mut c.syslog {
             for p in std::iter::once(&mut sl.ca)

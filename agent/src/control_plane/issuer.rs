@@ -165,6 +165,16 @@ impl Issuer {
         self.ttl
     }
 
+    /// Whether a CSR can be signed: PEM, within bounds, its own signature good.
+    pub fn check_csr(&self, csr_pem: &str) -> Result<(), IssuerError> {
+        if csr_pem.len() > MAX_PEM {
+            return Err(IssuerError::Csr(format!("over {MAX_PEM} bytes")));
+        }
+        rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map(|_| ())
+            .map_err(|e| IssuerError::Csr(e.to_string()))
+    }
+
     /// Signs the CSR's public key as `id` for the issuer's TTL. The CSR's own signature must
     /// verify (its sender holds the key); everything else in it (names, extensions) is
     /// ignored: the certificate says only what the issuer decides.
@@ -196,8 +206,9 @@ impl Issuer {
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
         ];
-        // A little before now: a verifier whose clock runs behind still takes it.
-        p.not_before = (now - Duration::from_secs(30)).into();
+        // A little before now (a tenth of its life, at most 30 s): a verifier whose clock
+        // runs behind still takes it, and half its life is still about half the TTL.
+        p.not_before = (now - (self.ttl / 10).min(Duration::from_secs(30))).into();
         p.not_after = not_after.into();
         p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         p.use_authority_key_identifier_extension = true;
@@ -315,7 +326,7 @@ mod tests {
         let sans = x.subject_alternative_name().unwrap().unwrap();
         assert_eq!(sans.value.general_names.len(), 1);
         let life = x.validity().not_after.timestamp() - x.validity().not_before.timestamp();
-        assert_eq!(life, 90, "60 s, from 30 s before now");
+        assert_eq!(life, 66, "60 s, from 6 s before now");
 
         // Another CA's certificate, and junk, are not ours.
         let (other_cert, other_key) = ca(dir.path(), "other");

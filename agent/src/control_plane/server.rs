@@ -27,6 +27,7 @@ use crate::{
 
 pub mod alerts;
 mod console;
+pub mod issuing;
 mod review;
 mod syslog;
 
@@ -67,6 +68,8 @@ pub enum ServerError {
     Forward(#[from] syslog::ForwardError),
     #[error("alerts.webhooks: {0}")]
     Webhook(String),
+    #[error(transparent)]
+    Issuer(#[from] super::issuer::IssuerError),
     #[error("signers: {0}")]
     Signers(#[from] super::signing::SigningError),
     #[error(
@@ -177,6 +180,41 @@ const PUBLIC: &[Role] = &[];
 
 /// Every route the server answers (the router below holds the same set).
 const ROUTES: &[RouteRule] = &[
+    RouteRule {
+        method: Method::POST,
+        path: "/v1/identity-tokens",
+        roles: &[Role::Admin],
+        body_cap: 64 << 10,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::GET,
+        path: "/v1/identity-tokens",
+        roles: READERS,
+        body_cap: 0,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::DELETE,
+        path: "/v1/identity-tokens",
+        roles: &[Role::Admin],
+        body_cap: 0,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::GET,
+        path: "/v1/issuances",
+        roles: READERS,
+        body_cap: 0,
+        rate_limited: true,
+    },
+    RouteRule {
+        method: Method::POST,
+        path: "/v1/node/svid",
+        roles: &[Role::Node],
+        body_cap: 64 << 10,
+        rate_limited: false,
+    },
     RouteRule {
         method: Method::GET,
         path: "/v1/policy",
@@ -598,6 +636,8 @@ pub struct Server {
     served_file: std::sync::OnceLock<PathBuf>,
     /// Pushes must name an owner for every AgentPolicy (`require_owner`).
     require_owner: std::sync::atomic::AtomicBool,
+    /// The issuer (`[issuer]`), set once at start.
+    issuer: std::sync::OnceLock<Arc<super::issuer::Issuer>>,
     /// Polls not yet written to the store (written once a second, in one transaction).
     seen: Mutex<HashMap<String, NodeSeen>>,
     /// The client-certificate verifier in force (CRLs reread), for per-request rechecks.
@@ -692,6 +732,7 @@ impl Server {
             floor: Mutex::new((0, 0)),
             served_file: std::sync::OnceLock::new(),
             require_owner: std::sync::atomic::AtomicBool::new(false),
+            issuer: std::sync::OnceLock::new(),
             seen: Mutex::new(HashMap::new()),
             verifier: std::sync::OnceLock::new(),
             reviews: Arc::new(tokio::sync::Semaphore::new(review::REVIEWS_AT_ONCE)),
@@ -1002,6 +1043,11 @@ impl Server {
         Ok(())
     }
 
+    /// Issues certificates with `issuer` (`[issuer]`).
+    pub fn issue_with(&self, issuer: super::issuer::Issuer) {
+        let _ = self.issuer.set(Arc::new(issuer));
+    }
+
     /// Refuses pushes with an AgentPolicy that names no owner (`require_owner`).
     pub fn require_owners(&self, on: bool) {
         self.require_owner.store(on, Ordering::Relaxed);
@@ -1195,6 +1241,14 @@ impl Server {
                 get(get_revocations).post(post_revocation),
             )
             .route("/v1/metrics", get(get_metrics))
+            .route(
+                "/v1/identity-tokens",
+                get(issuing::get_tokens)
+                    .post(issuing::post_token)
+                    .delete(issuing::delete_token),
+            )
+            .route("/v1/issuances", get(issuing::get_issuances))
+            .route("/v1/node/svid", post(issuing::post_svid))
             .route("/v1/node/poll", post(node_poll))
             .route("/v1/node/reports", post(node_reports))
             .route("/v1/openapi.json", get(get_openapi))
@@ -2966,6 +3020,11 @@ async fn store_reports(
         console::make_link,
         node_poll,
         node_reports,
+        issuing::post_token,
+        issuing::get_tokens,
+        issuing::delete_token,
+        issuing::get_issuances,
+        issuing::post_svid,
         get_openapi
     ),
     modifiers(&Refusals)
@@ -3350,6 +3409,9 @@ pub async fn serve(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<
                 cfg.limits.clone(),
             )?;
             server.require_owners(cfg.require_owner);
+            if let Some(ic) = &cfg.issuer {
+                server.issue_with(super::issuer::Issuer::load(ic)?);
+            }
             server.approvals(
                 super::signing::Keyring::load(cfg.signers.clone())?,
                 cfg.approvals_required as usize,

@@ -105,12 +105,16 @@ impl Node {
             Request::Launch {
                 follow,
                 workload_api,
+                issued,
             } => match (caller.peer, caller.pidfd, caller.ids) {
                 (Ok(peer), Ok(pidfd), Some((uid, gid))) => {
-                    if let Err(why) = super::follow::workload_api_endpoint(
-                        workload_api.as_deref(),
-                        follow.is_some(),
-                    ) {
+                    let ways = usize::from(follow.is_some())
+                        + usize::from(workload_api.is_some())
+                        + usize::from(issued.is_some());
+                    if let Err(why) =
+                        super::follow::workload_api_endpoint(workload_api.as_deref(), ways)
+                            .and_then(|()| super::issuing::launched_with(issued.as_deref(), &peer))
+                    {
                         return Response::error(Some(peer.id.to_string()), why);
                     }
                     let by = super::follow::Launcher {
@@ -146,7 +150,7 @@ impl Node {
                     match follow {
                         Ok(follow) => Response {
                             warning,
-                            ..self.launch(peer, pidfd, follow, workload_api)
+                            ..self.launch(peer, pidfd, follow, workload_api, issued)
                         },
                         Err(why) => Response::error(Some(peer.id.to_string()), why),
                     }
@@ -172,6 +176,7 @@ impl Node {
                 (Err(r), _) => rejection(&r),
                 (_, Err(e)) => no_process(&e),
             },
+            Request::Join { token, csr } => self.join(token, csr).await,
             Request::End { reason } => match (caller.peer, caller.pidfd) {
                 (Ok(peer), Ok(pidfd)) => self.end(peer, pidfd, &reason),
                 (Err(r), _) => rejection(&r),

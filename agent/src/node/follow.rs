@@ -369,10 +369,11 @@ impl Node {
 
 /// For `status`: how a session is renewed.
 pub fn renews(s: &Session) -> String {
-    match (&s.follow, &s.workload_api) {
-        (Some(f), _) => format!("from {} (followed)", f.cert.display()),
-        (None, Some(endpoint)) => format!("from the Workload API at {endpoint}"),
-        (None, None) => "by hand".to_owned(),
+    match (&s.follow, &s.workload_api, &s.issued) {
+        (Some(f), _, _) => format!("from {} (followed)", f.cert.display()),
+        (None, Some(endpoint), _) => format!("from the Workload API at {endpoint}"),
+        (None, None, Some(_)) => "from the control plane's issuer".to_owned(),
+        (None, None, None) => "by hand".to_owned(),
     }
 }
 
@@ -381,16 +382,16 @@ pub fn renews(s: &Session) -> String {
 const MAX_ENDPOINT: usize = 256;
 
 /// Checks the Workload API endpoint a launch says it renews from: one way of renewing a
-/// session, and a name `status` can show.
-pub(super) fn workload_api_endpoint(endpoint: Option<&str>, follows: bool) -> Result<(), String> {
+/// session (`ways`: how many the launch names), and a name `status` can show.
+pub(super) fn workload_api_endpoint(endpoint: Option<&str>, ways: usize) -> Result<(), String> {
+    if ways > 1 {
+        return Err(
+            "a session renews one way: from its files, its Workload API or the issuer".to_owned(),
+        );
+    }
     let Some(e) = endpoint else {
         return Ok(());
     };
-    if follows {
-        return Err(
-            "a session renews from its files or from the Workload API, not both".to_owned(),
-        );
-    }
     if e.is_empty()
         || e.len() > MAX_ENDPOINT
         || e.chars()

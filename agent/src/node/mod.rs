@@ -31,6 +31,7 @@ pub mod canary;
 pub mod dns;
 pub mod enforcer;
 pub mod follow;
+pub mod issuing;
 pub mod journal;
 pub mod preflight;
 pub mod records;
@@ -206,6 +207,9 @@ pub struct Node {
     dropped_seen: AtomicU64,
     /// Set once the control plane link runs.
     link: OnceLock<Arc<LinkStats>>,
+    /// Certificates from the control plane's issuer: the client, and the sessions being
+    /// renewed or waiting to try again.
+    issuing: issuing::Issuing,
 }
 
 /// Hands the proxy's answers to the node without a reference cycle.
@@ -446,6 +450,7 @@ impl Node {
             events: Mutex::new(events),
             dropped_seen: AtomicU64::new(reported_kernel_loss(&cfg.state_dir(), &datapath)),
             link: OnceLock::new(),
+            issuing: issuing::Issuing::default(),
             datapath,
             cfg,
         });
@@ -551,7 +556,7 @@ impl Node {
     /// The half-second housekeeping: CRLs, ended sessions, lost kernel records, expired
     /// learned addresses and certificates, the DNS proxy's namespaces, counts the kernel
     /// held, folded runs, schedule windows and the policy directory.
-    fn tick(&self) {
+    fn tick(self: &Arc<Self>) {
         self.journal.checkpoint(false);
         if let Some(serials) = self.trust.reload_crls() {
             self.sessions.cut_off(&serials);
@@ -578,6 +583,7 @@ impl Node {
         }
         self.dns.expire(&self.datapath);
         self.sessions.note_expiries();
+        self.renew_from_issuer();
         {
             let applied = self.enforcer.applied();
             self.dns.sync(
@@ -674,6 +680,7 @@ impl Node {
         pidfd: OwnedFd,
         follow: Option<crate::api::Followed>,
         workload_api: Option<String>,
+        issued: Option<String>,
     ) -> crate::api::Response {
         let id = peer.id.to_string();
         let placed = self
@@ -683,7 +690,10 @@ impl Node {
                     .refuse_governed_caller(&pidfd, |n| self.name_of(n))
             })
             .and_then(|()| self.admissible(&id))
-            .and_then(|n| self.sessions.launch(&peer, &pidfd, n, follow, workload_api));
+            .and_then(|n| {
+                self.sessions
+                    .launch(&peer, &pidfd, n, follow, workload_api, issued)
+            });
         self.bound("launch", id, placed)
     }
 
@@ -932,6 +942,7 @@ impl Node {
             let link = crate::control_plane::link::Link::new(cp, &self.cfg.state_dir())?
                 .describing(self.cfg.owner.clone(), self.cfg.labels.clone());
             let _ = self.link.set(link.stats.clone());
+            self.issuing.connect(cp).map_err(LinkError::from)?;
             // What the spool had not taken when the node stopped is sent from the log.
             self.journal
                 .enable_outbox_from(link.handled(self.journal.head())?);

@@ -238,6 +238,7 @@ struct Placed<'a> {
     pid: u32,
     follow: Option<api::Followed>,
     workload_api: Option<String>,
+    issued: Option<String>,
 }
 
 /// What enrichment needs of a session: the cgroup's path and the governing certificate.
@@ -517,6 +518,7 @@ impl Sessions {
             pid,
             follow,
             workload_api,
+            issued,
         } = placed;
         // A handshake can finish just before a CRL lists the certificate: it binds nothing
         // afterwards.
@@ -551,6 +553,7 @@ impl Sessions {
             revoked: false,
             follow,
             workload_api,
+            issued,
             not_before: Some(crate::clock::rfc3339(peer.not_before)),
             expiry_noted: false,
             aging_noted: false,
@@ -613,6 +616,7 @@ impl Sessions {
         number: u32,
         follow: Option<api::Followed>,
         workload_api: Option<String>,
+        issued: Option<String>,
     ) -> Result<PathBuf, SessionError> {
         let pid = api::pidfd_pid(pidfd).map_err(SessionError::LauncherGone)?;
         // The cgroup is new: every TCP or UDP socket the launcher holds was made elsewhere.
@@ -645,6 +649,7 @@ impl Sessions {
             pid,
             follow,
             workload_api,
+            issued,
         };
         if let Err(e) = self.bind(&mut table, IdentityEvent::Launched, peer, number, placed) {
             let _ = cg.remove_tree();
@@ -738,6 +743,7 @@ impl Sessions {
             pid: 0,
             follow: None,
             workload_api: None,
+            issued: None,
         };
         self.bind(&mut table, IdentityEvent::Enrolled, peer, number, placed)?;
         Ok(cg.path().to_owned())
@@ -780,6 +786,27 @@ impl Sessions {
         session: &Session,
         forward_only: bool,
     ) -> Result<Option<PathBuf>, SessionError> {
+        self.renew_with(peer, session, forward_only, None)
+    }
+
+    /// [`Sessions::renew`] with a chain the control plane's issuer signed, kept as the one
+    /// to renew from next.
+    pub fn renew_issued(
+        &self,
+        peer: &VerifiedPeer,
+        session: &Session,
+        chain: String,
+    ) -> Result<Option<PathBuf>, SessionError> {
+        self.renew_with(peer, session, true, Some(chain))
+    }
+
+    fn renew_with(
+        &self,
+        peer: &VerifiedPeer,
+        session: &Session,
+        forward_only: bool,
+        issued: Option<String>,
+    ) -> Result<Option<PathBuf>, SessionError> {
         let cg = Cgroup::open(&session.cgroup)?;
         let mut table = lock(&self.table);
         let now = table
@@ -798,15 +825,34 @@ impl Sessions {
                 return Ok(None);
             }
         }
-        // Renewed by hand or from its files, it goes on following them (or its Workload API).
+        // Renewed by hand or from its files, it goes on following them (or its Workload API,
+        // or the issuer).
         let placed = Placed {
             cg: &cg,
             pid: now.pid,
             follow: now.follow.clone(),
             workload_api: now.workload_api.clone(),
+            issued: issued.or_else(|| now.issued.clone()),
         };
         self.bind(&mut table, IdentityEvent::Renewed, peer, now.number, placed)?;
         Ok(Some(now.cgroup))
+    }
+
+    /// Sessions the issuer renews whose certificate is past half its life: (session, the
+    /// chain to renew from).
+    pub fn due_from_issuer(&self) -> Vec<(Session, String)> {
+        let now = time::OffsetDateTime::now_utc();
+        lock(&self.table)
+            .by_id
+            .values()
+            .filter(|s| !s.revoked)
+            .filter_map(|s| {
+                let chain = s.issued.clone()?;
+                let end = crate::clock::parse_rfc3339(&s.not_after).ok()?;
+                let start = crate::clock::parse_rfc3339(s.not_before.as_deref()?).ok()?;
+                (now >= start + (end - start) / 2 && now < end).then(|| (s.clone(), chain))
+            })
+            .collect()
     }
 
     /// Ends launched sessions whose processes have all exited: the binding goes (nothing is

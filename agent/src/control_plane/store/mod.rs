@@ -121,7 +121,7 @@ pub struct ConsoleLink {
 
 /// A join token an admin minted for an identity (`cp identity token`): kept by its SHA-256,
 /// never the token; spent once per issuance, until it runs out, expires or is cancelled.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct JoinToken {
     /// Names the token in lists and to cancel it (not the secret).
     pub id: String,
@@ -137,7 +137,7 @@ pub struct JoinToken {
 
 /// A certificate the control plane's issuer signed: for a join (`token` names the token
 /// spent) or a renewal, through `node`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Issuance {
     /// Hex, as nodes write serials.
     pub serial: String,
@@ -145,7 +145,7 @@ pub struct Issuance {
     pub node: String,
     /// `join` or `renewal`.
     pub kind: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
     pub issued: String,
     pub not_after: String,

@@ -408,6 +408,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
          DROP TABLE console_sessions; DROP TABLE console_links; DROP TABLE forwarding; DROP TABLE alert_seen;
          DROP INDEX flows_owner_id; ALTER TABLE flows DROP COLUMN owner;
          DROP TABLE proposals; ALTER TABLE policy DROP COLUMN signing;
+         DROP TABLE join_tokens; DROP TABLE issuances;
          PRAGMA user_version = 3",
     )
     .unwrap();
@@ -424,7 +425,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     drop(c);
     let e = SqliteStore::open(&path, KEEP).err().unwrap().to_string();
     assert!(
-        e.contains("has schema version 99; this agentwall knows up to 10"),
+        e.contains("has schema version 99; this agentwall knows up to 11"),
         "{e}"
     );
 
@@ -446,7 +447,7 @@ fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
     let shown = crate::config::control_plane::redact_url(&db.url);
     assert!(
         e.contains(&format!(
-            "database {shown} has schema version 99; this agentwall knows up to 9"
+            "database {shown} has schema version 99; this agentwall knows up to 10"
         )),
         "{e}"
     );
@@ -1601,5 +1602,66 @@ fn a_proposal_becomes_the_next_version_with_its_last_approval_and_only_then() {
             f.name
         );
         assert!(all.iter().all(|p| p.files.is_empty()));
+    }
+}
+
+#[test]
+fn join_tokens_are_spent_once_a_use_and_issuances_kept() {
+    use super::{Issuance, JoinToken};
+    for f in both() {
+        let s = &*f.store;
+        let later = crate::clock::rfc3339(
+            std::time::SystemTime::now() + std::time::Duration::from_secs(600),
+        );
+        let token = |id: &str, sha: &str, uses: u32, expires: &str| JoinToken {
+            id: id.into(),
+            sha256: sha.into(),
+            identity: "spiffe://example.org/agent/a".into(),
+            expires: expires.into(),
+            uses_left: uses,
+            created_by: "admin".into(),
+            created: crate::clock::now_rfc3339(),
+            cancelled: false,
+        };
+        s.token_create(&token("t1", "h1", 2, &later)).unwrap();
+        s.token_create(&token("t2", "h2", 1, &later)).unwrap();
+        // Ended a moment ago: not spent, still listed for a day.
+        s.token_create(&token("t3", "h3", 1, &crate::clock::now_rfc3339()))
+            .unwrap();
+        let spent = s.token_spend("h1").unwrap().expect(f.name);
+        assert_eq!((spent.id.as_str(), spent.uses_left), ("t1", 1));
+        assert_eq!(s.token_spend("h1").unwrap().map(|t| t.uses_left), Some(0));
+        assert_eq!(s.token_spend("h1").unwrap(), None, "{}: used up", f.name);
+        assert_eq!(s.token_spend("h3").unwrap(), None, "{}: expired", f.name);
+        assert_eq!(s.token_spend("nope").unwrap(), None);
+        assert!(s.token_cancel("t2").unwrap());
+        assert!(!s.token_cancel("t2").unwrap(), "{}: cancelled once", f.name);
+        assert_eq!(s.token_spend("h2").unwrap(), None, "{}: cancelled", f.name);
+        let listed = s.tokens().unwrap();
+        assert_eq!(listed.len(), 3, "{}", f.name);
+        assert!(listed.iter().all(|t| t.sha256.is_empty()), "never the hash");
+        assert!(listed.iter().any(|t| t.id == "t2" && t.cancelled));
+
+        let i = |serial: &str, kind: &str| Issuance {
+            serial: serial.into(),
+            identity: "spiffe://example.org/agent/a".into(),
+            node: "spiffe://example.org/node/n1".into(),
+            kind: kind.into(),
+            token: (kind == "join").then(|| "t1".into()),
+            issued: crate::clock::now_rfc3339(),
+            not_after: later.clone(),
+        };
+        s.issued(&i("0a", "join")).unwrap();
+        s.issued(&i("0b", "renewal")).unwrap();
+        assert_eq!(
+            s.issuance("0a").unwrap(),
+            Some(i("0a", "join")).map(|mut x| {
+                x.issued = s.issuance("0a").unwrap().unwrap().issued;
+                x
+            })
+        );
+        assert_eq!(s.issuance("ff").unwrap(), None);
+        assert_eq!(s.issuances(10).unwrap().len(), 2, "{}", f.name);
+        assert_eq!(s.issuances(1).unwrap().len(), 1);
     }
 }
