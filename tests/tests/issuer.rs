@@ -196,6 +196,24 @@ fn a_join_token_gets_a_session_its_certificates_renewed_at_half_life() {
     ));
     let e = answer.unwrap_err().to_string();
     assert!(e.contains("403"), "{e}");
+    // Nor a host the control plane does not know as a node (a certificate of its CA whose
+    // SPIFFE ID no [[access]] names).
+    let stranger = agentwall_tests::node::write_cert(
+        &fx.dir,
+        "stranger",
+        &fx.ca.issue(&agentwall_tests::pki::CertSpec::agent(
+            "spiffe://example.org/host/unenrolled",
+        )),
+    );
+    let answer: Result<serde_json::Value, _> =
+        rt.block_on(fx.client(&url, Some(stranger), None).send_json(
+            hyper::Method::POST,
+            "/v1/node/svid",
+            &serde_json::json!({"csr": "x", "token": fresh["token"]}),
+            Duration::from_secs(10),
+        ));
+    let e = answer.unwrap_err().to_string();
+    assert!(e.contains("401") || e.contains("403"), "{e}");
     let out = cp(
         &fx,
         &url,
@@ -207,7 +225,7 @@ fn a_join_token_gets_a_session_its_certificates_renewed_at_half_life() {
         String::from_utf8_lossy(&out.stderr)
             .contains("outside the issuer's trust domain example.org")
     );
-    // The token the admin tried is still good for a node.
+    // The token they tried is still good for a node.
     let p2 = Probe::from_command(launch(&node.socket, fresh["token"].as_str().unwrap()));
     drop(p2);
 }
