@@ -94,7 +94,6 @@ impl Request {
             Self::Enroll { .. } => Some("enroll"),
             Self::Renew => Some("renew"),
             Self::End { .. } => Some("end"),
-            Self::Join { .. } => Some("join"),
             _ => None,
         }
     }

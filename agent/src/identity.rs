@@ -607,6 +607,24 @@ impl TrustStore {
         self.identity_of(&end_entity)
     }
 
+    /// The verdict on a certificate chain alone (one the control plane's issuer signed for a
+    /// session the node renews): the chain as webpki judges it, then the SPIFFE ID checks.
+    pub fn verify_chain(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+    ) -> Result<VerifiedPeer, Rejection> {
+        let (end_entity, intermediates) = chain.split_first().ok_or(Rejection::NoCertificate)?;
+        self.verifier
+            .inner
+            .verify_client_cert(
+                end_entity,
+                intermediates,
+                rustls::pki_types::UnixTime::now(),
+            )
+            .map_err(|e| rejection_of(&e))?;
+        self.identity_of(end_entity)
+    }
+
     fn identity_of(&self, end_entity: &CertificateDer<'_>) -> Result<VerifiedPeer, Rejection> {
         let peer = peer_from_cert(end_entity)?;
         if let Some(td) = &self.trust_domain {

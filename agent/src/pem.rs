@@ -63,6 +63,22 @@ pub fn chain_and_key(
     Ok((certs(cert)?, key(key_path)?))
 }
 
+/// Certificates as PEM text (64 columns, as RFC 7468 writes them).
+pub fn certs_to_pem(certs: &[CertificateDer<'_>]) -> String {
+    use base64::Engine as _;
+    let mut out = String::new();
+    for c in certs {
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(c.as_ref());
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).unwrap_or_default());
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
+}
+
 /// The CA certificates of a trust bundle file: PEM, or a SPIFFE bundle (a JSON JWK set, as
 /// `spire-server bundle show -format spiffe` writes it), read as the X509-SVID standard
 /// (section 6.2) says: the first `x5c` certificate of each key whose `use` is `x509-svid`;

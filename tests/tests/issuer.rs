@@ -79,6 +79,11 @@ fn a_join_token_gets_a_session_its_certificates_renewed_at_half_life() {
     assert!(token.starts_with("awjt_"), "{minted}");
     assert_eq!(minted["uses"], 1);
     let mut probe = Probe::from_command(launch(&node.socket, &token));
+    let environ = std::fs::read(format!("/proc/{}/environ", probe.pid)).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&environ).contains("AGENTWALL_JOIN_TOKEN"),
+        "the token stays with the launcher"
+    );
     let st = status_json(&node.socket);
     let s = &st["identities"][0]["sessions"][0];
     assert!(
@@ -132,6 +137,38 @@ fn a_join_token_gets_a_session_its_certificates_renewed_at_half_life() {
         assert!(seen.contains(&i["serial"].as_str().unwrap().to_owned()) || i["kind"] == "renewal");
     }
 
+    // A certificate is renewed once: asked twice (a hostile node, or a reply lost), the
+    // same certificate is answered, never a second one.
+    let current = status_json(&node.socket)["identities"][0]["sessions"][0]["issued"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let as_node = fx.node_client(&url, "test");
+    let csr = || {
+        let k = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::default()
+            .serialize_request(&k)
+            .unwrap()
+            .pem()
+            .unwrap()
+    };
+    let renew = |chain: &str| -> serde_json::Value {
+        rt.block_on(as_node.send_json(
+            hyper::Method::POST,
+            "/v1/node/svid",
+            &serde_json::json!({"csr": csr(), "renew": chain}),
+            Duration::from_secs(10),
+        ))
+        .unwrap()
+    };
+    let (a, b) = (renew(&current), renew(&current));
+    assert_eq!(a["serial"], b["serial"], "one successor: {a} {b}");
+    assert_eq!(a["chain"], b["chain"]);
+
     // A used-up token, an expired one and a cancelled one are refused, saying so.
     let refused = |token: &str| {
         let out = launch(&node.socket, token).arg("true").output().unwrap();
@@ -183,10 +220,6 @@ fn a_join_token_gets_a_session_its_certificates_renewed_at_half_life() {
     // Only a node may trade one: an admin cannot, and an identity of another trust domain
     // gets no token.
     let fresh = cp_json(&fx, &url, &admin, &["identity", "token", ID]);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let admin_client = fx.client(&url, Some(fx.admin.clone()), None);
     let answer: Result<serde_json::Value, _> = rt.block_on(admin_client.send_json(
         hyper::Method::POST,
@@ -225,6 +258,47 @@ fn a_join_token_gets_a_session_its_certificates_renewed_at_half_life() {
         String::from_utf8_lossy(&out.stderr)
             .contains("outside the issuer's trust domain example.org")
     );
+    // Nor does a principal of the control plane itself (a node's identity here).
+    let out = cp(
+        &fx,
+        &url,
+        &admin,
+        &["identity", "token", "spiffe://example.org/node/x"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is a principal of this control plane"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The first token cancelled: the certificates that descend from it are not renewed
+    // (the node says so, and the session runs to its deadline).
+    let out = cp(
+        &fx,
+        &url,
+        &admin,
+        &["identity", "cancel", minted["id"].as_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refusal = eventually("a renewal refused", Duration::from_secs(30), || {
+        audit_records(&audit)
+            .into_iter()
+            .find(|r| {
+                r["event"] == "rejected"
+                    && r["op"] == "renew"
+                    && r["reason"]
+                        .as_str()
+                        .is_some_and(|w| w.contains("was cancelled"))
+            })
+            .ok_or_else(|| "not yet".to_owned())
+    });
+    assert_eq!(refusal["identity"], ID);
+
     // The token they tried is still good for a node.
     let p2 = Probe::from_command(launch(&node.socket, fresh["token"].as_str().unwrap()));
     drop(p2);

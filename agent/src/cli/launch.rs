@@ -269,6 +269,8 @@ pub fn run(args: Args) -> ExitCode {
     }
     let mut cmd = std::process::Command::new(&args.command[0]);
     cmd.args(&args.command[1..]);
+    // The token stays with the launcher: the agent has its certificate's session.
+    cmd.env_remove("AGENTWALL_JOIN_TOKEN");
     if let Some((uid, gid)) = user {
         // std drops supplementary groups (setgroups(0)) itself when root changes uid.
         cmd.uid(uid).gid(gid);

@@ -131,10 +131,19 @@ impl Issuer {
         let ours = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()
             .map_err(|e| config_err("ca_cert", &cfg.ca_cert, e))?;
-        let mut chain_tail = cert_pem;
-        if !chain_tail.ends_with('\n') {
-            chain_tail.push('\n');
+        // Sent to every launcher: only the certificates of the file, made again from what
+        // was parsed, never whatever else it holds.
+        if cert_pem.contains("PRIVATE KEY-----") {
+            return Err(config_err(
+                "ca_cert",
+                &cfg.ca_cert,
+                "holds a private key: keep the key in ca_key only",
+            ));
         }
+        let chain_tail = crate::pem::certs_to_pem(
+            &crate::pem::certs(&cfg.ca_cert)
+                .map_err(|e| config_err("ca_cert", &cfg.ca_cert, e.message))?,
+        );
         let issuer = Self {
             ca,
             chain_tail,
@@ -362,12 +371,28 @@ mod tests {
         assert!(e.contains("is not the key of ca_cert"), "{e}");
         let e = Issuer::load(&IssuerConfig {
             svid_ttl_secs: Some(5),
-            ..cfg
+            ..cfg.clone()
         })
         .err()
         .unwrap()
         .to_string();
         assert!(e.contains("5 s is outside 10 to 2592000 s"), "{e}");
+        // A certificate file that also holds a key is refused (its text is sent to every
+        // launcher).
+        let combined = dir.path().join("combined.pem");
+        std::fs::write(
+            &combined,
+            std::fs::read_to_string(&cert).unwrap() + &std::fs::read_to_string(&key).unwrap(),
+        )
+        .unwrap();
+        let e = Issuer::load(&IssuerConfig {
+            ca_cert: combined,
+            ..cfg.clone()
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("holds a private key"), "{e}");
         let (t, h, id) = mint_token().unwrap();
         assert!(t.starts_with("awjt_") && t.len() == 69);
         assert_eq!(token_sha256(&t), h);

@@ -213,7 +213,8 @@ const ROUTES: &[RouteRule] = &[
         path: "/v1/node/svid",
         roles: &[Role::Node],
         body_cap: 64 << 10,
-        rate_limited: false,
+        // Each is a store write, and local users reach it through a node's Join.
+        rate_limited: true,
     },
     RouteRule {
         method: Method::GET,
@@ -746,7 +747,12 @@ impl Server {
 
     /// The roles a certificate's SPIFFE ID or a token (by its SHA-256) holds.
     fn roles_of(&self, spiffe_id: Option<&str>, token_hash: Option<&str>) -> Vec<Role> {
-        self.access
+        Self::roles_in(&self.access, spiffe_id, token_hash)
+    }
+
+    /// [`Server::roles_of`] in an access list.
+    fn roles_in(access: &[Access], spiffe_id: Option<&str>, token_hash: Option<&str>) -> Vec<Role> {
+        access
             .iter()
             .filter(|a| {
                 let by_cert = spiffe_id.is_some_and(|id| {

@@ -32,8 +32,14 @@ const MAX_CSR: usize = 16 << 10;
 /// A renewal the control plane refused or did not answer is tried again after this long.
 const RETRY: Duration = Duration::from_secs(5);
 
-/// Joins asked of the control plane at once: local callers cannot queue more.
+/// Joins asked of the control plane at once, and a second: local callers cannot queue more,
+/// nor keep the control plane busy.
 const JOINS_AT_ONCE: usize = 4;
+const JOINS_A_SECOND: u32 = 10;
+
+/// A renewal the control plane refused (a 4xx: not this node's, cancelled, revoked) is not
+/// asked again for this long; the session runs to its deadline.
+const REFUSED_PAUSE: Duration = Duration::from_secs(3_600);
 
 #[derive(Default)]
 pub struct Issuing {
@@ -41,6 +47,8 @@ pub struct Issuing {
     /// By cgroup id: renewing now (None), or not before then.
     pending: Mutex<HashMap<u64, Option<Instant>>>,
     joins: OnceLock<Arc<tokio::sync::Semaphore>>,
+    /// Joins this second: (the second's start, how many).
+    rate: Mutex<Option<(Instant, u32)>>,
 }
 
 impl Issuing {
@@ -69,7 +77,7 @@ pub(super) fn launched_with(issued: Option<&str>, peer: &VerifiedPeer) -> Result
         .map_err(|e| e.to_string())?
         .remove(0);
     let of = peer_from_cert(&leaf).map_err(|e| e.to_string())?;
-    if of.serial != peer.serial {
+    if of.serial != peer.serial || of.id != peer.id || of.not_after != peer.not_after {
         return Err("the issued chain is not the certificate this launch proved".into());
     }
     Ok(())
@@ -122,6 +130,20 @@ impl Node {
                 "a join token is 1 to {MAX_TOKEN} bytes and a CSR at most {MAX_CSR}"
             ));
         }
+        {
+            let mut rate = self.issuing.rate.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let (start, n) = rate.get_or_insert((now, 0));
+            if now.duration_since(*start) >= Duration::from_secs(1) {
+                (*start, *n) = (now, 0);
+            }
+            *n += 1;
+            if *n > JOINS_A_SECOND {
+                return refuse(format!(
+                    "more than {JOINS_A_SECOND} joins a second; try again"
+                ));
+            }
+        }
         let Ok(_turn) = joins.try_acquire() else {
             return refuse(format!(
                 "{JOINS_AT_ONCE} joins are being asked of the control plane already; try again"
@@ -156,7 +178,14 @@ impl Node {
             return;
         };
         let now = Instant::now();
-        for (session, chain) in self.sessions.due_from_issuer() {
+        // A revoked identity's sessions are not renewed (the control plane would refuse).
+        let revoked = self.registry.revoked();
+        for (session, chain) in self
+            .sessions
+            .due_from_issuer()
+            .into_iter()
+            .filter(|(s, _)| !revoked.contains(&s.identity))
+        {
             {
                 let mut pending = self
                     .issuing
@@ -184,16 +213,17 @@ impl Node {
                     Ok(()) => {
                         pending.remove(&id);
                     }
-                    Err(why) => {
+                    Err((why, refused)) => {
                         warn!(identity = %session.identity, cgroup = %session.cgroup.display(),
-                            reason = %why, "renewal from the issuer failed; trying again");
+                            reason = %why, refused, "renewal from the issuer failed");
                         node.journal
                             .record(&AuditEvent::Identity(IdentityEvent::Rejected {
                                 op: "renew",
                                 identity: Some(session.identity.clone()),
                                 reason: Some(why),
                             }));
-                        pending.insert(id, Some(Instant::now() + RETRY));
+                        let pause = if refused { REFUSED_PAUSE } else { RETRY };
+                        pending.insert(id, Some(Instant::now() + pause));
                     }
                 }
             });
@@ -212,13 +242,16 @@ impl Node {
             .retain(|id, at| at.is_none() || live.contains(id));
     }
 
+    /// Err: why, and whether the control plane refused (not asked again for long).
     async fn renew_one(
         &self,
         client: &Client,
         session: &crate::api::Session,
         chain: String,
-    ) -> Result<(), String> {
-        let (csr, key) = csr()?;
+    ) -> Result<(), (String, bool)> {
+        // The key is for the CSR only: the binding is what the certificate is for here, and
+        // a renewal answered again (its first answer lost) certifies an earlier key.
+        let (csr, _key) = csr().map_err(|e| (e, false))?;
         let reply = ask(
             client,
             &SvidRequest {
@@ -228,7 +261,19 @@ impl Node {
             },
         )
         .await
-        .map_err(|e| crate::text::printable(&e.to_string()).into_owned())?;
+        .map_err(|e| {
+            let refused = matches!(&e, ClientError::Refused { status, .. }
+                if status.is_client_error() && status.as_u16() != 429);
+            (crate::text::printable(&e.to_string()).into_owned(), refused)
+        })?;
+        self.check_and_renew(session, reply).map_err(|e| (e, true))
+    }
+
+    fn check_and_renew(
+        &self,
+        session: &crate::api::Session,
+        reply: SvidReply,
+    ) -> Result<(), String> {
         let certs = crate::pem::certs_in(
             std::path::Path::new("the issuer's certificate"),
             reply.chain.as_bytes(),
@@ -239,7 +284,7 @@ impl Node {
             .trust
             .current()
             .trust
-            .verify_pair(certs, key)
+            .verify_chain(certs)
             .map_err(|e| e.to_string())?;
         if peer.id.to_string() != session.identity {
             return Err(format!(

@@ -825,14 +825,14 @@ impl Sessions {
                 return Ok(None);
             }
         }
-        // Renewed by hand or from its files, it goes on following them (or its Workload API,
-        // or the issuer).
+        // Renewed by hand or from its files, it goes on following them (or its Workload API).
         let placed = Placed {
             cg: &cg,
             pid: now.pid,
             follow: now.follow.clone(),
             workload_api: now.workload_api.clone(),
-            issued: issued.or_else(|| now.issued.clone()),
+            // Renewed otherwise (by hand), it no longer runs on the issuer's certificate.
+            issued,
         };
         self.bind(&mut table, IdentityEvent::Renewed, peer, now.number, placed)?;
         Ok(Some(now.cgroup))

@@ -100,10 +100,13 @@ fn issuer_of(s: &super::Server) -> Result<Arc<Issuer>, Fail> {
     })
 }
 
-/// The identity, checked: a SPIFFE ID of the issuer's trust domain, not revoked.
+/// The identity, checked: a SPIFFE ID of the issuer's trust domain, not a principal of the
+/// control plane itself (an `[[access]]` entry names it: its certificate would hold that
+/// role here), not revoked.
 fn issuable(
     store: &dyn crate::control_plane::store::Store,
     issuer: &Issuer,
+    access: &[crate::config::control_plane::Access],
     id: &str,
 ) -> Result<AgentId, Fail> {
     let parsed: AgentId = id.parse().map_err(|e| {
@@ -121,14 +124,42 @@ fn issuable(
             ),
         ));
     }
+    let text = parsed.to_string();
+    if !super::Server::roles_in(access, Some(&text), None).is_empty() {
+        return Err(Fail::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "{parsed} is a principal of this control plane ([[access]] names it): the issuer does not issue it"
+            ),
+        ));
+    }
     let (_, revoked) = store.revocations()?;
-    if revoked.iter().any(|r| r.identity == parsed.to_string()) {
+    if revoked.iter().any(|r| r.identity == text) {
         return Err(Fail::new(
             StatusCode::FORBIDDEN,
             format!("{parsed} is revoked: no certificate is issued for it"),
         ));
     }
     Ok(parsed)
+}
+
+/// The reply for a chain already issued.
+fn reply_of(chain: &str, id: &AgentId) -> SvidReply {
+    let leaf = crate::pem::certs_in(std::path::Path::new("-"), chain.as_bytes())
+        .ok()
+        .and_then(|c| c.into_iter().next())
+        .and_then(|c| crate::identity::peer_from_cert(&c).ok());
+    SvidReply {
+        chain: chain.to_owned(),
+        identity: id.to_string(),
+        serial: leaf
+            .as_ref()
+            .map(|p| p.serial.to_lowercase())
+            .unwrap_or_default(),
+        not_after: leaf
+            .map(|p| crate::clock::rfc3339(p.not_after))
+            .unwrap_or_default(),
+    }
 }
 
 /// Mints a join token for an identity.
@@ -166,8 +197,9 @@ pub(super) async fn post_token(
     }
     let store = s.store.clone();
     let by = who.name.clone();
+    let access = s.access.clone();
     let minted = work(move || {
-        let id = issuable(&*store, &issuer, &req.identity)?;
+        let id = issuable(&*store, &issuer, &access, &req.identity)?;
         let (token, sha256, tid) = issuer::mint_token().ok_or_else(|| {
             Fail::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -257,38 +289,61 @@ pub(super) async fn post_svid(
     })?;
     let store = s.store.clone();
     let node = who.name.clone();
+    let access = s.access.clone();
     let reply = work(move || {
         // A request that cannot be signed spends no token.
         issuer
             .check_csr(&req.csr)
             .map_err(|e| Fail::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-        let (id, kind, token) = match (&req.token, &req.renew) {
+        let unusable = || {
+            // One answer for every token that does not work: no oracle of which exist.
+            Fail::new(
+                StatusCode::FORBIDDEN,
+                "the join token is unknown, used up, expired or cancelled",
+            )
+        };
+        let (id, kind, token, renewing) = match (&req.token, &req.renew) {
             (Some(t), None) => {
-                // One answer for every token that does not work: no oracle of which exist.
-                let spent = store
-                    .token_spend(&issuer::token_sha256(t))?
-                    .ok_or_else(|| {
-                        Fail::new(
-                            StatusCode::FORBIDDEN,
-                            "the join token is unknown, used up, expired or cancelled",
-                        )
-                    })?;
-                let id = issuable(&*store, &issuer, &spent.identity)?;
-                (id, "join", Some(spent.id))
+                let sha = issuer::token_sha256(t);
+                // Checked before the token is spent: a token for an identity revoked since
+                // it was minted is refused, not used up.
+                let named = store.token_identity(&sha)?.ok_or_else(unusable)?;
+                issuable(&*store, &issuer, &access, &named)?;
+                let spent = store.token_spend(&sha)?.ok_or_else(unusable)?;
+                let id = issuable(&*store, &issuer, &access, &spent.identity)?;
+                (id, "join", Some(spent.id), None)
             }
             (None, Some(chain)) => {
                 let (id, serial) = issuer
                     .verify_ours(chain)
                     .map_err(|e| Fail::new(StatusCode::FORBIDDEN, e.to_string()))?;
-                let through = store.issuance(&serial)?;
-                if through.as_ref().is_none_or(|i| i.node != node) {
-                    return Err(Fail::new(
-                        StatusCode::FORBIDDEN,
-                        format!("certificate {serial} was not issued through this node"),
-                    ));
+                let before = store
+                    .issuance(&serial)?
+                    .filter(|i| i.node == node)
+                    .ok_or_else(|| {
+                        Fail::new(
+                            StatusCode::FORBIDDEN,
+                            format!("certificate {serial} was not issued through this node"),
+                        )
+                    })?;
+                // A token cancelled ends the certificates that descend from it.
+                if let Some(t) = &before.token {
+                    if store.token_cancelled(t)? {
+                        return Err(Fail::new(
+                            StatusCode::FORBIDDEN,
+                            format!(
+                                "join token {t} was cancelled: its certificates are not renewed"
+                            ),
+                        ));
+                    }
                 }
-                let id = issuable(&*store, &issuer, &id.to_string())?;
-                (id, "renewal", None)
+                let id = issuable(&*store, &issuer, &access, &id.to_string())?;
+                // One renewal a certificate: asked again (a reply lost on the way), the same
+                // certificate is answered, never a second one.
+                if let Some(chain) = before.renewed_into {
+                    return Ok(reply_of(&chain, &id));
+                }
+                (id, "renewal", before.token, Some(serial))
             }
             _ => {
                 return Err(Fail::new(
@@ -309,7 +364,20 @@ pub(super) async fn post_svid(
             token,
             issued: crate::clock::now_rfc3339(),
             not_after: not_after.clone(),
+            renewed_into: None,
         })?;
+        if let Some(old) = renewing {
+            if !store.renewed(&old, &issued.chain_pem)? {
+                // Another replica renewed it meanwhile: its certificate is the one.
+                let winner = store
+                    .issuance(&old)?
+                    .and_then(|i| i.renewed_into)
+                    .ok_or_else(|| {
+                        Fail::new(StatusCode::SERVICE_UNAVAILABLE, "renewal raced; ask again")
+                    })?;
+                return Ok(reply_of(&winner, &id));
+            }
+        }
         Ok::<_, Fail>(SvidReply {
             chain: issued.chain_pem,
             identity: id.to_string(),

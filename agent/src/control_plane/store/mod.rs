@@ -149,6 +149,9 @@ pub struct Issuance {
     pub token: Option<String>,
     pub issued: String,
     pub not_after: String,
+    /// The chain (PEM) it was renewed into, once: asked again, the same is answered.
+    #[serde(skip)]
+    pub renewed_into: Option<String>,
 }
 
 /// Live console sign-ins kept per credential: signing in again past it ends the oldest, so
@@ -310,6 +313,13 @@ pub trait Store: Send + Sync {
     /// Spends one use of the live token whose SHA-256 is `sha256`, atomically across
     /// replicas; None when there is no such token, or it is spent, expired or cancelled.
     fn token_spend(&self, sha256: &str) -> Result<Option<JoinToken>, StoreError>;
+    /// The identity of the live token whose SHA-256 is `sha256`, without spending it.
+    fn token_identity(&self, sha256: &str) -> Result<Option<String>, StoreError>;
+    /// Whether the token with this id was cancelled (cancelled tokens are kept).
+    fn token_cancelled(&self, id: &str) -> Result<bool, StoreError>;
+    /// Notes that the certificate `serial` was renewed into `chain`, unless it was renewed
+    /// already: false then (one renewal a certificate, across replicas).
+    fn renewed(&self, serial: &str, chain: &str) -> Result<bool, StoreError>;
     /// Records an issuance, and forgets those whose certificates ended more than the
     /// retention's days ago.
     fn issued(&self, i: &Issuance) -> Result<(), StoreError>;

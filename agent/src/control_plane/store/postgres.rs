@@ -248,7 +248,8 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE policy (
         kind TEXT NOT NULL,
         token TEXT,
         issued TEXT NOT NULL,
-        not_after TEXT NOT NULL
+        not_after TEXT NOT NULL,
+        renewed_into TEXT
     );
     CREATE INDEX issuances_issued ON issuances (issued);
     CREATE INDEX issuances_not_after ON issuances (not_after);",
@@ -916,6 +917,7 @@ fn issuance_row(r: &tokio_postgres::Row) -> Issuance {
         token: r.get(4),
         issued: r.get(5),
         not_after: r.get(6),
+        renewed_into: r.get(7),
     }
 }
 
@@ -1448,7 +1450,7 @@ impl Store for PgStore {
         self.block(async {
             let c = self.client().await?;
             c.execute(
-                "DELETE FROM join_tokens WHERE expires <= $1",
+                "DELETE FROM join_tokens WHERE expires <= $1 AND NOT cancelled",
                 &[&super::days_ago(1)],
             )
             .await?;
@@ -1532,6 +1534,44 @@ impl Store for PgStore {
         })
     }
 
+    fn token_identity(&self, sha256: &str) -> Result<Option<String>, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            Ok(c.query_opt(
+                "SELECT identity FROM join_tokens
+                 WHERE sha256 = $1 AND uses_left > 0 AND NOT cancelled AND expires > $2",
+                &[&sha256, &now()],
+            )
+            .await?
+            .map(|r| r.get(0)))
+        })
+    }
+
+    fn token_cancelled(&self, id: &str) -> Result<bool, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            Ok(
+                c.query_opt("SELECT cancelled FROM join_tokens WHERE id = $1", &[&id])
+                    .await?
+                    .is_some_and(|r| r.get::<_, bool>(0)),
+            )
+        })
+    }
+
+    fn renewed(&self, serial: &str, chain: &str) -> Result<bool, StoreError> {
+        self.block(async {
+            let c = self.client().await?;
+            let n = c
+                .execute(
+                    "UPDATE issuances SET renewed_into = $2
+                     WHERE serial = $1 AND renewed_into IS NULL",
+                    &[&serial, &chain],
+                )
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
     fn issued(&self, i: &Issuance) -> Result<(), StoreError> {
         let i = i.clone();
         let cutoff = super::days_ago(self.retention.days);
@@ -1565,7 +1605,7 @@ impl Store for PgStore {
         self.block(async {
             let c = self.client().await?;
             Ok(c.query_opt(
-                "SELECT serial, identity, node, kind, token, issued, not_after
+                "SELECT serial, identity, node, kind, token, issued, not_after, renewed_into
                  FROM issuances WHERE serial = $1",
                 &[&serial],
             )
@@ -1579,7 +1619,8 @@ impl Store for PgStore {
             let c = self.client().await?;
             let rows = c
                 .query(
-                    "SELECT serial, identity, node, kind, token, issued, not_after
+                    "SELECT serial, identity, node, kind, token, issued, not_after,
+                            NULL::TEXT
                      FROM issuances ORDER BY issued DESC, serial LIMIT $1",
                     &[&(limit as i64)],
                 )

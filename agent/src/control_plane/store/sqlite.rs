@@ -158,7 +158,8 @@ const MIGRATIONS: &[&str] = &[
         kind TEXT NOT NULL,
         token TEXT,
         issued TEXT NOT NULL,
-        not_after TEXT NOT NULL
+        not_after TEXT NOT NULL,
+        renewed_into TEXT
     );
     CREATE INDEX issuances_issued ON issuances (issued);
     CREATE INDEX issuances_not_after ON issuances (not_after);",
@@ -188,6 +189,7 @@ fn issuance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Issuance> {
         token: r.get(4)?,
         issued: r.get(5)?,
         not_after: r.get(6)?,
+        renewed_into: r.get(7)?,
     })
 }
 
@@ -1013,9 +1015,10 @@ impl Store for SqliteStore {
 
     fn token_create(&self, t: &JoinToken) -> Result<(), StoreError> {
         let db = lock(&self.writer);
-        // Tokens a day past their end are of no use even to a list.
+        // Tokens a day past their end are of no use even to a list; cancelled ones are
+        // kept (a cancelled token's certificates are no longer renewed).
         db.execute(
-            "DELETE FROM join_tokens WHERE expires <= ?1",
+            "DELETE FROM join_tokens WHERE expires <= ?1 AND cancelled = 0",
             params![super::days_ago(1)],
         )?;
         db.execute(
@@ -1087,6 +1090,38 @@ impl Store for SqliteStore {
             .optional()?)
     }
 
+    fn token_identity(&self, sha256: &str) -> Result<Option<String>, StoreError> {
+        let db = lock(&self.reader);
+        Ok(db
+            .query_row(
+                "SELECT identity FROM join_tokens
+                 WHERE sha256 = ?1 AND uses_left > 0 AND cancelled = 0 AND expires > ?2",
+                params![sha256, now()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    fn token_cancelled(&self, id: &str) -> Result<bool, StoreError> {
+        let db = lock(&self.reader);
+        Ok(db
+            .query_row(
+                "SELECT cancelled FROM join_tokens WHERE id = ?1",
+                params![id],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .is_some_and(|c| c != 0))
+    }
+
+    fn renewed(&self, serial: &str, chain: &str) -> Result<bool, StoreError> {
+        let n = lock(&self.writer).execute(
+            "UPDATE issuances SET renewed_into = ?2 WHERE serial = ?1 AND renewed_into IS NULL",
+            params![serial, chain],
+        )?;
+        Ok(n == 1)
+    }
+
     fn issued(&self, i: &Issuance) -> Result<(), StoreError> {
         let db = lock(&self.writer);
         db.execute(
@@ -1114,7 +1149,7 @@ impl Store for SqliteStore {
         let db = lock(&self.reader);
         Ok(db
             .query_row(
-                "SELECT serial, identity, node, kind, token, issued, not_after
+                "SELECT serial, identity, node, kind, token, issued, not_after, renewed_into
                  FROM issuances WHERE serial = ?1",
                 params![serial],
                 issuance_row,
@@ -1125,7 +1160,7 @@ impl Store for SqliteStore {
     fn issuances(&self, limit: usize) -> Result<Vec<Issuance>, StoreError> {
         let db = lock(&self.reader);
         let mut q = db.prepare(
-            "SELECT serial, identity, node, kind, token, issued, not_after
+            "SELECT serial, identity, node, kind, token, issued, not_after, NULL
              FROM issuances ORDER BY issued DESC, serial LIMIT ?1",
         )?;
         let rows = q.query_map(params![limit as i64], issuance_row)?;

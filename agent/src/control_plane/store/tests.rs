@@ -1650,6 +1650,7 @@ fn join_tokens_are_spent_once_a_use_and_issuances_kept() {
             token: (kind == "join").then(|| "t1".into()),
             issued: crate::clock::now_rfc3339(),
             not_after: later.clone(),
+            renewed_into: None,
         };
         s.issued(&i("0a", "join")).unwrap();
         s.issued(&i("0b", "renewal")).unwrap();
@@ -1661,6 +1662,21 @@ fn join_tokens_are_spent_once_a_use_and_issuances_kept() {
             })
         );
         assert_eq!(s.issuance("ff").unwrap(), None);
+        // Renewed once: the chain it went into is kept, a second renewal is refused.
+        assert!(s.renewed("0a", "CHAIN").unwrap());
+        assert!(!s.renewed("0a", "OTHER").unwrap(), "{}", f.name);
+        assert_eq!(
+            s.issuance("0a").unwrap().unwrap().renewed_into.as_deref(),
+            Some("CHAIN")
+        );
+        assert_eq!(s.token_identity("h1").unwrap(), None, "used up");
+        s.token_create(&token("t4", "h4", 1, &later)).unwrap();
+        assert_eq!(
+            s.token_identity("h4").unwrap().as_deref(),
+            Some("spiffe://example.org/agent/a")
+        );
+        assert!(s.token_identity("h4").unwrap().is_some(), "not spent");
+        assert!(s.token_cancelled("t2").unwrap() && !s.token_cancelled("t4").unwrap());
         assert_eq!(s.issuances(10).unwrap().len(), 2, "{}", f.name);
         assert_eq!(s.issuances(1).unwrap().len(), 1);
     }
