@@ -47,8 +47,12 @@ pub enum Request {
     /// plane, for a certificate (answered in `chain`) to launch with.
     Join { token: String, csr: String },
     /// Root only, with the identity's certificate: bind an existing cgroup (a systemd unit, a
-    /// container) to the certificate's identity.
-    Enroll { cgroup: PathBuf },
+    /// container) to the certificate's identity; with `follow`, renewed from those files.
+    Enroll {
+        cgroup: PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        follow: Option<Follow>,
+    },
     /// From inside a bound cgroup, with a newer certificate for the same identity: extend the
     /// cgroup's deadline to the new certificate's expiry.
     Renew,

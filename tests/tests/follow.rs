@@ -470,3 +470,52 @@ fn files_are_read_as_the_agents_user_and_never_through_proc() {
         "{err}"
     );
 }
+
+/// `enroll` follows its files as `launch` does: a unit enrolled with a short-lived
+/// certificate (followed by default) is renewed when a rotator rewrites them, and its
+/// processes connect on past the first certificate's end.
+#[test]
+fn an_enrolled_unit_is_renewed_from_its_rotated_files() {
+    let (env, tmp, ca) = setup("follow-enroll", SUPPORT_POLICY);
+    let dir = tmp.path();
+    let node = NodeProc::start(&env, dir);
+    let unit = env.cgroup("services/support.service");
+    let mut svc = agentwall_tests::Probe::spawn(&unit);
+    let life = 12;
+    let first = ca.issue(&fresh(ID, life));
+    let (cert, key) = write_cert(dir, "unit", &first);
+    let out = std::process::Command::new(agentwall_tests::bin_path("agentwall"))
+        .args(["enroll", "--cgroup"])
+        .arg(unit.path())
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("--socket")
+        .arg(&node.socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = &status_json(&node.socket)["identities"][0]["sessions"][0];
+    assert_eq!(s["follow"]["cert"], cert.to_str().unwrap(), "{s}");
+    let first_end: std::time::SystemTime =
+        agentwall::clock::parse_rfc3339(s["not_after"].as_str().unwrap())
+            .unwrap()
+            .into();
+    assert_eq!(svc.cmd("loop-start tcp 192.0.2.10 443"), "ok");
+    let next = ca.issue(&fresh(ID, life + 30));
+    rotate(&cert, &key, &next);
+    wait_serial(&node.socket, "the rotation taken", &serial_of(&next));
+    while std::time::SystemTime::now() < first_end + Duration::from_millis(500) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let counts = svc.cmd("loop-stop");
+    assert!(
+        counts.starts_with("ENETUNREACH=") && !counts.contains(' '),
+        "every connect passed the kernel: {counts}"
+    );
+}

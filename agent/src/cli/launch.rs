@@ -220,13 +220,14 @@ pub fn run(args: Args) -> ExitCode {
             r
         }
         (None, Some(cert), Some(key)) => {
-            let follow = match follow_files(&args, cert, key) {
-                Ok(f) => f,
-                Err(e) => {
-                    eprintln!("agentwall launch: {e}");
-                    return ExitCode::from(2);
-                }
-            };
+            let follow =
+                match follow_files(args.follow, args.no_follow, args.user.as_deref(), cert, key) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        eprintln!("agentwall launch: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
             let req = Request::Launch {
                 follow,
                 workload_api: None,
@@ -468,7 +469,13 @@ fn close_network_sockets() {
 
 /// The files the node is to follow: asked for, or by default when the certificate lives less
 /// than a day (short-lived credentials are only practical when they renew themselves).
-fn follow_files(args: &Args, cert: &Path, key: &Path) -> Result<Option<api::Follow>, String> {
+pub fn follow_files(
+    follow: bool,
+    no_follow: bool,
+    user: Option<&str>,
+    cert: &Path,
+    key: &Path,
+) -> Result<Option<api::Follow>, String> {
     const SHORT: std::time::Duration = std::time::Duration::from_secs(86_400);
     let short = || {
         agentwall::pem::certs(cert)
@@ -484,7 +491,7 @@ fn follow_files(args: &Args, cert: &Path, key: &Path) -> Result<Option<api::Foll
             })
             .is_some_and(|life| life < SHORT.as_secs() as i64)
     };
-    if args.no_follow || !(args.follow || short()) {
+    if no_follow || !(follow || short()) {
         return Ok(None);
     }
     let abs = |p: &Path| {
@@ -493,8 +500,8 @@ fn follow_files(args: &Args, cert: &Path, key: &Path) -> Result<Option<api::Foll
     Ok(Some(api::Follow {
         cert: abs(cert)?,
         key: abs(key)?,
-        user: args.user.as_deref().map(lookup_user).transpose()?,
-        asked: args.follow,
+        user: user.map(lookup_user).transpose()?,
+        asked: follow,
     }))
 }
 

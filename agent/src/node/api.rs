@@ -98,6 +98,33 @@ fn no_process(e: &std::io::Error) -> Response {
     Response::error(None, format!("cannot identify the calling process: {e}"))
 }
 
+/// The files a launch or an enrollment asked to be renewed from, read once now: files the
+/// node cannot follow refuse one that asked to follow them, and are not followed otherwise
+/// (said in the warning).
+async fn followed_files(
+    follow: Option<crate::api::Follow>,
+    by: super::follow::Launcher,
+) -> Result<(Option<crate::api::Followed>, Option<String>), String> {
+    let asked = follow.as_ref().is_some_and(|f| f.asked);
+    let Some(f) = follow.map(|f| super::follow::followed(f, by)).transpose()? else {
+        return Ok((None, None));
+    };
+    let checked =
+        tokio::task::spawn_blocking(move || super::follow::check_readable(&f).map(|()| f))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+    match checked {
+        Ok(f) => Ok((Some(f), None)),
+        Err(why) if !asked => Ok((
+            None,
+            Some(format!(
+                "not following the certificate files ({why}); renew by hand before it expires"
+            )),
+        )),
+        Err(why) => Err(why),
+    }
+}
+
 impl Node {
     async fn dispatch(self: Arc<Self>, req: Request, caller: Caller) -> Response {
         let check = matches!(req, Request::Check);
@@ -122,33 +149,8 @@ impl Node {
                         gid,
                         groups: caller.groups,
                     };
-                    let asked = follow.as_ref().is_some_and(|f| f.asked);
-                    let follow = follow.map(|f| super::follow::followed(f, by)).transpose();
-                    // Read once now: files the node cannot follow refuse a launch that asked
-                    // to follow them, and are not followed otherwise (with a warning).
-                    let mut warning = None;
-                    let follow = match follow {
-                        Ok(Some(f)) => {
-                            let checked = tokio::task::spawn_blocking(move || {
-                                super::follow::check_readable(&f).map(|()| f)
-                            })
-                            .await
-                            .unwrap_or_else(|e| Err(e.to_string()));
-                            match checked {
-                                Ok(f) => Ok(Some(f)),
-                                Err(why) if !asked => {
-                                    warning = Some(format!(
-                                        "not following the certificate files ({why}); renew by hand before it expires"
-                                    ));
-                                    Ok(None)
-                                }
-                                Err(why) => Err(why),
-                            }
-                        }
-                        other => other,
-                    };
-                    match follow {
-                        Ok(follow) => Response {
+                    match followed_files(follow, by).await {
+                        Ok((follow, warning)) => Response {
                             warning,
                             ..self.launch(peer, pidfd, follow, workload_api, issued)
                         },
@@ -159,17 +161,30 @@ impl Node {
                 (_, Err(e), _) => no_process(&e),
                 (_, _, None) => Response::error(None, "cannot identify the calling user"),
             },
-            Request::Enroll { cgroup } => match (caller.peer, caller.pidfd) {
-                // Off the runtime's workers: it freezes the unit and reads every descriptor
-                // its processes hold.
-                (Ok(peer), Ok(pidfd)) => {
+            Request::Enroll { cgroup, follow } => match (caller.peer, caller.pidfd, caller.ids) {
+                (Ok(peer), Ok(pidfd), Some((uid, gid))) => {
+                    let by = super::follow::Launcher {
+                        uid,
+                        gid,
+                        groups: caller.groups,
+                    };
+                    let (follow, warning) = match followed_files(follow, by).await {
+                        Ok(f) => f,
+                        Err(why) => return Response::error(Some(peer.id.to_string()), why),
+                    };
+                    // Off the runtime's workers: it freezes the unit and reads every descriptor
+                    // its processes hold.
                     let node = self.clone();
-                    tokio::task::spawn_blocking(move || node.enroll(peer, pidfd, &cgroup))
-                        .await
-                        .unwrap_or_else(|e| Response::error(None, format!("enroll failed: {e}")))
+                    let r = tokio::task::spawn_blocking(move || {
+                        node.enroll(peer, pidfd, &cgroup, follow)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Response::error(None, format!("enroll failed: {e}")));
+                    Response { warning, ..r }
                 }
-                (Err(r), _) => rejection(&r),
-                (_, Err(e)) => no_process(&e),
+                (Err(r), _, _) => rejection(&r),
+                (_, Err(e), _) => no_process(&e),
+                (_, _, None) => Response::error(None, "cannot identify the calling user"),
             },
             Request::Renew => match (caller.peer, caller.pidfd) {
                 (Ok(peer), Ok(pidfd)) => self.renew(peer, pidfd),

@@ -723,7 +723,13 @@ impl Node {
         }
     }
 
-    fn enroll(&self, peer: VerifiedPeer, pidfd: OwnedFd, path: &Path) -> crate::api::Response {
+    fn enroll(
+        &self,
+        peer: VerifiedPeer,
+        pidfd: OwnedFd,
+        path: &Path,
+        follow: Option<crate::api::Followed>,
+    ) -> crate::api::Response {
         let id = peer.id.to_string();
         let enrolled = self
             .enforcing()
@@ -732,8 +738,13 @@ impl Node {
                     .refuse_governed_caller(&pidfd, |n| self.name_of(n))
             })
             .and_then(|()| {
-                self.sessions
-                    .enroll(&peer, path, || self.admissible(&id), |n| self.name_of(n))
+                self.sessions.enroll(
+                    &peer,
+                    path,
+                    follow,
+                    || self.admissible(&id),
+                    |n| self.name_of(n),
+                )
             });
         self.bound("enroll", id, enrolled)
     }

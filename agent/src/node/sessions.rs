@@ -674,6 +674,7 @@ impl Sessions {
         &self,
         peer: &VerifiedPeer,
         path: &Path,
+        follow: Option<api::Followed>,
         admit: impl FnOnce() -> Result<u32, SessionError>,
         owner: impl Fn(u32) -> String,
     ) -> Result<PathBuf, SessionError> {
@@ -741,7 +742,7 @@ impl Sessions {
         let placed = Placed {
             cg: &cg,
             pid: 0,
-            follow: None,
+            follow,
             workload_api: None,
             issued: None,
         };

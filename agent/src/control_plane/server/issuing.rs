@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::{Capped, Fail, Params, Principal, S, blocking};
+use crate::control_plane::ErrorBody;
 use crate::{
     control_plane::{
         issuer::{self, Issuer},
@@ -48,6 +49,13 @@ pub struct MintedToken {
 pub(super) struct TokenId {
     /// The token's id (as listed), not the token.
     id: String,
+}
+
+/// A token cancelled.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Cancelled {
+    pub id: String,
+    pub cancelled: bool,
 }
 
 /// `GET /v1/issuances?limit=`.
@@ -164,7 +172,10 @@ fn reply_of(chain: &str, id: &AgentId) -> SvidReply {
 
 /// Mints a join token for an identity.
 #[utoipa::path(post, path = "/v1/identity-tokens", tag = "issuer", request_body = TokenRequest,
-    responses((status = 200, description = "The token, shown this once", body = MintedToken)))]
+    responses((status = 200, description = "The token, shown this once", body = MintedToken),
+        (status = 403, description = "The identity is revoked", body = ErrorBody),
+        (status = 409, description = "This control plane has no issuer", body = ErrorBody),
+        (status = 422, description = "Not an identity the issuer issues (another trust domain, or a principal of this control plane), or a TTL or count out of bounds", body = ErrorBody)))]
 pub(super) async fn post_token(
     State(s): S,
     Extension(who): Extension<Principal>,
@@ -241,22 +252,29 @@ pub(super) async fn get_tokens(State(s): S) -> Result<Json<Vec<JoinToken>>, Fail
 
 /// Cancels a join token.
 #[utoipa::path(delete, path = "/v1/identity-tokens", tag = "issuer", params(TokenId),
-    responses((status = 200, description = "Cancelled", body = JoinToken)))]
+    responses((status = 200, description = "Cancelled", body = Cancelled),
+        (status = 404, description = "No token not yet cancelled has that id", body = ErrorBody)))]
 pub(super) async fn delete_token(
     State(s): S,
     Extension(who): Extension<Principal>,
     Params(q): Params<TokenId>,
-) -> Result<Json<serde_json::Value>, Fail> {
+) -> Result<Json<Cancelled>, Fail> {
     let store = s.store.clone();
     let id = q.id.clone();
     if !blocking(move || store.token_cancel(&id)).await? {
         return Err(Fail::new(
             StatusCode::NOT_FOUND,
-            format!("no live token has id {:?}", crate::text::prefix(&q.id, 64)),
+            format!(
+                "no token not yet cancelled has id {:?}",
+                crate::text::prefix(&q.id, 64)
+            ),
         ));
     }
     warn!(principal = %who.name, token = %q.id, "join token cancelled");
-    Ok(Json(serde_json::json!({ "id": q.id, "cancelled": true })))
+    Ok(Json(Cancelled {
+        id: q.id,
+        cancelled: true,
+    }))
 }
 
 /// The certificates the issuer signed, newest first: every join and renewal, by node.
@@ -274,7 +292,11 @@ pub(super) async fn get_issuances(
 /// A node trades a join token, or a certificate this issuer signed through it, and a CSR,
 /// for a new certificate.
 #[utoipa::path(post, path = "/v1/node/svid", tag = "node", request_body = SvidRequest,
-    responses((status = 200, description = "The certificate", body = SvidReply)))]
+    responses((status = 200, description = "The certificate", body = SvidReply),
+        (status = 403, description = "The token does not work, the certificate to renew is not one issued through this node or its token was cancelled, or the identity is revoked", body = ErrorBody),
+        (status = 409, description = "This control plane has no issuer", body = ErrorBody),
+        (status = 422, description = "The CSR cannot be signed, or the identity is not one the issuer issues", body = ErrorBody),
+        (status = 503, description = "Two replicas renewed the certificate at once; ask again", body = ErrorBody)))]
 pub(super) async fn post_svid(
     State(s): S,
     Extension(who): Extension<Principal>,
