@@ -592,19 +592,10 @@ impl TrustStore {
         chain: Vec<CertificateDer<'static>>,
         key: rustls::pki_types::PrivateKeyDer<'static>,
     ) -> Result<VerifiedPeer, Rejection> {
-        let (end_entity, intermediates) = chain.split_first().ok_or(Rejection::NoCertificate)?;
-        self.verifier
-            .inner
-            .verify_client_cert(
-                end_entity,
-                intermediates,
-                rustls::pki_types::UnixTime::now(),
-            )
-            .map_err(|e| rejection_of(&e))?;
-        let end_entity = end_entity.clone();
+        let peer = self.verify_chain(chain.clone())?;
         rustls::sign::CertifiedKey::from_der(chain, key, &provider())
             .map_err(|e| Rejection::Invalid(format!("the key is not the certificate's: {e}")))?;
-        self.identity_of(&end_entity)
+        Ok(peer)
     }
 
     /// The verdict on a certificate chain alone (one the control plane's issuer signed for a

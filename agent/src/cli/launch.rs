@@ -287,11 +287,7 @@ pub fn run(args: Args) -> ExitCode {
 /// A certificate from the control plane's issuer, through the node: a key made here (it
 /// never leaves this process), its CSR and the join token traded for the chain.
 fn joined(socket: &NodeSocket, token: String) -> Result<(String, Credentials), String> {
-    let key = rcgen::KeyPair::generate().map_err(|e| format!("making a key: {e}"))?;
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key)
-        .and_then(|r| r.pem())
-        .map_err(|e| format!("making a CSR: {e}"))?;
+    let (csr, key) = agentwall::control_plane::issuer::new_csr().map_err(|e| e.to_string())?;
     let socket = socket.path().map_err(|e| format!("{e:#}"))?;
     let r = api::call(&socket, None, &Request::Join { token, csr }).map_err(|e| e.to_string())?;
     let chain = match (r.ok, r.chain) {
@@ -300,11 +296,9 @@ fn joined(socket: &NodeSocket, token: String) -> Result<(String, Credentials), S
     };
     let certs = agentwall::pem::certs_in(Path::new("the issued chain"), chain.as_bytes())
         .map_err(|e| e.to_string())?;
-    let der = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der())
-        .map_err(|e| e.to_string())?;
     Ok((
         chain,
-        Credentials::from_der(certs, der, "the control plane's issuer"),
+        Credentials::from_der(certs, key, "the control plane's issuer"),
     ))
 }
 

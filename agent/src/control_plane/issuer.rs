@@ -263,6 +263,19 @@ impl Issuer {
     }
 }
 
+/// A new key and a CSR for it (PEM): what a launcher joins with and a node renews with.
+pub fn new_csr() -> Result<(String, rustls_pki_types::PrivateKeyDer<'static>), IssuerError> {
+    let sign = |e: rcgen::Error| IssuerError::Sign(e.to_string());
+    let key = rcgen::KeyPair::generate().map_err(sign)?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|r| r.pem())
+        .map_err(sign)?;
+    let der = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der())
+        .map_err(|e| IssuerError::Sign(e.to_string()))?;
+    Ok((csr, der))
+}
+
 /// A new join token: (the token, its SHA-256 as stored, its id as listed); None when the
 /// system's random source fails.
 pub fn mint_token() -> Option<(String, String, String)> {

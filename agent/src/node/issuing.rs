@@ -83,18 +83,6 @@ pub(super) fn launched_with(issued: Option<&str>, peer: &VerifiedPeer) -> Result
     Ok(())
 }
 
-/// A new key and a CSR for it (PEM): (CSR, key).
-fn csr() -> Result<(String, rustls_pki_types::PrivateKeyDer<'static>), String> {
-    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key)
-        .and_then(|r| r.pem())
-        .map_err(|e| e.to_string())?;
-    let der = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der())
-        .map_err(|e| e.to_string())?;
-    Ok((csr, der))
-}
-
 async fn ask(client: &Client, req: &SvidRequest) -> Result<SvidReply, ClientError> {
     client
         .send_json(
@@ -180,12 +168,20 @@ impl Node {
         let now = Instant::now();
         // A revoked identity's sessions are not renewed (the control plane would refuse).
         let revoked = self.registry.revoked();
-        for (session, chain) in self
+        let due: Vec<_> = self
             .sessions
             .due_from_issuer()
             .into_iter()
             .filter(|(s, _)| !revoked.contains(&s.identity))
-        {
+            .collect();
+        // Sessions gone or no longer due are forgotten (renewals under way are kept).
+        let live: std::collections::HashSet<u64> = due.iter().map(|(s, _)| s.cgroup_id).collect();
+        self.issuing
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, at| at.is_none() || live.contains(id));
+        for (session, chain) in due {
             {
                 let mut pending = self
                     .issuing
@@ -228,18 +224,6 @@ impl Node {
                 }
             });
         }
-        // Sessions gone or no longer due are forgotten.
-        let live: std::collections::HashSet<u64> = self
-            .sessions
-            .due_from_issuer()
-            .iter()
-            .map(|(s, _)| s.cgroup_id)
-            .collect();
-        self.issuing
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|id, at| at.is_none() || live.contains(id));
     }
 
     /// Err: why, and whether the control plane refused (not asked again for long).
@@ -251,7 +235,8 @@ impl Node {
     ) -> Result<(), (String, bool)> {
         // The key is for the CSR only: the binding is what the certificate is for here, and
         // a renewal answered again (its first answer lost) certifies an earlier key.
-        let (csr, _key) = csr().map_err(|e| (e, false))?;
+        let (csr, _key) =
+            crate::control_plane::issuer::new_csr().map_err(|e| (e.to_string(), false))?;
         let reply = ask(
             client,
             &SvidRequest {

@@ -222,6 +222,14 @@ impl Table {
         }
     }
 
+    /// `s` as the table holds it now (judged under its lock, not as the caller last saw it).
+    fn now(&self, s: &Session) -> Result<Session, SessionError> {
+        self.by_id
+            .get(&s.cgroup_id)
+            .cloned()
+            .ok_or_else(|| SessionError::SessionGone(s.cgroup.clone()))
+    }
+
     /// The session whose cgroup is `cgroup` or the nearest bound one above it.
     fn governing(&self, cgroup: &Path) -> Option<&Session> {
         cgroup
@@ -810,11 +818,7 @@ impl Sessions {
     ) -> Result<Option<PathBuf>, SessionError> {
         let cg = Cgroup::open(&session.cgroup)?;
         let mut table = lock(&self.table);
-        let now = table
-            .by_id
-            .get(&session.cgroup_id)
-            .cloned()
-            .ok_or_else(|| SessionError::SessionGone(session.cgroup.clone()))?;
+        let now = table.now(session)?;
         if now.revoked {
             return Err(SessionError::SessionCutOff);
         }
@@ -932,11 +936,7 @@ impl Sessions {
     /// revoked certificate's, for good. A session already cut off stays so.
     pub fn end(&self, session: &Session, reason: &str) -> Result<(), SessionError> {
         let mut table = lock(&self.table);
-        let now = table
-            .by_id
-            .get(&session.cgroup_id)
-            .cloned()
-            .ok_or_else(|| SessionError::SessionGone(session.cgroup.clone()))?;
+        let now = table.now(session)?;
         if now.revoked {
             return Ok(());
         }
