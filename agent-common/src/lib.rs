@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map layout changes: pins live under `<bpffs_dir>/v{ABI_VERSION}`, so a new
 /// layout never adopts maps written by an old one.
-pub const ABI_VERSION: u32 = 8;
+pub const ABI_VERSION: u32 = 9;
 
 pub const MAP_BINDINGS: &str = "AW_BINDINGS";
 pub const MAP_IDENTITIES: &str = "AW_IDENTITIES";
@@ -24,9 +24,12 @@ pub const MAP_UNKNOWN_RATE: &str = "AW_UNKNOWN_RATE";
 pub const MAP_RECORD_USAGE: &str = "AW_RECORD_USAGE";
 pub const MAP_PORT_SETS: &str = "AW_PORT_SETS";
 pub const MAP_BINDING_SLOTS: &str = "AW_BINDING_SLOTS";
+pub const MAP_SNI_NAMES: &str = "AW_SNI_NAMES";
+pub const MAP_SNI_SEEN: &str = "AW_SNI_SEEN";
+pub const MAP_SNI_SCRATCH: &str = "AW_SNI_SCRATCH";
 
 /// Every map the programs use, in a stable order (pinning, adoption and teardown walk it).
-pub const ALL_MAPS: [&str; 16] = [
+pub const ALL_MAPS: [&str; 19] = [
     MAP_BINDINGS,
     MAP_IDENTITIES,
     MAP_RULES,
@@ -43,6 +46,9 @@ pub const ALL_MAPS: [&str; 16] = [
     MAP_PORT_SETS,
     MAP_BINDING_SLOTS,
     MAP_LAYOUT,
+    MAP_SNI_NAMES,
+    MAP_SNI_SEEN,
+    MAP_SNI_SCRATCH,
 ];
 
 pub const PROG_CONNECT4: &str = "aw_connect4";
@@ -156,6 +162,32 @@ pub const fn rule_hit_key(identity: u32, rule_id: u32) -> u64 {
     ((identity as u64) << 32) | rule_id as u64
 }
 
+/// Server names the TLS check knows, over all identities: (identity, address, name) for every
+/// name an identity resolved to an address it learned.
+pub const SNI_NAME_ENTRIES: u32 = 65536;
+/// Bytes of a server name the check reads (DNS names are at most 253 without the dot).
+pub const SNI_NAME_MAX: usize = 256;
+/// Refused server names kept for the node to read with their records (LRU).
+pub const SNI_SEEN_ENTRIES: u32 = 1024;
+/// Rules one (identity, address, name) entry names; a name more rules allow keeps the first.
+pub const SNI_RULES: usize = 4;
+
+/// [`IdentityState::sni`]: the TLS server-name check of flows only a name rule allows.
+pub const SNI_OFF: u8 = 0;
+pub const SNI_AUDIT: u8 = 1;
+pub const SNI_ENFORCE: u8 = 2;
+
+/// [`SockState::sni`]: what the packet line still has to do for a connection.
+/// Nothing (an address rule allowed it, or its first data passed).
+pub const SNI_NONE: u8 = 0;
+/// Its first data must name, in a TLS ClientHello, a server the identity resolved to the
+/// address; a refusal is recorded and the data let through (audit).
+pub const SNI_PENDING_AUDIT: u8 = 1;
+/// The same; a refusal drops the data and marks the connection refused.
+pub const SNI_PENDING_ENFORCE: u8 = 2;
+/// Refused: every later packet is dropped (the node ends the connection).
+pub const SNI_REFUSED: u8 = 3;
+
 /// Sockets whose DNS traffic was steered to the proxy, remembered until they are reused.
 pub const DNS_ORIGIN_ENTRIES: u32 = 65536;
 /// DNS from identities with name rules is steered to `127.77.(n >> 8).(n & 0xff)`, the proxy
@@ -256,6 +288,12 @@ pub const REASON_FOREIGN_SOCKET: u8 = 15;
 /// A socket handed to a governed task whose queue may hold what no rule judged: a listener (its
 /// accept queue), a bound datagram socket without a peer (datagrams from anyone).
 pub const REASON_HANDED_SOCKET: u8 = 16;
+/// A connection only a name rule allows named, in its TLS ClientHello, a server the identity
+/// did not resolve to that address (or one no rule allowing the port names).
+pub const REASON_SNI_MISMATCH: u8 = 17;
+/// A connection only a name rule allows sent first data that is not a TLS ClientHello with a
+/// server name in its first packet (no name, another protocol, a hello split before it).
+pub const REASON_SNI_MISSING: u8 = 18;
 
 /// [`Event::hook`].
 pub const HOOK_CONNECT4: u8 = 1;
@@ -343,7 +381,9 @@ pub struct IdentityState {
     pub mode: u8,
     /// Non-zero: the identity has name rules, so its DNS goes through the node's proxy.
     pub dns: u8,
-    pub _pad: [u8; 5],
+    /// [`SNI_OFF`], [`SNI_AUDIT`] or [`SNI_ENFORCE`].
+    pub sni: u8,
+    pub _pad: [u8; 4],
 }
 
 /// Value of `AW_CONFIG[0]`.
@@ -483,7 +523,10 @@ pub struct PortEntry {
     /// Prefix length (in the 128-bit key space) of the rule this entry came from; compared with
     /// the global deny prefix for the exact-address exception.
     pub prefix_len: u8,
-    pub _pad: [u8; 2],
+    /// Non-zero: a host entry learned from the identity's DNS answers for a name rule. A
+    /// connection only such entries allow has its TLS server name checked.
+    pub name: u8,
+    pub _pad: u8,
     pub rule_id: u32,
     /// 0: the range is the entry's ports. Otherwise the key of a [`PortSet`] in
     /// `AW_PORT_SETS` holding them (within the range); a missing set allows nothing.
@@ -578,6 +621,44 @@ pub struct SockState {
     /// [`SLOT_CLAIMED`]: a governed task took the socket up before any hook of its binding
     /// saw it; the packet line settles it as that binding's at its next packet.
     pub binding_slot: u32,
+    /// [`SNI_NONE`], [`SNI_PENDING_AUDIT`], [`SNI_PENDING_ENFORCE`] or [`SNI_REFUSED`].
+    pub sni: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Key of `AW_SNI_NAMES` (value: the rules allowing the name, `[u32; SNI_RULES]`, 0 = none),
+/// and value of `AW_SNI_SEEN` (key: the refusal record's time) and of the per-CPU scratch the
+/// check builds it in. `name` is lower case without a trailing dot, zero after `len` bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SniName {
+    pub identity: u32,
+    pub len: u16,
+    /// The connection's local port in `AW_SNI_SEEN` (the node ends that connection); 0 in
+    /// keys.
+    pub local_port: u16,
+    /// The connection's far port in `AW_SNI_SEEN`; 0 in keys.
+    pub port: u16,
+    /// Non-zero in `AW_SNI_SEEN`: the connection was refused (enforce), not only recorded.
+    pub cut: u8,
+    pub _pad: [u8; 5],
+    pub addr: Addr,
+    pub name: [u8; SNI_NAME_MAX],
+}
+
+impl Default for SniName {
+    fn default() -> Self {
+        Self {
+            identity: 0,
+            len: 0,
+            local_port: 0,
+            port: 0,
+            cut: 0,
+            _pad: [0; 5],
+            addr: [0; 16],
+            name: [0; SNI_NAME_MAX],
+        }
+    }
 }
 
 /// A record on the `AW_EVENTS` ring buffer.
@@ -670,6 +751,7 @@ mod pod {
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for RecordUsage {}
     unsafe impl aya::Pod for PortSet {}
+    unsafe impl aya::Pod for SniName {}
 }
 
 // Layout guards: the kernel and userspace must agree on these sizes byte for byte.
@@ -683,7 +765,9 @@ const _: () = assert!(core::mem::size_of::<Event>() == 88);
 const _: () = assert!(core::mem::size_of::<RateKey>() == 32);
 const _: () = assert!(core::mem::size_of::<RateState>() == 32);
 const _: () = assert!(core::mem::size_of::<DnsOrigin>() == 40);
-const _: () = assert!(core::mem::size_of::<SockState>() == 8 + 16 * SOCK_DESTS + 8);
+const _: () = assert!(core::mem::size_of::<SockState>() == 8 + 16 * SOCK_DESTS + 16);
+const _: () = assert!(core::mem::size_of::<SniName>() == 32 + SNI_NAME_MAX);
+const _: () = assert!(core::mem::offset_of!(SniName, name) % 8 == 0);
 const _: () = assert!(core::mem::size_of::<Binding>() == 24);
 const _: () = assert!(core::mem::size_of::<BindingSlot>() == 32);
 // The packet line compares `dests` a word at a time.

@@ -20,11 +20,13 @@ use agent_common::{
     MAX_PORT_ENTRIES, MAX_PORT_SETS, MODE_AUDIT, PORT_SET_WORDS, PROTO_TCP, PROTO_UDP, PortSet,
     RATE_ENTRIES, REASON_ERROR_QUEUE, REASON_EXPIRED, REASON_FOREIGN_SOCKET, REASON_GLOBAL_DENY,
     REASON_HANDED_SOCKET, REASON_INBOUND, REASON_LOOPBACK_SOURCE, REASON_NO_RULE,
-    REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SOCKET_FAMILY,
-    REASON_SOCKET_OPTION, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE, RESERVED_RING_QUARTERS,
-    RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage, RuleSet, SLOT_CLAIMED, SOCK_DEST_CONNECTED,
-    SOCK_DEST_SENT, SOCK_DESTS, SockState, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE,
-    dns_proxy_addr, dns_proxy_addr6, rule_hit_key,
+    REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SNI_MISMATCH,
+    REASON_SNI_MISSING, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION, REASON_SOCKET_TYPE,
+    REASON_UNBOUND, REASON_WIRE, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES, RateKey, RateState,
+    RecordUsage, RuleSet, SLOT_CLAIMED, SNI_AUDIT, SNI_NAME_ENTRIES, SNI_NAME_MAX, SNI_NONE,
+    SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RULES, SNI_SEEN_ENTRIES,
+    SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName, SockState, UNKNOWN_DENY,
+    UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{
@@ -111,6 +113,22 @@ static AW_RATE: LruHashMap<RateKey, RateState, { RATE_ENTRIES as usize }> = LruH
 #[btf_map]
 static AW_UNKNOWN_RATE: LruHashMap<RateKey, RateState, { RATE_ENTRIES as usize }> =
     LruHashMap::new();
+/// The server names each identity resolved to each address it learned, with the name rules
+/// allowing them: what a connection only a name rule allows may name in its ClientHello.
+#[btf_map]
+static AW_SNI_NAMES: HashMap<
+    SniName,
+    [u32; SNI_RULES],
+    { SNI_NAME_ENTRIES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+/// Refused server names by their record's time, with the connection's ports: the node names
+/// them in the record and ends the connection.
+#[btf_map]
+static AW_SNI_SEEN: LruHashMap<u64, SniName, { SNI_SEEN_ENTRIES as usize }> = LruHashMap::new();
+/// Where the check builds a name (too big for the stack).
+#[btf_map]
+static AW_SNI_SCRATCH: PerCpuArray<SniName, 1> = PerCpuArray::new();
 /// Socket storage of every socket a governed task created, connected or sent on: its binding
 /// and where it was allowed to send. Written out by hand rather than with aya-ebpf's
 /// `SkStorage`, whose flags are fixed: BPF_F_CLONE makes a connection a governed listener
@@ -473,6 +491,9 @@ fn remember(ctx: &SockAddrContext, flow: &Flow, j: &Judged, addr: Addr, port: u1
         (*st).binding_slot = j.binding_slot;
         (*st).dests[slot] = addr;
         (*st).ports[slot] = port;
+        if slot == SOCK_DEST_CONNECTED {
+            (*st).sni = j.sni;
+        }
     }
     ALLOW
 }
@@ -1271,7 +1292,7 @@ enum Peer {
 #[inline(always)]
 fn judge_peer(identity: u32, flow: &mut Flow, local_port: u16, tcp: bool) -> Peer {
     let mut now = 0u64;
-    if flow.port != 0 && check_rules(identity, flow, &mut now).0 == REASON_NONE {
+    if flow.port != 0 && check_rules(identity, flow, &mut now, &mut false).0 == REASON_NONE {
         return Peer::Egress;
     }
     if !tcp {
@@ -1280,7 +1301,7 @@ fn judge_peer(identity: u32, flow: &mut Flow, local_port: u16, tcp: bool) -> Pee
     let (port, proto) = (flow.port, flow.proto);
     flow.port = local_port;
     flow.proto = proto << 2;
-    let inbound = check_rules(identity, flow, &mut now).0;
+    let inbound = check_rules(identity, flow, &mut now, &mut false).0;
     (flow.port, flow.proto) = (port, proto);
     if inbound == REASON_NONE {
         Peer::Accepted
@@ -1352,6 +1373,8 @@ struct Headers {
     /// A packet sent from a loopback source address (127.0.0.0/8, ::1): it has no business
     /// on any other device.
     loop_src: bool,
+    /// Where the TCP or UDP header starts.
+    l4: u16,
 }
 
 /// `N` bytes at `off` of the packet into `buf`: straight from the packet's linear data,
@@ -1474,6 +1497,7 @@ fn read_headers(skb: *mut __sk_buff, ingress: bool, h: &mut Headers) {
         // SAFETY: four bytes of plain data viewed as bytes.
         let pb = unsafe { &mut *(&raw mut ports).cast::<[u8; 4]>() };
         h.ok = load(skb, l4, pb);
+        h.l4 = l4 as u16;
         let (src, dst) = (
             u16::from_be_bytes([pb[0], pb[1]]),
             u16::from_be_bytes([pb[2], pb[3]]),
@@ -1495,6 +1519,7 @@ impl Headers {
             options: false,
             ok: false,
             loop_src: false,
+            l4: 0,
         }
     }
 
@@ -1841,6 +1866,41 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
         return refuse(skb, &o, &flow, REASON_LOOPBACK_SOURCE, 0, now);
     }
     let st = o.st;
+    // A connection only a name rule allowed: its first data names the server it is for.
+    if h.proto == PROTO_TCP {
+        // SAFETY: non-null storage pointer.
+        let sni = unsafe { core::ptr::read_volatile(&raw const (*st).sni) };
+        // A refused connection sends no more data; its bare ACKs, FIN and the RST of its
+        // end still go, so the server lets go of it too.
+        if sni == SNI_REFUSED {
+            if tcp_data_at(skb, &h) < unsafe { (*skb).len } {
+                return DENY;
+            }
+        } else if sni != SNI_NONE {
+            if now == 0 {
+                now = unsafe { bpf_ktime_get_boot_ns() };
+            }
+            let r = sni_check(skb, &h, identity, now, sni == SNI_PENDING_ENFORCE);
+            if r != FIRST_NOT_YET {
+                let refused = r != REASON_NONE && sni == SNI_PENDING_ENFORCE;
+                // SAFETY: as above.
+                unsafe {
+                    core::ptr::write_volatile(
+                        &raw mut (*st).sni,
+                        if refused { SNI_REFUSED } else { SNI_NONE },
+                    )
+                };
+                if r != REASON_NONE {
+                    let (leaf, who) = whose(skb);
+                    let kind = if refused { EVENT_DENY } else { EVENT_AUDIT };
+                    report(&flow, leaf, identity, kind, r, 0, now, who);
+                    if refused {
+                        return DENY;
+                    }
+                }
+            }
+        }
+    }
     // A TCP socket no connect() was judged for is a listener or a connection it accepted
     // (storage from creation, cloned): its peer passed the ingress line, which judges every
     // packet such a connection receives.
@@ -1858,11 +1918,248 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
     if is_dns_proxy(identity, &h.addr, h.far_port) {
         return ALLOW;
     }
-    let (reason, _) = check_rules(identity, &flow, &mut now);
+    let (reason, _) = check_rules(identity, &flow, &mut now, &mut false);
     if reason == REASON_NONE {
         return ALLOW;
     }
     refuse(skb, &o, &flow, REASON_WIRE, 0, now)
+}
+
+/// [`sni_check`]'s answer for a packet without data (the handshake, a bare ACK): the check
+/// waits for the first one with data.
+const FIRST_NOT_YET: u8 = 0xff;
+/// TLS extensions looked through for `server_name`.
+const MAX_TLS_EXTENSIONS: u32 = 48;
+
+/// `N` bytes at `off` of the packet through the copying helper (offsets read from the packet
+/// are too loosely bounded for direct access).
+#[inline(always)]
+fn skb_bytes<const N: usize>(skb: *mut __sk_buff, off: u32, buf: &mut [u8; N]) -> bool {
+    // SAFETY: the helper checks the range against the packet.
+    unsafe { bpf_skb_load_bytes(skb as *const _, off, buf.as_mut_ptr().cast(), N as u32) == 0 }
+}
+
+/// Where a TCP packet's data starts (past the header and its options); 0 when the header
+/// cannot be read, which counts as data (refused, not let through).
+#[inline(always)]
+fn tcp_data_at(skb: *mut __sk_buff, h: &Headers) -> u32 {
+    let l4 = u32::from(h.l4);
+    let mut b = [0u8; 1];
+    if !skb_bytes(skb, l4 + 12, &mut b) {
+        return 0;
+    }
+    l4 + u32::from(b[0] >> 4) * 4
+}
+
+/// The first data of a connection only a name rule allows: a TLS ClientHello whose
+/// `server_name` (in this packet) the identity resolved to the packet's destination, under a
+/// name rule that allows its port. `REASON_NONE` when it does, `FIRST_NOT_YET` for a packet
+/// without data, else why not. A refused name is kept in `AW_SNI_SEEN` under `now`.
+#[inline(never)]
+fn sni_check(skb: *mut __sk_buff, h: &Headers, identity: u32, now: u64, cut: bool) -> u8 {
+    // SAFETY: a field of the context.
+    let len = unsafe { (*skb).len };
+    let data = tcp_data_at(skb, h);
+    if data >= len {
+        return FIRST_NOT_YET;
+    }
+    let Some(k) = AW_SNI_SCRATCH.get_ptr_mut(0) else {
+        return REASON_SNI_MISSING;
+    };
+    // SAFETY: a per-CPU value of this program's; its name is 8-aligned (checked in
+    // agent-common), viewed as words.
+    unsafe {
+        let words = (&raw mut (*k).name).cast::<u64>();
+        let mut i = 0;
+        while i < SNI_NAME_MAX / 8 {
+            *words.add(i) = 0;
+            i += 1;
+        }
+        (*k).identity = identity;
+        (*k).addr = h.addr;
+        (*k).len = 0;
+        (*k).local_port = 0;
+        (*k).port = 0;
+        (*k).cut = 0;
+    }
+    let verdict = client_hello(skb, data, len, h, identity);
+    if verdict != REASON_NONE {
+        // SAFETY: as above.
+        unsafe {
+            (*k).local_port = h.near_port;
+            (*k).port = h.far_port;
+            (*k).cut = u8::from(cut);
+            let _ = AW_SNI_SEEN.insert(now, &*k, 0);
+        }
+    }
+    verdict
+}
+
+/// The TLS ClientHello at `data`, looked through for its `server_name` (see [`sni_check`]).
+#[inline(never)]
+fn client_hello(skb: *mut __sk_buff, data: u32, len: u32, h: &Headers, identity: u32) -> u8 {
+    let mut b = [0u8; 1];
+    // Record header (type, version, length), handshake header (type, length), version.
+    let mut hd = [0u8; 11];
+    if !skb_bytes(skb, data, &mut hd) || hd[0] != 0x16 || hd[1] != 3 || hd[5] != 1 {
+        return REASON_SNI_MISSING;
+    }
+    let record_end = data + 5 + u32::from(u16::from_be_bytes([hd[3], hd[4]]));
+    let end = if record_end < len { record_end } else { len };
+    // Past the random: the session id, cipher suites, compression methods, extensions.
+    let mut pos = data + 43;
+    if !skb_bytes(skb, pos, &mut b) {
+        return REASON_SNI_MISSING;
+    }
+    pos += 1 + u32::from(b[0]);
+    let mut w = [0u8; 2];
+    if !skb_bytes(skb, pos, &mut w) {
+        return REASON_SNI_MISSING;
+    }
+    pos += 2 + u32::from(u16::from_be_bytes(w));
+    if !skb_bytes(skb, pos, &mut b) {
+        return REASON_SNI_MISSING;
+    }
+    pos += 1 + u32::from(b[0]);
+    if !skb_bytes(skb, pos, &mut w) {
+        return REASON_SNI_MISSING;
+    }
+    pos += 2;
+    let ext_end = pos + u32::from(u16::from_be_bytes(w));
+    let ext_end = if ext_end < end { ext_end } else { end };
+    let mut i = 0;
+    while i < MAX_TLS_EXTENSIONS {
+        let mut x = [0u8; 4];
+        if pos + 4 > ext_end || !skb_bytes(skb, pos, &mut x) {
+            return REASON_SNI_MISSING;
+        }
+        let ext_len = u32::from(u16::from_be_bytes([x[2], x[3]]));
+        if x[0] == 0 && x[1] == 0 {
+            if pos + 4 + ext_len > ext_end {
+                return REASON_SNI_MISSING;
+            }
+            return server_name(skb, pos + 4, ext_len, h, identity);
+        }
+        pos += 4 + ext_len;
+        i += 1;
+    }
+    REASON_SNI_MISSING
+}
+
+/// The `server_name` extension's host name at `at` (`ext_len` bytes), lower-cased without a
+/// trailing dot, looked up among the names `identity` resolved to the destination.
+#[inline(never)]
+fn server_name(skb: *mut __sk_buff, at: u32, ext_len: u32, h: &Headers, identity: u32) -> u8 {
+    // The list's length, the name's type (0: host name) and length.
+    let mut n5 = [0u8; 5];
+    if ext_len < 5 || !skb_bytes(skb, at, &mut n5) || n5[2] != 0 {
+        return REASON_SNI_MISSING;
+    }
+    let name_len = u32::from(u16::from_be_bytes([n5[3], n5[4]]));
+    if name_len == 0 || 5 + name_len > ext_len {
+        return REASON_SNI_MISSING;
+    }
+    let Some(k) = AW_SNI_SCRATCH.get_ptr_mut(0) else {
+        return REASON_SNI_MISSING;
+    };
+    // Names longer than a DNS name are read as far as they fit and never match.
+    let too_long = name_len >= SNI_NAME_MAX as u32;
+    // An explicit bound the verifier sees: 1..=255.
+    // SAFETY: a read of a local.
+    let n = unsafe { core::ptr::read_volatile(&name_len) };
+    let n = if too_long { SNI_NAME_MAX as u32 - 1 } else { n };
+    let n = ((n.wrapping_sub(1)) & 0xff) + 1;
+    let n = if n > SNI_NAME_MAX as u32 - 1 {
+        SNI_NAME_MAX as u32 - 1
+    } else {
+        n
+    };
+    // SAFETY: the helper writes at most n bytes into the scratch name, which holds 256.
+    let read =
+        unsafe { bpf_skb_load_bytes(skb as *const _, at + 5, (&raw mut (*k).name).cast(), n) };
+    if read != 0 {
+        return REASON_SNI_MISSING;
+    }
+    let mut len = n;
+    // SAFETY: as above.
+    unsafe {
+        let words = (&raw mut (*k).name).cast::<u64>();
+        let mut i = 0;
+        while i < SNI_NAME_MAX / 8 {
+            *words.add(i) = lower_case(*words.add(i));
+            i += 1;
+        }
+        let last = ((len - 1) & 0xff) as usize;
+        if (*k).name[last] == b'.' {
+            (*k).name[last] = 0;
+            len -= 1;
+        }
+        (*k).len = len as u16;
+    }
+    // SAFETY: a per-CPU value as the lookup's key.
+    match unsafe { AW_SNI_NAMES.get(&*k) } {
+        Some(rules) if !too_long && named_rule_allows(identity, h, rules) => REASON_NONE,
+        _ => REASON_SNI_MISMATCH,
+    }
+}
+
+/// ASCII upper case to lower case in each byte of a word (no carries between bytes: each
+/// sum stays below 0x100).
+#[inline(always)]
+fn lower_case(w: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let low7 = w & (0x7f * ONES);
+    let from_a = low7 + (0x80 - u64::from(b'A')) * ONES;
+    let past_z = low7 + (0x80 - u64::from(b'Z') - 1) * ONES;
+    let upper = from_a & !past_z & !w & (0x80 * ONES);
+    w | (upper >> 2)
+}
+
+/// Whether a learned host entry of one of `rules` allows the packet's destination port over
+/// TCP (and has not expired): a name learned under a rule for other ports does not open this
+/// one.
+#[inline(never)]
+fn named_rule_allows(identity: u32, h: &Headers, rules: &[u32; SNI_RULES]) -> bool {
+    let key = Key::new(128, h.addr);
+    let Some(set) = AW_RULES.get_value_ptr_mut(identity, &key) else {
+        return false;
+    };
+    // SAFETY: a value pointer from a successful lookup, read only (see check_rules).
+    let set: &RuleSet = unsafe { &*set.cast::<RuleSet>() };
+    let count = set.count as usize;
+    let port = h.far_port;
+    let mut now = 0u64;
+    let mut i = 0;
+    while i < MAX_PORT_ENTRIES {
+        if i >= count {
+            break;
+        }
+        let e = &set.entries[i];
+        let ours = e.rule_id != 0
+            && (e.rule_id == rules[0]
+                || e.rule_id == rules[1]
+                || e.rule_id == rules[2]
+                || e.rule_id == rules[3]);
+        if ours
+            && e.name != 0
+            && port >= e.port_lo
+            && port <= e.port_hi
+            && e.proto & PROTO_TCP != 0
+            && (e.port_set == 0 || in_port_set(e.port_set, u32::from(port)))
+        {
+            if e.expires_ns == 0 {
+                return true;
+            }
+            if now == 0 {
+                now = unsafe { bpf_ktime_get_boot_ns() };
+            }
+            if now < e.expires_ns {
+                return true;
+            }
+        }
+        i += 1;
+    }
+    false
 }
 
 /// Whether the hooks allowed this socket to send to the packet's far end (one of its
@@ -1959,7 +2256,7 @@ fn try_ingress(ctx: &SkBuffContext) -> i32 {
             unsafe { (*st).ports[SOCK_DEST_CONNECTED] != 0 || (*st).ports[SOCK_DEST_SENT] != 0 };
         if has_sent {
             flow.port = h.far_port;
-            let (reason, _) = check_rules(identity, &flow, &mut now);
+            let (reason, _) = check_rules(identity, &flow, &mut now, &mut false);
             if reason == REASON_NONE {
                 return ALLOW;
             }
@@ -1968,7 +2265,7 @@ fn try_ingress(ctx: &SkBuffContext) -> i32 {
     }
     // Inbound proper: a listener, a connection it accepted, a datagram from anywhere else.
     flow.proto = h.proto << 2;
-    let (reason, rule_id) = check_rules(identity, &flow, &mut now);
+    let (reason, rule_id) = check_rules(identity, &flow, &mut now, &mut false);
     if reason == REASON_NONE {
         return ALLOW;
     }
@@ -2090,6 +2387,8 @@ struct Judged {
     leaf: u64,
     /// The clock, if judging read it (0: not read).
     now: u64,
+    /// What the packet line checks of the connection's first data ([`SockState::sni`]).
+    sni: u8,
 }
 
 /// Who governs a socket by its storage (see [`socket_binding`]).
@@ -2147,6 +2446,7 @@ impl Judged {
             allowed_rule: 0,
             leaf,
             now: 0,
+            sni: SNI_NONE,
         }
     }
 }
@@ -2197,10 +2497,11 @@ fn judge(flow: &Flow, sk: *mut core::ffi::c_void) -> Judged {
         allowed_rule: 0,
         leaf,
         now: 0,
+        sni: SNI_NONE,
     };
-    let (state, mode, dns) = match AW_IDENTITIES.get(identity) {
-        Some(st) => (st.state, st.mode, st.dns),
-        None => (0, 0, 0),
+    let (state, mode, dns, sni) = match AW_IDENTITIES.get(identity) {
+        Some(st) => (st.state, st.mode, st.dns, st.sni),
+        None => (0, 0, 0, SNI_OFF),
     };
     // Revoked, unset and expired identities (and bindings whose certificate was revoked) are
     // denied whatever the mode: audit mode is for trying out a policy, not for keeping a dead
@@ -2247,8 +2548,19 @@ fn judge(flow: &Flow, sk: *mut core::ffi::c_void) -> Judged {
             return judged(STEER);
         }
     }
-    let (reason, rule_id) = check_rules(identity, flow, &mut now);
+    let mut named = false;
+    let (reason, rule_id) = check_rules(identity, flow, &mut now, &mut named);
     if reason == REASON_NONE {
+        // A TCP connection only a name rule allows: its first data must name a server the
+        // identity resolved to this address.
+        let connect = flow.hook == HOOK_CONNECT4 || flow.hook == HOOK_CONNECT6;
+        let sni = if !named || !connect || flow.proto != PROTO_TCP || sni == SNI_OFF {
+            SNI_NONE
+        } else if sni == SNI_AUDIT || mode == MODE_AUDIT {
+            SNI_PENDING_AUDIT
+        } else {
+            SNI_PENDING_ENFORCE
+        };
         // Recorded by `conclude` once the socket's storage is written: a socket that cannot
         // get it is denied after all.
         return Judged {
@@ -2259,6 +2571,7 @@ fn judge(flow: &Flow, sk: *mut core::ffi::c_void) -> Judged {
             allowed_rule: rule_id,
             leaf,
             now,
+            sni,
         };
     }
     let kind = if mode == MODE_AUDIT {
@@ -2272,9 +2585,10 @@ fn judge(flow: &Flow, sk: *mut core::ffi::c_void) -> Judged {
 
 /// Longest-prefix match on the identity's trie, then the first port entry (most specific rule
 /// first) that allows port, protocol and time; that rule must be at least as specific as the
-/// global deny prefix covering the destination.
+/// global deny prefix covering the destination. `named` says whether only entries learned for
+/// name rules allow it (no address rule does).
 #[inline(always)]
-fn check_rules(identity: u32, flow: &Flow, now: &mut u64) -> (u8, u32) {
+fn check_rules(identity: u32, flow: &Flow, now: &mut u64, named: &mut bool) -> (u8, u32) {
     let key = Key::new(128, flow.addr);
     let Some(set) = AW_RULES.get_value_ptr_mut(identity, &key) else {
         return (REASON_NO_RULE, 0);
@@ -2284,6 +2598,9 @@ fn check_rules(identity: u32, flow: &Flow, now: &mut u64) -> (u8, u32) {
     let set: &RuleSet = unsafe { &*set.cast::<RuleSet>() };
     let count = set.count as usize;
     let mut matched: Option<(u8, u32)> = None;
+    // The first match decides; when it is a learned name entry, the rest are looked through
+    // for an address rule that allows the flow as well.
+    let mut by_name = false;
     let mut i = 0;
     while i < MAX_PORT_ENTRIES {
         if i >= count {
@@ -2295,16 +2612,23 @@ fn check_rules(identity: u32, flow: &Flow, now: &mut u64) -> (u8, u32) {
             && e.proto & flow.proto != 0
             && (e.port_set == 0 || in_port_set(e.port_set, u32::from(flow.port)))
         {
-            if e.expires_ns == 0 {
-                matched = Some((e.prefix_len, e.rule_id));
-                break;
-            }
-            if *now == 0 {
-                *now = unsafe { bpf_ktime_get_boot_ns() };
-            }
-            if *now < e.expires_ns {
-                matched = Some((e.prefix_len, e.rule_id));
-                break;
+            let live = e.expires_ns == 0 || {
+                if *now == 0 {
+                    *now = unsafe { bpf_ktime_get_boot_ns() };
+                }
+                *now < e.expires_ns
+            };
+            if live {
+                if matched.is_none() {
+                    matched = Some((e.prefix_len, e.rule_id));
+                    by_name = e.name != 0;
+                    if !by_name {
+                        break;
+                    }
+                } else if e.name == 0 && e.prefix_len >= set.deny_len {
+                    by_name = false;
+                    break;
+                }
             }
         }
         i += 1;
@@ -2315,6 +2639,7 @@ fn check_rules(identity: u32, flow: &Flow, now: &mut u64) -> (u8, u32) {
     if prefix_len < set.deny_len {
         return (REASON_GLOBAL_DENY, rule_id);
     }
+    *named = by_name;
     (REASON_NONE, rule_id)
 }
 

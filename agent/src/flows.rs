@@ -87,6 +87,10 @@ pub struct FlowRecord {
     /// next start, and knows it by this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_event: Option<String>,
+    /// The server name a TLS ClientHello carried, on records of the server-name check
+    /// (`fqdn` is then what the identity resolved to `dest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
 }
 
 impl std::fmt::Display for FlowRecord {
@@ -254,6 +258,7 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
         service: None,
         serial: None,
         kernel_event: Some(e.key()),
+        server_name: None,
     }
 }
 

@@ -146,11 +146,15 @@ fn dump_here(sock: &Socket, protocols: &[u8], states: StateFlags) -> io::Result<
 
 /// Destroys, in the calling thread's network namespace, every socket whose cgroup is in
 /// `cgroups` (of the kinds `sweep` names); returns how many.
-fn destroy_here(cgroups: &HashSet<u64>, sweep: Sweep) -> io::Result<usize> {
+fn destroy_here(
+    cgroups: &HashSet<u64>,
+    sweep: Sweep,
+    pick: impl Fn(&SocketId) -> bool,
+) -> io::Result<usize> {
     let sock = diag_socket()?;
     let victims: Vec<Listed> = dump_here(&sock, sweep.protocols(), sweep.states())?
         .into_iter()
-        .filter(|l| l.cgroup.is_some_and(|id| cgroups.contains(&id)))
+        .filter(|l| l.cgroup.is_some_and(|id| cgroups.contains(&id)) && pick(&l.socket_id))
         .collect();
     let mut destroyed = 0;
     for Listed {
@@ -197,7 +201,23 @@ fn destroy_here(cgroups: &HashSet<u64>, sweep: Sweep) -> io::Result<usize> {
 /// cgroups below them), in every network namespace their processes live in. Returns the number
 /// destroyed.
 pub fn destroy_tcp_in(cgroups: &[&Path]) -> io::Result<usize> {
-    destroy_in(cgroups, Sweep::Connections)
+    destroy_in(cgroups, Sweep::Connections, |_| true)
+}
+
+/// Ends one TCP connection of `cgroups` (and the cgroups below them): the one from
+/// `local_port` to `peer` (an IPv4 peer matches its IPv4-mapped form too), in every network
+/// namespace their processes live in. Returns how many were destroyed (0 when it is gone).
+pub fn destroy_connection(
+    cgroups: &[&Path],
+    peer: std::net::SocketAddr,
+    local_port: u16,
+) -> io::Result<usize> {
+    let ip = peer.ip().to_canonical();
+    destroy_in(cgroups, Sweep::Connections, move |id: &SocketId| {
+        id.source_port == local_port
+            && id.destination_port == peer.port()
+            && id.destination_address.to_canonical() == ip
+    })
 }
 
 /// Destroys every TCP socket (listeners included) and every UDP socket of `cgroups` and the
@@ -205,10 +225,14 @@ pub fn destroy_tcp_in(cgroups: &[&Path]) -> io::Result<usize> {
 /// to a new map layout, sockets made before it carry no state the new programs could judge
 /// their packets by. Returns the number destroyed.
 pub fn destroy_all_in(cgroups: &[&Path]) -> io::Result<usize> {
-    destroy_in(cgroups, Sweep::Everything)
+    destroy_in(cgroups, Sweep::Everything, |_| true)
 }
 
-fn destroy_in(cgroups: &[&Path], sweep: Sweep) -> io::Result<usize> {
+fn destroy_in(
+    cgroups: &[&Path],
+    sweep: Sweep,
+    pick: impl Fn(&SocketId) -> bool + Send + Sync + Copy + 'static,
+) -> io::Result<usize> {
     let mut ids = HashSet::new();
     let mut pids = Vec::new();
     for cg in cgroups {
@@ -225,9 +249,11 @@ fn destroy_in(cgroups: &[&Path], sweep: Sweep) -> io::Result<usize> {
         }
     }
     let ids = std::sync::Arc::new(ids);
-    Ok(in_each(namespaces, move || destroy_here(&ids, sweep))?
-        .into_iter()
-        .sum())
+    Ok(
+        in_each(namespaces, move || destroy_here(&ids, sweep, pick))?
+            .into_iter()
+            .sum(),
+    )
 }
 
 /// A socket a process holds that the packet line could not govern as its cgroup's: made in

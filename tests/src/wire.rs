@@ -88,9 +88,16 @@ pub struct Packet {
     /// Source and destination port, when TCP or UDP follows the IP header directly.
     pub sport: Option<u16>,
     pub dport: Option<u16>,
+    /// The IP packet, headers included.
+    pub data: Vec<u8>,
 }
 
 impl Packet {
+    /// Whether the packet's bytes hold `needle` (a TLS server name, say).
+    pub fn carries(&self, needle: &[u8]) -> bool {
+        self.data.windows(needle.len()).any(|w| w == needle)
+    }
+
     /// Whether this is a TCP or UDP packet to `dst:port` (`dst` as text).
     pub fn is_to(&self, dst: &str, port: u16) -> bool {
         self.dst == dst.parse::<IpAddr>().expect("address") && self.dport == Some(port)
@@ -118,6 +125,7 @@ impl Packet {
                     dport: (next == 6 || next == 17)
                         .then(|| port_at(ihl + 2))
                         .flatten(),
+                    data: ip.to_vec(),
                 })
             }
             0x86dd if ip.len() >= 40 => {
@@ -133,6 +141,7 @@ impl Packet {
                     ip_options: false,
                     sport: (next == 6 || next == 17).then(|| port_at(40)).flatten(),
                     dport: (next == 6 || next == 17).then(|| port_at(42)).flatten(),
+                    data: ip.to_vec(),
                 })
             }
             _ => None,

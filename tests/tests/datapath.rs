@@ -38,6 +38,7 @@ fn rule(id: u32, to: &[&str], ports: &[&str], protocol: Protocol) -> Rule {
         protocol,
         direction: agentwall::policy::Direction::Egress,
         expires: None,
+        learned: false,
     }
 }
 
@@ -314,6 +315,7 @@ fn rules_with_hundreds_of_ports_hold_in_the_kernel() {
             identity: 1,
             mode: Mode::Enforce,
             dns: false,
+            sni: agentwall::policy::SniCheck::Off,
         }],
         || {},
         |_| IdentityStatus::Active,
@@ -960,6 +962,7 @@ fn hosts_learned_during_a_change_reach_the_new_rules_and_revocations_stay() {
         identity: 1,
         mode: Mode::Enforce,
         dns: false,
+        sni: agentwall::policy::SniCheck::Off,
     }];
     let set = |base: Vec<Rule>| {
         vec![IdentityRules {

@@ -117,6 +117,8 @@ fn main() -> Result<()> {
             require_root("the kernel tests load eBPF programs and create cgroups")?;
             // A real DNS server for the DNS policy tests, from Debian's packages.
             apt_install(&["dnsmasq"], &["dnsmasq-base"])?;
+            // Real TLS clients and a real TLS server for the server-name check's tests.
+            apt_install(&["curl", "openssl"], &["curl", "openssl"])?;
             install_schemathesis(&root)?;
             install_ocsf_schemas(&root)?;
             install_browser(&root)?;

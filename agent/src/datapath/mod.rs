@@ -8,6 +8,7 @@
 mod bindings;
 pub mod event;
 pub mod layout;
+pub mod sni;
 pub mod sys;
 
 use std::{
@@ -44,6 +45,7 @@ use crate::{
     clock::BootInstant,
     policy::{
         CompileError, CompiledTrie, IdentityStatus, Mode, Net, Rule, UnknownFlows, compile_rules,
+        model::SniCheck,
     },
 };
 
@@ -57,6 +59,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub enum DatapathError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("TLS server names: {0}")]
+    Sni(#[from] sni::SniError),
     #[error(
         "{path} is not on a bpf filesystem (mount one with `mount -t bpf -o mode=0700 bpf {path}`)"
     )]
@@ -583,6 +587,8 @@ pub struct IdentityConfig {
     pub mode: Mode,
     /// Its DNS goes to the node's proxy (it has name rules).
     pub dns: bool,
+    /// The TLS server-name check of connections only its name rules allow.
+    pub sni: SniCheck,
 }
 
 /// Tries a thread builds at least (fewer are not worth a thread).
@@ -638,6 +644,8 @@ pub struct Datapath {
     /// the first full apply replaces them all, emptying those the policy no longer names,
     /// and only then are the port sets they name this process's to count.
     foreign: Mutex<std::collections::BTreeSet<u32>>,
+    /// Server names for the TLS check, and the ones it refused.
+    sni: Mutex<sni::SniMaps>,
 }
 
 /// A clean stop leaves enforcement in place (pins), port sets included.
@@ -881,6 +889,12 @@ impl Loaded {
             HashMap::try_from(take(&mut ebpf, c::MAP_PORT_SETS)?)
                 .map_err(map_err(c::MAP_PORT_SETS))?,
         )?;
+        let sni = sni::SniMaps::open(
+            HashMap::try_from(take(&mut ebpf, c::MAP_SNI_NAMES)?)
+                .map_err(map_err(c::MAP_SNI_NAMES))?,
+            HashMap::try_from(take(&mut ebpf, c::MAP_SNI_SEEN)?)
+                .map_err(map_err(c::MAP_SNI_SEEN))?,
+        )?;
         let foreign = sys::filled_slots(rules.fd().as_fd(), MAX_IDENTITIES)
             .map_err(io_err(Path::new(c::MAP_RULES)))?
             .into_iter()
@@ -905,6 +919,7 @@ impl Loaded {
             host_headroom: cfg.host_headroom,
             port_sets: Arc::new(port_sets),
             foreign: Mutex::new(foreign),
+            sni: Mutex::new(sni),
         };
         // Rebuild what the kernel reads from config: a restarted daemon keeps the bindings the
         // pinned map holds.
@@ -1012,7 +1027,7 @@ impl Datapath {
         Ok(())
     }
 
-    fn state_value(status: IdentityStatus, mode: Mode, dns: u8) -> IdentityState {
+    fn state_value(status: IdentityStatus, mode: Mode, dns: u8, sni: SniCheck) -> IdentityState {
         IdentityState {
             state: match status {
                 IdentityStatus::Active => c::IDENTITY_ACTIVE,
@@ -1023,7 +1038,12 @@ impl Datapath {
                 Mode::Audit => c::MODE_AUDIT,
             },
             dns,
-            _pad: [0; 5],
+            sni: match sni {
+                SniCheck::Enforce => c::SNI_ENFORCE,
+                SniCheck::Audit => c::SNI_AUDIT,
+                SniCheck::Off => c::SNI_OFF,
+            },
+            _pad: [0; 4],
         }
     }
 
@@ -1051,9 +1071,19 @@ impl Datapath {
         Self::check_identity(identity)?;
         let mut map = lock(&self.identities);
         // DNS steering is set on its own (set_dns) and survives a change of status or mode.
-        let dns = map.get(&identity, 0).map_or(0, |s| s.dns);
-        map.set(identity, Self::state_value(status, mode, dns), 0)
+        let (dns, sni) = map
+            .get(&identity, 0)
+            .map_or((0, SniCheck::Off), |s| (s.dns, Self::sni_of(s.sni)));
+        map.set(identity, Self::state_value(status, mode, dns, sni), 0)
             .map_err(map_err(c::MAP_IDENTITIES))
+    }
+
+    fn sni_of(code: u8) -> SniCheck {
+        match code {
+            c::SNI_ENFORCE => SniCheck::Enforce,
+            c::SNI_AUDIT => SniCheck::Audit,
+            _ => SniCheck::Off,
+        }
     }
 
     /// Whether the identity's DNS (port 53 to IPv4 resolvers, UDP and TCP) goes to the proxy.
@@ -1068,6 +1098,40 @@ impl Datapath {
         state.dns = want;
         map.set(identity, state, 0)
             .map_err(map_err(c::MAP_IDENTITIES))
+    }
+
+    /// The server names the TLS check accepts for (identity, ip): exactly `names`.
+    pub fn set_sni_names(
+        &self,
+        identity: u32,
+        ip: std::net::IpAddr,
+        names: &sni::Names,
+    ) -> Result<(), DatapathError> {
+        Ok(lock(&self.sni).set(identity, ip, names)?)
+    }
+
+    /// The server names the TLS check accepts, for every identity and address: exactly
+    /// `want`.
+    pub fn set_all_sni_names(
+        &self,
+        want: &std::collections::BTreeMap<(u32, std::net::IpAddr), sni::Names>,
+    ) -> Result<(), DatapathError> {
+        Ok(lock(&self.sni).set_all(want)?)
+    }
+
+    /// Server names the TLS check holds.
+    pub fn sni_names(&self) -> usize {
+        lock(&self.sni).len()
+    }
+
+    /// The refusal of the TLS check behind a record (its time), taken out.
+    pub fn take_sni_refused(&self, time_ns: u64) -> Option<sni::Refused> {
+        lock(&self.sni).take_refused(time_ns)
+    }
+
+    /// Refusals of the TLS check older than `before_ns` whose records the kernel folded.
+    pub fn take_stale_sni_refused(&self, before_ns: u64) -> Vec<sni::Refused> {
+        lock(&self.sni).take_stale(before_ns)
     }
 
     /// Whether a bound cgroup may hold sockets without state, which the packet line then
@@ -1353,7 +1417,7 @@ impl Datapath {
         let mut keys: Vec<u8> = Vec::with_capacity(configs.len() * 4);
         let mut values: Vec<u8> = Vec::with_capacity(configs.len() * size_of::<IdentityState>());
         for c in configs {
-            let v = Self::state_value(status_of(c.identity), c.mode, u8::from(c.dns));
+            let v = Self::state_value(status_of(c.identity), c.mode, u8::from(c.dns), c.sni);
             keys.extend_from_slice(&c.identity.to_ne_bytes());
             // SAFETY: IdentityState is repr(C) plain old data with explicit padding.
             values.extend_from_slice(unsafe {
@@ -1369,7 +1433,7 @@ impl Datapath {
         let mut map = lock(&self.identities);
         let (mut failed, mut first) = (0, None);
         for c in configs {
-            let v = Self::state_value(status_of(c.identity), c.mode, u8::from(c.dns));
+            let v = Self::state_value(status_of(c.identity), c.mode, u8::from(c.dns), c.sni);
             if let Err(e) = map.set(c.identity, v, 0) {
                 failed += 1;
                 first.get_or_insert(e);

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     clock::BootInstant,
-    policy::{Rule, fqdn::normalize},
+    policy::{Protocol, Rule, fqdn::normalize},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -354,9 +354,16 @@ impl Learned {
                 to: vec![IpNet::from(ip)],
                 fqdns: Vec::new(),
                 ports: r.ports.clone(),
-                protocol: r.protocol,
+                // UDP (QUIC) to a shared address would carry its server name where the
+                // packet line does not read it: a name opens UDP only where its rule says
+                // `protocol: udp`.
+                protocol: match r.protocol {
+                    Protocol::Any => Protocol::Tcp,
+                    p => p,
+                },
                 direction: r.direction,
                 expires: Some(r.expires.map_or(deadline, |e| e.min(deadline))),
+                learned: true,
             });
         }
         out
@@ -428,6 +435,15 @@ impl Learned {
                 .collect(),
             by_addr: HashMap::new(),
         }
+    }
+
+    /// The names an identity resolved to an address (and has not forgotten).
+    pub fn names_at(&self, identity: u32, ip: IpAddr) -> impl Iterator<Item = &str> + '_ {
+        self.by_addr
+            .get(&(identity, ip))
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
     }
 
     /// Every learned (identity, address), each once.
@@ -611,6 +627,7 @@ mod tests {
             protocol: Protocol::Tcp,
             direction: crate::policy::model::Direction::Egress,
             expires: None,
+            learned: false,
         };
         let rules = l.host_rules(1, std::slice::from_ref(&rule), &[]);
         assert_eq!(rules.len(), 4, "{rules:?}");
@@ -627,6 +644,26 @@ mod tests {
         let only = l.host_rules_for(1, std::slice::from_ref(&rule), &[ip("192.0.2.9")], &[]);
         assert_eq!(only.len(), 2);
         assert_eq!(only[1].to[0].to_string(), "192.0.2.9/32");
+
+        // Host rules are marked learned (their connections' server names are checked), and
+        // a rule for any protocol opens only TCP by name; one that names UDP opens UDP.
+        assert!(rules[1..].iter().all(|r| r.learned));
+        for (given, opened) in [
+            (Protocol::Any, Protocol::Tcp),
+            (Protocol::Udp, Protocol::Udp),
+            (Protocol::Tcp, Protocol::Tcp),
+        ] {
+            let r = Rule {
+                protocol: given,
+                ..rule.clone()
+            };
+            let hosts = l.host_rules_for(1, std::slice::from_ref(&r), &[ip("192.0.2.9")], &[]);
+            assert_eq!(hosts[1].protocol, opened);
+        }
+        assert_eq!(
+            l.names_at(1, ip("192.0.2.1")).collect::<Vec<_>>(),
+            ["a.example.com"]
+        );
 
         let gone = l.expire(at(45));
         assert_eq!(gone.get(&1), Some(&vec![ip("192.0.2.9")]));

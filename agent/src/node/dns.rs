@@ -6,7 +6,7 @@
 //! apply: the apply stages its new tries, and what is learned meanwhile reaches both.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     net::IpAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -405,6 +405,9 @@ impl DnsLearning {
         let written = datapath.update_hosts_with(identity, &out.changed, |base, deny| {
             learned.host_rules_for(identity, base, &out.changed, deny)
         });
+        if written.is_ok() {
+            sync_sni(learned, identity, &out.changed, datapath);
+        }
         st.changed(identity, out.changed.clone(), !out.added.is_empty());
         drop(st);
         match written {
@@ -502,6 +505,18 @@ impl DnsLearning {
                 warn!(identity = id, error = %e, "could not carry learned addresses into the new rules");
             }
         }
+        // The rules in force and staged both: either trie's rule numbers pass the check
+        // while the change is swapped in.
+        sync_all_sni(&st.learned, datapath);
+    }
+
+    /// Makes the TLS check's names those of everything learned, under the rules in force
+    /// (after a change: the old numbering's go).
+    pub fn sync_sni(&self, datapath: &Datapath) {
+        crate::workers::at_normal_priority(|| {
+            let st = lock(&self.learned);
+            sync_all_sni(&st.learned, datapath);
+        });
     }
 
     /// Drops learned addresses past their deadline (the kernel stopped allowing them on its
@@ -519,6 +534,7 @@ impl DnsLearning {
                     warn!(identity, error = %e, "could not remove expired learned addresses (they no longer allow)");
                 }
             }
+            sync_sni(learned, identity, &addrs, datapath);
             st.changed(identity, addrs, true);
         }
         // Never later than half the grace: a restart keeps every address the agent may
@@ -679,4 +695,66 @@ pub fn namespaces_of(cgroups: &[&Path]) -> Vec<Netns> {
         }
     }
     list
+}
+
+/// The TLS check's names for (identity, ip): each name the identity resolved there, with the
+/// name rules (of the tries in force and staged) that allow it, lower case without a dot.
+fn sni_names(
+    learned: &Learned,
+    identity: u32,
+    ip: IpAddr,
+    rules: &[Arc<[Rule]>],
+) -> crate::datapath::sni::Names {
+    let mut out = crate::datapath::sni::Names::new();
+    for name in learned.names_at(identity, ip) {
+        let mut ids: Vec<u32> = rules
+            .iter()
+            .flat_map(|base| {
+                base.iter()
+                    .filter(|r| r.fqdns.iter().any(|p| p.matches(name)))
+                    .map(|r| r.id)
+            })
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.is_empty() {
+            continue;
+        }
+        // A name more rules allow keeps the first few: a port only a later one opens is
+        // refused (closed, not open).
+        let mut slots = [0u32; agent_common::SNI_RULES];
+        for (slot, id) in slots.iter_mut().zip(ids) {
+            *slot = id;
+        }
+        out.insert(crate::policy::fqdn::normalize(name), slots);
+    }
+    out
+}
+
+fn sync_sni(learned: &Learned, identity: u32, addrs: &[IpAddr], datapath: &Datapath) {
+    let rules = datapath.learning_rules(identity);
+    for ip in addrs {
+        let want = sni_names(learned, identity, *ip, &rules);
+        if let Err(e) = datapath.set_sni_names(identity, *ip, &want) {
+            warn!(identity, addr = %ip, error = %e,
+                "could not write TLS server names; connections naming them are refused");
+        }
+    }
+}
+
+fn sync_all_sni(learned: &Learned, datapath: &Datapath) {
+    let mut rules: HashMap<u32, Vec<Arc<[Rule]>>> = HashMap::new();
+    let mut want = BTreeMap::new();
+    for (identity, ip) in learned.addresses() {
+        let r = rules
+            .entry(identity)
+            .or_insert_with(|| datapath.learning_rules(identity));
+        let names = sni_names(learned, identity, ip, r);
+        if !names.is_empty() {
+            want.insert((identity, ip), names);
+        }
+    }
+    if let Err(e) = datapath.set_all_sni_names(&want) {
+        warn!(error = %e, "could not write TLS server names; connections naming them are refused");
+    }
 }

@@ -370,7 +370,7 @@ impl Enforcer {
                 named.insert(n);
             }
             rules.insert(n, r);
-            modes.push((n, a.mode));
+            modes.push((n, a.mode, a.sni));
             names.insert(
                 n,
                 Arc::new(NameAccess {
@@ -382,10 +382,11 @@ impl Enforcer {
         // Every identity's DNS goes through the proxy: what it may resolve is policy too.
         let mut configs: Vec<IdentityConfig> = modes
             .into_iter()
-            .map(|(identity, mode)| IdentityConfig {
+            .map(|(identity, mode, sni)| IdentityConfig {
                 identity,
                 mode,
                 dns: self.dns_on,
+                sni,
             })
             .collect();
         // An identity the policy no longer names is denied everything: enforce mode (an
@@ -395,6 +396,7 @@ impl Enforcer {
                 identity,
                 mode: crate::policy::Mode::Enforce,
                 dns: false,
+                sni: crate::policy::model::SniCheck::Off,
             },
         ));
         // The proxy listens before any DNS is steered to it: for the identities of the policy
@@ -461,6 +463,7 @@ impl Enforcer {
             global_deny: deny,
         });
         deps.dns.forget_unnamed(&named);
+        deps.dns.sync_sni(datapath);
         listen(served);
         if old.revision() != revision {
             // Rule numbers belong to a revision: counts of the old numbering would lie.

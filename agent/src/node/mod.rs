@@ -247,6 +247,10 @@ fn reported_kernel_loss(state_dir: &std::path::Path, datapath: &Datapath) -> u64
     if reported <= now { reported } else { 0 }
 }
 
+/// How long a refusal of the TLS check waits for its record before the tick ends its
+/// connection without one.
+const SNI_RECORD_WAIT: Duration = Duration::from_secs(2);
+
 impl Node {
     /// Starts the datapath (adopting pins), loads and applies policy. The policy must be valid
     /// to start, unless a last good copy is kept.
@@ -582,6 +586,12 @@ impl Node {
             }
         }
         self.dns.expire(&self.datapath);
+        // Refusals whose records the kernel folded: their connections end all the same.
+        let before = crate::clock::BootInstant::now()
+            .0
+            .saturating_sub(SNI_RECORD_WAIT.as_nanos() as u64);
+        let stale = self.datapath.take_stale_sni_refused(before);
+        self.end_sni_connections(stale);
         self.sessions.note_expiries();
         self.renew_from_issuer();
         {
@@ -874,12 +884,48 @@ impl Node {
             guard.get_inner_mut().drain_with(|e| {
                 // The self-check's own: what it must be refused is no agent's doing.
                 if !self.canary.owns(e.identity) {
+                    let server_name = self.sni_refused(&e);
                     self.records
-                        .record(&e, &with, &self.journal, &self.counters);
+                        .record(&e, server_name, &with, &self.journal, &self.counters);
                 }
             });
             guard.clear_ready();
         }
+    }
+
+    /// For a record of the TLS server-name check: the name refused, and (enforce) the
+    /// connection ended, off this task: the kernel drops its packets, and its owner would
+    /// otherwise wait for TCP to give up.
+    fn sni_refused(self: &Arc<Self>, e: &crate::datapath::EventRecord) -> Option<String> {
+        use crate::policy::Reason;
+        if !matches!(e.reason, Some(Reason::SniMismatch | Reason::SniMissing)) {
+            return None;
+        }
+        let refused = self.datapath.take_sni_refused(e.time.0)?;
+        let name = (!refused.name.is_empty()).then(|| refused.name.clone());
+        if refused.cut {
+            self.end_sni_connections(vec![refused]);
+        }
+        name
+    }
+
+    /// Ends the connections the TLS check refused.
+    fn end_sni_connections(self: &Arc<Self>, refused: Vec<crate::datapath::sni::Refused>) {
+        if refused.is_empty() {
+            return;
+        }
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let applied = node.enforcer.applied();
+            for r in refused.iter().filter(|r| r.cut) {
+                let Some(identity) = applied.identities.name(r.identity) else {
+                    continue;
+                };
+                let n = node.sessions.end_connection(identity, r.peer, r.local_port);
+                tracing::debug!(identity, peer = %r.peer, local_port = r.local_port,
+                    ended = n, "connection refused by the TLS server-name check ended");
+            }
+        });
     }
 
     /// The self-check on its schedule, off the tick: a canary that does not answer holds up

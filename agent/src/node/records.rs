@@ -215,15 +215,17 @@ impl Records {
         }
     }
 
-    /// Records a kernel event.
+    /// Records a kernel event (`server_name`: what the TLS check refused, for its records).
     pub fn record(
         &self,
         e: &EventRecord,
+        server_name: Option<String>,
         with: &Lookups<'_>,
         journal: &Journal,
         counters: &Counters,
     ) {
-        let r = enrich(e, with);
+        let mut r = enrich(e, with);
+        r.server_name = server_name.map(|n| crate::text::printable(&n).into_owned());
         let mut folder = lock(&self.folder);
         folder.remember(e.rate_key, e.identity, &r);
         self.fold(&mut folder, e.identity, r, journal, counters);
@@ -359,6 +361,7 @@ mod tests {
             service: None,
             serial: None,
             kernel_event: None,
+            server_name: None,
         }
     }
 

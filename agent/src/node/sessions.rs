@@ -1052,6 +1052,22 @@ impl Sessions {
         }
     }
 
+    /// Ends one connection of a session of `identity`: from `local_port` to `peer`. Returns
+    /// how many were destroyed (0: already gone).
+    pub fn end_connection(
+        &self,
+        identity: &str,
+        peer: std::net::SocketAddr,
+        local_port: u16,
+    ) -> usize {
+        let cgroups = self.cgroups_where(|s| s.identity == identity);
+        let paths: Vec<&Path> = cgroups.iter().map(PathBuf::as_path).collect();
+        crate::sockets::destroy_connection(&paths, peer, local_port).unwrap_or_else(|e| {
+            error!(error = %e, identity, %peer, "could not end a connection the TLS check refused");
+            0
+        })
+    }
+
     /// The cgroups of the sessions `pred` picks.
     fn cgroups_where(&self, pred: impl Fn(&Session) -> bool) -> Vec<PathBuf> {
         lock(&self.table)

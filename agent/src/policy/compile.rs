@@ -142,6 +142,7 @@ pub fn compile_rules(rules: &[Rule], global_deny: &[IpNet]) -> Result<CompiledTr
                         prefix_len: q.len,
                         rule_id: rule.id,
                         expires_ns: rule.expires.map_or(0, |e| e.0),
+                        name: u8::from(rule.learned),
                         ..PortEntry::default()
                     });
                 }
@@ -155,6 +156,7 @@ pub fn compile_rules(rules: &[Rule], global_deny: &[IpNet]) -> Result<CompiledTr
                 .then(a.port_hi.cmp(&b.port_hi))
                 .then(a.proto.cmp(&b.proto))
                 .then(a.expires_ns.cmp(&b.expires_ns))
+                .then(a.name.cmp(&b.name))
         });
         found.dedup();
         if found.len() > MAX_PORT_ENTRIES {
@@ -202,15 +204,14 @@ fn runs(found: &[PortEntry]) -> Vec<(usize, usize)> {
     out
 }
 
-/// A run's entries by (protocol, expiry), in order of first appearance: each part folds into
+/// A run's entries by (protocol, expiry, learned for a name), in order of first appearance: each part folds into
 /// one entry of its own, so no entry outlives or outreaches what it stands for.
 fn parts(run: &[PortEntry]) -> Vec<Vec<PortEntry>> {
     let mut out: Vec<Vec<PortEntry>> = Vec::new();
     for e in run {
-        match out
-            .iter_mut()
-            .find(|p| p[0].proto == e.proto && p[0].expires_ns == e.expires_ns)
-        {
+        match out.iter_mut().find(|p| {
+            p[0].proto == e.proto && p[0].expires_ns == e.expires_ns && p[0].name == e.name
+        }) {
             Some(p) => p.push(*e),
             None => out.push(vec![*e]),
         }
@@ -302,6 +303,7 @@ mod tests {
             protocol,
             direction: crate::policy::model::Direction::Egress,
             expires: None,
+            learned: false,
         }
     }
 

@@ -18,5 +18,5 @@ pub use eval::{Decision, Subject, Verdict, evaluate_flow, evaluate_socket};
 pub use fqdn::{FqdnError, FqdnKind, FqdnPattern};
 pub use model::{
     DEFAULT_GLOBAL_DENY, Direction, IdentityStatus, IdentityView, Mode, Net, PortRange, Protocol,
-    Reason, Rule, UnknownFlows,
+    Reason, Rule, SniCheck, UnknownFlows,
 };

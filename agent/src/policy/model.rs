@@ -21,6 +21,8 @@ pub enum ModelError {
     BadProtocol { value: String },
     #[error("invalid mode {value:?}: expected enforce or audit")]
     BadMode { value: String },
+    #[error("invalid sni {value:?}: expected enforce, audit or off")]
+    BadSni { value: String },
     #[error("invalid unknown_flows {value:?}: expected report, deny or ignore")]
     BadUnknownFlows { value: String },
 }
@@ -275,6 +277,9 @@ pub struct Rule {
     pub protocol: Protocol,
     pub direction: Direction,
     pub expires: Option<BootInstant>,
+    /// A host rule learned from the identity's DNS answer for one of this rule's names: a
+    /// connection only such rules allow has its TLS server name checked.
+    pub learned: bool,
 }
 
 /// `enforce` denies; `audit` reports what would be denied and allows it.
@@ -292,6 +297,40 @@ impl FromStr for Mode {
             "enforce" => Ok(Self::Enforce),
             "audit" => Ok(Self::Audit),
             _ => Err(ModelError::BadMode { value: s.into() }),
+        }
+    }
+}
+
+/// The TLS server-name check of connections only a name rule allows (their address was
+/// learned from the identity's DNS answers and no address rule allows it): `enforce` cuts a
+/// connection whose ClientHello names a server the identity did not resolve to that address,
+/// `audit` records it, `off` does not look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SniCheck {
+    #[default]
+    Enforce,
+    Audit,
+    Off,
+}
+
+impl FromStr for SniCheck {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "enforce" => Ok(Self::Enforce),
+            "audit" => Ok(Self::Audit),
+            "off" => Ok(Self::Off),
+            _ => Err(ModelError::BadSni { value: s.into() }),
+        }
+    }
+}
+
+impl SniCheck {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+            Self::Off => "off",
         }
     }
 }
@@ -372,6 +411,12 @@ pub enum Reason {
     /// A listener, or a bound datagram socket without a peer, handed to a governed task: its
     /// queue may hold what no rule judged (the BPF LSM line).
     HandedSocket,
+    /// The packet line: a connection only a name rule allows named, in its TLS ClientHello,
+    /// a server the identity did not resolve to that address under a rule for that port.
+    SniMismatch,
+    /// The packet line: a connection only a name rule allows sent first data that is not a
+    /// TLS ClientHello with a server name in its first packet.
+    SniMissing,
 }
 
 impl Reason {
@@ -393,6 +438,8 @@ impl Reason {
             Self::LoopbackSource => c::REASON_LOOPBACK_SOURCE,
             Self::ForeignSocket => c::REASON_FOREIGN_SOCKET,
             Self::HandedSocket => c::REASON_HANDED_SOCKET,
+            Self::SniMismatch => c::REASON_SNI_MISMATCH,
+            Self::SniMissing => c::REASON_SNI_MISSING,
         }
     }
 
@@ -414,6 +461,8 @@ impl Reason {
             c::REASON_LOOPBACK_SOURCE => Self::LoopbackSource,
             c::REASON_FOREIGN_SOCKET => Self::ForeignSocket,
             c::REASON_HANDED_SOCKET => Self::HandedSocket,
+            c::REASON_SNI_MISMATCH => Self::SniMismatch,
+            c::REASON_SNI_MISSING => Self::SniMissing,
             _ => return None,
         })
     }
@@ -439,6 +488,10 @@ impl Reason {
             Self::ForeignSocket => "socket another identity's session governs",
             Self::HandedSocket => {
                 "handed a listener, an unconnected bound socket or one holding datagrams (its queue was never judged)"
+            }
+            Self::SniMismatch => "TLS server name not one the identity resolved to this address",
+            Self::SniMissing => {
+                "no TLS server name in the first data of a connection only a name rule allows"
             }
         }
     }

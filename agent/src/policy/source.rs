@@ -205,6 +205,7 @@ impl<'de> Deserialize<'de> for StringOrNumber {
 deserialize_from_str!(PortSpec, PortRange);
 deserialize_from_str!(ProtocolSpec, Protocol);
 deserialize_from_str!(ModeSpec, Mode);
+deserialize_from_str!(SniSpec, super::model::SniCheck);
 
 /// An RFC 3339 time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -298,6 +299,8 @@ struct RawAgentPolicy {
     labels: super::owner::Labels,
     #[serde(default)]
     mode: Option<ModeSpec>,
+    #[serde(default)]
+    sni: Option<SniSpec>,
     #[serde(default)]
     extends: Vec<String>,
     #[serde(default)]
@@ -400,6 +403,8 @@ pub struct AgentPolicy {
     pub owner: Option<super::owner::Owner>,
     pub labels: super::owner::Labels,
     pub mode: Mode,
+    /// The TLS server-name check of its connections that only a name rule allows.
+    pub sni: super::model::SniCheck,
     pub extends: Vec<String>,
     /// What it may resolve beyond its name rules, and which query types.
     pub dns: super::names::DnsSection,
@@ -675,6 +680,7 @@ fn parse_document(
                 owner: raw.owner,
                 labels: raw.labels,
                 mode: raw.mode.map_or(Mode::Enforce, |m| m.0),
+                sni: raw.sni.map(|m| m.0).unwrap_or_default(),
                 extends: raw.extends,
                 dns: super::names::DnsSection {
                     resolve: raw.dns.resolve.into_iter().map(|r| r.0).collect(),
@@ -1054,6 +1060,7 @@ fn compile_source(src: &RuleSource, id: u32, now: std::time::SystemTime) -> Rule
         protocol: src.protocol,
         direction: src.direction,
         expires: deadline.map(BootInstant::from_system_time),
+        learned: false,
     }
 }
 

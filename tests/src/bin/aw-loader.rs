@@ -27,6 +27,7 @@ fn main() {
             protocol: Protocol::Tcp,
             direction: agentwall::policy::Direction::Egress,
             expires: None,
+            learned: false,
         }],
     )
     .expect("rules");

@@ -66,6 +66,7 @@ fn rules_with(n: usize, filler_port: u16) -> Vec<Rule> {
             protocol: Protocol::Tcp,
             direction: agentwall::policy::Direction::Egress,
             expires: None,
+            learned: false,
         })
         .collect()
 }
@@ -453,6 +454,7 @@ pub fn run(iterations: usize) {
         protocol: Protocol::Udp,
         direction: agentwall::policy::Direction::Egress,
         expires: None,
+        learned: false,
     });
     dp.set_rules(1, &u_rules).unwrap();
     let send = format!("bench-sendto 127.0.0.1 {} {}", PORT + 1, iterations * 5);
@@ -490,6 +492,7 @@ pub fn run(iterations: usize) {
                         protocol: Protocol::Tcp,
                         direction: agentwall::policy::Direction::Egress,
                         expires: None,
+                        learned: false,
                     })
                     .collect(),
             )

@@ -70,6 +70,7 @@ fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
         protocol: Protocol::Any,
         direction: agentwall::policy::Direction::Egress,
         expires: None,
+        learned: false,
     }];
     for i in 1..n as u32 {
         let x = identity.wrapping_mul(2_654_435_761) ^ i.wrapping_mul(40_503);
@@ -83,6 +84,7 @@ fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
             protocol: Protocol::Tcp,
             direction: agentwall::policy::Direction::Egress,
             expires: None,
+            learned: false,
         });
     }
     rules

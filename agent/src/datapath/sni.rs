@@ -1,0 +1,214 @@
+//! The names the TLS server-name check knows (`AW_SNI_NAMES`: for each identity and learned
+//! address, the names it resolved there with the name rules allowing them), and the names it
+//! refused (`AW_SNI_SEEN`), which the node reads to name them in records and to end those
+//! connections.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use agent_common::{self as c, SNI_NAME_MAX, SNI_RULES, SniName};
+use aya::maps::{HashMap, MapData, MapError};
+
+use crate::policy::model::addr_from16;
+
+/// Names per (identity, address), as the kernel holds them: name → rule ids.
+pub type Names = BTreeMap<String, [u32; SNI_RULES]>;
+
+/// A refused server name, with the connection it came in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub identity: u32,
+    /// The name as the ClientHello carried it (lower case, no trailing dot; invalid UTF-8
+    /// replaced), empty when the first data carried none.
+    pub name: String,
+    pub peer: std::net::SocketAddr,
+    pub local_port: u16,
+    /// The connection was refused (enforce): the node ends it.
+    pub cut: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SniError {
+    #[error("server name {name:?} for identity {identity} at {addr}: {source}")]
+    Write {
+        identity: u32,
+        addr: IpAddr,
+        name: String,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("reading {map}: {source}")]
+    Read {
+        map: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+}
+
+pub struct SniMaps {
+    names: HashMap<MapData, SniName, [u32; SNI_RULES]>,
+    seen: HashMap<MapData, u64, SniName>,
+    /// What `names` holds (read back at start: the map is pinned and outlives a node).
+    mirror: BTreeMap<(u32, IpAddr), Names>,
+}
+
+/// The key of one name, or None when it cannot be one (too long: no ClientHello name the
+/// kernel reads matches it either).
+fn key(identity: u32, ip: IpAddr, name: &str) -> Option<SniName> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= SNI_NAME_MAX {
+        return None;
+    }
+    let mut k = SniName {
+        identity,
+        len: bytes.len() as u16,
+        addr: crate::policy::model::addr16(ip),
+        ..SniName::default()
+    };
+    k.name[..bytes.len()].copy_from_slice(bytes);
+    Some(k)
+}
+
+fn text(k: &SniName) -> String {
+    let n = usize::from(k.len).min(SNI_NAME_MAX);
+    String::from_utf8_lossy(&k.name[..n]).into_owned()
+}
+
+impl SniMaps {
+    pub fn open(
+        names: HashMap<MapData, SniName, [u32; SNI_RULES]>,
+        seen: HashMap<MapData, u64, SniName>,
+    ) -> Result<Self, SniError> {
+        let mut mirror: BTreeMap<(u32, IpAddr), Names> = BTreeMap::new();
+        for entry in names.iter() {
+            let (k, v) = entry.map_err(|e| SniError::Read {
+                map: c::MAP_SNI_NAMES,
+                source: Box::new(e),
+            })?;
+            mirror
+                .entry((k.identity, addr_from16(k.addr)))
+                .or_default()
+                .insert(text(&k), v);
+        }
+        Ok(Self {
+            names,
+            seen,
+            mirror,
+        })
+    }
+
+    /// Makes the kernel hold exactly `want` for (identity, ip). Every write is tried; the
+    /// first failure is returned (a name the kernel lacks fails closed: its connections are
+    /// refused).
+    pub fn set(&mut self, identity: u32, ip: IpAddr, want: &Names) -> Result<(), SniError> {
+        let have = self.mirror.remove(&(identity, ip)).unwrap_or_default();
+        let mut first = None;
+        let mut kept = Names::new();
+        for (name, rules) in want {
+            let Some(k) = key(identity, ip, name) else {
+                continue;
+            };
+            if have.get(name) == Some(rules) {
+                kept.insert(name.clone(), *rules);
+                continue;
+            }
+            match self.names.insert(k, rules, 0) {
+                Ok(()) => {
+                    kept.insert(name.clone(), *rules);
+                }
+                Err(e) => {
+                    first.get_or_insert(SniError::Write {
+                        identity,
+                        addr: ip,
+                        name: name.clone(),
+                        source: Box::new(e),
+                    });
+                }
+            }
+        }
+        for (name, rules) in have {
+            if want.contains_key(&name) {
+                continue;
+            }
+            let Some(k) = key(identity, ip, &name) else {
+                continue;
+            };
+            match self.names.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => {
+                    // Still there: still in the mirror, so the next change tries again.
+                    kept.insert(name.clone(), rules);
+                    first.get_or_insert(SniError::Write {
+                        identity,
+                        addr: ip,
+                        name,
+                        source: Box::new(e),
+                    });
+                }
+            }
+        }
+        if !kept.is_empty() {
+            self.mirror.insert((identity, ip), kept);
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Makes the kernel hold exactly `want` for every (identity, address).
+    pub fn set_all(&mut self, want: &BTreeMap<(u32, IpAddr), Names>) -> Result<(), SniError> {
+        let keys: BTreeSet<(u32, IpAddr)> =
+            self.mirror.keys().chain(want.keys()).copied().collect();
+        let none = Names::new();
+        let mut first = None;
+        for (identity, ip) in keys {
+            if let Err(e) = self.set(identity, ip, want.get(&(identity, ip)).unwrap_or(&none)) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// How many names the kernel holds.
+    pub fn len(&self) -> usize {
+        self.mirror.values().map(BTreeMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mirror.is_empty()
+    }
+
+    fn refused(k: &SniName) -> Refused {
+        Refused {
+            identity: k.identity,
+            name: text(k),
+            peer: std::net::SocketAddr::new(addr_from16(k.addr), k.port),
+            local_port: k.local_port,
+            cut: k.cut != 0,
+        }
+    }
+
+    /// The refusal the kernel kept under a record's time, taken out.
+    pub fn take_refused(&mut self, time_ns: u64) -> Option<Refused> {
+        let k = self.seen.get(&time_ns, 0).ok()?;
+        let _ = self.seen.remove(&time_ns);
+        Some(Self::refused(&k))
+    }
+
+    /// Refusals kept since before `before_ns` whose record never came (folded by the
+    /// kernel's rate limit), taken out.
+    pub fn take_stale(&mut self, before_ns: u64) -> Vec<Refused> {
+        let due: Vec<(u64, SniName)> = self
+            .seen
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(t, _)| *t < before_ns)
+            .collect();
+        due.into_iter()
+            .map(|(t, k)| {
+                let _ = self.seen.remove(&t);
+                Self::refused(&k)
+            })
+            .collect()
+    }
+}

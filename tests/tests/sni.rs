@@ -1,0 +1,341 @@
+//! The TLS server-name check: a connection only a name rule allows must name, in its
+//! ClientHello, a server the identity resolved to that address. A real TLS server (openssl
+//! s_server) in a peer namespace serves every name on one address; real TLS clients (curl,
+//! openssl s_client) run under the identity in the agent's namespace, with the real node and
+//! its DNS proxy; what reached the server is read on the veth between them.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use agentwall_tests::{
+    DnsServer, Probe, TestEnv, bin_path,
+    node::{NodeProc, launch_args, write_cert},
+    pki::{Ca, CertSpec},
+    wire::{AGENT_V4, Capture, Link, PEER_V4},
+};
+
+const ID: &str = "spiffe://example.org/agent/sni";
+const RESOLVER: &str = "192.0.2.53";
+
+/// openssl s_server in the peer namespace on PEER_V4:443, answering every name; killed on
+/// drop.
+struct TlsServer(Child);
+
+impl TlsServer {
+    fn start(link: &Link, dir: &Path, ca: &Ca) -> Self {
+        let (cert, key) = write_cert(dir, "server", &ca.issue_server(PEER_V4.parse().unwrap()));
+        let mut c = Command::new("openssl");
+        link.peer.enter(&mut c);
+        c.args(["s_server", "-quiet", "-www", "-accept"])
+            .arg(format!("{PEER_V4}:443"))
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let server = TlsServer(c.spawn().expect("openssl s_server (Debian's openssl)"));
+        // Ready once it accepts: a connection from inside its own namespace.
+        let deadline = agentwall_tests::deadline(Duration::from_secs(20));
+        while link
+            .peer
+            .run_in(|| std::net::TcpStream::connect((PEER_V4, 443)).is_err())
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "openssl s_server never listened"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Lab {
+    _env: TestEnv,
+    tmp: tempfile::TempDir,
+    link: Link,
+    _dns: DnsServer,
+    _server: TlsServer,
+    node: NodeProc,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Lab {
+    /// `also`: more egress rules (YAML list items).
+    fn new(name: &str, sni: &str, also: &str) -> Self {
+        let env = TestEnv::new(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let ca = Ca::new("agentwall test CA");
+        let link = Link::new(name);
+        link.agent
+            .ip(&["addr", "add", &format!("{RESOLVER}/32"), "dev", "lo"]);
+        std::fs::create_dir(dir.join("policy")).unwrap();
+        std::fs::write(
+            dir.join("policy/agents.yaml"),
+            format!(
+                "kind: AgentPolicy\nname: sni\nidentity: {ID}\nsni: {sni}\n\
+                 egress:\n  - to: [api.example.com]\n    ports: [443]\n    protocol: tcp\n{also}"
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        let zone = serde_json::json!({
+            "records": [{ "name": "api.example.com", "type": "A", "value": PEER_V4 }],
+        });
+        std::fs::write(dir.join("zone.json"), zone.to_string()).unwrap();
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {RESOLVER}\noptions timeout:2 attempts:1\n"),
+        )
+        .unwrap();
+        let dns = DnsServer::start(
+            &link.agent,
+            &format!("{RESOLVER}:53"),
+            &dir.join("zone.json"),
+        );
+        let server = TlsServer::start(&link, dir, &ca);
+        let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+        let audit = dir.join("audit.jsonl").display().to_string();
+        let node = NodeProc::start_in(
+            &env,
+            dir,
+            &[
+                "--dns-upstream",
+                &format!("{RESOLVER}:53"),
+                "--audit-log",
+                &audit,
+            ],
+            &[],
+            Some(&link.agent),
+        );
+        Self {
+            _env: env,
+            tmp,
+            link,
+            _dns: dns,
+            _server: server,
+            node,
+            cert,
+            key,
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// The identity resolves api.example.com through the node's proxy: PEER_V4 is learned.
+    fn resolve(&self) {
+        let mut c = launch_args(&self.node.socket, &self.cert, &self.key);
+        self.link.agent.enter(&mut c);
+        c.arg(bin_path("aw-probe"))
+            .arg("--resolv-conf")
+            .arg(self.dir().join("resolv.conf"));
+        let mut p = Probe::from_command(c);
+        let answer = p.cmd(&format!("resolve api.example.com {RESOLVER} udp A"));
+        assert!(answer.contains(PEER_V4), "{answer}");
+    }
+
+    /// A command under the identity in the agent's namespace: its exit code and output.
+    fn run(&self, args: &[&str]) -> (Option<i32>, String) {
+        let mut c = launch_args(&self.node.socket, &self.cert, &self.key);
+        self.link.agent.enter(&mut c);
+        c.args(args).stdin(Stdio::null());
+        let out = c.output().expect("launch");
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// curl to https://NAME/ at PEER_V4, the name in its ClientHello.
+    fn curl(&self, name: &str) -> (Option<i32>, String) {
+        let resolve = format!("{name}:443:{PEER_V4}");
+        let url = format!("https://{name}/");
+        self.run(&[
+            "curl",
+            "-sk",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--resolve",
+            &resolve,
+            &url,
+        ])
+    }
+
+    fn decisions(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["kind"] == "decision" && r["dest"] == PEER_V4)
+            .collect()
+    }
+
+    fn wait_decision(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = agentwall_tests::deadline(Duration::from_secs(20));
+        loop {
+            if let Some(r) = self.decisions().into_iter().find(&pred) {
+                return r;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no such record; have {:?}",
+                self.decisions()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every packet the agent's side sent until a marker datagram from the test itself.
+    fn sent(&self, cap: &mut Capture) -> Vec<agentwall_tests::wire::Packet> {
+        self.link.agent.run_in(|| {
+            let s = std::net::UdpSocket::bind((AGENT_V4, 0)).unwrap();
+            s.send_to(b"marker", (PEER_V4, 9)).unwrap();
+        });
+        cap.until(Duration::from_secs(20), |p| p.is_to(PEER_V4, 9))
+    }
+}
+
+#[test]
+fn a_name_rule_reaches_only_the_names_resolved_to_its_address() {
+    agentwall_tests::require_root();
+    let lab = Lab::new("sni-enf", "enforce", "");
+    lab.resolve();
+    let mut cap = Capture::start(&lab.link.peer, "veth-p");
+
+    // The name the identity resolved: the connection passes.
+    let (code, out) = lab.curl("api.example.com");
+    assert_eq!((code, out.as_str()), (Some(0), "200"));
+
+    // Another name on the same address: cut before its ClientHello leaves, and ended, so
+    // curl fails at once (not curl's 28, a timeout).
+    let (code, out) = lab.curl("exfil.other.example");
+    assert_ne!(code, Some(0), "{out}");
+    assert_ne!(
+        code,
+        Some(28),
+        "the connection hung instead of ending: {out}"
+    );
+    let r = lab.wait_decision(|r| r["server_name"] == "exfil.other.example");
+    assert_eq!(r["verdict"], "deny", "{r}");
+    assert_eq!(
+        r["reason"],
+        "TLS server name not one the identity resolved to this address"
+    );
+    assert_eq!(r["identity"], ID);
+    assert_eq!(r["fqdn"], "api.example.com", "{r}");
+    assert_eq!(r["port"], 443);
+
+    // No server name at all: refused as well.
+    let (code, out) = lab.run(&[
+        "timeout",
+        "30",
+        "openssl",
+        "s_client",
+        "-connect",
+        &format!("{PEER_V4}:443"),
+        "-noservername",
+    ]);
+    assert_ne!(code, Some(0), "{out}");
+    lab.wait_decision(|r| {
+        r["reason"]
+            == "no TLS server name in the first data of a connection only a name rule allows"
+    });
+
+    // UDP (QUIC) to the address: a name rule for any protocol opens only TCP by name.
+    let (code, out) = lab.run(&[
+        "bash",
+        "-c",
+        &format!("printf quic > /dev/udp/{PEER_V4}/443"),
+    ]);
+    assert_ne!(code, Some(0), "{out}");
+    lab.wait_decision(|r| r["protocol"] == "udp" && r["reason"] == "no rule allows it");
+
+    // On the wire: the allowed name's ClientHello, never the other's.
+    let sent = lab.sent(&mut cap);
+    assert!(
+        sent.iter().any(|p| p.carries(b"api.example.com")),
+        "the allowed ClientHello never reached the server"
+    );
+    assert!(
+        !sent.iter().any(|p| p.carries(b"exfil.other.example")),
+        "a refused ClientHello reached the wire"
+    );
+    // And the allowed name still passes afterwards.
+    let (code, out) = lab.run(&[
+        "timeout",
+        "30",
+        "openssl",
+        "s_client",
+        "-connect",
+        &format!("{PEER_V4}:443"),
+        "-servername",
+        "API.Example.COM",
+    ]);
+    assert_eq!(code, Some(0), "{out}: {:#?}", lab.decisions());
+    let (code, out) = lab.curl("api.example.com.");
+    assert_eq!(code, Some(0), "{out}: {:#?}", lab.decisions());
+}
+
+#[test]
+fn in_audit_mode_a_foreign_server_name_is_recorded_and_let_through() {
+    agentwall_tests::require_root();
+    let lab = Lab::new("sni-aud", "audit", "");
+    lab.resolve();
+    let mut cap = Capture::start(&lab.link.peer, "veth-p");
+    let (code, out) = lab.curl("exfil.other.example");
+    assert_eq!((code, out.as_str()), (Some(0), "200"));
+    let r = lab.wait_decision(|r| r["server_name"] == "exfil.other.example");
+    assert_eq!(r["verdict"], "audit", "{r}");
+    let sent = lab.sent(&mut cap);
+    assert!(sent.iter().any(|p| p.carries(b"exfil.other.example")));
+}
+
+#[test]
+fn a_connection_an_address_rule_allows_is_not_looked_at() {
+    agentwall_tests::require_root();
+    let lab = Lab::new(
+        "sni-addr",
+        "enforce",
+        "  - to: [192.0.2.0/24]\n    ports: [443]\n    protocol: tcp\n",
+    );
+    lab.resolve();
+    let (code, out) = lab.curl("exfil.other.example");
+    assert_eq!((code, out.as_str()), (Some(0), "200"));
+    // Plain bytes, no ClientHello at all, pass too.
+    let (code, out) = lab.run(&[
+        "timeout",
+        "30",
+        "bash",
+        "-c",
+        &format!("exec 3<>/dev/tcp/{PEER_V4}/443 || exit 7; printf 'hello' >&3"),
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        lab.decisions().iter().all(|r| r["verdict"] == "allow"),
+        "{:#?}",
+        lab.decisions()
+    );
+}
