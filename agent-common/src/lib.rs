@@ -185,8 +185,12 @@ pub const SNI_NONE: u8 = 0;
 pub const SNI_PENDING_AUDIT: u8 = 1;
 /// The same; a refusal drops the data and marks the connection refused.
 pub const SNI_PENDING_ENFORCE: u8 = 2;
-/// Refused: every later packet is dropped (the node ends the connection).
+/// Refused: every later packet with data is dropped (the node ends the connection).
 pub const SNI_REFUSED: u8 = 3;
+/// The first data passed, and the peer has not acknowledged all of it yet: data sent again
+/// over that range ([`SockState::sni_from`], [`SockState::sni_to`]) must be the same
+/// ClientHello again (retransmitted from pages the agent could have changed since).
+pub const SNI_SENT: u8 = 4;
 
 /// Sockets whose DNS traffic was steered to the proxy, remembered until they are reused.
 pub const DNS_ORIGIN_ENTRIES: u32 = 65536;
@@ -621,9 +625,17 @@ pub struct SockState {
     /// [`SLOT_CLAIMED`]: a governed task took the socket up before any hook of its binding
     /// saw it; the packet line settles it as that binding's at its next packet.
     pub binding_slot: u32,
-    /// [`SNI_NONE`], [`SNI_PENDING_AUDIT`], [`SNI_PENDING_ENFORCE`] or [`SNI_REFUSED`].
+    /// [`SNI_NONE`], [`SNI_PENDING_AUDIT`], [`SNI_PENDING_ENFORCE`], [`SNI_REFUSED`] or
+    /// [`SNI_SENT`].
     pub sni: u8,
-    pub _pad: [u8; 7],
+    /// With [`SNI_PENDING_ENFORCE`] semantics kept after the first data: non-zero when a
+    /// refusal of data sent again cuts the connection (enforce), zero when it is recorded.
+    pub sni_enforce: u8,
+    pub _pad: [u8; 2],
+    /// TCP sequence numbers of the first data the check passed: [from, to).
+    pub sni_from: u32,
+    pub sni_to: u32,
+    pub _pad2: u32,
 }
 
 /// Key of `AW_SNI_NAMES` (value: the rules allowing the name, `[u32; SNI_RULES]`, 0 = none),
@@ -765,7 +777,7 @@ const _: () = assert!(core::mem::size_of::<Event>() == 88);
 const _: () = assert!(core::mem::size_of::<RateKey>() == 32);
 const _: () = assert!(core::mem::size_of::<RateState>() == 32);
 const _: () = assert!(core::mem::size_of::<DnsOrigin>() == 40);
-const _: () = assert!(core::mem::size_of::<SockState>() == 8 + 16 * SOCK_DESTS + 16);
+const _: () = assert!(core::mem::size_of::<SockState>() == 8 + 16 * SOCK_DESTS + 24);
 const _: () = assert!(core::mem::size_of::<SniName>() == 32 + SNI_NAME_MAX);
 const _: () = assert!(core::mem::offset_of!(SniName, name) % 8 == 0);
 const _: () = assert!(core::mem::size_of::<Binding>() == 24);

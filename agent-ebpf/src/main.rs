@@ -25,7 +25,7 @@ use agent_common::{
     REASON_UNBOUND, REASON_WIRE, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES, RateKey, RateState,
     RecordUsage, RuleSet, SLOT_CLAIMED, SNI_AUDIT, SNI_NAME_ENTRIES, SNI_NAME_MAX, SNI_NONE,
     SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RULES, SNI_SEEN_ENTRIES,
-    SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName, SockState, UNKNOWN_DENY,
+    SNI_SENT, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName, SockState, UNKNOWN_DENY,
     UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, rule_hit_key,
 };
 use aya_ebpf::{
@@ -42,9 +42,9 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_socket_cookie,
         bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
         generated::{
-            bpf_get_socket_uid, bpf_ringbuf_query, bpf_sk_fullsock, bpf_sk_storage_get,
-            bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_load_bytes, bpf_skc_to_tcp_sock,
-            bpf_sock_from_file,
+            bpf_get_prandom_u32, bpf_get_socket_uid, bpf_ringbuf_query, bpf_sk_fullsock,
+            bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_load_bytes,
+            bpf_skc_to_tcp_sock, bpf_sock_from_file,
         },
     },
     macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, lsm_cgroup},
@@ -129,6 +129,9 @@ static AW_SNI_SEEN: LruHashMap<u64, SniName, { SNI_SEEN_ENTRIES as usize }> = Lr
 /// Where the check builds a name (too big for the stack).
 #[btf_map]
 static AW_SNI_SCRATCH: PerCpuArray<SniName, 1> = PerCpuArray::new();
+/// The token of the check that holds this CPU's scratch.
+#[btf_map]
+static AW_SNI_GUARD: PerCpuArray<u64, 1> = PerCpuArray::new();
 /// Socket storage of every socket a governed task created, connected or sent on: its binding
 /// and where it was allowed to send. Written out by hand rather than with aya-ebpf's
 /// `SkStorage`, whose flags are fixed: BPF_F_CLONE makes a connection a governed listener
@@ -1292,7 +1295,13 @@ enum Peer {
 #[inline(always)]
 fn judge_peer(identity: u32, flow: &mut Flow, local_port: u16, tcp: bool) -> Peer {
     let mut now = 0u64;
-    if flow.port != 0 && check_rules(identity, flow, &mut now, &mut false).0 == REASON_NONE {
+    let mut named = false;
+    // A TCP connection only a name rule allows, made or used where no hook saw its first
+    // data: the server-name check cannot vouch for it.
+    if flow.port != 0
+        && check_rules(identity, flow, &mut now, &mut named).0 == REASON_NONE
+        && !(tcp && named && sni_checked(identity))
+    {
         return Peer::Egress;
     }
     if !tcp {
@@ -1307,6 +1316,16 @@ fn judge_peer(identity: u32, flow: &mut Flow, local_port: u16, tcp: bool) -> Pee
         Peer::Accepted
     } else {
         Peer::Refused
+    }
+}
+
+/// Whether the identity's connections that only a name rule allows have their server name
+/// checked (an identity the kernel does not know: yes).
+#[inline(always)]
+fn sni_checked(identity: u32) -> bool {
+    match AW_IDENTITIES.get(identity) {
+        Some(s) => s.sni != SNI_OFF,
+        None => true,
     }
 }
 
@@ -1870,9 +1889,9 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
     if h.proto == PROTO_TCP {
         // SAFETY: non-null storage pointer.
         let sni = unsafe { core::ptr::read_volatile(&raw const (*st).sni) };
-        // A refused connection sends no more data; its bare ACKs, FIN and the RST of its
-        // end still go, so the server lets go of it too.
         if sni == SNI_REFUSED {
+            // A refused connection sends no more data; its bare ACKs, FIN and the RST of
+            // its end still go, so the server lets go of it too.
             if tcp_data_at(skb, &h) < unsafe { (*skb).len } {
                 return DENY;
             }
@@ -1880,23 +1899,15 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
             if now == 0 {
                 now = unsafe { bpf_ktime_get_boot_ns() };
             }
-            let r = sni_check(skb, &h, identity, now, sni == SNI_PENDING_ENFORCE);
-            if r != FIRST_NOT_YET {
-                let refused = r != REASON_NONE && sni == SNI_PENDING_ENFORCE;
+            let r = sni_check(skb, &h, identity, now, st);
+            if r != FIRST_NOT_YET && r != REASON_NONE {
                 // SAFETY: as above.
-                unsafe {
-                    core::ptr::write_volatile(
-                        &raw mut (*st).sni,
-                        if refused { SNI_REFUSED } else { SNI_NONE },
-                    )
-                };
-                if r != REASON_NONE {
-                    let (leaf, who) = whose(skb);
-                    let kind = if refused { EVENT_DENY } else { EVENT_AUDIT };
-                    report(&flow, leaf, identity, kind, r, 0, now, who);
-                    if refused {
-                        return DENY;
-                    }
+                let cut = unsafe { core::ptr::read_volatile(&raw const (*st).sni) } == SNI_REFUSED;
+                let (leaf, who) = whose(skb);
+                let kind = if cut { EVENT_DENY } else { EVENT_AUDIT };
+                report(&flow, leaf, identity, kind, r, 0, now, who);
+                if cut {
+                    return DENY;
                 }
             }
         }
@@ -1951,24 +1962,78 @@ fn tcp_data_at(skb: *mut __sk_buff, h: &Headers) -> u32 {
     l4 + u32::from(b[0] >> 4) * 4
 }
 
-/// The first data of a connection only a name rule allows: a TLS ClientHello whose
-/// `server_name` (in this packet) the identity resolved to the packet's destination, under a
-/// name rule that allows its port. `REASON_NONE` when it does, `FIRST_NOT_YET` for a packet
-/// without data, else why not. A refused name is kept in `AW_SNI_SEEN` under `now`.
+/// The first data of a connection only a name rule allows (or that data sent again before the
+/// peer acknowledged it): a TLS ClientHello whose `server_name` (in this packet) the identity
+/// resolved to the packet's destination, under a name rule that allows its port.
+/// `REASON_NONE` when it is, `FIRST_NOT_YET` for a packet with nothing to check, else why
+/// not. Moves the socket's `sni` on (sent, refused, or done in audit) and keeps a refused
+/// name in `AW_SNI_SEEN` under `now`.
 #[inline(never)]
-fn sni_check(skb: *mut __sk_buff, h: &Headers, identity: u32, now: u64, cut: bool) -> u8 {
+fn sni_check(skb: *mut __sk_buff, h: &Headers, identity: u32, now: u64, st: *mut SockState) -> u8 {
     // SAFETY: a field of the context.
     let len = unsafe { (*skb).len };
     let data = tcp_data_at(skb, h);
     if data >= len {
         return FIRST_NOT_YET;
     }
-    let Some(k) = AW_SNI_SCRATCH.get_ptr_mut(0) else {
+    let l4 = u32::from(h.l4);
+    // Sequence number, then the data offset and flags.
+    let mut sq = [0u8; 4];
+    let mut fl = [0u8; 2];
+    if !skb_bytes(skb, l4 + 4, &mut sq) || !skb_bytes(skb, l4 + 12, &mut fl) {
+        return refused(st, REASON_SNI_MISSING, h, now);
+    }
+    // A SYN's data starts one past its sequence number (TCP Fast Open).
+    let from = u32::from_be_bytes(sq).wrapping_add(u32::from(fl[1] & TCP_SYN != 0));
+    // SAFETY: non-null storage pointer.
+    let (state, sent_from, sent_to) = unsafe { ((*st).sni, (*st).sni_from, (*st).sni_to) };
+    if state == SNI_SENT {
+        // Data past the ClientHello: nothing to check.
+        if from.wrapping_sub(sent_from) >= sent_to.wrapping_sub(sent_from) {
+            return FIRST_NOT_YET;
+        }
+        // A piece of it sent again: it cannot be checked alone.
+        if from != sent_from {
+            return refused(st, REASON_SNI_MISSING, h, now);
+        }
+    }
+    // Urgent data: a receiver takes the urgent byte out of the stream, so it would read
+    // other bytes than these.
+    if fl[1] & TCP_URG != 0 {
+        return refused(st, REASON_SNI_MISSING, h, now);
+    }
+    let verdict = read_hello(skb, h, identity, data, len);
+    if verdict != REASON_NONE {
+        return refused(st, verdict, h, now);
+    }
+    if state != SNI_SENT {
+        // SAFETY: non-null storage pointer.
+        unsafe {
+            (*st).sni_enforce = u8::from(state == SNI_PENDING_ENFORCE);
+            (*st).sni_from = from;
+            (*st).sni_to = from.wrapping_add(len - data);
+            core::ptr::write_volatile(&raw mut (*st).sni, SNI_SENT);
+        }
+    }
+    REASON_NONE
+}
+
+/// The ClientHello at `data` read into this CPU's scratch and judged (see [`client_hello`]).
+/// A frame of its own, so the check's stays small on the chain down to the rule lookup.
+#[inline(never)]
+fn read_hello(skb: *mut __sk_buff, h: &Headers, identity: u32, data: u32, len: u32) -> u8 {
+    let (Some(k), Some(guard)) = (AW_SNI_SCRATCH.get_ptr_mut(0), AW_SNI_GUARD.get_ptr_mut(0))
+    else {
         return REASON_SNI_MISSING;
     };
-    // SAFETY: a per-CPU value of this program's; its name is 8-aligned (checked in
+    // The scratch is this CPU's: a softirq's check of another packet can run in between and
+    // take it over, which the guard then shows.
+    // SAFETY: a helper without arguments.
+    let token = u64::from(unsafe { bpf_get_prandom_u32() }) | 1 << 32;
+    // SAFETY: per-CPU values of this program's; the name is 8-aligned (checked in
     // agent-common), viewed as words.
     unsafe {
+        core::ptr::write_volatile(guard, token);
         let words = (&raw mut (*k).name).cast::<u64>();
         let mut i = 0;
         while i < SNI_NAME_MAX / 8 {
@@ -1982,9 +2047,39 @@ fn sni_check(skb: *mut __sk_buff, h: &Headers, identity: u32, now: u64, cut: boo
         (*k).port = 0;
         (*k).cut = 0;
     }
-    let verdict = client_hello(skb, data, len, h, identity);
-    if verdict != REASON_NONE {
-        // SAFETY: as above.
+    let mut verdict = client_hello(skb, data, len);
+    // The name, looked up here rather than where it was read: the chain of frames down to
+    // the rule lookup stays within Linux's 512 bytes.
+    if verdict == REASON_NONE {
+        // SAFETY: a per-CPU value as the lookup's key.
+        verdict = match unsafe { AW_SNI_NAMES.get(&*k) } {
+            Some(rules) if named_rule_allows(identity, h, rules) => REASON_NONE,
+            _ => REASON_SNI_MISMATCH,
+        };
+    }
+    // SAFETY: as above.
+    if unsafe { core::ptr::read_volatile(guard) } != token {
+        return REASON_SNI_MISMATCH;
+    }
+    verdict
+}
+
+/// A refusal of the check: the socket refused (enforce) or done with (audit), and the name
+/// read (if any) kept for the node under `now`, with the connection's ports. A frame of its
+/// own: inlined at each refusal, the check's frame would pass Linux's 512 bytes for the chain.
+#[inline(never)]
+fn refused(st: *mut SockState, reason: u8, h: &Headers, now: u64) -> u8 {
+    // SAFETY: non-null storage pointer.
+    let cut = unsafe {
+        let s = (*st).sni;
+        s == SNI_PENDING_ENFORCE || (s == SNI_SENT && (*st).sni_enforce != 0)
+    };
+    // SAFETY: as above.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*st).sni, if cut { SNI_REFUSED } else { SNI_NONE })
+    };
+    if let Some(k) = AW_SNI_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: a per-CPU value of this program's.
         unsafe {
             (*k).local_port = h.near_port;
             (*k).port = h.far_port;
@@ -1992,12 +2087,41 @@ fn sni_check(skb: *mut __sk_buff, h: &Headers, identity: u32, now: u64, cut: boo
             let _ = AW_SNI_SEEN.insert(now, &*k, 0);
         }
     }
-    verdict
+    reason
 }
+
+/// The peer's acknowledgement on a connection whose ClientHello passed: once it covers all
+/// of it, nothing sent later can be that data again.
+#[inline(never)]
+fn sni_acked(skb: *mut __sk_buff, h: &Headers, st: *mut SockState) {
+    let l4 = u32::from(h.l4);
+    let mut ack = [0u8; 4];
+    let mut fl = [0u8; 2];
+    if !skb_bytes(skb, l4 + 8, &mut ack) || !skb_bytes(skb, l4 + 12, &mut fl) {
+        return;
+    }
+    if fl[1] & TCP_ACK == 0 {
+        return;
+    }
+    let ack = u32::from_be_bytes(ack);
+    // SAFETY: non-null storage pointer.
+    unsafe {
+        let (from, to) = ((*st).sni_from, (*st).sni_to);
+        let acked = ack.wrapping_sub(from);
+        if acked >= to.wrapping_sub(from) && acked < 1 << 31 {
+            core::ptr::write_volatile(&raw mut (*st).sni, SNI_NONE);
+        }
+    }
+}
+
+/// TCP header flags (the byte at offset 13).
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+const TCP_URG: u8 = 0x20;
 
 /// The TLS ClientHello at `data`, looked through for its `server_name` (see [`sni_check`]).
 #[inline(never)]
-fn client_hello(skb: *mut __sk_buff, data: u32, len: u32, h: &Headers, identity: u32) -> u8 {
+fn client_hello(skb: *mut __sk_buff, data: u32, len: u32) -> u8 {
     let mut b = [0u8; 1];
     // Record header (type, version, length), handshake header (type, length), version.
     let mut hd = [0u8; 11];
@@ -2038,7 +2162,7 @@ fn client_hello(skb: *mut __sk_buff, data: u32, len: u32, h: &Headers, identity:
             if pos + 4 + ext_len > ext_end {
                 return REASON_SNI_MISSING;
             }
-            return server_name(skb, pos + 4, ext_len, h, identity);
+            return server_name(skb, pos + 4, ext_len);
         }
         pos += 4 + ext_len;
         i += 1;
@@ -2046,17 +2170,19 @@ fn client_hello(skb: *mut __sk_buff, data: u32, len: u32, h: &Headers, identity:
     REASON_SNI_MISSING
 }
 
-/// The `server_name` extension's host name at `at` (`ext_len` bytes), lower-cased without a
-/// trailing dot, looked up among the names `identity` resolved to the destination.
+/// The `server_name` extension's host name at `at` (`ext_len` bytes) into this CPU's scratch,
+/// lower-cased without a trailing dot: `REASON_NONE` when it holds one name that fits.
 #[inline(never)]
-fn server_name(skb: *mut __sk_buff, at: u32, ext_len: u32, h: &Headers, identity: u32) -> u8 {
+fn server_name(skb: *mut __sk_buff, at: u32, ext_len: u32) -> u8 {
     // The list's length, the name's type (0: host name) and length.
     let mut n5 = [0u8; 5];
     if ext_len < 5 || !skb_bytes(skb, at, &mut n5) || n5[2] != 0 {
         return REASON_SNI_MISSING;
     }
     let name_len = u32::from(u16::from_be_bytes([n5[3], n5[4]]));
-    if name_len == 0 || 5 + name_len > ext_len {
+    let list_len = u32::from(u16::from_be_bytes([n5[0], n5[1]]));
+    // One name, filling the list, which fills the extension.
+    if name_len == 0 || list_len != name_len + 3 || ext_len != list_len + 2 {
         return REASON_SNI_MISSING;
     }
     let Some(k) = AW_SNI_SCRATCH.get_ptr_mut(0) else {
@@ -2096,10 +2222,10 @@ fn server_name(skb: *mut __sk_buff, at: u32, ext_len: u32, h: &Headers, identity
         }
         (*k).len = len as u16;
     }
-    // SAFETY: a per-CPU value as the lookup's key.
-    match unsafe { AW_SNI_NAMES.get(&*k) } {
-        Some(rules) if !too_long && named_rule_allows(identity, h, rules) => REASON_NONE,
-        _ => REASON_SNI_MISMATCH,
+    if too_long {
+        REASON_SNI_MISMATCH
+    } else {
+        REASON_NONE
     }
 }
 
@@ -2230,6 +2356,10 @@ fn try_ingress(ctx: &SkBuffContext) -> i32 {
     }
     let st = o.st;
     if h.proto == PROTO_TCP {
+        // SAFETY: non-null storage pointer.
+        if unsafe { core::ptr::read_volatile(&raw const (*st).sni) } == SNI_SENT {
+            sni_acked(skb, &h, st);
+        }
         // A connection this socket made, from the peer it was allowed. The socket's own
         // state decides, not only what the connect hook wrote: a connect the kernel then
         // failed leaves that behind on a socket that may go on to listen.

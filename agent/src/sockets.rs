@@ -204,19 +204,26 @@ pub fn destroy_tcp_in(cgroups: &[&Path]) -> io::Result<usize> {
     destroy_in(cgroups, Sweep::Connections, |_| true)
 }
 
-/// Ends one TCP connection of `cgroups` (and the cgroups below them): the one from
-/// `local_port` to `peer` (an IPv4 peer matches its IPv4-mapped form too), in every network
-/// namespace their processes live in. Returns how many were destroyed (0 when it is gone).
-pub fn destroy_connection(
+/// Ends the TCP connections of `cgroups` (and the cgroups below them) that `which` names, each
+/// by its local port and peer (an IPv4 peer matches its IPv4-mapped form too), in every
+/// network namespace their processes live in: one dump per namespace for all of them.
+/// Returns how many were destroyed (those already gone are not counted).
+pub fn destroy_connections(
     cgroups: &[&Path],
-    peer: std::net::SocketAddr,
-    local_port: u16,
+    which: &[(u16, std::net::SocketAddr)],
 ) -> io::Result<usize> {
-    let ip = peer.ip().to_canonical();
+    let which: std::sync::Arc<HashSet<(u16, u16, std::net::IpAddr)>> = std::sync::Arc::new(
+        which
+            .iter()
+            .map(|(local, peer)| (*local, peer.port(), peer.ip().to_canonical()))
+            .collect(),
+    );
     destroy_in(cgroups, Sweep::Connections, move |id: &SocketId| {
-        id.source_port == local_port
-            && id.destination_port == peer.port()
-            && id.destination_address.to_canonical() == ip
+        which.contains(&(
+            id.source_port,
+            id.destination_port,
+            id.destination_address.to_canonical(),
+        ))
     })
 }
 
@@ -231,7 +238,7 @@ pub fn destroy_all_in(cgroups: &[&Path]) -> io::Result<usize> {
 fn destroy_in(
     cgroups: &[&Path],
     sweep: Sweep,
-    pick: impl Fn(&SocketId) -> bool + Send + Sync + Copy + 'static,
+    pick: impl Fn(&SocketId) -> bool + Send + Sync + Clone + 'static,
 ) -> io::Result<usize> {
     let mut ids = HashSet::new();
     let mut pids = Vec::new();
@@ -250,7 +257,7 @@ fn destroy_in(
     }
     let ids = std::sync::Arc::new(ids);
     Ok(
-        in_each(namespaces, move || destroy_here(&ids, sweep, pick))?
+        in_each(namespaces, move || destroy_here(&ids, sweep, &pick))?
             .into_iter()
             .sum(),
     )

@@ -339,3 +339,71 @@ fn a_connection_an_address_rule_allows_is_not_looked_at() {
         lab.decisions()
     );
 }
+
+#[test]
+fn a_connect_on_the_connected_socket_and_a_split_hello_get_nothing_past_the_check() {
+    agentwall_tests::require_root();
+    // 198.51.100.7 is allowed by address (routed through the peer; never reached here).
+    let lab = Lab::new(
+        "sni-tricks",
+        "enforce",
+        "  - to: [198.51.100.7/32]\n    ports: [443]\n    protocol: tcp\n",
+    );
+    lab.resolve();
+    let mut cap = Capture::start(&lab.link.peer, "veth-p");
+    let mut c = launch_args(&lab.node.socket, &lab.cert, &lab.key);
+    lab.link.agent.enter(&mut c);
+    c.arg(bin_path("aw-probe"));
+    let mut p = Probe::from_command(c);
+
+    // Connected to the name-learned address; a second connect() to an address the rules
+    // allow by address is refused by the kernel (EISCONN) and must not replace what the
+    // packet line checks: the other name's ClientHello is still cut.
+    assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
+    assert_eq!(p.cmd("connect-held 198.51.100.7 443"), "err EISCONN");
+    p.cmd("send-held-hello exfil.other.example whole");
+    lab.wait_decision(|r| r["server_name"] == "exfil.other.example");
+    assert_eq!(p.cmd("drop-held"), "ok");
+
+    // A ClientHello written in two pieces, its name in the second: refused at the first.
+    assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
+    p.cmd("send-held-hello api.example.com split");
+    lab.wait_decision(|r| {
+        r["reason"]
+            == "no TLS server name in the first data of a connection only a name rule allows"
+    });
+
+    assert_eq!(p.cmd("drop-held"), "ok");
+
+    // Urgent data in the first data: the server would take a byte out of what was checked.
+    assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
+    p.cmd("send-held-hello api.example.com urgent");
+    let deadline = agentwall_tests::deadline(Duration::from_secs(20));
+    while lab
+        .decisions()
+        .iter()
+        .filter(|r| {
+            r["reason"]
+                == "no TLS server name in the first data of a connection only a name rule allows"
+        })
+        .count()
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:#?}",
+            lab.decisions()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let sent = lab.sent(&mut cap);
+    assert!(
+        !sent.iter().any(|p| p.carries(b"exfil.other.example")),
+        "a refused ClientHello reached the wire"
+    );
+    assert!(
+        !sent.iter().any(|p| p.carries(b"api.example.com")),
+        "a refused ClientHello (split, or with urgent data) reached the wire"
+    );
+}

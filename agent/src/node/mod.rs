@@ -205,6 +205,8 @@ pub struct Node {
     events: Mutex<Option<EventReader>>,
     /// Kernel records already reported as lost.
     dropped_seen: AtomicU64,
+    /// Connections the TLS check refused, waiting for the one worker that ends them.
+    sni_ending: Mutex<SniEnding>,
     /// Set once the control plane link runs.
     link: OnceLock<Arc<LinkStats>>,
     /// Certificates from the control plane's issuer: the client, and the sessions being
@@ -250,6 +252,17 @@ fn reported_kernel_loss(state_dir: &std::path::Path, datapath: &Datapath) -> u64
 /// How long a refusal of the TLS check waits for its record before the tick ends its
 /// connection without one.
 const SNI_RECORD_WAIT: Duration = Duration::from_secs(2);
+/// Refused connections waiting to be ended, at most: past it a flood's are left to the
+/// kernel, which drops their data all the same (counted in `dropped`).
+const SNI_ENDING_MAX: usize = 4096;
+
+/// The refused connections the node ends, and whether its worker runs.
+#[derive(Default)]
+struct SniEnding {
+    queue: Vec<crate::datapath::sni::Refused>,
+    running: bool,
+    dropped: u64,
+}
 
 impl Node {
     /// Starts the datapath (adopting pins), loads and applies policy. The policy must be valid
@@ -453,6 +466,7 @@ impl Node {
             counters: Counters::default(),
             events: Mutex::new(events),
             dropped_seen: AtomicU64::new(reported_kernel_loss(&cfg.state_dir(), &datapath)),
+            sni_ending: Mutex::new(SniEnding::default()),
             link: OnceLock::new(),
             issuing: issuing::Issuing::default(),
             datapath,
@@ -881,14 +895,16 @@ impl Node {
             };
             let applied = self.enforcer.applied();
             let with = self.lookups(&applied);
+            let mut cut = Vec::new();
             guard.get_inner_mut().drain_with(|e| {
                 // The self-check's own: what it must be refused is no agent's doing.
                 if !self.canary.owns(e.identity) {
-                    let server_name = self.sni_refused(&e);
+                    let server_name = self.sni_refused(&e, &mut cut);
                     self.records
                         .record(&e, server_name, &with, &self.journal, &self.counters);
                 }
             });
+            self.end_sni_connections(cut);
             guard.clear_ready();
         }
     }
@@ -896,34 +912,83 @@ impl Node {
     /// For a record of the TLS server-name check: the name refused, and (enforce) the
     /// connection ended, off this task: the kernel drops its packets, and its owner would
     /// otherwise wait for TCP to give up.
-    fn sni_refused(self: &Arc<Self>, e: &crate::datapath::EventRecord) -> Option<String> {
+    fn sni_refused(
+        &self,
+        e: &crate::datapath::EventRecord,
+        cut: &mut Vec<crate::datapath::sni::Refused>,
+    ) -> Option<String> {
         use crate::policy::Reason;
         if !matches!(e.reason, Some(Reason::SniMismatch | Reason::SniMissing)) {
             return None;
         }
         let refused = self.datapath.take_sni_refused(e.time.0)?;
         let name = (!refused.name.is_empty()).then(|| refused.name.clone());
-        if refused.cut {
-            self.end_sni_connections(vec![refused]);
-        }
+        cut.push(refused);
         name
     }
 
-    /// Ends the connections the TLS check refused.
+    /// Ends the connections the TLS check refused (enforce), off the caller's task: one worker
+    /// at a time, one socket dump per identity and namespace for what waits.
     fn end_sni_connections(self: &Arc<Self>, refused: Vec<crate::datapath::sni::Refused>) {
-        if refused.is_empty() {
-            return;
+        {
+            let mut e = self
+                .sni_ending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for r in refused.into_iter().filter(|r| r.cut) {
+                if e.queue.len() >= SNI_ENDING_MAX {
+                    e.dropped += 1;
+                    continue;
+                }
+                e.queue.push(r);
+            }
+            if e.running || e.queue.is_empty() {
+                return;
+            }
+            e.running = true;
         }
         let node = self.clone();
         tokio::task::spawn_blocking(move || {
-            let applied = node.enforcer.applied();
-            for r in refused.iter().filter(|r| r.cut) {
-                let Some(identity) = applied.identities.name(r.identity) else {
-                    continue;
+            loop {
+                let batch = {
+                    let mut e = node
+                        .sni_ending
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if e.dropped > 0 {
+                        warn!(
+                            left = e.dropped,
+                            "more connections refused by the TLS server-name check than the node ends at once; the kernel drops their data, and their agents wait for TCP to give up"
+                        );
+                        e.dropped = 0;
+                    }
+                    if e.queue.is_empty() {
+                        e.running = false;
+                        return;
+                    }
+                    std::mem::take(&mut e.queue)
                 };
-                let n = node.sessions.end_connection(identity, r.peer, r.local_port);
-                tracing::debug!(identity, peer = %r.peer, local_port = r.local_port,
-                    ended = n, "connection refused by the TLS server-name check ended");
+                let mut by_identity: BTreeMap<u32, Vec<(u16, std::net::SocketAddr)>> =
+                    BTreeMap::new();
+                for r in batch {
+                    by_identity
+                        .entry(r.identity)
+                        .or_default()
+                        .push((r.local_port, r.peer));
+                }
+                let applied = node.enforcer.applied();
+                for (number, which) in by_identity {
+                    let Some(identity) = applied.identities.name(number) else {
+                        continue;
+                    };
+                    let n = node.sessions.end_these_connections(identity, &which);
+                    tracing::debug!(
+                        identity,
+                        asked = which.len(),
+                        ended = n,
+                        "connections refused by the TLS server-name check ended"
+                    );
+                }
             }
         });
     }

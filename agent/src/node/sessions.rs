@@ -1052,18 +1052,17 @@ impl Sessions {
         }
     }
 
-    /// Ends one connection of a session of `identity`: from `local_port` to `peer`. Returns
-    /// how many were destroyed (0: already gone).
-    pub fn end_connection(
+    /// Ends connections of the sessions of `identity`, each by its local port and peer.
+    /// Returns how many were destroyed (those already gone are not counted).
+    pub fn end_these_connections(
         &self,
         identity: &str,
-        peer: std::net::SocketAddr,
-        local_port: u16,
+        which: &[(u16, std::net::SocketAddr)],
     ) -> usize {
         let cgroups = self.cgroups_where(|s| s.identity == identity);
         let paths: Vec<&Path> = cgroups.iter().map(PathBuf::as_path).collect();
-        crate::sockets::destroy_connection(&paths, peer, local_port).unwrap_or_else(|e| {
-            error!(error = %e, identity, %peer, "could not end a connection the TLS check refused");
+        crate::sockets::destroy_connections(&paths, which).unwrap_or_else(|e| {
+            error!(error = %e, identity, "could not end connections the TLS check refused");
             0
         })
     }

@@ -30,6 +30,9 @@ impl fmt::Display for Warning {
     }
 }
 
+/// Ports a name rule is taken to carry TLS on without a warning.
+const TLS_PORTS: [(u16, u16); 2] = [(443, 443), (8443, 8443)];
+
 fn ports_cover(a: &[PortRange], b: &[PortRange]) -> bool {
     if a.is_empty() {
         return true;
@@ -140,6 +143,23 @@ pub fn lint(set: &PolicySet) -> Vec<Warning> {
                     out.push(warn(format!("rule expired at {t}; it allows nothing")));
                 }
             }
+            // Name rules under the server-name check: their connections must open with a TLS
+            // ClientHello, which other protocols on other ports do not send.
+            if agent.sni != super::model::SniCheck::Off
+                && r.rule.direction == Direction::Egress
+                && !r.rule.fqdns.is_empty()
+                && (r.rule.ports.is_empty()
+                    || r.rule
+                        .ports
+                        .iter()
+                        .any(|p| !TLS_PORTS.contains(&(p.lo, p.hi))))
+            {
+                out.push(warn(format!(
+                    "a name rule for ports other than 443 and 8443 in AgentPolicy {:?} (sni: {}): its connections must open with a TLS ClientHello naming the server, so plain HTTP, SSH or a database's own protocol are refused; set `sni: off` or give those destinations an address rule",
+                    agent.name,
+                    agent.sni.as_str()
+                )));
+            }
             let same = |o: &EffectiveRule| {
                 r.rule.direction == o.rule.direction
                     && r.rule.to == o.rule.to
@@ -233,6 +253,35 @@ egress:
                 "p.yaml:14: warning: egress[3]: duplicates p.yaml:14 egress[2] (in the rules of \"bot\")",
                 "p.yaml:14: warning: egress[4]: rule expired at 2001-01-01 0:00:00.0 +00:00:00; it allows nothing",
             ]
+        );
+    }
+
+    #[test]
+    fn name_rules_for_ports_without_tls_are_warned_about_under_the_server_name_check() {
+        let policy = |sni: &str| {
+            format!(
+                "kind: AgentPolicy\nname: a\nidentity: spiffe://example.org/a\nowner: t\n{sni}\
+                 egress:\n  - to: [api.example.com]\n    ports: [443]\n\
+                 \x20 - to: [db.example.com]\n    ports: [5432]\n  - to: [192.0.2.1]\n    ports: [22]\n"
+            )
+        };
+        let lint_of = |text: String| -> Vec<String> {
+            let set = parse_sources(vec![(PathBuf::from("p.yaml"), text)]).unwrap();
+            lint(&set).iter().map(ToString::to_string).collect()
+        };
+        assert_eq!(
+            lint_of(policy("")),
+            [
+                "p.yaml:1: warning: egress[1]: a name rule for ports other than 443 and 8443 in AgentPolicy \"a\" (sni: enforce): its connections must open with a TLS ClientHello naming the server, so plain HTTP, SSH or a database's own protocol are refused; set `sni: off` or give those destinations an address rule"
+            ]
+        );
+        assert!(lint_of(policy("sni: off\n")).is_empty());
+        let bad = parse_sources(vec![(PathBuf::from("p.yaml"), policy("sni: strict\n"))])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("invalid sni \"strict\": expected enforce, audit or off"),
+            "{bad}"
         );
     }
 

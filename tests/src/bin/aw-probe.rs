@@ -113,6 +113,7 @@ fn errno_name(e: i32) -> String {
         libc::EADDRNOTAVAIL => "EADDRNOTAVAIL".into(),
         libc::EINVAL => "EINVAL".into(),
         libc::EAGAIN => "EAGAIN".into(),
+        libc::EISCONN => "EISCONN".into(),
         other => format!("E{other}"),
     }
 }
@@ -1280,6 +1281,44 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             }
             reply
         }
+        // A TLS ClientHello naming `name` on every held TCP socket: `whole` in one write,
+        // `split` after its first 10 bytes (with TCP_NODELAY: two packets, the name in the
+        // second), `urgent` in one write whose last byte is urgent data (MSG_OOB).
+        ["send-held-hello", name, how] => {
+            let hello = client_hello(name);
+            let mut reply = "ok".to_owned();
+            for s in held().iter() {
+                let fd = s.as_raw_fd();
+                let parts: Vec<&[u8]> = if *how == "split" {
+                    let one: libc::c_int = 1;
+                    // SAFETY: valid fd and option value.
+                    unsafe {
+                        libc::setsockopt(
+                            fd,
+                            libc::IPPROTO_TCP,
+                            libc::TCP_NODELAY,
+                            (&raw const one).cast(),
+                            4,
+                        )
+                    };
+                    vec![&hello[..10], &hello[10..]]
+                } else {
+                    vec![&hello[..]]
+                };
+                for (i, part) in parts.iter().enumerate() {
+                    if i > 0 {
+                        // Apart on the wire: the first part leaves before the second is written.
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    let flags = if *how == "urgent" { libc::MSG_OOB } else { 0 };
+                    // SAFETY: valid fd and buffer.
+                    if unsafe { libc::send(fd, part.as_ptr().cast(), part.len(), flags) } < 0 {
+                        reply = format!("err {}", errno_name(last_err()));
+                    }
+                }
+            }
+            reply
+        }
         ["fd-inbox", name] => {
             let sock = std::os::unix::net::UnixDatagram::bind_addr(&abstract_addr(name)?)
                 .map_err(|e| format!("bind {name}: {e}"))?;
@@ -2406,4 +2445,30 @@ fn socket_family(s: &OwnedFd) -> libc::c_int {
         )
     };
     family
+}
+
+/// A minimal TLS 1.2-shaped ClientHello whose only extension is `server_name` = `name`.
+fn client_hello(name: &str) -> Vec<u8> {
+    let n = name.as_bytes();
+    let mut sni = Vec::new();
+    sni.extend_from_slice(&((n.len() + 3) as u16).to_be_bytes());
+    sni.push(0);
+    sni.extend_from_slice(&(n.len() as u16).to_be_bytes());
+    sni.extend_from_slice(n);
+    let mut ext = vec![0, 0];
+    ext.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+    ext.extend_from_slice(&sni);
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[0u8; 32]);
+    body.push(0);
+    body.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]);
+    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    body.extend_from_slice(&ext);
+    let mut hs = vec![1];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut rec = vec![0x16, 3, 1];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
 }
