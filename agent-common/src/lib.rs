@@ -628,8 +628,9 @@ pub struct SockState {
     /// [`SNI_NONE`], [`SNI_PENDING_AUDIT`], [`SNI_PENDING_ENFORCE`], [`SNI_REFUSED`] or
     /// [`SNI_SENT`].
     pub sni: u8,
-    /// With [`SNI_PENDING_ENFORCE`] semantics kept after the first data: non-zero when a
-    /// refusal of data sent again cuts the connection (enforce), zero when it is recorded.
+    /// Whether the check enforces, kept once the first data passed (`sni` is then
+    /// [`SNI_SENT`]): non-zero when a refusal of that data sent again cuts the connection,
+    /// zero (audit) when it is only recorded.
     pub sni_enforce: u8,
     pub _pad: [u8; 2],
     /// TCP sequence numbers of the first data the check passed: [from, to).

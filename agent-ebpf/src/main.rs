@@ -1981,7 +1981,7 @@ fn sni_check(skb: *mut __sk_buff, h: &Headers, identity: u32, now: u64, st: *mut
     let mut sq = [0u8; 4];
     let mut fl = [0u8; 2];
     if !skb_bytes(skb, l4 + 4, &mut sq) || !skb_bytes(skb, l4 + 12, &mut fl) {
-        return refused(st, REASON_SNI_MISSING, h, now);
+        return refused(st, REASON_SNI_MISSING, h, identity, now);
     }
     // A SYN's data starts one past its sequence number (TCP Fast Open).
     let from = u32::from_be_bytes(sq).wrapping_add(u32::from(fl[1] & TCP_SYN != 0));
@@ -1994,17 +1994,17 @@ fn sni_check(skb: *mut __sk_buff, h: &Headers, identity: u32, now: u64, st: *mut
         }
         // A piece of it sent again: it cannot be checked alone.
         if from != sent_from {
-            return refused(st, REASON_SNI_MISSING, h, now);
+            return refused(st, REASON_SNI_MISSING, h, identity, now);
         }
     }
     // Urgent data: a receiver takes the urgent byte out of the stream, so it would read
     // other bytes than these.
     if fl[1] & TCP_URG != 0 {
-        return refused(st, REASON_SNI_MISSING, h, now);
+        return refused(st, REASON_SNI_MISSING, h, identity, now);
     }
     let verdict = read_hello(skb, h, identity, data, len);
     if verdict != REASON_NONE {
-        return refused(st, verdict, h, now);
+        return refused(st, verdict, h, identity, now);
     }
     if state != SNI_SENT {
         // SAFETY: non-null storage pointer.
@@ -2068,7 +2068,7 @@ fn read_hello(skb: *mut __sk_buff, h: &Headers, identity: u32, data: u32, len: u
 /// read (if any) kept for the node under `now`, with the connection's ports. A frame of its
 /// own: inlined at each refusal, the check's frame would pass Linux's 512 bytes for the chain.
 #[inline(never)]
-fn refused(st: *mut SockState, reason: u8, h: &Headers, now: u64) -> u8 {
+fn refused(st: *mut SockState, reason: u8, h: &Headers, identity: u32, now: u64) -> u8 {
     // SAFETY: non-null storage pointer.
     let cut = unsafe {
         let s = (*st).sni;
@@ -2081,6 +2081,14 @@ fn refused(st: *mut SockState, reason: u8, h: &Headers, now: u64) -> u8 {
     if let Some(k) = AW_SNI_SCRATCH.get_ptr_mut(0) {
         // SAFETY: a per-CPU value of this program's.
         unsafe {
+            // The scratch holds this connection's name only when the refusal is of a name
+            // read: the others come before any reading (or from one that failed), and the
+            // scratch may hold another connection's.
+            (*k).identity = identity;
+            (*k).addr = h.addr;
+            if reason == REASON_SNI_MISSING {
+                (*k).len = 0;
+            }
             (*k).local_port = h.near_port;
             (*k).port = h.far_port;
             (*k).cut = u8::from(cut);

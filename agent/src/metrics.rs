@@ -32,6 +32,8 @@ pub struct Gauges {
     pub identities_active: usize,
     pub identities_revoked: usize,
     pub identities_max: usize,
+    pub server_names: usize,
+    pub server_names_max: usize,
     pub sessions: usize,
     pub audit_write_failures: u64,
     pub audit_ocsf_write_failures: u64,
@@ -108,6 +110,11 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         "agentwall_map_entries{{map=\"identities\"}} {}",
         g.identities_active + g.identities_revoked
     );
+    let _ = writeln!(
+        out,
+        "agentwall_map_entries{{map=\"server_names\"}} {}",
+        g.server_names
+    );
     header(
         &mut out,
         "agentwall_map_capacity",
@@ -123,6 +130,11 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         out,
         "agentwall_map_capacity{{map=\"identities\"}} {}",
         g.identities_max
+    );
+    let _ = writeln!(
+        out,
+        "agentwall_map_capacity{{map=\"server_names\"}} {}",
+        g.server_names_max
     );
     header(
         &mut out,
@@ -140,6 +152,11 @@ pub fn render(c: &Counters, g: &Gauges) -> String {
         out,
         "agentwall_map_fill_ratio{{map=\"identities\"}} {}",
         ratio(g.identities_active + g.identities_revoked, g.identities_max)
+    );
+    let _ = writeln!(
+        out,
+        "agentwall_map_fill_ratio{{map=\"server_names\"}} {}",
+        ratio(g.server_names, g.server_names_max)
     );
     header(
         &mut out,

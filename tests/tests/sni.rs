@@ -341,7 +341,7 @@ fn a_connection_an_address_rule_allows_is_not_looked_at() {
 }
 
 #[test]
-fn a_connect_on_the_connected_socket_and_a_split_hello_get_nothing_past_the_check() {
+fn a_connect_on_the_connected_socket_urgent_data_and_a_split_hello_get_nothing_past_the_check() {
     agentwall_tests::require_root();
     // 198.51.100.7 is allowed by address (routed through the peer; never reached here).
     let lab = Lab::new(
@@ -355,6 +355,8 @@ fn a_connect_on_the_connected_socket_and_a_split_hello_get_nothing_past_the_chec
     lab.link.agent.enter(&mut c);
     c.arg(bin_path("aw-probe"));
     let mut p = Probe::from_command(c);
+    // One CPU: each check below finds the scratch the one before it filled.
+    assert_eq!(p.cmd("pin-last-cpu"), "ok");
 
     // Connected to the name-learned address; a second connect() to an address the rules
     // allow by address is refused by the kernel (EISCONN) and must not replace what the
@@ -363,29 +365,30 @@ fn a_connect_on_the_connected_socket_and_a_split_hello_get_nothing_past_the_chec
     assert_eq!(p.cmd("connect-held 198.51.100.7 443"), "err EISCONN");
     p.cmd("send-held-hello exfil.other.example whole");
     lab.wait_decision(|r| r["server_name"] == "exfil.other.example");
+    // The node ends the refused connection: the agent sees an error, not a hang.
+    assert_eq!(p.cmd("await-end-held"), "ECONNABORTED");
+    assert_eq!(p.cmd("drop-held"), "ok");
+
+    // Urgent data in the first data: the server would take a byte out of what was checked.
+    // Refused before any name is read: its record names none (not the name the check read
+    // before), and the node still ends the connection.
+    const MISSING: &str =
+        "no TLS server name in the first data of a connection only a name rule allows";
+    assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
+    p.cmd("send-held-hello api.example.com urgent");
+    let r = lab.wait_decision(|r| r["reason"] == MISSING);
+    assert!(r.get("server_name").is_none_or(|n| n.is_null()), "{r:#}");
+    assert_eq!(p.cmd("await-end-held"), "ECONNABORTED");
     assert_eq!(p.cmd("drop-held"), "ok");
 
     // A ClientHello written in two pieces, its name in the second: refused at the first.
     assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
     p.cmd("send-held-hello api.example.com split");
-    lab.wait_decision(|r| {
-        r["reason"]
-            == "no TLS server name in the first data of a connection only a name rule allows"
-    });
-
-    assert_eq!(p.cmd("drop-held"), "ok");
-
-    // Urgent data in the first data: the server would take a byte out of what was checked.
-    assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
-    p.cmd("send-held-hello api.example.com urgent");
     let deadline = agentwall_tests::deadline(Duration::from_secs(20));
     while lab
         .decisions()
         .iter()
-        .filter(|r| {
-            r["reason"]
-                == "no TLS server name in the first data of a connection only a name rule allows"
-        })
+        .filter(|r| r["reason"] == MISSING)
         .count()
         < 2
     {
@@ -396,6 +399,7 @@ fn a_connect_on_the_connected_socket_and_a_split_hello_get_nothing_past_the_chec
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert_eq!(p.cmd("await-end-held"), "ECONNABORTED");
 
     let sent = lab.sent(&mut cap);
     assert!(

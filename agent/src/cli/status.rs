@@ -77,8 +77,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(f) = &s.map_fill {
         println!(
-            "maps: bindings {}/{}, identities {}/{}, rules {}",
-            f.bindings, f.bindings_max, f.identities, f.identities_max, f.rules
+            "maps: bindings {}/{}, identities {}/{}, rules {}, server names {}/{}",
+            f.bindings,
+            f.bindings_max,
+            f.identities,
+            f.identities_max,
+            f.rules,
+            f.server_names,
+            f.server_names_max
         );
     }
     for id in &s.identities {

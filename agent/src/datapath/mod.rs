@@ -258,6 +258,12 @@ pub struct MapFill {
     pub identities_max: usize,
     /// Rules applied, over all identities (each identity's trie is sized to its rules).
     pub rules: usize,
+    /// (identity, address, name) entries of the TLS server-name check, shared by all
+    /// identities: when full, new names are refused (their connections with them).
+    #[serde(default)]
+    pub server_names: usize,
+    #[serde(default)]
+    pub server_names_max: usize,
 }
 
 /// Whether socket families other than inet are judged: the BPF LSM line.
@@ -1119,11 +1125,6 @@ impl Datapath {
         Ok(lock(&self.sni).set_all(want)?)
     }
 
-    /// Server names the TLS check holds.
-    pub fn sni_names(&self) -> usize {
-        lock(&self.sni).len()
-    }
-
     /// The refusal of the TLS check behind a record (its time), taken out.
     pub fn take_sni_refused(&self, time_ns: u64) -> Option<sni::Refused> {
         lock(&self.sni).take_refused(time_ns)
@@ -1796,6 +1797,8 @@ impl Datapath {
             // Less the self-check's.
             identities_max: MAX_IDENTITIES as usize - 2,
             rules: t.current.values().map(|t| t.rules).sum(),
+            server_names: lock(&self.sni).len(),
+            server_names_max: c::SNI_NAME_ENTRIES as usize,
         })
     }
 

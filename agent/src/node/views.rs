@@ -116,6 +116,8 @@ impl Node {
             identities_active: table.len().saturating_sub(revoked),
             identities_revoked: revoked,
             identities_max: fill.map_or(0, |f| f.identities_max),
+            server_names: fill.map_or(0, |f| f.server_names),
+            server_names_max: fill.map_or(0, |f| f.server_names_max),
             sessions: self.sessions.len(),
             audit_write_failures: self.journal.failures(),
             audit_ocsf_write_failures: self.journal.ocsf_failures(),

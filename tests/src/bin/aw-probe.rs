@@ -114,6 +114,8 @@ fn errno_name(e: i32) -> String {
         libc::EINVAL => "EINVAL".into(),
         libc::EAGAIN => "EAGAIN".into(),
         libc::EISCONN => "EISCONN".into(),
+        libc::ECONNABORTED => "ECONNABORTED".into(),
+        libc::ECONNRESET => "ECONNRESET".into(),
         other => format!("E{other}"),
     }
 }
@@ -1318,6 +1320,42 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 }
             }
             reply
+        }
+        // Waits (at most 20 s) until every held TCP socket is ended, and says how: the
+        // socket's pending error.
+        ["await-end-held"] => {
+            let mut reply = Vec::new();
+            for s in held().iter() {
+                let mut pfd = libc::pollfd {
+                    fd: s.as_raw_fd(),
+                    events: libc::POLLRDHUP,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                let n = unsafe { libc::poll(&raw mut pfd, 1, 20_000) };
+                if n <= 0 {
+                    reply.push("open".to_owned());
+                    continue;
+                }
+                let mut err: libc::c_int = 0;
+                let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+                // SAFETY: valid fd and an int-sized option buffer.
+                unsafe {
+                    libc::getsockopt(
+                        s.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_ERROR,
+                        (&raw mut err).cast(),
+                        &raw mut len,
+                    )
+                };
+                reply.push(if err == 0 { "closed".to_owned() } else { errno_name(err) });
+            }
+            reply.join(" ")
+        }
+        ["pin-last-cpu"] => {
+            pin_to_last_cpu()?;
+            "ok".into()
         }
         ["fd-inbox", name] => {
             let sock = std::os::unix::net::UnixDatagram::bind_addr(&abstract_addr(name)?)
