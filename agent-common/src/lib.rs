@@ -4,6 +4,8 @@
 //! agree on the bytes without relying on compiler layout choices.
 #![no_std]
 
+pub mod http;
+
 /// Bumped whenever a map layout changes: pins live under `<bpffs_dir>/v{ABI_VERSION}`, so a new
 /// layout never adopts maps written by an old one.
 pub const ABI_VERSION: u32 = 9;
@@ -27,9 +29,16 @@ pub const MAP_BINDING_SLOTS: &str = "AW_BINDING_SLOTS";
 pub const MAP_SNI_NAMES: &str = "AW_SNI_NAMES";
 pub const MAP_SNI_SEEN: &str = "AW_SNI_SEEN";
 pub const MAP_SNI_SCRATCH: &str = "AW_SNI_SCRATCH";
+/// The programs `aw_egress` tail-calls (`TAIL_SNI`): pinned, since a program array whose
+/// last user reference goes is emptied, and the pinned egress program runs on between nodes.
+pub const MAP_TAILS: &str = "AW_TAILS";
+pub const TAILS: u32 = 1;
+/// `AW_TAILS` slot of the server-name check ([`PROG_EGRESS_SNI`]). What `aw_egress` hands
+/// it is part of the map layout: a change to it bumps [`ABI_VERSION`].
+pub const TAIL_SNI: u32 = 0;
 
 /// Every map the programs use, in a stable order (pinning, adoption and teardown walk it).
-pub const ALL_MAPS: [&str; 19] = [
+pub const ALL_MAPS: [&str; 20] = [
     MAP_BINDINGS,
     MAP_IDENTITIES,
     MAP_RULES,
@@ -49,6 +58,7 @@ pub const ALL_MAPS: [&str; 19] = [
     MAP_SNI_NAMES,
     MAP_SNI_SEEN,
     MAP_SNI_SCRATCH,
+    MAP_TAILS,
 ];
 
 pub const PROG_CONNECT4: &str = "aw_connect4";
@@ -61,6 +71,8 @@ pub const PROG_RECVMSG6: &str = "aw_recvmsg6";
 pub const PROG_GETPEERNAME4: &str = "aw_getpeername4";
 pub const PROG_GETPEERNAME6: &str = "aw_getpeername6";
 pub const PROG_EGRESS: &str = "aw_egress";
+/// The server-name check, tail-called by `aw_egress` (never attached itself).
+pub const PROG_EGRESS_SNI: &str = "aw_egress_sni";
 pub const PROG_INGRESS: &str = "aw_ingress";
 pub const PROG_SETSOCKOPT: &str = "aw_setsockopt";
 /// BPF LSM (`lsm_cgroup/socket_create`): optional, where the kernel's LSM list has `bpf`.

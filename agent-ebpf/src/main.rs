@@ -25,8 +25,9 @@ use agent_common::{
     REASON_UNBOUND, REASON_WIRE, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES, RateKey, RateState,
     RecordUsage, RuleSet, SLOT_CLAIMED, SNI_AUDIT, SNI_NAME_ENTRIES, SNI_NAME_MAX, SNI_NONE,
     SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RULES, SNI_SEEN_ENTRIES,
-    SNI_SENT, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName, SockState, UNKNOWN_DENY,
-    UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, rule_hit_key,
+    SNI_SENT, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName, SockState, TAIL_SNI, TAILS,
+    UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, http,
+    rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{
@@ -34,8 +35,8 @@ use aya_ebpf::{
         bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock_addr,
     },
     btf_maps::{
-        Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf,
-        lpm_trie::Key,
+        Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray,
+        ProgramArray, RingBuf, lpm_trie::Key,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
@@ -129,6 +130,12 @@ static AW_SNI_SEEN: LruHashMap<u64, SniName, { SNI_SEEN_ENTRIES as usize }> = Lr
 /// Where the check builds a name (too big for the stack).
 #[btf_map]
 static AW_SNI_SCRATCH: PerCpuArray<SniName, 1> = PerCpuArray::new();
+/// The programs `aw_egress` hands packets on to (`TAIL_SNI`: the server-name check).
+#[btf_map]
+static AW_TAILS: ProgramArray<{ TAILS as usize }> = ProgramArray::new();
+/// Where the check reads an HTTP request's head (too big for the stack).
+#[btf_map]
+static AW_HTTP_SCRATCH: PerCpuArray<HttpScratch, 1> = PerCpuArray::new();
 /// The token of the check that holds this CPU's scratch.
 #[btf_map]
 static AW_SNI_GUARD: PerCpuArray<u64, 1> = PerCpuArray::new();
@@ -235,7 +242,23 @@ pub fn aw_socket_family(ctx: LsmContext) -> i32 {
 /// allowed that socket to send, from an identity that is still live.
 #[cgroup_skb(egress)]
 pub fn aw_egress(ctx: SkBuffContext) -> i32 {
-    try_egress(&ctx)
+    let verdict = try_egress(&ctx);
+    if verdict != SNI_TAIL {
+        return verdict;
+    }
+    // SAFETY: a tail call with this program's context; it returns only when it fails.
+    unsafe { AW_TAILS.tail_call(&ctx, TAIL_SNI) };
+    // The check is not there to run (its slot empty): the data does not go.
+    DENY
+}
+
+/// The server-name check of a packet the packet line allowed, on a connection only a name
+/// rule allows (see [`sni_check`]), reached from `aw_egress` by a tail call: a program of its
+/// own, the kernel's verifier checks it once rather than once for every way through
+/// `aw_egress` that reaches it.
+#[cgroup_skb(egress)]
+pub fn aw_egress_sni(ctx: SkBuffContext) -> i32 {
+    try_egress_sni(&ctx)
 }
 
 /// The packet line inbound: every packet a governed socket receives from outside the host is
@@ -1584,6 +1607,36 @@ struct Owner {
     mode: u8,
 }
 
+/// The socket storage and identity of a packet `aw_egress` allowed and handed to the
+/// server-name check: the storage and its binding are there (`owner_of` found or made them).
+#[inline(always)]
+fn sni_owner(skb: *mut __sk_buff) -> Option<(*mut SockState, u32)> {
+    // SAFETY: the kernel hands cgroup_skb programs a valid __sk_buff; `sk` may be null, which
+    // is checked.
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return None;
+    }
+    let st = sock_state(sk.cast(), false);
+    if st.is_null() {
+        return None;
+    }
+    // SAFETY: non-null storage pointer; the binding before its slot (see owner_of).
+    let (binding_cgroup, slot) = unsafe {
+        let c = core::ptr::read_volatile(&raw const (*st).binding_cgroup);
+        (c, core::ptr::read_volatile(&raw const (*st).binding_slot))
+    };
+    let identity = match AW_BINDING_SLOTS.get(slot) {
+        Some(s) if binding_cgroup != 0 && s.cgroup_id == binding_cgroup => s.binding.identity,
+        _ => unsafe { AW_BINDINGS.get(binding_cgroup) }?.identity,
+    };
+    Some((st, identity))
+}
+
 #[inline(always)]
 fn owner_of(skb: *mut __sk_buff) -> Result<Owner, i32> {
     // SAFETY: the kernel hands cgroup_skb programs a valid __sk_buff; `sk` may be null, which
@@ -1885,7 +1938,9 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
         return refuse(skb, &o, &flow, REASON_LOOPBACK_SOURCE, 0, now);
     }
     let st = o.st;
-    // A connection only a name rule allowed: its first data names the server it is for.
+    // A connection only a name rule allowed: its first data names the server it is for,
+    // which the check behind the tail call reads once the packet is allowed here.
+    let mut allowed = ALLOW;
     if h.proto == PROTO_TCP {
         // SAFETY: non-null storage pointer.
         let sni = unsafe { core::ptr::read_volatile(&raw const (*st).sni) };
@@ -1896,20 +1951,7 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
                 return DENY;
             }
         } else if sni != SNI_NONE {
-            if now == 0 {
-                now = unsafe { bpf_ktime_get_boot_ns() };
-            }
-            let r = sni_check(skb, &h, identity, now, st);
-            if r != FIRST_NOT_YET && r != REASON_NONE {
-                // SAFETY: as above.
-                let cut = unsafe { core::ptr::read_volatile(&raw const (*st).sni) } == SNI_REFUSED;
-                let (leaf, who) = whose(skb);
-                let kind = if cut { EVENT_DENY } else { EVENT_AUDIT };
-                report(&flow, leaf, identity, kind, r, 0, now, who);
-                if cut {
-                    return DENY;
-                }
-            }
+            allowed = SNI_TAIL;
         }
     }
     // A TCP socket no connect() was judged for is a listener or a connection it accepted
@@ -1917,23 +1959,92 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
     // packet such a connection receives.
     // SAFETY: non-null storage pointer.
     if h.proto == PROTO_TCP && unsafe { (*st).ports[SOCK_DEST_CONNECTED] } == 0 {
-        return ALLOW;
+        return allowed;
     }
     // The fast path: a destination the hooks allowed this socket.
     if sent_there(st, &h) {
-        return ALLOW;
+        return allowed;
     }
     // Somewhere else: allowed only if the identity's rules allow that destination by
     // themselves (a socket sending from several threads at once to several destinations), or
     // it is the identity's DNS proxy.
     if is_dns_proxy(identity, &h.addr, h.far_port) {
-        return ALLOW;
+        return allowed;
     }
     let (reason, _) = check_rules(identity, &flow, &mut now, &mut false);
     if reason == REASON_NONE {
-        return ALLOW;
+        return allowed;
     }
     refuse(skb, &o, &flow, REASON_WIRE, 0, now)
+}
+
+/// `try_egress`'s verdict for a packet it allows on a connection whose first data the
+/// server-name check has still to read: `aw_egress` hands it to the check.
+const SNI_TAIL: i32 = 0x100;
+
+/// The server-name check of a packet `try_egress` allowed. Whatever cannot be read again
+/// here is refused: `try_egress` found all of it a moment ago.
+#[inline(always)]
+fn try_egress_sni(ctx: &SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // The name in the data read first, before anything else is known of the packet: the
+    // verifier then checks the reading once, not once for each way on to it.
+    let token = read_name(skb);
+    let mut h = Headers::new();
+    read_headers(skb, false, &mut h);
+    if !h.ok || h.options || h.proto != PROTO_TCP {
+        return DENY;
+    }
+    let Some((st, identity)) = sni_owner(skb) else {
+        return DENY;
+    };
+    // SAFETY: non-null storage pointer.
+    let sni = unsafe { core::ptr::read_volatile(&raw const (*st).sni) };
+    if sni == SNI_NONE {
+        return ALLOW;
+    }
+    if sni == SNI_REFUSED {
+        return DENY;
+    }
+    let c = Check {
+        // SAFETY: a helper without arguments.
+        now: unsafe { bpf_ktime_get_boot_ns() },
+        token,
+        identity,
+        _pad: 0,
+    };
+    let r = sni_check(skb, &h, &c, st);
+    if r != FIRST_NOT_YET && r != REASON_NONE {
+        // SAFETY: as above.
+        let cut = unsafe { core::ptr::read_volatile(&raw const (*st).sni) } == SNI_REFUSED;
+        let flow = Flow {
+            addr: h.addr,
+            port: h.far_port,
+            proto: h.proto,
+            hook: HOOK_EGRESS,
+            family: 0,
+            sock_type: 0,
+            sock_protocol: u16::from(h.ip_proto),
+        };
+        let (leaf, who) = whose(skb);
+        let kind = if cut { EVENT_DENY } else { EVENT_AUDIT };
+        report(&flow, leaf, c.identity, kind, r, 0, c.now, who);
+        if cut {
+            return DENY;
+        }
+    }
+    ALLOW
+}
+
+/// What the check of one packet carries besides the packet.
+#[repr(C)]
+struct Check {
+    /// The record's time: a refusal is kept for the node under it.
+    now: u64,
+    /// What [`read_name`] put in this CPU's guard.
+    token: u64,
+    identity: u32,
+    _pad: u32,
 }
 
 /// [`sni_check`]'s answer for a packet without data (the handshake, a bare ACK): the check
@@ -1954,7 +2065,12 @@ fn skb_bytes<const N: usize>(skb: *mut __sk_buff, off: u32, buf: &mut [u8; N]) -
 /// cannot be read, which counts as data (refused, not let through).
 #[inline(always)]
 fn tcp_data_at(skb: *mut __sk_buff, h: &Headers) -> u32 {
-    let l4 = u32::from(h.l4);
+    tcp_data_at_l4(skb, u32::from(h.l4))
+}
+
+/// Where the data of a TCP packet whose header is at `l4` starts (see [`tcp_data_at`]).
+#[inline(always)]
+fn tcp_data_at_l4(skb: *mut __sk_buff, l4: u32) -> u32 {
     let mut b = [0u8; 1];
     if !skb_bytes(skb, l4 + 12, &mut b) {
         return 0;
@@ -1969,7 +2085,7 @@ fn tcp_data_at(skb: *mut __sk_buff, h: &Headers) -> u32 {
 /// not. Moves the socket's `sni` on (sent, refused, or done in audit) and keeps a refused
 /// name in `AW_SNI_SEEN` under `now`.
 #[inline(never)]
-fn sni_check(skb: *mut __sk_buff, h: &Headers, identity: u32, now: u64, st: *mut SockState) -> u8 {
+fn sni_check(skb: *mut __sk_buff, h: &Headers, c: &Check, st: *mut SockState) -> u8 {
     // SAFETY: a field of the context.
     let len = unsafe { (*skb).len };
     let data = tcp_data_at(skb, h);
@@ -1981,7 +2097,7 @@ fn sni_check(skb: *mut __sk_buff, h: &Headers, identity: u32, now: u64, st: *mut
     let mut sq = [0u8; 4];
     let mut fl = [0u8; 2];
     if !skb_bytes(skb, l4 + 4, &mut sq) || !skb_bytes(skb, l4 + 12, &mut fl) {
-        return refused(st, REASON_SNI_MISSING, h, identity, now);
+        return refused(st, REASON_SNI_MISSING, h, c);
     }
     // A SYN's data starts one past its sequence number (TCP Fast Open).
     let from = u32::from_be_bytes(sq).wrapping_add(u32::from(fl[1] & TCP_SYN != 0));
@@ -1994,17 +2110,17 @@ fn sni_check(skb: *mut __sk_buff, h: &Headers, identity: u32, now: u64, st: *mut
         }
         // A piece of it sent again: it cannot be checked alone.
         if from != sent_from {
-            return refused(st, REASON_SNI_MISSING, h, identity, now);
+            return refused(st, REASON_SNI_MISSING, h, c);
         }
     }
     // Urgent data: a receiver takes the urgent byte out of the stream, so it would read
     // other bytes than these.
     if fl[1] & TCP_URG != 0 {
-        return refused(st, REASON_SNI_MISSING, h, identity, now);
+        return refused(st, REASON_SNI_MISSING, h, c);
     }
-    let verdict = read_hello(skb, h, identity, data, len);
+    let verdict = name_allowed(h, c);
     if verdict != REASON_NONE {
-        return refused(st, verdict, h, identity, now);
+        return refused(st, verdict, h, c);
     }
     if state != SNI_SENT {
         // SAFETY: non-null storage pointer.
@@ -2018,16 +2134,21 @@ fn sni_check(skb: *mut __sk_buff, h: &Headers, identity: u32, now: u64, st: *mut
     REASON_NONE
 }
 
-/// The ClientHello at `data` read into this CPU's scratch and judged (see [`client_hello`]).
-/// A frame of its own, so the check's stays small on the chain down to the rule lookup.
+/// The name the first data at `data` carries (a TLS ClientHello's `server_name`, else an
+/// HTTP/1 request's Host) read into this CPU's scratch, and whether it could be read kept
+/// beside it. Returns the token it put in this CPU's guard: a softirq's check of another
+/// packet can run on this CPU before the name is looked up and take the scratch over, which
+/// the guard then shows.
 #[inline(never)]
-fn read_hello(skb: *mut __sk_buff, h: &Headers, identity: u32, data: u32, len: u32) -> u8 {
-    let (Some(k), Some(guard)) = (AW_SNI_SCRATCH.get_ptr_mut(0), AW_SNI_GUARD.get_ptr_mut(0))
-    else {
-        return REASON_SNI_MISSING;
+fn read_name(skb: *mut __sk_buff) -> u64 {
+    let (Some(k), Some(guard), Some(s)) = (
+        AW_SNI_SCRATCH.get_ptr_mut(0),
+        AW_SNI_GUARD.get_ptr_mut(0),
+        AW_HTTP_SCRATCH.get_ptr_mut(0),
+    ) else {
+        // No token: the guard never matches, the name is refused.
+        return 0;
     };
-    // The scratch is this CPU's: a softirq's check of another packet can run in between and
-    // take it over, which the guard then shows.
     // SAFETY: a helper without arguments.
     let token = u64::from(unsafe { bpf_get_prandom_u32() }) | 1 << 32;
     // SAFETY: per-CPU values of this program's; the name is 8-aligned (checked in
@@ -2040,25 +2161,82 @@ fn read_hello(skb: *mut __sk_buff, h: &Headers, identity: u32, data: u32, len: u
             *words.add(i) = 0;
             i += 1;
         }
-        (*k).identity = identity;
-        (*k).addr = h.addr;
+        (*k).identity = 0;
         (*k).len = 0;
         (*k).local_port = 0;
         (*k).port = 0;
         (*k).cut = 0;
     }
-    let mut verdict = client_hello(skb, data, len);
-    // The name, looked up here rather than where it was read: the chain of frames down to
-    // the rule lookup stays within Linux's 512 bytes.
-    if verdict == REASON_NONE {
-        // SAFETY: a per-CPU value as the lookup's key.
-        verdict = match unsafe { AW_SNI_NAMES.get(&*k) } {
-            Some(rules) if named_rule_allows(identity, h, rules) => REASON_NONE,
-            _ => REASON_SNI_MISMATCH,
+    // Where the data starts: past an IP header without options or extension headers (the
+    // packet line refused the others) and the TCP header. Through map memory, which the
+    // verifier does not track: what it keeps of the two is their bounds, not the IPv4 and
+    // IPv6 ways to them (each a separate parse to check).
+    let mut b = [0u8; 1];
+    let l4 = if !skb_bytes(skb, 0, &mut b) || b[0] >> 4 == 4 {
+        IPV4_HEADER as u32
+    } else {
+        IPV6_HEADER as u32
+    };
+    let data = tcp_data_at_l4(skb, l4);
+    // SAFETY: a field of the context; this CPU's scratch.
+    let (data, len) = unsafe {
+        core::ptr::write_volatile(&raw mut (*s).name_at, data);
+        core::ptr::write_volatile(&raw mut (*s).name_len, (*skb).len);
+        (
+            core::ptr::read_volatile(&raw const (*s).name_at),
+            core::ptr::read_volatile(&raw const (*s).name_len),
+        )
+    };
+    // A TLS record, else an HTTP/1 request.
+    let mut first = [0u8; 1];
+    let mut read = if data >= len || !skb_bytes(skb, data, &mut first) {
+        REASON_SNI_MISSING
+    } else if first[0] == 0x16 {
+        client_hello(skb, data, len)
+    } else {
+        http_host(skb, data, len)
+    };
+    if read == REASON_NONE {
+        // SAFETY: as above.
+        read = unsafe {
+            take_name(
+                skb,
+                core::ptr::read_volatile(&raw const (*s).name_at),
+                core::ptr::read_volatile(&raw const (*s).name_len),
+            )
         };
     }
     // SAFETY: as above.
-    if unsafe { core::ptr::read_volatile(guard) } != token {
+    unsafe { core::ptr::write_volatile(&raw mut (*s).read, u32::from(read)) };
+    token
+}
+
+/// Whether the name [`read_name`] read is one the identity resolved to the packet's
+/// destination, under a name rule that allows its port.
+#[inline(never)]
+fn name_allowed(h: &Headers, c: &Check) -> u8 {
+    let (Some(k), Some(guard), Some(s)) = (
+        AW_SNI_SCRATCH.get_ptr_mut(0),
+        AW_SNI_GUARD.get_ptr_mut(0),
+        AW_HTTP_SCRATCH.get_ptr_mut(0),
+    ) else {
+        return REASON_SNI_MISSING;
+    };
+    // SAFETY: per-CPU values of this program's.
+    let mut verdict = unsafe { core::ptr::read_volatile(&raw const (*s).read) } as u8;
+    if verdict == REASON_NONE {
+        // SAFETY: as above; the scratch is the lookup's key.
+        verdict = unsafe {
+            (*k).identity = c.identity;
+            (*k).addr = h.addr;
+            match AW_SNI_NAMES.get(&*k) {
+                Some(rules) if named_rule_allows(c.identity, h, rules) => REASON_NONE,
+                _ => REASON_SNI_MISMATCH,
+            }
+        };
+    }
+    // SAFETY: as above.
+    if unsafe { core::ptr::read_volatile(guard) } != c.token {
         return REASON_SNI_MISMATCH;
     }
     verdict
@@ -2068,7 +2246,7 @@ fn read_hello(skb: *mut __sk_buff, h: &Headers, identity: u32, data: u32, len: u
 /// read (if any) kept for the node under `now`, with the connection's ports. A frame of its
 /// own: inlined at each refusal, the check's frame would pass Linux's 512 bytes for the chain.
 #[inline(never)]
-fn refused(st: *mut SockState, reason: u8, h: &Headers, identity: u32, now: u64) -> u8 {
+fn refused(st: *mut SockState, reason: u8, h: &Headers, c: &Check) -> u8 {
     // SAFETY: non-null storage pointer.
     let cut = unsafe {
         let s = (*st).sni;
@@ -2084,7 +2262,7 @@ fn refused(st: *mut SockState, reason: u8, h: &Headers, identity: u32, now: u64)
             // The scratch holds this connection's name only when the refusal is of a name
             // read: the others come before any reading (or from one that failed), and the
             // scratch may hold another connection's.
-            (*k).identity = identity;
+            (*k).identity = c.identity;
             (*k).addr = h.addr;
             if reason == REASON_SNI_MISSING {
                 (*k).len = 0;
@@ -2092,7 +2270,7 @@ fn refused(st: *mut SockState, reason: u8, h: &Headers, identity: u32, now: u64)
             (*k).local_port = h.near_port;
             (*k).port = h.far_port;
             (*k).cut = u8::from(cut);
-            let _ = AW_SNI_SEEN.insert(now, &*k, 0);
+            let _ = AW_SNI_SEEN.insert(c.now, &*k, 0);
         }
     }
     reason
@@ -2193,6 +2371,16 @@ fn server_name(skb: *mut __sk_buff, at: u32, ext_len: u32) -> u8 {
     if name_len == 0 || list_len != name_len + 3 || ext_len != list_len + 2 {
         return REASON_SNI_MISSING;
     }
+    found_name(at + 5, name_len)
+}
+
+/// The `name_len` bytes at `at` into this CPU's scratch as the name to look up, lower-cased
+/// without a trailing dot: `REASON_NONE` when they fit.
+#[inline(never)]
+fn take_name(skb: *mut __sk_buff, at: u32, name_len: u32) -> u8 {
+    if name_len == 0 {
+        return REASON_SNI_MISSING;
+    }
     let Some(k) = AW_SNI_SCRATCH.get_ptr_mut(0) else {
         return REASON_SNI_MISSING;
     };
@@ -2209,8 +2397,7 @@ fn server_name(skb: *mut __sk_buff, at: u32, ext_len: u32) -> u8 {
         n
     };
     // SAFETY: the helper writes at most n bytes into the scratch name, which holds 256.
-    let read =
-        unsafe { bpf_skb_load_bytes(skb as *const _, at + 5, (&raw mut (*k).name).cast(), n) };
+    let read = unsafe { bpf_skb_load_bytes(skb as *const _, at, (&raw mut (*k).name).cast(), n) };
     if read != 0 {
         return REASON_SNI_MISSING;
     }
@@ -2235,6 +2422,100 @@ fn server_name(skb: *mut __sk_buff, at: u32, ext_len: u32) -> u8 {
     } else {
         REASON_NONE
     }
+}
+
+/// Where the check reads an HTTP request's head (too big for the stack), and the Host it
+/// found there: kept in map memory, which the verifier does not track, so the code after the
+/// scan is checked once, not once for each byte the scan could end at.
+#[repr(C)]
+struct HttpScratch {
+    head: [u8; http::HEAD_MAX],
+    /// Where the name is in the packet, and its length: what the parser found, for
+    /// [`take_name`].
+    name_at: u32,
+    name_len: u32,
+    /// What [`read_name`] found: `REASON_NONE` when it read a name.
+    read: u32,
+    _pad: u32,
+}
+
+/// The scan's tables (see `agent_common::http`), in the program's read-only data.
+static HTTP_CLASS: [u8; 256] = http::CLASS;
+static HTTP_TRANSITIONS: [u8; http::STATES * http::CLASSES] = http::TRANSITIONS;
+
+/// The Host of an HTTP/1 request at `data` into this CPU's scratch (see [`take_name`]), as
+/// `agent_common::http::scan` finds it: a byte at a time through the transition table, the
+/// Host's place kept without a branch. What follows the head (a body, more requests on the
+/// connection) is not read.
+#[inline(never)]
+fn http_host(skb: *mut __sk_buff, data: u32, len: u32) -> u8 {
+    const MAX: u32 = http::HEAD_MAX as u32;
+    let Some(s) = AW_HTTP_SCRATCH.get_ptr_mut(0) else {
+        return REASON_SNI_MISSING;
+    };
+    // Through map memory: the bound on the helper's size is then all the verifier keeps of
+    // it, not the packet's length and the header offsets it came from (which would make
+    // every way to here a separate scan to check).
+    // SAFETY: this CPU's scratch.
+    let avail = unsafe {
+        core::ptr::write_volatile(&raw mut (*s).name_len, len - data);
+        core::ptr::read_volatile(&raw const (*s).name_len)
+    };
+    let n = if avail > MAX { MAX } else { avail };
+    // An explicit bound the verifier sees: 1..=MAX.
+    let n = (n.wrapping_sub(1) & (MAX - 1)) + 1;
+    // SAFETY: the helper writes at most n bytes into the head, which holds MAX.
+    if unsafe { bpf_skb_load_bytes(skb as *const _, data, (&raw mut (*s).head).cast(), n) } != 0 {
+        return REASON_SNI_MISSING;
+    }
+    let mut state = u32::from(http::START);
+    let mut at = 0u32;
+    let mut hl = 0u32;
+    let mut i = 0u32;
+    while i < MAX {
+        if i >= n {
+            return REASON_SNI_MISSING;
+        }
+        // SAFETY: indices masked below each table's length, into this CPU's head.
+        let t = unsafe {
+            let b = (*s).head[(i & (MAX - 1)) as usize];
+            let c = u32::from(HTTP_CLASS[usize::from(b)]) & (http::CLASSES as u32 - 1);
+            let at = (state & u32::from(http::STATE_MASK)) * http::CLASSES as u32 + c;
+            u32::from(core::ptr::read_volatile(&HTTP_TRANSITIONS[at as usize]))
+        };
+        let start = (t >> 6) & 1;
+        let more = t >> 7;
+        let m = 0u32.wrapping_sub(start);
+        at = (at & !m) | (i & m);
+        hl = (hl & !m) + start + more;
+        state = t & u32::from(http::STATE_MASK);
+        if state == u32::from(http::REFUSE) {
+            return REASON_SNI_MISSING;
+        }
+        if state == u32::from(http::DONE) {
+            break;
+        }
+        i += 1;
+    }
+    if state != u32::from(http::DONE) {
+        return REASON_SNI_MISSING;
+    }
+    found_name(data + at, hl)
+}
+
+/// Keeps where a parser found the name, for [`take_name`]: in map memory, so the verifier
+/// checks the taking once, not once for every place in the parse the name could be found.
+#[inline(always)]
+fn found_name(at: u32, len: u32) -> u8 {
+    let Some(s) = AW_HTTP_SCRATCH.get_ptr_mut(0) else {
+        return REASON_SNI_MISSING;
+    };
+    // SAFETY: this CPU's scratch.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*s).name_at, at);
+        core::ptr::write_volatile(&raw mut (*s).name_len, len);
+    }
+    REASON_NONE
 }
 
 /// ASCII upper case to lower case in each byte of a word (no carries between bytes: each

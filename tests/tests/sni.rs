@@ -61,6 +61,45 @@ impl Drop for TlsServer {
     }
 }
 
+/// Python's HTTP server in the peer namespace on PEER_V4:80, answering every Host; killed
+/// on drop.
+struct HttpServer(Child);
+
+impl HttpServer {
+    fn start(link: &Link, dir: &Path) -> Self {
+        let mut c = Command::new("python3");
+        link.peer.enter(&mut c);
+        c.args(["-m", "http.server", "80", "--bind", PEER_V4, "--directory"])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let server = HttpServer(
+            c.spawn()
+                .expect("python3 -m http.server (Debian's python3)"),
+        );
+        let deadline = agentwall_tests::deadline(Duration::from_secs(20));
+        while link
+            .peer
+            .run_in(|| std::net::TcpStream::connect((PEER_V4, 80)).is_err())
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "python3 -m http.server never listened"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Lab {
     _env: TestEnv,
     tmp: tempfile::TempDir,
@@ -87,7 +126,7 @@ impl Lab {
             dir.join("policy/agents.yaml"),
             format!(
                 "kind: AgentPolicy\nname: sni\nidentity: {ID}\nsni: {sni}\n\
-                 egress:\n  - to: [api.example.com]\n    ports: [443]\n    protocol: tcp\n{also}"
+                 egress:\n  - to: [api.example.com]\n    ports: [443, 80]\n    protocol: tcp\n{also}"
             ),
         )
         .unwrap();
@@ -242,7 +281,7 @@ fn a_name_rule_reaches_only_the_names_resolved_to_its_address() {
     assert_eq!(r["verdict"], "deny", "{r}");
     assert_eq!(
         r["reason"],
-        "TLS server name not one the identity resolved to this address"
+        "server name (TLS SNI or HTTP Host) not one the identity resolved to this address"
     );
     assert_eq!(r["identity"], ID);
     assert_eq!(r["fqdn"], "api.example.com", "{r}");
@@ -261,7 +300,7 @@ fn a_name_rule_reaches_only_the_names_resolved_to_its_address() {
     assert_ne!(code, Some(0), "{out}");
     lab.wait_decision(|r| {
         r["reason"]
-            == "no TLS server name in the first data of a connection only a name rule allows"
+            == "no TLS server name or HTTP Host in the first data of a connection only a name rule allows"
     });
 
     // UDP (QUIC) to the address: a name rule for any protocol opens only TCP by name.
@@ -373,7 +412,7 @@ fn a_connect_on_the_connected_socket_urgent_data_and_a_split_hello_get_nothing_p
     // Refused before any name is read: its record names none (not the name the check read
     // before), and the node still ends the connection.
     const MISSING: &str =
-        "no TLS server name in the first data of a connection only a name rule allows";
+        "no TLS server name or HTTP Host in the first data of a connection only a name rule allows";
     assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
     p.cmd("send-held-hello api.example.com urgent");
     let r = lab.wait_decision(|r| r["reason"] == MISSING);
@@ -410,4 +449,133 @@ fn a_connect_on_the_connected_socket_urgent_data_and_a_split_hello_get_nothing_p
         !sent.iter().any(|p| p.carries(b"api.example.com")),
         "a refused ClientHello (split, or with urgent data) reached the wire"
     );
+}
+
+#[test]
+fn a_plain_http_request_must_name_in_its_host_a_name_resolved_to_its_address() {
+    agentwall_tests::require_root();
+    let lab = Lab::new("sni-http", "enforce", "");
+    let _http = HttpServer::start(&lab.link, lab.dir());
+    lab.resolve();
+    let mut cap = Capture::start(&lab.link.peer, "veth-p");
+    let curl = |extra: &[&str]| {
+        let resolve = format!("api.example.com:80:{PEER_V4}");
+        let mut args = vec![
+            "curl",
+            "-s",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--resolve",
+            &resolve,
+        ];
+        args.extend_from_slice(extra);
+        args.push("http://api.example.com/");
+        lab.run(&args)
+    };
+
+    // The Host the identity resolved: the request passes.
+    let (code, out) = curl(&[]);
+    assert_eq!((code, out.as_str()), (Some(0), "200"));
+
+    // Another Host on the same address: cut before the request leaves, and ended.
+    let (code, out) = curl(&["-H", "Host: exfil.other.example"]);
+    assert_ne!(code, Some(0), "{out}");
+    assert_ne!(
+        code,
+        Some(28),
+        "the connection hung instead of ending: {out}"
+    );
+    let r = lab.wait_decision(|r| r["server_name"] == "exfil.other.example");
+    assert_eq!(r["verdict"], "deny", "{r}");
+    assert_eq!(
+        r["reason"],
+        "server name (TLS SNI or HTTP Host) not one the identity resolved to this address"
+    );
+    assert_eq!(r["fqdn"], "api.example.com", "{r}");
+    assert_eq!(r["port"], 80);
+
+    // A request a server would route by something else than its Host: a URL as the target
+    // (absolute form, which a server prefers to Host), two Hosts.
+    const MISSING: &str =
+        "no TLS server name or HTTP Host in the first data of a connection only a name rule allows";
+    let (code, out) = curl(&["--request-target", "http://exfil.other.example/"]);
+    assert_ne!(code, Some(0), "{out}");
+    lab.wait_decision(|r| r["reason"] == MISSING && r["port"] == 80);
+    // (curl sends one Host whatever it is told: bash writes this one.)
+    let (_, out) = lab.run(&[
+        "timeout",
+        "30",
+        "bash",
+        "-c",
+        &format!(
+            "exec 3<>/dev/tcp/{PEER_V4}/80 || exit 7; \
+             printf 'GET / HTTP/1.1\\r\\nHost: api.example.com\\r\\nHost: exfil.other.example\\r\\n\\r\\n' >&3; \
+             cat <&3"
+        ),
+    ]);
+    assert!(!out.contains("200 OK"), "{out}");
+    let deadline = agentwall_tests::deadline(Duration::from_secs(20));
+    while lab
+        .decisions()
+        .iter()
+        .filter(|r| r["reason"] == MISSING && r["port"] == 80)
+        .count()
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:#?}",
+            lab.decisions()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // On the wire: the allowed request, never the others.
+    let sent = lab.sent(&mut cap);
+    assert!(
+        sent.iter().any(|p| p.carries(b"Host: api.example.com")),
+        "the allowed request never reached the server"
+    );
+    assert!(
+        !sent.iter().any(|p| p.carries(b"exfil.other.example")),
+        "a refused request reached the wire"
+    );
+}
+
+#[test]
+fn a_resumed_tls_session_is_checked_like_a_new_one() {
+    agentwall_tests::require_root();
+    let lab = Lab::new("sni-resume", "enforce", "");
+    lab.resolve();
+    let session = lab.dir().join("session.pem");
+    let s_client = |name: &str, sess: &str| {
+        let connect = format!("{PEER_V4}:443");
+        let session = session.display().to_string();
+        lab.run(&[
+            "bash",
+            "-c",
+            r#"printf 'GET / HTTP/1.0\r\n\r\n' | timeout 30 openssl s_client -connect "$1" -servername "$2" "$3" "$4" -ign_eof"#,
+            "s_client",
+            &connect,
+            name,
+            sess,
+            &session,
+        ])
+    };
+    // A full handshake keeps its session; the next connection resumes it.
+    let (code, out) = s_client("api.example.com", "-sess_out");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(session.exists(), "no session kept: {out}");
+    let (code, out) = s_client("api.example.com", "-sess_in");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("Reused"), "the session was not resumed: {out}");
+    // The session resumed under another name: its ClientHello is refused like any other.
+    let (code, out) = s_client("exfil.other.example", "-sess_in");
+    assert_ne!(code, Some(0), "{out}");
+    let r = lab.wait_decision(|r| r["server_name"] == "exfil.other.example");
+    assert_eq!(r["verdict"], "deny", "{r}");
 }

@@ -971,6 +971,7 @@ impl Datapath {
             links_dir,
             swaps,
         } = programs;
+        set_tails(&mut ebpf)?;
         let report = attach_all(&mut ebpf, &self.attach, &links_dir, &self.families, &swaps)?;
         if let SocketFamilies::Unenforced(why) = &self.families {
             warn!(
@@ -2102,7 +2103,41 @@ fn load_programs(
         }
         load_program(ebpf, name, &mut btf)?;
     }
+    // The egress program's tail, with it: a pinned egress program adopted as it is keeps
+    // the tail its start put in the pinned array.
+    if ebpf.program(c::PROG_EGRESS).is_some_and(|p| p.fd().is_ok()) {
+        load_program(ebpf, c::PROG_EGRESS_SNI, &mut btf)?;
+    }
     Ok(())
+}
+
+/// Puts this build's tail programs in the pinned `AW_TAILS`, before its egress program is
+/// attached: a packet it hands on never finds the slot empty. (The earlier build's egress
+/// program, still attached until it is swapped, hands its packets to this build's check,
+/// which reads the same layout.)
+fn set_tails(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    let name = c::PROG_EGRESS_SNI;
+    let prog_err = |e: aya::programs::ProgramError| DatapathError::Program {
+        name,
+        source: Box::new(e),
+    };
+    let Some(prog) = ebpf.program(name) else {
+        return Err(DatapathError::MissingProgram(name));
+    };
+    // Not loaded: the egress program was adopted as it is, with its tail.
+    let Ok(fd) = prog.fd() else {
+        return Ok(());
+    };
+    let fd = fd
+        .try_clone()
+        .map_err(|e| prog_err(aya::programs::ProgramError::IOError(e)))?;
+    let map = ebpf
+        .map_mut(c::MAP_TAILS)
+        .ok_or(DatapathError::MissingMap(c::MAP_TAILS))?;
+    let mut tails = aya::maps::ProgramArray::try_from(map).map_err(map_err(c::MAP_TAILS))?;
+    tails
+        .set(c::TAIL_SNI, &fd, 0)
+        .map_err(map_err(c::MAP_TAILS))
 }
 
 /// Loads one program, unless it is loaded already.
@@ -2124,7 +2159,7 @@ fn load_program(
         if p.fd().is_err() {
             p.load().map_err(prog_err)?;
         }
-    } else if name == c::PROG_EGRESS || name == c::PROG_INGRESS {
+    } else if name == c::PROG_EGRESS || name == c::PROG_INGRESS || name == c::PROG_EGRESS_SNI {
         let p: &mut CgroupSkb = prog.try_into().map_err(prog_err)?;
         if p.fd().is_err() {
             p.load().map_err(prog_err)?;

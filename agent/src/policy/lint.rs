@@ -30,8 +30,8 @@ impl fmt::Display for Warning {
     }
 }
 
-/// Ports a name rule is taken to carry TLS on without a warning.
-const TLS_PORTS: [(u16, u16); 2] = [(443, 443), (8443, 8443)];
+/// Ports a name rule is taken to carry TLS or HTTP on without a warning.
+const WEB_PORTS: [(u16, u16); 4] = [(80, 80), (443, 443), (8080, 8080), (8443, 8443)];
 
 fn ports_cover(a: &[PortRange], b: &[PortRange]) -> bool {
     if a.is_empty() {
@@ -152,10 +152,10 @@ pub fn lint(set: &PolicySet) -> Vec<Warning> {
                     || r.rule
                         .ports
                         .iter()
-                        .any(|p| !TLS_PORTS.contains(&(p.lo, p.hi))))
+                        .any(|p| !WEB_PORTS.contains(&(p.lo, p.hi))))
             {
                 out.push(warn(format!(
-                    "a name rule for ports other than 443 and 8443 in AgentPolicy {:?} (sni: {}): its connections must open with a TLS ClientHello naming the server, so plain HTTP, SSH or a database's own protocol are refused; set `sni: off` or give those destinations an address rule",
+                    "a name rule for ports other than 80, 443, 8080 and 8443 in AgentPolicy {:?} (sni: {}): its connections must open with a TLS ClientHello or an HTTP/1 request naming the server, so SSH or a database's own protocol are refused; set `sni: off` or give those destinations an address rule",
                     agent.name,
                     agent.sni.as_str()
                 )));
@@ -272,7 +272,7 @@ egress:
         assert_eq!(
             lint_of(policy("")),
             [
-                "p.yaml:1: warning: egress[1]: a name rule for ports other than 443 and 8443 in AgentPolicy \"a\" (sni: enforce): its connections must open with a TLS ClientHello naming the server, so plain HTTP, SSH or a database's own protocol are refused; set `sni: off` or give those destinations an address rule"
+                "p.yaml:1: warning: egress[1]: a name rule for ports other than 80, 443, 8080 and 8443 in AgentPolicy \"a\" (sni: enforce): its connections must open with a TLS ClientHello or an HTTP/1 request naming the server, so SSH or a database's own protocol are refused; set `sni: off` or give those destinations an address rule"
             ]
         );
         assert!(lint_of(policy("sni: off\n")).is_empty());

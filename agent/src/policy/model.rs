@@ -489,9 +489,11 @@ impl Reason {
             Self::HandedSocket => {
                 "handed a listener, an unconnected bound socket or one holding datagrams (its queue was never judged)"
             }
-            Self::SniMismatch => "TLS server name not one the identity resolved to this address",
+            Self::SniMismatch => {
+                "server name (TLS SNI or HTTP Host) not one the identity resolved to this address"
+            }
             Self::SniMissing => {
-                "no TLS server name in the first data of a connection only a name rule allows"
+                "no TLS server name or HTTP Host in the first data of a connection only a name rule allows"
             }
         }
     }

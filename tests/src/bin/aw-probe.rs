@@ -1349,7 +1349,11 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                         &raw mut len,
                     )
                 };
-                reply.push(if err == 0 { "closed".to_owned() } else { errno_name(err) });
+                reply.push(if err == 0 {
+                    "closed".to_owned()
+                } else {
+                    errno_name(err)
+                });
             }
             reply.join(" ")
         }
