@@ -1918,24 +1918,18 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
     let gone = liveness(&o, &mut now);
     let mut h = Headers::new();
     read_headers(skb, false, &mut h);
-    let flow = Flow {
-        addr: h.addr,
-        port: h.far_port,
-        proto: h.proto,
-        hook: HOOK_EGRESS,
-        family: 0,
-        sock_type: 0,
-        sock_protocol: u16::from(h.ip_proto),
-    };
+    // The flow as records and the rules take it, made where one is needed: kept across the
+    // function, it would push Linux 6.1's 512-byte stack (its frames rounded up to 32
+    // bytes) past the limit on the way down to `adopt`.
     if gone != REASON_NONE {
-        return dead(skb, &o, &flow, gone, now);
+        return dead(skb, &o, &egress_flow(&h), gone, now);
     }
     if !h.ok || h.options {
-        return refuse(skb, &o, &flow, REASON_PACKET_OPTIONS, 0, now);
+        return refuse(skb, &o, &egress_flow(&h), REASON_PACKET_OPTIONS, 0, now);
     }
     // SAFETY: a field of the context (the device the packet leaves by).
     if h.loop_src && unsafe { (*skb).ifindex } != LOOPBACK_IFINDEX {
-        return refuse(skb, &o, &flow, REASON_LOOPBACK_SOURCE, 0, now);
+        return refuse(skb, &o, &egress_flow(&h), REASON_LOOPBACK_SOURCE, 0, now);
     }
     let st = o.st;
     // A connection only a name rule allowed: its first data names the server it is for,
@@ -1971,11 +1965,25 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
     if is_dns_proxy(identity, &h.addr, h.far_port) {
         return allowed;
     }
-    let (reason, _) = check_rules(identity, &flow, &mut now, &mut false);
+    let (reason, _) = check_rules(identity, &egress_flow(&h), &mut now, &mut false);
     if reason == REASON_NONE {
         return allowed;
     }
-    refuse(skb, &o, &flow, REASON_WIRE, 0, now)
+    refuse(skb, &o, &egress_flow(&h), REASON_WIRE, 0, now)
+}
+
+/// What the packet line's records and rule lookups take of a packet it sends.
+#[inline(always)]
+fn egress_flow(h: &Headers) -> Flow {
+    Flow {
+        addr: h.addr,
+        port: h.far_port,
+        proto: h.proto,
+        hook: HOOK_EGRESS,
+        family: 0,
+        sock_type: 0,
+        sock_protocol: u16::from(h.ip_proto),
+    }
 }
 
 /// `try_egress`'s verdict for a packet it allows on a connection whose first data the
@@ -2017,18 +2025,9 @@ fn try_egress_sni(ctx: &SkBuffContext) -> i32 {
     if r != FIRST_NOT_YET && r != REASON_NONE {
         // SAFETY: as above.
         let cut = unsafe { core::ptr::read_volatile(&raw const (*st).sni) } == SNI_REFUSED;
-        let flow = Flow {
-            addr: h.addr,
-            port: h.far_port,
-            proto: h.proto,
-            hook: HOOK_EGRESS,
-            family: 0,
-            sock_type: 0,
-            sock_protocol: u16::from(h.ip_proto),
-        };
         let (leaf, who) = whose(skb);
         let kind = if cut { EVENT_DENY } else { EVENT_AUDIT };
-        report(&flow, leaf, c.identity, kind, r, 0, c.now, who);
+        report(&egress_flow(&h), leaf, c.identity, kind, r, 0, c.now, who);
         if cut {
             return DENY;
         }
@@ -2050,7 +2049,7 @@ struct Check {
 /// [`sni_check`]'s answer for a packet without data (the handshake, a bare ACK): the check
 /// waits for the first one with data.
 const FIRST_NOT_YET: u8 = 0xff;
-/// TLS extensions looked through for `server_name`.
+/// TLS extensions a ClientHello may carry: each is read (more are refused).
 const MAX_TLS_EXTENSIONS: u32 = 48;
 
 /// `N` bytes at `off` of the packet through the copying helper (offsets read from the packet
@@ -2337,23 +2336,37 @@ fn client_hello(skb: *mut __sk_buff, data: u32, len: u32) -> u8 {
     pos += 2;
     let ext_end = pos + u32::from(u16::from_be_bytes(w));
     let ext_end = if ext_end < end { ext_end } else { end };
+    // Every extension, so that a second `server_name` (which a server might read instead of
+    // the first) is seen: the list must end within this packet.
+    let mut sni_at = 0u32;
+    let mut sni_len = 0u32;
     let mut i = 0;
     while i < MAX_TLS_EXTENSIONS {
+        if pos == ext_end {
+            break;
+        }
         let mut x = [0u8; 4];
         if pos + 4 > ext_end || !skb_bytes(skb, pos, &mut x) {
             return REASON_SNI_MISSING;
         }
         let ext_len = u32::from(u16::from_be_bytes([x[2], x[3]]));
         if x[0] == 0 && x[1] == 0 {
-            if pos + 4 + ext_len > ext_end {
+            if sni_at != 0 {
                 return REASON_SNI_MISSING;
             }
-            return server_name(skb, pos + 4, ext_len);
+            sni_at = pos + 4;
+            sni_len = ext_len;
         }
         pos += 4 + ext_len;
+        if pos > ext_end {
+            return REASON_SNI_MISSING;
+        }
         i += 1;
     }
-    REASON_SNI_MISSING
+    if pos != ext_end || sni_at == 0 {
+        return REASON_SNI_MISSING;
+    }
+    server_name(skb, sni_at, sni_len)
 }
 
 /// The `server_name` extension's host name at `at` (`ext_len` bytes) into this CPU's scratch,

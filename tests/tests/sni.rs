@@ -380,7 +380,8 @@ fn a_connection_an_address_rule_allows_is_not_looked_at() {
 }
 
 #[test]
-fn a_connect_on_the_connected_socket_urgent_data_and_a_split_hello_get_nothing_past_the_check() {
+fn a_connect_on_the_connected_socket_urgent_data_two_names_and_a_split_hello_get_nothing_past_the_check()
+ {
     agentwall_tests::require_root();
     // 198.51.100.7 is allowed by address (routed through the peer; never reached here).
     let lab = Lab::new(
@@ -420,6 +421,27 @@ fn a_connect_on_the_connected_socket_urgent_data_and_a_split_hello_get_nothing_p
     assert_eq!(p.cmd("await-end-held"), "ECONNABORTED");
     assert_eq!(p.cmd("drop-held"), "ok");
 
+    // Two server_name extensions, the resolved name first: a server could read the second.
+    assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
+    p.cmd("send-held-hello api.example.com,exfil.other.example whole");
+    let deadline = agentwall_tests::deadline(Duration::from_secs(20));
+    while lab
+        .decisions()
+        .iter()
+        .filter(|r| r["reason"] == MISSING)
+        .count()
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:#?}",
+            lab.decisions()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(p.cmd("await-end-held"), "ECONNABORTED");
+    assert_eq!(p.cmd("drop-held"), "ok");
+
     // A ClientHello written in two pieces, its name in the second: refused at the first.
     assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
     p.cmd("send-held-hello api.example.com split");
@@ -429,7 +451,7 @@ fn a_connect_on_the_connected_socket_urgent_data_and_a_split_hello_get_nothing_p
         .iter()
         .filter(|r| r["reason"] == MISSING)
         .count()
-        < 2
+        < 3
     {
         assert!(
             std::time::Instant::now() < deadline,
@@ -447,7 +469,7 @@ fn a_connect_on_the_connected_socket_urgent_data_and_a_split_hello_get_nothing_p
     );
     assert!(
         !sent.iter().any(|p| p.carries(b"api.example.com")),
-        "a refused ClientHello (split, or with urgent data) reached the wire"
+        "a refused ClientHello (split, with urgent data or two names) reached the wire"
     );
 }
 

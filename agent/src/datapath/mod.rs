@@ -1093,6 +1093,17 @@ impl Datapath {
         }
     }
 
+    /// The TLS server-name check of the identity's connections only its name rules allow (an
+    /// apply sets it from the policy; this sets it alone).
+    pub fn set_sni_check(&self, identity: u32, sni: SniCheck) -> Result<(), DatapathError> {
+        Self::check_identity(identity)?;
+        let mut map = lock(&self.identities);
+        let mut state = map.get(&identity, 0).map_err(map_err(c::MAP_IDENTITIES))?;
+        state.sni = Self::state_value(IdentityStatus::Active, Mode::Enforce, 0, sni).sni;
+        map.set(identity, state, 0)
+            .map_err(map_err(c::MAP_IDENTITIES))
+    }
+
     /// Whether the identity's DNS (port 53 to IPv4 resolvers, UDP and TCP) goes to the proxy.
     pub fn set_dns(&self, identity: u32, steer: bool) -> Result<(), DatapathError> {
         Self::check_identity(identity)?;

@@ -763,6 +763,11 @@ fn bench_send(addr: SocketAddr, n: usize, size: usize, sink: bool) -> Result<Str
 
 /// `mib` MiB written over one TCP connection to a local reader, in 64 KiB writes.
 fn bench_bulk(addr: SocketAddr, mib: usize) -> Result<String, String> {
+    bench_bulk_after(addr, &[], mib)
+}
+
+/// `first`, then `mib` MiB over one connection: MiB/s.
+fn bench_bulk_after(addr: SocketAddr, first: &[u8], mib: usize) -> Result<String, String> {
     use std::io::{Read as _, Write as _};
     let listener = std::net::TcpListener::bind(addr).map_err(|e| format!("bind: {e}"))?;
     let reader = std::thread::spawn(move || {
@@ -773,6 +778,7 @@ fn bench_bulk(addr: SocketAddr, mib: usize) -> Result<String, String> {
     let mut c = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
     let chunk = vec![0u8; 1 << 16];
     let t0 = std::time::Instant::now();
+    c.write_all(first).map_err(|e| format!("write: {e}"))?;
     for _ in 0..mib * 16 {
         c.write_all(&chunk).map_err(|e| format!("write: {e}"))?;
     }
@@ -782,6 +788,44 @@ fn bench_bulk(addr: SocketAddr, mib: usize) -> Result<String, String> {
         "mibps={}",
         (mib as f64 / t0.elapsed().as_secs_f64()) as u64
     ))
+}
+
+/// TLS-shaped connections: each connects, writes a ClientHello naming `name` (the first data,
+/// which a name rule's connection has checked), and closes with RST; a thread accepts and
+/// reads. Times connect and write (the packet line runs inside the write on loopback).
+fn bench_hello(addr: SocketAddr, name: &str, n: usize) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| format!("bind: {e}"))?;
+    let total = n + n / 10;
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        for _ in 0..total {
+            let Ok((mut c, _)) = listener.accept() else {
+                return;
+            };
+            while matches!(c.read(&mut buf), Ok(k) if k > 0) {}
+        }
+    });
+    let hello = client_hello(&[name]);
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..total {
+        let t0 = std::time::Instant::now();
+        let mut c = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        c.write_all(&hello).map_err(|e| format!("write: {e}"))?;
+        let ns = t0.elapsed().as_nanos() as u64;
+        reset_on_close(c.as_raw_fd());
+        drop(c);
+        if i >= n / 10 {
+            samples.push(ns);
+        }
+    }
+    reader.join().map_err(|_| "reader panicked".to_owned())?;
+    Ok(percentiles(samples))
+}
+
+/// [`bench_bulk`] after a ClientHello naming `name`: a long TLS-shaped flow.
+fn bench_bulk_hello(addr: SocketAddr, name: &str, mib: usize) -> Result<String, String> {
+    bench_bulk_after(addr, &client_hello(&[name]), mib)
 }
 
 fn bench_udp(addr: SocketAddr, n: usize) -> Result<String, String> {
@@ -845,27 +889,32 @@ fn listen_once(addr: SocketAddr, keep: &mut Vec<OwnedFd>) -> Result<(), String> 
 /// no TIME_WAIT piles up); the time of each connect() alone, ns.
 fn connect_samples(addr: SocketAddr, n: usize) -> Result<Vec<u64>, String> {
     let (ss, len) = sockaddr(addr);
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
         let s = new_socket(family(&addr), libc::SOCK_STREAM, libc::IPPROTO_TCP)
             .map_err(|e| format!("socket: {}", errno_name(e)))?;
-        // SAFETY: valid fd and option buffer.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&raw const linger).cast(),
-                mem::size_of::<libc::linger>() as u32,
-            )
-        };
+        reset_on_close(s.as_raw_fd());
         samples.push(timed_connect(&s, &ss, len)?);
     }
     Ok(samples)
+}
+
+/// A TCP socket that closes with a reset (SO_LINGER 0), so no TIME_WAIT piles up.
+fn reset_on_close(fd: i32) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd and option buffer.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            mem::size_of::<libc::linger>() as u32,
+        )
+    };
 }
 
 fn bench_connect(addr: SocketAddr, n: usize, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
@@ -1283,11 +1332,13 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             }
             reply
         }
-        // A TLS ClientHello naming `name` on every held TCP socket: `whole` in one write,
+        // A TLS ClientHello naming `name` (a server_name extension for each of its
+        // comma-separated names) on every held TCP socket: `whole` in one write,
         // `split` after its first 10 bytes (with TCP_NODELAY: two packets, the name in the
         // second), `urgent` in one write whose last byte is urgent data (MSG_OOB).
         ["send-held-hello", name, how] => {
-            let hello = client_hello(name);
+            let names: Vec<&str> = name.split(',').collect();
+            let hello = client_hello(&names);
             let mut reply = "ok".to_owned();
             for s in held().iter() {
                 let fd = s.as_raw_fd();
@@ -1816,6 +1867,14 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         ["bench-bulk", ip, port, mib] => {
             let mib: usize = mib.parse().map_err(|e| format!("bad size: {e}"))?;
             bench_bulk(sa(ip, port)?, mib)?
+        }
+        ["bench-hello", ip, port, name, n] => {
+            let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
+            bench_hello(sa(ip, port)?, name, n)?
+        }
+        ["bench-bulk-hello", ip, port, name, mib] => {
+            let mib: usize = mib.parse().map_err(|e| format!("bad size: {e}"))?;
+            bench_bulk_hello(sa(ip, port)?, name, mib)?
         }
         ["bench-udp", ip, port, n] => {
             let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
@@ -2490,16 +2549,19 @@ fn socket_family(s: &OwnedFd) -> libc::c_int {
 }
 
 /// A minimal TLS 1.2-shaped ClientHello whose only extension is `server_name` = `name`.
-fn client_hello(name: &str) -> Vec<u8> {
-    let n = name.as_bytes();
-    let mut sni = Vec::new();
-    sni.extend_from_slice(&((n.len() + 3) as u16).to_be_bytes());
-    sni.push(0);
-    sni.extend_from_slice(&(n.len() as u16).to_be_bytes());
-    sni.extend_from_slice(n);
-    let mut ext = vec![0, 0];
-    ext.extend_from_slice(&(sni.len() as u16).to_be_bytes());
-    ext.extend_from_slice(&sni);
+fn client_hello(names: &[&str]) -> Vec<u8> {
+    let mut ext = Vec::new();
+    for name in names {
+        let n = name.as_bytes();
+        let mut sni = Vec::new();
+        sni.extend_from_slice(&((n.len() + 3) as u16).to_be_bytes());
+        sni.push(0);
+        sni.extend_from_slice(&(n.len() as u16).to_be_bytes());
+        sni.extend_from_slice(n);
+        ext.extend_from_slice(&[0, 0]);
+        ext.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+        ext.extend_from_slice(&sni);
+    }
     let mut body = vec![3, 3];
     body.extend_from_slice(&[0u8; 32]);
     body.push(0);

@@ -276,6 +276,112 @@ fn packet_line(
     );
 }
 
+/// The named-server check's cost: TLS-shaped connections (connect, then a ClientHello as
+/// the first data) and a long TLS-shaped flow, to the same loopback listener allowed by an
+/// address rule (not looked at) and by a name rule (its first data checked), in the same
+/// rounds; and the check's own run time from the kernel's statistics.
+fn server_name_check(
+    dp: &Datapath,
+    governed: &agentwall::cgroup::Cgroup,
+    iterations: usize,
+    set_stats: &dyn Fn(bool),
+) {
+    use agentwall::{datapath::sni::Names, policy::model::SniCheck};
+    const NAME: &str = "api.example.com";
+    let rule = |by_name: bool| Rule {
+        id: 1,
+        fqdns: if by_name {
+            vec![NAME.parse().unwrap()]
+        } else {
+            Vec::new()
+        },
+        to: vec!["127.0.0.1/32".parse().unwrap()],
+        ports: vec![PORT.to_string().parse().unwrap()],
+        protocol: Protocol::Tcp,
+        direction: agentwall::policy::Direction::Egress,
+        expires: None,
+        learned: by_name,
+    };
+    let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let names: Names = [(NAME.to_owned(), [1, 0, 0, 0])].into_iter().collect();
+    dp.set_sni_check(1, SniCheck::Enforce).unwrap();
+    let none = Names::new();
+    let set = |by_name: bool| {
+        dp.set_rules(1, &[rule(by_name)]).unwrap();
+        dp.set_sni_names(1, local, if by_name { &names } else { &none })
+            .unwrap();
+    };
+    let hello = format!("bench-hello 127.0.0.1 {PORT} {NAME} {iterations}");
+    let mib = 256;
+    let bulk = format!("bench-bulk-hello 127.0.0.1 {PORT} {NAME} {mib}");
+    // (p50, p99, MiB/s) per round, address rule then name rule.
+    let (mut addr, mut named) = (vec![], vec![]);
+    for _ in 0..ROUNDS {
+        for (by_name, out) in [(false, &mut addr), (true, &mut named)] {
+            set(by_name);
+            let mut p = Probe::spawn(governed);
+            let (p50, p99) = parse(&p.cmd(&hello));
+            let mibps = values(&Probe::spawn(governed).cmd(&bulk))[0];
+            out.push((p50, p99, mibps));
+        }
+    }
+    let med =
+        |v: &[(u64, u64, u64)], f: fn(&(u64, u64, u64)) -> u64| median(v.iter().map(f).collect());
+    let (a50, a99, ab) = (
+        med(&addr, |r| r.0),
+        med(&addr, |r| r.1),
+        med(&addr, |r| r.2),
+    );
+    let (n50, n99, nb) = (
+        med(&named, |r| r.0),
+        med(&named, |r| r.1),
+        med(&named, |r| r.2),
+    );
+    // The check's program: its runs and run time over one pass of TLS-shaped connections.
+    let check = || {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|p| p.name_as_str() == Some(agent_common::PROG_EGRESS_SNI))
+            .max_by_key(aya::programs::ProgramInfo::id)
+            .map(|p| (p.run_time().as_nanos() as u64, p.run_count()))
+            .expect("the server-name check is loaded")
+    };
+    set(true);
+    set_stats(true);
+    let before = check();
+    Probe::spawn(governed).cmd(&hello);
+    let after = check();
+    set_stats(false);
+    let (ns, runs) = (after.0 - before.0, after.1 - before.1);
+    let conns = (iterations + iterations / 10) as u64;
+    println!();
+    println!(
+        "The server-name check: {iterations} TLS-shaped connections (connect, a ClientHello of {} bytes, RST) and {mib} MiB after a ClientHello over one connection, to a loopback listener, {ROUNDS} rounds, medians",
+        NAME.len() + 58
+    );
+    println!();
+    println!(
+        "| allowed by | connect + ClientHello p50 ns | p99 ns | bulk after the ClientHello MiB/s |"
+    );
+    println!("|---|---:|---:|---:|");
+    println!("| an address rule (not looked at) | {a50} | {a99} | {ab} |");
+    println!("| a name rule (first data checked) | {n50} | {n99} | {nb} |");
+    println!(
+        "| name rule / address rule | {:.3} | {:.3} | {:.3} |",
+        n50 as f64 / a50.max(1) as f64,
+        n99 as f64 / a99.max(1) as f64,
+        nb as f64 / ab.max(1) as f64
+    );
+    println!();
+    println!(
+        "The check's own program (aw_egress_sni, kernel run-time statistics): {} ns per run, {:.2} runs per connection (the packets of a connection from its handshake until the peer acknowledges the ClientHello)",
+        ns / runs.max(1),
+        runs as f64 / conns as f64
+    );
+    dp.set_rules(1, &rules_for(1, 1)).unwrap();
+    dp.set_sni_names(1, local, &Names::new()).unwrap();
+}
+
 /// Where the packet line's off-host rows send: a documentation prefix behind a veth pair in
 /// the probe's own network namespace. The far end's hardware address is one nobody holds, so
 /// the peer device drops each frame as soon as it arrives (no ICMP comes back).
@@ -519,6 +625,7 @@ fn datapath(iterations: usize) {
         "record_allowed (the node's default: count the rule's hit, rate-limited allow record): UDP connect p50 {off} ns without, {on} ns with ({:+} ns)",
         on as i64 - off as i64
     );
+    server_name_check(&dp, &governed, iterations, &set_stats);
     let _ = std::fs::write(stats_path, old_stats.trim());
     println!();
     println!(
