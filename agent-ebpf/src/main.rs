@@ -2145,9 +2145,21 @@ fn read_name(skb: *mut __sk_buff) -> u64 {
         AW_SNI_GUARD.get_ptr_mut(0),
         AW_HTTP_SCRATCH.get_ptr_mut(0),
     ) else {
-        // No token: the guard never matches, the name is refused.
+        // No token: the guard never matches (a token has bit 32 set), the name is refused.
         return 0;
     };
+    // A packet without data (the handshake, a bare ACK) leaves this CPU's scratch and guard
+    // to a check another packet may have under way: nothing is read for it.
+    let mut b = [0u8; 1];
+    let l4 = if !skb_bytes(skb, 0, &mut b) || b[0] >> 4 == 4 {
+        IPV4_HEADER as u32
+    } else {
+        IPV6_HEADER as u32
+    };
+    // SAFETY: a field of the context.
+    if tcp_data_at_l4(skb, l4) >= unsafe { (*skb).len } {
+        return 0;
+    }
     // SAFETY: a helper without arguments.
     let token = u64::from(unsafe { bpf_get_prandom_u32() }) | 1 << 32;
     // SAFETY: per-CPU values of this program's; the name is 8-aligned (checked in
@@ -2170,12 +2182,6 @@ fn read_name(skb: *mut __sk_buff) -> u64 {
     // packet line refused the others) and the TCP header. Through map memory, which the
     // verifier does not track: what it keeps of the two is their bounds, not the IPv4 and
     // IPv6 ways to them (each a separate parse to check).
-    let mut b = [0u8; 1];
-    let l4 = if !skb_bytes(skb, 0, &mut b) || b[0] >> 4 == 4 {
-        IPV4_HEADER as u32
-    } else {
-        IPV6_HEADER as u32
-    };
     let data = tcp_data_at_l4(skb, l4);
     // SAFETY: a field of the context; this CPU's scratch.
     let (data, len) = unsafe {
@@ -2193,7 +2199,17 @@ fn read_name(skb: *mut __sk_buff) -> u64 {
     } else if first[0] == 0x16 {
         client_hello(skb, data, len)
     } else {
-        http_host(skb, data, len)
+        let read = http_host(skb, data, len);
+        // The fields the scan counted (see HttpScratch): checked here, past the frame of the
+        // scan.
+        // SAFETY: as above.
+        let fields = unsafe { core::ptr::read_volatile(&raw const (*s).fields) };
+        let count = |at: u32| (fields >> at & 0xffff) as u32;
+        if http::fields_right(count(0), count(16), count(32), count(48)) {
+            read
+        } else {
+            REASON_SNI_MISSING
+        }
     };
     if read == REASON_NONE {
         // SAFETY: as above.
@@ -2255,15 +2271,17 @@ fn refused(st: *mut SockState, reason: u8, h: &Headers, c: &Check) -> u8 {
     unsafe {
         core::ptr::write_volatile(&raw mut (*st).sni, if cut { SNI_REFUSED } else { SNI_NONE })
     };
-    if let Some(k) = AW_SNI_SCRATCH.get_ptr_mut(0) {
-        // SAFETY: a per-CPU value of this program's.
+    if let (Some(k), Some(guard)) = (AW_SNI_SCRATCH.get_ptr_mut(0), AW_SNI_GUARD.get_ptr_mut(0)) {
+        // SAFETY: per-CPU values of this program's.
         unsafe {
             // The scratch holds this connection's name only when the refusal is of a name
             // read: the others come before any reading (or from one that failed), and the
-            // scratch may hold another connection's.
+            // scratch may hold another connection's; as it does when another check took this
+            // CPU's scratch over since.
+            let ours = core::ptr::read_volatile(guard) == c.token;
             (*k).identity = c.identity;
             (*k).addr = h.addr;
-            if reason == REASON_SNI_MISSING {
+            if reason == REASON_SNI_MISSING || !ours {
                 (*k).len = 0;
             }
             (*k).local_port = h.near_port;
@@ -2314,7 +2332,12 @@ fn client_hello(skb: *mut __sk_buff, data: u32, len: u32) -> u8 {
         return REASON_SNI_MISSING;
     }
     let record_end = data + 5 + u32::from(u16::from_be_bytes([hd[3], hd[4]]));
-    let end = if record_end < len { record_end } else { len };
+    // The handshake message, in this record and this packet: what follows it is not read, so
+    // none of it may be the hello's.
+    let hs_end = data + 9 + (u32::from(hd[6]) << 16 | u32::from(hd[7]) << 8 | u32::from(hd[8]));
+    if hs_end > record_end || hs_end > len {
+        return REASON_SNI_MISSING;
+    }
     // Past the random: the session id, cipher suites, compression methods, extensions.
     let mut pos = data + 43;
     if !skb_bytes(skb, pos, &mut b) {
@@ -2335,7 +2358,10 @@ fn client_hello(skb: *mut __sk_buff, data: u32, len: u32) -> u8 {
     }
     pos += 2;
     let ext_end = pos + u32::from(u16::from_be_bytes(w));
-    let ext_end = if ext_end < end { ext_end } else { end };
+    // The extensions fill the rest of the hello.
+    if ext_end != hs_end {
+        return REASON_SNI_MISSING;
+    }
     // Every extension, so that a second `server_name` (which a server might read instead of
     // the first) is seen: the list must end within this packet.
     let mut sni_at = 0u32;
@@ -2450,11 +2476,13 @@ struct HttpScratch {
     /// What [`read_name`] found: `REASON_NONE` when it read a name.
     read: u32,
     _pad: u32,
+    /// What [`http_host`] counted.
+    fields: u64,
 }
 
 /// The scan's tables (see `agent_common::http`), in the program's read-only data.
 static HTTP_CLASS: [u8; 256] = http::CLASS;
-static HTTP_TRANSITIONS: [u8; http::STATES * http::CLASSES] = http::TRANSITIONS;
+static HTTP_TRANSITIONS: [u16; http::STATES * http::CLASSES] = http::TRANSITIONS;
 
 /// The Host of an HTTP/1 request at `data` into this CPU's scratch (see [`take_name`]), as
 /// `agent_common::http::scan` finds it: a byte at a time through the transition table, the
@@ -2482,8 +2510,17 @@ fn http_host(skb: *mut __sk_buff, data: u32, len: u32) -> u8 {
         return REASON_SNI_MISSING;
     }
     let mut state = u32::from(http::START);
-    let mut at = 0u32;
-    let mut hl = 0u32;
+    // Where the Host name starts and its length, and the fields counted (Host, Connection,
+    // Connection: close, Upgrade; 16 bits each in one word): kept in map memory, not in
+    // registers, where each byte's path would carry its own values of them (the place a
+    // copy of the byte's index) and the verifier would check the bytes after it once for
+    // each.
+    // SAFETY: this CPU's scratch.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*s).name_at, 0);
+        core::ptr::write_volatile(&raw mut (*s).name_len, 0);
+        core::ptr::write_volatile(&raw mut (*s).fields, 0);
+    }
     let mut i = 0u32;
     while i < MAX {
         if i >= n {
@@ -2492,15 +2529,30 @@ fn http_host(skb: *mut __sk_buff, data: u32, len: u32) -> u8 {
         // SAFETY: indices masked below each table's length, into this CPU's head.
         let t = unsafe {
             let b = (*s).head[(i & (MAX - 1)) as usize];
-            let c = u32::from(HTTP_CLASS[usize::from(b)]) & (http::CLASSES as u32 - 1);
-            let at = (state & u32::from(http::STATE_MASK)) * http::CLASSES as u32 + c;
+            // The class added, not or-ed, in (classes are below CLASSES, so the two are the
+            // same; the class is not masked, so LLVM cannot make the add an or): Linux 6.1's
+            // verifier loses every bound of an or with an unknown value, and keeps an add's.
+            let c = u32::from(HTTP_CLASS[usize::from(b)]);
+            let at = ((state & u32::from(http::STATE_MASK)) * http::CLASSES as u32 + c)
+                & (http::STATES * http::CLASSES - 1) as u32;
             u32::from(core::ptr::read_volatile(&HTTP_TRANSITIONS[at as usize]))
         };
         let start = (t >> 6) & 1;
-        let more = t >> 7;
+        let more = (t >> 7) & 1;
         let m = 0u32.wrapping_sub(start);
-        at = (at & !m) | (i & m);
-        hl = (hl & !m) + start + more;
+        let w = u64::from(t);
+        // SAFETY: as above.
+        unsafe {
+            let at = core::ptr::read_volatile(&raw const (*s).name_at);
+            core::ptr::write_volatile(&raw mut (*s).name_at, (at & !m) | (i & m));
+            let hl = core::ptr::read_volatile(&raw const (*s).name_len);
+            core::ptr::write_volatile(&raw mut (*s).name_len, (hl & !m) + start + more);
+            let f = core::ptr::read_volatile(&raw const (*s).fields);
+            core::ptr::write_volatile(
+                &raw mut (*s).fields,
+                f + ((w >> 8 & 1) | (w >> 9 & 1) << 16 | (w >> 10 & 1) << 32 | (w >> 11 & 1) << 48),
+            );
+        }
         state = t & u32::from(http::STATE_MASK);
         if state == u32::from(http::REFUSE) {
             return REASON_SNI_MISSING;
@@ -2513,6 +2565,13 @@ fn http_host(skb: *mut __sk_buff, data: u32, len: u32) -> u8 {
     if state != u32::from(http::DONE) {
         return REASON_SNI_MISSING;
     }
+    // SAFETY: as above.
+    let (at, hl) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*s).name_at),
+            core::ptr::read_volatile(&raw const (*s).name_len),
+        )
+    };
     found_name(data + at, hl)
 }
 
@@ -2633,11 +2692,20 @@ fn try_ingress(ctx: &SkBuffContext) -> i32 {
     let identity = o.binding.identity;
     let mut now = 0u64;
     let gone = liveness(&o, &mut now);
+    let mut h = Headers::new();
     // SAFETY: a field of the context.
     if gone == REASON_NONE && unsafe { (*skb).ingress_ifindex } == LOOPBACK_IFINDEX {
+        // Not judged; but the peer's acknowledgement of a checked first data ends the
+        // check's watch here too.
+        // SAFETY: non-null storage pointer.
+        if unsafe { core::ptr::read_volatile(&raw const (*o.st).sni) } == SNI_SENT {
+            read_headers(skb, true, &mut h);
+            if h.ok && h.proto == PROTO_TCP {
+                sni_acked(skb, &h, o.st);
+            }
+        }
         return ALLOW;
     }
-    let mut h = Headers::new();
     read_headers(skb, true, &mut h);
     // One flow, its port and protocol changed in place for each question: copies of it
     // would not fit the 512-byte stack on Linux 6.1 next to the record's frame.

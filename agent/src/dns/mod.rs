@@ -363,6 +363,7 @@ impl Learned {
                 },
                 direction: r.direction,
                 expires: Some(r.expires.map_or(deadline, |e| e.min(deadline))),
+                ech: Box::default(),
                 learned: true,
             });
         }
@@ -627,6 +628,7 @@ mod tests {
             protocol: Protocol::Tcp,
             direction: crate::policy::model::Direction::Egress,
             expires: None,
+            ech: Box::default(),
             learned: false,
         };
         let rules = l.host_rules(1, std::slice::from_ref(&rule), &[]);

@@ -705,28 +705,34 @@ fn sni_names(
     ip: IpAddr,
     rules: &[Arc<[Rule]>],
 ) -> crate::datapath::sni::Names {
-    let mut out = crate::datapath::sni::Names::new();
+    // Name → the rules allowing it there: the names the identity resolved to the address,
+    // and the ECH public names those names' rules accept beside them.
+    let mut ids: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     for name in learned.names_at(identity, ip) {
-        let mut ids: Vec<u32> = rules
+        for r in rules
             .iter()
-            .flat_map(|base| {
-                base.iter()
-                    .filter(|r| r.fqdns.iter().any(|p| p.matches(name)))
-                    .map(|r| r.id)
-            })
-            .collect();
+            .flat_map(|base| base.iter())
+            .filter(|r| r.fqdns.iter().any(|p| p.matches(name)))
+        {
+            ids.entry(crate::policy::fqdn::normalize(name))
+                .or_default()
+                .push(r.id);
+            for e in &r.ech {
+                ids.entry(e.to_string()).or_default().push(r.id);
+            }
+        }
+    }
+    let mut out = crate::datapath::sni::Names::new();
+    for (name, mut ids) in ids {
         ids.sort_unstable();
         ids.dedup();
-        if ids.is_empty() {
-            continue;
-        }
         // A name more rules allow keeps the first few: a port only a later one opens is
         // refused (closed, not open).
         let mut slots = [0u32; agent_common::SNI_RULES];
         for (slot, id) in slots.iter_mut().zip(ids) {
             *slot = id;
         }
-        out.insert(crate::policy::fqdn::normalize(name), slots);
+        out.insert(name, slots);
     }
     out
 }
@@ -756,5 +762,61 @@ fn sync_all_sni(learned: &Learned, datapath: &Datapath) {
     }
     if let Err(e) = datapath.set_all_sni_names(&want) {
         warn!(error = %e, "could not write TLS server names; connections naming them are refused");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Direction, Protocol};
+
+    fn rule(id: u32, names: &[&str], ech: &[&str]) -> Rule {
+        Rule {
+            id,
+            to: vec![],
+            fqdns: names.iter().map(|n| n.parse().unwrap()).collect(),
+            ech: ech.iter().map(|e| Box::from(*e)).collect(),
+            ports: vec!["443".parse().unwrap()],
+            protocol: Protocol::Tcp,
+            direction: Direction::Egress,
+            expires: None,
+            learned: false,
+        }
+    }
+
+    #[test]
+    fn the_server_names_at_an_address_are_the_names_resolved_there_and_their_rules_ech_names() {
+        let caps = crate::dns::Caps {
+            names_per_identity: 8,
+            addresses_per_name: 8,
+        };
+        let now = SystemTime::now();
+        let until = now + Duration::from_secs(60);
+        let ip: IpAddr = "192.0.2.10".parse().unwrap();
+        let other: IpAddr = "192.0.2.11".parse().unwrap();
+        let mut learned = Learned::default();
+        learned.learn(1, "api.example.com", &[(ip, until)], caps, now);
+        learned.learn(1, "www.example.org", &[(other, until)], caps, now);
+        let rules: Vec<Arc<[Rule]>> = vec![Arc::from(vec![
+            rule(1, &["api.example.com"], &["ech.provider.example"]),
+            rule(2, &["*.example.com"], &[]),
+            rule(3, &["www.example.org"], &["other-ech.example"]),
+        ])];
+        let names = sni_names(&learned, 1, ip, &rules);
+        assert_eq!(
+            names.into_iter().collect::<Vec<_>>(),
+            [
+                ("api.example.com".to_owned(), [1, 2, 0, 0]),
+                // Accepted under the rule that lists it, at the addresses its names learned.
+                ("ech.provider.example".to_owned(), [1, 0, 0, 0]),
+            ]
+        );
+        // Another rule's ECH name only where that rule's names were learned.
+        assert_eq!(
+            sni_names(&learned, 1, other, &rules)
+                .into_keys()
+                .collect::<Vec<_>>(),
+            ["other-ech.example", "www.example.org"]
+        );
     }
 }

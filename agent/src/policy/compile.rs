@@ -303,6 +303,7 @@ mod tests {
             protocol,
             direction: crate::policy::model::Direction::Egress,
             expires: None,
+            ech: Box::default(),
             learned: false,
         }
     }

@@ -178,6 +178,7 @@ mod tests {
             protocol: Protocol::Any,
             direction: crate::policy::model::Direction::Egress,
             expires: None,
+            ech: Box::default(),
             learned: false,
         }
     }

@@ -272,6 +272,9 @@ pub struct Rule {
     /// Name patterns: their addresses reach the trie as host rules once the identity's own
     /// DNS answers name them (see `crate::dns`).
     pub fqdns: Vec<super::fqdn::FqdnPattern>,
+    /// ECH public names (the outer server name of an Encrypted ClientHello) the server-name
+    /// check accepts at the addresses `fqdns` learn.
+    pub ech: Box<[Box<str>]>,
     /// Empty means any port.
     pub ports: Vec<PortRange>,
     pub protocol: Protocol,
@@ -493,7 +496,7 @@ impl Reason {
                 "server name (TLS SNI or HTTP Host) not one the identity resolved to this address"
             }
             Self::SniMissing => {
-                "no TLS server name or HTTP Host in the first data of a connection only a name rule allows"
+                "first data of a connection only a name rule allows is neither a TLS ClientHello naming one server nor an HTTP/1 request with one Host and Connection: close"
             }
         }
     }

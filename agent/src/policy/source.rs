@@ -255,6 +255,9 @@ struct RawRule {
     to: Vec<Dest>,
     #[serde(default)]
     ports: Vec<PortSpec>,
+    /// ECH public names accepted as the server name at the addresses the rule's names learn.
+    #[serde(default)]
+    ech: Vec<EchName>,
     #[serde(default)]
     protocol: Option<ProtocolSpec>,
     #[serde(default)]
@@ -266,6 +269,24 @@ struct RawRule {
 }
 
 deserialize_from_str!(QueryTypeSpec, super::names::QueryType);
+
+/// An `ech` entry: a name, never a pattern, lower case without a trailing dot.
+struct EchName(Box<str>);
+
+impl<'de> Deserialize<'de> for EchName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let p: FqdnPattern = s.parse().map_err(|e: super::fqdn::FqdnError| {
+            de::Error::custom(format!("{s:?}: {}", e.problem))
+        })?;
+        if p.kind != super::fqdn::FqdnKind::Exact {
+            return Err(de::Error::custom(format!(
+                "{s:?}: an ECH public name is one name, not a pattern"
+            )));
+        }
+        Ok(Self(p.suffix.into_boxed_str()))
+    }
+}
 
 /// A `dns.resolve` entry.
 struct ResolveSpec(super::names::Resolvable);
@@ -362,6 +383,8 @@ pub struct RuleSource {
     pub to: smallvec::SmallVec<[IpNet; 1]>,
     /// Name patterns; their addresses are learned from the identity's own DNS answers.
     pub fqdns: Vec<FqdnPattern>,
+    /// ECH public names the server-name check accepts at the addresses `fqdns` learn.
+    pub ech: Box<[Box<str>]>,
     /// Empty means any port.
     pub ports: smallvec::SmallVec<[PortRange; 2]>,
     pub protocol: Protocol,
@@ -562,6 +585,25 @@ fn refine(doc: &str, line: usize, col: usize, msg: &str) -> (usize, usize) {
     (line, col)
 }
 
+/// `ech` names what is accepted beside a rule's names: a rule without names has nothing to
+/// accept it beside.
+fn ech_on_names(raw: Vec<RawRule>, file: &Path, first: usize) -> Result<Vec<RawRule>, PolicyError> {
+    if let Some(i) = raw
+        .iter()
+        .position(|r| !r.ech.is_empty() && !r.to.iter().any(|d| matches!(d, Dest::Name(_))))
+    {
+        return Err(err_at(
+            file,
+            first,
+            1,
+            format!(
+                "egress[{i}]: `ech` lists ECH public names accepted at the addresses a rule's names learn; this rule names no host"
+            ),
+        ));
+    }
+    Ok(raw)
+}
+
 fn rules(raw: Vec<RawRule>, origin: &Origin) -> Vec<RuleSource> {
     // Not collected in place: that would keep the larger RawRule allocation for good.
     let mut out = Vec::with_capacity(raw.len());
@@ -583,6 +625,7 @@ fn rules(raw: Vec<RawRule>, origin: &Origin) -> Vec<RuleSource> {
                     Dest::Net(_) => None,
                 })
                 .collect(),
+            ech: r.ech.into_iter().map(|n| n.0).collect(),
             ports: r.ports.into_iter().map(|p| p.0).collect(),
             protocol: r.protocol.map_or(Protocol::Any, |p| p.0),
             expires: r.expires.map(|e| e.0),
@@ -602,6 +645,7 @@ fn ingress_rules(raw: Vec<RawIngressRule>, origin: &Origin) -> Vec<RuleSource> {
         .map(|(index, r)| RuleSource {
             to: r.from.iter().map(|p| p.0).collect(),
             fqdns: Vec::new(),
+            ech: Box::default(),
             ports: r.ports.into_iter().map(|p| p.0).collect(),
             protocol: r.protocol.map_or(Protocol::Any, |p| p.0),
             expires: r.expires.map(|e| e.0),
@@ -686,7 +730,7 @@ fn parse_document(
                     resolve: raw.dns.resolve.into_iter().map(|r| r.0).collect(),
                     types: raw.dns.types.into_iter().map(|t| t.0).collect(),
                 },
-                egress: rules(raw.egress, &origin),
+                egress: rules(ech_on_names(raw.egress, file, first)?, &origin),
                 ingress: ingress_rules(raw.ingress, &origin),
                 origin,
             }))
@@ -697,7 +741,7 @@ fn parse_document(
             Ok(Doc::Archetype(Archetype {
                 name: raw.name,
                 extends: raw.extends,
-                egress: rules(raw.egress, &origin),
+                egress: rules(ech_on_names(raw.egress, file, first)?, &origin),
                 ingress: ingress_rules(raw.ingress, &origin),
                 origin,
             }))
@@ -735,7 +779,7 @@ fn parse_document(
                 ));
             }
             let until = raw.until.0;
-            let mut egress = rules(raw.egress, &origin);
+            let mut egress = rules(ech_on_names(raw.egress, file, first)?, &origin);
             for r in &mut egress {
                 r.expires = Some(r.expires.map_or(until, |e| e.min(until)));
             }
@@ -1056,6 +1100,7 @@ fn compile_source(src: &RuleSource, id: u32, now: std::time::SystemTime) -> Rule
         id,
         to: src.to.to_vec(),
         fqdns: src.fqdns.clone(),
+        ech: src.ech.clone(),
         ports: src.ports.to_vec(),
         protocol: src.protocol,
         direction: src.direction,
@@ -1247,6 +1292,42 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect()
+    }
+
+    #[test]
+    fn ech_names_are_names_beside_a_rule_that_names_hosts() {
+        let doc = |rule: &str| {
+            format!(
+                "kind: AgentPolicy\nname: a\nidentity: spiffe://example.org/agent/a\negress:\n{rule}"
+            )
+        };
+        let set = parse(&[(
+            "p.yaml",
+            &doc("  - to: [api.example.com]\n    ports: [443]\n    ech: [ECH.Provider.example.]\n"),
+        )])
+        .unwrap();
+        assert_eq!(
+            &*set.agents[0].egress[0].ech,
+            [Box::from("ech.provider.example")]
+        );
+        let e = errors(&[(
+            "p.yaml",
+            &doc("  - to: [192.0.2.1]\n    ports: [443]\n    ech: [ech.provider.example]\n"),
+        )]);
+        assert_eq!(
+            e,
+            [
+                "p.yaml:1:1: egress[0]: `ech` lists ECH public names accepted at the addresses a rule's names learn; this rule names no host"
+            ]
+        );
+        let e = errors(&[(
+            "p.yaml",
+            &doc("  - to: [api.example.com]\n    ech: [\"*.provider.example\"]\n"),
+        )]);
+        assert!(
+            e[0].contains("\"*.provider.example\": an ECH public name is one name, not a pattern"),
+            "{e:?}"
+        );
     }
 
     #[test]

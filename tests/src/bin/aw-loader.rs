@@ -27,6 +27,7 @@ fn main() {
             protocol: Protocol::Tcp,
             direction: agentwall::policy::Direction::Egress,
             expires: None,
+            ech: Box::default(),
             learned: false,
         }],
     )

@@ -66,6 +66,7 @@ fn rules_with(n: usize, filler_port: u16) -> Vec<Rule> {
             protocol: Protocol::Tcp,
             direction: agentwall::policy::Direction::Egress,
             expires: None,
+            ech: Box::default(),
             learned: false,
         })
         .collect()
@@ -454,6 +455,7 @@ pub fn run(iterations: usize) {
         protocol: Protocol::Udp,
         direction: agentwall::policy::Direction::Egress,
         expires: None,
+        ech: Box::default(),
         learned: false,
     });
     dp.set_rules(1, &u_rules).unwrap();
@@ -492,6 +494,7 @@ pub fn run(iterations: usize) {
                         protocol: Protocol::Tcp,
                         direction: agentwall::policy::Direction::Egress,
                         expires: None,
+                        ech: Box::default(),
                         learned: false,
                     })
                     .collect(),

@@ -70,6 +70,7 @@ fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
         protocol: Protocol::Any,
         direction: agentwall::policy::Direction::Egress,
         expires: None,
+        ech: Box::default(),
         learned: false,
     }];
     for i in 1..n as u32 {
@@ -84,6 +85,7 @@ fn rules_for(identity: u32, n: usize) -> Vec<Rule> {
             protocol: Protocol::Tcp,
             direction: agentwall::policy::Direction::Egress,
             expires: None,
+            ech: Box::default(),
             learned: false,
         });
     }
@@ -300,6 +302,7 @@ fn server_name_check(
         protocol: Protocol::Tcp,
         direction: agentwall::policy::Direction::Egress,
         expires: None,
+        ech: Box::default(),
         learned: by_name,
     };
     let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
