@@ -641,3 +641,19 @@ fn a_resumed_tls_session_is_checked_like_a_new_one() {
     let r = lab.wait_decision(|r| r["server_name"] == "exfil.other.example");
     assert_eq!(r["verdict"], "deny", "{r}");
 }
+
+#[test]
+fn an_ech_public_name_the_rule_lists_passes_where_its_names_were_resolved() {
+    agentwall_tests::require_root();
+    // The first rule (api.example.com) accepts a provider's ECH public name beside its own.
+    let lab = Lab::new("sni-ech", "enforce", "    ech: [ech.provider.example]\n");
+    lab.resolve();
+    // The outer ClientHello of an ECH connection names the provider's public name.
+    let (code, out) = lab.curl("ech.provider.example");
+    assert_eq!((code, out.as_str()), (Some(0), "200"));
+    // Another provider's is refused.
+    let (code, out) = lab.curl("other-ech.example");
+    assert_ne!(code, Some(0), "{out}");
+    let r = lab.wait_decision(|r| r["server_name"] == "other-ech.example");
+    assert_eq!(r["verdict"], "deny", "{r}");
+}
