@@ -792,23 +792,18 @@ fn bench_bulk_after(addr: SocketAddr, first: &[u8], mib: usize) -> Result<String
 
 /// TLS-shaped connections: each connects, writes a ClientHello naming `name` (the first data,
 /// which a name rule's connection has checked), and closes with RST; a thread accepts and
-/// reads. Times connect and write (the packet line runs inside the write on loopback).
-fn bench_hello(addr: SocketAddr, name: &str, n: usize) -> Result<String, String> {
-    use std::io::{Read as _, Write as _};
-    let listener = std::net::TcpListener::bind(addr).map_err(|e| format!("bind: {e}"))?;
-    let total = n + n / 10;
-    let reader = std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        for _ in 0..total {
-            let Ok((mut c, _)) = listener.accept() else {
-                return;
-            };
-            while matches!(c.read(&mut buf), Ok(k) if k > 0) {}
-        }
-    });
+/// closes. Times connect and write (the packet line runs inside the write on loopback).
+fn bench_hello(
+    addr: SocketAddr,
+    name: &str,
+    n: usize,
+    keep: &mut Vec<OwnedFd>,
+) -> Result<String, String> {
+    use std::io::Write as _;
+    listen_once(addr, keep)?;
     let hello = client_hello(&[name]);
     let mut samples = Vec::with_capacity(n);
-    for i in 0..total {
+    for i in 0..n + n / 10 {
         let t0 = std::time::Instant::now();
         let mut c = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
         c.write_all(&hello).map_err(|e| format!("write: {e}"))?;
@@ -819,7 +814,6 @@ fn bench_hello(addr: SocketAddr, name: &str, n: usize) -> Result<String, String>
             samples.push(ns);
         }
     }
-    reader.join().map_err(|_| "reader panicked".to_owned())?;
     Ok(percentiles(samples))
 }
 
@@ -1870,7 +1864,7 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         }
         ["bench-hello", ip, port, name, n] => {
             let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
-            bench_hello(sa(ip, port)?, name, n)?
+            bench_hello(sa(ip, port)?, name, n, keep)?
         }
         ["bench-bulk-hello", ip, port, name, mib] => {
             let mib: usize = mib.parse().map_err(|e| format!("bad size: {e}"))?;
