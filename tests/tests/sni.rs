@@ -20,6 +20,24 @@ use agentwall_tests::{
 const ID: &str = "spiffe://example.org/agent/sni";
 const RESOLVER: &str = "192.0.2.53";
 
+/// `c` (a server in the peer namespace) started, once it accepts on PEER_V4:`port`: a
+/// connection from inside its own namespace.
+fn spawn_listening(link: &Link, mut c: Command, port: u16, what: &str) -> Child {
+    let child = c.spawn().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let deadline = agentwall_tests::deadline(Duration::from_secs(20));
+    while link
+        .peer
+        .run_in(|| std::net::TcpStream::connect((PEER_V4, port)).is_err())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never listened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
 /// openssl s_server in the peer namespace on PEER_V4:443, answering every name; killed on
 /// drop.
 struct TlsServer(Child);
@@ -37,20 +55,12 @@ impl TlsServer {
             .arg(&key)
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-        let server = TlsServer(c.spawn().expect("openssl s_server (Debian's openssl)"));
-        // Ready once it accepts: a connection from inside its own namespace.
-        let deadline = agentwall_tests::deadline(Duration::from_secs(20));
-        while link
-            .peer
-            .run_in(|| std::net::TcpStream::connect((PEER_V4, 443)).is_err())
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "openssl s_server never listened"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
+        TlsServer(spawn_listening(
+            link,
+            c,
+            443,
+            "openssl s_server (Debian's openssl)",
+        ))
     }
 }
 
@@ -74,22 +84,12 @@ impl HttpServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let server = HttpServer(
-            c.spawn()
-                .expect("python3 -m http.server (Debian's python3)"),
-        );
-        let deadline = agentwall_tests::deadline(Duration::from_secs(20));
-        while link
-            .peer
-            .run_in(|| std::net::TcpStream::connect((PEER_V4, 80)).is_err())
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "python3 -m http.server never listened"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
+        HttpServer(spawn_listening(
+            link,
+            c,
+            80,
+            "python3 -m http.server (Debian's python3)",
+        ))
     }
 }
 
@@ -233,14 +233,17 @@ impl Lab {
     }
 
     fn wait_decision(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        self.wait_count(&pred, 1);
+        self.decisions().into_iter().find(pred).expect("counted")
+    }
+
+    /// Waits until at least `n` records match.
+    fn wait_count(&self, pred: &dyn Fn(&serde_json::Value) -> bool, n: usize) {
         let deadline = agentwall_tests::deadline(Duration::from_secs(20));
-        loop {
-            if let Some(r) = self.decisions().into_iter().find(&pred) {
-                return r;
-            }
+        while self.decisions().iter().filter(|r| pred(r)).count() < n {
             assert!(
                 std::time::Instant::now() < deadline,
-                "no such record; have {:?}",
+                "fewer than {n} such records; have {:#?}",
                 self.decisions()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -423,42 +426,14 @@ fn a_connect_on_the_connected_socket_urgent_data_two_names_and_a_split_hello_get
     // Two server_name extensions, the resolved name first: a server could read the second.
     assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
     p.cmd("send-held-hello api.example.com,exfil.other.example whole");
-    let deadline = agentwall_tests::deadline(Duration::from_secs(20));
-    while lab
-        .decisions()
-        .iter()
-        .filter(|r| r["reason"] == MISSING)
-        .count()
-        < 2
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{:#?}",
-            lab.decisions()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    lab.wait_count(&|r| r["reason"] == MISSING, 2);
     assert_eq!(p.cmd("await-end-held"), "ECONNABORTED");
     assert_eq!(p.cmd("drop-held"), "ok");
 
     // A ClientHello written in two pieces, its name in the second: refused at the first.
     assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
     let sent_split = p.cmd("send-held-hello api.example.com split");
-    let deadline = agentwall_tests::deadline(Duration::from_secs(20));
-    while lab
-        .decisions()
-        .iter()
-        .filter(|r| r["reason"] == MISSING)
-        .count()
-        < 3
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{:#?}",
-            lab.decisions()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    lab.wait_count(&|r| r["reason"] == MISSING, 3);
     // Ended: the second piece's write saw it (and took the error), or the socket holds it.
     let ended = p.cmd("await-end-held");
     assert!(
@@ -545,21 +520,7 @@ fn a_plain_http_request_must_name_in_its_host_a_name_resolved_to_its_address() {
         ),
     ]);
     assert!(!out.contains("200 OK"), "{out}");
-    let deadline = agentwall_tests::deadline(Duration::from_secs(20));
-    while lab
-        .decisions()
-        .iter()
-        .filter(|r| r["reason"] == MISSING && r["port"] == 80)
-        .count()
-        < 2
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{:#?}",
-            lab.decisions()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    lab.wait_count(&|r| r["reason"] == MISSING && r["port"] == 80, 2);
 
     // A request that keeps the connection open for more requests (each routed by its own
     // Host, which the check would not read): refused, however right its Host.
@@ -580,21 +541,7 @@ fn a_plain_http_request_must_name_in_its_host_a_name_resolved_to_its_address() {
         ),
     ]);
     assert!(!out.contains("200 OK"), "{out}");
-    let deadline = agentwall_tests::deadline(Duration::from_secs(20));
-    while lab
-        .decisions()
-        .iter()
-        .filter(|r| r["reason"] == MISSING && r["port"] == 80)
-        .count()
-        <= before
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{:#?}",
-            lab.decisions()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    lab.wait_count(&|r| r["reason"] == MISSING && r["port"] == 80, before + 1);
 
     // On the wire: the allowed request, never the others.
     let sent = lab.sent(&mut cap);
