@@ -8,7 +8,7 @@ pub mod http;
 
 /// Bumped whenever a map layout changes: pins live under `<bpffs_dir>/v{ABI_VERSION}`, so a new
 /// layout never adopts maps written by an old one.
-pub const ABI_VERSION: u32 = 9;
+pub const ABI_VERSION: u32 = 10;
 
 pub const MAP_BINDINGS: &str = "AW_BINDINGS";
 pub const MAP_IDENTITIES: &str = "AW_IDENTITIES";
@@ -29,6 +29,9 @@ pub const MAP_BINDING_SLOTS: &str = "AW_BINDING_SLOTS";
 pub const MAP_SNI_NAMES: &str = "AW_SNI_NAMES";
 pub const MAP_SNI_SEEN: &str = "AW_SNI_SEEN";
 pub const MAP_SNI_SCRATCH: &str = "AW_SNI_SCRATCH";
+/// The token of the check that holds a CPU's scratch: pinned with the scratch, so that while
+/// a start swaps programs the two builds' checks guard the one scratch they share.
+pub const MAP_SNI_GUARD: &str = "AW_SNI_GUARD";
 /// The programs `aw_egress` tail-calls (`TAIL_SNI`): pinned, since a program array whose
 /// last user reference goes is emptied, and the pinned egress program runs on between nodes.
 pub const MAP_TAILS: &str = "AW_TAILS";
@@ -38,7 +41,7 @@ pub const TAILS: u32 = 1;
 pub const TAIL_SNI: u32 = 0;
 
 /// Every map the programs use, in a stable order (pinning, adoption and teardown walk it).
-pub const ALL_MAPS: [&str; 20] = [
+pub const ALL_MAPS: [&str; 21] = [
     MAP_BINDINGS,
     MAP_IDENTITIES,
     MAP_RULES,
@@ -59,6 +62,7 @@ pub const ALL_MAPS: [&str; 20] = [
     MAP_SNI_SEEN,
     MAP_SNI_SCRATCH,
     MAP_TAILS,
+    MAP_SNI_GUARD,
 ];
 
 pub const PROG_CONNECT4: &str = "aw_connect4";
@@ -310,6 +314,11 @@ pub const REASON_SNI_MISMATCH: u8 = 17;
 /// A connection only a name rule allows sent first data that is not a TLS ClientHello with a
 /// server name in its first packet (no name, another protocol, a hello split before it).
 pub const REASON_SNI_MISSING: u8 = 18;
+/// A connection only a name rule allows put its first data out before the check with pages
+/// the sender can still change (MSG_ZEROCOPY, io_uring's zero-copy sends, spliced or
+/// sendfile pages, or a socket set for zero-copy): what the check read would not be what
+/// reaches the peer.
+pub const REASON_ZERO_COPY: u8 = 19;
 
 /// [`Event::hook`].
 pub const HOOK_CONNECT4: u8 = 1;
@@ -524,6 +533,10 @@ pub struct KernelLayout {
     pub transparent_mask: u8,
     pub bindaddr_mask: u8,
     pub _pad: u8,
+    /// `msg_flags` in `struct msghdr` (bytes from its start), which moves as the kernel's
+    /// `iov_iter` grows: where a send says it is zero-copy or spliced.
+    pub msg_flags_at: u16,
+    pub _pad2: [u16; 3],
 }
 
 /// LPM key data: an IPv6 address; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`, prefix + 96).
@@ -644,7 +657,11 @@ pub struct SockState {
     /// [`SNI_SENT`]): non-zero when a refusal of that data sent again cuts the connection,
     /// zero (audit) when it is only recorded.
     pub sni_enforce: u8,
-    pub _pad: [u8; 2],
+    /// Non-zero once a governed task turned `SO_ZEROCOPY` on for the socket: its sends may
+    /// leave pages the sender can change after the check read them, so its first data is
+    /// refused while the check is pending.
+    pub zerocopy: u8,
+    pub _pad: u8,
     /// TCP sequence numbers of the first data the check passed: [from, to).
     pub sni_from: u32,
     pub sni_to: u32,
@@ -782,7 +799,7 @@ mod pod {
 // Layout guards: the kernel and userspace must agree on these sizes byte for byte.
 const _: () = assert!(core::mem::size_of::<IdentityState>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 16);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 24);
 const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<PortSet>() == 8192);
 const _: () = assert!(core::mem::size_of::<RuleSet>() == 8 + 24 * MAX_PORT_ENTRIES);

@@ -22,12 +22,12 @@ use agent_common::{
     REASON_HANDED_SOCKET, REASON_INBOUND, REASON_LOOPBACK_SOURCE, REASON_NO_RULE,
     REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SNI_MISMATCH,
     REASON_SNI_MISSING, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION, REASON_SOCKET_TYPE,
-    REASON_UNBOUND, REASON_WIRE, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES, RateKey, RateState,
-    RecordUsage, RuleSet, SLOT_CLAIMED, SNI_AUDIT, SNI_NAME_ENTRIES, SNI_NAME_MAX, SNI_NONE,
-    SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RULES, SNI_SEEN_ENTRIES,
-    SNI_SENT, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName, SockState, TAIL_SNI, TAILS,
-    UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, http,
-    rule_hit_key,
+    REASON_UNBOUND, REASON_WIRE, REASON_ZERO_COPY, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES,
+    RateKey, RateState, RecordUsage, RuleSet, SLOT_CLAIMED, SNI_AUDIT, SNI_NAME_ENTRIES,
+    SNI_NAME_MAX, SNI_NONE, SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED,
+    SNI_RULES, SNI_SEEN_ENTRIES, SNI_SENT, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS,
+    SniName, SockState, TAIL_SNI, TAILS, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE,
+    dns_proxy_addr, dns_proxy_addr6, http, rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{
@@ -764,6 +764,8 @@ fn try_socket_family(ctx: &LsmContext) -> i32 {
 }
 
 const SOL_IP: i32 = 0;
+const SOL_SOCKET: i32 = 1;
+const SO_ZEROCOPY: i32 = 60;
 const SOL_IPV6: i32 = 41;
 const IP_RECVERR: i32 = 11;
 const IP_FREEBIND: i32 = 15;
@@ -989,10 +991,72 @@ fn try_socket_use(ctx: &LsmContext, send: bool) -> i32 {
     }
     // SAFETY: a non-null pointer from the storage helper.
     let owner = unsafe { core::ptr::read_volatile(&raw const (*st).binding_cgroup) };
-    if owner == 0 || owner == binding_cgroup {
-        return ALLOW;
+    if owner != 0 && owner != binding_cgroup {
+        return refuse_task(&flow, leaf, &binding, REASON_FOREIGN_SOCKET);
     }
-    refuse_task(&flow, leaf, &binding, REASON_FOREIGN_SOCKET)
+    if send {
+        // SAFETY: as above.
+        let sni = unsafe { core::ptr::read_volatile(&raw const (*st).sni) };
+        if (sni == SNI_PENDING_ENFORCE || sni == SNI_PENDING_AUDIT) && !copied_send(ctx) {
+            let kind = if sni == SNI_PENDING_ENFORCE {
+                EVENT_SOCK_DENY
+            } else {
+                EVENT_AUDIT
+            };
+            // The record names the destination the socket was allowed to reach.
+            // SAFETY: as above; a BTF-typed kernel pointer the verifier checks the load
+            // against.
+            let flow = unsafe {
+                Flow {
+                    addr: (*st).dests[0],
+                    port: (*st).ports[0],
+                    proto: if (*sock).kind == SOCK_STREAM as i16 {
+                        PROTO_TCP
+                    } else {
+                        PROTO_UDP
+                    },
+                    ..flow
+                }
+            };
+            report(
+                &flow,
+                leaf,
+                binding.identity,
+                kind,
+                REASON_ZERO_COPY,
+                0,
+                0,
+                Who::Task,
+            );
+            if sni == SNI_PENDING_ENFORCE {
+                return DENY;
+            }
+        }
+    }
+    ALLOW
+}
+
+/// `MSG_ZEROCOPY` (also what io_uring's zero-copy sends pass) and `MSG_SPLICE_PAGES`
+/// (sendfile and splice into a socket, from Linux 6.5), from the kernel's socket.h.
+const MSG_ZEROCOPY: u32 = 0x0400_0000;
+const MSG_SPLICE_PAGES: u32 = 0x0800_0000;
+
+/// Whether the send of `socket_sendmsg(sock, msg, size)` copies its data into the kernel:
+/// not zero-copy, not spliced pages, whose bytes the sender can still change after the
+/// packet line read them. False when the flags cannot be read (their place unknown here).
+#[inline(always)]
+fn copied_send(ctx: &LsmContext) -> bool {
+    let msg: *const u8 = ctx.arg(1);
+    let at = layout().msg_flags_at;
+    if msg.is_null() || at == 0 {
+        return false;
+    }
+    // SAFETY: the helper reads kernel memory without faulting; userspace found the offset in
+    // the kernel's BTF.
+    match unsafe { bpf_probe_read_kernel(msg.wrapping_add(usize::from(at)).cast::<u32>()) } {
+        Ok(flags) => flags & (MSG_ZEROCOPY | MSG_SPLICE_PAGES) == 0,
+        Err(_) => false,
+    }
 }
 
 /// `socket_bind(sock, address, addrlen)`. The setsockopt lines keep FREEBIND and TRANSPARENT
@@ -1355,9 +1419,10 @@ fn sni_checked(identity: u32) -> bool {
 /// Refuses a governed task, with a record, the options that bind non-local addresses.
 #[inline(always)]
 fn judge_sockopt(level: i32, optname: i32, sk: *mut core::ffi::c_void) -> i32 {
+    let zerocopy = level == SOL_SOCKET && optname == SO_ZEROCOPY;
     let refused = (level == SOL_IP && (optname == IP_FREEBIND || optname == IP_TRANSPARENT))
         || (level == SOL_IPV6 && (optname == IPV6_FREEBIND || optname == IPV6_TRANSPARENT));
-    if !refused {
+    if !refused && !zerocopy {
         return ALLOW;
     }
     let leaf = unsafe { bpf_get_current_cgroup_id() };
@@ -1367,6 +1432,18 @@ fn judge_sockopt(level: i32, optname: i32, sk: *mut core::ffi::c_void) -> i32 {
         Holder::Nobody => return ALLOW,
         Holder::Ended => return DENY,
     };
+    if zerocopy {
+        // Marked whatever the value and whether the kernel then takes it (turned off again,
+        // the mark stays: a false refusal, never a pass). Only the server-name check reads
+        // it; a socket whose mark cannot be kept is refused the option.
+        let st = sock_state(sk, true);
+        if st.is_null() {
+            return DENY;
+        }
+        // SAFETY: a non-null pointer from the storage helper.
+        unsafe { core::ptr::write_volatile(&raw mut (*st).zerocopy, 1) };
+        return ALLOW;
+    }
     let flow = Flow {
         addr: [0; 16],
         port: 0,
@@ -2116,6 +2193,12 @@ fn sni_check(skb: *mut __sk_buff, h: &Headers, c: &Check, st: *mut SockState) ->
     // other bytes than these.
     if fl[1] & TCP_URG != 0 {
         return refused(st, REASON_SNI_MISSING, h, c);
+    }
+    // A socket set for zero-copy may have sent these bytes from pages its task can still
+    // change: what is read here need not be what reaches the peer.
+    // SAFETY: non-null storage pointer.
+    if state != SNI_SENT && unsafe { core::ptr::read_volatile(&raw const (*st).zerocopy) } != 0 {
+        return refused(st, REASON_ZERO_COPY, h, c);
     }
     let verdict = name_allowed(h, c);
     if verdict != REASON_NONE {

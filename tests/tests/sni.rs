@@ -452,6 +452,99 @@ fn a_connect_on_the_connected_socket_urgent_data_two_names_and_a_split_hello_get
     );
 }
 
+/// Linux's (major, minor), from the running kernel's release.
+fn kernel_release() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// First data sent from pages the sender keeps could change after the check read it: while
+/// the check is pending, such sends are refused (EPERM, nothing sent) and a socket set for
+/// zero-copy has its first data refused and its connection ended. A plain send afterwards
+/// is checked as usual.
+#[test]
+fn zero_copy_and_spliced_sends_get_nothing_past_the_check() {
+    agentwall_tests::require_root();
+    const ZERO_COPY: &str = "zero-copy or spliced send before a connection only a name rule allows had its server name checked";
+    let lab = Lab::new("sni-zc", "enforce", "");
+    lab.resolve();
+    let mut cap = Capture::start(&lab.link.peer, "veth-p");
+    let mut c = launch_args(&lab.node.socket, &lab.cert, &lab.key);
+    lab.link.agent.enter(&mut c);
+    c.arg(bin_path("aw-probe"));
+    let mut p = Probe::from_command(c);
+
+    // MSG_ZEROCOPY, io_uring's zero-copy send and (from Linux 6.5, where they pass the
+    // send hook) spliced pages: where the node enforces the BPF LSM line, refused at the
+    // send (nothing queued), recorded with the connection's destination; the connection
+    // stays, and a plain send of an allowed name then passes. Without the line (the status
+    // says why) or, before 6.5, for sendfile (TCP's `sendpage`, past every send hook), the
+    // send goes out and the packet line checks what it reads: this name is refused.
+    let lsm = agentwall_tests::node::lsm_line(&lab.node.socket).is_none();
+    let spliced_seen = kernel_release() >= (6, 5);
+    let mut refused = 0;
+    let mut named = 0;
+    for how in ["msg-zerocopy", "uring-zc", "sendfile"] {
+        assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
+        let sent = p.cmd(&format!("send-held-hello exfil.other.example {how}"));
+        if lsm && (how != "sendfile" || spliced_seen) {
+            assert_eq!(sent, "err EPERM", "{how}");
+            refused += 1;
+            lab.wait_count(&|r| r["reason"] == ZERO_COPY, refused);
+            assert_eq!(
+                p.cmd("send-held-hello api.example.com whole"),
+                "ok",
+                "{how}"
+            );
+        } else {
+            assert_eq!(sent, "ok", "{how}");
+            named += 1;
+            lab.wait_count(&|r| r["server_name"] == "exfil.other.example", named);
+            assert_eq!(p.cmd("await-end-held"), "ECONNABORTED", "{how}");
+        }
+        assert_eq!(p.cmd("drop-held"), "ok");
+    }
+    if lsm {
+        let r = lab.wait_decision(|r| r["reason"] == ZERO_COPY);
+        assert_eq!(r["verdict"], "deny", "{r}");
+        assert_eq!(
+            (r["port"].as_u64(), r["identity"].as_str()),
+            (Some(443), Some(ID)),
+            "{r}"
+        );
+    } else {
+        // The plain send of the allowed name the other branch makes.
+        assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
+        assert_eq!(p.cmd("send-held-hello api.example.com whole"), "ok");
+        assert_eq!(p.cmd("drop-held"), "ok");
+    }
+
+    // SO_ZEROCOPY on, then a plain send: the kernel may still send from the task's pages,
+    // so the first data is refused in the packet line and the node ends the connection.
+    assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
+    assert_eq!(
+        p.cmd("send-held-hello exfil.other.example zerocopy-set"),
+        "ok"
+    );
+    lab.wait_count(&|r| r["reason"] == ZERO_COPY, refused + 1);
+    assert_eq!(p.cmd("await-end-held"), "ECONNABORTED");
+    assert_eq!(p.cmd("drop-held"), "ok");
+
+    let sent = lab.sent(&mut cap);
+    assert!(
+        !sent.iter().any(|p| p.carries(b"exfil.other.example")),
+        "a ClientHello sent from the sender's pages reached the wire"
+    );
+    assert!(
+        sent.iter().any(|p| p.carries(b"api.example.com")),
+        "the plain sends after the refusals never reached the server"
+    );
+}
+
 #[test]
 fn a_plain_http_request_must_name_in_its_host_a_name_resolved_to_its_address() {
     agentwall_tests::require_root();

@@ -252,6 +252,24 @@ impl KernelBtf {
         }
     }
 
+    /// Where `struct msghdr` keeps a send's flags (bytes from its start).
+    pub fn msg_flags_at(&self) -> Result<u16, LayoutError> {
+        let bit = self
+            .bit_of(self.members("msghdr")?, &["msg_flags"])
+            .ok_or_else(|| LayoutError::NoField {
+                path: self.path.clone(),
+                strukt: "msghdr",
+                field: "msg_flags",
+            })?;
+        match byte_of("msghdr.msg_flags", bit)? {
+            (at, 1) if at > 0 => Ok(at),
+            _ => Err(LayoutError::Unaligned {
+                what: "msghdr.msg_flags",
+                bit,
+            }),
+        }
+    }
+
     /// Where `struct sock` counts the bytes of received data a socket holds.
     pub fn rmem_alloc_at(&self) -> Result<u16, LayoutError> {
         self.sock_byte(
@@ -568,6 +586,7 @@ mod tests {
         assert!(lock_at > 0 && lock_mask != 0, "{lock_at} {lock_mask}");
         let protocol = btf.protocol_at().expect("sk_protocol");
         assert!(btf.owned_at().expect("sk_lock.owned") > 0);
+        assert!(btf.msg_flags_at().expect("msghdr.msg_flags") > 0);
         assert!(protocol > 0, "{protocol}");
         assert_ne!(at.freebind_mask, 0);
         assert_ne!(at.transparent_mask, 0);

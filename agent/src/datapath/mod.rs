@@ -1998,6 +1998,10 @@ fn kernel_layout(families: &mut SocketFamilies) -> KernelLayout {
         warn!(error = %e, "UDP sockets handed to governed agents are refused: where this kernel keeps a socket's protocol is unknown");
         0
     });
+    found.msg_flags_at = btf.msg_flags_at().unwrap_or_else(|e| {
+        warn!(error = %e, "every send on a connection whose server name is still to be checked is refused: where this kernel keeps a send's flags (zero-copy, spliced pages) is unknown");
+        0
+    });
     found.rmem_alloc_at = btf.rmem_alloc_at().unwrap_or_else(|e| {
         warn!(error = %e, "UDP sockets handed to governed agents are refused: where this kernel counts their queued data is unknown");
         0

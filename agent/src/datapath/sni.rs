@@ -16,6 +16,12 @@ use crate::policy::model::addr_from16;
 /// Names per (identity, address), as the kernel holds them: name → rule ids.
 pub type Names = BTreeMap<String, [u32; SNI_RULES]>;
 
+/// Names one identity may hold in `AW_SNI_NAMES`, over all its addresses: an agent that
+/// resolves name after name under a wildcard rule fills its own share, not the map the
+/// other identities' checks need. Names past it are not written (their connections are
+/// refused: closed, not open).
+pub const NAMES_PER_IDENTITY: usize = c::SNI_NAME_ENTRIES as usize / 16;
+
 /// A refused server name, with the connection it came in.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refused {
@@ -38,6 +44,15 @@ pub enum SniError {
         name: String,
         #[source]
         source: Box<MapError>,
+    },
+    #[error(
+        "identity {identity} resolved more server names than its share of the TLS check's map ({limit}): {left_out} at {addr} not written, their connections are refused"
+    )]
+    Quota {
+        identity: u32,
+        addr: IpAddr,
+        limit: usize,
+        left_out: usize,
     },
     #[error("reading {map}: {source}")]
     Read {
@@ -69,6 +84,25 @@ fn key(identity: u32, ip: IpAddr, name: &str) -> Option<SniName> {
     };
     k.name[..bytes.len()].copy_from_slice(bytes);
     Some(k)
+}
+
+/// Every (identity, address) key of `identity` in the mirror's order.
+fn identity_span(identity: u32) -> std::ops::RangeInclusive<(u32, IpAddr)> {
+    (identity, IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+        ..=(identity, IpAddr::V6(std::net::Ipv6Addr::from(u128::MAX)))
+}
+
+/// The first of `want` (in name order) that fit beside `elsewhere` names the identity holds
+/// at its other addresses, and how many did not.
+fn within_share(want: &Names, elsewhere: usize) -> (Names, usize) {
+    let room = NAMES_PER_IDENTITY.saturating_sub(elsewhere);
+    let kept: Names = want
+        .iter()
+        .take(room)
+        .map(|(n, r)| (n.clone(), *r))
+        .collect();
+    let left_out = want.len() - kept.len();
+    (kept, left_out)
 }
 
 fn text(k: &SniName) -> String {
@@ -104,7 +138,19 @@ impl SniMaps {
     /// refused).
     pub fn set(&mut self, identity: u32, ip: IpAddr, want: &Names) -> Result<(), SniError> {
         let have = self.mirror.remove(&(identity, ip)).unwrap_or_default();
-        let mut first = None;
+        let elsewhere = self
+            .mirror
+            .range(identity_span(identity))
+            .map(|(_, names)| names.len())
+            .sum();
+        let (want, left_out) = within_share(want, elsewhere);
+        let want = &want;
+        let mut first = (left_out > 0).then_some(SniError::Quota {
+            identity,
+            addr: ip,
+            limit: NAMES_PER_IDENTITY,
+            left_out,
+        });
         let mut kept = Names::new();
         for (name, rules) in want {
             let Some(k) = key(identity, ip, name) else {
@@ -210,5 +256,50 @@ impl SniMaps {
                 Self::refused(&k)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: usize) -> Names {
+        (0..n)
+            .map(|i| (format!("n{i:05}.example"), [1, 0, 0, 0]))
+            .collect()
+    }
+
+    #[test]
+    fn an_identity_holds_at_most_its_share_of_names() {
+        let (kept, out) = within_share(&names(10), 0);
+        assert_eq!((kept.len(), out), (10, 0));
+        let (kept, out) = within_share(&names(10), NAMES_PER_IDENTITY - 4);
+        assert_eq!((kept.len(), out), (4, 6));
+        // The first in name order are kept: the same ones at every resync.
+        assert_eq!(
+            kept.keys().next().map(String::as_str),
+            Some("n00000.example")
+        );
+        let (kept, out) = within_share(&names(3), NAMES_PER_IDENTITY + 1);
+        assert_eq!((kept.len(), out), (0, 3));
+    }
+
+    #[test]
+    fn an_identity_s_span_covers_both_families_and_no_other_identity() {
+        let mut m: BTreeMap<(u32, IpAddr), u8> = BTreeMap::new();
+        for id in [6, 7, 8] {
+            m.insert((id, "0.0.0.0".parse().unwrap()), 0);
+            m.insert((id, "203.0.113.9".parse().unwrap()), 0);
+            m.insert((id, "2001:db8::1".parse().unwrap()), 0);
+            m.insert(
+                (
+                    id,
+                    "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap(),
+                ),
+                0,
+            );
+        }
+        let ids: Vec<u32> = m.range(identity_span(7)).map(|((id, _), _)| *id).collect();
+        assert_eq!(ids, [7, 7, 7, 7]);
     }
 }

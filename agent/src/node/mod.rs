@@ -918,7 +918,10 @@ impl Node {
         cut: &mut Vec<crate::datapath::sni::Refused>,
     ) -> Option<String> {
         use crate::policy::Reason;
-        if !matches!(e.reason, Some(Reason::SniMismatch | Reason::SniMissing)) {
+        if !matches!(
+            e.reason,
+            Some(Reason::SniMismatch | Reason::SniMissing | Reason::ZeroCopy)
+        ) {
             return None;
         }
         let refused = self.datapath.take_sni_refused(e.time.0)?;

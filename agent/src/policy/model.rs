@@ -420,6 +420,9 @@ pub enum Reason {
     /// The packet line: a connection only a name rule allows sent first data that is not a
     /// TLS ClientHello with a server name in its first packet.
     SniMissing,
+    /// A connection only a name rule allows sent its first data, or was set to send it, from
+    /// pages its task could change after the check read them (zero-copy, spliced pages).
+    ZeroCopy,
 }
 
 impl Reason {
@@ -443,6 +446,7 @@ impl Reason {
             Self::HandedSocket => c::REASON_HANDED_SOCKET,
             Self::SniMismatch => c::REASON_SNI_MISMATCH,
             Self::SniMissing => c::REASON_SNI_MISSING,
+            Self::ZeroCopy => c::REASON_ZERO_COPY,
         }
     }
 
@@ -466,6 +470,7 @@ impl Reason {
             c::REASON_HANDED_SOCKET => Self::HandedSocket,
             c::REASON_SNI_MISMATCH => Self::SniMismatch,
             c::REASON_SNI_MISSING => Self::SniMissing,
+            c::REASON_ZERO_COPY => Self::ZeroCopy,
             _ => return None,
         })
     }
@@ -497,6 +502,9 @@ impl Reason {
             }
             Self::SniMissing => {
                 "first data of a connection only a name rule allows is neither a TLS ClientHello naming one server nor an HTTP/1 request with one Host and Connection: close"
+            }
+            Self::ZeroCopy => {
+                "zero-copy or spliced send before a connection only a name rule allows had its server name checked"
             }
         }
     }

@@ -97,7 +97,7 @@ use std::{
     io::{self, BufRead, Write},
     mem,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
 
 fn errno_name(e: i32) -> String {
@@ -1329,13 +1329,23 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         // A TLS ClientHello naming `name` (a server_name extension for each of its
         // comma-separated names) on every held TCP socket: `whole` in one write,
         // `split` after its first 10 bytes (with TCP_NODELAY: two packets, the name in the
-        // second), `urgent` in one write whose last byte is urgent data (MSG_OOB).
+        // second), `urgent` in one write whose last byte is urgent data (MSG_OOB). Sent
+        // from pages the sender keeps: `msg-zerocopy` (send with MSG_ZEROCOPY),
+        // `zerocopy-set` (SO_ZEROCOPY turned on, then a plain send), `sendfile` (from a
+        // memfd), `uring-zc` (io_uring's zero-copy send).
         ["send-held-hello", name, how] => {
             let names: Vec<&str> = name.split(',').collect();
             let hello = client_hello(&names);
             let mut reply = "ok".to_owned();
             for s in held().iter() {
                 let fd = s.as_raw_fd();
+                if matches!(
+                    *how,
+                    "msg-zerocopy" | "zerocopy-set" | "sendfile" | "uring-zc"
+                ) {
+                    reply = send_kept_pages(fd, &hello, how)?;
+                    continue;
+                }
                 let parts: Vec<&[u8]> = if *how == "split" {
                     let one: libc::c_int = 1;
                     // SAFETY: valid fd and option value.
@@ -2044,6 +2054,89 @@ fn uring(addr: SocketAddr, udp: bool) -> Result<String, String> {
     } else {
         "ok".into()
     })
+}
+
+/// `data` sent on `fd` from pages the sender keeps (see `send-held-hello`): "ok" or
+/// "err ERRNO" from the send itself.
+fn send_kept_pages(fd: RawFd, data: &[u8], how: &str) -> Result<String, String> {
+    let sent = |rc: isize| {
+        if rc < 0 {
+            format!("err {}", errno_name(last_err()))
+        } else {
+            "ok".to_owned()
+        }
+    };
+    match how {
+        "msg-zerocopy" => {
+            // SAFETY: valid fd and buffer.
+            Ok(sent(unsafe {
+                libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_ZEROCOPY)
+            }))
+        }
+        "zerocopy-set" => {
+            let one: libc::c_int = 1;
+            // SAFETY: valid fd and option value.
+            if unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_ZEROCOPY,
+                    (&raw const one).cast(),
+                    4,
+                )
+            } < 0
+            {
+                return Ok(format!("err SO_ZEROCOPY {}", errno_name(last_err())));
+            }
+            // SAFETY: valid fd and buffer.
+            Ok(sent(unsafe {
+                libc::send(fd, data.as_ptr().cast(), data.len(), 0)
+            }))
+        }
+        "sendfile" => {
+            // SAFETY: a plain system call with a static name.
+            let mfd = unsafe { libc::memfd_create(c"hello".as_ptr(), libc::MFD_CLOEXEC) };
+            if mfd < 0 {
+                return Err(format!("memfd_create: {}", errno_name(last_err())));
+            }
+            // SAFETY: a descriptor just made, owned by nothing else.
+            let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(mfd) });
+            (&file)
+                .write_all(data)
+                .map_err(|e| format!("memfd write: {e}"))?;
+            let mut off: libc::off_t = 0;
+            // SAFETY: valid descriptors and offset.
+            Ok(sent(unsafe {
+                libc::sendfile(fd, file.as_raw_fd(), &raw mut off, data.len())
+            }))
+        }
+        "uring-zc" => {
+            use io_uring::{IoUring, opcode, types};
+            let mut ring = IoUring::new(4).map_err(|e| format!("io_uring: {e}"))?;
+            let sqe = opcode::SendZc::new(types::Fd(fd), data.as_ptr(), data.len() as u32).build();
+            // SAFETY: the buffer outlives the submission: its completion and notification are
+            // reaped below before it goes.
+            unsafe {
+                ring.submission()
+                    .push(&sqe)
+                    .map_err(|e| format!("io_uring push: {e}"))?;
+            }
+            ring.submit_and_wait(1)
+                .map_err(|e| format!("io_uring submit: {e}"))?;
+            let cqe = ring.completion().next().ok_or("io_uring: no completion")?;
+            if io_uring::cqueue::more(cqe.flags()) {
+                // The notification that the kernel let the pages go.
+                ring.submit_and_wait(1)
+                    .map_err(|e| format!("io_uring wait: {e}"))?;
+            }
+            Ok(if cqe.result() < 0 {
+                format!("err {}", errno_name(-cqe.result()))
+            } else {
+                "ok".into()
+            })
+        }
+        _ => Err(format!("unknown send {how}")),
+    }
 }
 
 fn fork_storm(n: usize, addr: SocketAddr) -> String {
