@@ -41,7 +41,7 @@ pub mod trust;
 pub mod views;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     io,
     net::SocketAddr,
     os::{fd::OwnedFd, unix::fs::PermissionsExt as _},
@@ -255,13 +255,37 @@ const SNI_RECORD_WAIT: Duration = Duration::from_secs(2);
 /// Refused connections waiting to be ended, at most: past it a flood's are left to the
 /// kernel, which drops their data all the same (counted in `dropped`).
 const SNI_ENDING_MAX: usize = 4096;
+/// Of those, one identity's at most: a flood of one identity's refusals leaves the others'
+/// room to be ended.
+const SNI_ENDING_PER_IDENTITY: usize = SNI_ENDING_MAX / 4;
 
 /// The refused connections the node ends, and whether its worker runs.
 #[derive(Default)]
 struct SniEnding {
     queue: Vec<crate::datapath::sni::Refused>,
+    /// Of `queue`, how many each identity has.
+    queued: HashMap<u32, usize>,
     running: bool,
     dropped: u64,
+}
+
+impl SniEnding {
+    /// Queues `r` unless the queue, or its identity's share of it, is full (then counted in
+    /// `dropped`).
+    fn admit(&mut self, r: crate::datapath::sni::Refused) {
+        let mine = self.queued.entry(r.identity).or_default();
+        if self.queue.len() >= SNI_ENDING_MAX || *mine >= SNI_ENDING_PER_IDENTITY {
+            self.dropped += 1;
+            return;
+        }
+        *mine += 1;
+        self.queue.push(r);
+    }
+
+    fn take(&mut self) -> Vec<crate::datapath::sni::Refused> {
+        self.queued.clear();
+        std::mem::take(&mut self.queue)
+    }
 }
 
 impl Node {
@@ -939,11 +963,7 @@ impl Node {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             for r in refused.into_iter().filter(|r| r.cut) {
-                if e.queue.len() >= SNI_ENDING_MAX {
-                    e.dropped += 1;
-                    continue;
-                }
-                e.queue.push(r);
+                e.admit(r);
             }
             if e.running || e.queue.is_empty() {
                 return;
@@ -969,7 +989,7 @@ impl Node {
                         e.running = false;
                         return;
                     }
-                    std::mem::take(&mut e.queue)
+                    e.take()
                 };
                 let mut by_identity: BTreeMap<u32, Vec<(u16, std::net::SocketAddr)>> =
                     BTreeMap::new();
@@ -1262,4 +1282,35 @@ pub(crate) fn group_id(group: &str) -> Result<u32, NodeError> {
     }
     // SAFETY: gr is non-null.
     Ok(unsafe { (*gr).gr_gid })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(identity: u32, port: u16) -> crate::datapath::sni::Refused {
+        crate::datapath::sni::Refused {
+            identity,
+            name: String::new(),
+            peer: SocketAddr::from(([203, 0, 113, 9], 443)),
+            local_port: port,
+            cut: true,
+        }
+    }
+
+    #[test]
+    fn one_identity_s_flood_leaves_room_for_the_others_connections_to_end() {
+        let mut e = SniEnding::default();
+        for port in 0..SNI_ENDING_MAX as u16 {
+            e.admit(refused(1, port));
+        }
+        assert_eq!(e.queue.len(), SNI_ENDING_PER_IDENTITY);
+        assert_eq!(e.dropped, (SNI_ENDING_MAX - SNI_ENDING_PER_IDENTITY) as u64);
+        e.admit(refused(2, 1));
+        assert_eq!(e.queue.last().map(|r| r.identity), Some(2));
+        // Taken, the shares start again.
+        assert_eq!(e.take().len(), SNI_ENDING_PER_IDENTITY + 1);
+        e.admit(refused(1, 7));
+        assert_eq!(e.queue.len(), 1);
+    }
 }
