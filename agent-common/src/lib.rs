@@ -203,10 +203,6 @@ pub const SNI_PENDING_AUDIT: u8 = 1;
 pub const SNI_PENDING_ENFORCE: u8 = 2;
 /// Refused: every later packet with data is dropped (the node ends the connection).
 pub const SNI_REFUSED: u8 = 3;
-/// The first data passed, and the peer has not acknowledged all of it yet: data sent again
-/// over that range ([`SockState::sni_from`], [`SockState::sni_to`]) must be the same
-/// ClientHello again (retransmitted from pages the agent could have changed since).
-pub const SNI_SENT: u8 = 4;
 
 /// Sockets whose DNS traffic was steered to the proxy, remembered until they are reused.
 pub const DNS_ORIGIN_ENTRIES: u32 = 65536;
@@ -314,10 +310,9 @@ pub const REASON_SNI_MISMATCH: u8 = 17;
 /// A connection only a name rule allows sent first data that is not a TLS ClientHello with a
 /// server name in its first packet (no name, another protocol, a hello split before it).
 pub const REASON_SNI_MISSING: u8 = 18;
-/// A connection only a name rule allows put its first data out before the check with pages
+/// A connection only a name rule allows put its first data out before the check in pages
 /// the sender can still change (MSG_ZEROCOPY, io_uring's zero-copy sends, spliced or
-/// sendfile pages, or a socket set for zero-copy): what the check read would not be what
-/// reaches the peer.
+/// sendfile pages): what the check read would not be what reaches the peer.
 pub const REASON_ZERO_COPY: u8 = 19;
 
 /// [`Event::hook`].
@@ -536,7 +531,16 @@ pub struct KernelLayout {
     /// `msg_flags` in `struct msghdr` (bytes from its start), which moves as the kernel's
     /// `iov_iter` grows: where a send says it is zero-copy or spliced.
     pub msg_flags_at: u16,
-    pub _pad2: [u16; 3],
+    /// `head` and `end` in `struct sk_buff`, and `flags` in `struct skb_shared_info` (which
+    /// sits at `head + end`): whether a packet's data is in pages its sender can still
+    /// change. These three are read by the packet line whatever the BPF LSM line does.
+    pub skb_head_at: u16,
+    pub skb_end_at: u16,
+    pub shinfo_flags_at: u16,
+    /// `SKBFL_SHARED_FRAG | SKBFL_ZEROCOPY_ENABLE` on this kernel; zero: unknown, and the
+    /// first data of a connection the server-name check watches is refused.
+    pub shared_frag_mask: u8,
+    pub _pad2: [u8; 7],
 }
 
 /// LPM key data: an IPv6 address; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`, prefix + 96).
@@ -650,22 +654,12 @@ pub struct SockState {
     /// [`SLOT_CLAIMED`]: a governed task took the socket up before any hook of its binding
     /// saw it; the packet line settles it as that binding's at its next packet.
     pub binding_slot: u32,
-    /// [`SNI_NONE`], [`SNI_PENDING_AUDIT`], [`SNI_PENDING_ENFORCE`], [`SNI_REFUSED`] or
-    /// [`SNI_SENT`].
+    /// [`SNI_NONE`], [`SNI_PENDING_AUDIT`], [`SNI_PENDING_ENFORCE`] or [`SNI_REFUSED`].
+    /// Once the first data passed, `SNI_NONE`: it passed only if none of it was in pages its
+    /// sender could change, so the same bytes sent again (whole or in pieces) need no look.
     pub sni: u8,
-    /// Whether the check enforces, kept once the first data passed (`sni` is then
-    /// [`SNI_SENT`]): non-zero when a refusal of that data sent again cuts the connection,
-    /// zero (audit) when it is only recorded.
-    pub sni_enforce: u8,
-    /// Non-zero once a governed task turned `SO_ZEROCOPY` on for the socket: its sends may
-    /// leave pages the sender can change after the check read them, so its first data is
-    /// refused while the check is pending.
-    pub zerocopy: u8,
-    pub _pad: u8,
-    /// TCP sequence numbers of the first data the check passed: [from, to).
-    pub sni_from: u32,
-    pub sni_to: u32,
-    pub _pad2: u32,
+    pub _pad: [u8; 3],
+    pub _pad2: [u32; 3],
 }
 
 /// Key of `AW_SNI_NAMES` (value: the rules allowing the name, `[u32; SNI_RULES]`, 0 = none),
@@ -799,7 +793,7 @@ mod pod {
 // Layout guards: the kernel and userspace must agree on these sizes byte for byte.
 const _: () = assert!(core::mem::size_of::<IdentityState>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 24);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 32);
 const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<PortSet>() == 8192);
 const _: () = assert!(core::mem::size_of::<RuleSet>() == 8 + 24 * MAX_PORT_ENTRIES);

@@ -25,8 +25,8 @@ use agent_common::{
     REASON_UNBOUND, REASON_WIRE, REASON_ZERO_COPY, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES,
     RateKey, RateState, RecordUsage, RuleSet, SLOT_CLAIMED, SNI_AUDIT, SNI_NAME_ENTRIES,
     SNI_NAME_MAX, SNI_NONE, SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED,
-    SNI_RULES, SNI_SEEN_ENTRIES, SNI_SENT, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS,
-    SniName, SockState, TAIL_SNI, TAILS, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE,
+    SNI_RULES, SNI_SEEN_ENTRIES, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName,
+    SockState, TAIL_SNI, TAILS, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE,
     dns_proxy_addr, dns_proxy_addr6, http, rule_hit_key,
 };
 use aya_ebpf::{
@@ -764,8 +764,6 @@ fn try_socket_family(ctx: &LsmContext) -> i32 {
 }
 
 const SOL_IP: i32 = 0;
-const SOL_SOCKET: i32 = 1;
-const SO_ZEROCOPY: i32 = 60;
 const SOL_IPV6: i32 = 41;
 const IP_RECVERR: i32 = 11;
 const IP_FREEBIND: i32 = 15;
@@ -1034,6 +1032,41 @@ fn try_socket_use(ctx: &LsmContext, send: bool) -> i32 {
         }
     }
     ALLOW
+}
+
+/// Whether packet `skb`'s data lies (in part) in pages its sender shares with the kernel
+/// (`SKBFL_SHARED_FRAG`: spliced, sendfile and zero-copy sends; `SKBFL_ZEROCOPY_ENABLE`),
+/// read from the kernel's `sk_buff` at offsets userspace found in its BTF. True when that
+/// cannot be read (unknown offsets, a failed read): the data is then refused.
+#[inline(never)]
+fn shared_pages(skb: *mut __sk_buff) -> bool {
+    let at = layout();
+    if at.shared_frag_mask == 0 {
+        return true;
+    }
+    // The context of a cgroup_skb program is the kernel's `struct sk_buff`.
+    let base = skb as usize;
+    // SAFETY: the helper reads kernel memory without faulting; userspace found the offsets
+    // in the kernel's BTF.
+    unsafe {
+        let Ok(head) =
+            bpf_probe_read_kernel(base.wrapping_add(usize::from(at.skb_head_at)) as *const u64)
+        else {
+            return true;
+        };
+        let Ok(end) =
+            bpf_probe_read_kernel(base.wrapping_add(usize::from(at.skb_end_at)) as *const u32)
+        else {
+            return true;
+        };
+        let flags = (head as usize)
+            .wrapping_add(end as usize)
+            .wrapping_add(usize::from(at.shinfo_flags_at));
+        match bpf_probe_read_kernel(flags as *const u8) {
+            Ok(f) => f & at.shared_frag_mask != 0,
+            Err(_) => true,
+        }
+    }
 }
 
 /// `MSG_ZEROCOPY` (also what io_uring's zero-copy sends pass) and `MSG_SPLICE_PAGES`
@@ -1419,10 +1452,9 @@ fn sni_checked(identity: u32) -> bool {
 /// Refuses a governed task, with a record, the options that bind non-local addresses.
 #[inline(always)]
 fn judge_sockopt(level: i32, optname: i32, sk: *mut core::ffi::c_void) -> i32 {
-    let zerocopy = level == SOL_SOCKET && optname == SO_ZEROCOPY;
     let refused = (level == SOL_IP && (optname == IP_FREEBIND || optname == IP_TRANSPARENT))
         || (level == SOL_IPV6 && (optname == IPV6_FREEBIND || optname == IPV6_TRANSPARENT));
-    if !refused && !zerocopy {
+    if !refused {
         return ALLOW;
     }
     let leaf = unsafe { bpf_get_current_cgroup_id() };
@@ -1432,18 +1464,6 @@ fn judge_sockopt(level: i32, optname: i32, sk: *mut core::ffi::c_void) -> i32 {
         Holder::Nobody => return ALLOW,
         Holder::Ended => return DENY,
     };
-    if zerocopy {
-        // Marked whatever the value and whether the kernel then takes it (turned off again,
-        // the mark stays: a false refusal, never a pass). Only the server-name check reads
-        // it; a socket whose mark cannot be kept is refused the option.
-        let st = sock_state(sk, true);
-        if st.is_null() {
-            return DENY;
-        }
-        // SAFETY: a non-null pointer from the storage helper.
-        unsafe { core::ptr::write_volatile(&raw mut (*st).zerocopy, 1) };
-        return ALLOW;
-    }
     let flow = Flow {
         addr: [0; 16],
         port: 0,
@@ -2175,44 +2195,25 @@ fn sni_check(skb: *mut __sk_buff, h: &Headers, c: &Check, st: *mut SockState) ->
     if !skb_bytes(skb, l4 + 4, &mut sq) || !skb_bytes(skb, l4 + 12, &mut fl) {
         return refused(st, REASON_SNI_MISSING, h, c);
     }
-    // A SYN's data starts one past its sequence number (TCP Fast Open).
-    let from = u32::from_be_bytes(sq).wrapping_add(u32::from(fl[1] & TCP_SYN != 0));
-    // SAFETY: non-null storage pointer.
-    let (state, sent_from, sent_to) = unsafe { ((*st).sni, (*st).sni_from, (*st).sni_to) };
-    if state == SNI_SENT {
-        // Data past the ClientHello: nothing to check.
-        if from.wrapping_sub(sent_from) >= sent_to.wrapping_sub(sent_from) {
-            return FIRST_NOT_YET;
-        }
-        // A piece of it sent again: it cannot be checked alone.
-        if from != sent_from {
-            return refused(st, REASON_SNI_MISSING, h, c);
-        }
-    }
     // Urgent data: a receiver takes the urgent byte out of the stream, so it would read
     // other bytes than these.
     if fl[1] & TCP_URG != 0 {
         return refused(st, REASON_SNI_MISSING, h, c);
     }
-    // A socket set for zero-copy may have sent these bytes from pages its task can still
-    // change: what is read here need not be what reaches the peer.
-    // SAFETY: non-null storage pointer.
-    if state != SNI_SENT && unsafe { core::ptr::read_volatile(&raw const (*st).zerocopy) } != 0 {
+    // In pages its sender can still change (zero-copy, spliced, sendfile): what is read here
+    // need not be what reaches the peer.
+    if shared_pages(skb) {
         return refused(st, REASON_ZERO_COPY, h, c);
     }
     let verdict = name_allowed(h, c);
     if verdict != REASON_NONE {
         return refused(st, verdict, h, c);
     }
-    if state != SNI_SENT {
-        // SAFETY: non-null storage pointer.
-        unsafe {
-            (*st).sni_enforce = u8::from(state == SNI_PENDING_ENFORCE);
-            (*st).sni_from = from;
-            (*st).sni_to = from.wrapping_add(len - data);
-            core::ptr::write_volatile(&raw mut (*st).sni, SNI_SENT);
-        }
-    }
+    // Done: TCP sends these bytes again only from where they are now, pages the kernel
+    // alone holds (none was in pages the sender could change), so what it sends again
+    // (whole, or in pieces cut to its segment size) needs no look.
+    // SAFETY: non-null storage pointer.
+    unsafe { core::ptr::write_volatile(&raw mut (*st).sni, SNI_NONE) };
     REASON_NONE
 }
 
@@ -2348,7 +2349,7 @@ fn refused(st: *mut SockState, reason: u8, h: &Headers, c: &Check) -> u8 {
     // SAFETY: non-null storage pointer.
     let cut = unsafe {
         let s = (*st).sni;
-        s == SNI_PENDING_ENFORCE || (s == SNI_SENT && (*st).sni_enforce != 0)
+        s == SNI_PENDING_ENFORCE
     };
     // SAFETY: as above.
     unsafe {
@@ -2376,33 +2377,7 @@ fn refused(st: *mut SockState, reason: u8, h: &Headers, c: &Check) -> u8 {
     reason
 }
 
-/// The peer's acknowledgement on a connection whose ClientHello passed: once it covers all
-/// of it, nothing sent later can be that data again.
-#[inline(never)]
-fn sni_acked(skb: *mut __sk_buff, h: &Headers, st: *mut SockState) {
-    let l4 = u32::from(h.l4);
-    let mut ack = [0u8; 4];
-    let mut fl = [0u8; 2];
-    if !skb_bytes(skb, l4 + 8, &mut ack) || !skb_bytes(skb, l4 + 12, &mut fl) {
-        return;
-    }
-    if fl[1] & TCP_ACK == 0 {
-        return;
-    }
-    let ack = u32::from_be_bytes(ack);
-    // SAFETY: non-null storage pointer.
-    unsafe {
-        let (from, to) = ((*st).sni_from, (*st).sni_to);
-        let acked = ack.wrapping_sub(from);
-        if acked >= to.wrapping_sub(from) && acked < 1 << 31 {
-            core::ptr::write_volatile(&raw mut (*st).sni, SNI_NONE);
-        }
-    }
-}
-
 /// TCP header flags (the byte at offset 13).
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
 const TCP_URG: u8 = 0x20;
 
 /// The TLS ClientHello at `data`, looked through for its `server_name` (see [`sni_check`]).
@@ -2778,15 +2753,6 @@ fn try_ingress(ctx: &SkBuffContext) -> i32 {
     let mut h = Headers::new();
     // SAFETY: a field of the context.
     if gone == REASON_NONE && unsafe { (*skb).ingress_ifindex } == LOOPBACK_IFINDEX {
-        // Not judged; but the peer's acknowledgement of a checked first data ends the
-        // check's watch here too.
-        // SAFETY: non-null storage pointer.
-        if unsafe { core::ptr::read_volatile(&raw const (*o.st).sni) } == SNI_SENT {
-            read_headers(skb, true, &mut h);
-            if h.ok && h.proto == PROTO_TCP {
-                sni_acked(skb, &h, o.st);
-            }
-        }
         return ALLOW;
     }
     read_headers(skb, true, &mut h);
@@ -2809,10 +2775,6 @@ fn try_ingress(ctx: &SkBuffContext) -> i32 {
     }
     let st = o.st;
     if h.proto == PROTO_TCP {
-        // SAFETY: non-null storage pointer.
-        if unsafe { core::ptr::read_volatile(&raw const (*st).sni) } == SNI_SENT {
-            sni_acked(skb, &h, st);
-        }
         // A connection this socket made, from the peer it was allowed. The socket's own
         // state decides, not only what the connect hook wrote: a connect the kernel then
         // failed leaves that behind on a socket that may go on to listen.

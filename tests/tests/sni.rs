@@ -462,10 +462,11 @@ fn kernel_release() -> (u32, u32) {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
-/// First data sent from pages the sender keeps could change after the check read it: while
-/// the check is pending, such sends are refused (EPERM, nothing sent) and a socket set for
-/// zero-copy has its first data refused and its connection ended. A plain send afterwards
-/// is checked as usual.
+/// First data sent from pages the sender keeps could change after the check read it. The
+/// packet line refuses first data in such pages (the kernel marks them shared), and the node
+/// ends the connection; where the node enforces the BPF LSM line, such sends are refused
+/// before anything is queued (EPERM), the connection kept. A socket set for zero-copy that
+/// sends plainly is copied, and passes.
 #[test]
 fn zero_copy_and_spliced_sends_get_nothing_past_the_check() {
     agentwall_tests::require_root();
@@ -478,23 +479,32 @@ fn zero_copy_and_spliced_sends_get_nothing_past_the_check() {
     c.arg(bin_path("aw-probe"));
     let mut p = Probe::from_command(c);
 
-    // MSG_ZEROCOPY, io_uring's zero-copy send and (from Linux 6.5, where they pass the
-    // send hook) spliced pages: where the node enforces the BPF LSM line, refused at the
-    // send (nothing queued), recorded with the connection's destination; the connection
-    // stays, and a plain send of an allowed name then passes. Without the line (the status
-    // says why) or, before 6.5, for sendfile (TCP's `sendpage`, past every send hook), the
-    // send goes out and the packet line checks what it reads: this name is refused.
+    // SO_ZEROCOPY then a plain send: copied into the kernel, checked as usual, passed.
+    assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
+    assert_eq!(p.cmd("send-held-hello api.example.com zerocopy-set"), "ok");
+    let sent = lab.sent(&mut cap);
+    assert!(
+        sent.iter().any(|p| p.carries(b"api.example.com")),
+        "a plain send on a socket set for zero-copy was refused: {:#?}",
+        lab.decisions()
+    );
+    assert_eq!(p.cmd("drop-held"), "ok");
+
+    // Sent from the sender's pages: SO_ZEROCOPY with MSG_ZEROCOPY, io_uring's zero-copy
+    // send, sendfile; and MSG_ZEROCOPY alone, which the kernel copies (the name is read,
+    // and refused). With the LSM line every MSG_ZEROCOPY send is refused at the send, and
+    // sendfile too from Linux 6.5 (before, it reaches TCP past every send hook).
     let lsm = agentwall_tests::node::lsm_line(&lab.node.socket).is_none();
     let spliced_seen = kernel_release() >= (6, 5);
-    let mut refused = 0;
-    let mut named = 0;
-    for how in ["msg-zerocopy", "uring-zc", "sendfile"] {
+    let (mut zero_copy, mut named) = (0, 0);
+    for how in ["zerocopy", "uring-zc", "sendfile", "msg-zerocopy"] {
         assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
         let sent = p.cmd(&format!("send-held-hello exfil.other.example {how}"));
         if lsm && (how != "sendfile" || spliced_seen) {
             assert_eq!(sent, "err EPERM", "{how}");
-            refused += 1;
-            lab.wait_count(&|r| r["reason"] == ZERO_COPY, refused);
+            zero_copy += 1;
+            lab.wait_count(&|r| r["reason"] == ZERO_COPY, zero_copy);
+            // The connection stays: a plain send of the resolved name is checked and goes.
             assert_eq!(
                 p.cmd("send-held-hello api.example.com whole"),
                 "ok",
@@ -502,46 +512,97 @@ fn zero_copy_and_spliced_sends_get_nothing_past_the_check() {
             );
         } else {
             assert_eq!(sent, "ok", "{how}");
-            named += 1;
-            lab.wait_count(&|r| r["server_name"] == "exfil.other.example", named);
+            if how == "msg-zerocopy" {
+                named += 1;
+                lab.wait_count(&|r| r["server_name"] == "exfil.other.example", named);
+            } else {
+                zero_copy += 1;
+                lab.wait_count(&|r| r["reason"] == ZERO_COPY, zero_copy);
+            }
             assert_eq!(p.cmd("await-end-held"), "ECONNABORTED", "{how}");
         }
         assert_eq!(p.cmd("drop-held"), "ok");
     }
-    if lsm {
-        let r = lab.wait_decision(|r| r["reason"] == ZERO_COPY);
-        assert_eq!(r["verdict"], "deny", "{r}");
-        assert_eq!(
-            (r["port"].as_u64(), r["identity"].as_str()),
-            (Some(443), Some(ID)),
-            "{r}"
-        );
-    } else {
-        // The plain send of the allowed name the other branch makes.
-        assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
-        assert_eq!(p.cmd("send-held-hello api.example.com whole"), "ok");
-        assert_eq!(p.cmd("drop-held"), "ok");
-    }
-
-    // SO_ZEROCOPY on, then a plain send: the kernel may still send from the task's pages,
-    // so the first data is refused in the packet line and the node ends the connection.
-    assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
+    let r = lab.wait_decision(|r| r["reason"] == ZERO_COPY);
+    assert_eq!(r["verdict"], "deny", "{r}");
     assert_eq!(
-        p.cmd("send-held-hello exfil.other.example zerocopy-set"),
-        "ok"
+        (r["port"].as_u64(), r["identity"].as_str()),
+        (Some(443), Some(ID)),
+        "{r}"
     );
-    lab.wait_count(&|r| r["reason"] == ZERO_COPY, refused + 1);
-    assert_eq!(p.cmd("await-end-held"), "ECONNABORTED");
-    assert_eq!(p.cmd("drop-held"), "ok");
 
     let sent = lab.sent(&mut cap);
     assert!(
         !sent.iter().any(|p| p.carries(b"exfil.other.example")),
         "a ClientHello sent from the sender's pages reached the wire"
     );
+}
+
+/// A ClientHello larger than one segment whose first sending is lost goes out again in
+/// pieces cut to the segment size: the bytes the check passed, held by the kernel alone,
+/// pass unread (a piece alone could not be checked).
+#[test]
+fn a_large_client_hello_sent_again_in_pieces_after_a_loss_passes() {
+    agentwall_tests::require_root();
+    let lab = Lab::new("sni-rtx", "enforce", "");
+    lab.resolve();
+    let mut cap = Capture::start(&lab.link.peer, "veth-p");
+    let mut c = launch_args(&lab.node.socket, &lab.cert, &lab.key);
+    lab.link.agent.enter(&mut c);
+    c.arg(bin_path("aw-probe"));
+    let mut p = Probe::from_command(c);
+    assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
+
+    // A token bucket on the agent's side, after the packet line: it cuts the ClientHello
+    // into segments, sends the first and loses the rest (its queue holds nothing).
+    let tc = |args: &[&str]| {
+        let mut c = Command::new("tc");
+        lab.link.agent.enter(&mut c);
+        let out = c.args(args).output().expect("tc");
+        assert!(out.status.success(), "tc {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    tc(&[
+        "qdisc", "add", "dev", "veth-a", "root", "tbf", "rate", "100kbit", "burst", "1600",
+        "limit", "1",
+    ]);
+    assert_eq!(p.cmd("send-held-hello api.example.com big"), "ok");
+    let deadline = agentwall_tests::deadline(Duration::from_secs(20));
+    let dropped = |shown: &str| -> u64 {
+        shown
+            .split("dropped ")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    while dropped(&tc(&["-s", "qdisc", "show", "dev", "veth-a"])) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ClientHello was not lost"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tc(&["qdisc", "del", "dev", "veth-a", "root"]);
+
+    // The lost piece is sent again (TCP's timers) on its own: it reaches the server.
+    let got = cap.until(Duration::from_secs(30), |p| p.carries(b"BIG-HELLO-END"));
     assert!(
-        sent.iter().any(|p| p.carries(b"api.example.com")),
-        "the plain sends after the refusals never reached the server"
+        got.iter().any(|p| p.carries(b"api.example.com")),
+        "the piece with the name never reached the server: {:#?}",
+        lab.decisions()
+    );
+    assert!(
+        !got.iter()
+            .any(|p| p.carries(b"api.example.com") && p.carries(b"BIG-HELLO-END")),
+        "sent whole, not in pieces"
+    );
+    assert!(
+        !lab.decisions()
+            .iter()
+            .any(|r| r["verdict"] == "deny" && r["port"] == 443),
+        "{:#?}",
+        lab.decisions()
     );
 }
 

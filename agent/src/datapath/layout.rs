@@ -52,6 +52,14 @@ pub enum LayoutError {
     TooFar { what: &'static str, byte: u64 },
     #[error("the kernel keeps the socket's {what} at bit {bit}, not at the start of a byte")]
     Unaligned { what: &'static str, bit: u64 },
+    #[error(
+        "the kernel's BTF at {path} has sk_buff.end as something other than a 4-byte offset from its head"
+    )]
+    EndNotOffset { path: PathBuf },
+    #[error(
+        "the kernel's BTF at {path} puts SKBFL_SHARED_FRAG or SKBFL_ZEROCOPY_ENABLE past the first byte of skb_shared_info.flags (mask {mask:#x})"
+    )]
+    FlagsPastByte { path: PathBuf, mask: u64 },
 }
 
 /// A kernel's BTF, parsed (tens of megabytes while it lives: keep it only while asking).
@@ -268,6 +276,75 @@ impl KernelBtf {
                 bit,
             }),
         }
+    }
+
+    /// Where the packet line reads whether a packet's data is in pages its sender shares
+    /// (see [`KernelLayout::shared_frag_mask`]): the `skb_*`, `shinfo_*` and mask fields of a
+    /// [`KernelLayout`], the others 0.
+    pub fn shared_frags(&self) -> Result<KernelLayout, LayoutError> {
+        let skb = self.members("sk_buff")?;
+        let byte = |members: &[StructMember], strukt: &'static str, field: &'static str| {
+            let bit = self
+                .bit_of(members, &[field])
+                .ok_or_else(|| LayoutError::NoField {
+                    path: self.path.clone(),
+                    strukt,
+                    field,
+                })?;
+            match byte_of(field, bit)? {
+                (at, 1) => Ok(at),
+                _ => Err(LayoutError::Unaligned { what: field, bit }),
+            }
+        };
+        let skb_head_at = byte(skb, "sk_buff", "head")?;
+        let skb_end_at = byte(skb, "sk_buff", "end")?;
+        // `end` is an offset from `head` (a 4-byte `sk_buff_data_t`) wherever longs are 64
+        // bits; a pointer elsewhere, which the program does not read.
+        let (_, end_type) = self.field(skb, "end", 0).ok_or(LayoutError::NoField {
+            path: self.path.clone(),
+            strukt: "sk_buff",
+            field: "end",
+        })?;
+        if self.size_of(end_type) != Some(4) {
+            return Err(LayoutError::EndNotOffset {
+                path: self.path.clone(),
+            });
+        }
+        let shinfo_flags_at = byte(self.members("skb_shared_info")?, "skb_shared_info", "flags")?;
+        let mut mask = 0u64;
+        for flag in ["SKBFL_SHARED_FRAG", "SKBFL_ZEROCOPY_ENABLE"] {
+            mask |= self.enum_value(flag).ok_or(LayoutError::NoFlag {
+                path: self.path.clone(),
+                flag,
+                field: "flags",
+            })?;
+        }
+        let shared_frag_mask = u8::try_from(mask).map_err(|_| LayoutError::FlagsPastByte {
+            path: self.path.clone(),
+            mask,
+        })?;
+        Ok(KernelLayout {
+            skb_head_at,
+            skb_end_at,
+            shinfo_flags_at,
+            shared_frag_mask,
+            ..KernelLayout::default()
+        })
+    }
+
+    /// The size in bytes of type `id`, through typedefs and qualifiers.
+    fn size_of(&self, mut id: u32) -> Option<u32> {
+        for _ in 0..8 {
+            match &self.btf.get_type_by_id(id).ok()?.base_type {
+                Type::Integer(i) => return Some(i.bits / 8),
+                Type::Pointer(_) => return Some(8),
+                Type::Typedef(t) | Type::Volatile(t) | Type::Const(t) | Type::Restrict(t) => {
+                    id = t.type_id;
+                }
+                _ => return None,
+            }
+        }
+        None
     }
 
     /// Where `struct sock` counts the bytes of received data a socket holds.
@@ -587,6 +664,9 @@ mod tests {
         let protocol = btf.protocol_at().expect("sk_protocol");
         assert!(btf.owned_at().expect("sk_lock.owned") > 0);
         assert!(btf.msg_flags_at().expect("msghdr.msg_flags") > 0);
+        let frags = btf.shared_frags().expect("the shared-pages flag");
+        assert!(frags.skb_head_at > 0 && frags.skb_end_at > 0, "{frags:?}");
+        assert_ne!(frags.shared_frag_mask, 0);
         assert!(protocol > 0, "{protocol}");
         assert_ne!(at.freebind_mask, 0);
         assert_ne!(at.transparent_mask, 0);

@@ -779,8 +779,8 @@ impl Datapath {
             lsm_line()
         };
         load_programs(&mut ebpf, &links_dir, &mut families, &swaps)?;
-        // After the loads (a kernel that refuses the LSM programs is spared the BTF parse),
-        // before anything is attached: a line found wrong here is never attached.
+        // After the loads, before anything is attached: an LSM line found wrong here is
+        // never attached.
         let layout = kernel_layout(&mut families);
         if let SocketFamilies::Unenforced(why) = &families
             && links_dir.join(c::PROG_SOCKET_FAMILY).exists()
@@ -1964,24 +1964,35 @@ impl Datapath {
     }
 }
 
-/// Checks, where the LSM line would load, the kernel struct fields its programs read at
-/// fixed offsets against the kernel's BTF (a kernel that differs leaves the line
-/// unenforced, said in `families`), and finds the fields the receipt line reads at offsets
-/// that move between kernels. One not found is unknown (zero), and the receipt line refuses
-/// what it would have judged by it.
+/// Finds in the kernel's BTF where the packet line reads whether a packet's data is in pages
+/// its sender shares; and, where the LSM line would load, checks the kernel struct fields its
+/// programs read at fixed offsets (a kernel that differs leaves the line unenforced, said in
+/// `families`) and finds the fields the receipt line reads at offsets that move between
+/// kernels. One not found is unknown (zero), and the line that reads it refuses what it
+/// would have judged by it.
 fn kernel_layout(families: &mut SocketFamilies) -> KernelLayout {
-    if *families != SocketFamilies::Enforced {
-        return KernelLayout::default();
-    }
-    let checked = layout::KernelBtf::read(Path::new(layout::KERNEL_BTF))
-        .and_then(|btf| btf.check_fields().map(|()| btf));
-    let btf = match checked {
+    let btf = match layout::KernelBtf::read(Path::new(layout::KERNEL_BTF)) {
         Ok(btf) => btf,
         Err(e) => {
-            *families = SocketFamilies::Unenforced(e.to_string());
+            warn!(error = %e, "the first data of every connection the server-name check watches is refused: the kernel's BTF cannot be read");
+            if *families == SocketFamilies::Enforced {
+                *families = SocketFamilies::Unenforced(e.to_string());
+            }
             return KernelLayout::default();
         }
     };
+    // The packet line's: whatever the LSM line does.
+    let frags = btf.shared_frags().unwrap_or_else(|e| {
+        warn!(error = %e, "the first data of every connection the server-name check watches is refused: where this kernel marks data in pages its sender shares is unknown");
+        KernelLayout::default()
+    });
+    if *families != SocketFamilies::Enforced {
+        return frags;
+    }
+    if let Err(e) = btf.check_fields() {
+        *families = SocketFamilies::Unenforced(e.to_string());
+        return frags;
+    }
     let mut found = btf.inet_flags().unwrap_or_else(|e| {
         warn!(error = %e, "inet sockets handed to governed agents, and every bind of a governed socket, are refused: where this kernel keeps the FREEBIND and TRANSPARENT flags is unknown");
         KernelLayout::default()
@@ -1998,6 +2009,10 @@ fn kernel_layout(families: &mut SocketFamilies) -> KernelLayout {
         warn!(error = %e, "UDP sockets handed to governed agents are refused: where this kernel keeps a socket's protocol is unknown");
         0
     });
+    found.skb_head_at = frags.skb_head_at;
+    found.skb_end_at = frags.skb_end_at;
+    found.shinfo_flags_at = frags.shinfo_flags_at;
+    found.shared_frag_mask = frags.shared_frag_mask;
     found.msg_flags_at = btf.msg_flags_at().unwrap_or_else(|e| {
         warn!(error = %e, "every send on a connection whose server name is still to be checked is refused: where this kernel keeps a send's flags (zero-copy, spliced pages) is unknown");
         0

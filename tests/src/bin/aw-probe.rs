@@ -1329,19 +1329,25 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         // A TLS ClientHello naming `name` (a server_name extension for each of its
         // comma-separated names) on every held TCP socket: `whole` in one write,
         // `split` after its first 10 bytes (with TCP_NODELAY: two packets, the name in the
-        // second), `urgent` in one write whose last byte is urgent data (MSG_OOB). Sent
-        // from pages the sender keeps: `msg-zerocopy` (send with MSG_ZEROCOPY),
-        // `zerocopy-set` (SO_ZEROCOPY turned on, then a plain send), `sendfile` (from a
+        // second), `urgent` in one write whose last byte is urgent data (MSG_OOB), `big` in
+        // one write, padded past one segment. Sent from pages the sender keeps:
+        // `msg-zerocopy` (send with MSG_ZEROCOPY, which the kernel copies on a socket
+        // without SO_ZEROCOPY), `zerocopy` (SO_ZEROCOPY on, then MSG_ZEROCOPY),
+        // `zerocopy-set` (SO_ZEROCOPY on, then a plain send: copied), `sendfile` (from a
         // memfd), `uring-zc` (io_uring's zero-copy send).
         ["send-held-hello", name, how] => {
             let names: Vec<&str> = name.split(',').collect();
-            let hello = client_hello(&names);
+            let hello = if *how == "big" {
+                padded_hello(&names, 1800)
+            } else {
+                client_hello(&names)
+            };
             let mut reply = "ok".to_owned();
             for s in held().iter() {
                 let fd = s.as_raw_fd();
                 if matches!(
                     *how,
-                    "msg-zerocopy" | "zerocopy-set" | "sendfile" | "uring-zc"
+                    "msg-zerocopy" | "zerocopy" | "zerocopy-set" | "sendfile" | "uring-zc"
                 ) {
                     reply = send_kept_pages(fd, &hello, how)?;
                     continue;
@@ -2073,7 +2079,7 @@ fn send_kept_pages(fd: RawFd, data: &[u8], how: &str) -> Result<String, String> 
                 libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_ZEROCOPY)
             }))
         }
-        "zerocopy-set" => {
+        "zerocopy" | "zerocopy-set" => {
             let one: libc::c_int = 1;
             // SAFETY: valid fd and option value.
             if unsafe {
@@ -2088,9 +2094,14 @@ fn send_kept_pages(fd: RawFd, data: &[u8], how: &str) -> Result<String, String> 
             {
                 return Ok(format!("err SO_ZEROCOPY {}", errno_name(last_err())));
             }
+            let flags = if how == "zerocopy" {
+                libc::MSG_ZEROCOPY
+            } else {
+                0
+            };
             // SAFETY: valid fd and buffer.
             Ok(sent(unsafe {
-                libc::send(fd, data.as_ptr().cast(), data.len(), 0)
+                libc::send(fd, data.as_ptr().cast(), data.len(), flags)
             }))
         }
         "sendfile" => {
@@ -2637,6 +2648,17 @@ fn socket_family(s: &OwnedFd) -> libc::c_int {
 
 /// A minimal TLS 1.2-shaped ClientHello whose only extension is `server_name` = `name`.
 fn client_hello(names: &[&str]) -> Vec<u8> {
+    padded_hello(names, 0)
+}
+
+/// What the ClientHello of `send-held-hello … big` ends with: past one segment, so a
+/// retransmission in pieces sends it in a piece of its own.
+const BIG_HELLO_END: &[u8] = b"BIG-HELLO-END";
+
+/// [`client_hello`] with a padding extension of `pad` bytes after the names (ending with
+/// [`BIG_HELLO_END`] when there is room), as post-quantum key shares make hellos larger
+/// than one segment.
+fn padded_hello(names: &[&str], pad: usize) -> Vec<u8> {
     let mut ext = Vec::new();
     for name in names {
         let n = name.as_bytes();
@@ -2648,6 +2670,15 @@ fn client_hello(names: &[&str]) -> Vec<u8> {
         ext.extend_from_slice(&[0, 0]);
         ext.extend_from_slice(&(sni.len() as u16).to_be_bytes());
         ext.extend_from_slice(&sni);
+    }
+    if pad > 0 {
+        let mut padding = vec![0u8; pad];
+        if pad >= BIG_HELLO_END.len() {
+            padding[pad - BIG_HELLO_END.len()..].copy_from_slice(BIG_HELLO_END);
+        }
+        ext.extend_from_slice(&[0, 21]);
+        ext.extend_from_slice(&(pad as u16).to_be_bytes());
+        ext.extend_from_slice(&padding);
     }
     let mut body = vec![3, 3];
     body.extend_from_slice(&[0u8; 32]);
