@@ -67,7 +67,13 @@ pub struct SniMaps {
     seen: HashMap<MapData, u64, SniName>,
     /// What `names` holds (read back at start: the map is pinned and outlives a node).
     mirror: BTreeMap<(u32, IpAddr), Names>,
+    /// When each identity's going past its share was last said: once a minute, not at every
+    /// DNS answer it gets.
+    quota_said: std::collections::HashMap<u32, std::time::Instant>,
 }
+
+/// How often an identity's going past its share of the names map is said.
+const QUOTA_SAID_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The key of one name, or None when it cannot be one (too long: no ClientHello name the
 /// kernel reads matches it either).
@@ -130,6 +136,28 @@ impl SniMaps {
             names,
             seen,
             mirror,
+            quota_said: std::collections::HashMap::new(),
+        })
+    }
+
+    /// The error for `left_out` names of `identity` at `ip` past its share, unless said in
+    /// the last minute.
+    fn over_share(&mut self, identity: u32, ip: IpAddr, left_out: usize) -> Option<SniError> {
+        if left_out == 0 {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        if let Some(said) = self.quota_said.get(&identity)
+            && now.duration_since(*said) < QUOTA_SAID_EVERY
+        {
+            return None;
+        }
+        self.quota_said.insert(identity, now);
+        Some(SniError::Quota {
+            identity,
+            addr: ip,
+            limit: NAMES_PER_IDENTITY,
+            left_out,
         })
     }
 
@@ -137,20 +165,24 @@ impl SniMaps {
     /// first failure is returned (a name the kernel lacks fails closed: its connections are
     /// refused).
     pub fn set(&mut self, identity: u32, ip: IpAddr, want: &Names) -> Result<(), SniError> {
-        let have = self.mirror.remove(&(identity, ip)).unwrap_or_default();
         let elsewhere = self
             .mirror
             .range(identity_span(identity))
+            .filter(|((_, at), _)| *at != ip)
             .map(|(_, names)| names.len())
             .sum();
         let (want, left_out) = within_share(want, elsewhere);
-        let want = &want;
-        let mut first = (left_out > 0).then_some(SniError::Quota {
-            identity,
-            addr: ip,
-            limit: NAMES_PER_IDENTITY,
-            left_out,
-        });
+        let written = self.write(identity, ip, &want);
+        match self.over_share(identity, ip, left_out) {
+            Some(e) => Err(e),
+            None => written,
+        }
+    }
+
+    /// Makes the kernel hold exactly `want` for (identity, ip), share or not.
+    fn write(&mut self, identity: u32, ip: IpAddr, want: &Names) -> Result<(), SniError> {
+        let have = self.mirror.remove(&(identity, ip)).unwrap_or_default();
+        let mut first = None;
         let mut kept = Names::new();
         for (name, rules) in want {
             let Some(k) = key(identity, ip, name) else {
@@ -201,14 +233,23 @@ impl SniMaps {
         first.map_or(Ok(()), Err)
     }
 
-    /// Makes the kernel hold exactly `want` for every (identity, address).
+    /// Makes the kernel hold exactly `want` for every (identity, address), each identity's
+    /// share taken by its addresses in order (what the map holds now does not count).
     pub fn set_all(&mut self, want: &BTreeMap<(u32, IpAddr), Names>) -> Result<(), SniError> {
         let keys: BTreeSet<(u32, IpAddr)> =
             self.mirror.keys().chain(want.keys()).copied().collect();
         let none = Names::new();
         let mut first = None;
+        let mut used: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
         for (identity, ip) in keys {
-            if let Err(e) = self.set(identity, ip, want.get(&(identity, ip)).unwrap_or(&none)) {
+            let taken = used.entry(identity).or_default();
+            let (admitted, left_out) =
+                within_share(want.get(&(identity, ip)).unwrap_or(&none), *taken);
+            *taken += admitted.len();
+            if let Err(e) = self.write(identity, ip, &admitted) {
+                first.get_or_insert(e);
+            }
+            if let Some(e) = self.over_share(identity, ip, left_out) {
                 first.get_or_insert(e);
             }
         }
