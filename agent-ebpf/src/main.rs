@@ -2174,12 +2174,12 @@ fn tcp_data_at_l4(skb: *mut __sk_buff, l4: u32) -> u32 {
     l4 + u32::from(b[0] >> 4) * 4
 }
 
-/// The first data of a connection only a name rule allows (or that data sent again before the
-/// peer acknowledged it): a TLS ClientHello whose `server_name` (in this packet) the identity
-/// resolved to the packet's destination, under a name rule that allows its port.
-/// `REASON_NONE` when it is, `FIRST_NOT_YET` for a packet with nothing to check, else why
-/// not. Moves the socket's `sni` on (sent, refused, or done in audit) and keeps a refused
-/// name in `AW_SNI_SEEN` under `now`.
+/// The first data of a connection only a name rule allows: a TLS ClientHello (or an HTTP/1
+/// request) whose name (in this packet) the identity resolved to the packet's destination,
+/// under a name rule that allows its port, in pages only the kernel holds. `REASON_NONE`
+/// when it is, `FIRST_NOT_YET` for a packet with nothing to check, else why not. Moves the
+/// socket's `sni` on (done, refused, or done in audit) and keeps a refused name in
+/// `AW_SNI_SEEN` under `now`.
 #[inline(never)]
 fn sni_check(skb: *mut __sk_buff, h: &Headers, c: &Check, st: *mut SockState) -> u8 {
     // SAFETY: a field of the context.
