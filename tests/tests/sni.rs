@@ -544,14 +544,27 @@ fn zero_copy_and_spliced_sends_get_nothing_past_the_check() {
         }
         assert_eq!(p.cmd("drop-held"), "ok");
     }
-    for r in all().iter().filter(|r| r["reason"] == ZERO_COPY) {
-        // The packet line's refusal, or the send hook's (a socket record).
+    let refusals: Vec<_> = all()
+        .into_iter()
+        .filter(|r| r["reason"] == ZERO_COPY)
+        .collect();
+    for r in &refusals {
+        // The packet line's refusal, or the send hook's (a socket record): either names the
+        // connection's destination.
         assert!(
             r["verdict"] == "deny" || r["verdict"] == "socket-deny",
             "{r}"
         );
-        assert_eq!(r["identity"], ID, "{r}");
+        assert_eq!(
+            (r["dest"].as_str(), r["port"].as_u64()),
+            (Some(PEER_V4), Some(443)),
+            "{r}"
+        );
     }
+    assert!(
+        refusals.iter().any(|r| r["identity"] == ID),
+        "{refusals:#?}"
+    );
     if !lsm {
         // The packet line's records name the flow.
         let r = lab.wait_decision(|r| r["reason"] == ZERO_COPY);
