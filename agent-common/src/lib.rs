@@ -342,6 +342,17 @@ pub const HOOK_SOCKET_RECEIVE: u8 = 12;
 /// BPF LSM `socket_bind`: a governed socket's bind refused (FREEBIND or TRANSPARENT set).
 /// `family` carries its family and `sock_protocol` the option.
 pub const HOOK_SOCKET_BIND: u8 = 13;
+/// Whether a record of `hook` (with `port`) is told apart from others in the rate limiter by
+/// its socket type and protocol (`sock_type`, `sock_protocol`) rather than by its port and
+/// protocol: the records of a socket without a peer. The kernel's rate key and the node's,
+/// which finds a folded record's first record by it, must agree (`report_to` in the eBPF).
+pub const fn rate_keyed_by_socket(hook: u8, port: u16) -> bool {
+    hook == HOOK_SOCK_CREATE
+        || hook == HOOK_SOCKET_FAMILY
+        || hook == HOOK_SETSOCKOPT
+        || (hook == HOOK_SOCKET_RECEIVE && port == 0)
+}
+
 /// `ifindex` of the loopback device in every network namespace: traffic between local
 /// processes, governed by the sender's egress rules.
 pub const LOOPBACK_IFINDEX: u32 = 1;

@@ -267,7 +267,7 @@ impl EventRecord {
             sock_type: e.sock_type,
             sock_protocol: e.sock_protocol,
             rate_key: {
-                let socket = hook.is_socket();
+                let socket = c::rate_keyed_by_socket(e.hook, e.port);
                 c::RateKey {
                     cgroup_id: e.cgroup_id,
                     addr: e.addr,
@@ -437,5 +437,44 @@ impl EventReader {
 impl AsRawFd for EventReader {
     fn as_raw_fd(&self) -> RawFd {
         self.epoll.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record's rate key as the kernel makes it (`report_to`): the node finds a folded
+    /// record's first record by it, and a key made otherwise leaves the fold nameless.
+    #[test]
+    fn the_rate_key_is_the_kernels() {
+        let event = |hook: u8, port: u16| Event {
+            kind: c::EVENT_SOCK_DENY,
+            hook,
+            port,
+            proto: c::PROTO_TCP,
+            sock_type: 1,
+            sock_protocol: 6,
+            identity: 1,
+            ..Event::default()
+        };
+        // The send hook's refusal of a connection's zero-copy send names the connection.
+        let k = EventRecord::from_raw(&event(c::HOOK_SOCKET_USE, 443))
+            .expect("decodes")
+            .rate_key;
+        assert_eq!((k.port, k.proto), (443, c::PROTO_TCP));
+        // A refused socket is told apart by its type and protocol.
+        let k = EventRecord::from_raw(&event(c::HOOK_SOCK_CREATE, 0))
+            .expect("decodes")
+            .rate_key;
+        assert_eq!((k.port, k.proto), (1, 6));
+        let k = EventRecord::from_raw(&event(c::HOOK_SOCKET_RECEIVE, 0))
+            .expect("decodes")
+            .rate_key;
+        assert_eq!((k.port, k.proto), (1, 6));
+        let k = EventRecord::from_raw(&event(c::HOOK_SOCKET_RECEIVE, 8080))
+            .expect("decodes")
+            .rate_key;
+        assert_eq!((k.port, k.proto), (8080, c::PROTO_TCP));
     }
 }
