@@ -188,6 +188,14 @@ impl Lab {
         assert!(answer.contains(PEER_V4), "{answer}");
     }
 
+    /// The probe under the identity in the agent's namespace.
+    fn probe(&self) -> Probe {
+        let mut c = launch_args(&self.node.socket, &self.cert, &self.key);
+        self.link.agent.enter(&mut c);
+        c.arg(bin_path("aw-probe"));
+        Probe::from_command(c)
+    }
+
     /// A command under the identity in the agent's namespace: its exit code and output.
     fn run(&self, args: &[&str]) -> (Option<i32>, String) {
         let mut c = launch_args(&self.node.socket, &self.cert, &self.key);
@@ -412,10 +420,7 @@ fn a_connect_on_the_connected_socket_urgent_data_two_names_and_a_split_hello_get
     );
     lab.resolve();
     let mut cap = Capture::start(&lab.link.peer, "veth-p");
-    let mut c = launch_args(&lab.node.socket, &lab.cert, &lab.key);
-    lab.link.agent.enter(&mut c);
-    c.arg(bin_path("aw-probe"));
-    let mut p = Probe::from_command(c);
+    let mut p = lab.probe();
     // One CPU: each check below finds the scratch the one before it filled.
     assert_eq!(p.cmd("pin-last-cpu"), "ok");
 
@@ -492,10 +497,7 @@ fn zero_copy_and_spliced_sends_get_nothing_past_the_check() {
     let lab = Lab::new("sni-zc", "enforce", "");
     lab.resolve();
     let mut cap = Capture::start(&lab.link.peer, "veth-p");
-    let mut c = launch_args(&lab.node.socket, &lab.cert, &lab.key);
-    lab.link.agent.enter(&mut c);
-    c.arg(bin_path("aw-probe"));
-    let mut p = Probe::from_command(c);
+    let mut p = lab.probe();
 
     // SO_ZEROCOPY then a plain send: copied into the kernel, checked as usual, passed.
     assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
@@ -590,10 +592,7 @@ fn a_large_client_hello_sent_again_in_pieces_after_a_loss_passes() {
     let lab = Lab::new("sni-rtx", "enforce", "");
     lab.resolve();
     let mut cap = Capture::start(&lab.link.peer, "veth-p");
-    let mut c = launch_args(&lab.node.socket, &lab.cert, &lab.key);
-    lab.link.agent.enter(&mut c);
-    c.arg(bin_path("aw-probe"));
-    let mut p = Probe::from_command(c);
+    let mut p = lab.probe();
     assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
 
     // A token bucket on the agent's side, after the packet line: it cuts the ClientHello

@@ -2016,6 +2016,28 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
     })
 }
 
+/// Submits `sqe` alone on `ring` and waits for its completion.
+///
+/// # Safety
+/// Every buffer `sqe` points at must live until the completion (and, for a zero-copy send,
+/// its notification) is reaped.
+unsafe fn uring_once(
+    ring: &mut io_uring::IoUring,
+    sqe: &io_uring::squeue::Entry,
+) -> Result<io_uring::cqueue::Entry, String> {
+    // SAFETY: the caller keeps the entry's buffers alive.
+    unsafe {
+        ring.submission()
+            .push(sqe)
+            .map_err(|e| format!("io_uring push: {e}"))?;
+    }
+    ring.submit_and_wait(1)
+        .map_err(|e| format!("io_uring submit: {e}"))?;
+    ring.completion()
+        .next()
+        .ok_or_else(|| "io_uring: no completion".to_owned())
+}
+
 /// One connect (TCP) or unconnected sendmsg (UDP) submitted through io_uring, which must meet
 /// the same hooks as the plain system calls.
 fn uring(addr: SocketAddr, udp: bool) -> Result<String, String> {
@@ -2047,14 +2069,7 @@ fn uring(addr: SocketAddr, udp: bool) -> Result<String, String> {
         opcode::Connect::new(types::Fd(s.as_raw_fd()), (&raw const ss).cast(), len).build()
     };
     // SAFETY: every buffer the entry points at lives until the completion is reaped.
-    unsafe {
-        ring.submission()
-            .push(&sqe)
-            .map_err(|e| format!("io_uring push: {e}"))?;
-    }
-    ring.submit_and_wait(1)
-        .map_err(|e| format!("io_uring submit: {e}"))?;
-    let cqe = ring.completion().next().ok_or("io_uring: no completion")?;
+    let cqe = unsafe { uring_once(&mut ring, &sqe)? };
     Ok(if cqe.result() < 0 {
         format!("err {}", errno_name(-cqe.result()))
     } else {
@@ -2126,15 +2141,8 @@ fn send_kept_pages(fd: RawFd, data: &[u8], how: &str) -> Result<String, String> 
             let mut ring = IoUring::new(4).map_err(|e| format!("io_uring: {e}"))?;
             let sqe = opcode::SendZc::new(types::Fd(fd), data.as_ptr(), data.len() as u32).build();
             // SAFETY: the buffer outlives the submission: its completion and notification are
-            // reaped below before it goes.
-            unsafe {
-                ring.submission()
-                    .push(&sqe)
-                    .map_err(|e| format!("io_uring push: {e}"))?;
-            }
-            ring.submit_and_wait(1)
-                .map_err(|e| format!("io_uring submit: {e}"))?;
-            let cqe = ring.completion().next().ok_or("io_uring: no completion")?;
+            // reaped here before it goes.
+            let cqe = unsafe { uring_once(&mut ring, &sqe)? };
             if io_uring::cqueue::more(cqe.flags()) {
                 // The notification that the kernel let the pages go.
                 ring.submit_and_wait(1)
