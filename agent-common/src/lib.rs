@@ -8,7 +8,7 @@ pub mod http;
 
 /// Bumped whenever a map layout changes: pins live under `<bpffs_dir>/v{ABI_VERSION}`, so a new
 /// layout never adopts maps written by an old one.
-pub const ABI_VERSION: u32 = 10;
+pub const ABI_VERSION: u32 = 11;
 
 pub const MAP_BINDINGS: &str = "AW_BINDINGS";
 pub const MAP_IDENTITIES: &str = "AW_IDENTITIES";
@@ -203,6 +203,28 @@ pub const SNI_PENDING_AUDIT: u8 = 1;
 pub const SNI_PENDING_ENFORCE: u8 = 2;
 /// Refused: every later packet with data is dropped (the node ends the connection).
 pub const SNI_REFUSED: u8 = 3;
+/// The mode bits of a state: [`SNI_PENDING_AUDIT`] or [`SNI_PENDING_ENFORCE`] (what a
+/// refusal does), kept through the phases below.
+pub const SNI_MODE: u8 = 3;
+/// Or-ed with a mode: a TLS ClientHello passed and the server has not answered yet. Until it
+/// does, the client may send after the hello (from [`SockState::sni_next`]) only TLS records
+/// that cannot carry a hello (change cipher spec, alert, application data): a second hello
+/// sent early could be the one a server reads after a HelloRetryRequest.
+pub const SNI_WATCH: u8 = 4;
+/// Or-ed with a mode: the server's first answer was a HelloRetryRequest (or not a
+/// ServerHello): the client's next data, at [`SockState::sni_next`], must be a ClientHello
+/// checked like the first (one change cipher spec record may come before it).
+pub const SNI_RETRY: u8 = 8;
+
+/// [`SockState::server`]: what the ingress line saw of the server's first data while the
+/// connection was in [`SNI_WATCH`]; the egress line, which alone moves [`SockState::sni`] on,
+/// acts on it at the client's next packet.
+pub const SERVER_UNSEEN: u8 = 0;
+/// A ServerHello that is not a HelloRetryRequest: the handshake goes on under the checked
+/// hello.
+pub const SERVER_HELLO: u8 = 1;
+/// A HelloRetryRequest, or anything else than a ServerHello.
+pub const SERVER_RETRY: u8 = 2;
 
 /// Sockets whose DNS traffic was steered to the proxy, remembered until they are reused.
 pub const DNS_ORIGIN_ENTRIES: u32 = 65536;
@@ -314,6 +336,11 @@ pub const REASON_SNI_MISSING: u8 = 18;
 /// the sender can still change (MSG_ZEROCOPY, io_uring's zero-copy sends, spliced or
 /// sendfile pages): what the check read would not be what reaches the peer.
 pub const REASON_ZERO_COPY: u8 = 19;
+/// A connection whose ClientHello passed the check sent, before the server answered it, data
+/// that could hold a second hello (a handshake record, a record cut by its packet's end,
+/// bytes never seen, urgent data), or something else than one hello after a
+/// HelloRetryRequest: a server could read that hello rather than the one checked.
+pub const REASON_AFTER_HELLO: u8 = 20;
 
 /// [`Event::hook`].
 pub const HOOK_CONNECT4: u8 = 1;
@@ -665,12 +692,21 @@ pub struct SockState {
     /// [`SLOT_CLAIMED`]: a governed task took the socket up before any hook of its binding
     /// saw it; the packet line settles it as that binding's at its next packet.
     pub binding_slot: u32,
-    /// [`SNI_NONE`], [`SNI_PENDING_AUDIT`], [`SNI_PENDING_ENFORCE`] or [`SNI_REFUSED`].
-    /// Once the first data passed, `SNI_NONE`: it passed only if none of it was in pages its
-    /// sender could change, so the same bytes sent again (whole or in pieces) need no look.
+    /// [`SNI_NONE`], [`SNI_PENDING_AUDIT`], [`SNI_PENDING_ENFORCE`] or [`SNI_REFUSED`]; a
+    /// mode or-ed with [`SNI_WATCH`] or [`SNI_RETRY`]. Once the first data (and for TLS the
+    /// server's first answer) passed, `SNI_NONE`: the data passed only if none of it was in
+    /// pages its sender could change, so the same bytes sent again (whole or in pieces) need
+    /// no look.
     pub sni: u8,
-    pub _pad: [u8; 3],
-    pub _pad2: [u32; 3],
+    /// [`SERVER_UNSEEN`], [`SERVER_HELLO`] or [`SERVER_RETRY`].
+    pub server: u8,
+    pub _pad: [u8; 2],
+    /// [`SNI_WATCH`] and [`SNI_RETRY`]: the client's sequence number where its next TLS record
+    /// starts; every byte before it was read.
+    pub sni_next: u32,
+    /// [`SNI_WATCH`]: the server's sequence number where its first data starts.
+    pub server_first: u32,
+    pub _pad2: u32,
 }
 
 /// Key of `AW_SNI_NAMES` (value: the rules allowing the name, `[u32; SNI_RULES]`, 0 = none),

@@ -18,14 +18,15 @@ use agent_common::{
     HOOK_SOCKET_FAMILY, HOOK_SOCKET_RECEIVE, HOOK_SOCKET_USE, IDENTITY_ACTIVE, IdentityState,
     KernelLayout, LOOPBACK_IFINDEX, LOUD_RECORDS, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES,
     MAX_PORT_ENTRIES, MAX_PORT_SETS, MODE_AUDIT, PORT_SET_WORDS, PROTO_TCP, PROTO_UDP, PortSet,
-    RATE_ENTRIES, REASON_ERROR_QUEUE, REASON_EXPIRED, REASON_FOREIGN_SOCKET, REASON_GLOBAL_DENY,
-    REASON_HANDED_SOCKET, REASON_INBOUND, REASON_LOOPBACK_SOURCE, REASON_NO_RULE,
-    REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SNI_MISMATCH,
-    REASON_SNI_MISSING, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION, REASON_SOCKET_TYPE,
-    REASON_UNBOUND, REASON_WIRE, REASON_ZERO_COPY, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES,
-    RateKey, RateState, RecordUsage, RuleSet, SLOT_CLAIMED, SNI_AUDIT, SNI_NAME_ENTRIES,
-    SNI_NAME_MAX, SNI_NONE, SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED,
-    SNI_RULES, SNI_SEEN_ENTRIES, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName,
+    RATE_ENTRIES, REASON_AFTER_HELLO, REASON_ERROR_QUEUE, REASON_EXPIRED, REASON_FOREIGN_SOCKET,
+    REASON_GLOBAL_DENY, REASON_HANDED_SOCKET, REASON_INBOUND, REASON_LOOPBACK_SOURCE,
+    REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS, REASON_REVOKED,
+    REASON_SNI_MISMATCH, REASON_SNI_MISSING, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION,
+    REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE, REASON_ZERO_COPY, RESERVED_RING_QUARTERS,
+    RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage, RuleSet, SERVER_HELLO, SERVER_RETRY,
+    SERVER_UNSEEN, SLOT_CLAIMED, SNI_AUDIT, SNI_MODE, SNI_NAME_ENTRIES, SNI_NAME_MAX, SNI_NONE,
+    SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RETRY, SNI_RULES,
+    SNI_SEEN_ENTRIES, SNI_WATCH, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName,
     SockState, TAIL_SNI, TAILS, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE,
     dns_proxy_addr, dns_proxy_addr6, http, rule_hit_key,
 };
@@ -994,7 +995,7 @@ fn try_socket_use(ctx: &LsmContext, send: bool) -> i32 {
     }
     if send {
         // SAFETY: as above.
-        let sni = unsafe { core::ptr::read_volatile(&raw const (*st).sni) };
+        let sni = unsafe { core::ptr::read_volatile(&raw const (*st).sni) } & SNI_MODE;
         if (sni == SNI_PENDING_ENFORCE || sni == SNI_PENDING_AUDIT) && !copied_send(ctx) {
             let kind = if sni == SNI_PENDING_ENFORCE {
                 EVENT_SOCK_DENY
@@ -2118,7 +2119,27 @@ fn try_egress_sni(ctx: &SkBuffContext) -> i32 {
         identity,
         _pad: 0,
     };
-    let r = sni_check(skb, &h, &c, st);
+    let r = if sni & SNI_WATCH != 0 {
+        // What the ingress line saw of the server's first answer: this line alone moves the
+        // state on (a TCP socket's packets leave one at a time; the ingress line runs beside
+        // them), so a refusal here is never undone there.
+        // SAFETY: as above.
+        let server = unsafe { core::ptr::read_volatile(&raw const (*st).server) };
+        if server == SERVER_HELLO {
+            // SAFETY: as above.
+            unsafe { core::ptr::write_volatile(&raw mut (*st).sni, SNI_NONE) };
+            return ALLOW;
+        }
+        if server == SERVER_RETRY {
+            // SAFETY: as above.
+            unsafe { core::ptr::write_volatile(&raw mut (*st).sni, SNI_RETRY | (sni & SNI_MODE)) };
+            sni_check(skb, &h, &c, st)
+        } else {
+            sni_watch(skb, &h, &c, st)
+        }
+    } else {
+        sni_check(skb, &h, &c, st)
+    };
     if r != FIRST_NOT_YET && r != REASON_NONE {
         // SAFETY: as above.
         let cut = unsafe { core::ptr::read_volatile(&raw const (*st).sni) } == SNI_REFUSED;
@@ -2178,8 +2199,9 @@ fn tcp_data_at_l4(skb: *mut __sk_buff, l4: u32) -> u32 {
 /// request) whose name (in this packet) the identity resolved to the packet's destination,
 /// under a name rule that allows its port, in pages only the kernel holds. `REASON_NONE`
 /// when it is, `FIRST_NOT_YET` for a packet with nothing to check, else why not. Moves the
-/// socket's `sni` on (done, refused, or done in audit) and keeps a refused name in
-/// `AW_SNI_SEEN` under `now`.
+/// socket's `sni` on (done, watching a TLS connection until the server answers, refused, or
+/// done in audit) and keeps a refused name in `AW_SNI_SEEN` under `now`. After a
+/// HelloRetryRequest (`SNI_RETRY`), the same for the hello the client sends next.
 #[inline(never)]
 fn sni_check(skb: *mut __sk_buff, h: &Headers, c: &Check, st: *mut SockState) -> u8 {
     // SAFETY: a field of the context.
@@ -2188,17 +2210,36 @@ fn sni_check(skb: *mut __sk_buff, h: &Headers, c: &Check, st: *mut SockState) ->
     if data >= len {
         return FIRST_NOT_YET;
     }
-    let l4 = u32::from(h.l4);
-    // Sequence number, then the data offset and flags.
-    let mut sq = [0u8; 4];
-    let mut fl = [0u8; 2];
-    if !skb_bytes(skb, l4 + 4, &mut sq) || !skb_bytes(skb, l4 + 12, &mut fl) {
+    let mut t = TcpHead::default();
+    if !t.read(skb, u32::from(h.l4)) {
         return refused(st, REASON_SNI_MISSING, h, c);
     }
     // Urgent data: a receiver takes the urgent byte out of the stream, so it would read
     // other bytes than these.
-    if fl[1] & TCP_URG != 0 {
+    if t.flags & TCP_URG != 0 {
         return refused(st, REASON_SNI_MISSING, h, c);
+    }
+    // SAFETY: non-null storage pointer.
+    let sni = unsafe { core::ptr::read_volatile(&raw const (*st).sni) };
+    if sni & SNI_RETRY != 0 {
+        // The hello after a HelloRetryRequest starts where the first one's records ended:
+        // bytes before that were read (sent again, they pass); bytes never seen are refused.
+        // SAFETY: as above.
+        let next = unsafe { core::ptr::read_volatile(&raw const (*st).sni_next) };
+        if before_or_at(t.seq.wrapping_add(len - data), next) {
+            return FIRST_NOT_YET;
+        }
+        if t.seq != next {
+            return refused(st, REASON_AFTER_HELLO, h, c);
+        }
+        // The change cipher spec record a client may send before it (RFC 8446, D.4), alone.
+        if len - data == CCS.len() as u32 && is_ccs(skb, data) {
+            // SAFETY: as above.
+            unsafe {
+                core::ptr::write_volatile(&raw mut (*st).sni_next, next.wrapping_add(len - data))
+            };
+            return FIRST_NOT_YET;
+        }
     }
     // In pages its sender can still change (zero-copy, spliced, sendfile): what is read here
     // need not be what reaches the peer.
@@ -2209,12 +2250,262 @@ fn sni_check(skb: *mut __sk_buff, h: &Headers, c: &Check, st: *mut SockState) ->
     if verdict != REASON_NONE {
         return refused(st, verdict, h, c);
     }
-    // Done: TCP sends these bytes again only from where they are now, pages the kernel
-    // alone holds (none was in pages the sender could change), so what it sends again
-    // (whole, or in pieces cut to its segment size) needs no look.
-    // SAFETY: non-null storage pointer.
-    unsafe { core::ptr::write_volatile(&raw mut (*st).sni, SNI_NONE) };
+    // Done with the bytes: TCP sends them again only from where they are now, pages the
+    // kernel alone holds (none was in pages the sender could change), so what it sends
+    // again (whole or in pieces cut to its segment size) needs no look. A TLS connection is
+    // watched on until the server answers: a second hello sent behind this one could be the
+    // one a server reads after a HelloRetryRequest.
+    let past = hello_end(skb, data, len);
+    if past == NOT_TLS {
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(&raw mut (*st).sni, SNI_NONE) };
+        return REASON_NONE;
+    }
+    if past == UNREAD {
+        return refused(st, REASON_AFTER_HELLO, h, c);
+    }
+    // SAFETY: as above. The state last: the ingress line reads it before the rest.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*st).sni_next, t.seq.wrapping_add(past - data));
+        // The server's first data starts where this packet acknowledges (nothing came from
+        // it before the hello); a Fast Open SYN carries no acknowledgement, and the server's
+        // SYN-ACK says where (see server_answer).
+        let first = if t.flags & TCP_ACK != 0 { t.ack } else { 0 };
+        core::ptr::write_volatile(&raw mut (*st).server_first, first);
+        core::ptr::write_volatile(&raw mut (*st).server, SERVER_UNSEEN);
+        core::ptr::write_volatile(&raw mut (*st).sni, SNI_WATCH | (sni & SNI_MODE));
+    }
     REASON_NONE
+}
+
+/// A data packet of a TLS connection whose hello passed, before the server answered
+/// (`SNI_WATCH`): past what was read (from `sni_next`), only TLS records that cannot carry a
+/// hello. `FIRST_NOT_YET` when it passes, else why not.
+#[inline(never)]
+fn sni_watch(skb: *mut __sk_buff, h: &Headers, c: &Check, st: *mut SockState) -> u8 {
+    // SAFETY: a field of the context.
+    let len = unsafe { (*skb).len };
+    let data = tcp_data_at(skb, h);
+    if data >= len {
+        return FIRST_NOT_YET;
+    }
+    let mut t = TcpHead::default();
+    if !t.read(skb, u32::from(h.l4)) || t.flags & TCP_URG != 0 {
+        return refused(st, REASON_AFTER_HELLO, h, c);
+    }
+    // SAFETY: non-null storage pointer.
+    let next = unsafe { core::ptr::read_volatile(&raw const (*st).sni_next) };
+    if before_or_at(t.seq.wrapping_add(len - data), next) {
+        return FIRST_NOT_YET;
+    }
+    // Bytes between what was read and this packet never passed here.
+    if !before_or_at(t.seq, next) {
+        return refused(st, REASON_AFTER_HELLO, h, c);
+    }
+    if shared_pages(skb) {
+        return refused(st, REASON_ZERO_COPY, h, c);
+    }
+    let past = tls_walk(skb, data + next.wrapping_sub(t.seq), len);
+    if past == UNREAD {
+        return refused(st, REASON_AFTER_HELLO, h, c);
+    }
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(&raw mut (*st).sni_next, t.seq.wrapping_add(past - data)) };
+    FIRST_NOT_YET
+}
+
+/// A TCP header's sequence and acknowledgement numbers and flags.
+#[derive(Default)]
+struct TcpHead {
+    /// The sequence number of the first data byte (a SYN takes one before it: Fast Open).
+    seq: u32,
+    ack: u32,
+    flags: u8,
+}
+
+impl TcpHead {
+    /// The header at `l4`; false when it cannot be read.
+    #[inline(always)]
+    fn read(&mut self, skb: *mut __sk_buff, l4: u32) -> bool {
+        // Sequence number, acknowledgement number, data offset, flags.
+        let mut b = [0u8; 10];
+        if !skb_bytes(skb, l4 + 4, &mut b) {
+            return false;
+        }
+        self.flags = b[9];
+        self.seq = u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+            .wrapping_add(u32::from(b[9] & TCP_SYN != 0));
+        self.ack = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
+        true
+    }
+}
+
+/// Sequence number `a` is at or before `b` (modulo 2^32, RFC 793).
+#[inline(always)]
+fn before_or_at(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) <= 0
+}
+
+/// A TLS change cipher spec record as TLS 1.3 clients send it for middleboxes (RFC 8446, D.4).
+const CCS: [u8; 6] = [0x14, 3, 3, 0, 1, 1];
+
+/// The packet holds [`CCS`] at `at`.
+#[inline(always)]
+fn is_ccs(skb: *mut __sk_buff, at: u32) -> bool {
+    let mut b = [0u8; 6];
+    skb_bytes(skb, at, &mut b) && b == CCS
+}
+
+/// [`hello_end`]: the first data is not a TLS record (an HTTP request).
+const NOT_TLS: u32 = 0;
+/// [`hello_end`], [`tls_walk`]: what follows cannot be read as records that carry no hello.
+const UNREAD: u32 = 1;
+/// Records [`tls_walk`] reads in one packet: a hello's sender has no call for more before the
+/// server answered (early data is a few records), and more are refused.
+const MAX_WALKED_RECORDS: u32 = 8;
+
+/// Where the TLS records that follow the checked hello in the first data at `data` end (past
+/// the packet's end when the last goes on in the next one): [`NOT_TLS`] for an HTTP request,
+/// [`UNREAD`] when what follows the hello could carry another.
+#[inline(never)]
+fn hello_end(skb: *mut __sk_buff, data: u32, len: u32) -> u32 {
+    // As read_name read it: one change cipher spec record may come first.
+    let at = if is_ccs(skb, data) {
+        data + CCS.len() as u32
+    } else {
+        data
+    };
+    let mut hd = [0u8; 5];
+    if !skb_bytes(skb, at, &mut hd) {
+        return UNREAD;
+    }
+    if hd[0] != 0x16 {
+        return NOT_TLS;
+    }
+    tls_walk(
+        skb,
+        at + 5 + u32::from(u16::from_be_bytes([hd[3], hd[4]])),
+        len,
+    )
+}
+
+/// The TLS records from `at` to the packet's end (`len`), each a change cipher spec, an
+/// alert or application data (TLS 1.3 early data): none can carry a hello, and a server
+/// frames them as read here. Returns where the last ends (past `len` when it goes on in
+/// the next packet), or [`UNREAD`]: a handshake record, another type, a header cut by the
+/// packet's end, more than [`MAX_WALKED_RECORDS`].
+#[inline(never)]
+fn tls_walk(skb: *mut __sk_buff, from: u32, len: u32) -> u32 {
+    let mut at = from;
+    let mut i = 0;
+    while i < MAX_WALKED_RECORDS {
+        if at >= len {
+            return at;
+        }
+        let mut hd = [0u8; 5];
+        if !skb_bytes(skb, at, &mut hd) || !matches!(hd[0], 0x14 | 0x15 | 0x17) {
+            return UNREAD;
+        }
+        at += 5 + u32::from(u16::from_be_bytes([hd[3], hd[4]]));
+        i += 1;
+    }
+    if at >= len { at } else { UNREAD }
+}
+
+/// The HelloRetryRequest's random (RFC 8446, 4.1.3: SHA-256 of "HelloRetryRequest").
+const HRR_RANDOM: [u8; 32] = [
+    0xcf, 0x21, 0xad, 0x74, 0xe5, 0x9a, 0x61, 0x11, 0xbe, 0x1d, 0x8c, 0x02, 0x1e, 0x65, 0xb8, 0x91,
+    0xc2, 0xa2, 0x11, 0x16, 0x7a, 0xbb, 0x8c, 0x5e, 0x07, 0x9e, 0x09, 0xe2, 0xc8, 0xa8, 0x33, 0x9c,
+];
+
+/// The ingress line's look at a packet from the server of a connection in `SNI_WATCH`: its
+/// first data, at `server_first`, is a ServerHello ([`SERVER_HELLO`]: the handshake goes on
+/// under the checked hello) or not ([`SERVER_RETRY`]: a HelloRetryRequest, or anything else,
+/// after which the client's next data must be a hello the check reads). Alerts before it (a
+/// TLS 1.2 server's warning) are read past. Later data arrived first is left for the first.
+#[inline(never)]
+fn server_answer(skb: *mut __sk_buff, st: *mut SockState) {
+    // SAFETY: non-null storage pointer.
+    if unsafe { core::ptr::read_volatile(&raw const (*st).server) } != SERVER_UNSEEN {
+        return;
+    }
+    let mut ip = [0u8; 10];
+    if !skb_bytes(skb, 0, &mut ip) {
+        return;
+    }
+    let l4 = if ip[0] >> 4 == 4 {
+        if u32::from(ip[9]) != IPPROTO_TCP {
+            return;
+        }
+        u32::from(ip[0] & 0xf) * 4
+    } else {
+        if u32::from(ip[6]) != IPPROTO_TCP {
+            return;
+        }
+        IPV6_HEADER as u32
+    };
+    let mut t = TcpHead::default();
+    let mut off = [0u8; 1];
+    if !t.read(skb, l4) || !skb_bytes(skb, l4 + 12, &mut off) {
+        return;
+    }
+    if t.flags & TCP_SYN != 0 {
+        // Fast Open: the hello went with the SYN, the server's first data comes after its
+        // SYN-ACK (whose data, if any, is at `seq`, one past the SYN).
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(&raw mut (*st).server_first, t.seq) };
+        return;
+    }
+    // SAFETY: a field of the context.
+    let len = unsafe { (*skb).len };
+    let data = l4 + u32::from(off[0] >> 4) * 4;
+    // SAFETY: as above.
+    let first = unsafe { core::ptr::read_volatile(&raw const (*st).server_first) };
+    if data >= len || !before_or_at(t.seq, first) || first.wrapping_sub(t.seq) >= len - data {
+        return;
+    }
+    let start = data + first.wrapping_sub(t.seq);
+    let mut at = start;
+    let mut said = SERVER_RETRY;
+    let mut i = 0;
+    while i < 2 {
+        let mut hd = [0u8; 5];
+        if !skb_bytes(skb, at, &mut hd) {
+            break;
+        }
+        if hd[0] == 0x15 && hd[3] == 0 && hd[4] == 2 {
+            at += 7;
+            if at >= len {
+                // SAFETY: as above.
+                unsafe {
+                    core::ptr::write_volatile(
+                        &raw mut (*st).server_first,
+                        first.wrapping_add(at - start),
+                    )
+                };
+                return;
+            }
+            i += 1;
+            continue;
+        }
+        // Record header, handshake type and length, version, random.
+        let mut sh = [0u8; 43];
+        if hd[0] == 0x16 && skb_bytes(skb, at, &mut sh) && sh[5] == 2 {
+            // Without a branch per byte: each would be a path for the verifier to walk.
+            let mut diff = 0u8;
+            let mut k = 0;
+            while k < HRR_RANDOM.len() {
+                diff |= sh[11 + k] ^ HRR_RANDOM[k];
+                k += 1;
+            }
+            if diff != 0 {
+                said = SERVER_HELLO;
+            }
+        }
+        break;
+    }
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(&raw mut (*st).server, said) };
 }
 
 /// The name the first data at `data` carries (a TLS ClientHello's `server_name`, else an
@@ -2267,6 +2558,13 @@ fn read_name(skb: *mut __sk_buff) -> u64 {
     // verifier does not track: what it keeps of the two is their bounds, not the IPv4 and
     // IPv6 ways to them (each a separate parse to check).
     let data = tcp_data_at_l4(skb, l4);
+    // The change cipher spec record a TLS 1.3 client may send before its hello after a
+    // HelloRetryRequest (RFC 8446, D.4) is read past (a server does the same, or refuses it).
+    let data = if is_ccs(skb, data) {
+        data + CCS.len() as u32
+    } else {
+        data
+    };
     // SAFETY: a field of the context; this CPU's scratch.
     let (data, len) = unsafe {
         core::ptr::write_volatile(&raw mut (*s).name_at, data);
@@ -2347,10 +2645,7 @@ fn name_allowed(h: &Headers, c: &Check) -> u8 {
 #[inline(never)]
 fn refused(st: *mut SockState, reason: u8, h: &Headers, c: &Check) -> u8 {
     // SAFETY: non-null storage pointer.
-    let cut = unsafe {
-        let s = (*st).sni;
-        s == SNI_PENDING_ENFORCE
-    };
+    let cut = unsafe { (*st).sni & SNI_MODE == SNI_PENDING_ENFORCE };
     // SAFETY: as above.
     unsafe {
         core::ptr::write_volatile(&raw mut (*st).sni, if cut { SNI_REFUSED } else { SNI_NONE })
@@ -2359,13 +2654,13 @@ fn refused(st: *mut SockState, reason: u8, h: &Headers, c: &Check) -> u8 {
         // SAFETY: per-CPU values of this program's.
         unsafe {
             // The scratch holds this connection's name only when the refusal is of a name
-            // read: the others come before any reading (or from one that failed), and the
-            // scratch may hold another connection's; as it does when another check took this
-            // CPU's scratch over since.
+            // read: the others come before any reading (or from one that failed, or read
+            // what the refused data does not start with), and the scratch may hold another
+            // connection's; as it does when another check took this CPU's scratch over since.
             let ours = core::ptr::read_volatile(guard) == c.token;
             (*k).identity = c.identity;
             (*k).addr = h.addr;
-            if reason == REASON_SNI_MISSING || !ours {
+            if reason == REASON_SNI_MISSING || reason == REASON_AFTER_HELLO || !ours {
                 (*k).len = 0;
             }
             (*k).local_port = h.near_port;
@@ -2379,6 +2674,8 @@ fn refused(st: *mut SockState, reason: u8, h: &Headers, c: &Check) -> u8 {
 
 /// TCP header flags (the byte at offset 13).
 const TCP_URG: u8 = 0x20;
+const TCP_ACK: u8 = 0x10;
+const TCP_SYN: u8 = 0x02;
 
 /// The TLS ClientHello at `data`, looked through for its `server_name` (see [`sni_check`]).
 #[inline(never)]
@@ -2390,10 +2687,11 @@ fn client_hello(skb: *mut __sk_buff, data: u32, len: u32) -> u8 {
         return REASON_SNI_MISSING;
     }
     let record_end = data + 5 + u32::from(u16::from_be_bytes([hd[3], hd[4]]));
-    // The handshake message, in this record and this packet: what follows it is not read, so
-    // none of it may be the hello's.
+    // The handshake message, filling this record, in this packet: what follows the record is
+    // read as records that cannot carry a hello (hello_end), and another message in the
+    // record could be a second hello.
     let hs_end = data + 9 + (u32::from(hd[6]) << 16 | u32::from(hd[7]) << 8 | u32::from(hd[8]));
-    if hs_end > record_end || hs_end > len {
+    if hs_end != record_end || hs_end > len {
         return REASON_SNI_MISSING;
     }
     // Past the random: the session id, cipher suites, compression methods, extensions.
@@ -2749,6 +3047,12 @@ fn try_ingress(ctx: &SkBuffContext) -> i32 {
     };
     let mut now = 0u64;
     let gone = liveness(&o, &mut now);
+    // A TLS connection whose hello passed the server-name check: what the server answers
+    // first, on every path in.
+    // SAFETY: non-null storage pointer.
+    if unsafe { core::ptr::read_volatile(&raw const (*o.st).sni) } & SNI_WATCH != 0 {
+        server_answer(skb, o.st);
+    }
     // SAFETY: a field of the context.
     if gone == REASON_NONE && unsafe { (*skb).ingress_ifindex } == LOOPBACK_IFINDEX {
         return ALLOW;

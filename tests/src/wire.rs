@@ -20,6 +20,7 @@ pub const BEYOND_V6: &str = "2001:db8:1::7";
 
 const AGENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const PEER_MAC: &str = "02:00:00:00:00:02";
+const PEER_MAC_BYTES: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
 /// An agent namespace and a peer namespace joined by `veth-a` / `veth-p`; both deleted on drop.
 pub struct Link {
@@ -103,8 +104,9 @@ impl Packet {
         self.dst == dst.parse::<IpAddr>().expect("address") && self.dport == Some(port)
     }
 
-    fn parse(frame: &[u8]) -> Option<Self> {
-        if frame.len() < 14 || frame[6..12] != AGENT_MAC {
+    /// The frame, when its sender's link-layer address is `from`.
+    fn parse(frame: &[u8], from: &[u8; 6]) -> Option<Self> {
+        if frame.len() < 14 || frame[6..12] != from[..] {
             return None;
         }
         let ip = &frame[14..];
@@ -152,11 +154,23 @@ impl Packet {
 /// Every frame arriving on one interface of a namespace, from the moment it is made.
 pub struct Capture {
     fd: OwnedFd,
+    /// Whose frames are kept: the agent's side's, or the peer's.
+    from: [u8; 6],
 }
 
 impl Capture {
-    /// Captures on `ifname` inside `ns`; packets sent after this returns are seen.
+    /// Captures on `ifname` inside `ns`; packets the agent's side sends after this returns
+    /// are seen.
     pub fn start(ns: &NetNs, ifname: &str) -> Self {
+        Self::of(ns, ifname, AGENT_MAC)
+    }
+
+    /// As [`Capture::start`], for the packets the peer sends.
+    pub fn from_peer(ns: &NetNs, ifname: &str) -> Self {
+        Self::of(ns, ifname, PEER_MAC_BYTES)
+    }
+
+    fn of(ns: &NetNs, ifname: &str, from: [u8; 6]) -> Self {
         let ifname = std::ffi::CString::new(ifname).expect("interface name");
         let fd = ns.run_in(|| {
             let proto = (libc::ETH_P_ALL as u16).to_be();
@@ -219,7 +233,7 @@ impl Capture {
                 fd
             }
         });
-        Self { fd }
+        Self { fd, from }
     }
 
     /// Packets from the agent's side until one that `last` accepts (included), in arrival
@@ -235,7 +249,7 @@ impl Capture {
             if n <= 0 {
                 continue;
             }
-            if let Some(p) = Packet::parse(&buf[..n as usize]) {
+            if let Some(p) = Packet::parse(&buf[..n as usize], &self.from) {
                 let done = last(&p);
                 seen.push(p);
                 if done {

@@ -45,20 +45,26 @@ struct TlsServer(Child);
 impl TlsServer {
     fn start(link: &Link, dir: &Path, ca: &Ca) -> Self {
         let (cert, key) = write_cert(dir, "server", &ca.issue_server(PEER_V4.parse().unwrap()));
+        Self::serve(link, &cert, &key, 443, &[])
+    }
+
+    /// On PEER_V4:`port` with the certificate and key at those paths and more arguments.
+    fn serve(link: &Link, cert: &Path, key: &Path, port: u16, more: &[&str]) -> Self {
         let mut c = Command::new("openssl");
         link.peer.enter(&mut c);
         c.args(["s_server", "-quiet", "-www", "-accept"])
-            .arg(format!("{PEER_V4}:443"))
+            .arg(format!("{PEER_V4}:{port}"))
             .arg("-cert")
-            .arg(&cert)
+            .arg(cert)
             .arg("-key")
-            .arg(&key)
+            .arg(key)
+            .args(more)
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         TlsServer(spawn_listening(
             link,
             c,
-            443,
+            port,
             "openssl s_server (Debian's openssl)",
         ))
     }
@@ -472,6 +478,150 @@ fn a_connect_on_the_connected_socket_urgent_data_two_names_and_a_split_hello_get
     assert!(
         !sent.iter().any(|p| p.carries(b"api.example.com")),
         "a refused ClientHello (split, with urgent data or two names) reached the wire"
+    );
+}
+
+/// A listener in the peer namespace on PEER_V4:`port` that never accepts: the kernel takes
+/// connections and data, and nothing answers. Killed on drop.
+struct SilentServer(Child);
+
+impl SilentServer {
+    fn start(link: &Link, port: u16) -> Self {
+        let mut c = Command::new("python3");
+        link.peer.enter(&mut c);
+        c.args([
+            "-c",
+            &format!(
+                "import socket, time\n\
+                 s = socket.socket()\n\
+                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                 s.bind(('{PEER_V4}', {port}))\n\
+                 s.listen(16)\n\
+                 time.sleep(3600)\n"
+            ),
+        ])
+        .stdin(Stdio::null());
+        SilentServer(spawn_listening(link, c, port, "a python3 listener"))
+    }
+}
+
+impl Drop for SilentServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// TLS 1.3 HelloRetryRequest: the server asks for a second ClientHello, and a server that
+/// does not compare the two could act on the second's name. The check follows the client's
+/// records until the server answers, and reads the hello a HelloRetryRequest asks for like
+/// the first: a real one (openssl s_client and s_server) passes; a second hello naming
+/// another server, after the request or sent before any answer, is refused and never
+/// reaches the wire; early data behind a checked hello passes.
+#[test]
+fn a_second_hello_is_checked_after_a_hello_retry_request_and_refused_before_an_answer() {
+    agentwall_tests::require_root();
+    let lab = Lab::new(
+        "sni-retry",
+        "enforce",
+        "  - to: [api.example.com]\n    ports: [8443, 8444]\n    protocol: tcp\n",
+    );
+    // P-256 alone: a client that sends an x25519 key share first is asked again.
+    let _retry = TlsServer::serve(
+        &lab.link,
+        &lab.dir().join("server.pem"),
+        &lab.dir().join("server.key"),
+        8443,
+        &["-groups", "P-256"],
+    );
+    let _silent = SilentServer::start(&lab.link, 8444);
+    lab.resolve();
+    let mut cap = Capture::start(&lab.link.peer, "veth-p");
+    // What the server sends, as it reaches the agent's side.
+    let mut back = Capture::from_peer(&lab.link.agent, "veth-a");
+
+    // A real HelloRetryRequest: openssl's client offers x25519 first and is asked for P-256.
+    let (code, out) = lab.run(&[
+        "openssl",
+        "s_client",
+        "-brief",
+        "-connect",
+        &format!("{PEER_V4}:8443"),
+        "-servername",
+        "api.example.com",
+        "-groups",
+        "X25519:P-256",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("CONNECTION ESTABLISHED"), "{out}");
+    // The server did ask again (a HelloRetryRequest's random, RFC 8446, 4.1.3).
+    const HRR_RANDOM: [u8; 32] = [
+        0xcf, 0x21, 0xad, 0x74, 0xe5, 0x9a, 0x61, 0x11, 0xbe, 0x1d, 0x8c, 0x02, 0x1e, 0x65, 0xb8,
+        0x91, 0xc2, 0xa2, 0x11, 0x16, 0x7a, 0xbb, 0x8c, 0x5e, 0x07, 0x9e, 0x09, 0xe2, 0xc8, 0xa8,
+        0x33, 0x9c,
+    ];
+    back.until(Duration::from_secs(20), |p| p.carries(&HRR_RANDOM));
+    assert!(
+        lab.decisions().iter().all(|r| r["verdict"] == "allow"),
+        "{:#?}",
+        lab.decisions()
+    );
+
+    // After a HelloRetryRequest, a second hello naming another server: refused.
+    let mut p = lab.probe();
+    assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 8443")), "ok");
+    assert_eq!(
+        p.cmd("retry-held-hello api.example.com exfil.other.example"),
+        "hrr ok"
+    );
+    let r = lab.wait_decision(|r| r["server_name"] == "exfil.other.example");
+    assert_eq!(r["verdict"], "deny", "{r:#}");
+    assert_eq!(p.cmd("await-end-held"), "ECONNABORTED");
+    assert_eq!(p.cmd("drop-held"), "ok");
+
+    // A second hello before the server answered (nothing answers on 8444), in the first's
+    // packet or in one of its own: refused, and the connection ended.
+    const AFTER: &str = "data that could hold a second ClientHello, sent after the checked one before the server answered it (or not a hello after a HelloRetryRequest)";
+    for (n, how) in [(1, "together"), (2, "apart")] {
+        assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 8444")), "ok");
+        let sent = p.cmd(&format!(
+            "send-held-hellos api.example.com exfil.other.example {how}"
+        ));
+        lab.wait_count(&|r| r["reason"] == AFTER && r["verdict"] == "deny", n);
+        let ended = p.cmd("await-end-held");
+        assert!(
+            sent == "err ECONNABORTED" || ended == "ECONNABORTED",
+            "{how}: {sent} / {ended}"
+        );
+        assert_eq!(p.cmd("drop-held"), "ok");
+    }
+
+    // Early data (application-data records) behind a checked hello passes, in its packet
+    // and after it.
+    assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 8444")), "ok");
+    assert_eq!(
+        p.cmd("send-held-hellos api.example.com EARLY-DATA-2 early"),
+        "ok"
+    );
+    let got = cap.until(Duration::from_secs(20), |p| p.carries(b"EARLY-DATA-2"));
+    assert!(
+        got.iter()
+            .any(|p| p.carries(b"api.example.com") && p.carries(b"EARLY-DATA-1")),
+        "the hello and its early data never reached the server"
+    );
+    assert_eq!(
+        lab.decisions()
+            .iter()
+            .filter(|r| r["verdict"] == "deny")
+            .count(),
+        3
+    );
+
+    let mut sent = got;
+    sent.extend(lab.sent(&mut cap));
+    assert!(
+        !sent.iter().any(|p| p.carries(b"exfil.other.example")),
+        "a second hello naming another server reached the wire"
     );
 }
 

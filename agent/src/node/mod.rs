@@ -944,7 +944,7 @@ impl Node {
         use crate::policy::Reason;
         if !matches!(
             e.reason,
-            Some(Reason::SniMismatch | Reason::SniMissing | Reason::ZeroCopy)
+            Some(Reason::SniMismatch | Reason::SniMissing | Reason::ZeroCopy | Reason::AfterHello)
         ) {
             return None;
         }

@@ -423,6 +423,9 @@ pub enum Reason {
     /// A connection only a name rule allows sent its first data, or was set to send it, from
     /// pages its task could change after the check read them (zero-copy, spliced pages).
     ZeroCopy,
+    /// A connection whose ClientHello passed sent, before the server answered, data that could
+    /// hold a second hello; or, after a HelloRetryRequest, something else than one hello.
+    AfterHello,
 }
 
 impl Reason {
@@ -447,6 +450,7 @@ impl Reason {
             Self::SniMismatch => c::REASON_SNI_MISMATCH,
             Self::SniMissing => c::REASON_SNI_MISSING,
             Self::ZeroCopy => c::REASON_ZERO_COPY,
+            Self::AfterHello => c::REASON_AFTER_HELLO,
         }
     }
 
@@ -471,6 +475,7 @@ impl Reason {
             c::REASON_SNI_MISMATCH => Self::SniMismatch,
             c::REASON_SNI_MISSING => Self::SniMissing,
             c::REASON_ZERO_COPY => Self::ZeroCopy,
+            c::REASON_AFTER_HELLO => Self::AfterHello,
             _ => return None,
         })
     }
@@ -505,6 +510,9 @@ impl Reason {
             }
             Self::ZeroCopy => {
                 "zero-copy or spliced send before a connection only a name rule allows had its server name checked"
+            }
+            Self::AfterHello => {
+                "data that could hold a second ClientHello, sent after the checked one before the server answered it (or not a hello after a HelloRetryRequest)"
             }
         }
     }

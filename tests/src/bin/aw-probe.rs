@@ -1382,6 +1382,80 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             }
             reply
         }
+        // Two TLS ClientHellos, naming `first` and then `second`, on every held TCP socket
+        // before the server answers: `together` in one write, `apart` in two (with
+        // TCP_NODELAY, 50 ms apart: two packets). `early`: the hello of `first` and an
+        // application-data record (TLS 1.3 early data) in one write, then another record
+        // apart; `second` is then that record's payload.
+        ["send-held-hellos", first, second, how] => {
+            let one = client_hello(&[first]);
+            let (a, b) = if *how == "early" {
+                let mut a = one;
+                a.extend_from_slice(&tls_record(0x17, b"EARLY-DATA-1"));
+                (a, tls_record(0x17, second.as_bytes()))
+            } else {
+                (one, client_hello(&[second]))
+            };
+            let parts: Vec<Vec<u8>> = if *how == "together" {
+                vec![[a, b].concat()]
+            } else {
+                vec![a, b]
+            };
+            let mut reply = "ok".to_owned();
+            for s in held().iter() {
+                let fd = s.as_raw_fd();
+                let one: libc::c_int = 1;
+                // SAFETY: valid fd and option value.
+                unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::IPPROTO_TCP,
+                        libc::TCP_NODELAY,
+                        (&raw const one).cast(),
+                        4,
+                    )
+                };
+                for (i, part) in parts.iter().enumerate() {
+                    if i > 0 {
+                        // Apart on the wire: the first part leaves before the second is written.
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    // SAFETY: valid fd and buffer.
+                    if unsafe { libc::send(fd, part.as_ptr().cast(), part.len(), 0) } < 0 {
+                        reply = format!("err {}", errno_name(last_err()));
+                    }
+                }
+            }
+            reply
+        }
+        // A TLS 1.3 ClientHello naming `first` with a key share for x25519 alone (P-256 also
+        // offered) on every held TCP socket; then, once the server's answer is a
+        // HelloRetryRequest, a change cipher spec record and a second hello naming `second`
+        // with a P-256 key share, in one write. "hrr ok", or what went otherwise.
+        ["retry-held-hello", first, second] => {
+            let mut reply = "ok".to_owned();
+            for s in held().iter() {
+                let fd = s.as_raw_fd();
+                let hello = tls13_hello(first, GROUP_X25519, &[0x42; 32]);
+                // SAFETY: valid fd and buffer.
+                if unsafe { libc::send(fd, hello.as_ptr().cast(), hello.len(), 0) } < 0 {
+                    return Ok(format!("err first {}", errno_name(last_err())));
+                }
+                let answer = read_at_least(fd, 43, 10)?;
+                if answer.get(11..43) != Some(&HRR_RANDOM[..]) {
+                    return Ok(format!("no hrr: {answer:02x?}"));
+                }
+                let mut share = vec![4u8];
+                share.extend_from_slice(&[0x42; 64]);
+                let mut again = vec![0x14, 3, 3, 0, 1, 1];
+                again.extend_from_slice(&tls13_hello(second, GROUP_P256, &share));
+                // SAFETY: valid fd and buffer.
+                if unsafe { libc::send(fd, again.as_ptr().cast(), again.len(), 0) } < 0 {
+                    reply = format!("err {}", errno_name(last_err()));
+                }
+            }
+            format!("hrr {reply}")
+        }
         // Waits (at most 20 s) until every held TCP socket is ended, and says how: the
         // socket's pending error.
         ["await-end-held"] => {
@@ -2652,6 +2726,105 @@ fn socket_family(s: &OwnedFd) -> libc::c_int {
         )
     };
     family
+}
+
+/// One TLS record of `kind` holding `payload`.
+fn tls_record(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut r = vec![kind, 3, 3];
+    r.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    r.extend_from_slice(payload);
+    r
+}
+
+const GROUP_X25519: u16 = 0x001d;
+const GROUP_P256: u16 = 0x0017;
+/// A HelloRetryRequest's random (RFC 8446, 4.1.3).
+const HRR_RANDOM: [u8; 32] = [
+    0xcf, 0x21, 0xad, 0x74, 0xe5, 0x9a, 0x61, 0x11, 0xbe, 0x1d, 0x8c, 0x02, 0x1e, 0x65, 0xb8, 0x91,
+    0xc2, 0xa2, 0x11, 0x16, 0x7a, 0xbb, 0x8c, 0x5e, 0x07, 0x9e, 0x09, 0xe2, 0xc8, 0xa8, 0x33, 0x9c,
+];
+
+/// A TLS 1.3 ClientHello naming `name` that offers x25519 and P-256 with a key share for
+/// `group` alone: a server that prefers the other group asks for another hello.
+fn tls13_hello(name: &str, group: u16, share: &[u8]) -> Vec<u8> {
+    let ext = |kind: u16, data: &[u8]| {
+        let mut e = kind.to_be_bytes().to_vec();
+        e.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        e.extend_from_slice(data);
+        e
+    };
+    let n = name.as_bytes();
+    let mut sni = ((n.len() + 3) as u16).to_be_bytes().to_vec();
+    sni.push(0);
+    sni.extend_from_slice(&(n.len() as u16).to_be_bytes());
+    sni.extend_from_slice(n);
+    let mut ks = ((share.len() + 4) as u16).to_be_bytes().to_vec();
+    ks.extend_from_slice(&group.to_be_bytes());
+    ks.extend_from_slice(&(share.len() as u16).to_be_bytes());
+    ks.extend_from_slice(share);
+    let exts = [
+        ext(0, &sni),
+        // supported_versions: TLS 1.3.
+        ext(43, &[2, 3, 4]),
+        // supported_groups.
+        ext(10, &[0, 4, 0, 0x1d, 0, 0x17]),
+        // signature_algorithms: rsa_pss_rsae_sha256, ecdsa_secp256r1_sha256.
+        ext(13, &[0, 4, 8, 4, 4, 3]),
+        ext(51, &ks),
+    ]
+    .concat();
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[7u8; 32]);
+    // A legacy session id, as TLS 1.3 clients send for middleboxes.
+    body.push(32);
+    body.extend_from_slice(&[9u8; 32]);
+    body.extend_from_slice(&[0, 4, 0x13, 0x01, 0x13, 0x02, 1, 0]);
+    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    body.extend_from_slice(&exts);
+    let mut hs = vec![1];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut rec = vec![0x16, 3, 1];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
+}
+
+/// At least `n` bytes read from `fd` (waiting at most `secs` seconds for each read).
+fn read_at_least(fd: RawFd, n: usize, secs: i64) -> Result<Vec<u8>, String> {
+    let tv = libc::timeval {
+        tv_sec: secs,
+        tv_usec: 0,
+    };
+    // SAFETY: valid fd and option value.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while got.len() < n {
+        // SAFETY: valid fd and buffer.
+        let r = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if r <= 0 {
+            return Err(format!(
+                "read {} bytes, then {}",
+                got.len(),
+                if r == 0 {
+                    "end".to_owned()
+                } else {
+                    errno_name(last_err())
+                }
+            ));
+        }
+        got.extend_from_slice(&buf[..r as usize]);
+    }
+    Ok(got)
 }
 
 /// A minimal TLS 1.2-shaped ClientHello whose only extension is `server_name` = `name`.
