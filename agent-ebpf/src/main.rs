@@ -28,7 +28,7 @@ use agent_common::{
     SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RETRY, SNI_RULES,
     SNI_SEEN_ENTRIES, SNI_WATCH, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName,
     SockState, TAIL_SNI, TAILS, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE,
-    dns_proxy_addr, dns_proxy_addr6, http, rule_hit_key,
+    dns_proxy_addr, dns_proxy_addr6, http, rate_keyed_by_socket, rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{
@@ -1723,16 +1723,25 @@ fn sni_owner(skb: *mut __sk_buff) -> Option<(*mut SockState, u32)> {
     if st.is_null() {
         return None;
     }
-    // SAFETY: non-null storage pointer; the binding before its slot (see owner_of).
+    Some((st, stored_binding(st)?.identity))
+}
+
+/// The binding a socket's storage names: its copy in the binding's slot (an array lookup)
+/// while the slot still holds that cgroup's binding, else the binding itself; none once the
+/// session ended or its cgroup was unbound.
+#[inline(always)]
+fn stored_binding(st: *mut SockState) -> Option<Binding> {
+    // SAFETY: non-null storage pointer. The binding before its slot: both writers put the
+    // slot first.
     let (binding_cgroup, slot) = unsafe {
         let c = core::ptr::read_volatile(&raw const (*st).binding_cgroup);
         (c, core::ptr::read_volatile(&raw const (*st).binding_slot))
     };
-    let identity = match AW_BINDING_SLOTS.get(slot) {
-        Some(s) if binding_cgroup != 0 && s.cgroup_id == binding_cgroup => s.binding.identity,
-        _ => unsafe { AW_BINDINGS.get(binding_cgroup) }?.identity,
-    };
-    Some((st, identity))
+    match AW_BINDING_SLOTS.get(slot) {
+        Some(s) if binding_cgroup != 0 && s.cgroup_id == binding_cgroup => Some(s.binding),
+        // SAFETY: a read-only lookup of a plain-old-data value.
+        _ => unsafe { AW_BINDINGS.get(binding_cgroup) }.copied(),
+    }
 }
 
 #[inline(always)]
@@ -1764,33 +1773,17 @@ fn owner_of(skb: *mut __sk_buff) -> Result<Owner, i32> {
         }
     }
     // SAFETY: non-null storage pointer.
-    // The binding before its slot: both writers put the slot first.
-    let (mut binding_cgroup, mut slot) = unsafe {
-        let c = core::ptr::read_volatile(&raw const (*st).binding_cgroup);
-        (c, core::ptr::read_volatile(&raw const (*st).binding_slot))
-    };
-    if slot == SLOT_CLAIMED {
+    if unsafe { core::ptr::read_volatile(&raw const (*st).binding_slot) } == SLOT_CLAIMED {
         // A governed task took the socket up (the LSM line): settled as its binding's now.
         st = adopt(skb, sk, 0, st);
         if st.is_null() || st == NO_ROOM {
             return Err(DENY);
         }
-        // SAFETY: as above.
-        (binding_cgroup, slot) = unsafe {
-            let c = core::ptr::read_volatile(&raw const (*st).binding_cgroup);
-            (c, core::ptr::read_volatile(&raw const (*st).binding_slot))
-        };
     }
-    // The binding's copy in its slot, an array lookup, while the slot still holds this
-    // cgroup's binding; else the binding itself.
-    let binding = match AW_BINDING_SLOTS.get(slot) {
-        Some(s) if binding_cgroup != 0 && s.cgroup_id == binding_cgroup => s.binding,
-        _ => match unsafe { AW_BINDINGS.get(binding_cgroup) } {
-            Some(b) => *b,
-            // The session whose socket this is has ended (or its cgroup was unbound), yet the
-            // socket is still in use: a socket handed out of a governed session stays closed.
-            None => return Err(DENY),
-        },
+    // The session whose socket this is has ended (or its cgroup was unbound), yet the socket
+    // is still in use: a socket handed out of a governed session stays closed.
+    let Some(binding) = stored_binding(st) else {
+        return Err(DENY);
     };
     let (state, mode) = match AW_IDENTITIES.get(binding.identity) {
         Some(s) => (s.state, s.mode),
@@ -3626,10 +3619,7 @@ fn report_to<const RING: usize, const RATE: usize>(
     };
     // A socket received without a peer is told apart by its type and what refused it (an
     // option, a protocol), as a refused socket is.
-    let socket = flow.hook == HOOK_SOCK_CREATE
-        || flow.hook == HOOK_SOCKET_FAMILY
-        || flow.hook == HOOK_SETSOCKOPT
-        || (flow.hook == HOOK_SOCKET_RECEIVE && flow.port == 0);
+    let socket = rate_keyed_by_socket(flow.hook, flow.port);
     let rk = RateKey {
         cgroup_id: leaf,
         addr: flow.addr,

@@ -11,7 +11,7 @@ use std::{
 };
 
 use agentwall_tests::{
-    DnsServer, Probe, TestEnv, bin_path,
+    DnsServer, NetNs, Probe, TestEnv, bin_path,
     node::{NodeProc, launch_args, write_cert},
     pki::{Ca, CertSpec},
     wire::{AGENT_V4, Capture, Link, PEER_V4},
@@ -22,13 +22,15 @@ const RESOLVER: &str = "192.0.2.53";
 
 /// `c` (a server in the peer namespace) started, once it accepts on PEER_V4:`port`: a
 /// connection from inside its own namespace.
-fn spawn_listening(link: &Link, mut c: Command, port: u16, what: &str) -> Child {
+fn spawn_listening(link: &Link, c: Command, port: u16, what: &str) -> Child {
+    spawn_listening_in(&link.peer, c, PEER_V4, port, what)
+}
+
+/// `c` (a server in `ns`) started, once it accepts on `addr`:`port`.
+fn spawn_listening_in(ns: &NetNs, mut c: Command, addr: &str, port: u16, what: &str) -> Child {
     let child = c.spawn().unwrap_or_else(|e| panic!("{what}: {e}"));
     let deadline = agentwall_tests::deadline(Duration::from_secs(20));
-    while link
-        .peer
-        .run_in(|| std::net::TcpStream::connect((PEER_V4, port)).is_err())
-    {
+    while ns.run_in(|| std::net::TcpStream::connect((addr, port)).is_err()) {
         assert!(
             std::time::Instant::now() < deadline,
             "{what} never listened"
@@ -50,10 +52,15 @@ impl TlsServer {
 
     /// On PEER_V4:`port` with the certificate and key at those paths and more arguments.
     fn serve(link: &Link, cert: &Path, key: &Path, port: u16, more: &[&str]) -> Self {
+        Self::serve_in(&link.peer, PEER_V4, cert, key, port, more)
+    }
+
+    /// The same in `ns`, on `addr`:`port`.
+    fn serve_in(ns: &NetNs, addr: &str, cert: &Path, key: &Path, port: u16, more: &[&str]) -> Self {
         let mut c = Command::new("openssl");
-        link.peer.enter(&mut c);
+        ns.enter(&mut c);
         c.args(["s_server", "-quiet", "-www", "-accept"])
-            .arg(format!("{PEER_V4}:{port}"))
+            .arg(format!("{addr}:{port}"))
             .arg("-cert")
             .arg(cert)
             .arg("-key")
@@ -61,9 +68,10 @@ impl TlsServer {
             .args(more)
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-        TlsServer(spawn_listening(
-            link,
+        TlsServer(spawn_listening_in(
+            ns,
             c,
+            addr,
             port,
             "openssl s_server (Debian's openssl)",
         ))
@@ -138,7 +146,11 @@ impl Lab {
         .unwrap();
         std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
         let zone = serde_json::json!({
-            "records": [{ "name": "api.example.com", "type": "A", "value": PEER_V4 }],
+            "records": [
+                { "name": "api.example.com", "type": "A", "value": PEER_V4 },
+                // An address of the agent's own namespace: reached over loopback.
+                { "name": "local.example.com", "type": "A", "value": RESOLVER },
+            ],
         });
         std::fs::write(dir.join("zone.json"), zone.to_string()).unwrap();
         std::fs::write(
@@ -184,14 +196,19 @@ impl Lab {
 
     /// The identity resolves api.example.com through the node's proxy: PEER_V4 is learned.
     fn resolve(&self) {
+        self.resolve_name("api.example.com", PEER_V4);
+    }
+
+    /// The identity resolves `name` through the node's proxy, to `addr`.
+    fn resolve_name(&self, name: &str, addr: &str) {
         let mut c = launch_args(&self.node.socket, &self.cert, &self.key);
         self.link.agent.enter(&mut c);
         c.arg(bin_path("aw-probe"))
             .arg("--resolv-conf")
             .arg(self.dir().join("resolv.conf"));
         let mut p = Probe::from_command(c);
-        let answer = p.cmd(&format!("resolve api.example.com {RESOLVER} udp A"));
-        assert!(answer.contains(PEER_V4), "{answer}");
+        let answer = p.cmd(&format!("resolve {name} {RESOLVER} udp A"));
+        assert!(answer.contains(addr), "{answer}");
     }
 
     /// The probe under the identity in the agent's namespace.
@@ -524,7 +541,8 @@ fn a_second_hello_is_checked_after_a_hello_retry_request_and_refused_before_an_a
     let lab = Lab::new(
         "sni-retry",
         "enforce",
-        "  - to: [api.example.com]\n    ports: [8443, 8444]\n    protocol: tcp\n",
+        "  - to: [api.example.com]\n    ports: [8443, 8444]\n    protocol: tcp\n\
+         \x20 - to: [local.example.com]\n    ports: [8445]\n    protocol: tcp\n",
     );
     // P-256 alone: a client that sends an x25519 key share first is asked again.
     let _retry = TlsServer::serve(
@@ -535,7 +553,17 @@ fn a_second_hello_is_checked_after_a_hello_retry_request_and_refused_before_an_a
         &["-groups", "P-256"],
     );
     let _silent = SilentServer::start(&lab.link, 8444);
+    // In the agent's own namespace, reached over loopback.
+    let _local = TlsServer::serve_in(
+        &lab.link.agent,
+        RESOLVER,
+        &lab.dir().join("server.pem"),
+        &lab.dir().join("server.key"),
+        8445,
+        &[],
+    );
     lab.resolve();
+    lab.resolve_name("local.example.com", RESOLVER);
     let mut cap = Capture::start(&lab.link.peer, "veth-p");
     // What the server sends, as it reaches the agent's side.
     let mut back = Capture::from_peer(&lab.link.agent, "veth-a");
@@ -561,6 +589,26 @@ fn a_second_hello_is_checked_after_a_hello_retry_request_and_refused_before_an_a
         0x33, 0x9c,
     ];
     back.until(Duration::from_secs(20), |p| p.carries(&HRR_RANDOM));
+
+    // TLS 1.2, whose client sends handshake records again once the server's hello came: the
+    // packet line inbound saw that hello, over the veth and over loopback.
+    for (server, name) in [
+        (format!("{PEER_V4}:8443"), "api.example.com"),
+        (format!("{RESOLVER}:8445"), "local.example.com"),
+    ] {
+        let (code, out) = lab.run(&[
+            "openssl",
+            "s_client",
+            "-brief",
+            "-tls1_2",
+            "-connect",
+            &server,
+            "-servername",
+            name,
+        ]);
+        assert_eq!(code, Some(0), "{server}: {out}");
+        assert!(out.contains("CONNECTION ESTABLISHED"), "{server}: {out}");
+    }
     assert!(
         lab.decisions().iter().all(|r| r["verdict"] == "allow"),
         "{:#?}",
