@@ -2212,6 +2212,12 @@ fn sni_check(skb: *mut __sk_buff, h: &Headers, c: &Check, st: *mut SockState) ->
     if t.flags & TCP_URG != 0 {
         return refused(st, REASON_SNI_MISSING, h, c);
     }
+    // In pages its sender can still change (zero-copy, spliced, sendfile): what is read here
+    // need not be what reaches the peer. First, before anything moves `sni_next` past these
+    // bytes: every byte before it passes unread from then on.
+    if shared_pages(skb) {
+        return refused(st, REASON_ZERO_COPY, h, c);
+    }
     // SAFETY: non-null storage pointer.
     let sni = unsafe { core::ptr::read_volatile(&raw const (*st).sni) };
     if sni & SNI_RETRY != 0 {
@@ -2234,11 +2240,6 @@ fn sni_check(skb: *mut __sk_buff, h: &Headers, c: &Check, st: *mut SockState) ->
             return FIRST_NOT_YET;
         }
     }
-    // In pages its sender can still change (zero-copy, spliced, sendfile): what is read here
-    // need not be what reaches the peer.
-    if shared_pages(skb) {
-        return refused(st, REASON_ZERO_COPY, h, c);
-    }
     let verdict = name_allowed(h, c);
     if verdict != REASON_NONE {
         return refused(st, verdict, h, c);
@@ -2249,6 +2250,11 @@ fn sni_check(skb: *mut __sk_buff, h: &Headers, c: &Check, st: *mut SockState) ->
     // watched on until the server answers: a second hello sent behind this one could be the
     // one a server reads after a HelloRetryRequest.
     let past = hello_end(skb, data, len);
+    // After a HelloRetryRequest only a ClientHello will do: an HTTP request there would
+    // end the watch with the TLS records after it unread.
+    if past == NOT_TLS && sni & SNI_RETRY != 0 {
+        return refused(st, REASON_AFTER_HELLO, h, c);
+    }
     if past == NOT_TLS {
         // SAFETY: as above.
         unsafe { core::ptr::write_volatile(&raw mut (*st).sni, SNI_NONE) };
@@ -2414,8 +2420,10 @@ const HRR_RANDOM: [u8; 32] = [
 /// The ingress line's look at a packet from the server of a connection in `SNI_WATCH`: its
 /// first data, at `server_first`, is a ServerHello ([`SERVER_HELLO`]: the handshake goes on
 /// under the checked hello) or not ([`SERVER_RETRY`]: a HelloRetryRequest, or anything else,
-/// after which the client's next data must be a hello the check reads). Alerts before it (a
-/// TLS 1.2 server's warning) are read past. Later data arrived first is left for the first.
+/// after which the client's next data must be a hello the check reads). Alerts and change
+/// cipher spec records before it are read past. Later data arrived first is left for the
+/// first. It runs before TCP has checked the packet (sum, window): a forged packet from the
+/// server's address that lands at `server_first` is taken as the answer.
 #[inline(never)]
 fn server_answer(skb: *mut __sk_buff, st: *mut SockState) {
     // SAFETY: non-null storage pointer.
@@ -2461,13 +2469,17 @@ fn server_answer(skb: *mut __sk_buff, st: *mut SockState) {
     let mut at = start;
     let mut said = SERVER_RETRY;
     let mut i = 0;
-    while i < 2 {
+    while i < 3 {
         let mut hd = [0u8; 5];
         if !skb_bytes(skb, at, &mut hd) {
             break;
         }
-        if hd[0] == 0x15 && hd[3] == 0 && hd[4] == 2 {
-            at += 7;
+        // An alert (a TLS 1.2 server's warning), or a change cipher spec record (a TLS 1.3
+        // server's after its HelloRetryRequest, written apart from it): read past.
+        let alert = hd[0] == 0x15 && hd[3] == 0 && hd[4] == 2;
+        let ccs = hd[0] == 0x14 && hd[3] == 0 && hd[4] == 1;
+        if alert || ccs {
+            at += 5 + u32::from(hd[4]);
             if at >= len {
                 // SAFETY: as above.
                 unsafe {

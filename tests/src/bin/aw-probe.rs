@@ -1441,12 +1441,28 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         }
         // A TLS 1.3 ClientHello naming `first` with a key share for x25519 alone (P-256 also
         // offered) on every held TCP socket; then, once the server's answer is a
-        // HelloRetryRequest, a change cipher spec record and a second hello naming `second`
-        // with a P-256 key share, in one write. "hrr ok", or what went otherwise.
-        ["retry-held-hello", first, second] => {
+        // HelloRetryRequest: `hello` a change cipher spec record and a second hello naming
+        // `second` with a P-256 key share, in one write; `http` an HTTP request for `first`
+        // (not a hello); `ccs-sendfile` the change cipher spec record alone sent with sendfile
+        // from a memfd, whose page is then rewritten as the head of an application-data record
+        // that would swallow the next write (a second hello naming `first`, then a record
+        // hiding a hello naming `second`, which a server would read as the hello). "hrr ok",
+        // or what went otherwise.
+        ["retry-held-hello", first, second, how] => {
             let mut reply = "ok".to_owned();
             for s in held().iter() {
                 let fd = s.as_raw_fd();
+                let one: libc::c_int = 1;
+                // SAFETY: valid fd and option value.
+                unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::IPPROTO_TCP,
+                        libc::TCP_NODELAY,
+                        (&raw const one).cast(),
+                        4,
+                    )
+                };
                 let hello = tls13_hello(first, GROUP_X25519, &[0x42; 32]);
                 // SAFETY: valid fd and buffer.
                 if unsafe { libc::send(fd, hello.as_ptr().cast(), hello.len(), 0) } < 0 {
@@ -1458,8 +1474,31 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 }
                 let mut share = vec![4u8];
                 share.extend_from_slice(&[0x42; 64]);
-                let mut again = vec![0x14, 3, 3, 0, 1, 1];
-                again.extend_from_slice(&tls13_hello(second, GROUP_P256, &share));
+                let again = match *how {
+                    "hello" => [&CCS_RECORD[..], &tls13_hello(second, GROUP_P256, &share)].concat(),
+                    "http" => {
+                        format!("GET / HTTP/1.1\r\nHost: {first}\r\nConnection: close\r\n\r\n")
+                            .into_bytes()
+                    }
+                    "ccs-sendfile" => {
+                        let checked = tls13_hello(first, GROUP_P256, &share);
+                        let hidden = tls_record(0x17, &tls13_hello(second, GROUP_P256, &share));
+                        // The record head the page becomes: its length covers its own last
+                        // byte, the checked hello and the hidden record's head.
+                        let l = ((1 + checked.len() + 5) as u16).to_be_bytes();
+                        let cover = [0x17, 3, 3, l[0], l[1], 0];
+                        let page = shared_page(&CCS_RECORD)?;
+                        let mut off: libc::off_t = 0;
+                        // SAFETY: valid descriptors and offset.
+                        if unsafe { libc::sendfile(fd, page.as_raw_fd(), &raw mut off, 6) } < 0 {
+                            return Ok(format!("hrr err sendfile {}", errno_name(last_err())));
+                        }
+                        // SAFETY: valid fd and buffer.
+                        unsafe { libc::pwrite(page.as_raw_fd(), cover.as_ptr().cast(), 6, 0) };
+                        [checked, hidden].concat()
+                    }
+                    other => return Err(format!("retry-held-hello: no way {other:?}")),
+                };
                 // SAFETY: valid fd and buffer.
                 if unsafe { libc::send(fd, again.as_ptr().cast(), again.len(), 0) } < 0 {
                     reply = format!("err {}", errno_name(last_err()));
@@ -2205,16 +2244,7 @@ fn send_kept_pages(fd: RawFd, data: &[u8], how: &str) -> Result<String, String> 
             }))
         }
         "sendfile" => {
-            // SAFETY: a plain system call with a static name.
-            let mfd = unsafe { libc::memfd_create(c"hello".as_ptr(), libc::MFD_CLOEXEC) };
-            if mfd < 0 {
-                return Err(format!("memfd_create: {}", errno_name(last_err())));
-            }
-            // SAFETY: a descriptor just made, owned by nothing else.
-            let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(mfd) });
-            (&file)
-                .write_all(data)
-                .map_err(|e| format!("memfd write: {e}"))?;
+            let file = shared_page(data)?;
             let mut off: libc::off_t = 0;
             // SAFETY: valid descriptors and offset.
             Ok(sent(unsafe {
@@ -2241,6 +2271,23 @@ fn send_kept_pages(fd: RawFd, data: &[u8], how: &str) -> Result<String, String> 
         }
         _ => Err(format!("unknown send {how}")),
     }
+}
+
+/// A memfd holding `data`: pages sendfile hands to the kernel, which the sender can still
+/// write.
+fn shared_page(data: &[u8]) -> Result<std::fs::File, String> {
+    use std::io::Write as _;
+    // SAFETY: a plain system call with a static name.
+    let mfd = unsafe { libc::memfd_create(c"page".as_ptr(), libc::MFD_CLOEXEC) };
+    if mfd < 0 {
+        return Err(format!("memfd_create: {}", errno_name(last_err())));
+    }
+    // SAFETY: a descriptor just made, owned by nothing else.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(mfd) });
+    (&file)
+        .write_all(data)
+        .map_err(|e| format!("memfd write: {e}"))?;
+    Ok(file)
 }
 
 fn fork_storm(n: usize, addr: SocketAddr) -> String {
@@ -2757,6 +2804,9 @@ fn tls_record(kind: u8, payload: &[u8]) -> Vec<u8> {
     r.extend_from_slice(payload);
     r
 }
+
+/// A TLS change cipher spec record as TLS 1.3 clients send it for middleboxes.
+const CCS_RECORD: [u8; 6] = [0x14, 3, 3, 0, 1, 1];
 
 const GROUP_X25519: u16 = 0x001d;
 const GROUP_P256: u16 = 0x0017;
