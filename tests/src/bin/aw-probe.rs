@@ -1367,31 +1367,14 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                     continue;
                 }
                 let parts: Vec<&[u8]> = if *how == "split" {
-                    let one: libc::c_int = 1;
-                    // SAFETY: valid fd and option value.
-                    unsafe {
-                        libc::setsockopt(
-                            fd,
-                            libc::IPPROTO_TCP,
-                            libc::TCP_NODELAY,
-                            (&raw const one).cast(),
-                            4,
-                        )
-                    };
+                    no_delay(fd);
                     vec![&hello[..10], &hello[10..]]
                 } else {
                     vec![&hello[..]]
                 };
-                for (i, part) in parts.iter().enumerate() {
-                    if i > 0 {
-                        // Apart on the wire: the first part leaves before the second is written.
-                        std::thread::sleep(std::time::Duration::from_millis(50));
-                    }
-                    let flags = if *how == "urgent" { libc::MSG_OOB } else { 0 };
-                    // SAFETY: valid fd and buffer.
-                    if unsafe { libc::send(fd, part.as_ptr().cast(), part.len(), flags) } < 0 {
-                        reply = format!("err {}", errno_name(last_err()));
-                    }
+                let flags = if *how == "urgent" { libc::MSG_OOB } else { 0 };
+                if let Some(err) = send_apart(fd, &parts, flags) {
+                    reply = err;
                 }
             }
             reply
@@ -1418,26 +1401,10 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             let mut reply = "ok".to_owned();
             for s in held().iter() {
                 let fd = s.as_raw_fd();
-                let one: libc::c_int = 1;
-                // SAFETY: valid fd and option value.
-                unsafe {
-                    libc::setsockopt(
-                        fd,
-                        libc::IPPROTO_TCP,
-                        libc::TCP_NODELAY,
-                        (&raw const one).cast(),
-                        4,
-                    )
-                };
-                for (i, part) in parts.iter().enumerate() {
-                    if i > 0 {
-                        // Apart on the wire: the first part leaves before the second is written.
-                        std::thread::sleep(std::time::Duration::from_millis(50));
-                    }
-                    // SAFETY: valid fd and buffer.
-                    if unsafe { libc::send(fd, part.as_ptr().cast(), part.len(), 0) } < 0 {
-                        reply = format!("err {}", errno_name(last_err()));
-                    }
+                no_delay(fd);
+                let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+                if let Some(err) = send_apart(fd, &parts, 0) {
+                    reply = err;
                 }
             }
             reply
@@ -1455,17 +1422,7 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             let mut reply = "ok".to_owned();
             for s in held().iter() {
                 let fd = s.as_raw_fd();
-                let one: libc::c_int = 1;
-                // SAFETY: valid fd and option value.
-                unsafe {
-                    libc::setsockopt(
-                        fd,
-                        libc::IPPROTO_TCP,
-                        libc::TCP_NODELAY,
-                        (&raw const one).cast(),
-                        4,
-                    )
-                };
+                no_delay(fd);
                 let hello = tls13_hello(first, GROUP_X25519, &[0x42; 32]);
                 // SAFETY: valid fd and buffer.
                 if unsafe { libc::send(fd, hello.as_ptr().cast(), hello.len(), 0) } < 0 {
@@ -2274,6 +2231,37 @@ fn send_kept_pages(fd: RawFd, data: &[u8], how: &str) -> Result<String, String> 
         }
         _ => Err(format!("unknown send {how}")),
     }
+}
+
+/// TCP_NODELAY on `fd`: each write leaves as its own packet.
+fn no_delay(fd: RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: valid fd and option value.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&raw const one).cast(),
+            4,
+        )
+    };
+}
+
+/// `parts` sent on `fd` with `flags`, 50 ms apart (apart on the wire: each leaves before the
+/// next is written); the last error, if any.
+fn send_apart(fd: RawFd, parts: &[&[u8]], flags: libc::c_int) -> Option<String> {
+    let mut err = None;
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        // SAFETY: valid fd and buffer.
+        if unsafe { libc::send(fd, part.as_ptr().cast(), part.len(), flags) } < 0 {
+            err = Some(format!("err {}", errno_name(last_err())));
+        }
+    }
+    err
 }
 
 /// A memfd holding `data`: pages sendfile hands to the kernel, which the sender can still
