@@ -192,6 +192,12 @@ pub const SNI_RULES: usize = 4;
 pub const SNI_OFF: u8 = 0;
 pub const SNI_AUDIT: u8 = 1;
 pub const SNI_ENFORCE: u8 = 2;
+/// The check's program is not loaded (the kernel refused it): a TCP connection only a name
+/// rule allows is refused at connect ([`REASON_SNI_UNCHECKED`]; recorded and let through in
+/// audit mode). What the node writes for [`SNI_ENFORCE`] while the check is unavailable; a
+/// program built before it reads the value as [`SNI_ENFORCE`], whose first data then finds
+/// no check to run and does not go (closed either way).
+pub const SNI_UNCHECKED: u8 = 3;
 
 /// [`SockState::sni`]: what the packet line still has to do for a connection.
 /// Nothing (an address rule allowed it, or its first data passed).
@@ -341,6 +347,9 @@ pub const REASON_ZERO_COPY: u8 = 19;
 /// bytes never seen, urgent data), or something else than one hello after a
 /// HelloRetryRequest: a server could read that hello rather than the one checked.
 pub const REASON_AFTER_HELLO: u8 = 20;
+/// A TCP connection only a name rule allows, while the server-name check is not loaded
+/// ([`SNI_UNCHECKED`]): nothing could read its first data.
+pub const REASON_SNI_UNCHECKED: u8 = 21;
 
 /// [`Event::hook`].
 pub const HOOK_CONNECT4: u8 = 1;
@@ -439,7 +448,7 @@ pub struct IdentityState {
     pub mode: u8,
     /// Non-zero: the identity has name rules, so its DNS goes through the node's proxy.
     pub dns: u8,
-    /// [`SNI_OFF`], [`SNI_AUDIT`] or [`SNI_ENFORCE`].
+    /// [`SNI_OFF`], [`SNI_AUDIT`], [`SNI_ENFORCE`] or [`SNI_UNCHECKED`].
     pub sni: u8,
     pub _pad: [u8; 4],
 }

@@ -21,14 +21,15 @@ use agent_common::{
     RATE_ENTRIES, REASON_AFTER_HELLO, REASON_ERROR_QUEUE, REASON_EXPIRED, REASON_FOREIGN_SOCKET,
     REASON_GLOBAL_DENY, REASON_HANDED_SOCKET, REASON_INBOUND, REASON_LOOPBACK_SOURCE,
     REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS, REASON_REVOKED,
-    REASON_SNI_MISMATCH, REASON_SNI_MISSING, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION,
-    REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE, REASON_ZERO_COPY, RESERVED_RING_QUARTERS,
-    RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage, RuleSet, SERVER_HELLO, SERVER_RETRY,
-    SERVER_UNSEEN, SLOT_CLAIMED, SNI_AUDIT, SNI_MODE, SNI_NAME_ENTRIES, SNI_NAME_MAX, SNI_NONE,
-    SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RETRY, SNI_RULES,
-    SNI_SEEN_ENTRIES, SNI_WATCH, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName,
-    SockState, TAIL_SNI, TAILS, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE,
-    dns_proxy_addr, dns_proxy_addr6, http, rate_keyed_by_socket, rule_hit_key,
+    REASON_SNI_MISMATCH, REASON_SNI_MISSING, REASON_SNI_UNCHECKED, REASON_SOCKET_FAMILY,
+    REASON_SOCKET_OPTION, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE, REASON_ZERO_COPY,
+    RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage, RuleSet,
+    SERVER_HELLO, SERVER_RETRY, SERVER_UNSEEN, SLOT_CLAIMED, SNI_AUDIT, SNI_MODE, SNI_NAME_ENTRIES,
+    SNI_NAME_MAX, SNI_NONE, SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED,
+    SNI_RETRY, SNI_RULES, SNI_SEEN_ENTRIES, SNI_UNCHECKED, SNI_WATCH, SOCK_DEST_CONNECTED,
+    SOCK_DEST_SENT, SOCK_DESTS, SniName, SockState, TAIL_SNI, TAILS, UNKNOWN_DENY,
+    UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, http,
+    rate_keyed_by_socket, rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{
@@ -3410,11 +3411,17 @@ fn judge(flow: &Flow, sk: *mut core::ffi::c_void) -> Judged {
         }
     }
     let mut named = false;
-    let (reason, rule_id) = check_rules(identity, flow, &mut now, &mut named);
+    let (mut reason, rule_id) = check_rules(identity, flow, &mut now, &mut named);
+    let connect = flow.hook == HOOK_CONNECT4 || flow.hook == HOOK_CONNECT6;
+    if reason == REASON_NONE && named && connect && flow.proto == PROTO_TCP && sni == SNI_UNCHECKED
+    {
+        // The check is not loaded (the kernel refused its program): nothing could read this
+        // connection's first data, so only a name rule is not enough.
+        reason = REASON_SNI_UNCHECKED;
+    }
     if reason == REASON_NONE {
         // A TCP connection only a name rule allows: its first data must name a server the
         // identity resolved to this address.
-        let connect = flow.hook == HOOK_CONNECT4 || flow.hook == HOOK_CONNECT6;
         let sni = if !named || !connect || flow.proto != PROTO_TCP || sni == SNI_OFF {
             SNI_NONE
         } else if sni == SNI_AUDIT || mode == MODE_AUDIT {

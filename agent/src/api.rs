@@ -180,6 +180,10 @@ pub struct Status {
     pub map_fill: Option<crate::datapath::MapFill>,
     /// Whether socket families beyond inet are judged (the BPF LSM line).
     pub socket_families: crate::datapath::SocketFamilies,
+    /// Whether the TLS server-name check's program runs (what `sni:` policies get without it
+    /// is said on [`crate::datapath::ServerNameCheck`]).
+    #[serde(default)]
+    pub server_name_check: crate::datapath::ServerNameCheck,
     /// The last enforcement self-check: whether each kernel line refused what it must.
     #[serde(default)]
     pub self_check: Option<crate::node::canary::SelfCheck>,

@@ -160,6 +160,11 @@ impl NodeProc {
     }
 
     pub fn stop(mut self) -> i32 {
+        self.terminate()
+    }
+
+    /// [`NodeProc::stop`] in place (a test then starts another node in its place).
+    pub fn terminate(&mut self) -> i32 {
         // SAFETY: plain signal to our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         self.child.wait().unwrap().code().unwrap_or(-1)

@@ -114,8 +114,37 @@ impl Drop for HttpServer {
     }
 }
 
+/// The lab's policy: a name rule for api.example.com (ports 443 and 80), and `also`.
+fn write_policy(dir: &Path, sni: &str, also: &str) {
+    std::fs::write(
+        dir.join("policy/agents.yaml"),
+        format!(
+            "kind: AgentPolicy\nname: sni\nidentity: {ID}\nsni: {sni}\n\
+             egress:\n  - to: [api.example.com]\n    ports: [443, 80]\n    protocol: tcp\n{also}"
+        ),
+    )
+    .unwrap();
+}
+
+/// The lab's node, in the agent's namespace (its DNS proxy serves that namespace).
+fn start_node(env: &TestEnv, dir: &Path, link: &Link, vars: &[(&str, &Path)]) -> NodeProc {
+    let audit = dir.join("audit.jsonl").display().to_string();
+    NodeProc::start_in(
+        env,
+        dir,
+        &[
+            "--dns-upstream",
+            &format!("{RESOLVER}:53"),
+            "--audit-log",
+            &audit,
+        ],
+        vars,
+        Some(&link.agent),
+    )
+}
+
 struct Lab {
-    _env: TestEnv,
+    env: TestEnv,
     tmp: tempfile::TempDir,
     link: Link,
     _dns: DnsServer,
@@ -128,6 +157,11 @@ struct Lab {
 impl Lab {
     /// `also`: more egress rules (YAML list items).
     fn new(name: &str, sni: &str, also: &str) -> Self {
+        Self::new_with(name, sni, also, &[])
+    }
+
+    /// [`Lab::new`] with the node's environment given `vars`.
+    fn new_with(name: &str, sni: &str, also: &str, vars: &[(&str, &Path)]) -> Self {
         let env = TestEnv::new(name);
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
@@ -136,14 +170,7 @@ impl Lab {
         link.agent
             .ip(&["addr", "add", &format!("{RESOLVER}/32"), "dev", "lo"]);
         std::fs::create_dir(dir.join("policy")).unwrap();
-        std::fs::write(
-            dir.join("policy/agents.yaml"),
-            format!(
-                "kind: AgentPolicy\nname: sni\nidentity: {ID}\nsni: {sni}\n\
-                 egress:\n  - to: [api.example.com]\n    ports: [443, 80]\n    protocol: tcp\n{also}"
-            ),
-        )
-        .unwrap();
+        write_policy(dir, sni, also);
         std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
         let zone = serde_json::json!({
             "records": [
@@ -165,21 +192,15 @@ impl Lab {
         );
         let server = TlsServer::start(&link, dir, &ca);
         let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
-        let audit = dir.join("audit.jsonl").display().to_string();
-        let node = NodeProc::start_in(
-            &env,
-            dir,
-            &[
-                "--dns-upstream",
-                &format!("{RESOLVER}:53"),
-                "--audit-log",
-                &audit,
-            ],
-            &[],
-            Some(&link.agent),
-        );
+        let node = start_node(&env, dir, &link, vars);
+        if vars.is_empty() {
+            // Loudly: a kernel whose verifier refused the check would otherwise fail these
+            // tests only by their refused connections.
+            let s = agentwall_tests::node::status_json(&node.socket);
+            assert_eq!(s["server_name_check"]["state"], "loaded", "{s}");
+        }
         Self {
-            _env: env,
+            env,
             tmp,
             link,
             _dns: dns,
@@ -192,6 +213,23 @@ impl Lab {
 
     fn dir(&self) -> &Path {
         self.tmp.path()
+    }
+
+    /// The node stopped, and started again on its pins with the environment given `vars`.
+    fn restart(&mut self, vars: &[(&str, &Path)]) {
+        self.node.terminate();
+        self.node = start_node(&self.env, self.tmp.path(), &self.link, vars);
+    }
+
+    /// The policy rewritten (as [`Lab::new`] writes it) and applied.
+    fn apply(&self, sni: &str, also: &str) {
+        write_policy(self.dir(), sni, also);
+        let out = Command::new(bin_path("agentwall"))
+            .args(["policy", "apply", "--socket"])
+            .arg(&self.node.socket)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
     }
 
     /// The identity resolves api.example.com through the node's proxy: PEER_V4 is learned.
@@ -429,6 +467,82 @@ fn a_connection_an_address_rule_allows_is_not_looked_at() {
         "{:#?}",
         lab.decisions()
     );
+}
+
+/// Where the kernel refuses the check's program (`lockdown=confidentiality` withholds the
+/// kernel reads it needs; here a fail point refuses it), the node starts and says so, and a
+/// name rule alone opens no TCP connection under `sni: enforce`: refused at connect with its
+/// record, while address rules work as ever and `sni: audit` lets the name through unchecked.
+/// The next start loads the check into the slot the refused one left empty.
+#[test]
+fn where_the_kernel_refuses_the_check_a_name_rule_alone_opens_no_connection_and_status_says_why() {
+    agentwall_tests::require_root();
+    let by_address = "  - to: [192.0.2.0/24]\n    ports: [8444]\n    protocol: tcp\n";
+    let refused = [(
+        "AGENTWALL_FAILPOINTS_AT_START",
+        Path::new("sni-program-refused=return"),
+    )];
+    let mut lab = Lab::new_with("sni-none", "enforce", by_address, &refused);
+    let _silent = SilentServer::start(&lab.link, 8444);
+    let s = agentwall_tests::node::status_json(&lab.node.socket);
+    assert_eq!(s["server_name_check"]["state"], "unavailable", "{s}");
+    let why = s["server_name_check"]["why"].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("the kernel refused the server-name check: ")
+            && why.contains("sni-program-refused"),
+        "{s}"
+    );
+    lab.resolve();
+    let mut cap = Capture::start(&lab.link.peer, "veth-p");
+
+    // The name the identity resolved: refused at connect (curl's 7), with the reason.
+    let (code, out) = lab.curl("api.example.com");
+    assert_eq!(code, Some(7), "{out}");
+    let r = lab.wait_decision(|r| r["port"] == 443);
+    assert_eq!(r["verdict"], "deny", "{r}");
+    assert_eq!(
+        r["reason"],
+        "a connection only a name rule allows, while the kernel's server-name check is not loaded (see status)"
+    );
+    assert_eq!(r["fqdn"], "api.example.com", "{r}");
+    // An address rule's connection is not touched.
+    let (code, out) = lab.run(&[
+        "timeout",
+        "30",
+        "bash",
+        "-c",
+        &format!("exec 3<>/dev/tcp/{PEER_V4}/8444 || exit 7; printf 'hello' >&3"),
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    // On the wire: not even a SYN to the name rule's port.
+    let sent = lab.sent(&mut cap);
+    assert!(sent.iter().any(|p| p.is_to(PEER_V4, 8444)), "{sent:#?}");
+    assert!(!sent.iter().any(|p| p.is_to(PEER_V4, 443)), "{sent:#?}");
+
+    // `sni: audit`: the name rule works, nothing is checked (status said so).
+    lab.apply("audit", by_address);
+    let (code, out) = lab.curl("exfil.other.example");
+    assert_eq!((code, out.as_str()), (Some(0), "200"));
+    assert!(
+        lab.decisions()
+            .iter()
+            .all(|r| r["server_name"].is_null() && r["verdict"] != "audit"),
+        "{:#?}",
+        lab.decisions()
+    );
+
+    // Started again where the kernel takes the check: loaded into the empty slot, and enforced.
+    lab.apply("enforce", by_address);
+    lab.restart(&[]);
+    lab.resolve();
+    let s = agentwall_tests::node::status_json(&lab.node.socket);
+    assert_eq!(s["server_name_check"]["state"], "loaded", "{s}");
+    let (code, out) = lab.curl("api.example.com");
+    assert_eq!((code, out.as_str()), (Some(0), "200"));
+    let (code, out) = lab.curl("exfil.other.example");
+    assert_ne!(code, Some(0), "{out}");
+    let r = lab.wait_decision(|r| r["server_name"] == "exfil.other.example");
+    assert_eq!(r["verdict"], "deny", "{r}");
 }
 
 #[test]

@@ -52,6 +52,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!("socket families: NOT judged beyond inet: {why}")
         }
     }
+    match &s.server_name_check {
+        agentwall::datapath::ServerNameCheck::Loaded => {
+            println!("server-name check: loaded")
+        }
+        agentwall::datapath::ServerNameCheck::Unavailable(why) => println!(
+            "server-name check: NOT loaded: {why} (sni: enforce refuses connections only a name rule allows; sni: audit checks nothing)"
+        ),
+    }
     match &s.self_check {
         Some(c) if c.ok => println!("self-check: passed at {}", c.at),
         Some(c) => println!(

@@ -286,6 +286,26 @@ impl Default for SocketFamilies {
     }
 }
 
+/// Whether the TLS server-name check runs: its program (`aw_egress_sni`) in the packet line's
+/// slot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "state", content = "why", rename_all = "snake_case")]
+pub enum ServerNameCheck {
+    /// Connections only a name rule allows have their first data checked.
+    Loaded,
+    /// The kernel refused the check's program (the reason: `lockdown=confidentiality`
+    /// withholds the kernel reads it needs). A policy's `sni: enforce` then refuses, at
+    /// connect, the TCP connections only a name rule allows; `sni: audit` checks nothing.
+    Unavailable(String),
+}
+
+/// Claims nothing until the datapath has said.
+impl Default for ServerNameCheck {
+    fn default() -> Self {
+        Self::Unavailable("not reported".into())
+    }
+}
+
 /// The LSM hook an `lsm_cgroup` program attaches to.
 fn lsm_hook(name: &str) -> &'static str {
     match name {
@@ -633,6 +653,7 @@ pub struct Datapath {
     config: Mutex<Array<MapData, Config>>,
     drops: PerCpuArray<MapData, u64>,
     families: SocketFamilies,
+    server_names: ServerNameCheck,
     /// Rate-limit tables: governed identities', then unbound cgroups'.
     rate: [HashMap<MapData, c::RateKey, c::RateState>; 2],
     hits: Mutex<aya::maps::PerCpuHashMap<MapData, u64, u64>>,
@@ -778,7 +799,7 @@ impl Datapath {
         } else {
             lsm_line()
         };
-        load_programs(&mut ebpf, &links_dir, &mut families, &swaps)?;
+        let server_names = load_programs(&mut ebpf, &links_dir, &mut families, &swaps)?;
         // After the loads, before anything is attached: an LSM line found wrong here is
         // never attached.
         let layout = kernel_layout(&mut families);
@@ -793,6 +814,7 @@ impl Datapath {
             fresh,
             lock,
             families,
+            server_names,
             swaps,
             layout,
             cfg: cfg.clone(),
@@ -810,6 +832,7 @@ pub struct Loaded {
     fresh: bool,
     lock: fs::File,
     families: SocketFamilies,
+    server_names: ServerNameCheck,
     /// Pinned links whose program this start replaces.
     swaps: Swaps,
     layout: KernelLayout,
@@ -843,6 +866,7 @@ impl Loaded {
             fresh: _,
             lock: pins_lock,
             families,
+            server_names,
             swaps,
             layout,
             cfg,
@@ -916,6 +940,7 @@ impl Loaded {
             config: Mutex::new(config),
             drops,
             families,
+            server_names,
             rate: [rate, unknown_rate],
             hits: Mutex::new(hits),
             events: Mutex::new(Some((events, unknown_events))),
@@ -1003,6 +1028,10 @@ impl Datapath {
         &self.families
     }
 
+    pub fn server_name_check(&self) -> &ServerNameCheck {
+        &self.server_names
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
@@ -1034,7 +1063,16 @@ impl Datapath {
         Ok(())
     }
 
-    fn state_value(status: IdentityStatus, mode: Mode, dns: u8, sni: SniCheck) -> IdentityState {
+    /// What the kernel holds for an identity. Without the check's program, `sni: enforce` is
+    /// written as [`c::SNI_UNCHECKED`] (refused at connect) and `sni: audit` as off.
+    fn state_value(
+        &self,
+        status: IdentityStatus,
+        mode: Mode,
+        dns: u8,
+        sni: SniCheck,
+    ) -> IdentityState {
+        let checked = self.server_names == ServerNameCheck::Loaded;
         IdentityState {
             state: match status {
                 IdentityStatus::Active => c::IDENTITY_ACTIVE,
@@ -1046,9 +1084,10 @@ impl Datapath {
             },
             dns,
             sni: match sni {
-                SniCheck::Enforce => c::SNI_ENFORCE,
-                SniCheck::Audit => c::SNI_AUDIT,
-                SniCheck::Off => c::SNI_OFF,
+                SniCheck::Enforce if checked => c::SNI_ENFORCE,
+                SniCheck::Enforce => c::SNI_UNCHECKED,
+                SniCheck::Audit if checked => c::SNI_AUDIT,
+                SniCheck::Audit | SniCheck::Off => c::SNI_OFF,
             },
             _pad: [0; 4],
         }
@@ -1081,13 +1120,13 @@ impl Datapath {
         let (dns, sni) = map
             .get(&identity, 0)
             .map_or((0, SniCheck::Off), |s| (s.dns, Self::sni_of(s.sni)));
-        map.set(identity, Self::state_value(status, mode, dns, sni), 0)
+        map.set(identity, self.state_value(status, mode, dns, sni), 0)
             .map_err(map_err(c::MAP_IDENTITIES))
     }
 
     fn sni_of(code: u8) -> SniCheck {
         match code {
-            c::SNI_ENFORCE => SniCheck::Enforce,
+            c::SNI_ENFORCE | c::SNI_UNCHECKED => SniCheck::Enforce,
             c::SNI_AUDIT => SniCheck::Audit,
             _ => SniCheck::Off,
         }
@@ -1099,7 +1138,9 @@ impl Datapath {
         Self::check_identity(identity)?;
         let mut map = lock(&self.identities);
         let mut state = map.get(&identity, 0).map_err(map_err(c::MAP_IDENTITIES))?;
-        state.sni = Self::state_value(IdentityStatus::Active, Mode::Enforce, 0, sni).sni;
+        state.sni = self
+            .state_value(IdentityStatus::Active, Mode::Enforce, 0, sni)
+            .sni;
         map.set(identity, state, 0)
             .map_err(map_err(c::MAP_IDENTITIES))
     }
@@ -1430,7 +1471,7 @@ impl Datapath {
         let mut keys: Vec<u8> = Vec::with_capacity(configs.len() * 4);
         let mut values: Vec<u8> = Vec::with_capacity(configs.len() * size_of::<IdentityState>());
         for c in configs {
-            let v = Self::state_value(status_of(c.identity), c.mode, u8::from(c.dns), c.sni);
+            let v = self.state_value(status_of(c.identity), c.mode, u8::from(c.dns), c.sni);
             keys.extend_from_slice(&c.identity.to_ne_bytes());
             // SAFETY: IdentityState is repr(C) plain old data with explicit padding.
             values.extend_from_slice(unsafe {
@@ -1446,7 +1487,7 @@ impl Datapath {
         let mut map = lock(&self.identities);
         let (mut failed, mut first) = (0, None);
         for c in configs {
-            let v = Self::state_value(status_of(c.identity), c.mode, u8::from(c.dns), c.sni);
+            let v = self.state_value(status_of(c.identity), c.mode, u8::from(c.dns), c.sni);
             if let Err(e) = map.set(c.identity, v, 0) {
                 failed += 1;
                 first.get_or_insert(e);
@@ -2099,12 +2140,15 @@ fn pinned_swaps(ebpf: &Ebpf, links_dir: &Path, attach: &Cgroup) -> Result<Swaps,
 /// Loads (the kernel verifies) every program whose link is not pinned yet. The LSM line is
 /// loaded where the kernel runs BPF LSM programs; a kernel that then refuses it (before 6.0,
 /// no `lsm_cgroup`) leaves it unenforced, said in `families`.
+/// The server-name check's program is loaded with the egress program, and where an adopted
+/// egress program's slot is empty (an earlier start could not load it); a kernel that
+/// refuses it leaves the slot empty, said in the answer.
 fn load_programs(
     ebpf: &mut Ebpf,
     links_dir: &Path,
     families: &mut SocketFamilies,
     swaps: &Swaps,
-) -> Result<(), DatapathError> {
+) -> Result<ServerNameCheck, DatapathError> {
     let mut btf = None;
     for name in ALL_PROGRAMS {
         if links_dir.join(name).exists() {
@@ -2134,11 +2178,41 @@ fn load_programs(
         load_program(ebpf, name, &mut btf)?;
     }
     // The egress program's tail, with it: a pinned egress program adopted as it is keeps
-    // the tail its start put in the pinned array.
-    if ebpf.program(c::PROG_EGRESS).is_some_and(|p| p.fd().is_ok()) {
-        load_program(ebpf, c::PROG_EGRESS_SNI, &mut btf)?;
+    // the tail its start put in the pinned array, if that start had one.
+    if ebpf.program(c::PROG_EGRESS).is_some_and(|p| p.fd().is_ok()) || !tail_filled(ebpf)? {
+        if let Err(e) = load_sni_check(ebpf, &mut btf) {
+            let why = format!("the kernel refused the server-name check: {e}");
+            warn!(
+                why = %why,
+                "connections only a name rule allows are refused at connect where a policy says `sni: enforce`, and not checked where it says `sni: audit`"
+            );
+            return Ok(ServerNameCheck::Unavailable(why));
+        }
     }
-    Ok(())
+    Ok(ServerNameCheck::Loaded)
+}
+
+/// Whether the pinned `AW_TAILS` holds the server-name check.
+fn tail_filled(ebpf: &Ebpf) -> Result<bool, DatapathError> {
+    let Some(aya::maps::Map::ProgramArray(map)) = ebpf.map(c::MAP_TAILS) else {
+        return Err(DatapathError::MissingMap(c::MAP_TAILS));
+    };
+    let filled =
+        sys::filled_slots(map.fd().as_fd(), c::TAILS).map_err(io_err(Path::new(c::MAP_TAILS)))?;
+    Ok(filled.contains(&c::TAIL_SNI))
+}
+
+/// Loads the server-name check's program (a test can have the kernel's refusal of it, as
+/// under `lockdown=confidentiality`, with the `sni-program-refused` fail point).
+fn load_sni_check(ebpf: &mut Ebpf, btf: &mut Option<aya::Btf>) -> Result<(), DatapathError> {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("sni-program-refused", |_| Err(DatapathError::Program {
+        name: c::PROG_EGRESS_SNI,
+        source: Box::new(aya::programs::ProgramError::IOError(io::Error::other(
+            "refused at the fail point sni-program-refused"
+        ))),
+    }));
+    load_program(ebpf, c::PROG_EGRESS_SNI, btf)
 }
 
 /// Puts this build's tail programs in the pinned `AW_TAILS`, before its egress program is
@@ -2154,7 +2228,9 @@ fn set_tails(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     let Some(prog) = ebpf.program(name) else {
         return Err(DatapathError::MissingProgram(name));
     };
-    // Not loaded: the egress program was adopted as it is, with its tail.
+    // Not loaded: the egress program was adopted as it is, with its tail, or the kernel
+    // refused the check (the slot stays as it was: empty, or an earlier build's check for
+    // the connections that build's programs let start).
     let Ok(fd) = prog.fd() else {
         return Ok(());
     };

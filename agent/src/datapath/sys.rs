@@ -244,7 +244,7 @@ pub fn pinned_u64_keys(path: &Path) -> io::Result<Vec<u64>> {
     }
 }
 
-/// The slots of an array of maps (`max` of them) that hold a map.
+/// The slots of an array of maps or of programs (`max` of them) that hold one.
 pub fn filled_slots(map: std::os::fd::BorrowedFd<'_>, max: u32) -> io::Result<Vec<u32>> {
     let mut out = Vec::new();
     for slot in 0..max {
@@ -255,7 +255,8 @@ pub fn filled_slots(map: std::os::fd::BorrowedFd<'_>, max: u32) -> io::Result<Ve
             value: (&raw mut id) as u64,
             ..Default::default()
         };
-        // SAFETY: attr points at a 4-byte key and a 4-byte value (a map id), both live.
+        // SAFETY: attr points at a 4-byte key and a 4-byte value (a map or program id), both
+        // live.
         match unsafe { bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
             Ok(_) => out.push(slot),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}

@@ -314,6 +314,9 @@ pub fn kernel() -> Vec<Finding> {
             format!("{why}: socket families beyond inet, socket options and handed-in sockets are not judged"),
         ),
     });
+    out.push(lockdown(std::fs::read_to_string(
+        "/sys/kernel/security/lockdown",
+    )));
     out.push(match crate::api::has_peer_pidfd() {
         Ok(true) => finding("SO_PEERPIDFD", Verdict::Ok, "launch names its caller by pidfd"),
         Ok(false) => finding(
@@ -324,4 +327,50 @@ pub fn kernel() -> Vec<Finding> {
         Err(e) => finding("SO_PEERPIDFD", Verdict::Warning, format!("cannot tell: {e}")),
     });
     out
+}
+
+/// The kernel's lockdown (`none [integrity] confidentiality`): at confidentiality the kernel
+/// withholds the kernel-memory reads the server-name check and some BPF LSM programs need.
+fn lockdown(file: std::io::Result<String>) -> Finding {
+    const WHAT: &str = "kernel lockdown";
+    let Ok(levels) = file else {
+        return finding(WHAT, Verdict::Ok, "no lockdown LSM here");
+    };
+    let chosen = levels
+        .split_whitespace()
+        .find_map(|l| l.strip_prefix('[')?.strip_suffix(']'))
+        .unwrap_or("none");
+    if chosen == "confidentiality" {
+        finding(
+            WHAT,
+            Verdict::Warning,
+            "confidentiality: the kernel refuses BPF reads of its memory, so the TLS server-name check does not load (`sni: enforce` policies refuse the connections only a name rule allows, `sni: audit` ones check nothing) nor do the BPF LSM programs that read socket fields; `status` says what runs",
+        )
+    } else {
+        finding(WHAT, Verdict::Ok, chosen.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lockdown_at_confidentiality_is_a_warning_with_what_it_costs() {
+        let f = lockdown(Ok("none [integrity] confidentiality\n".into()));
+        assert_eq!((f.verdict, f.detail.as_str()), (Verdict::Ok, "integrity"));
+        let f = lockdown(Ok("none integrity [confidentiality]\n".into()));
+        assert_eq!(f.verdict, Verdict::Warning);
+        assert!(f.detail.starts_with("confidentiality: "), "{}", f.detail);
+        assert!(
+            f.detail.contains("`sni: enforce` policies refuse"),
+            "{}",
+            f.detail
+        );
+        let f = lockdown(Err(std::io::ErrorKind::NotFound.into()));
+        assert_eq!(
+            (f.verdict, f.detail.as_str()),
+            (Verdict::Ok, "no lockdown LSM here")
+        );
+    }
 }

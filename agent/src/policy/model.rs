@@ -426,6 +426,9 @@ pub enum Reason {
     /// A connection whose ClientHello passed sent, before the server answered, data that could
     /// hold a second hello; or, after a HelloRetryRequest, something else than one hello.
     AfterHello,
+    /// A TCP connection only a name rule allows, refused at connect: the kernel did not load
+    /// the server-name check's program, so nothing could read its first data.
+    SniUnchecked,
 }
 
 impl Reason {
@@ -451,6 +454,7 @@ impl Reason {
             Self::SniMissing => c::REASON_SNI_MISSING,
             Self::ZeroCopy => c::REASON_ZERO_COPY,
             Self::AfterHello => c::REASON_AFTER_HELLO,
+            Self::SniUnchecked => c::REASON_SNI_UNCHECKED,
         }
     }
 
@@ -476,6 +480,7 @@ impl Reason {
             c::REASON_SNI_MISSING => Self::SniMissing,
             c::REASON_ZERO_COPY => Self::ZeroCopy,
             c::REASON_AFTER_HELLO => Self::AfterHello,
+            c::REASON_SNI_UNCHECKED => Self::SniUnchecked,
             _ => return None,
         })
     }
@@ -513,6 +518,9 @@ impl Reason {
             }
             Self::AfterHello => {
                 "data that could hold a second ClientHello, sent after the checked one before the server answered it (or not a hello after a HelloRetryRequest)"
+            }
+            Self::SniUnchecked => {
+                "a connection only a name rule allows, while the kernel's server-name check is not loaded (see status)"
             }
         }
     }
