@@ -198,6 +198,10 @@ pub const SNI_ENFORCE: u8 = 2;
 /// program built before it reads the value as [`SNI_ENFORCE`], whose first data then finds
 /// no check to run and does not go (closed either way).
 pub const SNI_UNCHECKED: u8 = 3;
+/// [`SNI_UNCHECKED`] for [`SNI_AUDIT`]: such a connection is recorded (audit, with
+/// [`REASON_SNI_UNCHECKED`]) and let through. A program built before it reads the value as
+/// [`SNI_ENFORCE`] (closed).
+pub const SNI_UNCHECKED_AUDIT: u8 = 4;
 
 /// [`SockState::sni`]: what the packet line still has to do for a connection.
 /// Nothing (an address rule allowed it, or its first data passed).
@@ -448,7 +452,8 @@ pub struct IdentityState {
     pub mode: u8,
     /// Non-zero: the identity has name rules, so its DNS goes through the node's proxy.
     pub dns: u8,
-    /// [`SNI_OFF`], [`SNI_AUDIT`], [`SNI_ENFORCE`] or [`SNI_UNCHECKED`].
+    /// [`SNI_OFF`], [`SNI_AUDIT`], [`SNI_ENFORCE`], [`SNI_UNCHECKED`] or
+    /// [`SNI_UNCHECKED_AUDIT`].
     pub sni: u8,
     pub _pad: [u8; 4],
 }

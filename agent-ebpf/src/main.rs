@@ -26,9 +26,9 @@ use agent_common::{
     RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage, RuleSet,
     SERVER_HELLO, SERVER_RETRY, SERVER_UNSEEN, SLOT_CLAIMED, SNI_AUDIT, SNI_MODE, SNI_NAME_ENTRIES,
     SNI_NAME_MAX, SNI_NONE, SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED,
-    SNI_RETRY, SNI_RULES, SNI_SEEN_ENTRIES, SNI_UNCHECKED, SNI_WATCH, SOCK_DEST_CONNECTED,
-    SOCK_DEST_SENT, SOCK_DESTS, SniName, SockState, TAIL_SNI, TAILS, UNKNOWN_DENY,
-    UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, http,
+    SNI_RETRY, SNI_RULES, SNI_SEEN_ENTRIES, SNI_UNCHECKED, SNI_UNCHECKED_AUDIT, SNI_WATCH,
+    SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName, SockState, TAIL_SNI, TAILS,
+    UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, http,
     rate_keyed_by_socket, rule_hit_key,
 };
 use aya_ebpf::{
@@ -2057,8 +2057,11 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
     if is_dns_proxy(identity, &h.addr, h.far_port) {
         return allowed;
     }
-    let (reason, _) = check_rules(identity, &egress_flow(&h), &mut now, &mut false);
-    if reason == REASON_NONE {
+    // Not a TCP connection only a name rule allows (one the packet line took over whose
+    // peer `judge_peer` refused): no hook saw its first data.
+    let mut named = false;
+    let (reason, _) = check_rules(identity, &egress_flow(&h), &mut now, &mut named);
+    if reason == REASON_NONE && !(h.proto == PROTO_TCP && named && sni_checked(identity)) {
         return allowed;
     }
     refuse(skb, &o, &egress_flow(&h), REASON_WIRE, 0, now)
@@ -3413,10 +3416,11 @@ fn judge(flow: &Flow, sk: *mut core::ffi::c_void) -> Judged {
     let mut named = false;
     let (mut reason, rule_id) = check_rules(identity, flow, &mut now, &mut named);
     let connect = flow.hook == HOOK_CONNECT4 || flow.hook == HOOK_CONNECT6;
-    if reason == REASON_NONE && named && connect && flow.proto == PROTO_TCP && sni == SNI_UNCHECKED
-    {
+    let unchecked = sni >= SNI_UNCHECKED;
+    if reason == REASON_NONE && named && connect && flow.proto == PROTO_TCP && unchecked {
         // The check is not loaded (the kernel refused its program): nothing could read this
-        // connection's first data, so only a name rule is not enough.
+        // connection's first data, so only a name rule is not enough (under `sni: audit`,
+        // recorded and let through).
         reason = REASON_SNI_UNCHECKED;
     }
     if reason == REASON_NONE {
@@ -3442,13 +3446,11 @@ fn judge(flow: &Flow, sk: *mut core::ffi::c_void) -> Judged {
             sni,
         };
     }
-    let kind = if mode == MODE_AUDIT {
-        EVENT_AUDIT
-    } else {
-        EVENT_DENY
-    };
+    let audit =
+        mode == MODE_AUDIT || (reason == REASON_SNI_UNCHECKED && sni == SNI_UNCHECKED_AUDIT);
+    let kind = if audit { EVENT_AUDIT } else { EVENT_DENY };
     report(flow, leaf, identity, kind, reason, rule_id, now, Who::Task);
-    judged(if mode == MODE_AUDIT { ALLOW } else { DENY })
+    judged(if audit { ALLOW } else { DENY })
 }
 
 /// Longest-prefix match on the identity's trie, then the first port entry (most specific rule

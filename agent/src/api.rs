@@ -181,9 +181,9 @@ pub struct Status {
     /// Whether socket families beyond inet are judged (the BPF LSM line).
     pub socket_families: crate::datapath::SocketFamilies,
     /// Whether the TLS server-name check's program runs (what `sni:` policies get without it
-    /// is said on [`crate::datapath::ServerNameCheck`]).
+    /// is said on [`crate::datapath::ServerNameCheck`]); none from a node built before it.
     #[serde(default)]
-    pub server_name_check: crate::datapath::ServerNameCheck,
+    pub server_name_check: Option<crate::datapath::ServerNameCheck>,
     /// The last enforcement self-check: whether each kernel line refused what it must.
     #[serde(default)]
     pub self_check: Option<crate::node::canary::SelfCheck>,

@@ -500,10 +500,8 @@ fn where_the_kernel_refuses_the_check_a_name_rule_alone_opens_no_connection_and_
     assert_eq!(code, Some(7), "{out}");
     let r = lab.wait_decision(|r| r["port"] == 443);
     assert_eq!(r["verdict"], "deny", "{r}");
-    assert_eq!(
-        r["reason"],
-        "a connection only a name rule allows, while the kernel's server-name check is not loaded (see status)"
-    );
+    let unchecked = "a connection only a name rule allows, while the kernel's server-name check is not loaded (see status)";
+    assert_eq!(r["reason"], unchecked);
     assert_eq!(r["fqdn"], "api.example.com", "{r}");
     // An address rule's connection is not touched.
     let (code, out) = lab.run(&[
@@ -519,17 +517,13 @@ fn where_the_kernel_refuses_the_check_a_name_rule_alone_opens_no_connection_and_
     assert!(sent.iter().any(|p| p.is_to(PEER_V4, 8444)), "{sent:#?}");
     assert!(!sent.iter().any(|p| p.is_to(PEER_V4, 443)), "{sent:#?}");
 
-    // `sni: audit`: the name rule works, nothing is checked (status said so).
+    // `sni: audit`: the connection is recorded at connect, with the same reason, and let
+    // through unchecked.
     lab.apply("audit", by_address);
     let (code, out) = lab.curl("exfil.other.example");
     assert_eq!((code, out.as_str()), (Some(0), "200"));
-    assert!(
-        lab.decisions()
-            .iter()
-            .all(|r| r["server_name"].is_null() && r["verdict"] != "audit"),
-        "{:#?}",
-        lab.decisions()
-    );
+    let r = lab.wait_decision(|r| r["port"] == 443 && r["verdict"] == "audit");
+    assert_eq!(r["reason"], unchecked, "{r}");
 
     // Started again where the kernel takes the check: loaded into the empty slot, and enforced.
     lab.apply("enforce", by_address);
@@ -543,6 +537,63 @@ fn where_the_kernel_refuses_the_check_a_name_rule_alone_opens_no_connection_and_
     assert_ne!(code, Some(0), "{out}");
     let r = lab.wait_decision(|r| r["server_name"] == "exfil.other.example");
     assert_eq!(r["verdict"], "deny", "{r}");
+
+    // An upgrade (pins of another build) the kernel refuses the check to: the earlier
+    // build's check is not kept in the slot, so the next start of this build, refused
+    // again, does not take it for its own.
+    agentwall_tests::set_pinned_revision(&lab.env.bpffs_dir, 0);
+    for _ in 0..2 {
+        lab.restart(&refused);
+        let s = agentwall_tests::node::status_json(&lab.node.socket);
+        assert_eq!(s["server_name_check"]["state"], "unavailable", "{s}");
+        lab.resolve();
+        let (code, out) = lab.curl("api.example.com");
+        assert_eq!(code, Some(7), "{out}");
+    }
+}
+
+/// A TCP connection made before its cgroup was governed (a unit's, before `enroll`) to an
+/// address the identity then learns by name: the packet line takes it over at its next
+/// packet, and since no hook saw its first data, a name rule alone does not let it send.
+#[test]
+fn a_connection_older_than_its_binding_sends_nothing_on_a_name_rule_alone() {
+    agentwall_tests::require_root();
+    let lab = Lab::new("sni-old", "enforce", "");
+    let mut cap = Capture::start(&lab.link.peer, "veth-p");
+    let unit = lab.env.cgroup("unit");
+    let mut c = Command::new(bin_path("aw-probe"));
+    c.args(["--cgroup", unit.path().to_str().unwrap()]);
+    lab.link.agent.enter(&mut c);
+    let mut svc = Probe::from_command(c);
+    assert_eq!(svc.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
+    agentwall_tests::node::run_ok(
+        agentwall_tests::node::agentwall()
+            .args([
+                "enroll",
+                "--cgroup",
+                unit.path().to_str().unwrap(),
+                "--cert",
+            ])
+            .arg(&lab.cert)
+            .arg("--key")
+            .arg(&lab.key)
+            .arg("--socket")
+            .arg(&lab.node.socket),
+    );
+    let a = svc.cmd(&format!("resolve api.example.com {RESOLVER} udp A"));
+    assert!(a.contains(PEER_V4), "{a}");
+    svc.cmd("send-held-hello exfil.other.example whole");
+    // (Its record before `enroll` is an unbound cgroup's flow: verdict `unknown`.)
+    let r = lab.wait_decision(|r| r["port"] == 443 && r["verdict"] == "deny");
+    assert_eq!(
+        r["reason"], "packet sent somewhere its socket was not allowed",
+        "{r}"
+    );
+    let sent = lab.sent(&mut cap);
+    assert!(
+        !sent.iter().any(|p| p.carries(b"exfil.other.example")),
+        "a hello on the older connection reached the wire"
+    );
 }
 
 #[test]

@@ -53,12 +53,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     match &s.server_name_check {
-        agentwall::datapath::ServerNameCheck::Loaded => {
+        Some(agentwall::datapath::ServerNameCheck::Loaded) => {
             println!("server-name check: loaded")
         }
-        agentwall::datapath::ServerNameCheck::Unavailable(why) => println!(
-            "server-name check: NOT loaded: {why} (sni: enforce refuses connections only a name rule allows; sni: audit checks nothing)"
+        Some(agentwall::datapath::ServerNameCheck::Unavailable(why)) => println!(
+            "server-name check: NOT loaded: {why} (sni: enforce refuses, at connect, connections only a name rule allows; sni: audit records them)"
         ),
+        None => println!("server-name check: not reported by this node"),
     }
     match &s.self_check {
         Some(c) if c.ok => println!("self-check: passed at {}", c.at),

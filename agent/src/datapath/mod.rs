@@ -295,15 +295,9 @@ pub enum ServerNameCheck {
     Loaded,
     /// The kernel refused the check's program (the reason: `lockdown=confidentiality`
     /// withholds the kernel reads it needs). A policy's `sni: enforce` then refuses, at
-    /// connect, the TCP connections only a name rule allows; `sni: audit` checks nothing.
+    /// connect, the TCP connections only a name rule allows; `sni: audit` records them
+    /// there and lets them through. The slot holds no earlier build's check either.
     Unavailable(String),
-}
-
-/// Claims nothing until the datapath has said.
-impl Default for ServerNameCheck {
-    fn default() -> Self {
-        Self::Unavailable("not reported".into())
-    }
 }
 
 /// The LSM hook an `lsm_cgroup` program attaches to.
@@ -996,7 +990,7 @@ impl Datapath {
             links_dir,
             swaps,
         } = programs;
-        set_tails(&mut ebpf)?;
+        set_tails(&mut ebpf, &self.server_names)?;
         let report = attach_all(&mut ebpf, &self.attach, &links_dir, &self.families, &swaps)?;
         if let SocketFamilies::Unenforced(why) = &self.families {
             warn!(
@@ -1064,7 +1058,8 @@ impl Datapath {
     }
 
     /// What the kernel holds for an identity. Without the check's program, `sni: enforce` is
-    /// written as [`c::SNI_UNCHECKED`] (refused at connect) and `sni: audit` as off.
+    /// written as [`c::SNI_UNCHECKED`] (refused at connect) and `sni: audit` as
+    /// [`c::SNI_UNCHECKED_AUDIT`] (recorded at connect).
     fn state_value(
         &self,
         status: IdentityStatus,
@@ -1087,7 +1082,8 @@ impl Datapath {
                 SniCheck::Enforce if checked => c::SNI_ENFORCE,
                 SniCheck::Enforce => c::SNI_UNCHECKED,
                 SniCheck::Audit if checked => c::SNI_AUDIT,
-                SniCheck::Audit | SniCheck::Off => c::SNI_OFF,
+                SniCheck::Audit => c::SNI_UNCHECKED_AUDIT,
+                SniCheck::Off => c::SNI_OFF,
             },
             _pad: [0; 4],
         }
@@ -1127,7 +1123,7 @@ impl Datapath {
     fn sni_of(code: u8) -> SniCheck {
         match code {
             c::SNI_ENFORCE | c::SNI_UNCHECKED => SniCheck::Enforce,
-            c::SNI_AUDIT => SniCheck::Audit,
+            c::SNI_AUDIT | c::SNI_UNCHECKED_AUDIT => SniCheck::Audit,
             _ => SniCheck::Off,
         }
     }
@@ -2184,7 +2180,7 @@ fn load_programs(
             let why = format!("the kernel refused the server-name check: {e}");
             warn!(
                 why = %why,
-                "connections only a name rule allows are refused at connect where a policy says `sni: enforce`, and not checked where it says `sni: audit`"
+                "connections only a name rule allows are refused at connect where a policy says `sni: enforce`, and recorded there and let through unchecked where it says `sni: audit`"
             );
             return Ok(ServerNameCheck::Unavailable(why));
         }
@@ -2219,7 +2215,7 @@ fn load_sni_check(ebpf: &mut Ebpf, btf: &mut Option<aya::Btf>) -> Result<(), Dat
 /// attached: a packet it hands on never finds the slot empty. (The earlier build's egress
 /// program, still attached until it is swapped, hands its packets to this build's check,
 /// which reads the same layout.)
-fn set_tails(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+fn set_tails(ebpf: &mut Ebpf, check: &ServerNameCheck) -> Result<(), DatapathError> {
     let name = c::PROG_EGRESS_SNI;
     let prog_err = |e: aya::programs::ProgramError| DatapathError::Program {
         name,
@@ -2228,22 +2224,33 @@ fn set_tails(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     let Some(prog) = ebpf.program(name) else {
         return Err(DatapathError::MissingProgram(name));
     };
-    // Not loaded: the egress program was adopted as it is, with its tail, or the kernel
-    // refused the check (the slot stays as it was: empty, or an earlier build's check for
-    // the connections that build's programs let start).
-    let Ok(fd) = prog.fd() else {
-        return Ok(());
+    let fd = match prog.fd() {
+        Ok(fd) => Some(
+            fd.try_clone()
+                .map_err(|e| prog_err(aya::programs::ProgramError::IOError(e)))?,
+        ),
+        // Not loaded: the egress program was adopted as it is, with its tail.
+        Err(_) if *check == ServerNameCheck::Loaded => return Ok(()),
+        // The kernel refused the check: an earlier build's left in the slot would run for
+        // a build whose status says none does, and a later start of this build would take
+        // it for its own. Connections that build let start with their check pending then
+        // send no data (closed); this build's connect hook starts none.
+        Err(_) => None,
     };
-    let fd = fd
-        .try_clone()
-        .map_err(|e| prog_err(aya::programs::ProgramError::IOError(e)))?;
     let map = ebpf
         .map_mut(c::MAP_TAILS)
         .ok_or(DatapathError::MissingMap(c::MAP_TAILS))?;
     let mut tails = aya::maps::ProgramArray::try_from(map).map_err(map_err(c::MAP_TAILS))?;
-    tails
-        .set(c::TAIL_SNI, &fd, 0)
-        .map_err(map_err(c::MAP_TAILS))
+    match fd {
+        Some(fd) => tails.set(c::TAIL_SNI, &fd, 0),
+        None => match tails.clear_index(&c::TAIL_SNI) {
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            other => other,
+        },
+    }
+    .map_err(map_err(c::MAP_TAILS))
 }
 
 /// Loads one program, unless it is loaded already.

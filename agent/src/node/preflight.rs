@@ -344,7 +344,7 @@ fn lockdown(file: std::io::Result<String>) -> Finding {
         finding(
             WHAT,
             Verdict::Warning,
-            "confidentiality: the kernel refuses BPF reads of its memory, so the TLS server-name check does not load (`sni: enforce` policies refuse the connections only a name rule allows, `sni: audit` ones check nothing) nor do the BPF LSM programs that read socket fields; `status` says what runs",
+            "confidentiality: the kernel refuses BPF reads of its memory, so the TLS server-name check does not load (`sni: enforce` policies refuse the connections only a name rule allows, `sni: audit` ones record them unchecked) nor do the BPF LSM programs that read socket fields; `status` says what runs",
         )
     } else {
         finding(WHAT, Verdict::Ok, chosen.to_owned())

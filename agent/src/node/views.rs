@@ -57,7 +57,7 @@ impl Node {
             dropped_events: self.datapath.dropped_events().ok(),
             map_fill: self.datapath.fill().ok(),
             socket_families: self.datapath.socket_families().clone(),
-            server_name_check: self.datapath.server_name_check().clone(),
+            server_name_check: Some(self.datapath.server_name_check().clone()),
             self_check: self.canary.last(),
             pins: self.datapath.pin_dir().to_owned(),
             catalog: StatusCatalog {
