@@ -24,12 +24,12 @@ use agent_common::{
     REASON_SNI_MISMATCH, REASON_SNI_MISSING, REASON_SNI_UNCHECKED, REASON_SOCKET_FAMILY,
     REASON_SOCKET_OPTION, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE, REASON_ZERO_COPY,
     RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage, RuleSet,
-    SERVER_HELLO, SERVER_RETRY, SERVER_UNSEEN, SLOT_CLAIMED, SNI_AUDIT, SNI_MODE, SNI_NAME_ENTRIES,
-    SNI_NAME_MAX, SNI_NONE, SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED,
-    SNI_RETRY, SNI_RULES, SNI_SEEN_ENTRIES, SNI_UNCHECKED, SNI_UNCHECKED_AUDIT, SNI_WATCH,
-    SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName, SockState, TAIL_SNI, TAILS,
-    UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, http,
-    rate_keyed_by_socket, rule_hit_key,
+    SERVER_HELLO, SERVER_RETRY, SERVER_UNSEEN, SLOT_CLAIMED, SNI_AUDIT, SNI_ENFORCE, SNI_MODE,
+    SNI_NAME_ENTRIES, SNI_NAME_MAX, SNI_NONE, SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE,
+    SNI_REFUSED, SNI_RETRY, SNI_RULES, SNI_SEEN_ENTRIES, SNI_UNCHECKED, SNI_UNCHECKED_AUDIT,
+    SNI_WATCH, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName, SockState, TAIL_SNI,
+    TAILS, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr,
+    dns_proxy_addr6, http, rate_keyed_by_socket, rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{
@@ -1445,9 +1445,16 @@ fn judge_peer(identity: u32, flow: &mut Flow, local_port: u16, tcp: bool) -> Pee
 /// checked (an identity the kernel does not know: yes).
 #[inline(always)]
 fn sni_checked(identity: u32) -> bool {
+    identity_sni(identity) != SNI_OFF
+}
+
+/// The identity's server-name check (`IdentityState::sni`; one the kernel does not know:
+/// enforced).
+#[inline(always)]
+fn identity_sni(identity: u32) -> u8 {
     match AW_IDENTITIES.get(identity) {
-        Some(s) => s.sni != SNI_OFF,
-        None => true,
+        Some(s) => s.sni,
+        None => SNI_ENFORCE,
     }
 }
 
@@ -2057,12 +2064,30 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
     if is_dns_proxy(identity, &h.addr, h.far_port) {
         return allowed;
     }
-    // Not a TCP connection only a name rule allows (one the packet line took over whose
-    // peer `judge_peer` refused): no hook saw its first data.
     let mut named = false;
     let (reason, _) = check_rules(identity, &egress_flow(&h), &mut now, &mut named);
-    if reason == REASON_NONE && !(h.proto == PROTO_TCP && named && sni_checked(identity)) {
-        return allowed;
+    if reason == REASON_NONE {
+        // A TCP connection only a name rule allows, that the packet line took over (its peer
+        // refused by `judge_peer`): no hook saw its first data, so the name rule is not
+        // enough where the server-name check is on; in its audit, recorded.
+        let sni = identity_sni(identity);
+        if h.proto != PROTO_TCP || !named || sni == SNI_OFF {
+            return allowed;
+        }
+        if sni == SNI_AUDIT || sni == SNI_UNCHECKED_AUDIT {
+            let (leaf, who) = whose(skb);
+            report(
+                &egress_flow(&h),
+                leaf,
+                identity,
+                EVENT_AUDIT,
+                REASON_WIRE,
+                0,
+                now,
+                who,
+            );
+            return allowed;
+        }
     }
     refuse(skb, &o, &egress_flow(&h), REASON_WIRE, 0, now)
 }

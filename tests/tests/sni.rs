@@ -554,46 +554,50 @@ fn where_the_kernel_refuses_the_check_a_name_rule_alone_opens_no_connection_and_
 
 /// A TCP connection made before its cgroup was governed (a unit's, before `enroll`) to an
 /// address the identity then learns by name: the packet line takes it over at its next
-/// packet, and since no hook saw its first data, a name rule alone does not let it send.
+/// packet, and since no hook saw its first data, a name rule alone does not let it send
+/// (under `sni: audit`, it is recorded and sends).
 #[test]
 fn a_connection_older_than_its_binding_sends_nothing_on_a_name_rule_alone() {
     agentwall_tests::require_root();
-    let lab = Lab::new("sni-old", "enforce", "");
-    let mut cap = Capture::start(&lab.link.peer, "veth-p");
-    let unit = lab.env.cgroup("unit");
-    let mut c = Command::new(bin_path("aw-probe"));
-    c.args(["--cgroup", unit.path().to_str().unwrap()]);
-    lab.link.agent.enter(&mut c);
-    let mut svc = Probe::from_command(c);
-    assert_eq!(svc.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
-    agentwall_tests::node::run_ok(
-        agentwall_tests::node::agentwall()
-            .args([
-                "enroll",
-                "--cgroup",
-                unit.path().to_str().unwrap(),
-                "--cert",
-            ])
-            .arg(&lab.cert)
-            .arg("--key")
-            .arg(&lab.key)
-            .arg("--socket")
-            .arg(&lab.node.socket),
-    );
-    let a = svc.cmd(&format!("resolve api.example.com {RESOLVER} udp A"));
-    assert!(a.contains(PEER_V4), "{a}");
-    svc.cmd("send-held-hello exfil.other.example whole");
-    // (Its record before `enroll` is an unbound cgroup's flow: verdict `unknown`.)
-    let r = lab.wait_decision(|r| r["port"] == 443 && r["verdict"] == "deny");
-    assert_eq!(
-        r["reason"], "packet sent somewhere its socket was not allowed",
-        "{r}"
-    );
-    let sent = lab.sent(&mut cap);
-    assert!(
-        !sent.iter().any(|p| p.carries(b"exfil.other.example")),
-        "a hello on the older connection reached the wire"
-    );
+    for (sni, verdict) in [("enforce", "deny"), ("audit", "audit")] {
+        let lab = Lab::new(&format!("sni-old-{sni}"), sni, "");
+        let mut cap = Capture::start(&lab.link.peer, "veth-p");
+        let unit = lab.env.cgroup("unit");
+        let mut c = Command::new(bin_path("aw-probe"));
+        c.args(["--cgroup", unit.path().to_str().unwrap()]);
+        lab.link.agent.enter(&mut c);
+        let mut svc = Probe::from_command(c);
+        assert_eq!(svc.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
+        agentwall_tests::node::run_ok(
+            agentwall_tests::node::agentwall()
+                .args([
+                    "enroll",
+                    "--cgroup",
+                    unit.path().to_str().unwrap(),
+                    "--cert",
+                ])
+                .arg(&lab.cert)
+                .arg("--key")
+                .arg(&lab.key)
+                .arg("--socket")
+                .arg(&lab.node.socket),
+        );
+        let a = svc.cmd(&format!("resolve api.example.com {RESOLVER} udp A"));
+        assert!(a.contains(PEER_V4), "{a}");
+        svc.cmd("send-held-hello exfil.other.example whole");
+        // (Its record before `enroll` is an unbound cgroup's flow: verdict `unknown`.)
+        let r = lab.wait_decision(|r| r["port"] == 443 && r["verdict"] == verdict);
+        assert_eq!(
+            r["reason"], "packet sent somewhere its socket was not allowed",
+            "{r}"
+        );
+        let sent = lab.sent(&mut cap);
+        assert_eq!(
+            sent.iter().any(|p| p.carries(b"exfil.other.example")),
+            sni == "audit",
+            "sni: {sni}: the hello on the older connection, on the wire or not"
+        );
+    }
 }
 
 #[test]
