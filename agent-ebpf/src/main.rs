@@ -250,8 +250,30 @@ pub fn aw_egress(ctx: SkBuffContext) -> i32 {
     }
     // SAFETY: a tail call with this program's context; it returns only when it fails.
     unsafe { AW_TAILS.tail_call(&ctx, TAIL_SNI) };
-    // The check is not there to run (its slot empty): the data does not go.
-    DENY
+    no_check(ctx.skb.skb)
+}
+
+/// A packet for the server-name check whose program is not in its slot (a start the kernel
+/// refused this build's check left it empty, and a connection an earlier build let start
+/// still waits for the check): in the check's audit, it goes and the connection is done
+/// with; otherwise the connection is refused (no more data; its bare ACKs, FIN and RST go)
+/// and this packet does not go.
+#[inline(never)]
+fn no_check(skb: *mut __sk_buff) -> i32 {
+    let Some((st, _)) = sni_owner(skb) else {
+        return DENY;
+    };
+    // SAFETY: non-null storage pointer.
+    let audit =
+        unsafe { core::ptr::read_volatile(&raw const (*st).sni) } & SNI_MODE == SNI_PENDING_AUDIT;
+    // SAFETY: as above.
+    unsafe {
+        core::ptr::write_volatile(
+            &raw mut (*st).sni,
+            if audit { SNI_NONE } else { SNI_REFUSED },
+        )
+    };
+    if audit { ALLOW } else { DENY }
 }
 
 /// The server-name check of a packet the packet line allowed, on a connection only a name
@@ -1406,6 +1428,10 @@ fn holds_data(sk: *mut core::ffi::c_void, at: &KernelLayout) -> bool {
 enum Peer {
     /// An egress rule allows the peer.
     Egress,
+    /// Only a name rule allows the peer, of a TCP connection no hook saw the first data of,
+    /// under the server-name check's audit: taken, and the check reads (and records) its
+    /// next data.
+    Audited,
     /// A TCP connection an ingress rule allows (peer, this end's port): what a governed
     /// listener would have accepted.
     Accepted,
@@ -1419,12 +1445,20 @@ fn judge_peer(identity: u32, flow: &mut Flow, local_port: u16, tcp: bool) -> Pee
     let mut now = 0u64;
     let mut named = false;
     // A TCP connection only a name rule allows, made or used where no hook saw its first
-    // data: the server-name check cannot vouch for it.
-    if flow.port != 0
-        && check_rules(identity, flow, &mut now, &mut named).0 == REASON_NONE
-        && !(tcp && named && sni_checked(identity))
-    {
-        return Peer::Egress;
+    // data: the server-name check cannot vouch for it (in its audit, it reads what comes
+    // next; unloaded, nothing does).
+    if flow.port != 0 && check_rules(identity, flow, &mut now, &mut named).0 == REASON_NONE {
+        let sni = if tcp && named {
+            identity_sni(identity)
+        } else {
+            SNI_OFF
+        };
+        if sni == SNI_OFF || sni == SNI_UNCHECKED_AUDIT {
+            return Peer::Egress;
+        }
+        if sni == SNI_AUDIT {
+            return Peer::Audited;
+        }
     }
     if !tcp {
         return Peer::Refused;
@@ -1439,13 +1473,6 @@ fn judge_peer(identity: u32, flow: &mut Flow, local_port: u16, tcp: bool) -> Pee
     } else {
         Peer::Refused
     }
-}
-
-/// Whether the identity's connections that only a name rule allows have their server name
-/// checked (an identity the kernel does not know: yes).
-#[inline(always)]
-fn sni_checked(identity: u32) -> bool {
-    identity_sni(identity) != SNI_OFF
 }
 
 /// The identity's server-name check (`IdentityState::sni`; one the kernel does not know:
@@ -1913,6 +1940,11 @@ fn adopt(
         };
         let kept = match judge_peer(binding.identity, &mut flow, local_port, tcp) {
             Peer::Egress => Some((addr, port)),
+            Peer::Audited => {
+                // SAFETY: non-null storage pointer.
+                unsafe { core::ptr::write_volatile(&raw mut (*st).sni, SNI_PENDING_AUDIT) };
+                Some((addr, port))
+            }
             // Never port 0 here: that is the mark of a listener or an accepted connection.
             Peer::Refused if tcp => Some((NOWHERE, if port == 0 { u16::MAX } else { port })),
             // Accepted: kept as accepted connections are, judged inbound.

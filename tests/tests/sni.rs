@@ -587,10 +587,18 @@ fn a_connection_older_than_its_binding_sends_nothing_on_a_name_rule_alone() {
         svc.cmd("send-held-hello exfil.other.example whole");
         // (Its record before `enroll` is an unbound cgroup's flow: verdict `unknown`.)
         let r = lab.wait_decision(|r| r["port"] == 443 && r["verdict"] == verdict);
-        assert_eq!(
-            r["reason"], "packet sent somewhere its socket was not allowed",
-            "{r}"
-        );
+        if sni == "enforce" {
+            assert_eq!(
+                r["reason"], "packet sent somewhere its socket was not allowed",
+                "{r}"
+            );
+        } else {
+            // Audit: the check reads the next data as the connection's first and records
+            // the name; the connection goes on both ways.
+            assert_eq!(r["server_name"], "exfil.other.example", "{r}");
+            let got = svc.cmd("read-held 5");
+            assert!(got.starts_with("got "), "{got}");
+        }
         let sent = lab.sent(&mut cap);
         assert_eq!(
             sent.iter().any(|p| p.carries(b"exfil.other.example")),
@@ -598,6 +606,41 @@ fn a_connection_older_than_its_binding_sends_nothing_on_a_name_rule_alone() {
             "sni: {sni}: the hello on the older connection, on the wire or not"
         );
     }
+}
+
+/// A start whose check the kernel refuses, after an upgrade, while connections an earlier
+/// start let begin still wait for the check: in the check's audit such a connection goes
+/// on, unchecked; otherwise it sends no data.
+#[test]
+fn connections_waiting_for_a_check_a_start_could_not_load_go_on_only_in_audit() {
+    agentwall_tests::require_root();
+    let mut lab = Lab::new("sni-lost", "audit", "");
+    lab.resolve();
+    let mut cap = Capture::start(&lab.link.peer, "veth-p");
+    // (s_server serves one connection at a time: the one that will answer comes first.)
+    let mut audited = lab.probe();
+    assert_eq!(audited.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
+    lab.apply("enforce", "");
+    let mut enforced = lab.probe();
+    assert_eq!(enforced.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
+    // Pins of another build, and a kernel that refuses this build's check.
+    agentwall_tests::set_pinned_revision(&lab.env.bpffs_dir, 0);
+    lab.restart(&[(
+        "AGENTWALL_FAILPOINTS_AT_START",
+        Path::new("sni-program-refused=return"),
+    )]);
+    let s = agentwall_tests::node::status_json(&lab.node.socket);
+    assert_eq!(s["server_name_check"]["state"], "unavailable", "{s}");
+    audited.cmd("send-held-hello audit.other.example whole");
+    let got = audited.cmd("read-held 5");
+    assert!(got.starts_with("got "), "{got}");
+    enforced.cmd("send-held-hello enforce.other.example whole");
+    let sent = lab.sent(&mut cap);
+    assert!(sent.iter().any(|p| p.carries(b"audit.other.example")));
+    assert!(
+        !sent.iter().any(|p| p.carries(b"enforce.other.example")),
+        "a hello the check never read reached the wire"
+    );
 }
 
 #[test]

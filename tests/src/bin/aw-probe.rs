@@ -1466,6 +1466,18 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             }
             format!("hrr {reply}")
         }
+        // Reads at least N bytes from every held socket (10 s each at most).
+        ["read-held", n] => {
+            let n: usize = n.parse().map_err(|e| format!("bad count {n:?}: {e}"))?;
+            let mut reply = Vec::new();
+            for s in held().iter() {
+                reply.push(match read_at_least(s.as_raw_fd(), n, 10) {
+                    Ok(got) => format!("got {}", got.len()),
+                    Err(e) => e,
+                });
+            }
+            reply.join(" ")
+        }
         // Waits (at most 20 s) until every held TCP socket is ended, and says how: the
         // socket's pending error.
         ["await-end-held"] => {
