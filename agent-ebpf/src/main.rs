@@ -253,27 +253,46 @@ pub fn aw_egress(ctx: SkBuffContext) -> i32 {
     no_check(ctx.skb.skb)
 }
 
-/// A packet for the server-name check whose program is not in its slot (a start the kernel
-/// refused this build's check left it empty, and a connection an earlier build let start
-/// still waits for the check): in the check's audit, it goes and the connection is done
-/// with; otherwise the connection is refused (no more data; its bare ACKs, FIN and RST go)
-/// and this packet does not go.
+/// A packet for the server-name check whose program is not in its slot: a start the kernel
+/// refused this build's check cleared it (a connection an earlier build let start, or one
+/// the packet line took over, waits for the check), or a start that loads it has not filled
+/// it yet. In the check's audit, the packet goes and the connection is done with, recorded
+/// as unchecked; otherwise it does not go, and the connection's state is left as it is: a
+/// slot filled a moment later checks its next try.
 #[inline(never)]
 fn no_check(skb: *mut __sk_buff) -> i32 {
-    let Some((st, _)) = sni_owner(skb) else {
+    let Some((st, identity)) = sni_owner(skb) else {
         return DENY;
     };
     // SAFETY: non-null storage pointer.
-    let audit =
-        unsafe { core::ptr::read_volatile(&raw const (*st).sni) } & SNI_MODE == SNI_PENDING_AUDIT;
+    if unsafe { core::ptr::read_volatile(&raw const (*st).sni) } & SNI_MODE != SNI_PENDING_AUDIT {
+        return DENY;
+    }
     // SAFETY: as above.
-    unsafe {
-        core::ptr::write_volatile(
-            &raw mut (*st).sni,
-            if audit { SNI_NONE } else { SNI_REFUSED },
-        )
+    let flow = unsafe {
+        core::ptr::write_volatile(&raw mut (*st).sni, SNI_NONE);
+        Flow {
+            addr: (*st).dests[SOCK_DEST_CONNECTED],
+            port: (*st).ports[SOCK_DEST_CONNECTED],
+            proto: PROTO_TCP,
+            hook: HOOK_EGRESS,
+            family: 0,
+            sock_type: 0,
+            sock_protocol: 0,
+        }
     };
-    if audit { ALLOW } else { DENY }
+    let (leaf, who) = whose(skb);
+    report(
+        &flow,
+        leaf,
+        identity,
+        EVENT_AUDIT,
+        REASON_SNI_UNCHECKED,
+        0,
+        0,
+        who,
+    );
+    ALLOW
 }
 
 /// The server-name check of a packet the packet line allowed, on a connection only a name
@@ -1430,7 +1449,7 @@ enum Peer {
     Egress,
     /// Only a name rule allows the peer, of a TCP connection no hook saw the first data of,
     /// under the server-name check's audit: taken, and the check reads (and records) its
-    /// next data.
+    /// next data; without the check's program, that data is recorded as unchecked.
     Audited,
     /// A TCP connection an ingress rule allows (peer, this end's port): what a governed
     /// listener would have accepted.
@@ -1446,17 +1465,17 @@ fn judge_peer(identity: u32, flow: &mut Flow, local_port: u16, tcp: bool) -> Pee
     let mut named = false;
     // A TCP connection only a name rule allows, made or used where no hook saw its first
     // data: the server-name check cannot vouch for it (in its audit, it reads what comes
-    // next; unloaded, nothing does).
+    // next, or records it unchecked).
     if flow.port != 0 && check_rules(identity, flow, &mut now, &mut named).0 == REASON_NONE {
         let sni = if tcp && named {
             identity_sni(identity)
         } else {
             SNI_OFF
         };
-        if sni == SNI_OFF || sni == SNI_UNCHECKED_AUDIT {
+        if sni == SNI_OFF {
             return Peer::Egress;
         }
-        if sni == SNI_AUDIT {
+        if sni == SNI_AUDIT || sni == SNI_UNCHECKED_AUDIT {
             return Peer::Audited;
         }
     }

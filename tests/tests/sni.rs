@@ -634,6 +634,11 @@ fn connections_waiting_for_a_check_a_start_could_not_load_go_on_only_in_audit() 
     audited.cmd("send-held-hello audit.other.example whole");
     let got = audited.cmd("read-held 5");
     assert!(got.starts_with("got "), "{got}");
+    lab.wait_decision(|r| {
+        r["verdict"] == "audit"
+            && r["reason"]
+                == "a connection only a name rule allows, while the kernel's server-name check is not loaded (see status)"
+    });
     enforced.cmd("send-held-hello enforce.other.example whole");
     let sent = lab.sent(&mut cap);
     assert!(sent.iter().any(|p| p.carries(b"audit.other.example")));
