@@ -251,6 +251,23 @@ pub fn agentwall() -> Command {
 }
 
 /// Runs `cmd`; panics with its stderr unless it succeeds, and returns its stdout.
+/// `agentwall enroll` of the cgroup at `unit` with that certificate and key, through the node
+/// at `socket`; it must succeed.
+pub fn enroll(socket: &Path, unit: &Path, cert: &Path, key: &Path) {
+    run_ok(
+        agentwall()
+            .arg("enroll")
+            .arg("--cgroup")
+            .arg(unit)
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .arg("--socket")
+            .arg(socket),
+    );
+}
+
 pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
     let out = cmd.output().unwrap();
     assert!(

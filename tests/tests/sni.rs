@@ -568,20 +568,7 @@ fn a_connection_older_than_its_binding_sends_nothing_on_a_name_rule_alone() {
         lab.link.agent.enter(&mut c);
         let mut svc = Probe::from_command(c);
         assert_eq!(svc.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
-        agentwall_tests::node::run_ok(
-            agentwall_tests::node::agentwall()
-                .args([
-                    "enroll",
-                    "--cgroup",
-                    unit.path().to_str().unwrap(),
-                    "--cert",
-                ])
-                .arg(&lab.cert)
-                .arg("--key")
-                .arg(&lab.key)
-                .arg("--socket")
-                .arg(&lab.node.socket),
-        );
+        agentwall_tests::node::enroll(&lab.node.socket, unit.path(), &lab.cert, &lab.key);
         let a = svc.cmd(&format!("resolve api.example.com {RESOLVER} udp A"));
         assert!(a.contains(PEER_V4), "{a}");
         svc.cmd("send-held-hello exfil.other.example whole");

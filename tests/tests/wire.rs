@@ -110,20 +110,7 @@ impl Fixture {
             "unit",
             &self.ca.issue(&CertSpec::agent(ID)),
         );
-        run_ok(
-            agentwall_tests::node::agentwall()
-                .args([
-                    "enroll",
-                    "--cgroup",
-                    unit.path().to_str().unwrap(),
-                    "--cert",
-                ])
-                .arg(&cert)
-                .arg("--key")
-                .arg(&key)
-                .arg("--socket")
-                .arg(self.socket()),
-        );
+        agentwall_tests::node::enroll(self.socket(), unit.path(), &cert, &key);
     }
 
     /// Has the unenrolled helper send one datagram to the peer, and returns every packet seen
