@@ -156,6 +156,10 @@ pub struct Response {
     /// A certificate chain (PEM), the answer to `Join`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chain: Option<String>,
+    /// The answer to `Launch`: whether the agent may use io_uring, as its AgentPolicy says.
+    /// The launcher refuses it when a node says nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_uring: Option<crate::policy::model::IoUring>,
 }
 
 /// The node's state, as `agentwall status` shows it.

@@ -114,12 +114,13 @@ impl Drop for HttpServer {
     }
 }
 
-/// The lab's policy: a name rule for api.example.com (ports 443 and 80), and `also`.
+/// The lab's policy: a name rule for api.example.com (ports 443 and 80), and `also`;
+/// io_uring allowed, for the zero-copy sends through it.
 fn write_policy(dir: &Path, sni: &str, also: &str) {
     std::fs::write(
         dir.join("policy/agents.yaml"),
         format!(
-            "kind: AgentPolicy\nname: sni\nidentity: {ID}\nsni: {sni}\n\
+            "kind: AgentPolicy\nname: sni\nidentity: {ID}\nsni: {sni}\nio_uring: allow\n\
              egress:\n  - to: [api.example.com]\n    ports: [443, 80]\n    protocol: tcp\n{also}"
         ),
     )

@@ -28,6 +28,8 @@ const POLICY: &str = "\
 kind: AgentPolicy
 name: wire
 identity: spiffe://example.org/agent/wire
+# So that the tests see the hooks judge what is sent through io_uring.
+io_uring: allow
 egress:
   - to: [192.0.2.2/32, 2001:db8::2/128]
     ports: [9000]

@@ -248,17 +248,20 @@ pub fn run(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match launched {
+    let io_uring = match launched {
         Err(code) => return code,
         Ok(r) => {
             if let Some(w) = r.warning {
                 eprintln!("agentwall launch: {w}");
             }
+            // A node that does not say (an older one) gets the closed default.
+            r.io_uring.unwrap_or_default()
         }
-    }
-    // Compat system calls pass the cgroup setsockopt hook unjudged: refused before the
-    // keeper is forked, so it runs under the same filter as the agent.
-    if let Err(e) = agentwall::native::native_syscalls_only() {
+    };
+    // Compat system calls pass the cgroup setsockopt hook unjudged, and io_uring installs
+    // files no hook judges: refused before the keeper is forked, so it runs under the same
+    // filter as the agent.
+    if let Err(e) = agentwall::native::native_syscalls_only(io_uring) {
         eprintln!("agentwall launch: {e}");
         return ExitCode::from(2);
     }

@@ -295,6 +295,10 @@ impl Node {
         cfg.check()?;
         crate::arm_failpoints("AGENTWALL_FAILPOINTS_AT_START");
         let _ = raise_fd_limit();
+        let uring = preflight::io_uring_here();
+        if uring.verdict == preflight::Verdict::Warning {
+            warn!(detail = %uring.detail, "io_uring is open to enrolled units");
+        }
         let dir = cfg.policy_dir();
         let state_dir = cfg.state_dir();
         std::fs::create_dir_all(&state_dir).map_err(io_err(&state_dir))?;
@@ -742,7 +746,19 @@ impl Node {
                 self.sessions
                     .launch(&peer, &pidfd, n, follow, workload_api, issued)
             });
-        self.bound("launch", id, placed)
+        // Read after the binding: a policy applied meanwhile is the one the agent starts under.
+        let io_uring = self
+            .enforcer
+            .applied()
+            .policy
+            .agent(&id)
+            .map(|a| a.io_uring)
+            .unwrap_or_default();
+        let r = self.bound("launch", id, placed);
+        crate::api::Response {
+            io_uring: r.ok.then_some(io_uring),
+            ..r
+        }
     }
 
     /// The answer to a launch or enrollment: once bound, the agent's first lookup finds a

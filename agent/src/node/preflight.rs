@@ -317,6 +317,7 @@ pub fn kernel() -> Vec<Finding> {
     out.push(lockdown(std::fs::read_to_string(
         "/sys/kernel/security/lockdown",
     )));
+    out.push(io_uring_here());
     out.push(match crate::api::has_peer_pidfd() {
         Ok(true) => finding("SO_PEERPIDFD", Verdict::Ok, "launch names its caller by pidfd"),
         Ok(false) => finding(
@@ -351,9 +352,77 @@ fn lockdown(file: std::io::Result<String>) -> Finding {
     }
 }
 
+/// What this host's `kernel.io_uring_disabled` leaves open (also said at start).
+pub fn io_uring_here() -> Finding {
+    io_uring(std::fs::read_to_string(
+        "/proc/sys/kernel/io_uring_disabled",
+    ))
+}
+
+/// `kernel.io_uring_disabled` (Linux 6.6; before, io_uring is open to all): `launch` keeps
+/// io_uring from agents whose policy does not allow it, but an `enroll`ed unit's processes
+/// run under no filter of ours.
+fn io_uring(file: std::io::Result<String>) -> Finding {
+    const WHAT: &str = "io_uring";
+    const UNITS: &str = "agents `launch` starts are refused it unless their policy says `io_uring: allow`; `enroll`ed units are not (give them `SystemCallFilter=~io_uring_setup io_uring_enter io_uring_register`, or set kernel.io_uring_disabled=2)";
+    match file.as_deref().map(str::trim) {
+        Ok("2") => finding(
+            WHAT,
+            Verdict::Ok,
+            "disabled on this host (kernel.io_uring_disabled=2)",
+        ),
+        Ok("1") => finding(
+            WHAT,
+            Verdict::Ok,
+            format!(
+                "only for processes in kernel.io_uring_group or with CAP_SYS_ADMIN (kernel.io_uring_disabled=1): {UNITS}"
+            ),
+        ),
+        Ok(v) => finding(
+            WHAT,
+            Verdict::Warning,
+            format!("open to every process (kernel.io_uring_disabled={v}): {UNITS}"),
+        ),
+        Err(_) => finding(
+            WHAT,
+            Verdict::Warning,
+            format!("open to every process (this kernel has no kernel.io_uring_disabled): {UNITS}"),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn io_uring_open_to_units_is_a_warning_that_says_how_to_close_it() {
+        let f = io_uring(Ok("2\n".into()));
+        assert_eq!(
+            (f.verdict, f.detail.as_str()),
+            (
+                Verdict::Ok,
+                "disabled on this host (kernel.io_uring_disabled=2)"
+            )
+        );
+        assert_eq!(io_uring(Ok("1\n".into())).verdict, Verdict::Ok);
+        for f in [
+            io_uring(Ok("0\n".into())),
+            io_uring(Err(std::io::ErrorKind::NotFound.into())),
+        ] {
+            assert_eq!(f.verdict, Verdict::Warning);
+            assert!(
+                f.detail.starts_with("open to every process"),
+                "{}",
+                f.detail
+            );
+            assert!(
+                f.detail.contains("SystemCallFilter=~io_uring_setup"),
+                "{}",
+                f.detail
+            );
+        }
+    }
 
     #[test]
     fn lockdown_at_confidentiality_is_a_warning_with_what_it_costs() {

@@ -116,6 +116,16 @@ pub fn lint(set: &PolicySet) -> Vec<Warning> {
                 ),
             });
         }
+        if agent.io_uring == super::model::IoUring::Allow {
+            out.push(Warning {
+                origin: agent.origin.clone(),
+                index: None,
+                message: format!(
+                    "AgentPolicy {:?} allows io_uring (io_uring: allow): a process outside it that holds one of the agent's rings can put its own sockets there (IORING_OP_MSG_RING), which the agent then uses unjudged",
+                    agent.name
+                ),
+            });
+        }
         let rules = set.effective_rules(agent);
         for (i, r) in rules.iter().enumerate() {
             let warn = |message: String| Warning {
@@ -281,6 +291,36 @@ egress:
             .to_string();
         assert!(
             bad.contains("invalid sni \"strict\": expected enforce, audit or off"),
+            "{bad}"
+        );
+    }
+
+    #[test]
+    fn io_uring_is_refused_unless_allowed_and_allowing_it_is_warned_about() {
+        let parse = |line: &str| {
+            parse_sources(vec![(
+                PathBuf::from("p.yaml"),
+                format!(
+                    "kind: AgentPolicy\nname: a\nidentity: spiffe://example.org/a\nowner: t\n{line}"
+                ),
+            )])
+        };
+        let set = parse("").unwrap();
+        assert_eq!(set.agents[0].io_uring, super::super::model::IoUring::Refuse);
+        assert!(lint(&set).is_empty());
+        let set = parse("io_uring: allow\n").unwrap();
+        assert_eq!(set.agents[0].io_uring, super::super::model::IoUring::Allow);
+        let w: Vec<String> = lint(&set).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            w,
+            [
+                "p.yaml:1: warning: AgentPolicy \"a\" allows io_uring (io_uring: allow): a process outside it that holds one of the agent's rings can put its own sockets there (IORING_OP_MSG_RING), which the agent then uses unjudged"
+            ]
+        );
+        let bad = parse("io_uring: yes\n").unwrap_err().to_string();
+        assert!(
+            bad.contains("p.yaml:5:11")
+                && bad.contains("invalid io_uring \"yes\": expected refuse or allow"),
             "{bad}"
         );
     }

@@ -23,6 +23,8 @@ pub enum ModelError {
     BadMode { value: String },
     #[error("invalid sni {value:?}: expected enforce, audit or off")]
     BadSni { value: String },
+    #[error("invalid io_uring {value:?}: expected refuse or allow")]
+    BadIoUring { value: String },
     #[error("invalid unknown_flows {value:?}: expected report, deny or ignore")]
     BadUnknownFlows { value: String },
 }
@@ -334,6 +336,38 @@ impl SniCheck {
             Self::Enforce => "enforce",
             Self::Audit => "audit",
             Self::Off => "off",
+        }
+    }
+}
+
+/// Whether an agent `launch` starts may use io_uring. Refused by default: another process
+/// holding the agent's ring can put a socket into its fixed-file table
+/// (`IORING_OP_MSG_RING`), past every hook that judges sockets an agent receives, and a
+/// ring handed in may hold sockets the agent never had a descriptor for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoUring {
+    #[default]
+    Refuse,
+    Allow,
+}
+
+impl FromStr for IoUring {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "refuse" => Ok(Self::Refuse),
+            "allow" => Ok(Self::Allow),
+            _ => Err(ModelError::BadIoUring { value: s.into() }),
+        }
+    }
+}
+
+impl IoUring {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refuse => "refuse",
+            Self::Allow => "allow",
         }
     }
 }

@@ -206,6 +206,7 @@ deserialize_from_str!(PortSpec, PortRange);
 deserialize_from_str!(ProtocolSpec, Protocol);
 deserialize_from_str!(ModeSpec, Mode);
 deserialize_from_str!(SniSpec, super::model::SniCheck);
+deserialize_from_str!(IoUringSpec, super::model::IoUring);
 
 /// An RFC 3339 time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -323,6 +324,8 @@ struct RawAgentPolicy {
     #[serde(default)]
     sni: Option<SniSpec>,
     #[serde(default)]
+    io_uring: Option<IoUringSpec>,
+    #[serde(default)]
     extends: Vec<String>,
     #[serde(default)]
     dns: RawDns,
@@ -428,6 +431,8 @@ pub struct AgentPolicy {
     pub mode: Mode,
     /// The TLS server-name check of its connections that only a name rule allows.
     pub sni: super::model::SniCheck,
+    /// Whether the agents `launch` starts under it may use io_uring (read at launch).
+    pub io_uring: super::model::IoUring,
     pub extends: Vec<String>,
     /// What it may resolve beyond its name rules, and which query types.
     pub dns: super::names::DnsSection,
@@ -725,6 +730,7 @@ fn parse_document(
                 labels: raw.labels,
                 mode: raw.mode.map_or(Mode::Enforce, |m| m.0),
                 sni: raw.sni.map(|m| m.0).unwrap_or_default(),
+                io_uring: raw.io_uring.map(|m| m.0).unwrap_or_default(),
                 extends: raw.extends,
                 dns: super::names::DnsSection {
                     resolve: raw.dns.resolve.into_iter().map(|r| r.0).collect(),

@@ -87,6 +87,9 @@
 //!                                  SCM_RIGHTS is kept (answers at once)
 //!   send-socket PATH               make a TCP socket and send it to PATH over SCM_RIGHTS
 //!   connect-received ADDR PORT     connect() the socket received over SCM_RIGHTS
+//!   uring-calls                    io_uring_setup(), then io_uring_enter() and
+//!                                  io_uring_register() on descriptor -1; answers
+//!                                  `setup=ok|ERRNO enter=ERRNO register=ERRNO`
 //!   exit
 //! Startup: `aw-probe [--cgroup DIR] [--netns] [--resolv-conf FILE] [--cpu N]` prints
 //! `ready PID` once in place; `--resolv-conf` bind-mounts FILE over /etc/resolv.conf in a
@@ -116,6 +119,7 @@ fn errno_name(e: i32) -> String {
         libc::EISCONN => "EISCONN".into(),
         libc::ECONNABORTED => "ECONNABORTED".into(),
         libc::ECONNRESET => "ECONNRESET".into(),
+        libc::EBADF => "EBADF".into(),
         other => format!("E{other}"),
     }
 }
@@ -2027,15 +2031,45 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         }
         ["recv-socket", path] => recv_socket(path)?,
         ["send-socket", path] => send_socket(path)?,
-        ["connect-received", ip, port] => {
-            let (mut got, _) = ARRIVED
-                .wait_timeout_while(
-                    RECEIVED.lock().unwrap(),
-                    std::time::Duration::from_secs(5),
-                    |r| r.is_none(),
+        ["uring-calls"] => {
+            let setup = match io_uring::IoUring::new(4) {
+                Ok(_) => "ok".to_owned(),
+                Err(e) => errno_name(e.raw_os_error().unwrap_or(0)),
+            };
+            // On no ring at all: a filter answers before the kernel looks at the descriptor
+            // (which would be EBADF).
+            let answer = |rc: libc::c_long| {
+                if rc < 0 {
+                    errno_name(last_err())
+                } else {
+                    "ok".to_owned()
+                }
+            };
+            // SAFETY: both calls on descriptor -1 with no arguments read no memory.
+            let (enter, register) = unsafe {
+                (
+                    answer(libc::syscall(
+                        libc::SYS_io_uring_enter,
+                        -1,
+                        0,
+                        0,
+                        0,
+                        std::ptr::null::<libc::c_void>(),
+                        0,
+                    )),
+                    answer(libc::syscall(
+                        libc::SYS_io_uring_register,
+                        -1,
+                        0,
+                        std::ptr::null::<libc::c_void>(),
+                        0,
+                    )),
                 )
-                .unwrap();
-            let fd = got.take().ok_or("no socket received")?;
+            };
+            format!("setup={setup} enter={enter} register={register}")
+        }
+        ["connect-received", ip, port] => {
+            let fd = received()?;
             let (ss, len) = sockaddr(sa(ip, port)?);
             // SAFETY: a valid fd and address.
             let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const ss).cast(), len) };
@@ -2368,9 +2402,26 @@ fn recv_socket(path: &str) -> Result<String, String> {
     Ok("ok".into())
 }
 
+/// What `recv-socket` received, waiting up to 5 s for it.
+fn received() -> Result<OwnedFd, String> {
+    let (mut got, _) = ARRIVED
+        .wait_timeout_while(
+            RECEIVED.lock().unwrap(),
+            std::time::Duration::from_secs(5),
+            |r| r.is_none(),
+        )
+        .unwrap();
+    got.take().ok_or_else(|| "nothing received".into())
+}
+
 fn send_socket(path: &str) -> Result<String, String> {
     let s = new_socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_TCP)
         .map_err(|e| format!("socket: {}", errno_name(e)))?;
+    send_fd(path, s.as_raw_fd())
+}
+
+/// Hands `fd` to the `recv-socket` listener at `path` over SCM_RIGHTS.
+fn send_fd(path: &str, fd: i32) -> Result<String, String> {
     let conn = std::os::unix::net::UnixStream::connect(path).map_err(|e| e.to_string())?;
     let byte = [1u8; 1];
     let mut iov = libc::iovec {
@@ -2389,7 +2440,7 @@ fn send_socket(path: &str) -> Result<String, String> {
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
         (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), s.as_raw_fd());
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
         libc::sendmsg(conn.as_raw_fd(), &raw const msg, 0)
     };
     if rc < 0 {
