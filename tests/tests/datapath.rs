@@ -1264,3 +1264,27 @@ fn pin_directories_another_user_made_or_that_lead_elsewhere_are_refused() {
     );
     assert!(attached_programs(env.root.path()).unwrap().is_empty());
 }
+
+/// The server-name check is in its `AW_TAILS` slot from the moment a start opens the maps,
+/// before its first apply writes identity states that hand connections to it: a connection
+/// made before attach is checked, not held until the slot is filled.
+#[test]
+fn the_server_name_check_is_in_its_slot_before_the_first_apply() {
+    use std::os::fd::AsFd as _;
+    let env = TestEnv::new("tail-first");
+    let (dp, programs) = Datapath::load(&env.config()).unwrap().open().unwrap();
+    let slots = || {
+        let path = pin_dir(&env.bpffs_dir)
+            .join("maps")
+            .join(agent_common::MAP_TAILS);
+        let map = aya::maps::MapData::from_pin(&path).unwrap();
+        agentwall::datapath::sys::filled_slots(map.fd().as_fd(), agent_common::TAILS).unwrap()
+    };
+    assert_eq!(
+        *dp.server_name_check(),
+        agentwall::datapath::ServerNameCheck::Loaded
+    );
+    assert_eq!(slots(), [agent_common::TAIL_SNI]);
+    dp.attach(programs).unwrap();
+    assert_eq!(slots(), [agent_common::TAIL_SNI]);
+}

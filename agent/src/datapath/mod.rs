@@ -919,6 +919,13 @@ impl Loaded {
             HashMap::try_from(take(&mut ebpf, c::MAP_SNI_SEEN)?)
                 .map_err(map_err(c::MAP_SNI_SEEN))?,
         )?;
+        // The check goes in its slot before the first apply writes identity states that
+        // send connections to it: a connection made meanwhile finds it there rather than
+        // waiting for it. (A check the kernel refused is cleared at attach instead, after that
+        // apply has said so in the states: until then, the one in the slot checks.)
+        if server_names == ServerNameCheck::Loaded {
+            set_tails(&mut ebpf, &server_names)?;
+        }
         let foreign = sys::filled_slots(rules.fd().as_fd(), MAX_IDENTITIES)
             .map_err(io_err(Path::new(c::MAP_RULES)))?
             .into_iter()
@@ -990,7 +997,9 @@ impl Datapath {
             links_dir,
             swaps,
         } = programs;
-        set_tails(&mut ebpf, &self.server_names)?;
+        if self.server_names != ServerNameCheck::Loaded {
+            set_tails(&mut ebpf, &self.server_names)?;
+        }
         let report = attach_all(&mut ebpf, &self.attach, &links_dir, &self.families, &swaps)?;
         if let SocketFamilies::Unenforced(why) = &self.families {
             warn!(
