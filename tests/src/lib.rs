@@ -360,8 +360,15 @@ pub fn bin_for_anyone(name: &str) -> PathBuf {
     let to = dir.join(name);
     if !to.exists() {
         let tmp = dir.join(format!(".{name}.{}", std::process::id()));
-        std::fs::copy(bin_path(name), &tmp).expect("copying a binary");
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Copied by another process: a descriptor this process opened for writing would be
+        // inherited by any child another test thread forks meanwhile, and held until that
+        // child execs, so running the copy could fail with ETXTBSY.
+        node::run_ok(
+            Command::new("install")
+                .args(["-m", "0755"])
+                .arg(bin_path(name))
+                .arg(&tmp),
+        );
         std::fs::rename(&tmp, &to).unwrap();
     }
     to
@@ -679,22 +686,10 @@ impl Drop for MemoryGroup {
 /// that stopped running the program, would leave it): the pin stays, the program no longer
 /// runs.
 pub fn detach_pinned_link(pin: &Path) {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    #[repr(C)]
-    struct LinkDetach {
-        link_fd: u32,
-        _pad: u32,
-    }
-    const BPF_LINK_DETACH: libc::c_long = 34;
+    use std::os::fd::AsFd as _;
     let link = agentwall::datapath::sys::pinned_link(pin)
         .unwrap_or_else(|e| panic!("opening the link pinned at {}: {e}", pin.display()));
-    let mut detach = LinkDetach {
-        link_fd: link.as_fd().as_raw_fd() as u32,
-        _pad: 0,
-    };
-    // SAFETY: a link descriptor that outlives the call.
-    unsafe { agentwall::datapath::sys::bpf(BPF_LINK_DETACH, &mut detach) }
-        .expect("BPF_LINK_DETACH");
+    agentwall::datapath::sys::detach_link(link.as_fd()).expect("BPF_LINK_DETACH");
 }
 
 /// Pins the link pinned at `pin` a second time, at `at`.

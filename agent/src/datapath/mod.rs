@@ -2635,6 +2635,16 @@ fn remove_pins(dir: &Path, bpffs_dir: &Path) -> Result<(), DatapathError> {
             Ok(entries) => {
                 for e in entries {
                     let p = e.map_err(io_err(&d))?.path();
+                    if sub == "links" {
+                        // Detached now, so that once a teardown returns no program of it
+                        // judges anything; the pin's removal alone detaches it some time
+                        // later. A link that will not open or detach still goes with its pin.
+                        if let Err(e) =
+                            sys::pinned_link(&p).and_then(|l| sys::detach_link(l.as_fd()))
+                        {
+                            warn!(pin = %p.display(), error = %e, "a pinned link could not be detached at once; it is detached when the kernel frees it");
+                        }
+                    }
                     fs::remove_file(&p).map_err(io_err(&p))?;
                 }
                 fs::remove_dir(&d).map_err(io_err(&d))?;

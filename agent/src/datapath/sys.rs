@@ -154,6 +154,25 @@ pub fn pinned_link(path: &Path) -> io::Result<OwnedFd> {
     pinned_object(path, 0)
 }
 
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// Stops `link` running its program now (`BPF_LINK_DETACH`). Removing a link's last pin
+/// detaches it too, but later: bpffs frees the pin after an RCU grace period and the link's
+/// release then waits for a workqueue.
+pub fn detach_link(link: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+        _pad: u32,
+    }
+    let mut attr = LinkDetach {
+        link_fd: link.as_raw_fd() as u32,
+        _pad: 0,
+    };
+    // SAFETY: attr holds no pointers.
+    unsafe { bpf(BPF_LINK_DETACH, &mut attr) }.map(|_| ())
+}
+
 /// `struct bpf_link_info` up to its cgroup member.
 #[repr(C)]
 #[derive(Default)]
