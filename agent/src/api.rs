@@ -42,6 +42,11 @@ pub enum Request {
         /// the node renews the session from the issuer at half its certificate's life.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         issued: Option<String>,
+        /// The launcher keeps io_uring from the agent when the answer says `refuse`. A
+        /// launcher that does not say so (one older than the answer's `io_uring`) is refused
+        /// a launch whose policy refuses io_uring.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        refuses_io_uring: bool,
     },
     /// Anyone the socket lets in: trade a join token and a CSR, through the node's control
     /// plane, for a certificate (answered in `chain`) to launch with.

@@ -9,8 +9,13 @@
 //! io_uring installs files no hook judges: `IORING_OP_MSG_RING` puts another process's
 //! socket into the agent's ring, and a ring handed in may hold registered sockets. Without
 //! `io_uring_setup`, `io_uring_enter` and `io_uring_register` the agent has no ring to put
-//! them in and cannot use one it is given. EPERM is what `kernel.io_uring_disabled` answers,
-//! which runtimes that try io_uring (libuv, say) take as "use something else".
+//! them in and cannot enter one it is given. A ring with an SQPOLL thread needs no
+//! `io_uring_enter`, and runs its work as the process that made it: such a ring reaches an
+//! agent only through `pidfd_getfd` (refused here too: the receipt hooks let every file but
+//! a socket through), or kept across the launcher's exec (which the node refuses, whatever
+//! the policy); SCM_RIGHTS refuses rings in the kernel. EPERM is what
+//! `kernel.io_uring_disabled` answers, which runtimes that try io_uring (libuv, say) take as
+//! "use something else".
 //!
 //! The filter is inherited by every child and never removable.
 
@@ -72,6 +77,7 @@ fn program(io_uring: IoUring) -> Vec<libc::sock_filter> {
             libc::SYS_io_uring_setup,
             libc::SYS_io_uring_enter,
             libc::SYS_io_uring_register,
+            libc::SYS_pidfd_getfd,
         ],
         IoUring::Allow => &[],
     };
@@ -165,6 +171,7 @@ mod tests {
                 libc::SYS_io_uring_setup as u32,
                 libc::SYS_io_uring_enter as u32,
                 libc::SYS_io_uring_register as u32,
+                libc::SYS_pidfd_getfd as u32,
             ];
             let want: Vec<u32> = [NATIVE_ARCH, X32_SYSCALL_BIT]
                 .into_iter()

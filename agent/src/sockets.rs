@@ -300,6 +300,10 @@ pub enum Unjudgeable {
     /// An io_uring instance mapped with no descriptor left (its ring registered): what it
     /// holds cannot be read.
     HiddenRing,
+    /// An io_uring instance a launcher would hand to the agent (kept across exec): its work
+    /// runs with what its maker holds, and with an SQPOLL thread in its maker's cgroup,
+    /// without a system call of the agent's.
+    InheritedRing,
 }
 
 impl std::fmt::Display for Unjudged {
@@ -324,6 +328,11 @@ impl std::fmt::Display for Unjudged {
                     ": an io_uring instance mapped without a descriptor (what it holds cannot be read)",
                 );
             }
+            Unjudgeable::InheritedRing => {
+                return f.write_str(
+                    ": an io_uring instance the agent would keep (its work runs as the process that made it, an SQPOLL ring's outside the agent's cgroup)",
+                );
+            }
             _ => write!(f, ": {} socket ", self.kind)?,
         }
         match &self.why {
@@ -343,7 +352,8 @@ impl std::fmt::Display for Unjudged {
             Unjudgeable::Kind
             | Unjudgeable::Mapped
             | Unjudgeable::Registered
-            | Unjudgeable::HiddenRing => f.write_str("of a kind governed agents may not use"),
+            | Unjudgeable::HiddenRing
+            | Unjudgeable::InheritedRing => f.write_str("of a kind governed agents may not use"),
         }
     }
 }
@@ -552,9 +562,13 @@ impl Scan {
                 };
                 if target == "anon_inode:[io_uring]" {
                     ring_fd = true;
-                    if ring_holds_a_socket(&info()?) {
+                    let info = info()?;
+                    if ring_holds_a_socket(&info) {
                         self.elsewhere
                             .push((pid, Some(fd), Unjudgeable::Registered));
+                    } else if which == Descriptors::KeptAcrossExec && !close_on_exec(&info) {
+                        self.elsewhere
+                            .push((pid, Some(fd), Unjudgeable::InheritedRing));
                     }
                     continue;
                 }
@@ -668,7 +682,9 @@ pub fn unjudged(
             comm: comm(pid),
             fd,
             kind: match why {
-                Unjudgeable::Registered | Unjudgeable::HiddenRing => "io_uring".to_owned(),
+                Unjudgeable::Registered | Unjudgeable::HiddenRing | Unjudgeable::InheritedRing => {
+                    "io_uring".to_owned()
+                }
                 _ => "mapped".to_owned(),
             },
             why,

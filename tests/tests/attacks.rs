@@ -125,7 +125,7 @@ fn a_governed_agent_cannot_get_out() {
     let outside = helper.cmd("uring-calls");
     assert!(
         outside.starts_with("setup=ok ") && !outside.contains("EPERM"),
-        "{outside}"
+        "{outside}: the io_uring tests need a host that lets root use io_uring (kernel.io_uring_disabled 0 or 1)"
     );
     for (dest, port) in [("203.0.113.6", 5353), ("203.0.113.7", 443)] {
         let r = denial(&node.socket, dest, port);
@@ -155,6 +155,27 @@ fn a_governed_agent_cannot_get_out() {
     assert_eq!(helper.cmd(&format!("send-socket {path}")), "ok");
     assert_eq!(agent.cmd("connect-received 203.0.113.10 443"), "err EPERM");
     denial(&node.socket, "203.0.113.10", 443);
+
+    // A ring passed in anyway. Over SCM_RIGHTS the kernel refuses one. Kept across the
+    // launcher's exec (its standard input, say), the node refuses the launch whatever the
+    // policy: an SQPOLL ring's thread does the ring's work, as the process that made it,
+    // with no call of the agent's.
+    let path = shared.join("ring.sock");
+    let path = path.to_str().unwrap();
+    assert_eq!(agent.cmd(&format!("recv-socket {path}")), "ok");
+    assert_eq!(helper.cmd(&format!("send-ring {path}")), "err EINVAL");
+    let on_ring = helper.cmd(&format!(
+        "spawn-on-ring {aw} launch --cert {c} --key {k} --socket {s} -- /usr/bin/true",
+        aw = bin_path("agentwall").display(),
+        c = cert.display(),
+        k = key.display(),
+        s = node.socket.display(),
+    ));
+    assert!(
+        on_ring.starts_with("exit 2: agentwall launch: rejected: ")
+            && on_ring.contains(" fd 0: an io_uring instance the agent would keep (its work runs as the process that made it, an SQPOLL ring's outside the agent's cgroup)"),
+        "{on_ring}"
+    );
 
     // Leaving the cgroup: another cgroup's cgroup.procs and a child cgroup are root's.
     let me = agent.pid;
@@ -207,6 +228,72 @@ fn a_governed_agent_cannot_get_out() {
         assert!(Instant::now() < deadline, "counted {total} of 1000");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A launcher that does not say it keeps io_uring from the agent (one older than the node)
+/// is refused a launch whose policy refuses io_uring: the node cannot see the filter, so it
+/// holds the launcher to its word. The request is sent as such a launcher sends it.
+#[test]
+fn a_launcher_that_does_not_keep_io_uring_from_the_agent_is_refused() {
+    let (env, tmp, ca) = setup("attacks-old-launcher", POLICY);
+    let dir = tmp.path();
+    let node = NodeProc::start(&env, dir);
+    let (cert, key) = write_cert(dir, "agent", &ca.issue(&CertSpec::agent(ID)));
+    // TLS 1.3 with the certificate, one JSON line each way, as `agentwall::api::call`.
+    let client = "import socket, ssl, sys\n\
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\n\
+ctx.check_hostname = False\n\
+ctx.verify_mode = ssl.CERT_NONE\n\
+ctx.minimum_version = ssl.TLSVersion.TLSv1_3\n\
+ctx.load_cert_chain(sys.argv[2], sys.argv[3])\n\
+s = socket.socket(socket.AF_UNIX)\n\
+s.connect(sys.argv[1])\n\
+t = ctx.wrap_socket(s, server_hostname='agentwall')\n\
+t.sendall(sys.argv[4].encode() + b'\\n')\n\
+print(t.makefile().readline(), end='')\n";
+    let launch = |refuses_io_uring: bool| -> serde_json::Value {
+        let req = agentwall::api::Request::Launch {
+            follow: None,
+            workload_api: None,
+            issued: None,
+            refuses_io_uring,
+        };
+        // Its own process: a launch that goes through binds the caller.
+        let out = run_ok(
+            Command::new("python3")
+                .args(["-c", client])
+                .arg(&node.socket)
+                .arg(&cert)
+                .arg(&key)
+                .arg(serde_json::to_string(&req).unwrap()),
+        );
+        serde_json::from_slice(&out).unwrap()
+    };
+    let old = launch(false);
+    assert_eq!(old["ok"], false, "{old}");
+    assert_eq!(
+        old["error"],
+        "this launcher does not keep io_uring from the agent, and the identity's policy refuses io_uring (an `agentwall launch` older than the node?): launch with the node's own agentwall, or set `io_uring: allow` in the policy",
+        "{old}"
+    );
+    assert!(old.get("io_uring").is_none(), "{old}");
+    let new = launch(true);
+    assert_eq!(new["ok"], true, "{new}");
+    assert_eq!(new["io_uring"], "refuse", "{new}");
+    // With `io_uring: allow`, any launcher may launch.
+    std::fs::write(
+        dir.join("policy/agents.yaml"),
+        format!("{POLICY}io_uring: allow\n"),
+    )
+    .unwrap();
+    run_ok(
+        Command::new(bin_path("agentwall"))
+            .args(["policy", "apply", "--socket"])
+            .arg(&node.socket),
+    );
+    let old = launch(false);
+    assert_eq!(old["ok"], true, "{old}");
+    assert_eq!(old["io_uring"], "allow", "{old}");
 }
 
 /// An agent that can reach the node's socket (through `socket_group`) and holds another

@@ -283,6 +283,10 @@ fn the_attack_suites_ways_out_put_nothing_on_the_wire() {
             r["dest"] == BEYOND_V4 && r["port"] == port && r["reason"] == "no rule allows it"
         });
     }
+    // And io_uring reaches what the rules allow (this policy allows io_uring).
+    let allowed = agent.cmd(&format!("uring-connect {PEER_V4} 9001"));
+    assert!(!allowed.contains("EPERM"), "{allowed}");
+    fx.capture.until(WITHIN, |p| p.is_to(PEER_V4, 9001));
 }
 
 #[test]

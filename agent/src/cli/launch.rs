@@ -176,6 +176,7 @@ pub fn run(args: Args) -> ExitCode {
                 follow: None,
                 workload_api: None,
                 issued: Some(chain),
+                refuses_io_uring: true,
             };
             call_node(&args.socket, "launch", &claimed, Ok(creds), &req, check)
         }
@@ -201,6 +202,7 @@ pub fn run(args: Args) -> ExitCode {
                 follow: None,
                 workload_api: Some(endpoint.clone()),
                 issued: None,
+                refuses_io_uring: true,
             };
             let r = call_node(
                 &args.socket,
@@ -232,6 +234,7 @@ pub fn run(args: Args) -> ExitCode {
                 follow,
                 workload_api: None,
                 issued: None,
+                refuses_io_uring: true,
             };
             let creds = Credentials::load(cert, key).map_err(|e| e.to_string());
             call_node(

@@ -133,6 +133,7 @@ impl Node {
                 follow,
                 workload_api,
                 issued,
+                refuses_io_uring,
             } => match (caller.peer, caller.pidfd, caller.ids) {
                 (Ok(peer), Ok(pidfd), Some((uid, gid))) => {
                     let ways = usize::from(follow.is_some())
@@ -152,7 +153,14 @@ impl Node {
                     match followed_files(follow, by).await {
                         Ok((follow, warning)) => Response {
                             warning,
-                            ..self.launch(peer, pidfd, follow, workload_api, issued)
+                            ..self.launch(
+                                peer,
+                                pidfd,
+                                follow,
+                                workload_api,
+                                issued,
+                                refuses_io_uring,
+                            )
                         },
                         Err(why) => Response::error(Some(peer.id.to_string()), why),
                     }

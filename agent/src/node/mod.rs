@@ -733,11 +733,23 @@ impl Node {
         follow: Option<crate::api::Followed>,
         workload_api: Option<String>,
         issued: Option<String>,
+        refuses_io_uring: bool,
     ) -> crate::api::Response {
         let id = peer.id.to_string();
+        // Read once: what the launcher is held to is what it is told.
+        let io_uring = self
+            .enforcer
+            .applied()
+            .policy
+            .agent(&id)
+            .map(|a| a.io_uring)
+            .unwrap_or_default();
         let placed = self
             .enforcing()
             .and_then(|()| {
+                if io_uring == crate::policy::model::IoUring::Refuse && !refuses_io_uring {
+                    return Err(SessionError::LauncherKeepsIoUring);
+                }
                 self.sessions
                     .refuse_governed_caller(&pidfd, |n| self.name_of(n))
             })
@@ -746,14 +758,6 @@ impl Node {
                 self.sessions
                     .launch(&peer, &pidfd, n, follow, workload_api, issued)
             });
-        // Read after the binding: a policy applied meanwhile is the one the agent starts under.
-        let io_uring = self
-            .enforcer
-            .applied()
-            .policy
-            .agent(&id)
-            .map(|a| a.io_uring)
-            .unwrap_or_default();
         let r = self.bound("launch", id, placed);
         crate::api::Response {
             io_uring: r.ok.then_some(io_uring),

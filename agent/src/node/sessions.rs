@@ -36,6 +36,10 @@ pub enum SessionError {
     SelfCheck(String),
     #[error("the launching process is gone: {0}")]
     LauncherGone(std::io::Error),
+    #[error(
+        "this launcher does not keep io_uring from the agent, and the identity's policy refuses io_uring (an `agentwall launch` older than the node?): launch with the node's own agentwall, or set `io_uring: allow` in the policy"
+    )]
+    LauncherKeepsIoUring,
     #[error("the launching process exited during placement")]
     ExitedDuringPlacement,
     #[error("creating the agent's cgroup: {0}")]

@@ -87,6 +87,9 @@
 //!                                  SCM_RIGHTS is kept (answers at once)
 //!   send-socket PATH               make a TCP socket and send it to PATH over SCM_RIGHTS
 //!   connect-received ADDR PORT     connect() the socket received over SCM_RIGHTS
+//!   spawn-on-ring PROGRAM ARGS..   as `spawn`, with an SQPOLL io_uring instance as its
+//!                                  standard input
+//!   send-ring PATH                 an io_uring instance sent to PATH over SCM_RIGHTS
 //!   uring-calls                    io_uring_setup(), then io_uring_enter() and
 //!                                  io_uring_register() on descriptor -1; answers
 //!                                  `setup=ok|ERRNO enter=ERRNO register=ERRNO`
@@ -2108,6 +2111,36 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 out.status.code().unwrap_or(-1),
                 err.lines().last().unwrap_or("").trim()
             )
+        }
+        ["spawn-on-ring", program, args @ ..] => {
+            // As `spawn`, with an io_uring instance (an SQPOLL one: its thread does the ring's
+            // work without io_uring_enter) as the child's standard input.
+            let ring: io_uring::IoUring = io_uring::IoUring::builder()
+                .setup_sqpoll(20_000)
+                .build(4)
+                .map_err(|e| format!("io_uring: {e}"))?;
+            // SAFETY: the ring's descriptor is live while `ring` is; the copy is owned here.
+            let fd = unsafe { libc::fcntl(ring.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+            if fd < 0 {
+                return Err(format!("dup: {}", errno_name(last_err())));
+            }
+            // SAFETY: a fresh descriptor, owned by nothing else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let out = std::process::Command::new(program)
+                .args(args)
+                .stdin(std::process::Stdio::from(fd))
+                .output()
+                .map_err(|e| format!("spawning {program}: {e}"))?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            format!(
+                "exit {}: {}",
+                out.status.code().unwrap_or(-1),
+                err.lines().last().unwrap_or("").trim()
+            )
+        }
+        ["send-ring", path] => {
+            let ring = io_uring::IoUring::new(4).map_err(|e| format!("io_uring: {e}"))?;
+            send_fd(path, ring.as_raw_fd())?
         }
         ["spawn-many", n, program, args @ ..] => {
             // N children left running (until this probe's cgroup is killed).
