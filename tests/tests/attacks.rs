@@ -122,6 +122,13 @@ fn a_governed_agent_cannot_get_out() {
         agent.cmd("uring-calls"),
         "setup=EPERM enter=EPERM register=EPERM"
     );
+    // Nor the ways another process's ring could reach it without io_uring_enter: taking a
+    // descriptor with pidfd_getfd, and a seccomp listener (SECCOMP_IOCTL_NOTIF_ADDFD installs
+    // any file in the process that made it). The helper may.
+    assert_eq!(agent.cmd("pidfd-getfd-self"), "err EPERM");
+    assert_eq!(agent.cmd("seccomp-listener"), "err EPERM");
+    assert_eq!(helper.cmd("pidfd-getfd-self"), "ok");
+    assert_eq!(helper.cmd("seccomp-listener"), "ok");
     let outside = helper.cmd("uring-calls");
     assert!(
         outside.starts_with("setup=ok ") && !outside.contains("EPERM"),
@@ -171,6 +178,19 @@ fn a_governed_agent_cannot_get_out() {
         k = key.display(),
         s = node.socket.display(),
     ));
+    // A parent whose own filter answers seccomp() without running it: the launcher finds
+    // its filter not in force, and runs nothing.
+    let faked = helper.cmd(&format!(
+        "spawn-seccomp-faked {aw} launch --cert {c} --key {k} --socket {s} -- /usr/bin/true",
+        aw = bin_path("agentwall").display(),
+        c = cert.display(),
+        k = key.display(),
+        s = node.socket.display(),
+    ));
+    assert!(
+        faked.starts_with("exit 2: agentwall launch: the seccomp filter that keeps the agent to native system calls is not in force after its install (Seccomp_filters went from "),
+        "{faked}"
+    );
     assert!(
         on_ring.starts_with("exit 2: agentwall launch: rejected: ")
             && on_ring.contains(" fd 0: an io_uring instance the agent would keep (its work runs as the process that made it, an SQPOLL ring's outside the agent's cgroup)"),

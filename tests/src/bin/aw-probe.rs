@@ -90,6 +90,12 @@
 //!   spawn-on-ring PROGRAM ARGS..   as `spawn`, with an SQPOLL io_uring instance as its
 //!                                  standard input
 //!   send-ring PATH                 an io_uring instance sent to PATH over SCM_RIGHTS
+//!   spawn-seccomp-faked PROGRAM ARGS..
+//!                                  as `spawn`, under a seccomp filter that answers
+//!                                  seccomp() with 0 without running it
+//!   pidfd-getfd-self               pidfd_getfd() of its own standard input; `ok` or `err ERRNO`
+//!   seccomp-listener               installs an allow-all seccomp filter asking for a
+//!                                  listener; `ok` or `err ERRNO`
 //!   uring-calls                    io_uring_setup(), then io_uring_enter() and
 //!                                  io_uring_register() on descriptor -1; answers
 //!                                  `setup=ok|ERRNO enter=ERRNO register=ERRNO`
@@ -2034,6 +2040,54 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         }
         ["recv-socket", path] => recv_socket(path)?,
         ["send-socket", path] => send_socket(path)?,
+        ["pidfd-getfd-self"] => {
+            // Its own stdin through pidfd_getfd: what another process's descriptors would take,
+            // with no ptrace permission in the way.
+            // SAFETY: pidfd_open and pidfd_getfd with integer arguments; the results are
+            // closed here.
+            unsafe {
+                let pidfd = libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0);
+                if pidfd < 0 {
+                    return Ok(format!("err pidfd_open {}", errno_name(last_err())));
+                }
+                let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd, 0, 0);
+                let answer = if fd < 0 {
+                    format!("err {}", errno_name(last_err()))
+                } else {
+                    libc::close(fd as i32);
+                    "ok".into()
+                };
+                libc::close(pidfd as i32);
+                answer
+            }
+        }
+        ["seccomp-listener"] => {
+            // A filter that allows everything, asking for a listener: whoever holds one can
+            // install files in this process (SECCOMP_IOCTL_NOTIF_ADDFD).
+            let allow = [libc::sock_filter {
+                code: (libc::BPF_RET | libc::BPF_K) as u16,
+                jt: 0,
+                jf: 0,
+                k: 0x7fff_0000,
+            }];
+            let prog = libc::sock_fprog {
+                len: 1,
+                filter: allow.as_ptr().cast_mut(),
+            };
+            // SAFETY: prctl with integers; seccomp with a filter that outlives the call.
+            unsafe {
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    return Ok(format!("err no_new_privs {}", errno_name(last_err())));
+                }
+                let fd = libc::syscall(libc::SYS_seccomp, 1, 1 << 3, &raw const prog);
+                if fd < 0 {
+                    format!("err {}", errno_name(last_err()))
+                } else {
+                    libc::close(fd as i32);
+                    "ok".into()
+                }
+            }
+        }
         ["uring-calls"] => {
             let setup = match io_uring::IoUring::new(4) {
                 Ok(_) => "ok".to_owned(),
@@ -2129,6 +2183,64 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             let out = std::process::Command::new(program)
                 .args(args)
                 .stdin(std::process::Stdio::from(fd))
+                .output()
+                .map_err(|e| format!("spawning {program}: {e}"))?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            format!(
+                "exit {}: {}",
+                out.status.code().unwrap_or(-1),
+                err.lines().last().unwrap_or("").trim()
+            )
+        }
+        ["spawn-seccomp-faked", program, args @ ..] => {
+            // As `spawn`, under a filter that answers seccomp() with 0 without running it:
+            // a parent that would have its child believe a filter was installed.
+            use std::os::unix::process::CommandExt as _;
+            let ret = (libc::BPF_RET | libc::BPF_K) as u16;
+            let fake = [
+                libc::sock_filter {
+                    code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+                    jt: 0,
+                    jf: 0,
+                    k: 0,
+                },
+                libc::sock_filter {
+                    code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+                    jt: 0,
+                    jf: 1,
+                    k: libc::SYS_seccomp as u32,
+                },
+                libc::sock_filter {
+                    code: ret,
+                    jt: 0,
+                    jf: 0,
+                    k: 0x0005_0000,
+                },
+                libc::sock_filter {
+                    code: ret,
+                    jt: 0,
+                    jf: 0,
+                    k: 0x7fff_0000,
+                },
+            ];
+            let mut cmd = std::process::Command::new(program);
+            cmd.args(args).stdin(std::process::Stdio::null());
+            // SAFETY: only prctl and seccomp between fork and exec, on memory the child has.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let prog = libc::sock_fprog {
+                        len: fake.len() as u16,
+                        filter: fake.as_ptr().cast_mut(),
+                    };
+                    if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                        || libc::syscall(libc::SYS_seccomp, 1, 0, &raw const prog) != 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let out = cmd
                 .output()
                 .map_err(|e| format!("spawning {program}: {e}"))?;
             let err = String::from_utf8_lossy(&out.stderr);
