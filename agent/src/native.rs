@@ -11,9 +11,11 @@
 //! `io_uring_setup`, `io_uring_enter` and `io_uring_register` the agent has no ring to put
 //! them in and cannot enter one it is given. A ring with an SQPOLL thread needs no
 //! `io_uring_enter`, and runs its work as the process that made it: such a ring reaches an
-//! agent only through `pidfd_getfd` (refused here too: the receipt hooks let every file but
-//! a socket through), or kept across the launcher's exec (which the node refuses, whatever
-//! the policy); SCM_RIGHTS refuses rings in the kernel. EPERM is what
+//! agent only through `pidfd_getfd` or a seccomp listener's `SECCOMP_IOCTL_NOTIF_ADDFD`
+//! (both refused here too: the receipt hooks let every file but a socket through), or kept
+//! across the launcher's exec (which the node refuses, whatever the policy); SCM_RIGHTS
+//! refuses rings in the kernel. After installing, the launcher checks the filter is in force.
+//! EPERM is what
 //! `kernel.io_uring_disabled` answers, which runtimes that try io_uring (libuv, say) take as
 //! "use something else".
 //!
