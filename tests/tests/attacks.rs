@@ -171,22 +171,20 @@ fn a_governed_agent_cannot_get_out() {
     let path = path.to_str().unwrap();
     assert_eq!(agent.cmd(&format!("recv-socket {path}")), "ok");
     assert_eq!(helper.cmd(&format!("send-ring {path}")), "err EINVAL");
-    let on_ring = helper.cmd(&format!(
-        "spawn-on-ring {aw} launch --cert {c} --key {k} --socket {s} -- /usr/bin/true",
-        aw = bin_path("agentwall").display(),
-        c = cert.display(),
-        k = key.display(),
-        s = node.socket.display(),
-    ));
+    // The helper runs `agentwall launch` for this identity with `how` (a probe command).
+    let launch_by = |helper: &mut Probe, how: &str| {
+        helper.cmd(&format!(
+            "{how} {aw} launch --cert {c} --key {k} --socket {s} -- /usr/bin/true",
+            aw = bin_path("agentwall").display(),
+            c = cert.display(),
+            k = key.display(),
+            s = node.socket.display(),
+        ))
+    };
+    let on_ring = launch_by(&mut helper, "spawn-on-ring");
     // A parent whose own filter answers seccomp() without running it: the launcher finds
     // its filter not in force, and runs nothing.
-    let faked = helper.cmd(&format!(
-        "spawn-seccomp-faked {aw} launch --cert {c} --key {k} --socket {s} -- /usr/bin/true",
-        aw = bin_path("agentwall").display(),
-        c = cert.display(),
-        k = key.display(),
-        s = node.socket.display(),
-    ));
+    let faked = launch_by(&mut helper, "spawn-seccomp-faked");
     assert!(
         faked.starts_with("exit 2: agentwall launch: the seccomp filter that keeps the agent to native system calls is not in force after its install (Seccomp_filters went from "),
         "{faked}"

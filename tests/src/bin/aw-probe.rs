@@ -2152,19 +2152,9 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             "sent".into()
         }
         ["spawn", program, args @ ..] => {
-            // From inside this process's cgroup (and namespaces): exit status and the last
-            // line it wrote to stderr.
-            let out = std::process::Command::new(program)
-                .args(args)
-                .stdin(std::process::Stdio::null())
-                .output()
-                .map_err(|e| format!("spawning {program}: {e}"))?;
-            let err = String::from_utf8_lossy(&out.stderr);
-            format!(
-                "exit {}: {}",
-                out.status.code().unwrap_or(-1),
-                err.lines().last().unwrap_or("").trim()
-            )
+            let mut cmd = std::process::Command::new(program);
+            cmd.args(args).stdin(std::process::Stdio::null());
+            exit_answer(cmd, program)?
         }
         ["spawn-on-ring", program, args @ ..] => {
             // As `spawn`, with an io_uring instance (an SQPOLL one: its thread does the ring's
@@ -2173,24 +2163,13 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 .setup_sqpoll(20_000)
                 .build(4)
                 .map_err(|e| format!("io_uring: {e}"))?;
-            // SAFETY: the ring's descriptor is live while `ring` is; the copy is owned here.
-            let fd = unsafe { libc::fcntl(ring.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-            if fd < 0 {
-                return Err(format!("dup: {}", errno_name(last_err())));
-            }
-            // SAFETY: a fresh descriptor, owned by nothing else.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let out = std::process::Command::new(program)
-                .args(args)
-                .stdin(std::process::Stdio::from(fd))
-                .output()
-                .map_err(|e| format!("spawning {program}: {e}"))?;
-            let err = String::from_utf8_lossy(&out.stderr);
-            format!(
-                "exit {}: {}",
-                out.status.code().unwrap_or(-1),
-                err.lines().last().unwrap_or("").trim()
-            )
+            // SAFETY: the ring's descriptor is live while `ring` is.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(ring.as_raw_fd()) }
+                .try_clone_to_owned()
+                .map_err(|e| format!("dup: {e}"))?;
+            let mut cmd = std::process::Command::new(program);
+            cmd.args(args).stdin(std::process::Stdio::from(fd));
+            exit_answer(cmd, program)?
         }
         ["spawn-seccomp-faked", program, args @ ..] => {
             // As `spawn`, under a filter that answers seccomp() with 0 without running it:
@@ -2240,15 +2219,7 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                     Ok(())
                 });
             }
-            let out = cmd
-                .output()
-                .map_err(|e| format!("spawning {program}: {e}"))?;
-            let err = String::from_utf8_lossy(&out.stderr);
-            format!(
-                "exit {}: {}",
-                out.status.code().unwrap_or(-1),
-                err.lines().last().unwrap_or("").trim()
-            )
+            exit_answer(cmd, program)?
         }
         ["send-ring", path] => {
             let ring = io_uring::IoUring::new(4).map_err(|e| format!("io_uring: {e}"))?;
@@ -2545,6 +2516,20 @@ fn recv_socket(path: &str) -> Result<String, String> {
         }
     });
     Ok("ok".into())
+}
+
+/// Runs `cmd` to its end (from inside this process's cgroup and namespaces): `exit N: ` and
+/// the last line it wrote to stderr.
+fn exit_answer(mut cmd: std::process::Command, program: &str) -> Result<String, String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("spawning {program}: {e}"))?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    Ok(format!(
+        "exit {}: {}",
+        out.status.code().unwrap_or(-1),
+        err.lines().last().unwrap_or("").trim()
+    ))
 }
 
 /// What `recv-socket` received, waiting up to 5 s for it.
