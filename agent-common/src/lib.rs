@@ -354,6 +354,10 @@ pub const REASON_AFTER_HELLO: u8 = 20;
 /// A TCP connection only a name rule allows, while the server-name check is not loaded
 /// ([`SNI_UNCHECKED`]): nothing could read its first data.
 pub const REASON_SNI_UNCHECKED: u8 = 21;
+/// An io_uring instance taken by a governed task from another process (`pidfd_getfd`, a
+/// seccomp listener's `ADDFD`): the ring's work runs as the process that made it,
+/// which no hook judges as the agent's.
+pub const REASON_FOREIGN_RING: u8 = 22;
 
 /// [`Event::hook`].
 pub const HOOK_CONNECT4: u8 = 1;
@@ -556,7 +560,7 @@ pub const KERNEL_FIELDS: [KernelField; 9] = [
 
 /// Value of `AW_LAYOUT[0]`: where this kernel keeps what the receipt line reads at offsets
 /// that move between kernels, found in its BTF. Offsets are bytes from the start of
-/// `struct sock`; 0 (or a zero mask) is unknown, and the receipt line then refuses what it
+/// `struct sock` unless a field says otherwise; 0 (or a zero mask) is unknown, and the receipt line then refuses what it
 /// cannot judge.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -592,7 +596,14 @@ pub struct KernelLayout {
     /// `SKBFL_SHARED_FRAG | SKBFL_ZEROCOPY_ENABLE` on this kernel; zero: unknown, and the
     /// first data of a connection the server-name check watches is refused.
     pub shared_frag_mask: u8,
-    pub _pad2: [u8; 7],
+    pub _pad2: u8,
+    /// `f_path.dentry` in `struct file`, and `d_name.len` and `d_name.name` in `struct
+    /// dentry`: the name an io_uring instance's file has (`[io_uring]`), read where a
+    /// governed task receives a file that is no socket. Any zero: unknown, and every such
+    /// file is refused to governed tasks.
+    pub file_dentry_at: u16,
+    pub dentry_len_at: u16,
+    pub dentry_name_at: u16,
 }
 
 /// LPM key data: an IPv6 address; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`, prefix + 96).

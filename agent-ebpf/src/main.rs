@@ -18,18 +18,18 @@ use agent_common::{
     HOOK_SOCKET_FAMILY, HOOK_SOCKET_RECEIVE, HOOK_SOCKET_USE, IDENTITY_ACTIVE, IdentityState,
     KernelLayout, LOOPBACK_IFINDEX, LOUD_RECORDS, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES,
     MAX_PORT_ENTRIES, MAX_PORT_SETS, MODE_AUDIT, PORT_SET_WORDS, PROTO_TCP, PROTO_UDP, PortSet,
-    RATE_ENTRIES, REASON_AFTER_HELLO, REASON_ERROR_QUEUE, REASON_EXPIRED, REASON_FOREIGN_SOCKET,
-    REASON_GLOBAL_DENY, REASON_HANDED_SOCKET, REASON_INBOUND, REASON_LOOPBACK_SOURCE,
-    REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS, REASON_REVOKED,
-    REASON_SNI_MISMATCH, REASON_SNI_MISSING, REASON_SNI_UNCHECKED, REASON_SOCKET_FAMILY,
-    REASON_SOCKET_OPTION, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE, REASON_ZERO_COPY,
-    RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage, RuleSet,
-    SERVER_HELLO, SERVER_RETRY, SERVER_UNSEEN, SLOT_CLAIMED, SNI_AUDIT, SNI_ENFORCE, SNI_MODE,
-    SNI_NAME_ENTRIES, SNI_NAME_MAX, SNI_NONE, SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE,
-    SNI_REFUSED, SNI_RETRY, SNI_RULES, SNI_SEEN_ENTRIES, SNI_UNCHECKED, SNI_UNCHECKED_AUDIT,
-    SNI_WATCH, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName, SockState, TAIL_SNI,
-    TAILS, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr,
-    dns_proxy_addr6, http, rate_keyed_by_socket, rule_hit_key,
+    RATE_ENTRIES, REASON_AFTER_HELLO, REASON_ERROR_QUEUE, REASON_EXPIRED, REASON_FOREIGN_RING,
+    REASON_FOREIGN_SOCKET, REASON_GLOBAL_DENY, REASON_HANDED_SOCKET, REASON_INBOUND,
+    REASON_LOOPBACK_SOURCE, REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS,
+    REASON_REVOKED, REASON_SNI_MISMATCH, REASON_SNI_MISSING, REASON_SNI_UNCHECKED,
+    REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE,
+    REASON_ZERO_COPY, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage,
+    RuleSet, SERVER_HELLO, SERVER_RETRY, SERVER_UNSEEN, SLOT_CLAIMED, SNI_AUDIT, SNI_ENFORCE,
+    SNI_MODE, SNI_NAME_ENTRIES, SNI_NAME_MAX, SNI_NONE, SNI_OFF, SNI_PENDING_AUDIT,
+    SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RETRY, SNI_RULES, SNI_SEEN_ENTRIES, SNI_UNCHECKED,
+    SNI_UNCHECKED_AUDIT, SNI_WATCH, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName,
+    SockState, TAIL_SNI, TAILS, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE,
+    dns_proxy_addr, dns_proxy_addr6, http, rate_keyed_by_socket, rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{
@@ -1196,7 +1196,7 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
     // SAFETY: a BTF-typed kernel pointer; the helper answers null for anything not a socket.
     let sock = unsafe { bpf_sock_from_file(file) }.cast::<KernelSocket>();
     if sock.is_null() {
-        return ALLOW;
+        return receive_file(file.cast());
     }
     // SAFETY: as above, a `struct socket` the helper typed.
     let (sk, kind) = unsafe { ((*sock).sk, (*sock).kind) };
@@ -1235,7 +1235,7 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
     if !tcp {
         // Datagram sockets of other protocols (ICMP echo, UDP-Lite, L2TP) are ones the agent
         // may not make; their traffic would be dropped unrecorded at the packet line.
-        let protocol = sock_bytes::<u16>(sk, at.protocol_at).unwrap_or(u16::MAX);
+        let protocol = kernel_bytes::<u16>(sk, at.protocol_at).unwrap_or(u16::MAX);
         if u32::from(protocol) != IPPROTO_UDP {
             flow.sock_protocol = protocol;
             return refuse_task(&flow, leaf, &binding, REASON_SOCKET_TYPE);
@@ -1357,6 +1357,81 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
     ALLOW
 }
 
+/// A file that is no socket, taken by a task from another process (`pidfd_getfd`, a seccomp
+/// listener's `ADDFD`; the kernel refuses io_uring instances over `SCM_RIGHTS`
+/// itself): an io_uring instance is refused to a governed task. Its work runs as the process
+/// that made it, which no hook judges as the agent (a connect its SQPOLL thread submits, a
+/// socket registered in it). Other files carry no network of their own.
+#[inline(always)]
+fn receive_file(file: *mut core::ffi::c_void) -> i32 {
+    // SAFETY: a helper without arguments.
+    let leaf = unsafe { bpf_get_current_cgroup_id() };
+    let Some((_, binding)) = task_binding(leaf) else {
+        return ALLOW;
+    };
+    if !is_ring(file, &layout()) {
+        return ALLOW;
+    }
+    let flow = Flow {
+        addr: [0; 16],
+        port: 0,
+        proto: 0,
+        hook: HOOK_SOCKET_RECEIVE,
+        family: 0,
+        sock_type: 0,
+        sock_protocol: 0,
+    };
+    refuse_task(&flow, leaf, &binding, REASON_FOREIGN_RING)
+}
+
+/// The name of every io_uring instance's file (an anonymous inode's, which only the kernel
+/// names), as its first eight bytes and last two, read as little-endian words.
+const RING_NAME: &[u8; 10] = b"[io_uring]";
+const RING_NAME_HEAD: u64 = u64::from_le_bytes([
+    RING_NAME[0],
+    RING_NAME[1],
+    RING_NAME[2],
+    RING_NAME[3],
+    RING_NAME[4],
+    RING_NAME[5],
+    RING_NAME[6],
+    RING_NAME[7],
+]);
+const RING_NAME_TAIL: u16 = u16::from_le_bytes([RING_NAME[8], RING_NAME[9]]);
+
+/// Whether `file` is an io_uring instance, told by its name; yes when the name cannot be
+/// read. A file on a real file system named `[io_uring]` is taken for one too: refused, not
+/// let through.
+#[inline(always)]
+fn is_ring(file: *mut core::ffi::c_void, at: &KernelLayout) -> bool {
+    if at.file_dentry_at == 0 || at.dentry_len_at == 0 || at.dentry_name_at == 0 {
+        return true;
+    }
+    let Some(dentry) = kernel_bytes::<u64>(file, at.file_dentry_at) else {
+        return true;
+    };
+    let dentry = dentry as *mut core::ffi::c_void;
+    match kernel_bytes::<u32>(dentry, at.dentry_len_at) {
+        Some(len) if len as usize == RING_NAME.len() => {}
+        Some(_) => return false,
+        None => return true,
+    }
+    let Some(name) = kernel_bytes::<u64>(dentry, at.dentry_name_at) else {
+        return true;
+    };
+    // SAFETY: the helper reads kernel memory without faulting; the name is `len` bytes.
+    let (head, tail) = unsafe {
+        (
+            bpf_probe_read_kernel(name as *const u64),
+            bpf_probe_read_kernel((name + 8) as *const u16),
+        )
+    };
+    match (head, tail) {
+        (Ok(head), Ok(tail)) => head == RING_NAME_HEAD && tail == RING_NAME_TAIL,
+        _ => true,
+    }
+}
+
 /// The binding a socket refused after its claim is left under: no session has it, so every
 /// receipt refuses it as another's and every hook as one whose session has ended.
 const REFUSED_SOCKET: u64 = u64::MAX;
@@ -1370,7 +1445,7 @@ const SOURCE_BUSY: u16 = u16::MAX - 2;
 /// [`nonlocal_option`]'s answer. 0: none.
 #[inline(always)]
 fn unsafe_source(sk: *mut core::ffi::c_void, at: &KernelLayout, chosen: bool) -> u16 {
-    match sock_bytes::<i32>(sk, at.owned_at) {
+    match kernel_bytes::<i32>(sk, at.owned_at) {
         Some(0) => nonlocal_option(sk, at, chosen),
         Some(_) => SOURCE_BUSY,
         None => NONLOCAL_UNKNOWN,
@@ -1387,11 +1462,12 @@ fn layout() -> KernelLayout {
     AW_LAYOUT.get(0).copied().unwrap_or_default()
 }
 
-/// One byte of `sk` at `offset`, read with the helper that reads any kernel address: the
-/// verifier checks a direct load only at an offset fixed when the program was built, and
-/// these move between kernels. None: unknown (offset 0) or unreadable.
+/// A `T` at `offset` in the kernel struct at `sk` (a socket, a file, a dentry), read with the
+/// helper that reads any kernel address: the verifier checks a direct load only at an offset
+/// fixed when the program was built, and these move between kernels. None: unknown (offset
+/// 0) or unreadable.
 #[inline(always)]
-fn sock_bytes<T>(sk: *mut core::ffi::c_void, offset: u16) -> Option<T> {
+fn kernel_bytes<T>(sk: *mut core::ffi::c_void, offset: u16) -> Option<T> {
     if offset == 0 {
         return None;
     }
@@ -1426,7 +1502,7 @@ fn nonlocal_option(sk: *mut core::ffi::c_void, at: &KernelLayout, bound: bool) -
         if mask == 0 {
             return NONLOCAL_UNKNOWN;
         }
-        match sock_bytes::<u8>(sk, offset) {
+        match kernel_bytes::<u8>(sk, offset) {
             Some(flags) if flags & mask == 0 => {}
             Some(_) => return option,
             None => return NONLOCAL_UNKNOWN,
@@ -1439,7 +1515,7 @@ fn nonlocal_option(sk: *mut core::ffi::c_void, at: &KernelLayout, bound: bool) -
 /// whatever reached it before it was handed over, from anyone, unjudged by the binding.
 #[inline(always)]
 fn holds_data(sk: *mut core::ffi::c_void, at: &KernelLayout) -> bool {
-    sock_bytes::<i32>(sk, at.rmem_alloc_at).is_none_or(|bytes| bytes != 0)
+    kernel_bytes::<i32>(sk, at.rmem_alloc_at).is_none_or(|bytes| bytes != 0)
 }
 
 /// How a governed socket's peer stands with its binding's rules.

@@ -224,6 +224,10 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
                 crate::datapath::family_name(e.family),
                 crate::datapath::socket_detail(e.reason, e.sock_protocol)
             ))
+        } else if e.hook == Hook::SocketReceive
+            && e.reason == Some(crate::policy::model::Reason::ForeignRing)
+        {
+            Some("io_uring instance received from another process".to_owned())
         } else if e.hook == Hook::SocketReceive {
             Some(format!(
                 "socket of family {} ({}) type {} received from another process{}",

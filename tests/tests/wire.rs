@@ -865,6 +865,45 @@ fn a_handed_udp_socket_holding_datagrams_is_refused() {
     assert_eq!(pass(&mut fx), "ok 1", "{}", socket_records(fx.socket()));
 }
 
+/// An io_uring instance is a way out for whoever holds it: its work runs as the process that
+/// made it (a connect its SQPOLL thread submits, a socket registered in it). The kernel
+/// refuses rings over SCM_RIGHTS; the receipt line refuses a governed task the other ways in
+/// (`pidfd_getfd` here; a seccomp listener's `ADDFD` takes the same path). An
+/// enrolled unit has no seccomp filter of the launcher's, so this line is what stands there.
+#[test]
+fn a_governed_task_takes_no_io_uring_instance_from_another_process() {
+    let mut fx = fixture("wire-foreign-ring");
+    let kept = fx.helper.cmd("keep-ring");
+    let ring = kept
+        .strip_prefix("ok ")
+        .unwrap_or_else(|| panic!("keep-ring: {kept}"))
+        .to_owned();
+    let helper = fx.helper.pid;
+    let (unit, mut probe) = fx.unit();
+    // Not yet enrolled (and root, so ptrace lets it): taken.
+    assert_eq!(probe.cmd(&format!("pidfd-getfd {helper} {ring}")), "ok");
+
+    fx.enroll(&unit);
+    let taken = probe.cmd(&format!("pidfd-getfd {helper} {ring}"));
+    if let Some(why) = lsm_line(fx.socket()) {
+        // Nothing judges a received file there: the threat model says so.
+        assert_eq!(taken, "ok", "{why}");
+        return;
+    }
+    assert_eq!(taken, "err EPERM", "{}", socket_records(fx.socket()));
+    let r = wait_flow_where(fx.socket(), "socket-deny", |r| {
+        r["reason"]
+            == "io_uring instance from another process (its work would run as that process, ungoverned)"
+    });
+    assert_eq!(r["identity"], ID, "{r:#}");
+    assert_eq!(
+        r["protocol"], "io_uring instance received from another process",
+        "{r:#}"
+    );
+    // Other files carry no network of their own: the helper's standard input (a pipe).
+    assert_eq!(probe.cmd(&format!("pidfd-getfd {helper} 0")), "ok");
+}
+
 /// A governed agent's socket is judged by its identity's rules whoever connects it: lent to a
 /// process bound to no identity (which could otherwise connect it anywhere and hand it back,
 /// while the agent keeps a descriptor to it all along), it reaches only what the agent's rules

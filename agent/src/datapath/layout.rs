@@ -46,11 +46,9 @@ pub enum LayoutError {
         flag: &'static str,
         field: &'static str,
     },
-    #[error(
-        "the kernel keeps the socket's {what} at byte {byte}, past where the receipt line reads (4096)"
-    )]
+    #[error("the kernel keeps {what} at byte {byte}, past where the programs read (4096)")]
     TooFar { what: &'static str, byte: u64 },
-    #[error("the kernel keeps the socket's {what} at bit {bit}, not at the start of a byte")]
+    #[error("the kernel keeps {what} at bit {bit}, not at the start of a byte")]
     Unaligned { what: &'static str, bit: u64 },
     #[error(
         "the kernel's BTF at {path} has sk_buff.end as something other than a 4-byte offset from its head"
@@ -110,11 +108,19 @@ impl KernelBtf {
         None
     }
 
-    fn members_of(&self, type_id: u32) -> Option<&[StructMember]> {
-        match self.btf.get_type_by_id(type_id).map(|t| &t.base_type) {
-            Ok(Type::Struct(s) | Type::Union(s)) => Some(&s.members),
-            _ => None,
+    /// The members of struct or union `type_id`, through typedefs and qualifiers (`struct
+    /// file` keeps a `const struct path`).
+    fn members_of(&self, mut type_id: u32) -> Option<&[StructMember]> {
+        for _ in 0..8 {
+            match &self.btf.get_type_by_id(type_id).ok()?.base_type {
+                Type::Struct(s) | Type::Union(s) => return Some(&s.members),
+                Type::Typedef(t) | Type::Volatile(t) | Type::Const(t) | Type::Restrict(t) => {
+                    type_id = t.type_id;
+                }
+                _ => return None,
+            }
         }
+        None
     }
 
     /// The bit offset of `path` (a field, a field of that field's struct, ...) in `members`.
@@ -214,22 +220,37 @@ impl KernelBtf {
 
     /// Where `struct sock` says a task holds its lock (`sk_lock.owned`, an int).
     pub fn owned_at(&self) -> Result<u16, LayoutError> {
-        self.sock_byte(&["sk_lock", "owned"], "sk_lock.owned")
+        self.byte_in("sock", &["sk_lock", "owned"], "sk_lock.owned")
     }
 
-    /// The byte offset in `struct sock` of the field at `path`, which must start a byte.
-    fn sock_byte(&self, path: &[&str], what: &'static str) -> Result<u16, LayoutError> {
+    /// The byte offset in struct `strukt` of the field at `path`, which must start a byte.
+    fn byte_in(
+        &self,
+        strukt: &'static str,
+        path: &[&str],
+        what: &'static str,
+    ) -> Result<u16, LayoutError> {
         let bit = self
-            .bit_of(self.members("sock")?, path)
+            .bit_of(self.members(strukt)?, path)
             .ok_or_else(|| LayoutError::NoField {
                 path: self.path.clone(),
-                strukt: "sock",
+                strukt,
                 field: what,
             })?;
         match byte_of(what, bit)? {
             (at, 1) => Ok(at),
             _ => Err(LayoutError::Unaligned { what, bit }),
         }
+    }
+
+    /// Where a file's name is read (see [`KernelLayout::file_dentry_at`]): `f_path.dentry`
+    /// in `struct file`, then `d_name.len` and `d_name.name` in `struct dentry`.
+    pub fn file_name(&self) -> Result<(u16, u16, u16), LayoutError> {
+        Ok((
+            self.byte_in("file", &["f_path", "dentry"], "f_path.dentry")?,
+            self.byte_in("dentry", &["d_name", "len"], "d_name.len")?,
+            self.byte_in("dentry", &["d_name", "name"], "d_name.name")?,
+        ))
     }
 
     /// Where `struct sock` keeps its protocol (a u16 since Linux 5.6).
@@ -262,19 +283,12 @@ impl KernelBtf {
 
     /// Where `struct msghdr` keeps a send's flags (bytes from its start).
     pub fn msg_flags_at(&self) -> Result<u16, LayoutError> {
-        let bit = self
-            .bit_of(self.members("msghdr")?, &["msg_flags"])
-            .ok_or_else(|| LayoutError::NoField {
-                path: self.path.clone(),
-                strukt: "msghdr",
-                field: "msg_flags",
-            })?;
-        match byte_of("msghdr.msg_flags", bit)? {
-            (at, 1) if at > 0 => Ok(at),
-            _ => Err(LayoutError::Unaligned {
+        match self.byte_in("msghdr", &["msg_flags"], "msg_flags")? {
+            0 => Err(LayoutError::Unaligned {
                 what: "msghdr.msg_flags",
-                bit,
+                bit: 0,
             }),
+            at => Ok(at),
         }
     }
 
@@ -283,21 +297,8 @@ impl KernelBtf {
     /// [`KernelLayout`], the others 0.
     pub fn shared_frags(&self) -> Result<KernelLayout, LayoutError> {
         let skb = self.members("sk_buff")?;
-        let byte = |members: &[StructMember], strukt: &'static str, field: &'static str| {
-            let bit = self
-                .bit_of(members, &[field])
-                .ok_or_else(|| LayoutError::NoField {
-                    path: self.path.clone(),
-                    strukt,
-                    field,
-                })?;
-            match byte_of(field, bit)? {
-                (at, 1) => Ok(at),
-                _ => Err(LayoutError::Unaligned { what: field, bit }),
-            }
-        };
-        let skb_head_at = byte(skb, "sk_buff", "head")?;
-        let skb_end_at = byte(skb, "sk_buff", "end")?;
+        let skb_head_at = self.byte_in("sk_buff", &["head"], "head")?;
+        let skb_end_at = self.byte_in("sk_buff", &["end"], "end")?;
         // `end` is an offset from `head` (a 4-byte `sk_buff_data_t`) wherever longs are 64
         // bits; a pointer elsewhere, which the program does not read.
         let (_, end_type) = self.field(skb, "end", 0).ok_or(LayoutError::NoField {
@@ -310,7 +311,7 @@ impl KernelBtf {
                 path: self.path.clone(),
             });
         }
-        let shinfo_flags_at = byte(self.members("skb_shared_info")?, "skb_shared_info", "flags")?;
+        let shinfo_flags_at = self.byte_in("skb_shared_info", &["flags"], "flags")?;
         let mut mask = 0u64;
         for flag in ["SKBFL_SHARED_FRAG", "SKBFL_ZEROCOPY_ENABLE"] {
             mask |= self.enum_value(flag).ok_or(LayoutError::NoFlag {
@@ -349,7 +350,8 @@ impl KernelBtf {
 
     /// Where `struct sock` counts the bytes of received data a socket holds.
     pub fn rmem_alloc_at(&self) -> Result<u16, LayoutError> {
-        self.sock_byte(
+        self.byte_in(
+            "sock",
             &["sk_backlog", "rmem_alloc", "counter"],
             "sk_backlog.rmem_alloc.counter",
         )
@@ -399,6 +401,7 @@ mod tests {
     const BTF_KIND_STRUCT: u32 = 4;
     const BTF_KIND_UNION: u32 = 5;
     const BTF_KIND_ENUM: u32 = 6;
+    const BTF_KIND_CONST: u32 = 10;
 
     impl BtfFile {
         fn new() -> Self {
@@ -439,6 +442,9 @@ mod tests {
                 let off = if bitfields { (bits << 24) | off } else { off };
                 self.words(&[mn, ty, off]);
             }
+        }
+        fn constant(&mut self, ty: u32) {
+            self.words(&[0, BTF_KIND_CONST << 24, ty]);
         }
         fn enumeration(&mut self, entries: &[(&str, u32)]) {
             self.words(&[0, (BTF_KIND_ENUM << 24) | entries.len() as u32, 4]);
@@ -650,6 +656,69 @@ mod tests {
         assert_eq!(got.expect("byte"), (243, 1 << 2));
     }
 
+    /// Linux 6.12's `struct file`: `f_path` a `const struct path` in an anonymous union;
+    /// `d_name.len` in an anonymous struct in an anonymous union of `struct qstr`.
+    #[test]
+    fn a_files_name_through_qualifiers_and_anonymous_members() {
+        let mut f = BtfFile::new();
+        f.int(); // 1
+        f.strukt("path", 16, &[("mnt", 0, 0), ("dentry", 64, 0)]); // 2
+        f.constant(2); // 3
+        f.typed(
+            BTF_KIND_UNION,
+            "",
+            16,
+            &[("f_path", 0, 0, 3), ("__f_path", 0, 0, 2)],
+        ); // 4
+        f.typed(
+            BTF_KIND_STRUCT,
+            "file",
+            200,
+            &[("f_mode", 0, 0, 1), ("", 128, 0, 4)],
+        ); // 5
+        f.typed(
+            BTF_KIND_STRUCT,
+            "",
+            8,
+            &[("hash", 0, 0, 1), ("len", 32, 0, 1)],
+        ); // 6
+        f.typed(
+            BTF_KIND_UNION,
+            "",
+            8,
+            &[("", 0, 0, 6), ("hash_len", 0, 0, 1)],
+        ); // 7
+        f.typed(
+            BTF_KIND_STRUCT,
+            "qstr",
+            16,
+            &[("", 0, 0, 7), ("name", 64, 0, 1)],
+        ); // 8
+        f.typed(
+            BTF_KIND_STRUCT,
+            "dentry",
+            192,
+            &[("d_flags", 0, 0, 1), ("d_name", 256, 0, 8)],
+        ); // 9
+        let got = KernelBtf::read(&f.write(&dir("file-name"))).and_then(|b| b.file_name());
+        assert_eq!(got.expect("the name's fields"), (24, 36, 40));
+
+        let mut f = BtfFile::new();
+        f.int();
+        f.strukt("file", 200, &[("f_mode", 0, 0)]);
+        let path = f.write(&dir("file-no-path"));
+        let err = KernelBtf::read(&path)
+            .and_then(|b| b.file_name())
+            .expect_err("no f_path");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the kernel's BTF at {} has no field file.f_path.dentry",
+                path.display()
+            )
+        );
+    }
+
     /// The running kernel's own BTF has the fixed fields where the programs read them, and the
     /// flags in one of the two layouts.
     #[test]
@@ -664,6 +733,8 @@ mod tests {
         let protocol = btf.protocol_at().expect("sk_protocol");
         assert!(btf.owned_at().expect("sk_lock.owned") > 0);
         assert!(btf.msg_flags_at().expect("msghdr.msg_flags") > 0);
+        let (dentry, len, name) = btf.file_name().expect("a file's name");
+        assert!(dentry > 0 && len > 0 && name > len, "{dentry} {len} {name}");
         let frags = btf.shared_frags().expect("the shared-pages flag");
         assert!(frags.skb_head_at > 0 && frags.skb_end_at > 0, "{frags:?}");
         assert_ne!(frags.shared_frag_mask, 0);

@@ -2067,6 +2067,11 @@ fn kernel_layout(families: &mut SocketFamilies) -> KernelLayout {
         warn!(error = %e, "UDP sockets handed to governed agents are refused: where this kernel counts their queued data is unknown");
         0
     });
+    (found.file_dentry_at, found.dentry_len_at, found.dentry_name_at) =
+        btf.file_name().unwrap_or_else(|e| {
+            warn!(error = %e, "every file that is no socket is refused to governed agents that take it from another process: where this kernel keeps a file's name (which tells an io_uring instance) is unknown");
+            (0, 0, 0)
+        });
     found
 }
 

@@ -364,7 +364,7 @@ pub fn io_uring_here() -> Finding {
 /// run under no filter of ours.
 fn io_uring(file: std::io::Result<String>) -> Finding {
     const WHAT: &str = "io_uring";
-    const UNITS: &str = "agents `launch` starts are refused it unless their policy says `io_uring: allow`; `enroll`ed units are not (give them `SystemCallFilter=~io_uring_setup io_uring_enter io_uring_register`, or set kernel.io_uring_disabled=2)";
+    const UNITS: &str = "agents `launch` starts are refused it unless their policy says `io_uring: allow`; `enroll`ed units are not (give them `SystemCallFilter=~io_uring_setup io_uring_enter io_uring_register pidfd_getfd`, or set kernel.io_uring_disabled=2)";
     match file.as_deref().map(str::trim) {
         Ok("2") => finding(
             WHAT,

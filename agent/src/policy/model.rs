@@ -463,6 +463,9 @@ pub enum Reason {
     /// A TCP connection only a name rule allows, refused at connect: the kernel did not load
     /// the server-name check's program, so nothing could read its first data.
     SniUnchecked,
+    /// An io_uring instance taken by a governed task from another process (the BPF LSM line):
+    /// its work would run as the process that made it.
+    ForeignRing,
 }
 
 impl Reason {
@@ -489,6 +492,7 @@ impl Reason {
             Self::ZeroCopy => c::REASON_ZERO_COPY,
             Self::AfterHello => c::REASON_AFTER_HELLO,
             Self::SniUnchecked => c::REASON_SNI_UNCHECKED,
+            Self::ForeignRing => c::REASON_FOREIGN_RING,
         }
     }
 
@@ -515,6 +519,7 @@ impl Reason {
             c::REASON_ZERO_COPY => Self::ZeroCopy,
             c::REASON_AFTER_HELLO => Self::AfterHello,
             c::REASON_SNI_UNCHECKED => Self::SniUnchecked,
+            c::REASON_FOREIGN_RING => Self::ForeignRing,
             _ => return None,
         })
     }
@@ -555,6 +560,9 @@ impl Reason {
             }
             Self::SniUnchecked => {
                 "a connection only a name rule allows, while the kernel's server-name check is not loaded (see status)"
+            }
+            Self::ForeignRing => {
+                "io_uring instance from another process (its work would run as that process, ungoverned)"
             }
         }
     }

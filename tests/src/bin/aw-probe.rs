@@ -94,6 +94,8 @@
 //!                                  as `spawn`, under a seccomp filter that answers
 //!                                  seccomp() with 0 without running it
 //!   pidfd-getfd-self               pidfd_getfd() of its own standard input; `ok` or `err ERRNO`
+//!   pidfd-getfd PID FD             pidfd_getfd() of process PID's descriptor FD (closed again)
+//!   keep-ring                      a new io_uring instance, kept; answers `ok FD`
 //!   seccomp-listener               installs an allow-all seccomp filter asking for a
 //!                                  listener; `ok` or `err ERRNO`
 //!   uring-calls                    io_uring_setup(), then io_uring_enter() and
@@ -2040,26 +2042,19 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         }
         ["recv-socket", path] => recv_socket(path)?,
         ["send-socket", path] => send_socket(path)?,
-        ["pidfd-getfd-self"] => {
-            // Its own stdin through pidfd_getfd: what another process's descriptors would take,
-            // with no ptrace permission in the way.
-            // SAFETY: pidfd_open and pidfd_getfd with integer arguments; the results are
-            // closed here.
-            unsafe {
-                let pidfd = libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0);
-                if pidfd < 0 {
-                    return Ok(format!("err pidfd_open {}", errno_name(last_err())));
-                }
-                let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd, 0, 0);
-                let answer = if fd < 0 {
-                    format!("err {}", errno_name(last_err()))
-                } else {
-                    libc::close(fd as i32);
-                    "ok".into()
-                };
-                libc::close(pidfd as i32);
-                answer
-            }
+        // Its own stdin: what another process's descriptors would take, with no ptrace
+        // permission in the way.
+        // SAFETY: getpid has no arguments.
+        ["pidfd-getfd-self"] => pidfd_getfd(unsafe { libc::getpid() }, 0),
+        ["pidfd-getfd", pid, fd] => pidfd_getfd(
+            pid.parse().map_err(|_| format!("bad pid {pid}"))?,
+            fd.parse().map_err(|_| format!("bad descriptor {fd}"))?,
+        ),
+        ["keep-ring"] => {
+            let ring = io_uring::IoUring::new(4).map_err(|e| format!("io_uring: {e}"))?;
+            let fd = ring.as_raw_fd();
+            KEPT_RINGS.lock().expect("rings").push(ring);
+            format!("ok {fd}")
         }
         ["seccomp-listener"] => {
             // A filter that allows everything, asking for a listener: whoever holds one can
@@ -2267,6 +2262,29 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
 /// # Safety
 /// Every buffer `sqe` points at must live until the completion (and, for a zero-copy send,
 /// its notification) is reaped.
+/// Rings `keep-ring` made, kept open until exit.
+static KEPT_RINGS: std::sync::Mutex<Vec<io_uring::IoUring>> = std::sync::Mutex::new(Vec::new());
+
+/// Takes descriptor `fd` of process `pid` with pidfd_getfd(): `ok` or `err ERRNO`.
+fn pidfd_getfd(pid: i32, fd: i32) -> String {
+    // SAFETY: pidfd_open and pidfd_getfd with integer arguments; the results are closed here.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        if pidfd < 0 {
+            return format!("err pidfd_open {}", errno_name(last_err()));
+        }
+        let got = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0);
+        let answer = if got < 0 {
+            format!("err {}", errno_name(last_err()))
+        } else {
+            libc::close(got as i32);
+            "ok".into()
+        };
+        libc::close(pidfd as i32);
+        answer
+    }
+}
+
 unsafe fn uring_once(
     ring: &mut io_uring::IoUring,
     sqe: &io_uring::squeue::Entry,
