@@ -1385,9 +1385,9 @@ fn receive_file(file: *mut core::ffi::c_void) -> i32 {
 }
 
 /// The name of every io_uring instance's file (an anonymous inode's, which only the kernel
-/// names), as its first eight bytes and last two, read as little-endian words.
+/// names), as its first eight bytes and last two, read as words in the machine's order.
 const RING_NAME: &[u8; 10] = b"[io_uring]";
-const RING_NAME_HEAD: u64 = u64::from_le_bytes([
+const RING_NAME_HEAD: u64 = u64::from_ne_bytes([
     RING_NAME[0],
     RING_NAME[1],
     RING_NAME[2],
@@ -1397,7 +1397,7 @@ const RING_NAME_HEAD: u64 = u64::from_le_bytes([
     RING_NAME[6],
     RING_NAME[7],
 ]);
-const RING_NAME_TAIL: u16 = u16::from_le_bytes([RING_NAME[8], RING_NAME[9]]);
+const RING_NAME_TAIL: u16 = u16::from_ne_bytes([RING_NAME[8], RING_NAME[9]]);
 
 /// Whether `file` is an io_uring instance, told by its name; yes when the name cannot be
 /// read. A file on a real file system named `[io_uring]` is taken for one too: refused, not
