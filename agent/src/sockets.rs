@@ -304,6 +304,9 @@ pub enum Unjudgeable {
     /// runs with what its maker holds, and with an SQPOLL thread in its maker's cgroup,
     /// without a system call of the agent's.
     InheritedRing,
+    /// An io_uring instance whose SQPOLL thread is a task outside the unit (the ring was made
+    /// by another process, then taken): it carries out what the unit submits, as that task.
+    ForeignRingThread,
 }
 
 impl std::fmt::Display for Unjudged {
@@ -333,6 +336,11 @@ impl std::fmt::Display for Unjudged {
                     ": an io_uring instance the agent would keep (its work runs as the process that made it, an SQPOLL ring's outside the agent's cgroup)",
                 );
             }
+            Unjudgeable::ForeignRingThread => {
+                return f.write_str(
+                    ": an io_uring instance whose SQPOLL thread is outside the cgroup (it carries out what the unit submits, ungoverned)",
+                );
+            }
             _ => write!(f, ": {} socket ", self.kind)?,
         }
         match &self.why {
@@ -353,7 +361,10 @@ impl std::fmt::Display for Unjudged {
             | Unjudgeable::Mapped
             | Unjudgeable::Registered
             | Unjudgeable::HiddenRing
-            | Unjudgeable::InheritedRing => f.write_str("of a kind governed agents may not use"),
+            | Unjudgeable::InheritedRing
+            | Unjudgeable::ForeignRingThread => {
+                f.write_str("of a kind governed agents may not use")
+            }
         }
     }
 }
@@ -469,6 +480,20 @@ fn ring_holds_a_socket(fdinfo: &str) -> bool {
             .any(|v| !v.starts_with('/') && !v.starts_with("anon_inode:"))
 }
 
+/// How many times the scan reads a ring's `fdinfo` for its SQPOLL thread while it names none.
+const SQ_THREAD_READS: usize = 8;
+
+/// The SQPOLL thread an io_uring instance's `fdinfo` names (`SqThread:`), if any: none for a
+/// ring without one, and none when the kernel could not take the ring's lock at once.
+fn sq_thread(fdinfo: &str) -> Option<u32> {
+    fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("SqThread:"))
+        .and_then(|t| t.trim().parse::<i64>().ok())
+        .and_then(|t| u32::try_from(t).ok())
+        .filter(|&t| t > 0)
+}
+
 /// `kcmp` kinds: the address space, the descriptor table.
 const KCMP_VM: i32 = 1;
 const KCMP_FILES: i32 = 2;
@@ -562,13 +587,27 @@ impl Scan {
                 };
                 if target == "anon_inode:[io_uring]" {
                     ring_fd = true;
-                    let info = info()?;
-                    if ring_holds_a_socket(&info) {
+                    let first = info()?;
+                    if ring_holds_a_socket(&first) {
                         self.elsewhere
                             .push((pid, Some(fd), Unjudgeable::Registered));
-                    } else if which == Descriptors::KeptAcrossExec && !close_on_exec(&info) {
+                    } else if which == Descriptors::KeptAcrossExec && !close_on_exec(&first) {
                         self.elsewhere
                             .push((pid, Some(fd), Unjudgeable::InheritedRing));
+                    } else if let Some(unit) = unit_tasks {
+                        // The kernel prints the thread only when it takes the ring's lock
+                        // at once (-1 otherwise): read again while it says none.
+                        let mut thread = sq_thread(&first);
+                        for _ in 1..SQ_THREAD_READS {
+                            if thread.is_some() {
+                                break;
+                            }
+                            thread = sq_thread(&info()?);
+                        }
+                        if thread.is_some_and(|t| !unit.contains(&t)) {
+                            self.elsewhere
+                                .push((pid, Some(fd), Unjudgeable::ForeignRingThread));
+                        }
                     }
                     continue;
                 }
@@ -682,9 +721,10 @@ pub fn unjudged(
             comm: comm(pid),
             fd,
             kind: match why {
-                Unjudgeable::Registered | Unjudgeable::HiddenRing | Unjudgeable::InheritedRing => {
-                    "io_uring".to_owned()
-                }
+                Unjudgeable::Registered
+                | Unjudgeable::HiddenRing
+                | Unjudgeable::InheritedRing
+                | Unjudgeable::ForeignRingThread => "io_uring".to_owned(),
                 _ => "mapped".to_owned(),
             },
             why,
@@ -811,5 +851,16 @@ mod tests {
         assert!(!ring_holds_a_socket("UserFiles:\t0\nUserBufs:\t0\n"));
         assert!(close_on_exec(with));
         assert!(!close_on_exec("pos:\t0\nflags:\t02\n"));
+    }
+
+    #[test]
+    fn a_rings_sqpoll_thread_is_read_from_its_fdinfo() {
+        assert_eq!(
+            sq_thread("SqMask:\t0x3\nSqThread:\t4242\nSqThreadCpu:\t1\n"),
+            Some(4242)
+        );
+        // No SQPOLL thread, or the ring's lock was busy: the kernel says -1.
+        assert_eq!(sq_thread("SqThread:\t-1\nSqThreadCpu:\t-1\n"), None);
+        assert_eq!(sq_thread("UserFiles:\t0\n"), None);
     }
 }

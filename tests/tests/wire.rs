@@ -995,6 +995,28 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
     };
     let mut raw = probe(&fx, &unit);
     assert_eq!(raw.cmd("raw-keep"), "ok");
+    // A ring taken from a process outside: its SQPOLL thread would carry out what the unit
+    // submits, as that process. One without a thread is the taker's to drive.
+    let sqpoll = fx.helper.cmd("keep-ring sqpoll");
+    let sqpoll = sqpoll
+        .strip_prefix("ok ")
+        .unwrap_or_else(|| panic!("keep-ring sqpoll: {sqpoll}"))
+        .to_owned();
+    let plain = fx.helper.cmd("keep-ring");
+    let plain = plain
+        .strip_prefix("ok ")
+        .unwrap_or_else(|| panic!("keep-ring: {plain}"))
+        .to_owned();
+    let taken = raw.cmd(&format!("take-fd {} {sqpoll}", fx.helper.pid));
+    let foreign_ring = taken
+        .strip_prefix("ok ")
+        .unwrap_or_else(|| panic!("take-fd: {taken}"))
+        .to_owned();
+    let taken = raw.cmd(&format!("take-fd {} {plain}", fx.helper.pid));
+    let plain_ring = taken
+        .strip_prefix("ok ")
+        .unwrap_or_else(|| panic!("take-fd: {taken}"))
+        .to_owned();
     let mut moved = probe(&fx, &elsewhere);
     assert_eq!(moved.cmd("listen tcp :: 8091"), "ok");
     // Sockets held without a descriptor: a connected UDP socket registered with an io_uring
@@ -1051,6 +1073,17 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
             moved.pid
         )),
         "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "pid {} (\"aw-probe\") fd {foreign_ring}: an io_uring instance whose SQPOLL thread is outside the cgroup (it carries out what the unit submits, ungoverned)",
+            raw.pid
+        )),
+        "{err}"
+    );
+    assert!(
+        !err.contains(&format!("fd {plain_ring}:")),
+        "the ring without a thread: {err}"
     );
     // Nothing bound: a port no rule allows is still reached.
     assert_eq!(raw.cmd(&format!("hold udp {PEER_V4} 9500")), "ok");

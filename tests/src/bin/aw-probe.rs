@@ -95,7 +95,9 @@
 //!                                  seccomp() with 0 without running it
 //!   pidfd-getfd-self               pidfd_getfd() of its own standard input; `ok` or `err ERRNO`
 //!   pidfd-getfd PID FD             pidfd_getfd() of process PID's descriptor FD (closed again)
-//!   keep-ring                      a new io_uring instance, kept; answers `ok FD`
+//!   take-fd PID FD                 the same, the descriptor kept; answers `ok FD`
+//!   keep-ring [sqpoll]             a new io_uring instance (with an SQPOLL thread), kept;
+//!                                  answers `ok FD`
 //!   seccomp-listener               installs an allow-all seccomp filter asking for a
 //!                                  listener; `ok` or `err ERRNO`
 //!   uring-calls                    io_uring_setup(), then io_uring_enter() and
@@ -2045,13 +2047,23 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         // Its own stdin: what another process's descriptors would take, with no ptrace
         // permission in the way.
         // SAFETY: getpid has no arguments.
-        ["pidfd-getfd-self"] => pidfd_getfd(unsafe { libc::getpid() }, 0),
-        ["pidfd-getfd", pid, fd] => pidfd_getfd(
+        ["pidfd-getfd-self"] => pidfd_getfd(unsafe { libc::getpid() }, 0, false),
+        [take @ ("pidfd-getfd" | "take-fd"), pid, fd] => pidfd_getfd(
             pid.parse().map_err(|_| format!("bad pid {pid}"))?,
             fd.parse().map_err(|_| format!("bad descriptor {fd}"))?,
+            *take == "take-fd",
         ),
-        ["keep-ring"] => {
-            let ring = io_uring::IoUring::new(4).map_err(|e| format!("io_uring: {e}"))?;
+        ["keep-ring", how @ ..] => {
+            let mut b = io_uring::IoUring::builder();
+            match how {
+                [] => {}
+                ["sqpoll"] => {
+                    // Idle for a minute: the thread stays, asleep, as long as the ring.
+                    b.setup_sqpoll(60_000);
+                }
+                _ => return Err(format!("bad ring kind {how:?}")),
+            }
+            let ring = b.build(4).map_err(|e| format!("io_uring: {e}"))?;
             let fd = ring.as_raw_fd();
             KEPT_RINGS.lock().expect("rings").push(ring);
             format!("ok {fd}")
@@ -2265,8 +2277,12 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
 /// Rings `keep-ring` made, kept open until exit.
 static KEPT_RINGS: std::sync::Mutex<Vec<io_uring::IoUring>> = std::sync::Mutex::new(Vec::new());
 
-/// Takes descriptor `fd` of process `pid` with pidfd_getfd(): `ok` or `err ERRNO`.
-fn pidfd_getfd(pid: i32, fd: i32) -> String {
+/// Descriptors `take-fd` took, kept open until exit.
+static KEPT_FDS: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());
+
+/// Takes descriptor `fd` of process `pid` with pidfd_getfd(): `ok` (closed again, or with
+/// `keep` kept: `ok FD`) or `err ERRNO`.
+fn pidfd_getfd(pid: i32, fd: i32, keep: bool) -> String {
     // SAFETY: pidfd_open and pidfd_getfd with integer arguments; the results are closed here.
     unsafe {
         let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
@@ -2276,6 +2292,12 @@ fn pidfd_getfd(pid: i32, fd: i32) -> String {
         let got = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0);
         let answer = if got < 0 {
             format!("err {}", errno_name(last_err()))
+        } else if keep {
+            KEPT_FDS
+                .lock()
+                .expect("descriptors")
+                .push(OwnedFd::from_raw_fd(got as i32));
+            format!("ok {got}")
         } else {
             libc::close(got as i32);
             "ok".into()
