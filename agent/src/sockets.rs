@@ -307,6 +307,10 @@ pub enum Unjudgeable {
     /// An io_uring instance whose SQPOLL thread is a task outside the unit (the ring was made
     /// by another process, then taken): it carries out what the unit submits, as that task.
     ForeignRingThread,
+    /// An io_uring instance whose lock was held at every read of its `fdinfo`: the unit is
+    /// frozen, so a process outside it is working the ring, and what the ring holds and who
+    /// carries out its work cannot be read.
+    BusyRing,
 }
 
 impl std::fmt::Display for Unjudged {
@@ -341,6 +345,11 @@ impl std::fmt::Display for Unjudged {
                     ": an io_uring instance whose SQPOLL thread is outside the cgroup (it carries out what the unit submits, ungoverned)",
                 );
             }
+            Unjudgeable::BusyRing => {
+                return f.write_str(
+                    ": an io_uring instance a process outside the cgroup keeps busy (its lock held at every read, so what it holds and who works it cannot be read)",
+                );
+            }
             _ => write!(f, ": {} socket ", self.kind)?,
         }
         match &self.why {
@@ -362,9 +371,8 @@ impl std::fmt::Display for Unjudged {
             | Unjudgeable::Registered
             | Unjudgeable::HiddenRing
             | Unjudgeable::InheritedRing
-            | Unjudgeable::ForeignRingThread => {
-                f.write_str("of a kind governed agents may not use")
-            }
+            | Unjudgeable::ForeignRingThread
+            | Unjudgeable::BusyRing => f.write_str("of a kind governed agents may not use"),
         }
     }
 }
@@ -463,12 +471,13 @@ fn close_on_exec(fdinfo: &str) -> bool {
 /// leaves them out when the ring is busy).
 fn ring_holds_a_socket(fdinfo: &str) -> bool {
     let mut lines = fdinfo.lines().skip_while(|l| !l.starts_with("UserFiles:"));
+    // No count at all: the ring was busy (Linux 6.15 and later print nothing then).
     let Some(count) = lines
         .next()
         .and_then(|l| l.strip_prefix("UserFiles:"))
         .and_then(|n| n.trim().parse::<usize>().ok())
     else {
-        return false;
+        return true;
     };
     let entries: Vec<&str> = lines
         .take_while(|l| !l.starts_with("UserBufs:"))
@@ -480,18 +489,37 @@ fn ring_holds_a_socket(fdinfo: &str) -> bool {
             .any(|v| !v.starts_with('/') && !v.starts_with("anon_inode:"))
 }
 
-/// How many times the scan reads a ring's `fdinfo` for its SQPOLL thread while it names none.
-const SQ_THREAD_READS: usize = 8;
+/// How many times the scan reads a ring's `fdinfo` while it names no SQPOLL thread, and how
+/// long it waits between reads (another reader of the same `fdinfo` holds the ring's lock for
+/// as long as its read takes).
+const RING_READS: usize = 8;
+const RING_READ_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
 
-/// The SQPOLL thread an io_uring instance's `fdinfo` names (`SqThread:`), if any: none for a
-/// ring without one, and none when the kernel could not take the ring's lock at once.
-fn sq_thread(fdinfo: &str) -> Option<u32> {
-    fdinfo
+/// What an io_uring instance's `fdinfo` says of its SQPOLL thread. The kernel reads the
+/// thread only when it takes the ring's lock at once: since Linux 6.15 a ring whose lock it
+/// did not take shows nothing past the generic lines ([`RingThread::Busy`]); before, it
+/// shows `SqThread: -1`, as for a ring without a thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RingThread {
+    Busy,
+    None,
+    Task(u32),
+}
+
+fn sq_thread(fdinfo: &str) -> RingThread {
+    match fdinfo
         .lines()
         .find_map(|l| l.strip_prefix("SqThread:"))
-        .and_then(|t| t.trim().parse::<i64>().ok())
-        .and_then(|t| u32::try_from(t).ok())
-        .filter(|&t| t > 0)
+        .map(|t| {
+            t.trim()
+                .parse::<i64>()
+                .ok()
+                .and_then(|t| u32::try_from(t).ok())
+        }) {
+        None => RingThread::Busy,
+        Some(Some(t)) if t > 0 => RingThread::Task(t),
+        Some(_) => RingThread::None,
+    }
 }
 
 /// `kcmp` kinds: the address space, the descriptor table.
@@ -587,27 +615,41 @@ impl Scan {
                 };
                 if target == "anon_inode:[io_uring]" {
                     ring_fd = true;
-                    let first = info()?;
-                    if ring_holds_a_socket(&first) {
-                        self.elsewhere
-                            .push((pid, Some(fd), Unjudgeable::Registered));
-                    } else if which == Descriptors::KeptAcrossExec && !close_on_exec(&first) {
-                        self.elsewhere
-                            .push((pid, Some(fd), Unjudgeable::InheritedRing));
-                    } else if let Some(unit) = unit_tasks {
-                        // The kernel prints the thread only when it takes the ring's lock
-                        // at once (-1 otherwise): read again while it says none.
-                        let mut thread = sq_thread(&first);
-                        for _ in 1..SQ_THREAD_READS {
-                            if thread.is_some() {
-                                break;
+                    // Read again while it names no thread (the lock busy: nothing past the
+                    // generic lines since 6.15, `SqThread: -1` before); the first read that
+                    // names one settles it, and a busy read never replaces a settled one.
+                    let mut text = info()?;
+                    let mut thread = sq_thread(&text);
+                    for _ in 1..RING_READS {
+                        if matches!(thread, RingThread::Task(_)) {
+                            break;
+                        }
+                        std::thread::sleep(RING_READ_PAUSE);
+                        let again = info()?;
+                        let now = sq_thread(&again);
+                        if now != RingThread::Busy || thread == RingThread::Busy {
+                            (text, thread) = (again, now);
+                        }
+                    }
+                    // Empty: the process exited meanwhile.
+                    let why = if text.is_empty() {
+                        None
+                    } else if thread == RingThread::Busy {
+                        Some(Unjudgeable::BusyRing)
+                    } else if ring_holds_a_socket(&text) {
+                        Some(Unjudgeable::Registered)
+                    } else if which == Descriptors::KeptAcrossExec && !close_on_exec(&text) {
+                        Some(Unjudgeable::InheritedRing)
+                    } else {
+                        match (unit_tasks, thread) {
+                            (Some(unit), RingThread::Task(t)) if !unit.contains(&t) => {
+                                Some(Unjudgeable::ForeignRingThread)
                             }
-                            thread = sq_thread(&info()?);
+                            _ => None,
                         }
-                        if thread.is_some_and(|t| !unit.contains(&t)) {
-                            self.elsewhere
-                                .push((pid, Some(fd), Unjudgeable::ForeignRingThread));
-                        }
+                    };
+                    if let Some(why) = why {
+                        self.elsewhere.push((pid, Some(fd), why));
                     }
                     continue;
                 }
@@ -724,7 +766,8 @@ pub fn unjudged(
                 Unjudgeable::Registered
                 | Unjudgeable::HiddenRing
                 | Unjudgeable::InheritedRing
-                | Unjudgeable::ForeignRingThread => "io_uring".to_owned(),
+                | Unjudgeable::ForeignRingThread
+                | Unjudgeable::BusyRing => "io_uring".to_owned(),
                 _ => "mapped".to_owned(),
             },
             why,
@@ -857,10 +900,16 @@ mod tests {
     fn a_rings_sqpoll_thread_is_read_from_its_fdinfo() {
         assert_eq!(
             sq_thread("SqMask:\t0x3\nSqThread:\t4242\nSqThreadCpu:\t1\n"),
-            Some(4242)
+            RingThread::Task(4242)
         );
-        // No SQPOLL thread, or the ring's lock was busy: the kernel says -1.
-        assert_eq!(sq_thread("SqThread:\t-1\nSqThreadCpu:\t-1\n"), None);
-        assert_eq!(sq_thread("UserFiles:\t0\n"), None);
+        // No SQPOLL thread (or, before Linux 6.15, the ring's lock was busy).
+        assert_eq!(
+            sq_thread("SqThread:\t-1\nSqThreadCpu:\t-1\n"),
+            RingThread::None
+        );
+        // Linux 6.15 and later with the lock busy: the generic lines alone.
+        let busy = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t1057\n";
+        assert_eq!(sq_thread(busy), RingThread::Busy);
+        assert!(ring_holds_a_socket(busy));
     }
 }

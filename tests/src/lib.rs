@@ -374,7 +374,16 @@ pub fn bin_for_anyone(name: &str) -> PathBuf {
     to
 }
 
-/// Path of a binary built by this crate (next to the test executable's deps dir).
+/// Linux's (major, minor), from the running kernel's release.
+pub fn kernel_release() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
 /// How long to wait for something the node or the kernel does on its own time: `d`, times
 /// `AGENTWALL_TEST_PATIENCE` where the runner sets it (the kernel matrix's emulated guests
 /// run everything many times slower). A deadline, never a synchronisation: the waits return
@@ -393,6 +402,7 @@ pub fn deadline(d: std::time::Duration) -> std::time::Instant {
     std::time::Instant::now() + patience(d)
 }
 
+/// Path of a binary built by this crate (next to the test executable's deps dir).
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().expect("deps dir");

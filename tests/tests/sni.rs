@@ -850,8 +850,8 @@ fn a_second_hello_is_checked_after_a_hello_retry_request_and_refused_before_an_a
     // enforces and sendfile is seen there, from Linux 6.5; else in the packet line, the
     // connection ended).
     const ZERO_COPY: &str = "zero-copy or spliced send before a connection only a name rule allows had its server name checked";
-    let at_send =
-        agentwall_tests::node::lsm_line(&lab.node.socket).is_none() && kernel_release() >= (6, 5);
+    let at_send = agentwall_tests::node::lsm_line(&lab.node.socket).is_none()
+        && agentwall_tests::kernel_release() >= (6, 5);
     assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 8443")), "ok");
     let sent = p.cmd("retry-held-hello api.example.com exfil.other.example ccs-sendfile");
     lab.wait_records(&|| lab.records(), &|r| r["reason"] == ZERO_COPY, 1);
@@ -916,16 +916,6 @@ fn a_second_hello_is_checked_after_a_hello_retry_request_and_refused_before_an_a
     );
 }
 
-/// Linux's (major, minor), from the running kernel's release.
-fn kernel_release() -> (u32, u32) {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut parts = release
-        .trim()
-        .split(['.', '-'])
-        .map(|p| p.parse().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
-}
-
 /// First data sent from pages the sender keeps could change after the check read it. The
 /// packet line refuses first data in such pages (the kernel marks them shared), and the node
 /// ends the connection; where the node enforces the BPF LSM line, such sends are refused
@@ -956,7 +946,7 @@ fn zero_copy_and_spliced_sends_get_nothing_past_the_check() {
     // and refused). With the LSM line every MSG_ZEROCOPY send is refused at the send, and
     // sendfile too from Linux 6.5 (before, it reaches TCP past every send hook).
     let lsm = agentwall_tests::node::lsm_line(&lab.node.socket).is_none();
-    let spliced_seen = kernel_release() >= (6, 5);
+    let spliced_seen = agentwall_tests::kernel_release() >= (6, 5);
     let (mut zero_copy, mut named) = (0, 0);
     // The send hook's refusals are records of the socket (no flow), the packet line's of the
     // flow: counted together.

@@ -1017,6 +1017,19 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
         .strip_prefix("ok ")
         .unwrap_or_else(|| panic!("take-fd: {taken}"))
         .to_owned();
+    // A ring whose lock the helper holds through the scan: the kernel then says nothing of
+    // its thread or its files.
+    let busy = fx.helper.cmd("keep-ring");
+    let busy = busy
+        .strip_prefix("ok ")
+        .unwrap_or_else(|| panic!("keep-ring: {busy}"))
+        .to_owned();
+    let taken = raw.cmd(&format!("take-fd {} {busy}", fx.helper.pid));
+    let busy_ring = taken
+        .strip_prefix("ok ")
+        .unwrap_or_else(|| panic!("take-fd: {taken}"))
+        .to_owned();
+    assert_eq!(fx.helper.cmd(&format!("hold-ring-lock {busy}")), "ok");
     let mut moved = probe(&fx, &elsewhere);
     assert_eq!(moved.cmd("listen tcp :: 8091"), "ok");
     // Sockets held without a descriptor: a connected UDP socket registered with an io_uring
@@ -1085,6 +1098,19 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
         !err.contains(&format!("fd {plain_ring}:")),
         "the ring without a thread: {err}"
     );
+    // Before Linux 6.15 a busy ring reads as one without a thread or files (the threat
+    // model says so).
+    let busy_named = err.contains(&format!(
+        "pid {} (\"aw-probe\") fd {busy_ring}: an io_uring instance a process outside the cgroup keeps busy (its lock held at every read, so what it holds and who works it cannot be read)",
+        raw.pid
+    ));
+    assert_eq!(
+        busy_named,
+        agentwall_tests::kernel_release() >= (6, 15),
+        "{err}"
+    );
+    let released = fx.helper.cmd("release-ring-lock");
+    assert!(released.starts_with("ok "), "{released}");
     // Nothing bound: a port no rule allows is still reached.
     assert_eq!(raw.cmd(&format!("hold udp {PEER_V4} 9500")), "ok");
     assert_eq!(raw.cmd("send-held"), "ok");

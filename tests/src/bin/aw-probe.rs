@@ -98,6 +98,9 @@
 //!   take-fd PID FD                 the same, the descriptor kept; answers `ok FD`
 //!   keep-ring [sqpoll]             a new io_uring instance (with an SQPOLL thread), kept;
 //!                                  answers `ok FD`
+//!   hold-ring-lock FD              holds io_uring instance FD's lock (a buffer registration
+//!                                  waits on a userfaultfd page never served); needs root
+//!   release-ring-lock              lets it go; `ok registered` or `ok failed`
 //!   seccomp-listener               installs an allow-all seccomp filter asking for a
 //!                                  listener; `ok` or `err ERRNO`
 //!   uring-calls                    io_uring_setup(), then io_uring_enter() and
@@ -2053,6 +2056,10 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             fd.parse().map_err(|_| format!("bad descriptor {fd}"))?,
             *take == "take-fd",
         ),
+        ["hold-ring-lock", fd] => {
+            hold_ring_lock(fd.parse().map_err(|_| format!("bad descriptor {fd}"))?)?
+        }
+        ["release-ring-lock"] => release_ring_lock()?,
         ["keep-ring", how @ ..] => {
             let mut b = io_uring::IoUring::builder();
             match how {
@@ -2276,6 +2283,94 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
 /// its notification) is reaped.
 /// Rings `keep-ring` made, kept open until exit.
 static KEPT_RINGS: std::sync::Mutex<Vec<io_uring::IoUring>> = std::sync::Mutex::new(Vec::new());
+
+/// The userfaultfd whose unserved page holds a ring's lock, and the thread blocked on it.
+static RING_LOCK: std::sync::Mutex<Option<(OwnedFd, std::thread::JoinHandle<i64>)>> =
+    std::sync::Mutex::new(None);
+
+/// `_IOWR(0xAA, 0x3F, struct uffdio_api)` and `_IOWR(0xAA, 0x00, struct uffdio_register)`.
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+const UFFD_API: u64 = 0xaa;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const IORING_REGISTER_BUFFERS: libc::c_long = 0;
+
+/// Holds io_uring instance `fd`'s lock for as long as it likes: registers as a buffer a page
+/// a userfaultfd serves and never answers, so the registration waits in the kernel with the
+/// lock taken. `ok` once the fault has reached the userfaultfd (the lock is held then).
+fn hold_ring_lock(ring: RawFd) -> Result<String, String> {
+    // SAFETY: system calls with structs that live across each call; the page stays mapped
+    // until exit, and the thread only passes its address to the kernel.
+    unsafe {
+        let uffd = libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK);
+        if uffd < 0 {
+            return Ok(format!("err userfaultfd {}", errno_name(last_err())));
+        }
+        let uffd = OwnedFd::from_raw_fd(uffd as i32);
+        let mut api = [UFFD_API, 0, 0];
+        if libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, api.as_mut_ptr()) != 0 {
+            return Ok(format!("err UFFDIO_API {}", errno_name(last_err())));
+        }
+        let page = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if page == libc::MAP_FAILED {
+            return Ok(format!("err mmap {}", errno_name(last_err())));
+        }
+        let mut register = [page as u64, 4096, UFFDIO_REGISTER_MODE_MISSING, 0];
+        if libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, register.as_mut_ptr()) != 0 {
+            return Ok(format!("err UFFDIO_REGISTER {}", errno_name(last_err())));
+        }
+        let base = page as usize;
+        let blocked = std::thread::spawn(move || {
+            let iov = libc::iovec {
+                iov_base: base as *mut libc::c_void,
+                iov_len: 4096,
+            };
+            libc::syscall(
+                libc::SYS_io_uring_register,
+                ring,
+                IORING_REGISTER_BUFFERS,
+                &raw const iov,
+                1,
+            )
+        });
+        let mut pfd = libc::pollfd {
+            fd: uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        if libc::poll(&raw mut pfd, 1, 10_000) != 1 {
+            return Ok("err the registration did not fault".into());
+        }
+        *RING_LOCK.lock().expect("ring lock") = Some((uffd, blocked));
+        Ok("ok".into())
+    }
+}
+
+/// Lets the ring's lock go: closing the userfaultfd lets the waiting fault go on as any
+/// other. `ok registered` or `ok failed`, as the registration ended.
+fn release_ring_lock() -> Result<String, String> {
+    let (uffd, blocked) = RING_LOCK
+        .lock()
+        .expect("ring lock")
+        .take()
+        .ok_or("no ring lock held")?;
+    drop(uffd);
+    let rc = blocked
+        .join()
+        .map_err(|_| "the registering thread panicked")?;
+    Ok(if rc < 0 {
+        "ok failed".into()
+    } else {
+        "ok registered".into()
+    })
+}
 
 /// Descriptors `take-fd` took, kept open until exit.
 static KEPT_FDS: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());
