@@ -381,7 +381,8 @@ impl std::fmt::Display for Unjudged {
 const JUDGED_KINDS: [&str; 4] = ["TCP", "TCPv6", "UDP", "UDPv6"];
 /// Local sockets: they reach no other host.
 const LOCAL_KINDS: [&str; 3] = ["UNIX", "UNIX-STREAM", "NETLINK"];
-/// Descriptors read in one scan, at most: a unit cannot hold the node in its scan for long.
+/// Descriptors read, and descriptor tables compared, in one scan, at most: a unit cannot hold
+/// the node in its scan for long.
 const SCAN_BUDGET: usize = 1 << 20;
 
 /// Which descriptors of a process count.
@@ -410,6 +411,8 @@ struct Scan {
     elsewhere: Vec<(u32, Option<u32>, Unjudgeable)>,
     namespaces: BTreeMap<u64, OwnedFd>,
     read: usize,
+    /// Every process on the host, read once for a unit's scan.
+    everyone: Option<Vec<u32>>,
 }
 
 /// The tasks (threads) of `pid`: a thread may have its own namespace.
@@ -522,6 +525,17 @@ fn sq_thread(fdinfo: &str) -> RingThread {
     }
 }
 
+/// Whether task `tid` of `pid` has not exited (a zombie, `Z`, or dead, `X`, has given up its
+/// descriptor table); false when it is gone.
+fn alive(pid: u32, tid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).is_ok_and(|stat| {
+        // The state follows the command's closing parenthesis (the command may hold any).
+        stat.rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    })
+}
+
 /// `kcmp` kinds: the address space, the descriptor table.
 const KCMP_VM: i32 = 1;
 const KCMP_FILES: i32 = 2;
@@ -534,6 +548,38 @@ fn shares(pid: u32, tid: u32, kind: i32) -> bool {
 }
 
 impl Scan {
+    /// Counts `n` more reads or comparisons against [`SCAN_BUDGET`].
+    fn spend(&mut self, n: usize) -> io::Result<()> {
+        self.read += n;
+        if self.read > SCAN_BUDGET {
+            return Err(io::Error::other(format!(
+                "more than {SCAN_BUDGET} descriptors to read and tables to compare"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A process outside `unit` (tasks) that shares task `tid`'s descriptor table: one cloned
+    /// with `CLONE_FILES` and not `CLONE_THREAD`, then moved out (or in). It is not frozen with
+    /// the unit, and a descriptor it opens or takes lands in the unit's table with no receipt.
+    fn sharing_files_outside(&mut self, tid: u32, unit: &HashSet<u32>) -> io::Result<Option<u32>> {
+        if self.everyone.is_none() {
+            let proc = Path::new("/proc");
+            let rd = fs::read_dir(proc).map_err(|e| scan_error(proc, e))?;
+            self.everyone = Some(
+                rd.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect(),
+            );
+        }
+        self.spend(self.everyone.as_ref().map_or(0, Vec::len))?;
+        let everyone = self.everyone.as_deref().unwrap_or_default();
+        Ok(everyone
+            .iter()
+            .copied()
+            .find(|&other| !unit.contains(&other) && shares(tid, other, KCMP_FILES)))
+    }
+
     /// Every socket the process `pid` holds: through each descriptor table of its tasks,
     /// mapped into its memory, or registered with an io_uring instance it holds.
     fn process(
@@ -556,6 +602,21 @@ impl Scan {
             if let Some((tid, _)) = tasks.iter().find(|(tid, _)| !unit.contains(tid)) {
                 return Err(io::Error::other(format!(
                     "pid {pid} has a thread ({tid}) outside the cgroup, which is not frozen with it"
+                )));
+            }
+            // Asked of a live task: an exited one has no table, and compares equal to every
+            // other exited task.
+            let live = tasks
+                .iter()
+                .map(|(tid, _)| *tid)
+                .find(|&tid| alive(pid, tid));
+            if let Some(other) = live
+                .map(|tid| self.sharing_files_outside(tid, unit))
+                .transpose()?
+                .flatten()
+            {
+                return Err(io::Error::other(format!(
+                    "pid {pid} shares its descriptor table with pid {other}, outside the cgroup (a process cloned with CLONE_FILES): that process can put descriptors in it that no hook judges as the unit's"
                 )));
             }
         }
@@ -589,12 +650,7 @@ impl Scan {
             };
             for e in fds {
                 let e = e.map_err(|e| scan_error(&fd_dir, e))?;
-                self.read += 1;
-                if self.read > SCAN_BUDGET {
-                    return Err(io::Error::other(format!(
-                        "more than {SCAN_BUDGET} descriptors to read"
-                    )));
-                }
+                self.spend(1)?;
                 let link = e.path();
                 let fd: u32 = e
                     .file_name()

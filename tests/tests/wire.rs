@@ -1132,6 +1132,63 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
     assert_eq!(own.cmd("send-held"), "err EPERM");
 }
 
+/// A process outside the unit that shares a unit process's descriptor table (cloned with
+/// `CLONE_FILES`, then moved out) is not frozen with the unit, and a descriptor it opens or
+/// takes lands in the unit's table without a receipt: enroll refuses while one is there.
+#[test]
+fn enroll_refuses_a_unit_sharing_its_descriptor_table_with_a_process_outside() {
+    let fx = fixture("wire-enroll-files");
+    let (unit, mut probe) = fx.unit();
+    let elsewhere = fx._env.cgroup("elsewhere");
+    let forked = probe.cmd("fork-sharing-files");
+    let child: u32 = forked
+        .strip_prefix("ok ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("fork-sharing-files: {forked}"));
+    elsewhere.add_process(child).expect("move the child out");
+
+    let (cert, key) = write_cert(fx.dir.path(), "unit", &fx.ca.issue(&CertSpec::agent(ID)));
+    let enroll = || {
+        let mut c = agentwall_tests::node::agentwall();
+        c.args(["enroll", "--cgroup", unit.path().to_str().unwrap()])
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .arg("--socket")
+            .arg(fx.socket());
+        c.output().unwrap()
+    };
+    let out = enroll();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "pid {} shares its descriptor table with pid {child}, outside the cgroup (a process cloned with CLONE_FILES): that process can put descriptors in it that no hook judges as the unit's",
+            probe.pid
+        )),
+        "{err}"
+    );
+
+    // Gone (a zombie holds no table): enrolled.
+    // SAFETY: kill with a pid and a signal.
+    assert_eq!(unsafe { libc::kill(child as i32, libc::SIGKILL) }, 0);
+    eventually(
+        "the child to exit",
+        WITHIN,
+        || match std::fs::read_to_string(format!("/proc/{child}/stat")) {
+            Ok(stat) if !stat.contains(") Z ") => Err(stat),
+            _ => Ok(()),
+        },
+    );
+    let out = enroll();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// An upgrade to a new map layout sweeps the sockets it can list (each with a port) and
 /// retires the old programs; a socket that had no port then (made, not yet bound) carries no
 /// state of the new layout. Listening or binding it afterwards makes nothing ungoverned: it

@@ -98,6 +98,8 @@
 //!   take-fd PID FD                 the same, the descriptor kept; answers `ok FD`
 //!   keep-ring [sqpoll]             a new io_uring instance (with an SQPOLL thread), kept;
 //!                                  answers `ok FD`
+//!   fork-sharing-files             a child cloned with CLONE_FILES (sharing this process's
+//!                                  descriptor table), paused; answers `ok PID`
 //!   hold-ring-lock FD              holds io_uring instance FD's lock (a buffer registration
 //!                                  waits on a userfaultfd page never served); needs root
 //!   release-ring-lock              lets it go; `ok registered` or `ok failed`
@@ -2056,6 +2058,31 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             fd.parse().map_err(|_| format!("bad descriptor {fd}"))?,
             *take == "take-fd",
         ),
+        ["fork-sharing-files"] => {
+            // SAFETY: clone without a new stack behaves as fork; the child makes only system
+            // calls (async-signal-safe) and never returns.
+            unsafe {
+                let child = libc::syscall(
+                    libc::SYS_clone,
+                    libc::CLONE_FILES | libc::SIGCHLD,
+                    0,
+                    0,
+                    0,
+                    0,
+                );
+                if child == 0 {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    loop {
+                        libc::pause();
+                    }
+                }
+                if child < 0 {
+                    format!("err {}", errno_name(last_err()))
+                } else {
+                    format!("ok {child}")
+                }
+            }
+        }
         ["hold-ring-lock", fd] => {
             hold_ring_lock(fd.parse().map_err(|_| format!("bad descriptor {fd}"))?)?
         }
