@@ -411,8 +411,6 @@ struct Scan {
     elsewhere: Vec<(u32, Option<u32>, Unjudgeable)>,
     namespaces: BTreeMap<u64, OwnedFd>,
     read: usize,
-    /// Every process on the host, read once for a unit's scan.
-    everyone: Option<Vec<u32>>,
 }
 
 /// The tasks (threads) of `pid`: a thread may have its own namespace.
@@ -525,15 +523,80 @@ fn sq_thread(fdinfo: &str) -> RingThread {
     }
 }
 
-/// Whether task `tid` of `pid` has not exited (a zombie, `Z`, or dead, `X`, has given up its
+/// Whether task `tid` has not exited (a zombie, `Z`, or dead, `X`, has given up its
 /// descriptor table); false when it is gone.
-fn alive(pid: u32, tid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).is_ok_and(|stat| {
+fn alive(tid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{tid}/stat")).is_ok_and(|stat| {
         // The state follows the command's closing parenthesis (the command may hold any).
         stat.rsplit_once(") ")
             .and_then(|(_, rest)| rest.chars().next())
             .is_some_and(|state| state != 'Z' && state != 'X')
     })
+}
+
+/// How task `a`'s object of `kind` orders against task `b`'s (`kcmp` orders them by an
+/// obfuscated address, the same for the same object), or the error number.
+fn kcmp_order(a: u32, b: u32, kind: i32) -> Result<std::cmp::Ordering, i32> {
+    // SAFETY: kcmp only compares kernel objects of two tasks.
+    match unsafe { libc::syscall(libc::SYS_kcmp, a, b, kind, 0, 0) } {
+        0 => Ok(std::cmp::Ordering::Equal),
+        1 => Ok(std::cmp::Ordering::Less),
+        2 => Ok(std::cmp::Ordering::Greater),
+        -1 => Err(io::Error::last_os_error().raw_os_error().unwrap_or(0)),
+        _ => Err(libc::EINVAL),
+    }
+}
+
+fn kcmp_error(a: u32, b: u32, errno: i32) -> io::Error {
+    io::Error::other(format!(
+        "comparing the descriptor tables of tasks {a} and {b} (kcmp): {}",
+        io::Error::from_raw_os_error(errno)
+    ))
+}
+
+/// Every task on the host: each process's threads.
+fn every_task() -> io::Result<Vec<u32>> {
+    let proc = Path::new("/proc");
+    let mut tasks = Vec::new();
+    for e in fs::read_dir(proc)
+        .map_err(|e| scan_error(proc, e))?
+        .flatten()
+    {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(rd) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        tasks.extend(
+            rd.flatten()
+                .filter_map(|t| t.file_name().to_str()?.parse::<u32>().ok()),
+        );
+    }
+    Ok(tasks)
+}
+
+/// Where task `tid`'s descriptor table is among `tables` (the unit's tasks, one per table, in
+/// `kcmp`'s order, each checked comparable): `Some(Ok(index))` when one of them shares it,
+/// else `Some(Err(where it would go))`. `None`: `tid` is gone, or the kernel refuses to
+/// compare it (a task with privileges the node lacks, or that a security policy keeps from
+/// it: one cloned from the unit's tasks gets neither without an exec, which unshares the
+/// table). Any other failure is an error.
+fn search(tables: &[u32], tid: u32) -> io::Result<Option<Result<usize, usize>>> {
+    let (mut lo, mut hi) = (0, tables.len());
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match kcmp_order(tid, tables[mid], KCMP_FILES) {
+            Ok(std::cmp::Ordering::Equal) => return Ok(Some(Ok(mid))),
+            Ok(std::cmp::Ordering::Less) => hi = mid,
+            Ok(std::cmp::Ordering::Greater) => lo = mid + 1,
+            Err(libc::ESRCH | libc::EPERM | libc::EACCES) if alive(tables[mid]) => {
+                return Ok(None);
+            }
+            Err(errno) => return Err(kcmp_error(tid, tables[mid], errno)),
+        }
+    }
+    Ok(Some(Err(lo)))
 }
 
 /// `kcmp` kinds: the address space, the descriptor table.
@@ -548,6 +611,51 @@ fn shares(pid: u32, tid: u32, kind: i32) -> bool {
 }
 
 impl Scan {
+    /// A task outside the unit that shares a descriptor table with one of the unit's `unit`
+    /// tasks, as (the unit's task, the outsider): a process cloned with `CLONE_FILES` and
+    /// moved out, or a thread of one (its leader may have exited or unshared since). It is
+    /// not frozen with the unit, and a descriptor it opens or takes lands in the unit's table
+    /// with no receipt. Every task on the host is compared with the unit's distinct tables,
+    /// kept in `kcmp`'s order so each costs a binary search.
+    fn sharing_files_outside(&mut self, unit: &HashSet<u32>) -> io::Result<Option<(u32, u32)>> {
+        // A task that exited has no table (and would compare equal to every other).
+        let mut tables: Vec<u32> = Vec::new();
+        for &tid in unit {
+            if !alive(tid) {
+                continue;
+            }
+            self.spend(2 + tables.len().max(1).ilog2() as usize)?;
+            // A unit task the kernel will not compare would hide every sharer of its table.
+            if let Err(errno) = kcmp_order(tid, tid, KCMP_FILES) {
+                return Err(kcmp_error(tid, tid, errno));
+            }
+            match search(&tables, tid)? {
+                Some(Err(at)) => tables.insert(at, tid),
+                Some(Ok(_)) => {}
+                None => {
+                    return Err(io::Error::other(format!(
+                        "task {tid} of the unit exited while its descriptor table was compared"
+                    )));
+                }
+            }
+        }
+        if tables.is_empty() {
+            return Ok(None);
+        }
+        let everyone = every_task()?;
+        let per_task = 1 + tables.len().ilog2() as usize;
+        self.spend(everyone.len() * per_task)?;
+        for other in everyone {
+            if unit.contains(&other) {
+                continue;
+            }
+            if let Some(Ok(at)) = search(&tables, other)? {
+                return Ok(Some((tables[at], other)));
+            }
+        }
+        Ok(None)
+    }
+
     /// Counts `n` more reads or comparisons against [`SCAN_BUDGET`].
     fn spend(&mut self, n: usize) -> io::Result<()> {
         self.read += n;
@@ -557,27 +665,6 @@ impl Scan {
             )));
         }
         Ok(())
-    }
-
-    /// A process outside `unit` (tasks) that shares task `tid`'s descriptor table: one cloned
-    /// with `CLONE_FILES` and not `CLONE_THREAD`, then moved out (or in). It is not frozen with
-    /// the unit, and a descriptor it opens or takes lands in the unit's table with no receipt.
-    fn sharing_files_outside(&mut self, tid: u32, unit: &HashSet<u32>) -> io::Result<Option<u32>> {
-        if self.everyone.is_none() {
-            let proc = Path::new("/proc");
-            let rd = fs::read_dir(proc).map_err(|e| scan_error(proc, e))?;
-            self.everyone = Some(
-                rd.flatten()
-                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                    .collect(),
-            );
-        }
-        self.spend(self.everyone.as_ref().map_or(0, Vec::len))?;
-        let everyone = self.everyone.as_deref().unwrap_or_default();
-        Ok(everyone
-            .iter()
-            .copied()
-            .find(|&other| !unit.contains(&other) && shares(tid, other, KCMP_FILES)))
     }
 
     /// Every socket the process `pid` holds: through each descriptor table of its tasks,
@@ -602,21 +689,6 @@ impl Scan {
             if let Some((tid, _)) = tasks.iter().find(|(tid, _)| !unit.contains(tid)) {
                 return Err(io::Error::other(format!(
                     "pid {pid} has a thread ({tid}) outside the cgroup, which is not frozen with it"
-                )));
-            }
-            // Asked of a live task: an exited one has no table, and compares equal to every
-            // other exited task.
-            let live = tasks
-                .iter()
-                .map(|(tid, _)| *tid)
-                .find(|&tid| alive(pid, tid));
-            if let Some(other) = live
-                .map(|tid| self.sharing_files_outside(tid, unit))
-                .transpose()?
-                .flatten()
-            {
-                return Err(io::Error::other(format!(
-                    "pid {pid} shares its descriptor table with pid {other}, outside the cgroup (a process cloned with CLONE_FILES): that process can put descriptors in it that no hook judges as the unit's"
                 )));
             }
         }
@@ -805,6 +877,14 @@ pub fn unjudged(
     let mut scan = Scan::default();
     for &pid in pids {
         scan.process(pid, which, unit_tasks)?;
+    }
+    // Last, so the host's tasks are listed as late as they can be.
+    if let Some(unit) = unit_tasks
+        && let Some((inside, outside)) = scan.sharing_files_outside(unit)?
+    {
+        return Err(io::Error::other(format!(
+            "task {inside} shares its descriptor table with task {outside}, outside the cgroup (cloned with CLONE_FILES): that task can put descriptors in it that no hook judges as the unit's"
+        )));
     }
     let comm = |pid: u32| {
         fs::read_to_string(format!("/proc/{pid}/comm"))

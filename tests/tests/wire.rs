@@ -1098,17 +1098,17 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
         !err.contains(&format!("fd {plain_ring}:")),
         "the ring without a thread: {err}"
     );
-    // Before Linux 6.15 a busy ring reads as one without a thread or files (the threat
-    // model says so).
     let busy_named = err.contains(&format!(
         "pid {} (\"aw-probe\") fd {busy_ring}: an io_uring instance a process outside the cgroup keeps busy (its lock held at every read, so what it holds and who works it cannot be read)",
         raw.pid
     ));
-    assert_eq!(
-        busy_named,
-        agentwall_tests::kernel_release() >= (6, 15),
-        "{err}"
-    );
+    // Kernels that print a busy ring's thread as -1 (before Linux 6.15 and its stable
+    // backports) make it read as one without a thread or files (the threat model says so);
+    // later ones print nothing of it, which refuses. Which this kernel does, read while the
+    // lock is still held:
+    let shown = std::fs::read_to_string(format!("/proc/{}/fdinfo/{busy}", fx.helper.pid))
+        .expect("the busy ring's fdinfo");
+    assert_eq!(busy_named, !shown.contains("SqThread:"), "{shown}\n{err}");
     let released = fx.helper.cmd("release-ring-lock");
     assert!(released.starts_with("ok "), "{released}");
     // Nothing bound: a port no rule allows is still reached.
@@ -1132,21 +1132,15 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
     assert_eq!(own.cmd("send-held"), "err EPERM");
 }
 
-/// A process outside the unit that shares a unit process's descriptor table (cloned with
-/// `CLONE_FILES`, then moved out) is not frozen with the unit, and a descriptor it opens or
-/// takes lands in the unit's table without a receipt: enroll refuses while one is there.
+/// A task outside the unit that shares a unit process's descriptor table (a process cloned
+/// with `CLONE_FILES`, then moved out, or a thread of one whose leader has exited) is not
+/// frozen with the unit, and a descriptor it opens or takes lands in the unit's table without
+/// a receipt: enroll refuses while one is there.
 #[test]
 fn enroll_refuses_a_unit_sharing_its_descriptor_table_with_a_process_outside() {
     let fx = fixture("wire-enroll-files");
     let (unit, mut probe) = fx.unit();
     let elsewhere = fx._env.cgroup("elsewhere");
-    let forked = probe.cmd("fork-sharing-files");
-    let child: u32 = forked
-        .strip_prefix("ok ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("fork-sharing-files: {forked}"));
-    elsewhere.add_process(child).expect("move the child out");
-
     let (cert, key) = write_cert(fx.dir.path(), "unit", &fx.ca.issue(&CertSpec::agent(ID)));
     let enroll = || {
         let mut c = agentwall_tests::node::agentwall();
@@ -1159,28 +1153,63 @@ fn enroll_refuses_a_unit_sharing_its_descriptor_table_with_a_process_outside() {
             .arg(fx.socket());
         c.output().unwrap()
     };
-    let out = enroll();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert!(
-        err.contains(&format!(
-            "pid {} shares its descriptor table with pid {child}, outside the cgroup (a process cloned with CLONE_FILES): that process can put descriptors in it that no hook judges as the unit's",
-            probe.pid
-        )),
-        "{err}"
-    );
+    let refused_for = |outside: u32| {
+        let out = enroll();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains(&format!(
+                "shares its descriptor table with task {outside}, outside the cgroup (cloned with CLONE_FILES): that task can put descriptors in it that no hook judges as the unit's"
+            )),
+            "{err}"
+        );
+    };
+    let gone = |pid: u32| {
+        // SAFETY: kill with a pid and a signal.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        eventually(
+            "the child to exit",
+            WITHIN,
+            || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                Ok(stat) if !stat.contains(") Z ") => Err(stat),
+                _ => Ok(()),
+            },
+        );
+    };
+    let forked = |probe: &mut Probe| -> u32 {
+        let forked = probe.cmd("fork-sharing-files");
+        forked
+            .strip_prefix("ok ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("fork-sharing-files: {forked}"))
+    };
 
-    // Gone (a zombie holds no table): enrolled.
-    // SAFETY: kill with a pid and a signal.
-    assert_eq!(unsafe { libc::kill(child as i32, libc::SIGKILL) }, 0);
+    // A process sharing the table, moved out.
+    let child = forked(&mut probe);
+    elsewhere.add_process(child).expect("move the child out");
+    refused_for(child);
+    gone(child);
+
+    // A thread sharing it, its process's leader gone (no process /proc lists shares it).
+    let child = forked(&mut probe);
+    elsewhere.add_process(child).expect("move the child out");
+    let started = probe.cmd("sharing-leader-exits");
+    let thread: u32 = started
+        .strip_prefix("ok ")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("sharing-leader-exits: {started}"));
     eventually(
-        "the child to exit",
+        "the leader to exit",
         WITHIN,
         || match std::fs::read_to_string(format!("/proc/{child}/stat")) {
-            Ok(stat) if !stat.contains(") Z ") => Err(stat),
-            _ => Ok(()),
+            Ok(stat) if stat.contains(") Z ") => Ok(()),
+            other => Err(format!("{other:?}")),
         },
     );
+    refused_for(thread);
+    gone(child);
+
+    // Gone (an exited task holds no table): enrolled.
     let out = enroll();
     assert!(
         out.status.success(),

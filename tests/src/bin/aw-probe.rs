@@ -99,7 +99,8 @@
 //!   keep-ring [sqpoll]             a new io_uring instance (with an SQPOLL thread), kept;
 //!                                  answers `ok FD`
 //!   fork-sharing-files             a child cloned with CLONE_FILES (sharing this process's
-//!                                  descriptor table), paused; answers `ok PID`
+//!                                  descriptor table), waiting; answers `ok PID`
+//!   sharing-leader-exits           that child starts a thread and its leader exits; `ok TID`
 //!   hold-ring-lock FD              holds io_uring instance FD's lock (a buffer registration
 //!                                  waits on a userfaultfd page never served); needs root
 //!   release-ring-lock              lets it go; `ok registered` or `ok failed`
@@ -2058,31 +2059,8 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             fd.parse().map_err(|_| format!("bad descriptor {fd}"))?,
             *take == "take-fd",
         ),
-        ["fork-sharing-files"] => {
-            // SAFETY: clone without a new stack behaves as fork; the child makes only system
-            // calls (async-signal-safe) and never returns.
-            unsafe {
-                let child = libc::syscall(
-                    libc::SYS_clone,
-                    libc::CLONE_FILES | libc::SIGCHLD,
-                    0,
-                    0,
-                    0,
-                    0,
-                );
-                if child == 0 {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    loop {
-                        libc::pause();
-                    }
-                }
-                if child < 0 {
-                    format!("err {}", errno_name(last_err()))
-                } else {
-                    format!("ok {child}")
-                }
-            }
-        }
+        ["fork-sharing-files"] => fork_sharing_files(),
+        ["sharing-leader-exits"] => sharing_leader_exits()?,
         ["hold-ring-lock", fd] => {
             hold_ring_lock(fd.parse().map_err(|_| format!("bad descriptor {fd}"))?)?
         }
@@ -2311,6 +2289,98 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
 /// Rings `keep-ring` made, kept open until exit.
 static KEPT_RINGS: std::sync::Mutex<Vec<io_uring::IoUring>> = std::sync::Mutex::new(Vec::new());
 
+/// The child `fork-sharing-files` made: the pipe that tells it to go on, the pipe it answers
+/// on.
+static SHARING_CHILD: std::sync::Mutex<Option<(RawFd, RawFd)>> = std::sync::Mutex::new(None);
+
+/// A child cloned with `CLONE_FILES` (it shares this process's descriptor table), which waits
+/// to be told to start a thread and end its leader (`sharing-leader-exits`): a thread of a
+/// process whose leader is gone, sharing the table. `ok PID`.
+fn fork_sharing_files() -> String {
+    let (mut go, mut back) = ([0; 2], [0; 2]);
+    // SAFETY: pipe2 with arrays of two; clone without a new stack behaves as fork. The child
+    // makes only system calls (async-signal-safe) until it exits, and its thread runs on a
+    // stack of its own mapped for it, calling nothing but pause.
+    unsafe {
+        if libc::pipe2(go.as_mut_ptr(), libc::O_CLOEXEC) != 0
+            || libc::pipe2(back.as_mut_ptr(), libc::O_CLOEXEC) != 0
+        {
+            return format!("err pipe {}", errno_name(last_err()));
+        }
+        let parent = libc::getpid();
+        let child = libc::syscall(
+            libc::SYS_clone,
+            libc::CLONE_FILES | libc::SIGCHLD,
+            0,
+            0,
+            0,
+            0,
+        );
+        if child == 0 {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != parent {
+                libc::syscall(libc::SYS_exit_group, 1);
+            }
+            let mut byte = 0u8;
+            if libc::read(go[0], (&raw mut byte).cast(), 1) != 1 {
+                libc::syscall(libc::SYS_exit_group, 1);
+            }
+            extern "C" fn sleep_forever(_: *mut libc::c_void) -> libc::c_int {
+                loop {
+                    // SAFETY: pause has no arguments.
+                    unsafe { libc::syscall(libc::SYS_pause) };
+                }
+            }
+            let stack = libc::mmap(
+                std::ptr::null_mut(),
+                1 << 16,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            );
+            let tid = libc::clone(
+                sleep_forever,
+                stack.cast::<u8>().add(1 << 16).cast(),
+                libc::CLONE_VM
+                    | libc::CLONE_FS
+                    | libc::CLONE_FILES
+                    | libc::CLONE_SIGHAND
+                    | libc::CLONE_THREAD
+                    | libc::CLONE_SYSVSEM,
+                std::ptr::null_mut(),
+            );
+            libc::write(back[1], (&raw const tid).cast(), 4);
+            // The leader alone: the thread lives on.
+            libc::syscall(libc::SYS_exit, 0);
+        }
+        if child < 0 {
+            return format!("err {}", errno_name(last_err()));
+        }
+        *SHARING_CHILD.lock().expect("sharing child") = Some((go[1], back[0]));
+        format!("ok {child}")
+    }
+}
+
+/// Tells the `fork-sharing-files` child to start its thread and end its leader: `ok TID`.
+fn sharing_leader_exits() -> Result<String, String> {
+    let (go, back) = SHARING_CHILD
+        .lock()
+        .expect("sharing child")
+        .take()
+        .ok_or("no sharing child")?;
+    let mut tid = 0i32;
+    // SAFETY: one byte written from, and four read into, values that live across the calls.
+    let read = unsafe {
+        libc::write(go, [1u8].as_ptr().cast(), 1);
+        libc::read(back, (&raw mut tid).cast(), 4)
+    };
+    if read != 4 || tid <= 0 {
+        return Ok(format!("err the child's thread: {tid}"));
+    }
+    Ok(format!("ok {tid}"))
+}
+
 /// The userfaultfd whose unserved page holds a ring's lock, and the thread blocked on it.
 static RING_LOCK: std::sync::Mutex<Option<(OwnedFd, std::thread::JoinHandle<i64>)>> =
     std::sync::Mutex::new(None);
@@ -2372,7 +2442,13 @@ fn hold_ring_lock(ring: RawFd) -> Result<String, String> {
             events: libc::POLLIN,
             revents: 0,
         };
-        if libc::poll(&raw mut pfd, 1, 10_000) != 1 {
+        // The runner stretches deadlines on slow (emulated) kernels.
+        let patience = std::env::var("AGENTWALL_TEST_PATIENCE")
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+            .unwrap_or(1)
+            .clamp(1, 100);
+        if libc::poll(&raw mut pfd, 1, 10_000 * patience) != 1 {
             return Ok("err the registration did not fault".into());
         }
         *RING_LOCK.lock().expect("ring lock") = Some((uffd, blocked));
