@@ -264,6 +264,36 @@ pub fn thaw(path: &Path) -> Result<(), CgroupError> {
     fs::write(&control, "0").map_err(io_err(&control))
 }
 
+/// An ancestor of `cgroup` whose `cgroup.procs` someone other than root may write, with its
+/// owner and mode: `(procs file, uid, mode)`. Moving a task into or out of a cgroup takes
+/// write access to the `cgroup.procs` of the common ancestor of where it comes from and where
+/// it goes, which for a move across `cgroup`'s boundary is one of these; so where none is
+/// writable by anyone but root, only root moves tasks across (`clone3(CLONE_INTO_CGROUP)`
+/// included). An ancestor that cannot be read counts as writable (fail closed).
+pub fn delegated_ancestor(cgroup: &Path) -> Option<(PathBuf, u32, u32)> {
+    for dir in cgroup.ancestors().skip(1) {
+        let procs = dir.join("cgroup.procs");
+        match fs::metadata(&procs) {
+            Ok(m) => {
+                let writable_by_others =
+                    m.mode() & 0o002 != 0 || (m.mode() & 0o020 != 0 && m.gid() != 0);
+                if m.uid() != 0 || writable_by_others {
+                    return Some((procs, m.uid(), m.mode() & 0o7777));
+                }
+            }
+            // Above the cgroup file system's root.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && !dir.join("cgroup.controllers").exists() =>
+            {
+                return None;
+            }
+            Err(_) => return Some((procs, u32::MAX, 0)),
+        }
+    }
+    None
+}
+
 /// The ids of `cgroup` and of every cgroup below it (a cgroup2 directory's inode number is
 /// its id). Unreadable directories are left out.
 pub fn subtree_ids(cgroup: &Path, out: &mut std::collections::HashSet<u64>) {

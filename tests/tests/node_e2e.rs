@@ -527,6 +527,49 @@ fn agentwall_out(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// In a subtree delegated to a user (a user's systemd manager, a rootless container), that
+/// user moves tasks across the unit's boundary at will: out of it after the binding, or into
+/// it unscanned. enroll refuses while an ancestor's cgroup.procs is writable by anyone but
+/// root.
+#[test]
+fn enroll_refuses_a_cgroup_in_a_subtree_delegated_to_a_user() {
+    let (env, tmp, ca) = setup("delegated", POLICY);
+    let dir = tmp.path();
+    let node = NodeProc::start(&env, dir);
+    let sock = node.socket.to_str().unwrap().to_owned();
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let (c, k) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let user = env.cgroup("user-65534.slice");
+    let unit = env.cgroup("user-65534.slice/agent.service");
+    let _svc = Probe::spawn(&unit);
+    let enroll = || {
+        agentwall_out(&[
+            "enroll",
+            "--cgroup",
+            unit.path().to_str().unwrap(),
+            "--cert",
+            c,
+            "--key",
+            k,
+            "--socket",
+            &sock,
+        ])
+    };
+    let procs = user.path().join("cgroup.procs");
+    std::os::unix::fs::chown(&procs, Some(65534), None).expect("delegate the slice");
+    let (code, _, err) = enroll();
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(
+            "user-65534.slice/cgroup.procs may be written by uid 65534 (mode 644): a process of that user could move the unit's tasks out after the binding, or new ones in unscanned"
+        ),
+        "{err}"
+    );
+    std::os::unix::fs::chown(&procs, Some(0), None).expect("take the slice back");
+    let (code, _, err) = enroll();
+    assert_eq!(code, 0, "{err}");
+}
+
 /// `enroll` freezes a unit while it reads its sockets and binds it, so it leaves alone what
 /// it cannot own: a unit its owner froze (a freeze someone else holds can be lifted under
 /// the scan), and a cgroup holding another session below it (it would freeze that

@@ -122,6 +122,15 @@ pub enum SessionError {
     #[error("the node itself runs in {0}; it cannot freeze its own cgroup to read its sockets")]
     NodeInside(PathBuf),
     #[error(
+        "{path}: {procs} may be written by uid {uid} (mode {mode:o}): a process of that user could move the unit's tasks out after the binding, or new ones in unscanned; enroll only cgroups whose ancestors' cgroup.procs only root may write (a subtree delegated to a user, such as user@.service's, is not one)"
+    )]
+    Delegated {
+        path: PathBuf,
+        procs: PathBuf,
+        uid: u32,
+        mode: u32,
+    },
+    #[error(
         "{path} holds the session at {below}; enroll that cgroup's own (unbound) children instead"
     )]
     HoldsSessions { path: PathBuf, below: PathBuf },
@@ -696,6 +705,14 @@ impl Sessions {
             return Err(SessionError::NotBelowAttach {
                 path: cg.path().to_owned(),
                 attach: attach.to_owned(),
+            });
+        }
+        if let Some((procs, uid, mode)) = crate::cgroup::delegated_ancestor(cg.path()) {
+            return Err(SessionError::Delegated {
+                path: cg.path().to_owned(),
+                procs,
+                uid,
+                mode,
             });
         }
         let number = admit()?;
