@@ -264,34 +264,46 @@ pub fn thaw(path: &Path) -> Result<(), CgroupError> {
     fs::write(&control, "0").map_err(io_err(&control))
 }
 
-/// An ancestor of `cgroup` whose `cgroup.procs` someone other than root may write, with its
-/// owner and mode: `(procs file, uid, mode)`. Moving a task into or out of a cgroup takes
-/// write access to the `cgroup.procs` of the common ancestor of where it comes from and where
-/// it goes, which for a move across `cgroup`'s boundary is one of these; so where none is
-/// writable by anyone but root, only root moves tasks across (`clone3(CLONE_INTO_CGROUP)`
-/// included). An ancestor that cannot be read counts as writable (fail closed).
-pub fn delegated_ancestor(cgroup: &Path) -> Option<(PathBuf, u32, u32)> {
-    for dir in cgroup.ancestors().skip(1) {
-        let procs = dir.join("cgroup.procs");
-        match fs::metadata(&procs) {
-            Ok(m) => {
-                let writable_by_others =
-                    m.mode() & 0o002 != 0 || (m.mode() & 0o020 != 0 && m.gid() != 0);
-                if m.uid() != 0 || writable_by_others {
-                    return Some((procs, m.uid(), m.mode() & 0o7777));
-                }
-            }
-            // Above the cgroup file system's root.
-            Err(e)
-                if e.kind() == std::io::ErrorKind::NotFound
-                    && !dir.join("cgroup.controllers").exists() =>
-            {
-                return None;
-            }
-            Err(_) => return Some((procs, u32::MAX, 0)),
+/// A `cgroup.procs` or `cgroup.threads` file, of `cgroup`, of a cgroup below it or of one of
+/// its ancestors, that someone other than root may write, with its owner and mode: `(file,
+/// uid, mode)`. Moving a task between cgroups takes write access to the `cgroup.procs` of the
+/// common ancestor of where it comes from and where it goes: across `cgroup`'s boundary that
+/// is an ancestor, and within its subtree a cgroup of the subtree (a move there, mid-scan, can
+/// hide a task from the listing). Where none is writable by anyone but root, only root moves
+/// tasks (`clone3(CLONE_INTO_CGROUP)` included). A file that cannot be read counts as
+/// writable (fail closed); so does group write, whatever the group.
+pub fn delegated(cgroup: &Path) -> Option<(PathBuf, u32, u32)> {
+    fn open_to_others(file: PathBuf) -> Option<(PathBuf, u32, u32)> {
+        match fs::metadata(&file) {
+            Ok(m) if m.uid() == 0 && m.mode() & 0o022 == 0 => None,
+            Ok(m) => Some((file, m.uid(), m.mode() & 0o7777)),
+            Err(_) => Some((file, u32::MAX, 0)),
         }
     }
-    None
+    fn subtree(dir: &Path) -> Option<(PathBuf, u32, u32)> {
+        for name in ["cgroup.procs", "cgroup.threads"] {
+            if let Some(found) = open_to_others(dir.join(name)) {
+                return Some(found);
+            }
+        }
+        let Ok(entries) = fs::read_dir(dir) else {
+            return Some((dir.to_owned(), u32::MAX, 0));
+        };
+        entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .find_map(|e| subtree(&e.path()))
+    }
+    for dir in cgroup.ancestors().skip(1) {
+        // Above the cgroup file system's root.
+        if !dir.join("cgroup.controllers").exists() {
+            break;
+        }
+        if let Some(found) = open_to_others(dir.join("cgroup.procs")) {
+            return Some(found);
+        }
+    }
+    subtree(cgroup)
 }
 
 /// The ids of `cgroup` and of every cgroup below it (a cgroup2 directory's inode number is

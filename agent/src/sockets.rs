@@ -653,6 +653,14 @@ impl Scan {
                 return Ok(Some((tables[at], other)));
             }
         }
+        // A frozen task still dies of SIGKILL, and an exited one has no table: compared
+        // then, its sharers outside would have compared unequal, and the order kept would no
+        // longer hold.
+        if let Some(&gone) = tables.iter().find(|&&t| !alive(t)) {
+            return Err(io::Error::other(format!(
+                "task {gone} of the unit exited while its descriptor table was compared"
+            )));
+        }
         Ok(None)
     }
 

@@ -561,11 +561,36 @@ fn enroll_refuses_a_cgroup_in_a_subtree_delegated_to_a_user() {
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains(
-            "user-65534.slice/cgroup.procs may be written by uid 65534 (mode 644): a process of that user could move the unit's tasks out after the binding, or new ones in unscanned"
+            "user-65534.slice/cgroup.procs may be written by uid 65534 (mode 644): a process of that user could move the unit's tasks out after the binding, new ones in unscanned, or one past the scan"
         ),
         "{err}"
     );
     std::os::unix::fs::chown(&procs, Some(0), None).expect("take the slice back");
+    // Group write, whatever the group.
+    let mode = |file: &Path, mode: u32| {
+        std::fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .expect("chmod");
+    };
+    mode(&procs, 0o664);
+    let (code, _, err) = enroll();
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("user-65534.slice/cgroup.procs may be written by uid 0 (mode 664)"),
+        "{err}"
+    );
+    mode(&procs, 0o644);
+    // Within the unit too: a move between its own cgroups mid-scan could hide a task from
+    // the listing.
+    let worker = env.cgroup("user-65534.slice/agent.service/worker");
+    let threads = worker.path().join("cgroup.threads");
+    std::os::unix::fs::chown(&threads, Some(65534), None).expect("delegate the worker");
+    let (code, _, err) = enroll();
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("agent.service/worker/cgroup.threads may be written by uid 65534 (mode 644)"),
+        "{err}"
+    );
+    std::os::unix::fs::chown(&threads, Some(0), None).expect("take the worker back");
     let (code, _, err) = enroll();
     assert_eq!(code, 0, "{err}");
 }

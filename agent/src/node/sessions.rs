@@ -122,7 +122,7 @@ pub enum SessionError {
     #[error("the node itself runs in {0}; it cannot freeze its own cgroup to read its sockets")]
     NodeInside(PathBuf),
     #[error(
-        "{path}: {procs} may be written by uid {uid} (mode {mode:o}): a process of that user could move the unit's tasks out after the binding, or new ones in unscanned; enroll only cgroups whose ancestors' cgroup.procs only root may write (a subtree delegated to a user, such as user@.service's, is not one)"
+        "{path}: {procs} may be written by uid {uid} (mode {mode:o}): a process of that user could move the unit's tasks out after the binding, new ones in unscanned, or one past the scan; enroll only cgroups in, and with, no subtree delegated to a user (such as user@.service's, or a service's with Delegate=yes and User=): their and their ancestors' cgroup.procs and cgroup.threads only root may write"
     )]
     Delegated {
         path: PathBuf,
@@ -707,7 +707,7 @@ impl Sessions {
                 attach: attach.to_owned(),
             });
         }
-        if let Some((procs, uid, mode)) = crate::cgroup::delegated_ancestor(cg.path()) {
+        if let Some((procs, uid, mode)) = crate::cgroup::delegated(cg.path()) {
             return Err(SessionError::Delegated {
                 path: cg.path().to_owned(),
                 procs,
