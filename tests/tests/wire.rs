@@ -1029,7 +1029,17 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
         .strip_prefix("ok ")
         .unwrap_or_else(|| panic!("take-fd: {taken}"))
         .to_owned();
-    assert_eq!(fx.helper.cmd(&format!("hold-ring-lock {busy}")), "ok");
+    // Kernels before 6.12 fail a long-term pin of a page a userfaultfd serves at once rather
+    // than wait on it (6.1 does): the lock cannot be held this way there, and that step is
+    // left out.
+    let held = fx.helper.cmd(&format!("hold-ring-lock {busy}"));
+    let holding = held == "ok";
+    assert!(
+        holding
+            || (held.starts_with("err the registration ended without waiting")
+                && agentwall_tests::kernel_release() < (6, 12)),
+        "{held}"
+    );
     let mut moved = probe(&fx, &elsewhere);
     assert_eq!(moved.cmd("listen tcp :: 8091"), "ok");
     // Sockets held without a descriptor: a connected UDP socket registered with an io_uring
@@ -1098,19 +1108,21 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
         !err.contains(&format!("fd {plain_ring}:")),
         "the ring without a thread: {err}"
     );
-    let busy_named = err.contains(&format!(
-        "pid {} (\"aw-probe\") fd {busy_ring}: an io_uring instance a process outside the cgroup keeps busy (its lock held at every read, so what it holds and who works it cannot be read)",
-        raw.pid
-    ));
-    // Kernels that print a busy ring's thread as -1 (before Linux 6.15 and its stable
-    // backports) make it read as one without a thread or files (the threat model says so);
-    // later ones print nothing of it, which refuses. Which this kernel does, read while the
-    // lock is still held:
-    let shown = std::fs::read_to_string(format!("/proc/{}/fdinfo/{busy}", fx.helper.pid))
-        .expect("the busy ring's fdinfo");
-    assert_eq!(busy_named, !shown.contains("SqThread:"), "{shown}\n{err}");
-    let released = fx.helper.cmd("release-ring-lock");
-    assert!(released.starts_with("ok "), "{released}");
+    if holding {
+        let busy_named = err.contains(&format!(
+            "pid {} (\"aw-probe\") fd {busy_ring}: an io_uring instance a process outside the cgroup keeps busy (its lock held at every read, so what it holds and who works it cannot be read)",
+            raw.pid
+        ));
+        // Kernels that print a busy ring's thread as -1 (before Linux 6.15 and its stable
+        // backports) make it read as one without a thread or files (the threat model says
+        // so); later ones print nothing of it, which refuses. Which this kernel does, read
+        // while the lock is still held:
+        let shown = std::fs::read_to_string(format!("/proc/{}/fdinfo/{busy}", fx.helper.pid))
+            .expect("the busy ring's fdinfo");
+        assert_eq!(busy_named, !shown.contains("SqThread:"), "{shown}\n{err}");
+        let released = fx.helper.cmd("release-ring-lock");
+        assert!(released.starts_with("ok "), "{released}");
+    }
     // Nothing bound: a port no rule allows is still reached.
     assert_eq!(raw.cmd(&format!("hold udp {PEER_V4} 9500")), "ok");
     assert_eq!(raw.cmd("send-held"), "ok");

@@ -2445,11 +2445,20 @@ fn hold_ring_lock(ring: RawFd) -> Result<String, String> {
         // The runner stretches deadlines on slow (emulated) kernels.
         let patience = std::env::var("AGENTWALL_TEST_PATIENCE")
             .ok()
-            .and_then(|v| v.parse::<i32>().ok())
+            .and_then(|v| v.parse::<u32>().ok())
             .unwrap_or(1)
             .clamp(1, 100);
-        if libc::poll(&raw mut pfd, 1, 10_000 * patience) != 1 {
-            return Ok("err the registration did not fault".into());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10) * patience;
+        // A kernel that will not wait on the page for a long-term pin fails the registration
+        // at once instead.
+        while libc::poll(&raw mut pfd, 1, 50) != 1 {
+            if blocked.is_finished() {
+                let rc = blocked.join().unwrap_or(0);
+                return Ok(format!("err the registration ended without waiting: {rc}"));
+            }
+            if std::time::Instant::now() > deadline {
+                return Ok("err the registration did not fault".into());
+            }
         }
         *RING_LOCK.lock().expect("ring lock") = Some((uffd, blocked));
         Ok("ok".into())
