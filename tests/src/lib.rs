@@ -472,6 +472,15 @@ impl Probe {
         self.read_answer(line)
     }
 
+    /// Runs one command whose answer must be `ok VALUE`, and returns VALUE.
+    pub fn ok_value(&mut self, line: &str) -> String {
+        let got = self.cmd(line);
+        match got.strip_prefix("ok ") {
+            Some(value) => value.to_owned(),
+            None => panic!("{line}: {got}"),
+        }
+    }
+
     /// Sends one command without waiting; [`Probe::answer`] reads its reply later, so the test
     /// can act while the probe works.
     pub fn send(&mut self, line: &str) {

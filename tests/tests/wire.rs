@@ -812,10 +812,8 @@ fn a_handed_udp_socket_holding_datagrams_is_refused() {
         assert_eq!(fx.helper.cmd("wait-queued 10000"), "ok");
     };
     let held_port = |fx: &mut Fixture| -> u16 {
-        let got = fx.helper.cmd("held-port");
-        got.strip_prefix("ok ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("held-port: {got}"))
+        let port = fx.helper.ok_value("held-port");
+        port.parse().unwrap_or_else(|_| panic!("held-port: {port}"))
     };
 
     // Received while bound, then connected where the agent may go.
@@ -873,11 +871,7 @@ fn a_handed_udp_socket_holding_datagrams_is_refused() {
 #[test]
 fn a_governed_task_takes_no_io_uring_instance_from_another_process() {
     let mut fx = fixture("wire-foreign-ring");
-    let kept = fx.helper.cmd("keep-ring");
-    let ring = kept
-        .strip_prefix("ok ")
-        .unwrap_or_else(|| panic!("keep-ring: {kept}"))
-        .to_owned();
+    let ring = fx.helper.ok_value("keep-ring");
     let helper = fx.helper.pid;
     let (unit, mut probe) = fx.unit();
     // Not yet enrolled (and root, so ptrace lets it): taken.
@@ -997,38 +991,14 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
     assert_eq!(raw.cmd("raw-keep"), "ok");
     // A ring taken from a process outside: its SQPOLL thread would carry out what the unit
     // submits, as that process. One without a thread is the taker's to drive.
-    let sqpoll = fx.helper.cmd("keep-ring sqpoll");
-    let sqpoll = sqpoll
-        .strip_prefix("ok ")
-        .unwrap_or_else(|| panic!("keep-ring sqpoll: {sqpoll}"))
-        .to_owned();
-    let plain = fx.helper.cmd("keep-ring");
-    let plain = plain
-        .strip_prefix("ok ")
-        .unwrap_or_else(|| panic!("keep-ring: {plain}"))
-        .to_owned();
-    let taken = raw.cmd(&format!("take-fd {} {sqpoll}", fx.helper.pid));
-    let foreign_ring = taken
-        .strip_prefix("ok ")
-        .unwrap_or_else(|| panic!("take-fd: {taken}"))
-        .to_owned();
-    let taken = raw.cmd(&format!("take-fd {} {plain}", fx.helper.pid));
-    let plain_ring = taken
-        .strip_prefix("ok ")
-        .unwrap_or_else(|| panic!("take-fd: {taken}"))
-        .to_owned();
+    let sqpoll = fx.helper.ok_value("keep-ring sqpoll");
+    let plain = fx.helper.ok_value("keep-ring");
+    let foreign_ring = raw.ok_value(&format!("take-fd {} {sqpoll}", fx.helper.pid));
+    let plain_ring = raw.ok_value(&format!("take-fd {} {plain}", fx.helper.pid));
     // A ring whose lock the helper holds through the scan: the kernel then says nothing of
     // its thread or its files.
-    let busy = fx.helper.cmd("keep-ring");
-    let busy = busy
-        .strip_prefix("ok ")
-        .unwrap_or_else(|| panic!("keep-ring: {busy}"))
-        .to_owned();
-    let taken = raw.cmd(&format!("take-fd {} {busy}", fx.helper.pid));
-    let busy_ring = taken
-        .strip_prefix("ok ")
-        .unwrap_or_else(|| panic!("take-fd: {taken}"))
-        .to_owned();
+    let busy = fx.helper.ok_value("keep-ring");
+    let busy_ring = raw.ok_value(&format!("take-fd {} {busy}", fx.helper.pid));
     // Kernels before 6.12 fail a long-term pin of a page a userfaultfd serves at once rather
     // than wait on it (6.1 does): the lock cannot be held this way there, and that step is
     // left out.
@@ -1189,11 +1159,10 @@ fn enroll_refuses_a_unit_sharing_its_descriptor_table_with_a_process_outside() {
         );
     };
     let forked = |probe: &mut Probe| -> u32 {
-        let forked = probe.cmd("fork-sharing-files");
+        let forked = probe.ok_value("fork-sharing-files");
         forked
-            .strip_prefix("ok ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("fork-sharing-files: {forked}"))
+            .parse()
+            .unwrap_or_else(|_| panic!("fork-sharing-files: {forked}"))
     };
 
     // A process sharing the table, moved out.
@@ -1205,11 +1174,10 @@ fn enroll_refuses_a_unit_sharing_its_descriptor_table_with_a_process_outside() {
     // A thread sharing it, its process's leader gone (no process /proc lists shares it).
     let child = forked(&mut probe);
     elsewhere.add_process(child).expect("move the child out");
-    let started = probe.cmd("sharing-leader-exits");
+    let started = probe.ok_value("sharing-leader-exits");
     let thread: u32 = started
-        .strip_prefix("ok ")
-        .and_then(|t| t.parse().ok())
-        .unwrap_or_else(|| panic!("sharing-leader-exits: {started}"));
+        .parse()
+        .unwrap_or_else(|_| panic!("sharing-leader-exits: {started}"));
     eventually(
         "the leader to exit",
         WITHIN,
