@@ -189,6 +189,11 @@ pub struct Status {
     pub map_fill: Option<crate::datapath::MapFill>,
     /// Whether socket families beyond inet are judged (the BPF LSM line).
     pub socket_families: crate::datapath::SocketFamilies,
+    /// Kernel fields the node reads at offsets that move between kernels and that this
+    /// kernel's BTF did not give: each line that reads one refuses what it would have judged
+    /// by it (empty: every one was found, or the node is older than this list).
+    #[serde(default)]
+    pub kernel_layout: Vec<crate::datapath::LayoutGap>,
     /// Whether the TLS server-name check's program runs (what `sni:` policies get without it
     /// is said on [`crate::datapath::ServerNameCheck`]); none from a node built before it.
     #[serde(default)]

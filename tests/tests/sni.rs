@@ -553,6 +553,84 @@ fn where_the_kernel_refuses_the_check_a_name_rule_alone_opens_no_connection_and_
     }
 }
 
+/// Where the kernel's BTF does not say where a packet's shared pages are marked (here a fail
+/// point hides the BTF), the check cannot tell a copied send from one in pages its sender
+/// can still change: the first data of every watched connection is refused, and `status`
+/// and `node --check-config` say which field is unknown and what that refuses. Started with
+/// its BTF, the node finds every field again and the resolved name passes.
+#[test]
+fn where_the_kernel_does_not_say_where_shared_pages_are_marked_first_data_is_refused_and_status_says_so()
+ {
+    agentwall_tests::require_root();
+    let hidden = [(
+        "AGENTWALL_FAILPOINTS_AT_START",
+        Path::new("kernel-btf-unreadable=return"),
+    )];
+    let mut lab = Lab::new_with("sni-nobtf", "enforce", "", &hidden);
+    let s = agentwall_tests::node::status_json(&lab.node.socket);
+    let gaps = s["kernel_layout"].as_array().expect("kernel_layout");
+    assert!(
+        gaps.iter().any(|g| g["unknown"].as_str().is_some_and(
+            |u| u.starts_with("reading the kernel's BTF from /nonexistent/kernel-btf-unreadable: ")
+        ) && g["effect"].as_str().is_some_and(|e| e.starts_with(
+            "the first data of every connection the server-name check watches is refused"
+        ))),
+        "{s}"
+    );
+    let text = String::from_utf8(agentwall_tests::node::run_ok(
+        agentwall_tests::node::agentwall()
+            .args(["status", "--socket"])
+            .arg(&lab.node.socket),
+    ))
+    .unwrap();
+    assert!(
+        text.contains("kernel layout: UNKNOWN: reading the kernel's BTF from /nonexistent/kernel-btf-unreadable"),
+        "{text}"
+    );
+    lab.resolve();
+    let mut cap = Capture::start(&lab.link.peer, "veth-p");
+    let mut p = lab.probe();
+    assert_eq!(p.cmd(&format!("hold tcp {PEER_V4} 443")), "ok");
+    assert_eq!(p.cmd("send-held-hello api.example.com whole"), "ok");
+    let r = lab.wait_decision(|r| r["port"] == 443 && r["verdict"] == "deny");
+    assert_eq!(
+        r["reason"],
+        "zero-copy or spliced send before a connection only a name rule allows had its server name checked",
+        "{r}"
+    );
+    assert_eq!(p.cmd("await-end-held"), "ECONNABORTED");
+    assert_eq!(p.cmd("drop-held"), "ok");
+    let sent = lab.sent(&mut cap);
+    assert!(
+        !sent.iter().any(|p| p.carries(b"api.example.com")),
+        "first data left while the layout was unknown: {sent:#?}"
+    );
+    drop(p);
+
+    lab.restart(&[]);
+    let s = agentwall_tests::node::status_json(&lab.node.socket);
+    assert_eq!(s["kernel_layout"], serde_json::json!([]), "{s}");
+    let text = String::from_utf8(agentwall_tests::node::run_ok(
+        agentwall_tests::node::agentwall()
+            .args(["status", "--socket"])
+            .arg(&lab.node.socket),
+    ))
+    .unwrap();
+    assert!(
+        text.contains("kernel layout: every field found in the BTF"),
+        "{text}"
+    );
+    let checked = NodeProc::check_config(&lab.env, lab.dir(), &[]);
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        said.contains("ok      kernel layout: every kernel field the node reads at offsets that move between kernels is in the BTF"),
+        "{said}"
+    );
+    lab.resolve();
+    let (code, out) = lab.curl("api.example.com");
+    assert_eq!((code, out.as_str()), (Some(0), "200"));
+}
+
 /// A TCP connection made before its cgroup was governed (a unit's, before `enroll`) to an
 /// address the identity then learns by name: the packet line takes it over at its next
 /// packet, and since no hook saw its first data, a name rule alone does not let it send

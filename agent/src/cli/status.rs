@@ -52,6 +52,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!("socket families: NOT judged beyond inet: {why}")
         }
     }
+    if s.kernel_layout.is_empty() {
+        println!("kernel layout: every field found in the BTF");
+    }
+    for gap in &s.kernel_layout {
+        println!("kernel layout: UNKNOWN: {}: {}", gap.unknown, gap.effect);
+    }
     match &s.server_name_check {
         Some(agentwall::datapath::ServerNameCheck::Loaded) => {
             println!("server-name check: loaded")

@@ -647,6 +647,8 @@ pub struct Datapath {
     config: Mutex<Array<MapData, Config>>,
     drops: PerCpuArray<MapData, u64>,
     families: SocketFamilies,
+    /// Kernel fields the BTF did not give, each refusing what it would have judged.
+    layout_gaps: Vec<LayoutGap>,
     server_names: ServerNameCheck,
     /// Rate-limit tables: governed identities', then unbound cgroups'.
     rate: [HashMap<MapData, c::RateKey, c::RateState>; 2],
@@ -796,7 +798,7 @@ impl Datapath {
         let server_names = load_programs(&mut ebpf, &links_dir, &mut families, &swaps)?;
         // After the loads, before anything is attached: an LSM line found wrong here is
         // never attached.
-        let layout = kernel_layout(&mut families);
+        let (layout, layout_gaps) = kernel_layout(&mut families);
         if let SocketFamilies::Unenforced(why) = &families
             && links_dir.join(c::PROG_SOCKET_FAMILY).exists()
         {
@@ -811,6 +813,7 @@ impl Datapath {
             server_names,
             swaps,
             layout,
+            layout_gaps,
             cfg: cfg.clone(),
             attach,
             dir,
@@ -830,6 +833,7 @@ pub struct Loaded {
     /// Pinned links whose program this start replaces.
     swaps: Swaps,
     layout: KernelLayout,
+    layout_gaps: Vec<LayoutGap>,
     cfg: DatapathConfig,
     attach: Cgroup,
     dir: PathBuf,
@@ -863,6 +867,7 @@ impl Loaded {
             server_names,
             swaps,
             layout,
+            layout_gaps,
             cfg,
             attach,
             dir,
@@ -941,6 +946,7 @@ impl Loaded {
             config: Mutex::new(config),
             drops,
             families,
+            layout_gaps,
             server_names,
             rate: [rate, unknown_rate],
             hits: Mutex::new(hits),
@@ -1033,6 +1039,11 @@ impl Datapath {
 
     pub fn server_name_check(&self) -> &ServerNameCheck {
         &self.server_names
+    }
+
+    /// What the kernel's BTF did not say (see [`LayoutGap`]); empty when it said everything.
+    pub fn layout_gaps(&self) -> &[LayoutGap] {
+        &self.layout_gaps
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -2010,49 +2021,87 @@ impl Datapath {
     }
 }
 
+/// A kernel field the node did not find in the kernel's BTF, and what the line that reads
+/// it does instead (refuse what it would have judged by it, mostly).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayoutGap {
+    /// What could not be found, and why.
+    pub unknown: String,
+    /// What governed agents meet because of it.
+    pub effect: String,
+}
+
+/// What [`kernel_layout`] finds for this kernel, with nothing loaded (`node --check-config`).
+pub fn layout_gaps_here() -> Vec<LayoutGap> {
+    kernel_layout(&mut lsm_line_as_mounted()).1
+}
+
 /// Finds in the kernel's BTF where the packet line reads whether a packet's data is in pages
 /// its sender shares; and, where the LSM line would load, checks the kernel struct fields its
 /// programs read at fixed offsets (a kernel that differs leaves the line unenforced, said in
 /// `families`) and finds the fields the receipt line reads at offsets that move between
 /// kernels. One not found is unknown (zero), and the line that reads it refuses what it
-/// would have judged by it.
-fn kernel_layout(families: &mut SocketFamilies) -> KernelLayout {
-    let btf = match layout::KernelBtf::read(Path::new(layout::KERNEL_BTF)) {
+/// would have judged by it: each such gap is logged here and kept for `status`.
+fn kernel_layout(families: &mut SocketFamilies) -> (KernelLayout, Vec<LayoutGap>) {
+    let mut gaps = Vec::new();
+    let mut gap = |e: &dyn std::fmt::Display, effect: &str| {
+        warn!(error = %e, "{effect}");
+        gaps.push(LayoutGap {
+            unknown: e.to_string(),
+            effect: effect.to_owned(),
+        });
+    };
+    const SNI: &str = "the first data of every connection the server-name check watches is refused (recorded as a zero-copy or spliced send: whether its pages are shared cannot be read)";
+    // A test has a kernel without BTF with the `kernel-btf-unreadable` fail point.
+    #[cfg(feature = "failpoints")]
+    let btf_at = (|| {
+        fail::fail_point!("kernel-btf-unreadable", |_| Path::new(
+            "/nonexistent/kernel-btf-unreadable"
+        ));
+        Path::new(layout::KERNEL_BTF)
+    })();
+    #[cfg(not(feature = "failpoints"))]
+    let btf_at = Path::new(layout::KERNEL_BTF);
+    let btf = match layout::KernelBtf::read(btf_at) {
         Ok(btf) => btf,
         Err(e) => {
-            warn!(error = %e, "the first data of every connection the server-name check watches is refused: the kernel's BTF cannot be read");
+            gap(&e, SNI);
             if *families == SocketFamilies::Enforced {
                 *families = SocketFamilies::Unenforced(e.to_string());
             }
-            return KernelLayout::default();
+            return (KernelLayout::default(), gaps);
         }
     };
     // The packet line's: whatever the LSM line does.
     let frags = btf.shared_frags().unwrap_or_else(|e| {
-        warn!(error = %e, "the first data of every connection the server-name check watches is refused: where this kernel marks data in pages its sender shares is unknown");
+        gap(&e, SNI);
         KernelLayout::default()
     });
     if *families != SocketFamilies::Enforced {
-        return frags;
+        return (frags, gaps);
     }
     if let Err(e) = btf.check_fields() {
+        gap(
+            &e,
+            "the BPF LSM line is not loaded: socket families beyond inet, socket options and handed-in sockets are not judged",
+        );
         *families = SocketFamilies::Unenforced(e.to_string());
-        return frags;
+        return (frags, gaps);
     }
     let mut found = btf.inet_flags().unwrap_or_else(|e| {
-        warn!(error = %e, "inet sockets handed to governed agents, and every bind of a governed socket, are refused: where this kernel keeps the FREEBIND and TRANSPARENT flags is unknown");
+        gap(&e, "inet sockets handed to governed agents, and every bind of a governed socket, are refused");
         KernelLayout::default()
     });
     (found.bindaddr_at, found.bindaddr_mask) = btf.bindaddr_lock().unwrap_or_else(|e| {
-        warn!(error = %e, "inet sockets handed to governed agents are refused: where this kernel marks an address chosen by bind() is unknown");
+        gap(&e, "inet sockets handed to governed agents are refused");
         (0, 0)
     });
     found.owned_at = btf.owned_at().unwrap_or_else(|e| {
-        warn!(error = %e, "inet sockets handed to governed agents are refused: where this kernel marks a socket in use is unknown");
+        gap(&e, "inet sockets handed to governed agents are refused");
         0
     });
     found.protocol_at = btf.protocol_at().unwrap_or_else(|e| {
-        warn!(error = %e, "UDP sockets handed to governed agents are refused: where this kernel keeps a socket's protocol is unknown");
+        gap(&e, "UDP sockets handed to governed agents are refused");
         0
     });
     found.skb_head_at = frags.skb_head_at;
@@ -2060,19 +2109,22 @@ fn kernel_layout(families: &mut SocketFamilies) -> KernelLayout {
     found.shinfo_flags_at = frags.shinfo_flags_at;
     found.shared_frag_mask = frags.shared_frag_mask;
     found.msg_flags_at = btf.msg_flags_at().unwrap_or_else(|e| {
-        warn!(error = %e, "every send on a connection whose server name is still to be checked is refused: where this kernel keeps a send's flags (zero-copy, spliced pages) is unknown");
+        gap(
+            &e,
+            "every send on a connection whose server name is still to be checked is refused",
+        );
         0
     });
     found.rmem_alloc_at = btf.rmem_alloc_at().unwrap_or_else(|e| {
-        warn!(error = %e, "UDP sockets handed to governed agents are refused: where this kernel counts their queued data is unknown");
+        gap(&e, "UDP sockets handed to governed agents are refused");
         0
     });
     (found.file_dentry_at, found.dentry_len_at, found.dentry_name_at) =
         btf.file_name().unwrap_or_else(|e| {
-            warn!(error = %e, "every file that is no socket is refused to governed agents that take it from another process: where this kernel keeps a file's name (which tells an io_uring instance) is unknown");
+            gap(&e, "every file that is no socket is refused to governed agents that take it from another process (an io_uring instance is told by its name)");
             (0, 0, 0)
         });
-    found
+    (found, gaps)
 }
 
 /// What a start does with a pinned link other than adopt it.

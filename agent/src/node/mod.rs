@@ -299,6 +299,10 @@ impl Node {
         if uring.verdict == preflight::Verdict::Warning {
             warn!(detail = %uring.detail, "io_uring is open to enrolled units");
         }
+        let binder = preflight::binder_here();
+        if binder.verdict == preflight::Verdict::Warning {
+            warn!(detail = %binder.detail, "binder hands files to agents unjudged");
+        }
         let dir = cfg.policy_dir();
         let state_dir = cfg.state_dir();
         std::fs::create_dir_all(&state_dir).map_err(io_err(&state_dir))?;

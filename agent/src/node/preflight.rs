@@ -314,10 +314,12 @@ pub fn kernel() -> Vec<Finding> {
             format!("{why}: socket families beyond inet, socket options and handed-in sockets are not judged"),
         ),
     });
+    out.push(layout(&crate::datapath::layout_gaps_here()));
     out.push(lockdown(std::fs::read_to_string(
         "/sys/kernel/security/lockdown",
     )));
     out.push(io_uring_here());
+    out.push(binder_here());
     out.push(match crate::api::has_peer_pidfd() {
         Ok(true) => finding("SO_PEERPIDFD", Verdict::Ok, "launch names its caller by pidfd"),
         Ok(false) => finding(
@@ -328,6 +330,26 @@ pub fn kernel() -> Vec<Finding> {
         Err(e) => finding("SO_PEERPIDFD", Verdict::Warning, format!("cannot tell: {e}")),
     });
     out
+}
+
+/// The kernel fields the node finds in the BTF at start (also in `status`).
+fn layout(gaps: &[crate::datapath::LayoutGap]) -> Finding {
+    const WHAT: &str = "kernel layout";
+    if gaps.is_empty() {
+        return finding(
+            WHAT,
+            Verdict::Ok,
+            "every kernel field the node reads at offsets that move between kernels is in the BTF",
+        );
+    }
+    finding(
+        WHAT,
+        Verdict::Warning,
+        gaps.iter()
+            .map(|g| format!("{}: {}", g.unknown, g.effect))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
 }
 
 /// The kernel's lockdown (`none [integrity] confidentiality`): at confidentiality the kernel
@@ -357,6 +379,64 @@ pub fn io_uring_here() -> Finding {
     io_uring(std::fs::read_to_string(
         "/proc/sys/kernel/io_uring_disabled",
     ))
+}
+
+/// Whether binder is on this host (also said at start).
+pub fn binder_here() -> Finding {
+    binder(
+        std::fs::read_to_string("/proc/misc"),
+        std::fs::read_to_string("/proc/filesystems"),
+    )
+}
+
+/// Binder (Android's IPC) hands files from process to process without the `file_receive`
+/// hook the receipt line judges in: a binder device (`/proc/misc`) or binderfs, which a user
+/// may mount in a user namespace of their own (`/proc/filesystems`), lets an ungoverned
+/// helper pass a governed agent sockets that no rule judged.
+fn binder(misc: std::io::Result<String>, filesystems: std::io::Result<String>) -> Finding {
+    const WHAT: &str = "binder";
+    let (misc, filesystems) = match (misc, filesystems) {
+        (Ok(m), Ok(f)) => (m, f),
+        (Err(e), _) | (_, Err(e)) => {
+            return finding(
+                WHAT,
+                Verdict::Warning,
+                format!(
+                    "cannot tell whether binder is here (reading /proc/misc and /proc/filesystems: {e})"
+                ),
+            );
+        }
+    };
+    let devices: Vec<&str> = misc
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|name| name.ends_with("binder"))
+        .collect();
+    let binderfs = filesystems
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("binder"));
+    let mut here = devices
+        .iter()
+        .map(|d| format!("the device /dev/{d}"))
+        .collect::<Vec<_>>();
+    if binderfs {
+        here.push("binderfs (any user may mount it in a user namespace)".into());
+    }
+    if here.is_empty() {
+        return finding(
+            WHAT,
+            Verdict::Ok,
+            "no binder device or binderfs on this host",
+        );
+    }
+    finding(
+        WHAT,
+        Verdict::Warning,
+        format!(
+            "{}: binder passes files between processes without the hook that judges what a governed agent receives, so a helper outside governance could hand an agent a socket no rule judged; unload binder_linux, or keep agents from it (DevicePolicy=closed, no user namespaces)",
+            here.join(", ")
+        ),
+    )
 }
 
 /// `kernel.io_uring_disabled` (Linux 6.6; before, io_uring is open to all): `launch` keeps
@@ -418,6 +498,61 @@ mod tests {
                 f.detail
             );
         }
+    }
+
+    #[test]
+    fn binder_is_a_warning_where_a_device_or_binderfs_is_here() {
+        let misc = "234 btrfs-control\n200 tun\n";
+        let fs = "nodev\tsysfs\nnodev\tcgroup2\n\text4\n";
+        let f = binder(Ok(misc.into()), Ok(fs.into()));
+        assert_eq!(f.verdict, Verdict::Ok, "{f}");
+        let f = binder(
+            Ok(format!("{misc} 59 binder\n 58 hwbinder\n")),
+            Ok(fs.into()),
+        );
+        assert_eq!(f.verdict, Verdict::Warning);
+        assert!(
+            f.detail.starts_with(
+                "the device /dev/binder, the device /dev/hwbinder: binder passes files"
+            ),
+            "{f}"
+        );
+        let f = binder(Ok(misc.into()), Ok(format!("{fs}nodev\tbinder\n")));
+        assert_eq!(f.verdict, Verdict::Warning);
+        assert!(
+            f.detail.starts_with("binderfs (any user may mount it"),
+            "{f}"
+        );
+        // Unreadable: not taken for absent.
+        let gone = Err(std::io::Error::from(std::io::ErrorKind::NotFound));
+        let f = binder(gone, Ok(fs.into()));
+        assert_eq!(f.verdict, Verdict::Warning);
+        assert!(
+            f.detail.starts_with("cannot tell whether binder is here"),
+            "{f}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_kernel_field_is_a_warning_naming_it_and_what_it_refuses() {
+        assert_eq!(layout(&[]).verdict, Verdict::Ok);
+        let gaps = [
+            crate::datapath::LayoutGap {
+                unknown: "the kernel's BTF at /sys/kernel/btf/vmlinux has no field dentry.d_name"
+                    .into(),
+                effect: "every file that is no socket is refused".into(),
+            },
+            crate::datapath::LayoutGap {
+                unknown: "no SKBFL_SHARED_FRAG".into(),
+                effect: "first data refused".into(),
+            },
+        ];
+        let f = layout(&gaps);
+        assert_eq!(f.verdict, Verdict::Warning);
+        assert_eq!(
+            f.to_string(),
+            "warning kernel layout: the kernel's BTF at /sys/kernel/btf/vmlinux has no field dentry.d_name: every file that is no socket is refused\n        no SKBFL_SHARED_FRAG: first data refused"
+        );
     }
 
     #[test]
