@@ -306,6 +306,18 @@ pub fn delegated(cgroup: &Path) -> Option<(PathBuf, u32, u32)> {
     subtree(cgroup)
 }
 
+/// The top of the cgroup tree the node sees above `cgroup`, when it is not the host's root
+/// cgroup: inside a cgroup namespace, or where only a subtree is mounted. The ancestors above
+/// it are out of sight, so whether one is delegated to a user cannot be read. Only the root
+/// cgroup lacks `cgroup.type`.
+pub fn top_not_root(cgroup: &Path) -> Option<PathBuf> {
+    let top = cgroup
+        .ancestors()
+        .take_while(|dir| dir.join("cgroup.controllers").exists())
+        .last()?;
+    top.join("cgroup.type").exists().then(|| top.to_owned())
+}
+
 /// The ids of `cgroup` and of every cgroup below it (a cgroup2 directory's inode number is
 /// its id). Unreadable directories are left out.
 pub fn subtree_ids(cgroup: &Path, out: &mut std::collections::HashSet<u64>) {
@@ -334,6 +346,27 @@ fn remove_tree(path: &Path) -> Result<(), CgroupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tree_whose_top_is_not_the_root_cgroup_is_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = dir.path().join("top");
+        let unit = top.join("slice/unit");
+        fs::create_dir_all(&unit).unwrap();
+        for d in [&top, &top.join("slice"), &unit] {
+            fs::write(d.join("cgroup.controllers"), "").unwrap();
+        }
+        for d in [&top.join("slice"), &unit] {
+            fs::write(d.join("cgroup.type"), "domain\n").unwrap();
+        }
+        assert_eq!(top_not_root(&unit), None);
+        // A cgroup namespace's top is an ordinary cgroup: it has a type.
+        fs::write(top.join("cgroup.type"), "domain\n").unwrap();
+        assert_eq!(top_not_root(&unit), Some(top.clone()));
+        // The host's own tree: its top is the root.
+        let mount = Cgroup2Mount::discover().unwrap();
+        assert_eq!(top_not_root(&mount.mount_point), None);
+    }
 
     #[test]
     fn finds_cgroup2_among_v1_mounts() {

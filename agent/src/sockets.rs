@@ -599,6 +599,18 @@ fn search(tables: &[u32], tid: u32) -> io::Result<Option<Result<usize, usize>>> 
     Ok(Some(Err(lo)))
 }
 
+const CAP_SYS_PTRACE: u32 = 19;
+
+/// Whether a `/proc/*/status` text's effective set (`CapEff`, hex) holds capability `cap`;
+/// false when it says nothing readable.
+fn has_effective_capability(status: &str, cap: u32) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|set| set & (1 << cap) != 0)
+}
+
 /// `kcmp` kinds: the address space, the descriptor table.
 const KCMP_VM: i32 = 1;
 const KCMP_FILES: i32 = 2;
@@ -882,6 +894,17 @@ pub fn unjudged(
     which: Descriptors,
     unit_tasks: Option<&HashSet<u32>>,
 ) -> io::Result<Vec<Unjudged>> {
+    if unit_tasks.is_some() {
+        // Without it the kernel keeps from the node every task of another user that made
+        // itself undumpable, and a process outside sharing the unit's table could be one.
+        let status = Path::new("/proc/thread-self/status");
+        let text = fs::read_to_string(status).map_err(|e| scan_error(status, e))?;
+        if !has_effective_capability(&text, CAP_SYS_PTRACE) {
+            return Err(io::Error::other(
+                "the node lacks CAP_SYS_PTRACE, without which the kernel keeps some tasks from its comparison of descriptor tables (a process outside the unit sharing one could hide): give the node CAP_SYS_PTRACE",
+            ));
+        }
+    }
     let mut scan = Scan::default();
     for &pid in pids {
         scan.process(pid, which, unit_tasks)?;
@@ -1038,6 +1061,18 @@ mod tests {
         assert!(!ring_holds_a_socket("UserFiles:\t0\nUserBufs:\t0\n"));
         assert!(close_on_exec(with));
         assert!(!close_on_exec("pos:\t0\nflags:\t02\n"));
+    }
+
+    #[test]
+    fn the_effective_set_is_read_from_a_status_text() {
+        let root = "Name:\tagentwall\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\nCapEff:\t000001ffffffffff\n";
+        assert!(has_effective_capability(root, CAP_SYS_PTRACE));
+        // CAP_SYS_PTRACE (bit 19) dropped: 0x80000 cleared.
+        let without = "CapPrm:\t000001fffff7ffff\nCapEff:\t000001fffff7ffff\n";
+        assert!(!has_effective_capability(without, CAP_SYS_PTRACE));
+        assert!(has_effective_capability(without, 18));
+        assert!(!has_effective_capability("CapEff:\tzz\n", CAP_SYS_PTRACE));
+        assert!(!has_effective_capability("", CAP_SYS_PTRACE));
     }
 
     #[test]

@@ -65,11 +65,25 @@ impl NodeProc {
         vars: &[(&str, &Path)],
         netns: Option<&NetNs>,
     ) -> Self {
+        Self::spawn(dir, Self::command(bin, env, dir, extra, vars, netns))
+    }
+
+    /// [`NodeProc::start_with`] with its command changed by `edit` first (started with fewer
+    /// capabilities than root has, say).
+    pub fn start_edited(
+        env: &TestEnv,
+        dir: &Path,
+        extra: &[&str],
+        edit: impl FnOnce(&mut Command),
+    ) -> Self {
+        let mut cmd = Self::command(&bin_path("agentwall"), env, dir, extra, &[], None);
+        edit(&mut cmd);
+        Self::spawn(dir, cmd)
+    }
+
+    fn spawn(dir: &Path, mut cmd: Command) -> Self {
         let socket = dir.join("aw.sock");
-        let mut child = Self::command(bin, env, dir, extra, vars, netns)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn node");
+        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn node");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)

@@ -595,6 +595,58 @@ fn enroll_refuses_a_cgroup_in_a_subtree_delegated_to_a_user() {
     assert_eq!(code, 0, "{err}");
 }
 
+/// A node without `CAP_SYS_PTRACE` cannot compare every task's descriptor table with the
+/// unit's (the kernel keeps another user's undumpable task from it), so a process outside
+/// sharing the unit's table could hide: it refuses every enroll, saying what it lacks, and
+/// binds nothing.
+#[test]
+fn enroll_refuses_on_a_node_without_the_capability_to_compare_every_task() {
+    let (env, tmp, ca) = setup("noptrace", POLICY);
+    let dir = tmp.path();
+    let node = NodeProc::start_edited(&env, dir, &[], |cmd| {
+        // SAFETY: one system call between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(cmd, || {
+                // Gone from the bounding set, root's exec does not get it back.
+                if libc::prctl(libc::PR_CAPBSET_DROP, 19, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let status = std::fs::read_to_string(format!("/proc/{}/status", node.child.id())).unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|h| u64::from_str_radix(h.trim(), 16).unwrap())
+        .unwrap();
+    assert_eq!(eff & (1 << 19), 0, "the node kept CAP_SYS_PTRACE: {eff:x}");
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let unit = env.cgroup("agent.service");
+    let mut svc = Probe::spawn(&unit);
+    let (code, _, err) = agentwall_out(&[
+        "enroll",
+        "--cgroup",
+        unit.path().to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--socket",
+        node.socket.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("the node lacks CAP_SYS_PTRACE, without which the kernel keeps some tasks from its comparison of descriptor tables"),
+        "{err}"
+    );
+    // Nothing bound: the unit reaches what no policy allows, as before.
+    assert_eq!(svc.cmd("connect tcp 203.0.113.5 443"), "err ENETUNREACH");
+    let s = agentwall_tests::node::status_json(&node.socket);
+    assert_eq!(s["identities"][0]["sessions"], serde_json::json!([]), "{s}");
+}
+
 /// `enroll` freezes a unit while it reads its sockets and binds it, so it leaves alone what
 /// it cannot own: a unit its owner froze (a freeze someone else holds can be lifted under
 /// the scan), and a cgroup holding another session below it (it would freeze that

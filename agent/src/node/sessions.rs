@@ -122,6 +122,10 @@ pub enum SessionError {
     #[error("the node itself runs in {0}; it cannot freeze its own cgroup to read its sockets")]
     NodeInside(PathBuf),
     #[error(
+        "{path}: the node sees cgroups only from {top} down, and that is not the host's root cgroup (the node runs in a cgroup namespace, or only a subtree is mounted): whether a cgroup above it is delegated to a user cannot be read; run the node in the host's cgroup namespace with the whole cgroup2 tree mounted"
+    )]
+    AncestorsOutOfSight { path: PathBuf, top: PathBuf },
+    #[error(
         "{path}: {procs} may be written by uid {uid} (mode {mode:o}): a process of that user could move the unit's tasks out after the binding, new ones in unscanned, or one past the scan; enroll only cgroups in, and with, no subtree delegated to a user (such as user@.service's, or a service's with Delegate=yes and User=): their and their ancestors' cgroup.procs and cgroup.threads only root may write"
     )]
     Delegated {
@@ -705,6 +709,12 @@ impl Sessions {
             return Err(SessionError::NotBelowAttach {
                 path: cg.path().to_owned(),
                 attach: attach.to_owned(),
+            });
+        }
+        if let Some(top) = crate::cgroup::top_not_root(cg.path()) {
+            return Err(SessionError::AncestorsOutOfSight {
+                path: cg.path().to_owned(),
+                top,
             });
         }
         if let Some((procs, uid, mode)) = crate::cgroup::delegated(cg.path()) {
