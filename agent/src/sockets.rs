@@ -601,6 +601,21 @@ fn search(tables: &[u32], tid: u32) -> io::Result<Option<Result<usize, usize>>> 
 
 const CAP_SYS_PTRACE: u32 = 19;
 
+/// Whether this process may compare every task's descriptor table with a unit's (`enroll`
+/// refuses otherwise): without `CAP_SYS_PTRACE` the kernel keeps from it every task of another
+/// user that made itself undumpable, and a process outside a unit sharing its table could be
+/// one.
+pub fn can_compare_every_task() -> io::Result<()> {
+    let status = Path::new("/proc/thread-self/status");
+    let text = fs::read_to_string(status).map_err(|e| scan_error(status, e))?;
+    if has_effective_capability(&text, CAP_SYS_PTRACE) {
+        return Ok(());
+    }
+    Err(io::Error::other(
+        "the node lacks CAP_SYS_PTRACE, without which the kernel keeps some tasks from its comparison of descriptor tables (a process outside the unit sharing one could hide): give the node CAP_SYS_PTRACE",
+    ))
+}
+
 /// Whether a `/proc/*/status` text's effective set (`CapEff`, hex) holds capability `cap`;
 /// false when it says nothing readable.
 fn has_effective_capability(status: &str, cap: u32) -> bool {
@@ -895,15 +910,7 @@ pub fn unjudged(
     unit_tasks: Option<&HashSet<u32>>,
 ) -> io::Result<Vec<Unjudged>> {
     if unit_tasks.is_some() {
-        // Without it the kernel keeps from the node every task of another user that made
-        // itself undumpable, and a process outside sharing the unit's table could be one.
-        let status = Path::new("/proc/thread-self/status");
-        let text = fs::read_to_string(status).map_err(|e| scan_error(status, e))?;
-        if !has_effective_capability(&text, CAP_SYS_PTRACE) {
-            return Err(io::Error::other(
-                "the node lacks CAP_SYS_PTRACE, without which the kernel keeps some tasks from its comparison of descriptor tables (a process outside the unit sharing one could hide): give the node CAP_SYS_PTRACE",
-            ));
-        }
+        can_compare_every_task()?;
     }
     let mut scan = Scan::default();
     for &pid in pids {

@@ -303,6 +303,9 @@ impl Node {
         if binder.verdict == preflight::Verdict::Warning {
             warn!(detail = %binder.detail, "binder hands files to agents unjudged");
         }
+        if let Err(e) = crate::sockets::can_compare_every_task() {
+            warn!(error = %e, "every enroll is refused");
+        }
         let dir = cfg.policy_dir();
         let state_dir = cfg.state_dir();
         std::fs::create_dir_all(&state_dir).map_err(io_err(&state_dir))?;
