@@ -191,9 +191,9 @@ pub struct Status {
     pub socket_families: crate::datapath::SocketFamilies,
     /// Kernel fields the node reads at offsets that move between kernels and that this
     /// kernel's BTF did not give: each line that reads one refuses what it would have judged
-    /// by it (empty: every one was found, or the node is older than this list).
+    /// by it (empty: every one was found; none: a node older than this list).
     #[serde(default)]
-    pub kernel_layout: Vec<crate::datapath::LayoutGap>,
+    pub kernel_layout: Option<Vec<crate::datapath::LayoutGap>>,
     /// Whether the TLS server-name check's program runs (what `sni:` policies get without it
     /// is said on [`crate::datapath::ServerNameCheck`]); none from a node built before it.
     #[serde(default)]

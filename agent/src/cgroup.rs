@@ -295,9 +295,11 @@ pub fn delegated(cgroup: &Path) -> Option<(PathBuf, u32, u32)> {
             .find_map(|e| subtree(&e.path()))
     }
     for dir in cgroup.ancestors().skip(1) {
-        // Above the cgroup file system's root.
-        if !dir.join("cgroup.controllers").exists() {
-            break;
+        // Above the cgroup file system's root; a fault there is not taken for it.
+        match is_cgroup(dir) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(_) => return Some((dir.join("cgroup.controllers"), u32::MAX, 0)),
         }
         if let Some(found) = open_to_others(dir.join("cgroup.procs")) {
             return Some(found);
@@ -311,11 +313,30 @@ pub fn delegated(cgroup: &Path) -> Option<(PathBuf, u32, u32)> {
 /// it are out of sight, so whether one is delegated to a user cannot be read. Only the root
 /// cgroup lacks `cgroup.type`.
 pub fn top_not_root(cgroup: &Path) -> Option<PathBuf> {
-    let top = cgroup
-        .ancestors()
-        .take_while(|dir| dir.join("cgroup.controllers").exists())
-        .last()?;
-    top.join("cgroup.type").exists().then(|| top.to_owned())
+    let mut top = None;
+    for dir in cgroup.ancestors() {
+        match is_cgroup(dir) {
+            Ok(true) => top = Some(dir),
+            Ok(false) => break,
+            // A fault is not taken for the top.
+            Err(_) => return Some(dir.to_owned()),
+        }
+    }
+    let top = top?;
+    match fs::symlink_metadata(top.join("cgroup.type")) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        _ => Some(top.to_owned()),
+    }
+}
+
+/// Whether `dir` is a cgroup2 directory (it has `cgroup.controllers`); an error other than
+/// its absence is one.
+fn is_cgroup(dir: &Path) -> std::io::Result<bool> {
+    match fs::symlink_metadata(dir.join("cgroup.controllers")) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// The ids of `cgroup` and of every cgroup below it (a cgroup2 directory's inode number is

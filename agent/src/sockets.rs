@@ -524,14 +524,18 @@ fn sq_thread(fdinfo: &str) -> RingThread {
 }
 
 /// Whether task `tid` has not exited (a zombie, `Z`, or dead, `X`, has given up its
-/// descriptor table); false when it is gone.
-fn alive(tid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{tid}/stat")).is_ok_and(|stat| {
+/// descriptor table): false when it is gone, an error when that cannot be read.
+fn alive(tid: u32) -> io::Result<bool> {
+    let path = format!("/proc/{tid}/stat");
+    match fs::read_to_string(&path) {
         // The state follows the command's closing parenthesis (the command may hold any).
-        stat.rsplit_once(") ")
+        Ok(stat) => Ok(stat
+            .rsplit_once(") ")
             .and_then(|(_, rest)| rest.chars().next())
-            .is_some_and(|state| state != 'Z' && state != 'X')
-    })
+            .is_some_and(|state| state != 'Z' && state != 'X')),
+        Err(e) if gone(&e) => Ok(false),
+        Err(e) => Err(scan_error(Path::new(&path), e)),
+    }
 }
 
 /// How task `a`'s object of `kind` orders against task `b`'s (`kcmp` orders them by an
@@ -554,50 +558,102 @@ fn kcmp_error(a: u32, b: u32, errno: i32) -> io::Error {
     ))
 }
 
-/// Every task on the host: each process's threads.
-fn every_task() -> io::Result<Vec<u32>> {
+/// Calls `visit` with every task on the host (each process's threads) as it is listed, so
+/// each is compared while it is most likely still there: `(tid, false)`; a process listed
+/// that was gone before its threads could be listed, `(pid, true)`. `visit` says whether to
+/// go on.
+fn each_task(mut visit: impl FnMut(u32, bool) -> io::Result<bool>) -> io::Result<()> {
     let proc = Path::new("/proc");
-    let mut tasks = Vec::new();
-    for e in fs::read_dir(proc)
-        .map_err(|e| scan_error(proc, e))?
-        .flatten()
-    {
+    for e in fs::read_dir(proc).map_err(|e| scan_error(proc, e))? {
+        let e = e.map_err(|e| scan_error(proc, e))?;
         let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        let Ok(rd) = fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
+        let dir = format!("/proc/{pid}/task");
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if gone(&e) => {
+                if !visit(pid, true)? {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(e) => return Err(scan_error(Path::new(&dir), e)),
         };
-        tasks.extend(
-            rd.flatten()
-                .filter_map(|t| t.file_name().to_str()?.parse::<u32>().ok()),
-        );
+        for t in rd {
+            let t = t.map_err(|e| scan_error(Path::new(&dir), e))?;
+            if let Some(tid) = t.file_name().to_str().and_then(|t| t.parse::<u32>().ok())
+                && !visit(tid, false)?
+            {
+                return Ok(());
+            }
+        }
     }
-    Ok(tasks)
+    Ok(())
+}
+
+/// Where a task's descriptor table is among the unit's (see [`search`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    /// It is the table at this index.
+    Shares(usize),
+    /// It is none of them; it would go at this index.
+    Apart(usize),
+    /// The task exited before it was compared.
+    Gone,
+    /// The kernel will not compare it for the node (a security policy that confines the
+    /// node, or privileges the node lacks): one cloned from the unit's tasks gets neither
+    /// without an exec, which unshares the table.
+    Hidden,
 }
 
 /// Where task `tid`'s descriptor table is among `tables` (the unit's tasks, one per table, in
-/// `kcmp`'s order, each checked comparable): `Some(Ok(index))` when one of them shares it,
-/// else `Some(Err(where it would go))`. `None`: `tid` is gone, or the kernel refuses to
-/// compare it (a task with privileges the node lacks, or that a security policy keeps from
-/// it: one cloned from the unit's tasks gets neither without an exec, which unshares the
-/// table). Any other failure is an error.
-fn search(tables: &[u32], tid: u32) -> io::Result<Option<Result<usize, usize>>> {
+/// `kcmp`'s order, each checked comparable). Any failure but `tid`'s exit or refusal is an
+/// error, and so is the exit of a task of `tables`.
+fn search(tables: &[u32], tid: u32) -> io::Result<Place> {
     let (mut lo, mut hi) = (0, tables.len());
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
         match kcmp_order(tid, tables[mid], KCMP_FILES) {
-            Ok(std::cmp::Ordering::Equal) => return Ok(Some(Ok(mid))),
+            Ok(std::cmp::Ordering::Equal) => return Ok(Place::Shares(mid)),
             Ok(std::cmp::Ordering::Less) => hi = mid,
             Ok(std::cmp::Ordering::Greater) => lo = mid + 1,
-            Err(libc::ESRCH | libc::EPERM | libc::EACCES) if alive(tables[mid]) => {
-                return Ok(None);
+            Err(errno @ (libc::ESRCH | libc::EPERM | libc::EACCES)) if alive(tables[mid])? => {
+                return Ok(if errno == libc::ESRCH || !alive(tid)? {
+                    Place::Gone
+                } else {
+                    Place::Hidden
+                });
             }
             Err(errno) => return Err(kcmp_error(tid, tables[mid], errno)),
         }
     }
-    Ok(Some(Err(lo)))
+    Ok(Place::Apart(lo))
 }
+
+/// The number the kernel gave the newest task (`/proc/loadavg`'s last field): task numbers
+/// grow until they wrap round at `pid_max`.
+fn last_pid() -> io::Result<u32> {
+    let path = Path::new("/proc/loadavg");
+    let text = fs::read_to_string(path).map_err(|e| scan_error(path, e))?;
+    text.split_whitespace()
+        .nth(4)
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| {
+            io::Error::other(format!(
+                "{}: no last task number in {text:?}",
+                path.display()
+            ))
+        })
+}
+
+/// How many times the host's tasks are listed and compared while some exit before they are
+/// compared. A sharer outside the unit is not frozen with it: cloning the next sharer and
+/// exiting, a chain of them could otherwise keep one step ahead of a single listing (a new
+/// one is listed, since its number is higher; the one compared has gone). A listing in which
+/// every task outside was compared while it lived, and task numbers did not wrap round,
+/// finds such a chain, whatever its pace.
+const SHARER_LISTINGS: usize = 8;
 
 const CAP_SYS_PTRACE: u32 = 19;
 
@@ -648,7 +704,7 @@ impl Scan {
         // A task that exited has no table (and would compare equal to every other).
         let mut tables: Vec<u32> = Vec::new();
         for &tid in unit {
-            if !alive(tid) {
+            if !alive(tid)? {
                 continue;
             }
             self.spend(2 + tables.len().max(1).ilog2() as usize)?;
@@ -657,9 +713,9 @@ impl Scan {
                 return Err(kcmp_error(tid, tid, errno));
             }
             match search(&tables, tid)? {
-                Some(Err(at)) => tables.insert(at, tid),
-                Some(Ok(_)) => {}
-                None => {
+                Place::Apart(at) => tables.insert(at, tid),
+                Place::Shares(_) => {}
+                Place::Gone | Place::Hidden => {
                     return Err(io::Error::other(format!(
                         "task {tid} of the unit exited while its descriptor table was compared"
                     )));
@@ -669,26 +725,61 @@ impl Scan {
         if tables.is_empty() {
             return Ok(None);
         }
-        let everyone = every_task()?;
         let per_task = 1 + tables.len().ilog2() as usize;
-        self.spend(everyone.len() * per_task)?;
-        for other in everyone {
-            if unit.contains(&other) {
-                continue;
+        // After the first listing, only tasks made since the last one began can be sharers
+        // not yet compared (a table is shared only by cloning).
+        let mut made_after = None;
+        for _ in 0..SHARER_LISTINGS {
+            let (mut found, mut vanished) = (None, false);
+            let before = last_pid()?;
+            if made_after.is_some_and(|old| before < old) {
+                made_after = None;
             }
-            if let Some(Ok(at)) = search(&tables, other)? {
-                return Ok(Some((tables[at], other)));
+            each_task(|other, gone| {
+                if unit.contains(&other) || made_after.is_some_and(|old| other <= old) {
+                    return Ok(true);
+                }
+                if gone {
+                    vanished = true;
+                    return Ok(true);
+                }
+                self.spend(per_task)?;
+                match search(&tables, other)? {
+                    Place::Shares(at) => {
+                        found = Some((tables[at], other));
+                        Ok(false)
+                    }
+                    Place::Gone => {
+                        vanished = true;
+                        Ok(true)
+                    }
+                    Place::Apart(_) | Place::Hidden => Ok(true),
+                }
+            })?;
+            if found.is_some() {
+                return Ok(found);
             }
+            // A frozen task still dies of SIGKILL, and an exited one has no table: compared
+            // then, its sharers outside would have compared unequal, and the order kept would
+            // no longer hold.
+            for &t in &tables {
+                if !alive(t)? {
+                    return Err(io::Error::other(format!(
+                        "task {t} of the unit exited while its descriptor table was compared"
+                    )));
+                }
+            }
+            // Numbers handed out wrapped round during the listing: a sharer cloned then may
+            // have a number the listing had passed, and the next listing must be whole.
+            let wrapped = last_pid()? < before;
+            if !vanished && !wrapped {
+                return Ok(None);
+            }
+            made_after = (!wrapped).then_some(before);
         }
-        // A frozen task still dies of SIGKILL, and an exited one has no table: compared
-        // then, its sharers outside would have compared unequal, and the order kept would no
-        // longer hold.
-        if let Some(&gone) = tables.iter().find(|&&t| !alive(t)) {
-            return Err(io::Error::other(format!(
-                "task {gone} of the unit exited while its descriptor table was compared"
-            )));
-        }
-        Ok(None)
+        Err(io::Error::other(format!(
+            "tasks outside the unit exited before their descriptor tables could be compared with the unit's in each of {SHARER_LISTINGS} listings of the host's tasks: a chain of processes handing on a table shared with the unit would look the same"
+        )))
     }
 
     /// Counts `n` more reads or comparisons against [`SCAN_BUDGET`].

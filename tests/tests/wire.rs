@@ -59,6 +59,14 @@ struct Fixture {
     helper: Probe,
 }
 
+/// Held around each `enroll`, and by the test whose chain of short-lived sharers would have
+/// every enroll on the host refused while it runs (each tests's enroll compares every task
+/// on the host).
+fn enrolling() -> std::sync::MutexGuard<'static, ()> {
+    static ENROLLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ENROLLING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn fixture(name: &str) -> Fixture {
     let (env, dir, ca) = setup(name, POLICY);
     let node = NodeProc::start_with(&env, dir.path(), &["--aggregate-window-secs", "1"]);
@@ -112,6 +120,7 @@ impl Fixture {
             "unit",
             &self.ca.issue(&CertSpec::agent(ID)),
         );
+        let _one = enrolling();
         agentwall_tests::node::enroll(self.socket(), unit.path(), &cert, &key);
     }
 
@@ -1031,6 +1040,7 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
             .arg(&key)
             .arg("--socket")
             .arg(&socket);
+        let _one = enrolling();
         c.output().unwrap()
     };
     let out = enroll();
@@ -1124,7 +1134,8 @@ fn enroll_refuses_a_unit_sharing_its_descriptor_table_with_a_process_outside() {
     let (unit, mut probe) = fx.unit();
     let elsewhere = fx._env.cgroup("elsewhere");
     let (cert, key) = write_cert(fx.dir.path(), "unit", &fx.ca.issue(&CertSpec::agent(ID)));
-    let enroll = || {
+    // Without the lock: the chain of sharers below holds it throughout.
+    let enroll_held = || {
         let mut c = agentwall_tests::node::agentwall();
         c.args(["enroll", "--cgroup", unit.path().to_str().unwrap()])
             .arg("--cert")
@@ -1134,6 +1145,10 @@ fn enroll_refuses_a_unit_sharing_its_descriptor_table_with_a_process_outside() {
             .arg("--socket")
             .arg(fx.socket());
         c.output().unwrap()
+    };
+    let enroll = || {
+        let _one = enrolling();
+        enroll_held()
     };
     let refused_for = |outside: u32| {
         let out = enroll();
@@ -1188,6 +1203,43 @@ fn enroll_refuses_a_unit_sharing_its_descriptor_table_with_a_process_outside() {
     );
     refused_for(thread);
     gone(child);
+
+    // A chain of sharers, each cloning the next and exiting at once: no one of them lives
+    // through a listing of the host's tasks, whatever its pace against it. Refused, every
+    // time: a sharer compared, or tasks gone before they were compared in every listing.
+    let hopper: u32 = probe
+        .ok_value("fork-hopping-sharer")
+        .parse()
+        .expect("the hopping sharer's pid");
+    elsewhere
+        .add_process(hopper)
+        .expect("move the hopping sharer out");
+    let all = enrolling();
+    assert_eq!(probe.cmd("sharers-hop"), "ok");
+    for attempt in 0..10 {
+        let out = enroll_held();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "attempt {attempt}: enrolled while a chain of sharers ran outside: {err}"
+        );
+        assert!(
+            err.contains("outside the cgroup (cloned with CLONE_FILES)")
+                || err.contains("tasks outside the unit exited before their descriptor tables could be compared with the unit's in each of 8 listings"),
+            "attempt {attempt}: {err}"
+        );
+    }
+    assert_eq!(probe.cmd("sharers-stop"), "ok");
+    let procs = elsewhere.path().join("cgroup.procs");
+    eventually(
+        "the chain of sharers to end",
+        WITHIN,
+        || match std::fs::read_to_string(&procs) {
+            Ok(p) if p.trim().is_empty() => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    drop(all);
 
     // Gone (an exited task holds no table): enrolled.
     let out = enroll();

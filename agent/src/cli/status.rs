@@ -52,11 +52,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!("socket families: NOT judged beyond inet: {why}")
         }
     }
-    if s.kernel_layout.is_empty() {
-        println!("kernel layout: every field found in the BTF");
-    }
-    for gap in &s.kernel_layout {
-        println!("kernel layout: UNKNOWN: {}: {}", gap.unknown, gap.effect);
+    match s.kernel_layout.as_deref() {
+        None => println!("kernel layout: not reported by this node"),
+        Some([]) => println!("kernel layout: every field found in the BTF"),
+        Some(gaps) => {
+            for gap in gaps {
+                println!("kernel layout: UNKNOWN: {}: {}", gap.unknown, gap.effect);
+            }
+        }
     }
     match &s.server_name_check {
         Some(agentwall::datapath::ServerNameCheck::Loaded) => {

@@ -2031,9 +2031,10 @@ pub struct LayoutGap {
     pub effect: String,
 }
 
-/// What [`kernel_layout`] finds for this kernel, with nothing loaded (`node --check-config`).
+/// What [`kernel_layout`] finds for this kernel, with nothing loaded (`node --check-config`):
+/// every field, the LSM line's too, whether or not securityfs is mounted to say it runs.
 pub fn layout_gaps_here() -> Vec<LayoutGap> {
-    kernel_layout(&mut lsm_line_as_mounted()).1
+    kernel_layout(&mut SocketFamilies::Enforced).1
 }
 
 /// Finds in the kernel's BTF where the packet line reads whether a packet's data is in pages

@@ -410,7 +410,9 @@ fn binder(misc: std::io::Result<String>, filesystems: std::io::Result<String>) -
     let devices: Vec<&str> = misc
         .lines()
         .filter_map(|l| l.split_whitespace().nth(1))
-        .filter(|name| name.ends_with("binder"))
+        // Names are the admin's (`binder.devices=`, the module's `devices=`): binder,
+        // hwbinder, binder1, binder-redroid...
+        .filter(|name| name.contains("binder"))
         .collect();
     let binderfs = filesystems
         .lines()
@@ -515,6 +517,12 @@ mod tests {
             f.detail.starts_with(
                 "the device /dev/binder, the device /dev/hwbinder: binder passes files"
             ),
+            "{f}"
+        );
+        let f = binder(Ok(format!("{misc} 57 binder-redroid\n")), Ok(fs.into()));
+        assert_eq!(f.verdict, Verdict::Warning);
+        assert!(
+            f.detail.starts_with("the device /dev/binder-redroid:"),
             "{f}"
         );
         let f = binder(Ok(misc.into()), Ok(format!("{fs}nodev\tbinder\n")));

@@ -57,7 +57,7 @@ impl Node {
             dropped_events: self.datapath.dropped_events().ok(),
             map_fill: self.datapath.fill().ok(),
             socket_families: self.datapath.socket_families().clone(),
-            kernel_layout: self.datapath.layout_gaps().to_vec(),
+            kernel_layout: Some(self.datapath.layout_gaps().to_vec()),
             server_name_check: Some(self.datapath.server_name_check().clone()),
             self_check: self.canary.last(),
             pins: self.datapath.pin_dir().to_owned(),

@@ -101,6 +101,13 @@
 //!   fork-sharing-files             a child cloned with CLONE_FILES (sharing this process's
 //!                                  descriptor table), waiting; answers `ok PID`
 //!   sharing-leader-exits           that child starts a thread and its leader exits; `ok TID`
+//!   fork-hopping-sharer            a child (sharing its descriptor table) that waits;
+//!                                  answers `ok PID`
+//!   sharers-hop                    it starts a chain of processes sharing this process's
+//!                                  descriptor table, each cloning the next and exiting, for
+//!                                  at most two minutes; `ok`
+//!   sharers-stop                   ends the chain (it ends once a descriptor of the shared
+//!                                  table is closed); `ok`
 //!   hold-ring-lock FD              holds io_uring instance FD's lock (a buffer registration
 //!                                  waits on a userfaultfd page never served); needs root
 //!   release-ring-lock              lets it go; `ok registered` or `ok failed`
@@ -2060,6 +2067,9 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             *take == "take-fd",
         ),
         ["fork-sharing-files"] => fork_sharing_files(),
+        ["fork-hopping-sharer"] => fork_hopping_sharer(),
+        ["sharers-hop"] => sharers_hop()?,
+        ["sharers-stop"] => sharers_stop()?,
         ["sharing-leader-exits"] => sharing_leader_exits()?,
         ["hold-ring-lock", fd] => {
             hold_ring_lock(fd.parse().map_err(|_| format!("bad descriptor {fd}"))?)?
@@ -2360,6 +2370,130 @@ fn fork_sharing_files() -> String {
         *SHARING_CHILD.lock().expect("sharing child") = Some((go[1], back[0]));
         format!("ok {child}")
     }
+}
+
+/// The `fork-hopping-sharer` child: the pipe that tells it to start the chain, the pipe it
+/// answers on, and the descriptor whose close in the shared table ends the chain.
+static HOPPING: std::sync::Mutex<Option<(RawFd, RawFd, RawFd)>> = std::sync::Mutex::new(None);
+
+/// A child sharing this process's descriptor table that, told to (`sharers-hop`), clones a
+/// process sharing it too, then takes a copy of its own: from there the sharers are a chain, each cloning the next
+/// (`CLONE_PARENT`, so all are the child's, which reaps them by ignoring SIGCHLD) and exiting
+/// at once, until the marker descriptor is closed in the shared table or two minutes pass.
+/// No sharer lives longer than one clone. `ok PID`.
+fn fork_hopping_sharer() -> String {
+    let (mut go, mut back, mut marker) = ([0; 2], [0; 2], [0; 2]);
+    // SAFETY: pipe2 with arrays of two; clone without a new stack behaves as fork. The child
+    // and its clones make only system calls (async-signal-safe) until they exit.
+    unsafe {
+        if libc::pipe2(go.as_mut_ptr(), libc::O_CLOEXEC) != 0
+            || libc::pipe2(back.as_mut_ptr(), libc::O_CLOEXEC) != 0
+            || libc::pipe2(marker.as_mut_ptr(), libc::O_CLOEXEC) != 0
+        {
+            return format!("err pipe {}", errno_name(last_err()));
+        }
+        let parent = libc::getpid();
+        let child = libc::syscall(
+            libc::SYS_clone,
+            libc::CLONE_FILES | libc::SIGCHLD,
+            0,
+            0,
+            0,
+            0,
+        );
+        if child == 0 {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != parent {
+                libc::syscall(libc::SYS_exit_group, 1);
+            }
+            libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+            let mut byte = 0u8;
+            if libc::read(go[0], (&raw mut byte).cast(), 1) != 1 {
+                libc::syscall(libc::SYS_exit_group, 1);
+            }
+            let mut start = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut start);
+            // The first sharer takes the parent's table from this child, which then takes a
+            // copy of its own and shares nothing.
+            let first = libc::syscall(
+                libc::SYS_clone,
+                libc::CLONE_FILES | libc::SIGCHLD,
+                0,
+                0,
+                0,
+                0,
+            );
+            if first == 0 {
+                loop {
+                    let mut now = start;
+                    libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now);
+                    if libc::fcntl(marker[0], libc::F_GETFD) < 0 || now.tv_sec - start.tv_sec > 120
+                    {
+                        libc::syscall(libc::SYS_exit, 0);
+                    }
+                    let next = libc::syscall(
+                        libc::SYS_clone,
+                        libc::CLONE_FILES | libc::CLONE_PARENT | libc::SIGCHLD,
+                        0,
+                        0,
+                        0,
+                        0,
+                    );
+                    if next != 0 {
+                        // This one's turn is over (or the clone failed: the chain ends).
+                        libc::syscall(libc::SYS_exit, 0);
+                    }
+                }
+            }
+            if first < 0 || libc::unshare(libc::CLONE_FILES) != 0 {
+                libc::syscall(libc::SYS_exit_group, 1);
+            }
+            libc::write(back[1], (&raw const first).cast(), 8);
+            // Children ignored: wait returns once the last sharer has gone.
+            while libc::wait4(-1, std::ptr::null_mut(), libc::__WALL, std::ptr::null_mut()) >= 0
+                || last_err() == libc::EINTR
+            {}
+            libc::syscall(libc::SYS_exit_group, 0);
+        }
+        if child < 0 {
+            return format!("err {}", errno_name(last_err()));
+        }
+        *HOPPING.lock().expect("hopping") = Some((go[1], back[0], marker[0]));
+        format!("ok {child}")
+    }
+}
+
+/// Tells the `fork-hopping-sharer` child to start its chain: `ok` once it has.
+fn sharers_hop() -> Result<String, String> {
+    let (go, back, _) = HOPPING
+        .lock()
+        .expect("hopping")
+        .ok_or("no hopping sharer")?;
+    let mut first = 0i64;
+    // SAFETY: one byte written from, and eight read into, values that live across the calls.
+    let read = unsafe {
+        libc::write(go, [1u8].as_ptr().cast(), 1);
+        libc::read(back, (&raw mut first).cast(), 8)
+    };
+    if read != 8 || first <= 0 {
+        return Ok(format!("err the first sharer: {first}"));
+    }
+    Ok("ok".into())
+}
+
+/// Ends the chain: closes the marker in the shared table, which each sharer checks.
+fn sharers_stop() -> Result<String, String> {
+    let (_, _, marker) = HOPPING
+        .lock()
+        .expect("hopping")
+        .take()
+        .ok_or("no hopping sharer")?;
+    // SAFETY: closing a descriptor this process made and no one else uses.
+    unsafe { libc::close(marker) };
+    Ok("ok".into())
 }
 
 /// Tells the `fork-sharing-files` child to start its thread and end its leader: `ok TID`.
