@@ -657,19 +657,28 @@ const SHARER_LISTINGS: usize = 8;
 
 const CAP_SYS_PTRACE: u32 = 19;
 
-/// Whether this process may compare every task's descriptor table with a unit's (`enroll`
-/// refuses otherwise): without `CAP_SYS_PTRACE` the kernel keeps from it every task of another
-/// user that made itself undumpable, and a process outside a unit sharing its table could be
-/// one.
+/// Whether this process may list every task on the host and compare its descriptor table
+/// with a unit's (`enroll` refuses otherwise): in a PID namespace of its own, `/proc` lists
+/// only that namespace's tasks; without `CAP_SYS_PTRACE` the kernel keeps from it every task
+/// of another user that made itself undumpable. A process outside a unit sharing its table
+/// could be one of those.
 pub fn can_compare_every_task() -> io::Result<()> {
     let status = Path::new("/proc/thread-self/status");
     let text = fs::read_to_string(status).map_err(|e| scan_error(status, e))?;
-    if has_effective_capability(&text, CAP_SYS_PTRACE) {
-        return Ok(());
+    if !has_effective_capability(&text, CAP_SYS_PTRACE) {
+        return Err(io::Error::other(
+            "the node lacks CAP_SYS_PTRACE, without which the kernel keeps some tasks from its comparison of descriptor tables (a process outside the unit sharing one could hide): give the node CAP_SYS_PTRACE",
+        ));
     }
-    Err(io::Error::other(
-        "the node lacks CAP_SYS_PTRACE, without which the kernel keeps some tasks from its comparison of descriptor tables (a process outside the unit sharing one could hide): give the node CAP_SYS_PTRACE",
-    ))
+    match crate::datapath::sys::sees_every_task() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(io::Error::other(
+            "the node runs in a PID namespace other than the host's, or /proc is another namespace's: it cannot list every task on the host to compare their descriptor tables with the unit's (a process outside the unit sharing one could hide); run the node in the host's PID namespace",
+        )),
+        Err(e) => Err(io::Error::other(format!(
+            "cannot tell whether the node sees every task on the host (its PID namespace): {e}"
+        ))),
+    }
 }
 
 /// Whether a `/proc/*/status` text's effective set (`CapEff`, hex) holds capability `cap`;
@@ -1159,6 +1168,13 @@ mod tests {
         assert!(!ring_holds_a_socket("UserFiles:\t0\nUserBufs:\t0\n"));
         assert!(close_on_exec(with));
         assert!(!close_on_exec("pos:\t0\nflags:\t02\n"));
+    }
+
+    #[test]
+    fn the_tests_run_where_every_task_on_the_host_is_seen() {
+        // Root in the host's PID namespace, as the node runs: a refusal here would refuse
+        // every enroll.
+        can_compare_every_task().expect("the node's view of the host's tasks");
     }
 
     #[test]

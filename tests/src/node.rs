@@ -69,16 +69,15 @@ impl NodeProc {
     }
 
     /// [`NodeProc::start_with`] with its command changed by `edit` first (started with fewer
-    /// capabilities than root has, say).
+    /// capabilities than root has, or through a wrapper, say).
     pub fn start_edited(
         env: &TestEnv,
         dir: &Path,
         extra: &[&str],
-        edit: impl FnOnce(&mut Command),
+        edit: impl FnOnce(Command) -> Command,
     ) -> Self {
-        let mut cmd = Self::command(&bin_path("agentwall"), env, dir, extra, &[], None);
-        edit(&mut cmd);
-        Self::spawn(dir, cmd)
+        let cmd = Self::command(&bin_path("agentwall"), env, dir, extra, &[], None);
+        Self::spawn(dir, edit(cmd))
     }
 
     fn spawn(dir: &Path, mut cmd: Command) -> Self {

@@ -603,10 +603,10 @@ fn enroll_refuses_a_cgroup_in_a_subtree_delegated_to_a_user() {
 fn enroll_refuses_on_a_node_without_the_capability_to_compare_every_task() {
     let (env, tmp, ca) = setup("noptrace", POLICY);
     let dir = tmp.path();
-    let node = NodeProc::start_edited(&env, dir, &[], |cmd| {
+    let node = NodeProc::start_edited(&env, dir, &[], |mut cmd| {
         // SAFETY: one system call between fork and exec.
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
                 // Gone from the bounding set, root's exec does not get it back.
                 if libc::prctl(libc::PR_CAPBSET_DROP, 19, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -614,6 +614,7 @@ fn enroll_refuses_on_a_node_without_the_capability_to_compare_every_task() {
                 Ok(())
             });
         }
+        cmd
     });
     let status = std::fs::read_to_string(format!("/proc/{}/status", node.child.id())).unwrap();
     let eff = status

@@ -363,13 +363,25 @@ pub fn mount_bpffs() -> io::Result<()> {
     mount_kernel_fs("bpf", "/sys/fs/bpf", Some("mode=0700"))
 }
 
+/// The initial PID namespace's inode number, fixed by the kernel (PROC_PID_INIT_INO).
+const INIT_PID_NS: u64 = 0xEFFF_FFFC;
+
+/// Whether this process runs in the initial PID namespace and `/proc` is that namespace's
+/// (it names this process by the number the process has): only then does `/proc` list every
+/// task on the host.
+pub fn sees_every_task() -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    let own = std::process::id().to_string();
+    Ok(std::fs::metadata("/proc/self/ns/pid")?.ino() == INIT_PID_NS
+        && std::fs::read_link("/proc/self")?.as_os_str() == own.as_str())
+}
+
 /// Whether this process shares the host's mount namespace (PID 1's). A file system mounted
 /// in a namespace of its own (a systemd sandbox, say) goes when its last process does.
 pub fn in_host_mount_namespace() -> io::Result<bool> {
     use std::os::unix::fs::MetadataExt as _;
-    // PID 1 of the initial PID namespace (its inode is fixed, PROC_PID_INIT_INO): in a
-    // container, PID 1 is the container's init, whose mounts go with the container.
-    const INIT_PID_NS: u64 = 0xEFFF_FFFC;
+    // PID 1 of the initial PID namespace: in a container, PID 1 is the container's init,
+    // whose mounts go with the container.
     if std::fs::metadata("/proc/1/ns/pid")?.ino() != INIT_PID_NS {
         return Ok(false);
     }
