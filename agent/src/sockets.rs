@@ -523,21 +523,6 @@ fn sq_thread(fdinfo: &str) -> RingThread {
     }
 }
 
-/// Whether task `tid` has not exited (a zombie, `Z`, or dead, `X`, has given up its
-/// descriptor table): false when it is gone, an error when that cannot be read.
-fn alive(tid: u32) -> io::Result<bool> {
-    let path = format!("/proc/{tid}/stat");
-    match fs::read_to_string(&path) {
-        // The state follows the command's closing parenthesis (the command may hold any).
-        Ok(stat) => Ok(stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.chars().next())
-            .is_some_and(|state| state != 'Z' && state != 'X')),
-        Err(e) if gone(&e) => Ok(false),
-        Err(e) => Err(scan_error(Path::new(&path), e)),
-    }
-}
-
 /// How task `a`'s object of `kind` orders against task `b`'s (`kcmp` orders them by an
 /// obfuscated address, the same for the same object), or the error number.
 fn kcmp_order(a: u32, b: u32, kind: i32) -> Result<std::cmp::Ordering, i32> {
@@ -558,40 +543,6 @@ fn kcmp_error(a: u32, b: u32, errno: i32) -> io::Error {
     ))
 }
 
-/// Calls `visit` with every task on the host (each process's threads) as it is listed, so
-/// each is compared while it is most likely still there: `(tid, false)`; a process listed
-/// that was gone before its threads could be listed, `(pid, true)`. `visit` says whether to
-/// go on.
-fn each_task(mut visit: impl FnMut(u32, bool) -> io::Result<bool>) -> io::Result<()> {
-    let proc = Path::new("/proc");
-    for e in fs::read_dir(proc).map_err(|e| scan_error(proc, e))? {
-        let e = e.map_err(|e| scan_error(proc, e))?;
-        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        let dir = format!("/proc/{pid}/task");
-        let rd = match fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) if gone(&e) => {
-                if !visit(pid, true)? {
-                    return Ok(());
-                }
-                continue;
-            }
-            Err(e) => return Err(scan_error(Path::new(&dir), e)),
-        };
-        for t in rd {
-            let t = t.map_err(|e| scan_error(Path::new(&dir), e))?;
-            if let Some(tid) = t.file_name().to_str().and_then(|t| t.parse::<u32>().ok())
-                && !visit(tid, false)?
-            {
-                return Ok(());
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Where a task's descriptor table is among the unit's (see [`search`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Place {
@@ -599,17 +550,17 @@ enum Place {
     Shares(usize),
     /// It is none of them; it would go at this index.
     Apart(usize),
-    /// The task exited before it was compared.
+    /// No task has that number (never had, or it exited).
     Gone,
     /// The kernel will not compare it for the node (a security policy that confines the
-    /// node, or privileges the node lacks): one cloned from the unit's tasks gets neither
+    /// node): one cloned from the unit's tasks gets no other way out of the comparison
     /// without an exec, which unshares the table.
     Hidden,
 }
 
-/// Where task `tid`'s descriptor table is among `tables` (the unit's tasks, one per table, in
-/// `kcmp`'s order, each checked comparable). Any failure but `tid`'s exit or refusal is an
-/// error, and so is the exit of a task of `tables`.
+/// Where task number `tid`'s descriptor table is among `tables` (the unit's tasks, one per
+/// table, in `kcmp`'s order, each checked comparable). `Gone` also when a task of `tables`
+/// has exited, which the caller checks for once it is done.
 fn search(tables: &[u32], tid: u32) -> io::Result<Place> {
     let (mut lo, mut hi) = (0, tables.len());
     while lo < hi {
@@ -618,13 +569,8 @@ fn search(tables: &[u32], tid: u32) -> io::Result<Place> {
             Ok(std::cmp::Ordering::Equal) => return Ok(Place::Shares(mid)),
             Ok(std::cmp::Ordering::Less) => hi = mid,
             Ok(std::cmp::Ordering::Greater) => lo = mid + 1,
-            Err(errno @ (libc::ESRCH | libc::EPERM | libc::EACCES)) if alive(tables[mid])? => {
-                return Ok(if errno == libc::ESRCH || !alive(tid)? {
-                    Place::Gone
-                } else {
-                    Place::Hidden
-                });
-            }
+            Err(libc::ESRCH) => return Ok(Place::Gone),
+            Err(libc::EPERM | libc::EACCES) => return Ok(Place::Hidden),
             Err(errno) => return Err(kcmp_error(tid, tables[mid], errno)),
         }
     }
@@ -632,7 +578,7 @@ fn search(tables: &[u32], tid: u32) -> io::Result<Place> {
 }
 
 /// The number the kernel gave the newest task (`/proc/loadavg`'s last field): task numbers
-/// grow until they wrap round at `pid_max`.
+/// are handed out in order, from 300 again after `pid_max`.
 fn last_pid() -> io::Result<u32> {
     let path = Path::new("/proc/loadavg");
     let text = fs::read_to_string(path).map_err(|e| scan_error(path, e))?;
@@ -647,13 +593,49 @@ fn last_pid() -> io::Result<u32> {
         })
 }
 
-/// How many times the host's tasks are listed and compared while some exit before they are
-/// compared. A sharer outside the unit is not frozen with it: cloning the next sharer and
-/// exiting, a chain of them could otherwise keep one step ahead of a single listing (a new
-/// one is listed, since its number is higher; the one compared has gone). A listing in which
-/// every task outside was compared while it lived, and task numbers did not wrap round,
-/// finds such a chain, whatever its pace.
-const SHARER_LISTINGS: usize = 8;
+/// The highest task number (`kernel.pid_max`).
+fn pid_max() -> io::Result<u32> {
+    let path = Path::new("/proc/sys/kernel/pid_max");
+    let text = fs::read_to_string(path).map_err(|e| scan_error(path, e))?;
+    text.trim()
+        .parse()
+        .map_err(|_| io::Error::other(format!("{}: {text:?}", path.display())))
+}
+
+/// The task numbers handed out after `before` up to `after`, wrapping round at `max`.
+fn handed_out(before: u32, after: u32, max: u32) -> impl Iterator<Item = u32> {
+    let (end, wrapped) = if after >= before {
+        (after, 0)
+    } else {
+        (max, after)
+    };
+    (before + 1..=end).chain(1..=wrapped)
+}
+
+/// The start time of task `tid` (`/proc/TID/stat`'s 22nd field), which tells it from a later
+/// task given the same number; none when it has exited.
+fn start_time(tid: u32) -> io::Result<Option<u64>> {
+    let path = format!("/proc/{tid}/stat");
+    let stat = match fs::read_to_string(&path) {
+        Ok(stat) => stat,
+        Err(e) if gone(&e) => return Ok(None),
+        Err(e) => return Err(scan_error(Path::new(&path), e)),
+    };
+    // Fields after the command's closing parenthesis (the command may hold any), from the
+    // third: the state.
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+    let mut fields = rest.split_whitespace();
+    match fields.next() {
+        Some("Z" | "X") | None => Ok(None),
+        Some(_) => Ok(fields.nth(18).and_then(|t| t.parse().ok())),
+    }
+}
+
+/// How many times the task numbers handed out while the last pass ran are compared, at most,
+/// before the enroll is refused. Each pass is short (a comparison for each number handed out
+/// in the one before), so on a host whose tasks come and go at any ordinary pace one hands
+/// out none within a few passes.
+const SHARER_PASSES: usize = 64;
 
 const CAP_SYS_PTRACE: u32 = 19;
 
@@ -710,12 +692,16 @@ impl Scan {
     /// with no receipt. Every task on the host is compared with the unit's distinct tables,
     /// kept in `kcmp`'s order so each costs a binary search.
     fn sharing_files_outside(&mut self, unit: &HashSet<u32>) -> io::Result<Option<(u32, u32)>> {
+        // Each unit task's start time: one killed while frozen, its number given to a task
+        // outside, would have that task passed over as the unit's.
+        let mut started = Vec::with_capacity(unit.len());
         // A task that exited has no table (and would compare equal to every other).
         let mut tables: Vec<u32> = Vec::new();
         for &tid in unit {
-            if !alive(tid)? {
+            let Some(at) = start_time(tid)? else {
                 continue;
-            }
+            };
+            started.push((tid, at));
             self.spend(2 + tables.len().max(1).ilog2() as usize)?;
             // A unit task the kernel will not compare would hide every sharer of its table.
             if let Err(errno) = kcmp_order(tid, tid, KCMP_FILES) {
@@ -735,59 +721,56 @@ impl Scan {
             return Ok(None);
         }
         let per_task = 1 + tables.len().ilog2() as usize;
-        // After the first listing, only tasks made since the last one began can be sharers
-        // not yet compared (a table is shared only by cloning).
-        let mut made_after = None;
-        for _ in 0..SHARER_LISTINGS {
-            let (mut found, mut vanished) = (None, false);
-            let before = last_pid()?;
-            if made_after.is_some_and(|old| before < old) {
-                made_after = None;
-            }
-            each_task(|other, gone| {
-                if unit.contains(&other) || made_after.is_some_and(|old| other <= old) {
-                    return Ok(true);
-                }
-                if gone {
-                    vanished = true;
-                    return Ok(true);
-                }
-                self.spend(per_task)?;
-                match search(&tables, other)? {
-                    Place::Shares(at) => {
-                        found = Some((tables[at], other));
-                        Ok(false)
+        // Every task number, not a listing of /proc (whose thread lists are read by position,
+        // and can be cut short by threads exiting meanwhile): first all of them, then those
+        // handed out while the last pass ran, until a pass during which none was. A table is
+        // shared only by cloning, and a clone takes a new number: a sharer outside is compared
+        // alive, or keeps new numbers coming until the passes run out.
+        let max = pid_max()?;
+        let mut compare =
+            |numbers: &mut dyn Iterator<Item = u32>| -> io::Result<Option<(u32, u32)>> {
+                for other in numbers {
+                    if unit.contains(&other) {
+                        continue;
                     }
-                    Place::Gone => {
-                        vanished = true;
-                        Ok(true)
+                    match search(&tables, other)? {
+                        Place::Gone => {}
+                        Place::Shares(at) => return Ok(Some((tables[at], other))),
+                        Place::Apart(_) | Place::Hidden => self.spend(per_task)?,
                     }
-                    Place::Apart(_) | Place::Hidden => Ok(true),
                 }
-            })?;
+                Ok(None)
+            };
+        let mut before = last_pid()?;
+        let mut found = compare(&mut (1..=max))?;
+        let mut settled = false;
+        for _ in 0..SHARER_PASSES {
             if found.is_some() {
-                return Ok(found);
+                break;
             }
-            // A frozen task still dies of SIGKILL, and an exited one has no table: compared
-            // then, its sharers outside would have compared unequal, and the order kept would
-            // no longer hold.
-            for &t in &tables {
-                if !alive(t)? {
-                    return Err(io::Error::other(format!(
-                        "task {t} of the unit exited while its descriptor table was compared"
-                    )));
-                }
+            let after = last_pid()?;
+            if after == before {
+                settled = true;
+                break;
             }
-            // Numbers handed out wrapped round during the listing: a sharer cloned then may
-            // have a number the listing had passed, and the next listing must be whole.
-            let wrapped = last_pid()? < before;
-            if !vanished && !wrapped {
-                return Ok(None);
+            found = compare(&mut handed_out(before, after, max))?;
+            before = after;
+        }
+        // A frozen task still dies of SIGKILL, and an exited one has no table: compared
+        // then, its sharers outside would have compared as gone; and its number could have
+        // gone to a task outside, passed over as the unit's.
+        for &(tid, at) in &started {
+            if start_time(tid)? != Some(at) {
+                return Err(io::Error::other(format!(
+                    "task {tid} of the unit exited while descriptor tables were compared with the unit's"
+                )));
             }
-            made_after = (!wrapped).then_some(before);
+        }
+        if found.is_some() || settled {
+            return Ok(found);
         }
         Err(io::Error::other(format!(
-            "tasks outside the unit exited before their descriptor tables could be compared with the unit's in each of {SHARER_LISTINGS} listings of the host's tasks: a chain of processes handing on a table shared with the unit would look the same"
+            "task numbers kept being handed out in each of {SHARER_PASSES} passes comparing the tasks made meanwhile with the unit's descriptor tables: a chain of processes handing on a table shared with the unit would look the same"
         )))
     }
 
@@ -1175,6 +1158,25 @@ mod tests {
         // Root in the host's PID namespace, as the node runs: a refusal here would refuse
         // every enroll.
         can_compare_every_task().expect("the node's view of the host's tasks");
+    }
+
+    #[test]
+    fn the_numbers_handed_out_between_two_readings_wrap_round() {
+        assert_eq!(handed_out(5, 5, 10).collect::<Vec<_>>(), Vec::<u32>::new());
+        assert_eq!(handed_out(5, 8, 10).collect::<Vec<_>>(), [6, 7, 8]);
+        assert_eq!(handed_out(8, 2, 10).collect::<Vec<_>>(), [9, 10, 1, 2]);
+        assert_eq!(handed_out(10, 1, 10).collect::<Vec<_>>(), [1]);
+    }
+
+    #[test]
+    fn a_tasks_start_time_is_read_and_an_exited_one_has_none() {
+        let own = start_time(std::process::id())
+            .unwrap()
+            .expect("this process");
+        assert!(own > 0);
+        assert_eq!(start_time(std::process::id()).unwrap(), Some(own));
+        // Past pid_max: no such task.
+        assert_eq!(start_time(u32::MAX - 1).unwrap(), None);
     }
 
     #[test]

@@ -1206,7 +1206,7 @@ fn enroll_refuses_a_unit_sharing_its_descriptor_table_with_a_process_outside() {
 
     // A chain of sharers, each cloning the next and exiting at once: no one of them lives
     // through a listing of the host's tasks, whatever its pace against it. Refused, every
-    // time: a sharer compared, or tasks gone before they were compared in every listing.
+    // time: a sharer compared alive, or new task numbers handed out in every pass.
     let hopper: u32 = probe
         .ok_value("fork-hopping-sharer")
         .parse()
@@ -1225,7 +1225,7 @@ fn enroll_refuses_a_unit_sharing_its_descriptor_table_with_a_process_outside() {
         );
         assert!(
             err.contains("outside the cgroup (cloned with CLONE_FILES)")
-                || err.contains("tasks outside the unit exited before their descriptor tables could be compared with the unit's in each of 8 listings"),
+                || err.contains("task numbers kept being handed out in each of 64 passes comparing the tasks made meanwhile with the unit's descriptor tables"),
             "attempt {attempt}: {err}"
         );
     }
