@@ -577,21 +577,62 @@ fn search(tables: &[u32], tid: u32) -> io::Result<Place> {
     Ok(Place::Apart(lo))
 }
 
-/// The number the kernel gave the newest task (`/proc/loadavg`'s last field): task numbers
-/// are handed out in order, from 300 again after `pid_max`.
-fn last_pid() -> io::Result<u32> {
-    let path = Path::new("/proc/loadavg");
-    let text = fs::read_to_string(path).map_err(|e| scan_error(path, e))?;
-    text.split_whitespace()
-        .nth(4)
-        .and_then(|p| p.parse().ok())
-        .ok_or_else(|| {
-            io::Error::other(format!(
-                "{}: no last task number in {text:?}",
-                path.display()
-            ))
-        })
+/// What the kernel has handed out so far: the number it gave the newest task and the count
+/// of tasks on the host (`/proc/loadavg`), and the count of tasks ever made (`/proc/stat`'s
+/// `processes`, which never goes back). Task numbers are handed out in order, from 300 again
+/// after `pid_max`, skipping numbers in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Handed {
+    last: u32,
+    tasks: u32,
+    made: u64,
 }
+
+impl Handed {
+    fn now() -> io::Result<Self> {
+        let path = Path::new("/proc/loadavg");
+        let text = fs::read_to_string(path).map_err(|e| scan_error(path, e))?;
+        let mut f = text.split_whitespace().skip(3);
+        let tasks = f.next().and_then(|t| t.split_once('/')?.1.parse().ok());
+        let last = f.next().and_then(|p| p.parse().ok());
+        let (Some(tasks), Some(last)) = (tasks, last) else {
+            return Err(io::Error::other(format!(
+                "{}: no task count or last task number in {text:?}",
+                path.display()
+            )));
+        };
+        let path = Path::new("/proc/stat");
+        let stat = fs::read_to_string(path).map_err(|e| scan_error(path, e))?;
+        let made = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("processes "))
+            .and_then(|n| n.trim().parse().ok())
+            .ok_or_else(|| io::Error::other(format!("{}: no processes line", path.display())))?;
+        Ok(Self { last, tasks, made })
+    }
+
+    /// The numbers handed out since `self` (up to `later`) when no cycle of all numbers can
+    /// have gone by in between; none when one can, or the count of tasks made says more were
+    /// made than the numbers between the two (numbers are skipped only when in use: every
+    /// number of a cycle is either handed out in it or held by a task that lived at its
+    /// start or was made in it).
+    fn since(&self, later: &Self, max: u32) -> Option<impl Iterator<Item = u32> + use<>> {
+        let made = later.made.saturating_sub(self.made);
+        let between = if later.last >= self.last {
+            u64::from(later.last - self.last)
+        } else {
+            u64::from(max - self.last) + u64::from(later.last)
+        };
+        let cycle = u64::from(max.saturating_sub(RESERVED_NUMBERS));
+        if made > between || made + u64::from(self.tasks) >= cycle {
+            return None;
+        }
+        Some(handed_out(self.last, later.last, max))
+    }
+}
+
+/// Numbers below this are not handed out again after a wrap (the kernel's RESERVED_PIDS).
+const RESERVED_NUMBERS: u32 = 300;
 
 /// The highest task number (`kernel.pid_max`).
 fn pid_max() -> io::Result<u32> {
@@ -636,6 +677,9 @@ fn start_time(tid: u32) -> io::Result<Option<u64>> {
 /// in the one before), so on a host whose tasks come and go at any ordinary pace one hands
 /// out none within a few passes.
 const SHARER_PASSES: usize = 64;
+
+/// Of those, how many may go over every task number (the first does), at most.
+const WHOLE_PASSES: usize = 4;
 
 const CAP_SYS_PTRACE: u32 = 19;
 
@@ -741,19 +785,29 @@ impl Scan {
                 }
                 Ok(None)
             };
-        let mut before = last_pid()?;
+        // A pass is settled when no task was made while it ran. One after which the numbers
+        // handed out meanwhile cannot be told (a whole cycle of them could have gone by, most
+        // held by waiting tasks) is followed by a pass over every number again.
+        let mut before = Handed::now()?;
         let mut found = compare(&mut (1..=max))?;
-        let mut settled = false;
+        let (mut settled, mut whole) = (false, 1);
         for _ in 0..SHARER_PASSES {
             if found.is_some() {
                 break;
             }
-            let after = last_pid()?;
-            if after == before {
+            let after = Handed::now()?;
+            if after.made == before.made {
                 settled = true;
                 break;
             }
-            found = compare(&mut handed_out(before, after, max))?;
+            found = match before.since(&after, max) {
+                Some(mut numbers) => compare(&mut numbers)?,
+                None if whole < WHOLE_PASSES => {
+                    whole += 1;
+                    compare(&mut (1..=max))?
+                }
+                None => break,
+            };
             before = after;
         }
         // A frozen task still dies of SIGKILL, and an exited one has no table: compared
@@ -770,7 +824,7 @@ impl Scan {
             return Ok(found);
         }
         Err(io::Error::other(format!(
-            "task numbers kept being handed out in each of {SHARER_PASSES} passes comparing the tasks made meanwhile with the unit's descriptor tables: a chain of processes handing on a table shared with the unit would look the same"
+            "tasks kept being made while the host's tasks were compared with the unit's descriptor tables ({SHARER_PASSES} passes at most, {WHOLE_PASSES} over every task number): a chain of processes handing on a table shared with the unit would look the same"
         )))
     }
 
@@ -1166,6 +1220,31 @@ mod tests {
         assert_eq!(handed_out(5, 8, 10).collect::<Vec<_>>(), [6, 7, 8]);
         assert_eq!(handed_out(8, 2, 10).collect::<Vec<_>>(), [9, 10, 1, 2]);
         assert_eq!(handed_out(10, 1, 10).collect::<Vec<_>>(), [1]);
+    }
+
+    #[test]
+    fn numbers_handed_out_are_followed_only_where_no_cycle_can_have_gone_by() {
+        let at = |last, tasks, made| Handed { last, tasks, made };
+        let numbers = |a: Handed, b: Handed| a.since(&b, 1000).map(|n| n.collect::<Vec<_>>());
+        // Three made, three numbers on: those three.
+        assert_eq!(
+            numbers(at(500, 100, 10), at(503, 100, 13)),
+            Some(vec![501, 502, 503])
+        );
+        // Round the top.
+        assert_eq!(
+            numbers(at(999, 100, 10), at(2, 100, 13)),
+            Some(vec![1000, 1, 2])
+        );
+        // More made than numbers between: a cycle went by.
+        assert_eq!(numbers(at(500, 100, 10), at(500, 100, 14)), None);
+        assert_eq!(numbers(at(500, 100, 10), at(502, 100, 13)), None);
+        // Few made, but most numbers held: a cycle could be that short.
+        assert_eq!(numbers(at(500, 650, 10), at(560, 650, 60)), None);
+        assert!(numbers(at(500, 600, 10), at(560, 600, 60)).is_some());
+        // What this host says reads.
+        let now = Handed::now().unwrap();
+        assert!(now.last > 0 && now.tasks > 0 && now.made > 0, "{now:?}");
     }
 
     #[test]

@@ -103,9 +103,9 @@
 //!   sharing-leader-exits           that child starts a thread and its leader exits; `ok TID`
 //!   fork-hopping-sharer            a child (sharing its descriptor table) that waits;
 //!                                  answers `ok PID`
-//!   sharers-hop                    it starts a chain of processes sharing this process's
+//!   sharers-hop SECS               it starts a chain of processes sharing this process's
 //!                                  descriptor table, each cloning the next and exiting, for
-//!                                  at most two minutes; `ok`
+//!                                  at most SECS seconds; `ok`
 //!   sharers-stop                   ends the chain (it ends once a descriptor of the shared
 //!                                  table is closed); `ok`
 //!   hold-ring-lock FD              holds io_uring instance FD's lock (a buffer registration
@@ -2068,7 +2068,9 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         ),
         ["fork-sharing-files"] => fork_sharing_files(),
         ["fork-hopping-sharer"] => fork_hopping_sharer(),
-        ["sharers-hop"] => sharers_hop()?,
+        ["sharers-hop", secs] => {
+            sharers_hop(secs.parse().map_err(|_| format!("bad seconds {secs}"))?)?
+        }
         ["sharers-stop"] => sharers_stop()?,
         ["sharing-leader-exits"] => sharing_leader_exits()?,
         ["hold-ring-lock", fd] => {
@@ -2379,7 +2381,8 @@ static HOPPING: std::sync::Mutex<Option<(RawFd, RawFd, RawFd)>> = std::sync::Mut
 /// A child sharing this process's descriptor table that, told to (`sharers-hop`), clones a
 /// process sharing it too, then takes a copy of its own: from there the sharers are a chain, each cloning the next
 /// (`CLONE_PARENT`, so all are the child's, which reaps them by ignoring SIGCHLD) and exiting
-/// at once, until the marker descriptor is closed in the shared table or two minutes pass.
+/// at once, until the marker descriptor is closed in the shared table or the seconds
+/// `sharers-hop` gives have passed.
 /// No sharer lives longer than one clone. `ok PID`.
 fn fork_hopping_sharer() -> String {
     let (mut go, mut back, mut marker) = ([0; 2], [0; 2], [0; 2]);
@@ -2407,8 +2410,8 @@ fn fork_hopping_sharer() -> String {
                 libc::syscall(libc::SYS_exit_group, 1);
             }
             libc::signal(libc::SIGCHLD, libc::SIG_IGN);
-            let mut byte = 0u8;
-            if libc::read(go[0], (&raw mut byte).cast(), 1) != 1 {
+            let mut limit = 0i64;
+            if libc::read(go[0], (&raw mut limit).cast(), 8) != 8 {
                 libc::syscall(libc::SYS_exit_group, 1);
             }
             let mut start = libc::timespec {
@@ -2430,7 +2433,8 @@ fn fork_hopping_sharer() -> String {
                 loop {
                     let mut now = start;
                     libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now);
-                    if libc::fcntl(marker[0], libc::F_GETFD) < 0 || now.tv_sec - start.tv_sec > 120
+                    if libc::fcntl(marker[0], libc::F_GETFD) < 0
+                        || now.tv_sec - start.tv_sec > limit
                     {
                         libc::syscall(libc::SYS_exit, 0);
                     }
@@ -2467,15 +2471,16 @@ fn fork_hopping_sharer() -> String {
 }
 
 /// Tells the `fork-hopping-sharer` child to start its chain: `ok` once it has.
-fn sharers_hop() -> Result<String, String> {
+fn sharers_hop(secs: i64) -> Result<String, String> {
     let (go, back, _) = HOPPING
         .lock()
         .expect("hopping")
         .ok_or("no hopping sharer")?;
     let mut first = 0i64;
-    // SAFETY: one byte written from, and eight read into, values that live across the calls.
+    // SAFETY: eight bytes written from, and eight read into, values that live across the
+    // calls.
     let read = unsafe {
-        libc::write(go, [1u8].as_ptr().cast(), 1);
+        libc::write(go, (&raw const secs).cast(), 8);
         libc::read(back, (&raw mut first).cast(), 8)
     };
     if read != 8 || first <= 0 {
