@@ -589,33 +589,49 @@ struct Handed {
 }
 
 impl Handed {
+    /// Read as: tasks made, last number and task count, tasks made again, until both counts
+    /// of tasks made agree, so no task is counted whose number the reading does not cover.
     fn now() -> io::Result<Self> {
-        let path = Path::new("/proc/loadavg");
-        let text = fs::read_to_string(path).map_err(|e| scan_error(path, e))?;
-        let mut f = text.split_whitespace().skip(3);
-        let tasks = f.next().and_then(|t| t.split_once('/')?.1.parse().ok());
-        let last = f.next().and_then(|p| p.parse().ok());
-        let (Some(tasks), Some(last)) = (tasks, last) else {
-            return Err(io::Error::other(format!(
-                "{}: no task count or last task number in {text:?}",
-                path.display()
-            )));
-        };
-        let path = Path::new("/proc/stat");
-        let stat = fs::read_to_string(path).map_err(|e| scan_error(path, e))?;
-        let made = stat
-            .lines()
-            .find_map(|l| l.strip_prefix("processes "))
-            .and_then(|n| n.trim().parse().ok())
-            .ok_or_else(|| io::Error::other(format!("{}: no processes line", path.display())))?;
-        Ok(Self { last, tasks, made })
+        let mut made = Self::made()?;
+        for _ in 0..8 {
+            let path = Path::new("/proc/loadavg");
+            let text = fs::read_to_string(path).map_err(|e| scan_error(path, e))?;
+            let mut f = text.split_whitespace().skip(3);
+            let tasks = f.next().and_then(|t| t.split_once('/')?.1.parse().ok());
+            let last = f.next().and_then(|p| p.parse().ok());
+            let (Some(tasks), Some(last)) = (tasks, last) else {
+                return Err(io::Error::other(format!(
+                    "{}: no task count or last task number in {text:?}",
+                    path.display()
+                )));
+            };
+            let again = Self::made()?;
+            if again == made {
+                return Ok(Self { last, tasks, made });
+            }
+            made = again;
+        }
+        Err(io::Error::other(
+            "tasks kept being made while the host's task counts were read",
+        ))
     }
 
-    /// The numbers handed out since `self` (up to `later`) when no cycle of all numbers can
-    /// have gone by in between; none when one can, or the count of tasks made says more were
-    /// made than the numbers between the two (numbers are skipped only when in use: every
-    /// number of a cycle is either handed out in it or held by a task that lived at its
-    /// start or was made in it).
+    /// `/proc/stat`'s `processes`: every task made since boot, threads too.
+    fn made() -> io::Result<u64> {
+        let path = Path::new("/proc/stat");
+        let stat = fs::read_to_string(path).map_err(|e| scan_error(path, e))?;
+        stat.lines()
+            .find_map(|l| l.strip_prefix("processes "))
+            .and_then(|n| n.trim().parse().ok())
+            .ok_or_else(|| io::Error::other(format!("{}: no processes line", path.display())))
+    }
+
+    /// The numbers handed out since `self` (up to `later`) when they are exactly the tasks
+    /// made in between and no cycle of all numbers can have gone by; none otherwise. A fork
+    /// that failed after taking its number, or one not yet attached to it, makes the two
+    /// differ. Every number of a cycle is handed out in it or held: by a task alive at its
+    /// start or made in it, or by a dead process group or session leader's number (up to
+    /// three numbers a task).
     fn since(&self, later: &Self, max: u32) -> Option<impl Iterator<Item = u32> + use<>> {
         let made = later.made.saturating_sub(self.made);
         let between = if later.last >= self.last {
@@ -624,7 +640,7 @@ impl Handed {
             u64::from(max - self.last) + u64::from(later.last)
         };
         let cycle = u64::from(max.saturating_sub(RESERVED_NUMBERS));
-        if made > between || made + u64::from(self.tasks) >= cycle {
+        if made != between || made + 3 * u64::from(self.tasks) >= cycle {
             return None;
         }
         Some(handed_out(self.last, later.last, max))
@@ -796,7 +812,7 @@ impl Scan {
                 break;
             }
             let after = Handed::now()?;
-            if after.made == before.made {
+            if after.made == before.made && after.last == before.last {
                 settled = true;
                 break;
             }
@@ -1236,12 +1252,14 @@ mod tests {
             numbers(at(999, 100, 10), at(2, 100, 13)),
             Some(vec![1000, 1, 2])
         );
-        // More made than numbers between: a cycle went by.
+        // More made than numbers between: a cycle went by; fewer: a fork failed after taking
+        // its number, or one is not attached to it yet.
         assert_eq!(numbers(at(500, 100, 10), at(500, 100, 14)), None);
         assert_eq!(numbers(at(500, 100, 10), at(502, 100, 13)), None);
-        // Few made, but most numbers held: a cycle could be that short.
-        assert_eq!(numbers(at(500, 650, 10), at(560, 650, 60)), None);
-        assert!(numbers(at(500, 600, 10), at(560, 600, 60)).is_some());
+        assert_eq!(numbers(at(500, 100, 10), at(504, 100, 13)), None);
+        // Few made, but most numbers held (three a task at most): a cycle could be that short.
+        assert_eq!(numbers(at(500, 220, 10), at(560, 220, 70)), None);
+        assert!(numbers(at(500, 200, 10), at(560, 200, 70)).is_some());
         // What this host says reads.
         let now = Handed::now().unwrap();
         assert!(now.last > 0 && now.tasks > 0 && now.made > 0, "{now:?}");
