@@ -304,6 +304,12 @@ pub fn status_json(socket: &Path) -> serde_json::Value {
     )
 }
 
+/// `agentwall status` as a person reads it.
+pub fn status_text(socket: &Path) -> String {
+    String::from_utf8(run_ok(agentwall().args(["status", "--socket"]).arg(socket)))
+        .expect("status is text")
+}
+
 /// Whether the node enforces the BPF LSM line (socket families, socket use, options, error
 /// queue): `None` when it does; the node's reason when it says it does not, which it must
 /// then say in `status`. The kernel matrix's guests run BPF LSM programs and set

@@ -577,12 +577,7 @@ fn where_the_kernel_does_not_say_where_shared_pages_are_marked_first_data_is_ref
         ))),
         "{s}"
     );
-    let text = String::from_utf8(agentwall_tests::node::run_ok(
-        agentwall_tests::node::agentwall()
-            .args(["status", "--socket"])
-            .arg(&lab.node.socket),
-    ))
-    .unwrap();
+    let text = agentwall_tests::node::status_text(&lab.node.socket);
     assert!(
         text.contains("kernel layout: UNKNOWN: reading the kernel's BTF from /nonexistent/kernel-btf-unreadable"),
         "{text}"
@@ -610,12 +605,7 @@ fn where_the_kernel_does_not_say_where_shared_pages_are_marked_first_data_is_ref
     lab.restart(&[]);
     let s = agentwall_tests::node::status_json(&lab.node.socket);
     assert_eq!(s["kernel_layout"], serde_json::json!([]), "{s}");
-    let text = String::from_utf8(agentwall_tests::node::run_ok(
-        agentwall_tests::node::agentwall()
-            .args(["status", "--socket"])
-            .arg(&lab.node.socket),
-    ))
-    .unwrap();
+    let text = agentwall_tests::node::status_text(&lab.node.socket);
     assert!(
         text.contains("kernel layout: every field found in the BTF"),
         "{text}"

@@ -2305,20 +2305,14 @@ static KEPT_RINGS: std::sync::Mutex<Vec<io_uring::IoUring>> = std::sync::Mutex::
 /// on.
 static SHARING_CHILD: std::sync::Mutex<Option<(RawFd, RawFd)>> = std::sync::Mutex::new(None);
 
-/// A child cloned with `CLONE_FILES` (it shares this process's descriptor table), which waits
-/// to be told to start a thread and end its leader (`sharing-leader-exits`): a thread of a
-/// process whose leader is gone, sharing the table. `ok PID`.
-fn fork_sharing_files() -> String {
-    let (mut go, mut back) = ([0; 2], [0; 2]);
-    // SAFETY: pipe2 with arrays of two; clone without a new stack behaves as fork. The child
-    // makes only system calls (async-signal-safe) until it exits, and its thread runs on a
-    // stack of its own mapped for it, calling nothing but pause.
+/// Clones a child sharing this process's descriptor table (`CLONE_FILES`), killed when this
+/// process dies: 0 in the child, its pid (or -1) in this process.
+///
+/// # Safety
+/// Behaves as fork: the child must make only async-signal-safe calls until it exits.
+unsafe fn clone_sharing_files() -> libc::c_long {
+    // SAFETY: as the caller promises.
     unsafe {
-        if libc::pipe2(go.as_mut_ptr(), libc::O_CLOEXEC) != 0
-            || libc::pipe2(back.as_mut_ptr(), libc::O_CLOEXEC) != 0
-        {
-            return format!("err pipe {}", errno_name(last_err()));
-        }
         let parent = libc::getpid();
         let child = libc::syscall(
             libc::SYS_clone,
@@ -2333,6 +2327,27 @@ fn fork_sharing_files() -> String {
             if libc::getppid() != parent {
                 libc::syscall(libc::SYS_exit_group, 1);
             }
+        }
+        child
+    }
+}
+
+/// A child cloned with `CLONE_FILES` (it shares this process's descriptor table), which waits
+/// to be told to start a thread and end its leader (`sharing-leader-exits`): a thread of a
+/// process whose leader is gone, sharing the table. `ok PID`.
+fn fork_sharing_files() -> String {
+    let (mut go, mut back) = ([0; 2], [0; 2]);
+    // SAFETY: pipe2 with arrays of two; clone without a new stack behaves as fork. The child
+    // makes only system calls (async-signal-safe) until it exits, and its thread runs on a
+    // stack of its own mapped for it, calling nothing but pause.
+    unsafe {
+        if libc::pipe2(go.as_mut_ptr(), libc::O_CLOEXEC) != 0
+            || libc::pipe2(back.as_mut_ptr(), libc::O_CLOEXEC) != 0
+        {
+            return format!("err pipe {}", errno_name(last_err()));
+        }
+        let child = clone_sharing_files();
+        if child == 0 {
             let mut byte = 0u8;
             if libc::read(go[0], (&raw mut byte).cast(), 1) != 1 {
                 libc::syscall(libc::SYS_exit_group, 1);
@@ -2395,20 +2410,8 @@ fn fork_hopping_sharer() -> String {
         {
             return format!("err pipe {}", errno_name(last_err()));
         }
-        let parent = libc::getpid();
-        let child = libc::syscall(
-            libc::SYS_clone,
-            libc::CLONE_FILES | libc::SIGCHLD,
-            0,
-            0,
-            0,
-            0,
-        );
+        let child = clone_sharing_files();
         if child == 0 {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            if libc::getppid() != parent {
-                libc::syscall(libc::SYS_exit_group, 1);
-            }
             libc::signal(libc::SIGCHLD, libc::SIG_IGN);
             let mut limit = 0i64;
             if libc::read(go[0], (&raw mut limit).cast(), 8) != 8 {
