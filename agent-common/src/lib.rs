@@ -40,6 +40,10 @@ pub const TAILS: u32 = 1;
 /// it is part of the map layout: a change to it bumps [`ABI_VERSION`].
 pub const TAIL_SNI: u32 = 0;
 
+/// Where this kernel keeps what the task census reads ([`TaskLayout`]); made at each start,
+/// never pinned (the census runs only while its node does).
+pub const MAP_TASK_LAYOUT: &str = "AW_TASK_LAYOUT";
+
 /// Every map the programs use, in a stable order (pinning, adoption and teardown walk it).
 pub const ALL_MAPS: [&str; 21] = [
     MAP_BINDINGS,
@@ -99,6 +103,11 @@ pub const PROG_LSM_FILE_RECEIVE: &str = "aw_lsm_file_receive";
 /// hold: refused while FREEBIND or TRANSPARENT is set on it, however the flag got there (a
 /// helper's setsockopt that raced the receipt, a unit's socket from before `enroll`).
 pub const PROG_LSM_BIND: &str = "aw_lsm_bind";
+
+/// The task census (`iter/task`): a row for each task on the host that has a descriptor
+/// table (see [`TaskTable`]). Loaded beside the programs and never attached to a cgroup:
+/// `enroll` reads it to find tasks outside a unit that share a unit's table.
+pub const PROG_TASK_TABLES: &str = "aw_task_tables";
 
 /// The BPF LSM programs: loaded and attached together, or not at all.
 pub const LSM_PROGRAMS: [&str; 6] = [
@@ -606,6 +615,38 @@ pub struct KernelLayout {
     pub dentry_name_at: u16,
 }
 
+/// Value of `AW_TASK_LAYOUT[0]`: where this kernel keeps what the task census reads, bytes
+/// from the start of each struct, found in its BTF. `files_at` zero: unknown, and the census
+/// writes no row (an enroll then refuses, finding none of the unit's tasks).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskLayout {
+    /// `task_struct.files`, `.pid` (the task's number on the host), `.cgroups`.
+    pub files_at: u32,
+    pub pid_at: u32,
+    pub cgroups_at: u32,
+    /// `files_struct.count.counter`: the references to a descriptor table, one for each task
+    /// using it.
+    pub count_at: u32,
+    /// `css_set.dfl_cgrp`, `cgroup.kn`, `kernfs_node.id`: the task's cgroup (v2) id.
+    pub dfl_cgrp_at: u32,
+    pub kn_at: u32,
+    pub kn_id_at: u32,
+    pub _pad: u32,
+}
+
+/// One row of the task census: a task with a descriptor table, the table's address (compared,
+/// never shown) and its count of references, read at the row.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskTable {
+    pub files: u64,
+    /// The task's cgroup id; 0 where it could not be read.
+    pub cgroup: u64,
+    pub tid: u32,
+    pub count: u32,
+}
+
 /// LPM key data: an IPv6 address; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`, prefix + 96).
 pub type Addr = [u8; 16];
 
@@ -850,6 +891,7 @@ mod pod {
     unsafe impl aya::Pod for IdentityState {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for KernelLayout {}
+    unsafe impl aya::Pod for TaskLayout {}
     unsafe impl aya::Pod for PortEntry {}
     unsafe impl aya::Pod for RuleSet {}
     unsafe impl aya::Pod for Event {}
@@ -866,6 +908,8 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<IdentityState>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
 const _: () = assert!(core::mem::size_of::<KernelLayout>() == 32);
+const _: () = assert!(core::mem::size_of::<TaskLayout>() == 32);
+const _: () = assert!(core::mem::size_of::<TaskTable>() == 24);
 const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<PortSet>() == 8192);
 const _: () = assert!(core::mem::size_of::<RuleSet>() == 8 + 24 * MAX_PORT_ENTRIES);

@@ -28,8 +28,8 @@ use agent_common::{
     SNI_MODE, SNI_NAME_ENTRIES, SNI_NAME_MAX, SNI_NONE, SNI_OFF, SNI_PENDING_AUDIT,
     SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RETRY, SNI_RULES, SNI_SEEN_ENTRIES, SNI_UNCHECKED,
     SNI_UNCHECKED_AUDIT, SNI_WATCH, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName,
-    SockState, TAIL_SNI, TAILS, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE,
-    dns_proxy_addr, dns_proxy_addr6, http, rate_keyed_by_socket, rule_hit_key,
+    SockState, TAIL_SNI, TAILS, TaskLayout, TaskTable, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES,
+    UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, http, rate_keyed_by_socket, rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{
@@ -45,9 +45,9 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_socket_cookie,
         bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
         generated::{
-            bpf_get_prandom_u32, bpf_get_socket_uid, bpf_ringbuf_query, bpf_sk_fullsock,
-            bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_load_bytes,
-            bpf_skc_to_tcp_sock, bpf_sock_from_file,
+            bpf_get_prandom_u32, bpf_get_socket_uid, bpf_ringbuf_query, bpf_seq_write,
+            bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+            bpf_skb_load_bytes, bpf_skc_to_tcp_sock, bpf_sock_from_file,
         },
     },
     macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, lsm_cgroup},
@@ -3993,6 +3993,90 @@ unsafe fn atomic_add(dst: *mut u64, v: u64) {
             dst, v,
         );
     }
+}
+
+/// Where this kernel keeps what [`aw_task_tables`] reads; userspace fills it from the kernel's
+/// BTF at each start.
+#[btf_map]
+static AW_TASK_LAYOUT: Array<TaskLayout, 1> = Array::new();
+
+/// `struct bpf_iter_meta`: the seq_file the rows are written to comes first.
+#[repr(C)]
+pub struct IterMeta {
+    seq: *mut aya_ebpf::bindings::seq_file,
+}
+
+/// `struct bpf_iter__task`: what a task iterator program is given for each task (NULL once,
+/// after the last).
+#[repr(C)]
+pub struct IterTask {
+    meta: *const IterMeta,
+    task: *const u8,
+}
+
+/// The task census: a [`TaskTable`] row for each task with a descriptor table. `enroll` finds
+/// by it the tasks outside a unit that share a unit's table, and by each table's count of
+/// references those it could not see (a task made after the iteration passed its number).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task")]
+pub fn aw_task_tables(ctx: *const IterTask) -> i32 {
+    // SAFETY: the kernel passes a `bpf_iter__task` for a task iterator program.
+    let (meta, task) = unsafe { ((*ctx).meta, (*ctx).task) };
+    if let Some(row) = try_task_table(task) {
+        // SAFETY: meta is the iterator's, typed by the verifier; the row is on this stack.
+        unsafe {
+            bpf_seq_write(
+                (*meta).seq,
+                core::ptr::from_ref(&row).cast(),
+                core::mem::size_of::<TaskTable>() as u32,
+            );
+        }
+    }
+    0
+}
+
+/// `task`'s row; none for the call after the last task, a task without a table (a kernel
+/// thread, one that exited), or an unknown layout.
+#[inline(always)]
+fn try_task_table(task: *const u8) -> Option<TaskTable> {
+    if task.is_null() {
+        return None;
+    }
+    let at = AW_TASK_LAYOUT.get(0).copied()?;
+    if at.files_at == 0 {
+        return None;
+    }
+    let files: u64 = read_at(task, at.files_at)?;
+    if files == 0 {
+        return None;
+    }
+    let count: u32 = read_at(files as *const u8, at.count_at)?;
+    let tid: u32 = read_at(task, at.pid_at)?;
+    // The cgroup unread (0) is no unit's: the task counts as one outside.
+    let cgroup = (|| {
+        let set: u64 = read_at(task, at.cgroups_at)?;
+        let cgrp: u64 = read_at(set as *const u8, at.dfl_cgrp_at)?;
+        let kn: u64 = read_at(cgrp as *const u8, at.kn_at)?;
+        read_at::<u64>(kn as *const u8, at.kn_id_at)
+    })()
+    .unwrap_or(0);
+    Some(TaskTable {
+        files,
+        cgroup,
+        tid,
+        count,
+    })
+}
+
+/// A `T` at byte `offset` of the kernel struct at `base`; none where the address is NULL or
+/// cannot be read.
+#[inline(always)]
+fn read_at<T>(base: *const u8, offset: u32) -> Option<T> {
+    if base.is_null() {
+        return None;
+    }
+    // SAFETY: the helper reads kernel memory without faulting.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }.ok()
 }
 
 #[cfg(not(test))]

@@ -381,8 +381,7 @@ impl std::fmt::Display for Unjudged {
 const JUDGED_KINDS: [&str; 4] = ["TCP", "TCPv6", "UDP", "UDPv6"];
 /// Local sockets: they reach no other host.
 const LOCAL_KINDS: [&str; 3] = ["UNIX", "UNIX-STREAM", "NETLINK"];
-/// Descriptors read, and descriptor tables compared, in one scan, at most: a unit cannot hold
-/// the node in its scan for long.
+/// Descriptors read in one scan, at most: a unit cannot hold the node in its scan for long.
 const SCAN_BUDGET: usize = 1 << 20;
 
 /// Which descriptors of a process count.
@@ -523,199 +522,24 @@ fn sq_thread(fdinfo: &str) -> RingThread {
     }
 }
 
-/// How task `a`'s object of `kind` orders against task `b`'s (`kcmp` orders them by an
-/// obfuscated address, the same for the same object), or the error number.
-fn kcmp_order(a: u32, b: u32, kind: i32) -> Result<std::cmp::Ordering, i32> {
-    // SAFETY: kcmp only compares kernel objects of two tasks.
-    match unsafe { libc::syscall(libc::SYS_kcmp, a, b, kind, 0, 0) } {
-        0 => Ok(std::cmp::Ordering::Equal),
-        1 => Ok(std::cmp::Ordering::Less),
-        2 => Ok(std::cmp::Ordering::Greater),
-        -1 => Err(io::Error::last_os_error().raw_os_error().unwrap_or(0)),
-        _ => Err(libc::EINVAL),
-    }
-}
-
-fn kcmp_error(a: u32, b: u32, errno: i32) -> io::Error {
-    io::Error::other(format!(
-        "comparing the descriptor tables of tasks {a} and {b} (kcmp): {}",
-        io::Error::from_raw_os_error(errno)
-    ))
-}
-
-/// Where a task's descriptor table is among the unit's (see [`search`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Place {
-    /// It is the table at this index.
-    Shares(usize),
-    /// It is none of them; it would go at this index.
-    Apart(usize),
-    /// No task has that number (never had, or it exited).
-    Gone,
-    /// The kernel will not compare it for the node (a security policy that confines the
-    /// node): one cloned from the unit's tasks gets no other way out of the comparison
-    /// without an exec, which unshares the table.
-    Hidden,
-}
-
-/// Where task number `tid`'s descriptor table is among `tables` (the unit's tasks, one per
-/// table, in `kcmp`'s order, each checked comparable). `Gone` also when a task of `tables`
-/// has exited, which the caller checks for once it is done.
-fn search(tables: &[u32], tid: u32) -> io::Result<Place> {
-    let (mut lo, mut hi) = (0, tables.len());
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        match kcmp_order(tid, tables[mid], KCMP_FILES) {
-            Ok(std::cmp::Ordering::Equal) => return Ok(Place::Shares(mid)),
-            Ok(std::cmp::Ordering::Less) => hi = mid,
-            Ok(std::cmp::Ordering::Greater) => lo = mid + 1,
-            Err(libc::ESRCH) => return Ok(Place::Gone),
-            Err(libc::EPERM | libc::EACCES) => return Ok(Place::Hidden),
-            Err(errno) => return Err(kcmp_error(tid, tables[mid], errno)),
-        }
-    }
-    Ok(Place::Apart(lo))
-}
-
-/// What the kernel has handed out so far: the number it gave the newest task and the count
-/// of tasks on the host (`/proc/loadavg`), and the count of tasks ever made (`/proc/stat`'s
-/// `processes`, which never goes back). Task numbers are handed out in order, from 300 again
-/// after `pid_max`, skipping numbers in use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Handed {
-    last: u32,
-    tasks: u32,
-    made: u64,
-}
-
-impl Handed {
-    /// Read as: tasks made, last number and task count, tasks made again, until both counts
-    /// of tasks made agree, so no task is counted whose number the reading does not cover.
-    fn now() -> io::Result<Self> {
-        let mut made = Self::made()?;
-        for _ in 0..8 {
-            let path = Path::new("/proc/loadavg");
-            let text = fs::read_to_string(path).map_err(|e| scan_error(path, e))?;
-            let mut f = text.split_whitespace().skip(3);
-            let tasks = f.next().and_then(|t| t.split_once('/')?.1.parse().ok());
-            let last = f.next().and_then(|p| p.parse().ok());
-            let (Some(tasks), Some(last)) = (tasks, last) else {
-                return Err(io::Error::other(format!(
-                    "{}: no task count or last task number in {text:?}",
-                    path.display()
-                )));
-            };
-            let again = Self::made()?;
-            if again == made {
-                return Ok(Self { last, tasks, made });
-            }
-            made = again;
-        }
-        Err(io::Error::other(
-            "tasks kept being made while the host's task counts were read",
-        ))
-    }
-
-    /// `/proc/stat`'s `processes`: every task made since boot, threads too.
-    fn made() -> io::Result<u64> {
-        let path = Path::new("/proc/stat");
-        let stat = fs::read_to_string(path).map_err(|e| scan_error(path, e))?;
-        stat.lines()
-            .find_map(|l| l.strip_prefix("processes "))
-            .and_then(|n| n.trim().parse().ok())
-            .ok_or_else(|| io::Error::other(format!("{}: no processes line", path.display())))
-    }
-
-    /// The numbers handed out since `self` (up to `later`) when they are exactly the tasks
-    /// made in between and no cycle of all numbers can have gone by; none otherwise. A fork
-    /// that failed after taking its number, or one not yet attached to it, makes the two
-    /// differ. Every number of a cycle is handed out in it or held: by a task alive at its
-    /// start or made in it, or by a dead process group or session leader's number (up to
-    /// three numbers a task).
-    fn since(&self, later: &Self, max: u32) -> Option<impl Iterator<Item = u32> + use<>> {
-        let made = later.made.saturating_sub(self.made);
-        let between = if later.last >= self.last {
-            u64::from(later.last - self.last)
-        } else {
-            u64::from(max - self.last) + u64::from(later.last)
-        };
-        let cycle = u64::from(max.saturating_sub(RESERVED_NUMBERS));
-        if made != between || made + 3 * u64::from(self.tasks) >= cycle {
-            return None;
-        }
-        Some(handed_out(self.last, later.last, max))
-    }
-}
-
-/// Numbers below this are not handed out again after a wrap (the kernel's RESERVED_PIDS).
-const RESERVED_NUMBERS: u32 = 300;
-
-/// The highest task number (`kernel.pid_max`).
-fn pid_max() -> io::Result<u32> {
-    let path = Path::new("/proc/sys/kernel/pid_max");
-    let text = fs::read_to_string(path).map_err(|e| scan_error(path, e))?;
-    text.trim()
-        .parse()
-        .map_err(|_| io::Error::other(format!("{}: {text:?}", path.display())))
-}
-
-/// The task numbers handed out after `before` up to `after`, wrapping round at `max`.
-fn handed_out(before: u32, after: u32, max: u32) -> impl Iterator<Item = u32> {
-    let (end, wrapped) = if after >= before {
-        (after, 0)
-    } else {
-        (max, after)
-    };
-    (before + 1..=end).chain(1..=wrapped)
-}
-
-/// The start time of task `tid` (`/proc/TID/stat`'s 22nd field), which tells it from a later
-/// task given the same number; none when it has exited.
-fn start_time(tid: u32) -> io::Result<Option<u64>> {
-    let path = format!("/proc/{tid}/stat");
-    let stat = match fs::read_to_string(&path) {
-        Ok(stat) => stat,
-        Err(e) if gone(&e) => return Ok(None),
-        Err(e) => return Err(scan_error(Path::new(&path), e)),
-    };
-    // Fields after the command's closing parenthesis (the command may hold any), from the
-    // third: the state.
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
-    let mut fields = rest.split_whitespace();
-    match fields.next() {
-        Some("Z" | "X") | None => Ok(None),
-        Some(_) => Ok(fields.nth(18).and_then(|t| t.parse().ok())),
-    }
-}
-
-/// How many times the task numbers handed out while the last pass ran are compared, at most,
-/// before the enroll is refused. Each pass is short (a comparison for each number handed out
-/// in the one before), so on a host whose tasks come and go at any ordinary pace one hands
-/// out none within a few passes.
-const SHARER_PASSES: usize = 64;
-
-/// Of those, how many may go over every task number (the first does), at most.
-const WHOLE_PASSES: usize = 4;
-
 const CAP_SYS_PTRACE: u32 = 19;
 
-/// Whether this process may list every task on the host and compare its descriptor table
-/// with a unit's (`enroll` refuses otherwise): in a PID namespace of its own, `/proc` lists
-/// only that namespace's tasks; without `CAP_SYS_PTRACE` the kernel keeps from it every task
-/// of another user that made itself undumpable. A process outside a unit sharing its table
-/// could be one of those.
-pub fn can_compare_every_task() -> io::Result<()> {
+/// Whether this process may read every task of a unit (`enroll` refuses otherwise): without
+/// `CAP_SYS_PTRACE` the kernel keeps another user's descriptors and address space from it;
+/// in a PID namespace of its own, the numbers `cgroup.threads` gives it are not the host's
+/// that the task census writes (and tasks of the host's namespace are listed as 0).
+pub fn can_read_every_task() -> io::Result<()> {
     let status = Path::new("/proc/thread-self/status");
     let text = fs::read_to_string(status).map_err(|e| scan_error(status, e))?;
     if !has_effective_capability(&text, CAP_SYS_PTRACE) {
         return Err(io::Error::other(
-            "the node lacks CAP_SYS_PTRACE, without which the kernel keeps some tasks from its comparison of descriptor tables (a process outside the unit sharing one could hide): give the node CAP_SYS_PTRACE",
+            "the node lacks CAP_SYS_PTRACE, without which the kernel keeps another user's descriptors from it (a unit's sockets cannot be read): give the node CAP_SYS_PTRACE",
         ));
     }
     match crate::datapath::sys::sees_every_task() {
         Ok(true) => Ok(()),
         Ok(false) => Err(io::Error::other(
-            "the node runs in a PID namespace other than the host's, or /proc is another namespace's: it cannot list every task on the host to compare their descriptor tables with the unit's (a process outside the unit sharing one could hide); run the node in the host's PID namespace",
+            "the node runs in a PID namespace other than the host's, or /proc is another namespace's: a unit's tasks outside that namespace are out of its sight, and their numbers are not those the kernel's task census gives; run the node in the host's PID namespace",
         )),
         Err(e) => Err(io::Error::other(format!(
             "cannot tell whether the node sees every task on the host (its PID namespace): {e}"
@@ -745,111 +569,12 @@ fn shares(pid: u32, tid: u32, kind: i32) -> bool {
 }
 
 impl Scan {
-    /// A task outside the unit that shares a descriptor table with one of the unit's `unit`
-    /// tasks, as (the unit's task, the outsider): a process cloned with `CLONE_FILES` and
-    /// moved out, or a thread of one (its leader may have exited or unshared since). It is
-    /// not frozen with the unit, and a descriptor it opens or takes lands in the unit's table
-    /// with no receipt. Every task on the host is compared with the unit's distinct tables,
-    /// kept in `kcmp`'s order so each costs a binary search.
-    fn sharing_files_outside(&mut self, unit: &HashSet<u32>) -> io::Result<Option<(u32, u32)>> {
-        // Each unit task's start time: one killed while frozen, its number given to a task
-        // outside, would have that task passed over as the unit's.
-        let mut started = Vec::with_capacity(unit.len());
-        // A task that exited has no table (and would compare equal to every other).
-        let mut tables: Vec<u32> = Vec::new();
-        for &tid in unit {
-            let Some(at) = start_time(tid)? else {
-                continue;
-            };
-            started.push((tid, at));
-            self.spend(2 + tables.len().max(1).ilog2() as usize)?;
-            // A unit task the kernel will not compare would hide every sharer of its table.
-            if let Err(errno) = kcmp_order(tid, tid, KCMP_FILES) {
-                return Err(kcmp_error(tid, tid, errno));
-            }
-            match search(&tables, tid)? {
-                Place::Apart(at) => tables.insert(at, tid),
-                Place::Shares(_) => {}
-                Place::Gone | Place::Hidden => {
-                    return Err(io::Error::other(format!(
-                        "task {tid} of the unit exited while its descriptor table was compared"
-                    )));
-                }
-            }
-        }
-        if tables.is_empty() {
-            return Ok(None);
-        }
-        let per_task = 1 + tables.len().ilog2() as usize;
-        // Every task number, not a listing of /proc (whose thread lists are read by position,
-        // and can be cut short by threads exiting meanwhile): first all of them, then those
-        // handed out while the last pass ran, until a pass during which none was. A table is
-        // shared only by cloning, and a clone takes a new number: a sharer outside is compared
-        // alive, or keeps new numbers coming until the passes run out.
-        let max = pid_max()?;
-        let mut compare =
-            |numbers: &mut dyn Iterator<Item = u32>| -> io::Result<Option<(u32, u32)>> {
-                for other in numbers {
-                    if unit.contains(&other) {
-                        continue;
-                    }
-                    match search(&tables, other)? {
-                        Place::Gone => {}
-                        Place::Shares(at) => return Ok(Some((tables[at], other))),
-                        Place::Apart(_) | Place::Hidden => self.spend(per_task)?,
-                    }
-                }
-                Ok(None)
-            };
-        // A pass is settled when no task was made while it ran. One after which the numbers
-        // handed out meanwhile cannot be told (a whole cycle of them could have gone by, most
-        // held by waiting tasks) is followed by a pass over every number again.
-        let mut before = Handed::now()?;
-        let mut found = compare(&mut (1..=max))?;
-        let (mut settled, mut whole) = (false, 1);
-        for _ in 0..SHARER_PASSES {
-            if found.is_some() {
-                break;
-            }
-            let after = Handed::now()?;
-            if after.made == before.made && after.last == before.last {
-                settled = true;
-                break;
-            }
-            found = match before.since(&after, max) {
-                Some(mut numbers) => compare(&mut numbers)?,
-                None if whole < WHOLE_PASSES => {
-                    whole += 1;
-                    compare(&mut (1..=max))?
-                }
-                None => break,
-            };
-            before = after;
-        }
-        // A frozen task still dies of SIGKILL, and an exited one has no table: compared
-        // then, its sharers outside would have compared as gone; and its number could have
-        // gone to a task outside, passed over as the unit's.
-        for &(tid, at) in &started {
-            if start_time(tid)? != Some(at) {
-                return Err(io::Error::other(format!(
-                    "task {tid} of the unit exited while descriptor tables were compared with the unit's"
-                )));
-            }
-        }
-        if found.is_some() || settled {
-            return Ok(found);
-        }
-        Err(io::Error::other(format!(
-            "tasks kept being made while the host's tasks were compared with the unit's descriptor tables ({SHARER_PASSES} passes at most, {WHOLE_PASSES} over every task number): a chain of processes handing on a table shared with the unit would look the same"
-        )))
-    }
-
-    /// Counts `n` more reads or comparisons against [`SCAN_BUDGET`].
+    /// Counts `n` more reads against [`SCAN_BUDGET`].
     fn spend(&mut self, n: usize) -> io::Result<()> {
         self.read += n;
         if self.read > SCAN_BUDGET {
             return Err(io::Error::other(format!(
-                "more than {SCAN_BUDGET} descriptors to read and tables to compare"
+                "more than {SCAN_BUDGET} descriptors to read"
             )));
         }
         Ok(())
@@ -1063,19 +788,11 @@ pub fn unjudged(
     unit_tasks: Option<&HashSet<u32>>,
 ) -> io::Result<Vec<Unjudged>> {
     if unit_tasks.is_some() {
-        can_compare_every_task()?;
+        can_read_every_task()?;
     }
     let mut scan = Scan::default();
     for &pid in pids {
         scan.process(pid, which, unit_tasks)?;
-    }
-    // Last, so the host's tasks are listed as late as they can be.
-    if let Some(unit) = unit_tasks
-        && let Some((inside, outside)) = scan.sharing_files_outside(unit)?
-    {
-        return Err(io::Error::other(format!(
-            "task {inside} shares its descriptor table with task {outside}, outside the cgroup (cloned with CLONE_FILES): that task can put descriptors in it that no hook judges as the unit's"
-        )));
     }
     let comm = |pid: u32| {
         fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -1227,53 +944,7 @@ mod tests {
     fn the_tests_run_where_every_task_on_the_host_is_seen() {
         // Root in the host's PID namespace, as the node runs: a refusal here would refuse
         // every enroll.
-        can_compare_every_task().expect("the node's view of the host's tasks");
-    }
-
-    #[test]
-    fn the_numbers_handed_out_between_two_readings_wrap_round() {
-        assert_eq!(handed_out(5, 5, 10).collect::<Vec<_>>(), Vec::<u32>::new());
-        assert_eq!(handed_out(5, 8, 10).collect::<Vec<_>>(), [6, 7, 8]);
-        assert_eq!(handed_out(8, 2, 10).collect::<Vec<_>>(), [9, 10, 1, 2]);
-        assert_eq!(handed_out(10, 1, 10).collect::<Vec<_>>(), [1]);
-    }
-
-    #[test]
-    fn numbers_handed_out_are_followed_only_where_no_cycle_can_have_gone_by() {
-        let at = |last, tasks, made| Handed { last, tasks, made };
-        let numbers = |a: Handed, b: Handed| a.since(&b, 1000).map(|n| n.collect::<Vec<_>>());
-        // Three made, three numbers on: those three.
-        assert_eq!(
-            numbers(at(500, 100, 10), at(503, 100, 13)),
-            Some(vec![501, 502, 503])
-        );
-        // Round the top.
-        assert_eq!(
-            numbers(at(999, 100, 10), at(2, 100, 13)),
-            Some(vec![1000, 1, 2])
-        );
-        // More made than numbers between: a cycle went by; fewer: a fork failed after taking
-        // its number, or one is not attached to it yet.
-        assert_eq!(numbers(at(500, 100, 10), at(500, 100, 14)), None);
-        assert_eq!(numbers(at(500, 100, 10), at(502, 100, 13)), None);
-        assert_eq!(numbers(at(500, 100, 10), at(504, 100, 13)), None);
-        // Few made, but most numbers held (three a task at most): a cycle could be that short.
-        assert_eq!(numbers(at(500, 220, 10), at(560, 220, 70)), None);
-        assert!(numbers(at(500, 200, 10), at(560, 200, 70)).is_some());
-        // What this host says reads.
-        let now = Handed::now().unwrap();
-        assert!(now.last > 0 && now.tasks > 0 && now.made > 0, "{now:?}");
-    }
-
-    #[test]
-    fn a_tasks_start_time_is_read_and_an_exited_one_has_none() {
-        let own = start_time(std::process::id())
-            .unwrap()
-            .expect("this process");
-        assert!(own > 0);
-        assert_eq!(start_time(std::process::id()).unwrap(), Some(own));
-        // Past pid_max: no such task.
-        assert_eq!(start_time(u32::MAX - 1).unwrap(), None);
+        can_read_every_task().expect("the node's view of the host's tasks");
     }
 
     #[test]

@@ -595,14 +595,31 @@ fn enroll_refuses_a_cgroup_in_a_subtree_delegated_to_a_user() {
     assert_eq!(code, 0, "{err}");
 }
 
-/// A node without `CAP_SYS_PTRACE` cannot compare every task's descriptor table with the
-/// unit's (the kernel keeps another user's undumpable task from it), so a process outside
-/// sharing the unit's table could hide: it refuses every enroll, saying what it lacks, and
-/// binds nothing.
+/// A node that cannot read every task of a unit, or every task's descriptor table, refuses
+/// every enroll, saying what it lacks, and binds nothing: without `CAP_SYS_PTRACE` (the kernel
+/// keeps another user's descriptors from it), and without its task census (a kernel that
+/// refuses the program: a task outside sharing the unit's table could not be told), which
+/// `status` lists.
 #[test]
-fn enroll_refuses_on_a_node_without_the_capability_to_compare_every_task() {
+fn enroll_refuses_on_a_node_that_cannot_read_every_task_or_table() {
     let (env, tmp, ca) = setup("noptrace", POLICY);
     let dir = tmp.path();
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let unit = env.cgroup("agent.service");
+    let mut svc = Probe::spawn(&unit);
+    let enroll = |node: &NodeProc| {
+        agentwall_out(&[
+            "enroll",
+            "--cgroup",
+            unit.path().to_str().unwrap(),
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--socket",
+            node.socket.to_str().unwrap(),
+        ])
+    };
     let node = NodeProc::start_edited(&env, dir, &[], |mut cmd| {
         // SAFETY: one system call between fork and exec.
         unsafe {
@@ -623,29 +640,48 @@ fn enroll_refuses_on_a_node_without_the_capability_to_compare_every_task() {
         .map(|h| u64::from_str_radix(h.trim(), 16).unwrap())
         .unwrap();
     assert_eq!(eff & (1 << 19), 0, "the node kept CAP_SYS_PTRACE: {eff:x}");
-    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
-    let unit = env.cgroup("agent.service");
-    let mut svc = Probe::spawn(&unit);
-    let (code, _, err) = agentwall_out(&[
-        "enroll",
-        "--cgroup",
-        unit.path().to_str().unwrap(),
-        "--cert",
-        cert.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-        "--socket",
-        node.socket.to_str().unwrap(),
-    ]);
+    let (code, _, err) = enroll(&node);
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains("the node lacks CAP_SYS_PTRACE, without which the kernel keeps some tasks from its comparison of descriptor tables"),
+        err.contains("the node lacks CAP_SYS_PTRACE, without which the kernel keeps another user's descriptors from it (a unit's sockets cannot be read)"),
         "{err}"
     );
     // Nothing bound: the unit reaches what no policy allows, as before.
     assert_eq!(svc.cmd("connect tcp 203.0.113.5 443"), "err ENETUNREACH");
     let s = agentwall_tests::node::status_json(&node.socket);
     assert_eq!(s["identities"][0]["sessions"], serde_json::json!([]), "{s}");
+    drop(node);
+
+    let refused = [(
+        "AGENTWALL_FAILPOINTS_AT_START",
+        Path::new("task-census-refused=return"),
+    )];
+    let node = NodeProc::start_env(&env, dir, &[], &refused);
+    let (code, _, err) = enroll(&node);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: the task census is not loaded (the kernel refused the task census program: refused at the fail point task-census-refused): enroll cannot tell whether a task outside the unit shares its descriptor tables",
+            unit.path().display()
+        )),
+        "{err}"
+    );
+    assert_eq!(svc.cmd("connect tcp 203.0.113.5 443"), "err ENETUNREACH");
+    let s = agentwall_tests::node::status_json(&node.socket);
+    assert_eq!(s["identities"][0]["sessions"], serde_json::json!([]), "{s}");
+    let gaps = s["kernel_layout"].as_array().expect("kernel_layout");
+    assert!(
+        gaps.iter().any(|g| g["unknown"]
+            == "the kernel refused the task census program: refused at the fail point task-census-refused"
+            && g["effect"].as_str().is_some_and(|e| e.starts_with("every enroll is refused"))),
+        "{s}"
+    );
+    drop(node);
+
+    // With both, the unit enrolls.
+    let node = NodeProc::start(&env, dir);
+    let (code, _, err) = enroll(&node);
+    assert_eq!(code, 0, "{err}");
 }
 
 /// `enroll` freezes a unit while it reads its sockets and binds it, so it leaves alone what

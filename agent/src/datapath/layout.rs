@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use agent_common::{KERNEL_FIELDS, KernelLayout};
+use agent_common::{KERNEL_FIELDS, KernelLayout, TaskLayout};
 use btf::btf::{Btf, StructMember, Type};
 
 /// Where the running kernel publishes its BTF.
@@ -45,6 +45,15 @@ pub enum LayoutError {
         path: PathBuf,
         flag: &'static str,
         field: &'static str,
+    },
+    #[error(
+        "the kernel's BTF at {path} has {what} as {found}, where the task census reads {expected} bytes"
+    )]
+    Size {
+        path: PathBuf,
+        what: &'static str,
+        expected: u32,
+        found: String,
     },
     #[error("the kernel keeps {what} at byte {byte}, past where the programs read (4096)")]
     TooFar { what: &'static str, byte: u64 },
@@ -243,6 +252,68 @@ impl KernelBtf {
         }
     }
 
+    /// Where the task census reads each task's descriptor table and its count of references,
+    /// its number, and its cgroup's id (see [`TaskLayout`]).
+    pub fn task_layout(&self) -> Result<TaskLayout, LayoutError> {
+        Ok(TaskLayout {
+            files_at: self.sized_at("task_struct", &["files"], "task_struct.files", 8)?,
+            pid_at: self.sized_at("task_struct", &["pid"], "task_struct.pid", 4)?,
+            cgroups_at: self.sized_at("task_struct", &["cgroups"], "task_struct.cgroups", 8)?,
+            count_at: self.sized_at(
+                "files_struct",
+                &["count", "counter"],
+                "files_struct.count.counter",
+                4,
+            )?,
+            dfl_cgrp_at: self.sized_at("css_set", &["dfl_cgrp"], "css_set.dfl_cgrp", 8)?,
+            kn_at: self.sized_at("cgroup", &["kn"], "cgroup.kn", 8)?,
+            kn_id_at: self.sized_at("kernfs_node", &["id"], "kernfs_node.id", 8)?,
+            _pad: 0,
+        })
+    }
+
+    /// The byte where `path` in `strukt` starts, checked to be a field of `size` bytes (an
+    /// integer or a pointer) that starts on a byte.
+    fn sized_at(
+        &self,
+        strukt: &'static str,
+        path: &[&str],
+        what: &'static str,
+        size: u32,
+    ) -> Result<u32, LayoutError> {
+        let no_field = || LayoutError::NoField {
+            path: self.path.clone(),
+            strukt,
+            field: what,
+        };
+        let (mut members, mut bits, mut ty) = (self.members(strukt)?, 0, 0);
+        for (i, name) in path.iter().enumerate() {
+            let (bit, t) = self.field(members, name, 0).ok_or_else(no_field)?;
+            (bits, ty) = (bits + bit, t);
+            if i + 1 < path.len() {
+                members = self.members_of(t).ok_or_else(no_field)?;
+            }
+        }
+        match self.size_of(ty) {
+            Some(found) if found == size => {}
+            found => {
+                return Err(LayoutError::Size {
+                    path: self.path.clone(),
+                    what,
+                    expected: size,
+                    found: found.map_or_else(
+                        || "something other than an integer or a pointer".to_owned(),
+                        |f| format!("{f} bytes"),
+                    ),
+                });
+            }
+        }
+        if bits % 8 != 0 {
+            return Err(LayoutError::Unaligned { what, bit: bits });
+        }
+        u32::try_from(bits / 8).map_err(|_| no_field())
+    }
+
     /// Where a file's name is read (see [`KernelLayout::file_dentry_at`]): `f_path.dentry`
     /// in `struct file`, then `d_name.len` and `d_name.name` in `struct dentry`.
     pub fn file_name(&self) -> Result<(u16, u16, u16), LayoutError> {
@@ -336,7 +407,12 @@ impl KernelBtf {
     /// The size in bytes of type `id`, through typedefs and qualifiers.
     fn size_of(&self, mut id: u32) -> Option<u32> {
         for _ in 0..8 {
-            match &self.btf.get_type_by_id(id).ok()?.base_type {
+            let t = self.btf.get_type_by_id(id).ok()?;
+            // The parser gives a pointer as its pointee, with the indirections counted.
+            if t.num_refs > 0 {
+                return Some(8);
+            }
+            match &t.base_type {
                 Type::Integer(i) => return Some(i.bits / 8),
                 Type::Pointer(_) => return Some(8),
                 Type::Typedef(t) | Type::Volatile(t) | Type::Const(t) | Type::Restrict(t) => {
@@ -736,6 +812,11 @@ mod tests {
         let (dentry, len, name) = btf.file_name().expect("a file's name");
         assert!(dentry > 0 && len > 0 && name > len, "{dentry} {len} {name}");
         let frags = btf.shared_frags().expect("the shared-pages flag");
+        let tasks = btf.task_layout().expect("the task census's fields");
+        assert!(
+            tasks.files_at > 0 && tasks.pid_at > 0 && tasks.cgroups_at > 0,
+            "{tasks:?}"
+        );
         assert!(frags.skb_head_at > 0 && frags.skb_end_at > 0, "{frags:?}");
         assert_ne!(frags.shared_frag_mask, 0);
         assert!(protocol > 0, "{protocol}");

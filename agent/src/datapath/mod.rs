@@ -10,6 +10,7 @@ pub mod event;
 pub mod layout;
 pub mod sni;
 pub mod sys;
+pub mod tasks;
 
 use std::{
     collections::BTreeMap,
@@ -22,7 +23,7 @@ use std::{
 
 use agent_common::{
     self as c, ABI_VERSION, ALL_MAPS, ALL_PROGRAMS, Addr, Binding, Config, IdentityState,
-    KernelLayout, MAX_IDENTITIES, PortSet, RuleSet,
+    KernelLayout, MAX_IDENTITIES, PortSet, RuleSet, TaskLayout,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -649,6 +650,8 @@ pub struct Datapath {
     families: SocketFamilies,
     /// Kernel fields the BTF did not give, each refusing what it would have judged.
     layout_gaps: Vec<LayoutGap>,
+    /// The task census `enroll` reads, or why it is not loaded.
+    census: Result<tasks::TaskCensus, String>,
     server_names: ServerNameCheck,
     /// Rate-limit tables: governed identities', then unbound cgroups'.
     rate: [HashMap<MapData, c::RateKey, c::RateState>; 2],
@@ -795,10 +798,19 @@ impl Datapath {
         } else {
             lsm_line()
         };
-        let server_names = load_programs(&mut ebpf, &links_dir, &mut families, &swaps)?;
+        let mut btf = None;
+        let server_names = load_programs(&mut ebpf, &links_dir, &mut families, &swaps, &mut btf)?;
         // After the loads, before anything is attached: an LSM line found wrong here is
         // never attached.
-        let (layout, layout_gaps) = kernel_layout(&mut families);
+        let (layout, task_layout, mut layout_gaps) = kernel_layout(&mut families);
+        let census = load_census(&mut ebpf, task_layout, &mut btf);
+        if let Err(why) = &census {
+            warn!(why = %why, "{ENROLL_REFUSED}");
+            layout_gaps.push(LayoutGap {
+                unknown: why.clone(),
+                effect: ENROLL_REFUSED.to_owned(),
+            });
+        }
         if let SocketFamilies::Unenforced(why) = &families
             && links_dir.join(c::PROG_SOCKET_FAMILY).exists()
         {
@@ -814,6 +826,7 @@ impl Datapath {
             swaps,
             layout,
             layout_gaps,
+            census,
             cfg: cfg.clone(),
             attach,
             dir,
@@ -834,6 +847,7 @@ pub struct Loaded {
     swaps: Swaps,
     layout: KernelLayout,
     layout_gaps: Vec<LayoutGap>,
+    census: Result<tasks::TaskCensus, String>,
     cfg: DatapathConfig,
     attach: Cgroup,
     dir: PathBuf,
@@ -868,6 +882,7 @@ impl Loaded {
             swaps,
             layout,
             layout_gaps,
+            census,
             cfg,
             attach,
             dir,
@@ -947,6 +962,7 @@ impl Loaded {
             drops,
             families,
             layout_gaps,
+            census,
             server_names,
             rate: [rate, unknown_rate],
             hits: Mutex::new(hits),
@@ -1044,6 +1060,19 @@ impl Datapath {
     /// What the kernel's BTF did not say (see [`LayoutGap`]); empty when it said everything.
     pub fn layout_gaps(&self) -> &[LayoutGap] {
         &self.layout_gaps
+    }
+
+    /// Whether a task outside the unit (its cgroups `own`, its tasks `unit`, frozen) shares
+    /// one of the unit's descriptor tables (see [`tasks`]).
+    pub fn table_sharers(
+        &self,
+        own: &std::collections::HashSet<u64>,
+        unit: &std::collections::HashSet<u32>,
+    ) -> Result<(), tasks::CensusError> {
+        match &self.census {
+            Ok(census) => census.sharers(own, unit),
+            Err(why) => Err(tasks::CensusError::Unavailable(why.clone())),
+        }
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -2034,8 +2063,11 @@ pub struct LayoutGap {
 /// What [`kernel_layout`] finds for this kernel, with nothing loaded (`node --check-config`):
 /// every field, the LSM line's too, whether or not securityfs is mounted to say it runs.
 pub fn layout_gaps_here() -> Vec<LayoutGap> {
-    kernel_layout(&mut SocketFamilies::Enforced).1
+    kernel_layout(&mut SocketFamilies::Enforced).2
 }
+
+/// What a node whose task census is not loaded does (see [`tasks`]).
+const ENROLL_REFUSED: &str = "every enroll is refused: whether a task outside a unit shares its descriptor tables cannot be read";
 
 /// Finds in the kernel's BTF where the packet line reads whether a packet's data is in pages
 /// its sender shares; and, where the LSM line would load, checks the kernel struct fields its
@@ -2043,7 +2075,9 @@ pub fn layout_gaps_here() -> Vec<LayoutGap> {
 /// `families`) and finds the fields the receipt line reads at offsets that move between
 /// kernels. One not found is unknown (zero), and the line that reads it refuses what it
 /// would have judged by it: each such gap is logged here and kept for `status`.
-fn kernel_layout(families: &mut SocketFamilies) -> (KernelLayout, Vec<LayoutGap>) {
+fn kernel_layout(
+    families: &mut SocketFamilies,
+) -> (KernelLayout, Option<TaskLayout>, Vec<LayoutGap>) {
     let mut gaps = Vec::new();
     let mut gap = |e: &dyn std::fmt::Display, effect: &str| {
         warn!(error = %e, "{effect}");
@@ -2067,19 +2101,25 @@ fn kernel_layout(families: &mut SocketFamilies) -> (KernelLayout, Vec<LayoutGap>
         Ok(btf) => btf,
         Err(e) => {
             gap(&e, SNI);
+            gap(&e, ENROLL_REFUSED);
             if *families == SocketFamilies::Enforced {
                 *families = SocketFamilies::Unenforced(e.to_string());
             }
-            return (KernelLayout::default(), gaps);
+            return (KernelLayout::default(), None, gaps);
         }
     };
+    // The task census's: whatever the other lines do.
+    let tasks = btf
+        .task_layout()
+        .inspect_err(|e| gap(e, ENROLL_REFUSED))
+        .ok();
     // The packet line's: whatever the LSM line does.
     let frags = btf.shared_frags().unwrap_or_else(|e| {
         gap(&e, SNI);
         KernelLayout::default()
     });
     if *families != SocketFamilies::Enforced {
-        return (frags, gaps);
+        return (frags, tasks, gaps);
     }
     if let Err(e) = btf.check_fields() {
         gap(
@@ -2087,7 +2127,7 @@ fn kernel_layout(families: &mut SocketFamilies) -> (KernelLayout, Vec<LayoutGap>
             "the BPF LSM line is not loaded: socket families beyond inet, socket options and handed-in sockets are not judged",
         );
         *families = SocketFamilies::Unenforced(e.to_string());
-        return (frags, gaps);
+        return (frags, tasks, gaps);
     }
     let mut found = btf.inet_flags().unwrap_or_else(|e| {
         gap(&e, "inet sockets handed to governed agents, and every bind of a governed socket, are refused");
@@ -2125,7 +2165,46 @@ fn kernel_layout(families: &mut SocketFamilies) -> (KernelLayout, Vec<LayoutGap>
             gap(&e, "every file that is no socket is refused to governed agents that take it from another process (an io_uring instance is told by its name)");
             (0, 0, 0)
         });
-    (found, gaps)
+    (found, tasks, gaps)
+}
+
+/// Loads the task census and links it as an iterator, with `layout` in its map; why not,
+/// where it cannot be (a layout not found, a kernel that refuses the program: enroll then
+/// refuses). A test has the kernel's refusal with the `task-census-refused` fail point.
+fn load_census(
+    ebpf: &mut Ebpf,
+    layout: Option<TaskLayout>,
+    btf: &mut Option<aya::Btf>,
+) -> Result<tasks::TaskCensus, String> {
+    let Some(layout) = layout else {
+        return Err("the task layout is not known".to_owned());
+    };
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("task-census-refused", |_| Err(
+        "the kernel refused the task census program: refused at the fail point task-census-refused"
+            .to_owned()
+    ));
+    let name = c::PROG_TASK_TABLES;
+    let refused = |e: &dyn std::fmt::Display| {
+        format!("the kernel refused the task census program ({name}): {e}")
+    };
+    let mut map: Array<_, TaskLayout> = ebpf
+        .take_map(c::MAP_TASK_LAYOUT)
+        .ok_or_else(|| format!("the eBPF object has no map {}", c::MAP_TASK_LAYOUT))
+        .and_then(|m| Array::try_from(m).map_err(|e| refused(&e)))?;
+    map.set(0, layout, 0).map_err(|e| refused(&e))?;
+    if btf.is_none() {
+        *btf = Some(aya::Btf::from_sys_fs().map_err(|e| refused(&e))?);
+    }
+    let btf = btf.as_ref().expect("parsed above");
+    let prog: &mut aya::programs::Iter = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("the eBPF object has no program {name}"))?
+        .try_into()
+        .map_err(|e| refused(&e))?;
+    prog.load("task", btf).map_err(|e| refused(&e))?;
+    let fd = prog.fd().map_err(|e| refused(&e))?;
+    tasks::TaskCensus::link(fd.as_fd()).map_err(|e| refused(&e))
 }
 
 /// What a start does with a pinned link other than adopt it.
@@ -2211,20 +2290,20 @@ fn load_programs(
     links_dir: &Path,
     families: &mut SocketFamilies,
     swaps: &Swaps,
+    btf: &mut Option<aya::Btf>,
 ) -> Result<ServerNameCheck, DatapathError> {
-    let mut btf = None;
     for name in ALL_PROGRAMS {
         if links_dir.join(name).exists() {
             if swaps.contains_key(name) {
                 // A pinned link's replacement must load: its old program keeps running
                 // otherwise, and the start is refused.
-                load_program(ebpf, name, &mut btf)?;
+                load_program(ebpf, name, btf)?;
             }
             continue;
         }
         if c::LSM_PROGRAMS.contains(&name) {
             if *families == SocketFamilies::Enforced
-                && let Err(e) = load_program(ebpf, name, &mut btf)
+                && let Err(e) = load_program(ebpf, name, btf)
             {
                 // Pinned LSM links run on: the line cannot be said unenforced, nor left half
                 // this build's. The start is refused, the pinned programs left running.
@@ -2238,12 +2317,12 @@ fn load_programs(
             }
             continue;
         }
-        load_program(ebpf, name, &mut btf)?;
+        load_program(ebpf, name, btf)?;
     }
     // The egress program's tail, with it: a pinned egress program adopted as it is keeps
     // the tail its start put in the pinned array, if that start had one.
     if ebpf.program(c::PROG_EGRESS).is_some_and(|p| p.fd().is_ok()) || !tail_filled(ebpf)? {
-        if let Err(e) = load_sni_check(ebpf, &mut btf) {
+        if let Err(e) = load_sni_check(ebpf, btf) {
             let why = format!("the kernel refused the server-name check: {e}");
             warn!(
                 why = %why,

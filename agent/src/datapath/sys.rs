@@ -85,6 +85,33 @@ pub fn attach_pinned_link(
     pin_object(link.as_fd(), pin)
 }
 
+const BPF_ITER_CREATE: libc::c_long = 33;
+const BPF_TRACE_ITER: u32 = 28;
+
+/// Links the loaded iterator program `prog` (no target: every object of its kind).
+pub fn iter_link(prog: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        attach_type: BPF_TRACE_ITER,
+        ..Default::default()
+    };
+    // SAFETY: attr is a valid, zero-padded bpf_attr prefix that outlives the call.
+    let fd = unsafe { bpf(BPF_LINK_CREATE, &mut attr) }?;
+    // SAFETY: a fresh descriptor the kernel just returned, owned here.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// A new iterator from iterator link `link`: reading it to its end runs the program over
+/// every object once.
+pub fn iter_create(link: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // The iter_create member of union bpf_attr: link_fd, flags.
+    let mut attr = [link.as_raw_fd() as u32, 0u32];
+    // SAFETY: attr is a valid bpf_attr prefix that outlives the call.
+    let fd = unsafe { bpf(BPF_ITER_CREATE, &mut attr) }?;
+    // SAFETY: a fresh descriptor the kernel just returned, owned here.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
 /// Pins the bpf object `fd` (a link, a map, a program) at `path`.
 pub fn pin_object(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     let path = CString::new(path.as_os_str().as_bytes())

@@ -303,7 +303,7 @@ impl Node {
         if binder.verdict == preflight::Verdict::Warning {
             warn!(detail = %binder.detail, "binder hands files to agents unjudged");
         }
-        if let Err(e) = crate::sockets::can_compare_every_task() {
+        if let Err(e) = crate::sockets::can_read_every_task() {
             warn!(error = %e, "every enroll is refused");
         }
         let dir = cfg.policy_dir();

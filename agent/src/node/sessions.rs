@@ -112,6 +112,11 @@ pub enum SessionError {
         whose: String,
         list: Vec<crate::sockets::Unjudged>,
     },
+    #[error("{path}: {source}")]
+    SharedTable {
+        path: PathBuf,
+        source: crate::datapath::tasks::CensusError,
+    },
     #[error("reading the sockets {whose} hold: {source}")]
     SocketScan {
         whose: String,
@@ -769,6 +774,14 @@ impl Sessions {
         let mut own = std::collections::HashSet::new();
         crate::cgroup::subtree_ids(cg.path(), &mut own);
         refuse_unjudged(whose, &pids, &own, Descriptors::All, Some(&tasks))?;
+        // Last: a sharer outside is not frozen, and the census counts it even where it was
+        // made after the walk passed its number.
+        self.datapath
+            .table_sharers(&own, &tasks)
+            .map_err(|source| SessionError::SharedTable {
+                path: cg.path().to_owned(),
+                source,
+            })?;
         // Its processes may hold sockets made before now: the packet line looks for such
         // sockets before the binding exists, so none passes in between.
         self.datapath
