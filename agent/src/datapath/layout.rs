@@ -47,10 +47,11 @@ pub enum LayoutError {
         field: &'static str,
     },
     #[error(
-        "the kernel's BTF at {path} has {what} as {found}, where the task census reads {expected} bytes"
+        "the kernel's BTF at {path} has {strukt}.{what} as {found}, where the task census reads {expected} bytes"
     )]
     Size {
         path: PathBuf,
+        strukt: &'static str,
         what: &'static str,
         expected: u32,
         found: String,
@@ -256,18 +257,13 @@ impl KernelBtf {
     /// its number, and its cgroup's id (see [`TaskLayout`]).
     pub fn task_layout(&self) -> Result<TaskLayout, LayoutError> {
         Ok(TaskLayout {
-            files_at: self.sized_at("task_struct", &["files"], "task_struct.files", 8)?,
-            pid_at: self.sized_at("task_struct", &["pid"], "task_struct.pid", 4)?,
-            cgroups_at: self.sized_at("task_struct", &["cgroups"], "task_struct.cgroups", 8)?,
-            count_at: self.sized_at(
-                "files_struct",
-                &["count", "counter"],
-                "files_struct.count.counter",
-                4,
-            )?,
-            dfl_cgrp_at: self.sized_at("css_set", &["dfl_cgrp"], "css_set.dfl_cgrp", 8)?,
-            kn_at: self.sized_at("cgroup", &["kn"], "cgroup.kn", 8)?,
-            kn_id_at: self.sized_at("kernfs_node", &["id"], "kernfs_node.id", 8)?,
+            files_at: self.sized_at("task_struct", &["files"], "files", 8)?,
+            pid_at: self.sized_at("task_struct", &["pid"], "pid", 4)?,
+            cgroups_at: self.sized_at("task_struct", &["cgroups"], "cgroups", 8)?,
+            count_at: self.sized_at("files_struct", &["count", "counter"], "count.counter", 4)?,
+            dfl_cgrp_at: self.sized_at("css_set", &["dfl_cgrp"], "dfl_cgrp", 8)?,
+            kn_at: self.sized_at("cgroup", &["kn"], "kn", 8)?,
+            kn_id_at: self.sized_at("kernfs_node", &["id"], "id", 8)?,
             _pad: 0,
         })
     }
@@ -299,6 +295,7 @@ impl KernelBtf {
             found => {
                 return Err(LayoutError::Size {
                     path: self.path.clone(),
+                    strukt,
                     what,
                     expected: size,
                     found: found.map_or_else(
@@ -474,6 +471,7 @@ mod tests {
     }
 
     const BTF_KIND_INT: u32 = 1;
+    const BTF_KIND_PTR: u32 = 2;
     const BTF_KIND_STRUCT: u32 = 4;
     const BTF_KIND_UNION: u32 = 5;
     const BTF_KIND_ENUM: u32 = 6;
@@ -529,7 +527,7 @@ mod tests {
                 self.words(&[en, *v]);
             }
         }
-        fn write(&self, dir: &Path) -> PathBuf {
+        fn write(&self, name: &str) -> Written {
             let mut out = Vec::new();
             out.extend_from_slice(&0xeb9fu16.to_le_bytes());
             out.extend_from_slice(&[1, 0]);
@@ -544,16 +542,27 @@ mod tests {
             }
             out.extend_from_slice(&self.types);
             out.extend_from_slice(&self.strings);
-            let path = dir.join("vmlinux");
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("aw-layout-{name}-"))
+                .tempdir()
+                .expect("temp dir");
+            let path = dir.path().join("vmlinux");
             std::fs::write(&path, out).expect("write the BTF file");
-            path
+            Written { _dir: dir, path }
         }
     }
 
-    fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("aw-layout-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).expect("temp dir");
-        d
+    /// A BTF file written, removed with its directory when dropped.
+    struct Written {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+    }
+
+    impl std::ops::Deref for Written {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.path
+        }
     }
 
     #[test]
@@ -570,7 +579,7 @@ mod tests {
             1000,
             &[("pinet6", 6272, 0), ("inet_flags", 6400, 0)],
         );
-        let at = KernelBtf::read(&f.write(&dir("6.5")))
+        let at = KernelBtf::read(&f.write("6.5"))
             .and_then(|b| b.inet_flags())
             .expect("resolved");
         // Bit 11 of the word at byte 800: byte 801, bit 3; bit 15: byte 801, bit 7.
@@ -603,7 +612,7 @@ mod tests {
                 ("transparent", 7237, 1),
             ],
         );
-        let at = KernelBtf::read(&f.write(&dir("6.1")))
+        let at = KernelBtf::read(&f.write("6.1"))
             .and_then(|b| b.inet_flags())
             .expect("resolved");
         assert_eq!(
@@ -623,7 +632,7 @@ mod tests {
         let mut f = BtfFile::new();
         f.int();
         f.strukt("inet_sock", 1000, &[("freebind", 7234, 1)]);
-        let path = f.write(&dir("neither"));
+        let path = f.write("neither");
         let err = KernelBtf::read(&path)
             .and_then(|b| b.inet_flags())
             .expect_err("no TRANSPARENT");
@@ -636,7 +645,7 @@ mod tests {
         );
         let mut f = BtfFile::new();
         f.int();
-        let path = f.write(&dir("nostruct"));
+        let path = f.write("nostruct");
         assert_eq!(
             KernelBtf::read(&path)
                 .and_then(|b| b.inet_flags())
@@ -697,11 +706,11 @@ mod tests {
 
     #[test]
     fn the_lsm_programs_fixed_fields_are_checked_where_they_read_them() {
-        let path = kernel_fields(448).write(&dir("fields"));
+        let path = kernel_fields(448).write("fields");
         KernelBtf::read(&path)
             .and_then(|b| b.check_fields())
             .expect("the layout the programs read");
-        let path = kernel_fields(384).write(&dir("no-netns"));
+        let path = kernel_fields(384).write("no-netns");
         let err = KernelBtf::read(&path).and_then(|b| b.check_fields());
         assert_eq!(
             err.expect_err("moved").to_string(),
@@ -723,17 +732,108 @@ mod tests {
             800,
             &[("sk_kern_sock", 1937, 1), ("sk_userlocks", 1940, 4)],
         );
-        let got = KernelBtf::read(&f.write(&dir("lock-bits"))).and_then(|b| b.bindaddr_lock());
+        let got = KernelBtf::read(&f.write("lock-bits")).and_then(|b| b.bindaddr_lock());
         assert_eq!(got.expect("bitfield"), (242, 1 << 6));
         let mut f = BtfFile::new();
         f.int();
         f.strukt("sock", 800, &[("sk_userlocks", 1944, 0)]);
-        let got = KernelBtf::read(&f.write(&dir("lock-byte"))).and_then(|b| b.bindaddr_lock());
+        let got = KernelBtf::read(&f.write("lock-byte")).and_then(|b| b.bindaddr_lock());
         assert_eq!(got.expect("byte"), (243, 1 << 2));
     }
 
     /// Linux 6.12's `struct file`: `f_path` a `const struct path` in an anonymous union;
     /// `d_name.len` in an anonymous struct in an anonymous union of `struct qstr`.
+    /// The task census's fields: pointers, a 4-byte number, the count inside `atomic_t`, and
+    /// the cgroup's id, of type `id_type` (1: 8 bytes; 5: a union, as before Linux 5.5).
+    fn task_fields(id_type: u32) -> BtfFile {
+        let mut f = BtfFile::new();
+        f.int(); // 1: 8 bytes
+        let n = f.name("int");
+        f.words(&[n, BTF_KIND_INT << 24, 4, 32]); // 2: 4 bytes
+        f.words(&[0, BTF_KIND_PTR << 24, 1]); // 3: a pointer
+        f.typed(BTF_KIND_STRUCT, "", 4, &[("counter", 0, 0, 2)]); // 4: atomic_t
+        f.typed(BTF_KIND_UNION, "", 8, &[("ino", 0, 0, 1)]); // 5
+        f.typed(
+            BTF_KIND_STRUCT,
+            "task_struct",
+            4096,
+            &[
+                ("pid", 800, 0, 2),
+                ("files", 14592, 0, 3),
+                ("cgroups", 16000, 0, 3),
+            ],
+        );
+        f.typed(BTF_KIND_STRUCT, "files_struct", 64, &[("count", 0, 0, 4)]);
+        f.typed(BTF_KIND_STRUCT, "css_set", 64, &[("dfl_cgrp", 128, 0, 3)]);
+        f.typed(BTF_KIND_STRUCT, "cgroup", 64, &[("kn", 320, 0, 3)]);
+        f.typed(
+            BTF_KIND_STRUCT,
+            "kernfs_node",
+            64,
+            &[("id", 256, 0, id_type)],
+        );
+        f
+    }
+
+    #[test]
+    fn the_task_censuss_fields_with_their_sizes() {
+        let got = KernelBtf::read(&task_fields(1).write("tasks"))
+            .and_then(|b| b.task_layout())
+            .expect("the census's fields");
+        assert_eq!(
+            got,
+            TaskLayout {
+                files_at: 1824,
+                pid_at: 100,
+                cgroups_at: 2000,
+                count_at: 0,
+                dfl_cgrp_at: 16,
+                kn_at: 40,
+                kn_id_at: 32,
+                _pad: 0,
+            }
+        );
+        let path = task_fields(5).write("tasks-union");
+        assert_eq!(
+            KernelBtf::read(&path)
+                .and_then(|b| b.task_layout())
+                .expect_err("a union")
+                .to_string(),
+            format!(
+                "the kernel's BTF at {} has kernfs_node.id as something other than an integer or a pointer, where the task census reads 8 bytes",
+                path.display()
+            )
+        );
+        let mut f = BtfFile::new();
+        f.int();
+        f.strukt("task_struct", 4096, &[("pid", 800, 0), ("files", 1600, 0)]);
+        let path = f.write("tasks-pid");
+        assert_eq!(
+            KernelBtf::read(&path)
+                .and_then(|b| b.task_layout())
+                .expect_err("an 8-byte pid")
+                .to_string(),
+            format!(
+                "the kernel's BTF at {} has task_struct.pid as 8 bytes, where the task census reads 4 bytes",
+                path.display()
+            )
+        );
+        let mut f = BtfFile::new();
+        f.int();
+        f.strukt("task_struct", 4096, &[("pid", 800, 0)]);
+        let path = f.write("tasks-nofiles");
+        assert_eq!(
+            KernelBtf::read(&path)
+                .and_then(|b| b.task_layout())
+                .expect_err("no files")
+                .to_string(),
+            format!(
+                "the kernel's BTF at {} has no field task_struct.files",
+                path.display()
+            )
+        );
+    }
+
     #[test]
     fn a_files_name_through_qualifiers_and_anonymous_members() {
         let mut f = BtfFile::new();
@@ -776,13 +876,13 @@ mod tests {
             192,
             &[("d_flags", 0, 0, 1), ("d_name", 256, 0, 8)],
         ); // 9
-        let got = KernelBtf::read(&f.write(&dir("file-name"))).and_then(|b| b.file_name());
+        let got = KernelBtf::read(&f.write("file-name")).and_then(|b| b.file_name());
         assert_eq!(got.expect("the name's fields"), (24, 36, 40));
 
         let mut f = BtfFile::new();
         f.int();
         f.strukt("file", 200, &[("f_mode", 0, 0)]);
-        let path = f.write(&dir("file-no-path"));
+        let path = f.write("file-no-path");
         let err = KernelBtf::read(&path)
             .and_then(|b| b.file_name())
             .expect_err("no f_path");
