@@ -635,8 +635,8 @@ pub struct TaskLayout {
     pub _pad: u32,
 }
 
-/// One row of the task census: a task with a descriptor table, the table's address (compared,
-/// never shown) and its count of references, read at the row.
+/// One row of the task census: a task, its descriptor table's address (compared, never shown;
+/// 0 for a task without one) and the table's count of references, read at the row.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TaskTable {

@@ -4014,7 +4014,7 @@ pub struct IterTask {
     task: *const u8,
 }
 
-/// The task census: a [`TaskTable`] row for each task with a descriptor table. `enroll` finds
+/// The task census: a [`TaskTable`] row for each task, with its descriptor table. `enroll` finds
 /// by it the tasks outside a unit that share a unit's table, and by each table's count of
 /// references those it could not see (a task made after the iteration passed its number).
 #[unsafe(no_mangle)]
@@ -4035,8 +4035,7 @@ pub fn aw_task_tables(ctx: *const IterTask) -> i32 {
     0
 }
 
-/// `task`'s row; none for the call after the last task, a task without a table (a kernel
-/// thread, one that exited), or an unknown layout.
+/// `task`'s row; none for the call after the last task, or an unknown layout.
 #[inline(always)]
 fn try_task_table(task: *const u8) -> Option<TaskTable> {
     if task.is_null() {
@@ -4046,11 +4045,10 @@ fn try_task_table(task: *const u8) -> Option<TaskTable> {
     if at.files_at == 0 {
         return None;
     }
+    // A task without a table (a kernel thread, a vhost worker, one exiting) has a row too:
+    // a unit's task must be in the census.
     let files: u64 = read_at(task, at.files_at)?;
-    if files == 0 {
-        return None;
-    }
-    let count: u32 = read_at(files as *const u8, at.count_at)?;
+    let count: u32 = read_at(files as *const u8, at.count_at).unwrap_or(0);
     let tid: u32 = read_at(task, at.pid_at)?;
     // The cgroup unread (0) is no unit's: the task counts as one outside.
     let cgroup = (|| {

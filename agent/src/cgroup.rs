@@ -232,6 +232,13 @@ impl Cgroup {
         }
     }
 
+    /// Whether every task of this cgroup is frozen now (`cgroup.events`' `frozen 1`).
+    pub fn is_frozen(&self) -> Result<bool, CgroupError> {
+        let events = self.path.join("cgroup.events");
+        let text = fs::read_to_string(&events).map_err(io_err(&events))?;
+        Ok(text.lines().any(|l| l.trim() == "frozen 1"))
+    }
+
     /// Opens (creating if needed) the child cgroup `name`.
     pub fn child(&self, name: &str) -> Result<Self, CgroupError> {
         Self::create(self.path.join(name))

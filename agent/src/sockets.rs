@@ -880,6 +880,58 @@ pub fn unjudged(
     Ok(found)
 }
 
+/// How many times each of a frozen unit's tasks has been switched out (`/proc/TID/status`'s
+/// voluntary and involuntary context switches): a task that runs while the unit is frozen
+/// switches out again before it counts as frozen, so two equal readings with the unit frozen
+/// at the second say none ran in between. A task stopped by a tracer outside the unit
+/// (`TracerPid`) refuses: a task stopped at a system call's entry counts as frozen, and its
+/// tracer can have it run that call whenever it likes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Stillness(std::collections::BTreeMap<u32, u64>);
+
+impl Stillness {
+    pub fn read(unit: &HashSet<u32>) -> io::Result<Self> {
+        let mut out = std::collections::BTreeMap::new();
+        for &tid in unit {
+            let path = format!("/proc/{tid}/status");
+            let text = fs::read_to_string(&path).map_err(|e| {
+                if gone(&e) {
+                    io::Error::other(format!(
+                        "task {tid} of the unit exited while the unit was frozen"
+                    ))
+                } else {
+                    scan_error(Path::new(&path), e)
+                }
+            })?;
+            let field = |name: &str| -> io::Result<u64> {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().parse().ok())
+                    .ok_or_else(|| io::Error::other(format!("{path}: no {name} line")))
+            };
+            let tracer = field("TracerPid:")?;
+            if tracer != 0 && !u32::try_from(tracer).is_ok_and(|t| unit.contains(&t)) {
+                return Err(io::Error::other(format!(
+                    "task {tid} of the unit is traced by task {tracer}, outside it: a task its tracer stopped at a system call's entry counts as frozen, and the tracer can have it make that call at any time (detach the tracer and enroll again)"
+                )));
+            }
+            out.insert(
+                tid,
+                field("voluntary_ctxt_switches:")? + field("nonvoluntary_ctxt_switches:")?,
+            );
+        }
+        Ok(Self(out))
+    }
+
+    /// A task that ran between `self` and `later`.
+    pub fn ran(&self, later: &Self) -> Option<u32> {
+        self.0
+            .iter()
+            .find(|(tid, n)| later.0.get(tid) != Some(n))
+            .map(|(tid, _)| *tid)
+    }
+}
+
 /// Every process with a thread in `cgroup` or below it, and every such thread, read from
 /// `cgroup.threads` (which a threaded cgroup has and `cgroup.procs` refuses): a cgroup that
 /// cannot be read is an error, never an empty unit.

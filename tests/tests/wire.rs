@@ -1251,6 +1251,94 @@ fn enroll_refuses_a_unit_sharing_its_descriptor_table_with_a_process_outside() {
     );
 }
 
+/// A task of a frozen unit can still run: one a tracer stopped at a system call's entry
+/// counts as frozen, and the tracer can have it make that call at any time (receive a socket
+/// from outside after the scan, say); a signal wakes a frozen task too. `enroll` refuses a
+/// unit with a task traced from outside, and one whose task ran between the scan's start and
+/// its end (switched out again); without either it enrolls.
+#[test]
+fn enroll_refuses_a_unit_whose_tasks_can_run_while_it_is_frozen() {
+    let fx = fixture("wire-enroll-still");
+    let (unit, mut probe) = fx.unit();
+    let (cert, key) = write_cert(fx.dir.path(), "unit", &fx.ca.issue(&CertSpec::agent(ID)));
+    let enroll = || {
+        let _one = enrolling();
+        let mut c = agentwall_tests::node::agentwall();
+        c.args(["enroll", "--cgroup", unit.path().to_str().unwrap()])
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .arg("--socket")
+            .arg(fx.socket());
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let pid = probe.pid;
+
+    // Traced from outside: a thread of this test seizes the probe, and lets go as it ends.
+    let (seized_tx, seized) = std::sync::mpsc::channel();
+    let (done, done_rx) = std::sync::mpsc::channel::<()>();
+    let tracer = std::thread::spawn(move || {
+        // SAFETY: PTRACE_SEIZE of a live process (it keeps running), and gettid.
+        let (rc, me) = unsafe {
+            (
+                libc::ptrace(libc::PTRACE_SEIZE, pid as libc::pid_t, 0, 0),
+                libc::gettid(),
+            )
+        };
+        seized_tx.send((rc, me)).unwrap();
+        let _ = done_rx.recv();
+    });
+    let (rc, tracer_tid) = seized.recv().unwrap();
+    assert_eq!(rc, 0, "PTRACE_SEIZE: {}", std::io::Error::last_os_error());
+    let (ok, err) = enroll();
+    assert!(!ok, "enrolled while traced from outside: {err}");
+    assert!(
+        err.contains(&format!(
+            "task {pid} of the unit is traced by task {tracer_tid}, outside it: a task its tracer stopped at a system call's entry counts as frozen"
+        )),
+        "{err}"
+    );
+    done.send(()).unwrap();
+    tracer.join().unwrap();
+
+    // Woken while frozen: signals every 100 microseconds until the enroll ends, which reads
+    // thousands of descriptors first (a woken task counts as run once it sleeps again).
+    assert_eq!(probe.cmd("catch-rt"), "ok");
+    let held: usize = probe.ok_value("hold-null 16000").parse().unwrap();
+    assert!(held >= 4000, "only {held} descriptors");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let signals = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: kill with a pid and a signal the probe catches.
+                unsafe { libc::kill(pid as i32, libc::SIGRTMIN()) };
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        })
+    };
+    let (ok, err) = enroll();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    signals.join().unwrap();
+    assert!(!ok, "enrolled while its task ran: {err}");
+    assert!(
+        err.contains(&format!(
+            "{}: task {pid} ran while the unit was frozen for the scan (woken by a signal, or resumed by a tracer): what it did was not read; enroll again",
+            unit.path().display()
+        )),
+        "{err}"
+    );
+
+    // Neither: enrolled.
+    let (ok, err) = enroll();
+    assert!(ok, "{err}");
+}
+
 /// An upgrade to a new map layout sweeps the sockets it can list (each with a port) and
 /// retires the old programs; a socket that had no port then (made, not yet bound) carries no
 /// state of the new layout. Listening or binding it afterwards makes nothing ungoverned: it

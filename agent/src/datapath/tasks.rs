@@ -1,4 +1,4 @@
-//! The task census: for each task on the host with a descriptor table, the table, its count of
+//! The task census: for each task on the host, its descriptor table, the table's count of
 //! references and the task's cgroup, read by a task iterator program (`aw_task_tables`).
 //!
 //! `enroll` asks it whether a task outside a unit shares one of the unit's descriptor tables
@@ -153,7 +153,10 @@ fn judge(
             return Err(CensusError::Joined(r.tid));
         }
         inside.push((r.tid, r.files));
-        tables.entry(r.files).or_insert((0, r.tid)).0 += 1;
+        // A task without a table (a vhost worker, made with none) shares none.
+        if r.files != 0 {
+            tables.entry(r.files).or_insert((0, r.tid)).0 += 1;
+        }
     }
     inside.sort_unstable();
     if let Some(&tid) = unit
@@ -211,6 +214,14 @@ mod tests {
         ];
         let got = judge(&rows, &set(&[7, 8]), &set(&[10, 11, 12])).unwrap();
         assert_eq!(got, vec![(10, 0xa), (11, 0xa), (12, 0xb)]);
+    }
+
+    #[test]
+    fn a_unit_task_without_a_table_is_in_the_census_and_shares_none() {
+        // A vhost worker of the unit, and kernel threads outside: none has a table.
+        let rows = [row(10, 0xa, 7, 1), row(11, 0, 7, 0), row(2, 0, 1, 0)];
+        let got = judge(&rows, &set(&[7]), &set(&[10, 11])).unwrap();
+        assert_eq!(got, vec![(10, 0xa), (11, 0)]);
     }
 
     #[test]

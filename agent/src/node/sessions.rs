@@ -112,6 +112,11 @@ pub enum SessionError {
         whose: String,
         list: Vec<crate::sockets::Unjudged>,
     },
+    #[error(
+        "{path}: {} ran while the unit was frozen for the scan (woken by a signal, or resumed by a tracer): what it did was not read; enroll again",
+        tid.map_or_else(|| "a task".to_owned(), |t| format!("task {t}"))
+    )]
+    RanWhileFrozen { path: PathBuf, tid: Option<u32> },
     #[error("{path}: {source}")]
     SharedTable {
         path: PathBuf,
@@ -771,9 +776,14 @@ impl Sessions {
                 whose: whose.clone(),
                 source,
             })?;
+        let scan_err = |source| SessionError::SocketScan {
+            whose: whose.clone(),
+            source,
+        };
+        let still = crate::sockets::Stillness::read(&tasks).map_err(scan_err)?;
         let mut own = std::collections::HashSet::new();
         crate::cgroup::subtree_ids(cg.path(), &mut own);
-        refuse_unjudged(whose, &pids, &own, Descriptors::All, Some(&tasks))?;
+        refuse_unjudged(whose.clone(), &pids, &own, Descriptors::All, Some(&tasks))?;
         // Last: a sharer outside is not frozen, and the census counts it even where it was
         // made after the walk passed its number.
         self.datapath
@@ -782,6 +792,21 @@ impl Sessions {
                 path: cg.path().to_owned(),
                 source,
             })?;
+        // Frozen throughout: frozen now, and no task switched out since the first reading (a
+        // task that ran meanwhile, resumed by a tracer, say, did before it froze again).
+        if !cg.is_frozen().map_err(SessionError::Freeze)? {
+            return Err(SessionError::RanWhileFrozen {
+                path: cg.path().to_owned(),
+                tid: None,
+            });
+        }
+        let now = crate::sockets::Stillness::read(&tasks).map_err(scan_err)?;
+        if let Some(tid) = still.ran(&now) {
+            return Err(SessionError::RanWhileFrozen {
+                path: cg.path().to_owned(),
+                tid: Some(tid),
+            });
+        }
         // Its processes may hold sockets made before now: the packet line looks for such
         // sockets before the binding exists, so none passes in between.
         self.datapath

@@ -2073,6 +2073,8 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
         }
         ["sharers-stop"] => sharers_stop()?,
         ["sharing-leader-exits"] => sharing_leader_exits()?,
+        ["catch-rt"] => catch_rt(),
+        ["hold-null", n] => hold_null(n.parse().map_err(|_| format!("bad count {n}"))?),
         ["hold-ring-lock", fd] => {
             hold_ring_lock(fd.parse().map_err(|_| format!("bad descriptor {fd}"))?)?
         }
@@ -2502,6 +2504,47 @@ fn sharers_stop() -> Result<String, String> {
     // SAFETY: closing a descriptor this process made and no one else uses.
     unsafe { libc::close(marker) };
     Ok("ok".into())
+}
+
+/// Opens `/dev/null` up to `n` times, as many as the descriptor limit leaves room for, and
+/// keeps the descriptors (a scan of the probe's descriptors then takes a while): `ok COUNT`.
+fn hold_null(n: usize) -> String {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get and set this process's descriptor limit through a valid rlimit.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    let room = usize::try_from(lim.rlim_cur.saturating_sub(256)).unwrap_or(usize::MAX);
+    let count = n.min(room);
+    for _ in 0..count {
+        match std::fs::File::open("/dev/null") {
+            Ok(f) => std::mem::forget(f),
+            Err(e) => return format!("err open {e}"),
+        }
+    }
+    format!("ok {count}")
+}
+
+/// Catches SIGRTMIN with a handler that does nothing (its default ends the process): each one
+/// sent wakes the probe, frozen or not, as a timer's or a peer's signal would.
+fn catch_rt() -> String {
+    extern "C" fn nothing(_: libc::c_int) {}
+    // SAFETY: a zeroed sigaction with a handler that touches nothing.
+    let rc = unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = nothing as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        act.sa_flags = libc::SA_RESTART;
+        libc::sigaction(libc::SIGRTMIN(), &act, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return format!("err sigaction {}", errno_name(last_err()));
+    }
+    "ok".into()
 }
 
 /// Tells the `fork-sharing-files` child to start its thread and end its leader: `ok TID`.
