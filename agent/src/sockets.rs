@@ -883,9 +883,12 @@ pub fn unjudged(
 /// How many times each of a frozen unit's tasks has been switched out (`/proc/TID/status`'s
 /// voluntary and involuntary context switches): a task that runs while the unit is frozen
 /// switches out again before it counts as frozen, so two equal readings with the unit frozen
-/// at the second say none ran in between. A task stopped by a tracer outside the unit
-/// (`TracerPid`) refuses: a task stopped at a system call's entry counts as frozen, and its
-/// tracer can have it run that call whenever it likes.
+/// at the second say none ran in between. Each task must be asleep in the freezer (`S`) or
+/// stopped (`T`), from where a wake-up only takes it back to the freezer until the thaw: a
+/// task the kernel counts as frozen in a tracer's stop (`t`; at a system call's entry, its
+/// tracer, or the tracer's exit, can have it make that call at any time), woken and not yet
+/// run (`R`), or in a vfork parent's wait (`D`) refuses, and so does one traced from outside
+/// the unit (`TracerPid`).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Stillness(std::collections::BTreeMap<u32, u64>);
 
@@ -913,6 +916,16 @@ impl Stillness {
             if tracer != 0 && !u32::try_from(tracer).is_ok_and(|t| unit.contains(&t)) {
                 return Err(io::Error::other(format!(
                     "task {tid} of the unit is traced by task {tracer}, outside it: a task its tracer stopped at a system call's entry counts as frozen, and the tracer can have it make that call at any time (detach the tracer and enroll again)"
+                )));
+            }
+            let state = text
+                .lines()
+                .find_map(|l| l.strip_prefix("State:"))
+                .map(str::trim)
+                .unwrap_or_default();
+            if !matches!(state.chars().next(), Some('S' | 'T')) {
+                return Err(io::Error::other(format!(
+                    "task {tid} of the unit is {state:?} while the unit is frozen, not asleep in the freezer or stopped: a task in a tracer's stop, or woken and not yet run, can still make a system call (enroll again)"
                 )));
             }
             out.insert(
