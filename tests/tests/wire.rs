@@ -1310,7 +1310,7 @@ fn enroll_refuses_a_unit_whose_tasks_can_run_while_it_is_frozen() {
     // thousands of descriptors first (a woken task counts as run once it sleeps again).
     assert_eq!(probe.cmd("catch-rt"), "ok");
     let held: usize = probe.ok_value("hold-null 16000").parse().unwrap();
-    assert!(held >= 4000, "only {held} descriptors");
+    assert!(held >= 3000, "only {held} descriptors");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let signals = {
         let stop = stop.clone();

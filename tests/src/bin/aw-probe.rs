@@ -2516,8 +2516,18 @@ fn hold_null(n: usize) -> String {
     // SAFETY: get and set this process's descriptor limit through a valid rlimit.
     unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        // Root with CAP_SYS_RESOURCE may raise the hard limit; else up to it.
+        let want = n as u64 + 256;
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max.max(want),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            lim = raised;
+        } else {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
     let room = usize::try_from(lim.rlim_cur.saturating_sub(256)).unwrap_or(usize::MAX);
     let count = n.min(room);
