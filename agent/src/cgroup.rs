@@ -301,6 +301,11 @@ pub fn delegated(cgroup: &Path) -> Option<(PathBuf, u32, u32)> {
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .find_map(|e| subtree(&e.path()))
     }
+    // Whoever may write the unit's own `cgroup.freeze` can thaw it under `enroll`'s scan
+    // (an ancestor's or a descendant's cannot: a cgroup frozen itself stays frozen).
+    if let Some(found) = open_to_others(cgroup.join("cgroup.freeze")) {
+        return Some(found);
+    }
     for dir in cgroup.ancestors().skip(1) {
         // Above the cgroup file system's root; a fault there is not taken for it.
         match is_cgroup(dir) {

@@ -923,6 +923,11 @@ impl Stillness {
                 .find_map(|l| l.strip_prefix("State:"))
                 .map(str::trim)
                 .unwrap_or_default();
+            if state.starts_with('t') {
+                return Err(io::Error::other(format!(
+                    "task {tid} of the unit is stopped by its tracer, task {tracer}, while the unit is frozen: a task stopped at a system call's entry counts as frozen and makes that call when its tracer lets it go, or exits (detach the tracer, strace or a debugger, then enroll)"
+                )));
+            }
             if !matches!(state.chars().next(), Some('S' | 'T')) {
                 return Err(io::Error::other(format!(
                     "task {tid} of the unit is {state:?} while the unit is frozen, not asleep in the freezer or stopped: a task in a tracer's stop, or woken and not yet run, can still make a system call (enroll again)"

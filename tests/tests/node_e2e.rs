@@ -591,6 +591,16 @@ fn enroll_refuses_a_cgroup_in_a_subtree_delegated_to_a_user() {
         "{err}"
     );
     std::os::unix::fs::chown(&threads, Some(0), None).expect("take the worker back");
+    // The unit's own freeze: its writer could thaw it under the scan.
+    let freeze = unit.path().join("cgroup.freeze");
+    std::os::unix::fs::chown(&freeze, Some(65534), None).expect("hand out the freeze");
+    let (code, _, err) = enroll();
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("agent.service/cgroup.freeze may be written by uid 65534 (mode 644)"),
+        "{err}"
+    );
+    std::os::unix::fs::chown(&freeze, Some(0), None).expect("take the freeze back");
     let (code, _, err) = enroll();
     assert_eq!(code, 0, "{err}");
 }
