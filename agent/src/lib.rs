@@ -28,6 +28,27 @@ pub fn crash_here(name: &str) -> ! {
     unreachable!("SIGKILL is not caught")
 }
 
+/// Holds this thread at the gate a test keeps at the path `gate` (a failpoint's argument):
+/// says it is there by making `GATE.reached`, and goes on once the test removes `GATE`. A
+/// test stands in at such a point for another actor (root thawing a unit, say) with a
+/// readiness signal, not a sleep.
+#[cfg(feature = "failpoints")]
+pub fn hold_at(gate: Option<String>) {
+    let Some(gate) = gate else {
+        panic!("a gate failpoint needs its path: NAME=return(PATH)");
+    };
+    let reached = format!("{gate}.reached");
+    std::fs::write(&reached, b"").unwrap_or_else(|e| panic!("{reached}: {e}"));
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while std::path::Path::new(&gate).exists() {
+        assert!(
+            std::time::Instant::now() < until,
+            "{gate}: not opened in 300 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Arms the failpoints the environment variable `var` names (`NAME=ACTIONS;...`, fail's
 /// syntax: `spool-after-write=return` crashes at the first pass, `=2*off->return` at the
 /// third). The node arms `AGENTWALL_FAILPOINTS_AT_START` as it starts (the first apply

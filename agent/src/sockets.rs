@@ -557,6 +557,16 @@ fn has_effective_capability(status: &str, cap: u32) -> bool {
         .is_some_and(|set| set & (1 << cap) != 0)
 }
 
+/// Whether the task at `/proc/PID/task/TID` has exited (a zombie, or dead): its descriptor
+/// table and memory are released, so it holds nothing. A task whose state cannot be read has
+/// not, as far as the caller may assume.
+fn exited(task: &Path) -> bool {
+    fs::read_to_string(task.join("stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with(['Z', 'X']))
+    })
+}
+
 /// `kcmp` kinds: the address space, the descriptor table.
 const KCMP_VM: i32 = 1;
 const KCMP_FILES: i32 = 2;
@@ -597,9 +607,14 @@ impl Scan {
             Err(e) if gone(&e) => return Ok(()),
             Err(e) => return Err(scan_error(Path::new(&tasks), e)),
         };
-        // A thread outside the unit is not frozen with it, and shares what it holds.
+        // A thread outside the unit is not frozen with it, and shares what it holds. An exited
+        // one holds nothing, and leaves the cgroup's listing (a leader that called
+        // pthread_exit stays a zombie until its last thread exits).
         if let Some(unit) = unit_tasks {
-            if let Some((tid, _)) = tasks.iter().find(|(tid, _)| !unit.contains(tid)) {
+            if let Some((tid, _)) = tasks
+                .iter()
+                .find(|(tid, task)| !unit.contains(tid) && !exited(task))
+            {
                 return Err(io::Error::other(format!(
                     "pid {pid} has a thread ({tid}) outside the cgroup, which is not frozen with it"
                 )));
@@ -892,31 +907,62 @@ pub fn unjudged(
 #[derive(Debug, PartialEq, Eq)]
 pub struct Stillness(std::collections::BTreeMap<u32, u64>);
 
+/// Why a frozen unit's tasks are not known to have stayed still.
+#[derive(Debug, thiserror::Error)]
+pub enum Stir {
+    #[error("task {0} of the unit exited while the unit was frozen")]
+    Exited(u32),
+    #[error(
+        "task {tid} of the unit is traced by task {tracer}, outside it: a task its tracer stopped at a system call's entry counts as frozen, and the tracer can have it make that call at any time (detach the tracer and enroll again)"
+    )]
+    TracedFromOutside { tid: u32, tracer: u64 },
+    #[error(
+        "task {tid} of the unit is stopped by its tracer, task {tracer}, while the unit is frozen: a task stopped at a system call's entry counts as frozen and makes that call when its tracer lets it go, or exits (detach the tracer, strace or a debugger, then enroll)"
+    )]
+    TracerStop { tid: u32, tracer: u64 },
+    #[error(
+        "task {tid} of the unit is {state:?} while the unit is frozen, not asleep in the freezer or stopped: a task in a tracer's stop, or woken and not yet run, can still make a system call (enroll again)"
+    )]
+    Awake { tid: u32, state: String },
+    #[error(
+        "task {0} ran while the unit was frozen for the scan (woken by a signal, or resumed by a tracer): what it did was not read; enroll again"
+    )]
+    Ran(u32),
+    #[error(
+        "task {0} is in the unit's cgroups and was not when the unit's descriptors were read (moved in while it was frozen, or made by a task that ran): what it holds was not read; enroll again"
+    )]
+    Joined(u32),
+    #[error(
+        "the unit was thawed while it was frozen for the scan (its cgroup.freeze written by root: a container runtime's unpause, systemctl thaw): what its tasks did was not read; enroll again"
+    )]
+    Thawed,
+    #[error("{0}")]
+    Read(#[source] io::Error),
+    #[error("{0}")]
+    Events(#[source] crate::cgroup::CgroupError),
+}
+
 impl Stillness {
-    pub fn read(unit: &HashSet<u32>) -> io::Result<Self> {
+    pub fn read(unit: &HashSet<u32>) -> Result<Self, Stir> {
         let mut out = std::collections::BTreeMap::new();
         for &tid in unit {
             let path = format!("/proc/{tid}/status");
             let text = fs::read_to_string(&path).map_err(|e| {
                 if gone(&e) {
-                    io::Error::other(format!(
-                        "task {tid} of the unit exited while the unit was frozen"
-                    ))
+                    Stir::Exited(tid)
                 } else {
-                    scan_error(Path::new(&path), e)
+                    Stir::Read(scan_error(Path::new(&path), e))
                 }
             })?;
-            let field = |name: &str| -> io::Result<u64> {
+            let field = |name: &str| -> Result<u64, Stir> {
                 text.lines()
                     .find_map(|l| l.strip_prefix(name))
                     .and_then(|v| v.trim().parse().ok())
-                    .ok_or_else(|| io::Error::other(format!("{path}: no {name} line")))
+                    .ok_or_else(|| Stir::Read(io::Error::other(format!("{path}: no {name} line"))))
             };
             let tracer = field("TracerPid:")?;
             if tracer != 0 && !u32::try_from(tracer).is_ok_and(|t| unit.contains(&t)) {
-                return Err(io::Error::other(format!(
-                    "task {tid} of the unit is traced by task {tracer}, outside it: a task its tracer stopped at a system call's entry counts as frozen, and the tracer can have it make that call at any time (detach the tracer and enroll again)"
-                )));
+                return Err(Stir::TracedFromOutside { tid, tracer });
             }
             let state = text
                 .lines()
@@ -924,14 +970,13 @@ impl Stillness {
                 .map(str::trim)
                 .unwrap_or_default();
             if state.starts_with('t') {
-                return Err(io::Error::other(format!(
-                    "task {tid} of the unit is stopped by its tracer, task {tracer}, while the unit is frozen: a task stopped at a system call's entry counts as frozen and makes that call when its tracer lets it go, or exits (detach the tracer, strace or a debugger, then enroll)"
-                )));
+                return Err(Stir::TracerStop { tid, tracer });
             }
             if !matches!(state.chars().next(), Some('S' | 'T')) {
-                return Err(io::Error::other(format!(
-                    "task {tid} of the unit is {state:?} while the unit is frozen, not asleep in the freezer or stopped: a task in a tracer's stop, or woken and not yet run, can still make a system call (enroll again)"
-                )));
+                return Err(Stir::Awake {
+                    tid,
+                    state: state.to_owned(),
+                });
             }
             out.insert(
                 tid,
@@ -941,12 +986,22 @@ impl Stillness {
         Ok(Self(out))
     }
 
-    /// A task that ran between `self` and `later`.
-    pub fn ran(&self, later: &Self) -> Option<u32> {
-        self.0
-            .iter()
-            .find(|(tid, n)| later.0.get(tid) != Some(n))
-            .map(|(tid, _)| *tid)
+    /// Still since `self`: the unit at `cgroup` frozen now, no task listed in it that `self`
+    /// did not read, and none of `self`'s switched out since (each read again, in `S` or `T`).
+    pub fn held(&self, cgroup: &crate::cgroup::Cgroup) -> Result<(), Stir> {
+        if !cgroup.is_frozen().map_err(Stir::Events)? {
+            return Err(Stir::Thawed);
+        }
+        let (_, listed) = processes_in(cgroup.path()).map_err(Stir::Read)?;
+        if let Some(&tid) = listed.iter().find(|t| !self.0.contains_key(t)) {
+            return Err(Stir::Joined(tid));
+        }
+        let unit: HashSet<u32> = self.0.keys().copied().collect();
+        let now = Self::read(&unit)?;
+        match self.0.iter().find(|(tid, n)| now.0.get(tid) != Some(n)) {
+            Some((&tid, _)) => Err(Stir::Ran(tid)),
+            None => Ok(()),
+        }
     }
 }
 

@@ -263,24 +263,28 @@ pub fn agentwall() -> Command {
     Command::new(bin_path("agentwall"))
 }
 
-/// Runs `cmd`; panics with its stderr unless it succeeds, and returns its stdout.
 /// `agentwall enroll` of the cgroup at `unit` with that certificate and key, through the node
-/// at `socket`; it must succeed.
-pub fn enroll(socket: &Path, unit: &Path, cert: &Path, key: &Path) {
-    run_ok(
-        agentwall()
-            .arg("enroll")
-            .arg("--cgroup")
-            .arg(unit)
-            .arg("--cert")
-            .arg(cert)
-            .arg("--key")
-            .arg(key)
-            .arg("--socket")
-            .arg(socket),
-    );
+/// at `socket`, as a command to run.
+pub fn enroll_command(socket: &Path, unit: &Path, cert: &Path, key: &Path) -> Command {
+    let mut c = agentwall();
+    c.arg("enroll")
+        .arg("--cgroup")
+        .arg(unit)
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .arg("--socket")
+        .arg(socket);
+    c
 }
 
+/// [`enroll_command`], which must succeed.
+pub fn enroll(socket: &Path, unit: &Path, cert: &Path, key: &Path) {
+    run_ok(&mut enroll_command(socket, unit, cert, key));
+}
+
+/// Runs `cmd`; panics with its stderr unless it succeeds, and returns its stdout.
 pub fn run_ok(cmd: &mut Command) -> Vec<u8> {
     let out = cmd.output().unwrap();
     assert!(

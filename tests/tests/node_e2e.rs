@@ -770,6 +770,127 @@ fn enroll_freezes_only_what_it_owns_and_a_crash_leaves_nothing_frozen() {
     drop(node);
 }
 
+/// Root can thaw a unit frozen for `enroll` (a container runtime's unpause, `systemctl
+/// thaw`), or move a task into it, after the last reading and before the binding: the unit's
+/// tasks would run, or the new one arrive, unread and ungoverned. `enroll` reads the unit
+/// again once the binding is in force, and on any difference removes the binding and refuses:
+/// nothing is bound, recorded or kept. A fail point holds the node there while the test does
+/// what root would.
+#[test]
+fn enroll_refuses_and_unbinds_a_unit_thawed_or_joined_before_its_binding() {
+    let (env, tmp, ca) = setup("thawed", POLICY);
+    let dir = tmp.path();
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let unit = env.cgroup("services/paused.service");
+    let mut svc = Probe::spawn(&unit);
+    let gate = dir.join("bind-gate");
+    let audit = dir.join("audit/audit.jsonl");
+    let spec = format!("enroll-before-bind=2*return({})", gate.display());
+    let node = NodeProc::start_env(
+        &env,
+        dir,
+        &["--audit-log", audit.to_str().unwrap()],
+        &[("AGENTWALL_FAILPOINTS", Path::new(&spec))],
+    );
+    let enroll = || {
+        let (socket, cert, key) = (node.socket.clone(), cert.clone(), key.clone());
+        let cg = unit.path().to_owned();
+        std::thread::spawn(move || {
+            let mut c = agentwall_tests::node::enroll_command(&socket, &cg, &cert, &key);
+            let out = c.output().unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
+    };
+    let reached = PathBuf::from(format!("{}.reached", gate.display()));
+    // Starts an enroll and waits until the node holds at the gate, the unit frozen and read.
+    let held = || {
+        std::fs::write(&gate, "").unwrap();
+        let _ = std::fs::remove_file(&reached);
+        let running = enroll();
+        eventually("the node at the gate", Duration::from_secs(60), || {
+            if reached.exists() {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        });
+        let events = std::fs::read_to_string(unit.path().join("cgroup.events")).unwrap();
+        assert!(events.contains("frozen 1"), "{events}");
+        running
+    };
+    let bindings = || {
+        status_json(&node.socket)["map_fill"]["bindings"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = bindings();
+    let unbound = |svc: &mut Probe| {
+        assert_eq!(bindings(), before);
+        let s = status_json(&node.socket);
+        assert_eq!(s["identities"][0]["sessions"], serde_json::json!([]), "{s}");
+        assert_eq!(svc.cmd("connect tcp 192.0.2.10 80"), "err ENETUNREACH");
+        let enrolled = audit_records(&audit)
+            .into_iter()
+            .filter(|r| r["kind"] == "identity" && r["event"] == "enrolled")
+            .count();
+        assert_eq!(enrolled, 0);
+    };
+
+    // Thawed, as root would: the unit's task runs (here, it makes a socket and connects).
+    let running = held();
+    std::fs::write(unit.path().join("cgroup.freeze"), "0").unwrap();
+    assert_eq!(svc.cmd("connect tcp 192.0.2.10 80"), "err ENETUNREACH");
+    std::fs::remove_file(&gate).unwrap();
+    let (code, err) = running.join().unwrap();
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: the unit was thawed while it was frozen for the scan (its cgroup.freeze written by root: a container runtime's unpause, systemctl thaw): what its tasks did was not read; enroll again",
+            unit.path().display()
+        )),
+        "{err}"
+    );
+    unbound(&mut svc);
+
+    // A task moved in, as root would: frozen with the unit, and never read.
+    let elsewhere = env.cgroup("services/elsewhere");
+    let mut mover = Probe::spawn(&elsewhere);
+    let running = held();
+    unit.add_process(mover.pid).expect("move a task in");
+    // Frozen again once the newcomer is (a cgroup with a task not yet frozen reads thawed).
+    eventually("the unit frozen again", Duration::from_secs(10), || {
+        let events = std::fs::read_to_string(unit.path().join("cgroup.events")).unwrap();
+        if events.contains("frozen 1") {
+            Ok(())
+        } else {
+            Err(events)
+        }
+    });
+    std::fs::remove_file(&gate).unwrap();
+    let (code, err) = running.join().unwrap();
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: task {} is in the unit's cgroups and was not when the unit's descriptors were read (moved in while it was frozen, or made by a task that ran): what it holds was not read; enroll again",
+            unit.path().display(),
+            mover.pid
+        )),
+        "{err}"
+    );
+    unbound(&mut svc);
+    assert_eq!(mover.cmd("connect tcp 192.0.2.10 80"), "err ENETUNREACH");
+
+    // Neither (the fail point spent): bound, both tasks governed.
+    let (code, err) = enroll().join().unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(bindings(), before + 1);
+    assert_eq!(svc.cmd("connect tcp 192.0.2.10 80"), "err EPERM");
+    assert_eq!(mover.cmd("connect tcp 192.0.2.10 80"), "err EPERM");
+}
+
 #[test]
 fn enroll_renew_and_revoke() {
     let (env, tmp, ca) = setup("lifecycle", POLICY);

@@ -113,15 +113,20 @@ impl Fixture {
         (unit, Probe::from_command(c))
     }
 
-    /// `agentwall enroll` of `unit` under the test's identity.
-    fn enroll(&self, unit: &agentwall::cgroup::Cgroup) {
+    /// `agentwall enroll` of `unit` under the test's identity, as a command to run.
+    fn enroll_command(&self, unit: &agentwall::cgroup::Cgroup) -> Command {
         let (cert, key) = write_cert(
             self.dir.path(),
             "unit",
             &self.ca.issue(&CertSpec::agent(ID)),
         );
+        agentwall_tests::node::enroll_command(self.socket(), unit.path(), &cert, &key)
+    }
+
+    /// `agentwall enroll` of `unit` under the test's identity, which must succeed.
+    fn enroll(&self, unit: &agentwall::cgroup::Cgroup) {
         let _one = enrolling();
-        agentwall_tests::node::enroll(self.socket(), unit.path(), &cert, &key);
+        agentwall_tests::node::run_ok(&mut self.enroll_command(unit));
     }
 
     /// Has the unenrolled helper send one datagram to the peer, and returns every packet seen
@@ -1029,21 +1034,12 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
     unit.add_process(moved.pid)
         .expect("move the listener's process in");
 
-    let (cert, key) = write_cert(fx.dir.path(), "unit", &fx.ca.issue(&CertSpec::agent(ID)));
-    let socket = fx.socket().to_owned();
-    let enroll = || {
-        let mut c = agentwall_tests::node::agentwall();
-        c.args(["enroll", "--cgroup", unit.path().to_str().unwrap()])
-            .arg("--cert")
-            .arg(&cert)
-            .arg("--key")
-            .arg(&key)
-            .arg("--socket")
-            .arg(&socket);
+    let enroll = |fx: &Fixture| {
+        let mut c = fx.enroll_command(&unit);
         let _one = enrolling();
         c.output().unwrap()
     };
-    let out = enroll();
+    let out = enroll(&fx);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     let said = |pid: u32, what: &str| {
@@ -1115,7 +1111,7 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
     drop((raw, moved));
     let mut own = probe(&fx, &unit);
     assert_eq!(own.cmd(&format!("hold udp {PEER_V4} 9500")), "ok");
-    let out = enroll();
+    let out = enroll(&fx);
     assert!(
         out.status.success(),
         "{}",
@@ -1133,19 +1129,8 @@ fn enroll_refuses_a_unit_sharing_its_descriptor_table_with_a_process_outside() {
     let fx = fixture("wire-enroll-files");
     let (unit, mut probe) = fx.unit();
     let elsewhere = fx._env.cgroup("elsewhere");
-    let (cert, key) = write_cert(fx.dir.path(), "unit", &fx.ca.issue(&CertSpec::agent(ID)));
     // Without the lock: the chain of sharers below holds it throughout.
-    let enroll_held = || {
-        let mut c = agentwall_tests::node::agentwall();
-        c.args(["enroll", "--cgroup", unit.path().to_str().unwrap()])
-            .arg("--cert")
-            .arg(&cert)
-            .arg("--key")
-            .arg(&key)
-            .arg("--socket")
-            .arg(fx.socket());
-        c.output().unwrap()
-    };
+    let enroll_held = || fx.enroll_command(&unit).output().unwrap();
     let enroll = || {
         let _one = enrolling();
         enroll_held()
@@ -1180,6 +1165,17 @@ fn enroll_refuses_a_unit_sharing_its_descriptor_table_with_a_process_outside() {
             .unwrap_or_else(|_| panic!("fork-sharing-files: {forked}"))
     };
 
+    let leader_exited = |pid: u32| {
+        eventually(
+            "the leader to exit",
+            WITHIN,
+            || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                Ok(stat) if stat.contains(") Z ") => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        );
+    };
+
     // A process sharing the table, moved out.
     let child = forked(&mut probe);
     elsewhere.add_process(child).expect("move the child out");
@@ -1193,14 +1189,7 @@ fn enroll_refuses_a_unit_sharing_its_descriptor_table_with_a_process_outside() {
     let thread: u32 = started
         .parse()
         .unwrap_or_else(|_| panic!("sharing-leader-exits: {started}"));
-    eventually(
-        "the leader to exit",
-        WITHIN,
-        || match std::fs::read_to_string(format!("/proc/{child}/stat")) {
-            Ok(stat) if stat.contains(") Z ") => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
-    );
+    leader_exited(child);
     refused_for(thread);
     gone(child);
 
@@ -1242,7 +1231,12 @@ fn enroll_refuses_a_unit_sharing_its_descriptor_table_with_a_process_outside() {
     );
     drop(all);
 
-    // Gone (an exited task holds no table): enrolled.
+    // Gone (an exited task holds no table), and inside the unit a process whose leader
+    // exited (pthread_exit in main: a zombie out of the cgroup's listing, its thread left,
+    // the table shared within the unit): enrolled.
+    let child = forked(&mut probe);
+    probe.ok_value("sharing-leader-exits");
+    leader_exited(child);
     let out = enroll();
     assert!(
         out.status.success(),
@@ -1260,17 +1254,9 @@ fn enroll_refuses_a_unit_sharing_its_descriptor_table_with_a_process_outside() {
 fn enroll_refuses_a_unit_whose_tasks_can_run_while_it_is_frozen() {
     let fx = fixture("wire-enroll-still");
     let (unit, mut probe) = fx.unit();
-    let (cert, key) = write_cert(fx.dir.path(), "unit", &fx.ca.issue(&CertSpec::agent(ID)));
     let enroll = || {
+        let mut c = fx.enroll_command(&unit);
         let _one = enrolling();
-        let mut c = agentwall_tests::node::agentwall();
-        c.args(["enroll", "--cgroup", unit.path().to_str().unwrap()])
-            .arg("--cert")
-            .arg(&cert)
-            .arg("--key")
-            .arg(&key)
-            .arg("--socket")
-            .arg(fx.socket());
         let out = c.output().unwrap();
         (
             out.status.success(),

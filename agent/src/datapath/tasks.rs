@@ -149,6 +149,11 @@ fn judge(
     // Each unit table: its users in the unit, and one of them to name.
     let mut tables: BTreeMap<u64, (u32, u32)> = BTreeMap::new();
     for r in rows.iter().filter(|r| own.contains(&r.cgroup)) {
+        // An exited leader stays in its cgroup, out of the listing, until its last thread
+        // exits; without a table (exited, or made without one) a task holds nothing to read.
+        if !unit.contains(&r.tid) && r.files == 0 {
+            continue;
+        }
         if !unit.contains(&r.tid) {
             return Err(CensusError::Joined(r.tid));
         }
@@ -261,6 +266,13 @@ mod tests {
         let rows = [row(10, 0xa, 7, 1), row(40, 0xd, 7, 1)];
         let err = judge(&rows, &set(&[7]), &set(&[10])).unwrap_err();
         assert!(matches!(err, CensusError::Joined(40)));
+        // A leader that called pthread_exit: a zombie in the unit's cgroup, out of its
+        // listing, without a table. It holds nothing.
+        let rows = [row(10, 0xa, 7, 1), row(9, 0, 7, 0)];
+        assert_eq!(
+            judge(&rows, &set(&[7]), &set(&[10])).unwrap(),
+            vec![(10, 0xa)]
+        );
         // A unit task whose cgroup could not be read (0) counts as one outside.
         let rows = [row(10, 0xa, 0, 1)];
         let err = judge(&rows, &set(&[7]), &set(&[10])).unwrap_err();

@@ -112,11 +112,19 @@ pub enum SessionError {
         whose: String,
         list: Vec<crate::sockets::Unjudged>,
     },
+    #[error("{path}: {source}")]
+    Stirred {
+        path: PathBuf,
+        source: crate::sockets::Stir,
+    },
     #[error(
-        "{path}: {} ran while the unit was frozen for the scan (woken by a signal, or resumed by a tracer): what it did was not read; enroll again",
-        tid.map_or_else(|| "a task".to_owned(), |t| format!("task {t}"))
+        "{path}: {source}; and its binding, made meanwhile, could not be removed ({unbind}): the cgroup stays governed by this identity without a session until its cgroup is removed"
     )]
-    RanWhileFrozen { path: PathBuf, tid: Option<u32> },
+    StirredBound {
+        path: PathBuf,
+        source: crate::sockets::Stir,
+        unbind: Box<crate::datapath::DatapathError>,
+    },
     #[error("{path}: {source}")]
     SharedTable {
         path: PathBuf,
@@ -274,6 +282,8 @@ struct Placed<'a> {
     follow: Option<api::Followed>,
     workload_api: Option<String>,
     issued: Option<String>,
+    /// Asked once the binding is in the kernel, before it is recorded: a refusal unbinds it.
+    confirm: Option<&'a dyn Fn() -> Result<(), crate::sockets::Stir>>,
 }
 
 /// What enrichment needs of a session: the cgroup's path and the governing certificate.
@@ -554,6 +564,7 @@ impl Sessions {
             follow,
             workload_api,
             issued,
+            confirm,
         } = placed;
         // A handshake can finish just before a CRL lists the certificate: it binds nothing
         // afterwards.
@@ -567,6 +578,21 @@ impl Sessions {
                 path: cg.path().to_owned(),
                 source,
             })?;
+        if let Some(Err(source)) = confirm.map(|c| c()) {
+            let path = cg.path().to_owned();
+            return Err(match self.datapath.unbind_id(cg.id()) {
+                Ok(()) => SessionError::Stirred { path, source },
+                Err(unbind) => {
+                    error!(cgroup = %path.display(), error = %unbind,
+                        "a refused enroll's binding could not be removed; the cgroup stays governed");
+                    SessionError::StirredBound {
+                        path,
+                        source,
+                        unbind: Box::new(unbind),
+                    }
+                }
+            });
+        }
         let not_after = crate::clock::rfc3339(peer.not_after);
         let ev = event(Bound {
             identity: peer.id.to_string(),
@@ -685,6 +711,7 @@ impl Sessions {
             follow,
             workload_api,
             issued,
+            confirm: None,
         };
         if let Err(e) = self.bind(&mut table, IdentityEvent::Launched, peer, number, placed) {
             let _ = cg.remove_tree();
@@ -739,6 +766,7 @@ impl Sessions {
         let _one = lock(&self.enrolling);
         // Enrolling again under the same identity moves its deadline; another identity's
         // cgroup (or one below it) is not taken over.
+        let mut bound_here = false;
         if let Some((bound, n)) = self.governing_binding(cg.path())? {
             if n != number {
                 return Err(SessionError::Governed {
@@ -747,6 +775,7 @@ impl Sessions {
                     identity: owner(n),
                 });
             }
+            bound_here = bound == cg.path();
         }
         // Frozen from the scan until the binding is in force: no socket is made, passed or
         // closed in between, and no process slips out of the listing.
@@ -776,11 +805,11 @@ impl Sessions {
                 whose: whose.clone(),
                 source,
             })?;
-        let scan_err = |source| SessionError::SocketScan {
-            whose: whose.clone(),
+        let stirred = |source| SessionError::Stirred {
+            path: cg.path().to_owned(),
             source,
         };
-        let still = crate::sockets::Stillness::read(&tasks).map_err(scan_err)?;
+        let still = crate::sockets::Stillness::read(&tasks).map_err(stirred)?;
         let mut own = std::collections::HashSet::new();
         crate::cgroup::subtree_ids(cg.path(), &mut own);
         refuse_unjudged(whose.clone(), &pids, &own, Descriptors::All, Some(&tasks))?;
@@ -794,19 +823,7 @@ impl Sessions {
             })?;
         // Frozen throughout: frozen now, and no task switched out since the first reading (a
         // task that ran meanwhile, resumed by a tracer, say, did before it froze again).
-        if !cg.is_frozen().map_err(SessionError::Freeze)? {
-            return Err(SessionError::RanWhileFrozen {
-                path: cg.path().to_owned(),
-                tid: None,
-            });
-        }
-        let now = crate::sockets::Stillness::read(&tasks).map_err(scan_err)?;
-        if let Some(tid) = still.ran(&now) {
-            return Err(SessionError::RanWhileFrozen {
-                path: cg.path().to_owned(),
-                tid: Some(tid),
-            });
-        }
+        still.held(&cg).map_err(stirred)?;
         // Its processes may hold sockets made before now: the packet line looks for such
         // sockets before the binding exists, so none passes in between.
         self.datapath
@@ -815,6 +832,13 @@ impl Sessions {
                 path: cg.path().to_owned(),
                 source,
             })?;
+        // Where root could thaw the unit, or move a task in: a test does, here.
+        #[cfg(feature = "failpoints")]
+        fail::eval("enroll-before-bind", crate::hold_at);
+        // Frozen still once the binding is in force: a thaw (root's) before it would have let
+        // the unit's tasks run ungoverned. A cgroup bound here already was governed by this
+        // identity throughout, and a refusal would take its binding away.
+        let confirm = || still.held(&cg);
         let mut table = lock(&self.table);
         let placed = Placed {
             cg: &cg,
@@ -822,6 +846,7 @@ impl Sessions {
             follow,
             workload_api: None,
             issued: None,
+            confirm: (!bound_here).then_some(&confirm as &dyn Fn() -> _),
         };
         self.bind(&mut table, IdentityEvent::Enrolled, peer, number, placed)?;
         Ok(cg.path().to_owned())
@@ -907,6 +932,7 @@ impl Sessions {
             workload_api: now.workload_api.clone(),
             // Renewed otherwise (by hand), it no longer runs on the issuer's certificate.
             issued,
+            confirm: None,
         };
         self.bind(&mut table, IdentityEvent::Renewed, peer, now.number, placed)?;
         Ok(Some(now.cgroup))
