@@ -899,11 +899,13 @@ pub fn unjudged(
 /// voluntary and involuntary context switches): a task that runs while the unit is frozen
 /// switches out again before it counts as frozen, so two equal readings with the unit frozen
 /// at the second say none ran in between. Each task must be asleep in the freezer (`S`) or
-/// stopped (`T`), from where a wake-up only takes it back to the freezer until the thaw: a
-/// task the kernel counts as frozen in a tracer's stop (`t`; at a system call's entry, its
-/// tracer, or the tracer's exit, can have it make that call at any time), woken and not yet
-/// run (`R`), or in a vfork parent's wait (`D`) refuses, and so does one traced from outside
-/// the unit (`TracerPid`).
+/// stopped (`T`), from where a wake-up only takes it back to the freezer until the thaw, or
+/// in the stop of a tracer inside the unit (`t`: strace, a debugger), which is frozen too: a
+/// task woken and not yet run (`R`), or in a vfork parent's wait (`D`), refuses, and so does
+/// one traced from outside the unit (`TracerPid`), whose tracer can resume it at will. A
+/// tracee resumed by its tracer's exit (killed from outside) runs, and so shows at the next
+/// reading; `enroll` takes the last once the binding is in force, so a tracee resumed after
+/// it runs governed.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Stillness(std::collections::BTreeMap<u32, u64>);
 
@@ -917,11 +919,11 @@ pub enum Stir {
     )]
     TracedFromOutside { tid: u32, tracer: u64 },
     #[error(
-        "task {tid} of the unit is stopped by its tracer, task {tracer}, while the unit is frozen: a task stopped at a system call's entry counts as frozen and makes that call when its tracer lets it go, or exits (detach the tracer, strace or a debugger, then enroll)"
+        "task {0} of the unit is in a tracer's stop with no tracer (one detached while the unit was frozen): it runs when it is let go; enroll again"
     )]
-    TracerStop { tid: u32, tracer: u64 },
+    Untraced(u32),
     #[error(
-        "task {tid} of the unit is {state:?} while the unit is frozen, not asleep in the freezer or stopped: a task in a tracer's stop, or woken and not yet run, can still make a system call (enroll again)"
+        "task {tid} of the unit is {state:?} while the unit is frozen, not asleep in the freezer, stopped, or in the stop of a tracer inside the unit: a task woken and not yet run, or in a vfork parent's wait, can still make a system call (enroll again)"
     )]
     Awake { tid: u32, state: String },
     #[error(
@@ -969,10 +971,10 @@ impl Stillness {
                 .find_map(|l| l.strip_prefix("State:"))
                 .map(str::trim)
                 .unwrap_or_default();
-            if state.starts_with('t') {
-                return Err(Stir::TracerStop { tid, tracer });
+            if state.starts_with('t') && tracer == 0 {
+                return Err(Stir::Untraced(tid));
             }
-            if !matches!(state.chars().next(), Some('S' | 'T')) {
+            if !matches!(state.chars().next(), Some('S' | 'T' | 't')) {
                 return Err(Stir::Awake {
                     tid,
                     state: state.to_owned(),

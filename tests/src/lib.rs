@@ -241,6 +241,77 @@ impl Drop for ProxyRouteGuard {
     }
 }
 
+/// `strace -f` running `sleep 600`, both started in a cgroup (a unit with a process under a
+/// debugger, as users have them), once strace traces its child. Killed and reaped on drop.
+pub struct Straced {
+    child: Child,
+    pub tracer: u32,
+    pub tracee: u32,
+}
+
+impl Straced {
+    pub fn start(cgroup: &Cgroup) -> Self {
+        use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(cgroup.path().join("cgroup.procs"))
+            .expect("the cgroup's cgroup.procs");
+        let fd = procs.as_raw_fd();
+        let mut c = Command::new("strace");
+        c.args(["-f", "-qq", "-o", "/dev/null", "sleep", "600"])
+            .stdin(Stdio::null());
+        // SAFETY: one write between fork and exec: "0" moves the writer into the cgroup.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = c.spawn().expect("strace must be installed for the tests");
+        let tracer = child.id();
+        let tracee = node::eventually(
+            "strace's tracee",
+            std::time::Duration::from_secs(10),
+            || {
+                let children =
+                    std::fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children"))
+                        .map_err(|e| e.to_string())?;
+                let child = children.split_whitespace().next().ok_or("no child yet")?;
+                let status = std::fs::read_to_string(format!("/proc/{child}/status"))
+                    .map_err(|e| e.to_string())?;
+                if status.contains("Name:\tsleep")
+                    && status.contains(&format!("TracerPid:\t{tracer}\n"))
+                {
+                    child.parse().map_err(|_| children.clone())
+                } else {
+                    Err(status)
+                }
+            },
+        );
+        Self {
+            child,
+            tracer,
+            tracee,
+        }
+    }
+
+    /// Kills strace alone (SIGKILL) and reaps it; its tracee is let go.
+    pub fn kill_tracer(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Straced {
+    fn drop(&mut self) {
+        // SAFETY: kill with a pid and a signal.
+        unsafe { libc::kill(self.tracee as i32, libc::SIGKILL) };
+        self.kill_tracer();
+    }
+}
+
 /// Kills every process in a cgroup subtree and waits until it is empty.
 pub fn kill_tree(path: &Path) {
     let kill = path.join("cgroup.kill");

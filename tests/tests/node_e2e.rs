@@ -775,9 +775,10 @@ fn enroll_freezes_only_what_it_owns_and_a_crash_leaves_nothing_frozen() {
 /// tasks would run, or the new one arrive, unread and ungoverned. `enroll` reads the unit
 /// again once the binding is in force, and on any difference removes the binding and refuses:
 /// nothing is bound, recorded or kept. A fail point holds the node there while the test does
-/// what root would.
+/// what root would, and kills a tracer in the unit (its tracee, let be while its tracer was
+/// frozen, runs).
 #[test]
-fn enroll_refuses_and_unbinds_a_unit_thawed_or_joined_before_its_binding() {
+fn enroll_refuses_and_unbinds_a_unit_that_stirred_before_its_binding() {
     let (env, tmp, ca) = setup("thawed", POLICY);
     let dir = tmp.path();
     let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
@@ -785,7 +786,7 @@ fn enroll_refuses_and_unbinds_a_unit_thawed_or_joined_before_its_binding() {
     let mut svc = Probe::spawn(&unit);
     let gate = dir.join("bind-gate");
     let audit = dir.join("audit/audit.jsonl");
-    let spec = format!("enroll-before-bind=2*return({})", gate.display());
+    let spec = format!("enroll-before-bind=3*return({})", gate.display());
     let node = NodeProc::start_env(
         &env,
         dir,
@@ -882,6 +883,29 @@ fn enroll_refuses_and_unbinds_a_unit_thawed_or_joined_before_its_binding() {
     );
     unbound(&mut svc);
     assert_eq!(mover.cmd("connect tcp 192.0.2.10 80"), "err ENETUNREACH");
+
+    // A process of the unit under strace in the unit: its tracee stops for the frozen tracer,
+    // and the readings let it be. Killed from outside, the tracer lets it go, and it runs
+    // before the binding: refused (which of its tasks is named first varies).
+    let mut straced = agentwall_tests::Straced::start(&unit);
+    let running = held();
+    straced.kill_tracer();
+    std::fs::remove_file(&gate).unwrap();
+    let (code, err) = running.join().unwrap();
+    assert_eq!(code, Some(2), "{err}");
+    let named = |tid: u32, what: &str| err.contains(&format!("task {tid} {what}"));
+    assert!(
+        err.contains(&format!("{}: ", unit.path().display()))
+            && (named(straced.tracee, "ran while the unit was frozen")
+                || named(
+                    straced.tracer,
+                    "of the unit exited while the unit was frozen"
+                )
+                || err.contains("the unit was thawed while it was frozen")),
+        "{err}"
+    );
+    unbound(&mut svc);
+    drop(straced);
 
     // Neither (the fail point spent): bound, both tasks governed.
     let (code, err) = enroll().join().unwrap();

@@ -1249,7 +1249,7 @@ fn enroll_refuses_a_unit_sharing_its_descriptor_table_with_a_process_outside() {
 /// counts as frozen, and the tracer can have it make that call at any time (receive a socket
 /// from outside after the scan, say); a signal wakes a frozen task too. `enroll` refuses a
 /// unit with a task traced from outside, and one whose task ran between the scan's start and
-/// its end (switched out again); without either it enrolls.
+/// its end (switched out again); without either it enrolls, strace in the unit and all.
 #[test]
 fn enroll_refuses_a_unit_whose_tasks_can_run_while_it_is_frozen() {
     let fx = fixture("wire-enroll-still");
@@ -1320,9 +1320,16 @@ fn enroll_refuses_a_unit_whose_tasks_can_run_while_it_is_frozen() {
         "{err}"
     );
 
-    // Neither: enrolled.
+    // Neither, with a process of the unit under strace, itself in the unit: its tracee stops
+    // for the frozen tracer (`t`), and stays there until the thaw. Enrolled.
+    let straced = agentwall_tests::Straced::start(&unit);
     let (ok, err) = enroll();
     assert!(ok, "{err}");
+    // Thawed, both run on.
+    for pid in [straced.tracer, straced.tracee] {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        assert!(!stat.contains(") Z "), "{stat}");
+    }
 }
 
 /// An upgrade to a new map layout sweeps the sockets it can list (each with a port) and

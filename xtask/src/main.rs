@@ -108,6 +108,8 @@ fn main() -> Result<()> {
         } => {
             setup()?;
             require_root("the VM mounts this machine's root and the tests load eBPF programs")?;
+            // The guest runs this machine's programs: enroll's tests run strace.
+            apt_install(&["strace"], &["strace"])?;
             install_schemathesis(&root)?;
             install_ocsf_schemas(&root)?;
             kernel::run(&root, &k, &only, filter.as_deref())
@@ -119,6 +121,8 @@ fn main() -> Result<()> {
             apt_install(&["dnsmasq"], &["dnsmasq-base"])?;
             // Real TLS clients and a real TLS server for the server-name check's tests.
             apt_install(&["curl", "openssl"], &["curl", "openssl"])?;
+            // A unit with a process under a debugger, as users have them, for enroll's tests.
+            apt_install(&["strace"], &["strace"])?;
             install_schemathesis(&root)?;
             install_ocsf_schemas(&root)?;
             install_browser(&root)?;
