@@ -297,6 +297,9 @@ pub enum Unjudgeable {
     Mapped,
     /// Registered with an io_uring instance (used through the ring without a descriptor).
     Registered,
+    /// An io_uring instance whose registered files were not all printed, which before Linux
+    /// 6.15 does not tell a sparse table from a ring a process outside keeps busy.
+    UnreadRing,
     /// An io_uring instance mapped with no descriptor left (its ring registered): what it
     /// holds cannot be read.
     HiddenRing,
@@ -328,6 +331,11 @@ impl std::fmt::Display for Unjudged {
             Unjudgeable::Registered => {
                 return f.write_str(
                     ": an io_uring instance with a registered socket (used without a descriptor)",
+                );
+            }
+            Unjudgeable::UnreadRing => {
+                return f.write_str(
+                    ": an io_uring instance whose registered files were not all shown (a sparse table, or a ring a process outside the cgroup keeps busy: kernels before 6.15 print the two alike)",
                 );
             }
             Unjudgeable::HiddenRing => {
@@ -369,6 +377,7 @@ impl std::fmt::Display for Unjudged {
             Unjudgeable::Kind
             | Unjudgeable::Mapped
             | Unjudgeable::Registered
+            | Unjudgeable::UnreadRing
             | Unjudgeable::HiddenRing
             | Unjudgeable::InheritedRing
             | Unjudgeable::ForeignRingThread
@@ -465,11 +474,23 @@ fn close_on_exec(fdinfo: &str) -> bool {
         .is_some_and(|f| f & libc::O_CLOEXEC as u32 != 0)
 }
 
-/// Whether an io_uring instance's `fdinfo` may hold a registered socket: an entry that is
-/// not a file path or an anonymous inode (newer kernels print a socket as `socket:[N]`,
-/// older ones by its protocol, `UDP`), or fewer entries than it says it has (the kernel
-/// leaves them out when the ring is busy).
-fn ring_holds_a_socket(fdinfo: &str) -> bool {
+/// What an io_uring instance's `fdinfo` says of the files registered with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RingFiles {
+    /// None, or none but files and pseudo-files other than sockets (a pipe, an eventfd).
+    NoSocket,
+    /// A socket: printed as `socket:[N]`, or by its protocol (`UDP`) on kernels before the
+    /// path form, so anything not in the path form counts.
+    Socket,
+    /// Fewer entries than it says it has, where that does not tell a sparse table (empty slots
+    /// are left out) from a busy ring (every entry left out), or no count at all.
+    Unread,
+}
+
+/// [`RingFiles`] of a ring's `fdinfo`; `locked` where the kernel prints the files only with
+/// the ring's lock taken, and nothing of them otherwise (Linux 6.15 and later): there a count
+/// means every file in the table is printed.
+fn ring_files(fdinfo: &str, locked: bool) -> RingFiles {
     let mut lines = fdinfo.lines().skip_while(|l| !l.starts_with("UserFiles:"));
     // No count at all: the ring was busy (Linux 6.15 and later print nothing then).
     let Some(count) = lines
@@ -477,16 +498,40 @@ fn ring_holds_a_socket(fdinfo: &str) -> bool {
         .and_then(|l| l.strip_prefix("UserFiles:"))
         .and_then(|n| n.trim().parse::<usize>().ok())
     else {
-        return true;
+        return RingFiles::Unread;
     };
     let entries: Vec<&str> = lines
         .take_while(|l| !l.starts_with("UserBufs:"))
         .filter_map(|l| l.split_once(": ").map(|(_, v)| v))
         .collect();
-    entries.len() < count
-        || entries
-            .iter()
-            .any(|v| !v.starts_with('/') && !v.starts_with("anon_inode:"))
+    // Linux 6.1 prints an empty slot as `<none>`, and a file by its last name alone.
+    let path_form = |v: &&str| {
+        *v == "<none>"
+            || v.starts_with('/')
+            || v.starts_with("anon_inode:")
+            || v.split_once(":[").is_some_and(|(kind, _)| kind != "socket")
+    };
+    if !entries.iter().all(path_form) {
+        RingFiles::Socket
+    } else if entries.len() < count && !locked {
+        RingFiles::Unread
+    } else {
+        RingFiles::NoSocket
+    }
+}
+
+/// Whether this kernel prints an io_uring instance's registered files only with the ring's
+/// lock taken (Linux 6.15; stable kernels given the change before are taken as older).
+fn fdinfo_prints_files_locked() -> bool {
+    static LOCKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LOCKED.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/osrelease").is_ok_and(|r| {
+            let mut n = r
+                .split(|c: char| !c.is_ascii_digit())
+                .map(|p| p.parse::<u32>().unwrap_or(0));
+            (n.next().unwrap_or(0), n.next().unwrap_or(0)) >= (6, 15)
+        })
+    })
 }
 
 /// How many times the scan reads a ring's `fdinfo` while it names no SQPOLL thread, and how
@@ -692,8 +737,14 @@ impl Scan {
                         None
                     } else if thread == RingThread::Busy {
                         Some(Unjudgeable::BusyRing)
-                    } else if ring_holds_a_socket(&text) {
-                        Some(Unjudgeable::Registered)
+                    } else if let files @ (RingFiles::Socket | RingFiles::Unread) =
+                        ring_files(&text, fdinfo_prints_files_locked())
+                    {
+                        Some(if files == RingFiles::Socket {
+                            Unjudgeable::Registered
+                        } else {
+                            Unjudgeable::UnreadRing
+                        })
                     } else if which == Descriptors::KeptAcrossExec && !close_on_exec(&text) {
                         Some(Unjudgeable::InheritedRing)
                     } else {
@@ -823,6 +874,7 @@ pub fn unjudged(
             fd,
             kind: match why {
                 Unjudgeable::Registered
+                | Unjudgeable::UnreadRing
                 | Unjudgeable::HiddenRing
                 | Unjudgeable::InheritedRing
                 | Unjudgeable::ForeignRingThread
@@ -909,10 +961,13 @@ pub fn unjudged(
 #[derive(Debug, PartialEq, Eq)]
 pub struct Stillness(std::collections::BTreeMap<u32, u64>);
 
+/// How long the first reading waits for a task woken in the freezer to run back into it.
+const SETTLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Why a frozen unit's tasks are not known to have stayed still.
 #[derive(Debug, thiserror::Error)]
 pub enum Stir {
-    #[error("task {0} of the unit exited while the unit was frozen")]
+    #[error("task {0} of the unit exited (or was killed) while the unit was frozen")]
     Exited(u32),
     #[error(
         "task {tid} of the unit is traced by task {tracer}, outside it: a task its tracer stopped at a system call's entry counts as frozen, and the tracer can have it make that call at any time (detach the tracer and enroll again)"
@@ -945,7 +1000,7 @@ pub enum Stir {
 }
 
 impl Stillness {
-    pub fn read(unit: &HashSet<u32>) -> Result<Self, Stir> {
+    fn read(unit: &HashSet<u32>) -> Result<Self, Stir> {
         let mut out = std::collections::BTreeMap::new();
         for &tid in unit {
             let path = format!("/proc/{tid}/status");
@@ -971,6 +1026,9 @@ impl Stillness {
                 .find_map(|l| l.strip_prefix("State:"))
                 .map(str::trim)
                 .unwrap_or_default();
+            if state.starts_with(['Z', 'X']) {
+                return Err(Stir::Exited(tid));
+            }
             if state.starts_with('t') && tracer == 0 {
                 return Err(Stir::Untraced(tid));
             }
@@ -986,6 +1044,24 @@ impl Stillness {
             );
         }
         Ok(Self(out))
+    }
+
+    /// The first reading, once no task is `R`. A task thawed (by the last enroll's thaw, say)
+    /// and frozen again before it ran still counts as frozen, and is `R` until it has run back
+    /// into the freezer: from a frozen cgroup it returns to no user code. Until then it cannot
+    /// be a reading's baseline; what it does meanwhile is there before the scan.
+    pub fn settled(unit: &HashSet<u32>) -> Result<Self, Stir> {
+        let until = std::time::Instant::now() + SETTLE_WITHIN;
+        loop {
+            match Self::read(unit) {
+                Err(Stir::Awake { state, .. })
+                    if state.starts_with('R') && std::time::Instant::now() < until =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                done => return done,
+            }
+        }
     }
 
     /// Still since `self`: the unit at `cgroup` frozen now, no task listed in it that `self`
@@ -1005,6 +1081,50 @@ impl Stillness {
             None => Ok(()),
         }
     }
+}
+
+/// Every socket in the descriptor tables of the processes in `cgroup` or below it, each
+/// once, as the node's own descriptors (`pidfd_getfd`). A process or descriptor gone
+/// meanwhile is passed over, and so is the table of a thread that unshared its own.
+pub fn held_sockets(cgroup: &Path) -> io::Result<Vec<OwnedFd>> {
+    use std::os::fd::FromRawFd as _;
+    let (pids, _) = processes_in(cgroup)?;
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for pid in pids {
+        // SAFETY: plain system call; the result is a new descriptor or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if pidfd < 0 {
+            continue;
+        }
+        // SAFETY: the kernel handed us a new descriptor.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for e in fds.flatten() {
+            let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let socket = fs::read_link(e.path()).ok().and_then(|t| {
+                t.to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse::<u64>()
+                    .ok()
+            });
+            if !socket.is_some_and(|inode| seen.insert(inode)) {
+                continue;
+            }
+            // SAFETY: plain system call on a pidfd we own; the result is a new descriptor.
+            let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+            if got >= 0 {
+                // SAFETY: as above.
+                out.push(unsafe { OwnedFd::from_raw_fd(got as i32) });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Every process with a thread in `cgroup` or below it, and every such thread, read from
@@ -1053,16 +1173,32 @@ mod tests {
     fn an_io_uring_with_a_registered_socket_is_told_from_one_without() {
         let with = "pos:\t0\nflags:\t02000002\nUserFiles:\t2\n    0: anon_inode:[eventfd]\n    1: socket:[33337831]\nUserBufs:\t0\n";
         let without = "pos:\t0\nUserFiles:\t1\n    0: /tmp/x\nUserBufs:\t0\n    0: socket:[1]\n";
-        assert!(ring_holds_a_socket(with));
-        assert!(!ring_holds_a_socket(without));
-        // Kernels before the path form name a socket by its protocol.
-        let older = "UserFiles:\t1\n    0: UDP\nUserBufs:\t0\n";
-        assert!(ring_holds_a_socket(older));
-        // Entries left out (the ring was busy): what it holds is unknown.
-        assert!(ring_holds_a_socket(
-            "UserFiles:\t2\n    0: /tmp/x\nUserBufs:\t0\n"
-        ));
-        assert!(!ring_holds_a_socket("UserFiles:\t0\nUserBufs:\t0\n"));
+        for locked in [false, true] {
+            assert_eq!(ring_files(with, locked), RingFiles::Socket);
+            assert_eq!(ring_files(without, locked), RingFiles::NoSocket);
+            // Kernels before the path form name a socket by its protocol.
+            let older = "UserFiles:\t1\n    0: UDP\nUserBufs:\t0\n";
+            assert_eq!(ring_files(older, locked), RingFiles::Socket);
+            // A pipe (splice), a memfd: files, not sockets.
+            let pipe =
+                "UserFiles:\t2\n    0: pipe:[4242]\n    1: /memfd:x (deleted)\nUserBufs:\t0\n";
+            assert_eq!(ring_files(pipe, locked), RingFiles::NoSocket);
+            let empty_slots = "UserFiles:\t2\n    0: <none>\n    1: <none>\nUserBufs:\t0\n";
+            assert_eq!(ring_files(empty_slots, locked), RingFiles::NoSocket);
+            assert_eq!(
+                ring_files("UserFiles:\t0\nUserBufs:\t0\n", locked),
+                RingFiles::NoSocket
+            );
+            // No count: busy (6.15 prints nothing of a ring whose lock it did not take).
+            assert_eq!(
+                ring_files("pos:\t0\nflags:\t02\n", locked),
+                RingFiles::Unread
+            );
+        }
+        // Entries left out: a sparse table, or, before 6.15, a busy ring too.
+        let sparse = "UserFiles:\t4\n    2: /tmp/x\nUserBufs:\t0\n";
+        assert_eq!(ring_files(sparse, false), RingFiles::Unread);
+        assert_eq!(ring_files(sparse, true), RingFiles::NoSocket);
         assert!(close_on_exec(with));
         assert!(!close_on_exec("pos:\t0\nflags:\t02\n"));
     }
@@ -1100,6 +1236,6 @@ mod tests {
         // Linux 6.15 and later with the lock busy: the generic lines alone.
         let busy = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t1057\n";
         assert_eq!(sq_thread(busy), RingThread::Busy);
-        assert!(ring_holds_a_socket(busy));
+        assert_eq!(ring_files(busy, true), RingFiles::Unread);
     }
 }

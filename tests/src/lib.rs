@@ -309,6 +309,16 @@ impl Drop for Straced {
         // SAFETY: kill with a pid and a signal.
         unsafe { libc::kill(self.tracee as i32, libc::SIGKILL) };
         self.kill_tracer();
+        // Gone from its cgroup (exited: a zombie or reaped) before the next step reads it.
+        let stat = format!("/proc/{}/stat", self.tracee);
+        node::eventually(
+            "strace's tracee to exit",
+            std::time::Duration::from_secs(10),
+            || match std::fs::read_to_string(&stat) {
+                Ok(s) if !s.contains(") Z ") => Err(s),
+                _ => Ok(()),
+            },
+        );
     }
 }
 

@@ -786,7 +786,12 @@ fn enroll_refuses_and_unbinds_a_unit_that_stirred_before_its_binding() {
     let mut svc = Probe::spawn(&unit);
     let gate = dir.join("bind-gate");
     let audit = dir.join("audit/audit.jsonl");
-    let spec = format!("enroll-before-bind=3*return({})", gate.display());
+    let after = dir.join("after-bind-gate");
+    let spec = format!(
+        "enroll-before-bind=3*return({});enroll-after-bind=3*off->1*return({})",
+        gate.display(),
+        after.display()
+    );
     let node = NodeProc::start_env(
         &env,
         dir,
@@ -845,15 +850,13 @@ fn enroll_refuses_and_unbinds_a_unit_that_stirred_before_its_binding() {
     std::fs::write(unit.path().join("cgroup.freeze"), "0").unwrap();
     assert_eq!(svc.cmd("connect tcp 192.0.2.10 80"), "err ENETUNREACH");
     std::fs::remove_file(&gate).unwrap();
+    let thawed = format!(
+        "{}: the unit was thawed while it was frozen for the scan (its cgroup.freeze written by root: a container runtime's unpause, systemctl thaw): what its tasks did was not read; enroll again",
+        unit.path().display()
+    );
     let (code, err) = running.join().unwrap();
     assert_eq!(code, Some(2), "{err}");
-    assert!(
-        err.contains(&format!(
-            "{}: the unit was thawed while it was frozen for the scan (its cgroup.freeze written by root: a container runtime's unpause, systemctl thaw): what its tasks did was not read; enroll again",
-            unit.path().display()
-        )),
-        "{err}"
-    );
+    assert!(err.contains(&thawed), "{err}");
     unbound(&mut svc);
 
     // A task moved in, as root would: frozen with the unit, and never read.
@@ -899,13 +902,44 @@ fn enroll_refuses_and_unbinds_a_unit_that_stirred_before_its_binding() {
             && (named(straced.tracee, "ran while the unit was frozen")
                 || named(
                     straced.tracer,
-                    "of the unit exited while the unit was frozen"
+                    "of the unit exited (or was killed) while the unit was frozen"
                 )
                 || err.contains("the unit was thawed while it was frozen")),
         "{err}"
     );
     unbound(&mut svc);
     drop(straced);
+
+    // Thawed while bound: the unit's socket from before the enroll sends a datagram, which
+    // the binding refuses, and becomes the binding's (the packet line adopts it). Refused, the
+    // binding withdrawn, the socket is the unit's again, not one of an ended session (which
+    // the packet line would drop).
+    assert_eq!(svc.cmd("hold udp-loop 9700"), "ok");
+    assert_eq!(svc.cmd("send-held"), "ok");
+    std::fs::write(&after, "").unwrap();
+    let after_reached = PathBuf::from(format!("{}.reached", after.display()));
+    let running = enroll();
+    eventually(
+        "the node bound, at the gate",
+        Duration::from_secs(60),
+        || {
+            if after_reached.exists() {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        },
+    );
+    // (The node holds its session table here: status waits.)
+    std::fs::write(unit.path().join("cgroup.freeze"), "0").unwrap();
+    // Bound meanwhile: the policy allows it no UDP.
+    assert_eq!(svc.cmd("send-held"), "err EPERM");
+    std::fs::remove_file(&after).unwrap();
+    let (code, err) = running.join().unwrap();
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(&thawed), "{err}");
+    unbound(&mut svc);
+    assert_eq!(svc.cmd("send-held"), "ok");
 
     // Neither (the fail point spent): bound, both tasks governed.
     let (code, err) = enroll().join().unwrap();

@@ -1120,6 +1120,53 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
     assert_eq!(own.cmd("send-held"), "err EPERM");
 }
 
+/// A unit whose io_uring instances hold registered files but no socket enrolls: a table of
+/// empty slots (liburing's direct descriptors), a registered pipe (splice). What a kernel
+/// prints of them decides where it can tell: a pipe by its path (`pipe:[N]`; older kernels
+/// print a file's last name alone, as they print a socket's protocol, and refuse), a sparse
+/// table's empty slots as `<none>` (6.1) or left out with every file printed (6.15 and later,
+/// which print the files only with the ring's lock taken); between those, left out as a busy
+/// ring's entries are, which refuses.
+#[test]
+fn enroll_takes_a_unit_whose_io_uring_tables_hold_no_socket() {
+    let fx = fixture("wire-enroll-rings");
+    let (unit, mut probe) = fx.unit();
+    let sparse = probe.ok_value("keep-ring sparse");
+    let pipe = probe.ok_value("keep-ring pipe");
+    let info =
+        |fd: &str| std::fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", probe.pid)).unwrap();
+    let (sparse_info, pipe_info) = (info(&sparse), info(&pipe));
+    assert!(sparse_info.contains("UserFiles:\t4"), "{sparse_info}");
+    let pipe_told = pipe_info.contains(": pipe:[");
+    let sparse_told =
+        sparse_info.contains("<none>") || agentwall_tests::kernel_release() >= (6, 15);
+    let out = fx.enroll_command(&unit).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.success(), pipe_told && sparse_told, "{err}");
+    let named = |fd: &str, what: &str| {
+        err.contains(&format!("pid {} (\"aw-probe\") fd {fd}: {what}", probe.pid))
+    };
+    assert_eq!(
+        named(
+            &sparse,
+            "an io_uring instance whose registered files were not all shown"
+        ),
+        !sparse_told,
+        "{err}"
+    );
+    assert_eq!(
+        named(&pipe, "an io_uring instance with a registered socket"),
+        !pipe_told,
+        "{err}"
+    );
+    if out.status.success() {
+        assert_eq!(
+            probe.cmd(&format!("connect tcp {PEER_V4} 9999")),
+            "err EPERM"
+        );
+    }
+}
+
 /// A task outside the unit that shares a unit process's descriptor table (a process cloned
 /// with `CLONE_FILES`, then moved out, or a thread of one whose leader has exited) is not
 /// frozen with the unit, and a descriptor it opens or takes lands in the unit's table without

@@ -672,6 +672,9 @@ pub struct Datapath {
     foreign: Mutex<std::collections::BTreeSet<u32>>,
     /// Server names for the TLS check, and the ones it refused.
     sni: Mutex<sni::SniMaps>,
+    /// Each governed socket's state (`AW_SOCKS`), read and cleared here only where a binding
+    /// made by a refused `enroll` is withdrawn.
+    socks: Mutex<aya::maps::SkStorage<MapData, c::SockState>>,
 }
 
 /// A clean stop leaves enforcement in place (pins), port sets included.
@@ -946,6 +949,8 @@ impl Loaded {
         if server_names == ServerNameCheck::Loaded {
             set_tails(&mut ebpf, &server_names)?;
         }
+        let socks = aya::maps::SkStorage::try_from(take(&mut ebpf, c::MAP_SOCKS)?)
+            .map_err(map_err(c::MAP_SOCKS))?;
         let foreign = sys::filled_slots(rules.fd().as_fd(), MAX_IDENTITIES)
             .map_err(io_err(Path::new(c::MAP_RULES)))?
             .into_iter()
@@ -974,6 +979,7 @@ impl Loaded {
             port_sets: Arc::new(port_sets),
             foreign: Mutex::new(foreign),
             sni: Mutex::new(sni),
+            socks: Mutex::new(socks),
         };
         // Rebuild what the kernel reads from config: a restarted daemon keeps the bindings the
         // pinned map holds.
@@ -1411,6 +1417,22 @@ impl Datapath {
             });
         }
         self.unbind_id(cgroup.id())
+    }
+
+    /// Clears, of `sockets`, the state that names `cgroup_id`'s binding: a binding withdrawn
+    /// (an `enroll` refused once it was in force) leaves the unit's sockets that carried a
+    /// packet meanwhile adopted as that binding's, which the packet line would drop from then
+    /// on as sockets of an ended session. The binding must be gone first, or a packet would
+    /// adopt them again. How many were cleared.
+    pub fn forget_socket_states(&self, cgroup_id: u64, sockets: &[std::os::fd::OwnedFd]) -> usize {
+        let mut socks = lock(&self.socks);
+        sockets
+            .iter()
+            .filter(|s| {
+                matches!(socks.get(*s, 0), Ok(st) if st.binding_cgroup == cgroup_id)
+                    && socks.remove(*s).is_ok()
+            })
+            .count()
     }
 
     /// Removes the binding of a cgroup id whose cgroup is gone.

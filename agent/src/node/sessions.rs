@@ -12,7 +12,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::journal::{AuditEvent, Bound, IdentityEvent, Journal};
 pub use crate::api::Session;
@@ -578,10 +578,26 @@ impl Sessions {
                 path: cg.path().to_owned(),
                 source,
             })?;
+        #[cfg(feature = "failpoints")]
+        if confirm.is_some() {
+            fail::eval("enroll-after-bind", crate::hold_at);
+        }
         if let Some(Err(source)) = confirm.map(|c| c()) {
             let path = cg.path().to_owned();
             return Err(match self.datapath.unbind_id(cg.id()) {
-                Ok(()) => SessionError::Stirred { path, source },
+                Ok(()) => {
+                    // Its sockets that carried a packet while it was bound are the
+                    // binding's now; as they were, they are the unit's again.
+                    match crate::sockets::held_sockets(&path) {
+                        Ok(socks) => {
+                            let n = self.datapath.forget_socket_states(cg.id(), &socks);
+                            debug!(cgroup = %path.display(), sockets = n, "a withdrawn binding's sockets let go");
+                        }
+                        Err(e) => warn!(cgroup = %path.display(), error = %e,
+                            "the sockets of a unit whose binding was withdrawn could not be read: those that carried a packet meanwhile stay closed until it is enrolled"),
+                    }
+                    SessionError::Stirred { path, source }
+                }
                 Err(unbind) => {
                     error!(cgroup = %path.display(), error = %unbind,
                         "a refused enroll's binding could not be removed; the cgroup stays governed");
@@ -809,7 +825,7 @@ impl Sessions {
             path: cg.path().to_owned(),
             source,
         };
-        let still = crate::sockets::Stillness::read(&tasks).map_err(stirred)?;
+        let still = crate::sockets::Stillness::settled(&tasks).map_err(stirred)?;
         let mut own = std::collections::HashSet::new();
         crate::cgroup::subtree_ids(cg.path(), &mut own);
         refuse_unjudged(whose.clone(), &pids, &own, Descriptors::All, Some(&tasks))?;

@@ -41,6 +41,8 @@
 //!   hold mptcp ADDR PORT           a multipath TCP connection, kept with the TCP ones
 //!   hold listener ADDR PORT        a TCP listener, kept with the TCP connections
 //!   hold bound-udp ADDR PORT       a UDP socket bound to ADDR:PORT with no peer, kept
+//!   hold udp-loop PORT             a UDP socket bound to 127.0.0.1:PORT (kept apart) and one
+//!                                  connected to it, kept: what it sends arrives
 //!   send-held                      one datagram on each kept UDP socket: `ok` or `err ERRNO`
 //!   send-held-tcp                  four bytes on each kept TCP connection (not waiting)
 //!   fd-inbox NAME                  binds a unix datagram socket at the abstract address NAME
@@ -96,8 +98,9 @@
 //!   pidfd-getfd-self               pidfd_getfd() of its own standard input; `ok` or `err ERRNO`
 //!   pidfd-getfd PID FD             pidfd_getfd() of process PID's descriptor FD (closed again)
 //!   take-fd PID FD                 the same, the descriptor kept; answers `ok FD`
-//!   keep-ring [sqpoll]             a new io_uring instance (with an SQPOLL thread), kept;
-//!                                  answers `ok FD`
+//!   keep-ring [sqpoll|sparse|pipe] a new io_uring instance (with an SQPOLL thread; with a
+//!                                  registered file table of 4 empty slots; with a pipe's
+//!                                  two ends registered), kept; answers `ok FD`
 //!   fork-sharing-files             a child cloned with CLONE_FILES (sharing this process's
 //!                                  descriptor table), waiting; answers `ok PID`
 //!   sharing-leader-exits           that child starts a thread and its leader exits; `ok TID`
@@ -1177,6 +1180,30 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 "ok".into()
             }
         }
+        ["hold", "udp-loop", port] => {
+            let to = sa("127.0.0.1", port)?;
+            let (ss, len) = sockaddr(to);
+            let mut made = Vec::new();
+            for _ in 0..2 {
+                made.push(
+                    new_socket(family(&to), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+                        .map_err(|e| format!("socket: {}", errno_name(e)))?,
+                );
+            }
+            let (receiver, sender) = (made.remove(0), made.remove(0));
+            // SAFETY: valid fds and address.
+            let failed = unsafe {
+                libc::bind(receiver.as_raw_fd(), (&raw const ss).cast(), len) < 0
+                    || libc::connect(sender.as_raw_fd(), (&raw const ss).cast(), len) < 0
+            };
+            if failed {
+                format!("err {}", errno_name(last_err()))
+            } else {
+                KEPT_FDS.lock().expect("kept").push(receiver);
+                held_udp().push(sender);
+                "ok".into()
+            }
+        }
         ["hold", "udp", ip, port] => {
             let addr = sa(ip, port)?;
             let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
@@ -2087,9 +2114,32 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                     // Idle for a minute: the thread stays, asleep, as long as the ring.
                     b.setup_sqpoll(60_000);
                 }
+                ["sparse" | "pipe"] => {}
                 _ => return Err(format!("bad ring kind {how:?}")),
             }
             let ring = b.build(4).map_err(|e| format!("io_uring: {e}"))?;
+            match how {
+                // A registered file table with empty slots (liburing's direct descriptors).
+                ["sparse"] => ring
+                    .submitter()
+                    .register_files_sparse(4)
+                    .map_err(|e| format!("register sparse: {e}"))?,
+                // A pipe registered (splice-style programs), its ends kept.
+                ["pipe"] => {
+                    let mut ends = [0; 2];
+                    // SAFETY: pipe2 with an array of two.
+                    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+                        return Ok(format!("err pipe {}", errno_name(last_err())));
+                    }
+                    ring.submitter()
+                        .register_files(&ends)
+                        .map_err(|e| format!("register pipe: {e}"))?;
+                    let mut kept = KEPT_FDS.lock().expect("kept");
+                    // SAFETY: the pipe's new descriptors, owned from here.
+                    kept.extend(ends.map(|e| unsafe { OwnedFd::from_raw_fd(e) }));
+                }
+                _ => {}
+            }
             let fd = ring.as_raw_fd();
             KEPT_RINGS.lock().expect("rings").push(ring);
             format!("ok {fd}")
