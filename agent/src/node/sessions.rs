@@ -163,6 +163,16 @@ pub enum SessionError {
     },
 }
 
+/// Whether a session may hold sockets without state: an enrolled cgroup's (its processes ran
+/// before it was bound) or one older than these maps. The packet line looks for such sockets
+/// only while one does.
+fn holds_strays(table: &Table) -> bool {
+    table
+        .by_id
+        .values()
+        .any(|s| s.pid == 0 || s.layout != agent_common::ABI_VERSION)
+}
+
 /// At most ten of `list`, and how many more: a unit can hold a great many.
 fn listed(list: &[crate::sockets::Unjudged]) -> String {
     const SHOWN: usize = 10;
@@ -529,13 +539,7 @@ impl Sessions {
                 .collect(),
             seq: table.seq,
         };
-        // An enrolled cgroup (its processes ran before it was bound) or a session older than
-        // these maps may hold sockets without state: the packet line looks for them only
-        // while one does.
-        let strays = table
-            .by_id
-            .values()
-            .any(|s| s.pid == 0 || s.layout != agent_common::ABI_VERSION);
+        let strays = holds_strays(table);
         if let Err(e) = self.datapath.set_strays(strays) {
             error!(error = %e, strays,
                 "the datapath could not be told whether sockets older than their binding exist");
@@ -595,6 +599,11 @@ impl Sessions {
                         }
                         Err(e) => warn!(cgroup = %path.display(), error = %e,
                             "the sockets of a unit whose binding was withdrawn could not be read: those that carried a packet meanwhile stay closed until it is enrolled"),
+                    }
+                    // As before the enroll: the packet line looks for strays only where a
+                    // session may hold them.
+                    if let Err(e) = self.datapath.set_strays(holds_strays(table)) {
+                        warn!(error = %e, "the datapath could not be told that no stray sockets are left");
                     }
                     SessionError::Stirred { path, source }
                 }
