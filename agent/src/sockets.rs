@@ -959,7 +959,15 @@ pub fn unjudged(
 /// reading; `enroll` takes the last once the binding is in force, so a tracee resumed after
 /// it runs governed.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Stillness(std::collections::BTreeMap<u32, u64>);
+pub struct Stillness(std::collections::BTreeMap<u32, Still>);
+
+/// One task at one reading: when it started (`/proc/TID/stat`'s start time: the number is
+/// its task's, not a later one's) and how many times it has switched out.
+#[derive(Debug, PartialEq, Eq)]
+struct Still {
+    start: u64,
+    switches: u64,
+}
 
 /// How long the first reading waits for a task woken in the freezer to run back into it.
 const SETTLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
@@ -1038,9 +1046,29 @@ impl Stillness {
                     state: state.to_owned(),
                 });
             }
+            let stat_path = format!("/proc/{tid}/stat");
+            let start = fs::read_to_string(&stat_path)
+                .map_err(|e| {
+                    if gone(&e) {
+                        Stir::Exited(tid)
+                    } else {
+                        Stir::Read(scan_error(Path::new(&stat_path), e))
+                    }
+                })?
+                .rsplit_once(") ")
+                // The fields after the name, from the third (the state): the start time is
+                // the 22nd.
+                .and_then(|(_, rest)| rest.split(' ').nth(19)?.parse().ok())
+                .ok_or_else(|| {
+                    Stir::Read(io::Error::other(format!("{stat_path}: no start time")))
+                })?;
             out.insert(
                 tid,
-                field("voluntary_ctxt_switches:")? + field("nonvoluntary_ctxt_switches:")?,
+                Still {
+                    start,
+                    switches: field("voluntary_ctxt_switches:")?
+                        + field("nonvoluntary_ctxt_switches:")?,
+                },
             );
         }
         Ok(Self(out))
@@ -1064,8 +1092,10 @@ impl Stillness {
         }
     }
 
-    /// Still since `self`: the unit at `cgroup` frozen now, no task listed in it that `self`
-    /// did not read, and none of `self`'s switched out since (each read again, in `S` or `T`).
+    /// Still since `self`: the unit at `cgroup` frozen now, listing the tasks `self` read and
+    /// no other, each the same task (started when it did) and none switched out since (each
+    /// read again, in `S`, `T` or its tracer's `t`). A number a task of the unit left, taken
+    /// by a task outside, is not in the listing; moved in (by root), it started later.
     pub fn held(&self, cgroup: &crate::cgroup::Cgroup) -> Result<(), Stir> {
         if !cgroup.is_frozen().map_err(Stir::Events)? {
             return Err(Stir::Thawed);
@@ -1074,12 +1104,19 @@ impl Stillness {
         if let Some(&tid) = listed.iter().find(|t| !self.0.contains_key(t)) {
             return Err(Stir::Joined(tid));
         }
+        if let Some(&tid) = self.0.keys().find(|t| !listed.contains(t)) {
+            return Err(Stir::Exited(tid));
+        }
         let unit: HashSet<u32> = self.0.keys().copied().collect();
         let now = Self::read(&unit)?;
-        match self.0.iter().find(|(tid, n)| now.0.get(tid) != Some(n)) {
-            Some((&tid, _)) => Err(Stir::Ran(tid)),
-            None => Ok(()),
+        for (&tid, then) in &self.0 {
+            match now.0.get(&tid) {
+                Some(n) if n.start != then.start => return Err(Stir::Exited(tid)),
+                Some(n) if n.switches == then.switches => {}
+                _ => return Err(Stir::Ran(tid)),
+            }
         }
+        Ok(())
     }
 }
 
