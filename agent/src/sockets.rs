@@ -948,7 +948,8 @@ pub fn unjudged(
 }
 
 /// How many times each of a frozen unit's tasks has been switched out (`/proc/TID/status`'s
-/// voluntary and involuntary context switches): a task that runs while the unit is frozen
+/// voluntary and involuntary context switches), with its start time (so a number is its
+/// task's, not a later one's): a task that runs while the unit is frozen
 /// switches out again before it counts as frozen, so two equal readings with the unit frozen
 /// at the second say none ran in between. Each task must be asleep in the freezer (`S`) or
 /// stopped (`T`), from where a wake-up only takes it back to the freezer until the thaw, or
