@@ -488,36 +488,73 @@ enum RingFiles {
 }
 
 /// [`RingFiles`] of a ring's `fdinfo`; `locked` where the kernel prints the files only with
-/// the ring's lock taken, and nothing of them otherwise (Linux 6.15 and later): there a count
-/// means every file in the table is printed.
+/// the ring's lock taken, and nothing of them otherwise (Linux 6.15 and later). Those kernels
+/// print each file in a slot as its path (`seq_file_path`, which escapes newlines); a count
+/// means every file is printed, empty slots left out. Earlier kernels print every slot, a
+/// file by its last name as it is (newlines and all: a name can forge lines) and an empty
+/// slot as `<none>`: there only a table of empty slots is known to hold no socket, and only
+/// where the lines are exactly what the kernel prints for one.
 fn ring_files(fdinfo: &str, locked: bool) -> RingFiles {
-    let mut lines = fdinfo.lines().skip_while(|l| !l.starts_with("UserFiles:"));
+    let lines: Vec<&str> = fdinfo.lines().collect();
+    let at = |prefix: &str| -> Vec<usize> {
+        (0..lines.len())
+            .filter(|&i| lines[i].starts_with(prefix))
+            .collect()
+    };
+    let (files, bufs) = (at("UserFiles:"), at("UserBufs:"));
     // No count at all: the ring was busy (Linux 6.15 and later print nothing then).
-    let Some(count) = lines
-        .next()
-        .and_then(|l| l.strip_prefix("UserFiles:"))
-        .and_then(|n| n.trim().parse::<usize>().ok())
-    else {
+    if files.is_empty() {
         return RingFiles::Unread;
-    };
-    let entries: Vec<&str> = lines
-        .take_while(|l| !l.starts_with("UserBufs:"))
-        .filter_map(|l| l.split_once(": ").map(|(_, v)| v))
-        .collect();
-    // Linux 6.1 prints an empty slot as `<none>`, and a file by its last name alone.
-    let path_form = |v: &&str| {
-        *v == "<none>"
-            || v.starts_with('/')
-            || v.starts_with("anon_inode:")
-            || v.split_once(":[").is_some_and(|(kind, _)| kind != "socket")
-    };
-    if !entries.iter().all(path_form) {
-        RingFiles::Socket
-    } else if entries.len() < count && !locked {
-        RingFiles::Unread
-    } else {
-        RingFiles::NoSocket
     }
+    // More than one of either, or out of order: a file's name made to look like them.
+    let (&[files], &[bufs]) = (files.as_slice(), bufs.as_slice()) else {
+        return RingFiles::Socket;
+    };
+    let count = lines[files]
+        .strip_prefix("UserFiles:")
+        .and_then(|n| n.trim().parse::<usize>().ok());
+    let (Some(count), true) = (count, files < bufs) else {
+        return RingFiles::Socket;
+    };
+    let entries = &lines[files + 1..bufs];
+    if !locked && entries.is_empty() && count > 0 {
+        // Before 6.15 a ring whose lock was busy shows its count and no entries.
+        return RingFiles::Unread;
+    }
+    let mut next = 0;
+    for line in entries {
+        // `%5u: ` and the slot, in order: every slot before 6.15, the filled ones after.
+        let Some((slot, name)) = line.split_once(": ") else {
+            return RingFiles::Socket;
+        };
+        let Ok(i) = slot.trim_start().parse::<usize>() else {
+            return RingFiles::Socket;
+        };
+        let in_order = if locked { i >= next } else { i == next };
+        if slot != format!("{i:5}") || !in_order || i >= count {
+            return RingFiles::Socket;
+        }
+        next = i + 1;
+        let no_socket = if locked {
+            // A socket is `socket:[N]`; a file a path, an anonymous inode, a pipe.
+            name.starts_with('/')
+                || name.starts_with("anon_inode:")
+                || name
+                    .split_once(":[")
+                    .is_some_and(|(kind, _)| kind != "socket" && !kind.is_empty())
+        } else {
+            // A socket is its protocol's name (`UDP`), a file its last name: any name may
+            // be a socket.
+            name == "<none>"
+        };
+        if !no_socket {
+            return RingFiles::Socket;
+        }
+    }
+    if !locked && entries.len() != count {
+        return RingFiles::Unread;
+    }
+    RingFiles::NoSocket
 }
 
 /// Whether this kernel prints an io_uring instance's registered files only with the ring's
@@ -979,6 +1016,10 @@ pub enum Stir {
     #[error("task {0} of the unit exited (or was killed) while the unit was frozen")]
     Exited(u32),
     #[error(
+        "task {0} of the unit left it while it was frozen (it exited, was killed or was moved out, its number now another task's or none): what it did was not read; enroll again"
+    )]
+    Left(u32),
+    #[error(
         "task {tid} of the unit is traced by task {tracer}, outside it: a task its tracer stopped at a system call's entry counts as frozen, and the tracer can have it make that call at any time (detach the tracer and enroll again)"
     )]
     TracedFromOutside { tid: u32, tracer: u64 },
@@ -1106,13 +1147,13 @@ impl Stillness {
             return Err(Stir::Joined(tid));
         }
         if let Some(&tid) = self.0.keys().find(|t| !listed.contains(t)) {
-            return Err(Stir::Exited(tid));
+            return Err(Stir::Left(tid));
         }
         let unit: HashSet<u32> = self.0.keys().copied().collect();
         let now = Self::read(&unit)?;
         for (&tid, then) in &self.0 {
             match now.0.get(&tid) {
-                Some(n) if n.start != then.start => return Err(Stir::Exited(tid)),
+                Some(n) if n.start != then.start => return Err(Stir::Left(tid)),
                 Some(n) if n.switches == then.switches => {}
                 _ => return Err(Stir::Ran(tid)),
             }
@@ -1121,25 +1162,20 @@ impl Stillness {
     }
 }
 
-/// Every socket in the descriptor tables of the processes in `cgroup` or below it, each
-/// once, as the node's own descriptors (`pidfd_getfd`). A process or descriptor gone
-/// meanwhile is passed over, and so is the table of a thread that unshared its own.
-pub fn held_sockets(cgroup: &Path) -> io::Result<Vec<OwnedFd>> {
-    use std::os::fd::FromRawFd as _;
-    let (pids, _) = processes_in(cgroup)?;
+/// Calls `f` with each socket in the descriptor tables of the tasks in `cgroup` or below it,
+/// each once, as a descriptor of the node's (`pidfd_getfd`, one at a time, closed after the
+/// call). How many sockets it saw and could not take (a task or descriptor gone meanwhile is
+/// not counted).
+pub fn each_held_socket(cgroup: &Path, mut f: impl FnMut(&OwnedFd)) -> io::Result<usize> {
+    use std::os::{fd::FromRawFd as _, unix::fs::MetadataExt as _};
+    let (_, tids) = processes_in(cgroup)?;
     let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for pid in pids {
-        // SAFETY: plain system call; the result is a new descriptor or -1.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if pidfd < 0 {
-            continue;
-        }
-        // SAFETY: the kernel handed us a new descriptor.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+    let mut missed = 0;
+    for tid in tids {
+        let Ok(fds) = fs::read_dir(format!("/proc/{tid}/fd")) else {
             continue;
         };
+        let mut pidfd: Option<io::Result<OwnedFd>> = None;
         for e in fds.flatten() {
             let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
                 continue;
@@ -1151,18 +1187,43 @@ pub fn held_sockets(cgroup: &Path) -> io::Result<Vec<OwnedFd>> {
                     .parse::<u64>()
                     .ok()
             });
-            if !socket.is_some_and(|inode| seen.insert(inode)) {
+            let Some(inode) = socket.filter(|i| seen.insert(*i)) else {
                 continue;
-            }
+            };
+            // The task's own table: a thread's pidfd (Linux 6.9), else its process's, which a
+            // thread that unshared its table does not share (the inode check says so).
+            let pidfd = pidfd.get_or_insert_with(|| {
+                [libc::O_EXCL, 0]
+                    .into_iter()
+                    .find_map(|flags| {
+                        // SAFETY: plain system call; the result is a new descriptor or -1.
+                        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tid, flags) };
+                        // SAFETY: the kernel handed us a new descriptor.
+                        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+                    })
+                    .ok_or_else(io::Error::last_os_error)
+            });
+            let Ok(pidfd) = pidfd else {
+                missed += 1;
+                continue;
+            };
             // SAFETY: plain system call on a pidfd we own; the result is a new descriptor.
             let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-            if got >= 0 {
-                // SAFETY: as above.
-                out.push(unsafe { OwnedFd::from_raw_fd(got as i32) });
+            if got < 0 {
+                // Exited, or the descriptor closed: nothing left to let go.
+                let e = io::Error::last_os_error().raw_os_error();
+                missed += usize::from(!matches!(e, Some(libc::ESRCH | libc::EBADF)));
+                continue;
+            }
+            // SAFETY: as above.
+            let got = unsafe { OwnedFd::from_raw_fd(got as i32) };
+            match fs::metadata(format!("/proc/self/fd/{}", got.as_raw_fd())) {
+                Ok(m) if m.ino() == inode => f(&got),
+                _ => missed += 1,
             }
         }
     }
-    Ok(out)
+    Ok(missed)
 }
 
 /// Every process with a thread in `cgroup` or below it, and every such thread, read from
@@ -1209,34 +1270,40 @@ mod tests {
 
     #[test]
     fn an_io_uring_with_a_registered_socket_is_told_from_one_without() {
+        use RingFiles::{NoSocket, Socket, Unread};
+        // Linux 6.15 and later: paths, escaped; the filled slots only, under the ring's lock.
         let with = "pos:\t0\nflags:\t02000002\nUserFiles:\t2\n    0: anon_inode:[eventfd]\n    1: socket:[33337831]\nUserBufs:\t0\n";
-        let without = "pos:\t0\nUserFiles:\t1\n    0: /tmp/x\nUserBufs:\t0\n    0: socket:[1]\n";
-        for locked in [false, true] {
-            assert_eq!(ring_files(with, locked), RingFiles::Socket);
-            assert_eq!(ring_files(without, locked), RingFiles::NoSocket);
-            // Kernels before the path form name a socket by its protocol.
-            let older = "UserFiles:\t1\n    0: UDP\nUserBufs:\t0\n";
-            assert_eq!(ring_files(older, locked), RingFiles::Socket);
-            // A pipe (splice), a memfd: files, not sockets.
-            let pipe =
-                "UserFiles:\t2\n    0: pipe:[4242]\n    1: /memfd:x (deleted)\nUserBufs:\t0\n";
-            assert_eq!(ring_files(pipe, locked), RingFiles::NoSocket);
-            let empty_slots = "UserFiles:\t2\n    0: <none>\n    1: <none>\nUserBufs:\t0\n";
-            assert_eq!(ring_files(empty_slots, locked), RingFiles::NoSocket);
-            assert_eq!(
-                ring_files("UserFiles:\t0\nUserBufs:\t0\n", locked),
-                RingFiles::NoSocket
-            );
-            // No count: busy (6.15 prints nothing of a ring whose lock it did not take).
-            assert_eq!(
-                ring_files("pos:\t0\nflags:\t02\n", locked),
-                RingFiles::Unread
-            );
-        }
-        // Entries left out: a sparse table, or, before 6.15, a busy ring too.
+        assert_eq!(ring_files(with, true), Socket);
+        let files = "UserFiles:\t3\n    0: /tmp/x\n    1: pipe:[4242]\n    2: /memfd:x (deleted)\nUserBufs:\t0\n    0: socket:[1]\n";
+        assert_eq!(ring_files(files, true), NoSocket);
         let sparse = "UserFiles:\t4\n    2: /tmp/x\nUserBufs:\t0\n";
-        assert_eq!(ring_files(sparse, false), RingFiles::Unread);
-        assert_eq!(ring_files(sparse, true), RingFiles::NoSocket);
+        assert_eq!(ring_files(sparse, true), NoSocket);
+        assert_eq!(ring_files("UserFiles:\t0\nUserBufs:\t0\n", true), NoSocket);
+        // No count: busy (6.15 prints nothing of a ring whose lock it did not take).
+        assert_eq!(ring_files("pos:\t0\nflags:\t02\n", true), Unread);
+        // Before 6.15: every slot, a file by its last name, an empty slot `<none>`.
+        let empty = "UserFiles:\t2\n    0: <none>\n    1: <none>\nUserBufs:\t0\n";
+        assert_eq!(ring_files(empty, false), NoSocket);
+        assert_eq!(ring_files(empty, true), Socket);
+        let older = "UserFiles:\t2\n    0: <none>\n    1: UDP\nUserBufs:\t0\n";
+        assert_eq!(ring_files(older, false), Socket);
+        let pipe = "UserFiles:\t1\n    0: \nUserBufs:\t0\n";
+        assert_eq!(ring_files(pipe, false), Socket);
+        // Busy before 6.15: the count, no entries; a sparse table there shows `<none>`.
+        assert_eq!(ring_files("UserFiles:\t2\nUserBufs:\t0\n", false), Unread);
+        assert_eq!(ring_files(sparse, false), Socket);
+        // Names that forge lines (a socket in slot 1 after them): caught by the slots' form
+        // and order, and by a second `UserBufs:`.
+        for forged in [
+            "UserFiles:\t2\n    0: <none>\n1: <none>\nUserBufs:\n    1: UDP\nUserBufs:\t0\n",
+            "UserFiles:\t2\n    0: <none>\n    1: <none>\nUserBufs:\n    1: UDP\nUserBufs:\t0\n",
+            "UserFiles:\t2\n    0: a:[\n: a:[\nUserBufs:\n    1: UDP\nUserBufs:\t0\n",
+            "UserFiles:\t2\n    0: <none>\n    1: <none>\n    1: UDP\nUserBufs:\t0\n",
+            "UserFiles:\t1\n    0: x\nUserFiles:\t0\nUserBufs:\t0\n",
+        ] {
+            assert_eq!(ring_files(forged, false), Socket, "{forged}");
+            assert_eq!(ring_files(forged, true), Socket, "{forged}");
+        }
         assert!(close_on_exec(with));
         assert!(!close_on_exec("pos:\t0\nflags:\t02\n"));
     }

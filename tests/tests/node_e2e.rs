@@ -904,6 +904,7 @@ fn enroll_refuses_and_unbinds_a_unit_that_stirred_before_its_binding() {
                     straced.tracer,
                     "of the unit exited (or was killed) while the unit was frozen"
                 )
+                || named(straced.tracer, "of the unit left it while it was frozen")
                 || err.contains("the unit was thawed while it was frozen")),
         "{err}"
     );

@@ -12,7 +12,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use super::journal::{AuditEvent, Bound, IdentityEvent, Journal};
 pub use crate::api::Session;
@@ -591,14 +591,14 @@ impl Sessions {
             return Err(match self.datapath.unbind_id(cg.id()) {
                 Ok(()) => {
                     // Its sockets that carried a packet while it was bound are the
-                    // binding's now; as they were, they are the unit's again.
-                    match crate::sockets::held_sockets(&path) {
-                        Ok(socks) => {
-                            let n = self.datapath.forget_socket_states(cg.id(), &socks);
-                            debug!(cgroup = %path.display(), sockets = n, "a withdrawn binding's sockets let go");
+                    // binding's now; as they were, they are the unit's again. Not where a
+                    // binding above still governs it: they stay closed there.
+                    match self.governing_binding(&path) {
+                        Ok(None) => self.let_go(cg),
+                        governed => {
+                            warn!(cgroup = %path.display(), governed = ?governed.map(|b| b.map(|(p, _)| p)),
+                            "a refused enroll's sockets that carried a packet while it was bound stay closed: a binding above governs the cgroup")
                         }
-                        Err(e) => warn!(cgroup = %path.display(), error = %e,
-                            "the sockets of a unit whose binding was withdrawn could not be read: those that carried a packet meanwhile stay closed until it is enrolled"),
                     }
                     // As before the enroll: the packet line looks for strays only where a
                     // session may hold them.
@@ -647,6 +647,24 @@ impl Sessions {
         });
         self.save(table);
         Ok(())
+    }
+
+    /// Clears the state naming `cg`'s binding, withdrawn, from the sockets its tasks hold.
+    fn let_go(&self, cg: &Cgroup) {
+        let mut cleared = 0;
+        let taken = crate::sockets::each_held_socket(cg.path(), |s| {
+            cleared += self
+                .datapath
+                .forget_socket_states(cg.id(), std::slice::from_ref(s));
+        });
+        match taken {
+            Ok(0) => info!(cgroup = %cg.path().display(), sockets = cleared,
+                "a withdrawn binding's sockets are the unit's again"),
+            Ok(missed) => warn!(cgroup = %cg.path().display(), sockets = cleared, missed,
+                "a withdrawn binding's sockets are the unit's again, but some could not be taken: those that carried a packet while it was bound stay closed, and an enroll of the same cgroup would govern them with what that binding judged"),
+            Err(e) => warn!(cgroup = %cg.path().display(), error = %e,
+                "the sockets of a unit whose binding was withdrawn could not be read: those that carried a packet while it was bound stay closed, and an enroll of the same cgroup would govern them with what that binding judged"),
+        }
     }
 
     /// The binding that governs `cgroup`: its own or its nearest bound ancestor's, up to the
