@@ -1053,14 +1053,18 @@ impl Stillness {
     fn read(unit: &HashSet<u32>) -> Result<Self, Stir> {
         let mut out = std::collections::BTreeMap::new();
         for &tid in unit {
+            // A file of the task's, gone with it.
+            let of_task = |path: &str| {
+                fs::read_to_string(path).map_err(|e| {
+                    if gone(&e) {
+                        Stir::Exited(tid)
+                    } else {
+                        Stir::Read(scan_error(Path::new(path), e))
+                    }
+                })
+            };
             let path = format!("/proc/{tid}/status");
-            let text = fs::read_to_string(&path).map_err(|e| {
-                if gone(&e) {
-                    Stir::Exited(tid)
-                } else {
-                    Stir::Read(scan_error(Path::new(&path), e))
-                }
-            })?;
+            let text = of_task(&path)?;
             let field = |name: &str| -> Result<u64, Stir> {
                 text.lines()
                     .find_map(|l| l.strip_prefix(name))
@@ -1089,14 +1093,7 @@ impl Stillness {
                 });
             }
             let stat_path = format!("/proc/{tid}/stat");
-            let start = fs::read_to_string(&stat_path)
-                .map_err(|e| {
-                    if gone(&e) {
-                        Stir::Exited(tid)
-                    } else {
-                        Stir::Read(scan_error(Path::new(&stat_path), e))
-                    }
-                })?
+            let start = of_task(&stat_path)?
                 .rsplit_once(") ")
                 // The fields after the name, from the third (the state): the start time is
                 // the 22nd.

@@ -1419,20 +1419,15 @@ impl Datapath {
         self.unbind_id(cgroup.id())
     }
 
-    /// Clears, of `sockets`, the state that names `cgroup_id`'s binding: a binding withdrawn
-    /// (an `enroll` refused once it was in force) leaves the unit's sockets that carried a
-    /// packet meanwhile adopted as that binding's, which the packet line would drop from then
-    /// on as sockets of an ended session. The binding must be gone first, or a packet would
-    /// adopt them again. How many were cleared.
-    pub fn forget_socket_states(&self, cgroup_id: u64, sockets: &[std::os::fd::OwnedFd]) -> usize {
+    /// Clears `socket`'s state if it names `cgroup_id`'s binding: a binding withdrawn (an
+    /// `enroll` refused once it was in force) leaves the unit's sockets that carried a packet
+    /// meanwhile adopted as that binding's, which the packet line would drop from then on as
+    /// sockets of an ended session. The binding must be gone first, or a packet would adopt
+    /// them again. Whether it was cleared.
+    pub fn forget_socket_state(&self, cgroup_id: u64, socket: &std::os::fd::OwnedFd) -> bool {
         let mut socks = lock(&self.socks);
-        sockets
-            .iter()
-            .filter(|s| {
-                matches!(socks.get(*s, 0), Ok(st) if st.binding_cgroup == cgroup_id)
-                    && socks.remove(*s).is_ok()
-            })
-            .count()
+        matches!(socks.get(socket, 0), Ok(st) if st.binding_cgroup == cgroup_id)
+            && socks.remove(socket).is_ok()
     }
 
     /// Removes the binding of a cgroup id whose cgroup is gone.

@@ -653,9 +653,7 @@ impl Sessions {
     fn let_go(&self, cg: &Cgroup) {
         let mut cleared = 0;
         let taken = crate::sockets::each_held_socket(cg.path(), |s| {
-            cleared += self
-                .datapath
-                .forget_socket_states(cg.id(), std::slice::from_ref(s));
+            cleared += usize::from(self.datapath.forget_socket_state(cg.id(), s));
         });
         match taken {
             Ok(0) => info!(cgroup = %cg.path().display(), sockets = cleared,
