@@ -632,8 +632,18 @@ pub struct TaskLayout {
     pub dfl_cgrp_at: u32,
     pub kn_at: u32,
     pub kn_id_at: u32,
-    pub _pad: u32,
+    /// `task_struct.io_uring`, `io_uring_task.registered_rings`, `file.f_inode`,
+    /// `inode.i_ino`: the io_uring instances a task registered with itself
+    /// (`IORING_REGISTER_RING_FDS`), which it uses with no descriptor. `rings_at` zero: a
+    /// kernel without them (before Linux 5.18, or without io_uring), and no row has any.
+    pub uring_at: u32,
+    pub rings_at: u32,
+    pub f_inode_at: u32,
+    pub i_ino_at: u32,
 }
+
+/// `IO_RINGFD_REG_MAX`: the io_uring instances a task can register with itself.
+pub const MAX_REGISTERED_RINGS: usize = 16;
 
 /// One row of the task census: a task, its descriptor table's address (compared, never shown;
 /// 0 for a task without one) and the table's count of references, read at the row.
@@ -645,6 +655,10 @@ pub struct TaskTable {
     pub cgroup: u64,
     pub tid: u32,
     pub count: u32,
+    /// How many io_uring instances the task registered with itself: the row is followed by
+    /// the inode number of each (a `u64`; 0 where it could not be read).
+    pub rings: u32,
+    pub _pad: u32,
 }
 
 /// LPM key data: an IPv6 address; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`, prefix + 96).
@@ -908,8 +922,8 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<IdentityState>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
 const _: () = assert!(core::mem::size_of::<KernelLayout>() == 32);
-const _: () = assert!(core::mem::size_of::<TaskLayout>() == 32);
-const _: () = assert!(core::mem::size_of::<TaskTable>() == 24);
+const _: () = assert!(core::mem::size_of::<TaskLayout>() == 44);
+const _: () = assert!(core::mem::size_of::<TaskTable>() == 32);
 const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<PortSet>() == 8192);
 const _: () = assert!(core::mem::size_of::<RuleSet>() == 8 + 24 * MAX_PORT_ENTRIES);

@@ -17,19 +17,20 @@ use agent_common::{
     HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCKET_BIND,
     HOOK_SOCKET_FAMILY, HOOK_SOCKET_RECEIVE, HOOK_SOCKET_USE, IDENTITY_ACTIVE, IdentityState,
     KernelLayout, LOOPBACK_IFINDEX, LOUD_RECORDS, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES,
-    MAX_PORT_ENTRIES, MAX_PORT_SETS, MODE_AUDIT, PORT_SET_WORDS, PROTO_TCP, PROTO_UDP, PortSet,
-    RATE_ENTRIES, REASON_AFTER_HELLO, REASON_ERROR_QUEUE, REASON_EXPIRED, REASON_FOREIGN_RING,
-    REASON_FOREIGN_SOCKET, REASON_GLOBAL_DENY, REASON_HANDED_SOCKET, REASON_INBOUND,
-    REASON_LOOPBACK_SOURCE, REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS,
-    REASON_REVOKED, REASON_SNI_MISMATCH, REASON_SNI_MISSING, REASON_SNI_UNCHECKED,
-    REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE,
-    REASON_ZERO_COPY, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage,
-    RuleSet, SERVER_HELLO, SERVER_RETRY, SERVER_UNSEEN, SLOT_CLAIMED, SNI_AUDIT, SNI_ENFORCE,
-    SNI_MODE, SNI_NAME_ENTRIES, SNI_NAME_MAX, SNI_NONE, SNI_OFF, SNI_PENDING_AUDIT,
-    SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RETRY, SNI_RULES, SNI_SEEN_ENTRIES, SNI_UNCHECKED,
-    SNI_UNCHECKED_AUDIT, SNI_WATCH, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName,
-    SockState, TAIL_SNI, TAILS, TaskLayout, TaskTable, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES,
-    UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, http, rate_keyed_by_socket, rule_hit_key,
+    MAX_PORT_ENTRIES, MAX_PORT_SETS, MAX_REGISTERED_RINGS, MODE_AUDIT, PORT_SET_WORDS, PROTO_TCP,
+    PROTO_UDP, PortSet, RATE_ENTRIES, REASON_AFTER_HELLO, REASON_ERROR_QUEUE, REASON_EXPIRED,
+    REASON_FOREIGN_RING, REASON_FOREIGN_SOCKET, REASON_GLOBAL_DENY, REASON_HANDED_SOCKET,
+    REASON_INBOUND, REASON_LOOPBACK_SOURCE, REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE,
+    REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SNI_MISMATCH, REASON_SNI_MISSING,
+    REASON_SNI_UNCHECKED, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION, REASON_SOCKET_TYPE,
+    REASON_UNBOUND, REASON_WIRE, REASON_ZERO_COPY, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES,
+    RateKey, RateState, RecordUsage, RuleSet, SERVER_HELLO, SERVER_RETRY, SERVER_UNSEEN,
+    SLOT_CLAIMED, SNI_AUDIT, SNI_ENFORCE, SNI_MODE, SNI_NAME_ENTRIES, SNI_NAME_MAX, SNI_NONE,
+    SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RETRY, SNI_RULES,
+    SNI_SEEN_ENTRIES, SNI_UNCHECKED, SNI_UNCHECKED_AUDIT, SNI_WATCH, SOCK_DEST_CONNECTED,
+    SOCK_DEST_SENT, SOCK_DESTS, SniName, SockState, TAIL_SNI, TAILS, TaskLayout, TaskTable,
+    UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, http,
+    rate_keyed_by_socket, rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{
@@ -4022,28 +4023,53 @@ pub struct IterTask {
 pub fn aw_task_tables(ctx: *const IterTask) -> i32 {
     // SAFETY: the kernel passes a `bpf_iter__task` for a task iterator program.
     let (meta, task) = unsafe { ((*ctx).meta, (*ctx).task) };
-    if let Some(row) = try_task_table(task) {
-        // SAFETY: meta is the iterator's, typed by the verifier; the row is on this stack.
+    let mut rings = [0u64; MAX_REGISTERED_RINGS];
+    if let Some(row) = try_task_table(task, &mut rings) {
+        // SAFETY: meta is the iterator's, typed by the verifier; the row and the inodes are
+        // on this stack.
         unsafe {
             bpf_seq_write(
                 (*meta).seq,
                 core::ptr::from_ref(&row).cast(),
                 core::mem::size_of::<TaskTable>() as u32,
             );
+            for ino in rings.iter().take(row.rings as usize) {
+                bpf_seq_write((*meta).seq, core::ptr::from_ref(ino).cast(), 8);
+            }
         }
     }
     0
 }
 
-/// `task`'s row; none for the call after the last task, or an unknown layout.
+/// `task`'s row, with the inodes of the io_uring instances it registered with itself in
+/// `rings`; none for the call after the last task, or an unknown layout.
 #[inline(always)]
-fn try_task_table(task: *const u8) -> Option<TaskTable> {
+fn try_task_table(task: *const u8, rings: &mut [u64; MAX_REGISTERED_RINGS]) -> Option<TaskTable> {
     if task.is_null() {
         return None;
     }
     let at = AW_TASK_LAYOUT.get(0).copied()?;
     if at.files_at == 0 {
         return None;
+    }
+    // Its registered rings, in the order of their slots: each a file no descriptor shows.
+    let mut n = 0u32;
+    if at.rings_at != 0 {
+        let tctx: u64 = read_at(task, at.uring_at).unwrap_or(0);
+        let slots: [u64; MAX_REGISTERED_RINGS] =
+            read_at(tctx as *const u8, at.rings_at).unwrap_or([0; MAX_REGISTERED_RINGS]);
+        for file in slots {
+            if file == 0 {
+                continue;
+            }
+            let ino = read_at::<u64>(file as *const u8, at.f_inode_at)
+                .and_then(|inode| read_at::<u64>(inode as *const u8, at.i_ino_at))
+                .unwrap_or(0);
+            if let Some(slot) = rings.get_mut(n as usize) {
+                *slot = ino;
+            }
+            n += 1;
+        }
     }
     // A task without a table (a kernel thread, a vhost worker, one exiting) has a row too:
     // a unit's task must be in the census.
@@ -4063,6 +4089,8 @@ fn try_task_table(task: *const u8) -> Option<TaskTable> {
         cgroup,
         tid,
         count,
+        rings: n,
+        _pad: 0,
     })
 }
 

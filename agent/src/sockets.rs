@@ -303,6 +303,10 @@ pub enum Unjudgeable {
     /// An io_uring instance mapped with no descriptor left (its ring registered): what it
     /// holds cannot be read.
     HiddenRing,
+    /// An io_uring instance a task registered with itself (`IORING_REGISTER_RING_FDS`) that
+    /// no descriptor shows (closed, its memory the task's own or unmapped): what it holds
+    /// cannot be read.
+    UnheldRing,
     /// An io_uring instance a launcher would hand to the agent (kept across exec): its work
     /// runs with what its maker holds, and with an SQPOLL thread in its maker's cgroup,
     /// without a system call of the agent's.
@@ -343,6 +347,11 @@ impl std::fmt::Display for Unjudged {
                     ": an io_uring instance mapped without a descriptor (what it holds cannot be read)",
                 );
             }
+            Unjudgeable::UnheldRing => {
+                return f.write_str(
+                    ": an io_uring instance registered with the task that no descriptor shows (what it holds cannot be read)",
+                );
+            }
             Unjudgeable::InheritedRing => {
                 return f.write_str(
                     ": an io_uring instance the agent would keep (its work runs as the process that made it, an SQPOLL ring's outside the agent's cgroup)",
@@ -379,6 +388,7 @@ impl std::fmt::Display for Unjudged {
             | Unjudgeable::Registered
             | Unjudgeable::UnreadRing
             | Unjudgeable::HiddenRing
+            | Unjudgeable::UnheldRing
             | Unjudgeable::InheritedRing
             | Unjudgeable::ForeignRingThread
             | Unjudgeable::BusyRing => f.write_str("of a kind governed agents may not use"),
@@ -419,6 +429,11 @@ struct Scan {
     elsewhere: Vec<(u32, Option<u32>, Unjudgeable)>,
     namespaces: BTreeMap<u64, OwnedFd>,
     read: usize,
+    /// Each process's io_uring mappings, by the inode each maps.
+    ring_maps: BTreeMap<u32, HashSet<u64>>,
+    /// The processes holding a ring by descriptor, and the inodes of the rings read so.
+    ring_holders: HashSet<u32>,
+    rings_read: HashSet<u64>,
 }
 
 /// The tasks (threads) of `pid`: a thread may have its own namespace.
@@ -487,14 +502,137 @@ enum RingFiles {
     Unread,
 }
 
-/// [`RingFiles`] of a ring's `fdinfo`; `locked` where the kernel prints the files only with
-/// the ring's lock taken, and nothing of them otherwise (Linux 6.15 and later). Those kernels
-/// print each file in a slot as its path (`seq_file_path`, which escapes newlines); a count
-/// means every file is printed, empty slots left out. Earlier kernels print every slot, a
-/// file by its last name as it is (newlines and all: a name can forge lines) and an empty
-/// slot as `<none>`: there only a table of empty slots is known to hold no socket, and only
-/// where the lines are exactly what the kernel prints for one.
-fn ring_files(fdinfo: &str, locked: bool) -> RingFiles {
+/// How this kernel prints an io_uring instance's registered files in its `fdinfo`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RingForm {
+    /// Every slot, a file by its last name as it is (newlines and all: a name can forge
+    /// lines) and an empty slot as `<none>`, the slots only where the ring's lock was free
+    /// (Linux before 6.14).
+    Names,
+    /// The filled slots only, each its path with newlines escaped (Linux 6.14 on).
+    /// `quiet_when_busy`: a ring whose lock is busy shows nothing past the generic lines
+    /// (6.15, and 6.14.8 on), rather than its count with no slots, which a table of empty
+    /// slots shows too.
+    Paths { quiet_when_busy: bool },
+    /// Neither: no ring with registered files is read as holding no socket.
+    Unknown,
+}
+
+/// What this kernel does with io_uring, learned once from rings the node makes: how it prints
+/// registered files, and whether each ring has an inode of its own (so a mapping names the
+/// ring it maps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RingKernel {
+    form: RingForm,
+    own_inodes: bool,
+}
+
+/// The name of the file the node registers in its own ring: a newline shows whether names are
+/// escaped.
+const FORM_FILE: &std::ffi::CStr = c"agentwall\nring";
+
+/// The form of `fdinfo`, the text of a ring with [`FORM_FILE`] in slot 0 and slot 1 empty.
+fn form_of(fdinfo: &str, release: (u32, u32, u32)) -> RingForm {
+    let lines: Vec<&str> = fdinfo.lines().collect();
+    let Some(files) = lines.iter().position(|l| *l == "UserFiles:\t2") else {
+        return RingForm::Unknown;
+    };
+    let slots: Vec<&str> = lines[files + 1..]
+        .iter()
+        .take_while(|l| !l.starts_with("UserBufs:"))
+        .copied()
+        .collect();
+    match slots.as_slice() {
+        [one] if one.starts_with("    0: /memfd:agentwall\\012ring") => RingForm::Paths {
+            quiet_when_busy: quiet_when_busy(release),
+        },
+        ["    0: memfd:agentwall", "ring", "    1: <none>"] => RingForm::Names,
+        _ => RingForm::Unknown,
+    }
+}
+
+/// Whether a kernel of `release` prints nothing of a ring whose lock is busy (6.15, and the
+/// stable 6.14.8 on; a distribution's own numbering is taken as without).
+fn quiet_when_busy(release: (u32, u32, u32)) -> bool {
+    release >= (6, 15, 0) || (release.0, release.1) == (6, 14) && release.2 >= 8
+}
+
+/// `major.minor.patch` of the running kernel; zeros where it cannot be read.
+fn kernel_release() -> (u32, u32, u32) {
+    let text = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut n = text
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (
+        n.next().unwrap_or(0),
+        n.next().unwrap_or(0),
+        n.next().unwrap_or(0),
+    )
+}
+
+/// Two rings of the node's own: their inodes, and the `fdinfo` of one with [`FORM_FILE`] and an
+/// empty slot registered.
+fn learn_ring_kernel() -> io::Result<RingKernel> {
+    use std::os::fd::FromRawFd as _;
+    let (a, b) = (io_uring::IoUring::new(1)?, io_uring::IoUring::new(1)?);
+    let ino = |fd: i32| {
+        fs::metadata(format!("/proc/self/fd/{fd}")).map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+    };
+    let own_inodes = ino(a.as_raw_fd())? != ino(b.as_raw_fd())?;
+    // SAFETY: memfd_create with a C string; the result is a new descriptor or -1.
+    let memfd = unsafe { libc::memfd_create(FORM_FILE.as_ptr(), libc::MFD_CLOEXEC) };
+    if memfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just made, owned here.
+    let memfd = unsafe { OwnedFd::from_raw_fd(memfd) };
+    a.submitter().register_files(&[memfd.as_raw_fd(), -1])?;
+    let text = fs::read(format!("/proc/self/fdinfo/{}", a.as_raw_fd()))?;
+    Ok(RingKernel {
+        form: form_of(&String::from_utf8_lossy(&text), kernel_release()),
+        own_inodes,
+    })
+}
+
+/// [`RingKernel`], learned at the first ring a scan meets. A node that cannot make a ring
+/// (io_uring disabled for it) takes the form its kernel's version prints, and each mapping as
+/// any ring's.
+fn ring_kernel() -> RingKernel {
+    static KERNEL: std::sync::OnceLock<RingKernel> = std::sync::OnceLock::new();
+    *KERNEL.get_or_init(|| match learn_ring_kernel() {
+        Ok(k) => {
+            if k.form == RingForm::Unknown {
+                tracing::warn!(
+                    "this kernel prints an io_uring instance's registered files in a form the node does not know: a unit holding a ring with registered files is refused"
+                );
+            } else {
+                tracing::info!(form = ?k.form, own_inodes = k.own_inodes, "io_uring fdinfo form learned from a ring of the node's own");
+            }
+            k
+        }
+        Err(e) => {
+            let release = kernel_release();
+            let form = if release >= (6, 14, 0) {
+                RingForm::Paths {
+                    quiet_when_busy: quiet_when_busy(release),
+                }
+            } else {
+                RingForm::Names
+            };
+            tracing::warn!(error = %e, form = ?form, "the node could not make an io_uring instance to learn how this kernel prints one: the form is taken from the kernel's version");
+            RingKernel {
+                form,
+                own_inodes: false,
+            }
+        }
+    })
+}
+
+/// [`RingFiles`] of a ring's `fdinfo`, printed in `form`. The path form has a count mean every
+/// file is printed, empty slots left out; the names form prints every slot, and there only a
+/// table of empty slots is known to hold no socket, and only where the lines are exactly what
+/// the kernel prints for one.
+fn ring_files(fdinfo: &str, form: RingForm) -> RingFiles {
     let lines: Vec<&str> = fdinfo.lines().collect();
     let at = |prefix: &str| -> Vec<usize> {
         (0..lines.len())
@@ -517,25 +655,35 @@ fn ring_files(fdinfo: &str, locked: bool) -> RingFiles {
         return RingFiles::Socket;
     };
     let entries = &lines[files + 1..bufs];
-    if !locked && entries.is_empty() && count > 0 {
-        // Before 6.15 a ring whose lock was busy shows its count and no entries.
-        return RingFiles::Unread;
-    }
+    let paths = match form {
+        RingForm::Paths { quiet_when_busy } => {
+            // A busy ring shows its count and no slots where it is not quiet.
+            if !quiet_when_busy && entries.is_empty() && count > 0 {
+                return RingFiles::Unread;
+            }
+            true
+        }
+        RingForm::Names if entries.is_empty() && count > 0 => return RingFiles::Unread,
+        RingForm::Names => false,
+        RingForm::Unknown if count > 0 => return RingFiles::Unread,
+        RingForm::Unknown => false,
+    };
     let mut next = 0;
     for line in entries {
-        // `%5u: ` and the slot, in order: every slot before 6.15, the filled ones after.
+        // `%5u: ` and the slot, in order: every slot in the names form, the filled ones in
+        // the path form.
         let Some((slot, name)) = line.split_once(": ") else {
             return RingFiles::Socket;
         };
         let Ok(i) = slot.trim_start().parse::<usize>() else {
             return RingFiles::Socket;
         };
-        let in_order = if locked { i >= next } else { i == next };
+        let in_order = if paths { i >= next } else { i == next };
         if slot != format!("{i:5}") || !in_order || i >= count {
             return RingFiles::Socket;
         }
         next = i + 1;
-        let no_socket = if locked {
+        let no_socket = if paths {
             // A socket is `socket:[N]`; a file a path, an anonymous inode, a pipe.
             name.starts_with('/')
                 || name.starts_with("anon_inode:")
@@ -551,24 +699,10 @@ fn ring_files(fdinfo: &str, locked: bool) -> RingFiles {
             return RingFiles::Socket;
         }
     }
-    if !locked && entries.len() != count {
+    if !paths && entries.len() != count {
         return RingFiles::Unread;
     }
     RingFiles::NoSocket
-}
-
-/// Whether this kernel prints an io_uring instance's registered files only with the ring's
-/// lock taken (Linux 6.15; stable kernels given the change before are taken as older).
-fn fdinfo_prints_files_locked() -> bool {
-    static LOCKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *LOCKED.get_or_init(|| {
-        fs::read_to_string("/proc/sys/kernel/osrelease").is_ok_and(|r| {
-            let mut n = r
-                .split(|c: char| !c.is_ascii_digit())
-                .map(|p| p.parse::<u32>().unwrap_or(0));
-            (n.next().unwrap_or(0), n.next().unwrap_or(0)) >= (6, 15)
-        })
-    })
 }
 
 /// How many times the scan reads a ring's `fdinfo` while it names no SQPOLL thread, and how
@@ -703,7 +837,7 @@ impl Scan {
             }
         }
         let mut seen = HashSet::new();
-        let (mut mapped, mut ring_mapped, mut ring_fd) = (false, false, false);
+        let mut mapped = false;
         for (tid, task) in tasks {
             note_namespace(&task.join("ns/net"), &mut self.namespaces);
             // Each address space once (a leader that exited shows an empty map; its live
@@ -714,7 +848,16 @@ impl Scan {
                     Ok(text) => {
                         for l in text.lines() {
                             mapped |= l.ends_with(']') && l.contains(" socket:[");
-                            ring_mapped |= l.ends_with("anon_inode:[io_uring]");
+                            if l.ends_with("anon_inode:[io_uring]") {
+                                // `address perms offset dev inode path`; an unread inode
+                                // (0) is no ring's.
+                                let ino = l
+                                    .split_whitespace()
+                                    .nth(4)
+                                    .and_then(|i| i.parse().ok())
+                                    .unwrap_or(0);
+                                self.ring_maps.entry(pid).or_default().insert(ino);
+                            }
                         }
                     }
                     Err(e) if gone(&e) => {}
@@ -746,13 +889,19 @@ impl Scan {
                     Err(e) => return Err(scan_error(&link, e)),
                 };
                 let target = target.to_string_lossy();
-                let info = || match fs::read_to_string(&info_path) {
-                    Ok(t) => Ok(t),
+                // Lossy: a name that is not UTF-8 is read as no socket's line would be.
+                let info = || match fs::read(&info_path) {
+                    Ok(t) => Ok(String::from_utf8_lossy(&t).into_owned()),
                     Err(e) if gone(&e) => Ok(String::new()),
                     Err(e) => Err(scan_error(&info_path, e)),
                 };
                 if target == "anon_inode:[io_uring]" {
-                    ring_fd = true;
+                    let ino = match fs::metadata(&link) {
+                        Ok(m) => std::os::unix::fs::MetadataExt::ino(&m),
+                        Err(e) if gone(&e) => continue,
+                        Err(e) => return Err(scan_error(&link, e)),
+                    };
+                    self.ring_holders.insert(pid);
                     // Read again while it names no thread (the lock busy: nothing past the
                     // generic lines since 6.15, `SqThread: -1` before); the first read that
                     // names one settles it, and a busy read never replaces a settled one.
@@ -770,12 +919,15 @@ impl Scan {
                         }
                     }
                     // Empty: the process exited meanwhile.
+                    if !text.is_empty() {
+                        self.rings_read.insert(ino);
+                    }
                     let why = if text.is_empty() {
                         None
                     } else if thread == RingThread::Busy {
                         Some(Unjudgeable::BusyRing)
                     } else if let files @ (RingFiles::Socket | RingFiles::Unread) =
-                        ring_files(&text, fdinfo_prints_files_locked())
+                        ring_files(&text, ring_kernel().form)
                     {
                         Some(if files == RingFiles::Socket {
                             Unjudgeable::Registered
@@ -827,10 +979,25 @@ impl Scan {
         if mapped {
             self.elsewhere.push((pid, None, Unjudgeable::Mapped));
         }
-        if ring_mapped && !ring_fd {
-            self.elsewhere.push((pid, None, Unjudgeable::HiddenRing));
-        }
         Ok(())
+    }
+
+    /// The processes mapping an io_uring instance whose `fdinfo` no descriptor of the scan
+    /// showed: where each ring has its own inode, a mapping's inode must be a ring read;
+    /// elsewhere (every ring one inode) the process must hold a ring by descriptor itself.
+    fn hidden_rings(&self) -> Vec<u32> {
+        let own_inodes = !self.ring_maps.is_empty() && ring_kernel().own_inodes;
+        self.ring_maps
+            .iter()
+            .filter(|(pid, inodes)| {
+                if own_inodes {
+                    !inodes.is_subset(&self.rings_read)
+                } else {
+                    !self.ring_holders.contains(pid)
+                }
+            })
+            .map(|(pid, _)| *pid)
+            .collect()
     }
 }
 
@@ -883,19 +1050,22 @@ fn in_each<T: Send + 'static>(
 /// while any is held: a socket keeps the cgroup it was made in, and the packet line knows a
 /// socket's binding only by that cgroup (or by a governed task's own use of it). The
 /// processes must not run meanwhile (a frozen cgroup), or what is read can change under the
-/// scan.
+/// scan. Also the io_uring instances it read (see [`RingsRead`]).
 pub fn unjudged(
     pids: &[u32],
     own: &HashSet<u64>,
     which: Descriptors,
     unit_tasks: Option<&HashSet<u32>>,
-) -> io::Result<Vec<Unjudged>> {
+) -> io::Result<(Vec<Unjudged>, RingsRead)> {
     if unit_tasks.is_some() {
         can_read_every_task()?;
     }
     let mut scan = Scan::default();
     for &pid in pids {
         scan.process(pid, which, unit_tasks)?;
+    }
+    for pid in scan.hidden_rings() {
+        scan.elsewhere.push((pid, None, Unjudgeable::HiddenRing));
     }
     let comm = |pid: u32| {
         fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -913,6 +1083,7 @@ pub fn unjudged(
                 Unjudgeable::Registered
                 | Unjudgeable::UnreadRing
                 | Unjudgeable::HiddenRing
+                | Unjudgeable::UnheldRing
                 | Unjudgeable::InheritedRing
                 | Unjudgeable::ForeignRingThread
                 | Unjudgeable::BusyRing => "io_uring".to_owned(),
@@ -981,7 +1152,34 @@ pub fn unjudged(
             });
         }
     }
-    Ok(found)
+    Ok((found, RingsRead(scan.rings_read)))
+}
+
+/// The io_uring instances whose `fdinfo` a scan read through a descriptor, by inode.
+#[derive(Debug, Default)]
+pub struct RingsRead(HashSet<u64>);
+
+impl RingsRead {
+    /// The rings of `registered` (`(task, inode)`: the io_uring instances the unit's tasks
+    /// registered with themselves, which they use with no descriptor, as the task census read
+    /// them) the scan did not read: what each holds cannot be read. Where every ring has one
+    /// inode, none can be told from another, and each is unread.
+    pub fn unread(&self, registered: &[(u32, u64)]) -> Vec<Unjudged> {
+        let own_inodes = !registered.is_empty() && ring_kernel().own_inodes;
+        registered
+            .iter()
+            .filter(|(_, ino)| !own_inodes || *ino == 0 || !self.0.contains(ino))
+            .map(|&(tid, _)| Unjudged {
+                pid: tid,
+                comm: fs::read_to_string(format!("/proc/{tid}/comm"))
+                    .map(|c| c.trim_end().to_owned())
+                    .unwrap_or_default(),
+                fd: None,
+                kind: "io_uring".to_owned(),
+                why: Unjudgeable::UnheldRing,
+            })
+            .collect()
+    }
 }
 
 /// How many times each of a frozen unit's tasks has been switched out (`/proc/TID/status`'s
@@ -1268,27 +1466,33 @@ mod tests {
     #[test]
     fn an_io_uring_with_a_registered_socket_is_told_from_one_without() {
         use RingFiles::{NoSocket, Socket, Unread};
+        const PATHS: RingForm = RingForm::Paths {
+            quiet_when_busy: true,
+        };
         // Linux 6.15 and later: paths, escaped; the filled slots only, under the ring's lock.
         let with = "pos:\t0\nflags:\t02000002\nUserFiles:\t2\n    0: anon_inode:[eventfd]\n    1: socket:[33337831]\nUserBufs:\t0\n";
-        assert_eq!(ring_files(with, true), Socket);
+        assert_eq!(ring_files(with, PATHS), Socket);
         let files = "UserFiles:\t3\n    0: /tmp/x\n    1: pipe:[4242]\n    2: /memfd:x (deleted)\nUserBufs:\t0\n    0: socket:[1]\n";
-        assert_eq!(ring_files(files, true), NoSocket);
+        assert_eq!(ring_files(files, PATHS), NoSocket);
         let sparse = "UserFiles:\t4\n    2: /tmp/x\nUserBufs:\t0\n";
-        assert_eq!(ring_files(sparse, true), NoSocket);
-        assert_eq!(ring_files("UserFiles:\t0\nUserBufs:\t0\n", true), NoSocket);
+        assert_eq!(ring_files(sparse, PATHS), NoSocket);
+        assert_eq!(ring_files("UserFiles:\t0\nUserBufs:\t0\n", PATHS), NoSocket);
         // No count: busy (6.15 prints nothing of a ring whose lock it did not take).
-        assert_eq!(ring_files("pos:\t0\nflags:\t02\n", true), Unread);
+        assert_eq!(ring_files("pos:\t0\nflags:\t02\n", PATHS), Unread);
         // Before 6.15: every slot, a file by its last name, an empty slot `<none>`.
         let empty = "UserFiles:\t2\n    0: <none>\n    1: <none>\nUserBufs:\t0\n";
-        assert_eq!(ring_files(empty, false), NoSocket);
-        assert_eq!(ring_files(empty, true), Socket);
+        assert_eq!(ring_files(empty, RingForm::Names), NoSocket);
+        assert_eq!(ring_files(empty, PATHS), Socket);
         let older = "UserFiles:\t2\n    0: <none>\n    1: UDP\nUserBufs:\t0\n";
-        assert_eq!(ring_files(older, false), Socket);
+        assert_eq!(ring_files(older, RingForm::Names), Socket);
         let pipe = "UserFiles:\t1\n    0: \nUserBufs:\t0\n";
-        assert_eq!(ring_files(pipe, false), Socket);
+        assert_eq!(ring_files(pipe, RingForm::Names), Socket);
         // Busy before 6.15: the count, no entries; a sparse table there shows `<none>`.
-        assert_eq!(ring_files("UserFiles:\t2\nUserBufs:\t0\n", false), Unread);
-        assert_eq!(ring_files(sparse, false), Socket);
+        assert_eq!(
+            ring_files("UserFiles:\t2\nUserBufs:\t0\n", RingForm::Names),
+            Unread
+        );
+        assert_eq!(ring_files(sparse, RingForm::Names), Socket);
         // Names that forge lines (a socket in slot 1 after them): caught by the slots' form
         // and order, and by a second `UserBufs:`.
         for forged in [
@@ -1298,11 +1502,68 @@ mod tests {
             "UserFiles:\t2\n    0: <none>\n    1: <none>\n    1: UDP\nUserBufs:\t0\n",
             "UserFiles:\t1\n    0: x\nUserFiles:\t0\nUserBufs:\t0\n",
         ] {
-            assert_eq!(ring_files(forged, false), Socket, "{forged}");
-            assert_eq!(ring_files(forged, true), Socket, "{forged}");
+            assert_eq!(ring_files(forged, RingForm::Names), Socket, "{forged}");
+            assert_eq!(ring_files(forged, PATHS), Socket, "{forged}");
         }
+        // 6.14 before 6.14.8: paths, but a busy ring shows its count and no slots, as a table
+        // of empty slots does.
+        let loud = RingForm::Paths {
+            quiet_when_busy: false,
+        };
+        assert_eq!(ring_files("UserFiles:\t2\nUserBufs:\t0\n", loud), Unread);
+        assert_eq!(ring_files(sparse, loud), NoSocket);
+        assert_eq!(ring_files(files, loud), NoSocket);
+        // A form the node does not know: no table with a slot passes.
+        assert_eq!(ring_files(files, RingForm::Unknown), Unread);
+        assert_eq!(ring_files(empty, RingForm::Unknown), Unread);
+        assert_eq!(
+            ring_files("UserFiles:\t0\nUserBufs:\t0\n", RingForm::Unknown),
+            NoSocket
+        );
         assert!(close_on_exec(with));
         assert!(!close_on_exec("pos:\t0\nflags:\t02\n"));
+    }
+
+    #[test]
+    fn the_form_of_a_rings_files_is_learned_from_a_ring_of_the_nodes_own() {
+        let paths = "pos:\t0\nUserFiles:\t2\n    0: /memfd:agentwall\\012ring (deleted)\nUserBufs:\t0\nPollList:\n";
+        assert_eq!(
+            form_of(paths, (6, 18, 0)),
+            RingForm::Paths {
+                quiet_when_busy: true
+            }
+        );
+        for release in [(6, 14, 0), (6, 14, 7), (6, 12, 40)] {
+            assert_eq!(
+                form_of(paths, release),
+                RingForm::Paths {
+                    quiet_when_busy: false
+                },
+                "{release:?}"
+            );
+        }
+        assert_eq!(
+            form_of(paths, (6, 14, 8)),
+            RingForm::Paths {
+                quiet_when_busy: true
+            }
+        );
+        let names = "UserFiles:\t2\n    0: memfd:agentwall\nring\n    1: <none>\nUserBufs:\t0\n";
+        assert_eq!(form_of(names, (6, 1, 0)), RingForm::Names);
+        for other in [
+            // Newlines not escaped in a path, an empty slot printed in the path form, no
+            // count, a busy ring.
+            "UserFiles:\t2\n    0: /memfd:agentwall\nring (deleted)\nUserBufs:\t0\n",
+            "UserFiles:\t2\n    0: /memfd:agentwall\\012ring (deleted)\n    1: <none>\nUserBufs:\t0\n",
+            "UserFiles:\t2\nUserBufs:\t0\n",
+            "pos:\t0\n",
+        ] {
+            assert_eq!(form_of(other, (6, 18, 0)), RingForm::Unknown, "{other}");
+        }
+        // This host: the node makes its rings, and each has an inode of its own.
+        let host = learn_ring_kernel().expect("a ring of the test's own");
+        assert_ne!(host.form, RingForm::Unknown);
+        assert!(host.own_inodes);
     }
 
     #[test]
@@ -1338,6 +1599,14 @@ mod tests {
         // Linux 6.15 and later with the lock busy: the generic lines alone.
         let busy = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t1057\n";
         assert_eq!(sq_thread(busy), RingThread::Busy);
-        assert_eq!(ring_files(busy, true), RingFiles::Unread);
+        assert_eq!(
+            ring_files(
+                busy,
+                RingForm::Paths {
+                    quiet_when_busy: true
+                }
+            ),
+            RingFiles::Unread
+        );
     }
 }

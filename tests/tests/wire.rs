@@ -1024,6 +1024,9 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
                 && agentwall_tests::kernel_release() < (6, 12)),
         "{held}"
     );
+    // A ring with a socket registered whose descriptor is closed, its mapping kept: what it
+    // holds cannot be read, and the rings the process holds by descriptor are other rings.
+    assert_eq!(raw.cmd("keep-ring hidden"), "ok -");
     let mut moved = probe(&fx, &elsewhere);
     assert_eq!(moved.cmd("listen tcp :: 8091"), "ok");
     // Sockets held without a descriptor: a connected UDP socket registered with an io_uring
@@ -1084,6 +1087,13 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
         !err.contains(&format!("fd {plain_ring}:")),
         "the ring without a thread: {err}"
     );
+    assert!(
+        err.contains(&format!(
+            "pid {} (\"aw-probe\"): an io_uring instance mapped without a descriptor (what it holds cannot be read)",
+            raw.pid
+        )),
+        "{err}"
+    );
     if holding {
         let busy_named = err.contains(&format!(
             "pid {} (\"aw-probe\") fd {busy_ring}: an io_uring instance a process outside the cgroup keeps busy (its lock held at every read, so what it holds and who works it cannot be read)",
@@ -1120,13 +1130,62 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
     assert_eq!(own.cmd("send-held"), "err EPERM");
 }
 
+/// A ring a unit's task registered with itself (`IORING_REGISTER_RING_FDS`) and holds by no
+/// descriptor and no mapping is seen by the task census alone, and `enroll` refuses it: what
+/// it holds cannot be read (with `IORING_SETUP_NO_MMAP` the task submits through it with
+/// memory of its own, a socket made elsewhere in it). A ring registered so and still held by
+/// a descriptor is read through that descriptor, and the unit enrolls.
+#[test]
+fn enroll_refuses_a_unit_with_an_io_uring_no_descriptor_shows() {
+    let fx = fixture("wire-enroll-unheld");
+    let (unit, mut probe) = fx.unit();
+    let open = probe.ok_value("keep-ring registered-open");
+    let plain = probe.ok_value("keep-ring");
+    assert_eq!(probe.cmd("keep-ring registered"), "ok -");
+    let ino = |fd: &str| {
+        std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(format!("/proc/{}/fd/{fd}", probe.pid)).unwrap(),
+        )
+    };
+    // Where every ring has one inode (older kernels), no ring can be told from another.
+    let own_inodes = ino(&open) != ino(&plain);
+    let out = fx.enroll_command(&unit).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let unheld = format!(
+        "pid {} (\"aw-probe\"): an io_uring instance registered with the task that no descriptor shows (what it holds cannot be read)",
+        probe.pid
+    );
+    assert_eq!(
+        err.matches(&unheld).count(),
+        if own_inodes { 1 } else { 2 },
+        "{err}"
+    );
+    assert!(!err.contains(&format!("fd {open}:")), "{err}");
+    drop(probe);
+
+    let mut c = Command::new(bin_path("aw-probe"));
+    c.args(["--cgroup", unit.path().to_str().unwrap(), "--cpu", "0"]);
+    fx.link.agent.enter(&mut c);
+    let mut open_only = Probe::from_command(c);
+    open_only.ok_value("keep-ring registered-open");
+    let out = fx.enroll_command(&unit).output().unwrap();
+    assert_eq!(
+        out.status.success(),
+        own_inodes,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A unit whose io_uring instances hold registered files but no socket enrolls: a table of
 /// empty slots (liburing's direct descriptors), a registered pipe (splice). What a kernel
 /// prints of them decides where it can tell: a pipe by its path (`pipe:[N]`; older kernels
 /// print a file's last name alone, as they print a socket's protocol, and refuse), a sparse
 /// table's empty slots as `<none>` (6.1) or left out with every file printed (6.15 and later,
-/// which print the files only with the ring's lock taken); between those, left out as a busy
-/// ring's entries are, which refuses.
+/// which print the files only with the ring's lock taken); between those (6.14), left out as a
+/// busy ring's entries are, which refuses. The node learns which form its kernel prints from
+/// a ring of its own.
 #[test]
 fn enroll_takes_a_unit_whose_io_uring_tables_hold_no_socket() {
     let fx = fixture("wire-enroll-rings");
@@ -1137,9 +1196,12 @@ fn enroll_takes_a_unit_whose_io_uring_tables_hold_no_socket() {
         |fd: &str| std::fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", probe.pid)).unwrap();
     let (sparse_info, pipe_info) = (info(&sparse), info(&pipe));
     assert!(sparse_info.contains("UserFiles:\t4"), "{sparse_info}");
+    // The path form (6.14 on) prints a pipe by its path; 6.15 (and 6.14.8) print nothing of a
+    // busy ring, so a count with no slots is a table of empty slots there, and before them
+    // may be a busy ring.
     let pipe_told = pipe_info.contains(": pipe:[");
     let sparse_told =
-        sparse_info.contains("<none>") || agentwall_tests::kernel_release() >= (6, 15);
+        sparse_info.contains("<none>") || pipe_told && agentwall_tests::kernel_release() >= (6, 15);
     let out = fx.enroll_command(&unit).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.success(), pipe_told && sparse_told, "{err}");

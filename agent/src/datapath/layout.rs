@@ -264,7 +264,33 @@ impl KernelBtf {
             dfl_cgrp_at: self.sized_at("css_set", &["dfl_cgrp"], "dfl_cgrp", 8)?,
             kn_at: self.sized_at("cgroup", &["kn"], "kn", 8)?,
             kn_id_at: self.sized_at("kernfs_node", &["id"], "id", 8)?,
-            _pad: 0,
+            ..self.registered_rings()?
+        })
+    }
+
+    /// Where the census reads the io_uring instances a task registered with itself: none on
+    /// a kernel without io_uring (no `task_struct.io_uring`) or without registered rings
+    /// (before Linux 5.18, no `io_uring_task.registered_rings`), where no task has any.
+    fn registered_rings(&self) -> Result<TaskLayout, LayoutError> {
+        let has = |strukt: &'static str, field: &str| {
+            self.members(strukt)
+                .is_ok_and(|m| self.field(m, field, 0).is_some())
+        };
+        if !has("task_struct", "io_uring") || !has("io_uring_task", "registered_rings") {
+            return Ok(TaskLayout::default());
+        }
+        let slots = agent_common::MAX_REGISTERED_RINGS as u32;
+        Ok(TaskLayout {
+            uring_at: self.sized_at("task_struct", &["io_uring"], "io_uring", 8)?,
+            rings_at: self.sized_at(
+                "io_uring_task",
+                &["registered_rings"],
+                "registered_rings",
+                8 * slots,
+            )?,
+            f_inode_at: self.sized_at("file", &["f_inode"], "f_inode", 8)?,
+            i_ino_at: self.sized_at("inode", &["i_ino"], "i_ino", 8)?,
+            ..TaskLayout::default()
         })
     }
 
@@ -412,6 +438,7 @@ impl KernelBtf {
             match &t.base_type {
                 Type::Integer(i) => return Some(i.bits / 8),
                 Type::Pointer(_) => return Some(8),
+                Type::Array(a) => return Some(a.num_elements * self.size_of(a.elem_type_id)?),
                 Type::Typedef(t) | Type::Volatile(t) | Type::Const(t) | Type::Restrict(t) => {
                     id = t.type_id;
                 }
@@ -745,7 +772,9 @@ mod tests {
     /// `d_name.len` in an anonymous struct in an anonymous union of `struct qstr`.
     /// The task census's fields: pointers, a 4-byte number, the count inside `atomic_t`, and
     /// the cgroup's id, of type `id_type` (1: 8 bytes; 5: a union, as before Linux 5.5).
-    fn task_fields(id_type: u32) -> BtfFile {
+    /// With `rings`, io_uring's registered rings too: `task_struct.io_uring`, and
+    /// `registered_rings` an array of that many pointers.
+    fn task_fields(id_type: u32, rings: Option<u32>) -> BtfFile {
         let mut f = BtfFile::new();
         f.int(); // 1: 8 bytes
         let n = f.name("int");
@@ -761,6 +790,12 @@ mod tests {
                 ("pid", 800, 0, 2),
                 ("files", 14592, 0, 3),
                 ("cgroups", 16000, 0, 3),
+                (
+                    if rings.is_some() { "io_uring" } else { "pad" },
+                    20000,
+                    0,
+                    3,
+                ),
             ],
         );
         f.typed(BTF_KIND_STRUCT, "files_struct", 64, &[("count", 0, 0, 4)]);
@@ -772,12 +807,23 @@ mod tests {
             64,
             &[("id", 256, 0, id_type)],
         );
+        if let Some(slots) = rings {
+            f.words(&[0, 3 << 24, 0, 3, 1, slots]); // 11: struct file *[slots]
+            f.typed(
+                BTF_KIND_STRUCT,
+                "io_uring_task",
+                256,
+                &[("registered_rings", 256, 0, 11)],
+            );
+            f.typed(BTF_KIND_STRUCT, "file", 256, &[("f_inode", 1280, 0, 3)]);
+            f.typed(BTF_KIND_STRUCT, "inode", 256, &[("i_ino", 512, 0, 1)]);
+        }
         f
     }
 
     #[test]
     fn the_task_censuss_fields_with_their_sizes() {
-        let got = KernelBtf::read(&task_fields(1).write("tasks"))
+        let got = KernelBtf::read(&task_fields(1, None).write("tasks"))
             .and_then(|b| b.task_layout())
             .expect("the census's fields");
         assert_eq!(
@@ -790,10 +836,30 @@ mod tests {
                 dfl_cgrp_at: 16,
                 kn_at: 40,
                 kn_id_at: 32,
-                _pad: 0,
+                ..TaskLayout::default()
             }
         );
-        let path = task_fields(5).write("tasks-union");
+        // No registered rings in this BTF: none read.
+        assert_eq!(got.rings_at, 0);
+        let got = KernelBtf::read(&task_fields(1, Some(16)).write("tasks-rings"))
+            .and_then(|b| b.task_layout())
+            .expect("the census's fields with registered rings");
+        assert_eq!(
+            (got.uring_at, got.rings_at, got.f_inode_at, got.i_ino_at),
+            (2500, 32, 160, 64)
+        );
+        let path = task_fields(1, Some(8)).write("tasks-rings-8");
+        assert_eq!(
+            KernelBtf::read(&path)
+                .and_then(|b| b.task_layout())
+                .expect_err("eight slots")
+                .to_string(),
+            format!(
+                "the kernel's BTF at {} has io_uring_task.registered_rings as 64 bytes, where the task census reads 128 bytes",
+                path.display()
+            )
+        );
+        let path = task_fields(5, None).write("tasks-union");
         assert_eq!(
             KernelBtf::read(&path)
                 .and_then(|b| b.task_layout())
@@ -915,6 +981,11 @@ mod tests {
         let tasks = btf.task_layout().expect("the task census's fields");
         assert!(
             tasks.files_at > 0 && tasks.pid_at > 0 && tasks.cgroups_at > 0,
+            "{tasks:?}"
+        );
+        // Linux 5.18 and later with io_uring, as every kernel the tests run on.
+        assert!(
+            tasks.uring_at > 0 && tasks.rings_at > 0 && tasks.f_inode_at > 0 && tasks.i_ino_at > 0,
             "{tasks:?}"
         );
         assert!(frags.skb_head_at > 0 && frags.skb_end_at > 0, "{frags:?}");

@@ -68,7 +68,7 @@ impl TaskCensus {
     }
 
     /// Every row, from one walk over the host's tasks.
-    pub fn read(&self) -> Result<Vec<TaskTable>, CensusError> {
+    pub fn read(&self) -> Result<Vec<Row>, CensusError> {
         let iter = sys::iter_create(self.link.as_fd()).map_err(CensusError::Read)?;
         let mut iter = std::fs::File::from(iter);
         let mut bytes = Vec::new();
@@ -93,7 +93,13 @@ impl TaskCensus {
     /// descriptors were read, all frozen) shares one of the unit's descriptor tables. Two
     /// readings must agree on the unit's rows: each reading's counts were then taken while
     /// every unit task counted held its table (a task that drops its table shows none after).
-    pub fn sharers(&self, own: &HashSet<u64>, unit: &HashSet<u32>) -> Result<(), CensusError> {
+    /// On a pass, the io_uring instances the unit's tasks registered with themselves:
+    /// `(task, inode)`, rings no descriptor may show.
+    pub fn sharers(
+        &self,
+        own: &HashSet<u64>,
+        unit: &HashSet<u32>,
+    ) -> Result<Vec<(u32, u64)>, CensusError> {
         let mut last = Err(CensusError::Unsteady);
         for _ in 0..READINGS {
             let first = self.read()?;
@@ -102,13 +108,19 @@ impl TaskCensus {
                 .and_then(|a| Ok((a, judge(&second, own, unit)?)))
                 .and_then(|(a, b)| {
                     if a == b {
-                        Ok(())
+                        Ok(a)
                     } else {
                         Err(CensusError::Unsteady)
                     }
+                })
+                .map(|inside| {
+                    inside
+                        .into_iter()
+                        .flat_map(|u| u.rings.into_iter().map(move |ino| (u.tid, ino)))
+                        .collect()
                 });
             match &last {
-                Ok(()) | Err(CensusError::Outside { .. } | CensusError::Joined(_)) => return last,
+                Ok(_) | Err(CensusError::Outside { .. } | CensusError::Joined(_)) => return last,
                 Err(_) => {}
             }
         }
@@ -116,39 +128,83 @@ impl TaskCensus {
     }
 }
 
-/// The rows in `bytes`, as the program wrote them.
-fn rows(bytes: &[u8]) -> Result<Vec<TaskTable>, CensusError> {
-    const ROW: usize = std::mem::size_of::<TaskTable>();
-    if !bytes.len().is_multiple_of(ROW) {
-        return Err(CensusError::Torn(bytes.len()));
-    }
-    Ok(bytes
-        .chunks_exact(ROW)
-        .map(|r| {
-            let word = |at: usize| u64::from_ne_bytes(r[at..at + 8].try_into().expect("8 bytes"));
-            let half = |at: usize| u32::from_ne_bytes(r[at..at + 4].try_into().expect("4 bytes"));
-            TaskTable {
-                files: word(0),
-                cgroup: word(8),
-                tid: half(16),
-                count: half(20),
-            }
-        })
-        .collect())
+/// One task's row, with the inodes of the io_uring instances it registered with itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Row {
+    pub table: TaskTable,
+    pub rings: Vec<u64>,
 }
 
-/// The unit's rows of one reading, `(tid, table)` in order, once it is judged: every unit task
-/// is there, no other task is in the unit's cgroups, no task outside them has a unit table in
+/// The rows in `bytes`, as the program wrote them: each [`TaskTable`] followed by its
+/// `rings` inodes.
+fn rows(bytes: &[u8]) -> Result<Vec<Row>, CensusError> {
+    const ROW: usize = std::mem::size_of::<TaskTable>();
+    let torn = || CensusError::Torn(bytes.len());
+    let word = |at: usize| -> Result<u64, CensusError> {
+        Ok(u64::from_ne_bytes(
+            bytes
+                .get(at..at + 8)
+                .ok_or_else(torn)?
+                .try_into()
+                .expect("8 bytes"),
+        ))
+    };
+    let half = |at: usize| -> Result<u32, CensusError> {
+        Ok(u32::from_ne_bytes(
+            bytes
+                .get(at..at + 4)
+                .ok_or_else(torn)?
+                .try_into()
+                .expect("4 bytes"),
+        ))
+    };
+    let (mut out, mut at) = (Vec::new(), 0);
+    while at < bytes.len() {
+        if bytes.len() - at < ROW {
+            return Err(torn());
+        }
+        let table = TaskTable {
+            files: word(at)?,
+            cgroup: word(at + 8)?,
+            tid: half(at + 16)?,
+            count: half(at + 20)?,
+            rings: half(at + 24)?,
+            _pad: 0,
+        };
+        at += ROW;
+        if table.rings as usize > agent_common::MAX_REGISTERED_RINGS {
+            return Err(torn());
+        }
+        let rings = (0..table.rings as usize)
+            .map(|i| word(at + 8 * i))
+            .collect::<Result<_, _>>()?;
+        at += 8 * table.rings as usize;
+        out.push(Row { table, rings });
+    }
+    Ok(out)
+}
+
+/// A unit task as one reading of the census shows it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Inside {
+    tid: u32,
+    files: u64,
+    rings: Vec<u64>,
+}
+
+/// The unit's rows of one reading, in order of task, once it is judged: every unit task is
+/// there, no other task is in the unit's cgroups, no task outside them has a unit table in
 /// its row, and each unit table's count is the unit's tasks using it.
 fn judge(
-    rows: &[TaskTable],
+    rows: &[Row],
     own: &HashSet<u64>,
     unit: &HashSet<u32>,
-) -> Result<Vec<(u32, u64)>, CensusError> {
-    let mut inside: Vec<(u32, u64)> = Vec::new();
+) -> Result<Vec<Inside>, CensusError> {
+    let mut inside: Vec<Inside> = Vec::new();
     // Each unit table: its users in the unit, and one of them to name.
     let mut tables: BTreeMap<u64, (u32, u32)> = BTreeMap::new();
-    for r in rows.iter().filter(|r| own.contains(&r.cgroup)) {
+    for row in rows.iter().filter(|r| own.contains(&r.table.cgroup)) {
+        let r = &row.table;
         // An exited leader stays in its cgroup, out of the listing, until its last thread
         // exits; without a table (exited, or made without one) a task holds nothing to read.
         if !unit.contains(&r.tid) && r.files == 0 {
@@ -157,7 +213,11 @@ fn judge(
         if !unit.contains(&r.tid) {
             return Err(CensusError::Joined(r.tid));
         }
-        inside.push((r.tid, r.files));
+        inside.push(Inside {
+            tid: r.tid,
+            files: r.files,
+            rings: row.rings.clone(),
+        });
         // A task without a table (a vhost worker, made with none) shares none.
         if r.files != 0 {
             tables.entry(r.files).or_insert((0, r.tid)).0 += 1;
@@ -166,13 +226,14 @@ fn judge(
     inside.sort_unstable();
     if let Some(&tid) = unit
         .iter()
-        .find(|&&t| inside.binary_search_by_key(&t, |(tid, _)| *tid).is_err())
+        .find(|&&t| inside.binary_search_by_key(&t, |u| u.tid).is_err())
     {
         return Err(CensusError::Missing(tid));
     }
     // A task outside seen is named before any count is weighed.
     let unit_tables = || {
         rows.iter()
+            .map(|r| &r.table)
             .filter_map(|r| Some((r, *tables.get(&r.files)?)))
     };
     if let Some((r, (_, named))) = unit_tables().find(|(r, _)| !own.contains(&r.cgroup)) {
@@ -195,13 +256,22 @@ fn judge(
 mod tests {
     use super::*;
 
-    fn row(tid: u32, files: u64, cgroup: u64, count: u32) -> TaskTable {
-        TaskTable {
-            files,
-            cgroup,
-            tid,
-            count,
+    fn row(tid: u32, files: u64, cgroup: u64, count: u32) -> Row {
+        Row {
+            table: TaskTable {
+                files,
+                cgroup,
+                tid,
+                count,
+                ..TaskTable::default()
+            },
+            rings: Vec::new(),
         }
+    }
+
+    /// `(task, table)` of each unit task judged.
+    fn tables(inside: Vec<Inside>) -> Vec<(u32, u64)> {
+        inside.into_iter().map(|u| (u.tid, u.files)).collect()
     }
 
     fn set<T: std::hash::Hash + Eq + Copy>(v: &[T]) -> HashSet<T> {
@@ -217,7 +287,7 @@ mod tests {
             row(12, 0xb, 8, 1),
             row(20, 0xc, 1, 1),
         ];
-        let got = judge(&rows, &set(&[7, 8]), &set(&[10, 11, 12])).unwrap();
+        let got = tables(judge(&rows, &set(&[7, 8]), &set(&[10, 11, 12])).unwrap());
         assert_eq!(got, vec![(10, 0xa), (11, 0xa), (12, 0xb)]);
     }
 
@@ -225,7 +295,7 @@ mod tests {
     fn a_unit_task_without_a_table_is_in_the_census_and_shares_none() {
         // A vhost worker of the unit, and kernel threads outside: none has a table.
         let rows = [row(10, 0xa, 7, 1), row(11, 0, 7, 0), row(2, 0, 1, 0)];
-        let got = judge(&rows, &set(&[7]), &set(&[10, 11])).unwrap();
+        let got = tables(judge(&rows, &set(&[7]), &set(&[10, 11])).unwrap());
         assert_eq!(got, vec![(10, 0xa), (11, 0)]);
     }
 
@@ -270,7 +340,7 @@ mod tests {
         // listing, without a table. It holds nothing.
         let rows = [row(10, 0xa, 7, 1), row(9, 0, 7, 0)];
         assert_eq!(
-            judge(&rows, &set(&[7]), &set(&[10])).unwrap(),
+            tables(judge(&rows, &set(&[7]), &set(&[10])).unwrap()),
             vec![(10, 0xa)]
         );
         // A unit task whose cgroup could not be read (0) counts as one outside.
@@ -285,11 +355,43 @@ mod tests {
         // SAFETY: TaskTable is repr(C), integers only, no padding.
         let bytes: &[u8] = unsafe {
             std::slice::from_raw_parts(
-                std::ptr::from_ref(&r).cast(),
+                std::ptr::from_ref(&r.table).cast(),
                 std::mem::size_of::<TaskTable>(),
             )
         };
-        assert_eq!(rows(bytes).unwrap(), vec![r]);
+        assert_eq!(rows(bytes).unwrap(), vec![r.clone()]);
         assert!(matches!(rows(&bytes[..20]), Err(CensusError::Torn(20))));
+        // A task with two registered rings: its row, then their inodes; then the next row.
+        let mut with = bytes.to_vec();
+        with[24..28].copy_from_slice(&2u32.to_ne_bytes());
+        with.extend_from_slice(&77u64.to_ne_bytes());
+        with.extend_from_slice(&78u64.to_ne_bytes());
+        with.extend_from_slice(bytes);
+        let got = rows(&with).unwrap();
+        assert_eq!(got[0].rings, vec![77, 78]);
+        assert_eq!(got[0].table.rings, 2);
+        assert_eq!(got[1], r);
+        // Inodes cut short, or more than a task can register: another build's program.
+        assert!(matches!(rows(&with[..40]), Err(CensusError::Torn(40))));
+        let mut many = bytes.to_vec();
+        many[24..28].copy_from_slice(&17u32.to_ne_bytes());
+        many.extend_from_slice(&[0; 17 * 8]);
+        assert!(matches!(rows(&many), Err(CensusError::Torn(_))));
+    }
+
+    #[test]
+    fn a_unit_tasks_registered_rings_are_in_its_reading() {
+        let mut r = row(10, 0xa, 7, 1);
+        r.table.rings = 1;
+        r.rings = vec![4242];
+        let got = judge(&[r, row(20, 0xb, 1, 1)], &set(&[7]), &set(&[10])).unwrap();
+        assert_eq!(
+            got,
+            vec![Inside {
+                tid: 10,
+                files: 0xa,
+                rings: vec![4242]
+            }]
+        );
     }
 }

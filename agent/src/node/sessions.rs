@@ -853,15 +853,23 @@ impl Sessions {
         let still = crate::sockets::Stillness::settled(&tasks).map_err(stirred)?;
         let mut own = std::collections::HashSet::new();
         crate::cgroup::subtree_ids(cg.path(), &mut own);
-        refuse_unjudged(whose.clone(), &pids, &own, Descriptors::All, Some(&tasks))?;
+        let rings_read =
+            refuse_unjudged(whose.clone(), &pids, &own, Descriptors::All, Some(&tasks))?;
         // Last: a sharer outside is not frozen, and the census counts it even where it was
         // made after the walk passed its number.
-        self.datapath
+        let registered = self
+            .datapath
             .table_sharers(&own, &tasks)
             .map_err(|source| SessionError::SharedTable {
                 path: cg.path().to_owned(),
                 source,
             })?;
+        // A ring a task registered with itself and holds by no descriptor: the scan could not
+        // read it.
+        let list = rings_read.unread(&registered);
+        if !list.is_empty() {
+            return Err(SessionError::UnjudgedSockets { whose, list });
+        }
         // Frozen throughout: frozen now, and no task switched out since the first reading (a
         // task that ran meanwhile, resumed by a tracer, say, did before it froze again).
         still.held(&cg).map_err(stirred)?;
@@ -1282,17 +1290,17 @@ impl Sessions {
 }
 
 /// Refuses while the processes `pids` (`whose`, for the message) hold a socket the packet line would not
-/// govern as one of the cgroups `own`.
+/// govern as one of the cgroups `own`; the io_uring instances it read, otherwise.
 fn refuse_unjudged(
     whose: String,
     pids: &[u32],
     own: &std::collections::HashSet<u64>,
     which: Descriptors,
     unit_tasks: Option<&std::collections::HashSet<u32>>,
-) -> Result<(), SessionError> {
+) -> Result<crate::sockets::RingsRead, SessionError> {
     match crate::sockets::unjudged(pids, own, which, unit_tasks) {
         Err(source) => Err(SessionError::SocketScan { whose, source }),
-        Ok(list) if list.is_empty() => Ok(()),
-        Ok(list) => Err(SessionError::UnjudgedSockets { whose, list }),
+        Ok((list, read)) if list.is_empty() => Ok(read),
+        Ok((list, _)) => Err(SessionError::UnjudgedSockets { whose, list }),
     }
 }

@@ -98,9 +98,16 @@
 //!   pidfd-getfd-self               pidfd_getfd() of its own standard input; `ok` or `err ERRNO`
 //!   pidfd-getfd PID FD             pidfd_getfd() of process PID's descriptor FD (closed again)
 //!   take-fd PID FD                 the same, the descriptor kept; answers `ok FD`
-//!   keep-ring [sqpoll|sparse|pipe] a new io_uring instance (with an SQPOLL thread; with a
+//!   keep-ring [sqpoll|sparse|pipe|hidden|registered|registered-open]
+//!                                  a new io_uring instance (with an SQPOLL thread; with a
 //!                                  registered file table of 4 empty slots; with a pipe's
-//!                                  two ends registered), kept; answers `ok FD`
+//!                                  two ends registered; with a UDP socket registered and
+//!                                  the ring's descriptor closed, its mapping kept; with a
+//!                                  UDP socket registered, never mapped, the ring registered
+//!                                  with the calling thread and its descriptor closed; with
+//!                                  nothing registered, registered with the thread, its
+//!                                  descriptor kept), kept; answers `ok FD` (`ok -` where
+//!                                  none is left)
 //!   fork-sharing-files             a child cloned with CLONE_FILES (sharing this process's
 //!                                  descriptor table), waiting; answers `ok PID`
 //!   sharing-leader-exits           that child starts a thread and its leader exits; `ok TID`
@@ -2106,6 +2113,50 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             hold_ring_lock(fd.parse().map_err(|_| format!("bad descriptor {fd}"))?)?
         }
         ["release-ring-lock"] => release_ring_lock()?,
+        ["keep-ring", how @ ("registered" | "registered-open")] => {
+            let open = *how == "registered-open";
+            // Raw calls: the crate maps every ring it makes, and registers no ring with a
+            // task. With `IORING_SETUP_NO_MMAP` (Linux 6.5) the ring's memory would be the
+            // process's own, and it could submit through it too.
+            let udp = new_socket(libc::AF_INET, libc::SOCK_DGRAM, 0)
+                .map_err(|e| format!("socket: {}", errno_name(e)))?;
+            let mut params = [0u32; 30];
+            // SAFETY: io_uring_setup with a zeroed `struct io_uring_params` (120 bytes).
+            let ring = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4, params.as_mut_ptr()) };
+            if ring < 0 {
+                return Ok(format!("err io_uring_setup {}", errno_name(last_err())));
+            }
+            let ring = ring as i32;
+            let files = [udp.as_raw_fd()];
+            // `struct io_uring_rsrc_update`: offset (a slot of its own for each kind), resv,
+            // data (the ring's descriptor).
+            let update: [u64; 2] = [u64::from(open), ring as u64];
+            // SAFETY: io_uring_register with arrays of the lengths given.
+            let (registered, kept) = unsafe {
+                (
+                    if open {
+                        0
+                    } else {
+                        libc::syscall(libc::SYS_io_uring_register, ring, 2, files.as_ptr(), 1)
+                    },
+                    libc::syscall(libc::SYS_io_uring_register, ring, 20, update.as_ptr(), 1),
+                )
+            };
+            if registered < 0 || kept != 1 {
+                return Ok(format!("err io_uring_register {registered} {kept}"));
+            }
+            if open {
+                // SAFETY: the ring's new descriptor, owned from here.
+                KEPT_FDS
+                    .lock()
+                    .expect("kept")
+                    .push(unsafe { OwnedFd::from_raw_fd(ring) });
+                return Ok(format!("ok {ring}"));
+            }
+            // SAFETY: the ring's descriptor, which nothing uses from here.
+            unsafe { libc::close(ring) };
+            "ok -".into()
+        }
         ["keep-ring", how @ ..] => {
             let mut b = io_uring::IoUring::builder();
             match how {
@@ -2114,7 +2165,7 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                     // Idle for a minute: the thread stays, asleep, as long as the ring.
                     b.setup_sqpoll(60_000);
                 }
-                ["sparse" | "pipe"] => {}
+                ["sparse" | "pipe" | "hidden"] => {}
                 _ => return Err(format!("bad ring kind {how:?}")),
             }
             let ring = b.build(4).map_err(|e| format!("io_uring: {e}"))?;
@@ -2137,6 +2188,20 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                     let mut kept = KEPT_FDS.lock().expect("kept");
                     // SAFETY: the pipe's new descriptors, owned from here.
                     kept.extend(ends.map(|e| unsafe { OwnedFd::from_raw_fd(e) }));
+                }
+                // A socket held through a ring that no descriptor shows: the mapping keeps
+                // the ring (and what it holds) alive.
+                ["hidden"] => {
+                    let udp = new_socket(libc::AF_INET, libc::SOCK_DGRAM, 0)
+                        .map_err(|e| format!("socket: {}", errno_name(e)))?;
+                    ring.submitter()
+                        .register_files(&[udp.as_raw_fd()])
+                        .map_err(|e| format!("register: {e}"))?;
+                    let fd = ring.as_raw_fd();
+                    std::mem::forget(ring);
+                    // SAFETY: the ring's descriptor, which nothing uses from here.
+                    unsafe { libc::close(fd) };
+                    return Ok("ok -".into());
                 }
                 _ => {}
             }
