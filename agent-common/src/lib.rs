@@ -632,10 +632,11 @@ pub struct TaskLayout {
     pub dfl_cgrp_at: u32,
     pub kn_at: u32,
     pub kn_id_at: u32,
-    /// `task_struct.io_uring`, `io_uring_task.registered_rings`, `file.f_inode`,
-    /// `inode.i_ino`: the io_uring instances a task registered with itself
-    /// (`IORING_REGISTER_RING_FDS`), which it uses with no descriptor. `rings_at` zero: a
-    /// kernel without them (before Linux 5.18, or without io_uring), and no row has any.
+    /// `task_struct.io_uring` (zero: a kernel without io_uring), then
+    /// `io_uring_task.registered_rings`, `file.f_inode`, `inode.i_ino`: the io_uring
+    /// instances a task registered with itself (`IORING_REGISTER_RING_FDS`), which it uses
+    /// with no descriptor. `rings_at` zero: a kernel without them (before Linux 5.18), and no
+    /// row has any.
     pub uring_at: u32,
     pub rings_at: u32,
     pub f_inode_at: u32,
@@ -644,6 +645,9 @@ pub struct TaskLayout {
 
 /// `IO_RINGFD_REG_MAX`: the io_uring instances a task can register with itself.
 pub const MAX_REGISTERED_RINGS: usize = 16;
+
+/// Set in a word after a [`TaskTable`] row whose slot holds a ring.
+pub const RING_HERE: u64 = 1 << 63;
 
 /// One row of the task census: a task, its descriptor table's address (compared, never shown;
 /// 0 for a task without one) and the table's count of references, read at the row.
@@ -655,10 +659,14 @@ pub struct TaskTable {
     pub cgroup: u64,
     pub tid: u32,
     pub count: u32,
-    /// How many io_uring instances the task registered with itself: the row is followed by
-    /// the inode number of each (a `u64`; 0 where it could not be read).
+    /// How many `u64` words follow the row: none for a task without an io_uring context,
+    /// else one for each slot where a task registers io_uring instances with itself
+    /// ([`MAX_REGISTERED_RINGS`]): 0 for an empty slot, or [`RING_HERE`] with the inode of
+    /// the slot's ring below it (0 where it could not be read).
     pub rings: u32,
-    pub _pad: u32,
+    /// Non-zero: the task has an io_uring context (it made or entered a ring, or is a ring's
+    /// SQPOLL thread: whatever it has in flight is held there), or that could not be read.
+    pub uring: u32,
 }
 
 /// LPM key data: an IPv6 address; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`, prefix + 96).

@@ -23,10 +23,10 @@ use agent_common::{
     REASON_INBOUND, REASON_LOOPBACK_SOURCE, REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE,
     REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SNI_MISMATCH, REASON_SNI_MISSING,
     REASON_SNI_UNCHECKED, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION, REASON_SOCKET_TYPE,
-    REASON_UNBOUND, REASON_WIRE, REASON_ZERO_COPY, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES,
-    RateKey, RateState, RecordUsage, RuleSet, SERVER_HELLO, SERVER_RETRY, SERVER_UNSEEN,
-    SLOT_CLAIMED, SNI_AUDIT, SNI_ENFORCE, SNI_MODE, SNI_NAME_ENTRIES, SNI_NAME_MAX, SNI_NONE,
-    SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RETRY, SNI_RULES,
+    REASON_UNBOUND, REASON_WIRE, REASON_ZERO_COPY, RESERVED_RING_QUARTERS, RING_HERE,
+    RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage, RuleSet, SERVER_HELLO, SERVER_RETRY,
+    SERVER_UNSEEN, SLOT_CLAIMED, SNI_AUDIT, SNI_ENFORCE, SNI_MODE, SNI_NAME_ENTRIES, SNI_NAME_MAX,
+    SNI_NONE, SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RETRY, SNI_RULES,
     SNI_SEEN_ENTRIES, SNI_UNCHECKED, SNI_UNCHECKED_AUDIT, SNI_WATCH, SOCK_DEST_CONNECTED,
     SOCK_DEST_SENT, SOCK_DESTS, SniName, SockState, TAIL_SNI, TAILS, TaskLayout, TaskTable,
     UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, http,
@@ -4033,16 +4033,23 @@ pub fn aw_task_tables(ctx: *const IterTask) -> i32 {
                 core::ptr::from_ref(&row).cast(),
                 core::mem::size_of::<TaskTable>() as u32,
             );
-            for ino in rings.iter().take(row.rings as usize) {
-                bpf_seq_write((*meta).seq, core::ptr::from_ref(ino).cast(), 8);
+            // Every slot as it is, empty ones too: a branch on what a slot holds would have
+            // the verifier keep each slot's paths apart, past its limit.
+            if row.rings != 0 {
+                bpf_seq_write(
+                    (*meta).seq,
+                    rings.as_ptr().cast(),
+                    core::mem::size_of_val(&rings) as u32,
+                );
             }
         }
     }
     0
 }
 
-/// `task`'s row, with the inodes of the io_uring instances it registered with itself in
-/// `rings`; none for the call after the last task, or an unknown layout.
+/// `task`'s row, with the inode of the io_uring instance it registered with itself in each
+/// slot of `rings` (with [`RING_HERE`]; 0 where none); none for the call after the last
+/// task, or an unknown layout.
 #[inline(always)]
 fn try_task_table(task: *const u8, rings: &mut [u64; MAX_REGISTERED_RINGS]) -> Option<TaskTable> {
     if task.is_null() {
@@ -4052,25 +4059,43 @@ fn try_task_table(task: *const u8, rings: &mut [u64; MAX_REGISTERED_RINGS]) -> O
     if at.files_at == 0 {
         return None;
     }
-    // Its registered rings, in the order of their slots: each a file no descriptor shows.
-    let mut n = 0u32;
-    if at.rings_at != 0 {
-        let tctx: u64 = read_at(task, at.uring_at).unwrap_or(0);
-        let slots: [u64; MAX_REGISTERED_RINGS] =
-            read_at(tctx as *const u8, at.rings_at).unwrap_or([0; MAX_REGISTERED_RINGS]);
-        for file in slots {
-            if file == 0 {
-                continue;
+    // Its io_uring context, and its registered rings in the order of their slots (each a
+    // file no descriptor shows). What cannot be read counts as there: a context, a ring of
+    // inode 0.
+    let mut uring = 0u32;
+    let tctx: u64 = if at.uring_at != 0 {
+        read_at(task, at.uring_at).unwrap_or(u64::MAX)
+    } else {
+        0
+    };
+    if tctx == u64::MAX {
+        // Unread: a context, and a ring of unread inode.
+        uring = 1;
+        rings[0] = RING_HERE;
+    } else if tctx != 0 {
+        uring = 1;
+        if at.rings_at != 0 {
+            // A slot at a time: the stack holds the inodes already.
+            for (i, slot) in rings.iter_mut().enumerate() {
+                let at_slot = at.rings_at + 8 * i as u32;
+                match read_at::<u64>(tctx as *const u8, at_slot) {
+                    Some(0) => {}
+                    Some(file) => {
+                        *slot = RING_HERE
+                            | read_at::<u64>(file as *const u8, at.f_inode_at)
+                                .and_then(|inode| read_at::<u64>(inode as *const u8, at.i_ino_at))
+                                .unwrap_or(0);
+                    }
+                    None => *slot = RING_HERE,
+                }
             }
-            let ino = read_at::<u64>(file as *const u8, at.f_inode_at)
-                .and_then(|inode| read_at::<u64>(inode as *const u8, at.i_ino_at))
-                .unwrap_or(0);
-            if let Some(slot) = rings.get_mut(n as usize) {
-                *slot = ino;
-            }
-            n += 1;
         }
     }
+    let n = if tctx == 0 {
+        0
+    } else {
+        MAX_REGISTERED_RINGS as u32
+    };
     // A task without a table (a kernel thread, a vhost worker, one exiting) has a row too:
     // a unit's task must be in the census.
     let files: u64 = read_at(task, at.files_at)?;
@@ -4090,7 +4115,7 @@ fn try_task_table(task: *const u8, rings: &mut [u64; MAX_REGISTERED_RINGS]) -> O
         tid,
         count,
         rings: n,
-        _pad: 0,
+        uring,
     })
 }
 

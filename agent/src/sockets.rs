@@ -595,11 +595,14 @@ fn learn_ring_kernel() -> io::Result<RingKernel> {
 }
 
 /// [`RingKernel`], learned at the first ring a scan meets. A node that cannot make a ring
-/// (io_uring disabled for it) takes the form its kernel's version prints, and each mapping as
-/// any ring's.
+/// (io_uring disabled for it, out of descriptors) takes the form its kernel's version prints,
+/// and rings as sharing one inode, and tries again at the next scan.
 fn ring_kernel() -> RingKernel {
     static KERNEL: std::sync::OnceLock<RingKernel> = std::sync::OnceLock::new();
-    *KERNEL.get_or_init(|| match learn_ring_kernel() {
+    if let Some(k) = KERNEL.get() {
+        return *k;
+    }
+    match learn_ring_kernel() {
         Ok(k) => {
             if k.form == RingForm::Unknown {
                 tracing::warn!(
@@ -608,7 +611,7 @@ fn ring_kernel() -> RingKernel {
             } else {
                 tracing::info!(form = ?k.form, own_inodes = k.own_inodes, "io_uring fdinfo form learned from a ring of the node's own");
             }
-            k
+            *KERNEL.get_or_init(|| k)
         }
         Err(e) => {
             let release = kernel_release();
@@ -625,7 +628,7 @@ fn ring_kernel() -> RingKernel {
                 own_inodes: false,
             }
         }
-    })
+    }
 }
 
 /// [`RingFiles`] of a ring's `fdinfo`, printed in `form`. The path form has a count mean every
@@ -983,18 +986,16 @@ impl Scan {
     }
 
     /// The processes mapping an io_uring instance whose `fdinfo` no descriptor of the scan
-    /// showed: where each ring has its own inode, a mapping's inode must be a ring read;
-    /// elsewhere (every ring one inode) the process must hold a ring by descriptor itself.
+    /// showed: a mapping's inode must be a ring read, and where rings may share one inode
+    /// (as some kernels make them, or where the node could not tell), the process must hold
+    /// a ring by descriptor itself too.
     fn hidden_rings(&self) -> Vec<u32> {
         let own_inodes = !self.ring_maps.is_empty() && ring_kernel().own_inodes;
         self.ring_maps
             .iter()
             .filter(|(pid, inodes)| {
-                if own_inodes {
-                    !inodes.is_subset(&self.rings_read)
-                } else {
-                    !self.ring_holders.contains(pid)
-                }
+                !inodes.is_subset(&self.rings_read)
+                    || !own_inodes && !self.ring_holders.contains(pid)
             })
             .map(|(pid, _)| *pid)
             .collect()

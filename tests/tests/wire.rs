@@ -44,7 +44,18 @@ ingress:
   - from: [192.0.2.2/32]
     ports: [5353]
     protocol: udp
+---
+kind: AgentPolicy
+name: wire-plain
+identity: spiffe://example.org/agent/wire-plain
+egress:
+  - to: [192.0.2.2/32]
+    ports: [9000]
+    protocol: udp
 ";
+
+/// An identity whose policy leaves io_uring refused (the default).
+const PLAIN_ID: &str = "spiffe://example.org/agent/wire-plain";
 
 const WITHIN: Duration = Duration::from_secs(10);
 
@@ -115,11 +126,13 @@ impl Fixture {
 
     /// `agentwall enroll` of `unit` under the test's identity, as a command to run.
     fn enroll_command(&self, unit: &agentwall::cgroup::Cgroup) -> Command {
-        let (cert, key) = write_cert(
-            self.dir.path(),
-            "unit",
-            &self.ca.issue(&CertSpec::agent(ID)),
-        );
+        self.enroll_command_as(unit, ID)
+    }
+
+    /// `agentwall enroll` of `unit` under identity `id`, as a command to run.
+    fn enroll_command_as(&self, unit: &agentwall::cgroup::Cgroup, id: &str) -> Command {
+        let name = id.rsplit('/').next().unwrap_or("unit");
+        let (cert, key) = write_cert(self.dir.path(), name, &self.ca.issue(&CertSpec::agent(id)));
         agentwall_tests::node::enroll_command(self.socket(), unit.path(), &cert, &key)
     }
 
@@ -1130,11 +1143,18 @@ fn enroll_refuses_a_unit_holding_sockets_it_cannot_govern() {
     assert_eq!(own.cmd("send-held"), "err EPERM");
 }
 
-/// A ring a unit's task registered with itself (`IORING_REGISTER_RING_FDS`) and holds by no
-/// descriptor and no mapping is seen by the task census alone, and `enroll` refuses it: what
-/// it holds cannot be read (with `IORING_SETUP_NO_MMAP` the task submits through it with
-/// memory of its own, a socket made elsewhere in it). A ring registered so and still held by
-/// a descriptor is read through that descriptor, and the unit enrolls.
+/// A unit whose tasks used io_uring is refused where the identity's policy refuses io_uring
+/// (the default): a ring can be kept alive, with the sockets it holds, by requests in flight
+/// alone (a poll on itself), and worked by its SQPOLL thread, with no descriptor, mapping or
+/// registration anything could read. The census names every task with an io_uring context,
+/// the SQPOLL thread too; a unit that never used io_uring enrolls under the same policy.
+///
+/// Where the policy allows io_uring, the reads that can be made are: a ring a unit's task
+/// registered with itself (`IORING_REGISTER_RING_FDS`) and holds by no descriptor and no
+/// mapping is seen by the task census alone, and `enroll` refuses it (with
+/// `IORING_SETUP_NO_MMAP` the task submits through it with memory of its own, a socket made
+/// elsewhere in it). A ring registered so and still held by a descriptor is read through
+/// that descriptor, and the unit enrolls.
 #[test]
 fn enroll_refuses_a_unit_with_an_io_uring_no_descriptor_shows() {
     let fx = fixture("wire-enroll-unheld");
@@ -1142,6 +1162,21 @@ fn enroll_refuses_a_unit_with_an_io_uring_no_descriptor_shows() {
     let open = probe.ok_value("keep-ring registered-open");
     let plain = probe.ok_value("keep-ring");
     assert_eq!(probe.cmd("keep-ring registered"), "ok -");
+    // An SQPOLL ring: its thread is a task of the unit, with an io_uring context of its own.
+    probe.ok_value("keep-ring sqpoll");
+
+    let out = fx.enroll_command_as(&unit, PLAIN_ID).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(": task {} (\"aw-probe\") and task ", probe.pid))
+            && err.contains(" (\"iou-sqp-"),
+        "{err}"
+    );
+    assert!(
+        err.contains(" used io_uring, which the identity's policy refuses: what a ring holds or has in flight (a socket made elsewhere, a send) cannot all be read, so it could carry a socket past the binding. Start the processes without io_uring (or in a unit with `SystemCallFilter=~io_uring_setup io_uring_enter io_uring_register`), or set `io_uring: allow` in the policy"),
+        "{err}"
+    );
     let ino = |fd: &str| {
         std::os::unix::fs::MetadataExt::ino(
             &std::fs::metadata(format!("/proc/{}/fd/{fd}", probe.pid)).unwrap(),
@@ -1164,10 +1199,13 @@ fn enroll_refuses_a_unit_with_an_io_uring_no_descriptor_shows() {
     assert!(!err.contains(&format!("fd {open}:")), "{err}");
     drop(probe);
 
-    let mut c = Command::new(bin_path("aw-probe"));
-    c.args(["--cgroup", unit.path().to_str().unwrap(), "--cpu", "0"]);
-    fx.link.agent.enter(&mut c);
-    let mut open_only = Probe::from_command(c);
+    let fresh = || {
+        let mut c = Command::new(bin_path("aw-probe"));
+        c.args(["--cgroup", unit.path().to_str().unwrap(), "--cpu", "0"]);
+        fx.link.agent.enter(&mut c);
+        Probe::from_command(c)
+    };
+    let mut open_only = fresh();
     open_only.ok_value("keep-ring registered-open");
     let out = fx.enroll_command(&unit).output().unwrap();
     assert_eq!(
@@ -1176,6 +1214,23 @@ fn enroll_refuses_a_unit_with_an_io_uring_no_descriptor_shows() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    drop(open_only);
+
+    // Without io_uring, the policy that refuses it takes the unit (in a cgroup of its own:
+    // this one may be bound to the other identity now).
+    let other = fx._env.cgroup("unit-plain");
+    let mut c = Command::new(bin_path("aw-probe"));
+    c.args(["--cgroup", other.path().to_str().unwrap(), "--cpu", "0"]);
+    fx.link.agent.enter(&mut c);
+    let mut without = Probe::from_command(c);
+    assert_eq!(without.cmd(&format!("hold udp {PEER_V4} 9500")), "ok");
+    let out = fx.enroll_command_as(&other, PLAIN_ID).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(without.cmd("send-held"), "err EPERM");
 }
 
 /// A unit whose io_uring instances hold registered files but no socket enrolls: a table of

@@ -268,20 +268,28 @@ impl KernelBtf {
         })
     }
 
-    /// Where the census reads the io_uring instances a task registered with itself: none on
-    /// a kernel without io_uring (no `task_struct.io_uring`) or without registered rings
-    /// (before Linux 5.18, no `io_uring_task.registered_rings`), where no task has any.
+    /// Where the census reads a task's io_uring context and the io_uring instances it
+    /// registered with itself: neither on a kernel without io_uring (no
+    /// `task_struct.io_uring`), no registered rings before Linux 5.18 (no
+    /// `io_uring_task.registered_rings`), where no task has any.
     fn registered_rings(&self) -> Result<TaskLayout, LayoutError> {
         let has = |strukt: &'static str, field: &str| {
             self.members(strukt)
                 .is_ok_and(|m| self.field(m, field, 0).is_some())
         };
-        if !has("task_struct", "io_uring") || !has("io_uring_task", "registered_rings") {
+        if !has("task_struct", "io_uring") {
             return Ok(TaskLayout::default());
+        }
+        let uring_at = self.sized_at("task_struct", &["io_uring"], "io_uring", 8)?;
+        if !has("io_uring_task", "registered_rings") {
+            return Ok(TaskLayout {
+                uring_at,
+                ..TaskLayout::default()
+            });
         }
         let slots = agent_common::MAX_REGISTERED_RINGS as u32;
         Ok(TaskLayout {
-            uring_at: self.sized_at("task_struct", &["io_uring"], "io_uring", 8)?,
+            uring_at,
             rings_at: self.sized_at(
                 "io_uring_task",
                 &["registered_rings"],

@@ -1069,13 +1069,13 @@ impl Datapath {
     }
 
     /// Whether a task outside the unit (its cgroups `own`, its tasks `unit`, frozen) shares
-    /// one of the unit's descriptor tables (see [`tasks`]); where none does, the io_uring
-    /// instances the unit's tasks registered with themselves, `(task, inode)`.
+    /// one of the unit's descriptor tables (see [`tasks`]); where none does, what the census
+    /// says of the unit's io_uring use.
     pub fn table_sharers(
         &self,
         own: &std::collections::HashSet<u64>,
         unit: &std::collections::HashSet<u32>,
-    ) -> Result<Vec<(u32, u64)>, tasks::CensusError> {
+    ) -> Result<tasks::UnitRings, tasks::CensusError> {
         match &self.census {
             Ok(census) => census.sharers(own, unit),
             Err(why) => Err(tasks::CensusError::Unavailable(why.clone())),

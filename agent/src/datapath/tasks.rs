@@ -93,13 +93,12 @@ impl TaskCensus {
     /// descriptors were read, all frozen) shares one of the unit's descriptor tables. Two
     /// readings must agree on the unit's rows: each reading's counts were then taken while
     /// every unit task counted held its table (a task that drops its table shows none after).
-    /// On a pass, the io_uring instances the unit's tasks registered with themselves:
-    /// `(task, inode)`, rings no descriptor may show.
+    /// On a pass, what the census says of the unit's io_uring use.
     pub fn sharers(
         &self,
         own: &HashSet<u64>,
         unit: &HashSet<u32>,
-    ) -> Result<Vec<(u32, u64)>, CensusError> {
+    ) -> Result<UnitRings, CensusError> {
         let mut last = Err(CensusError::Unsteady);
         for _ in 0..READINGS {
             let first = self.read()?;
@@ -113,11 +112,12 @@ impl TaskCensus {
                         Err(CensusError::Unsteady)
                     }
                 })
-                .map(|inside| {
-                    inside
+                .map(|inside| UnitRings {
+                    users: inside.iter().filter(|u| u.uring).map(|u| u.tid).collect(),
+                    registered: inside
                         .into_iter()
                         .flat_map(|u| u.rings.into_iter().map(move |ino| (u.tid, ino)))
-                        .collect()
+                        .collect(),
                 });
             match &last {
                 Ok(_) | Err(CensusError::Outside { .. } | CensusError::Joined(_)) => return last,
@@ -136,7 +136,7 @@ pub struct Row {
 }
 
 /// The rows in `bytes`, as the program wrote them: each [`TaskTable`] followed by its
-/// `rings` inodes.
+/// `rings` slots, of which the inodes of those holding a ring are kept.
 fn rows(bytes: &[u8]) -> Result<Vec<Row>, CensusError> {
     const ROW: usize = std::mem::size_of::<TaskTable>();
     let torn = || CensusError::Torn(bytes.len());
@@ -169,15 +169,19 @@ fn rows(bytes: &[u8]) -> Result<Vec<Row>, CensusError> {
             tid: half(at + 16)?,
             count: half(at + 20)?,
             rings: half(at + 24)?,
-            _pad: 0,
+            uring: half(at + 28)?,
         };
         at += ROW;
         if table.rings as usize > agent_common::MAX_REGISTERED_RINGS {
             return Err(torn());
         }
-        let rings = (0..table.rings as usize)
-            .map(|i| word(at + 8 * i))
-            .collect::<Result<_, _>>()?;
+        let mut rings = Vec::new();
+        for i in 0..table.rings as usize {
+            let slot = word(at + 8 * i)?;
+            if slot & agent_common::RING_HERE != 0 {
+                rings.push(slot & !agent_common::RING_HERE);
+            }
+        }
         at += 8 * table.rings as usize;
         out.push(Row { table, rings });
     }
@@ -190,6 +194,18 @@ struct Inside {
     tid: u32,
     files: u64,
     rings: Vec<u64>,
+    uring: bool,
+}
+
+/// What the census says of the unit's io_uring use, once it has passed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct UnitRings {
+    /// The unit's tasks with an io_uring context: each made or entered a ring, or is a
+    /// ring's SQPOLL thread.
+    pub users: Vec<u32>,
+    /// The rings the unit's tasks registered with themselves, `(task, inode)`: rings no
+    /// descriptor may show.
+    pub registered: Vec<(u32, u64)>,
 }
 
 /// The unit's rows of one reading, in order of task, once it is judged: every unit task is
@@ -217,6 +233,7 @@ fn judge(
             tid: r.tid,
             files: r.files,
             rings: row.rings.clone(),
+            uring: r.uring != 0,
         });
         // A task without a table (a vhost worker, made with none) shares none.
         if r.files != 0 {
@@ -361,15 +378,18 @@ mod tests {
         };
         assert_eq!(rows(bytes).unwrap(), vec![r.clone()]);
         assert!(matches!(rows(&bytes[..20]), Err(CensusError::Torn(20))));
-        // A task with two registered rings: its row, then their inodes; then the next row.
+        // A task with two registered rings (slots 0 and 2 of three): its row, then its
+        // slots; then the next row.
         let mut with = bytes.to_vec();
-        with[24..28].copy_from_slice(&2u32.to_ne_bytes());
-        with.extend_from_slice(&77u64.to_ne_bytes());
-        with.extend_from_slice(&78u64.to_ne_bytes());
+        with[24..28].copy_from_slice(&3u32.to_ne_bytes());
+        with[28..32].copy_from_slice(&1u32.to_ne_bytes());
+        with.extend_from_slice(&(agent_common::RING_HERE | 77).to_ne_bytes());
+        with.extend_from_slice(&0u64.to_ne_bytes());
+        with.extend_from_slice(&(agent_common::RING_HERE | 78).to_ne_bytes());
         with.extend_from_slice(bytes);
         let got = rows(&with).unwrap();
         assert_eq!(got[0].rings, vec![77, 78]);
-        assert_eq!(got[0].table.rings, 2);
+        assert_eq!((got[0].table.rings, got[0].table.uring), (3, 1));
         assert_eq!(got[1], r);
         // Inodes cut short, or more than a task can register: another build's program.
         assert!(matches!(rows(&with[..40]), Err(CensusError::Torn(40))));
@@ -382,7 +402,7 @@ mod tests {
     #[test]
     fn a_unit_tasks_registered_rings_are_in_its_reading() {
         let mut r = row(10, 0xa, 7, 1);
-        r.table.rings = 1;
+        (r.table.rings, r.table.uring) = (1, 1);
         r.rings = vec![4242];
         let got = judge(&[r, row(20, 0xb, 1, 1)], &set(&[7]), &set(&[10])).unwrap();
         assert_eq!(
@@ -390,7 +410,8 @@ mod tests {
             vec![Inside {
                 tid: 10,
                 files: 0xa,
-                rings: vec![4242]
+                rings: vec![4242],
+                uring: true,
             }]
         );
     }

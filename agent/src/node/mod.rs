@@ -806,6 +806,13 @@ impl Node {
         follow: Option<crate::api::Followed>,
     ) -> crate::api::Response {
         let id = peer.id.to_string();
+        let io_uring = self
+            .enforcer
+            .applied()
+            .policy
+            .agent(&id)
+            .map(|a| a.io_uring)
+            .unwrap_or_default();
         let enrolled = self
             .enforcing()
             .and_then(|()| {
@@ -817,6 +824,7 @@ impl Node {
                     &peer,
                     path,
                     follow,
+                    io_uring,
                     || self.admissible(&id),
                     |n| self.name_of(n),
                 )

@@ -40,6 +40,10 @@ pub enum SessionError {
         "this launcher does not keep io_uring from the agent, and the identity's policy refuses io_uring (an `agentwall launch` older than the node?): launch with the node's own agentwall, or set `io_uring: allow` in the policy"
     )]
     LauncherKeepsIoUring,
+    #[error(
+        "{path}: {tasks} used io_uring, which the identity's policy refuses: what a ring holds or has in flight (a socket made elsewhere, a send) cannot all be read, so it could carry a socket past the binding. Start the processes without io_uring (or in a unit with `SystemCallFilter=~io_uring_setup io_uring_enter io_uring_register`), or set `io_uring: allow` in the policy"
+    )]
+    UsesIoUring { path: PathBuf, tasks: String },
     #[error("the launching process exited during placement")]
     ExitedDuringPlacement,
     #[error("creating the agent's cgroup: {0}")]
@@ -778,6 +782,7 @@ impl Sessions {
         peer: &VerifiedPeer,
         path: &Path,
         follow: Option<api::Followed>,
+        io_uring: crate::policy::model::IoUring,
         admit: impl FnOnce() -> Result<u32, SessionError>,
         owner: impl Fn(u32) -> String,
     ) -> Result<PathBuf, SessionError> {
@@ -857,16 +862,26 @@ impl Sessions {
             refuse_unjudged(whose.clone(), &pids, &own, Descriptors::All, Some(&tasks))?;
         // Last: a sharer outside is not frozen, and the census counts it even where it was
         // made after the walk passed its number.
-        let registered = self
+        let rings = self
             .datapath
             .table_sharers(&own, &tasks)
             .map_err(|source| SessionError::SharedTable {
                 path: cg.path().to_owned(),
                 source,
             })?;
+        // A task with an io_uring context may have requests in flight that hold a ring, and
+        // with it sockets, that no descriptor, mapping or registration shows (a ring kept
+        // alive by a poll on itself, worked by its SQPOLL thread): only a policy that allows
+        // io_uring takes that.
+        if io_uring == crate::policy::model::IoUring::Refuse && !rings.users.is_empty() {
+            return Err(SessionError::UsesIoUring {
+                path: cg.path().to_owned(),
+                tasks: named_tasks(&rings.users),
+            });
+        }
         // A ring a task registered with itself and holds by no descriptor: the scan could not
         // read it.
-        let list = rings_read.unread(&registered);
+        let list = rings_read.unread(&rings.registered);
         if !list.is_empty() {
             return Err(SessionError::UnjudgedSockets { whose, list });
         }
@@ -1286,6 +1301,27 @@ impl Sessions {
             cgroup: Some(cg.display().to_string()),
             serial,
         }
+    }
+}
+
+/// `task 812 ("server")`, for up to three tasks, and how many more.
+fn named_tasks(tids: &[u32]) -> String {
+    let mut out: Vec<String> = tids
+        .iter()
+        .take(3)
+        .map(|tid| {
+            let comm = std::fs::read_to_string(format!("/proc/{tid}/comm")).unwrap_or_default();
+            format!("task {tid} ({:?})", comm.trim_end())
+        })
+        .collect();
+    if tids.len() > 3 {
+        out.push(format!("{} more", tids.len() - 3));
+    }
+    let last = out.pop().unwrap_or_default();
+    if out.is_empty() {
+        last
+    } else {
+        format!("{} and {last}", out.join(", "))
     }
 }
 
