@@ -646,9 +646,6 @@ pub struct TaskLayout {
 /// `IO_RINGFD_REG_MAX`: the io_uring instances a task can register with itself.
 pub const MAX_REGISTERED_RINGS: usize = 16;
 
-/// Set in a word after a [`TaskTable`] row whose slot holds a ring.
-pub const RING_HERE: u64 = 1 << 63;
-
 /// One row of the task census: a task, its descriptor table's address (compared, never shown;
 /// 0 for a task without one) and the table's count of references, read at the row.
 #[repr(C)]
@@ -659,10 +656,11 @@ pub struct TaskTable {
     pub cgroup: u64,
     pub tid: u32,
     pub count: u32,
-    /// How many `u64` words follow the row: none for a task without an io_uring context,
-    /// else one for each slot where a task registers io_uring instances with itself
-    /// ([`MAX_REGISTERED_RINGS`]): 0 for an empty slot, or [`RING_HERE`] with the inode of
-    /// the slot's ring below it (0 where it could not be read).
+    /// How many slots follow the row, each two `u64`s, the file in one of the slots where a
+    /// task registers io_uring instances with itself (0: empty; compared, never shown) and
+    /// its inode: none for a task without an io_uring context or a kernel without them,
+    /// [`MAX_REGISTERED_RINGS`] else (one, a file of unread inode, where the context could
+    /// not be read).
     pub rings: u32,
     /// Non-zero: the task has an io_uring context (it made or entered a ring, or is a ring's
     /// SQPOLL thread: whatever it has in flight is held there), or that could not be read.

@@ -23,10 +23,10 @@ use agent_common::{
     REASON_INBOUND, REASON_LOOPBACK_SOURCE, REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE,
     REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SNI_MISMATCH, REASON_SNI_MISSING,
     REASON_SNI_UNCHECKED, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION, REASON_SOCKET_TYPE,
-    REASON_UNBOUND, REASON_WIRE, REASON_ZERO_COPY, RESERVED_RING_QUARTERS, RING_HERE,
-    RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage, RuleSet, SERVER_HELLO, SERVER_RETRY,
-    SERVER_UNSEEN, SLOT_CLAIMED, SNI_AUDIT, SNI_ENFORCE, SNI_MODE, SNI_NAME_ENTRIES, SNI_NAME_MAX,
-    SNI_NONE, SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RETRY, SNI_RULES,
+    REASON_UNBOUND, REASON_WIRE, REASON_ZERO_COPY, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES,
+    RateKey, RateState, RecordUsage, RuleSet, SERVER_HELLO, SERVER_RETRY, SERVER_UNSEEN,
+    SLOT_CLAIMED, SNI_AUDIT, SNI_ENFORCE, SNI_MODE, SNI_NAME_ENTRIES, SNI_NAME_MAX, SNI_NONE,
+    SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RETRY, SNI_RULES,
     SNI_SEEN_ENTRIES, SNI_UNCHECKED, SNI_UNCHECKED_AUDIT, SNI_WATCH, SOCK_DEST_CONNECTED,
     SOCK_DEST_SENT, SOCK_DESTS, SniName, SockState, TAIL_SNI, TAILS, TaskLayout, TaskTable,
     UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, http,
@@ -4023,78 +4023,80 @@ pub struct IterTask {
 pub fn aw_task_tables(ctx: *const IterTask) -> i32 {
     // SAFETY: the kernel passes a `bpf_iter__task` for a task iterator program.
     let (meta, task) = unsafe { ((*ctx).meta, (*ctx).task) };
-    let mut rings = [0u64; MAX_REGISTERED_RINGS];
-    if let Some(row) = try_task_table(task, &mut rings) {
-        // SAFETY: meta is the iterator's, typed by the verifier; the row and the inodes are
-        // on this stack.
+    let Some(at) = AW_TASK_LAYOUT.get(0).copied() else {
+        return 0;
+    };
+    if let Some((row, tctx)) = try_task_table(task, &at) {
+        // SAFETY: meta is the iterator's, typed by the verifier; the row is on this stack.
         unsafe {
+            let seq = (*meta).seq;
             bpf_seq_write(
-                (*meta).seq,
+                seq,
                 core::ptr::from_ref(&row).cast(),
                 core::mem::size_of::<TaskTable>() as u32,
             );
-            // Every slot as it is, empty ones too: a branch on what a slot holds would have
-            // the verifier keep each slot's paths apart, past its limit.
             if row.rings != 0 {
-                bpf_seq_write(
-                    (*meta).seq,
-                    rings.as_ptr().cast(),
-                    core::mem::size_of_val(&rings) as u32,
-                );
+                write_ring_slots(seq, tctx, &at);
             }
         }
     }
     0
 }
 
-/// `task`'s row, with the inode of the io_uring instance it registered with itself in each
-/// slot of `rings` (with [`RING_HERE`]; 0 where none); none for the call after the last
-/// task, or an unknown layout.
+/// After a row with an io_uring context `tctx` (`u64::MAX`: unread), its registered-ring
+/// slots, each as `(file, inode)`: the slot's file (0: empty; compared, never shown) and its
+/// inode. Without a branch on what a slot holds (a failed read leaves 0): branches would keep
+/// the verifier from merging the slots' paths, past its limit on older kernels. An unread
+/// context writes one slot, a ring of unread inode.
 #[inline(always)]
-fn try_task_table(task: *const u8, rings: &mut [u64; MAX_REGISTERED_RINGS]) -> Option<TaskTable> {
-    if task.is_null() {
+unsafe fn write_ring_slots(seq: *mut aya_ebpf::bindings::seq_file, tctx: u64, at: &TaskLayout) {
+    let word = |addr: u64| -> u64 {
+        let mut v = 0u64;
+        // SAFETY: the helper reads kernel memory without faulting, and zeroes `v` where it
+        // cannot.
+        unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+                (&raw mut v).cast(),
+                8,
+                addr as *const core::ffi::c_void,
+            );
+        }
+        v
+    };
+    if tctx == u64::MAX {
+        let slot = [1u64, 0];
+        // SAFETY: as the caller's.
+        unsafe { bpf_seq_write(seq, slot.as_ptr().cast(), 16) };
+        return;
+    }
+    for i in 0..MAX_REGISTERED_RINGS as u64 {
+        let file = word(tctx + u64::from(at.rings_at) + 8 * i);
+        let inode = word(file + u64::from(at.f_inode_at));
+        let slot = [file, word(inode + u64::from(at.i_ino_at))];
+        // SAFETY: as the caller's.
+        unsafe { bpf_seq_write(seq, slot.as_ptr().cast(), 16) };
+    }
+}
+
+/// `task`'s row, with its io_uring context (`u64::MAX`: unread; 0: none); none for the call
+/// after the last task, or an unknown layout.
+#[inline(always)]
+fn try_task_table(task: *const u8, at: &TaskLayout) -> Option<(TaskTable, u64)> {
+    if task.is_null() || at.files_at == 0 {
         return None;
     }
-    let at = AW_TASK_LAYOUT.get(0).copied()?;
-    if at.files_at == 0 {
-        return None;
-    }
-    // Its io_uring context, and its registered rings in the order of their slots (each a
-    // file no descriptor shows). What cannot be read counts as there: a context, a ring of
-    // inode 0.
-    let mut uring = 0u32;
+    // Its io_uring context; unread, it counts as there.
     let tctx: u64 = if at.uring_at != 0 {
         read_at(task, at.uring_at).unwrap_or(u64::MAX)
     } else {
         0
     };
-    if tctx == u64::MAX {
-        // Unread: a context, and a ring of unread inode.
-        uring = 1;
-        rings[0] = RING_HERE;
-    } else if tctx != 0 {
-        uring = 1;
-        if at.rings_at != 0 {
-            // A slot at a time: the stack holds the inodes already.
-            for (i, slot) in rings.iter_mut().enumerate() {
-                let at_slot = at.rings_at + 8 * i as u32;
-                match read_at::<u64>(tctx as *const u8, at_slot) {
-                    Some(0) => {}
-                    Some(file) => {
-                        *slot = RING_HERE
-                            | read_at::<u64>(file as *const u8, at.f_inode_at)
-                                .and_then(|inode| read_at::<u64>(inode as *const u8, at.i_ino_at))
-                                .unwrap_or(0);
-                    }
-                    None => *slot = RING_HERE,
-                }
-            }
-        }
-    }
-    let n = if tctx == 0 {
-        0
-    } else {
-        MAX_REGISTERED_RINGS as u32
+    let uring = u32::from(tctx != 0);
+    let n = match tctx {
+        0 => 0,
+        u64::MAX => 1,
+        _ if at.rings_at != 0 => MAX_REGISTERED_RINGS as u32,
+        _ => 0,
     };
     // A task without a table (a kernel thread, a vhost worker, one exiting) has a row too:
     // a unit's task must be in the census.
@@ -4109,14 +4111,17 @@ fn try_task_table(task: *const u8, rings: &mut [u64; MAX_REGISTERED_RINGS]) -> O
         read_at::<u64>(kn as *const u8, at.kn_id_at)
     })()
     .unwrap_or(0);
-    Some(TaskTable {
-        files,
-        cgroup,
-        tid,
-        count,
-        rings: n,
-        uring,
-    })
+    Some((
+        TaskTable {
+            files,
+            cgroup,
+            tid,
+            count,
+            rings: n,
+            uring,
+        },
+        tctx,
+    ))
 }
 
 /// A `T` at byte `offset` of the kernel struct at `base`; none where the address is NULL or

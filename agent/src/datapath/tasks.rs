@@ -177,12 +177,12 @@ fn rows(bytes: &[u8]) -> Result<Vec<Row>, CensusError> {
         }
         let mut rings = Vec::new();
         for i in 0..table.rings as usize {
-            let slot = word(at + 8 * i)?;
-            if slot & agent_common::RING_HERE != 0 {
-                rings.push(slot & !agent_common::RING_HERE);
+            // (file, inode): a file in the slot is a ring.
+            if word(at + 16 * i)? != 0 {
+                rings.push(word(at + 16 * i + 8)?);
             }
         }
-        at += 8 * table.rings as usize;
+        at += 16 * table.rings as usize;
         out.push(Row { table, rings });
     }
     Ok(out)
@@ -383,9 +383,10 @@ mod tests {
         let mut with = bytes.to_vec();
         with[24..28].copy_from_slice(&3u32.to_ne_bytes());
         with[28..32].copy_from_slice(&1u32.to_ne_bytes());
-        with.extend_from_slice(&(agent_common::RING_HERE | 77).to_ne_bytes());
-        with.extend_from_slice(&0u64.to_ne_bytes());
-        with.extend_from_slice(&(agent_common::RING_HERE | 78).to_ne_bytes());
+        for (file, ino) in [(0xf1u64, 77u64), (0, 0), (0xf3, 78)] {
+            with.extend_from_slice(&file.to_ne_bytes());
+            with.extend_from_slice(&ino.to_ne_bytes());
+        }
         with.extend_from_slice(bytes);
         let got = rows(&with).unwrap();
         assert_eq!(got[0].rings, vec![77, 78]);
@@ -395,7 +396,7 @@ mod tests {
         assert!(matches!(rows(&with[..40]), Err(CensusError::Torn(40))));
         let mut many = bytes.to_vec();
         many[24..28].copy_from_slice(&17u32.to_ne_bytes());
-        many.extend_from_slice(&[0; 17 * 8]);
+        many.extend_from_slice(&[0; 17 * 16]);
         assert!(matches!(rows(&many), Err(CensusError::Torn(_))));
     }
 
