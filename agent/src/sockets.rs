@@ -1068,11 +1068,6 @@ pub fn unjudged(
     for pid in scan.hidden_rings() {
         scan.elsewhere.push((pid, None, Unjudgeable::HiddenRing));
     }
-    let comm = |pid: u32| {
-        fs::read_to_string(format!("/proc/{pid}/comm"))
-            .map(|c| c.trim_end().to_owned())
-            .unwrap_or_default()
-    };
     let mut found: Vec<Unjudged> = scan
         .elsewhere
         .into_iter()
@@ -1156,6 +1151,13 @@ pub fn unjudged(
     Ok((found, RingsRead(scan.rings_read)))
 }
 
+/// A task's name (`/proc/TID/comm`), for a message; empty once it is gone.
+pub fn comm(tid: u32) -> String {
+    fs::read_to_string(format!("/proc/{tid}/comm"))
+        .map(|c| c.trim_end().to_owned())
+        .unwrap_or_default()
+}
+
 /// The io_uring instances whose `fdinfo` a scan read through a descriptor, by inode.
 #[derive(Debug, Default)]
 pub struct RingsRead(HashSet<u64>);
@@ -1172,9 +1174,7 @@ impl RingsRead {
             .filter(|(_, ino)| !own_inodes || *ino == 0 || !self.0.contains(ino))
             .map(|&(tid, _)| Unjudged {
                 pid: tid,
-                comm: fs::read_to_string(format!("/proc/{tid}/comm"))
-                    .map(|c| c.trim_end().to_owned())
-                    .unwrap_or_default(),
+                comm: comm(tid),
                 fd: None,
                 kind: "io_uring".to_owned(),
                 why: Unjudgeable::UnheldRing,

@@ -140,22 +140,15 @@ pub struct Row {
 fn rows(bytes: &[u8]) -> Result<Vec<Row>, CensusError> {
     const ROW: usize = std::mem::size_of::<TaskTable>();
     let torn = || CensusError::Torn(bytes.len());
-    let word = |at: usize| -> Result<u64, CensusError> {
+    let take = |at: usize, n: usize| bytes.get(at..at + n).ok_or_else(torn);
+    let word = |at| {
         Ok(u64::from_ne_bytes(
-            bytes
-                .get(at..at + 8)
-                .ok_or_else(torn)?
-                .try_into()
-                .expect("8 bytes"),
+            take(at, 8)?.try_into().expect("8 bytes"),
         ))
     };
-    let half = |at: usize| -> Result<u32, CensusError> {
+    let half = |at| {
         Ok(u32::from_ne_bytes(
-            bytes
-                .get(at..at + 4)
-                .ok_or_else(torn)?
-                .try_into()
-                .expect("4 bytes"),
+            take(at, 4)?.try_into().expect("4 bytes"),
         ))
     };
     let (mut out, mut at) = (Vec::new(), 0);

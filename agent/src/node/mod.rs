@@ -733,6 +733,16 @@ impl Node {
         }
     }
 
+    /// The applied policy's `io_uring` for identity `id` (refused where it has no policy).
+    fn io_uring_of(&self, id: &str) -> crate::policy::model::IoUring {
+        self.enforcer
+            .applied()
+            .policy
+            .agent(id)
+            .map(|a| a.io_uring)
+            .unwrap_or_default()
+    }
+
     fn launch(
         &self,
         peer: VerifiedPeer,
@@ -744,13 +754,7 @@ impl Node {
     ) -> crate::api::Response {
         let id = peer.id.to_string();
         // Read once: what the launcher is held to is what it is told.
-        let io_uring = self
-            .enforcer
-            .applied()
-            .policy
-            .agent(&id)
-            .map(|a| a.io_uring)
-            .unwrap_or_default();
+        let io_uring = self.io_uring_of(&id);
         let placed = self
             .enforcing()
             .and_then(|()| {
@@ -806,13 +810,7 @@ impl Node {
         follow: Option<crate::api::Followed>,
     ) -> crate::api::Response {
         let id = peer.id.to_string();
-        let io_uring = self
-            .enforcer
-            .applied()
-            .policy
-            .agent(&id)
-            .map(|a| a.io_uring)
-            .unwrap_or_default();
+        let io_uring = self.io_uring_of(&id);
         let enrolled = self
             .enforcing()
             .and_then(|()| {

@@ -1309,10 +1309,7 @@ fn named_tasks(tids: &[u32]) -> String {
     let mut out: Vec<String> = tids
         .iter()
         .take(3)
-        .map(|tid| {
-            let comm = std::fs::read_to_string(format!("/proc/{tid}/comm")).unwrap_or_default();
-            format!("task {tid} ({:?})", comm.trim_end())
-        })
+        .map(|&tid| format!("task {tid} ({:?})", crate::sockets::comm(tid)))
         .collect();
     if tids.len() > 3 {
         out.push(format!("{} more", tids.len() - 3));
