@@ -103,6 +103,11 @@ pub const PROG_LSM_FILE_RECEIVE: &str = "aw_lsm_file_receive";
 /// hold: refused while FREEBIND or TRANSPARENT is set on it, however the flag got there (a
 /// helper's setsockopt that raced the receipt, a unit's socket from before `enroll`).
 pub const PROG_LSM_BIND: &str = "aw_lsm_bind";
+/// BPF LSM (`lsm_cgroup/inode_init_security_anon`): a governed task makes no io_uring
+/// instance where its identity's policy refuses io_uring (`enroll` refuses a unit that has
+/// one; this keeps it so after). Every ring's file is an anonymous inode of its own, made
+/// through this hook, since Linux 5.12.
+pub const PROG_LSM_RING_SETUP: &str = "aw_lsm_ring_setup";
 
 /// The task census (`iter/task`): a row for each task on the host that has a descriptor
 /// table (see [`TaskTable`]). Loaded beside the programs and never attached to a cgroup:
@@ -110,16 +115,17 @@ pub const PROG_LSM_BIND: &str = "aw_lsm_bind";
 pub const PROG_TASK_TABLES: &str = "aw_task_tables";
 
 /// The BPF LSM programs: loaded and attached together, or not at all.
-pub const LSM_PROGRAMS: [&str; 6] = [
+pub const LSM_PROGRAMS: [&str; 7] = [
     PROG_SOCKET_FAMILY,
     PROG_LSM_SETSOCKOPT,
     PROG_LSM_RECVMSG,
     PROG_LSM_SENDMSG,
     PROG_LSM_FILE_RECEIVE,
     PROG_LSM_BIND,
+    PROG_LSM_RING_SETUP,
 ];
 
-pub const ALL_PROGRAMS: [&str; 18] = [
+pub const ALL_PROGRAMS: [&str; 19] = [
     PROG_CONNECT4,
     PROG_CONNECT6,
     PROG_SENDMSG4,
@@ -138,6 +144,7 @@ pub const ALL_PROGRAMS: [&str; 18] = [
     PROG_LSM_SENDMSG,
     PROG_LSM_FILE_RECEIVE,
     PROG_LSM_BIND,
+    PROG_LSM_RING_SETUP,
 ];
 
 /// Capacity of the identity table; identity 0 is reserved (it means "no identity" in event
@@ -367,6 +374,10 @@ pub const REASON_SNI_UNCHECKED: u8 = 21;
 /// seccomp listener's `ADDFD`): the ring's work runs as the process that made it,
 /// which no hook judges as the agent's.
 pub const REASON_FOREIGN_RING: u8 = 22;
+/// An io_uring instance a governed task made where its identity's policy refuses
+/// io_uring ([`IdentityState::io_uring`] 0): what a ring holds and has in flight is more
+/// than any hook reads (a socket another process puts in its table with `MSG_RING`).
+pub const REASON_IO_URING: u8 = 23;
 
 /// [`Event::hook`].
 pub const HOOK_CONNECT4: u8 = 1;
@@ -395,6 +406,9 @@ pub const HOOK_SOCKET_RECEIVE: u8 = 12;
 /// BPF LSM `socket_bind`: a governed socket's bind refused (FREEBIND or TRANSPARENT set).
 /// `family` carries its family and `sock_protocol` the option.
 pub const HOOK_SOCKET_BIND: u8 = 13;
+/// BPF LSM `inode_init_security_anon`: an io_uring instance a governed task makes
+/// (`io_uring_setup`) where its identity's policy refuses io_uring.
+pub const HOOK_IO_URING: u8 = 14;
 /// Whether a record of `hook` (with `port`) is told apart from others in the rate limiter by
 /// its socket type and protocol (`sock_type`, `sock_protocol`) rather than by its port and
 /// protocol: the records of a socket without a peer. The kernel's rate key and the node's,
@@ -403,6 +417,7 @@ pub const fn rate_keyed_by_socket(hook: u8, port: u16) -> bool {
     hook == HOOK_SOCK_CREATE
         || hook == HOOK_SOCKET_FAMILY
         || hook == HOOK_SETSOCKOPT
+        || hook == HOOK_IO_URING
         || (hook == HOOK_SOCKET_RECEIVE && port == 0)
 }
 
@@ -468,7 +483,11 @@ pub struct IdentityState {
     /// [`SNI_OFF`], [`SNI_AUDIT`], [`SNI_ENFORCE`], [`SNI_UNCHECKED`] or
     /// [`SNI_UNCHECKED_AUDIT`].
     pub sni: u8,
-    pub _pad: [u8; 4],
+    /// Non-zero: the identity's policy allows io_uring (`io_uring: allow`); otherwise its
+    /// tasks make no ring, where the kernel runs BPF LSM programs. A map written
+    /// before the field had it 0: refusing until the node writes its policy.
+    pub io_uring: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Value of `AW_CONFIG[0]`.

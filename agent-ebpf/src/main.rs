@@ -14,23 +14,23 @@ use agent_common::{
     DEFAULT_RATE_WINDOW_NS, DNS_ORIGIN_ENTRIES, DNS_PORT, DROPS_GOVERNED, DROPS_UNKNOWN, DnsOrigin,
     EVENT_ALLOW, EVENT_AUDIT, EVENT_DENY, EVENT_SOCK_DENY, EVENT_UNKNOWN_FLOW, EVENTS_RING_BYTES,
     Event, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_EGRESS, HOOK_ERROR_QUEUE, HOOK_INGRESS,
-    HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCKET_BIND,
-    HOOK_SOCKET_FAMILY, HOOK_SOCKET_RECEIVE, HOOK_SOCKET_USE, IDENTITY_ACTIVE, IdentityState,
-    KernelLayout, LOOPBACK_IFINDEX, LOUD_RECORDS, MAX_BINDINGS, MAX_CGROUP_LEVELS, MAX_IDENTITIES,
-    MAX_PORT_ENTRIES, MAX_PORT_SETS, MAX_REGISTERED_RINGS, MODE_AUDIT, PORT_SET_WORDS, PROTO_TCP,
-    PROTO_UDP, PortSet, RATE_ENTRIES, REASON_AFTER_HELLO, REASON_ERROR_QUEUE, REASON_EXPIRED,
-    REASON_FOREIGN_RING, REASON_FOREIGN_SOCKET, REASON_GLOBAL_DENY, REASON_HANDED_SOCKET,
-    REASON_INBOUND, REASON_LOOPBACK_SOURCE, REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE,
-    REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SNI_MISMATCH, REASON_SNI_MISSING,
-    REASON_SNI_UNCHECKED, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION, REASON_SOCKET_TYPE,
-    REASON_UNBOUND, REASON_WIRE, REASON_ZERO_COPY, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES,
-    RateKey, RateState, RecordUsage, RuleSet, SERVER_HELLO, SERVER_RETRY, SERVER_UNSEEN,
-    SLOT_CLAIMED, SNI_AUDIT, SNI_ENFORCE, SNI_MODE, SNI_NAME_ENTRIES, SNI_NAME_MAX, SNI_NONE,
-    SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RETRY, SNI_RULES,
-    SNI_SEEN_ENTRIES, SNI_UNCHECKED, SNI_UNCHECKED_AUDIT, SNI_WATCH, SOCK_DEST_CONNECTED,
-    SOCK_DEST_SENT, SOCK_DESTS, SniName, SockState, TAIL_SNI, TAILS, TaskLayout, TaskTable,
-    UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, http,
-    rate_keyed_by_socket, rule_hit_key,
+    HOOK_IO_URING, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SETSOCKOPT, HOOK_SOCK_CREATE,
+    HOOK_SOCKET_BIND, HOOK_SOCKET_FAMILY, HOOK_SOCKET_RECEIVE, HOOK_SOCKET_USE, IDENTITY_ACTIVE,
+    IdentityState, KernelLayout, LOOPBACK_IFINDEX, LOUD_RECORDS, MAX_BINDINGS, MAX_CGROUP_LEVELS,
+    MAX_IDENTITIES, MAX_PORT_ENTRIES, MAX_PORT_SETS, MAX_REGISTERED_RINGS, MODE_AUDIT,
+    PORT_SET_WORDS, PROTO_TCP, PROTO_UDP, PortSet, RATE_ENTRIES, REASON_AFTER_HELLO,
+    REASON_ERROR_QUEUE, REASON_EXPIRED, REASON_FOREIGN_RING, REASON_FOREIGN_SOCKET,
+    REASON_GLOBAL_DENY, REASON_HANDED_SOCKET, REASON_INBOUND, REASON_IO_URING,
+    REASON_LOOPBACK_SOURCE, REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS,
+    REASON_REVOKED, REASON_SNI_MISMATCH, REASON_SNI_MISSING, REASON_SNI_UNCHECKED,
+    REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE,
+    REASON_ZERO_COPY, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage,
+    RuleSet, SERVER_HELLO, SERVER_RETRY, SERVER_UNSEEN, SLOT_CLAIMED, SNI_AUDIT, SNI_ENFORCE,
+    SNI_MODE, SNI_NAME_ENTRIES, SNI_NAME_MAX, SNI_NONE, SNI_OFF, SNI_PENDING_AUDIT,
+    SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RETRY, SNI_RULES, SNI_SEEN_ENTRIES, SNI_UNCHECKED,
+    SNI_UNCHECKED_AUDIT, SNI_WATCH, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName,
+    SockState, TAIL_SNI, TAILS, TaskLayout, TaskTable, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES,
+    UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, http, rate_keyed_by_socket, rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{
@@ -352,6 +352,13 @@ pub fn aw_lsm_file_receive(ctx: LsmContext) -> i32 {
 #[lsm_cgroup(hook = "socket_bind")]
 pub fn aw_lsm_bind(ctx: LsmContext) -> i32 {
     try_socket_bind(&ctx)
+}
+
+/// A governed task makes no io_uring instance where its identity's policy refuses io_uring:
+/// what a ring holds and has in flight is more than any hook reads.
+#[lsm_cgroup(hook = "inode_init_security_anon")]
+pub fn aw_lsm_ring_setup(ctx: LsmContext) -> i32 {
+    try_ring_setup(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -1417,20 +1424,69 @@ fn is_ring(file: *mut core::ffi::c_void, at: &KernelLayout) -> bool {
         Some(_) => return false,
         None => return true,
     }
-    let Some(name) = kernel_bytes::<u64>(dentry, at.dentry_name_at) else {
-        return true;
-    };
-    // SAFETY: the helper reads kernel memory without faulting; the name is `len` bytes.
+    kernel_bytes::<u64>(dentry, at.dentry_name_at)
+        .and_then(ring_named)
+        .unwrap_or(true)
+}
+
+/// Whether the `RING_NAME.len()` bytes at `name` are [`RING_NAME`]; `None` when unreadable.
+#[inline(always)]
+fn ring_named(name: u64) -> Option<bool> {
+    // SAFETY: the helper reads kernel memory without faulting.
     let (head, tail) = unsafe {
         (
-            bpf_probe_read_kernel(name as *const u64),
-            bpf_probe_read_kernel((name + 8) as *const u16),
+            bpf_probe_read_kernel(name as *const u64).ok()?,
+            bpf_probe_read_kernel((name + 8) as *const u16).ok()?,
         )
     };
-    match (head, tail) {
-        (Ok(head), Ok(tail)) => head == RING_NAME_HEAD && tail == RING_NAME_TAIL,
-        _ => true,
+    Some(head == RING_NAME_HEAD && tail == RING_NAME_TAIL)
+}
+
+/// `struct qstr` on a little-endian kernel: `u32 hash; u32 len;` (one `u64 hash_len`), then
+/// `const unsigned char *name`; so since Linux 3.10.
+const QSTR_LEN_AT: u16 = 4;
+const QSTR_NAME_AT: u16 = 8;
+
+/// `inode_init_security_anon(struct inode *inode, const struct qstr *name, const struct
+/// inode *context_inode)`: the file of an io_uring instance being made is `[io_uring]`.
+#[inline(always)]
+fn try_ring_setup(ctx: &LsmContext) -> i32 {
+    let name: *mut core::ffi::c_void = ctx.arg(1);
+    if name.is_null() {
+        return ALLOW;
     }
+    // Unreadable, it counts as a ring's: judged by the identity's policy, not let through.
+    let ring = match kernel_bytes::<u32>(name, QSTR_LEN_AT) {
+        Some(len) if len as usize != RING_NAME.len() => false,
+        Some(_) => kernel_bytes::<u64>(name, QSTR_NAME_AT)
+            .and_then(ring_named)
+            .unwrap_or(true),
+        None => true,
+    };
+    if !ring {
+        return ALLOW;
+    }
+    // SAFETY: a helper without arguments.
+    let leaf = unsafe { bpf_get_current_cgroup_id() };
+    let Some((_, binding)) = task_binding(leaf) else {
+        return ALLOW;
+    };
+    if AW_IDENTITIES
+        .get(binding.identity)
+        .is_some_and(|st| st.io_uring != 0)
+    {
+        return ALLOW;
+    }
+    let flow = Flow {
+        addr: [0; 16],
+        port: 0,
+        proto: 0,
+        hook: HOOK_IO_URING,
+        family: 0,
+        sock_type: 0,
+        sock_protocol: 0,
+    };
+    refuse_task(&flow, leaf, &binding, REASON_IO_URING)
 }
 
 /// The binding a socket refused after its claim is left under: no session has it, so every

@@ -224,6 +224,8 @@ pub fn base(e: &EventRecord, revision: &str) -> FlowRecord {
                 crate::datapath::family_name(e.family),
                 crate::datapath::socket_detail(e.reason, e.sock_protocol)
             ))
+        } else if e.hook == Hook::IoUring {
+            Some("io_uring instance (io_uring_setup)".to_owned())
         } else if e.hook == Hook::SocketReceive
             && e.reason == Some(crate::policy::model::Reason::ForeignRing)
         {

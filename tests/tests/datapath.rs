@@ -317,6 +317,7 @@ fn rules_with_hundreds_of_ports_hold_in_the_kernel() {
             mode: Mode::Enforce,
             dns: false,
             sni: agentwall::policy::SniCheck::Off,
+            io_uring: agentwall::policy::model::IoUring::Refuse,
         }],
         || {},
         |_| IdentityStatus::Active,
@@ -964,6 +965,7 @@ fn hosts_learned_during_a_change_reach_the_new_rules_and_revocations_stay() {
         mode: Mode::Enforce,
         dns: false,
         sni: agentwall::policy::SniCheck::Off,
+        io_uring: agentwall::policy::model::IoUring::Refuse,
     }];
     let set = |base: Vec<Rule>| {
         vec![IdentityRules {

@@ -2028,6 +2028,7 @@ fn the_self_check_finds_a_line_that_lets_through_what_it_must_refuse() {
         }
         assert_eq!(check["families"]["verdict"], lsm_verdict, "{check}");
         assert_eq!(check["receipt"]["verdict"], lsm_verdict, "{check}");
+        assert_eq!(check["ring"]["verdict"], lsm_verdict, "{check}");
     }
     let s = scrape(addr);
     assert_eq!(metric(&s, "agentwall_selfcheck_ok", &[]), 1.0);

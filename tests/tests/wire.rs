@@ -1233,6 +1233,75 @@ fn enroll_refuses_a_unit_with_an_io_uring_no_descriptor_shows() {
     assert_eq!(without.cmd("send-held"), "err EPERM");
 }
 
+/// Once enrolled, a unit's tasks make no io_uring instance where the identity's policy refuses
+/// io_uring (the BPF LSM line): `enroll` found none in the unit, and so there is no ring
+/// another process could fill with sockets (`IORING_OP_MSG_RING`), nor any taken from one. A
+/// policy that comes to refuse io_uring refuses new rings at once.
+#[test]
+fn an_enrolled_unit_makes_no_ring_where_its_policy_refuses_io_uring() {
+    let fx = fixture("wire-enroll-ring-lsm");
+    let probe_in = |cg: &agentwall::cgroup::Cgroup| {
+        let mut c = Command::new(bin_path("aw-probe"));
+        c.args(["--cgroup", cg.path().to_str().unwrap(), "--cpu", "0"]);
+        fx.link.agent.enter(&mut c);
+        Probe::from_command(c)
+    };
+    let refused = |pid: u32| {
+        wait_flow_where(fx.socket(), "socket-deny", |r| {
+            r["pid"] == pid
+                && r["reason"] == "io_uring, which the identity's policy refuses"
+                && r["protocol"] == "io_uring instance (io_uring_setup)"
+        })
+    };
+
+    let plain = fx._env.cgroup("unit-plain");
+    let mut unit_plain = probe_in(&plain);
+    {
+        let _one = enrolling();
+        agentwall_tests::node::run_ok(&mut fx.enroll_command_as(&plain, PLAIN_ID));
+    }
+    let calls = unit_plain.cmd("uring-calls");
+    if let Some(why) = agentwall_tests::node::lsm_line(fx.socket()) {
+        // No BPF LSM here (`status` says why): after enroll, nothing refuses a ring. The
+        // kernel matrix runs the rest.
+        assert!(calls.starts_with("setup=ok "), "{calls}; {why}");
+        return;
+    }
+    assert!(
+        calls.starts_with("setup=EPERM "),
+        "{calls}; {}",
+        socket_records(fx.socket())
+    );
+    let r = refused(unit_plain.pid);
+    assert_eq!(r["identity"], PLAIN_ID, "{r:#}");
+    // Nor does a ring from an unenrolled process get in (the receipt line).
+    let mut outside = probe_in(&fx._env.cgroup("rings-outside"));
+    let ring = outside.ok_value("keep-ring");
+    assert_eq!(
+        unit_plain.cmd(&format!("take-fd {} {ring}", outside.pid)),
+        "err EPERM"
+    );
+
+    // Under the identity that allows io_uring, rings are made, until its policy refuses
+    // io_uring.
+    let (unit, mut allowed) = fx.unit();
+    fx.enroll(&unit);
+    allowed.ok_value("keep-ring");
+    std::fs::write(
+        fx.dir.path().join("policy/agents.yaml"),
+        POLICY.replace("io_uring: allow\n", ""),
+    )
+    .unwrap();
+    agentwall_tests::node::run_ok(
+        Command::new(bin_path("agentwall"))
+            .args(["policy", "apply", "--socket"])
+            .arg(fx.socket()),
+    );
+    let calls = allowed.cmd("uring-calls");
+    assert!(calls.starts_with("setup=EPERM "), "{calls}");
+    refused(allowed.pid);
+}
+
 /// A unit whose io_uring instances hold registered files but no socket enrolls: a table of
 /// empty slots (liburing's direct descriptors), a registered pipe (splice). What a kernel
 /// prints of them decides where it can tell: a pipe by its path (`pipe:[N]`; older kernels

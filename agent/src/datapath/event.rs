@@ -88,6 +88,9 @@ pub enum Hook {
     SocketReceive,
     /// BPF LSM `socket_bind`: a governed socket's bind while FREEBIND or TRANSPARENT is set.
     SocketBind,
+    /// BPF LSM `inode_init_security_anon`: an io_uring instance a governed task made where its
+    /// identity's policy refuses io_uring.
+    IoUring,
 }
 
 impl Hook {
@@ -102,6 +105,7 @@ impl Hook {
                 | Self::SocketUse
                 | Self::SocketReceive
                 | Self::SocketBind
+                | Self::IoUring
         )
     }
 
@@ -119,6 +123,7 @@ impl Hook {
             c::HOOK_SOCKET_USE => Self::SocketUse,
             c::HOOK_SOCKET_RECEIVE => Self::SocketReceive,
             c::HOOK_SOCKET_BIND => Self::SocketBind,
+            c::HOOK_IO_URING => Self::IoUring,
             c::HOOK_SOCKET_FAMILY => Self::SocketFamily,
             _ => return None,
         })
@@ -476,5 +481,17 @@ mod tests {
             .expect("decodes")
             .rate_key;
         assert_eq!((k.port, k.proto), (8080, c::PROTO_TCP));
+        // A ring made: a record about no socket and no flow.
+        let ring = EventRecord::from_raw(&Event {
+            sock_type: 0,
+            sock_protocol: 0,
+            reason: c::REASON_IO_URING,
+            ..event(c::HOOK_IO_URING, 0)
+        })
+        .expect("decodes");
+        assert_eq!(ring.hook, Hook::IoUring);
+        assert!(ring.hook.is_socket());
+        assert_eq!(ring.reason, Some(Reason::IoUring));
+        assert_eq!((ring.rate_key.port, ring.rate_key.proto), (0, 0));
     }
 }

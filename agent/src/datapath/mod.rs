@@ -46,7 +46,7 @@ use crate::{
     clock::BootInstant,
     policy::{
         CompileError, CompiledTrie, IdentityStatus, Mode, Net, Rule, UnknownFlows, compile_rules,
-        model::SniCheck,
+        model::{IoUring, SniCheck},
     },
 };
 
@@ -309,6 +309,7 @@ fn lsm_hook(name: &str) -> &'static str {
         c::PROG_LSM_SENDMSG => "socket_sendmsg",
         c::PROG_LSM_FILE_RECEIVE => "file_receive",
         c::PROG_LSM_BIND => "socket_bind",
+        c::PROG_LSM_RING_SETUP => "inode_init_security_anon",
         _ => "socket_create",
     }
 }
@@ -379,7 +380,8 @@ fn attach_type(name: &str) -> u32 {
         | c::PROG_LSM_RECVMSG
         | c::PROG_LSM_SENDMSG
         | c::PROG_LSM_FILE_RECEIVE
-        | c::PROG_LSM_BIND => sys::ATTACH_LSM_CGROUP,
+        | c::PROG_LSM_BIND
+        | c::PROG_LSM_RING_SETUP => sys::ATTACH_LSM_CGROUP,
         _ => sys::ATTACH_INET_SOCK_CREATE,
     }
 }
@@ -610,6 +612,8 @@ pub struct IdentityConfig {
     pub dns: bool,
     /// The TLS server-name check of connections only its name rules allow.
     pub sni: SniCheck,
+    /// Whether its tasks may make and map io_uring instances (the BPF LSM line).
+    pub io_uring: IoUring,
 }
 
 /// Tries a thread builds at least (fewer are not worth a thread).
@@ -1122,6 +1126,7 @@ impl Datapath {
         mode: Mode,
         dns: u8,
         sni: SniCheck,
+        io_uring: IoUring,
     ) -> IdentityState {
         let checked = self.server_names == ServerNameCheck::Loaded;
         IdentityState {
@@ -1141,7 +1146,8 @@ impl Datapath {
                 SniCheck::Audit => c::SNI_UNCHECKED_AUDIT,
                 SniCheck::Off => c::SNI_OFF,
             },
-            _pad: [0; 4],
+            io_uring: u8::from(io_uring == IoUring::Allow),
+            _pad: [0; 3],
         }
     }
 
@@ -1168,12 +1174,24 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         Self::check_identity(identity)?;
         let mut map = lock(&self.identities);
-        // DNS steering is set on its own (set_dns) and survives a change of status or mode.
-        let (dns, sni) = map
-            .get(&identity, 0)
-            .map_or((0, SniCheck::Off), |s| (s.dns, Self::sni_of(s.sni)));
-        map.set(identity, self.state_value(status, mode, dns, sni), 0)
-            .map_err(map_err(c::MAP_IDENTITIES))
+        // DNS steering is set on its own (set_dns) and survives a change of status or mode, as
+        // do the server-name check and io_uring (an apply sets them).
+        let (dns, sni, io_uring) =
+            map.get(&identity, 0)
+                .map_or((0, SniCheck::Off, IoUring::Refuse), |s| {
+                    let io_uring = if s.io_uring != 0 {
+                        IoUring::Allow
+                    } else {
+                        IoUring::Refuse
+                    };
+                    (s.dns, Self::sni_of(s.sni), io_uring)
+                });
+        map.set(
+            identity,
+            self.state_value(status, mode, dns, sni, io_uring),
+            0,
+        )
+        .map_err(map_err(c::MAP_IDENTITIES))
     }
 
     fn sni_of(code: u8) -> SniCheck {
@@ -1191,7 +1209,13 @@ impl Datapath {
         let mut map = lock(&self.identities);
         let mut state = map.get(&identity, 0).map_err(map_err(c::MAP_IDENTITIES))?;
         state.sni = self
-            .state_value(IdentityStatus::Active, Mode::Enforce, 0, sni)
+            .state_value(
+                IdentityStatus::Active,
+                Mode::Enforce,
+                0,
+                sni,
+                IoUring::Refuse,
+            )
             .sni;
         map.set(identity, state, 0)
             .map_err(map_err(c::MAP_IDENTITIES))
@@ -1534,7 +1558,13 @@ impl Datapath {
         let mut keys: Vec<u8> = Vec::with_capacity(configs.len() * 4);
         let mut values: Vec<u8> = Vec::with_capacity(configs.len() * size_of::<IdentityState>());
         for c in configs {
-            let v = self.state_value(status_of(c.identity), c.mode, u8::from(c.dns), c.sni);
+            let v = self.state_value(
+                status_of(c.identity),
+                c.mode,
+                u8::from(c.dns),
+                c.sni,
+                c.io_uring,
+            );
             keys.extend_from_slice(&c.identity.to_ne_bytes());
             // SAFETY: IdentityState is repr(C) plain old data with explicit padding.
             values.extend_from_slice(unsafe {
@@ -1550,7 +1580,13 @@ impl Datapath {
         let mut map = lock(&self.identities);
         let (mut failed, mut first) = (0, None);
         for c in configs {
-            let v = self.state_value(status_of(c.identity), c.mode, u8::from(c.dns), c.sni);
+            let v = self.state_value(
+                status_of(c.identity),
+                c.mode,
+                u8::from(c.dns),
+                c.sni,
+                c.io_uring,
+            );
             if let Err(e) = map.set(c.identity, v, 0) {
                 failed += 1;
                 first.get_or_insert(e);

@@ -69,7 +69,7 @@ pub enum CanaryError {
 }
 
 /// What one line did with the act the canary tried.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "verdict", content = "detail", rename_all = "snake_case")]
 pub enum Outcome {
     /// Refused with EPERM, as the line refuses.
@@ -77,7 +77,9 @@ pub enum Outcome {
     /// Not refused by the line: what the canary saw instead.
     NotRefused(String),
     /// The line is not in force here (status says why, under `socket_families`), or the
-    /// kernel lacks the socket family tried.
+    /// kernel lacks the socket family tried. What a node's answer that has no such line
+    /// (an older node's) reads as.
+    #[default]
     NotChecked,
     /// The act could not be tried (the canary could not make its socket, say): no verdict.
     Error(String),
@@ -111,13 +113,18 @@ pub struct SelfCheck {
     /// it joined its cgroup and taken over a unix socket after (the receipt line,
     /// `file_receive`).
     pub receipt: Outcome,
+    /// `io_uring_setup` (the BPF LSM ring line; the canary's number refuses io_uring). Not
+    /// checked where the host refuses io_uring to everyone (`kernel.io_uring_disabled=2`) or
+    /// has none.
+    #[serde(default)]
+    pub ring: Outcome,
     /// Why the check itself could not run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
 /// The acts the canary tries, one per line, in [`SelfCheck::lines`]' order.
-const LINES: usize = 8;
+const LINES: usize = 9;
 
 impl SelfCheck {
     fn lines(&self) -> [(&'static str, &Outcome); LINES] {
@@ -130,6 +137,7 @@ impl SelfCheck {
             ("raw", &self.raw),
             ("families", &self.families),
             ("receipt", &self.receipt),
+            ("ring", &self.ring),
         ]
     }
 
@@ -148,6 +156,7 @@ impl SelfCheck {
             raw,
             families,
             receipt,
+            ring,
         ] = outcomes;
         let mut c = Self {
             at,
@@ -161,6 +170,7 @@ impl SelfCheck {
             raw,
             families,
             receipt,
+            ring,
             error,
         };
         c.ok = c.error.is_none()
@@ -442,6 +452,9 @@ fn run_canary(cgroup: &Cgroup, lsm: bool) -> Result<[Outcome; LINES], CanaryErro
         .open(cgroup.path().join("cgroup.procs"))
         .map_err(io("opening the canary cgroup's cgroup.procs"))?;
     let (ours, theirs) = socketpair().map_err(io("socketpair"))?;
+    // Where the host refuses io_uring to every process, a refusal says nothing of the line.
+    let rings = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .map_or(true, |v| v.trim() != "2");
     // Signals stay blocked across the fork: the child must never run the parent's handlers
     // (tokio's write to the runtime's own pipe), and resets them before unblocking.
     // SAFETY: sigset operations on stack values.
@@ -456,7 +469,7 @@ fn run_canary(cgroup: &Cgroup, lsm: bool) -> Result<[Outcome; LINES], CanaryErro
     // the fork, then _exit()s (see `canary_child`).
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        canary_child(procs.as_raw_fd(), theirs.as_raw_fd(), lsm);
+        canary_child(procs.as_raw_fd(), theirs.as_raw_fd(), lsm, rings);
     }
     // SAFETY: restores this thread's mask.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
@@ -488,6 +501,7 @@ fn run_canary(cgroup: &Cgroup, lsm: bool) -> Result<[Outcome; LINES], CanaryErro
         "created",
         "created",
         "taken",
+        "made",
     ];
     let errno = |e: i32| io::Error::from_raw_os_error(e).to_string();
     Ok(std::array::from_fn(|i| match words[i] {
@@ -556,7 +570,7 @@ fn read_answer(ours: &OwnedFd) -> Result<[i32; LINES], CanaryError> {
 
 /// The canary itself, in the forked child: only async-signal-safe system calls (the parent
 /// has threads whose locks the child inherits held), no allocation, then `_exit`.
-fn canary_child(procs: RawFd, chan: RawFd, lsm: bool) -> ! {
+fn canary_child(procs: RawFd, chan: RawFd, lsm: bool, rings: bool) -> ! {
     // SAFETY: system calls on the child's own descriptors, stack and signal state.
     unsafe {
         // The parent's handlers are not the child's: defaults, then unblocked.
@@ -649,8 +663,32 @@ fn canary_child(procs: RawFd, chan: RawFd, lsm: bool) -> ! {
             // A packet socket that hears nothing (protocol 0).
             words[6] = try_create(libc::AF_PACKET, libc::SOCK_DGRAM, 0);
             words[7] = try_receive(pair[1]);
+            if rings {
+                words[8] = try_ring();
+            }
         }
         answer(words)
+    }
+}
+
+/// Making an io_uring instance, which the ring line must refuse: 0 refused, [`DONE`] made,
+/// [`NO_FAMILY`] where the kernel has no io_uring, or the errno it got instead.
+///
+/// # Safety
+/// Plain system calls.
+unsafe fn try_ring() -> i32 {
+    // SAFETY: io_uring_setup with a zeroed `struct io_uring_params` (120 bytes) on the stack.
+    unsafe {
+        let mut params = [0u32; 30];
+        let fd = libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr());
+        if fd >= 0 {
+            libc::close(fd as i32);
+            return DONE;
+        }
+        match errno_or_refused() {
+            libc::ENOSYS => NO_FAMILY,
+            e => e,
+        }
     }
 }
 

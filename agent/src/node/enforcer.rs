@@ -370,7 +370,7 @@ impl Enforcer {
                 named.insert(n);
             }
             rules.insert(n, r);
-            modes.push((n, a.mode, a.sni));
+            modes.push((n, a.mode, a.sni, a.io_uring));
             names.insert(
                 n,
                 Arc::new(NameAccess {
@@ -382,11 +382,12 @@ impl Enforcer {
         // Every identity's DNS goes through the proxy: what it may resolve is policy too.
         let mut configs: Vec<IdentityConfig> = modes
             .into_iter()
-            .map(|(identity, mode, sni)| IdentityConfig {
+            .map(|(identity, mode, sni, io_uring)| IdentityConfig {
                 identity,
                 mode,
                 dns: self.dns_on,
                 sni,
+                io_uring,
             })
             .collect();
         // An identity the policy no longer names is denied everything: enforce mode (an
@@ -397,6 +398,7 @@ impl Enforcer {
                 mode: crate::policy::Mode::Enforce,
                 dns: false,
                 sni: crate::policy::model::SniCheck::Off,
+                io_uring: crate::policy::model::IoUring::Refuse,
             },
         ));
         // The proxy listens before any DNS is steered to it: for the identities of the policy

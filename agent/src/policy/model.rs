@@ -466,6 +466,9 @@ pub enum Reason {
     /// An io_uring instance taken by a governed task from another process (the BPF LSM line):
     /// its work would run as the process that made it.
     ForeignRing,
+    /// An io_uring instance a governed task made where its identity's policy refuses
+    /// io_uring (the BPF LSM line).
+    IoUring,
 }
 
 impl Reason {
@@ -493,6 +496,7 @@ impl Reason {
             Self::AfterHello => c::REASON_AFTER_HELLO,
             Self::SniUnchecked => c::REASON_SNI_UNCHECKED,
             Self::ForeignRing => c::REASON_FOREIGN_RING,
+            Self::IoUring => c::REASON_IO_URING,
         }
     }
 
@@ -520,6 +524,7 @@ impl Reason {
             c::REASON_AFTER_HELLO => Self::AfterHello,
             c::REASON_SNI_UNCHECKED => Self::SniUnchecked,
             c::REASON_FOREIGN_RING => Self::ForeignRing,
+            c::REASON_IO_URING => Self::IoUring,
             _ => return None,
         })
     }
@@ -564,6 +569,7 @@ impl Reason {
             Self::ForeignRing => {
                 "io_uring instance from another process (its work would run as that process, ungoverned)"
             }
+            Self::IoUring => "io_uring, which the identity's policy refuses",
         }
     }
 }
