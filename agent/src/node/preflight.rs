@@ -443,10 +443,11 @@ fn binder(misc: std::io::Result<String>, filesystems: std::io::Result<String>) -
 
 /// `kernel.io_uring_disabled` (Linux 6.6; before, io_uring is open to all): `launch` keeps
 /// io_uring from agents whose policy does not allow it, and `enroll` refuses a unit that used
-/// it, but an `enroll`ed unit's processes run under no filter of ours afterwards.
+/// it; an `enroll`ed unit's processes are kept from it afterwards by the BPF LSM line alone,
+/// which this check cannot tell will load.
 fn io_uring(file: std::io::Result<String>) -> Finding {
     const WHAT: &str = "io_uring";
-    const UNITS: &str = "agents `launch` starts are refused it unless their policy says `io_uring: allow`; `enroll` refuses a unit whose processes used it under such a policy, but keeps none from it once enrolled (give units `SystemCallFilter=~io_uring_setup io_uring_enter io_uring_register pidfd_getfd`, or set kernel.io_uring_disabled=2)";
+    const UNITS: &str = "agents `launch` starts are refused it unless their policy says `io_uring: allow`; `enroll` refuses a unit whose processes used it under such a policy, and once enrolled its tasks make no ring only where the node's BPF LSM line is enforced (`status`: socket_families); where it is not, give units `SystemCallFilter=~io_uring_setup io_uring_enter io_uring_register pidfd_getfd`, or set kernel.io_uring_disabled=2";
     match file.as_deref().map(str::trim) {
         Ok("2") => finding(
             WHAT,
