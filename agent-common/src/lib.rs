@@ -106,7 +106,7 @@ pub const PROG_LSM_BIND: &str = "aw_lsm_bind";
 /// BPF LSM (`lsm_cgroup/inode_init_security_anon`): a governed task makes no io_uring
 /// instance where its identity's policy refuses io_uring (`enroll` refuses a unit that has
 /// one; this keeps it so after). Every ring's file is an anonymous inode of its own, made
-/// through this hook, since Linux 5.12.
+/// through this hook, since Linux 5.15.
 pub const PROG_LSM_RING_SETUP: &str = "aw_lsm_ring_setup";
 
 /// The task census (`iter/task`): a row for each task on the host that has a descriptor

@@ -1471,9 +1471,11 @@ fn try_ring_setup(ctx: &LsmContext) -> i32 {
     let Some((_, binding)) = task_binding(leaf) else {
         return ALLOW;
     };
-    if AW_IDENTITIES
-        .get(binding.identity)
-        .is_some_and(|st| st.io_uring != 0)
+    // Allowed only to a live session of an identity whose policy allows io_uring.
+    if binding.revoked == 0
+        && AW_IDENTITIES
+            .get(binding.identity)
+            .is_some_and(|st| st.io_uring != 0 && st.state == IDENTITY_ACTIVE)
     {
         return ALLOW;
     }

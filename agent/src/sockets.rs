@@ -1148,7 +1148,20 @@ pub fn unjudged(
             });
         }
     }
-    Ok((found, RingsRead(scan.rings_read)))
+    let mut holders: Vec<u32> = scan
+        .ring_holders
+        .into_iter()
+        .chain(scan.ring_maps.into_keys())
+        .collect();
+    holders.sort_unstable();
+    holders.dedup();
+    Ok((
+        found,
+        RingsRead {
+            inodes: scan.rings_read,
+            holders,
+        },
+    ))
 }
 
 /// A task's name (`/proc/TID/comm`), for a message; empty once it is gone.
@@ -1158,9 +1171,14 @@ pub fn comm(tid: u32) -> String {
         .unwrap_or_default()
 }
 
-/// The io_uring instances whose `fdinfo` a scan read through a descriptor, by inode.
+/// The io_uring instances whose `fdinfo` a scan read through a descriptor, by inode, and the
+/// processes that hold a ring by descriptor or map one.
 #[derive(Debug, Default)]
-pub struct RingsRead(HashSet<u64>);
+pub struct RingsRead {
+    inodes: HashSet<u64>,
+    /// In order, each once.
+    pub holders: Vec<u32>,
+}
 
 impl RingsRead {
     /// The rings of `registered` (`(task, inode)`: the io_uring instances the unit's tasks
@@ -1171,7 +1189,7 @@ impl RingsRead {
         let own_inodes = !registered.is_empty() && ring_kernel().own_inodes;
         registered
             .iter()
-            .filter(|(_, ino)| !own_inodes || *ino == 0 || !self.0.contains(ino))
+            .filter(|(_, ino)| !own_inodes || *ino == 0 || !self.inodes.contains(ino))
             .map(|&(tid, _)| Unjudged {
                 pid: tid,
                 comm: comm(tid),

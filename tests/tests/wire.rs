@@ -1254,7 +1254,28 @@ fn an_enrolled_unit_makes_no_ring_where_its_policy_refuses_io_uring() {
         })
     };
 
+    // A ring held with no io_uring context (taken from another process before the binding,
+    // or inherited over fork) is a ring a process outside could fill with sockets later:
+    // refused under that policy.
+    let mut outside = probe_in(&fx._env.cgroup("rings-outside"));
+    let ring = outside.ok_value("keep-ring");
     let plain = fx._env.cgroup("unit-plain");
+    let mut holder = probe_in(&plain);
+    holder.ok_value(&format!("take-fd {} {ring}", outside.pid));
+    let out = {
+        let _one = enrolling();
+        fx.enroll_command_as(&plain, PLAIN_ID).output().unwrap()
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            ": task {} (\"aw-probe\") used io_uring, which the identity's policy refuses",
+            holder.pid
+        )),
+        "{err}"
+    );
+    drop(holder);
     let mut unit_plain = probe_in(&plain);
     {
         let _one = enrolling();
@@ -1275,8 +1296,6 @@ fn an_enrolled_unit_makes_no_ring_where_its_policy_refuses_io_uring() {
     let r = refused(unit_plain.pid);
     assert_eq!(r["identity"], PLAIN_ID, "{r:#}");
     // Nor does a ring from an unenrolled process get in (the receipt line).
-    let mut outside = probe_in(&fx._env.cgroup("rings-outside"));
-    let ring = outside.ok_value("keep-ring");
     assert_eq!(
         unit_plain.cmd(&format!("take-fd {} {ring}", outside.pid)),
         "err EPERM"

@@ -114,8 +114,8 @@ pub struct SelfCheck {
     /// `file_receive`).
     pub receipt: Outcome,
     /// `io_uring_setup` (the BPF LSM ring line; the canary's number refuses io_uring). Not
-    /// checked where the host refuses io_uring to everyone (`kernel.io_uring_disabled=2`) or
-    /// has none.
+    /// checked where the canary could not make a ring before it joined its cgroup (the host
+    /// refuses io_uring to it, `kernel.io_uring_disabled`, a filter, or has none).
     #[serde(default)]
     pub ring: Outcome,
     /// Why the check itself could not run.
@@ -452,7 +452,8 @@ fn run_canary(cgroup: &Cgroup, lsm: bool) -> Result<[Outcome; LINES], CanaryErro
         .open(cgroup.path().join("cgroup.procs"))
         .map_err(io("opening the canary cgroup's cgroup.procs"))?;
     let (ours, theirs) = socketpair().map_err(io("socketpair"))?;
-    // Where the host refuses io_uring to every process, a refusal says nothing of the line.
+    // Where the host refuses io_uring to every process, a refusal says nothing of the line
+    // (the canary also tries one before it is governed).
     let rings = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
         .map_or(true, |v| v.trim() != "2");
     // Signals stay blocked across the fork: the child must never run the parent's handlers
@@ -635,6 +636,9 @@ fn canary_child(procs: RawFd, chan: RawFd, lsm: bool, rings: bool) -> ! {
             }
             libc::close(s);
         }
+        // Ungoverned yet, a ring it cannot make (a seccomp filter the node runs under,
+        // `io_uring_disabled=1` without CAP_SYS_ADMIN, another LSM) says nothing of the line.
+        let rings = lsm && rings && try_ring() == DONE;
         // "0": the writing process itself.
         if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
             answer(setup_failed);

@@ -872,12 +872,26 @@ impl Sessions {
         // A task with an io_uring context may have requests in flight that hold a ring, and
         // with it sockets, that no descriptor, mapping or registration shows (a ring kept
         // alive by a poll on itself, worked by its SQPOLL thread): only a policy that allows
-        // io_uring takes that.
-        if io_uring == crate::policy::model::IoUring::Refuse && !rings.users.is_empty() {
-            return Err(SessionError::UsesIoUring {
-                path: cg.path().to_owned(),
-                tasks: named_tasks(&rings.users),
-            });
+        // io_uring takes that. Nor does a policy that refuses it take a ring held with no
+        // context (inherited over fork, taken with `pidfd_getfd` before the binding): once
+        // bound, the unit makes no ring, and any ring it holds is one a process outside can
+        // fill with sockets (`IORING_OP_MSG_RING`, `IORING_REGISTER_FILES`).
+        if io_uring == crate::policy::model::IoUring::Refuse {
+            let mut used: Vec<u32> = rings
+                .users
+                .iter()
+                .copied()
+                .chain(rings_read.holders.iter().copied())
+                .chain(rings.registered.iter().map(|&(tid, _)| tid))
+                .collect();
+            used.sort_unstable();
+            used.dedup();
+            if !used.is_empty() {
+                return Err(SessionError::UsesIoUring {
+                    path: cg.path().to_owned(),
+                    tasks: named_tasks(&used),
+                });
+            }
         }
         // A ring a task registered with itself and holds by no descriptor: the scan could not
         // read it.
