@@ -1260,6 +1260,10 @@ pub enum Stir {
         "the unit was thawed while it was frozen for the scan (its cgroup.freeze written by root: a container runtime's unpause, systemctl thaw): what its tasks did was not read; enroll again"
     )]
     Thawed,
+    #[error(
+        "the identity's policy came to refuse io_uring while the unit was frozen for the scan, and its tasks used io_uring: enroll again (refused, or restart them without it)"
+    )]
+    IoUringRefused,
     #[error("{0}")]
     Read(#[source] io::Error),
     #[error("{0}")]

@@ -777,6 +777,85 @@ fn enroll_freezes_only_what_it_owns_and_a_crash_leaves_nothing_frozen() {
 /// nothing is bound, recorded or kept. A fail point holds the node there while the test does
 /// what root would, and kills a tracer in the unit (its tracee, let be while its tracer was
 /// frozen, runs).
+/// A policy applied while an enroll scans its unit is the one the unit is bound under: one that
+/// comes to refuse io_uring then refuses a unit whose tasks used it, as if it had been in force
+/// from the start, and the binding made meanwhile is taken away.
+#[test]
+fn an_enroll_whose_policy_comes_to_refuse_io_uring_while_it_scans_is_refused() {
+    let allowing = POLICY.replacen(
+        "identity: spiffe://example.org/agent/support\n",
+        "identity: spiffe://example.org/agent/support\nio_uring: allow\n",
+        1,
+    );
+    let (env, tmp, ca) = setup("enroll-uring-switch", &allowing);
+    let dir = tmp.path();
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let unit = env.cgroup("services/ring.service");
+    let mut svc = Probe::spawn(&unit);
+    svc.ok_value("keep-ring");
+    let gate = dir.join("bind-gate");
+    let spec = format!("enroll-before-bind=1*return({})", gate.display());
+    let node = NodeProc::start_env(
+        &env,
+        dir,
+        &[],
+        &[("AGENTWALL_FAILPOINTS", Path::new(&spec))],
+    );
+    let before = status_json(&node.socket)["map_fill"]["bindings"].clone();
+    std::fs::write(&gate, "").unwrap();
+    let running = {
+        let (socket, cert, key) = (node.socket.clone(), cert.clone(), key.clone());
+        let cg = unit.path().to_owned();
+        std::thread::spawn(move || {
+            agentwall_tests::node::enroll_command(&socket, &cg, &cert, &key)
+                .output()
+                .unwrap()
+        })
+    };
+    let reached = PathBuf::from(format!("{}.reached", gate.display()));
+    eventually("the node at the gate", Duration::from_secs(60), || {
+        if reached.exists() {
+            Ok(())
+        } else {
+            Err("not yet".to_owned())
+        }
+    });
+    // Judged under `allow`, held before its binding: the policy now refuses io_uring.
+    std::fs::write(dir.join("policy/agents.yaml"), POLICY).unwrap();
+    agentwall_tests::node::run_ok(
+        Command::new(bin_path("agentwall"))
+            .args(["policy", "apply", "--socket"])
+            .arg(&node.socket),
+    );
+    std::fs::remove_file(&gate).unwrap();
+    let out = running.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: the identity's policy came to refuse io_uring while the unit was frozen for the scan, and its tasks used io_uring: enroll again (refused, or restart them without it)",
+            unit.path().display()
+        )),
+        "{err}"
+    );
+    let s = status_json(&node.socket);
+    assert_eq!(s["map_fill"]["bindings"], before, "{s}");
+    assert_eq!(s["identities"][0]["sessions"], serde_json::json!([]), "{s}");
+    // Enrolled again, it is refused for what it holds.
+    let out = agentwall_tests::node::enroll_command(&node.socket, unit.path(), &cert, &key)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "task {} (\"aw-probe\") used io_uring, which the identity's policy refuses",
+            svc.pid
+        )),
+        "{err}"
+    );
+}
+
 #[test]
 fn enroll_refuses_and_unbinds_a_unit_that_stirred_before_its_binding() {
     let (env, tmp, ca) = setup("thawed", POLICY);

@@ -810,7 +810,6 @@ impl Node {
         follow: Option<crate::api::Followed>,
     ) -> crate::api::Response {
         let id = peer.id.to_string();
-        let io_uring = self.io_uring_of(&id);
         let enrolled = self
             .enforcing()
             .and_then(|()| {
@@ -822,7 +821,7 @@ impl Node {
                     &peer,
                     path,
                     follow,
-                    io_uring,
+                    || self.io_uring_of(&id),
                     || self.admissible(&id),
                     |n| self.name_of(n),
                 )

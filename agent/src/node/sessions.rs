@@ -782,7 +782,7 @@ impl Sessions {
         peer: &VerifiedPeer,
         path: &Path,
         follow: Option<api::Followed>,
-        io_uring: crate::policy::model::IoUring,
+        io_uring: impl Fn() -> crate::policy::model::IoUring,
         admit: impl FnOnce() -> Result<u32, SessionError>,
         owner: impl Fn(u32) -> String,
     ) -> Result<PathBuf, SessionError> {
@@ -876,22 +876,21 @@ impl Sessions {
         // context (inherited over fork, taken with `pidfd_getfd` before the binding): once
         // bound, the unit makes no ring, and any ring it holds is one a process outside can
         // fill with sockets (`IORING_OP_MSG_RING`, `IORING_REGISTER_FILES`).
-        if io_uring == crate::policy::model::IoUring::Refuse {
-            let mut used: Vec<u32> = rings
-                .users
-                .iter()
-                .copied()
-                .chain(rings_read.holders.iter().copied())
-                .chain(rings.registered.iter().map(|&(tid, _)| tid))
-                .collect();
-            used.sort_unstable();
-            used.dedup();
-            if !used.is_empty() {
-                return Err(SessionError::UsesIoUring {
-                    path: cg.path().to_owned(),
-                    tasks: named_tasks(&used),
-                });
-            }
+        let mut used: Vec<u32> = rings
+            .users
+            .iter()
+            .copied()
+            .chain(rings_read.holders.iter().copied())
+            .chain(rings.registered.iter().map(|&(tid, _)| tid))
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        let judged = io_uring();
+        if judged == crate::policy::model::IoUring::Refuse && !used.is_empty() {
+            return Err(SessionError::UsesIoUring {
+                path: cg.path().to_owned(),
+                tasks: named_tasks(&used),
+            });
         }
         // A ring a task registered with itself and holds by no descriptor: the scan could not
         // read it.
@@ -916,7 +915,18 @@ impl Sessions {
         // Frozen still once the binding is in force: a thaw (root's) before it would have let
         // the unit's tasks run ungoverned. A cgroup bound here already was governed by this
         // identity throughout, and a refusal would take its binding away.
-        let confirm = || still.held(&cg);
+        // And judged under the policy in force: one applied since that refuses io_uring
+        // refuses a unit that used it (once bound, it is judged as rings made before).
+        let confirm = || {
+            still.held(&cg)?;
+            if judged == crate::policy::model::IoUring::Allow
+                && !used.is_empty()
+                && io_uring() == crate::policy::model::IoUring::Refuse
+            {
+                return Err(crate::sockets::Stir::IoUringRefused);
+            }
+            Ok(())
+        };
         let mut table = lock(&self.table);
         let placed = Placed {
             cg: &cg,
