@@ -4,7 +4,7 @@
 //! once per namespace the identity's processes use, on a thread that has entered it.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fs, io,
     os::fd::{AsRawFd as _, OwnedFd},
     path::Path,
@@ -318,6 +318,10 @@ pub enum Unjudgeable {
     /// frozen, so a process outside it is working the ring, and what the ring holds and who
     /// carries out its work cannot be read.
     BusyRing,
+    /// An io_uring instance read once, past the scan's budget of reads again: whether a
+    /// process outside the unit works it (its SQPOLL thread, shown only when its lock is
+    /// free) was not settled.
+    UnsettledRing,
 }
 
 impl std::fmt::Display for Unjudged {
@@ -367,6 +371,11 @@ impl std::fmt::Display for Unjudged {
                     ": an io_uring instance a process outside the cgroup keeps busy (its lock held at every read, so what it holds and who works it cannot be read)",
                 );
             }
+            Unjudgeable::UnsettledRing => {
+                return f.write_str(
+                    ": an io_uring instance past the rings a scan reads again (its SQPOLL thread unsettled: close the unit's spare rings)",
+                );
+            }
             _ => write!(f, ": {} socket ", self.kind)?,
         }
         match &self.why {
@@ -391,7 +400,8 @@ impl std::fmt::Display for Unjudged {
             | Unjudgeable::UnheldRing
             | Unjudgeable::InheritedRing
             | Unjudgeable::ForeignRingThread
-            | Unjudgeable::BusyRing => f.write_str("of a kind governed agents may not use"),
+            | Unjudgeable::BusyRing
+            | Unjudgeable::UnsettledRing => f.write_str("of a kind governed agents may not use"),
         }
     }
 }
@@ -434,6 +444,10 @@ struct Scan {
     /// The processes holding a ring by descriptor, and the inodes of the rings read so.
     ring_holders: HashSet<u32>,
     rings_read: HashSet<u64>,
+    /// Each ring's settled reading, by inode: its other descriptors are not read again.
+    ring_reads: HashMap<u64, (String, RingThread)>,
+    /// Reads again so far, of [`RING_REREADS`].
+    rereads: usize,
 }
 
 /// The tasks (threads) of `pid`: a thread may have its own namespace.
@@ -713,6 +727,10 @@ fn ring_files(fdinfo: &str, form: RingForm) -> RingFiles {
 /// as long as its read takes).
 const RING_READS: usize = 8;
 const RING_READ_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
+/// The reads again one scan makes in all (about 4 s of pauses): a unit holding many rings
+/// (or one ring behind many descriptors, each ring read once) cannot stretch an enroll, which
+/// holds up every other, for hours. Past it, a ring whose first read settles nothing refuses.
+const RING_REREADS: usize = 2048;
 
 /// What an io_uring instance's `fdinfo` says of its SQPOLL thread. The kernel reads the
 /// thread only when it takes the ring's lock at once: since Linux 6.15 a ring whose lock it
@@ -798,6 +816,42 @@ fn shares(pid: u32, tid: u32, kind: i32) -> bool {
 }
 
 impl Scan {
+    /// A ring's `fdinfo` (through `info`), read again while it names no thread (the lock busy:
+    /// nothing past the generic lines since 6.15, `SqThread: -1` before, where a free lock
+    /// shows the same); the first read that names one settles it, a busy read never replaces
+    /// a settled one, and where a busy ring shows nothing `SqThread: -1` settles it too. True
+    /// third: the scan's reads again ran out before it settled.
+    fn read_ring(
+        &mut self,
+        info: &dyn Fn() -> io::Result<String>,
+    ) -> io::Result<(String, RingThread, bool)> {
+        let told_when_busy = matches!(
+            ring_kernel().form,
+            RingForm::Paths {
+                quiet_when_busy: true
+            }
+        );
+        let mut text = info()?;
+        let mut thread = sq_thread(&text);
+        for _ in 1..RING_READS {
+            if matches!(thread, RingThread::Task(_)) || told_when_busy && thread == RingThread::None
+            {
+                return Ok((text, thread, false));
+            }
+            if self.rereads >= RING_REREADS {
+                return Ok((text, thread, true));
+            }
+            self.rereads += 1;
+            std::thread::sleep(RING_READ_PAUSE);
+            let again = info()?;
+            let now = sq_thread(&again);
+            if now != RingThread::Busy || thread == RingThread::Busy {
+                (text, thread) = (again, now);
+            }
+        }
+        Ok((text, thread, false))
+    }
+
     /// Counts `n` more reads against [`SCAN_BUDGET`].
     fn spend(&mut self, n: usize) -> io::Result<()> {
         self.read += n;
@@ -905,28 +959,29 @@ impl Scan {
                         Err(e) => return Err(scan_error(&link, e)),
                     };
                     self.ring_holders.insert(pid);
-                    // Read again while it names no thread (the lock busy: nothing past the
-                    // generic lines since 6.15, `SqThread: -1` before); the first read that
-                    // names one settles it, and a busy read never replaces a settled one.
-                    let mut text = info()?;
-                    let mut thread = sq_thread(&text);
-                    for _ in 1..RING_READS {
-                        if matches!(thread, RingThread::Task(_)) {
-                            break;
+                    let (text, thread, unsettled) = match self.ring_reads.get(&ino) {
+                        // Another descriptor of a ring read already; what a launcher keeps
+                        // is told by this descriptor's own flags.
+                        Some((text, thread)) if which == Descriptors::All => {
+                            (text.clone(), *thread, false)
                         }
-                        std::thread::sleep(RING_READ_PAUSE);
-                        let again = info()?;
-                        let now = sq_thread(&again);
-                        if now != RingThread::Busy || thread == RingThread::Busy {
-                            (text, thread) = (again, now);
+                        Some((_, thread)) => (info()?, *thread, false),
+                        None => {
+                            let (text, thread, unsettled) = self.read_ring(&info)?;
+                            if !text.is_empty() && !unsettled {
+                                self.ring_reads.insert(ino, (text.clone(), thread));
+                            }
+                            (text, thread, unsettled)
                         }
-                    }
+                    };
                     // Empty: the process exited meanwhile.
                     if !text.is_empty() {
                         self.rings_read.insert(ino);
                     }
                     let why = if text.is_empty() {
                         None
+                    } else if unsettled {
+                        Some(Unjudgeable::UnsettledRing)
                     } else if thread == RingThread::Busy {
                         Some(Unjudgeable::BusyRing)
                     } else if let files @ (RingFiles::Socket | RingFiles::Unread) =
@@ -1631,5 +1686,48 @@ mod tests {
             ),
             RingFiles::Unread
         );
+    }
+
+    /// A ring is read again while its reading settles nothing, within the scan's budget of
+    /// reads again: past it, unsettled (which refuses) rather than read on for hours.
+    #[test]
+    fn a_scan_reads_rings_again_within_its_budget() {
+        let reads = std::cell::Cell::new(0);
+        let busy = || {
+            reads.set(reads.get() + 1);
+            Ok("pos:\t0\nflags:\t02000002\n".to_owned())
+        };
+        let mut scan = Scan::default();
+        let (_, thread, unsettled) = scan.read_ring(&busy).expect("read");
+        assert_eq!(
+            (thread, unsettled, reads.get()),
+            (RingThread::Busy, false, RING_READS)
+        );
+        assert_eq!(scan.rereads, RING_READS - 1);
+        scan.rereads = RING_REREADS - 2;
+        reads.set(0);
+        let (_, _, unsettled) = scan.read_ring(&busy).expect("read");
+        assert_eq!((unsettled, reads.get()), (true, 3));
+        // A thread named settles it at once; so does none, where a busy ring shows nothing.
+        let mut scan = Scan::default();
+        let named = || Ok("SqThread:\t4242\n".to_owned());
+        assert_eq!(
+            scan.read_ring(&named).expect("read"),
+            (
+                "SqThread:\t4242\n".to_owned(),
+                RingThread::Task(4242),
+                false
+            )
+        );
+        let none = || Ok("SqThread:\t-1\n".to_owned());
+        let (_, thread, _) = scan.read_ring(&none).expect("read");
+        assert_eq!(thread, RingThread::None);
+        let told = matches!(
+            ring_kernel().form,
+            RingForm::Paths {
+                quiet_when_busy: true
+            }
+        );
+        assert_eq!(scan.rereads, if told { 0 } else { RING_READS - 1 });
     }
 }
