@@ -209,6 +209,22 @@ struct Flow {
     sock_protocol: u16,
 }
 
+impl Flow {
+    /// A socket record: no address, port or protocol bit, the socket's own facts instead.
+    #[inline(always)]
+    const fn socket(hook: u8, family: u16, sock_type: u16, sock_protocol: u16) -> Flow {
+        Flow {
+            addr: [0; 16],
+            port: 0,
+            proto: 0,
+            hook,
+            family,
+            sock_type,
+            sock_protocol,
+        }
+    }
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn aw_connect4(ctx: SockAddrContext) -> i32 {
     try_sock_addr4(&ctx, HOOK_CONNECT4)
@@ -728,15 +744,7 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
         return ALLOW;
     };
     let identity = binding.identity;
-    let flow = Flow {
-        addr: [0; 16],
-        port: 0,
-        proto: 0,
-        hook: HOOK_SOCK_CREATE,
-        family: family as u16,
-        sock_type: ty as u16,
-        sock_protocol: protocol as u16,
-    };
+    let flow = Flow::socket(HOOK_SOCK_CREATE, family as u16, ty as u16, protocol as u16);
     if (ty == SOCK_STREAM && protocol == IPPROTO_TCP)
         || (ty == SOCK_DGRAM && protocol == IPPROTO_UDP)
     {
@@ -801,16 +809,13 @@ fn try_socket_family(ctx: &LsmContext) -> i32 {
     let Some((_, binding)) = task_binding(leaf) else {
         return ALLOW;
     };
-    let flow = Flow {
-        addr: [0; 16],
-        port: 0,
-        proto: 0,
-        hook: HOOK_SOCKET_FAMILY,
+    // SOCK_NONBLOCK and SOCK_CLOEXEC ride in the type's high bits.
+    let flow = Flow::socket(
+        HOOK_SOCKET_FAMILY,
         family,
-        // SOCK_NONBLOCK and SOCK_CLOEXEC ride in the type's high bits.
-        sock_type: (ty & 0xff) as u16,
-        sock_protocol: protocol as u16,
-    };
+        (ty & 0xff) as u16,
+        protocol as u16,
+    );
     refuse_task(&flow, leaf, &binding, REASON_SOCKET_FAMILY)
 }
 
@@ -920,15 +925,7 @@ fn try_lsm_recvmsg(ctx: &LsmContext) -> i32 {
     let Some((_, binding)) = task_binding(leaf) else {
         return ALLOW;
     };
-    let flow = Flow {
-        addr: [0; 16],
-        port: 0,
-        proto: 0,
-        hook: HOOK_ERROR_QUEUE,
-        family: 0,
-        sock_type: 0,
-        sock_protocol: 0,
-    };
+    let flow = Flow::socket(HOOK_ERROR_QUEUE, 0, 0, 0);
     refuse_task(&flow, leaf, &binding, REASON_ERROR_QUEUE)
 }
 
@@ -1012,15 +1009,7 @@ fn try_socket_use(ctx: &LsmContext, send: bool) -> i32 {
     let Some((binding_cgroup, binding)) = task_binding(leaf) else {
         return ALLOW;
     };
-    let flow = Flow {
-        addr: [0; 16],
-        port: 0,
-        proto: 0,
-        hook: HOOK_SOCKET_USE,
-        family,
-        sock_type: 0,
-        sock_protocol: 0,
-    };
+    let flow = Flow::socket(HOOK_SOCKET_USE, family, 0, 0);
     if family != AF_INET && family != AF_INET6 {
         return refuse_task(&flow, leaf, &binding, REASON_SOCKET_FAMILY);
     }
@@ -1176,15 +1165,7 @@ fn try_socket_bind(ctx: &LsmContext) -> i32 {
     if option == 0 {
         return ALLOW;
     }
-    let flow = Flow {
-        addr: [0; 16],
-        port: 0,
-        proto: 0,
-        hook: HOOK_SOCKET_BIND,
-        family,
-        sock_type: 0,
-        sock_protocol: option,
-    };
+    let flow = Flow::socket(HOOK_SOCKET_BIND, family, 0, option);
     refuse_task(&flow, leaf, &binding, REASON_SOCKET_OPTION)
 }
 
@@ -1221,15 +1202,7 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
     let Some((binding_cgroup, binding)) = task_binding(leaf) else {
         return ALLOW;
     };
-    let mut flow = Flow {
-        addr: [0; 16],
-        port: 0,
-        proto: 0,
-        hook: HOOK_SOCKET_RECEIVE,
-        family,
-        sock_type: kind as u16,
-        sock_protocol: 0,
-    };
+    let mut flow = Flow::socket(HOOK_SOCKET_RECEIVE, family, kind as u16, 0);
     if family != AF_INET && family != AF_INET6 {
         return refuse_task(&flow, leaf, &binding, REASON_SOCKET_FAMILY);
     }
@@ -1380,15 +1353,7 @@ fn receive_file(file: *mut core::ffi::c_void) -> i32 {
     if !is_ring(file, &layout()) {
         return ALLOW;
     }
-    let flow = Flow {
-        addr: [0; 16],
-        port: 0,
-        proto: 0,
-        hook: HOOK_SOCKET_RECEIVE,
-        family: 0,
-        sock_type: 0,
-        sock_protocol: 0,
-    };
+    let flow = Flow::socket(HOOK_SOCKET_RECEIVE, 0, 0, 0);
     refuse_task(&flow, leaf, &binding, REASON_FOREIGN_RING)
 }
 
@@ -1479,15 +1444,7 @@ fn try_ring_setup(ctx: &LsmContext) -> i32 {
     {
         return ALLOW;
     }
-    let flow = Flow {
-        addr: [0; 16],
-        port: 0,
-        proto: 0,
-        hook: HOOK_IO_URING,
-        family: 0,
-        sock_type: 0,
-        sock_protocol: 0,
-    };
+    let flow = Flow::socket(HOOK_IO_URING, 0, 0, 0);
     refuse_task(&flow, leaf, &binding, REASON_IO_URING)
 }
 
@@ -1654,15 +1611,7 @@ fn judge_sockopt(level: i32, optname: i32, sk: *mut core::ffi::c_void) -> i32 {
         Holder::Nobody => return ALLOW,
         Holder::Ended => return DENY,
     };
-    let flow = Flow {
-        addr: [0; 16],
-        port: 0,
-        proto: 0,
-        hook: HOOK_SETSOCKOPT,
-        family: 0,
-        sock_type: level as u16,
-        sock_protocol: optname as u16,
-    };
+    let flow = Flow::socket(HOOK_SETSOCKOPT, 0, level as u16, optname as u16);
     refuse_task(&flow, leaf, &binding, REASON_SOCKET_OPTION)
 }
 

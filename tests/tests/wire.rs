@@ -1550,9 +1550,21 @@ fn enroll_refuses_a_unit_whose_tasks_can_run_while_it_is_frozen() {
     let held: usize = probe.ok_value("hold-null 16000").parse().unwrap();
     assert!(held >= 3000, "only {held} descriptors");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (realtime_tx, realtime) = std::sync::mpsc::channel();
     let signals = {
         let stop = stop.clone();
         std::thread::spawn(move || {
+            // Real-time, so the threads of tests running beside it (or an emulated guest's
+            // other work) cannot starve it through the whole frozen window: with no signal
+            // then, nothing ran and the enroll would be right to bind.
+            let param = libc::sched_param { sched_priority: 1 };
+            // SAFETY: sets the calling thread's own policy from a value that lives across it.
+            let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+            let _ = realtime_tx.send(
+                (rc == 0)
+                    .then_some(())
+                    .ok_or_else(std::io::Error::last_os_error),
+            );
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 // SAFETY: kill with a pid and a signal the probe catches.
                 unsafe { libc::kill(pid as i32, libc::SIGRTMIN()) };
@@ -1560,6 +1572,9 @@ fn enroll_refuses_a_unit_whose_tasks_can_run_while_it_is_frozen() {
             }
         })
     };
+    if let Err(e) = realtime.recv().unwrap() {
+        panic!("the signal thread as SCHED_FIFO: {e}");
+    }
     let (ok, err) = enroll();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     signals.join().unwrap();

@@ -1554,40 +1554,40 @@ impl Datapath {
         if configs.is_empty() {
             return Ok(());
         }
-        let map = lock(&self.identities);
-        let mut keys: Vec<u8> = Vec::with_capacity(configs.len() * 4);
-        let mut values: Vec<u8> = Vec::with_capacity(configs.len() * size_of::<IdentityState>());
-        for c in configs {
-            let v = self.state_value(
-                status_of(c.identity),
-                c.mode,
-                u8::from(c.dns),
-                c.sni,
-                c.io_uring,
-            );
-            keys.extend_from_slice(&c.identity.to_ne_bytes());
+        let states: Vec<(u32, IdentityState)> = configs
+            .iter()
+            .map(|c| {
+                let v = self.state_value(
+                    status_of(c.identity),
+                    c.mode,
+                    u8::from(c.dns),
+                    c.sni,
+                    c.io_uring,
+                );
+                (c.identity, v)
+            })
+            .collect();
+        let mut keys: Vec<u8> = Vec::with_capacity(states.len() * 4);
+        let mut values: Vec<u8> = Vec::with_capacity(states.len() * size_of::<IdentityState>());
+        for (identity, v) in &states {
+            keys.extend_from_slice(&identity.to_ne_bytes());
             // SAFETY: IdentityState is repr(C) plain old data with explicit padding.
             values.extend_from_slice(unsafe {
-                std::slice::from_raw_parts((&raw const v).cast::<u8>(), size_of::<IdentityState>())
+                std::slice::from_raw_parts(
+                    std::ptr::from_ref(v).cast::<u8>(),
+                    size_of::<IdentityState>(),
+                )
             });
         }
+        let mut map = lock(&self.identities);
         let fd = aya::maps::IterableMap::map(&*map).fd().as_fd();
-        if sys::map_update_batch_raw(fd, &keys, &values, configs.len()).is_ok() {
+        if sys::map_update_batch_raw(fd, &keys, &values, states.len()).is_ok() {
             return Ok(());
         }
         // One by one, then: what one entry refuses does not keep the others from being written.
-        drop(map);
-        let mut map = lock(&self.identities);
         let (mut failed, mut first) = (0, None);
-        for c in configs {
-            let v = self.state_value(
-                status_of(c.identity),
-                c.mode,
-                u8::from(c.dns),
-                c.sni,
-                c.io_uring,
-            );
-            if let Err(e) = map.set(c.identity, v, 0) {
+        for (identity, v) in states {
+            if let Err(e) = map.set(identity, v, 0) {
                 failed += 1;
                 first.get_or_insert(e);
             }
