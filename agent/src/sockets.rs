@@ -1044,6 +1044,19 @@ impl Scan {
     /// showed: a mapping's inode must be a ring read, and where rings may share one inode
     /// (as some kernels make them, or where the node could not tell), the process must hold
     /// a ring by descriptor itself too.
+    /// The processes that hold a ring by descriptor or map one, in order, each once.
+    fn holders(&self) -> Vec<u32> {
+        let mut holders: Vec<u32> = self
+            .ring_holders
+            .iter()
+            .chain(self.ring_maps.keys())
+            .copied()
+            .collect();
+        holders.sort_unstable();
+        holders.dedup();
+        holders
+    }
+
     fn hidden_rings(&self) -> Vec<u32> {
         let own_inodes = !self.ring_maps.is_empty() && ring_kernel().own_inodes;
         self.ring_maps
@@ -1123,6 +1136,7 @@ pub fn unjudged(
     for pid in scan.hidden_rings() {
         scan.elsewhere.push((pid, None, Unjudgeable::HiddenRing));
     }
+    let holders = scan.holders();
     let mut found: Vec<Unjudged> = scan
         .elsewhere
         .into_iter()
@@ -1203,13 +1217,6 @@ pub fn unjudged(
             });
         }
     }
-    let mut holders: Vec<u32> = scan
-        .ring_holders
-        .into_iter()
-        .chain(scan.ring_maps.into_keys())
-        .collect();
-    holders.sort_unstable();
-    holders.dedup();
     Ok((
         found,
         RingsRead {
@@ -1217,6 +1224,16 @@ pub fn unjudged(
             holders,
         },
     ))
+}
+
+/// The processes of `pids` that hold an io_uring instance by descriptor or map one, read
+/// while they run (a process gone meanwhile holds nothing).
+pub fn ring_holders(pids: &[u32]) -> io::Result<Vec<u32>> {
+    let mut scan = Scan::default();
+    for &pid in pids {
+        scan.process(pid, Descriptors::All, None)?;
+    }
+    Ok(scan.holders())
 }
 
 /// A task's name (`/proc/TID/comm`), for a message; empty once it is gone.

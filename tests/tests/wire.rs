@@ -1321,6 +1321,122 @@ fn an_enrolled_unit_makes_no_ring_where_its_policy_refuses_io_uring() {
     refused(allowed.pid);
 }
 
+/// A policy that comes to refuse io_uring leaves no ring in use under it: a ring made while the
+/// policy allowed io_uring stays usable, and a process outside could fill it with sockets no
+/// hook judges. Once such an apply is in force, each session of the identity whose tasks use
+/// io_uring (a launched agent, an enrolled unit) is cut off, with its record, and sends
+/// nothing more; a session that uses none runs on.
+#[test]
+fn a_policy_that_comes_to_refuse_io_uring_cuts_off_the_sessions_using_it() {
+    let mut fx = fixture("wire-ring-switch");
+    let audit = fx.dir.path().join("audit.log");
+    assert_eq!(fx.node.take().expect("node running").stop(), 0);
+    fx.node = Some(NodeProc::start_with(
+        &fx._env,
+        fx.dir.path(),
+        &[
+            "--aggregate-window-secs",
+            "1",
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ],
+    ));
+    let mut launched = fx.agent("agent", &CertSpec::agent(ID));
+    let (unit, mut enrolled) = fx.unit();
+    fx.enroll(&unit);
+    let quiet_unit = fx._env.cgroup("unit-quiet");
+    let mut quiet = {
+        let mut c = Command::new(bin_path("aw-probe"));
+        c.args([
+            "--cgroup",
+            quiet_unit.path().to_str().unwrap(),
+            "--cpu",
+            "0",
+        ]);
+        fx.link.agent.enter(&mut c);
+        Probe::from_command(c)
+    };
+    fx.enroll(&quiet_unit);
+    launched.ok_value("keep-ring");
+    enrolled.ok_value("keep-ring");
+    for p in [&mut launched, &mut enrolled, &mut quiet] {
+        assert_eq!(p.cmd(&format!("sendto udp {PEER_V4} 9000")), "ok");
+    }
+    let seen = fx.until_helper_marker(9101);
+    let sent = seen.iter().filter(|p| p.is_to(PEER_V4, 9000)).count();
+    assert_eq!(sent, 3, "{seen:?}");
+
+    std::fs::write(
+        fx.dir.path().join("policy/agents.yaml"),
+        POLICY.replace("io_uring: allow\n", ""),
+    )
+    .unwrap();
+    run_ok(
+        Command::new(bin_path("agentwall"))
+            .args(["policy", "apply", "--socket"])
+            .arg(fx.socket()),
+    );
+    let ended = eventually("the sessions using io_uring cut off", WITHIN, || {
+        let ended: Vec<serde_json::Value> = agentwall_tests::node::audit_records(&audit)
+            .into_iter()
+            .filter(|r| r["kind"] == "identity" && r["event"] == "ended")
+            .collect();
+        if ended.len() >= 2 {
+            Ok(ended)
+        } else {
+            Err(format!("{ended:?}"))
+        }
+    });
+    assert_eq!(ended.len(), 2, "{ended:#?}");
+    for (pid, cgroup) in [
+        (launched.pid, None),
+        (enrolled.pid, Some(unit.path().to_str().unwrap())),
+    ] {
+        let r = ended
+            .iter()
+            .find(|r| {
+                r["reason"].as_str().is_some_and(|why| {
+                    why.starts_with(&format!(
+                        "task {pid} (\"aw-probe\") used io_uring, which the identity's policy came to refuse: a ring made while it allowed io_uring stays usable"
+                    ))
+                })
+            })
+            .unwrap_or_else(|| panic!("no record for task {pid}: {ended:#?}"));
+        assert_eq!(r["identity"], ID, "{r:#}");
+        if let Some(cgroup) = cgroup {
+            assert_eq!(r["cgroup"], cgroup, "{r:#}");
+        }
+    }
+    let status = agentwall_tests::node::status_json(fx.socket());
+    let sessions = status["identities"]
+        .as_array()
+        .and_then(|ids| ids.iter().find(|i| i["identity"] == ID))
+        .map(|i| i["sessions"].clone())
+        .unwrap_or_else(|| panic!("{status:#}"));
+    let revoked: Vec<bool> = sessions
+        .as_array()
+        .unwrap_or_else(|| panic!("{status:#}"))
+        .iter()
+        .map(|s| s["revoked"] == true)
+        .collect();
+    assert_eq!(revoked.iter().filter(|r| **r).count(), 2, "{sessions:#}");
+    assert_eq!(revoked.len(), 3, "{sessions:#}");
+
+    // On the wire: the two cut off send nothing more; the unit without a ring still sends.
+    assert_eq!(
+        launched.cmd(&format!("sendto udp {PEER_V4} 9000")),
+        "err EPERM"
+    );
+    assert_eq!(
+        enrolled.cmd(&format!("sendto udp {PEER_V4} 9000")),
+        "err EPERM"
+    );
+    assert_eq!(quiet.cmd(&format!("sendto udp {PEER_V4} 9000")), "ok");
+    let seen = fx.until_helper_marker(9102);
+    let sent = seen.iter().filter(|p| p.is_to(PEER_V4, 9000)).count();
+    assert_eq!(sent, 1, "{seen:?}");
+}
+
 /// A unit whose io_uring instances hold registered files but no socket enrolls: a table of
 /// empty slots (liburing's direct descriptors), a registered pipe (splice). What a kernel
 /// prints of them decides where it can tell: a pipe by its path (`pipe:[N]`; older kernels

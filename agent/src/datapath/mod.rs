@@ -1166,6 +1166,29 @@ impl Datapath {
         })
     }
 
+    /// Whether the kernel let the identity's tasks make io_uring instances until now: its
+    /// policy allowed io_uring, or it was in audit mode (which makes the ring and records
+    /// it). An identity the kernel does not know made none.
+    pub fn rings_were_open(&self, identity: u32) -> Result<bool, DatapathError> {
+        Self::check_identity(identity)?;
+        Ok(lock(&self.identities)
+            .get(&identity, 0)
+            .is_ok_and(|s| s.io_uring != 0 || s.mode == c::MODE_AUDIT))
+    }
+
+    /// The tasks in the cgroups `own` that use io_uring, from one reading of the task census:
+    /// each with an io_uring context, or with a ring registered with itself. Unlike
+    /// [`Self::table_sharers`], for a unit that runs: nothing else is judged.
+    pub fn ring_users(
+        &self,
+        own: &std::collections::HashSet<u64>,
+    ) -> Result<Vec<u32>, tasks::CensusError> {
+        match &self.census {
+            Ok(census) => census.ring_users(own),
+            Err(why) => Err(tasks::CensusError::Unavailable(why.clone())),
+        }
+    }
+
     pub fn set_identity(
         &self,
         identity: u32,

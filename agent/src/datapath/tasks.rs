@@ -128,6 +128,25 @@ impl TaskCensus {
     }
 }
 
+impl TaskCensus {
+    /// The tasks in the cgroups `own` with an io_uring context or a ring registered with
+    /// themselves, in order of task, from one reading.
+    pub fn ring_users(&self, own: &HashSet<u64>) -> Result<Vec<u32>, CensusError> {
+        Ok(ring_users(&self.read()?, own))
+    }
+}
+
+fn ring_users(rows: &[Row], own: &HashSet<u64>) -> Vec<u32> {
+    let mut users: Vec<u32> = rows
+        .iter()
+        .filter(|r| own.contains(&r.table.cgroup) && (r.table.uring != 0 || !r.rings.is_empty()))
+        .map(|r| r.table.tid)
+        .collect();
+    users.sort_unstable();
+    users.dedup();
+    users
+}
+
 /// One task's row, with the inodes of the io_uring instances it registered with itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Row {
@@ -286,6 +305,19 @@ mod tests {
 
     fn set<T: std::hash::Hash + Eq + Copy>(v: &[T]) -> HashSet<T> {
         v.iter().copied().collect()
+    }
+
+    #[test]
+    fn ring_users_are_the_tasks_in_the_cgroups_with_a_context_or_a_registered_ring() {
+        let mut context = row(11, 0xa, 7, 2);
+        context.table.uring = 1;
+        let mut registered = row(12, 0xb, 8, 1);
+        registered.rings = vec![4242];
+        let mut outside = row(20, 0xc, 1, 1);
+        outside.table.uring = 1;
+        let rows = [row(10, 0xa, 7, 2), registered, context, outside];
+        assert_eq!(ring_users(&rows, &set(&[7, 8])), vec![11, 12]);
+        assert!(ring_users(&rows, &set(&[9])).is_empty());
     }
 
     #[test]

@@ -425,6 +425,17 @@ impl Enforcer {
             })
             .collect();
         let generation = snap.generation;
+        // Identities whose tasks the kernel let make rings until now and will not from now on:
+        // their sessions' rings are read once it is in force.
+        let rings_closing: BTreeSet<String> = configs
+            .iter()
+            .filter(|c| {
+                c.mode == crate::policy::Mode::Enforce
+                    && c.io_uring == crate::policy::model::IoUring::Refuse
+                    && self.datapath.rings_were_open(c.identity).unwrap_or(false)
+            })
+            .filter_map(|c| table.name(c.identity).map(str::to_owned))
+            .collect();
         tracing::debug!(
             prepare_ms = t0.elapsed().as_secs_f64() * 1e3,
             "policy compiled for the datapath"
@@ -467,6 +478,13 @@ impl Enforcer {
         deps.dns.forget_unnamed(&named);
         deps.dns.sync_sni(datapath);
         listen(served);
+        let cut = deps.sessions.end_ring_users(&rings_closing);
+        if cut > 0 {
+            warn!(
+                sessions = cut,
+                "sessions using io_uring their policy came to refuse were cut off"
+            );
+        }
         if old.revision() != revision {
             // Rule numbers belong to a revision: counts of the old numbering would lie.
             if let Err(e) = datapath.clear_rule_hits() {

@@ -46,7 +46,9 @@ pub enum IdentityEvent {
         cgroup: std::path::PathBuf,
         connections_destroyed: usize,
     },
-    /// A session ended at its own request: its Workload API said its SVID is gone.
+    /// A session cut off for `reason`, for good: at its own request (its Workload API said
+    /// its SVID is gone), or by the node (it used io_uring, which its identity's policy came
+    /// to refuse).
     Ended {
         identity: String,
         serial: String,

@@ -1118,6 +1118,73 @@ impl Sessions {
     /// Ends one session at its own request (its SVID is gone), for `reason`: cut off like a
     /// revoked certificate's, for good. A session already cut off stays so.
     pub fn end(&self, session: &Session, reason: &str) -> Result<(), SessionError> {
+        self.end_for(session, reason, "session ended at its own request")
+    }
+
+    /// Ends each live session of `identities`, whose policy came to refuse io_uring in
+    /// enforce mode (it allowed it, or was in audit mode, until this apply), whose tasks use
+    /// io_uring: a ring made while the policy allowed it stays usable, and a process outside
+    /// can fill it with sockets no hook judges (`IORING_OP_MSG_RING`,
+    /// `IORING_REGISTER_FILES`). Read once the kernel refuses the identity new rings, so one
+    /// made before is read. A unit that cannot be read is ended too. How many were ended.
+    pub fn end_ring_users(&self, identities: &std::collections::BTreeSet<String>) -> usize {
+        if identities.is_empty() {
+            return 0;
+        }
+        let sessions: Vec<Session> = self
+            .list()
+            .into_iter()
+            .filter(|s| !s.revoked && identities.contains(&s.identity))
+            .collect();
+        let mut ended = 0;
+        for s in sessions {
+            let reason = match self.ring_users(&s.cgroup) {
+                Ok(users) if users.is_empty() => continue,
+                Ok(users) => format!(
+                    "{} used io_uring, which the identity's policy came to refuse: a ring made while it allowed io_uring stays usable; start the agent again",
+                    named_tasks(&users)
+                ),
+                Err(e) => format!(
+                    "whether its tasks use io_uring, which the identity's policy came to refuse, could not be read: {e}"
+                ),
+            };
+            match self.end_for(&s, &reason, "session cut off: io_uring") {
+                Ok(()) => ended += 1,
+                Err(e) => {
+                    error!(identity = %s.identity, cgroup = %s.cgroup.display(), error = %e,
+                        "could not cut off a session using io_uring its policy refuses");
+                }
+            }
+        }
+        ended
+    }
+
+    /// The tasks of the unit at `cgroup` (and below) that use io_uring: with an io_uring
+    /// context or a ring registered with itself (the task census), or whose process holds a
+    /// ring by descriptor or maps one.
+    fn ring_users(&self, cgroup: &Path) -> Result<Vec<u32>, SessionError> {
+        let whose = format!("{}: its processes", cgroup.display());
+        let scan = |source| SessionError::SocketScan {
+            whose: whose.clone(),
+            source,
+        };
+        let (pids, _) = crate::sockets::processes_in(cgroup).map_err(scan)?;
+        let mut own = std::collections::HashSet::new();
+        crate::cgroup::subtree_ids(cgroup, &mut own);
+        let mut users =
+            self.datapath
+                .ring_users(&own)
+                .map_err(|source| SessionError::SharedTable {
+                    path: cgroup.to_owned(),
+                    source,
+                })?;
+        users.extend(crate::sockets::ring_holders(&pids).map_err(scan)?);
+        users.sort_unstable();
+        users.dedup();
+        Ok(users)
+    }
+
+    fn end_for(&self, session: &Session, reason: &str, what: &str) -> Result<(), SessionError> {
         let mut table = lock(&self.table);
         let now = table.now(session)?;
         if now.revoked {
@@ -1133,7 +1200,7 @@ impl Sessions {
         let reason =
             crate::text::printable(crate::text::prefix(reason, MAX_END_REASON)).into_owned();
         warn!(identity = %now.identity, serial = %now.serial, cgroup = %now.cgroup.display(),
-            connections_destroyed = destroyed, %reason, "session ended at its own request");
+            connections_destroyed = destroyed, %reason, "{what}");
         self.journal
             .record(&AuditEvent::Identity(IdentityEvent::Ended {
                 identity: now.identity,
