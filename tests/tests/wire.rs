@@ -1324,8 +1324,9 @@ fn an_enrolled_unit_makes_no_ring_where_its_policy_refuses_io_uring() {
 /// A policy that comes to refuse io_uring leaves no ring in use under it: a ring made while the
 /// policy allowed io_uring stays usable, and a process outside could fill it with sockets no
 /// hook judges. Once such an apply is in force, each session of the identity whose tasks use
-/// io_uring (a launched agent, an enrolled unit) is cut off, with its record, and sends
-/// nothing more; a session that uses none runs on.
+/// io_uring (a launched agent, an enrolled unit, one whose ring moves from process to process
+/// ahead of any listing) is cut off, with its record, and sends nothing more; a session that
+/// uses none runs on.
 #[test]
 fn a_policy_that_comes_to_refuse_io_uring_cuts_off_the_sessions_using_it() {
     let mut fx = fixture("wire-ring-switch");
@@ -1344,19 +1345,22 @@ fn a_policy_that_comes_to_refuse_io_uring_cuts_off_the_sessions_using_it() {
     let mut launched = fx.agent("agent", &CertSpec::agent(ID));
     let (unit, mut enrolled) = fx.unit();
     fx.enroll(&unit);
-    let quiet_unit = fx._env.cgroup("unit-quiet");
-    let mut quiet = {
+    let probe_in = |cg: &agentwall::cgroup::Cgroup| {
         let mut c = Command::new(bin_path("aw-probe"));
-        c.args([
-            "--cgroup",
-            quiet_unit.path().to_str().unwrap(),
-            "--cpu",
-            "0",
-        ]);
+        c.args(["--cgroup", cg.path().to_str().unwrap(), "--cpu", "0"]);
         fx.link.agent.enter(&mut c);
         Probe::from_command(c)
     };
+    let quiet_unit = fx._env.cgroup("unit-quiet");
+    let mut quiet = probe_in(&quiet_unit);
     fx.enroll(&quiet_unit);
+    // A ring no listing made before a reading finds: each process of a chain hands it to the
+    // child it forks, and exits. Read frozen, the chain is found all the same.
+    let hopping_unit = fx._env.cgroup("unit-hopping");
+    let mut hopping = probe_in(&hopping_unit);
+    fx.enroll(&hopping_unit);
+    let lifetime = agentwall_tests::patience(Duration::from_secs(120)).as_secs();
+    assert_eq!(hopping.cmd(&format!("ring-hop {lifetime}")), "ok");
     launched.ok_value("keep-ring");
     enrolled.ok_value("keep-ring");
     for p in [&mut launched, &mut enrolled, &mut quiet] {
@@ -1381,13 +1385,22 @@ fn a_policy_that_comes_to_refuse_io_uring_cuts_off_the_sessions_using_it() {
             .into_iter()
             .filter(|r| r["kind"] == "identity" && r["event"] == "ended")
             .collect();
-        if ended.len() >= 2 {
+        if ended.len() >= 3 {
             Ok(ended)
         } else {
             Err(format!("{ended:?}"))
         }
     });
-    assert_eq!(ended.len(), 2, "{ended:#?}");
+    assert_eq!(ended.len(), 3, "{ended:#?}");
+    let hopped = ended
+        .iter()
+        .find(|r| r["cgroup"] == hopping_unit.path().to_str().unwrap())
+        .unwrap_or_else(|| panic!("the hopping chain's unit not cut off: {ended:#?}"));
+    assert!(
+        hopped["reason"].as_str().is_some_and(|why| why
+            .contains("(\"aw-probe\") used io_uring, which the identity's policy came to refuse")),
+        "{hopped:#}"
+    );
     for (pid, cgroup) in [
         (launched.pid, None),
         (enrolled.pid, Some(unit.path().to_str().unwrap())),
@@ -1419,8 +1432,8 @@ fn a_policy_that_comes_to_refuse_io_uring_cuts_off_the_sessions_using_it() {
         .iter()
         .map(|s| s["revoked"] == true)
         .collect();
-    assert_eq!(revoked.iter().filter(|r| **r).count(), 2, "{sessions:#}");
-    assert_eq!(revoked.len(), 3, "{sessions:#}");
+    assert_eq!(revoked.iter().filter(|r| **r).count(), 3, "{sessions:#}");
+    assert_eq!(revoked.len(), 4, "{sessions:#}");
 
     // On the wire: the two cut off send nothing more; the unit without a ring still sends.
     assert_eq!(

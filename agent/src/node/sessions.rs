@@ -1138,11 +1138,18 @@ impl Sessions {
             .collect();
         let mut ended = 0;
         for s in sessions {
-            let reason = match self.ring_users(&s.cgroup) {
-                Ok(users) if users.is_empty() => continue,
-                Ok(users) => format!(
-                    "{} used io_uring, which the identity's policy came to refuse: a ring made while it allowed io_uring stays usable; start the agent again",
-                    named_tasks(&users)
+            // Gone: collected as any ended unit is.
+            if !s.cgroup.exists() {
+                continue;
+            }
+            // One freeze at a time, with its note: an enroll's, or this.
+            let one = lock(&self.enrolling);
+            let users = self.ring_users(&s.cgroup);
+            drop(one);
+            let reason = match users {
+                Ok(None) => continue,
+                Ok(Some(users)) => format!(
+                    "{users} used io_uring, which the identity's policy came to refuse: a ring made while it allowed io_uring stays usable; start the agent again"
                 ),
                 Err(e) => format!(
                     "whether its tasks use io_uring, which the identity's policy came to refuse, could not be read: {e}"
@@ -1161,8 +1168,18 @@ impl Sessions {
 
     /// The tasks of the unit at `cgroup` (and below) that use io_uring: with an io_uring
     /// context or a ring registered with itself (the task census), or whose process holds a
-    /// ring by descriptor or maps one.
-    fn ring_users(&self, cgroup: &Path) -> Result<Vec<u32>, SessionError> {
+    /// ring by descriptor or maps one. Read frozen, as `enroll` reads: a unit that runs could
+    /// keep a ring ahead of any listing (each process handing it to a child it forks, then
+    /// exiting; the child has no io_uring context). A unit frozen already (a runtime's pause)
+    /// is read as it is: its tasks fork and close nothing until root thaws it. Named while
+    /// frozen (a task of the chain is gone once thawed); none: it uses no io_uring.
+    fn ring_users(&self, cgroup: &Path) -> Result<Option<String>, SessionError> {
+        let cg = Cgroup::open(cgroup)?;
+        let _frozen = match FrozenForEnroll::freeze(&cg, &self.frozen_marker) {
+            Ok(f) => Some(f),
+            Err(SessionError::Freeze(crate::cgroup::CgroupError::AlreadyFrozen { .. })) => None,
+            Err(e) => return Err(e),
+        };
         let whose = format!("{}: its processes", cgroup.display());
         let scan = |source| SessionError::SocketScan {
             whose: whose.clone(),
@@ -1181,7 +1198,7 @@ impl Sessions {
         users.extend(crate::sockets::ring_holders(&pids).map_err(scan)?);
         users.sort_unstable();
         users.dedup();
-        Ok(users)
+        Ok((!users.is_empty()).then(|| named_tasks(&users)))
     }
 
     fn end_for(&self, session: &Session, reason: &str, what: &str) -> Result<(), SessionError> {

@@ -2106,6 +2106,7 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             sharers_hop(secs.parse().map_err(|_| format!("bad seconds {secs}"))?)?
         }
         ["sharers-stop"] => sharers_stop()?,
+        ["ring-hop", secs] => ring_hop(secs.parse().map_err(|_| format!("bad seconds {secs}"))?),
         ["sharing-leader-exits"] => sharing_leader_exits()?,
         ["catch-rt"] => catch_rt(),
         ["hold-null", n] => hold_null(n.parse().map_err(|_| format!("bad count {n}"))?),
@@ -2587,6 +2588,87 @@ fn fork_hopping_sharer() -> String {
         }
         *HOPPING.lock().expect("hopping") = Some((go[1], back[0], marker[0]));
         format!("ok {child}")
+    }
+}
+
+/// A chain of processes holding one io_uring instance for `secs` seconds: a child of this
+/// process (which reaps the chain by ignoring SIGCHLD, and holds no ring) forks the first,
+/// which makes the ring; from there each forks the next (`CLONE_PARENT`) and exits at once.
+/// Only the first has an io_uring context (a fork clears it), and no listing of processes
+/// made before a reading holds the one alive at it, unless the chain is frozen. `ok` once
+/// the ring is made.
+fn ring_hop(secs: i64) -> String {
+    let mut back = [0; 2];
+    // SAFETY: pipe2 with an array of two; clone without a new stack behaves as fork. The
+    // children make only system calls (async-signal-safe) until they exit.
+    unsafe {
+        if libc::pipe2(back.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return format!("err pipe {}", errno_name(last_err()));
+        }
+        let reaper = libc::fork();
+        if reaper == 0 {
+            libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+            let mut start = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut start);
+            let first = libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0);
+            if first == 0 {
+                let mut params = [0u32; 30];
+                let mut ring = libc::syscall(libc::SYS_io_uring_setup, 4, params.as_mut_ptr());
+                if ring < 0 {
+                    ring = -i64::from(last_err());
+                }
+                libc::write(back[1], (&raw const ring).cast(), 8);
+                if ring < 0 {
+                    libc::syscall(libc::SYS_exit, 1);
+                }
+                loop {
+                    let mut now = start;
+                    libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now);
+                    if now.tv_sec - start.tv_sec > secs {
+                        libc::syscall(libc::SYS_exit, 0);
+                    }
+                    let next = libc::syscall(
+                        libc::SYS_clone,
+                        libc::CLONE_PARENT | libc::SIGCHLD,
+                        0,
+                        0,
+                        0,
+                        0,
+                    );
+                    if next != 0 {
+                        // This one's turn is over (or the clone failed: the chain ends).
+                        libc::syscall(libc::SYS_exit, 0);
+                    }
+                }
+            }
+            if first < 0 {
+                libc::syscall(libc::SYS_exit_group, 1);
+            }
+            libc::close(back[1]);
+            // Children ignored: wait returns once the last of the chain has gone.
+            while libc::wait4(-1, std::ptr::null_mut(), libc::__WALL, std::ptr::null_mut()) >= 0
+                || last_err() == libc::EINTR
+            {}
+            libc::syscall(libc::SYS_exit_group, 0);
+        }
+        libc::close(back[1]);
+        if reaper < 0 {
+            libc::close(back[0]);
+            return format!("err fork {}", errno_name(last_err()));
+        }
+        let mut ring = -1i64;
+        let read = libc::read(back[0], (&raw mut ring).cast(), 8);
+        libc::close(back[0]);
+        if read != 8 {
+            return "err the chain's first process".into();
+        }
+        if ring < 0 {
+            return format!("err io_uring_setup {}", errno_name(-ring as i32));
+        }
+        "ok".into()
     }
 }
 
