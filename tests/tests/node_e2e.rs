@@ -770,6 +770,86 @@ fn enroll_freezes_only_what_it_owns_and_a_crash_leaves_nothing_frozen() {
     drop(node);
 }
 
+/// A node that dies between writing a change that refuses io_uring to the kernel and reading
+/// the sessions that used it reads them at its next start: the change noted them first (the
+/// kernel already refuses, so it alone would say nothing was open). The session holding a ring
+/// is cut off and its process killed; the note is done with.
+#[test]
+fn a_node_killed_before_reading_the_sessions_a_refusal_of_io_uring_closes_reads_them_at_start() {
+    let allowing = POLICY.replacen(
+        "identity: spiffe://example.org/agent/support\n",
+        "identity: spiffe://example.org/agent/support\nio_uring: allow\n",
+        1,
+    );
+    let (env, tmp, ca) = setup("uring-switch-crash", &allowing);
+    let dir = tmp.path();
+    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
+    let unit = env.cgroup("services/ring.service");
+    let mut svc = Probe::spawn(&unit);
+    let gate = dir.join("reading-gate");
+    let spec = format!("apply-before-ring-reading=1*return({})", gate.display());
+    let node = NodeProc::start_env(
+        &env,
+        dir,
+        &[],
+        &[("AGENTWALL_FAILPOINTS", Path::new(&spec))],
+    );
+    agentwall_tests::node::run_ok(&mut agentwall_tests::node::enroll_command(
+        &node.socket,
+        unit.path(),
+        &cert,
+        &key,
+    ));
+    svc.ok_value("keep-ring");
+    std::fs::write(&gate, "").unwrap();
+    std::fs::write(dir.join("policy/agents.yaml"), POLICY).unwrap();
+    let applying = {
+        let socket = node.socket.clone();
+        std::thread::spawn(move || {
+            Command::new(bin_path("agentwall"))
+                .args(["policy", "apply", "--socket"])
+                .arg(&socket)
+                .output()
+                .unwrap()
+        })
+    };
+    let reached = PathBuf::from(format!("{}.reached", gate.display()));
+    eventually("the node at the gate", Duration::from_secs(60), || {
+        if reached.exists() {
+            Ok(())
+        } else {
+            Err("not yet".to_owned())
+        }
+    });
+    let note = dir.join("state/rings-closing.json");
+    let noted: Vec<String> = serde_json::from_slice(&std::fs::read(&note).unwrap()).unwrap();
+    assert_eq!(noted, [ID], "{}", note.display());
+    // Killed with the change in the kernel, the session not read.
+    drop(node);
+    let _ = applying.join().unwrap();
+    std::fs::remove_file(&gate).unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", svc.pid)).unwrap();
+    assert!(
+        !stat.contains(") Z "),
+        "the session's process still runs: {stat}"
+    );
+
+    let node = NodeProc::start(&env, dir);
+    eventually(
+        "the session's process to be killed",
+        Duration::from_secs(30),
+        || match std::fs::read_to_string(format!("/proc/{}/stat", svc.pid)) {
+            Ok(stat) if !stat.contains(") Z ") => Err(stat),
+            _ => Ok(()),
+        },
+    );
+    let s = status_json(&node.socket);
+    let sessions = &s["identities"][0]["sessions"];
+    assert_eq!(sessions[0]["revoked"], true, "{s:#}");
+    assert_eq!(sessions.as_array().map(Vec::len), Some(1), "{s:#}");
+    assert!(!note.exists(), "the note is done with");
+}
+
 /// Root can thaw a unit frozen for `enroll` (a container runtime's unpause, `systemctl
 /// thaw`), or move a task into it, after the last reading and before the binding: the unit's
 /// tasks would run, or the new one arrive, unread and ungoverned. `enroll` reads the unit

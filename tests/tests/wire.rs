@@ -1325,8 +1325,8 @@ fn an_enrolled_unit_makes_no_ring_where_its_policy_refuses_io_uring() {
 /// policy allowed io_uring stays usable, and a process outside could fill it with sockets no
 /// hook judges. Once such an apply is in force, each session of the identity whose tasks use
 /// io_uring (a launched agent, an enrolled unit, one whose ring moves from process to process
-/// ahead of any listing) is cut off, with its record, and sends nothing more; a session that
-/// uses none runs on.
+/// ahead of any listing) is cut off, with its record, and its processes killed (cutting the
+/// binding off leaves the ring); a session that uses none runs on.
 #[test]
 fn a_policy_that_comes_to_refuse_io_uring_cuts_off_the_sessions_using_it() {
     let mut fx = fixture("wire-ring-switch");
@@ -1410,7 +1410,7 @@ fn a_policy_that_comes_to_refuse_io_uring_cuts_off_the_sessions_using_it() {
             .find(|r| {
                 r["reason"].as_str().is_some_and(|why| {
                     why.starts_with(&format!(
-                        "task {pid} (\"aw-probe\") used io_uring, which the identity's policy came to refuse: a ring made while it allowed io_uring stays usable"
+                        "task {pid} (\"aw-probe\") used io_uring, which the identity's policy came to refuse: a ring made before stays usable, so the session's processes were killed"
                     ))
                 })
             })
@@ -1435,15 +1435,28 @@ fn a_policy_that_comes_to_refuse_io_uring_cuts_off_the_sessions_using_it() {
     assert_eq!(revoked.iter().filter(|r| **r).count(), 3, "{sessions:#}");
     assert_eq!(revoked.len(), 4, "{sessions:#}");
 
-    // On the wire: the two cut off send nothing more; the unit without a ring still sends.
-    assert_eq!(
-        launched.cmd(&format!("sendto udp {PEER_V4} 9000")),
-        "err EPERM"
-    );
-    assert_eq!(
-        enrolled.cmd(&format!("sendto udp {PEER_V4} 9000")),
-        "err EPERM"
-    );
+    // Killed: a binding cut off does not take a ring away, and a process outside holding it
+    // too could still register a socket of its own in it for the session to send on.
+    for r in &ended {
+        let procs = std::path::Path::new(r["cgroup"].as_str().unwrap()).join("cgroup.procs");
+        eventually("the cut-off session's processes to be gone", WITHIN, || {
+            match std::fs::read_to_string(&procs) {
+                Ok(p) if p.trim().is_empty() => Ok(()),
+                other => Err(format!("{}: {other:?}", procs.display())),
+            }
+        });
+    }
+    for pid in [launched.pid, enrolled.pid, hopping.pid] {
+        eventually(
+            "the probe to be gone",
+            WITHIN,
+            || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                Ok(stat) if !stat.contains(") Z ") => Err(stat),
+                _ => Ok(()),
+            },
+        );
+    }
+    // On the wire: the unit without a ring still sends, and only it.
     assert_eq!(quiet.cmd(&format!("sendto udp {PEER_V4} 9000")), "ok");
     let seen = fx.until_helper_marker(9102);
     let sent = seen.iter().filter(|p| p.is_to(PEER_V4, 9000)).count();

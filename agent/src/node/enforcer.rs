@@ -5,7 +5,7 @@
 //! [`Applied`] snapshot that everyone else reads without waiting on an apply.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::SystemTime,
@@ -53,6 +53,10 @@ pub enum EnforcerError {
     },
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    /// The note of identities whose sessions' io_uring use is to be read could not be kept:
+    /// nothing was changed, or a crash after the kernel write would leave them unread.
+    #[error("{0}")]
+    RingsNote(super::sessions::SessionError),
 }
 
 /// The policy in force, as applied: read by enrichment, DNS learning, admission and the
@@ -401,6 +405,28 @@ impl Enforcer {
                 io_uring: crate::policy::model::IoUring::Refuse,
             },
         ));
+        // Identities whose tasks the kernel let make rings until now (`allow`, or audit mode)
+        // and will not from now on, with those a change noted before did not finish (a crash,
+        // a change the kernel took part of): their sessions' rings are read once the change is
+        // in force. Noted first, so a crash after the kernel write still reads them. Each with
+        // whether the policy names it.
+        let noted = deps.sessions.rings_noted();
+        let rings_closing: BTreeMap<String, bool> = configs
+            .iter()
+            .filter(|c| {
+                c.mode == crate::policy::Mode::Enforce
+                    && c.io_uring == crate::policy::model::IoUring::Refuse
+            })
+            .filter_map(|c| {
+                let name = table.name(c.identity)?;
+                let open = noted.as_ref().is_none_or(|n| n.contains(name))
+                    || self.datapath.rings_were_open(c.identity).unwrap_or(true);
+                open.then(|| (name.to_owned(), rules.contains_key(&c.identity)))
+            })
+            .collect();
+        deps.sessions
+            .note_rings_closing(rings_closing.keys())
+            .map_err(EnforcerError::RingsNote)?;
         // The proxy listens before any DNS is steered to it: for the identities of the policy
         // before and after, until the change is in (a refused one changes nothing).
         let served: BTreeSet<u32> = rules.keys().copied().collect();
@@ -425,17 +451,6 @@ impl Enforcer {
             })
             .collect();
         let generation = snap.generation;
-        // Identities whose tasks the kernel let make rings until now and will not from now on:
-        // their sessions' rings are read once it is in force.
-        let rings_closing: BTreeSet<String> = configs
-            .iter()
-            .filter(|c| {
-                c.mode == crate::policy::Mode::Enforce
-                    && c.io_uring == crate::policy::model::IoUring::Refuse
-                    && self.datapath.rings_were_open(c.identity).unwrap_or(false)
-            })
-            .filter_map(|c| table.name(c.identity).map(str::to_owned))
-            .collect();
         tracing::debug!(
             prepare_ms = t0.elapsed().as_secs_f64() * 1e3,
             "policy compiled for the datapath"
@@ -478,11 +493,17 @@ impl Enforcer {
         deps.dns.forget_unnamed(&named);
         deps.dns.sync_sni(datapath);
         listen(served);
+        // Where a node can die with the change in the kernel and the sessions not read: a
+        // test kills it here.
+        #[cfg(feature = "failpoints")]
+        if !rings_closing.is_empty() {
+            fail::eval("apply-before-ring-reading", crate::hold_at);
+        }
         let cut = deps.sessions.end_ring_users(&rings_closing);
         if cut > 0 {
             warn!(
                 sessions = cut,
-                "sessions using io_uring their policy came to refuse were cut off"
+                "sessions using io_uring their identity is refused from now on were cut off, their processes killed"
             );
         }
         if old.revision() != revision {

@@ -323,6 +323,8 @@ pub struct Sessions {
     /// `state_dir/enroll-frozen`: the cgroup an enroll froze, until it is thawed; a node that
     /// died in between thaws it at start.
     frozen_marker: PathBuf,
+    /// `state_dir/rings-closing.json`: see [`Sessions::note_rings_closing`].
+    rings_note: PathBuf,
 }
 
 /// How much of the reason a session's own end request gives is kept (audit, logs).
@@ -394,6 +396,7 @@ impl Sessions {
             crl: Mutex::new(Default::default()),
             enrolling: Mutex::new(()),
             frozen_marker,
+            rings_note: state_dir.join("rings-closing.json"),
         };
         me.reconcile(stored)?;
         Ok(me)
@@ -1121,65 +1124,145 @@ impl Sessions {
         self.end_for(session, reason, "session ended at its own request")
     }
 
-    /// Ends each live session of `identities`, whose policy came to refuse io_uring in
-    /// enforce mode (it allowed it, or was in audit mode, until this apply), whose tasks use
-    /// io_uring: a ring made while the policy allowed it stays usable, and a process outside
-    /// can fill it with sockets no hook judges (`IORING_OP_MSG_RING`,
-    /// `IORING_REGISTER_FILES`). Read once the kernel refuses the identity new rings, so one
-    /// made before is read. A unit that cannot be read is ended too. How many were ended.
-    pub fn end_ring_users(&self, identities: &std::collections::BTreeSet<String>) -> usize {
-        if identities.is_empty() {
-            return 0;
+    /// The identities a change noted (see [`Self::note_rings_closing`]) whose sessions' rings
+    /// are still to be read; none: a note that cannot be read, which stands for every identity.
+    pub fn rings_noted(&self) -> Option<std::collections::BTreeSet<String>> {
+        match std::fs::read(&self.rings_note) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .inspect_err(|e| {
+                    error!(path = %self.rings_note.display(), error = %e,
+                        "the note of sessions whose io_uring use is to be read is unreadable: reading every identity's that refuses io_uring");
+                })
+                .ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(Default::default()),
+            Err(e) => {
+                error!(path = %self.rings_note.display(), error = %e,
+                    "the note of sessions whose io_uring use is to be read is unreadable: reading every identity's that refuses io_uring");
+                None
+            }
         }
-        let sessions: Vec<Session> = self
-            .list()
-            .into_iter()
-            .filter(|s| !s.revoked && identities.contains(&s.identity))
-            .collect();
+    }
+
+    /// Notes (`state_dir/rings-closing.json`, atomically) the identities whose sessions'
+    /// rings [`Self::end_ring_users`] is to read once a change is in the kernel: a node that
+    /// dies in between, or a change the kernel took part of, still reads them at the next
+    /// apply, when the kernel says they refuse io_uring already.
+    pub fn note_rings_closing<'a>(
+        &self,
+        identities: impl Iterator<Item = &'a String>,
+    ) -> Result<(), SessionError> {
+        let identities: Vec<&String> = identities.collect();
+        if identities.is_empty() {
+            return Ok(());
+        }
+        let bytes = serde_json::to_vec(&identities).expect("strings serialize");
+        crate::files::write_atomic(&self.rings_note, &bytes).map_err(|source| SessionError::Io {
+            path: self.rings_note.clone(),
+            source,
+        })
+    }
+
+    /// Reads each live session of `identities` (each with whether the policy names it),
+    /// which from this apply are refused io_uring in enforce mode and whose tasks the kernel
+    /// let make rings until it (`allow`, or audit mode), or a change before noted: a ring
+    /// made then stays usable, and a process outside can fill it with sockets no hook judges
+    /// (`IORING_OP_MSG_RING`, `IORING_REGISTER_FILES`) that the session's tasks then use.
+    /// Cutting the binding off does not take the ring away, so a session whose tasks use
+    /// io_uring is cut off and its processes killed, frozen throughout (no task runs another
+    /// instruction with its ring); so is one that cannot be read. Read once the kernel refuses
+    /// the identity new rings. The note is done with once every session was. How many were
+    /// ended.
+    pub fn end_ring_users(&self, identities: &BTreeMap<String, bool>) -> usize {
+        let sessions: Vec<Session> = if identities.is_empty() {
+            Vec::new()
+        } else {
+            self.list()
+                .into_iter()
+                .filter(|s| !s.revoked && identities.contains_key(&s.identity))
+                .collect()
+        };
         let mut ended = 0;
         for s in sessions {
             // Gone: collected as any ended unit is.
             if !s.cgroup.exists() {
                 continue;
             }
+            let refused = if identities.get(&s.identity) == Some(&true) {
+                "which the identity's policy came to refuse"
+            } else {
+                "which the identity may not use now that no policy names it"
+            };
             // One freeze at a time, with its note: an enroll's, or this.
-            let one = lock(&self.enrolling);
-            let users = self.ring_users(&s.cgroup);
-            drop(one);
+            let _one = lock(&self.enrolling);
+            let cg = Cgroup::open(&s.cgroup);
+            let frozen = cg
+                .as_ref()
+                .map_err(|e| e.to_string())
+                .and_then(|cg| self.freeze_to_read(cg).map_err(|e| e.to_string()));
+            // (No cgroup, no freeze.)
+            let users = match &frozen {
+                Ok(_) => self.ring_users(&s.cgroup).map_err(|e| e.to_string()),
+                Err(e) => Err(e.clone()),
+            };
             let reason = match users {
                 Ok(None) => continue,
                 Ok(Some(users)) => format!(
-                    "{users} used io_uring, which the identity's policy came to refuse: a ring made while it allowed io_uring stays usable; start the agent again"
+                    "{users} used io_uring, {refused}: a ring made before stays usable, so the session's processes were killed; start the agent again"
                 ),
                 Err(e) => format!(
-                    "whether its tasks use io_uring, which the identity's policy came to refuse, could not be read: {e}"
+                    "whether its tasks use io_uring, {refused}, could not be read ({e}): the session's processes were killed"
                 ),
             };
-            match self.end_for(&s, &reason, "session cut off: io_uring") {
-                Ok(()) => ended += 1,
-                Err(e) => {
-                    error!(identity = %s.identity, cgroup = %s.cgroup.display(), error = %e,
-                        "could not cut off a session using io_uring its policy refuses");
-                }
+            if let Err(e) = self.end_for(&s, &reason, "session cut off: io_uring") {
+                error!(identity = %s.identity, cgroup = %s.cgroup.display(), error = %e,
+                    "could not cut off a session using io_uring its identity is refused");
+            } else {
+                ended += 1;
             }
+            if let Err(e) = cg
+                .as_ref()
+                .map_err(|e| e.to_string())
+                .and_then(|cg| cg.kill_all().map_err(|e| e.to_string()))
+            {
+                error!(identity = %s.identity, cgroup = %s.cgroup.display(), error = %e,
+                    "could not kill the processes of a session using io_uring its identity is refused");
+            }
+            drop(frozen);
+        }
+        match std::fs::remove_file(&self.rings_note) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                error!(path = %self.rings_note.display(), error = %e,
+                    "could not remove the note of sessions whose io_uring use is read");
+            }
+            _ => {}
         }
         ended
     }
 
-    /// The tasks of the unit at `cgroup` (and below) that use io_uring: with an io_uring
-    /// context or a ring registered with itself (the task census), or whose process holds a
-    /// ring by descriptor or maps one. Read frozen, as `enroll` reads: a unit that runs could
-    /// keep a ring ahead of any listing (each process handing it to a child it forks, then
-    /// exiting; the child has no io_uring context). A unit frozen already (a runtime's pause)
-    /// is read as it is: its tasks fork and close nothing until root thaws it. Named while
-    /// frozen (a task of the chain is gone once thawed); none: it uses no io_uring.
+    /// `cg` frozen for a reading, as `enroll` freezes a unit: a unit that runs could keep a
+    /// ring ahead of any listing (each process handing it to a child it forks, then exiting;
+    /// the child has no io_uring context). None: frozen already (a runtime's pause), and read
+    /// as it is once every task is (only root lifts it).
+    fn freeze_to_read<'a>(
+        &'a self,
+        cg: &'a Cgroup,
+    ) -> Result<Option<FrozenForEnroll<'a>>, SessionError> {
+        match FrozenForEnroll::freeze(cg, &self.frozen_marker) {
+            Ok(f) => Ok(Some(f)),
+            Err(SessionError::Freeze(crate::cgroup::CgroupError::AlreadyFrozen { .. }))
+                if cg.is_frozen().unwrap_or(false) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The tasks of the unit at `cgroup` (and below), frozen, that use io_uring: with an
+    /// io_uring context or a ring registered with itself (the task census), or whose process
+    /// holds a ring by descriptor or maps one. Named while frozen (a task of a chain is gone
+    /// once thawed); none: it uses no io_uring.
     fn ring_users(&self, cgroup: &Path) -> Result<Option<String>, SessionError> {
-        let cg = Cgroup::open(cgroup)?;
-        let _frozen = match FrozenForEnroll::freeze(&cg, &self.frozen_marker) {
-            Ok(f) => Some(f),
-            Err(SessionError::Freeze(crate::cgroup::CgroupError::AlreadyFrozen { .. })) => None,
-            Err(e) => return Err(e),
-        };
         let whose = format!("{}: its processes", cgroup.display());
         let scan = |source| SessionError::SocketScan {
             whose: whose.clone(),
