@@ -1195,6 +1195,11 @@ impl Sessions {
             // One freeze at a time, with its note: an enroll's, or this.
             let _one = lock(&self.enrolling);
             let cg = Cgroup::open(&s.cgroup);
+            // Another cgroup made at its path since: the session's is gone (collected as any
+            // ended unit is), and nothing of the new one is frozen or killed.
+            if cg.as_ref().is_ok_and(|cg| cg.id() != s.cgroup_id) {
+                continue;
+            }
             let frozen = cg
                 .as_ref()
                 .map_err(|e| e.to_string())
