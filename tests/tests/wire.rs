@@ -1302,10 +1302,15 @@ fn an_enrolled_unit_makes_no_ring_where_its_policy_refuses_io_uring() {
     );
 
     // Under the identity that allows io_uring, rings are made, until its policy refuses
-    // io_uring.
+    // io_uring: a unit that made one is then cut off and killed (see
+    // `a_policy_that_comes_to_refuse_io_uring_cuts_off_the_sessions_using_it`), and one that
+    // made none makes none.
     let (unit, mut allowed) = fx.unit();
     fx.enroll(&unit);
     allowed.ok_value("keep-ring");
+    let fresh_unit = fx._env.cgroup("unit-fresh");
+    let mut fresh = probe_in(&fresh_unit);
+    fx.enroll(&fresh_unit);
     std::fs::write(
         fx.dir.path().join("policy/agents.yaml"),
         POLICY.replace("io_uring: allow\n", ""),
@@ -1316,21 +1321,24 @@ fn an_enrolled_unit_makes_no_ring_where_its_policy_refuses_io_uring() {
             .args(["policy", "apply", "--socket"])
             .arg(fx.socket()),
     );
-    let calls = allowed.cmd("uring-calls");
+    let calls = fresh.cmd("uring-calls");
     assert!(calls.starts_with("setup=EPERM "), "{calls}");
-    refused(allowed.pid);
+    refused(fresh.pid);
 }
 
 /// A policy that comes to refuse io_uring leaves no ring in use under it: a ring made while the
 /// policy allowed io_uring stays usable, and a process outside could fill it with sockets no
 /// hook judges. Once such an apply is in force, each session of the identity whose tasks use
 /// io_uring (a launched agent, an enrolled unit, one whose ring moves from process to process
-/// ahead of any listing) is cut off, with its record, and its processes killed (cutting the
-/// binding off leaves the ring); a session that uses none runs on.
+/// ahead of any listing, one cut off before by a CRL) is cut off, with its record, and its
+/// processes killed (cutting the binding off leaves the ring); a session that uses none runs
+/// on.
 #[test]
 fn a_policy_that_comes_to_refuse_io_uring_cuts_off_the_sessions_using_it() {
     let mut fx = fixture("wire-ring-switch");
     let audit = fx.dir.path().join("audit.log");
+    let crl = fx.dir.path().join("ca.crl.pem");
+    std::fs::write(&crl, fx.ca.crl(&[])).unwrap();
     assert_eq!(fx.node.take().expect("node running").stop(), 0);
     fx.node = Some(NodeProc::start_with(
         &fx._env,
@@ -1340,6 +1348,8 @@ fn a_policy_that_comes_to_refuse_io_uring_cuts_off_the_sessions_using_it() {
             "1",
             "--audit-log",
             audit.to_str().unwrap(),
+            "--crl",
+            crl.to_str().unwrap(),
         ],
     ));
     let mut launched = fx.agent("agent", &CertSpec::agent(ID));
@@ -1361,6 +1371,36 @@ fn a_policy_that_comes_to_refuse_io_uring_cuts_off_the_sessions_using_it() {
     fx.enroll(&hopping_unit);
     let lifetime = agentwall_tests::patience(Duration::from_secs(120)).as_secs();
     assert_eq!(hopping.cmd(&format!("ring-hop {lifetime}")), "ok");
+    // Cut off before the switch (its certificate on a CRL), with its ring: its processes run
+    // on, and so would the ring.
+    let listed_unit = fx._env.cgroup("unit-listed");
+    let mut listed = probe_in(&listed_unit);
+    let listed_cert = fx.ca.issue(&CertSpec::agent(ID));
+    {
+        let (cert, key) = write_cert(fx.dir.path(), "listed", &listed_cert);
+        let _one = enrolling();
+        run_ok(&mut agentwall_tests::node::enroll_command(
+            fx.socket(),
+            listed_unit.path(),
+            &cert,
+            &key,
+        ));
+    }
+    listed.ok_value("keep-ring");
+    let fresh = fx.dir.path().join("ca.crl.pem.new");
+    std::fs::write(&fresh, fx.ca.crl(&[&listed_cert.serial])).unwrap();
+    std::fs::rename(&fresh, &crl).unwrap();
+    let listed_path = listed_unit.path().to_str().unwrap().to_owned();
+    agentwall_tests::node::wait_status(fx.socket(), "the listed unit cut off", |s| {
+        s["identities"].as_array().is_some_and(|ids| {
+            ids.iter().any(|i| {
+                i["sessions"].as_array().is_some_and(|ss| {
+                    ss.iter()
+                        .any(|x| x["cgroup"] == listed_path.as_str() && x["revoked"] == true)
+                })
+            })
+        })
+    });
     launched.ok_value("keep-ring");
     enrolled.ok_value("keep-ring");
     for p in [&mut launched, &mut enrolled, &mut quiet] {
@@ -1385,13 +1425,22 @@ fn a_policy_that_comes_to_refuse_io_uring_cuts_off_the_sessions_using_it() {
             .into_iter()
             .filter(|r| r["kind"] == "identity" && r["event"] == "ended")
             .collect();
-        if ended.len() >= 3 {
+        if ended.len() >= 4 {
             Ok(ended)
         } else {
             Err(format!("{ended:?}"))
         }
     });
-    assert_eq!(ended.len(), 3, "{ended:#?}");
+    assert_eq!(ended.len(), 4, "{ended:#?}");
+    assert!(
+        ended.iter().any(|r| r["cgroup"] == listed_path.as_str()
+            && r["connections_destroyed"] == 0
+            && r["reason"]
+                .as_str()
+                .is_some_and(|why| why
+                    .starts_with(&format!("task {} (\"aw-probe\") used io_uring", listed.pid)))),
+        "the unit cut off before: {ended:#?}"
+    );
     let hopped = ended
         .iter()
         .find(|r| r["cgroup"] == hopping_unit.path().to_str().unwrap())
@@ -1426,14 +1475,20 @@ fn a_policy_that_comes_to_refuse_io_uring_cuts_off_the_sessions_using_it() {
         .and_then(|ids| ids.iter().find(|i| i["identity"] == ID))
         .map(|i| i["sessions"].clone())
         .unwrap_or_else(|| panic!("{status:#}"));
-    let revoked: Vec<bool> = sessions
-        .as_array()
-        .unwrap_or_else(|| panic!("{status:#}"))
-        .iter()
-        .map(|s| s["revoked"] == true)
-        .collect();
-    assert_eq!(revoked.iter().filter(|r| **r).count(), 3, "{sessions:#}");
-    assert_eq!(revoked.len(), 4, "{sessions:#}");
+    // (The launched session ends once its process is gone: collected.)
+    let revoked = |cgroup: &agentwall::cgroup::Cgroup| {
+        sessions
+            .as_array()
+            .unwrap_or_else(|| panic!("{status:#}"))
+            .iter()
+            .find(|s| s["cgroup"] == cgroup.path().to_str().unwrap())
+            .map(|s| s["revoked"] == true)
+            .unwrap_or_else(|| panic!("{}: {sessions:#}", cgroup.path().display()))
+    };
+    assert!(revoked(&unit), "{sessions:#}");
+    assert!(revoked(&hopping_unit), "{sessions:#}");
+    assert!(revoked(&listed_unit), "{sessions:#}");
+    assert!(!revoked(&quiet_unit), "{sessions:#}");
 
     // Killed: a binding cut off does not take a ring away, and a process outside holding it
     // too could still register a socket of its own in it for the session to send on.
@@ -1446,7 +1501,7 @@ fn a_policy_that_comes_to_refuse_io_uring_cuts_off_the_sessions_using_it() {
             }
         });
     }
-    for pid in [launched.pid, enrolled.pid, hopping.pid] {
+    for pid in [launched.pid, enrolled.pid, hopping.pid, listed.pid] {
         eventually(
             "the probe to be gone",
             WITHIN,

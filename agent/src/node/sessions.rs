@@ -1121,7 +1121,7 @@ impl Sessions {
     /// Ends one session at its own request (its SVID is gone), for `reason`: cut off like a
     /// revoked certificate's, for good. A session already cut off stays so.
     pub fn end(&self, session: &Session, reason: &str) -> Result<(), SessionError> {
-        self.end_for(session, reason, "session ended at its own request")
+        self.end_for(session, reason, "session ended at its own request", false)
     }
 
     /// The identities a change noted (see [`Self::note_rings_closing`]) whose sessions' rings
@@ -1162,7 +1162,7 @@ impl Sessions {
         })
     }
 
-    /// Reads each live session of `identities` (each with whether the policy names it),
+    /// Reads each session (cut off already or not) of `identities` (each with whether the policy names it),
     /// which from this apply are refused io_uring in enforce mode and whose tasks the kernel
     /// let make rings until it (`allow`, or audit mode), or a change before noted: a ring
     /// made then stays usable, and a process outside can fill it with sockets no hook judges
@@ -1176,9 +1176,11 @@ impl Sessions {
         let sessions: Vec<Session> = if identities.is_empty() {
             Vec::new()
         } else {
+            // Cut off already (a CRL, its own end) too: a cut binding leaves its processes,
+            // and their rings, running.
             self.list()
                 .into_iter()
-                .filter(|s| !s.revoked && identities.contains_key(&s.identity))
+                .filter(|s| identities.contains_key(&s.identity))
                 .collect()
         };
         let mut ended = 0;
@@ -1218,7 +1220,7 @@ impl Sessions {
                     "whether its tasks use io_uring, {refused}, could not be read ({e}): the session's processes were killed"
                 ),
             };
-            if let Err(e) = self.end_for(&s, &reason, "session cut off: io_uring") {
+            if let Err(e) = self.end_for(&s, &reason, "session cut off: io_uring", true) {
                 error!(identity = %s.identity, cgroup = %s.cgroup.display(), error = %e,
                     "could not cut off a session using io_uring its identity is refused");
             } else {
@@ -1289,18 +1291,29 @@ impl Sessions {
         Ok((!users.is_empty()).then(|| named_tasks(&users)))
     }
 
-    fn end_for(&self, session: &Session, reason: &str, what: &str) -> Result<(), SessionError> {
+    /// Cuts the session off for `reason` and records it; one cut off already is recorded
+    /// again only where `recut` (its processes were killed for this reason).
+    fn end_for(
+        &self,
+        session: &Session,
+        reason: &str,
+        what: &str,
+        recut: bool,
+    ) -> Result<(), SessionError> {
         let mut table = lock(&self.table);
         let now = table.now(session)?;
-        if now.revoked {
+        if now.revoked && !recut {
             return Ok(());
         }
-        let destroyed = self
-            .cut(&mut table, &now)
-            .map_err(|source| SessionError::Bind {
-                path: now.cgroup.clone(),
-                source,
-            })?;
+        let destroyed = if now.revoked {
+            0
+        } else {
+            self.cut(&mut table, &now)
+                .map_err(|source| SessionError::Bind {
+                    path: now.cgroup.clone(),
+                    source,
+                })?
+        };
         // Text from the Workload API, by way of the keeper: kept printable.
         let reason =
             crate::text::printable(crate::text::prefix(reason, MAX_END_REASON)).into_owned();
