@@ -1040,10 +1040,6 @@ impl Scan {
         Ok(())
     }
 
-    /// The processes mapping an io_uring instance whose `fdinfo` no descriptor of the scan
-    /// showed: a mapping's inode must be a ring read, and where rings may share one inode
-    /// (as some kernels make them, or where the node could not tell), the process must hold
-    /// a ring by descriptor itself too.
     /// The processes that hold a ring by descriptor or map one, in order, each once.
     fn holders(&self) -> Vec<u32> {
         let mut holders: Vec<u32> = self
@@ -1057,6 +1053,10 @@ impl Scan {
         holders
     }
 
+    /// The processes mapping an io_uring instance whose `fdinfo` no descriptor of the scan
+    /// showed: a mapping's inode must be a ring read, and where rings may share one inode
+    /// (as some kernels make them, or where the node could not tell), the process must hold
+    /// a ring by descriptor itself too.
     fn hidden_rings(&self) -> Vec<u32> {
         let own_inodes = !self.ring_maps.is_empty() && ring_kernel().own_inodes;
         self.ring_maps

@@ -770,30 +770,68 @@ fn enroll_freezes_only_what_it_owns_and_a_crash_leaves_nothing_frozen() {
     drop(node);
 }
 
-/// A node that dies between writing a change that refuses io_uring to the kernel and reading
-/// the sessions that used it reads them at its next start: the change noted them first (the
-/// kernel already refuses, so it alone would say nothing was open). The session holding a ring
-/// is cut off and its process killed; the note is done with.
-#[test]
-fn a_node_killed_before_reading_the_sessions_a_refusal_of_io_uring_closes_reads_them_at_start() {
+/// A node whose policy allows the test identity io_uring, with a unit holding a process of
+/// the test's (not yet enrolled), and a fail point `point` armed to hold at a gate: what the
+/// io_uring switch tests start from. The gate file is the caller's to make and remove.
+struct AllowingRing {
+    env: TestEnv,
+    tmp: tempfile::TempDir,
+    cert: PathBuf,
+    key: PathBuf,
+    unit: agentwall::cgroup::Cgroup,
+    svc: Probe,
+    gate: PathBuf,
+    node: NodeProc,
+}
+
+fn allowing_ring(name: &str, point: &str) -> AllowingRing {
     let allowing = POLICY.replacen(
         "identity: spiffe://example.org/agent/support\n",
         "identity: spiffe://example.org/agent/support\nio_uring: allow\n",
         1,
     );
-    let (env, tmp, ca) = setup("uring-switch-crash", &allowing);
+    let (env, tmp, ca) = setup(name, &allowing);
     let dir = tmp.path();
     let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
     let unit = env.cgroup("services/ring.service");
-    let mut svc = Probe::spawn(&unit);
-    let gate = dir.join("reading-gate");
-    let spec = format!("apply-before-ring-reading=1*return({})", gate.display());
+    let svc = Probe::spawn(&unit);
+    let gate = dir.join("gate");
+    let spec = format!("{point}=1*return({})", gate.display());
     let node = NodeProc::start_env(
         &env,
         dir,
         &[],
         &[("AGENTWALL_FAILPOINTS", Path::new(&spec))],
     );
+    AllowingRing {
+        env,
+        tmp,
+        cert,
+        key,
+        unit,
+        svc,
+        gate,
+        node,
+    }
+}
+
+/// A node that dies between writing a change that refuses io_uring to the kernel and reading
+/// the sessions that used it reads them at its next start: the change noted them first (the
+/// kernel already refuses, so it alone would say nothing was open). The session holding a ring
+/// is cut off and its process killed; the note is done with.
+#[test]
+fn a_node_killed_before_reading_the_sessions_a_refusal_of_io_uring_closes_reads_them_at_start() {
+    let AllowingRing {
+        env,
+        tmp,
+        cert,
+        key,
+        unit,
+        mut svc,
+        gate,
+        node,
+    } = allowing_ring("uring-switch-crash", "apply-before-ring-reading");
+    let dir = tmp.path();
     agentwall_tests::node::run_ok(&mut agentwall_tests::node::enroll_command(
         &node.socket,
         unit.path(),
@@ -850,37 +888,23 @@ fn a_node_killed_before_reading_the_sessions_a_refusal_of_io_uring_closes_reads_
     assert!(!note.exists(), "the note is done with");
 }
 
-/// Root can thaw a unit frozen for `enroll` (a container runtime's unpause, `systemctl
-/// thaw`), or move a task into it, after the last reading and before the binding: the unit's
-/// tasks would run, or the new one arrive, unread and ungoverned. `enroll` reads the unit
-/// again once the binding is in force, and on any difference removes the binding and refuses:
-/// nothing is bound, recorded or kept. A fail point holds the node there while the test does
-/// what root would, and kills a tracer in the unit (its tracee, let be while its tracer was
-/// frozen, runs).
 /// A policy applied while an enroll scans its unit is the one the unit is bound under: one that
 /// comes to refuse io_uring then refuses a unit whose tasks used it, as if it had been in force
 /// from the start, and the binding made meanwhile is taken away.
 #[test]
 fn an_enroll_whose_policy_comes_to_refuse_io_uring_while_it_scans_is_refused() {
-    let allowing = POLICY.replacen(
-        "identity: spiffe://example.org/agent/support\n",
-        "identity: spiffe://example.org/agent/support\nio_uring: allow\n",
-        1,
-    );
-    let (env, tmp, ca) = setup("enroll-uring-switch", &allowing);
+    let AllowingRing {
+        env: _env,
+        tmp,
+        cert,
+        key,
+        unit,
+        mut svc,
+        gate,
+        node,
+    } = allowing_ring("enroll-uring-switch", "enroll-before-bind");
     let dir = tmp.path();
-    let (cert, key) = write_cert(dir, "good", &ca.issue(&CertSpec::agent(ID)));
-    let unit = env.cgroup("services/ring.service");
-    let mut svc = Probe::spawn(&unit);
     svc.ok_value("keep-ring");
-    let gate = dir.join("bind-gate");
-    let spec = format!("enroll-before-bind=1*return({})", gate.display());
-    let node = NodeProc::start_env(
-        &env,
-        dir,
-        &[],
-        &[("AGENTWALL_FAILPOINTS", Path::new(&spec))],
-    );
     let before = status_json(&node.socket)["map_fill"]["bindings"].clone();
     std::fs::write(&gate, "").unwrap();
     let running = {
@@ -936,6 +960,13 @@ fn an_enroll_whose_policy_comes_to_refuse_io_uring_while_it_scans_is_refused() {
     );
 }
 
+/// Root can thaw a unit frozen for `enroll` (a container runtime's unpause, `systemctl
+/// thaw`), or move a task into it, after the last reading and before the binding: the unit's
+/// tasks would run, or the new one arrive, unread and ungoverned. `enroll` reads the unit
+/// again once the binding is in force, and on any difference removes the binding and refuses:
+/// nothing is bound, recorded or kept. A fail point holds the node there while the test does
+/// what root would, and kills a tracer in the unit (its tracee, let be while its tracer was
+/// frozen, runs).
 #[test]
 fn enroll_refuses_and_unbinds_a_unit_that_stirred_before_its_binding() {
     let (env, tmp, ca) = setup("thawed", POLICY);

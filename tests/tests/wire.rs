@@ -118,10 +118,16 @@ impl Fixture {
     /// namespace.
     fn unit(&self) -> (agentwall::cgroup::Cgroup, Probe) {
         let unit = self._env.cgroup("unit");
+        let probe = self.probe_in(&unit);
+        (unit, probe)
+    }
+
+    /// A probe in cgroup `cg`, in the agent's namespace.
+    fn probe_in(&self, cg: &agentwall::cgroup::Cgroup) -> Probe {
         let mut c = Command::new(bin_path("aw-probe"));
-        c.args(["--cgroup", unit.path().to_str().unwrap(), "--cpu", "0"]);
+        c.args(["--cgroup", cg.path().to_str().unwrap(), "--cpu", "0"]);
         self.link.agent.enter(&mut c);
-        (unit, Probe::from_command(c))
+        Probe::from_command(c)
     }
 
     /// `agentwall enroll` of `unit` under the test's identity, as a command to run.
@@ -1240,12 +1246,7 @@ fn enroll_refuses_a_unit_with_an_io_uring_no_descriptor_shows() {
 #[test]
 fn an_enrolled_unit_makes_no_ring_where_its_policy_refuses_io_uring() {
     let fx = fixture("wire-enroll-ring-lsm");
-    let probe_in = |cg: &agentwall::cgroup::Cgroup| {
-        let mut c = Command::new(bin_path("aw-probe"));
-        c.args(["--cgroup", cg.path().to_str().unwrap(), "--cpu", "0"]);
-        fx.link.agent.enter(&mut c);
-        Probe::from_command(c)
-    };
+    let probe_in = |cg: &agentwall::cgroup::Cgroup| fx.probe_in(cg);
     let refused = |pid: u32| {
         wait_flow_where(fx.socket(), "socket-deny", |r| {
             r["pid"] == pid
@@ -1355,12 +1356,7 @@ fn a_policy_that_comes_to_refuse_io_uring_cuts_off_the_sessions_using_it() {
     let mut launched = fx.agent("agent", &CertSpec::agent(ID));
     let (unit, mut enrolled) = fx.unit();
     fx.enroll(&unit);
-    let probe_in = |cg: &agentwall::cgroup::Cgroup| {
-        let mut c = Command::new(bin_path("aw-probe"));
-        c.args(["--cgroup", cg.path().to_str().unwrap(), "--cpu", "0"]);
-        fx.link.agent.enter(&mut c);
-        Probe::from_command(c)
-    };
+    let probe_in = |cg: &agentwall::cgroup::Cgroup| fx.probe_in(cg);
     let quiet_unit = fx._env.cgroup("unit-quiet");
     let mut quiet = probe_in(&quiet_unit);
     fx.enroll(&quiet_unit);

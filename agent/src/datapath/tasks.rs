@@ -126,9 +126,7 @@ impl TaskCensus {
         }
         last
     }
-}
 
-impl TaskCensus {
     /// The tasks in the cgroups `own` with an io_uring context or a ring registered with
     /// themselves, in order of task, from one reading.
     pub fn ring_users(&self, own: &HashSet<u64>) -> Result<Vec<u32>, CensusError> {

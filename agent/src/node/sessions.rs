@@ -1127,20 +1127,16 @@ impl Sessions {
     /// The identities a change noted (see [`Self::note_rings_closing`]) whose sessions' rings
     /// are still to be read; none: a note that cannot be read, which stands for every identity.
     pub fn rings_noted(&self) -> Option<std::collections::BTreeSet<String>> {
-        match std::fs::read(&self.rings_note) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .inspect_err(|e| {
-                    error!(path = %self.rings_note.display(), error = %e,
-                        "the note of sessions whose io_uring use is to be read is unreadable: reading every identity's that refuses io_uring");
-                })
-                .ok(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(Default::default()),
-            Err(e) => {
+        let read = match std::fs::read(&self.rings_note) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(Default::default()),
+            read => read.map_err(|e| e.to_string()),
+        };
+        read.and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
+            .inspect_err(|e| {
                 error!(path = %self.rings_note.display(), error = %e,
                     "the note of sessions whose io_uring use is to be read is unreadable: reading every identity's that refuses io_uring");
-                None
-            }
-        }
+            })
+            .ok()
     }
 
     /// Notes (`state_dir/rings-closing.json`, atomically) the identities whose sessions'
@@ -1162,8 +1158,8 @@ impl Sessions {
         })
     }
 
-    /// Reads each session (cut off already or not) of `identities` (each with whether the policy names it),
-    /// which from this apply are refused io_uring in enforce mode and whose tasks the kernel
+    /// Reads each session (cut off already or not) of `identities` (each with whether the
+    /// policy names it), which from this apply are refused io_uring in enforce mode and whose tasks the kernel
     /// let make rings until it (`allow`, or audit mode), or a change before noted: a ring
     /// made then stays usable, and a process outside can fill it with sockets no hook judges
     /// (`IORING_OP_MSG_RING`, `IORING_REGISTER_FILES`) that the session's tasks then use.
@@ -1196,17 +1192,16 @@ impl Sessions {
             };
             // One freeze at a time, with its note: an enroll's, or this.
             let _one = lock(&self.enrolling);
-            let cg = Cgroup::open(&s.cgroup);
-            // Another cgroup made at its path since: the session's is gone (collected as any
-            // ended unit is), and nothing of the new one is frozen or killed.
-            if cg.as_ref().is_ok_and(|cg| cg.id() != s.cgroup_id) {
-                continue;
-            }
-            let frozen = cg
-                .as_ref()
-                .map_err(|e| e.to_string())
-                .and_then(|cg| self.freeze_to_read(cg).map_err(|e| e.to_string()));
-            // (No cgroup, no freeze.)
+            let cg = match Cgroup::open(&s.cgroup) {
+                // Another cgroup made at its path since: the session's is gone (collected as
+                // any ended unit is), and nothing of the new one is frozen or killed.
+                Ok(cg) if cg.id() != s.cgroup_id => continue,
+                cg => cg,
+            };
+            let frozen = match &cg {
+                Ok(cg) => self.freeze_to_read(cg).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
             let users = match &frozen {
                 Ok(_) => self.ring_users(&s.cgroup).map_err(|e| e.to_string()),
                 Err(e) => Err(e.clone()),
@@ -1226,11 +1221,11 @@ impl Sessions {
             } else {
                 ended += 1;
             }
-            if let Err(e) = cg
-                .as_ref()
-                .map_err(|e| e.to_string())
-                .and_then(|cg| cg.kill_all().map_err(|e| e.to_string()))
-            {
+            let killed = match &cg {
+                Ok(cg) => cg.kill_all().map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = killed {
                 error!(identity = %s.identity, cgroup = %s.cgroup.display(), error = %e,
                     "could not kill the processes of a session using io_uring its identity is refused");
             }
