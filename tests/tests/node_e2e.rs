@@ -1471,6 +1471,67 @@ fn a_crl_listing_a_running_certificate_cuts_its_session_off() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// A unit its manager restarts gets a new cgroup at the same path, which the session's binding
+/// (the old cgroup's, by id) does not govern: the node ends the session rather than show the
+/// new cgroup governed, and the unit can be enrolled again.
+#[test]
+fn a_unit_restarted_in_a_new_cgroup_at_its_path_ends_its_session() {
+    let (env, tmp, ca) = setup("unit-restart", POLICY);
+    let dir = tmp.path();
+    let audit = dir.join("audit/audit.jsonl");
+    let node = NodeProc::start_with(&env, dir, &["--audit-log", audit.to_str().unwrap()]);
+    let sock = node.socket.to_str().unwrap().to_owned();
+    let (cert, key) = write_cert(dir, "unit", &ca.issue(&CertSpec::agent(ID)));
+    let (c, k) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let unit = env.cgroup("services/restarted.service");
+    let unit_path = unit.path().to_str().unwrap().to_owned();
+    let enroll = || {
+        let (code, out, err) = agentwall_out(&[
+            "enroll", "--cgroup", &unit_path, "--cert", c, "--key", k, "--socket", &sock,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out, format!("agentwall enroll: {unit_path} bound to {ID}"));
+    };
+    let sessions_at = |s: &serde_json::Value| -> usize {
+        s["identities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|i| i["sessions"].as_array().unwrap())
+            .filter(|x| x["cgroup"] == unit_path.as_str())
+            .count()
+    };
+    let svc = Probe::spawn(&unit);
+    enroll();
+    assert_eq!(sessions_at(&status_json(&node.socket)), 1);
+
+    // The manager stops the unit, removes its cgroup and starts it in a new one.
+    drop(svc);
+    std::fs::remove_dir(unit.path()).unwrap();
+    let unit = env.cgroup("services/restarted.service");
+    let mut svc = Probe::spawn(&unit);
+    wait_status(&node.socket, "the old cgroup's session to end", |s| {
+        sessions_at(s) == 0
+    });
+    // Nothing governs the new cgroup until it is enrolled: the connect goes on to the
+    // routing (no route out of the test's namespace), where a governed one is refused.
+    assert_eq!(svc.cmd("connect tcp 192.0.2.10 80"), "err ENETUNREACH");
+    enroll();
+    assert_eq!(svc.cmd("connect tcp 192.0.2.10 80"), "err EPERM");
+    assert_eq!(sessions_at(&status_json(&node.socket)), 1);
+    assert_eq!(node.stop(), 0);
+    let ended: Vec<serde_json::Value> = audit_records(&audit)
+        .into_iter()
+        .filter(|r| r["kind"] == "identity" && r["cgroup"] == unit_path.as_str())
+        .map(|r| r["event"].clone())
+        .collect();
+    assert_eq!(
+        ended,
+        ["enrolled", "session-ended", "enrolled"].map(serde_json::Value::from),
+        "{ended:?}"
+    );
+}
+
 #[test]
 fn a_node_restarted_on_a_broken_policy_keeps_the_last_good_one() {
     let (env, tmp, ca) = setup("lastgood", POLICY);

@@ -334,6 +334,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Whether the cgroup `session` was bound in is still there: its path holds that cgroup, not
+/// one made there since (on cgroup2 a directory's inode number is its cgroup's id).
+fn cgroup_alive(session: &Session) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(&session.cgroup).is_ok_and(|m| m.ino() == session.cgroup_id)
+}
+
 /// Where the session table is kept.
 pub fn kept(state_dir: &Path) -> PathBuf {
     state_dir.join("sessions.json")
@@ -415,9 +422,7 @@ impl Sessions {
         } in stored.sessions
         {
             session.layout = layout;
-            let alive =
-                std::fs::metadata(&session.cgroup).is_ok_and(|m| m.ino() == session.cgroup_id);
-            if alive {
+            if cgroup_alive(&session) {
                 // The kernel holds the binding across restarts; not after an upgrade to a new
                 // map layout (the old layout's maps hold it), nor after its pins were removed.
                 if self
@@ -1052,8 +1057,9 @@ impl Sessions {
     pub fn collect(&self) {
         let mut table = lock(&self.table);
         // A cgroup that is gone (its owner removed it, or a renew raced its last process) has
-        // nothing left to govern either, enrolled or launched.
-        let gone = |s: &Session| !s.cgroup.exists();
+        // nothing left to govern either, enrolled or launched; so for one whose path now holds
+        // another cgroup (a unit its manager restarted), which the binding does not govern.
+        let gone = |s: &Session| !cgroup_alive(s);
         let done: Vec<Session> = table
             .by_id
             .values()
@@ -1182,7 +1188,9 @@ impl Sessions {
         let mut ended = 0;
         for s in sessions {
             // Gone: collected as any ended unit is.
-            if !s.cgroup.exists() {
+            // Gone, or another cgroup made at its path since (collected as any ended unit
+            // is): nothing of the new one is frozen or killed.
+            if !cgroup_alive(&s) {
                 continue;
             }
             let refused = if identities.get(&s.identity) == Some(&true) {
@@ -1192,9 +1200,8 @@ impl Sessions {
             };
             // One freeze at a time, with its note: an enroll's, or this.
             let _one = lock(&self.enrolling);
+            // Checked again once opened: the path may have changed hands since.
             let cg = match Cgroup::open(&s.cgroup) {
-                // Another cgroup made at its path since: the session's is gone (collected as
-                // any ended unit is), and nothing of the new one is frozen or killed.
                 Ok(cg) if cg.id() != s.cgroup_id => continue,
                 cg => cg,
             };
