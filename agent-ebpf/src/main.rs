@@ -1013,6 +1013,26 @@ fn try_socket_use(ctx: &LsmContext, send: bool) -> i32 {
     if family != AF_INET && family != AF_INET6 {
         return refuse_task(&flow, leaf, &binding, REASON_SOCKET_FAMILY);
     }
+    // A session cut off (revoked, or past its certificate's deadline) uses no inet socket,
+    // whoever made it and whatever its storage says: the packet line judges a socket by the
+    // binding that claimed it, and one no binding claimed (put in a ring's file table by a
+    // process outside, which the receipt never saw) would pass there as nobody's.
+    let state = AW_IDENTITIES.get(binding.identity).map_or(0, |st| st.state);
+    let mut now = 0u64;
+    let gone = liveness(state, &binding, &mut now);
+    if gone != REASON_NONE {
+        report(
+            &flow,
+            leaf,
+            binding.identity,
+            EVENT_SOCK_DENY,
+            gone,
+            0,
+            now,
+            Who::Task,
+        );
+        return DENY;
+    }
     if send {
         let option = nonlocal_option(sk, &layout(), false);
         if option != 0 {
@@ -2076,17 +2096,18 @@ fn adopt(
 /// connection its binding's rules do not allow is marked with it.
 const NOWHERE: Addr = [0xff; 16];
 
-/// Revocation and the certificate deadline, on every packet either way: the reason the
-/// socket's binding is no longer live, or `REASON_NONE`. `now` gets the clock if it was read.
-/// Nothing is read of the packet: a verdict that needs no headers is taken without them.
+/// Revocation and the certificate deadline, on every packet and call either way: the reason
+/// `binding` (of an identity in `state`) is no longer live, or `REASON_NONE`. `now` gets the
+/// clock if it was read. Nothing is read of the packet: a verdict that needs no headers is
+/// taken without them.
 #[inline(always)]
-fn liveness(o: &Owner, now: &mut u64) -> u8 {
-    if o.state != IDENTITY_ACTIVE || o.binding.revoked != 0 {
+fn liveness(state: u8, binding: &Binding, now: &mut u64) -> u8 {
+    if state != IDENTITY_ACTIVE || binding.revoked != 0 {
         return REASON_REVOKED;
     }
-    if o.binding.not_after_ns != 0 {
+    if binding.not_after_ns != 0 {
         *now = unsafe { bpf_ktime_get_boot_ns() };
-        if *now >= o.binding.not_after_ns {
+        if *now >= binding.not_after_ns {
             return REASON_EXPIRED;
         }
     }
@@ -2149,7 +2170,7 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
     };
     let identity = o.binding.identity;
     let mut now = 0u64;
-    let gone = liveness(&o, &mut now);
+    let gone = liveness(o.state, &o.binding, &mut now);
     let mut h = Headers::new();
     read_headers(skb, false, &mut h);
     // The flow as records and the rules take it, made where one is needed: kept across the
@@ -3215,7 +3236,7 @@ fn try_ingress(ctx: &SkBuffContext) -> i32 {
         Err(v) => return v,
     };
     let mut now = 0u64;
-    let gone = liveness(&o, &mut now);
+    let gone = liveness(o.state, &o.binding, &mut now);
     // A TLS connection whose hello passed the server-name check: what the server answers
     // first, on every path in.
     // SAFETY: non-null storage pointer.
@@ -3513,7 +3534,7 @@ fn judge(flow: &Flow, sk: *mut core::ffi::c_void) -> Judged {
             return Judged::unbound(verdict, leaf);
         }
     };
-    let (identity, not_after) = (binding.identity, binding.not_after_ns);
+    let identity = binding.identity;
     let judged = |verdict| Judged {
         verdict,
         identity,
@@ -3530,37 +3551,12 @@ fn judge(flow: &Flow, sk: *mut core::ffi::c_void) -> Judged {
     };
     // Revoked, unset and expired identities (and bindings whose certificate was revoked) are
     // denied whatever the mode: audit mode is for trying out a policy, not for keeping a dead
-    // identity alive.
-    if state != IDENTITY_ACTIVE || binding.revoked != 0 {
-        report(
-            flow,
-            leaf,
-            identity,
-            EVENT_DENY,
-            REASON_REVOKED,
-            0,
-            0,
-            Who::Task,
-        );
-        return judged(DENY);
-    }
-    // The clock is read only when a deadline needs it; 0 means "not read yet".
+    // identity alive. The clock is read only when a deadline needs it; 0 means "not read yet".
     let mut now = 0u64;
-    if not_after != 0 {
-        now = unsafe { bpf_ktime_get_boot_ns() };
-        if now >= not_after {
-            report(
-                flow,
-                leaf,
-                identity,
-                EVENT_DENY,
-                REASON_EXPIRED,
-                0,
-                now,
-                Who::Task,
-            );
-            return judged(DENY);
-        }
+    let gone = liveness(state, &binding, &mut now);
+    if gone != REASON_NONE {
+        report(flow, leaf, identity, EVENT_DENY, gone, 0, now, Who::Task);
+        return judged(DENY);
     }
     // DNS from an identity with name rules goes to its proxy, whatever the resolver: the
     // proxy learns the addresses its rules allow.

@@ -337,6 +337,22 @@ fn revocation_stops_an_established_udp_flow_on_the_wire() {
     );
     let answer = agent.cmd("send-held");
     assert!(answer.starts_with("err "), "{answer}");
+    // Where the kernel runs BPF LSM programs, a session cut off uses no inet socket at all:
+    // its sends and reads are refused before the protocol sees them (so also on a socket no
+    // binding claimed), each a record of the socket-use line.
+    if lsm_line(fx.socket()).is_none() {
+        assert_eq!(answer, "err EPERM");
+        assert_eq!(agent.cmd("peek-held"), "err EPERM");
+        let r = wait_flow_where(fx.socket(), "socket-deny", |r| {
+            r["reason"] == "identity revoked"
+                && r["protocol"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("send or receive on a socket of family 10"))
+        });
+        assert_eq!(r["identity"], ID, "{r:#}");
+    } else {
+        assert_eq!(agent.cmd("peek-held"), "ok");
+    }
     let seen = fx.until_helper_marker(9101);
     assert!(
         !seen.iter().any(|p| p.is_to(PEER_V6, 9000)),

@@ -1972,9 +1972,33 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             }
             sendto_one(&s, addr)
         }
+        // Held sockets with nothing to read, no end and no error (alive), and the others.
+        // Asked with poll, which no hook refuses (a read can be refused to a revoked task
+        // whatever the connection's state).
         ["held"] => {
             let (mut alive, mut closed) = (0, 0);
             for s in held().iter() {
+                let mut pfd = libc::pollfd {
+                    fd: s.as_raw_fd(),
+                    events: libc::POLLIN | libc::POLLRDHUP,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd; no wait.
+                let n = unsafe { libc::poll(&raw mut pfd, 1, 0) };
+                if n == 0 {
+                    alive += 1;
+                } else {
+                    closed += 1;
+                }
+            }
+            format!("alive={alive} closed={closed}")
+        }
+        // A read of each held socket (TCP and UDP) that waits for nothing and takes nothing:
+        // `ok` unless one was refused or failed otherwise than with nothing to read.
+        ["peek-held"] => {
+            let mut reply = "ok".to_owned();
+            let (tcp, udp) = (held(), held_udp());
+            for s in tcp.iter().chain(udp.iter()) {
                 let mut b = [0u8; 1];
                 // SAFETY: valid fd and buffer.
                 let n = unsafe {
@@ -1985,13 +2009,11 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                         libc::MSG_PEEK | libc::MSG_DONTWAIT,
                     )
                 };
-                if n < 0 && last_err() == libc::EAGAIN {
-                    alive += 1;
-                } else {
-                    closed += 1;
+                if n < 0 && last_err() != libc::EAGAIN {
+                    reply = format!("err {}", errno_name(last_err()));
                 }
             }
-            format!("alive={alive} closed={closed}")
+            reply
         }
         ["bench-proxy", pip, pport, ip, port, n] => {
             let n: usize = n.parse().map_err(|e| format!("bad count: {e}"))?;
