@@ -771,8 +771,9 @@ fn enroll_freezes_only_what_it_owns_and_a_crash_leaves_nothing_frozen() {
 }
 
 /// A node whose policy allows the test identity io_uring, with a unit holding a process of
-/// the test's (not yet enrolled), and a fail point `point` armed to hold at a gate: what the
-/// io_uring switch tests start from. The gate file is the caller's to make and remove.
+/// the test's (not yet enrolled), and a fail point `point` (if any) armed to hold at a gate:
+/// what the io_uring switch tests start from. The gate file is the caller's to make and
+/// remove.
 struct AllowingRing {
     env: TestEnv,
     tmp: tempfile::TempDir,
@@ -784,7 +785,7 @@ struct AllowingRing {
     node: NodeProc,
 }
 
-fn allowing_ring(name: &str, point: &str) -> AllowingRing {
+fn allowing_ring(name: &str, point: Option<&str>) -> AllowingRing {
     let allowing = POLICY.replacen(
         "identity: spiffe://example.org/agent/support\n",
         "identity: spiffe://example.org/agent/support\nio_uring: allow\n",
@@ -796,13 +797,12 @@ fn allowing_ring(name: &str, point: &str) -> AllowingRing {
     let unit = env.cgroup("services/ring.service");
     let svc = Probe::spawn(&unit);
     let gate = dir.join("gate");
-    let spec = format!("{point}=1*return({})", gate.display());
-    let node = NodeProc::start_env(
-        &env,
-        dir,
-        &[],
-        &[("AGENTWALL_FAILPOINTS", Path::new(&spec))],
-    );
+    let spec = point.map(|point| format!("{point}=1*return({})", gate.display()));
+    let vars: Vec<(&str, &Path)> = spec
+        .iter()
+        .map(|spec| ("AGENTWALL_FAILPOINTS", Path::new(spec)))
+        .collect();
+    let node = NodeProc::start_env(&env, dir, &[], &vars);
     AllowingRing {
         env,
         tmp,
@@ -830,7 +830,7 @@ fn a_node_killed_before_reading_the_sessions_a_refusal_of_io_uring_closes_reads_
         mut svc,
         gate,
         node,
-    } = allowing_ring("uring-switch-crash", "apply-before-ring-reading");
+    } = allowing_ring("uring-switch-crash", Some("apply-before-ring-reading"));
     let dir = tmp.path();
     agentwall_tests::node::run_ok(&mut agentwall_tests::node::enroll_command(
         &node.socket,
@@ -888,6 +888,55 @@ fn a_node_killed_before_reading_the_sessions_a_refusal_of_io_uring_closes_reads_
     assert!(!note.exists(), "the note is done with");
 }
 
+/// A node upgraded to a new map layout starts on maps that hold nothing of what the kernel let
+/// each identity do: a policy that came to refuse io_uring while the node was down is judged
+/// against the last policy the node applied (kept in `state_dir`), so the session holding a
+/// ring made under the old policy is read, cut off and killed as at any switch.
+#[test]
+fn an_upgrade_that_comes_with_a_refusal_of_io_uring_reads_the_sessions_it_closes() {
+    let AllowingRing {
+        env,
+        tmp,
+        cert,
+        key,
+        unit,
+        mut svc,
+        gate: _,
+        node,
+    } = allowing_ring("uring-switch-upgrade", None);
+    let dir = tmp.path();
+    agentwall_tests::node::run_ok(&mut agentwall_tests::node::enroll_command(
+        &node.socket,
+        unit.path(),
+        &cert,
+        &key,
+    ));
+    svc.ok_value("keep-ring");
+    assert_eq!(node.stop(), 0);
+    // The running layout's pins, renamed as an older layout would have left them; the policy
+    // changed meanwhile.
+    std::fs::rename(
+        agentwall::datapath::pin_dir(&env.bpffs_dir),
+        env.bpffs_dir.join("v1"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("policy/agents.yaml"), POLICY).unwrap();
+
+    let node = NodeProc::start(&env, dir);
+    eventually(
+        "the session's process to be killed",
+        Duration::from_secs(30),
+        || match std::fs::read_to_string(format!("/proc/{}/stat", svc.pid)) {
+            Ok(stat) if !stat.contains(") Z ") => Err(stat),
+            _ => Ok(()),
+        },
+    );
+    let s = status_json(&node.socket);
+    let sessions = &s["identities"][0]["sessions"];
+    assert_eq!(sessions[0]["revoked"], true, "{s:#}");
+    assert!(!dir.join("state/rings-closing.json").exists());
+}
+
 /// A policy applied while an enroll scans its unit is the one the unit is bound under: one that
 /// comes to refuse io_uring then refuses a unit whose tasks used it, as if it had been in force
 /// from the start, and the binding made meanwhile is taken away.
@@ -902,7 +951,7 @@ fn an_enroll_whose_policy_comes_to_refuse_io_uring_while_it_scans_is_refused() {
         mut svc,
         gate,
         node,
-    } = allowing_ring("enroll-uring-switch", "enroll-before-bind");
+    } = allowing_ring("enroll-uring-switch", Some("enroll-before-bind"));
     let dir = tmp.path();
     svc.ok_value("keep-ring");
     let before = status_json(&node.socket)["map_fill"]["bindings"].clone();

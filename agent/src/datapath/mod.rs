@@ -1168,12 +1168,14 @@ impl Datapath {
 
     /// Whether the kernel let the identity's tasks make io_uring instances until now: its
     /// policy allowed io_uring, or it was in audit mode (which makes the ring and records
-    /// it). An identity the kernel does not know made none.
-    pub fn rings_were_open(&self, identity: u32) -> Result<bool, DatapathError> {
+    /// it). `None`: the kernel holds no state of it (unset: no policy named it, or the maps
+    /// are a new layout's, not yet filled), so it cannot say.
+    pub fn rings_were_open(&self, identity: u32) -> Result<Option<bool>, DatapathError> {
         Self::check_identity(identity)?;
-        Ok(lock(&self.identities)
+        let st = lock(&self.identities)
             .get(&identity, 0)
-            .is_ok_and(|s| s.io_uring != 0 || s.mode == c::MODE_AUDIT))
+            .map_err(map_err(c::MAP_IDENTITIES))?;
+        Ok((st.state != c::IDENTITY_UNSET).then_some(st.io_uring != 0 || st.mode == c::MODE_AUDIT))
     }
 
     /// The tasks in the cgroups `own` that use io_uring, from one reading of the task census:

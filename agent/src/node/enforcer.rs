@@ -411,6 +411,7 @@ impl Enforcer {
         // in force. Noted first, so a crash after the kernel write still reads them. Each with
         // whether the policy names it.
         let noted = deps.sessions.rings_noted();
+        let last_good = std::cell::OnceCell::new();
         let rings_closing: BTreeMap<String, bool> = configs
             .iter()
             .filter(|c| {
@@ -420,7 +421,17 @@ impl Enforcer {
             .filter_map(|c| {
                 let name = table.name(c.identity)?;
                 let open = noted.as_ref().is_none_or(|n| n.contains(name))
-                    || self.datapath.rings_were_open(c.identity).unwrap_or(true);
+                    || match self.datapath.rings_were_open(c.identity) {
+                        Ok(Some(open)) => open,
+                        // The kernel holds nothing of it (the first apply on a new map
+                        // layout's maps): as the last policy applied had it, kept in
+                        // `state_dir`; every identity when that cannot be read.
+                        Ok(None) => last_good
+                            .get_or_init(|| load_dir(&self.last_good).ok())
+                            .as_ref()
+                            .is_none_or(|p: &PolicySet| rings_allowed(p, name)),
+                        Err(_) => true,
+                    };
                 open.then(|| (name.to_owned(), rules.contains_key(&c.identity)))
             })
             .collect();
@@ -647,6 +658,15 @@ impl Enforcer {
 }
 
 /// Where the node keeps the files of the last policy it applied.
+/// Whether `set` lets `identity`'s tasks make io_uring instances: it allows io_uring, or the
+/// identity is in audit mode. An identity it does not name: no.
+fn rings_allowed(set: &PolicySet, identity: &str) -> bool {
+    set.by_identity.get(identity).is_some_and(|&i| {
+        let a = &set.agents[i];
+        a.io_uring == crate::policy::model::IoUring::Allow || a.mode == crate::policy::Mode::Audit
+    })
+}
+
 pub(crate) fn last_good_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("policy-last-good")
 }
