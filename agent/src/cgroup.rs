@@ -164,6 +164,12 @@ impl Cgroup {
         self.id
     }
 
+    /// Whether its path still holds this cgroup, not one made there since (a unit its manager
+    /// restarted).
+    pub fn still_here(&self) -> bool {
+        holds(&self.path, self.id)
+    }
+
     /// Depth under the cgroup2 root (the root is level 0), as `bpf_get_current_ancestor_cgroup_id`
     /// counts it.
     pub fn level(&self) -> u32 {
@@ -292,6 +298,12 @@ impl Drop for Frozen<'_> {
 }
 
 /// Lifts a freeze of the cgroup at `path`.
+/// Whether `path` holds the cgroup `id` (on cgroup2 a directory's inode number is its cgroup's
+/// id): false when it is gone or another cgroup was made there since.
+pub fn holds(path: &Path, id: u64) -> bool {
+    fs::metadata(path).is_ok_and(|m| m.ino() == id)
+}
+
 pub fn thaw(path: &Path) -> Result<(), CgroupError> {
     let control = path.join("cgroup.freeze");
     fs::write(&control, "0").map_err(io_err(&control))

@@ -1522,9 +1522,12 @@ fn a_crl_listing_a_running_certificate_cuts_its_session_off() {
 
 /// A unit its manager restarts gets a new cgroup at the same path, which the session's binding
 /// (the old cgroup's, by id) does not govern: the node ends the session rather than show the
-/// new cgroup governed, and the unit can be enrolled again.
+/// new cgroup governed, a renew from the new cgroup binds nothing (only `enroll` binds a
+/// cgroup, once it has read what its processes hold), and the unit enrolled again is its own
+/// session whenever the old one is collected.
 #[test]
 fn a_unit_restarted_in_a_new_cgroup_at_its_path_ends_its_session() {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
     let (env, tmp, ca) = setup("unit-restart", POLICY);
     let dir = tmp.path();
     let audit = dir.join("audit/audit.jsonl");
@@ -1541,43 +1544,94 @@ fn a_unit_restarted_in_a_new_cgroup_at_its_path_ends_its_session() {
         assert_eq!(code, 0, "{err}");
         assert_eq!(out, format!("agentwall enroll: {unit_path} bound to {ID}"));
     };
-    let sessions_at = |s: &serde_json::Value| -> usize {
+    // `agentwall renew` run by a process of the unit's cgroup as it is now.
+    let renew_inside = || {
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(Path::new(&unit_path).join("cgroup.procs"))
+            .unwrap();
+        let fd = procs.as_raw_fd();
+        let mut cmd = agentwall();
+        cmd.args(["renew", "--cert", c, "--key", k, "--socket", &sock]);
+        // SAFETY: one write between fork and exec: "0" moves the writer into the cgroup.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        )
+    };
+    let sessions_at = |s: &serde_json::Value| -> Vec<u64> {
         s["identities"]
             .as_array()
             .unwrap()
             .iter()
             .flat_map(|i| i["sessions"].as_array().unwrap())
             .filter(|x| x["cgroup"] == unit_path.as_str())
-            .count()
+            .map(|x| x["cgroup_id"].as_u64().unwrap())
+            .collect()
     };
     let svc = Probe::spawn(&unit);
     enroll();
-    assert_eq!(sessions_at(&status_json(&node.socket)), 1);
+    assert_eq!(sessions_at(&status_json(&node.socket)), [unit.id()]);
 
     // The manager stops the unit, removes its cgroup and starts it in a new one.
     drop(svc);
     std::fs::remove_dir(unit.path()).unwrap();
     let unit = env.cgroup("services/restarted.service");
     let mut svc = Probe::spawn(&unit);
-    wait_status(&node.socket, "the old cgroup's session to end", |s| {
-        sessions_at(s) == 0
-    });
-    // Nothing governs the new cgroup until it is enrolled: the connect goes on to the
-    // routing (no route out of the test's namespace), where a governed one is refused.
+    // Nothing governs the new cgroup: the connect goes on to the routing (no route out of
+    // the test's namespace), where a governed one is refused; a renew from it binds nothing,
+    // whether or not the old session was collected yet.
     assert_eq!(svc.cmd("connect tcp 192.0.2.10 80"), "err ENETUNREACH");
+    let (code, _, err) = renew_inside();
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("is not bound by this node"), "{err}");
+    assert_eq!(svc.cmd("connect tcp 192.0.2.10 80"), "err ENETUNREACH");
+    wait_status(&node.socket, "the old cgroup's session to end", |s| {
+        sessions_at(s).is_empty()
+    });
+
+    // Enrolled again at once (as `ExecStartPost=agentwall enroll` does), maybe before the
+    // old session is collected: its session is the new cgroup's, and renews from it.
+    drop(svc);
+    std::fs::remove_dir(unit.path()).unwrap();
+    let unit = env.cgroup("services/restarted.service");
+    let mut svc = Probe::spawn(&unit);
     enroll();
     assert_eq!(svc.cmd("connect tcp 192.0.2.10 80"), "err EPERM");
-    assert_eq!(sessions_at(&status_json(&node.socket)), 1);
+    wait_status(&node.socket, "one session, the new cgroup's", |s| {
+        sessions_at(s) == [unit.id()]
+    });
+    let (code, out, err) = renew_inside();
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out,
+        format!("agentwall renew: {unit_path} extended for {ID}")
+    );
     assert_eq!(node.stop(), 0);
-    let ended: Vec<serde_json::Value> = audit_records(&audit)
+    let events: Vec<String> = audit_records(&audit)
         .into_iter()
         .filter(|r| r["kind"] == "identity" && r["cgroup"] == unit_path.as_str())
-        .map(|r| r["event"].clone())
+        .map(|r| r["event"].as_str().unwrap().to_owned())
         .collect();
+    let (first, rest) = events.split_first().unwrap();
+    assert_eq!(first, "enrolled", "{events:?}");
+    let mut middle = rest[..rest.len() - 1].to_vec();
+    middle.sort();
+    assert_eq!(middle, ["enrolled", "session-ended"], "{events:?}");
     assert_eq!(
-        ended,
-        ["enrolled", "session-ended", "enrolled"].map(serde_json::Value::from),
-        "{ended:?}"
+        rest.last().map(String::as_str),
+        Some("renewed"),
+        "{events:?}"
     );
 }
 

@@ -73,6 +73,8 @@ pub enum SessionError {
     SessionCutOff,
     #[error("session {0} has ended")]
     SessionGone(PathBuf),
+    #[error("{0} was removed and made again while it was being enrolled; enroll it again")]
+    Replaced(PathBuf),
     #[error("{0} is not bound by this node; run renew from inside the agent")]
     NotBound(PathBuf),
     #[error("this cgroup belongs to {owner}, not to {claimed}")]
@@ -258,15 +260,17 @@ struct Table {
 
 impl Table {
     fn insert(&mut self, s: Session) {
-        if let Some(old) = self.by_id.remove(&s.cgroup_id) {
-            self.by_path.remove(&old.cgroup);
-        }
+        self.remove(s.cgroup_id);
         self.by_path.insert(s.cgroup.clone(), s.cgroup_id);
         self.by_id.insert(s.cgroup_id, s);
     }
 
+    /// The session of cgroup `cgroup_id` goes; its path stays another's if a session of a
+    /// cgroup made there since holds it.
     fn remove(&mut self, cgroup_id: u64) {
-        if let Some(old) = self.by_id.remove(&cgroup_id) {
+        if let Some(old) = self.by_id.remove(&cgroup_id)
+            && self.by_path.get(&old.cgroup) == Some(&cgroup_id)
+        {
             self.by_path.remove(&old.cgroup);
         }
     }
@@ -279,12 +283,15 @@ impl Table {
             .ok_or_else(|| SessionError::SessionGone(s.cgroup.clone()))
     }
 
-    /// The session whose cgroup is `cgroup` or the nearest bound one above it.
+    /// The session whose cgroup is `cgroup` or the nearest bound one above it; none when that
+    /// path holds another cgroup now (a unit restarted, whose old session is still to be
+    /// collected).
     fn governing(&self, cgroup: &Path) -> Option<&Session> {
         cgroup
             .ancestors()
             .find_map(|p| self.by_path.get(p))
             .and_then(|id| self.by_id.get(id))
+            .filter(|s| cgroup_alive(s))
     }
 }
 
@@ -335,10 +342,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Whether the cgroup `session` was bound in is still there: its path holds that cgroup, not
-/// one made there since (on cgroup2 a directory's inode number is its cgroup's id).
+/// one made there since.
 fn cgroup_alive(session: &Session) -> bool {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(&session.cgroup).is_ok_and(|m| m.ino() == session.cgroup_id)
+    crate::cgroup::holds(&session.cgroup, session.cgroup_id)
 }
 
 /// Where the session table is kept.
@@ -854,6 +860,11 @@ impl Sessions {
         }
         let whose = format!("{}: its processes", cg.path().display());
         let _frozen = FrozenForEnroll::freeze(&cg, &self.frozen_marker)?;
+        // Frozen by its path: the cgroup opened, not one its manager made there since, or the
+        // reading below would be of another cgroup than the one bound.
+        if !cg.still_here() {
+            return Err(SessionError::Replaced(cg.path().to_owned()));
+        }
         let (pids, tasks) =
             crate::sockets::processes_in(cg.path()).map_err(|source| SessionError::SocketScan {
                 whose: whose.clone(),
@@ -1007,6 +1018,11 @@ impl Sessions {
         issued: Option<String>,
     ) -> Result<Option<PathBuf>, SessionError> {
         let cg = Cgroup::open(&session.cgroup)?;
+        // Another cgroup at its path (a unit restarted): bound only by `enroll`, which reads
+        // what its processes hold first.
+        if cg.id() != session.cgroup_id {
+            return Err(SessionError::SessionGone(session.cgroup.clone()));
+        }
         let mut table = lock(&self.table);
         let now = table.now(session)?;
         if now.revoked {
@@ -1209,6 +1225,10 @@ impl Sessions {
                 Ok(cg) => self.freeze_to_read(cg).map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
+            // Frozen by its path: one made there since the check above is not this session's.
+            if cg.as_ref().is_ok_and(|cg| !cg.still_here()) {
+                continue;
+            }
             let users = match &frozen {
                 Ok(_) => self.ring_users(&s.cgroup).map_err(|e| e.to_string()),
                 Err(e) => Err(e.clone()),
@@ -1546,5 +1566,42 @@ fn refuse_unjudged(
         Err(source) => Err(SessionError::SocketScan { whose, source }),
         Ok((list, read)) if list.is_empty() => Ok(read),
         Ok((list, _)) => Err(SessionError::UnjudgedSockets { whose, list }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt as _;
+
+    /// A unit restarted at its path and enrolled again before its old session is collected:
+    /// the old session's end leaves the path to the new one, and a path that holds another
+    /// cgroup than a session's is governed by none.
+    #[test]
+    fn a_session_removed_leaves_its_path_to_the_cgroup_made_there_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("unit");
+        std::fs::create_dir(&path).unwrap();
+        let now = std::fs::metadata(&path).unwrap().ino();
+        let gone = now + 1;
+        let session = |cgroup_id| Session {
+            cgroup: path.clone(),
+            cgroup_id,
+            ..Default::default()
+        };
+        let mut table = Table::default();
+        table.insert(session(gone));
+        assert!(table.governing(&path).is_none());
+        assert!(table.governing(&path.join("child")).is_none());
+        table.insert(session(now));
+        table.remove(gone);
+        assert_eq!(table.governing(&path).map(|s| s.cgroup_id), Some(now));
+        assert_eq!(
+            table.governing(&path.join("child")).map(|s| s.cgroup_id),
+            Some(now)
+        );
+        table.remove(now);
+        assert!(table.governing(&path).is_none());
+        assert!(table.by_path.is_empty());
     }
 }
