@@ -1013,26 +1013,6 @@ fn try_socket_use(ctx: &LsmContext, send: bool) -> i32 {
     if family != AF_INET && family != AF_INET6 {
         return refuse_task(&flow, leaf, &binding, REASON_SOCKET_FAMILY);
     }
-    // A session cut off (revoked, or past its certificate's deadline) uses no inet socket,
-    // whoever made it and whatever its storage says: the packet line judges a socket by the
-    // binding that claimed it, and one no binding claimed (put in a ring's file table by a
-    // process outside, which the receipt never saw) would pass there as nobody's.
-    let state = AW_IDENTITIES.get(binding.identity).map_or(0, |st| st.state);
-    let mut now = 0u64;
-    let gone = liveness(state, &binding, &mut now);
-    if gone != REASON_NONE {
-        report(
-            &flow,
-            leaf,
-            binding.identity,
-            EVENT_SOCK_DENY,
-            gone,
-            0,
-            now,
-            Who::Task,
-        );
-        return DENY;
-    }
     if send {
         let option = nonlocal_option(sk, &layout(), false);
         if option != 0 {
@@ -1051,6 +1031,29 @@ fn try_socket_use(ctx: &LsmContext, send: bool) -> i32 {
     let owner = unsafe { core::ptr::read_volatile(&raw const (*st).binding_cgroup) };
     if owner != 0 && owner != binding_cgroup {
         return refuse_task(&flow, leaf, &binding, REASON_FOREIGN_SOCKET);
+    }
+    // A session cut off (revoked, past its certificate's deadline) uses none of its sockets:
+    // what they queued before the cut is not read, and a send is refused at the call, with
+    // its record, not only dropped at the packet line. Only its own: a socket no binding
+    // claimed may be the kernel's (NFS, NBD send in whatever task's context wakes them), and
+    // an agent whose certificate expires must not take the host's storage down with it.
+    if owner == binding_cgroup {
+        let state = AW_IDENTITIES.get(binding.identity).map_or(0, |st| st.state);
+        let mut now = 0u64;
+        let gone = liveness(state, &binding, &mut now);
+        if gone != REASON_NONE {
+            report(
+                &flow,
+                leaf,
+                binding.identity,
+                EVENT_SOCK_DENY,
+                gone,
+                0,
+                now,
+                Who::Task,
+            );
+            return DENY;
+        }
     }
     if send {
         // SAFETY: as above.

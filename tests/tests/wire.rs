@@ -337,9 +337,9 @@ fn revocation_stops_an_established_udp_flow_on_the_wire() {
     );
     let answer = agent.cmd("send-held");
     assert!(answer.starts_with("err "), "{answer}");
-    // Where the kernel runs BPF LSM programs, a session cut off uses no inet socket at all:
-    // its sends and reads are refused before the protocol sees them (so also on a socket no
-    // binding claimed), each a record of the socket-use line.
+    // Where the kernel runs BPF LSM programs, a session cut off uses none of its sockets:
+    // its sends and reads are refused before the protocol sees them (what was queued before
+    // the cut stays unread), each a record of the socket-use line.
     if lsm_line(fx.socket()).is_none() {
         assert_eq!(answer, "err EPERM");
         assert_eq!(agent.cmd("peek-held"), "err EPERM");
