@@ -781,7 +781,7 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
 #[inline(always)]
 fn refuse_task(flow: &Flow, leaf: u64, binding: &Binding, reason: u8) -> i32 {
     let audit = match AW_IDENTITIES.get(binding.identity) {
-        Some(st) => binding.revoked == 0 && st.state == IDENTITY_ACTIVE && st.mode == MODE_AUDIT,
+        Some(st) => st.mode == MODE_AUDIT && liveness(st.state, binding, &mut 0) == REASON_NONE,
         None => false,
     };
     let kind = if audit { EVENT_AUDIT } else { EVENT_SOCK_DENY };

@@ -442,6 +442,8 @@ fn audit_unbound_descendants_expiry_and_revocation() {
         assert_eq!(p.cmd("connect tcp 192.0.2.10 443"), DENIED, "identity {id}");
         let recs = drain_until(&mut events, 1);
         assert_eq!((recs[0].identity, recs[0].reason), (id, Some(reason)));
+        // Audit mode (identity 4's) lets it make no socket its policy refuses either.
+        assert_eq!(p.cmd("socket inet raw 255"), "err EPERM", "identity {id}");
     }
 
     // A deadline that passes during the test closes without any userspace action.

@@ -1617,12 +1617,26 @@ fn a_unit_restarted_in_a_new_cgroup_at_its_path_ends_its_session() {
         out,
         format!("agentwall renew: {unit_path} extended for {ID}")
     );
+
+    // Restarted once more, the new cgroup holding a connection of its own: the identity
+    // revoked before the old session is collected cuts that session off, not the
+    // connections of the cgroup now at its path.
+    drop(svc);
+    std::fs::remove_dir(unit.path()).unwrap();
+    let unit = env.cgroup("services/restarted.service");
+    let mut svc = Probe::spawn(&unit);
+    assert_eq!(svc.cmd("listen tcp 127.0.0.1 9000"), "ok");
+    assert_eq!(svc.cmd("hold tcp 127.0.0.1 9000"), "ok");
+    let (code, _, err) = agentwall_out(&["revoke", ID, "--socket", &sock]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(svc.cmd("held"), "alive=1 closed=0");
     assert_eq!(node.stop(), 0);
-    let events: Vec<String> = audit_records(&audit)
+    let mut events: Vec<String> = audit_records(&audit)
         .into_iter()
         .filter(|r| r["kind"] == "identity" && r["cgroup"] == unit_path.as_str())
         .map(|r| r["event"].as_str().unwrap().to_owned())
         .collect();
+    events.truncate(events.iter().position(|e| e == "renewed").unwrap() + 1);
     let (first, rest) = events.split_first().unwrap();
     assert_eq!(first, "enrolled", "{events:?}");
     let mut middle = rest[..rest.len() - 1].to_vec();

@@ -283,15 +283,14 @@ impl Table {
             .ok_or_else(|| SessionError::SessionGone(s.cgroup.clone()))
     }
 
-    /// The session whose cgroup is `cgroup` or the nearest bound one above it; none when that
-    /// path holds another cgroup now (a unit restarted, whose old session is still to be
-    /// collected).
+    /// The session whose cgroup is `cgroup` or the nearest bound one above it, passing over a
+    /// session whose path holds another cgroup now (a unit restarted, whose old session is
+    /// still to be collected).
     fn governing(&self, cgroup: &Path) -> Option<&Session> {
         cgroup
             .ancestors()
-            .find_map(|p| self.by_path.get(p))
-            .and_then(|id| self.by_id.get(id))
-            .filter(|s| cgroup_alive(s))
+            .filter_map(|p| self.by_id.get(self.by_path.get(p)?))
+            .find(|s| cgroup_alive(s))
     }
 }
 
@@ -519,6 +518,10 @@ impl Sessions {
             source,
         };
         let cg = Cgroup::open(&s.cgroup).map_err(|e| failed(e.into()))?;
+        // Made at its path since it was found alive: not the session's.
+        if cg.id() != s.cgroup_id {
+            return Err(SessionError::Replaced(s.cgroup.clone()));
+        }
         let deadline = crate::clock::parse_rfc3339(&s.not_after)
             .map(|t| BootInstant::from_system_time(t.into()))
             .unwrap_or(BootInstant(1));
@@ -1018,12 +1021,12 @@ impl Sessions {
         issued: Option<String>,
     ) -> Result<Option<PathBuf>, SessionError> {
         let cg = Cgroup::open(&session.cgroup)?;
-        // Another cgroup at its path (a unit restarted): bound only by `enroll`, which reads
-        // what its processes hold first.
-        if cg.id() != session.cgroup_id {
+        let mut table = lock(&self.table);
+        // Another cgroup at its path (a unit restarted, maybe enrolled while this waited for
+        // the lock): bound only by `enroll`, which reads what its processes hold first.
+        if cg.id() != session.cgroup_id || !cg.still_here() {
             return Err(SessionError::SessionGone(session.cgroup.clone()));
         }
-        let mut table = lock(&self.table);
         let now = table.now(session)?;
         if now.revoked {
             return Err(SessionError::SessionCutOff);
@@ -1358,10 +1361,15 @@ impl Sessions {
         self.datapath.revoke_binding(s.cgroup_id).inspect_err(
             |e| error!(error = %e, cgroup = %s.cgroup.display(), "revoking a binding failed"),
         )?;
-        let destroyed = crate::sockets::destroy_tcp_in(&[s.cgroup.as_path()]).unwrap_or_else(|e| {
-            error!(error = %e, "could not destroy the session's connections");
+        // By path: a cgroup made there since (a unit restarted) is not the session's.
+        let destroyed = if cgroup_alive(s) {
+            crate::sockets::destroy_tcp_in(&[s.cgroup.as_path()]).unwrap_or_else(|e| {
+                error!(error = %e, "could not destroy the session's connections");
+                0
+            })
+        } else {
             0
-        });
+        };
         if let Some(x) = table.by_id.get_mut(&s.cgroup_id) {
             x.revoked = true;
         }
@@ -1457,12 +1465,13 @@ impl Sessions {
         })
     }
 
-    /// The cgroups of the sessions `pred` picks.
+    /// The cgroups of the sessions `pred` picks, those still at their paths (a cgroup made at
+    /// a session's path since is not the session's).
     fn cgroups_where(&self, pred: impl Fn(&Session) -> bool) -> Vec<PathBuf> {
         lock(&self.table)
             .by_id
             .values()
-            .filter(|s| pred(s))
+            .filter(|s| pred(s) && cgroup_alive(s))
             .map(|s| s.cgroup.clone())
             .collect()
     }
