@@ -8,7 +8,7 @@ pub mod http;
 
 /// Bumped whenever a map layout changes: pins live under `<bpffs_dir>/v{ABI_VERSION}`, so a new
 /// layout never adopts maps written by an old one.
-pub const ABI_VERSION: u32 = 11;
+pub const ABI_VERSION: u32 = 12;
 
 pub const MAP_BINDINGS: &str = "AW_BINDINGS";
 pub const MAP_IDENTITIES: &str = "AW_IDENTITIES";
@@ -632,6 +632,19 @@ pub struct KernelLayout {
     pub file_dentry_at: u16,
     pub dentry_len_at: u16,
     pub dentry_name_at: u16,
+    /// An inet socket's `IP_RECVERR` flag (`INET_FLAGS_RECVERR` in `inet_flags` from Linux
+    /// 6.5, the `inet_sock.recverr` bitfield before), found as the FREEBIND flag is: a
+    /// socket with its ICMP error queue open, which the setsockopt program keeps shut on
+    /// governed sockets but cannot for one made elsewhere or set through a compat call.
+    pub recverr_at: u16,
+    /// `IPV6_RECVERR`: `INET_FLAGS_RECVERR6` in `inet_flags` from Linux 6.6 (`pinet6_at`
+    /// then 0, and this offset is from the socket), the `ipv6_pinfo.recverr` bitfield
+    /// before (this offset then from the `ipv6_pinfo` that `inet_sock.pinet6`, at
+    /// `pinet6_at`, points to).
+    pub recverr6_at: u16,
+    pub pinet6_at: u16,
+    pub recverr_mask: u8,
+    pub recverr6_mask: u8,
 }
 
 /// Value of `AW_TASK_LAYOUT[0]`: where this kernel keeps what the task census reads, bytes
@@ -946,7 +959,7 @@ mod pod {
 // Layout guards: the kernel and userspace must agree on these sizes byte for byte.
 const _: () = assert!(core::mem::size_of::<IdentityState>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 32);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 40);
 const _: () = assert!(core::mem::size_of::<TaskLayout>() == 44);
 const _: () = assert!(core::mem::size_of::<TaskTable>() == 32);
 const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);

@@ -1013,8 +1013,9 @@ fn try_socket_use(ctx: &LsmContext, send: bool) -> i32 {
     if family != AF_INET && family != AF_INET6 {
         return refuse_task(&flow, leaf, &binding, REASON_SOCKET_FAMILY);
     }
+    let at = layout();
     if send {
-        let option = nonlocal_option(sk, &layout(), false);
+        let option = nonlocal_option(sk, &at, false);
         if option != 0 {
             let flow = Flow {
                 sock_protocol: option,
@@ -1022,6 +1023,18 @@ fn try_socket_use(ctx: &LsmContext, send: bool) -> i32 {
             };
             return refuse_task(&flow, leaf, &binding, REASON_SOCKET_OPTION);
         }
+    }
+    // The setsockopt program keeps the error queue shut on a governed task's sockets, but a
+    // compat (32-bit) setsockopt skips it, as does a socket the unit had before its
+    // binding: with the queue open, soft ICMP errors, whose sender the ingress line never
+    // judged, come back as errors of the next send or read.
+    let queue = error_queue_open(sk, &at, family);
+    if queue != 0 {
+        let flow = Flow {
+            sock_protocol: queue,
+            ..flow
+        };
+        return refuse_task(&flow, leaf, &binding, REASON_ERROR_QUEUE);
     }
     let st = sock_state(sk, false);
     if st.is_null() {
@@ -1283,6 +1296,14 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
     if option != 0 {
         flow.sock_protocol = option;
         if refuse_task(&flow, leaf, &binding, REASON_SOCKET_OPTION) == DENY {
+            return DENY;
+        }
+        flow.sock_protocol = 0;
+    }
+    let queue = error_queue_open(sk, &at, family);
+    if queue != 0 {
+        flow.sock_protocol = queue;
+        if refuse_task(&flow, leaf, &binding, REASON_ERROR_QUEUE) == DENY {
             return DENY;
         }
         flow.sock_protocol = 0;
@@ -1555,6 +1576,44 @@ fn nonlocal_option(sk: *mut core::ffi::c_void, at: &KernelLayout, bound: bool) -
 #[inline(always)]
 fn holds_data(sk: *mut core::ffi::c_void, at: &KernelLayout) -> bool {
     kernel_bytes::<i32>(sk, at.rmem_alloc_at).is_none_or(|bytes| bytes != 0)
+}
+
+/// What [`error_queue_open`] answers when it cannot read the flags: the socket is refused
+/// as if one were set.
+const QUEUE_UNKNOWN: u16 = u16::MAX - 3;
+
+/// The option (`IP_RECVERR`, `IPV6_RECVERR`) that has opened inet socket `sk`'s ICMP error
+/// queue, [`QUEUE_UNKNOWN`] where its flags cannot be read, 0 if the queue is shut. An IPv6
+/// socket has both: the IPv4 one serves its IPv4-mapped peers.
+#[inline(always)]
+fn error_queue_open(sk: *mut core::ffi::c_void, at: &KernelLayout, family: u16) -> u16 {
+    let set = |base: *mut core::ffi::c_void, offset: u16, mask: u8| {
+        if mask == 0 {
+            return None;
+        }
+        kernel_bytes::<u8>(base, offset).map(|flags| flags & mask != 0)
+    };
+    match set(sk, at.recverr_at, at.recverr_mask) {
+        Some(false) => {}
+        Some(true) => return IP_RECVERR as u16,
+        None => return QUEUE_UNKNOWN,
+    }
+    if family != AF_INET6 {
+        return 0;
+    }
+    let pinfo = if at.pinet6_at == 0 {
+        sk
+    } else {
+        match kernel_bytes::<u64>(sk, at.pinet6_at) {
+            Some(p) if p != 0 => p as *mut core::ffi::c_void,
+            _ => return QUEUE_UNKNOWN,
+        }
+    };
+    match set(pinfo, at.recverr6_at, at.recverr6_mask) {
+        Some(false) => 0,
+        Some(true) => IPV6_RECVERR as u16,
+        None => QUEUE_UNKNOWN,
+    }
 }
 
 /// How a governed socket's peer stands with its binding's rules.

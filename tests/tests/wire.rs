@@ -674,6 +674,28 @@ fn a_socket_handed_to_a_governed_agent_is_governed_as_its_own() {
     });
     assert_eq!(r["reason"], "socket type not allowed", "{r:#}");
     assert_eq!(r["identity"], ID, "{r:#}");
+    // A socket whose maker opened its ICMP error queue, which a governed task's own sockets
+    // keep shut: soft ICMP errors from senders no ingress rule judged would come back as
+    // errors of its sends and reads. IPv4's flag sits in the socket; IPv6's, before Linux
+    // 6.6, in the `ipv6_pinfo` the socket points to.
+    for (peer, family, option) in [(PEER_V4, 2, "IP_RECVERR"), (PEER_V6, 10, "IPV6_RECVERR")] {
+        assert_eq!(
+            fx.helper.cmd(&format!("hold udp-recverr {peer} 9000")),
+            "ok"
+        );
+        assert_eq!(fx.helper.cmd("pass-held aw-handed-agent"), "ok");
+        assert_eq!(agent.cmd("take-passed"), "ok 0", "{option} on: taken");
+        let what = format!(
+            "socket of family {family} ({}) type 2 received from another process, with {option} set",
+            if family == 2 { "inet" } else { "inet6" }
+        );
+        let r = wait_flow_where(fx.socket(), "socket-deny", |r| r["protocol"] == what);
+        assert_eq!(
+            r["reason"], "socket error queue closed (ICMP errors carry unjudged bytes)",
+            "{r:#}"
+        );
+        assert_eq!(r["identity"], ID, "{r:#}");
+    }
     // The taken ones send as the agent's, to their allowed peers; nothing else left. The
     // helper's own packets so far (its handshakes, the refused sockets' closes) end at a
     // marker first.
@@ -1007,7 +1029,32 @@ fn an_agents_socket_lent_to_another_process_keeps_to_the_agents_rules() {
     assert_eq!(fx.helper.cmd(&format!("connect-held {PEER_V6} 9000")), "ok");
     // Its error queue stays shut: the agent kept a descriptor to it.
     assert_eq!(fx.helper.cmd("recverr-held"), "ok off");
-    assert_eq!(fx.helper.cmd("drop-held"), "ok");
+    // Through the 32-bit gate, which the setsockopt program never sees, the borrower turns
+    // it on; handed back, the agent may neither send nor read on it where the kernel runs
+    // BPF LSM programs (without, the threat model lists it as open).
+    assert_eq!(fx.helper.cmd("recverr32-held"), "ok on");
+    assert_eq!(agent.cmd("fd-inbox aw-lent-agent"), "ok");
+    assert_eq!(fx.helper.cmd("pass-held aw-lent-agent"), "ok");
+    assert_eq!(
+        agent.cmd("take-passed"),
+        "ok 1",
+        "the agent's own socket back"
+    );
+    if lsm_line(fx.socket()).is_none() {
+        assert_eq!(agent.cmd("send-held"), "err EPERM");
+        let r = wait_flow_where(fx.socket(), "socket-deny", |r| {
+            r["protocol"]
+                == "send or receive on a socket of family 10 (inet6), with IPV6_RECVERR set"
+        });
+        assert_eq!(
+            r["reason"], "socket error queue closed (ICMP errors carry unjudged bytes)",
+            "{r:#}"
+        );
+        assert_eq!(r["identity"], ID, "{r:#}");
+    } else {
+        assert_eq!(agent.cmd("send-held"), "ok");
+    }
+    assert_eq!(agent.cmd("drop-held"), "ok");
 
     let seen = fx.until_helper_marker(9101);
     let leaked: Vec<&Packet> = seen

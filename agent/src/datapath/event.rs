@@ -158,6 +158,9 @@ pub fn socket_detail(reason: Option<Reason>, code: u16) -> String {
         (_, c) if i32::from(c) == libc::IP_TRANSPARENT => ", with TRANSPARENT set".into(),
         (_, 0xfffe) => ", bound by its sender to an address of its choosing".into(),
         (_, 0xfffd) => ", in use by its sender (a call on it in progress)".into(),
+        (_, c) if i32::from(c) == libc::IP_RECVERR => ", with IP_RECVERR set".into(),
+        (_, c) if i32::from(c) == libc::IPV6_RECVERR => ", with IPV6_RECVERR set".into(),
+        (_, 0xfffc) => ", its error-queue flags unreadable on this kernel".into(),
         _ => ", its FREEBIND and TRANSPARENT flags unreadable on this kernel".into(),
     }
 }

@@ -39,13 +39,16 @@ pub enum LayoutError {
         found: u64,
     },
     #[error(
-        "the kernel's BTF at {path} has neither inet_sock.inet_flags with INET_FLAGS_{flag} nor the bitfield inet_sock.{field}"
+        "the kernel's BTF at {path} has neither inet_sock.inet_flags with INET_FLAGS_{flag} nor the bitfield {strukt}.{field}"
     )]
     NoFlag {
         path: PathBuf,
         flag: &'static str,
+        strukt: &'static str,
         field: &'static str,
     },
+    #[error("the kernel's BTF at {path} has no enumerator {name}")]
+    NoEnumerator { path: PathBuf, name: &'static str },
     #[error(
         "the kernel's BTF at {path} has {strukt}.{what} as {found}, where the task census reads {expected} bytes"
     )]
@@ -173,25 +176,9 @@ impl KernelBtf {
     /// Where this kernel keeps an inet socket's FREEBIND and TRANSPARENT flags: the
     /// `*_at` and `*_mask` fields of [`KernelLayout`], the others 0.
     pub fn inet_flags(&self) -> Result<KernelLayout, LayoutError> {
-        let members = self.members("inet_sock")?;
-        // `struct inet_sock` begins with its `struct sock`: an offset in it is one from `sk`.
-        let bit_of = |flag: &'static str, field: &'static str| -> Result<u64, LayoutError> {
-            if let Some(word) = self.bit_of(members, &["inet_flags"])
-                && let Some(bit) = self.enum_value(&format!("INET_FLAGS_{flag}"))
-            {
-                // `inet_flags` is an unsigned long the kernel's bitops index from its least
-                // significant bit: on a little-endian machine bit n is in byte n / 8.
-                return Ok(word + bit);
-            }
-            members
-                .iter()
-                .find(|m| m.name.as_deref() == Some(field) && m.bits == Some(1))
-                .map(|m| u64::from(m.offset))
-                .ok_or_else(|| LayoutError::NoFlag {
-                    path: self.path.clone(),
-                    flag,
-                    field,
-                })
+        let bit_of = |flag, field| {
+            self.inet_flag(flag, field)?
+                .ok_or_else(|| self.no_flag(flag, "inet_sock", field))
         };
         let (freebind_at, freebind_mask) =
             byte_of("FREEBIND flag", bit_of("FREEBIND", "freebind")?)?;
@@ -202,6 +189,86 @@ impl KernelBtf {
             transparent_at,
             freebind_mask,
             transparent_mask,
+            ..KernelLayout::default()
+        })
+    }
+
+    /// The bit (from the socket) of inet socket flag `INET_FLAGS_{flag}` in `inet_flags`
+    /// (Linux 6.5 and later), else of the one-bit field `field` of `struct inet_sock`; None
+    /// where neither is.
+    fn inet_flag(&self, flag: &str, field: &str) -> Result<Option<u64>, LayoutError> {
+        match self.in_inet_flags(flag)? {
+            Some(bit) => Ok(Some(bit)),
+            None => Ok(self.one_bit(self.members("inet_sock")?, field)),
+        }
+    }
+
+    /// The bit (from the socket) of `INET_FLAGS_{flag}` in `inet_sock.inet_flags`; None on a
+    /// kernel without that word or that flag.
+    fn in_inet_flags(&self, flag: &str) -> Result<Option<u64>, LayoutError> {
+        let members = self.members("inet_sock")?;
+        // `struct inet_sock` begins with its `struct sock`: an offset in it is one from `sk`.
+        Ok(self
+            .bit_of(members, &["inet_flags"])
+            .zip(self.enum_value(&format!("INET_FLAGS_{flag}")))
+            // `inet_flags` is an unsigned long the kernel's bitops index from its least
+            // significant bit: on a little-endian machine bit n is in byte n / 8.
+            .map(|(word, bit)| word + bit))
+    }
+
+    /// The bit offset of one-bit field `field` among `members`.
+    fn one_bit(&self, members: &[StructMember], field: &str) -> Option<u64> {
+        members
+            .iter()
+            .find(|m| m.name.as_deref() == Some(field) && m.bits == Some(1))
+            .map(|m| u64::from(m.offset))
+    }
+
+    fn no_flag(
+        &self,
+        flag: &'static str,
+        strukt: &'static str,
+        field: &'static str,
+    ) -> LayoutError {
+        LayoutError::NoFlag {
+            path: self.path.clone(),
+            flag,
+            strukt,
+            field,
+        }
+    }
+
+    /// Where this kernel keeps the flags that open an inet socket's ICMP error queue: the
+    /// `recverr*` and `pinet6_at` fields of [`KernelLayout`], the others 0.
+    pub fn recverr(&self) -> Result<KernelLayout, LayoutError> {
+        let v4 = self
+            .inet_flag("RECVERR", "recverr")?
+            .ok_or_else(|| self.no_flag("RECVERR", "inet_sock", "recverr"))?;
+        let (recverr_at, recverr_mask) = byte_of("RECVERR flag", v4)?;
+        // Linux 6.6 moved IPv6's flag into `inet_flags` too; before, it is a bit of the
+        // socket's `struct ipv6_pinfo`, which `inet_sock.pinet6` points to.
+        let (v6, pinet6_at) = match self.in_inet_flags("RECVERR6")? {
+            Some(bit) => (bit, 0),
+            None => {
+                let pinfo = self.members("ipv6_pinfo")?;
+                let bit = self
+                    .one_bit(pinfo, "recverr")
+                    .ok_or_else(|| self.no_flag("RECVERR6", "ipv6_pinfo", "recverr"))?;
+                let at = self.sized_at("inet_sock", &["pinet6"], "pinet6", 8)?;
+                let at = u16::try_from(at).map_err(|_| LayoutError::TooFar {
+                    what: "inet_sock.pinet6",
+                    byte: u64::from(at),
+                })?;
+                (bit, at)
+            }
+        };
+        let (recverr6_at, recverr6_mask) = byte_of("RECVERR6 flag", v6)?;
+        Ok(KernelLayout {
+            recverr_at,
+            recverr_mask,
+            recverr6_at,
+            recverr6_mask,
+            pinet6_at,
             ..KernelLayout::default()
         })
     }
@@ -416,10 +483,9 @@ impl KernelBtf {
         let shinfo_flags_at = self.byte_in("skb_shared_info", &["flags"], "flags")?;
         let mut mask = 0u64;
         for flag in ["SKBFL_SHARED_FRAG", "SKBFL_ZEROCOPY_ENABLE"] {
-            mask |= self.enum_value(flag).ok_or(LayoutError::NoFlag {
+            mask |= self.enum_value(flag).ok_or(LayoutError::NoEnumerator {
                 path: self.path.clone(),
-                flag,
-                field: "flags",
+                name: flag,
             })?;
         }
         let shared_frag_mask = u8::try_from(mask).map_err(|_| LayoutError::FlagsPastByte {
@@ -659,6 +725,89 @@ mod tests {
                 transparent_mask: 1 << 5,
                 ..KernelLayout::default()
             }
+        );
+    }
+
+    #[test]
+    fn error_queue_flags_in_inet_flags_from_linux_6_6() {
+        let mut f = BtfFile::new();
+        f.int();
+        f.enumeration(&[("INET_FLAGS_RECVERR", 9), ("INET_FLAGS_RECVERR6", 26)]);
+        f.strukt(
+            "inet_sock",
+            1000,
+            &[("pinet6", 6272, 0), ("inet_flags", 6400, 0)],
+        );
+        let at = KernelBtf::read(&f.write("6.6"))
+            .and_then(|b| b.recverr())
+            .expect("resolved");
+        // Bit 9 of the word at byte 800: byte 801, bit 1; bit 26: byte 803, bit 2; both read
+        // from the socket.
+        assert_eq!(
+            at,
+            KernelLayout {
+                recverr_at: 801,
+                recverr_mask: 1 << 1,
+                recverr6_at: 803,
+                recverr6_mask: 1 << 2,
+                pinet6_at: 0,
+                ..KernelLayout::default()
+            }
+        );
+    }
+
+    #[test]
+    fn error_queue_flags_in_bitfields_before_linux_6_5() {
+        let mut f = BtfFile::new();
+        f.int();
+        f.strukt(
+            "inet_sock",
+            1000,
+            &[
+                ("pinet6", 6272, 0),
+                ("recverr", 7232, 1),
+                ("is_icsk", 7233, 1),
+            ],
+        );
+        f.strukt(
+            "ipv6_pinfo",
+            200,
+            &[("saddr", 0, 0), ("recverr", 808, 1), ("sndflow", 809, 1)],
+        );
+        let path = f.write("6.1-recverr");
+        let at = KernelBtf::read(&path)
+            .and_then(|b| b.recverr())
+            .expect("resolved");
+        // IPv6's flag is read from the `ipv6_pinfo` the pointer at byte 784 leads to.
+        assert_eq!(
+            at,
+            KernelLayout {
+                recverr_at: 904,
+                recverr_mask: 1,
+                recverr6_at: 101,
+                recverr6_mask: 1,
+                pinet6_at: 784,
+                ..KernelLayout::default()
+            }
+        );
+        let mut f = BtfFile::new();
+        f.int();
+        f.strukt(
+            "inet_sock",
+            1000,
+            &[("pinet6", 6272, 0), ("recverr", 7232, 1)],
+        );
+        f.strukt("ipv6_pinfo", 200, &[("saddr", 0, 0)]);
+        let path = f.write("no-recverr6");
+        let err = KernelBtf::read(&path)
+            .and_then(|b| b.recverr())
+            .expect_err("no IPv6 flag");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the kernel's BTF at {} has neither inet_sock.inet_flags with INET_FLAGS_RECVERR6 nor the bitfield ipv6_pinfo.recverr",
+                path.display()
+            )
         );
     }
 
@@ -976,6 +1125,11 @@ mod tests {
         let btf = KernelBtf::read(Path::new(KERNEL_BTF)).expect("this kernel's BTF");
         btf.check_fields().expect("the LSM programs' fixed offsets");
         let at = btf.inet_flags().expect("the flags");
+        let queue = btf.recverr().expect("the error-queue flags");
+        assert!(
+            queue.recverr_mask != 0 && queue.recverr6_mask != 0 && queue.recverr_at > 0,
+            "{queue:?}"
+        );
         let rmem = btf.rmem_alloc_at().expect("sk_backlog.rmem_alloc");
         assert!(rmem > 0, "{rmem}");
         let (lock_at, lock_mask) = btf.bindaddr_lock().expect("sk_userlocks");

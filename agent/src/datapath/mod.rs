@@ -2239,6 +2239,13 @@ fn kernel_layout(
         gap(&e, "UDP sockets handed to governed agents are refused");
         0
     });
+    let queue = btf.recverr().unwrap_or_else(|e| {
+        gap(&e, "inet sockets handed to governed agents, and every send and read of a governed agent on an inet socket, are refused (whether its ICMP error queue is open cannot be read)");
+        KernelLayout::default()
+    });
+    (found.recverr_at, found.recverr_mask) = (queue.recverr_at, queue.recverr_mask);
+    (found.recverr6_at, found.recverr6_mask, found.pinet6_at) =
+        (queue.recverr6_at, queue.recverr6_mask, queue.pinet6_at);
     (found.file_dentry_at, found.dentry_len_at, found.dentry_name_at) =
         btf.file_name().unwrap_or_else(|e| {
             gap(&e, "every file that is no socket is refused to governed agents that take it from another process (an io_uring instance is told by its name)");

@@ -1211,6 +1211,26 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 "ok".into()
             }
         }
+        // A connected UDP socket with its ICMP error queue turned on (IP_RECVERR, or
+        // IPV6_RECVERR for an IPv6 peer): only an unenrolled maker keeps it on.
+        ["hold", "udp-recverr", ip, port] => {
+            let addr = sa(ip, port)?;
+            let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+                .map_err(|e| format!("socket: {}", errno_name(e)))?;
+            match recverr(&s, false) {
+                Ok(true) => {}
+                Ok(false) => return Ok("recverr off".into()),
+                Err(e) => return Ok(format!("setsockopt {}", errno_name(e))),
+            }
+            let (ss, len) = sockaddr(addr);
+            // SAFETY: valid fd and address.
+            if unsafe { libc::connect(s.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
+                format!("err {}", errno_name(last_err()))
+            } else {
+                held_udp().push(s);
+                "ok".into()
+            }
+        }
         ["hold", "udp", ip, port] => {
             let addr = sa(ip, port)?;
             let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
@@ -1922,6 +1942,24 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
             let mut on = false;
             for s in held_udp().iter() {
                 on |= recverr(s, false).map_err(|e| format!("setsockopt {}", errno_name(e)))?;
+            }
+            if on { "ok on".into() } else { "ok off".into() }
+        }
+        // The same through the 32-bit system call gate (`int 0x80`), which the cgroup
+        // setsockopt hook does not see: "ok on" if any was left on.
+        ["recverr32-held"] => {
+            let mut on = false;
+            for s in held_udp().iter() {
+                let (level, name) = if socket_family(s) == libc::AF_INET6 {
+                    (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+                } else {
+                    (libc::IPPROTO_IP, libc::IP_RECVERR)
+                };
+                let rc = compat_setsockopt(s.as_raw_fd(), level, name, 1);
+                if rc < 0 {
+                    return Ok(format!("setsockopt {}", errno_name(-rc)));
+                }
+                on |= getsockopt_int(s, level, name) != 0;
             }
             if on { "ok on".into() } else { "ok off".into() }
         }
@@ -3599,6 +3637,11 @@ fn recverr(s: &OwnedFd, long: bool) -> Result<bool, i32> {
     let mut value = vec![0u8; if long { 8192 } else { 4 }];
     value[..4].copy_from_slice(&1i32.to_ne_bytes());
     setsockopt_bytes(s, level, name, &value)?;
+    Ok(getsockopt_int(s, level, name) != 0)
+}
+
+/// An int socket option's value (0 if it cannot be read).
+fn getsockopt_int(s: &OwnedFd, level: i32, name: i32) -> i32 {
     let mut on = 0i32;
     let mut len = 4 as libc::socklen_t;
     // SAFETY: valid fd; a 4-byte buffer and its length.
@@ -3611,7 +3654,7 @@ fn recverr(s: &OwnedFd, long: bool) -> Result<bool, i32> {
             &raw mut len,
         );
     }
-    Ok(on != 0)
+    on
 }
 
 /// A socket's family (`SO_DOMAIN`); 0 if it cannot be read.
