@@ -378,6 +378,10 @@ pub const REASON_FOREIGN_RING: u8 = 22;
 /// io_uring ([`IdentityState::io_uring`] 0): what a ring holds and has in flight is more
 /// than any hook reads (a socket another process puts in its table with `MSG_RING`).
 pub const REASON_IO_URING: u8 = 23;
+/// An inet socket a governed task takes from another process that was made in a cgroup
+/// outside the node's attach point ([`Config::attach_cgroup`]): none of the node's programs
+/// run for it, so nothing would judge where it connects or sends.
+pub const REASON_OUTSIDE_ATTACH: u8 = 24;
 
 /// [`Event::hook`].
 pub const HOOK_CONNECT4: u8 = 1;
@@ -514,6 +518,12 @@ pub struct Config {
     /// node whose build differs replaces each program in its link. Zero in pins from before
     /// it was kept, in what was padding.
     pub programs: u32,
+    /// The cgroup the programs are attached to (its kernfs id) and its depth: a socket made
+    /// in a cgroup outside it runs none of the programs, so a governed task may not take
+    /// one from another process. Level 0 (the root) holds every cgroup.
+    pub attach_cgroup: u64,
+    pub attach_level: u32,
+    pub _pad2: u32,
 }
 
 /// A field of a kernel struct the BPF LSM programs read at an offset fixed when they are
@@ -645,6 +655,17 @@ pub struct KernelLayout {
     pub pinet6_at: u16,
     pub recverr_mask: u8,
     pub recverr6_mask: u8,
+    /// `sk_cgrp_data.cgroup` in `struct sock` (the cgroup the socket was made in, whose
+    /// programs run for it), then `level`, `ancestors` and `kn` in `struct cgroup`, and `id`
+    /// in `struct kernfs_node`: whether a handed socket's cgroup is within the attach point
+    /// ([`Config::attach_cgroup`]). Any zero: unknown, and with an attach point below the
+    /// root every inet socket handed to a governed task is refused.
+    pub sk_cgroup_at: u16,
+    pub cgroup_level_at: u16,
+    pub cgroup_ancestors_at: u16,
+    pub cgroup_kn_at: u16,
+    pub kn_id_at: u16,
+    pub _pad3: u16,
 }
 
 /// Value of `AW_TASK_LAYOUT[0]`: where this kernel keeps what the task census reads, bytes
@@ -958,8 +979,8 @@ mod pod {
 
 // Layout guards: the kernel and userspace must agree on these sizes byte for byte.
 const _: () = assert!(core::mem::size_of::<IdentityState>() == 8);
-const _: () = assert!(core::mem::size_of::<Config>() == 24);
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 40);
+const _: () = assert!(core::mem::size_of::<Config>() == 40);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 52);
 const _: () = assert!(core::mem::size_of::<TaskLayout>() == 44);
 const _: () = assert!(core::mem::size_of::<TaskTable>() == 32);
 const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);

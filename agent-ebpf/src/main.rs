@@ -21,16 +21,17 @@ use agent_common::{
     PORT_SET_WORDS, PROTO_TCP, PROTO_UDP, PortSet, RATE_ENTRIES, REASON_AFTER_HELLO,
     REASON_ERROR_QUEUE, REASON_EXPIRED, REASON_FOREIGN_RING, REASON_FOREIGN_SOCKET,
     REASON_GLOBAL_DENY, REASON_HANDED_SOCKET, REASON_INBOUND, REASON_IO_URING,
-    REASON_LOOPBACK_SOURCE, REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE, REASON_PACKET_OPTIONS,
-    REASON_REVOKED, REASON_SNI_MISMATCH, REASON_SNI_MISSING, REASON_SNI_UNCHECKED,
-    REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION, REASON_SOCKET_TYPE, REASON_UNBOUND, REASON_WIRE,
-    REASON_ZERO_COPY, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES, RateKey, RateState, RecordUsage,
-    RuleSet, SERVER_HELLO, SERVER_RETRY, SERVER_UNSEEN, SLOT_CLAIMED, SNI_AUDIT, SNI_ENFORCE,
-    SNI_MODE, SNI_NAME_ENTRIES, SNI_NAME_MAX, SNI_NONE, SNI_OFF, SNI_PENDING_AUDIT,
-    SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RETRY, SNI_RULES, SNI_SEEN_ENTRIES, SNI_UNCHECKED,
-    SNI_UNCHECKED_AUDIT, SNI_WATCH, SOCK_DEST_CONNECTED, SOCK_DEST_SENT, SOCK_DESTS, SniName,
-    SockState, TAIL_SNI, TAILS, TaskLayout, TaskTable, UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES,
-    UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, http, rate_keyed_by_socket, rule_hit_key,
+    REASON_LOOPBACK_SOURCE, REASON_NO_RULE, REASON_NO_STORAGE, REASON_NONE, REASON_OUTSIDE_ATTACH,
+    REASON_PACKET_OPTIONS, REASON_REVOKED, REASON_SNI_MISMATCH, REASON_SNI_MISSING,
+    REASON_SNI_UNCHECKED, REASON_SOCKET_FAMILY, REASON_SOCKET_OPTION, REASON_SOCKET_TYPE,
+    REASON_UNBOUND, REASON_WIRE, REASON_ZERO_COPY, RESERVED_RING_QUARTERS, RULE_HIT_ENTRIES,
+    RateKey, RateState, RecordUsage, RuleSet, SERVER_HELLO, SERVER_RETRY, SERVER_UNSEEN,
+    SLOT_CLAIMED, SNI_AUDIT, SNI_ENFORCE, SNI_MODE, SNI_NAME_ENTRIES, SNI_NAME_MAX, SNI_NONE,
+    SNI_OFF, SNI_PENDING_AUDIT, SNI_PENDING_ENFORCE, SNI_REFUSED, SNI_RETRY, SNI_RULES,
+    SNI_SEEN_ENTRIES, SNI_UNCHECKED, SNI_UNCHECKED_AUDIT, SNI_WATCH, SOCK_DEST_CONNECTED,
+    SOCK_DEST_SENT, SOCK_DESTS, SniName, SockState, TAIL_SNI, TAILS, TaskLayout, TaskTable,
+    UNKNOWN_DENY, UNKNOWN_EVENTS_RING_BYTES, UNKNOWN_IGNORE, dns_proxy_addr, dns_proxy_addr6, http,
+    rate_keyed_by_socket, rule_hit_key,
 };
 use aya_ebpf::{
     bindings::{
@@ -1259,6 +1260,9 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
         }
     }
     flow.proto = if tcp { PROTO_TCP } else { PROTO_UDP };
+    if made_outside(sk, &layout()) {
+        return refuse_task(&flow, leaf, &binding, REASON_OUTSIDE_ATTACH);
+    }
     // Governed already: the agent's own (passed between its processes), kept as it is; another
     // session's, refused.
     let st = sock_state(sk, false);
@@ -1576,6 +1580,49 @@ fn nonlocal_option(sk: *mut core::ffi::c_void, at: &KernelLayout, bound: bool) -
 #[inline(always)]
 fn holds_data(sk: *mut core::ffi::c_void, at: &KernelLayout) -> bool {
     kernel_bytes::<i32>(sk, at.rmem_alloc_at).is_none_or(|bytes| bytes != 0)
+}
+
+/// The deepest attach point [`made_outside`] follows (the kernel nests cgroups at most
+/// `cgroup.max.depth` deep, unlimited by default; an attach point deeper than this is
+/// treated as unknown).
+const MAX_ATTACH_LEVEL: u32 = 1024;
+
+/// Whether inet socket `sk` was made in a cgroup outside the node's attach point
+/// ([`Config::attach_cgroup`]): its cgroup's ancestor at the attach point's level is
+/// another cgroup, or it is shallower. None of the node's programs run for such a socket
+/// (the cgroup hooks, the packet line and the LSM socket hooks all run by the socket's
+/// cgroup). True where it cannot be read, unless the attach point is the root.
+#[inline(always)]
+fn made_outside(sk: *mut core::ffi::c_void, at: &KernelLayout) -> bool {
+    let Some(conf) = AW_CONFIG.get(0) else {
+        return true;
+    };
+    let level = conf.attach_level;
+    if level == 0 {
+        return false;
+    }
+    if level > MAX_ATTACH_LEVEL || at.cgroup_ancestors_at == 0 {
+        return true;
+    }
+    let Some(cgroup) = kernel_bytes::<u64>(sk, at.sk_cgroup_at).filter(|&p| p != 0) else {
+        return true;
+    };
+    let cgroup = cgroup as *mut core::ffi::c_void;
+    match kernel_bytes::<i32>(cgroup, at.cgroup_level_at) {
+        Some(depth) if depth >= level as i32 => {}
+        _ => return true,
+    }
+    let Ok(slot) = u16::try_from(u32::from(at.cgroup_ancestors_at) + 8 * level) else {
+        return true;
+    };
+    let id = kernel_bytes::<u64>(cgroup, slot)
+        .filter(|&p| p != 0)
+        .and_then(|ancestor| {
+            kernel_bytes::<u64>(ancestor as *mut core::ffi::c_void, at.cgroup_kn_at)
+        })
+        .filter(|&p| p != 0)
+        .and_then(|kn| kernel_bytes::<u64>(kn as *mut core::ffi::c_void, at.kn_id_at));
+    id != Some(conf.attach_cgroup)
 }
 
 /// What [`error_queue_open`] answers when it cannot read the flags: the socket is refused

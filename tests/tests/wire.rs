@@ -696,6 +696,31 @@ fn a_socket_handed_to_a_governed_agent_is_governed_as_its_own() {
         );
         assert_eq!(r["identity"], ID, "{r:#}");
     }
+    // A socket made in a cgroup outside the node's attach point (this test's own, where a
+    // probe started without `--cgroup` stays): none of the node's programs would run for it,
+    // wherever it connects or sends, so it is refused however harmless it looks (connected
+    // to an allowed peer).
+    let mut c = Command::new(bin_path("aw-probe"));
+    c.args(["--cpu", "0"]);
+    fx.link.agent.enter(&mut c);
+    let mut outsider = Probe::from_command(c);
+    assert_eq!(outsider.cmd(&format!("hold udp {PEER_V4} 9000")), "ok");
+    assert_eq!(outsider.cmd("pass-held aw-handed-agent"), "ok");
+    assert_eq!(
+        agent.cmd("take-passed"),
+        "ok 0",
+        "a socket made outside taken"
+    );
+    let r = wait_flow_where(fx.socket(), "socket-deny", |r| {
+        r["reason"]
+            == "socket made in a cgroup outside the node's attach point (none of its programs would judge it)"
+    });
+    assert_eq!(
+        r["protocol"], "socket of family 2 (inet) type 2 received from another process",
+        "{r:#}"
+    );
+    assert_eq!(r["identity"], ID, "{r:#}");
+    drop(outsider);
     // The taken ones send as the agent's, to their allowed peers; nothing else left. The
     // helper's own packets so far (its handshakes, the refused sockets' closes) end at a
     // marker first.

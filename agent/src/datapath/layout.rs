@@ -273,6 +273,37 @@ impl KernelBtf {
         })
     }
 
+    /// Where the receipt line reads whether a socket was made within the attach point (see
+    /// [`KernelLayout::sk_cgroup_at`]): those fields of a [`KernelLayout`], the others 0.
+    /// Linux 6.0 and later (`cgroup.ancestors`; before, `ancestor_ids`, which is not read).
+    pub fn socket_cgroup(&self) -> Result<KernelLayout, LayoutError> {
+        let short = |what: &'static str, at: u32| {
+            u16::try_from(at).map_err(|_| LayoutError::TooFar {
+                what,
+                byte: u64::from(at),
+            })
+        };
+        let sk_cgroup_at = self.sized_at(
+            "sock",
+            &["sk_cgrp_data", "cgroup"],
+            "sk_cgrp_data.cgroup",
+            8,
+        )?;
+        let level_at = self.sized_at("cgroup", &["level"], "level", 4)?;
+        let kn_at = self.sized_at("cgroup", &["kn"], "kn", 8)?;
+        let kn_id_at = self.sized_at("kernfs_node", &["id"], "id", 8)?;
+        // A flexible array of pointers: no size to check.
+        let ancestors_at = self.byte_in("cgroup", &["ancestors"], "ancestors")?;
+        Ok(KernelLayout {
+            sk_cgroup_at: short("sock.sk_cgrp_data.cgroup", sk_cgroup_at)?,
+            cgroup_level_at: short("cgroup.level", level_at)?,
+            cgroup_ancestors_at: ancestors_at,
+            cgroup_kn_at: short("cgroup.kn", kn_at)?,
+            kn_id_at: short("kernfs_node.id", kn_id_at)?,
+            ..KernelLayout::default()
+        })
+    }
+
     /// Where `struct sock` keeps `SOCK_BINDADDR_LOCK` (bit 2 of `sk_userlocks`, a 4-bit
     /// field before Linux 6.x and a byte since; bit 2 is the same bit either way on a
     /// little-endian machine).
@@ -1126,6 +1157,15 @@ mod tests {
         btf.check_fields().expect("the LSM programs' fixed offsets");
         let at = btf.inet_flags().expect("the flags");
         let queue = btf.recverr().expect("the error-queue flags");
+        let cg = btf.socket_cgroup().expect("a socket's cgroup");
+        assert!(
+            cg.sk_cgroup_at > 0
+                && cg.cgroup_level_at > 0
+                && cg.cgroup_ancestors_at > cg.cgroup_level_at
+                && cg.cgroup_kn_at > 0
+                && cg.kn_id_at > 0,
+            "{cg:?}"
+        );
         assert!(
             queue.recverr_mask != 0 && queue.recverr6_mask != 0 && queue.recverr_at > 0,
             "{queue:?}"

@@ -991,7 +991,10 @@ impl Loaded {
         for (_, b) in lock(&dp.bindings).entries()? {
             levels |= 1u32.checked_shl(u32::from(b.level)).unwrap_or(0);
         }
+        let (attach_cgroup, attach_level) = (dp.attach.id(), dp.attach.level());
         dp.update_config(|conf| {
+            conf.attach_cgroup = attach_cgroup;
+            conf.attach_level = attach_level;
             conf.bound_levels |= levels;
             conf.unknown_flows = cfg.unknown_flows.code();
             conf.record_allowed = u8::from(cfg.record_allowed);
@@ -2246,6 +2249,15 @@ fn kernel_layout(
     (found.recverr_at, found.recverr_mask) = (queue.recverr_at, queue.recverr_mask);
     (found.recverr6_at, found.recverr6_mask, found.pinet6_at) =
         (queue.recverr6_at, queue.recverr6_mask, queue.pinet6_at);
+    let cgroup = btf.socket_cgroup().unwrap_or_else(|e| {
+        gap(&e, "with an attach point below the root, every inet socket handed to a governed agent is refused (whether it was made within the attach point cannot be read)");
+        KernelLayout::default()
+    });
+    found.sk_cgroup_at = cgroup.sk_cgroup_at;
+    found.cgroup_level_at = cgroup.cgroup_level_at;
+    found.cgroup_ancestors_at = cgroup.cgroup_ancestors_at;
+    found.cgroup_kn_at = cgroup.cgroup_kn_at;
+    found.kn_id_at = cgroup.kn_id_at;
     (found.file_dentry_at, found.dentry_len_at, found.dentry_name_at) =
         btf.file_name().unwrap_or_else(|e| {
             gap(&e, "every file that is no socket is refused to governed agents that take it from another process (an io_uring instance is told by its name)");

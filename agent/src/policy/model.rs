@@ -469,6 +469,9 @@ pub enum Reason {
     /// An io_uring instance a governed task made where its identity's policy refuses
     /// io_uring (the BPF LSM line).
     IoUring,
+    /// A socket taken from another process that was made in a cgroup outside the node's
+    /// attach point, where none of its programs run (the BPF LSM line).
+    OutsideAttach,
 }
 
 impl Reason {
@@ -497,6 +500,7 @@ impl Reason {
             Self::SniUnchecked => c::REASON_SNI_UNCHECKED,
             Self::ForeignRing => c::REASON_FOREIGN_RING,
             Self::IoUring => c::REASON_IO_URING,
+            Self::OutsideAttach => c::REASON_OUTSIDE_ATTACH,
         }
     }
 
@@ -525,6 +529,7 @@ impl Reason {
             c::REASON_SNI_UNCHECKED => Self::SniUnchecked,
             c::REASON_FOREIGN_RING => Self::ForeignRing,
             c::REASON_IO_URING => Self::IoUring,
+            c::REASON_OUTSIDE_ATTACH => Self::OutsideAttach,
             _ => return None,
         })
     }
@@ -570,6 +575,9 @@ impl Reason {
                 "io_uring instance from another process (its work would run as that process, ungoverned)"
             }
             Self::IoUring => "io_uring, which the identity's policy refuses",
+            Self::OutsideAttach => {
+                "socket made in a cgroup outside the node's attach point (none of its programs would judge it)"
+            }
         }
     }
 }
