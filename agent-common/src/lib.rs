@@ -647,7 +647,7 @@ pub struct KernelLayout {
     /// socket with its ICMP error queue open, which the setsockopt program keeps shut on
     /// governed sockets but cannot for one made elsewhere or set through a compat call.
     pub recverr_at: u16,
-    /// `IPV6_RECVERR`: `INET_FLAGS_RECVERR6` in `inet_flags` from Linux 6.6 (`pinet6_at`
+    /// `IPV6_RECVERR`: `INET_FLAGS_RECVERR6` in `inet_flags` from Linux 6.7 (`pinet6_at`
     /// then 0, and this offset is from the socket), the `ipv6_pinfo.recverr` bitfield
     /// before (this offset then from the `ipv6_pinfo` that `inet_sock.pinet6`, at
     /// `pinet6_at`, points to).
@@ -665,7 +665,14 @@ pub struct KernelLayout {
     pub cgroup_ancestors_at: u16,
     pub cgroup_kn_at: u16,
     pub kn_id_at: u16,
-    pub _pad3: u16,
+    /// Where the current task says its system call came through the compat (32-bit) gate,
+    /// which skips the cgroup setsockopt program: `thread_info.status`'s `TS_COMPAT` on
+    /// x86-64, `thread_info.flags`' `TIF_32BIT` on arm64 (bytes from `struct task_struct`).
+    /// Zero mask: unknown, and a compat call that opens an error queue is refused only where
+    /// the socket is used.
+    pub compat_at: u16,
+    pub compat_mask: u8,
+    pub _pad3: u8,
 }
 
 /// Value of `AW_TASK_LAYOUT[0]`: where this kernel keeps what the task census reads, bytes
@@ -980,7 +987,7 @@ mod pod {
 // Layout guards: the kernel and userspace must agree on these sizes byte for byte.
 const _: () = assert!(core::mem::size_of::<IdentityState>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 40);
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 52);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 54);
 const _: () = assert!(core::mem::size_of::<TaskLayout>() == 44);
 const _: () = assert!(core::mem::size_of::<TaskTable>() == 32);
 const _: () = assert!(core::mem::size_of::<PortEntry>() == 24);

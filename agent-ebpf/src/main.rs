@@ -47,9 +47,9 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_socket_cookie,
         bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
         generated::{
-            bpf_get_prandom_u32, bpf_get_socket_uid, bpf_ringbuf_query, bpf_seq_write,
-            bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
-            bpf_skb_load_bytes, bpf_skc_to_tcp_sock, bpf_sock_from_file,
+            bpf_get_current_task, bpf_get_prandom_u32, bpf_get_socket_uid, bpf_ringbuf_query,
+            bpf_seq_write, bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id,
+            bpf_skb_cgroup_id, bpf_skb_load_bytes, bpf_skc_to_tcp_sock, bpf_sock_from_file,
         },
     },
     macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, lsm_cgroup},
@@ -907,7 +907,25 @@ fn try_lsm_setsockopt(ctx: &LsmContext) -> i32 {
     } else {
         unsafe { (*sock).sk }
     };
+    // The native call goes on to the cgroup program, which turns the error-queue options to
+    // 0; a compat one skips it, and with the queue open the socket's errors (SO_ERROR,
+    // POLLERR, the queue's size) carry what ICMP senders chose, no send or read needed.
+    if is_recverr(level, optname) && compat_call(&layout()) {
+        return refuse_option(level, optname, sk.cast(), REASON_ERROR_QUEUE);
+    }
     judge_sockopt(level, optname, sk.cast())
+}
+
+/// Whether the current system call came through the compat (32-bit) gate; false where that
+/// cannot be read (see [`KernelLayout::compat_at`]).
+#[inline(always)]
+fn compat_call(at: &KernelLayout) -> bool {
+    if at.compat_mask == 0 {
+        return false;
+    }
+    // SAFETY: the helper returns the current task, which lives through this call.
+    let task = unsafe { bpf_get_current_task() } as *mut core::ffi::c_void;
+    kernel_bytes::<u8>(task, at.compat_at).is_some_and(|flags| flags & at.compat_mask != 0)
 }
 
 /// `MSG_ERRQUEUE`, from the kernel's socket.h.
@@ -1383,6 +1401,17 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
             return DENY;
         }
     }
+    // The error queue alike: a native setsockopt whose cgroup program ran before the claim
+    // (nothing then turned its value to 0) may land after the read above.
+    let queue = error_queue_open(sk, &at, family);
+    if queue != 0 {
+        flow.sock_protocol = queue;
+        if refuse_task(&flow, leaf, &binding, REASON_ERROR_QUEUE) == DENY {
+            // SAFETY: as above.
+            unsafe { core::ptr::write_volatile(&raw mut (*st).binding_cgroup, REFUSED_SOCKET) };
+            return DENY;
+        }
+    }
     ALLOW
 }
 
@@ -1733,15 +1762,21 @@ fn judge_sockopt(level: i32, optname: i32, sk: *mut core::ffi::c_void) -> i32 {
     if !refused {
         return ALLOW;
     }
+    refuse_option(level, optname, sk, REASON_SOCKET_OPTION)
+}
+
+/// Option `optname` refused for `reason` to a governed task or on a governed socket.
+#[inline(always)]
+fn refuse_option(level: i32, optname: i32, sk: *mut core::ffi::c_void, reason: u8) -> i32 {
     let leaf = unsafe { bpf_get_current_cgroup_id() };
-    // A governed socket keeps to local addresses whoever sets its options.
+    // A governed socket keeps to its rules whoever sets its options.
     let binding = match governing(leaf, sk) {
         Holder::Binding(_, b) => b,
         Holder::Nobody => return ALLOW,
         Holder::Ended => return DENY,
     };
     let flow = Flow::socket(HOOK_SETSOCKOPT, 0, level as u16, optname as u16);
-    refuse_task(&flow, leaf, &binding, REASON_SOCKET_OPTION)
+    refuse_task(&flow, leaf, &binding, reason)
 }
 
 /// IP headers without options or extension headers, the only ones a governed socket sends.

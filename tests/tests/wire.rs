@@ -1054,22 +1054,12 @@ fn an_agents_socket_lent_to_another_process_keeps_to_the_agents_rules() {
     assert_eq!(fx.helper.cmd(&format!("connect-held {PEER_V6} 9000")), "ok");
     // Its error queue stays shut: the agent kept a descriptor to it.
     assert_eq!(fx.helper.cmd("recverr-held"), "ok off");
-    // Through the 32-bit gate, which the setsockopt program never sees, the borrower turns
-    // it on; handed back, the agent may neither send nor read on it where the kernel runs
-    // BPF LSM programs (without, the threat model lists it as open).
-    assert_eq!(fx.helper.cmd("recverr32-held"), "ok on");
-    assert_eq!(agent.cmd("fd-inbox aw-lent-agent"), "ok");
-    assert_eq!(fx.helper.cmd("pass-held aw-lent-agent"), "ok");
-    assert_eq!(
-        agent.cmd("take-passed"),
-        "ok 1",
-        "the agent's own socket back"
-    );
+    // Through the 32-bit gate, which the setsockopt program never sees: refused where the
+    // kernel runs BPF LSM programs (without, the threat model lists it as open).
     if lsm_line(fx.socket()).is_none() {
-        assert_eq!(agent.cmd("send-held"), "err EPERM");
+        assert_eq!(fx.helper.cmd("recverr32-held"), "setsockopt EPERM");
         let r = wait_flow_where(fx.socket(), "socket-deny", |r| {
-            r["protocol"]
-                == "send or receive on a socket of family 10 (inet6), with IPV6_RECVERR set"
+            r["protocol"] == "socket option level 41 name 25 (IPV6_RECVERR)"
         });
         assert_eq!(
             r["reason"], "socket error queue closed (ICMP errors carry unjudged bytes)",
@@ -1077,9 +1067,8 @@ fn an_agents_socket_lent_to_another_process_keeps_to_the_agents_rules() {
         );
         assert_eq!(r["identity"], ID, "{r:#}");
     } else {
-        assert_eq!(agent.cmd("send-held"), "ok");
+        assert_eq!(fx.helper.cmd("recverr32-held"), "ok on");
     }
-    assert_eq!(agent.cmd("drop-held"), "ok");
 
     let seen = fx.until_helper_marker(9101);
     let leaked: Vec<&Packet> = seen
@@ -2128,6 +2117,47 @@ fn a_listener_is_never_taken_for_a_connected_socket() {
         });
         assert_eq!(r["reason"], "no ingress rule allows it", "{r:#}");
     }
+}
+
+/// The ICMP error queue of a unit's sockets: one its process opened before `enroll` (no
+/// program turned the option to 0 then) is used no more once enrolled, and the unit's own
+/// 32-bit setsockopt, which skips the program that keeps the queue shut, is refused. An
+/// open queue brings ICMP senders' errors to the socket, no ingress rule judging them.
+#[test]
+fn a_unit_uses_no_socket_whose_error_queue_is_open() {
+    let fx = fixture("wire-enroll-recverr");
+    let (unit, mut probe) = fx.unit();
+    assert_eq!(probe.cmd(&format!("hold udp-recverr {PEER_V4} 9000")), "ok");
+    {
+        let _one = enrolling();
+        agentwall_tests::node::run_ok(&mut fx.enroll_command(&unit));
+    }
+    if lsm_line(fx.socket()).is_some() {
+        // Nothing judges the socket's options or its use there: the threat model says so.
+        assert_eq!(probe.cmd("send-held"), "ok");
+        return;
+    }
+    assert_eq!(probe.cmd("send-held"), "err EPERM");
+    let r = wait_flow_where(fx.socket(), "socket-deny", |r| {
+        r["protocol"] == "send or receive on a socket of family 2 (inet), with IP_RECVERR set"
+    });
+    assert_eq!(
+        r["reason"], "socket error queue closed (ICMP errors carry unjudged bytes)",
+        "{r:#}"
+    );
+    assert_eq!(r["identity"], ID, "{r:#}");
+    assert_eq!(r["pid"], probe.pid, "{r:#}");
+    assert_eq!(probe.cmd("drop-held"), "ok");
+    // A socket made since: the native call leaves the queue shut, the compat one is refused.
+    assert_eq!(probe.cmd(&format!("hold udp {PEER_V6} 9000")), "ok");
+    assert_eq!(probe.cmd("recverr-held"), "ok off");
+    assert_eq!(probe.cmd("recverr32-held"), "setsockopt EPERM");
+    wait_flow_where(fx.socket(), "socket-deny", |r| {
+        r["protocol"] == "socket option level 41 name 25 (IPV6_RECVERR)"
+            && r["reason"] == "socket error queue closed (ICMP errors carry unjudged bytes)"
+            && r["pid"] == probe.pid
+    });
+    assert_eq!(probe.cmd("send-held"), "ok");
 }
 
 /// Sending from an address the host does not hold: the options that allow binding one

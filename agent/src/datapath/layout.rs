@@ -47,6 +47,8 @@ pub enum LayoutError {
         strukt: &'static str,
         field: &'static str,
     },
+    #[error("no compat (32-bit) system call flag is known on {arch}")]
+    NoCompatFlag { arch: &'static str },
     #[error("the kernel's BTF at {path} has no enumerator {name}")]
     NoEnumerator { path: PathBuf, name: &'static str },
     #[error(
@@ -238,14 +240,19 @@ impl KernelBtf {
         }
     }
 
-    /// Where this kernel keeps the flags that open an inet socket's ICMP error queue: the
-    /// `recverr*` and `pinet6_at` fields of [`KernelLayout`], the others 0.
-    pub fn recverr(&self) -> Result<KernelLayout, LayoutError> {
+    /// Where this kernel keeps the flag that opens an inet socket's ICMP error queue
+    /// (`IP_RECVERR`): the byte and the mask in it.
+    pub fn recverr(&self) -> Result<(u16, u8), LayoutError> {
         let v4 = self
             .inet_flag("RECVERR", "recverr")?
             .ok_or_else(|| self.no_flag("RECVERR", "inet_sock", "recverr"))?;
-        let (recverr_at, recverr_mask) = byte_of("RECVERR flag", v4)?;
-        // Linux 6.6 moved IPv6's flag into `inet_flags` too; before, it is a bit of the
+        byte_of("RECVERR flag", v4)
+    }
+
+    /// The same for an IPv6 socket (`IPV6_RECVERR`): the `recverr6_*` and `pinet6_at` fields
+    /// of [`KernelLayout`], the others 0.
+    pub fn recverr6(&self) -> Result<KernelLayout, LayoutError> {
+        // Linux 6.7 moved IPv6's flag into `inet_flags` too; before, it is a bit of the
         // socket's `struct ipv6_pinfo`, which `inet_sock.pinet6` points to.
         let (v6, pinet6_at) = match self.in_inet_flags("RECVERR6")? {
             Some(bit) => (bit, 0),
@@ -264,13 +271,32 @@ impl KernelBtf {
         };
         let (recverr6_at, recverr6_mask) = byte_of("RECVERR6 flag", v6)?;
         Ok(KernelLayout {
-            recverr_at,
-            recverr_mask,
             recverr6_at,
             recverr6_mask,
             pinet6_at,
             ..KernelLayout::default()
         })
+    }
+
+    /// Where the current task's flags say a system call came through the compat (32-bit)
+    /// gate (see [`KernelLayout::compat_at`]): the byte in `struct task_struct` and the
+    /// flag's mask in it.
+    pub fn compat_flag(&self) -> Result<(u16, u8), LayoutError> {
+        // `TS_COMPAT` (x86-64) and `TIF_32BIT` (arm64) are preprocessor constants, which BTF
+        // does not carry: each architecture's own, from its headers.
+        #[cfg(target_arch = "x86_64")]
+        let (field, size, bit) = ("status", 4, 1);
+        #[cfg(target_arch = "aarch64")]
+        let (field, size, bit) = ("flags", 8, 22);
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        return Err(LayoutError::NoCompatFlag {
+            arch: std::env::consts::ARCH,
+        });
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+        {
+            let at = self.sized_at("task_struct", &["thread_info", field], "thread_info", size)?;
+            byte_of("the compat call flag", u64::from(at) * 8 + bit)
+        }
     }
 
     /// Where the receipt line reads whether a socket was made within the attach point (see
@@ -769,16 +795,14 @@ mod tests {
             1000,
             &[("pinet6", 6272, 0), ("inet_flags", 6400, 0)],
         );
-        let at = KernelBtf::read(&f.write("6.6"))
-            .and_then(|b| b.recverr())
-            .expect("resolved");
+        let btf = KernelBtf::read(&f.write("6.7")).expect("read");
+        let at = btf.recverr6().expect("resolved");
         // Bit 9 of the word at byte 800: byte 801, bit 1; bit 26: byte 803, bit 2; both read
         // from the socket.
+        assert_eq!(btf.recverr().expect("resolved"), (801, 1 << 1));
         assert_eq!(
             at,
             KernelLayout {
-                recverr_at: 801,
-                recverr_mask: 1 << 1,
                 recverr6_at: 803,
                 recverr6_mask: 1 << 2,
                 pinet6_at: 0,
@@ -805,16 +829,13 @@ mod tests {
             200,
             &[("saddr", 0, 0), ("recverr", 808, 1), ("sndflow", 809, 1)],
         );
-        let path = f.write("6.1-recverr");
-        let at = KernelBtf::read(&path)
-            .and_then(|b| b.recverr())
-            .expect("resolved");
+        let btf = KernelBtf::read(&f.write("6.1-recverr")).expect("read");
+        assert_eq!(btf.recverr().expect("resolved"), (904, 1));
+        let at = btf.recverr6().expect("resolved");
         // IPv6's flag is read from the `ipv6_pinfo` the pointer at byte 784 leads to.
         assert_eq!(
             at,
             KernelLayout {
-                recverr_at: 904,
-                recverr_mask: 1,
                 recverr6_at: 101,
                 recverr6_mask: 1,
                 pinet6_at: 784,
@@ -830,9 +851,9 @@ mod tests {
         );
         f.strukt("ipv6_pinfo", 200, &[("saddr", 0, 0)]);
         let path = f.write("no-recverr6");
-        let err = KernelBtf::read(&path)
-            .and_then(|b| b.recverr())
-            .expect_err("no IPv6 flag");
+        let btf = KernelBtf::read(&path).expect("read");
+        assert_eq!(btf.recverr().expect("IPv4's flag alone"), (904, 1));
+        let err = btf.recverr6().expect_err("no IPv6 flag");
         assert_eq!(
             err.to_string(),
             format!(
@@ -1156,7 +1177,13 @@ mod tests {
         let btf = KernelBtf::read(Path::new(KERNEL_BTF)).expect("this kernel's BTF");
         btf.check_fields().expect("the LSM programs' fixed offsets");
         let at = btf.inet_flags().expect("the flags");
-        let queue = btf.recverr().expect("the error-queue flags");
+        let (recverr_at, recverr_mask) = btf.recverr().expect("the error-queue flag");
+        let queue = btf.recverr6().expect("IPv6's error-queue flag");
+        let (compat_at, compat_mask) = btf.compat_flag().expect("the compat call flag");
+        assert!(
+            compat_at > 0 && compat_mask != 0,
+            "{compat_at} {compat_mask}"
+        );
         let cg = btf.socket_cgroup().expect("a socket's cgroup");
         assert!(
             cg.sk_cgroup_at > 0
@@ -1167,8 +1194,8 @@ mod tests {
             "{cg:?}"
         );
         assert!(
-            queue.recverr_mask != 0 && queue.recverr6_mask != 0 && queue.recverr_at > 0,
-            "{queue:?}"
+            recverr_mask != 0 && queue.recverr6_mask != 0 && recverr_at > 0,
+            "{recverr_at} {recverr_mask} {queue:?}"
         );
         let rmem = btf.rmem_alloc_at().expect("sk_backlog.rmem_alloc");
         assert!(rmem > 0, "{rmem}");

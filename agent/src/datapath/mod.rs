@@ -2242,13 +2242,20 @@ fn kernel_layout(
         gap(&e, "UDP sockets handed to governed agents are refused");
         0
     });
-    let queue = btf.recverr().unwrap_or_else(|e| {
+    (found.recverr_at, found.recverr_mask) = btf.recverr().unwrap_or_else(|e| {
         gap(&e, "inet sockets handed to governed agents, and every send and read of a governed agent on an inet socket, are refused (whether its ICMP error queue is open cannot be read)");
+        (0, 0)
+    });
+    let queue = btf.recverr6().unwrap_or_else(|e| {
+        gap(&e, "IPv6 sockets handed to governed agents, and every send and read of a governed agent on an IPv6 socket, are refused (whether its ICMP error queue is open cannot be read)");
         KernelLayout::default()
     });
-    (found.recverr_at, found.recverr_mask) = (queue.recverr_at, queue.recverr_mask);
     (found.recverr6_at, found.recverr6_mask, found.pinet6_at) =
         (queue.recverr6_at, queue.recverr6_mask, queue.pinet6_at);
+    (found.compat_at, found.compat_mask) = btf.compat_flag().unwrap_or_else(|e| {
+        gap(&e, "a compat (32-bit) setsockopt that opens a governed socket's ICMP error queue is not refused; the socket's sends and reads are");
+        (0, 0)
+    });
     let cgroup = btf.socket_cgroup().unwrap_or_else(|e| {
         gap(&e, "with an attach point below the root, every inet socket handed to a governed agent is refused (whether it was made within the attach point cannot be read)");
         KernelLayout::default()
