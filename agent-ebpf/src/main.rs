@@ -1047,7 +1047,7 @@ fn try_socket_use(ctx: &LsmContext, send: bool) -> i32 {
     // compat (32-bit) setsockopt skips it, as does a socket the unit had before its
     // binding: with the queue open, soft ICMP errors, whose sender the ingress line never
     // judged, come back as errors of the next send or read.
-    let queue = error_queue_open(sk, &at, family);
+    let queue = error_queue_open(sk, family);
     if queue != 0 {
         let flow = Flow {
             sock_protocol: queue,
@@ -1267,18 +1267,18 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
     if !tcp && ty != SOCK_DGRAM {
         return refuse_task(&flow, leaf, &binding, REASON_SOCKET_TYPE);
     }
-    let at = layout();
     if !tcp {
         // Datagram sockets of other protocols (ICMP echo, UDP-Lite, L2TP) are ones the agent
         // may not make; their traffic would be dropped unrecorded at the packet line.
-        let protocol = kernel_bytes::<u16>(sk, at.protocol_at).unwrap_or(u16::MAX);
+        let protocol =
+            kernel_bytes::<u16>(sk, layout_field(|at| at.protocol_at)).unwrap_or(u16::MAX);
         if u32::from(protocol) != IPPROTO_UDP {
             flow.sock_protocol = protocol;
             return refuse_task(&flow, leaf, &binding, REASON_SOCKET_TYPE);
         }
     }
     flow.proto = if tcp { PROTO_TCP } else { PROTO_UDP };
-    if made_outside(sk, &layout()) {
+    if made_outside(sk) {
         return refuse_task(&flow, leaf, &binding, REASON_OUTSIDE_ATTACH);
     }
     // Governed already: the agent's own (passed between its processes), kept as it is; another
@@ -1314,7 +1314,7 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
     // address its maker chose with bind() is one the host holds, unless a TCP handshake
     // completed from it (an accepted connection keeps its listener's choice).
     let chosen_matters = !(tcp && state == TCP_ESTABLISHED);
-    let option = unsafe_source(sk, &at, chosen_matters);
+    let option = unsafe_source(sk, chosen_matters);
     if option != 0 {
         flow.sock_protocol = option;
         if refuse_task(&flow, leaf, &binding, REASON_SOCKET_OPTION) == DENY {
@@ -1322,7 +1322,7 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
         }
         flow.sock_protocol = 0;
     }
-    let queue = error_queue_open(sk, &at, family);
+    let queue = error_queue_open(sk, family);
     if queue != 0 {
         flow.sock_protocol = queue;
         if refuse_task(&flow, leaf, &binding, REASON_ERROR_QUEUE) == DENY {
@@ -1337,7 +1337,7 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
     let unjudged_queue = if tcp {
         state == TCP_LISTEN
     } else {
-        (port == 0 && local_port != 0) || holds_data(sk, &at)
+        (port == 0 && local_port != 0) || holds_data(sk)
     };
     if unjudged_queue {
         if refuse_task(&flow, leaf, &binding, REASON_HANDED_SOCKET) == DENY {
@@ -1385,11 +1385,7 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
     // reads (one disconnected since the first may have been bound anew).
     // SAFETY: as above.
     let state = u32::from(unsafe { core::ptr::read_volatile(&raw const (*common).state) });
-    let option = unsafe_source(
-        sk,
-        &at,
-        chosen_matters || !(tcp && state == TCP_ESTABLISHED),
-    );
+    let option = unsafe_source(sk, chosen_matters || !(tcp && state == TCP_ESTABLISHED));
     if option != 0 {
         flow.sock_protocol = option;
         // Refused after the claim: the socket is left to no session, so that handing it in
@@ -1403,7 +1399,7 @@ fn try_file_receive(ctx: &LsmContext) -> i32 {
     }
     // The error queue alike: a native setsockopt whose cgroup program ran before the claim
     // (nothing then turned its value to 0) may land after the read above.
-    let queue = error_queue_open(sk, &at, family);
+    let queue = error_queue_open(sk, family);
     if queue != 0 {
         flow.sock_protocol = queue;
         if refuse_task(&flow, leaf, &binding, REASON_ERROR_QUEUE) == DENY {
@@ -1535,9 +1531,10 @@ const SOURCE_BUSY: u16 = u16::MAX - 2;
 /// Why the receipt cannot trust the source address of handed socket `sk`: a task holds its
 /// lock ([`SOURCE_BUSY`]: a call on it in progress, such as a bind between its address check
 /// and `SOCK_BINDADDR_LOCK`, which a helper can stretch over a whole receipt), else
-/// [`nonlocal_option`]'s answer. 0: none.
-#[inline(always)]
-fn unsafe_source(sk: *mut core::ffi::c_void, at: &KernelLayout, chosen: bool) -> u16 {
+/// [`nonlocal_option`]'s answer. 0: none. Its own BPF function: see [`made_outside`].
+#[inline(never)]
+fn unsafe_source(sk: *mut core::ffi::c_void, chosen: bool) -> u16 {
+    let at = &layout();
     match kernel_bytes::<i32>(sk, at.owned_at) {
         Some(0) => nonlocal_option(sk, at, chosen),
         Some(_) => SOURCE_BUSY,
@@ -1553,6 +1550,13 @@ const NONLOCAL_UNKNOWN: u16 = u16::MAX;
 #[inline(always)]
 fn layout() -> KernelLayout {
     AW_LAYOUT.get(0).copied().unwrap_or_default()
+}
+
+/// One field of [`KernelLayout`] (0, unknown, until userspace has written it), read in
+/// place: a frame near the verifier's limit has no room for a copy of the whole.
+#[inline(always)]
+fn layout_field(field: impl FnOnce(&KernelLayout) -> u16) -> u16 {
+    AW_LAYOUT.get(0).map_or(0, field)
 }
 
 /// A `T` at `offset` in the kernel struct at `sk` (a socket, a file, a dentry), read with the
@@ -1607,8 +1611,8 @@ fn nonlocal_option(sk: *mut core::ffi::c_void, at: &KernelLayout, bound: bool) -
 /// Whether `sk` holds received data (or cannot be read): a datagram socket's queues hold
 /// whatever reached it before it was handed over, from anyone, unjudged by the binding.
 #[inline(always)]
-fn holds_data(sk: *mut core::ffi::c_void, at: &KernelLayout) -> bool {
-    kernel_bytes::<i32>(sk, at.rmem_alloc_at).is_none_or(|bytes| bytes != 0)
+fn holds_data(sk: *mut core::ffi::c_void) -> bool {
+    kernel_bytes::<i32>(sk, layout_field(|at| at.rmem_alloc_at)).is_none_or(|bytes| bytes != 0)
 }
 
 /// The deepest attach point [`made_outside`] follows (the kernel nests cgroups at most
@@ -1621,8 +1625,11 @@ const MAX_ATTACH_LEVEL: u32 = 1024;
 /// another cgroup, or it is shallower. None of the node's programs run for such a socket
 /// (the cgroup hooks, the packet line and the LSM socket hooks all run by the socket's
 /// cgroup). True where it cannot be read, unless the attach point is the root.
-#[inline(always)]
-fn made_outside(sk: *mut core::ffi::c_void, at: &KernelLayout) -> bool {
+/// Its own BPF function, as [`error_queue_open`]: the receipt's frame, with `emit`'s
+/// beneath it, is near the verifier's 512 bytes.
+#[inline(never)]
+fn made_outside(sk: *mut core::ffi::c_void) -> bool {
+    let at = &layout();
     let Some(conf) = AW_CONFIG.get(0) else {
         return true;
     };
@@ -1661,8 +1668,9 @@ const QUEUE_UNKNOWN: u16 = u16::MAX - 3;
 /// The option (`IP_RECVERR`, `IPV6_RECVERR`) that has opened inet socket `sk`'s ICMP error
 /// queue, [`QUEUE_UNKNOWN`] where its flags cannot be read, 0 if the queue is shut. An IPv6
 /// socket has both: the IPv4 one serves its IPv4-mapped peers.
-#[inline(always)]
-fn error_queue_open(sk: *mut core::ffi::c_void, at: &KernelLayout, family: u16) -> u16 {
+#[inline(never)]
+fn error_queue_open(sk: *mut core::ffi::c_void, family: u16) -> u16 {
+    let at = &layout();
     let set = |base: *mut core::ffi::c_void, offset: u16, mask: u8| {
         if mask == 0 {
             return None;
