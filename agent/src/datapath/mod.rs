@@ -7,6 +7,8 @@
 
 mod bindings;
 pub mod event;
+#[cfg(test)]
+mod frames;
 pub mod layout;
 pub mod sni;
 pub mod sys;
