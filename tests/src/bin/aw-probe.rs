@@ -1211,30 +1211,19 @@ fn run(line: &str, keep: &mut Vec<OwnedFd>) -> Result<String, String> {
                 "ok".into()
             }
         }
-        // A connected UDP socket with its ICMP error queue turned on (IP_RECVERR, or
-        // IPV6_RECVERR for an IPv6 peer): only an unenrolled maker keeps it on.
-        ["hold", "udp-recverr", ip, port] => {
+        // `udp-recverr`: with its ICMP error queue turned on first (IP_RECVERR, or
+        // IPV6_RECVERR for an IPv6 peer), which only an unenrolled maker keeps on.
+        ["hold", kind @ ("udp" | "udp-recverr"), ip, port] => {
             let addr = sa(ip, port)?;
             let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
                 .map_err(|e| format!("socket: {}", errno_name(e)))?;
-            match recverr(&s, false) {
-                Ok(true) => {}
-                Ok(false) => return Ok("recverr off".into()),
-                Err(e) => return Ok(format!("setsockopt {}", errno_name(e))),
+            if *kind == "udp-recverr" {
+                match recverr(&s, false) {
+                    Ok(true) => {}
+                    Ok(false) => return Ok("recverr off".into()),
+                    Err(e) => return Ok(format!("setsockopt {}", errno_name(e))),
+                }
             }
-            let (ss, len) = sockaddr(addr);
-            // SAFETY: valid fd and address.
-            if unsafe { libc::connect(s.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
-                format!("err {}", errno_name(last_err()))
-            } else {
-                held_udp().push(s);
-                "ok".into()
-            }
-        }
-        ["hold", "udp", ip, port] => {
-            let addr = sa(ip, port)?;
-            let s = new_socket(family(&addr), libc::SOCK_DGRAM, libc::IPPROTO_UDP)
-                .map_err(|e| format!("socket: {}", errno_name(e)))?;
             let (ss, len) = sockaddr(addr);
             // SAFETY: valid fd and address.
             if unsafe { libc::connect(s.as_raw_fd(), (&raw const ss).cast(), len) } < 0 {
