@@ -665,14 +665,14 @@ pub struct KernelLayout {
     pub cgroup_ancestors_at: u16,
     pub cgroup_kn_at: u16,
     pub kn_id_at: u16,
-    /// Where the current task says its system call came through the compat (32-bit) gate,
-    /// which skips the cgroup setsockopt program: `thread_info.status`'s `TS_COMPAT` on
-    /// x86-64, `thread_info.flags`' `TIF_32BIT` on arm64 (bytes from `struct task_struct`).
-    /// Zero mask: unknown, and a compat call that opens an error queue is refused only where
-    /// the socket is used.
-    pub compat_at: u16,
-    pub compat_mask: u8,
-    pub _pad3: u8,
+    /// Where the current task's saved registers (`struct pt_regs`) keep the number of the
+    /// system call it is in (`orig_ax` on x86-64, `syscallno` on arm64), and the number of
+    /// the native `setsockopt`: only that call runs the cgroup setsockopt program after the
+    /// LSM hook (a compat or x32 call, or io_uring's `SOCKET_URING_OP_SETSOCKOPT` on a ring
+    /// made through the compat gate, skips it). Either zero: unknown, and an error-queue
+    /// option set on another path is refused only where the socket is used.
+    pub syscall_nr_at: u16,
+    pub setsockopt_nr: u16,
 }
 
 /// Value of `AW_TASK_LAYOUT[0]`: where this kernel keeps what the task census reads, bytes

@@ -47,9 +47,10 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_socket_cookie,
         bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
         generated::{
-            bpf_get_current_task, bpf_get_prandom_u32, bpf_get_socket_uid, bpf_ringbuf_query,
+            bpf_get_current_task_btf, bpf_get_prandom_u32, bpf_get_socket_uid, bpf_ringbuf_query,
             bpf_seq_write, bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id,
             bpf_skb_cgroup_id, bpf_skb_load_bytes, bpf_skc_to_tcp_sock, bpf_sock_from_file,
+            bpf_task_pt_regs,
         },
     },
     macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, lsm_cgroup},
@@ -848,10 +849,21 @@ fn try_setsockopt(ctx: &SockoptContext) -> i32 {
     let sk = unsafe { (*so).__bindgen_anon_1.sk };
     let verdict = judge_sockopt(level, optname, sk.cast());
     if verdict == ALLOW && optlen > PAGE_SIZE {
-        // SAFETY: setsockopt programs may write optlen.
-        unsafe { (*so).optlen = 0 };
+        // The int options the receipt reads back (the error queue's, FREEBIND, TRANSPARENT)
+        // keep this copy of their value: with 0 the kernel reads the caller's buffer again,
+        // later, and a helper could stall that read (a page its FUSE server holds back)
+        // until a receipt's checks have passed.
+        let int_option = is_recverr(level, optname) || is_nonlocal(level, optname);
+        // SAFETY: setsockopt programs may write optlen, down to what they were given.
+        unsafe { (*so).optlen = if int_option { 4 } else { 0 } };
     }
     verdict
+}
+
+#[inline(always)]
+fn is_nonlocal(level: i32, optname: i32) -> bool {
+    (level == SOL_IP && (optname == IP_FREEBIND || optname == IP_TRANSPARENT))
+        || (level == SOL_IPV6 && (optname == IPV6_FREEBIND || optname == IPV6_TRANSPARENT))
 }
 
 #[inline(always)]
@@ -908,24 +920,31 @@ fn try_lsm_setsockopt(ctx: &LsmContext) -> i32 {
         unsafe { (*sock).sk }
     };
     // The native call goes on to the cgroup program, which turns the error-queue options to
-    // 0; a compat one skips it, and with the queue open the socket's errors (SO_ERROR,
+    // 0; every other path skips it (a compat or x32 call, io_uring's setsockopt on a ring
+    // made through the compat gate), and with the queue open the socket's errors (SO_ERROR,
     // POLLERR, the queue's size) carry what ICMP senders chose, no send or read needed.
-    if is_recverr(level, optname) && compat_call(&layout()) {
+    if is_recverr(level, optname) && native_setsockopt() == Some(false) {
         return refuse_option(level, optname, sk.cast(), REASON_ERROR_QUEUE);
     }
     judge_sockopt(level, optname, sk.cast())
 }
 
-/// Whether the current system call came through the compat (32-bit) gate; false where that
-/// cannot be read (see [`KernelLayout::compat_at`]).
+/// Whether the current task is in the native `setsockopt` system call (a register that
+/// cannot be read: not); None where that cannot be known (see
+/// [`KernelLayout::syscall_nr_at`]).
 #[inline(always)]
-fn compat_call(at: &KernelLayout) -> bool {
-    if at.compat_mask == 0 {
-        return false;
+fn native_setsockopt() -> Option<bool> {
+    let (at, native) = (
+        layout_field(|at| at.syscall_nr_at),
+        layout_field(|at| at.setsockopt_nr),
+    );
+    if at == 0 || native == 0 {
+        return None;
     }
-    // SAFETY: the helper returns the current task, which lives through this call.
-    let task = unsafe { bpf_get_current_task() } as *mut core::ffi::c_void;
-    kernel_bytes::<u8>(task, at.compat_at).is_some_and(|flags| flags & at.compat_mask != 0)
+    // SAFETY: helpers on the current task, which lives through this call; the registers it
+    // saved on entering the kernel.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *mut core::ffi::c_void;
+    Some(kernel_bytes::<u32>(regs, at).is_some_and(|nr| nr == u32::from(native)))
 }
 
 /// `MSG_ERRQUEUE`, from the kernel's socket.h.
@@ -1765,9 +1784,7 @@ fn identity_sni(identity: u32) -> u8 {
 /// Refuses a governed task, with a record, the options that bind non-local addresses.
 #[inline(always)]
 fn judge_sockopt(level: i32, optname: i32, sk: *mut core::ffi::c_void) -> i32 {
-    let refused = (level == SOL_IP && (optname == IP_FREEBIND || optname == IP_TRANSPARENT))
-        || (level == SOL_IPV6 && (optname == IPV6_FREEBIND || optname == IPV6_TRANSPARENT));
-    if !refused {
+    if !is_nonlocal(level, optname) {
         return ALLOW;
     }
     refuse_option(level, optname, sk, REASON_SOCKET_OPTION)

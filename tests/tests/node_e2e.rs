@@ -2368,6 +2368,49 @@ fn the_node_refuses_lost_identity_numbers_and_a_bpffs_that_would_go_with_it() {
         !ok && said.contains("no bpf filesystem is mounted at /sys/fs/bpf, and "),
         "{said}"
     );
+    // Inside a cgroup namespace, whose cgroup2 mount shows a cgroup below the root as its
+    // top: every level the node would read is short (nested units' bindings and the attach
+    // point would be looked up where the kernel never looks). Refused, and said by the check.
+    let ns_cgroup = env.cgroup("cgroup-ns");
+    let mount = agentwall::cgroup::Cgroup2Mount::discover()
+        .unwrap()
+        .mount_point;
+    let out = Command::new("sh")
+        .arg("-ec")
+        .arg(
+            r#"echo $$ > "$1/cgroup.procs"; mount=$2; shift 2
+exec unshare --cgroup --mount --propagation private sh -ec 'umount -l "$0"; mount -t cgroup2 none "$0"; exec "$@"' "$mount" "$@""#,
+        )
+        .arg("sh")
+        .arg(ns_cgroup.path())
+        .arg(&mount)
+        .arg(bin_path("agentwall"))
+        .args(["node", "--trust-bundle"])
+        .arg(dir.join("ca.pem"))
+        .arg("--policy-dir")
+        .arg(dir.join("policy"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--socket")
+        .arg(dir.join("aw.sock"))
+        .arg("--bpffs-dir")
+        .arg(&env.bpffs_dir)
+        .args(["--catalog-refresh-secs", "0", "--check-config"])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success()
+            && said.contains(&format!(
+                "ERROR   attach cgroup: the attach cgroup {m} is in a cgroup tree whose top, {m}, is not the host's root cgroup",
+                m = mount.display()
+            )),
+        "{said}"
+    );
     // The host's pins were never touched: the session is judged as before.
     assert_eq!(p.cmd("connect tcp 203.0.113.5 443"), "err EPERM");
 }

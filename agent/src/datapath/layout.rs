@@ -47,8 +47,8 @@ pub enum LayoutError {
         strukt: &'static str,
         field: &'static str,
     },
-    #[error("no compat (32-bit) system call flag is known on {arch}")]
-    NoCompatFlag { arch: &'static str },
+    #[error("no system call table is known on {arch}")]
+    NoSyscallTable { arch: &'static str },
     #[error("the kernel's BTF at {path} has no enumerator {name}")]
     NoEnumerator { path: PathBuf, name: &'static str },
     #[error(
@@ -278,24 +278,26 @@ impl KernelBtf {
         })
     }
 
-    /// Where the current task's flags say a system call came through the compat (32-bit)
-    /// gate (see [`KernelLayout::compat_at`]): the byte in `struct task_struct` and the
-    /// flag's mask in it.
-    pub fn compat_flag(&self) -> Result<(u16, u8), LayoutError> {
-        // `TS_COMPAT` (x86-64) and `TIF_32BIT` (arm64) are preprocessor constants, which BTF
-        // does not carry: each architecture's own, from its headers.
+    /// Where the saved registers keep the number of the system call a task is in, and the
+    /// native `setsockopt`'s number (see [`KernelLayout::syscall_nr_at`]).
+    pub fn syscall_nr(&self) -> Result<(u16, u16), LayoutError> {
+        // The numbers are each architecture's system call table's, which BTF does not carry.
         #[cfg(target_arch = "x86_64")]
-        let (field, size, bit) = ("status", 4, 1);
+        let (field, size, setsockopt) = ("orig_ax", 8, 54);
         #[cfg(target_arch = "aarch64")]
-        let (field, size, bit) = ("flags", 8, 22);
+        let (field, size, setsockopt) = ("syscallno", 4, 208);
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-        return Err(LayoutError::NoCompatFlag {
+        return Err(LayoutError::NoSyscallTable {
             arch: std::env::consts::ARCH,
         });
         #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         {
-            let at = self.sized_at("task_struct", &["thread_info", field], "thread_info", size)?;
-            byte_of("the compat call flag", u64::from(at) * 8 + bit)
+            let at = self.sized_at("pt_regs", &[field], "the system call's number", size)?;
+            let at = u16::try_from(at).map_err(|_| LayoutError::TooFar {
+                what: "pt_regs's system call number",
+                byte: u64::from(at),
+            })?;
+            Ok((at, setsockopt))
         }
     }
 
@@ -1179,11 +1181,8 @@ mod tests {
         let at = btf.inet_flags().expect("the flags");
         let (recverr_at, recverr_mask) = btf.recverr().expect("the error-queue flag");
         let queue = btf.recverr6().expect("IPv6's error-queue flag");
-        let (compat_at, compat_mask) = btf.compat_flag().expect("the compat call flag");
-        assert!(
-            compat_at > 0 && compat_mask != 0,
-            "{compat_at} {compat_mask}"
-        );
+        let (nr_at, setsockopt) = btf.syscall_nr().expect("the system call's number");
+        assert!(nr_at > 0 && setsockopt > 0, "{nr_at} {setsockopt}");
         let cg = btf.socket_cgroup().expect("a socket's cgroup");
         assert!(
             cg.sk_cgroup_at > 0

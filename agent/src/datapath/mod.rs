@@ -78,6 +78,10 @@ pub enum DatapathError {
     UnsafePinDir { path: PathBuf, why: String },
     #[error("another agentwall node holds {path}: one node per pin directory")]
     Busy { path: PathBuf },
+    #[error(
+        "the attach cgroup {attach} is in a cgroup tree whose top, {top}, is not the host's root cgroup (a cgroup namespace, or a subtree mounted alone): the programs read cgroups by their depth from the host's root, which cannot be read from here; run the node in the host's cgroup namespace with the whole cgroup2 hierarchy mounted"
+    )]
+    AttachOutOfSight { attach: PathBuf, top: PathBuf },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] Box<aya::EbpfError>),
     #[error("eBPF program {name}: {source}")]
@@ -747,6 +751,7 @@ impl Datapath {
     /// nothing attached. Dropping the result attaches nothing.
     pub fn load(cfg: &DatapathConfig) -> Result<Loaded, DatapathError> {
         let attach = Cgroup::open(&cfg.attach_cgroup)?;
+        check_attach(&attach)?;
         let sys_bpf = Path::new("/sys/fs/bpf");
         if sys::bpffs_missing(&cfg.bpffs_dir).map_err(io_err(sys_bpf))? {
             not_shared()?;
@@ -2144,6 +2149,21 @@ pub struct LayoutGap {
     pub effect: String,
 }
 
+/// Refuses an attach cgroup whose levels, as this mount shows them, are not the kernel's:
+/// the programs look bindings up by ancestor level (`bpf_get_current_ancestor_cgroup_id`)
+/// and follow a handed socket's cgroup to the attach point's level, and inside a cgroup
+/// namespace (or a subtree mounted alone) every level read here would be short, putting
+/// nested units' bindings and the attach point where the kernel never looks.
+pub fn check_attach(attach: &Cgroup) -> Result<(), DatapathError> {
+    match crate::cgroup::top_not_root(attach.path()) {
+        Some(top) => Err(DatapathError::AttachOutOfSight {
+            attach: attach.path().to_owned(),
+            top,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// What [`kernel_layout`] finds for this kernel, with nothing loaded (`node --check-config`):
 /// every field, the LSM line's too, whether or not securityfs is mounted to say it runs.
 pub fn layout_gaps_here() -> Vec<LayoutGap> {
@@ -2254,8 +2274,8 @@ fn kernel_layout(
     });
     (found.recverr6_at, found.recverr6_mask, found.pinet6_at) =
         (queue.recverr6_at, queue.recverr6_mask, queue.pinet6_at);
-    (found.compat_at, found.compat_mask) = btf.compat_flag().unwrap_or_else(|e| {
-        gap(&e, "a compat (32-bit) setsockopt that opens a governed socket's ICMP error queue is not refused; the socket's sends and reads are");
+    (found.syscall_nr_at, found.setsockopt_nr) = btf.syscall_nr().unwrap_or_else(|e| {
+        gap(&e, "an error-queue option set on a governed socket other than by the native setsockopt (a compat call, io_uring) is not refused; the socket's sends and reads are");
         (0, 0)
     });
     let cgroup = btf.socket_cgroup().unwrap_or_else(|e| {

@@ -140,13 +140,24 @@ pub fn check(cfg: &NodeConfig) -> Vec<Finding> {
         }
     }
     out.extend(kernel());
-    out.push(match &cfg.attach_cgroup {
-        None => finding("attach cgroup", Verdict::Ok, "the cgroup v2 mount point"),
-        Some(p) => match crate::cgroup::Cgroup::open(p) {
-            Ok(_) => finding("attach cgroup", Verdict::Ok, p.display().to_string()),
+    let attach = match &cfg.attach_cgroup {
+        Some(p) => Ok(p.clone()),
+        None => crate::cgroup::Cgroup2Mount::discover().map(|m| m.mount_point),
+    };
+    out.push(
+        match attach.and_then(|p| crate::cgroup::Cgroup::open(&p).map(|cg| (p, cg))) {
+            Ok((p, cg)) => match crate::datapath::check_attach(&cg) {
+                Ok(()) if cfg.attach_cgroup.is_none() => finding(
+                    "attach cgroup",
+                    Verdict::Ok,
+                    format!("the cgroup v2 mount point, {}", p.display()),
+                ),
+                Ok(()) => finding("attach cgroup", Verdict::Ok, p.display().to_string()),
+                Err(e) => finding("attach cgroup", Verdict::Error, e.to_string()),
+            },
             Err(e) => finding("attach cgroup", Verdict::Error, e.to_string()),
         },
-    });
+    );
     out.push(match crate::datapath::check_pins(&cfg.bpffs_dir()) {
         Ok(said) => finding("bpffs", Verdict::Ok, said),
         Err(e) => finding("bpffs", Verdict::Error, e.to_string()),
