@@ -22,7 +22,8 @@ struct Function {
 
 /// Each function of the object (programs and the BPF functions they call), with its frame
 /// as the verifier counts it: the deepest offset below r10 that it loads from, stores to,
-/// or takes a pointer to.
+/// or takes a pointer to, following pointers through copies, constant additions and spills.
+/// The reading is straight-line (no branch joins).
 fn functions(elf: &[u8]) -> (BTreeMap<Place, Function>, Vec<Place>) {
     let file = object::File::parse(elf).expect("the eBPF object parses");
     let mut functions = BTreeMap::new();
@@ -43,64 +44,97 @@ fn functions(elf: &[u8]) -> (BTreeMap<Place, Function>, Vec<Place>) {
         let start = sym.address();
         let code = &data[start as usize..(start + sym.size()) as usize];
         let (mut frame, mut calls) = (0u32, Vec::new());
-        // Registers holding r10 (plus nothing yet): `rX = r10; rX += -N` points N deep.
-        let mut aliases = [false; 11];
-        aliases[10] = true;
+        // Where each register points in the frame, if it does (r10 at 0): `rX = r10;
+        // rX += -N` points N deep, and so does a copy spilled to the stack and loaded back.
+        let mut points: [Option<i64>; 11] = [None; 11];
+        points[10] = Some(0);
+        let mut spilled: HashMap<i64, i64> = HashMap::new();
+        let mut touch = |at: i64| frame = frame.max(u32::try_from(-at).unwrap_or(0));
+        // A BPF function called (a call, src 1) or passed as a callback (a 64-bit constant,
+        // src 4), relative to the next instruction or through a relocation.
+        let target = |i: usize, imm: i32| {
+            let at = start + 8 * i as u64;
+            let (sec, base) = match relocations.get(&at) {
+                Some(RelocationTarget::Symbol(s)) => {
+                    let t = file.symbol_by_index(*s).expect("the call's symbol");
+                    (t.section_index().expect("a section").0, t.address())
+                }
+                _ => (index.0, at),
+            };
+            let to = base as i64 + 8 * (i64::from(imm) + 1);
+            (sec, u64::try_from(to).expect("a call into its section"))
+        };
         for (i, insn) in code.chunks_exact(8).enumerate() {
             let (op, dst, src) = (
                 insn[0],
                 usize::from(insn[1] & 0xf),
                 usize::from(insn[1] >> 4),
             );
-            let off = i16::from_le_bytes([insn[2], insn[3]]);
+            let off = i64::from(i16::from_le_bytes([insn[2], insn[3]]));
             let imm = i32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]]);
             let class = op & 7;
-            let deep = |o: i64| u32::try_from(-o).unwrap_or(0);
-            match class {
-                // LDX, from [src + off]
-                1 if src < 11 && aliases[src] && dst != 10 => frame = frame.max(deep(off.into())),
-                // ST, STX, to [dst + off]
-                2 | 3 if dst < 11 && aliases[dst] => frame = frame.max(deep(off.into())),
-                _ => {}
+            if dst > 10 || src > 10 {
+                // The second half of a 64-bit constant, or no instruction of a function.
+                continue;
             }
-            // A load (LDX, or a 64-bit constant) leaves its register holding no stack pointer.
-            if (class == 0 || class == 1) && dst < 10 {
-                aliases[dst] = false;
+            match class {
+                // LD: a 64-bit constant (a callback with src 4).
+                0 => {
+                    if op == 0x18 && src == 4 {
+                        calls.push(target(i, imm));
+                    }
+                    points[dst] = None;
+                }
+                // LDX, from [src + off]; a doubleword loads back a pointer spilled there.
+                1 => {
+                    let from = points[src].map(|base| base + off);
+                    from.map(&mut touch);
+                    if dst != 10 {
+                        points[dst] = from
+                            .filter(|_| op == 0x79)
+                            .and_then(|a| spilled.get(&a).copied());
+                    }
+                }
+                // ST, STX, to [dst + off]; a doubleword store of a pointer spills it.
+                2 | 3 => {
+                    if let Some(base) = points[dst] {
+                        let to = base + off;
+                        touch(to);
+                        match (op, points[src]) {
+                            (0x7b, Some(p)) => spilled.insert(to, p),
+                            _ => spilled.remove(&to),
+                        };
+                    }
+                }
+                _ => {}
             }
             match op {
                 // mov64 dst, src
-                0xbf if dst < 10 && src < 11 => aliases[dst] = aliases[src],
-                // add64 dst, imm
-                0x07 if dst < 11 && aliases[dst] && dst != 10 => {
-                    frame = frame.max(deep(imm.into()));
+                0xbf if dst < 10 => points[dst] = points[src],
+                // add64 / sub64 dst, imm
+                0x07 | 0x17 if dst < 10 && points[dst].is_some() => {
+                    let by = if op == 0x07 {
+                        i64::from(imm)
+                    } else {
+                        -i64::from(imm)
+                    };
+                    let now = points[dst].map(|base| base + by);
+                    now.map(&mut touch);
+                    points[dst] = now;
                 }
-                // call: a BPF function (src 1, relative or relocated) or a helper, which leaves
-                // r0-r5 holding nothing of the stack.
+                // call: a BPF function (src 1) or a helper, which leaves r0-r5 holding
+                // nothing of the stack.
                 0x85 => {
                     if src == 1 {
-                        let at = start + 8 * i as u64;
-                        let target = match relocations.get(&at) {
-                            Some(RelocationTarget::Symbol(s)) => {
-                                let t = file.symbol_by_index(*s).expect("the call's symbol");
-                                let sec = t.section_index().expect("a section").0;
-                                (sec, t.address())
-                            }
-                            _ => (index.0, at),
-                        };
-                        let to = target.1 as i64 + 8 * (i64::from(imm) + 1);
-                        calls.push((
-                            target.0,
-                            u64::try_from(to).expect("a call into its section"),
-                        ));
+                        calls.push(target(i, imm));
                     }
-                    for r in aliases.iter_mut().take(6) {
-                        *r = false;
-                    }
+                    points[..6].fill(None);
                 }
-                // Other ALU results are no stack pointers.
-                _ if (class == 4 || class == 7) && dst < 10 && op != 0x07 => {
-                    aliases[dst] = false;
-                }
+                // Any other write leaves no stack pointer this reading follows: a constant
+                // moved in, or arithmetic on a register that may hold one only on another
+                // path (the reading is straight-line, and the objects built so far do no
+                // other arithmetic on their stack pointers).
+                _ if (class == 4 || class == 7) && dst < 10 => points[dst] = None,
                 _ => {}
             }
         }
